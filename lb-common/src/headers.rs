@@ -1,0 +1,100 @@
+//! Wire layouts of the headers the data plane reads and rewrites.
+//!
+//! Fields hold raw network-order bytes/words: the packet path compares them
+//! with map keys stored the same way and never byte-swaps.
+
+/// Ethernet II header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// EtherType, raw network order.
+    pub ether_type: u16,
+}
+
+impl EthHdr {
+    pub const LEN: usize = 14;
+}
+
+/// EtherType values as raw network-order words.
+pub const ETH_P_IPV4_RAW: u16 = 0x0800u16.to_be();
+pub const ETH_P_8021Q_RAW: u16 = 0x8100u16.to_be();
+
+/// IPv4 header without options.
+///
+/// `packed(2)`: in a frame it starts 14 bytes in, so it is only 2-byte
+/// aligned; the packed layout makes the compiler emit loads that are valid
+/// there instead of assuming 4-byte alignment for the addresses.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and IHL in 32-bit words (low nibble).
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    /// Flags (3 bits) and fragment offset (13 bits), raw network order.
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+impl Ipv4Hdr {
+    pub const LEN: usize = 20;
+
+    /// Header length in bytes as declared by IHL.
+    #[inline(always)]
+    pub const fn header_len(&self) -> usize {
+        ((self.version_ihl & 0x0f) as usize) * 4
+    }
+
+    #[inline(always)]
+    pub const fn version(&self) -> u8 {
+        self.version_ihl >> 4
+    }
+
+    /// True for any fragment: "more fragments" set or a non-zero offset.
+    #[inline(always)]
+    pub const fn is_fragment(&self) -> bool {
+        // MF (0x2000) | offset (0x1fff), in host order.
+        u16::from_be(self.frag_off) & 0x3fff != 0
+    }
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The first four bytes of TCP and UDP: the ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4Ports {
+    pub source: u16,
+    pub dest: u16,
+}
+
+/// Minimal TCP header length (no options).
+pub const TCP_HDR_LEN: usize = 20;
+/// Offset of the checksum inside the TCP header.
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_HDR_LEN: usize = 8;
+/// Offset of the checksum inside the UDP header.
+pub const UDP_CHECK_OFF: usize = 6;
+
+/// Header length and checksum offset for a transport protocol we balance.
+#[inline(always)]
+pub const fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
+    match protocol {
+        IPPROTO_TCP => Some((TCP_HDR_LEN, TCP_CHECK_OFF)),
+        IPPROTO_UDP => Some((UDP_HDR_LEN, UDP_CHECK_OFF)),
+        _ => None,
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<EthHdr>() == EthHdr::LEN);
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == Ipv4Hdr::LEN);
+const _: () = assert!(core::mem::size_of::<L4Ports>() == 4);

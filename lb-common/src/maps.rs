@@ -1,0 +1,223 @@
+//! Map keys, values and limits shared by the XDP program and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding and a size assert, so the
+//! kernel and userspace can never disagree on a layout. Addresses and ports
+//! are raw network order, exactly as in the packet.
+
+/// Most services (VIP, port, protocol) the data plane holds.
+pub const MAX_SERVICES: u32 = 256;
+/// Most backends over all services; a backend id indexes `BACKENDS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Slots in one scheduling ring (one half of a service's double buffer).
+pub const MAX_RING: usize = 4096;
+/// Default connection-tracking capacity (flows); the agent may override it.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+
+/// `SERVICES` key: which traffic a service takes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Forwarding modes (`ServiceConf::mode`).
+pub const MODE_NAT: u32 = 0;
+pub const MODE_DSR: u32 = 1;
+
+/// Schedulers (`ServiceConf::scheduler`): how the ring is indexed.
+/// A per-service counter walks the ring (round robin, weighted round robin).
+pub const SCHED_COUNTER: u32 = 0;
+/// The flow hash indexes the ring (source hash; Maglev tables later).
+pub const SCHED_HASH: u32 = 1;
+
+/// `SERVICE_CONF[service id]`: what the packet path needs once the service
+/// is known. `active_ring` flips between the two halves of the service's
+/// double-buffered ring in one aligned 4-byte store.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceConf {
+    /// 0 or 1: which half of the ring new flows use.
+    pub active_ring: u32,
+    pub mode: u32,
+    pub scheduler: u32,
+    /// Non-zero once the agent has filled this slot.
+    pub enabled: u32,
+}
+
+/// `RINGS[service id * 2 + half]`: backend ids, `len` of them valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Ring {
+    pub len: u32,
+    pub ids: [u32; MAX_RING],
+}
+
+impl Ring {
+    pub const EMPTY: Ring = Ring {
+        len: 0,
+        ids: [0; MAX_RING],
+    };
+
+    /// Index of a service's ring half in `RINGS`.
+    #[inline(always)]
+    pub const fn slot(service_id: u32, half: u32) -> u32 {
+        service_id * 2 + (half & 1)
+    }
+}
+
+/// Backend flag: flows already pinned to this backend are dropped (it was
+/// removed or declared down with the "drop flows" rule) instead of forwarded.
+pub const BACKEND_F_DROP_FLOWS: u16 = 1;
+
+/// `BACKENDS[backend id]`: where a backend lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u16,
+}
+
+/// Connection-tracking key: a flow as it arrives (client → VIP), or for the
+/// reverse NAT map as a reply arrives (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CONNTRACK` value: the backend a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// `REVERSE_NAT` value: what a NAT reply's source is rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseNat {
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Packet and byte counters (per CPU in the kernel; summed by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the program returned what it did: the index into `VERDICTS`.
+/// Each case of the packet path's decision table has its own counter so
+/// operators (and tests) can see exactly which rule fired.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not IPv4 or not addressed to a VIP/NAT flow: handed to the kernel untouched.
+    PassNotOurs = 0,
+    /// Truncated Ethernet or IPv4 header: the kernel drops or handles it.
+    PassTruncated = 1,
+    /// ICMP or another protocol to a VIP: the kernel answers (ping the VIP).
+    PassOtherProtocol = 2,
+    /// VIP address but no service on that port/protocol.
+    PassNoService = 3,
+    /// Forwarding needs the kernel: no neighbour entry, TTL expiring, or
+    /// forwarding disabled. The packet is passed so the kernel resolves it.
+    PassKernelForward = 4,
+    /// To a VIP with IPv4 options: not supported, dropped (as Katran does).
+    DropIpOptions = 5,
+    /// To a VIP and fragmented: ports are unknown or unreliable, dropped.
+    DropFragment = 6,
+    /// To a VIP with a bad IPv4 header (IHL < 5, bad total length).
+    DropMalformed = 7,
+    /// To a service port but the TCP/UDP header is cut short.
+    DropTruncatedL4 = 8,
+    /// The service has no usable backend (empty ring).
+    DropNoBackend = 9,
+    /// Flow pinned to a backend that was removed with the drop-flows rule.
+    DropBackendGone = 10,
+    /// Connection table full and the insert failed.
+    DropConntrackFull = 11,
+    /// Forwarded via XDP_TX or redirect.
+    Forwarded = 12,
+    /// NAT reply rewritten back to the VIP and forwarded.
+    ForwardedReply = 13,
+}
+
+pub const VERDICT_COUNT: u32 = 14;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::PassNotOurs,
+        Verdict::PassTruncated,
+        Verdict::PassOtherProtocol,
+        Verdict::PassNoService,
+        Verdict::PassKernelForward,
+        Verdict::DropIpOptions,
+        Verdict::DropFragment,
+        Verdict::DropMalformed,
+        Verdict::DropTruncatedL4,
+        Verdict::DropNoBackend,
+        Verdict::DropBackendGone,
+        Verdict::DropConntrackFull,
+        Verdict::Forwarded,
+        Verdict::ForwardedReply,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::PassNotOurs => "pass_not_ours",
+            Verdict::PassTruncated => "pass_truncated",
+            Verdict::PassOtherProtocol => "pass_other_protocol",
+            Verdict::PassNoService => "pass_no_service",
+            Verdict::PassKernelForward => "pass_kernel_forward",
+            Verdict::DropIpOptions => "drop_ip_options",
+            Verdict::DropFragment => "drop_fragment",
+            Verdict::DropMalformed => "drop_malformed",
+            Verdict::DropTruncatedL4 => "drop_truncated_l4",
+            Verdict::DropNoBackend => "drop_no_backend",
+            Verdict::DropBackendGone => "drop_backend_gone",
+            Verdict::DropConntrackFull => "drop_conntrack_full",
+            Verdict::Forwarded => "forwarded",
+            Verdict::ForwardedReply => "forwarded_reply",
+        }
+    }
+}
+
+const _: () = assert!(MAX_RING.is_power_of_two(), "the data plane masks ring indexes");
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
+const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 8);
+const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
+const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding fields and
+    // no implicit padding (checked by the size asserts above).
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceConf {}
+    unsafe impl aya::Pod for super::Ring {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::ReverseNat {}
+    unsafe impl aya::Pod for super::Counters {}
+}

@@ -1,0 +1,449 @@
+//! The XDP data plane `lb`: one pass per packet, constant work.
+//!
+//! The packet path, top to bottom (`lb` → `balance`):
+//! 1. parse Ethernet → IPv4 (anything else: XDP_PASS untouched);
+//! 2. not for a VIP: a NAT reply from a backend? rewrite it back to the VIP;
+//!    otherwise XDP_PASS untouched;
+//! 3. for a VIP: sanity rules (options, fragments, truncation) → verdict;
+//! 4. service lookup (VIP, port, protocol);
+//! 5. conntrack lookup; on a miss, schedule from the service's ring and pin;
+//! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only);
+//! 7. next hop by `bpf_fib_lookup`, XDP_TX or redirect; counters.
+//!
+//! Every return goes through a [`Verdict`] so each rule has a counter. There is
+//! no logging here: the fast path only counts.
+#![no_std]
+#![no_main]
+// The bpf target has no RMW atomics in core::sync; the intrinsic lowers to
+// BPF_ATOMIC | BPF_FETCH (needs -Ctarget-cpu=v3, set by xtask).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod bench;
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+};
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, BACKEND_F_DROP_FLOWS, Counters, DEFAULT_CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS,
+    MAX_RING, MAX_SERVICES, MODE_DSR, ReverseNat, Ring, SCHED_HASH, ServiceConf, ServiceKey,
+    VERDICT_COUNT, Verdict,
+    hash::flow_hash,
+    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports, l4_layout},
+    rewrite::{decrement_ttl, rewrite_destination, rewrite_source},
+};
+
+// ---- maps (docs/architecture.md has the full table) ----
+
+/// (VIP, port, protocol) → service id. Written by the agent.
+#[map]
+static SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// VIP address → number of services on it: "is this packet for us at all".
+#[map]
+static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// Service id → mode, scheduler, active ring half. Written by the agent.
+#[map]
+static SERVICE_CONF: Array<ServiceConf> = Array::with_max_entries(MAX_SERVICES, 0);
+/// Service id * 2 + half → ring of backend ids (double buffer). Agent.
+#[map]
+static RINGS: Array<Ring> = Array::with_max_entries(MAX_SERVICES * 2, 0);
+/// Service id → round-robin position. Written by this program only.
+#[map]
+static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+/// Backend id → address, port, flags. Written by the agent.
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Client → VIP flow → pinned backend. Written by this program (agent may
+/// delete). Sized by the agent at load time.
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+/// Backend → client reply flow → VIP to restore (NAT only). This program.
+#[map]
+static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+/// Per-service and per-backend traffic, per CPU. This program; agent reads.
+#[map]
+static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+/// One counter per [`Verdict`], per CPU.
+#[map]
+static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
+
+const AF_INET: u8 = 2;
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    let verdict = balance(&ctx);
+    count(&VERDICTS, verdict.reason as u32, 1, 0);
+    verdict.action
+}
+
+/// What the program does with a frame, and which rule decided it.
+struct Outcome {
+    action: u32,
+    reason: Verdict,
+}
+
+#[inline(always)]
+const fn pass(reason: Verdict) -> Outcome {
+    Outcome { action: xdp_action::XDP_PASS, reason }
+}
+
+#[inline(always)]
+const fn drop(reason: Verdict) -> Outcome {
+    Outcome { action: xdp_action::XDP_DROP, reason }
+}
+
+/// Pointers into one IPv4 TCP/UDP frame without options.
+struct Packet {
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ports: *mut L4Ports,
+    l4_check: *mut u16,
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV4_RAW {
+        return pass(Verdict::PassNotOurs);
+    }
+    let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return pass(Verdict::PassTruncated);
+    };
+    // SAFETY: bounds checked; Ipv4Hdr is packed, so unaligned reads are fine.
+    let daddr = unsafe { (*ip).daddr };
+    if VIPS.get_ptr(daddr).is_none() {
+        return match parse_l4(ctx, eth, ip) {
+            Ok(pkt) => reverse_nat(ctx, &pkt),
+            Err(_) => pass(Verdict::PassNotOurs),
+        };
+    }
+    let pkt = match parse_l4(ctx, eth, ip) {
+        Ok(pkt) => pkt,
+        Err(outcome) => return outcome,
+    };
+    forward_to_service(ctx, &pkt)
+}
+
+/// Bounds-checked pointer to a `T` at `offset` in the frame.
+#[inline(always)]
+fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data() + offset;
+    if start + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// The VIP rules: what a packet to a VIP must look like to be balanced.
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Result<Packet, Outcome> {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let hdr = unsafe { *ip };
+    if hdr.version() != 4 || hdr.header_len() < Ipv4Hdr::LEN {
+        return Err(drop(Verdict::DropMalformed));
+    }
+    let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
+    let tot_len = u16::from_be(hdr.tot_len) as usize;
+    if tot_len < Ipv4Hdr::LEN || tot_len > frame_ip_len {
+        return Err(drop(Verdict::DropMalformed));
+    }
+    if hdr.header_len() != Ipv4Hdr::LEN {
+        return Err(drop(Verdict::DropIpOptions));
+    }
+    if hdr.is_fragment() {
+        return Err(drop(Verdict::DropFragment));
+    }
+    let Some((l4_len, check_off)) = l4_layout(hdr.protocol) else {
+        return Err(pass(Verdict::PassOtherProtocol));
+    };
+    let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
+    if tot_len < Ipv4Hdr::LEN + l4_len || ctx.data() + l4 + l4_len > ctx.data_end() {
+        return Err(drop(Verdict::DropTruncatedL4));
+    }
+    let (Some(ports), Some(l4_check)) = (header::<L4Ports>(ctx, l4), header::<u16>(ctx, l4 + check_off)) else {
+        return Err(drop(Verdict::DropTruncatedL4));
+    };
+    Ok(Packet { eth, ip, ports, l4_check })
+}
+
+#[inline(always)]
+fn flow_key(pkt: &Packet) -> FlowKey {
+    // SAFETY: every pointer in `Packet` was bounds-checked by `parse_l4`.
+    let (ip, ports) = unsafe { (*pkt.ip, *pkt.ports) };
+    FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports.source,
+        dport: ports.dest,
+        protocol: ip.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Steps 4–7 for a packet addressed to a VIP.
+#[inline(always)]
+fn forward_to_service(ctx: &XdpContext, pkt: &Packet) -> Outcome {
+    let key = flow_key(pkt);
+    let service = ServiceKey { vip: key.daddr, port: key.dport, protocol: key.protocol, _pad: 0 };
+    let Some(&service_id) = (unsafe { SERVICES.get(&service) }) else {
+        return pass(Verdict::PassNoService);
+    };
+    let Some(conf) = SERVICE_CONF.get(service_id) else {
+        return pass(Verdict::PassNoService);
+    };
+    if conf.enabled == 0 {
+        return pass(Verdict::PassNoService);
+    }
+    let flow = match lookup_or_schedule(&key, service_id, conf) {
+        Ok(flow) => flow,
+        Err(outcome) => return outcome,
+    };
+    let Some(backend) = BACKENDS.get(flow.backend_id) else {
+        return drop(Verdict::DropNoBackend);
+    };
+    if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
+        let _ = CONNTRACK.remove(&key);
+        return drop(Verdict::DropBackendGone);
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let outcome = if conf.mode == MODE_DSR {
+        transmit_dsr(ctx, pkt, backend)
+    } else {
+        transmit_nat(ctx, pkt, backend)
+    };
+    if outcome.reason == Verdict::Forwarded {
+        count(&SERVICE_STATS, flow.service_id, 1, bytes);
+        count(&BACKEND_STATS, flow.backend_id, 1, bytes);
+    }
+    outcome
+}
+
+/// Conntrack: the backend this flow is pinned to, or a newly scheduled one.
+#[inline(always)]
+fn lookup_or_schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<Flow, Outcome> {
+    if let Some(flow) = unsafe { CONNTRACK.get(key) } {
+        return Ok(*flow);
+    }
+    let backend_id = schedule(key, service_id, conf)?;
+    let flow = Flow { backend_id, service_id };
+    if CONNTRACK.insert(key, &flow, 0).is_err() {
+        return Err(drop(Verdict::DropConntrackFull));
+    }
+    if conf.mode != MODE_DSR {
+        remember_reply(key, service_id, backend_id)?;
+    }
+    Ok(flow)
+}
+
+/// Picks a backend from the active half of the service's ring: by a shared
+/// atomic counter (round robin, exact across CPUs) or by the flow hash.
+#[inline(always)]
+fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
+    let Some(ring) = RINGS.get(Ring::slot(service_id, conf.active_ring)) else {
+        return Err(drop(Verdict::DropNoBackend));
+    };
+    let len = ring.len;
+    if len == 0 || len as usize > MAX_RING {
+        return Err(drop(Verdict::DropNoBackend));
+    }
+    // BPF has 64-bit atomics only: the counter is a u64.
+    let position = if conf.scheduler == SCHED_HASH {
+        u64::from(flow_hash(key))
+    } else {
+        let Some(counter) = RR_COUNTERS.get_ptr_mut(service_id) else {
+            return Err(drop(Verdict::DropNoBackend));
+        };
+        // SeqCst, not Relaxed: LLVM's BPF backend lowers a relaxed fetch-add
+        // to the legacy non-fetching `lock +=`, losing the old value.
+        // SAFETY: a valid, aligned u64 in an array map value.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) }
+    };
+    // index < len <= MAX_RING already; the mask (MAX_RING is a power of two)
+    // changes nothing but gives the verifier a bound it can see. black_box
+    // stops LLVM from proving the mask redundant and removing it.
+    let index = core::hint::black_box((position % u64::from(len)) as usize) & (MAX_RING - 1);
+    match ring.ids.get(index) {
+        Some(&id) => Ok(id),
+        None => Err(drop(Verdict::DropNoBackend)),
+    }
+}
+
+/// NAT: records how the backend's replies are turned back into the VIP's.
+#[inline(always)]
+fn remember_reply(key: &FlowKey, service_id: u32, backend_id: u32) -> Result<(), Outcome> {
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Err(drop(Verdict::DropNoBackend));
+    };
+    let reply = FlowKey {
+        saddr: backend.addr,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    let restore = ReverseNat { vip: key.daddr, port: key.dport, _pad: 0, service_id, backend_id };
+    REVERSE_NAT
+        .insert(&reply, &restore, 0)
+        .map_err(|_| drop(Verdict::DropConntrackFull))
+}
+
+/// NAT forward: DNAT to the backend, TTL as a router, next hop by FIB.
+#[inline(always)]
+fn transmit_nat(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Outcome {
+    // SAFETY: pointers bounds-checked by `parse_l4`; nothing else aliases them.
+    let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
+    if ip.ttl <= 1 {
+        // Addressed to the VIP, which is local to the LB: the kernel answers
+        // (e.g. traceroute's last hop) instead of forwarding with TTL 0.
+        return pass(Verdict::PassKernelForward);
+    }
+    let (vip, vport) = (ip.daddr, ports.dest);
+    let (rc, fib) = fib_lookup(ctx, ip, ip.saddr, backend.addr);
+    rewrite_destination(ip, ports, check, backend.addr, backend.port);
+    match rc {
+        FIB_SUCCESS => {
+            decrement_ttl(ip);
+            send(ctx, pkt, &fib, Verdict::Forwarded)
+        }
+        // Rewritten but unresolved: the kernel forwards it (decrementing TTL
+        // itself) and resolves the neighbour for the next packets.
+        FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        _ => {
+            // No route (or forwarding off): the kernel gets the packet
+            // exactly as it arrived and decides.
+            rewrite_destination(ip, ports, check, vip, vport);
+            pass(Verdict::PassKernelForward)
+        }
+    }
+}
+
+/// L2 DSR: the IP packet is left as it is; only the MACs change.
+#[inline(always)]
+fn transmit_dsr(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Outcome {
+    // SAFETY: bounds-checked by `parse_l4`.
+    let ip = unsafe { &*pkt.ip };
+    let (rc, fib) = fib_lookup(ctx, ip, ip.saddr, backend.addr);
+    if rc != FIB_SUCCESS {
+        // No MAC for the backend yet: the agent primes neighbour entries;
+        // meanwhile the kernel gets the packet unchanged.
+        return pass(Verdict::PassKernelForward);
+    }
+    send(ctx, pkt, &fib, Verdict::Forwarded)
+}
+
+/// Step 2: a backend's reply to a NAT flow becomes VIP → client.
+#[inline(always)]
+fn reverse_nat(ctx: &XdpContext, pkt: &Packet) -> Outcome {
+    let key = flow_key(pkt);
+    let Some(restore) = (unsafe { REVERSE_NAT.get(&key) }) else {
+        return pass(Verdict::PassNotOurs);
+    };
+    let restore = *restore;
+    // SAFETY: bounds-checked by `parse_l4`.
+    let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
+    if ip.ttl <= 1 {
+        return pass(Verdict::PassKernelForward);
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (rc, fib) = fib_lookup(ctx, ip, restore.vip, ip.daddr);
+    rewrite_source(ip, ports, check, restore.vip, restore.port);
+    match rc {
+        FIB_SUCCESS => {
+            decrement_ttl(ip);
+            count(&SERVICE_STATS, restore.service_id, 1, bytes);
+            count(&BACKEND_STATS, restore.backend_id, 1, bytes);
+            send(ctx, pkt, &fib, Verdict::ForwardedReply)
+        }
+        FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        _ => {
+            rewrite_source(ip, ports, check, key.saddr, key.sport);
+            pass(Verdict::PassKernelForward)
+        }
+    }
+}
+
+/// Next hop for `daddr` from the kernel's FIB and neighbour table.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32) -> (i64, FibParams) {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid starting value.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.protocol;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: helper call with a valid context and a correctly sized struct.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
+    };
+    (rc, fib)
+}
+
+/// Sets the MACs the FIB gave and sends the frame out of its interface.
+#[inline(always)]
+fn send(ctx: &XdpContext, pkt: &Packet, fib: &FibParams, reason: Verdict) -> Outcome {
+    // SAFETY: bounds-checked Ethernet header.
+    let eth = unsafe { &mut *pkt.eth };
+    eth.dst = fib.dmac;
+    eth.src = fib.smac;
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        return Outcome { action: xdp_action::XDP_TX, reason };
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+    Outcome { action, reason }
+}
+
+/// Adds to a per-CPU counter slot.
+#[inline(always)]
+fn count<T: Countable>(map: &PerCpuArray<T>, index: u32, packets: u64, bytes: u64) {
+    if let Some(slot) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot: no other CPU writes it.
+        unsafe { (*slot).add(packets, bytes) };
+    }
+}
+
+trait Countable {
+    fn add(&mut self, packets: u64, bytes: u64);
+}
+
+impl Countable for u64 {
+    #[inline(always)]
+    fn add(&mut self, packets: u64, _bytes: u64) {
+        *self += packets;
+    }
+}
+
+impl Countable for Counters {
+    #[inline(always)]
+    fn add(&mut self, packets: u64, bytes: u64) {
+        self.packets += packets;
+        self.bytes += bytes;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,549 @@
+//! Kernel tier: the real `lb` object run with BPF_PROG_TEST_RUN on crafted
+//! frames, inside a throwaway network namespace whose routes and (static)
+//! neighbour entries give `bpf_fib_lookup` a real next hop.
+//!
+//! Expected frames are built independently with etherparse (which computes
+//! every checksum from scratch) and compared byte for byte with the output,
+//! so a wrong checksum, address, port, TTL or MAC fails the test.
+//!
+//! Needs root and BPF; without them the tests fail loudly.
+
+use std::{
+    net::SocketAddrV4,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{PacketBuilder, TcpOptionElement};
+use lb_common::Verdict;
+use lb_userspace::{
+    config::{Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service, XdpMode},
+    dataplane::Dataplane,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const LB_FRONT: [u8; 4] = [198, 18, 0, 1];
+const VIP: [u8; 4] = [198, 18, 0, 10];
+const VIP_DSR: [u8; 4] = [198, 18, 0, 20];
+const VIP_UNRESOLVED: [u8; 4] = [198, 18, 0, 30];
+const VIP_UNRESOLVED_DSR: [u8; 4] = [198, 18, 0, 31];
+const WEBS: [[u8; 4]; 3] = [[198, 19, 0, 11], [198, 19, 0, 12], [198, 19, 0, 13]];
+/// A service whose backend sits on the front network (next hop = ingress).
+const VIP_HAIRPIN: [u8; 4] = [198, 18, 0, 40];
+const HAIRPIN_BACKEND: [u8; 4] = [198, 18, 0, 50];
+const HAIRPIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
+/// A backend with a route but no neighbour entry.
+const WEB_UNRESOLVED: [u8; 4] = [198, 19, 0, 14];
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x01];
+const WEB_MACS: [[u8; 6]; 3] = [[0x02, 0, 0, 0, 1, 0x11], [0x02, 0, 0, 0, 1, 0x12], [0x02, 0, 0, 0, 1, 0x13]];
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn ip_text(a: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(a).to_string()
+}
+
+/// A namespace with a front (f0) and back (b0) interface, routes, static
+/// neighbours for the client and web1..3, and forwarding on. Deleted on drop.
+struct TestNet {
+    name: String,
+}
+
+impl TestNet {
+    fn new() -> Self {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the kernel tier needs root (BPF_PROG_TEST_RUN, network namespaces): run `cargo xtask test` as root"
+        );
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("lbk{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let net = TestNet { name };
+        let n = net.name.as_str();
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        for (dev, peer, mac, addr) in [("f0", "f1", FRONT_MAC, "198.18.0.1/24"), ("b0", "b1", BACK_MAC, "198.19.0.1/24")] {
+            sh(&["ip", "-n", n, "link", "add", dev, "address", &mac_text(mac), "type", "veth", "peer", "name", peer]);
+            sh(&["ip", "-n", n, "addr", "add", addr, "dev", dev]);
+            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", n, "link", "set", peer, "up"]);
+        }
+        for (ip, mac) in [(CLIENT, CLIENT_MAC), (HAIRPIN_BACKEND, HAIRPIN_MAC)] {
+            sh(&["ip", "-n", n, "neigh", "replace", &ip_text(ip), "lladdr", &mac_text(mac), "dev", "f0", "nud", "permanent"]);
+        }
+        for (ip, mac) in WEBS.iter().zip(WEB_MACS) {
+            sh(&["ip", "-n", n, "neigh", "replace", &ip_text(*ip), "lladdr", &mac_text(mac), "dev", "b0", "nud", "permanent"]);
+        }
+        sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        net
+    }
+
+    /// Runs `f` on a thread that has joined this namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("open netns");
+                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("test thread panicked")
+        })
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
+    Backend { name: name.into(), address: SocketAddrV4::new(ip.into(), port), weight: 1, backup: false }
+}
+
+fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, forwarding: Forwarding, backends: Vec<Backend>) -> Service {
+    Service {
+        name: name.into(),
+        vip: SocketAddrV4::new(vip.into(), port),
+        protocol,
+        forwarding,
+        scheduler: Scheduler::RoundRobin,
+        health: None,
+        backends,
+    }
+}
+
+fn webs(port: u16) -> Vec<Backend> {
+    WEBS.iter().enumerate().map(|(i, ip)| backend(&format!("web{}", i + 1), *ip, port)).collect()
+}
+
+fn lab_config() -> Config {
+    Config {
+        dataplane: DataplaneConfig {
+            interfaces: vec!["f0".into(), "b0".into()],
+            forwarding: Forwarding::Nat,
+            xdp_mode: XdpMode::Native,
+            conntrack_size: 65536,
+        },
+        services: vec![
+            service("www", VIP, 80, Protocol::Tcp, Forwarding::Nat, webs(80)),
+            service("www-udp", VIP, 5353, Protocol::Udp, Forwarding::Nat, webs(5353)),
+            service("www-dsr", VIP_DSR, 80, Protocol::Tcp, Forwarding::Dsr, webs(80)),
+            service("unresolved", VIP_UNRESOLVED, 80, Protocol::Tcp, Forwarding::Nat, vec![backend("web4", WEB_UNRESOLVED, 8080)]),
+            service("hairpin", VIP_HAIRPIN, 80, Protocol::Tcp, Forwarding::Nat, vec![backend("near", HAIRPIN_BACKEND, 80)]),
+            service("unresolved-dsr", VIP_UNRESOLVED_DSR, 80, Protocol::Tcp, Forwarding::Dsr, vec![backend("web4", WEB_UNRESOLVED, 80)]),
+        ],
+    }
+}
+
+/// A loaded, configured data plane plus the interface indexes of the netns.
+struct Harness {
+    dp: Dataplane,
+    front: u32,
+    back: u32,
+}
+
+impl Harness {
+    fn new(cfg: &Config) -> Self {
+        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size).expect("load the lb object (built by cargo xtask build)");
+        dp.apply(cfg).expect("apply config");
+        let index = |name: &str| {
+            let c = std::ffi::CString::new(name).expect("ifname");
+            let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            assert_ne!(i, 0, "no interface {name} in the test namespace");
+            i
+        };
+        Harness { dp, front: index("f0"), back: index("b0") }
+    }
+
+    /// Runs the program on `frame` as received on `ifindex`.
+    fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 64];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&md), ..Default::default() };
+        let result = self.dp.program().expect("program").test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn verdicts(&self) -> Vec<(Verdict, u64)> {
+        self.dp.verdicts().expect("verdicts")
+    }
+
+    /// Runs `frame` and asserts the action and that exactly `reason` counted it.
+    fn expect(&mut self, ifindex: u32, frame: &[u8], action: u32, reason: Verdict) -> Vec<u8> {
+        let before = self.verdicts();
+        let (got, out) = self.run(ifindex, frame);
+        let after = self.verdicts();
+        assert_eq!(got, action, "action for {reason:?}");
+        let changed: Vec<Verdict> = before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+        assert_eq!(changed, vec![reason], "verdict counters");
+        out
+    }
+}
+
+struct Tcp<'a> {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    syn: bool,
+    options: &'a [TcpOptionElement],
+    payload: &'a [u8],
+}
+
+impl Tcp<'_> {
+    fn request(sport: u16, dst: [u8; 4]) -> Tcp<'static> {
+        Tcp {
+            src_mac: CLIENT_MAC,
+            dst_mac: FRONT_MAC,
+            src: CLIENT,
+            dst,
+            ttl: 64,
+            sport,
+            dport: 80,
+            syn: true,
+            options: &[],
+            payload: b"",
+        }
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let mut b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac)
+            .ipv4(self.src, self.dst, self.ttl)
+            .tcp(self.sport, self.dport, 0x1234_5678, 64240);
+        if self.syn {
+            b = b.syn();
+        } else {
+            b = b.ack(0x8765_4321);
+        }
+        let b = b.options(self.options).expect("tcp options");
+        let mut out = Vec::new();
+        b.write(&mut out, self.payload).expect("build tcp frame");
+        out
+    }
+}
+
+fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, ttl)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("build udp frame");
+    out
+}
+
+/// Which web server (index) a forwarded frame was sent to, by destination MAC.
+fn web_of(frame: &[u8]) -> usize {
+    WEB_MACS.iter().position(|m| frame[..6] == m[..]).unwrap_or_else(|| panic!("not sent to a web server: {:02x?}", &frame[..6]))
+}
+
+#[test]
+fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let options = [TcpOptionElement::MaximumSegmentSize(1460), TcpOptionElement::WindowScale(7)];
+        let syn = Tcp { options: &options, payload: b"", ..Tcp::request(40000, VIP) };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        // Every byte: MACs from the FIB, DNAT to web1:80, TTL 63, TCP options
+        // intact, checksums recomputed from scratch by etherparse.
+        let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[0], dst: WEBS[0], ttl: 63, options: &options, ..Tcp::request(40000, VIP) };
+        assert_eq!(out, want.build());
+
+        // The same flow keeps its backend, whatever other flows do.
+        h.expect(h.front, &Tcp::request(40001, VIP).build(), XDP_REDIRECT, Verdict::Forwarded);
+        let data = Tcp { syn: false, payload: b"GET / HTTP/1.1\r\n\r\n", ..Tcp::request(40000, VIP) };
+        let out = h.expect(h.front, &data.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[0], dst: WEBS[0], ttl: 63, ..data };
+        assert_eq!(out, want.build());
+
+        // web1's reply to the client goes back out as VIP:80 → client.
+        let reply = Tcp {
+            src_mac: WEB_MACS[0],
+            dst_mac: BACK_MAC,
+            src: WEBS[0],
+            dst: CLIENT,
+            ttl: 64,
+            sport: 80,
+            dport: 40000,
+            syn: false,
+            options: &[],
+            payload: b"HTTP/1.1 200 OK\r\n\r\nweb1\n",
+        };
+        let out = h.expect(h.back, &reply.build(), XDP_REDIRECT, Verdict::ForwardedReply);
+        let want = Tcp { src_mac: FRONT_MAC, dst_mac: CLIENT_MAC, src: VIP, ttl: 63, ..reply };
+        assert_eq!(out, want.build());
+
+        // Per-service and per-backend counters saw the traffic.
+        let svc = h.dp.counters("SERVICE_STATS", 0).expect("service counters");
+        assert_eq!(svc.packets, 4, "3 forwarded + 1 reply");
+        let web1 = h.dp.counters("BACKEND_STATS", 0).expect("backend counters");
+        assert_eq!(web1.packets, 3);
+    });
+}
+
+#[test]
+fn new_flows_are_spread_round_robin_exactly() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let sequence: Vec<usize> = (0..30)
+            .map(|i| {
+                let (action, out) = h.run(h.front, &Tcp::request(41000 + i, VIP).build());
+                assert_eq!(action, XDP_REDIRECT);
+                web_of(&out)
+            })
+            .collect();
+        let expected: Vec<usize> = (0..30).map(|i| i % 3).collect();
+        assert_eq!(sequence, expected);
+        // Replaying the same 30 flows sends each to the backend it got first.
+        for i in 0..30u16 {
+            let (_, out) = h.run(h.front, &Tcp { syn: false, ..Tcp::request(41000 + i, VIP) }.build());
+            assert_eq!(web_of(&out), i as usize % 3, "flow {i}");
+        }
+    });
+}
+
+#[test]
+fn udp_nat_keeps_zero_checksum_and_restores_replies() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let req = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 5000, 5353, b"ping");
+        let out = h.expect(h.front, &req, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, udp(BACK_MAC, WEB_MACS[0], CLIENT, WEBS[0], 63, 5000, 5353, b"ping"));
+
+        // A datagram without checksum (0) keeps it 0 after the rewrite.
+        let mut bare = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 5001, 5353, b"no-csum");
+        bare[40..42].copy_from_slice(&[0, 0]);
+        let out = h.expect(h.front, &bare, XDP_REDIRECT, Verdict::Forwarded);
+        let mut want = udp(BACK_MAC, WEB_MACS[1], CLIENT, WEBS[1], 63, 5001, 5353, b"no-csum");
+        want[40..42].copy_from_slice(&[0, 0]);
+        assert_eq!(out, want);
+
+        let reply = udp(WEB_MACS[0], BACK_MAC, WEBS[0], CLIENT, 64, 5353, 5000, b"web1 ping");
+        let out = h.expect(h.back, &reply, XDP_REDIRECT, Verdict::ForwardedReply);
+        assert_eq!(out, udp(FRONT_MAC, CLIENT_MAC, VIP, CLIENT, 63, 5353, 5000, b"web1 ping"));
+    });
+}
+
+#[test]
+fn dsr_changes_only_the_destination_mac() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        for i in 0..6u16 {
+            let syn = Tcp::request(42000 + i, VIP_DSR);
+            let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+            // IP and TCP untouched (no TTL change, VIP stays the destination);
+            // Ethernet: backend MAC as destination, the LB's back MAC as source.
+            let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[i as usize % 3], ..syn };
+            assert_eq!(out, want.build(), "flow {i}");
+        }
+        // No reverse state is created in DSR: a "reply" is not ours.
+        let reply = Tcp { src_mac: WEB_MACS[0], dst_mac: BACK_MAC, src: VIP_DSR, dst: CLIENT, sport: 80, dport: 42000, ..Tcp::request(0, CLIENT) };
+        let frame = reply.build();
+        let out = h.expect(h.back, &frame, XDP_PASS, Verdict::PassNotOurs);
+        assert_eq!(out, frame);
+    });
+}
+
+#[test]
+fn non_service_traffic_is_passed_untouched() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
+            ("ssh to the LB itself", Tcp { dport: 22, ..Tcp::request(43000, LB_FRONT) }.build(), Verdict::PassNotOurs),
+            ("VIP, port without a service", Tcp { dport: 22, ..Tcp::request(43001, VIP) }.build(), Verdict::PassNoService),
+            ("UDP to the VIP's TCP port", udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43002, 80, b"x"), Verdict::PassNoService),
+            ("ARP", arp_request(), Verdict::PassNotOurs),
+            ("ICMP echo to the VIP", icmp_echo(VIP), Verdict::PassOtherProtocol),
+            ("ICMP echo to the LB", icmp_echo(LB_FRONT), Verdict::PassNotOurs),
+            ("TTL 1 to a NAT service", Tcp { ttl: 1, ..Tcp::request(43003, VIP) }.build(), Verdict::PassKernelForward),
+        ];
+        for (what, frame, reason) in cases {
+            let before = h.verdicts();
+            let (action, out) = h.run(h.front, &frame);
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(out, frame, "{what}: frame must be untouched");
+            let changed: Vec<Verdict> = before.iter().zip(h.verdicts()).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+            assert_eq!(changed, vec![reason], "{what}");
+        }
+    });
+}
+
+#[test]
+fn unresolved_neighbour_falls_back_to_the_kernel() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        // NAT: rewritten, then passed so the kernel forwards it (resolving the
+        // neighbour); TTL is left for the kernel to decrement.
+        let syn = Tcp::request(44000, VIP_UNRESOLVED);
+        let out = h.expect(h.front, &syn.build(), XDP_PASS, Verdict::PassKernelForward);
+        let want = Tcp { dst: WEB_UNRESOLVED, dport: 8080, ..Tcp::request(44000, VIP_UNRESOLVED) };
+        assert_eq!(out, want.build());
+        // DSR: cannot rewrite a MAC it does not know; passed unchanged.
+        let frame = Tcp::request(44001, VIP_UNRESOLVED_DSR).build();
+        let out = h.expect(h.front, &frame, XDP_PASS, Verdict::PassKernelForward);
+        assert_eq!(out, frame);
+    });
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&CLIENT);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&VIP);
+    f
+}
+
+fn icmp_echo(dst: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+        .ipv4(CLIENT, dst, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, b"ping")
+        .expect("icmp");
+    out
+}
+
+/// Rewrites the IPv4 header checksum after a test edited the header.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = lb_common::checksum::compute(&frame[14..14 + ihl], 0);
+    frame[24..26].copy_from_slice(&c.to_ne_bytes());
+}
+
+#[test]
+fn malformed_frames_get_their_documented_verdict() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let syn = Tcp::request(45000, VIP).build();
+
+        let mut cases: Vec<(&str, Vec<u8>, u32, Verdict)> = Vec::new();
+        // (Frames shorter than an Ethernet header cannot be fed in: the
+        // kernel's BPF_PROG_TEST_RUN rejects them with EINVAL.)
+        cases.push(("truncated IPv4 header", syn[..30].to_vec(), XDP_PASS, Verdict::PassTruncated));
+
+        let mut options = syn[..34].to_vec();
+        options[14] = 0x46; // IHL 6: one word of options
+        options.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+        options.extend_from_slice(&syn[34..]);
+        let tot = (options.len() - 14) as u16;
+        options[16..18].copy_from_slice(&tot.to_be_bytes());
+        fix_ip_checksum(&mut options);
+        cases.push(("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions));
+
+        let mut first_fragment = syn.clone();
+        first_fragment[20] |= 0x20; // MF
+        fix_ip_checksum(&mut first_fragment);
+        cases.push(("first fragment (MF)", first_fragment, XDP_DROP, Verdict::DropFragment));
+
+        let mut later_fragment = syn.clone();
+        later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
+        fix_ip_checksum(&mut later_fragment);
+        cases.push(("non-first fragment", later_fragment, XDP_DROP, Verdict::DropFragment));
+
+        let mut short_ihl = syn.clone();
+        short_ihl[14] = 0x44;
+        cases.push(("IHL below 5", short_ihl, XDP_DROP, Verdict::DropMalformed));
+
+        let mut long_total = syn.clone();
+        long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
+        fix_ip_checksum(&mut long_total);
+        cases.push(("total length beyond the frame", long_total, XDP_DROP, Verdict::DropMalformed));
+
+        let mut cut_tcp = syn[..14 + 20 + 10].to_vec();
+        cut_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
+        fix_ip_checksum(&mut cut_tcp);
+        cases.push(("TCP header cut short", cut_tcp, XDP_DROP, Verdict::DropTruncatedL4));
+
+        let mut not_ipv4 = syn.clone();
+        not_ipv4[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        cases.push(("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs));
+
+        for (what, frame, action, reason) in cases {
+            let before = h.verdicts();
+            let (got, out) = h.run(h.front, &frame);
+            assert_eq!(got, action, "{what}");
+            if action == XDP_PASS {
+                assert_eq!(out, frame, "{what}: passed frames are untouched");
+            }
+            let changed: Vec<Verdict> = before.iter().zip(h.verdicts()).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+            assert_eq!(changed, vec![reason], "{what}");
+        }
+        // None of them created a flow: the next SYN still goes to web1.
+        let (_, out) = h.run(h.front, &Tcp::request(45999, VIP).build());
+        assert_eq!(web_of(&out), 0);
+    });
+}
+
+#[test]
+fn ring_update_switches_atomically_and_keeps_established_flows() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let (_, out) = h.run(h.front, &Tcp::request(46000, VIP).build());
+        assert_eq!(web_of(&out), 0);
+        // web1 leaves the ring: new flows only see web2/web3 ...
+        cfg.services[0].backends[0].weight = 0;
+        h.dp.apply(&cfg).expect("apply");
+        let next: Vec<usize> = (1..7u16).map(|i| web_of(&h.run(h.front, &Tcp::request(46000 + i, VIP).build()).1)).collect();
+        assert!(next.iter().all(|&w| w != 0), "{next:?}");
+        // ... but the established flow keeps web1.
+        let (_, out) = h.run(h.front, &Tcp { syn: false, ..Tcp::request(46000, VIP) }.build());
+        assert_eq!(web_of(&out), 0);
+        // Removing web3 entirely drops its pinned flows deliberately.
+        let web3_flow = (1..7u16).find(|i| next[*i as usize - 1] == 2).expect("a flow on web3");
+        cfg.services[0].backends.remove(2);
+        cfg.services[2].backends.remove(2);
+        h.dp.apply(&cfg).expect("apply");
+        h.expect(h.front, &Tcp { syn: false, ..Tcp::request(46000 + web3_flow, VIP) }.build(), XDP_DROP, Verdict::DropBackendGone);
+    });
+}
+
+#[test]
+fn next_hop_on_the_ingress_interface_uses_xdp_tx() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let syn = Tcp::request(47000, VIP_HAIRPIN);
+        let out = h.expect(h.front, &syn.build(), XDP_TX, Verdict::Forwarded);
+        let want = Tcp { src_mac: FRONT_MAC, dst_mac: HAIRPIN_MAC, dst: HAIRPIN_BACKEND, ttl: 63, ..Tcp::request(47000, VIP_HAIRPIN) };
+        assert_eq!(out, want.build());
+    });
+}
