@@ -69,16 +69,23 @@ impl Ring {
 }
 
 /// Backend flag: flows already pinned to this backend are dropped (it was
-/// removed or declared down with the "drop flows" rule) instead of forwarded.
+/// removed, disabled, or marked down with the "drop-flows" rule) instead of
+/// forwarded, so their clients reconnect to a live backend at once.
 pub const BACKEND_F_DROP_FLOWS: u16 = 1;
+/// Backend flag: the slot is allocated to `service_id`. A restarted agent
+/// rebuilds its id table from the pinned map with it.
+pub const BACKEND_F_IN_USE: u16 = 2;
 
-/// `BACKENDS[backend id]`: where a backend lives.
+/// `BACKENDS[backend id]`: where a backend lives. Ids are per service, so a
+/// backend's flags (and counters) belong to one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr: u32,
     pub port: u16,
     pub flags: u16,
+    pub service_id: u32,
+    pub _pad: u32,
 }
 
 /// Connection-tracking key: a flow as it arrives (client → VIP), or for the
@@ -198,11 +205,14 @@ impl Verdict {
     }
 }
 
-const _: () = assert!(MAX_RING.is_power_of_two(), "the data plane masks ring indexes");
+const _: () = assert!(
+    MAX_RING.is_power_of_two(),
+    "the data plane masks ring indexes"
+);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Flow>() == 8);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);

@@ -11,17 +11,34 @@ use crate::{
 /// part of the TCP/UDP pseudo-header, so it is folded in too. A UDP checksum
 /// of 0 means "none" and stays 0; a computed 0 is sent as 0xffff (RFC 768).
 #[inline(always)]
-fn l4_check(check: u16, protocol: u8, old_addr: u32, new_addr: u32, old_port: u16, new_port: u16) -> u16 {
+fn l4_check(
+    check: u16,
+    protocol: u8,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> u16 {
     if protocol == IPPROTO_UDP && check == 0 {
         return 0;
     }
     let c = replace16(replace32(check, old_addr, new_addr), old_port, new_port);
-    if protocol == IPPROTO_UDP && c == 0 { 0xffff } else { c }
+    if protocol == IPPROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
 }
 
 /// DNAT: client→VIP becomes client→backend (`addr`, `port` raw network order).
 #[inline(always)]
-pub fn rewrite_destination(ip: &mut Ipv4Hdr, ports: &mut L4Ports, check: &mut u16, addr: u32, port: u16) {
+pub fn rewrite_destination(
+    ip: &mut Ipv4Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    addr: u32,
+    port: u16,
+) {
     let old = ip.daddr;
     ip.check = replace32(ip.check, old, addr);
     ip.daddr = addr;
@@ -31,7 +48,13 @@ pub fn rewrite_destination(ip: &mut Ipv4Hdr, ports: &mut L4Ports, check: &mut u1
 
 /// Reverse NAT: backend→client becomes VIP→client.
 #[inline(always)]
-pub fn rewrite_source(ip: &mut Ipv4Hdr, ports: &mut L4Ports, check: &mut u16, addr: u32, port: u16) {
+pub fn rewrite_source(
+    ip: &mut Ipv4Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    addr: u32,
+    port: u16,
+) {
     let old = ip.saddr;
     ip.check = replace32(ip.check, old, addr);
     ip.saddr = addr;
@@ -63,8 +86,17 @@ mod tests {
     use proptest::prelude::*;
 
     /// Builds an Ethernet/IPv4/TCP-or-UDP frame with valid checksums.
-    fn frame(udp: bool, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, ttl: u8, payload: &[u8]) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, ttl);
+    fn frame(
+        udp: bool,
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        ttl: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b =
+            PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, ttl);
         let mut out = Vec::new();
         if udp {
             let b = b.udp(sport, dport);
@@ -82,7 +114,12 @@ mod tests {
         let mut ip: Ipv4Hdr = unsafe { core::ptr::read_unaligned(buf[ip_off..].as_ptr().cast()) };
         let l4 = ip_off + ip.header_len();
         let mut ports: L4Ports = unsafe { core::ptr::read_unaligned(buf[l4..].as_ptr().cast()) };
-        let coff = l4 + if ip.protocol == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF };
+        let coff = l4
+            + if ip.protocol == IPPROTO_TCP {
+                TCP_CHECK_OFF
+            } else {
+                UDP_CHECK_OFF
+            };
         let mut check = u16::from_ne_bytes([buf[coff], buf[coff + 1]]);
         f(&mut ip, &mut ports, &mut check);
         unsafe {
@@ -94,7 +131,8 @@ mod tests {
 
     /// Recomputes every checksum independently (etherparse) and compares.
     fn assert_checksums_valid(buf: &[u8]) -> Result<(), TestCaseError> {
-        let p = SlicedPacket::from_ethernet(buf).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        let p =
+            SlicedPacket::from_ethernet(buf).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
         let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
             return Err(TestCaseError::fail("not ipv4"));
         };
@@ -102,12 +140,18 @@ mod tests {
         prop_assert_eq!(hdr.header_checksum, hdr.calc_header_checksum());
         match p.transport {
             Some(TransportSlice::Tcp(t)) => {
-                let want = t.to_header().calc_checksum_ipv4(&hdr, t.payload()).expect("tcp csum");
+                let want = t
+                    .to_header()
+                    .calc_checksum_ipv4(&hdr, t.payload())
+                    .expect("tcp csum");
                 prop_assert_eq!(t.checksum(), want);
             }
             Some(TransportSlice::Udp(u)) => {
                 if u.checksum() != 0 {
-                    let want = u.to_header().calc_checksum_ipv4(&hdr, u.payload()).expect("udp csum");
+                    let want = u
+                        .to_header()
+                        .calc_checksum_ipv4(&hdr, u.payload())
+                        .expect("udp csum");
                     prop_assert_eq!(u.checksum(), want);
                 }
             }
@@ -160,7 +204,15 @@ mod tests {
         let coff = EthHdr::LEN + 20 + UDP_CHECK_OFF;
         buf[coff] = 0;
         buf[coff + 1] = 0;
-        apply(&mut buf, |ip, ports, check| rewrite_destination(ip, ports, check, u32::from_ne_bytes([198, 19, 0, 11]), 53u16.to_be()));
+        apply(&mut buf, |ip, ports, check| {
+            rewrite_destination(
+                ip,
+                ports,
+                check,
+                u32::from_ne_bytes([198, 19, 0, 11]),
+                53u16.to_be(),
+            )
+        });
         assert_eq!(&buf[coff..coff + 2], &[0, 0]);
     }
 

@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn ring_too_long_is_rejected() {
-        assert_eq!(to_ring(&vec![1; MAX_RING + 1]).err(), Some(RingError::TooLong { len: MAX_RING + 1 }));
+        assert_eq!(
+            to_ring(&vec![1; MAX_RING + 1]).err(),
+            Some(RingError::TooLong { len: MAX_RING + 1 })
+        );
         let r = to_ring(&[4, 5]).expect("fits");
         assert_eq!((r.len, &r.ids[..3]), (2, &[4, 5, 0][..]));
     }

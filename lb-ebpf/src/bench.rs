@@ -98,7 +98,11 @@ fn set_flow(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
     };
     // SAFETY: bounds checked above.
     let check = unsafe { &mut *check };
-    let span = if conf.sport_span == 0 { 1 } else { conf.sport_span as u32 };
+    let span = if conf.sport_span == 0 {
+        1
+    } else {
+        conf.sport_span as u32
+    };
     let flow = if conf.flows == 0 { 0 } else { n % conf.flows };
     let saddr = conf.saddr_base.wrapping_add(flow / span).to_be();
     let sport = (conf.sport_base as u32 + flow % span) as u16;

@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, BACKEND_F_DROP_FLOWS, Counters, DEFAULT_CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS,
+    BACKEND_F_DROP_FLOWS, Backend, Counters, DEFAULT_CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS,
     MAX_RING, MAX_SERVICES, MODE_DSR, ReverseNat, Ring, SCHED_HASH, ServiceConf, ServiceKey,
     VERDICT_COUNT, Verdict,
     hash::flow_hash,
@@ -65,7 +65,8 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Client → VIP flow → pinned backend. Written by this program (agent may
 /// delete). Sized by the agent at load time.
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+static CONNTRACK: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 /// Backend → client reply flow → VIP to restore (NAT only). This program.
 #[map]
 static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =
@@ -98,12 +99,18 @@ struct Outcome {
 
 #[inline(always)]
 const fn pass(reason: Verdict) -> Outcome {
-    Outcome { action: xdp_action::XDP_PASS, reason }
+    Outcome {
+        action: xdp_action::XDP_PASS,
+        reason,
+    }
 }
 
 #[inline(always)]
 const fn drop(reason: Verdict) -> Outcome {
-    Outcome { action: xdp_action::XDP_DROP, reason }
+    Outcome {
+        action: xdp_action::XDP_DROP,
+        reason,
+    }
 }
 
 /// Pointers into one IPv4 TCP/UDP frame without options.
@@ -177,10 +184,18 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Result<Pack
     if tot_len < Ipv4Hdr::LEN + l4_len || ctx.data() + l4 + l4_len > ctx.data_end() {
         return Err(drop(Verdict::DropTruncatedL4));
     }
-    let (Some(ports), Some(l4_check)) = (header::<L4Ports>(ctx, l4), header::<u16>(ctx, l4 + check_off)) else {
+    let (Some(ports), Some(l4_check)) = (
+        header::<L4Ports>(ctx, l4),
+        header::<u16>(ctx, l4 + check_off),
+    ) else {
         return Err(drop(Verdict::DropTruncatedL4));
     };
-    Ok(Packet { eth, ip, ports, l4_check })
+    Ok(Packet {
+        eth,
+        ip,
+        ports,
+        l4_check,
+    })
 }
 
 #[inline(always)]
@@ -201,7 +216,12 @@ fn flow_key(pkt: &Packet) -> FlowKey {
 #[inline(always)]
 fn forward_to_service(ctx: &XdpContext, pkt: &Packet) -> Outcome {
     let key = flow_key(pkt);
-    let service = ServiceKey { vip: key.daddr, port: key.dport, protocol: key.protocol, _pad: 0 };
+    let service = ServiceKey {
+        vip: key.daddr,
+        port: key.dport,
+        protocol: key.protocol,
+        _pad: 0,
+    };
     let Some(&service_id) = (unsafe { SERVICES.get(&service) }) else {
         return pass(Verdict::PassNoService);
     };
@@ -242,7 +262,10 @@ fn lookup_or_schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Res
         return Ok(*flow);
     }
     let backend_id = schedule(key, service_id, conf)?;
-    let flow = Flow { backend_id, service_id };
+    let flow = Flow {
+        backend_id,
+        service_id,
+    };
     if CONNTRACK.insert(key, &flow, 0).is_err() {
         return Err(drop(Verdict::DropConntrackFull));
     }
@@ -299,7 +322,13 @@ fn remember_reply(key: &FlowKey, service_id: u32, backend_id: u32) -> Result<(),
         protocol: key.protocol,
         _pad: [0; 3],
     };
-    let restore = ReverseNat { vip: key.daddr, port: key.dport, _pad: 0, service_id, backend_id };
+    let restore = ReverseNat {
+        vip: key.daddr,
+        port: key.dport,
+        _pad: 0,
+        service_id,
+        backend_id,
+    };
     REVERSE_NAT
         .insert(&reply, &restore, 0)
         .map_err(|_| drop(Verdict::DropConntrackFull))
@@ -393,9 +422,7 @@ fn fib_lookup(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32) -> (i64, F
     fib.__bindgen_anon_4.ipv4_dst = daddr;
     fib.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: helper call with a valid context and a correctly sized struct.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     (rc, fib)
 }
 
@@ -407,7 +434,10 @@ fn send(ctx: &XdpContext, pkt: &Packet, fib: &FibParams, reason: Verdict) -> Out
     eth.dst = fib.dmac;
     eth.src = fib.smac;
     if fib.ifindex == ctx.ingress_ifindex() as u32 {
-        return Outcome { action: xdp_action::XDP_TX, reason };
+        return Outcome {
+            action: xdp_action::XDP_TX,
+            reason,
+        };
     }
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;

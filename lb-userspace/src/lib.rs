@@ -5,11 +5,16 @@
 //! - `object`: the embedded eBPF object.
 //! - `config`: the TOML schema, validation and errors naming file/key/reason.
 //! - `dataplane`: loading, attaching, and every map write (rings, backends).
-//! - `agent`: `lb run` — config → data plane, signals.
+//! - `agent`: `lb run` — config → data plane, health, control socket, signals.
+//! - `control`: the control socket protocol and the CLI's client side.
+//! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod lab;
 pub mod object;
+pub mod pktgen;

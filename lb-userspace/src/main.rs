@@ -5,10 +5,19 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use lb_userspace::{agent, config, lab};
+use lb_userspace::{
+    agent, config,
+    control::{self, BackendChange, Request},
+    dataplane::Dataplane,
+    lab, pktgen,
+};
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "XDP L4 load balancer: agent and control CLI")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP L4 load balancer: agent and control CLI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +27,32 @@ struct Cli {
 enum Command {
     /// Load the data plane, attach it and keep it in sync with the config
     Run(agent::RunArgs),
+    /// Show services, backends (health, admin state, weight, flows) and counters
+    Status {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Change backends live: add, remove, enable, disable, drain, weight
+    Backend {
+        #[command(subcommand)]
+        change: BackendChange,
+        #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Re-read the config file (like SIGHUP); an invalid one is rejected whole
+    Reload {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Detach the pinned data plane and remove its pins (stopping the agent
+    /// alone leaves it forwarding)
+    Teardown {
+        #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Check a config file without touching the kernel
     Validate {
         /// The TOML config to check
@@ -29,14 +64,71 @@ enum Command {
     /// Serve HTTP and UDP as a lab web server (used inside lab namespaces)
     #[command(hide = true)]
     LabServe(lab::ServeArgs),
+    /// Generate traffic with XDP live frames (BPF_PROG_RUN)
+    Pktgen(lb_userspace::pktgen::PktgenArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    match Cli::parse().command {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line, without the
+            // backtrace anyhow's Debug adds when RUST_BACKTRACE is set.
+            eprintln!("lb: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// One request to the agent; an error reply becomes an error exit.
+fn ask(socket: &std::path::Path, req: &Request) -> anyhow::Result<control::Response> {
+    let reply = control::request(socket, req)?;
+    if !reply.ok {
+        anyhow::bail!("{}", reply.message);
+    }
+    Ok(reply)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => agent::run(args),
+        Command::Status { json, socket } => {
+            let reply = ask(&socket, &Request::Status)?;
+            let status = reply.status.context("the agent sent no status")?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).context("encoding status")?
+                );
+            } else {
+                print!("{}", control::render(&status));
+            }
+            Ok(())
+        }
+        Command::Backend { change, socket } => {
+            println!("{}", ask(&socket, &Request::Backend(change))?.message);
+            Ok(())
+        }
+        Command::Reload { socket } => {
+            println!("{}", ask(&socket, &Request::Reload)?.message);
+            Ok(())
+        }
+        Command::Teardown { pin_dir } => {
+            let removed = Dataplane::teardown(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", pin_dir.display());
+            } else {
+                println!(
+                    "removed {} from {} (XDP detached)",
+                    removed.join(", "),
+                    pin_dir.display()
+                );
+            }
+            Ok(())
+        }
         Command::Validate { file } => {
             let cfg = config::load(&file)?;
             println!(
@@ -49,5 +141,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Lab(cmd) => lab::run(cmd).context("lab"),
         Command::LabServe(args) => lab::serve(args),
+        Command::Pktgen(args) => pktgen::run(args),
     }
 }

@@ -18,7 +18,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{PacketBuilder, TcpOptionElement};
 use lb_common::Verdict;
 use lb_userspace::{
-    config::{Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service, XdpMode},
+    config::{
+        Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service,
+        XdpMode,
+    },
     dataplane::Dataplane,
 };
 
@@ -44,15 +47,29 @@ const WEB_UNRESOLVED: [u8; 4] = [198, 19, 0, 14];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
 const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x01];
-const WEB_MACS: [[u8; 6]; 3] = [[0x02, 0, 0, 0, 1, 0x11], [0x02, 0, 0, 0, 1, 0x12], [0x02, 0, 0, 0, 1, 0x13]];
+const WEB_MACS: [[u8; 6]; 3] = [
+    [0x02, 0, 0, 0, 1, 0x11],
+    [0x02, 0, 0, 0, 1, 0x12],
+    [0x02, 0, 0, 0, 1, 0x13],
+];
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn mac_text(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn ip_text(a: [u8; 4]) -> String {
@@ -72,25 +89,80 @@ impl TestNet {
             "the kernel tier needs root (BPF_PROG_TEST_RUN, network namespaces): run `cargo xtask test` as root"
         );
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("lbk{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "lbk{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&["ip", "netns", "add", &name]);
         let net = TestNet { name };
         let n = net.name.as_str();
         sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        for (dev, peer, mac, addr) in [("f0", "f1", FRONT_MAC, "198.18.0.1/24"), ("b0", "b1", BACK_MAC, "198.19.0.1/24")] {
-            sh(&["ip", "-n", n, "link", "add", dev, "address", &mac_text(mac), "type", "veth", "peer", "name", peer]);
+        for (dev, peer, mac, addr) in [
+            ("f0", "f1", FRONT_MAC, "198.18.0.1/24"),
+            ("b0", "b1", BACK_MAC, "198.19.0.1/24"),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "link",
+                "add",
+                dev,
+                "address",
+                &mac_text(mac),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+            ]);
             sh(&["ip", "-n", n, "addr", "add", addr, "dev", dev]);
             sh(&["ip", "-n", n, "link", "set", dev, "up"]);
             sh(&["ip", "-n", n, "link", "set", peer, "up"]);
         }
         for (ip, mac) in [(CLIENT, CLIENT_MAC), (HAIRPIN_BACKEND, HAIRPIN_MAC)] {
-            sh(&["ip", "-n", n, "neigh", "replace", &ip_text(ip), "lladdr", &mac_text(mac), "dev", "f0", "nud", "permanent"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "neigh",
+                "replace",
+                &ip_text(ip),
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                "f0",
+                "nud",
+                "permanent",
+            ]);
         }
         for (ip, mac) in WEBS.iter().zip(WEB_MACS) {
-            sh(&["ip", "-n", n, "neigh", "replace", &ip_text(*ip), "lladdr", &mac_text(mac), "dev", "b0", "nud", "permanent"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "neigh",
+                "replace",
+                &ip_text(*ip),
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                "b0",
+                "nud",
+                "permanent",
+            ]);
         }
-        sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         net
     }
 
@@ -100,7 +172,9 @@ impl TestNet {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let file = std::fs::File::open(&path).expect("open netns");
-                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
                 assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
                 f()
             })
@@ -112,15 +186,30 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
-    Backend { name: name.into(), address: SocketAddrV4::new(ip.into(), port), weight: 1, backup: false }
+    Backend {
+        name: name.into(),
+        address: SocketAddrV4::new(ip.into(), port),
+        weight: 1,
+        backup: false,
+        health: None,
+    }
 }
 
-fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, forwarding: Forwarding, backends: Vec<Backend>) -> Service {
+fn service(
+    name: &str,
+    vip: [u8; 4],
+    port: u16,
+    protocol: Protocol,
+    forwarding: Forwarding,
+    backends: Vec<Backend>,
+) -> Service {
     Service {
         name: name.into(),
         vip: SocketAddrV4::new(vip.into(), port),
@@ -128,12 +217,16 @@ fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, forwarding: 
         forwarding,
         scheduler: Scheduler::RoundRobin,
         health: None,
+        on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
         backends,
     }
 }
 
 fn webs(port: u16) -> Vec<Backend> {
-    WEBS.iter().enumerate().map(|(i, ip)| backend(&format!("web{}", i + 1), *ip, port)).collect()
+    WEBS.iter()
+        .enumerate()
+        .map(|(i, ip)| backend(&format!("web{}", i + 1), *ip, port))
+        .collect()
 }
 
 fn lab_config() -> Config {
@@ -146,11 +239,46 @@ fn lab_config() -> Config {
         },
         services: vec![
             service("www", VIP, 80, Protocol::Tcp, Forwarding::Nat, webs(80)),
-            service("www-udp", VIP, 5353, Protocol::Udp, Forwarding::Nat, webs(5353)),
-            service("www-dsr", VIP_DSR, 80, Protocol::Tcp, Forwarding::Dsr, webs(80)),
-            service("unresolved", VIP_UNRESOLVED, 80, Protocol::Tcp, Forwarding::Nat, vec![backend("web4", WEB_UNRESOLVED, 8080)]),
-            service("hairpin", VIP_HAIRPIN, 80, Protocol::Tcp, Forwarding::Nat, vec![backend("near", HAIRPIN_BACKEND, 80)]),
-            service("unresolved-dsr", VIP_UNRESOLVED_DSR, 80, Protocol::Tcp, Forwarding::Dsr, vec![backend("web4", WEB_UNRESOLVED, 80)]),
+            service(
+                "www-udp",
+                VIP,
+                5353,
+                Protocol::Udp,
+                Forwarding::Nat,
+                webs(5353),
+            ),
+            service(
+                "www-dsr",
+                VIP_DSR,
+                80,
+                Protocol::Tcp,
+                Forwarding::Dsr,
+                webs(80),
+            ),
+            service(
+                "unresolved",
+                VIP_UNRESOLVED,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                vec![backend("web4", WEB_UNRESOLVED, 8080)],
+            ),
+            service(
+                "hairpin",
+                VIP_HAIRPIN,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                vec![backend("near", HAIRPIN_BACKEND, 80)],
+            ),
+            service(
+                "unresolved-dsr",
+                VIP_UNRESOLVED_DSR,
+                80,
+                Protocol::Tcp,
+                Forwarding::Dsr,
+                vec![backend("web4", WEB_UNRESOLVED, 80)],
+            ),
         ],
     }
 }
@@ -164,7 +292,8 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: &Config) -> Self {
-        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size).expect("load the lb object (built by cargo xtask build)");
+        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size)
+            .expect("load the lb object (built by cargo xtask build)");
         dp.apply(cfg).expect("apply config");
         let index = |name: &str| {
             let c = std::ffi::CString::new(name).expect("ifname");
@@ -172,16 +301,33 @@ impl Harness {
             assert_ne!(i, 0, "no interface {name} in the test namespace");
             i
         };
-        Harness { dp, front: index("f0"), back: index("b0") }
+        Harness {
+            dp,
+            front: index("f0"),
+            back: index("b0"),
+        }
     }
 
     /// Runs the program on `frame` as received on `ifindex`.
     fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
         let mut out = vec![0u8; frame.len() + 64];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&md), ..Default::default() };
-        let result = self.dp.program().expect("program").test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..Default::default()
+        };
+        let result = self
+            .dp
+            .program()
+            .expect("program")
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
@@ -196,7 +342,12 @@ impl Harness {
         let (got, out) = self.run(ifindex, frame);
         let after = self.verdicts();
         assert_eq!(got, action, "action for {reason:?}");
-        let changed: Vec<Verdict> = before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+        let changed: Vec<Verdict> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(_, a)| a.0)
+            .collect();
         assert_eq!(changed, vec![reason], "verdict counters");
         out
     }
@@ -247,7 +398,17 @@ impl Tcp<'_> {
     }
 }
 
-fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+#[allow(clippy::too_many_arguments)] // one argument per header field under test
+fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, ttl)
@@ -259,7 +420,10 @@ fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, 
 
 /// Which web server (index) a forwarded frame was sent to, by destination MAC.
 fn web_of(frame: &[u8]) -> usize {
-    WEB_MACS.iter().position(|m| frame[..6] == m[..]).unwrap_or_else(|| panic!("not sent to a web server: {:02x?}", &frame[..6]))
+    WEB_MACS
+        .iter()
+        .position(|m| frame[..6] == m[..])
+        .unwrap_or_else(|| panic!("not sent to a web server: {:02x?}", &frame[..6]))
 }
 
 #[test]
@@ -267,19 +431,48 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
     let net = TestNet::new();
     net.run(|| {
         let mut h = Harness::new(&lab_config());
-        let options = [TcpOptionElement::MaximumSegmentSize(1460), TcpOptionElement::WindowScale(7)];
-        let syn = Tcp { options: &options, payload: b"", ..Tcp::request(40000, VIP) };
+        let options = [
+            TcpOptionElement::MaximumSegmentSize(1460),
+            TcpOptionElement::WindowScale(7),
+        ];
+        let syn = Tcp {
+            options: &options,
+            payload: b"",
+            ..Tcp::request(40000, VIP)
+        };
         let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
         // Every byte: MACs from the FIB, DNAT to web1:80, TTL 63, TCP options
         // intact, checksums recomputed from scratch by etherparse.
-        let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[0], dst: WEBS[0], ttl: 63, options: &options, ..Tcp::request(40000, VIP) };
+        let want = Tcp {
+            src_mac: BACK_MAC,
+            dst_mac: WEB_MACS[0],
+            dst: WEBS[0],
+            ttl: 63,
+            options: &options,
+            ..Tcp::request(40000, VIP)
+        };
         assert_eq!(out, want.build());
 
         // The same flow keeps its backend, whatever other flows do.
-        h.expect(h.front, &Tcp::request(40001, VIP).build(), XDP_REDIRECT, Verdict::Forwarded);
-        let data = Tcp { syn: false, payload: b"GET / HTTP/1.1\r\n\r\n", ..Tcp::request(40000, VIP) };
+        h.expect(
+            h.front,
+            &Tcp::request(40001, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let data = Tcp {
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..Tcp::request(40000, VIP)
+        };
         let out = h.expect(h.front, &data.build(), XDP_REDIRECT, Verdict::Forwarded);
-        let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[0], dst: WEBS[0], ttl: 63, ..data };
+        let want = Tcp {
+            src_mac: BACK_MAC,
+            dst_mac: WEB_MACS[0],
+            dst: WEBS[0],
+            ttl: 63,
+            ..data
+        };
         assert_eq!(out, want.build());
 
         // web1's reply to the client goes back out as VIP:80 → client.
@@ -295,8 +488,19 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             options: &[],
             payload: b"HTTP/1.1 200 OK\r\n\r\nweb1\n",
         };
-        let out = h.expect(h.back, &reply.build(), XDP_REDIRECT, Verdict::ForwardedReply);
-        let want = Tcp { src_mac: FRONT_MAC, dst_mac: CLIENT_MAC, src: VIP, ttl: 63, ..reply };
+        let out = h.expect(
+            h.back,
+            &reply.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        let want = Tcp {
+            src_mac: FRONT_MAC,
+            dst_mac: CLIENT_MAC,
+            src: VIP,
+            ttl: 63,
+            ..reply
+        };
         assert_eq!(out, want.build());
 
         // Per-service and per-backend counters saw the traffic.
@@ -323,7 +527,14 @@ fn new_flows_are_spread_round_robin_exactly() {
         assert_eq!(sequence, expected);
         // Replaying the same 30 flows sends each to the backend it got first.
         for i in 0..30u16 {
-            let (_, out) = h.run(h.front, &Tcp { syn: false, ..Tcp::request(41000 + i, VIP) }.build());
+            let (_, out) = h.run(
+                h.front,
+                &Tcp {
+                    syn: false,
+                    ..Tcp::request(41000 + i, VIP)
+                }
+                .build(),
+            );
             assert_eq!(web_of(&out), i as usize % 3, "flow {i}");
         }
     });
@@ -336,19 +547,63 @@ fn udp_nat_keeps_zero_checksum_and_restores_replies() {
         let mut h = Harness::new(&lab_config());
         let req = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 5000, 5353, b"ping");
         let out = h.expect(h.front, &req, XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(out, udp(BACK_MAC, WEB_MACS[0], CLIENT, WEBS[0], 63, 5000, 5353, b"ping"));
+        assert_eq!(
+            out,
+            udp(
+                BACK_MAC,
+                WEB_MACS[0],
+                CLIENT,
+                WEBS[0],
+                63,
+                5000,
+                5353,
+                b"ping"
+            )
+        );
 
         // A datagram without checksum (0) keeps it 0 after the rewrite.
-        let mut bare = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 5001, 5353, b"no-csum");
+        let mut bare = udp(
+            CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 5001, 5353, b"no-csum",
+        );
         bare[40..42].copy_from_slice(&[0, 0]);
         let out = h.expect(h.front, &bare, XDP_REDIRECT, Verdict::Forwarded);
-        let mut want = udp(BACK_MAC, WEB_MACS[1], CLIENT, WEBS[1], 63, 5001, 5353, b"no-csum");
+        let mut want = udp(
+            BACK_MAC,
+            WEB_MACS[1],
+            CLIENT,
+            WEBS[1],
+            63,
+            5001,
+            5353,
+            b"no-csum",
+        );
         want[40..42].copy_from_slice(&[0, 0]);
         assert_eq!(out, want);
 
-        let reply = udp(WEB_MACS[0], BACK_MAC, WEBS[0], CLIENT, 64, 5353, 5000, b"web1 ping");
+        let reply = udp(
+            WEB_MACS[0],
+            BACK_MAC,
+            WEBS[0],
+            CLIENT,
+            64,
+            5353,
+            5000,
+            b"web1 ping",
+        );
         let out = h.expect(h.back, &reply, XDP_REDIRECT, Verdict::ForwardedReply);
-        assert_eq!(out, udp(FRONT_MAC, CLIENT_MAC, VIP, CLIENT, 63, 5353, 5000, b"web1 ping"));
+        assert_eq!(
+            out,
+            udp(
+                FRONT_MAC,
+                CLIENT_MAC,
+                VIP,
+                CLIENT,
+                63,
+                5353,
+                5000,
+                b"web1 ping"
+            )
+        );
     });
 }
 
@@ -362,11 +617,23 @@ fn dsr_changes_only_the_destination_mac() {
             let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
             // IP and TCP untouched (no TTL change, VIP stays the destination);
             // Ethernet: backend MAC as destination, the LB's back MAC as source.
-            let want = Tcp { src_mac: BACK_MAC, dst_mac: WEB_MACS[i as usize % 3], ..syn };
+            let want = Tcp {
+                src_mac: BACK_MAC,
+                dst_mac: WEB_MACS[i as usize % 3],
+                ..syn
+            };
             assert_eq!(out, want.build(), "flow {i}");
         }
         // No reverse state is created in DSR: a "reply" is not ours.
-        let reply = Tcp { src_mac: WEB_MACS[0], dst_mac: BACK_MAC, src: VIP_DSR, dst: CLIENT, sport: 80, dport: 42000, ..Tcp::request(0, CLIENT) };
+        let reply = Tcp {
+            src_mac: WEB_MACS[0],
+            dst_mac: BACK_MAC,
+            src: VIP_DSR,
+            dst: CLIENT,
+            sport: 80,
+            dport: 42000,
+            ..Tcp::request(0, CLIENT)
+        };
         let frame = reply.build();
         let out = h.expect(h.back, &frame, XDP_PASS, Verdict::PassNotOurs);
         assert_eq!(out, frame);
@@ -379,20 +646,61 @@ fn non_service_traffic_is_passed_untouched() {
     net.run(|| {
         let mut h = Harness::new(&lab_config());
         let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
-            ("ssh to the LB itself", Tcp { dport: 22, ..Tcp::request(43000, LB_FRONT) }.build(), Verdict::PassNotOurs),
-            ("VIP, port without a service", Tcp { dport: 22, ..Tcp::request(43001, VIP) }.build(), Verdict::PassNoService),
-            ("UDP to the VIP's TCP port", udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43002, 80, b"x"), Verdict::PassNoService),
+            (
+                "ssh to the LB itself",
+                Tcp {
+                    dport: 22,
+                    ..Tcp::request(43000, LB_FRONT)
+                }
+                .build(),
+                Verdict::PassNotOurs,
+            ),
+            (
+                "VIP, port without a service",
+                Tcp {
+                    dport: 22,
+                    ..Tcp::request(43001, VIP)
+                }
+                .build(),
+                Verdict::PassNoService,
+            ),
+            (
+                "UDP to the VIP's TCP port",
+                udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43002, 80, b"x"),
+                Verdict::PassNoService,
+            ),
             ("ARP", arp_request(), Verdict::PassNotOurs),
-            ("ICMP echo to the VIP", icmp_echo(VIP), Verdict::PassOtherProtocol),
-            ("ICMP echo to the LB", icmp_echo(LB_FRONT), Verdict::PassNotOurs),
-            ("TTL 1 to a NAT service", Tcp { ttl: 1, ..Tcp::request(43003, VIP) }.build(), Verdict::PassKernelForward),
+            (
+                "ICMP echo to the VIP",
+                icmp_echo(VIP),
+                Verdict::PassOtherProtocol,
+            ),
+            (
+                "ICMP echo to the LB",
+                icmp_echo(LB_FRONT),
+                Verdict::PassNotOurs,
+            ),
+            (
+                "TTL 1 to a NAT service",
+                Tcp {
+                    ttl: 1,
+                    ..Tcp::request(43003, VIP)
+                }
+                .build(),
+                Verdict::PassKernelForward,
+            ),
         ];
         for (what, frame, reason) in cases {
             let before = h.verdicts();
             let (action, out) = h.run(h.front, &frame);
             assert_eq!(action, XDP_PASS, "{what}");
             assert_eq!(out, frame, "{what}: frame must be untouched");
-            let changed: Vec<Verdict> = before.iter().zip(h.verdicts()).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+            let changed: Vec<Verdict> = before
+                .iter()
+                .zip(h.verdicts())
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
             assert_eq!(changed, vec![reason], "{what}");
         }
     });
@@ -407,7 +715,11 @@ fn unresolved_neighbour_falls_back_to_the_kernel() {
         // neighbour); TTL is left for the kernel to decrement.
         let syn = Tcp::request(44000, VIP_UNRESOLVED);
         let out = h.expect(h.front, &syn.build(), XDP_PASS, Verdict::PassKernelForward);
-        let want = Tcp { dst: WEB_UNRESOLVED, dport: 8080, ..Tcp::request(44000, VIP_UNRESOLVED) };
+        let want = Tcp {
+            dst: WEB_UNRESOLVED,
+            dport: 8080,
+            ..Tcp::request(44000, VIP_UNRESOLVED)
+        };
         assert_eq!(out, want.build());
         // DSR: cannot rewrite a MAC it does not know; passed unchanged.
         let frame = Tcp::request(44001, VIP_UNRESOLVED_DSR).build();
@@ -456,7 +768,12 @@ fn malformed_frames_get_their_documented_verdict() {
         let mut cases: Vec<(&str, Vec<u8>, u32, Verdict)> = Vec::new();
         // (Frames shorter than an Ethernet header cannot be fed in: the
         // kernel's BPF_PROG_TEST_RUN rejects them with EINVAL.)
-        cases.push(("truncated IPv4 header", syn[..30].to_vec(), XDP_PASS, Verdict::PassTruncated));
+        cases.push((
+            "truncated IPv4 header",
+            syn[..30].to_vec(),
+            XDP_PASS,
+            Verdict::PassTruncated,
+        ));
 
         let mut options = syn[..34].to_vec();
         options[14] = 0x46; // IHL 6: one word of options
@@ -470,12 +787,22 @@ fn malformed_frames_get_their_documented_verdict() {
         let mut first_fragment = syn.clone();
         first_fragment[20] |= 0x20; // MF
         fix_ip_checksum(&mut first_fragment);
-        cases.push(("first fragment (MF)", first_fragment, XDP_DROP, Verdict::DropFragment));
+        cases.push((
+            "first fragment (MF)",
+            first_fragment,
+            XDP_DROP,
+            Verdict::DropFragment,
+        ));
 
         let mut later_fragment = syn.clone();
         later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
         fix_ip_checksum(&mut later_fragment);
-        cases.push(("non-first fragment", later_fragment, XDP_DROP, Verdict::DropFragment));
+        cases.push((
+            "non-first fragment",
+            later_fragment,
+            XDP_DROP,
+            Verdict::DropFragment,
+        ));
 
         let mut short_ihl = syn.clone();
         short_ihl[14] = 0x44;
@@ -484,12 +811,22 @@ fn malformed_frames_get_their_documented_verdict() {
         let mut long_total = syn.clone();
         long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
         fix_ip_checksum(&mut long_total);
-        cases.push(("total length beyond the frame", long_total, XDP_DROP, Verdict::DropMalformed));
+        cases.push((
+            "total length beyond the frame",
+            long_total,
+            XDP_DROP,
+            Verdict::DropMalformed,
+        ));
 
         let mut cut_tcp = syn[..14 + 20 + 10].to_vec();
         cut_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
         fix_ip_checksum(&mut cut_tcp);
-        cases.push(("TCP header cut short", cut_tcp, XDP_DROP, Verdict::DropTruncatedL4));
+        cases.push((
+            "TCP header cut short",
+            cut_tcp,
+            XDP_DROP,
+            Verdict::DropTruncatedL4,
+        ));
 
         let mut not_ipv4 = syn.clone();
         not_ipv4[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
@@ -502,7 +839,12 @@ fn malformed_frames_get_their_documented_verdict() {
             if action == XDP_PASS {
                 assert_eq!(out, frame, "{what}: passed frames are untouched");
             }
-            let changed: Vec<Verdict> = before.iter().zip(h.verdicts()).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+            let changed: Vec<Verdict> = before
+                .iter()
+                .zip(h.verdicts())
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
             assert_eq!(changed, vec![reason], "{what}");
         }
         // None of them created a flow: the next SYN still goes to web1.
@@ -522,17 +864,37 @@ fn ring_update_switches_atomically_and_keeps_established_flows() {
         // web1 leaves the ring: new flows only see web2/web3 ...
         cfg.services[0].backends[0].weight = 0;
         h.dp.apply(&cfg).expect("apply");
-        let next: Vec<usize> = (1..7u16).map(|i| web_of(&h.run(h.front, &Tcp::request(46000 + i, VIP).build()).1)).collect();
+        let next: Vec<usize> = (1..7u16)
+            .map(|i| web_of(&h.run(h.front, &Tcp::request(46000 + i, VIP).build()).1))
+            .collect();
         assert!(next.iter().all(|&w| w != 0), "{next:?}");
         // ... but the established flow keeps web1.
-        let (_, out) = h.run(h.front, &Tcp { syn: false, ..Tcp::request(46000, VIP) }.build());
+        let (_, out) = h.run(
+            h.front,
+            &Tcp {
+                syn: false,
+                ..Tcp::request(46000, VIP)
+            }
+            .build(),
+        );
         assert_eq!(web_of(&out), 0);
         // Removing web3 entirely drops its pinned flows deliberately.
-        let web3_flow = (1..7u16).find(|i| next[*i as usize - 1] == 2).expect("a flow on web3");
+        let web3_flow = (1..7u16)
+            .find(|i| next[*i as usize - 1] == 2)
+            .expect("a flow on web3");
         cfg.services[0].backends.remove(2);
         cfg.services[2].backends.remove(2);
         h.dp.apply(&cfg).expect("apply");
-        h.expect(h.front, &Tcp { syn: false, ..Tcp::request(46000 + web3_flow, VIP) }.build(), XDP_DROP, Verdict::DropBackendGone);
+        h.expect(
+            h.front,
+            &Tcp {
+                syn: false,
+                ..Tcp::request(46000 + web3_flow, VIP)
+            }
+            .build(),
+            XDP_DROP,
+            Verdict::DropBackendGone,
+        );
     });
 }
 
@@ -543,7 +905,174 @@ fn next_hop_on_the_ingress_interface_uses_xdp_tx() {
         let mut h = Harness::new(&lab_config());
         let syn = Tcp::request(47000, VIP_HAIRPIN);
         let out = h.expect(h.front, &syn.build(), XDP_TX, Verdict::Forwarded);
-        let want = Tcp { src_mac: FRONT_MAC, dst_mac: HAIRPIN_MAC, dst: HAIRPIN_BACKEND, ttl: 63, ..Tcp::request(47000, VIP_HAIRPIN) };
+        let want = Tcp {
+            src_mac: FRONT_MAC,
+            dst_mac: HAIRPIN_MAC,
+            dst: HAIRPIN_BACKEND,
+            ttl: 63,
+            ..Tcp::request(47000, VIP_HAIRPIN)
+        };
         assert_eq!(out, want.build());
+    });
+}
+
+/// A bpffs mounted on a temporary directory, unmounted on drop.
+struct Bpffs {
+    dir: std::path::PathBuf,
+}
+
+impl Bpffs {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lbk-bpffs-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        sh(&["mount", "-t", "bpf", "bpf", dir.to_str().expect("utf8")]);
+        Bpffs { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let cfg = lab_config();
+        let index = |name: &str| unsafe {
+            libc::if_nametoindex(std::ffi::CString::new(name).expect("ifname").as_ptr())
+        };
+        let front = index("f0");
+        let run = |dp: &mut Dataplane, frame: &[u8]| {
+            let md: Vec<u8> = [0u32, frame.len() as u32, 0, front, 0, 0]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect();
+            let mut out = vec![0u8; frame.len() + 64];
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                ..Default::default()
+            };
+            let r = dp
+                .program()
+                .expect("program")
+                .test_run(opts)
+                .expect("test run");
+            out.truncate(r.data_size_out as usize);
+            out
+        };
+        let (mut first, adopted) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
+        assert!(!adopted);
+        first.apply(&cfg).expect("apply");
+        assert_eq!(
+            web_of(&run(&mut first, &Tcp::request(48000, VIP).build())),
+            0
+        );
+        drop(first);
+
+        // A new agent: same pins, so the flow table, ring position and ids survive.
+        let (mut second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
+        assert!(adopted);
+        second.apply(&cfg).expect("re-apply");
+        assert_eq!(
+            web_of(&run(
+                &mut second,
+                &Tcp {
+                    syn: false,
+                    ..Tcp::request(48000, VIP)
+                }
+                .build()
+            )),
+            0,
+            "established flow kept"
+        );
+        assert_eq!(
+            web_of(&run(&mut second, &Tcp::request(48001, VIP).build())),
+            1,
+            "round robin continues where it was"
+        );
+        let removed = Dataplane::teardown(&pins).expect("teardown");
+        assert!(removed.contains(&"CONNTRACK".to_string()), "{removed:?}");
+        assert!(!pins.exists());
+    });
+}
+
+#[test]
+fn drain_disable_and_backup_admissions() {
+    use lb_userspace::dataplane::Admission;
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.services[0].backends[2].backup = true; // web3 is www's backup
+        let mut h = Harness::new(&cfg);
+        let rotation: Vec<usize> = (0..4u16)
+            .map(|i| web_of(&h.run(h.front, &Tcp::request(49000 + i, VIP).build()).1))
+            .collect();
+        assert_eq!(
+            rotation,
+            vec![0, 1, 0, 1],
+            "the backup takes no traffic while primaries serve"
+        );
+
+        let admit = |drain: &'static str, disable: &'static str| {
+            move |_: &Service, b: &Backend| {
+                if b.name == drain {
+                    Admission {
+                        in_rotation: false,
+                        drop_flows: false,
+                    }
+                } else if b.name == disable {
+                    Admission {
+                        in_rotation: false,
+                        drop_flows: true,
+                    }
+                } else {
+                    Admission::SERVING
+                }
+            }
+        };
+        // web1 drains, web2 is disabled: no primary left → the backup serves new
+        // flows; web1's flow continues, web2's flow is dropped.
+        h.dp.apply_with(&cfg, &admit("web1", "web2"))
+            .expect("apply");
+        let (_, out) = h.run(h.front, &Tcp::request(49100, VIP).build());
+        assert_eq!(web_of(&out), 2, "backup takes over");
+        let (_, out) = h.run(
+            h.front,
+            &Tcp {
+                syn: false,
+                ..Tcp::request(49000, VIP)
+            }
+            .build(),
+        );
+        assert_eq!(web_of(&out), 0, "drained backend keeps its flow");
+        h.expect(
+            h.front,
+            &Tcp {
+                syn: false,
+                ..Tcp::request(49001, VIP)
+            }
+            .build(),
+            XDP_DROP,
+            Verdict::DropBackendGone,
+        );
+
+        // web1 back: new flows leave the backup.
+        h.dp.apply_with(&cfg, &admit("none", "web2"))
+            .expect("apply");
+        let (_, out) = h.run(h.front, &Tcp::request(49200, VIP).build());
+        assert_eq!(web_of(&out), 0);
     });
 }

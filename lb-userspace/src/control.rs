@@ -1,0 +1,302 @@
+//! The control socket: how `lb status`, `lb backend …` and `lb reload` talk
+//! to a running agent. A unix socket (mode 0600, root only), one JSON
+//! request line in, one JSON response line out.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Where `lb run` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Reload,
+    Backend(BackendChange),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum BackendChange {
+    /// Add a backend to a service (validated with the whole service first)
+    Add {
+        service: String,
+        backend: String,
+        /// IPv4 address and port, e.g. 198.19.0.14:80
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Only takes traffic while every non-backup backend is down
+        #[arg(long)]
+        backup: bool,
+    },
+    /// Remove a backend; flows still pinned to it are dropped
+    Remove { service: String, backend: String },
+    /// Put a disabled or drained backend back into rotation
+    Enable { service: String, backend: String },
+    /// Take a backend out of rotation and drop its flows at once
+    Disable { service: String, backend: String },
+    /// No new flows; established flows continue until they end
+    Drain { service: String, backend: String },
+    /// Change a backend's weight (weighted-round-robin services; 0 drains)
+    Weight {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Response {
+            ok: true,
+            message: message.into(),
+            status: None,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub config: String,
+    /// The bpffs directory holding the pinned data plane.
+    pub pin_dir: Option<String>,
+    /// True when this agent adopted a data plane left by a previous one.
+    pub adopted: bool,
+    pub interfaces: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Packets per verdict of the XDP program, since it was first loaded.
+    pub verdicts: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    pub forwarding: String,
+    pub scheduler: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    pub backup: bool,
+    /// enabled | drain | disabled (set with `lb backend`).
+    pub admin: String,
+    /// up | down | unchecked (health checks).
+    pub health: String,
+    /// Result of the last health check, if any.
+    pub last_check: Option<String>,
+    /// Whether new flows can go to it now.
+    pub in_ring: bool,
+    /// Flows pinned to it in the connection table.
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Sends one request to the agent at `socket` and returns its response.
+pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `lb run` running? --socket)",
+            socket.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .context("socket timeout")?;
+    let mut line = serde_json::to_string(req).context("encoding request")?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context("sending request")?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("reading the agent's reply")?;
+    if reply.is_empty() {
+        bail!("the agent closed the connection without answering");
+    }
+    serde_json::from_str(&reply).with_context(|| format!("decoding the agent's reply {reply:?}"))
+}
+
+/// `lb status` as a table an operator can read at a glance.
+pub fn render(status: &Status) -> String {
+    let mut out = format!(
+        "config {}  interfaces {}  pinned {}{}\n",
+        status.config,
+        status.interfaces.join(","),
+        status.pin_dir.as_deref().unwrap_or("no"),
+        if status.adopted {
+            " (adopted from a previous agent)"
+        } else {
+            ""
+        }
+    );
+    for s in &status.services {
+        out.push_str(&format!(
+            "\nservice {} {} {} {} {}  {} pkts {} bytes\n",
+            s.name, s.vip, s.protocol, s.forwarding, s.scheduler, s.packets, s.bytes
+        ));
+        out.push_str(&format!(
+            "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>10}  {}\n",
+            "backend",
+            "address",
+            "weight",
+            "role",
+            "admin",
+            "health",
+            "ring",
+            "flows",
+            "packets",
+            "last check"
+        ));
+        for b in &s.backends {
+            out.push_str(&format!(
+                "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>10}  {}\n",
+                b.name,
+                b.address,
+                b.weight,
+                if b.backup { "backup" } else { "primary" },
+                b.admin,
+                b.health,
+                if b.in_ring { "yes" } else { "no" },
+                b.flows,
+                b.packets,
+                b.last_check.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    let verdicts: Vec<String> = status
+        .verdicts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    out.push_str(&format!(
+        "\nverdicts: {}\n",
+        if verdicts.is_empty() {
+            "none yet".into()
+        } else {
+            verdicts.join(" ")
+        }
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_one_json_line() {
+        let reqs = [
+            Request::Status,
+            Request::Reload,
+            Request::Backend(BackendChange::Drain {
+                service: "www".into(),
+                backend: "web1".into(),
+            }),
+            Request::Backend(BackendChange::Add {
+                service: "www".into(),
+                backend: "web4".into(),
+                address: "198.19.0.14:80".into(),
+                weight: 2,
+                backup: true,
+            }),
+        ];
+        for r in reqs {
+            let line = serde_json::to_string(&r).expect("encode");
+            assert!(!line.contains('\n'));
+            assert_eq!(serde_json::from_str::<Request>(&line).expect("decode"), r);
+        }
+        let drain = serde_json::to_string(&Request::Backend(BackendChange::Drain {
+            service: "www".into(),
+            backend: "web1".into(),
+        }))
+        .expect("encode");
+        assert_eq!(
+            drain,
+            r#"{"op":"backend","action":"drain","service":"www","backend":"web1"}"#
+        );
+    }
+
+    #[test]
+    fn render_shows_every_backend_and_state() {
+        let status = Status {
+            config: "c.toml".into(),
+            pin_dir: Some("/sys/fs/bpf/lb".into()),
+            adopted: true,
+            interfaces: vec!["lb-front".into()],
+            services: vec![ServiceStatus {
+                name: "www".into(),
+                vip: "198.18.0.10:80".into(),
+                protocol: "tcp".into(),
+                forwarding: "nat".into(),
+                scheduler: "round-robin".into(),
+                packets: 10,
+                bytes: 1000,
+                backends: vec![BackendStatus {
+                    name: "web1".into(),
+                    address: "198.19.0.11:80".into(),
+                    weight: 1,
+                    backup: false,
+                    admin: "drain".into(),
+                    health: "down".into(),
+                    last_check: Some("connection refused".into()),
+                    in_ring: false,
+                    flows: 3,
+                    packets: 7,
+                    bytes: 700,
+                }],
+            }],
+            verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
+        };
+        let text = render(&status);
+        for want in [
+            "adopted",
+            "web1",
+            "198.19.0.11:80",
+            "drain",
+            "down",
+            "connection refused",
+            "forwarded=10",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        assert!(!text.contains("drop_fragment"), "zero verdicts are hidden");
+    }
+}
