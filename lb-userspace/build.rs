@@ -7,11 +7,12 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let object = env::var_os("LB_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf")
-    });
+    let object = env::var_os("LB_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     let dest = out.join("lb-ebpf.o");

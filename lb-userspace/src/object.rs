@@ -13,5 +13,9 @@ pub struct MissingObject;
 
 /// The object, or a clear error when this build has none.
 pub fn ebpf_object() -> Result<&'static [u8], MissingObject> {
-    if EBPF_OBJECT.is_empty() { Err(MissingObject) } else { Ok(EBPF_OBJECT) }
+    if EBPF_OBJECT.is_empty() {
+        Err(MissingObject)
+    } else {
+        Ok(EBPF_OBJECT)
+    }
 }

@@ -16,7 +16,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run and test the XDP load balancer")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test the XDP load balancer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -95,7 +98,9 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 /// Runs a command, echoing it, and fails with its exit status.
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", describe(cmd));
     }
@@ -118,7 +123,10 @@ fn describe(cmd: &Command) -> String {
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "/usr/bin/rustc"),
     ("cargo-web", "/usr/bin/cargo"),
-    ("libstd-rust-web-dev-bpf", "/usr/lib/rustlib/bpfel-unknown-none"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "/usr/lib/rustlib/bpfel-unknown-none",
+    ),
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     ("iproute2", "/usr/sbin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
@@ -152,7 +160,14 @@ fn setup(_root: &Path) -> anyhow::Result<()> {
         eprintln!("xtask setup: installing bpf-linker (about a minute)");
         let path = prepend_path("/usr/lib/llvm-22/bin")?;
         run(Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
@@ -167,7 +182,9 @@ fn cargo_home_bin() -> Option<PathBuf> {
 }
 
 fn bpf_linker() -> Option<PathBuf> {
-    let in_cargo_home = cargo_home_bin().map(|b| b.join("bpf-linker")).filter(|p| p.exists());
+    let in_cargo_home = cargo_home_bin()
+        .map(|b| b.join("bpf-linker"))
+        .filter(|p| p.exists());
     in_cargo_home.or_else(|| {
         env::split_paths(&env::var_os("PATH")?)
             .map(|d| d.join("bpf-linker"))
@@ -196,10 +213,16 @@ fn bpf_toolchain(root: &Path) -> anyhow::Result<BpfToolchain> {
     if env::var("LB_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
         return Ok(BpfToolchain::Nightly);
     }
-    let rustc = env::var_os("LB_BPF_RUSTC").map_or_else(|| PathBuf::from("/usr/bin/rustc"), PathBuf::from);
-    let cargo = env::var_os("LB_BPF_CARGO").map_or_else(|| PathBuf::from("/usr/bin/cargo"), PathBuf::from);
+    let rustc =
+        env::var_os("LB_BPF_RUSTC").map_or_else(|| PathBuf::from("/usr/bin/rustc"), PathBuf::from);
+    let cargo =
+        env::var_os("LB_BPF_CARGO").map_or_else(|| PathBuf::from("/usr/bin/cargo"), PathBuf::from);
     let overridden = env::var_os("LB_BPF_RUSTC").is_some();
-    if !overridden && (!rustc.exists() || bpf_linker().is_none() || !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists()) {
+    if !overridden
+        && (!rustc.exists()
+            || bpf_linker().is_none()
+            || !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists())
+    {
         setup(root)?;
     }
     Ok(BpfToolchain::Prebuilt { rustc, cargo })
@@ -221,15 +244,34 @@ fn build_ebpf(root: &Path) -> anyhow::Result<()> {
     };
     // The BPF build must not see the host build's wrappers or toolchain pin:
     // a separate toolchain, a separate target dir, nothing shared.
-    for var in ["RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "RUSTC", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"] {
+    for var in [
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
     cmd.current_dir(root)
-        .args(["build", "--release", "--package", "lb-ebpf", "--target", "bpfel-unknown-none"])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .arg("--target-dir")
         .arg(root.join("target/ebpf"))
         // BTF for the loader; BPF v3 for atomic fetch-add (round-robin counter).
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"),
+        )
         // aya-ebpf enables asm_experimental_arch on bpf.
         .env("RUSTC_BOOTSTRAP", "1")
         .env("PATH", prepend_path(cargo_home_bin().unwrap_or_default())?);
@@ -257,7 +299,10 @@ fn build(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("lb"))
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("lb"))
 }
 
 fn lb_verb(root: &Path, verb: &str, args: &[OsString]) -> anyhow::Result<()> {
@@ -279,7 +324,9 @@ fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
         .env("LB_BIN", &lb))?;
     if args.is_empty() {
         eprintln!("xtask test: lints");
-        run(Command::new(&cargo).current_dir(root).args(["fmt", "--all", "--check"]))?;
+        run(Command::new(&cargo)
+            .current_dir(root)
+            .args(["fmt", "--all", "--check"]))?;
         run(Command::new(&cargo)
             .current_dir(root)
             .args(["clippy", "--all-targets", "--", "-D", "warnings"])
