@@ -1,0 +1,376 @@
+//! The `lb lab` verbs: up, down, demo.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    thread,
+};
+
+use anyhow::{Context, bail};
+use signal_hook::{
+    consts::{SIGHUP, SIGINT, SIGTERM},
+    iterator::Signals,
+};
+
+use super::{
+    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, UDP_PORT, VIP, WEB_NAMES,
+    down, forwarding_name, http_get, in_netns, lab_config, netns, vip_http, web_addr,
+};
+use crate::config::Forwarding;
+
+/// `lb lab ...`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LabCommand {
+    /// Create the namespaces and start the web servers; they keep running
+    /// after this command returns, until `lb lab down`
+    Up {
+        /// Namespaces are named {prefix}-client, {prefix}-lb, ...
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+        /// How the web servers route replies: through the LB (nat) or
+        /// straight to the client (dsr); must match the agent's config
+        #[arg(long, value_enum, default_value_t = Mode::Nat)]
+        mode: Mode,
+    },
+    /// Remove the lab: processes, namespaces, links (fine if none exists)
+    Down {
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Build the lab, balance requests through the agent in NAT then DSR
+    /// mode, report which server answered each, and remove the lab
+    Demo {
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+        /// New TCP connections to make per mode
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=10_000))]
+        requests: u32,
+    },
+}
+
+/// Forwarding mode, as a command-line value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Nat,
+    Dsr,
+}
+
+impl From<Mode> for Forwarding {
+    fn from(mode: Mode) -> Forwarding {
+        match mode {
+            Mode::Nat => Forwarding::Nat,
+            Mode::Dsr => Forwarding::Dsr,
+        }
+    }
+}
+
+/// Runs one `lb lab` verb.
+pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
+    let result = match cmd {
+        LabCommand::Up { prefix, mode } => {
+            teardown_on_signal(&prefix)?;
+            up(&prefix, mode.into())
+        }
+        LabCommand::Down { prefix } => {
+            down(&prefix)?;
+            println!(
+                "lab {prefix}: removed (namespaces, links, processes, {})",
+                super::run_dir(&prefix).display()
+            );
+            Ok(())
+        }
+        LabCommand::Demo { prefix, requests } => {
+            teardown_on_signal(&prefix)?;
+            demo(&prefix, requests)
+        }
+    };
+    if netns::interrupted() {
+        // The verb gave up because of a signal; returning would end the
+        // process while the handler is still tearing down, and the handler
+        // exits the process when it is done.
+        loop {
+            thread::park();
+        }
+    }
+    result
+}
+
+/// On Ctrl-C (or SIGTERM/SIGHUP) while a verb runs, remove the lab and exit:
+/// a half-built lab must not outlive an interrupted command. `exit` skips
+/// the `Lab` guard's Drop, so the handler does the teardown itself.
+fn teardown_on_signal(prefix: &str) -> anyhow::Result<()> {
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+    let prefix = prefix.to_owned();
+    thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("lab {prefix}: interrupted (signal {sig}), removing the lab");
+            netns::block_new_work();
+            if let Err(e) = down(&prefix) {
+                eprintln!(
+                    "lab {prefix}: teardown failed: {e:#}; run `lb lab down --prefix {prefix}`"
+                );
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
+}
+
+fn current_lb() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("finding the lb binary (current_exe)")
+}
+
+fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
+    let lab = Lab::up_detached(prefix, &current_lb()?)?;
+    lab.set_mode(mode)?;
+    let configs = write_configs(&lab)?;
+    let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
+    let pid_file = lab.run_dir().join("servers.pid");
+    fs::write(&pid_file, pids.join("\n") + "\n")
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    print_instructions(&lab, mode, &configs)?;
+    lab.keep();
+    Ok(())
+}
+
+/// Writes the agent configs of both modes into the run dir.
+fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
+    let configs = [Forwarding::Nat, Forwarding::Dsr].map(|m| {
+        (
+            m,
+            lab.run_dir().join(format!("{}.toml", forwarding_name(m))),
+        )
+    });
+    for (mode, path) in &configs {
+        fs::write(path, lab_config(*mode))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(configs)
+}
+
+/// How to name the lb binary in printed commands: `lb` if that is what
+/// PATH finds, else its full path.
+fn lb_command() -> anyhow::Result<String> {
+    let exe = current_lb()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = std::env::split_paths(&path)
+        .map(|dir| dir.join("lb"))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| found.canonicalize().ok());
+    if on_path.is_some() && on_path == exe.canonicalize().ok() {
+        Ok("lb".to_owned())
+    } else {
+        Ok(exe.display().to_string())
+    }
+}
+
+fn print_instructions(
+    lab: &Lab,
+    mode: Forwarding,
+    configs: &[(Forwarding, PathBuf)],
+) -> anyhow::Result<()> {
+    let p = lab.prefix();
+    let lb = lb_command()?;
+    let mode_name = forwarding_name(mode);
+    // The repository's sample config is the NAT one; the run dir has both.
+    let repo_config = Path::new("config").join(format!("{DEFAULT_PREFIX}.toml"));
+    let run_config = configs
+        .iter()
+        .find(|(m, _)| *m == mode)
+        .map(|(_, path)| path.clone())
+        .with_context(|| format!("no config written for {mode_name}"))?;
+    let config = if mode == Forwarding::Nat && repo_config.is_file() {
+        repo_config
+    } else {
+        run_config
+    };
+    println!("lab {p} is up ({mode_name} mode)");
+    println!("  namespaces: {}", lab.namespaces().join(" "));
+    println!(
+        "  {}: eth0 {CLIENT_FRONT}/24, back0 {CLIENT_BACK}/24 (return path for DSR)",
+        lab.client_ns()
+    );
+    println!(
+        "  {}: lb-front {LB_FRONT}/24, lb-back {LB_BACK}/24, VIP {VIP}/32 on lo",
+        lab.lb_ns()
+    );
+    println!(
+        "  {}: bridge br0 joining lb-back, back0 and the webs' eth0",
+        lab.sw_ns()
+    );
+    for (i, name) in WEB_NAMES.iter().enumerate() {
+        println!(
+            "  {}: eth0 {}/24, VIP on lo; HTTP :80, UDP :{UDP_PORT} (answers \"{name}\")",
+            lab.web_ns(i + 1),
+            web_addr(i + 1)
+        );
+    }
+    println!(
+        "  services: tcp {VIP}:80 and udp {VIP}:{UDP_PORT}, round robin over web1, web2, web3"
+    );
+    println!("  logs and configs: {}", lab.run_dir().display());
+    println!();
+    println!("Try it:");
+    println!(
+        "  terminal 1:  ip netns exec {p}-lb {lb} run --config {}",
+        config.display()
+    );
+    println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
+    println!(
+        "Without the agent, the webs answer directly: ip netns exec {p}-client curl http://{}/",
+        web_addr(1)
+    );
+    let other = if mode == Forwarding::Nat {
+        Mode::Dsr
+    } else {
+        Mode::Nat
+    };
+    println!(
+        "Other mode:  {lb} lab up --prefix {p} --mode {} (configs: {})",
+        forwarding_name(other.into()),
+        configs
+            .iter()
+            .map(|(_, path)| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("Remove it:   {lb} lab down --prefix {p}");
+    Ok(())
+}
+
+fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
+    let lab = Lab::up(prefix, &current_lb()?)?;
+    println!(
+        "lab {prefix} is up: namespaces {}",
+        lab.namespaces().join(" ")
+    );
+    let mut problems = Vec::new();
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        problems.extend(demo_mode(&lab, mode, requests)?);
+    }
+    drop(lab);
+    println!("lab {prefix} removed");
+    if !problems.is_empty() {
+        bail!("demo failed: {}", problems.join("; "));
+    }
+    println!("demo ok: every request answered, every server used, in both modes");
+    Ok(())
+}
+
+/// One mode of the demo; returns what went wrong with the traffic (errors
+/// setting up the mode are returned as Err).
+fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<String>> {
+    let name = forwarding_name(mode);
+    println!();
+    println!("== {name}: starting the agent");
+    lab.set_mode(mode)?;
+    let agent = lab.start_agent(&lab_config(mode))?;
+    println!(
+        "== {name}: {requests} new TCP connections to http://{VIP}/ from {}",
+        lab.client_ns()
+    );
+    let answers: Vec<Option<String>> = in_netns(&lab.client_ns(), || {
+        (1..=requests)
+            .take_while(|_| !netns::interrupted())
+            .map(one_request)
+            .collect()
+    })?;
+    agent
+        .stop()
+        .with_context(|| format!("stopping the agent ({name})"))?;
+    Ok(summarize(name, &answers))
+}
+
+/// One request on a new connection; prints its outcome, returns the name
+/// of the server that answered.
+fn one_request(i: u32) -> Option<String> {
+    match http_get(vip_http(), "/") {
+        Ok(response) if response.status == 200 => {
+            let server = response.text();
+            println!("request {i:>2} -> {server}");
+            Some(server)
+        }
+        Ok(response) => {
+            println!("request {i:>2} -> FAILED: HTTP status {}", response.status);
+            None
+        }
+        Err(e) => {
+            println!("request {i:>2} -> FAILED: {e:#}");
+            None
+        }
+    }
+}
+
+fn summarize(mode: &str, answers: &[Option<String>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    println!("-- {mode} summary:");
+    for web in WEB_NAMES {
+        let count = answers.iter().filter(|a| a.as_deref() == Some(web)).count();
+        println!("   {web}: {count}");
+        if count == 0 {
+            problems.push(format!("{mode}: {web} never answered"));
+        }
+    }
+    let failed = answers.iter().filter(|a| a.is_none()).count();
+    if failed > 0 {
+        println!("   failed: {failed}");
+        problems.push(format!(
+            "{mode}: {failed} of {} requests failed",
+            answers.len()
+        ));
+    }
+    match rotation_start(answers) {
+        Some(first) => println!("   exact round robin: yes (starting at {first})"),
+        None => println!("   exact round robin: no"),
+    }
+    problems
+}
+
+/// If the answers follow web1→web2→web3→web1... exactly, the first one.
+fn rotation_start(answers: &[Option<String>]) -> Option<&'static str> {
+    let first = answers.first()?.as_deref()?;
+    let start = WEB_NAMES.iter().position(|w| *w == first)?;
+    let exact = answers
+        .iter()
+        .enumerate()
+        .all(|(i, a)| a.as_deref() == Some(WEB_NAMES[(start + i) % WEB_NAMES.len()]));
+    exact.then_some(WEB_NAMES[start])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answers(names: &[&str]) -> Vec<Option<String>> {
+        names
+            .iter()
+            .map(|n| (!n.is_empty()).then(|| (*n).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn rotation_is_detected_from_any_start() {
+        assert_eq!(
+            rotation_start(&answers(&["web1", "web2", "web3", "web1"])),
+            Some("web1")
+        );
+        assert_eq!(
+            rotation_start(&answers(&["web2", "web3", "web1"])),
+            Some("web2")
+        );
+        assert_eq!(rotation_start(&answers(&["web1", "web3", "web2"])), None);
+        assert_eq!(rotation_start(&answers(&["web1", "", "web3"])), None);
+    }
+
+    #[test]
+    fn summary_reports_missing_servers_and_failures() {
+        let problems = summarize("nat", &answers(&["web1", "web1", ""]));
+        assert!(problems.iter().any(|p| p.contains("web2 never answered")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("1 of 3 requests failed"))
+        );
+    }
+}

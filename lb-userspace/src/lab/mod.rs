@@ -1,0 +1,775 @@
+//! The lab: the seed's infrastructure (a client, the load balancer, a switch
+//! and three web servers) built from network namespaces and veth pairs, so
+//! the real `lb` agent can balance real traffic on one machine.
+//!
+//! ```text
+//!   {P}-client                  {P}-lb                        {P}-webN
+//!   eth0 198.18.0.2 ──────── lb-front 198.18.0.1
+//!                            lo 198.18.0.10 (VIP)
+//!                            lb-back 198.19.0.1 ──┐
+//!   back0 198.19.0.2 ──┐                          │
+//!                      └── {P}-sw: br0 (p-client, p-lb, p-web1..3) ── eth0 198.19.0.1N
+//!                                                                     lo 198.18.0.10 (VIP)
+//! ```
+//!
+//! The same code backs the `lb lab` CLI verbs and the end-to-end tests: a
+//! [`Lab`] is a guard whose `Drop` removes every namespace and process it made.
+
+mod cli;
+mod client;
+mod netns;
+mod serve;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::config::Forwarding;
+use netns::SpawnGated as _;
+
+pub use cli::{LabCommand, run};
+pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
+pub use netns::{down, in_netns, lab_serve_pids};
+pub use serve::{ServeArgs, bulk_byte, serve};
+
+/// The virtual service address, on the LB's `lo` (and every web's `lo`).
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// Port of the TCP (HTTP) service.
+pub const HTTP_PORT: u16 = 80;
+/// Port of the UDP service.
+pub const UDP_PORT: u16 = 5353;
+/// The client's front address (on `eth0`, facing `lb-front`).
+pub const CLIENT_FRONT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The LB's own front address.
+pub const LB_FRONT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The LB's back address: the web servers' gateway.
+pub const LB_BACK: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The client's back address: the "internet router" for DSR replies.
+pub const CLIENT_BACK: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+/// Port of the TCP echo listener on the LB host itself (198.18.0.1).
+pub const ECHO_PORT: u16 = 2222;
+/// Web server names, in config (and round-robin) order.
+pub const WEB_NAMES: [&str; 3] = ["web1", "web2", "web3"];
+/// The prefix the CLI uses when none is given.
+pub const DEFAULT_PREFIX: &str = "foobar";
+
+const RUN_ROOT: &str = "/run/lb-lab";
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The line `lb run` prints on stdout once traffic is being balanced.
+const AGENT_READY_LINE: &str = "lb: ready";
+
+/// Address of web server `n` (1-based) on the back network: 198.19.0.1N.
+pub fn web_addr(n: usize) -> Ipv4Addr {
+    let last = u8::try_from(10 + n).unwrap_or(u8::MAX);
+    Ipv4Addr::new(198, 19, 0, last)
+}
+
+/// The VIP's TCP service address.
+pub fn vip_http() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, HTTP_PORT))
+}
+
+/// The VIP's UDP service address.
+pub fn vip_udp() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, UDP_PORT))
+}
+
+/// Where a lab with this prefix keeps its configs and logs.
+pub fn run_dir(prefix: &str) -> PathBuf {
+    Path::new(RUN_ROOT).join(prefix)
+}
+
+/// The agent config for the lab: a TCP service on VIP:80 and a UDP service
+/// on VIP:5353, each round robin over web1..web3 in that order.
+pub fn lab_config(mode: Forwarding) -> String {
+    let forwarding = forwarding_name(mode);
+    let mut toml = format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n"
+    );
+    for (name, protocol, port) in [("www", "tcp", HTTP_PORT), ("www-udp", "udp", UDP_PORT)] {
+        let backends = (1..=WEB_NAMES.len())
+            .map(|n| {
+                format!(
+                    "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
+                    web_addr(n)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Writing to a String cannot fail.
+        let _ = write!(
+            toml,
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {backends} ]\n"
+        );
+    }
+    toml
+}
+
+/// `nat` / `dsr`, as spelled in configs.
+pub fn forwarding_name(mode: Forwarding) -> &'static str {
+    match mode {
+        Forwarding::Nat => "nat",
+        Forwarding::Dsr => "dsr",
+    }
+}
+
+/// A running lab. Dropping it kills every process in its namespaces, deletes
+/// the namespaces (which removes the veths and the bridge) and its run dir.
+pub struct Lab {
+    prefix: String,
+    lb_bin: PathBuf,
+    /// Servers started by this process, reaped on drop.
+    children: Vec<Child>,
+    /// Set by [`Lab::keep`]: leave everything running on drop.
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds the lab and starts its servers (web1..3, and the echo listener
+    /// on the LB host). Leftovers of an earlier lab with the same prefix are
+    /// removed first, so this also works after a crash.
+    pub fn up(prefix: &str, lb_bin: &Path) -> anyhow::Result<Lab> {
+        Self::create(prefix, lb_bin, false)
+    }
+
+    /// Like [`Lab::up`], but the servers are started in their own sessions
+    /// so they outlive this process (for `lb lab up`). Still a guard until
+    /// [`Lab::keep`] is called.
+    pub(crate) fn up_detached(prefix: &str, lb_bin: &Path) -> anyhow::Result<Lab> {
+        Self::create(prefix, lb_bin, true)
+    }
+
+    fn create(prefix: &str, lb_bin: &Path, detached: bool) -> anyhow::Result<Lab> {
+        netns::validate_prefix(prefix)?;
+        netns::require_tool(
+            "ethtool",
+            "apt-get install ethtool (cargo xtask setup installs it)",
+        )?;
+        down(prefix).with_context(|| format!("removing leftovers of lab {prefix}"))?;
+        // The guard exists before anything is created, so an error half-way
+        // through tears down whatever was already made.
+        let mut lab = Lab {
+            prefix: prefix.to_owned(),
+            lb_bin: lb_bin.to_path_buf(),
+            children: Vec::new(),
+            keep: false,
+        };
+        fs::create_dir_all(lab.run_dir())
+            .with_context(|| format!("creating {}", lab.run_dir().display()))?;
+        lab.build_topology()
+            .with_context(|| format!("building lab {prefix}"))?;
+        lab.start_servers(detached)
+            .with_context(|| format!("starting the servers of lab {prefix}"))?;
+        Ok(lab)
+    }
+
+    /// Leaves the lab running when this guard goes away (`lb lab up`);
+    /// `lb lab down` removes it later.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client_ns(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+
+    pub fn lb_ns(&self) -> String {
+        format!("{}-lb", self.prefix)
+    }
+
+    pub fn sw_ns(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
+    /// Namespace of web server `n` (1-based).
+    pub fn web_ns(&self, n: usize) -> String {
+        format!("{}-web{n}", self.prefix)
+    }
+
+    /// Every namespace of the lab.
+    pub fn namespaces(&self) -> Vec<String> {
+        netns::namespace_names(&self.prefix)
+    }
+
+    /// `/run/lb-lab/{prefix}`: configs and logs.
+    pub fn run_dir(&self) -> PathBuf {
+        run_dir(&self.prefix)
+    }
+
+    /// The control socket of agents started by [`Lab::start_agent`] (for
+    /// `lb status --socket ...`).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir().join("lb.sock")
+    }
+
+    /// Runs `args` inside namespace `ns` (`ip netns exec ns args...`) and
+    /// returns its output, whatever its exit status.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+        netns::ns_output(ns, args)
+    }
+
+    /// Like [`Lab::exec`], but fails (with the command line and its stderr)
+    /// unless the command succeeds; returns its stdout.
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        netns::ns_run(ns, args)
+    }
+
+    /// Switches how the web servers send replies to the client network.
+    /// NAT: through their default route, the LB, which rewrites them back to
+    /// VIP→client. DSR: straight to the client's back leg, bypassing the LB.
+    pub fn set_mode(&self, mode: Forwarding) -> anyhow::Result<()> {
+        let client_net = "198.18.0.0/24";
+        let router = CLIENT_BACK.to_string();
+        for n in 1..=WEB_NAMES.len() {
+            let ns = self.web_ns(n);
+            match mode {
+                Forwarding::Dsr => {
+                    netns::ns_run(&ns, &["ip", "route", "replace", client_net, "via", &router])?
+                }
+                Forwarding::Nat => {
+                    if netns::ns_run(&ns, &["ip", "route", "show", client_net])?
+                        .trim()
+                        .is_empty()
+                    {
+                        continue;
+                    }
+                    netns::ns_run(&ns, &["ip", "route", "del", client_net])?
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes `config_toml` to `{run_dir}/lb.toml`, starts
+    /// `ip netns exec {P}-lb lb run --config ...` and waits up to 15 s for
+    /// it to print `lb: ready`. On failure the agent is killed and the error
+    /// carries its stderr.
+    pub fn start_agent(&self, config_toml: &str) -> anyhow::Result<AgentProcess> {
+        self.start_agent_with(config_toml, &[])
+    }
+
+    /// Where [`Lab::start_agent_pinned`] pins the data plane.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.run_dir().join("bpf").join("lb")
+    }
+
+    /// Like [`Lab::start_agent`], but the agent pins its data plane on a
+    /// bpffs mounted in the host's mount namespace, so the pins (and the XDP
+    /// program with its flows) outlive the agent and a restarted agent adopts
+    /// them. Plain `start_agent` runs under `ip netns exec`, whose private
+    /// mount namespace takes the pins away when the agent exits.
+    pub fn start_agent_pinned(&self, config_toml: &str) -> anyhow::Result<AgentProcess> {
+        let bpffs = self.run_dir().join("bpf");
+        if !netns::is_mountpoint(&bpffs) {
+            fs::create_dir_all(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+            let target = bpffs.display().to_string();
+            let out = Command::new("mount")
+                .args(["-t", "bpf", "bpf", &target])
+                .output()
+                .context("mount -t bpf")?;
+            if !out.status.success() {
+                bail!(
+                    "mount -t bpf bpf {target}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let pin = self.pin_dir().display().to_string();
+        self.start_agent_with(config_toml, &["--pin-dir", &pin])
+    }
+
+    fn start_agent_with(&self, config_toml: &str, extra: &[&str]) -> anyhow::Result<AgentProcess> {
+        let config = self.run_dir().join("lb.toml");
+        fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
+        let log = self.run_dir().join("agent.log");
+        let stderr =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let lb_bin = self.lb_bin.display().to_string();
+        let config_arg = config.display().to_string();
+        // The agent's control socket defaults to one fixed path shared by
+        // every namespace (/run is not per network namespace): give each lab
+        // its own, so labs with different prefixes can run side by side.
+        let socket_arg = self.agent_socket().display().to_string();
+        let args = [
+            lb_bin.as_str(),
+            "run",
+            "--config",
+            &config_arg,
+            "--socket",
+            &socket_arg,
+        ];
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+        let mut child = netns::ns_command(&self.lb_ns(), &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn_gated()
+            .with_context(|| {
+                format!(
+                    "starting the agent: ip netns exec {} {}",
+                    self.lb_ns(),
+                    args.join(" ")
+                )
+            })?;
+        let ready = watch_for_ready_line(&mut child);
+        let mut agent = AgentProcess {
+            child: Some(child),
+            log,
+        };
+        match ready.recv_timeout(AGENT_READY_TIMEOUT) {
+            Ok(()) => Ok(agent),
+            Err(why) => {
+                let status = agent.terminate();
+                let reason = match why {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        format!("no `{AGENT_READY_LINE}` within {AGENT_READY_TIMEOUT:?}")
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => {
+                        format!("exited before `{AGENT_READY_LINE}` ({status})")
+                    }
+                };
+                bail!(
+                    "agent in {}: {reason}; its stderr:\n{}",
+                    self.lb_ns(),
+                    agent.log_text()
+                )
+            }
+        }
+    }
+
+    fn build_topology(&self) -> anyhow::Result<()> {
+        let p = &self.prefix;
+        for ns in self.namespaces() {
+            netns::run_gated("ip", &["netns", "add", &ns])
+                .with_context(|| format!("creating namespace {ns}"))?;
+            netns::ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        let sw = self.sw_ns();
+        netns::ns_run(&sw, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        netns::ns_run(&sw, &["ip", "link", "set", "br0", "up"])?;
+
+        // Front link: client eth0 <-> lb lb-front.
+        netns::add_veth(&self.client_ns(), "eth0", &self.lb_ns(), "lb-front")?;
+        // Back network: every leg is a veth whose switch end joins br0.
+        let mut back_legs = vec![
+            (self.lb_ns(), "lb-back".to_owned(), "p-lb".to_owned()),
+            (self.client_ns(), "back0".to_owned(), "p-client".to_owned()),
+        ];
+        for n in 1..=WEB_NAMES.len() {
+            back_legs.push((self.web_ns(n), "eth0".to_owned(), format!("p-web{n}")));
+        }
+        for (ns, dev, port) in &back_legs {
+            netns::add_veth(ns, dev, &sw, port)?;
+            netns::ns_run(&sw, &["ip", "link", "set", port, "master", "br0", "up"])
+                .with_context(|| format!("enslaving {port} to br0 in {sw}"))?;
+        }
+
+        self.configure_client()?;
+        self.configure_lb()?;
+        for n in 1..=WEB_NAMES.len() {
+            self.configure_web(n)?;
+        }
+        for (ns, dev) in self.veth_ends() {
+            netns::tune_veth(&ns, &dev)?;
+        }
+        log::debug!("lab {p}: topology built");
+        Ok(())
+    }
+
+    /// Every veth end of the lab, as (namespace, device).
+    fn veth_ends(&self) -> Vec<(String, String)> {
+        let mut ends = vec![
+            (self.client_ns(), "eth0".to_owned()),
+            (self.client_ns(), "back0".to_owned()),
+            (self.lb_ns(), "lb-front".to_owned()),
+            (self.lb_ns(), "lb-back".to_owned()),
+            (self.sw_ns(), "p-lb".to_owned()),
+            (self.sw_ns(), "p-client".to_owned()),
+        ];
+        for n in 1..=WEB_NAMES.len() {
+            ends.push((self.web_ns(n), "eth0".to_owned()));
+            ends.push((self.sw_ns(), format!("p-web{n}")));
+        }
+        ends
+    }
+
+    fn configure_client(&self) -> anyhow::Result<()> {
+        let ns = self.client_ns();
+        netns::add_addr(&ns, "eth0", &format!("{CLIENT_FRONT}/24"))?;
+        netns::add_addr(&ns, "back0", &format!("{CLIENT_BACK}/24"))?;
+        // DSR replies arrive on back0 with source VIP, whose route points out
+        // of eth0: reverse-path filtering would drop them.
+        for dev in ["all", "default", "eth0", "back0"] {
+            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
+        }
+        // The client is a host, not a router between its two legs.
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "0")
+    }
+
+    fn configure_lb(&self) -> anyhow::Result<()> {
+        let ns = self.lb_ns();
+        netns::add_addr(&ns, "lb-front", &format!("{LB_FRONT}/24"))?;
+        netns::add_addr(&ns, "lb-back", &format!("{LB_BACK}/24"))?;
+        // The VIP on lo makes the LB answer ARP for it on lb-front, so the
+        // client sends VIP traffic to the LB's MAC.
+        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
+        // bpf_fib_lookup only resolves next hops when forwarding is on.
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
+    }
+
+    fn configure_web(&self, n: usize) -> anyhow::Result<()> {
+        let ns = self.web_ns(n);
+        netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
+        // DSR delivers packets still addressed to the VIP: the web must own
+        // it, yet never answer ARP for it (arp_ignore) nor use it as the
+        // source of its own ARP requests (arp_announce), or it would steal
+        // the VIP from the LB on the shared back network.
+        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
+        for dev in ["all", "eth0"] {
+            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
+            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
+        }
+        netns::ns_run(
+            &ns,
+            &["ip", "route", "add", "default", "via", &LB_BACK.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn start_servers(&mut self, detached: bool) -> anyhow::Result<()> {
+        for n in 1..=WEB_NAMES.len() {
+            self.spawn_web(n, detached)?;
+        }
+        let echo = format!("{LB_FRONT}:{ECHO_PORT}");
+        self.spawn_server(
+            &self.lb_ns(),
+            "echo",
+            &["--name", "lb", "--echo", &echo],
+            detached,
+        )?;
+        self.wait_for_servers()
+    }
+
+    /// Starts web server `n` (1-based) in its namespace.
+    fn spawn_web(&mut self, n: usize, detached: bool) -> anyhow::Result<()> {
+        let name = WEB_NAMES
+            .get(n - 1)
+            .copied()
+            .with_context(|| format!("no web server {n}"))?;
+        let own_udp = format!("{}:{UDP_PORT}", web_addr(n));
+        let vip_udp = format!("{VIP}:{UDP_PORT}");
+        // Two UDP sockets, one per address, rather than one on 0.0.0.0:
+        // a reply then leaves with the address the request was sent to
+        // (the web's own in NAT, the VIP in DSR), which is what the
+        // client's connected socket expects.
+        let args = [
+            "--name",
+            name,
+            "--http",
+            "0.0.0.0:80",
+            "--udp",
+            &own_udp,
+            "--udp",
+            &vip_udp,
+        ];
+        self.spawn_server(&self.web_ns(n), name, &args, detached)
+    }
+
+    /// Kills web server `n` (1-based), as a crashed server would vanish, and
+    /// waits until its port refuses connections.
+    pub fn stop_web(&mut self, n: usize) -> anyhow::Result<()> {
+        let ns = self.web_ns(n);
+        let out = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .with_context(|| format!("ip netns pids {ns}"))?;
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+        {
+            netns::signal(pid, libc::SIGKILL);
+        }
+        let addr = SocketAddr::V4(SocketAddrV4::new(web_addr(n), HTTP_PORT));
+        let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+        while in_netns(&self.client_ns(), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })? {
+            if Instant::now() > deadline {
+                bail!("web{n} still accepts on {addr} after being killed");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Reap the killed child so a restarted one is not mistaken for it.
+        for child in &mut self.children {
+            let _ = child.try_wait();
+        }
+        Ok(())
+    }
+
+    /// Starts web server `n` again and waits until it accepts.
+    pub fn start_web(&mut self, n: usize) -> anyhow::Result<()> {
+        self.children
+            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        self.spawn_web(n, false)?;
+        // Only this one: others may be stopped on purpose.
+        let addr = SocketAddr::V4(SocketAddrV4::new(web_addr(n), HTTP_PORT));
+        let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+        while !in_netns(&self.client_ns(), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        })? {
+            if Instant::now() > deadline {
+                bail!(
+                    "web{n} not accepting on {addr} after {SERVER_READY_TIMEOUT:?}; {}",
+                    self.server_log(&format!("web{n}"))
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn spawn_server(
+        &mut self,
+        ns: &str,
+        name: &str,
+        args: &[&str],
+        detached: bool,
+    ) -> anyhow::Result<()> {
+        let log = self.run_dir().join(format!("{name}.log"));
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log.display()))?;
+        let lb_bin = self.lb_bin.display().to_string();
+        let mut full = vec![lb_bin.as_str(), "lab-serve", "--lab", self.prefix.as_str()];
+        full.extend_from_slice(args);
+        let mut cmd = netns::ns_command(ns, &full);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        if detached {
+            netns::new_session(&mut cmd);
+        }
+        let child = cmd.spawn_gated().with_context(|| {
+            format!(
+                "starting server {name}: ip netns exec {ns} {}",
+                full.join(" ")
+            )
+        })?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Waits until every web server accepts HTTP connections (seen from the
+    /// client's back leg) and the echo listener accepts on the LB host.
+    fn wait_for_servers(&mut self) -> anyhow::Result<()> {
+        let mut targets: Vec<(String, SocketAddr)> = (1..=WEB_NAMES.len())
+            .map(|n| {
+                (
+                    format!("web{n}"),
+                    SocketAddr::V4(SocketAddrV4::new(web_addr(n), HTTP_PORT)),
+                )
+            })
+            .collect();
+        targets.push((
+            "echo".to_owned(),
+            SocketAddr::V4(SocketAddrV4::new(LB_FRONT, ECHO_PORT)),
+        ));
+        let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+        for (name, addr) in targets {
+            loop {
+                let connected = in_netns(&self.client_ns(), || {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+                })?;
+                if connected {
+                    break;
+                }
+                self.check_servers_alive()?;
+                if Instant::now() > deadline {
+                    bail!(
+                        "server {name} not accepting on {addr} after {SERVER_READY_TIMEOUT:?}; {}",
+                        self.server_log(&name)
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_servers_alive(&mut self) -> anyhow::Result<()> {
+        for child in &mut self.children {
+            if let Some(status) = child.try_wait().context("checking a lab server")? {
+                bail!(
+                    "a lab server exited early ({status}); logs are in {}",
+                    self.run_dir().display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn server_log(&self, name: &str) -> String {
+        let path = self.run_dir().join(format!("{name}.log"));
+        match fs::read_to_string(&path) {
+            Ok(text) => format!("{}:\n{text}", path.display()),
+            Err(e) => format!("cannot read {}: {e}", path.display()),
+        }
+    }
+
+    /// Pids of the servers this process started (for `lb lab up`'s record).
+    fn server_pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // After a signal, the handler tears down (and exits); doing it here
+        // too would race with it.
+        if self.keep || netns::interrupted() {
+            return;
+        }
+        if let Err(e) = down(&self.prefix) {
+            log::error!("tearing down lab {}: {e:#}", self.prefix);
+        }
+        for child in &mut self.children {
+            // Killed by `down` already; kill() only covers a server that was
+            // somehow outside its namespace, wait() reaps the zombie.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `()` once the child prints the ready line; the channel disconnects
+/// if its stdout closes first. Keeps draining stdout afterwards so the agent
+/// never blocks on a full pipe.
+fn watch_for_ready_line(child: &mut Child) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        thread::spawn(move || {
+            use std::io::BufRead as _;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.trim() == AGENT_READY_LINE
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// A running `lb run` agent. Dropping it stops it: SIGTERM, up to 5 s to
+/// exit (it detaches XDP on the way out), then SIGKILL.
+pub struct AgentProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's stderr so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// Path of the file holding the agent's stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// SIGKILLs the agent (a crash, an OOM kill) and reaps it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped");
+        };
+        netns::signal(child.id(), libc::SIGKILL);
+        child.wait().context("reaping the killed agent")?;
+        Ok(())
+    }
+
+    /// Stops the agent and checks it exited cleanly (status 0 after SIGTERM).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        match self.terminate() {
+            StopOutcome::Exited(status) if status.success() => Ok(()),
+            outcome => bail!(
+                "agent did not stop cleanly on SIGTERM: {outcome}; its stderr:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    fn terminate(&mut self) -> StopOutcome {
+        let Some(mut child) = self.child.take() else {
+            return StopOutcome::AlreadyStopped;
+        };
+        netns::signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return StopOutcome::Exited(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => break,
+                Err(e) => return StopOutcome::WaitFailed(e.to_string()),
+            }
+        }
+        let _ = child.kill();
+        match child.wait() {
+            Ok(_) => StopOutcome::Killed,
+            Err(e) => StopOutcome::WaitFailed(e.to_string()),
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let StopOutcome::Killed | StopOutcome::WaitFailed(_) = self.terminate() {
+            log::warn!(
+                "agent needed SIGKILL; its stderr is in {}",
+                self.log.display()
+            );
+        }
+    }
+}
+
+enum StopOutcome {
+    AlreadyStopped,
+    Exited(ExitStatus),
+    Killed,
+    WaitFailed(String),
+}
+
+impl std::fmt::Display for StopOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopOutcome::AlreadyStopped => write!(f, "already stopped"),
+            StopOutcome::Exited(status) => write!(f, "exited with {status}"),
+            StopOutcome::Killed => write!(f, "still running after {AGENT_STOP_TIMEOUT:?}, killed"),
+            StopOutcome::WaitFailed(e) => write!(f, "waiting for it failed: {e}"),
+        }
+    }
+}
