@@ -133,12 +133,13 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     prime_neighbours(&agent.cfg);
     let listener = bind_control(&args.socket)?;
     info!("control socket {}", args.socket.display());
-    // The line scripts and the lab wait for.
-    println!("lb: ready");
-
+    // Handlers before the ready line: a SIGTERM right after it must stop the
+    // agent cleanly, not kill it with the default action.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // The line scripts and the lab wait for.
+    println!("lb: ready");
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     loop {
         tokio::select! {

@@ -1,0 +1,427 @@
+//! End-to-end tests of the agent as operators use it (issue 4): health-check
+//! failover under load, backup servers, weights, drain, rejected reloads,
+//! and SIGKILL of the agent during a transfer (hitless restart).
+//!
+//! Each test builds its own lab (namespaces with a unique prefix), runs the
+//! real `lb` binary from `LB_BIN` (set by `cargo xtask test`), and talks to
+//! it over its control socket exactly as `lb status` / `lb backend` do.
+//! Needs root; fails loudly without it.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_userspace::{
+    control::{self, BackendChange, Request, Response},
+    lab::{HttpConn, Lab, http_get, in_netns, vip_http, web_addr},
+};
+
+fn lb_bin() -> PathBuf {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the agent tests need root (network namespaces, XDP): run `cargo xtask test` as root"
+    );
+    PathBuf::from(std::env::var_os("LB_BIN").expect(
+        "LB_BIN is not set: run the tests with `cargo xtask test`, which builds lb and sets it",
+    ))
+}
+
+fn prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "lba{}-{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Health check timings for the tests: fall 2 × 200 ms detection.
+const INTERVAL_MS: u64 = 200;
+const FALL: u64 = 2;
+const RISE: u64 = 2;
+
+/// A www service over web1..3 with fast HTTP health checks.
+fn config(scheduler: &str, backends: &[(&str, u32, bool)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(name, weight, backup)| {
+            let n: usize = name[3..].parse().expect("webN");
+            format!("{{ name = \"{name}\", address = \"{}:80\", weight = {weight}, backup = {backup} }}", web_addr(n))
+        })
+        .collect();
+    format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
+         [[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\nscheduler = \"{scheduler}\"\n{extra}\
+         health = {{ check = \"http\", path = \"/\", interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
+         backends = [ {} ]\n",
+        list.join(", ")
+    )
+}
+
+fn three_webs() -> String {
+    config(
+        "round-robin",
+        &[("web1", 1, false), ("web2", 1, false), ("web3", 1, false)],
+        "",
+    )
+}
+
+fn ask(lab: &Lab, req: &Request) -> Result<Response> {
+    control::request(&lab.agent_socket(), req)
+}
+
+/// Which server answers `n` new connections from the client.
+fn answers(lab: &Lab, n: usize) -> Result<Vec<String>> {
+    in_netns(&lab.client_ns(), || {
+        (0..n)
+            .map(|_| http_get(vip_http(), "/").map(|r| r.text()))
+            .collect::<Result<Vec<_>>>()
+    })?
+}
+
+fn count(names: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// New connections in a loop from the client until `stop`; each result is
+/// (time since start, server name or error).
+fn steady_stream(
+    lab: &Lab,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<(Duration, Result<String, String>)>> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        in_netns(&ns, move || {
+            let start = Instant::now();
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http_get(vip_http(), "/")
+                    .map(|r| r.text())
+                    .map_err(|e| format!("{e:#}"));
+                out.push((start.elapsed(), r));
+                thread::sleep(Duration::from_millis(20));
+            }
+            out
+        })
+        .expect("client thread")
+    })
+}
+
+#[test]
+fn failed_server_leaves_the_ring_and_comes_back() -> Result<()> {
+    let mut lab = Lab::up(&prefix(), &lb_bin())?;
+    let _agent = lab.start_agent(&three_webs())?;
+    assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = steady_stream(&lab, stop.clone());
+    thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    lab.stop_web(2)?;
+    let detection = Duration::from_millis(FALL * INTERVAL_MS + 600);
+    thread::sleep(detection + Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let results = stream.join().expect("stream thread");
+
+    // Failures may only happen inside the detection window after the kill.
+    let started = results.len();
+    let window_end = {
+        let stream_start_to_kill = Duration::from_millis(300);
+        stream_start_to_kill + detection
+    };
+    let late: Vec<_> = results.iter().filter(|(t, _)| *t > window_end).collect();
+    assert!(
+        late.len() > 20,
+        "too few connections after the window: {}",
+        late.len()
+    );
+    let late_failures: Vec<_> = late.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        late_failures.is_empty(),
+        "failed connections after the detection window: {late_failures:?}"
+    );
+    assert!(
+        late.iter().all(|(_, r)| r.as_deref() != Ok("web2")),
+        "web2 answered while down"
+    );
+    let last_failure = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(t, _)| *t)
+        .max();
+    eprintln!(
+        "failover: {started} connections, last failure {:?} after the kill (detection window {:?})",
+        last_failure.map(|t| t.saturating_sub(Duration::from_millis(300))),
+        detection
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    let web2 = &status.services[0].backends[1];
+    assert_eq!(
+        (web2.health.as_str(), web2.in_ring),
+        ("down", false),
+        "{web2:?}"
+    );
+    assert!(
+        web2.last_check
+            .as_deref()
+            .unwrap_or("")
+            .contains("198.19.0.12"),
+        "{web2:?}"
+    );
+
+    // Back up: within rise × interval (plus margin) it takes new flows again.
+    lab.start_web(2)?;
+    let deadline = killed_at.elapsed() + Duration::from_secs(10);
+    let back = Instant::now();
+    loop {
+        if answers(&lab, 3)?.iter().any(|s| s == "web2") {
+            break;
+        }
+        if killed_at.elapsed() > deadline {
+            bail!("web2 did not come back");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "recovery: web2 back in rotation {:?} after restart (rise window {:?})",
+        back.elapsed(),
+        Duration::from_millis(RISE * INTERVAL_MS)
+    );
+    Ok(())
+}
+
+#[test]
+fn backup_serves_only_while_every_primary_is_down() -> Result<()> {
+    let mut lab = Lab::up(&prefix(), &lb_bin())?;
+    let _agent = lab.start_agent(&config(
+        "round-robin",
+        &[("web1", 1, false), ("web2", 1, false), ("web3", 1, true)],
+        "",
+    ))?;
+    let c = count(&answers(&lab, 6)?);
+    assert_eq!(
+        (c.get("web1"), c.get("web2"), c.get("web3")),
+        (Some(&3), Some(&3), None),
+        "{c:?}"
+    );
+
+    lab.stop_web(1)?;
+    lab.stop_web(2)?;
+    thread::sleep(Duration::from_millis(FALL * INTERVAL_MS + 800));
+    assert_eq!(
+        answers(&lab, 4)?,
+        vec!["web3"; 4],
+        "the backup answers when all primaries are down"
+    );
+
+    lab.start_web(1)?;
+    thread::sleep(Duration::from_millis(RISE * INTERVAL_MS + 800));
+    assert_eq!(
+        answers(&lab, 4)?,
+        vec!["web1"; 4],
+        "new flows leave the backup once a primary is back"
+    );
+    Ok(())
+}
+
+#[test]
+fn weights_one_two_three_split_connections_proportionally() -> Result<()> {
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    let _agent = lab.start_agent(&config(
+        "weighted-round-robin",
+        &[("web1", 1, false), ("web2", 2, false), ("web3", 3, false)],
+        "",
+    ))?;
+    let got = answers(&lab, 300)?;
+    let c = count(&got);
+    for (name, share) in [
+        ("web1", 1.0 / 6.0),
+        ("web2", 2.0 / 6.0),
+        ("web3", 3.0 / 6.0),
+    ] {
+        let n = *c.get(name).unwrap_or(&0) as f64;
+        assert!(
+            (n / 300.0 - share).abs() < 0.03,
+            "{name}: {n} of 300, want {share:.3}: {c:?}"
+        );
+    }
+    // Smooth: web3 never serves three new connections in a row.
+    assert!(
+        got.windows(3)
+            .all(|w| !(w[0] == "web3" && w[1] == "web3" && w[2] == "web3")),
+        "bursty: {got:?}"
+    );
+
+    // Changed live: web1 weight 3 → it now gets the largest share.
+    let r = ask(
+        &lab,
+        &Request::Backend(BackendChange::Weight {
+            service: "www".into(),
+            backend: "web1".into(),
+            weight: 3,
+        }),
+    )?;
+    assert!(r.ok, "{r:?}");
+    let c = count(&answers(&lab, 80)?);
+    assert!(c.get("web1") >= c.get("web2"), "{c:?}");
+    Ok(())
+}
+
+#[test]
+fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() -> Result<()> {
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    let _agent = lab.start_agent(&three_webs())?;
+    let ns = lab.client_ns();
+    let mut conn = in_netns(&ns, || HttpConn::connect(vip_http()))??;
+    let first = in_netns(&ns, || conn.get("/").map(|r| r.text()))??;
+    assert_eq!(first, "web1");
+
+    let r = ask(
+        &lab,
+        &Request::Backend(BackendChange::Drain {
+            service: "www".into(),
+            backend: "web1".into(),
+        }),
+    )?;
+    assert!(r.ok, "{r:?}");
+    let next = answers(&lab, 6)?;
+    assert!(
+        next.iter().all(|s| s != "web1"),
+        "new connections reached the drained backend: {next:?}"
+    );
+    let again = in_netns(&ns, || conn.get("/").map(|r| r.text()))??;
+    assert_eq!(
+        again, "web1",
+        "the established connection keeps its backend"
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    let web1 = &status.services[0].backends[0];
+    assert_eq!((web1.admin.as_str(), web1.in_ring), ("drain", false));
+    assert!(
+        web1.flows >= 1,
+        "drained backend still holds its flow: {web1:?}"
+    );
+
+    // Unknown names are rejected with the key named, nothing changes.
+    let r = ask(
+        &lab,
+        &Request::Backend(BackendChange::Drain {
+            service: "www".into(),
+            backend: "web9".into(),
+        }),
+    )?;
+    assert!(
+        !r.ok && r.message.contains("backend") && r.message.contains("web9"),
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalid_reload_is_rejected_and_traffic_is_unaffected() -> Result<()> {
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    let agent = lab.start_agent(&three_webs())?;
+    let config_path = lab.run_dir().join("lb.toml");
+    let good = std::fs::read_to_string(&config_path)?;
+    std::fs::write(
+        &config_path,
+        good.replace("address = \"198.19.0.12:80\"", "address = \"web2\""),
+    )?;
+    let r = ask(&lab, &Request::Reload)?;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.message.contains("service[0].backends[1].address"),
+        "the key is named: {}",
+        r.message
+    );
+    assert!(
+        agent.log_text().contains("running config unchanged"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        answers(&lab, 6)?,
+        vec!["web1", "web2", "web3", "web1", "web2", "web3"]
+    );
+
+    // A valid reload takes effect: web3 removed.
+    std::fs::write(
+        &config_path,
+        good.replace(
+            ", { name = \"web3\", address = \"198.19.0.13:80\", weight = 1, backup = false }",
+            "",
+        ),
+    )?;
+    let r = ask(&lab, &Request::Reload)?;
+    assert!(r.ok, "{r:?}");
+    assert!(answers(&lab, 6)?.iter().all(|s| s != "web3"));
+    Ok(())
+}
+
+#[test]
+fn sigkill_of_the_agent_keeps_traffic_flowing_and_a_new_agent_adopts_it() -> Result<()> {
+    const SIZE: usize = 64 << 20;
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    let agent = lab.start_agent_pinned(&three_webs())?;
+    assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
+
+    // A long transfer, read slowly so it is still running when the agent dies.
+    let ns = lab.client_ns();
+    let transfer = thread::spawn(move || {
+        in_netns(&ns, || -> Result<usize> {
+            let mut conn = HttpConn::connect(vip_http())?;
+            let r = conn.get(&format!("/bytes/{SIZE}"))?;
+            let ok = r
+                .body
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == lb_userspace::lab::bulk_byte(i as u64));
+            if !ok {
+                bail!("corrupted transfer");
+            }
+            Ok(r.body.len())
+        })
+        .expect("client thread")
+    });
+    thread::sleep(Duration::from_millis(100));
+    agent.kill()?;
+    // While no agent runs, new connections are still balanced in order.
+    // The transfer was flow 4 (web1), so rotation resumes at web2.
+    assert_eq!(
+        answers(&lab, 3)?,
+        vec!["web2", "web3", "web1"],
+        "round robin continues without the agent"
+    );
+    assert_eq!(
+        transfer.join().expect("transfer")?,
+        SIZE,
+        "the transfer completes"
+    );
+
+    let agent = lab.start_agent_pinned(&three_webs())?;
+    assert!(
+        agent.log_text().contains("adopting the data plane"),
+        "{}",
+        agent.log_text()
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    assert!(status.adopted);
+    assert_eq!(
+        answers(&lab, 3)?,
+        vec!["web2", "web3", "web1"],
+        "the adopted ring position continues"
+    );
+    Ok(())
+}
