@@ -209,6 +209,31 @@ const _: () = assert!(
     MAX_RING.is_power_of_two(),
     "the data plane masks ring indexes"
 );
+/// Bytes of each generated frame the `pktgen` program restores before use.
+pub const PKTGEN_TEMPLATE_LEN: usize = 64;
+
+/// `PKTGEN_CONF[0]`: how the `pktgen` program prepares each frame.
+///
+/// Live-frames mode recycles pages without copying the original frame
+/// back, and a load balancer in NAT mode rewrites frames in place (veth
+/// hands it the same page). So every frame starts from `template` (its
+/// headers, the first 64 bytes) and then gets its flow's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PktgenConf {
+    /// Interface to send on (0: XDP_TX on the ingress interface).
+    pub ifindex: u32,
+    /// Number of distinct flows (>= 1).
+    pub flows: u32,
+    /// First source address, host order; flows spread over ports first.
+    pub saddr_base: u32,
+    /// First source port (host order) and how many ports per address.
+    pub sport_base: u16,
+    pub sport_span: u16,
+    pub template: [u8; PKTGEN_TEMPLATE_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<PktgenConf>() == 16 + PKTGEN_TEMPLATE_LEN);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
@@ -230,4 +255,5 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::PktgenConf {}
 }

@@ -16,27 +16,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Counters,
+    Counters, PKTGEN_TEMPLATE_LEN, PktgenConf,
     checksum::{replace16, replace32},
     headers::{EthHdr, IPPROTO_UDP, Ipv4Hdr, L4Ports, l4_layout},
 };
 
 use crate::{count, header};
-
-/// `PKTGEN_CONF[0]`: how `pktgen` varies frames. Written by `lb pktgen`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PktgenConf {
-    /// Interface to send on (0: XDP_TX on the ingress interface).
-    pub ifindex: u32,
-    /// Number of distinct flows (≥ 1).
-    pub flows: u32,
-    /// First source address, host order; flows spread over ports first.
-    pub saddr_base: u32,
-    /// First source port, host order, and how many ports per address.
-    pub sport_base: u16,
-    pub sport_span: u16,
-}
 
 /// `FWD_CONF[0]`: the bare forwarder's fixed next hop.
 #[repr(C)]
@@ -71,12 +56,22 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
         *seq = n.wrapping_add(1);
         n
     };
+    restore_template(&ctx, conf);
     set_flow(&ctx, conf, n);
     if conf.ifindex == 0 {
         return xdp_action::XDP_TX;
     }
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
+}
+
+/// Puts the frame's headers back as userspace built them (see PktgenConf).
+#[inline(always)]
+fn restore_template(ctx: &XdpContext, conf: &PktgenConf) {
+    if let Some(head) = header::<[u8; PKTGEN_TEMPLATE_LEN]>(ctx, 0) {
+        // SAFETY: bounds checked; the template is exactly that long.
+        unsafe { *head = conf.template };
+    }
 }
 
 /// Rewrites source address/port to flow `n % flows`, fixing checksums.

@@ -11,6 +11,7 @@
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -66,6 +66,8 @@ enum Command {
     LabServe(lab::ServeArgs),
     /// Generate traffic with XDP live frames (BPF_PROG_RUN)
     Pktgen(lb_userspace::pktgen::PktgenArgs),
+    /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
+    Bench(lb_userspace::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,5 +144,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab::run(cmd).context("lab"),
         Command::LabServe(args) => lab::serve(args),
         Command::Pktgen(args) => pktgen::run(args),
+        Command::Bench(args) => lb_userspace::bench::run(args),
     }
 }

@@ -1,0 +1,965 @@
+//! `lb bench` (run by `cargo xtask bench`): builds its own topology in a
+//! throwaway network namespace (`lbp{pid}-bench`, deleted on drop) and
+//! measures, writing BENCHMARKS.md:
+//!
+//! - forwarding rate at the sink: generator (`pktgen`, XDP live frames) →
+//!   veth → middle hop → veth → `sink`, with the middle hop either the
+//!   `bare_fwd` ceiling or `lb` (NAT / DSR), sweeping flows and backends;
+//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`.
+//!
+//! Topology (one namespace, all veth pairs with one queue per CPU):
+//! `gen0` ↔ `lbin` (middle hop's XDP) … `lbout` ↔ `sink0` (`sink`).
+//! Backends are 198.19.x.y with static neighbour entries pointing at
+//! `sink0`'s MAC, so `lb`'s `bpf_fib_lookup` resolves them out of `lbout`.
+//!
+//! NAT rewrites frames in place and live-frames mode recycles pages without
+//! copying the original frame back; the `pktgen` program therefore restores
+//! each frame's headers from a template (`PktgenConf::template`) before
+//! giving it its flow, so NAT and DSR are measured the same way.
+//!
+//! - HTTP req/s and p50/p99 latency with wrk from the lab's client: through
+//!   the XDP LB (NAT, `lb run` in the lab), through HAProxy (mode tcp,
+//!   roundrobin, same three backends, in the LB namespace) and directly to
+//!   web1. The lab (`lbp{pid}h-*` namespaces) is torn down by its guard.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, PerCpuArray},
+    programs::{TestRun, TestRunOptions, XdpMode as AyaXdpMode},
+};
+use lb_common::Counters;
+
+use crate::{
+    config::{self, Config, Forwarding},
+    dataplane::Dataplane,
+    pktgen::{self, FrameSpec, Limit, Proto, Spec},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Reduced sweep (flows 1/100000, backends 2/100), shorter runs
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions per measurement (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Seconds per throughput measurement (default 2, 0.5 with --quick)
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Where to write the report (default: BENCHMARKS.md at the workspace
+    /// root when this binary is `<root>/target/<profile>/lb`, else ./BENCHMARKS.md)
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Generator threads (default: number of CPUs)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Skip the HTTP comparison (wrk: XDP LB vs HAProxy vs direct)
+    #[arg(long)]
+    pub skip_http: bool,
+}
+
+const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+const LBIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x02];
+const LBOUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x01];
+const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x02];
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const PORT: u16 = 5353;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const CONNTRACK: u32 = 262_144;
+const XDP_REDIRECT: u32 = 4;
+
+/// `FWD_CONF[0]` of `bare_fwd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct FwdConf {
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+const _: () = assert!(std::mem::size_of::<FwdConf>() == 16);
+
+// SAFETY: #[repr(C)], no padding (asserted 16 bytes above).
+unsafe impl aya::Pod for FwdConf {}
+
+/// Backend `i` (0-based): 198.19.(1 + i / 250).(1 + i % 250).
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
+/// The benchmark's `lb` config: one UDP service with `backends` backends.
+pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
+    let list: Vec<String> = (0..backends)
+        .map(|i| {
+            format!(
+                "{{ address = \"{}:{PORT}\", name = \"b{i}\" }}",
+                backend_addr(i)
+            )
+        })
+        .collect();
+    let forwarding = match mode {
+        Forwarding::Nat => "nat",
+        Forwarding::Dsr => "dsr",
+    };
+    let toml = format!(
+        "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
+         conntrack-size = {CONNTRACK}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         protocol = \"udp\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        list.join(", ")
+    );
+    Ok(config::parse(&toml, Path::new("bench.toml"))?)
+}
+
+/// Median, min and max.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Stat {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Stat {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+            };
+        }
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+
+    fn text(&self, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = digits
+        )
+    }
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    ensure!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The benchmark namespace; deleted on drop (also on error and panic).
+struct BenchNet {
+    name: String,
+}
+
+impl BenchNet {
+    fn new(backends: usize, queues: usize) -> anyhow::Result<BenchNet> {
+        let name = format!("lbp{}-bench", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name])?;
+        let net = BenchNet { name };
+        let n = net.name.as_str();
+        let q = queues.to_string();
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            "net.ipv4.ip_forward=1",
+        ] {
+            sh(&["ip", "netns", "exec", n, "sysctl", "-qw", key])?;
+        }
+        for (dev, mac, peer, peer_mac) in [
+            ("gen0", GEN_MAC, "lbin", LBIN_MAC),
+            ("lbout", LBOUT_MAC, "sink0", SINK_MAC),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "link",
+                "add",
+                dev,
+                "address",
+                &pktgen::mac_text(mac),
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "address",
+                &pktgen::mac_text(peer_mac),
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+            ])?;
+            sh(&["ip", "-n", n, "link", "set", dev, "up"])?;
+            sh(&["ip", "-n", n, "link", "set", peer, "up"])?;
+        }
+        sh(&["ip", "-n", n, "addr", "add", "198.18.0.1/24", "dev", "lbin"])?;
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            "198.19.0.1/16",
+            "dev",
+            "lbout",
+        ])?;
+        let mut batch = String::new();
+        for i in 0..backends {
+            let _ = writeln!(
+                batch,
+                "neigh replace {} lladdr {} dev lbout nud permanent",
+                backend_addr(i),
+                pktgen::mac_text(SINK_MAC)
+            );
+        }
+        let mut child = Command::new("ip")
+            .args(["-n", n, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ip -batch")?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("ip -batch stdin")?;
+            stdin
+                .write_all(batch.as_bytes())
+                .context("writing neighbour entries")?;
+        }
+        let out = child.wait_with_output().context("ip -batch")?;
+        ensure!(
+            out.status.success(),
+            "ip -batch (neighbours): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(net)
+    }
+
+    /// Runs `f` on a thread that has joined this namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+                // SAFETY: plain syscall on a valid fd, affecting this thread only.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("benchmark thread panicked")))
+        })
+    }
+}
+
+impl Drop for BenchNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn sink_packets(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    let map = ebpf.map("SINK_STATS").context("map SINK_STATS missing")?;
+    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(map)?;
+    Ok(map.get(&0, 0)?.iter().map(|c| c.packets).sum())
+}
+
+/// One forwarding measurement: (offered Mpps, Mpps counted at the sink).
+fn forward_once(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<(f64, f64)> {
+    let before = sink_packets(ebpf)?;
+    let s = pktgen::generate(ebpf, spec)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let after = sink_packets(ebpf)?;
+    let secs = s.elapsed.as_secs_f64();
+    Ok((s.mpps(), (after - before) as f64 / secs / 1e6))
+}
+
+#[derive(Debug)]
+struct FwdRow {
+    label: String,
+    flows: u32,
+    backends: usize,
+    offered: Stat,
+    delivered: Stat,
+}
+
+fn forward(ebpf: &mut Ebpf, spec: &Spec, reps: usize) -> anyhow::Result<(Stat, Stat)> {
+    let mut offered = Vec::new();
+    let mut delivered = Vec::new();
+    for _ in 0..reps {
+        let (o, d) = forward_once(ebpf, spec)?;
+        offered.push(o);
+        delivered.push(d);
+    }
+    Ok((Stat::of(&offered), Stat::of(&delivered)))
+}
+
+struct NsRow {
+    label: String,
+    method: String,
+    ns: Stat,
+}
+
+/// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
+/// kernel reports it; every return value must be `expect` (if given).
+fn ns_per_packet(
+    prog: &aya::programs::Xdp,
+    frames: &[Vec<u8>],
+    ifindex: u32,
+    repeat: u32,
+    expect: Option<u32>,
+) -> anyhow::Result<f64> {
+    let mut total = 0f64;
+    for f in frames {
+        let md = pktgen::xdp_md(f.len(), ifindex);
+        let opts = TestRunOptions {
+            data_in: Some(f),
+            ctx_in: Some(&md),
+            repeat,
+            ..Default::default()
+        };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        if let Some(e) = expect {
+            ensure!(
+                r.return_value == e,
+                "program returned {} instead of {e}",
+                r.return_value
+            );
+        }
+        total += r.duration.as_nanos() as f64;
+    }
+    Ok(total / frames.len() as f64)
+}
+
+fn frame_from(src: SocketAddrV4) -> anyhow::Result<Vec<u8>> {
+    pktgen::build_frame(&FrameSpec {
+        dst_mac: LBIN_MAC,
+        src_mac: GEN_MAC,
+        src,
+        dst: SocketAddrV4::new(VIP, PORT),
+        proto: Proto::Udp,
+        size: 64,
+    })
+}
+
+/// `count` frames of distinct flows, from 10.(100 + tag).0.0 upwards.
+fn new_flow_frames(tag: u8, count: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let base = u32::from(Ipv4Addr::new(10, 100u8.wrapping_add(tag), 0, 0));
+    (0..count)
+        .map(|i| {
+            let addr = Ipv4Addr::from(base + (i / 50_000) as u32);
+            frame_from(SocketAddrV4::new(addr, 1024 + (i % 50_000) as u16))
+        })
+        .collect()
+}
+
+/// `<root>/BENCHMARKS.md` for a binary at `<root>/target/<profile>/lb`.
+fn default_output() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
+        .filter(|root| root.join("Cargo.toml").is_file() && root.join("target").is_dir())
+        .map(|root| root.join("BENCHMARKS.md"))
+        .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"))
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let uname = Command::new("uname")
+        .arg("-srvm")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{model}, {cpus} CPU(s); {uname}")
+}
+
+/// `lb bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // SAFETY: plain getter.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "lb bench needs root (XDP, BPF_PROG_RUN, network namespaces)"
+    );
+    ensure!(args.reps >= 1, "--reps must be at least 1");
+    let seconds = args.seconds.unwrap_or(if args.quick { 0.5 } else { 2.0 });
+    ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be positive"
+    );
+    let (flow_sweep, backend_sweep): (&[u32], &[usize]) = if args.quick {
+        (&[1, 100_000], &[2, 100])
+    } else {
+        (&[1, 1000, 100_000, 1_000_000], &[2, 100, 1000])
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = args.threads.unwrap_or(cpus);
+    let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
+    let started = std::time::Instant::now();
+    let net = BenchNet::new(max_backends, cpus)?;
+    let reps = args.reps;
+    let (fwd, ns) = net.run(|| {
+        let mut ebpf = pktgen::load_object()?;
+        let ifindex = |d: &str| pktgen::ifindex(d);
+        let (gen0, lbin, lbout) = (ifindex("gen0")?, ifindex("lbin")?, ifindex("lbout")?);
+        let _sink = pktgen::xdp_program(&mut ebpf, "sink")?
+            .attach("sink0", AyaXdpMode::Driver)
+            .context("attach sink")?;
+        let spec = |flows: u32| Spec {
+            ifindex: gen0,
+            frame: FrameSpec {
+                dst_mac: LBIN_MAC,
+                src_mac: GEN_MAC,
+                src: SocketAddrV4::new(CLIENT, 1024),
+                dst: SocketAddrV4::new(VIP, PORT),
+                proto: Proto::Udp,
+                size: 64,
+            },
+            flows,
+            limit: Limit::Duration(Duration::from_secs_f64(seconds)),
+            rate: None,
+            threads,
+            fresh_frames: false,
+        };
+        let mut rows = Vec::new();
+
+        // (a) The ceiling: bare_fwd on the middle hop.
+        {
+            let map = ebpf.map_mut("FWD_CONF").context("map FWD_CONF missing")?;
+            let mut map: Array<_, FwdConf> = Array::try_from(map)?;
+            map.set(
+                0,
+                FwdConf {
+                    ifindex: lbout,
+                    dmac: SINK_MAC,
+                    smac: LBOUT_MAC,
+                },
+                0,
+            )?;
+        }
+        let link = pktgen::xdp_program(&mut ebpf, "bare_fwd")?
+            .attach("lbin", AyaXdpMode::Driver)
+            .context("attach bare_fwd")?;
+        eprintln!("bench: ceiling (bare_fwd)");
+        let (offered, delivered) = forward(&mut ebpf, &spec(1), reps)?;
+        rows.push(FwdRow {
+            label: "bare_fwd (ceiling)".into(),
+            flows: 1,
+            backends: 0,
+            offered,
+            delivered,
+        });
+        pktgen::xdp_program(&mut ebpf, "bare_fwd")?
+            .detach(link)
+            .context("detach bare_fwd")?;
+
+        // (b) lb in both modes.
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            for &backends in backend_sweep {
+                let cfg = lb_config(mode, backends)?;
+                let mut dp = Dataplane::load(CONNTRACK)?;
+                dp.apply(&cfg)?;
+                dp.attach("lbin", cfg.dataplane.xdp_mode)?;
+                for &flows in flow_sweep {
+                    eprintln!("bench: lb {mode:?}, {backends} backends, {flows} flows");
+                    let (offered, delivered) = forward(&mut ebpf, &spec(flows), reps)?;
+                    rows.push(FwdRow {
+                        label: format!("lb {mode:?}"),
+                        flows,
+                        backends,
+                        offered,
+                        delivered,
+                    });
+                }
+            }
+        }
+
+        // (c) ns/packet with BPF_PROG_TEST_RUN.
+        eprintln!("bench: ns/packet (BPF_PROG_TEST_RUN)");
+        let mut ns_rows = Vec::new();
+        let repeat: u32 = if args.quick { 100_000 } else { 1_000_000 };
+        let calls = if args.quick { 2_000 } else { 20_000 };
+        let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+        let est_calls: Vec<Vec<u8>> = std::iter::repeat_n(est[0].clone(), calls).collect();
+        {
+            let pass = pktgen::xdp_program(&mut ebpf, "xdp_pass")?;
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                a.push(ns_per_packet(pass, &est, lbin, repeat, Some(2))?);
+                b.push(ns_per_packet(pass, &est_calls, lbin, 1, Some(2))?);
+            }
+            ns_rows.push(NsRow {
+                label: "xdp_pass".into(),
+                method: format!("repeat={repeat}"),
+                ns: Stat::of(&a),
+            });
+            ns_rows.push(NsRow {
+                label: "xdp_pass".into(),
+                method: format!("{calls} calls, repeat=1"),
+                ns: Stat::of(&b),
+            });
+        }
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            let mut dp = Dataplane::load(CONNTRACK)?;
+            dp.apply(&lb_config(mode, 100)?)?;
+            let prog = dp.program()?;
+            // Establish the flow once.
+            ns_per_packet(prog, &est, lbin, 1, Some(XDP_REDIRECT))?;
+            let (mut est_ns, mut new_ns, mut rep_ns) = (Vec::new(), Vec::new(), Vec::new());
+            for rep in 0..reps {
+                est_ns.push(ns_per_packet(
+                    prog,
+                    &est_calls,
+                    lbin,
+                    1,
+                    Some(XDP_REDIRECT),
+                )?);
+                new_ns.push(ns_per_packet(
+                    prog,
+                    &new_flow_frames(rep as u8, calls)?,
+                    lbin,
+                    1,
+                    Some(XDP_REDIRECT),
+                )?);
+                if mode == Forwarding::Dsr {
+                    // DSR only rewrites MACs, so a repeated frame stays the same flow.
+                    rep_ns.push(ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+                }
+            }
+            let m = format!("lb {mode:?} (100 backends)");
+            if !rep_ns.is_empty() {
+                ns_rows.push(NsRow {
+                    label: format!("{m}, established flow"),
+                    method: format!("repeat={repeat}"),
+                    ns: Stat::of(&rep_ns),
+                });
+            }
+            ns_rows.push(NsRow {
+                label: format!("{m}, established flow"),
+                method: format!("{calls} calls, repeat=1"),
+                ns: Stat::of(&est_ns),
+            });
+            ns_rows.push(NsRow {
+                label: format!("{m}, new flow"),
+                method: format!("{calls} distinct flows, repeat=1"),
+                ns: Stat::of(&new_ns),
+            });
+        }
+        Ok((rows, ns_rows))
+    })?;
+    drop(net);
+    let http = if args.skip_http {
+        Err("skipped (--skip-http)".to_string())
+    } else {
+        let secs = if args.quick { 2 } else { 5 };
+        eprintln!("bench: HTTP (wrk, {secs} s per run)");
+        http_bench(reps, secs).map_err(|e| format!("failed: {e:#}"))
+    };
+    if let Err(e) = &http {
+        eprintln!("bench: HTTP comparison {e}");
+    }
+    let took = started.elapsed();
+    let report = render(&args, seconds, threads, &fwd, &ns, &http, took);
+    let output = args.output.clone().unwrap_or_else(default_output);
+    std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
+    print!("{report}");
+    eprintln!(
+        "bench: wrote {} in {:.0} s",
+        output.display(),
+        took.as_secs_f64()
+    );
+    if fwd.iter().any(|r| r.delivered.median.is_nan()) {
+        bail!("some measurements produced no result");
+    }
+    Ok(())
+}
+
+struct HttpRow {
+    target: String,
+    rps: Stat,
+    p50: Stat,
+    p99: Stat,
+}
+
+/// A duration as wrk prints it (`812.00us`, `1.23ms`, `2.01s`), in ms.
+pub fn wrk_ms(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (num, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// (req/s, p50 ms, p99 ms) from `wrk --latency` output.
+pub fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
+    let mut rps = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse::<f64>().ok(),
+            ["50%", v] => p50 = wrk_ms(v),
+            ["99%", v] => p99 = wrk_ms(v),
+            _ => {}
+        }
+    }
+    ensure!(
+        !out.contains("Non-2xx"),
+        "wrk saw non-2xx responses:\n{out}"
+    );
+    match (rps, p50, p99) {
+        (Some(r), Some(a), Some(b)) => Ok((r, a, b)),
+        _ => bail!("unexpected wrk output:\n{out}"),
+    }
+}
+
+fn wrk(
+    lab: &crate::lab::Lab,
+    url: &str,
+    secs: u32,
+    reps: usize,
+) -> anyhow::Result<(Stat, Stat, Stat)> {
+    let (mut rps, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+    let duration = format!("-d{secs}s");
+    for _ in 0..reps {
+        let out = lab.exec_ok(
+            &lab.client_ns(),
+            &["wrk", "-t2", "-c32", &duration, "--latency", url],
+        )?;
+        let (r, a, b) = parse_wrk(&out)?;
+        rps.push(r);
+        p50.push(a);
+        p99.push(b);
+    }
+    Ok((Stat::of(&rps), Stat::of(&p50), Stat::of(&p99)))
+}
+
+/// A child process killed (and reaped) on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const HAPROXY_PORT: u16 = 8080;
+
+/// Waits until `addr` accepts TCP connections from the client namespace.
+fn wait_listening(lab: &crate::lab::Lab, addr: SocketAddrV4) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = crate::lab::in_netns(&lab.client_ns(), || {
+            std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{addr} does not accept connections"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_bench(reps: usize, secs: u32) -> anyhow::Result<Vec<HttpRow>> {
+    use crate::lab;
+    for tool in ["wrk", "haproxy"] {
+        ensure!(
+            Command::new(tool)
+                .arg("-v")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok(),
+            "{tool} is not installed (cargo xtask setup installs it)"
+        );
+    }
+    let lb_bin = std::env::current_exe().context("path of the lb binary")?;
+    let prefix = format!("lbp{}h", std::process::id());
+    let lab = lab::Lab::up(&prefix, &lb_bin)?;
+    lab.set_mode(Forwarding::Nat)?;
+    let mut rows = Vec::new();
+    let mut push = |target: &str, (rps, p50, p99): (Stat, Stat, Stat)| {
+        rows.push(HttpRow {
+            target: target.into(),
+            rps,
+            p50,
+            p99,
+        });
+    };
+
+    let web1 = SocketAddrV4::new(lab::web_addr(1), lab::HTTP_PORT);
+    wait_listening(&lab, web1)?;
+    push(
+        "direct (client → web1)",
+        wrk(&lab, &format!("http://{web1}/"), secs, reps)?,
+    );
+
+    let agent = lab.start_agent(&lab::lab_config(Forwarding::Nat))?;
+    let vip = SocketAddrV4::new(lab::VIP, lab::HTTP_PORT);
+    wait_listening(&lab, vip)?;
+    push(
+        "XDP LB (lb, NAT, 3 backends)",
+        wrk(&lab, &format!("http://{vip}/"), secs, reps)?,
+    );
+    agent.stop()?;
+
+    let servers: String = (1..=lab::WEB_NAMES.len())
+        .map(|n| {
+            format!(
+                "    server web{n} {}:{}\n",
+                lab::web_addr(n),
+                lab::HTTP_PORT
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "global\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+         frontend fe\n    bind {}:{HAPROXY_PORT}\n    default_backend be\nbackend be\n    balance roundrobin\n{servers}",
+        lab::LB_FRONT
+    );
+    let cfg_path = lab.run_dir().join("haproxy.cfg");
+    std::fs::write(&cfg_path, cfg).with_context(|| format!("writing {}", cfg_path.display()))?;
+    let cfg_arg = cfg_path.display().to_string();
+    let log_path = lab.run_dir().join("haproxy.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let lb_ns = lab.lb_ns();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lb_ns, "haproxy", "-db", "-f", &cfg_arg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting haproxy")?;
+    let _haproxy = KillOnDrop(child);
+    let front = SocketAddrV4::new(lab::LB_FRONT, HAPROXY_PORT);
+    wait_listening(&lab, front).with_context(|| {
+        format!(
+            "haproxy: {}",
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .trim()
+        )
+    })?;
+    push(
+        "HAProxy (mode tcp, roundrobin, 3 backends)",
+        wrk(&lab, &format!("http://{front}/"), secs, reps)?,
+    );
+    Ok(rows)
+}
+
+fn render(
+    args: &BenchArgs,
+    seconds: f64,
+    threads: usize,
+    fwd: &[FwdRow],
+    ns: &[NsRow],
+    http: &Result<Vec<HttpRow>, String>,
+    took: Duration,
+) -> String {
+    let mut s = String::new();
+    let command: Vec<String> = std::env::args().collect();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `{}` (via `cargo xtask bench{}`) in {:.0} s.\n",
+        command.join(" "),
+        if args.quick { " --quick" } else { "" },
+        took.as_secs_f64()
+    );
+    let _ = writeln!(s, "- Machine: {}", machine());
+    let _ = writeln!(
+        s,
+        "- Each figure: median of {} repetitions, (min–max) in parentheses; {seconds} s per throughput run, {threads} generator thread(s).",
+        args.reps
+    );
+    let _ = writeln!(
+        s,
+        "- Path: `lb pktgen` (XDP live frames, 64-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's CPUs, so generator, forwarder and sink share them."
+    );
+    let _ = writeln!(s, "## Forwarding rate (Mpps at the sink)\n");
+    let _ = writeln!(
+        s,
+        "| middle hop | backends | flows | offered Mpps | delivered Mpps | vs ceiling |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for r in fwd {
+        let ceiling = fwd
+            .iter()
+            .find(|c| c.backends == 0)
+            .map(|c| c.delivered.median);
+        let ratio = match ceiling {
+            Some(c) if c > 0.0 => format!("{:.0} %", 100.0 * r.delivered.median / c),
+            _ => "–".into(),
+        };
+        let backends = if r.backends == 0 {
+            "–".to_string()
+        } else {
+            r.backends.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {backends} | {} | {} | {} | {ratio} |",
+            r.label,
+            r.flows,
+            r.offered.text(2),
+            r.delivered.text(2)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Cost per packet (BPF_PROG_TEST_RUN, ns/packet as the kernel reports it)\n"
+    );
+    let _ = writeln!(
+        s,
+        "With repeat=1 each figure includes the kernel's timer overhead for one run (compare with `xdp_pass` measured the same way). NAT is only measured with repeat=1: the kernel does not restore the frame between repetitions, so after the first run a NATed frame is no longer addressed to the VIP.\n"
+    );
+    let _ = writeln!(s, "| program | method | ns/packet |");
+    let _ = writeln!(s, "|---|---|---|");
+    for r in ns {
+        let _ = writeln!(s, "| {} | {} | {} |", r.label, r.method, r.ns.text(1));
+    }
+    let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
+    match http {
+        Ok(rows) => {
+            let _ = writeln!(
+                s,
+                "`wrk -t2 -c32 --latency` from the lab's client namespace; three backends (the lab's `lb lab-serve` web servers) except for *direct*, which is web1 alone. Everything shares this host's CPUs.\n"
+            );
+            let _ = writeln!(s, "| path | req/s | p50 ms | p99 ms |");
+            let _ = writeln!(s, "|---|---|---|---|");
+            for r in rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    r.target,
+                    r.rps.text(0),
+                    r.p50.text(2),
+                    r.p99.text(2)
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "Not measured: {e}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_are_median_min_max() {
+        assert_eq!(
+            Stat::of(&[3.0, 1.0, 2.0]),
+            Stat {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(
+            Stat::of(&[4.0, 1.0]),
+            Stat {
+                median: 2.5,
+                min: 1.0,
+                max: 4.0
+            }
+        );
+        assert!(Stat::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn backends_are_distinct_and_outside_the_router_address() {
+        let addrs: std::collections::HashSet<_> = (0..1000).map(backend_addr).collect();
+        assert_eq!(addrs.len(), 1000);
+        assert!(!addrs.contains(&Ipv4Addr::new(198, 19, 0, 1)));
+    }
+
+    #[test]
+    fn wrk_output_parses() {
+        let out = "Running 2s test @ http://198.18.0.10/\n  Latency Distribution\n     50%  812.00us\n     75%    1.10ms\n     90%    2.00ms\n     99%    3.50ms\n  40000 requests in 2.00s, 4.00MB read\nRequests/sec:  19999.50\nTransfer/sec:      2.00MB\n";
+        let (rps, p50, p99) = parse_wrk(out).expect("parse");
+        assert_eq!(rps, 19999.5);
+        assert!((p50 - 0.812).abs() < 1e-9);
+        assert_eq!(p99, 3.5);
+        assert_eq!(wrk_ms("1.5s"), Some(1500.0));
+        assert!(parse_wrk("garbage").is_err());
+    }
+
+    #[test]
+    fn configs_validate() {
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            for n in [2, 100, 1000] {
+                let cfg = lb_config(mode, n).expect("valid config");
+                assert_eq!(cfg.services[0].backends.len(), n);
+                assert_eq!(cfg.services[0].forwarding, mode);
+            }
+        }
+    }
+}
