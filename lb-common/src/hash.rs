@@ -35,7 +35,8 @@ mod tests {
             sport,
             dport: 80u16.to_be(),
             protocol: 6,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 

@@ -98,18 +98,35 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Scalars, not `[u8; 3]`: zeroing a byte array became a call to an
+    // out-of-line BPF memset on the packet path.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
-/// `CONNTRACK` value: the backend a flow is pinned to.
+/// A resolved next hop: where a flow's packets leave and with which MACs.
+/// `ifindex == 0` means not resolved yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+/// `CONNTRACK` value: the backend a flow is pinned to, and the next hop its
+/// first forwarded packet resolved (`bpf_fib_lookup` is a third of the cost
+/// of a packet, so established flows reuse it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
+    pub next_hop: NextHop,
 }
 
-/// `REVERSE_NAT` value: what a NAT reply's source is rewritten back to.
+/// `REVERSE_NAT` value: what a NAT reply's source is rewritten back to, and
+/// the next hop towards the client once resolved.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ReverseNat {
@@ -118,6 +135,7 @@ pub struct ReverseNat {
     pub _pad: u16,
     pub service_id: u32,
     pub backend_id: u32,
+    pub next_hop: NextHop,
 }
 
 /// Packet and byte counters (per CPU in the kernel; summed by the agent).
@@ -239,8 +257,9 @@ const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 8);
-const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<ReverseNat>() == 32);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 
 #[cfg(feature = "user")]

@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Skip the HTTP comparison (wrk: XDP LB vs HAProxy vs direct)
     #[arg(long)]
     pub skip_http: bool,
+    /// Only run `lb` (DSR, established flow) under BPF_PROG_TEST_RUN for
+    /// this many seconds and write nothing: a steady load to profile with
+    /// `perf record -a -e cpu-clock`
+    #[arg(long, value_name = "SECONDS")]
+    pub profile_lb: Option<f64>,
 }
 
 const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
@@ -343,6 +348,33 @@ struct NsRow {
 
 /// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
 /// kernel reports it; every return value must be `expect` (if given).
+/// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
+/// established flow) for `secs` seconds, for an external profiler.
+fn profile_lb(secs: f64) -> anyhow::Result<()> {
+    let lbin = pktgen::ifindex("lbin")?;
+    let mut dp = Dataplane::load(CONNTRACK)?;
+    dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
+    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let prog = dp.program()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < deadline {
+        samples.push(ns_per_packet(
+            prog,
+            &est,
+            lbin,
+            1_000_000,
+            Some(XDP_REDIRECT),
+        )?);
+    }
+    eprintln!(
+        "bench: profiled lb for {secs} s: {:.1} ns/packet (median of {} runs)",
+        Stat::of(&samples).median,
+        samples.len()
+    );
+    Ok(())
+}
+
 fn ns_per_packet(
     prog: &aya::programs::Xdp,
     frames: &[Vec<u8>],
@@ -449,6 +481,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
     let started = std::time::Instant::now();
     let net = BenchNet::new(max_backends, cpus)?;
+    if let Some(secs) = args.profile_lb {
+        return net.run(|| profile_lb(secs));
+    }
     let reps = args.reps;
     let (fwd, ns) = net.run(|| {
         let mut ebpf = pktgen::load_object()?;
