@@ -21,7 +21,7 @@ use lb_common::{
     headers::{EthHdr, IPPROTO_UDP, Ipv4Hdr, L4Ports, l4_layout},
 };
 
-use crate::{count, header};
+use crate::{copy_mac, count, header};
 
 /// `FWD_CONF[0]`: the bare forwarder's fixed next hop.
 #[repr(C)]
@@ -68,9 +68,18 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
 /// Puts the frame's headers back as userspace built them (see PktgenConf).
 #[inline(always)]
 fn restore_template(ctx: &XdpContext, conf: &PktgenConf) {
-    if let Some(head) = header::<[u8; PKTGEN_TEMPLATE_LEN]>(ctx, 0) {
-        // SAFETY: bounds checked; the template is exactly that long.
-        unsafe { *head = conf.template };
+    const WORDS: usize = PKTGEN_TEMPLATE_LEN / 8;
+    if let Some(head) = header::<[u64; WORDS]>(ctx, 0) {
+        let src = conf.template.as_ptr().cast::<u64>();
+        for i in 0..WORDS {
+            // SAFETY: bounds checked; the template (8-aligned in the map
+            // value) is exactly that long. Word stores, not an array
+            // assignment: that became an out-of-line memmove, ~10 % of the
+            // generator's CPU in the profile.
+            unsafe {
+                core::ptr::write_volatile(head.cast::<u64>().add(i), core::ptr::read(src.add(i)))
+            };
+        }
     }
 }
 
@@ -125,10 +134,13 @@ pub fn bare_fwd(ctx: XdpContext) -> u32 {
     let Some(eth) = header::<EthHdr>(&ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
+    // The same word-store MAC copy as `lb`: a fair ceiling pays no
+    // out-of-line memmove either.
     // SAFETY: bounds checked.
-    let eth = unsafe { &mut *eth };
-    eth.dst = conf.dmac;
-    eth.src = conf.smac;
+    unsafe {
+        copy_mac(&raw mut (*eth).dst, &conf.dmac);
+        copy_mac(&raw mut (*eth).src, &conf.smac);
+    }
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
 }
