@@ -168,19 +168,7 @@ impl TestNet {
 
     /// Runs `f` on a thread that has joined this namespace.
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("open netns");
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("test thread panicked")
-        })
+        lb_userspace::lab::in_netns(&self.name, f).expect("joining the test namespace")
     }
 }
 
@@ -283,6 +271,30 @@ fn lab_config() -> Config {
     }
 }
 
+/// BPF_PROG_TEST_RUN of `lb` on `frame` as received on `ifindex`:
+/// the action and the frame as the program left it.
+fn test_run(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let mut out = vec![0u8; frame.len() + 64];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&md),
+        ..Default::default()
+    };
+    let result = dp
+        .program()
+        .expect("program")
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
 /// A loaded, configured data plane plus the interface indexes of the netns.
 struct Harness {
     dp: Dataplane,
@@ -310,26 +322,7 @@ impl Harness {
 
     /// Runs the program on `frame` as received on `ifindex`.
     fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let mut out = vec![0u8; frame.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&md),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .program()
-            .expect("program")
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(&mut self.dp, ifindex, frame)
     }
 
     fn verdicts(&self) -> Vec<(Verdict, u64)> {
@@ -953,26 +946,7 @@ fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
             libc::if_nametoindex(std::ffi::CString::new(name).expect("ifname").as_ptr())
         };
         let front = index("f0");
-        let run = |dp: &mut Dataplane, frame: &[u8]| {
-            let md: Vec<u8> = [0u32, frame.len() as u32, 0, front, 0, 0]
-                .iter()
-                .flat_map(|v| v.to_ne_bytes())
-                .collect();
-            let mut out = vec![0u8; frame.len() + 64];
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&md),
-                ..Default::default()
-            };
-            let r = dp
-                .program()
-                .expect("program")
-                .test_run(opts)
-                .expect("test run");
-            out.truncate(r.data_size_out as usize);
-            out
-        };
+        let run = |dp: &mut Dataplane, frame: &[u8]| test_run(dp, front, frame).1;
         let (mut first, adopted) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
         assert!(!adopted);
         first.apply(&cfg).expect("apply");

@@ -164,19 +164,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has joined this namespace.
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("open netns");
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("test thread panicked")
-        })
+        lb_userspace::lab::in_netns(&self.name, f).expect("joining the test namespace")
     }
 }
 
