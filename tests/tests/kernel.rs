@@ -37,6 +37,9 @@ const VIP_DSR: [u8; 4] = [198, 18, 0, 20];
 const VIP_UNRESOLVED: [u8; 4] = [198, 18, 0, 30];
 const VIP_UNRESOLVED_DSR: [u8; 4] = [198, 18, 0, 31];
 const WEBS: [[u8; 4]; 3] = [[198, 19, 0, 11], [198, 19, 0, 12], [198, 19, 0, 13]];
+/// Ports the NAT services' backends listen on (the VIP's are 80 and 5353).
+const WEB_PORT: u16 = 8080;
+const WEB_UDP_PORT: u16 = 5300;
 /// A service whose backend sits on the front network (next hop = ingress).
 const VIP_HAIRPIN: [u8; 4] = [198, 18, 0, 40];
 const HAIRPIN_BACKEND: [u8; 4] = [198, 18, 0, 50];
@@ -226,14 +229,23 @@ fn lab_config() -> Config {
             conntrack_size: 65536,
         },
         services: vec![
-            service("www", VIP, 80, Protocol::Tcp, Forwarding::Nat, webs(80)),
+            // NAT backends listen on other ports than the VIP's, so every NAT
+            // frame assertion also covers port translation and its checksum.
+            service(
+                "www",
+                VIP,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                webs(WEB_PORT),
+            ),
             service(
                 "www-udp",
                 VIP,
                 5353,
                 Protocol::Udp,
                 Forwarding::Nat,
-                webs(5353),
+                webs(WEB_UDP_PORT),
             ),
             service(
                 "www-dsr",
@@ -434,12 +446,13 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             ..Tcp::request(40000, VIP)
         };
         let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
-        // Every byte: MACs from the FIB, DNAT to web1:80, TTL 63, TCP options
-        // intact, checksums recomputed from scratch by etherparse.
+        // Every byte: MACs from the FIB, DNAT to web1:8080, TTL 63, TCP
+        // options intact, checksums recomputed from scratch by etherparse.
         let want = Tcp {
             src_mac: BACK_MAC,
             dst_mac: WEB_MACS[0],
             dst: WEBS[0],
+            dport: WEB_PORT,
             ttl: 63,
             options: &options,
             ..Tcp::request(40000, VIP)
@@ -463,19 +476,20 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             src_mac: BACK_MAC,
             dst_mac: WEB_MACS[0],
             dst: WEBS[0],
+            dport: WEB_PORT,
             ttl: 63,
             ..data
         };
         assert_eq!(out, want.build());
 
-        // web1's reply to the client goes back out as VIP:80 → client.
+        // web1's reply from :8080 goes back out as VIP:80 → client.
         let reply = Tcp {
             src_mac: WEB_MACS[0],
             dst_mac: BACK_MAC,
             src: WEBS[0],
             dst: CLIENT,
             ttl: 64,
-            sport: 80,
+            sport: WEB_PORT,
             dport: 40000,
             syn: false,
             options: &[],
@@ -491,6 +505,7 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             src_mac: FRONT_MAC,
             dst_mac: CLIENT_MAC,
             src: VIP,
+            sport: 80,
             ttl: 63,
             ..reply
         };
@@ -549,7 +564,7 @@ fn udp_nat_keeps_zero_checksum_and_restores_replies() {
                 WEBS[0],
                 63,
                 5000,
-                5353,
+                WEB_UDP_PORT,
                 b"ping"
             )
         );
@@ -567,7 +582,7 @@ fn udp_nat_keeps_zero_checksum_and_restores_replies() {
             WEBS[1],
             63,
             5001,
-            5353,
+            WEB_UDP_PORT,
             b"no-csum",
         );
         want[40..42].copy_from_slice(&[0, 0]);
@@ -579,7 +594,7 @@ fn udp_nat_keeps_zero_checksum_and_restores_replies() {
             WEBS[0],
             CLIENT,
             64,
-            5353,
+            WEB_UDP_PORT,
             5000,
             b"web1 ping",
         );
