@@ -719,6 +719,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let took = started.elapsed();
     let report = render(&args, seconds, threads, &fwd, &ns, &http, took);
     let output = args.output.clone().unwrap_or_else(default_output);
+    let plot = output.with_extension("svg");
+    std::fs::write(&plot, plot_svg(&fwd)).with_context(|| format!("writing {}", plot.display()))?;
+    let plot_name = plot
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let report = report.replacen(
+        "## Forwarding rate (Mpps at the sink)\n",
+        &format!("## Forwarding rate (Mpps at the sink)\n\n![delivered Mpps per configuration, ceiling marked]({plot_name})\n"),
+        1,
+    );
     std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
     print!("{report}");
     eprintln!(
@@ -1030,6 +1041,75 @@ fn render(
     s
 }
 
+/// A horizontal bar chart of delivered Mpps per forwarding configuration,
+/// min–max as a whisker, the ceiling as a dashed line: plain SVG, no
+/// plotting dependency.
+fn plot_svg(fwd: &[FwdRow]) -> String {
+    const ROW: f64 = 16.0;
+    const LABEL: f64 = 230.0;
+    const WIDTH: f64 = 520.0;
+    const TOP: f64 = 30.0;
+    let max = fwd
+        .iter()
+        .map(|r| r.delivered.max)
+        .filter(|m| m.is_finite())
+        .fold(1.0f64, f64::max)
+        .ceil();
+    let x = |mpps: f64| LABEL + WIDTH * (mpps / max).clamp(0.0, 1.0);
+    let height = TOP + ROW * fwd.len() as f64 + 30.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LABEL}\" y=\"16\" font-size=\"13\">Delivered Mpps at the sink (median, min–max)</text>\n",
+        w = LABEL + WIDTH + 60.0
+    );
+    for (i, r) in fwd.iter().enumerate() {
+        let y = TOP + ROW * i as f64;
+        let label = if r.backends == 0 {
+            r.label.clone()
+        } else {
+            format!("{}, {} backends, {} flows", r.label, r.backends, r.flows)
+        };
+        let color = if r.backends == 0 {
+            "#777"
+        } else if r.label.ends_with("Nat") {
+            "#3b7dd8"
+        } else {
+            "#e08a1e"
+        };
+        let d = &r.delivered;
+        let _ = write!(
+            svg,
+            "<text x=\"{lx}\" y=\"{ty}\" text-anchor=\"end\">{label}</text>\n\
+             <rect x=\"{LABEL}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bh}\" fill=\"{color}\"/>\n\
+             <line x1=\"{x0:.1}\" x2=\"{x1:.1}\" y1=\"{wy}\" y2=\"{wy}\" stroke=\"black\"/>\n\
+             <text x=\"{vx:.1}\" y=\"{ty}\">{m:.2}</text>\n",
+            lx = LABEL - 6.0,
+            ty = y + ROW - 5.0,
+            bw = x(d.median) - LABEL,
+            bh = ROW - 3.0,
+            x0 = x(d.min),
+            x1 = x(d.max),
+            wy = y + (ROW - 3.0) / 2.0,
+            vx = x(d.max) + 4.0,
+            m = d.median,
+        );
+    }
+    if let Some(c) = fwd.iter().find(|r| r.backends == 0) {
+        let cx = x(c.delivered.median);
+        let _ = write!(
+            svg,
+            "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{TOP}\" y2=\"{y2}\" stroke=\"#777\" stroke-dasharray=\"4 3\"/>\n\
+             <text x=\"{cx:.1}\" y=\"{ly}\" text-anchor=\"middle\">ceiling {m:.2} Mpps</text>\n",
+            y2 = height - 25.0,
+            ly = height - 10.0,
+            m = c.delivered.median
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// The issue's targets, checked against this run's medians: met, or missed
 /// and by how much.
 fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) -> String {
@@ -1176,6 +1256,38 @@ Taken on this machine with `perf record -a -e cpu-clock`; reproduce with
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plot_has_a_bar_per_row_and_the_ceiling() {
+        let stat = |m: f64| Stat {
+            median: m,
+            min: m - 0.5,
+            max: m + 0.5,
+        };
+        let rows = vec![
+            FwdRow {
+                label: "bare_fwd (ceiling)".into(),
+                flows: 1,
+                backends: 0,
+                offered: stat(7.0),
+                delivered: stat(7.0),
+            },
+            FwdRow {
+                label: "lb Nat".into(),
+                flows: 1000,
+                backends: 2,
+                offered: stat(5.5),
+                delivered: stat(5.5),
+            },
+        ];
+        let svg = plot_svg(&rows);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect x=").count(), 2, "one bar per row");
+        assert!(svg.contains("lb Nat, 2 backends, 1000 flows"));
+        assert!(svg.contains("ceiling 7.00 Mpps"));
+        // The 5.5 Mpps bar is 5.5/8 of the scale (max 7.5 rounds up to 8).
+        assert!(svg.contains("width=\"357.5\""), "{svg}");
+    }
 
     #[test]
     fn stats_are_median_min_max() {
