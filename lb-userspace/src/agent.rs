@@ -175,7 +175,6 @@ impl Agent {
 
     /// Checks `next` whole, then writes it to the data plane atomically.
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
-        check_runtime_limits(&next)?;
         let admit = Agent::admission_fn(&self.admin, &self.down);
         let applied = self.dp.apply_with(&next, &admit)?;
         report(&next, &applied);
@@ -342,13 +341,9 @@ impl Agent {
                 backup,
                 ..
             } => {
-                if position.is_some() {
-                    bail!("backend: {service}/{backend} already exists");
-                }
                 let address: SocketAddrV4 = address
                     .parse()
                     .with_context(|| format!("address: expected IPv4 address and port like \"198.19.0.14:80\", got {address:?}"))?;
-                check_backend(svc, &backend, address, weight)?;
                 svc.backends.push(config::Backend {
                     name: backend.clone(),
                     address,
@@ -386,19 +381,13 @@ impl Agent {
             BackendChange::Weight { weight, .. } => {
                 let i = position
                     .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
-                if weight > 1000 {
-                    bail!("weight: must be between 0 and 1000, got {weight}");
-                }
-                if weight > 1 && svc.scheduler != Scheduler::WeightedRoundRobin {
-                    bail!(
-                        "weight: service {service} uses {:?}; weights need scheduler = \"weighted-round-robin\"",
-                        svc.scheduler
-                    );
-                }
                 svc.backends[i].weight = weight;
                 format!("{service}/{backend} weight {weight}")
             }
         };
+        // The rules a config file goes through, so a live change can never
+        // get in what a file could not (duplicates, weights, DSR ports, limits).
+        let next = config::check(&next, Path::new("lb backend"))?;
         let added_or_removed =
             next.services[si].backends.len() != self.cfg.services[si].backends.len();
         let previous = std::mem::replace(&mut self.admin, admin);
@@ -495,66 +484,6 @@ impl Agent {
             verdicts,
         })
     }
-}
-
-/// The checks `config::parse` makes on a backend, for backends added live.
-fn check_backend(
-    svc: &config::Service,
-    name: &str,
-    address: SocketAddrV4,
-    weight: u32,
-) -> anyhow::Result<()> {
-    let valid_name = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if !valid_name {
-        bail!("backend: name {name:?} must be 1-64 characters of A-Z a-z 0-9 _ . -");
-    }
-    let ip = address.ip();
-    if address.port() == 0 || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        bail!("address: {address} is not a usable backend address");
-    }
-    if svc.backends.iter().any(|b| b.address == address) {
-        bail!("address: {address} is already a backend of {}", svc.name);
-    }
-    if svc.forwarding == Forwarding::Dsr && address.port() != svc.vip.port() {
-        bail!(
-            "address: direct server return only rewrites MACs, so the port must be the VIP's ({})",
-            svc.vip.port()
-        );
-    }
-    if weight > 1000 || (weight > 1 && svc.scheduler != Scheduler::WeightedRoundRobin) {
-        bail!("weight: {weight} needs scheduler = \"weighted-round-robin\" and at most 1000");
-    }
-    Ok(())
-}
-
-/// Limits a live change could break that the data plane would otherwise
-/// only report halfway through writing.
-fn check_runtime_limits(cfg: &Config) -> anyhow::Result<()> {
-    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
-    if backends > lb_common::MAX_BACKENDS as usize {
-        bail!(
-            "backends: {backends} in all services, at most {}",
-            lb_common::MAX_BACKENDS
-        );
-    }
-    for s in &cfg.services {
-        let slots: u64 = match s.scheduler {
-            Scheduler::WeightedRoundRobin => s.backends.iter().map(|b| u64::from(b.weight)).sum(),
-            _ => s.backends.len() as u64,
-        };
-        if slots > lb_common::MAX_RING as u64 {
-            bail!(
-                "service {}: its ring would need {slots} slots, at most {}",
-                s.name,
-                lb_common::MAX_RING
-            );
-        }
-    }
-    Ok(())
 }
 
 fn report(cfg: &Config, applied: &[AppliedService]) {

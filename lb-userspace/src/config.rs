@@ -4,7 +4,7 @@
 //! the key (e.g. `service[1].backends[2].address`) and the reason.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
@@ -159,6 +159,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     Validator { file }.config(raw)
 }
 
+/// Validates a config changed at run time (`lb backend add`, `weight`, …)
+/// with exactly the rules a file goes through: it is turned back into the
+/// file's shape and validated again, so a live change and a file can never
+/// disagree. `origin` names the change in errors, as `file` does for files.
+pub fn check(cfg: &Config, origin: &Path) -> Result<Config, ConfigError> {
+    Validator { file: origin }.config(RawConfig::from(cfg))
+}
+
 // ---------------------------------------------------------------------------
 // Raw layer: exactly the TOML shape. Every field is optional so that a missing
 // key is reported by the validator with its full path (serde's "missing field"
@@ -225,6 +233,78 @@ struct RawBackend {
     weight: Option<i64>,
     backup: Option<bool>,
     health: Option<RawHealth>,
+}
+
+// A validated config back in the raw shape, for `check`.
+
+impl From<&Config> for RawConfig {
+    fn from(cfg: &Config) -> Self {
+        let d = &cfg.dataplane;
+        RawConfig {
+            dataplane: Some(RawDataplane {
+                interfaces: Some(d.interfaces.clone()),
+                forwarding: Some(d.forwarding),
+                xdp_mode: Some(d.xdp_mode),
+                conntrack_size: Some(i64::from(d.conntrack_size)),
+            }),
+            service: Some(cfg.services.iter().map(RawService::from).collect()),
+        }
+    }
+}
+
+impl From<&Service> for RawService {
+    fn from(s: &Service) -> Self {
+        RawService {
+            name: Some(s.name.clone()),
+            vip: Some(s.vip.to_string()),
+            protocol: Some(s.protocol),
+            forwarding: Some(s.forwarding),
+            scheduler: Some(s.scheduler),
+            health: s.health.as_ref().map(RawHealth::from),
+            on_backend_down: Some(s.on_backend_down),
+            backends: Some(s.backends.iter().map(RawBackend::from).collect()),
+        }
+    }
+}
+
+impl From<&Backend> for RawBackend {
+    fn from(b: &Backend) -> Self {
+        RawBackend {
+            address: Some(b.address.to_string()),
+            name: Some(b.name.clone()),
+            weight: Some(i64::from(b.weight)),
+            backup: Some(b.backup),
+            health: b.health.as_ref().map(RawHealth::from),
+        }
+    }
+}
+
+impl From<&HealthCheck> for RawHealth {
+    fn from(h: &HealthCheck) -> Self {
+        let (check, path, expect_status, expect_body) = match &h.check {
+            CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
+            CheckKind::Http {
+                path,
+                expect_status,
+                expect_body,
+            } => (
+                RawCheck::Http,
+                Some(path.clone()),
+                Some(i64::from(*expect_status)),
+                expect_body.clone(),
+            ),
+        };
+        RawHealth {
+            check: Some(check),
+            path,
+            expect_status,
+            expect_body,
+            interval: Some(show_duration(h.interval)),
+            timeout: Some(show_duration(h.timeout)),
+            rise: Some(i64::from(h.rise)),
+            fall: Some(i64::from(h.fall)),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -315,17 +395,22 @@ impl Validator<'_> {
         }
 
         let mut services: Vec<Service> = Vec::with_capacity(raw_services.len());
-        // Backend ids index one global BACKENDS map, and a backend shared by
-        // several services takes a single id, so the limit is on distinct
-        // (address, port) pairs, not on backend entries.
-        let mut distinct = HashSet::new();
+        // Backend ids index one global BACKENDS map and are per service (a
+        // backend's flags and counters belong to its service, and a restarted
+        // agent rebuilds ids from the map), so a backend listed in two
+        // services takes two slots: the limit is on backend entries.
+        let mut entries = 0usize;
         for (i, raw_service) in raw_services.into_iter().enumerate() {
             let service = self.service(i, raw_service, &dataplane, &services)?;
-            for (j, backend) in service.backends.iter().enumerate() {
-                if distinct.insert(backend.address) && distinct.len() > MAX_BACKENDS as usize {
+            for j in 0..service.backends.len() {
+                entries += 1;
+                if entries > MAX_BACKENDS as usize {
                     return Err(self.err(
                         format!("service[{i}].backends[{j}].address"),
-                        format!("more than {MAX_BACKENDS} distinct backends across all services"),
+                        format!(
+                            "more than {MAX_BACKENDS} backends across all services \
+                             (a backend listed in several services counts once per service)"
+                        ),
                     ));
                 }
             }
@@ -1191,6 +1276,97 @@ backends = [{ address = "10.0.1.3:80" }]
     }
 
     #[test]
+    fn check_accepts_a_parsed_config_unchanged() {
+        for text in [include_str!("../../config/foobar.toml"), FULL_FOR_CHECK] {
+            let cfg = parse_ok(text);
+            let again = check(&cfg, Path::new("lb backend")).expect("valid config");
+            assert_eq!(again, cfg);
+        }
+    }
+
+    #[test]
+    fn check_applies_the_file_rules_to_live_changes() {
+        let cfg = parse_ok(include_str!("../../config/foobar.toml"));
+        let reject = |edit: &dyn Fn(&mut Config), key: &str, fragment: &str| {
+            let mut next = cfg.clone();
+            edit(&mut next);
+            match check(&next, Path::new("lb backend")) {
+                Err(ConfigError::Invalid {
+                    file,
+                    key: k,
+                    reason,
+                }) => {
+                    assert_eq!(file, Path::new("lb backend"));
+                    assert_eq!(k, key, "{reason}");
+                    assert!(reason.contains(fragment), "{reason}");
+                }
+                other => panic!("expected a rejection on {key}, got {other:?}"),
+            }
+        };
+        let added = |name: &str, address: &str, weight: u32| Backend {
+            name: name.into(),
+            address: addr(address),
+            weight,
+            backup: false,
+            health: None,
+        };
+        reject(
+            &|c| {
+                c.services[0]
+                    .backends
+                    .push(added("web4", "198.19.0.11:80", 1))
+            },
+            "service[0].backends[3].address",
+            "already backends[0]",
+        );
+        reject(
+            &|c| {
+                c.services[0]
+                    .backends
+                    .push(added("web1", "198.19.0.14:80", 1))
+            },
+            "service[0].backends[3].name",
+            "duplicate backend name",
+        );
+        reject(
+            &|c| c.services[0].backends[1].weight = 2,
+            "service[0].backends[1].weight",
+            "weighted-round-robin",
+        );
+        reject(
+            &|c| {
+                c.services[0]
+                    .backends
+                    .push(added("bad name", "198.19.0.14:80", 1))
+            },
+            "service[0].backends[3].name",
+            "expected 1 to 64 characters",
+        );
+    }
+
+    /// Every optional key set, for the `check` round trip.
+    const FULL_FOR_CHECK: &str = r#"
+[dataplane]
+interfaces = ["eth0"]
+forwarding = "dsr"
+xdp-mode = "generic"
+conntrack-size = 4096
+
+[[service]]
+name = "db"
+vip = "198.18.0.20:3306"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "weighted-round-robin"
+on-backend-down = "drop-flows"
+health = { check = "http", path = "/ready", expect-status = 204, expect-body = "ok", interval = "1500ms", timeout = "1s", rise = 3, fall = 4 }
+backends = [
+  { name = "db1", address = "198.19.0.21:3307", weight = 3 },
+  { name = "db2", address = "198.19.0.22:3307", weight = 0, backup = true, health = { check = "tcp", interval = "2s", timeout = "250ms" } },
+]
+"#;
+
+    #[test]
     fn foobar_toml_parses() {
         let config = parse_ok(include_str!("../../config/foobar.toml"));
         assert_eq!(config.dataplane.interfaces, ["lb-front", "lb-back"]);
@@ -1337,7 +1513,7 @@ backends = [{ address = "10.0.1.3:80" }]
             r#"{ address = "198.19.0.11:80", weight = 1000 }"#,
         ));
         assert_eq!(config.services[0].backends[0].weight, 1000);
-        // Exactly MAX_RING primaries (and MAX_BACKENDS distinct backends).
+        // Exactly MAX_RING primaries (and MAX_BACKENDS backends).
         assert_eq!(
             parse_ok(&one_service("", &many_backends(MAX_RING, ""))).services[0]
                 .backends
@@ -1706,17 +1882,17 @@ backends = [{ address = "10.0.1.3:80" }]
     }
 
     #[test]
-    fn distinct_backends_across_services_are_limited() {
-        // 4096 distinct backends in service 0; service 1 shares one (free)
-        // and adds one more (the 4097th).
+    fn backends_across_services_are_limited() {
+        // 4096 backends in service 0; service 1 lists one of them again,
+        // which takes a slot of its own in the data plane (the 4097th).
         let text = format!(
             "{}\n[[service]]\nname = \"other\"\nvip = \"198.18.0.11:80\"\nbackends = [{{ address = \"10.1.0.0:80\" }}, {B1}]\n",
             one_service("", &many_backends(MAX_BACKENDS as usize, ""))
         );
         assert_rejected(
             &text,
-            "service[1].backends[1].address",
-            "more than 4096 distinct backends",
+            "service[1].backends[0].address",
+            "more than 4096 backends across all services",
         );
     }
 

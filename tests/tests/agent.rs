@@ -326,6 +326,24 @@ fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() -> Result<()> {
         !r.ok && r.message.contains("backend") && r.message.contains("web9"),
         "{r:?}"
     );
+    // A live add goes through the config file's rules: a second backend on
+    // web2's address is rejected with the file-style key, nothing changes.
+    let r = ask(
+        &lab,
+        &Request::Backend(BackendChange::Add {
+            service: "www".into(),
+            backend: "web4".into(),
+            address: "198.19.0.12:80".into(),
+            weight: 1,
+            backup: false,
+        }),
+    )?;
+    assert!(
+        !r.ok && r.message.contains("service[0].backends[3].address"),
+        "{r:?}"
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    assert_eq!(status.services[0].backends.len(), 3, "nothing was added");
     Ok(())
 }
 
