@@ -76,13 +76,14 @@ pub struct BenchArgs {
     pub profile_flows: Option<u32>,
 }
 
-const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
-const LBIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x02];
+/// The benchmark topology's addresses (`BenchNet`, `generator_spec`).
+pub const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+pub const LBIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x02];
 const LBOUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x01];
 const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x02];
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const PORT: u16 = 5353;
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const PORT: u16 = 5353;
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// Connection-table size for the sweeps: twice the largest flow count, so
 /// 1 000 000 flows measure a full table, not LRU eviction (with a smaller
 /// table every packet would be a new flow).
@@ -188,17 +189,22 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The benchmark namespace; deleted on drop (also on error and panic).
-struct BenchNet {
+/// The generator → lb → sink topology, in one namespace deleted on drop
+/// (also on error and panic): `gen0` ↔ `lbin` … `lbout` ↔ `sink0`, with
+/// `backends` backends (`backend_addr`) resolving to `sink0` out of
+/// `lbout`, and `queues` queues per veth. The benchmark and the pktgen
+/// smoke test both run on it.
+pub struct BenchNet {
     name: String,
 }
 
 impl BenchNet {
-    fn new(backends: usize, queues: usize) -> anyhow::Result<BenchNet> {
-        let name = format!("lbp{}-bench", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name])?;
-        let net = BenchNet { name };
+    pub fn new(name: &str, backends: usize, queues: usize) -> anyhow::Result<BenchNet> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        sh(&["ip", "netns", "add", name])?;
+        let net = BenchNet {
+            name: name.to_owned(),
+        };
         let n = net.name.as_str();
         let q = queues.to_string();
         sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
@@ -285,21 +291,8 @@ impl BenchNet {
     }
 
     /// Runs `f` on a thread that has joined this namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-                // SAFETY: plain syscall on a valid fd, affecting this thread only.
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("benchmark thread panicked")))
-        })
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        crate::lab::in_netns(&self.name, f)?
     }
 }
 
@@ -363,6 +356,11 @@ struct NsRow {
     ns: Stat,
 }
 
+/// The benchmark's namespace: one per process.
+fn bench_netns() -> String {
+    format!("lbp{}-bench", std::process::id())
+}
+
 /// On Ctrl-C or SIGTERM, remove the benchmark's namespace and the HTTP
 /// lab before exiting: `exit` skips the guards' Drop, so the handler does it.
 fn cleanup_on_signal() -> anyhow::Result<()> {
@@ -377,7 +375,7 @@ fn cleanup_on_signal() -> anyhow::Result<()> {
         if let Some(sig) = signals.forever().next() {
             eprintln!("bench: interrupted (signal {sig}), removing its namespaces");
             let _ = Command::new("ip")
-                .args(["netns", "del", &format!("lbp{pid}-bench")])
+                .args(["netns", "del", &bench_netns()])
                 .output();
             if let Err(e) = crate::lab::down(&format!("lbp{pid}h")) {
                 eprintln!("bench: removing the HTTP lab failed: {e:#}");
@@ -388,8 +386,9 @@ fn cleanup_on_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The generator's traffic: 64-byte UDP from CLIENT:1024.. to VIP:PORT.
-fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Spec {
+/// The generator's traffic on `BenchNet`: 64-byte UDP from CLIENT:1024..
+/// to VIP:PORT, `flows` flows, for `seconds`.
+pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Spec {
     Spec {
         ifindex: gen0,
         frame: FrameSpec {
@@ -563,7 +562,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
     let started = std::time::Instant::now();
     cleanup_on_signal()?;
-    let net = BenchNet::new(max_backends, cpus)?;
+    let net = BenchNet::new(&bench_netns(), max_backends, cpus)?;
     if let Some(secs) = args.profile_lb {
         return match args.profile_flows {
             Some(flows) => net.run(|| profile_forwarding(secs, flows, threads)),
