@@ -343,17 +343,29 @@ impl Harness {
 
     /// Runs `frame` and asserts the action and that exactly `reason` counted it.
     fn expect(&mut self, ifindex: u32, frame: &[u8], action: u32, reason: Verdict) -> Vec<u8> {
+        self.expect_case(&format!("{reason:?}"), ifindex, frame, action, reason)
+    }
+
+    /// [`Harness::expect`] with a label for the case in failure messages.
+    fn expect_case(
+        &mut self,
+        what: &str,
+        ifindex: u32,
+        frame: &[u8],
+        action: u32,
+        reason: Verdict,
+    ) -> Vec<u8> {
         let before = self.verdicts();
         let (got, out) = self.run(ifindex, frame);
         let after = self.verdicts();
-        assert_eq!(got, action, "action for {reason:?}");
+        assert_eq!(got, action, "action: {what}");
         let changed: Vec<Verdict> = before
             .iter()
             .zip(&after)
             .filter(|(b, a)| a.1 != b.1)
             .map(|(_, a)| a.0)
             .collect();
-        assert_eq!(changed, vec![reason], "verdict counters");
+        assert_eq!(changed, vec![reason], "verdict counters: {what}");
         out
     }
 }
@@ -699,17 +711,8 @@ fn non_service_traffic_is_passed_untouched() {
             ),
         ];
         for (what, frame, reason) in cases {
-            let before = h.verdicts();
-            let (action, out) = h.run(h.front, &frame);
-            assert_eq!(action, XDP_PASS, "{what}");
+            let out = h.expect_case(what, h.front, &frame, XDP_PASS, reason);
             assert_eq!(out, frame, "{what}: frame must be untouched");
-            let changed: Vec<Verdict> = before
-                .iter()
-                .zip(h.verdicts())
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
-            assert_eq!(changed, vec![reason], "{what}");
         }
     });
 }
@@ -841,19 +844,10 @@ fn malformed_frames_get_their_documented_verdict() {
         cases.push(("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs));
 
         for (what, frame, action, reason) in cases {
-            let before = h.verdicts();
-            let (got, out) = h.run(h.front, &frame);
-            assert_eq!(got, action, "{what}");
+            let out = h.expect_case(what, h.front, &frame, action, reason);
             if action == XDP_PASS {
                 assert_eq!(out, frame, "{what}: passed frames are untouched");
             }
-            let changed: Vec<Verdict> = before
-                .iter()
-                .zip(h.verdicts())
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
-            assert_eq!(changed, vec![reason], "{what}");
         }
         // None of them created a flow: the next SYN still goes to web1.
         let (_, out) = h.run(h.front, &Tcp::request(45999, VIP).build());
