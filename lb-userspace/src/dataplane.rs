@@ -15,7 +15,7 @@ use aya::{
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        xdp::{XdpLink, XdpLinkId},
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -161,8 +161,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     ids: Ids,
     active_half: StdHashMap<u32, u32>,
-    /// Interfaces and, when not pinned, the link that detaches on drop.
-    links: Vec<(String, Option<XdpLinkId>)>,
+    /// Interfaces `lb` is attached to. Unpinned links belong to the program
+    /// (detached when it drops); pinned ones to their pins.
+    attached: Vec<String>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -211,7 +212,7 @@ impl Dataplane {
             ebpf,
             ids: Ids::default(),
             active_half: StdHashMap::new(),
-            links: Vec::new(),
+            attached: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
         })
     }
@@ -263,10 +264,11 @@ impl Dataplane {
             source,
         };
         let Some(dir) = self.pin_dir.clone() else {
-            let link = program_mut(&mut self.ebpf, PROGRAM)?
+            // The program keeps the link and detaches it when it drops.
+            program_mut(&mut self.ebpf, PROGRAM)?
                 .attach(iface, mode)
                 .map_err(attach_err)?;
-            self.links.push((iface.to_string(), Some(link)));
+            self.attached.push(iface.to_string());
             return Ok(());
         };
         let path = dir.join(format!("link-{iface}"));
@@ -296,7 +298,7 @@ impl Dataplane {
                 reason: e.to_string(),
             })?;
         }
-        self.links.push((iface.to_string(), None));
+        self.attached.push(iface.to_string());
         Ok(())
     }
 
@@ -613,7 +615,7 @@ impl Dataplane {
 
     /// Interfaces the program is attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|(iface, _)| iface.as_str())
+        self.attached.iter().map(String::as_str)
     }
 
     /// Where the maps and links are pinned, if they are.

@@ -69,7 +69,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     match Cli::parse().command {
-        Task::Setup => setup(&root),
+        Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(&root),
         Task::Build { release } => build(&root, release).map(|_| ()),
         Task::Run { release, args } => {
@@ -136,7 +136,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
 ];
 
-fn setup(_root: &Path) -> anyhow::Result<()> {
+fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .filter(|(_, probe)| !Path::new(probe).exists())
@@ -209,7 +209,7 @@ enum BpfToolchain {
     Nightly,
 }
 
-fn bpf_toolchain(root: &Path) -> anyhow::Result<BpfToolchain> {
+fn bpf_toolchain() -> anyhow::Result<BpfToolchain> {
     if env::var("LB_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
         return Ok(BpfToolchain::Nightly);
     }
@@ -223,7 +223,7 @@ fn bpf_toolchain(root: &Path) -> anyhow::Result<BpfToolchain> {
             || bpf_linker().is_none()
             || !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists())
     {
-        setup(root)?;
+        setup()?;
     }
     Ok(BpfToolchain::Prebuilt { rustc, cargo })
 }
@@ -233,7 +233,7 @@ fn ebpf_object(root: &Path) -> PathBuf {
 }
 
 fn build_ebpf(root: &Path) -> anyhow::Result<()> {
-    let toolchain = bpf_toolchain(root)?;
+    let toolchain = bpf_toolchain()?;
     let mut cmd = match &toolchain {
         BpfToolchain::Prebuilt { cargo, .. } => Command::new(cargo),
         BpfToolchain::Nightly => {
