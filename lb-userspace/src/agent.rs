@@ -9,27 +9,28 @@
 //! changed.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, bail};
 use log::{error, info, warn};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    time::Instant,
 };
 
 use crate::{
-    config::{self, Config, Forwarding, OnBackendDown, Protocol, Scheduler},
+    config::{self, Config, OnBackendDown},
     control::{self, BackendChange, BackendStatus, Request, Response, ServiceStatus, Status},
     dataplane::{Admission, AppliedService, Dataplane},
-    health::{HealthChecker, Transition},
+    health::{Health, HealthChecker, Target, Transition},
+    host::{self, ControlSocket, PinLock},
+    server,
 };
 
 #[derive(clap::Args, Debug)]
@@ -44,17 +45,25 @@ pub struct RunArgs {
     /// keeps forwarding when the agent stops and a new agent adopts it
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Run in this network namespace (/run/netns/NAME) while staying in the
+    /// host's mount namespace, so the pins outlive the agent. Use it instead
+    /// of `ip netns exec`, whose private /sys takes the pins away.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 /// How often neighbour entries of backends are refreshed.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(10);
-/// A control client must send its request within this time.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
+    // Before the runtime exists: every thread it starts inherits the
+    // namespace of the thread that creates it.
+    if let Some(name) = &args.netns {
+        host::enter_netns(name)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,6 +79,16 @@ enum Admin {
     Disabled,
 }
 
+impl Admin {
+    fn name(self) -> &'static str {
+        match self {
+            Admin::Enabled => "enabled",
+            Admin::Drain => "drain",
+            Admin::Disabled => "disabled",
+        }
+    }
+}
+
 type Key = (String, String);
 
 struct Agent {
@@ -78,16 +97,20 @@ struct Agent {
     dp: Dataplane,
     adopted: bool,
     admin: BTreeMap<Key, Admin>,
-    /// Health as last reported; absent means up (checks start optimistic).
-    down: BTreeMap<Key, bool>,
-    checker: Option<HealthChecker>,
-    health_tx: mpsc::UnboundedSender<Transition>,
+    /// Health of every checked backend, keyed like the checks (service,
+    /// address). The one source of truth: rings are derived from it.
+    health: BTreeMap<Target, Health>,
+    checker: HealthChecker,
     applied: Vec<AppliedService>,
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     check_forwarding(&cfg)?;
-    ensure_bpffs(&args.pin_dir)?;
+    host::ensure_lasting_bpffs(&args.pin_dir)?;
+    // One agent per pin dir, decided before anything is touched: a second
+    // agent must not adopt the maps or replace the program of a live one.
+    let _lock = PinLock::acquire(&args.pin_dir)?;
+    let mut control_socket = ControlSocket::bind(&args.socket)?;
     let (dp, adopted) = Dataplane::load_pinned(cfg.dataplane.conntrack_size, &args.pin_dir)
         .with_context(|| {
             format!(
@@ -101,6 +124,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             args.pin_dir.display()
         );
     }
+    // At a restart, every backend keeps the place it has in the pinned
+    // rings until its probes say otherwise; on a fresh start every checked
+    // backend is new and waits for `rise` passed probes.
+    let serving = if adopted {
+        dp.ring_members().context("reading the adopted rings")?
+    } else {
+        BTreeSet::new()
+    };
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         path: args.config.clone(),
@@ -108,13 +139,19 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         dp,
         adopted,
         admin: BTreeMap::new(),
-        down: BTreeMap::new(),
-        checker: None,
-        health_tx,
+        health: BTreeMap::new(),
+        checker: HealthChecker::new(health_tx),
         applied: Vec::new(),
     };
+    agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
+        if serving.contains(&(dataplane_service_key(svc), b.address)) {
+            Health::Up
+        } else {
+            Health::Pending
+        }
+    });
     agent.commit(cfg).context("filling the maps")?;
-    agent.restart_health_checks();
+    agent.sync_checks();
     for iface in agent.cfg.dataplane.interfaces.clone() {
         let mode = agent.cfg.dataplane.xdp_mode;
         agent
@@ -131,17 +168,26 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         );
     }
     prime_neighbours(&agent.cfg);
-    let listener = bind_control(&args.socket)?;
+    let flow_table = Arc::new(agent.dp.flow_table().context("opening the flow table")?);
+    let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
+    let listener = control_socket.listener()?;
+    tokio::spawn(server::accept(listener, calls_tx, flow_table));
     info!("control socket {}", args.socket.display());
     // Handlers before the ready line: a SIGTERM right after it must stop the
     // agent cleanly, not kill it with the default action.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    // The line scripts and the lab wait for.
-    println!("lb: ready");
+    // `lb: ready` (the line scripts and the lab wait for) once no backend
+    // is waiting for its first verdict, or after the longest first verdict
+    // can take: then the rings say what the probes found.
+    let ready_by = Instant::now() + agent.first_verdict_bound();
+    let mut ready = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     loop {
+        if !ready && !agent.awaiting_first_verdict() {
+            ready = announce_ready(&agent);
+        }
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -151,21 +197,104 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
                 }
             }
             Some(t) = health_rx.recv() => agent.health_transition(t),
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => agent.handle_client(stream).await,
-                Err(e) => warn!("control socket: {e}"),
-            },
+            Some(call) = calls.recv() => {
+                let reply = agent.handle(call.request);
+                // A client that went away only loses its answer.
+                let _ = call.reply.send(reply);
+            }
+            _ = tokio::time::sleep_until(ready_by), if !ready => {
+                ready = announce_ready(&agent);
+            }
             _ = refresh.tick() => prime_neighbours(&agent.cfg),
         }
     }
-    let _ = std::fs::remove_file(&args.socket);
+    drop(control_socket);
     info!(
-        "agent stopping; the data plane stays attached to {} and pinned under {} \
-         (a new `lb run` adopts it; `lb teardown` removes it)",
+        "agent stopping; the data plane stays attached to {} through the pins under {} \
+         (on a bpffs of the host's mount namespace, checked at start): \
+         a new `lb run` adopts it, `lb teardown` removes it",
         agent.cfg.dataplane.interfaces.join(", "),
         args.pin_dir.display()
     );
     Ok(())
+}
+
+fn announce_ready(agent: &Agent) -> bool {
+    let pending: Vec<String> = agent
+        .health
+        .iter()
+        .filter(|(_, h)| **h == Health::Pending)
+        .map(|(t, _)| format!("{}/{}", t.service, t.address))
+        .collect();
+    if !pending.is_empty() {
+        warn!(
+            "no health verdict yet for {}: out of rotation until they pass their checks",
+            pending.join(", ")
+        );
+    }
+    println!("lb: ready");
+    true
+}
+
+/// The (VIP, port, protocol) key of a service as the data plane stores it.
+fn dataplane_service_key(svc: &config::Service) -> lb_common::ServiceKey {
+    let (vip, port) = crate::dataplane::raw_endpoint(svc.vip);
+    lb_common::ServiceKey {
+        vip,
+        port,
+        protocol: crate::dataplane::protocol_number(svc.protocol),
+        _pad: 0,
+    }
+}
+
+/// The health of every checked backend of `next`: what `current` knows for
+/// the same service and address, else `new` (pending for a new backend).
+/// Unchecked backends have no entry: they always serve.
+fn carry_health(
+    next: &Config,
+    current: &BTreeMap<Target, Health>,
+    new: &dyn Fn(&config::Service, &config::Backend) -> Health,
+) -> BTreeMap<Target, Health> {
+    let mut health = BTreeMap::new();
+    for svc in &next.services {
+        for b in &svc.backends {
+            if svc.health_for(b).is_none() {
+                continue;
+            }
+            let target = Target {
+                service: svc.name.clone(),
+                address: b.address,
+            };
+            let state = current.get(&target).copied().unwrap_or_else(|| new(svc, b));
+            health.insert(target, state);
+        }
+    }
+    health
+}
+
+/// Whether a backend takes new flows, from its admin state first, then its
+/// health; what happens to its flows when it does not.
+fn admission(admin: Admin, health: Option<Health>, on_down: OnBackendDown) -> Admission {
+    match (admin, health) {
+        (Admin::Disabled, _) => Admission {
+            in_rotation: false,
+            drop_flows: true,
+        },
+        (Admin::Drain, _) => Admission {
+            in_rotation: false,
+            drop_flows: false,
+        },
+        // Never judged: nothing is pinned to it that it did not serve.
+        (Admin::Enabled, Some(Health::Pending)) => Admission {
+            in_rotation: false,
+            drop_flows: false,
+        },
+        (Admin::Enabled, Some(Health::Down)) => Admission {
+            in_rotation: false,
+            drop_flows: on_down == OnBackendDown::DropFlows,
+        },
+        (Admin::Enabled, Some(Health::Up) | None) => Admission::SERVING,
+    }
 }
 
 impl Agent {
@@ -173,9 +302,27 @@ impl Agent {
         (service.to_string(), backend.to_string())
     }
 
-    /// Checks `next` whole, then writes it to the data plane atomically.
+    fn target(svc: &config::Service, b: &config::Backend) -> Target {
+        Target {
+            service: svc.name.clone(),
+            address: b.address,
+        }
+    }
+
+    /// Checks `next` whole, then writes it to the data plane atomically,
+    /// with every ring derived from the admin and health state.
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
-        let admit = Agent::admission_fn(&self.admin, &self.down);
+        let (admin, health) = (&self.admin, &self.health);
+        let admit = |svc: &config::Service, b: &config::Backend| {
+            admission(
+                admin
+                    .get(&Agent::key(&svc.name, &b.name))
+                    .copied()
+                    .unwrap_or(Admin::Enabled),
+                health.get(&Agent::target(svc, b)).copied(),
+                svc.on_backend_down,
+            )
+        };
         let applied = self.dp.apply_with(&next, &admit)?;
         report(&next, &applied);
         self.cfg = next;
@@ -183,45 +330,46 @@ impl Agent {
         Ok(())
     }
 
-    /// Whether a backend takes new flows: admin state first, then health.
-    fn admission_fn<'a>(
-        admin: &'a BTreeMap<Key, Admin>,
-        down: &'a BTreeMap<Key, bool>,
-    ) -> impl Fn(&config::Service, &config::Backend) -> Admission + 'a {
-        move |svc, b| {
-            let key = Agent::key(&svc.name, &b.name);
-            match admin.get(&key).copied().unwrap_or(Admin::Enabled) {
-                Admin::Disabled => Admission {
-                    in_rotation: false,
-                    drop_flows: true,
-                },
-                Admin::Drain => Admission {
-                    in_rotation: false,
-                    drop_flows: false,
-                },
-                Admin::Enabled if down.get(&key).copied().unwrap_or(false) => Admission {
-                    in_rotation: false,
-                    drop_flows: svc.on_backend_down == OnBackendDown::DropFlows,
-                },
-                Admin::Enabled => Admission::SERVING,
-            }
+    /// A config change with health carried over: backends that still exist
+    /// keep their state, new checked ones start pending. Admin state and
+    /// health change only if the commit succeeds.
+    fn commit_change(&mut self, next: Config, admin: BTreeMap<Key, Admin>) -> anyhow::Result<()> {
+        let health = carry_health(&next, &self.health, &|_, _| Health::Pending);
+        let previous_admin = std::mem::replace(&mut self.admin, admin);
+        let previous_health = std::mem::replace(&mut self.health, health);
+        if let Err(e) = self.commit(next) {
+            self.admin = previous_admin;
+            self.health = previous_health;
+            return Err(e);
         }
+        self.sync_checks();
+        Ok(())
     }
 
-    /// Health checks restart with every config change: every backend starts
-    /// up again (as HAProxy does on reload) and is re-judged within
-    /// `fall` × `interval`.
-    fn restart_health_checks(&mut self) {
-        self.checker = None;
-        self.down.clear();
-        if self
-            .cfg
+    /// Checks follow the config: unchanged ones keep running, new and
+    /// changed ones start from the agent's state for their target.
+    fn sync_checks(&mut self) {
+        let health = &self.health;
+        self.checker.sync(&self.cfg, &|t| {
+            health.get(t).copied().unwrap_or(Health::Pending)
+        });
+    }
+
+    fn awaiting_first_verdict(&self) -> bool {
+        self.health.values().any(|h| *h == Health::Pending)
+    }
+
+    /// The longest a pending backend can take to be judged: `rise` (or
+    /// `fall`) probes, the last one's timeout, and some slack.
+    fn first_verdict_bound(&self) -> Duration {
+        self.cfg
             .services
             .iter()
-            .any(|s| s.health.is_some() || s.backends.iter().any(|b| b.health.is_some()))
-        {
-            self.checker = Some(HealthChecker::spawn(&self.cfg, self.health_tx.clone()));
-        }
+            .flat_map(|s| s.backends.iter().filter_map(|b| s.health_for(b)))
+            .map(|h| h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout)
+            .max()
+            .unwrap_or_default()
+            + Duration::from_millis(500)
     }
 
     fn reload(&mut self) -> anyhow::Result<()> {
@@ -231,73 +379,49 @@ impl Agent {
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
             );
         }
-        self.admin.clear();
-        self.commit(new)?;
-        self.restart_health_checks();
+        self.commit_change(new, BTreeMap::new())?;
         info!("reloaded {}", self.path.display());
         Ok(())
     }
 
     fn health_transition(&mut self, t: Transition) {
-        let key = Self::key(&t.target.service, &t.target.backend);
-        let was_down = self.down.get(&key).copied().unwrap_or(false);
-        if was_down != t.up {
-            // Already in that state (e.g. a transition queued before a reload).
+        if !self.checker.is_current(&t) {
+            // From a check that a config change replaced.
             return;
         }
-        let state = if t.up { "UP" } else { "DOWN" };
+        if self.health.get(&t.target) == Some(&t.health) {
+            return;
+        }
         warn!(
-            "backend {}/{} is {state}: {}",
-            t.target.service, t.target.backend, t.reason
+            "backend {}/{} ({}) is {}: {}",
+            t.target.service,
+            t.backend,
+            t.target.address,
+            t.health.name().to_uppercase(),
+            t.reason
         );
-        self.down.insert(key, !t.up);
+        let previous = self.health.insert(t.target, t.health);
         let cfg = self.cfg.clone();
         if let Err(e) = self.commit(cfg) {
             error!("applying the health change failed: {e:#}");
+            // The maps are as they were; so is the state they reflect.
+            let _ = previous;
         }
     }
 
-    async fn handle_client(&mut self, stream: UnixStream) {
-        let (read, mut write) = stream.into_split();
-        let mut line = String::new();
-        let read =
-            tokio::time::timeout(CONTROL_TIMEOUT, BufReader::new(read).read_line(&mut line)).await;
-        let response = match read {
-            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(req),
-                Err(e) => Response::error(format!("bad request: {e}")),
-            },
-            Ok(Err(e)) => Response::error(format!("reading request: {e}")),
-            Err(_) => Response::error("no request within 5 s"),
-        };
-        let mut out = serde_json::to_string(&response)
-            .unwrap_or_else(|e| format!("{{\"ok\":false,\"message\":\"{e}\"}}"));
-        out.push('\n');
-        if let Err(e) = write.write_all(out.as_bytes()).await {
-            warn!("control client: {e}");
-        }
-    }
-
-    fn handle(&mut self, req: Request) -> Response {
+    fn handle(&mut self, req: Request) -> server::Reply {
         match req {
-            Request::Status => match self.status() {
-                Ok(status) => Response {
-                    ok: true,
-                    message: String::new(),
-                    status: Some(status),
-                },
-                Err(e) => Response::error(format!("{e:#}")),
-            },
-            Request::Reload => match self.reload() {
+            Request::Status => server::Reply::Status(self.status()),
+            Request::Reload => server::Reply::Done(match self.reload() {
                 Ok(()) => Response::ok(format!("reloaded {}", self.path.display())),
                 Err(e) => {
                     error!("reload rejected, running config unchanged: {e:#}");
                     Response::error(format!("reload rejected, running config unchanged: {e:#}"))
                 }
-            },
+            }),
             Request::Backend(change) => {
                 let what = format!("{change:?}");
-                match self.change_backend(change) {
+                server::Reply::Done(match self.change_backend(change) {
                     Ok(msg) => {
                         info!("{msg}");
                         Response::ok(msg)
@@ -306,7 +430,7 @@ impl Agent {
                         warn!("rejected {what}: {e:#}");
                         Response::error(format!("rejected, nothing changed: {e:#}"))
                     }
-                }
+                })
             }
         }
     }
@@ -388,86 +512,60 @@ impl Agent {
         // The rules a config file goes through, so a live change can never
         // get in what a file could not (duplicates, weights, DSR ports, limits).
         let next = config::check(&next, Path::new("lb backend"))?;
-        let added_or_removed =
-            next.services[si].backends.len() != self.cfg.services[si].backends.len();
-        let previous = std::mem::replace(&mut self.admin, admin);
-        if let Err(e) = self.commit(next) {
-            self.admin = previous;
-            return Err(e);
-        }
-        if added_or_removed {
-            self.restart_health_checks();
-        }
+        self.commit_change(next, admin)?;
         Ok(msg)
     }
 
-    fn status(&self) -> anyhow::Result<Status> {
-        let flows = self.dp.flows_per_backend()?;
-        let health = self
-            .checker
-            .as_ref()
-            .map(HealthChecker::states)
-            .unwrap_or_default();
+    /// Everything `lb status` shows but the flow counts, which the control
+    /// server adds off this loop (walking the flow table takes a while).
+    fn status(&self) -> anyhow::Result<(Status, Vec<Vec<u32>>)> {
+        let checks = self.checker.states();
         let mut services = Vec::new();
+        let mut ids = Vec::new();
         for (svc, applied) in self.cfg.services.iter().zip(&self.applied) {
             let traffic = self.dp.counters("SERVICE_STATS", applied.id)?;
             let mut backends = Vec::new();
+            let mut backend_ids = Vec::new();
             for (b, (_, id)) in svc.backends.iter().zip(&applied.backends) {
                 let key = Self::key(&svc.name, &b.name);
+                let target = Self::target(svc, b);
                 let counters = self.dp.counters("BACKEND_STATS", *id)?;
-                let target = crate::health::Target {
-                    service: svc.name.clone(),
-                    backend: b.name.clone(),
-                };
-                let checked = svc.health_for(b).is_some();
                 backends.push(BackendStatus {
                     name: b.name.clone(),
                     address: b.address.to_string(),
                     weight: b.weight,
                     backup: b.backup,
-                    admin: match self.admin.get(&key).copied().unwrap_or(Admin::Enabled) {
-                        Admin::Enabled => "enabled",
-                        Admin::Drain => "drain",
-                        Admin::Disabled => "disabled",
-                    }
-                    .into(),
-                    health: if !checked {
-                        "unchecked".into()
-                    } else if self.down.get(&key).copied().unwrap_or(false) {
-                        "down".into()
-                    } else {
-                        "up".into()
-                    },
-                    last_check: health.get(&target).and_then(|s| s.last_check.clone()),
+                    admin: self
+                        .admin
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(Admin::Enabled)
+                        .name()
+                        .into(),
+                    health: self
+                        .health
+                        .get(&target)
+                        .map_or("unchecked", |h| h.name())
+                        .into(),
+                    last_check: checks.get(&target).and_then(|s| s.last_check.clone()),
                     in_ring: applied.ring.contains(id),
-                    flows: flows.get(id).copied().unwrap_or(0),
+                    flows: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
                 });
+                backend_ids.push(*id);
             }
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 vip: svc.vip.to_string(),
-                protocol: match svc.protocol {
-                    Protocol::Tcp => "tcp",
-                    Protocol::Udp => "udp",
-                }
-                .into(),
-                forwarding: match svc.forwarding {
-                    Forwarding::Nat => "nat",
-                    Forwarding::Dsr => "dsr",
-                }
-                .into(),
-                scheduler: match svc.scheduler {
-                    Scheduler::RoundRobin => "round-robin",
-                    Scheduler::WeightedRoundRobin => "weighted-round-robin",
-                    Scheduler::SourceHash => "source-hash",
-                }
-                .into(),
+                protocol: svc.protocol.name().into(),
+                forwarding: svc.forwarding.name().into(),
+                scheduler: svc.scheduler.name().into(),
                 packets: traffic.packets,
                 bytes: traffic.bytes,
                 backends,
             });
+            ids.push(backend_ids);
         }
         let verdicts = self
             .dp
@@ -475,14 +573,15 @@ impl Agent {
             .into_iter()
             .map(|(v, n)| (v.name().to_string(), n))
             .collect();
-        Ok(Status {
+        let status = Status {
             config: self.path.display().to_string(),
             pin_dir: self.dp.pin_dir().map(|p| p.display().to_string()),
             adopted: self.adopted,
             interfaces: self.cfg.dataplane.interfaces.clone(),
             services,
             verdicts,
-        })
+        };
+        Ok((status, ids))
     }
 }
 
@@ -528,71 +627,6 @@ fn check_forwarding(cfg: &Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs with a valid C string and a zeroed out-struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-}
-
-/// The pin directory must live on a bpffs. /sys/fs/bpf is normally mounted;
-/// under `ip netns exec` /sys is remounted without it, so mount one there.
-fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
-    let parent = pin_dir.parent().unwrap_or(pin_dir);
-    if is_bpffs(parent) {
-        return Ok(());
-    }
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let target =
-        std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).context("pin dir path")?;
-    // SAFETY: mount(2) with valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "{} is not on a bpffs and mounting one failed ({}): run `mount -t bpf bpf {}` or pass --pin-dir",
-            parent.display(),
-            std::io::Error::last_os_error(),
-            parent.display()
-        );
-    }
-    warn!(
-        "mounted a bpffs at {}; if this mount namespace is private (ip netns exec), the pins end with the agent",
-        parent.display()
-    );
-    Ok(())
-}
-
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // A socket left by an agent that was killed: nobody listens on it.
-    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path).with_context(|| {
-        format!(
-            "binding the control socket {} (another agent running?)",
-            path.display()
-        )
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {} to root", path.display()))?;
-    Ok(listener)
 }
 
 /// Sends one datagram to each backend's discard port so the kernel resolves

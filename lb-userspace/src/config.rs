@@ -18,6 +18,19 @@ use serde::{
 };
 use toml::Spanned;
 
+/// The config spelling of an enum value (`"weighted-round-robin"`), from
+/// the same rename rule serde parses it with.
+macro_rules! config_name {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn name(self) -> &'static str {
+                self.into()
+            }
+        }
+    )*};
+}
+config_name!(Forwarding, XdpMode, Protocol, Scheduler);
+
 /// A validated config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -36,29 +49,33 @@ pub struct Dataplane {
     pub conntrack_size: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Forwarding {
     Nat,
     Dsr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum XdpMode {
     Native,
     Generic,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Protocol {
     Tcp,
     Udp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Scheduler {
     RoundRobin,
     WeightedRoundRobin,

@@ -567,23 +567,51 @@ impl Dataplane {
         }))
     }
 
-    /// Flows in the connection table per backend id (walks the whole map:
-    /// for status, not for the fast path).
-    pub fn flows_per_backend(&self) -> Result<BTreeMap<u32, u64>> {
+    /// A second handle on the connection table, for counting flows off the
+    /// agent's loop (walking 262k entries takes the better part of a second).
+    pub fn flow_table(&self) -> Result<FlowTable> {
         let map = self
             .ebpf
             .map("CONNTRACK")
             .ok_or(DataplaneError::MissingMap("CONNTRACK"))?;
-        let flows: HashMap<&MapData, FlowKey, Flow> =
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-                name: "CONNTRACK",
-                source,
-            })?;
-        let mut counts = BTreeMap::new();
-        for (_, flow) in flows.iter().filter_map(|r| r.ok()) {
-            *counts.entry(flow.backend_id).or_insert(0) += 1;
+        let err = |source| DataplaneError::Map {
+            name: "CONNTRACK",
+            source,
+        };
+        let id = match map {
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
+                data.info().map_err(err)?.id()
+            }
+            _ => return Err(DataplaneError::MissingMap("CONNTRACK")),
+        };
+        let data = MapData::from_id(id).map_err(err)?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)?;
+        Ok(FlowTable { flows })
+    }
+
+    /// The backends in each service's active ring, as (service key, backend
+    /// address): what a previous agent left serving. A restarted agent
+    /// starts those backends as up, so a restart changes no ring.
+    pub fn ring_members(&self) -> Result<std::collections::BTreeSet<(ServiceKey, SocketAddrV4)>> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let rings: Array<&MapData, Ring> = Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+        let mut members = std::collections::BTreeSet::new();
+        for (key, id) in &self.ids.services {
+            let half = self.active_half.get(id).copied().unwrap_or(0);
+            let ring = rings.get(&Ring::slot(*id, half), 0).map_err(err("RINGS"))?;
+            for bid in ring.ids.iter().take(ring.len as usize) {
+                let b = backends.get(bid, 0).map_err(err("BACKENDS"))?;
+                let addr = SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(b.addr.to_ne_bytes()),
+                    u16::from_be(b.port),
+                );
+                members.insert((*key, addr));
+            }
         }
-        Ok(counts)
+        Ok(members)
     }
 
     fn array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, T>> {
@@ -621,6 +649,23 @@ impl Dataplane {
     /// Where the maps and links are pinned, if they are.
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
+    }
+}
+
+/// The connection table, read apart from the agent's loop.
+pub struct FlowTable {
+    flows: HashMap<MapData, FlowKey, Flow>,
+}
+
+impl FlowTable {
+    /// Flows in the table per backend id (walks the whole map: for status,
+    /// not for the fast path).
+    pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut counts = BTreeMap::new();
+        for (_, flow) in self.flows.iter().filter_map(|r| r.ok()) {
+            *counts.entry(flow.backend_id).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 }
 

@@ -1,10 +1,19 @@
 //! Health checks: one tokio task per checked (service, backend) that probes
-//! the backend every `interval` and reports up/down transitions.
+//! the backend every `interval` and reports health transitions.
 //!
-//! Every backend starts up, so traffic flows as soon as the agent is ready
-//! (as HAProxy does). A backend is marked down after `fall` consecutive
-//! failed probes and up again after `rise` consecutive passed probes; the
-//! rise/fall logic is the pure [`Counter`].
+//! A backend's health is [`Health::Up`], [`Health::Down`] or
+//! [`Health::Pending`] (never judged yet: out of the ring until it passes
+//! `rise` probes in a row, as HAProxy treats a new server). Up goes down
+//! after `fall` consecutive failed probes, down or pending goes up after
+//! `rise` consecutive passed probes, pending goes down after `fall`
+//! failures; the rise/fall logic is the pure [`Counter`].
+//!
+//! The agent owns the health of every backend and hands it to
+//! [`HealthChecker::sync`] whenever the config changes: checks of backends
+//! that still exist (same service, same address, same check) keep running
+//! untouched, changed checks restart from the state the agent has, and only
+//! new backends start pending. A reload therefore never resets a down
+//! backend to up, nor forgets that one came back.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -26,27 +36,68 @@ use crate::config::{CheckKind, Config, HealthCheck};
 /// At most this much of an HTTP response is read.
 const HTTP_RESPONSE_CAP: u64 = 64 * 1024;
 
-/// Identifies a checked backend: service name + backend name.
+/// A checked backend's health as the agent acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Passed `rise` probes in a row (or inherited as serving): in the ring.
+    Up,
+    /// Failed `fall` probes in a row: out of the ring.
+    Down,
+    /// Not judged yet (a new backend): out of the ring until it passes
+    /// `rise` probes in a row.
+    Pending,
+}
+
+impl Health {
+    /// Whether this state lets the backend take new flows.
+    pub fn serving(self) -> bool {
+        self == Health::Up
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Pending => "pending",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Identifies a checked backend: its service, and its address within it.
+/// Health follows the address, so a backend keeps its state across reloads
+/// and live changes for as long as its service has a backend there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub service: String,
-    pub backend: String,
+    pub address: SocketAddrV4,
 }
 
 /// A backend changed state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub target: Target,
-    pub up: bool,
+    /// The backend's name when the check was started (for the log).
+    pub backend: String,
+    pub health: Health,
     /// E.g. "3 consecutive failures: connect 198.19.0.11:80: connection
     /// refused" or "2 consecutive successes".
     pub reason: String,
+    /// The check that produced it; a transition from a check that has since
+    /// been replaced is stale (see [`HealthChecker::is_current`]).
+    pub check_id: u64,
 }
 
-/// What is known about one checked backend.
+/// What is known about one checked backend's latest probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetState {
-    pub up: bool,
+    pub health: Health,
     /// The outcome of the latest probe: "ok" or why it failed; `None` before
     /// the first probe has finished.
     pub last_check: Option<String>,
@@ -58,7 +109,7 @@ pub struct TargetState {
 /// The rise/fall state machine of one backend, without any I/O.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counter {
-    up: bool,
+    health: Health,
     /// Outcome of the latest probe.
     last_ok: Option<bool>,
     /// Length of the current run of `last_ok` outcomes.
@@ -74,15 +125,24 @@ impl Default for Counter {
 impl Counter {
     /// Starts up, with no probe recorded.
     pub fn new() -> Self {
+        Self::starting(Health::Up)
+    }
+
+    /// Starts in `health`, with no probe recorded.
+    pub fn starting(health: Health) -> Self {
         Self {
-            up: true,
+            health,
             last_ok: None,
             consecutive: 0,
         }
     }
 
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
     pub fn up(&self) -> bool {
-        self.up
+        self.health.serving()
     }
 
     /// How many probes in a row had the latest outcome.
@@ -91,19 +151,24 @@ impl Counter {
     }
 
     /// Records one probe outcome. Returns the new state if it changed: down
-    /// on the `fall`th consecutive failure while up, up on the `rise`th
-    /// consecutive success while down. (A `rise` or `fall` of 0 acts as 1.)
-    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+    /// on the `fall`th consecutive failure while up or pending, up on the
+    /// `rise`th consecutive success while down or pending. (A `rise` or
+    /// `fall` of 0 acts as 1.)
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Health> {
         if self.last_ok == Some(ok) {
             self.consecutive = self.consecutive.saturating_add(1);
         } else {
             self.last_ok = Some(ok);
             self.consecutive = 1;
         }
-        let needed = if ok { rise } else { fall };
-        if self.up != ok && self.consecutive >= needed {
-            self.up = ok;
-            Some(ok)
+        let (needed, next) = if ok {
+            (rise, Health::Up)
+        } else {
+            (fall, Health::Down)
+        };
+        if self.health != next && self.consecutive >= needed {
+            self.health = next;
+            Some(next)
         } else {
             None
         }
@@ -112,50 +177,131 @@ impl Counter {
 
 type States = Arc<Mutex<BTreeMap<Target, TargetState>>>;
 
+/// One running check.
+struct Check {
+    id: u64,
+    backend: String,
+    probe: SocketAddrV4,
+    check: HealthCheck,
+    task: JoinHandle<()>,
+}
+
 /// Runs every configured check; drop it to stop them all.
 pub struct HealthChecker {
-    tasks: Vec<JoinHandle<()>>,
+    checks: BTreeMap<Target, Check>,
     states: States,
+    tx: UnboundedSender<Transition>,
+    next_id: u64,
 }
 
 impl HealthChecker {
-    /// Spawns one tokio task per (service, backend) that has a check
-    /// ([`Service::health_for`](crate::config::Service::health_for)).
-    /// Every backend starts up; each transition is sent on `tx`.
+    /// A checker with no checks yet; [`sync`](Self::sync) starts them.
+    /// Transitions are sent on `tx`.
+    pub fn new(tx: UnboundedSender<Transition>) -> HealthChecker {
+        HealthChecker {
+            checks: BTreeMap::new(),
+            states: Arc::default(),
+            tx,
+            next_id: 0,
+        }
+    }
+
+    /// Spawns one task per (service, backend) that has a check
+    /// ([`Service::health_for`](crate::config::Service::health_for)), every
+    /// backend starting up. For tests and tools; the agent uses `sync`.
+    pub fn spawn(cfg: &Config, tx: UnboundedSender<Transition>) -> HealthChecker {
+        let mut checker = HealthChecker::new(tx);
+        checker.sync(cfg, &|_| Health::Up);
+        checker
+    }
+
+    /// Brings the running checks in line with `cfg`. A check whose target
+    /// (service, address), backend name and check are unchanged keeps
+    /// running as it is; a new or changed one starts in the state `health`
+    /// gives for its target; checks of targets that are gone stop.
     ///
     /// Must be called from within a tokio runtime (`tokio::spawn` panics
-    /// otherwise). The tasks keep probing if the receiver of `tx` is gone;
-    /// [`states`](Self::states) stays current.
-    pub fn spawn(cfg: &Config, tx: UnboundedSender<Transition>) -> HealthChecker {
-        let states: States = Arc::default();
-        let mut tasks = Vec::new();
+    /// otherwise).
+    pub fn sync(&mut self, cfg: &Config, health: &dyn Fn(&Target) -> Health) {
+        let mut wanted = BTreeMap::new();
         for service in &cfg.services {
             for backend in &service.backends {
-                let Some(check) = service.health_for(backend) else {
-                    continue;
-                };
-                let target = Target {
-                    service: service.name.clone(),
-                    backend: backend.name.clone(),
-                };
-                lock(&states).insert(
-                    target.clone(),
-                    TargetState {
-                        up: true,
-                        last_check: None,
-                        consecutive: 0,
-                    },
-                );
-                tasks.push(tokio::spawn(run_check(
-                    target,
-                    backend.address,
-                    check.clone(),
-                    Arc::clone(&states),
-                    tx.clone(),
-                )));
+                if let Some(check) = service.health_for(backend) {
+                    let target = Target {
+                        service: service.name.clone(),
+                        address: backend.address,
+                    };
+                    wanted.insert(target, (backend.name.clone(), check.clone()));
+                }
             }
         }
-        HealthChecker { tasks, states }
+        let gone: Vec<Target> = self
+            .checks
+            .keys()
+            .filter(|t| !wanted.contains_key(*t))
+            .cloned()
+            .collect();
+        for target in gone {
+            if let Some(c) = self.checks.remove(&target) {
+                c.task.abort();
+            }
+            lock(&self.states).remove(&target);
+        }
+        for (target, (backend, check)) in wanted {
+            let probe = probe_address(&check, target.address);
+            if let Some(running) = self.checks.get(&target)
+                && running.backend == backend
+                && running.check == check
+                && running.probe == probe
+            {
+                continue;
+            }
+            if let Some(old) = self.checks.remove(&target) {
+                old.task.abort();
+            }
+            let start = health(&target);
+            let last = lock(&self.states).get(&target).cloned();
+            lock(&self.states).insert(
+                target.clone(),
+                TargetState {
+                    health: start,
+                    last_check: last.and_then(|s| s.last_check),
+                    consecutive: 0,
+                },
+            );
+            self.next_id += 1;
+            let id = self.next_id;
+            let task = tokio::spawn(run_check(
+                CheckRun {
+                    id,
+                    target: target.clone(),
+                    backend: backend.clone(),
+                    probe,
+                    check: check.clone(),
+                    start,
+                },
+                Arc::clone(&self.states),
+                self.tx.clone(),
+            ));
+            self.checks.insert(
+                target,
+                Check {
+                    id,
+                    backend,
+                    probe,
+                    check,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Whether `t` comes from a check that is still running (a transition
+    /// queued by a check that a config change replaced is stale).
+    pub fn is_current(&self, t: &Transition) -> bool {
+        self.checks
+            .get(&t.target)
+            .is_some_and(|c| c.id == t.check_id)
     }
 
     /// Current state of every checked target.
@@ -166,8 +312,8 @@ impl HealthChecker {
 
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        for check in self.checks.values() {
+            check.task.abort();
         }
     }
 }
@@ -178,18 +324,30 @@ fn lock(states: &States) -> std::sync::MutexGuard<'_, BTreeMap<Target, TargetSta
     states.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn run_check(
+/// What one check task probes, and from which state it starts.
+struct CheckRun {
+    id: u64,
     target: Target,
-    address: SocketAddrV4,
+    backend: String,
+    probe: SocketAddrV4,
     check: HealthCheck,
-    states: States,
-    tx: UnboundedSender<Transition>,
-) {
+    start: Health,
+}
+
+async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition>) {
+    let CheckRun {
+        id,
+        target,
+        backend,
+        probe: address,
+        check,
+        start,
+    } = run;
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut counter = Counter::new();
+    let mut counter = Counter::starting(start);
     loop {
         // The first tick completes at once: the first probe runs at spawn.
         ticker.tick().await;
@@ -197,23 +355,23 @@ async fn run_check(
         let changed = counter.record(outcome.is_ok(), check.rise, check.fall);
         let n = counter.consecutive();
         let reason = match (&outcome, changed) {
-            (Err(why), Some(false)) => Some(format!(
+            (Err(why), Some(_)) => Some(format!(
                 "{n} consecutive {}: {why}",
                 plural(n, "failure", "failures")
             )),
-            (Ok(()), Some(true)) => Some(format!(
+            (Ok(()), Some(_)) => Some(format!(
                 "{n} consecutive {}",
                 plural(n, "success", "successes")
             )),
             _ => None,
         };
         if let Err(why) = &outcome {
-            log::debug!("health {}/{}: {why}", target.service, target.backend);
+            log::debug!("health {}/{backend}: {why}", target.service);
         }
         lock(&states).insert(
             target.clone(),
             TargetState {
-                up: counter.up(),
+                health: counter.health(),
                 last_check: Some(match outcome {
                     Ok(()) => "ok".to_owned(),
                     Err(why) => why,
@@ -224,14 +382,22 @@ async fn run_check(
         if let Some(reason) = reason {
             let transition = Transition {
                 target: target.clone(),
-                up: counter.up(),
+                backend: backend.clone(),
+                health: counter.health(),
                 reason,
+                check_id: id,
             };
             // Nobody listening only means nobody acts on it; keep probing
             // so that states() stays current.
             let _ = tx.send(transition);
         }
     }
+}
+
+/// Where a check probes a backend. (Merge point: the `health.port` option
+/// lands here.)
+fn probe_address(_check: &HealthCheck, backend: SocketAddrV4) -> SocketAddrV4 {
+    backend
 }
 
 fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
@@ -370,7 +536,7 @@ mod tests {
         assert_eq!(c.record(false, 2, 3), None);
         assert_eq!(c.record(false, 2, 3), None);
         assert!(c.up());
-        assert_eq!(c.record(false, 2, 3), Some(false));
+        assert_eq!(c.record(false, 2, 3), Some(Health::Down));
         assert!(!c.up());
         assert_eq!(c.consecutive(), 3);
         // No repeat while it stays down.
@@ -383,13 +549,13 @@ mod tests {
     #[test]
     fn rises_on_the_rise_th_consecutive_success() {
         let mut c = Counter::new();
-        assert_eq!(c.record(false, 2, 1), Some(false));
+        assert_eq!(c.record(false, 2, 1), Some(Health::Down));
         assert_eq!(c.record(true, 2, 1), None);
         // A failure in between resets the run (and does not repeat "down").
         assert_eq!(c.record(false, 2, 1), None);
         assert_eq!(c.record(true, 2, 1), None);
         assert!(!c.up());
-        assert_eq!(c.record(true, 2, 1), Some(true));
+        assert_eq!(c.record(true, 2, 1), Some(Health::Up));
         assert!(c.up());
         assert_eq!(c.consecutive(), 2);
         for _ in 0..5 {
@@ -400,6 +566,21 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(fresh.record(true, 1, 1), None);
         }
+    }
+
+    #[test]
+    fn a_pending_backend_needs_rise_passes_and_falls_after_fall_failures() {
+        let mut c = Counter::starting(Health::Pending);
+        assert!(!c.up());
+        assert_eq!(c.record(true, 3, 2), None);
+        assert_eq!(c.record(true, 3, 2), None);
+        assert_eq!(c.health(), Health::Pending);
+        assert_eq!(c.record(true, 3, 2), Some(Health::Up));
+        let mut c = Counter::starting(Health::Pending);
+        assert_eq!(c.record(false, 3, 2), None);
+        assert_eq!(c.health(), Health::Pending);
+        assert_eq!(c.record(false, 3, 2), Some(Health::Down));
+        assert_eq!(c.record(true, 3, 2), None);
     }
 
     // --- probes --------------------------------------------------------------
@@ -633,10 +814,10 @@ mod tests {
         }
     }
 
-    fn target(service: &str, backend: &str) -> Target {
+    fn target(service: &str, address: SocketAddrV4) -> Target {
         Target {
             service: service.to_owned(),
-            backend: backend.to_owned(),
+            address,
         }
     }
 
@@ -679,14 +860,14 @@ mod tests {
         )]);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let checker = HealthChecker::spawn(&cfg, tx);
-        let web1 = target("www", "web1");
+        let web1 = target("www", addr);
 
         // Starts up, before any probe.
         let initial = checker.states();
         assert_eq!(initial.keys().collect::<Vec<_>>(), [&web1]);
-        assert!(initial[&web1].up);
+        assert_eq!(initial[&web1].health, Health::Up);
         wait_state(&checker, &web1, "first probe passes", |s| {
-            s.up && s.last_check.as_deref() == Some("ok")
+            s.health == Health::Up && s.last_check.as_deref() == Some("ok")
         })
         .await;
 
@@ -694,13 +875,17 @@ mod tests {
         server.abort();
         let _ = server.await;
         let down = next(&mut rx, Duration::from_secs(1)).await;
-        assert_eq!((&down.target, down.up), (&web1, false), "{down:?}");
+        assert_eq!(
+            (&down.target, down.health),
+            (&web1, Health::Down),
+            "{down:?}"
+        );
         assert_eq!(
             down.reason,
             format!("2 consecutive failures: connect {addr}: connection refused")
         );
         let state = &checker.states()[&web1];
-        assert!(!state.up);
+        assert_eq!(state.health, Health::Down);
         assert!(state.consecutive >= 2, "{state:?}");
 
         // A server on the same port again: back up after two passes.
@@ -711,15 +896,12 @@ mod tests {
         let (_server, _) = serve(l, OK_WEB1);
         let up = next(&mut rx, Duration::from_secs(1)).await;
         assert_eq!(
-            up,
-            Transition {
-                target: web1.clone(),
-                up: true,
-                reason: "2 consecutive successes".to_owned()
-            }
+            (&up.target, up.health, up.reason.as_str()),
+            (&web1, Health::Up, "2 consecutive successes")
         );
+        assert!(checker.is_current(&up));
         wait_state(&checker, &web1, "up after rise", |s| {
-            s.up && s.consecutive >= 2
+            s.health == Health::Up && s.consecutive >= 2
         })
         .await;
 
@@ -765,9 +947,9 @@ mod tests {
         assert_eq!(
             checker.states().into_keys().collect::<Vec<_>>(),
             [
-                target("checked", "a"),
-                target("checked", "b"),
-                target("partial", "c")
+                target("checked", up_addr),
+                target("checked", down_addr),
+                target("partial", down_addr)
             ]
         );
         let mut down = [
@@ -777,26 +959,94 @@ mod tests {
         down.sort_by(|x, y| x.target.cmp(&y.target));
         assert_eq!(
             down.iter()
-                .map(|t| (&t.target, t.up, t.reason.as_str()))
+                .map(|t| (&t.target, t.health, t.reason.as_str()))
                 .collect::<Vec<_>>(),
             [
                 (
-                    &target("checked", "b"),
-                    false,
+                    &target("checked", down_addr),
+                    Health::Down,
                     format!("1 consecutive failure: connect {down_addr}: connection refused")
                         .as_str()
                 ),
                 (
-                    &target("partial", "c"),
-                    false,
+                    &target("partial", down_addr),
+                    Health::Down,
                     format!("1 consecutive failure: connect {down_addr}: connection refused")
                         .as_str()
                 ),
             ]
         );
-        wait_state(&checker, &target("checked", "a"), "a passes", |s| {
-            s.up && s.last_check.as_deref() == Some("ok")
+        wait_state(&checker, &target("checked", up_addr), "a passes", |s| {
+            s.health == Health::Up && s.last_check.as_deref() == Some("ok")
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn sync_keeps_unchanged_checks_and_seeds_new_ones_from_the_agent() {
+        let (_l, up_addr) = listener().await;
+        let down_addr = closed_port().await;
+        let tcp = HealthCheck {
+            fall: 1,
+            rise: 1,
+            ..fast(CheckKind::Tcp)
+        };
+        let one = config(vec![service(
+            "www",
+            Some(tcp.clone()),
+            vec![backend("down", down_addr, None)],
+        )]);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = HealthChecker::new(tx);
+        checker.sync(&one, &|_| Health::Up);
+        let down = next(&mut rx, Duration::from_secs(1)).await;
+        assert_eq!(down.health, Health::Down);
+        assert!(checker.is_current(&down));
+
+        // The same backend plus a new one: the first check keeps running
+        // (no new transition, its state stays down), the new one starts
+        // in the state the agent gives it and rises on its own.
+        let two = config(vec![service(
+            "www",
+            Some(tcp.clone()),
+            vec![
+                backend("down", down_addr, None),
+                backend("new", up_addr, None),
+            ],
+        )]);
+        checker.sync(&two, &|t| {
+            assert_eq!(t.address, up_addr, "only the new target is seeded");
+            Health::Pending
+        });
+        assert!(checker.is_current(&down), "unchanged check kept");
+        let up = next(&mut rx, Duration::from_secs(1)).await;
+        assert_eq!((up.target.address, up.health), (up_addr, Health::Up));
+        assert_eq!(
+            checker.states()[&target("www", down_addr)].health,
+            Health::Down
+        );
+
+        // A changed check restarts from the agent's state; the old one's
+        // transitions become stale.
+        let slower = HealthCheck {
+            interval: Duration::from_millis(150),
+            ..tcp
+        };
+        let three = config(vec![service(
+            "www",
+            Some(slower),
+            vec![backend("down", down_addr, None)],
+        )]);
+        checker.sync(&three, &|_| Health::Down);
+        assert!(!checker.is_current(&down), "replaced check is stale");
+        assert_eq!(
+            checker.states().into_keys().collect::<Vec<_>>(),
+            [target("www", down_addr)],
+            "the removed backend's check stopped"
+        );
+        assert_eq!(
+            checker.states()[&target("www", down_addr)].health,
+            Health::Down
+        );
     }
 }

@@ -8,6 +8,8 @@
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
+//! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
+//! - `server`: the control socket server (concurrent, bounded clients).
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
 
 pub mod agent;
@@ -16,6 +18,8 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod health;
+pub mod host;
 pub mod lab;
 pub mod object;
 pub mod pktgen;
+pub mod server;

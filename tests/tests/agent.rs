@@ -392,7 +392,7 @@ fn invalid_reload_is_rejected_and_traffic_is_unaffected() -> Result<()> {
 fn sigkill_of_the_agent_keeps_traffic_flowing_and_a_new_agent_adopts_it() -> Result<()> {
     const SIZE: usize = 64 << 20;
     let lab = Lab::up(&prefix(), &lb_bin())?;
-    let agent = lab.start_agent_pinned(&three_webs())?;
+    let agent = lab.start_agent(&three_webs())?;
     assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
 
     // A long transfer, read slowly so it is still running when the agent dies.
@@ -428,7 +428,7 @@ fn sigkill_of_the_agent_keeps_traffic_flowing_and_a_new_agent_adopts_it() -> Res
         "the transfer completes"
     );
 
-    let agent = lab.start_agent_pinned(&three_webs())?;
+    let agent = lab.start_agent(&three_webs())?;
     assert!(
         agent.log_text().contains("adopting the data plane"),
         "{}",

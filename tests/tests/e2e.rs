@@ -18,8 +18,8 @@ use anyhow::{Context, Result, ensure};
 use lb_userspace::{
     config::Forwarding,
     lab::{
-        self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, forwarding_name,
-        http_get, in_netns, lab_config, udp_connect, udp_request, vip_http, vip_udp,
+        self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get, in_netns,
+        lab_config, udp_connect, udp_request, vip_http, vip_udp,
     },
 };
 
@@ -69,7 +69,7 @@ fn new_lab() -> Result<Lab> {
 /// counts from zero), run `check`, and stop the agent, which must exit 0.
 fn in_each_mode(lab: &Lab, check: impl Fn(&Lab, Forwarding) -> Result<()>) -> Result<()> {
     for mode in MODES {
-        let name = forwarding_name(mode);
+        let name = mode.name();
         lab.set_mode(mode)
             .with_context(|| format!("switching the lab to {name}"))?;
         let agent = lab
@@ -324,7 +324,7 @@ fn dropping_the_lab_removes_everything() -> Result<()> {
         ensure!(
             left.is_empty(),
             "namespaces {left:?} survived the lab ({})",
-            forwarding_name(mode)
+            mode.name()
         );
         let servers = lab::lab_serve_pids(&prefix);
         ensure!(

@@ -14,7 +14,7 @@ use signal_hook::{
 
 use super::{
     CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, UDP_PORT, VIP, WEB_NAMES,
-    down, forwarding_name, http_get, in_netns, lab_config, netns, vip_http, web_addr,
+    down, http_get, in_netns, lab_config, netns, vip_http, web_addr,
 };
 use crate::config::Forwarding;
 
@@ -136,12 +136,8 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
 
 /// Writes the agent configs of both modes into the run dir.
 fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
-    let configs = [Forwarding::Nat, Forwarding::Dsr].map(|m| {
-        (
-            m,
-            lab.run_dir().join(format!("{}.toml", forwarding_name(m))),
-        )
-    });
+    let configs = [Forwarding::Nat, Forwarding::Dsr]
+        .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
         fs::write(path, lab_config(*mode))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -172,7 +168,7 @@ fn print_instructions(
 ) -> anyhow::Result<()> {
     let p = lab.prefix();
     let lb = lb_command()?;
-    let mode_name = forwarding_name(mode);
+    let mode_name = mode.name();
     // The repository's sample config is the NAT one; the run dir has both.
     let repo_config = Path::new("config").join(format!("{DEFAULT_PREFIX}.toml"));
     let run_config = configs
@@ -212,11 +208,21 @@ fn print_instructions(
     println!("  logs and configs: {}", lab.run_dir().display());
     println!();
     println!("Try it:");
+    // --netns, not `ip netns exec`: the agent stays in the host's mount
+    // namespace, so its pins (and the data plane) outlive it. Socket and pin
+    // dir are the lab's own, so two labs never share an agent's paths.
+    let socket = lab.agent_socket();
     println!(
-        "  terminal 1:  ip netns exec {p}-lb {lb} run --config {}",
-        config.display()
+        "  terminal 1:  {lb} run --netns {p}-lb --config {} --socket {} --pin-dir {}",
+        config.display(),
+        socket.display(),
+        lab.pin_dir().display()
     );
     println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
+    println!("               {lb} status --socket {}", socket.display());
+    println!(
+        "  restart the agent at will: the data plane keeps forwarding while it is stopped"
+    );
     println!(
         "Without the agent, the webs answer directly: ip netns exec {p}-client curl http://{}/",
         web_addr(1)
@@ -228,7 +234,7 @@ fn print_instructions(
     };
     println!(
         "Other mode:  {lb} lab up --prefix {p} --mode {} (configs: {})",
-        forwarding_name(other.into()),
+        Forwarding::from(other).name(),
         configs
             .iter()
             .map(|(_, path)| path.display().to_string())
@@ -261,7 +267,7 @@ fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
 /// One mode of the demo; returns what went wrong with the traffic (errors
 /// setting up the mode are returned as Err).
 fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<String>> {
-    let name = forwarding_name(mode);
+    let name = mode.name();
     println!();
     println!("== {name}: starting the agent");
     lab.set_mode(mode)?;

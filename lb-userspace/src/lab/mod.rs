@@ -38,7 +38,7 @@ use netns::SpawnGated as _;
 
 pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
-pub use netns::{down, in_netns, lab_serve_pids};
+pub use netns::{down, in_netns, lab_serve_pids, pin_dir};
 pub use serve::{ServeArgs, bulk_byte, serve};
 
 /// The virtual service address, on the LB's `lo` (and every web's `lo`).
@@ -93,7 +93,7 @@ pub fn run_dir(prefix: &str) -> PathBuf {
 /// The agent config for the lab: a TCP service on VIP:80 and a UDP service
 /// on VIP:5353, each round robin over web1..web3 in that order.
 pub fn lab_config(mode: Forwarding) -> String {
-    let forwarding = forwarding_name(mode);
+    let forwarding = mode.name();
     let mut toml = format!(
         "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n"
     );
@@ -114,14 +114,6 @@ pub fn lab_config(mode: Forwarding) -> String {
         );
     }
     toml
-}
-
-/// `nat` / `dsr`, as spelled in configs.
-pub fn forwarding_name(mode: Forwarding) -> &'static str {
-    match mode {
-        Forwarding::Nat => "nat",
-        Forwarding::Dsr => "dsr",
-    }
 }
 
 /// A running lab. Dropping it kills every process in its namespaces, deletes
@@ -255,45 +247,29 @@ impl Lab {
         Ok(())
     }
 
-    /// Writes `config_toml` to `{run_dir}/lb.toml`, starts
-    /// `ip netns exec {P}-lb lb run --config ...` and waits up to 15 s for
+    /// Writes `config_toml` to `{run_dir}/lb.toml`, starts the agent the
+    /// way the README tells users to (`lb run --netns {P}-lb --config ...`,
+    /// its pins on the host's bpffs under [`Lab::pin_dir`], so they outlive
+    /// the agent and a restarted agent adopts them) and waits up to 15 s for
     /// it to print `lb: ready`. On failure the agent is killed and the error
     /// carries its stderr.
     pub fn start_agent(&self, config_toml: &str) -> anyhow::Result<AgentProcess> {
         self.start_agent_with(config_toml, &[])
     }
 
-    /// Where [`Lab::start_agent_pinned`] pins the data plane.
+    /// Where the lab's agents pin the data plane: on the host's bpffs, one
+    /// directory per lab so labs side by side never share a data plane.
+    /// `down` removes it.
     pub fn pin_dir(&self) -> PathBuf {
-        self.run_dir().join("bpf").join("lb")
+        pin_dir(&self.prefix)
     }
 
-    /// Like [`Lab::start_agent`], but the agent pins its data plane on a
-    /// bpffs mounted in the host's mount namespace, so the pins (and the XDP
-    /// program with its flows) outlive the agent and a restarted agent adopts
-    /// them. Plain `start_agent` runs under `ip netns exec`, whose private
-    /// mount namespace takes the pins away when the agent exits.
-    pub fn start_agent_pinned(&self, config_toml: &str) -> anyhow::Result<AgentProcess> {
-        let bpffs = self.run_dir().join("bpf");
-        if !netns::is_mountpoint(&bpffs) {
-            fs::create_dir_all(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
-            let target = bpffs.display().to_string();
-            let out = Command::new("mount")
-                .args(["-t", "bpf", "bpf", &target])
-                .output()
-                .context("mount -t bpf")?;
-            if !out.status.success() {
-                bail!(
-                    "mount -t bpf bpf {target}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-        let pin = self.pin_dir().display().to_string();
-        self.start_agent_with(config_toml, &["--pin-dir", &pin])
-    }
-
-    fn start_agent_with(&self, config_toml: &str, extra: &[&str]) -> anyhow::Result<AgentProcess> {
+    /// [`Lab::start_agent`] with extra `lb run` arguments.
+    pub fn start_agent_with(
+        &self,
+        config_toml: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
         let config = self.run_dir().join("lb.toml");
         fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
         let log = self.run_dir().join("agent.log");
@@ -305,27 +281,27 @@ impl Lab {
         // every namespace (/run is not per network namespace): give each lab
         // its own, so labs with different prefixes can run side by side.
         let socket_arg = self.agent_socket().display().to_string();
+        let pin_arg = self.pin_dir().display().to_string();
+        let lb_ns = self.lb_ns();
         let args = [
-            lb_bin.as_str(),
             "run",
+            "--netns",
+            &lb_ns,
             "--config",
             &config_arg,
             "--socket",
             &socket_arg,
+            "--pin-dir",
+            &pin_arg,
         ];
         let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-        let mut child = netns::ns_command(&self.lb_ns(), &args)
+        let mut child = Command::new(&lb_bin)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .spawn_gated()
-            .with_context(|| {
-                format!(
-                    "starting the agent: ip netns exec {} {}",
-                    self.lb_ns(),
-                    args.join(" ")
-                )
-            })?;
+            .with_context(|| format!("starting the agent: {lb_bin} {}", args.join(" ")))?;
         let ready = watch_for_ready_line(&mut child);
         let mut agent = AgentProcess {
             child: Some(child),

@@ -326,12 +326,11 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
             .with_context(|| format!("deleting namespace {ns}"))?;
     }
     let dir = run_dir(prefix);
-    // A pinned agent's bpffs (Lab::start_agent_pinned): unmounting it frees
-    // the pinned maps; the links went with the namespaces' interfaces.
-    let bpffs = dir.join("bpf");
-    if is_mountpoint(&bpffs) {
-        run_teardown("umount", &[&bpffs.display().to_string()])
-            .with_context(|| format!("unmounting {}", bpffs.display()))?;
+    // The lab agents' pins (on the host's bpffs): unpinning frees the maps;
+    // the XDP links went with the namespaces' interfaces.
+    let pins = pin_dir(prefix);
+    if pins.exists() {
+        fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
     }
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -341,13 +340,8 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `path` is a mount point (listed in /proc/self/mounts).
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    let want = path.display().to_string();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+/// Where lab `prefix`'s agents pin their data plane (host bpffs).
+pub fn pin_dir(prefix: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf").join(format!("lb-lab-{prefix}"))
 }
+

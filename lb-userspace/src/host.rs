@@ -1,0 +1,271 @@
+//! The agent's footing on the host: the network namespace it runs in, the
+//! bpffs its pins live on, the lock that makes it the only agent of its pin
+//! directory, and its control socket file. Each is checked, not assumed:
+//! the agent never claims that its data plane outlives it unless the pins
+//! are on a bpffs that does.
+
+use std::{
+    fs,
+    os::unix::{
+        fs::{FileTypeExt, MetadataExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use log::info;
+use rustix::{
+    fs::FlockOperation,
+    mount::MountFlags,
+    thread::{LinkNameSpaceType, move_into_link_name_space},
+};
+
+/// `statfs.f_type` of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Moves the calling thread into network namespace `name` (as `ip netns`
+/// names them, /run/netns/NAME), and nothing else: the mount namespace
+/// stays the host's, so a bpffs there outlives the agent. Threads created
+/// afterwards by this thread inherit the namespace.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let file = fs::File::open(&path).with_context(|| {
+        format!(
+            "--netns {name}: opening {} (does `ip netns list` show it?)",
+            path.display()
+        )
+    })?;
+    move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&file),
+        Some(LinkNameSpaceType::Network),
+    )
+    .with_context(|| format!("--netns {name}: entering the network namespace"))
+}
+
+// `f_type` is i64 here but of another width on other architectures.
+#[allow(clippy::unnecessary_cast)]
+fn is_bpffs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Whether this process runs in a mount namespace other than init's (as
+/// under `ip netns exec`). Unknown (e.g. /proc/1 unreadable) counts as not.
+fn in_private_mount_namespace() -> bool {
+    let ns = |pid: &str| fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| (m.dev(), m.ino()));
+    match (ns("self"), ns("1")) {
+        (Ok(mine), Ok(init)) => mine != init,
+        _ => false,
+    }
+}
+
+/// The pin directory's parent must be a bpffs that outlives the agent.
+/// /sys/fs/bpf is mounted on most hosts; when it is not, the agent mounts
+/// one — but only in the host's mount namespace. In a private one (`ip netns
+/// exec` remounts /sys), such a mount would end with the agent and take the
+/// pins, and with them XDP, away: refused, with the fix.
+pub fn ensure_lasting_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    // The nearest directory that exists: the pin dir's parents are created
+    // on whatever filesystem that is.
+    let existing = parent
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if is_bpffs(existing) {
+        return Ok(());
+    }
+    if in_private_mount_namespace() {
+        bail!(
+            "{} is not on a bpffs, and this agent runs in a private mount namespace \
+             (`ip netns exec`?): a bpffs mounted here would vanish with the agent, and the \
+             pinned data plane with it. Run `lb run --netns NAME ...` instead of \
+             `ip netns exec NAME lb run ...` (it enters only the network namespace), or pass \
+             --pin-dir on a bpffs mounted in the host's mount namespace",
+            parent.display()
+        );
+    }
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    rustix::mount::mount("bpf", parent, "bpf", MountFlags::empty(), None).with_context(|| {
+        format!(
+            "{} is not on a bpffs and mounting one failed: run `mount -t bpf bpf {}` or pass --pin-dir",
+            parent.display(),
+            parent.display()
+        )
+    })?;
+    info!(
+        "mounted a bpffs at {} in the host's mount namespace",
+        parent.display()
+    );
+    Ok(())
+}
+
+/// An exclusive lock on the pin directory, held for the agent's life (the
+/// kernel drops it when the process dies, however it dies).
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: fs::File,
+}
+
+impl PinLock {
+    /// Takes the lock, or fails naming the agent that holds it.
+    pub fn acquire(pin_dir: &Path) -> anyhow::Result<PinLock> {
+        fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let dir =
+            fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+        match rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(PinLock { _dir: dir }),
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = dir
+                    .metadata()
+                    .ok()
+                    .and_then(|m| lock_holder(m.ino()))
+                    .map_or_else(
+                        || "another process".to_owned(),
+                        |pid| format!("the agent with pid {pid} ({})", command_line(pid)),
+                    );
+                bail!(
+                    "{holder} already runs with pin dir {}: one agent per data plane. Stop it \
+                     first, or give this one its own --pin-dir (and interfaces)",
+                    pin_dir.display()
+                )
+            }
+            Err(e) => Err(e).with_context(|| format!("locking {}", pin_dir.display())),
+        }
+    }
+}
+
+/// The pid holding a flock on inode `ino`, from /proc/locks
+/// ("1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF").
+fn lock_holder(ino: u64) -> Option<u32> {
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, file) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+        let lock_ino: u64 = file.rsplit(':').next()?.parse().ok()?;
+        (*kind == "FLOCK" && lock_ino == ino)
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
+fn command_line(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// The control socket's file: bound before the agent touches the data
+/// plane, removed when the agent stops.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl ControlSocket {
+    /// Binds `path` (mode 0600). Replaces only a stale socket (one nobody
+    /// listens on); a live socket or any other kind of file is refused.
+    pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if let Ok(meta) = fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "--socket {}: the file exists and is not a socket; not replacing it \
+                     (choose another --socket path)",
+                    path.display()
+                );
+            }
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "--socket {}: another agent is listening there (stop it, or choose \
+                     another --socket path)",
+                    path.display()
+                );
+            }
+            // Left by an agent that was killed: nobody listens on it.
+            fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        let socket = ControlSocket {
+            path: path.to_path_buf(),
+            listener: Some(listener),
+        };
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {} to root", path.display()))?;
+        Ok(socket)
+    }
+
+    /// The listener, for the async runtime (once).
+    pub fn listener(&mut self) -> anyhow::Result<tokio::net::UnixListener> {
+        let listener = self
+            .listener
+            .take()
+            .context("the control socket's listener was already taken")?;
+        listener
+            .set_nonblocking(true)
+            .context("control socket: non-blocking mode")?;
+        tokio::net::UnixListener::from_std(listener).context("control socket: registering it")
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_regular_file_is_never_replaced_by_the_socket() {
+        let dir = std::env::temp_dir().join(format!("lb-host-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("precious");
+        fs::write(&file, "keep me").expect("write");
+        let err = ControlSocket::bind(&file).expect_err("must refuse");
+        assert!(format!("{err:#}").contains("not a socket"), "{err:#}");
+        assert_eq!(fs::read_to_string(&file).expect("read"), "keep me");
+
+        // A live socket is refused; a stale one is replaced.
+        let sock = dir.join("sock");
+        let live = ControlSocket::bind(&sock).expect("bind");
+        let err = ControlSocket::bind(&sock).expect_err("live socket");
+        assert!(format!("{err:#}").contains("another agent"), "{err:#}");
+        drop(live);
+        assert!(!sock.exists(), "removed when the agent stops");
+        drop(UnixListener::bind(&sock).expect("stale socket"));
+        assert!(sock.exists());
+        let replaced = ControlSocket::bind(&sock).expect("stale socket replaced");
+        drop(replaced);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_lock_holder_is_found_in_proc_locks() {
+        let dir = std::env::temp_dir().join(format!("lb-lock-test-{}", std::process::id()));
+        let held = PinLock::acquire(&dir).expect("first lock");
+        let err = PinLock::acquire(&dir).expect_err("second lock");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "names the holder: {text}"
+        );
+        drop(held);
+        let again = PinLock::acquire(&dir).expect("free again");
+        drop(again);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
