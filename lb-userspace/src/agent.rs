@@ -107,10 +107,11 @@ struct Agent {
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     check_forwarding(&cfg)?;
     host::ensure_lasting_bpffs(&args.pin_dir)?;
-    // One agent per pin dir, decided before anything is touched: a second
-    // agent must not adopt the maps or replace the program of a live one.
-    let _lock = PinLock::acquire(&args.pin_dir)?;
     let mut control_socket = ControlSocket::bind(&args.socket)?;
+    // One agent per pin dir, decided before the data plane is touched: a
+    // second agent must not adopt the maps or replace the program of a live
+    // one.
+    let _lock = PinLock::acquire(&args.pin_dir)?;
     let (dp, adopted) = Dataplane::load_pinned(cfg.dataplane.conntrack_size, &args.pin_dir)
         .with_context(|| {
             format!(

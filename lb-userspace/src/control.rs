@@ -127,6 +127,36 @@ pub struct BackendStatus {
     pub bytes: u64,
 }
 
+/// The ring rule, checked against a status: a backend is in its service's
+/// ring if and only if it is enabled, up (or unchecked), has a weight, and
+/// is a primary — or a backup while no primary qualifies. Returns one line
+/// per backend that breaks it (empty: the rings are derived from state).
+pub fn ring_violations(status: &Status) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &status.services {
+        let eligible = |b: &BackendStatus| {
+            b.admin == "enabled" && (b.health == "up" || b.health == "unchecked") && b.weight > 0
+        };
+        let any_primary = s.backends.iter().any(|b| !b.backup && eligible(b));
+        for b in &s.backends {
+            let expected = eligible(b) && b.backup != any_primary;
+            if b.in_ring != expected {
+                out.push(format!(
+                    "{}/{}: in ring {} but admin {}, health {}, weight {}, {}",
+                    s.name,
+                    b.name,
+                    b.in_ring,
+                    b.admin,
+                    b.health,
+                    b.weight,
+                    if b.backup { "backup" } else { "primary" }
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Sends one request to the agent at `socket` and returns its response.
 pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
@@ -298,5 +328,59 @@ mod tests {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
         assert!(!text.contains("drop_fragment"), "zero verdicts are hidden");
+        // web1 drains and is out of the ring: the rule holds.
+        assert_eq!(ring_violations(&status), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ring_rule_flags_stale_rings() {
+        let backend = |name: &str, backup: bool, health: &str, in_ring: bool| BackendStatus {
+            name: name.into(),
+            address: "198.19.0.11:80".into(),
+            weight: 1,
+            backup,
+            admin: "enabled".into(),
+            health: health.into(),
+            last_check: None,
+            in_ring,
+            flows: 0,
+            packets: 0,
+            bytes: 0,
+        };
+        let status = |backends| Status {
+            config: String::new(),
+            pin_dir: None,
+            adopted: false,
+            interfaces: Vec::new(),
+            services: vec![ServiceStatus {
+                name: "www".into(),
+                vip: String::new(),
+                protocol: "tcp".into(),
+                forwarding: "nat".into(),
+                scheduler: "round-robin".into(),
+                packets: 0,
+                bytes: 0,
+                backends,
+            }],
+            verdicts: BTreeMap::new(),
+        };
+        // Up but out of the ring (issue 8's stranded backend): flagged.
+        let stranded = status(vec![
+            backend("web1", false, "up", true),
+            backend("web2", false, "up", false),
+        ]);
+        assert_eq!(ring_violations(&stranded).len(), 1);
+        // Backups only while no primary qualifies.
+        let fine = status(vec![
+            backend("web1", false, "down", false),
+            backend("web2", false, "pending", false),
+            backend("web3", true, "up", true),
+        ]);
+        assert_eq!(ring_violations(&fine), Vec::<String>::new());
+        let backup_too_early = status(vec![
+            backend("web1", false, "unchecked", true),
+            backend("web3", true, "up", true),
+        ]);
+        assert_eq!(ring_violations(&backup_too_early).len(), 1);
     }
 }

@@ -49,14 +49,19 @@ fn is_bpffs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Whether this process runs in a mount namespace other than init's (as
-/// under `ip netns exec`). Unknown (e.g. /proc/1 unreadable) counts as not.
+/// Whether this process runs in a mount namespace of its own: other than
+/// init's, or other than its parent's (as under `ip netns exec`, which
+/// unshares the mount namespace and then execs us; /proc/1 may be
+/// unreadable from there). What cannot be read counts as shared.
 fn in_private_mount_namespace() -> bool {
     let ns = |pid: &str| fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| (m.dev(), m.ino()));
-    match (ns("self"), ns("1")) {
-        (Ok(mine), Ok(init)) => mine != init,
-        _ => false,
-    }
+    let Ok(mine) = ns("self") else {
+        return false;
+    };
+    let parent = std::os::unix::process::parent_id().to_string();
+    [ns("1"), ns(&parent)]
+        .into_iter()
+        .any(|other| other.is_ok_and(|other| other != mine))
 }
 
 /// The pin directory's parent must be a bpffs that outlives the agent.

@@ -1,1 +1,181 @@
-//! Test-only crate: see tests/.
+//! Test support shared by the test tiers: the binary under test and the
+//! root check, unique name prefixes, and the agent helpers the end-to-end
+//! tests drive the `lb` agent with (configs, control requests, clients, the
+//! ring rule). A test needing root fails loudly without it; none skips.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_userspace::{
+    control::{self, Request, Response, Status},
+    lab::{Lab, http_get, in_netns, vip_http, web_addr},
+};
+
+/// The `lb` binary under test (`LB_BIN`, set by `cargo xtask test`); also
+/// checks that we may build labs at all.
+pub fn lb_bin() -> PathBuf {
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests need root (network namespaces, XDP): run `cargo xtask test` as root"
+    );
+    PathBuf::from(std::env::var_os("LB_BIN").expect(
+        "LB_BIN is not set: run the tests with `cargo xtask test`, which builds lb and sets it",
+    ))
+}
+
+/// `{tag}{pid}-{n}`: distinct across the tests of a run and across runs.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{tag}{}-{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Health check timings for the agent tests: fall 2 × 200 ms detection.
+pub const INTERVAL_MS: u64 = 200;
+pub const FALL: u64 = 2;
+pub const RISE: u64 = 2;
+
+/// A www service (VIP :80, NAT) over the named webs with fast HTTP health
+/// checks; each backend is (webN, weight, backup). `extra` goes into the
+/// service table.
+pub fn web_config(scheduler: &str, backends: &[(&str, u32, bool)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(name, weight, backup)| {
+            let n: usize = name[3..].parse().expect("webN");
+            format!("{{ name = \"{name}\", address = \"{}:80\", weight = {weight}, backup = {backup} }}", web_addr(n))
+        })
+        .collect();
+    format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
+         [[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\nscheduler = \"{scheduler}\"\n{extra}\
+         health = {{ check = \"http\", path = \"/\", interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
+         backends = [ {} ]\n",
+        list.join(", ")
+    )
+}
+
+/// web1..web3 in round robin.
+pub fn three_webs() -> String {
+    web_config(
+        "round-robin",
+        &[("web1", 1, false), ("web2", 1, false), ("web3", 1, false)],
+        "",
+    )
+}
+
+/// One control request to the lab's agent.
+pub fn ask(lab: &Lab, req: &Request) -> Result<Response> {
+    control::request(&lab.agent_socket(), req)
+}
+
+/// The lab agent's status.
+pub fn status(lab: &Lab) -> Result<Status> {
+    ask(lab, &Request::Status)?
+        .status
+        .context("the agent sent no status")
+}
+
+/// The status, after checking the ring rule on it
+/// ([`control::ring_violations`]): rings derived from admin state, health
+/// and the backup rule, never stale.
+pub fn checked_status(lab: &Lab) -> Result<Status> {
+    let status = status(lab)?;
+    let broken = control::ring_violations(&status);
+    if !broken.is_empty() {
+        bail!("rings do not follow state: {}", broken.join("; "));
+    }
+    Ok(status)
+}
+
+/// The status of backend `name` of service `service`.
+pub fn backend_status(
+    status: &Status,
+    service: &str,
+    name: &str,
+) -> Result<control::BackendStatus> {
+    status
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.backends.iter().find(|b| b.name == name))
+        .cloned()
+        .with_context(|| format!("no backend {service}/{name} in status"))
+}
+
+/// Polls the (rule-checked) status until `ok` holds, for at most `within`;
+/// returns how long it took.
+pub fn wait_for_status(
+    lab: &Lab,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&Status) -> bool,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let status = checked_status(lab)?;
+        if ok(&status) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!("{what}: not within {within:?}; status: {status:#?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Which server answers `n` new connections from the client.
+pub fn answers(lab: &Lab, n: usize) -> Result<Vec<String>> {
+    in_netns(&lab.client_ns(), || {
+        (0..n)
+            .map(|_| http_get(vip_http(), "/").map(|r| r.text()))
+            .collect::<Result<Vec<_>>>()
+    })?
+}
+
+/// How many times each name occurs.
+pub fn count(names: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// New connections in a loop from the client until `stop`; each result is
+/// (time since start, server name or error).
+pub fn steady_stream(
+    lab: &Lab,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<(Duration, Result<String, String>)>> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        in_netns(&ns, move || {
+            let start = Instant::now();
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http_get(vip_http(), "/")
+                    .map(|r| r.text())
+                    .map_err(|e| format!("{e:#}"));
+                out.push((start.elapsed(), r));
+                thread::sleep(Duration::from_millis(20));
+            }
+            out
+        })
+        .expect("client thread")
+    })
+}

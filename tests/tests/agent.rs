@@ -8,115 +8,30 @@
 //! Needs root; fails loudly without it.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+use lb_tests::{
+    FALL, INTERVAL_MS, RISE, answers, ask, count, lb_bin, steady_stream, three_webs, unique_prefix,
+    web_config,
+};
 use lb_userspace::{
-    control::{self, BackendChange, Request, Response},
-    lab::{HttpConn, Lab, http_get, in_netns, vip_http, web_addr},
+    control::{BackendChange, Request},
+    lab::{HttpConn, Lab, in_netns, vip_http},
 };
 
-fn lb_bin() -> PathBuf {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the agent tests need root (network namespaces, XDP): run `cargo xtask test` as root"
-    );
-    PathBuf::from(std::env::var_os("LB_BIN").expect(
-        "LB_BIN is not set: run the tests with `cargo xtask test`, which builds lb and sets it",
-    ))
-}
-
 fn prefix() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "lba{}-{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    unique_prefix("lba")
 }
 
-/// Health check timings for the tests: fall 2 × 200 ms detection.
-const INTERVAL_MS: u64 = 200;
-const FALL: u64 = 2;
-const RISE: u64 = 2;
-
-/// A www service over web1..3 with fast HTTP health checks.
 fn config(scheduler: &str, backends: &[(&str, u32, bool)], extra: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(name, weight, backup)| {
-            let n: usize = name[3..].parse().expect("webN");
-            format!("{{ name = \"{name}\", address = \"{}:80\", weight = {weight}, backup = {backup} }}", web_addr(n))
-        })
-        .collect();
-    format!(
-        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
-         [[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\nscheduler = \"{scheduler}\"\n{extra}\
-         health = {{ check = \"http\", path = \"/\", interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
-         backends = [ {} ]\n",
-        list.join(", ")
-    )
-}
-
-fn three_webs() -> String {
-    config(
-        "round-robin",
-        &[("web1", 1, false), ("web2", 1, false), ("web3", 1, false)],
-        "",
-    )
-}
-
-fn ask(lab: &Lab, req: &Request) -> Result<Response> {
-    control::request(&lab.agent_socket(), req)
-}
-
-/// Which server answers `n` new connections from the client.
-fn answers(lab: &Lab, n: usize) -> Result<Vec<String>> {
-    in_netns(&lab.client_ns(), || {
-        (0..n)
-            .map(|_| http_get(vip_http(), "/").map(|r| r.text()))
-            .collect::<Result<Vec<_>>>()
-    })?
-}
-
-fn count(names: &[String]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for n in names {
-        *m.entry(n.clone()).or_insert(0) += 1;
-    }
-    m
-}
-
-/// New connections in a loop from the client until `stop`; each result is
-/// (time since start, server name or error).
-fn steady_stream(
-    lab: &Lab,
-    stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<Vec<(Duration, Result<String, String>)>> {
-    let ns = lab.client_ns();
-    thread::spawn(move || {
-        in_netns(&ns, move || {
-            let start = Instant::now();
-            let mut out = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let r = http_get(vip_http(), "/")
-                    .map(|r| r.text())
-                    .map_err(|e| format!("{e:#}"));
-                out.push((start.elapsed(), r));
-                thread::sleep(Duration::from_millis(20));
-            }
-            out
-        })
-        .expect("client thread")
-    })
+    web_config(scheduler, backends, extra)
 }
 
 #[test]

@@ -220,9 +220,7 @@ fn print_instructions(
     );
     println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
     println!("               {lb} status --socket {}", socket.display());
-    println!(
-        "  restart the agent at will: the data plane keeps forwarding while it is stopped"
-    );
+    println!("  restart the agent at will: the data plane keeps forwarding while it is stopped");
     println!(
         "Without the agent, the webs answer directly: ip netns exec {p}-client curl http://{}/",
         web_addr(1)

@@ -344,4 +344,3 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
 pub fn pin_dir(prefix: &str) -> PathBuf {
     Path::new("/sys/fs/bpf").join(format!("lb-lab-{prefix}"))
 }
-
