@@ -358,3 +358,74 @@ fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 8.7: counting a big flow table for `lb status` happens off the
+/// agent's loop: a change asked for meanwhile is answered at once.
+#[test]
+fn status_of_a_big_flow_table_does_not_stall_the_agent() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{Flow, FlowKey};
+    const FLOWS: u32 = 200_000;
+    let lab = lab()?;
+    let _agent = lab.start_agent(&three_webs())?;
+    let web1_id = {
+        // web1's backend id: the one flow of a first connection.
+        assert_eq!(answers(&lab, 1)?, vec!["web1"]);
+        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+        let table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+        let flows: Vec<Flow> = table
+            .iter()
+            .map(|r| r.map(|(_, f)| f))
+            .collect::<Result<_, _>>()?;
+        ensure!(flows.len() == 1, "expected one flow, got {flows:?}");
+        flows[0].backend_id
+    };
+    // Made-up flows from 100.64.0.0/10 pinned to web1: no packet ever
+    // matches them.
+    let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+    let mut table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+    for i in 0..FLOWS {
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes((0x6440_0000u32 + i).to_be_bytes()),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: 4000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            ..FlowKey::default()
+        };
+        let flow = Flow {
+            backend_id: web1_id,
+            service_id: 0,
+            ..Flow::default()
+        };
+        table.insert(key, flow, 0)?;
+    }
+
+    let socket = lab.agent_socket();
+    let walker = thread::spawn(move || {
+        let start = Instant::now();
+        let r = lb_userspace::control::request(&socket, &Request::Status);
+        (start.elapsed(), r)
+    });
+    thread::sleep(Duration::from_millis(30));
+    let start = Instant::now();
+    ok(
+        &lab,
+        Request::Backend(BackendChange::Weight {
+            service: "www".into(),
+            backend: "web3".into(),
+            weight: 1,
+        }),
+    )?;
+    let change = start.elapsed();
+    let (walk, status) = walker.join().expect("status thread");
+    let status = status?.status.context("status")?;
+    let flows = backend_status(&status, "www", "web1")?.flows;
+    eprintln!("status walked {flows} flows in {walk:?}; a change meanwhile took {change:?}");
+    assert!(flows > u64::from(FLOWS), "web1 flows {flows}");
+    assert!(
+        change < Duration::from_millis(300),
+        "a change waited {change:?} for the flow walk ({walk:?})"
+    );
+    Ok(())
+}
