@@ -16,8 +16,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use lb_userspace::{
-    control::{self, Request, Response, Status},
-    lab::{Lab, http_get, in_netns, vip_http, web_addr},
+    control::{self, BackendChange, Request, Response, Status},
+    lab::{HttpConn, Lab, bulk_byte, http_get, in_netns, vip_http, web_addr},
 };
 
 /// The `lb` binary under test (`LB_BIN`, set by `cargo xtask test`); also
@@ -175,6 +175,51 @@ pub fn steady_stream(
                 thread::sleep(Duration::from_millis(20));
             }
             out
+        })
+        .expect("client thread")
+    })
+}
+
+/// A control request that must succeed; returns the agent's message.
+pub fn ok(lab: &Lab, req: Request) -> Result<String> {
+    let r = ask(lab, &req)?;
+    if !r.ok {
+        bail!("{req:?} rejected: {}", r.message);
+    }
+    Ok(r.message)
+}
+
+/// `lb backend add www NAME --address ADDRESS` (weight 1, primary).
+pub fn add_backend(lab: &Lab, name: &str, address: &str) -> Result<String> {
+    ok(
+        lab,
+        Request::Backend(BackendChange::Add {
+            service: "www".into(),
+            backend: name.into(),
+            address: address.into(),
+            weight: 1,
+            backup: false,
+        }),
+    )
+}
+
+/// A download of `size` bytes through the VIP on a new connection, checked
+/// byte for byte; returns the length received.
+pub fn transfer(lab: &Lab, size: usize) -> thread::JoinHandle<Result<usize>> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        in_netns(&ns, || -> Result<usize> {
+            let mut conn = HttpConn::connect(vip_http())?;
+            let r = conn.get(&format!("/bytes/{size}"))?;
+            let exact = r
+                .body
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == bulk_byte(i as u64));
+            if !exact {
+                bail!("corrupted transfer");
+            }
+            Ok(r.body.len())
         })
         .expect("client thread")
     })

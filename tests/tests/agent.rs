@@ -18,8 +18,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use lb_tests::{
-    FALL, INTERVAL_MS, RISE, answers, ask, count, lb_bin, steady_stream, three_webs, unique_prefix,
-    web_config,
+    FALL, INTERVAL_MS, RISE, answers, ask, count, lb_bin, steady_stream, three_webs, transfer,
+    unique_prefix, web_config,
 };
 use lb_userspace::{
     control::{BackendChange, Request},
@@ -310,24 +310,8 @@ fn sigkill_of_the_agent_keeps_traffic_flowing_and_a_new_agent_adopts_it() -> Res
     let agent = lab.start_agent(&three_webs())?;
     assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
 
-    // A long transfer, read slowly so it is still running when the agent dies.
-    let ns = lab.client_ns();
-    let transfer = thread::spawn(move || {
-        in_netns(&ns, || -> Result<usize> {
-            let mut conn = HttpConn::connect(vip_http())?;
-            let r = conn.get(&format!("/bytes/{SIZE}"))?;
-            let ok = r
-                .body
-                .iter()
-                .enumerate()
-                .all(|(i, b)| *b == lb_userspace::lab::bulk_byte(i as u64));
-            if !ok {
-                bail!("corrupted transfer");
-            }
-            Ok(r.body.len())
-        })
-        .expect("client thread")
-    });
+    // A long transfer, still running when the agent dies.
+    let transfer = transfer(&lab, SIZE);
     thread::sleep(Duration::from_millis(100));
     agent.kill()?;
     // While no agent runs, new connections are still balanced in order.
