@@ -271,7 +271,9 @@ impl From<&Backend> for RawBackend {
     fn from(b: &Backend) -> Self {
         RawBackend {
             address: Some(b.address.to_string()),
-            name: Some(b.name.clone()),
+            // An unnamed backend is named after its address, which is not a
+            // valid explicit name (it has a ':'); leave it unnamed again.
+            name: (b.name != b.address.to_string()).then(|| b.name.clone()),
             weight: Some(i64::from(b.weight)),
             backup: Some(b.backup),
             health: b.health.as_ref().map(RawHealth::from),
@@ -1277,7 +1279,12 @@ backends = [{ address = "10.0.1.3:80" }]
 
     #[test]
     fn check_accepts_a_parsed_config_unchanged() {
-        for text in [include_str!("../../config/foobar.toml"), FULL_FOR_CHECK] {
+        // The last one has an unnamed backend (named after its address).
+        for text in [
+            include_str!("../../config/foobar.toml"),
+            FULL_FOR_CHECK,
+            &one_service("", B1),
+        ] {
             let cfg = parse_ok(text);
             let again = check(&cfg, Path::new("lb backend")).expect("valid config");
             assert_eq!(again, cfg);
