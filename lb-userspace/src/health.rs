@@ -148,7 +148,7 @@ impl HealthChecker {
                 );
                 tasks.push(tokio::spawn(run_check(
                     target,
-                    backend.address,
+                    check.target(backend.address),
                     check.clone(),
                     Arc::clone(&states),
                     tx.clone(),
@@ -626,6 +626,7 @@ mod tests {
     fn fast(check: CheckKind) -> HealthCheck {
         HealthCheck {
             check,
+            port: None,
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(100),
             rise: 2,
