@@ -350,6 +350,7 @@ fn forward(ebpf: &mut Ebpf, spec: &Spec, reps: usize) -> anyhow::Result<(Stat, S
     Ok((Stat::of(&offered), Stat::of(&delivered)))
 }
 
+#[derive(Debug)]
 struct NsRow {
     label: String,
     method: String,
@@ -507,14 +508,64 @@ fn new_flow_frames(tag: u8, count: usize) -> anyhow::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// `<root>/BENCHMARKS.md` for a binary at `<root>/target/<profile>/lb`.
-fn default_output() -> PathBuf {
+/// `<root>` for a binary at `<root>/target/<profile>/lb`.
+fn workspace_root() -> Option<PathBuf> {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
         .filter(|root| root.join("Cargo.toml").is_file() && root.join("target").is_dir())
+}
+
+/// `<root>/BENCHMARKS.md` for a binary at `<root>/target/<profile>/lb`.
+fn default_output() -> PathBuf {
+    workspace_root()
         .map(|root| root.join("BENCHMARKS.md"))
         .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"))
+}
+
+/// Set by `cargo xtask bench` to the command the user typed, so that the
+/// report names it rather than the binary xtask built and ran.
+pub const COMMAND_ENV: &str = "LB_BENCH_COMMAND";
+
+/// The command that ran the benchmark, as the report shows it: `invoked`
+/// (from [`COMMAND_ENV`]) if set, else `argv`. No absolute path of this
+/// machine is shown: a path inside the workspace `root` is made relative to
+/// it, any other absolute path is cut to its file name.
+pub fn shown_command(invoked: Option<&str>, argv: &[String], root: Option<&Path>) -> String {
+    let words: Vec<&str> = match invoked {
+        Some(text) if !text.trim().is_empty() => text.split_whitespace().collect(),
+        _ => argv.iter().map(String::as_str).collect(),
+    };
+    words
+        .iter()
+        .map(|word| {
+            let path = Path::new(word);
+            if !path.is_absolute() {
+                return (*word).to_owned();
+            }
+            root.and_then(|r| path.strip_prefix(r).ok())
+                .filter(|rel| !rel.as_os_str().is_empty())
+                .or_else(|| path.file_name().map(Path::new))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The UTC calendar date (`YYYY-MM-DD`) of a Unix time in seconds.
+pub fn utc_date(unix_secs: u64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 fn machine() -> String {
@@ -716,32 +767,52 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: HTTP comparison {e}");
     }
     let took = started.elapsed();
-    let report = render(&args, seconds, threads, &fwd, &ns, &http, took);
     let output = args.output.clone().unwrap_or_else(default_output);
     let plot = output.with_extension("svg");
     std::fs::write(&plot, plot_svg(&fwd)).with_context(|| format!("writing {}", plot.display()))?;
-    let plot_name = plot
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let report = report.replacen(
-        "## Forwarding rate (Mpps at the sink)\n",
-        &format!("## Forwarding rate (Mpps at the sink)\n\n![delivered Mpps per configuration, ceiling marked]({plot_name})\n"),
-        1,
-    );
-    std::fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
-    print!("{report}");
+    let argv: Vec<String> = std::env::args().collect();
+    let unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let report = Report {
+        command: shown_command(
+            std::env::var(COMMAND_ENV).ok().as_deref(),
+            &argv,
+            workspace_root().as_deref(),
+        ),
+        date: utc_date(unix_secs),
+        machine: machine(),
+        cpus,
+        reps,
+        seconds,
+        threads,
+        frame_size: generator_spec(0, 1, seconds, threads).frame.size,
+        took,
+        fwd,
+        ns,
+        http,
+        wrk_loads: WRK_LOADS
+            .iter()
+            .map(|(load, t, c)| ((*load).to_owned(), format!("{t} {c}")))
+            .collect(),
+        plot: plot.file_name().map(|n| n.to_string_lossy().into_owned()),
+    };
+    let text = render(&report);
+    std::fs::write(&output, &text).with_context(|| format!("writing {}", output.display()))?;
+    print!("{text}");
     eprintln!(
         "bench: wrote {} in {:.0} s",
         output.display(),
         took.as_secs_f64()
     );
-    if fwd.iter().any(|r| r.delivered.median.is_nan()) {
+    if report.fwd.iter().any(|r| r.delivered.median.is_nan()) {
         bail!("some measurements produced no result");
     }
     Ok(())
 }
 
+#[derive(Debug)]
 struct HttpRow {
     target: String,
     rps: Stat,
@@ -940,62 +1011,92 @@ fn http_bench(reps: usize, secs: u32) -> anyhow::Result<Vec<HttpRow>> {
     Ok(rows)
 }
 
-fn render(
-    args: &BenchArgs,
+/// Everything a report states: how the benchmark was run and what it
+/// measured. [`render`] writes nothing that is not here or computed from it,
+/// apart from the targets' thresholds ([`TARGET_RATIO`] and the others).
+#[derive(Debug)]
+struct Report {
+    /// The command that ran it ([`shown_command`]).
+    command: String,
+    /// UTC date of the run, `YYYY-MM-DD`.
+    date: String,
+    /// CPU model, CPU count and kernel ([`machine`]).
+    machine: String,
+    /// CPUs the generator, forwarder, sink and HTTP lab share.
+    cpus: usize,
+    reps: usize,
+    /// Seconds per throughput measurement.
     seconds: f64,
+    /// Generator threads.
     threads: usize,
-    fwd: &[FwdRow],
-    ns: &[NsRow],
-    http: &Result<Vec<HttpRow>, String>,
+    /// Generator frame size in bytes.
+    frame_size: usize,
     took: Duration,
-) -> String {
+    fwd: Vec<FwdRow>,
+    ns: Vec<NsRow>,
+    http: Result<Vec<HttpRow>, String>,
+    /// wrk loads: (name used in the HTTP rows, wrk arguments).
+    wrk_loads: Vec<(String, String)>,
+    /// File name of the bar chart next to the report, if one was written.
+    plot: Option<String>,
+}
+
+/// Where the analysis of a profiled run lives (relative to the workspace
+/// root, where BENCHMARKS.md is written by default).
+const ANALYSIS_DOC: &str = "docs/benchmarks-analysis.md";
+
+/// The report as Markdown.
+fn render(r: &Report) -> String {
     let mut s = String::new();
-    let command: Vec<String> = std::env::args().collect();
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
         s,
-        "Generated by `{}` (via `cargo xtask bench{}`) in {:.0} s.\n",
-        command.join(" "),
-        if args.quick { " --quick" } else { "" },
-        took.as_secs_f64()
+        "Generated by `{}` on {} in {:.0} s.\n",
+        r.command,
+        r.date,
+        r.took.as_secs_f64()
     );
-    let _ = writeln!(s, "- Machine: {}", machine());
+    let _ = writeln!(s, "- Machine: {}", r.machine);
     let _ = writeln!(
         s,
-        "- Each figure: median of {} repetitions, (min–max) in parentheses; {seconds} s per throughput run, {threads} generator thread(s).",
-        args.reps
+        "- Each figure: median of {} repetitions, (min–max) in parentheses; {} s per throughput run, {} generator thread(s).",
+        r.reps, r.seconds, r.threads
     );
     let _ = writeln!(
         s,
-        "- Path: `lb pktgen` (XDP live frames, 64-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's CPUs, so generator, forwarder and sink share them."
+        "- Path: `lb pktgen` (XDP live frames, {}-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's {} CPU(s), so generator, forwarder and sink share them.\n",
+        r.frame_size, r.cpus
     );
     let _ = writeln!(s, "## Forwarding rate (Mpps at the sink)\n");
+    if let Some(plot) = &r.plot {
+        let _ = writeln!(
+            s,
+            "![delivered Mpps per configuration, ceiling marked]({plot})\n"
+        );
+    }
     let _ = writeln!(
         s,
         "| middle hop | backends | flows | offered Mpps | delivered Mpps | vs ceiling |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
-    for r in fwd {
-        let ceiling = fwd
-            .iter()
-            .find(|c| c.backends == 0)
-            .map(|c| c.delivered.median);
+    let ceiling = ceiling(&r.fwd);
+    for row in &r.fwd {
         let ratio = match ceiling {
-            Some(c) if c > 0.0 => format!("{:.0} %", 100.0 * r.delivered.median / c),
-            _ => "–".into(),
+            Some(c) => format!("{:.0} %", 100.0 * row.delivered.median / c),
+            None => "–".into(),
         };
-        let backends = if r.backends == 0 {
+        let backends = if row.backends == 0 {
             "–".to_string()
         } else {
-            r.backends.to_string()
+            row.backends.to_string()
         };
         let _ = writeln!(
             s,
             "| {} | {backends} | {} | {} | {} | {ratio} |",
-            r.label,
-            r.flows,
-            r.offered.text(2),
-            r.delivered.text(2)
+            row.label,
+            row.flows,
+            row.offered.text(2),
+            row.delivered.text(2)
         );
     }
     let _ = writeln!(
@@ -1008,26 +1109,33 @@ fn render(
     );
     let _ = writeln!(s, "| program | method | ns/packet |");
     let _ = writeln!(s, "|---|---|---|");
-    for r in ns {
-        let _ = writeln!(s, "| {} | {} | {} |", r.label, r.method, r.ns.text(1));
+    for row in &r.ns {
+        let _ = writeln!(s, "| {} | {} | {} |", row.label, row.method, row.ns.text(1));
     }
     let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
-    match http {
+    match &r.http {
         Ok(rows) => {
+            let loads: Vec<String> = r
+                .wrk_loads
+                .iter()
+                .map(|(name, args)| format!("{name} (`{args}`)"))
+                .collect();
             let _ = writeln!(
                 s,
-                "`wrk --latency` from the lab's client namespace, saturating (`-t2 -c32`) and light (`-t1 -c2`); three backends (the lab's `lb lab-serve` web servers) except for *direct*, which is web1 alone. Client, load balancer and servers share this host's 2 CPUs, so under the saturating load p99 mostly measures CPU queueing (direct has the worst p99 there); the light load compares the latency each path adds.\n"
+                "`wrk --latency` from the lab's client namespace, at {}; three backends (the lab's `lb lab-serve` web servers) except for *direct*, which is web1 alone. Client, load balancer and servers all run on this host's {} CPU(s).\n",
+                loads.join(" and "),
+                r.cpus
             );
             let _ = writeln!(s, "| path | req/s | p50 ms | p99 ms |");
             let _ = writeln!(s, "|---|---|---|---|");
-            for r in rows {
+            for row in rows {
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} |",
-                    r.target,
-                    r.rps.text(0),
-                    r.p50.text(2),
-                    r.p99.text(2)
+                    row.target,
+                    row.rps.text(0),
+                    row.p50.text(2),
+                    row.p99.text(2)
                 );
             }
         }
@@ -1035,8 +1143,132 @@ fn render(
             let _ = writeln!(s, "Not measured: {e}");
         }
     }
-    s.push_str(&targets(fwd, ns, http));
-    s.push_str(PROFILE_NOTES);
+    s.push_str(&targets(&r.fwd, &r.ns, &r.http));
+    s.push_str(&summary(r));
+    s
+}
+
+/// The ceiling's delivered Mpps (the `bare_fwd` row), if it measured any.
+fn ceiling(fwd: &[FwdRow]) -> Option<f64> {
+    fwd.iter()
+        .find(|r| r.backends == 0)
+        .map(|r| r.delivered.median)
+        .filter(|c| c.is_finite() && *c > 0.0)
+}
+
+/// `lo–hi` of `values` formatted with `digits` decimals, or one value if
+/// they are the same at that precision.
+fn span(values: &[f64], digits: usize) -> Option<String> {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return None;
+    }
+    let (a, b) = (format!("{lo:.digits$}"), format!("{hi:.digits$}"));
+    Some(if a == b { a } else { format!("{a}–{b}") })
+}
+
+/// The figures the tables imply, computed from them: ratios to the ceiling
+/// and to one flow, ns/packet over `xdp_pass`, HTTP relative to direct and
+/// HAProxy. Why they are what they are is not generated: it comes from
+/// profiles, analysed for one run in [`ANALYSIS_DOC`].
+fn summary(r: &Report) -> String {
+    let mut s = String::from("\n## This run in ratios\n\n");
+    if let Some(c) = ceiling(&r.fwd) {
+        let _ = writeln!(
+            s,
+            "- The ceiling (`bare_fwd`, one flow) delivered {c:.2} Mpps."
+        );
+        for mode in ["Nat", "Dsr"] {
+            let label = format!("lb {mode}");
+            let one: Vec<&FwdRow> = r
+                .fwd
+                .iter()
+                .filter(|row| row.label == label && row.flows == 1)
+                .collect();
+            let ratios: Vec<f64> = one
+                .iter()
+                .map(|row| 100.0 * row.delivered.median / c)
+                .collect();
+            let counts: Vec<String> = one.iter().map(|row| row.backends.to_string()).collect();
+            if let Some(range) = span(&ratios, 0) {
+                let _ = writeln!(
+                    s,
+                    "- `{label}`, one established flow: {range} % of the ceiling (backends: {}).",
+                    counts.join(", ")
+                );
+            }
+            let most = r
+                .fwd
+                .iter()
+                .filter(|row| row.label == label)
+                .map(|row| row.flows)
+                .max()
+                .filter(|&f| f > 1);
+            if let Some(most) = most {
+                let kept: Vec<f64> = one
+                    .iter()
+                    .filter_map(|o| {
+                        r.fwd
+                            .iter()
+                            .find(|row| {
+                                row.label == label
+                                    && row.backends == o.backends
+                                    && row.flows == most
+                            })
+                            .map(|m| 100.0 * m.delivered.median / o.delivered.median)
+                    })
+                    .collect();
+                if let Some(range) = span(&kept, 0) {
+                    let _ = writeln!(
+                        s,
+                        "- `{label}` with {most} flows: {range} % of its single-flow rate at the same backend count."
+                    );
+                }
+            }
+        }
+    }
+    for pass in r.ns.iter().filter(|row| row.label == "xdp_pass") {
+        for row in
+            r.ns.iter()
+                .filter(|row| row.label.starts_with("lb ") && row.method == pass.method)
+        {
+            let _ = writeln!(
+                s,
+                "- `{}`, {}: {:.1} ns/packet, {:.1} ns more than `xdp_pass` measured the same way ({:.1} ns).",
+                row.label,
+                row.method,
+                row.ns.median,
+                row.ns.median - pass.ns.median,
+                pass.ns.median
+            );
+        }
+    }
+    if let Ok(rows) = &r.http {
+        for (load, _) in &r.wrk_loads {
+            let suffix = format!(", {load}");
+            let find = |prefix: &str| {
+                rows.iter()
+                    .find(|row| row.target.starts_with(prefix) && row.target.ends_with(&suffix))
+            };
+            if let (Some(lb), Some(direct), Some(ha)) =
+                (find("XDP LB"), find("direct"), find("HAProxy"))
+            {
+                let _ = writeln!(
+                    s,
+                    "- HTTP, {load}: the XDP LB served {:.0} % of direct's req/s and {:.2}× HAProxy's; its p99 was {:.2}× direct's and {:.2}× HAProxy's.",
+                    100.0 * lb.rps.median / direct.rps.median,
+                    lb.rps.median / ha.rps.median,
+                    lb.p99.median / direct.p99.median,
+                    lb.p99.median / ha.p99.median
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nWhat limits these figures (profiles of the conntrack lookup, the program body, CPU sharing) is analysed for one earlier run in [{ANALYSIS_DOC}]({ANALYSIS_DOC}), which names that run; it is not regenerated with this report."
+    );
     s
 }
 
@@ -1109,16 +1341,34 @@ fn plot_svg(fwd: &[FwdRow]) -> String {
     svg
 }
 
+/// The issue's targets: an established flow at ≥ 90 % of the bare
+/// forwarder, ≤ 100 ns/packet, 1 000 000 flows costing ≤ 20 % of the
+/// single-flow rate. The only figures a report states that a run did not
+/// measure.
+const TARGET_RATIO: f64 = 0.9;
+const TARGET_NS: f64 = 100.0;
+const TARGET_FLOWS: u32 = 1_000_000;
+const TARGET_FLOW_COST: f64 = 0.2;
+
+/// `1 000 000` for 1000000.
+fn grouped(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The issue's targets, checked against this run's medians: met, or missed
 /// and by how much.
 fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) -> String {
     let mut s = String::from("\n## Targets (this run)\n\n| target | result |\n|---|---|\n");
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
-    let ceiling = fwd
-        .iter()
-        .find(|r| r.backends == 0)
-        .map(|r| r.delivered.median);
-    if let Some(c) = ceiling.filter(|c| *c > 0.0) {
+    if let Some(c) = ceiling(fwd) {
         for mode in ["Nat", "Dsr"] {
             let rows: Vec<&FwdRow> = fwd
                 .iter()
@@ -1131,10 +1381,11 @@ fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) ->
             if worst.is_finite() {
                 let _ = writeln!(
                     s,
-                    "| established flow ≥ 90 % of the bare forwarder, {mode} | {}: {:.0} % at worst over backend counts (by {:.0} points) |",
-                    verdict(worst >= 0.9),
+                    "| established flow ≥ {:.0} % of the bare forwarder, {mode} | {}: {:.0} % at worst over backend counts (by {:.0} points) |",
+                    100.0 * TARGET_RATIO,
+                    verdict(worst >= TARGET_RATIO),
                     100.0 * worst,
-                    (100.0 * (worst - 0.9)).abs()
+                    (100.0 * (worst - TARGET_RATIO)).abs()
                 );
             }
         }
@@ -1145,8 +1396,8 @@ fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) ->
     {
         let _ = writeln!(
             s,
-            "| ≤ 100 ns/packet, established flow | {}: {:.0} ns |",
-            verdict(r.ns.median <= 100.0),
+            "| ≤ {TARGET_NS:.0} ns/packet, established flow | {}: {:.0} ns |",
+            verdict(r.ns.median <= TARGET_NS),
             r.ns.median
         );
     }
@@ -1157,7 +1408,7 @@ fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) ->
             .filter(|r| r.label == format!("lb {mode}") && r.flows == 1)
         {
             if let Some(million) = fwd.iter().find(|r| {
-                r.label == one.label && r.backends == one.backends && r.flows == 1_000_000
+                r.label == one.label && r.backends == one.backends && r.flows == TARGET_FLOWS
             }) {
                 let cost = 1.0 - million.delivered.median / one.delivered.median;
                 if worst.is_none_or(|(w, _)| cost > w) {
@@ -1168,8 +1419,10 @@ fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) ->
         if let Some((cost, backends)) = worst {
             let _ = writeln!(
                 s,
-                "| 1 000 000 flows cost ≤ 20 % of the single-flow rate, {mode} | {}: {:.0} % at worst ({backends} backends) |",
-                verdict(cost <= 0.2),
+                "| {} flows cost ≤ {:.0} % of the single-flow rate, {mode} | {}: {:.0} % at worst ({backends} backends) |",
+                grouped(TARGET_FLOWS),
+                100.0 * TARGET_FLOW_COST,
+                verdict(cost <= TARGET_FLOW_COST),
                 100.0 * cost
             );
         }
@@ -1202,55 +1455,6 @@ fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) ->
     }
     s
 }
-
-/// What limits the missed targets: profiles taken with the commands shown
-/// (software cpu-clock sampling: these VMs expose no hardware counters).
-const PROFILE_NOTES: &str = "
-## What limits it (profiles)
-
-Taken on this machine with `perf record -a -e cpu-clock`; reproduce with
-`perf record -a -e cpu-clock -- target/release/lb bench --profile-lb 4 [--profile-flows N]`
-(`--profile-lb` alone: BPF_PROG_TEST_RUN of an established DSR flow; with
-`--profile-flows N`: real forwarding of N flows, generator → lb → sink).
-
-- **Established flow, ns/packet.** Over four profiled steps the cost fell
-  from 365 ns to 80–86 ns; the details are in docs/architecture.md.
-  1. The flow's next hop is cached in its conntrack entry; before that,
-     `bpf_fib_lookup` and its FIB helpers took about 30 %.
-  2. Established flows take one hash lookup instead of three (about 21 % before).
-  3. Out-of-line BPF memset/memmove calls were removed (about 13 %).
-
-  What remains: the program body is about half, and the one LRU lookup
-  (`htab_map_hash` + `lookup_nulls_elem_raw`) about a quarter. `xdp_pass`
-  costs about 27 ns measured the same way.
-- **1 000 000 flows.** With 1M flows, `lookup_nulls_elem_raw` (the hash
-  bucket walk of the conntrack lookup) takes 25 % of all samples on the box,
-  against about 1.5 % with one flow. Every packet's flow entry is a cache
-  miss in a table of 1M entries (about 100 MB with the LRU nodes), so the
-  rate is bound by memory latency, not by instructions. LRU bookkeeping
-  (`bpf_lru_pop_free`, `htab_lru_map_update_elem`) adds about 3 %, because
-  the common LRU list evicts and recreates some entries even below capacity.
-  Katran takes the same conntrack design, and it hits the same memory limit.
-  The candidates are a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) to drop the
-  churn, and hugepage-backed maps, which the kernel does not offer for BPF
-  hash maps. Not done yet.
-- **Ratio to the bare forwarder.** `bare_fwd` and `lb` both copy MACs
-  with word stores and make no out-of-line calls, so the ceiling is a fair
-  one: 7 Mpps here, where it was 5.4 Mpps while it still paid a memmove per
-  packet. Against it, `lb` forwards an established flow at about 80–85 %.
-  The gap is what `lb` does per packet beyond a MAC rewrite: about 55 ns
-  more than `xdp_pass` at BPF_PROG_TEST_RUN level. In the profile, about
-  half of that is the program body (parsing, checks, NAT rewrite,
-  counters) and about a quarter is the one conntrack lookup. Generator,
-  forwarder and sink share the 2 CPUs, so every ratio also moves by
-  several points between runs.
-- **HTTP p99 under saturation.** With 32 connections, client (wrk), load
-  balancer and three servers saturate the 2 CPUs. p99 then measures run-queue
-  delay, and even *direct* shows a p99 of about 2 ms. The XDP LB pushes about
-  50 % more requests than HAProxy, so it queues more. At light load
-  (2 connections) the XDP LB adds no measurable latency over direct, and its
-  p99 is half of HAProxy's.
-";
 
 #[cfg(test)]
 mod tests {
@@ -1286,6 +1490,338 @@ mod tests {
         assert!(svg.contains("ceiling 7.00 Mpps"));
         // The 5.5 Mpps bar is 5.5/8 of the scale (max 7.5 rounds up to 8).
         assert!(svg.contains("width=\"357.5\""), "{svg}");
+    }
+
+    fn st(median: f64, min: f64, max: f64) -> Stat {
+        Stat { median, min, max }
+    }
+
+    /// Two runs whose figures differ everywhere except the flow counts both
+    /// sweep (1 and 1 000 000, needed for the targets).
+    struct Variant {
+        command: &'static str,
+        date: &'static str,
+        machine: &'static str,
+        cpus: usize,
+        reps: usize,
+        seconds: f64,
+        threads: usize,
+        frame_size: usize,
+        took_s: u64,
+        backends: [usize; 2],
+        ceiling: f64,
+        /// Delivered Mpps per (mode, backends index, flows 1 / 1 000 000).
+        mpps: [[[f64; 2]; 2]; 2],
+        ns: [f64; 5],
+        calls: usize,
+        repeat: u32,
+        conns: [u32; 2],
+        http: [[f64; 3]; 6],
+        plot: Option<&'static str>,
+    }
+
+    const A: Variant = Variant {
+        command: "cargo xtask bench",
+        date: "2026-11-22",
+        machine: "AMD EPYC, 2 CPU(s); Linux 6.18.44 x86_64",
+        cpus: 2,
+        reps: 3,
+        seconds: 2.0,
+        threads: 2,
+        frame_size: 64,
+        took_s: 262,
+        backends: [2, 100],
+        ceiling: 7.18,
+        mpps: [[[5.90, 2.62], [5.38, 2.27]], [[5.73, 2.31], [5.96, 2.46]]],
+        ns: [28.0, 107.6, 200.6, 79.0, 194.9],
+        calls: 20000,
+        repeat: 1_000_000,
+        conns: [32, 2],
+        http: [
+            [66919.0, 0.26, 2.36],
+            [61014.0, 0.03, 0.07],
+            [58195.0, 0.31, 2.8],
+            [49061.0, 0.04, 0.09],
+            [32893.0, 0.9, 1.95],
+            [22222.0, 0.08, 0.15],
+        ],
+        plot: Some("BENCHMARKS.svg"),
+    };
+
+    const B: Variant = Variant {
+        command: "lb bench --quick --reps 5",
+        date: "2025-03-07",
+        machine: "Intel Xeon, 4 CPU(s); Linux 5.15.0 aarch",
+        cpus: 4,
+        reps: 5,
+        seconds: 0.5,
+        threads: 4,
+        frame_size: 128,
+        took_s: 47,
+        backends: [6, 50],
+        ceiling: 9.41,
+        mpps: [[[9.13, 5.71], [8.85, 5.83]], [[8.94, 6.31], [9.22, 5.08]]],
+        ns: [31.3, 113.9, 257.7, 88.8, 219.4],
+        calls: 3000,
+        repeat: 400_000,
+        conns: [48, 6],
+        http: [
+            [71234.0, 0.44, 3.61],
+            [54321.0, 0.05, 0.13],
+            [63456.0, 0.57, 4.73],
+            [45678.0, 0.06, 0.17],
+            [27777.0, 1.31, 3.27],
+            [19876.0, 0.11, 0.29],
+        ],
+        plot: None,
+    };
+
+    fn report(v: &Variant) -> Report {
+        let spread = |m: f64| st(m, m * 0.97, m * 1.01);
+        let mut fwd = vec![FwdRow {
+            label: "bare_fwd (ceiling)".into(),
+            flows: 1,
+            backends: 0,
+            offered: spread(v.ceiling),
+            delivered: spread(v.ceiling),
+        }];
+        for (m, mode) in ["Nat", "Dsr"].iter().enumerate() {
+            for (b, &backends) in v.backends.iter().enumerate() {
+                for (f, flows) in [1, TARGET_FLOWS].into_iter().enumerate() {
+                    let mpps = v.mpps[m][b][f];
+                    fwd.push(FwdRow {
+                        label: format!("lb {mode}"),
+                        flows,
+                        backends,
+                        offered: spread(mpps),
+                        delivered: spread(mpps),
+                    });
+                }
+            }
+        }
+        let (calls, repeat) = (v.calls, v.repeat);
+        let lb = format!("lb Dsr ({} backends)", v.backends[1]);
+        let ns = [
+            ("xdp_pass".to_owned(), format!("repeat={repeat}")),
+            ("xdp_pass".to_owned(), format!("{calls} calls, repeat=1")),
+            (
+                format!("{lb}, new flow"),
+                format!("{calls} distinct flows, repeat=1"),
+            ),
+            (
+                format!("{lb}, established flow"),
+                format!("repeat={repeat}"),
+            ),
+            (
+                format!("{lb}, established flow"),
+                format!("{calls} calls, repeat=1"),
+            ),
+        ]
+        .into_iter()
+        .zip(v.ns)
+        .map(|((label, method), ns)| NsRow {
+            label,
+            method,
+            ns: spread(ns),
+        })
+        .collect();
+        let loads: Vec<(String, String)> = v
+            .conns
+            .iter()
+            .map(|c| (format!("{c} conns"), format!("-t1 -c{c}")))
+            .collect();
+        let mut http = Vec::new();
+        let mut figures = v.http.iter();
+        for path in [
+            "direct (client → web1)",
+            "XDP LB (lb, NAT)",
+            "HAProxy (mode tcp)",
+        ] {
+            for (load, _) in &loads {
+                if let Some(&[rps, p50, p99]) = figures.next() {
+                    http.push(HttpRow {
+                        target: format!("{path}, {load}"),
+                        rps: spread(rps),
+                        p50: spread(p50),
+                        p99: spread(p99),
+                    });
+                }
+            }
+        }
+        Report {
+            command: v.command.into(),
+            date: v.date.into(),
+            machine: v.machine.into(),
+            cpus: v.cpus,
+            reps: v.reps,
+            seconds: v.seconds,
+            threads: v.threads,
+            frame_size: v.frame_size,
+            took: Duration::from_secs(v.took_s),
+            fwd,
+            ns,
+            http: Ok(http),
+            wrk_loads: loads,
+            plot: v.plot.map(str::to_owned),
+        }
+    }
+
+    /// Every number in `text` that stands on its own (not part of a name
+    /// like `p99`, `web1` or `x86_64`), e.g. `7.18`, `262`, `2026`.
+    fn numbers(text: &str) -> std::collections::BTreeSet<String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut out = std::collections::BTreeSet::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let glued = i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+            if chars[i].is_ascii_digit() && !glued {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_digit()
+                        || (chars[i] == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)))
+                {
+                    i += 1;
+                }
+                out.insert(chars[start..i].iter().collect());
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn report_states_no_figure_that_is_not_from_its_run() {
+        let (a, b) = (render(&report(&A)), render(&report(&B)));
+        // A figure written into the template would show in both reports.
+        // Only these may: the targets' thresholds (90 %, 100 ns, 20 %; 100 is
+        // also the ceiling's ratio to itself) and the flow counts both runs
+        // swept (1 and 1 000 000).
+        let allowed: std::collections::BTreeSet<String> =
+            ["90", "100", "20", "1", "000", "1000000"]
+                .into_iter()
+                .map(String::from)
+                .collect();
+        let (na, nb) = (numbers(&a), numbers(&b));
+        let shared: Vec<&String> = na
+            .intersection(&nb)
+            .filter(|n| !allowed.contains(*n))
+            .collect();
+        assert!(
+            shared.is_empty(),
+            "figures in both reports: {shared:?}\n{a}\n{b}"
+        );
+        // Each report does state its own run's figures and ratios.
+        for (text, v) in [(&a, &A), (&b, &B)] {
+            let ceiling = format!("{:.2}", v.ceiling);
+            assert!(
+                text.contains(&format!("delivered {ceiling} Mpps")),
+                "{text}"
+            );
+            let ratio = format!("{:.0} %", 100.0 * v.mpps[0][0][0] / v.ceiling);
+            assert!(text.contains(&ratio), "{ratio}: {text}");
+            let over_pass = format!("{:.1} ns more than `xdp_pass`", v.ns[3] - v.ns[0]);
+            assert!(text.contains(&over_pass), "{over_pass}: {text}");
+            assert!(text.contains(&format!("this host's {} CPU(s)", v.cpus)));
+            assert!(text.contains(&format!("{}-byte UDP", v.frame_size)));
+        }
+        // The analysis is referred to, not copied.
+        assert!(a.contains(&format!("]({ANALYSIS_DOC})")));
+        for prose in ["What limits it", "Mpps here", "perf record"] {
+            assert!(!a.contains(prose), "{prose}");
+        }
+    }
+
+    #[test]
+    fn report_header_names_the_command_used_and_no_absolute_path() {
+        let argv: Vec<String> = [
+            "/work/main/target/release/lb",
+            "bench",
+            "--output",
+            "/tmp/x/B.md",
+            "--quick",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let root = Path::new("/work/main");
+        assert_eq!(
+            shown_command(None, &argv, Some(root)),
+            "target/release/lb bench --output B.md --quick"
+        );
+        assert_eq!(
+            shown_command(None, &argv, None),
+            "lb bench --output B.md --quick"
+        );
+        assert_eq!(
+            shown_command(Some("cargo xtask bench --quick"), &argv, Some(root)),
+            "cargo xtask bench --quick"
+        );
+        assert_eq!(
+            shown_command(
+                Some("cargo xtask bench --output /work/main/out/R.md"),
+                &argv,
+                Some(root)
+            ),
+            "cargo xtask bench --output out/R.md"
+        );
+        assert_eq!(
+            shown_command(Some(" "), &argv, None),
+            "lb bench --output B.md --quick"
+        );
+
+        for command in [
+            shown_command(None, &argv, Some(root)),
+            shown_command(Some("cargo xtask bench --quick"), &argv, None),
+        ] {
+            let text = render(&Report {
+                command: command.clone(),
+                ..report(&A)
+            });
+            let header = text
+                .lines()
+                .find(|l| l.starts_with("Generated by"))
+                .unwrap_or("");
+            assert_eq!(
+                header,
+                format!("Generated by `{command}` on 2026-11-22 in 262 s."),
+                "{text}"
+            );
+            assert!(!text.contains("via cargo xtask"), "{text}");
+            let absolute: Vec<&str> = text
+                .split(|c: char| c.is_whitespace() || "`()[]|,;:".contains(c))
+                .filter(|w| w.starts_with('/'))
+                .collect();
+            assert!(
+                absolute.is_empty(),
+                "absolute paths {absolute:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn report_without_http_or_plot_says_so() {
+        let text = render(&Report {
+            http: Err("skipped (--skip-http)".into()),
+            ..report(&B)
+        });
+        assert!(text.contains("Not measured: skipped (--skip-http)"));
+        assert!(!text.contains("HTTP,"), "no HTTP ratios without HTTP rows");
+        assert!(!text.contains("!["), "no plot link without a plot");
+        assert!(
+            render(&report(&A))
+                .contains("![delivered Mpps per configuration, ceiling marked](BENCHMARKS.svg)")
+        );
+    }
+
+    #[test]
+    fn dates_are_utc_calendar_days() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(951_868_799), "2000-02-29");
+        assert_eq!(utc_date(946_598_400), "1999-12-31");
+        assert_eq!(utc_date(1_795_326_739), "2026-11-22");
+        assert_eq!(grouped(1_000_000), "1 000 000");
+        assert_eq!(grouped(999), "999");
     }
 
     #[test]

@@ -129,10 +129,22 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
     pub check: CheckKind,
+    /// The port probes go to, on the backend's IP; `None`: the backend's own
+    /// port. Lets a UDP service be checked over TCP or HTTP on a sibling
+    /// port, or a service on :443 over HTTP on :80.
+    pub port: Option<u16>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+}
+
+impl HealthCheck {
+    /// Where probes for a backend at `backend` go: its IP, on
+    /// [`port`](Self::port) if set, else on its own port.
+    pub fn target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
+        SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,6 +238,7 @@ struct RawService {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "health")]
 struct RawHealth {
     check: Option<RawCheck>,
+    port: Option<i64>,
     path: Option<String>,
     expect_status: Option<i64>,
     expect_body: Option<String>,
@@ -288,7 +301,9 @@ impl From<&Backend> for RawBackend {
     fn from(b: &Backend) -> Self {
         RawBackend {
             address: Some(b.address.to_string()),
-            name: Some(b.name.clone()),
+            // An unnamed backend is named after its address, which is not a
+            // valid explicit name (it has a ':'); leave it unnamed again.
+            name: (b.name != b.address.to_string()).then(|| b.name.clone()),
             weight: Some(i64::from(b.weight)),
             backup: Some(b.backup),
             health: b.health.as_ref().map(RawHealth::from),
@@ -313,6 +328,7 @@ impl From<&HealthCheck> for RawHealth {
         };
         RawHealth {
             check: Some(check),
+            port: h.port.map(i64::from),
             path,
             expect_status,
             expect_body,
@@ -717,6 +733,17 @@ impl Validator<'_> {
             }
         };
 
+        let port = match raw.port {
+            None => None,
+            Some(p) => {
+                let p = self.in_range(p, 1..65536, &key("port"))?;
+                Some(
+                    u16::try_from(p)
+                        .map_err(|_| self.err(key("port"), "does not fit in 16 bits"))?,
+                )
+            }
+        };
+
         let duration = |value: Option<String>, field: &str, default: Duration| match value {
             None => Ok(default),
             Some(text) => parse_duration(&text).map_err(|reason| self.err(key(field), reason)),
@@ -749,6 +776,7 @@ impl Validator<'_> {
 
         Ok(HealthCheck {
             check,
+            port,
             interval,
             timeout,
             rise,
@@ -1165,6 +1193,7 @@ backends = [{ address = "10.0.1.3:80" }]
 "#;
         let tcp_defaults = HealthCheck {
             check: CheckKind::Tcp,
+            port: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             rise: 2,
@@ -1207,6 +1236,7 @@ backends = [{ address = "10.0.1.3:80" }]
                             expect_status: 204,
                             expect_body: Some("ok".to_owned()),
                         },
+                        port: None,
                         interval: Duration::from_millis(500),
                         timeout: Duration::from_millis(500),
                         rise: 1,
@@ -1258,6 +1288,7 @@ backends = [{ address = "10.0.1.3:80" }]
                             expect_status: 200,
                             expect_body: None,
                         },
+                        port: None,
                         interval: Duration::from_secs(2),
                         timeout: Duration::from_secs(1),
                         rise: 2,
@@ -1294,7 +1325,12 @@ backends = [{ address = "10.0.1.3:80" }]
 
     #[test]
     fn check_accepts_a_parsed_config_unchanged() {
-        for text in [include_str!("../../config/foobar.toml"), FULL_FOR_CHECK] {
+        // The last one has an unnamed backend (named after its address).
+        for text in [
+            include_str!("../../config/foobar.toml"),
+            FULL_FOR_CHECK,
+            &one_service("", B1),
+        ] {
             let cfg = parse_ok(text);
             let again = check(&cfg, Path::new("lb backend")).expect("valid config");
             assert_eq!(again, cfg);
@@ -1408,6 +1444,7 @@ backends = [
                     expect_status: 200,
                     expect_body: None
                 },
+                port: None,
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_millis(500),
                 rise: 2,
@@ -1433,9 +1470,19 @@ backends = [
             (udp.name.as_str(), udp.vip, udp.protocol),
             ("www-udp", addr("198.18.0.10:5353"), Protocol::Udp)
         );
+        // Checked over HTTP on the web servers' port 80, not on 5353.
+        assert_eq!(udp.scheduler, Scheduler::RoundRobin);
         assert_eq!(
-            (udp.scheduler, udp.health.as_ref()),
-            (Scheduler::RoundRobin, None)
+            udp.health,
+            Some(HealthCheck {
+                port: Some(80),
+                ..www.health.clone().expect("www is checked")
+            })
+        );
+        let web1 = &udp.backends[0];
+        assert_eq!(
+            udp.health_for(web1).map(|h| h.target(web1.address)),
+            Some(addr("198.19.0.11:80"))
         );
         let backends: Vec<(&str, SocketAddrV4)> = udp
             .backends
@@ -2046,6 +2093,7 @@ backends = [
         assert_eq!(web1.health, None);
         let own = HealthCheck {
             check: CheckKind::Tcp,
+            port: None,
             interval: Duration::from_millis(500),
             timeout: Duration::from_millis(200),
             rise: 2,
@@ -2142,6 +2190,105 @@ backends = [
         ] {
             assert_rejected(&with_backend_health(health), key, fragment);
         }
+    }
+
+    #[test]
+    fn health_port_defaults_to_the_backend_port() {
+        let config = parse_ok(&with_health("check = \"tcp\""));
+        let service = &config.services[0];
+        let check = service.health.as_ref().expect("checked");
+        assert_eq!(check.port, None);
+        assert_eq!(
+            check.target(service.backends[0].address),
+            addr("198.19.0.11:80")
+        );
+    }
+
+    #[test]
+    fn health_port_moves_the_probe_to_another_port_of_the_backend() {
+        // A UDP service checked over HTTP on port 80, one backend checked
+        // over TCP on 8053 by its own check.
+        let text = format!(
+            "{DP}[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\n\
+             health = {{ check = \"http\", port = 80, path = \"/healthz\" }}\n\
+             backends = [{{ address = \"198.19.0.11:5353\" }}, \
+             {{ address = \"198.19.0.12:5353\", health = {{ check = \"tcp\", port = 8053 }} }}]\n"
+        );
+        let config = parse_ok(&text);
+        let service = &config.services[0];
+        let (b1, b2) = (&service.backends[0], &service.backends[1]);
+        let service_check = service.health.as_ref().expect("checked");
+        assert_eq!(service_check.port, Some(80));
+        assert!(matches!(&service_check.check, CheckKind::Http { path, .. } if path == "/healthz"));
+        let targets: Vec<Option<SocketAddrV4>> = [b1, b2]
+            .iter()
+            .map(|b| service.health_for(b).map(|h| h.target(b.address)))
+            .collect();
+        assert_eq!(
+            targets,
+            [Some(addr("198.19.0.11:80")), Some(addr("198.19.0.12:8053"))]
+        );
+        // The traffic still goes to the backends' own port.
+        assert_eq!(b1.address, addr("198.19.0.11:5353"));
+        // As a [service.health] table and a dotted key too.
+        for health in [
+            "[service.health]\ncheck = \"tcp\"\nport = 80\n",
+            "health.check = \"tcp\"\nhealth.port = 80\n",
+        ] {
+            let text = format!(
+                "{DP}[[service]]\nname = \"b\"\nvip = \"198.18.0.11:53\"\nbackends = [{B1}]\n{health}"
+            );
+            let config = parse_ok(&text);
+            assert_eq!(
+                config.services[0].health.as_ref().and_then(|h| h.port),
+                Some(80),
+                "{text}"
+            );
+        }
+        // Through a live change, the port is kept.
+        let again = check(&config, Path::new("lb backend")).map_err(|e| e.to_string());
+        assert_eq!(again.as_ref().ok(), Some(&config), "{again:?}");
+    }
+
+    #[test]
+    fn health_port_is_validated_with_its_key_path() {
+        // On the second service, so the key names its index.
+        let second = |health: &str| {
+            format!(
+                "{}\n[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\n\
+                 health = {{ {health} }}\nbackends = [{{ address = \"198.19.0.11:5353\" }}]\n",
+                one_service("", B1)
+            )
+        };
+        for (value, fragment) in [
+            ("0", "must be between 1 and 65535, got 0"),
+            ("65536", "must be between 1 and 65535, got 65536"),
+            ("-80", "must be between 1 and 65535, got -80"),
+            ("\"80\"", "invalid type: string \"80\", expected i64"),
+        ] {
+            assert_rejected(
+                &second(&format!("check = \"http\", port = {value}")),
+                "service[1].health.port",
+                fragment,
+            );
+        }
+        // On a backend's own check.
+        let text = one_service(
+            "",
+            r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:80", health = { check = "tcp", port = 0 } }"#,
+        );
+        assert_rejected(
+            &text,
+            "service[0].backends[1].health.port",
+            "must be between 1 and 65535, got 0",
+        );
+        // The message names the file, the key and the reason.
+        let err = parse(&second("check = \"tcp\", port = 0"), Path::new(FILE))
+            .expect_err("port 0 is rejected");
+        assert_eq!(
+            err.to_string(),
+            "test.toml: service[1].health.port: must be between 1 and 65535, got 0"
+        );
     }
 
     #[test]

@@ -248,7 +248,7 @@ impl HealthChecker {
             lock(&self.states).remove(&target);
         }
         for (target, (backend, check)) in wanted {
-            let probe = probe_address(&check, target.address);
+            let probe = check.target(target.address);
             if let Some(running) = self.checks.get(&target)
                 && running.backend == backend
                 && running.check == check
@@ -392,12 +392,6 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
             let _ = tx.send(transition);
         }
     }
-}
-
-/// Where a check probes a backend. (Merge point: the `health.port` option
-/// lands here.)
-fn probe_address(_check: &HealthCheck, backend: SocketAddrV4) -> SocketAddrV4 {
-    backend
 }
 
 fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
@@ -807,6 +801,7 @@ mod tests {
     fn fast(check: CheckKind) -> HealthCheck {
         HealthCheck {
             check,
+            port: None,
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(100),
             rise: 2,

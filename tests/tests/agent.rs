@@ -23,7 +23,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     control::{BackendChange, Request},
-    lab::{HttpConn, Lab, in_netns, vip_http},
+    lab::{HttpConn, Lab, in_netns, udp_connect, udp_request, vip_http, vip_udp, web_addr},
 };
 
 fn prefix() -> String {
@@ -339,6 +339,123 @@ fn sigkill_of_the_agent_keeps_traffic_flowing_and_a_new_agent_adopts_it() -> Res
         answers(&lab, 3)?,
         vec!["web2", "web3", "web1"],
         "the adopted ring position continues"
+    );
+    Ok(())
+}
+
+/// A UDP service on VIP:5353 over web1..3:5353, health-checked over HTTP on
+/// the same servers' port 80 (`health.port`).
+fn udp_checked_over_http() -> String {
+    let list: Vec<String> = (1..=3)
+        .map(|n| {
+            format!(
+                "{{ name = \"web{n}\", address = \"{}:5353\" }}",
+                web_addr(n)
+            )
+        })
+        .collect();
+    format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
+         [[service]]\nname = \"www-udp\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\nscheduler = \"round-robin\"\n\
+         health = {{ check = \"http\", port = 80, path = \"/\", interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
+         backends = [ {} ]\n",
+        list.join(", ")
+    )
+}
+
+/// Which server answers each of `n` new UDP flows (a fresh source port
+/// each). The sockets are kept in `held` so that no later flow reuses a
+/// source port pinned to a backend by an earlier one.
+fn udp_answers(lab: &Lab, n: usize, held: &mut Vec<std::net::UdpSocket>) -> Result<Vec<String>> {
+    let sockets = in_netns(&lab.client_ns(), || {
+        (0..n)
+            .map(|i| {
+                let socket = udp_connect(vip_udp())?;
+                let reply = udp_request(&socket, &format!("flow{i}"))?;
+                let server = reply.split(' ').next().unwrap_or("").to_owned();
+                Ok((socket, server))
+            })
+            .collect::<Result<Vec<_>>>()
+    })??;
+    Ok(sockets
+        .into_iter()
+        .map(|(socket, server)| {
+            held.push(socket);
+            server
+        })
+        .collect())
+}
+
+#[test]
+fn udp_service_checked_over_http_on_another_port_drops_a_dead_server() -> Result<()> {
+    let mut lab = Lab::up(&prefix(), &lb_bin())?;
+    let _agent = lab.start_agent(&udp_checked_over_http())?;
+    let mut held = Vec::new();
+    let detection = Duration::from_millis(FALL * INTERVAL_MS + 600);
+
+    // Past a detection window with every server up, all three are in the
+    // ring: the checks pass on port 80 (nothing listens on TCP 5353, so a
+    // check there would have taken them all out).
+    thread::sleep(detection);
+    assert_eq!(
+        udp_answers(&lab, 3, &mut held)?,
+        vec!["web1", "web2", "web3"]
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    for b in &status.services[0].backends {
+        assert_eq!(
+            (b.health.as_str(), b.in_ring, b.last_check.as_deref()),
+            ("up", true, Some("ok")),
+            "{b:?}"
+        );
+    }
+
+    // web2 dies (its HTTP and UDP servers both): after fall × interval it
+    // is out, and no new UDP flow goes to it.
+    lab.stop_web(2)?;
+    thread::sleep(detection);
+    let after = udp_answers(&lab, 12, &mut held)?;
+    assert!(
+        after.iter().all(|s| s == "web1" || s == "web3"),
+        "new UDP flows reached a dead server: {after:?}"
+    );
+    assert_eq!(
+        count(&after).len(),
+        2,
+        "web1 and web3 share them: {after:?}"
+    );
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    let web2 = &status.services[0].backends[1];
+    assert_eq!(
+        (web2.name.as_str(), web2.health.as_str(), web2.in_ring),
+        ("web2", "down", false),
+        "{web2:?}"
+    );
+    // The probe went to port 80, while the service's traffic goes to 5353.
+    assert!(
+        web2.last_check
+            .as_deref()
+            .unwrap_or("")
+            .contains("198.19.0.12:80"),
+        "{web2:?}"
+    );
+    assert_eq!(web2.address, "198.19.0.12:5353");
+
+    // Restarted: within rise × interval (plus margin) it takes new flows.
+    lab.start_web(2)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !udp_answers(&lab, 3, &mut held)?.iter().any(|s| s == "web2") {
+        if Instant::now() > deadline {
+            bail!("web2 did not come back into the UDP rotation");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let status = ask(&lab, &Request::Status)?.status.context("status")?;
+    let web2 = &status.services[0].backends[1];
+    assert_eq!(
+        (web2.health.as_str(), web2.in_ring),
+        ("up", true),
+        "{web2:?}"
     );
     Ok(())
 }

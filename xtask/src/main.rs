@@ -83,7 +83,20 @@ fn main() -> anyhow::Result<()> {
             demo.extend(args);
             lb_verb(&root, "lab", &demo)
         }
-        Task::Bench { args } => lb_verb(&root, "bench", &args),
+        Task::Bench { args } => {
+            // The report names the command the user ran, not the binary
+            // built here (lb's bench.rs reads LB_BENCH_COMMAND).
+            let mut typed = String::from("cargo xtask bench");
+            for a in &args {
+                typed.push(' ');
+                typed.push_str(&a.to_string_lossy());
+            }
+            let lb = build(&root, true)?;
+            run(Command::new(lb)
+                .arg("bench")
+                .args(&args)
+                .env("LB_BENCH_COMMAND", typed))
+        }
     }
 }
 
