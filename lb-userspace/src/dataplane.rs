@@ -19,9 +19,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, Flow, FlowKey, MAX_BACKENDS,
-    MAX_SERVICES, MODE_DSR, MODE_NAT, Ring, SCHED_COUNTER, SCHED_HASH, ServiceConf, ServiceKey,
-    VERDICT_COUNT, Verdict, ring,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Backend, Counters, Flow, FlowKey,
+    MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, Ring, SCHED_COUNTER, SCHED_HASH, ServiceConf,
+    ServiceKey, VERDICT_COUNT, Verdict, ring,
 };
 
 use crate::{
@@ -370,6 +370,7 @@ impl Dataplane {
         let mut applied = Vec::with_capacity(cfg.services.len());
         let mut live_backends = Vec::new();
         let mut plans = Vec::new();
+        let mut in_ring = std::collections::BTreeSet::new();
         for svc in &cfg.services {
             let (vip, port) = raw_endpoint(svc.vip);
             let key = ServiceKey {
@@ -389,6 +390,7 @@ impl Dataplane {
                 admissions.push(admission);
             }
             let slots = ring_slots(svc, &backends, &admissions);
+            in_ring.extend(slots.iter().copied());
             let ring = ring::to_ring(&slots).map_err(|source| DataplaneError::Ring {
                 service: svc.name.clone(),
                 source,
@@ -407,7 +409,13 @@ impl Dataplane {
             let mut map = self.array::<Backend>("BACKENDS")?;
             for &(bid, service_id, addr, drop_flows) in &live_backends {
                 let (addr, port) = raw_endpoint(addr);
-                let flags = BACKEND_F_IN_USE | if drop_flows { BACKEND_F_DROP_FLOWS } else { 0 };
+                let mut flags = BACKEND_F_IN_USE;
+                if drop_flows {
+                    flags |= BACKEND_F_DROP_FLOWS;
+                }
+                if in_ring.contains(&bid) {
+                    flags |= BACKEND_F_IN_RING;
+                }
                 set(
                     &mut map,
                     "BACKENDS",

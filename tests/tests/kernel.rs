@@ -1059,3 +1059,179 @@ fn drain_disable_and_backup_admissions() {
         assert_eq!(web_of(&out), 0);
     });
 }
+
+/// Admission for a test: `out` leaves the ring but keeps its flows (drain,
+/// or down with keep-flows); every other backend serves.
+fn out_of_ring(
+    out: &'static str,
+) -> impl Fn(&Service, &Backend) -> lb_userspace::dataplane::Admission {
+    move |_: &Service, b: &Backend| {
+        if b.name == out {
+            lb_userspace::dataplane::Admission {
+                in_rotation: false,
+                drop_flows: false,
+            }
+        } else {
+            lb_userspace::dataplane::Admission::SERVING
+        }
+    }
+}
+
+/// Item 8: a client that reuses a source port opens a new connection whose
+/// tuple still has a CONNTRACK entry. A SYN is scheduled afresh when the
+/// entry's backend left the ring; any other segment keeps the pinned flow.
+#[test]
+fn a_syn_on_a_reused_tuple_leaves_a_backend_out_of_the_ring() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let syn = Tcp::request(50000, VIP);
+        let ack = Tcp {
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..Tcp::request(50000, VIP)
+        };
+        // What `lb` must send to web `w` for `sent`: DNAT to webN:8080.
+        let to_web = |sent: &Tcp, w: usize| {
+            Tcp {
+                src_mac: BACK_MAC,
+                dst_mac: WEB_MACS[w],
+                dst: WEBS[w],
+                dport: WEB_PORT,
+                ttl: 63,
+                options: sent.options,
+                payload: sent.payload,
+                ..*sent
+            }
+            .build()
+        };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, to_web(&syn, 0), "the first SYN goes to web1");
+
+        // web1 still takes new flows: a repeated SYN keeps its entry.
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, to_web(&syn, 0), "web1 in the ring keeps the tuple");
+
+        // web1 leaves the ring, keeping its flows (drain / down keep-flows).
+        h.dp.apply_with(&cfg, &out_of_ring("web1")).expect("apply");
+        let out = h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, to_web(&ack, 0), "the established flow stays on web1");
+
+        // A SYN on the same tuple is a new connection: not to web1.
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let w = web_of(&out);
+        assert_ne!(w, 0, "a new connection went to the drained web1");
+        assert_eq!(out, to_web(&syn, w), "rescheduled SYN, byte for byte");
+        // The entry is re-pinned: the rest of the connection follows it.
+        let out = h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(
+            out,
+            to_web(&ack, w),
+            "the new connection stays on web{}",
+            w + 1
+        );
+
+        // Replies: the new backend's are restored to the VIP; web1's old
+        // reply entry for this tuple is gone.
+        let reply_from = |web: usize| {
+            Tcp {
+                src_mac: WEB_MACS[web],
+                dst_mac: BACK_MAC,
+                src: WEBS[web],
+                dst: CLIENT,
+                ttl: 64,
+                sport: WEB_PORT,
+                dport: 50000,
+                syn: false,
+                options: &[],
+                payload: b"HTTP/1.1 200 OK\r\n\r\n",
+            }
+            .build()
+        };
+        let out = h.expect(
+            h.back,
+            &reply_from(w),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        let want = Tcp {
+            src_mac: FRONT_MAC,
+            dst_mac: CLIENT_MAC,
+            src: VIP,
+            dst: CLIENT,
+            ttl: 63,
+            sport: 80,
+            dport: 50000,
+            syn: false,
+            options: &[],
+            payload: b"HTTP/1.1 200 OK\r\n\r\n",
+        };
+        assert_eq!(out, want.build());
+        let stale = reply_from(0);
+        let out = h.expect(h.back, &stale, XDP_PASS, Verdict::PassNotOurs);
+        assert_eq!(out, stale, "web1's old reply entry was removed");
+
+        // DSR: same rule, only the MACs change.
+        let dsr_syn = Tcp::request(50001, VIP_DSR);
+        let dsr_ack = Tcp {
+            syn: false,
+            ..Tcp::request(50001, VIP_DSR)
+        };
+        let mac_to = |sent: &Tcp, w: usize| {
+            Tcp {
+                src_mac: BACK_MAC,
+                dst_mac: WEB_MACS[w],
+                ..*sent
+            }
+            .build()
+        };
+        let out = h.expect(h.front, &dsr_syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let first = web_of(&out);
+        assert_eq!(out, mac_to(&dsr_syn, first));
+        let name = ["web1", "web2", "web3"][first];
+        h.dp.apply_with(&cfg, &out_of_ring(name)).expect("apply");
+        let out = h.expect(h.front, &dsr_ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, mac_to(&dsr_ack, first), "DSR: established flow kept");
+        let out = h.expect(h.front, &dsr_syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let again = web_of(&out);
+        assert_ne!(again, first, "DSR: a new connection went to {name}");
+        assert_eq!(out, mac_to(&dsr_syn, again));
+
+        // UDP has no connection start: its flow keeps its backend.
+        let datagram = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 50002, 5353, b"x");
+        let (_, out) = h.run(h.front, &datagram);
+        let udp_web = web_of(&out);
+        let name = ["web1", "web2", "web3"][udp_web];
+        h.dp.apply_with(&cfg, &out_of_ring(name)).expect("apply");
+        let (_, out) = h.run(h.front, &datagram);
+        assert_eq!(web_of(&out), udp_web, "UDP flow kept on {name}");
+    });
+}
+
+/// Item 8, the other side: when every backend is out of the ring, a SYN on a
+/// pinned tuple is dropped (no backend), never sent to the old one.
+#[test]
+fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let syn = Tcp::request(50100, VIP).build();
+        let (_, out) = h.run(h.front, &syn);
+        assert_eq!(web_of(&out), 0);
+        let none = |_: &Service, _: &Backend| lb_userspace::dataplane::Admission {
+            in_rotation: false,
+            drop_flows: false,
+        };
+        h.dp.apply_with(&cfg, &none).expect("apply");
+        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
+        let ack = Tcp {
+            syn: false,
+            ..Tcp::request(50100, VIP)
+        }
+        .build();
+        let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(web_of(&out), 0, "the established flow is kept");
+    });
+}
