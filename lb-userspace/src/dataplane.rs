@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -62,6 +62,19 @@ pub enum DataplaneError {
     Pin { path: PathBuf, reason: String },
     #[error("pinned link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
+    #[error(
+        "conntrack-size is {configured} in the config but the pinned data plane under {} has \
+         {pinned} ({map}): set conntrack-size = {pinned}, or run `lb teardown --pin-dir {}` \
+         first (drops every flow)",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    ConntrackSize {
+        configured: u32,
+        pinned: u32,
+        map: &'static str,
+        pin_dir: PathBuf,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -183,6 +196,11 @@ impl Dataplane {
             reason: e.to_string(),
         })?;
         let adopted = pin_dir.join("SERVICES").exists();
+        if adopted {
+            // Before the loader touches anything: it would silently reuse
+            // the pinned tables at their old size.
+            check_pinned_sizes(conntrack_size, pin_dir)?;
+        }
         let mut dp = Self::load_with(conntrack_size, Some(pin_dir))?;
         if adopted {
             dp.adopt_ids()?;
@@ -630,6 +648,29 @@ impl Dataplane {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+}
+
+/// The pinned flow tables must have the size the config asks for: a map's
+/// size is fixed when it is created, and adopting keeps the old one.
+fn check_pinned_sizes(conntrack_size: u32, pin_dir: &Path) -> Result<()> {
+    for map in ["CONNTRACK", "REVERSE_NAT"] {
+        let path = pin_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapInfo::from_pin(&path)
+            .map_err(|source| DataplaneError::Map { name: map, source })?
+            .max_entries();
+        if pinned != conntrack_size {
+            return Err(DataplaneError::ConntrackSize {
+                configured: conntrack_size,
+                pinned,
+                map,
+                pin_dir: pin_dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

@@ -1235,3 +1235,75 @@ fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
         assert_eq!(web_of(&out), 0, "the established flow is kept");
     });
 }
+
+/// Item 5b: adopting pinned maps cannot change their size, so a changed
+/// conntrack-size is refused (with how to fix it) before anything is touched.
+#[test]
+fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
+    use lb_userspace::dataplane::DataplaneError;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let cfg = lab_config();
+        let front = {
+            let c = std::ffi::CString::new("f0").expect("ifname");
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        let (mut first, adopted) = Dataplane::load_pinned(1024, &pins).expect("load pinned");
+        assert!(!adopted);
+        first.apply(&cfg).expect("apply");
+        let (_, out) = test_run(&mut first, front, &Tcp::request(51000, VIP).build());
+        assert_eq!(web_of(&out), 0);
+        drop(first);
+        let pinned_files = || {
+            let mut names: Vec<String> = std::fs::read_dir(&pins)
+                .expect("pin dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = pinned_files();
+
+        let err = match Dataplane::load_pinned(2048, &pins) {
+            Ok(_) => panic!("adopted a data plane with another conntrack-size"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::ConntrackSize {
+                    configured: 2048,
+                    pinned: 1024,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            "conntrack-size is 2048 in the config".to_string(),
+            format!("under {dir} has 1024"),
+            "set conntrack-size = 1024".to_string(),
+            format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(&part), "{part:?} not in: {message}");
+        }
+        assert_eq!(pinned_files(), before, "the refusal changed the pins");
+
+        // The same size adopts, with the flow table intact.
+        let (mut second, adopted) = Dataplane::load_pinned(1024, &pins).expect("adopt");
+        assert!(adopted);
+        second.apply(&cfg).expect("re-apply");
+        let ack = Tcp {
+            syn: false,
+            ..Tcp::request(51000, VIP)
+        };
+        let (_, out) = test_run(&mut second, front, &ack.build());
+        assert_eq!(web_of(&out), 0, "the pinned flow survived the refusal");
+        drop(second);
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
