@@ -1307,3 +1307,167 @@ fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
+
+/// Every entry of the maps an apply writes (rings as their valid slots).
+#[derive(Debug, PartialEq)]
+struct Tables {
+    backends: Vec<lb_common::Backend>,
+    rings: Vec<Vec<u32>>,
+    confs: Vec<lb_common::ServiceConf>,
+    services: std::collections::BTreeMap<(u32, u16, u8), u32>,
+    vips: std::collections::BTreeMap<u32, u32>,
+}
+
+fn tables(dp: &mut Dataplane) -> Tables {
+    use aya::maps::{Array, HashMap};
+    let ebpf = dp.ebpf();
+    let array = |name: &str| ebpf.map(name).unwrap_or_else(|| panic!("map {name}"));
+    let backends: Array<_, lb_common::Backend> =
+        Array::try_from(array("BACKENDS")).expect("BACKENDS");
+    let rings: Array<_, lb_common::Ring> = Array::try_from(array("RINGS")).expect("RINGS");
+    let confs: Array<_, lb_common::ServiceConf> =
+        Array::try_from(array("SERVICE_CONF")).expect("SERVICE_CONF");
+    let services: HashMap<_, lb_common::ServiceKey, u32> =
+        HashMap::try_from(array("SERVICES")).expect("SERVICES");
+    let vips: HashMap<_, u32, u32> = HashMap::try_from(array("VIPS")).expect("VIPS");
+    Tables {
+        backends: backends.iter().map(|b| b.expect("backend")).collect(),
+        rings: rings
+            .iter()
+            .map(|r| {
+                let r = r.expect("ring");
+                r.ids[..r.len as usize].to_vec()
+            })
+            .collect(),
+        confs: confs.iter().map(|c| c.expect("conf")).collect(),
+        services: services
+            .iter()
+            .map(|r| {
+                let (k, v) = r.expect("service");
+                ((k.vip, k.port, k.protocol), v)
+            })
+            .collect(),
+        vips: vips.iter().map(|r| r.expect("vip")).collect(),
+    }
+}
+
+/// Two NAT services on VIP:80 and VIP:81 sharing MAX_BACKENDS backends
+/// (2048 each): web1's address on ports `base..`.
+fn full_config(base: u16) -> Config {
+    let half = lb_common::MAX_BACKENDS as u16 / 2;
+    let mut cfg = lab_config();
+    cfg.services = (0..2u16)
+        .map(|s| {
+            let backends = (0..half)
+                .map(|i| backend(&format!("b{s}-{i}"), WEBS[0], base + s * half + i))
+                .collect();
+            service(
+                &format!("s{s}"),
+                VIP,
+                80 + s,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                backends,
+            )
+        })
+        .collect();
+    cfg
+}
+
+/// Item 5a: a reload that replaces every backend at the 4096 limit fits
+/// (retired ids are freed first), flows pinned to reused ids are purged,
+/// and a rejected apply leaves every map exactly as it was.
+#[test]
+fn replacing_every_backend_at_the_limit_and_rejected_applies_change_nothing() {
+    use lb_userspace::dataplane::{DataplaneError, plan::PlanError};
+    let net = TestNet::new();
+    net.run(|| {
+        let old = full_config(10000);
+        let mut h = Harness::new(&old);
+        let syn = Tcp {
+            dport: 80,
+            ..Tcp::request(52000, VIP)
+        };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(&out[36..38], &10000u16.to_be_bytes(), "to b0-0, id 0");
+        assert_eq!(
+            h.dp.flows_per_backend().expect("flows"),
+            [(0, 1)].into_iter().collect()
+        );
+
+        // Every backend replaced, at the limit: accepted.
+        let new = full_config(20000);
+        let applied = h.dp.apply(&new).expect("replace all 4096 backends");
+        let ids: std::collections::BTreeSet<u32> = applied
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|(_, id)| *id))
+            .collect();
+        assert_eq!(ids.len(), lb_common::MAX_BACKENDS as usize);
+        // Id 0 now names b0-0 of the new config: the flow pinned to the old
+        // b0-0 was deleted, so it cannot reach the new backend by its old pin.
+        assert!(
+            h.dp.flows_per_backend().expect("flows").is_empty(),
+            "flows pinned to reused ids survived"
+        );
+        let t = tables(&mut h.dp);
+        assert_eq!(t.backends[0].port, 20000u16.to_be());
+        assert!(
+            t.backends
+                .iter()
+                .all(|b| b.flags == lb_common::BACKEND_F_IN_USE | lb_common::BACKEND_F_IN_RING)
+        );
+        for (i, svc) in applied.iter().enumerate() {
+            let conf = t.confs[svc.id as usize];
+            assert_eq!(conf.enabled, 1);
+            assert_eq!(
+                t.rings[lb_common::Ring::slot(svc.id, conf.active_ring) as usize],
+                svc.ring,
+                "service {i} runs its final ring"
+            );
+        }
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let port = u16::from_be_bytes([out[36], out[37]]);
+        assert!(
+            (20000..22048).contains(&port),
+            "a new-config backend: {port}"
+        );
+
+        // Rejected: one backend over the limit, and a ring too long.
+        let before = tables(&mut h.dp);
+        let mut over = new.clone();
+        over.services[1]
+            .backends
+            .push(backend("extra", WEBS[1], 9999));
+        let err = h.dp.apply(&over).expect_err("4097 backends");
+        assert!(
+            matches!(
+                err,
+                DataplaneError::Plan(PlanError::Full { limit: 4096, .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            tables(&mut h.dp),
+            before,
+            "a rejected apply wrote to the maps"
+        );
+        let mut long = new.clone();
+        long.services[0].scheduler = Scheduler::WeightedRoundRobin;
+        long.services[0].backends[0].weight = 5000;
+        let err = h.dp.apply(&long).expect_err("ring of 7047 slots");
+        assert!(
+            matches!(err, DataplaneError::Plan(PlanError::Ring { .. })),
+            "{err}"
+        );
+        assert_eq!(
+            tables(&mut h.dp),
+            before,
+            "a rejected apply wrote to the maps"
+        );
+
+        // The id tables are untouched too: re-applying the same config keeps
+        // every id.
+        let again = h.dp.apply(&new).expect("re-apply");
+        assert_eq!(again, applied);
+    });
+}
