@@ -81,6 +81,10 @@ pub struct L4Ports {
 pub const TCP_HDR_LEN: usize = 20;
 /// Offset of the checksum inside the TCP header.
 pub const TCP_CHECK_OFF: usize = 16;
+/// Offset of the flags byte (CWR … FIN) inside the TCP header.
+pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 pub const UDP_HDR_LEN: usize = 8;
 /// Offset of the checksum inside the UDP header.
 pub const UDP_CHECK_OFF: usize = 6;
@@ -95,6 +99,36 @@ pub const fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
     }
 }
 
+/// A TCP segment that opens a connection: SYN set, ACK clear (a SYN-ACK
+/// or any later segment belongs to a connection that already exists).
+#[inline(always)]
+pub const fn opens_connection(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
 const _: () = assert!(core::mem::size_of::<EthHdr>() == EthHdr::LEN);
 const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == Ipv4Hdr::LEN);
 const _: () = assert!(core::mem::size_of::<L4Ports>() == 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bare_syn_opens_a_connection() {
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        const PSH: u8 = 0x08;
+        const ECE: u8 = 0x40;
+        const CWR: u8 = 0x80;
+        assert!(opens_connection(TCP_FLAG_SYN));
+        // ECN negotiation sets ECE and CWR on the SYN.
+        assert!(opens_connection(TCP_FLAG_SYN | ECE | CWR));
+        assert!(!opens_connection(TCP_FLAG_SYN | TCP_FLAG_ACK));
+        assert!(!opens_connection(TCP_FLAG_ACK));
+        assert!(!opens_connection(TCP_FLAG_ACK | PSH));
+        assert!(!opens_connection(FIN | TCP_FLAG_ACK));
+        assert!(!opens_connection(RST));
+        assert!(!opens_connection(0));
+    }
+}

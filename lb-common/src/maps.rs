@@ -75,6 +75,13 @@ pub const BACKEND_F_DROP_FLOWS: u16 = 1;
 /// Backend flag: the slot is allocated to `service_id`. A restarted agent
 /// rebuilds its id table from the pinned map with it.
 pub const BACKEND_F_IN_USE: u16 = 2;
+/// Backend flag: this backend is in its service's active ring, i.e. it takes
+/// new flows. A TCP SYN whose tuple is pinned to a backend without it opens a
+/// new connection on a reused source port: the data plane schedules it afresh
+/// instead of sending it to a drained, down, disabled or removed backend. The
+/// agent sets it for every id in the ring it publishes, so the packet path
+/// never scans a ring.
+pub const BACKEND_F_IN_RING: u16 = 4;
 
 /// `BACKENDS[backend id]`: where a backend lives. Ids are per service, so a
 /// backend's flags (and counters) belong to one service.

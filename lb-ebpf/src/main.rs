@@ -5,6 +5,8 @@
 //!    (options, fragments, truncation) gets its verdict if it is addressed
 //!    to a VIP, and is passed untouched otherwise;
 //! 2. conntrack: an established flow goes straight to step 5 (one lookup);
+//!    a TCP SYN on a tuple pinned to a backend that left the ring (the
+//!    client reused a source port) is scheduled afresh first;
 //! 3. reverse NAT: a backend's reply to a NAT flow becomes VIP → client;
 //! 4. not for a VIP: XDP_PASS untouched; for a VIP: service lookup
 //!    (VIP, port, protocol), schedule from the service's ring, pin the flow;
@@ -36,11 +38,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, Counters, DEFAULT_CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS,
-    MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH, ServiceConf,
-    ServiceKey, VERDICT_COUNT, Verdict,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Counters, DEFAULT_CONNTRACK_SIZE, Flow,
+    FlowKey, MAX_BACKENDS, MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH,
+    ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     hash::flow_hash,
-    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports, l4_layout},
+    headers::{
+        ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
+        opens_connection,
+    },
     rewrite::{decrement_ttl, rewrite_destination, rewrite_source},
 };
 
@@ -147,7 +152,14 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // is a client → VIP tuple, so only traffic to a VIP can hit it.
     if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a CONNTRACK value (see `forward` on LRU reuse).
-        return forward(ctx, &pkt, &key, unsafe { &mut *flow });
+        let flow = unsafe { &mut *flow };
+        // Only a TCP SYN pays for this branch; established packets go on.
+        if is_new_connection(ctx, &key)
+            && let Err(outcome) = reschedule_if_retired(&key, flow)
+        {
+            return outcome;
+        }
+        return forward(ctx, &pkt, &key, flow);
     }
     if let Some(restore) = REVERSE_NAT.get_ptr_mut(&key) {
         // SAFETY: a REVERSE_NAT value, as above.
@@ -164,6 +176,54 @@ fn balance(ctx: &XdpContext) -> Outcome {
 fn is_vip(ip: *const Ipv4Hdr) -> bool {
     // SAFETY: the caller bounds-checked the fixed IPv4 header.
     VIPS.get_ptr(unsafe { (*ip).daddr }).is_some()
+}
+
+/// A TCP segment with SYN set and ACK clear: the client opens a connection.
+/// The flags are read only for TCP; VIP traffic has no IP options
+/// (`parse_l4`), so the TCP header is at a fixed offset.
+#[inline(always)]
+fn is_new_connection(ctx: &XdpContext, key: &FlowKey) -> bool {
+    if key.protocol != IPPROTO_TCP {
+        return false;
+    }
+    match header::<u8>(ctx, EthHdr::LEN + Ipv4Hdr::LEN + TCP_FLAGS_OFF) {
+        // SAFETY: `header` checked the bounds against data_end.
+        Some(flags) => opens_connection(unsafe { *flags }),
+        None => false,
+    }
+}
+
+/// A new connection on a tuple still pinned to a backend that takes no new
+/// flows (drained, down, disabled or removed: not in its service's ring).
+/// The client reused a source port, so this is a new flow: it is scheduled
+/// afresh from the ring and the entry re-pinned (in NAT, the old backend's
+/// reply entry goes and the new one's is written). A backend still in the
+/// ring keeps the entry as it is.
+#[inline(always)]
+fn reschedule_if_retired(key: &FlowKey, flow: &mut Flow) -> Result<(), Outcome> {
+    let Some(old) = BACKENDS.get(flow.backend_id) else {
+        return Ok(());
+    };
+    if old.flags & BACKEND_F_IN_RING != 0 {
+        return Ok(());
+    }
+    let Some(conf) = SERVICE_CONF.get(flow.service_id) else {
+        return Ok(());
+    };
+    if conf.enabled == 0 {
+        // The service is gone: `forward` passes the packet.
+        return Ok(());
+    }
+    // An empty ring drops the SYN (DropNoBackend): never the old backend.
+    let backend_id = schedule(key, flow.service_id, conf)?;
+    if conf.mode != MODE_DSR {
+        let _ = REVERSE_NAT.remove(&reply_key(key, old));
+        remember_reply(key, flow.service_id, backend_id)?;
+    }
+    flow.backend_id = backend_id;
+    // Unresolved: `next_hop` looks the new backend up on this packet.
+    flow.next_hop.ifindex = 0;
+    Ok(())
 }
 
 /// Bounds-checked pointer to a `T` at `offset` in the frame.
@@ -350,15 +410,7 @@ fn remember_reply(key: &FlowKey, service_id: u32, backend_id: u32) -> Result<(),
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(drop(Verdict::DropNoBackend));
     };
-    let reply = FlowKey {
-        saddr: backend.addr,
-        daddr: key.saddr,
-        sport: backend.port,
-        dport: key.sport,
-        protocol: key.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let reply = reply_key(key, backend);
     let restore = ReverseNat {
         vip: key.daddr,
         port: key.dport,
@@ -370,6 +422,20 @@ fn remember_reply(key: &FlowKey, service_id: u32, backend_id: u32) -> Result<(),
     REVERSE_NAT
         .insert(&reply, &restore, 0)
         .map_err(|_| drop(Verdict::DropConntrackFull))
+}
+
+/// The tuple a NAT flow's replies arrive with: backend → client.
+#[inline(always)]
+fn reply_key(key: &FlowKey, backend: &Backend) -> FlowKey {
+    FlowKey {
+        saddr: backend.addr,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+        protocol: key.protocol,
+        _pad0: 0,
+        _pad1: 0,
+    }
 }
 
 /// NAT forward: DNAT to the backend, TTL as a router, next hop by FIB.

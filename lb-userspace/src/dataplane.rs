@@ -3,15 +3,17 @@
 //! written into the inactive half of each service's double buffer and then
 //! switched with one store, so no packet ever sees half a table.
 
+pub mod plan;
+
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
-    net::SocketAddrV4,
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -20,12 +22,14 @@ use aya::{
 };
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, Flow, FlowKey, MAX_BACKENDS,
-    MAX_SERVICES, MODE_DSR, MODE_NAT, Ring, SCHED_COUNTER, SCHED_HASH, ServiceConf, ServiceKey,
-    VERDICT_COUNT, Verdict, ring,
+    ReverseNat, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict, ring,
 };
 
+pub use plan::{Admission, protocol_number, raw_endpoint};
+use plan::{BackendPlan, Ids, Plan, PlanError, ServicePlan};
+
 use crate::{
-    config::{self, Config, Forwarding, Protocol, Scheduler},
+    config::{self, Config},
     object::{MissingObject, ebpf_object},
 };
 
@@ -51,45 +55,28 @@ pub enum DataplaneError {
     MissingProgram(String),
     #[error("attaching XDP to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
-    #[error("service {service}: {source}")]
-    Ring {
-        service: String,
-        source: ring::RingError,
-    },
-    #[error("more than {limit} {what}")]
-    Full { what: &'static str, limit: u32 },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("pinned link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
+    #[error(
+        "conntrack-size is {configured} in the config but the pinned data plane under {} has \
+         {pinned} ({map}): set conntrack-size = {pinned}, or run `lb teardown --pin-dir {}` \
+         first (drops every flow)",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    ConntrackSize {
+        configured: u32,
+        pinned: u32,
+        map: &'static str,
+        pin_dir: PathBuf,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
-
-/// Ids the agent gave out, kept stable across reloads (and, through the
-/// pinned maps, across restarts) so conntrack entries stay valid.
-#[derive(Debug, Default)]
-struct Ids {
-    services: BTreeMap<ServiceKey, u32>,
-    /// (service id, address, port) → backend id: ids are per service.
-    backends: BTreeMap<(u32, u32, u16), u32>,
-}
-
-impl Ids {
-    fn service(&mut self, key: ServiceKey) -> Result<u32> {
-        allocate(&mut self.services, key, MAX_SERVICES, "services")
-    }
-
-    fn backend(&mut self, service_id: u32, addr: SocketAddrV4) -> Result<u32> {
-        let (a, p) = raw_endpoint(addr);
-        allocate(
-            &mut self.backends,
-            (service_id, a, p),
-            MAX_BACKENDS,
-            "backends",
-        )
-    }
-}
 
 /// Every map of the `lb` program: all pinned, so a restarted agent adopts
 /// the flows, rings and counters of the one before it.
@@ -107,45 +94,6 @@ const LB_MAPS: [&str; 11] = [
     "VERDICTS",
 ];
 
-/// Whether a backend takes new flows, and what happens to its old ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
-    /// In the ring: new flows may go to it.
-    pub in_rotation: bool,
-    /// Flows already pinned to it are dropped instead of forwarded.
-    pub drop_flows: bool,
-}
-
-impl Admission {
-    pub const SERVING: Admission = Admission {
-        in_rotation: true,
-        drop_flows: false,
-    };
-}
-
-/// The lowest free id for `key`, or its existing one.
-fn allocate<K: Ord>(
-    ids: &mut BTreeMap<K, u32>,
-    key: K,
-    limit: u32,
-    what: &'static str,
-) -> Result<u32> {
-    if let Some(&id) = ids.get(&key) {
-        return Ok(id);
-    }
-    let used: std::collections::BTreeSet<u32> = ids.values().copied().collect();
-    let id = (0..limit)
-        .find(|i| !used.contains(i))
-        .ok_or(DataplaneError::Full { what, limit })?;
-    ids.insert(key, id);
-    Ok(id)
-}
-
-/// Address and port as raw network-order values, as the maps hold them.
-pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
-    (u32::from_ne_bytes(addr.ip().octets()), addr.port().to_be())
-}
-
 /// What the agent reports about one applied service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedService {
@@ -159,8 +107,8 @@ pub struct AppliedService {
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// The ids the maps hold; replaced by a plan's only once it is written.
     ids: Ids,
-    active_half: StdHashMap<u32, u32>,
     /// Interfaces `lb` is attached to. Unpinned links belong to the program
     /// (detached when it drops); pinned ones to their pins.
     attached: Vec<String>,
@@ -183,6 +131,11 @@ impl Dataplane {
             reason: e.to_string(),
         })?;
         let adopted = pin_dir.join("SERVICES").exists();
+        if adopted {
+            // Before the loader touches anything: it would silently reuse
+            // the pinned tables at their old size.
+            check_pinned_sizes(conntrack_size, pin_dir)?;
+        }
         let mut dp = Self::load_with(conntrack_size, Some(pin_dir))?;
         if adopted {
             dp.adopt_ids()?;
@@ -211,7 +164,6 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             ids: Ids::default(),
-            active_half: StdHashMap::new(),
             attached: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
         })
@@ -234,7 +186,7 @@ impl Dataplane {
             halves.push((*id, conf.active_ring));
         }
         let backends = self.array::<Backend>("BACKENDS")?;
-        let mut owned = Vec::new();
+        let (mut owned, mut retired) = (Vec::new(), Vec::new());
         for id in 0..MAX_BACKENDS {
             let b = backends.get(&id, 0).map_err(|source| DataplaneError::Map {
                 name: "BACKENDS",
@@ -242,11 +194,15 @@ impl Dataplane {
             })?;
             if b.flags & BACKEND_F_IN_USE != 0 {
                 owned.push(((b.service_id, b.addr, b.port), id));
+            } else if b.flags & BACKEND_F_DROP_FLOWS != 0 {
+                // Retired: free, but flows may still be pinned to it.
+                retired.push(id);
             }
         }
         self.ids.services.extend(services);
         self.ids.backends.extend(owned);
-        self.active_half.extend(halves);
+        self.ids.retired_backends.extend(retired);
+        self.ids.active_half.extend(halves);
         Ok(())
     }
 
@@ -362,181 +318,237 @@ impl Dataplane {
     /// [`Dataplane::apply`] with each backend's admission decided by `admit`
     /// (health, drain, disable): out-of-rotation backends leave the ring, and
     /// backups enter it only when no primary is in rotation.
+    ///
+    /// Plan first, then write: [`plan::plan`] computes every id, ring and
+    /// flag without touching anything, so a rejected change (ring too long,
+    /// a limit) leaves the maps and the id tables exactly as they were.
     pub fn apply_with(
         &mut self,
         cfg: &Config,
         admit: &dyn Fn(&config::Service, &config::Backend) -> Admission,
     ) -> Result<Vec<AppliedService>> {
-        let mut applied = Vec::with_capacity(cfg.services.len());
-        let mut live_backends = Vec::new();
-        let mut plans = Vec::new();
-        for svc in &cfg.services {
-            let (vip, port) = raw_endpoint(svc.vip);
-            let key = ServiceKey {
-                vip,
-                port,
-                protocol: protocol_number(svc.protocol),
-                _pad: 0,
-            };
-            let id = self.ids.service(key)?;
-            let mut backends = Vec::with_capacity(svc.backends.len());
-            let mut admissions = Vec::with_capacity(svc.backends.len());
-            for b in &svc.backends {
-                let bid = self.ids.backend(id, b.address)?;
-                let admission = admit(svc, b);
-                live_backends.push((bid, id, b.address, admission.drop_flows));
-                backends.push((b.name.clone(), bid));
-                admissions.push(admission);
+        let plan = plan::plan(&self.ids, cfg, admit)?;
+        let moved = self.write(&plan)?;
+        let applied = plan
+            .services
+            .iter()
+            .map(|s| AppliedService {
+                name: s.name.clone(),
+                id: s.id,
+                ring: s.ring.clone(),
+                backends: s.backends.clone(),
+            })
+            .collect();
+        self.ids = plan.next;
+        // Services that waited for a reused id ended on the other half.
+        for id in moved {
+            if let Some(half) = self.ids.active_half.get_mut(&id) {
+                *half = 1 - *half;
             }
-            let slots = ring_slots(svc, &backends, &admissions);
-            let ring = ring::to_ring(&slots).map_err(|source| DataplaneError::Ring {
-                service: svc.name.clone(),
-                source,
-            })?;
-            plans.push((key, id, svc, ring));
-            applied.push(AppliedService {
-                name: svc.name.clone(),
-                id,
-                ring: slots,
-                backends,
-            });
         }
+        Ok(applied)
+    }
 
-        // 1. Backends first: a ring may only name backends that exist.
+    /// Writes a plan so that no packet sees a half-made change:
+    /// 1. services that are gone stop matching (key out of `SERVICES`, conf
+    ///    slot cleared), so nothing schedules from their rings any more;
+    /// 2. backends (except reused ids), so a ring only names backends that
+    ///    exist;
+    /// 3. each service's inactive ring half, then `SERVICE_CONF` switching to
+    ///    it (one store); a ring that needs a reused id gets it only in 6;
+    /// 4. backends that are gone: DROP_FLOWS, so their pinned flows drop;
+    /// 5. reused ids: flows still pinned to the backend they named before
+    ///    are deleted from `CONNTRACK`/`REVERSE_NAT`, and their counters
+    ///    zeroed, before the new backend goes into the slot;
+    /// 6. rings that waited for a reused id switch to their final contents;
+    /// 7. `SERVICES` and `VIPS` match the new services.
+    ///
+    /// Returns the services whose ring ended on the other half than planned.
+    fn write(&mut self, plan: &Plan) -> Result<Vec<u32>> {
+        // 1. Retired services first: with its key gone and its conf cleared,
+        // no packet schedules from a retired service's ring.
+        {
+            let mut services = self.hash::<ServiceKey, u32>("SERVICES")?;
+            for (key, _) in &plan.retired_services {
+                remove_if_present(&mut services, "SERVICES", key)?;
+            }
+        }
+        for &(_, id) in &plan.retired_services {
+            set(
+                &mut self.array::<ServiceConf>("SERVICE_CONF")?,
+                "SERVICE_CONF",
+                id,
+                ServiceConf::default(),
+            )?;
+        }
+        // 2. Backends, except those whose id still has old flows to purge.
+        for b in plan.backends.iter().filter(|b| !plan.purge.contains(&b.id)) {
+            self.write_backend(b)?;
+        }
+        // 3. Rings. One naming a reused id runs without it until step 6.
+        let mut waiting = Vec::new();
+        for svc in &plan.services {
+            if svc.ring.iter().any(|id| plan.purge.contains(id)) {
+                let interim: Vec<u32> = svc
+                    .ring
+                    .iter()
+                    .copied()
+                    .filter(|id| !plan.purge.contains(id))
+                    .collect();
+                self.switch_ring(svc, svc.half, &interim)?;
+                waiting.push(svc);
+            } else {
+                self.switch_ring(svc, svc.half, &svc.ring)?;
+            }
+        }
+        // 4. Backends that are gone: their pinned flows drop.
         {
             let mut map = self.array::<Backend>("BACKENDS")?;
-            for &(bid, service_id, addr, drop_flows) in &live_backends {
-                let (addr, port) = raw_endpoint(addr);
-                let flags = BACKEND_F_IN_USE | if drop_flows { BACKEND_F_DROP_FLOWS } else { 0 };
+            for &((service_id, addr, port), id) in &plan.retired_backends {
                 set(
                     &mut map,
                     "BACKENDS",
-                    bid,
+                    id,
                     Backend {
                         addr,
                         port,
-                        flags,
+                        flags: BACKEND_F_DROP_FLOWS,
                         service_id,
                         _pad: 0,
                     },
                 )?;
             }
         }
-        // 2. Each service's inactive ring half, then the switch.
-        for (_, id, svc, ring) in &plans {
-            let half = 1 - self.active_half.get(id).copied().unwrap_or(1);
-            let mut rings = self.array::<Ring>("RINGS")?;
-            set(&mut rings, "RINGS", Ring::slot(*id, half), *ring)?;
-            let conf = ServiceConf {
-                active_ring: half,
-                mode: match svc.forwarding {
-                    Forwarding::Nat => MODE_NAT,
-                    Forwarding::Dsr => MODE_DSR,
-                },
-                scheduler: match svc.scheduler {
-                    Scheduler::SourceHash => SCHED_HASH,
-                    Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => SCHED_COUNTER,
-                },
-                enabled: 1,
-            };
-            let mut confs = self.array::<ServiceConf>("SERVICE_CONF")?;
-            set(&mut confs, "SERVICE_CONF", *id, conf)?;
-            self.active_half.insert(*id, half);
+        // 5. Reused ids: no flow may reach the new backend by an old pin.
+        if !plan.purge.is_empty() {
+            self.purge_flows(&plan.purge)?;
+            for b in plan.backends.iter().filter(|b| plan.purge.contains(&b.id)) {
+                self.zero_backend_counters(b.id)?;
+                self.write_backend(b)?;
+            }
         }
-        // 3. Make the services match, and retire what is gone.
-        self.publish_services(
-            &plans
-                .iter()
-                .map(|(k, id, _, _)| (*k, *id))
-                .collect::<Vec<_>>(),
-        )?;
-        self.retire_backends(&live_backends.iter().map(|b| b.0).collect::<Vec<_>>())?;
-        Ok(applied)
+        // 6. Rings that waited for a reused id: into the other half now.
+        for svc in &waiting {
+            self.switch_ring(svc, 1 - svc.half, &svc.ring)?;
+        }
+        // 7. Make the services match.
+        self.publish_services(plan)?;
+        Ok(waiting.iter().map(|svc| svc.id).collect())
     }
 
-    fn publish_services(&mut self, live: &[(ServiceKey, u32)]) -> Result<()> {
-        let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
-        for (k, _) in live {
-            *vips.entry(k.vip).or_default() += 1;
+    fn write_backend(&mut self, b: &BackendPlan) -> Result<()> {
+        set(
+            &mut self.array::<Backend>("BACKENDS")?,
+            "BACKENDS",
+            b.id,
+            Backend {
+                addr: b.addr,
+                port: b.port,
+                flags: b.flags,
+                service_id: b.service_id,
+                _pad: 0,
+            },
+        )
+    }
+
+    /// Writes `slots` into ring half `half` of the service, then switches
+    /// `SERVICE_CONF` to it in one aligned store.
+    fn switch_ring(&mut self, svc: &ServicePlan, half: u32, slots: &[u32]) -> Result<()> {
+        // The plan checked the length; a shorter interim ring fits too.
+        let ring = ring::to_ring(slots).map_err(|source| PlanError::Ring {
+            service: svc.name.clone(),
+            source,
+        })?;
+        let mut rings = self.array::<Ring>("RINGS")?;
+        set(&mut rings, "RINGS", Ring::slot(svc.id, half), ring)?;
+        let conf = ServiceConf {
+            active_ring: half,
+            mode: svc.mode,
+            scheduler: svc.scheduler,
+            enabled: 1,
+        };
+        set(
+            &mut self.array::<ServiceConf>("SERVICE_CONF")?,
+            "SERVICE_CONF",
+            svc.id,
+            conf,
+        )
+    }
+
+    /// Deletes every flow pinned to one of `ids` (both tables). Walks the
+    /// whole tables, so it runs only when an id with a past is reused.
+    fn purge_flows(&mut self, ids: &BTreeSet<u32>) -> Result<()> {
+        {
+            let mut flows = self.hash::<FlowKey, Flow>("CONNTRACK")?;
+            let stale: Vec<FlowKey> = flows
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(_, f)| ids.contains(&f.backend_id))
+                .map(|(k, _)| k)
+                .collect();
+            for key in &stale {
+                remove_if_present(&mut flows, "CONNTRACK", key)?;
+            }
         }
-        let retired: Vec<(ServiceKey, u32)> = self
-            .ids
-            .services
+        let mut replies = self.hash::<FlowKey, ReverseNat>("REVERSE_NAT")?;
+        let stale: Vec<FlowKey> = replies
             .iter()
-            .filter(|(k, _)| !live.iter().any(|(l, _)| l == *k))
-            .map(|(k, id)| (*k, *id))
+            .filter_map(|r| r.ok())
+            .filter(|(_, r)| ids.contains(&r.backend_id))
+            .map(|(k, _)| k)
             .collect();
+        for key in &stale {
+            remove_if_present(&mut replies, "REVERSE_NAT", key)?;
+        }
+        Ok(())
+    }
+
+    /// A reused id starts its traffic counters from zero.
+    fn zero_backend_counters(&mut self, id: u32) -> Result<()> {
+        let map_err = |source| DataplaneError::Map {
+            name: "BACKEND_STATS",
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| map_err(MapError::IoError(e)))?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| map_err(MapError::IoError(e)))?;
+        let map = self
+            .ebpf
+            .map_mut("BACKEND_STATS")
+            .ok_or(DataplaneError::MissingMap("BACKEND_STATS"))?;
+        let mut stats: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(map).map_err(map_err)?;
+        stats.set(id, zeros, 0).map_err(map_err)
+    }
+
+    /// `SERVICES` gets every live key and `VIPS` the count per VIP.
+    fn publish_services(&mut self, plan: &Plan) -> Result<()> {
         {
             let mut services = self.hash::<ServiceKey, u32>("SERVICES")?;
-            for (k, id) in live {
+            for svc in &plan.services {
                 services
-                    .insert(k, id, 0)
+                    .insert(svc.key, svc.id, 0)
                     .map_err(|source| DataplaneError::Map {
                         name: "SERVICES",
                         source,
                     })?;
             }
-            for (k, _) in &retired {
-                remove_if_present(&mut services, "SERVICES", k)?;
-            }
         }
-        {
-            let mut map = self.hash::<u32, u32>("VIPS")?;
-            for (vip, n) in &vips {
-                map.insert(vip, n, 0)
-                    .map_err(|source| DataplaneError::Map {
-                        name: "VIPS",
-                        source,
-                    })?;
-            }
-            let stale: Vec<u32> = map
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| !vips.contains_key(k))
-                .collect();
-            for vip in stale {
-                remove_if_present(&mut map, "VIPS", &vip)?;
-            }
+        let mut map = self.hash::<u32, u32>("VIPS")?;
+        for (vip, n) in &plan.vips {
+            map.insert(vip, n, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: "VIPS",
+                    source,
+                })?;
         }
-        let mut confs = self.array::<ServiceConf>("SERVICE_CONF")?;
-        for &(_, id) in &retired {
-            set(&mut confs, "SERVICE_CONF", id, ServiceConf::default())?;
-        }
-        for (k, id) in retired {
-            self.ids.services.remove(&k);
-            self.active_half.remove(&id);
-        }
-        Ok(())
-    }
-
-    /// Backends no service uses any more: flows still pinned to them drop,
-    /// so clients reconnect to a live backend at once.
-    fn retire_backends(&mut self, live: &[u32]) -> Result<()> {
-        let retired: Vec<((u32, u32, u16), u32)> = self
-            .ids
-            .backends
-            .iter()
-            .filter(|(_, id)| !live.contains(id))
-            .map(|(k, id)| (*k, *id))
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !plan.vips.contains_key(k))
             .collect();
-        let mut map = self.array::<Backend>("BACKENDS")?;
-        // The slot stays DROP_FLOWS (not IN_USE) until it is given out again.
-        for &((service_id, addr, port), id) in &retired {
-            set(
-                &mut map,
-                "BACKENDS",
-                id,
-                Backend {
-                    addr,
-                    port,
-                    flags: BACKEND_F_DROP_FLOWS,
-                    service_id,
-                    _pad: 0,
-                },
-            )?;
-        }
-        for (endpoint, _) in retired {
-            self.ids.backends.remove(&endpoint);
+        for vip in stale {
+            remove_if_present(&mut map, "VIPS", &vip)?;
         }
         Ok(())
     }
@@ -592,22 +604,20 @@ impl Dataplane {
     /// The backends in each service's active ring, as (service key, backend
     /// address): what a previous agent left serving. A restarted agent
     /// starts those backends as up, so a restart changes no ring.
-    pub fn ring_members(&self) -> Result<std::collections::BTreeSet<(ServiceKey, SocketAddrV4)>> {
+    pub fn ring_members(&self) -> Result<BTreeSet<(ServiceKey, SocketAddrV4)>> {
         let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
         let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
         let rings: Array<&MapData, Ring> = Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
         let backends: Array<&MapData, Backend> =
             Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
-        let mut members = std::collections::BTreeSet::new();
+        let mut members = BTreeSet::new();
         for (key, id) in &self.ids.services {
-            let half = self.active_half.get(id).copied().unwrap_or(0);
+            let half = self.ids.active_half.get(id).copied().unwrap_or(0);
             let ring = rings.get(&Ring::slot(*id, half), 0).map_err(err("RINGS"))?;
             for bid in ring.ids.iter().take(ring.len as usize) {
                 let b = backends.get(bid, 0).map_err(err("BACKENDS"))?;
-                let addr = SocketAddrV4::new(
-                    std::net::Ipv4Addr::from(b.addr.to_ne_bytes()),
-                    u16::from_be(b.port),
-                );
+                let addr =
+                    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
                 members.insert((*key, addr));
             }
         }
@@ -669,6 +679,29 @@ impl FlowTable {
     }
 }
 
+/// The pinned flow tables must have the size the config asks for: a map's
+/// size is fixed when it is created, and adopting keeps the old one.
+fn check_pinned_sizes(conntrack_size: u32, pin_dir: &Path) -> Result<()> {
+    for map in ["CONNTRACK", "REVERSE_NAT"] {
+        let path = pin_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapInfo::from_pin(&path)
+            .map_err(|source| DataplaneError::Map { name: map, source })?
+            .max_entries();
+        if pinned != conntrack_size {
+            return Err(DataplaneError::ConntrackSize {
+                configured: conntrack_size,
+                pinned,
+                map,
+                pin_dir: pin_dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog = ebpf
         .program_mut(name)
@@ -697,36 +730,5 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(DataplaneError::Map { name, source }),
-    }
-}
-
-pub fn protocol_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => lb_common::headers::IPPROTO_TCP,
-        Protocol::Udp => lb_common::headers::IPPROTO_UDP,
-    }
-}
-
-/// The ring of a service: its non-backup backends in rotation with weight
-/// > 0, or — when there are none — its backups (HAProxy's `backup`).
-fn ring_slots(svc: &config::Service, ids: &[(String, u32)], admissions: &[Admission]) -> Vec<u32> {
-    let pick = |backup: bool| -> Vec<(u32, u32)> {
-        svc.backends
-            .iter()
-            .zip(ids)
-            .zip(admissions)
-            .filter(|((b, _), a)| b.backup == backup && b.weight > 0 && a.in_rotation)
-            .map(|((b, (_, id)), _)| (*id, b.weight))
-            .collect()
-    };
-    let mut members = pick(false);
-    if members.is_empty() {
-        members = pick(true);
-    }
-    match svc.scheduler {
-        Scheduler::WeightedRoundRobin => ring::weighted(&members),
-        Scheduler::RoundRobin | Scheduler::SourceHash => {
-            ring::round_robin(&members.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-        }
     }
 }

@@ -1,0 +1,587 @@
+//! Planning a config change, before anything is written.
+//!
+//! [`plan`] is a pure function from the id tables the data plane holds now,
+//! the new config and each backend's admission to everything the maps must
+//! hold afterwards: service and backend ids, rings, backend flags, what is
+//! retired, and which reused ids need their old flows purged first. A
+//! rejected change (a ring too long, a limit) is rejected here, so the maps
+//! and the id tables stay exactly as they were.
+//!
+//! Id rules:
+//! - ids of services and backends that still exist never change (conntrack
+//!   entries store them);
+//! - retired ids are freed before new ones are given out, so a reload that
+//!   replaces every backend at the limit fits;
+//! - a new id is a never-used one when there is one; else an id retired by
+//!   an earlier apply; only then one retired by this apply. A reused backend
+//!   id may still have flows pinned to the backend it named (the flow table
+//!   has no expiry), so it is listed in [`Plan::purge`]: the writer deletes
+//!   those flows before it publishes the new backend.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use lb_common::{
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, MAX_BACKENDS, MAX_SERVICES,
+    MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, ServiceKey, ring,
+};
+
+use crate::config::{self, Config, Forwarding, Protocol, Scheduler};
+
+/// A backend's identity: (service id, address, port), raw network order.
+/// Ids are per service, so the same server in two services has two ids.
+pub type BackendKey = (u32, u32, u16);
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("service {service}: {source}")]
+    Ring {
+        service: String,
+        source: ring::RingError,
+    },
+    #[error("more than {limit} {what}")]
+    Full { what: &'static str, limit: u32 },
+}
+
+/// Whether a backend takes new flows, and what happens to its old ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// In the ring: new flows may go to it.
+    pub in_rotation: bool,
+    /// Flows already pinned to it are dropped instead of forwarded.
+    pub drop_flows: bool,
+}
+
+impl Admission {
+    pub const SERVING: Admission = Admission {
+        in_rotation: true,
+        drop_flows: false,
+    };
+}
+
+/// The ids the data plane holds, kept stable across reloads (and, through
+/// the pinned maps, across restarts) so conntrack entries stay valid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ids {
+    pub services: BTreeMap<ServiceKey, u32>,
+    pub backends: BTreeMap<BackendKey, u32>,
+    /// Backend ids retired by earlier applies: free, but flows may still be
+    /// pinned to the backend they named (its slot says DROP_FLOWS).
+    pub retired_backends: BTreeSet<u32>,
+    /// Service id → the ring half new flows use.
+    pub active_half: BTreeMap<u32, u32>,
+}
+
+/// One service as the maps will hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub name: String,
+    pub key: ServiceKey,
+    pub id: u32,
+    /// `MODE_NAT` or `MODE_DSR`.
+    pub mode: u32,
+    /// `SCHED_COUNTER` or `SCHED_HASH`.
+    pub scheduler: u32,
+    /// The ring half this apply writes and switches to.
+    pub half: u32,
+    /// Backend ids in ring order (fits a ring: checked).
+    pub ring: Vec<u32>,
+    /// Backend name → id, for every configured backend, in config order.
+    pub backends: Vec<(String, u32)>,
+}
+
+/// One live backend's `BACKENDS` slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendPlan {
+    pub id: u32,
+    pub service_id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u16,
+}
+
+/// Everything an apply writes, computed before the first write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub services: Vec<ServicePlan>,
+    /// Every live backend, each id once.
+    pub backends: Vec<BackendPlan>,
+    /// Services that are gone: their key leaves `SERVICES` and their conf
+    /// slot is cleared (a new service given the id writes its own).
+    pub retired_services: Vec<(ServiceKey, u32)>,
+    /// Backends that are gone: their slot becomes DROP_FLOWS (not IN_USE).
+    pub retired_backends: Vec<(BackendKey, u32)>,
+    /// Reused backend ids that may still have flows pinned to the backend
+    /// they named before: delete those flows before writing the new one.
+    pub purge: BTreeSet<u32>,
+    /// VIP → number of services on it.
+    pub vips: BTreeMap<u32, u32>,
+    /// The id tables once the plan is written.
+    pub next: Ids,
+}
+
+/// Address and port as raw network-order values, as the maps hold them.
+pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
+    (u32::from_ne_bytes(addr.ip().octets()), addr.port().to_be())
+}
+
+pub fn protocol_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => lb_common::headers::IPPROTO_TCP,
+        Protocol::Udp => lb_common::headers::IPPROTO_UDP,
+    }
+}
+
+pub fn service_key(svc: &config::Service) -> ServiceKey {
+    let (vip, port) = raw_endpoint(svc.vip);
+    ServiceKey {
+        vip,
+        port,
+        protocol: protocol_number(svc.protocol),
+        _pad: 0,
+    }
+}
+
+/// Hands out ids: never-used ones first, then ones retired earlier, then
+/// ones retired by this very plan.
+struct Allocator {
+    candidates: std::vec::IntoIter<u32>,
+    limit: u32,
+    what: &'static str,
+}
+
+impl Allocator {
+    fn new(
+        limit: u32,
+        what: &'static str,
+        live: &BTreeSet<u32>,
+        earlier: &BTreeSet<u32>,
+        just: &BTreeSet<u32>,
+    ) -> Self {
+        let fresh =
+            (0..limit).filter(|i| !live.contains(i) && !earlier.contains(i) && !just.contains(i));
+        let candidates: Vec<u32> = fresh
+            .chain(earlier.iter().copied().filter(|i| !live.contains(i)))
+            .chain(just.iter().copied())
+            .collect();
+        Allocator {
+            candidates: candidates.into_iter(),
+            limit,
+            what,
+        }
+    }
+
+    fn next(&mut self) -> Result<u32, PlanError> {
+        self.candidates.next().ok_or(PlanError::Full {
+            what: self.what,
+            limit: self.limit,
+        })
+    }
+}
+
+/// Plans `cfg` over the ids in `now`, each backend admitted by `admit`.
+pub fn plan(
+    now: &Ids,
+    cfg: &Config,
+    admit: &dyn Fn(&config::Service, &config::Backend) -> Admission,
+) -> Result<Plan, PlanError> {
+    // Services: survivors keep their ids; new ones get free ids.
+    let keys: Vec<ServiceKey> = cfg.services.iter().map(service_key).collect();
+    let wanted: BTreeSet<ServiceKey> = keys.iter().copied().collect();
+    let kept_services: BTreeMap<ServiceKey, u32> = now
+        .services
+        .iter()
+        .filter(|(k, _)| wanted.contains(k))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    let retired_services: Vec<(ServiceKey, u32)> = now
+        .services
+        .iter()
+        .filter(|(k, _)| !wanted.contains(k))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    let mut service_ids = Allocator::new(
+        MAX_SERVICES,
+        "services",
+        &kept_services.values().copied().collect(),
+        &BTreeSet::new(),
+        &retired_services.iter().map(|(_, id)| *id).collect(),
+    );
+    let mut next = Ids {
+        services: kept_services,
+        ..Ids::default()
+    };
+    let mut ids_of = Vec::with_capacity(keys.len());
+    for key in &keys {
+        let id = match next.services.get(key) {
+            Some(&id) => id,
+            None => {
+                let id = service_ids.next()?;
+                next.services.insert(*key, id);
+                id
+            }
+        };
+        ids_of.push(id);
+    }
+    // A backend survives when its service does (same id) and still lists it.
+    let wanted_backends: BTreeSet<BackendKey> = cfg
+        .services
+        .iter()
+        .zip(&ids_of)
+        .flat_map(|(svc, &sid)| {
+            svc.backends.iter().map(move |b| {
+                let (a, p) = raw_endpoint(b.address);
+                (sid, a, p)
+            })
+        })
+        .collect();
+    let kept_service_ids: BTreeSet<u32> = now
+        .services
+        .iter()
+        .filter(|(k, _)| wanted.contains(k))
+        .map(|(_, id)| *id)
+        .collect();
+    let survives = |k: &BackendKey| kept_service_ids.contains(&k.0) && wanted_backends.contains(k);
+    next.backends = now
+        .backends
+        .iter()
+        .filter(|(k, _)| survives(k))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    let retired_backends: Vec<(BackendKey, u32)> = now
+        .backends
+        .iter()
+        .filter(|(k, _)| !survives(k))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    let just_retired: BTreeSet<u32> = retired_backends.iter().map(|(_, id)| *id).collect();
+    let mut backend_ids = Allocator::new(
+        MAX_BACKENDS,
+        "backends",
+        &next.backends.values().copied().collect(),
+        &now.retired_backends,
+        &just_retired,
+    );
+    let mut purge = BTreeSet::new();
+
+    let mut services = Vec::with_capacity(cfg.services.len());
+    let mut backends: BTreeMap<u32, BackendPlan> = BTreeMap::new();
+    for ((svc, key), &id) in cfg.services.iter().zip(&keys).zip(&ids_of) {
+        let mut named = Vec::with_capacity(svc.backends.len());
+        let mut admissions = Vec::with_capacity(svc.backends.len());
+        for b in &svc.backends {
+            let (addr, port) = raw_endpoint(b.address);
+            let bid = match next.backends.get(&(id, addr, port)) {
+                Some(&bid) => bid,
+                None => {
+                    let bid = backend_ids.next()?;
+                    if now.retired_backends.contains(&bid) || just_retired.contains(&bid) {
+                        purge.insert(bid);
+                    }
+                    next.backends.insert((id, addr, port), bid);
+                    bid
+                }
+            };
+            let admission = admit(svc, b);
+            let slot = backends.entry(bid).or_insert(BackendPlan {
+                id: bid,
+                service_id: id,
+                addr,
+                port,
+                flags: BACKEND_F_IN_USE,
+            });
+            if admission.drop_flows {
+                slot.flags |= BACKEND_F_DROP_FLOWS;
+            }
+            named.push((b.name.clone(), bid));
+            admissions.push(admission);
+        }
+        let ring = ring_slots(svc, &named, &admissions);
+        ring::to_ring(&ring).map_err(|source| PlanError::Ring {
+            service: svc.name.clone(),
+            source,
+        })?;
+        for bid in &ring {
+            if let Some(slot) = backends.get_mut(bid) {
+                slot.flags |= BACKEND_F_IN_RING;
+            }
+        }
+        let half = 1 - now.active_half.get(&id).copied().unwrap_or(1);
+        next.active_half.insert(id, half);
+        services.push(ServicePlan {
+            name: svc.name.clone(),
+            key: *key,
+            id,
+            mode: match svc.forwarding {
+                Forwarding::Nat => MODE_NAT,
+                Forwarding::Dsr => MODE_DSR,
+            },
+            scheduler: match svc.scheduler {
+                Scheduler::SourceHash => SCHED_HASH,
+                Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => SCHED_COUNTER,
+            },
+            half,
+            ring,
+            backends: named,
+        });
+    }
+    next.retired_backends = now
+        .retired_backends
+        .iter()
+        .chain(&just_retired)
+        .copied()
+        .filter(|id| !backends.contains_key(id))
+        .collect();
+    let mut vips = BTreeMap::new();
+    for key in next.services.keys() {
+        *vips.entry(key.vip).or_default() += 1;
+    }
+    Ok(Plan {
+        services,
+        backends: backends.into_values().collect(),
+        retired_services,
+        retired_backends,
+        purge,
+        vips,
+        next,
+    })
+}
+
+/// The ring of a service: its non-backup backends in rotation with weight
+/// > 0, or — when there are none — its backups (HAProxy's `backup`).
+fn ring_slots(svc: &config::Service, ids: &[(String, u32)], admissions: &[Admission]) -> Vec<u32> {
+    let pick = |backup: bool| -> Vec<(u32, u32)> {
+        svc.backends
+            .iter()
+            .zip(ids)
+            .zip(admissions)
+            .filter(|((b, _), a)| b.backup == backup && b.weight > 0 && a.in_rotation)
+            .map(|((b, (_, id)), _)| (*id, b.weight))
+            .collect()
+    };
+    let mut members = pick(false);
+    if members.is_empty() {
+        members = pick(true);
+    }
+    match svc.scheduler {
+        Scheduler::WeightedRoundRobin => ring::weighted(&members),
+        Scheduler::RoundRobin | Scheduler::SourceHash => {
+            ring::round_robin(&members.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::config::{Backend, Dataplane, OnBackendDown, Service, XdpMode};
+
+    fn backend(n: u32) -> Backend {
+        let ip = Ipv4Addr::from(0x0a00_0000 + n);
+        Backend {
+            name: format!("b{n}"),
+            address: SocketAddrV4::new(ip, 80),
+            weight: 1,
+            backup: false,
+            health: None,
+        }
+    }
+
+    fn service(name: &str, vip: u8, backends: impl IntoIterator<Item = u32>) -> Service {
+        Service {
+            name: name.into(),
+            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, vip), 80),
+            protocol: Protocol::Tcp,
+            forwarding: Forwarding::Nat,
+            scheduler: Scheduler::RoundRobin,
+            health: None,
+            on_backend_down: OnBackendDown::KeepFlows,
+            backends: backends.into_iter().map(backend).collect(),
+        }
+    }
+
+    fn config(services: Vec<Service>) -> Config {
+        Config {
+            dataplane: Dataplane {
+                interfaces: vec!["eth0".into()],
+                forwarding: Forwarding::Nat,
+                xdp_mode: XdpMode::Native,
+                conntrack_size: 1024,
+            },
+            services,
+        }
+    }
+
+    fn serving(_: &config::Service, _: &config::Backend) -> Admission {
+        Admission::SERVING
+    }
+
+    /// Plans `cfg` on `now` and returns the new id tables.
+    fn apply(now: &Ids, cfg: &Config) -> Plan {
+        plan(now, cfg, &serving).expect("plan")
+    }
+
+    fn ids_of(p: &Plan, service: usize) -> Vec<u32> {
+        p.services[service]
+            .backends
+            .iter()
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    #[test]
+    fn replacing_every_backend_at_the_limit_fits() {
+        let max = MAX_BACKENDS;
+        let first = apply(&Ids::default(), &config(vec![service("a", 10, 0..max)]));
+        assert_eq!(first.backends.len(), max as usize);
+        assert!(first.purge.is_empty(), "fresh ids need no purge");
+        let second = apply(&first.next, &config(vec![service("a", 10, max..2 * max)]));
+        assert_eq!(second.backends.len(), max as usize);
+        assert_eq!(second.retired_backends.len(), max as usize);
+        // Every id was just retired, so every one is purged before reuse.
+        assert_eq!(second.purge.len(), max as usize);
+        assert!(second.next.retired_backends.is_empty());
+        let ids: BTreeSet<u32> = second.backends.iter().map(|b| b.id).collect();
+        assert_eq!(ids, (0..max).collect());
+    }
+
+    #[test]
+    fn one_backend_over_the_limit_is_rejected_and_nothing_changes() {
+        let max = MAX_BACKENDS;
+        let first = apply(&Ids::default(), &config(vec![service("a", 10, 0..max)]));
+        let before = first.next.clone();
+        // Split over two services so no ring exceeds its own limit.
+        let over = config(vec![
+            service("a", 10, max..max + max / 2),
+            service("b", 11, 0..max / 2 + 1),
+        ]);
+        assert_eq!(
+            plan(&first.next, &over, &serving),
+            Err(PlanError::Full {
+                what: "backends",
+                limit: max
+            })
+        );
+        assert_eq!(first.next, before, "the id tables are untouched");
+    }
+
+    #[test]
+    fn surviving_backends_keep_their_ids() {
+        let first = apply(&Ids::default(), &config(vec![service("a", 10, 0..6)]));
+        let old = ids_of(&first, 0);
+        // b0, b2, b4 go; b1, b3, b5 stay, in another order; b6, b7 are new.
+        let second = apply(
+            &first.next,
+            &config(vec![service("a", 10, [5, 3, 1, 6, 7])]),
+        );
+        let new = ids_of(&second, 0);
+        assert_eq!(&new[..3], &[old[5], old[3], old[1]]);
+        // New backends get never-used ids, not the three just retired.
+        assert_eq!(&new[3..], &[6, 7]);
+        assert!(second.purge.is_empty());
+        assert_eq!(
+            second.next.retired_backends,
+            [old[0], old[2], old[4]].into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn retired_ids_are_reused_oldest_first_and_purged() {
+        let max = MAX_BACKENDS;
+        let full = apply(&Ids::default(), &config(vec![service("a", 10, 0..max)]));
+        // Drop b0 and b1: free, but their flows may still be pinned.
+        let fewer = apply(&full.next, &config(vec![service("a", 10, 2..max)]));
+        assert_eq!(fewer.next.retired_backends, [0, 1].into_iter().collect());
+        // Replace b2 by a new one: the earlier-retired id 0 is reused before
+        // the just-retired b2's, and it is purged.
+        let mut list: Vec<u32> = (3..max).collect();
+        list.push(max);
+        let next = apply(&fewer.next, &config(vec![service("a", 10, list)]));
+        let new_id = *ids_of(&next, 0).last().expect("an id");
+        assert_eq!(new_id, 0);
+        assert_eq!(next.purge, [0].into_iter().collect());
+        assert_eq!(next.next.retired_backends, [1, 2].into_iter().collect());
+    }
+
+    #[test]
+    fn a_ring_error_is_rejected_before_any_id_moves() {
+        let first = apply(&Ids::default(), &config(vec![service("a", 10, 0..3)]));
+        let mut svc = service("a", 10, 3..6);
+        svc.scheduler = Scheduler::WeightedRoundRobin;
+        for (i, b) in svc.backends.iter_mut().enumerate() {
+            b.weight = 4000 + i as u32; // coprime weights: a ring of ~12000 slots
+        }
+        let err = plan(&first.next, &config(vec![svc]), &serving);
+        assert!(matches!(err, Err(PlanError::Ring { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn flags_follow_the_ring_and_admissions() {
+        let admit = |_: &config::Service, b: &config::Backend| match b.name.as_str() {
+            "b1" => Admission {
+                in_rotation: false,
+                drop_flows: false,
+            },
+            "b2" => Admission {
+                in_rotation: false,
+                drop_flows: true,
+            },
+            _ => Admission::SERVING,
+        };
+        let p = plan(
+            &Ids::default(),
+            &config(vec![service("a", 10, 0..3)]),
+            &admit,
+        )
+        .expect("plan");
+        let flags: Vec<u16> = p.backends.iter().map(|b| b.flags).collect();
+        assert_eq!(
+            flags,
+            vec![
+                BACKEND_F_IN_USE | BACKEND_F_IN_RING,
+                BACKEND_F_IN_USE,
+                BACKEND_F_IN_USE | BACKEND_F_DROP_FLOWS,
+            ]
+        );
+        assert_eq!(p.services[0].ring, vec![0]);
+    }
+
+    #[test]
+    fn services_keep_ids_and_flip_halves() {
+        let first = apply(
+            &Ids::default(),
+            &config(vec![service("a", 10, 0..2), service("b", 11, 2..4)]),
+        );
+        assert_eq!(
+            first
+                .services
+                .iter()
+                .map(|s| (s.id, s.half))
+                .collect::<Vec<_>>(),
+            vec![(0, 0), (1, 0)]
+        );
+        // a goes, c comes: b keeps id 1 and flips; c gets the never-used 2.
+        let second = apply(
+            &first.next,
+            &config(vec![service("b", 11, 2..4), service("c", 12, 0..2)]),
+        );
+        assert_eq!(
+            second
+                .services
+                .iter()
+                .map(|s| (s.id, s.half))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 0)]
+        );
+        assert_eq!(second.retired_services.len(), 1);
+        // b's backends survive with their ids; c's are new (a's were retired,
+        // ids are per service).
+        assert_eq!(ids_of(&second, 0), ids_of(&first, 1));
+        assert_eq!(ids_of(&second, 1), vec![4, 5]);
+        assert_eq!(second.vips.len(), 2);
+    }
+}
