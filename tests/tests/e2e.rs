@@ -65,8 +65,9 @@ fn new_lab() -> Result<Lab> {
     Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
 }
 
-/// For each mode: route the webs for it, start a fresh agent (so round robin
-/// counts from zero), run `check`, and stop the agent, which must exit 0.
+/// For each mode: route the webs for it, start a fresh agent on a fresh data
+/// plane (so round robin counts from zero), run `check`, stop the agent,
+/// which must exit 0, and remove its data plane.
 fn in_each_mode(lab: &Lab, check: impl Fn(&Lab, Forwarding) -> Result<()>) -> Result<()> {
     for mode in MODES {
         let name = mode.name();
@@ -80,6 +81,9 @@ fn in_each_mode(lab: &Lab, check: impl Fn(&Lab, Forwarding) -> Result<()>) -> Re
         agent
             .stop()
             .with_context(|| format!("stopping the agent ({name})"))?;
+        // Stopping leaves the pinned data plane forwarding; the next mode
+        // starts from a fresh one.
+        lab.remove_dataplane()?;
     }
     Ok(())
 }

@@ -283,6 +283,9 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
     agent
         .stop()
         .with_context(|| format!("stopping the agent ({name})"))?;
+    // The agent's stop leaves the data plane forwarding (hitless restarts);
+    // the next mode starts from a fresh one.
+    lab.remove_dataplane()?;
     Ok(summarize(name, &answers))
 }
 

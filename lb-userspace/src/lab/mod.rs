@@ -264,6 +264,15 @@ impl Lab {
         pin_dir(&self.prefix)
     }
 
+    /// `lb teardown --pin-dir` of the lab's data plane: detaches XDP and
+    /// removes the pins, so the next agent starts afresh instead of adopting
+    /// flows and round-robin positions.
+    pub fn remove_dataplane(&self) -> anyhow::Result<()> {
+        crate::dataplane::Dataplane::teardown(&self.pin_dir())
+            .map(drop)
+            .with_context(|| format!("lb teardown --pin-dir {}", self.pin_dir().display()))
+    }
+
     /// [`Lab::start_agent`] with extra `lb run` arguments.
     pub fn start_agent_with(
         &self,
