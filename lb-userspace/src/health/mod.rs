@@ -1,0 +1,329 @@
+//! Health checks: one tokio task per checked (service, backend) that probes
+//! the backend every `interval` and reports health transitions.
+//!
+//! A backend's health is [`Health::Up`], [`Health::Down`] or
+//! [`Health::Pending`] (never judged yet: out of the ring until it passes
+//! `rise` probes in a row, as HAProxy treats a new server). Up goes down
+//! after `fall` consecutive failed probes, down or pending goes up after
+//! `rise` consecutive passed probes, pending goes down after `fall`
+//! failures; the rise/fall logic is the pure [`Counter`].
+//!
+//! The agent owns the health of every backend and hands it to
+//! [`HealthChecker::sync`] whenever the config changes: checks of backends
+//! that still exist (same service, same address, same check) keep running
+//! untouched, changed checks restart from the state the agent has, and only
+//! new backends start pending. A reload therefore never resets a down
+//! backend to up, nor forgets that one came back.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle, time::MissedTickBehavior};
+
+use crate::config::{Config, HealthCheck};
+
+mod counter;
+mod probe;
+#[cfg(test)]
+mod tests;
+
+pub use counter::Counter;
+pub use probe::probe;
+
+/// A checked backend's health as the agent acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Passed `rise` probes in a row (or inherited as serving): in the ring.
+    Up,
+    /// Failed `fall` probes in a row: out of the ring.
+    Down,
+    /// Not judged yet (a new backend): out of the ring until it passes
+    /// `rise` probes in a row.
+    Pending,
+}
+
+impl Health {
+    /// Whether this state lets the backend take new flows.
+    pub fn serving(self) -> bool {
+        self == Health::Up
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Pending => "pending",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Identifies a checked backend: its service, and its address within it.
+/// Health follows the address, so a backend keeps its state across reloads
+/// and live changes for as long as its service has a backend there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    pub service: String,
+    pub address: SocketAddrV4,
+}
+
+/// A backend changed state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub target: Target,
+    /// The backend's name when the check was started (for the log).
+    pub backend: String,
+    pub health: Health,
+    /// E.g. "3 consecutive failures: connect 198.19.0.11:80: connection
+    /// refused" or "2 consecutive successes".
+    pub reason: String,
+    /// The check that produced it; a transition from a check that has since
+    /// been replaced is stale (see [`HealthChecker::is_current`]).
+    pub check_id: u64,
+}
+
+/// What is known about one checked backend's latest probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetState {
+    pub health: Health,
+    /// The outcome of the latest probe: "ok" or why it failed; `None` before
+    /// the first probe has finished.
+    pub last_check: Option<String>,
+    /// How many probes in a row had the latest probe's outcome (passed or
+    /// failed); 0 before the first probe.
+    pub consecutive: u32,
+}
+
+type States = Arc<Mutex<BTreeMap<Target, TargetState>>>;
+
+/// One running check.
+struct Check {
+    id: u64,
+    backend: String,
+    probe: SocketAddrV4,
+    check: HealthCheck,
+    task: JoinHandle<()>,
+}
+
+/// Runs every configured check; drop it to stop them all.
+pub struct HealthChecker {
+    checks: BTreeMap<Target, Check>,
+    states: States,
+    tx: UnboundedSender<Transition>,
+    next_id: u64,
+}
+
+impl HealthChecker {
+    /// A checker with no checks yet; [`sync`](Self::sync) starts them.
+    /// Transitions are sent on `tx`.
+    pub fn new(tx: UnboundedSender<Transition>) -> HealthChecker {
+        HealthChecker {
+            checks: BTreeMap::new(),
+            states: Arc::default(),
+            tx,
+            next_id: 0,
+        }
+    }
+
+    /// Spawns one task per (service, backend) that has a check
+    /// ([`Service::health_for`](crate::config::Service::health_for)), every
+    /// backend starting up. For tests and tools; the agent uses `sync`.
+    pub fn spawn(cfg: &Config, tx: UnboundedSender<Transition>) -> HealthChecker {
+        let mut checker = HealthChecker::new(tx);
+        checker.sync(cfg, &|_| Health::Up);
+        checker
+    }
+
+    /// Brings the running checks in line with `cfg`. A check whose target
+    /// (service, address), backend name and check are unchanged keeps
+    /// running as it is; a new or changed one starts in the state `health`
+    /// gives for its target; checks of targets that are gone stop.
+    ///
+    /// Must be called from within a tokio runtime (`tokio::spawn` panics
+    /// otherwise).
+    pub fn sync(&mut self, cfg: &Config, health: &dyn Fn(&Target) -> Health) {
+        let mut wanted = BTreeMap::new();
+        for service in &cfg.services {
+            for backend in &service.backends {
+                if let Some(check) = service.health_for(backend) {
+                    let target = Target {
+                        service: service.name.clone(),
+                        address: backend.address,
+                    };
+                    wanted.insert(target, (backend.name.clone(), check.clone()));
+                }
+            }
+        }
+        let gone: Vec<Target> = self
+            .checks
+            .keys()
+            .filter(|t| !wanted.contains_key(*t))
+            .cloned()
+            .collect();
+        for target in gone {
+            if let Some(c) = self.checks.remove(&target) {
+                c.task.abort();
+            }
+            lock(&self.states).remove(&target);
+        }
+        for (target, (backend, check)) in wanted {
+            let probe = check.target(target.address);
+            if let Some(running) = self.checks.get(&target)
+                && running.backend == backend
+                && running.check == check
+                && running.probe == probe
+            {
+                continue;
+            }
+            if let Some(old) = self.checks.remove(&target) {
+                old.task.abort();
+            }
+            let start = health(&target);
+            let last = lock(&self.states).get(&target).cloned();
+            lock(&self.states).insert(
+                target.clone(),
+                TargetState {
+                    health: start,
+                    last_check: last.and_then(|s| s.last_check),
+                    consecutive: 0,
+                },
+            );
+            self.next_id += 1;
+            let id = self.next_id;
+            let task = tokio::spawn(run_check(
+                CheckRun {
+                    id,
+                    target: target.clone(),
+                    backend: backend.clone(),
+                    probe,
+                    check: check.clone(),
+                    start,
+                },
+                Arc::clone(&self.states),
+                self.tx.clone(),
+            ));
+            self.checks.insert(
+                target,
+                Check {
+                    id,
+                    backend,
+                    probe,
+                    check,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Whether `t` comes from a check that is still running (a transition
+    /// queued by a check that a config change replaced is stale).
+    pub fn is_current(&self, t: &Transition) -> bool {
+        self.checks
+            .get(&t.target)
+            .is_some_and(|c| c.id == t.check_id)
+    }
+
+    /// Current state of every checked target.
+    pub fn states(&self) -> BTreeMap<Target, TargetState> {
+        lock(&self.states).clone()
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        for check in self.checks.values() {
+            check.task.abort();
+        }
+    }
+}
+
+/// The map stays consistent even if a holder panicked (every update is a
+/// single insert), so a poisoned lock is used as is.
+fn lock(states: &States) -> std::sync::MutexGuard<'_, BTreeMap<Target, TargetState>> {
+    states.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What one check task probes, and from which state it starts.
+struct CheckRun {
+    id: u64,
+    target: Target,
+    backend: String,
+    probe: SocketAddrV4,
+    check: HealthCheck,
+    start: Health,
+}
+
+async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition>) {
+    let CheckRun {
+        id,
+        target,
+        backend,
+        probe: address,
+        check,
+        start,
+    } = run;
+    // tokio::time::interval panics on a zero period; a validated config
+    // never has one, but a Config can be built by hand.
+    let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut counter = Counter::starting(start);
+    loop {
+        // The first tick completes at once: the first probe runs at spawn.
+        ticker.tick().await;
+        let outcome = probe(address, &check.check, check.timeout).await;
+        let changed = counter.record(outcome.is_ok(), check.rise, check.fall);
+        let n = counter.consecutive();
+        let reason = match (&outcome, changed) {
+            (Err(why), Some(_)) => Some(format!(
+                "{n} consecutive {}: {why}",
+                plural(n, "failure", "failures")
+            )),
+            (Ok(()), Some(_)) => Some(format!(
+                "{n} consecutive {}",
+                plural(n, "success", "successes")
+            )),
+            _ => None,
+        };
+        if let Err(why) = &outcome {
+            log::debug!("health {}/{backend}: {why}", target.service);
+        }
+        lock(&states).insert(
+            target.clone(),
+            TargetState {
+                health: counter.health(),
+                last_check: Some(match outcome {
+                    Ok(()) => "ok".to_owned(),
+                    Err(why) => why,
+                }),
+                consecutive: n,
+            },
+        );
+        if let Some(reason) = reason {
+            let transition = Transition {
+                target: target.clone(),
+                backend: backend.clone(),
+                health: counter.health(),
+                reason,
+                check_id: id,
+            };
+            // Nobody listening only means nobody acts on it; keep probing
+            // so that states() stays current.
+            let _ = tx.send(transition);
+        }
+    }
+}
+
+fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
+}

@@ -1,0 +1,320 @@
+//! One probe of a backend: TCP connect, or HTTP GET with an expected status
+//! and body, all within the check's timeout; failures come back as short
+//! reasons that name the step and the address.
+
+use std::{net::SocketAddrV4, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+
+use crate::config::CheckKind;
+
+/// At most this much of an HTTP response is read.
+const HTTP_RESPONSE_CAP: u64 = 64 * 1024;
+
+/// Runs one probe of `check` against `address`, all of it within `timeout`.
+/// The error is a short reason naming the step and the address.
+pub async fn probe(
+    address: SocketAddrV4,
+    check: &CheckKind,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let timed_out = || format!("timed out after {}", show(timeout));
+
+    let mut stream = timeout_at(deadline, TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("connect {address}: {}", timed_out()))?
+        .map_err(|e| format!("connect {address}: {}", io_reason(&e)))?;
+
+    let CheckKind::Http {
+        path,
+        expect_status,
+        expect_body,
+    } = check
+    else {
+        return Ok(());
+    };
+
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
+        address.ip()
+    );
+    timeout_at(deadline, stream.write_all(request.as_bytes()))
+        .await
+        .map_err(|_| format!("send request to {address}: {}", timed_out()))?
+        .map_err(|e| format!("send request to {address}: {}", io_reason(&e)))?;
+
+    let mut response = Vec::new();
+    timeout_at(
+        deadline,
+        (&mut stream)
+            .take(HTTP_RESPONSE_CAP)
+            .read_to_end(&mut response),
+    )
+    .await
+    .map_err(|_| format!("read response from {address}: {}", timed_out()))?
+    .map_err(|e| format!("read response from {address}: {}", io_reason(&e)))?;
+
+    check_response(&response, *expect_status, expect_body.as_deref())
+        .map_err(|why| format!("{address}{path}: {why}"))
+}
+
+/// Checks an HTTP response's status code and (optionally) body.
+fn check_response(
+    response: &[u8],
+    expect_status: u16,
+    expect_body: Option<&str>,
+) -> Result<(), String> {
+    if response.is_empty() {
+        return Err("empty response".to_owned());
+    }
+    let text = String::from_utf8_lossy(response);
+    let status_line = text.lines().next().unwrap_or_default();
+    let mut words = status_line.split_whitespace();
+    let status = match (words.next(), words.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/") && code.len() == 3 => {
+            code.parse::<u16>().ok()
+        }
+        _ => None,
+    };
+    let Some(status) = status else {
+        let shown: String = status_line.chars().take(60).collect();
+        return Err(format!("not an HTTP status line: {shown:?}"));
+    };
+    if status != expect_status {
+        return Err(format!("status {status}, expected {expect_status}"));
+    }
+    if let Some(expected) = expect_body {
+        let body = match text.find("\r\n\r\n") {
+            Some(i) => &text[i + 4..],
+            None => text.find("\n\n").map_or("", |i| &text[i + 2..]),
+        };
+        if !body.contains(expected) {
+            return Err(format!("body does not contain {expected:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// An I/O error as a short lower-case reason: "connection refused" rather
+/// than "Connection refused (os error 111)".
+fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Servers and checks the probe and engine tests share.
+#[cfg(test)]
+pub(super) mod test_support {
+    use super::*;
+    use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+
+    pub async fn listener() -> (TcpListener, SocketAddrV4) {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("bind: {e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(std::net::SocketAddr::V4(a)) => a,
+            other => panic!("local_addr: {other:?}"),
+        };
+        (listener, addr)
+    }
+
+    pub async fn closed_port() -> SocketAddrV4 {
+        let (l, addr) = listener().await;
+        drop(l);
+        addr
+    }
+
+    /// Answers every connection with `response` after reading the request
+    /// head; the requests are sent on the returned channel.
+    pub fn serve(
+        listener: TcpListener,
+        response: &'static str,
+    ) -> (JoinHandle<()>, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (task, rx)
+    }
+
+    pub const OK_WEB1: &str = "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nweb1\n";
+
+    pub fn http(path: &str, expect_status: u16, expect_body: Option<&str>) -> CheckKind {
+        CheckKind::Http {
+            path: path.to_owned(),
+            expect_status,
+            expect_body: expect_body.map(str::to_owned),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{test_support::*, *};
+    use std::time::Instant as StdInstant;
+
+    const T: Duration = Duration::from_millis(500);
+
+    #[tokio::test]
+    async fn tcp_check_passes_on_a_listening_port() {
+        let (_listener, addr) = listener().await;
+        assert_eq!(probe(addr, &CheckKind::Tcp, T).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn tcp_check_fails_on_a_closed_port() {
+        let addr = closed_port().await;
+        let why = probe(addr, &CheckKind::Tcp, T).await.err();
+        assert_eq!(why, Some(format!("connect {addr}: connection refused")));
+    }
+
+    #[tokio::test]
+    async fn http_check_passes_on_expected_status_and_body() {
+        let (l, addr) = listener().await;
+        let (_server, mut requests) = serve(l, OK_WEB1);
+        assert_eq!(
+            probe(addr, &http("/healthz", 200, Some("web1")), T).await,
+            Ok(())
+        );
+        assert_eq!(
+            requests.recv().await,
+            Some(format!(
+                "GET /healthz HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
+                addr.ip()
+            ))
+        );
+        assert_eq!(probe(addr, &http("/", 200, None), T).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn http_check_fails_when_body_lacks_the_expected_text() {
+        let (l, addr) = listener().await;
+        let (_server, _) = serve(l, OK_WEB1);
+        let why = probe(addr, &http("/", 200, Some("nope")), T).await.err();
+        assert_eq!(
+            why,
+            Some(format!("{addr}/: body does not contain \"nope\""))
+        );
+    }
+
+    #[tokio::test]
+    async fn http_check_fails_on_wrong_status() {
+        let (l, addr) = listener().await;
+        let (_server, _) = serve(l, "HTTP/1.1 503 Service Unavailable\r\n\r\nweb1");
+        let why = probe(addr, &http("/", 200, None), T).await.err();
+        assert_eq!(why, Some(format!("{addr}/: status 503, expected 200")));
+        // An expected non-200 status passes.
+        assert_eq!(probe(addr, &http("/", 503, None), T).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn http_check_fails_on_garbage_and_on_closed_ports() {
+        let (l, addr) = listener().await;
+        let (_server, _) = serve(l, "SSH-2.0-OpenSSH\r\n");
+        let why = probe(addr, &http("/", 200, None), T)
+            .await
+            .err()
+            .unwrap_or_default();
+        assert!(
+            why.contains("not an HTTP status line: \"SSH-2.0-OpenSSH\""),
+            "{why}"
+        );
+
+        let addr = closed_port().await;
+        let why = probe(addr, &http("/", 200, None), T).await.err();
+        assert_eq!(why, Some(format!("connect {addr}: connection refused")));
+    }
+
+    #[tokio::test]
+    async fn http_check_times_out_on_a_silent_server() {
+        let (l, addr) = listener().await;
+        // Accepts and holds connections, never answers.
+        let _server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = l.accept().await {
+                held.push(stream);
+            }
+        });
+        let start = StdInstant::now();
+        let why = probe(addr, &http("/", 200, None), Duration::from_millis(200))
+            .await
+            .err();
+        let took = start.elapsed();
+        assert_eq!(
+            why,
+            Some(format!("read response from {addr}: timed out after 200ms"))
+        );
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn responses_are_parsed() {
+        assert_eq!(
+            check_response(b"HTTP/1.1 200 OK\n\nbody", 200, Some("body")),
+            Ok(())
+        );
+        assert_eq!(
+            check_response(b"HTTP/1.1 200 OK\r\n\r\n", 200, Some("x")),
+            Err("body does not contain \"x\"".to_owned())
+        );
+        // The expected text in a header does not count.
+        assert!(check_response(b"HTTP/1.1 200 OK\r\nX: web1\r\n\r\n", 200, Some("web1")).is_err());
+        assert_eq!(
+            check_response(b"", 200, None),
+            Err("empty response".to_owned())
+        );
+        assert!(check_response(b"HTTP/1.1 2000 OK\r\n\r\n", 200, None).is_err());
+    }
+
+    #[test]
+    fn io_reasons_are_short() {
+        let e = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(io_reason(&e), "connection refused");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(2)), "2s");
+    }
+}
