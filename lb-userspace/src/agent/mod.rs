@@ -11,10 +11,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
+
+mod state;
 
 use anyhow::{Context, bail};
 use log::{error, info, warn};
@@ -24,10 +26,12 @@ use tokio::{
     time::Instant,
 };
 
+use state::{Admin, Key, admission, carry_health};
+
 use crate::{
-    config::{self, Config, OnBackendDown},
+    config::{self, Config},
     control::{self, BackendChange, BackendStatus, Request, Response, ServiceStatus, Status},
-    dataplane::{Admission, AppliedService, Dataplane},
+    dataplane::{AppliedService, Dataplane},
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
     server,
@@ -70,26 +74,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(serve(args, cfg))
 }
-
-/// What an operator set with `lb backend` (kept until a reload or restart).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admin {
-    Enabled,
-    Drain,
-    Disabled,
-}
-
-impl Admin {
-    fn name(self) -> &'static str {
-        match self {
-            Admin::Enabled => "enabled",
-            Admin::Drain => "drain",
-            Admin::Disabled => "disabled",
-        }
-    }
-}
-
-type Key = (String, String);
 
 struct Agent {
     path: PathBuf,
@@ -248,61 +232,7 @@ fn dataplane_service_key(svc: &config::Service) -> lb_common::ServiceKey {
     }
 }
 
-/// The health of every checked backend of `next`: what `current` knows for
-/// the same service and address, else `new` (pending for a new backend).
-/// Unchecked backends have no entry: they always serve.
-fn carry_health(
-    next: &Config,
-    current: &BTreeMap<Target, Health>,
-    new: &dyn Fn(&config::Service, &config::Backend) -> Health,
-) -> BTreeMap<Target, Health> {
-    let mut health = BTreeMap::new();
-    for svc in &next.services {
-        for b in &svc.backends {
-            if svc.health_for(b).is_none() {
-                continue;
-            }
-            let target = Target {
-                service: svc.name.clone(),
-                address: b.address,
-            };
-            let state = current.get(&target).copied().unwrap_or_else(|| new(svc, b));
-            health.insert(target, state);
-        }
-    }
-    health
-}
-
-/// Whether a backend takes new flows, from its admin state first, then its
-/// health; what happens to its flows when it does not.
-fn admission(admin: Admin, health: Option<Health>, on_down: OnBackendDown) -> Admission {
-    match (admin, health) {
-        (Admin::Disabled, _) => Admission {
-            in_rotation: false,
-            drop_flows: true,
-        },
-        (Admin::Drain, _) => Admission {
-            in_rotation: false,
-            drop_flows: false,
-        },
-        // Never judged: nothing is pinned to it that it did not serve.
-        (Admin::Enabled, Some(Health::Pending)) => Admission {
-            in_rotation: false,
-            drop_flows: false,
-        },
-        (Admin::Enabled, Some(Health::Down)) => Admission {
-            in_rotation: false,
-            drop_flows: on_down == OnBackendDown::DropFlows,
-        },
-        (Admin::Enabled, Some(Health::Up) | None) => Admission::SERVING,
-    }
-}
-
 impl Agent {
-    fn key(service: &str, backend: &str) -> Key {
-        (service.to_string(), backend.to_string())
-    }
-
     fn target(svc: &config::Service, b: &config::Backend) -> Target {
         Target {
             service: svc.name.clone(),
@@ -317,7 +247,7 @@ impl Agent {
         let admit = |svc: &config::Service, b: &config::Backend| {
             admission(
                 admin
-                    .get(&Agent::key(&svc.name, &b.name))
+                    .get(&state::key(&svc.name, &b.name))
                     .copied()
                     .unwrap_or(Admin::Enabled),
                 health.get(&Agent::target(svc, b)).copied(),
@@ -437,84 +367,9 @@ impl Agent {
     }
 
     fn change_backend(&mut self, change: BackendChange) -> anyhow::Result<String> {
-        let mut next = self.cfg.clone();
-        let (service, backend) = match &change {
-            BackendChange::Add {
-                service, backend, ..
-            }
-            | BackendChange::Remove { service, backend }
-            | BackendChange::Enable { service, backend }
-            | BackendChange::Disable { service, backend }
-            | BackendChange::Drain { service, backend }
-            | BackendChange::Weight {
-                service, backend, ..
-            } => (service.clone(), backend.clone()),
-        };
-        let si = next
-            .services
-            .iter()
-            .position(|s| s.name == service)
-            .with_context(|| format!("service: no service named {service:?}"))?;
-        let svc = &mut next.services[si];
-        let position = svc.backends.iter().position(|b| b.name == backend);
-        let key = Self::key(&service, &backend);
-        let mut admin = self.admin.clone();
-        let msg = match change {
-            BackendChange::Add {
-                address,
-                weight,
-                backup,
-                ..
-            } => {
-                let address: SocketAddrV4 = address
-                    .parse()
-                    .with_context(|| format!("address: expected IPv4 address and port like \"198.19.0.14:80\", got {address:?}"))?;
-                svc.backends.push(config::Backend {
-                    name: backend.clone(),
-                    address,
-                    weight,
-                    backup,
-                    health: None,
-                });
-                format!("added {service}/{backend} {address}")
-            }
-            BackendChange::Remove { .. } => {
-                let i = position
-                    .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
-                svc.backends.remove(i);
-                admin.remove(&key);
-                format!("removed {service}/{backend}; its flows are dropped")
-            }
-            BackendChange::Enable { .. }
-            | BackendChange::Disable { .. }
-            | BackendChange::Drain { .. } => {
-                position
-                    .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
-                let (state, msg) = match change {
-                    BackendChange::Enable { .. } => (Admin::Enabled, "enabled"),
-                    BackendChange::Disable { .. } => {
-                        (Admin::Disabled, "disabled (its flows are dropped)")
-                    }
-                    _ => (
-                        Admin::Drain,
-                        "draining (no new flows; established flows continue)",
-                    ),
-                };
-                admin.insert(key.clone(), state);
-                format!("{service}/{backend} {msg}")
-            }
-            BackendChange::Weight { weight, .. } => {
-                let i = position
-                    .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
-                svc.backends[i].weight = weight;
-                format!("{service}/{backend} weight {weight}")
-            }
-        };
-        // The rules a config file goes through, so a live change can never
-        // get in what a file could not (duplicates, weights, DSR ports, limits).
-        let next = config::check(&next, Path::new("lb backend"))?;
-        self.commit_change(next, admin)?;
-        Ok(msg)
+        let edit = state::edit(&self.cfg, &self.admin, change)?;
+        self.commit_change(edit.config, edit.admin)?;
+        Ok(edit.message)
     }
 
     /// Everything `lb status` shows but the flow counts, which the control
@@ -528,7 +383,7 @@ impl Agent {
             let mut backends = Vec::new();
             let mut backend_ids = Vec::new();
             for (b, (_, id)) in svc.backends.iter().zip(&applied.backends) {
-                let key = Self::key(&svc.name, &b.name);
+                let key = state::key(&svc.name, &b.name);
                 let target = Self::target(svc, b);
                 let counters = self.dp.counters("BACKEND_STATS", *id)?;
                 backends.push(BackendStatus {

@@ -1,0 +1,393 @@
+//! The agent's decisions, without I/O: what an operator's admin state and
+//! a backend's health mean for the ring (admission), how health carries
+//! over a config change, and how an `lb backend …` command edits the
+//! running config. The agent applies the results through its one commit
+//! path; these functions are tested on the host without root.
+
+use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
+
+use anyhow::Context;
+
+use crate::{
+    config::{self, Config, OnBackendDown},
+    control::BackendChange,
+    dataplane::Admission,
+    health::{Health, Target},
+};
+
+/// What an operator set with `lb backend` (kept until a reload or restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admin {
+    Enabled,
+    Drain,
+    Disabled,
+}
+
+impl Admin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Admin::Enabled => "enabled",
+            Admin::Drain => "drain",
+            Admin::Disabled => "disabled",
+        }
+    }
+}
+
+/// (service name, backend name).
+pub type Key = (String, String);
+
+pub fn key(service: &str, backend: &str) -> Key {
+    (service.to_string(), backend.to_string())
+}
+
+/// The health of every checked backend of `next`: what `current` knows for
+/// the same service and address, else `new` (pending for a new backend).
+/// Unchecked backends have no entry: they always serve.
+pub fn carry_health(
+    next: &Config,
+    current: &BTreeMap<Target, Health>,
+    new: &dyn Fn(&config::Service, &config::Backend) -> Health,
+) -> BTreeMap<Target, Health> {
+    let mut health = BTreeMap::new();
+    for svc in &next.services {
+        for b in &svc.backends {
+            if svc.health_for(b).is_none() {
+                continue;
+            }
+            let target = Target {
+                service: svc.name.clone(),
+                address: b.address,
+            };
+            let state = current.get(&target).copied().unwrap_or_else(|| new(svc, b));
+            health.insert(target, state);
+        }
+    }
+    health
+}
+
+/// Whether a backend takes new flows, from its admin state first, then its
+/// health; what happens to its flows when it does not.
+pub fn admission(admin: Admin, health: Option<Health>, on_down: OnBackendDown) -> Admission {
+    match (admin, health) {
+        (Admin::Disabled, _) => Admission {
+            in_rotation: false,
+            drop_flows: true,
+        },
+        (Admin::Drain, _) => Admission {
+            in_rotation: false,
+            drop_flows: false,
+        },
+        // Never judged: nothing is pinned to it that it did not serve.
+        (Admin::Enabled, Some(Health::Pending)) => Admission {
+            in_rotation: false,
+            drop_flows: false,
+        },
+        (Admin::Enabled, Some(Health::Down)) => Admission {
+            in_rotation: false,
+            drop_flows: on_down == OnBackendDown::DropFlows,
+        },
+        (Admin::Enabled, Some(Health::Up) | None) => Admission::SERVING,
+    }
+}
+
+/// A live change, checked: the next config and admin state, and what to
+/// tell the operator.
+#[derive(Debug)]
+pub struct Edit {
+    pub config: Config,
+    pub admin: BTreeMap<Key, Admin>,
+    pub message: String,
+}
+
+/// Applies an `lb backend …` command to the running config and admin
+/// state, and checks the result with the rules a config file goes through.
+pub fn edit(
+    cfg: &Config,
+    admin: &BTreeMap<Key, Admin>,
+    change: BackendChange,
+) -> anyhow::Result<Edit> {
+    let mut next = cfg.clone();
+    let (service, backend) = match &change {
+        BackendChange::Add {
+            service, backend, ..
+        }
+        | BackendChange::Remove { service, backend }
+        | BackendChange::Enable { service, backend }
+        | BackendChange::Disable { service, backend }
+        | BackendChange::Drain { service, backend }
+        | BackendChange::Weight {
+            service, backend, ..
+        } => (service.clone(), backend.clone()),
+    };
+    let si = next
+        .services
+        .iter()
+        .position(|s| s.name == service)
+        .with_context(|| format!("service: no service named {service:?}"))?;
+    let svc = &mut next.services[si];
+    let position = svc.backends.iter().position(|b| b.name == backend);
+    let key = key(&service, &backend);
+    let mut admin = admin.clone();
+    let msg = match change {
+        BackendChange::Add {
+            address,
+            weight,
+            backup,
+            ..
+        } => {
+            let address: SocketAddrV4 = address
+                    .parse()
+                    .with_context(|| format!("address: expected IPv4 address and port like \"198.19.0.14:80\", got {address:?}"))?;
+            svc.backends.push(config::Backend {
+                name: backend.clone(),
+                address,
+                weight,
+                backup,
+                health: None,
+            });
+            format!("added {service}/{backend} {address}")
+        }
+        BackendChange::Remove { .. } => {
+            let i = position
+                .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
+            svc.backends.remove(i);
+            admin.remove(&key);
+            format!("removed {service}/{backend}; its flows are dropped")
+        }
+        BackendChange::Enable { .. }
+        | BackendChange::Disable { .. }
+        | BackendChange::Drain { .. } => {
+            position.with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
+            let (state, msg) = match change {
+                BackendChange::Enable { .. } => (Admin::Enabled, "enabled"),
+                BackendChange::Disable { .. } => {
+                    (Admin::Disabled, "disabled (its flows are dropped)")
+                }
+                _ => (
+                    Admin::Drain,
+                    "draining (no new flows; established flows continue)",
+                ),
+            };
+            admin.insert(key.clone(), state);
+            format!("{service}/{backend} {msg}")
+        }
+        BackendChange::Weight { weight, .. } => {
+            let i = position
+                .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
+            svc.backends[i].weight = weight;
+            format!("{service}/{backend} weight {weight}")
+        }
+    };
+    // The rules a config file goes through, so a live change can never
+    // get in what a file could not (duplicates, weights, DSR ports, limits).
+    let next = config::check(&next, Path::new("lb backend"))?;
+    Ok(Edit {
+        config: next,
+        admin,
+        message: msg,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: &str = r#"
+[dataplane]
+interfaces = ["lb-front", "lb-back"]
+
+[[service]]
+name = "www"
+vip = "198.18.0.10:80"
+scheduler = "weighted-round-robin"
+health = { check = "tcp", interval = "1s", timeout = "500ms", rise = 2, fall = 2 }
+backends = [
+  { name = "web1", address = "198.19.0.11:80" },
+  { name = "web2", address = "198.19.0.12:80" },
+]
+
+[[service]]
+name = "dns"
+vip = "198.18.0.10:53"
+protocol = "udp"
+backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
+"#;
+
+    fn site() -> Config {
+        config::parse(SITE, Path::new("site.toml")).expect("valid site")
+    }
+
+    fn change(action: &str, backend: &str) -> BackendChange {
+        let (service, backend) = ("www".to_owned(), backend.to_owned());
+        match action {
+            "remove" => BackendChange::Remove { service, backend },
+            "enable" => BackendChange::Enable { service, backend },
+            "disable" => BackendChange::Disable { service, backend },
+            "drain" => BackendChange::Drain { service, backend },
+            other => panic!("no action {other}"),
+        }
+    }
+
+    #[test]
+    fn admission_follows_admin_state_then_health() {
+        use OnBackendDown::{DropFlows, KeepFlows};
+        let out = |in_rotation, drop_flows| Admission {
+            in_rotation,
+            drop_flows,
+        };
+        for (admin, health, on_down, want) in [
+            (Admin::Enabled, None, KeepFlows, Admission::SERVING),
+            (
+                Admin::Enabled,
+                Some(Health::Up),
+                KeepFlows,
+                Admission::SERVING,
+            ),
+            (
+                Admin::Enabled,
+                Some(Health::Pending),
+                DropFlows,
+                out(false, false),
+            ),
+            (
+                Admin::Enabled,
+                Some(Health::Down),
+                KeepFlows,
+                out(false, false),
+            ),
+            (
+                Admin::Enabled,
+                Some(Health::Down),
+                DropFlows,
+                out(false, true),
+            ),
+            (Admin::Drain, Some(Health::Up), DropFlows, out(false, false)),
+            (
+                Admin::Disabled,
+                Some(Health::Up),
+                KeepFlows,
+                out(false, true),
+            ),
+            (Admin::Disabled, None, KeepFlows, out(false, true)),
+        ] {
+            assert_eq!(
+                admission(admin, health, on_down),
+                want,
+                "{admin:?} {health:?} {on_down:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_carries_over_by_service_and_address() {
+        let cfg = site();
+        let web1 = Target {
+            service: "www".into(),
+            address: "198.19.0.11:80".parse().expect("addr"),
+        };
+        let gone = Target {
+            service: "www".into(),
+            address: "198.19.0.99:80".parse().expect("addr"),
+        };
+        let current = BTreeMap::from([(web1.clone(), Health::Down), (gone.clone(), Health::Up)]);
+        let next = carry_health(&cfg, &current, &|_, _| Health::Pending);
+        // web1 keeps its state, web2 is new, ns1 is unchecked (no entry),
+        // and the backend that left is forgotten.
+        assert_eq!(next.get(&web1), Some(&Health::Down));
+        assert_eq!(next.len(), 2);
+        assert!(next.values().filter(|h| **h == Health::Pending).count() == 1);
+        assert!(!next.contains_key(&gone));
+    }
+
+    #[test]
+    fn backend_commands_edit_config_and_admin_state() {
+        let cfg = site();
+        let none = BTreeMap::new();
+        let added = edit(
+            &cfg,
+            &none,
+            BackendChange::Add {
+                service: "www".into(),
+                backend: "web3".into(),
+                address: "198.19.0.13:80".into(),
+                weight: 2,
+                backup: true,
+            },
+        )
+        .expect("add");
+        let web3 = &added.config.services[0].backends[2];
+        assert_eq!(
+            (web3.name.as_str(), web3.weight, web3.backup),
+            ("web3", 2, true)
+        );
+        assert_eq!(added.message, "added www/web3 198.19.0.13:80");
+
+        let drained = edit(&cfg, &none, change("drain", "web1")).expect("drain");
+        assert_eq!(drained.admin.get(&key("www", "web1")), Some(&Admin::Drain));
+        assert_eq!(drained.config, cfg, "admin changes leave the config alone");
+        let enabled = edit(&cfg, &drained.admin, change("enable", "web1")).expect("enable");
+        assert_eq!(
+            enabled.admin.get(&key("www", "web1")),
+            Some(&Admin::Enabled)
+        );
+        let disabled = edit(&cfg, &none, change("disable", "web2")).expect("disable");
+        assert_eq!(
+            disabled.admin.get(&key("www", "web2")),
+            Some(&Admin::Disabled)
+        );
+
+        // Removing forgets the admin state with the backend.
+        let removed = edit(&cfg, &drained.admin, change("remove", "web1")).expect("remove");
+        assert_eq!(removed.config.services[0].backends.len(), 1);
+        assert!(!removed.admin.contains_key(&key("www", "web1")));
+
+        let weighted = edit(
+            &cfg,
+            &none,
+            BackendChange::Weight {
+                service: "www".into(),
+                backend: "web2".into(),
+                weight: 5,
+            },
+        )
+        .expect("weight");
+        assert_eq!(weighted.config.services[0].backends[1].weight, 5);
+    }
+
+    #[test]
+    fn bad_backend_commands_name_what_is_wrong() {
+        let cfg = site();
+        let none = BTreeMap::new();
+        let message = |c| format!("{:#}", edit(&cfg, &none, c).expect_err("rejected"));
+        assert_eq!(
+            message(BackendChange::Drain {
+                service: "nope".into(),
+                backend: "web1".into()
+            }),
+            "service: no service named \"nope\""
+        );
+        assert_eq!(
+            message(change("disable", "web9")),
+            "backend: no backend \"web9\" in www"
+        );
+        assert!(
+            message(BackendChange::Add {
+                service: "www".into(),
+                backend: "web3".into(),
+                address: "nowhere".into(),
+                weight: 1,
+                backup: false,
+            })
+            .starts_with("address: expected IPv4 address and port")
+        );
+        // The file's rules apply: a duplicate address is refused with its key.
+        let dup = message(BackendChange::Add {
+            service: "www".into(),
+            backend: "web3".into(),
+            address: "198.19.0.11:80".into(),
+            weight: 1,
+            backup: false,
+        });
+        assert!(dup.contains("service[0].backends[2].address"), "{dup}");
+    }
+}
