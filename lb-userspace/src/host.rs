@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use log::info;
+use tracing::info;
 use rustix::{
     fs::FlockOperation,
     mount::MountFlags,

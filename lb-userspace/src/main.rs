@@ -71,8 +71,16 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
+    // Logs go to stderr (stdout carries `lb: ready` and command output);
+    // RUST_LOG filters them. `log` records from dependencies are bridged.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .init();
     match dispatch(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,

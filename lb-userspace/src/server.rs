@@ -9,7 +9,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use log::warn;
+use tracing::warn;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},

@@ -19,7 +19,7 @@ use std::{
 mod state;
 
 use anyhow::{Context, bail};
-use log::{error, info, warn};
+use tracing::{error, info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -324,6 +324,11 @@ impl Agent {
             return;
         }
         warn!(
+            service = %t.target.service,
+            backend = %t.backend,
+            address = %t.target.address,
+            health = %t.health,
+            reason = %t.reason,
             "backend {}/{} ({}) is {}: {}",
             t.target.service,
             t.backend,

@@ -296,7 +296,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
             _ => None,
         };
         if let Err(why) = &outcome {
-            log::debug!("health {}/{backend}: {why}", target.service);
+            tracing::debug!(service = %target.service, backend = %backend, reason = %why, "probe failed");
         }
         lock(&states).insert(
             target.clone(),
