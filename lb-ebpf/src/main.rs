@@ -1,6 +1,7 @@
 //! The XDP data plane `lb`: one pass per packet, constant work.
 //!
-//! The packet path, top to bottom (`lb` → `balance`):
+//! The packet path, top to bottom (`lb` → `balance`), numbered as in
+//! docs/architecture.md:
 //! 1. parse Ethernet → IPv4 → TCP/UDP; a packet that fails the VIP rules
 //!    (options, fragments, truncation) gets its verdict if it is addressed
 //!    to a VIP, and is passed untouched otherwise;
@@ -8,11 +9,14 @@
 //!    a TCP SYN on a tuple pinned to a backend that left the ring (the
 //!    client reused a source port) is scheduled afresh first;
 //! 3. reverse NAT: a backend's reply to a NAT flow becomes VIP → client;
-//! 4. not for a VIP: XDP_PASS untouched; for a VIP: service lookup
-//!    (VIP, port, protocol), schedule from the service's ring, pin the flow;
-//! 5. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only);
-//! 6. next hop (cached in the flow, else `bpf_fib_lookup`), XDP_TX or
-//!    redirect; counters.
+//! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: service
+//!    lookup (VIP, port, protocol), schedule from the service's ring, pin;
+//! 5. admission of the pinned flow: its service still exists, its backend
+//!    does not drop its flows;
+//! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only) and
+//!    next hop (cached in the flow, else `bpf_fib_lookup`), XDP_TX or
+//!    redirect;
+//! 7. counters.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
 //! no logging here: the fast path only counts.
@@ -481,7 +485,7 @@ fn transmit_dsr(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut N
     send(ctx, pkt, cache, Verdict::Forwarded)
 }
 
-/// Step 2: a backend's reply to a NAT flow becomes VIP → client.
+/// Step 3: a backend's reply to a NAT flow becomes VIP → client.
 #[inline(always)]
 fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut ReverseNat) -> Outcome {
     // SAFETY: bounds-checked by `parse_l4`.
