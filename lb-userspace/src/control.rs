@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::health::Health;
+
 /// Where `lb run` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
@@ -82,6 +84,43 @@ impl Response {
     }
 }
 
+/// What an operator set with `lb backend` (kept until a reload or restart).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum AdminState {
+    Enabled,
+    Drain,
+    Disabled,
+}
+
+/// A backend's health as `lb status` shows it: its checks' verdict, or
+/// `unchecked` for a backend without a check (always serving).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum HealthStatus {
+    Up,
+    Down,
+    Pending,
+    Unchecked,
+}
+
+impl From<Option<Health>> for HealthStatus {
+    fn from(health: Option<Health>) -> Self {
+        match health {
+            None => HealthStatus::Unchecked,
+            Some(Health::Up) => HealthStatus::Up,
+            Some(Health::Down) => HealthStatus::Down,
+            Some(Health::Pending) => HealthStatus::Pending,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub config: String,
@@ -113,10 +152,10 @@ pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
     pub backup: bool,
-    /// enabled | drain | disabled (set with `lb backend`).
-    pub admin: String,
-    /// up | down | unchecked (health checks).
-    pub health: String,
+    /// Set with `lb backend`.
+    pub admin: AdminState,
+    /// From the health checks.
+    pub health: HealthStatus,
     /// Result of the last health check, if any.
     pub last_check: Option<String>,
     /// Whether new flows can go to it now.
@@ -135,7 +174,9 @@ pub fn ring_violations(status: &Status) -> Vec<String> {
     let mut out = Vec::new();
     for s in &status.services {
         let eligible = |b: &BackendStatus| {
-            b.admin == "enabled" && (b.health == "up" || b.health == "unchecked") && b.weight > 0
+            b.admin == AdminState::Enabled
+                && matches!(b.health, HealthStatus::Up | HealthStatus::Unchecked)
+                && b.weight > 0
         };
         let any_primary = s.backends.iter().any(|b| !b.backup && eligible(b));
         for b in &s.backends {
@@ -304,8 +345,8 @@ mod tests {
                     address: "198.19.0.11:80".into(),
                     weight: 1,
                     backup: false,
-                    admin: "drain".into(),
-                    health: "down".into(),
+                    admin: AdminState::Drain,
+                    health: HealthStatus::Down,
                     last_check: Some("connection refused".into()),
                     in_ring: false,
                     flows: 3,
@@ -334,13 +375,14 @@ mod tests {
 
     #[test]
     fn ring_rule_flags_stale_rings() {
-        let backend = |name: &str, backup: bool, health: &str, in_ring: bool| BackendStatus {
+        use HealthStatus::{Down, Pending, Unchecked, Up};
+        let backend = |name: &str, backup: bool, health, in_ring: bool| BackendStatus {
             name: name.into(),
             address: "198.19.0.11:80".into(),
             weight: 1,
             backup,
-            admin: "enabled".into(),
-            health: health.into(),
+            admin: AdminState::Enabled,
+            health,
             last_check: None,
             in_ring,
             flows: 0,
@@ -366,20 +408,20 @@ mod tests {
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![
-            backend("web1", false, "up", true),
-            backend("web2", false, "up", false),
+            backend("web1", false, Up, true),
+            backend("web2", false, Up, false),
         ]);
         assert_eq!(ring_violations(&stranded).len(), 1);
         // Backups only while no primary qualifies.
         let fine = status(vec![
-            backend("web1", false, "down", false),
-            backend("web2", false, "pending", false),
-            backend("web3", true, "up", true),
+            backend("web1", false, Down, false),
+            backend("web2", false, Pending, false),
+            backend("web3", true, Up, true),
         ]);
         assert_eq!(ring_violations(&fine), Vec::<String>::new());
         let backup_too_early = status(vec![
-            backend("web1", false, "unchecked", true),
-            backend("web3", true, "up", true),
+            backend("web1", false, Unchecked, true),
+            backend("web3", true, Up, true),
         ]);
         assert_eq!(ring_violations(&backup_too_early).len(), 1);
     }

@@ -14,12 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use tracing::info;
 use rustix::{
     fs::FlockOperation,
     mount::MountFlags,
     thread::{LinkNameSpaceType, move_into_link_name_space},
 };
+use tracing::info;
 
 /// `statfs.f_type` of a bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -9,12 +9,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tracing::warn;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{Semaphore, mpsc, oneshot},
 };
+use tracing::warn;
 
 use crate::{
     control::{Request, Response, Status},

@@ -22,7 +22,7 @@ use lb_tests::{
     unique_prefix, web_config,
 };
 use lb_userspace::{
-    control::{BackendChange, Request},
+    control::{AdminState, BackendChange, HealthStatus, Request},
     lab::{HttpConn, Lab, in_netns, udp_connect, udp_request, vip_http, vip_udp, web_addr},
 };
 
@@ -84,8 +84,8 @@ fn failed_server_leaves_the_ring_and_comes_back() -> Result<()> {
     let status = ask(&lab, &Request::Status)?.status.context("status")?;
     let web2 = &status.services[0].backends[1];
     assert_eq!(
-        (web2.health.as_str(), web2.in_ring),
-        ("down", false),
+        (web2.health, web2.in_ring),
+        (HealthStatus::Down, false),
         "{web2:?}"
     );
     assert!(
@@ -223,7 +223,7 @@ fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() -> Result<()> {
     );
     let status = ask(&lab, &Request::Status)?.status.context("status")?;
     let web1 = &status.services[0].backends[0];
-    assert_eq!((web1.admin.as_str(), web1.in_ring), ("drain", false));
+    assert_eq!((web1.admin, web1.in_ring), (AdminState::Drain, false));
     assert!(
         web1.flows >= 1,
         "drained backend still holds its flow: {web1:?}"
@@ -404,8 +404,8 @@ fn udp_service_checked_over_http_on_another_port_drops_a_dead_server() -> Result
     let status = ask(&lab, &Request::Status)?.status.context("status")?;
     for b in &status.services[0].backends {
         assert_eq!(
-            (b.health.as_str(), b.in_ring, b.last_check.as_deref()),
-            ("up", true, Some("ok")),
+            (b.health, b.in_ring, b.last_check.as_deref()),
+            (HealthStatus::Up, true, Some("ok")),
             "{b:?}"
         );
     }
@@ -427,8 +427,8 @@ fn udp_service_checked_over_http_on_another_port_drops_a_dead_server() -> Result
     let status = ask(&lab, &Request::Status)?.status.context("status")?;
     let web2 = &status.services[0].backends[1];
     assert_eq!(
-        (web2.name.as_str(), web2.health.as_str(), web2.in_ring),
-        ("web2", "down", false),
+        (web2.name.as_str(), web2.health, web2.in_ring),
+        ("web2", HealthStatus::Down, false),
         "{web2:?}"
     );
     // The probe went to port 80, while the service's traffic goes to 5353.
@@ -453,8 +453,8 @@ fn udp_service_checked_over_http_on_another_port_drops_a_dead_server() -> Result
     let status = ask(&lab, &Request::Status)?.status.context("status")?;
     let web2 = &status.services[0].backends[1];
     assert_eq!(
-        (web2.health.as_str(), web2.in_ring),
-        ("up", true),
+        (web2.health, web2.in_ring),
+        (HealthStatus::Up, true),
         "{web2:?}"
     );
     Ok(())

@@ -25,7 +25,7 @@ use lb_tests::{
     steady_stream, three_webs, transfer, unique_prefix, wait_for_status, web_config,
 };
 use lb_userspace::{
-    control::{BackendChange, Request},
+    control::{BackendChange, HealthStatus, Request},
     lab::Lab,
 };
 
@@ -38,12 +38,12 @@ fn verdict_window() -> Duration {
     Duration::from_millis(FALL.max(RISE) * INTERVAL_MS + 1500)
 }
 
-fn health(lab: &Lab, name: &str) -> Result<(String, bool)> {
+fn health(lab: &Lab, name: &str) -> Result<(HealthStatus, bool)> {
     let b = backend_status(&checked_status(lab)?, "www", name)?;
     Ok((b.health, b.in_ring))
 }
 
-fn wait_health(lab: &Lab, name: &str, want: &str, in_ring: bool) -> Result<Duration> {
+fn wait_health(lab: &Lab, name: &str, want: HealthStatus, in_ring: bool) -> Result<Duration> {
     wait_for_status(
         lab,
         &format!("{name} {want}, in ring {in_ring}"),
@@ -62,9 +62,9 @@ fn health_survives_reloads_and_live_changes() -> Result<()> {
 
     // Down stays down across a reload: no optimistic reset to up.
     lab.stop_web(2)?;
-    wait_health(&lab, "web2", "down", false)?;
+    wait_health(&lab, "web2", HealthStatus::Down, false)?;
     ok(&lab, Request::Reload)?;
-    assert_eq!(health(&lab, "web2")?, ("down".to_owned(), false));
+    assert_eq!(health(&lab, "web2")?, (HealthStatus::Down, false));
     let stop = Arc::new(AtomicBool::new(false));
     let stream = steady_stream(&lab, Arc::clone(&stop));
     thread::sleep(Duration::from_millis(600));
@@ -79,16 +79,16 @@ fn health_survives_reloads_and_live_changes() -> Result<()> {
     // Recovered, then a reload at once: back in the ring within rise.
     lab.start_web(2)?;
     ok(&lab, Request::Reload)?;
-    let took = wait_health(&lab, "web2", "up", true)?;
+    let took = wait_health(&lab, "web2", HealthStatus::Up, true)?;
     eprintln!("web2 back in the ring {took:?} after restart + reload");
     assert!(answers(&lab, 3)?.iter().any(|s| s == "web2"));
 
     // The same with a live add in between.
     lab.stop_web(2)?;
-    wait_health(&lab, "web2", "down", false)?;
+    wait_health(&lab, "web2", HealthStatus::Down, false)?;
     lab.start_web(2)?;
     add_backend(&lab, "web4", "198.19.0.14:80")?;
-    let took = wait_health(&lab, "web2", "up", true)?;
+    let took = wait_health(&lab, "web2", HealthStatus::Up, true)?;
     eprintln!("web2 back in the ring {took:?} after restart + live add");
     // And removing a backend keeps the others' state too.
     ok(
@@ -98,7 +98,7 @@ fn health_survives_reloads_and_live_changes() -> Result<()> {
             backend: "web4".into(),
         }),
     )?;
-    assert_eq!(health(&lab, "web2")?, ("up".to_owned(), true));
+    assert_eq!(health(&lab, "web2")?, (HealthStatus::Up, true));
     Ok(())
 }
 
@@ -114,20 +114,21 @@ fn new_backends_take_no_flows_before_their_checks_pass() -> Result<()> {
     ))?;
     // Nothing listens on .14: every check of it fails.
     add_backend(&lab, "web4", "198.19.0.14:80")?;
-    assert_eq!(health(&lab, "web4")?, ("pending".to_owned(), false));
+    assert_eq!(health(&lab, "web4")?, (HealthStatus::Pending, false));
     let got = answers(&lab, 12)?;
     assert!(got.iter().all(|s| s == "web1" || s == "web2"), "{got:?}");
-    wait_health(&lab, "web4", "down", false)?;
+    wait_health(&lab, "web4", HealthStatus::Down, false)?;
 
     // A live server joins, but only after it passed `rise` checks.
     let added = Instant::now();
     add_backend(&lab, "web3", "198.19.0.13:80")?;
     let (state, in_ring) = health(&lab, "web3")?;
     assert!(
-        state == "pending" && !in_ring || added.elapsed() >= Duration::from_millis(INTERVAL_MS),
+        state == HealthStatus::Pending && !in_ring
+            || added.elapsed() >= Duration::from_millis(INTERVAL_MS),
         "web3 {state} in ring {in_ring} right after the add"
     );
-    wait_health(&lab, "web3", "up", true)?;
+    wait_health(&lab, "web3", HealthStatus::Up, true)?;
     assert!(
         added.elapsed() >= Duration::from_millis((RISE - 1) * INTERVAL_MS),
         "web3 joined before {RISE} checks could pass"
@@ -167,7 +168,7 @@ fn restarting_the_agent_as_the_readme_says_keeps_the_site_up() -> Result<()> {
     // A down backend stays out of the ring across a restart.
     lab.stop_web(2)?;
     let agent = lab.start_agent(&three_webs())?;
-    wait_health(&lab, "web2", "down", false)?;
+    wait_health(&lab, "web2", HealthStatus::Down, false)?;
     agent.stop()?;
     let _agent = lab.start_agent(&three_webs())?;
     let status = checked_status(&lab)?;
@@ -233,7 +234,7 @@ fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
     assert!(took < Duration::from_secs(1), "status took {took:?}");
     // Health transitions do not wait for them either.
     lab.stop_web(3)?;
-    let took = wait_health(&lab, "web3", "down", false)?;
+    let took = wait_health(&lab, "web3", HealthStatus::Down, false)?;
     eprintln!("web3 marked down {took:?} after the kill, 4 silent clients connected");
     lab.start_web(3)?;
     drop(silent);
@@ -300,7 +301,7 @@ fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
     assert_eq!(std::fs::read_to_string(&precious)?, "keep me");
 
     // The first agent runs on as it was.
-    wait_health(&lab, "web3", "up", true)?;
+    wait_health(&lab, "web3", HealthStatus::Up, true)?;
     let after = checked_status(&lab)?;
     assert_eq!(after.adopted, before.adopted);
     let got = answers(&lab, 3)?;

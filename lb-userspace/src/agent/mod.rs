@@ -19,12 +19,12 @@ use std::{
 mod state;
 
 use anyhow::{Context, bail};
-use tracing::{error, info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
     time::Instant,
 };
+use tracing::{error, info, warn};
 
 use state::{Admin, Key, admission, carry_health};
 
@@ -396,18 +396,8 @@ impl Agent {
                     address: b.address.to_string(),
                     weight: b.weight,
                     backup: b.backup,
-                    admin: self
-                        .admin
-                        .get(&key)
-                        .copied()
-                        .unwrap_or(Admin::Enabled)
-                        .name()
-                        .into(),
-                    health: self
-                        .health
-                        .get(&target)
-                        .map_or("unchecked", |h| h.name())
-                        .into(),
+                    admin: self.admin.get(&key).copied().unwrap_or(Admin::Enabled),
+                    health: self.health.get(&target).copied().into(),
                     last_check: checks.get(&target).and_then(|s| s.last_check.clone()),
                     in_ring: applied.ring.contains(id),
                     flows: 0,

@@ -15,23 +15,8 @@ use crate::{
     health::{Health, Target},
 };
 
-/// What an operator set with `lb backend` (kept until a reload or restart).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admin {
-    Enabled,
-    Drain,
-    Disabled,
-}
-
-impl Admin {
-    pub fn name(self) -> &'static str {
-        match self {
-            Admin::Enabled => "enabled",
-            Admin::Drain => "drain",
-            Admin::Disabled => "disabled",
-        }
-    }
-}
+/// What an operator set with `lb backend`, as the control protocol names it.
+pub use crate::control::AdminState as Admin;
 
 /// (service name, backend name).
 pub type Key = (String, String);
