@@ -189,7 +189,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; `file` is only used in errors.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| keypath::toml_error(text, file, &e))?;
+    let raw: RawConfig = keypath::from_str(text, file)?;
     Validator { file }.config(raw)
 }
 
