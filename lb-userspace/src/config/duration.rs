@@ -29,7 +29,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 }
 
 /// Renders a duration in the config's own syntax (all config durations are
-/// whole milliseconds).
+/// whole milliseconds): `2s`, `1500ms`. The one printer of durations for
+/// messages and for turning a config back into TOML; what it prints,
+/// [`parse`] reads back.
 pub fn show(d: Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(1000) {

@@ -7,7 +7,7 @@
 //! Every error names the file, the key (e.g. `service[1].backends[2].address`)
 //! and the reason.
 
-mod duration;
+pub mod duration;
 mod keypath;
 mod raw;
 mod validate;

@@ -203,7 +203,7 @@ impl Validator<'_> {
                 key("vip"),
                 format!(
                     "{vip}/{} is already used by service[{j}] ({:?})",
-                    protocol_name(protocol),
+                    protocol.name(),
                     other.name
                 ),
             ));
@@ -308,7 +308,7 @@ impl Validator<'_> {
                 format!(
                     "weight {weight} has no effect with scheduler = \"{}\"; \
                      set scheduler = \"weighted-round-robin\" (or use 1, or 0 to drain)",
-                    scheduler_name(scheduler)
+                    scheduler.name()
                 ),
             ));
         }
@@ -533,19 +533,4 @@ fn name_problem(name: &str) -> Option<String> {
 
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
-fn scheduler_name(s: Scheduler) -> &'static str {
-    match s {
-        Scheduler::RoundRobin => "round-robin",
-        Scheduler::WeightedRoundRobin => "weighted-round-robin",
-        Scheduler::SourceHash => "source-hash",
-    }
 }
