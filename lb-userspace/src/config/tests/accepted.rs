@@ -570,3 +570,30 @@ fn on_backend_down_defaults_to_keep_flows() {
         assert_eq!(config.services[0].on_backend_down, expected);
     }
 }
+
+#[test]
+fn dsr_is_overridable_per_service() {
+    let overridden = dsr_inherited().replace(
+        "vip = \"198.18.0.10:80\"\n",
+        "vip = \"198.18.0.10:80\"\nforwarding = \"nat\"\n",
+    );
+    assert_eq!(
+        parse_ok(&overridden).services[0].forwarding,
+        Forwarding::Nat
+    );
+}
+
+#[test]
+fn weights_above_1_need_weighted_round_robin_and_0_drains_under_any() {
+    let config = parse_ok(&one_service(
+        "scheduler = \"weighted-round-robin\"",
+        WEIGHT_2,
+    ));
+    assert_eq!(config.services[0].backends[1].weight, 2);
+    // weight 0 (drained) is fine under any scheduler.
+    let drained = WEIGHT_2.replace("weight = 2", "weight = 0");
+    assert_eq!(
+        parse_ok(&one_service("", &drained)).services[0].backends[1].weight,
+        0
+    );
+}

@@ -127,3 +127,15 @@ fn weighted(extra: &str, ws: &[u32]) -> String {
         .collect();
     one_service(extra, &backends)
 }
+
+/// Two backends, the second with weight 2.
+const WEIGHT_2: &str =
+    r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:80", weight = 2 }"#;
+
+/// Two backends, the second on another port than the VIP's.
+const DSR_BACKENDS: &str = r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:8080" }"#;
+
+/// `DSR_BACKENDS` under `forwarding = "dsr"` inherited from [dataplane].
+fn dsr_inherited() -> String {
+    one_service("", DSR_BACKENDS).replace(DP, &format!("{DP}forwarding = \"dsr\"\n"))
+}

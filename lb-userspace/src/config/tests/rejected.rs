@@ -106,6 +106,14 @@ rejections! {
         => "service[0].backends[0].weight", "must be between 0 and 1000, got 1001";
     weight_negative: one_service("", r#"{ address = "198.19.0.11:80", weight = -1 }"#)
         => "service[0].backends[0].weight", "must be between 0 and 1000, got -1";
+    weight_without_wrr: one_service("", WEIGHT_2)
+        => "service[0].backends[1].weight", "set scheduler = \"weighted-round-robin\"";
+    weight_with_source_hash: one_service("scheduler = \"source-hash\"", WEIGHT_2)
+        => "service[0].backends[1].weight", "no effect with scheduler = \"source-hash\"";
+    dsr_backend_port: one_service("forwarding = \"dsr\"", DSR_BACKENDS)
+        => "service[0].backends[1].address", "must equal the VIP port 80, got 8080";
+    dsr_inherited_backend_port: dsr_inherited()
+        => "service[0].backends[1].address", "only MAC addresses are rewritten";
     round_robin_ring_too_long: one_service("", &many_backends(MAX_RING + 1, ""))
         => "service[0].backends",
            "the non-backup backends need 4097 ring slots but a ring holds at most 4096";
@@ -309,58 +317,6 @@ fn addresses_are_rejected_with_an_example() {
             format!(r#"expected IPv4 address and port like "{example}", got "web1""#)
         );
     }
-}
-
-#[test]
-fn dsr_requires_backend_port_equal_to_vip_port() {
-    let backends = r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:8080" }"#;
-    assert_rejected(
-        &one_service("forwarding = \"dsr\"", backends),
-        "service[0].backends[1].address",
-        "must equal the VIP port 80, got 8080",
-    );
-    // Inherited from [dataplane] ...
-    let inherited = one_service("", backends).replace(DP, &format!("{DP}forwarding = \"dsr\"\n"));
-    assert_rejected(
-        &inherited,
-        "service[0].backends[1].address",
-        "only MAC addresses are rewritten",
-    );
-    // ... and overridable per service.
-    let overridden = inherited.replace(
-        "vip = \"198.18.0.10:80\"\n",
-        "vip = \"198.18.0.10:80\"\nforwarding = \"nat\"\n",
-    );
-    assert_eq!(
-        parse_ok(&overridden).services[0].forwarding,
-        Forwarding::Nat
-    );
-}
-
-#[test]
-fn weight_needs_weighted_round_robin() {
-    let backends = r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:80", weight = 2 }"#;
-    assert_rejected(
-        &one_service("", backends),
-        "service[0].backends[1].weight",
-        "set scheduler = \"weighted-round-robin\"",
-    );
-    assert_rejected(
-        &one_service("scheduler = \"source-hash\"", backends),
-        "service[0].backends[1].weight",
-        "no effect with scheduler = \"source-hash\"",
-    );
-    let config = parse_ok(&one_service(
-        "scheduler = \"weighted-round-robin\"",
-        backends,
-    ));
-    assert_eq!(config.services[0].backends[1].weight, 2);
-    // weight 0 (drained) is fine under any scheduler.
-    let drained = backends.replace("weight = 2", "weight = 0");
-    assert_eq!(
-        parse_ok(&one_service("", &drained)).services[0].backends[1].weight,
-        0
-    );
 }
 
 #[test]
