@@ -66,19 +66,26 @@ impl Validator<'_> {
         value.ok_or_else(|| self.err(key, "required key is missing"))
     }
 
-    fn in_range(&self, value: i64, range: Range<i64>, key: &str) -> Result<i64, ConfigError> {
-        if range.contains(&value) {
-            Ok(value)
-        } else {
-            Err(self.err(
+    /// `value` if it is in `range`, as the field's integer type `T` (which
+    /// holds the whole range, so that conversion does not fail in practice).
+    fn in_range<T: TryFrom<i64>>(
+        &self,
+        value: i64,
+        range: Range<i64>,
+        key: &str,
+    ) -> Result<T, ConfigError> {
+        if !range.contains(&value) {
+            return Err(self.err(
                 key,
                 format!(
                     "must be between {} and {}, got {value}",
                     range.start,
                     range.end - 1
                 ),
-            ))
+            ));
         }
+        T::try_from(value)
+            .map_err(|_| self.err(key, format!("does not fit in {} bits", 8 * size_of::<T>())))
     }
 
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -151,15 +158,11 @@ impl Validator<'_> {
         }
         let conntrack_size = match raw.conntrack_size {
             None => DEFAULT_CONNTRACK_SIZE,
-            Some(size) => {
-                let size = self.in_range(
-                    size,
-                    CONNTRACK_MIN..CONNTRACK_MAX + 1,
-                    "dataplane.conntrack-size",
-                )?;
-                u32::try_from(size)
-                    .map_err(|_| self.err("dataplane.conntrack-size", "does not fit in 32 bits"))?
-            }
+            Some(size) => self.in_range(
+                size,
+                CONNTRACK_MIN..CONNTRACK_MAX + 1,
+                "dataplane.conntrack-size",
+            )?,
         };
         Ok(Dataplane {
             interfaces,
@@ -296,7 +299,7 @@ impl Validator<'_> {
             ));
         }
 
-        let weight = match raw.weight {
+        let weight: u32 = match raw.weight {
             None => 1,
             Some(w) => self.in_range(w, 0..WEIGHT_MAX + 1, &key("weight"))?,
         };
@@ -312,8 +315,6 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let weight = u32::try_from(weight)
-            .map_err(|_| self.err(key("weight"), "does not fit in 32 bits"))?;
         let health = match raw.health {
             None => None,
             Some(h) => Some(self.health(&key("health"), h)?),
@@ -395,12 +396,7 @@ impl Validator<'_> {
                 }
                 let expect_status = match raw.expect_status {
                     None => DEFAULT_EXPECT_STATUS,
-                    Some(s) => {
-                        let s = self.in_range(s, 100..600, &key("expect-status"))?;
-                        u16::try_from(s).map_err(|_| {
-                            self.err(key("expect-status"), "does not fit in 16 bits")
-                        })?
-                    }
+                    Some(s) => self.in_range(s, 100..600, &key("expect-status"))?,
                 };
                 CheckKind::Http {
                     path,
@@ -412,13 +408,7 @@ impl Validator<'_> {
 
         let port = match raw.port {
             None => None,
-            Some(p) => {
-                let p = self.in_range(p, 1..65536, &key("port"))?;
-                Some(
-                    u16::try_from(p)
-                        .map_err(|_| self.err(key("port"), "does not fit in 16 bits"))?,
-                )
-            }
+            Some(p) => Some(self.in_range(p, 1..65536, &key("port"))?),
         };
 
         let duration = |value: Option<String>, field: &str, default: Duration| match value {
@@ -442,10 +432,7 @@ impl Validator<'_> {
         let count = |value: Option<i64>, field: &str, default: u32| -> Result<u32, ConfigError> {
             match value {
                 None => Ok(default),
-                Some(n) => {
-                    let n = self.in_range(n, 1..RISE_FALL_MAX + 1, &key(field))?;
-                    u32::try_from(n).map_err(|_| self.err(key(field), "does not fit in 32 bits"))
-                }
+                Some(n) => self.in_range(n, 1..RISE_FALL_MAX + 1, &key(field)),
             }
         };
         let rise = count(raw.rise, "rise", DEFAULT_RISE)?;
