@@ -1,8 +1,8 @@
 //! The TOML config: the validated model ([`Config`] and its parts), and
 //! [`load`], [`parse`] and [`check`], which accept a config whole or reject
 //! it whole. This folder owns everything about the config file: the raw TOML
-//! mirror ([`raw`]), the validator and its field rules ([`validate`]), the
-//! duration syntax ([`duration`]) and locating TOML errors ([`keypath`]).
+//! mirror (`raw`), the validator and its field rules (`validate`), the
+//! duration syntax ([`duration`]) and locating TOML errors (`keypath`).
 //!
 //! Every error names the file, the key (e.g. `service[1].backends[2].address`)
 //! and the reason.
