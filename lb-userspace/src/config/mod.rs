@@ -1,0 +1,205 @@
+//! The TOML config: the validated model ([`Config`] and its parts), and
+//! [`load`], [`parse`] and [`check`], which accept a config whole or reject
+//! it whole. This folder owns everything about the config file: the raw TOML
+//! mirror (`raw`), the validator and its field rules (`validate`), the
+//! duration syntax ([`duration`]) and locating TOML errors (`keypath`).
+//!
+//! Every error names the file, the key (e.g. `service[1].backends[2].address`)
+//! and the reason.
+
+pub mod duration;
+mod keypath;
+mod raw;
+mod validate;
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use raw::RawConfig;
+use validate::Validator;
+
+/// The config spelling of an enum value (`"weighted-round-robin"`), from
+/// the same rename rule serde parses it with.
+macro_rules! config_name {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn name(self) -> &'static str {
+                self.into()
+            }
+        }
+    )*};
+}
+config_name!(Forwarding, XdpMode, Protocol, Scheduler);
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub dataplane: Dataplane,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataplane {
+    /// Interfaces the `lb` XDP program is attached to (front and back).
+    pub interfaces: Vec<String>,
+    /// Default forwarding mode for services that do not set one.
+    pub forwarding: Forwarding,
+    pub xdp_mode: XdpMode,
+    /// Connection-tracking capacity in flows.
+    pub conntrack_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum Forwarding {
+    Nat,
+    Dsr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum XdpMode {
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, strum::IntoStaticStr)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum Scheduler {
+    RoundRobin,
+    WeightedRoundRobin,
+    SourceHash,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub scheduler: Scheduler,
+    pub health: Option<HealthCheck>,
+    /// What happens to flows pinned to a backend that health checks mark down.
+    pub on_backend_down: OnBackendDown,
+    pub backends: Vec<Backend>,
+}
+
+impl Service {
+    /// The health check that applies to `backend`: its own override if it
+    /// has one, else the service's check (`None`: never checked, always up).
+    pub fn health_for<'a>(&'a self, backend: &'a Backend) -> Option<&'a HealthCheck> {
+        backend.health.as_ref().or(self.health.as_ref())
+    }
+}
+
+/// What happens to established flows when a backend is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBackendDown {
+    /// Flows already pinned to the backend continue; only new flows avoid it.
+    KeepFlows,
+    /// Flows pinned to the backend are dropped, so clients reconnect at once
+    /// (and get a backend that is up).
+    DropFlows,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// Defaults to the address as text.
+    pub name: String,
+    pub address: SocketAddrV4,
+    pub weight: u32,
+    pub backup: bool,
+    /// This backend's own health check, overriding the service's. Use
+    /// [`Service::health_for`] to get the check that applies.
+    pub health: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub check: CheckKind,
+    /// The port probes go to, on the backend's IP; `None`: the backend's own
+    /// port. Lets a UDP service be checked over TCP or HTTP on a sibling
+    /// port, or a service on :443 over HTTP on :80.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl HealthCheck {
+    /// Where probes for a backend at `backend` go: its IP, on
+    /// [`port`](Self::port) if set, else on its own port.
+    pub fn target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
+        SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Tcp,
+    Http {
+        path: String,
+        expect_status: u16,
+        expect_body: Option<String>,
+    },
+}
+
+/// Why a config was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `file` is only used in errors.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = keypath::from_str(text, file)?;
+    Validator { file }.config(raw)
+}
+
+/// Validates a config changed at run time (`lb backend add`, `weight`, …)
+/// with exactly the rules a file goes through: it is turned back into the
+/// file's shape and validated again, so a live change and a file can never
+/// disagree. `origin` names the change in errors, as `file` does for files.
+pub fn check(cfg: &Config, origin: &Path) -> Result<Config, ConfigError> {
+    Validator { file: origin }.config(RawConfig::from(cfg))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! The raw config: exactly the TOML shape, and a validated config turned
+//! back into it (for [`check`](super::check)).
+
+use serde::Deserialize;
+
+use super::{
+    Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, Scheduler,
+    Service, XdpMode, duration,
+};
+
+// ---------------------------------------------------------------------------
+// Raw layer: exactly the TOML shape. Every field is optional so that a missing
+// key is reported by the validator with its full path (serde's "missing field"
+// would only name the field, not which service or backend lacks it). Integers
+// are i64 (TOML's integer type) so that out-of-range values get our range
+// message instead of a serde type error. The container renames keep serde's
+// "expected struct ..." messages in the config's vocabulary.
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "config")]
+pub(super) struct RawConfig {
+    pub(super) dataplane: Option<RawDataplane>,
+    pub(super) service: Option<Vec<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "dataplane")]
+pub(super) struct RawDataplane {
+    pub(super) interfaces: Option<Vec<String>>,
+    pub(super) forwarding: Option<Forwarding>,
+    pub(super) xdp_mode: Option<XdpMode>,
+    pub(super) conntrack_size: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "service")]
+pub(super) struct RawService {
+    pub(super) name: Option<String>,
+    pub(super) vip: Option<String>,
+    pub(super) protocol: Option<Protocol>,
+    pub(super) forwarding: Option<Forwarding>,
+    pub(super) scheduler: Option<Scheduler>,
+    pub(super) health: Option<RawHealth>,
+    pub(super) on_backend_down: Option<OnBackendDown>,
+    pub(super) backends: Option<Vec<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "health")]
+pub(super) struct RawHealth {
+    pub(super) check: Option<RawCheck>,
+    pub(super) port: Option<i64>,
+    pub(super) path: Option<String>,
+    pub(super) expect_status: Option<i64>,
+    pub(super) expect_body: Option<String>,
+    pub(super) interval: Option<String>,
+    pub(super) timeout: Option<String>,
+    pub(super) rise: Option<i64>,
+    pub(super) fall: Option<i64>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum RawCheck {
+    Tcp,
+    Http,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "backend")]
+pub(super) struct RawBackend {
+    pub(super) address: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) weight: Option<i64>,
+    pub(super) backup: Option<bool>,
+    pub(super) health: Option<RawHealth>,
+}
+
+// A validated config back in the raw shape, for `check`.
+
+impl From<&Config> for RawConfig {
+    fn from(cfg: &Config) -> Self {
+        let d = &cfg.dataplane;
+        RawConfig {
+            dataplane: Some(RawDataplane {
+                interfaces: Some(d.interfaces.clone()),
+                forwarding: Some(d.forwarding),
+                xdp_mode: Some(d.xdp_mode),
+                conntrack_size: Some(i64::from(d.conntrack_size)),
+            }),
+            service: Some(cfg.services.iter().map(RawService::from).collect()),
+        }
+    }
+}
+
+impl From<&Service> for RawService {
+    fn from(s: &Service) -> Self {
+        RawService {
+            name: Some(s.name.clone()),
+            vip: Some(s.vip.to_string()),
+            protocol: Some(s.protocol),
+            forwarding: Some(s.forwarding),
+            scheduler: Some(s.scheduler),
+            health: s.health.as_ref().map(RawHealth::from),
+            on_backend_down: Some(s.on_backend_down),
+            backends: Some(s.backends.iter().map(RawBackend::from).collect()),
+        }
+    }
+}
+
+impl From<&Backend> for RawBackend {
+    fn from(b: &Backend) -> Self {
+        RawBackend {
+            address: Some(b.address.to_string()),
+            // An unnamed backend is named after its address, which is not a
+            // valid explicit name (it has a ':'); leave it unnamed again.
+            name: (b.name != b.address.to_string()).then(|| b.name.clone()),
+            weight: Some(i64::from(b.weight)),
+            backup: Some(b.backup),
+            health: b.health.as_ref().map(RawHealth::from),
+        }
+    }
+}
+
+impl From<&HealthCheck> for RawHealth {
+    fn from(h: &HealthCheck) -> Self {
+        let (check, path, expect_status, expect_body) = match &h.check {
+            CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
+            CheckKind::Http {
+                path,
+                expect_status,
+                expect_body,
+            } => (
+                RawCheck::Http,
+                Some(path.clone()),
+                Some(i64::from(*expect_status)),
+                expect_body.clone(),
+            ),
+        };
+        RawHealth {
+            check: Some(check),
+            port: h.port.map(i64::from),
+            path,
+            expect_status,
+            expect_body,
+            interval: Some(duration::show(h.interval)),
+            timeout: Some(duration::show(h.timeout)),
+            rise: Some(i64::from(h.rise)),
+            fall: Some(i64::from(h.fall)),
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! Accepted configs: defaults applied, every shape TOML allows, limits at
+//! the boundary, and `check` agreeing with `parse`.
+
+use super::*;
+
+// --- accepted configs -------------------------------------------------
+
+#[test]
+fn full_config_parses_with_defaults_applied() {
+    let text = r#"
+[dataplane]
+interfaces = ["eth0"]
+forwarding = "dsr"
+xdp-mode = "generic"
+conntrack-size = 1024
+
+[[service]]
+name = "defaults"
+vip = "10.0.0.1:443"
+backends = [{ address = "10.0.1.1:443" }]
+
+[[service]]
+name = "explicit"
+vip = "10.0.0.1:53"
+protocol = "udp"
+forwarding = "nat"
+scheduler = "weighted-round-robin"
+health = { check = "http", path = "/healthz", expect-status = 204, expect-body = "ok", interval = "500ms", timeout = "500ms", rise = 1, fall = 100 }
+backends = [
+  { address = "10.0.1.1:5353", name = "a", weight = 3, backup = false },
+  { address = "10.0.1.2:5353", name = "b.2_x-y", weight = 0, backup = true },
+]
+
+[[service]]
+name = "checks"
+vip = "10.0.0.2:80"
+scheduler = "source-hash"
+health = { check = "tcp" }
+backends = [{ address = "10.0.1.3:80" }]
+
+[[service]]
+name = "http-defaults"
+vip = "10.0.0.3:80"
+health = { check = "http" }
+backends = [{ address = "10.0.1.3:80" }]
+"#;
+    let tcp_defaults = HealthCheck {
+        check: CheckKind::Tcp,
+        port: None,
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+    };
+    let expected = Config {
+        dataplane: Dataplane {
+            interfaces: vec!["eth0".to_owned()],
+            forwarding: Forwarding::Dsr,
+            xdp_mode: XdpMode::Generic,
+            conntrack_size: 1024,
+        },
+        services: vec![
+            Service {
+                name: "defaults".to_owned(),
+                vip: addr("10.0.0.1:443"),
+                protocol: Protocol::Tcp,
+                // Inherited from [dataplane].
+                forwarding: Forwarding::Dsr,
+                scheduler: Scheduler::RoundRobin,
+                health: None,
+                on_backend_down: OnBackendDown::KeepFlows,
+                backends: vec![Backend {
+                    name: "10.0.1.1:443".to_owned(),
+                    address: addr("10.0.1.1:443"),
+                    weight: 1,
+                    backup: false,
+                    health: None,
+                }],
+            },
+            Service {
+                name: "explicit".to_owned(),
+                vip: addr("10.0.0.1:53"),
+                protocol: Protocol::Udp,
+                forwarding: Forwarding::Nat,
+                scheduler: Scheduler::WeightedRoundRobin,
+                health: Some(HealthCheck {
+                    check: CheckKind::Http {
+                        path: "/healthz".to_owned(),
+                        expect_status: 204,
+                        expect_body: Some("ok".to_owned()),
+                    },
+                    port: None,
+                    interval: Duration::from_millis(500),
+                    timeout: Duration::from_millis(500),
+                    rise: 1,
+                    fall: 100,
+                }),
+                on_backend_down: OnBackendDown::KeepFlows,
+                backends: vec![
+                    Backend {
+                        name: "a".to_owned(),
+                        address: addr("10.0.1.1:5353"),
+                        weight: 3,
+                        backup: false,
+                        health: None,
+                    },
+                    Backend {
+                        name: "b.2_x-y".to_owned(),
+                        address: addr("10.0.1.2:5353"),
+                        weight: 0,
+                        backup: true,
+                        health: None,
+                    },
+                ],
+            },
+            Service {
+                name: "checks".to_owned(),
+                vip: addr("10.0.0.2:80"),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Dsr,
+                scheduler: Scheduler::SourceHash,
+                health: Some(tcp_defaults),
+                on_backend_down: OnBackendDown::KeepFlows,
+                backends: vec![Backend {
+                    name: "10.0.1.3:80".to_owned(),
+                    address: addr("10.0.1.3:80"),
+                    weight: 1,
+                    backup: false,
+                    health: None,
+                }],
+            },
+            Service {
+                name: "http-defaults".to_owned(),
+                vip: addr("10.0.0.3:80"),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Dsr,
+                scheduler: Scheduler::RoundRobin,
+                health: Some(HealthCheck {
+                    check: CheckKind::Http {
+                        path: "/".to_owned(),
+                        expect_status: 200,
+                        expect_body: None,
+                    },
+                    port: None,
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_secs(1),
+                    rise: 2,
+                    fall: 3,
+                }),
+                on_backend_down: OnBackendDown::KeepFlows,
+                backends: vec![Backend {
+                    name: "10.0.1.3:80".to_owned(),
+                    address: addr("10.0.1.3:80"),
+                    weight: 1,
+                    backup: false,
+                    health: None,
+                }],
+            },
+        ],
+    };
+    assert_eq!(parse_ok(text), expected);
+}
+
+#[test]
+fn dataplane_defaults() {
+    let config = parse_ok(&one_service("", B1));
+    assert_eq!(
+        config.dataplane,
+        Dataplane {
+            interfaces: vec!["lb-front".to_owned(), "lb-back".to_owned()],
+            forwarding: Forwarding::Nat,
+            xdp_mode: XdpMode::Native,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+        }
+    );
+    assert_eq!(config.services[0].forwarding, Forwarding::Nat);
+}
+
+#[test]
+fn check_accepts_a_parsed_config_unchanged() {
+    // The last one has an unnamed backend (named after its address).
+    for text in [
+        include_str!("../../../../config/foobar.toml"),
+        FULL_FOR_CHECK,
+        &one_service("", B1),
+    ] {
+        let cfg = parse_ok(text);
+        let again = check(&cfg, Path::new("lb backend")).expect("valid config");
+        assert_eq!(again, cfg);
+    }
+}
+
+#[test]
+fn check_applies_the_file_rules_to_live_changes() {
+    let cfg = parse_ok(include_str!("../../../../config/foobar.toml"));
+    let reject = |edit: &dyn Fn(&mut Config), key: &str, fragment: &str| {
+        let mut next = cfg.clone();
+        edit(&mut next);
+        match check(&next, Path::new("lb backend")) {
+            Err(ConfigError::Invalid {
+                file,
+                key: k,
+                reason,
+            }) => {
+                assert_eq!(file, Path::new("lb backend"));
+                assert_eq!(k, key, "{reason}");
+                assert!(reason.contains(fragment), "{reason}");
+            }
+            other => panic!("expected a rejection on {key}, got {other:?}"),
+        }
+    };
+    let added = |name: &str, address: &str, weight: u32| Backend {
+        name: name.into(),
+        address: addr(address),
+        weight,
+        backup: false,
+        health: None,
+    };
+    reject(
+        &|c| {
+            c.services[0]
+                .backends
+                .push(added("web4", "198.19.0.11:80", 1))
+        },
+        "service[0].backends[3].address",
+        "already backends[0]",
+    );
+    reject(
+        &|c| {
+            c.services[0]
+                .backends
+                .push(added("web1", "198.19.0.14:80", 1))
+        },
+        "service[0].backends[3].name",
+        "duplicate backend name",
+    );
+    reject(
+        &|c| c.services[0].backends[1].weight = 2,
+        "service[0].backends[1].weight",
+        "weighted-round-robin",
+    );
+    reject(
+        &|c| {
+            c.services[0]
+                .backends
+                .push(added("bad name", "198.19.0.14:80", 1))
+        },
+        "service[0].backends[3].name",
+        "expected 1 to 64 characters",
+    );
+}
+
+/// Every optional key set, for the `check` round trip.
+const FULL_FOR_CHECK: &str = r#"
+[dataplane]
+interfaces = ["eth0"]
+forwarding = "dsr"
+xdp-mode = "generic"
+conntrack-size = 4096
+
+[[service]]
+name = "db"
+vip = "198.18.0.20:3306"
+protocol = "tcp"
+forwarding = "nat"
+scheduler = "weighted-round-robin"
+on-backend-down = "drop-flows"
+health = { check = "http", path = "/ready", expect-status = 204, expect-body = "ok", interval = "1500ms", timeout = "1s", rise = 3, fall = 4 }
+backends = [
+  { name = "db1", address = "198.19.0.21:3307", weight = 3 },
+  { name = "db2", address = "198.19.0.22:3307", weight = 0, backup = true, health = { check = "tcp", interval = "2s", timeout = "250ms" } },
+]
+"#;
+
+#[test]
+fn foobar_toml_parses() {
+    let config = parse_ok(include_str!("../../../../config/foobar.toml"));
+    assert_eq!(config.dataplane.interfaces, ["lb-front", "lb-back"]);
+    assert_eq!(config.dataplane.forwarding, Forwarding::Nat);
+    assert_eq!(config.dataplane.xdp_mode, XdpMode::Native);
+    assert_eq!(config.services.len(), 2);
+
+    let www = &config.services[0];
+    assert_eq!(
+        (www.name.as_str(), www.vip, www.protocol),
+        ("www", addr("198.18.0.10:80"), Protocol::Tcp)
+    );
+    assert_eq!(
+        (www.forwarding, www.scheduler),
+        (Forwarding::Nat, Scheduler::RoundRobin)
+    );
+    assert_eq!(
+        www.health,
+        Some(HealthCheck {
+            check: CheckKind::Http {
+                path: "/".to_owned(),
+                expect_status: 200,
+                expect_body: None
+            },
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        })
+    );
+    let backends: Vec<(&str, SocketAddrV4, u32, bool)> = www
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.address, b.weight, b.backup))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("web1", addr("198.19.0.11:80"), 1, false),
+            ("web2", addr("198.19.0.12:80"), 1, false),
+            ("web3", addr("198.19.0.13:80"), 1, false),
+        ]
+    );
+
+    let udp = &config.services[1];
+    assert_eq!(
+        (udp.name.as_str(), udp.vip, udp.protocol),
+        ("www-udp", addr("198.18.0.10:5353"), Protocol::Udp)
+    );
+    // Checked over HTTP on the web servers' port 80, not on 5353.
+    assert_eq!(udp.scheduler, Scheduler::RoundRobin);
+    assert_eq!(
+        udp.health,
+        Some(HealthCheck {
+            port: Some(80),
+            ..www.health.clone().expect("www is checked")
+        })
+    );
+    let web1 = &udp.backends[0];
+    assert_eq!(
+        udp.health_for(web1).map(|h| h.target(web1.address)),
+        Some(addr("198.19.0.11:80"))
+    );
+    let backends: Vec<(&str, SocketAddrV4)> = udp
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.address))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("web1", addr("198.19.0.11:5353")),
+            ("web2", addr("198.19.0.12:5353")),
+            ("web3", addr("198.19.0.13:5353"))
+        ]
+    );
+}
+
+#[test]
+fn array_of_tables_and_dotted_keys_are_accepted() {
+    let text = format!(
+        "{DP}\n[[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\nhealth.check = \"tcp\"\nhealth.rise = 5\n\
+         [[service.backends]]\naddress = \"198.19.0.11:80\"\n[[service.backends]]\naddress = \"198.19.0.12:80\"\n"
+    );
+    let config = parse_ok(&text);
+    let service = &config.services[0];
+    assert_eq!(
+        service.health.as_ref().map(|h| (h.check.clone(), h.rise)),
+        Some((CheckKind::Tcp, 5))
+    );
+    assert_eq!(
+        service
+            .backends
+            .iter()
+            .map(|b| b.address)
+            .collect::<Vec<_>>(),
+        [addr("198.19.0.11:80"), addr("198.19.0.12:80")]
+    );
+}
+
+#[test]
+fn same_backend_in_several_services_is_allowed() {
+    let text = format!(
+        "{}\n[[service]]\nname = \"other\"\nvip = \"198.18.0.11:80\"\nbackends = [{B1}]\n",
+        one_service("", B1)
+    );
+    let config = parse_ok(&text);
+    assert_eq!(
+        config.services[0].backends[0].address,
+        config.services[1].backends[0].address
+    );
+}
+
+#[test]
+fn same_vip_and_port_with_other_protocol_is_allowed() {
+    let text = format!(
+        "{}\n[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:80\"\nprotocol = \"udp\"\nbackends = [{B1}]\n",
+        one_service("", B1)
+    );
+    assert_eq!(parse_ok(&text).services[1].protocol, Protocol::Udp);
+}
+
+#[test]
+fn fully_drained_service_without_backup_is_allowed() {
+    let backends =
+        r#"{ address = "198.19.0.11:80", weight = 0 }, { address = "198.19.0.12:80", weight = 0 }"#;
+    let config = parse_ok(&one_service("", backends));
+    assert!(
+        config.services[0]
+            .backends
+            .iter()
+            .all(|b| b.weight == 0 && !b.backup)
+    );
+    // Also under weighted round robin (the ring is simply empty).
+    parse_ok(&one_service(
+        "scheduler = \"weighted-round-robin\"",
+        backends,
+    ));
+}
+
+#[test]
+fn limits_at_the_boundary_are_accepted() {
+    let text = with_dataplane_line("conntrack-size = 16777216");
+    assert_eq!(parse_ok(&text).dataplane.conntrack_size, 16_777_216);
+    let text = one_service("", B1).replace("lb-front", "abcdefghijklmno");
+    assert_eq!(parse_ok(&text).dataplane.interfaces[0], "abcdefghijklmno");
+    let long = "n".repeat(64);
+    assert_eq!(
+        parse_ok(&one_service("", B1).replace("\"www\"", &format!("{long:?}"))).services[0].name,
+        long
+    );
+    let config = parse_ok(&one_service(
+        "scheduler = \"weighted-round-robin\"",
+        r#"{ address = "198.19.0.11:80", weight = 1000 }"#,
+    ));
+    assert_eq!(config.services[0].backends[0].weight, 1000);
+    // Exactly MAX_RING primaries (and MAX_BACKENDS backends).
+    assert_eq!(
+        parse_ok(&one_service("", &many_backends(MAX_RING, ""))).services[0]
+            .backends
+            .len(),
+        MAX_RING
+    );
+}
+
+// --- health -------------------------------------------------------------
+
+#[test]
+fn backend_health_overrides_the_service_check() {
+    let backends = r#"{ address = "198.19.0.11:80", name = "web1" },
+        { address = "198.19.0.12:80", name = "web2", health = { check = "tcp", interval = "500ms", timeout = "200ms", fall = 1 } }"#;
+    let config = parse_ok(&one_service(
+        "health = { check = \"http\", path = \"/healthz\" }",
+        backends,
+    ));
+    let service = &config.services[0];
+    let (web1, web2) = (&service.backends[0], &service.backends[1]);
+    assert_eq!(web1.health, None);
+    let own = HealthCheck {
+        check: CheckKind::Tcp,
+        port: None,
+        interval: Duration::from_millis(500),
+        timeout: Duration::from_millis(200),
+        rise: 2,
+        fall: 1,
+    };
+    assert_eq!(web2.health.as_ref(), Some(&own));
+    // web1 inherits the service's check, web2 uses its own.
+    assert_eq!(service.health_for(web1), service.health.as_ref());
+    assert!(matches!(
+        service.health_for(web1).map(|h| &h.check),
+        Some(CheckKind::Http { path, .. }) if path == "/healthz"
+    ));
+    assert_eq!(service.health_for(web2), Some(&own));
+}
+
+#[test]
+fn backend_health_without_service_health_is_allowed() {
+    let backends = r#"{ address = "198.19.0.11:80" },
+        { address = "198.19.0.12:80", health = { check = "http", expect-body = "ok" } }"#;
+    let config = parse_ok(&one_service("", backends));
+    let service = &config.services[0];
+    assert_eq!(service.health, None);
+    assert_eq!(service.health_for(&service.backends[0]), None);
+    assert!(matches!(
+        service.health_for(&service.backends[1]).map(|h| &h.check),
+        Some(CheckKind::Http { expect_body: Some(body), .. }) if body == "ok"
+    ));
+    // As [service.backends.health] tables too.
+    let text = format!(
+        "{DP}[[service]]\nname = \"b\"\nvip = \"198.18.0.11:80\"\n[[service.backends]]\naddress = \"198.19.0.11:80\"\n\
+         [service.backends.health]\ncheck = \"tcp\"\nrise = 7\n"
+    );
+    let config = parse_ok(&text);
+    assert_eq!(
+        config.services[0].backends[0]
+            .health
+            .as_ref()
+            .map(|h| (h.check.clone(), h.rise)),
+        Some((CheckKind::Tcp, 7))
+    );
+}
+
+#[test]
+fn health_port_defaults_to_the_backend_port() {
+    let config = parse_ok(&with_health("check = \"tcp\""));
+    let service = &config.services[0];
+    let check = service.health.as_ref().expect("checked");
+    assert_eq!(check.port, None);
+    assert_eq!(
+        check.target(service.backends[0].address),
+        addr("198.19.0.11:80")
+    );
+}
+
+#[test]
+fn health_port_moves_the_probe_to_another_port_of_the_backend() {
+    // A UDP service checked over HTTP on port 80, one backend checked
+    // over TCP on 8053 by its own check.
+    let text = format!(
+        "{DP}[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\n\
+         health = {{ check = \"http\", port = 80, path = \"/healthz\" }}\n\
+         backends = [{{ address = \"198.19.0.11:5353\" }}, \
+         {{ address = \"198.19.0.12:5353\", health = {{ check = \"tcp\", port = 8053 }} }}]\n"
+    );
+    let config = parse_ok(&text);
+    let service = &config.services[0];
+    let (b1, b2) = (&service.backends[0], &service.backends[1]);
+    let service_check = service.health.as_ref().expect("checked");
+    assert_eq!(service_check.port, Some(80));
+    assert!(matches!(&service_check.check, CheckKind::Http { path, .. } if path == "/healthz"));
+    let targets: Vec<Option<SocketAddrV4>> = [b1, b2]
+        .iter()
+        .map(|b| service.health_for(b).map(|h| h.target(b.address)))
+        .collect();
+    assert_eq!(
+        targets,
+        [Some(addr("198.19.0.11:80")), Some(addr("198.19.0.12:8053"))]
+    );
+    // The traffic still goes to the backends' own port.
+    assert_eq!(b1.address, addr("198.19.0.11:5353"));
+    // As a [service.health] table and a dotted key too.
+    for health in [
+        "[service.health]\ncheck = \"tcp\"\nport = 80\n",
+        "health.check = \"tcp\"\nhealth.port = 80\n",
+    ] {
+        let text = format!(
+            "{DP}[[service]]\nname = \"b\"\nvip = \"198.18.0.11:53\"\nbackends = [{B1}]\n{health}"
+        );
+        let config = parse_ok(&text);
+        assert_eq!(
+            config.services[0].health.as_ref().and_then(|h| h.port),
+            Some(80),
+            "{text}"
+        );
+    }
+    // Through a live change, the port is kept.
+    let again = check(&config, Path::new("lb backend")).map_err(|e| e.to_string());
+    assert_eq!(again.as_ref().ok(), Some(&config), "{again:?}");
+}
+
+#[test]
+fn on_backend_down_defaults_to_keep_flows() {
+    let config = parse_ok(&one_service("", B1));
+    assert_eq!(config.services[0].on_backend_down, OnBackendDown::KeepFlows);
+    for (value, expected) in [
+        ("keep-flows", OnBackendDown::KeepFlows),
+        ("drop-flows", OnBackendDown::DropFlows),
+    ] {
+        let config = parse_ok(&one_service(
+            &format!("health = {{ check = \"tcp\" }}\non-backend-down = \"{value}\""),
+            B1,
+        ));
+        assert_eq!(config.services[0].on_backend_down, expected);
+    }
+}
+
+#[test]
+fn dsr_is_overridable_per_service() {
+    let overridden = dsr_inherited().replace(
+        "vip = \"198.18.0.10:80\"\n",
+        "vip = \"198.18.0.10:80\"\nforwarding = \"nat\"\n",
+    );
+    assert_eq!(
+        parse_ok(&overridden).services[0].forwarding,
+        Forwarding::Nat
+    );
+}
+
+#[test]
+fn weights_above_1_need_weighted_round_robin_and_0_drains_under_any() {
+    let config = parse_ok(&one_service(
+        "scheduler = \"weighted-round-robin\"",
+        WEIGHT_2,
+    ));
+    assert_eq!(config.services[0].backends[1].weight, 2);
+    // weight 0 (drained) is fine under any scheduler.
+    let drained = WEIGHT_2.replace("weight = 2", "weight = 0");
+    assert_eq!(
+        parse_ok(&one_service("", &drained)).services[0].backends[1].weight,
+        0
+    );
+}

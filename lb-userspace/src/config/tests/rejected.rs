@@ -1,0 +1,373 @@
+//! Rejected configs: one table of {config text, key path, reason fragment}
+//! with a test per row, then the rejections that assert more than that.
+
+use lb_common::{MAX_BACKENDS, MAX_SERVICES};
+
+use super::*;
+
+/// One test per row: `name: text => key, fragment;` asserts that `text` is
+/// rejected on `key` with a reason that contains `fragment`.
+macro_rules! rejections {
+    ($($name:ident: $text:expr => $key:expr, $fragment:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_rejected(&$text, $key, $fragment);
+        }
+    )*};
+}
+
+rejections! {
+    // --- file and dataplane ---------------------------------------------------
+    empty_file: "" => "dataplane", "missing [dataplane]";
+    comment_only_file: "# only a comment\n" => "dataplane", "missing [dataplane]";
+    missing_dataplane: one_service("", B1).replace(DP, "") => "dataplane", "missing [dataplane]";
+    interfaces_missing: dataplane("forwarding = \"nat\"")
+        => "dataplane.interfaces", "required key is missing";
+    interfaces_empty: dataplane("interfaces = []")
+        => "dataplane.interfaces", "at least one interface";
+    interface_too_long: dataplane("interfaces = [\"eth0\", \"abcdefghijklmnop\"]")
+        => "dataplane.interfaces[1]", "1 to 15 bytes";
+    interface_empty: dataplane("interfaces = [\"\"]")
+        => "dataplane.interfaces[0]", "1 to 15 bytes";
+    interface_with_slash: dataplane("interfaces = [\"lb/front\"]")
+        => "dataplane.interfaces[0]", "cannot contain '/'";
+    interface_with_space: dataplane("interfaces = [\"lb front\"]")
+        => "dataplane.interfaces[0]", "whitespace";
+    interface_dot_dot: dataplane("interfaces = [\"..\"]")
+        => "dataplane.interfaces[0]", "not a valid interface name";
+    interface_twice: dataplane("interfaces = [\"a\", \"b\", \"a\"]")
+        => "dataplane.interfaces[2]", "duplicate of dataplane.interfaces[0] (\"a\")";
+    interface_not_a_string: dataplane("interfaces = [\"a\", 5]")
+        => "dataplane.interfaces[1]", "invalid type: integer `5`";
+    interfaces_not_a_list: dataplane("interfaces = \"eth0\"")
+        => "dataplane.interfaces", "invalid type: string \"eth0\"";
+    conntrack_too_small: with_dataplane_line("conntrack-size = 1023")
+        => "dataplane.conntrack-size", "must be between 1024 and 16777216, got 1023";
+    conntrack_too_large: with_dataplane_line("conntrack-size = 16_777_217")
+        => "dataplane.conntrack-size", "must be between 1024 and 16777216, got 16777217";
+    conntrack_negative: with_dataplane_line("conntrack-size = -1")
+        => "dataplane.conntrack-size", "must be between 1024 and 16777216, got -1";
+
+    // --- services -------------------------------------------------------------
+    no_service: DP => "service", "at least one [[service]]";
+    empty_service_list: format!("service = []\n{DP}") => "service", "at least one [[service]]";
+    service_name_missing: one_service("", B1).replace("name = \"www\"\n", "")
+        => "service[0].name", "required key is missing";
+    service_name_with_space: one_service("", B1).replace("\"www\"", "\"w w\"")
+        => "service[0].name", "got \"w w\"";
+    service_name_too_long: one_service("", B1).replace("\"www\"", &format!("{:?}", "n".repeat(65)))
+        => "service[0].name", "1 to 64 characters";
+    service_name_twice:
+        and_service(&format!("name = \"www\"\nvip = \"198.18.0.11:80\"\nbackends = [{B1}]\n"))
+        => "service[1].name", "already used by service[0]";
+    vip_without_port: vip("198.18.0.10") => "service[0].vip", "expected IPv4 address and port";
+    vip_ipv6: vip("[::1]:80") => "service[0].vip", "expected IPv4 address and port";
+    vip_port_0: vip("198.18.0.10:0") => "service[0].vip", "port 0";
+    vip_unspecified: vip("0.0.0.0:80") => "service[0].vip", "unspecified";
+    vip_broadcast: vip("255.255.255.255:80") => "service[0].vip", "broadcast";
+    vip_multicast: vip("224.0.0.1:80") => "service[0].vip", "multicast";
+    vip_missing: one_service("", B1).replace("vip = \"198.18.0.10:80\"\n", "")
+        => "service[0].vip", "required key is missing";
+    vip_port_protocol_twice: and_service(&format!(
+            "name = \"again\"\nvip = \"198.18.0.10:80\"\nprotocol = \"tcp\"\nbackends = [{B1}]\n"
+        ))
+        => "service[1].vip", "198.18.0.10:80/tcp is already used by service[0] (\"www\")";
+
+    // --- backends -------------------------------------------------------------
+    backend_port_0: one_service("", r#"{ address = "198.19.0.11:0" }"#)
+        => "service[0].backends[0].address", "port 0";
+    backend_unspecified: one_service("", r#"{ address = "0.0.0.0:80" }"#)
+        => "service[0].backends[0].address", "unspecified";
+    backend_address_missing: one_service("", r#"{ name = "web1" }"#)
+        => "service[0].backends[0].address", "required key is missing";
+    backends_empty: one_service("", "") => "service[0].backends", "at least one backend";
+    backends_key_misspelt: one_service("", B1)
+            .replace("backends = [\n", "xbackends = [\n")
+            .replace("xbackends", "# no backends\nfoo")
+        => "service[0].foo", "unknown field `foo`";
+    backends_missing: format!("{DP}\n[[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\n")
+        => "service[0].backends", "required key is missing";
+    backend_address_twice: one_service(
+            "",
+            r#"{ address = "198.19.0.11:80", name = "web1" }, { address = "198.19.0.12:80" }, { address = "198.19.0.11:80", name = "again" }"#,
+        )
+        => "service[0].backends[2].address", "198.19.0.11:80 is already backends[0] (\"web1\")";
+    backend_name_twice: one_service(
+            "",
+            r#"{ address = "198.19.0.11:80", name = "web" }, { address = "198.19.0.12:80", name = "web" }"#,
+        )
+        => "service[0].backends[1].name", "already used by backends[0]";
+    backend_name_with_space: one_service("", r#"{ address = "198.19.0.11:80", name = "web 1" }"#)
+        => "service[0].backends[0].name", "got \"web 1\"";
+    weight_too_large: one_service(
+            "scheduler = \"weighted-round-robin\"",
+            r#"{ address = "198.19.0.11:80", weight = 1001 }"#,
+        )
+        => "service[0].backends[0].weight", "must be between 0 and 1000, got 1001";
+    weight_negative: one_service("", r#"{ address = "198.19.0.11:80", weight = -1 }"#)
+        => "service[0].backends[0].weight", "must be between 0 and 1000, got -1";
+    weight_without_wrr: one_service("", WEIGHT_2)
+        => "service[0].backends[1].weight", "set scheduler = \"weighted-round-robin\"";
+    weight_with_source_hash: one_service("scheduler = \"source-hash\"", WEIGHT_2)
+        => "service[0].backends[1].weight", "no effect with scheduler = \"source-hash\"";
+    dsr_backend_port: one_service("forwarding = \"dsr\"", DSR_BACKENDS)
+        => "service[0].backends[1].address", "must equal the VIP port 80, got 8080";
+    dsr_inherited_backend_port: dsr_inherited()
+        => "service[0].backends[1].address", "only MAC addresses are rewritten";
+    round_robin_ring_too_long: one_service("", &many_backends(MAX_RING + 1, ""))
+        => "service[0].backends",
+           "the non-backup backends need 4097 ring slots but a ring holds at most 4096";
+    backup_ring_too_long: one_service(
+            "scheduler = \"source-hash\"",
+            &many_backends(MAX_RING + 1, ", backup = true"),
+        )
+        => "service[0].backends", "the backup backends need 4097 ring slots";
+    weighted_ring_too_long:
+        weighted("scheduler = \"weighted-round-robin\"", &[999, 1000, 1000, 1000, 1000])
+        => "service[0].backends", "need 4999 ring slots (sum of weights / their gcd)";
+    // 4096 backends in service 0; service 1 lists one of them again, which
+    // takes a slot of its own in the data plane (the 4097th).
+    backends_across_services: format!(
+            "{}\n[[service]]\nname = \"other\"\nvip = \"198.18.0.11:80\"\nbackends = [{{ address = \"10.1.0.0:80\" }}, {B1}]\n",
+            one_service("", &many_backends(MAX_BACKENDS as usize, ""))
+        )
+        => "service[1].backends[0].address", "more than 4096 backends across all services";
+
+    // --- health ---------------------------------------------------------------
+    check_missing: with_health("rise = 2") => "service[0].health.check", "required key is missing";
+    check_unknown: with_health("check = \"icmp\"")
+        => "service[0].health.check", "unknown variant `icmp`";
+    path_on_tcp_check: with_health("check = \"tcp\", path = \"/\"")
+        => "service[0].health.path", "only valid with check = \"http\"";
+    expect_status_on_tcp_check: with_health("check = \"tcp\", expect-status = 200")
+        => "service[0].health.expect-status", "only valid with check = \"http\"";
+    expect_body_on_tcp_check: with_health("check = \"tcp\", expect-body = \"ok\"")
+        => "service[0].health.expect-body", "only valid with check = \"http\"";
+    path_without_slash: with_health("check = \"http\", path = \"healthz\"")
+        => "service[0].health.path", "must start with '/'";
+    path_with_space: with_health("check = \"http\", path = \"/a b\"")
+        => "service[0].health.path", "no whitespace";
+    expect_status_too_large: with_health("check = \"http\", expect-status = 600")
+        => "service[0].health.expect-status", "must be between 100 and 599, got 600";
+    expect_status_too_small: with_health("check = \"http\", expect-status = 99")
+        => "service[0].health.expect-status", "got 99";
+    rise_0: with_health("check = \"tcp\", rise = 0")
+        => "service[0].health.rise", "between 1 and 100, got 0";
+    fall_101: with_health("check = \"tcp\", fall = 101")
+        => "service[0].health.fall", "between 1 and 100, got 101";
+    interval_in_hours: with_health("check = \"tcp\", interval = \"1h\"")
+        => "service[0].health.interval",
+           "expected a duration like \"300ms\" or \"2s\", got \"1h\"";
+    interval_0s: with_health("check = \"tcp\", interval = \"0s\"")
+        => "service[0].health.interval", "greater than 0";
+    timeout_0ms: with_health("check = \"tcp\", timeout = \"0ms\"")
+        => "service[0].health.timeout", "greater than 0";
+    timeout_not_a_duration: with_health("check = \"tcp\", timeout = \"abc\"")
+        => "service[0].health.timeout", "got \"abc\"";
+    interval_without_number: with_health("check = \"tcp\", interval = \"s\"")
+        => "service[0].health.interval", "got \"s\"";
+    interval_with_plus: with_health("check = \"tcp\", interval = \"+5s\"")
+        => "service[0].health.interval", "got \"+5s\"";
+    interval_with_space: with_health("check = \"tcp\", interval = \"5 s\"")
+        => "service[0].health.interval", "got \"5 s\"";
+    interval_fractional: with_health("check = \"tcp\", interval = \"1.5s\"")
+        => "service[0].health.interval", "got \"1.5s\"";
+    interval_too_large: with_health("check = \"tcp\", interval = \"99999999999999999999s\"")
+        => "service[0].health.interval", "too large";
+    interval_integer: with_health("check = \"tcp\", interval = 2")
+        => "service[0].health.interval", "invalid type: integer `2`";
+    timeout_over_interval: with_health("check = \"tcp\", interval = \"1s\", timeout = \"1500ms\"")
+        => "service[0].health.timeout", "timeout 1500ms must not exceed interval 1s";
+    timeout_over_default_interval: with_health("check = \"tcp\", timeout = \"3s\"")
+        => "service[0].health.timeout", "interval 2s";
+    default_timeout_over_interval: with_health("check = \"tcp\", interval = \"500ms\"")
+        => "service[0].health.timeout", "timeout 1s";
+    backend_interval_in_hours: with_backend_health("check = \"tcp\", interval = \"1h\"")
+        => "service[0].backends[1].health.interval", "got \"1h\"";
+    backend_timeout_over_interval:
+        with_backend_health("check = \"tcp\", interval = \"1s\", timeout = \"2s\"")
+        => "service[0].backends[1].health.timeout", "timeout 2s must not exceed interval 1s";
+    backend_check_missing: with_backend_health("rise = 2")
+        => "service[0].backends[1].health.check", "required key is missing";
+    backend_path_on_tcp_check: with_backend_health("check = \"tcp\", path = \"/\"")
+        => "service[0].backends[1].health.path", "only valid with check = \"http\"";
+    backend_expect_status_too_large: with_backend_health("check = \"http\", expect-status = 600")
+        => "service[0].backends[1].health.expect-status", "between 100 and 599";
+    backend_fall_0: with_backend_health("check = \"tcp\", fall = 0")
+        => "service[0].backends[1].health.fall", "between 1 and 100, got 0";
+    backend_check_unknown: with_backend_health("check = \"ping\"")
+        => "service[0].backends[1].health.check", "unknown variant `ping`";
+    backend_health_unknown_key: with_backend_health("check = \"tcp\", retries = 3")
+        => "service[0].backends[1].health.retries", "unknown field `retries`";
+    health_port_0: second_with_health("check = \"http\", port = 0")
+        => "service[1].health.port", "must be between 1 and 65535, got 0";
+    health_port_65536: second_with_health("check = \"http\", port = 65536")
+        => "service[1].health.port", "must be between 1 and 65535, got 65536";
+    health_port_negative: second_with_health("check = \"http\", port = -80")
+        => "service[1].health.port", "must be between 1 and 65535, got -80";
+    health_port_string: second_with_health("check = \"http\", port = \"80\"")
+        => "service[1].health.port", "invalid type: string \"80\", expected i64";
+    backend_health_port_0: one_service(
+            "",
+            r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:80", health = { check = "tcp", port = 0 } }"#,
+        )
+        => "service[0].backends[1].health.port", "must be between 1 and 65535, got 0";
+    on_backend_down_unknown: one_service("on-backend-down = \"reset\"", B1)
+        => "service[0].on-backend-down",
+           "unknown variant `reset`, expected `keep-flows` or `drop-flows`";
+    on_backend_down_bool: one_service("on-backend-down = true", B1)
+        => "service[0].on-backend-down", "wanted string or table";
+    // It is a service key, not a backend key.
+    on_backend_down_on_a_backend: one_service(
+            "",
+            r#"{ address = "198.19.0.11:80", on-backend-down = "drop-flows" }"#,
+        )
+        => "service[0].backends[0].on-backend-down", "unknown field `on-backend-down`";
+
+    // --- unknown keys, enums, shapes ------------------------------------------
+    unknown_top_level_key: format!("colour = 1\n{}", one_service("", B1))
+        => "colour", "unknown field `colour`";
+    unknown_dataplane_key: with_dataplane_line("mtu = 1500")
+        => "dataplane.mtu", "unknown field `mtu`";
+    unknown_service_key: one_service("port = 80", B1)
+        => "service[0].port", "unknown field `port`";
+    unknown_backend_key: one_service(
+            "",
+            r#"{ address = "198.19.0.11:80" }, { address = "198.19.0.12:80", colour = "red" }"#,
+        )
+        => "service[0].backends[1].colour", "unknown field `colour`";
+    unknown_health_key: with_health("check = \"tcp\", retries = 3")
+        => "service[0].health.retries", "unknown field `retries`";
+    // The same through [[service.backends]], [service.health] and dotted
+    // keys, and in a later service.
+    unknown_key_in_health_table: and_service(
+            "name = \"b\"\nvip = \"198.18.0.11:80\"\n[service.health]\ncheck = \"tcp\"\ncolour = 1\n"
+        )
+        => "service[1].health.colour", "unknown field `colour`";
+    unknown_dotted_health_key: format!(
+            "{DP}[[service]]\nname = \"b\"\nvip = \"198.18.0.11:80\"\nhealth.check = \"tcp\"\nhealth.colour = 1\n\
+             [[service.backends]]\naddress = \"198.19.0.11:80\"\n"
+        )
+        => "service[0].health.colour", "unknown field `colour`";
+    unknown_key_in_backends_table: format!(
+            "{DP}[[service]]\nname = \"b\"\nvip = \"198.18.0.11:80\"\n[[service.backends]]\naddress = \"198.19.0.11:80\"\n\
+             [[service.backends]]\naddress = \"198.19.0.12:80\"\ncolour = 1\n"
+        )
+        => "service[0].backends[1].colour", "unknown field `colour`";
+    forwarding_unknown: with_dataplane_line("forwarding = \"tunnel\"")
+        => "dataplane.forwarding", "unknown variant `tunnel`, expected `nat` or `dsr`";
+    xdp_mode_unknown: with_dataplane_line("xdp-mode = \"offload\"")
+        => "dataplane.xdp-mode", "unknown variant `offload`";
+    protocol_unknown: one_service("protocol = \"sctp\"", B1)
+        => "service[0].protocol", "unknown variant `sctp`";
+    forwarding_upper_case: one_service("forwarding = \"NAT\"", B1)
+        => "service[0].forwarding", "unknown variant `NAT`";
+    scheduler_unknown: one_service("scheduler = \"maglev\"", B1)
+        => "service[0].scheduler", "unknown variant `maglev`";
+    backup_not_a_bool: one_service("", r#"{ address = "198.19.0.11:80", backup = "yes" }"#)
+        => "service[0].backends[0].backup", "invalid type: string \"yes\", expected a boolean";
+    // A datetime is not a table even though serde sees it as a map.
+    interval_datetime: with_health("check = \"tcp\", interval = 1979-05-27")
+        => "service[0].health.interval", "invalid type";
+    protocol_datetime: one_service("protocol = 1979-05-27", B1)
+        => "service[0].protocol", "wanted string or table";
+    // [service] instead of [[service]].
+    service_table_not_list: format!("{DP}[service]\nname = \"www\"\n")
+        => "service", "invalid type: map, expected a sequence";
+}
+
+// --- rejections that assert more than a key and a fragment --------------------
+
+#[test]
+fn too_many_services_are_rejected() {
+    let mut text = DP.to_owned();
+    for i in 0..=MAX_SERVICES {
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"198.18.0.10:{}\"\nbackends = [{B1}]\n",
+            i + 1
+        ));
+    }
+    assert_rejected(
+        &text,
+        "service",
+        "257 services, but the data plane holds at most 256",
+    );
+    // One fewer is fine.
+    let cut = text.rfind("[[service]]").unwrap_or(0);
+    assert_eq!(parse_ok(&text[..cut]).services.len(), 256);
+}
+
+#[test]
+fn addresses_are_rejected_with_an_example() {
+    for (text, key, example) in [
+        (vip("web1"), "service[0].vip", "198.18.0.10:80"),
+        (
+            one_service(
+                "",
+                r#"{ address = "198.19.0.11:80" }, { address = "web1" }"#,
+            ),
+            "service[0].backends[1].address",
+            "198.19.0.11:80",
+        ),
+    ] {
+        let (got_key, reason) = parse_err(&text);
+        assert_eq!(got_key, key);
+        assert_eq!(
+            reason,
+            format!(r#"expected IPv4 address and port like "{example}", got "web1""#)
+        );
+    }
+}
+
+#[test]
+fn weighted_ring_length_is_sum_over_gcd() {
+    // gcd 1000: 5 slots. gcd 500 (zero weights ignored): 9 slots. (4999
+    // slots is a row of the table.)
+    let wrr = "scheduler = \"weighted-round-robin\"";
+    parse_ok(&weighted(wrr, &[1000, 1000, 1000, 1000, 1000]));
+    parse_ok(&weighted(wrr, &[1000, 1000, 0, 1000, 1000, 500]));
+}
+
+#[test]
+fn syntax_errors_name_line_and_column() {
+    let (key, reason) = parse_err("[dataplane]\ninterfaces = [\"a\"\n");
+    assert_eq!(key, "<toml>:3:1");
+    assert!(!reason.is_empty() && reason == reason.trim(), "{reason:?}");
+    let (key, _) = parse_err("[dataplane]\ninterfaces = [\"a\"]\ninterfaces = [\"b\"]\n");
+    assert!(key.starts_with("<toml>:3:"), "{key}");
+}
+
+#[test]
+fn errors_display_file_key_and_reason() {
+    let err = parse(
+        &one_service("", r#"{ address = "198.19.0.11:0" }"#),
+        Path::new("conf/lb.toml"),
+    )
+    .err()
+    .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some(
+            "conf/lb.toml: service[0].backends[0].address: port 0 is not a usable port, got \"198.19.0.11:0\""
+        )
+    );
+    // The message names the file, the key and the reason.
+    let err = parse(
+        &second_with_health("check = \"tcp\", port = 0"),
+        Path::new(FILE),
+    )
+    .expect_err("port 0 is rejected");
+    assert_eq!(
+        err.to_string(),
+        "test.toml: service[1].health.port: must be between 1 and 65535, got 0"
+    );
+}
+
+#[test]
+fn load_reports_unreadable_files() {
+    let path = Path::new("/nonexistent/lb.toml");
+    match load(path) {
+        Err(ConfigError::Read { file, .. }) => assert_eq!(file, path),
+        other => panic!("expected ConfigError::Read, got {other:?}"),
+    }
+}

@@ -1,0 +1,523 @@
+//! The validator: raw config -> validated [`Config`], with the limits,
+//! defaults and field rules, stopping at the first error in document order.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::Range,
+    path::Path,
+    time::Duration,
+};
+
+use lb_common::{DEFAULT_CONNTRACK_SIZE, MAX_BACKENDS, MAX_RING, MAX_SERVICES};
+
+use super::{
+    Backend, CheckKind, Config, ConfigError, Dataplane, Forwarding, HealthCheck, OnBackendDown,
+    Protocol, Scheduler, Service, XdpMode, duration,
+    raw::{RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawService},
+};
+
+// ---------------------------------------------------------------------------
+// Limits and defaults.
+// ---------------------------------------------------------------------------
+
+const CONNTRACK_MIN: i64 = 1024;
+const CONNTRACK_MAX: i64 = 16_777_216;
+const NAME_MAX: usize = 64;
+/// IFNAMSIZ (16) minus the terminating NUL.
+const IFNAME_MAX: usize = 15;
+const WEIGHT_MAX: i64 = 1000;
+const RISE_FALL_MAX: i64 = 100;
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RISE: u32 = 2;
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_HTTP_PATH: &str = "/";
+const DEFAULT_EXPECT_STATUS: u16 = 200;
+const VIP_EXAMPLE: &str = "198.18.0.10:80";
+const BACKEND_EXAMPLE: &str = "198.19.0.11:80";
+
+// ---------------------------------------------------------------------------
+// Validation: raw -> validated, stopping at the first error in document order.
+// ---------------------------------------------------------------------------
+
+/// Backend addresses and names already used in the service being validated,
+/// with the index (and name) of the backend that uses them.
+#[derive(Default)]
+struct Seen {
+    addresses: HashMap<SocketAddrV4, (usize, String)>,
+    names: HashMap<String, usize>,
+}
+
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
+        value.ok_or_else(|| self.err(key, "required key is missing"))
+    }
+
+    /// `value` if it is in `range`, as the field's integer type `T` (which
+    /// holds the whole range, so that conversion does not fail in practice).
+    fn in_range<T: TryFrom<i64>>(
+        &self,
+        value: i64,
+        range: Range<i64>,
+        key: &str,
+    ) -> Result<T, ConfigError> {
+        if !range.contains(&value) {
+            return Err(self.err(
+                key,
+                format!(
+                    "must be between {} and {}, got {value}",
+                    range.start,
+                    range.end - 1
+                ),
+            ));
+        }
+        T::try_from(value)
+            .map_err(|_| self.err(key, format!("does not fit in {} bits", 8 * size_of::<T>())))
+    }
+
+    pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let Some(raw_dataplane) = raw.dataplane else {
+            return Err(self.err(
+                "dataplane",
+                "missing [dataplane] table (it needs at least `interfaces`)",
+            ));
+        };
+        let dataplane = self.dataplane(raw_dataplane)?;
+
+        let raw_services = raw.service.unwrap_or_default();
+        if raw_services.is_empty() {
+            return Err(self.err("service", "at least one [[service]] is required"));
+        }
+        if raw_services.len() > MAX_SERVICES as usize {
+            return Err(self.err(
+                "service",
+                format!(
+                    "{} services, but the data plane holds at most {MAX_SERVICES}",
+                    raw_services.len()
+                ),
+            ));
+        }
+
+        let mut services: Vec<Service> = Vec::with_capacity(raw_services.len());
+        // Backend ids index one global BACKENDS map and are per service (a
+        // backend's flags and counters belong to its service, and a restarted
+        // agent rebuilds ids from the map), so a backend listed in two
+        // services takes two slots: the limit is on backend entries.
+        let mut entries = 0usize;
+        for (i, raw_service) in raw_services.into_iter().enumerate() {
+            let service = self.service(i, raw_service, &dataplane, &services)?;
+            for j in 0..service.backends.len() {
+                entries += 1;
+                if entries > MAX_BACKENDS as usize {
+                    return Err(self.err(
+                        format!("service[{i}].backends[{j}].address"),
+                        format!(
+                            "more than {MAX_BACKENDS} backends across all services \
+                             (a backend listed in several services counts once per service)"
+                        ),
+                    ));
+                }
+            }
+            services.push(service);
+        }
+        Ok(Config {
+            dataplane,
+            services,
+        })
+    }
+
+    fn dataplane(&self, raw: RawDataplane) -> Result<Dataplane, ConfigError> {
+        let interfaces = self.required(raw.interfaces, "dataplane.interfaces")?;
+        if interfaces.is_empty() {
+            return Err(self.err("dataplane.interfaces", "at least one interface is required"));
+        }
+        for (i, name) in interfaces.iter().enumerate() {
+            let key = format!("dataplane.interfaces[{i}]");
+            if let Some(reason) = ifname_problem(name) {
+                return Err(self.err(key, reason));
+            }
+            if let Some(j) = interfaces[..i].iter().position(|other| other == name) {
+                return Err(self.err(
+                    key,
+                    format!("duplicate of dataplane.interfaces[{j}] ({name:?})"),
+                ));
+            }
+        }
+        let conntrack_size = match raw.conntrack_size {
+            None => DEFAULT_CONNTRACK_SIZE,
+            Some(size) => self.in_range(
+                size,
+                CONNTRACK_MIN..CONNTRACK_MAX + 1,
+                "dataplane.conntrack-size",
+            )?,
+        };
+        Ok(Dataplane {
+            interfaces,
+            forwarding: raw.forwarding.unwrap_or(Forwarding::Nat),
+            xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Native),
+            conntrack_size,
+        })
+    }
+
+    fn service(
+        &self,
+        i: usize,
+        raw: RawService,
+        dataplane: &Dataplane,
+        earlier: &[Service],
+    ) -> Result<Service, ConfigError> {
+        let key = |field: &str| format!("service[{i}].{field}");
+
+        let name = self.required(raw.name, &key("name"))?;
+        if let Some(reason) = name_problem(&name) {
+            return Err(self.err(key("name"), reason));
+        }
+        if let Some(j) = earlier.iter().position(|s| s.name == name) {
+            return Err(self.err(
+                key("name"),
+                format!("duplicate service name, already used by service[{j}]"),
+            ));
+        }
+
+        let vip_text = self.required(raw.vip, &key("vip"))?;
+        let vip = self.socket_addr(&vip_text, &key("vip"), VIP_EXAMPLE)?;
+        let protocol = raw.protocol.unwrap_or(Protocol::Tcp);
+        // The data plane looks services up by (VIP, port, protocol); two
+        // services with the same key would silently shadow each other.
+        if let Some((j, other)) = earlier
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.vip == vip && s.protocol == protocol)
+        {
+            return Err(self.err(
+                key("vip"),
+                format!(
+                    "{vip}/{} is already used by service[{j}] ({:?})",
+                    protocol.name(),
+                    other.name
+                ),
+            ));
+        }
+
+        let forwarding = raw.forwarding.unwrap_or(dataplane.forwarding);
+        let scheduler = raw.scheduler.unwrap_or(Scheduler::RoundRobin);
+        let health = match raw.health {
+            None => None,
+            Some(h) => Some(self.health(&key("health"), h)?),
+        };
+        let on_backend_down = raw.on_backend_down.unwrap_or(OnBackendDown::KeepFlows);
+
+        let raw_backends = self.required(raw.backends, &key("backends"))?;
+        if raw_backends.is_empty() {
+            return Err(self.err(key("backends"), "at least one backend is required"));
+        }
+        let mut backends: Vec<Backend> = Vec::with_capacity(raw_backends.len());
+        let mut seen = Seen::default();
+        for (j, raw_backend) in raw_backends.into_iter().enumerate() {
+            let prefix = format!("service[{i}].backends[{j}]");
+            let backend = self.backend(&prefix, raw_backend, vip, forwarding, scheduler, &seen)?;
+            seen.addresses
+                .insert(backend.address, (j, backend.name.clone()));
+            seen.names.insert(backend.name.clone(), j);
+            backends.push(backend);
+        }
+        self.ring(&key("backends"), scheduler, &backends)?;
+
+        Ok(Service {
+            name,
+            vip,
+            protocol,
+            forwarding,
+            scheduler,
+            health,
+            on_backend_down,
+            backends,
+        })
+    }
+
+    fn backend(
+        &self,
+        prefix: &str,
+        raw: RawBackend,
+        vip: SocketAddrV4,
+        forwarding: Forwarding,
+        scheduler: Scheduler,
+        seen: &Seen,
+    ) -> Result<Backend, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+
+        let address_text = self.required(raw.address, &key("address"))?;
+        let address = self.socket_addr(&address_text, &key("address"), BACKEND_EXAMPLE)?;
+        // One address twice in a service would get two ring slots and be
+        // health-checked twice; it is always a typo.
+        if let Some((k, other)) = seen.addresses.get(&address) {
+            return Err(self.err(
+                key("address"),
+                format!("{address} is already backends[{k}] ({other:?})"),
+            ));
+        }
+        // DSR forwards the packet unchanged apart from the MAC addresses, so
+        // the backend receives it on the VIP port and must listen there.
+        if forwarding == Forwarding::Dsr && address.port() != vip.port() {
+            return Err(self.err(
+                key("address"),
+                format!(
+                    "with forwarding = \"dsr\" only MAC addresses are rewritten, \
+                     so the backend port must equal the VIP port {}, got {}",
+                    vip.port(),
+                    address.port()
+                ),
+            ));
+        }
+
+        let name = match raw.name {
+            None => address.to_string(),
+            Some(name) => {
+                if let Some(reason) = name_problem(&name) {
+                    return Err(self.err(key("name"), reason));
+                }
+                name
+            }
+        };
+        if let Some(k) = seen.names.get(&name) {
+            return Err(self.err(
+                key("name"),
+                format!("duplicate backend name, already used by backends[{k}]"),
+            ));
+        }
+
+        let weight: u32 = match raw.weight {
+            None => 1,
+            Some(w) => self.in_range(w, 0..WEIGHT_MAX + 1, &key("weight"))?,
+        };
+        // Outside weighted round robin a weight other than 0 (drained) or 1
+        // would be silently ignored; reject it rather than surprise.
+        if weight > 1 && scheduler != Scheduler::WeightedRoundRobin {
+            return Err(self.err(
+                key("weight"),
+                format!(
+                    "weight {weight} has no effect with scheduler = \"{}\"; \
+                     set scheduler = \"weighted-round-robin\" (or use 1, or 0 to drain)",
+                    scheduler.name()
+                ),
+            ));
+        }
+        let health = match raw.health {
+            None => None,
+            Some(h) => Some(self.health(&key("health"), h)?),
+        };
+
+        Ok(Backend {
+            name,
+            address,
+            weight,
+            backup: raw.backup.unwrap_or(false),
+            health,
+        })
+    }
+
+    /// The primaries and the backups each become a ring of at most
+    /// `MAX_RING` slots (the backups' ring is used when no primary is up).
+    fn ring(
+        &self,
+        key: &str,
+        scheduler: Scheduler,
+        backends: &[Backend],
+    ) -> Result<(), ConfigError> {
+        for (which, backup) in [("non-backup", false), ("backup", true)] {
+            let group = backends.iter().filter(|b| b.backup == backup);
+            let slots = match scheduler {
+                Scheduler::RoundRobin | Scheduler::SourceHash => group.count() as u64,
+                // Same length as lb_common::ring::weighted builds.
+                Scheduler::WeightedRoundRobin => {
+                    let weights: Vec<u64> = group
+                        .map(|b| u64::from(b.weight))
+                        .filter(|&w| w > 0)
+                        .collect();
+                    let g = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
+                    weights.iter().sum::<u64>() / g
+                }
+            };
+            if slots > MAX_RING as u64 {
+                let how = match scheduler {
+                    Scheduler::WeightedRoundRobin => " (sum of weights / their gcd)",
+                    Scheduler::RoundRobin | Scheduler::SourceHash => "",
+                };
+                return Err(self.err(
+                    key,
+                    format!("the {which} backends need {slots} ring slots{how} but a ring holds at most {MAX_RING}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn health(&self, prefix: &str, raw: RawHealth) -> Result<HealthCheck, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+
+        let check = match self.required(raw.check, &key("check"))? {
+            RawCheck::Tcp => {
+                // An HTTP-only key on a TCP check would be silently ignored,
+                // which hides the mistake of forgetting check = "http".
+                let http_only = [
+                    ("path", raw.path.is_some()),
+                    ("expect-status", raw.expect_status.is_some()),
+                    ("expect-body", raw.expect_body.is_some()),
+                ];
+                if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
+                    return Err(self.err(key(field), "only valid with check = \"http\""));
+                }
+                CheckKind::Tcp
+            }
+            RawCheck::Http => {
+                let path = raw.path.unwrap_or_else(|| DEFAULT_HTTP_PATH.to_owned());
+                // The path goes verbatim into the request line; whitespace or
+                // control characters would corrupt (or inject into) it.
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(self.err(
+                        key("path"),
+                        format!("must start with '/' and contain no whitespace or control characters, got {path:?}"),
+                    ));
+                }
+                let expect_status = match raw.expect_status {
+                    None => DEFAULT_EXPECT_STATUS,
+                    Some(s) => self.in_range(s, 100..600, &key("expect-status"))?,
+                };
+                CheckKind::Http {
+                    path,
+                    expect_status,
+                    expect_body: raw.expect_body,
+                }
+            }
+        };
+
+        let port = match raw.port {
+            None => None,
+            Some(p) => Some(self.in_range(p, 1..65536, &key("port"))?),
+        };
+
+        let duration = |value: Option<String>, field: &str, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => duration::parse(&text).map_err(|reason| self.err(key(field), reason)),
+        };
+        let interval = duration(raw.interval, "interval", DEFAULT_INTERVAL)?;
+        let timeout = duration(raw.timeout, "timeout", DEFAULT_TIMEOUT)?;
+        // A probe still pending when the next one is due would overlap it.
+        if timeout > interval {
+            return Err(self.err(
+                key("timeout"),
+                format!(
+                    "timeout {} must not exceed interval {}",
+                    duration::show(timeout),
+                    duration::show(interval)
+                ),
+            ));
+        }
+
+        let count = |value: Option<i64>, field: &str, default: u32| -> Result<u32, ConfigError> {
+            match value {
+                None => Ok(default),
+                Some(n) => self.in_range(n, 1..RISE_FALL_MAX + 1, &key(field)),
+            }
+        };
+        let rise = count(raw.rise, "rise", DEFAULT_RISE)?;
+        let fall = count(raw.fall, "fall", DEFAULT_FALL)?;
+
+        Ok(HealthCheck {
+            check,
+            port,
+            interval,
+            timeout,
+            rise,
+            fall,
+        })
+    }
+
+    fn socket_addr(
+        &self,
+        text: &str,
+        key: &str,
+        example: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let addr: SocketAddrV4 = text.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("expected IPv4 address and port like {example:?}, got {text:?}"),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(self.err(key, format!("port 0 is not a usable port, got {text:?}")));
+        }
+        if let Some(reason) = address_problem(*addr.ip()) {
+            return Err(self.err(key, reason));
+        }
+        Ok(addr)
+    }
+}
+
+/// Why `ip` cannot be a VIP or a backend: neither end of a unicast flow can
+/// be the unspecified, broadcast or a multicast address.
+fn address_problem(ip: Ipv4Addr) -> Option<String> {
+    if ip.is_unspecified() {
+        Some(format!("{ip} is the unspecified address"))
+    } else if ip.is_broadcast() {
+        Some(format!("{ip} is the broadcast address"))
+    } else if ip.is_multicast() {
+        Some(format!("{ip} is a multicast address"))
+    } else {
+        None
+    }
+}
+
+/// The kernel's `dev_valid_name()` rules, so a bad name fails here rather
+/// than at attach time.
+fn ifname_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > IFNAME_MAX {
+        Some(format!(
+            "interface names are 1 to {IFNAME_MAX} bytes long, got {name:?}"
+        ))
+    } else if name == "." || name == ".." {
+        Some(format!("{name:?} is not a valid interface name"))
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        Some(format!(
+            "interface names cannot contain '/', ':', NUL or whitespace, got {name:?}"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Service and backend names end up in logs, metrics labels and CLI output,
+/// so they are kept to a shell- and label-safe charset.
+fn name_problem(name: &str) -> Option<String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if (1..=NAME_MAX).contains(&name.len()) && name.chars().all(ok_char) {
+        None
+    } else {
+        Some(format!(
+            "expected 1 to {NAME_MAX} characters from A-Z a-z 0-9 _ . -, got {name:?}"
+        ))
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
