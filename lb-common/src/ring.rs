@@ -36,8 +36,16 @@ const fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// The length of the [`weighted`] sequence for these weights:
+/// `sum(weights) / gcd(weights)`, zero weights left out. The config
+/// validator checks it against `MAX_RING` before any ring is built.
+pub fn weighted_len(weights: &[u32]) -> u64 {
+    let g = weights.iter().fold(0u32, |g, &w| gcd(g, w)).max(1);
+    weights.iter().map(|&w| u64::from(w / g)).sum()
+}
+
 /// Smooth weighted round robin over `(id, weight)`; weight 0 never appears.
-/// The sequence has length `sum(weights) / gcd(weights)`.
+/// The sequence has length [`weighted_len`].
 pub fn weighted(backends: &[(u32, u32)]) -> Vec<u32> {
     let live: Vec<(u32, i64)> = backends
         .iter()
@@ -100,6 +108,29 @@ mod tests {
     fn weight_zero_is_drained_and_gcd_shortens() {
         assert_eq!(weighted(&[(1, 0), (2, 4), (3, 4)]), vec![2, 3]);
         assert!(weighted(&[(1, 0)]).is_empty());
+    }
+
+    #[test]
+    fn weighted_len_is_the_built_length() {
+        for weights in [
+            &[1u32, 2, 3][..],
+            &[1000, 2000, 0, 500],
+            &[7],
+            &[0, 0],
+            &[4, 6],
+        ] {
+            let backends: Vec<(u32, u32)> = weights
+                .iter()
+                .copied()
+                .enumerate()
+                .map(|(i, w)| (i as u32, w))
+                .collect();
+            assert_eq!(
+                weighted_len(weights),
+                weighted(&backends).len() as u64,
+                "{weights:?}"
+            );
+        }
     }
 
     #[test]

@@ -341,14 +341,9 @@ impl Validator<'_> {
             let group = backends.iter().filter(|b| b.backup == backup);
             let slots = match scheduler {
                 Scheduler::RoundRobin | Scheduler::SourceHash => group.count() as u64,
-                // Same length as lb_common::ring::weighted builds.
                 Scheduler::WeightedRoundRobin => {
-                    let weights: Vec<u64> = group
-                        .map(|b| u64::from(b.weight))
-                        .filter(|&w| w > 0)
-                        .collect();
-                    let g = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
-                    weights.iter().sum::<u64>() / g
+                    let weights: Vec<u32> = group.map(|b| b.weight).collect();
+                    lb_common::ring::weighted_len(&weights)
                 }
             };
             if slots > MAX_RING as u64 {
@@ -516,8 +511,4 @@ fn name_problem(name: &str) -> Option<String> {
             "expected 1 to {NAME_MAX} characters from A-Z a-z 0-9 _ . -, got {name:?}"
         ))
     }
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }

@@ -10,7 +10,7 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
-use crate::config::CheckKind;
+use crate::config::{CheckKind, duration::show};
 
 /// At most this much of an HTTP response is read.
 const HTTP_RESPONSE_CAP: u64 = 64 * 1024;
@@ -112,15 +112,6 @@ fn io_reason(e: &std::io::Error) -> String {
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => format!("{:?}", e.kind()),
-    }
-}
-
-fn show(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms >= 1000 && ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
     }
 }
 
