@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_userspace::{
     control::{self, BackendChange, Request, Response, Status},
-    lab::{HttpConn, Lab, bulk_byte, http_get, in_netns, vip_http, web_addr},
+    harness::lab::{HttpConn, Lab, bulk_byte, http_get, in_netns, vip_http, web_addr},
 };
 
 /// The `lb` binary under test (`LB_BIN`, set by `cargo xtask test`); also

@@ -23,7 +23,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     control::{BackendChange, Request},
-    lab::{HttpConn, Lab, in_netns, udp_connect, udp_request, vip_http, vip_udp, web_addr},
+    harness::lab::{HttpConn, Lab, in_netns, udp_connect, udp_request, vip_http, vip_udp, web_addr},
 };
 
 fn prefix() -> String {

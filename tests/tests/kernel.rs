@@ -171,7 +171,7 @@ impl TestNet {
 
     /// Runs `f` on a thread that has joined this namespace.
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        lb_userspace::lab::in_netns(&self.name, f).expect("joining the test namespace")
+        lb_userspace::harness::lab::in_netns(&self.name, f).expect("joining the test namespace")
     }
 }
 

@@ -1,5 +1,5 @@
 //! Smoke test of `lb pktgen` through the real data plane, on the benchmark's
-//! own topology (`lb_userspace::bench::BenchNet`): the XDP generator
+//! own topology (`lb_userspace::harness::bench::BenchNet`): the XDP generator
 //! transmits on `gen0`; its veth peer `lbin` runs `lb` (NAT, one UDP service,
 //! three backends); `lb` forwards out of `lbout`, whose peer `sink0` runs the
 //! counting `sink`. Everything lives in one throwaway namespace
@@ -15,10 +15,12 @@ use std::{
 use aya::{maps::PerCpuArray, programs::XdpMode as AyaXdpMode};
 use lb_common::{Counters, Verdict};
 use lb_userspace::{
-    bench::{self, BenchNet},
     config::{Forwarding, XdpMode},
     dataplane::Dataplane,
-    pktgen::{self, Limit, Spec},
+    harness::{
+        bench::{self, BenchNet},
+        pktgen::{self, Limit, Spec},
+    },
 };
 
 const FRAMES: u64 = 5000;

@@ -41,7 +41,7 @@ use lb_common::Counters;
 use crate::{
     config::{self, Config, Forwarding},
     dataplane::Dataplane,
-    pktgen::{self, FrameSpec, Limit, Proto, Spec},
+    harness::pktgen::{self, FrameSpec, Limit, Proto, Spec},
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -292,7 +292,7 @@ impl BenchNet {
 
     /// Runs `f` on a thread that has joined this namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-        crate::lab::in_netns(&self.name, f)?
+        crate::harness::lab::in_netns(&self.name, f)?
     }
 }
 
@@ -378,7 +378,7 @@ fn cleanup_on_signal() -> anyhow::Result<()> {
             let _ = Command::new("ip")
                 .args(["netns", "del", &bench_netns()])
                 .output();
-            if let Err(e) = crate::lab::down(&format!("lbp{pid}h")) {
+            if let Err(e) = crate::harness::lab::down(&format!("lbp{pid}h")) {
                 eprintln!("bench: removing the HTTP lab failed: {e:#}");
             }
             std::process::exit(128 + sig);
@@ -866,7 +866,7 @@ pub fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64)> {
 const WRK_LOADS: [(&str, &str, &str); 2] = [("32 conns", "-t2", "-c32"), ("2 conns", "-t1", "-c2")];
 
 fn wrk(
-    lab: &crate::lab::Lab,
+    lab: &crate::harness::lab::Lab,
     url: &str,
     secs: u32,
     reps: usize,
@@ -900,10 +900,10 @@ impl Drop for KillOnDrop {
 const HAPROXY_PORT: u16 = 8080;
 
 /// Waits until `addr` accepts TCP connections from the client namespace.
-fn wait_listening(lab: &crate::lab::Lab, addr: SocketAddrV4) -> anyhow::Result<()> {
+fn wait_listening(lab: &crate::harness::lab::Lab, addr: SocketAddrV4) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let ok = crate::lab::in_netns(&lab.client_ns(), || {
+        let ok = crate::harness::lab::in_netns(&lab.client_ns(), || {
             std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok()
         })?;
         if ok {
@@ -918,7 +918,7 @@ fn wait_listening(lab: &crate::lab::Lab, addr: SocketAddrV4) -> anyhow::Result<(
 }
 
 fn http_bench(reps: usize, secs: u32) -> anyhow::Result<Vec<HttpRow>> {
-    use crate::lab;
+    use crate::harness::lab;
     for tool in ["wrk", "haproxy"] {
         ensure!(
             Command::new(tool)
