@@ -17,7 +17,10 @@ use lb_tests::{lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, BackendChange, Request},
-    harness::lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, in_netns, lab_config},
+    harness::{
+        lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, lab_config},
+        netns::in_netns,
+    },
 };
 
 /// The client's fixed source ports: a small set it cycles over, as a client

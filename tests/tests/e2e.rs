@@ -17,9 +17,12 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use lb_userspace::{
     config::Forwarding,
-    harness::lab::{
-        self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get, in_netns,
-        lab_config, udp_connect, udp_request, vip_http, vip_udp,
+    harness::{
+        lab::{
+            self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get,
+            lab_config, udp_connect, udp_request, vip_http, vip_udp,
+        },
+        netns::in_netns,
     },
 };
 

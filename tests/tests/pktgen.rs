@@ -20,6 +20,7 @@ use lb_userspace::{
     harness::{
         bench::{self, BenchNet},
         pktgen::{self, Limit, Spec},
+        xdp,
     },
 };
 
@@ -69,7 +70,7 @@ fn veth_stats() -> String {
 #[test]
 fn pktgen_through_lb_reaches_the_sink() {
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        rustix::process::geteuid().is_root(),
         "the pktgen smoke test needs root (BPF_PROG_RUN, XDP, network namespaces): run `cargo xtask test` as root"
     );
     // Two queues per veth give each sending CPU its own ring.
@@ -84,15 +85,15 @@ fn pktgen_through_lb_reaches_the_sink() {
         dp.apply(&cfg).expect("apply config");
         dp.attach("lbin", XdpMode::Native)
             .expect("attach lb to lbin");
-        let _sink_link = pktgen::xdp_program(dp.ebpf(), "sink")
+        let _sink_link = xdp::xdp_program(dp.ebpf(), "sink")
             .expect("sink program")
             .attach("sink0", AyaXdpMode::Driver)
             .expect("attach sink to sink0");
         let before = forwarded(&dp);
         assert_eq!(sink_packets(&mut dp), 0);
-        assert_eq!(pktgen::if_mac("gen0").expect("gen0 mac"), bench::GEN_MAC);
+        assert_eq!(xdp::if_mac("gen0").expect("gen0 mac"), bench::GEN_MAC);
 
-        let gen0 = pktgen::ifindex("gen0").expect("gen0");
+        let gen0 = xdp::ifindex("gen0").expect("gen0");
         let spec = Spec {
             limit: Limit::Count(FRAMES),
             // Paced, so a busy machine cannot overflow a veth ring (256 frames).

@@ -15,4 +15,6 @@
 
 pub mod bench;
 pub mod lab;
+pub mod netns;
 pub mod pktgen;
+pub mod xdp;

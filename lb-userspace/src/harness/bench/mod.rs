@@ -34,14 +34,18 @@ use anyhow::{Context, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, PerCpuArray},
-    programs::{TestRun, TestRunOptions, XdpMode as AyaXdpMode},
+    programs::XdpMode as AyaXdpMode,
 };
 use lb_common::Counters;
 
 use crate::{
     config::{self, Config, Forwarding},
     dataplane::Dataplane,
-    harness::pktgen::{self, FrameSpec, Limit, Proto, Spec},
+    harness::{
+        netns::{self, Netns, VethEnd},
+        pktgen::{self, FrameSpec, Limit, Proto, Spec},
+        xdp::{self, XDP_PASS, XDP_REDIRECT},
+    },
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -88,7 +92,6 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// 1 000 000 flows measure a full table, not LRU eviction (with a smaller
 /// table every packet would be a new flow).
 const CONNTRACK: u32 = 2_097_152;
-const XDP_REDIRECT: u32 = 4;
 
 /// `FWD_CONF[0]` of `bare_fwd`.
 #[repr(C)]
@@ -175,132 +178,46 @@ impl Stat {
     }
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    ensure!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// The generator → lb → sink topology, in one namespace deleted on drop
 /// (also on error and panic): `gen0` ↔ `lbin` … `lbout` ↔ `sink0`, with
 /// `backends` backends (`backend_addr`) resolving to `sink0` out of
 /// `lbout`, and `queues` queues per veth. The benchmark and the pktgen
 /// smoke test both run on it.
 pub struct BenchNet {
-    name: String,
+    ns: Netns,
 }
 
 impl BenchNet {
     pub fn new(name: &str, backends: usize, queues: usize) -> anyhow::Result<BenchNet> {
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        sh(&["ip", "netns", "add", name])?;
-        let net = BenchNet {
-            name: name.to_owned(),
-        };
-        let n = net.name.as_str();
-        let q = queues.to_string();
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        let ns = Netns::create(name)?;
+        let n = ns.name();
         for key in [
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-            "net.ipv4.ip_forward=1",
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+            "net/ipv4/ip_forward",
         ] {
-            sh(&["ip", "netns", "exec", n, "sysctl", "-qw", key])?;
+            netns::sysctl(n, key, "1")?;
         }
         for (dev, mac, peer, peer_mac) in [
             ("gen0", GEN_MAC, "lbin", LBIN_MAC),
             ("lbout", LBOUT_MAC, "sink0", SINK_MAC),
         ] {
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "link",
-                "add",
-                dev,
-                "address",
-                &pktgen::mac_text(mac),
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-                "address",
-                &pktgen::mac_text(peer_mac),
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-            ])?;
-            sh(&["ip", "-n", n, "link", "set", dev, "up"])?;
-            sh(&["ip", "-n", n, "link", "set", peer, "up"])?;
+            netns::add_veth(
+                &VethEnd::new(n, dev).mac(mac).queues(queues),
+                &VethEnd::new(n, peer).mac(peer_mac).queues(queues),
+            )?;
         }
-        sh(&["ip", "-n", n, "addr", "add", "198.18.0.1/24", "dev", "lbin"])?;
-        sh(&[
-            "ip",
-            "-n",
-            n,
-            "addr",
-            "add",
-            "198.19.0.1/16",
-            "dev",
-            "lbout",
-        ])?;
-        let mut batch = String::new();
-        for i in 0..backends {
-            let _ = writeln!(
-                batch,
-                "neigh replace {} lladdr {} dev lbout nud permanent",
-                backend_addr(i),
-                pktgen::mac_text(SINK_MAC)
-            );
-        }
-        let mut child = Command::new("ip")
-            .args(["-n", n, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running ip -batch")?;
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().context("ip -batch stdin")?;
-            stdin
-                .write_all(batch.as_bytes())
-                .context("writing neighbour entries")?;
-        }
-        let out = child.wait_with_output().context("ip -batch")?;
-        ensure!(
-            out.status.success(),
-            "ip -batch (neighbours): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(net)
+        netns::add_addr(n, "lbin", "198.18.0.1/24")?;
+        netns::add_addr(n, "lbout", "198.19.0.1/16")?;
+        let neighbours: Vec<(Ipv4Addr, [u8; 6])> =
+            (0..backends).map(|i| (backend_addr(i), SINK_MAC)).collect();
+        netns::add_neighbours(n, "lbout", &neighbours)?;
+        Ok(BenchNet { ns })
     }
 
     /// Runs `f` on a thread that has joined this namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-        crate::harness::lab::in_netns(&self.name, f)?
-    }
-}
-
-impl Drop for BenchNet {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        self.ns.run(f)?
     }
 }
 
@@ -375,9 +292,9 @@ fn cleanup_on_signal() -> anyhow::Result<()> {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             eprintln!("bench: interrupted (signal {sig}), removing its namespaces");
-            let _ = Command::new("ip")
-                .args(["netns", "del", &bench_netns()])
-                .output();
+            if netns::exists(&bench_netns()) {
+                let _ = netns::delete_namespace(&bench_netns());
+            }
             if let Err(e) = crate::harness::lab::down(&format!("lbp{pid}h")) {
                 eprintln!("bench: removing the HTTP lab failed: {e:#}");
             }
@@ -411,9 +328,9 @@ pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Sp
 /// Real forwarding of `flows` flows through `lb` (DSR, 100 backends) for
 /// `secs` seconds after a warm-up pass, for an external profiler.
 fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyhow::Result<()> {
-    let mut ebpf = pktgen::load_object()?;
-    let gen0 = pktgen::ifindex("gen0")?;
-    let _sink = pktgen::xdp_program(&mut ebpf, "sink")?
+    let mut ebpf = xdp::load_object()?;
+    let gen0 = xdp::ifindex("gen0")?;
+    let _sink = xdp::xdp_program(&mut ebpf, "sink")?
         .attach("sink0", AyaXdpMode::Driver)
         .context("attach sink")?;
     let cfg = lb_config(Forwarding::Dsr, 100)?;
@@ -431,7 +348,7 @@ fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyhow::Result<(
 /// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
 /// established flow) for `secs` seconds, for an external profiler.
 fn profile_lb(secs: f64) -> anyhow::Result<()> {
-    let lbin = pktgen::ifindex("lbin")?;
+    let lbin = xdp::ifindex("lbin")?;
     let mut dp = Dataplane::load(CONNTRACK)?;
     dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
     let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
@@ -466,19 +383,12 @@ fn ns_per_packet(
 ) -> anyhow::Result<f64> {
     let mut total = 0f64;
     for f in frames {
-        let md = pktgen::xdp_md(f.len(), ifindex);
-        let opts = TestRunOptions {
-            data_in: Some(f),
-            ctx_in: Some(&md),
-            repeat,
-            ..Default::default()
-        };
-        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        let r = xdp::test_run(prog, ifindex, f, repeat, false)?;
         if let Some(e) = expect {
             ensure!(
-                r.return_value == e,
+                r.action == e,
                 "program returned {} instead of {e}",
-                r.return_value
+                r.action
             );
         }
         total += r.duration.as_nanos() as f64;
@@ -590,9 +500,8 @@ fn machine() -> String {
 
 /// `lb bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    // SAFETY: plain getter.
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        rustix::process::geteuid().is_root(),
         "lb bench needs root (XDP, BPF_PROG_RUN, network namespaces)"
     );
     ensure!(args.reps >= 1, "--reps must be at least 1");
@@ -622,10 +531,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let reps = args.reps;
     let (fwd, ns) = net.run(|| {
-        let mut ebpf = pktgen::load_object()?;
-        let ifindex = |d: &str| pktgen::ifindex(d);
+        let mut ebpf = xdp::load_object()?;
+        let ifindex = |d: &str| xdp::ifindex(d);
         let (gen0, lbin, lbout) = (ifindex("gen0")?, ifindex("lbin")?, ifindex("lbout")?);
-        let _sink = pktgen::xdp_program(&mut ebpf, "sink")?
+        let _sink = xdp::xdp_program(&mut ebpf, "sink")?
             .attach("sink0", AyaXdpMode::Driver)
             .context("attach sink")?;
         let spec = |flows: u32| generator_spec(gen0, flows, seconds, threads);
@@ -645,7 +554,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 0,
             )?;
         }
-        let link = pktgen::xdp_program(&mut ebpf, "bare_fwd")?
+        let link = xdp::xdp_program(&mut ebpf, "bare_fwd")?
             .attach("lbin", AyaXdpMode::Driver)
             .context("attach bare_fwd")?;
         eprintln!("bench: ceiling (bare_fwd)");
@@ -657,7 +566,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             offered,
             delivered,
         });
-        pktgen::xdp_program(&mut ebpf, "bare_fwd")?
+        xdp::xdp_program(&mut ebpf, "bare_fwd")?
             .detach(link)
             .context("detach bare_fwd")?;
 
@@ -690,11 +599,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
         let est_calls: Vec<Vec<u8>> = std::iter::repeat_n(est[0].clone(), calls).collect();
         {
-            let pass = pktgen::xdp_program(&mut ebpf, "xdp_pass")?;
+            let pass = xdp::xdp_program(&mut ebpf, "xdp_pass")?;
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for _ in 0..reps {
-                a.push(ns_per_packet(pass, &est, lbin, repeat, Some(2))?);
-                b.push(ns_per_packet(pass, &est_calls, lbin, 1, Some(2))?);
+                a.push(ns_per_packet(pass, &est, lbin, repeat, Some(XDP_PASS))?);
+                b.push(ns_per_packet(pass, &est_calls, lbin, 1, Some(XDP_PASS))?);
             }
             ns_rows.push(NsRow {
                 label: "xdp_pass".into(),
@@ -903,7 +812,7 @@ const HAPROXY_PORT: u16 = 8080;
 fn wait_listening(lab: &crate::harness::lab::Lab, addr: SocketAddrV4) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let ok = crate::harness::lab::in_netns(&lab.client_ns(), || {
+        let ok = netns::in_netns(&lab.client_ns(), || {
             std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok()
         })?;
         if ok {
@@ -985,8 +894,7 @@ fn http_bench(reps: usize, secs: u32) -> anyhow::Result<Vec<HttpRow>> {
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let lb_ns = lab.lb_ns();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lb_ns, "haproxy", "-db", "-f", &cfg_arg])
+    let child = netns::ns_command(&lb_ns, &["haproxy", "-db", "-f", &cfg_arg])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
