@@ -4,8 +4,9 @@
 //! address/port from a per-CPU sequence) and redirects it out of `--dev`.
 //!
 //! The frame builder and the flow → (address, port) mapping are pure
-//! functions, unit-tested on the host; the mapping mirrors `set_flow` in
-//! lb-ebpf/src/bench.rs.
+//! functions, unit-tested on the host; the mapping is
+//! `lb_common::PktgenConf::flow_source`, the one `set_flow` in
+//! lb-ebpf/src/bench.rs calls.
 //!
 //! Frame reuse: live-frames mode initialises a page with the template only
 //! when the page is fresh; a page the receiving side modified in place (the
@@ -266,14 +267,7 @@ pub fn flow_conf(
 
 /// Source address and port of frame `n` (what `set_flow` writes).
 pub fn flow_endpoint(conf: &PktgenConf, n: u32) -> (Ipv4Addr, u16) {
-    let span = if conf.sport_span == 0 {
-        1
-    } else {
-        u32::from(conf.sport_span)
-    };
-    let flow = if conf.flows == 0 { 0 } else { n % conf.flows };
-    let addr = conf.saddr_base.wrapping_add(flow / span);
-    let port = (u32::from(conf.sport_base) + flow % span) as u16;
+    let (addr, port) = conf.flow_source(n);
     (Ipv4Addr::from(addr), port)
 }
 
