@@ -204,6 +204,53 @@ impl Harness {
     }
 }
 
+/// What a fixture expects of the frame the program leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    /// Exactly the input frame (every passed frame: the kernel gets it as sent).
+    Untouched,
+    /// Not looked at (a dropped frame goes nowhere).
+    Dropped,
+}
+
+/// One frame and what `lb` must do with it (Katran's fixtures style): the
+/// malformed-frame and not-for-a-service tests are tables of these.
+struct Fixture {
+    description: &'static str,
+    frame: Vec<u8>,
+    action: u32,
+    verdict: Verdict,
+    output: Output,
+}
+
+impl Fixture {
+    fn new(description: &'static str, frame: Vec<u8>, action: u32, verdict: Verdict) -> Fixture {
+        let output = if action == XDP_PASS {
+            Output::Untouched
+        } else {
+            Output::Dropped
+        };
+        Fixture {
+            description,
+            frame,
+            action,
+            verdict,
+            output,
+        }
+    }
+}
+
+/// Runs every fixture on the front interface: the action, exactly its
+/// verdict counted, and the output it expects.
+fn run_fixtures(h: &mut Harness, fixtures: &[Fixture]) {
+    for f in fixtures {
+        let out = h.expect_case(f.description, h.front, &f.frame, f.action, f.verdict);
+        if f.output == Output::Untouched {
+            assert_eq!(out, f.frame, "{}: frame must be untouched", f.description);
+        }
+    }
+}
+
 struct Tcp<'a> {
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -499,8 +546,10 @@ fn non_service_traffic_is_passed_untouched() {
     let net = TestNet::new();
     net.run(|| {
         let mut h = Harness::new(&lab_config());
-        let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
-            (
+        let pass =
+            |description, frame, verdict| Fixture::new(description, frame, XDP_PASS, verdict);
+        let fixtures = [
+            pass(
                 "ssh to the LB itself",
                 Tcp {
                     dport: 22,
@@ -509,7 +558,7 @@ fn non_service_traffic_is_passed_untouched() {
                 .build(),
                 Verdict::PassNotOurs,
             ),
-            (
+            pass(
                 "VIP, port without a service",
                 Tcp {
                     dport: 22,
@@ -518,23 +567,23 @@ fn non_service_traffic_is_passed_untouched() {
                 .build(),
                 Verdict::PassNoService,
             ),
-            (
+            pass(
                 "UDP to the VIP's TCP port",
                 udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43002, 80, b"x"),
                 Verdict::PassNoService,
             ),
-            ("ARP", arp_request(), Verdict::PassNotOurs),
-            (
+            pass("ARP", arp_request(), Verdict::PassNotOurs),
+            pass(
                 "ICMP echo to the VIP",
                 icmp_echo(VIP),
                 Verdict::PassOtherProtocol,
             ),
-            (
+            pass(
                 "ICMP echo to the LB",
                 icmp_echo(LB_FRONT),
                 Verdict::PassNotOurs,
             ),
-            (
+            pass(
                 "TTL 1 to a NAT service",
                 Tcp {
                     ttl: 1,
@@ -544,10 +593,7 @@ fn non_service_traffic_is_passed_untouched() {
                 Verdict::PassKernelForward,
             ),
         ];
-        for (what, frame, reason) in cases {
-            let out = h.expect_case(what, h.front, &frame, XDP_PASS, reason);
-            assert_eq!(out, frame, "{what}: frame must be untouched");
-        }
+        run_fixtures(&mut h, &fixtures);
     });
 }
 
@@ -610,15 +656,9 @@ fn malformed_frames_get_their_documented_verdict() {
         let mut h = Harness::new(&lab_config());
         let syn = Tcp::request(45000, VIP).build();
 
-        let mut cases: Vec<(&str, Vec<u8>, u32, Verdict)> = Vec::new();
         // (Frames shorter than an Ethernet header cannot be fed in: the
         // kernel's BPF_PROG_TEST_RUN rejects them with EINVAL.)
-        cases.push((
-            "truncated IPv4 header",
-            syn[..30].to_vec(),
-            XDP_PASS,
-            Verdict::PassTruncated,
-        ));
+        let truncated = syn[..30].to_vec();
 
         let mut options = syn[..34].to_vec();
         options[14] = 0x46; // IHL 6: one word of options
@@ -627,62 +667,65 @@ fn malformed_frames_get_their_documented_verdict() {
         let tot = (options.len() - 14) as u16;
         options[16..18].copy_from_slice(&tot.to_be_bytes());
         fix_ip_checksum(&mut options);
-        cases.push(("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions));
 
         let mut first_fragment = syn.clone();
         first_fragment[20] |= 0x20; // MF
         fix_ip_checksum(&mut first_fragment);
-        cases.push((
-            "first fragment (MF)",
-            first_fragment,
-            XDP_DROP,
-            Verdict::DropFragment,
-        ));
 
         let mut later_fragment = syn.clone();
         later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
         fix_ip_checksum(&mut later_fragment);
-        cases.push((
-            "non-first fragment",
-            later_fragment,
-            XDP_DROP,
-            Verdict::DropFragment,
-        ));
 
         let mut short_ihl = syn.clone();
         short_ihl[14] = 0x44;
-        cases.push(("IHL below 5", short_ihl, XDP_DROP, Verdict::DropMalformed));
 
         let mut long_total = syn.clone();
         long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
         fix_ip_checksum(&mut long_total);
-        cases.push((
-            "total length beyond the frame",
-            long_total,
-            XDP_DROP,
-            Verdict::DropMalformed,
-        ));
 
         let mut cut_tcp = syn[..14 + 20 + 10].to_vec();
         cut_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
         fix_ip_checksum(&mut cut_tcp);
-        cases.push((
-            "TCP header cut short",
-            cut_tcp,
-            XDP_DROP,
-            Verdict::DropTruncatedL4,
-        ));
 
         let mut not_ipv4 = syn.clone();
         not_ipv4[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-        cases.push(("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs));
 
-        for (what, frame, action, reason) in cases {
-            let out = h.expect_case(what, h.front, &frame, action, reason);
-            if action == XDP_PASS {
-                assert_eq!(out, frame, "{what}: passed frames are untouched");
-            }
-        }
+        let fixtures = [
+            Fixture::new(
+                "truncated IPv4 header",
+                truncated,
+                XDP_PASS,
+                Verdict::PassTruncated,
+            ),
+            Fixture::new("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions),
+            Fixture::new(
+                "first fragment (MF)",
+                first_fragment,
+                XDP_DROP,
+                Verdict::DropFragment,
+            ),
+            Fixture::new(
+                "non-first fragment",
+                later_fragment,
+                XDP_DROP,
+                Verdict::DropFragment,
+            ),
+            Fixture::new("IHL below 5", short_ihl, XDP_DROP, Verdict::DropMalformed),
+            Fixture::new(
+                "total length beyond the frame",
+                long_total,
+                XDP_DROP,
+                Verdict::DropMalformed,
+            ),
+            Fixture::new(
+                "TCP header cut short",
+                cut_tcp,
+                XDP_DROP,
+                Verdict::DropTruncatedL4,
+            ),
+            Fixture::new("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs),
+        ];
+        run_fixtures(&mut h, &fixtures);
         // None of them created a flow: the next SYN still goes to web1.
         let (_, out) = h.run(h.front, &Tcp::request(45999, VIP).build());
         assert_eq!(web_of(&out), 0);
