@@ -316,3 +316,43 @@ mod pod {
     unsafe impl aya::Pod for super::PktgenConf {}
     unsafe impl aya::Pod for super::FwdConf {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(flows: u32, saddr_base: u32, sport_base: u16, sport_span: u16) -> PktgenConf {
+        PktgenConf {
+            ifindex: 0,
+            flows,
+            saddr_base,
+            sport_base,
+            sport_span,
+            template: [0; PKTGEN_TEMPLATE_LEN],
+        }
+    }
+
+    #[test]
+    fn flow_source_goes_through_ports_then_addresses() {
+        let c = conf(6, 0x0a00_0001, 1024, 3);
+        let got: Vec<(u32, u16)> = (0..7).map(|n| c.flow_source(n)).collect();
+        assert_eq!(
+            got,
+            [
+                (0x0a00_0001, 1024),
+                (0x0a00_0001, 1025),
+                (0x0a00_0001, 1026),
+                (0x0a00_0002, 1024),
+                (0x0a00_0002, 1025),
+                (0x0a00_0002, 1026),
+                (0x0a00_0001, 1024),
+            ]
+        );
+    }
+
+    #[test]
+    fn flow_source_tolerates_zero_flows_and_span() {
+        assert_eq!(conf(0, 5, 7, 0).flow_source(123), (5, 7));
+        assert_eq!(conf(4, 5, 7, 0).flow_source(3), (8, 7));
+    }
+}
