@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{maps::PerCpuArray, programs::XdpMode as AyaXdpMode};
-use lb_common::{Counters, Verdict};
+use aya::programs::XdpMode as AyaXdpMode;
+use lb_common::Verdict;
 use lb_userspace::{
     config::{Forwarding, XdpMode},
     dataplane::Dataplane,
@@ -29,13 +29,7 @@ const FLOWS: u32 = 16;
 const BACKENDS: usize = 3;
 
 fn sink_packets(dp: &mut Dataplane) -> u64 {
-    let map = dp.ebpf().map("SINK_STATS").expect("SINK_STATS map");
-    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).expect("SINK_STATS");
-    map.get(&0, 0)
-        .expect("read SINK_STATS")
-        .iter()
-        .map(|c| c.packets)
-        .sum()
+    bench::sink_packets(dp.ebpf()).expect("read SINK_STATS")
 }
 
 fn forwarded(dp: &Dataplane) -> u64 {
