@@ -17,7 +17,10 @@ use lb_tests::{lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, BackendChange, Request},
-    lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, in_netns, lab_config},
+    harness::{
+        lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, lab_config},
+        netns::in_netns,
+    },
 };
 
 /// The client's fixed source ports: a small set it cycles over, as a client
@@ -240,7 +243,7 @@ fn reused_source_ports_skip_a_backend_down_by_health_check() -> Result<()> {
         .map(|n| {
             format!(
                 "{{ name = \"web{n}\", address = \"{}:80\" }}",
-                lb_userspace::lab::web_addr(n)
+                lb_userspace::harness::lab::web_addr(n)
             )
         })
         .collect::<Vec<_>>()
