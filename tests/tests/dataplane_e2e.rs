@@ -96,10 +96,20 @@ fn connect_from(port: u16) -> Result<TcpStream> {
         libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len)
     })
     .with_context(|| format!("binding {CLIENT_FRONT}:{port}"))?;
-    // SAFETY: as above.
-    check("connect", unsafe {
-        libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len)
-    })?;
+    // EADDRNOTAVAIL is the client's own kernel refusing the local tuple
+    // for a moment (seen once under load), not an answer from the LB: retry
+    // it a few times. Refusals and timeouts, the LB's answers, are not.
+    for attempt in 0.. {
+        // SAFETY: as above.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len) };
+        let busy =
+            rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EADDRNOTAVAIL);
+        if !busy || attempt == 4 {
+            check("connect", rc)?;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
     Ok(TcpStream::from(fd))
 }
 
