@@ -36,6 +36,7 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
+use lb_common::checksum;
 use rustix::thread::{CpuSet, sched_setaffinity};
 
 use super::xdp::{if_mac, ifindex, load_object, parse_mac, xdp_md, xdp_program};
@@ -171,20 +172,6 @@ impl Summary {
     }
 }
 
-/// Ones-complement sum of big-endian 16-bit words (odd tail padded).
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Builds the Ethernet + IPv4 + UDP/TCP-SYN frame of `spec.size` bytes; the
 /// payload is zeros. IPv4 and TCP checksums are valid; the UDP checksum is 0.
 pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
@@ -213,8 +200,8 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     };
     ip[12..16].copy_from_slice(&spec.src.ip().octets());
     ip[16..20].copy_from_slice(&spec.dst.ip().octets());
-    let check = fold(sum16(ip));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let check = checksum::compute(ip, 0);
+    ip[10..12].copy_from_slice(&check.to_ne_bytes());
 
     let l4_total = spec.size - ETH_LEN - IP_LEN;
     let l4 = &mut f[ETH_LEN + IP_LEN..];
@@ -232,8 +219,9 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
             pseudo[4..8].copy_from_slice(&spec.dst.ip().octets());
             pseudo[9] = 6;
             pseudo[10..12].copy_from_slice(&(l4_total as u16).to_be_bytes());
-            let check = fold(sum16(&pseudo) + sum16(l4));
-            l4[16..18].copy_from_slice(&check.to_be_bytes());
+            let covered = [&pseudo[..], l4].concat();
+            let check = checksum::compute(&covered, 0);
+            l4[16..18].copy_from_slice(&check.to_ne_bytes());
         }
     }
     Ok(f)
