@@ -822,6 +822,19 @@ impl Drop for Bpffs {
     }
 }
 
+/// A fresh data plane pinned under `pins` with `conntrack` flow entries, the
+/// lab config applied, and one flow from client port `sport` (to web1, the
+/// first in the ring). Runs inside the test namespace.
+fn first_pinned_flow(pins: &std::path::Path, conntrack: u32, sport: u16) -> Dataplane {
+    let front = xdp::ifindex("f0").expect("f0");
+    let (mut first, adopted) = Dataplane::load_pinned(conntrack, pins).expect("load pinned");
+    assert!(!adopted);
+    first.apply(&lab_config()).expect("apply");
+    let (_, out) = test_run(&mut first, front, &Tcp::request(sport, VIP).build());
+    assert_eq!(web_of(&out), 0);
+    first
+}
+
 #[test]
 fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
     let net = TestNet::new();
@@ -831,14 +844,7 @@ fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
         let cfg = lab_config();
         let front = xdp::ifindex("f0").expect("f0");
         let run = |dp: &mut Dataplane, frame: &[u8]| test_run(dp, front, frame).1;
-        let (mut first, adopted) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
-        assert!(!adopted);
-        first.apply(&cfg).expect("apply");
-        assert_eq!(
-            web_of(&run(&mut first, &Tcp::request(48000, VIP).build())),
-            0
-        );
-        drop(first);
+        drop(first_pinned_flow(&pins, 65536, 48000));
 
         // A new agent: same pins, so the flow table, ring position and ids survive.
         let (mut second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
@@ -1122,12 +1128,7 @@ fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
     net.run(|| {
         let cfg = lab_config();
         let front = xdp::ifindex("f0").expect("f0");
-        let (mut first, adopted) = Dataplane::load_pinned(1024, &pins).expect("load pinned");
-        assert!(!adopted);
-        first.apply(&cfg).expect("apply");
-        let (_, out) = test_run(&mut first, front, &Tcp::request(51000, VIP).build());
-        assert_eq!(web_of(&out), 0);
-        drop(first);
+        drop(first_pinned_flow(&pins, 1024, 51000));
         let pinned_files = || {
             let mut names: Vec<String> = std::fs::read_dir(&pins)
                 .expect("pin dir")
