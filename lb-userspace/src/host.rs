@@ -113,8 +113,9 @@ pub struct PinLock {
 }
 
 impl PinLock {
-    /// Takes the lock, or fails naming the agent that holds it.
-    pub fn acquire(pin_dir: &Path) -> anyhow::Result<PinLock> {
+    /// Takes the lock, or fails naming the agent that holds it; `hint`
+    /// says what to do about it.
+    pub fn acquire(pin_dir: &Path, hint: &str) -> anyhow::Result<PinLock> {
         fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
         let dir =
             fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
@@ -130,8 +131,7 @@ impl PinLock {
                         |pid| format!("the agent with pid {pid} ({})", command_line(pid)),
                     );
                 bail!(
-                    "{holder} already runs with pin dir {}: one agent per data plane. Stop it \
-                     first, or give this one its own --pin-dir (and interfaces)",
+                    "{holder} already runs with pin dir {}: {hint}",
                     pin_dir.display()
                 )
             }
@@ -261,15 +261,15 @@ mod tests {
     #[test]
     fn the_lock_holder_is_found_in_proc_locks() {
         let dir = std::env::temp_dir().join(format!("lb-lock-test-{}", std::process::id()));
-        let held = PinLock::acquire(&dir).expect("first lock");
-        let err = PinLock::acquire(&dir).expect_err("second lock");
+        let held = PinLock::acquire(&dir, "test").expect("first lock");
+        let err = PinLock::acquire(&dir, "test").expect_err("second lock");
         let text = format!("{err:#}");
         assert!(
             text.contains(&format!("pid {}", std::process::id())),
             "names the holder: {text}"
         );
         drop(held);
-        let again = PinLock::acquire(&dir).expect("free again");
+        let again = PinLock::acquire(&dir, "test").expect("free again");
         drop(again);
         let _ = fs::remove_dir_all(&dir);
     }

@@ -10,6 +10,7 @@ use lb_userspace::{
     control::{self, BackendChange, Request},
     dataplane::Dataplane,
     harness::{bench, lab, pktgen},
+    host,
 };
 
 #[derive(Parser)]
@@ -127,6 +128,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Teardown { pin_dir } => {
+            // Never under a running agent: it would keep writing maps that
+            // no longer forward anything.
+            let _lock = pin_dir
+                .exists()
+                .then(|| {
+                    host::PinLock::acquire(
+                        &pin_dir,
+                        "stop the agent first; `lb teardown` removes the data plane it runs",
+                    )
+                })
+                .transpose()?;
             let removed = Dataplane::teardown(&pin_dir)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());

@@ -214,9 +214,9 @@ fn second_agent(lab: &Lab, socket: &std::path::Path) -> Result<std::process::Out
         .output()?)
 }
 
-/// Issue 8.7: silent clients, huge or broken requests, a second agent on
-/// the same pin dir and a --socket naming a regular file change nothing and
-/// delay nothing.
+/// Issue 8.7: silent clients, huge or broken requests, a second agent (or
+/// `lb teardown`) on the same pin dir and a --socket naming a regular file
+/// change nothing and delay nothing.
 #[test]
 fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
     let mut lab = lab()?;
@@ -291,6 +291,19 @@ fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&format!("pid {pid}")), "{err}");
+
+    // `lb teardown` under the running agent is refused the same way.
+    let out = Command::new(lb_bin())
+        .args([
+            "teardown",
+            "--pin-dir",
+            &lab.pin_dir().display().to_string(),
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "teardown under a live agent ran");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    ensure!(lab.pin_dir().join("CONNTRACK").exists(), "pins removed");
 
     // --socket naming a regular file: refused, the file intact.
     let precious = lab.run_dir().join("precious.txt");

@@ -95,7 +95,11 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     // One agent per pin dir, decided before the data plane is touched: a
     // second agent must not adopt the maps or replace the program of a live
     // one.
-    let _lock = PinLock::acquire(&args.pin_dir)?;
+    let _lock = PinLock::acquire(
+        &args.pin_dir,
+        "one agent per data plane. Stop it first, or give this one its own --pin-dir \
+         (and interfaces)",
+    )?;
     let (dp, adopted) = Dataplane::load_pinned(cfg.dataplane.conntrack_size, &args.pin_dir)
         .with_context(|| {
             format!(
