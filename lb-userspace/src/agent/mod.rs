@@ -340,12 +340,16 @@ impl Agent {
             t.health.name().to_uppercase(),
             t.reason
         );
-        let previous = self.health.insert(t.target, t.health);
+        let previous = self.health.insert(t.target.clone(), t.health);
         let cfg = self.cfg.clone();
         if let Err(e) = self.commit(cfg) {
             error!("applying the health change failed: {e:#}");
-            // The maps are as they were; so is the state they reflect.
-            let _ = previous;
+            // The maps are as they were: so is the state they reflect, and
+            // the status keeps telling the truth.
+            match previous {
+                Some(h) => self.health.insert(t.target, h),
+                None => self.health.remove(&t.target),
+            };
         }
     }
 
