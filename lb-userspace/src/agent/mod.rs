@@ -310,6 +310,11 @@ impl Agent {
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
             );
         }
+        if new.monitoring != self.cfg.monitoring {
+            bail!(
+                "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
+            );
+        }
         self.commit_change(new, BTreeMap::new())?;
         info!("reloaded {}", self.path.display());
         Ok(())
