@@ -13,7 +13,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 mod state;
@@ -86,6 +86,16 @@ struct Agent {
     health: BTreeMap<Target, Health>,
     checker: HealthChecker,
     applied: Vec<AppliedService>,
+    /// 1 at start, one more for every applied reload or live change.
+    generation: u64,
+    started_at_ms: u64,
+    last_reload: Option<control::ReloadStatus>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
@@ -127,6 +137,9 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         health: BTreeMap::new(),
         checker: HealthChecker::new(health_tx),
         applied: Vec::new(),
+        generation: 1,
+        started_at_ms: unix_ms(SystemTime::now()),
+        last_reload: None,
     };
     agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
         if serving.contains(&(dataplane_service_key(svc), b.address)) {
@@ -177,7 +190,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                if let Err(e) = agent.reload() {
+                if let Err(e) = agent.reload_recorded() {
                     error!("reload rejected, running config unchanged: {e:#}");
                 }
             }
@@ -274,6 +287,7 @@ impl Agent {
             return Err(e);
         }
         self.sync_checks();
+        self.generation += 1;
         Ok(())
     }
 
@@ -301,6 +315,20 @@ impl Agent {
             .max()
             .unwrap_or_default()
             + Duration::from_millis(500)
+    }
+
+    /// [`reload`](Self::reload), its outcome kept for the status.
+    fn reload_recorded(&mut self) -> anyhow::Result<()> {
+        let result = self.reload();
+        self.last_reload = Some(control::ReloadStatus {
+            ok: result.is_ok(),
+            at_ms: unix_ms(SystemTime::now()),
+            message: match &result {
+                Ok(()) => format!("reloaded {}", self.path.display()),
+                Err(e) => format!("{e:#}"),
+            },
+        });
+        result
     }
 
     fn reload(&mut self) -> anyhow::Result<()> {
@@ -353,7 +381,7 @@ impl Agent {
     fn handle(&mut self, req: Request) -> server::Reply {
         match req {
             Request::Status => server::Reply::Status(self.status()),
-            Request::Reload => server::Reply::Done(match self.reload() {
+            Request::Reload => server::Reply::Done(match self.reload_recorded() {
                 Ok(()) => Response::ok(format!("reloaded {}", self.path.display())),
                 Err(e) => {
                     error!("reload rejected, running config unchanged: {e:#}");
@@ -396,6 +424,7 @@ impl Agent {
                 let key = state::key(&svc.name, &b.name);
                 let target = Self::target(svc, b);
                 let counters = self.dp.counters("BACKEND_STATS", *id)?;
+                let check = checks.get(&target);
                 backends.push(BackendStatus {
                     name: b.name.clone(),
                     address: b.address.to_string(),
@@ -403,7 +432,11 @@ impl Agent {
                     backup: b.backup,
                     admin: self.admin.get(&key).copied().unwrap_or(Admin::Enabled),
                     health: self.health.get(&target).copied().into(),
-                    last_check: checks.get(&target).and_then(|s| s.last_check.clone()),
+                    last_check: check.and_then(|s| s.last_check.clone()),
+                    last_check_at_ms: check.and_then(|s| s.last_at).map(unix_ms),
+                    last_check_us: check
+                        .and_then(|s| s.last_duration)
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     in_ring: applied.ring.contains(id),
                     flows: 0,
                     packets: counters.packets,
@@ -436,6 +469,17 @@ impl Agent {
             interfaces: self.cfg.dataplane.interfaces.clone(),
             services,
             verdicts,
+            agent: control::AgentStatus {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at_ms: self.started_at_ms,
+                generation: self.generation,
+                last_reload: self.last_reload.clone(),
+            },
+            conntrack: control::ConntrackStatus {
+                // Counted off the loop with the flows per backend.
+                entries: 0,
+                capacity: self.cfg.dataplane.conntrack_size,
+            },
         };
         Ok((status, ids))
     }
