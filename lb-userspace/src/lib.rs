@@ -10,6 +10,8 @@
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
+//! - `metrics`: the monitoring listener: `/metrics`, the status page,
+//!   `/status.json`.
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
 
 pub mod agent;
@@ -20,6 +22,7 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod lab;
+pub mod metrics;
 pub mod object;
 pub mod pktgen;
 pub mod server;

@@ -34,6 +34,7 @@ use crate::{
     dataplane::{AppliedService, Dataplane},
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
+    metrics::{self, Monitor, ProbeLatency},
     server,
 };
 
@@ -141,6 +142,13 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         started_at_ms: unix_ms(SystemTime::now()),
         last_reload: None,
     };
+    // The probe latency histograms are fed from the first probe on.
+    let probes = ProbeLatency::default();
+    if cfg.monitoring.is_some() {
+        agent
+            .checker
+            .observe_probes(metrics::probe_observer(&probes));
+    }
     agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
         if serving.contains(&(dataplane_service_key(svc), b.address)) {
             Health::Up
@@ -169,6 +177,13 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let flow_table = Arc::new(agent.dp.flow_table().context("opening the flow table")?);
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
+    if let Some(monitoring) = &agent.cfg.monitoring {
+        let address = std::net::SocketAddr::V4(monitoring.listen);
+        let http = metrics::bind(address).await?;
+        let monitor = Monitor::new(calls_tx.clone(), Arc::clone(&flow_table), probes);
+        tokio::spawn(metrics::serve(http, monitor));
+        info!("monitoring on http://{address}/ (status page; /metrics, /status.json)");
+    }
     tokio::spawn(server::accept(listener, calls_tx, flow_table));
     info!("control socket {}", args.socket.display());
     // Handlers before the ready line: a SIGTERM right after it must stop the

@@ -173,7 +173,10 @@ fn monitoring_is_off_unless_configured() {
         })
     );
     // A live change keeps it (check() round-trips it through the raw shape).
-    assert_eq!(check(&on, Path::new("live")).expect("valid").monitoring, on.monitoring);
+    assert_eq!(
+        check(&on, Path::new("live")).expect("valid").monitoring,
+        on.monitoring
+    );
 }
 
 #[test]
