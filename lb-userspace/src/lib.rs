@@ -10,6 +10,7 @@
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
+//! - `logging`: human or JSON log lines (`--log-format`).
 //! - `metrics`: the monitoring listener: `/metrics`, the status page,
 //!   `/status.json`.
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
@@ -22,6 +23,7 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod lab;
+pub mod logging;
 pub mod metrics;
 pub mod object;
 pub mod pktgen;
