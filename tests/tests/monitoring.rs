@@ -218,9 +218,20 @@ fn status_page_in_chromium_shows_backends_and_a_kill() -> Result<()> {
             "--hide-scrollbars",
         ],
     );
+    // And as a phone shows it (responsive layout), for a look.
+    let phone = artifacts().join("status-page-phone.png");
+    let phone_shot = chromium(
+        &lab,
+        &[
+            &format!("--screenshot={}", phone.display()),
+            "--window-size=390,1400",
+            "--hide-scrollbars",
+        ],
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = stream.join();
     shot?;
+    phone_shot?;
     let bytes = fs::read(&png).with_context(|| format!("no screenshot at {}", png.display()))?;
     ensure!(
         bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
@@ -280,11 +291,12 @@ fn backend(name: &str) -> [(&'static str, &str); 2] {
 /// traffic sent: requests per backend show in its packets, the verdicts
 /// cover every forwarded packet, ring membership and health follow the
 /// status, a reload is counted, and a killed backend is `up` 0 after the
-/// check window.
+/// check window. The agent logs in JSON (`--log-format json`): the kill's
+/// health transition is one JSON line with its structured fields.
 #[test]
 fn metrics_follow_counters_and_traffic() -> Result<()> {
     let mut lab = lab()?;
-    let _agent = lab.start_agent(&config())?;
+    let agent = lab.start_agent_with(&config(), &["--log-format", "json"])?;
     wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
     let before = parse_metrics(&get(&lab, "/metrics")?)?;
     for web in WEBS {
@@ -440,5 +452,25 @@ fn metrics_follow_counters_and_traffic() -> Result<()> {
             "{web}"
         );
     }
+
+    // The JSON log: every line parses; the kill is logged with its fields.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<_>>()?;
+    let down = lines
+        .iter()
+        .find(|l| l["backend"] == "web3" && l["health"] == "down")
+        .with_context(|| format!("no JSON line for web3 going down in:\n{log}"))?;
+    assert_eq!(down["service"], "www");
+    assert_eq!(down["address"], "198.19.0.13:80");
+    assert_eq!(down["level"], "WARN");
+    assert!(
+        down["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("consecutive failures")),
+        "{down}"
+    );
     Ok(())
 }
