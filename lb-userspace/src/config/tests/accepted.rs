@@ -296,6 +296,12 @@ fn foobar_toml_parses() {
     assert_eq!(config.dataplane.interfaces, ["lb-front", "lb-back"]);
     assert_eq!(config.dataplane.forwarding, Forwarding::Nat);
     assert_eq!(config.dataplane.xdp_mode, XdpMode::Native);
+    assert_eq!(
+        config.monitoring,
+        Some(Monitoring {
+            listen: addr("127.0.0.1:9100")
+        })
+    );
     assert_eq!(config.services.len(), 2);
 
     let www = &config.services[0];
