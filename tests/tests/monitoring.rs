@@ -474,3 +474,103 @@ fn metrics_follow_counters_and_traffic() -> Result<()> {
     );
     Ok(())
 }
+
+/// Scrapes of a big flow table run off the agent's loop: with more scrapes
+/// in flight than the listener walks at once (the rest are refused with a
+/// 503 at once), a change asked of the agent meanwhile is answered at once,
+/// and the scrape counts every flow.
+#[test]
+fn scrapes_of_a_big_flow_table_do_not_stall_the_agent() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{Flow, FlowKey};
+    use lb_userspace::control::BackendChange;
+    const FLOWS: u32 = 200_000;
+    const SCRAPES: usize = 8;
+    let lab = lab()?;
+    let _agent = lab.start_agent(&config())?;
+    wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
+    assert_eq!(answers(&lab, 1)?, vec!["web1"]);
+    let web1_id = {
+        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+        let table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+        let flows: Vec<Flow> = table
+            .iter()
+            .map(|r| r.map(|(_, f)| f))
+            .collect::<Result<_, _>>()?;
+        ensure!(flows.len() == 1, "expected one flow, got {flows:?}");
+        flows[0].backend_id
+    };
+    // Made-up flows from 100.64.0.0/10 pinned to web1: no packet matches.
+    let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+    let mut table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+    for i in 0..FLOWS {
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes((0x6440_0000u32 + i).to_be_bytes()),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: 4000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            ..FlowKey::default()
+        };
+        let flow = Flow {
+            backend_id: web1_id,
+            service_id: 0,
+            ..Flow::default()
+        };
+        table.insert(key, flow, 0)?;
+    }
+
+    let scrapes: Vec<_> = (0..SCRAPES)
+        .map(|_| {
+            let ns = lab.lb_ns();
+            thread::spawn(move || {
+                let start = Instant::now();
+                let r = in_netns(&ns, || http_get(listen(), "/metrics"));
+                (start.elapsed(), r)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(30));
+    let start = Instant::now();
+    ok(
+        &lab,
+        Request::Backend(BackendChange::Weight {
+            service: "www".into(),
+            backend: "web3".into(),
+            weight: 1,
+        }),
+    )?;
+    let change = start.elapsed();
+    let (mut served, mut busy) = (0, 0);
+    for scrape in scrapes {
+        let (took, response) = scrape.join().expect("scrape thread");
+        let response = response??;
+        match response.status {
+            200 => {
+                served += 1;
+                let m = parse_metrics(&String::from_utf8(response.body)?)?;
+                let flows = metric(&m, "lb_backend_flows", &backend("web1"))?;
+                assert!(flows > f64::from(FLOWS), "web1 flows {flows}");
+                assert!(metric(&m, "lb_conntrack_entries", &[])? > f64::from(FLOWS));
+                eprintln!("scrape of {FLOWS}+ flows took {took:?}");
+            }
+            503 => {
+                busy += 1;
+                assert!(response.text().starts_with("busy:"), "{}", response.text());
+            }
+            other => bail!("scrape answered {other}: {}", response.text()),
+        }
+    }
+    eprintln!("{served} scrapes served, {busy} refused busy; a change meanwhile took {change:?}");
+    // The walks last about a second each: all scrapes overlap, so only
+    // MAX_SNAPSHOTS of them walk.
+    assert!(
+        (1..=lb_userspace::metrics::MAX_SNAPSHOTS).contains(&served),
+        "served {served}, busy {busy}"
+    );
+    assert!(
+        change < Duration::from_millis(300),
+        "a change waited {change:?} for the scrapes' flow walks"
+    );
+    Ok(())
+}
