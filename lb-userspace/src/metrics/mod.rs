@@ -117,11 +117,14 @@ async fn page() -> Html<&'static str> {
 
 async fn metrics(State(monitor): State<Monitor>) -> Response {
     match monitor.status().await {
-        Ok(status) => (
-            [(header::CONTENT_TYPE, render::CONTENT_TYPE)],
-            render::render(&status, &monitor.probes),
-        )
-            .into_response(),
+        Ok(status) => {
+            monitor.probes.prune(&status);
+            (
+                [(header::CONTENT_TYPE, render::CONTENT_TYPE)],
+                render::render(&status, &monitor.probes),
+            )
+                .into_response()
+        }
         Err(response) => response,
     }
 }

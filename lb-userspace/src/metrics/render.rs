@@ -4,7 +4,11 @@
 //! a fresh registry from the snapshot, so the counters are exactly the
 //! data plane's per-CPU counters summed at scrape time.
 
-use std::{sync::atomic::AtomicU64, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -35,21 +39,44 @@ const PROBE_BUCKETS: [f64; 13] = [
 #[derive(Clone, Debug)]
 pub struct ProbeLatency {
     family: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The label sets in `family` (which cannot list them), for pruning.
+    known: Arc<Mutex<BTreeSet<Labels>>>,
 }
 
 impl Default for ProbeLatency {
     fn default() -> Self {
         ProbeLatency {
             family: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS)),
+            known: Arc::default(),
         }
     }
 }
 
 impl ProbeLatency {
     pub fn observe(&self, service: &str, backend: &str, took: Duration) {
+        let labels = backend_labels(service, backend);
         self.family
-            .get_or_create(&backend_labels(service, backend))
+            .get_or_create(&labels)
             .observe(took.as_secs_f64());
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(labels);
+    }
+
+    /// Drops the histograms of backends that `status` no longer has
+    /// (removed by a reload or `lb backend remove`).
+    pub fn prune(&self, status: &Status) {
+        let live: BTreeSet<Labels> = status
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| backend_labels(&s.name, &b.name)))
+            .collect();
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        for gone in known.difference(&live) {
+            self.family.remove(gone);
+        }
+        known.retain(|l| live.contains(l));
     }
 }
 

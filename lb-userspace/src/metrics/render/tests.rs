@@ -259,6 +259,24 @@ fn every_metric_carries_the_snapshot() {
 }
 
 #[test]
+fn probe_histograms_of_removed_backends_are_pruned() {
+    let probes = ProbeLatency::default();
+    probes.observe("www", "web1", Duration::from_millis(1));
+    probes.observe("www", "gone", Duration::from_millis(1));
+    probes.prune(&snapshot());
+    let text = render(&snapshot(), &probes);
+    assert_eq!(
+        value(
+            &text,
+            "lb_health_probe_duration_seconds_count",
+            &[("backend", "web1")]
+        ),
+        1.0
+    );
+    assert!(!text.contains("backend=\"gone\""), "{text}");
+}
+
+#[test]
 fn output_is_openmetrics_text() {
     let text = render(&snapshot(), &ProbeLatency::default());
     assert!(text.ends_with("# EOF\n"), "{text}");
