@@ -132,6 +132,42 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Packets per verdict of the XDP program, since it was first loaded.
     pub verdicts: BTreeMap<String, u64>,
+    /// The agent itself: version, config generation, last reload.
+    #[serde(default)]
+    pub agent: AgentStatus,
+    /// How full the connection table is.
+    #[serde(default)]
+    pub conntrack: ConntrackStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The `lb` version running.
+    pub version: String,
+    /// When this agent started, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Config generation: 1 at start, one more for every reload or
+    /// `lb backend` change that was applied.
+    pub generation: u64,
+    /// The latest reload (SIGHUP or `lb reload`), if any.
+    pub last_reload: Option<ReloadStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub ok: bool,
+    /// When it happened, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// "reloaded FILE" or why it was rejected.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    /// Flows in the connection table (counted with the flows per backend).
+    pub entries: u64,
+    /// Its size (`conntrack-size`).
+    pub capacity: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +194,12 @@ pub struct BackendStatus {
     pub health: HealthStatus,
     /// Result of the last health check, if any.
     pub last_check: Option<String>,
+    /// When the last health check finished (ms since the Unix epoch).
+    #[serde(default)]
+    pub last_check_at_ms: Option<u64>,
+    /// How long the last health check took, in microseconds.
+    #[serde(default)]
+    pub last_check_us: Option<u64>,
     /// Whether new flows can go to it now.
     pub in_ring: bool,
     /// Flows pinned to it in the connection table.
@@ -227,7 +269,7 @@ pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
 /// `lb status` as a table an operator can read at a glance.
 pub fn render(status: &Status) -> String {
     let mut out = format!(
-        "config {}  interfaces {}  pinned {}{}\n",
+        "config {}  interfaces {}  pinned {}{}\nconntrack {}/{} flows  config generation {}\n",
         status.config,
         status.interfaces.join(","),
         status.pin_dir.as_deref().unwrap_or("no"),
@@ -235,7 +277,10 @@ pub fn render(status: &Status) -> String {
             " (adopted from a previous agent)"
         } else {
             ""
-        }
+        },
+        status.conntrack.entries,
+        status.conntrack.capacity,
+        status.agent.generation,
     );
     for s in &status.services {
         out.push_str(&format!(
@@ -348,6 +393,8 @@ mod tests {
                     admin: AdminState::Drain,
                     health: HealthStatus::Down,
                     last_check: Some("connection refused".into()),
+                    last_check_at_ms: None,
+                    last_check_us: None,
                     in_ring: false,
                     flows: 3,
                     packets: 7,
@@ -355,10 +402,16 @@ mod tests {
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
+            agent: AgentStatus::default(),
+            conntrack: ConntrackStatus {
+                entries: 3,
+                capacity: 1024,
+            },
         };
         let text = render(&status);
         for want in [
             "adopted",
+            "conntrack 3/1024 flows",
             "web1",
             "198.19.0.11:80",
             "drain",
@@ -384,6 +437,8 @@ mod tests {
             admin: AdminState::Enabled,
             health,
             last_check: None,
+            last_check_at_ms: None,
+            last_check_us: None,
             in_ring,
             flows: 0,
             packets: 0,
@@ -405,6 +460,8 @@ mod tests {
                 backends,
             }],
             verdicts: BTreeMap::new(),
+            agent: AgentStatus::default(),
+            conntrack: ConntrackStatus::default(),
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![

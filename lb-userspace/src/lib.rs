@@ -10,6 +10,9 @@
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
+//! - `logging`: human or JSON log lines (`--log-format`).
+//! - `metrics`: the monitoring listener: `/metrics`, the status page,
+//!   `/status.json`.
 //! - `harness`: what builds networks, generates traffic and measures, not
 //!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
 //!   their netns and XDP helpers. It depends on the product, never the
@@ -22,5 +25,7 @@ pub mod dataplane;
 pub mod harness;
 pub mod health;
 pub mod host;
+pub mod logging;
+pub mod metrics;
 pub mod object;
 pub mod server;

@@ -10,7 +10,7 @@ use lb_userspace::{
     control::{self, BackendChange, Request},
     dataplane::Dataplane,
     harness::{bench, lab, pktgen},
-    host,
+    host, logging,
 };
 
 #[derive(Parser)]
@@ -20,6 +20,9 @@ use lb_userspace::{
     about = "XDP L4 load balancer: agent and control CLI"
 )]
 struct Cli {
+    /// Log lines on stderr: human-readable, or one JSON object per line
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Human)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,16 +77,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     // Logs go to stderr (stdout carries `lb: ready` and command output);
     // RUST_LOG filters them. `log` records from dependencies are bridged.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match dispatch(Cli::parse().command) {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match dispatch(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole context chain on one line, without the

@@ -133,30 +133,50 @@ async fn ask_agent(
     match answer.await {
         Err(_) => Response::error("the agent is stopping"),
         Ok(Reply::Done(response)) => response,
-        Ok(Reply::Status(Err(e))) => Response::error(format!("{e:#}")),
-        Ok(Reply::Status(Ok((status, ids)))) => with_flows(status, ids, flows).await,
+        Ok(Reply::Status(reply)) => match with_flows(reply, flows).await {
+            Ok(status) => Response {
+                ok: true,
+                message: String::new(),
+                status: Some(status),
+            },
+            Err(e) => Response::error(e),
+        },
     }
 }
 
-/// Fills in the flows per backend, walking the flow table on a blocking
-/// thread.
-async fn with_flows(mut status: Status, ids: Vec<Vec<u32>>, flows: &Arc<FlowTable>) -> Response {
+/// The whole status, flow counts included, as `lb status` gets it: asked
+/// of the agent's loop through `calls` (answered there in microseconds),
+/// the flows counted here, off the loop. For the monitoring listener.
+pub async fn status(calls: &mpsc::Sender<Call>, flows: &Arc<FlowTable>) -> Result<Status, String> {
+    match ask_agent(Request::Status, calls, flows).await {
+        Response {
+            status: Some(status),
+            ..
+        } => Ok(status),
+        Response { message, .. } => Err(message),
+    }
+}
+
+/// Fills in the flows per backend (and in the whole table), walking the
+/// flow table on a blocking thread.
+async fn with_flows(
+    reply: anyhow::Result<(Status, Vec<Vec<u32>>)>,
+    flows: &Arc<FlowTable>,
+) -> Result<Status, String> {
+    let (mut status, ids) = reply.map_err(|e| format!("{e:#}"))?;
     let table = Arc::clone(flows);
     let counts = match tokio::task::spawn_blocking(move || table.per_backend()).await {
         Ok(Ok(counts)) => counts,
-        Ok(Err(e)) => return Response::error(format!("counting flows: {e}")),
-        Err(e) => return Response::error(format!("counting flows: {e}")),
+        Ok(Err(e)) => return Err(format!("counting flows: {e}")),
+        Err(e) => return Err(format!("counting flows: {e}")),
     };
+    status.conntrack.entries = counts.values().sum();
     for (service, ids) in status.services.iter_mut().zip(ids) {
         for (backend, id) in service.backends.iter_mut().zip(ids) {
             backend.flows = counts.get(&id).copied().unwrap_or(0);
         }
     }
-    Response {
-        ok: true,
-        message: String::new(),
-        status: Some(status),
-    }
+    Ok(status)
 }
 
 #[cfg(test)]

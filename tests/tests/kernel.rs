@@ -80,6 +80,7 @@ fn lab_config() -> Config {
             xdp_mode: XdpMode::Native,
             conntrack_size: 65536,
         },
+        monitoring: None,
         services: vec![
             // NAT backends listen on other ports than the VIP's, so every NAT
             // frame assertion also covers port translation and its checksum.

@@ -147,6 +147,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
+    // The status page's browser test (tests/tests/monitoring.rs).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 fn setup() -> anyhow::Result<()> {

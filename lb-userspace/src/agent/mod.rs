@@ -13,7 +13,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 mod state;
@@ -34,6 +34,7 @@ use crate::{
     dataplane::{AppliedService, Dataplane},
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
+    metrics::{self, Monitor, ProbeLatency},
     server,
 };
 
@@ -86,6 +87,16 @@ struct Agent {
     health: BTreeMap<Target, Health>,
     checker: HealthChecker,
     applied: Vec<AppliedService>,
+    /// 1 at start, one more for every applied reload or live change.
+    generation: u64,
+    started_at_ms: u64,
+    last_reload: Option<control::ReloadStatus>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
@@ -131,7 +142,17 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         health: BTreeMap::new(),
         checker: HealthChecker::new(health_tx),
         applied: Vec::new(),
+        generation: 1,
+        started_at_ms: unix_ms(SystemTime::now()),
+        last_reload: None,
     };
+    // The probe latency histograms are fed from the first probe on.
+    let probes = ProbeLatency::default();
+    if cfg.monitoring.is_some() {
+        agent
+            .checker
+            .observe_probes(metrics::probe_observer(&probes));
+    }
     agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
         if serving.contains(&(dataplane_service_key(svc), b.address)) {
             Health::Up
@@ -160,6 +181,13 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let flow_table = Arc::new(agent.dp.flow_table().context("opening the flow table")?);
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
+    if let Some(monitoring) = &agent.cfg.monitoring {
+        let address = std::net::SocketAddr::V4(monitoring.listen);
+        let http = metrics::bind(address).await?;
+        let monitor = Monitor::new(calls_tx.clone(), Arc::clone(&flow_table), probes);
+        tokio::spawn(metrics::serve(http, monitor));
+        info!("monitoring on http://{address}/ (status page; /metrics, /status.json)");
+    }
     tokio::spawn(server::accept(listener, calls_tx, flow_table));
     info!("control socket {}", args.socket.display());
     // Handlers before the ready line: a SIGTERM right after it must stop the
@@ -181,7 +209,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                if let Err(e) = agent.reload() {
+                if let Err(e) = agent.reload_recorded() {
                     error!("reload rejected, running config unchanged: {e:#}");
                 }
             }
@@ -278,6 +306,7 @@ impl Agent {
             return Err(e);
         }
         self.sync_checks();
+        self.generation += 1;
         Ok(())
     }
 
@@ -307,11 +336,30 @@ impl Agent {
             + Duration::from_millis(500)
     }
 
+    /// [`reload`](Self::reload), its outcome kept for the status.
+    fn reload_recorded(&mut self) -> anyhow::Result<()> {
+        let result = self.reload();
+        self.last_reload = Some(control::ReloadStatus {
+            ok: result.is_ok(),
+            at_ms: unix_ms(SystemTime::now()),
+            message: match &result {
+                Ok(()) => format!("reloaded {}", self.path.display()),
+                Err(e) => format!("{e:#}"),
+            },
+        });
+        result
+    }
+
     fn reload(&mut self) -> anyhow::Result<()> {
         let new = config::load(&self.path)?;
         if new.dataplane != self.cfg.dataplane {
             bail!(
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
+            );
+        }
+        if new.monitoring != self.cfg.monitoring {
+            bail!(
+                "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
             );
         }
         self.commit_change(new, BTreeMap::new())?;
@@ -356,7 +404,7 @@ impl Agent {
     fn handle(&mut self, req: Request) -> server::Reply {
         match req {
             Request::Status => server::Reply::Status(self.status()),
-            Request::Reload => server::Reply::Done(match self.reload() {
+            Request::Reload => server::Reply::Done(match self.reload_recorded() {
                 Ok(()) => Response::ok(format!("reloaded {}", self.path.display())),
                 Err(e) => {
                     error!("reload rejected, running config unchanged: {e:#}");
@@ -399,6 +447,7 @@ impl Agent {
                 let key = state::key(&svc.name, &b.name);
                 let target = Self::target(svc, b);
                 let counters = self.dp.counters("BACKEND_STATS", *id)?;
+                let check = checks.get(&target);
                 backends.push(BackendStatus {
                     name: b.name.clone(),
                     address: b.address.to_string(),
@@ -406,7 +455,11 @@ impl Agent {
                     backup: b.backup,
                     admin: self.admin.get(&key).copied().unwrap_or(Admin::Enabled),
                     health: self.health.get(&target).copied().into(),
-                    last_check: checks.get(&target).and_then(|s| s.last_check.clone()),
+                    last_check: check.and_then(|s| s.last_check.clone()),
+                    last_check_at_ms: check.and_then(|s| s.last_at).map(unix_ms),
+                    last_check_us: check
+                        .and_then(|s| s.last_duration)
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     in_ring: applied.ring.contains(id),
                     flows: 0,
                     packets: counters.packets,
@@ -439,6 +492,17 @@ impl Agent {
             interfaces: self.cfg.dataplane.interfaces.clone(),
             services,
             verdicts,
+            agent: control::AgentStatus {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at_ms: self.started_at_ms,
+                generation: self.generation,
+                last_reload: self.last_reload.clone(),
+            },
+            conntrack: control::ConntrackStatus {
+                // Counted off the loop with the flows per backend.
+                entries: 0,
+                capacity: self.cfg.dataplane.conntrack_size,
+            },
         };
         Ok((status, ids))
     }

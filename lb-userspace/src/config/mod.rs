@@ -40,7 +40,17 @@ config_name!(Forwarding, XdpMode, Protocol, Scheduler);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub dataplane: Dataplane,
+    /// The HTTP listener for `/metrics`, the status page and
+    /// `/status.json`; `None`: off.
+    pub monitoring: Option<Monitoring>,
     pub services: Vec<Service>,
+}
+
+/// `[monitoring]`: where the agent serves its metrics and status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Monitoring {
+    /// Address and port of the HTTP listener, e.g. 127.0.0.1:9100.
+    pub listen: SocketAddrV4,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -21,7 +21,14 @@ use super::{
 #[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "config")]
 pub(super) struct RawConfig {
     pub(super) dataplane: Option<RawDataplane>,
+    pub(super) monitoring: Option<RawMonitoring>,
     pub(super) service: Option<Vec<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "monitoring")]
+pub(super) struct RawMonitoring {
+    pub(super) listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +95,9 @@ impl From<&Config> for RawConfig {
                 forwarding: Some(d.forwarding),
                 xdp_mode: Some(d.xdp_mode),
                 conntrack_size: Some(i64::from(d.conntrack_size)),
+            }),
+            monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
+                listen: Some(m.listen.to_string()),
             }),
             service: Some(cfg.services.iter().map(RawService::from).collect()),
         }

@@ -12,9 +12,9 @@ use std::{
 use lb_common::{DEFAULT_CONNTRACK_SIZE, MAX_BACKENDS, MAX_RING, MAX_SERVICES};
 
 use super::{
-    Backend, CheckKind, Config, ConfigError, Dataplane, Forwarding, HealthCheck, OnBackendDown,
-    Protocol, Scheduler, Service, XdpMode, duration,
-    raw::{RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawService},
+    Backend, CheckKind, Config, ConfigError, Dataplane, Forwarding, HealthCheck, Monitoring,
+    OnBackendDown, Protocol, Scheduler, Service, XdpMode, duration,
+    raw::{RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring, RawService},
 };
 
 // ---------------------------------------------------------------------------
@@ -36,6 +36,7 @@ const DEFAULT_HTTP_PATH: &str = "/";
 const DEFAULT_EXPECT_STATUS: u16 = 200;
 const VIP_EXAMPLE: &str = "198.18.0.10:80";
 const BACKEND_EXAMPLE: &str = "198.19.0.11:80";
+const LISTEN_EXAMPLE: &str = "127.0.0.1:9100";
 
 // ---------------------------------------------------------------------------
 // Validation: raw -> validated, stopping at the first error in document order.
@@ -96,6 +97,10 @@ impl Validator<'_> {
             ));
         };
         let dataplane = self.dataplane(raw_dataplane)?;
+        let monitoring = match raw.monitoring {
+            None => None,
+            Some(m) => Some(self.monitoring(m)?),
+        };
 
         let raw_services = raw.service.unwrap_or_default();
         if raw_services.is_empty() {
@@ -135,8 +140,31 @@ impl Validator<'_> {
         }
         Ok(Config {
             dataplane,
+            monitoring,
             services,
         })
+    }
+
+    fn monitoring(&self, raw: RawMonitoring) -> Result<Monitoring, ConfigError> {
+        let key = "monitoring.listen";
+        let text = self.required(raw.listen, key)?;
+        let listen: SocketAddrV4 = text.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("expected IPv4 address and port like {LISTEN_EXAMPLE:?}, got {text:?}"),
+            )
+        })?;
+        if listen.port() == 0 {
+            return Err(self.err(key, format!("port 0 is not a usable port, got {text:?}")));
+        }
+        let ip = *listen.ip();
+        if ip.is_broadcast() || ip.is_multicast() {
+            return Err(self.err(
+                key,
+                format!("{ip} is not a unicast address one can listen on"),
+            ));
+        }
+        Ok(Monitoring { listen })
     }
 
     fn dataplane(&self, raw: RawDataplane) -> Result<Dataplane, ConfigError> {

@@ -412,6 +412,7 @@ mod tests {
                 xdp_mode: XdpMode::Native,
                 conntrack_size: 1024,
             },
+            monitoring: None,
             services,
         }
     }

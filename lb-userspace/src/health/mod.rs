@@ -19,7 +19,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -103,7 +103,14 @@ pub struct TargetState {
     /// How many probes in a row had the latest probe's outcome (passed or
     /// failed); 0 before the first probe.
     pub consecutive: u32,
+    /// When the latest probe finished, and how long it took.
+    pub last_at: Option<SystemTime>,
+    pub last_duration: Option<Duration>,
 }
+
+/// Told of every finished probe: its target, backend name and duration
+/// (the metrics' probe latency histogram).
+pub type ProbeObserver = Arc<dyn Fn(&Target, &str, Duration) + Send + Sync>;
 
 type States = Arc<Mutex<BTreeMap<Target, TargetState>>>;
 
@@ -122,6 +129,7 @@ pub struct HealthChecker {
     states: States,
     tx: UnboundedSender<Transition>,
     next_id: u64,
+    observer: Option<ProbeObserver>,
 }
 
 impl HealthChecker {
@@ -133,7 +141,13 @@ impl HealthChecker {
             states: Arc::default(),
             tx,
             next_id: 0,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every probe that checks started from now on run.
+    pub fn observe_probes(&mut self, observer: ProbeObserver) {
+        self.observer = Some(observer);
     }
 
     /// Spawns one task per (service, backend) that has a check
@@ -195,8 +209,10 @@ impl HealthChecker {
                 target.clone(),
                 TargetState {
                     health: start,
-                    last_check: last.and_then(|s| s.last_check),
+                    last_check: last.as_ref().and_then(|s| s.last_check.clone()),
                     consecutive: 0,
+                    last_at: last.as_ref().and_then(|s| s.last_at),
+                    last_duration: last.and_then(|s| s.last_duration),
                 },
             );
             self.next_id += 1;
@@ -209,6 +225,7 @@ impl HealthChecker {
                     probe,
                     check: check.clone(),
                     start,
+                    observer: self.observer.clone(),
                 },
                 Arc::clone(&self.states),
                 self.tx.clone(),
@@ -262,6 +279,7 @@ struct CheckRun {
     probe: SocketAddrV4,
     check: HealthCheck,
     start: Health,
+    observer: Option<ProbeObserver>,
 }
 
 async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition>) {
@@ -272,6 +290,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         probe: address,
         check,
         start,
+        observer,
     } = run;
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
@@ -281,7 +300,12 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
     loop {
         // The first tick completes at once: the first probe runs at spawn.
         ticker.tick().await;
+        let started = Instant::now();
         let outcome = probe(address, &check.check, check.timeout).await;
+        let took = started.elapsed();
+        if let Some(observe) = &observer {
+            observe(&target, &backend, took);
+        }
         let changed = counter.record(outcome.is_ok(), check.rise, check.fall);
         let n = counter.consecutive();
         let reason = match (&outcome, changed) {
@@ -307,6 +331,8 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                     Err(why) => why,
                 }),
                 consecutive: n,
+                last_at: Some(SystemTime::now()),
+                last_duration: Some(took),
             },
         );
         if let Some(reason) = reason {

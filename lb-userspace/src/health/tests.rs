@@ -18,6 +18,7 @@ fn config(services: Vec<Service>) -> Config {
             xdp_mode: XdpMode::Generic,
             conntrack_size: 65536,
         },
+        monitoring: None,
         services,
     }
 }

@@ -59,6 +59,7 @@ backends = [{ address = "10.0.1.3:80" }]
             xdp_mode: XdpMode::Generic,
             conntrack_size: 1024,
         },
+        monitoring: None,
         services: vec![
             Service {
                 name: "defaults".to_owned(),
@@ -159,6 +160,23 @@ backends = [{ address = "10.0.1.3:80" }]
         ],
     };
     assert_eq!(parse_ok(text), expected);
+}
+
+#[test]
+fn monitoring_is_off_unless_configured() {
+    assert_eq!(parse_ok(&one_service("", B1)).monitoring, None);
+    let on = parse_ok(&with_monitoring("listen = \"127.0.0.1:9100\""));
+    assert_eq!(
+        on.monitoring,
+        Some(Monitoring {
+            listen: addr("127.0.0.1:9100")
+        })
+    );
+    // A live change keeps it (check() round-trips it through the raw shape).
+    assert_eq!(
+        check(&on, Path::new("live")).expect("valid").monitoring,
+        on.monitoring
+    );
 }
 
 #[test]
@@ -278,6 +296,12 @@ fn foobar_toml_parses() {
     assert_eq!(config.dataplane.interfaces, ["lb-front", "lb-back"]);
     assert_eq!(config.dataplane.forwarding, Forwarding::Nat);
     assert_eq!(config.dataplane.xdp_mode, XdpMode::Native);
+    assert_eq!(
+        config.monitoring,
+        Some(Monitoring {
+            listen: addr("127.0.0.1:9100")
+        })
+    );
     assert_eq!(config.services.len(), 2);
 
     let www = &config.services[0];

@@ -57,6 +57,11 @@ fn with_dataplane_line(line: &str) -> String {
     one_service("", B1).replace(DP, &format!("{DP}{line}\n"))
 }
 
+/// `one_service("", B1)` with a `[monitoring]` table of `lines`.
+fn with_monitoring(lines: &str) -> String {
+    format!("{}\n[monitoring]\n{lines}\n", one_service("", B1))
+}
+
 fn with_health(health: &str) -> String {
     one_service(&format!("health = {{ {health} }}"), B1)
 }

@@ -48,6 +48,22 @@ rejections! {
     conntrack_negative: with_dataplane_line("conntrack-size = -1")
         => "dataplane.conntrack-size", "must be between 1024 and 16777216, got -1";
 
+    // --- monitoring -----------------------------------------------------------
+    monitoring_listen_missing: with_monitoring("")
+        => "monitoring.listen", "required key is missing";
+    monitoring_listen_without_port: with_monitoring("listen = \"127.0.0.1\"")
+        => "monitoring.listen", "expected IPv4 address and port like \"127.0.0.1:9100\"";
+    monitoring_listen_host_name: with_monitoring("listen = \"localhost:9100\"")
+        => "monitoring.listen", "got \"localhost:9100\"";
+    monitoring_listen_port_0: with_monitoring("listen = \"127.0.0.1:0\"")
+        => "monitoring.listen", "port 0";
+    monitoring_listen_multicast: with_monitoring("listen = \"224.0.0.1:9100\"")
+        => "monitoring.listen", "not a unicast address";
+    monitoring_listen_not_a_string: with_monitoring("listen = 9100")
+        => "monitoring.listen", "invalid type: integer `9100`";
+    monitoring_unknown_key: with_monitoring("listen = \"127.0.0.1:9100\"\nport = 9100")
+        => "monitoring.port", "unknown field `port`";
+
     // --- services -------------------------------------------------------------
     no_service: DP => "service", "at least one [[service]]";
     empty_service_list: format!("service = []\n{DP}") => "service", "at least one [[service]]";

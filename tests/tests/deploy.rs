@@ -1,0 +1,63 @@
+//! The files under deploy/: the systemd unit passes `systemd-analyze
+//! verify` (with `/usr/local/bin/lb` pointed at the binary under test, since
+//! verify checks that every command exists) and keeps the properties the
+//! README promises. The Grafana dashboard is checked against the metrics
+//! renderer by a host test in lb-userspace (`metrics::render::tests`).
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context, Result, ensure};
+
+fn unit_text() -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb.service");
+    fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+#[test]
+fn systemd_unit_keeps_the_data_plane_across_restarts() -> Result<()> {
+    let unit = unit_text()?;
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    for want in [
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "ExecStartPre=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf'",
+        "ExecStart=/usr/local/bin/lb run --config /etc/lb/lb.toml",
+        "ExecReload=/usr/local/bin/lb reload",
+        "Restart=always",
+        "KillMode=process",
+        "RuntimeDirectory=lb",
+        "WantedBy=multi-user.target",
+    ] {
+        ensure!(lines.contains(&want), "deploy/lb.service lacks {want:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_verifies() -> Result<()> {
+    let lb = std::env::var("LB_BIN").context(
+        "LB_BIN is not set: run the tests with `cargo xtask test`, which builds lb and sets it",
+    )?;
+    let lb = fs::canonicalize(&lb).with_context(|| format!("LB_BIN {lb}"))?;
+    let dir = std::env::temp_dir().join(format!("lbm-unit-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let unit = dir.join("lb.service");
+    fs::write(
+        &unit,
+        unit_text()?.replace("/usr/local/bin/lb", &lb.display().to_string()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .current_dir(&dir)
+        .output()
+        .context("running systemd-analyze (Debian package systemd)")?;
+    let _ = fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify deploy/lb.service: {}\n{stderr}",
+        out.status
+    );
+    Ok(())
+}

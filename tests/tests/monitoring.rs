@@ -1,0 +1,579 @@
+//! End-to-end tests of the monitoring listener (issue 13): the status page
+//! rendered by a real headless Chromium inside the LB namespace, and
+//! `/metrics` checked against the control socket's live counters and
+//! against known traffic. Needs root and Chromium (`cargo xtask setup`
+//! installs it); fails loudly without them, never skips.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_tests::{
+    FALL, INTERVAL_MS, RISE, answers, backend_status, checked_status, count, lb_bin, ok,
+    steady_stream, three_webs, unique_prefix, wait_for_status,
+};
+use lb_userspace::{
+    control::{HealthStatus, Request, Status},
+    harness::{
+        lab::{Lab, http_get},
+        netns::in_netns,
+    },
+};
+
+const LISTEN: &str = "127.0.0.1:9100";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const WEBS: [&str; 3] = ["web1", "web2", "web3"];
+
+fn lab() -> Result<Lab> {
+    Lab::up(&unique_prefix("lbm"), &lb_bin())
+}
+
+/// The three webs in round robin, with the monitoring listener on.
+fn config() -> String {
+    format!("{}\n[monitoring]\nlisten = \"{LISTEN}\"\n", three_webs())
+}
+
+/// Detection of a failure, with margin for a loaded machine.
+fn verdict_window() -> Duration {
+    Duration::from_millis(FALL.max(RISE) * INTERVAL_MS + 1500)
+}
+
+fn listen() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100))
+}
+
+/// GET `path` from the listener, from inside the LB namespace.
+fn get(lab: &Lab, path: &str) -> Result<String> {
+    let response = in_netns(&lab.lb_ns(), || http_get(listen(), path))??;
+    ensure!(
+        response.status == 200,
+        "GET {path}: {} {}",
+        response.status,
+        response.text()
+    );
+    String::from_utf8(response.body).with_context(|| format!("GET {path}: not UTF-8"))
+}
+
+fn all_up(status: &Status) -> bool {
+    WEBS.iter().all(|w| {
+        backend_status(status, "www", w).is_ok_and(|b| b.health == HealthStatus::Up && b.in_ring)
+    })
+}
+
+fn artifacts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts")
+}
+
+/// Runs headless Chromium inside the LB namespace on the status page with
+/// `extra` arguments (e.g. `--dump-dom`); returns its stdout. A fresh
+/// profile directory every time; killed after 60 s.
+fn chromium(lab: &Lab, extra: &[&str]) -> Result<String> {
+    ensure!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `cargo xtask setup` (installs Debian's chromium)"
+    );
+    let profile = std::env::temp_dir().join(unique_prefix("lbm-chromium-"));
+    fs::create_dir_all(&profile)?;
+    let profile_arg = format!("--user-data-dir={}", profile.display());
+    let url = format!("http://{LISTEN}/");
+    let mut args = vec![
+        "netns",
+        "exec",
+        "",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        &profile_arg,
+        "--virtual-time-budget=4000",
+    ];
+    let ns = lab.lb_ns();
+    args[2] = &ns;
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out_path = profile.join("stdout");
+    let err_path = profile.join("stderr");
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?)
+        .spawn()
+        .context("starting chromium")?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "chromium did not finish within 60 s; stderr:\n{}",
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = fs::read_to_string(&out_path)?;
+    let stderr = fs::read_to_string(&err_path)?;
+    let _ = fs::remove_dir_all(&profile);
+    ensure!(
+        status.success(),
+        "chromium {}: {status}; stderr:\n{stderr}",
+        args.join(" ")
+    );
+    Ok(stdout)
+}
+
+/// The `data-health` of the status page row of www/`backend` in a dumped
+/// DOM (`<tr id="b-www-web1" class="backend" data-health="up" …>`).
+fn row_health(dom: &str, backend: &str) -> Result<String> {
+    let id = format!("id=\"b-www-{backend}\"");
+    let at = dom
+        .find(&id)
+        .with_context(|| format!("no row for {backend} in the page:\n{dom}"))?;
+    let tag_start = dom[..at].rfind('<').context("tag start")?;
+    let tag = &dom[tag_start..at + dom[at..].find('>').context("tag end")?];
+    ensure!(tag.starts_with("<tr"), "{id} is not a row: {tag}");
+    let value = tag
+        .split("data-health=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .with_context(|| format!("no data-health in {tag}"))?;
+    Ok(value.to_owned())
+}
+
+/// The status page, rendered by Chromium, shows every backend and its
+/// state, and a killed web server turns down on it without a reload of
+/// the agent; a screenshot is kept as a test artifact.
+#[test]
+fn status_page_in_chromium_shows_backends_and_a_kill() -> Result<()> {
+    let mut lab = lab()?;
+    let _agent = lab.start_agent(&config())?;
+    wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
+
+    let dom = chromium(&lab, &["--dump-dom"])?;
+    for web in WEBS {
+        assert_eq!(row_health(&dom, web)?, "up", "{web}");
+        // The address and the state are in the row's text too.
+        assert!(dom.contains(&format!(
+            "{}:80",
+            lb_userspace::harness::lab::web_addr(web[3..].parse()?)
+        )));
+    }
+    assert!(dom.contains("generation 1"), "agent header missing:\n{dom}");
+    assert!(
+        dom.contains("id=\"v-forwarded\""),
+        "verdict table missing:\n{dom}"
+    );
+    let error_div = dom
+        .split("<div id=\"error\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</div>").next())
+        .context("no error banner in the page")?;
+    assert!(
+        !error_div.contains("display: block"),
+        "the page could not fetch or show status.json: {error_div}"
+    );
+
+    lab.stop_web(2)?;
+    thread::sleep(verdict_window());
+    let dom = chromium(&lab, &["--dump-dom"])?;
+    assert_eq!(row_health(&dom, "web2")?, "down");
+    assert_eq!(row_health(&dom, "web1")?, "up");
+    assert_eq!(row_health(&dom, "web3")?, "up");
+    // The page agrees with the control socket.
+    let status = checked_status(&lab)?;
+    assert_eq!(
+        backend_status(&status, "www", "web2")?.health,
+        HealthStatus::Down
+    );
+
+    // A screenshot under traffic (so the rates are not zero).
+    fs::create_dir_all(artifacts())?;
+    let png = artifacts().join("status-page.png");
+    let _ = fs::remove_file(&png);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = steady_stream(&lab, Arc::clone(&stop));
+    let shot = chromium(
+        &lab,
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1280,900",
+            "--hide-scrollbars",
+        ],
+    );
+    // And as a phone shows it (responsive layout), for a look.
+    let phone = artifacts().join("status-page-phone.png");
+    let phone_shot = chromium(
+        &lab,
+        &[
+            &format!("--screenshot={}", phone.display()),
+            "--window-size=390,1400",
+            "--hide-scrollbars",
+        ],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = stream.join();
+    shot?;
+    phone_shot?;
+    let bytes = fs::read(&png).with_context(|| format!("no screenshot at {}", png.display()))?;
+    ensure!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
+        "{} is not a real PNG screenshot ({} bytes)",
+        png.display(),
+        bytes.len()
+    );
+    eprintln!("status page screenshot: {}", png.display());
+    Ok(())
+}
+
+/// (name, labels) → value, from OpenMetrics text.
+type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+fn parse_metrics(text: &str) -> Result<Samples> {
+    ensure!(text.ends_with("# EOF\n"), "no # EOF at the end:\n{text}");
+    let mut out = Samples::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').context("series value")?;
+        let value: f64 = value.parse().with_context(|| format!("value of {line}"))?;
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').context("closing brace")?;
+                let mut labels = BTreeMap::new();
+                for kv in body.split(',') {
+                    let (k, v) = kv.split_once('=').context("label k=v")?;
+                    labels.insert(k.to_owned(), v.trim_matches('"').to_owned());
+                }
+                (name, labels)
+            }
+        };
+        out.insert((name.to_owned(), labels), value);
+    }
+    Ok(out)
+}
+
+fn metric(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    samples
+        .get(&(name.to_owned(), want))
+        .copied()
+        .with_context(|| format!("no sample {name}{labels:?}"))
+}
+
+fn backend(name: &str) -> [(&'static str, &str); 2] {
+    [("service", "www"), ("backend", name)]
+}
+
+/// `/metrics` against the control socket's counters and against the
+/// traffic sent: requests per backend show in its packets, the verdicts
+/// cover every forwarded packet, ring membership and health follow the
+/// status, a reload is counted, and a killed backend is `up` 0 after the
+/// check window. The agent logs in JSON (`--log-format json`): the kill's
+/// health transition is one JSON line with its structured fields.
+#[test]
+fn metrics_follow_counters_and_traffic() -> Result<()> {
+    let mut lab = lab()?;
+    let agent = lab.start_agent_with(&config(), &["--log-format", "json"])?;
+    wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
+    let before = parse_metrics(&get(&lab, "/metrics")?)?;
+    for web in WEBS {
+        assert_eq!(
+            metric(&before, "lb_backend_packets_total", &backend(web))?,
+            0.0
+        );
+    }
+
+    // Known traffic: 30 new connections, one request each.
+    const REQUESTS: usize = 30;
+    let served = count(&answers(&lab, REQUESTS)?);
+    assert_eq!(served.values().sum::<usize>(), REQUESTS, "{served:?}");
+
+    // The control socket's counters, then a scrape: no forwarded traffic
+    // in between (health probes are the LB's own traffic, passed).
+    let status = checked_status(&lab)?;
+    let started = Instant::now();
+    let text = get(&lab, "/metrics")?;
+    let scrape_time = started.elapsed();
+    let m = parse_metrics(&text)?;
+    eprintln!("scrape: {} bytes in {scrape_time:?}", text.len());
+
+    let mut packets_sum = 0.0;
+    for web in WEBS {
+        let b = backend_status(&status, "www", web)?;
+        let labels = backend(web);
+        let packets = metric(&m, "lb_backend_packets_total", &labels)?;
+        let requests = served.get(web).copied().unwrap_or(0);
+        assert_eq!(
+            packets, b.packets as f64,
+            "{web} packets: metrics vs status"
+        );
+        assert_eq!(
+            metric(&m, "lb_backend_bytes_total", &labels)?,
+            b.bytes as f64,
+            "{web} bytes"
+        );
+        // Round robin: each backend served a third; a connection with one
+        // request is at least 3 packets each way (NAT counts both).
+        assert_eq!(requests, REQUESTS / 3, "{served:?}");
+        assert!(
+            packets >= (requests * 6) as f64 && packets <= (requests * 40) as f64,
+            "{web}: {packets} packets for {requests} requests"
+        );
+        assert_eq!(
+            metric(&m, "lb_backend_flows", &labels)?,
+            b.flows as f64,
+            "{web} flows"
+        );
+        assert!(
+            b.flows >= requests as u64,
+            "{web}: {} flows for {requests} connections",
+            b.flows
+        );
+        assert_eq!(
+            metric(&m, "lb_backend_in_ring", &labels)?,
+            f64::from(u8::from(b.in_ring))
+        );
+        assert_eq!(metric(&m, "lb_backend_up", &labels)?, 1.0);
+        assert_eq!(
+            metric(&m, "lb_backend_weight", &labels)?,
+            f64::from(b.weight)
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "lb_backend_admin",
+                &[labels[0], labels[1], ("state", "enabled")]
+            )?,
+            1.0
+        );
+        assert!(metric(&m, "lb_health_probe_duration_seconds_count", &labels)? >= RISE as f64);
+        packets_sum += packets;
+    }
+    let service = &status.services[0];
+    assert_eq!(
+        metric(&m, "lb_service_packets_total", &[("service", "www")])?,
+        service.packets as f64
+    );
+    assert_eq!(packets_sum, service.packets as f64);
+    // Every forwarded packet has its verdict (NAT: replies are
+    // forwarded_reply); verdicts only grow between the status and the scrape.
+    let forwarded = metric(&m, "lb_verdicts_total", &[("verdict", "forwarded")])?;
+    let replies = metric(&m, "lb_verdicts_total", &[("verdict", "forwarded_reply")])?;
+    assert!(
+        forwarded + replies >= packets_sum,
+        "{forwarded} + {replies} < {packets_sum}"
+    );
+    assert!(forwarded >= (REQUESTS * 3) as f64, "forwarded {forwarded}");
+    for (verdict, n) in &status.verdicts {
+        let scraped = metric(&m, "lb_verdicts_total", &[("verdict", verdict)])?;
+        assert!(
+            scraped >= *n as f64,
+            "{verdict}: scraped {scraped} < status {n}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "lb_conntrack_entries", &[])?,
+        status.conntrack.entries as f64
+    );
+    assert!(status.conntrack.entries >= REQUESTS as u64);
+    assert_eq!(metric(&m, "lb_conntrack_capacity", &[])?, 262_144.0);
+    assert_eq!(metric(&m, "lb_conntrack_insert_failures_total", &[])?, 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "lb_agent_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        )?,
+        1.0
+    );
+    assert_eq!(metric(&m, "lb_config_generation", &[])?, 1.0);
+
+    // /status.json is the control socket's status.
+    let json: Status = serde_json::from_str(&get(&lab, "/status.json")?)?;
+    assert_eq!(json.services.len(), status.services.len());
+    for (a, b) in json.services[0].backends.iter().zip(&service.backends) {
+        assert_eq!(
+            (&a.name, a.health, a.in_ring),
+            (&b.name, b.health, b.in_ring)
+        );
+        assert!(a.packets >= b.packets);
+    }
+
+    // A reload is counted and its result exported.
+    ok(&lab, Request::Reload)?;
+    let m = parse_metrics(&get(&lab, "/metrics")?)?;
+    assert_eq!(metric(&m, "lb_config_generation", &[])?, 2.0);
+    assert_eq!(metric(&m, "lb_config_last_reload_success", &[])?, 1.0);
+
+    // A killed backend: up 0, out of the ring, health down.
+    lab.stop_web(3)?;
+    thread::sleep(verdict_window());
+    let m = parse_metrics(&get(&lab, "/metrics")?)?;
+    let status = checked_status(&lab)?;
+    let web3 = backend("web3");
+    assert_eq!(metric(&m, "lb_backend_up", &web3)?, 0.0);
+    assert_eq!(metric(&m, "lb_backend_in_ring", &web3)?, 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "lb_backend_health",
+            &[web3[0], web3[1], ("state", "down")]
+        )?,
+        1.0
+    );
+    for web in WEBS {
+        let b = backend_status(&status, "www", web)?;
+        assert_eq!(
+            metric(&m, "lb_backend_in_ring", &backend(web))?,
+            f64::from(u8::from(b.in_ring)),
+            "{web}"
+        );
+    }
+
+    // The JSON log: every line parses; the kill is logged with its fields.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<_>>()?;
+    let down = lines
+        .iter()
+        .find(|l| l["backend"] == "web3" && l["health"] == "down")
+        .with_context(|| format!("no JSON line for web3 going down in:\n{log}"))?;
+    assert_eq!(down["service"], "www");
+    assert_eq!(down["address"], "198.19.0.13:80");
+    assert_eq!(down["level"], "WARN");
+    assert!(
+        down["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("consecutive failures")),
+        "{down}"
+    );
+    Ok(())
+}
+
+/// Scrapes of a big flow table run off the agent's loop: with more scrapes
+/// in flight than the listener walks at once (the rest are refused with a
+/// 503 at once), a change asked of the agent meanwhile is answered at once,
+/// and the scrape counts every flow.
+#[test]
+fn scrapes_of_a_big_flow_table_do_not_stall_the_agent() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{Flow, FlowKey};
+    use lb_userspace::control::BackendChange;
+    const FLOWS: u32 = 200_000;
+    const SCRAPES: usize = 8;
+    let lab = lab()?;
+    let _agent = lab.start_agent(&config())?;
+    wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
+    assert_eq!(answers(&lab, 1)?, vec!["web1"]);
+    let web1_id = {
+        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+        let table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+        let flows: Vec<Flow> = table
+            .iter()
+            .map(|r| r.map(|(_, f)| f))
+            .collect::<Result<_, _>>()?;
+        ensure!(flows.len() == 1, "expected one flow, got {flows:?}");
+        flows[0].backend_id
+    };
+    // Made-up flows from 100.64.0.0/10 pinned to web1: no packet matches.
+    let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+    let mut table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
+    for i in 0..FLOWS {
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes((0x6440_0000u32 + i).to_be_bytes()),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: 4000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            ..FlowKey::default()
+        };
+        let flow = Flow {
+            backend_id: web1_id,
+            service_id: 0,
+            ..Flow::default()
+        };
+        table.insert(key, flow, 0)?;
+    }
+
+    let scrapes: Vec<_> = (0..SCRAPES)
+        .map(|_| {
+            let ns = lab.lb_ns();
+            thread::spawn(move || {
+                let start = Instant::now();
+                let r = in_netns(&ns, || http_get(listen(), "/metrics"));
+                (start.elapsed(), r)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(30));
+    let start = Instant::now();
+    ok(
+        &lab,
+        Request::Backend(BackendChange::Weight {
+            service: "www".into(),
+            backend: "web3".into(),
+            weight: 1,
+        }),
+    )?;
+    let change = start.elapsed();
+    let (mut served, mut busy) = (0, 0);
+    for scrape in scrapes {
+        let (took, response) = scrape.join().expect("scrape thread");
+        let response = response??;
+        match response.status {
+            200 => {
+                served += 1;
+                let m = parse_metrics(&String::from_utf8(response.body)?)?;
+                let flows = metric(&m, "lb_backend_flows", &backend("web1"))?;
+                assert!(flows > f64::from(FLOWS), "web1 flows {flows}");
+                assert!(metric(&m, "lb_conntrack_entries", &[])? > f64::from(FLOWS));
+                eprintln!("scrape of {FLOWS}+ flows took {took:?}");
+            }
+            503 => {
+                busy += 1;
+                assert!(response.text().starts_with("busy:"), "{}", response.text());
+            }
+            other => bail!("scrape answered {other}: {}", response.text()),
+        }
+    }
+    eprintln!("{served} scrapes served, {busy} refused busy; a change meanwhile took {change:?}");
+    // The walks last about a second each: all scrapes overlap, so only
+    // MAX_SNAPSHOTS of them walk.
+    assert!(
+        (1..=lb_userspace::metrics::MAX_SNAPSHOTS).contains(&served),
+        "served {served}, busy {busy}"
+    );
+    assert!(
+        change < Duration::from_millis(300),
+        "a change waited {change:?} for the scrapes' flow walks"
+    );
+    Ok(())
+}
