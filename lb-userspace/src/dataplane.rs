@@ -79,8 +79,11 @@ pub enum DataplaneError {
 type Result<T> = std::result::Result<T, DataplaneError>;
 
 /// Every map of the `lb` program: all pinned, so a restarted agent adopts
-/// the flows, rings and counters of the one before it.
-const LB_MAPS: [&str; 11] = [
+/// the flows, rings and counters of the one before it, and `lb trace` finds
+/// the drop-tracing switch and ring buffer. A pin dir left by an older
+/// version lacks the newer maps: the loader creates and pins those (and
+/// keeps the others), so adopting it works.
+pub const LB_MAPS: [&str; 13] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -92,6 +95,8 @@ const LB_MAPS: [&str; 11] = [
     "SERVICE_STATS",
     "BACKEND_STATS",
     "VERDICTS",
+    "TRACE_ON",
+    "TRACE",
 ];
 
 /// What the agent reports about one applied service.
@@ -582,23 +587,34 @@ impl Dataplane {
     /// A second handle on the connection table, for counting flows off the
     /// agent's loop (walking 262k entries takes the better part of a second).
     pub fn flow_table(&self) -> Result<FlowTable> {
+        let data = self.map_data("CONNTRACK")?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|source| {
+            DataplaneError::Map {
+                name: "CONNTRACK",
+                source,
+            }
+        })?;
+        Ok(FlowTable { flows })
+    }
+
+    /// A second, owned handle on one of the program's maps (by its kernel
+    /// id), for readers apart from this value: the flow table, `lb trace`.
+    pub fn map_data(&self, name: &'static str) -> Result<MapData> {
         let map = self
             .ebpf
-            .map("CONNTRACK")
-            .ok_or(DataplaneError::MissingMap("CONNTRACK"))?;
-        let err = |source| DataplaneError::Map {
-            name: "CONNTRACK",
-            source,
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let err = |source| DataplaneError::Map { name, source };
+        let data = match map {
+            aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::RingBuf(d) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
         };
-        let id = match map {
-            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
-                data.info().map_err(err)?.id()
-            }
-            _ => return Err(DataplaneError::MissingMap("CONNTRACK")),
-        };
-        let data = MapData::from_id(id).map_err(err)?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)?;
-        Ok(FlowTable { flows })
+        let id = data.info().map_err(err)?.id();
+        MapData::from_id(id).map_err(err)
     }
 
     /// The backends in each service's active ring, as (service key, backend

@@ -10,6 +10,7 @@
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
+//! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
 //! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
 
 pub mod agent;
@@ -23,3 +24,4 @@ pub mod lab;
 pub mod object;
 pub mod pktgen;
 pub mod server;
+pub mod trace;

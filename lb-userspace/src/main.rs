@@ -47,6 +47,9 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Live events of packets the data plane does not forward: verdict,
+    /// 5-tuple, service id (switched on while it runs; one tracer at a time)
+    Trace(lb_userspace::trace::TraceArgs),
     /// Detach the pinned data plane and remove its pins (stopping the agent
     /// alone leaves it forwarding)
     Teardown {
@@ -126,6 +129,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", ask(&socket, &Request::Reload)?.message);
             Ok(())
         }
+        Command::Trace(args) => lb_userspace::trace::run(args),
         Command::Teardown { pin_dir } => {
             let removed = Dataplane::teardown(&pin_dir)?;
             if removed.is_empty() {
