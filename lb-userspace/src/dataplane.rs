@@ -30,6 +30,7 @@ use plan::{BackendPlan, Ids, Plan, PlanError, ServicePlan};
 
 use crate::{
     config::{self, Config},
+    explain::{FlowFacts, ServiceFacts},
     object::{MissingObject, ebpf_object},
 };
 
@@ -597,6 +598,62 @@ impl Dataplane {
         Ok(FlowTable { flows })
     }
 
+    /// What the maps hold for one flow, for `lb explain`: its service (conf,
+    /// active ring, round-robin counter), its conntrack entry and the
+    /// backend that entry names. Lookups only; nothing is written.
+    pub fn flow_facts(&self, key: &FlowKey) -> Result<FlowFacts> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let vips: HashMap<&MapData, u32, u32> =
+            HashMap::try_from(map("VIPS")?).map_err(err("VIPS"))?;
+        let services: HashMap<&MapData, ServiceKey, u32> =
+            HashMap::try_from(map("SERVICES")?).map_err(err("SERVICES"))?;
+        let flows: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(map("CONNTRACK")?).map_err(err("CONNTRACK"))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+        let service_key = ServiceKey {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        };
+        let service = match found(services.get(&service_key, 0), "SERVICES")? {
+            None => None,
+            Some(id) => {
+                let confs: Array<&MapData, ServiceConf> =
+                    Array::try_from(map("SERVICE_CONF")?).map_err(err("SERVICE_CONF"))?;
+                let rings: Array<&MapData, Ring> =
+                    Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+                let counters: Array<&MapData, u64> =
+                    Array::try_from(map("RR_COUNTERS")?).map_err(err("RR_COUNTERS"))?;
+                let conf = confs.get(&id, 0).map_err(err("SERVICE_CONF"))?;
+                let ring = rings
+                    .get(&Ring::slot(id, conf.active_ring), 0)
+                    .map_err(err("RINGS"))?;
+                let len = (ring.len as usize).min(ring.ids.len());
+                Some(ServiceFacts {
+                    id,
+                    conf,
+                    ring: ring.ids[..len].to_vec(),
+                    rr_counter: counters.get(&id, 0).map_err(err("RR_COUNTERS"))?,
+                })
+            }
+        };
+        let conntrack = match found(flows.get(key, 0), "CONNTRACK")? {
+            None => None,
+            Some(flow) => Some((
+                flow,
+                backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
+            )),
+        };
+        Ok(FlowFacts {
+            vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
+            service,
+            conntrack,
+        })
+    }
+
     /// A second, owned handle on one of the program's maps (by its kernel
     /// id), for readers apart from this value: the flow table, `lb trace`.
     pub fn map_data(&self, name: &'static str) -> Result<MapData> {
@@ -736,6 +793,15 @@ fn set<T: aya::Pod>(
 ) -> Result<()> {
     map.set(index, value, 0)
         .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// A lookup's value, `None` for a missing key, or the map's error.
+fn found<T>(r: std::result::Result<T, MapError>, name: &'static str) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
 }
 
 fn remove_if_present<K: aya::Pod, V: aya::Pod>(

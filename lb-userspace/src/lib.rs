@@ -5,6 +5,7 @@
 //! - `object`: the embedded eBPF object.
 //! - `config`: the TOML schema, validation and errors naming file/key/reason.
 //! - `dataplane`: loading, attaching, and every map write (rings, backends).
+//! - `explain`: `lb explain`'s flow parsing and decision text (pure).
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod explain;
 pub mod health;
 pub mod host;
 pub mod lab;
