@@ -149,7 +149,17 @@ impl Dataplane {
         Ok((dp, adopted))
     }
 
+    /// Loads another build of the object, unpinned: for measurements that
+    /// compare builds (`tests/tests/kernel.rs`, the trace cost).
+    pub fn load_object(object: &[u8], conntrack_size: u32) -> Result<Self> {
+        Self::load_bytes(object, conntrack_size, None)
+    }
+
     fn load_with(conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_bytes(ebpf_object()?, conntrack_size, pin_dir)
+    }
+
+    fn load_bytes(object: &[u8], conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("CONNTRACK", conntrack_size)
@@ -160,7 +170,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(ebpf_object()?)?;
+        let mut ebpf = loader.load(object)?;
         program_mut(&mut ebpf, PROGRAM)?
             .load()
             .map_err(|source| DataplaneError::Program {

@@ -1682,3 +1682,103 @@ fn a_pinned_data_plane_without_the_trace_maps_gets_them_when_adopted() {
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
+
+/// ns/packet of one BPF_PROG_TEST_RUN call of `repeat` runs of `frame`.
+fn ns_per_packet(dp: &mut Dataplane, ifindex: u32, frame: &[u8], repeat: u32) -> f64 {
+    let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&md),
+        repeat,
+        ..Default::default()
+    };
+    let r = dp
+        .program()
+        .expect("program")
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN");
+    r.duration.as_nanos() as f64
+}
+
+/// The cost of drop tracing, off and on, against the object without it
+/// (`LB_BASE_OBJECT`, e.g. built from the commit before). Not a check: a
+/// measurement, run by hand:
+/// `LB_BASE_OBJECT=/tmp/base.o cargo xtask test --test kernel -- --ignored trace_cost --nocapture`
+/// The cases take turns, round after round, so a busy neighbour slows them
+/// all alike; each prints the median over the rounds.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn trace_cost_ns_per_packet() {
+    use lb_common::TRACE_DEFAULT_VERDICTS;
+    use lb_userspace::trace::Tracer;
+    const REPEAT: u32 = 1_000_000;
+    /// Events that fit the 256 KiB ring (40 bytes each with the header).
+    const FITS: u32 = 6000;
+    const ROUNDS: usize = 15;
+    let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let dsr_syn = Tcp::request(49000, VIP_DSR);
+        let dsr_ack = Tcp {
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..Tcp::request(49000, VIP_DSR)
+        }
+        .build();
+        let no_service = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 49001, 9, b"x");
+        h.expect(h.front, &dsr_syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        h.expect(h.front, &dsr_ack, XDP_REDIRECT, Verdict::Forwarded);
+        let mut base_dp = base.map(|object| {
+            let mut dp = Dataplane::load_object(&object, 65536).expect("load base");
+            dp.apply(&cfg).expect("apply base");
+            assert_eq!(test_run(&mut dp, h.front, &dsr_syn.build()).0, XDP_REDIRECT);
+            dp
+        });
+        let front = h.front;
+        let mut tracer = Tracer::of(&h.dp).expect("trace maps");
+        let cases = [
+            "established DSR, base object (no tracing)",
+            "established DSR, tracing off",
+            "established DSR, tracing on",
+            "pass_no_service, base object (no tracing)",
+            "pass_no_service, tracing off",
+            "pass_no_service, tracing on, event written (repeat 6000)",
+            "pass_no_service, tracing on, ring full (event lost)",
+        ];
+        let mut samples = vec![Vec::new(); cases.len()];
+        for _ in 0..ROUNDS {
+            if let Some(dp) = base_dp.as_mut() {
+                samples[0].push(ns_per_packet(dp, front, &dsr_ack, REPEAT));
+                samples[3].push(ns_per_packet(dp, front, &no_service, REPEAT));
+            }
+            tracer.stop().expect("off");
+            samples[1].push(ns_per_packet(&mut h.dp, front, &dsr_ack, REPEAT));
+            samples[4].push(ns_per_packet(&mut h.dp, front, &no_service, REPEAT));
+            tracer.start(TRACE_DEFAULT_VERDICTS).expect("on");
+            samples[2].push(ns_per_packet(&mut h.dp, front, &dsr_ack, REPEAT));
+            tracer.drain();
+            samples[5].push(ns_per_packet(&mut h.dp, front, &no_service, FITS));
+            samples[6].push(ns_per_packet(&mut h.dp, front, &no_service, REPEAT));
+            tracer.drain();
+        }
+        tracer.stop().expect("off");
+        for (what, mut s) in cases.iter().zip(samples) {
+            if s.is_empty() {
+                continue;
+            }
+            s.sort_by(f64::total_cmp);
+            eprintln!(
+                "{what:<58} median {:>5.1} ns  (min {:.0}, max {:.0}, {} rounds)",
+                s[s.len() / 2],
+                s[0],
+                s[s.len() - 1],
+                s.len()
+            );
+        }
+    });
+}
