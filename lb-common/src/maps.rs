@@ -343,7 +343,39 @@ pub struct PktgenConf {
     pub template: [u8; PKTGEN_TEMPLATE_LEN],
 }
 
+impl PktgenConf {
+    /// Source address and port (both host order) of frame `n`: flow
+    /// `n % flows`, ports first (`sport_span` ports per address), then the
+    /// next addresses. The `pktgen` program writes these into each frame; the
+    /// generator's host side predicts them with the same function.
+    #[inline(always)]
+    pub fn flow_source(&self, n: u32) -> (u32, u16) {
+        let span = if self.sport_span == 0 {
+            1
+        } else {
+            self.sport_span as u32
+        };
+        let flow = if self.flows == 0 { 0 } else { n % self.flows };
+        let addr = self.saddr_base.wrapping_add(flow / span);
+        let port = (self.sport_base as u32 + flow % span) as u16;
+        (addr, port)
+    }
+}
+
+/// `FWD_CONF[0]`: the `bare_fwd` program's fixed next hop (the benchmark's
+/// ceiling rewrites both MACs and redirects, nothing else).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdConf {
+    /// Interface to redirect to.
+    pub ifindex: u32,
+    /// Destination and source MAC written into every frame.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
 const _: () = assert!(core::mem::size_of::<PktgenConf>() == 16 + PKTGEN_TEMPLATE_LEN);
+const _: () = assert!(core::mem::size_of::<FwdConf>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
@@ -372,4 +404,45 @@ mod pod {
     unsafe impl aya::Pod for super::PktgenConf {}
     unsafe impl aya::Pod for super::TraceConf {}
     unsafe impl aya::Pod for super::TraceEvent {}
+    unsafe impl aya::Pod for super::FwdConf {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(flows: u32, saddr_base: u32, sport_base: u16, sport_span: u16) -> PktgenConf {
+        PktgenConf {
+            ifindex: 0,
+            flows,
+            saddr_base,
+            sport_base,
+            sport_span,
+            template: [0; PKTGEN_TEMPLATE_LEN],
+        }
+    }
+
+    #[test]
+    fn flow_source_goes_through_ports_then_addresses() {
+        let c = conf(6, 0x0a00_0001, 1024, 3);
+        let got: Vec<(u32, u16)> = (0..7).map(|n| c.flow_source(n)).collect();
+        assert_eq!(
+            got,
+            [
+                (0x0a00_0001, 1024),
+                (0x0a00_0001, 1025),
+                (0x0a00_0001, 1026),
+                (0x0a00_0002, 1024),
+                (0x0a00_0002, 1025),
+                (0x0a00_0002, 1026),
+                (0x0a00_0001, 1024),
+            ]
+        );
+    }
+
+    #[test]
+    fn flow_source_tolerates_zero_flows_and_span() {
+        assert_eq!(conf(0, 5, 7, 0).flow_source(123), (5, 7));
+        assert_eq!(conf(4, 5, 7, 0).flow_source(3), (8, 7));
+    }
 }

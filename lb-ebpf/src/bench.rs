@@ -16,21 +16,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, PKTGEN_TEMPLATE_LEN, PktgenConf,
-    checksum::{replace16, replace32},
-    headers::{EthHdr, IPPROTO_UDP, Ipv4Hdr, L4Ports, l4_layout},
+    Counters, FwdConf, PKTGEN_TEMPLATE_LEN, PktgenConf,
+    headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
+    rewrite::rewrite_source,
 };
 
 use crate::{copy_mac, count, header};
-
-/// `FWD_CONF[0]`: the bare forwarder's fixed next hop.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FwdConf {
-    pub ifindex: u32,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
-}
 
 #[map]
 static PKTGEN_CONF: Array<PktgenConf> = Array::with_max_entries(1, 0);
@@ -83,7 +74,9 @@ fn restore_template(ctx: &XdpContext, conf: &PktgenConf) {
     }
 }
 
-/// Rewrites source address/port to flow `n % flows`, fixing checksums.
+/// Rewrites source address/port to flow `n % flows`
+/// ([`PktgenConf::flow_source`]), fixing checksums as the data plane's
+/// reverse NAT does.
 #[inline(always)]
 fn set_flow(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
     let (Some(ip), Some(ports)) = (
@@ -102,22 +95,8 @@ fn set_flow(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
     };
     // SAFETY: bounds checked above.
     let check = unsafe { &mut *check };
-    let span = if conf.sport_span == 0 {
-        1
-    } else {
-        conf.sport_span as u32
-    };
-    let flow = if conf.flows == 0 { 0 } else { n % conf.flows };
-    let saddr = conf.saddr_base.wrapping_add(flow / span).to_be();
-    let sport = (conf.sport_base as u32 + flow % span) as u16;
-    let sport = sport.to_be();
-    let old_addr = ip.saddr;
-    ip.check = replace32(ip.check, old_addr, saddr);
-    ip.saddr = saddr;
-    if !(ip.protocol == IPPROTO_UDP && *check == 0) {
-        *check = replace16(replace32(*check, old_addr, saddr), ports.source, sport);
-    }
-    ports.source = sport;
+    let (saddr, sport) = conf.flow_source(n);
+    rewrite_source(ip, ports, check, saddr.to_be(), sport.to_be());
 }
 
 #[xdp]

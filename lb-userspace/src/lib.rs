@@ -12,18 +12,19 @@
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
 //! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
-//! - `lab`: the seed's infrastructure in network namespaces (`lb lab`).
+//! - `harness`: what builds networks, generates traffic and measures, not
+//!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
+//!   their netns and XDP helpers. It depends on the product, never the
+//!   reverse.
 
 pub mod agent;
-pub mod bench;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod explain;
+pub mod harness;
 pub mod health;
 pub mod host;
-pub mod lab;
 pub mod object;
-pub mod pktgen;
 pub mod server;
 pub mod trace;

@@ -9,7 +9,7 @@ use lb_userspace::{
     agent, config,
     control::{self, BackendChange, Request},
     dataplane::Dataplane,
-    lab, pktgen,
+    harness::{bench, lab, pktgen},
 };
 
 #[derive(Parser)]
@@ -78,9 +78,9 @@ enum Command {
     #[command(hide = true)]
     LabServe(lab::ServeArgs),
     /// Generate traffic with XDP live frames (BPF_PROG_RUN)
-    Pktgen(lb_userspace::pktgen::PktgenArgs),
+    Pktgen(pktgen::PktgenArgs),
     /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
-    Bench(lb_userspace::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -179,6 +179,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab::run(cmd).context("lab"),
         Command::LabServe(args) => lab::serve(args),
         Command::Pktgen(args) => pktgen::run(args),
-        Command::Bench(args) => lb_userspace::bench::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -2,6 +2,9 @@
 //! root check, unique name prefixes, and the agent helpers the end-to-end
 //! tests drive the `lb` agent with (configs, control requests, clients, the
 //! ring rule). A test needing root fails loudly without it; none skips.
+//! [`kernel_net`] is the kernel tier's network namespace and addresses.
+
+pub mod kernel_net;
 
 use std::{
     collections::BTreeMap,
@@ -17,16 +20,17 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_userspace::{
     control::{self, BackendChange, Request, Response, Status},
-    lab::{HttpConn, Lab, bulk_byte, http_get, in_netns, vip_http, web_addr},
+    harness::{
+        lab::{HttpConn, Lab, bulk_byte, http_get, vip_http, web_addr},
+        netns::in_netns,
+    },
 };
 
 /// The `lb` binary under test (`LB_BIN`, set by `cargo xtask test`); also
 /// checks that we may build labs at all.
 pub fn lb_bin() -> PathBuf {
-    // SAFETY: geteuid(2) cannot fail and has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "these tests need root (network namespaces, XDP): run `cargo xtask test` as root"
     );
     PathBuf::from(std::env::var_os("LB_BIN").expect(

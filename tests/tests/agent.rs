@@ -23,7 +23,10 @@ use lb_tests::{
 };
 use lb_userspace::{
     control::{AdminState, BackendChange, HealthStatus, Request},
-    lab::{HttpConn, Lab, in_netns, udp_connect, udp_request, vip_http, vip_udp, web_addr},
+    harness::{
+        lab::{HttpConn, Lab, udp_connect, udp_request, vip_http, vip_udp, web_addr},
+        netns::in_netns,
+    },
 };
 
 fn prefix() -> String {

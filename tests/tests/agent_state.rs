@@ -26,7 +26,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     control::{BackendChange, HealthStatus, Request},
-    lab::Lab,
+    harness::lab::Lab,
 };
 
 fn lab() -> Result<Lab> {

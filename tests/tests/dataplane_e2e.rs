@@ -17,7 +17,10 @@ use lb_tests::{lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, BackendChange, Request},
-    lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, in_netns, lab_config},
+    harness::{
+        lab::{CLIENT_FRONT, HTTP_PORT, Lab, VIP, WEB_NAMES, lab_config},
+        netns::in_netns,
+    },
 };
 
 /// The client's fixed source ports: a small set it cycles over, as a client
@@ -93,10 +96,20 @@ fn connect_from(port: u16) -> Result<TcpStream> {
         libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len)
     })
     .with_context(|| format!("binding {CLIENT_FRONT}:{port}"))?;
-    // SAFETY: as above.
-    check("connect", unsafe {
-        libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len)
-    })?;
+    // EADDRNOTAVAIL is the client's own kernel refusing the local tuple
+    // for a moment (seen once under load), not an answer from the LB: retry
+    // it a few times. Refusals and timeouts, the LB's answers, are not.
+    for attempt in 0.. {
+        // SAFETY: as above.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len) };
+        let busy =
+            rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EADDRNOTAVAIL);
+        if !busy || attempt == 4 {
+            check("connect", rc)?;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
     Ok(TcpStream::from(fd))
 }
 
@@ -240,7 +253,7 @@ fn reused_source_ports_skip_a_backend_down_by_health_check() -> Result<()> {
         .map(|n| {
             format!(
                 "{{ name = \"web{n}\", address = \"{}:80\" }}",
-                lb_userspace::lab::web_addr(n)
+                lb_userspace::harness::lab::web_addr(n)
             )
         })
         .collect::<Vec<_>>()

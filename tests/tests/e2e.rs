@@ -8,60 +8,26 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
-    path::PathBuf,
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
+use lb_tests::{lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
-    lab::{
-        self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get, in_netns,
-        lab_config, udp_connect, udp_request, vip_http, vip_udp,
+    harness::{
+        lab::{
+            self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get,
+            lab_config, udp_connect, udp_request, vip_http, vip_udp,
+        },
+        netns::{self, in_netns, require_tool},
     },
 };
 
 const MODES: [Forwarding; 2] = [Forwarding::Nat, Forwarding::Dsr];
 
-/// The `lb` binary under test; also checks we may build labs at all.
-fn lb_bin() -> PathBuf {
-    // SAFETY: geteuid(2) cannot fail and has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the e2e tests need root (network namespaces, XDP): run `cargo xtask test` as root"
-    );
-    match std::env::var_os("LB_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => panic!(
-            "LB_BIN is not set: it must name the `lb` binary to test (`cargo xtask test` sets it, \
-             or: LB_BIN=$PWD/target/debug/lb cargo test -p lb-tests --test e2e)"
-        ),
-    }
-}
-
-/// Panics with `hint` unless `tool` is on PATH (a missing tool is a broken
-/// setup, never a reason to skip).
-fn require_tool(tool: &str, hint: &str) {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
-    assert!(found, "`{tool}` is not installed: {hint}");
-}
-
-/// `lbt{pid}-{n}`: distinct across the tests of this run and across runs.
-fn unique_prefix() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "lbt{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
 fn new_lab() -> Result<Lab> {
-    let prefix = unique_prefix();
+    let prefix = unique_prefix("lbt");
     Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
 }
 
@@ -223,7 +189,7 @@ fn udp_flows_stick_and_new_flows_rotate() -> Result<()> {
 
 #[test]
 fn wrk_load_has_no_errors() -> Result<()> {
-    require_tool("wrk", "install wrk (cargo xtask setup does)");
+    require_tool("wrk", "install wrk (cargo xtask setup does)")?;
     let lab = new_lab()?;
     in_each_mode(&lab, |lab, _| {
         let url = format!("http://{VIP}/");
@@ -256,7 +222,7 @@ fn wrk_load_has_no_errors() -> Result<()> {
 
 #[test]
 fn lb_host_traffic_is_untouched() -> Result<()> {
-    require_tool("ping", "install iputils-ping (cargo xtask setup should)");
+    require_tool("ping", "install iputils-ping (cargo xtask setup should)")?;
     let lab = new_lab()?;
     in_each_mode(&lab, |lab, _| {
         // ICMP, even to the VIP, is passed to the LB's kernel, which answers.
@@ -292,16 +258,7 @@ fn echo_roundtrip(addr: SocketAddr, message: &[u8]) -> Result<Vec<u8>> {
 
 /// Names in `ip netns list`.
 fn listed_namespaces() -> Result<Vec<String>> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .context("running ip netns list")?;
-    ensure!(
-        out.status.success(),
-        "ip netns list failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(netns::run("ip", &["netns", "list"])?
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_owned)

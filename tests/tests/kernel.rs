@@ -10,178 +10,30 @@
 
 use std::{
     net::SocketAddrV4,
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{PacketBuilder, TcpOptionElement};
 use lb_common::Verdict;
+use lb_tests::kernel_net::{
+    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, LB_FRONT, TestNet, VIP,
+    VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS, WEB_UNRESOLVED, WEBS,
+};
 use lb_userspace::{
     config::{
         Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service,
         XdpMode,
     },
     dataplane::Dataplane,
+    harness::{
+        netns,
+        xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    },
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const LB_FRONT: [u8; 4] = [198, 18, 0, 1];
-const VIP: [u8; 4] = [198, 18, 0, 10];
-const VIP_DSR: [u8; 4] = [198, 18, 0, 20];
-const VIP_UNRESOLVED: [u8; 4] = [198, 18, 0, 30];
-const VIP_UNRESOLVED_DSR: [u8; 4] = [198, 18, 0, 31];
-const WEBS: [[u8; 4]; 3] = [[198, 19, 0, 11], [198, 19, 0, 12], [198, 19, 0, 13]];
 /// Ports the NAT services' backends listen on (the VIP's are 80 and 5353).
 const WEB_PORT: u16 = 8080;
 const WEB_UDP_PORT: u16 = 5300;
-/// A service whose backend sits on the front network (next hop = ingress).
-const VIP_HAIRPIN: [u8; 4] = [198, 18, 0, 40];
-const HAIRPIN_BACKEND: [u8; 4] = [198, 18, 0, 50];
-const HAIRPIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
-/// A backend with a route but no neighbour entry.
-const WEB_UNRESOLVED: [u8; 4] = [198, 19, 0, 14];
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
-const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x01];
-const WEB_MACS: [[u8; 6]; 3] = [
-    [0x02, 0, 0, 0, 1, 0x11],
-    [0x02, 0, 0, 0, 1, 0x12],
-    [0x02, 0, 0, 0, 1, 0x13],
-];
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ip_text(a: [u8; 4]) -> String {
-    std::net::Ipv4Addr::from(a).to_string()
-}
-
-/// A namespace with a front (f0) and back (b0) interface, routes, static
-/// neighbours for the client and web1..3, and forwarding on. Deleted on drop.
-struct TestNet {
-    name: String,
-}
-
-impl TestNet {
-    fn new() -> Self {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "the kernel tier needs root (BPF_PROG_TEST_RUN, network namespaces): run `cargo xtask test` as root"
-        );
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "lbk{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        let net = TestNet { name };
-        let n = net.name.as_str();
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        for (dev, peer, mac, addr) in [
-            ("f0", "f1", FRONT_MAC, "198.18.0.1/24"),
-            ("b0", "b1", BACK_MAC, "198.19.0.1/24"),
-        ] {
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "link",
-                "add",
-                dev,
-                "address",
-                &mac_text(mac),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-            ]);
-            sh(&["ip", "-n", n, "addr", "add", addr, "dev", dev]);
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-            sh(&["ip", "-n", n, "link", "set", peer, "up"]);
-        }
-        for (ip, mac) in [(CLIENT, CLIENT_MAC), (HAIRPIN_BACKEND, HAIRPIN_MAC)] {
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "neigh",
-                "replace",
-                &ip_text(ip),
-                "lladdr",
-                &mac_text(mac),
-                "dev",
-                "f0",
-                "nud",
-                "permanent",
-            ]);
-        }
-        for (ip, mac) in WEBS.iter().zip(WEB_MACS) {
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "neigh",
-                "replace",
-                &ip_text(*ip),
-                "lladdr",
-                &mac_text(mac),
-                "dev",
-                "b0",
-                "nud",
-                "permanent",
-            ]);
-        }
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        net
-    }
-
-    /// Runs `f` on a thread that has joined this namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        lb_userspace::lab::in_netns(&self.name, f).expect("joining the test namespace")
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
 
 fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
     Backend {
@@ -286,25 +138,9 @@ fn lab_config() -> Config {
 /// BPF_PROG_TEST_RUN of `lb` on `frame` as received on `ifindex`:
 /// the action and the frame as the program left it.
 fn test_run(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let mut out = vec![0u8; frame.len() + 64];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&md),
-        ..Default::default()
-    };
-    let result = dp
-        .program()
-        .expect("program")
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    let prog = dp.program().expect("program");
+    let result = xdp::test_run(prog, ifindex, frame, 0, true).expect("BPF_PROG_TEST_RUN");
+    (result.action, result.frame.unwrap_or_default())
 }
 
 /// A loaded, configured data plane plus the interface indexes of the netns.
@@ -320,10 +156,8 @@ impl Harness {
             .expect("load the lb object (built by cargo xtask build)");
         dp.apply(cfg).expect("apply config");
         let index = |name: &str| {
-            let c = std::ffi::CString::new(name).expect("ifname");
-            let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            assert_ne!(i, 0, "no interface {name} in the test namespace");
-            i
+            xdp::ifindex(name)
+                .unwrap_or_else(|e| panic!("no interface {name} in the test namespace: {e:#}"))
         };
         Harness {
             dp,
@@ -367,6 +201,53 @@ impl Harness {
             .collect();
         assert_eq!(changed, vec![reason], "verdict counters: {what}");
         out
+    }
+}
+
+/// What a fixture expects of the frame the program leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    /// Exactly the input frame (every passed frame: the kernel gets it as sent).
+    Untouched,
+    /// Not looked at (a dropped frame goes nowhere).
+    Dropped,
+}
+
+/// One frame and what `lb` must do with it (Katran's fixtures style): the
+/// malformed-frame and not-for-a-service tests are tables of these.
+struct Fixture {
+    description: &'static str,
+    frame: Vec<u8>,
+    action: u32,
+    verdict: Verdict,
+    output: Output,
+}
+
+impl Fixture {
+    fn new(description: &'static str, frame: Vec<u8>, action: u32, verdict: Verdict) -> Fixture {
+        let output = if action == XDP_PASS {
+            Output::Untouched
+        } else {
+            Output::Dropped
+        };
+        Fixture {
+            description,
+            frame,
+            action,
+            verdict,
+            output,
+        }
+    }
+}
+
+/// Runs every fixture on the front interface: the action, exactly its
+/// verdict counted, and the output it expects.
+fn run_fixtures(h: &mut Harness, fixtures: &[Fixture]) {
+    for f in fixtures {
+        let out = h.expect_case(f.description, h.front, &f.frame, f.action, f.verdict);
+        if f.output == Output::Untouched {
+            assert_eq!(out, f.frame, "{}: frame must be untouched", f.description);
+        }
     }
 }
 
@@ -665,8 +546,10 @@ fn non_service_traffic_is_passed_untouched() {
     let net = TestNet::new();
     net.run(|| {
         let mut h = Harness::new(&lab_config());
-        let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
-            (
+        let pass =
+            |description, frame, verdict| Fixture::new(description, frame, XDP_PASS, verdict);
+        let fixtures = [
+            pass(
                 "ssh to the LB itself",
                 Tcp {
                     dport: 22,
@@ -675,7 +558,7 @@ fn non_service_traffic_is_passed_untouched() {
                 .build(),
                 Verdict::PassNotOurs,
             ),
-            (
+            pass(
                 "VIP, port without a service",
                 Tcp {
                     dport: 22,
@@ -684,23 +567,23 @@ fn non_service_traffic_is_passed_untouched() {
                 .build(),
                 Verdict::PassNoService,
             ),
-            (
+            pass(
                 "UDP to the VIP's TCP port",
                 udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43002, 80, b"x"),
                 Verdict::PassNoService,
             ),
-            ("ARP", arp_request(), Verdict::PassNotOurs),
-            (
+            pass("ARP", arp_request(), Verdict::PassNotOurs),
+            pass(
                 "ICMP echo to the VIP",
                 icmp_echo(VIP),
                 Verdict::PassOtherProtocol,
             ),
-            (
+            pass(
                 "ICMP echo to the LB",
                 icmp_echo(LB_FRONT),
                 Verdict::PassNotOurs,
             ),
-            (
+            pass(
                 "TTL 1 to a NAT service",
                 Tcp {
                     ttl: 1,
@@ -710,10 +593,7 @@ fn non_service_traffic_is_passed_untouched() {
                 Verdict::PassKernelForward,
             ),
         ];
-        for (what, frame, reason) in cases {
-            let out = h.expect_case(what, h.front, &frame, XDP_PASS, reason);
-            assert_eq!(out, frame, "{what}: frame must be untouched");
-        }
+        run_fixtures(&mut h, &fixtures);
     });
 }
 
@@ -776,15 +656,9 @@ fn malformed_frames_get_their_documented_verdict() {
         let mut h = Harness::new(&lab_config());
         let syn = Tcp::request(45000, VIP).build();
 
-        let mut cases: Vec<(&str, Vec<u8>, u32, Verdict)> = Vec::new();
         // (Frames shorter than an Ethernet header cannot be fed in: the
         // kernel's BPF_PROG_TEST_RUN rejects them with EINVAL.)
-        cases.push((
-            "truncated IPv4 header",
-            syn[..30].to_vec(),
-            XDP_PASS,
-            Verdict::PassTruncated,
-        ));
+        let truncated = syn[..30].to_vec();
 
         let mut options = syn[..34].to_vec();
         options[14] = 0x46; // IHL 6: one word of options
@@ -793,62 +667,65 @@ fn malformed_frames_get_their_documented_verdict() {
         let tot = (options.len() - 14) as u16;
         options[16..18].copy_from_slice(&tot.to_be_bytes());
         fix_ip_checksum(&mut options);
-        cases.push(("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions));
 
         let mut first_fragment = syn.clone();
         first_fragment[20] |= 0x20; // MF
         fix_ip_checksum(&mut first_fragment);
-        cases.push((
-            "first fragment (MF)",
-            first_fragment,
-            XDP_DROP,
-            Verdict::DropFragment,
-        ));
 
         let mut later_fragment = syn.clone();
         later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
         fix_ip_checksum(&mut later_fragment);
-        cases.push((
-            "non-first fragment",
-            later_fragment,
-            XDP_DROP,
-            Verdict::DropFragment,
-        ));
 
         let mut short_ihl = syn.clone();
         short_ihl[14] = 0x44;
-        cases.push(("IHL below 5", short_ihl, XDP_DROP, Verdict::DropMalformed));
 
         let mut long_total = syn.clone();
         long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
         fix_ip_checksum(&mut long_total);
-        cases.push((
-            "total length beyond the frame",
-            long_total,
-            XDP_DROP,
-            Verdict::DropMalformed,
-        ));
 
         let mut cut_tcp = syn[..14 + 20 + 10].to_vec();
         cut_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
         fix_ip_checksum(&mut cut_tcp);
-        cases.push((
-            "TCP header cut short",
-            cut_tcp,
-            XDP_DROP,
-            Verdict::DropTruncatedL4,
-        ));
 
         let mut not_ipv4 = syn.clone();
         not_ipv4[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-        cases.push(("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs));
 
-        for (what, frame, action, reason) in cases {
-            let out = h.expect_case(what, h.front, &frame, action, reason);
-            if action == XDP_PASS {
-                assert_eq!(out, frame, "{what}: passed frames are untouched");
-            }
-        }
+        let fixtures = [
+            Fixture::new(
+                "truncated IPv4 header",
+                truncated,
+                XDP_PASS,
+                Verdict::PassTruncated,
+            ),
+            Fixture::new("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions),
+            Fixture::new(
+                "first fragment (MF)",
+                first_fragment,
+                XDP_DROP,
+                Verdict::DropFragment,
+            ),
+            Fixture::new(
+                "non-first fragment",
+                later_fragment,
+                XDP_DROP,
+                Verdict::DropFragment,
+            ),
+            Fixture::new("IHL below 5", short_ihl, XDP_DROP, Verdict::DropMalformed),
+            Fixture::new(
+                "total length beyond the frame",
+                long_total,
+                XDP_DROP,
+                Verdict::DropMalformed,
+            ),
+            Fixture::new(
+                "TCP header cut short",
+                cut_tcp,
+                XDP_DROP,
+                Verdict::DropTruncatedL4,
+            ),
+            Fixture::new("IPv6 EtherType", not_ipv4, XDP_PASS, Verdict::PassNotOurs),
+        ];
+        run_fixtures(&mut h, &fixtures);
         // None of them created a flow: the next SYN still goes to web1.
         let (_, out) = h.run(h.front, &Tcp::request(45999, VIP).build());
         assert_eq!(web_of(&out), 0);
@@ -932,16 +809,30 @@ impl Bpffs {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        sh(&["mount", "-t", "bpf", "bpf", dir.to_str().expect("utf8")]);
+        netns::run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf8")])
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Bpffs { dir }
     }
 }
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = netns::run("umount", &[self.dir.to_str().unwrap_or_default()]);
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// A fresh data plane pinned under `pins` with `conntrack` flow entries, the
+/// lab config applied, and one flow from client port `sport` (to web1, the
+/// first in the ring). Runs inside the test namespace.
+fn first_pinned_flow(pins: &std::path::Path, conntrack: u32, sport: u16) -> Dataplane {
+    let front = xdp::ifindex("f0").expect("f0");
+    let (mut first, adopted) = Dataplane::load_pinned(conntrack, pins).expect("load pinned");
+    assert!(!adopted);
+    first.apply(&lab_config()).expect("apply");
+    let (_, out) = test_run(&mut first, front, &Tcp::request(sport, VIP).build());
+    assert_eq!(web_of(&out), 0);
+    first
 }
 
 #[test]
@@ -951,19 +842,9 @@ fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
     let pins = fs.dir.join("lb");
     net.run(|| {
         let cfg = lab_config();
-        let index = |name: &str| unsafe {
-            libc::if_nametoindex(std::ffi::CString::new(name).expect("ifname").as_ptr())
-        };
-        let front = index("f0");
+        let front = xdp::ifindex("f0").expect("f0");
         let run = |dp: &mut Dataplane, frame: &[u8]| test_run(dp, front, frame).1;
-        let (mut first, adopted) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
-        assert!(!adopted);
-        first.apply(&cfg).expect("apply");
-        assert_eq!(
-            web_of(&run(&mut first, &Tcp::request(48000, VIP).build())),
-            0
-        );
-        drop(first);
+        drop(first_pinned_flow(&pins, 65536, 48000));
 
         // A new agent: same pins, so the flow table, ring position and ids survive.
         let (mut second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
@@ -1246,16 +1127,8 @@ fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
     let pins = fs.dir.join("lb");
     net.run(|| {
         let cfg = lab_config();
-        let front = {
-            let c = std::ffi::CString::new("f0").expect("ifname");
-            unsafe { libc::if_nametoindex(c.as_ptr()) }
-        };
-        let (mut first, adopted) = Dataplane::load_pinned(1024, &pins).expect("load pinned");
-        assert!(!adopted);
-        first.apply(&cfg).expect("apply");
-        let (_, out) = test_run(&mut first, front, &Tcp::request(51000, VIP).build());
-        assert_eq!(web_of(&out), 0);
-        drop(first);
+        let front = xdp::ifindex("f0").expect("f0");
+        drop(first_pinned_flow(&pins, 1024, 51000));
         let pinned_files = || {
             let mut names: Vec<String> = std::fs::read_dir(&pins)
                 .expect("pin dir")
@@ -1481,21 +1354,10 @@ fn replacing_every_backend_at_the_limit_and_rejected_applies_change_nothing() {
 
 /// BPF_PROG_TEST_RUN of `lb` on `frame`, `repeat` times in one call.
 fn test_run_repeat(dp: &mut Dataplane, ifindex: u32, frame: &[u8], repeat: u32) -> u32 {
-    let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        ctx_in: Some(&md),
-        repeat,
-        ..Default::default()
-    };
-    dp.program()
-        .expect("program")
-        .test_run(opts)
+    let prog = dp.program().expect("program");
+    xdp::test_run(prog, ifindex, frame, repeat, false)
         .expect("BPF_PROG_TEST_RUN")
-        .return_value
+        .action
 }
 
 /// A fragment of a SYN to the www VIP (MF set): dropped, ports readable.
@@ -1685,22 +1547,11 @@ fn a_pinned_data_plane_without_the_trace_maps_gets_them_when_adopted() {
 
 /// ns/packet of one BPF_PROG_TEST_RUN call of `repeat` runs of `frame`.
 fn ns_per_packet(dp: &mut Dataplane, ifindex: u32, frame: &[u8], repeat: u32) -> f64 {
-    let md: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        ctx_in: Some(&md),
-        repeat,
-        ..Default::default()
-    };
-    let r = dp
-        .program()
-        .expect("program")
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN");
-    r.duration.as_nanos() as f64
+    let prog = dp.program().expect("program");
+    xdp::test_run(prog, ifindex, frame, repeat, false)
+        .expect("BPF_PROG_TEST_RUN")
+        .duration
+        .as_nanos() as f64
 }
 
 /// The cost of drop tracing, off and on, against the object without it

@@ -1,5 +1,5 @@
 //! Smoke test of `lb pktgen` through the real data plane, on the benchmark's
-//! own topology (`lb_userspace::bench::BenchNet`): the XDP generator
+//! own topology (`lb_userspace::harness::bench::BenchNet`): the XDP generator
 //! transmits on `gen0`; its veth peer `lbin` runs `lb` (NAT, one UDP service,
 //! three backends); `lb` forwards out of `lbout`, whose peer `sink0` runs the
 //! counting `sink`. Everything lives in one throwaway namespace
@@ -12,13 +12,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{maps::PerCpuArray, programs::XdpMode as AyaXdpMode};
-use lb_common::{Counters, Verdict};
+use aya::programs::XdpMode as AyaXdpMode;
+use lb_common::Verdict;
 use lb_userspace::{
-    bench::{self, BenchNet},
     config::{Forwarding, XdpMode},
     dataplane::Dataplane,
-    pktgen::{self, Limit, Spec},
+    harness::{
+        bench::{self, BenchNet},
+        pktgen::{self, Limit, Spec},
+        xdp,
+    },
 };
 
 const FRAMES: u64 = 5000;
@@ -26,13 +29,7 @@ const FLOWS: u32 = 16;
 const BACKENDS: usize = 3;
 
 fn sink_packets(dp: &mut Dataplane) -> u64 {
-    let map = dp.ebpf().map("SINK_STATS").expect("SINK_STATS map");
-    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).expect("SINK_STATS");
-    map.get(&0, 0)
-        .expect("read SINK_STATS")
-        .iter()
-        .map(|c| c.packets)
-        .sum()
+    bench::sink_packets(dp.ebpf()).expect("read SINK_STATS")
 }
 
 fn forwarded(dp: &Dataplane) -> u64 {
@@ -67,7 +64,7 @@ fn veth_stats() -> String {
 #[test]
 fn pktgen_through_lb_reaches_the_sink() {
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        rustix::process::geteuid().is_root(),
         "the pktgen smoke test needs root (BPF_PROG_RUN, XDP, network namespaces): run `cargo xtask test` as root"
     );
     // Two queues per veth give each sending CPU its own ring.
@@ -82,15 +79,15 @@ fn pktgen_through_lb_reaches_the_sink() {
         dp.apply(&cfg).expect("apply config");
         dp.attach("lbin", XdpMode::Native)
             .expect("attach lb to lbin");
-        let _sink_link = pktgen::xdp_program(dp.ebpf(), "sink")
+        let _sink_link = xdp::xdp_program(dp.ebpf(), "sink")
             .expect("sink program")
             .attach("sink0", AyaXdpMode::Driver)
             .expect("attach sink to sink0");
         let before = forwarded(&dp);
         assert_eq!(sink_packets(&mut dp), 0);
-        assert_eq!(pktgen::if_mac("gen0").expect("gen0 mac"), bench::GEN_MAC);
+        assert_eq!(xdp::if_mac("gen0").expect("gen0 mac"), bench::GEN_MAC);
 
-        let gen0 = pktgen::ifindex("gen0").expect("gen0");
+        let gen0 = xdp::ifindex("gen0").expect("gen0");
         let spec = Spec {
             limit: Limit::Count(FRAMES),
             // Paced, so a busy machine cannot overflow a veth ring (256 frames).

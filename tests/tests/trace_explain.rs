@@ -15,7 +15,11 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{ask, lb_bin, three_webs, unique_prefix};
-use lb_userspace::{control::Request, lab::Lab, trace::Tracer};
+use lb_userspace::{
+    control::Request,
+    harness::{lab::Lab, netns::in_netns},
+    trace::Tracer,
+};
 
 fn lab() -> Result<Lab> {
     Lab::up(&unique_prefix("lbx"), &lb_bin())
@@ -110,7 +114,7 @@ fn lb_trace_shows_the_clients_packets_that_are_not_forwarded() -> Result<()> {
         &lab.client_ns(),
         &["ping", "-c", "1", "-W", "2", "198.18.0.10"],
     )?;
-    let sport = lb_userspace::lab::in_netns(&lab.client_ns(), || -> Result<u16> {
+    let sport = in_netns(&lab.client_ns(), || -> Result<u16> {
         let socket = UdpSocket::bind("198.18.0.2:0")?;
         socket.send_to(b"anyone?", "198.18.0.10:9")?;
         Ok(socket.local_addr()?.port())
@@ -262,7 +266,7 @@ fn lb_explain_predicts_the_backend_and_then_names_the_pin() -> Result<()> {
         .context("a round robin line")?;
     let predicted = named_after(schedule, " → ")?;
 
-    let answered = lb_userspace::lab::in_netns(&lab.client_ns(), || -> Result<String> {
+    let answered = in_netns(&lab.client_ns(), || -> Result<String> {
         let mut conn = connect_from(port, "198.18.0.10:80".parse()?)?;
         let first = who_answers(&mut conn)?;
         // Keep the flow open while the agent explains it again.

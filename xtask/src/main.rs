@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             // The report names the command the user ran, not the binary
-            // built here (lb's bench.rs reads LB_BENCH_COMMAND).
+            // built here (lb's harness/bench reads LB_BENCH_COMMAND).
             let mut typed = String::from("cargo xtask bench");
             for a in &args {
                 typed.push(' ');

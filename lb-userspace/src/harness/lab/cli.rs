@@ -14,9 +14,12 @@ use signal_hook::{
 
 use super::{
     CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, UDP_PORT, VIP, WEB_NAMES,
-    down, http_get, in_netns, lab_config, netns, vip_http, web_addr,
+    down, http_get, lab_config, vip_http, web_addr,
 };
-use crate::config::Forwarding;
+use crate::{
+    config::Forwarding,
+    harness::netns::{self, in_netns},
+};
 
 /// `lb lab ...`
 #[derive(Debug, Clone, clap::Subcommand)]

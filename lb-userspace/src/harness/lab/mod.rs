@@ -17,8 +17,8 @@
 
 mod cli;
 mod client;
-mod netns;
 mod serve;
+mod teardown;
 
 use std::{
     fmt::Write as _,
@@ -32,14 +32,17 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use rustix::process::Signal;
 
-use crate::config::Forwarding;
-use netns::SpawnGated as _;
+use crate::{
+    config::Forwarding,
+    harness::netns::{self, SpawnGated as _, VethEnd, in_netns},
+};
 
 pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
-pub use netns::{down, in_netns, lab_serve_pids, pin_dir};
 pub use serve::{ServeArgs, bulk_byte, serve};
+pub use teardown::{down, lab_serve_pids, pin_dir};
 
 /// The virtual service address, on the LB's `lo` (and every web's `lo`).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -143,7 +146,7 @@ impl Lab {
     }
 
     fn create(prefix: &str, lb_bin: &Path, detached: bool) -> anyhow::Result<Lab> {
-        netns::validate_prefix(prefix)?;
+        teardown::validate_prefix(prefix)?;
         netns::require_tool(
             "ethtool",
             "apt-get install ethtool (cargo xtask setup installs it)",
@@ -195,7 +198,7 @@ impl Lab {
 
     /// Every namespace of the lab.
     pub fn namespaces(&self) -> Vec<String> {
-        netns::namespace_names(&self.prefix)
+        teardown::namespace_names(&self.prefix)
     }
 
     /// `/run/lb-lab/{prefix}`: configs and logs.
@@ -340,16 +343,17 @@ impl Lab {
     fn build_topology(&self) -> anyhow::Result<()> {
         let p = &self.prefix;
         for ns in self.namespaces() {
-            netns::run_gated("ip", &["netns", "add", &ns])
-                .with_context(|| format!("creating namespace {ns}"))?;
-            netns::ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+            netns::add_namespace(&ns)?;
         }
         let sw = self.sw_ns();
         netns::ns_run(&sw, &["ip", "link", "add", "br0", "type", "bridge"])?;
         netns::ns_run(&sw, &["ip", "link", "set", "br0", "up"])?;
 
         // Front link: client eth0 <-> lb lb-front.
-        netns::add_veth(&self.client_ns(), "eth0", &self.lb_ns(), "lb-front")?;
+        netns::add_veth(
+            &VethEnd::new(&self.client_ns(), "eth0"),
+            &VethEnd::new(&self.lb_ns(), "lb-front"),
+        )?;
         // Back network: every leg is a veth whose switch end joins br0.
         let mut back_legs = vec![
             (self.lb_ns(), "lb-back".to_owned(), "p-lb".to_owned()),
@@ -359,7 +363,7 @@ impl Lab {
             back_legs.push((self.web_ns(n), "eth0".to_owned(), format!("p-web{n}")));
         }
         for (ns, dev, port) in &back_legs {
-            netns::add_veth(ns, dev, &sw, port)?;
+            netns::add_veth(&VethEnd::new(ns, dev), &VethEnd::new(&sw, port))?;
             netns::ns_run(&sw, &["ip", "link", "set", port, "master", "br0", "up"])
                 .with_context(|| format!("enslaving {port} to br0 in {sw}"))?;
         }
@@ -372,7 +376,7 @@ impl Lab {
         for (ns, dev) in self.veth_ends() {
             netns::tune_veth(&ns, &dev)?;
         }
-        log::debug!("lab {p}: topology built");
+        tracing::debug!("lab {p}: topology built");
         Ok(())
     }
 
@@ -487,7 +491,7 @@ impl Lab {
             .lines()
             .filter_map(|l| l.trim().parse::<u32>().ok())
         {
-            netns::signal(pid, libc::SIGKILL);
+            netns::signal(pid, Signal::KILL);
         }
         let addr = SocketAddr::V4(SocketAddrV4::new(web_addr(n), HTTP_PORT));
         let deadline = Instant::now() + SERVER_READY_TIMEOUT;
@@ -631,7 +635,7 @@ impl Drop for Lab {
             return;
         }
         if let Err(e) = down(&self.prefix) {
-            log::error!("tearing down lab {}: {e:#}", self.prefix);
+            tracing::error!("tearing down lab {}: {e:#}", self.prefix);
         }
         for child in &mut self.children {
             // Killed by `down` already; kill() only covers a server that was
@@ -692,7 +696,7 @@ impl AgentProcess {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped");
         };
-        netns::signal(child.id(), libc::SIGKILL);
+        netns::signal(child.id(), Signal::KILL);
         child.wait().context("reaping the killed agent")?;
         Ok(())
     }
@@ -712,7 +716,7 @@ impl AgentProcess {
         let Some(mut child) = self.child.take() else {
             return StopOutcome::AlreadyStopped;
         };
-        netns::signal(child.id(), libc::SIGTERM);
+        netns::signal(child.id(), Signal::TERM);
         let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
         loop {
             match child.try_wait() {
@@ -733,7 +737,7 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         if let StopOutcome::Killed | StopOutcome::WaitFailed(_) = self.terminate() {
-            log::warn!(
+            tracing::warn!(
                 "agent needed SIGKILL; its stderr is in {}",
                 self.log.display()
             );

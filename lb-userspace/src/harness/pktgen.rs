@@ -4,8 +4,9 @@
 //! address/port from a per-CPU sequence) and redirects it out of `--dev`.
 //!
 //! The frame builder and the flow → (address, port) mapping are pure
-//! functions, unit-tested on the host; the mapping mirrors `set_flow` in
-//! lb-ebpf/src/bench.rs.
+//! functions, unit-tested on the host; the mapping is
+//! `lb_common::PktgenConf::flow_source`, the one `set_flow` in
+//! lb-ebpf/src/bench.rs calls.
 //!
 //! Frame reuse: live-frames mode initialises a page with the template only
 //! when the page is fresh; a page the receiving side modified in place (the
@@ -31,12 +32,14 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
+use lb_common::checksum;
+use rustix::thread::{CpuSet, sched_setaffinity};
 
-use crate::object::ebpf_object;
+use super::xdp::{if_mac, ifindex, load_object, parse_mac, xdp_md, xdp_program};
 
 /// The generator program's name in the object.
 pub const PROGRAM: &str = "pktgen";
@@ -169,20 +172,6 @@ impl Summary {
     }
 }
 
-/// Ones-complement sum of big-endian 16-bit words (odd tail padded).
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Builds the Ethernet + IPv4 + UDP/TCP-SYN frame of `spec.size` bytes; the
 /// payload is zeros. IPv4 and TCP checksums are valid; the UDP checksum is 0.
 pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
@@ -211,8 +200,8 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     };
     ip[12..16].copy_from_slice(&spec.src.ip().octets());
     ip[16..20].copy_from_slice(&spec.dst.ip().octets());
-    let check = fold(sum16(ip));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let check = checksum::compute(ip, 0);
+    ip[10..12].copy_from_slice(&check.to_ne_bytes());
 
     let l4_total = spec.size - ETH_LEN - IP_LEN;
     let l4 = &mut f[ETH_LEN + IP_LEN..];
@@ -230,8 +219,9 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
             pseudo[4..8].copy_from_slice(&spec.dst.ip().octets());
             pseudo[9] = 6;
             pseudo[10..12].copy_from_slice(&(l4_total as u16).to_be_bytes());
-            let check = fold(sum16(&pseudo) + sum16(l4));
-            l4[16..18].copy_from_slice(&check.to_be_bytes());
+            let covered = [&pseudo[..], l4].concat();
+            let check = checksum::compute(&covered, 0);
+            l4[16..18].copy_from_slice(&check.to_ne_bytes());
         }
     }
     Ok(f)
@@ -265,126 +255,16 @@ pub fn flow_conf(
 
 /// Source address and port of frame `n` (what `set_flow` writes).
 pub fn flow_endpoint(conf: &PktgenConf, n: u32) -> (Ipv4Addr, u16) {
-    let span = if conf.sport_span == 0 {
-        1
-    } else {
-        u32::from(conf.sport_span)
-    };
-    let flow = if conf.flows == 0 { 0 } else { n % conf.flows };
-    let addr = conf.saddr_base.wrapping_add(flow / span);
-    let port = (u32::from(conf.sport_base) + flow % span) as u16;
+    let (addr, port) = conf.flow_source(n);
     (Ipv4Addr::from(addr), port)
 }
 
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("{s:?}: expected six hex bytes separated by ':'"));
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|e| format!("{s:?}: {e}"))?;
-    }
-    Ok(mac)
-}
-
-pub fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Interface index in the calling thread's network namespace.
-pub fn ifindex(dev: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(dev).context("interface name")?;
-    // SAFETY: valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(
-        i != 0,
-        "no interface {dev}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(i)
-}
-
-/// MAC address of an interface in the calling thread's network namespace
-/// (SIOCGIFHWADDR; /sys would show the namespace /sys was mounted in).
-pub fn if_mac(dev: &str) -> anyhow::Result<[u8; 6]> {
-    ensure!(dev.len() < libc::IFNAMSIZ, "interface name {dev} too long");
-    // SAFETY: plain socket call; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh, valid descriptor.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: req is a valid ifreq with a NUL-terminated name.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::SIOCGIFHWADDR,
-            &mut req,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "SIOCGIFHWADDR {dev}: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the kernel filled ifru_hwaddr.
-    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (m, d) in mac.iter_mut().zip(data) {
-        *m = d as u8;
-    }
-    Ok(mac)
-}
-
-/// Loads the object (with every program, none loaded into the kernel yet).
-pub fn load_object() -> anyhow::Result<Ebpf> {
-    EbpfLoader::new()
-        .load(ebpf_object()?)
-        .context("loading the eBPF object")
-}
-
-/// A program of `ebpf` as `Xdp`, loaded into the kernel if it is not yet.
-pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {name}"))?;
-    if prog.fd().is_err() {
-        prog.load()
-            .with_context(|| format!("loading program {name}"))?;
-    }
-    Ok(prog)
-}
-
-/// The `xdp_md` context for BPF_PROG_RUN: frame of `len` bytes received on `ifindex`.
-pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
-    [0u32, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect()
-}
-
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET/sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        ensure!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0,
-            "sched_setaffinity cpu {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    sched_setaffinity(None, &set)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("sched_setaffinity cpu {cpu}"))
 }
 
 fn cpus() -> usize {
@@ -693,12 +573,5 @@ mod tests {
         assert_eq!(flow_endpoint(&c, 536), (Ipv4Addr::new(10, 0, 0, 2), 65000));
         assert!(flow_conf(1, base, 1024, 0).is_err());
         assert!(flow_conf(1, Ipv4Addr::new(255, 255, 255, 255), 1024, 70_000).is_err());
-    }
-
-    #[test]
-    fn macs_parse() {
-        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Ok([2, 0, 0xa, 0xff, 0, 1]));
-        assert!(parse_mac("02:00:0a:ff:00").is_err());
-        assert_eq!(mac_text([2, 0, 0xa, 0xff, 0, 1]), "02:00:0a:ff:00:01");
     }
 }

@@ -1,5 +1,5 @@
 //! Minimal HTTP/1.1 and UDP clients for the demo and the tests. They use the
-//! calling thread's namespace: call them inside [`super::in_netns`].
+//! calling thread's namespace: call them inside [`crate::harness::netns::in_netns`].
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

@@ -1,0 +1,435 @@
+//! The measurements: forwarding rate at the sink (the ceiling, then `lb` in
+//! both modes over the backend and flow sweeps), ns/packet under
+//! BPF_PROG_TEST_RUN, the steady loads `--profile-lb` runs, and the typed
+//! rows they produce.
+
+use std::{fmt, net::SocketAddrV4, time::Duration};
+
+use anyhow::{Context, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, PerCpuArray},
+    programs::XdpMode as AyaXdpMode,
+};
+use lb_common::{Counters, FwdConf};
+
+use super::net::{
+    CLIENT, CONNTRACK, LBOUT_MAC, SINK_MAC, frame_from, generator_spec, lb_config, new_flow_frames,
+};
+use crate::{
+    config::Forwarding,
+    dataplane::Dataplane,
+    harness::{
+        pktgen::{self, Spec},
+        xdp::{self, XDP_PASS, XDP_REDIRECT},
+    },
+};
+
+/// Median, min and max.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Stat {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Stat {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+            };
+        }
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+
+    pub(super) fn text(&self, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = digits
+        )
+    }
+}
+
+/// Frames the `sink` program counted so far.
+pub fn sink_packets(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    let map = ebpf.map("SINK_STATS").context("map SINK_STATS missing")?;
+    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(map)?;
+    Ok(map.get(&0, 0)?.iter().map(|c| c.packets).sum())
+}
+
+/// One forwarding measurement: (offered Mpps, Mpps counted at the sink).
+fn forward_once(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<(f64, f64)> {
+    let before = sink_packets(ebpf)?;
+    let s = pktgen::generate(ebpf, spec)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let after = sink_packets(ebpf)?;
+    let secs = s.elapsed.as_secs_f64();
+    Ok((s.mpps(), (after - before) as f64 / secs / 1e6))
+}
+
+/// The middle hop of a forwarding measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Hop {
+    /// `bare_fwd`: MAC rewrite and redirect, the ceiling.
+    Ceiling,
+    Lb(Forwarding),
+}
+
+/// `Nat` / `Dsr`, as the report names the modes.
+pub(super) fn mode_name(mode: Forwarding) -> &'static str {
+    match mode {
+        Forwarding::Nat => "Nat",
+        Forwarding::Dsr => "Dsr",
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hop::Ceiling => f.write_str("bare_fwd (ceiling)"),
+            Hop::Lb(mode) => write!(f, "lb {}", mode_name(*mode)),
+        }
+    }
+}
+
+/// One forwarding configuration's rates.
+#[derive(Debug)]
+pub(super) struct FwdRow {
+    pub(super) hop: Hop,
+    pub(super) flows: u32,
+    pub(super) backends: usize,
+    pub(super) offered: Stat,
+    pub(super) delivered: Stat,
+}
+
+fn forward(ebpf: &mut Ebpf, spec: &Spec, reps: usize) -> anyhow::Result<(Stat, Stat)> {
+    // Warm-up: one pass over every flow first, so the measured runs see a
+    // full connection table (established flows), not its filling.
+    if spec.flows > 1 {
+        let warm = Spec {
+            limit: pktgen::Limit::Count(u64::from(spec.flows) * 2),
+            rate: None,
+            ..spec.clone()
+        };
+        pktgen::generate(ebpf, &warm)?;
+    }
+    let mut offered = Vec::new();
+    let mut delivered = Vec::new();
+    for _ in 0..reps {
+        let (o, d) = forward_once(ebpf, spec)?;
+        offered.push(o);
+        delivered.push(d);
+    }
+    Ok((Stat::of(&offered), Stat::of(&delivered)))
+}
+
+/// Whether a cost measurement's flow is in the connection table already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FlowState {
+    Established,
+    New,
+}
+
+/// The program a cost row measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NsProgram {
+    /// `xdp_pass`: the floor of BPF_PROG_TEST_RUN's cost.
+    XdpPass,
+    Lb {
+        mode: Forwarding,
+        backends: usize,
+        flow: FlowState,
+    },
+}
+
+impl fmt::Display for NsProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NsProgram::XdpPass => f.write_str("xdp_pass"),
+            NsProgram::Lb {
+                mode,
+                backends,
+                flow,
+            } => {
+                let flow = match flow {
+                    FlowState::Established => "established flow",
+                    FlowState::New => "new flow",
+                };
+                write!(f, "lb {} ({backends} backends), {flow}", mode_name(*mode))
+            }
+        }
+    }
+}
+
+/// How a cost row was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NsMethod {
+    /// One frame, the kernel repeating the run this many times.
+    Repeat(u32),
+    /// This many calls of one frame, repeat=1.
+    Calls(usize),
+    /// This many calls, each a new flow, repeat=1.
+    DistinctFlows(usize),
+}
+
+impl fmt::Display for NsMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NsMethod::Repeat(n) => write!(f, "repeat={n}"),
+            NsMethod::Calls(n) => write!(f, "{n} calls, repeat=1"),
+            NsMethod::DistinctFlows(n) => write!(f, "{n} distinct flows, repeat=1"),
+        }
+    }
+}
+
+/// One ns/packet measurement.
+#[derive(Debug)]
+pub(super) struct NsRow {
+    pub(super) program: NsProgram,
+    pub(super) method: NsMethod,
+    pub(super) ns: Stat,
+}
+
+/// Real forwarding of `flows` flows through `lb` (DSR, 100 backends) for
+/// `secs` seconds after a warm-up pass, for an external profiler.
+pub(super) fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyhow::Result<()> {
+    let mut ebpf = xdp::load_object()?;
+    let gen0 = xdp::ifindex("gen0")?;
+    let _sink = xdp::xdp_program(&mut ebpf, "sink")?
+        .attach("sink0", AyaXdpMode::Driver)
+        .context("attach sink")?;
+    let cfg = lb_config(Forwarding::Dsr, 100)?;
+    let mut dp = Dataplane::load(CONNTRACK)?;
+    dp.apply(&cfg)?;
+    dp.attach("lbin", cfg.dataplane.xdp_mode)?;
+    let (offered, delivered) = forward(&mut ebpf, &generator_spec(gen0, flows, secs, threads), 1)?;
+    eprintln!(
+        "bench: profiled forwarding of {flows} flows for {secs} s: offered {:.2} Mpps, delivered {:.2} Mpps",
+        offered.median, delivered.median
+    );
+    Ok(())
+}
+
+/// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
+/// established flow) for `secs` seconds, for an external profiler.
+pub(super) fn profile_lb(secs: f64) -> anyhow::Result<()> {
+    let lbin = xdp::ifindex("lbin")?;
+    let mut dp = Dataplane::load(CONNTRACK)?;
+    dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
+    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let prog = dp.program()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < deadline {
+        samples.push(ns_per_packet(
+            prog,
+            &est,
+            lbin,
+            1_000_000,
+            Some(XDP_REDIRECT),
+        )?);
+    }
+    eprintln!(
+        "bench: profiled lb for {secs} s: {:.1} ns/packet (median of {} runs)",
+        Stat::of(&samples).median,
+        samples.len()
+    );
+    Ok(())
+}
+
+/// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
+/// kernel reports it; every return value must be `expect` (if given).
+fn ns_per_packet(
+    prog: &aya::programs::Xdp,
+    frames: &[Vec<u8>],
+    ifindex: u32,
+    repeat: u32,
+    expect: Option<u32>,
+) -> anyhow::Result<f64> {
+    let mut total = 0f64;
+    for f in frames {
+        let r = xdp::test_run(prog, ifindex, f, repeat, false)?;
+        if let Some(e) = expect {
+            ensure!(
+                r.action == e,
+                "program returned {} instead of {e}",
+                r.action
+            );
+        }
+        total += r.duration.as_nanos() as f64;
+    }
+    Ok(total / frames.len() as f64)
+}
+
+/// The forwarding sweep: the ceiling (`bare_fwd` on the middle hop), then
+/// `lb` in both modes for every backend and flow count. Runs inside the
+/// benchmark's namespace, with `ebpf` holding the `sink` and `bare_fwd`.
+pub(super) fn forwarding_rows(
+    ebpf: &mut Ebpf,
+    flow_sweep: &[u32],
+    backend_sweep: &[usize],
+    (reps, seconds, threads): (usize, f64, usize),
+) -> anyhow::Result<Vec<FwdRow>> {
+    let ifindex = |d: &str| xdp::ifindex(d);
+    let (gen0, lbout) = (ifindex("gen0")?, ifindex("lbout")?);
+    let _sink = xdp::xdp_program(ebpf, "sink")?
+        .attach("sink0", AyaXdpMode::Driver)
+        .context("attach sink")?;
+    let spec = |flows: u32| generator_spec(gen0, flows, seconds, threads);
+    let mut rows = Vec::new();
+
+    // (a) The ceiling: bare_fwd on the middle hop.
+    {
+        let map = ebpf.map_mut("FWD_CONF").context("map FWD_CONF missing")?;
+        let mut map: Array<_, FwdConf> = Array::try_from(map)?;
+        map.set(
+            0,
+            FwdConf {
+                ifindex: lbout,
+                dmac: SINK_MAC,
+                smac: LBOUT_MAC,
+            },
+            0,
+        )?;
+    }
+    let link = xdp::xdp_program(ebpf, "bare_fwd")?
+        .attach("lbin", AyaXdpMode::Driver)
+        .context("attach bare_fwd")?;
+    eprintln!("bench: ceiling (bare_fwd)");
+    let (offered, delivered) = forward(ebpf, &spec(1), reps)?;
+    rows.push(FwdRow {
+        hop: Hop::Ceiling,
+        flows: 1,
+        backends: 0,
+        offered,
+        delivered,
+    });
+    xdp::xdp_program(ebpf, "bare_fwd")?
+        .detach(link)
+        .context("detach bare_fwd")?;
+
+    // (b) lb in both modes.
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        for &backends in backend_sweep {
+            let cfg = lb_config(mode, backends)?;
+            let mut dp = Dataplane::load(CONNTRACK)?;
+            dp.apply(&cfg)?;
+            dp.attach("lbin", cfg.dataplane.xdp_mode)?;
+            for &flows in flow_sweep {
+                eprintln!(
+                    "bench: {}, {backends} backends, {flows} flows",
+                    Hop::Lb(mode)
+                );
+                let (offered, delivered) = forward(ebpf, &spec(flows), reps)?;
+                rows.push(FwdRow {
+                    hop: Hop::Lb(mode),
+                    flows,
+                    backends,
+                    offered,
+                    delivered,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// ns/packet of `xdp_pass` and of `lb` (both modes, 100 backends) under
+/// BPF_PROG_TEST_RUN: established and new flows, repeat=1 and repeated.
+pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Result<Vec<NsRow>> {
+    // (c) ns/packet with BPF_PROG_TEST_RUN.
+    eprintln!("bench: ns/packet (BPF_PROG_TEST_RUN)");
+    let lbin = xdp::ifindex("lbin")?;
+    let mut ns_rows = Vec::new();
+    let repeat: u32 = if quick { 100_000 } else { 1_000_000 };
+    let calls = if quick { 2_000 } else { 20_000 };
+    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let est_calls: Vec<Vec<u8>> = std::iter::repeat_n(est[0].clone(), calls).collect();
+    {
+        let pass = xdp::xdp_program(ebpf, "xdp_pass")?;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            a.push(ns_per_packet(pass, &est, lbin, repeat, Some(XDP_PASS))?);
+            b.push(ns_per_packet(pass, &est_calls, lbin, 1, Some(XDP_PASS))?);
+        }
+        ns_rows.push(NsRow {
+            program: NsProgram::XdpPass,
+            method: NsMethod::Repeat(repeat),
+            ns: Stat::of(&a),
+        });
+        ns_rows.push(NsRow {
+            program: NsProgram::XdpPass,
+            method: NsMethod::Calls(calls),
+            ns: Stat::of(&b),
+        });
+    }
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let mut dp = Dataplane::load(CONNTRACK)?;
+        dp.apply(&lb_config(mode, 100)?)?;
+        let prog = dp.program()?;
+        // Establish the flow once.
+        ns_per_packet(prog, &est, lbin, 1, Some(XDP_REDIRECT))?;
+        let (mut est_ns, mut new_ns, mut rep_ns) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps {
+            est_ns.push(ns_per_packet(
+                prog,
+                &est_calls,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+            new_ns.push(ns_per_packet(
+                prog,
+                &new_flow_frames(rep as u8, calls)?,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+            if mode == Forwarding::Dsr {
+                // DSR only rewrites MACs, so a repeated frame stays the same flow.
+                rep_ns.push(ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+            }
+        }
+        let lb = |flow| NsProgram::Lb {
+            mode,
+            backends: 100,
+            flow,
+        };
+        if !rep_ns.is_empty() {
+            ns_rows.push(NsRow {
+                program: lb(FlowState::Established),
+                method: NsMethod::Repeat(repeat),
+                ns: Stat::of(&rep_ns),
+            });
+        }
+        ns_rows.push(NsRow {
+            program: lb(FlowState::Established),
+            method: NsMethod::Calls(calls),
+            ns: Stat::of(&est_ns),
+        });
+        ns_rows.push(NsRow {
+            program: lb(FlowState::New),
+            method: NsMethod::DistinctFlows(calls),
+            ns: Stat::of(&new_ns),
+        });
+    }
+    Ok(ns_rows)
+}

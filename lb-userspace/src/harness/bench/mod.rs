@@ -1,0 +1,183 @@
+//! `lb bench` (run by `cargo xtask bench`): builds its own topology in a
+//! throwaway network namespace (`lbp{pid}-bench`, deleted on drop) and
+//! measures, writing BENCHMARKS.md:
+//!
+//! - forwarding rate at the sink: generator (`pktgen`, XDP live frames) →
+//!   veth → middle hop → veth → `sink`, with the middle hop either the
+//!   `bare_fwd` ceiling or `lb` (NAT / DSR), sweeping flows and backends;
+//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`.
+//!
+//! Topology (one namespace, all veth pairs with one queue per CPU):
+//! `gen0` ↔ `lbin` (middle hop's XDP) … `lbout` ↔ `sink0` (`sink`).
+//! Backends are 198.19.x.y with static neighbour entries pointing at
+//! `sink0`'s MAC, so `lb`'s `bpf_fib_lookup` resolves them out of `lbout`.
+//!
+//! NAT rewrites frames in place and live-frames mode recycles pages without
+//! copying the original frame back; the `pktgen` program therefore restores
+//! each frame's headers from a template (`PktgenConf::template`) before
+//! giving it its flow, so NAT and DSR are measured the same way.
+//!
+//! - HTTP req/s and p50/p99 latency with wrk from the lab's client: through
+//!   the XDP LB (NAT, `lb run` in the lab), through HAProxy (mode tcp,
+//!   roundrobin, same three backends, in the LB namespace) and directly to
+//!   web1. The lab (`lbp{pid}h-*` namespaces) is torn down by its guard.
+//!
+//! Files by job: `net` (the topology, its addresses, the generator's
+//! traffic), `measure` (the forwarding and ns/packet sweeps and their typed
+//! rows), `http` (wrk and HAProxy), `report` (BENCHMARKS.md), `svg` (its
+//! chart) and `targets` (the targets judged on a run).
+
+mod http;
+mod measure;
+mod net;
+mod report;
+mod svg;
+mod targets;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail, ensure};
+
+pub use http::{parse_wrk, wrk_ms};
+pub use measure::{Stat, sink_packets};
+pub use net::{
+    BenchNet, CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, backend_addr, generator_spec, lb_config,
+};
+pub use report::{COMMAND_ENV, shown_command, utc_date};
+
+use crate::harness::xdp;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Reduced sweep (flows 1/100000, backends 2/100), shorter runs
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions per measurement (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Seconds per throughput measurement (default 2, 0.5 with --quick)
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Where to write the report (default: BENCHMARKS.md at the workspace
+    /// root when this binary is `<root>/target/<profile>/lb`, else ./BENCHMARKS.md)
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Generator threads (default: number of CPUs)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Skip the HTTP comparison (wrk: XDP LB vs HAProxy vs direct)
+    #[arg(long)]
+    pub skip_http: bool,
+    /// Only run `lb` (DSR, established flow) under BPF_PROG_TEST_RUN for
+    /// this many seconds and write nothing: a steady load to profile with
+    /// `perf record -a -e cpu-clock`
+    #[arg(long, value_name = "SECONDS")]
+    pub profile_lb: Option<f64>,
+    /// With --profile-lb: forward this many flows through lb with the
+    /// generator instead (real XDP path, after a warm-up pass)
+    #[arg(long, value_name = "FLOWS")]
+    pub profile_flows: Option<u32>,
+}
+
+/// `lb bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    ensure!(
+        rustix::process::geteuid().is_root(),
+        "lb bench needs root (XDP, BPF_PROG_RUN, network namespaces)"
+    );
+    ensure!(args.reps >= 1, "--reps must be at least 1");
+    let seconds = args.seconds.unwrap_or(if args.quick { 0.5 } else { 2.0 });
+    ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be positive"
+    );
+    let (flow_sweep, backend_sweep): (&[u32], &[usize]) = if args.quick {
+        (&[1, 100_000], &[2, 100])
+    } else {
+        (&[1, 1000, 100_000, 1_000_000], &[2, 100, 1000])
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = args.threads.unwrap_or(cpus);
+    let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
+    let started = std::time::Instant::now();
+    net::cleanup_on_signal()?;
+    let net = BenchNet::new(&net::bench_netns(), max_backends, cpus)?;
+    if let Some(secs) = args.profile_lb {
+        return match args.profile_flows {
+            Some(flows) => net.run(|| measure::profile_forwarding(secs, flows, threads)),
+            None => net.run(|| measure::profile_lb(secs)),
+        };
+    }
+    let reps = args.reps;
+    let (fwd, ns) = net.run(|| {
+        let mut ebpf = xdp::load_object()?;
+        let fwd = measure::forwarding_rows(
+            &mut ebpf,
+            flow_sweep,
+            backend_sweep,
+            (reps, seconds, threads),
+        )?;
+        let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
+        Ok((fwd, ns))
+    })?;
+    drop(net);
+    let http = if args.skip_http {
+        Err("skipped (--skip-http)".to_string())
+    } else {
+        let secs = if args.quick { 2 } else { 5 };
+        eprintln!("bench: HTTP (wrk, {secs} s per run)");
+        http::http_bench(reps, secs).map_err(|e| format!("failed: {e:#}"))
+    };
+    if let Err(e) = &http {
+        eprintln!("bench: HTTP comparison {e}");
+    }
+    let took = started.elapsed();
+    let output = args.output.clone().unwrap_or_else(report::default_output);
+    let plot = output.with_extension("svg");
+    std::fs::write(&plot, svg::plot_svg(&fwd))
+        .with_context(|| format!("writing {}", plot.display()))?;
+    let argv: Vec<String> = std::env::args().collect();
+    let unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let report = report::Report {
+        command: shown_command(
+            std::env::var(COMMAND_ENV).ok().as_deref(),
+            &argv,
+            report::workspace_root().as_deref(),
+        ),
+        date: utc_date(unix_secs),
+        machine: report::machine(),
+        cpus,
+        reps,
+        seconds,
+        threads,
+        frame_size: generator_spec(0, 1, seconds, threads).frame.size,
+        took,
+        fwd,
+        ns,
+        http,
+        wrk_loads: http::WRK_LOADS
+            .iter()
+            .map(|(load, t, c)| ((*load).to_owned(), format!("{t} {c}")))
+            .collect(),
+        plot: plot.file_name().map(|n| n.to_string_lossy().into_owned()),
+    };
+    let text = report::render(&report);
+    std::fs::write(&output, &text).with_context(|| format!("writing {}", output.display()))?;
+    print!("{text}");
+    eprintln!(
+        "bench: wrote {} in {:.0} s",
+        output.display(),
+        took.as_secs_f64()
+    );
+    if report.fwd.iter().any(|r| r.delivered.median.is_nan()) {
+        bail!("some measurements produced no result");
+    }
+    Ok(())
+}

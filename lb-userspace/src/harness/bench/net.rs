@@ -1,0 +1,183 @@
+//! The benchmark's network: the generator → middle hop → sink topology in
+//! one namespace ([`BenchNet`]), its addresses, the `lb` config it runs, the
+//! generator's traffic, and removing it all on a signal.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::Context;
+
+use crate::{
+    config::{self, Config, Forwarding},
+    harness::{
+        netns::{self, Netns, VethEnd},
+        pktgen::{self, FrameSpec, Limit, Proto, Spec},
+    },
+};
+
+/// The benchmark topology's addresses (`BenchNet`, `generator_spec`).
+pub const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+
+pub const LBIN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x02];
+
+pub(super) const LBOUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x01];
+
+pub(super) const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0d, 0x02];
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+pub const PORT: u16 = 5353;
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+
+/// Connection-table size for the sweeps: twice the largest flow count, so
+/// 1 000 000 flows measure a full table, not LRU eviction (with a smaller
+/// table every packet would be a new flow).
+pub(super) const CONNTRACK: u32 = 2_097_152;
+
+/// Backend `i` (0-based): 198.19.(1 + i / 250).(1 + i % 250).
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
+/// The benchmark's `lb` config: one UDP service with `backends` backends.
+pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
+    let list: Vec<String> = (0..backends)
+        .map(|i| {
+            format!(
+                "{{ address = \"{}:{PORT}\", name = \"b{i}\" }}",
+                backend_addr(i)
+            )
+        })
+        .collect();
+    let forwarding = match mode {
+        Forwarding::Nat => "nat",
+        Forwarding::Dsr => "dsr",
+    };
+    let toml = format!(
+        "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
+         conntrack-size = {CONNTRACK}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         protocol = \"udp\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        list.join(", ")
+    );
+    Ok(config::parse(&toml, Path::new("bench.toml"))?)
+}
+
+/// The generator → lb → sink topology, in one namespace deleted on drop
+/// (also on error and panic): `gen0` ↔ `lbin` … `lbout` ↔ `sink0`, with
+/// `backends` backends (`backend_addr`) resolving to `sink0` out of
+/// `lbout`, and `queues` queues per veth. The benchmark and the pktgen
+/// smoke test both run on it.
+pub struct BenchNet {
+    ns: Netns,
+}
+
+impl BenchNet {
+    pub fn new(name: &str, backends: usize, queues: usize) -> anyhow::Result<BenchNet> {
+        let ns = Netns::create(name)?;
+        let n = ns.name();
+        for key in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+            "net/ipv4/ip_forward",
+        ] {
+            netns::sysctl(n, key, "1")?;
+        }
+        for (dev, mac, peer, peer_mac) in [
+            ("gen0", GEN_MAC, "lbin", LBIN_MAC),
+            ("lbout", LBOUT_MAC, "sink0", SINK_MAC),
+        ] {
+            netns::add_veth(
+                &VethEnd::new(n, dev).mac(mac).queues(queues),
+                &VethEnd::new(n, peer).mac(peer_mac).queues(queues),
+            )?;
+        }
+        netns::add_addr(n, "lbin", "198.18.0.1/24")?;
+        netns::add_addr(n, "lbout", "198.19.0.1/16")?;
+        let neighbours: Vec<(Ipv4Addr, [u8; 6])> =
+            (0..backends).map(|i| (backend_addr(i), SINK_MAC)).collect();
+        netns::add_neighbours(n, "lbout", &neighbours)?;
+        Ok(BenchNet { ns })
+    }
+
+    /// Runs `f` on a thread that has joined this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        self.ns.run(f)?
+    }
+}
+
+/// The benchmark's namespace: one per process.
+pub(super) fn bench_netns() -> String {
+    format!("lbp{}-bench", std::process::id())
+}
+
+/// On Ctrl-C or SIGTERM, remove the benchmark's namespace and the HTTP
+/// lab before exiting: `exit` skips the guards' Drop, so the handler does it.
+pub(super) fn cleanup_on_signal() -> anyhow::Result<()> {
+    use signal_hook::{
+        consts::{SIGHUP, SIGINT, SIGTERM},
+        iterator::Signals,
+    };
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+    let pid = std::process::id();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("bench: interrupted (signal {sig}), removing its namespaces");
+            if netns::exists(&bench_netns()) {
+                let _ = netns::delete_namespace(&bench_netns());
+            }
+            if let Err(e) = crate::harness::lab::down(&format!("lbp{pid}h")) {
+                eprintln!("bench: removing the HTTP lab failed: {e:#}");
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
+}
+
+/// The generator's traffic on `BenchNet`: 64-byte UDP from CLIENT:1024..
+/// to VIP:PORT, `flows` flows, for `seconds`.
+pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Spec {
+    Spec {
+        ifindex: gen0,
+        frame: FrameSpec {
+            dst_mac: LBIN_MAC,
+            src_mac: GEN_MAC,
+            src: SocketAddrV4::new(CLIENT, 1024),
+            dst: SocketAddrV4::new(VIP, PORT),
+            proto: Proto::Udp,
+            size: 64,
+        },
+        flows,
+        limit: Limit::Duration(Duration::from_secs_f64(seconds)),
+        rate: None,
+        threads,
+        fresh_frames: false,
+    }
+}
+
+pub(super) fn frame_from(src: SocketAddrV4) -> anyhow::Result<Vec<u8>> {
+    pktgen::build_frame(&FrameSpec {
+        dst_mac: LBIN_MAC,
+        src_mac: GEN_MAC,
+        src,
+        dst: SocketAddrV4::new(VIP, PORT),
+        proto: Proto::Udp,
+        size: 64,
+    })
+}
+
+/// `count` frames of distinct flows, from 10.(100 + tag).0.0 upwards.
+pub(super) fn new_flow_frames(tag: u8, count: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let base = u32::from(Ipv4Addr::new(10, 100u8.wrapping_add(tag), 0, 0));
+    (0..count)
+        .map(|i| {
+            let addr = Ipv4Addr::from(base + (i / 50_000) as u32);
+            frame_from(SocketAddrV4::new(addr, 1024 + (i % 50_000) as u16))
+        })
+        .collect()
+}

@@ -1,0 +1,362 @@
+//! The report: what a run states about itself (command, date, machine),
+//! and BENCHMARKS.md rendered from it, with the ratios its tables imply.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use super::{
+    http::{HttpPath, HttpRow},
+    measure::{FwdRow, Hop, NsProgram, NsRow},
+    targets::targets,
+};
+use crate::config::Forwarding;
+
+/// `<root>` for a binary at `<root>/target/<profile>/lb`.
+pub(super) fn workspace_root() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
+        .filter(|root| root.join("Cargo.toml").is_file() && root.join("target").is_dir())
+}
+
+/// `<root>/BENCHMARKS.md` for a binary at `<root>/target/<profile>/lb`.
+pub(super) fn default_output() -> PathBuf {
+    workspace_root()
+        .map(|root| root.join("BENCHMARKS.md"))
+        .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"))
+}
+
+/// Set by `cargo xtask bench` to the command the user typed, so that the
+/// report names it rather than the binary xtask built and ran.
+pub const COMMAND_ENV: &str = "LB_BENCH_COMMAND";
+
+/// The command that ran the benchmark, as the report shows it: `invoked`
+/// (from [`COMMAND_ENV`]) if set, else `argv`. No absolute path of this
+/// machine is shown: a path inside the workspace `root` is made relative to
+/// it, any other absolute path is cut to its file name.
+pub fn shown_command(invoked: Option<&str>, argv: &[String], root: Option<&Path>) -> String {
+    let words: Vec<&str> = match invoked {
+        Some(text) if !text.trim().is_empty() => text.split_whitespace().collect(),
+        _ => argv.iter().map(String::as_str).collect(),
+    };
+    words
+        .iter()
+        .map(|word| {
+            let path = Path::new(word);
+            if !path.is_absolute() {
+                return (*word).to_owned();
+            }
+            root.and_then(|r| path.strip_prefix(r).ok())
+                .filter(|rel| !rel.as_os_str().is_empty())
+                .or_else(|| path.file_name().map(Path::new))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The UTC calendar date (`YYYY-MM-DD`) of a Unix time in seconds.
+pub fn utc_date(unix_secs: u64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+pub(super) fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let uname = Command::new("uname")
+        .arg("-srvm")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{model}, {cpus} CPU(s); {uname}")
+}
+
+/// Everything a report states: how the benchmark was run and what it
+/// measured. [`render`] writes nothing that is not here or computed from it,
+/// apart from the targets' thresholds ([`TARGET_RATIO`] and the others).
+#[derive(Debug)]
+pub(super) struct Report {
+    /// The command that ran it ([`shown_command`]).
+    pub(super) command: String,
+    /// UTC date of the run, `YYYY-MM-DD`.
+    pub(super) date: String,
+    /// CPU model, CPU count and kernel ([`machine`]).
+    pub(super) machine: String,
+    /// CPUs the generator, forwarder, sink and HTTP lab share.
+    pub(super) cpus: usize,
+    pub(super) reps: usize,
+    /// Seconds per throughput measurement.
+    pub(super) seconds: f64,
+    /// Generator threads.
+    pub(super) threads: usize,
+    /// Generator frame size in bytes.
+    pub(super) frame_size: usize,
+    pub(super) took: Duration,
+    pub(super) fwd: Vec<FwdRow>,
+    pub(super) ns: Vec<NsRow>,
+    pub(super) http: Result<Vec<HttpRow>, String>,
+    /// wrk loads: (name used in the HTTP rows, wrk arguments).
+    pub(super) wrk_loads: Vec<(String, String)>,
+    /// File name of the bar chart next to the report, if one was written.
+    pub(super) plot: Option<String>,
+}
+
+/// Where the analysis of a profiled run lives (relative to the workspace
+/// root, where BENCHMARKS.md is written by default).
+pub(super) const ANALYSIS_DOC: &str = "docs/benchmarks-analysis.md";
+
+/// The report as Markdown.
+pub(super) fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `{}` on {} in {:.0} s.\n",
+        r.command,
+        r.date,
+        r.took.as_secs_f64()
+    );
+    let _ = writeln!(s, "- Machine: {}", r.machine);
+    let _ = writeln!(
+        s,
+        "- Each figure: median of {} repetitions, (min–max) in parentheses; {} s per throughput run, {} generator thread(s).",
+        r.reps, r.seconds, r.threads
+    );
+    let _ = writeln!(
+        s,
+        "- Path: `lb pktgen` (XDP live frames, {}-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's {} CPU(s), so generator, forwarder and sink share them.\n",
+        r.frame_size, r.cpus
+    );
+    let _ = writeln!(s, "## Forwarding rate (Mpps at the sink)\n");
+    if let Some(plot) = &r.plot {
+        let _ = writeln!(
+            s,
+            "![delivered Mpps per configuration, ceiling marked]({plot})\n"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| middle hop | backends | flows | offered Mpps | delivered Mpps | vs ceiling |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let ceiling = ceiling(&r.fwd);
+    for row in &r.fwd {
+        let ratio = match ceiling {
+            Some(c) => format!("{:.0} %", 100.0 * row.delivered.median / c),
+            None => "–".into(),
+        };
+        let backends = if row.backends == 0 {
+            "–".to_string()
+        } else {
+            row.backends.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {backends} | {} | {} | {} | {ratio} |",
+            row.hop,
+            row.flows,
+            row.offered.text(2),
+            row.delivered.text(2)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Cost per packet (BPF_PROG_TEST_RUN, ns/packet as the kernel reports it)\n"
+    );
+    let _ = writeln!(
+        s,
+        "With repeat=1 each figure includes the kernel's timer overhead for one run (compare with `xdp_pass` measured the same way). NAT is only measured with repeat=1: the kernel does not restore the frame between repetitions, so after the first run a NATed frame is no longer addressed to the VIP.\n"
+    );
+    let _ = writeln!(s, "| program | method | ns/packet |");
+    let _ = writeln!(s, "|---|---|---|");
+    for row in &r.ns {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            row.program,
+            row.method,
+            row.ns.text(1)
+        );
+    }
+    let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
+    match &r.http {
+        Ok(rows) => {
+            let loads: Vec<String> = r
+                .wrk_loads
+                .iter()
+                .map(|(name, args)| format!("{name} (`{args}`)"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "`wrk --latency` from the lab's client namespace, at {}; three backends (the lab's `lb lab-serve` web servers) except for *direct*, which is web1 alone. Client, load balancer and servers all run on this host's {} CPU(s).\n",
+                loads.join(" and "),
+                r.cpus
+            );
+            let _ = writeln!(s, "| path | req/s | p50 ms | p99 ms |");
+            let _ = writeln!(s, "|---|---|---|---|");
+            for row in rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    row.target(),
+                    row.rps.text(0),
+                    row.p50.text(2),
+                    row.p99.text(2)
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "Not measured: {e}");
+        }
+    }
+    s.push_str(&targets(&r.fwd, &r.ns, &r.http));
+    s.push_str(&summary(r));
+    s
+}
+
+/// The ceiling's delivered Mpps (the `bare_fwd` row), if it measured any.
+pub(super) fn ceiling(fwd: &[FwdRow]) -> Option<f64> {
+    fwd.iter()
+        .find(|r| r.hop == Hop::Ceiling)
+        .map(|r| r.delivered.median)
+        .filter(|c| c.is_finite() && *c > 0.0)
+}
+
+/// `lo–hi` of `values` formatted with `digits` decimals, or one value if
+/// they are the same at that precision.
+fn span(values: &[f64], digits: usize) -> Option<String> {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return None;
+    }
+    let (a, b) = (format!("{lo:.digits$}"), format!("{hi:.digits$}"));
+    Some(if a == b { a } else { format!("{a}–{b}") })
+}
+
+/// The figures the tables imply, computed from them: ratios to the ceiling
+/// and to one flow, ns/packet over `xdp_pass`, HTTP relative to direct and
+/// HAProxy. Why they are what they are is not generated: it comes from
+/// profiles, analysed for one run in [`ANALYSIS_DOC`].
+fn summary(r: &Report) -> String {
+    let mut s = String::from("\n## This run in ratios\n\n");
+    if let Some(c) = ceiling(&r.fwd) {
+        let _ = writeln!(
+            s,
+            "- The ceiling (`bare_fwd`, one flow) delivered {c:.2} Mpps."
+        );
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            let label = Hop::Lb(mode);
+            let one: Vec<&FwdRow> = r
+                .fwd
+                .iter()
+                .filter(|row| row.hop == label && row.flows == 1)
+                .collect();
+            let ratios: Vec<f64> = one
+                .iter()
+                .map(|row| 100.0 * row.delivered.median / c)
+                .collect();
+            let counts: Vec<String> = one.iter().map(|row| row.backends.to_string()).collect();
+            if let Some(range) = span(&ratios, 0) {
+                let _ = writeln!(
+                    s,
+                    "- `{label}`, one established flow: {range} % of the ceiling (backends: {}).",
+                    counts.join(", ")
+                );
+            }
+            let most = r
+                .fwd
+                .iter()
+                .filter(|row| row.hop == label)
+                .map(|row| row.flows)
+                .max()
+                .filter(|&f| f > 1);
+            if let Some(most) = most {
+                let kept: Vec<f64> = one
+                    .iter()
+                    .filter_map(|o| {
+                        r.fwd
+                            .iter()
+                            .find(|row| {
+                                row.hop == label && row.backends == o.backends && row.flows == most
+                            })
+                            .map(|m| 100.0 * m.delivered.median / o.delivered.median)
+                    })
+                    .collect();
+                if let Some(range) = span(&kept, 0) {
+                    let _ = writeln!(
+                        s,
+                        "- `{label}` with {most} flows: {range} % of its single-flow rate at the same backend count."
+                    );
+                }
+            }
+        }
+    }
+    for pass in r.ns.iter().filter(|row| row.program == NsProgram::XdpPass) {
+        for row in r
+            .ns
+            .iter()
+            .filter(|row| matches!(row.program, NsProgram::Lb { .. }) && row.method == pass.method)
+        {
+            let _ = writeln!(
+                s,
+                "- `{}`, {}: {:.1} ns/packet, {:.1} ns more than `xdp_pass` measured the same way ({:.1} ns).",
+                row.program,
+                row.method,
+                row.ns.median,
+                row.ns.median - pass.ns.median,
+                pass.ns.median
+            );
+        }
+    }
+    if let Ok(rows) = &r.http {
+        for (load, _) in &r.wrk_loads {
+            let find = |path: fn(&HttpPath) -> bool| {
+                rows.iter().find(|row| path(&row.path) && row.load == *load)
+            };
+            if let (Some(lb), Some(direct), Some(ha)) = (
+                find(|p| matches!(p, HttpPath::XdpLb { .. })),
+                find(|p| *p == HttpPath::Direct),
+                find(|p| matches!(p, HttpPath::HaProxy { .. })),
+            ) {
+                let _ = writeln!(
+                    s,
+                    "- HTTP, {load}: the XDP LB served {:.0} % of direct's req/s and {:.2}× HAProxy's; its p99 was {:.2}× direct's and {:.2}× HAProxy's.",
+                    100.0 * lb.rps.median / direct.rps.median,
+                    lb.rps.median / ha.rps.median,
+                    lb.p99.median / direct.p99.median,
+                    lb.p99.median / ha.p99.median
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nWhat limits these figures (profiles of the conntrack lookup, the program body, CPU sharing) is analysed for one earlier run in [{ANALYSIS_DOC}]({ANALYSIS_DOC}), which names that run; it is not regenerated with this report."
+    );
+    s
+}

@@ -1,0 +1,135 @@
+//! The targets, judged on one run's medians.
+
+use std::fmt::Write as _;
+
+use super::{
+    http::{HttpPath, HttpRow},
+    measure::{FlowState, FwdRow, Hop, NsMethod, NsProgram, NsRow, mode_name},
+    report::ceiling,
+};
+use crate::config::Forwarding;
+
+/// The targets: an established flow at ≥ 90 % of the bare
+/// forwarder, ≤ 100 ns/packet, 1 000 000 flows costing ≤ 20 % of the
+/// single-flow rate. The only figures a report states that a run did not
+/// measure.
+pub(super) const TARGET_RATIO: f64 = 0.9;
+
+pub(super) const TARGET_NS: f64 = 100.0;
+
+pub(super) const TARGET_FLOWS: u32 = 1_000_000;
+
+pub(super) const TARGET_FLOW_COST: f64 = 0.2;
+
+/// `1 000 000` for 1000000.
+pub(super) fn grouped(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The targets, checked against this run's medians: met, or missed
+/// and by how much.
+pub(super) fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, String>) -> String {
+    let mut s = String::from("\n## Targets (this run)\n\n| target | result |\n|---|---|\n");
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    if let Some(c) = ceiling(fwd) {
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            let rows: Vec<&FwdRow> = fwd
+                .iter()
+                .filter(|r| r.hop == Hop::Lb(mode) && r.flows == 1)
+                .collect();
+            let mode = mode_name(mode);
+            let worst = rows
+                .iter()
+                .map(|r| r.delivered.median / c)
+                .fold(f64::INFINITY, f64::min);
+            if worst.is_finite() {
+                let _ = writeln!(
+                    s,
+                    "| established flow ≥ {:.0} % of the bare forwarder, {mode} | {}: {:.0} % at worst over backend counts (by {:.0} points) |",
+                    100.0 * TARGET_RATIO,
+                    verdict(worst >= TARGET_RATIO),
+                    100.0 * worst,
+                    (100.0 * (worst - TARGET_RATIO)).abs()
+                );
+            }
+        }
+    }
+    if let Some(r) = ns.iter().find(|r| {
+        matches!(
+            r.program,
+            NsProgram::Lb {
+                flow: FlowState::Established,
+                ..
+            }
+        ) && matches!(r.method, NsMethod::Repeat(_))
+    }) {
+        let _ = writeln!(
+            s,
+            "| ≤ {TARGET_NS:.0} ns/packet, established flow | {}: {:.0} ns |",
+            verdict(r.ns.median <= TARGET_NS),
+            r.ns.median
+        );
+    }
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let mut worst: Option<(f64, usize)> = None;
+        for one in fwd
+            .iter()
+            .filter(|r| r.hop == Hop::Lb(mode) && r.flows == 1)
+        {
+            if let Some(million) = fwd
+                .iter()
+                .find(|r| r.hop == one.hop && r.backends == one.backends && r.flows == TARGET_FLOWS)
+            {
+                let cost = 1.0 - million.delivered.median / one.delivered.median;
+                if worst.is_none_or(|(w, _)| cost > w) {
+                    worst = Some((cost, one.backends));
+                }
+            }
+        }
+        let mode = mode_name(mode);
+        if let Some((cost, backends)) = worst {
+            let _ = writeln!(
+                s,
+                "| {} flows cost ≤ {:.0} % of the single-flow rate, {mode} | {}: {:.0} % at worst ({backends} backends) |",
+                grouped(TARGET_FLOWS),
+                100.0 * TARGET_FLOW_COST,
+                verdict(cost <= TARGET_FLOW_COST),
+                100.0 * cost
+            );
+        }
+    }
+    if let Ok(rows) = http {
+        for load in ["32 conns", "2 conns"] {
+            let find =
+                |path: fn(&HttpPath) -> bool| rows.iter().find(|r| path(&r.path) && r.load == load);
+            if let (Some(lb), Some(ha)) = (
+                find(|p| matches!(p, HttpPath::XdpLb { .. })),
+                find(|p| matches!(p, HttpPath::HaProxy { .. })),
+            ) {
+                let _ = writeln!(
+                    s,
+                    "| HTTP ≥ HAProxy req/s, {load} | {}: {:.0} vs {:.0} req/s |",
+                    verdict(lb.rps.median >= ha.rps.median),
+                    lb.rps.median,
+                    ha.rps.median
+                );
+                let _ = writeln!(
+                    s,
+                    "| HTTP p99 below HAProxy's, {load} | {}: {:.2} vs {:.2} ms |",
+                    verdict(lb.p99.median < ha.p99.median),
+                    lb.p99.median,
+                    ha.p99.median
+                );
+            }
+        }
+    }
+    s
+}

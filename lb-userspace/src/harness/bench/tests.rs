@@ -1,0 +1,430 @@
+//! The benchmark's host tests: report, chart, parsing, configs.
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use super::{
+    http::{HttpPath, HttpRow, parse_wrk, wrk_ms},
+    measure::{FlowState, FwdRow, Hop, NsMethod, NsProgram, NsRow, Stat},
+    net::{backend_addr, lb_config},
+    report::{ANALYSIS_DOC, Report, render, shown_command, utc_date},
+    svg::plot_svg,
+    targets::{TARGET_FLOWS, grouped},
+};
+use crate::config::Forwarding;
+
+#[test]
+fn plot_has_a_bar_per_row_and_the_ceiling() {
+    let stat = |m: f64| Stat {
+        median: m,
+        min: m - 0.5,
+        max: m + 0.5,
+    };
+    let rows = vec![
+        FwdRow {
+            hop: Hop::Ceiling,
+            flows: 1,
+            backends: 0,
+            offered: stat(7.0),
+            delivered: stat(7.0),
+        },
+        FwdRow {
+            hop: Hop::Lb(Forwarding::Nat),
+            flows: 1000,
+            backends: 2,
+            offered: stat(5.5),
+            delivered: stat(5.5),
+        },
+    ];
+    let svg = plot_svg(&rows);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<rect x=").count(), 2, "one bar per row");
+    assert!(svg.contains("lb Nat, 2 backends, 1000 flows"));
+    assert!(svg.contains("ceiling 7.00 Mpps"));
+    // The 5.5 Mpps bar is 5.5/8 of the scale (max 7.5 rounds up to 8).
+    assert!(svg.contains("width=\"357.5\""), "{svg}");
+}
+
+fn st(median: f64, min: f64, max: f64) -> Stat {
+    Stat { median, min, max }
+}
+
+/// Two runs whose figures differ everywhere except the flow counts both
+/// sweep (1 and 1 000 000, needed for the targets).
+struct Variant {
+    command: &'static str,
+    date: &'static str,
+    machine: &'static str,
+    cpus: usize,
+    reps: usize,
+    seconds: f64,
+    threads: usize,
+    frame_size: usize,
+    took_s: u64,
+    backends: [usize; 2],
+    ceiling: f64,
+    /// Delivered Mpps per (mode, backends index, flows 1 / 1 000 000).
+    mpps: [[[f64; 2]; 2]; 2],
+    ns: [f64; 5],
+    calls: usize,
+    repeat: u32,
+    conns: [u32; 2],
+    /// Backends behind the XDP LB and HAProxy in the HTTP rows.
+    http_backends: usize,
+    http: [[f64; 3]; 6],
+    plot: Option<&'static str>,
+}
+
+const A: Variant = Variant {
+    command: "cargo xtask bench",
+    date: "2026-11-22",
+    machine: "AMD EPYC, 2 CPU(s); Linux 6.18.44 x86_64",
+    cpus: 2,
+    reps: 3,
+    seconds: 2.0,
+    threads: 2,
+    frame_size: 64,
+    took_s: 262,
+    backends: [2, 100],
+    ceiling: 7.18,
+    mpps: [[[5.90, 2.62], [5.38, 2.27]], [[5.73, 2.31], [5.96, 2.46]]],
+    ns: [28.0, 107.6, 200.6, 79.0, 194.9],
+    calls: 20000,
+    repeat: 1_000_000,
+    conns: [32, 2],
+    http_backends: 3,
+    http: [
+        [66919.0, 0.26, 2.36],
+        [61014.0, 0.03, 0.07],
+        [58195.0, 0.31, 2.8],
+        [49061.0, 0.04, 0.09],
+        [32893.0, 0.9, 1.95],
+        [22222.0, 0.08, 0.15],
+    ],
+    plot: Some("BENCHMARKS.svg"),
+};
+
+const B: Variant = Variant {
+    command: "lb bench --quick --reps 5",
+    date: "2025-03-07",
+    machine: "Intel Xeon, 4 CPU(s); Linux 5.15.0 aarch",
+    cpus: 4,
+    reps: 5,
+    seconds: 0.5,
+    threads: 4,
+    frame_size: 128,
+    took_s: 47,
+    backends: [6, 50],
+    ceiling: 9.41,
+    mpps: [[[9.13, 5.71], [8.85, 5.83]], [[8.94, 6.31], [9.22, 5.08]]],
+    ns: [31.3, 113.9, 257.7, 88.8, 219.4],
+    calls: 3000,
+    repeat: 400_000,
+    conns: [48, 6],
+    http_backends: 7,
+    http: [
+        [71234.0, 0.44, 3.61],
+        [54321.0, 0.05, 0.13],
+        [63456.0, 0.57, 4.73],
+        [45678.0, 0.06, 0.17],
+        [27777.0, 1.31, 3.27],
+        [19876.0, 0.11, 0.29],
+    ],
+    plot: None,
+};
+
+fn report(v: &Variant) -> Report {
+    let spread = |m: f64| st(m, m * 0.97, m * 1.01);
+    let mut fwd = vec![FwdRow {
+        hop: Hop::Ceiling,
+        flows: 1,
+        backends: 0,
+        offered: spread(v.ceiling),
+        delivered: spread(v.ceiling),
+    }];
+    for (m, mode) in [Forwarding::Nat, Forwarding::Dsr].into_iter().enumerate() {
+        for (b, &backends) in v.backends.iter().enumerate() {
+            for (f, flows) in [1, TARGET_FLOWS].into_iter().enumerate() {
+                let mpps = v.mpps[m][b][f];
+                fwd.push(FwdRow {
+                    hop: Hop::Lb(mode),
+                    flows,
+                    backends,
+                    offered: spread(mpps),
+                    delivered: spread(mpps),
+                });
+            }
+        }
+    }
+    let (calls, repeat) = (v.calls, v.repeat);
+    let lb = |flow| NsProgram::Lb {
+        mode: Forwarding::Dsr,
+        backends: v.backends[1],
+        flow,
+    };
+    let ns = [
+        (NsProgram::XdpPass, NsMethod::Repeat(repeat)),
+        (NsProgram::XdpPass, NsMethod::Calls(calls)),
+        (lb(FlowState::New), NsMethod::DistinctFlows(calls)),
+        (lb(FlowState::Established), NsMethod::Repeat(repeat)),
+        (lb(FlowState::Established), NsMethod::Calls(calls)),
+    ]
+    .into_iter()
+    .zip(v.ns)
+    .map(|((program, method), ns)| NsRow {
+        program,
+        method,
+        ns: spread(ns),
+    })
+    .collect();
+    let loads: Vec<(String, String)> = v
+        .conns
+        .iter()
+        .map(|c| (format!("{c} conns"), format!("-t1 -c{c}")))
+        .collect();
+    let mut http = Vec::new();
+    let mut figures = v.http.iter();
+    for path in [
+        HttpPath::Direct,
+        HttpPath::XdpLb {
+            backends: v.http_backends,
+        },
+        HttpPath::HaProxy {
+            backends: v.http_backends,
+        },
+    ] {
+        for (load, _) in &loads {
+            if let Some(&[rps, p50, p99]) = figures.next() {
+                http.push(HttpRow {
+                    path,
+                    load: load.clone(),
+                    rps: spread(rps),
+                    p50: spread(p50),
+                    p99: spread(p99),
+                });
+            }
+        }
+    }
+    Report {
+        command: v.command.into(),
+        date: v.date.into(),
+        machine: v.machine.into(),
+        cpus: v.cpus,
+        reps: v.reps,
+        seconds: v.seconds,
+        threads: v.threads,
+        frame_size: v.frame_size,
+        took: Duration::from_secs(v.took_s),
+        fwd,
+        ns,
+        http: Ok(http),
+        wrk_loads: loads,
+        plot: v.plot.map(str::to_owned),
+    }
+}
+
+/// Every number in `text` that stands on its own (not part of a name
+/// like `p99`, `web1` or `x86_64`), e.g. `7.18`, `262`, `2026`.
+fn numbers(text: &str) -> std::collections::BTreeSet<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let glued = i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        if chars[i].is_ascii_digit() && !glued {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_digit()
+                    || (chars[i] == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)))
+            {
+                i += 1;
+            }
+            out.insert(chars[start..i].iter().collect());
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn report_states_no_figure_that_is_not_from_its_run() {
+    let (a, b) = (render(&report(&A)), render(&report(&B)));
+    // A figure written into the template would show in both reports.
+    // Only these may: the targets' thresholds (90 %, 100 ns, 20 %; 100 is
+    // also the ceiling's ratio to itself) and the flow counts both runs
+    // swept (1 and 1 000 000).
+    let allowed: std::collections::BTreeSet<String> = ["90", "100", "20", "1", "000", "1000000"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let (na, nb) = (numbers(&a), numbers(&b));
+    let shared: Vec<&String> = na
+        .intersection(&nb)
+        .filter(|n| !allowed.contains(*n))
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "figures in both reports: {shared:?}\n{a}\n{b}"
+    );
+    // Each report does state its own run's figures and ratios.
+    for (text, v) in [(&a, &A), (&b, &B)] {
+        let ceiling = format!("{:.2}", v.ceiling);
+        assert!(
+            text.contains(&format!("delivered {ceiling} Mpps")),
+            "{text}"
+        );
+        let ratio = format!("{:.0} %", 100.0 * v.mpps[0][0][0] / v.ceiling);
+        assert!(text.contains(&ratio), "{ratio}: {text}");
+        let over_pass = format!("{:.1} ns more than `xdp_pass`", v.ns[3] - v.ns[0]);
+        assert!(text.contains(&over_pass), "{over_pass}: {text}");
+        assert!(text.contains(&format!("this host's {} CPU(s)", v.cpus)));
+        assert!(text.contains(&format!("{}-byte UDP", v.frame_size)));
+    }
+    // The analysis is referred to, not copied.
+    assert!(a.contains(&format!("]({ANALYSIS_DOC})")));
+    for prose in ["What limits it", "Mpps here", "perf record"] {
+        assert!(!a.contains(prose), "{prose}");
+    }
+}
+
+#[test]
+fn report_header_names_the_command_used_and_no_absolute_path() {
+    let argv: Vec<String> = [
+        "/work/main/target/release/lb",
+        "bench",
+        "--output",
+        "/tmp/x/B.md",
+        "--quick",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let root = Path::new("/work/main");
+    assert_eq!(
+        shown_command(None, &argv, Some(root)),
+        "target/release/lb bench --output B.md --quick"
+    );
+    assert_eq!(
+        shown_command(None, &argv, None),
+        "lb bench --output B.md --quick"
+    );
+    assert_eq!(
+        shown_command(Some("cargo xtask bench --quick"), &argv, Some(root)),
+        "cargo xtask bench --quick"
+    );
+    assert_eq!(
+        shown_command(
+            Some("cargo xtask bench --output /work/main/out/R.md"),
+            &argv,
+            Some(root)
+        ),
+        "cargo xtask bench --output out/R.md"
+    );
+    assert_eq!(
+        shown_command(Some(" "), &argv, None),
+        "lb bench --output B.md --quick"
+    );
+
+    for command in [
+        shown_command(None, &argv, Some(root)),
+        shown_command(Some("cargo xtask bench --quick"), &argv, None),
+    ] {
+        let text = render(&Report {
+            command: command.clone(),
+            ..report(&A)
+        });
+        let header = text
+            .lines()
+            .find(|l| l.starts_with("Generated by"))
+            .unwrap_or("");
+        assert_eq!(
+            header,
+            format!("Generated by `{command}` on 2026-11-22 in 262 s."),
+            "{text}"
+        );
+        assert!(!text.contains("via cargo xtask"), "{text}");
+        let absolute: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || "`()[]|,;:".contains(c))
+            .filter(|w| w.starts_with('/'))
+            .collect();
+        assert!(
+            absolute.is_empty(),
+            "absolute paths {absolute:?} in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn report_without_http_or_plot_says_so() {
+    let text = render(&Report {
+        http: Err("skipped (--skip-http)".into()),
+        ..report(&B)
+    });
+    assert!(text.contains("Not measured: skipped (--skip-http)"));
+    assert!(!text.contains("HTTP,"), "no HTTP ratios without HTTP rows");
+    assert!(!text.contains("!["), "no plot link without a plot");
+    assert!(
+        render(&report(&A))
+            .contains("![delivered Mpps per configuration, ceiling marked](BENCHMARKS.svg)")
+    );
+}
+
+#[test]
+fn dates_are_utc_calendar_days() {
+    assert_eq!(utc_date(0), "1970-01-01");
+    assert_eq!(utc_date(951_868_799), "2000-02-29");
+    assert_eq!(utc_date(946_598_400), "1999-12-31");
+    assert_eq!(utc_date(1_795_326_739), "2026-11-22");
+    assert_eq!(grouped(1_000_000), "1 000 000");
+    assert_eq!(grouped(999), "999");
+}
+
+#[test]
+fn stats_are_median_min_max() {
+    assert_eq!(
+        Stat::of(&[3.0, 1.0, 2.0]),
+        Stat {
+            median: 2.0,
+            min: 1.0,
+            max: 3.0
+        }
+    );
+    assert_eq!(
+        Stat::of(&[4.0, 1.0]),
+        Stat {
+            median: 2.5,
+            min: 1.0,
+            max: 4.0
+        }
+    );
+    assert!(Stat::of(&[]).median.is_nan());
+}
+
+#[test]
+fn backends_are_distinct_and_outside_the_router_address() {
+    let addrs: std::collections::HashSet<_> = (0..1000).map(backend_addr).collect();
+    assert_eq!(addrs.len(), 1000);
+    assert!(!addrs.contains(&Ipv4Addr::new(198, 19, 0, 1)));
+}
+
+#[test]
+fn wrk_output_parses() {
+    let out = "Running 2s test @ http://198.18.0.10/\n  Latency Distribution\n     50%  812.00us\n     75%    1.10ms\n     90%    2.00ms\n     99%    3.50ms\n  40000 requests in 2.00s, 4.00MB read\nRequests/sec:  19999.50\nTransfer/sec:      2.00MB\n";
+    let (rps, p50, p99) = parse_wrk(out).expect("parse");
+    assert_eq!(rps, 19999.5);
+    assert!((p50 - 0.812).abs() < 1e-9);
+    assert_eq!(p99, 3.5);
+    assert_eq!(wrk_ms("1.5s"), Some(1500.0));
+    assert!(parse_wrk("garbage").is_err());
+}
+
+#[test]
+fn configs_validate() {
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        for n in [2, 100, 1000] {
+            let cfg = lb_config(mode, n).expect("valid config");
+            assert_eq!(cfg.services[0].backends.len(), n);
+            assert_eq!(cfg.services[0].forwarding, mode);
+        }
+    }
+}
