@@ -230,6 +230,91 @@ impl Verdict {
     }
 }
 
+impl Verdict {
+    /// Packets with this verdict left through XDP_TX or a redirect. Drop
+    /// tracing never looks at them: the trace check sits on the other
+    /// verdicts only.
+    pub const fn is_forwarded(self) -> bool {
+        matches!(self, Verdict::Forwarded | Verdict::ForwardedReply)
+    }
+
+    /// The verdict with counter index `index`, if there is one.
+    pub const fn from_index(index: u32) -> Option<Verdict> {
+        if index < VERDICT_COUNT {
+            Some(Verdict::ALL[index as usize])
+        } else {
+            None
+        }
+    }
+
+    /// This verdict's bit in [`TraceConf::verdicts`].
+    pub const fn trace_bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+/// Bytes of the drop-tracing ring buffer (`TRACE`): a power-of-two multiple
+/// of the page size, as the kernel requires. 256 KiB holds 8192 events.
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+
+/// Every verdict `lb trace` follows by default: all that are not forwarded,
+/// except `pass_not_ours` (all of the host's own traffic).
+pub const TRACE_DEFAULT_VERDICTS: u32 = {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < VERDICT_COUNT as usize {
+        let v = Verdict::ALL[i];
+        if !v.is_forwarded() && !matches!(v, Verdict::PassNotOurs) {
+            mask |= v.trace_bit();
+        }
+        i += 1;
+    }
+    mask
+};
+
+/// `TRACE_ON[0]`: the run-time switch of drop tracing, written by `lb trace`.
+/// Zero `verdicts` (the default) means off: the data plane then pays one
+/// array lookup per packet that is not forwarded, and nothing else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConf {
+    /// One bit per [`Verdict`] to trace (`Verdict::trace_bit`); forwarded
+    /// verdicts are never traced whatever their bits say.
+    pub verdicts: u32,
+    pub _pad: u32,
+    /// Events lost because the ring buffer was full (atomic adds by `lb`).
+    pub lost: u64,
+}
+
+/// [`TraceEvent::service_id`] when no service matches the packet's
+/// (VIP, port, protocol).
+pub const TRACE_NO_SERVICE: u32 = u32::MAX;
+
+/// One drop-tracing event in the `TRACE` ring buffer: a packet that was not
+/// forwarded, why, and its 5-tuple as the program left the frame (zero
+/// where the frame did not carry the field, e.g. no ports on a truncated or
+/// non-first-fragment packet). Addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// The [`Verdict`] index.
+    pub verdict: u32,
+    /// The service on (daddr, dport, protocol), or [`TRACE_NO_SERVICE`].
+    pub service_id: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol; 0 when the frame is not IPv4 or its header is cut.
+    pub protocol: u8,
+    pub _pad0: u8,
+    /// The frame's EtherType as in the frame (network order).
+    pub ether_type: u16,
+    pub ifindex: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+}
+
 const _: () = assert!(
     MAX_RING.is_power_of_two(),
     "the data plane masks ring indexes"
@@ -300,6 +385,9 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 16);
 const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 32);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+const _: () = assert!(core::mem::size_of::<TraceConf>() == 16);
+const _: () = assert!(core::mem::size_of::<TraceEvent>() == 32);
+const _: () = assert!(TRACE_DEFAULT_VERDICTS & Verdict::Forwarded.trace_bit() == 0);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -314,6 +402,8 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::PktgenConf {}
+    unsafe impl aya::Pod for super::TraceConf {}
+    unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::FwdConf {}
 }
 

@@ -19,7 +19,10 @@
 //! 7. counters.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
-//! no logging here: the fast path only counts.
+//! no logging here: the fast path only counts. A packet that is *not*
+//! forwarded may also be traced (`lb trace`): when `TRACE_ON` asks for its
+//! verdict, its headers are read again and an event goes into the `TRACE`
+//! ring buffer. Forwarded packets never reach that check.
 #![no_std]
 #![no_main]
 // The bpf target has no RMW atomics in core::sync; the intrinsic lowers to
@@ -38,13 +41,14 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Counters, DEFAULT_CONNTRACK_SIZE, Flow,
     FlowKey, MAX_BACKENDS, MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH,
-    ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
+    ServiceConf, ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent,
+    VERDICT_COUNT, Verdict,
     hash::flow_hash,
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
@@ -90,6 +94,13 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 /// One counter per [`Verdict`], per CPU.
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
+/// Drop tracing's switch: which verdicts to trace (none by default) and how
+/// many events were lost. Written by `lb trace`.
+#[map]
+static TRACE_ON: Array<TraceConf> = Array::with_max_entries(1, 0);
+/// Drop tracing's events, read by `lb trace`.
+#[map]
+static TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
@@ -99,7 +110,85 @@ const FIB_NO_NEIGH: i64 = 7;
 pub fn lb(ctx: XdpContext) -> u32 {
     let verdict = balance(&ctx);
     count(&VERDICTS, verdict.reason as u32, 1, 0);
+    // Forwarded packets (the fast path) pay this compare and nothing more.
+    if !verdict.reason.is_forwarded() {
+        trace(&ctx, verdict.reason);
+    }
     verdict.action
+}
+
+/// Drop tracing: when `TRACE_ON` asks for this verdict, reads the frame's
+/// headers again (each bounds-checked; the frame is as the program left it)
+/// and sends one event to `TRACE`. Off, it costs one array lookup.
+#[inline(always)]
+fn trace(ctx: &XdpContext, reason: Verdict) {
+    let Some(conf) = TRACE_ON.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a valid TRACE_ON value; userspace writes it whole, rarely.
+    if unsafe { (*conf).verdicts } & reason.trace_bit() == 0 {
+        return;
+    }
+    let (mut ether_type, mut saddr, mut daddr, mut protocol) = (0u16, 0u32, 0u32, 0u8);
+    let (mut sport, mut dport, mut service_id) = (0u16, 0u16, TRACE_NO_SERVICE);
+    if let Some(eth) = header::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds-checked by `header`.
+        ether_type = unsafe { (*eth).ether_type };
+    }
+    if ether_type == ETH_P_IPV4_RAW
+        && let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN)
+    {
+        // SAFETY: bounds-checked by `header`; a reference, not a copy.
+        let hdr = unsafe { &*ip };
+        (saddr, daddr, protocol) = (hdr.saddr, hdr.daddr, hdr.protocol);
+        // Ports only where the balancer itself would read them: no options,
+        // not a later fragment.
+        let later_fragment = u16::from_be(hdr.frag_off) & 0x1fff != 0;
+        if hdr.header_len() == Ipv4Hdr::LEN
+            && !later_fragment
+            && l4_layout(protocol).is_some()
+            && let Some(ports) = header::<L4Ports>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)
+        {
+            // SAFETY: bounds-checked by `header`.
+            (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
+            let service = ServiceKey {
+                vip: daddr,
+                port: dport,
+                protocol,
+                _pad: 0,
+            };
+            // SAFETY: a plain hash lookup; the value is copied at once.
+            if let Some(&id) = unsafe { SERVICES.get(&service) } {
+                service_id = id;
+            }
+        }
+    }
+    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
+        // Ring buffer full: the reader is behind. Counted, not retried.
+        // SAFETY: a valid, aligned u64 in an array map value; SeqCst so
+        // that it stays an atomic add (see `schedule`).
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*conf).lost, 1);
+        }
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, 8-byte aligned TraceEvent; every
+    // field is written, one store each (no out-of-line memset/memcpy).
+    unsafe {
+        (&raw mut (*ev).verdict).write(reason as u32);
+        (&raw mut (*ev).service_id).write(service_id);
+        (&raw mut (*ev).saddr).write(saddr);
+        (&raw mut (*ev).daddr).write(daddr);
+        (&raw mut (*ev).sport).write(sport);
+        (&raw mut (*ev).dport).write(dport);
+        (&raw mut (*ev).protocol).write(protocol);
+        (&raw mut (*ev)._pad0).write(0);
+        (&raw mut (*ev).ether_type).write(ether_type);
+        (&raw mut (*ev).ifindex).write(ctx.ingress_ifindex() as u32);
+        (&raw mut (*ev).len).write((ctx.data_end() - ctx.data()) as u32);
+    }
+    entry.submit(0);
 }
 
 /// What the program does with a frame, and which rule decided it.
@@ -532,11 +621,11 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
     // SAFETY: helper call with a valid context and a correctly sized struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == FIB_SUCCESS {
-        *cache = NextHop {
-            ifindex: fib.ifindex,
-            dmac: fib.dmac,
-            smac: fib.smac,
-        };
+        // Field by field: a struct store of the MACs became an out-of-line
+        // memmove once the program grew (drop tracing).
+        cache.ifindex = fib.ifindex;
+        copy_mac(&raw mut cache.dmac, &fib.dmac);
+        copy_mac(&raw mut cache.smac, &fib.smac);
     }
     rc
 }

@@ -24,6 +24,14 @@ pub enum Request {
     Status,
     Reload,
     Backend(BackendChange),
+    /// `lb explain`: which service and backend a flow gets, and why. The
+    /// answer is the response's message.
+    Explain {
+        /// The client's address and source port, e.g. 198.18.0.2:40000.
+        client: String,
+        /// VIP:PORT/PROTO, e.g. 198.18.0.10:80/tcp.
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
@@ -353,6 +361,10 @@ mod tests {
                 weight: 2,
                 backup: true,
             }),
+            Request::Explain {
+                client: "198.18.0.2:40000".into(),
+                service: "198.18.0.10:80/tcp".into(),
+            },
         ];
         for r in reqs {
             let line = serde_json::to_string(&r).expect("encode");

@@ -30,6 +30,7 @@ use plan::{BackendPlan, Ids, Plan, PlanError, ServicePlan};
 
 use crate::{
     config::{self, Config},
+    explain::{FlowFacts, ServiceFacts},
     object::{MissingObject, ebpf_object},
 };
 
@@ -79,8 +80,11 @@ pub enum DataplaneError {
 type Result<T> = std::result::Result<T, DataplaneError>;
 
 /// Every map of the `lb` program: all pinned, so a restarted agent adopts
-/// the flows, rings and counters of the one before it.
-const LB_MAPS: [&str; 11] = [
+/// the flows, rings and counters of the one before it, and `lb trace` finds
+/// the drop-tracing switch and ring buffer. A pin dir left by an older
+/// version lacks the newer maps: the loader creates and pins those (and
+/// keeps the others), so adopting it works.
+pub const LB_MAPS: [&str; 13] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -92,6 +96,8 @@ const LB_MAPS: [&str; 11] = [
     "SERVICE_STATS",
     "BACKEND_STATS",
     "VERDICTS",
+    "TRACE_ON",
+    "TRACE",
 ];
 
 /// What the agent reports about one applied service.
@@ -143,7 +149,17 @@ impl Dataplane {
         Ok((dp, adopted))
     }
 
+    /// Loads another build of the object, unpinned: for measurements that
+    /// compare builds (`tests/tests/kernel.rs`, the trace cost).
+    pub fn load_object(object: &[u8], conntrack_size: u32) -> Result<Self> {
+        Self::load_bytes(object, conntrack_size, None)
+    }
+
     fn load_with(conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_bytes(ebpf_object()?, conntrack_size, pin_dir)
+    }
+
+    fn load_bytes(object: &[u8], conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("CONNTRACK", conntrack_size)
@@ -154,7 +170,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(ebpf_object()?)?;
+        let mut ebpf = loader.load(object)?;
         program_mut(&mut ebpf, PROGRAM)?
             .load()
             .map_err(|source| DataplaneError::Program {
@@ -582,23 +598,90 @@ impl Dataplane {
     /// A second handle on the connection table, for counting flows off the
     /// agent's loop (walking 262k entries takes the better part of a second).
     pub fn flow_table(&self) -> Result<FlowTable> {
+        let data = self.map_data("CONNTRACK")?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|source| {
+            DataplaneError::Map {
+                name: "CONNTRACK",
+                source,
+            }
+        })?;
+        Ok(FlowTable { flows })
+    }
+
+    /// What the maps hold for one flow, for `lb explain`: its service (conf,
+    /// active ring, round-robin counter), its conntrack entry and the
+    /// backend that entry names. Lookups only; nothing is written.
+    pub fn flow_facts(&self, key: &FlowKey) -> Result<FlowFacts> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let vips: HashMap<&MapData, u32, u32> =
+            HashMap::try_from(map("VIPS")?).map_err(err("VIPS"))?;
+        let services: HashMap<&MapData, ServiceKey, u32> =
+            HashMap::try_from(map("SERVICES")?).map_err(err("SERVICES"))?;
+        let flows: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(map("CONNTRACK")?).map_err(err("CONNTRACK"))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+        let service_key = ServiceKey {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        };
+        let service = match found(services.get(&service_key, 0), "SERVICES")? {
+            None => None,
+            Some(id) => {
+                let confs: Array<&MapData, ServiceConf> =
+                    Array::try_from(map("SERVICE_CONF")?).map_err(err("SERVICE_CONF"))?;
+                let rings: Array<&MapData, Ring> =
+                    Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+                let counters: Array<&MapData, u64> =
+                    Array::try_from(map("RR_COUNTERS")?).map_err(err("RR_COUNTERS"))?;
+                let conf = confs.get(&id, 0).map_err(err("SERVICE_CONF"))?;
+                let ring = rings
+                    .get(&Ring::slot(id, conf.active_ring), 0)
+                    .map_err(err("RINGS"))?;
+                let len = (ring.len as usize).min(ring.ids.len());
+                Some(ServiceFacts {
+                    id,
+                    conf,
+                    ring: ring.ids[..len].to_vec(),
+                    rr_counter: counters.get(&id, 0).map_err(err("RR_COUNTERS"))?,
+                })
+            }
+        };
+        let conntrack = match found(flows.get(key, 0), "CONNTRACK")? {
+            None => None,
+            Some(flow) => Some((
+                flow,
+                backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
+            )),
+        };
+        Ok(FlowFacts {
+            vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
+            service,
+            conntrack,
+        })
+    }
+
+    /// A second, owned handle on one of the program's maps (by its kernel
+    /// id), for readers apart from this value: the flow table, `lb trace`.
+    pub fn map_data(&self, name: &'static str) -> Result<MapData> {
         let map = self
             .ebpf
-            .map("CONNTRACK")
-            .ok_or(DataplaneError::MissingMap("CONNTRACK"))?;
-        let err = |source| DataplaneError::Map {
-            name: "CONNTRACK",
-            source,
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let err = |source| DataplaneError::Map { name, source };
+        let data = match map {
+            aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::RingBuf(d) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
         };
-        let id = match map {
-            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
-                data.info().map_err(err)?.id()
-            }
-            _ => return Err(DataplaneError::MissingMap("CONNTRACK")),
-        };
-        let data = MapData::from_id(id).map_err(err)?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)?;
-        Ok(FlowTable { flows })
+        let id = data.info().map_err(err)?.id();
+        MapData::from_id(id).map_err(err)
     }
 
     /// The backends in each service's active ring, as (service key, backend
@@ -720,6 +803,15 @@ fn set<T: aya::Pod>(
 ) -> Result<()> {
     map.set(index, value, 0)
         .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// A lookup's value, `None` for a missing key, or the map's error.
+fn found<T>(r: std::result::Result<T, MapError>, name: &'static str) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
 }
 
 fn remove_if_present<K: aya::Pod, V: aya::Pod>(

@@ -5,6 +5,7 @@
 //! - `object`: the embedded eBPF object.
 //! - `config`: the TOML schema, validation and errors naming file/key/reason.
 //! - `dataplane`: loading, attaching, and every map write (rings, backends).
+//! - `explain`: `lb explain`'s flow parsing and decision text (pure).
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
@@ -13,6 +14,7 @@
 //! - `logging`: human or JSON log lines (`--log-format`).
 //! - `metrics`: the monitoring listener: `/metrics`, the status page,
 //!   `/status.json`.
+//! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
 //! - `harness`: what builds networks, generates traffic and measures, not
 //!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
 //!   their netns and XDP helpers. It depends on the product, never the
@@ -22,6 +24,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod explain;
 pub mod harness;
 pub mod health;
 pub mod host;
@@ -29,3 +32,4 @@ pub mod logging;
 pub mod metrics;
 pub mod object;
 pub mod server;
+pub mod trace;

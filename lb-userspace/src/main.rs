@@ -46,11 +46,24 @@ enum Command {
         #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Which service and backend a flow gets, and why, from the live maps
+    /// (e.g. `lb explain 198.18.0.2:40000 198.18.0.10:80/tcp`)
+    Explain {
+        /// The client: IPV4:PORT
+        client: String,
+        /// The service side: VIP:PORT/PROTO (tcp or udp)
+        service: String,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Re-read the config file (like SIGHUP); an invalid one is rejected whole
     Reload {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Live events of packets the data plane does not forward: verdict,
+    /// 5-tuple, service id (switched on while it runs; one tracer at a time)
+    Trace(lb_userspace::trace::TraceArgs),
     /// Detach the pinned data plane and remove its pins (stopping the agent
     /// alone leaves it forwarding)
     Teardown {
@@ -119,10 +132,24 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", ask(&socket, &Request::Backend(change))?.message);
             Ok(())
         }
+        Command::Explain {
+            client,
+            service,
+            socket,
+        } => {
+            // Checked here too, so a typo is named without an agent.
+            lb_userspace::explain::FlowQuery::parse(&client, &service)?;
+            print!(
+                "{}",
+                ask(&socket, &Request::Explain { client, service })?.message
+            );
+            Ok(())
+        }
         Command::Reload { socket } => {
             println!("{}", ask(&socket, &Request::Reload)?.message);
             Ok(())
         }
+        Command::Trace(args) => lb_userspace::trace::run(args),
         Command::Teardown { pin_dir } => {
             // Never under a running agent: it would keep writing maps that
             // no longer forward anything.

@@ -32,6 +32,7 @@ use crate::{
     config::{self, Config},
     control::{self, BackendChange, BackendStatus, Request, Response, ServiceStatus, Status},
     dataplane::{AppliedService, Dataplane},
+    explain::{self, BackendView, FlowQuery, ServiceView},
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
     metrics::{self, Monitor, ProbeLatency},
@@ -411,6 +412,12 @@ impl Agent {
                     Response::error(format!("reload rejected, running config unchanged: {e:#}"))
                 }
             }),
+            Request::Explain { client, service } => {
+                server::Reply::Done(match self.explain(&client, &service) {
+                    Ok(text) => Response::ok(text),
+                    Err(e) => Response::error(format!("{e:#}")),
+                })
+            }
             Request::Backend(change) => {
                 let what = format!("{change:?}");
                 server::Reply::Done(match self.change_backend(change) {
@@ -425,6 +432,53 @@ impl Agent {
                 })
             }
         }
+    }
+
+    /// `lb explain`: the maps' facts for the flow, with names, admin state
+    /// and health from the agent, through the pure decision text.
+    fn explain(&self, client: &str, service: &str) -> anyhow::Result<String> {
+        let query = FlowQuery::parse(client, service)?;
+        let facts = self
+            .dp
+            .flow_facts(&query.key())
+            .context("reading the maps")?;
+        let view = facts.service.as_ref().and_then(|f| {
+            let (svc, applied) = self
+                .cfg
+                .services
+                .iter()
+                .zip(&self.applied)
+                .find(|(_, a)| a.id == f.id)?;
+            Some(ServiceView {
+                name: svc.name.clone(),
+                forwarding: svc.forwarding.name().into(),
+                scheduler: svc.scheduler.name().into(),
+                backends: svc
+                    .backends
+                    .iter()
+                    .zip(&applied.backends)
+                    .map(|(b, (_, id))| BackendView {
+                        id: *id,
+                        name: b.name.clone(),
+                        address: b.address.to_string(),
+                        admin: self
+                            .admin
+                            .get(&state::key(&svc.name, &b.name))
+                            .copied()
+                            .unwrap_or(Admin::Enabled),
+                        health: self.health.get(&Self::target(svc, b)).copied().into(),
+                    })
+                    .collect(),
+            })
+        });
+        let on_vip: Vec<String> = self
+            .cfg
+            .services
+            .iter()
+            .filter(|s| s.vip.ip() == query.vip.ip())
+            .map(|s| format!("{} {}/{}", s.name, s.vip, s.protocol.name()))
+            .collect();
+        Ok(explain::explain(&query, &facts, view.as_ref(), &on_vip))
     }
 
     fn change_backend(&mut self, change: BackendChange) -> anyhow::Result<String> {

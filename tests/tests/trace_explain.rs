@@ -1,0 +1,314 @@
+//! End-to-end tests of `lb trace` and `lb explain` (issue 13) on a lab with
+//! a running agent: the trace shows the client's packets the data plane does
+//! not forward, and `lb explain` names the backend a new connection then
+//! really reaches, and the conntrack pin afterwards. Needs root.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::FromRawFd,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_tests::{ask, lb_bin, three_webs, unique_prefix};
+use lb_userspace::{
+    control::Request,
+    harness::{lab::Lab, netns::in_netns},
+    trace::Tracer,
+};
+
+fn lab() -> Result<Lab> {
+    Lab::up(&unique_prefix("lbx"), &lb_bin())
+}
+
+/// A running `lb trace`: its stdout lines arrive on a channel.
+struct TraceProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl TraceProcess {
+    /// Starts `lb trace --pin-dir <lab's> ARGS` and waits until it says the
+    /// switch is on.
+    fn start(lab: &Lab, args: &[&str]) -> Result<TraceProcess> {
+        let pin_dir = lab.pin_dir().display().to_string();
+        let mut child = Command::new(lb_bin())
+            .args(["trace", "--pin-dir", &pin_dir])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning lb trace")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (ready_tx, ready) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("lb trace: {line}");
+                let _ = ready_tx.send(line);
+            }
+        });
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut trace = TraceProcess { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ready.recv_timeout(left) {
+                Ok(line) if line.starts_with("lb: tracing") => return Ok(trace),
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = trace.child.kill();
+                    let _ = trace.child.wait();
+                    bail!("lb trace did not switch tracing on within 10 s");
+                }
+            }
+        }
+    }
+
+    /// Waits for it to exit (killing it after `within`); its stdout lines.
+    fn finish(mut self, within: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let got: Vec<String> = self.lines.try_iter().collect();
+                bail!("lb trace still running after {within:?}; printed {got:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        ensure!(status.success(), "lb trace exited with {status}");
+        // The reader thread ends with the pipe.
+        thread::sleep(Duration::from_millis(50));
+        Ok(self.lines.try_iter().collect())
+    }
+}
+
+/// The switch is off once `lb trace` has stopped.
+fn assert_tracing_off(lab: &Lab) -> Result<()> {
+    let conf = Tracer::open(&lab.pin_dir())?.conf()?;
+    ensure!(conf.verdicts == 0, "TRACE_ON left at {conf:?}");
+    Ok(())
+}
+
+#[test]
+fn lb_trace_shows_the_clients_packets_that_are_not_forwarded() -> Result<()> {
+    let lab = lab()?;
+    let _agent = lab.start_agent(&three_webs())?;
+    let trace = TraceProcess::start(&lab, &["--count", "2"])?;
+    // A ping to the VIP (the kernel answers it), then UDP to a VIP port
+    // without a service.
+    lab.exec_ok(
+        &lab.client_ns(),
+        &["ping", "-c", "1", "-W", "2", "198.18.0.10"],
+    )?;
+    let sport = in_netns(&lab.client_ns(), || -> Result<u16> {
+        let socket = UdpSocket::bind("198.18.0.2:0")?;
+        socket.send_to(b"anyone?", "198.18.0.10:9")?;
+        Ok(socket.local_addr()?.port())
+    })??;
+    let lines = trace.finish(Duration::from_secs(10))?;
+    eprintln!("{lines:#?}");
+    ensure!(lines.len() == 2, "two events: {lines:?}");
+    ensure!(
+        lines[0].contains("pass_other_protocol 198.18.0.2 → 198.18.0.10/icmp service none"),
+        "the ping: {lines:?}"
+    );
+    ensure!(
+        lines[1].contains(&format!(
+            "pass_no_service 198.18.0.2:{sport} → 198.18.0.10:9/udp service none"
+        )),
+        "the UDP datagram: {lines:?}"
+    );
+    assert_tracing_off(&lab)?;
+
+    // Forwarded traffic produces no event; Ctrl-C stops it and switches
+    // tracing off. JSON carries the same fields.
+    let trace = TraceProcess::start(&lab, &["--json"])?;
+    lb_tests::answers(&lab, 3)?;
+    lab.exec_ok(
+        &lab.client_ns(),
+        &["ping", "-c", "1", "-W", "2", "198.18.0.10"],
+    )?;
+    thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(trace.child.id() as i32, libc::SIGINT) };
+    let lines = trace.finish(Duration::from_secs(5))?;
+    ensure!(
+        lines.len() == 1,
+        "only the ping, not the HTTP flows: {lines:?}"
+    );
+    ensure!(
+        lines[0].contains("\"verdict\":\"pass_other_protocol\"")
+            && lines[0].contains("\"saddr\":\"198.18.0.2\""),
+        "{lines:?}"
+    );
+    assert_tracing_off(&lab)
+}
+
+/// A keep-alive connection from the client with a chosen source port.
+fn connect_from(port: u16, to: SocketAddrV4) -> Result<TcpStream> {
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddrs are
+    // fully initialised.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = sockaddr(SocketAddrV4::new([198, 18, 0, 2].into(), port));
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            bail!("bind :{port}: {}", std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(to);
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            bail!("connect {to}: {}", std::io::Error::last_os_error());
+        }
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    }
+}
+
+/// `GET /` on a keep-alive connection: the name of the server that answers.
+fn who_answers(stream: &mut TcpStream) -> Result<String> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: keep-alive\r\n\r\n")?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        ensure!(reader.read_line(&mut line)? > 0, "closed in the head");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = Some(v.trim().parse::<u64>()?);
+        }
+    }
+    let mut body = String::new();
+    reader
+        .take(length.context("no Content-Length")?)
+        .read_to_string(&mut body)?;
+    Ok(body.trim_end().to_string())
+}
+
+fn explain(lab: &Lab, client: &str, service: &str) -> Result<String> {
+    let r = ask(
+        lab,
+        &Request::Explain {
+            client: client.into(),
+            service: service.into(),
+        },
+    )?;
+    ensure!(r.ok, "explain {client} {service}: {}", r.message);
+    eprintln!("$ lb explain {client} {service}\n{}", r.message);
+    Ok(r.message)
+}
+
+/// The backend name after `prefix` in an explanation, e.g. "→ web2 (".
+fn named_after(text: &str, prefix: &str) -> Result<String> {
+    let rest = &text[text
+        .find(prefix)
+        .with_context(|| format!("no {prefix:?} in {text}"))?
+        + prefix.len()..];
+    Ok(rest
+        .split_whitespace()
+        .next()
+        .context("a name")?
+        .to_string())
+}
+
+#[test]
+fn lb_explain_predicts_the_backend_and_then_names_the_pin() -> Result<()> {
+    let lab = lab()?;
+    let _agent = lab.start_agent(&three_webs())?;
+    // Move the round-robin counter off its start, so the prediction is read
+    // from the map, not assumed.
+    lb_tests::answers(&lab, 2)?;
+    let (port, client) = (41234u16, "198.18.0.2:41234");
+    let before = explain(&lab, client, "198.18.0.10:80/tcp")?;
+    ensure!(before.contains("service www"), "{before}");
+    ensure!(before.contains("no conntrack entry"), "{before}");
+    ensure!(before.contains("round robin"), "{before}");
+    ensure!(before.contains("not a promise for this tuple"), "{before}");
+    let schedule = before
+        .lines()
+        .find(|l| l.starts_with("round robin:"))
+        .context("a round robin line")?;
+    let predicted = named_after(schedule, " → ")?;
+
+    let answered = in_netns(&lab.client_ns(), || -> Result<String> {
+        let mut conn = connect_from(port, "198.18.0.10:80".parse()?)?;
+        let first = who_answers(&mut conn)?;
+        // Keep the flow open while the agent explains it again.
+        let again = explain(&lab, client, "198.18.0.10:80/tcp")?;
+        ensure!(
+            again.contains(&format!("pinned by conntrack to {first} (")),
+            "{again}"
+        );
+        ensure!(again.contains("stays on it"), "{again}");
+        ensure!(who_answers(&mut conn)? == first, "a keep-alive flow moved");
+        Ok(first)
+    })??;
+    ensure!(
+        answered == predicted,
+        "explain predicted {predicted}, {answered} answered"
+    );
+
+    // No service, and bad arguments named.
+    let none = explain(&lab, "198.18.0.2:5000", "198.18.0.10:9/udp")?;
+    ensure!(
+        none.contains("no service on 198.18.0.10:9/udp") && none.contains("pass_no_service"),
+        "{none}"
+    );
+    let bad = ask(
+        &lab,
+        &Request::Explain {
+            client: "198.18.0.2:5000".into(),
+            service: "198.18.0.10:80/sctp".into(),
+        },
+    )?;
+    ensure!(
+        !bad.ok && bad.message.contains("bad protocol \"sctp\""),
+        "{bad:?}"
+    );
+    let out = Command::new(lb_bin())
+        .args(["explain", "198.18.0.2", "198.18.0.10:80/tcp", "--socket"])
+        .arg(lab.agent_socket())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("bad client \"198.18.0.2\""),
+        "{stderr}"
+    );
+    Ok(())
+}
