@@ -11,10 +11,11 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::XdpMode as AyaXdpMode,
 };
-use lb_common::{Counters, FwdConf};
+use lb_common::{Counters, FwdConf, TRACE_DEFAULT_VERDICTS};
 
 use super::net::{
-    CLIENT, CONNTRACK, LBOUT_MAC, SINK_MAC, frame_from, generator_spec, lb_config, new_flow_frames,
+    CLIENT, CONNTRACK, LBOUT_MAC, PORT, SINK_MAC, frame_from, frame_to, generator_spec, lb_config,
+    new_flow_frames,
 };
 use crate::{
     config::Forwarding,
@@ -23,6 +24,7 @@ use crate::{
         pktgen::{self, Spec},
         xdp::{self, XDP_PASS, XDP_REDIRECT},
     },
+    trace::Tracer,
 };
 
 /// Median, min and max.
@@ -158,6 +160,19 @@ pub(super) enum NsProgram {
         backends: usize,
         flow: FlowState,
     },
+    /// `lb` (DSR, 100 backends) with drop tracing off or on.
+    LbTracing { packet: TracedPacket, on: bool },
+}
+
+/// The packet of a drop-tracing cost row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TracedPacket {
+    /// Forwarded: never reads the tracing switch.
+    Established,
+    /// Not forwarded (a VIP port without a service, `pass_no_service`):
+    /// reads the switch; with tracing on and no reader the ring buffer is
+    /// full, so it also re-reads its headers and counts a lost event.
+    NotForwarded,
 }
 
 impl fmt::Display for NsProgram {
@@ -174,6 +189,18 @@ impl fmt::Display for NsProgram {
                     FlowState::New => "new flow",
                 };
                 write!(f, "lb {} ({backends} backends), {flow}", mode_name(*mode))
+            }
+            NsProgram::LbTracing { packet, on } => {
+                let packet = match packet {
+                    TracedPacket::Established => "established flow",
+                    TracedPacket::NotForwarded => "not forwarded (pass_no_service)",
+                };
+                let tracing = if *on {
+                    "drop tracing on, no reader (ring full)"
+                } else {
+                    "drop tracing off"
+                };
+                write!(f, "lb DSR (100 backends), {packet}, {tracing}")
             }
         }
     }
@@ -431,5 +458,40 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&new_ns),
         });
     }
+    ns_rows.extend(trace_rows(lbin, repeat, reps)?);
     Ok(ns_rows)
+}
+
+/// ns/packet of `lb` (DSR) with drop tracing off and on, for a forwarded
+/// packet and one it does not forward: what `lb trace` costs while it runs,
+/// and that it costs the forwarded path nothing.
+fn trace_rows(lbin: u32, repeat: u32, reps: usize) -> anyhow::Result<Vec<NsRow>> {
+    let mut dp = Dataplane::load(CONNTRACK)?;
+    dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
+    let mut tracer = Tracer::of(&dp)?;
+    let client = SocketAddrV4::new(CLIENT, 1024);
+    let established = vec![frame_from(client)?];
+    let stray = vec![frame_to(client, PORT + 1)?];
+    ns_per_packet(dp.program()?, &established, lbin, 1, Some(XDP_REDIRECT))?;
+    let mut rows = Vec::new();
+    for on in [false, true] {
+        if on {
+            tracer.start(TRACE_DEFAULT_VERDICTS)?;
+        }
+        for (packet, frames, action) in [
+            (TracedPacket::Established, &established, XDP_REDIRECT),
+            (TracedPacket::NotForwarded, &stray, XDP_PASS),
+        ] {
+            let ns = (0..reps)
+                .map(|_| ns_per_packet(dp.program()?, frames, lbin, repeat, Some(action)))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            rows.push(NsRow {
+                program: NsProgram::LbTracing { packet, on },
+                method: NsMethod::Repeat(repeat),
+                ns: Stat::of(&ns),
+            });
+        }
+    }
+    tracer.stop()?;
+    Ok(rows)
 }

@@ -161,11 +161,16 @@ pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Sp
 }
 
 pub(super) fn frame_from(src: SocketAddrV4) -> anyhow::Result<Vec<u8>> {
+    frame_to(src, PORT)
+}
+
+/// A 64-byte UDP frame from `src` to the VIP's `port`.
+pub(super) fn frame_to(src: SocketAddrV4, port: u16) -> anyhow::Result<Vec<u8>> {
     pktgen::build_frame(&FrameSpec {
         dst_mac: LBIN_MAC,
         src_mac: GEN_MAC,
         src,
-        dst: SocketAddrV4::new(VIP, PORT),
+        dst: SocketAddrV4::new(VIP, port),
         proto: Proto::Udp,
         size: 64,
     })

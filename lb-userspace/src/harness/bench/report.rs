@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     http::{HttpPath, HttpRow},
-    measure::{FwdRow, Hop, NsProgram, NsRow},
+    measure::{FwdRow, Hop, NsProgram, NsRow, TracedPacket},
     targets::targets,
 };
 use crate::config::Forwarding;
@@ -330,6 +330,25 @@ fn summary(r: &Report) -> String {
                 row.ns.median,
                 row.ns.median - pass.ns.median,
                 pass.ns.median
+            );
+        }
+    }
+    for packet in [TracedPacket::Established, TracedPacket::NotForwarded] {
+        let find = |on| {
+            r.ns.iter()
+                .find(|row| row.program == NsProgram::LbTracing { packet, on })
+        };
+        if let (Some(off), Some(on)) = (find(false), find(true)) {
+            let _ = writeln!(
+                s,
+                "- Drop tracing, {}: {:.1} ns/packet off, {:.1} ns on ({:+.1} ns).",
+                match packet {
+                    TracedPacket::Established => "established flow",
+                    TracedPacket::NotForwarded => "a packet not forwarded",
+                },
+                off.ns.median,
+                on.ns.median,
+                on.ns.median - off.ns.median
             );
         }
     }
