@@ -228,3 +228,45 @@ pub fn transfer(lab: &Lab, size: usize) -> thread::JoinHandle<Result<usize>> {
         .expect("client thread")
     })
 }
+
+/// Makes one connection (to web1, the first in the ring), then pins `count`
+/// made-up flows from 100.64.0.0/10 to that backend in the lab agent's
+/// connection table — no packet ever matches them. For tests of what a big
+/// flow table costs the agent.
+pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{Flow, FlowKey};
+    let first = answers(lab, 1)?;
+    if first != ["web1"] {
+        bail!("the first connection went to {first:?}, not web1");
+    }
+    let open = || -> Result<HashMap<MapData, FlowKey, Flow>> {
+        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+        Ok(HashMap::try_from(Map::LruHashMap(data))?)
+    };
+    let flows: Vec<Flow> = open()?
+        .iter()
+        .map(|r| r.map(|(_, f)| f))
+        .collect::<Result<_, _>>()?;
+    let [only] = flows[..] else {
+        bail!("expected one flow, got {flows:?}");
+    };
+    let mut table = open()?;
+    for i in 0..count {
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes((0x6440_0000u32 + i).to_be_bytes()),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: 4000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            ..FlowKey::default()
+        };
+        let flow = Flow {
+            backend_id: only.backend_id,
+            service_id: only.service_id,
+            ..Flow::default()
+        };
+        table.insert(key, flow, 0)?;
+    }
+    Ok(())
+}

@@ -22,7 +22,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
     FALL, INTERVAL_MS, RISE, add_backend, answers, backend_status, checked_status, lb_bin, ok,
-    steady_stream, three_webs, transfer, unique_prefix, wait_for_status, web_config,
+    pin_made_up_flows, steady_stream, three_webs, transfer, unique_prefix, wait_for_status,
+    web_config,
 };
 use lb_userspace::{
     control::{BackendChange, HealthStatus, Request},
@@ -330,43 +331,10 @@ fn no_control_client_can_stall_bloat_or_double_the_agent() -> Result<()> {
 /// agent's loop: a change asked for meanwhile is answered at once.
 #[test]
 fn status_of_a_big_flow_table_does_not_stall_the_agent() -> Result<()> {
-    use aya::maps::{HashMap, Map, MapData};
-    use lb_common::{Flow, FlowKey};
     const FLOWS: u32 = 200_000;
     let lab = lab()?;
     let _agent = lab.start_agent(&three_webs())?;
-    let web1_id = {
-        // web1's backend id: the one flow of a first connection.
-        assert_eq!(answers(&lab, 1)?, vec!["web1"]);
-        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
-        let table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
-        let flows: Vec<Flow> = table
-            .iter()
-            .map(|r| r.map(|(_, f)| f))
-            .collect::<Result<_, _>>()?;
-        ensure!(flows.len() == 1, "expected one flow, got {flows:?}");
-        flows[0].backend_id
-    };
-    // Made-up flows from 100.64.0.0/10 pinned to web1: no packet ever
-    // matches them.
-    let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
-    let mut table: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(data))?;
-    for i in 0..FLOWS {
-        let key = FlowKey {
-            saddr: u32::from_ne_bytes((0x6440_0000u32 + i).to_be_bytes()),
-            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
-            sport: 4000u16.to_be(),
-            dport: 80u16.to_be(),
-            protocol: 6,
-            ..FlowKey::default()
-        };
-        let flow = Flow {
-            backend_id: web1_id,
-            service_id: 0,
-            ..Flow::default()
-        };
-        table.insert(key, flow, 0)?;
-    }
+    pin_made_up_flows(&lab, FLOWS)?;
 
     let socket = lab.agent_socket();
     let walker = thread::spawn(move || {
