@@ -149,6 +149,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     // The status page's browser test (tests/tests/monitoring.rs).
     ("chromium", "/usr/bin/chromium"),
+    // `systemd-analyze verify` of deploy/lb.service (tests/tests/deploy.rs).
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 fn setup() -> anyhow::Result<()> {
