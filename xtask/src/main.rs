@@ -330,6 +330,9 @@ fn lb_verb(root: &Path, verb: &str, args: &[OsString]) -> anyhow::Result<()> {
 // ---- test ----
 
 fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
+    // Every tool the tiers call (Chromium, wrk, systemd-analyze, …), not
+    // only the BPF toolchain the build checks for: installs what is missing.
+    setup()?;
     let lb = build(root, false)?;
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("xtask test: host, kernel (BPF_PROG_TEST_RUN) and end-to-end tiers");
