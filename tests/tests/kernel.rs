@@ -54,6 +54,7 @@ fn service(
     backends: Vec<Backend>,
 ) -> Service {
     Service {
+        firewall: Default::default(),
         name: name.into(),
         vip: SocketAddrV4::new(vip.into(), port),
         protocol,
@@ -74,6 +75,7 @@ fn webs(port: u16) -> Vec<Backend> {
 
 fn lab_config() -> Config {
     Config {
+        firewall: Default::default(),
         dataplane: DataplaneConfig {
             interfaces: vec!["f0".into(), "b0".into()],
             forwarding: Forwarding::Nat,
