@@ -1636,3 +1636,246 @@ fn trace_cost_ns_per_packet() {
         }
     });
 }
+
+// ---- the firewall (new flows to a VIP) ----
+
+fn prefix(text: &str) -> lb_userspace::config::Prefix {
+    lb_userspace::config::Prefix::parse(text).expect("prefix")
+}
+
+/// A SYN (or, `syn: false`, an ACK) from `src` to the VIP:80 `dst`.
+fn from(src: [u8; 4], sport: u16, dst: [u8; 4], syn: bool) -> Vec<u8> {
+    Tcp {
+        src,
+        syn,
+        ..Tcp::request(sport, dst)
+    }
+    .build()
+}
+
+/// Each rule's counter, by its text ("deny 10.77.0.0/16") and scope.
+fn rule_counts(dp: &Dataplane) -> std::collections::BTreeMap<(u32, String), u64> {
+    dp.firewall_rules()
+        .expect("firewall rules")
+        .into_iter()
+        .map(|r| ((r.rule.scope, r.rule.to_string()), r.new_flows))
+        .collect()
+}
+
+impl Harness {
+    /// [`Harness::expect_case`], and asserts that exactly the rule `rule`
+    /// (scope, "deny 1.2.3.0/24") counted the packet, or none.
+    fn expect_rule(
+        &mut self,
+        what: &str,
+        frame: &[u8],
+        action: u32,
+        reason: Verdict,
+        rule: Option<(u32, &str)>,
+    ) {
+        let before = rule_counts(&self.dp);
+        self.expect_case(what, self.front, frame, action, reason);
+        let after = rule_counts(&self.dp);
+        let moved: Vec<(u32, String)> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let expected: Vec<(u32, String)> =
+            rule.map(|(s, r)| (s, r.to_owned())).into_iter().collect();
+        assert_eq!(moved, expected, "rule counters: {what}");
+        if let Some(k) = expected.first() {
+            assert_eq!(after[k], before[k] + 1, "{what}: one new flow");
+        }
+    }
+}
+
+/// Deny and allow lists, global and per service: deny wins over allow
+/// (even a more specific allow), the longest matching deny rule is the one
+/// that counts, a service's allow list denies everyone else for that
+/// service only, and established flows are not filtered (a rule added
+/// live applies to new flows).
+#[test]
+fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
+    use lb_common::FW_GLOBAL;
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.firewall.deny = vec![prefix("203.0.113.0/24")];
+        let www = &mut cfg.services[0];
+        www.firewall.deny = vec![prefix("10.77.0.0/16"), prefix("10.77.1.128/25")];
+        www.firewall.allow = vec![prefix("10.77.1.0/24"), prefix("198.18.0.0/24")];
+        let mut h = Harness::new(&cfg);
+        let www_id = 0; // the first service gets id 0
+        assert_eq!(rule_counts(&h.dp).len(), 5);
+        let drop = XDP_DROP;
+        h.expect_rule(
+            "inside deny /16 and allow /24: deny wins",
+            &from([10, 77, 1, 5], 42000, VIP, true),
+            drop,
+            Verdict::DropFirewallDeny,
+            Some((www_id, "deny 10.77.0.0/16")),
+        );
+        h.expect_rule(
+            "the longest deny prefix is the rule that counts",
+            &from([10, 77, 1, 200], 42001, VIP, true),
+            drop,
+            Verdict::DropFirewallDeny,
+            Some((www_id, "deny 10.77.1.128/25")),
+        );
+        h.expect_rule(
+            "outside www's allow list",
+            &from([10, 78, 0, 1], 42002, VIP, true),
+            drop,
+            Verdict::DropFirewallNotAllowed,
+            None,
+        );
+        h.expect_rule(
+            "the client, in www's allow list",
+            &from(CLIENT, 42003, VIP, true),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            Some((www_id, "allow 198.18.0.0/24")),
+        );
+        h.expect_rule(
+            "global deny, on another service too",
+            &from([203, 0, 113, 9], 42004, VIP_DSR, true),
+            drop,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+        );
+        h.expect_rule(
+            "www's allow list does not apply to www-dsr",
+            &from([10, 78, 0, 1], 42005, VIP_DSR, true),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        // A non-first packet of an unknown flow is a new flow too.
+        h.expect_rule(
+            "an ACK without a flow is filtered",
+            &from([203, 0, 113, 9], 42006, VIP, false),
+            drop,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+        );
+
+        // Live: deny the client's /24 globally. Its established flow goes on
+        // (new flows only are filtered); its new flows are denied.
+        let mut live = cfg.clone();
+        live.firewall.deny.push(prefix("198.18.0.0/24"));
+        h.dp.apply(&live).expect("apply live deny");
+        h.expect_rule(
+            "established flow of a newly denied source",
+            &from(CLIENT, 42003, VIP, false),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        h.expect_rule(
+            "new flow of a newly denied source",
+            &from(CLIENT, 42010, VIP, true),
+            drop,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 198.18.0.0/24")),
+        );
+        // Removing the rules (and the allow list) lets everyone in again,
+        // and the rules that stayed kept their counters.
+        let before = rule_counts(&h.dp);
+        let mut open = cfg.clone();
+        open.services[0].firewall = Default::default();
+        h.dp.apply(&open).expect("apply without www's rules");
+        let after = rule_counts(&h.dp);
+        assert_eq!(after.len(), 1);
+        let global = (FW_GLOBAL, "deny 203.0.113.0/24".to_owned());
+        assert_eq!(after[&global], before[&global]);
+        h.expect_rule(
+            "no rules left for www",
+            &from([10, 77, 1, 5], 42011, VIP, true),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+    });
+}
+
+/// The per-source new-flow token bucket: `burst` new flows, then
+/// DropRateLimited until time refills it (injected by moving the bucket's
+/// timestamp back); per /24, so another /24 has its own bucket; established
+/// flows of a limited source keep going.
+#[test]
+fn rate_limit_bucket_empties_then_refills() {
+    use aya::maps::HashMap as AyaHashMap;
+    use lb_common::{Bucket, BucketKey, FW_GLOBAL};
+    use lb_userspace::config::RateLimit;
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.firewall.rate_limit = Some(RateLimit {
+            new_flows_per_second: 1,
+            burst: 3,
+            per: 24,
+        });
+        let mut h = Harness::new(&cfg);
+        for i in 0..3u8 {
+            h.expect_case(
+                "within the burst",
+                h.front,
+                &from([10, 90, 0, 1 + i], 43000 + u16::from(i), VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        h.expect_case(
+            "the /24's bucket is empty",
+            h.front,
+            &from([10, 90, 0, 77], 43010, VIP, true),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+        h.expect_case(
+            "another /24 has its own bucket",
+            h.front,
+            &from([10, 90, 1, 1], 43011, VIP, true),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        h.expect_case(
+            "established flows are not rate-limited",
+            h.front,
+            &from([10, 90, 0, 1], 43000, VIP, false),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        // Two seconds later (the timestamp moved back): two more tokens.
+        {
+            let map = h.dp.ebpf().map_mut("FW_BUCKETS").expect("FW_BUCKETS");
+            let mut buckets: AyaHashMap<_, BucketKey, Bucket> =
+                AyaHashMap::try_from(map).expect("bucket map");
+            let key = BucketKey {
+                scope: FW_GLOBAL,
+                addr: u32::from_ne_bytes([10, 90, 0, 0]),
+            };
+            let mut b = buckets.get(&key, 0).expect("the /24's bucket");
+            assert!(b.tokens < lb_common::FW_NS, "empty: {b:?}");
+            b.last_ns -= 2_000_000_000;
+            buckets.insert(key, b, 0).expect("write bucket");
+        }
+        for i in 0..2u16 {
+            h.expect_case(
+                "refilled",
+                h.front,
+                &from([10, 90, 0, 100], 43020 + i, VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        h.expect_case(
+            "empty again",
+            h.front,
+            &from([10, 90, 0, 100], 43030, VIP, true),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+    });
+}
