@@ -1879,3 +1879,75 @@ fn rate_limit_bucket_empties_then_refills() {
         );
     });
 }
+
+/// The firewall's cost per packet, firewall empty vs 10,000 prefixes. Not a
+/// check: a measurement, run by hand:
+/// `cargo xtask test --test kernel -- --ignored firewall_cost --nocapture`
+/// Stateless cases, so BPF_PROG_TEST_RUN can repeat them: an established
+/// DSR flow (never reaches the firewall), and packets to the VIP on a port
+/// without a service (the new-flow path up to the service lookup, through
+/// the global scope's deny lookup) from sources far from, next to, and
+/// inside the rules. The planes take turns, round
+/// after round; each case prints the median over the rounds.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn firewall_cost_ns_per_packet() {
+    const REPEAT: u32 = 1_000_000;
+    const ROUNDS: usize = 15;
+    let net = TestNet::new();
+    net.run(|| {
+        let empty_cfg = lab_config();
+        let mut loaded_cfg = lab_config();
+        // 10,000 /24s in 10.200.0.0 - 10.239.15.0: they share 10/8 with
+        // the probe sources, so a lookup walks deep before it decides.
+        loaded_cfg.firewall.deny = (0..10_000)
+            .map(|i| prefix(&format!("10.{}.{}.0/24", 200 + i / 256, i % 256)))
+            .collect();
+        let mut empty = Harness::new(&empty_cfg);
+        let mut loaded = Harness::new(&loaded_cfg);
+        let front = empty.front;
+        let src = [10, 100, 0, 1];
+        let syn = from(src, 49000, VIP_DSR, true);
+        for h in [&mut empty, &mut loaded] {
+            let f = h.front;
+            h.expect(f, &syn, XDP_REDIRECT, Verdict::Forwarded);
+        }
+        let est = from(src, 49000, VIP_DSR, false);
+        // To the VIP on a port without a service: the new-flow path up to the
+        // service lookup, stateless. From a source far from the rules, one
+        // just outside them (the deny lookup walks deepest, then misses), and
+        // one they deny (the loaded plane stops at the deny rule).
+        let to_vip = |src: [u8; 4]| udp(CLIENT_MAC, FRONT_MAC, src, VIP, 64, 49001, 9, b"x");
+        let (far, near, denied) = (
+            to_vip(src),
+            to_vip([10, 239, 16, 1]),
+            to_vip([10, 239, 15, 7]),
+        );
+        loaded.expect(front, &denied, XDP_DROP, Verdict::DropFirewallDeny);
+        loaded.expect(front, &near, XDP_PASS, Verdict::PassNoService);
+        let cases: [(&str, &[u8]); 4] = [
+            ("established DSR flow", &est),
+            ("new-flow path, source far from the rules", &far),
+            ("new-flow path, source next to the rules", &near),
+            ("new-flow path, source denied (loaded)", &denied),
+        ];
+        let mut samples = vec![[Vec::new(), Vec::new()]; cases.len()];
+        for _ in 0..ROUNDS {
+            for (c, (_, frame)) in cases.iter().enumerate() {
+                samples[c][0].push(ns_per_packet(&mut empty.dp, front, frame, REPEAT));
+                samples[c][1].push(ns_per_packet(&mut loaded.dp, front, frame, REPEAT));
+            }
+        }
+        let median = |s: &mut Vec<f64>| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        };
+        for ((what, _), [mut e, mut l]) in cases.iter().zip(samples) {
+            let (e, l) = (median(&mut e), median(&mut l));
+            eprintln!(
+                "{what:<52} empty {e:>6.1} ns   10k prefixes {l:>6.1} ns   {:+.1} ns",
+                l - e
+            );
+        }
+    });
+}
