@@ -1951,3 +1951,54 @@ fn firewall_cost_ns_per_packet() {
         }
     });
 }
+
+/// A restarted agent reads the firewall back from the pins: the rules keep
+/// their ids and counters, and a config without a rule removes it (it is not
+/// left behind, unknown to the new agent).
+#[test]
+fn a_restarted_data_plane_adopts_its_firewall_rules() {
+    use lb_common::FW_GLOBAL;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.firewall.deny = vec![prefix("203.0.113.0/24"), prefix("192.0.2.0/24")];
+        let denied = from([203, 0, 113, 9], 42000, VIP, true);
+        {
+            let (mut first, adopted) = Dataplane::load_pinned(65536, &pins).expect("load");
+            assert!(!adopted);
+            first.apply(&cfg).expect("apply");
+            let front = xdp::ifindex("f0").expect("f0");
+            assert_eq!(test_run(&mut first, front, &denied).0, XDP_DROP);
+        }
+        let (second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
+        assert!(adopted);
+        let mut h = Harness {
+            dp: second,
+            front: xdp::ifindex("f0").expect("f0"),
+            back: xdp::ifindex("b0").expect("b0"),
+        };
+        let counts = rule_counts(&h.dp);
+        assert_eq!(counts[&(FW_GLOBAL, "deny 203.0.113.0/24".to_owned())], 1);
+        assert_eq!(counts.len(), 2);
+        cfg.firewall.deny.pop();
+        h.dp.apply(&cfg).expect("re-apply without 192.0.2.0/24");
+        assert_eq!(rule_counts(&h.dp).len(), 1);
+        h.expect_rule(
+            "the adopted rule still drops and counts",
+            &denied,
+            XDP_DROP,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+        );
+        h.expect_rule(
+            "the rule the new config dropped is gone",
+            &from([192, 0, 2, 1], 42001, VIP, true),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
