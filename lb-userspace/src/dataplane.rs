@@ -706,15 +706,26 @@ impl Dataplane {
     }
 
     /// Verdict counters summed over CPUs, in [`Verdict::ALL`] order.
+    ///
+    /// A `VERDICTS` adopted from a pin dir of an older version is shorter
+    /// (a pinned map keeps its size): the verdicts added since (the
+    /// firewall's) read 0 there, and count once `lb teardown` lets the map
+    /// be made again.
     pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>> {
         let map = self.per_cpu::<u64>("VERDICTS")?;
         (0..VERDICT_COUNT)
             .map(|i| {
-                let values = map.get(&i, 0).map_err(|source| DataplaneError::Map {
-                    name: "VERDICTS",
-                    source,
-                })?;
-                Ok((Verdict::ALL[i as usize], values.iter().sum()))
+                let n = match map.get(&i, 0) {
+                    Ok(values) => values.iter().sum(),
+                    Err(MapError::OutOfBounds { .. }) => 0,
+                    Err(source) => {
+                        return Err(DataplaneError::Map {
+                            name: "VERDICTS",
+                            source,
+                        });
+                    }
+                };
+                Ok((Verdict::ALL[i as usize], n))
             })
             .collect()
     }
