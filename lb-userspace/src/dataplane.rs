@@ -717,7 +717,7 @@ impl Dataplane {
             .map(|i| {
                 let n = match map.get(&i, 0) {
                     Ok(values) => values.iter().sum(),
-                    Err(MapError::OutOfBounds { .. }) => 0,
+                    Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => 0,
                     Err(source) => {
                         return Err(DataplaneError::Map {
                             name: "VERDICTS",
