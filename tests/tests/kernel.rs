@@ -2002,3 +2002,64 @@ fn a_restarted_data_plane_adopts_its_firewall_rules() {
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
+
+/// A pin dir from before the firewall: its `VERDICTS` has 14 slots and keeps
+/// them when adopted (a pinned map keeps its size). The verdicts reader does
+/// not fail on the three new ones (they read 0), the others still count,
+/// and the firewall maps are created and work.
+#[test]
+fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
+    use aya::maps::PerCpuArray;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let mut cfg = lab_config();
+        let (mut first, _) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
+        first.apply(&cfg).expect("apply");
+        drop(first);
+        // As an older version left it: 14 verdicts, no firewall maps.
+        for map in lb_userspace::dataplane::LB_MAPS
+            .iter()
+            .filter(|m| m.starts_with("FW_"))
+            .chain(&["VERDICTS"])
+        {
+            std::fs::remove_file(pins.join(map)).expect("unpin");
+        }
+        PerCpuArray::<_, u64>::create(14, 0)
+            .expect("create an old VERDICTS")
+            .pin(pins.join("VERDICTS"))
+            .expect("pin it");
+        let (second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
+        assert!(adopted);
+        let mut h = Harness {
+            dp: second,
+            front: xdp::ifindex("f0").expect("f0"),
+            back: xdp::ifindex("b0").expect("b0"),
+        };
+        cfg.firewall.deny = vec![prefix("203.0.113.0/24")];
+        h.dp.apply(&cfg).expect("apply with a rule");
+        let denied = from([203, 0, 113, 9], 42000, VIP, true);
+        let front = h.front;
+        assert_eq!(h.run(front, &denied).0, XDP_DROP);
+        h.expect(
+            front,
+            &Tcp::request(42001, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let verdicts = h.verdicts();
+        assert_eq!(verdicts.len(), lb_common::VERDICT_COUNT as usize);
+        let deny = verdicts
+            .iter()
+            .find(|(v, _)| *v == Verdict::DropFirewallDeny);
+        assert_eq!(
+            deny,
+            Some(&(Verdict::DropFirewallDeny, 0)),
+            "not counted there"
+        );
+        let counts = rule_counts(&h.dp);
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1]);
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
