@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     http::{HttpPath, HttpRow},
-    measure::{FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsProgram, NsRow},
+    measure::{FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow},
     targets::targets,
 };
 use crate::config::Forwarding;
@@ -398,5 +398,63 @@ fn firewall_section(s: &mut String, rows: &[FwCostRow]) {
             diff,
             100.0 * diff / row.empty.median
         );
+    }
+    // The target: the stage costs an established flow at most 10 %.
+    if let Some(est) = rows
+        .iter()
+        .find(|r| r.flow == FlowState::Established && matches!(r.method, NsMethod::Repeat(_)))
+    {
+        let share = 100.0 * (est.loaded.median - est.empty.median) / est.empty.median;
+        let verdict = if share <= 10.0 { "met" } else { "NOT met" };
+        let _ = writeln!(
+            s,
+            "\nTarget (at most 10 % of an established flow's cost with {FW_PREFIXES} prefixes): {verdict}, {share:+.1} % ({}).",
+            est.method
+        );
+    }
+}
+
+#[cfg(test)]
+mod firewall_tests {
+    use super::*;
+    use crate::harness::bench::Stat;
+
+    fn st(median: f64) -> Stat {
+        Stat {
+            median,
+            min: median,
+            max: median,
+        }
+    }
+
+    #[test]
+    fn the_firewall_section_gives_differences_and_judges_the_target() {
+        let row = |flow, method, empty, loaded| FwCostRow {
+            flow,
+            method,
+            empty: st(empty),
+            loaded: st(loaded),
+        };
+        let mut s = String::new();
+        firewall_section(
+            &mut s,
+            &[
+                row(FlowState::Established, NsMethod::Repeat(1000), 40.0, 42.0),
+                row(FlowState::New, NsMethod::DistinctFlows(10), 800.0, 880.0),
+            ],
+        );
+        assert!(s.contains("| new | 10 distinct flows, repeat=1 | 800.0 (800.0–800.0) | 880.0 (880.0–880.0) | +80.0 ns (+10.0 %) |"), "{s}");
+        assert!(s.contains("Target (at most 10 % of an established flow's cost with 10000 prefixes): met, +5.0 % (repeat=1000)."), "{s}");
+        let mut over = String::new();
+        firewall_section(
+            &mut over,
+            &[row(
+                FlowState::Established,
+                NsMethod::Repeat(1000),
+                40.0,
+                50.0,
+            )],
+        );
+        assert!(over.contains("NOT met, +25.0 %"), "{over}");
     }
 }
