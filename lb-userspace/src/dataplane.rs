@@ -25,9 +25,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, FW_SCOPE_COUNT, Flow, FlowKey,
-    FwKey, FwScope, MAX_BACKENDS, ReverseNat, Ring, ServiceConf, ServiceKey, VERDICT_COUNT,
-    Verdict, ring,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, FW_GLOBAL, FW_SCOPE_COUNT, Flow,
+    FlowKey, FwKey, FwScope, MAX_BACKENDS, ReverseNat, Ring, ServiceConf, ServiceKey,
+    VERDICT_COUNT, Verdict, ring,
 };
 
 use firewall::{FwError, FwIds, FwPlan, List, Rule};
@@ -36,7 +36,7 @@ use plan::{BackendPlan, Ids, Plan, PlanError, ServicePlan};
 
 use crate::{
     config::{self, Config},
-    explain::{FlowFacts, ServiceFacts},
+    explain::{FlowFacts, FwFacts, ServiceFacts},
     object::{MissingObject, ebpf_object},
 };
 
@@ -804,10 +804,42 @@ impl Dataplane {
                 backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
             )),
         };
+        let mut firewall = Vec::new();
+        let scopes: Array<&MapData, FwScope> =
+            Array::try_from(map("FW_SCOPES")?).map_err(err("FW_SCOPES"))?;
+        let scope_ids = std::iter::once(FW_GLOBAL).chain(service.as_ref().map(|s| s.id));
+        for scope in scope_ids {
+            let conf = scopes.get(&scope, 0).map_err(err("FW_SCOPES"))?;
+            let matched = |name: &'static str| -> Result<Option<(String, u32)>> {
+                let lookup = Key::new(
+                    64,
+                    FwKey {
+                        scope,
+                        addr: key.saddr,
+                    },
+                );
+                Ok(found(self.trie(name)?.get(&lookup, 0), name)?.map(|id| {
+                    let rule = self
+                        .fw
+                        .rules
+                        .iter()
+                        .find(|(_, v)| **v == id)
+                        .map_or(format!("rule id {id}"), |(r, _)| r.to_string());
+                    (rule, id)
+                }))
+            };
+            firewall.push(FwFacts {
+                scope,
+                conf,
+                deny: matched("FW_DENY")?,
+                allow: matched("FW_ALLOW")?,
+            });
+        }
         Ok(FlowFacts {
             vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
             service,
             conntrack,
+            firewall,
         })
     }
 

@@ -1723,6 +1723,23 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
             Verdict::DropFirewallDeny,
             Some((www_id, "deny 10.77.1.128/25")),
         );
+        // `lb explain`'s facts: the same LPM lookups, per scope.
+        let vip = std::net::Ipv4Addr::from(VIP);
+        let q =
+            lb_userspace::explain::FlowQuery::parse("10.77.1.200:42001", &format!("{vip}:80/tcp"))
+                .expect("query");
+        let facts = h.dp.flow_facts(&q.key()).expect("facts");
+        let scopes: Vec<u32> = facts.firewall.iter().map(|f| f.scope).collect();
+        assert_eq!(scopes, vec![FW_GLOBAL, www_id]);
+        assert_eq!(facts.firewall[0].deny, None);
+        assert_eq!(
+            facts.firewall[1].deny.as_ref().map(|(r, _)| r.as_str()),
+            Some("deny 10.77.1.128/25")
+        );
+        assert_eq!(
+            facts.firewall[1].allow.as_ref().map(|(r, _)| r.as_str()),
+            Some("allow 10.77.1.0/24")
+        );
         h.expect_rule(
             "outside www's allow list",
             &from([10, 78, 0, 1], 42002, VIP, true),
