@@ -137,6 +137,20 @@ fn denied_sources_cannot_connect_and_live_rules_apply_to_new_connections() -> Re
     connects(&lab, SECOND).context("step 3")?;
     refused(&lab, CLIENT).context("step 4")?;
 
+    // `lb explain` names the rule a new flow from the client meets.
+    let why = ok(
+        &lab,
+        Request::Explain {
+            client: format!("{CLIENT}:40000"),
+            service: "198.18.0.10:80/tcp".into(),
+        },
+    )?;
+    ensure!(
+        why.contains(&format!("[firewall]: the source matches deny {CLIENT}/32"))
+            && why.contains("drop_firewall_deny"),
+        "explain: {why}"
+    );
+
     // A rejected change (host bits) names the reason; the rules stay.
     let r = ask(&lab, &Request::Firewall(deny(add("198.18.0.2/24"))))?;
     ensure!(
