@@ -188,9 +188,16 @@ pub enum Verdict {
     Forwarded = 12,
     /// NAT reply rewritten back to the VIP and forwarded.
     ForwardedReply = 13,
+    /// A new flow from a source in a deny list (global or the service's).
+    DropFirewallDeny = 14,
+    /// A new flow from a source outside an allow list (global or the
+    /// service's) that is not empty.
+    DropFirewallNotAllowed = 15,
+    /// A new flow over its source's new-flow rate limit (token bucket).
+    DropRateLimited = 16,
 }
 
-pub const VERDICT_COUNT: u32 = 14;
+pub const VERDICT_COUNT: u32 = 17;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -208,6 +215,9 @@ impl Verdict {
         Verdict::DropConntrackFull,
         Verdict::Forwarded,
         Verdict::ForwardedReply,
+        Verdict::DropFirewallDeny,
+        Verdict::DropFirewallNotAllowed,
+        Verdict::DropRateLimited,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -226,6 +236,9 @@ impl Verdict {
             Verdict::DropConntrackFull => "drop_conntrack_full",
             Verdict::Forwarded => "forwarded",
             Verdict::ForwardedReply => "forwarded_reply",
+            Verdict::DropFirewallDeny => "drop_firewall_deny",
+            Verdict::DropFirewallNotAllowed => "drop_firewall_not_allowed",
+            Verdict::DropRateLimited => "drop_rate_limited",
         }
     }
 }
@@ -314,6 +327,88 @@ pub struct TraceEvent {
     /// Frame length in bytes.
     pub len: u32,
 }
+
+// ---- the firewall (new flows to a VIP; docs/architecture.md) ----
+
+/// Most firewall rules (prefixes over every scope and list); a rule id
+/// indexes `FW_RULE_STATS`.
+pub const MAX_FW_RULES: u32 = 65_536;
+/// Token buckets of the new-flow rate limits (an LRU: the least recently
+/// seen sources lose theirs first, and start again with a full bucket).
+pub const FW_BUCKETS_SIZE: u32 = 65_536;
+/// The firewall scope of the rules that apply to every VIP; a service's
+/// scope is its service id.
+pub const FW_GLOBAL: u32 = MAX_SERVICES;
+/// `FW_SCOPES` entries: one per service id, then the global one.
+pub const FW_SCOPE_COUNT: u32 = MAX_SERVICES + 1;
+/// `FwScope::flags`: the scope has deny rules.
+pub const FW_F_DENY: u32 = 1;
+/// `FwScope::flags`: the scope has an allow list: any other source is denied.
+pub const FW_F_ALLOW: u32 = 2;
+/// `FwScope::flags`: new flows are rate-limited per source.
+pub const FW_F_RATE: u32 = 4;
+/// Nanoseconds per token: buckets count in nano-tokens, so a refill is one
+/// multiply (`elapsed_ns * rate`) and never a division.
+pub const FW_NS: u64 = 1_000_000_000;
+/// Longer than this since a bucket's last new flow, it is simply full (the
+/// cap keeps `elapsed * rate` far from overflowing).
+pub const FW_REFILL_CAP_NS: u64 = 1 << 36;
+/// Most new flows per second a rate limit may allow (keeps the refill in u64).
+pub const FW_RATE_MAX: u32 = 10_000_000;
+/// Largest burst a rate limit may allow.
+pub const FW_BURST_MAX: u32 = 100_000_000;
+
+/// `FW_SCOPES[scope]`: which of its checks a scope needs. Zero flags cost a
+/// new flow one array lookup and nothing else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwScope {
+    pub flags: u32,
+    /// New flows per second per source (with `FW_F_RATE`).
+    pub rate: u32,
+    /// Bucket size in new flows.
+    pub burst: u32,
+    /// Applied to the source address (network order, as in the packet)
+    /// to key its bucket: all ones per address, a /24's mask per /24.
+    pub mask: u32,
+}
+
+/// `FW_DENY` / `FW_ALLOW` LPM trie data: the scope (exact, the first 32 bits
+/// of every prefix) then the source prefix, network order. A rule's LPM
+/// prefix length is `32 + its CIDR length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwKey {
+    pub scope: u32,
+    pub addr: u32,
+}
+
+/// `FW_BUCKETS` key: the scope and the masked source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub scope: u32,
+    pub addr: u32,
+}
+
+/// `FW_BUCKETS` value: a token bucket in nano-tokens (`FW_NS` per new flow),
+/// refilled from `bpf_ktime_get_ns` at `rate` per second up to `burst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FwScope>() == 16);
+const _: () = assert!(core::mem::size_of::<FwKey>() == 8);
+const _: () = assert!(core::mem::size_of::<BucketKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
+// No overflow: elapsed (capped) * rate, plus a full bucket, fits in u64.
+const _: () = assert!(
+    (FW_REFILL_CAP_NS as u128) * (FW_RATE_MAX as u128) + (FW_BURST_MAX as u128) * (FW_NS as u128)
+        < u64::MAX as u128
+);
 
 const _: () = assert!(
     MAX_RING.is_power_of_two(),
@@ -405,6 +500,10 @@ mod pod {
     unsafe impl aya::Pod for super::TraceConf {}
     unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::FwdConf {}
+    unsafe impl aya::Pod for super::FwScope {}
+    unsafe impl aya::Pod for super::FwKey {}
+    unsafe impl aya::Pod for super::BucketKey {}
+    unsafe impl aya::Pod for super::Bucket {}
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //!    a TCP SYN on a tuple pinned to a backend that left the ring (the
 //!    client reused a source port) is scheduled afresh first;
 //! 3. reverse NAT: a backend's reply to a NAT flow becomes VIP → client;
-//! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: service
-//!    lookup (VIP, port, protocol), schedule from the service's ring, pin;
+//! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: the
+//!    firewall's global scope (deny, allow, rate limit), service lookup
+//!    (VIP, port, protocol), the service's firewall scope, schedule from the
+//!    service's ring, pin. Established flows never reach the firewall;
 //! 5. admission of the pinned flow: its service still exists, its backend
 //!    does not drop its flows;
 //! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only) and
@@ -39,16 +41,20 @@ use core::{
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_redirect},
+    },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Counters, DEFAULT_CONNTRACK_SIZE, Flow,
-    FlowKey, MAX_BACKENDS, MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH,
-    ServiceConf, ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent,
-    VERDICT_COUNT, Verdict,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Bucket, BucketKey, Counters,
+    DEFAULT_CONNTRACK_SIZE, FW_BUCKETS_SIZE, FW_F_ALLOW, FW_F_DENY, FW_F_RATE, FW_GLOBAL, FW_NS,
+    FW_REFILL_CAP_NS, FW_SCOPE_COUNT, Flow, FlowKey, FwKey, FwScope, MAX_BACKENDS, MAX_FW_RULES,
+    MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH, ServiceConf,
+    ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent, VERDICT_COUNT, Verdict,
     hash::flow_hash,
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
@@ -101,6 +107,23 @@ static TRACE_ON: Array<TraceConf> = Array::with_max_entries(1, 0);
 /// Drop tracing's events, read by `lb trace`.
 #[map]
 static TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+/// Firewall scope (service id, or `FW_GLOBAL`) → which checks it needs and
+/// its rate limit. Written by the agent.
+#[map]
+static FW_SCOPES: Array<FwScope> = Array::with_max_entries(FW_SCOPE_COUNT, 0);
+/// (scope, source prefix) → rule id: deny rules. Written by the agent.
+#[map]
+static FW_DENY: LpmTrie<FwKey, u32> = LpmTrie::with_max_entries(MAX_FW_RULES, 0);
+/// (scope, source prefix) → rule id: allow lists. Written by the agent.
+#[map]
+static FW_ALLOW: LpmTrie<FwKey, u32> = LpmTrie::with_max_entries(MAX_FW_RULES, 0);
+/// Rule id → new flows the rule decided, per CPU. This program.
+#[map]
+static FW_RULE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_FW_RULES, 0);
+/// (scope, masked source) → token bucket of the new-flow rate limit. This
+/// program (the LRU forgets sources not seen for a while).
+#[map]
+static FW_BUCKETS: LruHashMap<BucketKey, Bucket> = LruHashMap::with_max_entries(FW_BUCKETS_SIZE, 0);
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
@@ -389,6 +412,11 @@ fn flow_key(pkt: &Packet) -> FlowKey {
 /// backend, pin the flow, forward.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
+    // The global firewall scope first: before the service lookup, so a
+    // denied source gets nothing from any VIP port.
+    if let Err(outcome) = firewall(FW_GLOBAL, key.saddr) {
+        return outcome;
+    }
     let service = ServiceKey {
         vip: key.daddr,
         port: key.dport,
@@ -404,11 +432,89 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
     if conf.enabled == 0 {
         return pass(Verdict::PassNoService);
     }
+    if let Err(outcome) = firewall(service_id, key.saddr) {
+        return outcome;
+    }
     match create_flow(key, service_id, conf) {
         // SAFETY: a CONNTRACK value (see `forward` on LRU reuse).
         Ok(flow) => forward(ctx, pkt, key, unsafe { &mut *flow }),
         Err(outcome) => outcome,
     }
+}
+
+/// The firewall, one scope (`FW_GLOBAL` or a service id), for a new flow
+/// to a VIP: a deny rule drops it; an allow list drops any source it does
+/// not match; then the source's token bucket must hold a token. Deny wins
+/// over allow. A matching rule counts in `FW_RULE_STATS[rule id]`. A scope
+/// without rules costs one array lookup.
+#[inline(always)]
+fn firewall(scope: u32, saddr: u32) -> Result<(), Outcome> {
+    let Some(conf) = FW_SCOPES.get(scope) else {
+        return Ok(());
+    };
+    let flags = conf.flags;
+    if flags == 0 {
+        return Ok(());
+    }
+    let key = Key::new(64, FwKey { scope, addr: saddr });
+    if flags & FW_F_DENY != 0
+        && let Some(&rule) = FW_DENY.get(&key)
+    {
+        count(&FW_RULE_STATS, rule, 1, 0);
+        return Err(drop(Verdict::DropFirewallDeny));
+    }
+    if flags & FW_F_ALLOW != 0 {
+        match FW_ALLOW.get(&key) {
+            Some(&rule) => count(&FW_RULE_STATS, rule, 1, 0),
+            None => return Err(drop(Verdict::DropFirewallNotAllowed)),
+        }
+    }
+    if flags & FW_F_RATE != 0 && !take_token(scope, conf, saddr) {
+        return Err(drop(Verdict::DropRateLimited));
+    }
+    Ok(())
+}
+
+/// The new-flow token bucket of `saddr` (masked to its address or prefix)
+/// in `scope`: refilled at `rate` per second up to `burst`, one token per
+/// new flow. CPUs update a bucket without a lock: two CPUs racing on one
+/// source may both take the last token (the limit is approximate by the
+/// number of CPUs, never by more).
+#[inline(always)]
+fn take_token(scope: u32, conf: &FwScope, saddr: u32) -> bool {
+    let key = BucketKey {
+        scope,
+        addr: saddr & conf.mask,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cap = u64::from(conf.burst) * FW_NS;
+    let Some(bucket) = FW_BUCKETS.get_ptr_mut(&key) else {
+        // First new flow from this source (or its bucket was evicted): a
+        // full bucket (burst >= 1), less this flow's token. A failed
+        // insert lets the flow through: the limit fails open, not closed.
+        let fresh = Bucket {
+            tokens: cap.saturating_sub(FW_NS),
+            last_ns: now,
+        };
+        let _ = FW_BUCKETS.insert(&key, &fresh, 0);
+        return true;
+    };
+    // SAFETY: an FW_BUCKETS value; racing CPUs at worst lose a refill.
+    let bucket = unsafe { &mut *bucket };
+    let elapsed = now.saturating_sub(bucket.last_ns);
+    let tokens = if elapsed >= FW_REFILL_CAP_NS {
+        cap
+    } else {
+        (bucket.tokens + elapsed * u64::from(conf.rate)).min(cap)
+    };
+    bucket.last_ns = now;
+    if tokens < FW_NS {
+        bucket.tokens = tokens;
+        return false;
+    }
+    bucket.tokens = tokens - FW_NS;
+    true
 }
 
 /// Forwards a packet of a pinned flow to its backend in its service's mode.

@@ -24,6 +24,8 @@ pub enum Request {
     Status,
     Reload,
     Backend(BackendChange),
+    /// `lb firewall …`: change the firewall rules live, or show them.
+    Firewall(FirewallChange),
     /// `lb explain`: which service and backend a flow gets, and why. The
     /// answer is the response's message.
     Explain {
@@ -63,6 +65,43 @@ pub enum BackendChange {
         service: String,
         backend: String,
         weight: u32,
+    },
+}
+
+/// `lb firewall …`. Changes are validated with the rules of the config
+/// file and applied whole; they last until the next reload or restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum FirewallChange {
+    /// Deny new flows from a source prefix (to every VIP, or one service's)
+    Deny {
+        #[command(subcommand)]
+        edit: RuleEdit,
+    },
+    /// Allow lists: with one, every other source is denied
+    Allow {
+        #[command(subcommand)]
+        edit: RuleEdit,
+    },
+    /// Every rule, its scope and how many new flows it decided
+    Show,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum RuleEdit {
+    /// Add a prefix (e.g. 203.0.113.0/24) to the list
+    Add {
+        prefix: String,
+        /// The service's list (allow-from/deny-from) instead of [firewall]'s
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Remove a prefix from the list
+    Remove {
+        prefix: String,
+        #[arg(long)]
+        service: Option<String>,
     },
 }
 

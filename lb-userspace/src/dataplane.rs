@@ -3,6 +3,7 @@
 //! written into the inactive half of each service's double buffer and then
 //! switched with one store, so no packet ever sees half a table.
 
+pub mod firewall;
 pub mod plan;
 
 use std::{
@@ -13,7 +14,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -21,16 +25,18 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, Flow, FlowKey, MAX_BACKENDS,
-    ReverseNat, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict, ring,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, FW_GLOBAL, FW_SCOPE_COUNT, Flow,
+    FlowKey, FwKey, FwScope, MAX_BACKENDS, ReverseNat, Ring, ServiceConf, ServiceKey,
+    VERDICT_COUNT, Verdict, ring,
 };
 
+use firewall::{FwError, FwIds, FwPlan, List, Rule};
 pub use plan::{Admission, protocol_number, raw_endpoint};
 use plan::{BackendPlan, Ids, Plan, PlanError, ServicePlan};
 
 use crate::{
     config::{self, Config},
-    explain::{FlowFacts, ServiceFacts},
+    explain::{FlowFacts, FwFacts, ServiceFacts},
     object::{MissingObject, ebpf_object},
 };
 
@@ -58,6 +64,8 @@ pub enum DataplaneError {
     Attach { iface: String, source: ProgramError },
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error("firewall: {0}")]
+    Firewall(#[from] FwError),
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("pinned link {path}: {source}")]
@@ -84,7 +92,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 13] = [
+pub const LB_MAPS: [&str; 18] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -98,7 +106,21 @@ pub const LB_MAPS: [&str; 13] = [
     "VERDICTS",
     "TRACE_ON",
     "TRACE",
+    "FW_SCOPES",
+    "FW_DENY",
+    "FW_ALLOW",
+    "FW_RULE_STATS",
+    "FW_BUCKETS",
 ];
+
+/// One firewall rule as `lb firewall show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStats {
+    pub rule: Rule,
+    pub id: u32,
+    /// New flows this rule decided (denied, or let through an allow list).
+    pub new_flows: u64,
+}
 
 /// What the agent reports about one applied service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +137,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     /// The ids the maps hold; replaced by a plan's only once it is written.
     ids: Ids,
+    /// The firewall rules and scopes the maps hold, the same way.
+    fw: FwIds,
     /// Interfaces `lb` is attached to. Unpinned links belong to the program
     /// (detached when it drops); pinned ones to their pins.
     attached: Vec<String>,
@@ -180,6 +204,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             ids: Ids::default(),
+            fw: FwIds::default(),
             attached: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
         })
@@ -219,7 +244,106 @@ impl Dataplane {
         self.ids.backends.extend(owned);
         self.ids.retired_backends.extend(retired);
         self.ids.active_half.extend(halves);
+        self.fw = self.read_firewall()?;
         Ok(())
+    }
+
+    /// The firewall rules and scopes as the maps hold them.
+    fn read_firewall(&self) -> Result<FwIds> {
+        let mut fw = FwIds::default();
+        for (list, name) in [(List::Deny, "FW_DENY"), (List::Allow, "FW_ALLOW")] {
+            let trie = self.trie(name)?;
+            for (key, id) in trie.iter().filter_map(|r| r.ok()) {
+                if let Some(rule) = Rule::from_key(list, key.prefix_len(), key.data()) {
+                    fw.rules.insert(rule, id);
+                }
+            }
+        }
+        let map = self
+            .ebpf
+            .map("FW_SCOPES")
+            .ok_or(DataplaneError::MissingMap("FW_SCOPES"))?;
+        let err = |source| DataplaneError::Map {
+            name: "FW_SCOPES",
+            source,
+        };
+        let scopes: Array<&MapData, FwScope> = Array::try_from(map).map_err(err)?;
+        for id in 0..FW_SCOPE_COUNT {
+            let conf = scopes.get(&id, 0).map_err(err)?;
+            if conf != FwScope::default() {
+                fw.scopes.insert(id, conf);
+            }
+        }
+        Ok(fw)
+    }
+
+    /// Every firewall rule with its id and counter, in rule order.
+    pub fn firewall_rules(&self) -> Result<Vec<RuleStats>> {
+        let stats = self.per_cpu::<u64>("FW_RULE_STATS")?;
+        self.fw
+            .rules
+            .iter()
+            .map(|(rule, &id)| {
+                let values = stats.get(&id, 0).map_err(|source| DataplaneError::Map {
+                    name: "FW_RULE_STATS",
+                    source,
+                })?;
+                Ok(RuleStats {
+                    rule: *rule,
+                    id,
+                    new_flows: values.iter().sum(),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a firewall plan's first half: new rules (counters zeroed),
+    /// then the scopes with the union of old and new flags.
+    fn firewall_additions(&mut self, fw: &FwPlan) -> Result<()> {
+        for (rule, id) in &fw.add {
+            self.zero_counter("FW_RULE_STATS", *id, 0u64)?;
+            let (len, data) = rule.key();
+            let name = trie_name(rule.list);
+            self.trie_mut(name)?
+                .insert(&Key::new(len, data), *id, 0)
+                .map_err(|source| DataplaneError::Map { name, source })?;
+        }
+        for (scope, conf) in &fw.interim {
+            set(&mut self.array("FW_SCOPES")?, "FW_SCOPES", *scope, *conf)?;
+        }
+        Ok(())
+    }
+
+    /// The second half: final scope confs, then the rules that are gone.
+    fn firewall_removals(&mut self, fw: &FwPlan) -> Result<()> {
+        for (scope, conf) in &fw.finals {
+            set(&mut self.array("FW_SCOPES")?, "FW_SCOPES", *scope, *conf)?;
+        }
+        for (rule, _) in &fw.remove {
+            let (len, data) = rule.key();
+            let name = trie_name(rule.list);
+            match self.trie_mut(name)?.remove(&Key::new(len, data)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DataplaneError::Map { name, source }),
+            }
+        }
+        Ok(())
+    }
+
+    fn trie(&self, name: &'static str) -> Result<LpmTrie<&MapData, FwKey, u32>> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    fn trie_mut(&mut self, name: &'static str) -> Result<LpmTrie<&mut MapData, FwKey, u32>> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
     }
 
     /// Attaches `lb` to an interface. Unpinned: detached when `self` drops.
@@ -344,7 +468,17 @@ impl Dataplane {
         admit: &dyn Fn(&config::Service, &config::Backend) -> Admission,
     ) -> Result<Vec<AppliedService>> {
         let plan = plan::plan(&self.ids, cfg, admit)?;
+        let service_ids: BTreeMap<String, u32> = plan
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.id))
+            .collect();
+        let fw = firewall::plan(&self.fw, cfg, &service_ids)?;
+        // A new service is published with its firewall rules in place.
+        self.firewall_additions(&fw)?;
         let moved = self.write(&plan)?;
+        self.firewall_removals(&fw)?;
+        self.fw = fw.next;
         let applied = plan
             .services
             .iter()
@@ -521,18 +655,20 @@ impl Dataplane {
 
     /// A reused id starts its traffic counters from zero.
     fn zero_backend_counters(&mut self, id: u32) -> Result<()> {
-        let map_err = |source| DataplaneError::Map {
-            name: "BACKEND_STATS",
-            source,
-        };
+        self.zero_counter("BACKEND_STATS", id, Counters::default())
+    }
+
+    /// Sets slot `id` of a per-CPU array to `zero` on every CPU.
+    fn zero_counter<T: aya::Pod>(&mut self, name: &'static str, id: u32, zero: T) -> Result<()> {
+        let map_err = |source| DataplaneError::Map { name, source };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| map_err(MapError::IoError(e)))?;
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
-            .map_err(|e| map_err(MapError::IoError(e)))?;
+        let zeros =
+            PerCpuValues::try_from(vec![zero; cpus]).map_err(|e| map_err(MapError::IoError(e)))?;
         let map = self
             .ebpf
-            .map_mut("BACKEND_STATS")
-            .ok_or(DataplaneError::MissingMap("BACKEND_STATS"))?;
-        let mut stats: PerCpuArray<&mut MapData, Counters> =
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let mut stats: PerCpuArray<&mut MapData, T> =
             PerCpuArray::try_from(map).map_err(map_err)?;
         stats.set(id, zeros, 0).map_err(map_err)
     }
@@ -570,15 +706,26 @@ impl Dataplane {
     }
 
     /// Verdict counters summed over CPUs, in [`Verdict::ALL`] order.
+    ///
+    /// A `VERDICTS` adopted from a pin dir of an older version is shorter
+    /// (a pinned map keeps its size): the verdicts added since (the
+    /// firewall's) read 0 there, and count once `lb teardown` lets the map
+    /// be made again.
     pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>> {
         let map = self.per_cpu::<u64>("VERDICTS")?;
         (0..VERDICT_COUNT)
             .map(|i| {
-                let values = map.get(&i, 0).map_err(|source| DataplaneError::Map {
-                    name: "VERDICTS",
-                    source,
-                })?;
-                Ok((Verdict::ALL[i as usize], values.iter().sum()))
+                let n = match map.get(&i, 0) {
+                    Ok(values) => values.iter().sum(),
+                    Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => 0,
+                    Err(source) => {
+                        return Err(DataplaneError::Map {
+                            name: "VERDICTS",
+                            source,
+                        });
+                    }
+                };
+                Ok((Verdict::ALL[i as usize], n))
             })
             .collect()
     }
@@ -657,10 +804,42 @@ impl Dataplane {
                 backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
             )),
         };
+        let mut firewall = Vec::new();
+        let scopes: Array<&MapData, FwScope> =
+            Array::try_from(map("FW_SCOPES")?).map_err(err("FW_SCOPES"))?;
+        let scope_ids = std::iter::once(FW_GLOBAL).chain(service.as_ref().map(|s| s.id));
+        for scope in scope_ids {
+            let conf = scopes.get(&scope, 0).map_err(err("FW_SCOPES"))?;
+            let matched = |name: &'static str| -> Result<Option<(String, u32)>> {
+                let lookup = Key::new(
+                    64,
+                    FwKey {
+                        scope,
+                        addr: key.saddr,
+                    },
+                );
+                Ok(found(self.trie(name)?.get(&lookup, 0), name)?.map(|id| {
+                    let rule = self
+                        .fw
+                        .rules
+                        .iter()
+                        .find(|(_, v)| **v == id)
+                        .map_or(format!("rule id {id}"), |(r, _)| r.to_string());
+                    (rule, id)
+                }))
+            };
+            firewall.push(FwFacts {
+                scope,
+                conf,
+                deny: matched("FW_DENY")?,
+                allow: matched("FW_ALLOW")?,
+            });
+        }
         Ok(FlowFacts {
             vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
             service,
             conntrack,
+            firewall,
         })
     }
 
@@ -783,6 +962,13 @@ fn check_pinned_sizes(conntrack_size: u32, pin_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn trie_name(list: List) -> &'static str {
+    match list {
+        List::Deny => "FW_DENY",
+        List::Allow => "FW_ALLOW",
+    }
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

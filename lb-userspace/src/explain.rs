@@ -13,7 +13,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Flow, FlowKey, SCHED_HASH, ServiceConf,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, Flow,
+    FlowKey, FwScope, SCHED_HASH, ServiceConf,
     hash::flow_hash,
     headers::{IPPROTO_TCP, IPPROTO_UDP},
 };
@@ -85,6 +86,70 @@ pub struct FlowFacts {
     pub service: Option<ServiceFacts>,
     /// `CONNTRACK[key]`, and `BACKENDS[entry.backend_id]`.
     pub conntrack: Option<(Flow, Backend)>,
+    /// The firewall scopes a new flow of this client meets: the global one,
+    /// then the service's.
+    pub firewall: Vec<FwFacts>,
+}
+
+/// One firewall scope for the client: its conf and the rules its source
+/// matches (by LPM, as the data plane looks them up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwFacts {
+    /// `FW_GLOBAL` or the service id.
+    pub scope: u32,
+    pub conf: FwScope,
+    /// The deny rule that matches: its text ("deny 203.0.113.0/24") and id.
+    pub deny: Option<(String, u32)>,
+    /// The allow rule that matches.
+    pub allow: Option<(String, u32)>,
+}
+
+/// What a scope does to a new flow from the client, and whether it drops it.
+fn firewall_text(fw: &FwFacts, name: &str) -> (String, bool) {
+    let scope = if fw.scope == FW_GLOBAL {
+        "[firewall]".to_owned()
+    } else {
+        format!("service {name}'s firewall")
+    };
+    if let Some((rule, id)) = &fw.deny {
+        return (
+            format!(
+                "{scope}: the source matches {rule} (rule {id}): a new flow is dropped \
+                 (drop_firewall_deny)\n"
+            ),
+            true,
+        );
+    }
+    let mut out = String::new();
+    if fw.conf.flags & FW_F_ALLOW != 0 {
+        match &fw.allow {
+            None => {
+                return (
+                    format!(
+                        "{scope}: the source is not in the allow list: a new flow is dropped \
+                         (drop_firewall_not_allowed)\n"
+                    ),
+                    true,
+                );
+            }
+            Some((rule, id)) => {
+                let _ = writeln!(out, "{scope}: the source is allowed by {rule} (rule {id})");
+            }
+        }
+    }
+    if fw.conf.flags & FW_F_RATE != 0 {
+        let per = match u32::from_be(fw.conf.mask).count_ones() {
+            32 => "address".to_owned(),
+            n => format!("/{n}"),
+        };
+        let _ = writeln!(
+            out,
+            "{scope}: new flows are rate-limited to {} a second, burst {}, per {per}: one \
+             over it is dropped (drop_rate_limited)",
+            fw.conf.rate, fw.conf.burst
+        );
+    }
+    (out, false)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,7 +206,18 @@ pub fn explain(
 ) -> String {
     let mut out = String::new();
     let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
+    let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
     let Some(service) = facts.service.as_ref().filter(|s| s.conf.enabled != 0) else {
+        if let Some((text, true)) = facts
+            .vip_known
+            .then(|| global.map(|g| firewall_text(g, "")))
+            .flatten()
+        {
+            // The global scope comes before the service lookup.
+            let _ = write!(out, "{flow}: ");
+            out.push_str(&text);
+            return out;
+        }
         if !facts.vip_known {
             let _ = writeln!(
                 out,
@@ -217,6 +293,16 @@ pub fn explain(
         }
     } else {
         let _ = writeln!(out, "no conntrack entry: a packet of it is a new flow");
+    }
+    // The firewall sees new flows only (not a SYN on a pinned tuple).
+    if facts.conntrack.is_none() {
+        for fw in &facts.firewall {
+            let (text, drops) = firewall_text(fw, name);
+            out.push_str(&text);
+            if drops {
+                return out;
+            }
+        }
     }
     out.push_str(&schedule_text(query, service, view));
     out.push_str(&backends_text(view, &service.ring));
@@ -393,6 +479,7 @@ mod tests {
             vip_known: true,
             service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
             conntrack: None,
+            firewall: Vec::new(),
         };
         let text = explain(&query(), &facts, Some(&view()), &[]);
         assert!(
@@ -417,6 +504,7 @@ mod tests {
             vip_known: true,
             service: Some(service(SCHED_HASH, vec![0, 1, 2], 0)),
             conntrack: None,
+            firewall: Vec::new(),
         };
         let slot = flow_hash(&query().key()) % 3;
         let text = explain(&query(), &facts, Some(&view()), &[]);
@@ -434,6 +522,7 @@ mod tests {
             vip_known: true,
             service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
             conntrack: Some(pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING)),
+            firewall: Vec::new(),
         };
         let text = explain(&query(), &facts, Some(&view()), &[]);
         assert!(
@@ -470,5 +559,79 @@ mod tests {
         facts.service = Some(service(SCHED_COUNTER, vec![], 4));
         let text = explain(&query(), &facts, Some(&view()), &[]);
         assert!(text.contains("drop_no_backend"), "{text}");
+    }
+
+    #[test]
+    fn the_firewall_is_named_for_new_flows_only() {
+        use lb_common::{FW_F_DENY, FW_F_RATE};
+        let conf = |flags| FwScope {
+            flags,
+            rate: 1000,
+            burst: 2000,
+            mask: u32::from_ne_bytes([255, 255, 255, 0]),
+        };
+        let global = FwFacts {
+            scope: FW_GLOBAL,
+            conf: conf(FW_F_DENY | FW_F_RATE),
+            deny: None,
+            allow: None,
+        };
+        let svc = FwFacts {
+            scope: 0,
+            conf: conf(FW_F_ALLOW),
+            deny: None,
+            allow: None,
+        };
+        let mut facts = FlowFacts {
+            vip_known: true,
+            service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
+            conntrack: None,
+            firewall: vec![global.clone(), svc.clone()],
+        };
+        let text = explain(&query(), &facts, Some(&view()), &[]);
+        assert!(
+            text.contains(
+                "[firewall]: new flows are rate-limited to 1000 a second, burst 2000, per /24"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("service www's firewall: the source is not in the allow list"),
+            "{text}"
+        );
+        assert!(text.contains("drop_firewall_not_allowed"), "{text}");
+        assert!(!text.contains("round robin:"), "{text}");
+
+        facts.firewall[1].allow = Some(("allow 198.18.0.0/24".into(), 4));
+        let text = explain(&query(), &facts, Some(&view()), &[]);
+        assert!(
+            text.contains("allowed by allow 198.18.0.0/24 (rule 4)"),
+            "{text}"
+        );
+        assert!(text.contains("round robin:"), "{text}");
+
+        facts.firewall[0].deny = Some(("deny 198.18.0.0/16".into(), 1));
+        let text = explain(&query(), &facts, Some(&view()), &[]);
+        assert!(
+            text.contains("[firewall]: the source matches deny 198.18.0.0/16 (rule 1)"),
+            "{text}"
+        );
+        assert!(text.contains("drop_firewall_deny"), "{text}");
+
+        // Established: the firewall is not mentioned (it never sees the flow).
+        facts.conntrack = Some(pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING));
+        let text = explain(&query(), &facts, Some(&view()), &[]);
+        assert!(!text.contains("firewall"), "{text}");
+
+        // No service on the port: the global deny still comes first.
+        let q = FlowQuery::parse("198.18.0.2:40000", "198.18.0.10:81/udp").expect("parse");
+        let no_service = FlowFacts {
+            vip_known: true,
+            firewall: vec![facts.firewall[0].clone()],
+            ..FlowFacts::default()
+        };
+        let text = explain(&q, &no_service, None, &[]);
+        assert!(text.contains("drop_firewall_deny"), "{text}");
+        assert!(!text.contains("pass_no_service"), "{text}");
     }
 }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use lb_userspace::{
     agent, config,
-    control::{self, BackendChange, Request},
+    control::{self, BackendChange, FirewallChange, Request},
     dataplane::Dataplane,
     harness::{bench, lab, pktgen},
     host, logging,
@@ -43,6 +43,14 @@ enum Command {
     Backend {
         #[command(subcommand)]
         change: BackendChange,
+        #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Firewall rules live: `deny|allow add|remove PREFIX [--service NAME]`,
+    /// `show` (with per-rule counters); kept until the next reload
+    Firewall {
+        #[command(subcommand)]
+        change: FirewallChange,
         #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -130,6 +138,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Backend { change, socket } => {
             println!("{}", ask(&socket, &Request::Backend(change))?.message);
+            Ok(())
+        }
+        Command::Firewall { change, socket } => {
+            let reply = ask(&socket, &Request::Firewall(change))?;
+            println!("{}", reply.message.trim_end());
             Ok(())
         }
         Command::Explain {

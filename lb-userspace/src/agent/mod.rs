@@ -30,7 +30,10 @@ use state::{Admin, Key, admission, carry_health};
 
 use crate::{
     config::{self, Config},
-    control::{self, BackendChange, BackendStatus, Request, Response, ServiceStatus, Status},
+    control::{
+        self, BackendChange, BackendStatus, FirewallChange, Request, Response, ServiceStatus,
+        Status,
+    },
     dataplane::{AppliedService, Dataplane},
     explain::{self, BackendView, FlowQuery, ServiceView},
     health::{Health, HealthChecker, Target, Transition},
@@ -418,6 +421,19 @@ impl Agent {
                     Err(e) => Response::error(format!("{e:#}")),
                 })
             }
+            Request::Firewall(change) => {
+                let what = format!("{change:?}");
+                server::Reply::Done(match self.change_firewall(change) {
+                    Ok(msg) => {
+                        info!("{}", msg.lines().next().unwrap_or_default());
+                        Response::ok(msg)
+                    }
+                    Err(e) => {
+                        warn!("rejected {what}: {e:#}");
+                        Response::error(format!("rejected, the running rules stay: {e:#}"))
+                    }
+                })
+            }
             Request::Backend(change) => {
                 let what = format!("{change:?}");
                 server::Reply::Done(match self.change_backend(change) {
@@ -479,6 +495,73 @@ impl Agent {
             .map(|s| format!("{} {}/{}", s.name, s.vip, s.protocol.name()))
             .collect();
         Ok(explain::explain(&query, &facts, view.as_ref(), &on_vip))
+    }
+
+    /// `lb firewall`: an edit goes through the one commit path (checked
+    /// whole, applied atomically); `show` reads the rules and counters.
+    fn change_firewall(&mut self, change: FirewallChange) -> anyhow::Result<String> {
+        use crate::dataplane::firewall::List;
+        let (list, edit) = match change {
+            FirewallChange::Show => return self.firewall_show(),
+            FirewallChange::Deny { edit } => (List::Deny, edit),
+            FirewallChange::Allow { edit } => (List::Allow, edit),
+        };
+        let (next, msg) = state::firewall_edit(&self.cfg, list, &edit)?;
+        self.commit_change(next, self.admin.clone())?;
+        Ok(msg)
+    }
+
+    /// Every rule with its scope and counter, and each scope's rate limit.
+    fn firewall_show(&self) -> anyhow::Result<String> {
+        let name = |scope: u32| {
+            if scope == lb_common::FW_GLOBAL {
+                "[firewall]".to_owned()
+            } else {
+                self.applied
+                    .iter()
+                    .find(|a| a.id == scope)
+                    .map_or(format!("service id {scope}"), |a| {
+                        format!("service {}", a.name)
+                    })
+            }
+        };
+        let mut out = String::new();
+        let limits = std::iter::once(("[firewall]".to_owned(), &self.cfg.firewall)).chain(
+            self.cfg
+                .services
+                .iter()
+                .map(|s| (format!("service {}", s.name), &s.firewall)),
+        );
+        for (scope, fw) in limits {
+            if let Some(r) = fw.rate_limit {
+                let per = if r.per == 32 {
+                    "address".to_owned()
+                } else {
+                    format!("/{}", r.per)
+                };
+                out.push_str(&format!(
+                    "{scope}: rate-limit {} new flows/s, burst {}, per {per}\n",
+                    r.new_flows_per_second, r.burst
+                ));
+            }
+        }
+        let rules = self
+            .dp
+            .firewall_rules()
+            .context("reading the rule counters")?;
+        if rules.is_empty() && out.is_empty() {
+            return Ok("no firewall rules".to_owned());
+        }
+        for r in rules {
+            out.push_str(&format!(
+                "{}: {} (rule {}): {} new flows\n",
+                name(r.rule.scope),
+                r.rule,
+                r.id,
+                r.new_flows
+            ));
+        }
+        Ok(out)
     }
 
     fn change_backend(&mut self, change: BackendChange) -> anyhow::Result<String> {

@@ -10,8 +10,9 @@ use anyhow::Context;
 
 use crate::{
     config::{self, Config, OnBackendDown},
-    control::BackendChange,
+    control::{BackendChange, RuleEdit},
     dataplane::Admission,
+    dataplane::firewall::List,
     health::{Health, Target},
 };
 
@@ -171,6 +172,54 @@ pub fn edit(
         admin,
         message: msg,
     })
+}
+
+/// Applies an `lb firewall deny|allow add|remove` to the running config and
+/// checks the result with the rules a config file goes through (prefix
+/// syntax, host bits, a prefix in both lists, limits).
+pub fn firewall_edit(
+    cfg: &Config,
+    list: List,
+    edit: &RuleEdit,
+) -> anyhow::Result<(Config, String)> {
+    let mut next = cfg.clone();
+    let (prefix, service, add) = match edit {
+        RuleEdit::Add { prefix, service } => (prefix, service, true),
+        RuleEdit::Remove { prefix, service } => (prefix, service, false),
+    };
+    let prefix = config::Prefix::parse(prefix).map_err(|e| anyhow::anyhow!("prefix: {e}"))?;
+    let (fw, scope) = match service {
+        None => (&mut next.firewall, "[firewall]".to_owned()),
+        Some(name) => {
+            let svc = next
+                .services
+                .iter_mut()
+                .find(|s| &s.name == name)
+                .with_context(|| format!("service: no service named {name:?}"))?;
+            (&mut svc.firewall, format!("service {name}"))
+        }
+    };
+    let rules = match list {
+        List::Deny => &mut fw.deny,
+        List::Allow => &mut fw.allow,
+    };
+    let kind = list.name();
+    let msg = if add {
+        if rules.contains(&prefix) {
+            anyhow::bail!("{prefix} is already in {scope}'s {kind} list");
+        }
+        rules.push(prefix);
+        format!("{scope}: {kind} {prefix} added (until the next reload)")
+    } else {
+        let i = rules
+            .iter()
+            .position(|p| *p == prefix)
+            .with_context(|| format!("{prefix} is not in {scope}'s {kind} list"))?;
+        rules.remove(i);
+        format!("{scope}: {kind} {prefix} removed (until the next reload)")
+    };
+    let next = config::check(&next, Path::new("lb firewall"))?;
+    Ok((next, msg))
 }
 
 #[cfg(test)]
@@ -374,5 +423,39 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
             backup: false,
         });
         assert!(dup.contains("service[0].backends[2].address"), "{dup}");
+    }
+
+    #[test]
+    fn firewall_edits_are_checked_like_the_file() {
+        let cfg = site();
+        let add = |prefix: &str, service: Option<&str>| RuleEdit::Add {
+            prefix: prefix.into(),
+            service: service.map(Into::into),
+        };
+        let (next, msg) =
+            firewall_edit(&cfg, List::Deny, &add("203.0.113.0/24", None)).expect("deny add");
+        assert_eq!(next.firewall.deny.len(), 1);
+        assert!(msg.contains("deny 203.0.113.0/24 added"), "{msg}");
+        // Same rules as a file: host bits, a prefix in both lists, duplicates.
+        let e = firewall_edit(&cfg, List::Deny, &add("203.0.113.7/24", None)).unwrap_err();
+        assert!(format!("{e:#}").contains("host bits set"), "{e:#}");
+        let e = firewall_edit(&next, List::Allow, &add("203.0.113.0/24", None)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("lb firewall: firewall.allow[0]"),
+            "{e:#}"
+        );
+        let e = firewall_edit(&next, List::Deny, &add("203.0.113.0/24", None)).unwrap_err();
+        assert!(format!("{e:#}").contains("already"), "{e:#}");
+        let (svc, _) =
+            firewall_edit(&cfg, List::Allow, &add("198.18.0.0/24", Some("www"))).expect("allow");
+        assert_eq!(svc.services[0].firewall.allow.len(), 1);
+        assert!(firewall_edit(&cfg, List::Allow, &add("198.18.0.0/24", Some("nope"))).is_err());
+        let remove = RuleEdit::Remove {
+            prefix: "203.0.113.0/24".into(),
+            service: None,
+        };
+        let (back, _) = firewall_edit(&next, List::Deny, &remove).expect("remove");
+        assert_eq!(back, cfg);
+        assert!(firewall_edit(&cfg, List::Deny, &remove).is_err());
     }
 }

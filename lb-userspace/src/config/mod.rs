@@ -13,7 +13,8 @@ mod raw;
 mod validate;
 
 use std::{
-    net::SocketAddrV4,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -43,7 +44,91 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, the status page and
     /// `/status.json`; `None`: off.
     pub monitoring: Option<Monitoring>,
+    /// `[firewall]`: the rules for every VIP (empty: none).
+    pub firewall: Firewall,
     pub services: Vec<Service>,
+}
+
+/// Firewall rules of one scope: `[firewall]` (every VIP) or one service's
+/// `allow-from`, `deny-from` and `rate-limit`. They filter new flows to a
+/// VIP only; the LB's own traffic is never filtered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Firewall {
+    /// Sources whose new flows are dropped. Deny wins over allow.
+    pub deny: Vec<Prefix>,
+    /// When not empty, the only sources whose new flows are accepted.
+    pub allow: Vec<Prefix>,
+    /// Per-source new-flow rate limit; `None`: none.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Firewall {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty() && self.rate_limit.is_none()
+    }
+}
+
+/// An IPv4 source prefix (CIDR) without host bits, e.g. 203.0.113.0/24.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Parses `A.B.C.D/LEN` (or a bare address, a /32); the reason when it
+    /// is not one, or has host bits set.
+    pub fn parse(text: &str) -> Result<Prefix, String> {
+        let (addr_text, len_text) = text.split_once('/').unwrap_or((text, "32"));
+        let (Ok(addr), Ok(len)) = (addr_text.parse::<Ipv4Addr>(), len_text.parse::<u8>()) else {
+            return Err(format!(
+                "expected an IPv4 prefix like \"203.0.113.0/24\", got {text:?}"
+            ));
+        };
+        if len > 32 {
+            return Err(format!(
+                "prefix length must be between 0 and 32, got {len} in {text:?}"
+            ));
+        }
+        let masked = Ipv4Addr::from(u32::from(addr) & Prefix::mask(len));
+        if masked != addr {
+            return Err(format!(
+                "{text:?} has host bits set: did you mean \"{masked}/{len}\"?"
+            ));
+        }
+        Ok(Prefix { addr, len })
+    }
+
+    /// The netmask of a prefix length, host order.
+    pub fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        }
+    }
+
+    /// Does the prefix hold `ip`?
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Prefix::mask(self.len) == u32::from(self.addr)
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A per-source new-flow rate limit: a token bucket per source address (or
+/// per prefix of length `per`) holding up to `burst` new flows, refilled at
+/// `new_flows_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub new_flows_per_second: u32,
+    pub burst: u32,
+    /// Sources sharing a bucket: 32 per address, 24 per /24, …
+    pub per: u8,
 }
 
 /// `[monitoring]`: where the agent serves its metrics and status page.
@@ -108,6 +193,9 @@ pub struct Service {
     /// What happens to flows pinned to a backend that health checks mark down.
     pub on_backend_down: OnBackendDown,
     pub backends: Vec<Backend>,
+    /// `allow-from`, `deny-from` and `rate-limit`: this service's firewall
+    /// rules, on top of `[firewall]`'s.
+    pub firewall: Firewall,
 }
 
 impl Service {

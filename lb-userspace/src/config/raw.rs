@@ -4,8 +4,8 @@
 use serde::Deserialize;
 
 use super::{
-    Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, Scheduler,
-    Service, XdpMode, duration,
+    Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, RateLimit,
+    Scheduler, Service, XdpMode, duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -22,7 +22,24 @@ use super::{
 pub(super) struct RawConfig {
     pub(super) dataplane: Option<RawDataplane>,
     pub(super) monitoring: Option<RawMonitoring>,
+    pub(super) firewall: Option<RawFirewall>,
     pub(super) service: Option<Vec<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "firewall")]
+pub(super) struct RawFirewall {
+    pub(super) deny: Option<Vec<String>>,
+    pub(super) allow: Option<Vec<String>>,
+    pub(super) rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "rate-limit")]
+pub(super) struct RawRateLimit {
+    pub(super) new_flows_per_second: Option<i64>,
+    pub(super) burst: Option<i64>,
+    pub(super) per: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +68,9 @@ pub(super) struct RawService {
     pub(super) health: Option<RawHealth>,
     pub(super) on_backend_down: Option<OnBackendDown>,
     pub(super) backends: Option<Vec<RawBackend>>,
+    pub(super) allow_from: Option<Vec<String>>,
+    pub(super) deny_from: Option<Vec<String>>,
+    pub(super) rate_limit: Option<RawRateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +119,11 @@ impl From<&Config> for RawConfig {
             monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
                 listen: Some(m.listen.to_string()),
             }),
+            firewall: (!cfg.firewall.is_empty()).then(|| RawFirewall {
+                deny: Some(texts(&cfg.firewall.deny)),
+                allow: Some(texts(&cfg.firewall.allow)),
+                rate_limit: cfg.firewall.rate_limit.as_ref().map(RawRateLimit::from),
+            }),
             service: Some(cfg.services.iter().map(RawService::from).collect()),
         }
     }
@@ -115,6 +140,27 @@ impl From<&Service> for RawService {
             health: s.health.as_ref().map(RawHealth::from),
             on_backend_down: Some(s.on_backend_down),
             backends: Some(s.backends.iter().map(RawBackend::from).collect()),
+            allow_from: Some(texts(&s.firewall.allow)),
+            deny_from: Some(texts(&s.firewall.deny)),
+            rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
+        }
+    }
+}
+
+fn texts(prefixes: &[super::Prefix]) -> Vec<String> {
+    prefixes.iter().map(ToString::to_string).collect()
+}
+
+impl From<&RateLimit> for RawRateLimit {
+    fn from(r: &RateLimit) -> Self {
+        RawRateLimit {
+            new_flows_per_second: Some(i64::from(r.new_flows_per_second)),
+            burst: Some(i64::from(r.burst)),
+            per: Some(if r.per == 32 {
+                "address".to_owned()
+            } else {
+                format!("/{}", r.per)
+            }),
         }
     }
 }

@@ -9,12 +9,18 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{DEFAULT_CONNTRACK_SIZE, MAX_BACKENDS, MAX_RING, MAX_SERVICES};
+use lb_common::{
+    DEFAULT_CONNTRACK_SIZE, FW_BURST_MAX, FW_RATE_MAX, MAX_BACKENDS, MAX_FW_RULES, MAX_RING,
+    MAX_SERVICES,
+};
 
 use super::{
-    Backend, CheckKind, Config, ConfigError, Dataplane, Forwarding, HealthCheck, Monitoring,
-    OnBackendDown, Protocol, Scheduler, Service, XdpMode, duration,
-    raw::{RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring, RawService},
+    Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding, HealthCheck,
+    Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service, XdpMode, duration,
+    raw::{
+        RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring, RawRateLimit,
+        RawService,
+    },
 };
 
 // ---------------------------------------------------------------------------
@@ -48,6 +54,13 @@ const LISTEN_EXAMPLE: &str = "127.0.0.1:9100";
 struct Seen {
     addresses: HashMap<SocketAddrV4, (usize, String)>,
     names: HashMap<String, usize>,
+}
+
+/// Where one scope's firewall keys are, for errors.
+struct FirewallKeys<'a> {
+    deny: &'a str,
+    allow: &'a str,
+    rate_limit: &'a str,
 }
 
 pub(super) struct Validator<'a> {
@@ -102,6 +115,20 @@ impl Validator<'_> {
             Some(m) => Some(self.monitoring(m)?),
         };
 
+        let firewall = match raw.firewall {
+            None => Firewall::default(),
+            Some(f) => self.firewall(
+                FirewallKeys {
+                    deny: "firewall.deny",
+                    allow: "firewall.allow",
+                    rate_limit: "firewall.rate-limit",
+                },
+                f.deny,
+                f.allow,
+                f.rate_limit,
+            )?,
+        };
+
         let raw_services = raw.service.unwrap_or_default();
         if raw_services.is_empty() {
             return Err(self.err("service", "at least one [[service]] is required"));
@@ -138,10 +165,111 @@ impl Validator<'_> {
             }
             services.push(service);
         }
+        // Every prefix of every scope is one rule with its own counter.
+        let mut rules = firewall.deny.len() + firewall.allow.len();
+        for (i, s) in services.iter().enumerate() {
+            rules += s.firewall.deny.len() + s.firewall.allow.len();
+            if rules > MAX_FW_RULES as usize {
+                return Err(self.err(
+                    format!("service[{i}]"),
+                    format!(
+                        "more than {MAX_FW_RULES} firewall rules (prefixes) across \
+                         [firewall] and every service"
+                    ),
+                ));
+            }
+        }
+        if rules > MAX_FW_RULES as usize {
+            return Err(self.err(
+                "firewall",
+                format!("more than {MAX_FW_RULES} firewall rules (prefixes)"),
+            ));
+        }
         Ok(Config {
             dataplane,
             monitoring,
+            firewall,
             services,
+        })
+    }
+
+    /// One scope's rules: prefixes that parse, have no host bits, are not
+    /// listed twice nor in both lists; a rate limit in range.
+    fn firewall(
+        &self,
+        keys: FirewallKeys<'_>,
+        deny: Option<Vec<String>>,
+        allow: Option<Vec<String>>,
+        rate_limit: Option<RawRateLimit>,
+    ) -> Result<Firewall, ConfigError> {
+        let deny = self.prefixes(keys.deny, deny.unwrap_or_default())?;
+        let allow = self.prefixes(keys.allow, allow.unwrap_or_default())?;
+        if let Some((j, p)) = allow.iter().enumerate().find(|(_, p)| deny.contains(p)) {
+            let k = deny.iter().position(|d| d == p).unwrap_or(0);
+            return Err(self.err(
+                format!("{}[{j}]", keys.allow),
+                format!(
+                    "{p} is also {}[{k}]: deny wins, so allowing it has no effect",
+                    keys.deny
+                ),
+            ));
+        }
+        let rate_limit = match rate_limit {
+            None => None,
+            Some(r) => Some(self.rate_limit(keys.rate_limit, r)?),
+        };
+        Ok(Firewall {
+            deny,
+            allow,
+            rate_limit,
+        })
+    }
+
+    fn prefixes(&self, key: &str, texts: Vec<String>) -> Result<Vec<Prefix>, ConfigError> {
+        let mut out: Vec<Prefix> = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            let prefix = Prefix::parse(text).map_err(|reason| self.err(&k, reason))?;
+            if let Some(j) = out.iter().position(|p| *p == prefix) {
+                return Err(self.err(k, format!("{prefix} is already {key}[{j}]")));
+            }
+            out.push(prefix);
+        }
+        Ok(out)
+    }
+
+    fn rate_limit(&self, key: &str, raw: RawRateLimit) -> Result<RateLimit, ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        let rate_raw = self.required(raw.new_flows_per_second, &k("new-flows-per-second"))?;
+        let new_flows_per_second: u32 = self.in_range(
+            rate_raw,
+            1..i64::from(FW_RATE_MAX) + 1,
+            &k("new-flows-per-second"),
+        )?;
+        let burst = match raw.burst {
+            // One second's worth by default.
+            None => new_flows_per_second,
+            Some(b) => self.in_range(b, 1..i64::from(FW_BURST_MAX) + 1, &k("burst"))?,
+        };
+        let per = match raw.per.as_deref() {
+            None | Some("address") => 32,
+            Some(text) => match text.strip_prefix('/').map(str::parse::<u8>) {
+                Some(Ok(len)) if (8..=32).contains(&len) => len,
+                _ => {
+                    return Err(self.err(
+                        k("per"),
+                        format!(
+                            "expected \"address\" or a prefix length from \"/8\" to \"/32\" \
+                             (e.g. \"/24\"), got {text:?}"
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(RateLimit {
+            new_flows_per_second,
+            burst,
+            per,
         })
     }
 
@@ -263,6 +391,16 @@ impl Validator<'_> {
             backends.push(backend);
         }
         self.ring(&key("backends"), scheduler, &backends)?;
+        let firewall = self.firewall(
+            FirewallKeys {
+                deny: &key("deny-from"),
+                allow: &key("allow-from"),
+                rate_limit: &key("rate-limit"),
+            },
+            raw.deny_from,
+            raw.allow_from,
+            raw.rate_limit,
+        )?;
 
         Ok(Service {
             name,
@@ -273,6 +411,7 @@ impl Validator<'_> {
             health,
             on_backend_down,
             backends,
+            firewall,
         })
     }
 

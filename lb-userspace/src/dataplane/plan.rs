@@ -393,6 +393,7 @@ mod tests {
 
     fn service(name: &str, vip: u8, backends: impl IntoIterator<Item = u32>) -> Service {
         Service {
+            firewall: Default::default(),
             name: name.into(),
             vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, vip), 80),
             protocol: Protocol::Tcp,
@@ -406,6 +407,7 @@ mod tests {
 
     fn config(services: Vec<Service>) -> Config {
         Config {
+            firewall: Default::default(),
             dataplane: Dataplane {
                 interfaces: vec!["eth0".into()],
                 forwarding: Forwarding::Nat,

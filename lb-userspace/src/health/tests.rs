@@ -12,6 +12,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 fn config(services: Vec<Service>) -> Config {
     Config {
+        firewall: Default::default(),
         dataplane: Dataplane {
             interfaces: vec!["lo".to_owned()],
             forwarding: Forwarding::Nat,
@@ -25,6 +26,7 @@ fn config(services: Vec<Service>) -> Config {
 
 fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> Service {
     Service {
+        firewall: Default::default(),
         name: name.to_owned(),
         vip: SocketAddrV4::new([198, 18, 0, 10].into(), 80),
         protocol: Protocol::Tcp,

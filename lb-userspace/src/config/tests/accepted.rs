@@ -53,6 +53,7 @@ backends = [{ address = "10.0.1.3:80" }]
         fall: 3,
     };
     let expected = Config {
+        firewall: Default::default(),
         dataplane: Dataplane {
             interfaces: vec!["eth0".to_owned()],
             forwarding: Forwarding::Dsr,
@@ -62,6 +63,7 @@ backends = [{ address = "10.0.1.3:80" }]
         monitoring: None,
         services: vec![
             Service {
+                firewall: Default::default(),
                 name: "defaults".to_owned(),
                 vip: addr("10.0.0.1:443"),
                 protocol: Protocol::Tcp,
@@ -79,6 +81,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 }],
             },
             Service {
+                firewall: Default::default(),
                 name: "explicit".to_owned(),
                 vip: addr("10.0.0.1:53"),
                 protocol: Protocol::Udp,
@@ -115,6 +118,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 ],
             },
             Service {
+                firewall: Default::default(),
                 name: "checks".to_owned(),
                 vip: addr("10.0.0.2:80"),
                 protocol: Protocol::Tcp,
@@ -131,6 +135,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 }],
             },
             Service {
+                firewall: Default::default(),
                 name: "http-defaults".to_owned(),
                 vip: addr("10.0.0.3:80"),
                 protocol: Protocol::Tcp,
@@ -620,4 +625,46 @@ fn weights_above_1_need_weighted_round_robin_and_0_drains_under_any() {
         parse_ok(&one_service("", &drained)).services[0].backends[1].weight,
         0
     );
+}
+
+#[test]
+fn firewall_rules_parse_and_survive_a_live_check() {
+    let text = with_firewall(
+        "deny = [\"203.0.113.0/24\", \"192.0.2.1\"]\nallow = [\"0.0.0.0/0\"]\n\
+         rate-limit = { new-flows-per-second = 1000, burst = 2000, per = \"/24\" }",
+        "allow-from = [\"198.18.0.0/24\"]\ndeny-from = [\"198.18.0.99/32\"]\n\
+         rate-limit = { new-flows-per-second = 50 }",
+    );
+    let cfg = parse_ok(&text);
+    let p = |t: &str| Prefix::parse(t).expect("prefix");
+    assert_eq!(
+        cfg.firewall,
+        Firewall {
+            deny: vec![p("203.0.113.0/24"), p("192.0.2.1/32")],
+            allow: vec![p("0.0.0.0/0")],
+            rate_limit: Some(RateLimit {
+                new_flows_per_second: 1000,
+                burst: 2000,
+                per: 24
+            }),
+        }
+    );
+    assert_eq!(
+        cfg.services[0].firewall,
+        Firewall {
+            deny: vec![p("198.18.0.99/32")],
+            allow: vec![p("198.18.0.0/24")],
+            // burst defaults to one second's worth, per to the address.
+            rate_limit: Some(RateLimit {
+                new_flows_per_second: 50,
+                burst: 50,
+                per: 32
+            }),
+        }
+    );
+    assert!(p("203.0.113.0/24").contains("203.0.113.200".parse().expect("ip")));
+    assert!(!p("203.0.113.0/24").contains("203.0.114.1".parse().expect("ip")));
+    assert_eq!(check(&cfg, Path::new("lb firewall")).expect("valid"), cfg);
+    // No [firewall]: no rules anywhere.
+    assert!(parse_ok(&one_service("", B1)).firewall.is_empty());
 }

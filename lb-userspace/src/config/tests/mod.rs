@@ -62,6 +62,11 @@ fn with_monitoring(lines: &str) -> String {
     format!("{}\n[monitoring]\n{lines}\n", one_service("", B1))
 }
 
+/// `one_service(service_lines, B1)` with a `[firewall]` table of `lines`.
+fn with_firewall(lines: &str, service_lines: &str) -> String {
+    one_service(service_lines, B1).replace(DP, &format!("{DP}\n[firewall]\n{lines}\n"))
+}
+
 fn with_health(health: &str) -> String {
     one_service(&format!("health = {{ {health} }}"), B1)
 }

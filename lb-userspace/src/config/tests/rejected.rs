@@ -48,6 +48,43 @@ rejections! {
     conntrack_negative: with_dataplane_line("conntrack-size = -1")
         => "dataplane.conntrack-size", "must be between 1024 and 16777216, got -1";
 
+    // --- firewall -------------------------------------------------------------
+    firewall_prefix_not_cidr: with_firewall("deny = [\"203.0.113\"]", "")
+        => "firewall.deny[0]", "expected an IPv4 prefix like \"203.0.113.0/24\"";
+    firewall_prefix_too_long: with_firewall("deny = [\"10.0.0.0/8\", \"203.0.113.0/33\"]", "")
+        => "firewall.deny[1]", "prefix length must be between 0 and 32, got 33";
+    firewall_prefix_host_bits: with_firewall("allow = [\"203.0.113.7/24\"]", "")
+        => "firewall.allow[0]", "host bits set: did you mean \"203.0.113.0/24\"?";
+    firewall_prefix_twice: with_firewall("deny = [\"10.0.0.0/8\", \"10.0.0.0/8\"]", "")
+        => "firewall.deny[1]", "10.0.0.0/8 is already firewall.deny[0]";
+    firewall_prefix_allowed_and_denied: with_firewall(
+        "deny = [\"10.0.0.0/8\"]\nallow = [\"192.0.2.0/24\", \"10.0.0.0/8\"]", "")
+        => "firewall.allow[1]", "is also firewall.deny[0]: deny wins";
+    firewall_prefix_not_a_string: with_firewall("deny = [24]", "")
+        => "firewall.deny[0]", "invalid type: integer `24`";
+    firewall_unknown_key: with_firewall("denied = []", "")
+        => "firewall.denied", "unknown field `denied`";
+    firewall_rate_missing: with_firewall("rate-limit = { burst = 10 }", "")
+        => "firewall.rate-limit.new-flows-per-second", "required key is missing";
+    firewall_rate_zero: with_firewall("rate-limit = { new-flows-per-second = 0 }", "")
+        => "firewall.rate-limit.new-flows-per-second", "must be between 1 and 10000000, got 0";
+    firewall_burst_too_large: with_firewall(
+        "rate-limit = { new-flows-per-second = 10, burst = 100_000_001 }", "")
+        => "firewall.rate-limit.burst", "must be between 1 and 100000000";
+    firewall_rate_per_bad: with_firewall(
+        "rate-limit = { new-flows-per-second = 10, per = \"/4\" }", "")
+        => "firewall.rate-limit.per", "expected \"address\" or a prefix length";
+    service_allow_from_host_bits: one_service("allow-from = [\"198.18.0.2/24\"]", B1)
+        => "service[0].allow-from[0]", "host bits set";
+    service_deny_from_bad: one_service("deny-from = [\"300.1.2.3/32\"]", B1)
+        => "service[0].deny-from[0]", "expected an IPv4 prefix";
+    service_allow_and_deny_same: one_service(
+        "allow-from = [\"198.18.0.0/24\"]\ndeny-from = [\"198.18.0.0/24\"]", B1)
+        => "service[0].allow-from[0]", "is also service[0].deny-from[0]";
+    service_rate_limit_per_bad: one_service(
+        "rate-limit = { new-flows-per-second = 5, per = \"subnet\" }", B1)
+        => "service[0].rate-limit.per", "got \"subnet\"";
+
     // --- monitoring -----------------------------------------------------------
     monitoring_listen_missing: with_monitoring("")
         => "monitoring.listen", "required key is missing";

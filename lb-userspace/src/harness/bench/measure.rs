@@ -495,3 +495,97 @@ fn trace_rows(lbin: u32, repeat: u32, reps: usize) -> anyhow::Result<Vec<NsRow>>
     tracer.stop()?;
     Ok(rows)
 }
+
+/// Prefixes the firewall cost rows load.
+pub(super) const FW_PREFIXES: usize = 10_000;
+
+/// One firewall cost row: the same packets through `lb` with the firewall
+/// empty and with [`FW_PREFIXES`] prefixes loaded.
+#[derive(Debug)]
+pub(super) struct FwCostRow {
+    pub(super) flow: FlowState,
+    pub(super) method: NsMethod,
+    pub(super) empty: Stat,
+    pub(super) loaded: Stat,
+}
+
+/// The config of the loaded case: 10,000 global deny /24s in 10.200.0.0 –
+/// 10.239.15.0 (they share 10/8 with the generator's sources, so a lookup
+/// walks deep into the trie before it misses), and an allow list on the
+/// service that the sources match: a new flow pays two LPM lookups.
+fn firewalled(mode: Forwarding) -> anyhow::Result<crate::config::Config> {
+    use crate::config::Prefix;
+    let mut cfg = lb_config(mode, 100)?;
+    cfg.firewall.deny = (0..FW_PREFIXES)
+        .map(|i| {
+            let (b, c) = (200 + i / 256, i % 256);
+            Prefix::parse(&format!("10.{b}.{c}.0/24")).map_err(anyhow::Error::msg)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    cfg.services[0].firewall.allow = vec![
+        Prefix::parse("10.96.0.0/11").map_err(anyhow::Error::msg)?,
+        Prefix::parse(&format!("{CLIENT}/32")).map_err(anyhow::Error::msg)?,
+    ];
+    Ok(cfg)
+}
+
+/// The firewall's cost (DSR, 100 backends): an established flow and new
+/// flows, firewall empty vs [`FW_PREFIXES`] prefixes, the two data planes
+/// taking turns in every repetition.
+pub(super) fn firewall_rows(quick: bool, reps: usize) -> anyhow::Result<Vec<FwCostRow>> {
+    eprintln!("bench: firewall cost ({FW_PREFIXES} prefixes, BPF_PROG_TEST_RUN)");
+    let lbin = xdp::ifindex("lbin")?;
+    let repeat: u32 = if quick { 100_000 } else { 1_000_000 };
+    let calls = if quick { 2_000 } else { 20_000 };
+    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let est_calls: Vec<Vec<u8>> = std::iter::repeat_n(est[0].clone(), calls).collect();
+    let mut planes = Vec::new();
+    for cfg in [
+        lb_config(Forwarding::Dsr, 100)?,
+        firewalled(Forwarding::Dsr)?,
+    ] {
+        let mut dp = Dataplane::load(CONNTRACK)?;
+        dp.apply(&cfg)?;
+        ns_per_packet(dp.program()?, &est, lbin, 1, Some(XDP_REDIRECT))?;
+        planes.push(dp);
+    }
+    // [plane][case] samples; cases: established repeat, established calls, new.
+    let mut samples = vec![vec![Vec::new(); 3]; 2];
+    for rep in 0..reps {
+        for (p, dp) in planes.iter_mut().enumerate() {
+            let prog = dp.program()?;
+            samples[p][0].push(ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+            samples[p][1].push(ns_per_packet(
+                prog,
+                &est_calls,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+            // Fresh sources per plane and repetition: every frame a new flow.
+            let tag = ((rep * 2 + p) % 28) as u8; // 10.100-10.127: in the allow list
+            samples[p][2].push(ns_per_packet(
+                prog,
+                &new_flow_frames(tag, calls)?,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+        }
+    }
+    let cases = [
+        (FlowState::Established, NsMethod::Repeat(repeat)),
+        (FlowState::Established, NsMethod::Calls(calls)),
+        (FlowState::New, NsMethod::DistinctFlows(calls)),
+    ];
+    Ok(cases
+        .iter()
+        .enumerate()
+        .map(|(c, &(flow, method))| FwCostRow {
+            flow,
+            method,
+            empty: Stat::of(&samples[0][c]),
+            loaded: Stat::of(&samples[1][c]),
+        })
+        .collect())
+}

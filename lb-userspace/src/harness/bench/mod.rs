@@ -113,7 +113,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns) = net.run(|| {
+    let (fwd, ns, firewall) = net.run(|| {
         let mut ebpf = xdp::load_object()?;
         let fwd = measure::forwarding_rows(
             &mut ebpf,
@@ -122,7 +122,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (reps, seconds, threads),
         )?;
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
-        Ok((fwd, ns))
+        let firewall = measure::firewall_rows(args.quick, reps)?;
+        Ok((fwd, ns, firewall))
     })?;
     drop(net);
     let http = if args.skip_http {
@@ -161,6 +162,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         took,
         fwd,
         ns,
+        firewall,
         http,
         wrk_loads: http::WRK_LOADS
             .iter()

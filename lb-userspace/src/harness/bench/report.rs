@@ -10,7 +10,9 @@ use std::{
 
 use super::{
     http::{HttpPath, HttpRow},
-    measure::{FwdRow, Hop, NsProgram, NsRow, TracedPacket},
+    measure::{
+        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, TracedPacket,
+    },
     targets::targets,
 };
 use crate::config::Forwarding;
@@ -118,6 +120,8 @@ pub(super) struct Report {
     pub(super) took: Duration,
     pub(super) fwd: Vec<FwdRow>,
     pub(super) ns: Vec<NsRow>,
+    /// The firewall's cost, empty vs loaded (none: not measured).
+    pub(super) firewall: Vec<FwCostRow>,
     pub(super) http: Result<Vec<HttpRow>, String>,
     /// wrk loads: (name used in the HTTP rows, wrk arguments).
     pub(super) wrk_loads: Vec<(String, String)>,
@@ -201,6 +205,9 @@ pub(super) fn render(r: &Report) -> String {
             row.method,
             row.ns.text(1)
         );
+    }
+    if !r.firewall.is_empty() {
+        firewall_section(&mut s, &r.firewall);
     }
     let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
     match &r.http {
@@ -378,4 +385,97 @@ fn summary(r: &Report) -> String {
         "\nWhat limits these figures (profiles of the conntrack lookup, the program body, CPU sharing) is analysed for one earlier run in [{ANALYSIS_DOC}]({ANALYSIS_DOC}), which names that run; it is not regenerated with this report."
     );
     s
+}
+
+/// The firewall's cost: the same packets with the firewall empty and with
+/// [`FW_PREFIXES`] prefixes, and the difference as a share of the
+/// established flow's cost (the target: at most 10 %).
+fn firewall_section(s: &mut String, rows: &[FwCostRow]) {
+    let _ = writeln!(
+        s,
+        "\n## Firewall cost (BPF_PROG_TEST_RUN, lb DSR, 100 backends)\n"
+    );
+    let _ = writeln!(
+        s,
+        "Loaded: {FW_PREFIXES} global deny /24s that share 10/8 with the sources, and an allow list on the service that the sources match, so a new flow pays two LPM trie lookups. Established flows never reach the firewall (it filters new flows only), so their rows measure that it costs them nothing.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| flow | method | firewall empty (ns) | {FW_PREFIXES} prefixes (ns) | difference |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for row in rows {
+        let flow = match row.flow {
+            FlowState::Established => "established",
+            FlowState::New => "new",
+        };
+        let diff = row.loaded.median - row.empty.median;
+        let _ = writeln!(
+            s,
+            "| {flow} | {} | {} | {} | {:+.1} ns ({:+.1} %) |",
+            row.method,
+            row.empty.text(1),
+            row.loaded.text(1),
+            diff,
+            100.0 * diff / row.empty.median
+        );
+    }
+    // The target: the stage costs an established flow at most 10 %.
+    if let Some(est) = rows
+        .iter()
+        .find(|r| r.flow == FlowState::Established && matches!(r.method, NsMethod::Repeat(_)))
+    {
+        let share = 100.0 * (est.loaded.median - est.empty.median) / est.empty.median;
+        let verdict = if share <= 10.0 { "met" } else { "NOT met" };
+        let _ = writeln!(
+            s,
+            "\nTarget (at most 10 % of an established flow's cost with {FW_PREFIXES} prefixes): {verdict}, {share:+.1} % ({}).",
+            est.method
+        );
+    }
+}
+
+#[cfg(test)]
+mod firewall_tests {
+    use super::*;
+    use crate::harness::bench::Stat;
+
+    fn st(median: f64) -> Stat {
+        Stat {
+            median,
+            min: median,
+            max: median,
+        }
+    }
+
+    #[test]
+    fn the_firewall_section_gives_differences_and_judges_the_target() {
+        let row = |flow, method, empty, loaded| FwCostRow {
+            flow,
+            method,
+            empty: st(empty),
+            loaded: st(loaded),
+        };
+        let mut s = String::new();
+        firewall_section(
+            &mut s,
+            &[
+                row(FlowState::Established, NsMethod::Repeat(1000), 40.0, 42.0),
+                row(FlowState::New, NsMethod::DistinctFlows(10), 800.0, 880.0),
+            ],
+        );
+        assert!(s.contains("| new | 10 distinct flows, repeat=1 | 800.0 (800.0–800.0) | 880.0 (880.0–880.0) | +80.0 ns (+10.0 %) |"), "{s}");
+        assert!(s.contains("Target (at most 10 % of an established flow's cost with 10000 prefixes): met, +5.0 % (repeat=1000)."), "{s}");
+        let mut over = String::new();
+        firewall_section(
+            &mut over,
+            &[row(
+                FlowState::Established,
+                NsMethod::Repeat(1000),
+                40.0,
+                50.0,
+            )],
+        );
+        assert!(over.contains("NOT met, +25.0 %"), "{over}");
+    }
 }

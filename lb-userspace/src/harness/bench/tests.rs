@@ -216,6 +216,7 @@ fn report(v: &Variant) -> Report {
         took: Duration::from_secs(v.took_s),
         fwd,
         ns,
+        firewall: Vec::new(),
         http: Ok(http),
         wrk_loads: loads,
         plot: v.plot.map(str::to_owned),
