@@ -13,8 +13,8 @@ use signal_hook::{
 };
 
 use super::{
-    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, UDP_PORT, VIP, WEB_NAMES,
-    down, http_get, lab_config, vip_http, web_addr,
+    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, SITE_NAME, UDP_PORT, VIP,
+    WEB_NAMES, down, http_get, lab_config, vip_http, web_addr,
 };
 use crate::{
     config::Forwarding,
@@ -200,13 +200,17 @@ fn print_instructions(
     );
     for (i, name) in WEB_NAMES.iter().enumerate() {
         println!(
-            "  {}: eth0 {}/24, VIP on lo; HTTP :80, UDP :{UDP_PORT} (answers \"{name}\")",
+            "  {}: eth0 {}/24, VIP on lo; HTTP :80, HTTPS :443, UDP :{UDP_PORT} (answers \"{name}\")",
             lab.web_ns(i + 1),
             web_addr(i + 1)
         );
     }
     println!(
-        "  services: tcp {VIP}:80 and udp {VIP}:{UDP_PORT}, round robin over web1, web2, web3"
+        "  services: tcp {VIP}:80, udp {VIP}:{UDP_PORT} and tcp {VIP}:443 (TLS passed through), round robin over web1, web2, web3"
+    );
+    println!(
+        "  TLS: lab CA {} (the webs hold their keys; the LB never sees them)",
+        lab.ca_path().display()
     );
     println!("  logs and configs: {}", lab.run_dir().display());
     println!();
@@ -222,6 +226,10 @@ fn print_instructions(
         lab.pin_dir().display()
     );
     println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
+    println!(
+        "               ip netns exec {p}-client curl --cacert {} --resolve {SITE_NAME}:443:{VIP} https://{SITE_NAME}/",
+        lab.ca_path().display()
+    );
     println!("               {lb} status --socket {}", socket.display());
     println!("  restart the agent at will: the data plane keeps forwarding while it is stopped");
     println!(
