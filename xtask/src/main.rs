@@ -147,6 +147,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
+    // The HTTPS tests show the certificate chain (tests/tests/https.rs).
+    ("openssl", "/usr/bin/openssl"),
     // The status page's browser test (tests/tests/monitoring.rs).
     ("chromium", "/usr/bin/chromium"),
 ];
