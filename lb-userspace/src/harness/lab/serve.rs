@@ -108,7 +108,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listener) = http {
         let name = Arc::clone(&name);
         workers.push(thread::spawn(move || {
-            accept_loop(&listener, move |s| http_session(s, &name, false))
+            accept_loop(&listener, move |s| {
+                let _ = s.set_nodelay(true);
+                http_session(s, &name, false)
+            })
         }));
     }
     println!(
@@ -196,24 +199,13 @@ struct Request {
     content_length: u64,
 }
 
-/// A plain TCP stream, as HTTP on port 80 gets it.
-impl Transport for TcpStream {
-    fn prepare(&self) {
-        let _ = self.set_nodelay(true);
-    }
-}
-
-/// What [`http_session`] serves over: a TCP stream, or TLS over one.
-pub(super) trait Transport: Read + Write {
-    fn prepare(&self) {}
-}
-
-impl Transport for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {}
-
-/// Serves requests one after another on a keep-alive connection; `secure`
-/// when the connection is HTTPS.
-pub(super) fn http_session(stream: impl Transport, name: &str, secure: bool) -> anyhow::Result<()> {
-    stream.prepare();
+/// Serves requests one after another on a keep-alive connection: over TCP
+/// (port 80) or over TLS on TCP (port 443, `secure`).
+pub(super) fn http_session(
+    stream: impl Read + Write,
+    name: &str,
+    secure: bool,
+) -> anyhow::Result<()> {
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader)? {
         // Discard any request body so the next request parses.
