@@ -13,7 +13,7 @@ use std::{
     fs,
     io::Write as _,
     net::{IpAddr, Ipv4Addr, TcpStream},
-    os::unix::fs::OpenOptionsExt as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -55,7 +55,7 @@ pub fn web_cert_paths(run_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 /// Makes the lab CA and, for each `(name, address)`, a server certificate
 /// for [`SITE_NAME`], `{name}.foobar.com`, the server's own address and
 /// `vip`, signed by the CA. Writes `ca.pem` and `tls/{name}.{pem,key}` under
-/// `run_dir` (keys mode 0600).
+/// `run_dir` (`tls/` mode 0700, keys 0600).
 pub fn write_lab_pki(
     run_dir: &Path,
     webs: &[(&str, Ipv4Addr)],
@@ -75,6 +75,8 @@ pub fn write_lab_pki(
 
     let tls_dir = run_dir.join("tls");
     fs::create_dir_all(&tls_dir).with_context(|| format!("creating {}", tls_dir.display()))?;
+    fs::set_permissions(&tls_dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to root", tls_dir.display()))?;
     for (name, addr) in webs {
         let mut params =
             CertificateParams::new(vec![SITE_NAME.to_owned(), format!("{name}.foobar.com")])?;
@@ -171,8 +173,7 @@ mod tests {
         assert!(write_lab_pki(&dir, &webs, Ipv4Addr::new(198, 18, 0, 10)).is_ok());
         let (cert, key) = web_cert_paths(&dir, "web1");
         assert!(server_config(&cert, &key).is_ok());
-        let mode =
-            fs::metadata(&key).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        let mode = fs::metadata(&key).map(|m| m.permissions().mode());
         assert_eq!(mode.ok().map(|m| m & 0o777), Some(0o600));
         assert!(
             fs::read_to_string(ca_path(&dir)).is_ok_and(|pem| pem.contains("BEGIN CERTIFICATE"))
