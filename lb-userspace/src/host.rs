@@ -200,8 +200,14 @@ impl ControlSocket {
             fs::remove_file(path)
                 .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        // Created 0600 from the start (not chmod-ed after a window with the
+        // umask's permissions). The agent has no other thread yet, so the
+        // process-wide umask is ours to change for the moment.
+        let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(path);
+        rustix::process::umask(previous);
+        let listener =
+            bound.with_context(|| format!("binding the control socket {}", path.display()))?;
         let socket = ControlSocket {
             path: path.to_path_buf(),
             listener: Some(listener),
@@ -247,6 +253,8 @@ mod tests {
         // A live socket is refused; a stale one is replaced.
         let sock = dir.join("sock");
         let live = ControlSocket::bind(&sock).expect("bind");
+        let mode = fs::metadata(&sock).expect("socket").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let err = ControlSocket::bind(&sock).expect_err("live socket");
         assert!(format!("{err:#}").contains("another agent"), "{err:#}");
         drop(live);

@@ -147,6 +147,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
+    // The HTTPS tests show the certificate chain (tests/tests/https.rs).
+    ("openssl", "/usr/bin/openssl"),
+    // A C compiler for the `ring` crate under rustls (the lab's HTTPS).
+    ("gcc", "/usr/bin/gcc"),
     // The status page's browser test (tests/tests/monitoring.rs).
     ("chromium", "/usr/bin/chromium"),
     // `systemd-analyze verify` of deploy/lb.service (tests/tests/deploy.rs).

@@ -307,7 +307,7 @@ fn foobar_toml_parses() {
             listen: addr("127.0.0.1:9100")
         })
     );
-    assert_eq!(config.services.len(), 2);
+    assert_eq!(config.services.len(), 3);
 
     let www = &config.services[0];
     assert_eq!(
@@ -378,6 +378,37 @@ fn foobar_toml_parses() {
             ("web2", addr("198.19.0.12:5353")),
             ("web3", addr("198.19.0.13:5353"))
         ]
+    );
+
+    // HTTPS passed through to the webs' :443, checked over HTTP on :80.
+    let tls = &config.services[2];
+    assert_eq!(
+        (tls.name.as_str(), tls.vip, tls.protocol, tls.scheduler),
+        (
+            "www-tls",
+            addr("198.18.0.10:443"),
+            Protocol::Tcp,
+            Scheduler::RoundRobin
+        )
+    );
+    assert_eq!(tls.health, udp.health);
+    let backends: Vec<(&str, SocketAddrV4)> = tls
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.address))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("web1", addr("198.19.0.11:443")),
+            ("web2", addr("198.19.0.12:443")),
+            ("web3", addr("198.19.0.13:443"))
+        ]
+    );
+    assert_eq!(
+        tls.health_for(&tls.backends[0])
+            .map(|h| h.target(tls.backends[0].address)),
+        Some(addr("198.19.0.11:80"))
     );
 }
 

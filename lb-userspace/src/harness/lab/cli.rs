@@ -13,8 +13,8 @@ use signal_hook::{
 };
 
 use super::{
-    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, LB_BACK, LB_FRONT, Lab, UDP_PORT, VIP, WEB_NAMES,
-    down, http_get, lab_config, vip_http, web_addr,
+    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, HTTPS_PORT, LB_BACK, LB_FRONT, Lab, SITE_NAME,
+    UDP_PORT, VIP, WEB_NAMES, down, http_get, lab_config, vip_http, web_addr,
 };
 use crate::{
     config::Forwarding,
@@ -200,13 +200,17 @@ fn print_instructions(
     );
     for (i, name) in WEB_NAMES.iter().enumerate() {
         println!(
-            "  {}: eth0 {}/24, VIP on lo; HTTP :80, UDP :{UDP_PORT} (answers \"{name}\")",
+            "  {}: eth0 {}/24, VIP on lo; HTTP :80, HTTPS :443, UDP :{UDP_PORT} (answers \"{name}\")",
             lab.web_ns(i + 1),
             web_addr(i + 1)
         );
     }
     println!(
-        "  services: tcp {VIP}:80 and udp {VIP}:{UDP_PORT}, round robin over web1, web2, web3"
+        "  services: tcp {VIP}:80, udp {VIP}:{UDP_PORT} and tcp {VIP}:443 (TLS passed through), round robin over web1, web2, web3"
+    );
+    println!(
+        "  TLS: lab CA {} (the webs hold their keys; the LB never sees them)",
+        lab.ca_path().display()
     );
     println!("  logs and configs: {}", lab.run_dir().display());
     println!();
@@ -222,6 +226,10 @@ fn print_instructions(
         lab.pin_dir().display()
     );
     println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
+    println!(
+        "               ip netns exec {p}-client curl --cacert {} --resolve {SITE_NAME}:443:{VIP} https://{SITE_NAME}/",
+        lab.ca_path().display()
+    );
     println!("               {lb} status --socket {}", socket.display());
     println!("  restart the agent at will: the data plane keeps forwarding while it is stopped");
     println!(
@@ -283,13 +291,57 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
             .map(one_request)
             .collect()
     })?;
+    let mut problems = summarize(name, &answers);
+    problems.extend(demo_https(lab, name));
     agent
         .stop()
         .with_context(|| format!("stopping the agent ({name})"))?;
     // The agent's stop leaves the data plane forwarding (hitless restarts);
     // the next mode starts from a fresh one.
     lab.remove_dataplane()?;
-    Ok(summarize(name, &answers))
+    Ok(problems)
+}
+
+/// Three HTTPS requests through the VIP with curl, verified against the lab
+/// CA (TLS passed through to the webs); the problems seen.
+fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
+    if netns::require_tool("curl", "apt-get install curl").is_err() {
+        println!("== {mode}: no curl, skipping HTTPS");
+        return Vec::new();
+    }
+    let ca = lab.ca_path().display().to_string();
+    let resolve = format!("{SITE_NAME}:{HTTPS_PORT}:{VIP}");
+    let url = format!("https://{SITE_NAME}/");
+    println!("== {mode}: curl --cacert {ca} --resolve {resolve} {url}");
+    let mut problems = Vec::new();
+    for i in 1..=3 {
+        let args = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            &url,
+        ];
+        match lab.exec(&lab.client_ns(), &args) {
+            Ok(out) if out.status.success() => {
+                println!(
+                    "https {i} -> {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                );
+            }
+            Ok(out) => {
+                let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                println!("https {i} -> FAILED: {why}");
+                problems.push(format!("{mode}: HTTPS request {i} failed: {why}"));
+            }
+            Err(e) => problems.push(format!("{mode}: running curl: {e:#}")),
+        }
+    }
+    problems
 }
 
 /// One request on a new connection; prints its outcome, returns the name

@@ -19,6 +19,7 @@ mod cli;
 mod client;
 mod serve;
 mod teardown;
+mod tls;
 
 use std::{
     fmt::Write as _,
@@ -43,6 +44,7 @@ pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
+pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
 
 /// The virtual service address, on the LB's `lo` (and every web's `lo`).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -83,6 +85,11 @@ pub fn vip_http() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, HTTP_PORT))
 }
 
+/// The VIP's HTTPS (TLS passthrough) service address.
+pub fn vip_https() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, HTTPS_PORT))
+}
+
 /// The VIP's UDP service address.
 pub fn vip_udp() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, UDP_PORT))
@@ -93,14 +100,19 @@ pub fn run_dir(prefix: &str) -> PathBuf {
     Path::new(RUN_ROOT).join(prefix)
 }
 
-/// The agent config for the lab: a TCP service on VIP:80 and a UDP service
-/// on VIP:5353, each round robin over web1..web3 in that order.
+/// The agent config for the lab: a TCP service on VIP:80, a UDP service
+/// on VIP:5353 and a TCP service on VIP:443 (HTTPS, passed through to the
+/// web servers), each round robin over web1..web3 in that order.
 pub fn lab_config(mode: Forwarding) -> String {
     let forwarding = mode.name();
     let mut toml = format!(
         "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n"
     );
-    for (name, protocol, port) in [("www", "tcp", HTTP_PORT), ("www-udp", "udp", UDP_PORT)] {
+    for (name, protocol, port) in [
+        ("www", "tcp", HTTP_PORT),
+        ("www-udp", "udp", UDP_PORT),
+        ("www-tls", "tcp", HTTPS_PORT),
+    ] {
         let backends = (1..=WEB_NAMES.len())
             .map(|n| {
                 format!(
@@ -162,6 +174,13 @@ impl Lab {
         };
         fs::create_dir_all(lab.run_dir())
             .with_context(|| format!("creating {}", lab.run_dir().display()))?;
+        let webs: Vec<(&str, Ipv4Addr)> = WEB_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (*name, web_addr(i + 1)))
+            .collect();
+        tls::write_lab_pki(&lab.run_dir(), &webs, VIP)
+            .with_context(|| format!("making the TLS certificates of lab {prefix}"))?;
         lab.build_topology()
             .with_context(|| format!("building lab {prefix}"))?;
         lab.start_servers(detached)
@@ -204,6 +223,13 @@ impl Lab {
     /// `/run/lb-lab/{prefix}`: configs and logs.
     pub fn run_dir(&self) -> PathBuf {
         run_dir(&self.prefix)
+    }
+
+    /// The lab CA's certificate (`{run_dir}/ca.pem`): what clients verify
+    /// the web servers' HTTPS certificates against. Its key was never
+    /// written anywhere.
+    pub fn ca_path(&self) -> PathBuf {
+        ca_path(&self.run_dir())
     }
 
     /// The control socket of agents started by [`Lab::start_agent`] (for
@@ -462,6 +488,9 @@ impl Lab {
             .with_context(|| format!("no web server {n}"))?;
         let own_udp = format!("{}:{UDP_PORT}", web_addr(n));
         let vip_udp = format!("{VIP}:{UDP_PORT}");
+        let https = format!("0.0.0.0:{HTTPS_PORT}");
+        let (cert, key) = tls::web_cert_paths(&self.run_dir(), name);
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
         // Two UDP sockets, one per address, rather than one on 0.0.0.0:
         // a reply then leaves with the address the request was sent to
         // (the web's own in NAT, the VIP in DSR), which is what the
@@ -471,6 +500,12 @@ impl Lab {
             name,
             "--http",
             "0.0.0.0:80",
+            "--https",
+            &https,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
             "--udp",
             &own_udp,
             "--udp",

@@ -1,15 +1,18 @@
-//! `lb lab-serve`: the lab's web servers (HTTP + UDP) and the LB host's
-//! echo listener. Plain std threads: a thread per listener and per
+//! `lb lab-serve`: the lab's web servers (HTTP, HTTPS + UDP) and the LB
+//! host's echo listener. Plain std threads: a thread per listener and per
 //! connection is plenty for a lab.
 
 use std::{
     io::{self, BufRead, BufReader, BufWriter, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
     sync::Arc,
     thread::{self, JoinHandle},
 };
 
 use anyhow::{Context, bail};
+
+use super::tls;
 
 /// Largest body `GET /bytes/N` serves.
 const MAX_BULK: u64 = 1 << 30;
@@ -27,6 +30,16 @@ pub struct ServeArgs {
     /// Address of the HTTP/1.1 server
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// Address of the HTTPS server (the same HTTP/1.1 over TLS; needs
+    /// --cert and --key)
+    #[arg(long, requires_all = ["cert", "key"])]
+    pub https: Option<SocketAddr>,
+    /// Certificate chain of the HTTPS server (PEM, leaf first)
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Private key of the HTTPS server (PEM)
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// Address of a UDP responder (repeatable: one socket per address, so
     /// each reply leaves from the address its request was sent to)
     #[arg(long)]
@@ -50,8 +63,8 @@ pub fn bulk_byte(i: u64) -> u8 {
 
 /// Binds every listener, then serves until one fails.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.http.is_none() && args.udp.is_empty() && args.echo.is_empty() {
-        bail!("nothing to serve: give --http, --udp or --echo");
+    if args.http.is_none() && args.https.is_none() && args.udp.is_empty() && args.echo.is_empty() {
+        bail!("nothing to serve: give --http, --https, --udp or --echo");
     }
     let name: Arc<str> = Arc::from(args.name.as_str());
     // Bind everything before serving anything: once the HTTP port accepts,
@@ -60,6 +73,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http
         .map(|a| TcpListener::bind(a).with_context(|| format!("binding HTTP on {a}")))
         .transpose()?;
+    let https = match (args.https, &args.cert, &args.key) {
+        (Some(a), Some(cert), Some(key)) => {
+            let config = tls::server_config(cert, key)?;
+            let listener = TcpListener::bind(a).with_context(|| format!("binding HTTPS on {a}"))?;
+            Some((listener, config))
+        }
+        (Some(_), _, _) => bail!("--https needs --cert and --key"),
+        (None, _, _) => None,
+    };
     let udp = bind_all(&args.udp, |a| {
         UdpSocket::bind(a).with_context(|| format!("binding UDP on {a}"))
     })?;
@@ -77,16 +99,26 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             accept_loop(&listener, echo_connection)
         }));
     }
+    if let Some((listener, config)) = https {
+        let name = Arc::clone(&name);
+        workers.push(thread::spawn(move || {
+            accept_loop(&listener, move |s| tls::https_connection(s, &config, &name))
+        }));
+    }
     if let Some(listener) = http {
         let name = Arc::clone(&name);
         workers.push(thread::spawn(move || {
-            accept_loop(&listener, move |s| http_connection(s, &name))
+            accept_loop(&listener, move |s| {
+                let _ = s.set_nodelay(true);
+                http_session(s, &name, false)
+            })
         }));
     }
     println!(
-        "lab-serve {}: http {:?}, udp {:?}, echo {:?}",
+        "lab-serve {}: http {:?}, https {:?}, udp {:?}, echo {:?}",
         args.name,
         args.http.map(|a| a.to_string()),
+        args.https.map(|a| a.to_string()),
         args.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
         args.echo
             .iter()
@@ -161,15 +193,20 @@ fn echo_connection(stream: TcpStream) -> anyhow::Result<()> {
 struct Request {
     method: String,
     path: String,
+    /// The Host header, if any.
+    host: Option<String>,
     keep_alive: bool,
     content_length: u64,
 }
 
-/// Serves requests one after another on a keep-alive connection.
-fn http_connection(stream: TcpStream, name: &str) -> anyhow::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::new(stream.try_clone().context("cloning HTTP stream")?);
-    let mut writer = BufWriter::new(stream);
+/// Serves requests one after another on a keep-alive connection: over TCP
+/// (port 80) or over TLS on TCP (port 443, `secure`).
+pub(super) fn http_session(
+    stream: impl Read + Write,
+    name: &str,
+    secure: bool,
+) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader)? {
         // Discard any request body so the next request parses.
         io::copy(
@@ -177,8 +214,10 @@ fn http_connection(stream: TcpStream, name: &str) -> anyhow::Result<()> {
             &mut io::sink(),
         )
         .context("reading request body")?;
-        respond(&mut writer, &request, name)?;
+        let mut writer = BufWriter::new(reader.get_mut());
+        respond(&mut writer, &request, name, secure)?;
         writer.flush().context("sending response")?;
+        drop(writer);
         if !request.keep_alive {
             break;
         }
@@ -216,6 +255,7 @@ fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Option<Request>> {
     // it unless asked to keep it.
     let mut keep_alive = version == "HTTP/1.1";
     let mut content_length = 0;
+    let mut host = None;
     for _ in 0..MAX_HEADERS {
         let Some(line) = read_line(reader)? else {
             bail!("connection closed inside the request head")
@@ -224,6 +264,7 @@ fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Option<Request>> {
             return Ok(Some(Request {
                 method: method.to_owned(),
                 path: path.to_owned(),
+                host,
                 keep_alive,
                 content_length,
             }));
@@ -238,6 +279,8 @@ fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Option<Request>> {
                 "keep-alive" => true,
                 _ => keep_alive,
             };
+        } else if key.eq_ignore_ascii_case("host") {
+            host = Some(value.to_owned());
         } else if key.eq_ignore_ascii_case("content-length") {
             content_length = value
                 .parse()
@@ -251,6 +294,8 @@ fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Option<Request>> {
 enum Body {
     Text(String),
     Bulk(u64),
+    /// An empty body with `Location:` set to this URL.
+    Redirect(String),
 }
 
 impl Body {
@@ -258,11 +303,16 @@ impl Body {
         match self {
             Body::Text(text) => text.len() as u64,
             Body::Bulk(n) => *n,
+            Body::Redirect(_) => 0,
         }
     }
 }
 
-fn route(request: &Request, name: &str) -> (u16, &'static str, Body) {
+/// The answer to `request`. `/redirect` shows how a site sends plain HTTP
+/// to HTTPS: over HTTP it answers 301 to `https://{Host}/` (the web server
+/// does it; the load balancer just forwards both ports); over HTTPS it
+/// answers like `/`.
+fn route(request: &Request, name: &str, secure: bool) -> (u16, &'static str, Body) {
     if request.method != "GET" && request.method != "HEAD" {
         return (
             405,
@@ -270,7 +320,18 @@ fn route(request: &Request, name: &str) -> (u16, &'static str, Body) {
             Body::Text("method not allowed\n".to_owned()),
         );
     }
-    if request.path == "/" {
+    if request.path == "/redirect" && !secure {
+        let host = request
+            .host
+            .as_deref()
+            .map_or(tls::SITE_NAME, |h| h.split(':').next().unwrap_or(h));
+        return (
+            301,
+            "Moved Permanently",
+            Body::Redirect(format!("https://{host}/")),
+        );
+    }
+    if request.path == "/" || request.path == "/redirect" {
         return (200, "OK", Body::Text(format!("{name}\n")));
     }
     if let Some(n) = request.path.strip_prefix("/bytes/") {
@@ -286,16 +347,25 @@ fn route(request: &Request, name: &str) -> (u16, &'static str, Body) {
     (404, "Not Found", Body::Text("not found\n".to_owned()))
 }
 
-fn respond(writer: &mut impl Write, request: &Request, name: &str) -> anyhow::Result<()> {
-    let (status, reason, body) = route(request, name);
+fn respond(
+    writer: &mut impl Write,
+    request: &Request,
+    name: &str,
+    secure: bool,
+) -> anyhow::Result<()> {
+    let (status, reason, body) = route(request, name, secure);
     let connection = if request.keep_alive {
         "keep-alive"
     } else {
         "close"
     };
+    let location = match &body {
+        Body::Redirect(url) => format!("Location: {url}\r\n"),
+        _ => String::new(),
+    };
     write!(
         writer,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{location}Connection: {connection}\r\n\r\n",
         body.len()
     )
     .context("sending response head")?;
@@ -307,6 +377,7 @@ fn respond(writer: &mut impl Write, request: &Request, name: &str) -> anyhow::Re
             .write_all(text.as_bytes())
             .context("sending response body"),
         Body::Bulk(n) => write_bulk(writer, n),
+        Body::Redirect(_) => Ok(()),
     }
 }
 
@@ -348,16 +419,28 @@ mod tests {
         let get = |path: &str| Request {
             method: "GET".into(),
             path: path.into(),
+            host: Some("www.foobar.com:80".into()),
             keep_alive: true,
             content_length: 0,
         };
-        assert!(matches!(route(&get("/"), "web2"), (200, _, Body::Text(t)) if t == "web2\n"));
+        for secure in [false, true] {
+            let route = |r: &Request, name: &str| route(r, name, secure);
+            assert!(matches!(route(&get("/"), "web2"), (200, _, Body::Text(t)) if t == "web2\n"));
+            assert!(matches!(
+                route(&get("/bytes/10"), "web2"),
+                (200, _, Body::Bulk(10))
+            ));
+            assert!(matches!(route(&get("/bytes/x"), "web2"), (400, _, _)));
+            assert!(matches!(route(&get("/nope"), "web2"), (404, _, _)));
+        }
         assert!(matches!(
-            route(&get("/bytes/10"), "web2"),
-            (200, _, Body::Bulk(10))
+            route(&get("/redirect"), "web2", false),
+            (301, _, Body::Redirect(url)) if url == "https://www.foobar.com/"
         ));
-        assert!(matches!(route(&get("/bytes/x"), "web2"), (400, _, _)));
-        assert!(matches!(route(&get("/nope"), "web2"), (404, _, _)));
+        assert!(matches!(
+            route(&get("/redirect"), "web2", true),
+            (200, _, Body::Text(_))
+        ));
     }
 
     #[test]
@@ -365,11 +448,12 @@ mod tests {
         let request = Request {
             method: "GET".into(),
             path: "/bytes/200000".into(),
+            host: None,
             keep_alive: false,
             content_length: 0,
         };
         let mut out = Vec::new();
-        assert!(respond(&mut out, &request, "web1").is_ok());
+        assert!(respond(&mut out, &request, "web1", false).is_ok());
         let head_end = out
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
