@@ -33,6 +33,11 @@
 #![allow(internal_features)]
 
 mod bench;
+mod firewall;
+mod trace;
+
+use firewall::firewall;
+use trace::trace;
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
@@ -41,20 +46,15 @@ use core::{
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup, bpf_redirect},
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Bucket, BucketKey, Counters,
-    DEFAULT_CONNTRACK_SIZE, FW_BUCKETS_SIZE, FW_F_ALLOW, FW_F_DENY, FW_F_RATE, FW_GLOBAL, FW_NS,
-    FW_REFILL_CAP_NS, FW_SCOPE_COUNT, Flow, FlowKey, FwKey, FwScope, MAX_BACKENDS, MAX_FW_RULES,
-    MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring, SCHED_HASH, ServiceConf,
-    ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent, VERDICT_COUNT, Verdict,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Counters, DEFAULT_CONNTRACK_SIZE, FW_GLOBAL,
+    Flow, FlowKey, MAX_BACKENDS, MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring,
+    SCHED_HASH, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     hash::flow_hash,
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
@@ -100,30 +100,6 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 /// One counter per [`Verdict`], per CPU.
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
-/// Drop tracing's switch: which verdicts to trace (none by default) and how
-/// many events were lost. Written by `lb trace`.
-#[map]
-static TRACE_ON: Array<TraceConf> = Array::with_max_entries(1, 0);
-/// Drop tracing's events, read by `lb trace`.
-#[map]
-static TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
-/// Firewall scope (service id, or `FW_GLOBAL`) → which checks it needs and
-/// its rate limit. Written by the agent.
-#[map]
-static FW_SCOPES: Array<FwScope> = Array::with_max_entries(FW_SCOPE_COUNT, 0);
-/// (scope, source prefix) → rule id: deny rules. Written by the agent.
-#[map]
-static FW_DENY: LpmTrie<FwKey, u32> = LpmTrie::with_max_entries(MAX_FW_RULES, 0);
-/// (scope, source prefix) → rule id: allow lists. Written by the agent.
-#[map]
-static FW_ALLOW: LpmTrie<FwKey, u32> = LpmTrie::with_max_entries(MAX_FW_RULES, 0);
-/// Rule id → new flows the rule decided, per CPU. This program.
-#[map]
-static FW_RULE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_FW_RULES, 0);
-/// (scope, masked source) → token bucket of the new-flow rate limit. This
-/// program (the LRU forgets sources not seen for a while).
-#[map]
-static FW_BUCKETS: LruHashMap<BucketKey, Bucket> = LruHashMap::with_max_entries(FW_BUCKETS_SIZE, 0);
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
@@ -138,80 +114,6 @@ pub fn lb(ctx: XdpContext) -> u32 {
         trace(&ctx, verdict.reason);
     }
     verdict.action
-}
-
-/// Drop tracing: when `TRACE_ON` asks for this verdict, reads the frame's
-/// headers again (each bounds-checked; the frame is as the program left it)
-/// and sends one event to `TRACE`. Off, it costs one array lookup.
-#[inline(always)]
-fn trace(ctx: &XdpContext, reason: Verdict) {
-    let Some(conf) = TRACE_ON.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a valid TRACE_ON value; userspace writes it whole, rarely.
-    if unsafe { (*conf).verdicts } & reason.trace_bit() == 0 {
-        return;
-    }
-    let (mut ether_type, mut saddr, mut daddr, mut protocol) = (0u16, 0u32, 0u32, 0u8);
-    let (mut sport, mut dport, mut service_id) = (0u16, 0u16, TRACE_NO_SERVICE);
-    if let Some(eth) = header::<EthHdr>(ctx, 0) {
-        // SAFETY: bounds-checked by `header`.
-        ether_type = unsafe { (*eth).ether_type };
-    }
-    if ether_type == ETH_P_IPV4_RAW
-        && let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN)
-    {
-        // SAFETY: bounds-checked by `header`; a reference, not a copy.
-        let hdr = unsafe { &*ip };
-        (saddr, daddr, protocol) = (hdr.saddr, hdr.daddr, hdr.protocol);
-        // Ports only where the balancer itself would read them: no options,
-        // not a later fragment.
-        let later_fragment = u16::from_be(hdr.frag_off) & 0x1fff != 0;
-        if hdr.header_len() == Ipv4Hdr::LEN
-            && !later_fragment
-            && l4_layout(protocol).is_some()
-            && let Some(ports) = header::<L4Ports>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)
-        {
-            // SAFETY: bounds-checked by `header`.
-            (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
-            let service = ServiceKey {
-                vip: daddr,
-                port: dport,
-                protocol,
-                _pad: 0,
-            };
-            // SAFETY: a plain hash lookup; the value is copied at once.
-            if let Some(&id) = unsafe { SERVICES.get(&service) } {
-                service_id = id;
-            }
-        }
-    }
-    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
-        // Ring buffer full: the reader is behind. Counted, not retried.
-        // SAFETY: a valid, aligned u64 in an array map value; SeqCst so
-        // that it stays an atomic add (see `schedule`).
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*conf).lost, 1);
-        }
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, 8-byte aligned TraceEvent; every
-    // field is written, one store each (no out-of-line memset/memcpy).
-    unsafe {
-        (&raw mut (*ev).verdict).write(reason as u32);
-        (&raw mut (*ev).service_id).write(service_id);
-        (&raw mut (*ev).saddr).write(saddr);
-        (&raw mut (*ev).daddr).write(daddr);
-        (&raw mut (*ev).sport).write(sport);
-        (&raw mut (*ev).dport).write(dport);
-        (&raw mut (*ev).protocol).write(protocol);
-        (&raw mut (*ev)._pad0).write(0);
-        (&raw mut (*ev).ether_type).write(ether_type);
-        (&raw mut (*ev).ifindex).write(ctx.ingress_ifindex() as u32);
-        (&raw mut (*ev).len).write((ctx.data_end() - ctx.data()) as u32);
-    }
-    entry.submit(0);
 }
 
 /// What the program does with a frame, and which rule decided it.
@@ -440,81 +342,6 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
         Ok(flow) => forward(ctx, pkt, key, unsafe { &mut *flow }),
         Err(outcome) => outcome,
     }
-}
-
-/// The firewall, one scope (`FW_GLOBAL` or a service id), for a new flow
-/// to a VIP: a deny rule drops it; an allow list drops any source it does
-/// not match; then the source's token bucket must hold a token. Deny wins
-/// over allow. A matching rule counts in `FW_RULE_STATS[rule id]`. A scope
-/// without rules costs one array lookup.
-#[inline(always)]
-fn firewall(scope: u32, saddr: u32) -> Result<(), Outcome> {
-    let Some(conf) = FW_SCOPES.get(scope) else {
-        return Ok(());
-    };
-    let flags = conf.flags;
-    if flags == 0 {
-        return Ok(());
-    }
-    let key = Key::new(64, FwKey { scope, addr: saddr });
-    if flags & FW_F_DENY != 0
-        && let Some(&rule) = FW_DENY.get(&key)
-    {
-        count(&FW_RULE_STATS, rule, 1, 0);
-        return Err(drop(Verdict::DropFirewallDeny));
-    }
-    if flags & FW_F_ALLOW != 0 {
-        match FW_ALLOW.get(&key) {
-            Some(&rule) => count(&FW_RULE_STATS, rule, 1, 0),
-            None => return Err(drop(Verdict::DropFirewallNotAllowed)),
-        }
-    }
-    if flags & FW_F_RATE != 0 && !take_token(scope, conf, saddr) {
-        return Err(drop(Verdict::DropRateLimited));
-    }
-    Ok(())
-}
-
-/// The new-flow token bucket of `saddr` (masked to its address or prefix)
-/// in `scope`: refilled at `rate` per second up to `burst`, one token per
-/// new flow. CPUs update a bucket without a lock: two CPUs racing on one
-/// source may both take the last token (the limit is approximate by the
-/// number of CPUs, never by more).
-#[inline(always)]
-fn take_token(scope: u32, conf: &FwScope, saddr: u32) -> bool {
-    let key = BucketKey {
-        scope,
-        addr: saddr & conf.mask,
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let cap = u64::from(conf.burst) * FW_NS;
-    let Some(bucket) = FW_BUCKETS.get_ptr_mut(&key) else {
-        // First new flow from this source (or its bucket was evicted): a
-        // full bucket (burst >= 1), less this flow's token. A failed
-        // insert lets the flow through: the limit fails open, not closed.
-        let fresh = Bucket {
-            tokens: cap.saturating_sub(FW_NS),
-            last_ns: now,
-        };
-        let _ = FW_BUCKETS.insert(&key, &fresh, 0);
-        return true;
-    };
-    // SAFETY: an FW_BUCKETS value; racing CPUs at worst lose a refill.
-    let bucket = unsafe { &mut *bucket };
-    let elapsed = now.saturating_sub(bucket.last_ns);
-    let tokens = if elapsed >= FW_REFILL_CAP_NS {
-        cap
-    } else {
-        (bucket.tokens + elapsed * u64::from(conf.rate)).min(cap)
-    };
-    bucket.last_ns = now;
-    if tokens < FW_NS {
-        bucket.tokens = tokens;
-        return false;
-    }
-    bucket.tokens = tokens - FW_NS;
-    true
 }
 
 /// Forwards a packet of a pinned flow to its backend in its service's mode.
