@@ -1,0 +1,217 @@
+//! Read-only views of a data plane: counters, verdicts, the flow table,
+//! the facts `lb explain` needs, the rings a previous agent left. None of
+//! them writes a map.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
+use lb_common::{
+    Backend, Counters, FW_GLOBAL, Flow, FlowKey, FwKey, FwScope, Ring, ServiceConf, ServiceKey,
+    VERDICT_COUNT, Verdict,
+};
+
+use super::{Dataplane, DataplaneError, Result, found};
+use crate::explain::{FlowFacts, FwFacts, ServiceFacts};
+
+impl Dataplane {
+    /// Verdict counters summed over CPUs, in [`Verdict::ALL`] order.
+    ///
+    /// A `VERDICTS` adopted from a pin dir of an older version is shorter
+    /// (a pinned map keeps its size): the verdicts added since (the
+    /// firewall's) read 0 there, and count once `lb teardown` lets the map
+    /// be made again.
+    pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>> {
+        let map = self.per_cpu::<u64>("VERDICTS")?;
+        (0..VERDICT_COUNT)
+            .map(|i| {
+                let n = match map.get(&i, 0) {
+                    Ok(values) => values.iter().sum(),
+                    Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => 0,
+                    Err(source) => {
+                        return Err(DataplaneError::Map {
+                            name: "VERDICTS",
+                            source,
+                        });
+                    }
+                };
+                Ok((Verdict::ALL[i as usize], n))
+            })
+            .collect()
+    }
+
+    /// Traffic counters of a service or backend id, summed over CPUs.
+    pub fn counters(&self, map: &'static str, id: u32) -> Result<Counters> {
+        let values = self
+            .per_cpu::<Counters>(map)?
+            .get(&id, 0)
+            .map_err(|source| DataplaneError::Map { name: map, source })?;
+        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+
+    /// A second handle on the connection table, for counting flows off the
+    /// agent's loop (walking 262k entries takes the better part of a second).
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let data = self.map_data("CONNTRACK")?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|source| {
+            DataplaneError::Map {
+                name: "CONNTRACK",
+                source,
+            }
+        })?;
+        Ok(FlowTable { flows })
+    }
+
+    /// What the maps hold for one flow, for `lb explain`: its service (conf,
+    /// active ring, round-robin counter), its conntrack entry and the
+    /// backend that entry names. Lookups only; nothing is written.
+    pub fn flow_facts(&self, key: &FlowKey) -> Result<FlowFacts> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let vips: HashMap<&MapData, u32, u32> =
+            HashMap::try_from(map("VIPS")?).map_err(err("VIPS"))?;
+        let services: HashMap<&MapData, ServiceKey, u32> =
+            HashMap::try_from(map("SERVICES")?).map_err(err("SERVICES"))?;
+        let flows: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(map("CONNTRACK")?).map_err(err("CONNTRACK"))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+        let service_key = ServiceKey {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        };
+        let service = match found(services.get(&service_key, 0), "SERVICES")? {
+            None => None,
+            Some(id) => {
+                let confs: Array<&MapData, ServiceConf> =
+                    Array::try_from(map("SERVICE_CONF")?).map_err(err("SERVICE_CONF"))?;
+                let rings: Array<&MapData, Ring> =
+                    Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+                let counters: Array<&MapData, u64> =
+                    Array::try_from(map("RR_COUNTERS")?).map_err(err("RR_COUNTERS"))?;
+                let conf = confs.get(&id, 0).map_err(err("SERVICE_CONF"))?;
+                let ring = rings
+                    .get(&Ring::slot(id, conf.active_ring), 0)
+                    .map_err(err("RINGS"))?;
+                let len = (ring.len as usize).min(ring.ids.len());
+                Some(ServiceFacts {
+                    id,
+                    conf,
+                    ring: ring.ids[..len].to_vec(),
+                    rr_counter: counters.get(&id, 0).map_err(err("RR_COUNTERS"))?,
+                })
+            }
+        };
+        let conntrack = match found(flows.get(key, 0), "CONNTRACK")? {
+            None => None,
+            Some(flow) => Some((
+                flow,
+                backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
+            )),
+        };
+        let mut firewall = Vec::new();
+        let scopes: Array<&MapData, FwScope> =
+            Array::try_from(map("FW_SCOPES")?).map_err(err("FW_SCOPES"))?;
+        let scope_ids = std::iter::once(FW_GLOBAL).chain(service.as_ref().map(|s| s.id));
+        for scope in scope_ids {
+            let conf = scopes.get(&scope, 0).map_err(err("FW_SCOPES"))?;
+            let matched = |name: &'static str| -> Result<Option<(String, u32)>> {
+                let lookup = Key::new(
+                    64,
+                    FwKey {
+                        scope,
+                        addr: key.saddr,
+                    },
+                );
+                Ok(found(self.trie(name)?.get(&lookup, 0), name)?.map(|id| {
+                    let rule = self
+                        .fw
+                        .rules
+                        .iter()
+                        .find(|(_, v)| **v == id)
+                        .map_or(format!("rule id {id}"), |(r, _)| r.to_string());
+                    (rule, id)
+                }))
+            };
+            firewall.push(FwFacts {
+                scope,
+                conf,
+                deny: matched("FW_DENY")?,
+                allow: matched("FW_ALLOW")?,
+            });
+        }
+        Ok(FlowFacts {
+            vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
+            service,
+            conntrack,
+            firewall,
+        })
+    }
+
+    /// A second, owned handle on one of the program's maps (by its kernel
+    /// id), for readers apart from this value: the flow table, `lb trace`.
+    pub fn map_data(&self, name: &'static str) -> Result<MapData> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let err = |source| DataplaneError::Map { name, source };
+        let data = match map {
+            aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::RingBuf(d) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        let id = data.info().map_err(err)?.id();
+        MapData::from_id(id).map_err(err)
+    }
+
+    /// The backends in each service's active ring, as (service key, backend
+    /// address): what a previous agent left serving. A restarted agent
+    /// starts those backends as up, so a restart changes no ring.
+    pub fn ring_members(&self) -> Result<BTreeSet<(ServiceKey, SocketAddrV4)>> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let rings: Array<&MapData, Ring> = Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+        let mut members = BTreeSet::new();
+        for (key, id) in &self.ids.services {
+            let half = self.ids.active_half.get(id).copied().unwrap_or(0);
+            let ring = rings.get(&Ring::slot(*id, half), 0).map_err(err("RINGS"))?;
+            for bid in ring.ids.iter().take(ring.len as usize) {
+                let b = backends.get(bid, 0).map_err(err("BACKENDS"))?;
+                let addr =
+                    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
+                members.insert((*key, addr));
+            }
+        }
+        Ok(members)
+    }
+}
+
+/// The connection table, read apart from the agent's loop.
+pub struct FlowTable {
+    flows: HashMap<MapData, FlowKey, Flow>,
+}
+
+impl FlowTable {
+    /// Flows in the table per backend id (walks the whole map: for status,
+    /// not for the fast path).
+    pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut counts = BTreeMap::new();
+        for (_, flow) in self.flows.iter().filter_map(|r| r.ok()) {
+            *counts.entry(flow.backend_id).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}
