@@ -1708,21 +1708,62 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         let mut h = Harness::new(&cfg);
         let www_id = 0; // the first service gets id 0
         assert_eq!(rule_counts(&h.dp).len(), 5);
-        let drop = XDP_DROP;
-        h.expect_rule(
-            "inside deny /16 and allow /24: deny wins",
-            &from([10, 77, 1, 5], 42000, VIP, true),
-            drop,
-            Verdict::DropFirewallDeny,
-            Some((www_id, "deny 10.77.0.0/16")),
-        );
-        h.expect_rule(
-            "the longest deny prefix is the rule that counts",
-            &from([10, 77, 1, 200], 42001, VIP, true),
-            drop,
-            Verdict::DropFirewallDeny,
-            Some((www_id, "deny 10.77.1.128/25")),
-        );
+        // One case per row: (what, frame, action, verdict, the rule whose
+        // counter moves).
+        for (what, frame, action, verdict, rule) in [
+            (
+                "inside deny /16 and allow /24: deny wins",
+                from([10, 77, 1, 5], 42000, VIP, true),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((www_id, "deny 10.77.0.0/16")),
+            ),
+            (
+                "the longest deny prefix is the rule that counts",
+                from([10, 77, 1, 200], 42001, VIP, true),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((www_id, "deny 10.77.1.128/25")),
+            ),
+            (
+                "outside www's allow list",
+                from([10, 78, 0, 1], 42002, VIP, true),
+                XDP_DROP,
+                Verdict::DropFirewallNotAllowed,
+                None,
+            ),
+            (
+                "the client, in www's allow list",
+                from(CLIENT, 42003, VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                Some((www_id, "allow 198.18.0.0/24")),
+            ),
+            (
+                "global deny, on another service too",
+                from([203, 0, 113, 9], 42004, VIP_DSR, true),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+            ),
+            (
+                "www's allow list does not apply to www-dsr",
+                from([10, 78, 0, 1], 42005, VIP_DSR, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                None,
+            ),
+            // A non-first packet of an unknown flow is a new flow too.
+            (
+                "an ACK without a flow is filtered",
+                from([203, 0, 113, 9], 42006, VIP, false),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+            ),
+        ] {
+            h.expect_rule(what, &frame, action, verdict, rule);
+        }
         // `lb explain`'s facts: the same LPM lookups, per scope.
         let vip = std::net::Ipv4Addr::from(VIP);
         let q =
@@ -1740,43 +1781,6 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
             facts.firewall[1].allow.as_ref().map(|(r, _)| r.as_str()),
             Some("allow 10.77.1.0/24")
         );
-        h.expect_rule(
-            "outside www's allow list",
-            &from([10, 78, 0, 1], 42002, VIP, true),
-            drop,
-            Verdict::DropFirewallNotAllowed,
-            None,
-        );
-        h.expect_rule(
-            "the client, in www's allow list",
-            &from(CLIENT, 42003, VIP, true),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-            Some((www_id, "allow 198.18.0.0/24")),
-        );
-        h.expect_rule(
-            "global deny, on another service too",
-            &from([203, 0, 113, 9], 42004, VIP_DSR, true),
-            drop,
-            Verdict::DropFirewallDeny,
-            Some((FW_GLOBAL, "deny 203.0.113.0/24")),
-        );
-        h.expect_rule(
-            "www's allow list does not apply to www-dsr",
-            &from([10, 78, 0, 1], 42005, VIP_DSR, true),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-            None,
-        );
-        // A non-first packet of an unknown flow is a new flow too.
-        h.expect_rule(
-            "an ACK without a flow is filtered",
-            &from([203, 0, 113, 9], 42006, VIP, false),
-            drop,
-            Verdict::DropFirewallDeny,
-            Some((FW_GLOBAL, "deny 203.0.113.0/24")),
-        );
-
         // Live: deny the client's /24 globally. Its established flow goes on
         // (new flows only are filtered); its new flows are denied.
         let mut live = cfg.clone();
@@ -1792,7 +1796,7 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         h.expect_rule(
             "new flow of a newly denied source",
             &from(CLIENT, 42010, VIP, true),
-            drop,
+            XDP_DROP,
             Verdict::DropFirewallDeny,
             Some((FW_GLOBAL, "deny 198.18.0.0/24")),
         );
