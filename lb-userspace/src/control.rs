@@ -13,7 +13,10 @@ use std::{
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::health::Health;
+use crate::{
+    config::{Forwarding, Protocol, Scheduler},
+    health::Health,
+};
 
 /// Where `lb run` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -221,9 +224,9 @@ pub struct ConntrackStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
-    pub protocol: String,
-    pub forwarding: String,
-    pub scheduler: String,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub scheduler: Scheduler,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendStatus>,
@@ -431,9 +434,9 @@ mod tests {
             services: vec![ServiceStatus {
                 name: "www".into(),
                 vip: "198.18.0.10:80".into(),
-                protocol: "tcp".into(),
-                forwarding: "nat".into(),
-                scheduler: "round-robin".into(),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Nat,
+                scheduler: Scheduler::RoundRobin,
                 packets: 10,
                 bytes: 1000,
                 backends: vec![BackendStatus {
@@ -503,9 +506,9 @@ mod tests {
             services: vec![ServiceStatus {
                 name: "www".into(),
                 vip: String::new(),
-                protocol: "tcp".into(),
-                forwarding: "nat".into(),
-                scheduler: "round-robin".into(),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Nat,
+                scheduler: Scheduler::RoundRobin,
                 packets: 0,
                 bytes: 0,
                 backends,

@@ -19,7 +19,10 @@ use lb_common::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::control::{AdminState, HealthStatus};
+use crate::{
+    config::{Forwarding, Scheduler},
+    control::{AdminState, HealthStatus},
+};
 
 /// A flow as `lb explain` takes it: client → VIP, protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +169,8 @@ pub struct ServiceFacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
     pub name: String,
-    pub forwarding: String,
-    pub scheduler: String,
+    pub forwarding: Forwarding,
+    pub scheduler: Scheduler,
     pub backends: Vec<BackendView>,
 }
 
@@ -254,8 +257,8 @@ pub fn explain(
         out,
         "{flow}: service {name} (id {}, {}, {})",
         service.id,
-        view.map_or("?", |v| v.forwarding.as_str()),
-        view.map_or("?", |v| v.scheduler.as_str()),
+        view.map_or("?", |v| v.forwarding.name()),
+        view.map_or("?", |v| v.scheduler.name()),
     );
     if let Some((entry, backend)) = &facts.conntrack {
         let pinned = backend_name(view, entry.backend_id, Some(backend));
@@ -384,8 +387,8 @@ mod tests {
         };
         ServiceView {
             name: "www".into(),
-            forwarding: "nat".into(),
-            scheduler: "round-robin".into(),
+            forwarding: Forwarding::Nat,
+            scheduler: Scheduler::RoundRobin,
             backends: vec![
                 b(0, "web1", AdminState::Enabled, HealthStatus::Up),
                 b(1, "web2", AdminState::Drain, HealthStatus::Up),

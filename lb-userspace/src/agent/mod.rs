@@ -467,8 +467,8 @@ impl Agent {
                 .find(|(_, a)| a.id == f.id)?;
             Some(ServiceView {
                 name: svc.name.clone(),
-                forwarding: svc.forwarding.name().into(),
-                scheduler: svc.scheduler.name().into(),
+                forwarding: svc.forwarding,
+                scheduler: svc.scheduler,
                 backends: svc
                     .backends
                     .iter()
@@ -607,9 +607,9 @@ impl Agent {
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 vip: svc.vip.to_string(),
-                protocol: svc.protocol.name().into(),
-                forwarding: svc.forwarding.name().into(),
-                scheduler: svc.scheduler.name().into(),
+                protocol: svc.protocol,
+                forwarding: svc.forwarding,
+                scheduler: svc.scheduler,
                 packets: traffic.packets,
                 bytes: traffic.bytes,
                 backends,

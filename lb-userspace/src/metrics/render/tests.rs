@@ -10,6 +10,7 @@ use std::{
 use lb_common::Verdict;
 
 use super::*;
+use crate::config::{Forwarding, Protocol, Scheduler};
 use crate::control::{
     AgentStatus, BackendStatus, ConntrackStatus, ReloadStatus, ServiceStatus, Status,
 };
@@ -47,9 +48,9 @@ fn snapshot() -> Status {
         services: vec![ServiceStatus {
             name: "www".into(),
             vip: "198.18.0.10:80".into(),
-            protocol: "tcp".into(),
-            forwarding: "nat".into(),
-            scheduler: "round-robin".into(),
+            protocol: Protocol::Tcp,
+            forwarding: Forwarding::Nat,
+            scheduler: Scheduler::RoundRobin,
             packets: 140,
             bytes: 14_000,
             backends: vec![
