@@ -364,3 +364,35 @@ fn status_of_a_big_flow_table_does_not_stall_the_agent() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 8.5: `lb lab up` tells users to start the agent with the lab's own
+/// socket and pin dir (and `--netns`), so two labs never share them.
+#[test]
+fn lab_up_prints_the_labs_own_socket_and_pin_dir() -> Result<()> {
+    let prefix = unique_prefix("lbs");
+    let run = |verb: &str| {
+        Command::new(lb_bin())
+            .args(["lab", verb, "--prefix", &prefix])
+            .output()
+    };
+    let up = run("up")?;
+    let down = run("down")?;
+    let text = String::from_utf8_lossy(&up.stdout);
+    ensure!(up.status.success(), "lab up failed: {text}");
+    ensure!(down.status.success(), "lab down failed");
+    let socket = format!("--socket /run/lb-lab/{prefix}/lb.sock");
+    let pins = format!("--pin-dir /sys/fs/bpf/lb-lab-{prefix}");
+    let start = text
+        .lines()
+        .find(|l| l.contains(" run --netns "))
+        .with_context(|| format!("no `lb run` line in:\n{text}"))?;
+    for want in [format!("--netns {prefix}-lb"), socket.clone(), pins] {
+        ensure!(start.contains(&want), "{want:?} missing from {start:?}");
+    }
+    ensure!(
+        text.lines()
+            .any(|l| l.contains(" status ") && l.contains(&socket)),
+        "no `lb status {socket}` line in:\n{text}"
+    );
+    Ok(())
+}
