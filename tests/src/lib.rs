@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use lb_userspace::{
+    config::Forwarding,
     control::{self, BackendChange, Request, Response, Status},
     harness::{
         lab::{HttpConn, Lab, bulk_byte, http_get, vip_http, web_addr},
@@ -46,6 +47,37 @@ pub fn unique_prefix(tag: &str) -> String {
         std::process::id() % 100_000,
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Both forwarding modes, NAT first.
+pub const MODES: [Forwarding; 2] = [Forwarding::Nat, Forwarding::Dsr];
+
+/// For each mode: route the webs for it, start a fresh agent with
+/// `config(mode)` on a fresh data plane (so round robin counts from zero),
+/// run `check`, stop the agent, which must exit 0, and remove its data
+/// plane.
+pub fn in_each_mode(
+    lab: &mut Lab,
+    config: impl Fn(Forwarding) -> String,
+    mut check: impl FnMut(&mut Lab, Forwarding) -> Result<()>,
+) -> Result<()> {
+    for mode in MODES {
+        let name = mode.name();
+        lab.set_mode(mode)
+            .with_context(|| format!("switching the lab to {name}"))?;
+        let agent = lab
+            .start_agent(&config(mode))
+            .with_context(|| format!("starting the agent ({name})"))?;
+        check(lab, mode)
+            .with_context(|| format!("{name} mode; agent stderr:\n{}", agent.log_text()))?;
+        agent
+            .stop()
+            .with_context(|| format!("stopping the agent ({name})"))?;
+        // Stopping leaves the pinned data plane forwarding; the next mode
+        // starts from a fresh one.
+        lab.remove_dataplane()?;
+    }
+    Ok(())
 }
 
 /// Health check timings for the agent tests: fall 2 × 200 ms detection.

@@ -12,46 +12,18 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::{lb_bin, unique_prefix};
-use lb_userspace::{
-    config::Forwarding,
-    harness::{
-        lab::{
-            self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get,
-            lab_config, udp_connect, udp_request, vip_http, vip_udp,
-        },
-        netns::{self, in_netns, require_tool},
+use lb_tests::{MODES, in_each_mode, lb_bin, unique_prefix};
+use lb_userspace::harness::{
+    lab::{
+        self, ECHO_PORT, HttpConn, LB_FRONT, Lab, VIP, WEB_NAMES, bulk_byte, http_get, lab_config,
+        udp_connect, udp_request, vip_http, vip_udp,
     },
+    netns::{self, in_netns, require_tool},
 };
-
-const MODES: [Forwarding; 2] = [Forwarding::Nat, Forwarding::Dsr];
 
 fn new_lab() -> Result<Lab> {
     let prefix = unique_prefix("lbt");
     Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
-}
-
-/// For each mode: route the webs for it, start a fresh agent on a fresh data
-/// plane (so round robin counts from zero), run `check`, stop the agent,
-/// which must exit 0, and remove its data plane.
-fn in_each_mode(lab: &Lab, check: impl Fn(&Lab, Forwarding) -> Result<()>) -> Result<()> {
-    for mode in MODES {
-        let name = mode.name();
-        lab.set_mode(mode)
-            .with_context(|| format!("switching the lab to {name}"))?;
-        let agent = lab
-            .start_agent(&lab_config(mode))
-            .with_context(|| format!("starting the agent ({name})"))?;
-        check(lab, mode)
-            .with_context(|| format!("{name} mode; agent stderr:\n{}", agent.log_text()))?;
-        agent
-            .stop()
-            .with_context(|| format!("stopping the agent ({name})"))?;
-        // Stopping leaves the pinned data plane forwarding; the next mode
-        // starts from a fresh one.
-        lab.remove_dataplane()?;
-    }
-    Ok(())
 }
 
 /// `n` names following the round-robin order from `WEB_NAMES[start]`.
@@ -82,8 +54,8 @@ fn udp_server(reply: &str) -> String {
 
 #[test]
 fn tcp_new_connections_rotate_exactly() -> Result<()> {
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         let servers = in_netns(&lab.client_ns(), || servers_of_new_connections(9))??;
         // A fresh agent: the service's first flow goes to web1.
         ensure!(
@@ -96,8 +68,8 @@ fn tcp_new_connections_rotate_exactly() -> Result<()> {
 
 #[test]
 fn keepalive_connection_keeps_its_server_while_new_ones_rotate() -> Result<()> {
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         in_netns(&lab.client_ns(), || -> Result<()> {
             let mut long_lived = HttpConn::connect(vip_http())?;
             let first = long_lived.get("/")?.text();
@@ -123,8 +95,8 @@ fn keepalive_connection_keeps_its_server_while_new_ones_rotate() -> Result<()> {
 #[test]
 fn bulk_transfer_arrives_byte_exact() -> Result<()> {
     const SIZE: usize = 8_000_000;
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         let response = in_netns(&lab.client_ns(), || {
             http_get(vip_http(), &format!("/bytes/{SIZE}"))
         })??;
@@ -153,8 +125,8 @@ fn bulk_transfer_arrives_byte_exact() -> Result<()> {
 
 #[test]
 fn udp_flows_stick_and_new_flows_rotate() -> Result<()> {
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         in_netns(&lab.client_ns(), || -> Result<()> {
             // Connected to VIP:5353, the socket only accepts replies whose
             // source is exactly VIP:5353.
@@ -190,8 +162,8 @@ fn udp_flows_stick_and_new_flows_rotate() -> Result<()> {
 #[test]
 fn wrk_load_has_no_errors() -> Result<()> {
     require_tool("wrk", "install wrk (cargo xtask setup does)")?;
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         let url = format!("http://{VIP}/");
         let out = lab.exec(&lab.client_ns(), &["wrk", "-t2", "-c16", "-d3s", &url])?;
         let report = String::from_utf8_lossy(&out.stdout);
@@ -223,8 +195,8 @@ fn wrk_load_has_no_errors() -> Result<()> {
 #[test]
 fn lb_host_traffic_is_untouched() -> Result<()> {
     require_tool("ping", "install iputils-ping (cargo xtask setup should)")?;
-    let lab = new_lab()?;
-    in_each_mode(&lab, |lab, _| {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
         // ICMP, even to the VIP, is passed to the LB's kernel, which answers.
         for target in [LB_FRONT, VIP] {
             let target = target.to_string();

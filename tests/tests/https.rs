@@ -11,7 +11,9 @@
 use std::{process::Output, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{FALL, INTERVAL_MS, RISE, backend_status, lb_bin, unique_prefix, wait_for_status};
+use lb_tests::{
+    FALL, INTERVAL_MS, RISE, backend_status, in_each_mode, lb_bin, unique_prefix, wait_for_status,
+};
 use lb_userspace::{
     config::Forwarding,
     control::HealthStatus,
@@ -21,7 +23,6 @@ use lb_userspace::{
     },
 };
 
-const MODES: [Forwarding; 2] = [Forwarding::Nat, Forwarding::Dsr];
 const SERVICE: &str = "www-tls";
 
 fn new_lab() -> Result<Lab> {
@@ -130,33 +131,24 @@ fn is_rotation(got: &[String]) -> bool {
 /// HTTP on :80 is redirected to HTTPS by the webs, through the LB.
 #[test]
 fn https_is_passed_through_and_verified_in_nat_and_dsr() -> Result<()> {
-    let lab = new_lab()?;
-    for mode in MODES {
-        let name = mode.name();
-        lab.set_mode(mode)?;
-        let agent = lab.start_agent(&tls_config(mode))?;
-        let result = (|| -> Result<()> {
-            wait_for_health(&lab, None)?;
-            let got: Vec<String> = (0..9).map(|_| https_get(&lab)).collect::<Result<_>>()?;
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, tls_config, |lab, _| {
+        wait_for_health(lab, None)?;
+        let got: Vec<String> = (0..9).map(|_| https_get(lab)).collect::<Result<_>>()?;
+        ensure!(
+            is_rotation(&got),
+            "HTTPS connections did not rotate over the webs: {got:?}"
+        );
+        for web in WEB_NAMES {
             ensure!(
-                is_rotation(&got),
-                "HTTPS connections did not rotate over the webs: {got:?}"
+                got.iter().filter(|g| *g == web).count() == 3,
+                "{web}: {got:?}"
             );
-            for web in WEB_NAMES {
-                ensure!(
-                    got.iter().filter(|g| *g == web).count() == 3,
-                    "{web}: {got:?}"
-                );
-            }
-            check_verification_fails_without_the_ca(&lab)?;
-            check_chain_with_openssl(&lab)?;
-            check_redirect_to_https(&lab)
-        })();
-        result.with_context(|| format!("{name} mode; agent stderr:\n{}", agent.log_text()))?;
-        agent.stop()?;
-        lab.remove_dataplane()?;
-    }
-    Ok(())
+        }
+        check_verification_fails_without_the_ca(lab)?;
+        check_chain_with_openssl(lab)?;
+        check_redirect_to_https(lab)
+    })
 }
 
 /// curl exits 60 (certificate not verified) without the lab CA, and also
@@ -266,38 +258,30 @@ fn check_redirect_to_https(lab: &Lab) -> Result<()> {
 #[test]
 fn no_tls_handshake_reaches_a_web_the_check_marked_down() -> Result<()> {
     let mut lab = new_lab()?;
-    for mode in MODES {
+    in_each_mode(&mut lab, tls_config, |lab, mode| {
         let name = mode.name();
-        lab.set_mode(mode)?;
-        let agent = lab.start_agent(&tls_config(mode))?;
-        let result = (|| -> Result<()> {
-            wait_for_health(&lab, None)?;
-            lab.stop_web(2)?;
-            let took = wait_for_health(&lab, Some("web2"))?;
-            eprintln!("{name}: web2 marked down {took:?} after it stopped");
-            let got: Vec<String> = (0..12)
-                .map(|i| https_get(&lab).with_context(|| format!("request {i} with web2 down")))
-                .collect::<Result<_>>()?;
-            ensure!(
-                got.iter().all(|g| g == "web1" || g == "web3"),
-                "with web2 down: {got:?}"
-            );
-            ensure!(
-                got.iter().filter(|g| *g == "web1").count() == 6,
-                "web1 and web3 share the rotation: {got:?}"
-            );
-            lab.start_web(2)?;
-            wait_for_health(&lab, None)?;
-            let back: Vec<String> = (0..6).map(|_| https_get(&lab)).collect::<Result<_>>()?;
-            ensure!(
-                back.iter().any(|g| g == "web2"),
-                "web2 back in rotation: {back:?}"
-            );
-            Ok(())
-        })();
-        result.with_context(|| format!("{name} mode; agent stderr:\n{}", agent.log_text()))?;
-        agent.stop()?;
-        lab.remove_dataplane()?;
-    }
-    Ok(())
+        wait_for_health(lab, None)?;
+        lab.stop_web(2)?;
+        let took = wait_for_health(lab, Some("web2"))?;
+        eprintln!("{name}: web2 marked down {took:?} after it stopped");
+        let got: Vec<String> = (0..12)
+            .map(|i| https_get(lab).with_context(|| format!("request {i} with web2 down")))
+            .collect::<Result<_>>()?;
+        ensure!(
+            got.iter().all(|g| g == "web1" || g == "web3"),
+            "with web2 down: {got:?}"
+        );
+        ensure!(
+            got.iter().filter(|g| *g == "web1").count() == 6,
+            "web1 and web3 share the rotation: {got:?}"
+        );
+        lab.start_web(2)?;
+        wait_for_health(lab, None)?;
+        let back: Vec<String> = (0..6).map(|_| https_get(lab)).collect::<Result<_>>()?;
+        ensure!(
+            back.iter().any(|g| g == "web2"),
+            "web2 back in rotation: {back:?}"
+        );
+        Ok(())
+    })
 }
