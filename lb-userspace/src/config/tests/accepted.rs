@@ -297,6 +297,12 @@ backends = [
 
 #[test]
 fn foobar_toml_parses() {
+    fn endpoints(s: &Service) -> Vec<(&str, SocketAddrV4)> {
+        s.backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.address))
+            .collect()
+    }
     let config = parse_ok(include_str!("../../../../config/foobar.toml"));
     assert_eq!(config.dataplane.interfaces, ["lb-front", "lb-back"]);
     assert_eq!(config.dataplane.forwarding, Forwarding::Nat);
@@ -366,13 +372,8 @@ fn foobar_toml_parses() {
         udp.health_for(web1).map(|h| h.target(web1.address)),
         Some(addr("198.19.0.11:80"))
     );
-    let backends: Vec<(&str, SocketAddrV4)> = udp
-        .backends
-        .iter()
-        .map(|b| (b.name.as_str(), b.address))
-        .collect();
     assert_eq!(
-        backends,
+        endpoints(udp),
         [
             ("web1", addr("198.19.0.11:5353")),
             ("web2", addr("198.19.0.12:5353")),
@@ -392,13 +393,8 @@ fn foobar_toml_parses() {
         )
     );
     assert_eq!(tls.health, udp.health);
-    let backends: Vec<(&str, SocketAddrV4)> = tls
-        .backends
-        .iter()
-        .map(|b| (b.name.as_str(), b.address))
-        .collect();
     assert_eq!(
-        backends,
+        endpoints(tls),
         [
             ("web1", addr("198.19.0.11:443")),
             ("web2", addr("198.19.0.12:443")),
