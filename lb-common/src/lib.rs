@@ -8,6 +8,8 @@
 pub mod checksum;
 pub mod hash;
 pub mod headers;
+#[cfg(feature = "user")]
+pub mod maglev;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]
