@@ -27,7 +27,7 @@ extern crate alloc as alloc_crate;
 
 /// Largest table: the default size, 65,537 (prime), as Katran and the
 /// paper's example use. 4 bytes per slot: 256 KiB per table.
-pub const MAGLEV_MAX_SIZE: u32 = 65_537;
+pub const MAGLEV_MAX_SIZE: u32 = crate::MAGLEV_MAX as u32;
 /// Default table size (`maglev-table-size`).
 pub const MAGLEV_DEFAULT_SIZE: u32 = MAGLEV_MAX_SIZE;
 
@@ -203,7 +203,9 @@ mod tests {
             assert_eq!(c.len(), n as usize, "every backend has slots");
             let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
             let imbalance = f64::from(*max) / f64::from(*min);
-            println!("maglev balance: {n} backends, 65537 slots: min {min} max {max} max/min {imbalance:.4}");
+            println!(
+                "maglev balance: {n} backends, 65537 slots: min {min} max {max} max/min {imbalance:.4}"
+            );
             assert!(imbalance <= 1.01, "{n} backends: {c:?}");
         }
     }

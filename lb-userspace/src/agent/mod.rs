@@ -192,7 +192,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(http, monitor));
         info!("monitoring on http://{address}/ (status page; /metrics, /status.json)");
     }
-    tokio::spawn(server::accept(listener, calls_tx, flow_table));
+    tokio::spawn(server::accept(listener, calls_tx, Arc::clone(&flow_table)));
     info!("control socket {}", args.socket.display());
     // Handlers before the ready line: a SIGTERM right after it must stop the
     // agent cleanly, not kill it with the default action.
@@ -205,6 +205,10 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let ready_by = Instant::now() + agent.first_verdict_bound();
     let mut ready = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+    // Least connections: the flow table is walked off the loop every
+    // second and the counts come back here to rebuild the rings.
+    let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
+    let (active_tx, mut active_rx) = mpsc::channel::<Vec<u64>>(1);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -227,6 +231,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
                 ready = announce_ready(&agent);
             }
             _ = refresh.tick() => prime_neighbours(&agent.cfg),
+            _ = least_connections.tick(), if agent.uses_least_connections() => {
+                count_active_flows(Arc::clone(&flow_table), active_tx.clone());
+            }
+            Some(active) = active_rx.recv() => {
+                if let Err(e) = agent.dp.refresh_least_connections(active) {
+                    error!("least connections: rebuilding the rings: {e:#}");
+                }
+            }
         }
     }
     drop(control_socket);
@@ -238,6 +250,26 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         args.pin_dir.display()
     );
     Ok(())
+}
+
+/// How often least-connections rings follow the active flow counts.
+const LEAST_CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Counts the flows per backend id on a blocking thread and sends them to
+/// the agent's loop (dropped if the previous count is still waiting).
+fn count_active_flows(table: Arc<crate::dataplane::FlowTable>, tx: mpsc::Sender<Vec<u64>>) {
+    tokio::task::spawn_blocking(move || match table.per_backend() {
+        Ok(counts) => {
+            let mut active = vec![0u64; lb_common::MAX_BACKENDS as usize];
+            for (id, n) in counts {
+                if let Some(slot) = active.get_mut(id as usize) {
+                    *slot = n;
+                }
+            }
+            let _ = tx.try_send(active);
+        }
+        Err(e) => error!("least connections: counting flows: {e:#}"),
+    });
 }
 
 fn announce_ready(agent: &Agent) -> bool {
@@ -278,6 +310,13 @@ impl Agent {
 
     /// Checks `next` whole, then writes it to the data plane atomically,
     /// with every ring derived from the admin and health state.
+    fn uses_least_connections(&self) -> bool {
+        self.cfg
+            .services
+            .iter()
+            .any(|s| s.scheduler == config::Scheduler::LeastConnections)
+    }
+
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
         let (admin, health) = (&self.admin, &self.health);
         let admit = |svc: &config::Service, b: &config::Backend| {
