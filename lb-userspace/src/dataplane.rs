@@ -582,10 +582,10 @@ impl Dataplane {
     /// reused id waits for its purge (`slots` lacks it), its slots go to the
     /// next slot's owner that is in `slots`, so no packet reaches it early.
     fn write_maglev(&mut self, svc: &ServicePlan, half: u32, slots: &[u32]) -> Result<()> {
-        let mut table: Box<MaglevTable> = Box::new(MaglevTable {
-            len: 0,
-            ids: [0; lb_common::MAGLEV_MAX],
-        });
+        // Zeroed on the heap: 256 KiB built on the stack and moved would
+        // overflow a 2 MiB thread stack in a debug build.
+        // SAFETY: an all-zero MaglevTable (integers only) is valid.
+        let mut table: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
         let allowed = |id: &u32| slots.contains(id);
         let n = svc.maglev.len();
         if svc.maglev.iter().any(allowed) {
@@ -609,7 +609,18 @@ impl Dataplane {
     fn forget_maglev(&mut self, service_id: u32) -> Result<()> {
         let mut map = self.hash::<u32, MaglevTable>("MAGLEV")?;
         for half in 0..2 {
-            remove_if_present(&mut map, "MAGLEV", &Ring::slot(service_id, half))?;
+            match map.remove(&Ring::slot(service_id, half)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                // A delete of a missing key fails with ENOENT.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        name: "MAGLEV",
+                        source,
+                    });
+                }
+            }
         }
         Ok(())
     }
