@@ -41,7 +41,7 @@ use crate::{
 };
 
 pub use cli::{LabCommand, run};
-pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
+pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
