@@ -598,7 +598,7 @@ impl Dataplane {
             table.len = n as u32;
         }
         let mut map = self.hash::<u32, MaglevTable>("MAGLEV")?;
-        map.insert(Ring::slot(svc.id, half), &*table, 0)
+        map.insert(Ring::slot(svc.id, half), table, 0)
             .map_err(|source| DataplaneError::Map {
                 name: "MAGLEV",
                 source,

@@ -11,7 +11,8 @@ use std::{
 use super::{
     http::{HttpPath, HttpRow},
     measure::{
-        FW_PREFIXES, FlowState, FwCostRow, SchedCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, TracedPacket,
+        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, SchedCostRow,
+        TracedPacket,
     },
     targets::targets,
 };
@@ -476,6 +477,25 @@ mod firewall_tests {
             min: median,
             max: median,
         }
+    }
+
+    #[test]
+    fn the_scheduler_section_has_a_row_per_scheduler() {
+        let mut s = String::new();
+        scheduler_section(
+            &mut s,
+            &[SchedCostRow {
+                scheduler: crate::config::Scheduler::SourceIp,
+                established: st(40.0),
+                established_method: NsMethod::Repeat(1000),
+                new: st(900.0),
+                new_method: NsMethod::DistinctFlows(10),
+            }],
+        );
+        assert!(
+            s.contains("| source-ip | 40.0 (40.0–40.0) (repeat=1000) | 900.0 (900.0–900.0) (10 distinct flows, repeat=1) |"),
+            "{s}"
+        );
     }
 
     #[test]
