@@ -665,4 +665,64 @@ mod tests {
         assert_eq!(ids_of(&second, 1), vec![4, 5]);
         assert_eq!(second.vips.len(), 2);
     }
+
+    #[test]
+    fn maglev_tables_follow_admission_and_backups() {
+        let mut svc = service("a", 10, 0..5);
+        svc.scheduler = Scheduler::Maglev;
+        svc.maglev_table_size = 4093;
+        svc.backends[4].backup = true;
+        let cfg = config(vec![svc]);
+        let all = apply(&Ids::default(), &cfg);
+        let table = &all.services[0].maglev;
+        assert_eq!(table.len(), 4093);
+        assert_eq!(all.services[0].scheduler, SCHED_MAGLEV);
+        assert!(
+            !table.contains(&4),
+            "the backup is not used while primaries serve"
+        );
+        // b1 out of rotation: only its slots change, to other primaries.
+        let out = |name: &'static str| {
+            move |_: &config::Service, b: &config::Backend| {
+                if name.split(',').any(|n| n == b.name) {
+                    Admission {
+                        in_rotation: false,
+                        drop_flows: false,
+                    }
+                } else {
+                    Admission::SERVING
+                }
+            }
+        };
+        let p = plan(&all.next, &cfg, &out("b1"), &[]).expect("plan");
+        let after = &p.services[0].maglev;
+        for (was, now) in table.iter().zip(after) {
+            if *was == 1 {
+                assert!(*now != 1 && *now != 4, "{now}");
+            } else {
+                assert_eq!(was, now);
+            }
+        }
+        assert_eq!(p.services[0].ring, vec![0, 2, 3]);
+        // Every primary out: the backup takes the whole table.
+        let p = plan(&all.next, &cfg, &out("b0,b1,b2,b3"), &[]).expect("plan");
+        assert!(p.services[0].maglev.iter().all(|&id| id == 4));
+        // Nothing serves: an empty table (drop_no_backend).
+        let p = plan(&all.next, &cfg, &out("b0,b1,b2,b3,b4"), &[]).expect("plan");
+        assert!(p.services[0].maglev.is_empty());
+    }
+
+    #[test]
+    fn least_connections_rings_use_the_active_counts() {
+        let mut svc = service("a", 10, 0..3);
+        svc.scheduler = Scheduler::LeastConnections;
+        let p = plan(&Ids::default(), &config(vec![svc]), &serving, &[9, 0, 0]).expect("plan");
+        let s = &p.services[0];
+        assert_eq!(s.scheduler, SCHED_COUNTER);
+        assert_eq!(s.least_connections, vec![(0, 1), (1, 1), (2, 1)]);
+        let share = |id| s.ring.iter().filter(|&&x| x == id).count();
+        // 1/10 of the others' share (10:100:100, reduced by their gcd).
+        assert_eq!((share(0), share(1), share(2)), (1, 10, 10));
+        assert!(s.maglev.is_empty());
+    }
 }
