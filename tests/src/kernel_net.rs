@@ -10,7 +10,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_userspace::harness::netns::{self, Netns, VethEnd};
+use lb_userspace::{
+    config::{Config, Dataplane, Forwarding, Service, XdpMode},
+    harness::netns::{self, Netns, VethEnd},
+};
 
 pub const CLIENT: [u8; 4] = [198, 18, 0, 2];
 pub const LB_FRONT: [u8; 4] = [198, 18, 0, 1];
@@ -34,6 +37,22 @@ pub const WEB_MACS: [[u8; 6]; 3] = [
     [0x02, 0, 0, 0, 1, 0x12],
     [0x02, 0, 0, 0, 1, 0x13],
 ];
+
+/// A config for the test namespace's interfaces (NAT by default, 65,536
+/// flows) with `services`.
+pub fn config_with(services: Vec<Service>) -> Config {
+    Config {
+        firewall: Default::default(),
+        dataplane: Dataplane {
+            interfaces: vec!["f0".into(), "b0".into()],
+            forwarding: Forwarding::Nat,
+            xdp_mode: XdpMode::Native,
+            conntrack_size: 65536,
+        },
+        monitoring: None,
+        services,
+    }
+}
 
 /// A namespace with a front (f0) and back (b0) interface, routes, static
 /// neighbours for the client and web1..3, and forwarding on. Deleted on drop.

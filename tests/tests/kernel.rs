@@ -18,12 +18,10 @@ use lb_common::Verdict;
 use lb_tests::kernel_net::{
     BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, LB_FRONT, TestNet, VIP,
     VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS, WEB_UNRESOLVED, WEBS,
+    config_with,
 };
 use lb_userspace::{
-    config::{
-        Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service,
-        XdpMode,
-    },
+    config::{Backend, Config, Forwarding, Protocol, Scheduler, Service},
     dataplane::Dataplane,
     harness::{
         netns,
@@ -75,68 +73,58 @@ fn webs(port: u16) -> Vec<Backend> {
 }
 
 fn lab_config() -> Config {
-    Config {
-        firewall: Default::default(),
-        dataplane: DataplaneConfig {
-            interfaces: vec!["f0".into(), "b0".into()],
-            forwarding: Forwarding::Nat,
-            xdp_mode: XdpMode::Native,
-            conntrack_size: 65536,
-        },
-        monitoring: None,
-        services: vec![
-            // NAT backends listen on other ports than the VIP's, so every NAT
-            // frame assertion also covers port translation and its checksum.
-            service(
-                "www",
-                VIP,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                webs(WEB_PORT),
-            ),
-            service(
-                "www-udp",
-                VIP,
-                5353,
-                Protocol::Udp,
-                Forwarding::Nat,
-                webs(WEB_UDP_PORT),
-            ),
-            service(
-                "www-dsr",
-                VIP_DSR,
-                80,
-                Protocol::Tcp,
-                Forwarding::Dsr,
-                webs(80),
-            ),
-            service(
-                "unresolved",
-                VIP_UNRESOLVED,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                vec![backend("web4", WEB_UNRESOLVED, 8080)],
-            ),
-            service(
-                "hairpin",
-                VIP_HAIRPIN,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                vec![backend("near", HAIRPIN_BACKEND, 80)],
-            ),
-            service(
-                "unresolved-dsr",
-                VIP_UNRESOLVED_DSR,
-                80,
-                Protocol::Tcp,
-                Forwarding::Dsr,
-                vec![backend("web4", WEB_UNRESOLVED, 80)],
-            ),
-        ],
-    }
+    config_with(vec![
+        // NAT backends listen on other ports than the VIP's, so every NAT
+        // frame assertion also covers port translation and its checksum.
+        service(
+            "www",
+            VIP,
+            80,
+            Protocol::Tcp,
+            Forwarding::Nat,
+            webs(WEB_PORT),
+        ),
+        service(
+            "www-udp",
+            VIP,
+            5353,
+            Protocol::Udp,
+            Forwarding::Nat,
+            webs(WEB_UDP_PORT),
+        ),
+        service(
+            "www-dsr",
+            VIP_DSR,
+            80,
+            Protocol::Tcp,
+            Forwarding::Dsr,
+            webs(80),
+        ),
+        service(
+            "unresolved",
+            VIP_UNRESOLVED,
+            80,
+            Protocol::Tcp,
+            Forwarding::Nat,
+            vec![backend("web4", WEB_UNRESOLVED, 8080)],
+        ),
+        service(
+            "hairpin",
+            VIP_HAIRPIN,
+            80,
+            Protocol::Tcp,
+            Forwarding::Nat,
+            vec![backend("near", HAIRPIN_BACKEND, 80)],
+        ),
+        service(
+            "unresolved-dsr",
+            VIP_UNRESOLVED_DSR,
+            80,
+            Protocol::Tcp,
+            Forwarding::Dsr,
+            vec![backend("web4", WEB_UNRESOLVED, 80)],
+        ),
+    ])
 }
 
 /// BPF_PROG_TEST_RUN of `lb` on `frame` as received on `ifindex`:

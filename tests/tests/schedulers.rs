@@ -13,12 +13,9 @@ use std::net::SocketAddrV4;
 use aya::maps::HashMap;
 use etherparse::PacketBuilder;
 use lb_common::{Flow, FlowKey, Verdict, maglev::MAGLEV_DEFAULT_SIZE};
-use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, TestNet, VIP, WEB_MACS, WEBS};
+use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, TestNet, VIP, WEB_MACS, WEBS, config_with};
 use lb_userspace::{
-    config::{
-        Backend, Config, Dataplane as DataplaneConfig, Forwarding, OnBackendDown, Protocol,
-        Scheduler, Service, XdpMode,
-    },
+    config::{Backend, Config, Forwarding, OnBackendDown, Protocol, Scheduler, Service},
     dataplane::{Admission, AppliedService, Dataplane},
     explain::{self, FlowQuery},
     harness::xdp::{self, XDP_REDIRECT, XDP_TX},
@@ -52,28 +49,18 @@ fn config(scheduler: Scheduler, table_size: u32) -> Config {
             health: None,
         })
         .collect();
-    Config {
+    config_with(vec![Service {
         firewall: Default::default(),
-        dataplane: DataplaneConfig {
-            interfaces: vec!["f0".into(), "b0".into()],
-            forwarding: Forwarding::Nat,
-            xdp_mode: XdpMode::Native,
-            conntrack_size: 65536,
-        },
-        monitoring: None,
-        services: vec![Service {
-            firewall: Default::default(),
-            name: "www".into(),
-            vip: SocketAddrV4::new(VIP.into(), 80),
-            protocol: Protocol::Tcp,
-            forwarding: Forwarding::Nat,
-            scheduler,
-            maglev_table_size: table_size,
-            health: None,
-            on_backend_down: OnBackendDown::KeepFlows,
-            backends,
-        }],
-    }
+        name: "www".into(),
+        vip: SocketAddrV4::new(VIP.into(), 80),
+        protocol: Protocol::Tcp,
+        forwarding: Forwarding::Nat,
+        scheduler,
+        maglev_table_size: table_size,
+        health: None,
+        on_backend_down: OnBackendDown::KeepFlows,
+        backends,
+    }])
 }
 
 /// A client's TCP segment to the VIP: a SYN, or an ACK of an open flow.
