@@ -2,7 +2,8 @@
 //! TCP connections through the lab (client → lb → web1..3) with the `lb`
 //! agent running.
 //!
-//! - `source-ip`: every connection of one client address lands on one
+//! - `source-ip` (switched to live from round robin by `lb reload`):
+//!   every connection of one client address lands on one
 //!   backend, and clients spread over all three — on the very backend the
 //!   Maglev table built from the config alone predicts (what a second LB
 //!   with the same config would choose);
@@ -41,8 +42,25 @@ fn predicted_web(table: &[u32], client: Ipv4Addr) -> usize {
 #[test]
 fn source_ip_keeps_each_client_on_one_backend_and_spreads_clients() -> Result<()> {
     let lab = Lab::up(&prefix(), &lb_bin())?;
-    let agent = lab.start_agent(&web_config("source-ip", &WEBS, ""))?;
+    // Round robin first, then `source-ip` by `lb reload`: a live change.
+    let agent = lab.start_agent(&web_config("round-robin", &WEBS, ""))?;
     let run = || -> Result<()> {
+        let rr = answers(&lab, 6)?;
+        ensure!(count(&rr).len() == 3, "round robin: {:?}", count(&rr));
+        let path = lab.run_dir().join("lb.toml");
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            &path,
+            text.replace("scheduler = \"round-robin\"", "scheduler = \"source-ip\""),
+        )?;
+        ok(&lab, Request::Reload)?;
+        let status = lb_tests::status(&lab)?;
+        ensure!(
+            status.services[0].scheduler == lb_userspace::config::Scheduler::SourceIp,
+            "after the reload: {:?}",
+            status.services[0].scheduler
+        );
+
         // One client, 20 connections: one backend.
         let one = answers(&lab, 20)?;
         let first = one[0].clone();
