@@ -81,6 +81,9 @@ fn lab_config() -> Config {
             forwarding: Forwarding::Nat,
             xdp_mode: XdpMode::Native,
             conntrack_size: 65536,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
         },
         monitoring: None,
         services: vec![
@@ -1108,15 +1111,18 @@ fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
             in_rotation: false,
             drop_flows: false,
         };
-        h.dp.apply_with(&cfg, &none).expect("apply");
-        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
         let ack = Tcp {
             syn: false,
             ..Tcp::request(50100, VIP)
         }
         .build();
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(web_of(&out), 0, "the established flow is kept");
+        assert_eq!(web_of(&out), 0, "the handshake's ACK establishes the flow");
+        h.dp.apply_with(&cfg, &none).expect("apply");
+        // A SYN on the tuple is a new connection (the client reused the
+        // port): the old one is over, and the new one has nowhere to go.
+        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
     });
 }
 
