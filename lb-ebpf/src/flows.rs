@@ -178,33 +178,40 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     }
 }
 
-/// A FIN or RST: the flow moves to the closing timeout and stops counting
-/// as active. Compare-and-swap: two CPUs seeing the FIN count it once.
+/// A FIN or RST (either direction): the flow moves to the closing timeout
+/// and stops counting as active. Both entries of a NAT flow carry the
+/// state, so both expire on the closing timeout. The forward entry's change
+/// is a compare-and-swap: two CPUs seeing the FIN count it once.
 #[inline(always)]
-pub(crate) fn close(flow: &mut Flow) {
+pub(crate) fn close(table: Table, key: &FlowKey, flow: &mut Flow) {
     if flow.state != STATE_ESTABLISHED {
         return;
     }
-    // SAFETY: a valid, aligned u32 in a map value.
+    let pair = pair_key(key, flow).and_then(|p| table.get(&p));
+    let forward = if flow.direction == REPLY {
+        match pair {
+            Some(f) => f,
+            None => return,
+        }
+    } else {
+        flow as *mut Flow
+    };
+    // SAFETY: a valid, aligned u32 in a map value (`live` on recycling).
     let (_, swapped) = unsafe {
         core::intrinsics::atomic_cxchg::<
             u32,
             { core::intrinsics::AtomicOrdering::SeqCst },
             { core::intrinsics::AtomicOrdering::SeqCst },
-        >(&raw mut flow.state, STATE_ESTABLISHED, STATE_CLOSING)
+        >(&raw mut (*forward).state, STATE_ESTABLISHED, STATE_CLOSING)
     };
     if swapped {
-        count_closed(flow.backend_id);
+        // SAFETY: as above.
+        count_closed(unsafe { (*forward).backend_id });
     }
-}
-
-/// A FIN or RST in a NAT flow's reply direction closes its forward entry.
-#[inline(always)]
-pub(crate) fn close_from_reply(key: &FlowKey, reply: &Flow) {
-    let forward = forward_key(key, reply);
-    if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
-        // SAFETY: a map value, as in `live`.
-        close(unsafe { &mut *f });
+    flow.state = STATE_CLOSING;
+    if let Some(p) = pair {
+        // SAFETY: as above; a plain store, the count is the forward's.
+        unsafe { (*p).state = STATE_CLOSING };
     }
 }
 

@@ -202,18 +202,15 @@ fn established(
     flow: &mut Flow,
     flags: u8,
 ) -> Option<Outcome> {
+    if closes(flags) {
+        flows::close(Table::Established, key, flow);
+    }
     if flow.direction == REPLY {
-        if closes(flags) {
-            flows::close_from_reply(key, flow);
-        }
         return Some(reverse_nat(ctx, pkt, key, flow));
     }
     // Only a TCP SYN pays for this branch; established packets go on.
     if opens_connection(flags) && flows::restarted_by_syn(Table::Established, key, flow) {
         return None;
-    }
-    if closes(flags) {
-        flows::close(flow);
     }
     Some(forward(ctx, pkt, key, flow, Table::Established))
 }

@@ -590,6 +590,16 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Deletes one flow entry (by its key as it arrives) from both tables,
+    /// as an eviction or another load balancer's miss would leave it. For
+    /// tests and tools; the data plane and the sweep remove expired flows.
+    pub fn forget_flow(&mut self, key: &FlowKey) -> Result<()> {
+        for name in ["CONNTRACK", "HALF_OPEN"] {
+            remove_if_present(&mut self.hash::<FlowKey, Flow>(name)?, name, key)?;
+        }
+        Ok(())
+    }
+
     /// The flow lifecycle's settings (timeouts, new-flow budget), live.
     fn set_flow_conf(&mut self, conf: FlowConf) -> Result<()> {
         set(
@@ -794,6 +804,10 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 ) -> Result<()> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        // aya reports a delete's ENOENT as the syscall's error.
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
 }

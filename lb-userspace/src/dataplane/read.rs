@@ -244,6 +244,23 @@ impl FlowTable {
         Ok(counts)
     }
 
+    /// Entries in the established and the half-open table (two per NAT
+    /// flow).
+    pub fn entries(&self) -> (u64, u64) {
+        let n =
+            |t: &HashMap<MapData, FlowKey, Flow>| t.keys().filter_map(|k| k.ok()).count() as u64;
+        (n(&self.conntrack), n(&self.half_open))
+    }
+
+    /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
+    /// if half-open.
+    pub fn lookup(&self, key: &FlowKey) -> Result<Option<(bool, Flow)>> {
+        if let Some(f) = found(self.conntrack.get(key, 0), "CONNTRACK")? {
+            return Ok(Some((true, f)));
+        }
+        Ok(found(self.half_open.get(key, 0), "HALF_OPEN")?.map(|f| (false, f)))
+    }
+
     /// Established flows of backend `id` that have not closed: opened minus
     /// closed (by the data plane) minus swept (by the agent). Exact, and one
     /// lookup per backend.

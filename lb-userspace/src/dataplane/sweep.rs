@@ -119,8 +119,13 @@ impl Sweeper {
             for key in expired(&entries, backend, &conf, now) {
                 match table.remove(&key) {
                     Ok(()) => {}
-                    // The data plane (or a FIN's closing) got there first.
+                    // The data plane got there first.
                     Err(MapError::KeyNotFound) => continue,
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue;
+                    }
                     Err(source) => return Err(DataplaneError::Map { name, source }),
                 }
                 report.removed += 1;
