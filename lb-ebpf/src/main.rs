@@ -109,6 +109,9 @@ const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 
 #[xdp]
+// The macro wraps this in the exported entry point: without the hint, once
+// the path grew LLVM kept it out of line, a BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
     let verdict = balance(&ctx);
     count(&VERDICTS, verdict.reason as u32, 1, 0);
