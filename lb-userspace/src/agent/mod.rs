@@ -115,8 +115,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         "one agent per data plane. Stop it first, or give this one its own --pin-dir \
          (and interfaces)",
     )?;
-    let (dp, adopted) = Dataplane::load_pinned(cfg.dataplane.conntrack_size, &args.pin_dir)
-        .with_context(|| {
+    let (dp, adopted) =
+        Dataplane::load_pinned(&cfg.dataplane, &args.pin_dir).with_context(|| {
             format!(
                 "loading the data plane (pinned under {})",
                 args.pin_dir.display()
@@ -183,6 +183,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     }
     prime_neighbours(&agent.cfg);
     let flow_table = Arc::new(agent.dp.flow_table().context("opening the flow table")?);
+    let sweeper = agent
+        .dp
+        .sweeper()
+        .context("opening the flow tables for the sweep")?;
+    std::thread::Builder::new()
+        .name("lb-sweep".into())
+        .spawn(move || sweep_forever(sweeper))
+        .context("starting the flow sweep")?;
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
     if let Some(monitoring) = &agent.cfg.monitoring {
@@ -205,10 +213,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let ready_by = Instant::now() + agent.first_verdict_bound();
     let mut ready = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
-    // Least connections: the flow table is walked off the loop every
-    // second and the counts come back here to rebuild the rings.
+    // Least connections: the rings follow the active flow counts.
     let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
-    let (active_tx, mut active_rx) = mpsc::channel::<Vec<u64>>(1);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -232,12 +238,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             }
             _ = refresh.tick() => prime_neighbours(&agent.cfg),
             _ = least_connections.tick(), if agent.uses_least_connections() => {
-                count_active_flows(Arc::clone(&flow_table), active_tx.clone());
-            }
-            Some(active) = active_rx.recv() => {
-                if let Err(e) = agent.dp.refresh_least_connections(active) {
-                    error!("least connections: rebuilding the rings: {e:#}");
-                }
+                agent.refresh_least_connections(&flow_table);
             }
         }
     }
@@ -254,23 +255,6 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
 
 /// How often least-connections rings follow the active flow counts.
 const LEAST_CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
-
-/// Counts the flows per backend id on a blocking thread and sends them to
-/// the agent's loop (dropped if the previous count is still waiting).
-fn count_active_flows(table: Arc<crate::dataplane::FlowTable>, tx: mpsc::Sender<Vec<u64>>) {
-    tokio::task::spawn_blocking(move || match table.per_backend() {
-        Ok(counts) => {
-            let mut active = vec![0u64; lb_common::MAX_BACKENDS as usize];
-            for (id, n) in counts {
-                if let Some(slot) = active.get_mut(id as usize) {
-                    *slot = n;
-                }
-            }
-            let _ = tx.try_send(active);
-        }
-        Err(e) => error!("least connections: counting flows: {e:#}"),
-    });
-}
 
 fn announce_ready(agent: &Agent) -> bool {
     let pending: Vec<String> = agent
@@ -310,6 +294,24 @@ impl Agent {
 
     /// Checks `next` whole, then writes it to the data plane atomically,
     /// with every ring derived from the admin and health state.
+    /// Rebuilds the least-connections rings from each member's active
+    /// flows (exact counts, one lookup per backend: cheap on the loop).
+    fn refresh_least_connections(&mut self, flows: &crate::dataplane::FlowTable) {
+        let mut active = vec![0u64; lb_common::MAX_BACKENDS as usize];
+        for id in self.dp.least_connections_members() {
+            match flows.active(id) {
+                Ok(n) => active[id as usize] = n,
+                Err(e) => {
+                    error!("least connections: reading active flows: {e:#}");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.dp.refresh_least_connections(active) {
+            error!("least connections: rebuilding the rings: {e:#}");
+        }
+    }
+
     fn uses_least_connections(&self) -> bool {
         self.cfg
             .services
@@ -395,11 +397,12 @@ impl Agent {
 
     fn reload(&mut self) -> anyhow::Result<()> {
         let new = config::load(&self.path)?;
-        if new.dataplane != self.cfg.dataplane {
+        if new.dataplane.needs_restart_from(&self.cfg.dataplane) {
             bail!(
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
             );
         }
+        // Timeouts and the budget are live: `apply` writes them first.
         if new.monitoring != self.cfg.monitoring {
             bail!(
                 "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
@@ -638,6 +641,7 @@ impl Agent {
                         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     in_ring: applied.ring.contains(id),
                     flows: 0,
+                    active: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
                 });
@@ -678,9 +682,29 @@ impl Agent {
                 // Counted off the loop with the flows per backend.
                 entries: 0,
                 capacity: self.cfg.dataplane.conntrack_size,
+                half_open_capacity: self.cfg.dataplane.half_open_size,
             },
         };
         Ok((status, ids))
+    }
+}
+
+/// How often the agent sweeps expired flows out of the tables (the data
+/// plane removes those a packet finds; this catches the rest).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The sweep, on a thread of its own: it walks whole tables, and must
+/// neither stall the loop nor be stalled by it.
+fn sweep_forever(mut sweeper: crate::dataplane::Sweeper) {
+    loop {
+        std::thread::sleep(SWEEP_INTERVAL);
+        match sweeper.sweep(crate::dataplane::sweep::now_ticks()) {
+            Ok(r) if r.removed > 0 => {
+                tracing::debug!(removed = r.removed, "swept expired flows");
+            }
+            Ok(_) => {}
+            Err(e) => warn!("sweeping expired flows: {e}"),
+        }
     }
 }
 
