@@ -674,18 +674,7 @@ impl Dataplane {
     fn forget_maglev(&mut self, service_id: u32) -> Result<()> {
         let mut map = self.hash::<u32, MaglevTable>("MAGLEV")?;
         for half in 0..2 {
-            match map.remove(&Ring::slot(service_id, half)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                // A delete of a missing key fails with ENOENT.
-                Err(MapError::SyscallError(e))
-                    if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        name: "MAGLEV",
-                        source,
-                    });
-                }
-            }
+            remove_if_present(&mut map, "MAGLEV", &Ring::slot(service_id, half))?;
         }
         Ok(())
     }

@@ -10,9 +10,8 @@
 
 use std::net::SocketAddrV4;
 
-use aya::maps::HashMap;
 use etherparse::PacketBuilder;
-use lb_common::{Flow, FlowKey, Verdict, maglev::MAGLEV_DEFAULT_SIZE};
+use lb_common::{FlowKey, Verdict, maglev::MAGLEV_DEFAULT_SIZE};
 use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, TestNet, VIP, WEB_MACS, WEBS, config_with};
 use lb_userspace::{
     config::{Backend, Config, Forwarding, OnBackendDown, Protocol, Scheduler, Service},
@@ -152,8 +151,8 @@ impl Harness {
             .unwrap_or_else(|| panic!("not sent to a web server: {:02x?}", &out[..6]))
     }
 
-    /// Deletes the flow's conntrack entry (as an LRU eviction, or a packet
-    /// arriving at another load balancer, would leave it).
+    /// Deletes the flow's entries, forward and reply (as an eviction, an
+    /// expiry, or a packet arriving at another load balancer would leave it).
     fn forget(&mut self, client: [u8; 4], sport: u16) {
         let key = FlowKey {
             saddr: u32::from_ne_bytes(client),
@@ -164,9 +163,13 @@ impl Harness {
             _pad0: 0,
             _pad1: 0,
         };
-        let map = self.dp.ebpf().map_mut("CONNTRACK").expect("CONNTRACK");
-        let mut flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(map).expect("a hash map");
-        flows.remove(&key).expect("the flow had an entry");
+        let table = self.dp.flow_table().expect("flow table");
+        assert!(
+            table.lookup(&key).expect("lookup").is_some(),
+            "the flow had an entry"
+        );
+        self.dp.forget_flow(&key).expect("forget the flow");
+        assert_eq!(table.lookup(&key).expect("lookup"), None);
     }
 }
 
