@@ -2486,3 +2486,46 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
         assert!(table_of(&h, &client_key(54100, VIP)).is_some());
     });
 }
+
+/// Issue 11: a pin dir left by the version before the flow lifecycle (its
+/// replies in a `REVERSE_NAT` table of their own) cannot be adopted: the
+/// agent refuses before touching anything and says how to go on.
+#[test]
+fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
+    use lb_userspace::dataplane::DataplaneError;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let first = first_pinned_flow(&pins, 1024, 51500);
+        // What the old version left: a REVERSE_NAT pinned with the rest.
+        let old = first.map_data("VIPS").expect("a map to stand in");
+        old.pin(pins.join("REVERSE_NAT")).expect("pin REVERSE_NAT");
+        drop(first);
+        let err = match Dataplane::load_pinned(1024, &pins) {
+            Ok(_) => panic!("adopted a data plane of the previous version"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::OldVersion {
+                    map: "REVERSE_NAT",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            "from an earlier version of lb",
+            &format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+        // Refused means untouched: the flow is still pinned.
+        assert!(pins.join("CONNTRACK").exists() && pins.join("HALF_OPEN").exists());
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
