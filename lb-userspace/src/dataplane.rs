@@ -3,6 +3,7 @@
 //! written into the inactive half of each service's double buffer and then
 //! switched with one store, so no packet ever sees half a table.
 
+mod batch;
 pub mod firewall;
 mod firewall_maps;
 pub mod plan;

@@ -2167,7 +2167,7 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         );
         let table = h.dp.flow_table().expect("flow table");
         assert_eq!(
-            table.entries(),
+            table.entries().expect("entries"),
             (0, 2),
             "forward and reply entries, half-open"
         );
@@ -2202,7 +2202,10 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(web_of(&out), 0);
         assert_eq!(
-            h.dp.flow_table().expect("table").entries(),
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
             (2, 0),
             "promoted, both entries"
         );
@@ -2217,9 +2220,21 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         // UDP: the first packet opens, the second establishes.
         let dns = |sport| udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, sport, 5353, b"q");
         h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(h.dp.flow_table().expect("table").entries(), (2, 2));
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (2, 2)
+        );
         h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(h.dp.flow_table().expect("table").entries(), (4, 0));
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (4, 0)
+        );
     });
 }
 
@@ -2241,7 +2256,10 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
         };
         h.expect(h.front, &ack(52100), XDP_DROP, Verdict::DropNoFlow);
         assert_eq!(
-            h.dp.flow_table().expect("table").entries(),
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
             (0, 0),
             "nothing created"
         );
@@ -2359,7 +2377,7 @@ fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
         assert_eq!(report.removed, 2, "web1's RST flow, forward and reply");
         assert!(report.swept.is_empty(), "closed flows were already counted");
         assert_eq!(
-            h.dp.flow_table().expect("t").entries(),
+            h.dp.flow_table().expect("t").entries().expect("entries"),
             (4, 0),
             "two established flows stay"
         );
@@ -2405,7 +2423,7 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
             .build();
             xdp::test_run(prog, h.front, &frame, 0, false).expect("flood");
         }
-        let (established, half_open) = h.dp.flow_table().expect("t").entries();
+        let (established, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
         assert_eq!(established, 20, "ten NAT flows, both entries each");
         assert!(
             half_open <= 2048,
@@ -2458,7 +2476,7 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
             stateful <= 4 && stateless >= 6,
             "{stateful} inserted, {stateless} stateless"
         );
-        let (_, half_open) = h.dp.flow_table().expect("t").entries();
+        let (_, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
         assert_eq!(
             half_open, stateful,
             "only the flows within the budget have entries"
