@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]

@@ -111,7 +111,8 @@ pub struct FlowKey {
     pub _pad1: u16,
 }
 
-/// A resolved next hop: where a flow's packets leave and with which MACs.
+/// A resolved next hop: where a flow's packets leave, with which MACs, and
+/// the largest IP packet that link takes (`bpf_fib_lookup`'s `mtu_result`).
 /// `ifindex == 0` means not resolved yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -119,6 +120,11 @@ pub struct NextHop {
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+    /// Egress MTU (host order): a packet with a longer IP total length is
+    /// answered with "fragmentation needed" (DF set) or passed to the kernel
+    /// to fragment (DF clear).
+    pub mtu: u16,
+    pub _pad: u16,
 }
 
 /// `CONNTRACK` value: the backend a flow is pinned to, and the next hop its
@@ -143,6 +149,25 @@ pub struct ReverseNat {
     pub service_id: u32,
     pub backend_id: u32,
     pub next_hop: NextHop,
+}
+
+/// Entries of `FRAGS`, the fragments' table: enough for the datagrams in
+/// flight through one LB at once; least recently used first out.
+pub const FRAG_TABLE_SIZE: u32 = 8192;
+
+/// `FRAGS` key: one fragmented datagram as it arrives (source,
+/// destination, IP id, protocol: what IPv4 reassembly keys on). Its value
+/// is the datagram's ports (`headers::L4Ports`), read from the first
+/// fragment, so the fragments after it find their flow (as Cilium does).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, raw network order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
 }
 
 /// Packet and byte counters (per CPU in the kernel; summed by the agent).
@@ -172,7 +197,10 @@ pub enum Verdict {
     PassKernelForward = 4,
     /// To a VIP with IPv4 options: not supported, dropped (as Katran does).
     DropIpOptions = 5,
-    /// To a VIP and fragmented: ports are unknown or unreliable, dropped.
+    /// To a VIP, a fragment after the first whose first fragment was not
+    /// seen (it comes later, was lost, or the datagram belongs to no flow):
+    /// without its ports it cannot be placed, so it is dropped. First
+    /// fragments carry the ports and follow their flow like any packet.
     DropFragment = 6,
     /// To a VIP with a bad IPv4 header (IHL < 5, bad total length).
     DropMalformed = 7,
@@ -195,9 +223,20 @@ pub enum Verdict {
     DropFirewallNotAllowed = 15,
     /// A new flow over its source's new-flow rate limit (token bucket).
     DropRateLimited = 16,
+    /// An ICMP error (destination unreachable, time exceeded) quoting a
+    /// flow, translated and forwarded to that flow's end: a client's to the
+    /// backend, a backend's about a NAT reply to the client.
+    ForwardedIcmp = 17,
+    /// Bigger than the egress link's MTU with DF set: answered with an ICMP
+    /// "fragmentation needed" (with the MTU) sent back by XDP_TX; the packet
+    /// itself is dropped.
+    FragNeeded = 18,
+    /// Bigger than the egress link's MTU with DF clear: passed to the kernel,
+    /// which fragments it as a router (NAT: already rewritten).
+    PassTooBig = 19,
 }
 
-pub const VERDICT_COUNT: u32 = 17;
+pub const VERDICT_COUNT: u32 = 20;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -218,6 +257,9 @@ impl Verdict {
         Verdict::DropFirewallDeny,
         Verdict::DropFirewallNotAllowed,
         Verdict::DropRateLimited,
+        Verdict::ForwardedIcmp,
+        Verdict::FragNeeded,
+        Verdict::PassTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -239,6 +281,9 @@ impl Verdict {
             Verdict::DropFirewallDeny => "drop_firewall_deny",
             Verdict::DropFirewallNotAllowed => "drop_firewall_not_allowed",
             Verdict::DropRateLimited => "drop_rate_limited",
+            Verdict::ForwardedIcmp => "forwarded_icmp",
+            Verdict::FragNeeded => "frag_needed",
+            Verdict::PassTooBig => "pass_too_big",
         }
     }
 }
@@ -248,7 +293,10 @@ impl Verdict {
     /// tracing never looks at them: the trace check sits on the other
     /// verdicts only.
     pub const fn is_forwarded(self) -> bool {
-        matches!(self, Verdict::Forwarded | Verdict::ForwardedReply)
+        matches!(
+            self,
+            Verdict::Forwarded | Verdict::ForwardedReply | Verdict::ForwardedIcmp
+        )
     }
 
     /// The verdict with counter index `index`, if there is one.
@@ -476,9 +524,10 @@ const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
-const _: () = assert!(core::mem::size_of::<ReverseNat>() == 32);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+const _: () = assert!(core::mem::size_of::<Flow>() == 28);
+const _: () = assert!(core::mem::size_of::<ReverseNat>() == 36);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 32);
@@ -493,6 +542,7 @@ mod pod {
     unsafe impl aya::Pod for super::Ring {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::Counters {}

@@ -91,7 +91,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 18] = [
+pub const LB_MAPS: [&str; 19] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -100,6 +100,7 @@ pub const LB_MAPS: [&str; 18] = [
     "BACKENDS",
     "CONNTRACK",
     "REVERSE_NAT",
+    "FRAGS",
     "SERVICE_STATS",
     "BACKEND_STATS",
     "VERDICTS",
