@@ -2,9 +2,11 @@
 //!
 //! The packet path, top to bottom (`lb` → `balance`), numbered as in
 //! docs/architecture.md:
-//! 1. parse Ethernet → IPv4 → TCP/UDP; a packet that fails the VIP rules
-//!    (options, fragments, truncation) gets its verdict if it is addressed
-//!    to a VIP, and is passed untouched otherwise;
+//! 1. parse Ethernet → IPv4 → TCP/UDP; a later fragment or an ICMP error
+//!    that belongs to a flow follows it (`frag`, `icmp`); a packet that
+//!    fails the VIP rules (options, an unplaceable fragment, truncation)
+//!    gets its verdict if it is addressed to a VIP, and is passed untouched
+//!    otherwise;
 //! 2. conntrack: an established flow goes straight to step 5 (one lookup);
 //!    a TCP SYN on a tuple pinned to a backend that left the ring (the
 //!    client reused a source port) is scheduled afresh first;
@@ -16,8 +18,9 @@
 //! 5. admission of the pinned flow: its service still exists, its backend
 //!    does not drop its flows;
 //! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only) and
-//!    next hop (cached in the flow, else `bpf_fib_lookup`), XDP_TX or
-//!    redirect;
+//!    next hop (cached in the flow with its MTU, else `bpf_fib_lookup`),
+//!    XDP_TX or redirect; too big for it: "fragmentation needed" (DF set)
+//!    or the kernel fragments it (DF clear);
 //! 7. counters.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
@@ -111,6 +114,10 @@ const FIB_NO_NEIGH: i64 = 7;
 const FIB_FRAG_NEEDED: i64 = 8;
 
 #[xdp]
+// The macro wraps this in the exported entry point: without the hint, once
+// the path grew (fragments, ICMP) LLVM kept it out of line, a BPF-to-BPF
+// call on every packet.
+#[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
     let verdict = balance(&ctx);
     count(&VERDICTS, verdict.reason as u32, 1, 0);
