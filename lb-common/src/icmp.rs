@@ -178,7 +178,7 @@ pub const fn finish(sum: u32) -> u16 {
 
 const _: () = assert!(core::mem::size_of::<IcmpHdr>() == IcmpHdr::LEN);
 // The kernel's csum helper sums whole 32-bit words.
-const _: () = assert!((IcmpHdr::LEN + TOO_BIG_QUOTE) % 4 == 0);
+const _: () = assert!((IcmpHdr::LEN + TOO_BIG_QUOTE).is_multiple_of(4));
 
 #[cfg(test)]
 mod tests {

@@ -322,7 +322,7 @@ pub fn fix_ip_checksum(frame: &mut [u8]) {
 /// all with IP id `id`, DF clear, MF on all but the last.
 pub fn fragments(frame: &[u8], id: u16, chunk: usize) -> Vec<Vec<u8>> {
     assert!(
-        chunk % 8 == 0 && chunk > 0,
+        chunk.is_multiple_of(8) && chunk > 0,
         "fragment payloads are 8-byte units"
     );
     let (head, payload) = frame.split_at(14 + 20);

@@ -414,12 +414,11 @@ fn a_backends_icmp_error_reaches_the_client_as_the_vips() {
 /// The "fragmentation needed" the program sends back for `frame` (as it
 /// arrived): from the address it was sent to, quoting its first 84 IP bytes.
 fn frag_needed_for(frame: &[u8], mtu: u16) -> Vec<u8> {
-    let (dst_mac, src_mac) = (
-        frame[6..12].try_into().unwrap(),
-        frame[..6].try_into().unwrap(),
-    );
-    let src: [u8; 4] = frame[30..34].try_into().unwrap();
-    let dst: [u8; 4] = frame[26..30].try_into().unwrap();
+    let field = |at: usize, len: usize| frame[at..at + len].to_vec();
+    let mac = |at| <[u8; 6]>::try_from(field(at, 6)).expect("a MAC");
+    let addr = |at| <[u8; 4]>::try_from(field(at, 4)).expect("an address");
+    // Back where it came from: MACs and addresses swapped.
+    let (dst_mac, src_mac, src, dst) = (mac(6), mac(0), addr(30), addr(26));
     let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
         next_hop_mtu: mtu,
     });
