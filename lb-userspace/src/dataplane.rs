@@ -82,6 +82,19 @@ pub enum DataplaneError {
         map: &'static str,
         pin_dir: PathBuf,
     },
+    #[error(
+        "the pinned data plane under {} holds {pinned}-byte {map} entries but this lb uses \
+         {expected}-byte ones (pinned by another version of lb): run `lb teardown --pin-dir {}` \
+         first (drops every flow)",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    PinnedLayout {
+        map: &'static str,
+        pinned: u32,
+        expected: u32,
+        pin_dir: PathBuf,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -154,8 +167,10 @@ impl Dataplane {
         let adopted = pin_dir.join("SERVICES").exists();
         if adopted {
             // Before the loader touches anything: it would silently reuse
-            // the pinned tables at their old size.
+            // the pinned tables at their old size, or with entries of
+            // another layout (which the verifier then rejects, obscurely).
             check_pinned_sizes(conntrack_size, pin_dir)?;
+            check_pinned_layouts(pin_dir)?;
         }
         let mut dp = Self::load_with(conntrack_size, Some(pin_dir))?;
         if adopted {
@@ -652,6 +667,34 @@ fn check_pinned_sizes(conntrack_size: u32, pin_dir: &Path) -> Result<()> {
                 configured: conntrack_size,
                 pinned,
                 map,
+                pin_dir: pin_dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The flow tables' entries as this build lays them out: a table pinned by
+/// a version with another layout cannot be adopted.
+fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
+    let layouts = [
+        ("CONNTRACK", size_of::<Flow>()),
+        ("REVERSE_NAT", size_of::<ReverseNat>()),
+    ];
+    for (map, expected) in layouts {
+        let path = pin_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapInfo::from_pin(&path)
+            .map_err(|source| DataplaneError::Map { name: map, source })?
+            .value_size();
+        let expected = expected as u32;
+        if pinned != expected {
+            return Err(DataplaneError::PinnedLayout {
+                map,
+                pinned,
+                expected,
                 pin_dir: pin_dir.to_path_buf(),
             });
         }

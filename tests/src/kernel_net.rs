@@ -111,6 +111,39 @@ impl Default for TestNet {
     }
 }
 
+/// A bpffs mounted on a temporary directory, unmounted on drop.
+pub struct Bpffs {
+    pub dir: std::path::PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lbk-bpffs-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        netns::run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf8")])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Bpffs { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = netns::run("umount", &[self.dir.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Default for Bpffs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 // ---- the data plane under test, as every kernel-tier file loads it ----
 
 /// Ports the NAT services' backends listen on (the VIP's are 80 and 5353).

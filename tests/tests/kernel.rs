@@ -8,23 +8,18 @@
 //!
 //! Needs root and BPF; without them the tests fail loudly.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use etherparse::{PacketBuilder, TcpOptionElement};
 use lb_common::Verdict;
 use lb_tests::kernel_net::{
-    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, Harness, LB_FRONT,
-    TestNet, VIP, VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS, WEB_PORT,
-    WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, backend, fix_ip_checksum, lab_config, service, test_run,
-    udp,
+    BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, Harness,
+    LB_FRONT, TestNet, VIP, VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS,
+    WEB_PORT, WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, backend, fix_ip_checksum, lab_config, service,
+    test_run, udp,
 };
 use lb_userspace::{
     config::{Backend, Config, Forwarding, Protocol, Scheduler, Service},
     dataplane::Dataplane,
-    harness::{
-        netns,
-        xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    },
+    harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
 /// What a fixture expects of the frame the program leaves.
@@ -580,33 +575,6 @@ fn next_hop_on_the_ingress_interface_uses_xdp_tx() {
         };
         assert_eq!(out, want.build());
     });
-}
-
-/// A bpffs mounted on a temporary directory, unmounted on drop.
-struct Bpffs {
-    dir: std::path::PathBuf,
-}
-
-impl Bpffs {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lbk-bpffs-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        netns::run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf8")])
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        Bpffs { dir }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = netns::run("umount", &[self.dir.to_str().unwrap_or_default()]);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 /// A fresh data plane pinned under `pins` with `conntrack` flow entries, the

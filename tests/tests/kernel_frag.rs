@@ -12,7 +12,7 @@
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::Verdict;
 use lb_tests::kernel_net::{
-    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
+    BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
     WEB_UDP_PORT, WEBS, fragments, icmp_error, lab_config, service, udp, webs, without_df,
 };
 use lb_userspace::{
@@ -530,6 +530,83 @@ fn a_reply_too_big_for_the_clients_link_gets_frag_needed_to_the_backend() {
             out,
             datagram((FRONT_MAC, CLIENT_MAC), VIP, CLIENT, 63, 5353, 7100, 1272)
         );
+    });
+}
+
+/// The next hop's MTU grew `Flow` and `ReverseNat` by 4 bytes: a flow table
+/// pinned by a version before it cannot be adopted (the verifier would
+/// reject the program with an obscure message). The loader refuses clearly,
+/// saying what to do, and leaves the pins as they were.
+#[test]
+fn a_flow_table_pinned_with_another_entry_layout_is_refused_clearly() {
+    use aya::maps::MapData;
+    use aya_obj::{
+        EbpfSectionKind,
+        maps::{LegacyMap, Map, PinningType, bpf_map_def},
+    };
+    use lb_userspace::dataplane::{Dataplane, DataplaneError};
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let (first, adopted) = Dataplane::load_pinned(1024, &pins).expect("load pinned");
+        assert!(!adopted);
+        drop(first);
+        // CONNTRACK as the version before the MTU pinned it: 24-byte entries.
+        let conntrack = pins.join("CONNTRACK");
+        std::fs::remove_file(&conntrack).expect("unpin CONNTRACK");
+        let old = Map::Legacy(LegacyMap {
+            def: bpf_map_def {
+                map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32,
+                key_size: 16,
+                value_size: 24,
+                max_entries: 1024,
+                map_flags: 0,
+                id: 0,
+                pinning: PinningType::None,
+            },
+            inner_def: None,
+            section_index: 0,
+            section_kind: EbpfSectionKind::Maps,
+            symbol_index: None,
+            data: Vec::new(),
+        });
+        MapData::create(old, "CONNTRACK", None)
+            .expect("create an old-layout CONNTRACK")
+            .pin(&conntrack)
+            .expect("pin it");
+
+        let err = match Dataplane::load_pinned(1024, &pins) {
+            Ok(_) => panic!("adopted a flow table of another layout"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::PinnedLayout {
+                    map: "CONNTRACK",
+                    pinned: 24,
+                    expected: 28,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            format!("under {dir} holds 24-byte CONNTRACK entries"),
+            "this lb uses 28-byte ones".to_string(),
+            format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(&part), "{part:?} not in: {message}");
+        }
+        // Teardown clears it, and a fresh data plane loads.
+        Dataplane::teardown(&pins).expect("teardown");
+        let (fresh, adopted) = Dataplane::load_pinned(1024, &pins).expect("fresh load");
+        assert!(!adopted);
+        drop(fresh);
+        Dataplane::teardown(&pins).expect("teardown");
     });
 }
 
