@@ -69,12 +69,15 @@ pub fn rewrite_quoted_source(
     addr: u32,
     port: u16,
 ) {
-    let (old_addr, old_check, old_port) = (inner.saddr, inner.check, ports.source);
-    inner.check = replace32(inner.check, old_addr, addr);
+    let (old_addr, old_port) = (inner.saddr, ports.source);
     inner.saddr = addr;
     ports.source = port;
-    *icmp_check = quoted_change(*icmp_check, old_addr, addr, old_check, inner.check);
-    *icmp_check = replace16(*icmp_check, old_port, port);
+    quoted_change(
+        icmp_check,
+        &mut inner.check,
+        (old_addr, addr),
+        (old_port, port),
+    );
 }
 
 /// A backend's error about a NAT reply goes to the client: the quoted
@@ -88,19 +91,26 @@ pub fn rewrite_quoted_destination(
     addr: u32,
     port: u16,
 ) {
-    let (old_addr, old_check, old_port) = (inner.daddr, inner.check, ports.dest);
-    inner.check = replace32(inner.check, old_addr, addr);
+    let (old_addr, old_port) = (inner.daddr, ports.dest);
     inner.daddr = addr;
     ports.dest = port;
-    *icmp_check = quoted_change(*icmp_check, old_addr, addr, old_check, inner.check);
-    *icmp_check = replace16(*icmp_check, old_port, port);
+    quoted_change(
+        icmp_check,
+        &mut inner.check,
+        (old_addr, addr),
+        (old_port, port),
+    );
 }
 
-/// The ICMP checksum covers the quoted header: an address and the quoted
-/// header's own checksum changed in it.
+/// One quoted address and port changed (old, new): the quoted header's
+/// checksum covers the address; the ICMP checksum covers all three.
 #[inline(always)]
-fn quoted_change(check: u16, old_addr: u32, addr: u32, old_ip_check: u16, ip_check: u16) -> u16 {
-    replace16(replace32(check, old_addr, addr), old_ip_check, ip_check)
+fn quoted_change(icmp_check: &mut u16, ip_check: &mut u16, addr: (u32, u32), port: (u16, u16)) {
+    let old_ip_check = *ip_check;
+    *ip_check = replace32(*ip_check, addr.0, addr.1);
+    let c = replace32(*icmp_check, addr.0, addr.1);
+    let c = replace16(c, old_ip_check, *ip_check);
+    *icmp_check = replace16(c, port.0, port.1);
 }
 
 /// Outer destination of a translated error (the VIP becomes the backend).

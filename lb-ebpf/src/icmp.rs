@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Flow, FlowKey, MODE_DSR, ReverseNat, Verdict,
+    Flow, FlowKey, MODE_DSR, NextHop, ReverseNat, Verdict,
     headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
     icmp::{
         IcmpHdr, TOO_BIG_QUOTE, finish, quotes_a_flow, rewrite_quoted_destination,
@@ -121,10 +121,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, quoted: *mut Ipv4Hdr, flow: &mut F
         rewrite_quoted_source(check, q, ports, backend.addr, backend.port);
         decrement_ttl(ip);
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    count(&SERVICE_STATS, flow.service_id, 1, bytes);
-    count(&BACKEND_STATS, flow.backend_id, 1, bytes);
-    send(ctx, pkt, &flow.next_hop, Verdict::ForwardedIcmp)
+    deliver(ctx, pkt, flow.service_id, flow.backend_id, &flow.next_hop)
 }
 
 /// A backend's (or a router's behind it) error about a NAT flow's packet,
@@ -159,10 +156,28 @@ fn to_client(
     }
     rewrite_quoted_destination(check, q, ports, vip, vport);
     decrement_ttl(ip);
+    deliver(
+        ctx,
+        pkt,
+        restore.service_id,
+        restore.backend_id,
+        &restore.next_hop,
+    )
+}
+
+/// Counts a translated error as its flow's traffic and sends it on.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    service_id: u32,
+    backend_id: u32,
+    next_hop: &NextHop,
+) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    count(&SERVICE_STATS, restore.service_id, 1, bytes);
-    count(&BACKEND_STATS, restore.backend_id, 1, bytes);
-    send(ctx, pkt, &restore.next_hop, Verdict::ForwardedIcmp)
+    count(&SERVICE_STATS, service_id, 1, bytes);
+    count(&BACKEND_STATS, backend_id, 1, bytes);
+    send(ctx, pkt, next_hop, Verdict::ForwardedIcmp)
 }
 
 /// Bytes prepended to the frame: the ICMP message's IP and ICMP headers.

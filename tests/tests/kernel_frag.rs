@@ -106,46 +106,22 @@ fn nat_fragments_follow_their_flow_both_ways() {
             Verdict::ForwardedReply,
         );
 
-        // The client's 2000-byte request in two fragments, to web1:5300.
-        let big = datagram((CLIENT_MAC, FRONT_MAC), CLIENT, VIP, 64, 5000, 5353, 2000);
-        let to_web = datagram(
-            (BACK_MAC, WEB_MACS[0]),
-            CLIENT,
-            WEBS[0],
-            63,
-            5000,
-            WEB_UDP_PORT,
-            2000,
-        );
-        expect_fragments(
-            &mut h,
-            front,
-            &fragments(&big, 7, 1480),
-            &fragments(&to_web, 7, 1480),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-        );
-
-        // A datagram's first fragment opens a new flow like any packet: the
-        // next backend in the ring, and its later fragments follow it.
-        let other = datagram((CLIENT_MAC, FRONT_MAC), CLIENT, VIP, 64, 5001, 5353, 2000);
-        let to_web2 = datagram(
-            (BACK_MAC, WEB_MACS[1]),
-            CLIENT,
-            WEBS[1],
-            63,
-            5001,
-            WEB_UDP_PORT,
-            2000,
-        );
-        expect_fragments(
-            &mut h,
-            front,
-            &fragments(&other, 8, 1480),
-            &fragments(&to_web2, 8, 1480),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-        );
+        // The client's 2000-byte request in two fragments, to web1:5300;
+        // then a datagram whose first fragment opens a new flow like any
+        // packet: the next backend in the ring, its later fragments after it.
+        for (sport, web, id) in [(5000, 0, 7), (5001, 1, 8)] {
+            let big = datagram((CLIENT_MAC, FRONT_MAC), CLIENT, VIP, 64, sport, 5353, 2000);
+            let macs = (BACK_MAC, WEB_MACS[web]);
+            let to_web = datagram(macs, CLIENT, WEBS[web], 63, sport, WEB_UDP_PORT, 2000);
+            expect_fragments(
+                &mut h,
+                front,
+                &fragments(&big, id, 1480),
+                &fragments(&to_web, id, 1480),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
         // Every fragment counted as the flow's traffic.
         let svc = h.dp.counters("SERVICE_STATS", 1).expect("www-udp counters");
         assert_eq!(svc.packets, 1 + 3 + 2 + 2);
