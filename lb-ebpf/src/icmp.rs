@@ -60,8 +60,12 @@ pub(crate) fn error_of_flow(
     let ports = header::<L4Ports>(ctx, QUOTED_PORTS_OFF)?;
     let (q, qp) = unsafe { (&*quoted, &*ports) };
     // The error goes back to the quoted packet's sender; quoted options
-    // would move the ports.
-    if hdr.daddr != q.saddr || q.header_len() != Ipv4Hdr::LEN || l4_layout(q.protocol).is_none() {
+    // would move the ports, and a quoted later fragment has none.
+    if hdr.daddr != q.saddr
+        || q.header_len() != Ipv4Hdr::LEN
+        || q.is_later_fragment()
+        || l4_layout(q.protocol).is_none()
+    {
         return None;
     }
     let key = FlowKey {
