@@ -20,30 +20,32 @@
 
 use aya_ebpf::{macros::map, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    FRAG_TABLE_SIZE, Flow, FlowKey, FragKey, ReverseNat,
+    FRAG_TABLE_SIZE, Flow, FlowKey, FragKey,
+    flow::REPLY,
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
-use crate::{CONNTRACK, Outcome, Packet, REVERSE_NAT, forward, reverse_nat};
+use crate::{
+    Outcome, Packet,
+    flows::{self, Table},
+    forward, reverse_nat,
+};
 
 /// Fragmented datagram → its ports, from its first fragment. This program.
 #[map]
 static FRAGS: LruHashMap<FragKey, L4Ports> = LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
 
-/// What a tuple belongs to: a client → VIP flow or a NAT flow's reply path.
-pub(crate) enum Owner {
-    Flow(*mut Flow),
-    Reply(*mut ReverseNat),
-}
-
-/// The flow a tuple (as it arrives) belongs to. Fragments and ICMP errors
-/// find their flow only through here.
+/// The live entry a tuple (as it arrives) belongs to, and its table: a
+/// flow's forward entry (client → VIP) or its reply entry (backend →
+/// client, NAT). Fragments and ICMP errors find their flow only through
+/// here; they never create, promote or close one.
 #[inline(always)]
-pub(crate) fn flow_of(key: &FlowKey) -> Option<Owner> {
-    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
-        return Some(Owner::Flow(flow));
+pub(crate) fn flow_of(key: &FlowKey) -> Option<(*mut Flow, Table)> {
+    let now = flows::now();
+    if let Some(entry) = flows::live(Table::Established, key, now) {
+        return Some((entry, Table::Established));
     }
-    REVERSE_NAT.get_ptr_mut(key).map(Owner::Reply)
+    flows::live(Table::HalfOpen, key, now).map(|entry| (entry, Table::HalfOpen))
 }
 
 /// A first fragment taken by a flow: records its ports for the fragments
@@ -110,10 +112,13 @@ pub(crate) fn later_fragment(
         ports: &mut scratch_ports,
         l4_check: &mut scratch_check,
     };
-    // SAFETY: map values, as on the established path.
-    Some(match flow_of(&key)? {
-        Owner::Flow(flow) => forward(ctx, &pkt, &key, unsafe { &mut *flow }),
-        Owner::Reply(restore) => reverse_nat(ctx, &pkt, &key, unsafe { &mut *restore }),
+    let (entry, table) = flow_of(&key)?;
+    // SAFETY: a flow table's value, as on the established path.
+    let flow = unsafe { &mut *entry };
+    Some(if flow.direction == REPLY {
+        reverse_nat(ctx, &pkt, &key, flow)
+    } else {
+        forward(ctx, &pkt, &key, flow, table)
     })
 }
 

@@ -18,7 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Flow, FlowKey, MODE_DSR, NextHop, ReverseNat, Verdict,
+    Flow, FlowKey, MODE_DSR, NextHop, Verdict,
+    flow::REPLY,
     headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
     icmp::{
         IcmpHdr, TOO_BIG_QUOTE, finish, quotes_a_flow, rewrite_quoted_destination,
@@ -30,7 +31,7 @@ use lb_common::{
 use crate::{
     BACKEND_STATS, BACKENDS, FIB_SUCCESS, Outcome, Packet, SERVICE_CONF, SERVICE_STATS, count,
     drop,
-    frag::{Owner, flow_of, plain_ipv4},
+    frag::{flow_of, plain_ipv4},
     header, next_hop, pass, send,
 };
 
@@ -84,10 +85,13 @@ pub(crate) fn error_of_flow(
         // SAFETY: within the bounds-checked ICMP header.
         l4_check: unsafe { &raw mut (*icmp).check },
     };
-    // SAFETY: map values, as on the established path.
-    Some(match flow_of(&key)? {
-        Owner::Flow(flow) => to_backend(ctx, &pkt, quoted, unsafe { &mut *flow }),
-        Owner::Reply(restore) => to_client(ctx, &pkt, quoted, unsafe { &mut *restore }),
+    let (entry, _) = flow_of(&key)?;
+    // SAFETY: a flow table's value, as on the established path.
+    let flow = unsafe { &mut *entry };
+    Some(if flow.direction == REPLY {
+        to_client(ctx, &pkt, quoted, flow)
+    } else {
+        to_backend(ctx, &pkt, quoted, flow)
     })
 }
 
@@ -131,12 +135,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, quoted: *mut Ipv4Hdr, flow: &mut F
 /// A backend's (or a router's behind it) error about a NAT flow's packet,
 /// to the client, as the VIP's.
 #[inline(always)]
-fn to_client(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    quoted: *mut Ipv4Hdr,
-    restore: &mut ReverseNat,
-) -> Outcome {
+fn to_client(ctx: &XdpContext, pkt: &Packet, quoted: *mut Ipv4Hdr, restore: &mut Flow) -> Outcome {
     // SAFETY: bounds-checked by `error_of_flow`; nothing else aliases them.
     let (ip, check, q, ports) = unsafe {
         (
@@ -149,7 +148,7 @@ fn to_client(
     if ip.ttl <= 1 {
         return pass(Verdict::PassKernelForward);
     }
-    let (vip, vport) = (restore.vip, restore.port);
+    let (vip, vport) = (restore.vip, restore.vport);
     if next_hop(ctx, ip, vip, ip.daddr, &mut restore.next_hop) != FIB_SUCCESS {
         return pass(Verdict::PassKernelForward);
     }

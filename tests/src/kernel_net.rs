@@ -196,6 +196,9 @@ pub fn lab_config() -> Config {
             forwarding: Forwarding::Nat,
             xdp_mode: XdpMode::Native,
             conntrack_size: 65536,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
         },
         monitoring: None,
         services: vec![
@@ -270,7 +273,7 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(cfg: &Config) -> Self {
-        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size)
+        let mut dp = Dataplane::load(&cfg.dataplane)
             .expect("load the lb object (built by cargo xtask build)");
         dp.apply(cfg).expect("apply config");
         let index = |name: &str| {
