@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod flow;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;

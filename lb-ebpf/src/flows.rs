@@ -37,10 +37,13 @@ use crate::BACKENDS;
 pub(crate) static CONNTRACK: HashMap<FlowKey, Flow> =
     HashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE * 2, 0);
 /// Flows that have not completed a handshake, both directions. Sized by the
-/// agent at load time (twice `half-open-size`).
+/// agent at load time (twice `half-open-size`). Per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`, as Katran's flow table): an insert takes a free
+/// entry from its own CPU's list instead of contending for a shared one —
+/// the cost that matters in a flood.
 #[map]
 pub(crate) static HALF_OPEN: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_SIZE * 2, 0);
+    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_SIZE * 2, BPF_F_NO_COMMON_LRU);
 /// The lifecycle's settings (timeouts, new-flow budget). Written by the agent.
 #[map]
 static FLOW_CONF: Array<FlowConf> = Array::with_max_entries(1, 0);
@@ -58,6 +61,7 @@ static FLOWS_SWEPT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 static NEW_FLOW_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_NOEXIST: u64 = 1;
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// Which table an entry lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -12,15 +12,13 @@ use std::net::SocketAddrV4;
 
 use etherparse::PacketBuilder;
 use lb_common::{FlowKey, Verdict, maglev::MAGLEV_DEFAULT_SIZE};
-use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, TestNet, VIP, WEB_MACS, WEBS, config_with};
+use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, TestNet, VIP, WEB_MACS, lab_config};
 use lb_userspace::{
-    config::{Backend, Config, Forwarding, OnBackendDown, Protocol, Scheduler, Service},
+    config::{Backend, Config, Scheduler, Service},
     dataplane::{Admission, AppliedService, Dataplane},
     explain::{self, FlowQuery},
     harness::xdp::{self, XDP_REDIRECT, XDP_TX},
 };
-
-const WEB_PORT: u16 = 8080;
 
 const SCHEDULERS: [Scheduler; 6] = [
     Scheduler::RoundRobin,
@@ -31,35 +29,24 @@ const SCHEDULERS: [Scheduler; 6] = [
     Scheduler::FlowHash,
 ];
 
+/// The kernel tier's www service alone (VIP:80, TCP, NAT, web1..3 on
+/// :8080) under `scheduler`.
 fn config(scheduler: Scheduler, table_size: u32) -> Config {
-    let backends = WEBS
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| Backend {
-            name: format!("web{}", i + 1),
-            address: SocketAddrV4::new((*ip).into(), WEB_PORT),
-            // Uneven weights where they count, so the tables are too.
-            weight: if scheduler.uses_weights() {
-                i as u32 + 1
-            } else {
-                1
-            },
-            backup: false,
-            health: None,
-        })
-        .collect();
-    config_with(vec![Service {
-        firewall: Default::default(),
-        name: "www".into(),
-        vip: SocketAddrV4::new(VIP.into(), 80),
-        protocol: Protocol::Tcp,
-        forwarding: Forwarding::Nat,
-        scheduler,
-        maglev_table_size: table_size,
-        health: None,
-        on_backend_down: OnBackendDown::KeepFlows,
-        backends,
-    }])
+    let mut cfg = lab_config();
+    cfg.services.truncate(1);
+    let www = &mut cfg.services[0];
+    assert_eq!(www.name, "www");
+    www.scheduler = scheduler;
+    www.maglev_table_size = table_size;
+    for (i, b) in www.backends.iter_mut().enumerate() {
+        // Uneven weights where they count, so the tables are too.
+        b.weight = if scheduler.uses_weights() {
+            i as u32 + 1
+        } else {
+            1
+        };
+    }
+    cfg
 }
 
 /// A client's TCP segment to the VIP: a SYN, or an ACK of an open flow.
