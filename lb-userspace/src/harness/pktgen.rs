@@ -1,7 +1,8 @@
 //! `lb pktgen`: an XDP packet generator. The object's `pktgen` program is run
 //! with BPF_PROG_RUN in live-frames mode: the kernel injects one template
 //! frame `repeat` times, the program gives each copy its flow (source
-//! address/port from a per-CPU sequence) and redirects it out of `--dev`.
+//! address/port from a per-CPU sequence, each CPU's starting at its own
+//! share of the flows) and redirects it out of `--dev`.
 //!
 //! The frame builder and the flow → (address, port) mapping are pure
 //! functions, unit-tested on the host; the mapping is
@@ -259,6 +260,16 @@ pub fn flow_endpoint(conf: &PktgenConf, n: u32) -> (Ipv4Addr, u16) {
     (Ipv4Addr::from(addr), port)
 }
 
+/// Where each CPU's frame sequence starts: evenly spread over the flows,
+/// so that CPUs sending at once send different flows (`--count N --flows N`
+/// is N distinct flows), not the same ones in step.
+pub fn seq_starts(flows: u32, cpus: usize) -> Vec<u32> {
+    let cpus = cpus.max(1) as u64;
+    (0..cpus)
+        .map(|c| (u64::from(flows) * c / cpus) as u32)
+        .collect()
+}
+
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu);
@@ -298,12 +309,9 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
             .map_mut("PKTGEN_SEQ")
             .context("map PKTGEN_SEQ missing from the eBPF object")?;
         let mut map: PerCpuArray<_, u32> = PerCpuArray::try_from(map).context("map PKTGEN_SEQ")?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![
-            0u32;
-            aya::util::nr_cpus()
-                .map_err(|(_, e)| e)?
-        ])?;
-        map.set(0, zeros, 0).context("resetting PKTGEN_SEQ")?;
+        let starts = seq_starts(spec.flows, aya::util::nr_cpus().map_err(|(_, e)| e)?);
+        let starts = aya::maps::PerCpuValues::try_from(starts)?;
+        map.set(0, starts, 0).context("resetting PKTGEN_SEQ")?;
     }
     let prog: &Xdp = xdp_program(ebpf, PROGRAM)?;
     let threads = spec.threads.max(1);
@@ -548,6 +556,15 @@ mod tests {
     fn frame_size_is_checked() {
         assert!(build_frame(&spec(Proto::Udp, 63)).is_err());
         assert!(build_frame(&spec(Proto::Udp, 1515)).is_err());
+    }
+
+    #[test]
+    fn cpus_start_evenly_spread_over_the_flows() {
+        assert_eq!(seq_starts(1, 2), [0, 0]);
+        assert_eq!(seq_starts(20480, 2), [0, 10240]);
+        assert_eq!(seq_starts(10, 4), [0, 2, 5, 7]);
+        assert_eq!(seq_starts(u32::MAX, 2), [0, u32::MAX / 2]);
+        assert_eq!(seq_starts(7, 0), [0]);
     }
 
     #[test]
