@@ -14,7 +14,7 @@ use crate::{
     config::{self, Config, Forwarding},
     harness::{
         netns::{self, Netns, VethEnd},
-        pktgen::{self, FrameSpec, Limit, Proto, Spec},
+        pktgen::{self, FlowDist, FrameSpec, Limit, Proto, Spec},
     },
 };
 
@@ -45,6 +45,19 @@ pub fn backend_addr(i: usize) -> Ipv4Addr {
 
 /// The benchmark's `lb` config: one UDP service with `backends` backends.
 pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
+    lb_config_for(mode, backends, "udp", CONNTRACK, "")
+}
+
+/// The benchmark's `lb` config with one `protocol` service, a connection
+/// table of `conntrack` entries, and `dataplane` lines added to its
+/// `[dataplane]` table.
+pub(super) fn lb_config_for(
+    mode: Forwarding,
+    backends: usize,
+    protocol: &str,
+    conntrack: u32,
+    dataplane: &str,
+) -> anyhow::Result<Config> {
     let list: Vec<String> = (0..backends)
         .map(|i| {
             format!(
@@ -59,8 +72,8 @@ pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
     };
     let toml = format!(
         "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
-         conntrack-size = {CONNTRACK}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
-         protocol = \"udp\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+         conntrack-size = {conntrack}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         protocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
         list.join(", ")
     );
     Ok(config::parse(&toml, Path::new("bench.toml"))?)
@@ -153,6 +166,7 @@ pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Sp
             size: 64,
         },
         flows,
+        dist: FlowDist::Uniform,
         limit: Limit::Duration(Duration::from_secs_f64(seconds)),
         rate: None,
         threads,

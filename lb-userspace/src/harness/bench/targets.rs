@@ -7,7 +7,7 @@ use super::{
     measure::{FlowState, FwdRow, Hop, NsMethod, NsProgram, NsRow, mode_name},
     report::ceiling,
 };
-use crate::config::Forwarding;
+use crate::{config::Forwarding, harness::pktgen::FlowDist};
 
 /// The targets: an established flow at ≥ 90 % of the bare
 /// forwarder, ≤ 100 ns/packet, 1 000 000 flows costing ≤ 20 % of the
@@ -84,10 +84,12 @@ pub(super) fn targets(fwd: &[FwdRow], ns: &[NsRow], http: &Result<Vec<HttpRow>, 
             .iter()
             .filter(|r| r.hop == Hop::Lb(mode) && r.flows == 1)
         {
-            if let Some(million) = fwd
-                .iter()
-                .find(|r| r.hop == one.hop && r.backends == one.backends && r.flows == TARGET_FLOWS)
-            {
+            if let Some(million) = fwd.iter().find(|r| {
+                r.hop == one.hop
+                    && r.backends == one.backends
+                    && r.flows == TARGET_FLOWS
+                    && r.dist == FlowDist::Uniform
+            }) {
                 let cost = 1.0 - million.delivered.median / one.delivered.median;
                 if worst.is_none_or(|(w, _)| cost > w) {
                     worst = Some((cost, one.backends));
