@@ -327,6 +327,8 @@ pub(super) fn forwarding_rows(
 ) -> anyhow::Result<Vec<FwdRow>> {
     let ifindex = |d: &str| xdp::ifindex(d);
     let (gen0, lbout) = (ifindex("gen0")?, ifindex("lbout")?);
+    // The link lasts as long as `ebpf` (dropping the id does not detach):
+    // later sections count at the same sink.
     let _sink = xdp::xdp_program(ebpf, "sink")?
         .attach("sink0", AyaXdpMode::Driver)
         .context("attach sink")?;

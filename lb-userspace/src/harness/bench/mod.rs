@@ -5,7 +5,9 @@
 //! - forwarding rate at the sink: generator (`pktgen`, XDP live frames) →
 //!   veth → middle hop → veth → `sink`, with the middle hop either the
 //!   `bare_fwd` ceiling or `lb` (NAT / DSR), sweeping flows and backends;
-//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`.
+//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`;
+//! - a SYN flood: established connections, spoofed SYNs at full rate into
+//!   a smaller table, legitimate clients meanwhile (`flood`).
 //!
 //! Topology (one namespace, all veth pairs with one queue per CPU):
 //! `gen0` ↔ `lbin` (middle hop's XDP) … `lbout` ↔ `sink0` (`sink`).
@@ -27,6 +29,7 @@
 //! rows), `http` (wrk and HAProxy), `report` (BENCHMARKS.md), `svg` (its
 //! chart) and `targets` (the targets judged on a run).
 
+mod flood;
 mod http;
 mod measure;
 mod net;
@@ -92,6 +95,10 @@ pub enum Section {
     /// and 1 000 000 flows, uniform and Zipf: the flow mix and the
     /// connection table's cost per packet
     FlowMix,
+    /// Established connections, then spoofed SYNs at full rate into a
+    /// table smaller than the flood while clients connect: what survived,
+    /// what was served, the Mpps held (both modes)
+    SynFlood,
 }
 
 /// `lb bench`.
@@ -122,7 +129,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let threads = args.threads.unwrap_or(cpus);
-    let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
+    let syn_flood = !only || args.only.contains(&Section::SynFlood);
+    let max_backends = backend_sweep
+        .iter()
+        .copied()
+        .chain(syn_flood.then_some(flood::BACKENDS))
+        .max()
+        .unwrap_or(2);
     let started = std::time::Instant::now();
     net::cleanup_on_signal()?;
     let net = BenchNet::new(&net::bench_netns(), max_backends, cpus)?;
@@ -133,24 +146,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns, firewall) = net.run(|| {
+    let (fwd, ns, firewall, flood) = net.run(|| {
         let mut ebpf = xdp::load_object()?;
-        let fwd = if flow_sweep.is_empty() {
-            Vec::new()
+        // Always the ceiling at least (empty sweeps): every section's
+        // ratios are to the bare forwarder in the same run.
+        let fwd = measure::forwarding_rows(
+            &mut ebpf,
+            flow_sweep,
+            backend_sweep,
+            (reps, seconds, threads),
+        )?;
+        let flood = if syn_flood {
+            flood::flood_rows(&mut ebpf, (reps, seconds, threads))?
         } else {
-            measure::forwarding_rows(
-                &mut ebpf,
-                flow_sweep,
-                backend_sweep,
-                (reps, seconds, threads),
-            )?
+            Vec::new()
         };
         if only {
-            return Ok((fwd, Vec::new(), Vec::new()));
+            return Ok((fwd, Vec::new(), Vec::new(), flood));
         }
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
-        Ok((fwd, ns, firewall))
+        Ok((fwd, ns, firewall, flood))
     })?;
     drop(net);
     let http = if only {
@@ -199,6 +215,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         fwd,
         ns,
         firewall,
+        flood,
         http,
         wrk_loads: http::WRK_LOADS
             .iter()

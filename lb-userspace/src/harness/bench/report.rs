@@ -11,12 +11,13 @@ use std::{
 use lb_common::PKTGEN_FLOW_TABLE;
 
 use super::{
+    flood::{ESTABLISHED, FloodRow, LEGIT, SPOOFED, TABLE},
     http::{HttpPath, HttpRow},
     measure::{
         FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod, NsProgram, NsRow,
-        TracedPacket,
+        Stat, TracedPacket,
     },
-    targets::targets,
+    targets::{grouped, targets},
 };
 use crate::{
     config::Forwarding,
@@ -128,6 +129,8 @@ pub(super) struct Report {
     pub(super) ns: Vec<NsRow>,
     /// The firewall's cost, empty vs loaded (none: not measured).
     pub(super) firewall: Vec<FwCostRow>,
+    /// The SYN flood scenario, per mode (none: not measured).
+    pub(super) flood: Vec<FloodRow>,
     pub(super) http: Result<Vec<HttpRow>, String>,
     /// wrk loads: (name used in the HTTP rows, wrk arguments).
     pub(super) wrk_loads: Vec<(String, String)>,
@@ -216,6 +219,9 @@ pub(super) fn render(r: &Report) -> String {
     if !r.firewall.is_empty() {
         firewall_section(&mut s, &r.firewall);
     }
+    if !r.flood.is_empty() {
+        flood_section(&mut s, &r.flood, ceiling);
+    }
     let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
     match &r.http {
         Ok(rows) => {
@@ -247,9 +253,49 @@ pub(super) fn render(r: &Report) -> String {
             let _ = writeln!(s, "Not measured: {e}");
         }
     }
-    s.push_str(&targets(&r.fwd, &r.ns, &r.http));
+    s.push_str(&targets(&r.fwd, &r.ns, &r.http, &r.flood));
     s.push_str(&summary(r));
     s
+}
+
+/// The SYN flood scenario's table.
+fn flood_section(s: &mut String, rows: &[FloodRow], ceiling: Option<f64>) {
+    let _ = writeln!(s, "\n## SYN flood\n");
+    let _ = writeln!(
+        s,
+        "{ESTABLISHED} connections are made first (each a generated SYN, then its ACK); then spoofed SYNs from {} distinct sources at the generator's full rate, into a connection table of {} entries (`conntrack-size`), while {LEGIT} legitimate clients connect the same way, 30 % into the flood. Survived: the established flows still in the table after the flood, of those there before it. Served: the legitimate connections whose entry was in the table right after their ACK. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
+        grouped(SPOOFED),
+        grouped(TABLE)
+    );
+    let _ = writeln!(
+        s,
+        "| middle hop | spoofed SYNs sent | offered Mpps | delivered Mpps | vs ceiling | established before | survived | legitimate served |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let ratio = ceiling
+            .map(|c| format!("{:.0} %", 100.0 * row.delivered.median / c))
+            .unwrap_or_else(|| "–".into());
+        let pct = |st: &Stat| {
+            format!(
+                "{:.1} % ({:.1}–{:.1})",
+                100.0 * st.median,
+                100.0 * st.min,
+                100.0 * st.max
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {} | {ratio} | {:.0} of {ESTABLISHED} | {} | {} |",
+            row.hop,
+            row.spoofed.median,
+            row.offered.text(2),
+            row.delivered.text(2),
+            row.established.median,
+            pct(&row.survived),
+            pct(&row.served)
+        );
+    }
 }
 
 /// The flows column: the count, and the mix unless uniform.

@@ -221,6 +221,7 @@ fn report(v: &Variant) -> Report {
         fwd,
         ns,
         firewall: Vec::new(),
+        flood: Vec::new(),
         http: Ok(http),
         wrk_loads: loads,
         plot: v.plot.map(str::to_owned),
@@ -482,4 +483,38 @@ fn table_cost_section_compares_mixes_with_one_flow() {
     );
     // The forwarding table names the mix; the 1M-flow target ignores Zipf rows.
     assert!(s.contains("| lb Dsr | 100 | 1000, Zipf s=1 | "), "{s}");
+}
+
+#[test]
+fn flood_section_reports_survivors_served_and_rate_and_judges_the_target() {
+    use super::flood::{ESTABLISHED, FloodRow};
+    let flood = |mode, survived_min: f64| FloodRow {
+        hop: Hop::Lb(mode),
+        spoofed: st(9_000_000.0, 8_000_000.0, 9_500_000.0),
+        offered: st(4.5, 4.0, 4.8),
+        delivered: st(3.5, 3.0, 3.6),
+        established: st(f64::from(ESTABLISHED), 9990.0, f64::from(ESTABLISHED)),
+        survived: st(1.0, survived_min, 1.0),
+        served: st(0.998, 0.99, 1.0),
+    };
+    let mut r = report(&A);
+    r.fwd.retain(|row| row.hop == Hop::Ceiling);
+    r.fwd[0].delivered = st(7.0, 7.0, 7.0);
+    r.flood = vec![flood(Forwarding::Nat, 0.25), flood(Forwarding::Dsr, 1.0)];
+    let s = render(&r);
+    assert!(s.contains("## SYN flood"), "{s}");
+    // A ceiling of 7.0 Mpps: 3.5 is 50 %.
+    assert!(
+        s.contains("| lb Nat | 9000000 | 4.50 (4.00–4.80) | 3.50 (3.00–3.60) | 50 % | 10000 of 10000 | 100.0 % (25.0–100.0) | 99.8 % (99.0–100.0) |"),
+        "{s}"
+    );
+    // The worst run decides.
+    assert!(
+        s.contains("| SYN flood: 100 % of the established flows survive, lb Nat | **missed**: 25.0 % in the worst run |"),
+        "{s}"
+    );
+    assert!(
+        s.contains("| SYN flood: 100 % of the established flows survive, lb Dsr | met: 100.0 % in the worst run |"),
+        "{s}"
+    );
 }
