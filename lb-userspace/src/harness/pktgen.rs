@@ -412,7 +412,9 @@ pub fn seq_starts(flows: u32, cpus: usize) -> Vec<u32> {
         .collect()
 }
 
-fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+/// Pins the calling thread to one CPU (the generator's threads; tests that
+/// need one CPU's per-CPU state).
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu);
     sched_setaffinity(None, &set)

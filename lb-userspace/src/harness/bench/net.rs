@@ -12,6 +12,7 @@ use anyhow::Context;
 
 use crate::{
     config::{self, Config, Forwarding},
+    dataplane::TableSizes,
     harness::{
         netns::{self, Netns, VethEnd},
         pktgen::{self, FlowDist, FrameSpec, Limit, Proto, Spec},
@@ -33,10 +34,16 @@ pub const PORT: u16 = 5353;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 
-/// Connection-table size for the sweeps: twice the largest flow count, so
-/// 1 000 000 flows measure a full table, not LRU eviction (with a smaller
-/// table every packet would be a new flow).
-pub(super) const CONNTRACK: u32 = 2_097_152;
+/// Flow-table sizes for the sweeps: twice the largest flow count in both
+/// tables. The generator sends each flow's packets a whole round apart, so
+/// a flow's second packet (the one that establishes it) comes after every
+/// other flow's first: the half-open table must hold them all, or every
+/// packet would be a new flow. 1 000 000 flows then measure a full
+/// established table.
+pub(super) const CONNTRACK: TableSizes = TableSizes {
+    conntrack: 2_097_152,
+    half_open: 2_097_152,
+};
 
 /// Backend `i` (0-based): 198.19.(1 + i / 250).(1 + i % 250).
 pub fn backend_addr(i: usize) -> Ipv4Addr {
@@ -48,14 +55,13 @@ pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
     lb_config_for(mode, backends, "udp", CONNTRACK, "")
 }
 
-/// The benchmark's `lb` config with one `protocol` service, a connection
-/// table of `conntrack` entries, and `dataplane` lines added to its
-/// `[dataplane]` table.
+/// The benchmark's `lb` config with one `protocol` service, flow tables of
+/// `sizes`, and `dataplane` lines added to its `[dataplane]` table.
 pub(super) fn lb_config_for(
     mode: Forwarding,
     backends: usize,
     protocol: &str,
-    conntrack: u32,
+    sizes: TableSizes,
     dataplane: &str,
 ) -> anyhow::Result<Config> {
     let list: Vec<String> = (0..backends)
@@ -72,8 +78,10 @@ pub(super) fn lb_config_for(
     };
     let toml = format!(
         "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
-         conntrack-size = {conntrack}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         conntrack-size = {}\nhalf-open-size = {}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
          protocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        sizes.conntrack,
+        sizes.half_open,
         list.join(", ")
     );
     Ok(config::parse(&toml, Path::new("bench.toml"))?)
