@@ -52,9 +52,13 @@ pub(super) const LEGIT: u32 = 1_000;
 /// Distinct spoofed sources (198.18.128.1 on, 64 512 ports per address):
 /// more than a flood of a few seconds sends, so no spoofed flow repeats.
 pub(super) const SPOOFED: u32 = 1 << 24;
-/// The rate of the legitimate clients' packets: well under a veth ring's
-/// burst, so none is lost on the way in.
-const CLIENT_RATE: u64 = 200_000;
+/// The rate of the clients' packets: well under a veth ring's burst, so
+/// none is lost on the way in. The clients' SYNs therefore take
+/// `count / CLIENT_RATE` (5 ms for `LEGIT`), and each ACK follows its SYN
+/// by that plus `HANDSHAKE_GAP`: the handshake time a half-open entry must
+/// outlive under the flood.
+pub(super) const CLIENT_RATE: u64 = 200_000;
+pub(super) const HANDSHAKE_GAP: Duration = Duration::from_millis(2);
 
 /// What one forwarding mode held under the flood.
 #[derive(Debug)]
@@ -132,7 +136,7 @@ fn connect(ebpf: &mut Ebpf, gen0: u32, src: Ipv4Addr, count: u32) -> anyhow::Res
     let mut sent = 0;
     for proto in [Proto::TcpSyn, Proto::TcpAck] {
         sent += pktgen::generate(ebpf, &spec(gen0, src, proto, count, 1))?.frames;
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(HANDSHAKE_GAP);
     }
     Ok(sent)
 }

@@ -11,7 +11,7 @@ use std::{
 use lb_common::PKTGEN_FLOW_TABLE;
 
 use super::{
-    flood::{ESTABLISHED, FloodRow, HALF_OPEN, LEGIT, SPOOFED, TABLE},
+    flood::{CLIENT_RATE, ESTABLISHED, FloodRow, HALF_OPEN, HANDSHAKE_GAP, LEGIT, SPOOFED, TABLE},
     http::{HttpPath, HttpRow},
     measure::{
         FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod, NsProgram, NsRow,
@@ -263,10 +263,13 @@ fn flood_section(s: &mut String, rows: &[FloodRow], ceiling: Option<f64>) {
     let _ = writeln!(s, "\n## SYN flood\n");
     let _ = writeln!(
         s,
-        "{ESTABLISHED} connections are made first (each a generated SYN, then its ACK); then spoofed SYNs from {} distinct sources at the generator's full rate, into flow tables of {} established (`conntrack-size`) and {} half-open (`half-open-size`) flows, while {LEGIT} legitimate clients connect the same way, 30 % into the flood. Survived: the established flows still in the established table after the flood, of those there before it. Served: the legitimate connections established right after their ACK. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
+        "{ESTABLISHED} connections are made first (each a generated SYN, then its ACK); then spoofed SYNs from {} distinct sources at the generator's full rate, into flow tables of {} established (`conntrack-size`) and {} half-open (`half-open-size`) flows, while {LEGIT} legitimate clients connect the same way, 30 % into the flood (their SYNs paced at {} per second, then after {} ms their ACKs at the same pace, so each ACK follows its SYN by {} ms). Survived: the established flows still in the established table after the flood, of those there before it. Served: the legitimate connections established right after their ACK. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
         grouped(SPOOFED),
         grouped(TABLE),
-        grouped(HALF_OPEN)
+        grouped(HALF_OPEN),
+        grouped(CLIENT_RATE as u32),
+        HANDSHAKE_GAP.as_millis(),
+        HANDSHAKE_GAP.as_millis() + u128::from(LEGIT) * 1000 / u128::from(CLIENT_RATE),
     );
     let _ = writeln!(
         s,
