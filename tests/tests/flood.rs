@@ -87,6 +87,20 @@ fn status_json(lab: &Lab) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing lb status --json")
 }
 
+/// `n` keep-alive connections from the client through the VIP, one `GET /`
+/// each: the connections and the server that answered each.
+fn keepalive_connections(lab: &Lab, n: usize) -> Result<Vec<(HttpConn, String)>> {
+    in_netns(&lab.client_ns(), || {
+        (0..n)
+            .map(|_| {
+                let mut conn = HttpConn::connect(vip_http())?;
+                let server = conn.get("/")?.text();
+                Ok((conn, server))
+            })
+            .collect()
+    })?
+}
+
 /// `lb status` of the lab's agent, as the CLI prints it (for the log).
 fn status_text(lab: &Lab) -> Result<String> {
     let out = Command::new(lb_bin())
@@ -204,15 +218,7 @@ fn keepalive_connections_survive_a_syn_flood_ten_times_the_tables() -> Result<()
         |lab, mode| {
             // Ten connections, one request each: a fresh agent spreads them
             // web1, web2, web3, web1, …
-            let mut conns = in_netns(&lab.client_ns(), || -> Result<Vec<(HttpConn, String)>> {
-                (0..KEEPALIVE)
-                    .map(|_| {
-                        let mut conn = HttpConn::connect(vip_http())?;
-                        let server = conn.get("/")?.text();
-                        Ok((conn, server))
-                    })
-                    .collect()
-            })??;
+            let mut conns = keepalive_connections(lab, KEEPALIVE)?;
             let servers: Vec<&str> = conns.iter().map(|(_, s)| s.as_str()).collect();
             let expected: Vec<&str> = (0..KEEPALIVE)
                 .map(|i| WEB_NAMES[i % WEB_NAMES.len()])
@@ -289,15 +295,7 @@ fn drain_reaches_zero_active_flows_after_clients_close() -> Result<()> {
         |mode| config(mode, "", "tcp-closing = \"1s\"\n"),
         |lab, _| {
             // Six connections: web1, web2, web3, web1, web2, web3.
-            let mut conns = in_netns(&lab.client_ns(), || -> Result<Vec<(HttpConn, String)>> {
-                (0..6)
-                    .map(|_| {
-                        let mut conn = HttpConn::connect(vip_http())?;
-                        let server = conn.get("/")?.text();
-                        Ok((conn, server))
-                    })
-                    .collect()
-            })??;
+            let mut conns = keepalive_connections(lab, 6)?;
             let on_web1 = conns.iter().filter(|(_, s)| s == "web1").count() as u64;
             ensure!(on_web1 == 2, "{on_web1} connections on web1, not 2");
             ensure!(

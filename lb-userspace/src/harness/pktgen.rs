@@ -702,10 +702,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_syn_frame_has_valid_checksums() {
-        let f = build_frame(&spec(Proto::TcpSyn, 100)).expect("frame");
-        let p = SlicedPacket::from_ethernet(&f).expect("parse");
+    /// The TCP header of a built frame, after checking its IPv4 and TCP
+    /// checksums with etherparse.
+    fn checked_tcp(f: &[u8]) -> etherparse::TcpHeader {
+        let p = SlicedPacket::from_ethernet(f).expect("parse");
         let Some(NetSlice::Ipv4(ip)) = p.net else {
             panic!("not ipv4")
         };
@@ -714,35 +714,26 @@ mod tests {
         let Some(TransportSlice::Tcp(tcp)) = p.transport else {
             panic!("not tcp")
         };
-        assert!(tcp.syn() && !tcp.ack() && !tcp.fin() && !tcp.rst());
-        assert_eq!(tcp.source_port(), 1024);
-        assert_eq!(tcp.destination_port(), 5353);
         let expected = tcp
             .to_header()
             .calc_checksum_ipv4(&h, tcp.payload())
             .expect("checksum");
         assert_eq!(tcp.checksum(), expected);
+        tcp.to_header()
+    }
+
+    #[test]
+    fn tcp_syn_frame_has_valid_checksums() {
+        let tcp = checked_tcp(&build_frame(&spec(Proto::TcpSyn, 100)).expect("frame"));
+        assert!(tcp.syn && !tcp.ack && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.source_port, tcp.destination_port), (1024, 5353));
     }
 
     #[test]
     fn tcp_ack_frame_is_a_bare_ack_with_valid_checksums() {
-        let f = build_frame(&spec(Proto::TcpAck, 64)).expect("frame");
-        let p = SlicedPacket::from_ethernet(&f).expect("parse");
-        let Some(NetSlice::Ipv4(ip)) = p.net else {
-            panic!("not ipv4")
-        };
-        let h = ip.header().to_header();
-        assert_eq!(h.header_checksum, h.calc_header_checksum());
-        let Some(TransportSlice::Tcp(tcp)) = p.transport else {
-            panic!("not tcp")
-        };
-        assert!(tcp.ack() && !tcp.syn() && !tcp.fin() && !tcp.rst());
-        assert_eq!((tcp.sequence_number(), tcp.acknowledgment_number()), (2, 1));
-        let expected = tcp
-            .to_header()
-            .calc_checksum_ipv4(&h, tcp.payload())
-            .expect("checksum");
-        assert_eq!(tcp.checksum(), expected);
+        let tcp = checked_tcp(&build_frame(&spec(Proto::TcpAck, 64)).expect("frame"));
+        assert!(tcp.ack && !tcp.syn && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (2, 1));
     }
 
     #[test]
