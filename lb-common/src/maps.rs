@@ -550,6 +550,11 @@ const _: () = assert!(
 /// Bytes of each generated frame the `pktgen` program restores before use.
 pub const PKTGEN_TEMPLATE_LEN: usize = 64;
 
+/// Entries of `PKTGEN_FLOWS`, the generator's table of flow indices for a
+/// non-uniform flow mix, as the harness loads it (the object itself holds
+/// one entry, so the data plane's agent never pays for it). A power of two.
+pub const PKTGEN_FLOW_TABLE: u32 = 1 << 18;
+
 /// `PKTGEN_CONF[0]`: how the `pktgen` program prepares each frame.
 ///
 /// Live-frames mode recycles pages without copying the original frame
@@ -568,6 +573,11 @@ pub struct PktgenConf {
     /// First source port (host order) and how many ports per address.
     pub sport_base: u16,
     pub sport_span: u16,
+    /// 0: frame `n` is flow `n % flows` (uniform). Otherwise a power of two
+    /// minus one: frame `n` is flow `PKTGEN_FLOWS[n & flow_table_mask]`, a
+    /// table of flow indices userspace drew from a distribution (Zipf).
+    pub flow_table_mask: u32,
+    pub _pad: u32,
     pub template: [u8; PKTGEN_TEMPLATE_LEN],
 }
 
@@ -602,7 +612,8 @@ pub struct FwdConf {
     pub smac: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<PktgenConf>() == 16 + PKTGEN_TEMPLATE_LEN);
+const _: () = assert!(core::mem::size_of::<PktgenConf>() == 24 + PKTGEN_TEMPLATE_LEN);
+const _: () = assert!(PKTGEN_FLOW_TABLE.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<FwdConf>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
@@ -658,6 +669,8 @@ mod tests {
             saddr_base,
             sport_base,
             sport_span,
+            flow_table_mask: 0,
+            _pad: 0,
             template: [0; PKTGEN_TEMPLATE_LEN],
         }
     }

@@ -2,7 +2,8 @@
 //! so one build serves the data plane, the generator and the baselines.
 //!
 //! - `pktgen`: run by BPF_PROG_RUN in live-frames mode; gives each frame its
-//!   flow (source address/port from a per-CPU sequence) and transmits it.
+//!   flow (source address/port from a per-CPU sequence, directly or through
+//!   a table of drawn flow indices) and transmits it.
 //! - `sink`: counts and drops: the receiving end of a benchmark.
 //! - `bare_fwd`: the ceiling: destination MAC rewrite + redirect, no parsing.
 //! - `xdp_pass`: returns XDP_PASS; the floor of BPF_PROG_TEST_RUN cost, and the
@@ -25,6 +26,11 @@ use crate::{copy_mac, count, header};
 
 #[map]
 static PKTGEN_CONF: Array<PktgenConf> = Array::with_max_entries(1, 0);
+/// The flow of each frame, for a drawn flow mix (`flow_table_mask` != 0):
+/// filled by userspace, which also sizes it (`PKTGEN_FLOW_TABLE` entries)
+/// when it loads the object for the generator.
+#[map]
+static PKTGEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
 /// Per-CPU frame sequence number of the generator.
 #[map]
 static PKTGEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -48,12 +54,25 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
         n
     };
     restore_template(&ctx, conf);
-    set_flow(&ctx, conf, n);
+    set_flow(&ctx, conf, flow_of(conf, n));
     if conf.ifindex == 0 {
         return xdp_action::XDP_TX;
     }
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
+}
+
+/// Frame `n`'s flow: `n` itself (uniform: `flow_source` takes it modulo
+/// the flow count) or the drawn table's entry (one array lookup).
+#[inline(always)]
+fn flow_of(conf: &PktgenConf, n: u32) -> u32 {
+    if conf.flow_table_mask == 0 {
+        return n;
+    }
+    PKTGEN_FLOWS
+        .get(n & conf.flow_table_mask)
+        .copied()
+        .unwrap_or(n)
 }
 
 /// Puts the frame's headers back as userspace built them (see PktgenConf).

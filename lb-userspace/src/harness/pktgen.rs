@@ -1,7 +1,8 @@
 //! `lb pktgen`: an XDP packet generator. The object's `pktgen` program is run
 //! with BPF_PROG_RUN in live-frames mode: the kernel injects one template
 //! frame `repeat` times, the program gives each copy its flow (source
-//! address/port from a per-CPU sequence) and redirects it out of `--dev`.
+//! address/port from a per-CPU sequence, each CPU's starting at its own
+//! share of the flows) and redirects it out of `--dev`.
 //!
 //! The frame builder and the flow → (address, port) mapping are pure
 //! functions, unit-tested on the host; the mapping is
@@ -36,7 +37,7 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::checksum;
+use lb_common::{PKTGEN_FLOW_TABLE, checksum};
 use rustix::thread::{CpuSet, sched_setaffinity};
 
 use super::xdp::{if_mac, ifindex, load_object, parse_mac, xdp_md, xdp_program};
@@ -64,7 +65,40 @@ pub use lb_common::PktgenConf;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
     Udp,
+    /// A client's SYN: what opens a connection (and what a flood spoofs)
     TcpSyn,
+    /// A client's bare ACK, as after the handshake: what makes a generated
+    /// connection established
+    TcpAck,
+}
+
+/// `--flow-dist`: how frames are spread over the flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowDistArg {
+    /// Every flow in turn, each carrying the same share
+    Uniform,
+    /// A few flows carry most packets: flow k's share is ∝ 1/(k+1)^s (--zipf-s)
+    Zipf,
+}
+
+/// How frames are spread over the flows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FlowDist {
+    /// Frame `n` is flow `n % flows`.
+    Uniform,
+    /// Frame `n`'s flow is drawn from a Zipf law of exponent `s` over the
+    /// flows ranked by index (flow 0 the heaviest), through a table of
+    /// [`PKTGEN_FLOW_TABLE`] draws (see [`zipf_table`]).
+    Zipf { s: f64 },
+}
+
+impl std::fmt::Display for FlowDist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlowDist::Uniform => f.write_str("uniform"),
+            FlowDist::Zipf { s } => write!(f, "Zipf s={s}"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -98,6 +132,13 @@ pub struct PktgenArgs {
     /// Distinct flows: up to 64512 ports per address, then the next addresses
     #[arg(long, default_value_t = 1)]
     pub flows: u32,
+    /// How frames are spread over the flows
+    #[arg(long, value_enum, default_value_t = FlowDistArg::Uniform)]
+    pub flow_dist: FlowDistArg,
+    /// Exponent of the Zipf law (--flow-dist zipf): 1.0 is the classic
+    /// "a few flows carry most packets"; 0 is uniform at random
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_s: f64,
     #[arg(long, value_enum, default_value_t = Proto::Udp)]
     pub proto: Proto,
     /// Frame size in bytes without FCS (64..=1514)
@@ -147,6 +188,7 @@ pub struct Spec {
     pub ifindex: u32,
     pub frame: FrameSpec,
     pub flows: u32,
+    pub dist: FlowDist,
     pub limit: Limit,
     pub rate: Option<u64>,
     pub threads: usize,
@@ -182,7 +224,7 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     );
     let l4_len = match spec.proto {
         Proto::Udp => UDP_LEN,
-        Proto::TcpSyn => TCP_LEN,
+        Proto::TcpSyn | Proto::TcpAck => TCP_LEN,
     };
     let mut f = vec![0u8; spec.size];
     f[0..6].copy_from_slice(&spec.dst_mac);
@@ -196,7 +238,7 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     ip[8] = 64;
     ip[9] = match spec.proto {
         Proto::Udp => 17,
-        Proto::TcpSyn => 6,
+        Proto::TcpSyn | Proto::TcpAck => 6,
     };
     ip[12..16].copy_from_slice(&spec.src.ip().octets());
     ip[16..20].copy_from_slice(&spec.dst.ip().octets());
@@ -209,10 +251,17 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     l4[2..4].copy_from_slice(&spec.dst.port().to_be_bytes());
     match spec.proto {
         Proto::Udp => l4[4..6].copy_from_slice(&(l4_total as u16).to_be_bytes()),
-        Proto::TcpSyn => {
-            l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
+        Proto::TcpSyn | Proto::TcpAck => {
+            if spec.proto == Proto::TcpSyn {
+                l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
+                l4[13] = 0x02; // SYN
+            } else {
+                // The first ACK after a handshake that started at sequence 1.
+                l4[4..8].copy_from_slice(&2u32.to_be_bytes());
+                l4[8..12].copy_from_slice(&1u32.to_be_bytes()); // acknowledgment
+                l4[13] = 0x10; // ACK
+            }
             l4[12] = ((l4_len / 4) as u8) << 4;
-            l4[13] = 0x02; // SYN
             l4[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
             let mut pseudo = [0u8; 12];
             pseudo[0..4].copy_from_slice(&spec.src.ip().octets());
@@ -249,14 +298,118 @@ pub fn flow_conf(
         saddr_base: src.into(),
         sport_base: sport,
         sport_span: span as u16,
+        flow_table_mask: 0,
+        _pad: 0,
         template: [0; lb_common::PKTGEN_TEMPLATE_LEN],
     })
+}
+
+/// The seed of the Zipf draws: every run draws the same sequence, so runs
+/// (and the bench's repetitions) compare like with like.
+pub const ZIPF_SEED: u64 = 0x5eed_f10e;
+
+/// `len` flow indices drawn from a Zipf law of exponent `s` over `flows`
+/// flows: flow `k` (0-based) is drawn with probability ∝ 1/(k+1)^s, by
+/// inverting the cumulative distribution for each uniform draw of a
+/// SplitMix64 sequence seeded with `seed`. The draws are in random order,
+/// as a real mix interleaves its flows.
+pub fn zipf_table(flows: u32, s: f64, len: usize, seed: u64) -> Vec<u32> {
+    let flows = flows.max(1);
+    let mut cdf = Vec::with_capacity(flows as usize);
+    let mut total = 0.0;
+    for k in 0..flows {
+        total += (f64::from(k) + 1.0).powf(-s);
+        cdf.push(total);
+    }
+    let mut rng = SplitMix64(seed);
+    (0..len)
+        .map(|_| {
+            let u = rng.unit() * total;
+            (cdf.partition_point(|&c| c <= u) as u32).min(flows - 1)
+        })
+        .collect()
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a seeded 64-bit sequence, enough
+/// for drawing a benchmark's flow mix (no dependency for eight lines).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What a drawn flow table holds: distinct flows, and the share of draws
+/// that go to the heaviest 1 % of the flows (at least one flow).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MixSummary {
+    pub distinct: usize,
+    pub top_percent_share: f64,
+}
+
+pub fn mix_summary(table: &[u32], flows: u32) -> MixSummary {
+    let mut counts = std::collections::HashMap::new();
+    for f in table {
+        *counts.entry(*f).or_insert(0u64) += 1;
+    }
+    let mut sorted: Vec<u64> = counts.values().copied().collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let top = (flows as usize / 100).max(1);
+    let top_sum: u64 = sorted.iter().take(top).sum();
+    MixSummary {
+        distinct: counts.len(),
+        top_percent_share: if table.is_empty() {
+            0.0
+        } else {
+            top_sum as f64 / table.len() as f64
+        },
+    }
+}
+
+/// Writes `table` into the object's `PKTGEN_FLOWS` (sized by
+/// [`super::xdp::load_object`]).
+fn write_flow_table(ebpf: &mut Ebpf, table: &[u32]) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut("PKTGEN_FLOWS")
+        .context("map PKTGEN_FLOWS missing from the eBPF object")?;
+    let mut map: Array<_, u32> = Array::try_from(map).context("map PKTGEN_FLOWS")?;
+    ensure!(
+        map.len() as usize >= table.len(),
+        "PKTGEN_FLOWS holds {} entries, the flow mix needs {}: load the object with harness::xdp::load_object",
+        map.len(),
+        table.len()
+    );
+    for (i, flow) in table.iter().enumerate() {
+        map.set(i as u32, *flow, 0)
+            .with_context(|| format!("writing PKTGEN_FLOWS[{i}]"))?;
+    }
+    Ok(())
 }
 
 /// Source address and port of frame `n` (what `set_flow` writes).
 pub fn flow_endpoint(conf: &PktgenConf, n: u32) -> (Ipv4Addr, u16) {
     let (addr, port) = conf.flow_source(n);
     (Ipv4Addr::from(addr), port)
+}
+
+/// Where each CPU's frame sequence starts: evenly spread over the flows,
+/// so that CPUs sending at once send different flows (`--count N --flows N`
+/// is N distinct flows), not the same ones in step.
+pub fn seq_starts(flows: u32, cpus: usize) -> Vec<u32> {
+    let cpus = cpus.max(1) as u64;
+    (0..cpus)
+        .map(|c| (u64::from(flows) * c / cpus) as u32)
+        .collect()
 }
 
 /// Pins the calling thread to one CPU (the generator's threads; tests that
@@ -288,6 +441,11 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     // Every frame starts from these headers again (frames are >= MIN_SIZE).
     conf.template
         .copy_from_slice(&frame[..lb_common::PKTGEN_TEMPLATE_LEN]);
+    if let FlowDist::Zipf { s } = spec.dist {
+        let table = zipf_table(spec.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED);
+        write_flow_table(ebpf, &table)?;
+        conf.flow_table_mask = PKTGEN_FLOW_TABLE - 1;
+    }
     {
         let map = ebpf
             .map_mut("PKTGEN_CONF")
@@ -300,12 +458,9 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
             .map_mut("PKTGEN_SEQ")
             .context("map PKTGEN_SEQ missing from the eBPF object")?;
         let mut map: PerCpuArray<_, u32> = PerCpuArray::try_from(map).context("map PKTGEN_SEQ")?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![
-            0u32;
-            aya::util::nr_cpus()
-                .map_err(|(_, e)| e)?
-        ])?;
-        map.set(0, zeros, 0).context("resetting PKTGEN_SEQ")?;
+        let starts = seq_starts(spec.flows, aya::util::nr_cpus().map_err(|(_, e)| e)?);
+        let starts = aya::maps::PerCpuValues::try_from(starts)?;
+        map.set(0, starts, 0).context("resetting PKTGEN_SEQ")?;
     }
     let prog: &Xdp = xdp_program(ebpf, PROGRAM)?;
     let threads = spec.threads.max(1);
@@ -429,6 +584,16 @@ pub fn spec_from_args(args: &PktgenArgs) -> anyhow::Result<Spec> {
     if let Some(r) = args.rate {
         ensure!(r > 0, "--rate must be positive");
     }
+    let dist = match args.flow_dist {
+        FlowDistArg::Uniform => FlowDist::Uniform,
+        FlowDistArg::Zipf => {
+            ensure!(
+                args.zipf_s.is_finite() && args.zipf_s >= 0.0,
+                "--zipf-s must be a finite number >= 0"
+            );
+            FlowDist::Zipf { s: args.zipf_s }
+        }
+    };
     Ok(Spec {
         ifindex,
         frame: FrameSpec {
@@ -440,6 +605,7 @@ pub fn spec_from_args(args: &PktgenArgs) -> anyhow::Result<Spec> {
             size: args.size,
         },
         flows: args.flows,
+        dist,
         limit,
         rate: args.rate,
         threads: args.threads.unwrap_or_else(cpus),
@@ -472,6 +638,18 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
         spec.threads,
         summary.mpps()
     );
+    if let FlowDist::Zipf { s } = spec.dist {
+        let mix = mix_summary(
+            &zipf_table(spec.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED),
+            spec.flows,
+        );
+        println!(
+            "flow mix: Zipf s={s} over {} flows, a sequence of {PKTGEN_FLOW_TABLE} draws per CPU holding {} distinct flows; the heaviest 1 % of the flows carry {:.0} % of the frames",
+            spec.flows,
+            mix.distinct,
+            100.0 * mix.top_percent_share
+        );
+    }
     Ok(())
 }
 
@@ -524,10 +702,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_syn_frame_has_valid_checksums() {
-        let f = build_frame(&spec(Proto::TcpSyn, 100)).expect("frame");
-        let p = SlicedPacket::from_ethernet(&f).expect("parse");
+    /// The TCP header of a built frame, after checking its IPv4 and TCP
+    /// checksums with etherparse.
+    fn checked_tcp(f: &[u8]) -> etherparse::TcpHeader {
+        let p = SlicedPacket::from_ethernet(f).expect("parse");
         let Some(NetSlice::Ipv4(ip)) = p.net else {
             panic!("not ipv4")
         };
@@ -536,20 +714,106 @@ mod tests {
         let Some(TransportSlice::Tcp(tcp)) = p.transport else {
             panic!("not tcp")
         };
-        assert!(tcp.syn() && !tcp.ack() && !tcp.fin() && !tcp.rst());
-        assert_eq!(tcp.source_port(), 1024);
-        assert_eq!(tcp.destination_port(), 5353);
         let expected = tcp
             .to_header()
             .calc_checksum_ipv4(&h, tcp.payload())
             .expect("checksum");
         assert_eq!(tcp.checksum(), expected);
+        tcp.to_header()
+    }
+
+    #[test]
+    fn tcp_syn_frame_has_valid_checksums() {
+        let tcp = checked_tcp(&build_frame(&spec(Proto::TcpSyn, 100)).expect("frame"));
+        assert!(tcp.syn && !tcp.ack && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.source_port, tcp.destination_port), (1024, 5353));
+    }
+
+    #[test]
+    fn tcp_ack_frame_is_a_bare_ack_with_valid_checksums() {
+        let tcp = checked_tcp(&build_frame(&spec(Proto::TcpAck, 64)).expect("frame"));
+        assert!(tcp.ack && !tcp.syn && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (2, 1));
     }
 
     #[test]
     fn frame_size_is_checked() {
         assert!(build_frame(&spec(Proto::Udp, 63)).is_err());
         assert!(build_frame(&spec(Proto::Udp, 1515)).is_err());
+    }
+
+    #[test]
+    fn zipf_draws_are_in_range_deterministic_and_sized() {
+        let t = zipf_table(1000, 1.0, 4096, 7);
+        assert_eq!(t.len(), 4096);
+        assert!(t.iter().all(|f| *f < 1000));
+        assert_eq!(t, zipf_table(1000, 1.0, 4096, 7));
+        assert_ne!(t, zipf_table(1000, 1.0, 4096, 8));
+        assert!(zipf_table(1, 1.0, 100, 7).iter().all(|f| *f == 0));
+        assert!(zipf_table(0, 1.0, 10, 7).iter().all(|f| *f == 0));
+    }
+
+    /// Shares of each flow in `t`.
+    fn shares(t: &[u32], flows: u32) -> Vec<f64> {
+        let mut c = vec![0u64; flows as usize];
+        for f in t {
+            c[*f as usize] += 1;
+        }
+        c.iter().map(|n| *n as f64 / t.len() as f64).collect()
+    }
+
+    #[test]
+    fn zipf_shares_follow_the_law() {
+        // s = 1 over 1000 flows: flow k's share is 1/((k+1) H), H ≈ 7.4855.
+        let n = PKTGEN_FLOW_TABLE as usize;
+        let h: f64 = (1..=1000).map(|k| 1.0 / f64::from(k)).sum();
+        let p = shares(&zipf_table(1000, 1.0, n, ZIPF_SEED), 1000);
+        for k in [0usize, 1, 2, 9, 99] {
+            let expected = 1.0 / ((k as f64 + 1.0) * h);
+            // Five standard deviations of a binomial share.
+            let tolerance = 5.0 * (expected * (1.0 - expected) / n as f64).sqrt();
+            assert!(
+                (p[k] - expected).abs() < tolerance,
+                "flow {k}: share {} vs {expected} ± {tolerance}",
+                p[k]
+            );
+        }
+        // s = 2 is steeper: flow 0 takes 1/ζ(2)-ish ≈ 61 %.
+        let p2 = shares(&zipf_table(1000, 2.0, n, ZIPF_SEED), 1000);
+        let h2: f64 = (1..=1000).map(|k| 1.0 / f64::from(k).powi(2)).sum();
+        assert!((p2[0] - 1.0 / h2).abs() < 0.01, "s=2 flow 0: {}", p2[0]);
+        // s = 0 is uniform at random: every flow near 1/1000.
+        let p0 = shares(&zipf_table(1000, 0.0, n, ZIPF_SEED), 1000);
+        assert!(p0.iter().all(|s| (s - 0.001).abs() < 0.0004));
+    }
+
+    #[test]
+    fn zipf_a_few_flows_carry_most_packets() {
+        // 1M flows, s = 1: the heaviest 1 % carry H(10^4)/H(10^6) ≈ 68 %.
+        let t = zipf_table(1_000_000, 1.0, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED);
+        let mix = mix_summary(&t, 1_000_000);
+        assert!(
+            (0.64..0.72).contains(&mix.top_percent_share),
+            "top 1 % share {}",
+            mix.top_percent_share
+        );
+        // The draws reach deep into the tail, far beyond the heavy head.
+        assert!(mix.distinct > 50_000, "distinct {}", mix.distinct);
+        assert!(t.iter().any(|f| *f > 900_000));
+        // Uniform for comparison: the heaviest 1 % carry about 1 %.
+        let u: Vec<u32> = (0..PKTGEN_FLOW_TABLE).map(|n| n % 1000).collect();
+        let mix = mix_summary(&u, 1000);
+        assert_eq!(mix.distinct, 1000);
+        assert!((mix.top_percent_share - 0.01).abs() < 0.001);
+    }
+
+    #[test]
+    fn cpus_start_evenly_spread_over_the_flows() {
+        assert_eq!(seq_starts(1, 2), [0, 0]);
+        assert_eq!(seq_starts(20480, 2), [0, 10240]);
+        assert_eq!(seq_starts(10, 4), [0, 2, 5, 7]);
+        assert_eq!(seq_starts(u32::MAX, 2), [0, u32::MAX / 2]);
+        assert_eq!(seq_starts(7, 0), [0]);
     }
 
     #[test]

@@ -90,9 +90,13 @@ pub fn mac_text(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Loads the object (with every program, none loaded into the kernel yet).
+/// Loads the object (with every program, none loaded into the kernel yet)
+/// for the harness: the generator, the sink and the baselines.
 pub fn load_object() -> anyhow::Result<Ebpf> {
+    // The generator's table of drawn flows: one entry in the object (the
+    // agent's data plane never uses it), full size for the harness.
     EbpfLoader::new()
+        .map_max_entries("PKTGEN_FLOWS", lb_common::PKTGEN_FLOW_TABLE)
         .load(ebpf_object()?)
         .context("loading the eBPF object")
 }

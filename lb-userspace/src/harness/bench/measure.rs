@@ -21,7 +21,7 @@ use crate::{
     config::{Forwarding, Scheduler},
     dataplane::Dataplane,
     harness::{
-        pktgen::{self, Spec},
+        pktgen::{self, FlowDist, Spec},
         xdp::{self, XDP_PASS, XDP_REDIRECT},
     },
     trace::Tracer,
@@ -117,6 +117,8 @@ impl fmt::Display for Hop {
 pub(super) struct FwdRow {
     pub(super) hop: Hop,
     pub(super) flows: u32,
+    /// How the generator spread its frames over the flows.
+    pub(super) dist: FlowDist,
     pub(super) backends: usize,
     pub(super) offered: Stat,
     pub(super) delivered: Stat,
@@ -306,8 +308,16 @@ fn ns_per_packet(
     Ok(total / frames.len() as f64)
 }
 
+/// The realistic flow mix measured next to the uniform one: a Zipf law of
+/// this exponent (a few flows carry most packets), at `MIX_BACKENDS`
+/// backends and flow counts from `MIX_MIN_FLOWS` up.
+pub(super) const ZIPF_S: f64 = 1.0;
+pub(super) const MIX_BACKENDS: usize = 100;
+pub(super) const MIX_MIN_FLOWS: u32 = 100_000;
+
 /// The forwarding sweep: the ceiling (`bare_fwd` on the middle hop), then
-/// `lb` in both modes for every backend and flow count. Runs inside the
+/// `lb` in both modes for every backend and flow count, uniform flows, and
+/// the Zipf mix too at `MIX_BACKENDS` backends and `MIX_MIN_FLOWS` or more. Runs inside the
 /// benchmark's namespace, with `ebpf` holding the `sink` and `bare_fwd`.
 pub(super) fn forwarding_rows(
     ebpf: &mut Ebpf,
@@ -317,6 +327,8 @@ pub(super) fn forwarding_rows(
 ) -> anyhow::Result<Vec<FwdRow>> {
     let ifindex = |d: &str| xdp::ifindex(d);
     let (gen0, lbout) = (ifindex("gen0")?, ifindex("lbout")?);
+    // The link lasts as long as `ebpf` (dropping the id does not detach):
+    // later sections count at the same sink.
     let _sink = xdp::xdp_program(ebpf, "sink")?
         .attach("sink0", AyaXdpMode::Driver)
         .context("attach sink")?;
@@ -345,6 +357,7 @@ pub(super) fn forwarding_rows(
     rows.push(FwdRow {
         hop: Hop::Ceiling,
         flows: 1,
+        dist: FlowDist::Uniform,
         backends: 0,
         offered,
         delivered,
@@ -361,18 +374,32 @@ pub(super) fn forwarding_rows(
             dp.apply(&cfg)?;
             dp.attach("lbin", cfg.dataplane.xdp_mode)?;
             for &flows in flow_sweep {
-                eprintln!(
-                    "bench: {}, {backends} backends, {flows} flows",
-                    Hop::Lb(mode)
-                );
-                let (offered, delivered) = forward(ebpf, &spec(flows), reps)?;
-                rows.push(FwdRow {
-                    hop: Hop::Lb(mode),
-                    flows,
-                    backends,
-                    offered,
-                    delivered,
-                });
+                let mut dists = vec![FlowDist::Uniform];
+                if backends == MIX_BACKENDS && flows >= MIX_MIN_FLOWS {
+                    dists.push(FlowDist::Zipf { s: ZIPF_S });
+                }
+                // Uniform first: its warm-up fills the table with every
+                // flow, so the Zipf run meets a full table, as a real LB
+                // whose tail flows come and go would.
+                for dist in dists {
+                    eprintln!(
+                        "bench: {}, {backends} backends, {flows} flows ({dist})",
+                        Hop::Lb(mode)
+                    );
+                    let spec = Spec {
+                        dist,
+                        ..spec(flows)
+                    };
+                    let (offered, delivered) = forward(ebpf, &spec, reps)?;
+                    rows.push(FwdRow {
+                        hop: Hop::Lb(mode),
+                        flows,
+                        dist,
+                        backends,
+                        offered,
+                        delivered,
+                    });
+                }
             }
         }
     }

@@ -5,7 +5,9 @@
 //! - forwarding rate at the sink: generator (`pktgen`, XDP live frames) →
 //!   veth → middle hop → veth → `sink`, with the middle hop either the
 //!   `bare_fwd` ceiling or `lb` (NAT / DSR), sweeping flows and backends;
-//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`.
+//! - ns/packet of `lb` with BPF_PROG_TEST_RUN, next to `xdp_pass`;
+//! - a SYN flood: established connections, spoofed SYNs at full rate into
+//!   a smaller table, legitimate clients meanwhile (`flood`).
 //!
 //! Topology (one namespace, all veth pairs with one queue per CPU):
 //! `gen0` ↔ `lbin` (middle hop's XDP) … `lbout` ↔ `sink0` (`sink`).
@@ -27,6 +29,7 @@
 //! rows), `http` (wrk and HAProxy), `report` (BENCHMARKS.md), `svg` (its
 //! chart) and `targets` (the targets judged on a run).
 
+mod flood;
 mod http;
 mod measure;
 mod net;
@@ -79,6 +82,23 @@ pub struct BenchArgs {
     /// generator instead (real XDP path, after a warm-up pass)
     #[arg(long, value_name = "FLOWS")]
     pub profile_flows: Option<u32>,
+    /// Run only these sections (comma-separated) and print the report;
+    /// BENCHMARKS.md is left alone unless --output names a file
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
+}
+
+/// A part of the benchmark that `--only` can run alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The ceiling, then lb in both modes at 100 backends over 1, 100 000
+    /// and 1 000 000 flows, uniform and Zipf: the flow mix and the
+    /// connection table's cost per packet
+    FlowMix,
+    /// Established connections, then spoofed SYNs at full rate into a
+    /// table smaller than the flood while clients connect: what survived,
+    /// what was served, the Mpps held (both modes)
+    SynFlood,
 }
 
 /// `lb bench`.
@@ -93,7 +113,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         seconds.is_finite() && seconds > 0.0,
         "--seconds must be positive"
     );
-    let (flow_sweep, backend_sweep): (&[u32], &[usize]) = if args.quick {
+    let only = !args.only.is_empty();
+    let (flow_sweep, backend_sweep): (&[u32], &[usize]) = if only {
+        if args.only.contains(&Section::FlowMix) {
+            (&[1, 100_000, 1_000_000], &[measure::MIX_BACKENDS])
+        } else {
+            (&[], &[])
+        }
+    } else if args.quick {
         (&[1, 100_000], &[2, 100])
     } else {
         (&[1, 1000, 100_000, 1_000_000], &[2, 100, 1000])
@@ -102,7 +129,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let threads = args.threads.unwrap_or(cpus);
-    let max_backends = backend_sweep.iter().copied().max().unwrap_or(2);
+    let syn_flood = !only || args.only.contains(&Section::SynFlood);
+    let max_backends = backend_sweep
+        .iter()
+        .copied()
+        .chain(syn_flood.then_some(flood::BACKENDS))
+        .max()
+        .unwrap_or(2);
     let started = std::time::Instant::now();
     net::cleanup_on_signal()?;
     let net = BenchNet::new(&net::bench_netns(), max_backends, cpus)?;
@@ -113,21 +146,33 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns, firewall, schedulers) = net.run(|| {
+    let (fwd, ns, firewall, schedulers, flood) = net.run(|| {
         let mut ebpf = xdp::load_object()?;
+        // Always the ceiling at least (empty sweeps): every section's
+        // ratios are to the bare forwarder in the same run.
         let fwd = measure::forwarding_rows(
             &mut ebpf,
             flow_sweep,
             backend_sweep,
             (reps, seconds, threads),
         )?;
+        let flood = if syn_flood {
+            flood::flood_rows(&mut ebpf, (reps, seconds, threads))?
+        } else {
+            Vec::new()
+        };
+        if only {
+            return Ok((fwd, Vec::new(), Vec::new(), Vec::new(), flood));
+        }
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
         let schedulers = measure::scheduler_rows(args.quick, reps)?;
-        Ok((fwd, ns, firewall, schedulers))
+        Ok((fwd, ns, firewall, schedulers, flood))
     })?;
     drop(net);
-    let http = if args.skip_http {
+    let http = if only {
+        Err(format!("not in --only {:?}", args.only))
+    } else if args.skip_http {
         Err("skipped (--skip-http)".to_string())
     } else {
         let secs = if args.quick { 2 } else { 5 };
@@ -138,10 +183,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: HTTP comparison {e}");
     }
     let took = started.elapsed();
-    let output = args.output.clone().unwrap_or_else(report::default_output);
-    let plot = output.with_extension("svg");
-    std::fs::write(&plot, svg::plot_svg(&fwd))
-        .with_context(|| format!("writing {}", plot.display()))?;
+    // --only prints its sections; it writes files only where told to.
+    let output = match (&args.output, only) {
+        (Some(path), _) => Some(path.clone()),
+        (None, false) => Some(report::default_output()),
+        (None, true) => None,
+    };
+    let plot = output.as_ref().map(|o| o.with_extension("svg"));
+    if let Some(plot) = &plot {
+        std::fs::write(plot, svg::plot_svg(&fwd))
+            .with_context(|| format!("writing {}", plot.display()))?;
+    }
     let argv: Vec<String> = std::env::args().collect();
     let unix_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -165,21 +217,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ns,
         firewall,
         schedulers,
+        flood,
         http,
         wrk_loads: http::WRK_LOADS
             .iter()
             .map(|(load, t, c)| ((*load).to_owned(), format!("{t} {c}")))
             .collect(),
-        plot: plot.file_name().map(|n| n.to_string_lossy().into_owned()),
+        plot: plot
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned()),
     };
     let text = report::render(&report);
-    std::fs::write(&output, &text).with_context(|| format!("writing {}", output.display()))?;
     print!("{text}");
-    eprintln!(
-        "bench: wrote {} in {:.0} s",
-        output.display(),
-        took.as_secs_f64()
-    );
+    match &output {
+        Some(output) => {
+            std::fs::write(output, &text)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "bench: wrote {} in {:.0} s",
+                output.display(),
+                took.as_secs_f64()
+            );
+        }
+        None => eprintln!(
+            "bench: --only, nothing written, {:.0} s",
+            took.as_secs_f64()
+        ),
+    }
     if report.fwd.iter().any(|r| r.delivered.median.is_nan()) {
         bail!("some measurements produced no result");
     }

@@ -12,9 +12,10 @@ use anyhow::Context;
 
 use crate::{
     config::{self, Config, Forwarding},
+    dataplane::TableSizes,
     harness::{
         netns::{self, Netns, VethEnd},
-        pktgen::{self, FrameSpec, Limit, Proto, Spec},
+        pktgen::{self, FlowDist, FrameSpec, Limit, Proto, Spec},
     },
 };
 
@@ -39,7 +40,7 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// other flow's first: the half-open table must hold them all, or every
 /// packet would be a new flow. 1 000 000 flows then measure a full
 /// established table.
-pub(super) const CONNTRACK: crate::dataplane::TableSizes = crate::dataplane::TableSizes {
+pub(super) const CONNTRACK: TableSizes = TableSizes {
     conntrack: 2_097_152,
     half_open: 2_097_152,
 };
@@ -51,6 +52,18 @@ pub fn backend_addr(i: usize) -> Ipv4Addr {
 
 /// The benchmark's `lb` config: one UDP service with `backends` backends.
 pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
+    lb_config_for(mode, backends, "udp", CONNTRACK, "")
+}
+
+/// The benchmark's `lb` config with one `protocol` service, flow tables of
+/// `sizes`, and `dataplane` lines added to its `[dataplane]` table.
+pub(super) fn lb_config_for(
+    mode: Forwarding,
+    backends: usize,
+    protocol: &str,
+    sizes: TableSizes,
+    dataplane: &str,
+) -> anyhow::Result<Config> {
     let list: Vec<String> = (0..backends)
         .map(|i| {
             format!(
@@ -65,10 +78,10 @@ pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
     };
     let toml = format!(
         "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
-         conntrack-size = {}\nhalf-open-size = {}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
-         protocol = \"udp\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
-        CONNTRACK.conntrack,
-        CONNTRACK.half_open,
+         conntrack-size = {}\nhalf-open-size = {}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         protocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        sizes.conntrack,
+        sizes.half_open,
         list.join(", ")
     );
     Ok(config::parse(&toml, Path::new("bench.toml"))?)
@@ -161,6 +174,7 @@ pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Sp
             size: 64,
         },
         flows,
+        dist: FlowDist::Uniform,
         limit: Limit::Duration(Duration::from_secs_f64(seconds)),
         rate: None,
         threads,

@@ -8,15 +8,21 @@ use std::{
     time::Duration,
 };
 
+use lb_common::PKTGEN_FLOW_TABLE;
+
 use super::{
+    flood::{CLIENT_RATE, ESTABLISHED, FloodRow, HALF_OPEN, HANDSHAKE_GAP, LEGIT, SPOOFED, TABLE},
     http::{HttpPath, HttpRow},
     measure::{
-        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, SchedCostRow,
-        TracedPacket,
+        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod, NsProgram, NsRow,
+        SchedCostRow, Stat, TracedPacket,
     },
-    targets::targets,
+    targets::{grouped, targets},
 };
-use crate::config::Forwarding;
+use crate::{
+    config::Forwarding,
+    harness::pktgen::{FlowDist, ZIPF_SEED, mix_summary, zipf_table},
+};
 
 /// `<root>` for a binary at `<root>/target/<profile>/lb`.
 pub(super) fn workspace_root() -> Option<PathBuf> {
@@ -125,6 +131,8 @@ pub(super) struct Report {
     pub(super) firewall: Vec<FwCostRow>,
     /// Each scheduler's cost (none: not measured).
     pub(super) schedulers: Vec<SchedCostRow>,
+    /// The SYN flood scenario, per mode (none: not measured).
+    pub(super) flood: Vec<FloodRow>,
     pub(super) http: Result<Vec<HttpRow>, String>,
     /// wrk loads: (name used in the HTTP rows, wrk arguments).
     pub(super) wrk_loads: Vec<(String, String)>,
@@ -185,11 +193,12 @@ pub(super) fn render(r: &Report) -> String {
             s,
             "| {} | {backends} | {} | {} | {} | {ratio} |",
             row.hop,
-            row.flows,
+            flows_cell(row),
             row.offered.text(2),
             row.delivered.text(2)
         );
     }
+    table_cost_section(&mut s, &r.fwd);
     let _ = writeln!(
         s,
         "\n## Cost per packet (BPF_PROG_TEST_RUN, ns/packet as the kernel reports it)\n"
@@ -214,6 +223,9 @@ pub(super) fn render(r: &Report) -> String {
     }
     if !r.schedulers.is_empty() {
         scheduler_section(&mut s, &r.schedulers);
+    }
+    if !r.flood.is_empty() {
+        flood_section(&mut s, &r.flood, ceiling);
     }
     let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
     match &r.http {
@@ -246,9 +258,134 @@ pub(super) fn render(r: &Report) -> String {
             let _ = writeln!(s, "Not measured: {e}");
         }
     }
-    s.push_str(&targets(&r.fwd, &r.ns, &r.http));
+    s.push_str(&targets(&r.fwd, &r.ns, &r.http, &r.flood));
     s.push_str(&summary(r));
     s
+}
+
+/// The SYN flood scenario's table.
+fn flood_section(s: &mut String, rows: &[FloodRow], ceiling: Option<f64>) {
+    let _ = writeln!(s, "\n## SYN flood\n");
+    let _ = writeln!(
+        s,
+        "{ESTABLISHED} connections are made first (each a generated SYN, then its ACK); then spoofed SYNs from {} distinct sources at the generator's full rate, into flow tables of {} established (`conntrack-size`) and {} half-open (`half-open-size`) flows, while {LEGIT} legitimate clients connect the same way, 30 % into the flood (their SYNs paced at {} per second, then after {} ms their ACKs at the same pace, so each ACK follows its SYN by {} ms). Survived: the established flows still in the established table after the flood, of those there before it. Served: the legitimate connections established right after their ACK. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
+        grouped(SPOOFED),
+        grouped(TABLE),
+        grouped(HALF_OPEN),
+        grouped(CLIENT_RATE as u32),
+        HANDSHAKE_GAP.as_millis(),
+        HANDSHAKE_GAP.as_millis() + u128::from(LEGIT) * 1000 / u128::from(CLIENT_RATE),
+    );
+    let _ = writeln!(
+        s,
+        "| middle hop | spoofed SYNs sent | offered Mpps | delivered Mpps | vs ceiling | established before | survived | legitimate served |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let ratio = ceiling
+            .map(|c| format!("{:.0} %", 100.0 * row.delivered.median / c))
+            .unwrap_or_else(|| "–".into());
+        let pct = |st: &Stat| {
+            format!(
+                "{:.1} % ({:.1}–{:.1})",
+                100.0 * st.median,
+                100.0 * st.min,
+                100.0 * st.max
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {} | {ratio} | {:.0} of {ESTABLISHED} | {} | {} |",
+            row.hop,
+            row.spoofed.median,
+            row.offered.text(2),
+            row.delivered.text(2),
+            row.established.median,
+            pct(&row.survived),
+            pct(&row.served)
+        );
+    }
+}
+
+/// The flows column: the count, and the mix unless uniform.
+pub(super) fn flows_cell(row: &FwdRow) -> String {
+    match row.dist {
+        FlowDist::Uniform => row.flows.to_string(),
+        dist => format!("{}, {dist}", row.flows),
+    }
+}
+
+/// ns per packet at the sink: the inverse of the delivered rate.
+fn ns_per_delivered(row: &FwdRow) -> f64 {
+    1000.0 / row.delivered.median
+}
+
+/// The flow mix and what the connection table costs: at `MIX_BACKENDS`
+/// backends, every flow count and mix next to one flow, as the delivered
+/// rate's inverse (ns per packet through the whole path) and its excess
+/// over one flow's, which is what holding and looking up that many flows
+/// costs each packet.
+fn table_cost_section(s: &mut String, fwd: &[FwdRow]) {
+    let ceiling = ceiling(fwd);
+    let mut lines = Vec::new();
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let hop = Hop::Lb(mode);
+        let at = |row: &&FwdRow| row.hop == hop && row.backends == MIX_BACKENDS;
+        let Some(one) = fwd.iter().filter(at).find(|r| r.flows == 1) else {
+            continue;
+        };
+        let base = ns_per_delivered(one);
+        for row in fwd.iter().filter(at) {
+            let ns = ns_per_delivered(row);
+            let ratio = ceiling
+                .map(|c| format!("{:.0} %", 100.0 * row.delivered.median / c))
+                .unwrap_or_else(|| "–".into());
+            let cost = if row.flows == 1 {
+                "–".to_string()
+            } else {
+                format!("{:+.1} ns", ns - base)
+            };
+            let mix = match row.dist {
+                FlowDist::Uniform if row.flows == 1 => "one flow".to_string(),
+                FlowDist::Uniform => "uniform: every flow in turn".to_string(),
+                FlowDist::Zipf { s } => {
+                    let m = mix_summary(
+                        &zipf_table(row.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED),
+                        row.flows,
+                    );
+                    format!(
+                        "Zipf s={s}: {} distinct flows per {PKTGEN_FLOW_TABLE}-frame cycle, heaviest 1 % carry {:.0} %",
+                        m.distinct,
+                        100.0 * m.top_percent_share
+                    )
+                }
+            };
+            lines.push(format!(
+                "| {hop} | {} | {mix} | {} | {ratio} | {ns:.1} | {cost} |",
+                row.flows,
+                row.delivered.text(2)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Flow mix and the connection table's cost ({MIX_BACKENDS} backends)\n"
+    );
+    let _ = writeln!(
+        s,
+        "The rows of the table above at {MIX_BACKENDS} backends. ns/packet is the delivered rate's inverse (the whole path, generator and sink included, on shared CPUs); the table's cost is its excess over one flow in the same mode. The Zipf mix draws each frame's flow from a fixed sequence (seed {ZIPF_SEED:#x}): flow k carries a share ∝ 1/(k+1)^s.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| middle hop | flows | mix | delivered Mpps | vs ceiling | ns/packet | table cost vs one flow |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for line in lines {
+        let _ = writeln!(s, "{line}");
+    }
 }
 
 /// The ceiling's delivered Mpps (the `bare_fwd` row), if it measured any.
@@ -289,6 +426,7 @@ fn summary(r: &Report) -> String {
                 .iter()
                 .filter(|row| row.hop == label && row.flows == 1)
                 .collect();
+            let uniform = |row: &&FwdRow| row.dist == FlowDist::Uniform;
             let ratios: Vec<f64> = one
                 .iter()
                 .map(|row| 100.0 * row.delivered.median / c)
@@ -305,6 +443,7 @@ fn summary(r: &Report) -> String {
                 .fwd
                 .iter()
                 .filter(|row| row.hop == label)
+                .filter(uniform)
                 .map(|row| row.flows)
                 .max()
                 .filter(|&f| f > 1);
@@ -314,6 +453,7 @@ fn summary(r: &Report) -> String {
                     .filter_map(|o| {
                         r.fwd
                             .iter()
+                            .filter(uniform)
                             .find(|row| {
                                 row.hop == label && row.backends == o.backends && row.flows == most
                             })

@@ -32,7 +32,12 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
         let y = TOP + ROW * i as f64;
         let label = match r.hop {
             Hop::Ceiling => r.hop.to_string(),
-            Hop::Lb(_) => format!("{}, {} backends, {} flows", r.hop, r.backends, r.flows),
+            Hop::Lb(_) => format!(
+                "{}, {} backends, {} flows",
+                r.hop,
+                r.backends,
+                super::report::flows_cell(r)
+            ),
         };
         let color = match r.hop {
             Hop::Ceiling => "#777",

@@ -10,7 +10,7 @@ use super::{
     svg::plot_svg,
     targets::{TARGET_FLOWS, grouped},
 };
-use crate::config::Forwarding;
+use crate::{config::Forwarding, harness::pktgen::FlowDist};
 
 #[test]
 fn plot_has_a_bar_per_row_and_the_ceiling() {
@@ -23,6 +23,7 @@ fn plot_has_a_bar_per_row_and_the_ceiling() {
         FwdRow {
             hop: Hop::Ceiling,
             flows: 1,
+            dist: FlowDist::Uniform,
             backends: 0,
             offered: stat(7.0),
             delivered: stat(7.0),
@@ -30,6 +31,7 @@ fn plot_has_a_bar_per_row_and_the_ceiling() {
         FwdRow {
             hop: Hop::Lb(Forwarding::Nat),
             flows: 1000,
+            dist: FlowDist::Uniform,
             backends: 2,
             offered: stat(5.5),
             delivered: stat(5.5),
@@ -137,6 +139,7 @@ fn report(v: &Variant) -> Report {
     let mut fwd = vec![FwdRow {
         hop: Hop::Ceiling,
         flows: 1,
+        dist: FlowDist::Uniform,
         backends: 0,
         offered: spread(v.ceiling),
         delivered: spread(v.ceiling),
@@ -148,6 +151,7 @@ fn report(v: &Variant) -> Report {
                 fwd.push(FwdRow {
                     hop: Hop::Lb(mode),
                     flows,
+                    dist: FlowDist::Uniform,
                     backends,
                     offered: spread(mpps),
                     delivered: spread(mpps),
@@ -218,6 +222,7 @@ fn report(v: &Variant) -> Report {
         ns,
         firewall: Vec::new(),
         schedulers: Vec::new(),
+        flood: Vec::new(),
         http: Ok(http),
         wrk_loads: loads,
         plot: v.plot.map(str::to_owned),
@@ -429,4 +434,88 @@ fn configs_validate() {
             assert_eq!(cfg.services[0].forwarding, mode);
         }
     }
+}
+
+#[test]
+fn table_cost_section_compares_mixes_with_one_flow() {
+    use super::measure::MIX_BACKENDS;
+    let row = |flows, dist, mpps: f64| FwdRow {
+        hop: Hop::Lb(Forwarding::Dsr),
+        flows,
+        dist,
+        backends: MIX_BACKENDS,
+        offered: st(mpps, mpps, mpps),
+        delivered: st(mpps, mpps, mpps),
+    };
+    let zipf = FlowDist::Zipf { s: 1.0 };
+    let mut r = report(&A);
+    r.fwd = vec![
+        FwdRow {
+            hop: Hop::Ceiling,
+            flows: 1,
+            dist: FlowDist::Uniform,
+            backends: 0,
+            offered: st(10.0, 10.0, 10.0),
+            delivered: st(10.0, 10.0, 10.0),
+        },
+        row(1, FlowDist::Uniform, 8.0),
+        row(1000, FlowDist::Uniform, 5.0),
+        row(1000, zipf, 6.4),
+    ];
+    let s = render(&r);
+    assert!(
+        s.contains("## Flow mix and the connection table's cost (100 backends)"),
+        "{s}"
+    );
+    // 1000/8 = 125 ns at one flow; 1000/5 = 200 ns: +75 ns for the table.
+    assert!(
+        s.contains("| lb Dsr | 1 | one flow | 8.00 (8.00–8.00) | 80 % | 125.0 | – |"),
+        "{s}"
+    );
+    assert!(
+        s.contains("| lb Dsr | 1000 | uniform: every flow in turn | 5.00 (5.00–5.00) | 50 % | 200.0 | +75.0 ns |"),
+        "{s}"
+    );
+    // Zipf: 1000/6.4 = 156.25 ns, +31.2 ns; the mix line states the draws.
+    assert!(s.contains("| lb Dsr | 1000 | Zipf s=1: "), "{s}");
+    assert!(
+        s.contains("| 6.40 (6.40–6.40) | 64 % | 156.2 | +31.2 ns |"),
+        "{s}"
+    );
+    // The forwarding table names the mix; the 1M-flow target ignores Zipf rows.
+    assert!(s.contains("| lb Dsr | 100 | 1000, Zipf s=1 | "), "{s}");
+}
+
+#[test]
+fn flood_section_reports_survivors_served_and_rate_and_judges_the_target() {
+    use super::flood::{ESTABLISHED, FloodRow};
+    let flood = |mode, survived_min: f64| FloodRow {
+        hop: Hop::Lb(mode),
+        spoofed: st(9_000_000.0, 8_000_000.0, 9_500_000.0),
+        offered: st(4.5, 4.0, 4.8),
+        delivered: st(3.5, 3.0, 3.6),
+        established: st(f64::from(ESTABLISHED), 9990.0, f64::from(ESTABLISHED)),
+        survived: st(1.0, survived_min, 1.0),
+        served: st(0.998, 0.99, 1.0),
+    };
+    let mut r = report(&A);
+    r.fwd.retain(|row| row.hop == Hop::Ceiling);
+    r.fwd[0].delivered = st(7.0, 7.0, 7.0);
+    r.flood = vec![flood(Forwarding::Nat, 0.25), flood(Forwarding::Dsr, 1.0)];
+    let s = render(&r);
+    assert!(s.contains("## SYN flood"), "{s}");
+    // A ceiling of 7.0 Mpps: 3.5 is 50 %.
+    assert!(
+        s.contains("| lb Nat | 9000000 | 4.50 (4.00–4.80) | 3.50 (3.00–3.60) | 50 % | 10000 of 10000 | 100.0 % (25.0–100.0) | 99.8 % (99.0–100.0) |"),
+        "{s}"
+    );
+    // The worst run decides.
+    assert!(
+        s.contains("| SYN flood: 100 % of the established flows survive, lb Nat | **missed**: 25.0 % in the worst run |"),
+        "{s}"
+    );
+    assert!(
+        s.contains("| SYN flood: 100 % of the established flows survive, lb Dsr | met: 100.0 % in the worst run |"),
+        "{s}"
+    );
 }
