@@ -416,6 +416,7 @@ mod tests {
             },
             monitoring: None,
             services,
+            pools: Vec::new(),
         }
     }
 

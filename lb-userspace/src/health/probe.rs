@@ -22,6 +22,9 @@ pub async fn probe(
     check: &CheckKind,
     timeout: Duration,
 ) -> Result<(), String> {
+    if let CheckKind::Mysql(login) = check {
+        return super::mysql::probe(address, login, timeout).await;
+    }
     let deadline = Instant::now() + timeout;
     let timed_out = || format!("timed out after {}", show(timeout));
 

@@ -21,6 +21,7 @@ fn config(services: Vec<Service>) -> Config {
         },
         monitoring: None,
         services,
+        pools: Vec::new(),
     }
 }
 

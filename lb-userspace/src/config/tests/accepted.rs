@@ -61,6 +61,7 @@ backends = [{ address = "10.0.1.3:80" }]
             conntrack_size: 1024,
         },
         monitoring: None,
+        pools: Vec::new(),
         services: vec![
             Service {
                 firewall: Default::default(),

@@ -84,6 +84,7 @@ fn snapshot() -> Status {
             entries: 4,
             capacity: 1024,
         },
+        pools: Vec::new(),
     }
 }
 
