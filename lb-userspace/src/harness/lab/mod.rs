@@ -17,6 +17,7 @@
 
 mod cli;
 mod client;
+mod db;
 mod serve;
 mod teardown;
 mod tls;
@@ -41,6 +42,10 @@ use crate::{
 };
 
 pub use cli::{LabCommand, run};
+pub use db::{
+    ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
+    admin_password_file, db_addr, pool_config, read_vip, write_vip,
+};
 pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
