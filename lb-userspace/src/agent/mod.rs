@@ -284,6 +284,9 @@ impl Agent {
     /// Checks `next` whole, then writes it to the data plane atomically,
     /// with every ring derived from the admin and health state.
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
+        // Pools first: their services' members are admitted by role, and a
+        // pool not yet known would leave them unchecked (all serving).
+        self.db.sync(&next);
         let (admin, health, db) = (&self.admin, &self.health, &self.db);
         let admit = |svc: &config::Service, b: &config::Backend| {
             admission(
@@ -314,6 +317,7 @@ impl Agent {
         if let Err(e) = self.commit(next) {
             self.admin = previous_admin;
             self.health = previous_health;
+            self.db.sync(&self.cfg);
             return Err(e);
         }
         self.sync_checks();
