@@ -171,26 +171,30 @@ fn write_loop(lab: &Lab, writer: &'static str, stop: Arc<AtomicBool>) -> thread:
     })
 }
 
-/// The longest time without an acknowledged write around `event` (from the
-/// last ack before it to the first ack after it), and the acked seqs.
+/// The write outage: the longest time between two consecutive
+/// acknowledged writes after `event - 1 s` (the loop writes back to back,
+/// so in steady state acks are milliseconds apart), and every acked seq.
 fn outage(log: &WriteLog, event: Duration) -> Result<(Duration, BTreeSet<u64>)> {
-    let before = log
+    let acks: Vec<Duration> = log
         .iter()
-        .filter(|(t, _, r)| *t <= event && r.is_ok())
+        .filter(|(t, _, r)| r.is_ok() && *t + Duration::from_secs(1) >= event)
         .map(|(t, _, _)| *t)
-        .next_back()
-        .context("no acknowledged write before the event")?;
-    let after = log
-        .iter()
-        .find(|(t, _, r)| *t > event && r.is_ok())
-        .map(|(t, _, _)| *t)
-        .context("no acknowledged write after the event")?;
+        .collect();
+    ensure!(
+        acks.first().is_some_and(|t| *t <= event) && acks.last().is_some_and(|t| *t > event),
+        "no acknowledged writes on both sides of the event: {log:?}"
+    );
+    let gap = acks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     let acked = log
         .iter()
         .filter(|(_, _, r)| r.is_ok())
         .map(|(_, s, _)| *s)
         .collect();
-    Ok((after - before, acked))
+    Ok((gap, acked))
 }
 
 /// Writes refused as read-only (MySQL error 1290) by whichever member got
