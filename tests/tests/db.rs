@@ -42,11 +42,11 @@ fn lab_with_databases() -> Result<Lab> {
 }
 
 fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
-    let pool = pool_config(&run_dir(lab.prefix()), auto_failover)
-        .replace("interval = \"300ms\", timeout = \"300ms\"", "interval = \"500ms\", timeout = \"500ms\"");
-    format!(
-        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n{pool}"
-    )
+    let pool = pool_config(&run_dir(lab.prefix()), auto_failover).replace(
+        "interval = \"300ms\", timeout = \"300ms\"",
+        "interval = \"500ms\", timeout = \"500ms\"",
+    );
+    format!("[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n{pool}")
 }
 
 fn pool(status: &Status) -> Result<PoolStatus> {
@@ -78,7 +78,9 @@ async fn write(seq: u64, writer: &str) -> Result<u64, String> {
     let work = async {
         let mut c = Conn::new(app_opts(write_vip())).await?;
         c.exec_drop(
-            format!("INSERT INTO {VISITS_TABLE} (seq, writer, server_id) VALUES (?, ?, @@server_id)"),
+            format!(
+                "INSERT INTO {VISITS_TABLE} (seq, writer, server_id) VALUES (?, ?, @@server_id)"
+            ),
             (seq, writer),
         )
         .await?;
@@ -148,7 +150,11 @@ fn seqs_on(lab: &Lab, n: usize, writer: &str) -> Result<BTreeSet<u64>> {
 /// A write loop from the client: (time since start, seq, server id or error).
 type WriteLog = Vec<(Duration, u64, Result<u64, String>)>;
 
-fn write_loop(lab: &Lab, writer: &'static str, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<WriteLog>> {
+fn write_loop(
+    lab: &Lab,
+    writer: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<WriteLog>> {
     let ns = lab.client_ns();
     thread::spawn(move || {
         let rt = runtime()?;
@@ -201,7 +207,10 @@ fn outage(log: &WriteLog, event: Duration) -> Result<(Duration, BTreeSet<u64>)> 
 /// them: must be none — read-only members never get write traffic.
 fn read_only_refusals(log: &WriteLog) -> usize {
     log.iter()
-        .filter(|(_, _, r)| r.as_ref().is_err_and(|e| e.contains("1290") || e.contains("read-only")))
+        .filter(|(_, _, r)| {
+            r.as_ref()
+                .is_err_and(|e| e.contains("1290") || e.contains("read-only"))
+        })
         .count()
 }
 
@@ -223,9 +232,12 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
     let lab = lab_with_databases()?;
     let agent = lab.start_agent(&config(&lab, None))?;
     let check = || -> Result<()> {
-        wait_for_status(&lab, "db1 writes, db2+db3 read", Duration::from_secs(10), |s| {
-            routed(s, Some("db1"), &["db2", "db3"])
-        })?;
+        wait_for_status(
+            &lab,
+            "db1 writes, db2+db3 read",
+            Duration::from_secs(10),
+            |s| routed(s, Some("db1"), &["db2", "db3"]),
+        )?;
         let p = pool(&status(&lab)?)?;
         let role = |n: &str| p.members.iter().find(|m| m.name == n).map(|m| m.role);
         assert_eq!(role("db1"), Some(Role::Primary));
@@ -244,12 +256,22 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             }
             ids
         })?;
-        assert!(ids.iter().all(|r| r == &Ok(1)), "writes answered by {ids:?}");
+        assert!(
+            ids.iter().all(|r| r == &Ok(1)),
+            "writes answered by {ids:?}"
+        );
         let primary_pos = lab.db_admin(1, "SELECT @@gtid_binlog_pos")?;
         for n in [2, 3] {
-            let waited = lab.db_admin(n, &format!("SELECT MASTER_GTID_WAIT('{}', 5)", primary_pos.trim()))?;
+            let waited = lab.db_admin(
+                n,
+                &format!("SELECT MASTER_GTID_WAIT('{}', 5)", primary_pos.trim()),
+            )?;
             assert_eq!(waited.trim(), "0", "db{n} did not replicate");
-            assert_eq!(seqs_on(&lab, n, "basic")?, (1..=20).collect(), "rows on db{n}");
+            assert_eq!(
+                seqs_on(&lab, n, "basic")?,
+                (1..=20).collect(),
+                "rows on db{n}"
+            );
         }
 
         // Reads rotate over the replicas.
@@ -266,7 +288,9 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             routed(s, Some("db1"), &["db3"])
         })?;
         let gone = stopped.elapsed();
-        println!("replication stopped on db2: out of the read service after {gone:?} (status poll {left:?})");
+        println!(
+            "replication stopped on db2: out of the read service after {gone:?} (status poll {left:?})"
+        );
         assert!(gone <= FALL_WINDOW + Duration::from_millis(700), "{gone:?}");
         let ids = reads(&lab, 6)?;
         println!("reads while db2 is stopped: {ids:?}");
@@ -283,8 +307,15 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
         wait_for_status(&lab, "db2 back in reads", Duration::from_secs(5), |s| {
             routed(s, Some("db1"), &["db2", "db3"])
         })?;
-        println!("db2 replicating again: back in the read service after {:?}", started.elapsed());
-        assert_eq!(seqs_on(&lab, 2, "basic")?, (1..=30).collect(), "db2 caught up");
+        println!(
+            "db2 replicating again: back in the read service after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            seqs_on(&lab, 2, "basic")?,
+            (1..=30).collect(),
+            "db2 caught up"
+        );
         let ids = reads(&lab, 6)?;
         println!("reads after db2 returned: {ids:?}");
         assert_eq!(ids.iter().filter(|i| **i == 2).count(), 3, "{ids:?}");
@@ -292,12 +323,18 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
         // Never two writers: db3 made writable behind the agent's back is
         // refused (no writes) and set read-only again.
         lab.db_admin(3, "SET GLOBAL read_only = 0")?;
-        wait_for_status(&lab, "db3 refused as a second writer", Duration::from_secs(5), |s| {
-            pool(s).is_ok_and(|p| p.conflicts >= 1 && p.writer.as_deref() == Some("db1"))
-        })?;
+        wait_for_status(
+            &lab,
+            "db3 refused as a second writer",
+            Duration::from_secs(5),
+            |s| pool(s).is_ok_and(|p| p.conflicts >= 1 && p.writer.as_deref() == Some("db1")),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while lab.db_admin(3, "SELECT @@global.read_only")?.trim() != "1" {
-            ensure!(Instant::now() < deadline, "the agent did not set db3 read-only again");
+            ensure!(
+                Instant::now() < deadline,
+                "the agent did not set db3 read-only again"
+            );
             thread::sleep(Duration::from_millis(50));
         }
         let ids = from_client(&lab, async {
@@ -307,10 +344,16 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             }
             ids
         })?;
-        assert!(ids.iter().all(|r| r == &Ok(1)), "writes answered by {ids:?}");
+        assert!(
+            ids.iter().all(|r| r == &Ok(1)),
+            "writes answered by {ids:?}"
+        );
         let text = lb_userspace::control::render(&status(&lab)?);
         println!("{text}");
-        assert!(text.contains("pool db  write db-write 198.18.0.20:3306 -> db1"), "{text}");
+        assert!(
+            text.contains("pool db  write db-write 198.18.0.20:3306 -> db1"),
+            "{text}"
+        );
         Ok(())
     };
     check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
@@ -344,7 +387,9 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         })?;
         thread::sleep(Duration::from_millis(1000));
         stop.store(true, Ordering::Relaxed);
-        let log = writes.join().map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+        let log = writes
+            .join()
+            .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
         let (gap, acked) = outage(&log, killed_at)?;
         println!(
             "promote by command: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
@@ -354,9 +399,19 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         );
         let on_db2 = seqs_on(&lab, 2, "crash")?;
         let missing: Vec<&u64> = acked.difference(&on_db2).collect();
-        ensure!(missing.is_empty(), "acknowledged writes missing on the new primary db2: {missing:?}");
-        ensure!(read_only_refusals(&log) == 0, "a read-only member got writes: {log:?}");
-        assert!(log.iter().filter_map(|(_, _, r)| r.as_ref().ok()).all(|id| *id == 1 || *id == 2));
+        ensure!(
+            missing.is_empty(),
+            "acknowledged writes missing on the new primary db2: {missing:?}"
+        );
+        ensure!(
+            read_only_refusals(&log) == 0,
+            "a read-only member got writes: {log:?}"
+        );
+        assert!(
+            log.iter()
+                .filter_map(|(_, _, r)| r.as_ref().ok())
+                .all(|id| *id == 1 || *id == 2)
+        );
         // db3 follows the new primary.
         let pos = lab.db_admin(2, "SELECT @@gtid_binlog_pos")?;
         let waited = lab.db_admin(3, &format!("SELECT MASTER_GTID_WAIT('{}', 5)", pos.trim()))?;
@@ -366,7 +421,9 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         //    service (pinned to db2) is cut at once, and its write lands
         //    nowhere.
         let rt = runtime()?;
-        let mut held = in_netns(&lab.client_ns(), || rt.block_on(Conn::new(app_opts(write_vip()))))??;
+        let mut held = in_netns(&lab.client_ns(), || {
+            rt.block_on(Conn::new(app_opts(write_vip())))
+        })??;
         let id: Option<u64> = rt.block_on(held.query_first("SELECT @@server_id"))?;
         ensure!(id == Some(2), "held connection on {id:?}");
         let msg = promote(&lab, "db3", false)?;
@@ -392,7 +449,10 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         }
         drop(held);
         for n in [2, 3] {
-            ensure!(seqs_on(&lab, n, "held")?.is_empty(), "the held connection's write reached db{n}");
+            ensure!(
+                seqs_on(&lab, n, "held")?.is_empty(),
+                "the held connection's write reached db{n}"
+            );
         }
 
         // 3. The old primary comes back writable: it gets no writes and the
@@ -403,7 +463,9 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
             pool(s).is_ok_and(|p| {
                 p.conflicts >= 1
                     && p.writer.as_deref() == Some("db3")
-                    && p.members.iter().any(|m| m.name == "db1" && m.read_only == Some(true))
+                    && p.members
+                        .iter()
+                        .any(|m| m.name == "db1" && m.read_only == Some(true))
             })
         })?;
         let db1_ro = lab.db_admin(1, "SELECT @@global.read_only")?;
@@ -414,22 +476,34 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         std::fs::write(lab.run_dir().join("lb.toml"), config(&lab, Some("1s")))?;
         let r = ask(&lab, &Request::Reload)?;
         ensure!(r.ok, "reload: {}", r.message);
-        wait_for_status(&lab, "still db3 after reload", Duration::from_secs(3), |s| {
-            pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db3") && p.auto_failover_ms == Some(1000))
-        })?;
+        wait_for_status(
+            &lab,
+            "still db3 after reload",
+            Duration::from_secs(3),
+            |s| {
+                pool(s).is_ok_and(|p| {
+                    p.writer.as_deref() == Some("db3") && p.auto_failover_ms == Some(1000)
+                })
+            },
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let writes = write_loop(&lab, "auto", Arc::clone(&stop));
         thread::sleep(Duration::from_millis(1500));
         let killed_at = started.elapsed();
         lab.kill_db(3)?;
-        let took = wait_for_status(&lab, "automatic failover to db2", Duration::from_secs(10), |s| {
-            pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db2"))
-        })?;
+        let took = wait_for_status(
+            &lab,
+            "automatic failover to db2",
+            Duration::from_secs(10),
+            |s| pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db2")),
+        )?;
         println!("db3 killed: automatic failover routed writes to db2 after {took:?}");
         thread::sleep(Duration::from_millis(1000));
         stop.store(true, Ordering::Relaxed);
-        let log = writes.join().map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+        let log = writes
+            .join()
+            .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
         let (gap, acked) = outage(&log, killed_at)?;
         println!(
             "automatic failover (auto-failover = 1s): write outage {gap:?} ({} writes, {} acknowledged)",
@@ -438,11 +512,20 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         );
         let on_db2 = seqs_on(&lab, 2, "auto")?;
         let missing: Vec<&u64> = acked.difference(&on_db2).collect();
-        ensure!(missing.is_empty(), "acknowledged writes missing on db2: {missing:?}");
-        ensure!(read_only_refusals(&log) == 0, "a read-only member got writes");
+        ensure!(
+            missing.is_empty(),
+            "acknowledged writes missing on db2: {missing:?}"
+        );
+        ensure!(
+            read_only_refusals(&log) == 0,
+            "a read-only member got writes"
+        );
         // db1 (read-only, fenced) got none of them.
         ensure!(seqs_on(&lab, 1, "auto")?.is_empty(), "db1 took writes");
-        ensure!(seqs_on(&lab, 1, "crash")?.len() == rows_before, "db1 took writes");
+        ensure!(
+            seqs_on(&lab, 1, "crash")?.len() == rows_before,
+            "db1 took writes"
+        );
         let p = pool(&status(&lab)?)?;
         println!("{}", lb_userspace::db::render(&[p]));
         Ok(())
@@ -463,8 +546,14 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
          members = [ {{ name = \"web1\", address = \"198.19.0.11:80\" }} ]\n\
          \n[[pool]]\nname = \"nowriter\"\nwrite-vip = \"198.18.0.34:3306\"\nread-vip = \"198.18.0.35:3306\"\n{}\n\
          members = [ {{ name = \"db2\", address = \"198.19.1.22:3306\" }}, {{ name = \"db3\", address = \"198.19.1.23:3306\" }} ]\n",
-        health.replace("password = \"wrong\"", &format!("password-file = \"{}\"", dir.join("db-password").display())),
-        health.replace("password = \"wrong\"", &format!("password-file = \"{}\"", dir.join("db-password").display())),
+        health.replace(
+            "password = \"wrong\"",
+            &format!("password-file = \"{}\"", dir.join("db-password").display())
+        ),
+        health.replace(
+            "password = \"wrong\"",
+            &format!("password-file = \"{}\"", dir.join("db-password").display())
+        ),
     );
     let agent = lab.start_agent(&cfg)?;
     let check = || -> Result<()> {
@@ -483,7 +572,7 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
         let notdb = find(&s, "notdb").context("notdb")?;
         let why = notdb.members[0].last_check.clone().unwrap_or_default();
         println!("member that is not MySQL: {why}");
-        assert!(why.starts_with("mysql 198.19.0.11:80: "), "{why}");
+        assert!(why.contains("not a MySQL server?"), "{why}");
         assert_eq!(notdb.members[0].role, Role::Unknown);
         let nowriter = find(&s, "nowriter").context("nowriter")?;
         println!(
@@ -531,9 +620,17 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
             }),
         )?;
         println!("lb db promote db db3 (replication stopped): {}", r.message);
-        assert!(!r.ok && r.message.contains("replication is stopped"), "{}", r.message);
+        assert!(
+            !r.ok && r.message.contains("replication is stopped"),
+            "{}",
+            r.message
+        );
         let p = pool(&status(&lab)?)?;
-        assert_eq!(p.writer.as_deref(), Some("db1"), "refused promotion changed nothing");
+        assert_eq!(
+            p.writer.as_deref(),
+            Some("db1"),
+            "refused promotion changed nothing"
+        );
         assert_eq!(lab.db_admin(1, "SELECT @@global.read_only")?.trim(), "0");
         // Still alive and answering.
         status(&lab)?;

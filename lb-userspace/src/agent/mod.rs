@@ -471,7 +471,10 @@ impl Agent {
                     .promote(&pool, &member, force, Some(tx), "lb db promote")
                 {
                     Ok(()) => {
-                        info!("promoting {pool}/{member}{}", if force { " (forced)" } else { "" });
+                        info!(
+                            "promoting {pool}/{member}{}",
+                            if force { " (forced)" } else { "" }
+                        );
                         server::Reply::Later(rx)
                     }
                     Err(why) => {

@@ -530,7 +530,11 @@ impl Validator<'_> {
         Ok(())
     }
 
-    pub(super) fn health(&self, prefix: &str, mut raw: RawHealth) -> Result<HealthCheck, ConfigError> {
+    pub(super) fn health(
+        &self,
+        prefix: &str,
+        mut raw: RawHealth,
+    ) -> Result<HealthCheck, ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
 
         let check = match self.required(raw.check, &key("check"))? {

@@ -127,7 +127,11 @@ impl Pools {
         self.states
             .retain(|name, _| cfg.pools.iter().any(|p| &p.name == name));
         for pool in &cfg.pools {
-            if self.running.get(&pool.name).is_some_and(|r| &r.pool == pool) {
+            if self
+                .running
+                .get(&pool.name)
+                .is_some_and(|r| &r.pool == pool)
+            {
                 continue;
             }
             let state = PoolState::new(pool.clone(), self.states.get(&pool.name));
@@ -160,9 +164,7 @@ impl Pools {
     /// The health a pool's service gives a member: up if it routes to it.
     /// `None` for services that are not a pool's.
     pub fn health(&self, service: &str, member: &str) -> Option<Health> {
-        self.states
-            .values()
-            .find_map(|s| s.health(service, member))
+        self.states.values().find_map(|s| s.health(service, member))
     }
 
     pub fn handle(&mut self, event: Event) -> Handled {
@@ -222,7 +224,9 @@ impl Pools {
                         (outcome.routing_changed, Response::ok(msg))
                     }
                     Err(why) => {
-                        let msg = format!("promotion of {pool}/{member} refused or failed ({how}): {why}");
+                        let msg = format!(
+                            "promotion of {pool}/{member} refused or failed ({how}): {why}"
+                        );
                         error!("{msg}");
                         state.last_event = Some(msg.clone());
                         (false, Response::error(msg))
@@ -262,7 +266,9 @@ impl Pools {
         }
         if let Some(adopted) = &outcome.adopted {
             warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
-            state.last_event = Some(format!("{adopted} adopted as primary (the only writable member)"));
+            state.last_event = Some(format!(
+                "{adopted} adopted as primary (the only writable member)"
+            ));
         }
         if outcome.routing_changed {
             info!(
@@ -358,7 +364,8 @@ impl Pools {
                 .and_then(|m| m.last.as_ref())
                 .and_then(|o| o.replication.as_ref())
             && r.io_running == "Yes"
-            && r.lag_seconds.is_none_or(|l| l > state.pool.max_lag.as_secs())
+            && r.lag_seconds
+                .is_none_or(|l| l > state.pool.max_lag.as_secs())
         {
             return Err(format!(
                 "{member} lags {} behind its primary (max-lag {}s): refusing to promote it \
@@ -410,12 +417,7 @@ impl Pools {
 }
 
 /// Probes one member every interval and reports every result.
-async fn probe_member(
-    pool: Pool,
-    member: PoolMember,
-    generation: u64,
-    tx: UnboundedSender<Event>,
-) {
+async fn probe_member(pool: Pool, member: PoolMember, generation: u64, tx: UnboundedSender<Event>) {
     let mut ticker = tokio::time::interval(pool.health.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let target = pool.health.target(member.address);

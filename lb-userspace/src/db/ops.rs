@@ -88,11 +88,7 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
         }
     }
 
-    for sql in [
-        "STOP SLAVE",
-        "RESET SLAVE ALL",
-        "SET GLOBAL read_only = 0",
-    ] {
+    for sql in ["STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0"] {
         exec(&mut conn, sql)
             .await
             .map_err(|e| format!("promoting {}: {sql}: {e}", c.name))?;
@@ -205,7 +201,11 @@ async fn repoint(
 }
 
 /// Makes `member` read-only (fencing a second writer).
-pub async fn fence(member: SocketAddrV4, login: &MysqlLogin, timeout: Duration) -> Result<(), String> {
+pub async fn fence(
+    member: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<(), String> {
     let mut conn = mysql::connect(member, login, timeout).await?;
     let result = exec(&mut conn, "SET GLOBAL read_only = 1").await;
     let _ = conn.disconnect().await;

@@ -141,7 +141,12 @@ impl PoolState {
             return Outcome::default();
         };
         let qualifies = match &result {
-            Ok(o) => o.read_only && o.replication.as_ref().is_some_and(|r| r.healthy_within(max_lag)),
+            Ok(o) => {
+                o.read_only
+                    && o.replication
+                        .as_ref()
+                        .is_some_and(|r| r.healthy_within(max_lag))
+            }
             Err(_) => false,
         };
         m.up.record(result.is_ok(), rise, fall);
@@ -276,10 +281,13 @@ impl PoolState {
                 (s.up.up() && o.read_only && r.sql_running).then(|| (o.applied(), m.name.clone()))
             })
             // Ties go to the first in config order.
-            .fold(None, |best: Option<(u64, String)>, (applied, name)| match best {
-                Some((b, _)) if b >= applied => best,
-                _ => Some((applied, name)),
-            })
+            .fold(
+                None,
+                |best: Option<(u64, String)>, (applied, name)| match best {
+                    Some((b, _)) if b >= applied => best,
+                    _ => Some((applied, name)),
+                },
+            )
             .map(|(_, name)| name)
     }
 

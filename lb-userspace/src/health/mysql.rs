@@ -73,14 +73,25 @@ pub async fn connect(
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, String> {
+    // TCP first, so that an unreachable or closed port and a server that
+    // never sends a MySQL handshake get different reasons.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("mysql {address}: connect timed out after {}", show(timeout)))?
+        .map_err(|e| format!("mysql {address}: connect: {}", super::probe::io_reason(&e)))?;
+    drop(tcp);
     let opts = OptsBuilder::default()
         .ip_or_hostname(address.ip().to_string())
         .tcp_port(address.port())
         .prefer_socket(false)
         .user(Some(login.user.clone()))
         .pass(Some(login.password.expose().to_owned()));
-    match tokio::time::timeout(timeout, Conn::new(opts)).await {
-        Err(_) => Err(format!("mysql {address}: timed out after {}", show(timeout))),
+    match tokio::time::timeout_at(deadline, Conn::new(opts)).await {
+        Err(_) => Err(format!(
+            "mysql {address}: no MySQL handshake and login within {} (not a MySQL server?)",
+            show(timeout)
+        )),
         Ok(Err(e)) => Err(format!("mysql {address}: {}", reason(&e))),
         Ok(Ok(conn)) => Ok(conn),
     }
@@ -112,7 +123,10 @@ pub async fn observe(
         result
     };
     match tokio::time::timeout(timeout, work).await {
-        Err(_) => Err(format!("mysql {address}: timed out after {}", show(timeout))),
+        Err(_) => Err(format!(
+            "mysql {address}: timed out after {}",
+            show(timeout)
+        )),
         Ok(result) => result,
     }
 }
@@ -160,7 +174,7 @@ async fn read_state(conn: &mut Conn) -> Result<Observation, mysql_async::Error> 
 pub fn reason(e: &mysql_async::Error) -> String {
     match e {
         mysql_async::Error::Server(s) => format!("server error {}: {}", s.code, s.message),
-        mysql_async::Error::Io(io) => format!("not a MySQL server, or connection lost: {io}"),
+        mysql_async::Error::Io(io) => format!("connection failed: {io}"),
         mysql_async::Error::Driver(d) => format!("not a MySQL server? {d}"),
         other => other.to_string(),
     }
@@ -205,10 +219,8 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_is_not_mysql_is_named() {
         let (l, addr) = super::super::probe::test_support::listener().await;
-        let (_server, _) = super::super::probe::test_support::serve(
-            l,
-            "HTTP/1.0 400 Bad Request\r\n\r\n",
-        );
+        let (_server, _) =
+            super::super::probe::test_support::serve(l, "HTTP/1.0 400 Bad Request\r\n\r\n");
         let login = MysqlLogin {
             user: "lb".into(),
             password: crate::config::Secret::new("x".into()),
@@ -217,6 +229,6 @@ mod tests {
         let why = probe(addr, &login, Duration::from_millis(500))
             .await
             .expect_err("not MySQL");
-        assert!(why.starts_with(&format!("mysql {addr}: ")), "{why}");
+        assert!(why.contains("not a MySQL server?"), "{why}");
     }
 }

@@ -162,10 +162,8 @@ impl Lab {
         }
         let pos = self.db_admin(1, "SELECT @@global.gtid_binlog_pos")?;
         for n in 2..=DB_NAMES.len() {
-            let waited = self.db_admin(
-                n,
-                &format!("SELECT MASTER_GTID_WAIT('{}', 20)", pos.trim()),
-            )?;
+            let waited =
+                self.db_admin(n, &format!("SELECT MASTER_GTID_WAIT('{}', 20)", pos.trim()))?;
             if waited.trim() != "0" {
                 bail!(
                     "db{n} did not replicate db1's setup ({}) within 20 s; SHOW SLAVE STATUS:\n{}",
@@ -197,7 +195,14 @@ impl Lab {
             netns::ns_run(&ns, &["ip", "link", "set", "eth0", "up"])?;
             netns::ns_run(
                 &ns,
-                &["ip", "route", "add", "default", "via", &DB_GATEWAY.to_string()],
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &DB_GATEWAY.to_string(),
+                ],
             )?;
             netns::tune_veth(&ns, "eth0")?;
             netns::tune_veth(&sw, &port)?;

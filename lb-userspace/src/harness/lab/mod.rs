@@ -42,11 +42,11 @@ use crate::{
 };
 
 pub use cli::{LabCommand, run};
+pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
 pub use db::{
     ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
     admin_password_file, db_addr, pool_config, read_vip, write_vip,
 };
-pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
