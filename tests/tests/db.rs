@@ -17,13 +17,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{ask, lb_bin, status, unique_prefix, wait_for_status};
+use lb_tests::{ask, lb_bin, status, three_webs, unique_prefix, wait_for_status};
 use lb_userspace::{
     control::{Request, Status},
     db::{DbCommand, PoolStatus, Role},
     harness::{
         lab::{
-            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, pool_config, read_vip, run_dir, write_vip,
+            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, pool_config, read_vip, run_dir, vip_http,
+            write_vip,
         },
         netns::in_netns,
     },
@@ -41,12 +42,13 @@ fn lab_with_databases() -> Result<Lab> {
     Ok(lab)
 }
 
+/// The www service (web1..web3) and the lab's pool.
 fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
     let pool = pool_config(&run_dir(lab.prefix()), auto_failover).replace(
         "interval = \"300ms\", timeout = \"300ms\"",
         "interval = \"500ms\", timeout = \"500ms\"",
     );
-    format!("[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n{pool}")
+    format!("{}{pool}", three_webs())
 }
 
 fn pool(status: &Status) -> Result<PoolStatus> {
@@ -214,6 +216,22 @@ fn read_only_refusals(log: &WriteLog) -> usize {
         .count()
 }
 
+/// One HTTP/1.0 request; the response body.
+fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: www\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no response head")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {text}");
+    Ok(body.to_owned())
+}
+
 fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
     let r = ask(
         lab,
@@ -279,6 +297,30 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
         println!("read rotation over db2+db3 (server ids of 12 new connections): {ids:?}");
         assert_eq!(ids.iter().filter(|i| **i == 2).count(), 6, "{ids:?}");
         assert_eq!(ids.iter().filter(|i| **i == 3).count(), 6, "{ids:?}");
+
+        // The application: the web servers (through the web VIP) write
+        // through the write VIP and read through the read VIP.
+        let pages = in_netns(&lab.client_ns(), || -> Result<Vec<String>> {
+            let mut pages = Vec::new();
+            for method in ["POST", "POST", "POST", "GET", "GET", "GET", "GET"] {
+                pages.push(http(vip_http(), method, "/visits")?);
+            }
+            Ok(pages)
+        })??;
+        println!("web app through the LB:\n{}", pages.join(""));
+        for page in &pages[..3] {
+            assert!(
+                page.contains("visit recorded by db1 (write VIP 198.18.0.20:3306)"),
+                "{page}"
+            );
+        }
+        let from: BTreeSet<&str> = pages[3..]
+            .iter()
+            .filter_map(|p| p.split("read from ").nth(1)?.split(' ').next())
+            .collect();
+        assert_eq!(from, BTreeSet::from(["db2", "db3"]), "{pages:?}");
+        let webs: BTreeSet<&str> = pages.iter().filter_map(|p| p.split(':').next()).collect();
+        assert_eq!(webs.len(), 3, "every web answered: {pages:?}");
 
         // Replication stopped on db2: it leaves the reads within the fall
         // window, and comes back once it replicates again.

@@ -73,6 +73,12 @@ pub fn read_vip() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(READ_VIP, DB_PORT))
 }
 
+/// Where the lab keeps the application's database password (mode 0600),
+/// for the web servers' `/visits`.
+pub fn app_password_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("db-app-password")
+}
+
 /// Where the lab keeps the agent's database password (mode 0600).
 pub fn admin_password_file(run_dir: &Path) -> PathBuf {
     run_dir.join("db-password")
@@ -132,6 +138,10 @@ impl Lab {
         fs::write(&password_file, format!("{ADMIN_PASSWORD}\n"))
             .with_context(|| format!("writing {}", password_file.display()))?;
         set_mode_0600(&password_file)?;
+        let app_file = app_password_file(&self.run_dir());
+        fs::write(&app_file, format!("{APP_PASSWORD}\n"))
+            .with_context(|| format!("writing {}", app_file.display()))?;
+        set_mode_0600(&app_file)?;
         self.install_datadirs()?;
         for n in 1..=DB_NAMES.len() {
             self.start_db(n)?;

@@ -21,6 +21,7 @@ mod db;
 mod serve;
 mod teardown;
 mod tls;
+mod visits;
 
 use std::{
     fmt::Write as _,
@@ -496,6 +497,8 @@ impl Lab {
         let https = format!("0.0.0.0:{HTTPS_PORT}");
         let (cert, key) = tls::web_cert_paths(&self.run_dir(), name);
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let (db_write, db_read) = (write_vip().to_string(), read_vip().to_string());
+        let db_password = db::app_password_file(&self.run_dir()).display().to_string();
         // Two UDP sockets, one per address, rather than one on 0.0.0.0:
         // a reply then leaves with the address the request was sent to
         // (the web's own in NAT, the VIP in DSR), which is what the
@@ -515,6 +518,12 @@ impl Lab {
             &own_udp,
             "--udp",
             &vip_udp,
+            "--db-write",
+            &db_write,
+            "--db-read",
+            &db_read,
+            "--db-password-file",
+            &db_password,
         ];
         self.spawn_server(&self.web_ns(n), name, &args, detached)
     }
