@@ -11,8 +11,8 @@ use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 use serde::Deserialize;
 
 use super::{
-    Backend, CheckKind, Dataplane, Firewall, HealthCheck, MysqlLogin, OnBackendDown, Protocol,
-    Scheduler, Secret, Service, duration,
+    Backend, CheckKind, Firewall, HealthCheck, MysqlLogin, OnBackendDown, Protocol, Scheduler,
+    Secret, Service, duration,
     raw::RawHealth,
     validate::{Validator, name_problem},
 };
@@ -74,7 +74,10 @@ impl Pool {
     /// backend of both; the agent admits them by role. Flows on the write
     /// service are dropped when their member stops being the primary
     /// (fencing); reads on a replica that leaves the read set finish.
-    fn services(&self, forwarding: super::Forwarding) -> [Service; 2] {
+    /// Always NAT: database servers do not hold the VIPs (DSR would need
+    /// them on every member's loopback, and a promotion moves roles).
+    fn services(&self) -> [Service; 2] {
+        let forwarding = super::Forwarding::Nat;
         let backends: Vec<Backend> = self
             .members
             .iter()
@@ -157,13 +160,12 @@ impl Validator<'_> {
     pub(super) fn pools(
         &self,
         raw: Vec<RawPool>,
-        dataplane: &Dataplane,
         services: &mut Vec<Service>,
     ) -> Result<Vec<Pool>, super::ConfigError> {
         let mut pools: Vec<Pool> = Vec::with_capacity(raw.len());
         for (i, raw_pool) in raw.into_iter().enumerate() {
             let pool = self.pool(i, raw_pool, &pools)?;
-            for service in pool.services(dataplane.forwarding) {
+            for service in pool.services() {
                 let field = if service.vip == pool.write_vip {
                     "write-vip"
                 } else {

@@ -166,7 +166,7 @@ impl Validator<'_> {
             }
             services.push(service);
         }
-        let pools = self.pools(raw_pools, &dataplane, &mut services)?;
+        let pools = self.pools(raw_pools, &mut services)?;
         // Every prefix of every scope is one rule with its own counter.
         let mut rules = firewall.deny.len() + firewall.allow.len();
         for (i, s) in services.iter().enumerate() {

@@ -312,6 +312,9 @@ impl Lab {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::null());
+        // Its own process group: `lb lab up` returns and leaves it running
+        // (teardown finds it in its namespace).
+        netns::new_session(&mut cmd);
         let child = cmd
             .spawn_gated()
             .with_context(|| format!("starting mariadbd of db{n}"))?;

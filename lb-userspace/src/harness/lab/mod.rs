@@ -18,6 +18,7 @@
 mod cli;
 mod client;
 mod db;
+mod db_demo;
 mod serve;
 mod teardown;
 mod tls;
