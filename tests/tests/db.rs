@@ -44,10 +44,7 @@ fn lab_with_databases() -> Result<Lab> {
 
 /// The www service (web1..web3) and the lab's pool.
 fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
-    let pool = pool_config(&run_dir(lab.prefix()), auto_failover).replace(
-        "interval = \"300ms\", timeout = \"300ms\"",
-        "interval = \"500ms\", timeout = \"500ms\"",
-    );
+    let pool = pool_config(&run_dir(lab.prefix()), auto_failover);
     format!("{}{pool}", three_webs())
 }
 
@@ -580,7 +577,7 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
     let lab = lab_with_databases()?;
     let dir = run_dir(lab.prefix());
     let good = config(&lab, None);
-    let health = "health = { check = \"mysql\", user = \"lb\", password = \"wrong\", interval = \"300ms\", timeout = \"300ms\", rise = 2, fall = 2 }";
+    let health = "health = { check = \"mysql\", user = \"lb\", password = \"wrong\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }";
     let cfg = format!(
         "{good}\n[[pool]]\nname = \"badpw\"\nwrite-vip = \"198.18.0.30:3306\"\nread-vip = \"198.18.0.31:3306\"\n{health}\n\
          members = [ {{ name = \"db1\", address = \"198.19.1.21:3306\" }} ]\n\

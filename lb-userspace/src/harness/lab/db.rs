@@ -85,7 +85,7 @@ pub fn admin_password_file(run_dir: &Path) -> PathBuf {
 }
 
 /// The `[[pool]]` of the lab's databases: write VIP 198.18.0.20:3306,
-/// read VIP 198.18.0.21:3306, checked every 300 ms (rise 2, fall 2),
+/// read VIP 198.18.0.21:3306, checked every 500 ms (rise 2, fall 2),
 /// `max-lag` 2 s, and automatic failover after `auto_failover` if given.
 pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
     let members = (1..=DB_NAMES.len())
@@ -103,7 +103,7 @@ pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
     format!(
         "\n[[pool]]\nname = \"db\"\nwrite-vip = \"{WRITE_VIP}:{DB_PORT}\"\nread-vip = \"{READ_VIP}:{DB_PORT}\"\n\
          max-lag = \"2s\"\nprimary-fallback = true\n{auto}\
-         health = {{ check = \"mysql\", user = \"{ADMIN_USER}\", password-file = \"{}\", interval = \"300ms\", timeout = \"300ms\", rise = 2, fall = 2 }}\n\
+         health = {{ check = \"mysql\", user = \"{ADMIN_USER}\", password-file = \"{}\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
          members = [\n{members}]\n",
         admin_password_file(run_dir).display()
     )
