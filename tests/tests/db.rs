@@ -213,6 +213,23 @@ fn read_only_refusals(log: &WriteLog) -> usize {
         .count()
 }
 
+/// Writes `seqs` (tag "basic") through the write VIP, each on a new
+/// connection, and checks that server `server_id` committed every one.
+fn writes_land_on(lab: &Lab, seqs: std::ops::RangeInclusive<u64>, server_id: u64) -> Result<()> {
+    let ids = from_client(lab, async {
+        let mut ids = Vec::new();
+        for seq in seqs {
+            ids.push(write(seq, "basic").await);
+        }
+        ids
+    })?;
+    ensure!(
+        ids.iter().all(|r| r == &Ok(server_id)),
+        "writes answered by {ids:?}"
+    );
+    Ok(())
+}
+
 /// One HTTP/1.0 request; the response body.
 fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};
@@ -264,17 +281,7 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
         assert!(repl.io_running == "Yes" && repl.sql_running, "{repl:?}");
 
         // Writes land on the primary, and replicate.
-        let ids = from_client(&lab, async {
-            let mut ids = Vec::new();
-            for seq in 1..=20 {
-                ids.push(write(seq, "basic").await);
-            }
-            ids
-        })?;
-        assert!(
-            ids.iter().all(|r| r == &Ok(1)),
-            "writes answered by {ids:?}"
-        );
+        writes_land_on(&lab, 1..=20, 1)?;
         let primary_pos = lab.db_admin(1, "SELECT @@gtid_binlog_pos")?;
         for n in [2, 3] {
             let waited = lab.db_admin(
@@ -376,17 +383,7 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             );
             thread::sleep(Duration::from_millis(50));
         }
-        let ids = from_client(&lab, async {
-            let mut ids = Vec::new();
-            for seq in 31..=36 {
-                ids.push(write(seq, "basic").await);
-            }
-            ids
-        })?;
-        assert!(
-            ids.iter().all(|r| r == &Ok(1)),
-            "writes answered by {ids:?}"
-        );
+        writes_land_on(&lab, 31..=36, 1)?;
         let text = lb_userspace::control::render(&status(&lab)?);
         println!("{text}");
         assert!(

@@ -537,20 +537,21 @@ impl Validator<'_> {
     ) -> Result<HealthCheck, ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
 
-        let check = match self.required(raw.check, &key("check"))? {
-            RawCheck::Tcp => {
-                // An HTTP-only key on a TCP check would be silently ignored,
-                // which hides the mistake of forgetting check = "http".
-                let http_only = [
-                    ("path", raw.path.is_some()),
-                    ("expect-status", raw.expect_status.is_some()),
-                    ("expect-body", raw.expect_body.is_some()),
-                ];
-                if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
-                    return Err(self.err(key(field), "only valid with check = \"http\""));
-                }
-                CheckKind::Tcp
+        let kind = self.required(raw.check, &key("check"))?;
+        // An HTTP-only key on another check would be silently ignored,
+        // which hides the mistake of forgetting check = "http".
+        if !matches!(kind, RawCheck::Http) {
+            let http_only = [
+                ("path", raw.path.is_some()),
+                ("expect-status", raw.expect_status.is_some()),
+                ("expect-body", raw.expect_body.is_some()),
+            ];
+            if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
+                return Err(self.err(key(field), "only valid with check = \"http\""));
             }
+        }
+        let check = match kind {
+            RawCheck::Tcp => CheckKind::Tcp,
             RawCheck::Http => {
                 let path = raw.path.unwrap_or_else(|| DEFAULT_HTTP_PATH.to_owned());
                 // The path goes verbatim into the request line; whitespace or
@@ -573,22 +574,12 @@ impl Validator<'_> {
                     expect_body: raw.expect_body,
                 }
             }
-            RawCheck::Mysql => {
-                let http_only = [
-                    ("path", raw.path.is_some()),
-                    ("expect-status", raw.expect_status.is_some()),
-                    ("expect-body", raw.expect_body.is_some()),
-                ];
-                if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
-                    return Err(self.err(key(field), "only valid with check = \"http\""));
-                }
-                CheckKind::Mysql(self.mysql_login(
-                    prefix,
-                    raw.user.take(),
-                    raw.password.take(),
-                    raw.password_file.take(),
-                )?)
-            }
+            RawCheck::Mysql => CheckKind::Mysql(self.mysql_login(
+                prefix,
+                raw.user.take(),
+                raw.password.take(),
+                raw.password_file.take(),
+            )?),
         };
         // Login keys on a check that never logs in would be silently ignored.
         let login_keys = [
