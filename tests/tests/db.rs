@@ -246,6 +246,43 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
+/// Lets the write loop run 1 s more, stops it and checks it: prints the
+/// write outage around `event`; every acknowledged write is on database
+/// `primary`; no write was refused as read-only.
+fn finish(
+    lab: &Lab,
+    stop: &AtomicBool,
+    writes: thread::JoinHandle<Result<WriteLog>>,
+    event: Duration,
+    tag: &str,
+    primary: usize,
+    what: &str,
+) -> Result<WriteLog> {
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let log = writes
+        .join()
+        .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+    let (gap, acked) = outage(&log, event)?;
+    println!(
+        "{what}: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
+        log.len(),
+        acked.len(),
+        log.len() - acked.len()
+    );
+    let on_primary = seqs_on(lab, primary, tag)?;
+    let missing: Vec<&u64> = acked.difference(&on_primary).collect();
+    ensure!(
+        missing.is_empty(),
+        "acknowledged writes missing on the new primary db{primary}: {missing:?}"
+    );
+    ensure!(
+        read_only_refusals(&log) == 0,
+        "a read-only member got writes: {log:?}"
+    );
+    Ok(log)
+}
+
 fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
     let r = ask(
         lab,
@@ -421,28 +458,15 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         wait_for_status(&lab, "db2 writes", Duration::from_secs(2), |s| {
             routed(s, Some("db2"), &["db3"])
         })?;
-        thread::sleep(Duration::from_millis(1000));
-        stop.store(true, Ordering::Relaxed);
-        let log = writes
-            .join()
-            .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
-        let (gap, acked) = outage(&log, killed_at)?;
-        println!(
-            "promote by command: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
-            log.len(),
-            acked.len(),
-            log.len() - acked.len()
-        );
-        let on_db2 = seqs_on(&lab, 2, "crash")?;
-        let missing: Vec<&u64> = acked.difference(&on_db2).collect();
-        ensure!(
-            missing.is_empty(),
-            "acknowledged writes missing on the new primary db2: {missing:?}"
-        );
-        ensure!(
-            read_only_refusals(&log) == 0,
-            "a read-only member got writes: {log:?}"
-        );
+        let log = finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "crash",
+            2,
+            "promote by command",
+        )?;
         assert!(
             log.iter()
                 .filter_map(|(_, _, r)| r.as_ref().ok())
@@ -535,27 +559,15 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
             |s| pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db2")),
         )?;
         println!("db3 killed: automatic failover routed writes to db2 after {took:?}");
-        thread::sleep(Duration::from_millis(1000));
-        stop.store(true, Ordering::Relaxed);
-        let log = writes
-            .join()
-            .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
-        let (gap, acked) = outage(&log, killed_at)?;
-        println!(
-            "automatic failover (auto-failover = 1s): write outage {gap:?} ({} writes, {} acknowledged)",
-            log.len(),
-            acked.len()
-        );
-        let on_db2 = seqs_on(&lab, 2, "auto")?;
-        let missing: Vec<&u64> = acked.difference(&on_db2).collect();
-        ensure!(
-            missing.is_empty(),
-            "acknowledged writes missing on db2: {missing:?}"
-        );
-        ensure!(
-            read_only_refusals(&log) == 0,
-            "a read-only member got writes"
-        );
+        finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "auto",
+            2,
+            "automatic failover (auto-failover = 1s)",
+        )?;
         // db1 (read-only, fenced) got none of them.
         ensure!(seqs_on(&lab, 1, "auto")?.is_empty(), "db1 took writes");
         ensure!(
