@@ -6,8 +6,10 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod checksum;
+pub mod flow;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]

@@ -8,205 +8,19 @@
 //!
 //! Needs root and BPF; without them the tests fail loudly.
 
-use std::{
-    net::SocketAddrV4,
-    sync::atomic::{AtomicU32, Ordering},
-};
-
 use etherparse::{PacketBuilder, TcpOptionElement};
 use lb_common::Verdict;
 use lb_tests::kernel_net::{
-    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, LB_FRONT, TestNet, VIP,
-    VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS, WEB_UNRESOLVED, WEBS,
+    BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, Harness,
+    LB_FRONT, TestNet, VIP, VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS,
+    WEB_PORT, WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, backend, fix_ip_checksum, lab_config, service,
+    test_run, udp,
 };
 use lb_userspace::{
-    config::{
-        Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service,
-        XdpMode,
-    },
+    config::{Backend, Config, Forwarding, Protocol, Scheduler, Service},
     dataplane::Dataplane,
-    harness::{
-        netns,
-        xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    },
+    harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
-
-/// Ports the NAT services' backends listen on (the VIP's are 80 and 5353).
-const WEB_PORT: u16 = 8080;
-const WEB_UDP_PORT: u16 = 5300;
-
-fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
-    Backend {
-        name: name.into(),
-        address: SocketAddrV4::new(ip.into(), port),
-        weight: 1,
-        backup: false,
-        health: None,
-    }
-}
-
-fn service(
-    name: &str,
-    vip: [u8; 4],
-    port: u16,
-    protocol: Protocol,
-    forwarding: Forwarding,
-    backends: Vec<Backend>,
-) -> Service {
-    Service {
-        firewall: Default::default(),
-        name: name.into(),
-        vip: SocketAddrV4::new(vip.into(), port),
-        protocol,
-        forwarding,
-        scheduler: Scheduler::RoundRobin,
-        health: None,
-        on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
-        backends,
-    }
-}
-
-fn webs(port: u16) -> Vec<Backend> {
-    WEBS.iter()
-        .enumerate()
-        .map(|(i, ip)| backend(&format!("web{}", i + 1), *ip, port))
-        .collect()
-}
-
-fn lab_config() -> Config {
-    Config {
-        firewall: Default::default(),
-        dataplane: DataplaneConfig {
-            interfaces: vec!["f0".into(), "b0".into()],
-            forwarding: Forwarding::Nat,
-            xdp_mode: XdpMode::Native,
-            conntrack_size: 65536,
-        },
-        monitoring: None,
-        pools: Vec::new(),
-        services: vec![
-            // NAT backends listen on other ports than the VIP's, so every NAT
-            // frame assertion also covers port translation and its checksum.
-            service(
-                "www",
-                VIP,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                webs(WEB_PORT),
-            ),
-            service(
-                "www-udp",
-                VIP,
-                5353,
-                Protocol::Udp,
-                Forwarding::Nat,
-                webs(WEB_UDP_PORT),
-            ),
-            service(
-                "www-dsr",
-                VIP_DSR,
-                80,
-                Protocol::Tcp,
-                Forwarding::Dsr,
-                webs(80),
-            ),
-            service(
-                "unresolved",
-                VIP_UNRESOLVED,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                vec![backend("web4", WEB_UNRESOLVED, 8080)],
-            ),
-            service(
-                "hairpin",
-                VIP_HAIRPIN,
-                80,
-                Protocol::Tcp,
-                Forwarding::Nat,
-                vec![backend("near", HAIRPIN_BACKEND, 80)],
-            ),
-            service(
-                "unresolved-dsr",
-                VIP_UNRESOLVED_DSR,
-                80,
-                Protocol::Tcp,
-                Forwarding::Dsr,
-                vec![backend("web4", WEB_UNRESOLVED, 80)],
-            ),
-        ],
-    }
-}
-
-/// BPF_PROG_TEST_RUN of `lb` on `frame` as received on `ifindex`:
-/// the action and the frame as the program left it.
-fn test_run(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-    let prog = dp.program().expect("program");
-    let result = xdp::test_run(prog, ifindex, frame, 0, true).expect("BPF_PROG_TEST_RUN");
-    (result.action, result.frame.unwrap_or_default())
-}
-
-/// A loaded, configured data plane plus the interface indexes of the netns.
-struct Harness {
-    dp: Dataplane,
-    front: u32,
-    back: u32,
-}
-
-impl Harness {
-    fn new(cfg: &Config) -> Self {
-        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size)
-            .expect("load the lb object (built by cargo xtask build)");
-        dp.apply(cfg).expect("apply config");
-        let index = |name: &str| {
-            xdp::ifindex(name)
-                .unwrap_or_else(|e| panic!("no interface {name} in the test namespace: {e:#}"))
-        };
-        Harness {
-            dp,
-            front: index("f0"),
-            back: index("b0"),
-        }
-    }
-
-    /// Runs the program on `frame` as received on `ifindex`.
-    fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        test_run(&mut self.dp, ifindex, frame)
-    }
-
-    fn verdicts(&self) -> Vec<(Verdict, u64)> {
-        self.dp.verdicts().expect("verdicts")
-    }
-
-    /// Runs `frame` and asserts the action and that exactly `reason` counted it.
-    fn expect(&mut self, ifindex: u32, frame: &[u8], action: u32, reason: Verdict) -> Vec<u8> {
-        self.expect_case(&format!("{reason:?}"), ifindex, frame, action, reason)
-    }
-
-    /// [`Harness::expect`] with a label for the case in failure messages.
-    fn expect_case(
-        &mut self,
-        what: &str,
-        ifindex: u32,
-        frame: &[u8],
-        action: u32,
-        reason: Verdict,
-    ) -> Vec<u8> {
-        let before = self.verdicts();
-        let (got, out) = self.run(ifindex, frame);
-        let after = self.verdicts();
-        assert_eq!(got, action, "action: {what}");
-        let changed: Vec<Verdict> = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| a.1 != b.1)
-            .map(|(_, a)| a.0)
-            .collect();
-        assert_eq!(changed, vec![reason], "verdict counters: {what}");
-        out
-    }
-}
 
 /// What a fixture expects of the frame the program leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,26 +112,6 @@ impl Tcp<'_> {
         b.write(&mut out, self.payload).expect("build tcp frame");
         out
     }
-}
-
-#[allow(clippy::too_many_arguments)] // one argument per header field under test
-fn udp(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    ttl: u8,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src, dst, ttl)
-        .udp(sport, dport)
-        .write(&mut out, payload)
-        .expect("build udp frame");
-    out
 }
 
 /// Which web server (index) a forwarded frame was sent to, by destination MAC.
@@ -645,14 +439,6 @@ fn icmp_echo(dst: [u8; 4]) -> Vec<u8> {
     out
 }
 
-/// Rewrites the IPv4 header checksum after a test edited the header.
-fn fix_ip_checksum(frame: &mut [u8]) {
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let c = lb_common::checksum::compute(&frame[14..14 + ihl], 0);
-    frame[24..26].copy_from_slice(&c.to_ne_bytes());
-}
-
 #[test]
 fn malformed_frames_get_their_documented_verdict() {
     let net = TestNet::new();
@@ -671,10 +457,6 @@ fn malformed_frames_get_their_documented_verdict() {
         let tot = (options.len() - 14) as u16;
         options[16..18].copy_from_slice(&tot.to_be_bytes());
         fix_ip_checksum(&mut options);
-
-        let mut first_fragment = syn.clone();
-        first_fragment[20] |= 0x20; // MF
-        fix_ip_checksum(&mut first_fragment);
 
         let mut later_fragment = syn.clone();
         later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
@@ -702,14 +484,10 @@ fn malformed_frames_get_their_documented_verdict() {
                 Verdict::PassTruncated,
             ),
             Fixture::new("IPv4 options", options, XDP_DROP, Verdict::DropIpOptions),
+            // (A first fragment carries the ports and follows its flow:
+            // kernel_frag.rs.)
             Fixture::new(
-                "first fragment (MF)",
-                first_fragment,
-                XDP_DROP,
-                Verdict::DropFragment,
-            ),
-            Fixture::new(
-                "non-first fragment",
+                "non-first fragment without its first",
                 later_fragment,
                 XDP_DROP,
                 Verdict::DropFragment,
@@ -797,33 +575,6 @@ fn next_hop_on_the_ingress_interface_uses_xdp_tx() {
         };
         assert_eq!(out, want.build());
     });
-}
-
-/// A bpffs mounted on a temporary directory, unmounted on drop.
-struct Bpffs {
-    dir: std::path::PathBuf,
-}
-
-impl Bpffs {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lbk-bpffs-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        netns::run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf8")])
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        Bpffs { dir }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = netns::run("umount", &[self.dir.to_str().unwrap_or_default()]);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 /// A fresh data plane pinned under `pins` with `conntrack` flow entries, the
@@ -1109,15 +860,18 @@ fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
             in_rotation: false,
             drop_flows: false,
         };
-        h.dp.apply_with(&cfg, &none).expect("apply");
-        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
         let ack = Tcp {
             syn: false,
             ..Tcp::request(50100, VIP)
         }
         .build();
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(web_of(&out), 0, "the established flow is kept");
+        assert_eq!(web_of(&out), 0, "the handshake's ACK establishes the flow");
+        h.dp.apply_with(&cfg, &none).expect("apply");
+        // A SYN on the tuple is a new connection (the client reused the
+        // port): the old one is over, and the new one has nowhere to go.
+        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
     });
 }
 
@@ -1364,10 +1118,11 @@ fn test_run_repeat(dp: &mut Dataplane, ifindex: u32, frame: &[u8], repeat: u32) 
         .action
 }
 
-/// A fragment of a SYN to the www VIP (MF set): dropped, ports readable.
-fn first_fragment(sport: u16) -> Vec<u8> {
-    let mut frame = Tcp::request(sport, VIP).build();
-    frame[20] |= 0x20;
+/// A SYN to the www VIP with its TCP header cut short: dropped, ports
+/// readable.
+fn cut_syn(sport: u16) -> Vec<u8> {
+    let mut frame = Tcp::request(sport, VIP).build()[..14 + 20 + 10].to_vec();
+    frame[16..18].copy_from_slice(&30u16.to_be_bytes());
     fix_ip_checksum(&mut frame);
     frame
 }
@@ -1386,12 +1141,7 @@ fn drop_tracing_reports_what_is_not_forwarded_only_while_switched_on() {
         let no_service = udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, 43100, 9, b"x");
 
         // Off: malformed and passed packets count, and send nothing.
-        h.expect(
-            h.front,
-            &first_fragment(43101),
-            XDP_DROP,
-            Verdict::DropFragment,
-        );
+        h.expect(h.front, &cut_syn(43101), XDP_DROP, Verdict::DropTruncatedL4);
         h.expect(h.front, &no_service, XDP_PASS, Verdict::PassNoService);
         assert_eq!(tracer.drain(), vec![], "no events while tracing is off");
 
@@ -1423,15 +1173,10 @@ fn drop_tracing_reports_what_is_not_forwarded_only_while_switched_on() {
             )
         );
         // A drop on a service's port names the service.
-        h.expect(
-            h.front,
-            &first_fragment(43102),
-            XDP_DROP,
-            Verdict::DropFragment,
-        );
+        h.expect(h.front, &cut_syn(43102), XDP_DROP, Verdict::DropTruncatedL4);
         let events = tracer.drain();
         assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0].verdict, Verdict::DropFragment as u32);
+        assert_eq!(events[0].verdict, Verdict::DropTruncatedL4 as u32);
         assert_eq!(events[0].service_id, www);
         assert_eq!(events[0].sport, 43102u16.to_be());
         // Ping to the VIP: no ports, no service.
@@ -1663,31 +1408,29 @@ fn rule_counts(dp: &Dataplane) -> std::collections::BTreeMap<(u32, String), u64>
         .collect()
 }
 
-impl Harness {
-    /// [`Harness::expect_case`], and asserts that exactly the rule `rule`
-    /// (scope, "deny 1.2.3.0/24") counted the packet, or none.
-    fn expect_rule(
-        &mut self,
-        what: &str,
-        frame: &[u8],
-        action: u32,
-        reason: Verdict,
-        rule: Option<(u32, &str)>,
-    ) {
-        let before = rule_counts(&self.dp);
-        self.expect_case(what, self.front, frame, action, reason);
-        let after = rule_counts(&self.dp);
-        let moved: Vec<(u32, String)> = after
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let expected: Vec<(u32, String)> =
-            rule.map(|(s, r)| (s, r.to_owned())).into_iter().collect();
-        assert_eq!(moved, expected, "rule counters: {what}");
-        if let Some(k) = expected.first() {
-            assert_eq!(after[k], before[k] + 1, "{what}: one new flow");
-        }
+/// [`Harness::expect_case`], and asserts that exactly the rule `rule`
+/// (scope, "deny 1.2.3.0/24") counted the packet, or none.
+fn expect_rule(
+    h: &mut Harness,
+    what: &str,
+    frame: &[u8],
+    action: u32,
+    reason: Verdict,
+    rule: Option<(u32, &str)>,
+) {
+    let before = rule_counts(&h.dp);
+    let front = h.front;
+    h.expect_case(what, front, frame, action, reason);
+    let after = rule_counts(&h.dp);
+    let moved: Vec<(u32, String)> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let expected: Vec<(u32, String)> = rule.map(|(s, r)| (s, r.to_owned())).into_iter().collect();
+    assert_eq!(moved, expected, "rule counters: {what}");
+    if let Some(k) = expected.first() {
+        assert_eq!(after[k], before[k] + 1, "{what}: one new flow");
     }
 }
 
@@ -1763,7 +1506,7 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
                 Some((FW_GLOBAL, "deny 203.0.113.0/24")),
             ),
         ] {
-            h.expect_rule(what, &frame, action, verdict, rule);
+            expect_rule(&mut h, what, &frame, action, verdict, rule);
         }
         // `lb explain`'s facts: the same LPM lookups, per scope.
         let vip = std::net::Ipv4Addr::from(VIP);
@@ -1787,14 +1530,16 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         let mut live = cfg.clone();
         live.firewall.deny.push(prefix("198.18.0.0/24"));
         h.dp.apply(&live).expect("apply live deny");
-        h.expect_rule(
+        expect_rule(
+            &mut h,
             "established flow of a newly denied source",
             &from(CLIENT, 42003, VIP, false),
             XDP_REDIRECT,
             Verdict::Forwarded,
             None,
         );
-        h.expect_rule(
+        expect_rule(
+            &mut h,
             "new flow of a newly denied source",
             &from(CLIENT, 42010, VIP, true),
             XDP_DROP,
@@ -1811,7 +1556,8 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         assert_eq!(after.len(), 1);
         let global = (FW_GLOBAL, "deny 203.0.113.0/24".to_owned());
         assert_eq!(after[&global], before[&global]);
-        h.expect_rule(
+        expect_rule(
+            &mut h,
             "no rules left for www",
             &from([10, 77, 1, 5], 42011, VIP, true),
             XDP_REDIRECT,
@@ -2007,14 +1753,16 @@ fn a_restarted_data_plane_adopts_its_firewall_rules() {
         cfg.firewall.deny.pop();
         h.dp.apply(&cfg).expect("re-apply without 192.0.2.0/24");
         assert_eq!(rule_counts(&h.dp).len(), 1);
-        h.expect_rule(
+        expect_rule(
+            &mut h,
             "the adopted rule still drops and counts",
             &denied,
             XDP_DROP,
             Verdict::DropFirewallDeny,
             Some((FW_GLOBAL, "deny 203.0.113.0/24")),
         );
-        h.expect_rule(
+        expect_rule(
+            &mut h,
             "the rule the new config dropped is gone",
             &from([192, 0, 2, 1], 42001, VIP, true),
             XDP_REDIRECT,
@@ -2082,6 +1830,463 @@ fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
         );
         let counts = rule_counts(&h.dp);
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1]);
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
+
+// ---- the flow lifecycle (issue 11): states, tables, timeouts, budget ----
+
+/// `frame` (TCP, no IP options) with its TCP flags replaced. The checksum is
+/// left stale: the data plane only ever updates it incrementally.
+fn with_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    frame[14 + 20 + 13] = flags;
+    frame
+}
+
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// The client → VIP key of a lab client's TCP flow.
+fn client_key(sport: u16, vip: [u8; 4]) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        saddr: u32::from_ne_bytes(CLIENT),
+        daddr: u32::from_ne_bytes(vip),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+/// web1's reply to the client's port `dport` (NAT service www).
+fn reply_from_web1(dport: u16, flags: u8) -> Vec<u8> {
+    let frame = Tcp {
+        src_mac: WEB_MACS[0],
+        dst_mac: BACK_MAC,
+        src: WEBS[0],
+        dst: CLIENT,
+        sport: WEB_PORT,
+        dport,
+        syn: false,
+        ..Tcp::request(0, VIP)
+    }
+    .build();
+    with_flags(frame, flags)
+}
+
+/// Where a flow is: `Some(true)` established, `Some(false)` half-open.
+fn table_of(h: &Harness, key: &lb_common::FlowKey) -> Option<bool> {
+    let table = h.dp.flow_table().expect("flow table");
+    table.lookup(key).expect("lookup").map(|(est, _)| est)
+}
+
+fn active(h: &Harness, backend_id: u32) -> u64 {
+    h.dp.flow_table()
+        .expect("flow table")
+        .active(backend_id)
+        .expect("active")
+}
+
+/// The id of web1 in service www (the first backend the lab config applies).
+fn web1_id(h: &mut Harness, cfg: &Config) -> u32 {
+    let applied = h.dp.apply(cfg).expect("apply");
+    applied[0].backends[0].1
+}
+
+#[test]
+fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let key = client_key(52000, VIP);
+        h.expect(
+            h.front,
+            &Tcp::request(52000, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let table = h.dp.flow_table().expect("flow table");
+        assert_eq!(
+            table.entries().expect("entries"),
+            (0, 2),
+            "forward and reply entries, half-open"
+        );
+        assert_eq!(table_of(&h, &key), Some(false));
+        assert_eq!(active(&h, web1), 0, "a half-open flow is not active");
+        // The backend's SYN-ACK is translated from the half-open table and
+        // does not promote the flow: only the client can.
+        let back = h.back;
+        h.expect(
+            back,
+            &reply_from_web1(52000, 0x12),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(table_of(&h, &key), Some(false));
+        // A retransmitted SYN neither promotes nor moves it.
+        let out = h.expect(
+            h.front,
+            &Tcp::request(52000, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), 0);
+        let ack = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52000, VIP)
+            }
+            .build(),
+            ACK,
+        );
+        let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(web_of(&out), 0);
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (2, 0),
+            "promoted, both entries"
+        );
+        assert_eq!(table_of(&h, &key), Some(true));
+        assert_eq!(active(&h, web1), 1);
+        h.expect(
+            back,
+            &reply_from_web1(52000, ACK),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        // UDP: the first packet opens, the second establishes.
+        let dns = |sport| udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, sport, 5353, b"q");
+        h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (2, 2)
+        );
+        h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (4, 0)
+        );
+    });
+}
+
+#[test]
+fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let ack = |port| {
+            with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            )
+        };
+        h.expect(h.front, &ack(52100), XDP_DROP, Verdict::DropNoFlow);
+        assert_eq!(
+            h.dp.flow_table()
+                .expect("table")
+                .entries()
+                .expect("entries"),
+            (0, 0),
+            "nothing created"
+        );
+        // A hash scheduler finds the backend again: the flow goes where the
+        // hash says (the same as its SYN would have), half-open first.
+        cfg.services[0].scheduler = Scheduler::SourceHash;
+        h.dp.apply(&cfg).expect("apply");
+        let syn_choice = web_of(&h.expect(
+            h.front,
+            &Tcp::request(52101, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        ));
+        // Forget the flow (an eviction, another LB): its next segment.
+        let key = client_key(52101, VIP);
+        h.dp.forget_flow(&key).expect("forget");
+        assert_eq!(table_of(&h, &key), None);
+        let out = h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(
+            web_of(&out),
+            syn_choice,
+            "hash-on-miss lands where the flow was"
+        );
+        assert_eq!(
+            table_of(&h, &key),
+            Some(false),
+            "the packet that created it does not promote it"
+        );
+        h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(table_of(&h, &key), Some(true));
+    });
+}
+
+#[test]
+fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.timeouts.tcp_closing = std::time::Duration::from_secs(1);
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let open = |h: &mut Harness, port| {
+            h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        };
+        open(&mut h, 52200); // web1
+        open(&mut h, 52201); // web2
+        open(&mut h, 52202); // web3
+        open(&mut h, 52203); // web1
+        assert_eq!(active(&h, web1), 2);
+        // The client's FIN: closing, no longer active, still forwarded.
+        let fin = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52200, VIP)
+            }
+            .build(),
+            FIN_ACK,
+        );
+        h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web1), 1);
+        let closing =
+            h.dp.flow_table()
+                .expect("t")
+                .lookup(&client_key(52200, VIP))
+                .expect("l");
+        assert_eq!(
+            closing.map(|(_, f)| f.state),
+            Some(lb_common::flow::STATE_CLOSING)
+        );
+        // A second FIN (the other CPU, a retransmit) does not count twice.
+        h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web1), 1);
+        // The backend's RST closes the other web1 flow through its reply entry.
+        let back = h.back;
+        h.expect(
+            back,
+            &reply_from_web1(52203, RST),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(active(&h, web1), 0);
+        // Idle past the closing timeout (1 s: expired after more than one
+        // tick of ~1.07 s): the next segment finds no flow, and both of the
+        // flow's entries are gone.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        let ack = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52200, VIP)
+            }
+            .build(),
+            ACK,
+        );
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
+        assert_eq!(table_of(&h, &client_key(52200, VIP)), None);
+        // The agent's sweep takes the other closed flow (no packet came).
+        let mut sweeper = h.dp.sweeper().expect("sweeper");
+        let report = sweeper
+            .sweep(lb_userspace::dataplane::sweep::now_ticks())
+            .expect("sweep");
+        assert_eq!(report.removed, 2, "web1's RST flow, forward and reply");
+        assert!(report.swept.is_empty(), "closed flows were already counted");
+        assert_eq!(
+            h.dp.flow_table().expect("t").entries().expect("entries"),
+            (4, 0),
+            "two established flows stay"
+        );
+        assert_eq!(active(&h, web1), 0);
+    });
+}
+
+#[test]
+fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.conntrack_size = 1024;
+        cfg.dataplane.half_open_size = 1024;
+        let mut h = Harness::new(&cfg);
+        let mut pinned = Vec::new();
+        for port in 53000..53010u16 {
+            let out = h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+            pinned.push((port, web_of(&out)));
+        }
+        // Ten times the half-open table in spoofed SYNs (2 entries each).
+        let prog = h.dp.program().expect("program");
+        for i in 0..10 * 1024u32 {
+            let frame = Tcp {
+                src: [198, 18, 100 + (i >> 14) as u8, (i >> 6) as u8],
+                sport: 1024 + (i & 63) as u16,
+                ..Tcp::request(0, VIP)
+            }
+            .build();
+            xdp::test_run(prog, h.front, &frame, 0, false).expect("flood");
+        }
+        let (established, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
+        assert_eq!(established, 20, "ten NAT flows, both entries each");
+        assert!(
+            half_open <= 2048,
+            "the half-open table stays in its size: {half_open}"
+        );
+        for (port, web) in pinned {
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+            assert_eq!(web_of(&out), web, "port {port} kept its backend");
+        }
+    });
+}
+
+#[test]
+fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.new_flow_budget = 2;
+        cfg.services[2].scheduler = Scheduler::SourceHash; // www-dsr
+        let mut h = Harness::new(&cfg);
+        // The budget is per CPU: one CPU's window for the whole test.
+        lb_userspace::harness::pktgen::pin_to_cpu(0).expect("pin to cpu 0");
+        let before = h.verdicts();
+        let mut chosen = Vec::new();
+        for port in 54000..54010u16 {
+            let (action, out) = h.run(h.front, &Tcp::request(port, VIP_DSR).build());
+            assert_eq!(action, XDP_REDIRECT);
+            chosen.push((port, web_of(&out)));
+        }
+        let after = h.verdicts();
+        let delta = |v: Verdict| {
+            let n = |vs: &[(Verdict, u64)]| vs.iter().find(|(x, _)| *x == v).map_or(0, |(_, n)| *n);
+            n(&after) - n(&before)
+        };
+        let (stateful, stateless) = (
+            delta(Verdict::Forwarded),
+            delta(Verdict::ForwardedStateless),
+        );
+        assert_eq!(stateful + stateless, 10);
+        // Two per tick of ~1.07 s; the loop may straddle one tick boundary.
+        assert!(
+            stateful <= 4 && stateless >= 6,
+            "{stateful} inserted, {stateless} stateless"
+        );
+        let (_, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
+        assert_eq!(
+            half_open, stateful,
+            "only the flows within the budget have entries"
+        );
+        // A stateless flow's next packet lands on the same backend.
+        for (port, web) in chosen {
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP_DSR)
+                }
+                .build(),
+                ACK,
+            );
+            let (_, out) = h.run(h.front, &ack);
+            assert_eq!(web_of(&out), web, "port {port}");
+        }
+        // A NAT service cannot do without entries: it inserts anyway.
+        h.expect(
+            h.front,
+            &Tcp::request(54100, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert!(table_of(&h, &client_key(54100, VIP)).is_some());
+    });
+}
+
+/// Issue 11: a pin dir left by the version before the flow lifecycle (its
+/// replies in a `REVERSE_NAT` table of their own) cannot be adopted: the
+/// agent refuses before touching anything and says how to go on.
+#[test]
+fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
+    use lb_userspace::dataplane::DataplaneError;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let first = first_pinned_flow(&pins, 1024, 51500);
+        // What the old version left: a REVERSE_NAT pinned with the rest.
+        let old = first.map_data("VIPS").expect("a map to stand in");
+        old.pin(pins.join("REVERSE_NAT")).expect("pin REVERSE_NAT");
+        drop(first);
+        let err = match Dataplane::load_pinned(1024, &pins) {
+            Ok(_) => panic!("adopted a data plane of the previous version"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::OldVersion {
+                    map: "REVERSE_NAT",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            "from an earlier version of lb",
+            &format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+        // Refused means untouched: the flow is still pinned.
+        assert!(pins.join("CONNTRACK").exists() && pins.join("HALF_OPEN").exists());
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
