@@ -358,7 +358,7 @@ impl Agent {
     }
 
     fn awaiting_first_verdict(&self) -> bool {
-        self.health.values().any(|h| *h == Health::Pending)
+        self.health.values().any(|h| *h == Health::Pending) || self.db.awaiting_first_verdict()
     }
 
     /// The longest a pending backend can take to be judged: `rise` (or
@@ -371,6 +371,7 @@ impl Agent {
             .map(|h| h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout)
             .max()
             .unwrap_or_default()
+            .max(self.db.first_verdict_bound())
             + Duration::from_millis(500)
     }
 

@@ -410,6 +410,27 @@ impl Pools {
         Ok(())
     }
 
+    /// Whether some member has not been judged yet (reachable or not).
+    pub fn awaiting_first_verdict(&self) -> bool {
+        self.states
+            .values()
+            .flat_map(|s| s.members.values())
+            .any(|m| m.up.health() == Health::Pending)
+    }
+
+    /// The longest a member's first verdict can take: `rise` (or `fall`)
+    /// probes, the last one's timeout.
+    pub fn first_verdict_bound(&self) -> Duration {
+        self.states
+            .values()
+            .map(|s| {
+                let h = &s.pool.health;
+                h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The pools as `lb status` shows them.
     pub fn status(&self) -> Vec<PoolStatus> {
         self.states.values().map(pool_status).collect()
