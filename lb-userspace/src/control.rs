@@ -31,6 +31,8 @@ pub enum Request {
     Firewall(FirewallChange),
     /// `lb explain`: which service and backend a flow gets, and why. The
     /// answer is the response's message.
+    /// `lb db …`: database pools (promotion).
+    Db(crate::db::DbCommand),
     Explain {
         /// The client's address and source port, e.g. 198.18.0.2:40000.
         client: String,
@@ -200,6 +202,9 @@ pub struct Status {
     /// How full the connection table is.
     #[serde(default)]
     pub conntrack: ConntrackStatus,
+    /// Database pools: members, roles, lag, where writes and reads go.
+    #[serde(default)]
+    pub pools: Vec<crate::db::PoolStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +391,10 @@ pub fn render(status: &Status) -> String {
             ));
         }
     }
+    if !status.pools.is_empty() {
+        out.push('\n');
+        out.push_str(&crate::db::render(&status.pools));
+    }
     let verdicts: Vec<String> = status
         .verdicts
         .iter()
@@ -487,6 +496,7 @@ mod tests {
                 capacity: 1024,
                 half_open_capacity: 1024,
             },
+            pools: Vec::new(),
         };
         let text = render(&status);
         for want in [
@@ -543,6 +553,7 @@ mod tests {
             verdicts: BTreeMap::new(),
             agent: AgentStatus::default(),
             conntrack: ConntrackStatus::default(),
+            pools: Vec::new(),
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![

@@ -24,6 +24,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod db;
 pub mod explain;
 pub mod harness;
 pub mod health;

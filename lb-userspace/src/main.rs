@@ -64,6 +64,13 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Database pools: `promote POOL MEMBER [--force]`
+    Db {
+        #[command(subcommand)]
+        command: lb_userspace::db::DbCommand,
+        #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Re-read the config file (like SIGHUP); an invalid one is rejected whole
     Reload {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -207,6 +214,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 "{}",
                 ask(&socket, &Request::Explain { client, service })?.message
             );
+            Ok(())
+        }
+        Command::Db { command, socket } => {
+            println!("{}", ask(&socket, &Request::Db(command))?.message);
             Ok(())
         }
         Command::Reload { socket } => {

@@ -39,6 +39,8 @@ pub struct Call {
 pub enum Reply {
     Done(Response),
     Status(anyhow::Result<(Status, Vec<Vec<u32>>)>),
+    /// Answered later (a database promotion talks to the servers first).
+    Later(oneshot::Receiver<Response>),
 }
 
 /// Accepts clients until the listener fails for good.
@@ -133,6 +135,9 @@ async fn ask_agent(
     match answer.await {
         Err(_) => Response::error("the agent is stopping"),
         Ok(Reply::Done(response)) => response,
+        Ok(Reply::Later(answer)) => answer
+            .await
+            .unwrap_or_else(|_| Response::error("the agent is stopping")),
         Ok(Reply::Status(reply)) => match with_flows(reply, flows).await {
             Ok(status) => Response {
                 ok: true,

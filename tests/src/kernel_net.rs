@@ -202,6 +202,7 @@ pub fn lab_config() -> Config {
             timeouts: Default::default(),
         },
         monitoring: None,
+        pools: Vec::new(),
         services: vec![
             // NAT backends listen on other ports than the VIP's, so every NAT
             // frame assertion also covers port translation and its checksum.

@@ -155,6 +155,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("chromium", "/usr/bin/chromium"),
     // `systemd-analyze verify` of deploy/lb.service (tests/tests/deploy.rs).
     ("systemd", "/usr/bin/systemd-analyze"),
+    // The lab's database tier: real MariaDB servers with GTID replication
+    // (lab db1..db3, tests/tests/db.rs) and the client for their setup.
+    ("mariadb-server", "/usr/sbin/mariadbd"),
+    ("mariadb-client", "/usr/bin/mariadb"),
 ];
 
 fn setup() -> anyhow::Result<()> {

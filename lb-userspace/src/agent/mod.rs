@@ -90,6 +90,8 @@ struct Agent {
     /// address). The one source of truth: rings are derived from it.
     health: BTreeMap<Target, Health>,
     checker: HealthChecker,
+    /// Database pools: their members' roles decide their services' rings.
+    db: crate::db::Pools,
     applied: Vec<AppliedService>,
     /// 1 at start, one more for every applied reload or live change.
     generation: u64,
@@ -137,6 +139,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         BTreeSet::new()
     };
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let (db_tx, mut db_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         path: args.config.clone(),
         cfg: cfg.clone(),
@@ -145,6 +148,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         admin: BTreeMap::new(),
         health: BTreeMap::new(),
         checker: HealthChecker::new(health_tx),
+        db: crate::db::Pools::new(db_tx),
         applied: Vec::new(),
         generation: 1,
         started_at_ms: unix_ms(SystemTime::now()),
@@ -228,6 +232,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
                 }
             }
             Some(t) = health_rx.recv() => agent.health_transition(t),
+            Some(event) = db_rx.recv() => agent.db_event(event),
             Some(call) = calls.recv() => {
                 let reply = agent.handle(call.request);
                 // A client that went away only loses its answer.
@@ -320,14 +325,19 @@ impl Agent {
     }
 
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
-        let (admin, health) = (&self.admin, &self.health);
+        // Pools first: their services' members are admitted by role, and a
+        // pool not yet known would leave them unchecked (all serving).
+        self.db.sync(&next);
+        let (admin, health, db) = (&self.admin, &self.health, &self.db);
         let admit = |svc: &config::Service, b: &config::Backend| {
             admission(
                 admin
                     .get(&state::key(&svc.name, &b.name))
                     .copied()
                     .unwrap_or(Admin::Enabled),
-                health.get(&Agent::target(svc, b)).copied(),
+                // A pool's services admit members by role.
+                db.health(&svc.name, &b.name)
+                    .or_else(|| health.get(&Agent::target(svc, b)).copied()),
                 svc.on_backend_down,
             )
         };
@@ -348,6 +358,7 @@ impl Agent {
         if let Err(e) = self.commit(next) {
             self.admin = previous_admin;
             self.health = previous_health;
+            self.db.sync(&self.cfg);
             return Err(e);
         }
         self.sync_checks();
@@ -362,10 +373,25 @@ impl Agent {
         self.checker.sync(&self.cfg, &|t| {
             health.get(t).copied().unwrap_or(Health::Pending)
         });
+        self.db.sync(&self.cfg);
+    }
+
+    /// A pool's probe, promotion or fencing finished: routing follows.
+    fn db_event(&mut self, event: crate::db::Event) {
+        let handled = self.db.handle(event);
+        if handled.commit {
+            let cfg = self.cfg.clone();
+            if let Err(e) = self.commit(cfg) {
+                error!("applying the database routing change failed: {e:#}");
+            }
+        }
+        if let Some((reply, response)) = handled.reply {
+            let _ = reply.send(response);
+        }
     }
 
     fn awaiting_first_verdict(&self) -> bool {
-        self.health.values().any(|h| *h == Health::Pending)
+        self.health.values().any(|h| *h == Health::Pending) || self.db.awaiting_first_verdict()
     }
 
     /// The longest a pending backend can take to be judged: `rise` (or
@@ -378,6 +404,7 @@ impl Agent {
             .map(|h| h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout)
             .max()
             .unwrap_or_default()
+            .max(self.db.first_verdict_bound())
             + Duration::from_millis(500)
     }
 
@@ -475,6 +502,29 @@ impl Agent {
                         Response::error(format!("rejected, the running rules stay: {e:#}"))
                     }
                 })
+            }
+            Request::Db(crate::db::DbCommand::Promote {
+                pool,
+                member,
+                force,
+            }) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match self
+                    .db
+                    .promote(&pool, &member, force, Some(tx), "lb db promote")
+                {
+                    Ok(()) => {
+                        info!(
+                            "promoting {pool}/{member}{}",
+                            if force { " (forced)" } else { "" }
+                        );
+                        server::Reply::Later(rx)
+                    }
+                    Err(why) => {
+                        warn!("rejected lb db promote {pool} {member}: {why}");
+                        server::Reply::Done(Response::error(format!("rejected: {why}")))
+                    }
+                }
             }
             Request::Backend(change) => {
                 let what = format!("{change:?}");
@@ -633,7 +683,11 @@ impl Agent {
                     weight: b.weight,
                     backup: b.backup,
                     admin: self.admin.get(&key).copied().unwrap_or(Admin::Enabled),
-                    health: self.health.get(&target).copied().into(),
+                    health: self
+                        .db
+                        .health(&svc.name, &b.name)
+                        .or_else(|| self.health.get(&target).copied())
+                        .into(),
                     last_check: check.and_then(|s| s.last_check.clone()),
                     last_check_at_ms: check.and_then(|s| s.last_at).map(unix_ms),
                     last_check_us: check
@@ -684,6 +738,7 @@ impl Agent {
                 capacity: self.cfg.dataplane.conntrack_size,
                 half_open_capacity: self.cfg.dataplane.half_open_size,
             },
+            pools: self.db.status(),
         };
         Ok((status, ids))
     }

@@ -9,6 +9,7 @@
 
 pub mod duration;
 mod keypath;
+mod pool;
 mod raw;
 mod validate;
 
@@ -21,6 +22,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
 use validate::Validator;
 
@@ -46,7 +48,11 @@ pub struct Config {
     pub monitoring: Option<Monitoring>,
     /// `[firewall]`: the rules for every VIP (empty: none).
     pub firewall: Firewall,
+    /// Every service, a pool's write and read services included (after the
+    /// `[[service]]` ones).
     pub services: Vec<Service>,
+    /// `[[pool]]`: database pools, whose members feed their services by role.
+    pub pools: Vec<Pool>,
 }
 
 /// Firewall rules of one scope: `[firewall]` (every VIP) or one service's
@@ -356,6 +362,37 @@ pub enum CheckKind {
         expect_status: u16,
         expect_body: Option<String>,
     },
+    /// A MySQL handshake and login (and, in a pool, the member's role).
+    Mysql(MysqlLogin),
+}
+
+/// The account health checks (and pool operations) log in with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MysqlLogin {
+    pub user: String,
+    pub password: Secret,
+    /// Where the password was read from (`password-file`); `None`: inline.
+    pub password_file: Option<PathBuf>,
+}
+
+/// A password: never shown by `Debug` (logs, errors, `lb status`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Secret {
+        Secret(text)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// Why a config was rejected.

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub(super) monitoring: Option<RawMonitoring>,
     pub(super) firewall: Option<RawFirewall>,
     pub(super) service: Option<Vec<RawService>>,
+    /// `[[pool]]`: database pools (config/pool.rs).
+    pub(super) pool: Option<Vec<super::pool::RawPool>>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +123,10 @@ pub(super) struct RawHealth {
     pub(super) timeout: Option<String>,
     pub(super) rise: Option<i64>,
     pub(super) fall: Option<i64>,
+    /// `check = "mysql"`: the login, and its password (inline or in a file).
+    pub(super) user: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) password_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -128,6 +134,7 @@ pub(super) struct RawHealth {
 pub(super) enum RawCheck {
     Tcp,
     Http,
+    Mysql,
 }
 
 #[derive(Deserialize)]
@@ -168,7 +175,16 @@ impl From<&Config> for RawConfig {
                 allow: Some(texts(&cfg.firewall.allow)),
                 rate_limit: cfg.firewall.rate_limit.as_ref().map(RawRateLimit::from),
             }),
-            service: Some(cfg.services.iter().map(RawService::from).collect()),
+            // A pool's services come back from the pool, not as services.
+            service: Some(
+                cfg.services
+                    .iter()
+                    .filter(|s| !cfg.pools.iter().any(|p| p.owns_service(&s.name)))
+                    .map(RawService::from)
+                    .collect(),
+            ),
+            pool: (!cfg.pools.is_empty())
+                .then(|| cfg.pools.iter().map(super::pool::RawPool::from).collect()),
         }
     }
 }
@@ -229,8 +245,19 @@ impl From<&Backend> for RawBackend {
 
 impl From<&HealthCheck> for RawHealth {
     fn from(h: &HealthCheck) -> Self {
+        let mut login = (None, None, None);
         let (check, path, expect_status, expect_body) = match &h.check {
             CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
+            CheckKind::Mysql(l) => {
+                login = (
+                    Some(l.user.clone()),
+                    l.password_file
+                        .is_none()
+                        .then(|| l.password.expose().to_owned()),
+                    l.password_file.as_ref().map(|f| f.display().to_string()),
+                );
+                (RawCheck::Mysql, None, None, None)
+            }
             CheckKind::Http {
                 path,
                 expect_status,
@@ -252,6 +279,9 @@ impl From<&HealthCheck> for RawHealth {
             timeout: Some(duration::show(h.timeout)),
             rise: Some(i64::from(h.rise)),
             fall: Some(i64::from(h.fall)),
+            user: login.0,
+            password: login.1,
+            password_file: login.2,
         }
     }
 }

@@ -76,7 +76,7 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             key: key.into(),
@@ -84,7 +84,7 @@ impl Validator<'_> {
         }
     }
 
-    fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
+    pub(super) fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
         value.ok_or_else(|| self.err(key, "required key is missing"))
     }
 
@@ -138,7 +138,8 @@ impl Validator<'_> {
         };
 
         let raw_services = raw.service.unwrap_or_default();
-        if raw_services.is_empty() {
+        let raw_pools = raw.pool.unwrap_or_default();
+        if raw_services.is_empty() && raw_pools.is_empty() {
             return Err(self.err("service", "at least one [[service]] is required"));
         }
         if raw_services.len() > MAX_SERVICES as usize {
@@ -188,6 +189,7 @@ impl Validator<'_> {
             }
             services.push(service);
         }
+        let pools = self.pools(raw_pools, &mut services)?;
         // Every prefix of every scope is one rule with its own counter.
         let mut rules = firewall.deny.len() + firewall.allow.len();
         for (i, s) in services.iter().enumerate() {
@@ -213,6 +215,7 @@ impl Validator<'_> {
             monitoring,
             firewall,
             services,
+            pools,
         })
     }
 
@@ -656,23 +659,28 @@ impl Validator<'_> {
         Ok(size)
     }
 
-    fn health(&self, prefix: &str, raw: RawHealth) -> Result<HealthCheck, ConfigError> {
+    pub(super) fn health(
+        &self,
+        prefix: &str,
+        mut raw: RawHealth,
+    ) -> Result<HealthCheck, ConfigError> {
         let key = |field: &str| format!("{prefix}.{field}");
 
-        let check = match self.required(raw.check, &key("check"))? {
-            RawCheck::Tcp => {
-                // An HTTP-only key on a TCP check would be silently ignored,
-                // which hides the mistake of forgetting check = "http".
-                let http_only = [
-                    ("path", raw.path.is_some()),
-                    ("expect-status", raw.expect_status.is_some()),
-                    ("expect-body", raw.expect_body.is_some()),
-                ];
-                if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
-                    return Err(self.err(key(field), "only valid with check = \"http\""));
-                }
-                CheckKind::Tcp
+        let kind = self.required(raw.check, &key("check"))?;
+        // An HTTP-only key on another check would be silently ignored,
+        // which hides the mistake of forgetting check = "http".
+        if !matches!(kind, RawCheck::Http) {
+            let http_only = [
+                ("path", raw.path.is_some()),
+                ("expect-status", raw.expect_status.is_some()),
+                ("expect-body", raw.expect_body.is_some()),
+            ];
+            if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
+                return Err(self.err(key(field), "only valid with check = \"http\""));
             }
+        }
+        let check = match kind {
+            RawCheck::Tcp => CheckKind::Tcp,
             RawCheck::Http => {
                 let path = raw.path.unwrap_or_else(|| DEFAULT_HTTP_PATH.to_owned());
                 // The path goes verbatim into the request line; whitespace or
@@ -695,7 +703,22 @@ impl Validator<'_> {
                     expect_body: raw.expect_body,
                 }
             }
+            RawCheck::Mysql => CheckKind::Mysql(self.mysql_login(
+                prefix,
+                raw.user.take(),
+                raw.password.take(),
+                raw.password_file.take(),
+            )?),
         };
+        // Login keys on a check that never logs in would be silently ignored.
+        let login_keys = [
+            ("user", raw.user.is_some()),
+            ("password", raw.password.is_some()),
+            ("password-file", raw.password_file.is_some()),
+        ];
+        if let Some((field, _)) = login_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"mysql\""));
+        }
 
         let port = match raw.port {
             None => None,
@@ -739,7 +762,7 @@ impl Validator<'_> {
         })
     }
 
-    fn socket_addr(
+    pub(super) fn socket_addr(
         &self,
         text: &str,
         key: &str,
@@ -763,7 +786,7 @@ impl Validator<'_> {
 
 /// Why `ip` cannot be a VIP or a backend: neither end of a unicast flow can
 /// be the unspecified, broadcast or a multicast address.
-fn address_problem(ip: Ipv4Addr) -> Option<String> {
+pub(super) fn address_problem(ip: Ipv4Addr) -> Option<String> {
     if ip.is_unspecified() {
         Some(format!("{ip} is the unspecified address"))
     } else if ip.is_broadcast() {
@@ -798,7 +821,7 @@ fn ifname_problem(name: &str) -> Option<String> {
 
 /// Service and backend names end up in logs, metrics labels and CLI output,
 /// so they are kept to a shell- and label-safe charset.
-fn name_problem(name: &str) -> Option<String> {
+pub(super) fn name_problem(name: &str) -> Option<String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     if (1..=NAME_MAX).contains(&name.len()) && name.chars().all(ok_char) {
         None

@@ -496,6 +496,7 @@ mod tests {
             },
             monitoring: None,
             services,
+            pools: Vec::new(),
         }
     }
 

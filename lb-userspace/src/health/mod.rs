@@ -28,6 +28,7 @@ use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle, time::MissedTickBehav
 use crate::config::{Config, HealthCheck};
 
 mod counter;
+pub mod mysql;
 mod probe;
 #[cfg(test)]
 mod tests;

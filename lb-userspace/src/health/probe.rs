@@ -22,6 +22,9 @@ pub async fn probe(
     check: &CheckKind,
     timeout: Duration,
 ) -> Result<(), String> {
+    if let CheckKind::Mysql(login) = check {
+        return super::mysql::probe(address, login, timeout).await;
+    }
     let deadline = Instant::now() + timeout;
     let timed_out = || format!("timed out after {}", show(timeout));
 
@@ -102,7 +105,7 @@ fn check_response(
 
 /// An I/O error as a short lower-case reason: "connection refused" rather
 /// than "Connection refused (os error 111)".
-fn io_reason(e: &std::io::Error) -> String {
+pub(super) fn io_reason(e: &std::io::Error) -> String {
     let text = e.to_string();
     let text = match text.find(" (os error ") {
         Some(i) => &text[..i],

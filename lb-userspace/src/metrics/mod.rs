@@ -12,6 +12,7 @@
 //! ([`server::status`]). At most [`MAX_SNAPSHOTS`] such walks run at once;
 //! more requests are answered 503 at once rather than queued.
 
+mod db;
 pub mod render;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -321,6 +321,8 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         full,
     );
 
+    super::db::register(&mut registry, &status.pools);
+
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);

@@ -64,6 +64,7 @@ backends = [{ address = "10.0.1.3:80" }]
             timeouts: Default::default(),
         },
         monitoring: None,
+        pools: Vec::new(),
         services: vec![
             Service {
                 firewall: Default::default(),
@@ -323,7 +324,10 @@ fn foobar_toml_parses() {
             listen: addr("127.0.0.1:9100")
         })
     );
-    assert_eq!(config.services.len(), 3);
+    // www, www-udp, www-tls, and the pool's db-write and db-read.
+    assert_eq!(config.services.len(), 5);
+    assert_eq!(config.pools.len(), 1);
+    assert_eq!(config.pools[0].members.len(), 3);
 
     let www = &config.services[0];
     assert_eq!(

@@ -125,8 +125,10 @@ fn current_lb() -> anyhow::Result<PathBuf> {
 }
 
 fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
-    let lab = Lab::up_detached(prefix, &current_lb()?)?;
+    let mut lab = Lab::up_detached(prefix, &current_lb()?)?;
     lab.set_mode(mode)?;
+    lab.start_databases()
+        .context("starting the lab's databases (db1..db3)")?;
     let configs = write_configs(&lab)?;
     let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
     let pid_file = lab.run_dir().join("servers.pid");
@@ -142,7 +144,8 @@ fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
     let configs = [Forwarding::Nat, Forwarding::Dsr]
         .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
-        fs::write(path, lab_config(*mode))
+        let pool = super::pool_config(&lab.run_dir(), Some("5s"));
+        fs::write(path, lab_config(*mode) + &pool)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(configs)
@@ -212,6 +215,7 @@ fn print_instructions(
         "  TLS: lab CA {} (the webs hold their keys; the LB never sees them)",
         lab.ca_path().display()
     );
+    super::db_demo::print_databases(lab);
     println!("  logs and configs: {}", lab.run_dir().display());
     println!();
     println!("Try it:");
@@ -231,6 +235,13 @@ fn print_instructions(
         lab.ca_path().display()
     );
     println!("               {lb} status --socket {}", socket.display());
+    println!(
+        "               ip netns exec {p}-client curl -X POST http://{VIP}/visits   (then GET: reads)"
+    );
+    println!(
+        "               {lb} db promote db db2 --socket {}",
+        socket.display()
+    );
     println!("  restart the agent at will: the data plane keeps forwarding while it is stopped");
     println!(
         "Without the agent, the webs answer directly: ip netns exec {p}-client curl http://{}/",
@@ -255,7 +266,7 @@ fn print_instructions(
 }
 
 fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
-    let lab = Lab::up(prefix, &current_lb()?)?;
+    let mut lab = Lab::up(prefix, &current_lb()?)?;
     println!(
         "lab {prefix} is up: namespaces {}",
         lab.namespaces().join(" ")
@@ -264,12 +275,16 @@ fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
         problems.extend(demo_mode(&lab, mode, requests)?);
     }
+    problems.extend(super::db_demo::demo_databases(&mut lab)?);
     drop(lab);
     println!("lab {prefix} removed");
     if !problems.is_empty() {
         bail!("demo failed: {}", problems.join("; "));
     }
-    println!("demo ok: every request answered, every server used, in both modes");
+    println!(
+        "demo ok: every request answered, every server used, in both modes; \
+         writes on the primary, reads over the replicas, failover done"
+    );
     Ok(())
 }
 

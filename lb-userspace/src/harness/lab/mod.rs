@@ -17,9 +17,12 @@
 
 mod cli;
 mod client;
+mod db;
+mod db_demo;
 mod serve;
 mod teardown;
 mod tls;
+mod visits;
 
 use std::{
     fmt::Write as _,
@@ -42,6 +45,10 @@ use crate::{
 
 pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
+pub use db::{
+    ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
+    admin_password_file, db_addr, pool_config, read_vip, write_vip,
+};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
@@ -491,6 +498,8 @@ impl Lab {
         let https = format!("0.0.0.0:{HTTPS_PORT}");
         let (cert, key) = tls::web_cert_paths(&self.run_dir(), name);
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let (db_write, db_read) = (write_vip().to_string(), read_vip().to_string());
+        let db_password = db::app_password_file(&self.run_dir()).display().to_string();
         // Two UDP sockets, one per address, rather than one on 0.0.0.0:
         // a reply then leaves with the address the request was sent to
         // (the web's own in NAT, the VIP in DSR), which is what the
@@ -510,6 +519,12 @@ impl Lab {
             &own_udp,
             "--udp",
             &vip_udp,
+            "--db-write",
+            &db_write,
+            "--db-read",
+            &db_read,
+            "--db-password-file",
+            &db_password,
         ];
         self.spawn_server(&self.web_ns(n), name, &args, detached)
     }

@@ -51,6 +51,15 @@ pub struct ServeArgs {
     /// can find the server by its command line
     #[arg(long)]
     pub lab: Option<String>,
+    /// The write VIP of the application's database (`POST /visits`)
+    #[arg(long, requires_all = ["db_read", "db_password_file"])]
+    pub db_write: Option<SocketAddr>,
+    /// The read VIP of the application's database (`GET /visits`)
+    #[arg(long)]
+    pub db_read: Option<SocketAddr>,
+    /// File holding the application account's password (read per request)
+    #[arg(long)]
+    pub db_password_file: Option<PathBuf>,
 }
 
 /// Byte `i` of a `GET /bytes/N` body: a pattern with period 251 (prime, so
@@ -67,6 +76,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("nothing to serve: give --http, --https, --udp or --echo");
     }
     let name: Arc<str> = Arc::from(args.name.as_str());
+    if let (Some(write), Some(read), Some(password_file)) =
+        (args.db_write, args.db_read, args.db_password_file.clone())
+    {
+        super::visits::configure(super::visits::VisitsDb {
+            write,
+            read,
+            password_file,
+        });
+    }
     // Bind everything before serving anything: once the HTTP port accepts,
     // every UDP and echo socket exists too (the lab waits on that).
     let http = args
@@ -333,6 +351,11 @@ impl Body {
 /// does it; the load balancer just forwards both ports); over HTTPS it
 /// answers like `/`.
 fn route(request: &Request, name: &str, secure: bool) -> (u16, &'static str, Body) {
+    if request.path == "/visits"
+        && let Some((status, reason, text)) = super::visits::handle(&request.method, name)
+    {
+        return (status, reason, Body::Text(text));
+    }
     if request.method != "GET" && request.method != "HEAD" {
         return (
             405,

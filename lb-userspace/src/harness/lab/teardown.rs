@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use rustix::process::Signal;
 
-use super::{WEB_NAMES, run_dir};
+use super::{DB_NAMES, WEB_NAMES, run_dir};
 use crate::harness::netns::{self, run_teardown};
 
 /// How long teardown waits for processes to exit after SIGTERM (and again
@@ -40,6 +40,8 @@ pub(crate) fn namespace_names(prefix: &str) -> Vec<String> {
         format!("{prefix}-sw"),
     ];
     names.extend(WEB_NAMES.iter().map(|web| format!("{prefix}-{web}")));
+    // The database hosts exist only in labs that started them.
+    names.extend(DB_NAMES.iter().map(|db| format!("{prefix}-{db}")));
     names
 }
 

@@ -87,6 +87,7 @@ fn snapshot() -> Status {
             capacity: 1024,
             half_open_capacity: 1024,
         },
+        pools: Vec::new(),
     }
 }
 

@@ -1,0 +1,160 @@
+//! `[[pool]]` configs: what a pool becomes (its two services, its check),
+//! round trips through `check`, and every rejection with its key.
+
+use super::*;
+
+/// A pool with an inline password; `extra` goes into the pool table.
+fn pool(extra: &str) -> String {
+    format!(
+        "{DP}\n[[pool]]\nname = \"db\"\nwrite-vip = \"198.18.0.20:3306\"\nread-vip = \"198.18.0.21:3306\"\n\
+         health = {{ check = \"mysql\", user = \"lb\", password = \"pw\" }}\n\
+         members = [ {{ name = \"db1\", address = \"198.19.1.21:3306\" }}, {{ name = \"db2\", address = \"198.19.1.22:3306\" }} ]\n{extra}"
+    )
+}
+
+#[test]
+fn a_pool_becomes_a_write_and_a_read_service() {
+    let cfg = parse_ok(&pool("max-lag = \"3s\"\nauto-failover = \"10s\"\n"));
+    assert_eq!(cfg.pools.len(), 1);
+    let p = &cfg.pools[0];
+    assert_eq!(p.max_lag, Duration::from_secs(3));
+    assert_eq!(p.auto_failover, Some(Duration::from_secs(10)));
+    assert!(p.primary_fallback);
+    assert_eq!(p.login.user, "lb");
+    assert_eq!(p.login.password.expose(), "pw");
+    // Never printed.
+    assert!(!format!("{p:?}").contains("\"pw\""));
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["db-write", "db-read"]);
+    let write = &cfg.services[0];
+    assert_eq!(write.vip.to_string(), "198.18.0.20:3306");
+    assert_eq!(write.on_backend_down, OnBackendDown::DropFlows);
+    assert_eq!(cfg.services[1].on_backend_down, OnBackendDown::KeepFlows);
+    assert_eq!(write.backends.len(), 2);
+    assert!(write.health.is_none(), "the pool checks its members itself");
+    // Through `check` (a live change) unchanged: the pool's services are
+    // not turned into [[service]]s.
+    assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
+}
+
+#[test]
+fn a_password_file_is_read_and_named() {
+    let dir = std::env::temp_dir().join(format!("lb-pool-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("pw");
+    std::fs::write(&file, "s3cret\n").expect("write");
+    let text = pool("").replace(
+        "password = \"pw\"",
+        &format!("password-file = \"{}\"", file.display()),
+    );
+    let cfg = parse_ok(&text);
+    assert_eq!(cfg.pools[0].login.password.expose(), "s3cret");
+    assert_eq!(
+        cfg.pools[0].login.password_file.as_deref(),
+        Some(file.as_path())
+    );
+    assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    let (key, reason) = parse_err(&text);
+    assert_eq!(key, "pool[0].health.password-file");
+    assert!(reason.contains("cannot read"), "{reason}");
+}
+
+#[test]
+fn a_mysql_check_works_on_a_plain_service_too() {
+    let text = format!(
+        "{DP}\n[[service]]\nname = \"db\"\nvip = \"198.18.0.20:3306\"\n\
+         health = {{ check = \"mysql\", user = \"lb\", password = \"pw\" }}\n\
+         backends = [ {{ address = \"198.19.1.21:3306\" }} ]\n"
+    );
+    let cfg = parse_ok(&text);
+    assert!(matches!(
+        cfg.services[0].health.as_ref().map(|h| &h.check),
+        Some(CheckKind::Mysql(_))
+    ));
+}
+
+#[test]
+fn pool_rejections_name_the_key() {
+    let cases: &[(String, &str, &str)] = &[
+        (
+            pool("").replace(
+                "check = \"mysql\", user = \"lb\", password = \"pw\"",
+                "check = \"tcp\"",
+            ),
+            "pool[0].health.check",
+            "check = \"mysql\"",
+        ),
+        (
+            pool("").replace("user = \"lb\", ", ""),
+            "pool[0].health.user",
+            "required key is missing",
+        ),
+        (
+            pool("").replace(
+                "password = \"pw\"",
+                "password = \"pw\", password-file = \"/x\"",
+            ),
+            "pool[0].health.password-file",
+            "not both",
+        ),
+        (
+            pool("").replace("password = \"pw\"", "password = \"pw\", path = \"/\""),
+            "pool[0].health.path",
+            "only valid with check = \"http\"",
+        ),
+        (
+            pool("").replace("198.18.0.21:3306", "198.18.0.20:3306"),
+            "pool[0].read-vip",
+            "also the write-vip",
+        ),
+        (
+            pool("").replace("198.19.1.22:3306", "198.19.1.21:3306"),
+            "pool[0].members[1].address",
+            "already members[0]",
+        ),
+        (
+            pool("").replace("name = \"db2\"", "name = \"db1\""),
+            "pool[0].members[1].name",
+            "duplicate member name",
+        ),
+        (pool("max-lag = \"soon\"\n"), "pool[0].max-lag", ""),
+        (
+            pool("auto-failover = 3\n"),
+            "pool[0].auto-failover",
+            "invalid type",
+        ),
+        (
+            pool("writers = 2\n"),
+            "pool[0].writers",
+            "unknown field `writers`",
+        ),
+        (
+            format!(
+                "{}\n[[service]]\nname = \"x\"\nvip = \"198.18.0.20:3306\"\nbackends = [ {B1} ]\n",
+                pool("")
+            ),
+            "pool[0].write-vip",
+            "198.18.0.20:3306/tcp is already used by \"x\"",
+        ),
+        (
+            format!(
+                "{}\n[[service]]\nname = \"db-read\"\nvip = \"198.18.0.10:80\"\nbackends = [ {B1} ]\n",
+                pool("")
+            ),
+            "pool[0].name",
+            "already a service's name",
+        ),
+        (
+            format!(
+                "{DP}\n[[service]]\nname = \"w\"\nvip = \"198.18.0.10:80\"\n\
+                 health = {{ check = \"http\", user = \"lb\" }}\nbackends = [ {B1} ]\n"
+            ),
+            "service[0].health.user",
+            "only valid with check = \"mysql\"",
+        ),
+    ];
+    for (text, key, fragment) in cases {
+        assert_rejected(text, key, fragment);
+    }
+}

@@ -1,0 +1,621 @@
+//! The database tier: `[[pool]]`s of MySQL/MariaDB servers routed by role.
+//! One probe task per member (`check = "mysql"`: login, `@@read_only`,
+//! replication threads, lag) reports to the agent's loop; the pure
+//! [`state`] decides the write service's one member and the read service's
+//! members, and the agent admits exactly those into the services' rings
+//! (the write service drops flows of a member that stops being the writer:
+//! that is the fencing of the data plane). [`ops`] acts on the servers:
+//! promotion (`lb db promote`, automatic failover) and fencing a second
+//! writer to read-only.
+
+pub mod ops;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{mpsc::UnboundedSender, oneshot},
+    task::JoinHandle,
+    time::MissedTickBehavior,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, Pool, PoolMember},
+    control::{HealthStatus, Response},
+    health::{
+        Health,
+        mysql::{self, Observation, Replication},
+    },
+};
+use state::PoolState;
+
+/// `lb db …`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum DbCommand {
+    /// Make MEMBER the primary of POOL: stop its replication, make it
+    /// writable, point the other members at it by GTID; writes switch to it
+    /// and flows to the old primary are dropped. Refuses a lagging,
+    /// stopped or unreachable candidate unless --force.
+    Promote {
+        pool: String,
+        member: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// What the pools' tasks report to the agent's loop.
+#[derive(Debug)]
+pub enum Event {
+    Probed {
+        pool: String,
+        member: String,
+        generation: u64,
+        result: Result<Observation, String>,
+    },
+    Promoted {
+        pool: String,
+        member: String,
+        /// "lb db promote" or "automatic failover".
+        how: &'static str,
+        started: Instant,
+        result: Result<String, String>,
+        reply: Option<oneshot::Sender<Response>>,
+    },
+    Fenced {
+        pool: String,
+        member: String,
+        result: Result<(), String>,
+    },
+}
+
+/// What handling an event asks of the agent.
+#[derive(Default)]
+pub struct Handled {
+    /// The routing changed: commit.
+    pub commit: bool,
+    /// A promotion's answer, to send once committed.
+    pub reply: Option<(oneshot::Sender<Response>, Response)>,
+}
+
+struct Running {
+    pool: Pool,
+    generation: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Every pool's state and probe tasks; owned by the agent.
+pub struct Pools {
+    states: BTreeMap<String, PoolState>,
+    running: BTreeMap<String, Running>,
+    fencing: BTreeSet<(String, String)>,
+    tx: UnboundedSender<Event>,
+    next_generation: u64,
+}
+
+impl Pools {
+    pub fn new(tx: UnboundedSender<Event>) -> Pools {
+        Pools {
+            states: BTreeMap::new(),
+            running: BTreeMap::new(),
+            fencing: BTreeSet::new(),
+            tx,
+            next_generation: 0,
+        }
+    }
+
+    /// Follows the config: unchanged pools keep probing as they are; a
+    /// changed pool restarts its probes, keeping what is known of members
+    /// that stayed. Must run inside the tokio runtime.
+    pub fn sync(&mut self, cfg: &Config) {
+        self.running
+            .retain(|name, _| cfg.pools.iter().any(|p| &p.name == name));
+        self.states
+            .retain(|name, _| cfg.pools.iter().any(|p| &p.name == name));
+        for pool in &cfg.pools {
+            if self
+                .running
+                .get(&pool.name)
+                .is_some_and(|r| &r.pool == pool)
+            {
+                continue;
+            }
+            let state = PoolState::new(pool.clone(), self.states.get(&pool.name));
+            self.states.insert(pool.name.clone(), state);
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let tasks = pool
+                .members
+                .iter()
+                .map(|m| {
+                    tokio::spawn(probe_member(
+                        pool.clone(),
+                        m.clone(),
+                        generation,
+                        self.tx.clone(),
+                    ))
+                })
+                .collect();
+            self.running.insert(
+                pool.name.clone(),
+                Running {
+                    pool: pool.clone(),
+                    generation,
+                    tasks,
+                },
+            );
+        }
+    }
+
+    /// The health a pool's service gives a member: up if it routes to it.
+    /// `None` for services that are not a pool's.
+    pub fn health(&self, service: &str, member: &str) -> Option<Health> {
+        self.states.values().find_map(|s| s.health(service, member))
+    }
+
+    pub fn handle(&mut self, event: Event) -> Handled {
+        match event {
+            Event::Probed {
+                pool,
+                member,
+                generation,
+                result,
+            } => self.probed(&pool, &member, generation, result),
+            Event::Fenced {
+                pool,
+                member,
+                result,
+            } => {
+                self.fencing.remove(&(pool.clone(), member.clone()));
+                let state = self.states.get_mut(&pool);
+                match result {
+                    Ok(()) => {
+                        warn!(pool = %pool, member = %member, "fenced {pool}/{member}: set read_only = 1 (it was a second writer)");
+                        if let Some(s) = state {
+                            s.last_event = Some(format!(
+                                "{member} was writable beside the primary: refused writes, set read-only"
+                            ));
+                        }
+                    }
+                    Err(why) => {
+                        error!(pool = %pool, member = %member, "could not fence {pool}/{member} (a second writer): {why}");
+                        if let Some(s) = state {
+                            s.last_event = Some(format!(
+                                "{member} is a second writer: refused writes, but setting it read-only failed: {why}"
+                            ));
+                        }
+                    }
+                }
+                Handled::default()
+            }
+            Event::Promoted {
+                pool,
+                member,
+                how,
+                started,
+                result,
+                reply,
+            } => {
+                let Some(state) = self.states.get_mut(&pool) else {
+                    return Handled::default();
+                };
+                state.promoting = false;
+                let took = started.elapsed();
+                let (commit, response) = match result {
+                    Ok(msg) => {
+                        let outcome = state.promoted(&member, Instant::now());
+                        let msg = format!("{msg} ({how}, {} ms)", took.as_millis());
+                        warn!(pool = %pool, member = %member, "{msg}");
+                        state.last_event = Some(msg.clone());
+                        (outcome.routing_changed, Response::ok(msg))
+                    }
+                    Err(why) => {
+                        let msg = format!(
+                            "promotion of {pool}/{member} refused or failed ({how}): {why}"
+                        );
+                        error!("{msg}");
+                        state.last_event = Some(msg.clone());
+                        (false, Response::error(msg))
+                    }
+                };
+                Handled {
+                    commit,
+                    reply: reply.map(|r| (r, response)),
+                }
+            }
+        }
+    }
+
+    fn probed(
+        &mut self,
+        pool: &str,
+        member: &str,
+        generation: u64,
+        result: Result<Observation, String>,
+    ) -> Handled {
+        if self.running.get(pool).map(|r| r.generation) != Some(generation) {
+            return Handled::default();
+        }
+        let Some(state) = self.states.get_mut(pool) else {
+            return Handled::default();
+        };
+        let before = state.routing.clone();
+        let outcome = state.record(member, result, Instant::now());
+        for conflict in &outcome.new_conflicts {
+            error!(
+                pool = %pool,
+                member = %conflict,
+                "pool {pool}: {conflict} is writable but {} is the primary: never two writers — \
+                 {conflict} gets no writes and is being set read-only",
+                state.routing.writer.as_deref().unwrap_or("(none)")
+            );
+        }
+        if let Some(adopted) = &outcome.adopted {
+            warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
+            state.last_event = Some(format!(
+                "{adopted} adopted as primary (the only writable member)"
+            ));
+        }
+        if outcome.routing_changed {
+            info!(
+                pool = %pool,
+                "pool {pool}: writes -> {}, reads -> [{}] (was {} / [{}])",
+                state.routing.writer.as_deref().unwrap_or("nobody"),
+                state.routing.readers.join(" "),
+                before.writer.as_deref().unwrap_or("nobody"),
+                before.readers.join(" ")
+            );
+        }
+        // Every refused writer that answers is set read-only, again at each
+        // probe while it stays writable.
+        let refused: Vec<PoolMember> = state
+            .routing
+            .refused
+            .iter()
+            .filter_map(|r| state.pool.member(r).cloned())
+            .collect();
+        let (login, timeout) = (state.pool.login.clone(), state.pool.health.timeout);
+        for m in refused {
+            if self.fencing.insert((pool.to_owned(), m.name.clone())) {
+                let (tx, pool, login) = (self.tx.clone(), pool.to_owned(), login.clone());
+                tokio::spawn(async move {
+                    let result = ops::fence(m.address, &login, timeout).await;
+                    let _ = tx.send(Event::Fenced {
+                        pool,
+                        member: m.name,
+                        result,
+                    });
+                });
+            }
+        }
+        if let Some(state) = self.states.get(pool)
+            && let Some(candidate) = state.failover_due(Instant::now())
+        {
+            warn!(
+                pool = %pool,
+                "pool {pool}: primary {} has had no writer for {:?}: automatic failover to {candidate}",
+                state.primary.as_deref().unwrap_or("?"),
+                state.pool.auto_failover.unwrap_or_default()
+            );
+            if let Err(why) = self.promote(pool, &candidate, false, None, "automatic failover") {
+                error!("automatic failover of pool {pool}: {why}");
+            }
+        }
+        Handled {
+            commit: outcome.routing_changed,
+            reply: None,
+        }
+    }
+
+    /// Starts a promotion of `member`; its outcome comes back as
+    /// [`Event::Promoted`]. Refuses at once what is plainly wrong.
+    pub fn promote(
+        &mut self,
+        pool: &str,
+        member: &str,
+        force: bool,
+        reply: Option<oneshot::Sender<Response>>,
+        how: &'static str,
+    ) -> Result<(), String> {
+        let Some(state) = self.states.get_mut(pool) else {
+            let known: Vec<&str> = self.states.keys().map(String::as_str).collect();
+            return Err(format!(
+                "no pool named {pool:?} (pools: {})",
+                if known.is_empty() {
+                    "none configured".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        };
+        let Some(candidate) = state.pool.member(member).cloned() else {
+            return Err(format!("pool {pool} has no member {member:?}"));
+        };
+        if state.promoting {
+            return Err(format!("a promotion in pool {pool} is already running"));
+        }
+        if state.routing.writer.as_deref() == Some(member) {
+            return Err(format!("{member} is already the primary of pool {pool}"));
+        }
+        let m = state.members.get(member);
+        if !force && !m.is_some_and(|m| m.up.up()) {
+            return Err(format!(
+                "{member} is not up ({}): refusing to promote it (use --force to try anyway)",
+                m.and_then(|m| m.last_check.clone())
+                    .unwrap_or_else(|| "never checked".to_owned())
+            ));
+        }
+        if !force
+            && let Some(r) = m
+                .and_then(|m| m.last.as_ref())
+                .and_then(|o| o.replication.as_ref())
+            && r.io_running == "Yes"
+            && r.lag_seconds
+                .is_none_or(|l| l > state.pool.max_lag.as_secs())
+        {
+            return Err(format!(
+                "{member} lags {} behind its primary (max-lag {}s): refusing to promote it \
+                 (use --force to promote it anyway)",
+                r.lag_seconds
+                    .map_or("an unknown time".to_owned(), |l| format!("{l}s")),
+                state.pool.max_lag.as_secs()
+            ));
+        }
+        let plan = ops::PromotePlan {
+            pool: pool.to_owned(),
+            candidate: candidate.clone(),
+            old_primary: state
+                .primary
+                .as_ref()
+                .and_then(|p| state.pool.member(p).cloned()),
+            others: state
+                .pool
+                .members
+                .iter()
+                .filter(|o| o.name != member)
+                .cloned()
+                .collect(),
+            login: state.pool.login.clone(),
+            timeout: state.pool.health.timeout.max(Duration::from_secs(1)),
+            force,
+        };
+        state.promoting = true;
+        let tx = self.tx.clone();
+        let started = Instant::now();
+        tokio::spawn(async move {
+            let result = ops::promote(&plan).await;
+            let _ = tx.send(Event::Promoted {
+                pool: plan.pool.clone(),
+                member: plan.candidate.name.clone(),
+                how,
+                started,
+                result,
+                reply,
+            });
+        });
+        Ok(())
+    }
+
+    /// Whether some member has not been judged yet (reachable or not).
+    pub fn awaiting_first_verdict(&self) -> bool {
+        self.states
+            .values()
+            .flat_map(|s| s.members.values())
+            .any(|m| m.up.health() == Health::Pending)
+    }
+
+    /// The longest a member's first verdict can take: `rise` (or `fall`)
+    /// probes, the last one's timeout.
+    pub fn first_verdict_bound(&self) -> Duration {
+        self.states
+            .values()
+            .map(|s| {
+                let h = &s.pool.health;
+                h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The pools as `lb status` shows them.
+    pub fn status(&self) -> Vec<PoolStatus> {
+        self.states.values().map(pool_status).collect()
+    }
+}
+
+/// Probes one member every interval and reports every result.
+async fn probe_member(pool: Pool, member: PoolMember, generation: u64, tx: UnboundedSender<Event>) {
+    let mut ticker = tokio::time::interval(pool.health.interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let target = pool.health.target(member.address);
+    loop {
+        ticker.tick().await;
+        let result = mysql::observe(target, &pool.login, pool.health.timeout).await;
+        let event = Event::Probed {
+            pool: pool.name.clone(),
+            member: member.name.clone(),
+            generation,
+            result,
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// A member's role as the pool sees it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum Role {
+    /// The write service routes to it.
+    Primary,
+    /// Read-only: a replica (replicating or not).
+    Replica,
+    /// Writable beside the primary: refused, being fenced.
+    SecondWriter,
+    /// Writable, but no writer could be chosen (or it is not checked yet).
+    Writable,
+    /// Not reachable (or never checked).
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub write_service: String,
+    pub write_vip: String,
+    pub read_service: String,
+    pub read_vip: String,
+    /// The member the pool considers primary (even while it is down).
+    pub primary: Option<String>,
+    /// Where writes go now.
+    pub writer: Option<String>,
+    /// Where reads go now.
+    pub readers: Vec<String>,
+    /// Second writers refused so far.
+    pub conflicts: u64,
+    pub max_lag_ms: u64,
+    pub auto_failover_ms: Option<u64>,
+    pub promoting: bool,
+    pub last_event: Option<String>,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub address: String,
+    /// Reachable (login works), with rise and fall.
+    pub health: HealthStatus,
+    pub role: Role,
+    pub read_only: Option<bool>,
+    pub server_id: Option<u64>,
+    pub replication: Option<Replication>,
+    /// `Seconds_Behind_Master` of a replica.
+    pub lag_seconds: Option<u64>,
+    /// The services routing to it now (the write and/or read service).
+    pub routed_by: Vec<String>,
+    pub last_check: Option<String>,
+}
+
+fn pool_status(s: &PoolState) -> PoolStatus {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let members = s
+        .pool
+        .members
+        .iter()
+        .map(|m| {
+            let st = s.members.get(&m.name);
+            let last = st.and_then(|x| x.last.as_ref());
+            let up = st.is_some_and(|x| x.up.up());
+            let role = if s.routing.writer.as_deref() == Some(m.name.as_str()) {
+                Role::Primary
+            } else if s.routing.refused.contains(&m.name) {
+                Role::SecondWriter
+            } else if !up {
+                Role::Unknown
+            } else if last.is_some_and(|o| o.read_only) {
+                Role::Replica
+            } else {
+                Role::Writable
+            };
+            let mut routed_by = Vec::new();
+            if s.routing.writer.as_deref() == Some(m.name.as_str()) {
+                routed_by.push(s.pool.write_service());
+            }
+            if s.routing.readers.contains(&m.name) {
+                routed_by.push(s.pool.read_service());
+            }
+            let replication = last.and_then(|o| o.replication.clone());
+            MemberStatus {
+                name: m.name.clone(),
+                address: m.address.to_string(),
+                health: st.map(|x| x.up.health()).into(),
+                role,
+                read_only: last.map(|o| o.read_only),
+                server_id: last.map(|o| o.server_id),
+                lag_seconds: replication.as_ref().and_then(|r| r.lag_seconds),
+                replication,
+                routed_by,
+                last_check: st.and_then(|x| x.last_check.clone()),
+            }
+        })
+        .collect();
+    PoolStatus {
+        name: s.pool.name.clone(),
+        write_service: s.pool.write_service(),
+        write_vip: s.pool.write_vip.to_string(),
+        read_service: s.pool.read_service(),
+        read_vip: s.pool.read_vip.to_string(),
+        primary: s.primary.clone(),
+        writer: s.routing.writer.clone(),
+        readers: s.routing.readers.clone(),
+        conflicts: s.conflicts,
+        max_lag_ms: ms(s.pool.max_lag),
+        auto_failover_ms: s.pool.auto_failover.map(ms),
+        promoting: s.promoting,
+        last_event: s.last_event.clone(),
+        members,
+    }
+}
+
+/// `lb status`'s lines for the pools.
+pub fn render(pools: &[PoolStatus]) -> String {
+    let mut out = String::new();
+    for p in pools {
+        out.push_str(&format!(
+            "pool {}  write {} {} -> {}  read {} {} -> [{}]  second writers refused {}{}\n",
+            p.name,
+            p.write_service,
+            p.write_vip,
+            p.writer.as_deref().unwrap_or("nobody"),
+            p.read_service,
+            p.read_vip,
+            p.readers.join(" "),
+            p.conflicts,
+            if p.promoting { "  (promoting)" } else { "" }
+        ));
+        for m in &p.members {
+            let lag = m
+                .lag_seconds
+                .map_or(String::new(), |l| format!(" lag {l}s"));
+            let repl = m.replication.as_ref().map_or(String::new(), |r| {
+                format!(
+                    " io {} sql {}",
+                    r.io_running,
+                    if r.sql_running { "Yes" } else { "No" }
+                )
+            });
+            out.push_str(&format!(
+                "  {:<8} {:<21} {:<8} {:<13}{repl}{lag}  routed by [{}]  {}\n",
+                m.name,
+                m.address,
+                m.health.to_string(),
+                m.role.to_string(),
+                m.routed_by.join(" "),
+                m.last_check.as_deref().unwrap_or("")
+            ));
+        }
+        if let Some(e) = &p.last_event {
+            out.push_str(&format!("  last event: {e}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,396 @@
+//! The lab's database tier: `db1` (primary), `db2` and `db3` (replicas),
+//! each a real MariaDB server (`mariadbd`, Debian's `mariadb-server`) in its
+//! own namespace on the back switch, with real GTID replication set up by
+//! the lab. Everything lives under the lab's run dir (`{run_dir}/dbN`:
+//! datadir, socket, pid file, error log) and goes with the lab.
+//!
+//! ```text
+//!   {P}-lb: lb-back 198.19.0.1 and 198.19.1.1, lo 198.18.0.20 (write VIP)
+//!                                                  198.18.0.21 (read VIP)
+//!   {P}-sw: br0 ── p-dbN ── {P}-dbN: eth0 198.19.1.2N, default via 198.19.1.1
+//! ```
+//!
+//! The databases sit on their own subnet (198.19.1.0/24) on the same
+//! switch, with the LB as their gateway: a web server (198.19.0.1N) that
+//! talks to a DB VIP gets its answers back through the LB, which reverses
+//! the NAT; on a shared subnet the database would answer the web server
+//! directly, with the wrong source address.
+//!
+//! Small and fast rather than durable: 16 MB buffer pool, no fsync
+//! (`innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`),
+//! `skip-name-resolve`; semi-synchronous replication, so that an
+//! acknowledged write survives a failover. One `mariadb-install-db` makes a template datadir
+//! that every member copies.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use rustix::process::Signal;
+
+use super::Lab;
+use crate::harness::netns::{self, SpawnGated as _, VethEnd, in_netns};
+
+/// Database server names; db1 starts as the primary.
+pub const DB_NAMES: [&str; 3] = ["db1", "db2", "db3"];
+/// The MySQL port of every member and of both DB VIPs.
+pub const DB_PORT: u16 = 3306;
+/// The write service's VIP (routes to the primary).
+pub const WRITE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+/// The read service's VIP (spreads over the replicas).
+pub const READ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
+/// The LB's address on the databases' subnet: their gateway.
+pub const DB_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+/// The account the agent checks, promotes and fences with (and replicas
+/// replicate with); its password is in [`admin_password_file`].
+pub const ADMIN_USER: &str = "lb";
+const ADMIN_PASSWORD: &str = "lb-lab-only";
+/// The application's account: SELECT and INSERT on `app.*`, no admin
+/// rights, so `read_only` stops its writes.
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-lab-only";
+/// The application's table: one row per visit.
+pub const VISITS_TABLE: &str = "app.visits";
+
+const DB_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Address of database `n` (1-based): 198.19.1.2N.
+pub fn db_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 1, u8::try_from(20 + n).unwrap_or(u8::MAX))
+}
+
+pub fn write_vip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(WRITE_VIP, DB_PORT))
+}
+
+pub fn read_vip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(READ_VIP, DB_PORT))
+}
+
+/// Where the lab keeps the application's database password (mode 0600),
+/// for the web servers' `/visits`.
+pub fn app_password_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("db-app-password")
+}
+
+/// Where the lab keeps the agent's database password (mode 0600).
+pub fn admin_password_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("db-password")
+}
+
+/// The `[[pool]]` of the lab's databases: write VIP 198.18.0.20:3306,
+/// read VIP 198.18.0.21:3306, checked every 500 ms (rise 2, fall 2),
+/// `max-lag` 2 s, and automatic failover after `auto_failover` if given.
+pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
+    let members = (1..=DB_NAMES.len())
+        .map(|n| {
+            format!(
+                "  {{ name = \"{}\", address = \"{}:{DB_PORT}\" }},\n",
+                DB_NAMES[n - 1],
+                db_addr(n)
+            )
+        })
+        .collect::<String>();
+    let auto = auto_failover
+        .map(|d| format!("auto-failover = \"{d}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "\n[[pool]]\nname = \"db\"\nwrite-vip = \"{WRITE_VIP}:{DB_PORT}\"\nread-vip = \"{READ_VIP}:{DB_PORT}\"\n\
+         max-lag = \"2s\"\nprimary-fallback = true\n{auto}\
+         health = {{ check = \"mysql\", user = \"{ADMIN_USER}\", password-file = \"{}\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
+         members = [\n{members}]\n",
+        admin_password_file(run_dir).display()
+    )
+}
+
+impl Lab {
+    /// Namespace of database `n` (1-based).
+    pub fn db_ns(&self, n: usize) -> String {
+        format!("{}-db{n}", self.prefix)
+    }
+
+    fn db_dir(&self, n: usize) -> PathBuf {
+        self.run_dir().join(format!("db{n}"))
+    }
+
+    /// The unix socket of database `n` (for the lab's own admin SQL).
+    pub fn db_socket(&self, n: usize) -> PathBuf {
+        self.db_dir(n).join("mysqld.sock")
+    }
+
+    /// Adds db1..db3 to the lab and starts them with db1 the primary and
+    /// db2, db3 replicating from it by GTID; returns once both replicas
+    /// have applied the lab's schema (`app.visits`) and accounts.
+    pub fn start_databases(&mut self) -> anyhow::Result<()> {
+        netns::require_tool(
+            "mariadbd",
+            "apt-get install mariadb-server (cargo xtask setup installs it)",
+        )?;
+        self.build_db_topology()
+            .context("adding the database hosts")?;
+        let password_file = admin_password_file(&self.run_dir());
+        fs::write(&password_file, format!("{ADMIN_PASSWORD}\n"))
+            .with_context(|| format!("writing {}", password_file.display()))?;
+        set_mode_0600(&password_file)?;
+        let app_file = app_password_file(&self.run_dir());
+        fs::write(&app_file, format!("{APP_PASSWORD}\n"))
+            .with_context(|| format!("writing {}", app_file.display()))?;
+        set_mode_0600(&app_file)?;
+        self.install_datadirs()?;
+        for n in 1..=DB_NAMES.len() {
+            self.start_db(n)?;
+        }
+        self.db_admin(
+            1,
+            &format!(
+                "CREATE USER '{ADMIN_USER}'@'%' IDENTIFIED BY '{ADMIN_PASSWORD}';\
+                 GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%';\
+                 CREATE DATABASE app;\
+                 CREATE TABLE {VISITS_TABLE} (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
+                   seq BIGINT NOT NULL, writer VARCHAR(64) NOT NULL, server_id INT NOT NULL, \
+                   at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3));\
+                 CREATE USER '{APP_USER}'@'%' IDENTIFIED BY '{APP_PASSWORD}';\
+                 GRANT SELECT, INSERT ON app.* TO '{APP_USER}'@'%';"
+            ),
+        )?;
+        let primary = db_addr(1);
+        for n in 2..=DB_NAMES.len() {
+            self.db_admin(
+                n,
+                &format!(
+                    "CHANGE MASTER TO MASTER_HOST = '{primary}', MASTER_PORT = {DB_PORT}, \
+                     MASTER_USER = '{ADMIN_USER}', MASTER_PASSWORD = '{ADMIN_PASSWORD}', \
+                     MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 1; START SLAVE;"
+                ),
+            )?;
+        }
+        let pos = self.db_admin(1, "SELECT @@global.gtid_binlog_pos")?;
+        for n in 2..=DB_NAMES.len() {
+            let waited =
+                self.db_admin(n, &format!("SELECT MASTER_GTID_WAIT('{}', 20)", pos.trim()))?;
+            if waited.trim() != "0" {
+                bail!(
+                    "db{n} did not replicate db1's setup ({}) within 20 s; SHOW SLAVE STATUS:\n{}",
+                    pos.trim(),
+                    self.db_admin(n, "SHOW SLAVE STATUS\\G").unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn build_db_topology(&self) -> anyhow::Result<()> {
+        let sw = self.sw_ns();
+        let lb = self.lb_ns();
+        netns::add_addr(&lb, "lb-back", &format!("{DB_GATEWAY}/24"))?;
+        netns::add_addr(&lb, "lo", &format!("{WRITE_VIP}/32"))?;
+        netns::add_addr(&lb, "lo", &format!("{READ_VIP}/32"))?;
+        for n in 1..=DB_NAMES.len() {
+            let ns = self.db_ns(n);
+            let port = format!("p-db{n}");
+            // Every lab namespace is made with the lab; an empty one costs nothing.
+            if !netns::exists(&ns) {
+                netns::add_namespace(&ns)?;
+            }
+            netns::add_veth(&VethEnd::new(&ns, "eth0"), &VethEnd::new(&sw, &port))?;
+            netns::ns_run(&sw, &["ip", "link", "set", &port, "master", "br0", "up"])
+                .with_context(|| format!("enslaving {port} to br0 in {sw}"))?;
+            netns::add_addr(&ns, "eth0", &format!("{}/24", db_addr(n)))?;
+            netns::ns_run(&ns, &["ip", "link", "set", "eth0", "up"])?;
+            netns::ns_run(
+                &ns,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &DB_GATEWAY.to_string(),
+                ],
+            )?;
+            netns::tune_veth(&ns, "eth0")?;
+            netns::tune_veth(&sw, &port)?;
+        }
+        Ok(())
+    }
+
+    /// One `mariadb-install-db` into a template, copied to every member
+    /// (a fresh install holds nothing member-specific: the server id and
+    /// the roles come from the command line and the replication setup).
+    fn install_datadirs(&self) -> anyhow::Result<()> {
+        let template = self.run_dir().join("db-template");
+        let log = self.run_dir().join("db-install.log");
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().context("duplicating the install log")?;
+        let status = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                &format!("--datadir={}", template.display()),
+                "--user=root",
+                "--skip-test-db",
+                "--auth-root-authentication-method=socket",
+                "--innodb-buffer-pool-size=16M",
+                "--innodb-log-file-size=8M",
+            ])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .context("running mariadb-install-db")?;
+        if !status.success() {
+            bail!(
+                "mariadb-install-db failed ({status}):\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        for n in 1..=DB_NAMES.len() {
+            let dir = self.db_dir(n);
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let data = dir.join("data");
+            let copied = Command::new("cp")
+                .args(["-a"])
+                .arg(&template)
+                .arg(&data)
+                .status()
+                .context("copying the template datadir")?;
+            if !copied.success() {
+                bail!("cp -a {} {} failed", template.display(), data.display());
+            }
+        }
+        fs::remove_dir_all(&template).with_context(|| format!("removing {}", template.display()))
+    }
+
+    /// Starts (or restarts) `mariadbd` of database `n` on its datadir and
+    /// waits until it accepts connections. db1 starts writable, the others
+    /// read-only: a restarted db1 comes back claiming to be a primary.
+    pub fn start_db(&mut self, n: usize) -> anyhow::Result<()> {
+        let dir = self.db_dir(n);
+        let arg = |name: &str, path: &str| format!("--{name}={}", dir.join(path).display());
+        let args: Vec<String> = vec![
+            "mariadbd".into(),
+            "--no-defaults".into(),
+            "--user=root".into(),
+            arg("datadir", "data"),
+            arg("socket", "mysqld.sock"),
+            arg("pid-file", "mysqld.pid"),
+            arg("log-error", "error.log"),
+            format!("--bind-address={}", db_addr(n)),
+            format!("--port={DB_PORT}"),
+            format!("--server-id={n}"),
+            format!("--read-only={}", u8::from(n != 1)),
+            "--log-bin=mysql-bin".into(),
+            "--log-slave-updates".into(),
+            "--binlog-format=ROW".into(),
+            "--gtid-strict-mode=1".into(),
+            "--skip-name-resolve".into(),
+            "--performance-schema=OFF".into(),
+            "--innodb-buffer-pool-size=16M".into(),
+            "--innodb-log-file-size=8M".into(),
+            "--innodb-flush-log-at-trx-commit=2".into(),
+            "--sync-binlog=0".into(),
+            "--innodb-use-native-aio=0".into(),
+            "--max-connections=200".into(),
+            // Semi-synchronous replication: a commit is acknowledged only
+            // once a replica has it, so a promoted replica holds every
+            // write a client saw acknowledged (every member can become the
+            // primary: both sides on everywhere).
+            "--rpl-semi-sync-master-enabled=ON".into(),
+            "--rpl-semi-sync-slave-enabled=ON".into(),
+            "--rpl-semi-sync-master-wait-point=AFTER_SYNC".into(),
+            "--rpl-semi-sync-master-timeout=2000".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = dir.join("stdout.log");
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = netns::ns_command(&self.db_ns(n), &args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::null());
+        // Its own process group: `lb lab up` returns and leaves it running
+        // (teardown finds it in its namespace).
+        netns::new_session(&mut cmd);
+        let child = cmd
+            .spawn_gated()
+            .with_context(|| format!("starting mariadbd of db{n}"))?;
+        self.children.push(child);
+        let addr = SocketAddr::V4(SocketAddrV4::new(db_addr(n), DB_PORT));
+        let deadline = Instant::now() + DB_READY_TIMEOUT;
+        while !in_netns(&self.lb_ns(), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+        })? {
+            if Instant::now() > deadline {
+                bail!(
+                    "db{n} not accepting on {addr} after {DB_READY_TIMEOUT:?}; {}:\n{}",
+                    dir.join("error.log").display(),
+                    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs database `n` (a crashed server) and waits until it is gone.
+    pub fn kill_db(&mut self, n: usize) -> anyhow::Result<()> {
+        let ns = self.db_ns(n);
+        let pids = ns_pids(&ns)?;
+        for pid in &pids {
+            netns::signal(*pid, Signal::KILL);
+        }
+        let deadline = Instant::now() + DB_READY_TIMEOUT;
+        while !ns_pids(&ns)?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("db{n} survived SIGKILL");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        for child in &mut self.children {
+            let _ = child.try_wait();
+        }
+        Ok(())
+    }
+
+    /// Runs SQL on database `n` as its root (over its unix socket, batch
+    /// mode, no column names); returns stdout.
+    pub fn db_admin(&self, n: usize, sql: &str) -> anyhow::Result<String> {
+        let socket = self.db_socket(n);
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B"])
+            .arg(format!("--socket={}", socket.display()))
+            .args(["-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running mariadb on db{n}"))?;
+        if !out.status.success() {
+            bail!(
+                "db{n}: {sql}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Pids of the processes in namespace `ns`.
+fn ns_pids(ns: &str) -> anyhow::Result<Vec<u32>> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .with_context(|| format!("ip netns pids {ns}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+fn set_mode_0600(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))
+}

@@ -1,0 +1,234 @@
+//! `check = "mysql"`: a real MySQL protocol handshake and login with
+//! `mysql_async`, then what the server says about its role: `@@read_only`,
+//! its GTID positions and, on a replica, `SHOW SLAVE STATUS` (replication
+//! threads, lag, its source). A plain service only needs the login to pass;
+//! a pool (`crate::db`) routes by the [`Observation`].
+
+use std::{net::SocketAddrV4, time::Duration};
+
+use mysql_async::{Conn, OptsBuilder, Row, prelude::Queryable};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{MysqlLogin, duration::show};
+
+/// What one probe of a member found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    /// `@@read_only`: replicas run read-only; a writable member is a primary.
+    pub read_only: bool,
+    pub server_id: u64,
+    /// `@@gtid_binlog_pos`: the last transaction written to its binlog.
+    pub gtid_binlog_pos: String,
+    /// `@@gtid_slave_pos`: the last transaction it applied as a replica.
+    pub gtid_slave_pos: String,
+    /// `SHOW SLAVE STATUS`; `None`: replication is not configured.
+    pub replication: Option<Replication>,
+}
+
+/// A replica's replication, from `SHOW SLAVE STATUS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The primary it replicates from.
+    pub source: String,
+    /// `Slave_IO_Running`: "Yes", "No" or "Connecting".
+    pub io_running: String,
+    /// `Slave_SQL_Running` is "Yes".
+    pub sql_running: bool,
+    /// `Seconds_Behind_Master`; `None` while a thread is not running.
+    pub lag_seconds: Option<u64>,
+    /// `Gtid_IO_Pos`: the last transaction received from the primary.
+    pub gtid_io_pos: String,
+    /// The last IO or SQL error, if any.
+    pub error: Option<String>,
+}
+
+impl Replication {
+    /// Both threads running and within `max_lag`.
+    pub fn healthy_within(&self, max_lag: Duration) -> bool {
+        self.io_running == "Yes"
+            && self.sql_running
+            && self.lag_seconds.is_some_and(|l| l <= max_lag.as_secs())
+    }
+}
+
+impl Observation {
+    /// The sum of the sequence numbers of a GTID position: which of two
+    /// replicas of one primary has applied more (`0-1-120,1-2-7` → 127).
+    pub fn applied(&self) -> u64 {
+        gtid_progress(&self.gtid_slave_pos).max(gtid_progress(&self.gtid_binlog_pos))
+    }
+}
+
+/// The sum of the sequence numbers of a GTID position list.
+pub fn gtid_progress(pos: &str) -> u64 {
+    pos.split(',')
+        .filter_map(|gtid| gtid.trim().rsplit('-').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Connects to `address` and logs in as `login`; the error is a short
+/// reason naming the address.
+pub async fn connect(
+    address: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Conn, String> {
+    // TCP first, so that an unreachable or closed port and a server that
+    // never sends a MySQL handshake get different reasons.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("mysql {address}: connect timed out after {}", show(timeout)))?
+        .map_err(|e| format!("mysql {address}: connect: {}", super::probe::io_reason(&e)))?;
+    drop(tcp);
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(address.ip().to_string())
+        .tcp_port(address.port())
+        .prefer_socket(false)
+        .user(Some(login.user.clone()))
+        .pass(Some(login.password.expose().to_owned()));
+    match tokio::time::timeout_at(deadline, Conn::new(opts)).await {
+        Err(_) => Err(format!(
+            "mysql {address}: no MySQL handshake and login within {} (not a MySQL server?)",
+            show(timeout)
+        )),
+        Ok(Err(e)) => Err(format!("mysql {address}: {}", reason(&e))),
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
+
+/// The login check of a plain service: handshake, login, `SELECT 1`.
+pub async fn probe(
+    address: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<(), String> {
+    observe(address, login, timeout).await.map(drop)
+}
+
+/// One probe: login, then the role and replication state, all within
+/// `timeout`.
+pub async fn observe(
+    address: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Observation, String> {
+    let work = async {
+        let mut conn = connect(address, login, timeout).await?;
+        let result = read_state(&mut conn)
+            .await
+            .map_err(|e| format!("mysql {address}: {}", reason(&e)));
+        // A failed goodbye changes nothing about what was read.
+        let _ = conn.disconnect().await;
+        result
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Err(_) => Err(format!(
+            "mysql {address}: timed out after {}",
+            show(timeout)
+        )),
+        Ok(result) => result,
+    }
+}
+
+async fn read_state(conn: &mut Conn) -> Result<Observation, mysql_async::Error> {
+    let row: Option<(i64, u64, String, String)> = conn
+        .query_first(
+            "SELECT @@global.read_only, @@global.server_id, @@global.gtid_binlog_pos, \
+             @@global.gtid_slave_pos",
+        )
+        .await?;
+    let (read_only, server_id, gtid_binlog_pos, gtid_slave_pos) =
+        row.unwrap_or((0, 0, String::new(), String::new()));
+    let rows: Vec<Row> = conn.query("SHOW SLAVE STATUS").await?;
+    let replication = rows.first().map(|row| {
+        let text = |column: &str| -> String {
+            row.get_opt::<Option<String>, _>(column)
+                .and_then(Result::ok)
+                .flatten()
+                .unwrap_or_default()
+        };
+        let error = [text("Last_IO_Error"), text("Last_SQL_Error")]
+            .into_iter()
+            .find(|e| !e.is_empty());
+        Replication {
+            source: format!("{}:{}", text("Master_Host"), text("Master_Port")),
+            io_running: text("Slave_IO_Running"),
+            sql_running: text("Slave_SQL_Running") == "Yes",
+            lag_seconds: text("Seconds_Behind_Master").parse().ok(),
+            gtid_io_pos: text("Gtid_IO_Pos"),
+            error,
+        }
+    });
+    Ok(Observation {
+        read_only: read_only != 0,
+        server_id,
+        gtid_binlog_pos,
+        gtid_slave_pos,
+        replication,
+    })
+}
+
+/// A driver error as a short reason: the server's own message for a server
+/// error ("Access denied for user ..."), else the driver's.
+pub fn reason(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => format!("server error {}: {}", s.code, s.message),
+        mysql_async::Error::Io(io) => format!("connection failed: {io}"),
+        mysql_async::Error::Driver(d) => format!("not a MySQL server? {d}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gtid_progress_sums_the_domains() {
+        assert_eq!(gtid_progress(""), 0);
+        assert_eq!(gtid_progress("0-1-120"), 120);
+        assert_eq!(gtid_progress("0-1-120,1-2-7"), 127);
+        assert_eq!(gtid_progress("garbage"), 0);
+    }
+
+    #[test]
+    fn replication_qualifies_only_with_both_threads_and_little_lag() {
+        let mut r = Replication {
+            source: "198.19.1.21:3306".into(),
+            io_running: "Yes".into(),
+            sql_running: true,
+            lag_seconds: Some(0),
+            gtid_io_pos: String::new(),
+            error: None,
+        };
+        let max = Duration::from_secs(5);
+        assert!(r.healthy_within(max));
+        r.lag_seconds = Some(6);
+        assert!(!r.healthy_within(max));
+        r.lag_seconds = None;
+        assert!(!r.healthy_within(max));
+        r.lag_seconds = Some(1);
+        r.io_running = "Connecting".into();
+        assert!(!r.healthy_within(max));
+        r.io_running = "Yes".into();
+        r.sql_running = false;
+        assert!(!r.healthy_within(max));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_mysql_is_named() {
+        let (l, addr) = super::super::probe::test_support::listener().await;
+        let (_server, _) =
+            super::super::probe::test_support::serve(l, "HTTP/1.0 400 Bad Request\r\n\r\n");
+        let login = MysqlLogin {
+            user: "lb".into(),
+            password: crate::config::Secret::new("x".into()),
+            password_file: None,
+        };
+        let why = probe(addr, &login, Duration::from_millis(500))
+            .await
+            .expect_err("not MySQL");
+        assert!(why.contains("not a MySQL server?"), "{why}");
+    }
+}

@@ -1,0 +1,688 @@
+//! End to end, the database tier: a lab with real MariaDB servers (db1
+//! primary, db2 and db3 replicas by GTID, semi-synchronous), the agent
+//! routing the pool's write VIP and read VIP by role, and MySQL clients
+//! (`mysql_async`) in the client namespace going through the load balancer.
+//! Run with `--nocapture` to see the measured write outages and the read
+//! rotation.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_tests::{ask, lb_bin, status, three_webs, unique_prefix, wait_for_status};
+use lb_userspace::{
+    control::{Request, Status},
+    db::{DbCommand, PoolStatus, Role},
+    harness::{
+        lab::{
+            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, pool_config, read_vip, run_dir, vip_http,
+            write_vip,
+        },
+        netns::in_netns,
+    },
+};
+use mysql_async::{Conn, OptsBuilder, prelude::Queryable};
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Probe interval 500 ms, fall 2: a member is judged down within about
+/// this long (plus the probe timeout).
+const FALL_WINDOW: Duration = Duration::from_millis(1500);
+
+fn lab_with_databases() -> Result<Lab> {
+    let mut lab = Lab::up(&unique_prefix("db"), &lb_bin())?;
+    lab.start_databases()?;
+    Ok(lab)
+}
+
+/// The www service (web1..web3) and the lab's pool.
+fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
+    let pool = pool_config(&run_dir(lab.prefix()), auto_failover);
+    format!("{}{pool}", three_webs())
+}
+
+fn pool(status: &Status) -> Result<PoolStatus> {
+    status
+        .pools
+        .iter()
+        .find(|p| p.name == "db")
+        .cloned()
+        .context("no pool db in status")
+}
+
+fn routed(status: &Status, writer: Option<&str>, readers: &[&str]) -> bool {
+    pool(status).is_ok_and(|p| p.writer.as_deref() == writer && p.readers == readers)
+}
+
+fn app_opts(vip: SocketAddr) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(vip.ip().to_string())
+        .tcp_port(vip.port())
+        .prefer_socket(false)
+        .user(Some(APP_USER))
+        .pass(Some(APP_PASSWORD))
+        .db_name(Some("app"))
+}
+
+/// One write through the write VIP on a new connection: inserts `seq`,
+/// returns the server id that committed it.
+async fn write(seq: u64, writer: &str) -> Result<u64, String> {
+    let work = async {
+        let mut c = Conn::new(app_opts(write_vip())).await?;
+        c.exec_drop(
+            format!(
+                "INSERT INTO {VISITS_TABLE} (seq, writer, server_id) VALUES (?, ?, @@server_id)"
+            ),
+            (seq, writer),
+        )
+        .await?;
+        let id: Option<u64> = c.query_first("SELECT @@server_id").await?;
+        let _ = c.disconnect().await;
+        Ok::<_, mysql_async::Error>(id.unwrap_or(0))
+    };
+    match tokio::time::timeout(CLIENT_TIMEOUT, work).await {
+        Err(_) => Err("timed out".to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(id)) => Ok(id),
+    }
+}
+
+/// One read through the read VIP on a new connection: (server id, rows).
+async fn read() -> Result<(u64, u64), String> {
+    let work = async {
+        let mut c = Conn::new(app_opts(read_vip())).await?;
+        let row: Option<(u64, u64)> = c
+            .query_first(format!("SELECT @@server_id, COUNT(*) FROM {VISITS_TABLE}"))
+            .await?;
+        let _ = c.disconnect().await;
+        Ok::<_, mysql_async::Error>(row.unwrap_or_default())
+    };
+    match tokio::time::timeout(CLIENT_TIMEOUT, work).await {
+        Err(_) => Err("timed out".to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+/// Runs `f` from the client's namespace (its sockets are made there).
+fn from_client<T: Send>(lab: &Lab, f: impl Future<Output = T> + Send) -> Result<T> {
+    let rt = runtime()?;
+    in_netns(&lab.client_ns(), || rt.block_on(f))
+}
+
+fn reads(lab: &Lab, n: usize) -> Result<Vec<u64>> {
+    from_client(lab, async {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(read().await.map_err(anyhow::Error::msg)?.0);
+        }
+        Ok::<_, anyhow::Error>(ids)
+    })?
+}
+
+/// The rows `writer` wrote, as seen on database `n`.
+fn seqs_on(lab: &Lab, n: usize, writer: &str) -> Result<BTreeSet<u64>> {
+    Ok(lab
+        .db_admin(
+            n,
+            &format!("SELECT seq FROM {VISITS_TABLE} WHERE writer = '{writer}'"),
+        )?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+/// A write loop from the client: (time since start, seq, server id or error).
+type WriteLog = Vec<(Duration, u64, Result<u64, String>)>;
+
+fn write_loop(
+    lab: &Lab,
+    writer: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<WriteLog>> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        let rt = runtime()?;
+        in_netns(&ns, || {
+            rt.block_on(async {
+                let start = Instant::now();
+                let mut log = Vec::new();
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let r = write(seq, writer).await;
+                    if r.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    log.push((start.elapsed(), seq, r));
+                }
+                log
+            })
+        })
+    })
+}
+
+/// The write outage: the longest time between two consecutive
+/// acknowledged writes after `event - 1 s` (the loop writes back to back,
+/// so in steady state acks are milliseconds apart), and every acked seq.
+fn outage(log: &WriteLog, event: Duration) -> Result<(Duration, BTreeSet<u64>)> {
+    let acks: Vec<Duration> = log
+        .iter()
+        .filter(|(t, _, r)| r.is_ok() && *t + Duration::from_secs(1) >= event)
+        .map(|(t, _, _)| *t)
+        .collect();
+    ensure!(
+        acks.first().is_some_and(|t| *t <= event) && acks.last().is_some_and(|t| *t > event),
+        "no acknowledged writes on both sides of the event: {log:?}"
+    );
+    let gap = acks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let acked = log
+        .iter()
+        .filter(|(_, _, r)| r.is_ok())
+        .map(|(_, s, _)| *s)
+        .collect();
+    Ok((gap, acked))
+}
+
+/// Writes refused as read-only (MySQL error 1290) by whichever member got
+/// them: must be none — read-only members never get write traffic.
+fn read_only_refusals(log: &WriteLog) -> usize {
+    log.iter()
+        .filter(|(_, _, r)| {
+            r.as_ref()
+                .is_err_and(|e| e.contains("1290") || e.contains("read-only"))
+        })
+        .count()
+}
+
+/// Writes `seqs` (tag "basic") through the write VIP, each on a new
+/// connection, and checks that server `server_id` committed every one.
+fn writes_land_on(lab: &Lab, seqs: std::ops::RangeInclusive<u64>, server_id: u64) -> Result<()> {
+    let ids = from_client(lab, async {
+        let mut ids = Vec::new();
+        for seq in seqs {
+            ids.push(write(seq, "basic").await);
+        }
+        ids
+    })?;
+    ensure!(
+        ids.iter().all(|r| r == &Ok(server_id)),
+        "writes answered by {ids:?}"
+    );
+    Ok(())
+}
+
+/// One HTTP/1.0 request; the response body.
+fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: www\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no response head")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {text}");
+    Ok(body.to_owned())
+}
+
+/// Lets the write loop run 1 s more, stops it and checks it: prints the
+/// write outage around `event`; every acknowledged write is on database
+/// `primary`; no write was refused as read-only.
+fn finish(
+    lab: &Lab,
+    stop: &AtomicBool,
+    writes: thread::JoinHandle<Result<WriteLog>>,
+    event: Duration,
+    tag: &str,
+    primary: usize,
+    what: &str,
+) -> Result<WriteLog> {
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let log = writes
+        .join()
+        .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+    let (gap, acked) = outage(&log, event)?;
+    println!(
+        "{what}: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
+        log.len(),
+        acked.len(),
+        log.len() - acked.len()
+    );
+    let on_primary = seqs_on(lab, primary, tag)?;
+    let missing: Vec<&u64> = acked.difference(&on_primary).collect();
+    ensure!(
+        missing.is_empty(),
+        "acknowledged writes missing on the new primary db{primary}: {missing:?}"
+    );
+    ensure!(
+        read_only_refusals(&log) == 0,
+        "a read-only member got writes: {log:?}"
+    );
+    Ok(log)
+}
+
+fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
+    let r = ask(
+        lab,
+        &Request::Db(DbCommand::Promote {
+            pool: "db".into(),
+            member: member.into(),
+            force,
+        }),
+    )?;
+    ensure!(r.ok, "promote {member}: {}", r.message);
+    Ok(r.message)
+}
+
+#[test]
+fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Result<()> {
+    let lab = lab_with_databases()?;
+    let agent = lab.start_agent(&config(&lab, None))?;
+    let check = || -> Result<()> {
+        wait_for_status(
+            &lab,
+            "db1 writes, db2+db3 read",
+            Duration::from_secs(10),
+            |s| routed(s, Some("db1"), &["db2", "db3"]),
+        )?;
+        let p = pool(&status(&lab)?)?;
+        let role = |n: &str| p.members.iter().find(|m| m.name == n).map(|m| m.role);
+        assert_eq!(role("db1"), Some(Role::Primary));
+        assert_eq!(role("db2"), Some(Role::Replica));
+        let db2 = p.members.iter().find(|m| m.name == "db2").context("db2")?;
+        assert_eq!(db2.routed_by, ["db-read"]);
+        assert_eq!(db2.lag_seconds, Some(0));
+        let repl = db2.replication.as_ref().context("db2 replicates")?;
+        assert!(repl.io_running == "Yes" && repl.sql_running, "{repl:?}");
+
+        // Writes land on the primary, and replicate.
+        writes_land_on(&lab, 1..=20, 1)?;
+        let primary_pos = lab.db_admin(1, "SELECT @@gtid_binlog_pos")?;
+        for n in [2, 3] {
+            let waited = lab.db_admin(
+                n,
+                &format!("SELECT MASTER_GTID_WAIT('{}', 5)", primary_pos.trim()),
+            )?;
+            assert_eq!(waited.trim(), "0", "db{n} did not replicate");
+            assert_eq!(
+                seqs_on(&lab, n, "basic")?,
+                (1..=20).collect(),
+                "rows on db{n}"
+            );
+        }
+
+        // Reads rotate over the replicas.
+        let ids = reads(&lab, 12)?;
+        println!("read rotation over db2+db3 (server ids of 12 new connections): {ids:?}");
+        assert_eq!(ids.iter().filter(|i| **i == 2).count(), 6, "{ids:?}");
+        assert_eq!(ids.iter().filter(|i| **i == 3).count(), 6, "{ids:?}");
+
+        // The application: the web servers (through the web VIP) write
+        // through the write VIP and read through the read VIP.
+        let pages = in_netns(&lab.client_ns(), || -> Result<Vec<String>> {
+            let mut pages = Vec::new();
+            for method in ["POST", "POST", "POST", "GET", "GET", "GET", "GET"] {
+                pages.push(http(vip_http(), method, "/visits")?);
+            }
+            Ok(pages)
+        })??;
+        println!("web app through the LB:\n{}", pages.join(""));
+        for page in &pages[..3] {
+            assert!(
+                page.contains("visit recorded by db1 (write VIP 198.18.0.20:3306)"),
+                "{page}"
+            );
+        }
+        let from: BTreeSet<&str> = pages[3..]
+            .iter()
+            .filter_map(|p| p.split("read from ").nth(1)?.split(' ').next())
+            .collect();
+        assert_eq!(from, BTreeSet::from(["db2", "db3"]), "{pages:?}");
+        let webs: BTreeSet<&str> = pages.iter().filter_map(|p| p.split(':').next()).collect();
+        assert_eq!(webs.len(), 3, "every web answered: {pages:?}");
+
+        // Replication stopped on db2: it leaves the reads within the fall
+        // window, and comes back once it replicates again.
+        let stopped = Instant::now();
+        lab.db_admin(2, "STOP SLAVE")?;
+        let left = wait_for_status(&lab, "db2 out of reads", FALL_WINDOW * 2, |s| {
+            routed(s, Some("db1"), &["db3"])
+        })?;
+        let gone = stopped.elapsed();
+        println!(
+            "replication stopped on db2: out of the read service after {gone:?} (status poll {left:?})"
+        );
+        assert!(gone <= FALL_WINDOW + Duration::from_millis(700), "{gone:?}");
+        let ids = reads(&lab, 6)?;
+        println!("reads while db2 is stopped: {ids:?}");
+        assert!(ids.iter().all(|i| *i == 3), "{ids:?}");
+        // Writes continue meanwhile; db2 catches up once restarted.
+        from_client(&lab, async {
+            for seq in 21..=30 {
+                write(seq, "basic").await.map_err(anyhow::Error::msg)?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })??;
+        let started = Instant::now();
+        lab.db_admin(2, "START SLAVE")?;
+        wait_for_status(&lab, "db2 back in reads", Duration::from_secs(5), |s| {
+            routed(s, Some("db1"), &["db2", "db3"])
+        })?;
+        println!(
+            "db2 replicating again: back in the read service after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            seqs_on(&lab, 2, "basic")?,
+            (1..=30).collect(),
+            "db2 caught up"
+        );
+        let ids = reads(&lab, 6)?;
+        println!("reads after db2 returned: {ids:?}");
+        assert_eq!(ids.iter().filter(|i| **i == 2).count(), 3, "{ids:?}");
+
+        // Never two writers: db3 made writable behind the agent's back is
+        // refused (no writes) and set read-only again.
+        lab.db_admin(3, "SET GLOBAL read_only = 0")?;
+        wait_for_status(
+            &lab,
+            "db3 refused as a second writer",
+            Duration::from_secs(5),
+            |s| pool(s).is_ok_and(|p| p.conflicts >= 1 && p.writer.as_deref() == Some("db1")),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab.db_admin(3, "SELECT @@global.read_only")?.trim() != "1" {
+            ensure!(
+                Instant::now() < deadline,
+                "the agent did not set db3 read-only again"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        writes_land_on(&lab, 31..=36, 1)?;
+        let text = lb_userspace::control::render(&status(&lab)?);
+        println!("{text}");
+        assert!(
+            text.contains("pool db  write db-write 198.18.0.20:3306 -> db1"),
+            "{text}"
+        );
+        Ok(())
+    };
+    check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+}
+
+#[test]
+fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<()> {
+    let mut lab = lab_with_databases()?;
+    let agent = lab.start_agent(&config(&lab, None))?;
+    let mut run = || -> Result<()> {
+        wait_for_status(&lab, "db1 writes", Duration::from_secs(10), |s| {
+            routed(s, Some("db1"), &["db2", "db3"])
+        })?;
+
+        // 1. The primary crashes under a steady write loop; an operator
+        //    promotes db2 by command.
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let writes = write_loop(&lab, "crash", Arc::clone(&stop));
+        thread::sleep(Duration::from_millis(1500));
+        let killed_at = started.elapsed();
+        lab.kill_db(1)?;
+        let lost = wait_for_status(&lab, "no writer once db1 is down", FALL_WINDOW * 2, |s| {
+            pool(s).is_ok_and(|p| p.writer.is_none())
+        })?;
+        println!("db1 killed: the write service stopped routing to it after {lost:?}");
+        let msg = promote(&lab, "db2", false)?;
+        println!("lb db promote db db2: {msg}");
+        wait_for_status(&lab, "db2 writes", Duration::from_secs(2), |s| {
+            routed(s, Some("db2"), &["db3"])
+        })?;
+        let log = finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "crash",
+            2,
+            "promote by command",
+        )?;
+        assert!(
+            log.iter()
+                .filter_map(|(_, _, r)| r.as_ref().ok())
+                .all(|id| *id == 1 || *id == 2)
+        );
+        // db3 follows the new primary.
+        let pos = lab.db_admin(2, "SELECT @@gtid_binlog_pos")?;
+        let waited = lab.db_admin(3, &format!("SELECT MASTER_GTID_WAIT('{}', 5)", pos.trim()))?;
+        ensure!(waited.trim() == "0", "db3 does not replicate from db2");
+
+        // 2. A planned switchover to db3: a connection held on the write
+        //    service (pinned to db2) is cut at once, and its write lands
+        //    nowhere.
+        let rt = runtime()?;
+        let mut held = in_netns(&lab.client_ns(), || {
+            rt.block_on(Conn::new(app_opts(write_vip())))
+        })??;
+        let id: Option<u64> = rt.block_on(held.query_first("SELECT @@server_id"))?;
+        ensure!(id == Some(2), "held connection on {id:?}");
+        let msg = promote(&lab, "db3", false)?;
+        println!("lb db promote db db3 (db2 alive): {msg}");
+        wait_for_status(&lab, "db3 writes", Duration::from_secs(2), |s| {
+            routed(s, Some("db3"), &["db2"])
+        })?;
+        let late = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                held.exec_drop(
+                    format!("INSERT INTO {VISITS_TABLE} (seq, writer, server_id) VALUES (1, 'held', @@server_id)"),
+                    (),
+                ),
+            )
+            .await
+        });
+        println!("write on the connection pinned to the old primary after the switch: {late:?}");
+        match late {
+            Err(_) => {}
+            Ok(Err(e)) if !e.to_string().contains("1290") => {}
+            other => bail!("the old primary's flow was not dropped: {other:?}"),
+        }
+        drop(held);
+        for n in [2, 3] {
+            ensure!(
+                seqs_on(&lab, n, "held")?.is_empty(),
+                "the held connection's write reached db{n}"
+            );
+        }
+
+        // 3. The old primary comes back writable: it gets no writes and the
+        //    agent sets it read-only.
+        lab.start_db(1)?;
+        let rows_before = seqs_on(&lab, 1, "crash")?.len();
+        wait_for_status(&lab, "db1 refused", Duration::from_secs(5), |s| {
+            pool(s).is_ok_and(|p| {
+                p.conflicts >= 1
+                    && p.writer.as_deref() == Some("db3")
+                    && p.members
+                        .iter()
+                        .any(|m| m.name == "db1" && m.read_only == Some(true))
+            })
+        })?;
+        let db1_ro = lab.db_admin(1, "SELECT @@global.read_only")?;
+        ensure!(db1_ro.trim() == "1", "db1 still writable");
+        println!("db1 came back writable: refused as a second writer, set read-only by the agent");
+
+        // 4. Automatic failover: the pool opts in (reload), db3 crashes.
+        std::fs::write(lab.run_dir().join("lb.toml"), config(&lab, Some("1s")))?;
+        let r = ask(&lab, &Request::Reload)?;
+        ensure!(r.ok, "reload: {}", r.message);
+        wait_for_status(
+            &lab,
+            "still db3 after reload",
+            Duration::from_secs(3),
+            |s| {
+                pool(s).is_ok_and(|p| {
+                    p.writer.as_deref() == Some("db3") && p.auto_failover_ms == Some(1000)
+                })
+            },
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let writes = write_loop(&lab, "auto", Arc::clone(&stop));
+        thread::sleep(Duration::from_millis(1500));
+        let killed_at = started.elapsed();
+        lab.kill_db(3)?;
+        let took = wait_for_status(
+            &lab,
+            "automatic failover to db2",
+            Duration::from_secs(10),
+            |s| pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db2")),
+        )?;
+        println!("db3 killed: automatic failover routed writes to db2 after {took:?}");
+        finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "auto",
+            2,
+            "automatic failover (auto-failover = 1s)",
+        )?;
+        // db1 (read-only, fenced) got none of them.
+        ensure!(seqs_on(&lab, 1, "auto")?.is_empty(), "db1 took writes");
+        ensure!(
+            seqs_on(&lab, 1, "crash")?.len() == rows_before,
+            "db1 took writes"
+        );
+        let p = pool(&status(&lab)?)?;
+        println!("{}", lb_userspace::db::render(&[p]));
+        Ok(())
+    };
+    run().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+}
+
+#[test]
+fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> Result<()> {
+    let lab = lab_with_databases()?;
+    let dir = run_dir(lab.prefix());
+    let good = config(&lab, None);
+    let health = "health = { check = \"mysql\", user = \"lb\", password = \"wrong\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }";
+    let cfg = format!(
+        "{good}\n[[pool]]\nname = \"badpw\"\nwrite-vip = \"198.18.0.30:3306\"\nread-vip = \"198.18.0.31:3306\"\n{health}\n\
+         members = [ {{ name = \"db1\", address = \"198.19.1.21:3306\" }} ]\n\
+         \n[[pool]]\nname = \"notdb\"\nwrite-vip = \"198.18.0.32:3306\"\nread-vip = \"198.18.0.33:3306\"\n{}\n\
+         members = [ {{ name = \"web1\", address = \"198.19.0.11:80\" }} ]\n\
+         \n[[pool]]\nname = \"nowriter\"\nwrite-vip = \"198.18.0.34:3306\"\nread-vip = \"198.18.0.35:3306\"\n{}\n\
+         members = [ {{ name = \"db2\", address = \"198.19.1.22:3306\" }}, {{ name = \"db3\", address = \"198.19.1.23:3306\" }} ]\n",
+        health.replace(
+            "password = \"wrong\"",
+            &format!("password-file = \"{}\"", dir.join("db-password").display())
+        ),
+        health.replace(
+            "password = \"wrong\"",
+            &format!("password-file = \"{}\"", dir.join("db-password").display())
+        ),
+    );
+    let agent = lab.start_agent(&cfg)?;
+    let check = || -> Result<()> {
+        let find = |s: &Status, name: &str| s.pools.iter().find(|p| p.name == name).cloned();
+        wait_for_status(&lab, "every pool judged", Duration::from_secs(10), |s| {
+            ["badpw", "notdb", "nowriter"].iter().all(|n| {
+                find(s, n).is_some_and(|p| p.members.iter().all(|m| m.last_check.is_some()))
+            }) && routed(s, Some("db1"), &["db2", "db3"])
+        })?;
+        let s = status(&lab)?;
+        let badpw = find(&s, "badpw").context("badpw")?;
+        let why = badpw.members[0].last_check.clone().unwrap_or_default();
+        println!("wrong password: {why}");
+        assert!(why.contains("Access denied"), "{why}");
+        assert_eq!(badpw.writer, None);
+        let notdb = find(&s, "notdb").context("notdb")?;
+        let why = notdb.members[0].last_check.clone().unwrap_or_default();
+        println!("member that is not MySQL: {why}");
+        assert!(why.contains("not a MySQL server?"), "{why}");
+        assert_eq!(notdb.members[0].role, Role::Unknown);
+        let nowriter = find(&s, "nowriter").context("nowriter")?;
+        println!(
+            "pool with no primary: writer {:?}, readers {:?}",
+            nowriter.writer, nowriter.readers
+        );
+        assert_eq!(nowriter.writer, None);
+        assert_eq!(nowriter.readers, ["db2", "db3"]);
+        let write_service = s
+            .services
+            .iter()
+            .find(|x| x.name == "nowriter-write")
+            .context("nowriter-write")?;
+        assert!(write_service.backends.iter().all(|b| !b.in_ring));
+
+        // Promotions that must be refused, with the reason.
+        for (pool, member, want) in [
+            ("nope", "db2", "no pool named \"nope\""),
+            ("db", "db9", "pool db has no member \"db9\""),
+            ("db", "db1", "db1 is already the primary"),
+            ("notdb", "web1", "web1 is not up"),
+        ] {
+            let r = ask(
+                &lab,
+                &Request::Db(DbCommand::Promote {
+                    pool: pool.into(),
+                    member: member.into(),
+                    force: false,
+                }),
+            )?;
+            println!("lb db promote {pool} {member}: {}", r.message);
+            assert!(!r.ok && r.message.contains(want), "{}", r.message);
+        }
+        // A replica whose replication is stopped is refused (stale data).
+        lab.db_admin(3, "STOP SLAVE")?;
+        wait_for_status(&lab, "db3 out of reads", FALL_WINDOW * 2, |s| {
+            routed(s, Some("db1"), &["db2"])
+        })?;
+        let r = ask(
+            &lab,
+            &Request::Db(DbCommand::Promote {
+                pool: "db".into(),
+                member: "db3".into(),
+                force: false,
+            }),
+        )?;
+        println!("lb db promote db db3 (replication stopped): {}", r.message);
+        assert!(
+            !r.ok && r.message.contains("replication is stopped"),
+            "{}",
+            r.message
+        );
+        let p = pool(&status(&lab)?)?;
+        assert_eq!(
+            p.writer.as_deref(),
+            Some("db1"),
+            "refused promotion changed nothing"
+        );
+        assert_eq!(lab.db_admin(1, "SELECT @@global.read_only")?.trim(), "0");
+        // Still alive and answering.
+        status(&lab)?;
+        Ok(())
+    };
+    check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+}
