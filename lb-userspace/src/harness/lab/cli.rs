@@ -34,6 +34,11 @@ pub enum LabCommand {
         /// straight to the client (dsr); must match the agent's config
         #[arg(long, value_enum, default_value_t = Mode::Nat)]
         mode: Mode,
+        /// Build the multi-LB lab instead: a router running BIRD (BGP, BFD,
+        /// ECMP) in front of this many LBs, each with its own BIRD; the
+        /// agents' configs (with `[announce]`) are written for you
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4))]
+        lbs: Option<u32>,
     },
     /// Remove the lab: processes, namespaces, links (fine if none exists)
     Down {
@@ -70,9 +75,12 @@ impl From<Mode> for Forwarding {
 /// Runs one `lb lab` verb.
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     let result = match cmd {
-        LabCommand::Up { prefix, mode } => {
+        LabCommand::Up { prefix, mode, lbs } => {
             teardown_on_signal(&prefix)?;
-            up(&prefix, mode.into())
+            match lbs {
+                None => up(&prefix, mode.into()),
+                Some(n) => up_ha(&prefix, mode.into(), n as usize),
+            }
         }
         LabCommand::Down { prefix } => {
             down(&prefix)?;
@@ -133,6 +141,55 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
     fs::write(&pid_file, pids.join("\n") + "\n")
         .with_context(|| format!("writing {}", pid_file.display()))?;
     print_instructions(&lab, mode, &configs)?;
+    lab.keep();
+    Ok(())
+}
+
+/// `lb lab up --lbs N`: the multi-LB lab, its BIRDs running, an agent
+/// config per LB written (maglev-like consistent hashing: `source-hash`),
+/// and how to start the agents.
+fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
+    let lab = Lab::up_ha_detached(prefix, &current_lb()?, lbs)?;
+    lab.set_mode(mode)?;
+    let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
+    let pid_file = lab.run_dir().join("servers.pid");
+    fs::write(&pid_file, pids.join("\n") + "\n")
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    let lb = lb_command()?;
+    println!(
+        "lab {prefix} is up: {lbs} LBs behind a BGP/ECMP router ({} mode)",
+        mode.name()
+    );
+    println!("  namespaces: {}", lab.namespaces().join(" "));
+    println!(
+        "  {}: eth0 {}/24, default via the router",
+        lab.client_ns(),
+        super::HA_CLIENT
+    );
+    println!(
+        "  {}: BIRD (BGP + BFD to each LB, kernel multipath route to {VIP}); socket {}",
+        lab.router_ns(),
+        lab.router_bird_socket().display()
+    );
+    for n in 1..=lbs {
+        let config = lab.lb_dir(n).join("lb.toml");
+        fs::write(&config, lab.ha_config(n, mode, "source-hash", 0))
+            .with_context(|| format!("writing {}", config.display()))?;
+        println!(
+            "  {}: lb-front {}/24, VIP on lo, BIRD socket {}\n    start its agent: {lb} run --netns {} --config {} --socket {} --pin-dir {}",
+            lab.lb_ns_of(n),
+            super::lb_front_addr(n),
+            lab.bird_socket_of(n).display(),
+            lab.lb_ns_of(n),
+            config.display(),
+            lab.agent_socket_of(n).display(),
+            lab.pin_dir_of(n).display()
+        );
+    }
+    println!(
+        "  then: ip netns exec {} ip route show {VIP}   (one next hop per LB announcing)\n  remove it: {lb} lab down --prefix {prefix}",
+        lab.router_ns()
+    );
     lab.keep();
     Ok(())
 }
