@@ -423,6 +423,50 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// `lb status`'s announcement lines: each VIP, then BIRD's sessions.
+fn render_announce(a: &AnnounceStatus) -> String {
+    let mut out = format!(
+        "\nannounce via BIRD {} (include {}, med {})\n",
+        a.bird_socket, a.include, a.med
+    );
+    for v in &a.vips {
+        out.push_str(&format!(
+            "  {:<16} {:<13} {}\n",
+            v.vip,
+            if v.announced {
+                "announced"
+            } else {
+                "not announced"
+            },
+            v.reason
+        ));
+    }
+    match &a.bird {
+        None => out.push_str("  BIRD: no answer yet\n"),
+        Some(view) => {
+            for p in view
+                .protocols
+                .iter()
+                .filter(|p| p.proto == "BGP" || p.proto == "BFD")
+            {
+                let exported = view
+                    .exported
+                    .get(&p.name)
+                    .map(|e| format!("  exports [{}]", e.join(" ")))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "  BIRD {} {} {} {}{}\n",
+                    p.proto, p.name, p.state, p.info, exported
+                ));
+            }
+        }
+    }
+    if let Some(e) = &a.error {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,48 +622,4 @@ mod tests {
         ]);
         assert_eq!(ring_violations(&backup_too_early).len(), 1);
     }
-}
-
-/// `lb status`'s announcement lines: each VIP, then BIRD's sessions.
-fn render_announce(a: &AnnounceStatus) -> String {
-    let mut out = format!(
-        "\nannounce via BIRD {} (include {}, med {})\n",
-        a.bird_socket, a.include, a.med
-    );
-    for v in &a.vips {
-        out.push_str(&format!(
-            "  {:<16} {:<13} {}\n",
-            v.vip,
-            if v.announced {
-                "announced"
-            } else {
-                "not announced"
-            },
-            v.reason
-        ));
-    }
-    match &a.bird {
-        None => out.push_str("  BIRD: no answer yet\n"),
-        Some(view) => {
-            for p in view
-                .protocols
-                .iter()
-                .filter(|p| p.proto == "BGP" || p.proto == "BFD")
-            {
-                let exported = view
-                    .exported
-                    .get(&p.name)
-                    .map(|e| format!("  exports [{}]", e.join(" ")))
-                    .unwrap_or_default();
-                out.push_str(&format!(
-                    "  BIRD {} {} {} {}{}\n",
-                    p.proto, p.name, p.state, p.info, exported
-                ));
-            }
-        }
-    }
-    if let Some(e) = &a.error {
-        out.push_str(&format!("  last error: {e}\n"));
-    }
-    out
 }

@@ -83,6 +83,7 @@ fn lab_config() -> Config {
             conntrack_size: 65536,
         },
         monitoring: None,
+        announce: None,
         services: vec![
             // NAT backends listen on other ports than the VIP's, so every NAT
             // frame assertion also covers port translation and its checksum.

@@ -415,6 +415,7 @@ mod tests {
                 conntrack_size: 1024,
             },
             monitoring: None,
+            announce: None,
             services,
         }
     }

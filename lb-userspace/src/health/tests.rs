@@ -20,6 +20,7 @@ fn config(services: Vec<Service>) -> Config {
             conntrack_size: 65536,
         },
         monitoring: None,
+        announce: None,
         services,
     }
 }
