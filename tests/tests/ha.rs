@@ -57,7 +57,12 @@ impl Ha {
     /// Two LBs in `mode`, both with `scheduler`, LB n with MED `meds[n-1]`;
     /// returns once the router's route is what the MEDs make it.
     fn up(mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
-        let lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), 2)?;
+        Self::up_with(2, mode, scheduler, meds)
+    }
+
+    /// [`Ha::up`] in a lab of `lbs` LBs, agents on lb1 and lb2 only.
+    fn up_with(lbs: usize, mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
+        let lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), lbs)?;
         lab.set_mode(mode)?;
         let mut ha = Ha {
             agents: Vec::new(),
@@ -505,5 +510,33 @@ fn nat_flows_only_work_through_the_lb_that_is_the_backends_gateway() -> Result<(
     );
     assert_eq!(ok(&via_lb1), tries);
     assert_eq!(ok(&via_lb2), 0);
+    Ok(())
+}
+
+#[test]
+fn a_third_lb_joining_moves_no_established_flow_to_another_backend() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ha = Ha::up_with(3, Forwarding::Dsr, CONSISTENT, [0, 0])?;
+    let held = Held::open(&ha.lab, HELD)?;
+    thread::sleep(Duration::from_millis(500));
+    // lb3's agent starts and announces: the router re-spreads flows over
+    // three LBs, and some established ones now cross lb3, which has never
+    // seen them.
+    let config = ha.lab.ha_config(3, Forwarding::Dsr, CONSISTENT, 0);
+    ha.agents.push(Some(ha.lab.start_agent_on(3, &config)?));
+    let all: Vec<Ipv4Addr> = (1..=3).map(lb_front_addr).collect();
+    let took = ha.lab.wait_for_route(&all, ROUTE_UP)?;
+    println!("lb3 in the route after {took:?}");
+    thread::sleep(Duration::from_secs(1));
+    let lb3 = ha.packets(3)?;
+    let logs = held.close();
+    let broken: Vec<_> = logs.iter().filter(|c| c.error.is_some()).collect();
+    println!(
+        "third LB joined: {} held connections, {} broken, lb3 forwarded {lb3} packets of them",
+        logs.len(),
+        broken.len()
+    );
+    assert!(lb3 > 0, "no established flow moved to lb3");
+    assert!(broken.is_empty(), "held connections broke: {broken:?}");
     Ok(())
 }
