@@ -322,17 +322,7 @@ impl Lab {
     fn configure_ha_client(&self) -> anyhow::Result<()> {
         let ns = self.client_ns();
         netns::add_addr(&ns, "eth0", &format!("{HA_CLIENT}/24"))?;
-        netns::ns_run(
-            &ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &ROUTER_CLIENT.to_string(),
-            ],
-        )?;
+        netns::add_default_route(&ns, ROUTER_CLIENT)?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "0")
     }
 
@@ -359,17 +349,7 @@ impl Lab {
         netns::add_addr(&ns, "lb-back", &format!("{}/24", lb_back_addr(n)))?;
         netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
         // NAT replies to clients leave through the router.
-        netns::ns_run(
-            &ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &ROUTER_FRONT.to_string(),
-            ],
-        )?;
+        netns::add_default_route(&ns, ROUTER_FRONT)?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
     }
 

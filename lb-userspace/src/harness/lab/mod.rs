@@ -503,10 +503,7 @@ impl Lab {
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
         }
-        netns::ns_run(
-            &ns,
-            &["ip", "route", "add", "default", "via", &LB_BACK.to_string()],
-        )?;
+        netns::add_default_route(&ns, LB_BACK)?;
         Ok(())
     }
 
