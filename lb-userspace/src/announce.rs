@@ -479,9 +479,18 @@ impl Bird {
     pub fn view(&self) -> Result<BirdView, AnnounceError> {
         let protocols = parse_protocols(&self.command("show protocols")?);
         let mut exported = BTreeMap::new();
-        for p in protocols.iter().filter(|p| p.proto == "BGP") {
-            let lines = self.command(&format!("show route export {}", p.name))?;
-            exported.insert(p.name.clone(), parse_route_prefixes(&lines));
+        // A session that is not up has no table to show ("No valid
+        // tables"): it exports nothing.
+        for p in protocols
+            .iter()
+            .filter(|p| p.proto == "BGP" && p.state == "up")
+        {
+            let prefixes = match self.command(&format!("show route export {}", p.name)) {
+                Ok(lines) => parse_route_prefixes(&lines),
+                Err(AnnounceError::Refused { .. }) => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            exported.insert(p.name.clone(), prefixes);
         }
         Ok(BirdView {
             protocols,

@@ -39,8 +39,8 @@ const CONSISTENT: &str = "source-hash";
 /// How long BGP may take to bring a route up (sessions connect, BFD, the
 /// first health verdicts).
 const ROUTE_UP: Duration = Duration::from_secs(20);
-/// BFD detects a dead LB after 3 × 100 ms; the route follows at once.
-const ROUTE_FAILOVER: Duration = Duration::from_secs(3);
+/// BFD detects a dead LB after 5 × 100 ms; the route follows at once.
+const ROUTE_FAILOVER: Duration = Duration::from_secs(5);
 /// Keep-alive connections held across a failover.
 const HELD: usize = 12;
 
@@ -272,7 +272,7 @@ impl Failover {
     }
 }
 
-/// Holds connections and a stream of new ones while lb1's link goes down;
+/// Holds connections and a stream of new ones while lb1 is cut off (a dead host: its switch port stops forwarding);
 /// `survivors` are the LBs the route must end on.
 fn fail_lb1(ha: &Ha, survivors: &[usize]) -> Result<Failover> {
     let held = Held::open(&ha.lab, HELD)?;
@@ -281,7 +281,7 @@ fn fail_lb1(ha: &Ha, survivors: &[usize]) -> Result<Failover> {
     thread::sleep(Duration::from_millis(1000));
     let lb1_packets_before = ha.packets(1)?;
     let down_at = Instant::now();
-    ha.lab.set_lb_link(1, false)?;
+    ha.lab.set_lb_reachable(1, false)?;
     let want: Vec<Ipv4Addr> = survivors.iter().map(|n| lb_front_addr(*n)).collect();
     let converged = ha.lab.wait_for_route(&want, ROUTE_FAILOVER);
     let convergence = down_at.elapsed();
@@ -359,7 +359,7 @@ fn consistent_hash_dsr_flows_survive_the_loss_of_an_lb() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
     let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
-    f.report("source-hash, DSR, lb1 link down");
+    f.report("source-hash, DSR, lb1 cut off");
     assert!(
         f.lb1_packets_before > 0,
         "no flow crossed lb1 before it failed"
@@ -379,7 +379,7 @@ fn round_robin_flows_moved_to_the_other_lb_break() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let ha = Ha::up(Forwarding::Dsr, "round-robin", [0, 0])?;
     let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
-    f.report("round-robin, DSR, lb1 link down");
+    f.report("round-robin, DSR, lb1 cut off");
     // Flows that stayed on lb2 are untouched; those that crossed lb1 miss
     // lb2's connection table and are scheduled afresh: most land on
     // another web, which resets them. No state is shared between LBs.
@@ -458,7 +458,7 @@ fn active_passive_backup_takes_over_when_the_primary_fails() -> Result<()> {
     assert_eq!(ha.packets(2)?, 0, "the backup carried traffic");
 
     let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
-    f.report("active-passive (MED 0 / 100), source-hash, DSR, primary link down");
+    f.report("active-passive (MED 0 / 100), source-hash, DSR, primary cut off");
     assert_eq!(f.broken(), 0, "{f:#?}");
     assert!(f.new_failed.is_empty(), "{f:#?}");
     assert!(ha.packets(2)? > 0, "the backup did not take over");

@@ -53,6 +53,10 @@ pub enum LabCommand {
         /// New TCP connections to make per mode
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=10_000))]
         requests: u32,
+        /// Then a failover act: two LBs behind a BGP/ECMP router, one of
+        /// them dies while a connection runs
+        #[arg(long)]
+        failover: bool,
     },
 }
 
@@ -90,9 +94,17 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        LabCommand::Demo { prefix, requests } => {
+        LabCommand::Demo {
+            prefix,
+            requests,
+            failover,
+        } => {
             teardown_on_signal(&prefix)?;
-            demo(&prefix, requests)
+            demo(&prefix, requests)?;
+            if failover {
+                demo_failover(&prefix)?;
+            }
+            Ok(())
         }
     };
     if netns::interrupted() {
@@ -327,6 +339,66 @@ fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
         bail!("demo failed: {}", problems.join("; "));
     }
     println!("demo ok: every request answered, every server used, in both modes");
+    Ok(())
+}
+
+/// The failover act: two LBs announce the VIP over BGP, the router
+/// spreads connections over both; lb1 is cut off (its switch port stops forwarding) while a keep-alive
+/// connection asks every 50 ms; BFD takes lb1 out of the route and the
+/// connection goes on through lb2 to the same web (consistent hashing).
+fn demo_failover(prefix: &str) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let lab = Lab::up_ha(prefix, &current_lb()?, 2)?;
+    lab.set_mode(Forwarding::Dsr)?;
+    println!();
+    println!("== failover: lab {prefix} with a router (BIRD, ECMP) and two LBs (BIRD each), DSR");
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        agents.push(lab.start_agent_on(n, &lab.ha_config(n, Forwarding::Dsr, "source-hash", 0))?);
+    }
+    let both = [super::lb_front_addr(1), super::lb_front_addr(2)];
+    let took = lab.wait_for_route(&both, Duration::from_secs(20))?;
+    println!("== both LBs announce {VIP} over BGP; the router's ECMP route after {took:?}:");
+    print!(
+        "{}",
+        lab.exec_ok(&lab.router_ns(), &["ip", "route", "show", &VIP.to_string()])?
+    );
+    let mut conn = in_netns(&lab.client_ns(), || super::HttpConn::connect(vip_http()))??;
+    let first = conn.get("/")?.text();
+    println!("== a keep-alive connection is served by {first}; lb1 is cut off now (a dead host)");
+    lab.set_lb_reachable(1, false)?;
+    let down_at = Instant::now();
+    let (mut answers, mut longest, mut last, mut moved) = (0, Duration::ZERO, Instant::now(), None);
+    while down_at.elapsed() < Duration::from_secs(3) {
+        let name = conn.get("/")?.text();
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        answers += 1;
+        if name != first {
+            moved = Some(name);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("== the router's route 3 s later (BFD took lb1 out):");
+    print!(
+        "{}",
+        lab.exec_ok(&lab.router_ns(), &["ip", "route", "show", &VIP.to_string()])?
+    );
+    println!(
+        "== the connection went on: {answers} answers in 3 s, longest gap {longest:?}, {}",
+        moved
+            .as_deref()
+            .map_or(format!("all from {first}"), |m| format!(
+                "but {m} answered too"
+            ))
+    );
+    drop(agents);
+    drop(lab);
+    println!("lab {prefix} removed");
+    if let Some(other) = moved {
+        bail!("demo failed: the connection moved from {first} to {other}");
+    }
+    println!("failover ok: no connection broken");
     Ok(())
 }
 
