@@ -314,22 +314,27 @@ fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Resul
     );
 
     // What the agent reports: the VIP announced, BIRD's session up and
-    // exporting it to the router.
+    // exporting it to the router (BIRD's view is refreshed every second).
     for n in 1..=2 {
-        let status = ha.status(n)?;
-        let a = status.announce.context("no announce status")?;
-        assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
-        let bird = a.bird.context("no BIRD view")?;
-        let bgp = bird
-            .protocols
-            .iter()
-            .find(|p| p.proto == "BGP")
-            .context("no BGP protocol")?;
-        assert!(bgp.info.starts_with("Established"), "lb{n}: {bgp:?}");
-        assert_eq!(
-            bird.exported.get(&bgp.name),
-            Some(&vec![format!("{VIP}/32")])
-        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let a = ha.status(n)?.announce.context("no announce status")?;
+            assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
+            let established = a.bird.as_ref().is_some_and(|b| {
+                b.protocols.iter().any(|p| {
+                    p.proto == "BGP"
+                        && p.info.starts_with("Established")
+                        && b.exported.get(&p.name) == Some(&vec![format!("{VIP}/32")])
+                })
+            });
+            if established {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("lb{n}: BIRD's session not seen established and exporting {VIP}: {a:?}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     // A stopped agent leaves the announcement (and the data plane) alone:
