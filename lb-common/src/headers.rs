@@ -83,7 +83,9 @@ pub const TCP_HDR_LEN: usize = 20;
 pub const TCP_CHECK_OFF: usize = 16;
 /// Offset of the flags byte (CWR … FIN) inside the TCP header.
 pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 pub const UDP_HDR_LEN: usize = 8;
 /// Offset of the checksum inside the UDP header.

@@ -6,6 +6,7 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod checksum;
+pub mod flow;
 pub mod hash;
 pub mod headers;
 pub mod maps;

@@ -10,8 +10,12 @@ pub const MAX_SERVICES: u32 = 256;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Slots in one scheduling ring (one half of a service's double buffer).
 pub const MAX_RING: usize = 4096;
-/// Default connection-tracking capacity (flows); the agent may override it.
+/// Default capacity of the established-flow table (flows); the agent may
+/// override it. The map holds two entries per NAT flow.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+/// Default capacity of the half-open table (flows that have not completed a
+/// handshake, UDP flows seen once).
+pub const DEFAULT_HALF_OPEN_SIZE: u32 = 65_536;
 
 /// `SERVICES` key: which traffic a service takes.
 #[repr(C)]
@@ -32,6 +36,13 @@ pub const MODE_DSR: u32 = 1;
 pub const SCHED_COUNTER: u32 = 0;
 /// The flow hash indexes the ring (source hash; Maglev tables later).
 pub const SCHED_HASH: u32 = 1;
+
+/// Does this scheduler pick a backend from the flow's hash alone? Then a
+/// packet whose flow entry is missing is routed by the same table and lands
+/// where its flow was (hash-on-miss), while the backend set is unchanged.
+pub const fn hashes_flow(scheduler: u32) -> bool {
+    scheduler == SCHED_HASH
+}
 
 /// `SERVICE_CONF[service id]`: what the packet path needs once the service
 /// is known. `active_ring` flips between the two halves of the service's
@@ -121,28 +132,64 @@ pub struct NextHop {
     pub smac: [u8; 6],
 }
 
-/// `CONNTRACK` value: the backend a flow is pinned to, and the next hop its
-/// first forwarded packet resolved (`bpf_fib_lookup` is a third of the cost
-/// of a packet, so established flows reuse it).
+/// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
+///
+/// A forward entry (key client → VIP) pins the flow to its backend; a NAT
+/// flow has a second, reply entry (key backend → client) in the same table,
+/// carrying the VIP its replies' source becomes. Both are created, promoted
+/// and removed together, so a flow and its reply translation live and die
+/// together. The next hop is the one the direction's first forwarded packet
+/// resolved (`bpf_fib_lookup` is a third of the cost of a packet, so
+/// established flows reuse it). docs/architecture.md has the states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
+    /// [`crate::flow::STATE_NEW`], `STATE_ESTABLISHED` or `STATE_CLOSING`;
+    /// a u32 so the data plane can compare-and-swap it (BPF has 32- and
+    /// 64-bit atomics only).
+    pub state: u32,
+    /// When the direction last carried a packet, in [`crate::flow::now_ticks`].
+    pub seen: u32,
+    /// Reply entries: the VIP and port (network order) the reply's source
+    /// is rewritten to. Forward entries: zero.
+    pub vip: u32,
+    pub vport: u16,
+    /// [`crate::flow::FORWARD`] or [`crate::flow::REPLY`].
+    pub direction: u8,
+    pub _pad: u8,
     pub next_hop: NextHop,
 }
 
-/// `REVERSE_NAT` value: what a NAT reply's source is rewritten back to, and
-/// the next hop towards the client once resolved.
+/// `BACKEND_FLOWS[backend id]`: established flows the data plane opened
+/// (promoted) and closed (FIN/RST, expiry) for the backend, counted with
+/// atomic adds from every CPU. The agent's sweep counts its own removals in
+/// `FLOWS_SWEPT`; active = opened - closed - swept.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseNat {
-    pub vip: u32,
-    pub port: u16,
-    pub _pad: u16,
-    pub service_id: u32,
-    pub backend_id: u32,
-    pub next_hop: NextHop,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub opened: u64,
+    pub closed: u64,
+}
+
+/// `FLOW_CONF[0]`: the flow lifecycle's run-time settings, written by the
+/// agent (live: a reload changes them without touching a flow).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConf {
+    /// Idle timeouts in ticks, indexed by [`crate::flow::Timeout`].
+    pub timeouts: [u32; crate::flow::TIMEOUT_COUNT],
+    /// New flows a CPU inserts per tick (about a second); 0: no limit.
+    pub new_flow_budget: u32,
+}
+
+/// `NEW_FLOW_BUDGET[0]` (per CPU): new flows inserted in the current tick.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetWindow {
+    pub tick: u32,
+    pub inserted: u32,
 }
 
 /// Packet and byte counters (per CPU in the kernel; summed by the agent).
@@ -195,9 +242,16 @@ pub enum Verdict {
     DropFirewallNotAllowed = 15,
     /// A new flow over its source's new-flow rate limit (token bucket).
     DropRateLimited = 16,
+    /// A TCP packet without SYN, of a flow no table knows, to a service whose
+    /// scheduler cannot find its backend again (round robin, weighted,
+    /// least connections): it belongs to no connection we can serve.
+    DropNoFlow = 17,
+    /// A new flow over the CPU's new-flow budget, forwarded by its service's
+    /// hash table without an entry (DSR services with a hash scheduler).
+    ForwardedStateless = 18,
 }
 
-pub const VERDICT_COUNT: u32 = 17;
+pub const VERDICT_COUNT: u32 = 19;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -218,6 +272,8 @@ impl Verdict {
         Verdict::DropFirewallDeny,
         Verdict::DropFirewallNotAllowed,
         Verdict::DropRateLimited,
+        Verdict::DropNoFlow,
+        Verdict::ForwardedStateless,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -239,6 +295,8 @@ impl Verdict {
             Verdict::DropFirewallDeny => "drop_firewall_deny",
             Verdict::DropFirewallNotAllowed => "drop_firewall_not_allowed",
             Verdict::DropRateLimited => "drop_rate_limited",
+            Verdict::DropNoFlow => "drop_no_flow",
+            Verdict::ForwardedStateless => "forwarded_stateless",
         }
     }
 }
@@ -248,7 +306,10 @@ impl Verdict {
     /// tracing never looks at them: the trace check sits on the other
     /// verdicts only.
     pub const fn is_forwarded(self) -> bool {
-        matches!(self, Verdict::Forwarded | Verdict::ForwardedReply)
+        matches!(
+            self,
+            Verdict::Forwarded | Verdict::ForwardedReply | Verdict::ForwardedStateless
+        )
     }
 
     /// The verdict with counter index `index`, if there is one.
@@ -477,8 +538,10 @@ const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
-const _: () = assert!(core::mem::size_of::<ReverseNat>() == 32);
+const _: () = assert!(core::mem::size_of::<Flow>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 4);
+const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 32);
@@ -494,7 +557,9 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
-    unsafe impl aya::Pod for super::ReverseNat {}
+    unsafe impl aya::Pod for super::FlowCounts {}
+    unsafe impl aya::Pod for super::FlowConf {}
+    unsafe impl aya::Pod for super::BudgetWindow {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::PktgenConf {}
     unsafe impl aya::Pod for super::TraceConf {}

@@ -5,14 +5,21 @@
 //! 1. parse Ethernet → IPv4 → TCP/UDP; a packet that fails the VIP rules
 //!    (options, fragments, truncation) gets its verdict if it is addressed
 //!    to a VIP, and is passed untouched otherwise;
-//! 2. conntrack: an established flow goes straight to step 5 (one lookup);
-//!    a TCP SYN on a tuple pinned to a backend that left the ring (the
-//!    client reused a source port) is scheduled afresh first;
-//! 3. reverse NAT: a backend's reply to a NAT flow becomes VIP → client;
+//! 2. flow tables (`flows.rs`): an established flow is one lookup in
+//!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
+//!    timeout is a miss. FIN/RST moves a flow to closing; the client's first
+//!    packet without SYN promotes a half-open flow; a SYN on a closing flow,
+//!    or on one pinned to a backend that left the ring (a reused source
+//!    port), ends it and is a new flow;
+//! 3. reverse NAT: a backend's reply (the flow's reply entry) becomes
+//!    VIP → client;
 //! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: the
 //!    firewall's global scope (deny, allow, rate limit), service lookup
-//!    (VIP, port, protocol), the service's firewall scope, schedule from the
-//!    service's ring, pin. Established flows never reach the firewall;
+//!    (VIP, port, protocol), a TCP packet without SYN only for a hash
+//!    scheduler (hash-on-miss, else `drop_no_flow`), the service's firewall
+//!    scope, schedule, then a half-open entry — or, over the CPU's new-flow
+//!    budget on a DSR hash service, no entry. Established flows never reach
+//!    the firewall;
 //! 5. admission of the pinned flow: its service still exists, its backend
 //!    does not drop its flows;
 //! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only) and
@@ -34,9 +41,11 @@
 
 mod bench;
 mod firewall;
+mod flows;
 mod trace;
 
 use firewall::firewall;
+use flows::Table;
 use trace::trace;
 
 use core::{
@@ -48,14 +57,16 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, Counters, DEFAULT_CONNTRACK_SIZE, FW_GLOBAL,
-    Flow, FlowKey, MAX_BACKENDS, MAX_RING, MAX_SERVICES, MODE_DSR, NextHop, ReverseNat, Ring,
-    SCHED_HASH, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
+    BACKEND_F_DROP_FLOWS, Backend, Counters, FW_GLOBAL, Flow, FlowKey, MAX_BACKENDS, MAX_RING,
+    MAX_SERVICES, MODE_DSR, NextHop, Ring, SCHED_HASH, ServiceConf, ServiceKey, VERDICT_COUNT,
+    Verdict,
+    flow::{REPLY, closes, confirms},
     hash::flow_hash,
+    hashes_flow,
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
         opens_connection,
@@ -82,16 +93,8 @@ static RINGS: Array<Ring> = Array::with_max_entries(MAX_SERVICES * 2, 0);
 static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 /// Backend id → address, port, flags. Written by the agent.
 #[map]
-static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-/// Client → VIP flow → pinned backend. Written by this program (agent may
-/// delete). Sized by the agent at load time.
-#[map]
-static CONNTRACK: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
-/// Backend → client reply flow → VIP to restore (NAT only). This program.
-#[map]
-static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+pub(crate) static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+// CONNTRACK and HALF_OPEN, the flow tables, are in `flows.rs`.
 /// Per-service and per-backend traffic, per CPU. This program; agent reads.
 #[map]
 static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
@@ -106,6 +109,9 @@ const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 
 #[xdp]
+// The macro wraps this in the exported entry point: without the hint, once
+// the path grew LLVM kept it out of line, a BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
     let verdict = balance(&ctx);
     count(&VERDICTS, verdict.reason as u32, 1, 0);
@@ -166,27 +172,78 @@ fn balance(ctx: &XdpContext) -> Outcome {
         Err(_) => return pass(Verdict::PassNotOurs),
     };
     let key = flow_key(&pkt);
-    // Established flows first: one lookup on the hot path. A conntrack key
-    // is a client → VIP tuple, so only traffic to a VIP can hit it.
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: a CONNTRACK value (see `forward` on LRU reuse).
-        let flow = unsafe { &mut *flow };
-        // Only a TCP SYN pays for this branch; established packets go on.
-        if is_new_connection(ctx, &key)
-            && let Err(outcome) = reschedule_if_retired(&key, flow)
-        {
+    let flags = tcp_flags(ctx, &key);
+    let now = flows::now();
+    // Established flows first: one lookup on the hot path. Both directions
+    // of a flow are keyed as they arrive, so replies hit here too.
+    if let Some(entry) = flows::live(Table::Established, &key, now) {
+        // SAFETY: a CONNTRACK value (see `flows::live`).
+        let flow = unsafe { &mut *entry };
+        if let Some(outcome) = established(ctx, &pkt, &key, flow, flags) {
             return outcome;
         }
-        return forward(ctx, &pkt, &key, flow);
-    }
-    if let Some(restore) = REVERSE_NAT.get_ptr_mut(&key) {
-        // SAFETY: a REVERSE_NAT value, as above.
-        return reverse_nat(ctx, &pkt, &key, unsafe { &mut *restore });
+    } else if let Some(entry) = flows::live(Table::HalfOpen, &key, now) {
+        // SAFETY: a HALF_OPEN value, as above.
+        let flow = unsafe { &mut *entry };
+        if let Some(outcome) = half_open(ctx, &pkt, &key, flow, flags, now) {
+            return outcome;
+        }
     }
     if is_vip(ip) {
-        return new_flow(ctx, &pkt, &key);
+        return new_flow(ctx, &pkt, &key, flags, now);
     }
     pass(Verdict::PassNotOurs)
+}
+
+/// A packet of an established flow: replies are turned back into the VIP's,
+/// FIN/RST start closing. `None`: a SYN ended the flow; it is a new one.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flow: &mut Flow,
+    flags: u8,
+) -> Option<Outcome> {
+    if closes(flags) {
+        flows::close(Table::Established, key, flow);
+    }
+    if flow.direction == REPLY {
+        return Some(reverse_nat(ctx, pkt, key, flow));
+    }
+    // Only a TCP SYN pays for this branch; established packets go on.
+    if opens_connection(flags) && flows::restarted_by_syn(Table::Established, key, flow) {
+        return None;
+    }
+    Some(forward(ctx, pkt, key, flow, Table::Established))
+}
+
+/// A packet of a half-open flow: the backend's SYN-ACK (NAT) goes back to
+/// the client; the client's first packet without SYN promotes the flow.
+#[inline(always)]
+fn half_open(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flow: &mut Flow,
+    flags: u8,
+    now: u32,
+) -> Option<Outcome> {
+    if flow.direction == REPLY {
+        return Some(reverse_nat(ctx, pkt, key, flow));
+    }
+    if opens_connection(flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
+        return None;
+    }
+    let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen);
+    let delivered = matches!(
+        outcome.reason,
+        Verdict::Forwarded | Verdict::PassKernelForward
+    );
+    if confirms(flags) && delivered {
+        flows::promote(key, flow, now);
+    }
+    Some(outcome)
 }
 
 /// Is the packet addressed to one of our VIPs?
@@ -196,52 +253,18 @@ fn is_vip(ip: *const Ipv4Hdr) -> bool {
     VIPS.get_ptr(unsafe { (*ip).daddr }).is_some()
 }
 
-/// A TCP segment with SYN set and ACK clear: the client opens a connection.
-/// The flags are read only for TCP; VIP traffic has no IP options
+/// The TCP flags of a TCP packet, 0 for UDP. VIP traffic has no IP options
 /// (`parse_l4`), so the TCP header is at a fixed offset.
 #[inline(always)]
-fn is_new_connection(ctx: &XdpContext, key: &FlowKey) -> bool {
+fn tcp_flags(ctx: &XdpContext, key: &FlowKey) -> u8 {
     if key.protocol != IPPROTO_TCP {
-        return false;
+        return 0;
     }
     match header::<u8>(ctx, EthHdr::LEN + Ipv4Hdr::LEN + TCP_FLAGS_OFF) {
         // SAFETY: `header` checked the bounds against data_end.
-        Some(flags) => opens_connection(unsafe { *flags }),
-        None => false,
+        Some(flags) => unsafe { *flags },
+        None => 0,
     }
-}
-
-/// A new connection on a tuple still pinned to a backend that takes no new
-/// flows (drained, down, disabled or removed: not in its service's ring).
-/// The client reused a source port, so this is a new flow: it is scheduled
-/// afresh from the ring and the entry re-pinned (in NAT, the old backend's
-/// reply entry goes and the new one's is written). A backend still in the
-/// ring keeps the entry as it is.
-#[inline(always)]
-fn reschedule_if_retired(key: &FlowKey, flow: &mut Flow) -> Result<(), Outcome> {
-    let Some(old) = BACKENDS.get(flow.backend_id) else {
-        return Ok(());
-    };
-    if old.flags & BACKEND_F_IN_RING != 0 {
-        return Ok(());
-    }
-    let Some(conf) = SERVICE_CONF.get(flow.service_id) else {
-        return Ok(());
-    };
-    if conf.enabled == 0 {
-        // The service is gone: `forward` passes the packet.
-        return Ok(());
-    }
-    // An empty ring drops the SYN (DropNoBackend): never the old backend.
-    let backend_id = schedule(key, flow.service_id, conf)?;
-    if conf.mode != MODE_DSR {
-        let _ = REVERSE_NAT.remove(&reply_key(key, old));
-        remember_reply(key, flow.service_id, backend_id)?;
-    }
-    flow.backend_id = backend_id;
-    // Unresolved: `next_hop` looks the new backend up on this packet.
-    flow.next_hop.ifindex = 0;
-    Ok(())
 }
 
 /// Bounds-checked pointer to a `T` at `offset` in the frame.
@@ -311,9 +334,9 @@ fn flow_key(pkt: &Packet) -> FlowKey {
 }
 
 /// A packet to a VIP without a flow yet: find its service, schedule a
-/// backend, pin the flow, forward.
+/// backend, enter the flow in `HALF_OPEN`, forward.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
+fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) -> Outcome {
     // The global firewall scope first: before the service lookup, so a
     // denied source gets nothing from any VIP port.
     if let Err(outcome) = firewall(FW_GLOBAL, key.saddr) {
@@ -334,13 +357,44 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
     if conf.enabled == 0 {
         return pass(Verdict::PassNoService);
     }
+    // TCP without SYN on a miss: an evicted or expired flow, one that began
+    // at another load balancer, or a spoofed segment. Only a hash scheduler
+    // can find its backend again; for the others it belongs to nothing.
+    let hashed = hashes_flow(conf.scheduler);
+    if key.protocol == IPPROTO_TCP && !opens_connection(flags) && !hashed {
+        return drop(Verdict::DropNoFlow);
+    }
     if let Err(outcome) = firewall(service_id, key.saddr) {
         return outcome;
     }
-    match create_flow(key, service_id, conf) {
-        // SAFETY: a CONNTRACK value (see `forward` on LRU reuse).
-        Ok(flow) => forward(ctx, pkt, key, unsafe { &mut *flow }),
-        Err(outcome) => outcome,
+    let backend_id = match schedule(key, service_id, conf) {
+        Ok(id) => id,
+        Err(outcome) => return outcome,
+    };
+    let dsr = conf.mode == MODE_DSR;
+    // Over the budget, a flow the hash table finds again needs no entry: a
+    // flood degrades to stateless forwarding instead of churning the table.
+    // Other services cannot go without (NAT replies, round-robin choice):
+    // they insert anyway, into the half-open table only.
+    if !flows::within_budget(now) && dsr && hashed {
+        let mut flow = Flow {
+            backend_id,
+            service_id,
+            ..Flow::default()
+        };
+        let outcome = forward(ctx, pkt, key, &mut flow, Table::HalfOpen);
+        if outcome.reason == Verdict::Forwarded {
+            return Outcome {
+                action: outcome.action,
+                reason: Verdict::ForwardedStateless,
+            };
+        }
+        return outcome;
+    }
+    match flows::create(key, service_id, backend_id, !dsr, now) {
+        // SAFETY: a HALF_OPEN value (see `flows::live`).
+        Some(flow) => forward(ctx, pkt, key, unsafe { &mut *flow }, Table::HalfOpen),
+        None => drop(Verdict::DropConntrackFull),
     }
 }
 
@@ -348,7 +402,13 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Outcome {
 /// The flow is a map value: the LRU may recycle it under us at worst, which
 /// yields a wrong-but-valid backend id, never a fault.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flow: &mut Flow) -> Outcome {
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flow: &mut Flow,
+    table: Table,
+) -> Outcome {
     let Some(conf) = SERVICE_CONF.get(flow.service_id) else {
         return pass(Verdict::PassNoService);
     };
@@ -360,7 +420,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flow: &mut Flow) -> Ou
         return drop(Verdict::DropNoBackend);
     };
     if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
-        let _ = CONNTRACK.remove(key);
+        flows::remove_flow(table, key, flow);
         return drop(Verdict::DropBackendGone);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -375,26 +435,6 @@ fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flow: &mut Flow) -> Ou
         count(&BACKEND_STATS, backend_id, 1, bytes);
     }
     outcome
-}
-
-/// Conntrack: schedules a new flow, pins it and returns its entry.
-#[inline(always)]
-fn create_flow(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<*mut Flow, Outcome> {
-    let backend_id = schedule(key, service_id, conf)?;
-    let flow = Flow {
-        backend_id,
-        service_id,
-        next_hop: NextHop::default(),
-    };
-    if CONNTRACK.insert(key, &flow, 0).is_err() {
-        return Err(drop(Verdict::DropConntrackFull));
-    }
-    if conf.mode != MODE_DSR {
-        remember_reply(key, service_id, backend_id)?;
-    }
-    CONNTRACK
-        .get_ptr_mut(key)
-        .ok_or(drop(Verdict::DropConntrackFull))
 }
 
 /// Picks a backend from the active half of the service's ring: by a shared
@@ -427,40 +467,6 @@ fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, O
     match ring.ids.get(index) {
         Some(&id) => Ok(id),
         None => Err(drop(Verdict::DropNoBackend)),
-    }
-}
-
-/// NAT: records how the backend's replies are turned back into the VIP's.
-#[inline(always)]
-fn remember_reply(key: &FlowKey, service_id: u32, backend_id: u32) -> Result<(), Outcome> {
-    let Some(backend) = BACKENDS.get(backend_id) else {
-        return Err(drop(Verdict::DropNoBackend));
-    };
-    let reply = reply_key(key, backend);
-    let restore = ReverseNat {
-        vip: key.daddr,
-        port: key.dport,
-        _pad: 0,
-        service_id,
-        backend_id,
-        next_hop: NextHop::default(),
-    };
-    REVERSE_NAT
-        .insert(&reply, &restore, 0)
-        .map_err(|_| drop(Verdict::DropConntrackFull))
-}
-
-/// The tuple a NAT flow's replies arrive with: backend → client.
-#[inline(always)]
-fn reply_key(key: &FlowKey, backend: &Backend) -> FlowKey {
-    FlowKey {
-        saddr: backend.addr,
-        daddr: key.saddr,
-        sport: backend.port,
-        dport: key.sport,
-        protocol: key.protocol,
-        _pad0: 0,
-        _pad1: 0,
     }
 }
 
@@ -509,14 +515,14 @@ fn transmit_dsr(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut N
 
 /// Step 3: a backend's reply to a NAT flow becomes VIP → client.
 #[inline(always)]
-fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut ReverseNat) -> Outcome {
+fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow) -> Outcome {
     // SAFETY: bounds-checked by `parse_l4`.
     let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
     if ip.ttl <= 1 {
         return pass(Verdict::PassKernelForward);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (vip, vport) = (restore.vip, restore.port);
+    let (vip, vport) = (restore.vip, restore.vport);
     let rc = next_hop(ctx, ip, vip, ip.daddr, &mut restore.next_hop);
     rewrite_source(ip, ports, check, vip, vport);
     match rc {

@@ -77,7 +77,19 @@ pub enum BackendChange {
     /// Take a backend out of rotation and drop its flows at once
     Disable { service: String, backend: String },
     /// No new flows; established flows continue until they end
-    Drain { service: String, backend: String },
+    Drain {
+        service: String,
+        backend: String,
+        /// Then wait until the backend holds no active flow (prints the
+        /// count as it falls); fails after --timeout seconds
+        #[arg(long)]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wait: bool,
+        /// Seconds --wait waits at most
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        #[serde(default, skip)]
+        timeout: u64,
+    },
     /// Change a backend's weight (weighted-round-robin services; 0 drains)
     Weight {
         service: String,
@@ -255,6 +267,9 @@ pub struct ConntrackStatus {
     pub entries: u64,
     /// Its size (`conntrack-size`).
     pub capacity: u32,
+    /// The half-open table's size (`half-open-size`).
+    #[serde(default)]
+    pub half_open_capacity: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,8 +304,13 @@ pub struct BackendStatus {
     pub last_check_us: Option<u64>,
     /// Whether new flows can go to it now.
     pub in_ring: bool,
-    /// Flows pinned to it in the connection table.
+    /// Flows pinned to it in the flow tables (established and half-open,
+    /// closing included, until they expire).
     pub flows: u64,
+    /// Established flows that have not closed (no FIN/RST, not expired):
+    /// exact, kept by the data plane. A drain is done when it is 0.
+    #[serde(default)]
+    pub active: u64,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -479,6 +499,8 @@ mod tests {
             Request::Backend(BackendChange::Drain {
                 service: "www".into(),
                 backend: "web1".into(),
+                wait: false,
+                timeout: 0,
             }),
             Request::Backend(BackendChange::Add {
                 service: "www".into(),
@@ -500,6 +522,8 @@ mod tests {
         let drain = serde_json::to_string(&Request::Backend(BackendChange::Drain {
             service: "www".into(),
             backend: "web1".into(),
+            wait: false,
+            timeout: 0,
         }))
         .expect("encode");
         assert_eq!(
@@ -535,6 +559,7 @@ mod tests {
                     last_check_us: None,
                     in_ring: false,
                     flows: 3,
+                    active: 3,
                     packets: 7,
                     bytes: 700,
                 }],
@@ -544,6 +569,7 @@ mod tests {
             conntrack: ConntrackStatus {
                 entries: 3,
                 capacity: 1024,
+                half_open_capacity: 1024,
             },
             announce: None,
         };
@@ -580,6 +606,7 @@ mod tests {
             last_check_us: None,
             in_ring,
             flows: 0,
+            active: 0,
             packets: 0,
             bytes: 0,
         };

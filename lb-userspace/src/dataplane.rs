@@ -7,9 +7,11 @@ pub mod firewall;
 mod firewall_maps;
 pub mod plan;
 mod read;
+pub mod sweep;
 
 pub use firewall_maps::RuleStats;
 pub use read::FlowTable;
+pub use sweep::Sweeper;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,8 +28,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, Flow, FlowKey, MAX_BACKENDS,
-    ReverseNat, Ring, ServiceConf, ServiceKey, ring,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, DEFAULT_HALF_OPEN_SIZE, Flow,
+    FlowConf, FlowCounts, FlowKey, MAX_BACKENDS, Ring, ServiceConf, ServiceKey, ring,
 };
 
 use firewall::{FwError, FwIds};
@@ -70,18 +72,63 @@ pub enum DataplaneError {
     #[error("pinned link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
     #[error(
-        "conntrack-size is {configured} in the config but the pinned data plane under {} has \
-         {pinned} ({map}): set conntrack-size = {pinned}, or run `lb teardown --pin-dir {}` \
-         first (drops every flow)",
+        "{key} is {configured} in the config but the pinned data plane under {} has \
+         {pinned} ({map} holds {} entries, two per flow): set {key} = {pinned}, or run \
+         `lb teardown --pin-dir {}` first (drops every flow)",
         pin_dir.display(),
+        pinned * 2,
         pin_dir.display()
     )]
     ConntrackSize {
+        key: &'static str,
         configured: u32,
         pinned: u32,
         map: &'static str,
         pin_dir: PathBuf,
     },
+    #[error(
+        "the pinned data plane under {} is from an earlier version of lb: its {map} is {found}, \
+         this version needs {wanted}. Its flows cannot be adopted: run `lb teardown --pin-dir {}` \
+         (drops every flow) and start again",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    OldVersion {
+        map: &'static str,
+        found: String,
+        wanted: String,
+        pin_dir: PathBuf,
+    },
+}
+
+/// The flow tables' capacities, in flows (each map holds two entries per
+/// flow: a NAT flow's forward and reply entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Established flows (`conntrack-size`).
+    pub conntrack: u32,
+    /// Flows that have not completed a handshake (`half-open-size`).
+    pub half_open: u32,
+}
+
+impl From<u32> for TableSizes {
+    /// `conntrack` established flows and the default half-open table (no
+    /// larger than the established one).
+    fn from(conntrack: u32) -> Self {
+        TableSizes {
+            conntrack,
+            half_open: DEFAULT_HALF_OPEN_SIZE.min(conntrack),
+        }
+    }
+}
+
+impl From<&config::Dataplane> for TableSizes {
+    fn from(d: &config::Dataplane) -> Self {
+        TableSizes {
+            conntrack: d.conntrack_size,
+            half_open: d.half_open_size,
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -91,7 +138,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 18] = [
+pub const LB_MAPS: [&str; 22] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -99,7 +146,11 @@ pub const LB_MAPS: [&str; 18] = [
     "RR_COUNTERS",
     "BACKENDS",
     "CONNTRACK",
-    "REVERSE_NAT",
+    "HALF_OPEN",
+    "FLOW_CONF",
+    "BACKEND_FLOWS",
+    "FLOWS_SWEPT",
+    "NEW_FLOW_BUDGET",
     "SERVICE_STATS",
     "BACKEND_STATS",
     "VERDICTS",
@@ -138,14 +189,15 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object and the `lb` program (not yet attached). Nothing is
     /// pinned: the data plane lives as long as this value (tests, tools).
-    pub fn load(conntrack_size: u32) -> Result<Self> {
-        Self::load_with(conntrack_size, None)
+    pub fn load(sizes: impl Into<TableSizes>) -> Result<Self> {
+        Self::load_with(sizes.into(), None)
     }
 
     /// Loads with every map pinned under `pin_dir` (a bpffs directory),
     /// reusing maps already pinned there: a restarted agent adopts the
     /// previous one's flows, rings and counters. Returns whether it adopted.
-    pub fn load_pinned(conntrack_size: u32, pin_dir: &Path) -> Result<(Self, bool)> {
+    pub fn load_pinned(sizes: impl Into<TableSizes>, pin_dir: &Path) -> Result<(Self, bool)> {
+        let sizes = sizes.into();
         std::fs::create_dir_all(pin_dir).map_err(|e| DataplaneError::Pin {
             path: pin_dir.into(),
             reason: e.to_string(),
@@ -154,9 +206,9 @@ impl Dataplane {
         if adopted {
             // Before the loader touches anything: it would silently reuse
             // the pinned tables at their old size.
-            check_pinned_sizes(conntrack_size, pin_dir)?;
+            check_pinned_tables(sizes, pin_dir)?;
         }
-        let mut dp = Self::load_with(conntrack_size, Some(pin_dir))?;
+        let mut dp = Self::load_with(sizes, Some(pin_dir))?;
         if adopted {
             dp.adopt_ids()?;
         }
@@ -165,19 +217,19 @@ impl Dataplane {
 
     /// Loads another build of the object, unpinned: for measurements that
     /// compare builds (`tests/tests/kernel.rs`, the trace cost).
-    pub fn load_object(object: &[u8], conntrack_size: u32) -> Result<Self> {
-        Self::load_bytes(object, conntrack_size, None)
+    pub fn load_object(object: &[u8], sizes: impl Into<TableSizes>) -> Result<Self> {
+        Self::load_bytes(object, sizes.into(), None)
     }
 
-    fn load_with(conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
-        Self::load_bytes(ebpf_object()?, conntrack_size, pin_dir)
+    fn load_with(sizes: TableSizes, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_bytes(ebpf_object()?, sizes, pin_dir)
     }
 
-    fn load_bytes(object: &[u8], conntrack_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+    fn load_bytes(object: &[u8], sizes: TableSizes, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries("CONNTRACK", conntrack_size)
-            .map_max_entries("REVERSE_NAT", conntrack_size);
+            .map_max_entries("CONNTRACK", sizes.conntrack.saturating_mul(2))
+            .map_max_entries("HALF_OPEN", sizes.half_open.saturating_mul(2));
         let paths: Vec<(&str, PathBuf)> = pin_dir
             .map(|dir| LB_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
             .unwrap_or_default();
@@ -366,6 +418,8 @@ impl Dataplane {
             .map(|s| (s.name.clone(), s.id))
             .collect();
         let fw = firewall::plan(&self.fw, cfg, &service_ids)?;
+        // The flow timeouts and budget first: one store, live.
+        self.set_flow_conf(cfg.dataplane.flow_conf())?;
         // A new service is published with its firewall rules in place.
         self.firewall_additions(&fw)?;
         let moved = self.write(&plan)?;
@@ -517,11 +571,12 @@ impl Dataplane {
         )
     }
 
-    /// Deletes every flow pinned to one of `ids` (both tables). Walks the
-    /// whole tables, so it runs only when an id with a past is reused.
+    /// Deletes every flow pinned to one of `ids` (both tables, both
+    /// directions). Walks the whole tables, so it runs only when an id with
+    /// a past is reused.
     fn purge_flows(&mut self, ids: &BTreeSet<u32>) -> Result<()> {
-        {
-            let mut flows = self.hash::<FlowKey, Flow>("CONNTRACK")?;
+        for name in ["CONNTRACK", "HALF_OPEN"] {
+            let mut flows = self.hash::<FlowKey, Flow>(name)?;
             let stale: Vec<FlowKey> = flows
                 .iter()
                 .filter_map(|r| r.ok())
@@ -529,25 +584,42 @@ impl Dataplane {
                 .map(|(k, _)| k)
                 .collect();
             for key in &stale {
-                remove_if_present(&mut flows, "CONNTRACK", key)?;
+                remove_if_present(&mut flows, name, key)?;
             }
-        }
-        let mut replies = self.hash::<FlowKey, ReverseNat>("REVERSE_NAT")?;
-        let stale: Vec<FlowKey> = replies
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, r)| ids.contains(&r.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale {
-            remove_if_present(&mut replies, "REVERSE_NAT", key)?;
         }
         Ok(())
     }
 
+    /// Deletes one flow entry (by its key as it arrives) from both tables,
+    /// as an eviction or another load balancer's miss would leave it. For
+    /// tests and tools; the data plane and the sweep remove expired flows.
+    pub fn forget_flow(&mut self, key: &FlowKey) -> Result<()> {
+        for name in ["CONNTRACK", "HALF_OPEN"] {
+            remove_if_present(&mut self.hash::<FlowKey, Flow>(name)?, name, key)?;
+        }
+        Ok(())
+    }
+
+    /// The flow lifecycle's settings (timeouts, new-flow budget), live.
+    fn set_flow_conf(&mut self, conf: FlowConf) -> Result<()> {
+        set(
+            &mut self.array::<FlowConf>("FLOW_CONF")?,
+            "FLOW_CONF",
+            0,
+            conf,
+        )
+    }
+
     /// A reused id starts its traffic counters from zero.
     fn zero_backend_counters(&mut self, id: u32) -> Result<()> {
-        self.zero_counter("BACKEND_STATS", id, Counters::default())
+        self.zero_counter("BACKEND_STATS", id, Counters::default())?;
+        set(
+            &mut self.array::<FlowCounts>("BACKEND_FLOWS")?,
+            "BACKEND_FLOWS",
+            id,
+            FlowCounts::default(),
+        )?;
+        set(&mut self.array::<u64>("FLOWS_SWEPT")?, "FLOWS_SWEPT", id, 0)
     }
 
     /// Sets slot `id` of a per-CPU array to `zero` on every CPU.
@@ -635,20 +707,58 @@ impl Dataplane {
     }
 }
 
-/// The pinned flow tables must have the size the config asks for: a map's
-/// size is fixed when it is created, and adopting keeps the old one.
-fn check_pinned_sizes(conntrack_size: u32, pin_dir: &Path) -> Result<()> {
-    for map in ["CONNTRACK", "REVERSE_NAT"] {
+/// The pinned flow tables must be this version's (a hash of 40-byte flow
+/// entries, two per flow) and have the size the config asks for: a map's
+/// type and size are fixed when it is created, and adopting keeps the old.
+fn check_pinned_tables(sizes: TableSizes, pin_dir: &Path) -> Result<()> {
+    let old_version = |map: &'static str, found: String, wanted: &str| DataplaneError::OldVersion {
+        map,
+        found,
+        wanted: wanted.into(),
+        pin_dir: pin_dir.to_path_buf(),
+    };
+    if pin_dir.join("REVERSE_NAT").exists() {
+        return Err(old_version(
+            "REVERSE_NAT",
+            "present (replies in a table of their own)".into(),
+            "none (a flow's reply entry lives next to it in CONNTRACK/HALF_OPEN)",
+        ));
+    }
+    let tables = [
+        (
+            "CONNTRACK",
+            "conntrack-size",
+            sizes.conntrack,
+            aya::maps::MapType::Hash,
+        ),
+        (
+            "HALF_OPEN",
+            "half-open-size",
+            sizes.half_open,
+            aya::maps::MapType::LruHash,
+        ),
+    ];
+    for (map, key, configured, kind) in tables {
         let path = pin_dir.join(map);
         if !path.exists() {
             continue;
         }
-        let pinned = MapInfo::from_pin(&path)
-            .map_err(|source| DataplaneError::Map { name: map, source })?
-            .max_entries();
-        if pinned != conntrack_size {
+        let info =
+            MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name: map, source })?;
+        let found_kind = info.map_type().ok();
+        let value_size = info.value_size() as usize;
+        if found_kind != Some(kind) || value_size != std::mem::size_of::<Flow>() {
+            return Err(old_version(
+                map,
+                format!("a {found_kind:?} of {value_size}-byte entries"),
+                &format!("a {kind:?} of {}-byte entries", std::mem::size_of::<Flow>()),
+            ));
+        }
+        let pinned = info.max_entries() / 2;
+        if pinned != configured {
             return Err(DataplaneError::ConntrackSize {
-                configured: conntrack_size,
+                key,
+                configured,
                 pinned,
                 map,
                 pin_dir: pin_dir.to_path_buf(),
@@ -694,6 +804,10 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 ) -> Result<()> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        // aya reports a delete's ENOENT as the syscall's error.
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
 }

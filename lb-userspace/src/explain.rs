@@ -369,7 +369,7 @@ fn backends_text(view: Option<&ServiceView>, ring: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{BACKEND_F_IN_USE, MODE_NAT, NextHop, SCHED_COUNTER};
+    use lb_common::{BACKEND_F_IN_USE, MODE_NAT, SCHED_COUNTER};
 
     use super::*;
 
@@ -416,7 +416,7 @@ mod tests {
             Flow {
                 backend_id,
                 service_id: 0,
-                next_hop: NextHop::default(),
+                ..Flow::default()
             },
             Backend {
                 addr: u32::from_ne_bytes([198, 19, 0, 11 + backend_id as u8]),

@@ -1,6 +1,6 @@
 //! `lb`: the XDP load balancer's agent and CLI.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -133,6 +133,45 @@ fn ask(socket: &std::path::Path, req: &Request) -> anyhow::Result<control::Respo
     Ok(reply)
 }
 
+/// `lb backend drain --wait`: polls the status until the backend holds no
+/// active flow, printing the count whenever it changes.
+fn wait_drained(
+    socket: &std::path::Path,
+    service: &str,
+    backend: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let status = ask(socket, &Request::Status)?
+            .status
+            .context("the agent sent no status")?;
+        let active = status
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.backends.iter().find(|b| b.name == backend))
+            .map(|b| b.active)
+            .with_context(|| format!("{service}/{backend} is no longer in the status"))?;
+        if last != Some(active) {
+            println!("{service}/{backend}: {active} active flows");
+            last = Some(active);
+        }
+        if active == 0 {
+            println!("{service}/{backend} is drained");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{service}/{backend} still holds {active} active flows after {}s",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => agent::run(args),
@@ -150,7 +189,19 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backend { change, socket } => {
-            println!("{}", ask(&socket, &Request::Backend(change))?.message);
+            println!(
+                "{}",
+                ask(&socket, &Request::Backend(change.clone()))?.message
+            );
+            if let BackendChange::Drain {
+                service,
+                backend,
+                wait: true,
+                timeout,
+            } = change
+            {
+                wait_drained(&socket, &service, &backend, Duration::from_secs(timeout))?;
+            }
             Ok(())
         }
         Command::Vip { change, socket } => {

@@ -165,15 +165,23 @@ async fn with_flows(
 ) -> Result<Status, String> {
     let (mut status, ids) = reply.map_err(|e| format!("{e:#}"))?;
     let table = Arc::clone(flows);
-    let counts = match tokio::task::spawn_blocking(move || table.per_backend()).await {
-        Ok(Ok(counts)) => counts,
+    let all: Vec<u32> = ids.iter().flatten().copied().collect();
+    let counted = tokio::task::spawn_blocking(move || {
+        let active: Result<Vec<u64>, _> = all.iter().map(|&id| table.active(id)).collect();
+        Ok::<_, crate::dataplane::DataplaneError>((table.per_backend()?, active?))
+    })
+    .await;
+    let (counts, active) = match counted {
+        Ok(Ok(counted)) => counted,
         Ok(Err(e)) => return Err(format!("counting flows: {e}")),
         Err(e) => return Err(format!("counting flows: {e}")),
     };
     status.conntrack.entries = counts.values().sum();
+    let mut active = active.into_iter();
     for (service, ids) in status.services.iter_mut().zip(ids) {
         for (backend, id) in service.backends.iter_mut().zip(ids) {
             backend.flows = counts.get(&id).copied().unwrap_or(0);
+            backend.active = active.next().unwrap_or(0);
         }
     }
     Ok(status)

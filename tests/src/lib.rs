@@ -274,11 +274,16 @@ pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
     }
     let open = || -> Result<HashMap<MapData, FlowKey, Flow>> {
         let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
-        Ok(HashMap::try_from(Map::LruHashMap(data))?)
+        Ok(HashMap::try_from(Map::HashMap(data))?)
     };
+    // The connection's forward entry (a NAT flow also has a reply entry).
     let flows: Vec<Flow> = open()?
         .iter()
         .map(|r| r.map(|(_, f)| f))
+        .filter(|f| {
+            f.as_ref()
+                .map_or(true, |f| f.direction == lb_common::flow::FORWARD)
+        })
         .collect::<Result<_, _>>()?;
     let [only] = flows[..] else {
         bail!("expected one flow, got {flows:?}");
@@ -293,11 +298,8 @@ pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
             protocol: 6,
             ..FlowKey::default()
         };
-        let flow = Flow {
-            backend_id: only.backend_id,
-            service_id: only.service_id,
-            ..Flow::default()
-        };
+        // Established, seen when the real one was; no reply entry (vip 0).
+        let flow = Flow { vip: 0, ..only };
         table.insert(key, flow, 0)?;
     }
     Ok(())

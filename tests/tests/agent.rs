@@ -211,6 +211,8 @@ fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() -> Result<()> {
         &Request::Backend(BackendChange::Drain {
             service: "www".into(),
             backend: "web1".into(),
+            wait: false,
+            timeout: 0,
         }),
     )?;
     assert!(r.ok, "{r:?}");
@@ -238,6 +240,8 @@ fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() -> Result<()> {
         &Request::Backend(BackendChange::Drain {
             service: "www".into(),
             backend: "web9".into(),
+            wait: false,
+            timeout: 0,
         }),
     )?;
     assert!(

@@ -234,6 +234,8 @@ fn drained_backend_in(mode: Forwarding) -> Result<()> {
             &Request::Backend(BackendChange::Drain {
                 service: "www".into(),
                 backend: WEB_NAMES[0].into(),
+                wait: false,
+                timeout: 0,
             }),
         )?;
         wait_out_of_ring(lab, WEB_NAMES[0], Duration::from_secs(5))?;

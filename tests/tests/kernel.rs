@@ -81,6 +81,9 @@ fn lab_config() -> Config {
             forwarding: Forwarding::Nat,
             xdp_mode: XdpMode::Native,
             conntrack_size: 65536,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
         },
         monitoring: None,
         announce: None,
@@ -156,7 +159,7 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: &Config) -> Self {
-        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size)
+        let mut dp = Dataplane::load(&cfg.dataplane)
             .expect("load the lb object (built by cargo xtask build)");
         dp.apply(cfg).expect("apply config");
         let index = |name: &str| {
@@ -1109,15 +1112,18 @@ fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
             in_rotation: false,
             drop_flows: false,
         };
-        h.dp.apply_with(&cfg, &none).expect("apply");
-        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
         let ack = Tcp {
             syn: false,
             ..Tcp::request(50100, VIP)
         }
         .build();
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(web_of(&out), 0, "the established flow is kept");
+        assert_eq!(web_of(&out), 0, "the handshake's ACK establishes the flow");
+        h.dp.apply_with(&cfg, &none).expect("apply");
+        // A SYN on the tuple is a new connection (the client reused the
+        // port): the old one is over, and the new one has nowhere to go.
+        h.expect(h.front, &syn, XDP_DROP, Verdict::DropNoBackend);
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
     });
 }
 
@@ -2082,6 +2088,445 @@ fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
         );
         let counts = rule_counts(&h.dp);
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1]);
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
+
+// ---- the flow lifecycle (issue 11): states, tables, timeouts, budget ----
+
+/// `frame` (TCP, no IP options) with its TCP flags replaced. The checksum is
+/// left stale: the data plane only ever updates it incrementally.
+fn with_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    frame[14 + 20 + 13] = flags;
+    frame
+}
+
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// The client → VIP key of a lab client's TCP flow.
+fn client_key(sport: u16, vip: [u8; 4]) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        saddr: u32::from_ne_bytes(CLIENT),
+        daddr: u32::from_ne_bytes(vip),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+/// web1's reply to the client's port `dport` (NAT service www).
+fn reply_from_web1(dport: u16, flags: u8) -> Vec<u8> {
+    let frame = Tcp {
+        src_mac: WEB_MACS[0],
+        dst_mac: BACK_MAC,
+        src: WEBS[0],
+        dst: CLIENT,
+        sport: WEB_PORT,
+        dport,
+        syn: false,
+        ..Tcp::request(0, VIP)
+    }
+    .build();
+    with_flags(frame, flags)
+}
+
+/// Where a flow is: `Some(true)` established, `Some(false)` half-open.
+fn table_of(h: &Harness, key: &lb_common::FlowKey) -> Option<bool> {
+    let table = h.dp.flow_table().expect("flow table");
+    table.lookup(key).expect("lookup").map(|(est, _)| est)
+}
+
+fn active(h: &Harness, backend_id: u32) -> u64 {
+    h.dp.flow_table()
+        .expect("flow table")
+        .active(backend_id)
+        .expect("active")
+}
+
+/// The id of web1 in service www (the first backend the lab config applies).
+fn web1_id(h: &mut Harness, cfg: &Config) -> u32 {
+    let applied = h.dp.apply(cfg).expect("apply");
+    applied[0].backends[0].1
+}
+
+#[test]
+fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let key = client_key(52000, VIP);
+        h.expect(
+            h.front,
+            &Tcp::request(52000, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let table = h.dp.flow_table().expect("flow table");
+        assert_eq!(
+            table.entries(),
+            (0, 2),
+            "forward and reply entries, half-open"
+        );
+        assert_eq!(table_of(&h, &key), Some(false));
+        assert_eq!(active(&h, web1), 0, "a half-open flow is not active");
+        // The backend's SYN-ACK is translated from the half-open table and
+        // does not promote the flow: only the client can.
+        let back = h.back;
+        h.expect(
+            back,
+            &reply_from_web1(52000, 0x12),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(table_of(&h, &key), Some(false));
+        // A retransmitted SYN neither promotes nor moves it.
+        let out = h.expect(
+            h.front,
+            &Tcp::request(52000, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), 0);
+        let ack = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52000, VIP)
+            }
+            .build(),
+            ACK,
+        );
+        let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(web_of(&out), 0);
+        assert_eq!(
+            h.dp.flow_table().expect("table").entries(),
+            (2, 0),
+            "promoted, both entries"
+        );
+        assert_eq!(table_of(&h, &key), Some(true));
+        assert_eq!(active(&h, web1), 1);
+        h.expect(
+            back,
+            &reply_from_web1(52000, ACK),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        // UDP: the first packet opens, the second establishes.
+        let dns = |sport| udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, sport, 5353, b"q");
+        h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(h.dp.flow_table().expect("table").entries(), (2, 2));
+        h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(h.dp.flow_table().expect("table").entries(), (4, 0));
+    });
+}
+
+#[test]
+fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let ack = |port| {
+            with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            )
+        };
+        h.expect(h.front, &ack(52100), XDP_DROP, Verdict::DropNoFlow);
+        assert_eq!(
+            h.dp.flow_table().expect("table").entries(),
+            (0, 0),
+            "nothing created"
+        );
+        // A hash scheduler finds the backend again: the flow goes where the
+        // hash says (the same as its SYN would have), half-open first.
+        cfg.services[0].scheduler = Scheduler::SourceHash;
+        h.dp.apply(&cfg).expect("apply");
+        let syn_choice = web_of(&h.expect(
+            h.front,
+            &Tcp::request(52101, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        ));
+        // Forget the flow (an eviction, another LB): its next segment.
+        let key = client_key(52101, VIP);
+        h.dp.forget_flow(&key).expect("forget");
+        assert_eq!(table_of(&h, &key), None);
+        let out = h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(
+            web_of(&out),
+            syn_choice,
+            "hash-on-miss lands where the flow was"
+        );
+        assert_eq!(
+            table_of(&h, &key),
+            Some(false),
+            "the packet that created it does not promote it"
+        );
+        h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(table_of(&h, &key), Some(true));
+    });
+}
+
+#[test]
+fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.timeouts.tcp_closing = std::time::Duration::from_secs(1);
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let open = |h: &mut Harness, port| {
+            h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        };
+        open(&mut h, 52200); // web1
+        open(&mut h, 52201); // web2
+        open(&mut h, 52202); // web3
+        open(&mut h, 52203); // web1
+        assert_eq!(active(&h, web1), 2);
+        // The client's FIN: closing, no longer active, still forwarded.
+        let fin = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52200, VIP)
+            }
+            .build(),
+            FIN_ACK,
+        );
+        h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web1), 1);
+        let closing =
+            h.dp.flow_table()
+                .expect("t")
+                .lookup(&client_key(52200, VIP))
+                .expect("l");
+        assert_eq!(
+            closing.map(|(_, f)| f.state),
+            Some(lb_common::flow::STATE_CLOSING)
+        );
+        // A second FIN (the other CPU, a retransmit) does not count twice.
+        h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web1), 1);
+        // The backend's RST closes the other web1 flow through its reply entry.
+        let back = h.back;
+        h.expect(
+            back,
+            &reply_from_web1(52203, RST),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(active(&h, web1), 0);
+        // Idle past the closing timeout (1 s: expired after more than one
+        // tick of ~1.07 s): the next segment finds no flow, and both of the
+        // flow's entries are gone.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        let ack = with_flags(
+            Tcp {
+                syn: false,
+                ..Tcp::request(52200, VIP)
+            }
+            .build(),
+            ACK,
+        );
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
+        assert_eq!(table_of(&h, &client_key(52200, VIP)), None);
+        // The agent's sweep takes the other closed flow (no packet came).
+        let mut sweeper = h.dp.sweeper().expect("sweeper");
+        let report = sweeper
+            .sweep(lb_userspace::dataplane::sweep::now_ticks())
+            .expect("sweep");
+        assert_eq!(report.removed, 2, "web1's RST flow, forward and reply");
+        assert!(report.swept.is_empty(), "closed flows were already counted");
+        assert_eq!(
+            h.dp.flow_table().expect("t").entries(),
+            (4, 0),
+            "two established flows stay"
+        );
+        assert_eq!(active(&h, web1), 0);
+    });
+}
+
+#[test]
+fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.conntrack_size = 1024;
+        cfg.dataplane.half_open_size = 1024;
+        let mut h = Harness::new(&cfg);
+        let mut pinned = Vec::new();
+        for port in 53000..53010u16 {
+            let out = h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+            pinned.push((port, web_of(&out)));
+        }
+        // Ten times the half-open table in spoofed SYNs (2 entries each).
+        let prog = h.dp.program().expect("program");
+        for i in 0..10 * 1024u32 {
+            let frame = Tcp {
+                src: [198, 18, 100 + (i >> 14) as u8, (i >> 6) as u8],
+                sport: 1024 + (i & 63) as u16,
+                ..Tcp::request(0, VIP)
+            }
+            .build();
+            xdp::test_run(prog, h.front, &frame, 0, false).expect("flood");
+        }
+        let (established, half_open) = h.dp.flow_table().expect("t").entries();
+        assert_eq!(established, 20, "ten NAT flows, both entries each");
+        assert!(
+            half_open <= 2048,
+            "the half-open table stays in its size: {half_open}"
+        );
+        for (port, web) in pinned {
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP)
+                }
+                .build(),
+                ACK,
+            );
+            let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+            assert_eq!(web_of(&out), web, "port {port} kept its backend");
+        }
+    });
+}
+
+#[test]
+fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.new_flow_budget = 2;
+        cfg.services[2].scheduler = Scheduler::SourceHash; // www-dsr
+        let mut h = Harness::new(&cfg);
+        // The budget is per CPU: one CPU's window for the whole test.
+        lb_userspace::harness::pktgen::pin_to_cpu(0).expect("pin to cpu 0");
+        let before = h.verdicts();
+        let mut chosen = Vec::new();
+        for port in 54000..54010u16 {
+            let (action, out) = h.run(h.front, &Tcp::request(port, VIP_DSR).build());
+            assert_eq!(action, XDP_REDIRECT);
+            chosen.push((port, web_of(&out)));
+        }
+        let after = h.verdicts();
+        let delta = |v: Verdict| {
+            let n = |vs: &[(Verdict, u64)]| vs.iter().find(|(x, _)| *x == v).map_or(0, |(_, n)| *n);
+            n(&after) - n(&before)
+        };
+        let (stateful, stateless) = (
+            delta(Verdict::Forwarded),
+            delta(Verdict::ForwardedStateless),
+        );
+        assert_eq!(stateful + stateless, 10);
+        // Two per tick of ~1.07 s; the loop may straddle one tick boundary.
+        assert!(
+            stateful <= 4 && stateless >= 6,
+            "{stateful} inserted, {stateless} stateless"
+        );
+        let (_, half_open) = h.dp.flow_table().expect("t").entries();
+        assert_eq!(
+            half_open, stateful,
+            "only the flows within the budget have entries"
+        );
+        // A stateless flow's next packet lands on the same backend.
+        for (port, web) in chosen {
+            let ack = with_flags(
+                Tcp {
+                    syn: false,
+                    ..Tcp::request(port, VIP_DSR)
+                }
+                .build(),
+                ACK,
+            );
+            let (_, out) = h.run(h.front, &ack);
+            assert_eq!(web_of(&out), web, "port {port}");
+        }
+        // A NAT service cannot do without entries: it inserts anyway.
+        h.expect(
+            h.front,
+            &Tcp::request(54100, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert!(table_of(&h, &client_key(54100, VIP)).is_some());
+    });
+}
+
+/// Issue 11: a pin dir left by the version before the flow lifecycle (its
+/// replies in a `REVERSE_NAT` table of their own) cannot be adopted: the
+/// agent refuses before touching anything and says how to go on.
+#[test]
+fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
+    use lb_userspace::dataplane::DataplaneError;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let first = first_pinned_flow(&pins, 1024, 51500);
+        // What the old version left: a REVERSE_NAT pinned with the rest.
+        let old = first.map_data("VIPS").expect("a map to stand in");
+        old.pin(pins.join("REVERSE_NAT")).expect("pin REVERSE_NAT");
+        drop(first);
+        let err = match Dataplane::load_pinned(1024, &pins) {
+            Ok(_) => panic!("adopted a data plane of the previous version"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::OldVersion {
+                    map: "REVERSE_NAT",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            "from an earlier version of lb",
+            &format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+        // Refused means untouched: the flow is still pinned.
+        assert!(pins.join("CONNTRACK").exists() && pins.join("HALF_OPEN").exists());
         Dataplane::teardown(&pins).expect("teardown");
     });
 }

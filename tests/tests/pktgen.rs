@@ -74,7 +74,7 @@ fn pktgen_through_lb_reaches_the_sink() {
         let mut cfg = bench::lb_config(Forwarding::Nat, BACKENDS).expect("config");
         // The benchmark's table is sized for 1M flows; 16 need far less.
         cfg.dataplane.conntrack_size = 65536;
-        let mut dp = Dataplane::load(cfg.dataplane.conntrack_size)
+        let mut dp = Dataplane::load(&cfg.dataplane)
             .expect("load the lb object (built by cargo xtask build)");
         dp.apply(&cfg).expect("apply config");
         dp.attach("lbin", XdpMode::Native)

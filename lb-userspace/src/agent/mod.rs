@@ -120,8 +120,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         "one agent per data plane. Stop it first, or give this one its own --pin-dir \
          (and interfaces)",
     )?;
-    let (dp, adopted) = Dataplane::load_pinned(cfg.dataplane.conntrack_size, &args.pin_dir)
-        .with_context(|| {
+    let (dp, adopted) =
+        Dataplane::load_pinned(&cfg.dataplane, &args.pin_dir).with_context(|| {
             format!(
                 "loading the data plane (pinned under {})",
                 args.pin_dir.display()
@@ -194,6 +194,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     }
     prime_neighbours(&agent.cfg);
     let flow_table = Arc::new(agent.dp.flow_table().context("opening the flow table")?);
+    let sweeper = agent
+        .dp
+        .sweeper()
+        .context("opening the flow tables for the sweep")?;
+    std::thread::Builder::new()
+        .name("lb-sweep".into())
+        .spawn(move || sweep_forever(sweeper))
+        .context("starting the flow sweep")?;
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
     if let Some(monitoring) = &agent.cfg.monitoring {
@@ -423,7 +431,7 @@ impl Agent {
 
     fn reload(&mut self) -> anyhow::Result<()> {
         let new = config::load(&self.path)?;
-        if new.dataplane != self.cfg.dataplane {
+        if new.dataplane.needs_restart_from(&self.cfg.dataplane) {
             bail!(
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
             );
@@ -433,6 +441,7 @@ impl Agent {
                 "[announce] changed (BIRD's socket, the include file, the MED): that needs a restart of `lb run`"
             );
         }
+        // Timeouts and the budget are live: `apply` writes them first.
         if new.monitoring != self.cfg.monitoring {
             bail!(
                 "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
@@ -684,6 +693,7 @@ impl Agent {
                         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     in_ring: applied.ring.contains(id),
                     flows: 0,
+                    active: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
                 });
@@ -724,10 +734,30 @@ impl Agent {
                 // Counted off the loop with the flows per backend.
                 entries: 0,
                 capacity: self.cfg.dataplane.conntrack_size,
+                half_open_capacity: self.cfg.dataplane.half_open_size,
             },
             announce: self.announcer.as_ref().map(Announcer::status),
         };
         Ok((status, ids))
+    }
+}
+
+/// How often the agent sweeps expired flows out of the tables (the data
+/// plane removes those a packet finds; this catches the rest).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The sweep, on a thread of its own: it walks whole tables, and must
+/// neither stall the loop nor be stalled by it.
+fn sweep_forever(mut sweeper: crate::dataplane::Sweeper) {
+    loop {
+        std::thread::sleep(SWEEP_INTERVAL);
+        match sweeper.sweep(crate::dataplane::sweep::now_ticks()) {
+            Ok(r) if r.removed > 0 => {
+                tracing::debug!(removed = r.removed, "swept expired flows");
+            }
+            Ok(_) => {}
+            Err(e) => warn!("sweeping expired flows: {e}"),
+        }
     }
 }
 

@@ -100,7 +100,9 @@ pub fn edit(
         | BackendChange::Remove { service, backend }
         | BackendChange::Enable { service, backend }
         | BackendChange::Disable { service, backend }
-        | BackendChange::Drain { service, backend }
+        | BackendChange::Drain {
+            service, backend, ..
+        }
         | BackendChange::Weight {
             service, backend, ..
         } => (service.clone(), backend.clone()),
@@ -257,7 +259,12 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
             "remove" => BackendChange::Remove { service, backend },
             "enable" => BackendChange::Enable { service, backend },
             "disable" => BackendChange::Disable { service, backend },
-            "drain" => BackendChange::Drain { service, backend },
+            "drain" => BackendChange::Drain {
+                service,
+                backend,
+                wait: false,
+                timeout: 0,
+            },
             other => panic!("no action {other}"),
         }
     }
@@ -396,7 +403,9 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
         assert_eq!(
             message(BackendChange::Drain {
                 service: "nope".into(),
-                backend: "web1".into()
+                backend: "web1".into(),
+                wait: false,
+                timeout: 0,
             }),
             "service: no service named \"nope\""
         );

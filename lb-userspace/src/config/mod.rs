@@ -164,8 +164,72 @@ pub struct Dataplane {
     /// Default forwarding mode for services that do not set one.
     pub forwarding: Forwarding,
     pub xdp_mode: XdpMode,
-    /// Connection-tracking capacity in flows.
+    /// Capacity of the established-flow table, in flows.
     pub conntrack_size: u32,
+    /// Capacity of the half-open table, in flows.
+    pub half_open_size: u32,
+    /// New flows one CPU enters per second before new flows of DSR services
+    /// with a hash scheduler go stateless; 0: no limit.
+    pub new_flow_budget: u32,
+    pub timeouts: Timeouts,
+}
+
+/// Idle timeouts of the flow table (`[dataplane.timeouts]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP, established.
+    pub tcp: Duration,
+    /// TCP after a FIN or RST.
+    pub tcp_closing: Duration,
+    /// TCP before the handshake completes.
+    pub tcp_half_open: Duration,
+    /// UDP.
+    pub udp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp: Duration::from_secs(900),
+            tcp_closing: Duration::from_secs(10),
+            tcp_half_open: Duration::from_secs(30),
+            udp: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Dataplane {
+    /// Does going from `old` to this need a restart of the agent? Everything
+    /// but the flow timeouts and the budget does (attachment, modes, map
+    /// sizes); those two are written live.
+    pub fn needs_restart_from(&self, old: &Dataplane) -> bool {
+        let fixed = |d: &Dataplane| Dataplane {
+            timeouts: Timeouts::default(),
+            new_flow_budget: 0,
+            ..d.clone()
+        };
+        fixed(self) != fixed(old)
+    }
+
+    /// What the data plane's `FLOW_CONF` holds for these settings.
+    pub fn flow_conf(&self) -> lb_common::FlowConf {
+        use lb_common::flow::{Timeout, duration_ticks};
+        let ticks = |d: Duration| duration_ticks(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut timeouts = [0; lb_common::flow::TIMEOUT_COUNT];
+        timeouts[Timeout::TcpHalfOpen as usize] = ticks(self.timeouts.tcp_half_open);
+        timeouts[Timeout::Tcp as usize] = ticks(self.timeouts.tcp);
+        timeouts[Timeout::TcpClosing as usize] = ticks(self.timeouts.tcp_closing);
+        timeouts[Timeout::Udp as usize] = ticks(self.timeouts.udp);
+        lb_common::FlowConf {
+            timeouts,
+            // A tick is 2^30 ns, a little over a second: the budget per tick
+            // is the budget per second scaled up, so "per second" holds.
+            new_flow_budget: u32::try_from(
+                u64::from(self.new_flow_budget) * lb_common::flow::TICK_NS / 1_000_000_000,
+            )
+            .unwrap_or(u32::MAX),
+        }
+    }
 }
 
 #[derive(

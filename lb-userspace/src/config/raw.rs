@@ -64,6 +64,18 @@ pub(super) struct RawDataplane {
     pub(super) forwarding: Option<Forwarding>,
     pub(super) xdp_mode: Option<XdpMode>,
     pub(super) conntrack_size: Option<i64>,
+    pub(super) half_open_size: Option<i64>,
+    pub(super) new_flow_budget: Option<i64>,
+    pub(super) timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "timeouts")]
+pub(super) struct RawTimeouts {
+    pub(super) tcp: Option<String>,
+    pub(super) tcp_closing: Option<String>,
+    pub(super) tcp_half_open: Option<String>,
+    pub(super) udp: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +136,14 @@ impl From<&Config> for RawConfig {
                 forwarding: Some(d.forwarding),
                 xdp_mode: Some(d.xdp_mode),
                 conntrack_size: Some(i64::from(d.conntrack_size)),
+                half_open_size: Some(i64::from(d.half_open_size)),
+                new_flow_budget: Some(i64::from(d.new_flow_budget)),
+                timeouts: Some(RawTimeouts {
+                    tcp: Some(duration::show(d.timeouts.tcp)),
+                    tcp_closing: Some(duration::show(d.timeouts.tcp_closing)),
+                    tcp_half_open: Some(duration::show(d.timeouts.tcp_half_open)),
+                    udp: Some(duration::show(d.timeouts.udp)),
+                }),
             }),
             monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
                 listen: Some(m.listen.to_string()),

@@ -17,10 +17,10 @@ use lb_common::{
 use super::{
     Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
     HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    XdpMode, duration,
+    Timeouts, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
-        RawRateLimit, RawService,
+        RawRateLimit, RawService, RawTimeouts,
     },
 };
 
@@ -30,11 +30,17 @@ use super::{
 
 const CONNTRACK_MIN: i64 = 1024;
 const CONNTRACK_MAX: i64 = 16_777_216;
+/// Most new flows per second per CPU a budget may allow (0: no limit).
+const BUDGET_MAX: i64 = 100_000_000;
+/// Longest idle timeout: a week (ticks stay far from wrapping).
+const FLOW_TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 const NAME_MAX: usize = 64;
 /// IFNAMSIZ (16) minus the terminating NUL.
 const IFNAME_MAX: usize = 15;
 const WEIGHT_MAX: i64 = 1000;
 const RISE_FALL_MAX: i64 = 100;
+/// Katran's figure: about 125k new connections per second per core.
+const DEFAULT_NEW_FLOW_BUDGET: u32 = 125_000;
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
@@ -369,11 +375,59 @@ impl Validator<'_> {
                 "dataplane.conntrack-size",
             )?,
         };
+        let half_open_size = match raw.half_open_size {
+            None => lb_common::DEFAULT_HALF_OPEN_SIZE,
+            Some(size) => self.in_range(
+                size,
+                CONNTRACK_MIN..CONNTRACK_MAX + 1,
+                "dataplane.half-open-size",
+            )?,
+        };
+        let new_flow_budget = match raw.new_flow_budget {
+            None => DEFAULT_NEW_FLOW_BUDGET,
+            Some(n) => self.in_range(n, 0..BUDGET_MAX + 1, "dataplane.new-flow-budget")?,
+        };
+        let timeouts = self.timeouts(raw.timeouts)?;
         Ok(Dataplane {
             interfaces,
             forwarding: raw.forwarding.unwrap_or(Forwarding::Nat),
             xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Native),
             conntrack_size,
+            half_open_size,
+            new_flow_budget,
+            timeouts,
+        })
+    }
+
+    /// `[dataplane.timeouts]`: whole seconds or more (the data plane's clock
+    /// ticks about once a second), at most a week.
+    fn timeouts(&self, raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
+        let defaults = Timeouts::default();
+        let Some(raw) = raw else {
+            return Ok(defaults);
+        };
+        let one = |value: Option<String>, field: &str, default: Duration| {
+            let key = format!("dataplane.timeouts.{field}");
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            let d = duration::parse(&text).map_err(|reason| self.err(&key, reason))?;
+            if d < Duration::from_secs(1) || d > FLOW_TIMEOUT_MAX {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "must be between 1s and {}, got {text:?}",
+                        duration::show(FLOW_TIMEOUT_MAX)
+                    ),
+                ));
+            }
+            Ok(d)
+        };
+        Ok(Timeouts {
+            tcp: one(raw.tcp, "tcp", defaults.tcp)?,
+            tcp_closing: one(raw.tcp_closing, "tcp-closing", defaults.tcp_closing)?,
+            tcp_half_open: one(raw.tcp_half_open, "tcp-half-open", defaults.tcp_half_open)?,
+            udp: one(raw.udp, "udp", defaults.udp)?,
         })
     }
 

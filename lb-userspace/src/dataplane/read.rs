@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
 use lb_common::{
-    Backend, Counters, FW_GLOBAL, Flow, FlowKey, FwKey, FwScope, Ring, ServiceConf, ServiceKey,
-    VERDICT_COUNT, Verdict,
+    Backend, Counters, FW_GLOBAL, Flow, FlowCounts, FlowKey, FwKey, FwScope, Ring, ServiceConf,
+    ServiceKey, VERDICT_COUNT, Verdict, flow::REPLY,
 };
 
 use super::{Dataplane, DataplaneError, Result, found};
@@ -54,17 +54,32 @@ impl Dataplane {
         }))
     }
 
-    /// A second handle on the connection table, for counting flows off the
-    /// agent's loop (walking 262k entries takes the better part of a second).
+    /// Second handles on the flow tables and the active counts, for
+    /// counting flows off the agent's loop (walking 262k entries takes the
+    /// better part of a second).
     pub fn flow_table(&self) -> Result<FlowTable> {
-        let data = self.map_data("CONNTRACK")?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|source| {
-            DataplaneError::Map {
-                name: "CONNTRACK",
-                source,
-            }
-        })?;
-        Ok(FlowTable { flows })
+        let hash = |name: &'static str, map| {
+            HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+        };
+        let data = |name: &'static str| -> Result<(MapData, &'static str)> {
+            Ok((self.map_data(name)?, name))
+        };
+        fn array<T: aya::Pod>((data, name): (MapData, &'static str)) -> Result<Array<MapData, T>> {
+            Array::try_from(aya::maps::Map::Array(data))
+                .map_err(|source| DataplaneError::Map { name, source })
+        }
+        Ok(FlowTable {
+            conntrack: hash(
+                "CONNTRACK",
+                aya::maps::Map::HashMap(self.map_data("CONNTRACK")?),
+            )?,
+            half_open: hash(
+                "HALF_OPEN",
+                aya::maps::Map::LruHashMap(self.map_data("HALF_OPEN")?),
+            )?,
+            counts: array(data("BACKEND_FLOWS")?)?,
+            swept: array(data("FLOWS_SWEPT")?)?,
+        })
     }
 
     /// What the maps hold for one flow, for `lb explain`: its service (conf,
@@ -109,7 +124,13 @@ impl Dataplane {
                 })
             }
         };
-        let conntrack = match found(flows.get(key, 0), "CONNTRACK")? {
+        let half_open: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(map("HALF_OPEN")?).map_err(err("HALF_OPEN"))?;
+        let entry = match found(flows.get(key, 0), "CONNTRACK")? {
+            Some(flow) => Some(flow),
+            None => found(half_open.get(key, 0), "HALF_OPEN")?,
+        };
+        let conntrack = match entry {
             None => None,
             Some(flow) => Some((
                 flow,
@@ -199,19 +220,54 @@ impl Dataplane {
     }
 }
 
-/// The connection table, read apart from the agent's loop.
+/// The flow tables, read apart from the agent's loop.
 pub struct FlowTable {
-    flows: HashMap<MapData, FlowKey, Flow>,
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+    half_open: HashMap<MapData, FlowKey, Flow>,
+    counts: Array<MapData, FlowCounts>,
+    swept: Array<MapData, u64>,
 }
 
 impl FlowTable {
-    /// Flows in the table per backend id (walks the whole map: for status,
-    /// not for the fast path).
+    /// Flows in the tables per backend id, established and half-open (walks
+    /// both maps: for status, not for the fast path). A NAT flow's reply
+    /// entry is not a second flow.
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
-        for (_, flow) in self.flows.iter().filter_map(|r| r.ok()) {
-            *counts.entry(flow.backend_id).or_insert(0) += 1;
+        for table in [&self.conntrack, &self.half_open] {
+            for (_, flow) in table.iter().filter_map(|r| r.ok()) {
+                if flow.direction != REPLY {
+                    *counts.entry(flow.backend_id).or_insert(0) += 1;
+                }
+            }
         }
         Ok(counts)
+    }
+
+    /// Entries in the established and the half-open table (two per NAT
+    /// flow).
+    pub fn entries(&self) -> (u64, u64) {
+        let n =
+            |t: &HashMap<MapData, FlowKey, Flow>| t.keys().filter_map(|k| k.ok()).count() as u64;
+        (n(&self.conntrack), n(&self.half_open))
+    }
+
+    /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
+    /// if half-open.
+    pub fn lookup(&self, key: &FlowKey) -> Result<Option<(bool, Flow)>> {
+        if let Some(f) = found(self.conntrack.get(key, 0), "CONNTRACK")? {
+            return Ok(Some((true, f)));
+        }
+        Ok(found(self.half_open.get(key, 0), "HALF_OPEN")?.map(|f| (false, f)))
+    }
+
+    /// Established flows of backend `id` that have not closed: opened minus
+    /// closed (by the data plane) minus swept (by the agent). Exact, and one
+    /// lookup per backend.
+    pub fn active(&self, id: u32) -> Result<u64> {
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let c = self.counts.get(&id, 0).map_err(err("BACKEND_FLOWS"))?;
+        let swept = self.swept.get(&id, 0).map_err(err("FLOWS_SWEPT"))?;
+        Ok(c.opened.saturating_sub(c.closed).saturating_sub(swept))
     }
 }

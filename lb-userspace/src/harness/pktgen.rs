@@ -259,7 +259,9 @@ pub fn flow_endpoint(conf: &PktgenConf, n: u32) -> (Ipv4Addr, u16) {
     (Ipv4Addr::from(addr), port)
 }
 
-fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+/// Pins the calling thread to one CPU (the generator's threads; tests that
+/// need one CPU's per-CPU state).
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu);
     sched_setaffinity(None, &set)

@@ -161,6 +161,7 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let packets = Counters::default();
     let bytes = Counters::default();
     let flows = Gauges::default();
+    let active = Gauges::default();
     let up = Gauges::default();
     let health = Gauges::default();
     let admin = Gauges::default();
@@ -192,8 +193,13 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     );
     registry.register(
         "lb_backend_flows",
-        "Flows pinned to the backend in the connection table",
+        "Flows pinned to the backend in the flow tables (established and half-open)",
         flows.clone(),
+    );
+    registry.register(
+        "lb_backend_active_flows",
+        "Established flows of the backend that have not closed or expired",
+        active.clone(),
     );
     registry.register(
         "lb_backend_up",
@@ -247,6 +253,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
             flows
                 .get_or_create(&labels)
                 .set(i64::try_from(b.flows).unwrap_or(i64::MAX));
+            active
+                .get_or_create(&labels)
+                .set(i64::try_from(b.active).unwrap_or(i64::MAX));
             up.get_or_create(&labels).set(i64::from(matches!(
                 b.health,
                 HealthStatus::Up | HealthStatus::Unchecked

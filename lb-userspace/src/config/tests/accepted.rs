@@ -59,6 +59,9 @@ backends = [{ address = "10.0.1.3:80" }]
             forwarding: Forwarding::Dsr,
             xdp_mode: XdpMode::Generic,
             conntrack_size: 1024,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
         },
         monitoring: None,
         announce: None,
@@ -195,6 +198,9 @@ fn dataplane_defaults() {
             forwarding: Forwarding::Nat,
             xdp_mode: XdpMode::Native,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
         }
     );
     assert_eq!(config.services[0].forwarding, Forwarding::Nat);

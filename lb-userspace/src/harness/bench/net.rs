@@ -33,10 +33,16 @@ pub const PORT: u16 = 5353;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 
-/// Connection-table size for the sweeps: twice the largest flow count, so
-/// 1 000 000 flows measure a full table, not LRU eviction (with a smaller
-/// table every packet would be a new flow).
-pub(super) const CONNTRACK: u32 = 2_097_152;
+/// Flow-table sizes for the sweeps: twice the largest flow count in both
+/// tables. The generator sends each flow's packets a whole round apart, so
+/// a flow's second packet (the one that establishes it) comes after every
+/// other flow's first: the half-open table must hold them all, or every
+/// packet would be a new flow. 1 000 000 flows then measure a full
+/// established table.
+pub(super) const CONNTRACK: crate::dataplane::TableSizes = crate::dataplane::TableSizes {
+    conntrack: 2_097_152,
+    half_open: 2_097_152,
+};
 
 /// Backend `i` (0-based): 198.19.(1 + i / 250).(1 + i % 250).
 pub fn backend_addr(i: usize) -> Ipv4Addr {
@@ -59,8 +65,10 @@ pub fn lb_config(mode: Forwarding, backends: usize) -> anyhow::Result<Config> {
     };
     let toml = format!(
         "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
-         conntrack-size = {CONNTRACK}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
+         conntrack-size = {}\nhalf-open-size = {}\n\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
          protocol = \"udp\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        CONNTRACK.conntrack,
+        CONNTRACK.half_open,
         list.join(", ")
     );
     Ok(config::parse(&toml, Path::new("bench.toml"))?)

@@ -28,6 +28,7 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         last_check_us: Some(1_250),
         in_ring,
         flows: 4,
+        active: 4,
         packets: 70,
         bytes: 7_000,
     }
@@ -59,6 +60,7 @@ fn snapshot() -> Status {
                     packets: 0,
                     bytes: 0,
                     flows: 0,
+                    active: 0,
                     ..backend("web2", HealthStatus::Down, AdminState::Drain, false)
                 },
                 BackendStatus {
@@ -83,6 +85,7 @@ fn snapshot() -> Status {
         conntrack: ConntrackStatus {
             entries: 4,
             capacity: 1024,
+            half_open_capacity: 1024,
         },
         announce: None,
     }

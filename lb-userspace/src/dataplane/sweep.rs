@@ -1,0 +1,250 @@
+//! The agent's sweep of the flow tables: entries idle past their timeout
+//! that no packet came to find (the data plane removes those it finds). It
+//! reads and deletes through handles of its own, off the agent's loop, and
+//! counts the established flows it removes in `FLOWS_SWEPT` (the data plane
+//! counts its own removals in `BACKEND_FLOWS`).
+//!
+//! Which entries go is [`expired`], a pure function of a snapshot: a flow
+//! goes when both of its entries (NAT: forward and reply) are idle past the
+//! timeout of its state; an entry whose pair is already gone goes once it
+//! is idle itself.
+
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+
+use aya::maps::{Array, HashMap, MapData, MapError};
+use lb_common::{
+    Backend, Flow, FlowConf, FlowKey,
+    flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
+};
+
+use super::{Dataplane, DataplaneError, Result};
+
+/// Now on the data plane's clock (CLOCK_MONOTONIC, coarse), in ticks.
+pub fn now_ticks() -> u32 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    ticks(ns)
+}
+
+/// The keys of `entries` to remove at `now`: expired flows, both entries.
+/// `backend` gives a backend id's address (a NAT forward entry's reply key).
+pub fn expired(
+    entries: &StdHashMap<FlowKey, Flow>,
+    backend: impl Fn(u32) -> Option<Backend>,
+    conf: &FlowConf,
+    now: u32,
+) -> Vec<FlowKey> {
+    let idle = |key: &FlowKey, flow: &Flow| is_expired(conf, key.protocol, flow, now);
+    let mut gone = Vec::new();
+    for (key, flow) in entries {
+        if !idle(key, flow) {
+            continue;
+        }
+        let pair = if flow.direction == REPLY {
+            Some(forward_key(key, flow))
+        } else if flow.vip != 0 {
+            backend(flow.backend_id).map(|b| reply_key(key, &b))
+        } else {
+            None
+        };
+        // Each entry decides for itself; an idle pair decides the same way,
+        // so both go together. A live pair keeps both.
+        match pair.and_then(|p| entries.get(&p).map(|f| (p, f))) {
+            Some((p, f)) if !idle(&p, f) => {}
+            _ => gone.push(*key),
+        }
+    }
+    gone
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries removed, both tables.
+    pub removed: u64,
+    /// Established flows removed per backend id (added to `FLOWS_SWEPT`).
+    pub swept: BTreeMap<u32, u64>,
+}
+
+/// Handles on the flow tables for the sweep, apart from the agent's loop.
+pub struct Sweeper {
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+    half_open: HashMap<MapData, FlowKey, Flow>,
+    backends: Array<MapData, Backend>,
+    conf: Array<MapData, FlowConf>,
+    swept: Array<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Dataplane {
+    /// The sweep's own handles on the maps it needs.
+    pub fn sweeper(&self) -> Result<Sweeper> {
+        let hash =
+            |name: &'static str, map: aya::maps::Map| HashMap::try_from(map).map_err(map_err(name));
+        Ok(Sweeper {
+            conntrack: hash(
+                "CONNTRACK",
+                aya::maps::Map::HashMap(self.map_data("CONNTRACK")?),
+            )?,
+            half_open: hash(
+                "HALF_OPEN",
+                aya::maps::Map::LruHashMap(self.map_data("HALF_OPEN")?),
+            )?,
+            backends: Array::try_from(aya::maps::Map::Array(self.map_data("BACKENDS")?))
+                .map_err(map_err("BACKENDS"))?,
+            conf: Array::try_from(aya::maps::Map::Array(self.map_data("FLOW_CONF")?))
+                .map_err(map_err("FLOW_CONF"))?,
+            swept: Array::try_from(aya::maps::Map::Array(self.map_data("FLOWS_SWEPT")?))
+                .map_err(map_err("FLOWS_SWEPT"))?,
+        })
+    }
+}
+
+impl Sweeper {
+    /// Removes every expired flow at `now` from both tables.
+    pub fn sweep(&mut self, now: u32) -> Result<SweepReport> {
+        let conf = self.conf.get(&0, 0).map_err(map_err("FLOW_CONF"))?;
+        let backends = &self.backends;
+        let backend = |id: u32| backends.get(&id, 0).ok();
+        let mut report = SweepReport::default();
+        for (name, table) in [
+            ("CONNTRACK", &mut self.conntrack),
+            ("HALF_OPEN", &mut self.half_open),
+        ] {
+            let entries: StdHashMap<FlowKey, Flow> = table.iter().filter_map(|r| r.ok()).collect();
+            for key in expired(&entries, backend, &conf, now) {
+                match table.remove(&key) {
+                    Ok(()) => {}
+                    // The data plane got there first.
+                    Err(MapError::KeyNotFound) => continue,
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue;
+                    }
+                    Err(source) => return Err(DataplaneError::Map { name, source }),
+                }
+                report.removed += 1;
+                let flow = &entries[&key];
+                if name == "CONNTRACK" && flow.direction != REPLY && flow.state == STATE_ESTABLISHED
+                {
+                    *report.swept.entry(flow.backend_id).or_insert(0) += 1;
+                }
+            }
+        }
+        for (&id, &n) in &report.swept {
+            let before = self.swept.get(&id, 0).map_err(map_err("FLOWS_SWEPT"))?;
+            self.swept
+                .set(id, before + n, 0)
+                .map_err(map_err("FLOWS_SWEPT"))?;
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::flow::{FORWARD, STATE_CLOSING, STATE_NEW};
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+
+    fn conf() -> FlowConf {
+        FlowConf {
+            timeouts: [5, 100, 10, 30],
+            new_flow_budget: 0,
+        }
+    }
+
+    fn key(sport: u16, protocol: u8) -> FlowKey {
+        FlowKey {
+            saddr: 0x0200_12c6,
+            daddr: 0x0a00_12c6,
+            sport,
+            dport: 80,
+            protocol,
+            ..FlowKey::default()
+        }
+    }
+
+    fn backend(_: u32) -> Option<Backend> {
+        Some(Backend {
+            addr: 0x0b00_13c6,
+            port: 80,
+            ..Backend::default()
+        })
+    }
+
+    /// A NAT flow's two entries, the forward one seen at `fwd`, the reply at
+    /// `rep`.
+    fn nat_flow(sport: u16, state: u32, fwd: u32, rep: u32) -> [(FlowKey, Flow); 2] {
+        let k = key(sport, TCP);
+        let forward = Flow {
+            state,
+            seen: fwd,
+            vip: k.daddr,
+            direction: FORWARD,
+            ..Flow::default()
+        };
+        let reply = Flow {
+            state,
+            seen: rep,
+            vip: k.daddr,
+            vport: k.dport,
+            direction: REPLY,
+            ..Flow::default()
+        };
+        let r = reply_key(&k, &backend(0).expect("backend"));
+        [(k, forward), (r, reply)]
+    }
+
+    #[test]
+    fn a_flow_goes_when_both_entries_are_idle_and_not_before() {
+        let mut entries: StdHashMap<FlowKey, Flow> = StdHashMap::new();
+        // Both idle past the established timeout (100): both go.
+        entries.extend(nat_flow(1, STATE_ESTABLISHED, 10, 20));
+        // Forward idle, reply busy (a download): both stay.
+        entries.extend(nat_flow(2, STATE_ESTABLISHED, 10, 190));
+        // Closing, 11 ticks idle (timeout 10): both go.
+        entries.extend(nat_flow(3, STATE_CLOSING, 189, 189));
+        // A DSR flow (no reply entry), half-open, 6 ticks idle (timeout 5).
+        let dsr = key(4, TCP);
+        entries.insert(
+            dsr,
+            Flow {
+                state: STATE_NEW,
+                seen: 194,
+                ..Flow::default()
+            },
+        );
+        // UDP, 30 ticks idle: not yet (timeout 30 means > 30).
+        let udp = key(5, UDP);
+        entries.insert(
+            udp,
+            Flow {
+                seen: 170,
+                ..Flow::default()
+            },
+        );
+        let mut gone = expired(&entries, backend, &conf(), 200);
+        gone.sort_by_key(|k| (k.sport, k.dport));
+        let flow1 = nat_flow(1, STATE_ESTABLISHED, 0, 0);
+        let flow3 = nat_flow(3, STATE_CLOSING, 0, 0);
+        let mut want = vec![flow1[0].0, flow1[1].0, flow3[0].0, flow3[1].0, dsr];
+        want.sort_by_key(|k| (k.sport, k.dport));
+        assert_eq!(gone, want);
+    }
+
+    #[test]
+    fn an_orphaned_reply_entry_goes_once_idle() {
+        let [_, (rk, reply)] = nat_flow(7, STATE_ESTABLISHED, 0, 50);
+        let entries = StdHashMap::from([(rk, reply)]);
+        assert!(expired(&entries, backend, &conf(), 150).is_empty());
+        assert_eq!(expired(&entries, backend, &conf(), 151), vec![rk]);
+    }
+}
