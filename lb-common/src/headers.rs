@@ -63,7 +63,32 @@ impl Ipv4Hdr {
         // MF (0x2000) | offset (0x1fff), in host order.
         u16::from_be(self.frag_off) & 0x3fff != 0
     }
+
+    /// A fragment after the first (offset ≠ 0): it carries no L4 header.
+    #[inline(always)]
+    pub const fn is_later_fragment(&self) -> bool {
+        u16::from_be(self.frag_off) & IP_OFFSET != 0
+    }
+
+    /// The first fragment of a fragmented datagram: MF set, offset 0. It
+    /// carries the L4 header, so the ports of the fragments after it.
+    #[inline(always)]
+    pub const fn is_first_fragment(&self) -> bool {
+        u16::from_be(self.frag_off) & (IP_MF | IP_OFFSET) == IP_MF
+    }
+
+    /// "Don't fragment": a router must answer "fragmentation needed" instead
+    /// of fragmenting it.
+    #[inline(always)]
+    pub const fn dont_fragment(&self) -> bool {
+        u16::from_be(self.frag_off) & IP_DF != 0
+    }
 }
+
+/// IPv4 flags and fragment offset (host order of `frag_off`).
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -115,6 +140,45 @@ const _: () = assert!(core::mem::size_of::<L4Ports>() == 4);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ip(frag_off: u16) -> Ipv4Hdr {
+        Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0,
+            tot_len: 0,
+            id: 0,
+            frag_off: frag_off.to_be(),
+            ttl: 64,
+            protocol: IPPROTO_UDP,
+            check: 0,
+            saddr: 0,
+            daddr: 0,
+        }
+    }
+
+    #[test]
+    fn fragment_kinds() {
+        // (frag_off, fragment, first, later, DF)
+        for (frag_off, any, first, later, df) in [
+            (0, false, false, false, false),
+            (IP_DF, false, false, false, true),
+            (IP_MF, true, true, false, false),
+            (IP_MF | 185, true, false, true, false),
+            (185, true, false, true, false),
+        ] {
+            let h = ip(frag_off);
+            assert_eq!(
+                (
+                    h.is_fragment(),
+                    h.is_first_fragment(),
+                    h.is_later_fragment(),
+                    h.dont_fragment()
+                ),
+                (any, first, later, df),
+                "frag_off {frag_off:#06x}"
+            );
+        }
+    }
 
     #[test]
     fn only_a_bare_syn_opens_a_connection() {

@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod flow;
 pub mod hash;
 pub mod headers;
+pub mod icmp;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]

@@ -122,7 +122,8 @@ pub struct FlowKey {
     pub _pad1: u16,
 }
 
-/// A resolved next hop: where a flow's packets leave and with which MACs.
+/// A resolved next hop: where a flow's packets leave, with which MACs, and
+/// the largest IP packet that link takes (`bpf_fib_lookup`'s `mtu_result`).
 /// `ifindex == 0` means not resolved yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -130,6 +131,11 @@ pub struct NextHop {
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+    /// Egress MTU (host order): a packet with a longer IP total length is
+    /// answered with "fragmentation needed" (DF set) or passed to the kernel
+    /// to fragment (DF clear).
+    pub mtu: u16,
+    pub _pad: u16,
 }
 
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
@@ -192,6 +198,25 @@ pub struct BudgetWindow {
     pub inserted: u32,
 }
 
+/// Entries of `FRAGS`, the fragments' table: enough for the datagrams in
+/// flight through one LB at once; least recently used first out.
+pub const FRAG_TABLE_SIZE: u32 = 8192;
+
+/// `FRAGS` key: one fragmented datagram as it arrives (source,
+/// destination, IP id, protocol: what IPv4 reassembly keys on). Its value
+/// is the datagram's ports (`headers::L4Ports`), read from the first
+/// fragment, so the fragments after it find their flow (as Cilium does).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, raw network order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
 /// Packet and byte counters (per CPU in the kernel; summed by the agent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -219,7 +244,10 @@ pub enum Verdict {
     PassKernelForward = 4,
     /// To a VIP with IPv4 options: not supported, dropped (as Katran does).
     DropIpOptions = 5,
-    /// To a VIP and fragmented: ports are unknown or unreliable, dropped.
+    /// To a VIP, a fragment after the first whose first fragment was not
+    /// seen (it comes later, was lost, or the datagram belongs to no flow):
+    /// without its ports it cannot be placed, so it is dropped. First
+    /// fragments carry the ports and follow their flow like any packet.
     DropFragment = 6,
     /// To a VIP with a bad IPv4 header (IHL < 5, bad total length).
     DropMalformed = 7,
@@ -249,9 +277,20 @@ pub enum Verdict {
     /// A new flow over the CPU's new-flow budget, forwarded by its service's
     /// hash table without an entry (DSR services with a hash scheduler).
     ForwardedStateless = 18,
+    /// An ICMP error (destination unreachable, time exceeded) quoting a
+    /// flow, translated and forwarded to that flow's end: a client's to the
+    /// backend, a backend's about a NAT reply to the client.
+    ForwardedIcmp = 19,
+    /// Bigger than the egress link's MTU with DF set: answered with an ICMP
+    /// "fragmentation needed" (with the MTU) sent back by XDP_TX; the packet
+    /// itself is dropped.
+    FragNeeded = 20,
+    /// Bigger than the egress link's MTU with DF clear: passed to the kernel,
+    /// which fragments it as a router (NAT: already rewritten).
+    PassTooBig = 21,
 }
 
-pub const VERDICT_COUNT: u32 = 19;
+pub const VERDICT_COUNT: u32 = 22;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -274,6 +313,9 @@ impl Verdict {
         Verdict::DropRateLimited,
         Verdict::DropNoFlow,
         Verdict::ForwardedStateless,
+        Verdict::ForwardedIcmp,
+        Verdict::FragNeeded,
+        Verdict::PassTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -297,6 +339,9 @@ impl Verdict {
             Verdict::DropRateLimited => "drop_rate_limited",
             Verdict::DropNoFlow => "drop_no_flow",
             Verdict::ForwardedStateless => "forwarded_stateless",
+            Verdict::ForwardedIcmp => "forwarded_icmp",
+            Verdict::FragNeeded => "frag_needed",
+            Verdict::PassTooBig => "pass_too_big",
         }
     }
 }
@@ -308,7 +353,10 @@ impl Verdict {
     pub const fn is_forwarded(self) -> bool {
         matches!(
             self,
-            Verdict::Forwarded | Verdict::ForwardedReply | Verdict::ForwardedStateless
+            Verdict::Forwarded
+                | Verdict::ForwardedReply
+                | Verdict::ForwardedStateless
+                | Verdict::ForwardedIcmp
         )
     }
 
@@ -537,11 +585,12 @@ const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+const _: () = assert!(core::mem::size_of::<Flow>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 4);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 32);
@@ -556,6 +605,7 @@ mod pod {
     unsafe impl aya::Pod for super::Ring {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FlowCounts {}
     unsafe impl aya::Pod for super::FlowConf {}

@@ -2,9 +2,11 @@
 //!
 //! The packet path, top to bottom (`lb` → `balance`), numbered as in
 //! docs/architecture.md:
-//! 1. parse Ethernet → IPv4 → TCP/UDP; a packet that fails the VIP rules
-//!    (options, fragments, truncation) gets its verdict if it is addressed
-//!    to a VIP, and is passed untouched otherwise;
+//! 1. parse Ethernet → IPv4 → TCP/UDP; a later fragment or an ICMP error
+//!    that belongs to a flow follows it (`frag`, `icmp`); a packet that
+//!    fails the VIP rules (options, an unplaceable fragment, truncation)
+//!    gets its verdict if it is addressed to a VIP, and is passed untouched
+//!    otherwise;
 //! 2. flow tables (`flows.rs`): an established flow is one lookup in
 //!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
 //!    timeout is a miss. FIN/RST moves a flow to closing; the client's first
@@ -23,8 +25,9 @@
 //! 5. admission of the pinned flow: its service still exists, its backend
 //!    does not drop its flows;
 //! 6. rewrite (NAT: addresses, ports, TTL, checksums; DSR: MACs only) and
-//!    next hop (cached in the flow, else `bpf_fib_lookup`), XDP_TX or
-//!    redirect;
+//!    next hop (cached in the flow with its MTU, else `bpf_fib_lookup`),
+//!    XDP_TX or redirect; too big for it: "fragmentation needed" (DF set)
+//!    or the kernel fragments it (DF clear);
 //! 7. counters.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
@@ -42,6 +45,8 @@
 mod bench;
 mod firewall;
 mod flows;
+mod frag;
+mod icmp;
 mod trace;
 
 use firewall::firewall;
@@ -68,8 +73,8 @@ use lb_common::{
     hash::flow_hash,
     hashes_flow,
     headers::{
-        ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF, l4_layout,
-        opens_connection,
+        ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF,
+        l4_layout, opens_connection,
     },
     rewrite::{decrement_ttl, rewrite_destination, rewrite_source},
 };
@@ -107,6 +112,9 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT,
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: the packet is longer than the route's MTU
+/// (then `mtu_result` holds it). `next_hop` also returns it for a cached hop.
+const FIB_FRAG_NEEDED: i64 = 8;
 
 #[xdp]
 // The macro wraps this in the exported entry point: without the hint, once
@@ -164,6 +172,11 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
         return pass(Verdict::PassTruncated);
     };
+    // Later fragments and ICMP errors carry no ports of their own: they
+    // follow the flow of their first fragment or of the packet they quote.
+    if let Some(outcome) = without_ports(ctx, eth, ip) {
+        return outcome;
+    }
     let pkt = match parse_l4(ctx, eth, ip) {
         Ok(pkt) => pkt,
         // Only traffic to a VIP gets the VIP rules' verdict; anything
@@ -246,6 +259,22 @@ fn half_open(
     Some(outcome)
 }
 
+/// A fragment after the first or an ICMP error that belongs to a flow,
+/// forwarded as the flow's; `None` for anything else (one compare each on
+/// the fast path).
+#[inline(always)]
+fn without_ports(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Option<Outcome> {
+    // SAFETY: the caller bounds-checked the fixed IPv4 header.
+    let hdr = unsafe { &*ip };
+    if hdr.is_later_fragment() {
+        return frag::later_fragment(ctx, eth, ip);
+    }
+    if hdr.protocol == IPPROTO_ICMP {
+        return icmp::error_of_flow(ctx, eth, ip);
+    }
+    None
+}
+
 /// Is the packet addressed to one of our VIPs?
 #[inline(always)]
 fn is_vip(ip: *const Ipv4Hdr) -> bool {
@@ -294,7 +323,9 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Result<Pack
     if hdr.header_len() != Ipv4Hdr::LEN {
         return Err(drop(Verdict::DropIpOptions));
     }
-    if hdr.is_fragment() {
+    // First fragments carry the ports and are balanced like any packet; a
+    // later one reaches this only when its first was not seen.
+    if hdr.is_later_fragment() {
         return Err(drop(Verdict::DropFragment));
     }
     let Some((l4_len, check_off)) = l4_layout(hdr.protocol) else {
@@ -423,6 +454,7 @@ fn forward(
         flows::remove_flow(table, key, flow);
         return drop(Verdict::DropBackendGone);
     }
+    frag::remember(pkt.ip, key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
     let outcome = if conf.mode == MODE_DSR {
@@ -482,6 +514,9 @@ fn transmit_nat(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut N
     }
     let (vip, vport) = (ip.daddr, ports.dest);
     let rc = next_hop(ctx, ip, ip.saddr, backend.addr, cache);
+    if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
+        return icmp::too_big(ctx, cache.mtu);
+    }
     rewrite_destination(ip, ports, check, backend.addr, backend.port);
     match rc {
         FIB_SUCCESS => {
@@ -491,6 +526,8 @@ fn transmit_nat(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut N
         // Rewritten but unresolved: the kernel forwards it (decrementing TTL
         // itself) and resolves the neighbour for the next packets.
         FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        // Too big, DF clear: the kernel forwards it in fragments.
+        FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
             // No route (or forwarding off): the kernel gets the packet
             // exactly as it arrived and decides.
@@ -505,7 +542,16 @@ fn transmit_nat(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut N
 fn transmit_dsr(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cache: &mut NextHop) -> Outcome {
     // SAFETY: bounds-checked by `parse_l4`.
     let ip = unsafe { &*pkt.ip };
-    if next_hop(ctx, ip, ip.saddr, backend.addr, cache) != FIB_SUCCESS {
+    let rc = next_hop(ctx, ip, ip.saddr, backend.addr, cache);
+    if rc == FIB_FRAG_NEEDED {
+        if ip.dont_fragment() {
+            return icmp::too_big(ctx, cache.mtu);
+        }
+        // The kernel gets it as it arrived: it cannot forward a packet to
+        // the VIP in fragments to a backend (docs/architecture.md).
+        return pass(Verdict::PassTooBig);
+    }
+    if rc != FIB_SUCCESS {
         // No MAC for the backend yet: the agent primes neighbour entries;
         // meanwhile the kernel gets the packet unchanged.
         return pass(Verdict::PassKernelForward);
@@ -521,9 +567,14 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow
     if ip.ttl <= 1 {
         return pass(Verdict::PassKernelForward);
     }
+    frag::remember(pkt.ip, key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (vip, vport) = (restore.vip, restore.vport);
     let rc = next_hop(ctx, ip, vip, ip.daddr, &mut restore.next_hop);
+    if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
+        // To the backend, quoting the reply as it sent it.
+        return icmp::too_big(ctx, restore.next_hop.mtu);
+    }
     rewrite_source(ip, ports, check, vip, vport);
     match rc {
         FIB_SUCCESS => {
@@ -533,6 +584,7 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow
             send(ctx, pkt, &restore.next_hop, Verdict::ForwardedReply)
         }
         FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
             rewrite_source(ip, ports, check, key.saddr, key.sport);
             pass(Verdict::PassKernelForward)
@@ -543,10 +595,15 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow
 /// The next hop for `daddr`: the flow's cached one, or the kernel's FIB and
 /// neighbour table (then cached in the flow). A flow keeps the next hop its
 /// first forwarded packet resolved; flows to a backend that moved are
-/// retired by the agent (disable/remove drop them).
+/// retired by the agent (disable/remove drop them). A packet longer than
+/// the hop's MTU gets `FIB_FRAG_NEEDED` with the MTU in `cache.mtu`.
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut NextHop) -> i64 {
     if cache.ifindex != 0 {
+        // The fast path's whole MTU check: the MTU came with the hop.
+        if u16::from_be(ip.tot_len) > cache.mtu {
+            return FIB_FRAG_NEEDED;
+        }
         return FIB_SUCCESS;
     }
     let mut fib = zeroed_fib_params();
@@ -559,6 +616,12 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
     fib.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: helper call with a valid context and a correctly sized struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    if rc == FIB_SUCCESS || rc == FIB_FRAG_NEEDED {
+        // SAFETY: on both the kernel replaced tot_len with the MTU (a u16
+        // union either way). Only the MTU on FRAG_NEEDED: the hop stays
+        // unresolved, so the next packet looks it up again.
+        cache.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    }
     if rc == FIB_SUCCESS {
         // Field by field: a struct store of the MACs became an out-of-line
         // memmove once the program grew (drop tracing).

@@ -3,6 +3,7 @@
 //! written into the inactive half of each service's double buffer and then
 //! switched with one store, so no packet ever sees half a table.
 
+mod batch;
 pub mod firewall;
 mod firewall_maps;
 pub mod plan;
@@ -138,7 +139,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 22] = [
+pub const LB_MAPS: [&str; 23] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -151,6 +152,7 @@ pub const LB_MAPS: [&str; 22] = [
     "BACKEND_FLOWS",
     "FLOWS_SWEPT",
     "NEW_FLOW_BUDGET",
+    "FRAGS",
     "SERVICE_STATS",
     "BACKEND_STATS",
     "VERDICTS",

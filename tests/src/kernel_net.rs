@@ -8,9 +8,24 @@
 //!   b0 198.19.0.1/24 (BACK_MAC)  ── b1     neighbours: web1..3 (web4 has none)
 //! ```
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    net::SocketAddrV4,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
-use lb_userspace::harness::netns::{self, Netns, VethEnd};
+use etherparse::PacketBuilder;
+use lb_common::Verdict;
+use lb_userspace::{
+    config::{
+        Backend, Config, Dataplane as DataplaneConfig, Forwarding, Protocol, Scheduler, Service,
+        XdpMode,
+    },
+    dataplane::Dataplane,
+    harness::{
+        netns::{self, Netns, VethEnd},
+        xdp,
+    },
+};
 
 pub const CLIENT: [u8; 4] = [198, 18, 0, 2];
 pub const LB_FRONT: [u8; 4] = [198, 18, 0, 1];
@@ -78,6 +93,12 @@ impl TestNet {
         Ok(TestNet { ns })
     }
 
+    /// `ip ARGS` in this namespace (e.g. a lower MTU on one link).
+    pub fn ip(&self, args: &[&str]) {
+        netns::ip(self.ns.name(), args)
+            .unwrap_or_else(|e| panic!("ip {args:?} in the test namespace: {e:#}"));
+    }
+
     /// Runs `f` on a thread that has joined this namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         self.ns.run(f).expect("joining the test namespace")
@@ -88,4 +109,301 @@ impl Default for TestNet {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A bpffs mounted on a temporary directory, unmounted on drop.
+pub struct Bpffs {
+    pub dir: std::path::PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lbk-bpffs-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        netns::run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf8")])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Bpffs { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = netns::run("umount", &[self.dir.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Default for Bpffs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---- the data plane under test, as every kernel-tier file loads it ----
+
+/// Ports the NAT services' backends listen on (the VIP's are 80 and 5353).
+pub const WEB_PORT: u16 = 8080;
+pub const WEB_UDP_PORT: u16 = 5300;
+
+pub fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
+    Backend {
+        name: name.into(),
+        address: SocketAddrV4::new(ip.into(), port),
+        weight: 1,
+        backup: false,
+        health: None,
+    }
+}
+
+pub fn service(
+    name: &str,
+    vip: [u8; 4],
+    port: u16,
+    protocol: Protocol,
+    forwarding: Forwarding,
+    backends: Vec<Backend>,
+) -> Service {
+    Service {
+        firewall: Default::default(),
+        name: name.into(),
+        vip: SocketAddrV4::new(vip.into(), port),
+        protocol,
+        forwarding,
+        scheduler: Scheduler::RoundRobin,
+        health: None,
+        on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
+        backends,
+    }
+}
+
+pub fn webs(port: u16) -> Vec<Backend> {
+    WEBS.iter()
+        .enumerate()
+        .map(|(i, ip)| backend(&format!("web{}", i + 1), *ip, port))
+        .collect()
+}
+
+pub fn lab_config() -> Config {
+    Config {
+        firewall: Default::default(),
+        dataplane: DataplaneConfig {
+            interfaces: vec!["f0".into(), "b0".into()],
+            forwarding: Forwarding::Nat,
+            xdp_mode: XdpMode::Native,
+            conntrack_size: 65536,
+            half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
+            new_flow_budget: 125_000,
+            timeouts: Default::default(),
+        },
+        monitoring: None,
+        announce: None,
+        services: vec![
+            // NAT backends listen on other ports than the VIP's, so every NAT
+            // frame assertion also covers port translation and its checksum.
+            service(
+                "www",
+                VIP,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                webs(WEB_PORT),
+            ),
+            service(
+                "www-udp",
+                VIP,
+                5353,
+                Protocol::Udp,
+                Forwarding::Nat,
+                webs(WEB_UDP_PORT),
+            ),
+            service(
+                "www-dsr",
+                VIP_DSR,
+                80,
+                Protocol::Tcp,
+                Forwarding::Dsr,
+                webs(80),
+            ),
+            service(
+                "unresolved",
+                VIP_UNRESOLVED,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                vec![backend("web4", WEB_UNRESOLVED, 8080)],
+            ),
+            service(
+                "hairpin",
+                VIP_HAIRPIN,
+                80,
+                Protocol::Tcp,
+                Forwarding::Nat,
+                vec![backend("near", HAIRPIN_BACKEND, 80)],
+            ),
+            service(
+                "unresolved-dsr",
+                VIP_UNRESOLVED_DSR,
+                80,
+                Protocol::Tcp,
+                Forwarding::Dsr,
+                vec![backend("web4", WEB_UNRESOLVED, 80)],
+            ),
+        ],
+    }
+}
+
+/// BPF_PROG_TEST_RUN of `lb` on `frame` as received on `ifindex`:
+/// the action and the frame as the program left it.
+pub fn test_run(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let prog = dp.program().expect("program");
+    let result = xdp::test_run(prog, ifindex, frame, 0, true).expect("BPF_PROG_TEST_RUN");
+    (result.action, result.frame.unwrap_or_default())
+}
+
+/// A loaded, configured data plane plus the interface indexes of the netns.
+pub struct Harness {
+    pub dp: Dataplane,
+    pub front: u32,
+    pub back: u32,
+}
+
+impl Harness {
+    pub fn new(cfg: &Config) -> Self {
+        let mut dp = Dataplane::load(&cfg.dataplane)
+            .expect("load the lb object (built by cargo xtask build)");
+        dp.apply(cfg).expect("apply config");
+        let index = |name: &str| {
+            xdp::ifindex(name)
+                .unwrap_or_else(|e| panic!("no interface {name} in the test namespace: {e:#}"))
+        };
+        Harness {
+            dp,
+            front: index("f0"),
+            back: index("b0"),
+        }
+    }
+
+    /// Runs the program on `frame` as received on `ifindex`.
+    pub fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        test_run(&mut self.dp, ifindex, frame)
+    }
+
+    pub fn verdicts(&self) -> Vec<(Verdict, u64)> {
+        self.dp.verdicts().expect("verdicts")
+    }
+
+    /// Runs `frame` and asserts the action and that exactly `reason` counted it.
+    pub fn expect(&mut self, ifindex: u32, frame: &[u8], action: u32, reason: Verdict) -> Vec<u8> {
+        self.expect_case(&format!("{reason:?}"), ifindex, frame, action, reason)
+    }
+
+    /// [`Harness::expect`] with a label for the case in failure messages.
+    pub fn expect_case(
+        &mut self,
+        what: &str,
+        ifindex: u32,
+        frame: &[u8],
+        action: u32,
+        reason: Verdict,
+    ) -> Vec<u8> {
+        let before = self.verdicts();
+        let (got, out) = self.run(ifindex, frame);
+        let after = self.verdicts();
+        assert_eq!(got, action, "action: {what}");
+        let changed: Vec<Verdict> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(_, a)| a.0)
+            .collect();
+        assert_eq!(changed, vec![reason], "verdict counters: {what}");
+        out
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one argument per header field under test
+pub fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, ttl)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("build udp frame");
+    out
+}
+
+/// Rewrites the IPv4 header checksum after a test edited the header.
+pub fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = lb_common::checksum::compute(&frame[14..14 + ihl], 0);
+    frame[24..26].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// Splits an Ethernet/IPv4 frame (no options) into IPv4 fragments as a
+/// host does: `chunk` payload bytes each (a multiple of 8) but the last,
+/// all with IP id `id`, DF clear, MF on all but the last.
+pub fn fragments(frame: &[u8], id: u16, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(
+        chunk.is_multiple_of(8) && chunk > 0,
+        "fragment payloads are 8-byte units"
+    );
+    let (head, payload) = frame.split_at(14 + 20);
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut f = head.to_vec();
+            f.extend_from_slice(piece);
+            let more = if i + 1 < pieces.len() { 0x2000 } else { 0 };
+            let frag_off = more | ((i * chunk / 8) as u16);
+            f[16..18].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+            f[18..20].copy_from_slice(&id.to_be_bytes());
+            f[20..22].copy_from_slice(&frag_off.to_be_bytes());
+            fix_ip_checksum(&mut f);
+            f
+        })
+        .collect()
+}
+
+/// Clears DF in an Ethernet/IPv4 frame (etherparse sets it) and fixes the
+/// header checksum.
+pub fn without_df(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[20] &= !0x40;
+    fix_ip_checksum(&mut frame);
+    frame
+}
+
+/// Ethernet/IPv4 ICMP error `kind` from `src` to `dst` quoting `quoted` (an
+/// IPv4 packet without Ethernet).
+pub fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    kind: etherparse::Icmpv4Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src, dst, ttl)
+        .icmpv4(kind)
+        .write(&mut out, quoted)
+        .expect("build icmp error");
+    out
 }

@@ -234,8 +234,11 @@ impl FlowTable {
     /// entry is not a second flow.
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
-        for table in [&self.conntrack, &self.half_open] {
-            for (_, flow) in table.iter().filter_map(|r| r.ok()) {
+        for (name, table) in [
+            ("CONNTRACK", &self.conntrack),
+            ("HALF_OPEN", &self.half_open),
+        ] {
+            for (_, flow) in snapshot(name, table)? {
                 if flow.direction != REPLY {
                     *counts.entry(flow.backend_id).or_insert(0) += 1;
                 }
@@ -246,10 +249,11 @@ impl FlowTable {
 
     /// Entries in the established and the half-open table (two per NAT
     /// flow).
-    pub fn entries(&self) -> (u64, u64) {
-        let n =
-            |t: &HashMap<MapData, FlowKey, Flow>| t.keys().filter_map(|k| k.ok()).count() as u64;
-        (n(&self.conntrack), n(&self.half_open))
+    pub fn entries(&self) -> Result<(u64, u64)> {
+        Ok((
+            snapshot("CONNTRACK", &self.conntrack)?.len() as u64,
+            snapshot("HALF_OPEN", &self.half_open)?.len() as u64,
+        ))
     }
 
     /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
@@ -270,4 +274,16 @@ impl FlowTable {
         let swept = self.swept.get(&id, 0).map_err(err("FLOWS_SWEPT"))?;
         Ok(c.opened.saturating_sub(c.closed).saturating_sub(swept))
     }
+}
+
+/// Every entry of a flow table, read in batches.
+pub(super) fn snapshot(
+    name: &'static str,
+    table: &HashMap<MapData, FlowKey, Flow>,
+) -> Result<Vec<(FlowKey, Flow)>> {
+    use aya::maps::IterableMap as _;
+    super::batch::entries(table.map()).map_err(|e| DataplaneError::Map {
+        name,
+        source: MapError::IoError(e),
+    })
 }

@@ -164,7 +164,9 @@ where
     Ok(())
 }
 
-/// Answers each datagram with `{name} {payload}` from the same socket.
+/// Answers each datagram with `{name} {payload}` from the same socket; a
+/// payload `size N …` asks for that answer padded with dots to N bytes (a
+/// reply bigger than the MTU, as a DNSSEC answer, arrives in fragments).
 fn serve_udp(socket: &UdpSocket, name: &str) -> anyhow::Result<()> {
     let local = socket.local_addr().context("UDP socket address")?;
     let mut buf = vec![0u8; 65536];
@@ -176,10 +178,28 @@ fn serve_udp(socket: &UdpSocket, name: &str) -> anyhow::Result<()> {
         reply.extend_from_slice(name.as_bytes());
         reply.push(b' ');
         reply.extend_from_slice(&buf[..len]);
+        if let Some(size) = asked_size(&buf[..len]) {
+            reply.resize(size.max(reply.len()), b'.');
+        }
         if let Err(e) = socket.send_to(&reply, peer) {
             eprintln!("lab-serve: UDP reply {local} -> {peer}: {e}");
         }
     }
+}
+
+/// Largest UDP answer `size N` gets (an IPv4 datagram's payload limit).
+const MAX_UDP_REPLY: usize = 65_507;
+
+/// The N of a datagram `size N …`, capped at [`MAX_UDP_REPLY`].
+fn asked_size(payload: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let n: usize = text
+        .strip_prefix("size ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(n.min(MAX_UDP_REPLY))
 }
 
 fn echo_connection(stream: TcpStream) -> anyhow::Result<()> {
@@ -467,5 +487,13 @@ mod tests {
         );
         assert_eq!(bulk_byte(0), 7);
         assert_eq!(bulk_byte(8), (8 * 31 + 7) % 251);
+    }
+
+    #[test]
+    fn a_datagram_can_ask_for_a_big_answer() {
+        assert_eq!(asked_size(b"size 4000 q1"), Some(4000));
+        assert_eq!(asked_size(b"size 999999"), Some(MAX_UDP_REPLY));
+        assert_eq!(asked_size(b"sized 4000"), None);
+        assert_eq!(asked_size(b"ping"), None);
     }
 }

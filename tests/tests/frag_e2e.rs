@@ -1,0 +1,193 @@
+//! End-to-end (issue 11): datagrams bigger than the MTU, fragmented by the
+//! host that sends them, and path-MTU discovery, through the real agent in
+//! the lab.
+//!
+//! Needs root and the `lb` binary in `LB_BIN` (`cargo xtask test` sets
+//! both). Each test builds its own lab under a unique prefix.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_tests::{in_each_mode, lb_bin, status, unique_prefix};
+use lb_userspace::{
+    config::Forwarding,
+    harness::{
+        lab::{CLIENT_FRONT, HttpConn, Lab, bulk_byte, lab_config, udp_connect, vip_http, vip_udp},
+        netns::{self, in_netns},
+    },
+};
+
+fn new_lab() -> Result<Lab> {
+    let prefix = unique_prefix("frg");
+    Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
+}
+
+/// Sends `payload` (a `size N …` request) and returns the answer that
+/// carries it, retrying a few times since UDP may drop.
+fn big_request(socket: &UdpSocket, payload: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..3 {
+        socket.send(payload.as_bytes()).context("sending")?;
+        while let Ok(len) = socket.recv(&mut buf) {
+            let reply = &buf[..len];
+            if reply
+                .windows(payload.len())
+                .any(|w| w == payload.as_bytes())
+            {
+                return Ok(reply.to_vec());
+            }
+        }
+    }
+    bail!(
+        "no answer to a {}-byte request {:?}… (a datagram lost in fragments?)",
+        payload.len(),
+        &payload[..payload.len().min(20)]
+    )
+}
+
+/// The reported bug: a UDP answer bigger than the MTU, fragmented by the
+/// backend, must reach the client whole and as the VIP's (the socket is
+/// connected to VIP:5353 and takes nothing else); a request bigger than the
+/// MTU, fragmented by the client, must reach the flow's backend whole. Both
+/// modes; no fragment may be dropped for want of its flow.
+#[test]
+fn udp_datagrams_bigger_than_the_mtu_cross_the_lb_whole() -> Result<()> {
+    let mut lab = new_lab()?;
+    in_each_mode(&mut lab, lab_config, |lab, _| {
+        in_netns(&lab.client_ns(), || -> Result<()> {
+            let socket = udp_connect(vip_udp())?;
+            // (answer size, request padding): a 3-fragment answer, a
+            // 3-fragment request, and both at once (7 and 4 fragments).
+            for (i, (size, pad)) in [(4000, 0), (100, 3000), (9000, 5000)].iter().enumerate() {
+                let payload = format!("size {size} q{i} {}", "x".repeat(*pad));
+                let reply = big_request(&socket, &payload)?;
+                let want = (*size).max("web1 ".len() + payload.len());
+                ensure!(
+                    reply.len() == want,
+                    "answer of {} bytes, not {want}",
+                    reply.len()
+                );
+                // One flow, one backend: every datagram to web1.
+                ensure!(
+                    reply.starts_with(b"web1 "),
+                    "answer from {:?}",
+                    String::from_utf8_lossy(&reply[..8])
+                );
+            }
+            Ok(())
+        })??;
+        let verdicts = status(lab)?.verdicts;
+        ensure!(
+            verdicts.get("drop_fragment").copied().unwrap_or(0) == 0,
+            "fragments dropped: {verdicts:?}"
+        );
+        Ok(())
+    })
+}
+
+/// An upload of `size` bytes to the VIP on a new connection. The lab's
+/// server drains a request body before it answers (405: it serves GET
+/// only), so an answer means every byte arrived.
+fn upload(size: usize) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&vip_http(), Duration::from_secs(3))
+        .context("connecting to the VIP")?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_write_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )?;
+    s.write_all(&vec![b'u'; size])
+        .context("uploading (stalled: packets too big vanished?)")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .context("reading the answer")?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 405"),
+        "unexpected answer {:?}",
+        &answer[..answer.len().min(40)]
+    );
+    Ok(())
+}
+
+/// The path MTU of `to` from namespace `ns` as its route cache holds it.
+fn cached_mtu(lab: &Lab, ns: &str, to: &str) -> Result<Option<u32>> {
+    let route = lab.exec_ok(ns, &["ip", "route", "get", to])?;
+    Ok(route
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok()))
+}
+
+/// Drops every path MTU `ns` has learnt (the route cache's exceptions).
+fn forget_path_mtus(ns: &str) -> Result<()> {
+    netns::sysctl(ns, "net/ipv4/route/flush", "1")
+}
+
+/// Path-MTU discovery through the LB. The LB's link to the backends is
+/// lowered to 1400 bytes: the client's full-size upload segments get
+/// "fragmentation needed" from the VIP (the LB's XDP program), the client
+/// lowers its path MTU to the VIP, and the upload completes, in both
+/// modes. Then (NAT, where replies cross the LB) the client's link is
+/// lowered instead: the backend's full-size download segments get "frag
+/// needed" sent back to it and the download completes.
+#[test]
+fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
+    let mut lab = new_lab()?;
+    let lb = lab.lb_ns();
+    let client = lab.client_ns();
+    let vip = vip_http().ip().to_string();
+    in_each_mode(&mut lab, lab_config, |lab, mode| {
+        lab.exec_ok(&lb, &["ip", "link", "set", "lb-back", "mtu", "1400"])?;
+        forget_path_mtus(&client)?;
+        in_netns(&client, || upload(300_000))??;
+        ensure!(
+            cached_mtu(lab, &client, &vip)? == Some(1400),
+            "the client's path MTU to the VIP is not 1400"
+        );
+        let frag_needed = |lab: &Lab| -> Result<u64> {
+            Ok(status(lab)?
+                .verdicts
+                .get("frag_needed")
+                .copied()
+                .unwrap_or(0))
+        };
+        ensure!(frag_needed(lab)? > 0, "no frag_needed counted");
+        lab.exec_ok(&lb, &["ip", "link", "set", "lb-back", "mtu", "1500"])?;
+        if mode == Forwarding::Nat {
+            // The client advertises an MSS from its path MTU: forgotten, it
+            // asks for full-size segments again.
+            forget_path_mtus(&client)?;
+            lab.exec_ok(&lb, &["ip", "link", "set", "lb-front", "mtu", "1400"])?;
+            let got = in_netns(&client, || -> Result<usize> {
+                let mut conn = HttpConn::connect(vip_http())?;
+                let r = conn.get("/bytes/300000")?;
+                ensure!(
+                    r.body
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == bulk_byte(i as u64)),
+                    "corrupted download"
+                );
+                Ok(r.body.len())
+            })??;
+            lab.exec_ok(&lb, &["ip", "link", "set", "lb-front", "mtu", "1500"])?;
+            ensure!(got == 300_000, "downloaded {got} bytes");
+            let client_addr = CLIENT_FRONT.to_string();
+            let mut mtus = Vec::new();
+            for n in 1..=3 {
+                mtus.push(cached_mtu(lab, &lab.web_ns(n), &client_addr)?);
+            }
+            ensure!(
+                mtus.contains(&Some(1400)),
+                "no backend learnt the 1400 path MTU to the client: {mtus:?}"
+            );
+        }
+        Ok(())
+    })
+}
