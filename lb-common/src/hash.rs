@@ -24,6 +24,13 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     mix(h ^ key.protocol as u32)
 }
 
+/// Hash of the client address alone (`source-ip`): every connection from
+/// one client gets the same hash, so the same Maglev slot.
+#[inline(always)]
+pub const fn source_hash(saddr: u32) -> u32 {
+    mix(mix(saddr ^ 0x9e37_79b9) ^ 0x85eb_ca6b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +56,19 @@ mod tests {
         let mut udp = a;
         udp.protocol = 17;
         assert_ne!(flow_hash(&a), flow_hash(&udp));
+    }
+
+    #[test]
+    fn source_hash_ignores_everything_but_the_client() {
+        assert_eq!(source_hash(1), source_hash(1));
+        assert_ne!(source_hash(1), source_hash(2));
+        let mut buckets = [0u32; 3];
+        for host in 0..60_000u32 {
+            buckets[(source_hash((0xc612_0000 + host).to_be()) % 3) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((19_400..=20_600).contains(&b), "{buckets:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod flow;
 pub mod hash;
 pub mod headers;
 pub mod icmp;
+#[cfg(feature = "user")]
+pub mod maglev;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]

@@ -31,17 +31,41 @@ pub struct ServiceKey {
 pub const MODE_NAT: u32 = 0;
 pub const MODE_DSR: u32 = 1;
 
-/// Schedulers (`ServiceConf::scheduler`): how the ring is indexed.
-/// A per-service counter walks the ring (round robin, weighted round robin).
+/// Schedulers (`ServiceConf::scheduler`): which table is indexed, by what.
+/// A per-service counter walks the ring (round robin, weighted round robin,
+/// least connections: the agent refreshes that ring from active counts).
 pub const SCHED_COUNTER: u32 = 0;
-/// The flow hash indexes the ring (source hash; Maglev tables later).
+/// The 5-tuple hash indexes the ring (`flow-hash`).
 pub const SCHED_HASH: u32 = 1;
+/// The 5-tuple hash indexes the service's Maglev table (`maglev`).
+pub const SCHED_MAGLEV: u32 = 2;
+/// The client address's hash indexes the Maglev table (`source-ip`).
+pub const SCHED_SOURCE_IP: u32 = 3;
 
-/// Does this scheduler pick a backend from the flow's hash alone? Then a
-/// packet whose flow entry is missing is routed by the same table and lands
-/// where its flow was (hash-on-miss), while the backend set is unchanged.
+/// Does this scheduler pick a backend from a hash of the packet alone
+/// (`flow-hash`, `maglev`, `source-ip`)? Then a packet whose flow entry is
+/// missing is routed by the same table and lands where its flow was
+/// (hash-on-miss), while the backend set is unchanged. The counter
+/// schedulers cannot.
 pub const fn hashes_flow(scheduler: u32) -> bool {
-    scheduler == SCHED_HASH
+    matches!(scheduler, SCHED_HASH | SCHED_MAGLEV | SCHED_SOURCE_IP)
+}
+
+/// Slots of the largest Maglev table (prime). 256 KiB per table.
+pub const MAGLEV_MAX: usize = 65_537;
+/// Services that may use a Maglev table (`maglev`, `source-ip`) at once.
+/// Each has two table halves (double buffer) of 256 KiB: 32 tables, 8 MiB
+/// of kernel memory, preallocated.
+pub const MAX_MAGLEV_SERVICES: u32 = 16;
+
+/// `MAGLEV[Ring::slot(service id, half)]`: a service's Maglev lookup table,
+/// `len` (prime) slots of backend ids. A hash map (keyed like `RINGS`) so
+/// only Maglev services pay the 256 KiB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevTable {
+    pub len: u32,
+    pub ids: [u32; MAGLEV_MAX],
 }
 
 /// `SERVICE_CONF[service id]`: what the packet path needs once the service
@@ -584,6 +608,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 + 4 * MAGLEV_MAX);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 44);
@@ -603,6 +628,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceConf {}
     unsafe impl aya::Pod for super::Ring {}
+    unsafe impl aya::Pod for super::MaglevTable {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FragKey {}

@@ -71,6 +71,43 @@ pub fn weighted(backends: &[(u32, u32)]) -> Vec<u32> {
     out
 }
 
+/// Slots the largest least-connections share gets (fewer when many
+/// backends would overflow a ring): shares are quantised to 1/100 of it.
+pub const LEAST_CONNECTIONS_SCALE: u64 = 100;
+
+/// Least connections as a ring the counter walks, rebuilt by the agent from
+/// each backend's active flows: `(id, weight, active)` gets slots in
+/// proportion to `weight / (active + 1)`, at least one for a weight > 0, in
+/// the smooth weighted order. The largest share gets
+/// [`LEAST_CONNECTIONS_SCALE`] slots (fewer if the ring would overflow).
+pub fn least_connections(backends: &[(u32, u32, u64)]) -> Vec<u32> {
+    let live: Vec<(u32, u32, u64)> = backends.iter().copied().filter(|b| b.1 > 0).collect();
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let scale = LEAST_CONNECTIONS_SCALE
+        .min((MAX_RING / live.len()) as u64)
+        .max(1);
+    // share_i / max share, compared as fractions w / (a + 1) in u128.
+    let best = live
+        .iter()
+        .map(|&(_, w, a)| (u128::from(w), u128::from(a) + 1))
+        .fold((0u128, 1u128), |(bw, ba), (w, a)| {
+            if w * ba > bw * a { (w, a) } else { (bw, ba) }
+        });
+    let slots: Vec<(u32, u32)> = live
+        .iter()
+        .map(|&(id, w, a)| {
+            // round(scale * (w / (a+1)) / (bw / ba))
+            let num = u128::from(scale) * u128::from(w) * best.1;
+            let den = (u128::from(a) + 1) * best.0;
+            let n = ((2 * num + den) / (2 * den)).max(1);
+            (id, n as u32)
+        })
+        .collect();
+    weighted(&slots)
+}
+
 /// Packs a slot sequence into the map value.
 pub fn to_ring(slots: &[u32]) -> Result<Ring, RingError> {
     if slots.len() > MAX_RING {
@@ -141,6 +178,48 @@ mod tests {
         );
         let r = to_ring(&[4, 5]).expect("fits");
         assert_eq!((r.len, &r.ids[..3]), (2, &[4, 5, 0][..]));
+    }
+
+    fn share(ring: &[u32], id: u32) -> f64 {
+        ring.iter().filter(|&&x| x == id).count() as f64 / ring.len() as f64
+    }
+
+    #[test]
+    fn least_connections_without_load_follows_weights() {
+        let ring = least_connections(&[(0, 1, 0), (1, 1, 0), (2, 2, 0)]);
+        assert_eq!(ring.len(), 4, "{ring:?}");
+        assert_eq!(share(&ring, 2), 0.5);
+        assert!(least_connections(&[(0, 0, 3)]).is_empty());
+    }
+
+    #[test]
+    fn least_connections_gives_the_loaded_backend_proportionally_less() {
+        // One backend holds 9 flows, two hold none: it gets 1/10 of the
+        // others' share (1/21 of new flows), within the quantisation.
+        let ring = least_connections(&[(0, 1, 9), (1, 1, 0), (2, 1, 0)]);
+        let expected = [0.1 / 2.1, 1.0 / 2.1, 1.0 / 2.1];
+        for (id, want) in expected.iter().enumerate() {
+            let got = share(&ring, id as u32);
+            println!("least-connections share of backend {id}: {got:.4} (exact {want:.4})");
+            assert!((got - want).abs() < 0.01, "{ring:?}");
+        }
+        // Weighted: weight 3 with 2 flows (3/3 = 1) ties weight 1 with none.
+        let ring = least_connections(&[(0, 3, 2), (1, 1, 0)]);
+        assert_eq!(share(&ring, 0), 0.5);
+        // Even a heavily loaded backend keeps one slot: it is not starved.
+        let ring = least_connections(&[(0, 1, 100_000), (1, 1, 0)]);
+        assert_eq!(ring.iter().filter(|&&x| x == 0).count(), 1);
+    }
+
+    #[test]
+    fn least_connections_fits_a_ring_for_many_backends() {
+        let many: Vec<(u32, u32, u64)> = (0..4096)
+            .map(|i| (i, 1 + i % 7, u64::from(i % 13)))
+            .collect();
+        let ring = least_connections(&many);
+        assert!(ring.len() <= MAX_RING, "{}", ring.len());
+        let few: Vec<(u32, u32, u64)> = (0..50).map(|i| (i, 1000, u64::from(i))).collect();
+        assert!(least_connections(&few).len() <= MAX_RING);
     }
 
     proptest! {

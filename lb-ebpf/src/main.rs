@@ -47,16 +47,15 @@ mod firewall;
 mod flows;
 mod frag;
 mod icmp;
+mod schedule;
 mod trace;
 
 use firewall::firewall;
 use flows::Table;
+use schedule::schedule;
 use trace::trace;
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
-    mem::size_of,
-};
+use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
@@ -66,11 +65,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, Counters, FW_GLOBAL, Flow, FlowKey, MAX_BACKENDS, MAX_RING,
-    MAX_SERVICES, MODE_DSR, NextHop, Ring, SCHED_HASH, ServiceConf, ServiceKey, VERDICT_COUNT,
-    Verdict,
+    BACKEND_F_DROP_FLOWS, Backend, Counters, FW_GLOBAL, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES,
+    MODE_DSR, NextHop, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     flow::{REPLY, closes, confirms},
-    hash::flow_hash,
     hashes_flow,
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF,
@@ -90,12 +87,7 @@ static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 /// Service id → mode, scheduler, active ring half. Written by the agent.
 #[map]
 static SERVICE_CONF: Array<ServiceConf> = Array::with_max_entries(MAX_SERVICES, 0);
-/// Service id * 2 + half → ring of backend ids (double buffer). Agent.
-#[map]
-static RINGS: Array<Ring> = Array::with_max_entries(MAX_SERVICES * 2, 0);
-/// Service id → round-robin position. Written by this program only.
-#[map]
-static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+// RINGS, RR_COUNTERS and MAGLEV (the scheduling tables) live in schedule.rs.
 /// Backend id → address, port, flags. Written by the agent.
 #[map]
 pub(crate) static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
@@ -467,39 +459,6 @@ fn forward(
         count(&BACKEND_STATS, backend_id, 1, bytes);
     }
     outcome
-}
-
-/// Picks a backend from the active half of the service's ring: by a shared
-/// atomic counter (round robin, exact across CPUs) or by the flow hash.
-#[inline(always)]
-fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
-    let Some(ring) = RINGS.get(Ring::slot(service_id, conf.active_ring)) else {
-        return Err(drop(Verdict::DropNoBackend));
-    };
-    let len = ring.len;
-    if len == 0 || len as usize > MAX_RING {
-        return Err(drop(Verdict::DropNoBackend));
-    }
-    // BPF has 64-bit atomics only: the counter is a u64.
-    let position = if conf.scheduler == SCHED_HASH {
-        u64::from(flow_hash(key))
-    } else {
-        let Some(counter) = RR_COUNTERS.get_ptr_mut(service_id) else {
-            return Err(drop(Verdict::DropNoBackend));
-        };
-        // SeqCst, not Relaxed: LLVM's BPF backend lowers a relaxed fetch-add
-        // to the legacy non-fetching `lock +=`, losing the old value.
-        // SAFETY: a valid, aligned u64 in an array map value.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) }
-    };
-    // index < len <= MAX_RING already; the mask (MAX_RING is a power of two)
-    // changes nothing but gives the verifier a bound it can see. black_box
-    // stops LLVM from proving the mask redundant and removing it.
-    let index = core::hint::black_box((position % u64::from(len)) as usize) & (MAX_RING - 1);
-    match ring.ids.get(index) {
-        Some(&id) => Ok(id),
-        None => Err(drop(Verdict::DropNoBackend)),
-    }
 }
 
 /// NAT forward: DNAT to the backend, TTL as a router, next hop by FIB.

@@ -30,7 +30,8 @@ use aya::{
 };
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, DEFAULT_HALF_OPEN_SIZE, Flow,
-    FlowConf, FlowCounts, FlowKey, MAX_BACKENDS, Ring, ServiceConf, ServiceKey, ring,
+    FlowConf, FlowCounts, FlowKey, MAX_BACKENDS, MaglevTable, Ring, SCHED_MAGLEV, SCHED_SOURCE_IP,
+    ServiceConf, ServiceKey, ring,
 };
 
 use firewall::{FwError, FwIds};
@@ -139,11 +140,12 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 23] = [
+pub const LB_MAPS: [&str; 24] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
     "RINGS",
+    "MAGLEV",
     "RR_COUNTERS",
     "BACKENDS",
     "CONNTRACK",
@@ -186,6 +188,11 @@ pub struct Dataplane {
     /// (detached when it drops); pinned ones to their pins.
     attached: Vec<String>,
     pin_dir: Option<PathBuf>,
+    /// The least-connections services of the last apply, whose rings
+    /// [`Dataplane::refresh_least_connections`] rebuilds from active counts.
+    least_connections: Vec<ServicePlan>,
+    /// Active flows per backend id as last refreshed (least connections).
+    active: Vec<u64>,
 }
 
 impl Dataplane {
@@ -251,6 +258,8 @@ impl Dataplane {
             fw: FwIds::default(),
             attached: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
+            least_connections: Vec::new(),
+            active: Vec::new(),
         })
     }
 
@@ -413,7 +422,7 @@ impl Dataplane {
         cfg: &Config,
         admit: &dyn Fn(&config::Service, &config::Backend) -> Admission,
     ) -> Result<Vec<AppliedService>> {
-        let plan = plan::plan(&self.ids, cfg, admit)?;
+        let plan = plan::plan(&self.ids, cfg, admit, &self.active)?;
         let service_ids: BTreeMap<String, u32> = plan
             .services
             .iter()
@@ -439,12 +448,59 @@ impl Dataplane {
             .collect();
         self.ids = plan.next;
         // Services that waited for a reused id ended on the other half.
-        for id in moved {
-            if let Some(half) = self.ids.active_half.get_mut(&id) {
+        for id in &moved {
+            if let Some(half) = self.ids.active_half.get_mut(id) {
                 *half = 1 - *half;
             }
         }
+        self.least_connections = plan
+            .services
+            .into_iter()
+            .filter(|s| !s.least_connections.is_empty())
+            .map(|mut s| {
+                if moved.contains(&s.id) {
+                    s.half = 1 - s.half;
+                }
+                s
+            })
+            .collect();
         Ok(applied)
+    }
+
+    /// The backend ids of every least-connections service's ring members
+    /// (each < `MAX_BACKENDS`).
+    pub fn least_connections_members(&self) -> Vec<u32> {
+        self.least_connections
+            .iter()
+            .flat_map(|s| s.least_connections.iter().map(|&(id, _)| id))
+            .filter(|&id| id < MAX_BACKENDS)
+            .collect()
+    }
+
+    /// Least connections: rebuilds each such service's ring from `active`
+    /// (active flows by backend id) and switches to it, as an apply does
+    /// (inactive half, then one store). Rings that come out the same are
+    /// left alone. The agent calls it every second.
+    pub fn refresh_least_connections(&mut self, active: Vec<u64>) -> Result<()> {
+        self.active = active;
+        let mut services = std::mem::take(&mut self.least_connections);
+        let mut result = Ok(());
+        for svc in &mut services {
+            let ring = plan::least_connections_ring(&svc.least_connections, &self.active);
+            if ring == svc.ring {
+                continue;
+            }
+            let half = 1 - svc.half;
+            if let Err(e) = self.switch_ring(svc, half, &ring) {
+                result = Err(e);
+                break;
+            }
+            svc.half = half;
+            svc.ring = ring;
+            self.ids.active_half.insert(svc.id, half);
+        }
+        self.least_connections = services;
+        result
     }
 
     /// Writes a plan so that no packet sees a half-made change:
@@ -472,6 +528,7 @@ impl Dataplane {
             }
         }
         for &(_, id) in &plan.retired_services {
+            self.forget_maglev(id)?;
             set(
                 &mut self.array::<ServiceConf>("SERVICE_CONF")?,
                 "SERVICE_CONF",
@@ -484,8 +541,14 @@ impl Dataplane {
             self.write_backend(b)?;
         }
         // 3. Rings. One naming a reused id runs without it until step 6.
+        // Services without a Maglev table first: a service that stopped
+        // using one frees its `MAGLEV` entries before others need them.
         let mut waiting = Vec::new();
-        for svc in &plan.services {
+        let (plain, hashed): (Vec<&ServicePlan>, Vec<&ServicePlan>) = plan
+            .services
+            .iter()
+            .partition(|s| !uses_maglev(s.scheduler));
+        for svc in plain.into_iter().chain(hashed) {
             if svc.ring.iter().any(|id| plan.purge.contains(id)) {
                 let interim: Vec<u32> = svc
                     .ring
@@ -549,8 +612,10 @@ impl Dataplane {
         )
     }
 
-    /// Writes `slots` into ring half `half` of the service, then switches
-    /// `SERVICE_CONF` to it in one aligned store.
+    /// Writes `slots` (and, for the Maglev schedulers, the service's table
+    /// without any id not in `slots`) into half `half` of the service, then
+    /// switches `SERVICE_CONF` to it in one aligned store. A service
+    /// without a Maglev table leaves `MAGLEV` once it has switched.
     fn switch_ring(&mut self, svc: &ServicePlan, half: u32, slots: &[u32]) -> Result<()> {
         // The plan checked the length; a shorter interim ring fits too.
         let ring = ring::to_ring(slots).map_err(|source| PlanError::Ring {
@@ -559,6 +624,9 @@ impl Dataplane {
         })?;
         let mut rings = self.array::<Ring>("RINGS")?;
         set(&mut rings, "RINGS", Ring::slot(svc.id, half), ring)?;
+        if uses_maglev(svc.scheduler) {
+            self.write_maglev(svc, half, slots)?;
+        }
         let conf = ServiceConf {
             active_ring: half,
             mode: svc.mode,
@@ -570,7 +638,47 @@ impl Dataplane {
             "SERVICE_CONF",
             svc.id,
             conf,
-        )
+        )?;
+        if !uses_maglev(svc.scheduler) {
+            self.forget_maglev(svc.id)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the service's Maglev table into `MAGLEV` half `half`. While a
+    /// reused id waits for its purge (`slots` lacks it), its slots go to the
+    /// next slot's owner that is in `slots`, so no packet reaches it early.
+    fn write_maglev(&mut self, svc: &ServicePlan, half: u32, slots: &[u32]) -> Result<()> {
+        // Zeroed on the heap: 256 KiB built on the stack and moved would
+        // overflow a 2 MiB thread stack in a debug build.
+        // SAFETY: an all-zero MaglevTable (integers only) is valid.
+        let mut table: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
+        let allowed = |id: &u32| slots.contains(id);
+        let n = svc.maglev.len();
+        if svc.maglev.iter().any(allowed) {
+            for (i, id) in svc.maglev.iter().enumerate() {
+                table.ids[i] = (0..n)
+                    .map(|k| svc.maglev[(i + k) % n])
+                    .find(allowed)
+                    .unwrap_or(*id);
+            }
+            table.len = n as u32;
+        }
+        let mut map = self.hash::<u32, MaglevTable>("MAGLEV")?;
+        map.insert(Ring::slot(svc.id, half), table, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: "MAGLEV",
+                source,
+            })
+    }
+
+    /// Drops both `MAGLEV` halves of a service that no longer uses them.
+    fn forget_maglev(&mut self, service_id: u32) -> Result<()> {
+        let mut map = self.hash::<u32, MaglevTable>("MAGLEV")?;
+        for half in 0..2 {
+            remove_if_present(&mut map, "MAGLEV", &Ring::slot(service_id, half))?;
+        }
+        Ok(())
     }
 
     /// Deletes every flow pinned to one of `ids` (both tables, both
@@ -707,6 +815,10 @@ impl Dataplane {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+}
+
+fn uses_maglev(scheduler: u32) -> bool {
+    matches!(scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP)
 }
 
 /// The pinned flow tables must be this version's (a hash of 40-byte flow

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context, bail};
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, Flow,
-    FlowKey, FwScope, SCHED_HASH, ServiceConf,
-    hash::flow_hash,
+    FlowKey, FwScope, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf,
+    hash::{flow_hash, source_hash},
     headers::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -163,6 +163,53 @@ pub struct ServiceFacts {
     pub ring: Vec<u32>,
     /// `RR_COUNTERS[id]`: the next round-robin position.
     pub rr_counter: u64,
+    /// The active half of the Maglev table (`maglev`, `source-ip`; else
+    /// empty): backend ids, one per slot.
+    pub maglev: Vec<u32>,
+}
+
+/// How the data plane picks a new flow's backend for this service, as a
+/// model of `lb-ebpf/src/schedule.rs` (the kernel tier compares the two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// Which hash was taken (none for the counter schedulers).
+    pub hash: Option<u32>,
+    /// The slot and the table's length.
+    pub slot: u64,
+    pub len: u64,
+    pub backend_id: u32,
+}
+
+/// The backend a new flow with `key` gets now: for the hash schedulers the
+/// one it always gets while the table stays; for the counter ones the
+/// service's next new flow's. `None`: the table is empty (drop_no_backend).
+pub fn choose(key: &FlowKey, service: &ServiceFacts) -> Option<Choice> {
+    let (hash, table, position) = match service.conf.scheduler {
+        SCHED_MAGLEV => {
+            let h = flow_hash(key);
+            (Some(h), &service.maglev, u64::from(h))
+        }
+        SCHED_SOURCE_IP => {
+            let h = source_hash(key.saddr);
+            (Some(h), &service.maglev, u64::from(h))
+        }
+        SCHED_HASH => {
+            let h = flow_hash(key);
+            (Some(h), &service.ring, u64::from(h))
+        }
+        _ => (None, &service.ring, service.rr_counter),
+    };
+    let len = table.len() as u64;
+    if len == 0 {
+        return None;
+    }
+    let slot = position % len;
+    Some(Choice {
+        hash,
+        slot,
+        len,
+        backend_id: table[slot as usize],
+    })
 }
 
 /// What the agent knows of a service, by name.
@@ -314,31 +361,40 @@ pub fn explain(
 
 /// Which backend the scheduler picks for a new flow, and how sure that is.
 fn schedule_text(query: &FlowQuery, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
-    let len = service.ring.len() as u64;
-    if len == 0 {
+    let Some(c) = choose(&query.key(), service) else {
         return "the ring is empty (no backend takes new flows): a new flow is dropped \
                 (drop_no_backend)\n"
             .to_string();
-    }
-    if service.conf.scheduler == SCHED_HASH {
-        let hash = flow_hash(&query.key());
-        let slot = u64::from(hash) % len;
-        let id = service.ring[slot as usize];
-        format!(
-            "source hash: flow_hash = {hash:#010x}, slot {slot} of {len} → {}; deterministic \
-             for this tuple while the ring stays as it is\n",
-            backend_name(view, id, None)
-        )
-    } else {
-        let slot = service.rr_counter % len;
-        let id = service.ring[slot as usize];
-        format!(
-            "round robin: the counter is at {}, slot {slot} of {len} → {}: the backend of the \
+    };
+    let (slot, len, to) = (c.slot, c.len, backend_name(view, c.backend_id, None));
+    let hash = c.hash.unwrap_or(0);
+    match service.conf.scheduler {
+        SCHED_MAGLEV => format!(
+            "maglev: flow_hash = {hash:#010x}, slot {slot} of the {len}-slot Maglev table → \
+             {to}; the same on every LB with this config, and after the flow's entry is lost, \
+             while the backend set stays as it is\n"
+        ),
+        SCHED_SOURCE_IP => format!(
+            "source-ip: hash of the client address = {hash:#010x}, slot {slot} of the \
+             {len}-slot Maglev table → {to}; every connection from this client goes there \
+             while the backend set stays as it is\n"
+        ),
+        SCHED_HASH => format!(
+            "flow hash: flow_hash = {hash:#010x}, slot {slot} of {len} → {to}; deterministic \
+             for this tuple while the ring stays as it is\n"
+        ),
+        _ => format!(
+            "{}: the counter is at {}, slot {slot} of {len} → {to}: the backend of the \
              service's next new flow, not a promise for this tuple (any new flow before it \
              moves the counter)\n",
+            view.map_or("round robin", |v| match v.scheduler {
+                Scheduler::LeastConnections =>
+                    "least connections (ring refreshed from active flows)",
+                Scheduler::WeightedRoundRobin => "weighted round robin",
+                _ => "round robin",
+            }),
             service.rr_counter,
-            backend_name(view, id, None)
-        )
+        ),
     }
 }
 
@@ -408,6 +464,7 @@ mod tests {
             },
             ring,
             rr_counter,
+            maglev: Vec::new(),
         }
     }
 
@@ -499,6 +556,48 @@ mod tests {
         assert!(text.contains("drain"), "{text}");
         assert!(text.contains("not in the ring"), "{text}");
         assert!(text.contains("1 of 2 ring slots"), "{text}");
+    }
+
+    #[test]
+    fn maglev_and_source_ip_index_the_table() {
+        let table: Vec<u32> = (0..251).map(|i| i % 3).collect();
+        for (scheduler, hash, what) in [
+            (SCHED_MAGLEV, flow_hash(&query().key()), "maglev: flow_hash"),
+            (
+                SCHED_SOURCE_IP,
+                source_hash(query().key().saddr),
+                "source-ip: hash of the client address",
+            ),
+        ] {
+            let mut svc = service(scheduler, vec![0, 1, 2], 0);
+            svc.maglev = table.clone();
+            let c = choose(&query().key(), &svc).expect("a backend");
+            assert_eq!(
+                (c.hash, c.slot, c.len),
+                (Some(hash), u64::from(hash % 251), 251)
+            );
+            assert_eq!(c.backend_id, table[(hash % 251) as usize]);
+            let facts = FlowFacts {
+                vip_known: true,
+                service: Some(svc),
+                conntrack: None,
+                firewall: Vec::new(),
+            };
+            let text = explain(&query(), &facts, Some(&view()), &[]);
+            assert!(text.contains(what), "{text}");
+            assert!(text.contains("of the 251-slot Maglev table"), "{text}");
+        }
+        // Another port of the same client: same slot under source-ip only.
+        let mut other = query();
+        other.client.set_port(other.client.port() + 1);
+        let mut svc = service(SCHED_SOURCE_IP, vec![0], 0);
+        svc.maglev = table;
+        assert_eq!(
+            choose(&other.key(), &svc).map(|c| c.slot),
+            choose(&query().key(), &svc).map(|c| c.slot)
+        );
+        svc.maglev = Vec::new();
+        assert_eq!(choose(&query().key(), &svc), None);
     }
 
     #[test]

@@ -177,6 +177,7 @@ pub fn service(
         scheduler: Scheduler::RoundRobin,
         health: None,
         on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
+        maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
     }
 }

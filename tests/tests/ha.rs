@@ -35,7 +35,7 @@ use lb_userspace::{
 
 /// The consistent-hash scheduler both LBs use: the same config gives the
 /// same ring, and a flow's hash picks the same backend on either LB.
-const CONSISTENT: &str = "source-hash";
+const CONSISTENT: &str = "maglev";
 /// How long BGP may take to bring a route up (sessions connect, BFD, the
 /// first health verdicts).
 const ROUTE_UP: Duration = Duration::from_secs(20);
@@ -364,7 +364,7 @@ fn consistent_hash_dsr_flows_survive_the_loss_of_an_lb() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
     let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
-    f.report("source-hash, DSR, lb1 cut off");
+    f.report("maglev, DSR, lb1 cut off");
     assert!(
         f.lb1_packets_before > 0,
         "no flow crossed lb1 before it failed"
@@ -463,7 +463,7 @@ fn active_passive_backup_takes_over_when_the_primary_fails() -> Result<()> {
     assert_eq!(ha.packets(2)?, 0, "the backup carried traffic");
 
     let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
-    f.report("active-passive (MED 0 / 100), source-hash, DSR, primary cut off");
+    f.report("active-passive (MED 0 / 100), maglev, DSR, primary cut off");
     assert_eq!(f.broken(), 0, "{f:#?}");
     assert!(f.new_failed.is_empty(), "{f:#?}");
     assert!(ha.packets(2)? > 0, "the backup did not take over");

@@ -2008,7 +2008,7 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
         );
         // A hash scheduler finds the backend again: the flow goes where the
         // hash says (the same as its SYN would have), half-open first.
-        cfg.services[0].scheduler = Scheduler::SourceHash;
+        cfg.services[0].scheduler = Scheduler::FlowHash;
         h.dp.apply(&cfg).expect("apply");
         let syn_choice = web_of(&h.expect(
             h.front,
@@ -2193,7 +2193,7 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
     net.run(|| {
         let mut cfg = lab_config();
         cfg.dataplane.new_flow_budget = 2;
-        cfg.services[2].scheduler = Scheduler::SourceHash; // www-dsr
+        cfg.services[2].scheduler = Scheduler::FlowHash; // www-dsr
         let mut h = Harness::new(&cfg);
         // The budget is per CPU: one CPU's window for the whole test.
         lb_userspace::harness::pktgen::pin_to_cpu(0).expect("pin to cpu 0");

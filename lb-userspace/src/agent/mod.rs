@@ -211,7 +211,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(http, monitor));
         info!("monitoring on http://{address}/ (status page; /metrics, /status.json)");
     }
-    tokio::spawn(server::accept(listener, calls_tx, flow_table));
+    tokio::spawn(server::accept(listener, calls_tx, Arc::clone(&flow_table)));
     info!("control socket {}", args.socket.display());
     // Handlers before the ready line: a SIGTERM right after it must stop the
     // agent cleanly, not kill it with the default action.
@@ -226,6 +226,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let mut announcing = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut announce_refresh = tokio::time::interval(ANNOUNCE_REFRESH);
+    // Least connections: the rings follow the active flow counts.
+    let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -257,6 +259,9 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
                     a.tick();
                 }
             }
+            _ = least_connections.tick(), if agent.uses_least_connections() => {
+                agent.refresh_least_connections(&flow_table);
+            }
         }
     }
     drop(control_socket);
@@ -274,6 +279,9 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How often least-connections rings follow the active flow counts.
+const LEAST_CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
 
 fn announce_ready(agent: &Agent) -> bool {
     let pending: Vec<String> = agent
@@ -313,6 +321,31 @@ impl Agent {
 
     /// Checks `next` whole, then writes it to the data plane atomically,
     /// with every ring derived from the admin and health state.
+    /// Rebuilds the least-connections rings from each member's active
+    /// flows (exact counts, one lookup per backend: cheap on the loop).
+    fn refresh_least_connections(&mut self, flows: &crate::dataplane::FlowTable) {
+        let mut active = vec![0u64; lb_common::MAX_BACKENDS as usize];
+        for id in self.dp.least_connections_members() {
+            match flows.active(id) {
+                Ok(n) => active[id as usize] = n,
+                Err(e) => {
+                    error!("least connections: reading active flows: {e:#}");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.dp.refresh_least_connections(active) {
+            error!("least connections: rebuilding the rings: {e:#}");
+        }
+    }
+
+    fn uses_least_connections(&self) -> bool {
+        self.cfg
+            .services
+            .iter()
+            .any(|s| s.scheduler == config::Scheduler::LeastConnections)
+    }
+
     fn commit(&mut self, next: Config) -> anyhow::Result<()> {
         let (admin, health) = (&self.admin, &self.health);
         let admit = |svc: &config::Service, b: &config::Backend| {

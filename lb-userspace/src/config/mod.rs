@@ -268,9 +268,33 @@ pub enum Protocol {
 #[serde(rename_all = "kebab-case")]
 #[strum(serialize_all = "kebab-case")]
 pub enum Scheduler {
+    /// Backends in turn (an atomic counter over the ring).
     RoundRobin,
+    /// Smooth weighted sequence (nginx's), walked by the counter.
     WeightedRoundRobin,
-    SourceHash,
+    /// The 5-tuple's hash indexes a Maglev table: consistent hashing,
+    /// deterministic from the config (two LBs choose alike).
+    Maglev,
+    /// The client address's hash indexes a Maglev table: client affinity.
+    SourceIp,
+    /// New flows in proportion to weight / (active flows + 1), from a ring
+    /// the agent refreshes every second.
+    LeastConnections,
+    /// The 5-tuple's hash modulo the ring length (not consistent: a backend
+    /// set change moves most flows).
+    FlowHash,
+}
+
+impl Scheduler {
+    /// Does this scheduler use a Maglev table (and `maglev-table-size`)?
+    pub fn uses_maglev(self) -> bool {
+        matches!(self, Scheduler::Maglev | Scheduler::SourceIp)
+    }
+
+    /// Do backend weights other than 0 and 1 mean something here?
+    pub fn uses_weights(self) -> bool {
+        !matches!(self, Scheduler::RoundRobin | Scheduler::FlowHash)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -280,6 +304,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub forwarding: Forwarding,
     pub scheduler: Scheduler,
+    /// Slots of the Maglev table (prime; `maglev` and `source-ip` only).
+    pub maglev_table_size: u32,
     pub health: Option<HealthCheck>,
     /// What happens to flows pinned to a backend that health checks mark down.
     pub on_backend_down: OnBackendDown,

@@ -1,7 +1,7 @@
 //! The raw config: exactly the TOML shape, and a validated config turned
 //! back into it (for [`check`](super::check)).
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de::IntoDeserializer};
 
 use super::{
     Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, RateLimit,
@@ -85,13 +85,37 @@ pub(super) struct RawService {
     pub(super) vip: Option<String>,
     pub(super) protocol: Option<Protocol>,
     pub(super) forwarding: Option<Forwarding>,
-    pub(super) scheduler: Option<Scheduler>,
+    pub(super) scheduler: Option<RawScheduler>,
+    pub(super) maglev_table_size: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) on_backend_down: Option<OnBackendDown>,
     pub(super) backends: Option<Vec<RawBackend>>,
     pub(super) allow_from: Option<Vec<String>>,
     pub(super) deny_from: Option<Vec<String>>,
     pub(super) rate_limit: Option<RawRateLimit>,
+}
+
+/// `scheduler`: a [`Scheduler`], except that the retired `source-hash` gets
+/// an error saying what replaced it instead of serde's list of names.
+pub(super) struct RawScheduler(pub(super) Scheduler);
+
+/// Why `source-hash` is rejected, and what to write instead.
+pub(super) const SOURCE_HASH_RENAMED: &str = "\"source-hash\" is no longer a scheduler: \
+     it hashed the whole 5-tuple, so one client's connections went to every backend. \
+     Use \"flow-hash\" for that same behaviour, or \"source-ip\" for client affinity \
+     (every connection from one client address to one backend)";
+
+impl<'de> Deserialize<'de> for RawScheduler {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let name = String::deserialize(d)?;
+        if name == "source-hash" {
+            return Err(D::Error::custom(SOURCE_HASH_RENAMED));
+        }
+        let known: Result<Scheduler, serde::de::value::Error> =
+            Scheduler::deserialize(name.as_str().into_deserializer());
+        known.map(RawScheduler).map_err(D::Error::custom)
+    }
 }
 
 #[derive(Deserialize)]
@@ -170,7 +194,11 @@ impl From<&Service> for RawService {
             vip: Some(s.vip.to_string()),
             protocol: Some(s.protocol),
             forwarding: Some(s.forwarding),
-            scheduler: Some(s.scheduler),
+            scheduler: Some(RawScheduler(s.scheduler)),
+            maglev_table_size: s
+                .scheduler
+                .uses_maglev()
+                .then_some(i64::from(s.maglev_table_size)),
             health: s.health.as_ref().map(RawHealth::from),
             on_backend_down: Some(s.on_backend_down),
             backends: Some(s.backends.iter().map(RawBackend::from).collect()),

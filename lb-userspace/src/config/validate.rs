@@ -10,8 +10,9 @@ use std::{
 };
 
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, FW_BURST_MAX, FW_RATE_MAX, MAX_BACKENDS, MAX_FW_RULES, MAX_RING,
-    MAX_SERVICES,
+    DEFAULT_CONNTRACK_SIZE, FW_BURST_MAX, FW_RATE_MAX, MAGLEV_MAX, MAX_BACKENDS, MAX_FW_RULES,
+    MAX_MAGLEV_SERVICES, MAX_RING, MAX_SERVICES,
+    maglev::{self, MAGLEV_DEFAULT_SIZE},
 };
 
 use super::{
@@ -173,6 +174,21 @@ impl Validator<'_> {
                         ),
                     ));
                 }
+            }
+            if service.scheduler.uses_maglev()
+                && services
+                    .iter()
+                    .filter(|s| s.scheduler.uses_maglev())
+                    .count()
+                    >= MAX_MAGLEV_SERVICES as usize
+            {
+                return Err(self.err(
+                    format!("service[{i}].scheduler"),
+                    format!(
+                        "more than {MAX_MAGLEV_SERVICES} services use \"maglev\" or \
+                         \"source-ip\" (each Maglev table takes 512 KiB of kernel memory)"
+                    ),
+                ));
             }
             services.push(service);
         }
@@ -472,7 +488,7 @@ impl Validator<'_> {
         }
 
         let forwarding = raw.forwarding.unwrap_or(dataplane.forwarding);
-        let scheduler = raw.scheduler.unwrap_or(Scheduler::RoundRobin);
+        let scheduler = raw.scheduler.map_or(Scheduler::RoundRobin, |s| s.0);
         let health = match raw.health {
             None => None,
             Some(h) => Some(self.health(&key("health"), h)?),
@@ -494,6 +510,12 @@ impl Validator<'_> {
             backends.push(backend);
         }
         self.ring(&key("backends"), scheduler, &backends)?;
+        let maglev_table_size = self.maglev_table_size(
+            &key("maglev-table-size"),
+            scheduler,
+            raw.maglev_table_size,
+            &backends,
+        )?;
         let firewall = self.firewall(
             FirewallKeys {
                 deny: &key("deny-from"),
@@ -511,6 +533,7 @@ impl Validator<'_> {
             protocol,
             forwarding,
             scheduler,
+            maglev_table_size,
             health,
             on_backend_down,
             backends,
@@ -573,14 +596,15 @@ impl Validator<'_> {
             None => 1,
             Some(w) => self.in_range(w, 0..WEIGHT_MAX + 1, &key("weight"))?,
         };
-        // Outside weighted round robin a weight other than 0 (drained) or 1
-        // would be silently ignored; reject it rather than surprise.
-        if weight > 1 && scheduler != Scheduler::WeightedRoundRobin {
+        // Under round robin and flow hash a weight other than 0 (drained)
+        // or 1 would be silently ignored; reject it rather than surprise.
+        if weight > 1 && !scheduler.uses_weights() {
             return Err(self.err(
                 key("weight"),
                 format!(
                     "weight {weight} has no effect with scheduler = \"{}\"; \
-                     set scheduler = \"weighted-round-robin\" (or use 1, or 0 to drain)",
+                     set scheduler = \"weighted-round-robin\", \"maglev\", \"source-ip\" \
+                     or \"least-connections\" (or use 1, or 0 to drain)",
                     scheduler.name()
                 ),
             ));
@@ -610,16 +634,19 @@ impl Validator<'_> {
         for (which, backup) in [("non-backup", false), ("backup", true)] {
             let group = backends.iter().filter(|b| b.backup == backup);
             let slots = match scheduler {
-                Scheduler::RoundRobin | Scheduler::SourceHash => group.count() as u64,
+                Scheduler::RoundRobin | Scheduler::FlowHash => group.count() as u64,
                 Scheduler::WeightedRoundRobin => {
                     let weights: Vec<u32> = group.map(|b| b.weight).collect();
                     lb_common::ring::weighted_len(&weights)
                 }
+                // Maglev tables are checked by `maglev_table_size`; the
+                // least-connections ring is sized to fit by its planner.
+                Scheduler::Maglev | Scheduler::SourceIp | Scheduler::LeastConnections => 0,
             };
             if slots > MAX_RING as u64 {
                 let how = match scheduler {
                     Scheduler::WeightedRoundRobin => " (sum of weights / their gcd)",
-                    Scheduler::RoundRobin | Scheduler::SourceHash => "",
+                    _ => "",
                 };
                 return Err(self.err(
                     key,
@@ -628,6 +655,53 @@ impl Validator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `maglev-table-size`: only for the Maglev schedulers; a prime, at
+    /// most `MAGLEV_MAX`, and at least as many slots as backends in a group.
+    fn maglev_table_size(
+        &self,
+        key: &str,
+        scheduler: Scheduler,
+        raw: Option<i64>,
+        backends: &[Backend],
+    ) -> Result<u32, ConfigError> {
+        let Some(size) = raw else {
+            return Ok(MAGLEV_DEFAULT_SIZE);
+        };
+        if !scheduler.uses_maglev() {
+            return Err(self.err(
+                key,
+                format!(
+                    "has no effect with scheduler = \"{}\"; it sizes the table of \
+                     \"maglev\" and \"source-ip\"",
+                    scheduler.name()
+                ),
+            ));
+        }
+        let size: u32 = self.in_range(size, 2..MAGLEV_MAX as i64 + 1, key)?;
+        if !maglev::is_prime(size) {
+            return Err(self.err(
+                key,
+                format!(
+                    "must be a prime number (so every backend's permutation visits \
+                     every slot), got {size}; e.g. 251, 1021, 4093, 16381 or 65537"
+                ),
+            ));
+        }
+        for backup in [false, true] {
+            let n = backends.iter().filter(|b| b.backup == backup).count();
+            if n > size as usize {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{size} slots cannot hold {n} backends; use a prime of at least \
+                         100 per backend for an even spread"
+                    ),
+                ));
+            }
+        }
+        Ok(size)
     }
 
     fn health(&self, prefix: &str, raw: RawHealth) -> Result<HealthCheck, ConfigError> {

@@ -25,7 +25,9 @@ use std::{
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, MAX_BACKENDS, MAX_SERVICES,
-    MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, ServiceKey, ring,
+    MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceKey,
+    maglev::{self, Member},
+    ring,
 };
 
 use crate::config::{self, Config, Forwarding, Protocol, Scheduler};
@@ -82,12 +84,19 @@ pub struct ServicePlan {
     pub id: u32,
     /// `MODE_NAT` or `MODE_DSR`.
     pub mode: u32,
-    /// `SCHED_COUNTER` or `SCHED_HASH`.
+    /// `SCHED_COUNTER`, `SCHED_HASH`, `SCHED_MAGLEV` or `SCHED_SOURCE_IP`.
     pub scheduler: u32,
     /// The ring half this apply writes and switches to.
     pub half: u32,
-    /// Backend ids in ring order (fits a ring: checked).
+    /// Backend ids in ring order (fits a ring: checked). For the Maglev
+    /// schedulers, the backends in the table, each once.
     pub ring: Vec<u32>,
+    /// The Maglev table (`maglev`, `source-ip`), written into the same half
+    /// of `MAGLEV`; empty for the other schedulers.
+    pub maglev: Vec<u32>,
+    /// Least connections: the ring's members as (id, weight), so the agent
+    /// can rebuild the ring from active counts between applies.
+    pub least_connections: Vec<(u32, u32)>,
     /// Backend name → id, for every configured backend, in config order.
     pub backends: Vec<(String, u32)>,
 }
@@ -181,11 +190,13 @@ impl Allocator {
     }
 }
 
-/// Plans `cfg` over the ids in `now`, each backend admitted by `admit`.
+/// Plans `cfg` over the ids in `now`, each backend admitted by `admit`;
+/// `active` holds the active flows per backend id (least connections).
 pub fn plan(
     now: &Ids,
     cfg: &Config,
     admit: &dyn Fn(&config::Service, &config::Backend) -> Admission,
+    active: &[u64],
 ) -> Result<Plan, PlanError> {
     // Services: survivors keep their ids; new ones get free ids.
     let keys: Vec<ServiceKey> = cfg.services.iter().map(service_key).collect();
@@ -298,7 +309,19 @@ pub fn plan(
             named.push((b.name.clone(), bid));
             admissions.push(admission);
         }
-        let ring = ring_slots(svc, &named, &admissions);
+        let members = ring_members(svc, &named, &admissions);
+        let least_connections = match svc.scheduler {
+            Scheduler::LeastConnections => {
+                members.serving.iter().map(|m| (m.id, m.weight)).collect()
+            }
+            _ => Vec::new(),
+        };
+        let ring = ring_slots(svc.scheduler, &members.serving, active);
+        let maglev = if svc.scheduler.uses_maglev() {
+            maglev::with_standby(&members.configured, &members.serving, svc.maglev_table_size)
+        } else {
+            Vec::new()
+        };
         ring::to_ring(&ring).map_err(|source| PlanError::Ring {
             service: svc.name.clone(),
             source,
@@ -318,12 +341,11 @@ pub fn plan(
                 Forwarding::Nat => MODE_NAT,
                 Forwarding::Dsr => MODE_DSR,
             },
-            scheduler: match svc.scheduler {
-                Scheduler::SourceHash => SCHED_HASH,
-                Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => SCHED_COUNTER,
-            },
+            scheduler: scheduler_code(svc.scheduler),
             half,
             ring,
+            maglev,
+            least_connections,
             backends: named,
         });
     }
@@ -349,28 +371,82 @@ pub fn plan(
     })
 }
 
-/// The ring of a service: its non-backup backends in rotation with weight
-/// > 0, or — when there are none — its backups (HAProxy's `backup`).
-fn ring_slots(svc: &config::Service, ids: &[(String, u32)], admissions: &[Admission]) -> Vec<u32> {
-    let pick = |backup: bool| -> Vec<(u32, u32)> {
+/// The data plane's code for a scheduler (`ServiceConf::scheduler`).
+pub fn scheduler_code(s: Scheduler) -> u32 {
+    match s {
+        Scheduler::FlowHash => SCHED_HASH,
+        Scheduler::Maglev => SCHED_MAGLEV,
+        Scheduler::SourceIp => SCHED_SOURCE_IP,
+        Scheduler::RoundRobin | Scheduler::WeightedRoundRobin | Scheduler::LeastConnections => {
+            SCHED_COUNTER
+        }
+    }
+}
+
+/// Who new flows may go to: the group in use (the non-backup backends, or
+/// — when none of them is in rotation — the backups, HAProxy's `backup`),
+/// every configured member of it with weight > 0, and those in rotation.
+struct Members {
+    configured: Vec<Member>,
+    serving: Vec<Member>,
+}
+
+fn ring_members(svc: &config::Service, ids: &[(String, u32)], admissions: &[Admission]) -> Members {
+    let pick = |backup: bool, serving_only: bool| -> Vec<Member> {
         svc.backends
             .iter()
             .zip(ids)
             .zip(admissions)
-            .filter(|((b, _), a)| b.backup == backup && b.weight > 0 && a.in_rotation)
-            .map(|((b, (_, id)), _)| (*id, b.weight))
+            .filter(|((b, _), a)| {
+                b.backup == backup && b.weight > 0 && (a.in_rotation || !serving_only)
+            })
+            .map(|((b, (_, id)), _)| Member {
+                addr: u32::from(*b.address.ip()),
+                port: b.address.port(),
+                id: *id,
+                weight: b.weight,
+            })
             .collect()
     };
-    let mut members = pick(false);
-    if members.is_empty() {
-        members = pick(true);
+    let serving = pick(false, true);
+    if serving.is_empty() {
+        return Members {
+            configured: pick(true, false),
+            serving: pick(true, true),
+        };
     }
-    match svc.scheduler {
-        Scheduler::WeightedRoundRobin => ring::weighted(&members),
-        Scheduler::RoundRobin | Scheduler::SourceHash => {
-            ring::round_robin(&members.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    Members {
+        configured: pick(false, false),
+        serving,
+    }
+}
+
+/// The ring a scheduler walks (or, for the Maglev ones, the table's
+/// members once each: it sets their `BACKEND_F_IN_RING`).
+fn ring_slots(scheduler: Scheduler, serving: &[Member], active: &[u64]) -> Vec<u32> {
+    let ids = || serving.iter().map(|m| m.id).collect::<Vec<_>>();
+    match scheduler {
+        Scheduler::WeightedRoundRobin => {
+            ring::weighted(&serving.iter().map(|m| (m.id, m.weight)).collect::<Vec<_>>())
+        }
+        Scheduler::LeastConnections => least_connections_ring(
+            &serving.iter().map(|m| (m.id, m.weight)).collect::<Vec<_>>(),
+            active,
+        ),
+        Scheduler::RoundRobin | Scheduler::FlowHash | Scheduler::Maglev | Scheduler::SourceIp => {
+            ring::round_robin(&ids())
         }
     }
+}
+
+/// The least-connections ring of `members` (id, weight) under the active
+/// flow counts `active` (by backend id; a missing id has none).
+pub fn least_connections_ring(members: &[(u32, u32)], active: &[u64]) -> Vec<u32> {
+    let loaded: Vec<(u32, u32, u64)> = members
+        .iter()
+        .map(|&(id, w)| (id, w, active.get(id as usize).copied().unwrap_or(0)))
+        .collect();
+    ring::least_connections(&loaded)
 }
 
 #[cfg(test)]
@@ -399,6 +475,7 @@ mod tests {
             protocol: Protocol::Tcp,
             forwarding: Forwarding::Nat,
             scheduler: Scheduler::RoundRobin,
+            maglev_table_size: maglev::MAGLEV_DEFAULT_SIZE,
             health: None,
             on_backend_down: OnBackendDown::KeepFlows,
             backends: backends.into_iter().map(backend).collect(),
@@ -429,7 +506,7 @@ mod tests {
 
     /// Plans `cfg` on `now` and returns the new id tables.
     fn apply(now: &Ids, cfg: &Config) -> Plan {
-        plan(now, cfg, &serving).expect("plan")
+        plan(now, cfg, &serving, &[]).expect("plan")
     }
 
     fn ids_of(p: &Plan, service: usize) -> Vec<u32> {
@@ -467,7 +544,7 @@ mod tests {
             service("b", 11, 0..max / 2 + 1),
         ]);
         assert_eq!(
-            plan(&first.next, &over, &serving),
+            plan(&first.next, &over, &serving, &[]),
             Err(PlanError::Full {
                 what: "backends",
                 limit: max
@@ -522,7 +599,7 @@ mod tests {
         for (i, b) in svc.backends.iter_mut().enumerate() {
             b.weight = 4000 + i as u32; // coprime weights: a ring of ~12000 slots
         }
-        let err = plan(&first.next, &config(vec![svc]), &serving);
+        let err = plan(&first.next, &config(vec![svc]), &serving, &[]);
         assert!(matches!(err, Err(PlanError::Ring { .. })), "{err:?}");
     }
 
@@ -543,6 +620,7 @@ mod tests {
             &Ids::default(),
             &config(vec![service("a", 10, 0..3)]),
             &admit,
+            &[],
         )
         .expect("plan");
         let flags: Vec<u16> = p.backends.iter().map(|b| b.flags).collect();
@@ -590,5 +668,65 @@ mod tests {
         assert_eq!(ids_of(&second, 0), ids_of(&first, 1));
         assert_eq!(ids_of(&second, 1), vec![4, 5]);
         assert_eq!(second.vips.len(), 2);
+    }
+
+    #[test]
+    fn maglev_tables_follow_admission_and_backups() {
+        let mut svc = service("a", 10, 0..5);
+        svc.scheduler = Scheduler::Maglev;
+        svc.maglev_table_size = 4093;
+        svc.backends[4].backup = true;
+        let cfg = config(vec![svc]);
+        let all = apply(&Ids::default(), &cfg);
+        let table = &all.services[0].maglev;
+        assert_eq!(table.len(), 4093);
+        assert_eq!(all.services[0].scheduler, SCHED_MAGLEV);
+        assert!(
+            !table.contains(&4),
+            "the backup is not used while primaries serve"
+        );
+        // b1 out of rotation: only its slots change, to other primaries.
+        let out = |name: &'static str| {
+            move |_: &config::Service, b: &config::Backend| {
+                if name.split(',').any(|n| n == b.name) {
+                    Admission {
+                        in_rotation: false,
+                        drop_flows: false,
+                    }
+                } else {
+                    Admission::SERVING
+                }
+            }
+        };
+        let p = plan(&all.next, &cfg, &out("b1"), &[]).expect("plan");
+        let after = &p.services[0].maglev;
+        for (was, now) in table.iter().zip(after) {
+            if *was == 1 {
+                assert!(*now != 1 && *now != 4, "{now}");
+            } else {
+                assert_eq!(was, now);
+            }
+        }
+        assert_eq!(p.services[0].ring, vec![0, 2, 3]);
+        // Every primary out: the backup takes the whole table.
+        let p = plan(&all.next, &cfg, &out("b0,b1,b2,b3"), &[]).expect("plan");
+        assert!(p.services[0].maglev.iter().all(|&id| id == 4));
+        // Nothing serves: an empty table (drop_no_backend).
+        let p = plan(&all.next, &cfg, &out("b0,b1,b2,b3,b4"), &[]).expect("plan");
+        assert!(p.services[0].maglev.is_empty());
+    }
+
+    #[test]
+    fn least_connections_rings_use_the_active_counts() {
+        let mut svc = service("a", 10, 0..3);
+        svc.scheduler = Scheduler::LeastConnections;
+        let p = plan(&Ids::default(), &config(vec![svc]), &serving, &[9, 0, 0]).expect("plan");
+        let s = &p.services[0];
+        assert_eq!(s.scheduler, SCHED_COUNTER);
+        assert_eq!(s.least_connections, vec![(0, 1), (1, 1), (2, 1)]);
+        let share = |id| s.ring.iter().filter(|&&x| x == id).count();
+        // 1/10 of the others' share (10:100:100, reduced by their gcd).
+        assert_eq!((share(0), share(1), share(2)), (1, 10, 10));
+        assert!(s.maglev.is_empty());
     }
 }

@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
 use lb_common::{
-    Backend, Counters, FW_GLOBAL, Flow, FlowCounts, FlowKey, FwKey, FwScope, Ring, ServiceConf,
-    ServiceKey, VERDICT_COUNT, Verdict, flow::REPLY,
+    Backend, Counters, FW_GLOBAL, Flow, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable, Ring,
+    SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict, flow::REPLY,
 };
 
 use super::{Dataplane, DataplaneError, Result, found};
@@ -116,11 +116,22 @@ impl Dataplane {
                     .get(&Ring::slot(id, conf.active_ring), 0)
                     .map_err(err("RINGS"))?;
                 let len = (ring.len as usize).min(ring.ids.len());
+                let maglev = if matches!(conf.scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP) {
+                    let tables: HashMap<&MapData, u32, MaglevTable> =
+                        HashMap::try_from(map("MAGLEV")?).map_err(err("MAGLEV"))?;
+                    match found(tables.get(&Ring::slot(id, conf.active_ring), 0), "MAGLEV")? {
+                        Some(t) => t.ids[..(t.len as usize).min(t.ids.len())].to_vec(),
+                        None => Vec::new(),
+                    }
+                } else {
+                    Vec::new()
+                };
                 Some(ServiceFacts {
                     id,
                     conf,
                     ring: ring.ids[..len].to_vec(),
                     rr_counter: counters.get(&id, 0).map_err(err("RR_COUNTERS"))?,
+                    maglev,
                 })
             }
         };

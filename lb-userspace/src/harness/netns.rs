@@ -376,14 +376,20 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Resu
     let file = fs::File::open(&path)
         .with_context(|| format!("opening {} (does namespace {ns} exist?)", path.display()))?;
     thread::scope(|scope| {
-        let worker = scope.spawn(move || -> anyhow::Result<T> {
-            // Only this thread's network namespace changes; it ends with
-            // the thread.
-            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
-                .map_err(io::Error::from)
-                .with_context(|| format!("setns into {ns}"))?;
-            Ok(f())
-        });
+        // The main thread's 8 MiB, not a spawned thread's 2 MiB: a debug
+        // build reads a 256 KiB map value (a Maglev table) by value, copy
+        // after copy, as the agent does on its main thread.
+        let worker = thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn_scoped(scope, move || -> anyhow::Result<T> {
+                // Only this thread's network namespace changes; it ends with
+                // the thread.
+                move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("setns into {ns}"))?;
+                Ok(f())
+            })
+            .context("spawning the namespace thread")?;
         match worker.join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),

@@ -38,6 +38,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
         scheduler: Scheduler::RoundRobin,
         health,
         on_backend_down: OnBackendDown::KeepFlows,
+        maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
     }
 }

@@ -34,7 +34,7 @@ backends = [
 [[service]]
 name = "checks"
 vip = "10.0.0.2:80"
-scheduler = "source-hash"
+scheduler = "flow-hash"
 health = { check = "tcp" }
 backends = [{ address = "10.0.1.3:80" }]
 
@@ -76,6 +76,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 scheduler: Scheduler::RoundRobin,
                 health: None,
                 on_backend_down: OnBackendDown::KeepFlows,
+                maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
                 backends: vec![Backend {
                     name: "10.0.1.1:443".to_owned(),
                     address: addr("10.0.1.1:443"),
@@ -104,6 +105,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     fall: 100,
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
+                maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
                 backends: vec![
                     Backend {
                         name: "a".to_owned(),
@@ -127,9 +129,10 @@ backends = [{ address = "10.0.1.3:80" }]
                 vip: addr("10.0.0.2:80"),
                 protocol: Protocol::Tcp,
                 forwarding: Forwarding::Dsr,
-                scheduler: Scheduler::SourceHash,
+                scheduler: Scheduler::FlowHash,
                 health: Some(tcp_defaults),
                 on_backend_down: OnBackendDown::KeepFlows,
+                maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
                 backends: vec![Backend {
                     name: "10.0.1.3:80".to_owned(),
                     address: addr("10.0.1.3:80"),
@@ -158,6 +161,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     fall: 3,
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
+                maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
                 backends: vec![Backend {
                     name: "10.0.1.3:80".to_owned(),
                     address: addr("10.0.1.3:80"),
@@ -725,4 +729,49 @@ fn announce_has_a_default_med_and_survives_a_live_change() {
         "bird-socket = \"/run/bird/bird.ctl\"\ninclude = \"/etc/bird/lb-vips.conf\"\nmed = 100",
     ));
     assert_eq!(backup.announce.map(|a| a.med), Some(100));
+}
+
+#[test]
+fn every_scheduler_parses_by_its_name_and_survives_check() {
+    for (name, scheduler) in [
+        ("round-robin", Scheduler::RoundRobin),
+        ("weighted-round-robin", Scheduler::WeightedRoundRobin),
+        ("maglev", Scheduler::Maglev),
+        ("source-ip", Scheduler::SourceIp),
+        ("least-connections", Scheduler::LeastConnections),
+        ("flow-hash", Scheduler::FlowHash),
+    ] {
+        let cfg = parse_ok(&one_service(&format!("scheduler = \"{name}\""), B1));
+        assert_eq!(cfg.services[0].scheduler, scheduler);
+        assert_eq!(scheduler.name(), name);
+        assert_eq!(
+            cfg.services[0].maglev_table_size,
+            lb_common::maglev::MAGLEV_DEFAULT_SIZE
+        );
+        let again = check(&cfg, Path::new("live")).expect("check");
+        assert_eq!(again, cfg, "{name}");
+    }
+}
+
+#[test]
+fn maglev_table_size_and_weights_with_the_hash_and_load_schedulers() {
+    let cfg = parse_ok(&one_service(
+        "scheduler = \"source-ip\"\nmaglev-table-size = 251",
+        WEIGHT_2,
+    ));
+    assert_eq!(cfg.services[0].maglev_table_size, 251);
+    assert_eq!(cfg.services[0].backends[1].weight, 2);
+    assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
+    for s in ["maglev", "least-connections", "weighted-round-robin"] {
+        let cfg = parse_ok(&one_service(&format!("scheduler = \"{s}\""), WEIGHT_2));
+        assert_eq!(cfg.services[0].backends[1].weight, 2, "{s}");
+    }
+    // 16 Maglev services fit (the data plane's MAGLEV map holds 32 tables).
+    let mut text = String::from(DP);
+    for i in 0..lb_common::MAX_MAGLEV_SERVICES {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\nvip = \"198.18.1.{i}:80\"\nscheduler = \"maglev\"\nbackends = [{B1}]\n"
+        ));
+    }
+    assert_eq!(parse_ok(&text).services.len(), 16);
 }

@@ -1,7 +1,7 @@
 //! Rejected configs: one table of {config text, key path, reason fragment}
 //! with a test per row, then the rejections that assert more than that.
 
-use lb_common::{MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES};
 
 use super::*;
 
@@ -179,8 +179,24 @@ rejections! {
         => "service[0].backends[0].weight", "must be between 0 and 1000, got -1";
     weight_without_wrr: one_service("", WEIGHT_2)
         => "service[0].backends[1].weight", "set scheduler = \"weighted-round-robin\"";
-    weight_with_source_hash: one_service("scheduler = \"source-hash\"", WEIGHT_2)
-        => "service[0].backends[1].weight", "no effect with scheduler = \"source-hash\"";
+    weight_with_flow_hash: one_service("scheduler = \"flow-hash\"", WEIGHT_2)
+        => "service[0].backends[1].weight", "no effect with scheduler = \"flow-hash\"";
+    source_hash_is_renamed: one_service("scheduler = \"source-hash\"", B1)
+        => "service[0].scheduler",
+           "Use \"flow-hash\" for that same behaviour, or \"source-ip\" for client affinity";
+    maglev_table_size_not_prime: one_service("scheduler = \"maglev\"\nmaglev-table-size = 65536", B1)
+        => "service[0].maglev-table-size", "must be a prime number";
+    maglev_table_size_too_large: one_service("scheduler = \"source-ip\"\nmaglev-table-size = 65539", B1)
+        => "service[0].maglev-table-size", "must be between 2 and 65537, got 65539";
+    maglev_table_size_without_maglev: one_service("scheduler = \"round-robin\"\nmaglev-table-size = 251", B1)
+        => "service[0].maglev-table-size", "has no effect with scheduler = \"round-robin\"";
+    maglev_table_smaller_than_backends: one_service(
+            "scheduler = \"maglev\"\nmaglev-table-size = 3",
+            &many_backends(5, ""),
+        )
+        => "service[0].maglev-table-size", "3 slots cannot hold 5 backends";
+    maglev_too_many_services: maglev_services(MAX_MAGLEV_SERVICES as usize + 1)
+        => "service[16].scheduler", "more than 16 services use \"maglev\" or \"source-ip\"";
     dsr_backend_port: one_service("forwarding = \"dsr\"", DSR_BACKENDS)
         => "service[0].backends[1].address", "must equal the VIP port 80, got 8080";
     dsr_inherited_backend_port: dsr_inherited()
@@ -189,7 +205,7 @@ rejections! {
         => "service[0].backends",
            "the non-backup backends need 4097 ring slots but a ring holds at most 4096";
     backup_ring_too_long: one_service(
-            "scheduler = \"source-hash\"",
+            "scheduler = \"flow-hash\"",
             &many_backends(MAX_RING + 1, ", backup = true"),
         )
         => "service[0].backends", "the backup backends need 4097 ring slots";
@@ -333,8 +349,8 @@ rejections! {
         => "service[0].protocol", "unknown variant `sctp`";
     forwarding_upper_case: one_service("forwarding = \"NAT\"", B1)
         => "service[0].forwarding", "unknown variant `NAT`";
-    scheduler_unknown: one_service("scheduler = \"maglev\"", B1)
-        => "service[0].scheduler", "unknown variant `maglev`";
+    scheduler_unknown: one_service("scheduler = \"lottery\"", B1)
+        => "service[0].scheduler", "unknown variant `lottery`, expected one of `round-robin`";
     backup_not_a_bool: one_service("", r#"{ address = "198.19.0.11:80", backup = "yes" }"#)
         => "service[0].backends[0].backup", "invalid type: string \"yes\", expected a boolean";
     // A datetime is not a table even though serde sees it as a map.
@@ -441,4 +457,16 @@ fn load_reports_unreadable_files() {
         Err(ConfigError::Read { file, .. }) => assert_eq!(file, path),
         other => panic!("expected ConfigError::Read, got {other:?}"),
     }
+}
+
+/// `n` services on their own VIPs, every one with a Maglev table.
+fn maglev_services(n: usize) -> String {
+    let mut text = DP.to_string();
+    for i in 0..n {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\nvip = \"198.18.1.{i}:80\"\nscheduler = \"{}\"\nbackends = [{B1}]\n",
+            if i % 2 == 0 { "maglev" } else { "source-ip" }
+        ));
+    }
+    text
 }

@@ -18,7 +18,7 @@ use super::net::{
     new_flow_frames,
 };
 use crate::{
-    config::Forwarding,
+    config::{Forwarding, Scheduler},
     dataplane::Dataplane,
     harness::{
         pktgen::{self, Spec},
@@ -604,3 +604,70 @@ pub(super) fn firewall_rows(quick: bool, reps: usize) -> anyhow::Result<Vec<FwCo
         })
         .collect())
 }
+
+/// One scheduler's cost: an established flow and new flows through `lb`
+/// (DSR, 100 backends) with that scheduler.
+#[derive(Debug)]
+pub(super) struct SchedCostRow {
+    pub(super) scheduler: Scheduler,
+    pub(super) established: Stat,
+    pub(super) established_method: NsMethod,
+    pub(super) new: Stat,
+    pub(super) new_method: NsMethod,
+}
+
+/// Every scheduler's cost (DSR, 100 backends): one data plane per
+/// scheduler, all taking turns in every repetition. An established flow
+/// does not schedule, so its rows show the scheduler costs it nothing; a
+/// new flow pays the table lookup (and for the counter schedulers the
+/// atomic add).
+pub(super) fn scheduler_rows(quick: bool, reps: usize) -> anyhow::Result<Vec<SchedCostRow>> {
+    eprintln!("bench: scheduler cost (BPF_PROG_TEST_RUN)");
+    let lbin = xdp::ifindex("lbin")?;
+    let repeat: u32 = if quick { 100_000 } else { 1_000_000 };
+    let calls = if quick { 2_000 } else { 20_000 };
+    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let mut planes = Vec::new();
+    for scheduler in SCHEDULERS {
+        let mut cfg = lb_config(Forwarding::Dsr, 100)?;
+        cfg.services[0].scheduler = scheduler;
+        let mut dp = Dataplane::load(CONNTRACK)?;
+        dp.apply(&cfg)?;
+        ns_per_packet(dp.program()?, &est, lbin, 1, Some(XDP_REDIRECT))?;
+        planes.push((scheduler, dp, Vec::new(), Vec::new()));
+    }
+    for rep in 0..reps {
+        for (p, (_, dp, est_ns, new_ns)) in planes.iter_mut().enumerate() {
+            let prog = dp.program()?;
+            est_ns.push(ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+            // Fresh sources per plane and repetition: every frame a new flow.
+            let tag = ((rep * SCHEDULERS.len() + p) % 100) as u8;
+            new_ns.push(ns_per_packet(
+                prog,
+                &new_flow_frames(tag, calls)?,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+        }
+    }
+    Ok(planes
+        .into_iter()
+        .map(|(scheduler, _, est_ns, new_ns)| SchedCostRow {
+            scheduler,
+            established: Stat::of(&est_ns),
+            established_method: NsMethod::Repeat(repeat),
+            new: Stat::of(&new_ns),
+            new_method: NsMethod::DistinctFlows(calls),
+        })
+        .collect())
+}
+
+const SCHEDULERS: [Scheduler; 6] = [
+    Scheduler::RoundRobin,
+    Scheduler::WeightedRoundRobin,
+    Scheduler::LeastConnections,
+    Scheduler::FlowHash,
+    Scheduler::Maglev,
+    Scheduler::SourceIp,
+];

@@ -113,7 +113,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns, firewall) = net.run(|| {
+    let (fwd, ns, firewall, schedulers) = net.run(|| {
         let mut ebpf = xdp::load_object()?;
         let fwd = measure::forwarding_rows(
             &mut ebpf,
@@ -123,7 +123,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         )?;
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
-        Ok((fwd, ns, firewall))
+        let schedulers = measure::scheduler_rows(args.quick, reps)?;
+        Ok((fwd, ns, firewall, schedulers))
     })?;
     drop(net);
     let http = if args.skip_http {
@@ -163,6 +164,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         fwd,
         ns,
         firewall,
+        schedulers,
         http,
         wrk_loads: http::WRK_LOADS
             .iter()

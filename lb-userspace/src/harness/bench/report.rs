@@ -11,7 +11,8 @@ use std::{
 use super::{
     http::{HttpPath, HttpRow},
     measure::{
-        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, TracedPacket,
+        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, NsMethod, NsProgram, NsRow, SchedCostRow,
+        TracedPacket,
     },
     targets::targets,
 };
@@ -122,6 +123,8 @@ pub(super) struct Report {
     pub(super) ns: Vec<NsRow>,
     /// The firewall's cost, empty vs loaded (none: not measured).
     pub(super) firewall: Vec<FwCostRow>,
+    /// Each scheduler's cost (none: not measured).
+    pub(super) schedulers: Vec<SchedCostRow>,
     pub(super) http: Result<Vec<HttpRow>, String>,
     /// wrk loads: (name used in the HTTP rows, wrk arguments).
     pub(super) wrk_loads: Vec<(String, String)>,
@@ -208,6 +211,9 @@ pub(super) fn render(r: &Report) -> String {
     }
     if !r.firewall.is_empty() {
         firewall_section(&mut s, &r.firewall);
+    }
+    if !r.schedulers.is_empty() {
+        scheduler_section(&mut s, &r.schedulers);
     }
     let _ = writeln!(s, "\n## HTTP through the load balancer (wrk)\n");
     match &r.http {
@@ -387,6 +393,31 @@ fn summary(r: &Report) -> String {
     s
 }
 
+/// Each scheduler's cost per packet: established (no scheduling) and new.
+fn scheduler_section(s: &mut String, rows: &[SchedCostRow]) {
+    let _ = writeln!(
+        s,
+        "\n## Scheduler cost (BPF_PROG_TEST_RUN, lb DSR, 100 backends)\n"
+    );
+    let _ = writeln!(
+        s,
+        "An established flow is forwarded by its conntrack entry and never scheduled; a new flow pays its scheduler's table lookup (maglev and source-ip: a 65,537-slot Maglev table; the others: the ring) and the conntrack insert.\n"
+    );
+    let _ = writeln!(s, "| scheduler | established (ns) | new flow (ns) |");
+    let _ = writeln!(s, "|---|---|---|");
+    for row in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {} ({}) |",
+            row.scheduler,
+            row.established.text(1),
+            row.established_method,
+            row.new.text(1),
+            row.new_method
+        );
+    }
+}
+
 /// The firewall's cost: the same packets with the firewall empty and with
 /// [`FW_PREFIXES`] prefixes, and the difference as a share of the
 /// established flow's cost (the target: at most 10 %).
@@ -446,6 +477,25 @@ mod firewall_tests {
             min: median,
             max: median,
         }
+    }
+
+    #[test]
+    fn the_scheduler_section_has_a_row_per_scheduler() {
+        let mut s = String::new();
+        scheduler_section(
+            &mut s,
+            &[SchedCostRow {
+                scheduler: crate::config::Scheduler::SourceIp,
+                established: st(40.0),
+                established_method: NsMethod::Repeat(1000),
+                new: st(900.0),
+                new_method: NsMethod::DistinctFlows(10),
+            }],
+        );
+        assert!(
+            s.contains("| source-ip | 40.0 (40.0–40.0) (repeat=1000) | 900.0 (900.0–900.0) (10 distinct flows, repeat=1) |"),
+            "{s}"
+        );
     }
 
     #[test]

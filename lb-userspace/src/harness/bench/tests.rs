@@ -217,6 +217,7 @@ fn report(v: &Variant) -> Report {
         fwd,
         ns,
         firewall: Vec::new(),
+        schedulers: Vec::new(),
         http: Ok(http),
         wrk_loads: loads,
         plot: v.plot.map(str::to_owned),

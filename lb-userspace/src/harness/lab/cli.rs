@@ -158,7 +158,7 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
 }
 
 /// `lb lab up --lbs N`: the multi-LB lab, its BIRDs running, an agent
-/// config per LB written (maglev-like consistent hashing: `source-hash`),
+/// config per LB written (consistent hashing: `maglev`),
 /// and how to start the agents.
 fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     let lab = Lab::up_ha_detached(prefix, &current_lb()?, lbs)?;
@@ -185,7 +185,7 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     );
     for n in 1..=lbs {
         let config = lab.lb_dir(n).join("lb.toml");
-        fs::write(&config, lab.ha_config(n, mode, "source-hash", 0))
+        fs::write(&config, lab.ha_config(n, mode, "maglev", 0))
             .with_context(|| format!("writing {}", config.display()))?;
         println!(
             "  {}: lb-front {}/24, VIP on lo, BIRD socket {}\n    start its agent: {lb} run --netns {} --config {} --socket {} --pin-dir {}",
@@ -354,7 +354,7 @@ fn demo_failover(prefix: &str) -> anyhow::Result<()> {
     println!("== failover: lab {prefix} with a router (BIRD, ECMP) and two LBs (BIRD each), DSR");
     let mut agents = Vec::new();
     for n in 1..=2 {
-        agents.push(lab.start_agent_on(n, &lab.ha_config(n, Forwarding::Dsr, "source-hash", 0))?);
+        agents.push(lab.start_agent_on(n, &lab.ha_config(n, Forwarding::Dsr, "maglev", 0))?);
     }
     let both = [super::lb_front_addr(1), super::lb_front_addr(2)];
     let took = lab.wait_for_route(&both, Duration::from_secs(20))?;

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -41,6 +41,23 @@ impl HttpConn {
     pub fn connect(addr: SocketAddr) -> anyhow::Result<HttpConn> {
         let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
             .with_context(|| format!("connecting to {addr}"))?;
+        Self::over(stream, addr)
+    }
+
+    /// [`HttpConn::connect`] from the local address `from` (one of the
+    /// client's addresses), so one host can be several clients.
+    pub fn connect_from(from: Ipv4Addr, addr: SocketAddrV4) -> anyhow::Result<HttpConn> {
+        use rustix::net::{AddressFamily, SocketType, bind, connect, socket, sockopt};
+        let fd = socket(AddressFamily::INET, SocketType::STREAM, None).context("socket")?;
+        bind(&fd, &SocketAddrV4::new(from, 0)).with_context(|| format!("binding {from}"))?;
+        // A blocking connect gives up after the send timeout.
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(CONNECT_TIMEOUT))
+            .context("setting the connect timeout")?;
+        connect(&fd, &addr).with_context(|| format!("connecting from {from} to {addr}"))?;
+        Self::over(TcpStream::from(fd), SocketAddr::V4(addr))
+    }
+
+    fn over(stream: TcpStream, addr: SocketAddr) -> anyhow::Result<HttpConn> {
         stream
             .set_read_timeout(Some(IO_TIMEOUT))
             .context("setting read timeout")?;
@@ -76,6 +93,15 @@ impl HttpConn {
 /// `GET path` on a new connection (a new flow), closed afterwards.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
     HttpConn::connect(addr)?.request(path, "close")
+}
+
+/// [`http_get`] from the client's local address `from`.
+pub fn http_get_from(
+    from: Ipv4Addr,
+    addr: SocketAddrV4,
+    path: &str,
+) -> anyhow::Result<HttpResponse> {
+    HttpConn::connect_from(from, addr)?.request(path, "close")
 }
 
 fn read_response(reader: &mut impl BufRead) -> anyhow::Result<HttpResponse> {

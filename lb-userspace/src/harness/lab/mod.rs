@@ -42,7 +42,7 @@ use crate::{
 };
 
 pub use cli::{LabCommand, run};
-pub use client::{HttpConn, HttpResponse, http_get, udp_connect, udp_request};
+pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
