@@ -79,7 +79,35 @@ impl Ha {
             .collect();
         let took = ha.lab.wait_for_route(&want, ROUTE_UP).context(ha.logs())?;
         println!("route to the VIP via {want:?} after {took:?}");
+        // A standby's route is not in the kernel: its session must be up
+        // too before a test fails the primary.
+        for n in 1..=2 {
+            ha.wait_for_session(n).context(ha.logs())?;
+        }
         Ok(ha)
+    }
+
+    /// Waits until LB `n`'s agent sees its BIRD's BGP session established
+    /// and exporting the VIP (the agent looks every second).
+    fn wait_for_session(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + ROUTE_UP;
+        loop {
+            let a = self.status(n)?.announce.context("no announce status")?;
+            let established = a.bird.as_ref().is_some_and(|b| {
+                b.protocols.iter().any(|p| {
+                    p.proto == "BGP"
+                        && p.info.starts_with("Established")
+                        && b.exported.get(&p.name) == Some(&vec![format!("{VIP}/32")])
+                })
+            });
+            if established {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("lb{n}: BIRD's session not seen established and exporting {VIP}: {a:?}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn status(&self, n: usize) -> Result<Status> {
@@ -313,28 +341,11 @@ fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Resul
         "ECMP must use both LBs: lb1 {p1}, lb2 {p2}"
     );
 
-    // What the agent reports: the VIP announced, BIRD's session up and
-    // exporting it to the router (BIRD's view is refreshed every second).
+    // What the agent reports (checked by Ha::up): the VIP announced,
+    // BIRD's session established and exporting it to the router.
     for n in 1..=2 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let a = ha.status(n)?.announce.context("no announce status")?;
-            assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
-            let established = a.bird.as_ref().is_some_and(|b| {
-                b.protocols.iter().any(|p| {
-                    p.proto == "BGP"
-                        && p.info.starts_with("Established")
-                        && b.exported.get(&p.name) == Some(&vec![format!("{VIP}/32")])
-                })
-            });
-            if established {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("lb{n}: BIRD's session not seen established and exporting {VIP}: {a:?}");
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        let a = ha.status(n)?.announce.context("no announce status")?;
+        assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
     }
 
     // A stopped agent leaves the announcement (and the data plane) alone:
