@@ -39,6 +39,21 @@ pub enum Request {
         /// VIP:PORT/PROTO, e.g. 198.18.0.10:80/tcp.
         service: String,
     },
+    /// `lb vip withdraw|announce [VIP]`: take VIPs out of this LB's BGP
+    /// announcement (maintenance), or give them back.
+    Vip(VipChange),
+}
+
+/// `lb vip …`: the operator's side of `[announce]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum VipChange {
+    /// Stop announcing VIP (or, without one, every VIP: drain this LB).
+    /// Routers move new flows to the other LBs; established flows of a
+    /// consistent-hash service follow to the same backends.
+    Withdraw { vip: Option<std::net::Ipv4Addr> },
+    /// Announce VIP (or every VIP) again, as far as its backends allow.
+    Announce { vip: Option<std::net::Ipv4Addr> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
@@ -205,6 +220,28 @@ pub struct Status {
     /// Database pools: members, roles, lag, where writes and reads go.
     #[serde(default)]
     pub pools: Vec<crate::db::PoolStatus>,
+    /// `[announce]`: which VIPs this LB announces and what BIRD reports;
+    /// `None` without `[announce]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// The BGP announcement of this LB's VIPs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// BIRD's control socket.
+    pub bird_socket: String,
+    /// The include file the agent writes.
+    pub include: String,
+    pub med: u32,
+    /// Every VIP: announced or not, and why.
+    pub vips: Vec<crate::announce::VipPlan>,
+    /// BIRD's protocols and what each BGP session exports, as of the last
+    /// look (every second); `None` until BIRD answered once.
+    pub bird: Option<crate::announce::BirdView>,
+    /// The last failure to write the include file or reach BIRD, if the
+    /// last attempt failed (it is retried every second).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,6 +432,9 @@ pub fn render(status: &Status) -> String {
         out.push('\n');
         out.push_str(&crate::db::render(&status.pools));
     }
+    if let Some(a) = &status.announce {
+        out.push_str(&render_announce(a));
+    }
     let verdicts: Vec<String> = status
         .verdicts
         .iter()
@@ -409,6 +449,50 @@ pub fn render(status: &Status) -> String {
             verdicts.join(" ")
         }
     ));
+    out
+}
+
+/// `lb status`'s announcement lines: each VIP, then BIRD's sessions.
+fn render_announce(a: &AnnounceStatus) -> String {
+    let mut out = format!(
+        "\nannounce via BIRD {} (include {}, med {})\n",
+        a.bird_socket, a.include, a.med
+    );
+    for v in &a.vips {
+        out.push_str(&format!(
+            "  {:<16} {:<13} {}\n",
+            v.vip,
+            if v.announced {
+                "announced"
+            } else {
+                "not announced"
+            },
+            v.reason
+        ));
+    }
+    match &a.bird {
+        None => out.push_str("  BIRD: no answer yet\n"),
+        Some(view) => {
+            for p in view
+                .protocols
+                .iter()
+                .filter(|p| p.proto == "BGP" || p.proto == "BFD")
+            {
+                let exported = view
+                    .exported
+                    .get(&p.name)
+                    .map(|e| format!("  exports [{}]", e.join(" ")))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "  BIRD {} {} {} {}{}\n",
+                    p.proto, p.name, p.state, p.info, exported
+                ));
+            }
+        }
+    }
+    if let Some(e) = &a.error {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
     out
 }
 
@@ -497,6 +581,7 @@ mod tests {
                 half_open_capacity: 1024,
             },
             pools: Vec::new(),
+            announce: None,
         };
         let text = render(&status);
         for want in [
@@ -554,6 +639,7 @@ mod tests {
             agent: AgentStatus::default(),
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
+            announce: None,
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![

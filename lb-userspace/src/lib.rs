@@ -6,6 +6,8 @@
 //! - `config`: the TOML schema, validation and errors naming file/key/reason.
 //! - `dataplane`: loading, attaching, and every map write (rings, backends).
 //! - `explain`: `lb explain`'s flow parsing and decision text (pure).
+//! - `announce`: `[announce]`, the VIPs' BGP announcement through BIRD
+//!   (what may be announced, the include file, BIRD's control socket).
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
@@ -21,6 +23,7 @@
 //!   reverse.
 
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use lb_userspace::{
     agent, config,
-    control::{self, BackendChange, FirewallChange, Request},
+    control::{self, BackendChange, FirewallChange, Request, VipChange},
     dataplane::Dataplane,
     harness::{bench, lab, pktgen},
     host, logging,
@@ -54,6 +54,14 @@ enum Command {
         #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// This LB's BGP announcement (`[announce]`): `withdraw [VIP]` drains
+    /// the LB (or one VIP) for maintenance, `announce [VIP]` brings it back
+    Vip {
+        #[command(subcommand)]
+        change: VipChange,
+        #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Which service and backend a flow gets, and why, from the live maps
     /// (e.g. `lb explain 198.18.0.2:40000 198.18.0.10:80/tcp`)
     Explain {
@@ -84,6 +92,11 @@ enum Command {
     Teardown {
         #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// The agent's config: with `[announce]`, every VIP is withdrawn
+        /// from BGP first, so routers stop sending traffic here before the
+        /// data plane goes
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Check a config file without touching the kernel
     Validate {
@@ -198,6 +211,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Vip { change, socket } => {
+            println!("{}", ask(&socket, &Request::Vip(change))?.message);
+            Ok(())
+        }
         Command::Firewall { change, socket } => {
             let reply = ask(&socket, &Request::Firewall(change))?;
             println!("{}", reply.message.trim_end());
@@ -225,7 +242,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => lb_userspace::trace::run(args),
-        Command::Teardown { pin_dir } => {
+        Command::Teardown { pin_dir, config } => {
             // Never under a running agent: it would keep writing maps that
             // no longer forward anything.
             let _lock = pin_dir
@@ -237,6 +254,18 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     )
                 })
                 .transpose()?;
+            if let Some(announce) = config
+                .map(|c| config::load(&c))
+                .transpose()?
+                .and_then(|c| c.announce)
+            {
+                lb_userspace::announce::withdraw_all(&announce)
+                    .context("withdrawing the VIPs from BGP")?;
+                println!(
+                    "withdrew every VIP from BGP ({})",
+                    announce.include.display()
+                );
+            }
             let removed = Dataplane::teardown(&pin_dir)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());

@@ -149,6 +149,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     // The HTTPS tests show the certificate chain (tests/tests/https.rs).
     ("openssl", "/usr/bin/openssl"),
+    // The router and the LBs of the multi-LB lab speak BGP and BFD (harness/lab/ha.rs;
+    // the agent drives its LB's BIRD through `[announce]`).
+    ("bird2", "/usr/sbin/bird"),
     // A C compiler for the `ring` crate under rustls (the lab's HTTPS).
     ("gcc", "/usr/bin/gcc"),
     // The status page's browser test (tests/tests/monitoring.rs).

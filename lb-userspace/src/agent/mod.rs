@@ -29,10 +29,11 @@ use tracing::{error, info, warn};
 use state::{Admin, Key, admission, carry_health};
 
 use crate::{
+    announce::{Announcer, ServiceReach},
     config::{self, Config},
     control::{
         self, BackendChange, BackendStatus, FirewallChange, Request, Response, ServiceStatus,
-        Status,
+        Status, VipChange,
     },
     dataplane::{AppliedService, Dataplane},
     explain::{self, BackendView, FlowQuery, ServiceView},
@@ -65,6 +66,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 /// How often neighbour entries of backends are refreshed.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(10);
+/// How often a failed announcement is retried and BIRD's view refreshed.
+const ANNOUNCE_REFRESH: Duration = Duration::from_secs(1);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
@@ -97,6 +100,8 @@ struct Agent {
     generation: u64,
     started_at_ms: u64,
     last_reload: Option<control::ReloadStatus>,
+    /// `[announce]`: the VIPs' BGP announcement through BIRD.
+    announcer: Option<Announcer>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -153,6 +158,12 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         generation: 1,
         started_at_ms: unix_ms(SystemTime::now()),
         last_reload: None,
+        announcer: cfg
+            .announce
+            .clone()
+            .map(Announcer::new)
+            .transpose()
+            .context("reading the announcement's include file")?,
     };
     // The probe latency histograms are fed from the first probe on.
     let probes = ProbeLatency::default();
@@ -216,12 +227,18 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     // can take: then the rings say what the probes found.
     let ready_by = Instant::now() + agent.first_verdict_bound();
     let mut ready = false;
+    let mut announcing = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+    let mut announce_refresh = tokio::time::interval(ANNOUNCE_REFRESH);
     // Least connections: the rings follow the active flow counts.
     let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
+        }
+        if ready && !announcing {
+            agent.start_announcing();
+            announcing = true;
         }
         tokio::select! {
             _ = sigint.recv() => break,
@@ -242,6 +259,11 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
                 ready = announce_ready(&agent);
             }
             _ = refresh.tick() => prime_neighbours(&agent.cfg),
+            _ = announce_refresh.tick(), if agent.announcer.is_some() => {
+                if let Some(a) = &mut agent.announcer {
+                    a.tick();
+                }
+            }
             _ = least_connections.tick(), if agent.uses_least_connections() => {
                 agent.refresh_least_connections(&flow_table);
             }
@@ -251,9 +273,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     info!(
         "agent stopping; the data plane stays attached to {} through the pins under {} \
          (on a bpffs of the host's mount namespace, checked at start): \
-         a new `lb run` adopts it, `lb teardown` removes it",
+         a new `lb run` adopts it, `lb teardown` removes it{}",
         agent.cfg.dataplane.interfaces.join(", "),
-        args.pin_dir.display()
+        args.pin_dir.display(),
+        if agent.announcer.is_some() {
+            "; the VIPs stay announced as they are (`lb teardown --config` withdraws them)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -345,7 +372,47 @@ impl Agent {
         report(&next, &applied);
         self.cfg = next;
         self.applied = applied;
+        let reach = self.service_reach();
+        if let Some(a) = &mut self.announcer {
+            a.update(&reach);
+        }
         Ok(())
+    }
+
+    /// From the ready line on, the VIPs' announcement follows the rings.
+    /// Until then a restarted agent leaves the previous announcement as it
+    /// was, over a data plane that kept forwarding; a fresh one announces
+    /// nothing before the first health verdicts are in (another LB with
+    /// the same config must find the same rings).
+    fn start_announcing(&mut self) {
+        let reach = self.service_reach();
+        if let Some(a) = &mut self.announcer {
+            a.set_attached(&reach);
+            a.tick();
+        }
+    }
+
+    /// Each service's VIP and whether its ring has a backend: what the
+    /// announcement depends on.
+    fn service_reach(&self) -> Vec<ServiceReach> {
+        self.cfg
+            .services
+            .iter()
+            .zip(&self.applied)
+            .map(|(svc, applied)| ServiceReach {
+                vip: *svc.vip.ip(),
+                has_backend: !applied.ring.is_empty(),
+            })
+            .collect()
+    }
+
+    /// `lb vip withdraw|announce [VIP]`.
+    fn change_vip(&mut self, change: VipChange) -> anyhow::Result<String> {
+        let reach = self.service_reach();
+        let Some(a) = &mut self.announcer else {
+            bail!("this agent announces nothing: its config has no [announce] section");
+        };
+        Ok(a.change(&change, &reach)?)
     }
 
     /// A config change with health carried over: backends that still exist
@@ -427,6 +494,11 @@ impl Agent {
         if new.dataplane.needs_restart_from(&self.cfg.dataplane) {
             bail!(
                 "[dataplane] changed (interfaces, modes, sizes): that needs a restart of `lb run`"
+            );
+        }
+        if new.announce != self.cfg.announce {
+            bail!(
+                "[announce] changed (BIRD's socket, the include file, the MED): that needs a restart of `lb run`"
             );
         }
         // Timeouts and the budget are live: `apply` writes them first.
@@ -525,6 +597,19 @@ impl Agent {
                         server::Reply::Done(Response::error(format!("rejected: {why}")))
                     }
                 }
+            }
+            Request::Vip(change) => {
+                let what = format!("{change:?}");
+                server::Reply::Done(match self.change_vip(change) {
+                    Ok(msg) => {
+                        info!("{msg}");
+                        Response::ok(msg)
+                    }
+                    Err(e) => {
+                        warn!("rejected {what}: {e:#}");
+                        Response::error(format!("rejected: {e:#}"))
+                    }
+                })
             }
             Request::Backend(change) => {
                 let what = format!("{change:?}");
@@ -739,6 +824,7 @@ impl Agent {
                 half_open_capacity: self.cfg.dataplane.half_open_size,
             },
             pools: self.db.status(),
+            announce: self.announcer.as_ref().map(Announcer::status),
         };
         Ok((status, ids))
     }

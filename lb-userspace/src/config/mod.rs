@@ -48,11 +48,30 @@ pub struct Config {
     pub monitoring: Option<Monitoring>,
     /// `[firewall]`: the rules for every VIP (empty: none).
     pub firewall: Firewall,
+    /// `[announce]`: the BIRD this LB announces its VIPs through; `None`:
+    /// the agent announces nothing (a single LB, or routes made by hand).
+    pub announce: Option<Announce>,
     /// Every service, a pool's write and read services included (after the
     /// `[[service]]` ones).
     pub services: Vec<Service>,
     /// `[[pool]]`: database pools, whose members feed their services by role.
     pub pools: Vec<Pool>,
+}
+
+/// `[announce]`: announcing the VIPs to routers over BGP through a BIRD 2
+/// daemon of this host. The agent writes `include` (a `protocol static
+/// lb_vips` of /32 routes, one per VIP it may announce) and asks BIRD to
+/// reconfigure over `bird-socket`; BIRD's own config exports `lb_vips` to
+/// the routers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// BIRD's control socket (`bird -s`).
+    pub bird_socket: PathBuf,
+    /// The file BIRD's config `include`s; the agent owns it.
+    pub include: PathBuf,
+    /// The BGP MED of the routes: equal MEDs share the traffic (ECMP), a
+    /// higher one makes this LB the standby of those with a lower one.
+    pub med: u32,
 }
 
 /// Firewall rules of one scope: `[firewall]` (every VIP) or one service's

@@ -23,9 +23,18 @@ pub(super) struct RawConfig {
     pub(super) dataplane: Option<RawDataplane>,
     pub(super) monitoring: Option<RawMonitoring>,
     pub(super) firewall: Option<RawFirewall>,
+    pub(super) announce: Option<RawAnnounce>,
     pub(super) service: Option<Vec<RawService>>,
     /// `[[pool]]`: database pools (config/pool.rs).
     pub(super) pool: Option<Vec<super::pool::RawPool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "announce")]
+pub(super) struct RawAnnounce {
+    pub(super) bird_socket: Option<String>,
+    pub(super) include: Option<String>,
+    pub(super) med: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +183,11 @@ impl From<&Config> for RawConfig {
                 deny: Some(texts(&cfg.firewall.deny)),
                 allow: Some(texts(&cfg.firewall.allow)),
                 rate_limit: cfg.firewall.rate_limit.as_ref().map(RawRateLimit::from),
+            }),
+            announce: cfg.announce.as_ref().map(|a| RawAnnounce {
+                bird_socket: Some(a.bird_socket.display().to_string()),
+                include: Some(a.include.display().to_string()),
+                med: Some(i64::from(a.med)),
             }),
             // A pool's services come back from the pool, not as services.
             service: Some(

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     ops::Range,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -16,12 +16,12 @@ use lb_common::{
 };
 
 use super::{
-    Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding, HealthCheck,
-    Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service, Timeouts, XdpMode,
-    duration,
+    Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
+    HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
+    Timeouts, XdpMode, duration,
     raw::{
-        RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring, RawRateLimit,
-        RawService, RawTimeouts,
+        RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
+        RawRateLimit, RawService, RawTimeouts,
     },
 };
 
@@ -136,6 +136,10 @@ impl Validator<'_> {
                 f.rate_limit,
             )?,
         };
+        let announce = match raw.announce {
+            None => None,
+            Some(a) => Some(self.announce(a)?),
+        };
 
         let raw_services = raw.service.unwrap_or_default();
         let raw_pools = raw.pool.unwrap_or_default();
@@ -214,6 +218,7 @@ impl Validator<'_> {
             dataplane,
             monitoring,
             firewall,
+            announce,
             services,
             pools,
         })
@@ -319,6 +324,49 @@ impl Validator<'_> {
             ));
         }
         Ok(Monitoring { listen })
+    }
+
+    fn announce(&self, raw: RawAnnounce) -> Result<Announce, ConfigError> {
+        let bird_socket = self.absolute_path(raw.bird_socket, "announce.bird-socket")?;
+        let include = self.absolute_path(raw.include, "announce.include")?;
+        if include == bird_socket {
+            return Err(self.err(
+                "announce.include",
+                format!(
+                    "{} is also announce.bird-socket: the include file is a config file BIRD reads",
+                    include.display()
+                ),
+            ));
+        }
+        let med = match raw.med {
+            None => 0,
+            Some(m) => self.in_range(m, 0..(i64::from(u32::MAX) + 1), "announce.med")?,
+        };
+        Ok(Announce {
+            bird_socket,
+            include,
+            med,
+        })
+    }
+
+    /// A required absolute path: the agent and BIRD may not share a working
+    /// directory, so a relative one would name two different files.
+    fn absolute_path(&self, raw: Option<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        let text = self.required(raw, key)?;
+        let path = PathBuf::from(&text);
+        if !path.is_absolute() {
+            return Err(self.err(
+                key,
+                format!("must be an absolute path (BIRD and the agent run in different directories), got {text:?}"),
+            ));
+        }
+        if text.contains('"') {
+            return Err(self.err(
+                key,
+                format!("cannot contain '\"' (BIRD's config quotes it), got {text:?}"),
+            ));
+        }
+        Ok(path)
     }
 
     fn dataplane(&self, raw: RawDataplane) -> Result<Dataplane, ConfigError> {

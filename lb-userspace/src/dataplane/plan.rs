@@ -495,6 +495,7 @@ mod tests {
                 timeouts: Default::default(),
             },
             monitoring: None,
+            announce: None,
             services,
             pools: Vec::new(),
         }

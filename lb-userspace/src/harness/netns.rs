@@ -321,6 +321,14 @@ pub fn add_neighbours(ns: &str, dev: &str, entries: &[(Ipv4Addr, [u8; 6])]) -> a
     Ok(())
 }
 
+/// `ip route add default via GW` in namespace `ns`.
+pub fn add_default_route(ns: &str, gw: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    ns_run(
+        ns,
+        &["ip", "route", "add", "default", "via", &gw.to_string()],
+    )
+    .map(drop)
+}
 /// Writes `/proc/sys/{key}` (`net/ipv4/ip_forward`) from a thread inside
 /// `ns` (net sysctls are per namespace, resolved from the writing thread).
 pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {

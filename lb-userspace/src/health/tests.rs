@@ -23,6 +23,7 @@ fn config(services: Vec<Service>) -> Config {
             timeouts: Default::default(),
         },
         monitoring: None,
+        announce: None,
         services,
         pools: Vec::new(),
     }

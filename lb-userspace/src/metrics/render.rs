@@ -320,6 +320,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "New flows dropped because the connection table was full (verdict drop_conntrack_full)",
         full,
     );
+    if let Some(a) = &status.announce {
+        register_announce(&mut registry, a);
+    }
 
     super::db::register(&mut registry, &status.pools);
 
@@ -327,6 +330,50 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+/// `[announce]`: each VIP announced (1) or not (0), and BIRD's BGP and
+/// BFD sessions up (1) or not (0).
+fn register_announce(registry: &mut Registry, a: &crate::control::AnnounceStatus) {
+    let announced = Gauges::default();
+    for v in &a.vips {
+        announced
+            .get_or_create(&vec![("vip".to_owned(), v.vip.to_string())])
+            .set(i64::from(v.announced));
+    }
+    registry.register(
+        "lb_vip_announced",
+        "Whether this LB announces the VIP over BGP (through BIRD)",
+        announced,
+    );
+    let sessions = Gauges::default();
+    for p in a
+        .bird
+        .iter()
+        .flat_map(|b| &b.protocols)
+        .filter(|p| p.proto == "BGP" || p.proto == "BFD")
+    {
+        // BGP is only useful Established; BFD is a protocol without a
+        // session of its own in `show protocols`, up when running.
+        let up = p.state == "up" && (p.proto != "BGP" || p.info.starts_with("Established"));
+        sessions
+            .get_or_create(&vec![
+                ("name".to_owned(), p.name.clone()),
+                ("proto".to_owned(), p.proto.clone()),
+            ])
+            .set(i64::from(up));
+    }
+    registry.register(
+        "lb_bird_protocol_up",
+        "Whether a BGP session of this LB's BIRD is established (BFD: running), as of the last look",
+        sessions,
+    );
+    gauge(
+        registry,
+        "lb_announce_error",
+        "Whether the last attempt to write the include file or reach BIRD failed",
+        i64::from(a.error.is_some()),
+    );
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ backends = [{ address = "10.0.1.3:80" }]
         },
         monitoring: None,
         pools: Vec::new(),
+        announce: None,
         services: vec![
             Service {
                 firewall: Default::default(),
@@ -708,6 +709,30 @@ fn firewall_rules_parse_and_survive_a_live_check() {
     assert_eq!(check(&cfg, Path::new("lb firewall")).expect("valid"), cfg);
     // No [firewall]: no rules anywhere.
     assert!(parse_ok(&one_service("", B1)).firewall.is_empty());
+}
+
+#[test]
+fn announce_has_a_default_med_and_survives_a_live_change() {
+    assert_eq!(parse_ok(&one_service("", B1)).announce, None);
+    let on = parse_ok(&with_announce(
+        "bird-socket = \"/run/bird/bird.ctl\"\ninclude = \"/etc/bird/lb-vips.conf\"",
+    ));
+    assert_eq!(
+        on.announce,
+        Some(Announce {
+            bird_socket: "/run/bird/bird.ctl".into(),
+            include: "/etc/bird/lb-vips.conf".into(),
+            med: 0,
+        })
+    );
+    assert_eq!(
+        check(&on, Path::new("live")).expect("valid").announce,
+        on.announce
+    );
+    let backup = parse_ok(&with_announce(
+        "bird-socket = \"/run/bird/bird.ctl\"\ninclude = \"/etc/bird/lb-vips.conf\"\nmed = 100",
+    ));
+    assert_eq!(backup.announce.map(|a| a.med), Some(100));
 }
 
 #[test]

@@ -59,6 +59,11 @@ fn with_dataplane_line(line: &str) -> String {
 }
 
 /// `one_service("", B1)` with a `[monitoring]` table of `lines`.
+fn with_announce(lines: &str) -> String {
+    format!("{}\n[announce]\n{lines}\n", one_service("", B1))
+}
+
+/// `one_service("", B1)` with a `[monitoring]` table of `lines`.
 fn with_monitoring(lines: &str) -> String {
     format!("{}\n[monitoring]\n{lines}\n", one_service("", B1))
 }

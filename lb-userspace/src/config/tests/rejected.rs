@@ -101,6 +101,24 @@ rejections! {
     monitoring_unknown_key: with_monitoring("listen = \"127.0.0.1:9100\"\nport = 9100")
         => "monitoring.port", "unknown field `port`";
 
+    // --- announce -------------------------------------------------------------
+    announce_socket_missing: with_announce("include = \"/etc/bird/lb.conf\"")
+        => "announce.bird-socket", "required key is missing";
+    announce_include_missing: with_announce("bird-socket = \"/run/bird/bird.ctl\"")
+        => "announce.include", "required key is missing";
+    announce_socket_relative: with_announce("bird-socket = \"bird.ctl\"\ninclude = \"/etc/bird/lb.conf\"")
+        => "announce.bird-socket", "must be an absolute path";
+    announce_include_relative: with_announce("bird-socket = \"/run/bird/bird.ctl\"\ninclude = \"lb.conf\"")
+        => "announce.include", "must be an absolute path";
+    announce_include_is_the_socket: with_announce("bird-socket = \"/run/b\"\ninclude = \"/run/b\"")
+        => "announce.include", "is also announce.bird-socket";
+    announce_include_with_quote: with_announce("bird-socket = \"/run/b\"\ninclude = '/etc/a\"b'")
+        => "announce.include", "cannot contain '\"'";
+    announce_med_negative: with_announce("bird-socket = \"/run/b\"\ninclude = \"/etc/i\"\nmed = -1")
+        => "announce.med", "must be between 0 and 4294967295, got -1";
+    announce_unknown_key: with_announce("bird-socket = \"/run/b\"\ninclude = \"/etc/i\"\nas = 64513")
+        => "announce.as", "unknown field `as`";
+
     // --- services -------------------------------------------------------------
     no_service: DP => "service", "at least one [[service]]";
     empty_service_list: format!("service = []\n{DP}") => "service", "at least one [[service]]";

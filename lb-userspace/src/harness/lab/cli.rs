@@ -34,6 +34,11 @@ pub enum LabCommand {
         /// straight to the client (dsr); must match the agent's config
         #[arg(long, value_enum, default_value_t = Mode::Nat)]
         mode: Mode,
+        /// Build the multi-LB lab instead: a router running BIRD (BGP, BFD,
+        /// ECMP) in front of this many LBs, each with its own BIRD; the
+        /// agents' configs (with `[announce]`) are written for you
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4))]
+        lbs: Option<u32>,
     },
     /// Remove the lab: processes, namespaces, links (fine if none exists)
     Down {
@@ -48,6 +53,10 @@ pub enum LabCommand {
         /// New TCP connections to make per mode
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=10_000))]
         requests: u32,
+        /// Then a failover act: two LBs behind a BGP/ECMP router, one of
+        /// them dies while a connection runs
+        #[arg(long)]
+        failover: bool,
     },
 }
 
@@ -70,9 +79,12 @@ impl From<Mode> for Forwarding {
 /// Runs one `lb lab` verb.
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     let result = match cmd {
-        LabCommand::Up { prefix, mode } => {
+        LabCommand::Up { prefix, mode, lbs } => {
             teardown_on_signal(&prefix)?;
-            up(&prefix, mode.into())
+            match lbs {
+                None => up(&prefix, mode.into()),
+                Some(n) => up_ha(&prefix, mode.into(), n as usize),
+            }
         }
         LabCommand::Down { prefix } => {
             down(&prefix)?;
@@ -82,9 +94,17 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        LabCommand::Demo { prefix, requests } => {
+        LabCommand::Demo {
+            prefix,
+            requests,
+            failover,
+        } => {
             teardown_on_signal(&prefix)?;
-            demo(&prefix, requests)
+            demo(&prefix, requests)?;
+            if failover {
+                demo_failover(&prefix)?;
+            }
+            Ok(())
         }
     };
     if netns::interrupted() {
@@ -135,6 +155,55 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
     fs::write(&pid_file, pids.join("\n") + "\n")
         .with_context(|| format!("writing {}", pid_file.display()))?;
     print_instructions(&lab, mode, &configs)?;
+    lab.keep();
+    Ok(())
+}
+
+/// `lb lab up --lbs N`: the multi-LB lab, its BIRDs running, an agent
+/// config per LB written (consistent hashing: `maglev`),
+/// and how to start the agents.
+fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
+    let lab = Lab::up_ha_detached(prefix, &current_lb()?, lbs)?;
+    lab.set_mode(mode)?;
+    let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
+    let pid_file = lab.run_dir().join("servers.pid");
+    fs::write(&pid_file, pids.join("\n") + "\n")
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    let lb = lb_command()?;
+    println!(
+        "lab {prefix} is up: {lbs} LBs behind a BGP/ECMP router ({} mode)",
+        mode.name()
+    );
+    println!("  namespaces: {}", lab.namespaces().join(" "));
+    println!(
+        "  {}: eth0 {}/24, default via the router",
+        lab.client_ns(),
+        super::HA_CLIENT
+    );
+    println!(
+        "  {}: BIRD (BGP + BFD to each LB, kernel multipath route to {VIP}); socket {}",
+        lab.router_ns(),
+        lab.router_bird_socket().display()
+    );
+    for n in 1..=lbs {
+        let config = lab.lb_dir(n).join("lb.toml");
+        fs::write(&config, lab.ha_config(n, mode, "maglev", 0))
+            .with_context(|| format!("writing {}", config.display()))?;
+        println!(
+            "  {}: lb-front {}/24, VIP on lo, BIRD socket {}\n    start its agent: {lb} run --netns {} --config {} --socket {} --pin-dir {}",
+            lab.lb_ns_of(n),
+            super::lb_front_addr(n),
+            lab.bird_socket_of(n).display(),
+            lab.lb_ns_of(n),
+            config.display(),
+            lab.agent_socket_of(n).display(),
+            lab.pin_dir_of(n).display()
+        );
+    }
+    println!(
+        "  then: ip netns exec {} ip route show {VIP}   (one next hop per LB announcing)\n  remove it: {lb} lab down --prefix {prefix}",
+        lab.router_ns()
+    );
     lab.keep();
     Ok(())
 }
@@ -285,6 +354,66 @@ fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
         "demo ok: every request answered, every server used, in both modes; \
          writes on the primary, reads over the replicas, failover done"
     );
+    Ok(())
+}
+
+/// The failover act: two LBs announce the VIP over BGP, the router
+/// spreads connections over both; lb1 is cut off (its switch port stops forwarding) while a keep-alive
+/// connection asks every 50 ms; BFD takes lb1 out of the route and the
+/// connection goes on through lb2 to the same web (consistent hashing).
+fn demo_failover(prefix: &str) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let lab = Lab::up_ha(prefix, &current_lb()?, 2)?;
+    lab.set_mode(Forwarding::Dsr)?;
+    println!();
+    println!("== failover: lab {prefix} with a router (BIRD, ECMP) and two LBs (BIRD each), DSR");
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        agents.push(lab.start_agent_on(n, &lab.ha_config(n, Forwarding::Dsr, "maglev", 0))?);
+    }
+    let both = [super::lb_front_addr(1), super::lb_front_addr(2)];
+    let took = lab.wait_for_route(&both, Duration::from_secs(20))?;
+    println!("== both LBs announce {VIP} over BGP; the router's ECMP route after {took:?}:");
+    print!(
+        "{}",
+        lab.exec_ok(&lab.router_ns(), &["ip", "route", "show", &VIP.to_string()])?
+    );
+    let mut conn = in_netns(&lab.client_ns(), || super::HttpConn::connect(vip_http()))??;
+    let first = conn.get("/")?.text();
+    println!("== a keep-alive connection is served by {first}; lb1 is cut off now (a dead host)");
+    lab.set_lb_reachable(1, false)?;
+    let down_at = Instant::now();
+    let (mut answers, mut longest, mut last, mut moved) = (0, Duration::ZERO, Instant::now(), None);
+    while down_at.elapsed() < Duration::from_secs(3) {
+        let name = conn.get("/")?.text();
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        answers += 1;
+        if name != first {
+            moved = Some(name);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("== the router's route 3 s later (BFD took lb1 out):");
+    print!(
+        "{}",
+        lab.exec_ok(&lab.router_ns(), &["ip", "route", "show", &VIP.to_string()])?
+    );
+    println!(
+        "== the connection went on: {answers} answers in 3 s, longest gap {longest:?}, {}",
+        moved
+            .as_deref()
+            .map_or(format!("all from {first}"), |m| format!(
+                "but {m} answered too"
+            ))
+    );
+    drop(agents);
+    drop(lab);
+    println!("lab {prefix} removed");
+    if let Some(other) = moved {
+        bail!("demo failed: the connection moved from {first} to {other}");
+    }
+    println!("failover ok: no connection broken");
     Ok(())
 }
 

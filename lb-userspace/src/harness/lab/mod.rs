@@ -19,6 +19,7 @@ mod cli;
 mod client;
 mod db;
 mod db_demo;
+mod ha;
 mod serve;
 mod teardown;
 mod tls;
@@ -49,6 +50,7 @@ pub use db::{
     ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
     admin_password_file, db_addr, pool_config, read_vip, write_vip,
 };
+pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
@@ -147,6 +149,9 @@ pub struct Lab {
     children: Vec<Child>,
     /// Set by [`Lab::keep`]: leave everything running on drop.
     keep: bool,
+    /// 0: the single-LB lab; N ≥ 2: N LBs behind a BGP/ECMP router
+    /// (see `ha.rs`).
+    lbs: usize,
 }
 
 impl Lab {
@@ -165,6 +170,10 @@ impl Lab {
     }
 
     fn create(prefix: &str, lb_bin: &Path, detached: bool) -> anyhow::Result<Lab> {
+        Self::create_with(prefix, lb_bin, detached, 0)
+    }
+
+    fn create_with(prefix: &str, lb_bin: &Path, detached: bool, lbs: usize) -> anyhow::Result<Lab> {
         teardown::validate_prefix(prefix)?;
         netns::require_tool(
             "ethtool",
@@ -178,6 +187,7 @@ impl Lab {
             lb_bin: lb_bin.to_path_buf(),
             children: Vec::new(),
             keep: false,
+            lbs,
         };
         fs::create_dir_all(lab.run_dir())
             .with_context(|| format!("creating {}", lab.run_dir().display()))?;
@@ -188,10 +198,18 @@ impl Lab {
             .collect();
         tls::write_lab_pki(&lab.run_dir(), &webs, VIP)
             .with_context(|| format!("making the TLS certificates of lab {prefix}"))?;
-        lab.build_topology()
-            .with_context(|| format!("building lab {prefix}"))?;
+        if lbs == 0 {
+            lab.build_topology()
+        } else {
+            lab.build_ha_topology()
+        }
+        .with_context(|| format!("building lab {prefix}"))?;
         lab.start_servers(detached)
             .with_context(|| format!("starting the servers of lab {prefix}"))?;
+        if lbs > 0 {
+            lab.start_birds(detached)
+                .with_context(|| format!("starting BIRD in lab {prefix}"))?;
+        }
         Ok(lab)
     }
 
@@ -224,7 +242,11 @@ impl Lab {
 
     /// Every namespace of the lab.
     pub fn namespaces(&self) -> Vec<String> {
-        teardown::namespace_names(&self.prefix)
+        if self.lbs == 0 {
+            teardown::namespace_names(&self.prefix)
+        } else {
+            teardown::ha_namespace_names(&self.prefix, self.lbs)
+        }
     }
 
     /// `/run/lb-lab/{prefix}`: configs and logs.
@@ -260,8 +282,14 @@ impl Lab {
     /// Switches how the web servers send replies to the client network.
     /// NAT: through their default route, the LB, which rewrites them back to
     /// VIP→client. DSR: straight to the client's back leg, bypassing the LB.
+    /// In the multi-LB lab, DSR replies go to the router's back leg (which
+    /// has the same address as the single lab's client back leg).
     pub fn set_mode(&self, mode: Forwarding) -> anyhow::Result<()> {
-        let client_net = "198.18.0.0/24";
+        let client_net = if self.lbs == 0 {
+            "198.18.0.0/24"
+        } else {
+            HA_CLIENT_NET
+        };
         let router = CLIENT_BACK.to_string();
         for n in 1..=WEB_NAMES.len() {
             let ns = self.web_ns(n);
@@ -315,9 +343,25 @@ impl Lab {
         config_toml: &str,
         extra: &[&str],
     ) -> anyhow::Result<AgentProcess> {
-        let config = self.run_dir().join("lb.toml");
+        let site = AgentSite {
+            ns: self.lb_ns(),
+            dir: self.run_dir(),
+            socket: self.agent_socket(),
+            pin_dir: self.pin_dir(),
+        };
+        self.start_agent_at(&site, config_toml, extra)
+    }
+
+    /// Starts an agent in `site` (its namespace, files, socket and pins).
+    fn start_agent_at(
+        &self,
+        site: &AgentSite,
+        config_toml: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
+        let config = site.dir.join("lb.toml");
         fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
-        let log = self.run_dir().join("agent.log");
+        let log = site.dir.join("agent.log");
         let stderr =
             fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let lb_bin = self.lb_bin.display().to_string();
@@ -325,9 +369,9 @@ impl Lab {
         // The agent's control socket defaults to one fixed path shared by
         // every namespace (/run is not per network namespace): give each lab
         // its own, so labs with different prefixes can run side by side.
-        let socket_arg = self.agent_socket().display().to_string();
-        let pin_arg = self.pin_dir().display().to_string();
-        let lb_ns = self.lb_ns();
+        let socket_arg = site.socket.display().to_string();
+        let pin_arg = site.pin_dir.display().to_string();
+        let lb_ns = site.ns.clone();
         let args = [
             "run",
             "--netns",
@@ -366,7 +410,7 @@ impl Lab {
                 };
                 bail!(
                     "agent in {}: {reason}; its stderr:\n{}",
-                    self.lb_ns(),
+                    site.ns,
                     agent.log_text()
                 )
             }
@@ -466,16 +510,16 @@ impl Lab {
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
         }
-        netns::ns_run(
-            &ns,
-            &["ip", "route", "add", "default", "via", &LB_BACK.to_string()],
-        )?;
+        netns::add_default_route(&ns, LB_BACK)?;
         Ok(())
     }
 
     fn start_servers(&mut self, detached: bool) -> anyhow::Result<()> {
         for n in 1..=WEB_NAMES.len() {
             self.spawn_web(n, detached)?;
+        }
+        if self.lbs > 0 {
+            return self.wait_for_servers();
         }
         let echo = format!("{LB_FRONT}:{ECHO_PORT}");
         self.spawn_server(
@@ -625,14 +669,21 @@ impl Lab {
                 )
             })
             .collect();
-        targets.push((
-            "echo".to_owned(),
-            SocketAddr::V4(SocketAddrV4::new(LB_FRONT, ECHO_PORT)),
-        ));
+        // The multi-LB lab's client has no leg on the back network: the
+        // router has.
+        let from = if self.lbs == 0 {
+            targets.push((
+                "echo".to_owned(),
+                SocketAddr::V4(SocketAddrV4::new(LB_FRONT, ECHO_PORT)),
+            ));
+            self.client_ns()
+        } else {
+            self.router_ns()
+        };
         let deadline = Instant::now() + SERVER_READY_TIMEOUT;
         for (name, addr) in targets {
             loop {
-                let connected = in_netns(&self.client_ns(), || {
+                let connected = in_netns(&from, || {
                     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
                 })?;
                 if connected {
@@ -694,6 +745,15 @@ impl Drop for Lab {
             let _ = child.wait();
         }
     }
+}
+
+/// Where an agent runs: its namespace, the directory of its config and
+/// log, its control socket and its pin dir.
+struct AgentSite {
+    ns: String,
+    dir: PathBuf,
+    socket: PathBuf,
+    pin_dir: PathBuf,
 }
 
 /// Sends `()` once the child prints the ready line; the channel disconnects

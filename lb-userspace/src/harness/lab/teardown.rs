@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use rustix::process::Signal;
 
-use super::{DB_NAMES, WEB_NAMES, run_dir};
+use super::{DB_NAMES, WEB_NAMES, ha::MAX_LBS, run_dir};
 use crate::harness::netns::{self, run_teardown};
 
 /// How long teardown waits for processes to exit after SIGTERM (and again
@@ -42,6 +42,27 @@ pub(crate) fn namespace_names(prefix: &str) -> Vec<String> {
     names.extend(WEB_NAMES.iter().map(|web| format!("{prefix}-{web}")));
     // The database hosts exist only in labs that started them.
     names.extend(DB_NAMES.iter().map(|db| format!("{prefix}-{db}")));
+    names
+}
+
+/// The namespaces of a multi-LB lab with `lbs` LBs: the client, the
+/// router, lb1..lbN, the switch and the webs.
+pub(crate) fn ha_namespace_names(prefix: &str, lbs: usize) -> Vec<String> {
+    let mut names = vec![format!("{prefix}-client"), format!("{prefix}-router")];
+    names.extend((1..=lbs).map(|n| format!("{prefix}-lb{n}")));
+    names.push(format!("{prefix}-sw"));
+    names.extend(WEB_NAMES.iter().map(|web| format!("{prefix}-{web}")));
+    names
+}
+
+/// Every namespace a lab of either kind may have.
+fn any_namespace_names(prefix: &str) -> Vec<String> {
+    let mut names = namespace_names(prefix);
+    for ns in ha_namespace_names(prefix, MAX_LBS) {
+        if !names.contains(&ns) {
+            names.push(ns);
+        }
+    }
     names
 }
 
@@ -112,7 +133,7 @@ fn kill_lab_processes(prefix: &str, namespaces: &[String]) -> anyhow::Result<()>
 /// including when nothing existed.
 pub fn down(prefix: &str) -> anyhow::Result<()> {
     validate_prefix(prefix)?;
-    let existing: Vec<String> = namespace_names(prefix)
+    let existing: Vec<String> = any_namespace_names(prefix)
         .into_iter()
         .filter(|ns| netns::exists(ns))
         .collect();

@@ -88,6 +88,7 @@ fn snapshot() -> Status {
             half_open_capacity: 1024,
         },
         pools: Vec::new(),
+        announce: None,
     }
 }
 
@@ -366,4 +367,58 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         missing.is_empty(),
         "the dashboard queries metrics lb does not export: {missing:?}"
     );
+}
+
+#[test]
+fn announcements_and_bird_sessions_are_gauges() {
+    use crate::announce::{BirdProtocol, BirdView, VipPlan};
+    let mut status = snapshot();
+    let proto = |name: &str, proto: &str, info: &str| BirdProtocol {
+        name: name.into(),
+        proto: proto.into(),
+        state: "up".into(),
+        info: info.into(),
+    };
+    status.announce = Some(crate::control::AnnounceStatus {
+        vips: vec![
+            VipPlan {
+                vip: "198.18.0.10".parse().unwrap(),
+                announced: true,
+                reason: "serving".into(),
+            },
+            VipPlan {
+                vip: "198.18.0.20".parse().unwrap(),
+                announced: false,
+                reason: "no backend admitted".into(),
+            },
+        ],
+        bird: Some(BirdView {
+            protocols: vec![
+                proto("router", "BGP", "Established"),
+                proto("backup", "BGP", "Active"),
+                proto("device1", "Device", ""),
+            ],
+            exported: BTreeMap::new(),
+        }),
+        ..Default::default()
+    });
+    let text = render(&status, &ProbeLatency::default());
+    assert_eq!(
+        value(&text, "lb_vip_announced", &[("vip", "198.18.0.10")]),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "lb_vip_announced", &[("vip", "198.18.0.20")]),
+        0.0
+    );
+    let up = |name| {
+        value(
+            &text,
+            "lb_bird_protocol_up",
+            &[("name", name), ("proto", "BGP")],
+        )
+    };
+    assert_eq!((up("router"), up("backup")), (1.0, 0.0));
+    assert!(!text.contains("device1"), "only BGP and BFD: {text}");
+    assert_eq!(value(&text, "lb_announce_error", &[]), 0.0);
 }

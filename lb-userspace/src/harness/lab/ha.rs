@@ -1,0 +1,516 @@
+//! The multi-LB lab: N load balancers behind a router that spreads flows
+//! over them by ECMP, each LB announcing the VIP to the router over BGP
+//! (with BFD) through its own BIRD 2, as its agent's `[announce]` decides.
+//!
+//! ```text
+//!   {P}-client           {P}-router                 {P}-sw               {P}-lbN
+//!   eth0 198.18.1.2 ── r-client 198.18.1.1
+//!                        r-front 198.18.2.1 ──── br1 ───────────────── lb-front 198.18.2.1N
+//!                        BIRD: BGP+BFD to each LB,                     lo 198.18.0.10 (VIP)
+//!                        kernel: VIP/32 multipath                      BIRD: BGP+BFD to router
+//!                        r-back 198.19.0.2 ──┐                         lb-back 198.19.0.{1,3,..}
+//!                                            └─ br0 (back network) ─── webN eth0 198.19.0.1N
+//! ```
+//!
+//! The router hashes over L4 (`fib_multipath_hash_policy=1`), so each
+//! connection sticks to one LB while the set of LBs is stable. In DSR the
+//! webs reply to the client network through the router's back leg; in NAT
+//! through their default route, lb1 (a second LB's NAT flows do not work:
+//! see README, "Running more than one load balancer").
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use super::{AgentProcess, AgentSite, CLIENT_BACK, Lab, VIP, WEB_NAMES, web_addr};
+use crate::{
+    announce::{self, Withdrawn},
+    config::Forwarding,
+    harness::netns::{self, SpawnGated as _, VethEnd},
+};
+
+/// The most LBs a lab may have (what `lb lab down` looks for).
+pub const MAX_LBS: usize = 4;
+/// The client network of the multi-LB lab (the VIP is outside it, so the
+/// client reaches it through the router only).
+pub const HA_CLIENT_NET: &str = "198.18.1.0/24";
+/// The client's address.
+pub const HA_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const ROUTER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const ROUTER_FRONT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+const ROUTER_AS: u32 = 64512;
+const LB_AS: u32 = 64513;
+/// BFD: 100 ms hellos, down after 5 missed (500 ms). With 3 (300 ms),
+/// BIRD starved of CPU for a moment on a loaded machine declared live
+/// peers dead.
+const BFD_INTERVAL_MS: u32 = 100;
+const BFD_MULTIPLIER: u32 = 5;
+const BIRD_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// LB `n`'s front address (on the router's segment): 198.18.2.1N.
+pub fn lb_front_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, u8::try_from(10 + n).unwrap_or(u8::MAX))
+}
+
+/// LB `n`'s back address: lb1 has the single lab's 198.19.0.1 (the webs'
+/// gateway), the others 198.19.0.3, .4, …
+fn lb_back_addr(n: usize) -> Ipv4Addr {
+    let last = if n == 1 { 1 } else { n + 1 };
+    Ipv4Addr::new(198, 19, 0, u8::try_from(last).unwrap_or(u8::MAX))
+}
+
+/// The router's route to the VIP: the LBs it sends flows to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcmpRoute {
+    /// Next hops (LB front addresses), in the kernel's order.
+    pub next_hops: Vec<Ipv4Addr>,
+}
+
+impl Lab {
+    /// Builds the multi-LB lab with `lbs` LBs (2 to [`MAX_LBS`]), starts
+    /// the webs and a BIRD in the router and in each LB. No agent runs:
+    /// start them with [`Lab::start_agent_on`].
+    pub fn up_ha(prefix: &str, lb_bin: &std::path::Path, lbs: usize) -> anyhow::Result<Lab> {
+        Self::check_lbs(lbs)?;
+        Self::create_with(prefix, lb_bin, false, lbs)
+    }
+
+    /// [`Lab::up_ha`] for `lb lab up --lbs N`: the servers outlive us.
+    pub(crate) fn up_ha_detached(
+        prefix: &str,
+        lb_bin: &std::path::Path,
+        lbs: usize,
+    ) -> anyhow::Result<Lab> {
+        Self::check_lbs(lbs)?;
+        Self::create_with(prefix, lb_bin, true, lbs)
+    }
+
+    fn check_lbs(lbs: usize) -> anyhow::Result<()> {
+        if !(2..=MAX_LBS).contains(&lbs) {
+            bail!("a multi-LB lab has 2 to {MAX_LBS} LBs, not {lbs}");
+        }
+        netns::require_tool(
+            "bird",
+            "apt-get install bird2 (cargo xtask setup installs it)",
+        )
+    }
+
+    /// How many LBs the lab has (0: the single-LB lab).
+    pub fn lbs(&self) -> usize {
+        self.lbs
+    }
+
+    pub fn router_ns(&self) -> String {
+        format!("{}-router", self.prefix)
+    }
+
+    /// Namespace of LB `n` (1-based).
+    pub fn lb_ns_of(&self, n: usize) -> String {
+        format!("{}-lb{n}", self.prefix)
+    }
+
+    /// `{run_dir}/lbN`: LB `n`'s agent config and log, BIRD config, socket
+    /// and the include file its agent writes.
+    pub fn lb_dir(&self, n: usize) -> PathBuf {
+        self.run_dir().join(format!("lb{n}"))
+    }
+
+    fn router_dir(&self) -> PathBuf {
+        self.run_dir().join("router")
+    }
+
+    /// LB `n`'s agent control socket.
+    pub fn agent_socket_of(&self, n: usize) -> PathBuf {
+        self.lb_dir(n).join("lb.sock")
+    }
+
+    /// LB `n`'s BIRD control socket.
+    pub fn bird_socket_of(&self, n: usize) -> PathBuf {
+        self.lb_dir(n).join("bird.ctl")
+    }
+
+    /// The router's BIRD control socket.
+    pub fn router_bird_socket(&self) -> PathBuf {
+        self.router_dir().join("bird.ctl")
+    }
+
+    /// LB `n`'s pin dir (under the lab's, so `lb lab down` removes it).
+    pub fn pin_dir_of(&self, n: usize) -> PathBuf {
+        self.pin_dir().join(format!("lb{n}"))
+    }
+
+    /// The agent config of LB `n`: the lab's www service on VIP:80 (and
+    /// www-udp on VIP:5353) over web1..3 with `scheduler`, fast HTTP
+    /// health checks, and `[announce]` through the LB's BIRD with `med`.
+    /// Every LB gets the same services in the same order, hence the same
+    /// rings.
+    pub fn ha_config(&self, n: usize, mode: Forwarding, scheduler: &str, med: u32) -> String {
+        let backends = |port: u16| {
+            (1..=WEB_NAMES.len())
+                .map(|w| {
+                    format!(
+                        "{{ address = \"{}:{port}\", name = \"web{w}\" }}",
+                        web_addr(w)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{}\"\n\n\
+             [announce]\nbird-socket = \"{}\"\ninclude = \"{}\"\nmed = {med}\n\n\
+             [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\nscheduler = \"{scheduler}\"\n\
+             health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
+             backends = [ {} ]\n",
+            mode.name(),
+            self.bird_socket_of(n).display(),
+            self.include_of(n).display(),
+            backends(80),
+        )
+    }
+
+    /// The include file LB `n`'s agent writes and its BIRD reads.
+    pub fn include_of(&self, n: usize) -> PathBuf {
+        self.lb_dir(n).join("vips.conf")
+    }
+
+    /// Starts the agent of LB `n` (1-based) and waits for `lb: ready`.
+    pub fn start_agent_on(&self, n: usize, config_toml: &str) -> anyhow::Result<AgentProcess> {
+        let site = AgentSite {
+            ns: self.lb_ns_of(n),
+            dir: self.lb_dir(n),
+            socket: self.agent_socket_of(n),
+            pin_dir: self.pin_dir_of(n),
+        };
+        self.start_agent_at(&site, config_toml, &[])
+    }
+
+    /// `lb teardown --pin-dir` of LB `n`, with its config so the VIPs are
+    /// withdrawn first.
+    pub fn teardown_lb(&self, n: usize) -> anyhow::Result<String> {
+        let config = self.lb_dir(n).join("lb.toml").display().to_string();
+        let pins = self.pin_dir_of(n).display().to_string();
+        let bin = self.lb_bin.display().to_string();
+        netns::run(&bin, &["teardown", "--pin-dir", &pins, "--config", &config])
+    }
+
+    /// Cuts LB `n` off its router (or reconnects it) as a dead host would
+    /// be: its switch port stops forwarding (bridge port state disabled)
+    /// while every link stays up, so nothing but BFD (or the BGP hold
+    /// timer) tells the router, and frames still sent to the LB's MAC are
+    /// dropped, not flooded to the other LBs.
+    pub fn set_lb_reachable(&self, n: usize, reachable: bool) -> anyhow::Result<()> {
+        // STP port states: 0 disabled, 3 forwarding.
+        let state = if reachable { "3" } else { "0" };
+        let port = format!("p-lb{n}");
+        netns::ns_run(
+            &self.sw_ns(),
+            &["bridge", "link", "set", "dev", &port, "state", state],
+        )
+        .map(drop)
+    }
+
+    /// The router's kernel route to the VIP (none: no LB announces it).
+    pub fn ecmp_route(&self) -> anyhow::Result<EcmpRoute> {
+        let text = netns::ns_run(
+            &self.router_ns(),
+            &["ip", "-4", "route", "show", &format!("{VIP}/32")],
+        )?;
+        Ok(EcmpRoute {
+            next_hops: parse_next_hops(&text),
+        })
+    }
+
+    /// Polls the router's VIP route until its next hops are `want` (in any
+    /// order); returns how long it took.
+    pub fn wait_for_route(&self, want: &[Ipv4Addr], within: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut want = want.to_vec();
+        want.sort();
+        loop {
+            let mut hops = self.ecmp_route()?.next_hops;
+            hops.sort();
+            if hops == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "the router's route to {VIP} goes via {hops:?}, not {want:?}, after {within:?}; \
+                     router BIRD log:\n{}",
+                    fs::read_to_string(self.router_dir().join("bird.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub(super) fn build_ha_topology(&self) -> anyhow::Result<()> {
+        for ns in self.namespaces() {
+            netns::add_namespace(&ns)?;
+        }
+        let sw = self.sw_ns();
+        for br in ["br0", "br1"] {
+            netns::ns_run(&sw, &["ip", "link", "add", br, "type", "bridge"])?;
+            netns::ns_run(&sw, &["ip", "link", "set", br, "up"])?;
+        }
+        let router = self.router_ns();
+        netns::add_veth(
+            &VethEnd::new(&self.client_ns(), "eth0"),
+            &VethEnd::new(&router, "r-client"),
+        )?;
+        let mut ends = vec![
+            (self.client_ns(), "eth0".to_owned()),
+            (router.clone(), "r-client".to_owned()),
+        ];
+        // (namespace, device, switch port, bridge)
+        let mut legs = vec![
+            (
+                router.clone(),
+                "r-front".to_owned(),
+                "p-router".to_owned(),
+                "br1",
+            ),
+            (
+                router.clone(),
+                "r-back".to_owned(),
+                "p-rback".to_owned(),
+                "br0",
+            ),
+        ];
+        for n in 1..=self.lbs {
+            legs.push((
+                self.lb_ns_of(n),
+                "lb-front".into(),
+                format!("p-lb{n}"),
+                "br1",
+            ));
+            legs.push((
+                self.lb_ns_of(n),
+                "lb-back".into(),
+                format!("p-lb{n}b"),
+                "br0",
+            ));
+        }
+        for w in 1..=WEB_NAMES.len() {
+            legs.push((self.web_ns(w), "eth0".into(), format!("p-web{w}"), "br0"));
+        }
+        for (ns, dev, port, br) in &legs {
+            netns::add_veth(&VethEnd::new(ns, dev), &VethEnd::new(&sw, port))?;
+            netns::ns_run(&sw, &["ip", "link", "set", port, "master", br, "up"])
+                .with_context(|| format!("enslaving {port} to {br} in {sw}"))?;
+            if port.starts_with("p-lb") {
+                // A NIC drops unicast frames for another MAC before XDP
+                // sees them; a veth does not. When an LB's port goes down
+                // the bridge forgets its MAC and floods frames still sent
+                // to it: the other LBs' XDP would forward them, hiding the
+                // failure the lab is there to show.
+                netns::ns_run(&sw, &["bridge", "link", "set", "dev", port, "flood", "off"])
+                    .with_context(|| format!("unknown-unicast flooding off on {port}"))?;
+            }
+            ends.push((ns.clone(), dev.clone()));
+            ends.push((sw.clone(), port.clone()));
+        }
+        self.configure_ha_client()?;
+        self.configure_router()?;
+        for n in 1..=self.lbs {
+            self.configure_ha_lb(n)?;
+        }
+        for w in 1..=WEB_NAMES.len() {
+            self.configure_web(w)?;
+        }
+        for (ns, dev) in ends {
+            netns::tune_veth(&ns, &dev)?;
+        }
+        Ok(())
+    }
+
+    fn configure_ha_client(&self) -> anyhow::Result<()> {
+        let ns = self.client_ns();
+        netns::add_addr(&ns, "eth0", &format!("{HA_CLIENT}/24"))?;
+        netns::add_default_route(&ns, ROUTER_CLIENT)?;
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "0")
+    }
+
+    fn configure_router(&self) -> anyhow::Result<()> {
+        let ns = self.router_ns();
+        netns::add_addr(&ns, "r-client", &format!("{ROUTER_CLIENT}/24"))?;
+        netns::add_addr(&ns, "r-front", &format!("{ROUTER_FRONT}/24"))?;
+        netns::add_addr(&ns, "r-back", &format!("{CLIENT_BACK}/24"))?;
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        // Hash the 5-tuple, not only the addresses: one client's
+        // connections spread over the LBs, each staying on one.
+        netns::sysctl(&ns, "net/ipv4/fib_multipath_hash_policy", "1")?;
+        // DSR replies come in on r-back with the VIP as source, whose route
+        // points at the LBs: strict reverse-path filtering would drop them.
+        for dev in ["all", "default", "r-client", "r-front", "r-back"] {
+            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
+        }
+        Ok(())
+    }
+
+    fn configure_ha_lb(&self, n: usize) -> anyhow::Result<()> {
+        let ns = self.lb_ns_of(n);
+        netns::add_addr(&ns, "lb-front", &format!("{}/24", lb_front_addr(n)))?;
+        netns::add_addr(&ns, "lb-back", &format!("{}/24", lb_back_addr(n)))?;
+        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
+        // NAT replies to clients leave through the router.
+        netns::add_default_route(&ns, ROUTER_FRONT)?;
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
+    }
+
+    /// Writes the BIRD configs, starts BIRD in the router and every LB, and
+    /// waits until each answers on its control socket.
+    pub(super) fn start_birds(&mut self, detached: bool) -> anyhow::Result<()> {
+        fs::create_dir_all(self.router_dir())?;
+        let router_conf = self.router_dir().join("bird.conf");
+        fs::write(&router_conf, self.router_bird_conf())?;
+        let mut sites = vec![(self.router_ns(), self.router_dir(), router_conf)];
+        for n in 1..=self.lbs {
+            fs::create_dir_all(self.lb_dir(n))?;
+            // BIRD cannot start without the file it includes: nothing is
+            // announced until an agent says so.
+            let include = self.include_of(n);
+            if !include.exists() {
+                fs::write(&include, announce::render(&[], &Withdrawn::default(), 0))?;
+            }
+            let conf = self.lb_dir(n).join("bird.conf");
+            fs::write(&conf, self.lb_bird_conf(n))?;
+            sites.push((self.lb_ns_of(n), self.lb_dir(n), conf));
+        }
+        for (ns, dir, conf) in &sites {
+            let socket = dir.join("bird.ctl").display().to_string();
+            let pid = dir.join("bird.pid").display().to_string();
+            let conf = conf.display().to_string();
+            let log = fs::File::create(dir.join("bird.out"))?;
+            // -f: in the foreground, so it is our child (and the lab's
+            // teardown finds it in its namespace). A routing daemon runs
+            // ahead of ordinary work (nice -10), as BFD's timers need.
+            let args = [
+                "nice", "-n", "-10", "bird", "-f", "-c", &conf, "-s", &socket, "-P", &pid,
+            ];
+            let mut cmd = netns::ns_command(ns, &args);
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::from(log.try_clone()?))
+                .stderr(std::process::Stdio::from(log));
+            if detached {
+                netns::new_session(&mut cmd);
+            }
+            let child = cmd
+                .spawn_gated()
+                .with_context(|| format!("starting BIRD in {ns}: {}", args.join(" ")))?;
+            self.children.push(child);
+        }
+        let deadline = Instant::now() + BIRD_READY_TIMEOUT;
+        for (ns, dir, _) in &sites {
+            let bird = announce::Bird::new(&dir.join("bird.ctl"));
+            while let Err(e) = bird.view() {
+                self.check_servers_alive().with_context(|| {
+                    let out = dir.join("bird.out");
+                    format!(
+                        "BIRD in {ns} ({}): {}",
+                        out.display(),
+                        fs::read_to_string(&out).unwrap_or_default().trim()
+                    )
+                })?;
+                if Instant::now() > deadline {
+                    bail!("BIRD in {ns} not answering after {BIRD_READY_TIMEOUT:?}: {e}");
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// The router: BGP with BFD to every LB, and the VIP routes they
+    /// announce installed in the kernel as one multipath route.
+    fn router_bird_conf(&self) -> String {
+        let mut peers = String::new();
+        for n in 1..=self.lbs {
+            peers.push_str(&format!(
+                "protocol bgp lb{n} from lbs {{ neighbor {} as {LB_AS}; }}\n",
+                lb_front_addr(n)
+            ));
+        }
+        format!(
+            "router id {ROUTER_FRONT};\n\
+             log \"{log}\" all;\n\
+             debug protocols {{ states }};\n\
+             protocol device {{ scan time 10; }}\n\
+             # The VIP routes into the kernel, equal ones merged into one ECMP route.\n\
+             protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n\
+             {bfd}\
+             template bgp lbs {{\n  local {ROUTER_FRONT} as {ROUTER_AS};\n  ipv4 {{ import all; export none; }};\n  {timers}\n}}\n\
+             {peers}",
+            log = self.router_dir().join("bird.log").display(),
+            bfd = bfd_block("r-front"),
+            timers = BGP_TIMERS,
+        )
+    }
+
+    /// LB `n`: one BGP session (with BFD) to the router, exporting the
+    /// static routes its agent writes into the include file.
+    fn lb_bird_conf(&self, n: usize) -> String {
+        format!(
+            "router id {me};\n\
+             log \"{log}\" all;\n\
+             debug protocols {{ states }};\n\
+             include \"{include}\";\n\
+             protocol device {{ scan time 10; }}\n\
+             {bfd}\
+             protocol bgp to_router {{\n  local {me} as {LB_AS};\n  neighbor {ROUTER_FRONT} as {ROUTER_AS};\n  \
+             ipv4 {{ import none; export where proto = \"{proto}\"; }};\n  {timers}\n}}\n",
+            me = lb_front_addr(n),
+            log = self.lb_dir(n).join("bird.log").display(),
+            include = self.include_of(n).display(),
+            bfd = bfd_block("lb-front"),
+            proto = announce::STATIC_PROTOCOL,
+            timers = BGP_TIMERS,
+        )
+    }
+}
+
+/// BGP with BFD; short timers so a lab session comes up (and back) fast.
+const BGP_TIMERS: &str = "bfd on;\n  hold time 3;\n  keepalive time 1;\n  connect retry time 1;\n  error wait time 1, 5;";
+
+fn bfd_block(iface: &str) -> String {
+    format!(
+        "protocol bfd {{\n  interface \"{iface}\" {{ min rx interval {BFD_INTERVAL_MS} ms; \
+         min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n}}\n"
+    )
+}
+
+/// Next hops of `ip route show` output: `via A` once for a single path, or
+/// one `nexthop via A …` line per path.
+fn parse_next_hops(text: &str) -> Vec<Ipv4Addr> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .filter_map(|w| w[1].parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_hops_of_single_and_multipath_routes() {
+        assert_eq!(
+            parse_next_hops("198.18.0.10 via 198.18.2.11 dev r-front proto bird metric 32\n"),
+            [Ipv4Addr::new(198, 18, 2, 11)]
+        );
+        let multi = "198.18.0.10 proto bird metric 32 \n\tnexthop via 198.18.2.11 dev r-front weight 1 \n\tnexthop via 198.18.2.12 dev r-front weight 1 \n";
+        assert_eq!(
+            parse_next_hops(multi),
+            [Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(198, 18, 2, 12)]
+        );
+        assert!(parse_next_hops("").is_empty());
+    }
+}

@@ -1,0 +1,558 @@
+//! Two load balancers behind a router, announced over BGP (issue 15): the
+//! multi-LB lab (`Lab::up_ha`) runs real BIRD 2 daemons in the router and
+//! in each LB; each LB's agent drives its BIRD through `[announce]`, and
+//! the router installs the VIP as one ECMP route over the LBs announcing
+//! it. The tests check that ECMP spreads connections, that established
+//! connections of a consistent-hash DSR service survive the loss of an LB
+//! (and measure the interruption), that `lb vip withdraw` drains an LB,
+//! that active-passive is one config line, and measure what round robin
+//! loses.
+//!
+//! The scenarios run one at a time (a lock): BFD's 300 ms detection must
+//! not see an LB as dead because five labs share two cores.
+//! Needs root; fails loudly without it.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::{lb_bin, unique_prefix};
+use lb_userspace::{
+    config::Forwarding,
+    control::{self, Request, Status, VipChange},
+    harness::{
+        lab::{AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_addr, vip_http},
+        netns::in_netns,
+    },
+};
+
+/// The consistent-hash scheduler both LBs use: the same config gives the
+/// same ring, and a flow's hash picks the same backend on either LB.
+const CONSISTENT: &str = "maglev";
+/// How long BGP may take to bring a route up (sessions connect, BFD, the
+/// first health verdicts).
+const ROUTE_UP: Duration = Duration::from_secs(20);
+/// BFD detects a dead LB after 5 × 100 ms; the route follows at once.
+const ROUTE_FAILOVER: Duration = Duration::from_secs(5);
+/// Keep-alive connections held across a failover.
+const HELD: usize = 12;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A multi-LB lab with an agent on each LB. Agents stop before the lab
+/// goes (field order).
+struct Ha {
+    agents: Vec<Option<AgentProcess>>,
+    lab: Lab,
+}
+
+impl Ha {
+    /// Two LBs in `mode`, both with `scheduler`, LB n with MED `meds[n-1]`;
+    /// returns once the router's route is what the MEDs make it.
+    fn up(mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
+        Self::up_with(2, mode, scheduler, meds)
+    }
+
+    /// [`Ha::up`] in a lab of `lbs` LBs, agents on lb1 and lb2 only.
+    fn up_with(lbs: usize, mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
+        let lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), lbs)?;
+        lab.set_mode(mode)?;
+        let mut ha = Ha {
+            agents: Vec::new(),
+            lab,
+        };
+        for n in 1..=2 {
+            let config = ha.lab.ha_config(n, mode, scheduler, meds[n - 1]);
+            ha.agents.push(Some(ha.lab.start_agent_on(n, &config)?));
+        }
+        let best = *meds.iter().min().context("meds")?;
+        let want: Vec<Ipv4Addr> = (1..=2)
+            .filter(|n| meds[n - 1] == best)
+            .map(lb_front_addr)
+            .collect();
+        let took = ha.lab.wait_for_route(&want, ROUTE_UP).context(ha.logs())?;
+        println!("route to the VIP via {want:?} after {took:?}");
+        // A standby's route is not in the kernel: its session must be up
+        // too before a test fails the primary.
+        for n in 1..=2 {
+            ha.wait_for_session(n).context(ha.logs())?;
+        }
+        Ok(ha)
+    }
+
+    /// Waits until LB `n`'s agent sees its BIRD's BGP session established
+    /// and exporting the VIP (the agent looks every second).
+    fn wait_for_session(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + ROUTE_UP;
+        loop {
+            let a = self.status(n)?.announce.context("no announce status")?;
+            let established = a.bird.as_ref().is_some_and(|b| {
+                b.protocols.iter().any(|p| {
+                    p.proto == "BGP"
+                        && p.info.starts_with("Established")
+                        && b.exported.get(&p.name) == Some(&vec![format!("{VIP}/32")])
+                })
+            });
+            if established {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("lb{n}: BIRD's session not seen established and exporting {VIP}: {a:?}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn status(&self, n: usize) -> Result<Status> {
+        control::request(&self.lab.agent_socket_of(n), &Request::Status)?
+            .status
+            .context("no status")
+    }
+
+    /// Packets LB `n` has forwarded for www.
+    fn packets(&self, n: usize) -> Result<u64> {
+        let s = self.status(n)?;
+        Ok(s.services.iter().map(|s| s.packets).sum())
+    }
+
+    fn vip(&self, n: usize, change: VipChange) -> Result<String> {
+        let r = control::request(&self.lab.agent_socket_of(n), &Request::Vip(change))?;
+        if !r.ok {
+            bail!("lb vip on lb{n}: {}", r.message);
+        }
+        Ok(r.message)
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                a.as_ref()
+                    .map(|a| format!("lb{} agent:\n{}", i + 1, a.log_text()))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `n` new connections from the client; the names of the webs that
+    /// answered.
+    fn new_connections(&self, n: usize) -> Result<Vec<String>> {
+        in_netns(&self.lab.client_ns(), || {
+            (0..n)
+                .map(|_| http_get(vip_http(), "/").map(|r| r.text()))
+                .collect::<Result<Vec<_>>>()
+        })?
+    }
+}
+
+/// Keep-alive connections, each asking `GET /` every 20 ms on its own
+/// thread until stopped; what each saw.
+struct Held {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<ConnLog>>,
+}
+
+#[derive(Debug, Default)]
+struct ConnLog {
+    /// The web that answered the first request.
+    backend: String,
+    answers: usize,
+    /// A request that failed (the connection is broken), or an answer
+    /// from another web than the first (the flow moved backends).
+    error: Option<String>,
+    /// The longest time between two answers.
+    longest_gap: Duration,
+}
+
+impl Held {
+    fn open(lab: &Lab, n: usize) -> Result<Held> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for _ in 0..n {
+            let conn = in_netns(&lab.client_ns(), || HttpConn::connect(vip_http()))??;
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || ask_until(conn, &stop)));
+        }
+        Ok(Held { stop, threads })
+    }
+
+    fn close(self) -> Vec<ConnLog> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("connection thread"))
+            .collect()
+    }
+}
+
+fn ask_until(mut conn: HttpConn, stop: &AtomicBool) -> ConnLog {
+    let mut log = ConnLog::default();
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match conn.get("/") {
+            Ok(r) => {
+                let now = Instant::now();
+                log.longest_gap = log.longest_gap.max(now - last);
+                last = now;
+                log.answers += 1;
+                let name = r.text();
+                if log.backend.is_empty() {
+                    log.backend = name;
+                } else if name != log.backend {
+                    log.error = Some(format!("moved from {} to {name}", log.backend));
+                    break;
+                }
+            }
+            Err(e) => {
+                log.error = Some(format!("{e:#}"));
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    log
+}
+
+/// New connections every 20 ms until stopped: (answered, failed).
+fn new_connection_stream(
+    lab: &Lab,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<(usize, Vec<String>)> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        in_netns(&ns, move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(vip_http(), "/") {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+        .expect("client thread")
+    })
+}
+
+/// What a failover did to the held connections and the new ones.
+#[derive(Debug)]
+struct Failover {
+    /// From the link going down to the router's route without lb1.
+    convergence: Duration,
+    /// Held connections whose flow crossed lb1 before (their packets
+    /// moved to lb2), as counted by lb1's packet counter moving: > 0.
+    lb1_packets_before: u64,
+    held: Vec<ConnLog>,
+    new_ok: usize,
+    new_failed: Vec<String>,
+}
+
+impl Failover {
+    fn broken(&self) -> usize {
+        self.held.iter().filter(|c| c.error.is_some()).count()
+    }
+
+    /// Held connections that felt the failover (a gap longer than any
+    /// of TCP's on a live path, or broken): those whose flow crossed lb1.
+    fn moved(&self) -> usize {
+        self.held
+            .iter()
+            .filter(|c| c.error.is_some() || c.longest_gap > Duration::from_millis(200))
+            .count()
+    }
+
+    fn longest_gap(&self) -> Duration {
+        self.held
+            .iter()
+            .filter(|c| c.error.is_none())
+            .map(|c| c.longest_gap)
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn report(&self, what: &str) {
+        println!(
+            "{what}: route converged in {:?}; held connections: {} of {} crossed lb1, {} broken, longest gap {:?}; \
+             new connections: {} answered, {} failed",
+            self.convergence,
+            self.moved(),
+            self.held.len(),
+            self.broken(),
+            self.longest_gap(),
+            self.new_ok,
+            self.new_failed.len()
+        );
+        for c in self.held.iter().filter(|c| c.error.is_some()) {
+            println!(
+                "  broken after {} answers from {}: {:?}",
+                c.answers, c.backend, c.error
+            );
+        }
+    }
+}
+
+/// Holds connections and a stream of new ones while lb1 is cut off (a dead host: its switch port stops forwarding);
+/// `survivors` are the LBs the route must end on.
+fn fail_lb1(ha: &Ha, survivors: &[usize]) -> Result<Failover> {
+    let held = Held::open(&ha.lab, HELD)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = new_connection_stream(&ha.lab, stop.clone());
+    thread::sleep(Duration::from_millis(1000));
+    let lb1_packets_before = ha.packets(1)?;
+    let down_at = Instant::now();
+    ha.lab.set_lb_reachable(1, false)?;
+    let want: Vec<Ipv4Addr> = survivors.iter().map(|n| lb_front_addr(*n)).collect();
+    let converged = ha.lab.wait_for_route(&want, ROUTE_FAILOVER);
+    let convergence = down_at.elapsed();
+    // Long enough for TCP's retransmissions to find the new path.
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let held = held.close();
+    let (new_ok, new_failed) = stream.join().expect("stream thread");
+    converged?;
+    Ok(Failover {
+        convergence,
+        lb1_packets_before,
+        held,
+        new_ok,
+        new_failed,
+    })
+}
+
+#[test]
+fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
+    let answered = ha.new_connections(60)?;
+    assert_eq!(answered.len(), 60);
+    let (p1, p2) = (ha.packets(1)?, ha.packets(2)?);
+    println!("60 new connections: lb1 forwarded {p1} packets, lb2 {p2}");
+    assert!(
+        p1 > 0 && p2 > 0,
+        "ECMP must use both LBs: lb1 {p1}, lb2 {p2}"
+    );
+
+    // What the agent reports (checked by Ha::up): the VIP announced,
+    // BIRD's session established and exporting it to the router.
+    for n in 1..=2 {
+        let a = ha.status(n)?.announce.context("no announce status")?;
+        assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
+    }
+
+    // A stopped agent leaves the announcement (and the data plane) alone:
+    // the route keeps both LBs while lb1's agent is down and after it is
+    // back, and connections keep working.
+    let agent = ha.agents[0].take().context("agent 1")?;
+    agent.stop()?;
+    let held_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < held_until {
+        assert_eq!(ha.lab.ecmp_route()?.next_hops.len(), 2, "route lost lb1");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ha.new_connections(20)?.len(), 20);
+    let config = ha.lab.ha_config(1, Forwarding::Dsr, CONSISTENT, 0);
+    ha.agents[0] = Some(ha.lab.start_agent_on(1, &config)?);
+    let status = ha.status(1)?;
+    assert!(
+        status.adopted,
+        "the restarted agent adopts the pinned data plane"
+    );
+    assert_eq!(ha.lab.ecmp_route()?.next_hops.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn consistent_hash_dsr_flows_survive_the_loss_of_an_lb() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
+    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    f.report("maglev, DSR, lb1 cut off");
+    assert!(
+        f.lb1_packets_before > 0,
+        "no flow crossed lb1 before it failed"
+    );
+    assert!(f.moved() > 0, "no held connection crossed lb1: {f:#?}");
+    assert_eq!(f.broken(), 0, "{f:#?}");
+    assert!(f.new_failed.is_empty(), "{f:#?}");
+    assert!(f.new_ok > 0);
+    // Bounded: BFD's 300 ms, then TCP's retransmission finds lb2.
+    assert!(f.longest_gap() < Duration::from_secs(3), "{f:#?}");
+    assert!(ha.packets(2)? > 0);
+    Ok(())
+}
+
+#[test]
+fn round_robin_flows_moved_to_the_other_lb_break() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = Ha::up(Forwarding::Dsr, "round-robin", [0, 0])?;
+    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    f.report("round-robin, DSR, lb1 cut off");
+    // Flows that stayed on lb2 are untouched; those that crossed lb1 miss
+    // lb2's connection table and are scheduled afresh: most land on
+    // another web, which resets them. No state is shared between LBs.
+    assert!(
+        f.lb1_packets_before > 0,
+        "no flow crossed lb1 before it failed"
+    );
+    assert!(f.moved() > 0, "no held connection crossed lb1: {f:#?}");
+    assert!(
+        f.broken() <= f.moved(),
+        "flows that stayed on lb2 broke too: {f:#?}"
+    );
+    assert!(f.new_failed.is_empty(), "{f:#?}");
+    Ok(())
+}
+
+#[test]
+fn withdraw_drains_an_lb_and_established_flows_finish_on_the_other() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
+    let held = Held::open(&ha.lab, HELD)?;
+    thread::sleep(Duration::from_millis(500));
+    let msg = ha.vip(1, VipChange::Withdraw { vip: None })?;
+    println!("lb vip withdraw on lb1: {msg}");
+    let took = ha.lab.wait_for_route(&[lb_front_addr(2)], ROUTE_FAILOVER)?;
+    println!("route without lb1 after {took:?}");
+    let a = ha.status(1)?.announce.context("announce")?;
+    assert!(
+        !a.vips[0].announced && a.vips[0].reason.contains("withdrawn"),
+        "{a:?}"
+    );
+
+    // From now on lb1 carries nothing: new connections and the held ones
+    // all go through lb2.
+    thread::sleep(Duration::from_millis(300));
+    let lb1_before = ha.packets(1)?;
+    assert_eq!(ha.new_connections(30)?.len(), 30);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ha.packets(1)?,
+        lb1_before,
+        "lb1 still forwards after withdraw"
+    );
+    let logs = held.close();
+    let broken: Vec<_> = logs.iter().filter(|c| c.error.is_some()).collect();
+    assert!(broken.is_empty(), "held connections broke: {broken:?}");
+
+    // The withdrawal survives a restart of the agent (it is kept in the
+    // include file), and `lb vip announce` brings lb1 back.
+    ha.agents[0].take().context("agent 1")?.stop()?;
+    let config = ha.lab.ha_config(1, Forwarding::Dsr, CONSISTENT, 0);
+    ha.agents[0] = Some(ha.lab.start_agent_on(1, &config)?);
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ha.lab.ecmp_route()?.next_hops, [lb_front_addr(2)]);
+    ha.vip(1, VipChange::Announce { vip: None })?;
+    ha.lab
+        .wait_for_route(&[lb_front_addr(1), lb_front_addr(2)], ROUTE_UP)?;
+
+    // `lb teardown --config` (agent stopped) withdraws before detaching.
+    ha.agents[0].take().context("agent 1")?.stop()?;
+    let out = ha.lab.teardown_lb(1)?;
+    assert!(out.contains("withdrew every VIP"), "{out}");
+    ha.lab.wait_for_route(&[lb_front_addr(2)], ROUTE_FAILOVER)?;
+    assert_eq!(ha.new_connections(10)?.len(), 10);
+    Ok(())
+}
+
+#[test]
+fn active_passive_backup_takes_over_when_the_primary_fails() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    // lb2 announces with a worse MED: the router uses lb1 only.
+    let ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 100])?;
+    assert_eq!(ha.lab.ecmp_route()?.next_hops, [lb_front_addr(1)]);
+    assert_eq!(ha.new_connections(20)?.len(), 20);
+    assert!(ha.packets(1)? > 0);
+    assert_eq!(ha.packets(2)?, 0, "the backup carried traffic");
+
+    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    f.report("active-passive (MED 0 / 100), maglev, DSR, primary cut off");
+    assert_eq!(f.broken(), 0, "{f:#?}");
+    assert!(f.new_failed.is_empty(), "{f:#?}");
+    assert!(ha.packets(2)? > 0, "the backup did not take over");
+    Ok(())
+}
+
+/// Whether a new connection through the VIP gets an answer within 1 s.
+fn answered_within_1s(lab: &Lab) -> Result<bool> {
+    use std::io::{Read as _, Write as _};
+    in_netns(&lab.client_ns(), || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&vip_http(), Duration::from_secs(1))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 64];
+        s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && s.read(&mut buf).is_ok_and(|n| n > 0)
+    })
+}
+
+#[test]
+fn nat_flows_only_work_through_the_lb_that_is_the_backends_gateway() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    // In NAT the webs reply through their default route, lb1 (198.19.0.1).
+    // A flow lb2 translated comes back to lb1, which has no reverse-NAT
+    // state for it and passes it on untranslated: the client never sees
+    // an answer from the VIP. This is the limit the README documents.
+    let ha = Ha::up(Forwarding::Nat, CONSISTENT, [0, 0])?;
+    let tries = 5;
+    ha.vip(1, VipChange::Withdraw { vip: None })?;
+    ha.lab.wait_for_route(&[lb_front_addr(2)], ROUTE_FAILOVER)?;
+    let via_lb2 = (0..tries)
+        .map(|_| answered_within_1s(&ha.lab))
+        .collect::<Result<Vec<_>>>()?;
+    ha.vip(1, VipChange::Announce { vip: None })?;
+    ha.vip(2, VipChange::Withdraw { vip: None })?;
+    ha.lab.wait_for_route(&[lb_front_addr(1)], ROUTE_UP)?;
+    let via_lb1 = (0..tries)
+        .map(|_| answered_within_1s(&ha.lab))
+        .collect::<Result<Vec<_>>>()?;
+    let ok = |v: &[bool]| v.iter().filter(|a| **a).count();
+    println!(
+        "NAT with two LBs: {}/{tries} new connections answered through lb2, \
+         {}/{tries} through lb1 (the webs' gateway)",
+        ok(&via_lb2),
+        ok(&via_lb1)
+    );
+    assert_eq!(ok(&via_lb1), tries);
+    assert_eq!(ok(&via_lb2), 0);
+    Ok(())
+}
+
+#[test]
+fn a_third_lb_joining_moves_no_established_flow_to_another_backend() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ha = Ha::up_with(3, Forwarding::Dsr, CONSISTENT, [0, 0])?;
+    let held = Held::open(&ha.lab, HELD)?;
+    thread::sleep(Duration::from_millis(500));
+    // lb3's agent starts and announces: the router re-spreads flows over
+    // three LBs, and some established ones now cross lb3, which has never
+    // seen them.
+    let config = ha.lab.ha_config(3, Forwarding::Dsr, CONSISTENT, 0);
+    ha.agents.push(Some(ha.lab.start_agent_on(3, &config)?));
+    let all: Vec<Ipv4Addr> = (1..=3).map(lb_front_addr).collect();
+    let took = ha.lab.wait_for_route(&all, ROUTE_UP)?;
+    println!("lb3 in the route after {took:?}");
+    thread::sleep(Duration::from_secs(1));
+    let lb3 = ha.packets(3)?;
+    let logs = held.close();
+    let broken: Vec<_> = logs.iter().filter(|c| c.error.is_some()).collect();
+    println!(
+        "third LB joined: {} held connections, {} broken, lb3 forwarded {lb3} packets of them",
+        logs.len(),
+        broken.len()
+    );
+    assert!(lb3 > 0, "no established flow moved to lb3");
+    assert!(broken.is_empty(), "held connections broke: {broken:?}");
+    Ok(())
+}
