@@ -1847,6 +1847,32 @@ const FIN_ACK: u8 = 0x11;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
+/// A client's TCP connection to the VIP, port 80: SYN, then the ACK that
+/// establishes it. Returns the web server it went to.
+fn open(h: &mut Harness, port: u16) -> usize {
+    let syn = Tcp::request(port, VIP).build();
+    let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+    h.expect(
+        h.front,
+        &client_ack(port, VIP),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    web_of(&out)
+}
+
+/// A client's bare ACK on its connection to `vip`:80 from `port`.
+fn client_ack(port: u16, vip: [u8; 4]) -> Vec<u8> {
+    with_flags(
+        Tcp {
+            syn: false,
+            ..Tcp::request(port, vip)
+        }
+        .build(),
+        ACK,
+    )
+}
+
 /// The client → VIP key of a lab client's TCP flow.
 fn client_key(sport: u16, vip: [u8; 4]) -> lb_common::FlowKey {
     lb_common::FlowKey {
@@ -1934,14 +1960,7 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
             Verdict::Forwarded,
         );
         assert_eq!(web_of(&out), 0);
-        let ack = with_flags(
-            Tcp {
-                syn: false,
-                ..Tcp::request(52000, VIP)
-            }
-            .build(),
-            ACK,
-        );
+        let ack = client_ack(52000, VIP);
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(web_of(&out), 0);
         assert_eq!(
@@ -1987,16 +2006,7 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
     net.run(|| {
         let mut cfg = lab_config();
         let mut h = Harness::new(&cfg);
-        let ack = |port| {
-            with_flags(
-                Tcp {
-                    syn: false,
-                    ..Tcp::request(port, VIP)
-                }
-                .build(),
-                ACK,
-            )
-        };
+        let ack = |port| client_ack(port, VIP);
         h.expect(h.front, &ack(52100), XDP_DROP, Verdict::DropNoFlow);
         assert_eq!(
             h.dp.flow_table()
@@ -2044,23 +2054,6 @@ fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
         cfg.dataplane.timeouts.tcp_closing = std::time::Duration::from_secs(1);
         let mut h = Harness::new(&cfg);
         let web1 = web1_id(&mut h, &cfg);
-        let open = |h: &mut Harness, port| {
-            h.expect(
-                h.front,
-                &Tcp::request(port, VIP).build(),
-                XDP_REDIRECT,
-                Verdict::Forwarded,
-            );
-            let ack = with_flags(
-                Tcp {
-                    syn: false,
-                    ..Tcp::request(port, VIP)
-                }
-                .build(),
-                ACK,
-            );
-            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
-        };
         open(&mut h, 52200); // web1
         open(&mut h, 52201); // web2
         open(&mut h, 52202); // web3
@@ -2102,14 +2095,7 @@ fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
         // tick of ~1.07 s): the next segment finds no flow, and both of the
         // flow's entries are gone.
         std::thread::sleep(std::time::Duration::from_millis(2300));
-        let ack = with_flags(
-            Tcp {
-                syn: false,
-                ..Tcp::request(52200, VIP)
-            }
-            .build(),
-            ACK,
-        );
+        let ack = client_ack(52200, VIP);
         h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
         assert_eq!(table_of(&h, &client_key(52200, VIP)), None);
         // The agent's sweep takes the other closed flow (no packet came).
@@ -2138,22 +2124,7 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
         let mut h = Harness::new(&cfg);
         let mut pinned = Vec::new();
         for port in 53000..53010u16 {
-            let out = h.expect(
-                h.front,
-                &Tcp::request(port, VIP).build(),
-                XDP_REDIRECT,
-                Verdict::Forwarded,
-            );
-            let ack = with_flags(
-                Tcp {
-                    syn: false,
-                    ..Tcp::request(port, VIP)
-                }
-                .build(),
-                ACK,
-            );
-            h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
-            pinned.push((port, web_of(&out)));
+            pinned.push((port, open(&mut h, port)));
         }
         // Ten times the half-open table in spoofed SYNs (2 entries each).
         let prog = h.dp.program().expect("program");
@@ -2173,14 +2144,7 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
             "the half-open table stays in its size: {half_open}"
         );
         for (port, web) in pinned {
-            let ack = with_flags(
-                Tcp {
-                    syn: false,
-                    ..Tcp::request(port, VIP)
-                }
-                .build(),
-                ACK,
-            );
+            let ack = client_ack(port, VIP);
             let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
             assert_eq!(web_of(&out), web, "port {port} kept its backend");
         }
@@ -2226,14 +2190,7 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
         );
         // A stateless flow's next packet lands on the same backend.
         for (port, web) in chosen {
-            let ack = with_flags(
-                Tcp {
-                    syn: false,
-                    ..Tcp::request(port, VIP_DSR)
-                }
-                .build(),
-                ACK,
-            );
+            let ack = client_ack(port, VIP_DSR);
             let (_, out) = h.run(h.front, &ack);
             assert_eq!(web_of(&out), web, "port {port}");
         }

@@ -58,28 +58,37 @@ impl Dataplane {
     /// counting flows off the agent's loop (walking 262k entries takes the
     /// better part of a second).
     pub fn flow_table(&self) -> Result<FlowTable> {
+        let (conntrack, half_open) = self.flow_maps()?;
+        Ok(FlowTable {
+            conntrack,
+            half_open,
+            counts: self.owned_array("BACKEND_FLOWS")?,
+            swept: self.owned_array("FLOWS_SWEPT")?,
+        })
+    }
+
+    /// Owned handles on `CONNTRACK` and `HALF_OPEN` (for readers and the
+    /// sweep, apart from this value).
+    pub(super) fn flow_maps(&self) -> Result<(FlowMap, FlowMap)> {
         let hash = |name: &'static str, map| {
             HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })
         };
-        let data = |name: &'static str| -> Result<(MapData, &'static str)> {
-            Ok((self.map_data(name)?, name))
-        };
-        fn array<T: aya::Pod>((data, name): (MapData, &'static str)) -> Result<Array<MapData, T>> {
-            Array::try_from(aya::maps::Map::Array(data))
-                .map_err(|source| DataplaneError::Map { name, source })
-        }
-        Ok(FlowTable {
-            conntrack: hash(
+        Ok((
+            hash(
                 "CONNTRACK",
                 aya::maps::Map::HashMap(self.map_data("CONNTRACK")?),
             )?,
-            half_open: hash(
+            hash(
                 "HALF_OPEN",
                 aya::maps::Map::LruHashMap(self.map_data("HALF_OPEN")?),
             )?,
-            counts: array(data("BACKEND_FLOWS")?)?,
-            swept: array(data("FLOWS_SWEPT")?)?,
-        })
+        ))
+    }
+
+    /// An owned handle on one of the program's array maps.
+    pub(super) fn owned_array<T: aya::Pod>(&self, name: &'static str) -> Result<Array<MapData, T>> {
+        Array::try_from(aya::maps::Map::Array(self.map_data(name)?))
+            .map_err(|source| DataplaneError::Map { name, source })
     }
 
     /// What the maps hold for one flow, for `lb explain`: its service (conf,
@@ -231,10 +240,13 @@ impl Dataplane {
     }
 }
 
+/// An owned handle on a flow table.
+pub(super) type FlowMap = HashMap<MapData, FlowKey, Flow>;
+
 /// The flow tables, read apart from the agent's loop.
 pub struct FlowTable {
-    conntrack: HashMap<MapData, FlowKey, Flow>,
-    half_open: HashMap<MapData, FlowKey, Flow>,
+    conntrack: FlowMap,
+    half_open: FlowMap,
     counts: Array<MapData, FlowCounts>,
     swept: Array<MapData, u64>,
 }
@@ -288,10 +300,7 @@ impl FlowTable {
 }
 
 /// Every entry of a flow table, read in batches.
-pub(super) fn snapshot(
-    name: &'static str,
-    table: &HashMap<MapData, FlowKey, Flow>,
-) -> Result<Vec<(FlowKey, Flow)>> {
+pub(super) fn snapshot(name: &'static str, table: &FlowMap) -> Result<Vec<(FlowKey, Flow)>> {
     use aya::maps::IterableMap as _;
     super::batch::entries(table.map()).map_err(|e| DataplaneError::Map {
         name,

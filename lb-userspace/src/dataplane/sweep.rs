@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, MapData, MapError};
 use lb_common::{
     Backend, Flow, FlowConf, FlowKey,
     flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
@@ -69,8 +69,8 @@ pub struct SweepReport {
 
 /// Handles on the flow tables for the sweep, apart from the agent's loop.
 pub struct Sweeper {
-    conntrack: HashMap<MapData, FlowKey, Flow>,
-    half_open: HashMap<MapData, FlowKey, Flow>,
+    conntrack: super::read::FlowMap,
+    half_open: super::read::FlowMap,
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
@@ -83,23 +83,13 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
 impl Dataplane {
     /// The sweep's own handles on the maps it needs.
     pub fn sweeper(&self) -> Result<Sweeper> {
-        let hash =
-            |name: &'static str, map: aya::maps::Map| HashMap::try_from(map).map_err(map_err(name));
+        let (conntrack, half_open) = self.flow_maps()?;
         Ok(Sweeper {
-            conntrack: hash(
-                "CONNTRACK",
-                aya::maps::Map::HashMap(self.map_data("CONNTRACK")?),
-            )?,
-            half_open: hash(
-                "HALF_OPEN",
-                aya::maps::Map::LruHashMap(self.map_data("HALF_OPEN")?),
-            )?,
-            backends: Array::try_from(aya::maps::Map::Array(self.map_data("BACKENDS")?))
-                .map_err(map_err("BACKENDS"))?,
-            conf: Array::try_from(aya::maps::Map::Array(self.map_data("FLOW_CONF")?))
-                .map_err(map_err("FLOW_CONF"))?,
-            swept: Array::try_from(aya::maps::Map::Array(self.map_data("FLOWS_SWEPT")?))
-                .map_err(map_err("FLOWS_SWEPT"))?,
+            conntrack,
+            half_open,
+            backends: self.owned_array("BACKENDS")?,
+            conf: self.owned_array("FLOW_CONF")?,
+            swept: self.owned_array("FLOWS_SWEPT")?,
         })
     }
 }
