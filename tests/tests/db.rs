@@ -450,6 +450,11 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let started = Instant::now();
         let writes = write_loop(&lab, "crash", Arc::clone(&stop));
         thread::sleep(Duration::from_millis(1500));
+        // db3 stops receiving first, so db2 is the most caught-up replica
+        // when db1 dies (otherwise which of them got db1's last event is a
+        // race, and db3 could not follow a db2 that lacks it: `lb db
+        // promote` compares lag, not what each replica received).
+        lab.db_admin(3, "STOP SLAVE IO_THREAD")?;
         let killed_at = started.elapsed();
         lab.kill_db(1)?;
         let lost = wait_for_status(&lab, "no writer once db1 is down", FALL_WINDOW * 2, |s| {
@@ -458,7 +463,8 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         println!("db1 killed: the write service stopped routing to it after {lost:?}");
         let msg = promote(&lab, "db2", false)?;
         println!("lb db promote db db2: {msg}");
-        wait_for_status(&lab, "db2 writes", Duration::from_secs(2), |s| {
+        // db3 rejoins the reads once it has caught up with db2 (rise 2).
+        wait_for_status(&lab, "db2 writes", Duration::from_secs(5), |s| {
             routed(s, Some("db2"), &["db3"])
         })?;
         let log = finish(

@@ -228,10 +228,15 @@ impl Lab {
         let log = self.run_dir().join("db-install.log");
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating the install log")?;
+        // A temp dir of the lab's own: labs install at the same time, and
+        // MariaDB's temporary tables in a shared /tmp have been seen to clash.
+        let tmp = self.run_dir().join("db-tmp");
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let status = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
                 &format!("--datadir={}", template.display()),
+                &format!("--tmpdir={}", tmp.display()),
                 "--user=root",
                 "--skip-test-db",
                 "--auth-root-authentication-method=socket",
@@ -280,6 +285,8 @@ impl Lab {
             arg("socket", "mysqld.sock"),
             arg("pid-file", "mysqld.pid"),
             arg("log-error", "error.log"),
+            // Its own temp dir (see `install_datadirs`).
+            format!("--tmpdir={}", dir.display()),
             format!("--bind-address={}", db_addr(n)),
             format!("--port={DB_PORT}"),
             format!("--server-id={n}"),
