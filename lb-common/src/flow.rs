@@ -34,6 +34,11 @@ pub const TICK_SHIFT: u32 = 30;
 /// Nanoseconds per tick.
 pub const TICK_NS: u64 = 1 << TICK_SHIFT;
 
+/// Ticks a backend's shared next hop (`BackendHop`) serves new flows
+/// before one of them asks the FIB again: a neighbour's new MAC reaches new
+/// flows within about 4 s. (A flow keeps the hop it started with.)
+pub const HOP_TTL: u32 = 4;
+
 /// Which idle timeout applies (`FlowConf::timeouts` index).
 #[repr(usize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +96,27 @@ pub fn is_expired(conf: &FlowConf, protocol: u8, flow: &Flow, now: u32) -> bool 
     timeout != 0 && now.wrapping_sub(flow.seen) > timeout
 }
 
+/// The `HALF_OPEN` slot of a flow, from its client's address and port and
+/// its protocol — what both directions carry (the client is the source of
+/// a forward packet and the destination of a reply), so one slot holds the
+/// whole flow and a reply finds it without an entry of its own. Hashed
+/// with `seed`, then scaled onto `slots` by a multiply and a shift (any
+/// size, no modulo, always `< slots`).
+#[inline(always)]
+pub const fn slot_index(client: u32, client_port: u16, protocol: u8, seed: u32, slots: u32) -> u32 {
+    let key = FlowKey {
+        saddr: client,
+        daddr: 0,
+        sport: client_port,
+        dport: 0,
+        protocol,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let h = crate::hash::seeded_flow_hash(&key, seed);
+    ((h as u64 * slots as u64) >> 32) as u32
+}
+
 /// The tuple a NAT flow's replies arrive with: backend → client.
 #[inline(always)]
 pub fn reply_key(key: &FlowKey, backend: &Backend) -> FlowKey {
@@ -142,8 +168,38 @@ mod tests {
     fn conf() -> FlowConf {
         FlowConf {
             timeouts: [5, 900, 10, 60],
-            new_flow_budget: 0,
+            ..FlowConf::default()
         }
+    }
+
+    #[test]
+    fn slots_are_in_range_and_spread_evenly() {
+        let slots = 1000;
+        let mut hits = vec![0u32; slots as usize];
+        for n in 0..100_000u32 {
+            let (client, port) = (0x0a00_0000 + (n >> 8), (1024 + (n & 0xff)) as u16);
+            let i = slot_index(client, port, IPPROTO_TCP, 0x1234_5678, slots);
+            assert!(i < slots);
+            hits[i as usize] += 1;
+        }
+        // 100 keys per slot on average: a fair hash keeps every slot
+        // within ±50 % of that (binomial σ ≈ 10).
+        assert!(hits.iter().all(|&h| (50..=150).contains(&h)), "{hits:?}");
+    }
+
+    #[test]
+    fn another_seed_moves_a_key_to_another_slot() {
+        let slot = |seed, slots| slot_index(1, 3, IPPROTO_UDP, seed, slots);
+        let moved = (1..100u32)
+            .filter(|&seed| slot(seed, 1 << 16) != slot(0, 1 << 16))
+            .count();
+        assert!(moved >= 95, "{moved}");
+        assert_eq!(slot(7, 1), 0);
+        assert_ne!(
+            slot_index(1, 3, IPPROTO_UDP, 9, 1 << 16),
+            slot_index(1, 3, IPPROTO_TCP, 9, 1 << 16),
+            "the protocol counts"
+        );
     }
 
     #[test]

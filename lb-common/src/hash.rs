@@ -18,7 +18,13 @@ const fn mix(mut h: u32) -> u32 {
 /// Hash of a flow's 5-tuple (raw network-order fields).
 #[inline(always)]
 pub const fn flow_hash(key: &FlowKey) -> u32 {
-    let mut h = mix(key.saddr ^ 0x9e37_79b9);
+    seeded_flow_hash(key, 0x9e37_79b9)
+}
+
+/// [`flow_hash`] with another seed (the half-open table's is random).
+#[inline(always)]
+pub const fn seeded_flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = mix(key.saddr ^ seed);
     h = mix(h ^ key.daddr);
     h = mix(h ^ ((key.sport as u32) << 16 | key.dport as u32));
     mix(h ^ key.protocol as u32)

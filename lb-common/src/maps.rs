@@ -162,6 +162,18 @@ pub struct NextHop {
     pub _pad: u16,
 }
 
+/// `BACKEND_HOPS[backend id]`: the next hop towards a backend, as the last
+/// new flow to it resolved it, and when (a tick). New flows to the backend
+/// take it instead of asking the FIB while it is younger than
+/// [`crate::flow::HOP_TTL`]; the agent zeroes it whenever it writes the
+/// backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendHop {
+    pub hop: NextHop,
+    pub resolved: u32,
+}
+
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
 ///
 /// A forward entry (key client → VIP) pins the flow to its backend; a NAT
@@ -212,6 +224,47 @@ pub struct FlowConf {
     pub timeouts: [u32; crate::flow::TIMEOUT_COUNT],
     /// New flows a CPU inserts per tick (about a second); 0: no limit.
     pub new_flow_budget: u32,
+    /// Slots in `HALF_OPEN` (its `max_entries`), for [`crate::flow::slot_index`];
+    /// 0: no half-open table yet (every half-open lookup misses).
+    pub half_open_slots: u32,
+    /// The half-open table's hash seed: random, chosen by the agent when it
+    /// creates the table and kept with it (pinned), so a restart finds the
+    /// same slots and a flood cannot aim at a chosen slot.
+    pub half_open_seed: u32,
+}
+
+/// `HALF_OPEN[slot]`: the half-open table is direct-mapped. A flow that has
+/// not completed its handshake lives in the one slot its key hashes to
+/// ([`crate::flow::slot_index`]); a new flow takes its slot whatever held
+/// it, so an insert is one cache line and never walks or evicts a list.
+/// Exactly one line: `seq` first, then the key and the entry.
+///
+/// `seq` is a sequence lock: even when the slot is stable, odd while a
+/// writer (the data plane, or the agent through its mapping of the table)
+/// holds it. Writers take it with a compare-and-swap and give up if it is
+/// held; readers copy the slot and retry nothing: a copy whose `seq`
+/// changed meanwhile is a miss.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HalfOpenSlot {
+    pub seq: u32,
+    /// All zero: the slot is empty.
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+
+impl FlowKey {
+    /// The all-zero key marks an empty [`HalfOpenSlot`]: no packet has it
+    /// (its source and destination would both be 0.0.0.0).
+    pub const EMPTY: FlowKey = FlowKey {
+        saddr: 0,
+        daddr: 0,
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+        _pad0: 0,
+        _pad1: 0,
+    };
 }
 
 /// `NEW_FLOW_BUDGET[0]` (per CPU): new flows inserted in the current tick.
@@ -281,7 +334,10 @@ pub enum Verdict {
     DropNoBackend = 9,
     /// Flow pinned to a backend that was removed with the drop-flows rule.
     DropBackendGone = 10,
-    /// Connection table full and the insert failed.
+    /// Connection table full and the insert failed. No longer given: a new
+    /// flow always gets its half-open slot (direct-mapped, it replaces
+    /// whatever was there), and a full `CONNTRACK` leaves a flow half-open.
+    /// Kept so the verdict numbers, pinned counters and the metric stay.
     DropConntrackFull = 11,
     /// Forwarded via XDP_TX or redirect.
     Forwarded = 12,
@@ -624,7 +680,9 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 4);
+const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 12);
+const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
+const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
@@ -646,6 +704,8 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FlowCounts {}
     unsafe impl aya::Pod for super::FlowConf {}
+    unsafe impl aya::Pod for super::HalfOpenSlot {}
+    unsafe impl aya::Pod for super::BackendHop {}
     unsafe impl aya::Pod for super::BudgetWindow {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::PktgenConf {}

@@ -2,30 +2,45 @@
 //! the states and rules are `lb_common::flow`, docs/architecture.md has the
 //! picture).
 //!
-//! - `HALF_OPEN` (LRU): flows that have not completed a handshake (a SYN, a
-//!   UDP packet, or a hash-on-miss packet created them). New flows only ever
-//!   evict each other here: no number of spoofed SYNs reaches an
-//!   established flow.
+//! - `HALF_OPEN` (direct-mapped, an array of one-line slots): flows that have
+//!   not completed a handshake (a SYN, a UDP packet, or a hash-on-miss packet
+//!   created them). A new flow takes the slot its key hashes to, whatever
+//!   held it: an insert is one cache line, with no list to walk or evict
+//!   from (an LRU insert into a cold table touched a dozen lines and was most
+//!   of a new flow's cost), and new flows only ever replace each other here:
+//!   no number of spoofed SYNs reaches an established flow.
 //! - `CONNTRACK` (plain hash, never evicted): established flows, promoted
 //!   from `HALF_OPEN` by the client's first packet that is not a SYN (the
 //!   handshake's ACK; a UDP flow's second packet). Entries leave on expiry
 //!   only: the program removes an expired entry a packet finds, the agent's
 //!   sweep the rest.
 //!
-//! A NAT flow has two entries in the same table, forward (client → VIP) and
-//! reply (backend → client); they are created, promoted and removed together.
+//! An established NAT flow has two entries in `CONNTRACK`, forward (client →
+//! VIP) and reply (backend → client), created, promoted and removed
+//! together. A half-open flow has one slot for both directions, chosen by
+//! what both carry (the client's address and port): a reply finds it there,
+//! so a new NAT flow writes one line, and its directions cannot part.
+//!
+//! Half-open entries are read as copies under the slot's sequence lock
+//! (`HalfOpenSlot`): a packet works on its copy, and a slot is only ever
+//! written whole, by a writer holding the lock.
 
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
+};
+use core::{
+    intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd},
+    mem::{MaybeUninit, size_of},
+    ptr::{read_volatile, write_volatile},
 };
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Flow,
-    FlowConf, FlowCounts, FlowKey, MAX_BACKENDS, NextHop,
+    FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, forward_key, is_expired,
-        reply_key, ticks,
+        reply_key, slot_index, ticks,
     },
 };
 
@@ -36,15 +51,15 @@ use crate::BACKENDS;
 #[map]
 pub(crate) static CONNTRACK: HashMap<FlowKey, Flow> =
     HashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE * 2, 0);
-/// Flows that have not completed a handshake, both directions. Sized by the
-/// agent at load time (twice `half-open-size`). Per-CPU LRU lists
-/// (`BPF_F_NO_COMMON_LRU`, as Katran's flow table): an insert takes a free
-/// entry from its own CPU's list instead of contending for a shared one —
-/// the cost that matters in a flood.
+/// Flows that have not completed a handshake, both directions, one slot
+/// each. Sized by the agent at load time (twice `half-open-size`);
+/// mappable, so the agent reads it as memory and writes it under the same
+/// slot locks as the program.
 #[map]
-pub(crate) static HALF_OPEN: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_SIZE * 2, BPF_F_NO_COMMON_LRU);
-/// The lifecycle's settings (timeouts, new-flow budget). Written by the agent.
+pub(crate) static HALF_OPEN: Array<HalfOpenSlot> =
+    Array::with_max_entries(DEFAULT_HALF_OPEN_SIZE * 2, BPF_F_MMAPABLE);
+/// The lifecycle's settings (timeouts, new-flow budget, the half-open
+/// table's size and seed). Written by the agent.
 #[map]
 static FLOW_CONF: Array<FlowConf> = Array::with_max_entries(1, 0);
 /// Backend id → established flows opened and closed, atomic adds from every
@@ -61,40 +76,13 @@ static FLOWS_SWEPT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 static NEW_FLOW_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_NOEXIST: u64 = 1;
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Which table an entry lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Table {
     Established,
     HalfOpen,
-}
-
-impl Table {
-    #[inline(always)]
-    fn get(self, key: &FlowKey) -> Option<*mut Flow> {
-        match self {
-            Table::Established => CONNTRACK.get_ptr_mut(key),
-            Table::HalfOpen => HALF_OPEN.get_ptr_mut(key),
-        }
-    }
-
-    /// Removes one entry; true only for the caller that removed it.
-    #[inline(always)]
-    fn remove(self, key: &FlowKey) -> bool {
-        match self {
-            Table::Established => CONNTRACK.remove(key).is_ok(),
-            Table::HalfOpen => HALF_OPEN.remove(key).is_ok(),
-        }
-    }
-
-    #[inline(always)]
-    fn insert_new(self, key: &FlowKey, flow: &Flow) -> bool {
-        match self {
-            Table::Established => CONNTRACK.insert(key, flow, BPF_NOEXIST).is_ok(),
-            Table::HalfOpen => HALF_OPEN.insert(key, flow, 0).is_ok(),
-        }
-    }
 }
 
 /// Now, in ticks (about a second): the coarse clock is the cheapest.
@@ -111,19 +99,20 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
     FLOW_CONF.get(0)
 }
 
-/// Steps 2: the live entry for `key` in `table`, refreshed; `None` on a miss.
-/// An entry idle past its timeout is a miss and is removed with its pair,
-/// unless the pair (the other direction) has carried a packet within it.
+/// Step 2: the live `CONNTRACK` entry for `key`, refreshed; `None` on a
+/// miss. An entry idle past its timeout is a miss and is removed with its
+/// pair, unless the pair (the other direction) has carried a packet within
+/// it.
 #[inline(always)]
-pub(crate) fn live(table: Table, key: &FlowKey, now: u32) -> Option<*mut Flow> {
-    let entry = table.get(key)?;
-    // SAFETY: a map value; the LRU may recycle it under us at worst, which
-    // yields a wrong-but-valid entry, never a fault.
+pub(crate) fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a map value; an entry removed under us stays readable until
+    // the program ends (RCU), at worst stale, never a fault.
     let flow = unsafe { &mut *entry };
     if flow.seen != now {
         let conf = conf()?;
-        if is_expired(conf, key.protocol, flow, now) && !pair_is_live(table, key, flow, now, conf) {
-            remove_flow(table, key, flow);
+        if is_expired(conf, key.protocol, flow, now) && !pair_is_live(key, flow, now, conf) {
+            remove_flow(Table::Established, key, flow);
             return None;
         }
         // One store per tick, not per packet.
@@ -133,14 +122,216 @@ pub(crate) fn live(table: Table, key: &FlowKey, now: u32) -> Option<*mut Flow> {
 }
 
 #[inline(always)]
-fn pair_is_live(table: Table, key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
+fn pair_is_live(key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
     let Some(pair) = pair_key(key, flow) else {
         return false;
     };
-    match table.get(&pair) {
-        // SAFETY: a map value, as in `live`.
+    match CONNTRACK.get_ptr(&pair) {
+        // SAFETY: a map value, as in `established`.
         Some(p) => !is_expired(conf, key.protocol, unsafe { &*p }, now),
         None => false,
+    }
+}
+
+/// Step 2, second table: a copy of the live half-open entry `key` belongs
+/// to; `None` on a miss. A flow's one slot serves both directions: a packet
+/// to a VIP (`to_vip`) is looked up as a client's, anything else as a reply
+/// (backend → client, NAT), whose entry is derived from the slot. An
+/// expired entry is a miss; a live one has its `seen` refreshed once per
+/// tick, by either direction (a UDP request answered for longer than its
+/// timeout stays).
+#[inline(always)]
+pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<Flow> {
+    let conf = conf()?;
+    let flow = if to_vip {
+        let slot = slot_of(conf, key.saddr, key.sport, key.protocol)?;
+        (read_slot(slot, key)?, slot)
+    } else {
+        reply_of_slot(conf, key)?
+    };
+    let (flow, slot) = flow;
+    if flow.seen != now {
+        if is_expired(conf, key.protocol, &flow, now) {
+            return None;
+        }
+        // A lone aligned store outside the lock: if the slot changed hands
+        // meanwhile, its new flow just looks fresh, which it is.
+        // SAFETY: a valid, aligned u32 in an array map value.
+        unsafe { write_volatile(&raw mut (*slot).flow.seen, now) };
+    }
+    Some(flow)
+}
+
+/// A backend's reply (backend → client) to a half-open NAT flow: the slot
+/// of its destination (the client) holds the flow if the flow's backend is
+/// the sender; its reply entry is made from it.
+#[inline(always)]
+fn reply_of_slot(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+    let slot = slot_of(conf, key.daddr, key.dport, key.protocol)?;
+    // SAFETY: a valid array map value; the key is checked under the copy's
+    // sequence (`read_slot`) once it is known.
+    let forward = unsafe { copy_key(&raw const (*slot).key) };
+    if forward.saddr != key.daddr || forward.sport != key.dport || forward.protocol != key.protocol
+    {
+        return None;
+    }
+    let flow = read_slot(slot, &forward)?;
+    if flow.vip == 0 {
+        return None;
+    }
+    let backend = BACKENDS.get(flow.backend_id)?;
+    if backend.addr != key.saddr || backend.port != key.sport {
+        return None;
+    }
+    let mut reply = entry(
+        flow.backend_id,
+        flow.service_id,
+        flow.seen,
+        forward.daddr,
+        forward.dport,
+        REPLY,
+    );
+    reply.state = flow.state;
+    Some((reply, slot))
+}
+
+/// The slot of the flow whose client is `client:port`; `None` before the
+/// agent sized the table.
+#[inline(always)]
+fn slot_of(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> Option<*mut HalfOpenSlot> {
+    HALF_OPEN.get_ptr_mut(slot_index(
+        client,
+        port,
+        protocol,
+        conf.half_open_seed,
+        conf.half_open_slots,
+    ))
+}
+
+/// The slot's entry if it is `key`'s, copied whole under the sequence lock.
+#[inline(always)]
+fn read_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<Flow> {
+    // SAFETY: `slot` is a valid array map value; every read is volatile so
+    // the copy happens between the two reads of `seq`.
+    unsafe {
+        let seq = read_volatile(&raw const (*slot).seq);
+        if seq & 1 != 0 || !same_key(&raw const (*slot).key, key) {
+            return None;
+        }
+        let flow = copy_flow(&raw const (*slot).flow);
+        if read_volatile(&raw const (*slot).seq) != seq {
+            return None;
+        }
+        Some(flow)
+    }
+}
+
+/// Takes the slot's lock; `None` if another writer holds it (that writer
+/// wins: half-open entries are best effort).
+#[inline(always)]
+fn lock(slot: *mut HalfOpenSlot) -> Option<u32> {
+    // SAFETY: a valid, aligned u32 in an array map value.
+    let seq = unsafe { read_volatile(&raw const (*slot).seq) };
+    if seq & 1 != 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let (_, locked) =
+        unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(&raw mut (*slot).seq, seq, seq + 1) };
+    locked.then_some(seq)
+}
+
+#[inline(always)]
+fn unlock(slot: *mut HalfOpenSlot) {
+    // SAFETY: as in `lock`; the add publishes the writes before it.
+    unsafe { atomic_xadd::<u32, u32, { SeqCst }>(&raw mut (*slot).seq, 1) };
+}
+
+/// Puts a forward entry (client → VIP) in its flow's slot, whatever held
+/// it: a flow lives in one slot, both directions, so whatever it replaces
+/// goes whole.
+#[inline(always)]
+fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
+    let Some(slot) = slot_of(conf, key.saddr, key.sport, key.protocol) else {
+        return false;
+    };
+    if lock(slot).is_none() {
+        return false;
+    }
+    // SAFETY: locked: the slot is ours to write.
+    unsafe {
+        write_words(&raw mut (*slot).key, key);
+        write_words(&raw mut (*slot).flow, flow);
+    }
+    unlock(slot);
+    true
+}
+
+/// Empties the slot of the flow whose forward key is `key`, if it holds it.
+#[inline(always)]
+fn clear_slot(conf: &FlowConf, key: &FlowKey) {
+    let Some(slot) = slot_of(conf, key.saddr, key.sport, key.protocol) else {
+        return;
+    };
+    if lock(slot).is_none() {
+        return;
+    }
+    // SAFETY: locked.
+    unsafe {
+        if same_key(&raw const (*slot).key, key) {
+            write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+        }
+    }
+    unlock(slot);
+}
+
+/// Compares a key in a slot with `key` word by word (the slot's key is
+/// only 4-byte aligned).
+#[inline(always)]
+unsafe fn same_key(stored: *const FlowKey, key: &FlowKey) -> bool {
+    let (a, b) = (stored.cast::<u32>(), (key as *const FlowKey).cast::<u32>());
+    let mut same = true;
+    for i in 0..size_of::<FlowKey>() / 4 {
+        // SAFETY: both point at a whole FlowKey (caller: `stored` valid).
+        same &= unsafe { read_volatile(a.add(i)) == *b.add(i) };
+    }
+    same
+}
+
+#[inline(always)]
+unsafe fn copy_key(src: *const FlowKey) -> FlowKey {
+    // SAFETY: the caller's pointer is a valid FlowKey.
+    unsafe { copy_words(src) }
+}
+
+/// Copies a flow entry out of a map value.
+#[inline(always)]
+pub(crate) unsafe fn copy_flow(src: *const Flow) -> Flow {
+    // SAFETY: the caller's pointer is a valid Flow.
+    unsafe { copy_words(src) }
+}
+
+/// Copies a 4-byte-aligned plain struct as 32-bit volatile loads: a struct
+/// copy would become an out-of-line BPF memcpy, and a volatile copy cannot
+/// be merged or moved out of the lock's window.
+#[inline(always)]
+pub(crate) unsafe fn copy_words<T: Copy>(src: *const T) -> T {
+    let mut out = MaybeUninit::<T>::uninit();
+    let (d, s) = (out.as_mut_ptr().cast::<u32>(), src.cast::<u32>());
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: T is a whole number of u32 words (asserted in lb-common).
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+    }
+    // SAFETY: every word written; T is plain data.
+    unsafe { out.assume_init() }
+}
+
+#[inline(always)]
+pub(crate) unsafe fn write_words<T: Copy>(dst: *mut T, src: &T) {
+    let (d, s) = (dst.cast::<u32>(), (src as *const T).cast::<u32>());
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: as in `copy_words`.
+        unsafe { write_volatile(d.add(i), *s.add(i)) };
     }
 }
 
@@ -164,34 +355,47 @@ fn pair_key(key: &FlowKey, flow: &Flow) -> Option<FlowKey> {
 /// entry, unless FIN/RST already counted it.
 #[inline(always)]
 pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
+    if table == Table::HalfOpen {
+        // One slot holds both directions: clear it by the forward key.
+        let forward = if flow.direction == REPLY {
+            forward_key(key, flow)
+        } else {
+            *key
+        };
+        if let Some(conf) = conf() {
+            clear_slot(conf, &forward);
+        }
+        return;
+    }
     let pair = pair_key(key, flow);
     let (backend_id, state, direction) = (flow.backend_id, flow.state, flow.direction);
-    let removed = table.remove(key);
+    let removed = CONNTRACK.remove(key).is_ok();
     if let Some(pair) = pair {
-        let pair_removed = table.remove(&pair);
+        let pair_removed = CONNTRACK.remove(&pair).is_ok();
         // The forward entry is the pair when `key` is a reply's.
         if direction == REPLY {
-            if pair_removed && table == Table::Established && state == STATE_ESTABLISHED {
+            if pair_removed && state == STATE_ESTABLISHED {
                 count_closed(backend_id);
             }
             return;
         }
     }
-    if removed && table == Table::Established && state == STATE_ESTABLISHED {
+    if removed && state == STATE_ESTABLISHED {
         count_closed(backend_id);
     }
 }
 
-/// A FIN or RST (either direction): the flow moves to the closing timeout
-/// and stops counting as active. Both entries of a NAT flow carry the
-/// state, so both expire on the closing timeout. The forward entry's change
-/// is a compare-and-swap: two CPUs seeing the FIN count it once.
+/// A FIN or RST (either direction) on an established flow: it moves to the
+/// closing timeout and stops counting as active. Both entries of a NAT flow
+/// carry the state, so both expire on the closing timeout. The forward
+/// entry's change is a compare-and-swap: two CPUs seeing the FIN count it
+/// once.
 #[inline(always)]
-pub(crate) fn close(table: Table, key: &FlowKey, flow: &mut Flow) {
+pub(crate) fn close(key: &FlowKey, flow: &mut Flow) {
     if flow.state != STATE_ESTABLISHED {
         return;
     }
-    let pair = pair_key(key, flow).and_then(|p| table.get(&p));
+    let pair = pair_key(key, flow).and_then(|p| CONNTRACK.get_ptr_mut(&p));
     let forward = if flow.direction == REPLY {
         match pair {
             Some(f) => f,
@@ -200,13 +404,13 @@ pub(crate) fn close(table: Table, key: &FlowKey, flow: &mut Flow) {
     } else {
         flow as *mut Flow
     };
-    // SAFETY: a valid, aligned u32 in a map value (`live` on recycling).
+    // SAFETY: a valid, aligned u32 in a map value (`established`).
     let (_, swapped) = unsafe {
-        core::intrinsics::atomic_cxchg::<
-            u32,
-            { core::intrinsics::AtomicOrdering::SeqCst },
-            { core::intrinsics::AtomicOrdering::SeqCst },
-        >(&raw mut (*forward).state, STATE_ESTABLISHED, STATE_CLOSING)
+        atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
+            &raw mut (*forward).state,
+            STATE_ESTABLISHED,
+            STATE_CLOSING,
+        )
     };
     if swapped {
         // SAFETY: as above.
@@ -219,16 +423,13 @@ pub(crate) fn close(table: Table, key: &FlowKey, flow: &mut Flow) {
     }
 }
 
-/// Step 4's entry: a new flow in `HALF_OPEN`, with its reply entry for NAT.
-/// Returns the forward entry.
+/// Step 4's entry: a new flow in its `HALF_OPEN` slot (one for both
+/// directions: a NAT flow's replies find it there). Returns the forward
+/// entry, recorded or not: a slot another CPU is writing at this instant is
+/// not waited for, and the flow is forwarded all the same (its handshake
+/// then completes only if its scheduler finds it again).
 #[inline(always)]
-pub(crate) fn create(
-    key: &FlowKey,
-    service_id: u32,
-    backend_id: u32,
-    nat: bool,
-    now: u32,
-) -> Option<*mut Flow> {
+pub(crate) fn create(key: &FlowKey, service_id: u32, backend_id: u32, nat: bool, now: u32) -> Flow {
     let flow = entry(
         backend_id,
         service_id,
@@ -237,14 +438,10 @@ pub(crate) fn create(
         0,
         FORWARD,
     );
-    if !Table::HalfOpen.insert_new(key, &flow) {
-        return None;
+    if let Some(conf) = conf() {
+        write_slot(conf, key, &flow);
     }
-    if nat && !insert_reply(Table::HalfOpen, key, service_id, backend_id, STATE_NEW, now) {
-        let _ = HALF_OPEN.remove(key);
-        return None;
-    }
-    HALF_OPEN.get_ptr_mut(key)
+    flow
 }
 
 #[inline(always)]
@@ -262,53 +459,37 @@ fn entry(backend_id: u32, service_id: u32, now: u32, vip: u32, vport: u16, direc
     }
 }
 
-#[inline(always)]
-fn insert_reply(
-    table: Table,
-    key: &FlowKey,
-    service_id: u32,
-    backend_id: u32,
-    state: u32,
-    now: u32,
-) -> bool {
-    let Some(backend) = BACKENDS.get(backend_id) else {
-        return false;
-    };
-    let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
-    reply.state = state;
-    table.insert_new(&reply_key(key, backend), &reply)
-}
-
-/// The client confirmed a half-open flow: it moves to `CONNTRACK` (both
-/// entries) and counts as active. If `CONNTRACK` is full the flow stays
-/// half-open, still forwarded (it can then be evicted by new flows).
+/// The client confirmed a half-open flow (`flow`, its copy, with the next
+/// hop its packets resolved): it moves to `CONNTRACK` (both entries) and
+/// counts as active. If `CONNTRACK` is full the flow stays half-open, still
+/// forwarded (it can then be replaced by new flows).
 #[inline(always)]
 pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, now: u32) {
     let nat = flow.vip != 0;
     flow.state = STATE_ESTABLISHED;
-    if !Table::Established.insert_new(key, flow) {
+    flow.seen = now;
+    if CONNTRACK.insert(key, &*flow, BPF_NOEXIST).is_err() {
         flow.state = STATE_NEW;
         return;
     }
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
+    let pair = pair_key(key, flow);
     if nat {
-        if !insert_reply(
-            Table::Established,
-            key,
-            service_id,
-            backend_id,
-            STATE_ESTABLISHED,
-            now,
-        ) {
+        let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
+        reply.state = STATE_ESTABLISHED;
+        let inserted = match &pair {
+            Some(pair) => CONNTRACK.insert(pair, &reply, BPF_NOEXIST).is_ok(),
+            None => false,
+        };
+        if !inserted {
             let _ = CONNTRACK.remove(key);
             flow.state = STATE_NEW;
             return;
         }
-        if let Some(backend) = BACKENDS.get(backend_id) {
-            let _ = HALF_OPEN.remove(&reply_key(key, backend));
-        }
     }
-    let _ = HALF_OPEN.remove(key);
+    if let Some(conf) = conf() {
+        clear_slot(conf, key);
+    }
     count_opened(backend_id);
 }
 
@@ -362,12 +543,7 @@ fn count_opened(backend_id: u32) {
     if let Some(c) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
         // SAFETY: a valid, aligned u64 in an array map value; SeqCst so the
         // BPF backend emits a real atomic add (see `schedule`).
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
-                &raw mut (*c).opened,
-                1,
-            )
-        };
+        unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&raw mut (*c).opened, 1) };
     }
 }
 
@@ -375,11 +551,6 @@ fn count_opened(backend_id: u32) {
 fn count_closed(backend_id: u32) {
     if let Some(c) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
         // SAFETY: as in `count_opened`.
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
-                &raw mut (*c).closed,
-                1,
-            )
-        };
+        unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&raw mut (*c).closed, 1) };
     }
 }

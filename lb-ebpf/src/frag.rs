@@ -39,13 +39,15 @@ static FRAGS: LruHashMap<FragKey, L4Ports> = LruHashMap::with_max_entries(FRAG_T
 /// flow's forward entry (client → VIP) or its reply entry (backend →
 /// client, NAT). Fragments and ICMP errors find their flow only through
 /// here; they never create, promote or close one.
+/// Both come as copies: their next hop is not worth caching.
 #[inline(always)]
-pub(crate) fn flow_of(key: &FlowKey) -> Option<(*mut Flow, Table)> {
+pub(crate) fn flow_of(key: &FlowKey) -> Option<(Flow, Table)> {
     let now = flows::now();
-    if let Some(entry) = flows::live(Table::Established, key, now) {
-        return Some((entry, Table::Established));
+    if let Some(entry) = flows::established(key, now) {
+        // SAFETY: a CONNTRACK value (see `flows::established`).
+        return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
     }
-    flows::live(Table::HalfOpen, key, now).map(|entry| (entry, Table::HalfOpen))
+    flows::half_open(key, now, crate::is_vip_addr(key.daddr)).map(|flow| (flow, Table::HalfOpen))
 }
 
 /// A first fragment taken by a flow: records its ports for the fragments
@@ -112,13 +114,11 @@ pub(crate) fn later_fragment(
         ports: &mut scratch_ports,
         l4_check: &mut scratch_check,
     };
-    let (entry, table) = flow_of(&key)?;
-    // SAFETY: a flow table's value, as on the established path.
-    let flow = unsafe { &mut *entry };
+    let (mut flow, table) = flow_of(&key)?;
     Some(if flow.direction == REPLY {
-        reverse_nat(ctx, &pkt, &key, flow)
+        reverse_nat(ctx, &pkt, &key, &mut flow)
     } else {
-        forward(ctx, &pkt, &key, flow, table)
+        forward(ctx, &pkt, &key, &mut flow, table)
     })
 }
 

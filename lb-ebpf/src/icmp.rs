@@ -85,13 +85,11 @@ pub(crate) fn error_of_flow(
         // SAFETY: within the bounds-checked ICMP header.
         l4_check: unsafe { &raw mut (*icmp).check },
     };
-    let (entry, _) = flow_of(&key)?;
-    // SAFETY: a flow table's value, as on the established path.
-    let flow = unsafe { &mut *entry };
+    let (mut flow, _) = flow_of(&key)?;
     Some(if flow.direction == REPLY {
-        to_client(ctx, &pkt, quoted, flow)
+        to_client(ctx, &pkt, quoted, &mut flow)
     } else {
-        to_backend(ctx, &pkt, quoted, flow)
+        to_backend(ctx, &pkt, quoted, &mut flow)
     })
 }
 

@@ -46,6 +46,7 @@ mod bench;
 mod firewall;
 mod flows;
 mod frag;
+mod hops;
 mod icmp;
 mod schedule;
 mod trace;
@@ -181,20 +182,20 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let now = flows::now();
     // Established flows first: one lookup on the hot path. Both directions
     // of a flow are keyed as they arrive, so replies hit here too.
-    if let Some(entry) = flows::live(Table::Established, &key, now) {
-        // SAFETY: a CONNTRACK value (see `flows::live`).
+    if let Some(entry) = flows::established(&key, now) {
+        // SAFETY: a CONNTRACK value (see `flows::established`).
         let flow = unsafe { &mut *entry };
         if let Some(outcome) = established(ctx, &pkt, &key, flow, flags) {
             return outcome;
         }
-    } else if let Some(entry) = flows::live(Table::HalfOpen, &key, now) {
-        // SAFETY: a HALF_OPEN value, as above.
-        let flow = unsafe { &mut *entry };
-        if let Some(outcome) = half_open(ctx, &pkt, &key, flow, flags, now) {
+    }
+    let to_vip = is_vip(ip);
+    if let Some(mut flow) = flows::half_open(&key, now, to_vip) {
+        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, flags, now) {
             return outcome;
         }
     }
-    if is_vip(ip) {
+    if to_vip {
         return new_flow(ctx, &pkt, &key, flags, now);
     }
     pass(Verdict::PassNotOurs)
@@ -211,7 +212,7 @@ fn established(
     flags: u8,
 ) -> Option<Outcome> {
     if closes(flags) {
-        flows::close(Table::Established, key, flow);
+        flows::close(key, flow);
     }
     if flow.direction == REPLY {
         return Some(reverse_nat(ctx, pkt, key, flow));
@@ -223,8 +224,9 @@ fn established(
     Some(forward(ctx, pkt, key, flow, Table::Established))
 }
 
-/// A packet of a half-open flow: the backend's SYN-ACK (NAT) goes back to
-/// the client; the client's first packet without SYN promotes the flow.
+/// A packet of a half-open flow (`flow` is its entry's copy): the backend's
+/// SYN-ACK (NAT) goes back to the client; the client's first packet without
+/// SYN promotes the flow.
 #[inline(always)]
 fn half_open(
     ctx: &XdpContext,
@@ -271,7 +273,12 @@ fn without_ports(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Option
 #[inline(always)]
 fn is_vip(ip: *const Ipv4Hdr) -> bool {
     // SAFETY: the caller bounds-checked the fixed IPv4 header.
-    VIPS.get_ptr(unsafe { (*ip).daddr }).is_some()
+    is_vip_addr(unsafe { (*ip).daddr })
+}
+
+#[inline(always)]
+pub(crate) fn is_vip_addr(addr: u32) -> bool {
+    VIPS.get_ptr(addr).is_some()
 }
 
 /// The TCP flags of a TCP packet, 0 for UDP. VIP traffic has no IP options
@@ -414,16 +421,13 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) 
         }
         return outcome;
     }
-    match flows::create(key, service_id, backend_id, !dsr, now) {
-        // SAFETY: a HALF_OPEN value (see `flows::live`).
-        Some(flow) => forward(ctx, pkt, key, unsafe { &mut *flow }, Table::HalfOpen),
-        None => drop(Verdict::DropConntrackFull),
-    }
+    let mut flow = flows::create(key, service_id, backend_id, !dsr, now);
+    forward(ctx, pkt, key, &mut flow, Table::HalfOpen)
 }
 
 /// Forwards a packet of a pinned flow to its backend in its service's mode.
-/// The flow is a map value: the LRU may recycle it under us at worst, which
-/// yields a wrong-but-valid backend id, never a fault.
+/// The flow is a `CONNTRACK` value (removed under us at worst: stale, never
+/// a fault) or a half-open entry's copy.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -449,11 +453,16 @@ fn forward(
     frag::remember(pkt.ip, key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
+    // A new flow's first packet: the backend's shared hop if it is fresh.
+    let resolving = flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, &mut flow.next_hop);
     let outcome = if conf.mode == MODE_DSR {
         transmit_dsr(ctx, pkt, backend, &mut flow.next_hop)
     } else {
         transmit_nat(ctx, pkt, backend, &mut flow.next_hop)
     };
+    if resolving && flow.next_hop.ifindex != 0 {
+        hops::share(backend_id, &flow.next_hop);
+    }
     if outcome.reason == Verdict::Forwarded {
         count(&SERVICE_STATS, service_id, 1, bytes);
         count(&BACKEND_STATS, backend_id, 1, bytes);

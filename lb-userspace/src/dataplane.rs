@@ -6,11 +6,13 @@
 mod batch;
 pub mod firewall;
 mod firewall_maps;
+mod half_open;
 pub mod plan;
 mod read;
 pub mod sweep;
 
 pub use firewall_maps::RuleStats;
+pub use half_open::HalfOpenTable;
 pub use read::FlowTable;
 pub use sweep::Sweeper;
 
@@ -29,9 +31,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, Counters, DEFAULT_HALF_OPEN_SIZE, Flow,
-    FlowConf, FlowCounts, FlowKey, MAX_BACKENDS, MaglevTable, Ring, SCHED_MAGLEV, SCHED_SOURCE_IP,
-    ServiceConf, ServiceKey, ring,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, BackendHop, Counters, DEFAULT_HALF_OPEN_SIZE,
+    Flow, FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, MaglevTable, Ring,
+    SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, ring,
 };
 
 use firewall::{FwError, FwIds};
@@ -61,6 +63,8 @@ pub enum DataplaneError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("mapping HALF_OPEN into memory: {0}")]
+    HalfOpen(std::io::Error),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(String),
     #[error("attaching XDP to {iface}: {source}")]
@@ -140,7 +144,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 24] = [
+pub const LB_MAPS: [&str; 25] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -148,6 +152,7 @@ pub const LB_MAPS: [&str; 24] = [
     "MAGLEV",
     "RR_COUNTERS",
     "BACKENDS",
+    "BACKEND_HOPS",
     "CONNTRACK",
     "HALF_OPEN",
     "FLOW_CONF",
@@ -609,6 +614,14 @@ impl Dataplane {
                 service_id: b.service_id,
                 _pad: 0,
             },
+        )?;
+        // The shared next hop was for the address the id had: the next new
+        // flow resolves it again.
+        set(
+            &mut self.array::<BackendHop>("BACKEND_HOPS")?,
+            "BACKEND_HOPS",
+            b.id,
+            BackendHop::default(),
         )
     }
 
@@ -685,18 +698,18 @@ impl Dataplane {
     /// directions). Walks the whole tables, so it runs only when an id with
     /// a past is reused.
     fn purge_flows(&mut self, ids: &BTreeSet<u32>) -> Result<()> {
-        for name in ["CONNTRACK", "HALF_OPEN"] {
-            let mut flows = self.hash::<FlowKey, Flow>(name)?;
-            let stale: Vec<FlowKey> = flows
-                .iter()
-                .filter_map(|r| r.ok())
-                .filter(|(_, f)| ids.contains(&f.backend_id))
-                .map(|(k, _)| k)
-                .collect();
-            for key in &stale {
-                remove_if_present(&mut flows, name, key)?;
-            }
+        let mut flows = self.hash::<FlowKey, Flow>("CONNTRACK")?;
+        let stale: Vec<FlowKey> = flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, f)| ids.contains(&f.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            remove_if_present(&mut flows, "CONNTRACK", key)?;
         }
+        self.half_open_table()?
+            .clear_all(|_, f| ids.contains(&f.backend_id));
         Ok(())
     }
 
@@ -704,20 +717,56 @@ impl Dataplane {
     /// as an eviction or another load balancer's miss would leave it. For
     /// tests and tools; the data plane and the sweep remove expired flows.
     pub fn forget_flow(&mut self, key: &FlowKey) -> Result<()> {
-        for name in ["CONNTRACK", "HALF_OPEN"] {
-            remove_if_present(&mut self.hash::<FlowKey, Flow>(name)?, name, key)?;
-        }
+        remove_if_present(
+            &mut self.hash::<FlowKey, Flow>("CONNTRACK")?,
+            "CONNTRACK",
+            key,
+        )?;
+        let conf = self.flow_conf()?;
+        self.half_open_table()?.remove(key, &conf);
         Ok(())
     }
 
-    /// The flow lifecycle's settings (timeouts, new-flow budget), live.
-    fn set_flow_conf(&mut self, conf: FlowConf) -> Result<()> {
-        set(
-            &mut self.array::<FlowConf>("FLOW_CONF")?,
-            "FLOW_CONF",
-            0,
-            conf,
-        )
+    /// The flow lifecycle's settings (timeouts, new-flow budget), live,
+    /// with the half-open table's size and seed: the seed already in
+    /// `FLOW_CONF` (a pinned table's, whose entries sit where it put them),
+    /// or a new random one for a new table.
+    fn set_flow_conf(&mut self, mut conf: FlowConf) -> Result<()> {
+        let table = self.half_open_table()?;
+        let mut map = self.array::<FlowConf>("FLOW_CONF")?;
+        let current = map.get(&0, 0).map_err(|source| DataplaneError::Map {
+            name: "FLOW_CONF",
+            source,
+        })?;
+        conf.half_open_slots = table.slots();
+        conf.half_open_seed = match current.half_open_seed {
+            0 => random_seed(),
+            seed => seed,
+        };
+        set(&mut map, "FLOW_CONF", 0, conf)
+    }
+
+    /// `HALF_OPEN`, mapped into memory.
+    pub(crate) fn half_open_table(&self) -> Result<HalfOpenTable> {
+        HalfOpenTable::map(&self.map_data("HALF_OPEN")?).map_err(DataplaneError::HalfOpen)
+    }
+
+    /// What `FLOW_CONF` holds now (timeouts, budget, the half-open table's
+    /// size and seed).
+    pub fn flow_conf(&self) -> Result<FlowConf> {
+        let map = self
+            .ebpf
+            .map("FLOW_CONF")
+            .ok_or(DataplaneError::MissingMap("FLOW_CONF"))?;
+        let array: Array<&MapData, FlowConf> =
+            Array::try_from(map).map_err(|source| DataplaneError::Map {
+                name: "FLOW_CONF",
+                source,
+            })?;
+        array.get(&0, 0).map_err(|source| DataplaneError::Map {
+            name: "FLOW_CONF",
+            source,
+        })
     }
 
     /// A reused id starts its traffic counters from zero.
@@ -821,8 +870,9 @@ fn uses_maglev(scheduler: u32) -> bool {
     matches!(scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP)
 }
 
-/// The pinned flow tables must be this version's (a hash of 40-byte flow
-/// entries, two per flow) and have the size the config asks for: a map's
+/// The pinned flow tables must be this version's (a hash of 44-byte flow
+/// entries and an array of 64-byte half-open slots, two per flow) and have
+/// the size the config asks for: a map's
 /// type and size are fixed when it is created, and adopting keeps the old.
 fn check_pinned_tables(sizes: TableSizes, pin_dir: &Path) -> Result<()> {
     let old_version = |map: &'static str, found: String, wanted: &str| DataplaneError::OldVersion {
@@ -844,15 +894,17 @@ fn check_pinned_tables(sizes: TableSizes, pin_dir: &Path) -> Result<()> {
             "conntrack-size",
             sizes.conntrack,
             aya::maps::MapType::Hash,
+            std::mem::size_of::<Flow>(),
         ),
         (
             "HALF_OPEN",
             "half-open-size",
             sizes.half_open,
-            aya::maps::MapType::LruHash,
+            aya::maps::MapType::Array,
+            std::mem::size_of::<HalfOpenSlot>(),
         ),
     ];
-    for (map, key, configured, kind) in tables {
+    for (map, key, configured, kind, entry_size) in tables {
         let path = pin_dir.join(map);
         if !path.exists() {
             continue;
@@ -861,11 +913,11 @@ fn check_pinned_tables(sizes: TableSizes, pin_dir: &Path) -> Result<()> {
             MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name: map, source })?;
         let found_kind = info.map_type().ok();
         let value_size = info.value_size() as usize;
-        if found_kind != Some(kind) || value_size != std::mem::size_of::<Flow>() {
+        if found_kind != Some(kind) || value_size != entry_size {
             return Err(old_version(
                 map,
                 format!("a {found_kind:?} of {value_size}-byte entries"),
-                &format!("a {kind:?} of {}-byte entries", std::mem::size_of::<Flow>()),
+                &format!("a {kind:?} of {entry_size}-byte entries"),
             ));
         }
         let pinned = info.max_entries() / 2;
@@ -924,4 +976,21 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
         }
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
+}
+
+/// A half-open table seed: random, never 0 (0 means "no seed yet").
+fn random_seed() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let seed = if n == 4 {
+        u32::from_ne_bytes(bytes)
+    } else {
+        // No entropy (never on Linux ≥ 3.17): the clock still varies per run.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(1)
+    };
+    seed.max(1)
 }

@@ -1937,8 +1937,8 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         let table = h.dp.flow_table().expect("flow table");
         assert_eq!(
             table.entries().expect("entries"),
-            (0, 2),
-            "forward and reply entries, half-open"
+            (0, 1),
+            "one half-open slot: the reply finds the flow by the client's address and port"
         );
         assert_eq!(table_of(&h, &key), Some(false));
         assert_eq!(active(&h, web1), 0, "a half-open flow is not active");
@@ -1987,7 +1987,7 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
                 .expect("table")
                 .entries()
                 .expect("entries"),
-            (2, 2)
+            (2, 1)
         );
         h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(
@@ -2126,7 +2126,7 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
         for port in 53000..53010u16 {
             pinned.push((port, open(&mut h, port)));
         }
-        // Ten times the half-open table in spoofed SYNs (2 entries each).
+        // Ten times the half-open table in spoofed SYNs (one slot each).
         let prog = h.dp.program().expect("program");
         for i in 0..10 * 1024u32 {
             let frame = Tcp {
@@ -2148,6 +2148,83 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
             let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
             assert_eq!(web_of(&out), web, "port {port} kept its backend");
         }
+    });
+}
+
+#[test]
+fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.half_open_size = 1024;
+        cfg.dataplane.timeouts.tcp_half_open = std::time::Duration::from_secs(1);
+        let mut h = Harness::new(&cfg);
+        let conf = h.dp.flow_conf().expect("FLOW_CONF");
+        assert_eq!(conf.half_open_slots, 2048, "two slots per half-open flow");
+        assert_ne!(conf.half_open_seed, 0, "a seed was drawn");
+        let slot = |port: u16| {
+            lb_common::flow::slot_index(
+                u32::from_ne_bytes(CLIENT),
+                port.to_be(),
+                6,
+                conf.half_open_seed,
+                conf.half_open_slots,
+            )
+        };
+        // Flow A goes to web1 (the ring's first) and its SYN-ACK finds it
+        // through the client's slot: no reply entry of its own.
+        let a = 55000;
+        let out = h.expect(
+            h.front,
+            &Tcp::request(a, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), 0);
+        h.expect(
+            h.back,
+            &reply_from_web1(a, 0x12),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        // Flow B's client port hashes to A's slot: B takes it, and A is gone
+        // in both directions at once.
+        let b = (1024..=u16::MAX)
+            .find(|&p| p != a && slot(p) == slot(a))
+            .expect("a port sharing the slot");
+        h.expect(
+            h.front,
+            &Tcp::request(b, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(table_of(&h, &client_key(a, VIP)), None);
+        assert_eq!(table_of(&h, &client_key(b, VIP)), Some(false));
+        h.expect(
+            h.back,
+            &reply_from_web1(a, 0x12),
+            XDP_PASS,
+            Verdict::PassNotOurs,
+        );
+        h.expect(h.front, &client_ack(a, VIP), XDP_DROP, Verdict::DropNoFlow);
+        assert_eq!(
+            h.dp.flow_table().expect("t").entries().expect("entries"),
+            (0, 1)
+        );
+        // Past the half-open timeout with no packet, the agent's sweep
+        // empties B's slot.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        let report =
+            h.dp.sweeper()
+                .expect("sweeper")
+                .sweep(lb_userspace::dataplane::sweep::now_ticks())
+                .expect("sweep");
+        assert_eq!(report.removed, 1, "{report:?}");
+        assert_eq!(table_of(&h, &client_key(b, VIP)), None);
+        assert_eq!(
+            h.dp.flow_table().expect("t").entries().expect("entries"),
+            (0, 0)
+        );
     });
 }
 

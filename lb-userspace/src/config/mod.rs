@@ -234,6 +234,9 @@ impl Dataplane {
                 u64::from(self.new_flow_budget) * lb_common::flow::TICK_NS / 1_000_000_000,
             )
             .unwrap_or(u32::MAX),
+            // The table's, not the config's: the data plane fills them in.
+            half_open_slots: 0,
+            half_open_seed: 0,
         }
     }
 }

@@ -9,11 +9,12 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
 use lb_common::{
-    Backend, Counters, FW_GLOBAL, Flow, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable, Ring,
-    SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict, flow::REPLY,
+    Backend, Counters, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable,
+    Ring, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
+    flow::{REPLY, is_expired},
 };
 
-use super::{Dataplane, DataplaneError, Result, found};
+use super::{Dataplane, DataplaneError, HalfOpenTable, Result, found};
 use crate::explain::{FlowFacts, FwFacts, ServiceFacts};
 
 impl Dataplane {
@@ -62,6 +63,7 @@ impl Dataplane {
         Ok(FlowTable {
             conntrack,
             half_open,
+            conf: self.owned_array("FLOW_CONF")?,
             counts: self.owned_array("BACKEND_FLOWS")?,
             swept: self.owned_array("FLOWS_SWEPT")?,
         })
@@ -69,20 +71,13 @@ impl Dataplane {
 
     /// Owned handles on `CONNTRACK` and `HALF_OPEN` (for readers and the
     /// sweep, apart from this value).
-    pub(super) fn flow_maps(&self) -> Result<(FlowMap, FlowMap)> {
-        let hash = |name: &'static str, map| {
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })
-        };
-        Ok((
-            hash(
-                "CONNTRACK",
-                aya::maps::Map::HashMap(self.map_data("CONNTRACK")?),
-            )?,
-            hash(
-                "HALF_OPEN",
-                aya::maps::Map::LruHashMap(self.map_data("HALF_OPEN")?),
-            )?,
-        ))
+    pub(super) fn flow_maps(&self) -> Result<(FlowMap, HalfOpenTable)> {
+        let conntrack = HashMap::try_from(aya::maps::Map::HashMap(self.map_data("CONNTRACK")?))
+            .map_err(|source| DataplaneError::Map {
+                name: "CONNTRACK",
+                source,
+            })?;
+        Ok((conntrack, self.half_open_table()?))
     }
 
     /// An owned handle on one of the program's array maps.
@@ -144,11 +139,9 @@ impl Dataplane {
                 })
             }
         };
-        let half_open: HashMap<&MapData, FlowKey, Flow> =
-            HashMap::try_from(map("HALF_OPEN")?).map_err(err("HALF_OPEN"))?;
         let entry = match found(flows.get(key, 0), "CONNTRACK")? {
             Some(flow) => Some(flow),
-            None => found(half_open.get(key, 0), "HALF_OPEN")?,
+            None => self.half_open_table()?.get(key, &self.flow_conf()?),
         };
         let conntrack = match entry {
             None => None,
@@ -246,37 +239,58 @@ pub(super) type FlowMap = HashMap<MapData, FlowKey, Flow>;
 /// The flow tables, read apart from the agent's loop.
 pub struct FlowTable {
     conntrack: FlowMap,
-    half_open: FlowMap,
+    half_open: HalfOpenTable,
+    conf: Array<MapData, FlowConf>,
     counts: Array<MapData, FlowCounts>,
     swept: Array<MapData, u64>,
 }
 
 impl FlowTable {
     /// Flows in the tables per backend id, established and half-open (walks
-    /// both maps: for status, not for the fast path). A NAT flow's reply
+    /// both tables: for status, not for the fast path). A NAT flow's reply
     /// entry is not a second flow.
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
-        for (name, table) in [
-            ("CONNTRACK", &self.conntrack),
-            ("HALF_OPEN", &self.half_open),
-        ] {
-            for (_, flow) in snapshot(name, table)? {
-                if flow.direction != REPLY {
-                    *counts.entry(flow.backend_id).or_insert(0) += 1;
-                }
+        let half_open = self.half_open_live()?;
+        for flow in snapshot("CONNTRACK", &self.conntrack)?
+            .iter()
+            .map(|(_, f)| f)
+            .chain(half_open.iter().map(|(_, f)| f))
+        {
+            if flow.direction != REPLY {
+                *counts.entry(flow.backend_id).or_insert(0) += 1;
             }
         }
         Ok(counts)
     }
 
     /// Entries in the established and the half-open table (two per NAT
-    /// flow).
+    /// flow; half-open entries past their timeout, which the next flow to
+    /// hash there replaces, are not counted).
     pub fn entries(&self) -> Result<(u64, u64)> {
         Ok((
             snapshot("CONNTRACK", &self.conntrack)?.len() as u64,
-            snapshot("HALF_OPEN", &self.half_open)?.len() as u64,
+            self.half_open_live()?.len() as u64,
         ))
+    }
+
+    /// The half-open entries within their timeout.
+    fn half_open_live(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let conf = self.flow_conf()?;
+        let now = super::sweep::now_ticks();
+        Ok(self
+            .half_open
+            .entries()
+            .into_iter()
+            .filter(|(k, f)| !is_expired(&conf, k.protocol, f, now))
+            .collect())
+    }
+
+    fn flow_conf(&self) -> Result<FlowConf> {
+        self.conf.get(&0, 0).map_err(|source| DataplaneError::Map {
+            name: "FLOW_CONF",
+            source,
+        })
     }
 
     /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
@@ -285,7 +299,8 @@ impl FlowTable {
         if let Some(f) = found(self.conntrack.get(key, 0), "CONNTRACK")? {
             return Ok(Some((true, f)));
         }
-        Ok(found(self.half_open.get(key, 0), "HALF_OPEN")?.map(|f| (false, f)))
+        let conf = self.flow_conf()?;
+        Ok(self.half_open.get(key, &conf).map(|f| (false, f)))
     }
 
     /// Established flows of backend `id` that have not closed: opened minus

@@ -70,7 +70,7 @@ pub struct SweepReport {
 /// Handles on the flow tables for the sweep, apart from the agent's loop.
 pub struct Sweeper {
     conntrack: super::read::FlowMap,
-    half_open: super::read::FlowMap,
+    half_open: super::HalfOpenTable,
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
@@ -101,31 +101,39 @@ impl Sweeper {
         let backends = &self.backends;
         let backend = |id: u32| backends.get(&id, 0).ok();
         let mut report = SweepReport::default();
-        for (name, table) in [
-            ("CONNTRACK", &mut self.conntrack),
-            ("HALF_OPEN", &mut self.half_open),
-        ] {
-            let entries: StdHashMap<FlowKey, Flow> = table.iter().filter_map(|r| r.ok()).collect();
-            for key in expired(&entries, backend, &conf, now) {
-                match table.remove(&key) {
-                    Ok(()) => {}
-                    // The data plane got there first.
-                    Err(MapError::KeyNotFound) => continue,
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        continue;
-                    }
-                    Err(source) => return Err(DataplaneError::Map { name, source }),
-                }
-                report.removed += 1;
-                let flow = &entries[&key];
-                if name == "CONNTRACK" && flow.direction != REPLY && flow.state == STATE_ESTABLISHED
+        let entries: StdHashMap<FlowKey, Flow> =
+            self.conntrack.iter().filter_map(|r| r.ok()).collect();
+        for key in expired(&entries, backend, &conf, now) {
+            match self.conntrack.remove(&key) {
+                Ok(()) => {}
+                // The data plane got there first.
+                Err(MapError::KeyNotFound) => continue,
+                Err(MapError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
                 {
-                    *report.swept.entry(flow.backend_id).or_insert(0) += 1;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        name: "CONNTRACK",
+                        source,
+                    });
                 }
             }
+            report.removed += 1;
+            let flow = &entries[&key];
+            if flow.direction != REPLY && flow.state == STATE_ESTABLISHED {
+                *report.swept.entry(flow.backend_id).or_insert(0) += 1;
+            }
         }
+        // Half-open slots: the same choice over a snapshot, then each slot
+        // cleared under its lock only if it still holds that expired entry.
+        let entries: StdHashMap<FlowKey, Flow> = self.half_open.entries().into_iter().collect();
+        let gone: std::collections::HashSet<FlowKey> =
+            expired(&entries, backend, &conf, now).into_iter().collect();
+        report.removed += self
+            .half_open
+            .clear_all(|k, f| gone.contains(k) && is_expired(&conf, k.protocol, f, now));
         for (&id, &n) in &report.swept {
             let before = self.swept.get(&id, 0).map_err(map_err("FLOWS_SWEPT"))?;
             self.swept
@@ -147,7 +155,7 @@ mod tests {
     fn conf() -> FlowConf {
         FlowConf {
             timeouts: [5, 100, 10, 30],
-            new_flow_budget: 0,
+            ..FlowConf::default()
         }
     }
 

@@ -1,0 +1,46 @@
+//! Next hops towards backends, shared by their new flows (step 6). A flow
+//! caches the next hop its first packet resolved; without this table every
+//! new flow's first packet asked `bpf_fib_lookup` (a tenth of a new flow's
+//! cost in the profile, with the out-of-line memset of its parameters).
+//! Now the first new flow to a backend asks, and the next ones copy its
+//! answer while it is younger than `HOP_TTL` ticks. Writers racing on one
+//! backend's slot write the same answer; the agent zeroes a slot when it
+//! writes the backend (an address that moved).
+
+use aya_ebpf::{macros::map, maps::Array};
+use lb_common::{BackendHop, MAX_BACKENDS, NextHop, flow::HOP_TTL};
+
+use crate::flows::{self, copy_words, write_words};
+
+#[map]
+static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Fills an unresolved `cache` with the backend's shared hop if it is
+/// fresh; false if the caller must resolve it.
+#[inline(always)]
+pub(crate) fn borrow(backend_id: u32, cache: &mut NextHop) -> bool {
+    let Some(shared) = BACKEND_HOPS.get_ptr(backend_id) else {
+        return false;
+    };
+    // SAFETY: an array map value; plain data.
+    let shared = unsafe { copy_words(shared) };
+    if shared.hop.ifindex == 0 || flows::now().wrapping_sub(shared.resolved) >= HOP_TTL {
+        return false;
+    }
+    *cache = shared.hop;
+    true
+}
+
+/// Shares a hop a flow to the backend just resolved.
+#[inline(always)]
+pub(crate) fn share(backend_id: u32, hop: &NextHop) {
+    let Some(slot) = BACKEND_HOPS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    let shared = BackendHop {
+        hop: *hop,
+        resolved: flows::now(),
+    };
+    // SAFETY: an array map value; word stores (see `copy_words`).
+    unsafe { write_words(slot, &shared) };
+}
