@@ -11,7 +11,9 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::XdpMode as AyaXdpMode,
 };
-use lb_common::{Counters, FwdConf, TRACE_DEFAULT_VERDICTS};
+use lb_common::{
+    Counters, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, FwdConf, TRACE_DEFAULT_VERDICTS,
+};
 
 use super::net::{
     CLIENT, CONNTRACK, LBOUT_MAC, PORT, SINK_MAC, frame_from, frame_to, generator_spec, lb_config,
@@ -19,7 +21,7 @@ use super::net::{
 };
 use crate::{
     config::{Forwarding, Scheduler},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, TableSizes},
     harness::{
         pktgen::{self, FlowDist, Spec},
         xdp::{self, XDP_PASS, XDP_REDIRECT},
@@ -150,6 +152,10 @@ fn forward(ebpf: &mut Ebpf, spec: &Spec, reps: usize) -> anyhow::Result<(Stat, S
 pub(super) enum FlowState {
     Established,
     New,
+    /// A new flow into the flow-mix sweep's tables (2 097 152 flows each)
+    /// instead of the product's default sizes: what the tables' size costs
+    /// a new flow (cache and TLB misses).
+    NewLargeTables,
 }
 
 /// The program a cost row measured.
@@ -189,6 +195,7 @@ impl fmt::Display for NsProgram {
                 let flow = match flow {
                     FlowState::Established => "established flow",
                     FlowState::New => "new flow",
+                    FlowState::NewLargeTables => "new flow, 2M-flow tables",
                 };
                 write!(f, "lb {} ({backends} backends), {flow}", mode_name(*mode))
             }
@@ -436,8 +443,26 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
         });
     }
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
-        let mut dp = Dataplane::load(CONNTRACK)?;
+        // The product's default table sizes, as a deployment has them.
+        let mut dp = Dataplane::load(TableSizes {
+            conntrack: DEFAULT_CONNTRACK_SIZE,
+            half_open: DEFAULT_HALF_OPEN_SIZE,
+        })?;
         dp.apply(&lb_config(mode, 100)?)?;
+        let mut large = Dataplane::load(CONNTRACK)?;
+        large.apply(&lb_config(mode, 100)?)?;
+        let large_prog = large.program()?;
+        let mut large_ns = Vec::new();
+        for rep in 0..reps {
+            large_ns.push(ns_per_packet(
+                large_prog,
+                &new_flow_frames(rep as u8, calls)?,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+        }
+        drop(large);
         let prog = dp.program()?;
         // Establish the flow once.
         ns_per_packet(prog, &est, lbin, 1, Some(XDP_REDIRECT))?;
@@ -483,6 +508,11 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             program: lb(FlowState::New),
             method: NsMethod::DistinctFlows(calls),
             ns: Stat::of(&new_ns),
+        });
+        ns_rows.push(NsRow {
+            program: lb(FlowState::NewLargeTables),
+            method: NsMethod::DistinctFlows(calls),
+            ns: Stat::of(&large_ns),
         });
     }
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);

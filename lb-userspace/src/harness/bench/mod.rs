@@ -99,6 +99,9 @@ pub enum Section {
     /// table smaller than the flood while clients connect: what survived,
     /// what was served, the Mpps held (both modes)
     SynFlood,
+    /// ns/packet under BPF_PROG_TEST_RUN: established and new flows in both
+    /// modes, next to `xdp_pass`
+    Cost,
 }
 
 /// `lb bench`.
@@ -134,6 +137,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .iter()
         .copied()
         .chain(syn_flood.then_some(flood::BACKENDS))
+        // The ns/packet rows are measured at 100 backends.
+        .chain((!only || args.only.contains(&Section::Cost)).then_some(measure::MIX_BACKENDS))
         .max()
         .unwrap_or(2);
     let started = std::time::Instant::now();
@@ -162,7 +167,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Vec::new()
         };
         if only {
-            return Ok((fwd, Vec::new(), Vec::new(), Vec::new(), flood));
+            let ns = if args.only.contains(&Section::Cost) {
+                measure::cost_rows(&mut ebpf, args.quick, reps)?
+            } else {
+                Vec::new()
+            };
+            return Ok((fwd, ns, Vec::new(), Vec::new(), flood));
         }
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
