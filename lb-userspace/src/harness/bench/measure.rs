@@ -195,7 +195,7 @@ impl fmt::Display for NsProgram {
                 let flow = match flow {
                     FlowState::Established => "established flow",
                     FlowState::New => "new flow",
-                    FlowState::NewLargeTables => "new flow, 2M-flow tables",
+                    FlowState::NewLargeTables => "new flow, the sweep's tables",
                 };
                 write!(f, "lb {} ({backends} backends), {flow}", mode_name(*mode))
             }

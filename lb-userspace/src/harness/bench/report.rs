@@ -205,7 +205,7 @@ pub(super) fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "With repeat=1 each figure includes the kernel's timer overhead for one run (compare with `xdp_pass` measured the same way). NAT is only measured with repeat=1: the kernel does not restore the frame between repetitions, so after the first run a NATed frame is no longer addressed to the VIP. `lb` has the product's default table sizes (`conntrack-size` 262 144, `half-open-size` 65 536 flows) except in the rows marked *2M-flow tables* (2 097 152 flows each, the forwarding sweep's): a new flow's cost is mostly cache and TLB misses in the tables, so it grows with them.\n"
+        "With repeat=1 each figure includes the kernel's timer overhead for one run (compare with `xdp_pass` measured the same way). NAT is only measured with repeat=1: the kernel does not restore the frame between repetitions, so after the first run a NATed frame is no longer addressed to the VIP. `lb` has the product's default table sizes (`conntrack-size` and `half-open-size` as config/README.md gives them) except in the rows marked *the sweep's tables* (the forwarding sweep's, sized for its largest flow count in both tables): a new flow's cost is mostly cache and TLB misses in the tables, so it grows with them.\n"
     );
     let _ = writeln!(s, "| program | method | ns/packet |");
     let _ = writeln!(s, "|---|---|---|");
