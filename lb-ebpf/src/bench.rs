@@ -6,6 +6,8 @@
 //!   a table of drawn flow indices) and transmits it.
 //! - `sink`: counts and drops: the receiving end of a benchmark.
 //! - `bare_fwd`: the ceiling: destination MAC rewrite + redirect, no parsing.
+//! - `hash_fwd`: `bare_fwd` plus one 5-tuple hash lookup: the floor of any
+//!   forwarder with a connection table, measured next to the ceiling.
 //! - `xdp_pass`: returns XDP_PASS; the floor of BPF_PROG_TEST_RUN cost, and the
 //!   program a veth peer needs so redirected frames are delivered.
 
@@ -13,11 +15,11 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_redirect,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, FwdConf, PKTGEN_TEMPLATE_LEN, PktgenConf,
+    Counters, FlowKey, FwdConf, PKTGEN_TEMPLATE_LEN, PktgenConf,
     headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
     rewrite::rewrite_source,
 };
@@ -134,6 +136,51 @@ pub fn bare_fwd(ctx: XdpContext) -> u32 {
     };
     // The same word-store MAC copy as `lb`: a fair ceiling pays no
     // out-of-line memmove either.
+    // SAFETY: bounds checked.
+    unsafe {
+        copy_mac(&raw mut (*eth).dst, &conf.dmac);
+        copy_mac(&raw mut (*eth).src, &conf.smac);
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
+}
+
+/// `hash_fwd`'s flow table: the 5-tuple → nothing, a preallocated hash of
+/// `lb`'s key type. Small: every load of the object creates it (the agent's
+/// too), and the floor is measured with one flow, whose entry stays hot in
+/// any size of table.
+#[map]
+static FWD_FLOWS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// The floor of any stateful forwarder: `bare_fwd` plus what no connection
+/// table can skip — parse to the ports and look the 5-tuple up in a hash
+/// map (a miss inserts it). What `lb` does on top of this is its own cost.
+#[xdp]
+pub fn hash_fwd(ctx: XdpContext) -> u32 {
+    let Some(conf) = FWD_CONF.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (Some(eth), Some(ip), Some(ports)) = (
+        header::<EthHdr>(&ctx, 0),
+        header::<Ipv4Hdr>(&ctx, EthHdr::LEN),
+        header::<L4Ports>(&ctx, EthHdr::LEN + Ipv4Hdr::LEN),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked above.
+    let (ip, ports) = unsafe { (&*ip, &*ports) };
+    let key = FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports.source,
+        dport: ports.dest,
+        protocol: ip.protocol,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    if FWD_FLOWS.get_ptr(&key).is_none() {
+        let _ = FWD_FLOWS.insert(&key, &0, 0);
+    }
     // SAFETY: bounds checked.
     unsafe {
         copy_mac(&raw mut (*eth).dst, &conf.dmac);

@@ -89,11 +89,72 @@ fn forward_once(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<(f64, f64)> {
     Ok((s.mpps(), (after - before) as f64 / secs / 1e6))
 }
 
+/// One flow through the hop `prog` gives, each repetition right after one
+/// through `bare_fwd` (its `FWD_CONF` already set): the hop's offered and
+/// delivered Mpps, and the per-repetition ratio of its delivered rate to
+/// the ceiling's just before.
+fn paired_with_ceiling(
+    ebpf: &mut Ebpf,
+    spec: &Spec,
+    reps: usize,
+    mut hop: PairedHop<'_>,
+) -> anyhow::Result<(Stat, Stat, Stat)> {
+    let (mut offered, mut delivered, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let bare = xdp::xdp_program(ebpf, "bare_fwd")?;
+        let link = bare
+            .attach("lbin", AyaXdpMode::Driver)
+            .context("attach bare_fwd")?;
+        let (_, ceiling) = forward_once(ebpf, spec)?;
+        xdp::xdp_program(ebpf, "bare_fwd")?
+            .detach(link)
+            .context("detach bare_fwd")?;
+        let link = hop
+            .program(ebpf)?
+            .attach("lbin", AyaXdpMode::Driver)
+            .context("attach the hop")?;
+        // One pass first: the flow's first packets make its entry.
+        forward_once(
+            ebpf,
+            &Spec {
+                limit: pktgen::Limit::Count(1000),
+                rate: None,
+                ..spec.clone()
+            },
+        )?;
+        let (o, d) = forward_once(ebpf, spec)?;
+        hop.program(ebpf)?.detach(link).context("detach the hop")?;
+        offered.push(o);
+        delivered.push(d);
+        ratios.push(d / ceiling);
+    }
+    Ok((Stat::of(&offered), Stat::of(&delivered), Stat::of(&ratios)))
+}
+
+/// The hop [`paired_with_ceiling`] measures: a program of the bench's
+/// object, or a data plane's `lb`.
+enum PairedHop<'a> {
+    Bench(&'static str),
+    Lb(&'a mut Dataplane),
+}
+
+impl PairedHop<'_> {
+    fn program<'b>(&'b mut self, ebpf: &'b mut Ebpf) -> anyhow::Result<&'b mut aya::programs::Xdp> {
+        Ok(match self {
+            PairedHop::Bench(name) => xdp::xdp_program(ebpf, name)?,
+            PairedHop::Lb(dp) => dp.program()?,
+        })
+    }
+}
+
 /// The middle hop of a forwarding measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Hop {
     /// `bare_fwd`: MAC rewrite and redirect, the ceiling.
     Ceiling,
+    /// `hash_fwd`: the ceiling plus one 5-tuple hash lookup, the floor of
+    /// any forwarder with a connection table.
+    HashFwd,
     Lb(Forwarding),
 }
 
@@ -109,6 +170,7 @@ impl fmt::Display for Hop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hop::Ceiling => f.write_str("bare_fwd (ceiling)"),
+            Hop::HashFwd => f.write_str("hash_fwd (ceiling + one flow lookup)"),
             Hop::Lb(mode) => write!(f, "lb {}", mode_name(*mode)),
         }
     }
@@ -124,6 +186,10 @@ pub(super) struct FwdRow {
     pub(super) backends: usize,
     pub(super) offered: Stat,
     pub(super) delivered: Stat,
+    /// One-flow rows: the ratio to the ceiling measured right before each
+    /// repetition (`bare_fwd` and this hop back to back), so a machine
+    /// that drifts between sections does not read as the hop's cost.
+    pub(super) paired: Option<Stat>,
 }
 
 fn forward(ebpf: &mut Ebpf, spec: &Spec, reps: usize) -> anyhow::Result<(Stat, Stat)> {
@@ -368,10 +434,25 @@ pub(super) fn forwarding_rows(
         backends: 0,
         offered,
         delivered,
+        paired: None,
     });
     xdp::xdp_program(ebpf, "bare_fwd")?
         .detach(link)
         .context("detach bare_fwd")?;
+    // (a') The same with one flow-table lookup: what being stateful costs
+    // before anything `lb` adds.
+    eprintln!("bench: hash_fwd (ceiling + one flow lookup)");
+    let (offered, delivered, paired) =
+        paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Bench("hash_fwd"))?;
+    rows.push(FwdRow {
+        hop: Hop::HashFwd,
+        flows: 1,
+        dist: FlowDist::Uniform,
+        backends: 0,
+        offered,
+        delivered,
+        paired: Some(paired),
+    });
 
     // (b) lb in both modes.
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
@@ -379,8 +460,25 @@ pub(super) fn forwarding_rows(
             let cfg = lb_config(mode, backends)?;
             let mut dp = Dataplane::load(CONNTRACK)?;
             dp.apply(&cfg)?;
+            if flow_sweep.contains(&1) {
+                eprintln!(
+                    "bench: {}, {backends} backends, 1 flow, paired with the ceiling",
+                    Hop::Lb(mode)
+                );
+                let (offered, delivered, paired) =
+                    paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Lb(&mut dp))?;
+                rows.push(FwdRow {
+                    hop: Hop::Lb(mode),
+                    flows: 1,
+                    dist: FlowDist::Uniform,
+                    backends,
+                    offered,
+                    delivered,
+                    paired: Some(paired),
+                });
+            }
             dp.attach("lbin", cfg.dataplane.xdp_mode)?;
-            for &flows in flow_sweep {
+            for &flows in flow_sweep.iter().filter(|&&f| f != 1) {
                 let mut dists = vec![FlowDist::Uniform];
                 if backends == MIX_BACKENDS && flows >= MIX_MIN_FLOWS {
                     dists.push(FlowDist::Zipf { s: ZIPF_S });
@@ -405,6 +503,7 @@ pub(super) fn forwarding_rows(
                         backends,
                         offered,
                         delivered,
+                        paired: None,
                     });
                 }
             }

@@ -198,6 +198,7 @@ pub(super) fn render(r: &Report) -> String {
             row.delivered.text(2)
         );
     }
+    paired_section(&mut s, &r.fwd);
     table_cost_section(&mut s, &r.fwd);
     let _ = writeln!(
         s,
@@ -388,6 +389,42 @@ fn table_cost_section(s: &mut String, fwd: &[FwdRow]) {
     }
 }
 
+/// One flow against the bare forwarder measured right before it, per
+/// repetition: the ratio the established-flow target is judged on.
+fn paired_section(s: &mut String, fwd: &[FwdRow]) {
+    let rows: Vec<&FwdRow> = fwd.iter().filter(|r| r.paired.is_some()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## One flow vs the bare forwarder, paired\n\nEach repetition forwards one flow through `bare_fwd` and then through the hop, back to back, and takes the ratio of the two delivered rates; the table gives the median ratio (min–max). The ceiling row above is measured once, minutes before some rows, on CPUs other tenants share: its ratios move with the machine, these much less.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| middle hop | backends | delivered Mpps | vs bare_fwd just before |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for row in rows {
+        let Some(p) = &row.paired else { continue };
+        let backends = if row.backends == 0 {
+            "–".to_string()
+        } else {
+            row.backends.to_string()
+        };
+        let pct = |x: f64| format!("{:.0}", 100.0 * x);
+        let _ = writeln!(
+            s,
+            "| {} | {backends} | {} | {} % ({}–{} %) |",
+            row.hop,
+            row.delivered.text(2),
+            pct(p.median),
+            pct(p.min),
+            pct(p.max)
+        );
+    }
+}
+
 /// The ceiling's delivered Mpps (the `bare_fwd` row), if it measured any.
 pub(super) fn ceiling(fwd: &[FwdRow]) -> Option<f64> {
     fwd.iter()
@@ -419,6 +456,14 @@ fn summary(r: &Report) -> String {
             s,
             "- The ceiling (`bare_fwd`, one flow) delivered {c:.2} Mpps."
         );
+        if let Some(h) = r.fwd.iter().find(|row| row.hop == Hop::HashFwd) {
+            let _ = writeln!(
+                s,
+                "- `hash_fwd` (the ceiling plus one 5-tuple hash lookup, what any forwarder with a connection table does at least) delivered {:.2} Mpps, {:.0} % of the ceiling.",
+                h.delivered.median,
+                100.0 * h.delivered.median / c
+            );
+        }
         for mode in [Forwarding::Nat, Forwarding::Dsr] {
             let label = Hop::Lb(mode);
             let one: Vec<&FwdRow> = r

@@ -31,7 +31,7 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
     for (i, r) in fwd.iter().enumerate() {
         let y = TOP + ROW * i as f64;
         let label = match r.hop {
-            Hop::Ceiling => r.hop.to_string(),
+            Hop::Ceiling | Hop::HashFwd => r.hop.to_string(),
             Hop::Lb(_) => format!(
                 "{}, {} backends, {} flows",
                 r.hop,
@@ -41,6 +41,7 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
         };
         let color = match r.hop {
             Hop::Ceiling => "#777",
+            Hop::HashFwd => "#aaa",
             Hop::Lb(Forwarding::Nat) => "#3b7dd8",
             Hop::Lb(Forwarding::Dsr) => "#e08a1e",
         };

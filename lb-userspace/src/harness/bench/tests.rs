@@ -27,6 +27,7 @@ fn plot_has_a_bar_per_row_and_the_ceiling() {
             backends: 0,
             offered: stat(7.0),
             delivered: stat(7.0),
+            paired: None,
         },
         FwdRow {
             hop: Hop::Lb(Forwarding::Nat),
@@ -35,6 +36,7 @@ fn plot_has_a_bar_per_row_and_the_ceiling() {
             backends: 2,
             offered: stat(5.5),
             delivered: stat(5.5),
+            paired: None,
         },
     ];
     let svg = plot_svg(&rows);
@@ -143,6 +145,7 @@ fn report(v: &Variant) -> Report {
         backends: 0,
         offered: spread(v.ceiling),
         delivered: spread(v.ceiling),
+        paired: None,
     }];
     for (m, mode) in [Forwarding::Nat, Forwarding::Dsr].into_iter().enumerate() {
         for (b, &backends) in v.backends.iter().enumerate() {
@@ -155,6 +158,10 @@ fn report(v: &Variant) -> Report {
                     backends,
                     offered: spread(mpps),
                     delivered: spread(mpps),
+                    paired: (flows == 1).then(|| {
+                        let r = mpps / v.ceiling;
+                        st(r, r * 0.99, r * 1.005)
+                    }),
                 });
             }
         }
@@ -447,6 +454,7 @@ fn table_cost_section_compares_mixes_with_one_flow() {
         backends: MIX_BACKENDS,
         offered: st(mpps, mpps, mpps),
         delivered: st(mpps, mpps, mpps),
+        paired: None,
     };
     let zipf = FlowDist::Zipf { s: 1.0 };
     let mut r = report(&A);
@@ -458,6 +466,7 @@ fn table_cost_section_compares_mixes_with_one_flow() {
             backends: 0,
             offered: st(10.0, 10.0, 10.0),
             delivered: st(10.0, 10.0, 10.0),
+            paired: None,
         },
         row(1, FlowDist::Uniform, 8.0),
         row(1000, FlowDist::Uniform, 5.0),
