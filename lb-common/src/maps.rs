@@ -233,11 +233,12 @@ pub struct FlowConf {
     pub half_open_seed: u32,
 }
 
-/// `HALF_OPEN[slot]`: the half-open table is direct-mapped. A flow that has
-/// not completed its handshake lives in the one slot its key hashes to
-/// ([`crate::flow::slot_index`]); a new flow takes its slot whatever held
-/// it, so an insert is one cache line and never walks or evicts a list.
-/// Exactly one line: `seq` first, then the key and the entry.
+/// `HALF_OPEN[slot]`: the half-open table is a two-way set-associative
+/// array. A flow that has not completed its handshake lives in one slot of
+/// the bucket its client hashes to ([`crate::flow::slot_index`]); a new
+/// flow takes a free slot there, or the one least recently seen, so an
+/// insert is one cache line and never walks or evicts a list. Exactly one
+/// line: `seq` first, then the key and the entry.
 ///
 /// `seq` is a sequence lock: even when the slot is stable, odd while a
 /// writer (the data plane, or the agent through its mapping of the table)
@@ -335,8 +336,8 @@ pub enum Verdict {
     /// Flow pinned to a backend that was removed with the drop-flows rule.
     DropBackendGone = 10,
     /// Connection table full and the insert failed. No longer given: a new
-    /// flow always gets its half-open slot (direct-mapped, it replaces
-    /// whatever was there), and a full `CONNTRACK` leaves a flow half-open.
+    /// flow always gets a half-open slot (it replaces the older flow of its
+    /// bucket if it must), and a full `CONNTRACK` leaves a flow half-open.
     /// Kept so the verdict numbers, pinned counters and the metric stay.
     DropConntrackFull = 11,
     /// Forwarded via XDP_TX or redirect.

@@ -2,10 +2,11 @@
 //! the states and rules are `lb_common::flow`, docs/architecture.md has the
 //! picture).
 //!
-//! - `HALF_OPEN` (direct-mapped, an array of one-line slots): flows that have
-//!   not completed a handshake (a SYN, a UDP packet, or a hash-on-miss packet
-//!   created them). A new flow takes the slot its key hashes to, whatever
-//!   held it: an insert is one cache line, with no list to walk or evict
+//! - `HALF_OPEN` (an array of one-line slots in buckets of two): flows that
+//!   have not completed a handshake (a SYN, a UDP packet, or a hash-on-miss
+//!   packet created them). A new flow takes a slot of the bucket its client
+//!   hashes to (free, else the least recently seen): an insert is one cache
+//!   line, with no list to walk or evict
 //!   from (an LRU insert into a cold table touched a dozen lines and was most
 //!   of a new flow's cost), and new flows only ever replace each other here:
 //!   no number of spoofed SYNs reaches an established flow.
@@ -39,8 +40,8 @@ use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Flow,
     FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
-        FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, forward_key, is_expired,
-        reply_key, slot_index, ticks,
+        FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, forward_key,
+        is_expired, reply_key, slot_index, ticks,
     },
 };
 
@@ -143,13 +144,11 @@ fn pair_is_live(key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
 #[inline(always)]
 pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<Flow> {
     let conf = conf()?;
-    let flow = if to_vip {
-        let slot = slot_of(conf, key.saddr, key.sport, key.protocol)?;
-        (read_slot(slot, key)?, slot)
+    let (flow, slot) = if to_vip {
+        forward_of_bucket(conf, key)?
     } else {
-        reply_of_slot(conf, key)?
+        reply_of_bucket(conf, key)?
     };
-    let (flow, slot) = flow;
     if flow.seen != now {
         if is_expired(conf, key.protocol, &flow, now) {
             return None;
@@ -162,12 +161,36 @@ pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<Flow> {
     Some(flow)
 }
 
-/// A backend's reply (backend → client) to a half-open NAT flow: the slot
-/// of its destination (the client) holds the flow if the flow's backend is
-/// the sender; its reply entry is made from it.
+/// The slot of the bucket holding the flow whose forward key is `key`.
 #[inline(always)]
-fn reply_of_slot(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
-    let slot = slot_of(conf, key.daddr, key.dport, key.protocol)?;
+fn forward_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+    let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
+    for way in 0..HALF_OPEN_WAYS {
+        let slot = HALF_OPEN.get_ptr_mut(first + way)?;
+        if let Some(flow) = read_slot(slot, key) {
+            return Some((flow, slot));
+        }
+    }
+    None
+}
+
+/// A backend's reply (backend → client) to a half-open NAT flow: a slot of
+/// its destination's (the client's) bucket holds the flow if the flow's
+/// backend is the sender; its reply entry is made from it.
+#[inline(always)]
+fn reply_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+    let first = bucket_of(conf, key.daddr, key.dport, key.protocol);
+    for way in 0..HALF_OPEN_WAYS {
+        let slot = HALF_OPEN.get_ptr_mut(first + way)?;
+        if let Some(found) = reply_of_slot(slot, key) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
     // SAFETY: a valid array map value; the key is checked under the copy's
     // sequence (`read_slot`) once it is known.
     let forward = unsafe { copy_key(&raw const (*slot).key) };
@@ -195,17 +218,21 @@ fn reply_of_slot(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenS
     Some((reply, slot))
 }
 
-/// The slot of the flow whose client is `client:port`; `None` before the
-/// agent sized the table.
+/// The first slot of the bucket of the flow whose client is
+/// `client:port` (out of range, so every lookup misses, before the agent
+/// sized the table).
 #[inline(always)]
-fn slot_of(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> Option<*mut HalfOpenSlot> {
-    HALF_OPEN.get_ptr_mut(slot_index(
+fn bucket_of(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> u32 {
+    if conf.half_open_slots < HALF_OPEN_WAYS {
+        return u32::MAX - HALF_OPEN_WAYS;
+    }
+    slot_index(
         client,
         port,
         protocol,
         conf.half_open_seed,
         conf.half_open_slots,
-    ))
+    )
 }
 
 /// The slot's entry if it is `key`'s, copied whole under the sequence lock.
@@ -247,12 +274,14 @@ fn unlock(slot: *mut HalfOpenSlot) {
     unsafe { atomic_xadd::<u32, u32, { SeqCst }>(&raw mut (*slot).seq, 1) };
 }
 
-/// Puts a forward entry (client → VIP) in its flow's slot, whatever held
-/// it: a flow lives in one slot, both directions, so whatever it replaces
-/// goes whole.
+/// Puts a forward entry (client → VIP) in a slot of its bucket: the one
+/// holding the same flow (a retransmitted SYN), else an empty one, else the
+/// one least recently seen. A flow lives in one slot, both directions, so
+/// whatever it replaces goes whole.
 #[inline(always)]
 fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
-    let Some(slot) = slot_of(conf, key.saddr, key.sport, key.protocol) else {
+    let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
+    let Some(slot) = victim(first, key) else {
         return false;
     };
     if lock(slot).is_none() {
@@ -267,22 +296,53 @@ fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
     true
 }
 
+/// The slot of bucket `first` a new flow `key` takes (chosen without the
+/// locks: a race only makes the choice less good).
+#[inline(always)]
+fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
+    let mut chosen: Option<(*mut HalfOpenSlot, u32)> = None;
+    for way in 0..HALF_OPEN_WAYS {
+        let slot = HALF_OPEN.get_ptr_mut(first + way)?;
+        // SAFETY: a valid array map value; plain racy peeks.
+        let (same, empty, seen) = unsafe {
+            (
+                same_key(&raw const (*slot).key, key),
+                read_volatile(&raw const (*slot).key.saddr) == 0
+                    && read_volatile(&raw const (*slot).key.daddr) == 0,
+                read_volatile(&raw const (*slot).flow.seen),
+            )
+        };
+        if same || empty {
+            return Some(slot);
+        }
+        // Ties go to the first way.
+        if chosen.is_none_or(|(_, oldest)| (seen.wrapping_sub(oldest) as i32) < 0) {
+            chosen = Some((slot, seen));
+        }
+    }
+    chosen.map(|(slot, _)| slot)
+}
+
 /// Empties the slot of the flow whose forward key is `key`, if it holds it.
 #[inline(always)]
 fn clear_slot(conf: &FlowConf, key: &FlowKey) {
-    let Some(slot) = slot_of(conf, key.saddr, key.sport, key.protocol) else {
-        return;
-    };
-    if lock(slot).is_none() {
-        return;
-    }
-    // SAFETY: locked.
-    unsafe {
-        if same_key(&raw const (*slot).key, key) {
-            write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+    let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
+    for way in 0..HALF_OPEN_WAYS {
+        let Some(slot) = HALF_OPEN.get_ptr_mut(first + way) else {
+            return;
+        };
+        // SAFETY: a valid array map value (a racy peek; rechecked locked).
+        if !unsafe { same_key(&raw const (*slot).key, key) } || lock(slot).is_none() {
+            continue;
         }
+        // SAFETY: locked.
+        unsafe {
+            if same_key(&raw const (*slot).key, key) {
+                write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+            }
+        }
+        unlock(slot);
     }
-    unlock(slot);
 }
 
 /// Compares a key in a slot with `key` word by word (the slot's key is

@@ -2152,7 +2152,8 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
 }
 
 #[test]
-fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
+fn a_new_flow_takes_a_slot_of_its_bucket_replacing_a_flow_whole_and_the_sweep_clears_expired_slots()
+{
     let net = TestNet::new();
     net.run(|| {
         let mut cfg = lab_config();
@@ -2161,6 +2162,7 @@ fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
         let mut h = Harness::new(&cfg);
         let conf = h.dp.flow_conf().expect("FLOW_CONF");
         assert_eq!(conf.half_open_slots, 2048, "two slots per half-open flow");
+        assert_eq!(lb_common::flow::HALF_OPEN_WAYS, 2);
         assert_ne!(conf.half_open_seed, 0, "a seed was drawn");
         let slot = |port: u16| {
             lb_common::flow::slot_index(
@@ -2172,7 +2174,7 @@ fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
             )
         };
         // Flow A goes to web1 (the ring's first) and its SYN-ACK finds it
-        // through the client's slot: no reply entry of its own.
+        // through the client's bucket: no reply entry of its own.
         let a = 55000;
         let out = h.expect(
             h.front,
@@ -2187,19 +2189,25 @@ fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
             XDP_REDIRECT,
             Verdict::ForwardedReply,
         );
-        // Flow B's client port hashes to A's slot: B takes it, and A is gone
+        // Flows B and C share A's bucket: B takes the free way, C the one
+        // least recently seen (a tie goes to the first, A's), and A is gone
         // in both directions at once.
-        let b = (1024..=u16::MAX)
-            .find(|&p| p != a && slot(p) == slot(a))
-            .expect("a port sharing the slot");
-        h.expect(
-            h.front,
-            &Tcp::request(b, VIP).build(),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
+        let mut shared = (1024..=u16::MAX).filter(|&p| p != a && slot(p) == slot(a));
+        let (b, c) = (
+            shared.next().expect("a port"),
+            shared.next().expect("another"),
         );
+        for port in [b, c] {
+            h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
         assert_eq!(table_of(&h, &client_key(a, VIP)), None);
         assert_eq!(table_of(&h, &client_key(b, VIP)), Some(false));
+        assert_eq!(table_of(&h, &client_key(c, VIP)), Some(false));
         h.expect(
             h.back,
             &reply_from_web1(a, 0x12),
@@ -2209,7 +2217,7 @@ fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
         h.expect(h.front, &client_ack(a, VIP), XDP_DROP, Verdict::DropNoFlow);
         assert_eq!(
             h.dp.flow_table().expect("t").entries().expect("entries"),
-            (0, 1)
+            (0, 2)
         );
         // Past the half-open timeout with no packet, the agent's sweep
         // empties B's slot.
@@ -2219,7 +2227,7 @@ fn a_new_flow_takes_its_slot_whole_and_the_sweep_clears_expired_slots() {
                 .expect("sweeper")
                 .sweep(lb_userspace::dataplane::sweep::now_ticks())
                 .expect("sweep");
-        assert_eq!(report.removed, 1, "{report:?}");
+        assert_eq!(report.removed, 2, "{report:?}");
         assert_eq!(table_of(&h, &client_key(b, VIP)), None);
         assert_eq!(
             h.dp.flow_table().expect("t").entries().expect("entries"),

@@ -1,4 +1,5 @@
-//! The agent's view of `HALF_OPEN`, the direct-mapped half-open table: the
+//! The agent's view of `HALF_OPEN`, the half-open table (slots in buckets
+//! of two, `lb_common::HalfOpenSlot`): the
 //! array is created mappable (`BPF_F_MMAPABLE`), so the agent maps it and
 //! reads and writes slots as memory, under the same per-slot sequence lock
 //! as the data plane (`lb_common::HalfOpenSlot`). A whole-table read is a
@@ -14,7 +15,10 @@ use std::{
 };
 
 use aya::maps::MapData;
-use lb_common::{Flow, FlowConf, FlowKey, HalfOpenSlot, flow::slot_index};
+use lb_common::{
+    Flow, FlowConf, FlowKey, HalfOpenSlot,
+    flow::{HALF_OPEN_WAYS, slot_index},
+};
 
 /// Attempts at a slot's lock before giving up on it.
 const LOCK_TRIES: u32 = 10_000;
@@ -121,24 +125,26 @@ impl HalfOpenTable {
         (0..self.count).filter_map(|i| self.read(i)).collect()
     }
 
-    /// The slot of the flow whose forward (client → VIP) key is `key`
-    /// (`conf`: the data plane's `FLOW_CONF`, for the seed).
-    fn index(&self, key: &FlowKey, conf: &FlowConf) -> usize {
-        slot_index(
+    /// The slots of the bucket of the flow whose forward (client → VIP)
+    /// key is `key` (`conf`: the data plane's `FLOW_CONF`, for the seed).
+    fn bucket(&self, key: &FlowKey, conf: &FlowConf) -> std::ops::Range<usize> {
+        let first = slot_index(
             key.saddr,
             key.sport,
             key.protocol,
             conf.half_open_seed,
             self.slots(),
-        ) as usize
+        ) as usize;
+        first..first + HALF_OPEN_WAYS as usize
     }
 
     /// The flow whose forward (client → VIP) key is `key`, if its slot
     /// holds it. (Its replies have no entry of their own: they find the
     /// flow by the client's address and port.)
     pub fn get(&self, key: &FlowKey, conf: &FlowConf) -> Option<Flow> {
-        self.read(self.index(key, conf))
-            .filter(|(k, _)| k == key)
+        self.bucket(key, conf)
+            .filter_map(|i| self.read(i))
+            .find(|(k, _)| k == key)
             .map(|(_, f)| f)
     }
 
@@ -184,7 +190,11 @@ impl HalfOpenTable {
 
     /// Empties `key`'s slot if it holds `key`.
     pub fn remove(&self, key: &FlowKey, conf: &FlowConf) -> bool {
-        self.clear_if(self.index(key, conf), |k, _| k == key)
+        let mut removed = false;
+        for i in self.bucket(key, conf) {
+            removed |= self.clear_if(i, |k, _| k == key);
+        }
+        removed
     }
 
     /// Empties every slot whose entry `gone` picks; how many.
