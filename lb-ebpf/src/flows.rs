@@ -27,7 +27,7 @@
 //! written whole, by a writer holding the lock.
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -276,7 +276,8 @@ fn unlock(slot: *mut HalfOpenSlot) {
 
 /// Puts a forward entry (client → VIP) in a slot of its bucket: the one
 /// holding the same flow (a retransmitted SYN), else an empty one, else the
-/// one least recently seen. A flow lives in one slot, both directions, so
+/// one least recently seen (one of them at random if they were seen in the
+/// same tick). A flow lives in one slot, both directions, so
 /// whatever it replaces goes whole.
 #[inline(always)]
 fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
@@ -301,6 +302,7 @@ fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
 #[inline(always)]
 fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
     let mut chosen: Option<(*mut HalfOpenSlot, u32)> = None;
+    let mut ties = 0u32;
     for way in 0..HALF_OPEN_WAYS {
         let slot = HALF_OPEN.get_ptr_mut(first + way)?;
         // SAFETY: a valid array map value; plain racy peeks.
@@ -315,9 +317,23 @@ fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
         if same || empty {
             return Some(slot);
         }
-        // Ties go to the first way.
-        if chosen.is_none_or(|(_, oldest)| (seen.wrapping_sub(oldest) as i32) < 0) {
-            chosen = Some((slot, seen));
+        match chosen {
+            Some((_, oldest)) if seen == oldest => {
+                // Seen in the same tick (~1 s; under a flood, all of them):
+                // any of them at random, so no way is the one a flood
+                // always takes and a handshake keeps its slot while fewer
+                // than two others land in its bucket.
+                ties += 1;
+                // SAFETY: plain helper call.
+                if unsafe { bpf_get_prandom_u32() } % ties == 0 {
+                    chosen = Some((slot, seen));
+                }
+            }
+            Some((_, oldest)) if (seen.wrapping_sub(oldest) as i32) >= 0 => {}
+            _ => {
+                chosen = Some((slot, seen));
+                ties = 1;
+            }
         }
     }
     chosen.map(|(slot, _)| slot)

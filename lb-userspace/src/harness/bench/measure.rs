@@ -89,10 +89,10 @@ fn forward_once(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<(f64, f64)> {
     Ok((s.mpps(), (after - before) as f64 / secs / 1e6))
 }
 
-/// One flow through the hop `prog` gives, each repetition right after one
-/// through `bare_fwd` (its `FWD_CONF` already set): the hop's offered and
-/// delivered Mpps, and the per-repetition ratio of its delivered rate to
-/// the ceiling's just before.
+/// One flow through `hop` and through `bare_fwd` (its `FWD_CONF` already
+/// set), back to back in each repetition, in alternating order (the first
+/// of a pair has no edge): the hop's offered and delivered Mpps, and the
+/// per-repetition ratio of its delivered rate to the ceiling's.
 fn paired_with_ceiling(
     ebpf: &mut Ebpf,
     spec: &Spec,
@@ -100,35 +100,41 @@ fn paired_with_ceiling(
     mut hop: PairedHop<'_>,
 ) -> anyhow::Result<(Stat, Stat, Stat)> {
     let (mut offered, mut delivered, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
-        let bare = xdp::xdp_program(ebpf, "bare_fwd")?;
-        let link = bare
-            .attach("lbin", AyaXdpMode::Driver)
-            .context("attach bare_fwd")?;
-        let (_, ceiling) = forward_once(ebpf, spec)?;
-        xdp::xdp_program(ebpf, "bare_fwd")?
-            .detach(link)
-            .context("detach bare_fwd")?;
-        let link = hop
-            .program(ebpf)?
-            .attach("lbin", AyaXdpMode::Driver)
-            .context("attach the hop")?;
-        // One pass first: the flow's first packets make its entry.
-        forward_once(
-            ebpf,
-            &Spec {
-                limit: pktgen::Limit::Count(1000),
-                rate: None,
-                ..spec.clone()
-            },
-        )?;
-        let (o, d) = forward_once(ebpf, spec)?;
-        hop.program(ebpf)?.detach(link).context("detach the hop")?;
+    let mut bare = PairedHop::Bench("bare_fwd");
+    for rep in 0..reps {
+        let ((o, d), (_, ceiling)) = if rep % 2 == 0 {
+            let c = through(ebpf, &mut bare, spec)?;
+            (through(ebpf, &mut hop, spec)?, c)
+        } else {
+            let h = through(ebpf, &mut hop, spec)?;
+            (h, through(ebpf, &mut bare, spec)?)
+        };
         offered.push(o);
         delivered.push(d);
         ratios.push(d / ceiling);
     }
     Ok((Stat::of(&offered), Stat::of(&delivered), Stat::of(&ratios)))
+}
+
+/// Offered and delivered Mpps of one run through `hop` on the middle hop,
+/// attached for it (after a short pass: a flow's first packets make its
+/// entry) and detached after.
+fn through(ebpf: &mut Ebpf, hop: &mut PairedHop<'_>, spec: &Spec) -> anyhow::Result<(f64, f64)> {
+    let link = hop
+        .program(ebpf)?
+        .attach("lbin", AyaXdpMode::Driver)
+        .context("attach the middle hop")?;
+    let warm = Spec {
+        limit: pktgen::Limit::Count(1000),
+        rate: None,
+        ..spec.clone()
+    };
+    forward_once(ebpf, &warm)?;
+    let rates = forward_once(ebpf, spec)?;
+    hop.program(ebpf)?
+        .detach(link)
+        .context("detach the middle hop")?;
+    Ok(rates)
 }
 
 /// The hop [`paired_with_ceiling`] measures: a program of the bench's

@@ -398,7 +398,7 @@ fn paired_section(s: &mut String, fwd: &[FwdRow]) {
     }
     let _ = writeln!(
         s,
-        "\n## One flow vs the bare forwarder, paired\n\nEach repetition forwards one flow through `bare_fwd` and then through the hop, back to back, and takes the ratio of the two delivered rates; the table gives the median ratio (min–max). The ceiling row above is measured once, minutes before some rows, on CPUs other tenants share: its ratios move with the machine, these much less.\n"
+        "\n## One flow vs the bare forwarder, paired\n\nEach repetition forwards one flow through `bare_fwd` and through the hop, back to back (in alternating order), and takes the ratio of the two delivered rates; the table gives the median ratio (min–max). The ceiling row above is measured once, minutes before some rows, on CPUs other tenants share: its ratios move with the machine, these much less.\n"
     );
     let _ = writeln!(
         s,
