@@ -235,6 +235,8 @@ pub(super) enum FlowState {
 pub(super) enum NsProgram {
     /// `xdp_pass`: the floor of BPF_PROG_TEST_RUN's cost.
     XdpPass,
+    /// `hash_fwd`: parse, one flow-table lookup, MAC rewrite, redirect.
+    HashFwd,
     Lb {
         mode: Forwarding,
         backends: usize,
@@ -259,6 +261,7 @@ impl fmt::Display for NsProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NsProgram::XdpPass => f.write_str("xdp_pass"),
+            NsProgram::HashFwd => f.write_str("hash_fwd (one flow lookup, MAC rewrite, redirect)"),
             NsProgram::Lb {
                 mode,
                 backends,
@@ -545,6 +548,17 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             program: NsProgram::XdpPass,
             method: NsMethod::Calls(calls),
             ns: Stat::of(&b),
+        });
+        // The forwarding section set `FWD_CONF` (its ceiling always runs).
+        let hash = xdp::xdp_program(ebpf, "hash_fwd")?;
+        let mut h = Vec::new();
+        for _ in 0..reps {
+            h.push(ns_per_packet(hash, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+        }
+        ns_rows.push(NsRow {
+            program: NsProgram::HashFwd,
+            method: NsMethod::Repeat(repeat),
+            ns: Stat::of(&h),
         });
     }
     for mode in [Forwarding::Nat, Forwarding::Dsr] {

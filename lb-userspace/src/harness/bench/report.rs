@@ -531,6 +531,26 @@ fn summary(r: &Report) -> String {
             );
         }
     }
+    if let Some(hash) = r.ns.iter().find(|row| row.program == NsProgram::HashFwd) {
+        for row in r.ns.iter().filter(|row| {
+            matches!(
+                row.program,
+                NsProgram::Lb {
+                    flow: FlowState::Established,
+                    ..
+                }
+            ) && row.method == hash.method
+        }) {
+            let _ = writeln!(
+                s,
+                "- `{}`, {}: {:.1} ns more than `hash_fwd` ({:.1} ns), which does its flow-table lookup too: what `lb` itself adds per packet.",
+                row.program,
+                row.method,
+                row.ns.median - hash.ns.median,
+                hash.ns.median
+            );
+        }
+    }
     for packet in [TracedPacket::Established, TracedPacket::NotForwarded] {
         let find = |on| {
             r.ns.iter()
