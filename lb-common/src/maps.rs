@@ -255,6 +255,21 @@ pub struct HalfOpenSlot {
 }
 
 impl FlowKey {
+    /// The key of a packet with these IPv4 and TCP/UDP port headers, as it
+    /// arrives (network order, as the headers have it).
+    #[inline(always)]
+    pub fn of(ip: &crate::headers::Ipv4Hdr, ports: &crate::headers::L4Ports) -> FlowKey {
+        FlowKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: ports.source,
+            dport: ports.dest,
+            protocol: ip.protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
     /// The all-zero key marks an empty [`HalfOpenSlot`]: no packet has it
     /// (its source and destination would both be 0.0.0.0).
     pub const EMPTY: FlowKey = FlowKey {

@@ -169,15 +169,7 @@ pub fn hash_fwd(ctx: XdpContext) -> u32 {
     };
     // SAFETY: bounds checked above.
     let (ip, ports) = unsafe { (&*ip, &*ports) };
-    let key = FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: ports.source,
-        dport: ports.dest,
-        protocol: ip.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = FlowKey::of(ip, ports);
     if FWD_FLOWS.get_ptr(&key).is_none() {
         let _ = FWD_FLOWS.insert(&key, &0, 0);
     }

@@ -352,15 +352,7 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Result<Pack
 fn flow_key(pkt: &Packet) -> FlowKey {
     // SAFETY: every pointer in `Packet` was bounds-checked by `parse_l4`.
     let (ip, ports) = unsafe { (&*pkt.ip, &*pkt.ports) };
-    FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: ports.source,
-        dport: ports.dest,
-        protocol: ip.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    }
+    FlowKey::of(ip, ports)
 }
 
 /// A packet to a VIP without a flow yet: find its service, schedule a

@@ -192,7 +192,7 @@ pub(super) struct FwdRow {
     pub(super) backends: usize,
     pub(super) offered: Stat,
     pub(super) delivered: Stat,
-    /// One-flow rows: the ratio to the ceiling measured right before each
+    /// One-flow rows: the ratio to the ceiling measured with each
     /// repetition (`bare_fwd` and this hop back to back), so a machine
     /// that drifts between sections does not read as the hop's cost.
     pub(super) paired: Option<Stat>,

@@ -389,7 +389,7 @@ fn table_cost_section(s: &mut String, fwd: &[FwdRow]) {
     }
 }
 
-/// One flow against the bare forwarder measured right before it, per
+/// One flow against the bare forwarder measured back to back with it, per
 /// repetition: the ratio the established-flow target is judged on.
 fn paired_section(s: &mut String, fwd: &[FwdRow]) {
     let rows: Vec<&FwdRow> = fwd.iter().filter(|r| r.paired.is_some()).collect();
