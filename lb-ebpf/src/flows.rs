@@ -253,19 +253,19 @@ fn read_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<Flow> {
     }
 }
 
-/// Takes the slot's lock; `None` if another writer holds it (that writer
+/// Takes the slot's lock; false if another writer holds it (that writer
 /// wins: half-open entries are best effort).
 #[inline(always)]
-fn lock(slot: *mut HalfOpenSlot) -> Option<u32> {
+fn lock(slot: *mut HalfOpenSlot) -> bool {
     // SAFETY: a valid, aligned u32 in an array map value.
     let seq = unsafe { read_volatile(&raw const (*slot).seq) };
     if seq & 1 != 0 {
-        return None;
+        return false;
     }
     // SAFETY: as above.
     let (_, locked) =
         unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(&raw mut (*slot).seq, seq, seq + 1) };
-    locked.then_some(seq)
+    locked
 }
 
 #[inline(always)]
@@ -280,13 +280,13 @@ fn unlock(slot: *mut HalfOpenSlot) {
 /// same tick). A flow lives in one slot, both directions, so
 /// whatever it replaces goes whole.
 #[inline(always)]
-fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
+fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
     let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
     let Some(slot) = victim(first, key) else {
-        return false;
+        return;
     };
-    if lock(slot).is_none() {
-        return false;
+    if !lock(slot) {
+        return;
     }
     // SAFETY: locked: the slot is ours to write.
     unsafe {
@@ -294,7 +294,6 @@ fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) -> bool {
         write_words(&raw mut (*slot).flow, flow);
     }
     unlock(slot);
-    true
 }
 
 /// The slot of bucket `first` a new flow `key` takes (chosen without the
@@ -309,8 +308,7 @@ fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
         let (same, empty, seen) = unsafe {
             (
                 same_key(&raw const (*slot).key, key),
-                read_volatile(&raw const (*slot).key.saddr) == 0
-                    && read_volatile(&raw const (*slot).key.daddr) == 0,
+                same_key(&raw const (*slot).key, &FlowKey::EMPTY),
                 read_volatile(&raw const (*slot).flow.seen),
             )
         };
@@ -348,7 +346,7 @@ fn clear_slot(conf: &FlowConf, key: &FlowKey) {
             return;
         };
         // SAFETY: a valid array map value (a racy peek; rechecked locked).
-        if !unsafe { same_key(&raw const (*slot).key, key) } || lock(slot).is_none() {
+        if !unsafe { same_key(&raw const (*slot).key, key) } || !lock(slot) {
             continue;
         }
         // SAFETY: locked.

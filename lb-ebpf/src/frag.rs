@@ -41,8 +41,7 @@ static FRAGS: LruHashMap<FragKey, L4Ports> = LruHashMap::with_max_entries(FRAG_T
 /// here; they never create, promote or close one.
 /// Both come as copies: their next hop is not worth caching.
 #[inline(always)]
-pub(crate) fn flow_of(key: &FlowKey) -> Option<(Flow, Table)> {
-    let now = flows::now();
+pub(crate) fn flow_of(key: &FlowKey, now: u32) -> Option<(Flow, Table)> {
     if let Some(entry) = flows::established(key, now) {
         // SAFETY: a CONNTRACK value (see `flows::established`).
         return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
@@ -114,11 +113,12 @@ pub(crate) fn later_fragment(
         ports: &mut scratch_ports,
         l4_check: &mut scratch_check,
     };
-    let (mut flow, table) = flow_of(&key)?;
+    let now = flows::now();
+    let (mut flow, table) = flow_of(&key, now)?;
     Some(if flow.direction == REPLY {
         reverse_nat(ctx, &pkt, &key, &mut flow)
     } else {
-        forward(ctx, &pkt, &key, &mut flow, table)
+        forward(ctx, &pkt, &key, &mut flow, table, now)
     })
 }
 

@@ -10,7 +10,7 @@
 use aya_ebpf::{macros::map, maps::Array};
 use lb_common::{BackendHop, MAX_BACKENDS, NextHop, flow::HOP_TTL};
 
-use crate::flows::{self, copy_words, write_words};
+use crate::flows::{copy_words, write_words};
 
 #[map]
 static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_BACKENDS, 0);
@@ -18,28 +18,28 @@ static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_BACKENDS, 0
 /// Fills an unresolved `cache` with the backend's shared hop if it is
 /// fresh; false if the caller must resolve it.
 #[inline(always)]
-pub(crate) fn borrow(backend_id: u32, cache: &mut NextHop) -> bool {
+pub(crate) fn borrow(backend_id: u32, now: u32, cache: &mut NextHop) -> bool {
     let Some(shared) = BACKEND_HOPS.get_ptr(backend_id) else {
         return false;
     };
     // SAFETY: an array map value; plain data.
     let shared = unsafe { copy_words(shared) };
-    if shared.hop.ifindex == 0 || flows::now().wrapping_sub(shared.resolved) >= HOP_TTL {
+    if shared.hop.ifindex == 0 || now.wrapping_sub(shared.resolved) >= HOP_TTL {
         return false;
     }
     *cache = shared.hop;
     true
 }
 
-/// Shares a hop a flow to the backend just resolved.
+/// Shares a hop a flow to the backend just resolved at `now`.
 #[inline(always)]
-pub(crate) fn share(backend_id: u32, hop: &NextHop) {
+pub(crate) fn share(backend_id: u32, now: u32, hop: &NextHop) {
     let Some(slot) = BACKEND_HOPS.get_ptr_mut(backend_id) else {
         return;
     };
     let shared = BackendHop {
         hop: *hop,
-        resolved: flows::now(),
+        resolved: now,
     };
     // SAFETY: an array map value; word stores (see `copy_words`).
     unsafe { write_words(slot, &shared) };

@@ -85,7 +85,7 @@ pub(crate) fn error_of_flow(
         // SAFETY: within the bounds-checked ICMP header.
         l4_check: unsafe { &raw mut (*icmp).check },
     };
-    let (mut flow, _) = flow_of(&key)?;
+    let (mut flow, _) = flow_of(&key, crate::flows::now())?;
     Some(if flow.direction == REPLY {
         to_client(ctx, &pkt, quoted, &mut flow)
     } else {

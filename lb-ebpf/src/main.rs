@@ -185,7 +185,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     if let Some(entry) = flows::established(&key, now) {
         // SAFETY: a CONNTRACK value (see `flows::established`).
         let flow = unsafe { &mut *entry };
-        if let Some(outcome) = established(ctx, &pkt, &key, flow, flags) {
+        if let Some(outcome) = established(ctx, &pkt, &key, flow, flags, now) {
             return outcome;
         }
     }
@@ -210,6 +210,7 @@ fn established(
     key: &FlowKey,
     flow: &mut Flow,
     flags: u8,
+    now: u32,
 ) -> Option<Outcome> {
     if closes(flags) {
         flows::close(key, flow);
@@ -221,7 +222,7 @@ fn established(
     if opens_connection(flags) && flows::restarted_by_syn(Table::Established, key, flow) {
         return None;
     }
-    Some(forward(ctx, pkt, key, flow, Table::Established))
+    Some(forward(ctx, pkt, key, flow, Table::Established, now))
 }
 
 /// A packet of a half-open flow (`flow` is its entry's copy): the backend's
@@ -242,7 +243,7 @@ fn half_open(
     if opens_connection(flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
         return None;
     }
-    let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen);
+    let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(
         outcome.reason,
         Verdict::Forwarded | Verdict::PassKernelForward
@@ -404,7 +405,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) 
             service_id,
             ..Flow::default()
         };
-        let outcome = forward(ctx, pkt, key, &mut flow, Table::HalfOpen);
+        let outcome = forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now);
         if outcome.reason == Verdict::Forwarded {
             return Outcome {
                 action: outcome.action,
@@ -414,7 +415,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) 
         return outcome;
     }
     let mut flow = flows::create(key, service_id, backend_id, !dsr, now);
-    forward(ctx, pkt, key, &mut flow, Table::HalfOpen)
+    forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
 /// Forwards a packet of a pinned flow to its backend in its service's mode.
@@ -427,6 +428,7 @@ fn forward(
     key: &FlowKey,
     flow: &mut Flow,
     table: Table,
+    now: u32,
 ) -> Outcome {
     let Some(conf) = SERVICE_CONF.get(flow.service_id) else {
         return pass(Verdict::PassNoService);
@@ -446,14 +448,15 @@ fn forward(
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
     // A new flow's first packet: the backend's shared hop if it is fresh.
-    let resolving = flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, &mut flow.next_hop);
+    let resolving =
+        flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, now, &mut flow.next_hop);
     let outcome = if conf.mode == MODE_DSR {
         transmit_dsr(ctx, pkt, backend, &mut flow.next_hop)
     } else {
         transmit_nat(ctx, pkt, backend, &mut flow.next_hop)
     };
     if resolving && flow.next_hop.ifindex != 0 {
-        hops::share(backend_id, &flow.next_hop);
+        hops::share(backend_id, now, &flow.next_hop);
     }
     if outcome.reason == Verdict::Forwarded {
         count(&SERVICE_STATS, service_id, 1, bytes);
