@@ -732,18 +732,25 @@ impl Dataplane {
     /// `FLOW_CONF` (a pinned table's, whose entries sit where it put them),
     /// or a new random one for a new table.
     fn set_flow_conf(&mut self, mut conf: FlowConf) -> Result<()> {
-        let table = self.half_open_table()?;
-        let mut map = self.array::<FlowConf>("FLOW_CONF")?;
-        let current = map.get(&0, 0).map_err(|source| DataplaneError::Map {
-            name: "FLOW_CONF",
+        let err = |source| DataplaneError::Map {
+            name: "HALF_OPEN",
             source,
-        })?;
-        conf.half_open_slots = table.slots();
-        conf.half_open_seed = match current.half_open_seed {
+        };
+        conf.half_open_slots = self
+            .map_data("HALF_OPEN")?
+            .info()
+            .map_err(err)?
+            .max_entries();
+        conf.half_open_seed = match self.flow_conf()?.half_open_seed {
             0 => random_seed(),
             seed => seed,
         };
-        set(&mut map, "FLOW_CONF", 0, conf)
+        set(
+            &mut self.array::<FlowConf>("FLOW_CONF")?,
+            "FLOW_CONF",
+            0,
+            conf,
+        )
     }
 
     /// `HALF_OPEN`, mapped into memory.
@@ -754,19 +761,12 @@ impl Dataplane {
     /// What `FLOW_CONF` holds now (timeouts, budget, the half-open table's
     /// size and seed).
     pub fn flow_conf(&self) -> Result<FlowConf> {
-        let map = self
-            .ebpf
-            .map("FLOW_CONF")
-            .ok_or(DataplaneError::MissingMap("FLOW_CONF"))?;
-        let array: Array<&MapData, FlowConf> =
-            Array::try_from(map).map_err(|source| DataplaneError::Map {
+        self.owned_array::<FlowConf>("FLOW_CONF")?
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map {
                 name: "FLOW_CONF",
                 source,
-            })?;
-        array.get(&0, 0).map_err(|source| DataplaneError::Map {
-            name: "FLOW_CONF",
-            source,
-        })
+            })
     }
 
     /// A reused id starts its traffic counters from zero.
