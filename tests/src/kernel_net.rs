@@ -111,6 +111,17 @@ impl Default for TestNet {
     }
 }
 
+/// The names pinned in `dir`, sorted: what an adoption test compares
+/// before and after a refused load.
+pub fn pinned_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("pin dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// A bpffs mounted on a temporary directory, unmounted on drop.
 pub struct Bpffs {
     pub dir: std::path::PathBuf,

@@ -13,8 +13,8 @@ use lb_common::Verdict;
 use lb_tests::kernel_net::{
     BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, HAIRPIN_BACKEND, HAIRPIN_MAC, Harness,
     LB_FRONT, TestNet, VIP, VIP_DSR, VIP_HAIRPIN, VIP_UNRESOLVED, VIP_UNRESOLVED_DSR, WEB_MACS,
-    WEB_PORT, WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, backend, fix_ip_checksum, lab_config, service,
-    test_run, udp,
+    WEB_PORT, WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, backend, fix_ip_checksum, lab_config,
+    pinned_files, service, test_run, udp,
 };
 use lb_userspace::{
     config::{Backend, Config, Forwarding, Protocol, Scheduler, Service},
@@ -887,15 +887,7 @@ fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
         let cfg = lab_config();
         let front = xdp::ifindex("f0").expect("f0");
         drop(first_pinned_flow(&pins, 1024, 51000));
-        let pinned_files = || {
-            let mut names: Vec<String> = std::fs::read_dir(&pins)
-                .expect("pin dir")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
-        let before = pinned_files();
+        let before = pinned_files(&pins);
 
         let err = match Dataplane::load_pinned(2048, &pins) {
             Ok(_) => panic!("adopted a data plane with another conntrack-size"),
@@ -922,7 +914,7 @@ fn adopting_a_pinned_data_plane_with_another_conntrack_size_is_refused() {
         ] {
             assert!(message.contains(&part), "{part:?} not in: {message}");
         }
-        assert_eq!(pinned_files(), before, "the refusal changed the pins");
+        assert_eq!(pinned_files(&pins), before, "the refusal changed the pins");
 
         // The same size adopts, with the flow table intact.
         let (mut second, adopted) = Dataplane::load_pinned(1024, &pins).expect("adopt");
@@ -1907,6 +1899,14 @@ fn table_of(h: &Harness, key: &lb_common::FlowKey) -> Option<bool> {
     table.lookup(key).expect("lookup").map(|(est, _)| est)
 }
 
+/// Entries in the established and the half-open table.
+fn entries(h: &Harness) -> (u64, u64) {
+    h.dp.flow_table()
+        .expect("flow table")
+        .entries()
+        .expect("entries")
+}
+
 fn active(h: &Harness, backend_id: u32) -> u64 {
     h.dp.flow_table()
         .expect("flow table")
@@ -1934,9 +1934,8 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        let table = h.dp.flow_table().expect("flow table");
         assert_eq!(
-            table.entries().expect("entries"),
+            entries(&h),
             (0, 1),
             "one half-open slot: the reply finds the flow by the client's address and port"
         );
@@ -1963,14 +1962,7 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         let ack = client_ack(52000, VIP);
         let out = h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(web_of(&out), 0);
-        assert_eq!(
-            h.dp.flow_table()
-                .expect("table")
-                .entries()
-                .expect("entries"),
-            (2, 0),
-            "promoted, both entries"
-        );
+        assert_eq!(entries(&h), (2, 0), "promoted, both entries");
         assert_eq!(table_of(&h, &key), Some(true));
         assert_eq!(active(&h, web1), 1);
         h.expect(
@@ -1982,21 +1974,9 @@ fn a_syn_opens_a_half_open_flow_and_the_clients_ack_establishes_it() {
         // UDP: the first packet opens, the second establishes.
         let dns = |sport| udp(CLIENT_MAC, FRONT_MAC, CLIENT, VIP, 64, sport, 5353, b"q");
         h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(
-            h.dp.flow_table()
-                .expect("table")
-                .entries()
-                .expect("entries"),
-            (2, 1)
-        );
+        assert_eq!(entries(&h), (2, 1));
         h.expect(h.front, &dns(52001), XDP_REDIRECT, Verdict::Forwarded);
-        assert_eq!(
-            h.dp.flow_table()
-                .expect("table")
-                .entries()
-                .expect("entries"),
-            (4, 0)
-        );
+        assert_eq!(entries(&h), (4, 0));
     });
 }
 
@@ -2008,14 +1988,7 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
         let mut h = Harness::new(&cfg);
         let ack = |port| client_ack(port, VIP);
         h.expect(h.front, &ack(52100), XDP_DROP, Verdict::DropNoFlow);
-        assert_eq!(
-            h.dp.flow_table()
-                .expect("table")
-                .entries()
-                .expect("entries"),
-            (0, 0),
-            "nothing created"
-        );
+        assert_eq!(entries(&h), (0, 0), "nothing created");
         // A hash scheduler finds the backend again: the flow goes where the
         // hash says (the same as its SYN would have), half-open first.
         cfg.services[0].scheduler = Scheduler::FlowHash;
@@ -2105,11 +2078,7 @@ fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
             .expect("sweep");
         assert_eq!(report.removed, 2, "web1's RST flow, forward and reply");
         assert!(report.swept.is_empty(), "closed flows were already counted");
-        assert_eq!(
-            h.dp.flow_table().expect("t").entries().expect("entries"),
-            (4, 0),
-            "two established flows stay"
-        );
+        assert_eq!(entries(&h), (4, 0), "two established flows stay");
         assert_eq!(active(&h, web1), 0);
     });
 }
@@ -2137,7 +2106,7 @@ fn a_syn_flood_into_a_full_half_open_table_leaves_established_flows_alone() {
             .build();
             xdp::test_run(prog, h.front, &frame, 0, false).expect("flood");
         }
-        let (established, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
+        let (established, half_open) = entries(&h);
         assert_eq!(established, 20, "ten NAT flows, both entries each");
         assert!(
             half_open <= 2048,
@@ -2237,10 +2206,7 @@ fn a_new_flow_takes_a_slot_of_its_bucket_replacing_a_flow_whole_and_the_sweep_cl
             XDP_DROP,
             Verdict::DropNoFlow,
         );
-        assert_eq!(
-            h.dp.flow_table().expect("t").entries().expect("entries"),
-            (0, 2)
-        );
+        assert_eq!(entries(&h), (0, 2));
         // Past the half-open timeout with no packet, the agent's sweep
         // empties B's slot.
         std::thread::sleep(std::time::Duration::from_millis(2300));
@@ -2252,10 +2218,7 @@ fn a_new_flow_takes_a_slot_of_its_bucket_replacing_a_flow_whole_and_the_sweep_cl
         assert_eq!(report.removed, 2, "{report:?}");
         assert_eq!(table_of(&h, &client_key(kept, VIP)), None);
         assert_eq!(table_of(&h, &client_key(c, VIP)), None);
-        assert_eq!(
-            h.dp.flow_table().expect("t").entries().expect("entries"),
-            (0, 0)
-        );
+        assert_eq!(entries(&h), (0, 0));
     });
 }
 
@@ -2291,7 +2254,7 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
             stateful <= 4 && stateless >= 6,
             "{stateful} inserted, {stateless} stateless"
         );
-        let (_, half_open) = h.dp.flow_table().expect("t").entries().expect("entries");
+        let (_, half_open) = entries(&h);
         assert_eq!(
             half_open, stateful,
             "only the flows within the budget have entries"

@@ -13,7 +13,8 @@ use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::Verdict;
 use lb_tests::kernel_net::{
     BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
-    WEB_UDP_PORT, WEBS, fragments, icmp_error, lab_config, service, udp, webs, without_df,
+    WEB_UDP_PORT, WEBS, fragments, icmp_error, lab_config, pinned_files, service, udp, webs,
+    without_df,
 };
 use lb_userspace::{
     config::{Config, Forwarding, Protocol},
@@ -555,15 +556,7 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
             .expect("create an old-layout CONNTRACK")
             .pin(&conntrack)
             .expect("pin it");
-        let pinned_files = || {
-            let mut names: Vec<String> = std::fs::read_dir(&pins)
-                .expect("pin dir")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
-        let before = pinned_files();
+        let before = pinned_files(&pins);
 
         let err = match Dataplane::load_pinned(&cfg.dataplane, &pins) {
             Ok(_) => panic!("adopted a flow table of another layout"),
@@ -588,7 +581,7 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
         ] {
             assert!(message.contains(&part), "{part:?} not in: {message}");
         }
-        assert_eq!(pinned_files(), before, "the refusal changed the pins");
+        assert_eq!(pinned_files(&pins), before, "the refusal changed the pins");
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
