@@ -94,7 +94,8 @@ enum Command {
         pin_dir: PathBuf,
         /// The agent's config: with `[announce]`, every VIP is withdrawn
         /// from BGP first, so routers stop sending traffic here before the
-        /// data plane goes
+        /// data plane goes. Without it, the announcement the agent of this
+        /// pin dir recorded (under /run/lb/announce) is withdrawn
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -254,18 +255,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     )
                 })
                 .transpose()?;
-            if let Some(announce) = config
-                .map(|c| config::load(&c))
-                .transpose()?
-                .and_then(|c| c.announce)
-            {
-                lb_userspace::announce::withdraw_all(&announce)
-                    .context("withdrawing the VIPs from BGP")?;
-                println!(
-                    "withdrew every VIP from BGP ({})",
-                    announce.include.display()
-                );
-            }
+            withdraw_for_teardown(&pin_dir, config.as_deref())?;
             let removed = Dataplane::teardown(&pin_dir)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());
@@ -293,4 +283,48 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Pktgen(args) => pktgen::run(args),
         Command::Bench(args) => bench::run(args),
     }
+}
+
+/// `lb teardown`'s first step: withdraws from BGP every VIP announced for
+/// the data plane at `pin_dir`, through the `[announce]` of `config` and
+/// the one its agent recorded, then forgets the record. A record that
+/// cannot be trusted or BIRD refusing stops the teardown, saying how to go
+/// on: the data plane must not go while routers still send traffic here.
+fn withdraw_for_teardown(
+    pin_dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use lb_userspace::announce::{self, RECORDS_DIR, Record};
+    let records = std::path::Path::new(RECORDS_DIR);
+    let mut targets = Vec::new();
+    if let Some(file) = config
+        && let Some(a) = config::load(file)?.announce
+    {
+        targets.push((format!("[announce] of {}", file.display()), a));
+    }
+    let recorded = Record::read(records, pin_dir).with_context(|| {
+        format!(
+            "reading what the agent of {} announced; give its config with --config \
+             so teardown withdraws the VIPs from BGP",
+            pin_dir.display()
+        )
+    })?;
+    if let Some((path, record)) = &recorded {
+        let a = record.announce();
+        if !targets.iter().any(|(_, t)| t.include == a.include) {
+            targets.push((format!("recorded in {}", path.display()), a));
+        }
+    }
+    for (from, a) in &targets {
+        announce::withdraw_all(a).with_context(|| {
+            format!(
+                "withdrawing the VIPs from BGP ({from}; include file {}): the data plane stays \
+                 until they are withdrawn. Start BIRD (or fix its socket) and run teardown again",
+                a.include.display()
+            )
+        })?;
+        println!("withdrew every VIP from BGP ({})", a.include.display());
+    }
+    Record::remove(records, pin_dir).context("removing the announcement record")?;
+    Ok(())
 }

@@ -19,12 +19,13 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{ask, lb_bin, status, three_webs, unique_prefix, wait_for_status};
 use lb_userspace::{
-    control::{Request, Status},
+    config::Forwarding,
+    control::{FirewallChange, Request, RuleEdit, Status},
     db::{DbCommand, PoolStatus, Role},
     harness::{
         lab::{
-            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, pool_config, read_vip, run_dir, vip_http,
-            write_vip,
+            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, admin_password_file, pool_config, read_vip,
+            run_dir, vip_http, write_vip,
         },
         netns::in_netns,
     },
@@ -154,6 +155,44 @@ fn write_loop(
     writer: &'static str,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<Result<WriteLog>> {
+    let mut seq = 0;
+    client_loop(lab, stop, move |at| {
+        seq += 1;
+        let this = seq;
+        async move {
+            let r = write(this, writer).await;
+            if r.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (at, this, r)
+        }
+    })
+}
+
+/// A read loop from the client through the read VIP, each read on a new
+/// connection: (time since start, server id or error).
+type ReadLog = Vec<(Duration, Result<u64, String>)>;
+
+fn read_loop(lab: &Lab, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<ReadLog>> {
+    client_loop(lab, stop, |at| async move {
+        let r = read().await.map(|(id, _)| id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (at, r)
+    })
+}
+
+/// Runs `step` (given the time since the start) from the client's
+/// namespace until `stop`; the log of what each step returned.
+fn client_loop<T, F, Fut>(
+    lab: &Lab,
+    stop: Arc<AtomicBool>,
+    mut step: F,
+) -> thread::JoinHandle<Result<Vec<T>>>
+where
+    T: Send + 'static,
+    F: FnMut(Duration) -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
     let ns = lab.client_ns();
     thread::spawn(move || {
         let rt = runtime()?;
@@ -161,14 +200,8 @@ fn write_loop(
             rt.block_on(async {
                 let start = Instant::now();
                 let mut log = Vec::new();
-                let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    seq += 1;
-                    let r = write(seq, writer).await;
-                    if r.is_err() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    log.push((start.elapsed(), seq, r));
+                    log.push(step(start.elapsed()).await);
                 }
                 log
             })
@@ -430,9 +463,177 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             text.contains("pool db  write db-write 198.18.0.20:3306 -> db1"),
             "{text}"
         );
-        Ok(())
+        pool_firewall(&lab)?;
+        reload_with_a_new_login(&lab)?;
+        visits_in_dsr(&lab)
     };
     check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+}
+
+/// `lb reload` of `text` written as the lab's config.
+fn reload(lab: &Lab, text: &str) -> Result<lb_userspace::control::Response> {
+    std::fs::write(lab.run_dir().join("lb.toml"), text)?;
+    ask(lab, &Request::Reload)
+}
+
+fn firewall(lab: &Lab, change: FirewallChange) -> Result<String> {
+    let r = ask(lab, &Request::Firewall(change))?;
+    ensure!(r.ok, "lb firewall: {}", r.message);
+    Ok(r.message)
+}
+
+/// POST then GET /visits from the client through the web VIP: the web
+/// servers write through the write VIP and read through the read VIP.
+fn visits_work(lab: &Lab) -> Result<(String, String)> {
+    in_netns(&lab.client_ns(), || -> Result<(String, String)> {
+        let post = http(vip_http(), "POST", "/visits")?;
+        ensure!(post.contains("visit recorded by db1"), "{post}");
+        let get = http(vip_http(), "GET", "/visits")?;
+        ensure!(get.contains("read from db"), "{get}");
+        Ok((post, get))
+    })?
+}
+
+/// What the client's own write and read through the DB VIPs got.
+type ClientDb = (Result<u64, String>, Result<(u64, u64), String>);
+
+/// The client's own write and read through the DB VIPs (new connections).
+fn client_db(lab: &Lab) -> Result<ClientDb> {
+    from_client(lab, async { (write(1000, "client").await, read().await) })
+}
+
+/// A pool's services are first-class for the firewall: a live rule on the
+/// write service and the pool's `allow-from` keep the client off the
+/// database while the web servers' `/visits` go on.
+fn pool_firewall(lab: &Lab) -> Result<()> {
+    let client = "198.18.0.2/32".to_owned();
+    let msg = firewall(
+        lab,
+        FirewallChange::Deny {
+            edit: RuleEdit::Add {
+                prefix: client.clone(),
+                service: Some("db-write".into()),
+            },
+        },
+    )?;
+    println!("lb firewall deny add {client} --service db-write: {msg}");
+    let (w, r) = client_db(lab)?;
+    ensure!(
+        w.is_err(),
+        "the denied client wrote through the write VIP: {w:?}"
+    );
+    ensure!(r.is_ok(), "the client's read (not denied) failed: {r:?}");
+    let (post, _) = visits_work(lab)?;
+    println!("client denied on db-write ({w:?}); the webs' /visits still work: {post}");
+    let show = firewall(lab, FirewallChange::Show)?;
+    println!("lb firewall show:\n{show}");
+    ensure!(
+        show.lines()
+            .any(|l| l.starts_with("service db-write: deny 198.18.0.2/32")
+                && !l.contains(": 0 new flows")),
+        "the rule on db-write is not listed with its count: {show}"
+    );
+    firewall(
+        lab,
+        FirewallChange::Deny {
+            edit: RuleEdit::Remove {
+                prefix: client,
+                service: Some("db-write".into()),
+            },
+        },
+    )?;
+    ensure!(
+        client_db(lab)?.0.is_ok(),
+        "the client still denied after remove"
+    );
+
+    // The config's way: the database only from the web servers.
+    let only_webs = format!("{}allow-from = [\"198.19.0.0/24\"]\n", config(lab, None));
+    let r = reload(lab, &only_webs)?;
+    ensure!(r.ok, "reload with allow-from: {}", r.message);
+    let (w, r) = client_db(lab)?;
+    ensure!(
+        w.is_err() && r.is_err(),
+        "the client reached the database: {w:?} {r:?}"
+    );
+    visits_work(lab)?;
+    println!(
+        "[[pool]] allow-from = [\"198.19.0.0/24\"]: client refused on both VIPs, /visits work"
+    );
+    let r = reload(lab, &config(lab, None))?;
+    ensure!(r.ok, "reload back: {}", r.message);
+    Ok(())
+}
+
+/// A reload with a wrong database password is rejected naming the key,
+/// and the running login stays (writes go on); a right new one is
+/// accepted.
+fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
+    let good = config(lab, None);
+    let password_file = admin_password_file(&run_dir(lab.prefix()));
+    let file_key = format!("password-file = \"{}\"", password_file.display());
+    ensure!(good.contains(&file_key), "{good}");
+    let r = reload(lab, &good.replace(&file_key, "password = \"wrong\""))?;
+    println!(
+        "reload with a wrong database password: ok {}: {}",
+        r.ok, r.message
+    );
+    ensure!(
+        !r.ok
+            && r.message.contains("pool[0].health.password:")
+            && r.message.contains("Access denied"),
+        "{}",
+        r.message
+    );
+    // Longer than the fall window: the running login still works.
+    thread::sleep(FALL_WINDOW * 2);
+    let s = status(lab)?;
+    ensure!(routed(&s, Some("db1"), &["db2", "db3"]), "{:?}", pool(&s));
+    ensure!(
+        s.agent.last_reload.as_ref().is_some_and(|r| !r.ok),
+        "the rejected reload is not in the status"
+    );
+    writes_land_on(lab, 40..=42, 1)?;
+    // The same password given inline: a changed login that works.
+    let password = std::fs::read_to_string(&password_file)?;
+    let inline = format!("password = \"{}\"", password.trim());
+    let r = reload(lab, &good.replace(&file_key, &inline))?;
+    ensure!(r.ok, "reload with the right password inline: {}", r.message);
+    wait_for_status(
+        lab,
+        "still db1 after the login change",
+        FALL_WINDOW * 2,
+        |s| routed(s, Some("db1"), &["db2", "db3"]),
+    )?;
+    let r = reload(lab, &good)?;
+    ensure!(r.ok, "reload back: {}", r.message);
+    Ok(())
+}
+
+/// `/visits` with the web service in DSR: the webs' return route to the
+/// client network must not swallow the database VIPs.
+fn visits_in_dsr(lab: &Lab) -> Result<()> {
+    lab.set_mode(Forwarding::Dsr)?;
+    let dsr = config(lab, None).replacen(
+        "scheduler = \"round-robin\"\n",
+        "scheduler = \"round-robin\"\nforwarding = \"dsr\"\n",
+        1,
+    );
+    ensure!(dsr.contains("forwarding = \"dsr\""), "{dsr}");
+    let r = reload(lab, &dsr)?;
+    ensure!(r.ok, "reload in DSR: {}", r.message);
+    let s = status(lab)?;
+    ensure!(
+        s.services
+            .iter()
+            .any(|x| x.name == "www" && x.forwarding == Forwarding::Dsr),
+        "www is not in DSR"
+    );
+    for _ in 0..3 {
+        let (post, get) = visits_work(lab)?;
+        println!("DSR: {post}{get}");
+    }
+    Ok(())
 }
 
 #[test]
@@ -449,6 +650,10 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let writes = write_loop(&lab, "crash", Arc::clone(&stop));
+        // Reads through the read VIP go on through the crash: the
+        // replicas that lost db1 hold all it sent them.
+        let stop_reads = Arc::new(AtomicBool::new(false));
+        let read_log = read_loop(&lab, Arc::clone(&stop_reads));
         thread::sleep(Duration::from_millis(1500));
         // db3 stops receiving first, so db2 is the most caught-up replica
         // when db1 dies (otherwise which of them got db1's last event is a
@@ -480,6 +685,34 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
             log.iter()
                 .filter_map(|(_, _, r)| r.as_ref().ok())
                 .all(|id| *id == 1 || *id == 2)
+        );
+        stop_reads.store(true, Ordering::Relaxed);
+        let reads = read_log
+            .join()
+            .map_err(|_| anyhow::anyhow!("read loop panicked"))??;
+        let failed: Vec<_> = reads.iter().filter(|(_, r)| r.is_err()).collect();
+        let after: Vec<u64> = reads
+            .iter()
+            .filter(|(t, _)| *t > killed_at)
+            .filter_map(|(_, r)| r.as_ref().ok().copied())
+            .collect();
+        println!(
+            "reads through the read VIP during the primary kill: {} reads, {} failed, \
+             {} after the kill (server ids {:?})",
+            reads.len(),
+            failed.len(),
+            after.len(),
+            after.iter().collect::<BTreeSet<_>>()
+        );
+        ensure!(
+            failed.is_empty(),
+            "reads failed during the primary kill: {failed:?}"
+        );
+        ensure!(
+            reads
+                .last()
+                .is_some_and(|(t, _)| *t > killed_at + 2 * FALL_WINDOW),
+            "the read loop did not run through the failover"
         );
         // db3 follows the new primary.
         let pos = lab.db_admin(2, "SELECT @@gtid_binlog_pos")?;

@@ -454,11 +454,20 @@ fn withdraw_drains_an_lb_and_established_flows_finish_on_the_other() -> Result<(
     ha.lab
         .wait_for_route(&[lb_front_addr(1), lb_front_addr(2)], ROUTE_UP)?;
 
-    // `lb teardown --config` (agent stopped) withdraws before detaching.
+    // `lb teardown` (agent stopped), even without the agent's config,
+    // withdraws before detaching: it finds what the agent recorded.
     ha.agents[0].take().context("agent 1")?.stop()?;
-    let out = ha.lab.teardown_lb(1)?;
+    let record = lb_userspace::announce::Record::path_in(
+        std::path::Path::new(lb_userspace::announce::RECORDS_DIR),
+        &ha.lab.pin_dir_of(1),
+    );
+    assert!(record.is_file(), "no record {}", record.display());
+    let out = ha.lab.teardown_lb_without_config(1)?;
+    println!("lb teardown --pin-dir (no --config): {out}");
     assert!(out.contains("withdrew every VIP"), "{out}");
-    ha.lab.wait_for_route(&[lb_front_addr(2)], ROUTE_FAILOVER)?;
+    let took = ha.lab.wait_for_route(&[lb_front_addr(2)], ROUTE_FAILOVER)?;
+    println!("lb1's route gone from the router {took:?} after teardown");
+    assert!(!record.exists(), "the record outlived the teardown");
     assert_eq!(ha.new_connections(10)?.len(), 10);
     Ok(())
 }

@@ -165,6 +165,16 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .transpose()
             .context("reading the announcement's include file")?,
     };
+    // What `lb teardown` (even without --config) needs to withdraw the
+    // VIPs once this agent is gone.
+    if let Some(a) = &cfg.announce {
+        crate::announce::Record::of(a)
+            .write(
+                std::path::Path::new(crate::announce::RECORDS_DIR),
+                &args.pin_dir,
+            )
+            .context("recording the announcement for `lb teardown`")?;
+    }
     // The probe latency histograms are fed from the first probe on.
     let probes = ProbeLatency::default();
     if cfg.monitoring.is_some() {
@@ -277,7 +287,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         agent.cfg.dataplane.interfaces.join(", "),
         args.pin_dir.display(),
         if agent.announcer.is_some() {
-            "; the VIPs stay announced as they are (`lb teardown --config` withdraws them)"
+            "; the VIPs stay announced as they are (`lb teardown` withdraws them)"
         } else {
             ""
         }
@@ -506,6 +516,9 @@ impl Agent {
             bail!(
                 "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
             );
+        }
+        for warning in crate::db::vet_new_logins(&self.cfg.pools, &new.pools, &self.path)? {
+            warn!("{warning}");
         }
         self.commit_change(new, BTreeMap::new())?;
         info!("reloaded {}", self.path.display());

@@ -192,14 +192,19 @@ pub fn firewall_edit(
     let prefix = config::Prefix::parse(prefix).map_err(|e| anyhow::anyhow!("prefix: {e}"))?;
     let (fw, scope) = match service {
         None => (&mut next.firewall, "[firewall]".to_owned()),
-        Some(name) => {
-            let svc = next
-                .services
-                .iter_mut()
-                .find(|s| &s.name == name)
-                .with_context(|| format!("service: no service named {name:?}"))?;
-            (&mut svc.firewall, format!("service {name}"))
-        }
+        // A pool's services are rebuilt from the pool by `check`: their
+        // rules live in the pool.
+        Some(name) => match next.pools.iter_mut().find_map(|p| p.firewall_of_mut(name)) {
+            Some(fw) => (fw, format!("service {name}")),
+            None => {
+                let svc = next
+                    .services
+                    .iter_mut()
+                    .find(|s| &s.name == name)
+                    .with_context(|| format!("service: no service named {name:?}"))?;
+                (&mut svc.firewall, format!("service {name}"))
+            }
+        },
     };
     let rules = match list {
         List::Deny => &mut fw.deny,
@@ -466,5 +471,41 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
         let (back, _) = firewall_edit(&next, List::Deny, &remove).expect("remove");
         assert_eq!(back, cfg);
         assert!(firewall_edit(&cfg, List::Deny, &remove).is_err());
+    }
+
+    #[test]
+    fn firewall_edits_reach_a_pools_services() {
+        let text = format!(
+            "{SITE}\n[[pool]]\nname = \"db\"\nwrite-vip = \"198.18.0.20:3306\"\n\
+             read-vip = \"198.18.0.21:3306\"\n\
+             health = {{ check = \"mysql\", user = \"lb\", password = \"pw\" }}\n\
+             members = [ {{ name = \"db1\", address = \"198.19.1.21:3306\" }} ]\n"
+        );
+        let cfg = config::parse(&text, Path::new("site.toml")).expect("valid site");
+        let edit = RuleEdit::Add {
+            prefix: "198.18.0.2/32".into(),
+            service: Some("db-write".into()),
+        };
+        let (next, msg) = firewall_edit(&cfg, List::Deny, &edit).expect("deny on db-write");
+        assert!(
+            msg.contains("service db-write: deny 198.18.0.2/32 added"),
+            "{msg}"
+        );
+        let rules = |c: &Config, name: &str| {
+            c.services
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.firewall.deny.len())
+        };
+        // The rule is in the applied service, and only in the write one.
+        assert_eq!(rules(&next, "db-write"), Some(1));
+        assert_eq!(rules(&next, "db-read"), Some(0));
+        assert_eq!(next.pools[0].write_firewall.deny.len(), 1);
+        let remove = RuleEdit::Remove {
+            prefix: "198.18.0.2/32".into(),
+            service: Some("db-write".into()),
+        };
+        let (back, _) = firewall_edit(&next, List::Deny, &remove).expect("remove");
+        assert_eq!(back, cfg);
     }
 }

@@ -4,7 +4,9 @@
 //! service on `read-vip` (spreading over replicas that replicate within
 //! `max-lag`). The services are ordinary services from the data plane's
 //! point of view: the agent (`crate::db`) decides which members are in
-//! their rings.
+//! their rings. Their firewall keys are a `[[service]]`'s: `allow-from`,
+//! `deny-from` and `rate-limit` on the pool apply to both services, the
+//! same keys in `write = { … }` or `read = { … }` to one of them.
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
@@ -13,7 +15,7 @@ use serde::Deserialize;
 use super::{
     Backend, CheckKind, Firewall, HealthCheck, MysqlLogin, OnBackendDown, Protocol, Scheduler,
     Secret, Service, duration,
-    raw::RawHealth,
+    raw::{RawHealth, RawRateLimit},
     validate::{Validator, name_problem},
 };
 
@@ -43,6 +45,10 @@ pub struct Pool {
     /// Promote the most caught-up replica once the primary has been down
     /// this long; `None`: promotion only by `lb db promote`.
     pub auto_failover: Option<Duration>,
+    /// The write service's firewall rules (the pool's own and `write`'s).
+    pub write_firewall: Firewall,
+    /// The read service's firewall rules (the pool's own and `read`'s).
+    pub read_firewall: Firewall,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +70,17 @@ impl Pool {
 
     pub fn owns_service(&self, service: &str) -> bool {
         service == self.write_service() || service == self.read_service()
+    }
+
+    /// The firewall rules of the pool's service named `service`.
+    pub fn firewall_of_mut(&mut self, service: &str) -> Option<&mut Firewall> {
+        if service == self.write_service() {
+            Some(&mut self.write_firewall)
+        } else if service == self.read_service() {
+            Some(&mut self.read_firewall)
+        } else {
+            None
+        }
     }
 
     pub fn member(&self, name: &str) -> Option<&PoolMember> {
@@ -89,7 +106,7 @@ impl Pool {
                 health: None,
             })
             .collect();
-        let service = |name: String, vip, on_backend_down| Service {
+        let service = |name: String, vip, on_backend_down, firewall: &Firewall| Service {
             name,
             vip,
             protocol: Protocol::Tcp,
@@ -100,15 +117,21 @@ impl Pool {
             health: None,
             on_backend_down,
             backends: backends.clone(),
-            firewall: Firewall::default(),
+            firewall: firewall.clone(),
         };
         [
             service(
                 self.write_service(),
                 self.write_vip,
                 OnBackendDown::DropFlows,
+                &self.write_firewall,
             ),
-            service(self.read_service(), self.read_vip, OnBackendDown::KeepFlows),
+            service(
+                self.read_service(),
+                self.read_vip,
+                OnBackendDown::KeepFlows,
+                &self.read_firewall,
+            ),
         ]
     }
 }
@@ -124,6 +147,32 @@ pub(super) struct RawPool {
     max_lag: Option<String>,
     primary_fallback: Option<bool>,
     auto_failover: Option<String>,
+    allow_from: Option<Vec<String>>,
+    deny_from: Option<Vec<String>>,
+    rate_limit: Option<RawRateLimit>,
+    write: Option<RawPoolService>,
+    read: Option<RawPoolService>,
+}
+
+/// `write = { … }` / `read = { … }`: firewall keys of one of the pool's
+/// services, on top of the pool's own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", rename = "write")]
+struct RawPoolService {
+    allow_from: Option<Vec<String>>,
+    deny_from: Option<Vec<String>>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+impl From<&Firewall> for RawPoolService {
+    fn from(f: &Firewall) -> Self {
+        let texts = |p: &[super::Prefix]| p.iter().map(ToString::to_string).collect();
+        RawPoolService {
+            allow_from: Some(texts(&f.allow)),
+            deny_from: Some(texts(&f.deny)),
+            rate_limit: f.rate_limit.as_ref().map(RawRateLimit::from),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -152,6 +201,12 @@ impl From<&Pool> for RawPool {
             max_lag: Some(duration::show(p.max_lag)),
             primary_fallback: Some(p.primary_fallback),
             auto_failover: p.auto_failover.map(duration::show),
+            // Each service's rules whole (the pool's shared ones included).
+            allow_from: None,
+            deny_from: None,
+            rate_limit: None,
+            write: (!p.write_firewall.is_empty()).then(|| RawPoolService::from(&p.write_firewall)),
+            read: (!p.read_firewall.is_empty()).then(|| RawPoolService::from(&p.read_firewall)),
         }
     }
 }
@@ -278,6 +333,15 @@ impl Validator<'_> {
         let max_lag = duration(raw.max_lag, "max-lag")?.unwrap_or(DEFAULT_MAX_LAG);
         let auto_failover = duration(raw.auto_failover, "auto-failover")?;
 
+        let shared = self.service_firewall(
+            &format!("pool[{i}]"),
+            raw.deny_from,
+            raw.allow_from,
+            raw.rate_limit,
+        )?;
+        let write_firewall = self.pool_service_firewall(i, "write", &shared, raw.write)?;
+        let read_firewall = self.pool_service_firewall(i, "read", &shared, raw.read)?;
+
         Ok(Pool {
             name,
             write_vip,
@@ -288,7 +352,81 @@ impl Validator<'_> {
             max_lag,
             primary_fallback: raw.primary_fallback.unwrap_or(true),
             auto_failover,
+            write_firewall,
+            read_firewall,
         })
+    }
+
+    /// The rules of the pool's `which` service ("write" or "read"): the
+    /// pool's `shared` ones, then its own table's, checked as one scope
+    /// (no prefix twice, none in both lists, one rate limit).
+    fn pool_service_firewall(
+        &self,
+        i: usize,
+        which: &str,
+        shared: &Firewall,
+        own: Option<RawPoolService>,
+    ) -> Result<Firewall, super::ConfigError> {
+        let Some(own) = own else {
+            return Ok(shared.clone());
+        };
+        let key = |field: &str| format!("pool[{i}].{which}.{field}");
+        let own = self.service_firewall(
+            &format!("pool[{i}].{which}"),
+            own.deny_from,
+            own.allow_from,
+            own.rate_limit,
+        )?;
+        let mut merged = shared.clone();
+        let lists = [
+            (
+                "deny-from",
+                &own.deny,
+                &mut merged.deny,
+                &shared.allow,
+                "allow-from",
+            ),
+            (
+                "allow-from",
+                &own.allow,
+                &mut merged.allow,
+                &shared.deny,
+                "deny-from",
+            ),
+        ];
+        for (field, own_list, into, other, other_field) in lists {
+            for (j, p) in own_list.iter().enumerate() {
+                if let Some(k) = into.iter().position(|q| q == p) {
+                    return Err(self.err(
+                        format!("{}[{j}]", key(field)),
+                        format!("{p} is already pool[{i}].{field}[{k}] (for both services)"),
+                    ));
+                }
+                if let Some(k) = other.iter().position(|q| q == p) {
+                    return Err(self.err(
+                        format!("{}[{j}]", key(field)),
+                        format!(
+                            "{p} is also pool[{i}].{other_field}[{k}]: a prefix is either \
+                             allowed or denied"
+                        ),
+                    ));
+                }
+                into.push(*p);
+            }
+        }
+        if let Some(r) = own.rate_limit {
+            if shared.rate_limit.is_some() {
+                return Err(self.err(
+                    key("rate-limit"),
+                    format!(
+                        "pool[{i}].rate-limit already limits both services: give the \
+                         {which} service's limit in one place"
+                    ),
+                ));
+            }
+            merged.rate_limit = Some(r);
+        }
+        Ok(merged)
     }
 
     /// A `check = "mysql"` login: `user`, and exactly one of `password` and

@@ -226,6 +226,28 @@ impl Validator<'_> {
 
     /// One scope's rules: prefixes that parse, have no host bits, are not
     /// listed twice nor in both lists; a rate limit in range.
+    /// A service's rules: `allow-from`, `deny-from` and `rate-limit` under
+    /// `prefix` (`service[0]`, `pool[1]`, `pool[1].write`).
+    pub(super) fn service_firewall(
+        &self,
+        prefix: &str,
+        deny: Option<Vec<String>>,
+        allow: Option<Vec<String>>,
+        rate_limit: Option<RawRateLimit>,
+    ) -> Result<Firewall, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        self.firewall(
+            FirewallKeys {
+                deny: &key("deny-from"),
+                allow: &key("allow-from"),
+                rate_limit: &key("rate-limit"),
+            },
+            deny,
+            allow,
+            rate_limit,
+        )
+    }
+
     fn firewall(
         &self,
         keys: FirewallKeys<'_>,
@@ -519,12 +541,8 @@ impl Validator<'_> {
             raw.maglev_table_size,
             &backends,
         )?;
-        let firewall = self.firewall(
-            FirewallKeys {
-                deny: &key("deny-from"),
-                allow: &key("allow-from"),
-                rate_limit: &key("rate-limit"),
-            },
+        let firewall = self.service_firewall(
+            &format!("service[{i}]"),
             raw.deny_from,
             raw.allow_from,
             raw.rate_limit,

@@ -16,10 +16,18 @@
 //! - **Readers.** Reachable read-only members whose replication runs (IO
 //!   and SQL threads) within `max-lag`, judged with the check's rise/fall;
 //!   none qualifying: the primary, if `primary-fallback`.
+//! - **Readers while the primary is gone.** A replica whose IO thread lost
+//!   its primary (`Connecting`) has no lag to read (`Seconds_Behind_Master`
+//!   is NULL). It stays a reader if it has applied everything it received
+//!   (GTIDs) *and* the pool's primary did not answer the agent's latest
+//!   probe either: nobody has fresher data, so a primary crash does not
+//!   take the reads down with it. While the agent still reaches the
+//!   primary, such a replica is cut off from a live primary and falls
+//!   behind: it leaves.
 
 use std::{
     collections::BTreeMap,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -38,6 +46,8 @@ pub struct MemberState {
     pub last: Option<Observation>,
     /// "ok" or why the latest probe failed.
     pub last_check: Option<String>,
+    /// The latest probe logged in and read the state.
+    pub answered: bool,
     pub last_at: Option<SystemTime>,
 }
 
@@ -49,6 +59,7 @@ impl MemberState {
             last: None,
             last_check: None,
             last_at: None,
+            answered: false,
         }
     }
 
@@ -137,18 +148,18 @@ impl PoolState {
             self.pool.health.fall,
             self.pool.max_lag,
         );
+        let primary_answered = self
+            .primary
+            .as_ref()
+            .and_then(|p| self.members.get(p))
+            .is_some_and(|p| p.answered);
         let Some(m) = self.members.get_mut(member) else {
             return Outcome::default();
         };
-        let qualifies = match &result {
-            Ok(o) => {
-                o.read_only
-                    && o.replication
-                        .as_ref()
-                        .is_some_and(|r| r.healthy_within(max_lag))
-            }
-            Err(_) => false,
-        };
+        let qualifies = result
+            .as_ref()
+            .is_ok_and(|o| qualifies_as_reader(o, max_lag, primary_answered));
+        m.answered = result.is_ok();
         m.up.record(result.is_ok(), rise, fall);
         m.reader.record(qualifies, rise, fall);
         m.last_at = Some(SystemTime::now());
@@ -304,10 +315,20 @@ impl PoolState {
     }
 }
 
+/// Whether one probe's findings make a member fit to serve reads: a
+/// read-only replica replicating within `max_lag`, or one that lost its
+/// primary after applying all it received, while the pool's primary does
+/// not answer the agent either (`primary_answered` false).
+pub fn qualifies_as_reader(o: &Observation, max_lag: Duration, primary_answered: bool) -> bool {
+    o.read_only
+        && o.replication.as_ref().is_some_and(|r| {
+            r.healthy_within(max_lag)
+                || (!primary_answered && r.orphaned_but_caught_up(&o.gtid_slave_pos))
+        })
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::{
         config::{CheckKind, HealthCheck, MysqlLogin, PoolMember, Secret},
@@ -342,6 +363,8 @@ mod tests {
             max_lag: Duration::from_secs(5),
             primary_fallback: fallback,
             auto_failover: auto,
+            write_firewall: crate::config::Firewall::default(),
+            read_firewall: crate::config::Firewall::default(),
         }
     }
 
@@ -498,6 +521,78 @@ mod tests {
         let o = s.record("db3", primary(10), now);
         assert_eq!(o.adopted.as_deref(), Some("db3"));
         assert_eq!(s.routing.writer.as_deref(), Some("db3"));
+    }
+
+    /// A replica whose IO thread lost its primary, having applied up to
+    /// `applied` of the `received` transactions.
+    fn orphan(applied: u64, received: u64) -> Result<Observation, String> {
+        let mut o = replica(applied, None, "Connecting")?;
+        if let Some(r) = &mut o.replication {
+            r.gtid_io_pos = format!("0-1-{received}");
+        }
+        Ok(o)
+    }
+
+    #[test]
+    fn replicas_that_lost_a_crashed_primary_keep_serving_reads() {
+        let now = Instant::now();
+        let mut s = PoolState::new(pool(true, None), None);
+        healthy(&mut s, now);
+        // The primary crashes: its probe fails, and the replicas' IO
+        // threads reconnect in vain. db2 applied all it got; db3 did not.
+        s.record("db1", down(), now);
+        for _ in 0..3 {
+            s.record("db2", orphan(10, 10), now);
+            s.record("db3", orphan(8, 9), now);
+        }
+        assert_eq!(s.routing.readers, ["db2"]);
+        s.record("db1", down(), now);
+        assert_eq!(s.routing.writer, None);
+        assert_eq!(s.routing.readers, ["db2"]);
+        // db3 catches up with what it received: back in (rise 1).
+        s.record("db3", orphan(9, 9), now);
+        assert_eq!(s.routing.readers, ["db2", "db3"]);
+    }
+
+    #[test]
+    fn a_replica_cut_off_from_a_live_primary_leaves_the_reads() {
+        let now = Instant::now();
+        let mut s = PoolState::new(pool(true, None), None);
+        healthy(&mut s, now);
+        // db1 still answers the agent: db2 cannot reach it and falls
+        // behind, however caught up it is with what it received.
+        for _ in 0..2 {
+            s.record("db1", primary(12), now);
+            s.record("db2", orphan(10, 10), now);
+        }
+        assert_eq!(s.routing.writer.as_deref(), Some("db1"));
+        assert_eq!(s.routing.readers, ["db3"]);
+    }
+
+    #[test]
+    fn the_reader_rule_reads_lag_or_gtids() {
+        let max = Duration::from_secs(5);
+        let o = |r: Result<Observation, String>| r.expect("observation");
+        assert!(qualifies_as_reader(
+            &o(replica(10, Some(0), "Yes")),
+            max,
+            true
+        ));
+        assert!(!qualifies_as_reader(
+            &o(replica(10, Some(9), "Yes")),
+            max,
+            false
+        ));
+        assert!(qualifies_as_reader(&o(orphan(10, 10)), max, false));
+        assert!(!qualifies_as_reader(&o(orphan(10, 10)), max, true));
+        assert!(!qualifies_as_reader(&o(orphan(9, 10)), max, false));
+        // Stopped by hand: not orphaned, whatever it applied.
+        assert!(!qualifies_as_reader(
+            &o(replica(10, None, "No")),
+            max,
+            false
+        ));
+        assert!(!qualifies_as_reader(&o(primary(10)), max, false));
     }
 
     #[test]

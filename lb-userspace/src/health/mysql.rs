@@ -49,6 +49,20 @@ impl Replication {
             && self.sql_running
             && self.lag_seconds.is_some_and(|l| l <= max_lag.as_secs())
     }
+
+    /// The IO thread runs but has lost its primary ("Connecting": it keeps
+    /// retrying), and the SQL thread has applied everything the IO thread
+    /// received (`applied`, the replica's `gtid_slave_pos`, covers
+    /// `Gtid_IO_Pos`). `Seconds_Behind_Master` is NULL then, so lag cannot
+    /// be read; the GTIDs say the replica holds all it will ever get from
+    /// that primary. An unknown IO position (replication without GTIDs)
+    /// proves nothing.
+    pub fn orphaned_but_caught_up(&self, applied: &str) -> bool {
+        self.io_running == "Connecting"
+            && self.sql_running
+            && !self.gtid_io_pos.trim().is_empty()
+            && gtid_covers(applied, &self.gtid_io_pos)
+    }
 }
 
 impl Observation {
@@ -66,6 +80,49 @@ pub fn gtid_progress(pos: &str) -> u64 {
         .sum()
 }
 
+/// Whether GTID position `applied` has every transaction of `received`:
+/// for each replication domain of `received`, `applied` has that domain at
+/// the same or a later sequence number (`0-1-120` covers `0-1-118`).
+pub fn gtid_covers(applied: &str, received: &str) -> bool {
+    let parse = |pos: &str| -> Option<Vec<(u32, u64)>> {
+        pos.split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let mut parts = g.split('-');
+                let domain = parts.next()?.parse().ok()?;
+                let _server = parts.next()?;
+                let seq = parts.next()?.parse().ok()?;
+                parts.next().is_none().then_some((domain, seq))
+            })
+            .collect()
+    };
+    let (Some(applied), Some(received)) = (parse(applied), parse(received)) else {
+        return false;
+    };
+    received
+        .iter()
+        .all(|(d, n)| applied.iter().any(|(ad, an)| ad == d && an >= n))
+}
+
+/// Why a login did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// The server answered and refused it (wrong password, unknown user,
+    /// host not allowed): the server's reason.
+    Refused(String),
+    /// No MySQL server answered in time (or the connection broke).
+    Unreachable(String),
+}
+
+impl LoginFailure {
+    pub fn reason(&self) -> &str {
+        match self {
+            LoginFailure::Refused(r) | LoginFailure::Unreachable(r) => r,
+        }
+    }
+}
+
 /// Connects to `address` and logs in as `login`; the error is a short
 /// reason naming the address.
 pub async fn connect(
@@ -73,13 +130,36 @@ pub async fn connect(
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, String> {
+    log_in(address, login, timeout)
+        .await
+        .map_err(|e| e.reason().to_owned())
+}
+
+/// [`connect`], telling a server that refused the login from one that
+/// could not be reached.
+pub async fn log_in(
+    address: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Conn, LoginFailure> {
+    use LoginFailure::{Refused, Unreachable};
     // TCP first, so that an unreachable or closed port and a server that
     // never sends a MySQL handshake get different reasons.
     let deadline = tokio::time::Instant::now() + timeout;
     let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(address))
         .await
-        .map_err(|_| format!("mysql {address}: connect timed out after {}", show(timeout)))?
-        .map_err(|e| format!("mysql {address}: connect: {}", super::probe::io_reason(&e)))?;
+        .map_err(|_| {
+            Unreachable(format!(
+                "mysql {address}: connect timed out after {}",
+                show(timeout)
+            ))
+        })?
+        .map_err(|e| {
+            Unreachable(format!(
+                "mysql {address}: connect: {}",
+                super::probe::io_reason(&e)
+            ))
+        })?;
     drop(tcp);
     let opts = OptsBuilder::default()
         .ip_or_hostname(address.ip().to_string())
@@ -88,11 +168,14 @@ pub async fn connect(
         .user(Some(login.user.clone()))
         .pass(Some(login.password.expose().to_owned()));
     match tokio::time::timeout_at(deadline, Conn::new(opts)).await {
-        Err(_) => Err(format!(
+        Err(_) => Err(Unreachable(format!(
             "mysql {address}: no MySQL handshake and login within {} (not a MySQL server?)",
             show(timeout)
-        )),
-        Ok(Err(e)) => Err(format!("mysql {address}: {}", reason(&e))),
+        ))),
+        Ok(Err(e @ mysql_async::Error::Server(_))) => {
+            Err(Refused(format!("mysql {address}: {}", reason(&e))))
+        }
+        Ok(Err(e)) => Err(Unreachable(format!("mysql {address}: {}", reason(&e)))),
         Ok(Ok(conn)) => Ok(conn),
     }
 }
@@ -214,6 +297,41 @@ mod tests {
         r.io_running = "Yes".into();
         r.sql_running = false;
         assert!(!r.healthy_within(max));
+    }
+
+    #[test]
+    fn gtid_covers_compares_each_domain() {
+        assert!(gtid_covers("0-1-120", "0-1-120"));
+        assert!(gtid_covers("0-1-121", "0-1-120"));
+        assert!(!gtid_covers("0-1-119", "0-1-120"));
+        assert!(gtid_covers("0-1-120,1-2-7", "1-2-7,0-1-100"));
+        assert!(!gtid_covers("0-1-120", "0-1-100,1-2-1"));
+        assert!(gtid_covers("0-1-5", ""));
+        assert!(!gtid_covers("garbage", "0-1-1"));
+        assert!(!gtid_covers("0-1-5", "0-1-x"));
+    }
+
+    #[test]
+    fn an_orphaned_replica_counts_only_once_it_applied_all_it_received() {
+        let mut r = Replication {
+            source: "198.19.1.21:3306".into(),
+            io_running: "Connecting".into(),
+            sql_running: true,
+            lag_seconds: None,
+            gtid_io_pos: "0-1-50".into(),
+            error: Some("error reconnecting to master".into()),
+        };
+        assert!(r.orphaned_but_caught_up("0-1-50"));
+        assert!(!r.orphaned_but_caught_up("0-1-49"));
+        // Stopped by an operator or an error: not "lost its primary".
+        r.io_running = "No".into();
+        assert!(!r.orphaned_but_caught_up("0-1-50"));
+        r.io_running = "Connecting".into();
+        r.sql_running = false;
+        assert!(!r.orphaned_but_caught_up("0-1-50"));
+        r.sql_running = true;
+        r.gtid_io_pos = String::new();
+        assert!(!r.orphaned_but_caught_up("0-1-50"));
     }
 
     #[tokio::test]

@@ -158,3 +158,56 @@ fn pool_rejections_name_the_key() {
         assert_rejected(text, key, fragment);
     }
 }
+
+#[test]
+fn a_pools_firewall_keys_are_a_services() {
+    let cfg = parse_ok(&pool(
+        "allow-from = [\"198.19.0.0/24\"]\n\
+         write = { deny-from = [\"198.19.0.13/32\"], rate-limit = { new-flows-per-second = 50 } }\n",
+    ));
+    let (write, read) = (&cfg.services[0], &cfg.services[1]);
+    let texts = |p: &[Prefix]| p.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(texts(&write.firewall.allow), ["198.19.0.0/24"]);
+    assert_eq!(texts(&write.firewall.deny), ["198.19.0.13/32"]);
+    assert_eq!(write.firewall.rate_limit.map(|r| r.burst), Some(50));
+    assert_eq!(texts(&read.firewall.allow), ["198.19.0.0/24"]);
+    assert!(read.firewall.deny.is_empty() && read.firewall.rate_limit.is_none());
+    // A live change goes through `check`: the rules stay with the pool.
+    assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
+}
+
+#[test]
+fn a_pools_firewall_rejections_name_the_key() {
+    for (text, key, fragment) in [
+        (
+            pool("deny-from = [\"198.19.0.13/24\"]\n"),
+            "pool[0].deny-from[0]",
+            "host bits",
+        ),
+        (
+            pool("deny-from = [\"198.19.0.0/24\"]\nwrite = { deny-from = [\"198.19.0.0/24\"] }\n"),
+            "pool[0].write.deny-from[0]",
+            "already pool[0].deny-from[0]",
+        ),
+        (
+            pool("allow-from = [\"198.19.0.0/24\"]\nread = { deny-from = [\"198.19.0.0/24\"] }\n"),
+            "pool[0].read.deny-from[0]",
+            "either allowed or denied",
+        ),
+        (
+            pool(
+                "rate-limit = { new-flows-per-second = 5 }\n\
+                 write = { rate-limit = { new-flows-per-second = 9 } }\n",
+            ),
+            "pool[0].write.rate-limit",
+            "in one place",
+        ),
+        (
+            pool("write = { allow = [\"198.19.0.0/24\"] }\n"),
+            "pool[0].write.allow",
+            "unknown field `allow`",
+        ),
+    ] {
+        assert_rejected(&text, key, fragment);
+    }
+}

@@ -200,6 +200,14 @@ impl Lab {
         netns::run(&bin, &["teardown", "--pin-dir", &pins, "--config", &config])
     }
 
+    /// `lb teardown --pin-dir` of LB `n` without its config: the VIPs
+    /// are withdrawn through what its agent recorded.
+    pub fn teardown_lb_without_config(&self, n: usize) -> anyhow::Result<String> {
+        let pins = self.pin_dir_of(n).display().to_string();
+        let bin = self.lb_bin.display().to_string();
+        netns::run(&bin, &["teardown", "--pin-dir", &pins])
+    }
+
     /// Cuts LB `n` off its router (or reconnects it) as a dead host would
     /// be: its switch port stops forwarding (bridge port state disabled)
     /// while every link stays up, so nothing but BFD (or the BGP hold

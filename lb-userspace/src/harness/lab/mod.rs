@@ -284,6 +284,10 @@ impl Lab {
     /// VIP→client. DSR: straight to the client's back leg, bypassing the LB.
     /// In the multi-LB lab, DSR replies go to the router's back leg (which
     /// has the same address as the single lab's client back leg).
+    /// The single lab's client network 198.18.0.0/24 also holds the
+    /// database VIPs, which the webs reach through the LB (their `/visits`):
+    /// in DSR they keep host routes via the LB, more specific than the
+    /// client network's.
     pub fn set_mode(&self, mode: Forwarding) -> anyhow::Result<()> {
         let client_net = if self.lbs == 0 {
             "198.18.0.0/24"
@@ -291,20 +295,32 @@ impl Lab {
             HA_CLIENT_NET
         };
         let router = CLIENT_BACK.to_string();
+        let through_lb: Vec<String> = [WRITE_VIP, READ_VIP]
+            .iter()
+            .filter(|_| self.lbs == 0)
+            .map(|vip| format!("{vip}/32"))
+            .collect();
         for n in 1..=WEB_NAMES.len() {
             let ns = self.web_ns(n);
             match mode {
                 Forwarding::Dsr => {
-                    netns::ns_run(&ns, &["ip", "route", "replace", client_net, "via", &router])?
+                    netns::ns_run(&ns, &["ip", "route", "replace", client_net, "via", &router])?;
+                    for vip in &through_lb {
+                        let gateway = LB_BACK.to_string();
+                        netns::ns_run(&ns, &["ip", "route", "replace", vip, "via", &gateway])?;
+                    }
                 }
                 Forwarding::Nat => {
-                    if netns::ns_run(&ns, &["ip", "route", "show", client_net])?
-                        .trim()
-                        .is_empty()
+                    for net in
+                        std::iter::once(client_net).chain(through_lb.iter().map(String::as_str))
                     {
-                        continue;
+                        if !netns::ns_run(&ns, &["ip", "route", "show", net])?
+                            .trim()
+                            .is_empty()
+                        {
+                            netns::ns_run(&ns, &["ip", "route", "del", net])?;
+                        }
                     }
-                    netns::ns_run(&ns, &["ip", "route", "del", client_net])?
                 }
             };
         }

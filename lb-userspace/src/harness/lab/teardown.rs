@@ -148,6 +148,9 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
     if pins.exists() {
         fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
     }
+    // What its agents recorded for `lb teardown` (their BIRDs are gone).
+    crate::announce::Record::remove_under(Path::new(crate::announce::RECORDS_DIR), &pins)
+        .context("removing the lab agents' announcement records")?;
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
