@@ -243,8 +243,10 @@ pub fn withdraw_all(cfg: &Announce) -> Result<(), AnnounceError> {
 }
 
 /// Where agents record what they announce through, one file per pin dir:
-/// root's, like the pins (the directory is made mode 0700).
-pub const RECORDS_DIR: &str = "/run/lb/announce";
+/// root's, like the pins (the directory is made mode 0700). Not under
+/// /run/lb: the unit's `RuntimeDirectory=lb` goes when the service stops,
+/// and teardown comes after the stop.
+pub const RECORDS_DIR: &str = "/run/lb-announce";
 
 /// What `lb teardown --pin-dir D` needs to withdraw the VIPs of the agent
 /// that ran with pin dir D: its `[announce]`. Written by the agent at

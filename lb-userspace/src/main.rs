@@ -95,7 +95,7 @@ enum Command {
         /// The agent's config: with `[announce]`, every VIP is withdrawn
         /// from BGP first, so routers stop sending traffic here before the
         /// data plane goes. Without it, the announcement the agent of this
-        /// pin dir recorded (under /run/lb/announce) is withdrawn
+        /// pin dir recorded (under /run/lb-announce) is withdrawn
         #[arg(long)]
         config: Option<PathBuf>,
     },
