@@ -499,7 +499,8 @@ type ClientDb = (Result<u64, String>, Result<(u64, u64), String>);
 
 /// The client's own write and read through the DB VIPs (new connections).
 fn client_db(lab: &Lab) -> Result<ClientDb> {
-    from_client(lab, async { (write(1000, "client").await, read().await) })
+    // Side by side: a denied one costs the client's whole timeout.
+    from_client(lab, async { tokio::join!(write(1000, "client"), read()) })
 }
 
 /// A pool's services are first-class for the firewall: a live rule on the
