@@ -18,7 +18,10 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,7 +37,7 @@ mod probe;
 mod tests;
 
 pub use counter::Counter;
-pub use probe::probe;
+pub use probe::{ProbeError, probe};
 
 /// A checked backend's health as the agent acts on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,6 +134,8 @@ pub struct HealthChecker {
     tx: UnboundedSender<Transition>,
     next_id: u64,
     observer: Option<ProbeObserver>,
+    /// Probes that could not run for a reason of the agent's own.
+    agent_errors: Arc<AtomicU64>,
 }
 
 impl HealthChecker {
@@ -143,7 +148,14 @@ impl HealthChecker {
             tx,
             next_id: 0,
             observer: None,
+            agent_errors: Arc::default(),
         }
+    }
+
+    /// How many probes could not run for a reason of the agent's own
+    /// ([`ProbeError::Agent`]) since the checker started.
+    pub fn agent_errors(&self) -> u64 {
+        self.agent_errors.load(Ordering::Relaxed)
     }
 
     /// Tells `observer` of every probe that checks started from now on run.
@@ -227,6 +239,7 @@ impl HealthChecker {
                     check: check.clone(),
                     start,
                     observer: self.observer.clone(),
+                    agent_errors: Arc::clone(&self.agent_errors),
                 },
                 Arc::clone(&self.states),
                 self.tx.clone(),
@@ -281,6 +294,23 @@ struct CheckRun {
     check: HealthCheck,
     start: Health,
     observer: Option<ProbeObserver>,
+    agent_errors: Arc<AtomicU64>,
+}
+
+/// Records one probe's outcome in `counter`; returns the new health if it
+/// changed. A probe the agent could not run ([`ProbeError::Agent`]) is
+/// not an outcome: the counter stays as it was, whatever `fall` is.
+pub fn record(
+    counter: &mut Counter,
+    outcome: &Result<(), ProbeError>,
+    rise: u32,
+    fall: u32,
+) -> Option<Health> {
+    match outcome {
+        Err(ProbeError::Agent(_)) => None,
+        Ok(()) => counter.record(true, rise, fall),
+        Err(ProbeError::Backend(_)) => counter.record(false, rise, fall),
+    }
 }
 
 async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition>) {
@@ -292,7 +322,10 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         check,
         start,
         observer,
+        agent_errors,
     } = run;
+    // In a run of probes the agent could not run: logged once per run.
+    let mut agent_failing = false;
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
@@ -307,7 +340,36 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         if let Some(observe) = &observer {
             observe(&target, &backend, took);
         }
-        let changed = counter.record(outcome.is_ok(), check.rise, check.fall);
+        if let Err(ProbeError::Agent(why)) = &outcome {
+            agent_errors.fetch_add(1, Ordering::Relaxed);
+            if !agent_failing {
+                tracing::error!(
+                    service = %target.service,
+                    backend = %backend,
+                    "health check of {}/{backend} cannot run: {why}; its health stays {} \
+                     until probes run again (counted in lb_probe_agent_errors_total)",
+                    target.service,
+                    counter.health()
+                );
+                agent_failing = true;
+            }
+            if let Some(state) = lock(&states).get_mut(&target) {
+                state.last_check = Some(ProbeError::Agent(why.clone()).to_string());
+                state.last_at = Some(SystemTime::now());
+                state.last_duration = Some(took);
+            }
+            continue;
+        }
+        if agent_failing {
+            tracing::info!(
+                service = %target.service,
+                backend = %backend,
+                "health check of {}/{backend} runs again",
+                target.service
+            );
+            agent_failing = false;
+        }
+        let changed = record(&mut counter, &outcome, check.rise, check.fall);
         let n = counter.consecutive();
         let reason = match (&outcome, changed) {
             (Err(why), Some(_)) => Some(format!(
@@ -329,7 +391,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                 health: counter.health(),
                 last_check: Some(match outcome {
                     Ok(()) => "ok".to_owned(),
-                    Err(why) => why,
+                    Err(why) => why.to_string(),
                 }),
                 consecutive: n,
                 last_at: Some(SystemTime::now()),
