@@ -324,8 +324,10 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         observer,
         agent_errors,
     } = run;
-    // In a run of probes the agent could not run: logged once per run.
-    let mut agent_failing = false;
+    // Probes the agent could not run: logged at most once a minute per
+    // check (they come in bursts, and flap as descriptors free up).
+    let mut agent_errors_logged: Option<(Instant, u64)> = None;
+    let mut agent_errors_here: u64 = 0;
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
@@ -342,16 +344,20 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         }
         if let Err(ProbeError::Agent(why)) = &outcome {
             agent_errors.fetch_add(1, Ordering::Relaxed);
-            if !agent_failing {
+            agent_errors_here += 1;
+            if agent_errors_logged.is_none_or(|(at, _)| at.elapsed() >= AGENT_ERROR_LOG_EVERY) {
+                let since = agent_errors_here - agent_errors_logged.map_or(0, |(_, n)| n);
                 tracing::error!(
                     service = %target.service,
                     backend = %backend,
-                    "health check of {}/{backend} cannot run: {why}; its health stays {} \
-                     until probes run again (counted in lb_probe_agent_errors_total)",
+                    "health check of {}/{backend} cannot run: {why} ({since} {} since the \
+                     last report); its health stays {} until probes run again (counted in \
+                     lb_probe_agent_errors_total)",
                     target.service,
+                    plural(u32::try_from(since).unwrap_or(u32::MAX), "probe", "probes"),
                     counter.health()
                 );
-                agent_failing = true;
+                agent_errors_logged = Some((Instant::now(), agent_errors_here));
             }
             if let Some(state) = lock(&states).get_mut(&target) {
                 state.last_check = Some(ProbeError::Agent(why.clone()).to_string());
@@ -359,15 +365,6 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                 state.last_duration = Some(took);
             }
             continue;
-        }
-        if agent_failing {
-            tracing::info!(
-                service = %target.service,
-                backend = %backend,
-                "health check of {}/{backend} runs again",
-                target.service
-            );
-            agent_failing = false;
         }
         let changed = record(&mut counter, &outcome, check.rise, check.fall);
         let n = counter.consecutive();
@@ -412,6 +409,9 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         }
     }
 }
+
+/// How often a check reports probes it could not run.
+const AGENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 { one } else { many }

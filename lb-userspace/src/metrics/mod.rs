@@ -233,7 +233,11 @@ mod listener_tests {
         let mut closed = false;
         for i in 0..20 {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if stream.write_all(format!("X-{i}: a\r\n").as_bytes()).await.is_err() {
+            if stream
+                .write_all(format!("X-{i}: a\r\n").as_bytes())
+                .await
+                .is_err()
+            {
                 closed = true;
                 break;
             }
@@ -275,6 +279,9 @@ mod listener_tests {
             .await
             .expect("request");
         let text = answer(&mut fresh).await;
-        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("hello"), "{text:?}");
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("hello"),
+            "{text:?}"
+        );
     }
 }
