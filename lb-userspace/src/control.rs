@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -161,7 +161,21 @@ impl Response {
             status: None,
         }
     }
+
+    /// The agent refused the client before reading its request: every
+    /// client slot is taken. The request was not seen; sending it again
+    /// is safe whatever it was.
+    pub fn busy(why: impl std::fmt::Display) -> Self {
+        Response::error(format!("{BUSY_PREFIX}{why}; retry"))
+    }
+
+    pub fn is_busy(&self) -> bool {
+        !self.ok && self.message.starts_with(BUSY_PREFIX)
+    }
 }
+
+/// How a [`Response::busy`] message starts.
+const BUSY_PREFIX: &str = "busy: ";
 
 /// What an operator set with `lb backend` (kept until a reload or restart).
 #[derive(
@@ -255,6 +269,11 @@ pub struct AgentStatus {
     pub generation: u64,
     /// The latest reload (SIGHUP or `lb reload`), if any.
     pub last_reload: Option<ReloadStatus>,
+    /// Health probes that could not run for a reason of the agent's own
+    /// (out of descriptors, buffers, memory) since it started: the agent's
+    /// errors, never counted against a backend.
+    #[serde(default)]
+    pub probe_agent_errors: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,30 +371,113 @@ pub fn ring_violations(status: &Status) -> Vec<String> {
     out
 }
 
+/// How long a CLI command waits for the agent, retries included.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause between attempts while the agent is busy.
+const BUSY_RETRY: Duration = Duration::from_millis(250);
+
 /// Sends one request to the agent at `socket` and returns its response.
+/// While the agent is busy (every client slot taken, e.g. by clients that
+/// connect and say nothing) it says so once on stderr and tries again,
+/// within [`CLIENT_TIMEOUT`] in all.
 pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is `lb run` running? --socket)",
-            socket.display()
-        )
-    })?;
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let left = CLIENT_TIMEOUT.saturating_sub(started.elapsed());
+        match attempt(socket, req, left)? {
+            Attempt::Answered(response) => return Ok(*response),
+            Attempt::Busy(why) => {
+                if left <= BUSY_RETRY {
+                    bail!(
+                        "the agent at {} stayed busy for {} s: {why}",
+                        socket.display(),
+                        CLIENT_TIMEOUT.as_secs()
+                    );
+                }
+                if !said {
+                    eprintln!(
+                        "lb: the agent is busy, retrying (for up to {} s): {why}",
+                        CLIENT_TIMEOUT.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(BUSY_RETRY);
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Answered(Box<Response>),
+    /// Refused before the request was read: safe to send again.
+    Busy(String),
+}
+
+/// One connection, one request, within `left`.
+fn attempt(socket: &Path, req: &Request, left: Duration) -> anyhow::Result<Attempt> {
+    use std::io::ErrorKind;
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(stream) => stream,
+        // The listen backlog is full: the agent has not even accepted.
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            return Ok(Attempt::Busy("its listen queue is full".to_owned()));
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "connecting to the agent at {} (is `lb run` running? --socket)",
+                    socket.display()
+                )
+            });
+        }
+    };
+    let left = left.max(Duration::from_millis(1));
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(left))
+        .and_then(|()| stream.set_write_timeout(Some(left)))
         .context("socket timeout")?;
     let mut line = serde_json::to_string(req).context("encoding request")?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .context("sending request")?;
+    // A busy agent may answer and close before the request is sent: the
+    // write then fails (EPIPE), and the answer, if any, is still there.
+    let sent = stream.write_all(line.as_bytes());
     let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .context("reading the agent's reply")?;
-    if reply.is_empty() {
-        bail!("the agent closed the connection without answering");
+    let read = BufReader::new(stream).read_line(&mut reply);
+    let closed_early = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+        )
+    };
+    match (sent, read) {
+        (_, Ok(_)) if !reply.is_empty() => {
+            let response: Response = serde_json::from_str(&reply)
+                .with_context(|| format!("decoding the agent's reply {reply:?}"))?;
+            Ok(if response.is_busy() {
+                Attempt::Busy(response.message)
+            } else {
+                Attempt::Answered(Box::new(response))
+            })
+        }
+        // Closed on us before the request was read: refused, not failed.
+        (Err(e), _) if closed_early(&e) => {
+            Ok(Attempt::Busy(format!("it closed the connection ({e})")))
+        }
+        (Err(e), _) => Err(e).context("sending request"),
+        (Ok(()), Err(e))
+            if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut =>
+        {
+            Err(e).with_context(|| {
+                format!(
+                    "no reply from the agent within {} s",
+                    CLIENT_TIMEOUT.as_secs()
+                )
+            })
+        }
+        (Ok(()), Err(e)) => Err(e).context("reading the agent's reply"),
+        (Ok(()), Ok(_)) => bail!("the agent closed the connection without answering"),
     }
-    serde_json::from_str(&reply).with_context(|| format!("decoding the agent's reply {reply:?}"))
 }
 
 /// `lb status` as a table an operator can read at a glance.

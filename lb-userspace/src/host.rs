@@ -91,7 +91,9 @@ pub fn ensure_lasting_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         );
     }
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    rustix::mount::mount("bpf", parent, "bpf", MountFlags::empty(), None).with_context(|| {
+    // Root only: a world-writable bpffs (the default mode is 1777) lets any
+    // user create directories there, or the pin dir before the agent does.
+    rustix::mount::mount("bpf", parent, "bpf", MountFlags::empty(), c"mode=0700").with_context(|| {
         format!(
             "{} is not on a bpffs and mounting one failed: run `mount -t bpf bpf {}` or pass --pin-dir",
             parent.display(),
@@ -103,6 +105,66 @@ pub fn ensure_lasting_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         parent.display()
     );
     Ok(())
+}
+
+/// The pin directory is the agent's alone: whoever can write in it can
+/// remove the link pins and so detach the data plane. The agent creates
+/// it (mode 0700) or, if it exists, refuses it unless it is a directory
+/// owned by the agent's own user (root in production) that no group or
+/// other user can write to. On a world-writable bpffs (mounted without
+/// `mode=`, 1777) another user could create the pin dir first and keep it.
+pub fn secure_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = pin_dir.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match fs::DirBuilder::new().mode(PIN_DIR_MODE).create(pin_dir) {
+        Ok(()) => {
+            // The umask may have taken bits away, never added one; set the
+            // mode exactly anyway.
+            fs::set_permissions(pin_dir, fs::Permissions::from_mode(PIN_DIR_MODE))
+                .with_context(|| format!("restricting {} to its owner", pin_dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", pin_dir.display())),
+    }
+    let meta =
+        fs::symlink_metadata(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    if let Some(problem) = pin_dir_problem(&meta, rustix::process::geteuid().as_raw()) {
+        bail!(
+            "refusing pin dir {}: {problem}. Whoever can write there can remove the link \
+             pins and detach the data plane: remove it (`rm -r {}`) and let the agent create \
+             it, or pass another --pin-dir",
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The mode the agent gives its pin directory.
+const PIN_DIR_MODE: u32 = 0o700;
+
+/// What is wrong with an existing pin directory, for an agent running as
+/// user `me`.
+fn pin_dir_problem(meta: &fs::Metadata, me: u32) -> Option<String> {
+    let mode = meta.mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        Some("it is a symbolic link".to_owned())
+    } else if !meta.is_dir() {
+        Some("it is not a directory".to_owned())
+    } else if meta.uid() != me {
+        Some(format!(
+            "it is owned by uid {}, not by the agent's user (uid {me})",
+            meta.uid()
+        ))
+    } else if mode & 0o022 != 0 {
+        Some(format!(
+            "group or other users can write to it (mode {mode:04o}; the agent makes it {PIN_DIR_MODE:04o})"
+        ))
+    } else {
+        None
+    }
 }
 
 /// An exclusive lock on the pin directory, held for the agent's life (the
@@ -264,6 +326,39 @@ mod tests {
         let replaced = ControlSocket::bind(&sock).expect("stale socket replaced");
         drop(replaced);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_pin_dir_is_made_private_and_a_shared_one_refused() {
+        let base = std::env::temp_dir().join(format!("lb-pin-test-{}", std::process::id()));
+        let dir = base.join("pins");
+        secure_pin_dir(&dir).expect("created");
+        let mode = fs::metadata(&dir).expect("dir").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{mode:o}");
+        secure_pin_dir(&dir).expect("its own, as it left it");
+
+        for shared in [0o777, 0o1777, 0o770, 0o702] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(shared)).expect("chmod");
+            let err = format!("{:#}", secure_pin_dir(&dir).expect_err("shared"));
+            assert!(
+                err.contains("group or other users can write to it") && err.contains("pins"),
+                "{shared:o}: {err}"
+            );
+        }
+        let me = rustix::process::geteuid().as_raw();
+        let meta = fs::symlink_metadata(&dir).expect("dir");
+        let other = pin_dir_problem(&meta, me.wrapping_add(1)).expect("someone else's");
+        assert!(other.contains(&format!("owned by uid {me}")), "{other}");
+
+        let file = base.join("file");
+        fs::write(&file, "").expect("file");
+        let err = format!("{:#}", secure_pin_dir(&file).expect_err("a file"));
+        assert!(err.contains("not a directory"), "{err}");
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        let err = format!("{:#}", secure_pin_dir(&link).expect_err("a link"));
+        assert!(err.contains("symbolic link"), "{err}");
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

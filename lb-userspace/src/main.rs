@@ -149,7 +149,9 @@ fn wait_drained(
     backend: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now()
+        .checked_add(timeout)
+        .context("--timeout is too long")?;
     let mut last = None;
     loop {
         let status = ask(socket, &Request::Status)?

@@ -1,6 +1,7 @@
 //! The control server: serves `lb status`, `lb backend …` and `lb reload`
 //! clients concurrently (at most [`MAX_CLIENTS`] at once), each bounded in
-//! size ([`MAX_REQUEST`]) and time ([`REQUEST_TIMEOUT`]), and hands their
+//! size ([`MAX_REQUEST`]) and time ([`REQUEST_TIMEOUT`] to send the request,
+//! as long again to take the answer), and hands their
 //! requests to the agent's loop one at a time through a channel. A slow,
 //! silent or hostile client therefore never delays a health transition, a
 //! signal or another client; every change still goes through the agent's
@@ -67,9 +68,7 @@ pub async fn accept(listener: UnixListener, calls: mpsc::Sender<Call>, flows: Ar
             Err(_) => {
                 tokio::spawn(answer(
                     stream,
-                    Response::error(format!(
-                        "busy: {MAX_CLIENTS} control clients are being served; retry"
-                    )),
+                    Response::busy(format!("{MAX_CLIENTS} control clients are being served")),
                 ));
             }
         }
@@ -98,8 +97,15 @@ async fn write_response(mut write: tokio::net::unix::OwnedWriteHalf, response: &
     let mut out = serde_json::to_string(response)
         .unwrap_or_else(|e| format!("{{\"ok\":false,\"message\":\"encoding the reply: {e}\"}}"));
     out.push('\n');
-    if let Err(e) = write.write_all(out.as_bytes()).await {
-        warn!("control client: {e}");
+    // A client that never reads must not hold its slot (and descriptor)
+    // once its answer no longer fits the socket's buffer.
+    match tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(out.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("control client: {e}"),
+        Err(_) => warn!(
+            "control client: did not read its answer within {} s; dropped",
+            REQUEST_TIMEOUT.as_secs()
+        ),
     }
 }
 

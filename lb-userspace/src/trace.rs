@@ -288,7 +288,12 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mask = verdict_mask(&args.verdicts)?;
     let deadline = match args.duration {
         Some(s) if !(s.is_finite() && s > 0.0) => bail!("--duration must be a positive number"),
-        Some(s) => Some(Instant::now() + Duration::from_secs_f64(s)),
+        Some(s) => Some(
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .and_then(|d| Instant::now().checked_add(d))
+                .context("--duration is too long")?,
+        ),
         None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));

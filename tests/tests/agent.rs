@@ -8,6 +8,10 @@
 //! Needs root; fails loudly without it.
 
 use std::{
+    fs,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::PathBuf,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,10 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    FALL, INTERVAL_MS, RISE, answers, ask, count, lb_bin, steady_stream, three_webs, transfer,
-    unique_prefix, web_config,
+    FALL, INTERVAL_MS, RISE, answers, ask, backend_status, count, lb_bin, status, steady_stream,
+    three_webs, transfer, unique_prefix, wait_for_status, web_config,
 };
 use lb_userspace::{
     control::{AdminState, BackendChange, HealthStatus, Request},
@@ -465,4 +469,229 @@ fn udp_service_checked_over_http_on_another_port_drops_a_dead_server() -> Result
         "{web2:?}"
     );
     Ok(())
+}
+
+/// Issue 21, item 1: `interval = "18446744073709551615s"` validated, then
+/// panicked `lb run` (overflow in the first-verdict bound) and, through
+/// `lb reload`, stopped every health check for good. Now `lb validate`,
+/// `lb run` and `lb reload` all reject it naming the key, and the running
+/// config stays in force: its checks still take a killed web out.
+#[test]
+fn an_overflowing_interval_is_rejected_by_validate_run_and_reload() -> Result<()> {
+    const KEY: &str = "service[0].health.interval";
+    let mut lab = Lab::up(&prefix(), &lb_bin())?;
+    let good = three_webs();
+    let bad = good.replace(
+        &format!("interval = \"{INTERVAL_MS}ms\""),
+        "interval = \"18446744073709551615s\"",
+    );
+    assert_ne!(good, bad);
+
+    let file = lab.run_dir().join("overflow.toml");
+    fs::write(&file, &bad)?;
+    let out = Command::new(lb_bin()).arg("validate").arg(&file).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(KEY) && stderr.contains("overflow.toml"),
+        "lb validate: {}\n{stderr}",
+        out.status
+    );
+
+    let refused = match lab.start_agent(&bad) {
+        Ok(_) => bail!("lb run accepted an interval of u64::MAX seconds"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains(KEY) && refused.contains("longer than any key takes"),
+        "{refused}"
+    );
+    assert!(!refused.contains("panicked"), "{refused}");
+
+    let agent = lab.start_agent(&good)?;
+    let generation = status(&lab)?.agent.generation;
+    fs::write(lab.run_dir().join("lb.toml"), &bad)?;
+    let r = ask(&lab, &Request::Reload)?;
+    assert!(!r.ok && r.message.contains(KEY), "{r:?}");
+    assert_eq!(
+        status(&lab)?.agent.generation,
+        generation,
+        "nothing applied"
+    );
+
+    // The running checks still work: a killed web leaves the ring.
+    lab.stop_web(2)?;
+    wait_for_status(
+        &lab,
+        "web2 down after the rejected reload",
+        Duration::from_millis(FALL * INTERVAL_MS + 3000),
+        |s| {
+            backend_status(s, "www", "web2")
+                .is_ok_and(|b| b.health == HealthStatus::Down && !b.in_ring)
+        },
+    )?;
+    assert!(answers(&lab, 4)?.iter().all(|s| s != "web2"));
+    assert!(
+        !agent.log_text().contains("panicked"),
+        "{}",
+        agent.log_text()
+    );
+    agent.stop()
+}
+
+/// Issue 21, item 8: with every control slot held by clients that connect
+/// and say nothing, `lb status` said "Broken pipe" or "busy". Now it says
+/// the agent is busy, retries within its own timeout, and answers once the
+/// silent clients' time is up.
+#[test]
+fn status_retries_while_silent_clients_hold_the_control_socket() -> Result<()> {
+    use std::os::unix::net::UnixStream;
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    let agent = lab.start_agent(&three_webs())?;
+    let socket = lab.agent_socket();
+    let silent = (0..lb_userspace::server::MAX_CLIENTS + 4)
+        .map(|_| UnixStream::connect(&socket))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    // Let the agent accept every one of them.
+    thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    let out = Command::new(lb_bin())
+        .arg("status")
+        .arg("--socket")
+        .arg(&socket)
+        .output()?;
+    let took = started.elapsed();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("lb status with {} silent clients: {took:?}", silent.len());
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(stderr.contains("busy, retrying"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert!(stdout.contains("service www"), "{stdout}");
+    assert!(
+        took >= Duration::from_secs(1) && took < lb_userspace::control::CLIENT_TIMEOUT,
+        "answered after {took:?}"
+    );
+    drop(silent);
+    agent.stop()
+}
+
+/// A fresh bpffs mounted the way `deploy/lb.service` used to (no `mode=`:
+/// world-writable, 1777); unmounted (its pins with it) on drop.
+struct OpenBpffs(PathBuf);
+
+impl OpenBpffs {
+    fn mount(prefix: &str) -> Result<OpenBpffs> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-bpffs"));
+        fs::create_dir_all(&dir)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()?;
+        let fs = OpenBpffs(dir);
+        ensure!(
+            status.success(),
+            "mount -t bpf bpf {}: {status}",
+            fs.0.display()
+        );
+        let mode = fs::metadata(&fs.0)?.permissions().mode() & 0o7777;
+        ensure!(mode == 0o1777, "a fresh bpffs has mode {mode:o}, not 1777");
+        Ok(fs)
+    }
+}
+
+impl Drop for OpenBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs `args` as user nobody.
+fn as_nobody(args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            "--",
+        ])
+        .args(args)
+        .output()
+        .context("setpriv (util-linux)")
+}
+
+/// Issue 21, item 3: on a world-writable bpffs, user nobody created the pin
+/// dir before the agent, the agent used it, and nobody then deleted the
+/// link pins: XDP detached. Now a pin dir another user owns (or others can
+/// write to) is refused, naming why; the agent's own is root's, 0700, and
+/// nobody's attacks on it fail while traffic flows on.
+#[test]
+fn a_user_cannot_detach_the_data_plane() -> Result<()> {
+    let prefix = prefix();
+    let lab = Lab::up(&prefix, &lb_bin())?;
+    let bpffs = OpenBpffs::mount(&prefix)?;
+
+    let squatted = bpffs.0.join("squatted");
+    let out = as_nobody(&["mkdir".as_ref(), squatted.as_os_str()])?;
+    ensure!(out.status.success(), "nobody's mkdir: {out:?}");
+    let refused = match lab.start_agent_pinned_at(&three_webs(), &squatted) {
+        Ok(_) => bail!("the agent used a pin dir that nobody created"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("refusing pin dir") && refused.contains("owned by uid 65534"),
+        "{refused}"
+    );
+    assert!(
+        fs::read_dir(&squatted)?.next().is_none(),
+        "nothing pinned there"
+    );
+
+    let shared = bpffs.0.join("shared");
+    fs::create_dir(&shared)?;
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777))?;
+    let refused = match lab.start_agent_pinned_at(&three_webs(), &shared) {
+        Ok(_) => bail!("the agent used a world-writable pin dir"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("group or other users can write to it (mode 0777"),
+        "{refused}"
+    );
+
+    let pins = bpffs.0.join("lb");
+    let agent = lab.start_agent_pinned_at(&three_webs(), &pins)?;
+    let meta = fs::metadata(&pins)?;
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (0, 0o700),
+        "the agent's pin dir"
+    );
+    assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
+    let pinned = lb_tests::kernel_net::pinned_files(&pins);
+    assert!(!pinned.is_empty());
+    let elsewhere = bpffs.0.join("elsewhere");
+    let attacks: [Vec<&std::ffi::OsStr>; 4] = [
+        vec!["rm".as_ref(), "-rf".as_ref(), pins.as_os_str()],
+        vec!["find".as_ref(), pins.as_os_str(), "-delete".as_ref()],
+        vec!["mv".as_ref(), pins.as_os_str(), elsewhere.as_os_str()],
+        vec!["chmod".as_ref(), "0777".as_ref(), pins.as_os_str()],
+    ];
+    for attack in attacks {
+        let out = as_nobody(&attack)?;
+        assert!(!out.status.success(), "as nobody, {attack:?} succeeded");
+    }
+    assert_eq!(lb_tests::kernel_net::pinned_files(&pins), pinned);
+    assert!(!elsewhere.exists());
+    assert_eq!(
+        answers(&lab, 3)?,
+        vec!["web1", "web2", "web3"],
+        "still attached and forwarding"
+    );
+    agent.stop()
 }

@@ -20,7 +20,7 @@ fn systemd_unit_keeps_the_data_plane_across_restarts() -> Result<()> {
     for want in [
         "After=network-online.target",
         "Wants=network-online.target",
-        "ExecStartPre=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf'",
+        "ExecStartPre=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf'",
         "ExecStart=/usr/local/bin/lb run --config /etc/lb/lb.toml",
         "ExecReload=/usr/local/bin/lb reload",
         "Restart=always",
@@ -30,6 +30,31 @@ fn systemd_unit_keeps_the_data_plane_across_restarts() -> Result<()> {
     ] {
         ensure!(lines.contains(&want), "deploy/lb.service lacks {want:?}");
     }
+    Ok(())
+}
+
+/// Issue 21: the agent gets descriptors enough (the default 1024 soft limit
+/// was exhausted by a trickle attack), and the bpffs it mounts is root's.
+#[test]
+fn systemd_unit_gives_descriptors_and_a_private_bpffs() -> Result<()> {
+    let unit = unit_text()?;
+    let nofile: Vec<u64> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LimitNOFILE="))
+        .map(|v| v.parse().with_context(|| format!("LimitNOFILE={v}")))
+        .collect::<Result<_>>()?;
+    ensure!(
+        matches!(nofile[..], [n] if n >= 16_384),
+        "deploy/lb.service: one LimitNOFILE of at least 16384 expected, got {nofile:?}"
+    );
+    let mounts: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.contains("mount -t bpf"))
+        .collect();
+    ensure!(
+        !mounts.is_empty() && mounts.iter().all(|l| l.contains("-o mode=0700")),
+        "deploy/lb.service mounts bpffs without mode=0700: {mounts:?}"
+    );
     Ok(())
 }
 

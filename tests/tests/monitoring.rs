@@ -546,3 +546,139 @@ fn scrapes_of_a_big_flow_table_do_not_stall_the_agent() -> Result<()> {
     );
     Ok(())
 }
+
+/// Opens `n` connections to the listener and trickles a header line on
+/// each every 2 s (a request that never ends), opening again any the
+/// listener closes, until `stop`. Returns how many it opened in all.
+fn trickle(n: usize, stop: &AtomicBool) -> usize {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut opened = 0;
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for slot in conns.iter_mut().filter(|c| c.is_none()) {
+            if let Ok(mut s) = TcpStream::connect_timeout(&listen(), Duration::from_millis(200)) {
+                let _ = s.set_nonblocking(true);
+                if s.write_all(b"GET /metrics HTTP/1.1\r\n").is_ok() {
+                    *slot = Some(s);
+                    opened += 1;
+                }
+            }
+        }
+        let next = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(100));
+        }
+        round += 1;
+        for slot in &mut conns {
+            let Some(s) = slot else { continue };
+            let mut buf = [0u8; 512];
+            let closed = match s.read(&mut buf) {
+                // Closed, or answered (a 503): open another.
+                Ok(_) => true,
+                Err(e) => e.kind() != ErrorKind::WouldBlock,
+            };
+            if closed
+                || s.write_all(format!("X-Trickle: {round}\r\n").as_bytes())
+                    .is_err()
+            {
+                *slot = None;
+            }
+        }
+    }
+    opened
+}
+
+/// Issue 21, item 2: 1 100 connections trickling a header line every 2 s
+/// took the agent to its 1 024 descriptors; probes then failed with "too
+/// many open files", every backend was marked down, and `lb status`
+/// failed. Now the listener caps its connections and cuts slow headers: an
+/// agent whose descriptor limit the attack would exceed keeps every
+/// backend up, answers `lb status` throughout, and serves the
+/// page again once the attack stops.
+#[test]
+fn a_trickle_attack_on_the_listener_leaves_backends_up_and_status_answering() -> Result<()> {
+    const ATTACKERS: usize = 300;
+    const ATTACK: Duration = Duration::from_secs(14);
+    let lab = lab()?;
+    let agent = lab.start_agent(&config())?;
+    wait_for_status(&lab, "all webs up", verdict_window(), all_up)?;
+    let pid = agent.pid().context("agent pid")?;
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count);
+    let baseline = fds()?;
+    // Room for the listener's cap and the control clients', not for the
+    // attack: an uncapped listener would take every descriptor.
+    let limit = baseline + lb_userspace::metrics::MAX_CONNECTIONS + 64;
+    ensure!(
+        ATTACKERS > limit - baseline,
+        "the attack must outnumber the headroom"
+    );
+    let out = Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .context("prlimit (util-linux)")?;
+    ensure!(out.status.success(), "prlimit: {out:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = {
+        let (ns, stop) = (lab.lb_ns(), Arc::clone(&stop));
+        thread::spawn(move || in_netns(&ns, || trickle(ATTACKERS, &stop)))
+    };
+    let started = Instant::now();
+    let (mut peak, mut looks) = (baseline, 0);
+    let result = (|| -> Result<()> {
+        while started.elapsed() < ATTACK {
+            peak = peak.max(fds()?);
+            let status = checked_status(&lab).context("lb status during the attack")?;
+            ensure!(all_up(&status), "a backend left the ring: {status:#?}");
+            looks += 1;
+            thread::sleep(Duration::from_millis(500));
+        }
+        let out = Command::new(lb_bin())
+            .arg("status")
+            .arg("--socket")
+            .arg(lab.agent_socket())
+            .output()?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("service www"),
+            "the lb status command during the attack: {out:?}"
+        );
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let opened = attack.join().expect("attack thread")?;
+    result.with_context(|| format!("agent log:\n{}", agent.log_text()))?;
+    eprintln!(
+        "trickle attack: {opened} connections opened by {ATTACKERS} attackers over {ATTACK:?}; \
+         agent descriptors {baseline} at rest, at most {peak} (limit {limit}); {looks} status looks"
+    );
+    // The attack ran: its connections were cut and opened again.
+    ensure!(opened > ATTACKERS, "only {opened} connections opened");
+    ensure!(
+        peak < limit,
+        "the agent reached its descriptor limit ({peak}/{limit})"
+    );
+    let status = checked_status(&lab)?;
+    ensure!(all_up(&status), "{status:#?}");
+    assert_eq!(
+        status.agent.probe_agent_errors, 0,
+        "probes never ran short of descriptors"
+    );
+    let mut served = count(&answers(&lab, 6)?);
+    for web in WEBS {
+        ensure!(
+            served.remove(web) == Some(2),
+            "round robin over all three webs"
+        );
+    }
+    // Serving again once the attack is over.
+    let metrics = get(&lab, "/metrics")?;
+    ensure!(
+        metrics.contains("lb_probe_agent_errors_total 0"),
+        "{metrics}"
+    );
+    agent.stop()
+}

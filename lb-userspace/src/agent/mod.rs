@@ -113,6 +113,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     check_forwarding(&cfg)?;
     host::ensure_lasting_bpffs(&args.pin_dir)?;
+    host::secure_pin_dir(&args.pin_dir)?;
     let mut control_socket = ControlSocket::bind(&args.socket)?;
     // One agent per pin dir, decided before the data plane is touched: a
     // second agent must not adopt the maps or replace the program of a live
@@ -235,7 +236,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     // `lb: ready` (the line scripts and the lab wait for) once no backend
     // is waiting for its first verdict, or after the longest first verdict
     // can take: then the rings say what the probes found.
-    let ready_by = Instant::now() + agent.first_verdict_bound();
+    let ready_by = ready_by(&agent.cfg, Instant::now());
     let mut ready = false;
     let mut announcing = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
@@ -297,6 +298,23 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
 
 /// How often least-connections rings follow the active flow counts.
 const LEAST_CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Slack after the longest first verdict before `lb: ready` anyway.
+const READY_SLACK: Duration = Duration::from_millis(500);
+/// The latest `lb: ready` can come, however long the checks are.
+const READY_AT_MOST: Duration = Duration::from_secs(24 * 3600);
+
+/// When to say `lb: ready` at the latest: once the longest first verdict
+/// ([`Config::first_verdict_bound`]) can have come, plus some slack, but
+/// never later than [`READY_AT_MOST`] (the config's limits keep it far
+/// below; the clamp keeps a hand-built config from overflowing the clock).
+pub fn ready_by(cfg: &Config, now: Instant) -> Instant {
+    let wait = cfg
+        .first_verdict_bound()
+        .saturating_add(READY_SLACK)
+        .min(READY_AT_MOST);
+    now.checked_add(wait).unwrap_or(now)
+}
 
 fn announce_ready(agent: &Agent) -> bool {
     let pending: Vec<String> = agent
@@ -469,20 +487,6 @@ impl Agent {
 
     fn awaiting_first_verdict(&self) -> bool {
         self.health.values().any(|h| *h == Health::Pending) || self.db.awaiting_first_verdict()
-    }
-
-    /// The longest a pending backend can take to be judged: `rise` (or
-    /// `fall`) probes, the last one's timeout, and some slack.
-    fn first_verdict_bound(&self) -> Duration {
-        self.cfg
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().filter_map(|b| s.health_for(b)))
-            .map(|h| h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout)
-            .max()
-            .unwrap_or_default()
-            .max(self.db.first_verdict_bound())
-            + Duration::from_millis(500)
     }
 
     /// [`reload`](Self::reload), its outcome kept for the status.
@@ -829,6 +833,7 @@ impl Agent {
                 started_at_ms: self.started_at_ms,
                 generation: self.generation,
                 last_reload: self.last_reload.clone(),
+                probe_agent_errors: self.checker.agent_errors(),
             },
             conntrack: control::ConntrackStatus {
                 // Counted off the loop with the flows per backend.

@@ -374,6 +374,33 @@ impl HealthCheck {
     pub fn target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
         SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
     }
+
+    /// The longest a backend's first verdict can take under this check:
+    /// `rise` (or `fall`) probes, `interval` apart, the last one's
+    /// `timeout`. Saturating: a config built by hand (not validated) must
+    /// not panic the agent either.
+    pub fn first_verdict_time(&self) -> Duration {
+        self.interval
+            .saturating_mul(self.rise.max(self.fall).saturating_sub(1))
+            .saturating_add(self.timeout)
+    }
+}
+
+impl Config {
+    /// The longest any checked backend or pool member can take to get its
+    /// first verdict (zero with no checks at all).
+    pub fn first_verdict_bound(&self) -> Duration {
+        let backends = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().filter_map(|b| s.health_for(b)));
+        let pools = self.pools.iter().map(|p| &p.health);
+        backends
+            .chain(pools)
+            .map(HealthCheck::first_verdict_time)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -20,6 +20,9 @@ use super::{
 };
 
 const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
+/// Longest `max-lag` and `auto-failover`: a day (a replica a day behind is
+/// not a read replica; a primary down a day is not waiting for failover).
+const POOL_DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
 const MEMBER_EXAMPLE: &str = "198.19.1.21:3306";
 const DB_VIP_EXAMPLE: &str = "198.18.0.20:3306";
 /// The longest password file read (a password is a line).
@@ -276,9 +279,9 @@ impl Validator<'_> {
             ));
         }
         let write_text = self.required(raw.write_vip, &key("write-vip"))?;
-        let write_vip = self.socket_addr(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
+        let write_vip = self.vip(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
         let read_text = self.required(raw.read_vip, &key("read-vip"))?;
-        let read_vip = self.socket_addr(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
+        let read_vip = self.vip(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
         if read_vip == write_vip {
             return Err(self.err(
                 key("read-vip"),
@@ -305,6 +308,15 @@ impl Validator<'_> {
                     format!("duplicate member name, already used by members[{k}]"),
                 ));
             }
+            if address == write_vip || address == read_vip {
+                return Err(self.err(
+                    mkey("address"),
+                    format!(
+                        "{address} is one of the pool's own VIPs: forwarding to it would \
+                         send every packet back to the load balancer (a loop)"
+                    ),
+                ));
+            }
             if let Some(k) = members.iter().position(|o| o.address == address) {
                 return Err(self.err(
                     mkey("address"),
@@ -326,7 +338,7 @@ impl Validator<'_> {
 
         let duration = |value: Option<String>, field: &str| match value {
             None => Ok(None),
-            Some(text) => duration::parse(&text)
+            Some(text) => duration::parse_at_most(&text, POOL_DURATION_MAX, "a day")
                 .map(Some)
                 .map_err(|reason| self.err(key(field), reason)),
         };

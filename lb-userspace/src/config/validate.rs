@@ -40,6 +40,9 @@ const NAME_MAX: usize = 64;
 const IFNAME_MAX: usize = 15;
 const WEIGHT_MAX: i64 = 1000;
 const RISE_FALL_MAX: i64 = 100;
+/// Longest health-check `interval` (and so `timeout`): an hour. With
+/// `rise`/`fall` at most 100, a first verdict takes at most ~100 hours.
+const HEALTH_DURATION_MAX: Duration = Duration::from_secs(3600);
 /// Katran's figure: about 125k new connections per second per core.
 const DEFAULT_NEW_FLOW_BUDGET: u32 = 125_000;
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -194,6 +197,7 @@ impl Validator<'_> {
             services.push(service);
         }
         let pools = self.pools(raw_pools, &mut services)?;
+        self.monitoring_clear_of_vips(monitoring.as_ref(), &services)?;
         // Every prefix of every scope is one rule with its own counter.
         let mut rules = firewall.deny.len() + firewall.allow.len();
         for (i, s) in services.iter().enumerate() {
@@ -493,7 +497,7 @@ impl Validator<'_> {
         }
 
         let vip_text = self.required(raw.vip, &key("vip"))?;
-        let vip = self.socket_addr(&vip_text, &key("vip"), VIP_EXAMPLE)?;
+        let vip = self.vip(&vip_text, &key("vip"), VIP_EXAMPLE)?;
         let protocol = raw.protocol.unwrap_or(Protocol::Tcp);
         // The data plane looks services up by (VIP, port, protocol); two
         // services with the same key would silently shadow each other.
@@ -581,6 +585,17 @@ impl Validator<'_> {
             return Err(self.err(
                 key("address"),
                 format!("{address} is already backends[{k}] ({other:?})"),
+            ));
+        }
+        // NAT would send the packet back to the VIP it came to, DSR to a
+        // server that is the load balancer itself: a loop either way.
+        if address == vip {
+            return Err(self.err(
+                key("address"),
+                format!(
+                    "{address} is the service's own VIP: forwarding to it would send \
+                     every packet back to the load balancer (a loop)"
+                ),
             ));
         }
         // DSR forwards the packet unchanged apart from the MAC addresses, so
@@ -793,7 +808,12 @@ impl Validator<'_> {
 
         let duration = |value: Option<String>, field: &str, default: Duration| match value {
             None => Ok(default),
-            Some(text) => duration::parse(&text).map_err(|reason| self.err(key(field), reason)),
+            Some(text) => duration::parse_at_most(
+                &text,
+                HEALTH_DURATION_MAX,
+                "a backend probed less often than hourly is not health-checked",
+            )
+            .map_err(|reason| self.err(key(field), reason)),
         };
         let interval = duration(raw.interval, "interval", DEFAULT_INTERVAL)?;
         let timeout = duration(raw.timeout, "timeout", DEFAULT_TIMEOUT)?;
@@ -826,6 +846,56 @@ impl Validator<'_> {
             rise,
             fall,
         })
+    }
+
+    /// A VIP: a [`socket_addr`](Self::socket_addr) that packets can reach
+    /// the data plane on. Packets to 127.0.0.0/8 never leave the host's
+    /// loopback device, so XDP on the configured interfaces never sees them.
+    pub(super) fn vip(
+        &self,
+        text: &str,
+        key: &str,
+        example: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let vip = self.socket_addr(text, key, example)?;
+        if vip.ip().is_loopback() {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is a loopback address (127.0.0.0/8): packets to it never reach \
+                     the interfaces XDP runs on, so the service would never get a packet",
+                    vip.ip()
+                ),
+            ));
+        }
+        Ok(vip)
+    }
+
+    /// `[monitoring] listen` on a VIP's address and port would never see a
+    /// request: the data plane takes every packet to a VIP first.
+    fn monitoring_clear_of_vips(
+        &self,
+        monitoring: Option<&Monitoring>,
+        services: &[Service],
+    ) -> Result<(), ConfigError> {
+        let Some(listen) = monitoring.map(|m| m.listen) else {
+            return Ok(());
+        };
+        match services
+            .iter()
+            .find(|s| s.vip == listen && s.protocol == Protocol::Tcp)
+        {
+            None => Ok(()),
+            Some(s) => Err(self.err(
+                "monitoring.listen",
+                format!(
+                    "{listen} is the VIP of service {:?}: the data plane forwards every \
+                     packet to it to the backends, so the listener would never see a \
+                     request; listen on another address or port",
+                    s.name
+                ),
+            )),
+        }
     }
 
     pub(super) fn socket_addr(

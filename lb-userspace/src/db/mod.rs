@@ -421,19 +421,6 @@ impl Pools {
             .any(|m| m.up.health() == Health::Pending)
     }
 
-    /// The longest a member's first verdict can take: `rise` (or `fall`)
-    /// probes, the last one's timeout.
-    pub fn first_verdict_bound(&self) -> Duration {
-        self.states
-            .values()
-            .map(|s| {
-                let h = &s.pool.health;
-                h.interval * h.rise.max(h.fall).saturating_sub(1) + h.timeout
-            })
-            .max()
-            .unwrap_or_default()
-    }
-
     /// The pools as `lb status` shows them.
     pub fn status(&self) -> Vec<PoolStatus> {
         self.states.values().map(pool_status).collect()

@@ -18,7 +18,10 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,7 +37,7 @@ mod probe;
 mod tests;
 
 pub use counter::Counter;
-pub use probe::probe;
+pub use probe::{ProbeError, probe};
 
 /// A checked backend's health as the agent acts on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,6 +134,8 @@ pub struct HealthChecker {
     tx: UnboundedSender<Transition>,
     next_id: u64,
     observer: Option<ProbeObserver>,
+    /// Probes that could not run for a reason of the agent's own.
+    agent_errors: Arc<AtomicU64>,
 }
 
 impl HealthChecker {
@@ -143,7 +148,14 @@ impl HealthChecker {
             tx,
             next_id: 0,
             observer: None,
+            agent_errors: Arc::default(),
         }
+    }
+
+    /// How many probes could not run for a reason of the agent's own
+    /// ([`ProbeError::Agent`]) since the checker started.
+    pub fn agent_errors(&self) -> u64 {
+        self.agent_errors.load(Ordering::Relaxed)
     }
 
     /// Tells `observer` of every probe that checks started from now on run.
@@ -227,6 +239,7 @@ impl HealthChecker {
                     check: check.clone(),
                     start,
                     observer: self.observer.clone(),
+                    agent_errors: Arc::clone(&self.agent_errors),
                 },
                 Arc::clone(&self.states),
                 self.tx.clone(),
@@ -281,6 +294,23 @@ struct CheckRun {
     check: HealthCheck,
     start: Health,
     observer: Option<ProbeObserver>,
+    agent_errors: Arc<AtomicU64>,
+}
+
+/// Records one probe's outcome in `counter`; returns the new health if it
+/// changed. A probe the agent could not run ([`ProbeError::Agent`]) is
+/// not an outcome: the counter stays as it was, whatever `fall` is.
+pub fn record(
+    counter: &mut Counter,
+    outcome: &Result<(), ProbeError>,
+    rise: u32,
+    fall: u32,
+) -> Option<Health> {
+    match outcome {
+        Err(ProbeError::Agent(_)) => None,
+        Ok(()) => counter.record(true, rise, fall),
+        Err(ProbeError::Backend(_)) => counter.record(false, rise, fall),
+    }
 }
 
 async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition>) {
@@ -292,7 +322,12 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         check,
         start,
         observer,
+        agent_errors,
     } = run;
+    // Probes the agent could not run: logged at most once a minute per
+    // check (they come in bursts, and flap as descriptors free up).
+    let mut agent_errors_logged: Option<(Instant, u64)> = None;
+    let mut agent_errors_here: u64 = 0;
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
@@ -307,7 +342,31 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         if let Some(observe) = &observer {
             observe(&target, &backend, took);
         }
-        let changed = counter.record(outcome.is_ok(), check.rise, check.fall);
+        if let Err(ProbeError::Agent(why)) = &outcome {
+            agent_errors.fetch_add(1, Ordering::Relaxed);
+            agent_errors_here += 1;
+            if agent_errors_logged.is_none_or(|(at, _)| at.elapsed() >= AGENT_ERROR_LOG_EVERY) {
+                let since = agent_errors_here - agent_errors_logged.map_or(0, |(_, n)| n);
+                tracing::error!(
+                    service = %target.service,
+                    backend = %backend,
+                    "health check of {}/{backend} cannot run: {why} ({since} {} since the \
+                     last report); its health stays {} until probes run again (counted in \
+                     lb_probe_agent_errors_total)",
+                    target.service,
+                    plural(u32::try_from(since).unwrap_or(u32::MAX), "probe", "probes"),
+                    counter.health()
+                );
+                agent_errors_logged = Some((Instant::now(), agent_errors_here));
+            }
+            if let Some(state) = lock(&states).get_mut(&target) {
+                state.last_check = Some(ProbeError::Agent(why.clone()).to_string());
+                state.last_at = Some(SystemTime::now());
+                state.last_duration = Some(took);
+            }
+            continue;
+        }
+        let changed = record(&mut counter, &outcome, check.rise, check.fall);
         let n = counter.consecutive();
         let reason = match (&outcome, changed) {
             (Err(why), Some(_)) => Some(format!(
@@ -329,7 +388,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                 health: counter.health(),
                 last_check: Some(match outcome {
                     Ok(()) => "ok".to_owned(),
-                    Err(why) => why,
+                    Err(why) => why.to_string(),
                 }),
                 consecutive: n,
                 last_at: Some(SystemTime::now()),
@@ -350,6 +409,9 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         }
     }
 }
+
+/// How often a check reports probes it could not run.
+const AGENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 { one } else { many }

@@ -145,7 +145,7 @@ pub async fn log_in(
     use LoginFailure::{Refused, Unreachable};
     // TCP first, so that an unreachable or closed port and a server that
     // never sends a MySQL handshake get different reasons.
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = super::probe::deadline_after(timeout);
     let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(address))
         .await
         .map_err(|_| {

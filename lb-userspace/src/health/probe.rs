@@ -15,23 +15,42 @@ use crate::config::{CheckKind, duration::show};
 /// At most this much of an HTTP response is read.
 const HTTP_RESPONSE_CAP: u64 = 64 * 1024;
 
+/// Why a probe failed: the backend's fault, or the agent's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The backend failed the probe: counts toward `fall`.
+    #[error("{0}")]
+    Backend(String),
+    /// The agent could not run the probe (out of descriptors, socket
+    /// buffers or memory): it says nothing about the backend, so it is
+    /// logged and counted as the agent's error and never marks it down.
+    #[error("agent error, not the backend's: {0}")]
+    Agent(String),
+}
+
+impl From<String> for ProbeError {
+    fn from(reason: String) -> Self {
+        ProbeError::Backend(reason)
+    }
+}
+
 /// Runs one probe of `check` against `address`, all of it within `timeout`.
 /// The error is a short reason naming the step and the address.
 pub async fn probe(
     address: SocketAddrV4,
     check: &CheckKind,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     if let CheckKind::Mysql(login) = check {
-        return super::mysql::probe(address, login, timeout).await;
+        return Ok(super::mysql::probe(address, login, timeout).await?);
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));
 
     let mut stream = timeout_at(deadline, TcpStream::connect(address))
         .await
         .map_err(|_| format!("connect {address}: {}", timed_out()))?
-        .map_err(|e| format!("connect {address}: {}", io_reason(&e)))?;
+        .map_err(|e| failure(format!("connect {address}"), &e))?;
 
     let CheckKind::Http {
         path,
@@ -49,7 +68,7 @@ pub async fn probe(
     timeout_at(deadline, stream.write_all(request.as_bytes()))
         .await
         .map_err(|_| format!("send request to {address}: {}", timed_out()))?
-        .map_err(|e| format!("send request to {address}: {}", io_reason(&e)))?;
+        .map_err(|e| failure(format!("send request to {address}"), &e))?;
 
     let mut response = Vec::new();
     timeout_at(
@@ -60,10 +79,40 @@ pub async fn probe(
     )
     .await
     .map_err(|_| format!("read response from {address}: {}", timed_out()))?
-    .map_err(|e| format!("read response from {address}: {}", io_reason(&e)))?;
+    .map_err(|e| failure(format!("read response from {address}"), &e))?;
 
     check_response(&response, *expect_status, expect_body.as_deref())
-        .map_err(|why| format!("{address}{path}: {why}"))
+        .map_err(|why| ProbeError::Backend(format!("{address}{path}: {why}")))
+}
+
+/// An I/O error of probe step `step`: the agent's own when it is about
+/// the agent's resources ([`is_local`]), else the backend's.
+fn failure(step: String, e: &std::io::Error) -> ProbeError {
+    let reason = format!("{step}: {}", io_reason(e));
+    if is_local(e) {
+        ProbeError::Agent(reason)
+    } else {
+        ProbeError::Backend(reason)
+    }
+}
+
+/// Errors that come from this host running short, not from the backend:
+/// out of file descriptors (process or system), socket buffers, memory,
+/// or local ports to connect from.
+pub fn is_local(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// The longest a probe's deadline is put off, whatever its timeout: the
+/// config allows an hour; a hand-built check must not overflow the clock.
+const PROBE_DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// `timeout` from now, clamped to [`PROBE_DEADLINE_MAX`].
+pub(super) fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now() + timeout.min(PROBE_DEADLINE_MAX)
 }
 
 /// Checks an HTTP response's status code and (optionally) body.
@@ -190,16 +239,58 @@ mod tests {
 
     const T: Duration = Duration::from_millis(500);
 
+    /// [`probe`], its error as the text the status shows.
+    async fn probe_text(
+        address: SocketAddrV4,
+        check: &CheckKind,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        probe(address, check, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn running_short_is_the_agents_error_not_the_backends() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            let got = failure("connect 198.19.0.11:80".to_owned(), &e);
+            assert!(matches!(got, ProbeError::Agent(_)), "{errno}: {got:?}");
+            assert!(
+                got.to_string()
+                    .starts_with("agent error, not the backend's: connect")
+            );
+        }
+        assert_eq!(
+            failure(
+                "connect 198.19.0.11:80".to_owned(),
+                &std::io::Error::from_raw_os_error(libc::EMFILE)
+            )
+            .to_string(),
+            "agent error, not the backend's: connect 198.19.0.11:80: too many open files"
+        );
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            let got = failure("connect 198.19.0.11:80".to_owned(), &e);
+            assert!(matches!(got, ProbeError::Backend(_)), "{errno}: {got:?}");
+        }
+    }
+
     #[tokio::test]
     async fn tcp_check_passes_on_a_listening_port() {
         let (_listener, addr) = listener().await;
-        assert_eq!(probe(addr, &CheckKind::Tcp, T).await, Ok(()));
+        assert_eq!(probe_text(addr, &CheckKind::Tcp, T).await, Ok(()));
     }
 
     #[tokio::test]
     async fn tcp_check_fails_on_a_closed_port() {
         let addr = closed_port().await;
-        let why = probe(addr, &CheckKind::Tcp, T).await.err();
+        let why = probe_text(addr, &CheckKind::Tcp, T).await.err();
         assert_eq!(why, Some(format!("connect {addr}: connection refused")));
     }
 
@@ -208,7 +299,7 @@ mod tests {
         let (l, addr) = listener().await;
         let (_server, mut requests) = serve(l, OK_WEB1);
         assert_eq!(
-            probe(addr, &http("/healthz", 200, Some("web1")), T).await,
+            probe_text(addr, &http("/healthz", 200, Some("web1")), T).await,
             Ok(())
         );
         assert_eq!(
@@ -218,14 +309,16 @@ mod tests {
                 addr.ip()
             ))
         );
-        assert_eq!(probe(addr, &http("/", 200, None), T).await, Ok(()));
+        assert_eq!(probe_text(addr, &http("/", 200, None), T).await, Ok(()));
     }
 
     #[tokio::test]
     async fn http_check_fails_when_body_lacks_the_expected_text() {
         let (l, addr) = listener().await;
         let (_server, _) = serve(l, OK_WEB1);
-        let why = probe(addr, &http("/", 200, Some("nope")), T).await.err();
+        let why = probe_text(addr, &http("/", 200, Some("nope")), T)
+            .await
+            .err();
         assert_eq!(
             why,
             Some(format!("{addr}/: body does not contain \"nope\""))
@@ -236,17 +329,17 @@ mod tests {
     async fn http_check_fails_on_wrong_status() {
         let (l, addr) = listener().await;
         let (_server, _) = serve(l, "HTTP/1.1 503 Service Unavailable\r\n\r\nweb1");
-        let why = probe(addr, &http("/", 200, None), T).await.err();
+        let why = probe_text(addr, &http("/", 200, None), T).await.err();
         assert_eq!(why, Some(format!("{addr}/: status 503, expected 200")));
         // An expected non-200 status passes.
-        assert_eq!(probe(addr, &http("/", 503, None), T).await, Ok(()));
+        assert_eq!(probe_text(addr, &http("/", 503, None), T).await, Ok(()));
     }
 
     #[tokio::test]
     async fn http_check_fails_on_garbage_and_on_closed_ports() {
         let (l, addr) = listener().await;
         let (_server, _) = serve(l, "SSH-2.0-OpenSSH\r\n");
-        let why = probe(addr, &http("/", 200, None), T)
+        let why = probe_text(addr, &http("/", 200, None), T)
             .await
             .err()
             .unwrap_or_default();
@@ -256,7 +349,7 @@ mod tests {
         );
 
         let addr = closed_port().await;
-        let why = probe(addr, &http("/", 200, None), T).await.err();
+        let why = probe_text(addr, &http("/", 200, None), T).await.err();
         assert_eq!(why, Some(format!("connect {addr}: connection refused")));
     }
 
@@ -271,7 +364,7 @@ mod tests {
             }
         });
         let start = StdInstant::now();
-        let why = probe(addr, &http("/", 200, None), Duration::from_millis(200))
+        let why = probe_text(addr, &http("/", 200, None), Duration::from_millis(200))
             .await
             .err();
         let took = start.elapsed();

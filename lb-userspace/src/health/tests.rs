@@ -299,3 +299,30 @@ async fn sync_keeps_unchanged_checks_and_seeds_new_ones_from_the_agent() {
         Health::Down
     );
 }
+
+/// Issue 21: probes the agent could not run (out of descriptors…) never
+/// take a backend down, however many; its own failures still do.
+#[test]
+fn agent_errors_never_take_a_backend_down() {
+    let agent = Err(ProbeError::Agent(
+        "connect 198.19.0.11:80: too many open files".into(),
+    ));
+    let backend = Err(ProbeError::Backend(
+        "connect 198.19.0.11:80: connection refused".into(),
+    ));
+    let mut counter = Counter::starting(Health::Up);
+    for _ in 0..1000 {
+        assert_eq!(record(&mut counter, &agent, 2, 3), None);
+    }
+    assert_eq!(counter.health(), Health::Up);
+    assert_eq!(counter.consecutive(), 0);
+    // A run of backend failures is not broken by agent errors in between.
+    assert_eq!(record(&mut counter, &backend, 2, 3), None);
+    assert_eq!(record(&mut counter, &agent, 2, 3), None);
+    assert_eq!(record(&mut counter, &backend, 2, 3), None);
+    assert_eq!(record(&mut counter, &backend, 2, 3), Some(Health::Down));
+    // Pending stays pending too.
+    let mut pending = Counter::starting(Health::Pending);
+    assert_eq!(record(&mut pending, &agent, 2, 3), None);
+    assert_eq!(pending.health(), Health::Pending);
+}

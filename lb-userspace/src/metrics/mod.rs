@@ -11,6 +11,12 @@
 //! counted by walking the flow table on a blocking thread, off the loop
 //! ([`server::status`]). At most [`MAX_SNAPSHOTS`] such walks run at once;
 //! more requests are answered 503 at once rather than queued.
+//!
+//! The listener never starves the agent of file descriptors: it serves at
+//! most [`MAX_CONNECTIONS`] connections at once (more are answered 503 and
+//! closed), one request each, whose header must arrive within
+//! [`HEADER_TIMEOUT`] (a client trickling a header line every few seconds
+//! is cut off), each connection living at most [`CONNECTION_LIFETIME`].
 
 mod db;
 pub mod render;
@@ -24,6 +30,11 @@ use axum::{
     http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::get,
+};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
 };
 use tokio::{
     net::TcpListener,
@@ -105,10 +116,57 @@ pub fn router(monitor: Monitor) -> Router {
         .with_state(monitor)
 }
 
-/// Serves until the runtime stops.
+/// Monitoring connections served at once. More are answered 503 and
+/// closed at once: whoever opens connections (and trickles a header line
+/// now and then) holds at most this many of the agent's descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must send a request's whole header within this time, or its
+/// connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives, whatever it does (one request each:
+/// no keep-alive), so a client that never reads its answer lets go too.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// What a connection past [`MAX_CONNECTIONS`] gets before it is closed.
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n";
+
+/// Serves until the runtime stops: at most [`MAX_CONNECTIONS`] at once,
+/// each within [`HEADER_TIMEOUT`] per request header and
+/// [`CONNECTION_LIFETIME`] in all.
 pub async fn serve(listener: TcpListener, monitor: Monitor) {
-    if let Err(e) = axum::serve(listener, router(monitor)).await {
-        warn!("monitoring listener stopped: {e}");
+    serve_router(listener, router(monitor)).await;
+}
+
+/// [`serve`] of any routes (tests use their own).
+async fn serve_router(listener: TcpListener, app: Router) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // E.g. out of file descriptors: wait rather than spin.
+                warn!("monitoring listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Best effort, without waiting: the socket's buffer is empty.
+            let _ = stream.try_write(BUSY_RESPONSE);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            // Closed by the client, cut by a timeout, or over its lifetime:
+            // nothing the agent needs to hear about.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
+        });
     }
 }
 
@@ -134,5 +192,96 @@ async fn status_json(State(monitor): State<Monitor>) -> Response {
     match monitor.status().await {
         Ok(status) => ([(header::CACHE_CONTROL, "no-store")], Json(status)).into_response(),
         Err(response) => response,
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use std::time::Instant;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+
+    async fn listening() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        tokio::spawn(serve_router(listener, app));
+        address
+    }
+
+    async fn answer(stream: &mut TcpStream) -> String {
+        let mut text = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut text))
+            .await
+            .expect("closed in time");
+        text
+    }
+
+    /// Issue 21: a client trickling a header line every second is cut off
+    /// once `HEADER_TIMEOUT` is over, however often it sends.
+    #[tokio::test]
+    async fn a_trickled_header_is_cut_off() {
+        let address = listening().await;
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let started = Instant::now();
+        stream.write_all(b"GET / HTTP/1.1\r\n").await.expect("line");
+        let mut closed = false;
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if stream
+                .write_all(format!("X-{i}: a\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(10), stream.read(&mut byte)).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        let took = started.elapsed();
+        assert!(closed, "still open after {took:?}");
+        assert!(
+            took >= HEADER_TIMEOUT && took < HEADER_TIMEOUT + Duration::from_secs(3),
+            "closed after {took:?}"
+        );
+    }
+
+    /// Past `MAX_CONNECTIONS` held open, the next is answered 503 and
+    /// closed; a slot that frees serves again.
+    #[tokio::test]
+    async fn connections_past_the_cap_get_503() {
+        let address = listening().await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        // Let the listener take every one of them.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut extra = TcpStream::connect(address).await.expect("connect");
+        let text = answer(&mut extra).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+        held.clear();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut fresh = TcpStream::connect(address).await.expect("connect");
+        fresh
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let text = answer(&mut fresh).await;
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("hello"),
+            "{text:?}"
+        );
     }
 }

@@ -140,6 +140,14 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "Config generation: 1 at start, one more for every applied reload or lb backend change",
         i64::try_from(agent.generation).unwrap_or(i64::MAX),
     );
+    let probe_agent_errors: Counter = Counter::default();
+    probe_agent_errors.inc_by(agent.probe_agent_errors);
+    registry.register(
+        "lb_probe_agent_errors",
+        "Health probes the agent could not run for a reason of its own (out of file \
+         descriptors, socket buffers or memory); never counted against a backend",
+        probe_agent_errors,
+    );
     if let Some(reload) = &agent.last_reload {
         gauge(
             &mut registry,

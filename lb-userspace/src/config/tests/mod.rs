@@ -3,6 +3,7 @@
 //! [`check`]; the helpers that build config text live here.
 
 mod accepted;
+mod bounds;
 mod pool;
 mod rejected;
 

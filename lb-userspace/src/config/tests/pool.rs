@@ -120,6 +120,26 @@ fn pool_rejections_name_the_key() {
         ),
         (pool("max-lag = \"soon\"\n"), "pool[0].max-lag", ""),
         (
+            pool("max-lag = \"86401s\"\n"),
+            "pool[0].max-lag",
+            "must be at most 86400s (a day), got \"86401s\"",
+        ),
+        (
+            pool("auto-failover = \"18446744073709551615s\"\n"),
+            "pool[0].auto-failover",
+            "longer than any key takes",
+        ),
+        (
+            pool("").replace("198.19.1.22:3306", "198.18.0.21:3306"),
+            "pool[0].members[1].address",
+            "one of the pool's own VIPs",
+        ),
+        (
+            pool("").replace("198.18.0.20:3306", "127.0.0.20:3306"),
+            "pool[0].write-vip",
+            "loopback address",
+        ),
+        (
             pool("auto-failover = 3\n"),
             "pool[0].auto-failover",
             "invalid type",

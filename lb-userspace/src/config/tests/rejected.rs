@@ -100,6 +100,17 @@ rejections! {
         => "monitoring.listen", "invalid type: integer `9100`";
     monitoring_unknown_key: with_monitoring("listen = \"127.0.0.1:9100\"\nport = 9100")
         => "monitoring.port", "unknown field `port`";
+    // Issue 21: configs that validated but made no sense.
+    monitoring_listen_on_a_vip: with_monitoring("listen = \"198.18.0.10:80\"")
+        => "monitoring.listen", "198.18.0.10:80 is the VIP of service \"www\"";
+    monitoring_listen_on_a_pool_vip: format!(
+            "{}\n[[pool]]\nname = \"db\"\nwrite-vip = \"198.18.0.20:3306\"\n\
+             read-vip = \"198.18.0.21:3306\"\n\
+             health = {{ check = \"mysql\", user = \"lb\", password = \"pw\" }}\n\
+             members = [ {{ name = \"db1\", address = \"198.19.1.21:3306\" }} ]\n",
+            with_monitoring("listen = \"198.18.0.21:3306\"")
+        )
+        => "monitoring.listen", "is the VIP of service \"db-read\"";
 
     // --- announce -------------------------------------------------------------
     announce_socket_missing: with_announce("include = \"/etc/bird/lb.conf\"")
@@ -137,6 +148,9 @@ rejections! {
     vip_unspecified: vip("0.0.0.0:80") => "service[0].vip", "unspecified";
     vip_broadcast: vip("255.255.255.255:80") => "service[0].vip", "broadcast";
     vip_multicast: vip("224.0.0.1:80") => "service[0].vip", "multicast";
+    vip_loopback: vip("127.0.0.1:80") => "service[0].vip", "127.0.0.1 is a loopback address";
+    vip_loopback_anywhere_in_8: vip("127.200.0.1:80")
+        => "service[0].vip", "loopback address (127.0.0.0/8)";
     vip_missing: one_service("", B1).replace("vip = \"198.18.0.10:80\"\n", "")
         => "service[0].vip", "required key is missing";
     vip_port_protocol_twice: and_service(&format!(
@@ -149,6 +163,8 @@ rejections! {
         => "service[0].backends[0].address", "port 0";
     backend_unspecified: one_service("", r#"{ address = "0.0.0.0:80" }"#)
         => "service[0].backends[0].address", "unspecified";
+    backend_is_its_own_vip: one_service("", &format!("{B1}, {{ address = \"198.18.0.10:80\" }}"))
+        => "service[0].backends[1].address", "198.18.0.10:80 is the service's own VIP";
     backend_address_missing: one_service("", r#"{ name = "web1" }"#)
         => "service[0].backends[0].address", "required key is missing";
     backends_empty: one_service("", "") => "service[0].backends", "at least one backend";
@@ -260,7 +276,16 @@ rejections! {
     interval_fractional: with_health("check = \"tcp\", interval = \"1.5s\"")
         => "service[0].health.interval", "got \"1.5s\"";
     interval_too_large: with_health("check = \"tcp\", interval = \"99999999999999999999s\"")
-        => "service[0].health.interval", "too large";
+        => "service[0].health.interval", "longer than any key takes (at most 604800s, a week)";
+    // Issue 21: this one validated, then panicked `lb run`.
+    interval_u64_max_seconds: with_health("check = \"tcp\", interval = \"18446744073709551615s\"")
+        => "service[0].health.interval", "longer than any key takes";
+    interval_past_an_hour: with_health("check = \"tcp\", interval = \"3601s\"")
+        => "service[0].health.interval", "must be at most 3600s";
+    backend_interval_past_an_hour: with_backend_health("check = \"tcp\", interval = \"3600001ms\"")
+        => "service[0].backends[1].health.interval", "must be at most 3600s";
+    flow_timeout_u64_max: with_dataplane_line("timeouts = { udp = \"18446744073709551615ms\" }")
+        => "dataplane.timeouts.udp", "longer than any key takes";
     interval_integer: with_health("check = \"tcp\", interval = 2")
         => "service[0].health.interval", "invalid type: integer `2`";
     timeout_over_interval: with_health("check = \"tcp\", interval = \"1s\", timeout = \"1500ms\"")

@@ -359,13 +359,27 @@ impl Lab {
         config_toml: &str,
         extra: &[&str],
     ) -> anyhow::Result<AgentProcess> {
-        let site = AgentSite {
+        self.start_agent_at(&self.site(self.pin_dir()), config_toml, extra)
+    }
+
+    /// [`Lab::start_agent`] with the pins under `pin_dir` instead of
+    /// [`Lab::pin_dir`] (removing them is the caller's business).
+    pub fn start_agent_pinned_at(
+        &self,
+        config_toml: &str,
+        pin_dir: &Path,
+    ) -> anyhow::Result<AgentProcess> {
+        self.start_agent_at(&self.site(pin_dir.to_path_buf()), config_toml, &[])
+    }
+
+    /// The lab's agent site (namespace, files, socket), pinned at `pin_dir`.
+    fn site(&self, pin_dir: PathBuf) -> AgentSite {
+        AgentSite {
             ns: self.lb_ns(),
             dir: self.run_dir(),
             socket: self.agent_socket(),
-            pin_dir: self.pin_dir(),
-        };
-        self.start_agent_at(&site, config_toml, extra)
+            pin_dir,
+        }
     }
 
     /// Starts an agent in `site` (its namespace, files, socket and pins).

@@ -81,6 +81,7 @@ fn snapshot() -> Status {
                 at_ms: 1_700_000_001_000,
                 message: "rejected".into(),
             }),
+            probe_agent_errors: 2,
         },
         conntrack: ConntrackStatus {
             entries: 4,
@@ -149,6 +150,7 @@ fn every_metric_carries_the_snapshot() {
         1_700_000_000.0
     );
     assert_eq!(value(&text, "lb_config_generation", &[]), 3.0);
+    assert_eq!(value(&text, "lb_probe_agent_errors_total", &[]), 2.0);
     assert_eq!(value(&text, "lb_config_last_reload_success", &[]), 0.0);
     assert_eq!(
         value(&text, "lb_config_last_reload_timestamp_seconds", &[]),
