@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{lb_bin, unique_prefix};
+use lb_tests::{chromium, dom_attr, lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
@@ -347,6 +347,26 @@ fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Resul
         let a = ha.status(n)?.announce.context("no announce status")?;
         assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
     }
+    // The status page's BGP section (rendered by Chromium in lb1): the
+    // VIP announced, the session to the router established.
+    let dom = chromium(
+        &ha.lab.lb_ns_of(1),
+        &format!("http://{}/", lb_userspace::harness::lab::MONITORING_LISTEN),
+        &["--dump-dom"],
+    )?;
+    assert_eq!(
+        dom_attr(&dom, &format!("vip-{VIP}"), "data-announced")?,
+        "true"
+    );
+    let session = dom
+        .split("class=\"session\"")
+        .nth(1)
+        .with_context(|| format!("no BGP session row in the page:\n{dom}"))?;
+    assert!(
+        session.starts_with(" data-up=\"true\""),
+        "the BGP session is not shown established: {}",
+        &session[..session.len().min(200)]
+    );
 
     // A stopped agent leaves the announcement (and the data plane) alone:
     // the route keeps both LBs while lb1's agent is down and after it is

@@ -13,7 +13,7 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Pool, PoolMember},
-    control::{HealthStatus, Response},
+    control::{HealthStatus, PoolRole, Response},
     health::{
         Health,
         mysql::{self, Observation, Replication},
@@ -165,6 +165,26 @@ impl Pools {
     /// `None` for services that are not a pool's.
     pub fn health(&self, service: &str, member: &str) -> Option<Health> {
         self.states.values().find_map(|s| s.health(service, member))
+    }
+
+    /// A member as one of its pool's services shows it in `lb status`: its
+    /// role there and its own check. `None` for services that are not a
+    /// pool's.
+    pub fn member_view(&self, service: &str, member: &str) -> Option<MemberView> {
+        self.states.values().find_map(|s| {
+            let routed = s.health(service, member)? == Health::Up;
+            let m = s.members.get(member);
+            Some(MemberView {
+                role: if routed {
+                    PoolRole::Routed
+                } else {
+                    PoolRole::Standby
+                },
+                health: m.map_or(Health::Pending, |m| m.up.health()),
+                last_check: m.and_then(|m| m.last_check.clone()),
+                last_at: m.and_then(|m| m.last_at),
+            })
+        })
     }
 
     pub fn handle(&mut self, event: Event) -> Handled {
@@ -435,6 +455,18 @@ impl Pools {
     pub fn status(&self) -> Vec<PoolStatus> {
         self.states.values().map(pool_status).collect()
     }
+}
+
+/// A pool member under one of its pool's services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Routed by this service, or standing by.
+    pub role: PoolRole,
+    /// Reachable (login works), with rise and fall.
+    pub health: Health,
+    /// "ok" or why the latest probe failed, and when it finished.
+    pub last_check: Option<String>,
+    pub last_at: Option<SystemTime>,
 }
 
 /// Probes one member every interval and reports every result.
