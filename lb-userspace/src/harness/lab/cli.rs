@@ -48,16 +48,22 @@ pub enum LabCommand {
         prefix: String,
     },
     /// Build the lab, balance requests through the agent in NAT then DSR
-    /// mode, report which server answered each, and remove the lab
+    /// mode (HTTP, HTTPS, health checks, the status page, the firewall),
+    /// run the database tier through a failover, then the LB failover act
+    /// (two LBs behind a BGP/ECMP router, one dies while a connection
+    /// runs); report what answered each request, and remove the lab
     Demo {
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
         /// New TCP connections to make per mode
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=10_000))]
         requests: u32,
-        /// Then a failover act: two LBs behind a BGP/ECMP router, one of
-        /// them dies while a connection runs
+        /// Skip the LB failover act (it needs BIRD)
         #[arg(long)]
+        no_failover: bool,
+        /// The LB failover act runs by default now; kept so that older
+        /// command lines still work
+        #[arg(long, hide = true, conflicts_with = "no_failover")]
         failover: bool,
     },
 }
@@ -99,11 +105,12 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         LabCommand::Demo {
             prefix,
             requests,
-            failover,
+            no_failover,
+            failover: _,
         } => {
             teardown_on_signal(&prefix)?;
             demo(&prefix, requests)?;
-            if failover {
+            if !no_failover {
                 demo_failover(&prefix)?;
             }
             Ok(())
