@@ -595,7 +595,7 @@ impl Agent {
                 })
             }
             Request::Firewall(change) => {
-                let what = format!("{change:?}");
+                let what = command("firewall", &change);
                 server::Reply::Done(match self.change_firewall(change) {
                     Ok(msg) => {
                         info!("{}", msg.lines().next().unwrap_or_default());
@@ -631,7 +631,7 @@ impl Agent {
                 }
             }
             Request::Vip(change) => {
-                let what = format!("{change:?}");
+                let what = command("vip", &change);
                 server::Reply::Done(match self.change_vip(change) {
                     Ok(msg) => {
                         info!("{msg}");
@@ -644,7 +644,7 @@ impl Agent {
                 })
             }
             Request::Backend(change) => {
-                let what = format!("{change:?}");
+                let what = command("backend", &change);
                 server::Reply::Done(match self.change_backend(change) {
                     Ok(msg) => {
                         info!("{msg}");
@@ -887,6 +887,16 @@ fn sweep_forever(mut sweeper: crate::dataplane::Sweeper) {
             Err(e) => warn!("sweeping expired flows: {e}"),
         }
     }
+}
+
+/// A control command as a log line names it: the verb and its request as
+/// the control protocol spells it (`lb backend {"action":"drain",…}`), not
+/// Rust's Debug form.
+fn command(verb: &str, change: &impl serde::Serialize) -> String {
+    format!(
+        "lb {verb} {}",
+        serde_json::to_string(change).unwrap_or_default()
+    )
 }
 
 /// A service's ring as a log line names it: the backends taking its new

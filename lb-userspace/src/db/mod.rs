@@ -274,6 +274,7 @@ impl Pools {
             return Handled::default();
         };
         let before = state.routing.clone();
+        let had_primary = state.primary.is_some();
         let outcome = state.record(member, result, Instant::now());
         for conflict in &outcome.new_conflicts {
             error!(
@@ -285,7 +286,11 @@ impl Pools {
             );
         }
         if let Some(adopted) = &outcome.adopted {
-            warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
+            // The first primary found (at start) is said by the routing
+            // line below; a primary replaced from outside is a warning.
+            if had_primary {
+                warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
+            }
             state.last_event = Some(format!(
                 "{adopted} adopted as primary (the only writable member)"
             ));
