@@ -203,6 +203,20 @@ pub enum HealthStatus {
     Unchecked,
 }
 
+/// A pool member's place in one of its pool's services (`[[pool]]`): the
+/// service routes to it, or it stands by — a healthy replica under the
+/// write service, the primary under the read service — which is normal
+/// operation, not a failure.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum PoolRole {
+    Routed,
+    Standby,
+}
+
 impl From<Option<Health>> for HealthStatus {
     fn from(health: Option<Health>) -> Self {
         match health {
@@ -316,8 +330,13 @@ pub struct BackendStatus {
     pub backup: bool,
     /// Set with `lb backend`.
     pub admin: AdminState,
-    /// From the health checks.
+    /// From the health checks; for a pool's member, whether it answers its
+    /// MySQL check (its role decides the ring, see `pool_role`).
     pub health: HealthStatus,
+    /// A pool service's member: routed or standing by for this service.
+    /// `None` for a backend of an ordinary service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_role: Option<PoolRole>,
     /// Result of the last health check, if any.
     pub last_check: Option<String>,
     /// When the last health check finished (ms since the Unix epoch).
@@ -339,17 +358,33 @@ pub struct BackendStatus {
     pub bytes: u64,
 }
 
+impl BackendStatus {
+    /// What `lb status` and the status page show as its role: a pool
+    /// member's place in this service (`routed`, `standby`), else
+    /// `primary` or `backup`.
+    pub fn role(&self) -> &'static str {
+        match self.pool_role {
+            Some(role) => role.into(),
+            None if self.backup => "backup",
+            None => "primary",
+        }
+    }
+}
+
 /// The ring rule, checked against a status: a backend is in its service's
-/// ring if and only if it is enabled, up (or unchecked), has a weight, and
-/// is a primary — or a backup while no primary qualifies. Returns one line
-/// per backend that breaks it (empty: the rings are derived from state).
+/// ring if and only if it is enabled, up (or unchecked) — a pool's member:
+/// routed — has a weight, and is a primary — or a backup while no primary
+/// qualifies. Returns one line per backend that breaks it (empty: the
+/// rings are derived from state).
 pub fn ring_violations(status: &Status) -> Vec<String> {
     let mut out = Vec::new();
     for s in &status.services {
         let eligible = |b: &BackendStatus| {
-            b.admin == AdminState::Enabled
-                && matches!(b.health, HealthStatus::Up | HealthStatus::Unchecked)
-                && b.weight > 0
+            let serving = match b.pool_role {
+                Some(role) => role == PoolRole::Routed,
+                None => matches!(b.health, HealthStatus::Up | HealthStatus::Unchecked),
+            };
+            b.admin == AdminState::Enabled && serving && b.weight > 0
         };
         let any_primary = s.backends.iter().any(|b| !b.backup && eligible(b));
         for b in &s.backends {
@@ -363,7 +398,7 @@ pub fn ring_violations(status: &Status) -> Vec<String> {
                     b.admin,
                     b.health,
                     b.weight,
-                    if b.backup { "backup" } else { "primary" }
+                    b.role()
                 ));
             }
         }
@@ -502,7 +537,7 @@ pub fn render(status: &Status) -> String {
             s.name, s.vip, s.protocol, s.forwarding, s.scheduler, s.packets, s.bytes
         ));
         out.push_str(&format!(
-            "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>10}  {}\n",
+            "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>7} {:>10}  {}\n",
             "backend",
             "address",
             "weight",
@@ -510,20 +545,22 @@ pub fn render(status: &Status) -> String {
             "admin",
             "health",
             "ring",
+            "active",
             "flows",
             "packets",
             "last check"
         ));
         for b in &s.backends {
             out.push_str(&format!(
-                "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>10}  {}\n",
+                "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>7} {:>10}  {}\n",
                 b.name,
                 b.address,
                 b.weight,
-                if b.backup { "backup" } else { "primary" },
+                b.role(),
                 b.admin,
                 b.health,
                 if b.in_ring { "yes" } else { "no" },
+                b.active,
                 b.flows,
                 b.packets,
                 b.last_check.as_deref().unwrap_or("-")
@@ -665,6 +702,7 @@ mod tests {
                     backup: false,
                     admin: AdminState::Drain,
                     health: HealthStatus::Down,
+                    pool_role: None,
                     last_check: Some("connection refused".into()),
                     last_check_at_ms: None,
                     last_check_us: None,
@@ -699,6 +737,19 @@ mod tests {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
         assert!(!text.contains("drop_fragment"), "zero verdicts are hidden");
+        // The columns README lists, active flows among them.
+        let header = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("backend"))
+            .expect("a backend header");
+        let columns: Vec<&str> = header.split_whitespace().collect();
+        assert_eq!(
+            columns,
+            [
+                "backend", "address", "weight", "role", "admin", "health", "ring", "active",
+                "flows", "packets", "last", "check"
+            ]
+        );
         // web1 drains and is out of the ring: the rule holds.
         assert_eq!(ring_violations(&status), Vec::<String>::new());
     }
@@ -713,6 +764,7 @@ mod tests {
             backup,
             admin: AdminState::Enabled,
             health,
+            pool_role: None,
             last_check: None,
             last_check_at_ms: None,
             last_check_us: None,
@@ -761,5 +813,88 @@ mod tests {
             backend("web3", true, Up, true),
         ]);
         assert_eq!(ring_violations(&backup_too_early).len(), 1);
+        // A pool's members: the role decides the ring, not the health. A
+        // healthy standby out of the ring is normal; a routed member out of
+        // it, or a standby in it, is not.
+        let member = |name: &str, role, in_ring: bool| BackendStatus {
+            pool_role: Some(role),
+            ..backend(name, false, Up, in_ring)
+        };
+        let pool = status(vec![
+            member("db1", PoolRole::Routed, true),
+            member("db2", PoolRole::Standby, false),
+        ]);
+        assert_eq!(ring_violations(&pool), Vec::<String>::new());
+        let stale = status(vec![
+            member("db1", PoolRole::Routed, false),
+            member("db2", PoolRole::Standby, true),
+        ]);
+        assert_eq!(ring_violations(&stale).len(), 2);
+    }
+
+    #[test]
+    fn pool_members_show_their_role_not_a_failure() {
+        let member = |name: &str, role| BackendStatus {
+            name: name.into(),
+            address: "198.19.1.21:3306".into(),
+            weight: 1,
+            backup: false,
+            admin: AdminState::Enabled,
+            health: HealthStatus::Up,
+            pool_role: Some(role),
+            last_check: Some("ok".into()),
+            last_check_at_ms: None,
+            last_check_us: None,
+            in_ring: role == PoolRole::Routed,
+            flows: 0,
+            active: 0,
+            packets: 0,
+            bytes: 0,
+        };
+        let status = Status {
+            config: String::new(),
+            pin_dir: None,
+            adopted: false,
+            interfaces: Vec::new(),
+            services: vec![ServiceStatus {
+                name: "db-write".into(),
+                vip: "198.18.0.20:3306".into(),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Nat,
+                scheduler: Scheduler::RoundRobin,
+                packets: 0,
+                bytes: 0,
+                backends: vec![
+                    member("db1", PoolRole::Routed),
+                    member("db2", PoolRole::Standby),
+                ],
+            }],
+            verdicts: BTreeMap::new(),
+            agent: AgentStatus::default(),
+            conntrack: ConntrackStatus::default(),
+            pools: Vec::new(),
+            announce: None,
+        };
+        let text = render(&status);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("no row {name} in\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        // name address weight role admin health ring active flows packets check
+        assert_eq!(row("db1")[3..7], ["routed", "enabled", "up", "yes"]);
+        assert_eq!(row("db2")[3..7], ["standby", "enabled", "up", "no"]);
+        assert_eq!(row("db2")[10], "ok", "a member's last check is shown");
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(
+            json["services"][0]["backends"][1]["pool_role"],
+            serde_json::json!("standby")
+        );
+        assert_eq!(
+            json["services"][0]["backends"][1]["health"],
+            serde_json::json!("up")
+        );
     }
 }

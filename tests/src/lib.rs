@@ -8,7 +8,9 @@ pub mod kernel_net;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -17,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use lb_userspace::{
     config::Forwarding,
     control::{self, BackendChange, Request, Response, Status},
@@ -303,4 +305,90 @@ pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
         table.insert(key, flow, 0)?;
     }
     Ok(())
+}
+
+/// Where headless Chromium is (`cargo xtask setup` installs Debian's).
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Runs headless Chromium inside namespace `ns` on `url` (a status page)
+/// with `extra` arguments (e.g. `--dump-dom`); returns its stdout. A fresh
+/// profile directory every time; killed after 60 s.
+pub fn chromium(ns: &str, url: &str, extra: &[&str]) -> Result<String> {
+    ensure!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `cargo xtask setup` (installs Debian's chromium)"
+    );
+    let profile = std::env::temp_dir().join(unique_prefix("lbm-chromium-"));
+    fs::create_dir_all(&profile)?;
+    let profile_arg = format!("--user-data-dir={}", profile.display());
+    let mut args = vec![
+        "netns",
+        "exec",
+        "",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        &profile_arg,
+        "--virtual-time-budget=4000",
+    ];
+    args[2] = ns;
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out_path = profile.join("stdout");
+    let err_path = profile.join("stderr");
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?)
+        .spawn()
+        .context("starting chromium")?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "chromium did not finish within 60 s; stderr:\n{}",
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = fs::read_to_string(&out_path)?;
+    let stderr = fs::read_to_string(&err_path)?;
+    let _ = fs::remove_dir_all(&profile);
+    ensure!(
+        status.success(),
+        "chromium {}: {status}; stderr:\n{stderr}",
+        args.join(" ")
+    );
+    Ok(stdout)
+}
+
+/// The value of attribute `attr` on the element with id `id` in a DOM
+/// dumped by Chromium (`<tr id="b-www-web1" class="backend" data-health="up" …>`).
+pub fn dom_attr(dom: &str, id: &str, attr: &str) -> Result<String> {
+    let needle = format!("id=\"{id}\"");
+    let at = dom
+        .find(&needle)
+        .with_context(|| format!("no element {needle} in the page:\n{dom}"))?;
+    let tag_start = dom[..at].rfind('<').context("tag start")?;
+    let tag = &dom[tag_start..at + dom[at..].find('>').context("tag end")?];
+    let value = tag
+        .split(&format!(" {attr}=\""))
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .with_context(|| format!("no {attr} in {tag}"))?;
+    Ok(value.to_owned())
 }

@@ -26,9 +26,10 @@ use lb_tests::{
     three_webs, transfer, unique_prefix, wait_for_status, web_config,
 };
 use lb_userspace::{
+    config::Forwarding,
     control::{AdminState, BackendChange, HealthStatus, Request},
     harness::{
-        lab::{HttpConn, Lab, udp_connect, udp_request, vip_http, vip_udp, web_addr},
+        lab::{HttpConn, Lab, lab_config, udp_connect, udp_request, vip_http, vip_udp, web_addr},
         netns::in_netns,
     },
 };
@@ -694,4 +695,109 @@ fn a_user_cannot_detach_the_data_plane() -> Result<()> {
         "still attached and forwarding"
     );
     agent.stop()
+}
+
+/// The lab's three services (www :80, www-udp :5353, www-tls :443), each
+/// over web1..web3, checked over HTTP on port 80.
+fn three_checked_services() -> String {
+    let health = format!(
+        "health = {{ check = \"http\", port = 80, path = \"/\", interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\nbackends = ["
+    );
+    lab_config(Forwarding::Nat).replace("backends = [", &health)
+}
+
+/// The agent's log, one line per event at the right level, with names as
+/// the config spells them: at start one line per service and one per
+/// backend coming up (INFO, with the ring it changed), never a line per
+/// service for each transition; a backend going down is one WARN line.
+#[test]
+fn logs_are_one_line_per_event_at_the_right_level() -> Result<()> {
+    const SERVICES: [&str; 3] = ["www", "www-udp", "www-tls"];
+    let mut lab = Lab::up(&prefix(), &lb_bin())?;
+    let agent = lab.start_agent_with(&three_checked_services(), &["--log-format", "json"])?;
+    let parse = |log: &str| -> Result<Vec<serde_json::Value>> {
+        log.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    };
+    let message = |l: &serde_json::Value| l["message"].as_str().unwrap_or_default().to_owned();
+    let mut check = || -> Result<()> {
+        // `lb: ready` came after every first verdict: the start is logged.
+        let start = parse(&agent.log_text())?;
+        let text: Vec<String> = start
+            .iter()
+            .map(|l| format!("{} {}", l["level"], message(l)))
+            .collect();
+        println!("{} lines at start:\n{}", start.len(), text.join("\n"));
+        for l in &start {
+            assert_eq!(l["level"], "INFO", "a normal start is all INFO: {l}");
+            let m = message(l);
+            for debug in ["Tcp", "Udp", "Nat", "Native", "RoundRobin"] {
+                assert!(!m.contains(debug), "Debug formatting {debug:?} in {m}");
+            }
+        }
+        let ups: Vec<&serde_json::Value> = start.iter().filter(|l| l["health"] == "up").collect();
+        assert_eq!(
+            ups.len(),
+            9,
+            "one line per backend coming up:\n{}",
+            text.join("\n")
+        );
+        for l in &ups {
+            let m = message(l);
+            let rings: Vec<&str> = m.split("; service ").skip(1).collect();
+            assert_eq!(rings.len(), 1, "one ring, its own service's: {m}");
+            assert!(
+                rings[0].starts_with(&format!("{} ", l["service"].as_str().unwrap_or("?"))),
+                "{m}"
+            );
+        }
+        for (name, protocol) in [("www", "tcp"), ("www-udp", "udp"), ("www-tls", "tcp")] {
+            let want = format!("service {name} ");
+            let spelled = format!(" {protocol} nat round-robin: ring [] (0 of 3 backends)");
+            assert!(
+                start
+                    .iter()
+                    .any(|l| message(l).starts_with(&want) && message(l).contains(&spelled)),
+                "no start line for {name} with {spelled:?}:\n{}",
+                text.join("\n")
+            );
+        }
+        // 3 services + 9 transitions + the fixed lines (interfaces, control
+        // socket, bpffs): the old log had a line per service per transition.
+        assert!(
+            start.len() <= SERVICES.len() + 9 + 6,
+            "{} lines:\n{}",
+            start.len(),
+            text.join("\n")
+        );
+
+        lab.stop_web(2)?;
+        wait_for(Duration::from_secs(5), || {
+            parse(&agent.log_text()).is_ok_and(|lines| {
+                lines.iter().filter(|l| l["health"] == "down").count() == SERVICES.len()
+            })
+        })?;
+        let all = parse(&agent.log_text())?;
+        for l in all.iter().filter(|l| l["health"] == "down") {
+            assert_eq!(l["level"], "WARN", "{l}");
+            let m = message(l);
+            assert_eq!(m.matches("; service ").count(), 1, "{m}");
+            assert!(m.contains("ring [web1 web3] (2 of 3 backends)"), "{m}");
+        }
+        Ok(())
+    };
+    check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+}
+
+/// Polls `ok` every 50 ms for at most `within`.
+fn wait_for(within: Duration, ok: impl Fn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("not within {within:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }

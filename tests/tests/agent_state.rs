@@ -366,7 +366,8 @@ fn status_of_a_big_flow_table_does_not_stall_the_agent() -> Result<()> {
 }
 
 /// Issue 8.5: `lb lab up` tells users to start the agent with the lab's own
-/// socket and pin dir (and `--netns`), so two labs never share them.
+/// socket and pin dir (and `--netns`), so two labs never share them; and
+/// (issue 21.16) with a config of the whole site.
 #[test]
 fn lab_up_prints_the_labs_own_socket_and_pin_dir() -> Result<()> {
     let prefix = unique_prefix("lbs");
@@ -376,16 +377,47 @@ fn lab_up_prints_the_labs_own_socket_and_pin_dir() -> Result<()> {
             .output()
     };
     let up = run("up")?;
-    let down = run("down")?;
     let text = String::from_utf8_lossy(&up.stdout);
-    ensure!(up.status.success(), "lab up failed: {text}");
-    ensure!(down.status.success(), "lab down failed");
-    let socket = format!("--socket /run/lb-lab/{prefix}/lb.sock");
-    let pins = format!("--pin-dir /sys/fs/bpf/lb-lab-{prefix}");
+    // The config it tells users to run (issue 21.16): the whole site, its
+    // weaknesses answered: health checks, monitoring, firewall, database.
     let start = text
         .lines()
         .find(|l| l.contains(" run --netns "))
-        .with_context(|| format!("no `lb run` line in:\n{text}"))?;
+        .map(str::to_owned);
+    let config = start
+        .as_deref()
+        .and_then(|l| l.split(" --config ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(std::fs::read_to_string);
+    let down = run("down")?;
+    ensure!(up.status.success(), "lab up failed: {text}");
+    ensure!(down.status.success(), "lab down failed");
+    let config = config
+        .with_context(|| format!("no --config in:\n{text}"))?
+        .context("reading the printed config")?;
+    for table in [
+        "[monitoring]",
+        "[firewall]",
+        "health = ",
+        "[[pool]]",
+        "www-tls",
+    ] {
+        ensure!(
+            config.contains(table),
+            "no {table} in the printed config:\n{config}"
+        );
+    }
+    for line in [
+        "  health: ",
+        "  monitoring: ",
+        "  firewall: ",
+        "  database pool",
+    ] {
+        ensure!(text.contains(line), "no {line:?} line in:\n{text}");
+    }
+    let socket = format!("--socket /run/lb-lab/{prefix}/lb.sock");
+    let pins = format!("--pin-dir /sys/fs/bpf/lb-lab-{prefix}");
+    let start = start.with_context(|| format!("no `lb run` line in:\n{text}"))?;
     for want in [format!("--netns {prefix}-lb"), socket.clone(), pins] {
         ensure!(start.contains(&want), "{want:?} missing from {start:?}");
     }

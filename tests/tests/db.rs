@@ -17,15 +17,18 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{ask, lb_bin, status, three_webs, unique_prefix, wait_for_status};
+use lb_tests::{
+    ask, backend_status, checked_status, chromium, dom_attr, lb_bin, status, three_webs,
+    unique_prefix, wait_for_status,
+};
 use lb_userspace::{
     config::Forwarding,
-    control::{FirewallChange, Request, RuleEdit, Status},
+    control::{FirewallChange, HealthStatus, PoolRole, Request, RuleEdit, Status},
     db::{DbCommand, PoolStatus, Role},
     harness::{
         lab::{
-            APP_PASSWORD, APP_USER, Lab, VISITS_TABLE, admin_password_file, pool_config, read_vip,
-            run_dir, vip_http, write_vip,
+            APP_PASSWORD, APP_USER, Lab, MONITORING_LISTEN, VISITS_TABLE, admin_password_file,
+            pool_config, read_vip, run_dir, vip_http, write_vip,
         },
         netns::in_netns,
     },
@@ -335,7 +338,8 @@ fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
 #[test]
 fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Result<()> {
     let lab = lab_with_databases()?;
-    let agent = lab.start_agent(&config(&lab, None))?;
+    let monitoring = format!("\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n");
+    let agent = lab.start_agent(&(config(&lab, None) + &monitoring))?;
     let check = || -> Result<()> {
         wait_for_status(
             &lab,
@@ -352,6 +356,46 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
         assert_eq!(db2.lag_seconds, Some(0));
         let repl = db2.replication.as_ref().context("db2 replicates")?;
         assert!(repl.io_running == "Yes" && repl.sql_running, "{repl:?}");
+
+        // Members by role, not as failures: in each service a member is
+        // routed or stands by, its health and last check are its own
+        // MySQL check's; the ring rule holds with roles.
+        let st = checked_status(&lab)?;
+        for (service, member, role) in [
+            ("db-write", "db1", PoolRole::Routed),
+            ("db-write", "db2", PoolRole::Standby),
+            ("db-write", "db3", PoolRole::Standby),
+            ("db-read", "db1", PoolRole::Standby),
+            ("db-read", "db2", PoolRole::Routed),
+            ("db-read", "db3", PoolRole::Routed),
+        ] {
+            let b = backend_status(&st, service, member)?;
+            assert_eq!(b.pool_role, Some(role), "{service}/{member}");
+            assert_eq!(b.health, HealthStatus::Up, "{service}/{member}");
+            assert_eq!(b.last_check.as_deref(), Some("ok"), "{service}/{member}");
+            assert!(b.last_check_at_ms.is_some(), "{service}/{member}");
+        }
+        // The status page's pool section, rendered by Chromium: roles,
+        // lag, second writers; the services' rows by role.
+        let dom = chromium(
+            &lab.lb_ns(),
+            &format!("http://{MONITORING_LISTEN}/"),
+            &["--dump-dom"],
+        )?;
+        assert_eq!(dom_attr(&dom, "pool-db", "class")?, "pool");
+        assert_eq!(dom_attr(&dom, "m-db-db1", "data-role")?, "primary");
+        assert_eq!(dom_attr(&dom, "m-db-db2", "data-role")?, "replica");
+        assert_eq!(dom_attr(&dom, "m-db-db3", "data-health")?, "up");
+        assert_eq!(dom_attr(&dom, "b-db-write-db2", "data-role")?, "standby");
+        assert_eq!(dom_attr(&dom, "b-db-write-db2", "data-health")?, "up");
+        assert_eq!(dom_attr(&dom, "b-db-read-db1", "data-role")?, "standby");
+        assert_eq!(dom_attr(&dom, "b-db-read-db2", "data-role")?, "routed");
+        for text in ["second writers refused: 0", "last event:"] {
+            ensure!(
+                dom.contains(text),
+                "no {text:?} in the pool section:\n{dom}"
+            );
+        }
 
         // Writes land on the primary, and replicate.
         writes_land_on(&lab, 1..=20, 1)?;

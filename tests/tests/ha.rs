@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{lb_bin, unique_prefix};
+use lb_tests::{chromium, dom_attr, lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
@@ -347,6 +347,26 @@ fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Resul
         let a = ha.status(n)?.announce.context("no announce status")?;
         assert!(a.vips.iter().all(|v| v.announced), "lb{n}: {a:?}");
     }
+    // The status page's BGP section (rendered by Chromium in lb1): the
+    // VIP announced, the session to the router established.
+    let dom = chromium(
+        &ha.lab.lb_ns_of(1),
+        &format!("http://{}/", lb_userspace::harness::lab::MONITORING_LISTEN),
+        &["--dump-dom"],
+    )?;
+    assert_eq!(
+        dom_attr(&dom, &format!("vip-{VIP}"), "data-announced")?,
+        "true"
+    );
+    let session = dom
+        .split("class=\"session\"")
+        .nth(1)
+        .with_context(|| format!("no BGP session row in the page:\n{dom}"))?;
+    assert!(
+        session.starts_with(" data-up=\"true\""),
+        "the BGP session is not shown established: {}",
+        &session[..session.len().min(200)]
+    );
 
     // A stopped agent leaves the announcement (and the data plane) alone:
     // the route keeps both LBs while lb1's agent is down and after it is
@@ -571,4 +591,74 @@ fn a_third_lb_joining_moves_no_established_flow_to_another_backend() -> Result<(
     );
     assert!(broken.is_empty(), "held connections broke: {broken:?}");
     Ok(())
+}
+
+/// `lb lab up --lbs 2`'s whole site: both LBs run the site config (HTTP
+/// and HTTPS with checks, firewall, monitoring, the announcement) and lb1,
+/// the webs' and the databases' gateway, the pool: the webs' `/visits`
+/// write through the write VIP and read through the read VIP while ECMP
+/// spreads the client's requests over both LBs.
+#[test]
+fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), 2)?;
+    lab.set_mode(Forwarding::Dsr)?;
+    lab.start_databases()?;
+    let agents = (1..=2)
+        .map(|n| lab.start_agent_on(n, &lab.ha_site_config(n, Forwarding::Dsr)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let logs = || {
+        agents
+            .iter()
+            .map(AgentProcess::log_text)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let check = || -> Result<()> {
+        lab.wait_for_route(&[lb_front_addr(1), lb_front_addr(2)], ROUTE_UP)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = control::request(&lab.agent_socket_of(1), &Request::Status)?
+                .status
+                .context("no status")?;
+            if status
+                .pools
+                .iter()
+                .any(|p| p.writer.as_deref() == Some("db1") && p.readers.len() == 2)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("pool db not routed on lb1: {:?}", status.pools);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let visit = |method: &str| {
+            lab.exec_ok(
+                &lab.client_ns(),
+                &[
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "5",
+                    "-X",
+                    method,
+                    &format!("http://{VIP}/visits"),
+                ],
+            )
+        };
+        for _ in 0..4 {
+            let answer = visit("POST")?;
+            assert!(answer.contains("recorded by db1"), "{answer}");
+        }
+        for _ in 0..2 {
+            let answer = visit("GET")?;
+            assert!(
+                answer.contains("read from db2") || answer.contains("read from db3"),
+                "{answer}"
+            );
+        }
+        Ok(())
+    };
+    check().with_context(logs)
 }

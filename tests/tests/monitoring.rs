@@ -9,7 +9,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    FALL, INTERVAL_MS, RISE, answers, backend_status, checked_status, count, lb_bin, ok,
+    FALL, INTERVAL_MS, RISE, answers, backend_status, checked_status, count, dom_attr, lb_bin, ok,
     pin_made_up_flows, steady_stream, three_webs, unique_prefix, wait_for_status,
 };
 use lb_userspace::{
@@ -32,7 +32,6 @@ use lb_userspace::{
 };
 
 const LISTEN: &str = "127.0.0.1:9100";
-const CHROMIUM: &str = "/usr/bin/chromium";
 const WEBS: [&str; 3] = ["web1", "web2", "web3"];
 
 fn lab() -> Result<Lab> {
@@ -75,90 +74,16 @@ fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts")
 }
 
-/// Runs headless Chromium inside the LB namespace on the status page with
-/// `extra` arguments (e.g. `--dump-dom`); returns its stdout. A fresh
-/// profile directory every time; killed after 60 s.
+/// Headless Chromium on the status page inside the LB namespace
+/// ([`lb_tests::chromium`]).
 fn chromium(lab: &Lab, extra: &[&str]) -> Result<String> {
-    ensure!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: run `cargo xtask setup` (installs Debian's chromium)"
-    );
-    let profile = std::env::temp_dir().join(unique_prefix("lbm-chromium-"));
-    fs::create_dir_all(&profile)?;
-    let profile_arg = format!("--user-data-dir={}", profile.display());
-    let url = format!("http://{LISTEN}/");
-    let mut args = vec![
-        "netns",
-        "exec",
-        "",
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        &profile_arg,
-        "--virtual-time-budget=4000",
-    ];
-    let ns = lab.lb_ns();
-    args[2] = &ns;
-    args.extend_from_slice(extra);
-    args.push(&url);
-    let out_path = profile.join("stdout");
-    let err_path = profile.join("stderr");
-    let mut child = Command::new("ip")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path)?)
-        .stderr(fs::File::create(&err_path)?)
-        .spawn()
-        .context("starting chromium")?;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "chromium did not finish within 60 s; stderr:\n{}",
-                fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = fs::read_to_string(&out_path)?;
-    let stderr = fs::read_to_string(&err_path)?;
-    let _ = fs::remove_dir_all(&profile);
-    ensure!(
-        status.success(),
-        "chromium {}: {status}; stderr:\n{stderr}",
-        args.join(" ")
-    );
-    Ok(stdout)
+    lb_tests::chromium(&lab.lb_ns(), &format!("http://{LISTEN}/"), extra)
 }
 
 /// The `data-health` of the status page row of www/`backend` in a dumped
 /// DOM (`<tr id="b-www-web1" class="backend" data-health="up" …>`).
 fn row_health(dom: &str, backend: &str) -> Result<String> {
-    let id = format!("id=\"b-www-{backend}\"");
-    let at = dom
-        .find(&id)
-        .with_context(|| format!("no row for {backend} in the page:\n{dom}"))?;
-    let tag_start = dom[..at].rfind('<').context("tag start")?;
-    let tag = &dom[tag_start..at + dom[at..].find('>').context("tag end")?];
-    ensure!(tag.starts_with("<tr"), "{id} is not a row: {tag}");
-    let value = tag
-        .split("data-health=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .with_context(|| format!("no data-health in {tag}"))?;
-    Ok(value.to_owned())
+    dom_attr(dom, &format!("b-www-{backend}"), "data-health")
 }
 
 /// The status page, rendered by Chromium, shows every backend and its
@@ -184,6 +109,12 @@ fn status_page_in_chromium_shows_backends_and_a_kill() -> Result<()> {
         dom.contains("id=\"v-forwarded\""),
         "verdict table missing:\n{dom}"
     );
+    // The active-flows panel: a row per service and per backend.
+    for id in ["a-www", "a-www-web1", "a-www-web2", "a-www-web3"] {
+        ensure!(dom.contains(&format!("id=\"{id}\"")), "no {id} in:\n{dom}");
+    }
+    // The role column of an ordinary service.
+    assert_eq!(dom_attr(&dom, "b-www-web1", "data-role")?, "primary");
     let error_div = dom
         .split("<div id=\"error\"")
         .nth(1)

@@ -24,7 +24,7 @@ use tokio::{
     sync::mpsc,
     time::Instant,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use state::{Admin, Key, admission, carry_health};
 
@@ -190,16 +190,19 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             Health::Pending
         }
     });
-    agent.commit(cfg).context("filling the maps")?;
+    // One line per service at start: what it is and who takes its flows.
+    for line in agent.commit(cfg).context("filling the maps")? {
+        info!("{line}");
+    }
     agent.sync_checks();
     for iface in agent.cfg.dataplane.interfaces.clone() {
         let mode = agent.cfg.dataplane.xdp_mode;
         agent
             .dp
             .attach(&iface, mode)
-            .with_context(|| format!("attaching XDP ({mode:?} mode) to {iface}"))?;
+            .with_context(|| format!("attaching XDP ({mode} mode) to {iface}"))?;
         info!(
-            "attached lb to {iface} ({mode:?} mode{})",
+            "attached lb to {iface} ({mode} mode{})",
             if adopted {
                 ", replacing the previous program in place"
             } else {
@@ -379,7 +382,9 @@ impl Agent {
             .any(|s| s.scheduler == config::Scheduler::LeastConnections)
     }
 
-    fn commit(&mut self, next: Config) -> anyhow::Result<()> {
+    /// Returns one line per service whose ring changed (every service at
+    /// the first commit), for the caller to log as part of its event.
+    fn commit(&mut self, next: Config) -> anyhow::Result<Vec<String>> {
         // Pools first: their services' members are admitted by role, and a
         // pool not yet known would leave them unchecked (all serving).
         self.db.sync(&next);
@@ -397,14 +402,14 @@ impl Agent {
             )
         };
         let applied = self.dp.apply_with(&next, &admit)?;
-        report(&next, &applied);
+        let changed = ring_changes(&self.cfg, &self.applied, &next, &applied);
         self.cfg = next;
         self.applied = applied;
         let reach = self.service_reach();
         if let Some(a) = &mut self.announcer {
             a.update(&reach);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// From the ready line on, the VIPs' announcement follows the rings.
@@ -450,11 +455,18 @@ impl Agent {
         let health = carry_health(&next, &self.health, &|_, _| Health::Pending);
         let previous_admin = std::mem::replace(&mut self.admin, admin);
         let previous_health = std::mem::replace(&mut self.health, health);
-        if let Err(e) = self.commit(next) {
-            self.admin = previous_admin;
-            self.health = previous_health;
-            self.db.sync(&self.cfg);
-            return Err(e);
+        match self.commit(next) {
+            Ok(changed) => {
+                for line in changed {
+                    info!("{line}");
+                }
+            }
+            Err(e) => {
+                self.admin = previous_admin;
+                self.health = previous_health;
+                self.db.sync(&self.cfg);
+                return Err(e);
+            }
         }
         self.sync_checks();
         self.generation += 1;
@@ -476,8 +488,14 @@ impl Agent {
         let handled = self.db.handle(event);
         if handled.commit {
             let cfg = self.cfg.clone();
-            if let Err(e) = self.commit(cfg) {
-                error!("applying the database routing change failed: {e:#}");
+            match self.commit(cfg) {
+                // The pool logged the routing change (its event).
+                Ok(changed) => {
+                    for line in changed {
+                        debug!("{line}");
+                    }
+                }
+                Err(e) => error!("applying the database routing change failed: {e:#}"),
             }
         }
         if let Some((reply, response)) = handled.reply {
@@ -537,29 +555,43 @@ impl Agent {
         if self.health.get(&t.target) == Some(&t.health) {
             return;
         }
-        warn!(
-            service = %t.target.service,
-            backend = %t.backend,
-            address = %t.target.address,
-            health = %t.health,
-            reason = %t.reason,
-            "backend {}/{} ({}) is {}: {}",
+        let previous = self.health.insert(t.target.clone(), t.health);
+        let cfg = self.cfg.clone();
+        let rings = match self.commit(cfg) {
+            Ok(changed) => changed,
+            Err(e) => {
+                error!("applying the health change failed: {e:#}");
+                // The maps are as they were: so is the state they reflect, and
+                // the status keeps telling the truth.
+                match previous {
+                    Some(h) => self.health.insert(t.target.clone(), h),
+                    None => self.health.remove(&t.target),
+                };
+                Vec::new()
+            }
+        };
+        // One line per transition, with the rings it changed; a backend
+        // coming up is good news (info), going down is a warning.
+        let line = format!(
+            "backend {}/{} ({}) is {}: {}{}",
             t.target.service,
             t.backend,
             t.target.address,
             t.health.name().to_uppercase(),
-            t.reason
+            t.reason,
+            rings.iter().map(|r| format!("; {r}")).collect::<String>()
         );
-        let previous = self.health.insert(t.target.clone(), t.health);
-        let cfg = self.cfg.clone();
-        if let Err(e) = self.commit(cfg) {
-            error!("applying the health change failed: {e:#}");
-            // The maps are as they were: so is the state they reflect, and
-            // the status keeps telling the truth.
-            match previous {
-                Some(h) => self.health.insert(t.target, h),
-                None => self.health.remove(&t.target),
-            };
+        let (service, backend, address, health, reason) = (
+            &t.target.service,
+            &t.backend,
+            &t.target.address,
+            &t.health,
+            &t.reason,
+        );
+        if t.health == Health::Down {
+            warn!(%service, %backend, %address, %health, %reason, "{line}");
+        } else {
+            info!(%service, %backend, %address, %health, %reason, "{line}");
         }
     }
 
@@ -580,7 +612,7 @@ impl Agent {
                 })
             }
             Request::Firewall(change) => {
-                let what = format!("{change:?}");
+                let what = command("firewall", &change);
                 server::Reply::Done(match self.change_firewall(change) {
                     Ok(msg) => {
                         info!("{}", msg.lines().next().unwrap_or_default());
@@ -616,7 +648,7 @@ impl Agent {
                 }
             }
             Request::Vip(change) => {
-                let what = format!("{change:?}");
+                let what = command("vip", &change);
                 server::Reply::Done(match self.change_vip(change) {
                     Ok(msg) => {
                         info!("{msg}");
@@ -629,7 +661,7 @@ impl Agent {
                 })
             }
             Request::Backend(change) => {
-                let what = format!("{change:?}");
+                let what = command("backend", &change);
                 server::Reply::Done(match self.change_backend(change) {
                     Ok(msg) => {
                         info!("{msg}");
@@ -779,19 +811,27 @@ impl Agent {
                 let target = Self::target(svc, b);
                 let counters = self.dp.counters("BACKEND_STATS", *id)?;
                 let check = checks.get(&target);
+                // A pool's member: its own check and its role in this
+                // service (a standby is healthy, not down).
+                let member = self.db.member_view(&svc.name, &b.name);
+                let (health, last_check, last_at) = match &member {
+                    Some(m) => (Some(m.health), m.last_check.clone(), m.last_at),
+                    None => (
+                        self.health.get(&target).copied(),
+                        check.and_then(|s| s.last_check.clone()),
+                        check.and_then(|s| s.last_at),
+                    ),
+                };
                 backends.push(BackendStatus {
                     name: b.name.clone(),
                     address: b.address.to_string(),
                     weight: b.weight,
                     backup: b.backup,
                     admin: self.admin.get(&key).copied().unwrap_or(Admin::Enabled),
-                    health: self
-                        .db
-                        .health(&svc.name, &b.name)
-                        .or_else(|| self.health.get(&target).copied())
-                        .into(),
-                    last_check: check.and_then(|s| s.last_check.clone()),
-                    last_check_at_ms: check.and_then(|s| s.last_at).map(unix_ms),
+                    health: health.into(),
+                    pool_role: member.map(|m| m.role),
+                    last_check,
+                    last_check_at_ms: last_at.map(unix_ms),
                     last_check_us: check
                         .and_then(|s| s.last_duration)
                         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -867,28 +907,63 @@ fn sweep_forever(mut sweeper: crate::dataplane::Sweeper) {
     }
 }
 
-fn report(cfg: &Config, applied: &[AppliedService]) {
-    for (svc, a) in cfg.services.iter().zip(applied) {
-        let names: Vec<&str> = a
-            .ring
-            .iter()
-            .filter_map(|id| {
-                a.backends
-                    .iter()
-                    .find(|(_, b)| b == id)
-                    .map(|(n, _)| n.as_str())
-            })
-            .collect();
-        info!(
-            "service {} {} {:?} {:?}: {} backend(s), ring [{}]",
-            svc.name,
-            svc.vip,
-            svc.protocol,
-            svc.forwarding,
-            svc.backends.len(),
-            names.join(" ")
-        );
-    }
+/// A control command as a log line names it: the verb and its request as
+/// the control protocol spells it (`lb backend {"action":"drain",…}`), not
+/// Rust's Debug form.
+fn command(verb: &str, change: &impl serde::Serialize) -> String {
+    format!(
+        "lb {verb} {}",
+        serde_json::to_string(change).unwrap_or_default()
+    )
+}
+
+/// A service's ring as a log line names it: the backends taking its new
+/// flows, in config order (a weighted ring holds a backend many times).
+fn ring_names(applied: &AppliedService) -> Vec<String> {
+    applied
+        .backends
+        .iter()
+        .filter(|(_, id)| applied.ring.contains(id))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// One line per service of `next` that is new or whose ring differs from
+/// `before` (names as the config spells them: `tcp`, `nat`,
+/// `round-robin`).
+fn ring_changes(
+    cfg: &Config,
+    before: &[AppliedService],
+    next: &Config,
+    applied: &[AppliedService],
+) -> Vec<String> {
+    let old: BTreeMap<&str, Vec<String>> = cfg
+        .services
+        .iter()
+        .zip(before)
+        .map(|(svc, a)| (svc.name.as_str(), ring_names(a)))
+        .collect();
+    next.services
+        .iter()
+        .zip(applied)
+        .filter_map(|(svc, a)| {
+            let ring = ring_names(a);
+            if old.get(svc.name.as_str()) == Some(&ring) {
+                return None;
+            }
+            Some(format!(
+                "service {} {} {} {} {}: ring [{}] ({} of {} backends)",
+                svc.name,
+                svc.vip,
+                svc.protocol,
+                svc.forwarding,
+                svc.scheduler,
+                ring.join(" "),
+                ring.len(),
+                svc.backends.len()
+            ))
+        })
+        .collect()
 }
 
 /// bpf_fib_lookup only forwards when the interface has forwarding enabled;

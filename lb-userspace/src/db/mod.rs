@@ -16,7 +16,7 @@ pub mod state;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, Pool, PoolMember},
-    control::{HealthStatus, Response},
+    control::{HealthStatus, PoolRole, Response},
     health::{
         Health,
         mysql::{self, LoginFailure, Observation, Replication},
@@ -170,6 +170,26 @@ impl Pools {
         self.states.values().find_map(|s| s.health(service, member))
     }
 
+    /// A member as one of its pool's services shows it in `lb status`: its
+    /// role there and its own check. `None` for services that are not a
+    /// pool's.
+    pub fn member_view(&self, service: &str, member: &str) -> Option<MemberView> {
+        self.states.values().find_map(|s| {
+            let routed = s.health(service, member)? == Health::Up;
+            let m = s.members.get(member);
+            Some(MemberView {
+                role: if routed {
+                    PoolRole::Routed
+                } else {
+                    PoolRole::Standby
+                },
+                health: m.map_or(Health::Pending, |m| m.up.health()),
+                last_check: m.and_then(|m| m.last_check.clone()),
+                last_at: m.and_then(|m| m.last_at),
+            })
+        })
+    }
+
     pub fn handle(&mut self, event: Event) -> Handled {
         match event {
             Event::Probed {
@@ -257,6 +277,7 @@ impl Pools {
             return Handled::default();
         };
         let before = state.routing.clone();
+        let had_primary = state.primary.is_some();
         let outcome = state.record(member, result, Instant::now());
         for conflict in &outcome.new_conflicts {
             error!(
@@ -268,7 +289,11 @@ impl Pools {
             );
         }
         if let Some(adopted) = &outcome.adopted {
-            warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
+            // The first primary found (at start) is said by the routing
+            // line below; a primary replaced from outside is a warning.
+            if had_primary {
+                warn!(pool = %pool, "pool {pool}: {adopted} is the writable member: the write service routes to it");
+            }
             state.last_event = Some(format!(
                 "{adopted} adopted as primary (the only writable member)"
             ));
@@ -596,6 +621,18 @@ fn invalid(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
         key: key.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// A pool member under one of its pool's services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Routed by this service, or standing by.
+    pub role: PoolRole,
+    /// Reachable (login works), with rise and fall.
+    pub health: Health,
+    /// "ok" or why the latest probe failed, and when it finished.
+    pub last_check: Option<String>,
+    pub last_at: Option<SystemTime>,
 }
 
 /// Probes one member every interval and reports every result.

@@ -107,46 +107,52 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
     );
 }
 
+/// A pool as the tests see it: db1 the primary (write service), db2 a
+/// replica 3 s behind (read service), two second writers refused so far.
+#[cfg(test)]
+pub(super) fn sample_pool() -> PoolStatus {
+    use crate::db::MemberStatus;
+    let member = |name: &str, role: Role, lag, routed_by: Vec<String>| MemberStatus {
+        name: name.into(),
+        address: "198.19.1.21:3306".into(),
+        health: HealthStatus::Up,
+        role,
+        read_only: Some(role != Role::Primary),
+        server_id: Some(1),
+        replication: None,
+        lag_seconds: lag,
+        routed_by,
+        last_check: Some("ok".into()),
+    };
+    PoolStatus {
+        name: "db".into(),
+        write_service: "db-write".into(),
+        write_vip: "198.18.0.20:3306".into(),
+        read_service: "db-read".into(),
+        read_vip: "198.18.0.21:3306".into(),
+        primary: Some("db1".into()),
+        writer: Some("db1".into()),
+        readers: vec!["db2".into()],
+        conflicts: 2,
+        max_lag_ms: 5000,
+        auto_failover_ms: None,
+        promoting: false,
+        last_event: None,
+        members: vec![
+            member("db1", Role::Primary, None, vec!["db-write".into()]),
+            member("db2", Role::Replica, Some(3), vec!["db-read".into()]),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::MemberStatus;
 
     #[test]
     fn a_pool_shows_roles_lag_and_routing() {
-        let member = |name: &str, role: Role, lag, routed_by: Vec<String>| MemberStatus {
-            name: name.into(),
-            address: "198.19.1.21:3306".into(),
-            health: HealthStatus::Up,
-            role,
-            read_only: Some(role != Role::Primary),
-            server_id: Some(1),
-            replication: None,
-            lag_seconds: lag,
-            routed_by,
-            last_check: Some("ok".into()),
-        };
-        let pool = PoolStatus {
-            name: "db".into(),
-            write_service: "db-write".into(),
-            write_vip: "198.18.0.20:3306".into(),
-            read_service: "db-read".into(),
-            read_vip: "198.18.0.21:3306".into(),
-            primary: Some("db1".into()),
-            writer: Some("db1".into()),
-            readers: vec!["db2".into()],
-            conflicts: 2,
-            max_lag_ms: 5000,
-            auto_failover_ms: None,
-            promoting: false,
-            last_event: None,
-            members: vec![
-                member("db1", Role::Primary, None, vec!["db-write".into()]),
-                member("db2", Role::Replica, Some(3), vec!["db-read".into()]),
-            ],
-        };
         let mut registry = Registry::default();
-        register(&mut registry, &[pool]);
+        register(&mut registry, &[sample_pool()]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for line in [

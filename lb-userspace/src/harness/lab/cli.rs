@@ -13,11 +13,13 @@ use signal_hook::{
 };
 
 use super::{
-    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, HTTPS_PORT, LB_BACK, LB_FRONT, Lab, SITE_NAME,
-    UDP_PORT, VIP, WEB_NAMES, down, http_get, lab_config, vip_http, web_addr,
+    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, HTTPS_PORT, LB_BACK, LB_FRONT, Lab,
+    MONITORING_LISTEN, SITE_DENIED, SITE_NAME, UDP_PORT, VIP, WEB_NAMES, down, http_get,
+    site_config, vip_http, web_addr,
 };
 use crate::{
     config::Forwarding,
+    control::Request,
     harness::netns::{self, in_netns},
 };
 
@@ -46,16 +48,22 @@ pub enum LabCommand {
         prefix: String,
     },
     /// Build the lab, balance requests through the agent in NAT then DSR
-    /// mode, report which server answered each, and remove the lab
+    /// mode (HTTP, HTTPS, health checks, the status page, the firewall),
+    /// run the database tier through a failover, then the LB failover act
+    /// (two LBs behind a BGP/ECMP router, one dies while a connection
+    /// runs); report what answered each request, and remove the lab
     Demo {
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
         /// New TCP connections to make per mode
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=10_000))]
         requests: u32,
-        /// Then a failover act: two LBs behind a BGP/ECMP router, one of
-        /// them dies while a connection runs
+        /// Skip the LB failover act (it needs BIRD)
         #[arg(long)]
+        no_failover: bool,
+        /// The LB failover act runs by default now; kept so that older
+        /// command lines still work
+        #[arg(long, hide = true, conflicts_with = "no_failover")]
         failover: bool,
     },
 }
@@ -97,11 +105,12 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         LabCommand::Demo {
             prefix,
             requests,
-            failover,
+            no_failover,
+            failover: _,
         } => {
             teardown_on_signal(&prefix)?;
             demo(&prefix, requests)?;
-            if failover {
+            if !no_failover {
                 demo_failover(&prefix)?;
             }
             Ok(())
@@ -163,8 +172,10 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
 /// config per LB written (consistent hashing: `maglev`),
 /// and how to start the agents.
 fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
-    let lab = Lab::up_ha_detached(prefix, &current_lb()?, lbs)?;
+    let mut lab = Lab::up_ha_detached(prefix, &current_lb()?, lbs)?;
     lab.set_mode(mode)?;
+    lab.start_databases()
+        .context("starting the lab's databases (db1..db3)")?;
     let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
     let pid_file = lab.run_dir().join("servers.pid");
     fs::write(&pid_file, pids.join("\n") + "\n")
@@ -187,7 +198,7 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     );
     for n in 1..=lbs {
         let config = lab.lb_dir(n).join("lb.toml");
-        fs::write(&config, lab.ha_config(n, mode, "maglev", 0))
+        fs::write(&config, lab.ha_site_config(n, mode))
             .with_context(|| format!("writing {}", config.display()))?;
         println!(
             "  {}: lb-front {}/24, VIP on lo, BIRD socket {}\n    start its agent: {lb} run --netns {} --config {} --socket {} --pin-dir {}",
@@ -200,9 +211,21 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
             lab.pin_dir_of(n).display()
         );
     }
+    super::db_demo::print_databases(&lab);
     println!(
-        "  then: ip netns exec {} ip route show {VIP}   (one next hop per LB announcing)\n  remove it: {lb} lab down --prefix {prefix}",
-        lab.router_ns()
+        "  services on every LB: tcp {VIP}:80 and tcp {VIP}:443 (TLS passed through), maglev over web1..web3, \
+         HTTP health checks; lb1 (the webs' and the databases' gateway) also runs the pool; \
+         firewall: {SITE_DENIED} denied, 1000 new flows/s per /24"
+    );
+    println!(
+        "  monitoring: status page http://{MONITORING_LISTEN}/ inside each LB's namespace (pools, BGP sessions, active flows)"
+    );
+    println!(
+        "  then: ip netns exec {} ip route show {VIP}   (one next hop per LB announcing)\n  \
+         ip netns exec {} curl -X POST http://{VIP}/visits   (the webs write to the database through lb1)\n  \
+         remove it: {lb} lab down --prefix {prefix}",
+        lab.router_ns(),
+        lab.client_ns()
     );
     lab.keep();
     Ok(())
@@ -214,7 +237,7 @@ fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
         .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
         let pool = super::pool_config(&lab.run_dir(), Some("5s"));
-        fs::write(path, lab_config(*mode) + &pool)
+        fs::write(path, site_config(*mode) + &pool)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(configs)
@@ -285,6 +308,16 @@ fn print_instructions(
         lab.ca_path().display()
     );
     super::db_demo::print_databases(lab);
+    println!(
+        "  health: every web checked over HTTP on :80 every 1 s (out after 2 failures, back after 2 passes)"
+    );
+    println!(
+        "  monitoring: status page http://{MONITORING_LISTEN}/ and /metrics inside {} (a browser or curl under ip netns exec)",
+        lab.lb_ns()
+    );
+    println!(
+        "  firewall: new flows from {SITE_DENIED} denied; at most 1000 new flows/s per /24 (lb firewall show)"
+    );
     println!("  logs and configs: {}", lab.run_dir().display());
     println!();
     println!("Try it:");
@@ -304,6 +337,7 @@ fn print_instructions(
         lab.ca_path().display()
     );
     println!("               {lb} status --socket {}", socket.display());
+    println!("               ip netns exec {p}-lb curl -s http://{MONITORING_LISTEN}/metrics");
     println!(
         "               ip netns exec {p}-client curl -X POST http://{VIP}/visits   (then GET: reads)"
     );
@@ -424,7 +458,7 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
     println!();
     println!("== {name}: starting the agent");
     lab.set_mode(mode)?;
-    let agent = lab.start_agent(&lab_config(mode))?;
+    let agent = lab.start_agent(&site_config(mode))?;
     println!(
         "== {name}: {requests} new TCP connections to http://{VIP}/ from {}",
         lab.client_ns()
@@ -437,6 +471,7 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
     })?;
     let mut problems = summarize(name, &answers);
     problems.extend(demo_https(lab, name));
+    problems.extend(demo_watch(lab, name));
     agent
         .stop()
         .with_context(|| format!("stopping the agent ({name})"))?;
@@ -444,6 +479,71 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
     // the next mode starts from a fresh one.
     lab.remove_dataplane()?;
     Ok(problems)
+}
+
+/// What an operator sees of the mode: the monitoring listener's status
+/// (as the status page shows it) and the firewall's answer for a client of
+/// the denied network (`lb explain`); the problems seen.
+fn demo_watch(lab: &Lab, mode: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let listen: std::net::SocketAddr = match MONITORING_LISTEN.parse() {
+        Ok(a) => a,
+        Err(e) => return vec![format!("{mode}: monitoring address: {e}")],
+    };
+    match in_netns(&lab.lb_ns(), || http_get(listen, "/status.json")) {
+        Ok(Ok(r)) if r.status == 200 => {
+            match serde_json::from_slice::<crate::control::Status>(&r.body) {
+                Ok(st) => {
+                    let backends: Vec<_> = st.services.iter().flat_map(|s| &s.backends).collect();
+                    let up = backends
+                        .iter()
+                        .filter(|b| b.health == crate::control::HealthStatus::Up)
+                        .count();
+                    let active: u64 = backends.iter().map(|b| b.active).sum();
+                    println!(
+                        "== {mode}: status page http://{MONITORING_LISTEN}/ (in {}): {} services, {up} of {} backends up (HTTP checks), {active} active flows",
+                        lab.lb_ns(),
+                        st.services.len(),
+                        backends.len()
+                    );
+                    if up != backends.len() {
+                        problems.push(format!("{mode}: {up} of {} backends up", backends.len()));
+                    }
+                }
+                Err(e) => problems.push(format!("{mode}: status.json: {e}")),
+            }
+        }
+        Ok(Ok(r)) => problems.push(format!("{mode}: status.json answered {}", r.status)),
+        Ok(Err(e)) | Err(e) => problems.push(format!("{mode}: status.json: {e:#}")),
+    }
+    let denied = SITE_DENIED.replace(".0/24", ".7:40000");
+    let explain = Request::Explain {
+        client: denied.clone(),
+        service: format!("{VIP}:{}/tcp", super::HTTP_PORT),
+    };
+    match crate::control::request(&lab.agent_socket(), &explain) {
+        Ok(r) => {
+            // The line of the explanation that says what the firewall does.
+            let verdict = r
+                .message
+                .lines()
+                .find(|l| l.contains("firewall"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            println!(
+                "== {mode}: firewall: a new flow from {denied} (denied network {SITE_DENIED}): {verdict}"
+            );
+            if !verdict.contains("drop_firewall_deny") {
+                problems.push(format!(
+                    "{mode}: the firewall does not deny {denied}: {}",
+                    r.message
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("{mode}: lb explain: {e:#}")),
+    }
+    problems
 }
 
 /// Three HTTPS requests through the VIP with curl, verified against the lab
@@ -553,6 +653,44 @@ mod tests {
             .iter()
             .map(|n| (!n.is_empty()).then(|| (*n).to_owned()))
             .collect()
+    }
+
+    /// What `lb lab up` writes and prints and the demo runs is the whole
+    /// site, its weaknesses answered: every service health-checked, the
+    /// monitoring listener, a firewall; `lb lab up` adds the database pool
+    /// (and the repository's sample config has all of it too).
+    #[test]
+    fn the_lab_site_config_has_checks_monitoring_and_a_firewall() {
+        let sample = include_str!("../../../../config/foobar.toml");
+        let configs = [
+            (site_config(Forwarding::Nat), false),
+            (site_config(Forwarding::Dsr), false),
+            (sample.to_owned(), true),
+        ];
+        for (text, with_pool) in configs {
+            let cfg = crate::config::parse(&text, Path::new("lab.toml")).expect("valid");
+            assert!(cfg.monitoring.is_some(), "{text}");
+            assert!(!cfg.firewall.deny.is_empty(), "{text}");
+            assert!(cfg.firewall.rate_limit.is_some(), "{text}");
+            // A pool's services are checked by the pool (MySQL checks).
+            let pooled = |name: &str| {
+                cfg.pools
+                    .iter()
+                    .any(|p| p.write_service() == name || p.read_service() == name)
+            };
+            for svc in cfg.services.iter().filter(|s| !pooled(&s.name)) {
+                assert!(
+                    svc.backends.iter().all(|b| svc.health_for(b).is_some()),
+                    "{} has an unchecked backend",
+                    svc.name
+                );
+            }
+            let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+            for wanted in ["www", "www-udp", "www-tls"] {
+                assert!(names.contains(&wanted), "{names:?}");
+            }
+            assert_eq!(!cfg.pools.is_empty(), with_pool, "{text}");
+        }
     }
 
     #[test]

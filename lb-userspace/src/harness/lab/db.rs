@@ -110,6 +110,17 @@ pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
 }
 
 impl Lab {
+    /// The LB that is the databases' gateway and holds the DB VIPs: the
+    /// lab's LB, or lb1 of a multi-LB lab (the webs' gateway too, so their
+    /// database traffic and its NAT replies cross it).
+    pub fn db_gateway_ns(&self) -> String {
+        if self.lbs() == 0 {
+            self.lb_ns()
+        } else {
+            self.lb_ns_of(1)
+        }
+    }
+
     /// Namespace of database `n` (1-based).
     pub fn db_ns(&self, n: usize) -> String {
         format!("{}-db{n}", self.prefix)
@@ -187,7 +198,7 @@ impl Lab {
 
     fn build_db_topology(&self) -> anyhow::Result<()> {
         let sw = self.sw_ns();
-        let lb = self.lb_ns();
+        let lb = self.db_gateway_ns();
         netns::add_addr(&lb, "lb-back", &format!("{DB_GATEWAY}/24"))?;
         netns::add_addr(&lb, "lo", &format!("{WRITE_VIP}/32"))?;
         netns::add_addr(&lb, "lo", &format!("{READ_VIP}/32"))?;
@@ -328,7 +339,7 @@ impl Lab {
         self.children.push(child);
         let addr = SocketAddr::V4(SocketAddrV4::new(db_addr(n), DB_PORT));
         let deadline = Instant::now() + DB_READY_TIMEOUT;
-        while !in_netns(&self.lb_ns(), || {
+        while !in_netns(&self.db_gateway_ns(), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
         })? {
             if Instant::now() > deadline {

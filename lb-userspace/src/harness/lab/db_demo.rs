@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::{DB_NAMES, Lab, READ_VIP, VIP, WRITE_VIP, db_addr, lab_config, pool_config, vip_http};
+use super::{DB_NAMES, Lab, READ_VIP, VIP, WRITE_VIP, db_addr, pool_config, site_config, vip_http};
 use crate::{
     config::Forwarding,
     control::{self, Request, Status},
@@ -50,7 +50,7 @@ pub(super) fn demo_databases(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     println!("== database tier: starting db1 (primary), db2 and db3 (replicas)");
     lab.start_databases()?;
     lab.set_mode(Forwarding::Nat)?;
-    let config = lab_config(Forwarding::Nat) + &pool_config(&lab.run_dir(), Some("1s"));
+    let config = site_config(Forwarding::Nat) + &pool_config(&lab.run_dir(), Some("1s"));
     let agent = lab.start_agent(&config)?;
     let mut problems = Vec::new();
     let pool = wait_for_pool(lab, |p| {

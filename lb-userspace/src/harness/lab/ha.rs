@@ -28,7 +28,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::{AgentProcess, AgentSite, CLIENT_BACK, Lab, VIP, WEB_NAMES, web_addr};
+use super::{
+    AgentProcess, AgentSite, CLIENT_BACK, HTTPS_PORT, Lab, MONITORING_LISTEN, SITE_DENIED, VIP,
+    WEB_NAMES, web_addr,
+};
 use crate::{
     announce::{self, Withdrawn},
     config::Forwarding,
@@ -164,6 +167,7 @@ impl Lab {
         };
         format!(
             "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{}\"\n\n\
+             [monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n\n\
              [announce]\nbird-socket = \"{}\"\ninclude = \"{}\"\nmed = {med}\n\n\
              [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\nscheduler = \"{scheduler}\"\n\
              health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
@@ -173,6 +177,34 @@ impl Lab {
             self.include_of(n).display(),
             backends(80),
         )
+    }
+
+    /// The whole site on LB `n` for `lb lab up --lbs N`: [`Lab::ha_config`]
+    /// (consistent hashing, health checks, monitoring, the announcement)
+    /// with HTTPS passed through, the site's firewall, and on lb1 — the
+    /// webs' and the databases' gateway — the database pool.
+    pub fn ha_site_config(&self, n: usize, mode: Forwarding) -> String {
+        let tls = (1..=WEB_NAMES.len())
+            .map(|w| {
+                format!(
+                    "{{ address = \"{}:{HTTPS_PORT}\", name = \"web{w}\" }}",
+                    web_addr(w)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut toml = self.ha_config(n, mode, "maglev", 0);
+        toml.push_str(&format!(
+            "\n[[service]]\nname = \"www-tls\"\nvip = \"{VIP}:{HTTPS_PORT}\"\nscheduler = \"maglev\"\n\
+             health = {{ check = \"http\", port = 80, path = \"/\", interval = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
+             backends = [ {tls} ]\n\n\
+             [firewall]\ndeny = [\"{SITE_DENIED}\"]\n\
+             rate-limit = {{ new-flows-per-second = 1000, burst = 2000, per = \"/24\" }}\n"
+        ));
+        if n == 1 {
+            toml.push_str(&super::pool_config(&self.run_dir(), Some("5s")));
+        }
+        toml
     }
 
     /// The include file LB `n`'s agent writes and its BIRD reads.

@@ -73,6 +73,9 @@ pub const CLIENT_BACK: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 pub const ECHO_PORT: u16 = 2222;
 /// Web server names, in config (and round-robin) order.
 pub const WEB_NAMES: [&str; 3] = ["web1", "web2", "web3"];
+/// The agents' monitoring listener (status page, /metrics) in the labs'
+/// configs: loopback of the LB's namespace.
+pub const MONITORING_LISTEN: &str = "127.0.0.1:9100";
 /// The prefix the CLI uses when none is given.
 pub const DEFAULT_PREFIX: &str = "foobar";
 
@@ -113,9 +116,38 @@ pub fn run_dir(prefix: &str) -> PathBuf {
 /// on VIP:5353 and a TCP service on VIP:443 (HTTPS, passed through to the
 /// web servers), each round robin over web1..web3 in that order.
 pub fn lab_config(mode: Forwarding) -> String {
+    web_services(mode, "", "")
+}
+
+/// The health check of the site's web services: HTTP on the webs' port 80
+/// (the UDP and HTTPS services too: a web that stops answering HTTP leaves
+/// every rotation).
+const SITE_HEALTH: &str = "health = { check = \"http\", port = 80, path = \"/\", interval = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }\n";
+
+/// A network the site's firewall denies (TEST-NET-3, standing for a
+/// known-bad network).
+pub const SITE_DENIED: &str = "203.0.113.0/24";
+
+/// The whole www.foobar.com as `lb lab up` and the demo run it, its
+/// weaknesses answered: the services of [`lab_config`] each health-checked,
+/// the monitoring listener (status page, /metrics), and a firewall (a
+/// denied network, a per-/24 limit on new flows). `lb lab up` adds the
+/// database pool ([`pool_config`]); `--lbs N` has its own ([`Lab::ha_config`]).
+pub fn site_config(mode: Forwarding) -> String {
+    let tables = format!(
+        "\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n\n\
+         [firewall]\ndeny = [\"{SITE_DENIED}\"]\n\
+         rate-limit = {{ new-flows-per-second = 1000, burst = 2000, per = \"/24\" }}\n"
+    );
+    web_services(mode, SITE_HEALTH, &tables)
+}
+
+/// `[dataplane]`, then `tables` (TOML tables, or empty), then the three
+/// web services with `health` (a line, or empty) in each.
+fn web_services(mode: Forwarding, health: &str, tables: &str) -> String {
     let forwarding = mode.name();
     let mut toml = format!(
-        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n"
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n{tables}"
     );
     for (name, protocol, port) in [
         ("www", "tcp", HTTP_PORT),
@@ -134,7 +166,7 @@ pub fn lab_config(mode: Forwarding) -> String {
         // Writing to a String cannot fail.
         let _ = write!(
             toml,
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {backends} ]\n"
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\n{health}backends = [ {backends} ]\n"
         );
     }
     toml

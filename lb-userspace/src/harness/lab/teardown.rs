@@ -46,12 +46,13 @@ pub(crate) fn namespace_names(prefix: &str) -> Vec<String> {
 }
 
 /// The namespaces of a multi-LB lab with `lbs` LBs: the client, the
-/// router, lb1..lbN, the switch and the webs.
+/// router, lb1..lbN, the switch, the webs and (if started) the databases.
 pub(crate) fn ha_namespace_names(prefix: &str, lbs: usize) -> Vec<String> {
     let mut names = vec![format!("{prefix}-client"), format!("{prefix}-router")];
     names.extend((1..=lbs).map(|n| format!("{prefix}-lb{n}")));
     names.push(format!("{prefix}-sw"));
     names.extend(WEB_NAMES.iter().map(|web| format!("{prefix}-{web}")));
+    names.extend(DB_NAMES.iter().map(|db| format!("{prefix}-{db}")));
     names
 }
 

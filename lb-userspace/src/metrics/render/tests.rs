@@ -23,6 +23,7 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         backup: name == "web3",
         admin,
         health,
+        pool_role: None,
         last_check: Some("ok".into()),
         last_check_at_ms: Some(1_700_000_000_500),
         last_check_us: Some(1_250),
@@ -342,7 +343,7 @@ fn grafana_dashboard_queries_only_exported_metrics() {
 
     let probes = ProbeLatency::default();
     probes.observe("www", "web1", Duration::from_millis(1));
-    let exported: BTreeSet<String> = samples(&render(&snapshot(), &probes))
+    let exported: BTreeSet<String> = samples(&render(&full_site(), &probes))
         .into_iter()
         .map(|(n, _, _)| n)
         .collect();
@@ -369,6 +370,48 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         missing.is_empty(),
         "the dashboard queries metrics lb does not export: {missing:?}"
     );
+    // The panels beyond the web tier: active flows, the pool (roles, lag,
+    // routing, writers and second writers) and the announcement.
+    for wanted in [
+        "lb_backend_active_flows",
+        "lb_db_member_role",
+        "lb_db_member_up",
+        "lb_db_member_routed",
+        "lb_db_replica_lag_seconds",
+        "lb_db_pool_has_writer",
+        "lb_db_second_writers_total",
+        "lb_vip_announced",
+        "lb_bird_protocol_up",
+        "lb_announce_error",
+    ] {
+        assert!(used.contains(wanted), "no dashboard panel queries {wanted}");
+    }
+}
+
+/// A snapshot of the whole site: the web tier, a database pool and the
+/// BGP announcement, so every family the dashboard may query is present.
+fn full_site() -> Status {
+    use crate::announce::{BirdProtocol, BirdView, VipPlan};
+    let mut status = snapshot();
+    status.pools = vec![crate::metrics::db::sample_pool()];
+    status.announce = Some(crate::control::AnnounceStatus {
+        vips: vec![VipPlan {
+            vip: "198.18.0.10".parse().expect("vip"),
+            announced: true,
+            reason: "serving".into(),
+        }],
+        bird: Some(BirdView {
+            protocols: vec![BirdProtocol {
+                name: "router".into(),
+                proto: "BGP".into(),
+                state: "up".into(),
+                info: "Established".into(),
+            }],
+            exported: BTreeMap::new(),
+        }),
+        ..Default::default()
+    });
+    status
 }
 
 #[test]
