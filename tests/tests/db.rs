@@ -338,8 +338,7 @@ fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
 #[test]
 fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Result<()> {
     let lab = lab_with_databases()?;
-    let monitoring = format!("\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n");
-    let agent = lab.start_agent(&(config(&lab, None) + &monitoring))?;
+    let agent = lab.start_agent(&monitored(config(&lab, None)))?;
     let check = || -> Result<()> {
         wait_for_status(
             &lab,
@@ -515,6 +514,13 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
 }
 
 /// `lb reload` of `text` written as the lab's config.
+/// The first scenario's agent also serves the status page: its config and
+/// every reload of it carry the `[monitoring]` table (a changed listener
+/// needs a restart, so a reload without it is refused).
+fn monitored(config: String) -> String {
+    format!("{config}\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n")
+}
+
 fn reload(lab: &Lab, text: &str) -> Result<lb_userspace::control::Response> {
     std::fs::write(lab.run_dir().join("lb.toml"), text)?;
     ask(lab, &Request::Reload)
@@ -593,7 +599,10 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
     );
 
     // The config's way: the database only from the web servers.
-    let only_webs = format!("{}allow-from = [\"198.19.0.0/24\"]\n", config(lab, None));
+    let only_webs = monitored(format!(
+        "{}allow-from = [\"198.19.0.0/24\"]\n",
+        config(lab, None)
+    ));
     let r = reload(lab, &only_webs)?;
     ensure!(r.ok, "reload with allow-from: {}", r.message);
     let (w, r) = client_db(lab)?;
@@ -605,7 +614,7 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
     println!(
         "[[pool]] allow-from = [\"198.19.0.0/24\"]: client refused on both VIPs, /visits work"
     );
-    let r = reload(lab, &config(lab, None))?;
+    let r = reload(lab, &monitored(config(lab, None)))?;
     ensure!(r.ok, "reload back: {}", r.message);
     Ok(())
 }
@@ -614,7 +623,7 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
 /// and the running login stays (writes go on); a right new one is
 /// accepted.
 fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
-    let good = config(lab, None);
+    let good = monitored(config(lab, None));
     let password_file = admin_password_file(&run_dir(lab.prefix()));
     let file_key = format!("password-file = \"{}\"", password_file.display());
     ensure!(good.contains(&file_key), "{good}");
@@ -659,11 +668,11 @@ fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
 /// client network must not swallow the database VIPs.
 fn visits_in_dsr(lab: &Lab) -> Result<()> {
     lab.set_mode(Forwarding::Dsr)?;
-    let dsr = config(lab, None).replacen(
+    let dsr = monitored(config(lab, None).replacen(
         "scheduler = \"round-robin\"\n",
         "scheduler = \"round-robin\"\nforwarding = \"dsr\"\n",
         1,
-    );
+    ));
     ensure!(dsr.contains("forwarding = \"dsr\""), "{dsr}");
     let r = reload(lab, &dsr)?;
     ensure!(r.ok, "reload in DSR: {}", r.message);
