@@ -319,15 +319,20 @@ fn finish(
     Ok(log)
 }
 
-fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
-    let r = ask(
+/// `lb db promote db MEMBER`'s answer, whatever it is.
+fn ask_promote(lab: &Lab, member: &str, force: bool) -> Result<lb_userspace::control::Response> {
+    ask(
         lab,
         &Request::Db(DbCommand::Promote {
             pool: "db".into(),
             member: member.into(),
             force,
         }),
-    )?;
+    )
+}
+
+fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
+    let r = ask_promote(lab, member, force)?;
     ensure!(r.ok, "promote {member}: {}", r.message);
     Ok(r.message)
 }
@@ -470,6 +475,17 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
     check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
 }
 
+/// `r` is a refusal whose message says every one of `needles`.
+fn refused_with(r: &lb_userspace::control::Response, needles: &[&str]) -> Result<()> {
+    ensure!(
+        !r.ok && needles.iter().all(|n| r.message.contains(n)),
+        "expected a refusal saying {needles:?}: ok {}: {}",
+        r.ok,
+        r.message
+    );
+    Ok(())
+}
+
 /// `lb reload` of `text` written as the lab's config.
 fn reload(lab: &Lab, text: &str) -> Result<lb_userspace::control::Response> {
     std::fs::write(lab.run_dir().join("lb.toml"), text)?;
@@ -578,13 +594,7 @@ fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
         "reload with a wrong database password: ok {}: {}",
         r.ok, r.message
     );
-    ensure!(
-        !r.ok
-            && r.message.contains("pool[0].health.password:")
-            && r.message.contains("Access denied"),
-        "{}",
-        r.message
-    );
+    refused_with(&r, &["pool[0].health.password:", "Access denied"])?;
     // Longer than the fall window: the running login still works.
     thread::sleep(FALL_WINDOW * 2);
     let s = status(lab)?;
@@ -655,17 +665,21 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let stop_reads = Arc::new(AtomicBool::new(false));
         let read_log = read_loop(&lab, Arc::clone(&stop_reads));
         thread::sleep(Duration::from_millis(1500));
-        // db3 stops receiving first, so db2 is the most caught-up replica
-        // when db1 dies (otherwise which of them got db1's last event is a
-        // race, and db3 could not follow a db2 that lacks it: `lb db
-        // promote` compares lag, not what each replica received).
+        // db3 stops receiving first, so the last events before the crash
+        // reach db2 only: db2 holds the most complete history.
         lab.db_admin(3, "STOP SLAVE IO_THREAD")?;
+        thread::sleep(Duration::from_millis(300));
         let killed_at = started.elapsed();
         lab.kill_db(1)?;
         let lost = wait_for_status(&lab, "no writer once db1 is down", FALL_WINDOW * 2, |s| {
             pool(s).is_ok_and(|p| p.writer.is_none())
         })?;
         println!("db1 killed: the write service stopped routing to it after {lost:?}");
+        // db3 lacks what db2 received: promoting it is refused, naming
+        // what would be lost.
+        let r = ask_promote(&lab, "db3", false)?;
+        println!("lb db promote db db3 (db2 received more): {}", r.message);
+        refused_with(&r, &["lacks transactions", "db2 has up to"])?;
         let msg = promote(&lab, "db2", false)?;
         println!("lb db promote db db2: {msg}");
         // db3 rejoins the reads once it has caught up with db2 (rise 2).
@@ -906,14 +920,7 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
         wait_for_status(&lab, "db3 out of reads", FALL_WINDOW * 2, |s| {
             routed(s, Some("db1"), &["db2"])
         })?;
-        let r = ask(
-            &lab,
-            &Request::Db(DbCommand::Promote {
-                pool: "db".into(),
-                member: "db3".into(),
-                force: false,
-            }),
-        )?;
+        let r = ask_promote(&lab, "db3", false)?;
         println!("lb db promote db db3 (replication stopped): {}", r.message);
         assert!(
             !r.ok && r.message.contains("replication is stopped"),

@@ -10,6 +10,7 @@
 //! the members first ([`vet_new_logins`]): a typo must not take the write
 //! VIP to nobody.
 
+pub mod gtid;
 pub mod ops;
 pub mod state;
 
@@ -44,7 +45,9 @@ pub enum DbCommand {
     /// Make MEMBER the primary of POOL: stop its replication, make it
     /// writable, point the other members at it by GTID; writes switch to it
     /// and flows to the old primary are dropped. Refuses a lagging,
-    /// stopped or unreachable candidate unless --force.
+    /// stopped or unreachable candidate, and one that lacks transactions
+    /// another reachable replica holds, unless --force (which then says
+    /// what is lost).
     Promote {
         pool: String,
         member: String,
@@ -305,8 +308,21 @@ impl Pools {
                 });
             }
         }
-        if let Some(state) = self.states.get(pool)
-            && let Some(candidate) = state.failover_due(Instant::now())
+        let due = self
+            .states
+            .get(pool)
+            .and_then(|s| s.failover_due(Instant::now()));
+        if let Some(Err(why)) = due {
+            // Said once per reason, not at every probe.
+            let msg = format!("automatic failover of pool {pool} withheld: {why}");
+            if let Some(state) = self.states.get_mut(pool)
+                && state.last_event.as_ref() != Some(&msg)
+            {
+                error!("{msg}");
+                state.last_event = Some(msg);
+            }
+        } else if let Some(Ok(candidate)) = due
+            && let Some(state) = self.states.get(pool)
         {
             warn!(
                 pool = %pool,

@@ -7,6 +7,7 @@ use std::{net::SocketAddrV4, time::Duration};
 
 use mysql_async::{Conn, prelude::Queryable};
 
+use super::gtid;
 use crate::{
     config::{MysqlLogin, PoolMember},
     health::mysql::{self, Observation},
@@ -88,6 +89,27 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
         }
     }
 
+    // Without a reachable old primary to catch up with, the candidate must
+    // hold what every reachable replica holds: a replica that received
+    // more could not follow it (error 1236) and its extra transactions
+    // would be lost.
+    let mut forced_loss = None;
+    if fenced_old.is_none() {
+        let short = shortfall(plan, &state).await?;
+        if !short.is_empty() {
+            let what = short.join("; ");
+            if !plan.force {
+                return Err(format!(
+                    "{} lacks transactions that reachable replicas hold ({what}): promoting it \
+                     would lose them and leave those replicas unable to replicate from it; \
+                     promote the most complete replica, or use --force to lose them",
+                    c.name
+                ));
+            }
+            forced_loss = Some(what);
+        }
+    }
+
     for sql in ["STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0"] {
         exec(&mut conn, sql)
             .await
@@ -121,7 +143,38 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
     if !unreachable.is_empty() {
         msg.push_str(&format!("; not re-pointed: {}", unreachable.join(", ")));
     }
+    if let Some(lost) = forced_loss {
+        msg.push_str(&format!(
+            "; forced: lost what it lacked ({lost}): those replicas cannot follow it until rebuilt"
+        ));
+    }
     Ok(msg)
+}
+
+/// What the candidate (observed as `candidate`) lacks of each reachable
+/// replica among the plan's other members, observed now, all at once.
+async fn shortfall(plan: &PromotePlan, candidate: &Observation) -> Result<Vec<String>, String> {
+    let have = gtid::history(candidate).map_err(|e| format!("{}: {e}", plan.candidate.name))?;
+    let mut looks = tokio::task::JoinSet::new();
+    for other in plan.others.iter().cloned() {
+        let (login, timeout) = (plan.login.clone(), plan.timeout);
+        looks.spawn(async move {
+            let seen = mysql::observe(other.address, &login, timeout).await;
+            (other.name, seen)
+        });
+    }
+    let mut peers = Vec::new();
+    while let Some(done) = looks.join_next().await {
+        // An unreachable member holds nothing it could hand on.
+        if let Ok((name, Ok(o))) = done
+            && o.replication.is_some()
+        {
+            let h = gtid::history(&o).map_err(|e| format!("{name}: {e}"))?;
+            peers.push((name, h));
+        }
+    }
+    peers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(gtid::shortfall(&plan.candidate.name, &have, &peers))
 }
 
 /// Refuses a candidate that is not a replica applying its relay log,

@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use super::gtid;
 use crate::{
     config::Pool,
     health::{Counter, Health, mysql::Observation},
@@ -280,38 +281,63 @@ impl PoolState {
     }
 
     /// The replica to promote: reachable, replicating from someone (SQL
-    /// thread running), the most transactions applied.
-    pub fn best_replica(&self) -> Option<String> {
-        self.pool
+    /// thread running), and holding the most complete GTID history of the
+    /// reachable replicas (what it applied and what it received: the
+    /// others must be able to follow it); ties go to the first in config
+    /// order. Members without replication (a former primary kept out) do
+    /// not count. `Err`: no candidate holds everything the other replicas
+    /// have (promoting any would lose transactions), and why.
+    pub fn best_replica(&self) -> Result<String, String> {
+        let reachable: Vec<(&str, &Observation)> = self
+            .pool
             .members
             .iter()
             .filter_map(|m| {
                 let s = self.members.get(&m.name)?;
-                let o = s.last.as_ref()?;
-                let r = o.replication.as_ref()?;
-                (s.up.up() && o.read_only && r.sql_running).then(|| (o.applied(), m.name.clone()))
+                let o = s.last.as_ref().filter(|_| s.up.up())?;
+                (o.read_only && o.replication.is_some()).then_some((m.name.as_str(), o))
             })
-            // Ties go to the first in config order.
-            .fold(
-                None,
-                |best: Option<(u64, String)>, (applied, name)| match best {
-                    Some((b, _)) if b >= applied => best,
-                    _ => Some((applied, name)),
-                },
-            )
-            .map(|(_, name)| name)
+            .collect();
+        let mut histories = Vec::new();
+        for (name, o) in &reachable {
+            let h = gtid::history(o).map_err(|e| format!("{name}: {e}"))?;
+            histories.push(((*name).to_owned(), h));
+        }
+        let candidates: Vec<(String, gtid::Position)> = reachable
+            .iter()
+            .zip(&histories)
+            .filter(|((_, o), _)| o.replication.as_ref().is_some_and(|r| r.sql_running))
+            .map(|(_, h)| h.clone())
+            .collect();
+        if candidates.is_empty() {
+            return Err("no reachable replica with its SQL thread running".to_owned());
+        }
+        let mut why = Vec::new();
+        for (name, pos) in &candidates {
+            let short = gtid::shortfall(name, pos, &histories);
+            if short.is_empty() {
+                return Ok(name.clone());
+            }
+            why.extend(short);
+        }
+        Err(format!(
+            "no replica holds every transaction the reachable members have ({}): \
+             promote one by hand with --force",
+            why.join("; ")
+        ))
     }
 
     /// The member an automatic failover should promote now, if one is due:
     /// the pool opted in, its primary has had no writer for
-    /// `auto-failover`, and no promotion is running.
-    pub fn failover_due(&self, now: Instant) -> Option<String> {
+    /// `auto-failover`, and no promotion is running. `Some(Err)`: due, but
+    /// no replica may be promoted (why).
+    pub fn failover_due(&self, now: Instant) -> Option<Result<String, String>> {
         let after = self.pool.auto_failover?;
         let since = self.writer_lost_at?;
         if self.promoting || now.duration_since(since) < after {
             return None;
         }
-        self.best_replica()
+        Some(self.best_replica())
     }
 }
 
@@ -497,8 +523,8 @@ mod tests {
         assert_eq!(s.failover_due(t0 + Duration::from_secs(1)), None);
         // db2 has applied more than db3.
         assert_eq!(
-            s.failover_due(t0 + Duration::from_secs(2)).as_deref(),
-            Some("db2")
+            s.failover_due(t0 + Duration::from_secs(2)),
+            Some(Ok("db2".to_owned()))
         );
         let o = s.promoted("db2", t0);
         assert!(o.routing_changed);
@@ -509,6 +535,33 @@ mod tests {
         assert_eq!(o.new_conflicts, ["db1"]);
         assert_eq!(s.routing.writer.as_deref(), Some("db2"));
         assert_eq!(s.health("db-write", "db1"), Some(Health::Down));
+    }
+
+    #[test]
+    fn failover_picks_the_replica_that_received_the_last_event() {
+        let t0 = Instant::now();
+        let mut s = PoolState::new(pool(true, Some(Duration::from_secs(1))), None);
+        healthy(&mut s, t0);
+        for _ in 0..2 {
+            s.record("db1", down(), t0);
+            // db2 applied more so far, but db3 received the last event:
+            // db2 could follow db3, not the other way round.
+            s.record("db2", orphan(10, 10), t0);
+            s.record("db3", orphan(9, 11), t0);
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(s.failover_due(later), Some(Ok("db3".to_owned())));
+        // Histories that diverged (a domain only db2 has): no failover.
+        let mut other_domain = orphan(10, 10);
+        if let Ok(o) = &mut other_domain {
+            o.gtid_slave_pos = "0-1-10,1-2-1".into();
+        }
+        s.record("db2", other_domain, t0);
+        let why = s.failover_due(later).expect("due").expect_err("withheld");
+        assert!(
+            why.contains("db2 has domain 1 up to 1-2-1, db3 none of it"),
+            "{why}"
+        );
     }
 
     #[test]
