@@ -787,11 +787,61 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let db1_ro = lab.db_admin(1, "SELECT @@global.read_only")?;
         ensure!(db1_ro.trim() == "1", "db1 still writable");
         println!("db1 came back writable: refused as a second writer, set read-only by the agent");
+        // Without auto-rejoin it stays out. A write straight on db1 (as
+        // its root) gives it a transaction no other member has: errant.
+        let errant = lab
+            .db_admin(
+                1,
+                &format!(
+                    "SET GLOBAL read_only = 0; INSERT INTO {VISITS_TABLE} (seq, writer, server_id) \
+                     VALUES (1, 'errant', @@server_id); SET GLOBAL read_only = 1; \
+                     SELECT @@global.gtid_binlog_pos"
+                ),
+            )?
+            .trim()
+            .to_owned();
+        let p = pool(&status(&lab)?)?;
+        ensure!(
+            p.readers == ["db2"] && p.members.iter().all(|m| m.rejoin.is_none()),
+            "db1 rejoined without auto-rejoin: {p:?}"
+        );
 
-        // 4. Automatic failover: the pool opts in (reload), db3 crashes.
-        std::fs::write(lab.run_dir().join("lb.toml"), config(&lab, Some("1s")))?;
+        // 4. Automatic failover and rejoin: the pool opts in (reload);
+        //    db1 is checked and kept out, naming its errant GTID; db3
+        //    crashes.
+        let auto = format!("{}auto-rejoin = true\n", config(&lab, Some("1s")));
+        std::fs::write(lab.run_dir().join("lb.toml"), auto)?;
         let r = ask(&lab, &Request::Reload)?;
         ensure!(r.ok, "reload: {}", r.message);
+        let errant_seen = |s: &Status| {
+            pool(s).is_ok_and(|p| {
+                p.members
+                    .iter()
+                    .any(|m| m.name == "db1" && m.errant_gtids.as_deref() == Some(errant.as_str()))
+            })
+        };
+        let took = wait_for_status(
+            &lab,
+            "db1 kept out as errant",
+            Duration::from_secs(5),
+            errant_seen,
+        )?;
+        let s = status(&lab)?;
+        println!(
+            "auto-rejoin found db1's errant transaction {errant} after {took:?}:\n{}",
+            lb_userspace::db::render(&s.pools)
+        );
+        let metrics = lb_userspace::metrics::render::render(&s, &Default::default());
+        let line =
+            format!("lb_db_member_errant_gtids{{pool=\"db\",member=\"db1\",gtids=\"{errant}\"}} 1");
+        ensure!(
+            metrics.contains(&line),
+            "{line} not in the metrics:\n{metrics}"
+        );
+        ensure!(
+            pool(&s)?.readers == ["db2"] && lab.db_admin(1, "SHOW SLAVE STATUS")?.trim().is_empty(),
+            "the errant db1 was let in"
+        );
         wait_for_status(
             &lab,
             "still db3 after reload",
@@ -835,6 +885,67 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
             seqs_on(&lab, 1, "crash")?.len() >= rows_before,
             "db1 lost rows"
         );
+        wait_for_status(
+            &lab,
+            "db1 still kept out against db2",
+            Duration::from_secs(5),
+            errant_seen,
+        )?;
+
+        // 5. db3, the crashed primary, comes back: a subset of db2's
+        //    history, it rejoins as db2's replica and serves reads. (Had
+        //    its last transaction reached its binlog but no replica before
+        //    the SIGKILL, it is errant instead: kept out and named.)
+        let back = Instant::now();
+        lab.start_db(3)?;
+        let state_of = |n: usize| -> Result<String> {
+            Ok(lab
+                .db_admin(n, "SELECT @@global.gtid_binlog_state")?
+                .trim()
+                .to_owned())
+        };
+        let own = state_of(3)?
+            .split(',')
+            .find(|g| g.starts_with("0-3-"))
+            .map(str::to_owned);
+        let on_db2 = state_of(2)?;
+        let lost = own.as_ref().is_some_and(|g| {
+            let seq = |g: &str| g.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+            let theirs = on_db2.split(',').find(|x| x.starts_with("0-3-"));
+            theirs.and_then(seq) < seq(g)
+        });
+        if lost {
+            let want = own.clone().unwrap_or_default();
+            wait_for_status(
+                &lab,
+                "db3 kept out as errant",
+                Duration::from_secs(10),
+                |s| {
+                    pool(s).is_ok_and(|p| {
+                        p.members.iter().any(|m| {
+                            m.name == "db3" && m.errant_gtids.as_deref() == Some(want.as_str())
+                        })
+                    })
+                },
+            )?;
+            println!("db3 came back holding {want}, which never reached db2: kept out (errant)");
+        } else {
+            wait_for_status(
+                &lab,
+                "db3 rejoined and reading",
+                Duration::from_secs(15),
+                |s| routed(s, Some("db2"), &["db3"]),
+            )?;
+            println!(
+                "db3 came back (its history a subset of db2's): a reader again {:?} after its restart",
+                back.elapsed()
+            );
+            writes_land_on(&lab, 50..=55, 2)?;
+            let pos = lab.db_admin(2, "SELECT @@gtid_binlog_pos")?;
+            let waited =
+                lab.db_admin(3, &format!("SELECT MASTER_GTID_WAIT('{}', 5)", pos.trim()))?;
+            ensure!(waited.trim() == "0", "db3 does not replicate from db2");
+        }
         let p = pool(&status(&lab)?)?;
         println!("{}", lb_userspace::db::render(&[p]));
         Ok(())

@@ -119,9 +119,11 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
 
     let mut repointed = Vec::new();
     let mut unreachable = Vec::new();
+    let mut kept_out = Vec::new();
     for other in &plan.others {
-        match repoint(other.address, c.address, &plan.login, plan.timeout).await {
-            Ok(()) => repointed.push(other.name.clone()),
+        match rejoin(other.address, c.address, &plan.login, plan.timeout).await {
+            Ok(errant) if errant.is_empty() => repointed.push(other.name.clone()),
+            Ok(errant) => kept_out.push(format!("{} ({})", other.name, gtid::show(&errant))),
             Err(why) => unreachable.push(format!("{} ({why})", other.name)),
         }
     }
@@ -142,6 +144,13 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
     }
     if !unreachable.is_empty() {
         msg.push_str(&format!("; not re-pointed: {}", unreachable.join(", ")));
+    }
+    if !kept_out.is_empty() {
+        msg.push_str(&format!(
+            "; kept out, holding transactions {} lacks (errant): {}",
+            c.name,
+            kept_out.join(", ")
+        ));
     }
     if let Some(lost) = forced_loss {
         msg.push_str(&format!(
@@ -218,6 +227,35 @@ async fn wait_for(conn: &mut Conn, pos: &str) -> bool {
         )
         .await;
     matches!(result, Ok(Some(0)))
+}
+
+/// Points `member` at `primary` by GTID if its history allows it: every
+/// transaction in its binlog must be in the primary's (`@@gtid_binlog_state`
+/// compared per domain and server). `Ok` with the errant GTIDs (the ones
+/// the primary lacks) if not: it is left as it is, for the operator.
+/// Empty: re-pointed (read-only, replicating). Idempotent: re-pointing a
+/// member that already replicates from `primary` only restarts it there.
+pub async fn rejoin(
+    member: SocketAddrV4,
+    primary: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Vec<gtid::Gtid>, String> {
+    let state = |address: SocketAddrV4| async move {
+        let mut conn = mysql::connect(address, login, timeout).await?;
+        let state: Option<String> = conn
+            .query_first("SELECT @@global.gtid_binlog_state")
+            .await
+            .map_err(|e| format!("mysql {address}: {}", mysql::reason(&e)))?;
+        let _ = conn.disconnect().await;
+        Ok::<_, String>(state.unwrap_or_default())
+    };
+    let (mine, theirs) = (state(member).await?, state(primary).await?);
+    let errant = gtid::errant(&mine, &theirs)?;
+    if errant.is_empty() {
+        repoint(member, primary, login, timeout).await?;
+    }
+    Ok(errant)
 }
 
 /// Points the server at `member` to replicate from `primary` by GTID.

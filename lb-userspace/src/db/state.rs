@@ -107,7 +107,67 @@ pub struct PoolState {
     pub conflicts: u64,
     /// The latest failover, fencing or adoption, for the status.
     pub last_event: Option<String>,
+    /// `auto-rejoin`: what was found or done for members that came back.
+    pub rejoin: BTreeMap<String, Rejoin>,
+    /// When the latest promotion of ours finished: members it re-pointed
+    /// may still be seen at their old source until probed again.
+    pub promoted_at: Option<Instant>,
 }
+
+/// `auto-rejoin`'s state of one member (against the primary named).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejoin {
+    /// Its history is being compared with the primary's.
+    Checking { primary: String },
+    /// Pointed at the primary by GTID (at `at`); a reader once within
+    /// `max-lag`.
+    Rejoined { primary: String, at: Instant },
+    /// Holds transactions the primary lacks: kept out. `binlog_pos` is
+    /// its position when checked (checked again if it moves).
+    Errant {
+        primary: String,
+        binlog_pos: String,
+        gtids: String,
+    },
+    /// The check or the re-pointing failed; tried again later.
+    Failed {
+        primary: String,
+        why: String,
+        at: Instant,
+    },
+}
+
+impl Rejoin {
+    fn primary(&self) -> &str {
+        match self {
+            Rejoin::Checking { primary }
+            | Rejoin::Rejoined { primary, .. }
+            | Rejoin::Errant { primary, .. }
+            | Rejoin::Failed { primary, .. } => primary,
+        }
+    }
+}
+
+impl std::fmt::Display for Rejoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejoin::Checking { primary } => write!(f, "checking its GTIDs against {primary}"),
+            Rejoin::Rejoined { primary, .. } => write!(f, "rejoined: replica of {primary}"),
+            Rejoin::Errant { primary, gtids, .. } => {
+                write!(
+                    f,
+                    "kept out: errant GTIDs {gtids} (not in {primary}'s binlog)"
+                )
+            }
+            Rejoin::Failed { primary, why, .. } => {
+                write!(f, "rejoining {primary} failed: {why}")
+            }
+        }
+    }
+}
+
+/// How long a failed rejoin waits before it is tried again.
+pub const REJOIN_RETRY: Duration = Duration::from_secs(5);
 
 impl PoolState {
     /// A pool's state; members still in `previous` (same name and
@@ -132,6 +192,8 @@ impl PoolState {
             promoting: previous.is_some_and(|p| p.promoting),
             conflicts: previous.map_or(0, |p| p.conflicts),
             last_event: previous.and_then(|p| p.last_event.clone()),
+            rejoin: previous.map(|p| p.rejoin.clone()).unwrap_or_default(),
+            promoted_at: previous.and_then(|p| p.promoted_at),
         };
         state.reroute(Instant::now());
         state
@@ -189,7 +251,61 @@ impl PoolState {
             }
         }
         self.primary = Some(member.to_owned());
+        self.promoted_at = Some(now);
         self.reroute(now)
+    }
+
+    /// The members `auto-rejoin` should check and re-point now: the pool
+    /// opted in and has a writer, no promotion runs or just finished, and
+    /// the member answers, is read-only (a writable one is fenced first)
+    /// and replicates from nobody or from another member than the
+    /// writer. One found errant is checked again only once its position
+    /// moves or the primary changes; a failed one after [`REJOIN_RETRY`].
+    /// A replica stopped by hand (still pointed at the writer) is left
+    /// alone.
+    pub fn rejoin_due(&self, now: Instant) -> Vec<String> {
+        let Some(writer) = self.routing.writer.as_deref() else {
+            return Vec::new();
+        };
+        let h = &self.pool.health;
+        let settling = h.interval * (h.rise.max(h.fall) + 1) + h.timeout;
+        if !self.pool.auto_rejoin
+            || self.promoting
+            || self
+                .promoted_at
+                .is_some_and(|t| now.duration_since(t) < settling)
+        {
+            return Vec::new();
+        }
+        let Some(source) = self.pool.member(writer).map(|m| m.address.to_string()) else {
+            return Vec::new();
+        };
+        self.pool
+            .members
+            .iter()
+            .filter(|m| m.name != writer)
+            .filter(|m| {
+                let Some(o) = self
+                    .members
+                    .get(&m.name)
+                    .filter(|s| s.up.up() && s.answered)
+                    .and_then(|s| s.last.as_ref())
+                else {
+                    return false;
+                };
+                let astray = o.replication.as_ref().is_none_or(|r| r.source != source);
+                let again = match self.rejoin.get(&m.name) {
+                    None => true,
+                    Some(r) if r.primary() != writer => true,
+                    Some(Rejoin::Checking { .. }) => false,
+                    Some(Rejoin::Rejoined { at, .. }) => now.duration_since(*at) >= settling,
+                    Some(Rejoin::Errant { binlog_pos, .. }) => *binlog_pos != o.gtid_binlog_pos,
+                    Some(Rejoin::Failed { at, .. }) => now.duration_since(*at) >= REJOIN_RETRY,
+                };
+                o.read_only && astray && again
+            })
+            .map(|m| m.name.clone())
+            .collect()
     }
 
     /// Recomputes the routing from the members' state.
@@ -389,6 +505,7 @@ mod tests {
             max_lag: Duration::from_secs(5),
             primary_fallback: fallback,
             auto_failover: auto,
+            auto_rejoin: false,
             write_firewall: crate::config::Firewall::default(),
             read_firewall: crate::config::Firewall::default(),
         }
@@ -562,6 +679,58 @@ mod tests {
             why.contains("db2 has domain 1 up to 1-2-1, db3 none of it"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_member_back_without_replication_is_due_for_rejoin_once() {
+        let t0 = Instant::now();
+        let mut p = pool(true, None);
+        p.auto_rejoin = true;
+        let mut s = PoolState::new(p, None);
+        healthy(&mut s, t0);
+        assert!(s.rejoin_due(t0).is_empty(), "every replica follows db1");
+        // db3 comes back as a standalone server (a former primary, fenced).
+        let mut standalone = primary(9);
+        if let Ok(o) = &mut standalone {
+            o.read_only = true;
+            o.replication = None;
+        }
+        s.record("db3", standalone.clone(), t0);
+        assert_eq!(s.rejoin_due(t0), ["db3"]);
+        // Writable: fenced first, not rejoined yet.
+        s.record("db3", primary(9), t0);
+        assert!(s.rejoin_due(t0).is_empty());
+        s.record("db3", standalone.clone(), t0);
+        s.rejoin.insert(
+            "db3".into(),
+            Rejoin::Checking {
+                primary: "db1".into(),
+            },
+        );
+        assert!(s.rejoin_due(t0).is_empty(), "one check at a time");
+        let errant = Rejoin::Errant {
+            primary: "db1".into(),
+            binlog_pos: "0-1-9".into(),
+            gtids: "0-3-10".into(),
+        };
+        s.rejoin.insert("db3".into(), errant);
+        assert!(
+            s.rejoin_due(t0).is_empty(),
+            "errant: not again until it moves"
+        );
+        let mut moved = standalone.clone();
+        if let Ok(o) = &mut moved {
+            o.gtid_binlog_pos = "0-1-10".into();
+        }
+        s.record("db3", moved, t0);
+        assert_eq!(s.rejoin_due(t0), ["db3"]);
+        // Off without the key; and not right after a promotion of ours.
+        s.pool.auto_rejoin = false;
+        assert!(s.rejoin_due(t0).is_empty());
+        s.pool.auto_rejoin = true;
+        s.promoted("db1", t0);
+        assert!(s.rejoin_due(t0).is_empty());
+        assert_eq!(s.rejoin_due(t0 + Duration::from_secs(3)), ["db3"]);
     }
 
     #[test]

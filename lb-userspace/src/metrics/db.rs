@@ -40,6 +40,7 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
     let routed = Family::<Labels, Gauge>::default();
     let writer = Family::<Labels, Gauge>::default();
     let refused = Family::<Labels, Counter>::default();
+    let errant = Family::<Labels, Gauge>::default();
     for p in pools {
         writer
             .get_or_create(&labels(&[("pool", &p.name)]))
@@ -59,6 +60,15 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
                     ("role", name),
                 ]))
                 .set(i64::from(m.role == r));
+            }
+            if let Some(gtids) = &m.errant_gtids {
+                errant
+                    .get_or_create(&labels(&[
+                        ("pool", &p.name),
+                        ("member", &m.name),
+                        ("gtids", gtids),
+                    ]))
+                    .set(i64::try_from(gtids.split(',').count()).unwrap_or(i64::MAX));
             }
             if let Some(l) = m.lag_seconds {
                 lag.get_or_create(&member)
@@ -105,6 +115,12 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
         "Members refused as a second writer (writable beside the primary) since the agent started",
         refused,
     );
+    registry.register(
+        "lb_db_member_errant_gtids",
+        "auto-rejoin kept the member out: the GTIDs (label gtids) it holds that the primary lacks, \
+         one per domain and server",
+        errant,
+    );
 }
 
 #[cfg(test)]
@@ -115,6 +131,8 @@ mod tests {
     #[test]
     fn a_pool_shows_roles_lag_and_routing() {
         let member = |name: &str, role: Role, lag, routed_by: Vec<String>| MemberStatus {
+            rejoin: None,
+            errant_gtids: None,
             name: name.into(),
             address: "198.19.1.21:3306".into(),
             health: HealthStatus::Up,
@@ -143,6 +161,11 @@ mod tests {
             members: vec![
                 member("db1", Role::Primary, None, vec!["db-write".into()]),
                 member("db2", Role::Replica, Some(3), vec!["db-read".into()]),
+                MemberStatus {
+                    rejoin: Some("kept out: errant GTIDs 0-3-11 (not in db1's binlog)".into()),
+                    errant_gtids: Some("0-3-11".into()),
+                    ..member("db3", Role::Replica, None, vec![])
+                },
             ],
         };
         let mut registry = Registry::default();
@@ -157,6 +180,7 @@ mod tests {
             "lb_db_member_routed{pool=\"db\",member=\"db1\",service=\"db-read\"} 0",
             "lb_db_pool_has_writer{pool=\"db\"} 1",
             "lb_db_second_writers_total{pool=\"db\"} 2",
+            "lb_db_member_errant_gtids{pool=\"db\",member=\"db3\",gtids=\"0-3-11\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }
