@@ -322,15 +322,20 @@ fn finish(
     Ok(log)
 }
 
-fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
-    let r = ask(
+/// `lb db promote db MEMBER`'s answer, whatever it is.
+fn ask_promote(lab: &Lab, member: &str, force: bool) -> Result<lb_userspace::control::Response> {
+    ask(
         lab,
         &Request::Db(DbCommand::Promote {
             pool: "db".into(),
             member: member.into(),
             force,
         }),
-    )?;
+    )
+}
+
+fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
+    let r = ask_promote(lab, member, force)?;
     ensure!(r.ok, "promote {member}: {}", r.message);
     Ok(r.message)
 }
@@ -513,6 +518,17 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
     check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
 }
 
+/// `r` is a refusal whose message says every one of `needles`.
+fn refused_with(r: &lb_userspace::control::Response, needles: &[&str]) -> Result<()> {
+    ensure!(
+        !r.ok && needles.iter().all(|n| r.message.contains(n)),
+        "expected a refusal saying {needles:?}: ok {}: {}",
+        r.ok,
+        r.message
+    );
+    Ok(())
+}
+
 /// `lb reload` of `text` written as the lab's config.
 /// The first scenario's agent also serves the status page: its config and
 /// every reload of it carry the `[monitoring]` table (a changed listener
@@ -632,13 +648,7 @@ fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
         "reload with a wrong database password: ok {}: {}",
         r.ok, r.message
     );
-    ensure!(
-        !r.ok
-            && r.message.contains("pool[0].health.password:")
-            && r.message.contains("Access denied"),
-        "{}",
-        r.message
-    );
+    refused_with(&r, &["pool[0].health.password:", "Access denied"])?;
     // Longer than the fall window: the running login still works.
     thread::sleep(FALL_WINDOW * 2);
     let s = status(lab)?;
@@ -709,17 +719,21 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let stop_reads = Arc::new(AtomicBool::new(false));
         let read_log = read_loop(&lab, Arc::clone(&stop_reads));
         thread::sleep(Duration::from_millis(1500));
-        // db3 stops receiving first, so db2 is the most caught-up replica
-        // when db1 dies (otherwise which of them got db1's last event is a
-        // race, and db3 could not follow a db2 that lacks it: `lb db
-        // promote` compares lag, not what each replica received).
+        // db3 stops receiving first, so the last events before the crash
+        // reach db2 only: db2 holds the most complete history.
         lab.db_admin(3, "STOP SLAVE IO_THREAD")?;
+        thread::sleep(Duration::from_millis(300));
         let killed_at = started.elapsed();
         lab.kill_db(1)?;
         let lost = wait_for_status(&lab, "no writer once db1 is down", FALL_WINDOW * 2, |s| {
             pool(s).is_ok_and(|p| p.writer.is_none())
         })?;
         println!("db1 killed: the write service stopped routing to it after {lost:?}");
+        // db3 lacks what db2 received: promoting it is refused, naming
+        // what would be lost.
+        let r = ask_promote(&lab, "db3", false)?;
+        println!("lb db promote db db3 (db2 received more): {}", r.message);
+        refused_with(&r, &["lacks transactions", "db2 has up to"])?;
         let msg = promote(&lab, "db2", false)?;
         println!("lb db promote db db2: {msg}");
         // db3 rejoins the reads once it has caught up with db2 (rise 2).
@@ -827,11 +841,61 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
         let db1_ro = lab.db_admin(1, "SELECT @@global.read_only")?;
         ensure!(db1_ro.trim() == "1", "db1 still writable");
         println!("db1 came back writable: refused as a second writer, set read-only by the agent");
+        // Without auto-rejoin it stays out. A write straight on db1 (as
+        // its root) gives it a transaction no other member has: errant.
+        let errant = lab
+            .db_admin(
+                1,
+                &format!(
+                    "SET GLOBAL read_only = 0; INSERT INTO {VISITS_TABLE} (seq, writer, server_id) \
+                     VALUES (1, 'errant', @@server_id); SET GLOBAL read_only = 1; \
+                     SELECT @@global.gtid_binlog_pos"
+                ),
+            )?
+            .trim()
+            .to_owned();
+        let p = pool(&status(&lab)?)?;
+        ensure!(
+            p.readers == ["db2"] && p.members.iter().all(|m| m.rejoin.is_none()),
+            "db1 rejoined without auto-rejoin: {p:?}"
+        );
 
-        // 4. Automatic failover: the pool opts in (reload), db3 crashes.
-        std::fs::write(lab.run_dir().join("lb.toml"), config(&lab, Some("1s")))?;
+        // 4. Automatic failover and rejoin: the pool opts in (reload);
+        //    db1 is checked and kept out, naming its errant GTID; db3
+        //    crashes.
+        let auto = format!("{}auto-rejoin = true\n", config(&lab, Some("1s")));
+        std::fs::write(lab.run_dir().join("lb.toml"), auto)?;
         let r = ask(&lab, &Request::Reload)?;
         ensure!(r.ok, "reload: {}", r.message);
+        let errant_seen = |s: &Status| {
+            pool(s).is_ok_and(|p| {
+                p.members
+                    .iter()
+                    .any(|m| m.name == "db1" && m.errant_gtids.as_deref() == Some(errant.as_str()))
+            })
+        };
+        let took = wait_for_status(
+            &lab,
+            "db1 kept out as errant",
+            Duration::from_secs(5),
+            errant_seen,
+        )?;
+        let s = status(&lab)?;
+        println!(
+            "auto-rejoin found db1's errant transaction {errant} after {took:?}:\n{}",
+            lb_userspace::db::render(&s.pools)
+        );
+        let metrics = lb_userspace::metrics::render::render(&s, &Default::default());
+        let line =
+            format!("lb_db_member_errant_gtids{{pool=\"db\",member=\"db1\",gtids=\"{errant}\"}} 1");
+        ensure!(
+            metrics.contains(&line),
+            "{line} not in the metrics:\n{metrics}"
+        );
+        ensure!(
+            pool(&s)?.readers == ["db2"] && lab.db_admin(1, "SHOW SLAVE STATUS")?.trim().is_empty(),
+            "the errant db1 was let in"
+        );
         wait_for_status(
             &lab,
             "still db3 after reload",
@@ -875,6 +939,67 @@ fn failover_by_command_and_automatic_keeps_every_acknowledged_write() -> Result<
             seqs_on(&lab, 1, "crash")?.len() >= rows_before,
             "db1 lost rows"
         );
+        wait_for_status(
+            &lab,
+            "db1 still kept out against db2",
+            Duration::from_secs(5),
+            errant_seen,
+        )?;
+
+        // 5. db3, the crashed primary, comes back: a subset of db2's
+        //    history, it rejoins as db2's replica and serves reads. (Had
+        //    its last transaction reached its binlog but no replica before
+        //    the SIGKILL, it is errant instead: kept out and named.)
+        let back = Instant::now();
+        lab.start_db(3)?;
+        let state_of = |n: usize| -> Result<String> {
+            Ok(lab
+                .db_admin(n, "SELECT @@global.gtid_binlog_state")?
+                .trim()
+                .to_owned())
+        };
+        let own = state_of(3)?
+            .split(',')
+            .find(|g| g.starts_with("0-3-"))
+            .map(str::to_owned);
+        let on_db2 = state_of(2)?;
+        let lost = own.as_ref().is_some_and(|g| {
+            let seq = |g: &str| g.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+            let theirs = on_db2.split(',').find(|x| x.starts_with("0-3-"));
+            theirs.and_then(seq) < seq(g)
+        });
+        if lost {
+            let want = own.clone().unwrap_or_default();
+            wait_for_status(
+                &lab,
+                "db3 kept out as errant",
+                Duration::from_secs(10),
+                |s| {
+                    pool(s).is_ok_and(|p| {
+                        p.members.iter().any(|m| {
+                            m.name == "db3" && m.errant_gtids.as_deref() == Some(want.as_str())
+                        })
+                    })
+                },
+            )?;
+            println!("db3 came back holding {want}, which never reached db2: kept out (errant)");
+        } else {
+            wait_for_status(
+                &lab,
+                "db3 rejoined and reading",
+                Duration::from_secs(15),
+                |s| routed(s, Some("db2"), &["db3"]),
+            )?;
+            println!(
+                "db3 came back (its history a subset of db2's): a reader again {:?} after its restart",
+                back.elapsed()
+            );
+            writes_land_on(&lab, 50..=55, 2)?;
+            let pos = lab.db_admin(2, "SELECT @@gtid_binlog_pos")?;
+            let waited =
+                lab.db_admin(3, &format!("SELECT MASTER_GTID_WAIT('{}', 5)", pos.trim()))?;
+            ensure!(waited.trim() == "0", "db3 does not replicate from db2");
+        }
         let p = pool(&status(&lab)?)?;
         println!("{}", lb_userspace::db::render(&[p]));
         Ok(())
@@ -960,14 +1085,7 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
         wait_for_status(&lab, "db3 out of reads", FALL_WINDOW * 2, |s| {
             routed(s, Some("db1"), &["db2"])
         })?;
-        let r = ask(
-            &lab,
-            &Request::Db(DbCommand::Promote {
-                pool: "db".into(),
-                member: "db3".into(),
-                force: false,
-            }),
-        )?;
+        let r = ask_promote(&lab, "db3", false)?;
         println!("lb db promote db db3 (replication stopped): {}", r.message);
         assert!(
             !r.ok && r.message.contains("replication is stopped"),

@@ -48,6 +48,10 @@ pub struct Pool {
     /// Promote the most caught-up replica once the primary has been down
     /// this long; `None`: promotion only by `lb db promote`.
     pub auto_failover: Option<Duration>,
+    /// A member that is back but replicates from nobody (or from another
+    /// member than the primary) is pointed at the primary by GTID, if its
+    /// history is a subset of the primary's (`auto-rejoin`).
+    pub auto_rejoin: bool,
     /// The write service's firewall rules (the pool's own and `write`'s).
     pub write_firewall: Firewall,
     /// The read service's firewall rules (the pool's own and `read`'s).
@@ -150,6 +154,7 @@ pub(super) struct RawPool {
     max_lag: Option<String>,
     primary_fallback: Option<bool>,
     auto_failover: Option<String>,
+    auto_rejoin: Option<bool>,
     allow_from: Option<Vec<String>>,
     deny_from: Option<Vec<String>>,
     rate_limit: Option<RawRateLimit>,
@@ -204,6 +209,7 @@ impl From<&Pool> for RawPool {
             max_lag: Some(duration::show(p.max_lag)),
             primary_fallback: Some(p.primary_fallback),
             auto_failover: p.auto_failover.map(duration::show),
+            auto_rejoin: Some(p.auto_rejoin),
             // Each service's rules whole (the pool's shared ones included).
             allow_from: None,
             deny_from: None,
@@ -364,6 +370,7 @@ impl Validator<'_> {
             max_lag,
             primary_fallback: raw.primary_fallback.unwrap_or(true),
             auto_failover,
+            auto_rejoin: raw.auto_rejoin.unwrap_or(false),
             write_firewall,
             read_firewall,
         })

@@ -10,6 +10,7 @@
 //! the members first ([`vet_new_logins`]): a typo must not take the write
 //! VIP to nobody.
 
+pub mod gtid;
 pub mod ops;
 pub mod state;
 
@@ -44,7 +45,9 @@ pub enum DbCommand {
     /// Make MEMBER the primary of POOL: stop its replication, make it
     /// writable, point the other members at it by GTID; writes switch to it
     /// and flows to the old primary are dropped. Refuses a lagging,
-    /// stopped or unreachable candidate unless --force.
+    /// stopped or unreachable candidate, and one that lacks transactions
+    /// another reachable replica holds, unless --force (which then says
+    /// what is lost).
     Promote {
         pool: String,
         member: String,
@@ -75,6 +78,16 @@ pub enum Event {
         pool: String,
         member: String,
         result: Result<(), String>,
+    },
+    /// `auto-rejoin` checked `member` against `primary`: the errant GTIDs
+    /// (empty: re-pointed), or why it could not.
+    Rejoined {
+        pool: String,
+        member: String,
+        primary: String,
+        /// The member's `gtid_binlog_pos` when the check was started.
+        binlog_pos: String,
+        result: Result<Vec<gtid::Gtid>, String>,
     },
 }
 
@@ -225,6 +238,22 @@ impl Pools {
                 }
                 Handled::default()
             }
+            Event::Rejoined {
+                pool,
+                member,
+                primary,
+                binlog_pos,
+                result,
+            } => {
+                if let Some(state) = self.states.get_mut(&pool) {
+                    let r = rejoined(&pool, &member, primary, binlog_pos, result);
+                    if !matches!(r, state::Rejoin::Failed { .. }) {
+                        state.last_event = Some(format!("{member}: {r}"));
+                    }
+                    state.rejoin.insert(member, r);
+                }
+                Handled::default()
+            }
             Event::Promoted {
                 pool,
                 member,
@@ -330,8 +359,21 @@ impl Pools {
                 });
             }
         }
-        if let Some(state) = self.states.get(pool)
-            && let Some(candidate) = state.failover_due(Instant::now())
+        let due = self
+            .states
+            .get(pool)
+            .and_then(|s| s.failover_due(Instant::now()));
+        if let Some(Err(why)) = due {
+            // Said once per reason, not at every probe.
+            let msg = format!("automatic failover of pool {pool} withheld: {why}");
+            if let Some(state) = self.states.get_mut(pool)
+                && state.last_event.as_ref() != Some(&msg)
+            {
+                error!("{msg}");
+                state.last_event = Some(msg);
+            }
+        } else if let Some(Ok(candidate)) = due
+            && let Some(state) = self.states.get(pool)
         {
             warn!(
                 pool = %pool,
@@ -343,9 +385,57 @@ impl Pools {
                 error!("automatic failover of pool {pool}: {why}");
             }
         }
+        self.start_rejoins(pool);
         Handled {
             commit: outcome.routing_changed,
             reply: None,
+        }
+    }
+
+    /// Starts `auto-rejoin`'s check (and re-pointing) of every member of
+    /// `pool` that is due.
+    fn start_rejoins(&mut self, pool: &str) {
+        let Some(state) = self.states.get_mut(pool) else {
+            return;
+        };
+        let Some(primary) = state
+            .routing
+            .writer
+            .as_deref()
+            .and_then(|w| state.pool.member(w).cloned())
+        else {
+            return;
+        };
+        for name in state.rejoin_due(Instant::now()) {
+            let Some(member) = state.pool.member(&name).cloned() else {
+                continue;
+            };
+            let binlog_pos = state
+                .members
+                .get(&name)
+                .and_then(|m| m.last.as_ref())
+                .map(|o| o.gtid_binlog_pos.clone())
+                .unwrap_or_default();
+            info!(pool = %pool, member = %name, "pool {pool}: {name} replicates from nobody or elsewhere: checking whether it can rejoin as a replica of {}", primary.name);
+            state.rejoin.insert(
+                name.clone(),
+                state::Rejoin::Checking {
+                    primary: primary.name.clone(),
+                },
+            );
+            let (tx, pool, login) = (self.tx.clone(), pool.to_owned(), state.pool.login.clone());
+            let timeout = state.pool.health.timeout.max(Duration::from_secs(1));
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let result = ops::rejoin(member.address, primary.address, &login, timeout).await;
+                let _ = tx.send(Event::Rejoined {
+                    pool,
+                    member: member.name,
+                    primary: primary.name,
+                    binlog_pos,
+                    result,
+                });
+            });
         }
     }
 
@@ -449,6 +539,42 @@ impl Pools {
     /// The pools as `lb status` shows them.
     pub fn status(&self) -> Vec<PoolStatus> {
         self.states.values().map(pool_status).collect()
+    }
+}
+
+/// A rejoin's outcome as the member's state, logged.
+fn rejoined(
+    pool: &str,
+    member: &str,
+    primary: String,
+    binlog_pos: String,
+    result: Result<Vec<gtid::Gtid>, String>,
+) -> state::Rejoin {
+    match result {
+        Ok(errant) if errant.is_empty() => {
+            warn!(pool = %pool, member = %member, "pool {pool}: {member} rejoined as a replica of {primary} by GTID (its history is a subset of the primary's); it serves reads once within max-lag");
+            state::Rejoin::Rejoined {
+                primary,
+                at: Instant::now(),
+            }
+        }
+        Ok(errant) => {
+            let gtids = gtid::show(&errant);
+            error!(pool = %pool, member = %member, errant = %gtids, "pool {pool}: {member} holds transactions {primary} never had (errant GTIDs {gtids}): kept out of both services; rebuild it from {primary} or reconcile by hand");
+            state::Rejoin::Errant {
+                primary,
+                binlog_pos,
+                gtids,
+            }
+        }
+        Err(why) => {
+            warn!(pool = %pool, member = %member, "pool {pool}: rejoining {member} to {primary} failed: {why}");
+            state::Rejoin::Failed {
+                primary,
+                why,
+                at: Instant::now(),
+            }
+        }
     }
 }
 
@@ -711,6 +837,10 @@ pub struct MemberStatus {
     /// The services routing to it now (the write and/or read service).
     pub routed_by: Vec<String>,
     pub last_check: Option<String>,
+    /// `auto-rejoin`: what was found or done when it came back.
+    pub rejoin: Option<String>,
+    /// Transactions it holds that the primary lacks (kept out), if found.
+    pub errant_gtids: Option<String>,
 }
 
 fn pool_status(s: &PoolState) -> PoolStatus {
@@ -753,6 +883,11 @@ fn pool_status(s: &PoolState) -> PoolStatus {
                 replication,
                 routed_by,
                 last_check: st.and_then(|x| x.last_check.clone()),
+                rejoin: s.rejoin.get(&m.name).map(ToString::to_string),
+                errant_gtids: match s.rejoin.get(&m.name) {
+                    Some(state::Rejoin::Errant { gtids, .. }) => Some(gtids.clone()),
+                    _ => None,
+                },
             }
         })
         .collect();
@@ -810,6 +945,9 @@ pub fn render(pools: &[PoolStatus]) -> String {
                 m.routed_by.join(" "),
                 m.last_check.as_deref().unwrap_or("")
             ));
+            if let Some(r) = &m.rejoin {
+                out.push_str(&format!("  {:<8} rejoin: {r}\n", ""));
+            }
         }
         if let Some(e) = &p.last_event {
             out.push_str(&format!("  last event: {e}\n"));

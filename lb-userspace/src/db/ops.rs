@@ -7,6 +7,7 @@ use std::{net::SocketAddrV4, time::Duration};
 
 use mysql_async::{Conn, prelude::Queryable};
 
+use super::gtid;
 use crate::{
     config::{MysqlLogin, PoolMember},
     health::mysql::{self, Observation},
@@ -88,6 +89,27 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
         }
     }
 
+    // Without a reachable old primary to catch up with, the candidate must
+    // hold what every reachable replica holds: a replica that received
+    // more could not follow it (error 1236) and its extra transactions
+    // would be lost.
+    let mut forced_loss = None;
+    if fenced_old.is_none() {
+        let short = shortfall(plan, &state).await?;
+        if !short.is_empty() {
+            let what = short.join("; ");
+            if !plan.force {
+                return Err(format!(
+                    "{} lacks transactions that reachable replicas hold ({what}): promoting it \
+                     would lose them and leave those replicas unable to replicate from it; \
+                     promote the most complete replica, or use --force to lose them",
+                    c.name
+                ));
+            }
+            forced_loss = Some(what);
+        }
+    }
+
     for sql in ["STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0"] {
         exec(&mut conn, sql)
             .await
@@ -97,9 +119,11 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
 
     let mut repointed = Vec::new();
     let mut unreachable = Vec::new();
+    let mut kept_out = Vec::new();
     for other in &plan.others {
-        match repoint(other.address, c.address, &plan.login, plan.timeout).await {
-            Ok(()) => repointed.push(other.name.clone()),
+        match rejoin(other.address, c.address, &plan.login, plan.timeout).await {
+            Ok(errant) if errant.is_empty() => repointed.push(other.name.clone()),
+            Ok(errant) => kept_out.push(format!("{} ({})", other.name, gtid::show(&errant))),
             Err(why) => unreachable.push(format!("{} ({why})", other.name)),
         }
     }
@@ -121,7 +145,45 @@ pub async fn promote(plan: &PromotePlan) -> Result<String, String> {
     if !unreachable.is_empty() {
         msg.push_str(&format!("; not re-pointed: {}", unreachable.join(", ")));
     }
+    if !kept_out.is_empty() {
+        msg.push_str(&format!(
+            "; kept out, holding transactions {} lacks (errant): {}",
+            c.name,
+            kept_out.join(", ")
+        ));
+    }
+    if let Some(lost) = forced_loss {
+        msg.push_str(&format!(
+            "; forced: lost what it lacked ({lost}): those replicas cannot follow it until rebuilt"
+        ));
+    }
     Ok(msg)
+}
+
+/// What the candidate (observed as `candidate`) lacks of each reachable
+/// replica among the plan's other members, observed now, all at once.
+async fn shortfall(plan: &PromotePlan, candidate: &Observation) -> Result<Vec<String>, String> {
+    let have = gtid::history(candidate).map_err(|e| format!("{}: {e}", plan.candidate.name))?;
+    let mut looks = tokio::task::JoinSet::new();
+    for other in plan.others.iter().cloned() {
+        let (login, timeout) = (plan.login.clone(), plan.timeout);
+        looks.spawn(async move {
+            let seen = mysql::observe(other.address, &login, timeout).await;
+            (other.name, seen)
+        });
+    }
+    let mut peers = Vec::new();
+    while let Some(done) = looks.join_next().await {
+        // An unreachable member holds nothing it could hand on.
+        if let Ok((name, Ok(o))) = done
+            && o.replication.is_some()
+        {
+            let h = gtid::history(&o).map_err(|e| format!("{name}: {e}"))?;
+            peers.push((name, h));
+        }
+    }
+    peers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(gtid::shortfall(&plan.candidate.name, &have, &peers))
 }
 
 /// Refuses a candidate that is not a replica applying its relay log,
@@ -165,6 +227,35 @@ async fn wait_for(conn: &mut Conn, pos: &str) -> bool {
         )
         .await;
     matches!(result, Ok(Some(0)))
+}
+
+/// Points `member` at `primary` by GTID if its history allows it: every
+/// transaction in its binlog must be in the primary's (`@@gtid_binlog_state`
+/// compared per domain and server). `Ok` with the errant GTIDs (the ones
+/// the primary lacks) if not: it is left as it is, for the operator.
+/// Empty: re-pointed (read-only, replicating). Idempotent: re-pointing a
+/// member that already replicates from `primary` only restarts it there.
+pub async fn rejoin(
+    member: SocketAddrV4,
+    primary: SocketAddrV4,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Vec<gtid::Gtid>, String> {
+    let state = |address: SocketAddrV4| async move {
+        let mut conn = mysql::connect(address, login, timeout).await?;
+        let state: Option<String> = conn
+            .query_first("SELECT @@global.gtid_binlog_state")
+            .await
+            .map_err(|e| format!("mysql {address}: {}", mysql::reason(&e)))?;
+        let _ = conn.disconnect().await;
+        Ok::<_, String>(state.unwrap_or_default())
+    };
+    let (mine, theirs) = (state(member).await?, state(primary).await?);
+    let errant = gtid::errant(&mine, &theirs)?;
+    if errant.is_empty() {
+        repoint(member, primary, login, timeout).await?;
+    }
+    Ok(errant)
 }
 
 /// Points the server at `member` to replicate from `primary` by GTID.

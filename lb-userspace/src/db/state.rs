@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use super::gtid;
 use crate::{
     config::Pool,
     health::{Counter, Health, mysql::Observation},
@@ -106,7 +107,67 @@ pub struct PoolState {
     pub conflicts: u64,
     /// The latest failover, fencing or adoption, for the status.
     pub last_event: Option<String>,
+    /// `auto-rejoin`: what was found or done for members that came back.
+    pub rejoin: BTreeMap<String, Rejoin>,
+    /// When the latest promotion of ours finished: members it re-pointed
+    /// may still be seen at their old source until probed again.
+    pub promoted_at: Option<Instant>,
 }
+
+/// `auto-rejoin`'s state of one member (against the primary named).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejoin {
+    /// Its history is being compared with the primary's.
+    Checking { primary: String },
+    /// Pointed at the primary by GTID (at `at`); a reader once within
+    /// `max-lag`.
+    Rejoined { primary: String, at: Instant },
+    /// Holds transactions the primary lacks: kept out. `binlog_pos` is
+    /// its position when checked (checked again if it moves).
+    Errant {
+        primary: String,
+        binlog_pos: String,
+        gtids: String,
+    },
+    /// The check or the re-pointing failed; tried again later.
+    Failed {
+        primary: String,
+        why: String,
+        at: Instant,
+    },
+}
+
+impl Rejoin {
+    fn primary(&self) -> &str {
+        match self {
+            Rejoin::Checking { primary }
+            | Rejoin::Rejoined { primary, .. }
+            | Rejoin::Errant { primary, .. }
+            | Rejoin::Failed { primary, .. } => primary,
+        }
+    }
+}
+
+impl std::fmt::Display for Rejoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejoin::Checking { primary } => write!(f, "checking its GTIDs against {primary}"),
+            Rejoin::Rejoined { primary, .. } => write!(f, "rejoined: replica of {primary}"),
+            Rejoin::Errant { primary, gtids, .. } => {
+                write!(
+                    f,
+                    "kept out: errant GTIDs {gtids} (not in {primary}'s binlog)"
+                )
+            }
+            Rejoin::Failed { primary, why, .. } => {
+                write!(f, "rejoining {primary} failed: {why}")
+            }
+        }
+    }
+}
+
+/// How long a failed rejoin waits before it is tried again.
+pub const REJOIN_RETRY: Duration = Duration::from_secs(5);
 
 impl PoolState {
     /// A pool's state; members still in `previous` (same name and
@@ -131,6 +192,8 @@ impl PoolState {
             promoting: previous.is_some_and(|p| p.promoting),
             conflicts: previous.map_or(0, |p| p.conflicts),
             last_event: previous.and_then(|p| p.last_event.clone()),
+            rejoin: previous.map(|p| p.rejoin.clone()).unwrap_or_default(),
+            promoted_at: previous.and_then(|p| p.promoted_at),
         };
         state.reroute(Instant::now());
         state
@@ -188,7 +251,61 @@ impl PoolState {
             }
         }
         self.primary = Some(member.to_owned());
+        self.promoted_at = Some(now);
         self.reroute(now)
+    }
+
+    /// The members `auto-rejoin` should check and re-point now: the pool
+    /// opted in and has a writer, no promotion runs or just finished, and
+    /// the member answers, is read-only (a writable one is fenced first)
+    /// and replicates from nobody or from another member than the
+    /// writer. One found errant is checked again only once its position
+    /// moves or the primary changes; a failed one after [`REJOIN_RETRY`].
+    /// A replica stopped by hand (still pointed at the writer) is left
+    /// alone.
+    pub fn rejoin_due(&self, now: Instant) -> Vec<String> {
+        let Some(writer) = self.routing.writer.as_deref() else {
+            return Vec::new();
+        };
+        let h = &self.pool.health;
+        let settling = h.interval * (h.rise.max(h.fall) + 1) + h.timeout;
+        if !self.pool.auto_rejoin
+            || self.promoting
+            || self
+                .promoted_at
+                .is_some_and(|t| now.duration_since(t) < settling)
+        {
+            return Vec::new();
+        }
+        let Some(source) = self.pool.member(writer).map(|m| m.address.to_string()) else {
+            return Vec::new();
+        };
+        self.pool
+            .members
+            .iter()
+            .filter(|m| m.name != writer)
+            .filter(|m| {
+                let Some(o) = self
+                    .members
+                    .get(&m.name)
+                    .filter(|s| s.up.up() && s.answered)
+                    .and_then(|s| s.last.as_ref())
+                else {
+                    return false;
+                };
+                let astray = o.replication.as_ref().is_none_or(|r| r.source != source);
+                let again = match self.rejoin.get(&m.name) {
+                    None => true,
+                    Some(r) if r.primary() != writer => true,
+                    Some(Rejoin::Checking { .. }) => false,
+                    Some(Rejoin::Rejoined { at, .. }) => now.duration_since(*at) >= settling,
+                    Some(Rejoin::Errant { binlog_pos, .. }) => *binlog_pos != o.gtid_binlog_pos,
+                    Some(Rejoin::Failed { at, .. }) => now.duration_since(*at) >= REJOIN_RETRY,
+                };
+                o.read_only && astray && again
+            })
+            .map(|m| m.name.clone())
+            .collect()
     }
 
     /// Recomputes the routing from the members' state.
@@ -280,38 +397,63 @@ impl PoolState {
     }
 
     /// The replica to promote: reachable, replicating from someone (SQL
-    /// thread running), the most transactions applied.
-    pub fn best_replica(&self) -> Option<String> {
-        self.pool
+    /// thread running), and holding the most complete GTID history of the
+    /// reachable replicas (what it applied and what it received: the
+    /// others must be able to follow it); ties go to the first in config
+    /// order. Members without replication (a former primary kept out) do
+    /// not count. `Err`: no candidate holds everything the other replicas
+    /// have (promoting any would lose transactions), and why.
+    pub fn best_replica(&self) -> Result<String, String> {
+        let reachable: Vec<(&str, &Observation)> = self
+            .pool
             .members
             .iter()
             .filter_map(|m| {
                 let s = self.members.get(&m.name)?;
-                let o = s.last.as_ref()?;
-                let r = o.replication.as_ref()?;
-                (s.up.up() && o.read_only && r.sql_running).then(|| (o.applied(), m.name.clone()))
+                let o = s.last.as_ref().filter(|_| s.up.up())?;
+                (o.read_only && o.replication.is_some()).then_some((m.name.as_str(), o))
             })
-            // Ties go to the first in config order.
-            .fold(
-                None,
-                |best: Option<(u64, String)>, (applied, name)| match best {
-                    Some((b, _)) if b >= applied => best,
-                    _ => Some((applied, name)),
-                },
-            )
-            .map(|(_, name)| name)
+            .collect();
+        let mut histories = Vec::new();
+        for (name, o) in &reachable {
+            let h = gtid::history(o).map_err(|e| format!("{name}: {e}"))?;
+            histories.push(((*name).to_owned(), h));
+        }
+        let candidates: Vec<(String, gtid::Position)> = reachable
+            .iter()
+            .zip(&histories)
+            .filter(|((_, o), _)| o.replication.as_ref().is_some_and(|r| r.sql_running))
+            .map(|(_, h)| h.clone())
+            .collect();
+        if candidates.is_empty() {
+            return Err("no reachable replica with its SQL thread running".to_owned());
+        }
+        let mut why = Vec::new();
+        for (name, pos) in &candidates {
+            let short = gtid::shortfall(name, pos, &histories);
+            if short.is_empty() {
+                return Ok(name.clone());
+            }
+            why.extend(short);
+        }
+        Err(format!(
+            "no replica holds every transaction the reachable members have ({}): \
+             promote one by hand with --force",
+            why.join("; ")
+        ))
     }
 
     /// The member an automatic failover should promote now, if one is due:
     /// the pool opted in, its primary has had no writer for
-    /// `auto-failover`, and no promotion is running.
-    pub fn failover_due(&self, now: Instant) -> Option<String> {
+    /// `auto-failover`, and no promotion is running. `Some(Err)`: due, but
+    /// no replica may be promoted (why).
+    pub fn failover_due(&self, now: Instant) -> Option<Result<String, String>> {
         let after = self.pool.auto_failover?;
         let since = self.writer_lost_at?;
         if self.promoting || now.duration_since(since) < after {
             return None;
         }
-        self.best_replica()
+        Some(self.best_replica())
     }
 }
 
@@ -363,6 +505,7 @@ mod tests {
             max_lag: Duration::from_secs(5),
             primary_fallback: fallback,
             auto_failover: auto,
+            auto_rejoin: false,
             write_firewall: crate::config::Firewall::default(),
             read_firewall: crate::config::Firewall::default(),
         }
@@ -497,8 +640,8 @@ mod tests {
         assert_eq!(s.failover_due(t0 + Duration::from_secs(1)), None);
         // db2 has applied more than db3.
         assert_eq!(
-            s.failover_due(t0 + Duration::from_secs(2)).as_deref(),
-            Some("db2")
+            s.failover_due(t0 + Duration::from_secs(2)),
+            Some(Ok("db2".to_owned()))
         );
         let o = s.promoted("db2", t0);
         assert!(o.routing_changed);
@@ -509,6 +652,85 @@ mod tests {
         assert_eq!(o.new_conflicts, ["db1"]);
         assert_eq!(s.routing.writer.as_deref(), Some("db2"));
         assert_eq!(s.health("db-write", "db1"), Some(Health::Down));
+    }
+
+    #[test]
+    fn failover_picks_the_replica_that_received_the_last_event() {
+        let t0 = Instant::now();
+        let mut s = PoolState::new(pool(true, Some(Duration::from_secs(1))), None);
+        healthy(&mut s, t0);
+        for _ in 0..2 {
+            s.record("db1", down(), t0);
+            // db2 applied more so far, but db3 received the last event:
+            // db2 could follow db3, not the other way round.
+            s.record("db2", orphan(10, 10), t0);
+            s.record("db3", orphan(9, 11), t0);
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(s.failover_due(later), Some(Ok("db3".to_owned())));
+        // Histories that diverged (a domain only db2 has): no failover.
+        let mut other_domain = orphan(10, 10);
+        if let Ok(o) = &mut other_domain {
+            o.gtid_slave_pos = "0-1-10,1-2-1".into();
+        }
+        s.record("db2", other_domain, t0);
+        let why = s.failover_due(later).expect("due").expect_err("withheld");
+        assert!(
+            why.contains("db2 has domain 1 up to 1-2-1, db3 none of it"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_member_back_without_replication_is_due_for_rejoin_once() {
+        let t0 = Instant::now();
+        let mut p = pool(true, None);
+        p.auto_rejoin = true;
+        let mut s = PoolState::new(p, None);
+        healthy(&mut s, t0);
+        assert!(s.rejoin_due(t0).is_empty(), "every replica follows db1");
+        // db3 comes back as a standalone server (a former primary, fenced).
+        let mut standalone = primary(9);
+        if let Ok(o) = &mut standalone {
+            o.read_only = true;
+            o.replication = None;
+        }
+        s.record("db3", standalone.clone(), t0);
+        assert_eq!(s.rejoin_due(t0), ["db3"]);
+        // Writable: fenced first, not rejoined yet.
+        s.record("db3", primary(9), t0);
+        assert!(s.rejoin_due(t0).is_empty());
+        s.record("db3", standalone.clone(), t0);
+        s.rejoin.insert(
+            "db3".into(),
+            Rejoin::Checking {
+                primary: "db1".into(),
+            },
+        );
+        assert!(s.rejoin_due(t0).is_empty(), "one check at a time");
+        let errant = Rejoin::Errant {
+            primary: "db1".into(),
+            binlog_pos: "0-1-9".into(),
+            gtids: "0-3-10".into(),
+        };
+        s.rejoin.insert("db3".into(), errant);
+        assert!(
+            s.rejoin_due(t0).is_empty(),
+            "errant: not again until it moves"
+        );
+        let mut moved = standalone.clone();
+        if let Ok(o) = &mut moved {
+            o.gtid_binlog_pos = "0-1-10".into();
+        }
+        s.record("db3", moved, t0);
+        assert_eq!(s.rejoin_due(t0), ["db3"]);
+        // Off without the key; and not right after a promotion of ours.
+        s.pool.auto_rejoin = false;
+        assert!(s.rejoin_due(t0).is_empty());
+        s.pool.auto_rejoin = true;
+        s.promoted("db1", t0);
+        assert!(s.rejoin_due(t0).is_empty());
+        assert_eq!(s.rejoin_due(t0 + Duration::from_secs(3)), ["db3"]);
     }
 
     #[test]

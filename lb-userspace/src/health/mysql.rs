@@ -65,44 +65,18 @@ impl Replication {
     }
 }
 
-impl Observation {
-    /// The sum of the sequence numbers of a GTID position: which of two
-    /// replicas of one primary has applied more (`0-1-120,1-2-7` → 127).
-    pub fn applied(&self) -> u64 {
-        gtid_progress(&self.gtid_slave_pos).max(gtid_progress(&self.gtid_binlog_pos))
-    }
-}
-
-/// The sum of the sequence numbers of a GTID position list.
-pub fn gtid_progress(pos: &str) -> u64 {
-    pos.split(',')
-        .filter_map(|gtid| gtid.trim().rsplit('-').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Whether GTID position `applied` has every transaction of `received`:
 /// for each replication domain of `received`, `applied` has that domain at
 /// the same or a later sequence number (`0-1-120` covers `0-1-118`).
 pub fn gtid_covers(applied: &str, received: &str) -> bool {
-    let parse = |pos: &str| -> Option<Vec<(u32, u64)>> {
-        pos.split(',')
-            .map(str::trim)
-            .filter(|g| !g.is_empty())
-            .map(|g| {
-                let mut parts = g.split('-');
-                let domain = parts.next()?.parse().ok()?;
-                let _server = parts.next()?;
-                let seq = parts.next()?.parse().ok()?;
-                parts.next().is_none().then_some((domain, seq))
-            })
-            .collect()
-    };
-    let (Some(applied), Some(received)) = (parse(applied), parse(received)) else {
-        return false;
-    };
-    received
-        .iter()
-        .all(|(d, n)| applied.iter().any(|(ad, an)| ad == d && an >= n))
+    use crate::db::gtid::Position;
+    match (
+        Position::furthest([applied]),
+        Position::furthest([received]),
+    ) {
+        (Ok(applied), Ok(received)) => applied.covers(&received),
+        _ => false,
+    }
 }
 
 /// Why a login did not happen.
@@ -266,14 +240,6 @@ pub fn reason(e: &mysql_async::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gtid_progress_sums_the_domains() {
-        assert_eq!(gtid_progress(""), 0);
-        assert_eq!(gtid_progress("0-1-120"), 120);
-        assert_eq!(gtid_progress("0-1-120,1-2-7"), 127);
-        assert_eq!(gtid_progress("garbage"), 0);
-    }
 
     #[test]
     fn replication_qualifies_only_with_both_threads_and_little_lag() {

@@ -40,6 +40,7 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
     let routed = Family::<Labels, Gauge>::default();
     let writer = Family::<Labels, Gauge>::default();
     let refused = Family::<Labels, Counter>::default();
+    let errant = Family::<Labels, Gauge>::default();
     for p in pools {
         writer
             .get_or_create(&labels(&[("pool", &p.name)]))
@@ -59,6 +60,15 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
                     ("role", name),
                 ]))
                 .set(i64::from(m.role == r));
+            }
+            if let Some(gtids) = &m.errant_gtids {
+                errant
+                    .get_or_create(&labels(&[
+                        ("pool", &p.name),
+                        ("member", &m.name),
+                        ("gtids", gtids),
+                    ]))
+                    .set(i64::try_from(gtids.split(',').count()).unwrap_or(i64::MAX));
             }
             if let Some(l) = m.lag_seconds {
                 lag.get_or_create(&member)
@@ -105,6 +115,12 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
         "Members refused as a second writer (writable beside the primary) since the agent started",
         refused,
     );
+    registry.register(
+        "lb_db_member_errant_gtids",
+        "auto-rejoin kept the member out: the GTIDs (label gtids) it holds that the primary lacks, \
+         one per domain and server",
+        errant,
+    );
 }
 
 /// A pool as the tests see it: db1 the primary (write service), db2 a
@@ -123,6 +139,8 @@ pub(super) fn sample_pool() -> PoolStatus {
         lag_seconds: lag,
         routed_by,
         last_check: Some("ok".into()),
+        rejoin: None,
+        errant_gtids: None,
     };
     PoolStatus {
         name: "db".into(),
@@ -148,11 +166,21 @@ pub(super) fn sample_pool() -> PoolStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::MemberStatus;
 
     #[test]
     fn a_pool_shows_roles_lag_and_routing() {
+        let mut pool = sample_pool();
+        let db3 = MemberStatus {
+            name: "db3".into(),
+            rejoin: Some("kept out: errant GTIDs 0-3-11 (not in db1's binlog)".into()),
+            errant_gtids: Some("0-3-11".into()),
+            routed_by: vec![],
+            ..pool.members[1].clone()
+        };
+        pool.members.push(db3);
         let mut registry = Registry::default();
-        register(&mut registry, &[sample_pool()]);
+        register(&mut registry, &[pool]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for line in [
@@ -163,6 +191,7 @@ mod tests {
             "lb_db_member_routed{pool=\"db\",member=\"db1\",service=\"db-read\"} 0",
             "lb_db_pool_has_writer{pool=\"db\"} 1",
             "lb_db_second_writers_total{pool=\"db\"} 2",
+            "lb_db_member_errant_gtids{pool=\"db\",member=\"db3\",gtids=\"0-3-11\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

@@ -14,9 +14,13 @@ fn pool(extra: &str) -> String {
 
 #[test]
 fn a_pool_becomes_a_write_and_a_read_service() {
-    let cfg = parse_ok(&pool("max-lag = \"3s\"\nauto-failover = \"10s\"\n"));
+    let cfg = parse_ok(&pool(
+        "max-lag = \"3s\"\nauto-failover = \"10s\"\nauto-rejoin = true\n",
+    ));
     assert_eq!(cfg.pools.len(), 1);
     let p = &cfg.pools[0];
+    assert!(p.auto_rejoin);
+    assert!(!parse_ok(&pool("")).pools[0].auto_rejoin, "off by default");
     assert_eq!(p.max_lag, Duration::from_secs(3));
     assert_eq!(p.auto_failover, Some(Duration::from_secs(10)));
     assert!(p.primary_fallback);
