@@ -36,10 +36,13 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build and run `lb` with the given arguments (e.g. `-- run --config config/foobar.toml`)
+    /// Build `lb` (release) and run it with the given arguments
+    /// (`cargo xtask run -- run --config FILE [--netns NAME]`); without
+    /// arguments, print how to run it on a host or in the lab
     Run {
+        /// A debug build instead (faster to build, slower to forward)
         #[arg(long)]
-        release: bool,
+        debug: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -72,8 +75,12 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(&root),
         Task::Build { release } => build(&root, release).map(|_| ()),
-        Task::Run { release, args } => {
-            let lb = build(&root, release)?;
+        Task::Run { debug, args } => {
+            if args.is_empty() {
+                eprint!("{RUN_USAGE}");
+                std::process::exit(2);
+            }
+            let lb = build(&root, !debug)?;
             run(Command::new(lb).args(args))
         }
         Task::Test { args } => test(&root, &args),
@@ -99,6 +106,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// What `cargo xtask run` without arguments prints: the two places `lb`
+/// runs (a host, the lab's namespace) and the config each one takes.
+const RUN_USAGE: &str = "\
+usage: cargo xtask run [--debug] -- run --config FILE [--netns NAME]
+  (builds target/release/lb and runs it as root with the arguments after `--`)
+
+  on this host (interfaces, VIPs and backends of your own; see docs/deployment.md):
+    cp config/host-example.toml /etc/lb/lb.toml    # then edit interfaces, VIPs, backends
+    cargo xtask run -- doctor --config /etc/lb/lb.toml
+    cargo xtask run -- run --config /etc/lb/lb.toml
+
+  in the lab (the demo's namespaces; config/foobar.toml names their interfaces):
+    cargo xtask lab up
+    cargo xtask run -- run --netns foobar-lb --config config/foobar.toml \\
+        --socket /run/lb-lab/foobar/lb.sock --pin-dir /sys/fs/bpf/lb-lab-foobar
+
+  any other command: cargo xtask run -- --help
+";
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = env::var_os("CARGO_MANIFEST_DIR").context("run this through `cargo xtask`")?;
