@@ -11,6 +11,8 @@
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
+//! - `doctor`: `lb doctor` and `lb run`'s host checks: facts read from the
+//!   host (netlink, ethtool, /proc), findings computed from them (pure).
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
 //! - `logging`: human or JSON log lines (`--log-format`).
@@ -28,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod db;
+pub mod doctor;
 pub mod explain;
 pub mod harness;
 pub mod health;

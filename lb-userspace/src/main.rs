@@ -98,6 +98,10 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check the host against a config: XDP mode of each interface,
+    /// forwarding and rp_filter, VIPs on lo, veth offloads, MTU, bpffs,
+    /// backends' neighbour entries; each finding with its fix
+    Doctor(lb_userspace::doctor::DoctorArgs),
     /// Check a config file without touching the kernel
     Validate {
         /// The TOML config to check
@@ -278,6 +282,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Doctor(args) => lb_userspace::doctor::run(args),
         Command::Validate { file } => {
             let cfg = config::load(&file)?;
             println!(
