@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use lb_userspace::{
     agent, config,
@@ -117,6 +117,15 @@ enum Command {
     Pktgen(pktgen::PktgenArgs),
     /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
     Bench(bench::BenchArgs),
+    /// Write the man pages (DIR/man/lb.1, lb-SUBCOMMAND.1) and shell
+    /// completions (DIR/completions: bash, zsh, fish) from these clap
+    /// definitions; `cargo xtask package` puts them in the Debian package
+    #[command(hide = true)]
+    GenerateAssets {
+        /// The directory to write into
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -297,5 +306,46 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::LabServe(args) => lab::serve(args),
         Command::Pktgen(args) => pktgen::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::GenerateAssets { out } => generate_assets(&out),
     }
+}
+
+/// Man pages and completions, generated from the CLI's own definitions so
+/// they never drift from it.
+fn generate_assets(out: &std::path::Path) -> anyhow::Result<()> {
+    let cli = Cli::command();
+    let man = out.join("man");
+    std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
+    let mut pages = vec![("lb".to_owned(), cli.clone())];
+    pages.extend(
+        cli.get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| (format!("lb-{}", c.get_name()), c.clone())),
+    );
+    for (title, cmd) in pages {
+        let path = man.join(format!("{title}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(title.to_uppercase())
+            .render(&mut page)
+            .with_context(|| format!("rendering {}", path.display()))?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)
+        .with_context(|| format!("creating {}", completions.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "lb", &completions)
+            .with_context(|| format!("writing the {shell} completions"))?;
+    }
+    println!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The files under deploy/: the systemd unit passes `systemd-analyze
-//! verify` (with `/usr/local/bin/lb` pointed at the binary under test, since
+//! verify` (with `/usr/bin/lb` pointed at the binary under test, since
 //! verify checks that every command exists) and keeps the properties the
 //! README promises; config/host-example.toml passes `lb validate`. The Grafana dashboard is checked against the metrics
 //! renderer by a host test in lb-userspace (`metrics::render::tests`).
@@ -21,8 +21,8 @@ fn systemd_unit_keeps_the_data_plane_across_restarts() -> Result<()> {
         "After=network-online.target",
         "Wants=network-online.target",
         "ExecStartPre=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf'",
-        "ExecStart=/usr/local/bin/lb run --config /etc/lb/lb.toml",
-        "ExecReload=/usr/local/bin/lb reload",
+        "ExecStart=/usr/bin/lb run --config /etc/lb/lb.toml",
+        "ExecReload=/usr/bin/lb reload",
         "Restart=always",
         "KillMode=process",
         "RuntimeDirectory=lb",
@@ -44,7 +44,7 @@ fn systemd_unit_verifies() -> Result<()> {
     let unit = dir.join("lb.service");
     fs::write(
         &unit,
-        unit_text()?.replace("/usr/local/bin/lb", &lb.display().to_string()),
+        unit_text()?.replace("/usr/bin/lb", &lb.display().to_string()),
     )?;
     let out = Command::new("systemd-analyze")
         .arg("verify")
