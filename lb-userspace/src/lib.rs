@@ -19,6 +19,7 @@
 //! - `metrics`: the monitoring listener: `/metrics`, the status page,
 //!   `/status.json`.
 //! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
+//! - `capture`: `lb capture`, frames as the data plane leaves them, as pcap.
 //! - `harness`: what builds networks, generates traffic and measures, not
 //!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
 //!   their netns and XDP helpers. It depends on the product, never the
@@ -26,6 +27,7 @@
 
 pub mod agent;
 pub mod announce;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dataplane;

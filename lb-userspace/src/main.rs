@@ -87,6 +87,9 @@ enum Command {
     /// Live events of packets the data plane does not forward: verdict,
     /// 5-tuple, service id (switched on while it runs; one tracer at a time)
     Trace(lb_userspace::trace::TraceArgs),
+    /// Frames the data plane forwards (with --drops, also those it does
+    /// not) as they leave XDP, filtered, as pcap (`-w - | tcpdump -r -`)
+    Capture(lb_userspace::capture::CaptureArgs),
     /// Detach the pinned data plane and remove its pins (stopping the agent
     /// alone leaves it forwarding)
     Teardown {
@@ -255,6 +258,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => lb_userspace::trace::run(args),
+        Command::Capture(args) => lb_userspace::capture::run(args),
         Command::Teardown { pin_dir, config } => {
             // Never under a running agent: it would keep writing maps that
             // no longer forward anything.

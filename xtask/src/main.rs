@@ -196,6 +196,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("chromium", "/usr/bin/chromium"),
     // `systemd-analyze verify` of deploy/lb.service (tests/tests/deploy.rs).
     ("systemd", "/usr/bin/systemd-analyze"),
+    // What the backend saw, next to `lb capture` (tests/tests/capture.rs).
+    ("tcpdump", "/usr/bin/tcpdump"),
     // The Debian package's test inspects it (tests/tests/package.rs).
     ("lintian", "/usr/bin/lintian"),
     // The lab's database tier: real MariaDB servers with GTID replication
