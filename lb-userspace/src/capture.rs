@@ -204,10 +204,18 @@ pub struct Capturer {
 impl Capturer {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let pin = |name| open_pinned(pin_dir, name, "capture");
+        Self::from_maps(pin("CAPTURE")?, pin("CAPTURE_ON")?)
+    }
+
+    /// Opens the maps of a loaded data plane (tests, the benchmark).
+    pub fn of(dp: &crate::dataplane::Dataplane) -> anyhow::Result<Self> {
+        Self::from_maps(dp.map_data("CAPTURE")?, dp.map_data("CAPTURE_ON")?)
+    }
+
+    fn from_maps(records: MapData, switch: MapData) -> anyhow::Result<Self> {
         Ok(Capturer {
-            records: RingBuf::try_from(Map::RingBuf(pin("CAPTURE")?))
-                .context("CAPTURE ring buffer")?,
-            switch: Array::try_from(Map::Array(pin("CAPTURE_ON")?)).context("CAPTURE_ON")?,
+            records: RingBuf::try_from(Map::RingBuf(records)).context("CAPTURE ring buffer")?,
+            switch: Array::try_from(Map::Array(switch)).context("CAPTURE_ON")?,
             on: false,
         })
     }
