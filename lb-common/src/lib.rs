@@ -5,6 +5,7 @@
 //! feature adds the `aya::Pod` impls and the allocating ring builders.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+pub mod capture;
 pub mod checksum;
 pub mod flow;
 pub mod hash;

@@ -43,6 +43,7 @@
 #![allow(internal_features)]
 
 mod bench;
+mod capture;
 mod firewall;
 mod flows;
 mod frag;
@@ -51,6 +52,7 @@ mod icmp;
 mod schedule;
 mod trace;
 
+use capture::capture;
 use firewall::firewall;
 use flows::Table;
 use schedule::schedule;
@@ -120,6 +122,8 @@ pub fn lb(ctx: XdpContext) -> u32 {
     if !verdict.reason.is_forwarded() {
         trace(&ctx, verdict.reason);
     }
+    // `lb capture`: one lookup and one branch while no capture runs.
+    capture(&ctx, verdict.reason);
     verdict.action
 }
 

@@ -144,7 +144,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 25] = [
+pub const LB_MAPS: [&str; 27] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -170,6 +170,8 @@ pub const LB_MAPS: [&str; 25] = [
     "FW_ALLOW",
     "FW_RULE_STATS",
     "FW_BUCKETS",
+    "CAPTURE_ON",
+    "CAPTURE",
 ];
 
 /// What the agent reports about one applied service.

@@ -45,7 +45,7 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
 
 // `f_type` is i64 here but of another width on other architectures.
 #[allow(clippy::unnecessary_cast)]
-fn is_bpffs(path: &Path) -> bool {
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|st| st.f_type as i64 == BPF_FS_MAGIC)
 }
 

@@ -11,12 +11,15 @@
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
 //! - `control`: the control socket protocol and the CLI's client side.
 //! - `health`: TCP/HTTP health checks with rise/fall.
+//! - `doctor`: `lb doctor` and `lb run`'s host checks: facts read from the
+//!   host (netlink, ethtool, /proc), findings computed from them (pure).
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
 //! - `logging`: human or JSON log lines (`--log-format`).
 //! - `metrics`: the monitoring listener: `/metrics`, the status page,
 //!   `/status.json`.
 //! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
+//! - `capture`: `lb capture`, frames as the data plane leaves them, as pcap.
 //! - `harness`: what builds networks, generates traffic and measures, not
 //!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
 //!   their netns and XDP helpers. It depends on the product, never the
@@ -24,10 +27,12 @@
 
 pub mod agent;
 pub mod announce;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod db;
+pub mod doctor;
 pub mod explain;
 pub mod harness;
 pub mod health;

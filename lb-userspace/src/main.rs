@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use lb_userspace::{
     agent, config,
@@ -87,6 +87,9 @@ enum Command {
     /// Live events of packets the data plane does not forward: verdict,
     /// 5-tuple, service id (switched on while it runs; one tracer at a time)
     Trace(lb_userspace::trace::TraceArgs),
+    /// Frames the data plane forwards (with --drops, also those it does
+    /// not) as they leave XDP, filtered, as pcap (`-w - | tcpdump -r -`)
+    Capture(lb_userspace::capture::CaptureArgs),
     /// Detach the pinned data plane and remove its pins (stopping the agent
     /// alone leaves it forwarding)
     Teardown {
@@ -99,6 +102,10 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check the host against a config: XDP mode of each interface,
+    /// forwarding and rp_filter, VIPs on lo, veth offloads, MTU, bpffs,
+    /// backends' neighbour entries; each finding with its fix
+    Doctor(lb_userspace::doctor::DoctorArgs),
     /// Check a config file without touching the kernel
     Validate {
         /// The TOML config to check
@@ -114,6 +121,15 @@ enum Command {
     Pktgen(pktgen::PktgenArgs),
     /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
     Bench(bench::BenchArgs),
+    /// Write the man pages (DIR/man/lb.1, lb-SUBCOMMAND.1) and shell
+    /// completions (DIR/completions: bash, zsh, fish) from these clap
+    /// definitions; `cargo xtask package` puts them in the Debian package
+    #[command(hide = true)]
+    GenerateAssets {
+        /// The directory to write into
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -245,6 +261,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => lb_userspace::trace::run(args),
+        Command::Capture(args) => lb_userspace::capture::run(args),
         Command::Teardown { pin_dir, config } => {
             // Never under a running agent: it would keep writing maps that
             // no longer forward anything.
@@ -270,6 +287,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Doctor(args) => lb_userspace::doctor::run(args),
         Command::Validate { file } => {
             let cfg = config::load(&file)?;
             println!(
@@ -284,6 +302,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::LabServe(args) => lab::serve(args),
         Command::Pktgen(args) => pktgen::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::GenerateAssets { out } => generate_assets(&out),
     }
 }
 
@@ -328,5 +347,45 @@ fn withdraw_for_teardown(
         println!("withdrew every VIP from BGP ({})", a.include.display());
     }
     Record::remove(records, pin_dir).context("removing the announcement record")?;
+    Ok(())
+}
+
+/// Man pages and completions, generated from the CLI's own definitions so
+/// they never drift from it.
+fn generate_assets(out: &std::path::Path) -> anyhow::Result<()> {
+    let cli = Cli::command();
+    let man = out.join("man");
+    std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
+    let mut pages = vec![("lb".to_owned(), cli.clone())];
+    pages.extend(
+        cli.get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| (format!("lb-{}", c.get_name()), c.clone())),
+    );
+    for (title, cmd) in pages {
+        let path = man.join(format!("{title}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(title.to_uppercase())
+            .render(&mut page)
+            .with_context(|| format!("rendering {}", path.display()))?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)
+        .with_context(|| format!("creating {}", completions.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "lb", &completions)
+            .with_context(|| format!("writing the {shell} completions"))?;
+    }
+    println!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
     Ok(())
 }

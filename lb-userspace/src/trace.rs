@@ -60,18 +60,7 @@ pub struct Tracer {
 impl Tracer {
     /// Opens the pinned maps under `pin_dir`.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        let pin = |name: &str| -> anyhow::Result<MapData> {
-            let path = pin_dir.join(name);
-            if !path.exists() {
-                bail!(
-                    "no {name} map pinned under {}: is `lb run --pin-dir {}` running (a version \
-                     with drop tracing)?",
-                    pin_dir.display(),
-                    pin_dir.display()
-                );
-            }
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
-        };
+        let pin = |name| open_pinned(pin_dir, name, "drop tracing");
         Self::from_maps(pin("TRACE")?, pin("TRACE_ON")?)
     }
 
@@ -131,20 +120,7 @@ impl Tracer {
         if let Some(ev) = self.take() {
             return Ok(Some(ev));
         }
-        let mut fds = libc::pollfd {
-            fd: self.events.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut fds, 1, ms) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err).context("polling the TRACE ring buffer");
-            }
-        }
+        wait_readable(self.events.as_fd(), timeout).context("polling the TRACE ring buffer")?;
         Ok(self.take())
     }
 
@@ -172,6 +148,79 @@ impl Drop for Tracer {
             let _ = self.set(TraceConf::default());
         }
     }
+}
+
+/// A pinned map of the data plane under `pin_dir`; `feature` names what
+/// needs it when it is missing (an agent of an older version).
+pub(crate) fn open_pinned(pin_dir: &Path, name: &str, feature: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "no {name} map pinned under {}: is `lb run --pin-dir {}` running (a version with \
+             {feature})?",
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// When a reader of the data plane's ring buffer stops: `--duration`
+/// seconds from now (if given), and a flag SIGINT and SIGTERM raise.
+pub(crate) fn deadline_and_stop(
+    duration: Option<f64>,
+) -> anyhow::Result<(Option<Instant>, Arc<AtomicBool>)> {
+    let deadline = match duration {
+        Some(s) if !(s.is_finite() && s > 0.0) => bail!("--duration must be a positive number"),
+        Some(s) => Some(
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .and_then(|d| Instant::now().checked_add(d))
+                .context("--duration is too long")?,
+        ),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("signal handler")?;
+    }
+    Ok((deadline, stop))
+}
+
+/// How long to wait for the next records: 100 ms, less near the deadline;
+/// `None` once it has passed.
+pub(crate) fn next_wait(deadline: Option<Instant>) -> Option<Duration> {
+    let step = Duration::from_millis(100);
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(step))
+        }
+        None => Some(step),
+    }
+}
+
+/// Waits at most `timeout` for `fd` (a ring buffer) to have data; a signal
+/// ends the wait early without an error.
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let mut fds = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut fds, 1, ms) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// The verdict mask for `--verdict` names (empty: the default set).
@@ -286,20 +335,7 @@ fn clock() -> String {
 /// `lb trace`.
 pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mask = verdict_mask(&args.verdicts)?;
-    let deadline = match args.duration {
-        Some(s) if !(s.is_finite() && s > 0.0) => bail!("--duration must be a positive number"),
-        Some(s) => Some(
-            Duration::try_from_secs_f64(s)
-                .ok()
-                .and_then(|d| Instant::now().checked_add(d))
-                .context("--duration is too long")?,
-        ),
-        None => None,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let (deadline, stop) = deadline_and_stop(args.duration)?;
     let mut tracer = Tracer::open(&args.pin_dir)?;
     // Events left from an earlier tracer are not this one's.
     let stale = tracer.drain().len();
@@ -322,15 +358,8 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut seen = 0u64;
     let outcome = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) && args.count.is_none_or(|n| seen < n) {
-            let wait = match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    left.min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
+            let Some(wait) = next_wait(deadline) else {
+                break;
             };
             let Some(ev) = tracer.next(wait)? else {
                 continue;

@@ -1,7 +1,7 @@
 //! The files under deploy/: the systemd unit passes `systemd-analyze
-//! verify` (with `/usr/local/bin/lb` pointed at the binary under test, since
+//! verify` (with `/usr/bin/lb` pointed at the binary under test, since
 //! verify checks that every command exists) and keeps the properties the
-//! README promises. The Grafana dashboard is checked against the metrics
+//! README promises; config/host-example.toml passes `lb validate`. The Grafana dashboard is checked against the metrics
 //! renderer by a host test in lb-userspace (`metrics::render::tests`).
 
 use std::{fs, path::Path, process::Command};
@@ -21,8 +21,8 @@ fn systemd_unit_keeps_the_data_plane_across_restarts() -> Result<()> {
         "After=network-online.target",
         "Wants=network-online.target",
         "ExecStartPre=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf'",
-        "ExecStart=/usr/local/bin/lb run --config /etc/lb/lb.toml",
-        "ExecReload=/usr/local/bin/lb reload",
+        "ExecStart=/usr/bin/lb run --config /etc/lb/lb.toml",
+        "ExecReload=/usr/bin/lb reload",
         "Restart=always",
         "KillMode=process",
         "RuntimeDirectory=lb",
@@ -69,7 +69,7 @@ fn systemd_unit_verifies() -> Result<()> {
     let unit = dir.join("lb.service");
     fs::write(
         &unit,
-        unit_text()?.replace("/usr/local/bin/lb", &lb.display().to_string()),
+        unit_text()?.replace("/usr/bin/lb", &lb.display().to_string()),
     )?;
     let out = Command::new("systemd-analyze")
         .arg("verify")
@@ -83,6 +83,30 @@ fn systemd_unit_verifies() -> Result<()> {
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify deploy/lb.service: {}\n{stderr}",
         out.status
+    );
+    Ok(())
+}
+
+/// The host guide's example config (docs/deployment.md) passes `lb validate`
+/// as a user runs it.
+#[test]
+fn host_example_config_validates() -> Result<()> {
+    let lb = std::env::var("LB_BIN").context(
+        "LB_BIN is not set: run the tests with `cargo xtask test`, which builds lb and sets it",
+    )?;
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/host-example.toml");
+    let out = Command::new(&lb)
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .with_context(|| format!("running {lb} validate"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains(": ok (2 service(s), 5 backend(s))"),
+        "lb validate {}: {}\n{stdout}{}",
+        config.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }

@@ -36,10 +36,13 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build and run `lb` with the given arguments (e.g. `-- run --config config/foobar.toml`)
+    /// Build `lb` (release) and run it with the given arguments
+    /// (`cargo xtask run -- run --config FILE [--netns NAME]`); without
+    /// arguments, print how to run it on a host or in the lab
     Run {
+        /// A debug build instead (faster to build, slower to forward)
         #[arg(long)]
-        release: bool,
+        debug: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -59,6 +62,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Build the Debian package (cargo-deb): /usr/bin/lb, the systemd unit,
+    /// /etc/lb/lb.toml, man pages and shell completions
+    Package {
+        /// Package the debug build instead of the release one (the package
+        /// test does: no release build needed)
+        #[arg(long)]
+        debug: bool,
+        /// Directory for the .deb (default target/debian)
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Benchmarks: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -72,11 +86,16 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(&root),
         Task::Build { release } => build(&root, release).map(|_| ()),
-        Task::Run { release, args } => {
-            let lb = build(&root, release)?;
+        Task::Run { debug, args } => {
+            if args.is_empty() {
+                eprint!("{RUN_USAGE}");
+                std::process::exit(2);
+            }
+            let lb = build(&root, !debug)?;
             run(Command::new(lb).args(args))
         }
         Task::Test { args } => test(&root, &args),
+        Task::Package { debug, output } => package(&root, !debug, output).map(|_| ()),
         Task::Lab { args } => lb_verb(&root, "lab", &args),
         Task::Demo { args } => {
             let mut demo: Vec<OsString> = vec!["demo".into()];
@@ -99,6 +118,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// What `cargo xtask run` without arguments prints: the two places `lb`
+/// runs (a host, the lab's namespace) and the config each one takes.
+const RUN_USAGE: &str = "\
+usage: cargo xtask run [--debug] -- run --config FILE [--netns NAME]
+  (builds target/release/lb and runs it as root with the arguments after `--`)
+
+  on this host (interfaces, VIPs and backends of your own; see docs/deployment.md):
+    cp config/host-example.toml /etc/lb/lb.toml    # then edit interfaces, VIPs, backends
+    cargo xtask run -- doctor --config /etc/lb/lb.toml
+    cargo xtask run -- run --config /etc/lb/lb.toml
+
+  in the lab (the demo's namespaces; config/foobar.toml names their interfaces):
+    cargo xtask lab up
+    cargo xtask run -- run --netns foobar-lb --config config/foobar.toml \\
+        --socket /run/lb-lab/foobar/lb.sock --pin-dir /sys/fs/bpf/lb-lab-foobar
+
+  any other command: cargo xtask run -- --help
+";
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = env::var_os("CARGO_MANIFEST_DIR").context("run this through `cargo xtask`")?;
@@ -158,6 +196,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("chromium", "/usr/bin/chromium"),
     // `systemd-analyze verify` of deploy/lb.service (tests/tests/deploy.rs).
     ("systemd", "/usr/bin/systemd-analyze"),
+    // What the backend saw, next to `lb capture` (tests/tests/capture.rs).
+    ("tcpdump", "/usr/bin/tcpdump"),
+    // The Debian package's test inspects it (tests/tests/package.rs).
+    ("lintian", "/usr/bin/lintian"),
     // The lab's database tier: real MariaDB servers with GTID replication
     // (lab db1..db3, tests/tests/db.rs) and the client for their setup.
     ("mariadb-server", "/usr/sbin/mariadbd"),
@@ -199,7 +241,18 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
+    if cargo_deb().is_some() {
+        eprintln!("xtask setup: cargo-deb present");
+    } else {
+        eprintln!("xtask setup: installing cargo-deb (a few minutes)");
+        run(Command::new("cargo").args(["install", "--locked", "cargo-deb"]))?;
+    }
     Ok(())
+}
+
+/// `cargo-deb`, which `cargo xtask package` builds the Debian package with.
+fn cargo_deb() -> Option<PathBuf> {
+    tool_in_cargo_home_or_path("cargo-deb")
 }
 
 fn cargo_home_bin() -> Option<PathBuf> {
@@ -210,12 +263,16 @@ fn cargo_home_bin() -> Option<PathBuf> {
 }
 
 fn bpf_linker() -> Option<PathBuf> {
+    tool_in_cargo_home_or_path("bpf-linker")
+}
+
+fn tool_in_cargo_home_or_path(tool: &str) -> Option<PathBuf> {
     let in_cargo_home = cargo_home_bin()
-        .map(|b| b.join("bpf-linker"))
+        .map(|b| b.join(tool))
         .filter(|p| p.exists());
     in_cargo_home.or_else(|| {
         env::split_paths(&env::var_os("PATH")?)
-            .map(|d| d.join("bpf-linker"))
+            .map(|d| d.join(tool))
             .find(|p| p.exists())
     })
 }
@@ -346,13 +403,22 @@ fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
     setup()?;
     let lb = build(root, false)?;
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask test: host, kernel (BPF_PROG_TEST_RUN) and end-to-end tiers");
-    run(Command::new(&cargo)
+    let mut cargo_test = Command::new(&cargo);
+    cargo_test
         .current_dir(root)
         .arg("test")
         .args(args)
         .env("LB_EBPF_OBJECT", ebpf_object(root))
-        .env("LB_BIN", &lb))?;
+        .env("LB_BIN", &lb);
+    // The package test (tests/tests/package.rs) installs the Debian package
+    // of this same debug build (LB_DEB); built only for runs that may
+    // include it, since a filtered run would not use it.
+    if args.is_empty() || args.iter().any(|a| a.to_string_lossy().contains("package")) {
+        let dir = root.join("target/package-debug/debian");
+        cargo_test.env("LB_DEB", package(root, false, Some(dir))?);
+    }
+    eprintln!("xtask test: host, kernel (BPF_PROG_TEST_RUN) and end-to-end tiers");
+    run(&mut cargo_test)?;
     if args.is_empty() {
         eprintln!("xtask test: lints");
         run(Command::new(&cargo)
@@ -364,4 +430,82 @@ fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
             .env("LB_EBPF_OBJECT", ebpf_object(root)))?;
     }
     Ok(())
+}
+
+// ---- package ----
+
+/// Builds `lb` (release, or debug), its man pages and completions (from the
+/// clap definitions: `lb generate-assets`), and the Debian package with
+/// cargo-deb (`[package.metadata.deb]` in lb-userspace/Cargo.toml lists the
+/// files). Returns the .deb's path.
+///
+/// cargo-deb refuses the dev profile, so a debug package stages the debug
+/// binary as `release/lb` of a target dir of its own (target/package-debug)
+/// and points cargo-deb there: the same package, from the binary the tests
+/// already built, without a release build.
+fn package(root: &Path, release: bool, output: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let cargo_deb = match cargo_deb() {
+        Some(c) => c,
+        None => {
+            setup()?;
+            cargo_deb().context("cargo-deb is not installed after `cargo xtask setup`")?
+        }
+    };
+    let built = build(root, release)?;
+    let target_dir = if release {
+        root.join("target")
+    } else {
+        root.join("target/package-debug")
+    };
+    let profile_dir = target_dir.join("release");
+    if !release {
+        std::fs::create_dir_all(&profile_dir)
+            .with_context(|| format!("creating {}", profile_dir.display()))?;
+        let staged = profile_dir.join("lb");
+        let _ = std::fs::remove_file(&staged);
+        std::fs::hard_link(&built, &staged)
+            .or_else(|_| std::fs::copy(&built, &staged).map(drop))
+            .with_context(|| format!("staging {} as {}", built.display(), staged.display()))?;
+    }
+    let assets = profile_dir.join("lb-assets");
+    if assets.exists() {
+        std::fs::remove_dir_all(&assets)
+            .with_context(|| format!("removing {}", assets.display()))?;
+    }
+    run(Command::new(&built)
+        .arg("generate-assets")
+        .arg("--out")
+        .arg(&assets))?;
+    // Debian policy: man pages gzip-compressed, with no timestamp (-n).
+    let man = assets.join("man");
+    let mut gzip = Command::new("gzip");
+    gzip.args(["-9", "-n", "-f"]);
+    for page in std::fs::read_dir(&man).with_context(|| format!("reading {}", man.display()))? {
+        gzip.arg(page?.path());
+    }
+    run(&mut gzip)?;
+    let output = output.unwrap_or_else(|| root.join("target/debian"));
+    std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+    let mut cmd = Command::new(cargo_deb);
+    cmd.current_dir(root)
+        .args(["--package", "lb-userspace", "--no-build", "--output"])
+        .arg(&output)
+        // cargo-deb reads `target/release/` in the assets as this dir's.
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if !release {
+        // The test's package: stripped like the release one, compressed
+        // faster.
+        cmd.args(["--strip", "--fast"]);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", describe(&cmd)))?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{} failed ({})", describe(&cmd), out.status);
+    }
+    // cargo-deb prints the package's path on stdout.
+    let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    eprintln!("xtask: Debian package at {}", deb.display());
+    Ok(deb)
 }

@@ -76,6 +76,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.netns {
         host::enter_netns(name)?;
     }
+    // Before the runtime: the checks run one of their own (netlink).
+    crate::doctor::check_at_start(&cfg, &args.pin_dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -111,7 +113,6 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
-    check_forwarding(&cfg)?;
     host::ensure_lasting_bpffs(&args.pin_dir)?;
     host::secure_pin_dir(&args.pin_dir)?;
     let mut control_socket = ControlSocket::bind(&args.socket)?;
@@ -964,26 +965,6 @@ fn ring_changes(
             ))
         })
         .collect()
-}
-
-/// bpf_fib_lookup only forwards when the interface has forwarding enabled;
-/// without it every packet would fall back to the kernel.
-fn check_forwarding(cfg: &Config) -> anyhow::Result<()> {
-    for iface in &cfg.dataplane.interfaces {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-        let value = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "interface {iface}: cannot read {path} (does it exist in this network namespace?)"
-            )
-        })?;
-        if value.trim() != "1" {
-            bail!(
-                "interface {iface}: IPv4 forwarding is off; the load balancer forwards packets: \
-                 run `sysctl -w net.ipv4.ip_forward=1` (or net.ipv4.conf.{iface}.forwarding=1)"
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Sends one datagram to each backend's discard port so the kernel resolves

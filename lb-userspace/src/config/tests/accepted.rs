@@ -779,3 +779,32 @@ fn maglev_table_size_and_weights_with_the_hash_and_load_schedulers() {
     }
     assert_eq!(parse_ok(&text).services.len(), 16);
 }
+
+/// config/host-example.toml, the guide's starting point for a real host
+/// (docs/deployment.md): valid, and showing what the guide says it shows —
+/// both NAT and DSR, backups, health checks, a loopback-only listener.
+#[test]
+fn host_example_toml_parses() {
+    let config = parse_ok(include_str!("../../../../config/host-example.toml"));
+    assert_eq!(config.dataplane.interfaces, ["eth0", "eth1"]);
+    assert_eq!(config.dataplane.xdp_mode, XdpMode::Native);
+    assert_eq!(
+        config.monitoring,
+        Some(Monitoring {
+            listen: addr("127.0.0.1:9100")
+        })
+    );
+    let modes: Vec<(&str, Forwarding)> = config
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.forwarding))
+        .collect();
+    assert_eq!(
+        modes,
+        [("www", Forwarding::Nat), ("www-tls", Forwarding::Dsr)]
+    );
+    for s in &config.services {
+        assert!(s.health.is_some(), "{}: every service is checked", s.name);
+    }
+    assert!(config.services[0].backends.iter().any(|b| b.backup));
+}

@@ -13,6 +13,7 @@ use aya::{
 };
 use lb_common::{
     Counters, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, FwdConf, TRACE_DEFAULT_VERDICTS,
+    capture::{CAPTURE_FORWARDED, CAPTURE_NOT_FORWARDED, CaptureConf},
 };
 
 use super::net::{
@@ -20,6 +21,7 @@ use super::net::{
     new_flow_frames,
 };
 use crate::{
+    capture::Capturer,
     config::{Forwarding, Scheduler},
     dataplane::{Dataplane, TableSizes},
     harness::{
@@ -244,6 +246,9 @@ pub(super) enum NsProgram {
     },
     /// `lb` (DSR, 100 backends) with drop tracing off or on.
     LbTracing { packet: TracedPacket, on: bool },
+    /// `lb` (DSR, 100 backends), an established flow, with `lb capture`
+    /// off or on with a filter that matches nothing.
+    LbCapture { on: bool },
 }
 
 /// The packet of a drop-tracing cost row.
@@ -286,6 +291,15 @@ impl fmt::Display for NsProgram {
                 };
                 write!(f, "lb DSR (100 backends), {packet}, {tracing}")
             }
+            NsProgram::LbCapture { on } => write!(
+                f,
+                "lb DSR (100 backends), established flow, {}",
+                if *on {
+                    "capture on, filter matching nothing"
+                } else {
+                    "capture off"
+                }
+            ),
         }
     }
 }
@@ -635,6 +649,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
         });
     }
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
+    ns_rows.extend(capture_rows(lbin, repeat, reps)?);
     Ok(ns_rows)
 }
 
@@ -685,6 +700,49 @@ fn trace_rows(lbin: u32, repeat: u32, reps: usize) -> anyhow::Result<Vec<NsRow>>
         .collect();
     tracer.stop()?;
     Ok(rows)
+}
+
+/// ns/packet of `lb` (DSR) on an established flow with `lb capture` off,
+/// and on with a filter that takes nothing (a client prefix no packet
+/// has): what a capture costs the traffic it does not show.
+fn capture_rows(lbin: u32, repeat: u32, reps: usize) -> anyhow::Result<Vec<NsRow>> {
+    let mut dp = Dataplane::load(CONNTRACK)?;
+    dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
+    let mut capturer = Capturer::of(&dp)?;
+    let established = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    ns_per_packet(dp.program()?, &established, lbin, 1, Some(XDP_REDIRECT))?;
+    let nothing = CaptureConf {
+        what: CAPTURE_FORWARDED | CAPTURE_NOT_FORWARDED,
+        snaplen: 256,
+        // 203.0.113.0/24 (TEST-NET-3): no bench packet comes from it.
+        client: u32::from_ne_bytes([203, 0, 113, 0]),
+        client_mask: u32::from_ne_bytes([255, 255, 255, 0]),
+        ..CaptureConf::default()
+    };
+    // Off and on take turns within each round, as for drop tracing.
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..reps * 5 {
+        for (conf, samples) in [(CaptureConf::default(), &mut off), (nothing, &mut on)] {
+            capturer.start(conf)?;
+            let program = dp.program()?;
+            samples.push(ns_per_packet(
+                program,
+                &established,
+                lbin,
+                repeat,
+                Some(XDP_REDIRECT),
+            )?);
+        }
+    }
+    capturer.stop()?;
+    Ok([(false, off), (true, on)]
+        .into_iter()
+        .map(|(on, ns)| NsRow {
+            program: NsProgram::LbCapture { on },
+            method: NsMethod::Repeat(repeat),
+            ns: Stat::of(&ns),
+        })
+        .collect())
 }
 
 /// Prefixes the firewall cost rows load.

@@ -570,6 +570,19 @@ fn summary(r: &Report) -> String {
             );
         }
     }
+    let capture = |on| {
+        r.ns.iter()
+            .find(|row| row.program == NsProgram::LbCapture { on })
+    };
+    if let (Some(off), Some(on)) = (capture(false), capture(true)) {
+        let _ = writeln!(
+            s,
+            "- Capture, established flow: {:.1} ns/packet off, {:.1} ns on with a filter matching nothing ({:+.1} ns).",
+            off.ns.median,
+            on.ns.median,
+            on.ns.median - off.ns.median
+        );
+    }
     if let Ok(rows) = &r.http {
         for (load, _) in &r.wrk_loads {
             let find = |path: fn(&HttpPath) -> bool| {

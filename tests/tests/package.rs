@@ -1,0 +1,168 @@
+//! The Debian package as an operator meets it: `cargo xtask test` builds it
+//! with `cargo xtask package` from the debug build it tests (LB_DEB; the
+//! release package differs only in the binary's optimisation). Its contents
+//! and metadata are inspected (`dpkg-deb`, `lintian`), then it is installed
+//! with `dpkg -i`, used (`lb --version`, `man lb`, `systemd-analyze verify`
+//! of the installed unit, `lb validate` of the installed config) and purged,
+//! leaving nothing behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context, Result, ensure};
+use lb_tests::lb_bin;
+
+fn run(program: &str, args: &[&str]) -> Result<Output> {
+    Command::new(program)
+        .args(args)
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+        .with_context(|| format!("running {program} {}", args.join(" ")))
+}
+
+/// Stdout of a command that must succeed.
+fn ok(program: &str, args: &[&str]) -> Result<String> {
+    let out = run(program, args)?;
+    ensure!(
+        out.status.success(),
+        "{program} {}: {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn installed() -> Result<bool> {
+    Ok(run("dpkg-query", &["-W", "-f", "${Status}", "lb"])?
+        .stdout
+        .starts_with(b"install ok installed"))
+}
+
+/// Purges the package when the test ends, however it ends.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = run("dpkg", &["--purge", "lb"]);
+    }
+}
+
+#[test]
+fn debian_package_installs_works_and_purges() -> Result<()> {
+    lb_bin(); // root, and the tests' environment
+    let deb = PathBuf::from(std::env::var_os("LB_DEB").context(
+        "LB_DEB is not set: run the tests with `cargo xtask test`, which builds the package",
+    )?);
+    let deb_arg = deb.to_str().context("package path")?;
+    ensure!(
+        !installed()?,
+        "a package named lb is already installed on this host: not replacing it"
+    );
+
+    // What is in it.
+    let contents = ok("dpkg-deb", &["--contents", deb_arg])?;
+    for path in [
+        "./usr/bin/lb",
+        "./lib/systemd/system/lb.service",
+        "./etc/lb/lb.toml",
+        "./usr/share/man/man1/lb.1.gz",
+        "./usr/share/man/man1/lb-run.1.gz",
+        "./usr/share/man/man1/lb-doctor.1.gz",
+        "./usr/share/bash-completion/completions/lb",
+        "./usr/share/zsh/vendor-completions/_lb",
+        "./usr/share/fish/vendor_completions.d/lb.fish",
+        "./usr/share/doc/lb/deployment.md",
+        "./usr/share/doc/lb/copyright",
+    ] {
+        ensure!(
+            contents.lines().any(|l| l.ends_with(path)),
+            "{path} not in the package:\n{contents}"
+        );
+    }
+    let fields = ok(
+        "dpkg-deb",
+        &["--field", deb_arg, "Package", "Version", "Architecture"],
+    )?;
+    let version = env!("CARGO_PKG_VERSION");
+    ensure!(
+        fields.contains("Package: lb") && fields.contains(&format!("Version: {version}")),
+        "{fields}"
+    );
+    let conffiles = ok("dpkg-deb", &["--info", deb_arg, "conffiles"])?;
+    ensure!(
+        conffiles.trim() == "/etc/lb/lb.toml",
+        "the config is a conffile (an upgrade keeps the operator's edits): {conffiles}"
+    );
+    // No maintainer script: installing enables and starts nothing.
+    let info = ok("dpkg-deb", &["--info", deb_arg])?;
+    ensure!(
+        !info.contains("postinst") && !info.contains("prerm"),
+        "{info}"
+    );
+
+    // Debian's own checker: no error.
+    let lintian = run("lintian", &["--fail-on", "error", deb_arg])?;
+    let report = String::from_utf8_lossy(&lintian.stdout);
+    ensure!(
+        lintian.status.success() && !report.lines().any(|l| l.starts_with("E:")),
+        "lintian {}:\n{report}{}",
+        lintian.status,
+        String::from_utf8_lossy(&lintian.stderr)
+    );
+
+    // Installed.
+    let guard = Installed;
+    ok("dpkg", &["-i", deb_arg])?;
+    ensure!(installed()?, "dpkg -i did not install lb");
+    let version_line = ok("/usr/bin/lb", &["--version"])?;
+    ensure!(
+        version_line.trim() == format!("lb {version}"),
+        "{version_line}"
+    );
+    let man = ok("man", &["lb"])?;
+    ensure!(
+        man.contains("lb - XDP L4 load balancer") && man.contains("lb-doctor(1)"),
+        "man lb:\n{man}"
+    );
+    let man_doctor = ok("man", &["lb-doctor"])?;
+    ensure!(
+        man_doctor.contains("--config"),
+        "man lb-doctor:\n{man_doctor}"
+    );
+    let unit = Path::new("/lib/systemd/system/lb.service");
+    let verify = run(
+        "systemd-analyze",
+        &["verify", unit.to_str().context("unit path")?],
+    )?;
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    ensure!(
+        verify.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify {}: {}\n{stderr}",
+        unit.display(),
+        verify.status
+    );
+    let validate = ok("/usr/bin/lb", &["validate", "/etc/lb/lb.toml"])?;
+    ensure!(validate.contains(": ok ("), "{validate}");
+    let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/lb")?;
+    ensure!(
+        bash.contains("doctor"),
+        "the bash completions know the commands"
+    );
+
+    // Purged: nothing left, the conffile included.
+    drop(guard);
+    ensure!(!installed()?, "dpkg --purge left lb installed");
+    for path in [
+        "/usr/bin/lb",
+        "/etc/lb/lb.toml",
+        unit.to_str().unwrap_or(""),
+    ] {
+        ensure!(!Path::new(path).exists(), "{path} left after purge");
+    }
+    Ok(())
+}
