@@ -128,14 +128,26 @@ pub fn secure_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating {}", pin_dir.display())),
     }
+    check_pin_dir(
+        pin_dir,
+        &format!(
+            "Whoever can write there can remove the link pins and detach the data plane: \
+             remove it (`rm -r {}`) and let the agent create it, or pass another --pin-dir",
+            pin_dir.display()
+        ),
+    )
+}
+
+/// Refuses an existing pin directory that another user owns or could
+/// write to (the rule of [`secure_pin_dir`]), naming the problem and then
+/// `remedy`. `lb teardown` checks it too before it trusts what is pinned
+/// there: it runs as root and acts on whatever it finds.
+pub fn check_pin_dir(pin_dir: &Path, remedy: &str) -> anyhow::Result<()> {
     let meta =
         fs::symlink_metadata(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
     if let Some(problem) = pin_dir_problem(&meta, rustix::process::geteuid().as_raw()) {
         bail!(
-            "refusing pin dir {}: {problem}. Whoever can write there can remove the link \
-             pins and detach the data plane: remove it (`rm -r {}`) and let the agent create \
-             it, or pass another --pin-dir",
-            pin_dir.display(),
+            "refusing pin dir {}: {problem}. {remedy}",
             pin_dir.display()
         );
     }

@@ -263,10 +263,24 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Trace(args) => lb_userspace::trace::run(args),
         Command::Capture(args) => lb_userspace::capture::run(args),
         Command::Teardown { pin_dir, config } => {
+            // A pin dir another user owns or can write to may hold pins
+            // that are not the agent's (or lost the agent's): teardown,
+            // as root, acts on none of it.
+            let exists = std::fs::symlink_metadata(&pin_dir).is_ok();
+            if exists {
+                host::check_pin_dir(
+                    &pin_dir,
+                    &format!(
+                        "Whoever can write there may have removed or replaced the pins, so \
+                         teardown will not act on them: see what is there (`ls -la {0}`, \
+                         `bpftool link show`) and remove it by hand (`rm -r {0}`)",
+                        pin_dir.display()
+                    ),
+                )?;
+            }
             // Never under a running agent: it would keep writing maps that
             // no longer forward anything.
-            let _lock = pin_dir
-                .exists()
+            let _lock = exists
                 .then(|| {
                     host::PinLock::acquire(
                         &pin_dir,

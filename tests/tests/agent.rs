@@ -630,7 +630,8 @@ fn as_nobody(args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
 /// dir before the agent, the agent used it, and nobody then deleted the
 /// link pins: XDP detached. Now a pin dir another user owns (or others can
 /// write to) is refused, naming why; the agent's own is root's, 0700, and
-/// nobody's attacks on it fail while traffic flows on.
+/// nobody's attacks on it fail while traffic flows on. `lb teardown` refuses
+/// such a pin dir too.
 #[test]
 fn a_user_cannot_detach_the_data_plane() -> Result<()> {
     let prefix = prefix();
@@ -664,6 +665,24 @@ fn a_user_cannot_detach_the_data_plane() -> Result<()> {
         refused.contains("group or other users can write to it (mode 0777"),
         "{refused}"
     );
+    // `lb teardown` (root) acts on neither: what is pinned there may not
+    // be the agent's.
+    for (dir, problem) in [
+        (&squatted, "owned by uid 65534"),
+        (&shared, "group or other users can write to it (mode 0777"),
+    ] {
+        let out = Command::new(lb_bin())
+            .arg("teardown")
+            .arg("--pin-dir")
+            .arg(dir)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("refusing pin dir") && err.contains(problem),
+            "teardown of {}: {out:?}",
+            dir.display()
+        );
+    }
 
     let pins = bpffs.0.join("lb");
     let agent = lab.start_agent_pinned_at(&three_webs(), &pins)?;

@@ -400,6 +400,8 @@ fn lab_up_prints_the_labs_own_socket_and_pin_dir() -> Result<()> {
         "[firewall]",
         "health = ",
         "[[pool]]",
+        // The database only from the web servers.
+        "allow-from = [\"198.19.0.11\", \"198.19.0.12\", \"198.19.0.13\"]",
         "www-tls",
     ] {
         ensure!(
@@ -412,6 +414,7 @@ fn lab_up_prints_the_labs_own_socket_and_pin_dir() -> Result<()> {
         "  monitoring: ",
         "  firewall: ",
         "  database pool",
+        "only the webs may connect",
     ] {
         ensure!(text.contains(line), "no {line:?} line in:\n{text}");
     }

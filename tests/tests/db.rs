@@ -46,10 +46,16 @@ fn lab_with_databases() -> Result<Lab> {
     Ok(lab)
 }
 
-/// The www service (web1..web3) and the lab's pool.
+/// The www service (web1..web3), the monitoring listener (the status
+/// page the Chromium check reads) and the lab's pool, last: the tests
+/// append pool keys. Every reload of a scenario uses it, so `[monitoring]`
+/// (which a reload cannot change) stays as it started.
 fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
     let pool = pool_config(&run_dir(lab.prefix()), auto_failover);
-    format!("{}{pool}", three_webs())
+    format!(
+        "{}\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n{pool}",
+        three_webs()
+    )
 }
 
 fn pool(status: &Status) -> Result<PoolStatus> {
@@ -343,7 +349,7 @@ fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
 #[test]
 fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Result<()> {
     let lab = lab_with_databases()?;
-    let agent = lab.start_agent(&monitored(config(&lab, None)))?;
+    let agent = lab.start_agent(&config(&lab, None))?;
     let check = || -> Result<()> {
         wait_for_status(
             &lab,
@@ -530,13 +536,6 @@ fn refused_with(r: &lb_userspace::control::Response, needles: &[&str]) -> Result
 }
 
 /// `lb reload` of `text` written as the lab's config.
-/// The first scenario's agent also serves the status page: its config and
-/// every reload of it carry the `[monitoring]` table (a changed listener
-/// needs a restart, so a reload without it is refused).
-fn monitored(config: String) -> String {
-    format!("{config}\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n")
-}
-
 fn reload(lab: &Lab, text: &str) -> Result<lb_userspace::control::Response> {
     std::fs::write(lab.run_dir().join("lb.toml"), text)?;
     ask(lab, &Request::Reload)
@@ -615,10 +614,7 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
     );
 
     // The config's way: the database only from the web servers.
-    let only_webs = monitored(format!(
-        "{}allow-from = [\"198.19.0.0/24\"]\n",
-        config(lab, None)
-    ));
+    let only_webs = format!("{}allow-from = [\"198.19.0.0/24\"]\n", config(lab, None));
     let r = reload(lab, &only_webs)?;
     ensure!(r.ok, "reload with allow-from: {}", r.message);
     let (w, r) = client_db(lab)?;
@@ -630,7 +626,7 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
     println!(
         "[[pool]] allow-from = [\"198.19.0.0/24\"]: client refused on both VIPs, /visits work"
     );
-    let r = reload(lab, &monitored(config(lab, None)))?;
+    let r = reload(lab, &config(lab, None))?;
     ensure!(r.ok, "reload back: {}", r.message);
     Ok(())
 }
@@ -639,7 +635,7 @@ fn pool_firewall(lab: &Lab) -> Result<()> {
 /// and the running login stays (writes go on); a right new one is
 /// accepted.
 fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
-    let good = monitored(config(lab, None));
+    let good = config(lab, None);
     let password_file = admin_password_file(&run_dir(lab.prefix()));
     let file_key = format!("password-file = \"{}\"", password_file.display());
     ensure!(good.contains(&file_key), "{good}");
@@ -678,11 +674,11 @@ fn reload_with_a_new_login(lab: &Lab) -> Result<()> {
 /// client network must not swallow the database VIPs.
 fn visits_in_dsr(lab: &Lab) -> Result<()> {
     lab.set_mode(Forwarding::Dsr)?;
-    let dsr = monitored(config(lab, None).replacen(
+    let dsr = config(lab, None).replacen(
         "scheduler = \"round-robin\"\n",
         "scheduler = \"round-robin\"\nforwarding = \"dsr\"\n",
         1,
-    ));
+    );
     ensure!(dsr.contains("forwarding = \"dsr\""), "{dsr}");
     let r = reload(lab, &dsr)?;
     ensure!(r.ok, "reload in DSR: {}", r.message);

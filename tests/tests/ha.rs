@@ -22,13 +22,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{chromium, dom_attr, lb_bin, unique_prefix};
 use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
     harness::{
-        lab::{AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_addr, vip_http},
+        lab::{
+            AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_addr, read_vip, vip_http,
+            write_vip,
+        },
         netns::in_netns,
     },
 };
@@ -597,7 +600,8 @@ fn a_third_lb_joining_moves_no_established_flow_to_another_backend() -> Result<(
 /// and HTTPS with checks, firewall, monitoring, the announcement) and lb1,
 /// the webs' and the databases' gateway, the pool: the webs' `/visits`
 /// write through the write VIP and read through the read VIP while ECMP
-/// spreads the client's requests over both LBs.
+/// spreads the client's requests over both LBs, and the client itself is
+/// refused on the database VIPs (the pool allows only the webs).
 #[test]
 fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -658,6 +662,39 @@ fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
                 "{answer}"
             );
         }
+        // The database only from the webs (the pool's `allow-from`): the
+        // client is refused on both database VIPs, by lb1's firewall (its
+        // counter moves), not by a missing route.
+        let not_allowed = || -> Result<u64> {
+            let status = control::request(&lab.agent_socket_of(1), &Request::Status)?
+                .status
+                .context("no status")?;
+            Ok(status
+                .verdicts
+                .get("drop_firewall_not_allowed")
+                .copied()
+                .unwrap_or(0))
+        };
+        let before = not_allowed()?;
+        let tries = in_netns(&lab.client_ns(), || {
+            [write_vip(), read_vip()].map(|vip| {
+                std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)).map(drop)
+            })
+        })?;
+        for (vip, tried) in [write_vip(), read_vip()].iter().zip(&tries) {
+            ensure!(
+                tried.is_err(),
+                "the client connected to the database VIP {vip}"
+            );
+        }
+        let after = not_allowed()?;
+        ensure!(
+            after >= before + 2,
+            "lb1's firewall did not refuse the client (drop_firewall_not_allowed {before} -> {after}): {tries:?}"
+        );
+        println!(
+            "client refused on both database VIPs ({tries:?}); drop_firewall_not_allowed {before} -> {after}"
+        );
         Ok(())
     };
     check().with_context(logs)

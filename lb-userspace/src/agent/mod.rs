@@ -874,7 +874,7 @@ impl Agent {
                 started_at_ms: self.started_at_ms,
                 generation: self.generation,
                 last_reload: self.last_reload.clone(),
-                probe_agent_errors: self.checker.agent_errors(),
+                probe_agent_errors: self.checker.agent_errors() + self.db.agent_errors(),
             },
             conntrack: control::ConntrackStatus {
                 // Counted off the loop with the flows per backend.

@@ -32,7 +32,7 @@ use crate::{
     config::{Config, ConfigError, Pool, PoolMember},
     control::{HealthStatus, PoolRole, Response},
     health::{
-        Health,
+        AgentErrorLog, Health, ProbeError,
         mysql::{self, LoginFailure, Observation, Replication},
     },
 };
@@ -63,7 +63,7 @@ pub enum Event {
         pool: String,
         member: String,
         generation: u64,
-        result: Result<Observation, String>,
+        result: Result<Observation, ProbeError>,
     },
     Promoted {
         pool: String,
@@ -121,6 +121,10 @@ pub struct Pools {
     fencing: BTreeSet<(String, String)>,
     tx: UnboundedSender<Event>,
     next_generation: u64,
+    /// Member probes the agent could not run ([`ProbeError::Agent`]),
+    /// in all and per (pool, member) for the once-a-minute log.
+    agent_errors: u64,
+    agent_error_logs: BTreeMap<(String, String), AgentErrorLog>,
 }
 
 impl Pools {
@@ -131,7 +135,15 @@ impl Pools {
             fencing: BTreeSet::new(),
             tx,
             next_generation: 0,
+            agent_errors: 0,
+            agent_error_logs: BTreeMap::new(),
         }
+    }
+
+    /// Member probes the agent could not run since it started (they are
+    /// never a member's failure); part of `lb_probe_agent_errors_total`.
+    pub fn agent_errors(&self) -> u64 {
+        self.agent_errors
     }
 
     /// Follows the config: unchanged pools keep probing as they are; a
@@ -142,6 +154,8 @@ impl Pools {
             .retain(|name, _| cfg.pools.iter().any(|p| &p.name == name));
         self.states
             .retain(|name, _| cfg.pools.iter().any(|p| &p.name == name));
+        self.agent_error_logs
+            .retain(|(name, _), _| cfg.pools.iter().any(|p| &p.name == name));
         for pool in &cfg.pools {
             if self
                 .running
@@ -297,13 +311,41 @@ impl Pools {
         pool: &str,
         member: &str,
         generation: u64,
-        result: Result<Observation, String>,
+        result: Result<Observation, ProbeError>,
     ) -> Handled {
         if self.running.get(pool).map(|r| r.generation) != Some(generation) {
             return Handled::default();
         }
         let Some(state) = self.states.get_mut(pool) else {
             return Handled::default();
+        };
+        let result = match result {
+            Ok(observation) => Ok(observation),
+            Err(ProbeError::Backend(why)) => Err(why),
+            Err(ProbeError::Agent(why)) => {
+                // Not an outcome: the member's counters stay as they were.
+                self.agent_errors += 1;
+                let log = self
+                    .agent_error_logs
+                    .entry((pool.to_owned(), member.to_owned()))
+                    .or_default();
+                let Some(m) = state.members.get_mut(member) else {
+                    return Handled::default();
+                };
+                if let Some(since) = log.note(Instant::now()) {
+                    error!(
+                        pool = %pool,
+                        member = %member,
+                        "health check of pool {pool} member {member} cannot run: {why} ({since} \
+                         such probes since the last report); its health stays {} until probes run again \
+                         (counted in lb_probe_agent_errors_total)",
+                        m.up.health()
+                    );
+                }
+                m.last_check = Some(ProbeError::Agent(why).to_string());
+                m.last_at = Some(SystemTime::now());
+                return Handled::default();
+            }
         };
         let before = state.routing.clone();
         let had_primary = state.primary.is_some();
@@ -988,5 +1030,77 @@ mod tests {
             v(vec![("db1", down()), ("db2", down())]),
             LoginVerdict::Untried(why) if why.len() == 2
         ));
+    }
+
+    #[test]
+    fn a_member_probe_the_agent_could_not_run_is_counted_never_a_failure() {
+        use state::tests::{pool, primary, replica};
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut pools = Pools::new(tx);
+        let config = pool(true, None);
+        pools
+            .states
+            .insert("db".into(), PoolState::new(config.clone(), None));
+        pools.running.insert(
+            "db".into(),
+            Running {
+                pool: config,
+                generation: 1,
+                tasks: Vec::new(),
+            },
+        );
+        let backend = |r: Result<Observation, String>| r.map_err(ProbeError::Backend);
+        let emfile = || {
+            Err(ProbeError::Agent(
+                "mysql 198.19.1.21:3306: connect: too many open files (os error 24)".into(),
+            ))
+        };
+        for _ in 0..2 {
+            pools.probed("db", "db1", 1, backend(primary(10)));
+            pools.probed("db", "db2", 1, backend(replica(10, Some(0), "Yes")));
+        }
+        let member = |pools: &Pools, name: &str| pools.states["db"].members[name].clone();
+        assert_eq!(member(&pools, "db1").up.health(), Health::Up);
+
+        // fall = 2: a thousand probes the agent could not run leave the
+        // primary up and routed, and are counted.
+        for _ in 0..1000 {
+            let handled = pools.probed("db", "db1", 1, emfile());
+            assert!(!handled.commit);
+        }
+        assert_eq!(pools.agent_errors(), 1000);
+        let db1 = member(&pools, "db1");
+        assert_eq!(db1.up.health(), Health::Up);
+        assert_eq!(db1.up.consecutive(), 2, "the counter did not move");
+        assert!(
+            db1.last_check
+                .as_deref()
+                .is_some_and(|c| c.starts_with("agent error, not the backend's: ")),
+            "{:?}",
+            db1.last_check
+        );
+        assert_eq!(pools.states["db"].routing.writer.as_deref(), Some("db1"));
+        assert_eq!(pools.states["db"].routing.readers, ["db2"]);
+
+        // Nor do they break a run of the member's own failures.
+        let refused = || Err(ProbeError::Backend("connection refused".into()));
+        pools.probed("db", "db2", 1, refused());
+        pools.probed("db", "db2", 1, emfile());
+        pools.probed("db", "db2", 1, refused());
+        assert_eq!(member(&pools, "db2").up.health(), Health::Down);
+
+        // A member never checked stays pending.
+        pools.probed("db", "db3", 1, emfile());
+        assert_eq!(member(&pools, "db3").up.health(), Health::Pending);
+        assert_eq!(pools.agent_errors(), 1002);
+
+        // The log: at once, then not again within the minute.
+        let mut log = AgentErrorLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.note(t0), Some(1));
+        assert_eq!(log.note(t0 + Duration::from_secs(30)), None);
+        assert_eq!(log.note(t0 + Duration::from_secs(59)), None);
+        assert_eq!(log.note(t0 + Duration::from_secs(60)), Some(3));
+        assert_eq!(log.note(t0 + Duration::from_secs(61)), None);
     }
 }

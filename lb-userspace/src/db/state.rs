@@ -470,14 +470,14 @@ pub fn qualifies_as_reader(o: &Observation, max_lag: Duration, primary_answered:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         config::{CheckKind, HealthCheck, MysqlLogin, PoolMember, Secret},
         health::mysql::Replication,
     };
 
-    fn pool(fallback: bool, auto: Option<Duration>) -> Pool {
+    pub(crate) fn pool(fallback: bool, auto: Option<Duration>) -> Pool {
         let login = MysqlLogin {
             user: "lb".into(),
             password: Secret::new("pw".into()),
@@ -511,7 +511,7 @@ mod tests {
         }
     }
 
-    fn primary(applied: u64) -> Result<Observation, String> {
+    pub(crate) fn primary(applied: u64) -> Result<Observation, String> {
         Ok(Observation {
             read_only: false,
             server_id: 1,
@@ -521,7 +521,7 @@ mod tests {
         })
     }
 
-    fn replica(applied: u64, lag: Option<u64>, io: &str) -> Result<Observation, String> {
+    pub(crate) fn replica(applied: u64, lag: Option<u64>, io: &str) -> Result<Observation, String> {
         Ok(Observation {
             read_only: true,
             server_id: 2,

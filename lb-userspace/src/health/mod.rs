@@ -326,8 +326,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
     } = run;
     // Probes the agent could not run: logged at most once a minute per
     // check (they come in bursts, and flap as descriptors free up).
-    let mut agent_errors_logged: Option<(Instant, u64)> = None;
-    let mut agent_errors_here: u64 = 0;
+    let mut agent_errors_here = AgentErrorLog::default();
     // tokio::time::interval panics on a zero period; a validated config
     // never has one, but a Config can be built by hand.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
@@ -344,9 +343,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         }
         if let Err(ProbeError::Agent(why)) = &outcome {
             agent_errors.fetch_add(1, Ordering::Relaxed);
-            agent_errors_here += 1;
-            if agent_errors_logged.is_none_or(|(at, _)| at.elapsed() >= AGENT_ERROR_LOG_EVERY) {
-                let since = agent_errors_here - agent_errors_logged.map_or(0, |(_, n)| n);
+            if let Some(since) = agent_errors_here.note(Instant::now()) {
                 tracing::error!(
                     service = %target.service,
                     backend = %backend,
@@ -357,7 +354,6 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                     plural(u32::try_from(since).unwrap_or(u32::MAX), "probe", "probes"),
                     counter.health()
                 );
-                agent_errors_logged = Some((Instant::now(), agent_errors_here));
             }
             if let Some(state) = lock(&states).get_mut(&target) {
                 state.last_check = Some(ProbeError::Agent(why.clone()).to_string());
@@ -412,6 +408,32 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
 
 /// How often a check reports probes it could not run.
 const AGENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The probes of one check (or one pool member) the agent could not run
+/// ([`ProbeError::Agent`]), reported at most once per
+/// [`AGENT_ERROR_LOG_EVERY`].
+#[derive(Debug, Default)]
+pub struct AgentErrorLog {
+    /// When the last report was made, and the count then.
+    reported: Option<(Instant, u64)>,
+    count: u64,
+}
+
+impl AgentErrorLog {
+    /// Notes one more such probe at `now`. `Some(n)`: report it now, `n`
+    /// of them since the last report; `None`: reported within the minute.
+    pub fn note(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        if let Some((at, _)) = self.reported
+            && now.saturating_duration_since(at) < AGENT_ERROR_LOG_EVERY
+        {
+            return None;
+        }
+        let since = self.count - self.reported.map_or(0, |(_, n)| n);
+        self.reported = Some((now, self.count));
+        Some(since)
+    }
+}
 
 fn plural(n: u32, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 { one } else { many }

@@ -9,6 +9,7 @@ use std::{net::SocketAddrV4, time::Duration};
 use mysql_async::{Conn, OptsBuilder, Row, prelude::Queryable};
 use serde::{Deserialize, Serialize};
 
+use super::probe::ProbeError;
 use crate::config::{MysqlLogin, duration::show};
 
 /// What one probe of a member found.
@@ -87,14 +88,50 @@ pub enum LoginFailure {
     Refused(String),
     /// No MySQL server answered in time (or the connection broke).
     Unreachable(String),
+    /// The agent could not try: this host ran short (descriptors, socket
+    /// buffers, memory, local ports; [`is_local`]). Says nothing about the
+    /// server.
+    Local(String),
 }
 
 impl LoginFailure {
     pub fn reason(&self) -> &str {
         match self {
-            LoginFailure::Refused(r) | LoginFailure::Unreachable(r) => r,
+            LoginFailure::Refused(r) | LoginFailure::Unreachable(r) | LoginFailure::Local(r) => r,
         }
     }
+}
+
+impl From<LoginFailure> for ProbeError {
+    fn from(failure: LoginFailure) -> Self {
+        match failure {
+            LoginFailure::Local(why) => ProbeError::Agent(why),
+            LoginFailure::Refused(why) | LoginFailure::Unreachable(why) => ProbeError::Backend(why),
+        }
+    }
+}
+
+/// Whether a driver error is this host running short rather than the
+/// server failing: `mysql_async` wraps the socket's `io::Error` (in
+/// `Error::Io`, or deeper in another error's sources), so the whole
+/// source chain is searched for an OS error [`super::probe::is_local`]
+/// calls local (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL).
+pub fn is_local(e: &mysql_async::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // An io::Error's source() skips the error it wraps: look at
+            // that one too (an io::Error made of an io::Error).
+            let inner = io
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<std::io::Error>());
+            if super::probe::is_local(io) || inner.is_some_and(super::probe::is_local) {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Connects to `address` and logs in as `login`; the error is a short
@@ -116,7 +153,7 @@ pub async fn log_in(
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, LoginFailure> {
-    use LoginFailure::{Refused, Unreachable};
+    use LoginFailure::{Local, Refused, Unreachable};
     // TCP first, so that an unreachable or closed port and a server that
     // never sends a MySQL handshake get different reasons.
     let deadline = super::probe::deadline_after(timeout);
@@ -129,10 +166,12 @@ pub async fn log_in(
             ))
         })?
         .map_err(|e| {
-            Unreachable(format!(
-                "mysql {address}: connect: {}",
-                super::probe::io_reason(&e)
-            ))
+            let why = format!("mysql {address}: connect: {}", super::probe::io_reason(&e));
+            if super::probe::is_local(&e) {
+                Local(why)
+            } else {
+                Unreachable(why)
+            }
         })?;
     drop(tcp);
     let opts = OptsBuilder::default()
@@ -149,6 +188,7 @@ pub async fn log_in(
         Ok(Err(e @ mysql_async::Error::Server(_))) => {
             Err(Refused(format!("mysql {address}: {}", reason(&e))))
         }
+        Ok(Err(e)) if is_local(&e) => Err(Local(format!("mysql {address}: {}", reason(&e)))),
         Ok(Err(e)) => Err(Unreachable(format!("mysql {address}: {}", reason(&e)))),
         Ok(Ok(conn)) => Ok(conn),
     }
@@ -159,31 +199,37 @@ pub async fn probe(
     address: SocketAddrV4,
     login: &MysqlLogin,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     observe(address, login, timeout).await.map(drop)
 }
 
 /// One probe: login, then the role and replication state, all within
-/// `timeout`.
+/// `timeout`. A failure for a local reason ([`is_local`]) is the agent's
+/// ([`ProbeError::Agent`]), never the member's.
 pub async fn observe(
     address: SocketAddrV4,
     login: &MysqlLogin,
     timeout: Duration,
-) -> Result<Observation, String> {
+) -> Result<Observation, ProbeError> {
     let work = async {
-        let mut conn = connect(address, login, timeout).await?;
-        let result = read_state(&mut conn)
-            .await
-            .map_err(|e| format!("mysql {address}: {}", reason(&e)));
+        let mut conn = log_in(address, login, timeout).await?;
+        let result = read_state(&mut conn).await.map_err(|e| {
+            let why = format!("mysql {address}: {}", reason(&e));
+            if is_local(&e) {
+                ProbeError::Agent(why)
+            } else {
+                ProbeError::Backend(why)
+            }
+        });
         // A failed goodbye changes nothing about what was read.
         let _ = conn.disconnect().await;
         result
     };
     match tokio::time::timeout(timeout, work).await {
-        Err(_) => Err(format!(
+        Err(_) => Err(ProbeError::Backend(format!(
             "mysql {address}: timed out after {}",
             show(timeout)
-        )),
+        ))),
         Ok(result) => result,
     }
 }
@@ -312,7 +358,67 @@ mod tests {
         };
         let why = probe(addr, &login, Duration::from_millis(500))
             .await
-            .expect_err("not MySQL");
+            .expect_err("not MySQL")
+            .to_string();
         assert!(why.contains("not a MySQL server?"), "{why}");
+    }
+
+    #[test]
+    fn driver_errors_from_running_short_are_the_agents() {
+        use std::io;
+        let io_error = |errno| {
+            mysql_async::Error::Io(mysql_async::IoError::Io(io::Error::from_raw_os_error(
+                errno,
+            )))
+        };
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local(&io_error(errno)), "errno {errno}");
+            // Deeper in the chain: an io::Error wrapping one, or another
+            // error holding it.
+            let wrapped = mysql_async::Error::Io(mysql_async::IoError::Io(io::Error::other(
+                io::Error::from_raw_os_error(errno),
+            )));
+            assert!(is_local(&wrapped), "wrapped errno {errno}");
+            let other = mysql_async::Error::Other(Box::new(io::Error::from_raw_os_error(errno)));
+            assert!(is_local(&other), "other errno {errno}");
+        }
+        // The server's or the network's: the member's failure.
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::EHOSTUNREACH,
+            libc::ETIMEDOUT,
+        ] {
+            assert!(!is_local(&io_error(errno)), "errno {errno}");
+        }
+        let access_denied = mysql_async::Error::Server(mysql_async::ServerError {
+            code: 1045,
+            message: "Access denied for user 'lb'".into(),
+            state: "28000".into(),
+        });
+        assert!(!is_local(&access_denied));
+        let driver = mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed);
+        assert!(!is_local(&driver));
+
+        // A login that could not be tried is the agent's error, the
+        // others the member's.
+        assert_eq!(
+            ProbeError::from(LoginFailure::Local("x".into())),
+            ProbeError::Agent("x".into())
+        );
+        assert_eq!(
+            ProbeError::from(LoginFailure::Refused("x".into())),
+            ProbeError::Backend("x".into())
+        );
+        assert_eq!(
+            ProbeError::from(LoginFailure::Unreachable("x".into())),
+            ProbeError::Backend("x".into())
+        );
     }
 }

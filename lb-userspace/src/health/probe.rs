@@ -42,7 +42,7 @@ pub async fn probe(
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     if let CheckKind::Mysql(login) = check {
-        return Ok(super::mysql::probe(address, login, timeout).await?);
+        return super::mysql::probe(address, login, timeout).await;
     }
     let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));

@@ -236,7 +236,7 @@ fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
     let configs = [Forwarding::Nat, Forwarding::Dsr]
         .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
-        let pool = super::pool_config(&lab.run_dir(), Some("5s"));
+        let pool = super::site_pool_config(&lab.run_dir(), Some("5s"));
         fs::write(path, site_config(*mode) + &pool)
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -662,9 +662,22 @@ mod tests {
     #[test]
     fn the_lab_site_config_has_checks_monitoring_and_a_firewall() {
         let sample = include_str!("../../../../config/foobar.toml");
+        // The pool reads its password file when parsed.
+        let run_dir = std::env::temp_dir().join(format!("lb-site-pool-{}", std::process::id()));
+        fs::create_dir_all(&run_dir).expect("run dir");
+        let password = super::super::admin_password_file(&run_dir);
+        fs::write(&password, "x\n").expect("password file");
+        fs::set_permissions(
+            &password,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let pool = super::super::site_pool_config(&run_dir, Some("5s"));
         let configs = [
             (site_config(Forwarding::Nat), false),
             (site_config(Forwarding::Dsr), false),
+            (site_config(Forwarding::Nat) + &pool, true),
+            (site_config(Forwarding::Dsr) + &pool, true),
             (sample.to_owned(), true),
         ];
         for (text, with_pool) in configs {
@@ -690,7 +703,16 @@ mod tests {
                 assert!(names.contains(&wanted), "{names:?}");
             }
             assert_eq!(!cfg.pools.is_empty(), with_pool, "{text}");
+            // The database only from the web servers.
+            let webs: Vec<String> = (1..=3).map(|n| format!("198.19.0.1{n}/32")).collect();
+            for p in &cfg.pools {
+                for fw in [&p.write_firewall, &p.read_firewall] {
+                    let allowed: Vec<String> = fw.allow.iter().map(ToString::to_string).collect();
+                    assert_eq!(allowed, webs, "{text}");
+                }
+            }
         }
+        let _ = fs::remove_dir_all(&run_dir);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::{
 use anyhow::{Context, bail};
 use rustix::process::Signal;
 
-use super::Lab;
+use super::{Lab, WEB_NAMES, web_addr};
 use crate::harness::netns::{self, SpawnGated as _, VethEnd, in_netns};
 
 /// Database server names; db1 starts as the primary.
@@ -88,6 +88,23 @@ pub fn admin_password_file(run_dir: &Path) -> PathBuf {
 /// read VIP 198.18.0.21:3306, checked every 500 ms (rise 2, fall 2),
 /// `max-lag` 2 s, and automatic failover after `auto_failover` if given.
 pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
+    pool_toml(run_dir, auto_failover, "")
+}
+
+/// The site's pool ([`pool_config`]) with the database reachable only from
+/// the web servers: `allow-from` each web's address, so the client (or
+/// anyone else) is refused on both database VIPs
+/// (`drop_firewall_not_allowed`) while the webs' `/visits` go on.
+pub fn site_pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
+    let webs = (1..=WEB_NAMES.len())
+        .map(|n| format!("\"{}\"", web_addr(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    pool_toml(run_dir, auto_failover, &format!("allow-from = [{webs}]\n"))
+}
+
+/// A `[[pool]]` with `extra` (keys, one a line) before its health check.
+fn pool_toml(run_dir: &Path, auto_failover: Option<&str>, extra: &str) -> String {
     let members = (1..=DB_NAMES.len())
         .map(|n| {
             format!(
@@ -102,7 +119,7 @@ pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
         .unwrap_or_default();
     format!(
         "\n[[pool]]\nname = \"db\"\nwrite-vip = \"{WRITE_VIP}:{DB_PORT}\"\nread-vip = \"{READ_VIP}:{DB_PORT}\"\n\
-         max-lag = \"2s\"\nprimary-fallback = true\n{auto}\
+         max-lag = \"2s\"\nprimary-fallback = true\n{auto}{extra}\
          health = {{ check = \"mysql\", user = \"{ADMIN_USER}\", password-file = \"{}\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
          members = [\n{members}]\n",
         admin_password_file(run_dir).display()

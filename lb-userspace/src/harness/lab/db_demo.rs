@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::{DB_NAMES, Lab, READ_VIP, VIP, WRITE_VIP, db_addr, pool_config, site_config, vip_http};
+use super::{
+    DB_NAMES, Lab, READ_VIP, VIP, WRITE_VIP, db_addr, site_config, site_pool_config, vip_http,
+};
 use crate::{
     config::Forwarding,
     control::{self, Request, Status},
@@ -40,7 +42,7 @@ pub(super) fn print_databases(lab: &Lab) {
     }
     println!(
         "  database pool \"db\": writes {WRITE_VIP}:3306 -> the primary, reads {READ_VIP}:3306 -> the replicas; \
-         the webs' /visits use them"
+         the webs' /visits use them, and only the webs may connect (allow-from web1..web3)"
     );
 }
 
@@ -50,7 +52,7 @@ pub(super) fn demo_databases(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     println!("== database tier: starting db1 (primary), db2 and db3 (replicas)");
     lab.start_databases()?;
     lab.set_mode(Forwarding::Nat)?;
-    let config = site_config(Forwarding::Nat) + &pool_config(&lab.run_dir(), Some("1s"));
+    let config = site_config(Forwarding::Nat) + &site_pool_config(&lab.run_dir(), Some("1s"));
     let agent = lab.start_agent(&config)?;
     let mut problems = Vec::new();
     let pool = wait_for_pool(lab, |p| {
@@ -80,6 +82,18 @@ pub(super) fn demo_databases(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         {
             problems.push(format!("database: no read from {replica}"));
         }
+    }
+    // The database only from the webs: the client itself is refused.
+    let direct = in_netns(&lab.client_ns(), || {
+        TcpStream::connect_timeout(&super::write_vip(), Duration::from_secs(1))
+    })?;
+    match direct {
+        Err(e) => println!(
+            "== database tier: the client connecting to {WRITE_VIP}:3306 itself -> refused ({e}): only the webs may connect"
+        ),
+        Ok(_) => problems.push(format!(
+            "database: the client connected to {WRITE_VIP}:3306 (allow-from the webs only)"
+        )),
     }
 
     println!("== database tier: killing db1 (the primary); auto-failover = 1s");

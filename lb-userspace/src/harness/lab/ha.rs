@@ -182,7 +182,8 @@ impl Lab {
     /// The whole site on LB `n` for `lb lab up --lbs N`: [`Lab::ha_config`]
     /// (consistent hashing, health checks, monitoring, the announcement)
     /// with HTTPS passed through, the site's firewall, and on lb1 — the
-    /// webs' and the databases' gateway — the database pool.
+    /// webs' and the databases' gateway — the database pool, reachable
+    /// only from the webs ([`super::site_pool_config`]).
     pub fn ha_site_config(&self, n: usize, mode: Forwarding) -> String {
         let tls = (1..=WEB_NAMES.len())
             .map(|w| {
@@ -202,7 +203,7 @@ impl Lab {
              rate-limit = {{ new-flows-per-second = 1000, burst = 2000, per = \"/24\" }}\n"
         ));
         if n == 1 {
-            toml.push_str(&super::pool_config(&self.run_dir(), Some("5s")));
+            toml.push_str(&super::site_pool_config(&self.run_dir(), Some("5s")));
         }
         toml
     }

@@ -48,7 +48,7 @@ pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
 pub use db::{
     ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
-    admin_password_file, db_addr, pool_config, read_vip, write_vip,
+    admin_password_file, db_addr, pool_config, read_vip, site_pool_config, write_vip,
 };
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
@@ -132,7 +132,8 @@ pub const SITE_DENIED: &str = "203.0.113.0/24";
 /// weaknesses answered: the services of [`lab_config`] each health-checked,
 /// the monitoring listener (status page, /metrics), and a firewall (a
 /// denied network, a per-/24 limit on new flows). `lb lab up` adds the
-/// database pool ([`pool_config`]); `--lbs N` has its own ([`Lab::ha_config`]).
+/// database pool, reachable only from the webs ([`site_pool_config`]);
+/// `--lbs N` has its own ([`Lab::ha_site_config`]).
 pub fn site_config(mode: Forwarding) -> String {
     let tables = format!(
         "\n[monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n\n\
