@@ -98,10 +98,17 @@ pub enum BackendChange {
         backend: String,
         weight: u32,
     },
+    /// Drop the runtime changes of a service (or one of its backends): it
+    /// runs as the config file says again
+    Reset {
+        service: String,
+        backend: Option<String>,
+    },
 }
 
 /// `lb firewall …`. Changes are validated with the rules of the config
-/// file and applied whole; they last until the next reload or restart.
+/// file and applied whole; they are kept in the state file (restarts and
+/// reloads keep them) until `lb firewall reset`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum FirewallChange {
@@ -117,6 +124,8 @@ pub enum FirewallChange {
     },
     /// Every rule, its scope and how many new flows it decided
     Show,
+    /// Drop every runtime change of the rules: the config file's apply again
+    Reset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
@@ -163,7 +172,8 @@ impl Response {
     }
 }
 
-/// What an operator set with `lb backend` (kept until a reload or restart).
+/// What an operator set with `lb backend` (kept in the state file until
+/// `lb backend enable` or `lb backend reset`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
 )]
@@ -224,6 +234,21 @@ pub struct Status {
     /// `None` without `[announce]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<AnnounceStatus>,
+    /// Runtime changes (`lb backend …`, `lb firewall …`) kept in the state
+    /// file and applied over the config.
+    #[serde(default)]
+    pub runtime: RuntimeStatus,
+}
+
+/// The runtime changes that outlive the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeStatus {
+    /// The state file.
+    pub file: String,
+    /// One line per change (`lb backend reset` drops a service's).
+    pub changes: Vec<String>,
+    /// The last failure to read, apply or write the state file.
+    pub error: Option<String>,
 }
 
 /// The BGP announcement of this LB's VIPs.
@@ -318,6 +343,10 @@ pub struct BackendStatus {
     pub active: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// What runtime changes set on it (e.g. "drain", "weight 5 (file: 1)"),
+    /// kept in the state file; `None`: it runs as the config file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 /// The ring rule, checked against a status: a backend is in its service's
@@ -435,6 +464,7 @@ pub fn render(status: &Status) -> String {
     if let Some(a) = &status.announce {
         out.push_str(&render_announce(a));
     }
+    out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status
         .verdicts
         .iter()
@@ -449,6 +479,24 @@ pub fn render(status: &Status) -> String {
             verdicts.join(" ")
         }
     ));
+    out
+}
+
+/// `lb status`'s runtime changes: which entries differ from the file.
+fn render_runtime(r: &RuntimeStatus) -> String {
+    let mut out = String::new();
+    if !r.changes.is_empty() {
+        out.push_str(&format!(
+            "\nruntime changes (kept in {}; `lb backend reset SERVICE [NAME]` drops them)\n",
+            r.file
+        ));
+        for c in &r.changes {
+            out.push_str(&format!("  {c}\n"));
+        }
+    }
+    if let Some(e) = &r.error {
+        out.push_str(&format!("\nruntime state: {e}\n"));
+    }
     out
 }
 
@@ -571,6 +619,7 @@ mod tests {
                     active: 3,
                     packets: 7,
                     bytes: 700,
+                    runtime: Some("drain".into()),
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
@@ -582,6 +631,11 @@ mod tests {
             },
             pools: Vec::new(),
             announce: None,
+            runtime: RuntimeStatus {
+                file: "lb.state.toml".into(),
+                changes: vec!["www/web1: drain".into()],
+                error: None,
+            },
         };
         let text = render(&status);
         for want in [
@@ -593,6 +647,8 @@ mod tests {
             "down",
             "connection refused",
             "forwarded=10",
+            "runtime changes (kept in lb.state.toml",
+            "  www/web1: drain",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
@@ -619,6 +675,7 @@ mod tests {
             active: 0,
             packets: 0,
             bytes: 0,
+            runtime: None,
         };
         let status = |backends| Status {
             config: String::new(),
@@ -640,6 +697,7 @@ mod tests {
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
             announce: None,
+            runtime: RuntimeStatus::default(),
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![

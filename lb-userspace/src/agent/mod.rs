@@ -16,6 +16,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod runtime;
 mod state;
 
 use anyhow::{Context, bail};
@@ -60,6 +61,11 @@ pub struct RunArgs {
     /// of `ip netns exec`, whose private /sys takes the pins away.
     #[arg(long, value_name = "NAME")]
     pub netns: Option<String>,
+    /// Where `lb backend …` and `lb firewall …` changes are kept so they
+    /// survive restarts and reloads [default: beside the config,
+    /// NAME.state.toml for NAME.toml]
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -102,6 +108,13 @@ struct Agent {
     last_reload: Option<control::ReloadStatus>,
     /// `[announce]`: the VIPs' BGP announcement through BIRD.
     announcer: Option<Announcer>,
+    /// The config file as last loaded (start, reload): runtime changes are
+    /// kept as the difference between it and what runs.
+    file_cfg: Config,
+    /// The state file runtime changes are written to.
+    state_path: PathBuf,
+    /// The last failure to read or write the state file, if any.
+    runtime_error: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -164,6 +177,12 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .map(Announcer::new)
             .transpose()
             .context("reading the announcement's include file")?,
+        file_cfg: cfg.clone(),
+        state_path: args
+            .state
+            .clone()
+            .unwrap_or_else(|| runtime::default_path(&args.config)),
+        runtime_error: None,
     };
     // The probe latency histograms are fed from the first probe on.
     let probes = ProbeLatency::default();
@@ -172,14 +191,30 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .checker
             .observe_probes(metrics::probe_observer(&probes));
     }
-    agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
+    let serving_health = |svc: &config::Service, b: &config::Backend| {
         if serving.contains(&(dataplane_service_key(svc), b.address)) {
             Health::Up
         } else {
             Health::Pending
         }
-    });
-    agent.commit(cfg).context("filling the maps")?;
+    };
+    // The runtime changes of earlier agents over the config; if they
+    // cannot be applied, the config alone.
+    let merged = agent.read_runtime_state(&cfg);
+    agent.health = carry_health(&merged.config, &BTreeMap::new(), &serving_health);
+    agent.admin = merged.admin;
+    if let Err(e) = agent.commit(merged.config) {
+        error!(
+            "the runtime changes of {} cannot be applied ({e:#}); serving the config without them",
+            agent.state_path.display()
+        );
+        agent.runtime_error = Some(format!("not applied: {e:#}"));
+        agent.admin = BTreeMap::new();
+        agent.health = carry_health(&cfg, &BTreeMap::new(), &serving_health);
+        agent.commit(cfg).context("filling the maps")?;
+    } else {
+        agent.save_runtime_state();
+    }
     agent.sync_checks();
     for iface in agent.cfg.dataplane.interfaces.clone() {
         let mode = agent.cfg.dataplane.xdp_mode;
@@ -507,7 +542,10 @@ impl Agent {
                 "[monitoring] changed (the HTTP listener's address): that needs a restart of `lb run`"
             );
         }
-        self.commit_change(new, BTreeMap::new())?;
+        // The runtime changes stay over the new file, by the merge rule.
+        self.commit_runtime(&new, &self.runtime_state())?;
+        self.file_cfg = new;
+        self.save_runtime_state();
         info!("reloaded {}", self.path.display());
         Ok(())
     }
@@ -680,12 +718,28 @@ impl Agent {
         use crate::dataplane::firewall::List;
         let (list, edit) = match change {
             FirewallChange::Show => return self.firewall_show(),
+            FirewallChange::Reset => return self.reset_firewall(),
             FirewallChange::Deny { edit } => (List::Deny, edit),
             FirewallChange::Allow { edit } => (List::Allow, edit),
         };
         let (next, msg) = state::firewall_edit(&self.cfg, list, &edit)?;
         self.commit_change(next, self.admin.clone())?;
-        Ok(msg)
+        Ok(msg + &self.save_runtime_state())
+    }
+
+    /// `lb firewall reset`: the file's rules again, backend changes kept.
+    fn reset_firewall(&mut self) -> anyhow::Result<String> {
+        let mut kept = self.runtime_state();
+        let undone = std::mem::take(&mut kept.firewall);
+        if undone.is_empty() {
+            bail!("no runtime changes of the firewall: the config file's rules apply");
+        }
+        self.commit_runtime(&self.file_cfg.clone(), &kept)?;
+        Ok(format!(
+            "the config file's firewall rules apply again ({} runtime change(s) undone){}",
+            undone.len(),
+            self.save_runtime_state()
+        ))
     }
 
     /// Every rule with its scope and counter, and each scope's rate limit.
@@ -742,15 +796,124 @@ impl Agent {
     }
 
     fn change_backend(&mut self, change: BackendChange) -> anyhow::Result<String> {
+        if let BackendChange::Reset { service, backend } = change {
+            return self.reset_backend(&service, backend.as_deref());
+        }
         let edit = state::edit(&self.cfg, &self.admin, change)?;
         self.commit_change(edit.config, edit.admin)?;
-        Ok(edit.message)
+        Ok(edit.message + &self.save_runtime_state())
+    }
+
+    /// `lb backend reset SERVICE [NAME]`: drops the runtime changes of the
+    /// service (or one backend) and applies the rest over the file.
+    fn reset_backend(&mut self, service: &str, backend: Option<&str>) -> anyhow::Result<String> {
+        if !self.cfg.services.iter().any(|s| s.name == service) {
+            bail!("service: no service named {service:?}");
+        }
+        let mut kept = self.runtime_state();
+        let (dropped, rest): (Vec<_>, Vec<_>) = kept
+            .backends
+            .into_iter()
+            .partition(|e| e.service == service && backend.is_none_or(|b| e.backend == b));
+        kept.backends = rest;
+        let what = backend.map_or(service.to_owned(), |b| format!("{service}/{b}"));
+        if dropped.is_empty() {
+            bail!("{what} has no runtime changes: it runs as the config file says");
+        }
+        self.commit_runtime(&self.file_cfg.clone(), &kept)?;
+        let undone: Vec<String> = dropped
+            .iter()
+            .map(|e| format!("{}/{} {}", e.service, e.backend, e.describe()))
+            .collect();
+        Ok(format!(
+            "{what}: back to the config file (undid {}){}",
+            undone.join("; "),
+            self.save_runtime_state()
+        ))
+    }
+
+    /// Commits the config file `file` with `state` merged over it (a
+    /// reload, a reset); changes that no longer apply are logged.
+    fn commit_runtime(
+        &mut self,
+        file: &Config,
+        state: &runtime::RuntimeState,
+    ) -> anyhow::Result<()> {
+        let merged = runtime::merge(file, state, &self.state_path);
+        for why in &merged.dropped {
+            warn!("runtime change dropped: {why}");
+        }
+        self.commit_change(merged.config, merged.admin)
+    }
+
+    /// The runtime changes: what runs, against the file.
+    fn runtime_state(&self) -> runtime::RuntimeState {
+        runtime::diff(&self.file_cfg, &self.cfg, &self.admin)
+    }
+
+    /// Reads the state file at start and merges it over `cfg`. A file that
+    /// cannot be used is reported and set aside: the config alone serves.
+    fn read_runtime_state(&mut self, cfg: &Config) -> runtime::Merged {
+        let path = &self.state_path;
+        let state = match runtime::load(path) {
+            Ok(state) => state,
+            Err(e) => {
+                let aside = runtime::set_aside(path).map_or_else(
+                    |err| format!("(could not move it aside: {err})"),
+                    |p| format!("(moved to {})", p.display()),
+                );
+                error!(
+                    "runtime changes not restored, serving the config without them: {e} {aside}"
+                );
+                self.runtime_error = Some(format!("{e} {aside}"));
+                runtime::RuntimeState::default()
+            }
+        };
+        if !state.is_empty() {
+            info!(
+                "restoring {} runtime change(s) from {}: {}",
+                state.describe().len(),
+                path.display(),
+                state.describe().join("; ")
+            );
+        }
+        let merged = runtime::merge(cfg, &state, path);
+        for why in &merged.dropped {
+            warn!("runtime change dropped: {why}");
+        }
+        merged
+    }
+
+    /// Writes the runtime changes to the state file; what to tell the
+    /// operator when that failed (the change is applied, but would not
+    /// survive a restart), else nothing.
+    fn save_runtime_state(&mut self) -> String {
+        match runtime::save(&self.state_path, &self.runtime_state()) {
+            Ok(()) => {
+                // A write error is over once a write succeeds; a corrupt
+                // file found at start stays reported.
+                if self
+                    .runtime_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("cannot write"))
+                {
+                    self.runtime_error = None;
+                }
+                String::new()
+            }
+            Err(e) => {
+                error!("runtime change not saved: {e}");
+                self.runtime_error = Some(e.to_string());
+                format!(" (warning: not saved, lost at the next restart: {e})")
+            }
+        }
     }
 
     /// Everything `lb status` shows but the flow counts, which the control
     /// server adds off this loop (walking the flow table takes a while).
     fn status(&self) -> anyhow::Result<(Status, Vec<Vec<u32>>)> {
         let checks = self.checker.states();
+        let runtime = self.runtime_state();
         let mut services = Vec::new();
         let mut ids = Vec::new();
         for (svc, applied) in self.cfg.services.iter().zip(&self.applied) {
@@ -783,6 +946,11 @@ impl Agent {
                     active: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
+                    runtime: runtime
+                        .backends
+                        .iter()
+                        .find(|e| e.service == svc.name && e.backend == b.name)
+                        .map(runtime::BackendEntry::describe),
                 });
                 backend_ids.push(*id);
             }
@@ -825,6 +993,11 @@ impl Agent {
             },
             pools: self.db.status(),
             announce: self.announcer.as_ref().map(Announcer::status),
+            runtime: control::RuntimeStatus {
+                file: self.state_path.display().to_string(),
+                changes: runtime.describe(),
+                error: self.runtime_error.clone(),
+            },
         };
         Ok((status, ids))
     }

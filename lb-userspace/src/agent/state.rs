@@ -106,6 +106,8 @@ pub fn edit(
         | BackendChange::Weight {
             service, backend, ..
         } => (service.clone(), backend.clone()),
+        // It needs the config file, which only the agent has.
+        BackendChange::Reset { .. } => anyhow::bail!("reset is the agent's to apply"),
     };
     let si = next
         .services
@@ -159,6 +161,7 @@ pub fn edit(
             admin.insert(key.clone(), state);
             format!("{service}/{backend} {msg}")
         }
+        BackendChange::Reset { .. } => anyhow::bail!("reset is the agent's to apply"),
         BackendChange::Weight { weight, .. } => {
             let i = position
                 .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
@@ -211,14 +214,14 @@ pub fn firewall_edit(
             anyhow::bail!("{prefix} is already in {scope}'s {kind} list");
         }
         rules.push(prefix);
-        format!("{scope}: {kind} {prefix} added (until the next reload)")
+        format!("{scope}: {kind} {prefix} added (kept until `lb firewall reset`)")
     } else {
         let i = rules
             .iter()
             .position(|p| *p == prefix)
             .with_context(|| format!("{prefix} is not in {scope}'s {kind} list"))?;
         rules.remove(i);
-        format!("{scope}: {kind} {prefix} removed (until the next reload)")
+        format!("{scope}: {kind} {prefix} removed (kept until `lb firewall reset`)")
     };
     let next = config::check(&next, Path::new("lb firewall"))?;
     Ok((next, msg))

@@ -330,8 +330,15 @@ impl Lab {
 
     /// `lb teardown --pin-dir` of the lab's data plane: detaches XDP and
     /// removes the pins, so the next agent starts afresh instead of adopting
-    /// flows and round-robin positions.
+    /// flows and round-robin positions; and the agent's runtime changes
+    /// (its state file), so it starts from the config alone.
     pub fn remove_dataplane(&self) -> anyhow::Result<()> {
+        let state = self.run_dir().join("lb.state.toml");
+        match fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", state.display())),
+        }
         crate::dataplane::Dataplane::teardown(&self.pin_dir())
             .map(drop)
             .with_context(|| format!("lb teardown --pin-dir {}", self.pin_dir().display()))

@@ -31,6 +31,7 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         active: 4,
         packets: 70,
         bytes: 7_000,
+        runtime: None,
     }
 }
 
@@ -89,6 +90,7 @@ fn snapshot() -> Status {
         },
         pools: Vec::new(),
         announce: None,
+        runtime: Default::default(),
     }
 }
 

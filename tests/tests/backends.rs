@@ -1,0 +1,164 @@
+//! End-to-end tests of issue 28 (backends treated as SREs expect): runtime
+//! changes kept in the state file across agent restarts and reloads.
+//!
+//! Each test builds its own lab and runs the real `lb` binary from `LB_BIN`
+//! (set by `cargo xtask test`). Needs root; fails loudly without it.
+
+use anyhow::{Context, Result, ensure};
+use lb_tests::{answers, backend_status, checked_status, lb_bin, ok, three_webs, unique_prefix};
+use lb_userspace::{
+    control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
+    harness::lab::Lab,
+};
+
+fn lab() -> Result<Lab> {
+    Lab::up(&unique_prefix("lbk"), &lb_bin())
+}
+
+fn drain(backend: &str) -> Request {
+    Request::Backend(BackendChange::Drain {
+        service: "www".into(),
+        backend: backend.into(),
+        wait: false,
+        timeout: 0,
+    })
+}
+
+/// (admin state, in ring, what the status says runtime changes set).
+fn web(lab: &Lab, name: &str) -> Result<(AdminState, bool, Option<String>)> {
+    let b = backend_status(&checked_status(lab)?, "www", name)?;
+    Ok((b.admin, b.in_ring, b.runtime))
+}
+
+/// `lb ARGS… --socket` of the lab, as an operator types it.
+fn lb(lab: &Lab, args: &[&str]) -> Result<String> {
+    let socket = lab.agent_socket().display().to_string();
+    let bin = lb_bin().display().to_string();
+    let mut all = vec![bin.as_str()];
+    all.extend(args);
+    all.extend(["--socket", &socket]);
+    lab.exec_ok(&lab.lb_ns(), &all)
+}
+
+/// A drained backend stays drained when the agent is stopped and started
+/// again (systemd's restart: SIGTERM, then a new `lb run`), when it is
+/// killed, and across `lb reload`, until `lb backend enable`; a firewall
+/// rule added at run time likewise until `lb firewall reset`. The state
+/// file is beside the config and goes when nothing differs from the file.
+#[test]
+fn a_drained_backend_stays_drained_across_restarts_and_reloads_until_enabled() -> Result<()> {
+    let lab = lab()?;
+    let state = lab.run_dir().join("lb.state.toml");
+    let agent = lab.start_agent(&three_webs())?;
+    ok(&lab, drain("web2"))?;
+    ok(
+        &lab,
+        Request::Firewall(FirewallChange::Deny {
+            edit: RuleEdit::Add {
+                prefix: "203.0.113.0/24".into(),
+                service: None,
+            },
+        }),
+    )?;
+    let text = std::fs::read_to_string(&state).context("the state file")?;
+    ensure!(
+        text.contains("drain") && text.contains("203.0.113.0/24"),
+        "{text}"
+    );
+    assert_eq!(
+        web(&lab, "web2")?,
+        (AdminState::Drain, false, Some("drain".into()))
+    );
+
+    // Restarted as systemd does it, then killed and started again.
+    agent.stop()?;
+    let agent = lab.start_agent(&three_webs())?;
+    assert_eq!(
+        web(&lab, "web2")?,
+        (AdminState::Drain, false, Some("drain".into())),
+        "after a restart; agent log:\n{}",
+        agent.log_text()
+    );
+    ensure!(
+        agent.log_text().contains("restoring 2 runtime change(s)"),
+        "{}",
+        agent.log_text()
+    );
+    agent.kill()?;
+    let _agent = lab.start_agent(&three_webs())?;
+    assert_eq!(web(&lab, "web2")?.0, AdminState::Drain, "after a SIGKILL");
+    let got = answers(&lab, 6)?;
+    ensure!(got.iter().all(|s| s != "web2"), "{got:?}");
+
+    // A reload, with an unrelated change in the file: still drained.
+    let path = lab.run_dir().join("lb.toml");
+    let edited = three_webs().replace("round-robin", "weighted-round-robin");
+    std::fs::write(&path, &edited)?;
+    ok(&lab, Request::Reload)?;
+    let status = checked_status(&lab)?;
+    assert_eq!(
+        backend_status(&status, "www", "web2")?.admin,
+        AdminState::Drain,
+        "after a reload"
+    );
+    assert_eq!(
+        status.runtime.changes,
+        vec!["www/web2: drain", "[firewall]: deny 203.0.113.0/24 added"]
+    );
+    ensure!(
+        lb(&lab, &["status"])?.contains("runtime changes (kept in"),
+        "lb status does not list the runtime changes"
+    );
+
+    // `lb backend enable` ends it; `lb firewall reset` the rule; then the
+    // file is gone: the agent runs the config as written.
+    ok(
+        &lab,
+        Request::Backend(BackendChange::Enable {
+            service: "www".into(),
+            backend: "web2".into(),
+        }),
+    )?;
+    assert_eq!(web(&lab, "web2")?, (AdminState::Enabled, true, None));
+    ensure!(answers(&lab, 6)?.iter().any(|s| s == "web2"));
+    lb(&lab, &["firewall", "reset"])?;
+    ensure!(!state.exists(), "state file left with no runtime change");
+
+    // `lb backend reset SERVICE NAME` drops one backend's changes.
+    ok(&lab, drain("web1"))?;
+    ok(&lab, drain("web3"))?;
+    let said = lb(&lab, &["backend", "reset", "www", "web1"])?;
+    ensure!(said.contains("www/web1: back to the config file"), "{said}");
+    assert_eq!(web(&lab, "web1")?, (AdminState::Enabled, true, None));
+    assert_eq!(web(&lab, "web3")?.0, AdminState::Drain);
+    lb(&lab, &["backend", "reset", "www"])?;
+    assert_eq!(web(&lab, "web3")?, (AdminState::Enabled, true, None));
+    ensure!(!state.exists());
+    Ok(())
+}
+
+/// A corrupt state file is reported at start (log and status), set aside,
+/// and the agent serves the config.
+#[test]
+fn a_corrupt_state_file_is_reported_and_the_config_serves() -> Result<()> {
+    let lab = lab()?;
+    let state = lab.run_dir().join("lb.state.toml");
+    std::fs::create_dir_all(lab.run_dir())?;
+    std::fs::write(&state, "[[backend]]\nservice = \"www\"\nbackend = 7\n")?;
+    let agent = lab.start_agent(&three_webs())?;
+    let log = agent.log_text();
+    ensure!(
+        log.contains("runtime changes not restored") && log.contains("not a state file"),
+        "{log}"
+    );
+    let status = checked_status(&lab)?;
+    let error = status.runtime.error.clone().unwrap_or_default();
+    ensure!(error.contains("lb.state.toml.corrupt"), "{error}");
+    ensure!(status.services[0].backends.iter().all(|b| b.in_ring));
+    ensure!(lab.run_dir().join("lb.state.toml.corrupt").exists());
+    assert_eq!(answers(&lab, 3)?, vec!["web1", "web2", "web3"]);
+    // The next change writes a good file again.
+    ok(&lab, drain("web1"))?;
+    ensure!(std::fs::read_to_string(&state)?.contains("drain"));
+    Ok(())
+}
