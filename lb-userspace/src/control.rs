@@ -347,11 +347,19 @@ pub struct BackendStatus {
     /// kept in the state file; `None`: it runs as the config file says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Its `max-connections` (its own or the service's); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Holding its `max-connections` active flows: out of the ring for new
+    /// flows until it is below.
+    #[serde(default)]
+    pub at_limit: bool,
 }
 
 /// The ring rule, checked against a status: a backend is in its service's
-/// ring if and only if it is enabled, up (or unchecked), has a weight, and
-/// is a primary — or a backup while no primary qualifies. Returns one line
+/// ring if and only if it is enabled, up (or unchecked), has a weight, is
+/// below its `max-connections`, and is a primary — or a backup while no
+/// primary qualifies. Returns one line
 /// per backend that breaks it (empty: the rings are derived from state).
 pub fn ring_violations(status: &Status) -> Vec<String> {
     let mut out = Vec::new();
@@ -360,20 +368,26 @@ pub fn ring_violations(status: &Status) -> Vec<String> {
             b.admin == AdminState::Enabled
                 && matches!(b.health, HealthStatus::Up | HealthStatus::Unchecked)
                 && b.weight > 0
+                && !b.at_limit
         };
         let any_primary = s.backends.iter().any(|b| !b.backup && eligible(b));
         for b in &s.backends {
             let expected = eligible(b) && b.backup != any_primary;
             if b.in_ring != expected {
                 out.push(format!(
-                    "{}/{}: in ring {} but admin {}, health {}, weight {}, {}",
+                    "{}/{}: in ring {} but admin {}, health {}, weight {}, {}{}",
                     s.name,
                     b.name,
                     b.in_ring,
                     b.admin,
                     b.health,
                     b.weight,
-                    if b.backup { "backup" } else { "primary" }
+                    if b.backup { "backup" } else { "primary" },
+                    if b.at_limit {
+                        ", at max-connections"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -450,7 +464,12 @@ pub fn render(status: &Status) -> String {
                 if b.backup { "backup" } else { "primary" },
                 b.admin,
                 b.health,
-                if b.in_ring { "yes" } else { "no" },
+                // "full": out of the ring at its max-connections.
+                match (b.in_ring, b.at_limit) {
+                    (true, _) => "yes",
+                    (false, true) => "full",
+                    (false, false) => "no",
+                },
                 b.flows,
                 b.packets,
                 b.last_check.as_deref().unwrap_or("-")
@@ -620,6 +639,8 @@ mod tests {
                     packets: 7,
                     bytes: 700,
                     runtime: Some("drain".into()),
+                    max_connections: None,
+                    at_limit: false,
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
@@ -676,6 +697,8 @@ mod tests {
             packets: 0,
             bytes: 0,
             runtime: None,
+            max_connections: None,
+            at_limit: false,
         };
         let status = |backends| Status {
             config: String::new(),

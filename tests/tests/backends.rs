@@ -4,11 +4,19 @@
 //! Each test builds its own lab and runs the real `lb` binary from `LB_BIN`
 //! (set by `cargo xtask test`). Needs root; fails loudly without it.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
-use lb_tests::{answers, backend_status, checked_status, lb_bin, ok, three_webs, unique_prefix};
+use lb_tests::{
+    answers, backend_status, checked_status, count, lb_bin, ok, three_webs, unique_prefix,
+    wait_for_status,
+};
 use lb_userspace::{
     control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
-    harness::lab::Lab,
+    harness::{
+        lab::{HttpConn, Lab, vip_http},
+        netns::in_netns,
+    },
 };
 
 fn lab() -> Result<Lab> {
@@ -160,5 +168,79 @@ fn a_corrupt_state_file_is_reported_and_the_config_serves() -> Result<()> {
     // The next change writes a good file again.
     ok(&lab, drain("web1"))?;
     ensure!(std::fs::read_to_string(&state)?.contains("drain"));
+    Ok(())
+}
+
+/// `max-connections = 5` on web1 (round robin over web1..web3): holding 5
+/// keep-alive connections, web1 gets no sixth while web2 and web3 take new
+/// connections; once one of its connections closes it takes new ones again.
+#[test]
+fn a_backend_at_max_connections_gets_no_new_connection_until_one_closes() -> Result<()> {
+    let lab = lab()?;
+    let cfg = three_webs().replacen(
+        "backup = false }",
+        "backup = false, max-connections = 5 }",
+        1,
+    );
+    ensure!(cfg.contains("max-connections = 5"), "{cfg}");
+    let _agent = lab.start_agent(&cfg)?;
+    let ns = lab.client_ns();
+    // Open keep-alive connections one at a time until web1 holds 5.
+    let mut held: Vec<(String, HttpConn)> = Vec::new();
+    while held.iter().filter(|(s, _)| s == "web1").count() < 5 {
+        ensure!(
+            held.len() < 30,
+            "web1 never reached 5 connections: {}",
+            held.len()
+        );
+        let (server, conn) = in_netns(&ns, || -> Result<(String, HttpConn)> {
+            let mut conn = HttpConn::connect(vip_http())?;
+            let server = conn.get("/")?.text();
+            Ok((server, conn))
+        })??;
+        held.push((server, conn));
+    }
+    let took = wait_for_status(&lab, "web1 at its limit", Duration::from_secs(3), |s| {
+        backend_status(s, "www", "web1").is_ok_and(|b| b.at_limit && !b.in_ring && b.active == 5)
+    })?;
+    eprintln!("web1 out of the ring {took:?} after its 5th connection");
+    let status = checked_status(&lab)?;
+    let web1 = backend_status(&status, "www", "web1")?;
+    assert_eq!(web1.max_connections, Some(5));
+    let explained = ok(
+        &lab,
+        Request::Explain {
+            client: "198.18.0.2:40000".into(),
+            service: "198.18.0.10:80/tcp".into(),
+        },
+    )?;
+    ensure!(
+        explained.contains("at max-connections (5 active, limit 5)"),
+        "{explained}"
+    );
+
+    // New connections: none to web1, the others take them.
+    let got = answers(&lab, 12)?;
+    let c = count(&got);
+    ensure!(!c.contains_key("web1"), "web1 got a sixth: {c:?}");
+    ensure!(c.contains_key("web2") && c.contains_key("web3"), "{c:?}");
+    // Its connections still work.
+    for (server, conn) in held.iter_mut().filter(|(s, _)| s == "web1") {
+        let again = in_netns(&ns, || conn.get("/").map(|r| r.text()))??;
+        ensure!(again == *server, "a held connection moved to {again}");
+    }
+
+    // One of web1's connections closes: below the limit, back in the ring.
+    let i = held
+        .iter()
+        .position(|(s, _)| s == "web1")
+        .context("a web1 connection")?;
+    drop(held.remove(i));
+    let took = wait_for_status(&lab, "web1 below its limit", Duration::from_secs(3), |s| {
+        backend_status(s, "www", "web1").is_ok_and(|b| !b.at_limit && b.in_ring)
+    })?;
+    eprintln!("web1 back in the ring {took:?} after a connection closed");
+    let got = answers(&lab, 6)?;
+    ensure!(got.iter().any(|s| s == "web1"), "{got:?}");
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod limits;
 mod runtime;
 mod state;
 
@@ -115,6 +116,8 @@ struct Agent {
     state_path: PathBuf,
     /// The last failure to read or write the state file, if any.
     runtime_error: Option<String>,
+    /// Backends at their `max-connections`: out of the ring for new flows.
+    at_limit: limits::AtLimit,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -183,6 +186,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| runtime::default_path(&args.config)),
         runtime_error: None,
+        at_limit: limits::AtLimit::new(),
     };
     // The probe latency histograms are fed from the first probe on.
     let probes = ProbeLatency::default();
@@ -267,6 +271,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let mut announce_refresh = tokio::time::interval(ANNOUNCE_REFRESH);
     // Least connections: the rings follow the active flow counts.
     let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
+    let mut connection_limits = tokio::time::interval(limits::LIMITS_REFRESH);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -301,6 +306,9 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             }
             _ = least_connections.tick(), if agent.uses_least_connections() => {
                 agent.refresh_least_connections(&flow_table);
+            }
+            _ = connection_limits.tick(), if agent.has_limits() => {
+                agent.refresh_limits(&flow_table);
             }
         }
     }
@@ -391,16 +399,18 @@ impl Agent {
         // pool not yet known would leave them unchecked (all serving).
         self.db.sync(&next);
         let (admin, health, db) = (&self.admin, &self.health, &self.db);
+        let at_limit = &self.at_limit;
         let admit = |svc: &config::Service, b: &config::Backend| {
-            admission(
-                admin
-                    .get(&state::key(&svc.name, &b.name))
-                    .copied()
-                    .unwrap_or(Admin::Enabled),
-                // A pool's services admit members by role.
-                db.health(&svc.name, &b.name)
-                    .or_else(|| health.get(&Agent::target(svc, b)).copied()),
-                svc.on_backend_down,
+            let key = state::key(&svc.name, &b.name);
+            limits::limited(
+                admission(
+                    admin.get(&key).copied().unwrap_or(Admin::Enabled),
+                    // A pool's services admit members by role.
+                    db.health(&svc.name, &b.name)
+                        .or_else(|| health.get(&Agent::target(svc, b)).copied()),
+                    svc.on_backend_down,
+                ),
+                at_limit.contains_key(&key),
             )
         };
         let applied = self.dp.apply_with(&next, &admit)?;
@@ -698,6 +708,7 @@ impl Agent {
                             .copied()
                             .unwrap_or(Admin::Enabled),
                         health: self.health.get(&Self::target(svc, b)).copied().into(),
+                        at_limit: self.at_limit.get(&state::key(&svc.name, &b.name)).copied(),
                     })
                     .collect(),
             })
@@ -946,6 +957,8 @@ impl Agent {
                     active: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
+                    max_connections: svc.max_connections_of(b),
+                    at_limit: self.at_limit.contains_key(&key),
                     runtime: runtime
                         .backends
                         .iter()

@@ -390,6 +390,7 @@ pub fn merge(file: &Config, state: &RuntimeState, origin: &Path) -> Merged {
                         weight: n.weight,
                         backup: n.backup,
                         health: None,
+                        max_connections: None,
                     }),
                     (None, None) => {}
                 }

@@ -134,6 +134,7 @@ pub fn edit(
                 weight,
                 backup,
                 health: None,
+                max_connections: None,
             });
             format!("added {service}/{backend} {address}")
         }

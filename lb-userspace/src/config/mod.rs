@@ -322,6 +322,16 @@ pub struct Service {
     /// `allow-from`, `deny-from` and `rate-limit`: this service's firewall
     /// rules, on top of `[firewall]`'s.
     pub firewall: Firewall,
+    /// `max-connections`: the service's defaults for its backends.
+    pub limits: ServiceLimits,
+}
+
+/// A service's defaults for how much its backends take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// `max-connections`: a backend without its own limit takes no new flow
+    /// while it holds this many active flows; `None`: no limit.
+    pub max_connections: Option<u32>,
 }
 
 impl Service {
@@ -329,6 +339,12 @@ impl Service {
     /// has one, else the service's check (`None`: never checked, always up).
     pub fn health_for<'a>(&'a self, backend: &'a Backend) -> Option<&'a HealthCheck> {
         backend.health.as_ref().or(self.health.as_ref())
+    }
+
+    /// The active-flow limit of `backend`: its own `max-connections`, else
+    /// the service's; `None`: unlimited.
+    pub fn max_connections_of(&self, backend: &Backend) -> Option<u32> {
+        backend.max_connections.or(self.limits.max_connections)
     }
 }
 
@@ -353,6 +369,9 @@ pub struct Backend {
     /// This backend's own health check, overriding the service's. Use
     /// [`Service::health_for`] to get the check that applies.
     pub health: Option<HealthCheck>,
+    /// This backend's own `max-connections` (see
+    /// [`Service::max_connections_of`]).
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

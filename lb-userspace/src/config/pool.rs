@@ -87,6 +87,7 @@ impl Pool {
                 weight: 1,
                 backup: false,
                 health: None,
+                max_connections: None,
             })
             .collect();
         let service = |name: String, vip, on_backend_down| Service {
@@ -101,6 +102,7 @@ impl Pool {
             on_backend_down,
             backends: backends.clone(),
             firewall: Firewall::default(),
+            limits: Default::default(),
         };
         [
             service(

@@ -95,6 +95,7 @@ pub(super) struct RawService {
     pub(super) allow_from: Option<Vec<String>>,
     pub(super) deny_from: Option<Vec<String>>,
     pub(super) rate_limit: Option<RawRateLimit>,
+    pub(super) max_connections: Option<i64>,
 }
 
 /// `scheduler`: a [`Scheduler`], except that the retired `source-hash` gets
@@ -154,6 +155,7 @@ pub(super) struct RawBackend {
     pub(super) weight: Option<i64>,
     pub(super) backup: Option<bool>,
     pub(super) health: Option<RawHealth>,
+    pub(super) max_connections: Option<i64>,
 }
 
 // A validated config back in the raw shape, for `check`.
@@ -221,6 +223,7 @@ impl From<&Service> for RawService {
             allow_from: Some(texts(&s.firewall.allow)),
             deny_from: Some(texts(&s.firewall.deny)),
             rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
+            max_connections: s.limits.max_connections.map(i64::from),
         }
     }
 }
@@ -253,6 +256,7 @@ impl From<&Backend> for RawBackend {
             weight: Some(i64::from(b.weight)),
             backup: Some(b.backup),
             health: b.health.as_ref().map(RawHealth::from),
+            max_connections: b.max_connections.map(i64::from),
         }
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
 use super::{
     Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
     HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    Timeouts, XdpMode, duration,
+    ServiceLimits, Timeouts, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
         RawRateLimit, RawService, RawTimeouts,
@@ -530,6 +530,10 @@ impl Validator<'_> {
             raw.rate_limit,
         )?;
 
+        let limits = ServiceLimits {
+            max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
+        };
+
         Ok(Service {
             name,
             vip,
@@ -541,6 +545,7 @@ impl Validator<'_> {
             on_backend_down,
             backends,
             firewall,
+            limits,
         })
     }
 
@@ -623,7 +628,20 @@ impl Validator<'_> {
             weight,
             backup: raw.backup.unwrap_or(false),
             health,
+            max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
         })
+    }
+
+    /// `max-connections`: at least 1 (0 would be a drain: say so).
+    fn max_connections(&self, raw: Option<i64>, key: &str) -> Result<Option<u32>, ConfigError> {
+        match raw {
+            None => Ok(None),
+            Some(0) => Err(self.err(
+                key,
+                "must be at least 1 (to take a backend out of rotation, drain it or give it weight 0)",
+            )),
+            Some(n) => self.in_range(n, 1..i64::from(u32::MAX) + 1, key).map(Some),
+        }
     }
 
     /// The primaries and the backups each become a ring of at most

@@ -168,6 +168,8 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let weight = Gauges::default();
     let backup = Gauges::default();
     let in_ring = Gauges::default();
+    let max_connections = Gauges::default();
+    let at_limit = Gauges::default();
     let last_check_time = FloatGauges::default();
     let last_check_duration = FloatGauges::default();
     // Registered first (clones share the values), filled below.
@@ -228,6 +230,16 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         in_ring.clone(),
     );
     registry.register(
+        "lb_backend_max_connections",
+        "The backend's max-connections (backends with a limit only)",
+        max_connections.clone(),
+    );
+    registry.register(
+        "lb_backend_at_max_connections",
+        "Whether the backend holds its max-connections active flows (1: out of the ring for new flows)",
+        at_limit.clone(),
+    );
+    registry.register(
         "lb_health_last_check_timestamp_seconds",
         "When the backend's last health probe finished, in seconds since the Unix epoch",
         last_check_time.clone(),
@@ -278,6 +290,10 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
             weight.get_or_create(&labels).set(i64::from(b.weight));
             backup.get_or_create(&labels).set(i64::from(b.backup));
             in_ring.get_or_create(&labels).set(i64::from(b.in_ring));
+            if let Some(max) = b.max_connections {
+                max_connections.get_or_create(&labels).set(i64::from(max));
+            }
+            at_limit.get_or_create(&labels).set(i64::from(b.at_limit));
             if let Some(at) = b.last_check_at_ms {
                 last_check_time.get_or_create(&labels).set(seconds(at));
             }

@@ -32,6 +32,8 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         packets: 70,
         bytes: 7_000,
         runtime: None,
+        max_connections: None,
+        at_limit: false,
     }
 }
 
@@ -62,6 +64,8 @@ fn snapshot() -> Status {
                     bytes: 0,
                     flows: 0,
                     active: 0,
+                    max_connections: Some(4),
+                    at_limit: true,
                     ..backend("web2", HealthStatus::Down, AdminState::Drain, false)
                 },
                 BackendStatus {
@@ -165,6 +169,18 @@ fn every_metric_carries_the_snapshot() {
     );
     assert_eq!(value(&text, "lb_backend_bytes_total", &web("web2")), 0.0);
     assert_eq!(value(&text, "lb_backend_flows", &web("web1")), 4.0);
+    assert_eq!(
+        value(&text, "lb_backend_max_connections", &web("web2")),
+        4.0
+    );
+    assert_eq!(
+        value(&text, "lb_backend_at_max_connections", &web("web2")),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "lb_backend_at_max_connections", &web("web1")),
+        0.0
+    );
     // Up: checks pass, or there are none.
     assert_eq!(value(&text, "lb_backend_up", &web("web1")), 1.0);
     assert_eq!(value(&text, "lb_backend_up", &web("web2")), 0.0);
