@@ -354,6 +354,18 @@ pub struct BackendStatus {
     /// flows until it is below.
     #[serde(default)]
     pub at_limit: bool,
+    /// Slow start: while it ramps, its effective weight as a percentage of
+    /// `weight`; `None`: full weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_percent: Option<u32>,
+}
+
+impl BackendStatus {
+    /// The weight the rings give it now: `weight`, or less while slow
+    /// start ramps it.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight) * f64::from(self.slow_start_percent.unwrap_or(100)) / 100.0
+    }
 }
 
 /// The ring rule, checked against a status: a backend is in its service's
@@ -483,6 +495,7 @@ pub fn render(status: &Status) -> String {
     if let Some(a) = &status.announce {
         out.push_str(&render_announce(a));
     }
+    out.push_str(&render_slow_start(status));
     out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status
         .verdicts
@@ -499,6 +512,31 @@ pub fn render(status: &Status) -> String {
         }
     ));
     out
+}
+
+/// `lb status`'s slow-start lines: the backends ramping their weight.
+fn render_slow_start(status: &Status) -> String {
+    let ramps: Vec<String> = status
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.backends.iter().filter_map(move |b| {
+                b.slow_start_percent.map(|p| {
+                    format!(
+                        "  {}/{}: {p} % of weight {} (effective {:.2})\n",
+                        s.name,
+                        b.name,
+                        b.weight,
+                        b.effective_weight()
+                    )
+                })
+            })
+        })
+        .collect();
+    if ramps.is_empty() {
+        return String::new();
+    }
+    format!("\nslow start (weight ramping up)\n{}", ramps.concat())
 }
 
 /// `lb status`'s runtime changes: which entries differ from the file.
@@ -641,6 +679,7 @@ mod tests {
                     runtime: Some("drain".into()),
                     max_connections: None,
                     at_limit: false,
+                    slow_start_percent: Some(40),
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
@@ -670,6 +709,7 @@ mod tests {
             "forwarded=10",
             "runtime changes (kept in lb.state.toml",
             "  www/web1: drain",
+            "slow start (weight ramping up)\n  www/web1: 40 % of weight 1 (effective 0.40)",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
@@ -699,6 +739,7 @@ mod tests {
             runtime: None,
             max_connections: None,
             at_limit: false,
+            slow_start_percent: None,
         };
         let status = |backends| Status {
             config: String::new(),

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use lb_tests::{
-    answers, backend_status, checked_status, count, lb_bin, ok, three_webs, unique_prefix,
-    wait_for_status,
+    FALL, INTERVAL_MS, RISE, answers, backend_status, checked_status, count, lb_bin, ok,
+    three_webs, unique_prefix, wait_for_status, web_config,
 };
 use lb_userspace::{
     control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
     harness::{
-        lab::{HttpConn, Lab, vip_http},
+        lab::{HttpConn, Lab, http_get, vip_http},
         netns::in_netns,
     },
 };
@@ -242,5 +242,121 @@ fn a_backend_at_max_connections_gets_no_new_connection_until_one_closes() -> Res
     eprintln!("web1 back in the ring {took:?} after a connection closed");
     let got = answers(&lab, 6)?;
     ensure!(got.iter().any(|s| s == "web1"), "{got:?}");
+    Ok(())
+}
+
+/// `slow-start = "5s"` (weighted round robin over web1..web3): web3 comes
+/// back from DOWN and its share of 3000 new connections (paced over 7.5 s)
+/// grows over the period from about 1/41 (its first step: 1/20 of its
+/// weight) to 1/3.
+#[test]
+fn slow_start_ramps_a_returning_backends_share_of_new_connections() -> Result<()> {
+    const PERIOD_S: u64 = 5;
+    const CONNECTIONS: usize = 3000;
+    let mut lab = lab()?;
+    let webs = [("web1", 1, false), ("web2", 1, false), ("web3", 1, false)];
+    let cfg = web_config(
+        "weighted-round-robin",
+        &webs,
+        &format!("slow-start = \"{PERIOD_S}s\"\n"),
+    );
+    let _agent = lab.start_agent(&cfg)?;
+    let window = Duration::from_millis(FALL.max(RISE) * INTERVAL_MS + 2000);
+    lab.stop_web(3)?;
+    wait_for_status(&lab, "web3 down", window, |s| {
+        backend_status(s, "www", "web3").is_ok_and(|b| !b.in_ring)
+    })?;
+    lab.start_web(3)?;
+    wait_for_status(&lab, "web3 back", window, |s| {
+        backend_status(s, "www", "web3").is_ok_and(|b| b.in_ring)
+    })?;
+    let seen_up = std::time::Instant::now();
+    let web3 = backend_status(&checked_status(&lab)?, "www", "web3")?;
+    let percent = web3.slow_start_percent.context("web3 is not ramping")?;
+    ensure!(percent < 50, "web3 starts at {percent} % of its weight");
+    // The ramp began when the checks passed, maybe before `start_web`
+    // returned: date it from the progress the status gives (5 % steps).
+    let ramped = Duration::from_secs(PERIOD_S).mul_f64(f64::from(percent) / 100.0);
+    let up = seen_up.checked_sub(ramped).unwrap_or(seen_up);
+    eprintln!("web3 at {percent} % when first seen in the ring: the ramp began {ramped:?} earlier");
+
+    // New connections as fast as the client makes them, each with the time
+    // since web3 came back.
+    let ns = lab.client_ns();
+    let seen = in_netns(&ns, || -> Result<Vec<(f64, bool)>> {
+        let mut seen = Vec::with_capacity(CONNECTIONS);
+        // Paced: 3000 over one and a half periods.
+        let pace = Duration::from_secs(PERIOD_S).mul_f64(1.5) / CONNECTIONS as u32;
+        while seen.len() < CONNECTIONS && up.elapsed() < Duration::from_secs(3 * PERIOD_S) {
+            let due = seen_up + pace * seen.len() as u32;
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            let server = http_get(vip_http(), "/")?.text();
+            seen.push((up.elapsed().as_secs_f64(), server == "web3"));
+        }
+        Ok(seen)
+    })??;
+    ensure!(seen.len() >= 600, "only {} connections", seen.len());
+    // web3's share per second of the period, then after it.
+    let share = |from: f64, to: f64| {
+        let part: Vec<bool> = seen
+            .iter()
+            .filter(|(t, _)| (from..to).contains(t))
+            .map(|(_, w)| *w)
+            .collect();
+        let n = part.len();
+        (
+            part.into_iter().filter(|w| *w).count() as f64 / n.max(1) as f64,
+            n,
+        )
+    };
+    let mut table = Vec::new();
+    for s in 0..PERIOD_S {
+        table.push((format!("{s}-{}s", s + 1), share(s as f64, s as f64 + 1.0)));
+    }
+    let period = PERIOD_S as f64;
+    table.push((format!("after {PERIOD_S}s"), share(period + 0.3, f64::MAX)));
+    eprintln!(
+        "slow start {PERIOD_S}s, {} new connections after web3 came back:",
+        seen.len()
+    );
+    for (when, (s, n)) in &table {
+        eprintln!("  {when:>10}: web3 {:.1} % of {n} connections", s * 100.0);
+    }
+    let (first, n_first) = table[0].1;
+    let (last, n_last) = table[table.len() - 1].1;
+    ensure!(
+        n_last >= 100,
+        "too few connections after the period: {table:?}"
+    );
+    ensure!(
+        n_first < 50 || first < 0.15,
+        "web3 got {first:.3} of the first second"
+    );
+    ensure!(
+        (0.25..0.42).contains(&last),
+        "web3 got {last:.3} after the period"
+    );
+    // Each second of the ramp gives web3 more than the one before (within
+    // noise), and the last second of the period far more than the first.
+    let during: Vec<f64> = table[..PERIOD_S as usize]
+        .iter()
+        .filter(|(_, (_, n))| *n >= 50)
+        .map(|(_, (s, _))| *s)
+        .collect();
+    ensure!(
+        during.len() >= 3,
+        "too few seconds of the ramp measured: {table:?}"
+    );
+    ensure!(
+        during.windows(2).all(|w| w[1] > w[0] - 0.03) && during[during.len() - 1] > during[0] + 0.1,
+        "the share does not grow: {table:?}"
+    );
+    let status = checked_status(&lab)?;
+    ensure!(
+        backend_status(&status, "www", "web3")?
+            .slow_start_percent
+            .is_none(),
+        "still ramping after the period"
+    );
     Ok(())
 }

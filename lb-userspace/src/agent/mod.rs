@@ -18,6 +18,7 @@ use std::{
 
 mod limits;
 mod runtime;
+mod slow_start;
 mod state;
 
 use anyhow::{Context, bail};
@@ -118,6 +119,10 @@ struct Agent {
     runtime_error: Option<String>,
     /// Backends at their `max-connections`: out of the ring for new flows.
     at_limit: limits::AtLimit,
+    /// `slow-start`: which backends ramp their weight, since when.
+    slow_start: slow_start::SlowStart,
+    /// The ramping backends' effective weights at the last commit.
+    ramps: BTreeMap<Key, slow_start::Ramp>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -187,6 +192,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|| runtime::default_path(&args.config)),
         runtime_error: None,
         at_limit: limits::AtLimit::new(),
+        slow_start: slow_start::SlowStart::default(),
+        ramps: BTreeMap::new(),
     };
     // The probe latency histograms are fed from the first probe on.
     let probes = ProbeLatency::default();
@@ -272,6 +279,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     // Least connections: the rings follow the active flow counts.
     let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
     let mut connection_limits = tokio::time::interval(limits::LIMITS_REFRESH);
+    let mut ramp = tokio::time::interval(slow_start::RAMP_REFRESH);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -310,6 +318,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             _ = connection_limits.tick(), if agent.has_limits() => {
                 agent.refresh_limits(&flow_table);
             }
+            _ = ramp.tick(), if agent.slow_start.ramping() => agent.refresh_ramp(),
         }
     }
     drop(control_socket);
@@ -400,21 +409,36 @@ impl Agent {
         self.db.sync(&next);
         let (admin, health, db) = (&self.admin, &self.health, &self.db);
         let at_limit = &self.at_limit;
-        let admit = |svc: &config::Service, b: &config::Backend| {
-            let key = state::key(&svc.name, &b.name);
-            limits::limited(
-                admission(
-                    admin.get(&key).copied().unwrap_or(Admin::Enabled),
-                    // A pool's services admit members by role.
-                    db.health(&svc.name, &b.name)
-                        .or_else(|| health.get(&Agent::target(svc, b)).copied()),
-                    svc.on_backend_down,
-                ),
-                at_limit.contains_key(&key),
+        let admitted = |svc: &config::Service, b: &config::Backend| {
+            admission(
+                admin
+                    .get(&state::key(&svc.name, &b.name))
+                    .copied()
+                    .unwrap_or(Admin::Enabled),
+                // A pool's services admit members by role.
+                db.health(&svc.name, &b.name)
+                    .or_else(|| health.get(&Agent::target(svc, b)).copied()),
+                svc.on_backend_down,
             )
         };
-        let applied = self.dp.apply_with(&next, &admit)?;
+        let admit = |svc: &config::Service, b: &config::Backend| {
+            let full = at_limit.contains_key(&state::key(&svc.name, &b.name));
+            limits::limited(admitted(svc, b), full)
+        };
+        // Slow start: backends that came into rotation ramp their weight.
+        let now = std::time::Instant::now();
+        let mut ramping = self.slow_start.clone();
+        ramping.observe(
+            &next,
+            &|svc, b| admitted(svc, b).in_rotation,
+            now,
+            self.applied.is_empty(),
+        );
+        let (effective, ramps) = ramping.effective(&next, now);
+        let applied = self.dp.apply_with(&effective, &admit)?;
         report(&next, &applied);
+        self.slow_start = ramping;
+        self.ramps = ramps;
         self.cfg = next;
         self.applied = applied;
         let reach = self.service_reach();
@@ -422,6 +446,25 @@ impl Agent {
             a.update(&reach);
         }
         Ok(())
+    }
+
+    /// Slow start: the rings follow the ramps' effective weights (and a
+    /// finished ramp gives the backend its full weight).
+    fn refresh_ramp(&mut self) {
+        let (_, ramps) = self
+            .slow_start
+            .effective(&self.cfg, std::time::Instant::now());
+        let weights = |r: &BTreeMap<Key, slow_start::Ramp>| {
+            r.iter()
+                .map(|(k, r)| (k.clone(), r.weight))
+                .collect::<Vec<_>>()
+        };
+        if weights(&ramps) != weights(&self.ramps) {
+            let cfg = self.cfg.clone();
+            if let Err(e) = self.commit(cfg) {
+                warn!("slow start: applying the ramped weights: {e:#}");
+            }
+        }
     }
 
     /// From the ready line on, the VIPs' announcement follows the rings.
@@ -958,6 +1001,7 @@ impl Agent {
                     packets: counters.packets,
                     bytes: counters.bytes,
                     max_connections: svc.max_connections_of(b),
+                    slow_start_percent: self.ramps.get(&key).map(|r| r.percent),
                     at_limit: self.at_limit.contains_key(&key),
                     runtime: runtime
                         .backends

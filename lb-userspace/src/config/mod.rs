@@ -332,6 +332,9 @@ pub struct ServiceLimits {
     /// `max-connections`: a backend without its own limit takes no new flow
     /// while it holds this many active flows; `None`: no limit.
     pub max_connections: Option<u32>,
+    /// `slow-start`: a backend that comes up ramps its weight from a small
+    /// share to its full weight over this period; `None`: at once.
+    pub slow_start: Option<Duration>,
 }
 
 impl Service {

@@ -96,6 +96,7 @@ pub(super) struct RawService {
     pub(super) deny_from: Option<Vec<String>>,
     pub(super) rate_limit: Option<RawRateLimit>,
     pub(super) max_connections: Option<i64>,
+    pub(super) slow_start: Option<String>,
 }
 
 /// `scheduler`: a [`Scheduler`], except that the retired `source-hash` gets
@@ -224,6 +225,7 @@ impl From<&Service> for RawService {
             deny_from: Some(texts(&s.firewall.deny)),
             rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
             max_connections: s.limits.max_connections.map(i64::from),
+            slow_start: s.limits.slow_start.map(duration::show),
         }
     }
 }

@@ -532,6 +532,7 @@ impl Validator<'_> {
 
         let limits = ServiceLimits {
             max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
+            slow_start: self.slow_start(raw.slow_start, &key("slow-start"), scheduler)?,
         };
 
         Ok(Service {
@@ -630,6 +631,34 @@ impl Validator<'_> {
             health,
             max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
         })
+    }
+
+    /// `slow-start`: a duration from 1s to 1h, with a scheduler that weighs
+    /// (the ramp is a weight; round robin would ignore it).
+    fn slow_start(
+        &self,
+        raw: Option<String>,
+        key: &str,
+        scheduler: Scheduler,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(text) = raw else {
+            return Ok(None);
+        };
+        let period = duration::parse(&text).map_err(|reason| self.err(key, reason))?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&period) {
+            return Err(self.err(key, format!("must be between 1s and 1h, got {text:?}")));
+        }
+        if !scheduler.uses_weights() {
+            return Err(self.err(
+                key,
+                format!(
+                    "slow start ramps a backend's weight, which scheduler = \"{}\" ignores; \
+                     use \"weighted-round-robin\", \"least-connections\", \"maglev\" or \"source-ip\"",
+                    scheduler.name()
+                ),
+            ));
+        }
+        Ok(Some(period))
     }
 
     /// `max-connections`: at least 1 (0 would be a drain: say so).

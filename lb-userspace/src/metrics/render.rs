@@ -170,6 +170,7 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let in_ring = Gauges::default();
     let max_connections = Gauges::default();
     let at_limit = Gauges::default();
+    let effective_weight = FloatGauges::default();
     let last_check_time = FloatGauges::default();
     let last_check_duration = FloatGauges::default();
     // Registered first (clones share the values), filled below.
@@ -240,6 +241,11 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         at_limit.clone(),
     );
     registry.register(
+        "lb_backend_effective_weight",
+        "The weight the rings give the backend now: its weight, or less while slow start ramps it",
+        effective_weight.clone(),
+    );
+    registry.register(
         "lb_health_last_check_timestamp_seconds",
         "When the backend's last health probe finished, in seconds since the Unix epoch",
         last_check_time.clone(),
@@ -294,6 +300,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
                 max_connections.get_or_create(&labels).set(i64::from(max));
             }
             at_limit.get_or_create(&labels).set(i64::from(b.at_limit));
+            effective_weight
+                .get_or_create(&labels)
+                .set(b.effective_weight());
             if let Some(at) = b.last_check_at_ms {
                 last_check_time.get_or_create(&labels).set(seconds(at));
             }

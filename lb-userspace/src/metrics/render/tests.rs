@@ -34,6 +34,7 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         runtime: None,
         max_connections: None,
         at_limit: false,
+        slow_start_percent: None,
     }
 }
 
@@ -66,6 +67,7 @@ fn snapshot() -> Status {
                     active: 0,
                     max_connections: Some(4),
                     at_limit: true,
+                    slow_start_percent: Some(25),
                     ..backend("web2", HealthStatus::Down, AdminState::Drain, false)
                 },
                 BackendStatus {
@@ -180,6 +182,15 @@ fn every_metric_carries_the_snapshot() {
     assert_eq!(
         value(&text, "lb_backend_at_max_connections", &web("web1")),
         0.0
+    );
+    // web2 ramps: a quarter of its weight 3.
+    assert_eq!(
+        value(&text, "lb_backend_effective_weight", &web("web2")),
+        0.75
+    );
+    assert_eq!(
+        value(&text, "lb_backend_effective_weight", &web("web1")),
+        3.0
     );
     // Up: checks pass, or there are none.
     assert_eq!(value(&text, "lb_backend_up", &web("web1")), 1.0);
