@@ -14,7 +14,7 @@ use lb_tests::{
 use lb_userspace::{
     control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
     harness::{
-        lab::{HttpConn, Lab, http_get, vip_http},
+        lab::{HttpConn, Lab, http_get, vip_http, web_addr},
         netns::in_netns,
     },
 };
@@ -358,5 +358,74 @@ fn slow_start_ramps_a_returning_backends_share_of_new_connections() -> Result<()
             .is_none(),
         "still ramping after the period"
     );
+    Ok(())
+}
+
+/// `check = "udp"` on a UDP service (the lab's servers answer "webN " and
+/// the datagram on :5353): web2's server stops while another socket holds
+/// its port and never answers (probes time out), and later stops with the
+/// port closed (ICMP port unreachable fails each probe at once). Both go
+/// DOWN within fall × interval of the first failed probe (plus a timeout).
+#[test]
+fn a_udp_check_takes_a_silent_or_closed_server_down() -> Result<()> {
+    let mut lab = lab()?;
+    let backends: Vec<String> = (1..=3)
+        .map(|n| {
+            format!(
+                "{{ name = \"web{n}\", address = \"{}:5353\" }}",
+                web_addr(n)
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
+         [[service]]\nname = \"www-udp\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\n\
+         health = {{ check = \"udp\", send = \"health\", expect-regex = \"^web[0-9] health$\", \
+         interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
+         backends = [ {} ]\n",
+        backends.join(", ")
+    );
+    let _agent = lab.start_agent(&cfg)?;
+    let state = |lab: &Lab| -> Result<(bool, String)> {
+        let b = backend_status(&checked_status(lab)?, "www-udp", "web2")?;
+        Ok((b.in_ring, b.last_check.unwrap_or_default()))
+    };
+    let bound = Duration::from_millis((FALL + 1) * INTERVAL_MS + 1000);
+    wait_for_status(&lab, "every UDP backend up", bound * 3, |s| {
+        s.services[0].backends.iter().all(|b| b.in_ring)
+    })?;
+    // Every probe to a closed port gets its ICMP answer (no rate limit).
+    lab.exec_ok(
+        &lab.web_ns(2),
+        &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"],
+    )?;
+
+    // 1. The server stops; a socket that never answers holds the port.
+    lab.stop_web(2)?;
+    let silent = in_netns(&lab.web_ns(2), || {
+        std::net::UdpSocket::bind((web_addr(2), 5353))
+    })??;
+    let stopped = std::time::Instant::now();
+    let took = wait_for_status(&lab, "web2 down (silent)", bound, |s| {
+        backend_status(s, "www-udp", "web2").is_ok_and(|b| !b.in_ring)
+    })?;
+    let (_, why) = state(&lab)?;
+    ensure!(why.contains("no reply from"), "{why}");
+    eprintln!("silent port: web2 down {took:?} after its server stopped ({why})");
+    ensure!(stopped.elapsed() < bound);
+
+    // 2. Back up, then the server stops and nothing holds the port.
+    drop(silent);
+    lab.start_web(2)?;
+    wait_for_status(&lab, "web2 up again", bound * 2, |s| {
+        backend_status(s, "www-udp", "web2").is_ok_and(|b| b.in_ring)
+    })?;
+    lab.stop_web(2)?;
+    let took = wait_for_status(&lab, "web2 down (closed)", bound, |s| {
+        backend_status(s, "www-udp", "web2").is_ok_and(|b| !b.in_ring)
+    })?;
+    let (_, why) = state(&lab)?;
+    ensure!(why.contains("ICMP port unreachable"), "{why}");
+    eprintln!("closed port: web2 down {took:?} after its server stopped ({why})");
     Ok(())
 }

@@ -408,6 +408,57 @@ pub enum CheckKind {
     },
     /// A MySQL handshake and login (and, in a pool, the member's role).
     Mysql(MysqlLogin),
+    /// A datagram sent, a reply expected (issue 28).
+    Udp(UdpCheck),
+}
+
+/// `check = "udp"`: send `send`, expect a reply within the timeout that
+/// matches `expect`; an ICMP port unreachable fails the probe at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpCheck {
+    /// The probe's payload (`send` as text or `send-hex`).
+    pub send: Vec<u8>,
+    pub expect: UdpExpect,
+}
+
+/// What a UDP reply must look like.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UdpExpect {
+    /// Any reply.
+    Any,
+    /// The reply starts with these bytes (`expect` as text or `expect-hex`).
+    Prefix(Vec<u8>),
+    /// The reply, as UTF-8 text (invalid bytes replaced), matches this
+    /// regular expression (`expect-regex`; checked when the config loads).
+    Regex(String),
+}
+
+impl UdpExpect {
+    /// Does `reply` match? The reason when it does not.
+    pub fn check(&self, reply: &[u8]) -> Result<(), String> {
+        let shown = || {
+            let text = String::from_utf8_lossy(reply);
+            let cut: String = text.chars().take(40).collect();
+            format!(
+                "{cut:?}{}",
+                if text.chars().count() > 40 { "…" } else { "" }
+            )
+        };
+        match self {
+            UdpExpect::Any => Ok(()),
+            UdpExpect::Prefix(p) if reply.starts_with(p) => Ok(()),
+            UdpExpect::Prefix(p) => Err(format!(
+                "reply {} does not start with {:?}",
+                shown(),
+                String::from_utf8_lossy(p)
+            )),
+            UdpExpect::Regex(pattern) => match regex::Regex::new(pattern) {
+                Ok(re) if re.is_match(&String::from_utf8_lossy(reply)) => Ok(()),
+                Ok(_) => Err(format!("reply {} does not match /{pattern}/", shown())),
+                Err(e) => Err(format!("expect-regex: {e}")),
+            },
+        }
+    }
 }
 
 /// The account health checks (and pool operations) log in with.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, de::IntoDeserializer};
 
 use super::{
     Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, RateLimit,
-    Scheduler, Service, XdpMode, duration,
+    Scheduler, Service, UdpExpect, XdpMode, duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -138,6 +138,12 @@ pub(super) struct RawHealth {
     pub(super) user: Option<String>,
     pub(super) password: Option<String>,
     pub(super) password_file: Option<String>,
+    /// `check = "udp"`: the payload (text or hex) and the expected reply.
+    pub(super) send: Option<String>,
+    pub(super) send_hex: Option<String>,
+    pub(super) expect: Option<String>,
+    pub(super) expect_hex: Option<String>,
+    pub(super) expect_regex: Option<String>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -146,6 +152,7 @@ pub(super) enum RawCheck {
     Tcp,
     Http,
     Mysql,
+    Udp,
 }
 
 #[derive(Deserialize)]
@@ -266,8 +273,24 @@ impl From<&Backend> for RawBackend {
 impl From<&HealthCheck> for RawHealth {
     fn from(h: &HealthCheck) -> Self {
         let mut login = (None, None, None);
+        let mut udp = (None, None, None);
         let (check, path, expect_status, expect_body) = match &h.check {
             CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
+            CheckKind::Udp(u) => {
+                let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
+                udp = (
+                    Some(hex(&u.send)),
+                    match &u.expect {
+                        UdpExpect::Prefix(p) => Some(hex(p)),
+                        _ => None,
+                    },
+                    match &u.expect {
+                        UdpExpect::Regex(r) => Some(r.clone()),
+                        _ => None,
+                    },
+                );
+                (RawCheck::Udp, None, None, None)
+            }
             CheckKind::Mysql(l) => {
                 login = (
                     Some(l.user.clone()),
@@ -302,6 +325,11 @@ impl From<&HealthCheck> for RawHealth {
             user: login.0,
             password: login.1,
             password_file: login.2,
+            send: None,
+            send_hex: udp.0,
+            expect: None,
+            expect_hex: udp.1,
+            expect_regex: udp.2,
         }
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
 use super::{
     Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
     HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    ServiceLimits, Timeouts, XdpMode, duration,
+    ServiceLimits, Timeouts, UdpCheck, UdpExpect, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
         RawRateLimit, RawService, RawTimeouts,
@@ -43,6 +43,8 @@ const RISE_FALL_MAX: i64 = 100;
 /// Katran's figure: about 125k new connections per second per core.
 const DEFAULT_NEW_FLOW_BUDGET: u32 = 125_000;
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// The largest UDP health probe payload (an IPv4 datagram's limit).
+const MAX_UDP_PAYLOAD: usize = 65_507;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
 const DEFAULT_FALL: u32 = 3;
@@ -661,6 +663,53 @@ impl Validator<'_> {
         Ok(Some(period))
     }
 
+    /// `check = "udp"`: at most one of `send`/`send-hex` (default: an empty
+    /// datagram) and of `expect`/`expect-hex`/`expect-regex` (default: any
+    /// reply). Takes the keys it uses out of `raw`.
+    fn udp_check(&self, prefix: &str, raw: &mut RawHealth) -> Result<UdpCheck, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        let hex = |text: String, field: &str| {
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(text.replace([' ', ':'], "").as_bytes())
+                .map_err(|e| self.err(key(field), format!("not hex bytes: {e}")))
+        };
+        let send = match (raw.send.take(), raw.send_hex.take()) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(key("send-hex"), "give send or send-hex, not both"));
+            }
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(h)) => hex(h, "send-hex")?,
+            (None, None) => Vec::new(),
+        };
+        if send.len() > MAX_UDP_PAYLOAD {
+            return Err(self.err(
+                key("send"),
+                format!("at most {MAX_UDP_PAYLOAD} bytes, got {}", send.len()),
+            ));
+        }
+        let expect = match (
+            raw.expect.take(),
+            raw.expect_hex.take(),
+            raw.expect_regex.take(),
+        ) {
+            (None, None, None) => UdpExpect::Any,
+            (Some(text), None, None) => UdpExpect::Prefix(text.into_bytes()),
+            (None, Some(h), None) => UdpExpect::Prefix(hex(h, "expect-hex")?),
+            (None, None, Some(pattern)) => {
+                regex::Regex::new(&pattern)
+                    .map_err(|e| self.err(key("expect-regex"), e.to_string()))?;
+                UdpExpect::Regex(pattern)
+            }
+            _ => {
+                return Err(self.err(
+                    key("expect"),
+                    "give one of expect, expect-hex and expect-regex",
+                ));
+            }
+        };
+        Ok(UdpCheck { send, expect })
+    }
+
     /// `max-connections`: at least 1 (0 would be a drain: say so).
     fn max_connections(&self, raw: Option<i64>, key: &str) -> Result<Option<u32>, ConfigError> {
         match raw {
@@ -804,7 +853,19 @@ impl Validator<'_> {
                 raw.password.take(),
                 raw.password_file.take(),
             )?),
+            RawCheck::Udp => CheckKind::Udp(self.udp_check(prefix, &mut raw)?),
         };
+        // Keys of the UDP check on another check would be silently ignored.
+        let udp_keys = [
+            ("send", raw.send.is_some()),
+            ("send-hex", raw.send_hex.is_some()),
+            ("expect", raw.expect.is_some()),
+            ("expect-hex", raw.expect_hex.is_some()),
+            ("expect-regex", raw.expect_regex.is_some()),
+        ];
+        if let Some((field, _)) = udp_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"udp\""));
+        }
         // Login keys on a check that never logs in would be silently ignored.
         let login_keys = [
             ("user", raw.user.is_some()),

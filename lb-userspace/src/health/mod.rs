@@ -32,6 +32,7 @@ pub mod mysql;
 mod probe;
 #[cfg(test)]
 mod tests;
+mod udp;
 
 pub use counter::Counter;
 pub use probe::probe;

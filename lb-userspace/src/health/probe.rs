@@ -1,5 +1,5 @@
 //! One probe of a backend: TCP connect, or HTTP GET with an expected status
-//! and body, all within the check's timeout; failures come back as short
+//! and body (MySQL and UDP in their own modules), all within the check's timeout; failures come back as short
 //! reasons that name the step and the address.
 
 use std::{net::SocketAddrV4, time::Duration};
@@ -24,6 +24,9 @@ pub async fn probe(
 ) -> Result<(), String> {
     if let CheckKind::Mysql(login) = check {
         return super::mysql::probe(address, login, timeout).await;
+    }
+    if let CheckKind::Udp(udp) = check {
+        return super::udp::probe(address, udp, timeout).await;
     }
     let deadline = Instant::now() + timeout;
     let timed_out = || format!("timed out after {}", show(timeout));
