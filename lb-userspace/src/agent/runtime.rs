@@ -242,9 +242,8 @@ pub fn save(path: &Path, state: &RuntimeState) -> Result<(), StateError> {
         let name = path
             .file_name()
             .map_or("state".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let (tmp, mut f) = create_temporary(&dir, &name).map_err(write_err)?;
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
             f.write_all(HEADER.as_bytes())?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
@@ -258,6 +257,28 @@ pub fn save(path: &Path, state: &RuntimeState) -> Result<(), StateError> {
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(write_err)
+}
+
+/// A new temporary file beside the state file, mode 0600. Never an
+/// existing path: `create_new` (O_EXCL) does not follow a symlink planted
+/// at the name, so the agent (root) cannot be made to write elsewhere.
+fn create_temporary(dir: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for n in 0..8 {
+        let tmp = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
 }
 
 const HEADER: &str = "# Runtime changes of `lb backend` and `lb firewall`, written by the agent.\n\

@@ -254,6 +254,27 @@ fn the_write_is_atomic_and_a_bad_file_is_named() {
             .to_string_lossy()
             .contains(".tmp.")
     }));
+    // A symlink planted at the temporary names is never followed.
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "untouched").expect("victim");
+    for n in 0..2 {
+        let name = format!(".lb.state.toml.tmp.{}.{n}", std::process::id());
+        std::os::unix::fs::symlink(&victim, dir.join(name)).expect("symlink");
+    }
+    save(&path, &state).expect("save past the planted names");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "untouched"
+    );
+    assert_eq!(load(&path).expect("load"), state);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    for n in 0..2 {
+        std::fs::remove_file(dir.join(format!(".lb.state.toml.tmp.{}.{n}", std::process::id())))
+            .expect("unplant");
+    }
+    std::fs::remove_file(&victim).expect("victim");
     // No runtime changes: no file.
     save(&path, &RuntimeState::default()).expect("empty");
     assert!(!path.exists());
