@@ -358,6 +358,10 @@ pub struct BackendStatus {
     /// `weight`; `None`: full weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_percent: Option<u32>,
+    /// `check = "tls"`: when its certificate expires (seconds since the
+    /// Unix epoch), as of the last passed probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_expiry: Option<i64>,
 }
 
 impl BackendStatus {
@@ -680,6 +684,7 @@ mod tests {
                     max_connections: None,
                     at_limit: false,
                     slow_start_percent: Some(40),
+                    tls_cert_expiry: None,
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
@@ -740,6 +745,7 @@ mod tests {
             max_connections: None,
             at_limit: false,
             slow_start_percent: None,
+            tls_cert_expiry: None,
         };
         let status = |backends| Status {
             config: String::new(),

@@ -14,7 +14,7 @@ use lb_tests::{
 use lb_userspace::{
     control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
     harness::{
-        lab::{HttpConn, Lab, http_get, vip_http, web_addr},
+        lab::{HTTPS_PORT, HttpConn, LAB_CERT_DAYS, Lab, SITE_NAME, http_get, vip_http, web_addr},
         netns::in_netns,
     },
 };
@@ -36,6 +36,27 @@ fn drain(backend: &str) -> Request {
 fn web(lab: &Lab, name: &str) -> Result<(AdminState, bool, Option<String>)> {
     let b = backend_status(&checked_status(lab)?, "www", name)?;
     Ok((b.admin, b.in_ring, b.runtime))
+}
+
+/// A config with one service on the VIP's `port` over web1..web3 on the
+/// same port (`keys`: its name and protocol), checked by `check` with the
+/// tests' fast timings; `top` goes before it (e.g. `[monitoring]`).
+fn one_service(keys: &str, port: u16, check: &str, top: &str) -> String {
+    let backends: Vec<String> = (1..=3)
+        .map(|n| {
+            format!(
+                "{{ name = \"web{n}\", address = \"{}:{port}\" }}",
+                web_addr(n)
+            )
+        })
+        .collect();
+    format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n{top}\n\
+         [[service]]\n{keys}\nvip = \"198.18.0.10:{port}\"\n\
+         health = {{ {check}, interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", \
+         rise = {RISE}, fall = {FALL} }}\nbackends = [ {} ]\n",
+        backends.join(", ")
+    )
 }
 
 /// `lb ARGS… --socket` of the lab, as an operator types it.
@@ -369,21 +390,11 @@ fn slow_start_ramps_a_returning_backends_share_of_new_connections() -> Result<()
 #[test]
 fn a_udp_check_takes_a_silent_or_closed_server_down() -> Result<()> {
     let mut lab = lab()?;
-    let backends: Vec<String> = (1..=3)
-        .map(|n| {
-            format!(
-                "{{ name = \"web{n}\", address = \"{}:5353\" }}",
-                web_addr(n)
-            )
-        })
-        .collect();
-    let cfg = format!(
-        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n\n\
-         [[service]]\nname = \"www-udp\"\nvip = \"198.18.0.10:5353\"\nprotocol = \"udp\"\n\
-         health = {{ check = \"udp\", send = \"health\", expect-regex = \"^web[0-9] health$\", \
-         interval = \"{INTERVAL_MS}ms\", timeout = \"{INTERVAL_MS}ms\", rise = {RISE}, fall = {FALL} }}\n\
-         backends = [ {} ]\n",
-        backends.join(", ")
+    let cfg = one_service(
+        "name = \"www-udp\"\nprotocol = \"udp\"",
+        5353,
+        "check = \"udp\", send = \"health\", expect-regex = \"^web[0-9] health$\"",
+        "",
     );
     let _agent = lab.start_agent(&cfg)?;
     let state = |lab: &Lab| -> Result<(bool, String)> {
@@ -427,5 +438,57 @@ fn a_udp_check_takes_a_silent_or_closed_server_down() -> Result<()> {
     let (_, why) = state(&lab)?;
     ensure!(why.contains("ICMP port unreachable"), "{why}");
     eprintln!("closed port: web2 down {took:?} after its server stopped ({why})");
+    Ok(())
+}
+
+/// `check = "tls"` with SNI and the lab's CA on the HTTPS service: every web
+/// passes, and `/metrics` shows each certificate's expiry, which the lab
+/// sets LAB_CERT_DAYS (30) days ahead.
+#[test]
+fn a_tls_check_exports_the_certificate_expiry() -> Result<()> {
+    let lab = lab()?;
+    let cfg = one_service(
+        "name = \"www-tls\"",
+        HTTPS_PORT,
+        &format!(
+            "check = \"tls\", sni = \"{SITE_NAME}\", ca-file = \"{}\"",
+            lab.ca_path().display()
+        ),
+        "[monitoring]\nlisten = \"127.0.0.1:9100\"\n",
+    );
+    let _agent = lab.start_agent(&cfg)?;
+    let bound = Duration::from_millis((FALL + RISE) * INTERVAL_MS + 3000);
+    wait_for_status(&lab, "every TLS backend up", bound, |s| {
+        s.services[0]
+            .backends
+            .iter()
+            .all(|b| b.in_ring && b.tls_cert_expiry.is_some())
+    })?;
+    let listen: std::net::SocketAddr = "127.0.0.1:9100".parse()?;
+    let metrics = in_netns(&lab.lb_ns(), || http_get(listen, "/metrics"))??.text();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    for n in 1..=3 {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("lb_backend_tls_cert_expiry_timestamp_seconds{")
+                    && l.contains(&format!("backend=\"web{n}\""))
+            })
+            .with_context(|| format!("no expiry for web{n} in:\n{metrics}"))?;
+        let at: f64 = line
+            .rsplit(' ')
+            .next()
+            .context("no value")?
+            .parse()
+            .with_context(|| line.to_string())?;
+        let days = (at - now) / 86_400.0;
+        eprintln!("web{n}: certificate expires in {days:.2} days ({line})");
+        ensure!(
+            (days - LAB_CERT_DAYS as f64).abs() < 1.0,
+            "web{n} expires in {days} days, the lab made it {LAB_CERT_DAYS}"
+        );
+    }
     Ok(())
 }

@@ -1002,6 +1002,7 @@ impl Agent {
                     bytes: counters.bytes,
                     max_connections: svc.max_connections_of(b),
                     slow_start_percent: self.ramps.get(&key).map(|r| r.percent),
+                    tls_cert_expiry: check.and_then(|s| s.cert_expiry),
                     at_limit: self.at_limit.contains_key(&key),
                     runtime: runtime
                         .backends

@@ -410,6 +410,19 @@ pub enum CheckKind {
     Mysql(MysqlLogin),
     /// A datagram sent, a reply expected (issue 28).
     Udp(UdpCheck),
+    /// A TLS handshake; the certificate's expiry is exported.
+    Tls(TlsCheck),
+}
+
+/// `check = "tls"`: a TLS handshake (rustls) within the timeout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsCheck {
+    /// The server name sent (SNI) and, with a CA, verified; `None`: no SNI,
+    /// and the backend's IP is what a CA-verified certificate must name.
+    pub sni: Option<String>,
+    /// `ca-file`: verify the chain against these certificates (DER, read
+    /// when the config is loaded); `None`: the handshake alone is checked.
+    pub ca: Option<(PathBuf, Vec<Vec<u8>>)>,
 }
 
 /// `check = "udp"`: send `send`, expect a reply within the timeout that

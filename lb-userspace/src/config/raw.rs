@@ -144,6 +144,9 @@ pub(super) struct RawHealth {
     pub(super) expect: Option<String>,
     pub(super) expect_hex: Option<String>,
     pub(super) expect_regex: Option<String>,
+    /// `check = "tls"`: the server name and the CA to verify against.
+    pub(super) sni: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -153,6 +156,7 @@ pub(super) enum RawCheck {
     Http,
     Mysql,
     Udp,
+    Tls,
 }
 
 #[derive(Deserialize)]
@@ -274,6 +278,7 @@ impl From<&HealthCheck> for RawHealth {
     fn from(h: &HealthCheck) -> Self {
         let mut login = (None, None, None);
         let mut udp = (None, None, None);
+        let mut tls = (None, None);
         let (check, path, expect_status, expect_body) = match &h.check {
             CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
             CheckKind::Udp(u) => {
@@ -290,6 +295,13 @@ impl From<&HealthCheck> for RawHealth {
                     },
                 );
                 (RawCheck::Udp, None, None, None)
+            }
+            CheckKind::Tls(t) => {
+                tls = (
+                    t.sni.clone(),
+                    t.ca.as_ref().map(|(path, _)| path.display().to_string()),
+                );
+                (RawCheck::Tls, None, None, None)
             }
             CheckKind::Mysql(l) => {
                 login = (
@@ -330,6 +342,8 @@ impl From<&HealthCheck> for RawHealth {
             expect: None,
             expect_hex: udp.1,
             expect_regex: udp.2,
+            sni: tls.0,
+            ca_file: tls.1,
         }
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
 use super::{
     Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
     HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    ServiceLimits, Timeouts, UdpCheck, UdpExpect, XdpMode, duration,
+    ServiceLimits, Timeouts, TlsCheck, UdpCheck, UdpExpect, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
         RawRateLimit, RawService, RawTimeouts,
@@ -710,6 +710,45 @@ impl Validator<'_> {
         Ok(UdpCheck { send, expect })
     }
 
+    /// `check = "tls"`: `sni` a DNS name; `ca-file` an absolute path to PEM
+    /// certificates, read now (and at every reload). Takes its keys.
+    fn tls_check(&self, prefix: &str, raw: &mut RawHealth) -> Result<TlsCheck, ConfigError> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+        let key = |field: &str| format!("{prefix}.{field}");
+        let sni = raw.sni.take();
+        if let Some(name) = &sni
+            && !matches!(
+                ServerName::try_from(name.as_str()),
+                Ok(ServerName::DnsName(_))
+            )
+        {
+            return Err(self.err(key("sni"), format!("not a DNS name: {name:?}")));
+        }
+        let ca = match raw.ca_file.take() {
+            None => None,
+            Some(text) => {
+                let path = PathBuf::from(&text);
+                if !path.is_absolute() {
+                    return Err(self.err(
+                        key("ca-file"),
+                        format!("must be an absolute path, got {text:?}"),
+                    ));
+                }
+                let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(&path)
+                    .and_then(|certs| certs.map(|c| c.map(|c| c.to_vec())).collect())
+                    .map_err(|e| self.err(key("ca-file"), format!("{}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(self.err(
+                        key("ca-file"),
+                        format!("{}: no PEM certificate in it", path.display()),
+                    ));
+                }
+                Some((path, certs))
+            }
+        };
+        Ok(TlsCheck { sni, ca })
+    }
+
     /// `max-connections`: at least 1 (0 would be a drain: say so).
     fn max_connections(&self, raw: Option<i64>, key: &str) -> Result<Option<u32>, ConfigError> {
         match raw {
@@ -854,7 +893,15 @@ impl Validator<'_> {
                 raw.password_file.take(),
             )?),
             RawCheck::Udp => CheckKind::Udp(self.udp_check(prefix, &mut raw)?),
+            RawCheck::Tls => CheckKind::Tls(self.tls_check(prefix, &mut raw)?),
         };
+        let tls_keys = [
+            ("sni", raw.sni.is_some()),
+            ("ca-file", raw.ca_file.is_some()),
+        ];
+        if let Some((field, _)) = tls_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"tls\""));
+        }
         // Keys of the UDP check on another check would be silently ignored.
         let udp_keys = [
             ("send", raw.send.is_some()),

@@ -28,6 +28,9 @@ pub async fn probe(
     if let CheckKind::Udp(udp) = check {
         return super::udp::probe(address, udp, timeout).await;
     }
+    if let CheckKind::Tls(tls) = check {
+        return super::tls::probe(address, tls, timeout).await.map(drop);
+    }
     let deadline = Instant::now() + timeout;
     let timed_out = || format!("timed out after {}", show(timeout));
 
@@ -67,6 +70,22 @@ pub async fn probe(
 
     check_response(&response, *expect_status, expect_body.as_deref())
         .map_err(|why| format!("{address}{path}: {why}"))
+}
+
+/// [`probe`], and what a passed probe learned: the expiry of a TLS
+/// backend's certificate (seconds since the Unix epoch).
+pub async fn probe_detailed(
+    address: SocketAddrV4,
+    check: &CheckKind,
+    timeout: Duration,
+) -> (Result<(), String>, Option<i64>) {
+    match check {
+        CheckKind::Tls(tls) => match super::tls::probe(address, tls, timeout).await {
+            Ok(expiry) => (Ok(()), expiry),
+            Err(why) => (Err(why), None),
+        },
+        _ => (probe(address, check, timeout).await, None),
+    }
 }
 
 /// Checks an HTTP response's status code and (optionally) body.

@@ -171,6 +171,7 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let max_connections = Gauges::default();
     let at_limit = Gauges::default();
     let effective_weight = FloatGauges::default();
+    let cert_expiry = Gauges::default();
     let last_check_time = FloatGauges::default();
     let last_check_duration = FloatGauges::default();
     // Registered first (clones share the values), filled below.
@@ -246,6 +247,11 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         effective_weight.clone(),
     );
     registry.register(
+        "lb_backend_tls_cert_expiry_timestamp_seconds",
+        "When the backend's TLS certificate expires (check = \"tls\"), in seconds since the Unix epoch",
+        cert_expiry.clone(),
+    );
+    registry.register(
         "lb_health_last_check_timestamp_seconds",
         "When the backend's last health probe finished, in seconds since the Unix epoch",
         last_check_time.clone(),
@@ -303,6 +309,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
             effective_weight
                 .get_or_create(&labels)
                 .set(b.effective_weight());
+            if let Some(at) = b.tls_cert_expiry {
+                cert_expiry.get_or_create(&labels).set(at);
+            }
             if let Some(at) = b.last_check_at_ms {
                 last_check_time.get_or_create(&labels).set(seconds(at));
             }

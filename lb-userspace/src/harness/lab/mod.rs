@@ -53,7 +53,7 @@ pub use db::{
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
-pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
+pub use tls::{HTTPS_PORT, LAB_CERT_DAYS, SITE_NAME, ca_path};
 
 /// The virtual service address, on the LB's `lo` (and every web's `lo`).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);

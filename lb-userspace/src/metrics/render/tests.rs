@@ -35,6 +35,7 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         max_connections: None,
         at_limit: false,
         slow_start_percent: None,
+        tls_cert_expiry: None,
     }
 }
 
@@ -68,6 +69,7 @@ fn snapshot() -> Status {
                     max_connections: Some(4),
                     at_limit: true,
                     slow_start_percent: Some(25),
+                    tls_cert_expiry: Some(1_800_000_000),
                     ..backend("web2", HealthStatus::Down, AdminState::Drain, false)
                 },
                 BackendStatus {
@@ -182,6 +184,14 @@ fn every_metric_carries_the_snapshot() {
     assert_eq!(
         value(&text, "lb_backend_at_max_connections", &web("web1")),
         0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "lb_backend_tls_cert_expiry_timestamp_seconds",
+            &web("web2")
+        ),
+        1_800_000_000.0
     );
     // web2 ramps: a quarter of its weight 3.
     assert_eq!(
