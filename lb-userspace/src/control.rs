@@ -98,10 +98,17 @@ pub enum BackendChange {
         backend: String,
         weight: u32,
     },
+    /// Drop the runtime changes of a service (or one of its backends): it
+    /// runs as the config file says again
+    Reset {
+        service: String,
+        backend: Option<String>,
+    },
 }
 
 /// `lb firewall …`. Changes are validated with the rules of the config
-/// file and applied whole; they last until the next reload or restart.
+/// file and applied whole; they are kept in the state file (restarts and
+/// reloads keep them) until `lb firewall reset`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum FirewallChange {
@@ -117,6 +124,8 @@ pub enum FirewallChange {
     },
     /// Every rule, its scope and how many new flows it decided
     Show,
+    /// Drop every runtime change of the rules: the config file's apply again
+    Reset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
@@ -177,7 +186,8 @@ impl Response {
 /// How a [`Response::busy`] message starts.
 const BUSY_PREFIX: &str = "busy: ";
 
-/// What an operator set with `lb backend` (kept until a reload or restart).
+/// What an operator set with `lb backend` (kept in the state file until
+/// `lb backend enable` or `lb backend reset`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::IntoStaticStr,
 )]
@@ -252,6 +262,21 @@ pub struct Status {
     /// `None` without `[announce]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<AnnounceStatus>,
+    /// Runtime changes (`lb backend …`, `lb firewall …`) kept in the state
+    /// file and applied over the config.
+    #[serde(default)]
+    pub runtime: RuntimeStatus,
+}
+
+/// The runtime changes that outlive the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeStatus {
+    /// The state file.
+    pub file: String,
+    /// One line per change (`lb backend reset` drops a service's).
+    pub changes: Vec<String>,
+    /// The last failure to read, apply or write the state file.
+    pub error: Option<String>,
 }
 
 /// The BGP announcement of this LB's VIPs.
@@ -356,6 +381,33 @@ pub struct BackendStatus {
     pub active: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// What runtime changes set on it (e.g. "drain", "weight 5 (file: 1)"),
+    /// kept in the state file; `None`: it runs as the config file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// Its `max-connections` (its own or the service's); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Holding its `max-connections` active flows: out of the ring for new
+    /// flows until it is below.
+    #[serde(default)]
+    pub at_limit: bool,
+    /// Slow start: while it ramps, its effective weight as a percentage of
+    /// `weight`; `None`: full weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_percent: Option<u32>,
+    /// `check = "tls"`: when its certificate expires (seconds since the
+    /// Unix epoch), as of the last passed probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_expiry: Option<i64>,
+}
+
+impl BackendStatus {
+    /// The weight the rings give it now: `weight`, or less while slow
+    /// start ramps it.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight) * f64::from(self.slow_start_percent.unwrap_or(100)) / 100.0
+    }
 }
 
 impl BackendStatus {
@@ -373,9 +425,9 @@ impl BackendStatus {
 
 /// The ring rule, checked against a status: a backend is in its service's
 /// ring if and only if it is enabled, up (or unchecked) — a pool's member:
-/// routed — has a weight, and is a primary — or a backup while no primary
-/// qualifies. Returns one line per backend that breaks it (empty: the
-/// rings are derived from state).
+/// routed — has a weight, is below its `max-connections`, and is a primary
+/// — or a backup while no primary qualifies. Returns one line per backend
+/// that breaks it (empty: the rings are derived from state).
 pub fn ring_violations(status: &Status) -> Vec<String> {
     let mut out = Vec::new();
     for s in &status.services {
@@ -384,21 +436,26 @@ pub fn ring_violations(status: &Status) -> Vec<String> {
                 Some(role) => role == PoolRole::Routed,
                 None => matches!(b.health, HealthStatus::Up | HealthStatus::Unchecked),
             };
-            b.admin == AdminState::Enabled && serving && b.weight > 0
+            b.admin == AdminState::Enabled && serving && b.weight > 0 && !b.at_limit
         };
         let any_primary = s.backends.iter().any(|b| !b.backup && eligible(b));
         for b in &s.backends {
             let expected = eligible(b) && b.backup != any_primary;
             if b.in_ring != expected {
                 out.push(format!(
-                    "{}/{}: in ring {} but admin {}, health {}, weight {}, {}",
+                    "{}/{}: in ring {} but admin {}, health {}, weight {}, {}{}",
                     s.name,
                     b.name,
                     b.in_ring,
                     b.admin,
                     b.health,
                     b.weight,
-                    b.role()
+                    b.role(),
+                    if b.at_limit {
+                        ", at max-connections"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -559,7 +616,12 @@ pub fn render(status: &Status) -> String {
                 b.role(),
                 b.admin,
                 b.health,
-                if b.in_ring { "yes" } else { "no" },
+                // "full": out of the ring at its max-connections.
+                match (b.in_ring, b.at_limit) {
+                    (true, _) => "yes",
+                    (false, true) => "full",
+                    (false, false) => "no",
+                },
                 b.active,
                 b.flows,
                 b.packets,
@@ -574,6 +636,8 @@ pub fn render(status: &Status) -> String {
     if let Some(a) = &status.announce {
         out.push_str(&render_announce(a));
     }
+    out.push_str(&render_slow_start(status));
+    out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status
         .verdicts
         .iter()
@@ -588,6 +652,49 @@ pub fn render(status: &Status) -> String {
             verdicts.join(" ")
         }
     ));
+    out
+}
+
+/// `lb status`'s slow-start lines: the backends ramping their weight.
+fn render_slow_start(status: &Status) -> String {
+    let ramps: Vec<String> = status
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.backends.iter().filter_map(move |b| {
+                b.slow_start_percent.map(|p| {
+                    format!(
+                        "  {}/{}: {p} % of weight {} (effective {:.2})\n",
+                        s.name,
+                        b.name,
+                        b.weight,
+                        b.effective_weight()
+                    )
+                })
+            })
+        })
+        .collect();
+    if ramps.is_empty() {
+        return String::new();
+    }
+    format!("\nslow start (weight ramping up)\n{}", ramps.concat())
+}
+
+/// `lb status`'s runtime changes: which entries differ from the file.
+fn render_runtime(r: &RuntimeStatus) -> String {
+    let mut out = String::new();
+    if !r.changes.is_empty() {
+        out.push_str(&format!(
+            "\nruntime changes (kept in {}; `lb backend reset SERVICE [NAME]` drops them)\n",
+            r.file
+        ));
+        for c in &r.changes {
+            out.push_str(&format!("  {c}\n"));
+        }
+    }
+    if let Some(e) = &r.error {
+        out.push_str(&format!("\nruntime state: {e}\n"));
+    }
     out
 }
 
@@ -711,6 +818,11 @@ mod tests {
                     active: 3,
                     packets: 7,
                     bytes: 700,
+                    runtime: Some("drain".into()),
+                    max_connections: None,
+                    at_limit: false,
+                    slow_start_percent: Some(40),
+                    tls_cert_expiry: None,
                 }],
             }],
             verdicts: BTreeMap::from([("forwarded".into(), 10), ("drop_fragment".into(), 0)]),
@@ -722,6 +834,11 @@ mod tests {
             },
             pools: Vec::new(),
             announce: None,
+            runtime: RuntimeStatus {
+                file: "lb.state.toml".into(),
+                changes: vec!["www/web1: drain".into()],
+                error: None,
+            },
         };
         let text = render(&status);
         for want in [
@@ -733,6 +850,9 @@ mod tests {
             "down",
             "connection refused",
             "forwarded=10",
+            "runtime changes (kept in lb.state.toml",
+            "  www/web1: drain",
+            "slow start (weight ramping up)\n  www/web1: 40 % of weight 1 (effective 0.40)",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
@@ -773,6 +893,11 @@ mod tests {
             active: 0,
             packets: 0,
             bytes: 0,
+            runtime: None,
+            max_connections: None,
+            at_limit: false,
+            slow_start_percent: None,
+            tls_cert_expiry: None,
         };
         let status = |backends| Status {
             config: String::new(),
@@ -794,6 +919,7 @@ mod tests {
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
             announce: None,
+            runtime: RuntimeStatus::default(),
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![
@@ -850,6 +976,11 @@ mod tests {
             active: 0,
             packets: 0,
             bytes: 0,
+            runtime: None,
+            max_connections: None,
+            at_limit: false,
+            slow_start_percent: None,
+            tls_cert_expiry: None,
         };
         let status = Status {
             config: String::new(),
@@ -869,6 +1000,7 @@ mod tests {
                     member("db2", PoolRole::Standby),
                 ],
             }],
+            runtime: RuntimeStatus::default(),
             verdicts: BTreeMap::new(),
             agent: AgentStatus::default(),
             conntrack: ConntrackStatus::default(),

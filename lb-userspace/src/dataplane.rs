@@ -185,6 +185,17 @@ pub struct AppliedService {
     pub backends: Vec<(String, u32)>,
 }
 
+impl From<&ServicePlan> for AppliedService {
+    fn from(s: &ServicePlan) -> Self {
+        AppliedService {
+            name: s.name.clone(),
+            id: s.id,
+            ring: s.ring.clone(),
+            backends: s.backends.clone(),
+        }
+    }
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     /// The ids the maps hold; replaced by a plan's only once it is written.
@@ -443,16 +454,7 @@ impl Dataplane {
         let moved = self.write(&plan)?;
         self.firewall_removals(&fw)?;
         self.fw = fw.next;
-        let applied = plan
-            .services
-            .iter()
-            .map(|s| AppliedService {
-                name: s.name.clone(),
-                id: s.id,
-                ring: s.ring.clone(),
-                backends: s.backends.clone(),
-            })
-            .collect();
+        let applied = plan.services.iter().map(AppliedService::from).collect();
         self.ids = plan.next;
         // Services that waited for a reused id ended on the other half.
         for id in &moved {

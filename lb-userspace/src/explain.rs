@@ -228,6 +228,8 @@ pub struct BackendView {
     pub address: String,
     pub admin: AdminState,
     pub health: HealthStatus,
+    /// At its `max-connections`: (active flows, limit) as last read.
+    pub at_limit: Option<(u64, u32)>,
 }
 
 /// Where `id` leads, by name when the agent knows it.
@@ -362,9 +364,16 @@ pub fn explain(
 /// Which backend the scheduler picks for a new flow, and how sure that is.
 fn schedule_text(query: &FlowQuery, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
     let Some(c) = choose(&query.key(), service) else {
-        return "the ring is empty (no backend takes new flows): a new flow is dropped \
-                (drop_no_backend)\n"
-            .to_string();
+        let full = view.is_some_and(|v| v.backends.iter().any(|b| b.at_limit.is_some()));
+        return format!(
+            "the ring is empty (no backend takes new flows{}): a new flow is dropped \
+             (drop_no_backend)\n",
+            if full {
+                "; those below are at their max-connections, or out for the reason shown"
+            } else {
+                ""
+            }
+        );
     };
     let (slot, len, to) = (c.slot, c.len, backend_name(view, c.backend_id, None));
     let hash = c.hash.unwrap_or(0);
@@ -413,7 +422,9 @@ fn backends_text(view: Option<&ServiceView>, ring: &[u32]) -> String {
             b.address,
             b.admin.to_string(),
             b.health.to_string(),
-            if slots == 0 {
+            if let (0, Some((active, max))) = (slots, b.at_limit) {
+                format!("not in the ring: at max-connections ({active} active, limit {max})")
+            } else if slots == 0 {
                 "not in the ring".to_string()
             } else {
                 format!("{slots} of {} ring slots", ring.len())
@@ -440,6 +451,7 @@ mod tests {
             address: format!("198.19.0.1{}:80", id + 1),
             admin,
             health,
+            at_limit: None,
         };
         ServiceView {
             name: "www".into(),
@@ -556,6 +568,29 @@ mod tests {
         assert!(text.contains("drain"), "{text}");
         assert!(text.contains("not in the ring"), "{text}");
         assert!(text.contains("1 of 2 ring slots"), "{text}");
+    }
+
+    #[test]
+    fn a_backend_at_max_connections_is_named_as_full() {
+        let mut v = view();
+        v.backends[0].at_limit = Some((5, 5));
+        let facts = |ring| FlowFacts {
+            vip_known: true,
+            service: Some(service(SCHED_COUNTER, ring, 0)),
+            conntrack: None,
+            firewall: Vec::new(),
+        };
+        let text = explain(&query(), &facts(vec![2]), Some(&v), &[]);
+        assert!(
+            text.contains("not in the ring: at max-connections (5 active, limit 5)"),
+            "{text}"
+        );
+        // Every backend out, one of them full: the drop says where to look.
+        let text = explain(&query(), &facts(Vec::new()), Some(&v), &[]);
+        assert!(
+            text.contains("at their max-connections") && text.contains("drop_no_backend"),
+            "{text}"
+        );
     }
 
     #[test]

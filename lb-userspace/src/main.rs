@@ -39,7 +39,8 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Change backends live: add, remove, enable, disable, drain, weight
+    /// Change backends live: add, remove, enable, disable, drain, weight;
+    /// kept across restarts and reloads until `reset`
     Backend {
         #[command(subcommand)]
         change: BackendChange,
@@ -47,7 +48,8 @@ enum Command {
         socket: PathBuf,
     },
     /// Firewall rules live: `deny|allow add|remove PREFIX [--service NAME]`,
-    /// `show` (with per-rule counters); kept until the next reload
+    /// `show` (with per-rule counters); kept across restarts and reloads
+    /// until `reset`
     Firewall {
         #[command(subcommand)]
         change: FirewallChange,

@@ -168,6 +168,7 @@ pub fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
         weight: 1,
         backup: false,
         health: None,
+        max_connections: None,
     }
 }
 
@@ -190,6 +191,7 @@ pub fn service(
         on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
+        limits: Default::default(),
     }
 }
 

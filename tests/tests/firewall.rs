@@ -175,14 +175,18 @@ fn denied_sources_cannot_connect_and_live_rules_apply_to_new_connections() -> Re
     }
     connects(&lab, SECOND).context("step 7")?;
 
-    // Runtime changes last until the next reload: the file's rules return.
+    // Runtime changes outlive a reload (issue 28) ...
     ok(&lab, Request::Reload)?;
+    connects(&lab, SECOND).context("step 8a")?;
+    refused(&lab, CLIENT).context("step 8b")?;
+    // ... until `lb firewall reset`: the file's rules return.
+    firewall(&lab, FirewallChange::Reset)?;
     connects(&lab, CLIENT).context("step 8")?;
     refused(&lab, SECOND).context("step 9")?;
     let show = firewall(&lab, FirewallChange::Show)?;
     ensure!(
         show.lines().filter(|l| l.contains(" deny ")).count() == 1,
-        "after the reload only the file's rule is left:\n{show}"
+        "after the reset only the file's rule is left:\n{show}"
     );
     Ok(())
 }

@@ -16,6 +16,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod limits;
+mod runtime;
+mod slow_start;
 mod state;
 
 use anyhow::{Context, bail};
@@ -60,6 +63,11 @@ pub struct RunArgs {
     /// of `ip netns exec`, whose private /sys takes the pins away.
     #[arg(long, value_name = "NAME")]
     pub netns: Option<String>,
+    /// Where `lb backend …` and `lb firewall …` changes are kept so they
+    /// survive restarts and reloads [default: beside the config,
+    /// NAME.state.toml for NAME.toml]
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -104,6 +112,19 @@ struct Agent {
     last_reload: Option<control::ReloadStatus>,
     /// `[announce]`: the VIPs' BGP announcement through BIRD.
     announcer: Option<Announcer>,
+    /// The config file as last loaded (start, reload): runtime changes are
+    /// kept as the difference between it and what runs.
+    file_cfg: Config,
+    /// The state file runtime changes are written to.
+    state_path: PathBuf,
+    /// The last failure to read or write the state file, if any.
+    runtime_error: Option<String>,
+    /// Backends at their `max-connections`: out of the ring for new flows.
+    at_limit: limits::AtLimit,
+    /// `slow-start`: which backends ramp their weight, since when.
+    slow_start: slow_start::SlowStart,
+    /// The ramping backends' effective weights at the last commit.
+    ramps: BTreeMap<Key, slow_start::Ramp>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -166,6 +187,15 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .map(Announcer::new)
             .transpose()
             .context("reading the announcement's include file")?,
+        file_cfg: cfg.clone(),
+        state_path: args
+            .state
+            .clone()
+            .unwrap_or_else(|| runtime::default_path(&args.config)),
+        runtime_error: None,
+        at_limit: limits::AtLimit::new(),
+        slow_start: slow_start::SlowStart::default(),
+        ramps: BTreeMap::new(),
     };
     // What `lb teardown` (even without --config) needs to withdraw the
     // VIPs once this agent is gone.
@@ -184,16 +214,38 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             .checker
             .observe_probes(metrics::probe_observer(&probes));
     }
-    agent.health = carry_health(&cfg, &BTreeMap::new(), &|svc, b| {
+    let serving_health = |svc: &config::Service, b: &config::Backend| {
         if serving.contains(&(dataplane_service_key(svc), b.address)) {
             Health::Up
         } else {
             Health::Pending
         }
-    });
-    // One line per service at start: what it is and who takes its flows.
-    for line in agent.commit(cfg).context("filling the maps")? {
-        info!("{line}");
+    };
+    // The runtime changes of earlier agents over the config; if they
+    // cannot be applied, the config alone. One line per service at start:
+    // what it is and who takes its flows.
+    let merged = agent.read_runtime_state(&cfg);
+    agent.health = carry_health(&merged.config, &BTreeMap::new(), &serving_health);
+    agent.admin = merged.admin;
+    match agent.commit(merged.config) {
+        Ok(lines) => {
+            for line in lines {
+                info!("{line}");
+            }
+            agent.save_runtime_state();
+        }
+        Err(e) => {
+            error!(
+                "the runtime changes of {} cannot be applied ({e:#}); serving the config without them",
+                agent.state_path.display()
+            );
+            agent.runtime_error = Some(format!("not applied: {e:#}"));
+            agent.admin = BTreeMap::new();
+            agent.health = carry_health(&cfg, &BTreeMap::new(), &serving_health);
+            for line in agent.commit(cfg).context("filling the maps")? {
+                info!("{line}");
+            }
+        }
     }
     agent.sync_checks();
     for iface in agent.cfg.dataplane.interfaces.clone() {
@@ -247,6 +299,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let mut announce_refresh = tokio::time::interval(ANNOUNCE_REFRESH);
     // Least connections: the rings follow the active flow counts.
     let mut least_connections = tokio::time::interval(LEAST_CONNECTIONS_REFRESH);
+    let mut connection_limits = tokio::time::interval(limits::LIMITS_REFRESH);
+    let mut ramp = tokio::time::interval(slow_start::RAMP_REFRESH);
     loop {
         if !ready && !agent.awaiting_first_verdict() {
             ready = announce_ready(&agent);
@@ -282,6 +336,10 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             _ = least_connections.tick(), if agent.uses_least_connections() => {
                 agent.refresh_least_connections(&flow_table);
             }
+            _ = connection_limits.tick(), if agent.has_limits() => {
+                agent.refresh_limits(&flow_table);
+            }
+            _ = ramp.tick(), if agent.slow_start.ramping() => agent.refresh_ramp(),
         }
     }
     drop(control_socket);
@@ -390,7 +448,8 @@ impl Agent {
         // pool not yet known would leave them unchecked (all serving).
         self.db.sync(&next);
         let (admin, health, db) = (&self.admin, &self.health, &self.db);
-        let admit = |svc: &config::Service, b: &config::Backend| {
+        let at_limit = &self.at_limit;
+        let admitted = |svc: &config::Service, b: &config::Backend| {
             admission(
                 admin
                     .get(&state::key(&svc.name, &b.name))
@@ -402,8 +461,24 @@ impl Agent {
                 svc.on_backend_down,
             )
         };
-        let applied = self.dp.apply_with(&next, &admit)?;
+        let admit = |svc: &config::Service, b: &config::Backend| {
+            let full = at_limit.contains_key(&state::key(&svc.name, &b.name));
+            limits::limited(admitted(svc, b), full)
+        };
+        // Slow start: backends that came into rotation ramp their weight.
+        let now = std::time::Instant::now();
+        let mut ramping = self.slow_start.clone();
+        ramping.observe(
+            &next,
+            &|svc, b| admitted(svc, b).in_rotation,
+            now,
+            self.applied.is_empty(),
+        );
+        let (effective, ramps) = ramping.effective(&next, now);
+        let applied = self.dp.apply_with(&effective, &admit)?;
         let changed = ring_changes(&self.cfg, &self.applied, &next, &applied);
+        self.slow_start = ramping;
+        self.ramps = ramps;
         self.cfg = next;
         self.applied = applied;
         let reach = self.service_reach();
@@ -411,6 +486,25 @@ impl Agent {
             a.update(&reach);
         }
         Ok(changed)
+    }
+
+    /// Slow start: the rings follow the ramps' effective weights (and a
+    /// finished ramp gives the backend its full weight).
+    fn refresh_ramp(&mut self) {
+        let (_, ramps) = self
+            .slow_start
+            .effective(&self.cfg, std::time::Instant::now());
+        let weights = |r: &BTreeMap<Key, slow_start::Ramp>| {
+            r.iter()
+                .map(|(k, r)| (k.clone(), r.weight))
+                .collect::<Vec<_>>()
+        };
+        if weights(&ramps) != weights(&self.ramps) {
+            let cfg = self.cfg.clone();
+            if let Err(e) = self.commit(cfg) {
+                warn!("slow start: applying the ramped weights: {e:#}");
+            }
+        }
     }
 
     /// From the ready line on, the VIPs' announcement follows the rings.
@@ -543,7 +637,10 @@ impl Agent {
         for warning in crate::db::vet_new_logins(&self.cfg.pools, &new.pools, &self.path)? {
             warn!("{warning}");
         }
-        self.commit_change(new, BTreeMap::new())?;
+        // The runtime changes stay over the new file, by the merge rule.
+        self.commit_runtime(&new, &self.runtime_state())?;
+        self.file_cfg = new;
+        self.save_runtime_state();
         info!("reloaded {}", self.path.display());
         Ok(())
     }
@@ -710,6 +807,7 @@ impl Agent {
                             .copied()
                             .unwrap_or(Admin::Enabled),
                         health: self.health.get(&Self::target(svc, b)).copied().into(),
+                        at_limit: self.at_limit.get(&state::key(&svc.name, &b.name)).copied(),
                     })
                     .collect(),
             })
@@ -730,12 +828,28 @@ impl Agent {
         use crate::dataplane::firewall::List;
         let (list, edit) = match change {
             FirewallChange::Show => return self.firewall_show(),
+            FirewallChange::Reset => return self.reset_firewall(),
             FirewallChange::Deny { edit } => (List::Deny, edit),
             FirewallChange::Allow { edit } => (List::Allow, edit),
         };
         let (next, msg) = state::firewall_edit(&self.cfg, list, &edit)?;
         self.commit_change(next, self.admin.clone())?;
-        Ok(msg)
+        Ok(msg + &self.save_runtime_state())
+    }
+
+    /// `lb firewall reset`: the file's rules again, backend changes kept.
+    fn reset_firewall(&mut self) -> anyhow::Result<String> {
+        let mut kept = self.runtime_state();
+        let undone = std::mem::take(&mut kept.firewall);
+        if undone.is_empty() {
+            bail!("no runtime changes of the firewall: the config file's rules apply");
+        }
+        self.commit_runtime(&self.file_cfg.clone(), &kept)?;
+        Ok(format!(
+            "the config file's firewall rules apply again ({} runtime change(s) undone){}",
+            undone.len(),
+            self.save_runtime_state()
+        ))
     }
 
     /// Every rule with its scope and counter, and each scope's rate limit.
@@ -792,15 +906,124 @@ impl Agent {
     }
 
     fn change_backend(&mut self, change: BackendChange) -> anyhow::Result<String> {
+        if let BackendChange::Reset { service, backend } = change {
+            return self.reset_backend(&service, backend.as_deref());
+        }
         let edit = state::edit(&self.cfg, &self.admin, change)?;
         self.commit_change(edit.config, edit.admin)?;
-        Ok(edit.message)
+        Ok(edit.message + &self.save_runtime_state())
+    }
+
+    /// `lb backend reset SERVICE [NAME]`: drops the runtime changes of the
+    /// service (or one backend) and applies the rest over the file.
+    fn reset_backend(&mut self, service: &str, backend: Option<&str>) -> anyhow::Result<String> {
+        if !self.cfg.services.iter().any(|s| s.name == service) {
+            bail!("service: no service named {service:?}");
+        }
+        let mut kept = self.runtime_state();
+        let (dropped, rest): (Vec<_>, Vec<_>) = kept
+            .backends
+            .into_iter()
+            .partition(|e| e.service == service && backend.is_none_or(|b| e.backend == b));
+        kept.backends = rest;
+        let what = backend.map_or(service.to_owned(), |b| format!("{service}/{b}"));
+        if dropped.is_empty() {
+            bail!("{what} has no runtime changes: it runs as the config file says");
+        }
+        self.commit_runtime(&self.file_cfg.clone(), &kept)?;
+        let undone: Vec<String> = dropped
+            .iter()
+            .map(|e| format!("{}/{} {}", e.service, e.backend, e.describe()))
+            .collect();
+        Ok(format!(
+            "{what}: back to the config file (undid {}){}",
+            undone.join("; "),
+            self.save_runtime_state()
+        ))
+    }
+
+    /// Commits the config file `file` with `state` merged over it (a
+    /// reload, a reset); changes that no longer apply are logged.
+    fn commit_runtime(
+        &mut self,
+        file: &Config,
+        state: &runtime::RuntimeState,
+    ) -> anyhow::Result<()> {
+        let merged = runtime::merge(file, state, &self.state_path);
+        for why in &merged.dropped {
+            warn!("runtime change dropped: {why}");
+        }
+        self.commit_change(merged.config, merged.admin)
+    }
+
+    /// The runtime changes: what runs, against the file.
+    fn runtime_state(&self) -> runtime::RuntimeState {
+        runtime::diff(&self.file_cfg, &self.cfg, &self.admin)
+    }
+
+    /// Reads the state file at start and merges it over `cfg`. A file that
+    /// cannot be used is reported and set aside: the config alone serves.
+    fn read_runtime_state(&mut self, cfg: &Config) -> runtime::Merged {
+        let path = &self.state_path;
+        let state = match runtime::load(path) {
+            Ok(state) => state,
+            Err(e) => {
+                let aside = runtime::set_aside(path).map_or_else(
+                    |err| format!("(could not move it aside: {err})"),
+                    |p| format!("(moved to {})", p.display()),
+                );
+                error!(
+                    "runtime changes not restored, serving the config without them: {e} {aside}"
+                );
+                self.runtime_error = Some(format!("{e} {aside}"));
+                runtime::RuntimeState::default()
+            }
+        };
+        if !state.is_empty() {
+            info!(
+                "restoring {} runtime change(s) from {}: {}",
+                state.describe().len(),
+                path.display(),
+                state.describe().join("; ")
+            );
+        }
+        let merged = runtime::merge(cfg, &state, path);
+        for why in &merged.dropped {
+            warn!("runtime change dropped: {why}");
+        }
+        merged
+    }
+
+    /// Writes the runtime changes to the state file; what to tell the
+    /// operator when that failed (the change is applied, but would not
+    /// survive a restart), else nothing.
+    fn save_runtime_state(&mut self) -> String {
+        match runtime::save(&self.state_path, &self.runtime_state()) {
+            Ok(()) => {
+                // A write error is over once a write succeeds; a corrupt
+                // file found at start stays reported.
+                if self
+                    .runtime_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("cannot write"))
+                {
+                    self.runtime_error = None;
+                }
+                String::new()
+            }
+            Err(e) => {
+                error!("runtime change not saved: {e}");
+                self.runtime_error = Some(e.to_string());
+                format!(" (warning: not saved, lost at the next restart: {e})")
+            }
+        }
     }
 
     /// Everything `lb status` shows but the flow counts, which the control
     /// server adds off this loop (walking the flow table takes a while).
     fn status(&self) -> anyhow::Result<(Status, Vec<Vec<u32>>)> {
         let checks = self.checker.states();
+        let runtime = self.runtime_state();
         let mut services = Vec::new();
         let mut ids = Vec::new();
         for (svc, applied) in self.cfg.services.iter().zip(&self.applied) {
@@ -841,6 +1064,15 @@ impl Agent {
                     active: 0,
                     packets: counters.packets,
                     bytes: counters.bytes,
+                    max_connections: svc.max_connections_of(b),
+                    slow_start_percent: self.ramps.get(&key).map(|r| r.percent),
+                    tls_cert_expiry: check.and_then(|s| s.cert_expiry),
+                    at_limit: self.at_limit.contains_key(&key),
+                    runtime: runtime
+                        .backends
+                        .iter()
+                        .find(|e| e.service == svc.name && e.backend == b.name)
+                        .map(runtime::BackendEntry::describe),
                 });
                 backend_ids.push(*id);
             }
@@ -884,6 +1116,11 @@ impl Agent {
             },
             pools: self.db.status(),
             announce: self.announcer.as_ref().map(Announcer::status),
+            runtime: control::RuntimeStatus {
+                file: self.state_path.display().to_string(),
+                changes: runtime.describe(),
+                error: self.runtime_error.clone(),
+            },
         };
         Ok((status, ids))
     }

@@ -106,6 +106,8 @@ pub fn edit(
         | BackendChange::Weight {
             service, backend, ..
         } => (service.clone(), backend.clone()),
+        // It needs the config file, which only the agent has.
+        BackendChange::Reset { .. } => anyhow::bail!("reset is the agent's to apply"),
     };
     let si = next
         .services
@@ -132,6 +134,7 @@ pub fn edit(
                 weight,
                 backup,
                 health: None,
+                max_connections: None,
             });
             format!("added {service}/{backend} {address}")
         }
@@ -159,6 +162,7 @@ pub fn edit(
             admin.insert(key.clone(), state);
             format!("{service}/{backend} {msg}")
         }
+        BackendChange::Reset { .. } => anyhow::bail!("reset is the agent's to apply"),
         BackendChange::Weight { weight, .. } => {
             let i = position
                 .with_context(|| format!("backend: no backend {backend:?} in {service}"))?;
@@ -216,14 +220,14 @@ pub fn firewall_edit(
             anyhow::bail!("{prefix} is already in {scope}'s {kind} list");
         }
         rules.push(prefix);
-        format!("{scope}: {kind} {prefix} added (until the next reload)")
+        format!("{scope}: {kind} {prefix} added (kept until `lb firewall reset`)")
     } else {
         let i = rules
             .iter()
             .position(|p| *p == prefix)
             .with_context(|| format!("{prefix} is not in {scope}'s {kind} list"))?;
         rules.remove(i);
-        format!("{scope}: {kind} {prefix} removed (until the next reload)")
+        format!("{scope}: {kind} {prefix} removed (kept until `lb firewall reset`)")
     };
     let next = config::check(&next, Path::new("lb firewall"))?;
     Ok((next, msg))

@@ -322,6 +322,19 @@ pub struct Service {
     /// `allow-from`, `deny-from` and `rate-limit`: this service's firewall
     /// rules, on top of `[firewall]`'s.
     pub firewall: Firewall,
+    /// `max-connections`: the service's defaults for its backends.
+    pub limits: ServiceLimits,
+}
+
+/// A service's defaults for how much its backends take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// `max-connections`: a backend without its own limit takes no new flow
+    /// while it holds this many active flows; `None`: no limit.
+    pub max_connections: Option<u32>,
+    /// `slow-start`: a backend that comes up ramps its weight from a small
+    /// share to its full weight over this period; `None`: at once.
+    pub slow_start: Option<Duration>,
 }
 
 impl Service {
@@ -329,6 +342,12 @@ impl Service {
     /// has one, else the service's check (`None`: never checked, always up).
     pub fn health_for<'a>(&'a self, backend: &'a Backend) -> Option<&'a HealthCheck> {
         backend.health.as_ref().or(self.health.as_ref())
+    }
+
+    /// The active-flow limit of `backend`: its own `max-connections`, else
+    /// the service's; `None`: unlimited.
+    pub fn max_connections_of(&self, backend: &Backend) -> Option<u32> {
+        backend.max_connections.or(self.limits.max_connections)
     }
 }
 
@@ -353,6 +372,9 @@ pub struct Backend {
     /// This backend's own health check, overriding the service's. Use
     /// [`Service::health_for`] to get the check that applies.
     pub health: Option<HealthCheck>,
+    /// This backend's own `max-connections` (see
+    /// [`Service::max_connections_of`]).
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -413,6 +435,70 @@ pub enum CheckKind {
     },
     /// A MySQL handshake and login (and, in a pool, the member's role).
     Mysql(MysqlLogin),
+    /// A datagram sent, a reply expected (issue 28).
+    Udp(UdpCheck),
+    /// A TLS handshake; the certificate's expiry is exported.
+    Tls(TlsCheck),
+}
+
+/// `check = "tls"`: a TLS handshake (rustls) within the timeout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsCheck {
+    /// The server name sent (SNI) and, with a CA, verified; `None`: no SNI,
+    /// and the backend's IP is what a CA-verified certificate must name.
+    pub sni: Option<String>,
+    /// `ca-file`: verify the chain against these certificates (DER, read
+    /// when the config is loaded); `None`: the handshake alone is checked.
+    pub ca: Option<(PathBuf, Vec<Vec<u8>>)>,
+}
+
+/// `check = "udp"`: send `send`, expect a reply within the timeout that
+/// matches `expect`; an ICMP port unreachable fails the probe at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpCheck {
+    /// The probe's payload (`send` as text or `send-hex`).
+    pub send: Vec<u8>,
+    pub expect: UdpExpect,
+}
+
+/// What a UDP reply must look like.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UdpExpect {
+    /// Any reply.
+    Any,
+    /// The reply starts with these bytes (`expect` as text or `expect-hex`).
+    Prefix(Vec<u8>),
+    /// The reply, as UTF-8 text (invalid bytes replaced), matches this
+    /// regular expression (`expect-regex`; checked when the config loads).
+    Regex(String),
+}
+
+impl UdpExpect {
+    /// Does `reply` match? The reason when it does not.
+    pub fn check(&self, reply: &[u8]) -> Result<(), String> {
+        let shown = || {
+            let text = String::from_utf8_lossy(reply);
+            let cut: String = text.chars().take(40).collect();
+            format!(
+                "{cut:?}{}",
+                if text.chars().count() > 40 { "…" } else { "" }
+            )
+        };
+        match self {
+            UdpExpect::Any => Ok(()),
+            UdpExpect::Prefix(p) if reply.starts_with(p) => Ok(()),
+            UdpExpect::Prefix(p) => Err(format!(
+                "reply {} does not start with {:?}",
+                shown(),
+                String::from_utf8_lossy(p)
+            )),
+            UdpExpect::Regex(pattern) => match regex::Regex::new(pattern) {
+                Ok(re) if re.is_match(&String::from_utf8_lossy(reply)) => Ok(()),
+                Ok(_) => Err(format!("reply {} does not match /{pattern}/", shown())),
+                Err(e) => Err(format!("expect-regex: {e}")),
+            },
+        }
+    }
 }
 
 /// The account health checks (and pool operations) log in with.

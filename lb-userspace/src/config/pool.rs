@@ -111,6 +111,7 @@ impl Pool {
                 weight: 1,
                 backup: false,
                 health: None,
+                max_connections: None,
             })
             .collect();
         let service = |name: String, vip, on_backend_down, firewall: &Firewall| Service {
@@ -125,6 +126,7 @@ impl Pool {
             on_backend_down,
             backends: backends.clone(),
             firewall: firewall.clone(),
+            limits: Default::default(),
         };
         [
             service(

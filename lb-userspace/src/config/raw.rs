@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, de::IntoDeserializer};
 
 use super::{
     Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, RateLimit,
-    Scheduler, Service, XdpMode, duration,
+    Scheduler, Service, UdpExpect, XdpMode, duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -95,6 +95,8 @@ pub(super) struct RawService {
     pub(super) allow_from: Option<Vec<String>>,
     pub(super) deny_from: Option<Vec<String>>,
     pub(super) rate_limit: Option<RawRateLimit>,
+    pub(super) max_connections: Option<i64>,
+    pub(super) slow_start: Option<String>,
 }
 
 /// `scheduler`: a [`Scheduler`], except that the retired `source-hash` gets
@@ -136,6 +138,15 @@ pub(super) struct RawHealth {
     pub(super) user: Option<String>,
     pub(super) password: Option<String>,
     pub(super) password_file: Option<String>,
+    /// `check = "udp"`: the payload (text or hex) and the expected reply.
+    pub(super) send: Option<String>,
+    pub(super) send_hex: Option<String>,
+    pub(super) expect: Option<String>,
+    pub(super) expect_hex: Option<String>,
+    pub(super) expect_regex: Option<String>,
+    /// `check = "tls"`: the server name and the CA to verify against.
+    pub(super) sni: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -144,6 +155,8 @@ pub(super) enum RawCheck {
     Tcp,
     Http,
     Mysql,
+    Udp,
+    Tls,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +167,7 @@ pub(super) struct RawBackend {
     pub(super) weight: Option<i64>,
     pub(super) backup: Option<bool>,
     pub(super) health: Option<RawHealth>,
+    pub(super) max_connections: Option<i64>,
 }
 
 // A validated config back in the raw shape, for `check`.
@@ -221,6 +235,8 @@ impl From<&Service> for RawService {
             allow_from: Some(texts(&s.firewall.allow)),
             deny_from: Some(texts(&s.firewall.deny)),
             rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
+            max_connections: s.limits.max_connections.map(i64::from),
+            slow_start: s.limits.slow_start.map(duration::show),
         }
     }
 }
@@ -253,6 +269,7 @@ impl From<&Backend> for RawBackend {
             weight: Some(i64::from(b.weight)),
             backup: Some(b.backup),
             health: b.health.as_ref().map(RawHealth::from),
+            max_connections: b.max_connections.map(i64::from),
         }
     }
 }
@@ -260,8 +277,32 @@ impl From<&Backend> for RawBackend {
 impl From<&HealthCheck> for RawHealth {
     fn from(h: &HealthCheck) -> Self {
         let mut login = (None, None, None);
+        let mut udp = (None, None, None);
+        let mut tls = (None, None);
         let (check, path, expect_status, expect_body) = match &h.check {
             CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
+            CheckKind::Udp(u) => {
+                let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
+                udp = (
+                    Some(hex(&u.send)),
+                    match &u.expect {
+                        UdpExpect::Prefix(p) => Some(hex(p)),
+                        _ => None,
+                    },
+                    match &u.expect {
+                        UdpExpect::Regex(r) => Some(r.clone()),
+                        _ => None,
+                    },
+                );
+                (RawCheck::Udp, None, None, None)
+            }
+            CheckKind::Tls(t) => {
+                tls = (
+                    t.sni.clone(),
+                    t.ca.as_ref().map(|(path, _)| path.display().to_string()),
+                );
+                (RawCheck::Tls, None, None, None)
+            }
             CheckKind::Mysql(l) => {
                 login = (
                     Some(l.user.clone()),
@@ -296,6 +337,13 @@ impl From<&HealthCheck> for RawHealth {
             user: login.0,
             password: login.1,
             password_file: login.2,
+            send: None,
+            send_hex: udp.0,
+            expect: None,
+            expect_hex: udp.1,
+            expect_regex: udp.2,
+            sni: tls.0,
+            ca_file: tls.1,
         }
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
 use super::{
     Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
     HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    Timeouts, XdpMode, duration,
+    ServiceLimits, Timeouts, TlsCheck, UdpCheck, UdpExpect, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
         RawRateLimit, RawService, RawTimeouts,
@@ -46,6 +46,8 @@ const HEALTH_DURATION_MAX: Duration = Duration::from_secs(3600);
 /// Katran's figure: about 125k new connections per second per core.
 const DEFAULT_NEW_FLOW_BUDGET: u32 = 125_000;
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// The largest UDP health probe payload (an IPv4 datagram's limit).
+const MAX_UDP_PAYLOAD: usize = 65_507;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
 const DEFAULT_FALL: u32 = 3;
@@ -552,6 +554,11 @@ impl Validator<'_> {
             raw.rate_limit,
         )?;
 
+        let limits = ServiceLimits {
+            max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
+            slow_start: self.slow_start(raw.slow_start, &key("slow-start"), scheduler)?,
+        };
+
         Ok(Service {
             name,
             vip,
@@ -563,6 +570,7 @@ impl Validator<'_> {
             on_backend_down,
             backends,
             firewall,
+            limits,
         })
     }
 
@@ -656,7 +664,134 @@ impl Validator<'_> {
             weight,
             backup: raw.backup.unwrap_or(false),
             health,
+            max_connections: self.max_connections(raw.max_connections, &key("max-connections"))?,
         })
+    }
+
+    /// `slow-start`: a duration from 1s to 1h, with a scheduler that weighs
+    /// (the ramp is a weight; round robin would ignore it).
+    fn slow_start(
+        &self,
+        raw: Option<String>,
+        key: &str,
+        scheduler: Scheduler,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(text) = raw else {
+            return Ok(None);
+        };
+        let period = duration::parse(&text).map_err(|reason| self.err(key, reason))?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&period) {
+            return Err(self.err(key, format!("must be between 1s and 1h, got {text:?}")));
+        }
+        if !scheduler.uses_weights() {
+            return Err(self.err(
+                key,
+                format!(
+                    "slow start ramps a backend's weight, which scheduler = \"{}\" ignores; \
+                     use \"weighted-round-robin\", \"least-connections\", \"maglev\" or \"source-ip\"",
+                    scheduler.name()
+                ),
+            ));
+        }
+        Ok(Some(period))
+    }
+
+    /// `check = "udp"`: at most one of `send`/`send-hex` (default: an empty
+    /// datagram) and of `expect`/`expect-hex`/`expect-regex` (default: any
+    /// reply). Takes the keys it uses out of `raw`.
+    fn udp_check(&self, prefix: &str, raw: &mut RawHealth) -> Result<UdpCheck, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        let hex = |text: String, field: &str| {
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(text.replace([' ', ':'], "").as_bytes())
+                .map_err(|e| self.err(key(field), format!("not hex bytes: {e}")))
+        };
+        let send = match (raw.send.take(), raw.send_hex.take()) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(key("send-hex"), "give send or send-hex, not both"));
+            }
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(h)) => hex(h, "send-hex")?,
+            (None, None) => Vec::new(),
+        };
+        if send.len() > MAX_UDP_PAYLOAD {
+            return Err(self.err(
+                key("send"),
+                format!("at most {MAX_UDP_PAYLOAD} bytes, got {}", send.len()),
+            ));
+        }
+        let expect = match (
+            raw.expect.take(),
+            raw.expect_hex.take(),
+            raw.expect_regex.take(),
+        ) {
+            (None, None, None) => UdpExpect::Any,
+            (Some(text), None, None) => UdpExpect::Prefix(text.into_bytes()),
+            (None, Some(h), None) => UdpExpect::Prefix(hex(h, "expect-hex")?),
+            (None, None, Some(pattern)) => {
+                regex::Regex::new(&pattern)
+                    .map_err(|e| self.err(key("expect-regex"), e.to_string()))?;
+                UdpExpect::Regex(pattern)
+            }
+            _ => {
+                return Err(self.err(
+                    key("expect"),
+                    "give one of expect, expect-hex and expect-regex",
+                ));
+            }
+        };
+        Ok(UdpCheck { send, expect })
+    }
+
+    /// `check = "tls"`: `sni` a DNS name; `ca-file` an absolute path to PEM
+    /// certificates, read now (and at every reload). Takes its keys.
+    fn tls_check(&self, prefix: &str, raw: &mut RawHealth) -> Result<TlsCheck, ConfigError> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+        let key = |field: &str| format!("{prefix}.{field}");
+        let sni = raw.sni.take();
+        if let Some(name) = &sni
+            && !matches!(
+                ServerName::try_from(name.as_str()),
+                Ok(ServerName::DnsName(_))
+            )
+        {
+            return Err(self.err(key("sni"), format!("not a DNS name: {name:?}")));
+        }
+        let ca = match raw.ca_file.take() {
+            None => None,
+            Some(text) => {
+                let path = PathBuf::from(&text);
+                if !path.is_absolute() {
+                    return Err(self.err(
+                        key("ca-file"),
+                        format!("must be an absolute path, got {text:?}"),
+                    ));
+                }
+                let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(&path)
+                    .and_then(|certs| certs.map(|c| c.map(|c| c.to_vec())).collect())
+                    .map_err(|e| self.err(key("ca-file"), format!("{}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(self.err(
+                        key("ca-file"),
+                        format!("{}: no PEM certificate in it", path.display()),
+                    ));
+                }
+                Some((path, certs))
+            }
+        };
+        Ok(TlsCheck { sni, ca })
+    }
+
+    /// `max-connections`: at least 1 (0 would be a drain: say so).
+    fn max_connections(&self, raw: Option<i64>, key: &str) -> Result<Option<u32>, ConfigError> {
+        match raw {
+            None => Ok(None),
+            Some(0) => Err(self.err(
+                key,
+                "must be at least 1 (to take a backend out of rotation, drain it or give it weight 0)",
+            )),
+            Some(n) => self.in_range(n, 1..i64::from(u32::MAX) + 1, key).map(Some),
+        }
     }
 
     /// The primaries and the backups each become a ring of at most
@@ -790,7 +925,27 @@ impl Validator<'_> {
                 raw.password.take(),
                 raw.password_file.take(),
             )?),
+            RawCheck::Udp => CheckKind::Udp(self.udp_check(prefix, &mut raw)?),
+            RawCheck::Tls => CheckKind::Tls(self.tls_check(prefix, &mut raw)?),
         };
+        let tls_keys = [
+            ("sni", raw.sni.is_some()),
+            ("ca-file", raw.ca_file.is_some()),
+        ];
+        if let Some((field, _)) = tls_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"tls\""));
+        }
+        // Keys of the UDP check on another check would be silently ignored.
+        let udp_keys = [
+            ("send", raw.send.is_some()),
+            ("send-hex", raw.send_hex.is_some()),
+            ("expect", raw.expect.is_some()),
+            ("expect-hex", raw.expect_hex.is_some()),
+            ("expect-regex", raw.expect_regex.is_some()),
+        ];
+        if let Some((field, _)) = udp_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"udp\""));
+        }
         // Login keys on a check that never logs in would be silently ignored.
         let login_keys = [
             ("user", raw.user.is_some()),

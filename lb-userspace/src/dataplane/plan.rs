@@ -464,6 +464,7 @@ mod tests {
             weight: 1,
             backup: false,
             health: None,
+            max_connections: None,
         }
     }
 
@@ -479,6 +480,7 @@ mod tests {
             health: None,
             on_backend_down: OnBackendDown::KeepFlows,
             backends: backends.into_iter().map(backend).collect(),
+            limits: Default::default(),
         }
     }
 

@@ -35,6 +35,8 @@ pub mod mysql;
 mod probe;
 #[cfg(test)]
 mod tests;
+pub mod tls;
+mod udp;
 
 pub use counter::Counter;
 pub use probe::{ProbeError, probe};
@@ -110,6 +112,9 @@ pub struct TargetState {
     /// When the latest probe finished, and how long it took.
     pub last_at: Option<SystemTime>,
     pub last_duration: Option<Duration>,
+    /// `check = "tls"`: when the backend's certificate expires (seconds
+    /// since the Unix epoch), as of the last passed probe.
+    pub cert_expiry: Option<i64>,
 }
 
 /// Told of every finished probe: its target, backend name and duration
@@ -225,7 +230,8 @@ impl HealthChecker {
                     last_check: last.as_ref().and_then(|s| s.last_check.clone()),
                     consecutive: 0,
                     last_at: last.as_ref().and_then(|s| s.last_at),
-                    last_duration: last.and_then(|s| s.last_duration),
+                    last_duration: last.as_ref().and_then(|s| s.last_duration),
+                    cert_expiry: last.and_then(|s| s.cert_expiry),
                 },
             );
             self.next_id += 1;
@@ -332,11 +338,14 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut counter = Counter::starting(start);
+    let mut cert_expiry = None;
     loop {
         // The first tick completes at once: the first probe runs at spawn.
         ticker.tick().await;
         let started = Instant::now();
-        let outcome = probe(address, &check.check, check.timeout).await;
+        let (outcome, expiry) = probe::probe_detailed(address, &check.check, check.timeout).await;
+        // A failed handshake says nothing new about the certificate.
+        cert_expiry = expiry.or(cert_expiry);
         let took = started.elapsed();
         if let Some(observe) = &observer {
             observe(&target, &backend, took);
@@ -389,6 +398,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
                 consecutive: n,
                 last_at: Some(SystemTime::now()),
                 last_duration: Some(took),
+                cert_expiry,
             },
         );
         if let Some(reason) = reason {

@@ -1,5 +1,5 @@
 //! One probe of a backend: TCP connect, or HTTP GET with an expected status
-//! and body, all within the check's timeout; failures come back as short
+//! and body (MySQL and UDP in their own modules), all within the check's timeout; failures come back as short
 //! reasons that name the step and the address.
 
 use std::{net::SocketAddrV4, time::Duration};
@@ -43,6 +43,12 @@ pub async fn probe(
 ) -> Result<(), ProbeError> {
     if let CheckKind::Mysql(login) = check {
         return super::mysql::probe(address, login, timeout).await;
+    }
+    if let CheckKind::Udp(udp) = check {
+        return super::udp::probe(address, udp, timeout).await;
+    }
+    if let CheckKind::Tls(tls) = check {
+        return super::tls::probe(address, tls, timeout).await.map(drop);
     }
     let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));
@@ -113,6 +119,22 @@ const PROBE_DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
 /// `timeout` from now, clamped to [`PROBE_DEADLINE_MAX`].
 pub(super) fn deadline_after(timeout: Duration) -> Instant {
     Instant::now() + timeout.min(PROBE_DEADLINE_MAX)
+}
+
+/// [`probe`], and what a passed probe learned: the expiry of a TLS
+/// backend's certificate (seconds since the Unix epoch).
+pub async fn probe_detailed(
+    address: SocketAddrV4,
+    check: &CheckKind,
+    timeout: Duration,
+) -> (Result<(), ProbeError>, Option<i64>) {
+    match check {
+        CheckKind::Tls(tls) => match super::tls::probe(address, tls, timeout).await {
+            Ok(expiry) => (Ok(()), expiry),
+            Err(why) => (Err(why), None),
+        },
+        _ => (probe(address, check, timeout).await, None),
+    }
 }
 
 /// Checks an HTTP response's status code and (optionally) body.

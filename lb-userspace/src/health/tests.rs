@@ -41,6 +41,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
         on_backend_down: OnBackendDown::KeepFlows,
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
+        limits: Default::default(),
     }
 }
 
@@ -51,6 +52,7 @@ fn backend(name: &str, address: SocketAddrV4, health: Option<HealthCheck>) -> Ba
         weight: 1,
         backup: false,
         health,
+        max_connections: None,
     }
 }
 

@@ -176,6 +176,10 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let weight = Gauges::default();
     let backup = Gauges::default();
     let in_ring = Gauges::default();
+    let max_connections = Gauges::default();
+    let at_limit = Gauges::default();
+    let effective_weight = FloatGauges::default();
+    let cert_expiry = Gauges::default();
     let last_check_time = FloatGauges::default();
     let last_check_duration = FloatGauges::default();
     // Registered first (clones share the values), filled below.
@@ -236,6 +240,26 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         in_ring.clone(),
     );
     registry.register(
+        "lb_backend_max_connections",
+        "The backend's max-connections (backends with a limit only)",
+        max_connections.clone(),
+    );
+    registry.register(
+        "lb_backend_at_max_connections",
+        "Whether the backend holds its max-connections active flows (1: out of the ring for new flows)",
+        at_limit.clone(),
+    );
+    registry.register(
+        "lb_backend_effective_weight",
+        "The weight the rings give the backend now: its weight, or less while slow start ramps it",
+        effective_weight.clone(),
+    );
+    registry.register(
+        "lb_backend_tls_cert_expiry_timestamp_seconds",
+        "When the backend's TLS certificate expires (check = \"tls\"), in seconds since the Unix epoch",
+        cert_expiry.clone(),
+    );
+    registry.register(
         "lb_health_last_check_timestamp_seconds",
         "When the backend's last health probe finished, in seconds since the Unix epoch",
         last_check_time.clone(),
@@ -286,6 +310,16 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
             weight.get_or_create(&labels).set(i64::from(b.weight));
             backup.get_or_create(&labels).set(i64::from(b.backup));
             in_ring.get_or_create(&labels).set(i64::from(b.in_ring));
+            if let Some(max) = b.max_connections {
+                max_connections.get_or_create(&labels).set(i64::from(max));
+            }
+            at_limit.get_or_create(&labels).set(i64::from(b.at_limit));
+            effective_weight
+                .get_or_create(&labels)
+                .set(b.effective_weight());
+            if let Some(at) = b.tls_cert_expiry {
+                cert_expiry.get_or_create(&labels).set(at);
+            }
             if let Some(at) = b.last_check_at_ms {
                 last_check_time.get_or_create(&labels).set(seconds(at));
             }

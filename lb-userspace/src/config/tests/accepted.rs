@@ -84,7 +84,9 @@ backends = [{ address = "10.0.1.3:80" }]
                     weight: 1,
                     backup: false,
                     health: None,
+                    max_connections: None,
                 }],
+                limits: Default::default(),
             },
             Service {
                 firewall: Default::default(),
@@ -114,6 +116,7 @@ backends = [{ address = "10.0.1.3:80" }]
                         weight: 3,
                         backup: false,
                         health: None,
+                        max_connections: None,
                     },
                     Backend {
                         name: "b.2_x-y".to_owned(),
@@ -121,8 +124,10 @@ backends = [{ address = "10.0.1.3:80" }]
                         weight: 0,
                         backup: true,
                         health: None,
+                        max_connections: None,
                     },
                 ],
+                limits: Default::default(),
             },
             Service {
                 firewall: Default::default(),
@@ -140,7 +145,9 @@ backends = [{ address = "10.0.1.3:80" }]
                     weight: 1,
                     backup: false,
                     health: None,
+                    max_connections: None,
                 }],
+                limits: Default::default(),
             },
             Service {
                 firewall: Default::default(),
@@ -169,7 +176,9 @@ backends = [{ address = "10.0.1.3:80" }]
                     weight: 1,
                     backup: false,
                     health: None,
+                    max_connections: None,
                 }],
+                limits: Default::default(),
             },
         ],
     };
@@ -250,6 +259,7 @@ fn check_applies_the_file_rules_to_live_changes() {
         weight,
         backup: false,
         health: None,
+        max_connections: None,
     };
     reject(
         &|c| {

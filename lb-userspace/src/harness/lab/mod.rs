@@ -53,7 +53,7 @@ pub use db::{
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
-pub use tls::{HTTPS_PORT, SITE_NAME, ca_path};
+pub use tls::{HTTPS_PORT, LAB_CERT_DAYS, SITE_NAME, ca_path};
 
 /// The virtual service address, on the LB's `lo` (and every web's `lo`).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -379,8 +379,15 @@ impl Lab {
 
     /// `lb teardown --pin-dir` of the lab's data plane: detaches XDP and
     /// removes the pins, so the next agent starts afresh instead of adopting
-    /// flows and round-robin positions.
+    /// flows and round-robin positions; and the agent's runtime changes
+    /// (its state file), so it starts from the config alone.
     pub fn remove_dataplane(&self) -> anyhow::Result<()> {
+        let state = self.run_dir().join("lb.state.toml");
+        match fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", state.display())),
+        }
         crate::dataplane::Dataplane::teardown(&self.pin_dir())
             .map(drop)
             .with_context(|| format!("lb teardown --pin-dir {}", self.pin_dir().display()))

@@ -37,6 +37,10 @@ pub const HTTPS_PORT: u16 = 443;
 /// so it cannot hold a server thread forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The web servers' certificates expire this many days after the lab is
+/// made (the TLS health check's expiry metric shows it).
+pub const LAB_CERT_DAYS: i64 = 30;
+
 /// Where a lab's CA certificate is written: `{run_dir}/ca.pem`.
 pub fn ca_path(run_dir: &Path) -> PathBuf {
     run_dir.join("ca.pem")
@@ -90,6 +94,9 @@ pub fn write_lab_pki(
             .distinguished_name
             .push(DnType::CommonName, SITE_NAME);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(LAB_CERT_DAYS);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().with_context(|| format!("generating {name}'s key"))?;
         let cert = params

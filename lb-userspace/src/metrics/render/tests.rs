@@ -32,6 +32,11 @@ fn backend(name: &str, health: HealthStatus, admin: AdminState, in_ring: bool) -
         active: 4,
         packets: 70,
         bytes: 7_000,
+        runtime: None,
+        max_connections: None,
+        at_limit: false,
+        slow_start_percent: None,
+        tls_cert_expiry: None,
     }
 }
 
@@ -62,6 +67,10 @@ fn snapshot() -> Status {
                     bytes: 0,
                     flows: 0,
                     active: 0,
+                    max_connections: Some(4),
+                    at_limit: true,
+                    slow_start_percent: Some(25),
+                    tls_cert_expiry: Some(1_800_000_000),
                     ..backend("web2", HealthStatus::Down, AdminState::Drain, false)
                 },
                 BackendStatus {
@@ -91,6 +100,7 @@ fn snapshot() -> Status {
         },
         pools: Vec::new(),
         announce: None,
+        runtime: Default::default(),
     }
 }
 
@@ -166,6 +176,35 @@ fn every_metric_carries_the_snapshot() {
     );
     assert_eq!(value(&text, "lb_backend_bytes_total", &web("web2")), 0.0);
     assert_eq!(value(&text, "lb_backend_flows", &web("web1")), 4.0);
+    assert_eq!(
+        value(&text, "lb_backend_max_connections", &web("web2")),
+        4.0
+    );
+    assert_eq!(
+        value(&text, "lb_backend_at_max_connections", &web("web2")),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "lb_backend_at_max_connections", &web("web1")),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "lb_backend_tls_cert_expiry_timestamp_seconds",
+            &web("web2")
+        ),
+        1_800_000_000.0
+    );
+    // web2 ramps: a quarter of its weight 3.
+    assert_eq!(
+        value(&text, "lb_backend_effective_weight", &web("web2")),
+        0.75
+    );
+    assert_eq!(
+        value(&text, "lb_backend_effective_weight", &web("web1")),
+        3.0
+    );
     // Up: checks pass, or there are none.
     assert_eq!(value(&text, "lb_backend_up", &web("web1")), 1.0);
     assert_eq!(value(&text, "lb_backend_up", &web("web2")), 0.0);
