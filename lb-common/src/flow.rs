@@ -14,14 +14,46 @@
 //! (by the program when a packet finds it, by the agent's sweep otherwise).
 
 use crate::{
-    headers::{TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    headers::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     maps::{Backend, Flow, FlowConf, FlowKey},
 };
 
-/// Flow states (`Flow::state`).
+/// Flow states (`Flow::state`). Half-open (in `HALF_OPEN`): a SYN or a
+/// UDP packet created it.
 pub const STATE_NEW: u32 = 0;
 pub const STATE_ESTABLISHED: u32 = 1;
 pub const STATE_CLOSING: u32 = 2;
+/// Half-open, NAT: the backend answered the SYN with a SYN-ACK; the
+/// client's ACK completes the handshake only if it acknowledges the
+/// SYN-ACK's sequence number + 1 (kept in `Flow::seq`).
+pub const STATE_SYN_ACKED: u32 = 3;
+/// Half-open, TCP: picked up mid-stream (hash-on-miss: a segment without
+/// SYN created it).
+pub const STATE_PICKED_UP: u32 = 4;
+/// Half-open, NAT: picked up mid-stream, and the backend has sent a
+/// segment that is neither SYN nor RST on it: it holds this connection (a
+/// backend answers a blind spoofer's segment with an RST, nothing else).
+pub const STATE_PICKED_UP_ANSWERED: u32 = 5;
+
+/// How far (either way) from the highest sequence number a direction's
+/// sender has used a FIN or RST may be and still close the flow: 1 MiB.
+/// The sender's own FIN/RST carries its next sequence number, which is that
+/// plus at most the data in flight the LB has not seen yet; a blind
+/// spoofer hits it with one guess in 2048 (one in 2^32 would need the
+/// exact number, which a segment lost before the LB makes too strict).
+pub const SEQ_WINDOW: u32 = 1 << 20;
+
+/// Is `seq` within [`SEQ_WINDOW`] of `last` (wrapping)?
+#[inline(always)]
+pub const fn in_window(seq: u32, last: u32) -> bool {
+    seq.wrapping_sub(last).wrapping_add(SEQ_WINDOW) <= 2 * SEQ_WINDOW
+}
+
+/// Does a TCP sequence number `seq` advance past `last` (wrapping)?
+#[inline(always)]
+pub const fn advances(seq: u32, last: u32) -> bool {
+    (seq.wrapping_sub(last) as i32) > 0
+}
 
 /// Entry directions (`Flow::direction`).
 pub const FORWARD: u8 = 0;
@@ -78,12 +110,12 @@ pub const fn duration_ticks(ns: u64) -> u32 {
 pub const fn timeout_for(protocol: u8, state: u32) -> Timeout {
     if protocol != crate::headers::IPPROTO_TCP {
         Timeout::Udp
-    } else if state == STATE_NEW {
-        Timeout::TcpHalfOpen
+    } else if state == STATE_ESTABLISHED {
+        Timeout::Tcp
     } else if state == STATE_CLOSING {
         Timeout::TcpClosing
     } else {
-        Timeout::Tcp
+        Timeout::TcpHalfOpen
     }
 }
 
@@ -158,13 +190,65 @@ pub fn forward_key(reply: &FlowKey, entry: &Flow) -> FlowKey {
     }
 }
 
-/// Does a client packet with these TCP flags (0 for UDP) confirm a half-open
-/// flow? Any client packet that is not a SYN: the handshake's ACK, or the
-/// second packet of a flow created on a miss (the creating packet never
-/// promotes its own entry).
+/// What a client's packet does to its half-open flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// Forwarded; the flow stays half-open.
+    No,
+    /// Forwarded; it completes the handshake: the flow is promoted.
+    Promote,
+    /// NAT TCP: it claims to complete a handshake the backend did not
+    /// answer (no SYN-ACK seen, or not acknowledging its sequence number +
+    /// 1): dropped, nothing promoted.
+    Refused,
+}
+
+/// The promotion rule for a client packet (TCP flags and acknowledgement
+/// number; zero for UDP) on a half-open `flow`. A SYN never promotes (a
+/// retransmission), nor does an RST. UDP and DSR (`nat_tcp` false): any
+/// other packet, the handshake's ACK or a flow's second packet (the LB
+/// cannot see a DSR backend's answer). NAT TCP: only a handshake the
+/// backend answered — for a SYN's flow the client's ACK must acknowledge
+/// the SYN-ACK's sequence number + 1 (`Flow::seq`); a flow picked up
+/// mid-stream is promoted once the backend sent a segment on it that is
+/// neither SYN nor RST. A segment that claims to complete a SYN's
+/// handshake otherwise is refused; one on a picked-up flow the backend has
+/// not answered yet is only forwarded.
 #[inline(always)]
-pub const fn confirms(tcp_flags: u8) -> bool {
-    tcp_flags & TCP_FLAG_SYN == 0
+pub const fn confirms(flow: &Flow, nat_tcp: bool, tcp_flags: u8, ack: u32) -> Confirm {
+    if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0 {
+        return Confirm::No;
+    }
+    if !nat_tcp {
+        return Confirm::Promote;
+    }
+    match flow.state {
+        STATE_SYN_ACKED if tcp_flags & TCP_FLAG_ACK != 0 && ack == flow.seq => Confirm::Promote,
+        STATE_PICKED_UP_ANSWERED => Confirm::Promote,
+        STATE_PICKED_UP => Confirm::No,
+        _ => Confirm::Refused,
+    }
+}
+
+/// The half-open state a backend's segment (TCP flags, sequence number) on
+/// a NAT flow in `state` moves it to, and the `Flow::seq` it records;
+/// `None`: no change. A SYN-ACK answers a SYN's flow (a retransmitted one
+/// may carry a new sequence number); a segment that is neither SYN nor RST
+/// answers a flow picked up mid-stream.
+#[inline(always)]
+pub const fn answer(state: u32, seq_now: u32, tcp_flags: u8, seq: u32) -> Option<(u32, u32)> {
+    let syn_ack =
+        tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    match state {
+        STATE_NEW if syn_ack => Some((STATE_SYN_ACKED, seq.wrapping_add(1))),
+        STATE_SYN_ACKED if syn_ack && seq.wrapping_add(1) != seq_now => {
+            Some((STATE_SYN_ACKED, seq.wrapping_add(1)))
+        }
+        STATE_PICKED_UP if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST) == 0 => {
+            Some((STATE_PICKED_UP_ANSWERED, 0))
+        }
+        _ => None,
+    }
 }
 
 /// Does a packet with these TCP flags close the connection?
@@ -176,7 +260,7 @@ pub const fn closes(tcp_flags: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::{IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK};
+    use crate::headers::{IPPROTO_TCP, IPPROTO_UDP};
 
     fn conf() -> FlowConf {
         FlowConf {
@@ -224,7 +308,32 @@ mod tests {
     }
 
     #[test]
+    fn a_fin_or_rst_closes_only_within_the_window_of_its_senders_sequence() {
+        let last = 0xffff_fff0;
+        assert!(in_window(last, last));
+        assert!(in_window(last.wrapping_add(SEQ_WINDOW), last));
+        assert!(in_window(last.wrapping_sub(SEQ_WINDOW), last));
+        assert!(!in_window(last.wrapping_add(SEQ_WINDOW + 1), last));
+        assert!(!in_window(last.wrapping_sub(SEQ_WINDOW + 1), last));
+        assert!(!in_window(last.wrapping_add(1 << 31), last));
+        // A blind guess: 2 * SEQ_WINDOW + 1 of 2^32 numbers pass.
+        let hits = (0..1u64 << 16)
+            .filter(|i| in_window((i << 16) as u32, 0x1234_5678))
+            .count();
+        assert_eq!(hits, 32);
+        assert!(advances(5, 0xffff_fff0) && !advances(0xffff_fff0, 5) && !advances(7, 7));
+    }
+
+    #[test]
     fn timeouts_follow_protocol_and_state() {
+        for half_open in [
+            STATE_NEW,
+            STATE_SYN_ACKED,
+            STATE_PICKED_UP,
+            STATE_PICKED_UP_ANSWERED,
+        ] {
+            assert_eq!(timeout_for(IPPROTO_TCP, half_open), Timeout::TcpHalfOpen);
+        }
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_NEW), Timeout::TcpHalfOpen);
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_ESTABLISHED), Timeout::Tcp);
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_CLOSING), Timeout::TcpClosing);
@@ -290,11 +399,61 @@ mod tests {
     }
 
     #[test]
-    fn only_non_syn_packets_confirm_and_fin_or_rst_close() {
-        assert!(!confirms(TCP_FLAG_SYN));
-        assert!(!confirms(TCP_FLAG_SYN | TCP_FLAG_ACK));
-        assert!(confirms(TCP_FLAG_ACK));
-        assert!(confirms(0)); // UDP
+    fn a_nat_flow_is_promoted_only_by_a_handshake_its_backend_answered() {
+        let (syn, ack, rst) = (TCP_FLAG_SYN, TCP_FLAG_ACK, TCP_FLAG_RST);
+        let flow = |state, seq| Flow {
+            state,
+            seq,
+            ..Flow::default()
+        };
+        // UDP and DSR: any packet but a SYN or an RST.
+        assert_eq!(confirms(&flow(STATE_NEW, 0), false, 0, 0), Confirm::Promote);
+        assert_eq!(
+            confirms(&flow(STATE_NEW, 0), false, ack, 7),
+            Confirm::Promote
+        );
+        assert_eq!(confirms(&flow(STATE_NEW, 0), false, syn, 0), Confirm::No);
+        assert_eq!(
+            confirms(&flow(STATE_NEW, 0), false, rst | ack, 0),
+            Confirm::No
+        );
+        // NAT: a spoofed SYN then ACK — no SYN-ACK seen — is refused.
+        assert_eq!(
+            confirms(&flow(STATE_NEW, 0), true, ack, 1),
+            Confirm::Refused
+        );
+        // The SYN-ACK (seq 0xffff_ffff) records the ACK that completes it.
+        let (state, expect) = answer(STATE_NEW, 0, syn | ack, u32::MAX).expect("answered");
+        assert_eq!((state, expect), (STATE_SYN_ACKED, 0));
+        let answered = flow(state, expect);
+        assert_eq!(confirms(&answered, true, ack, 0), Confirm::Promote);
+        assert_eq!(confirms(&answered, true, ack, 1), Confirm::Refused);
+        assert_eq!(
+            confirms(&answered, true, 0, 0),
+            Confirm::Refused,
+            "no ACK flag"
+        );
+        assert_eq!(confirms(&answered, true, syn, 0), Confirm::No);
+        // A retransmitted SYN-ACK with the same number changes nothing; an
+        // RST or a bare ACK from the backend answers nothing.
+        assert_eq!(answer(STATE_SYN_ACKED, 0, syn | ack, u32::MAX), None);
+        assert_eq!(
+            answer(STATE_SYN_ACKED, 0, syn | ack, 5),
+            Some((STATE_SYN_ACKED, 6))
+        );
+        assert_eq!(answer(STATE_NEW, 0, rst | ack, 5), None);
+        assert_eq!(answer(STATE_NEW, 0, ack, 5), None);
+        // Picked up mid-stream: forwarded until the backend shows it has the
+        // connection (not by an RST, which it sends a spoofer).
+        let picked = flow(STATE_PICKED_UP, 0);
+        assert_eq!(confirms(&picked, true, ack, 9), Confirm::No);
+        assert_eq!(answer(STATE_PICKED_UP, 0, rst, 5), None);
+        let (state, _) = answer(STATE_PICKED_UP, 0, ack, 5).expect("answered");
+        assert_eq!(confirms(&flow(state, 0), true, ack, 9), Confirm::Promote);
+    }
+
+    #[test]
+    fn fin_or_rst_close() {
         assert!(closes(TCP_FLAG_FIN | TCP_FLAG_ACK));
         assert!(closes(TCP_FLAG_RST));
         assert!(!closes(TCP_FLAG_ACK));

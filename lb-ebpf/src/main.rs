@@ -68,11 +68,11 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, Counters, FW_GLOBAL, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES,
     MODE_DSR, NextHop, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    flow::{REPLY, closes, confirms},
+    flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
     headers::{
-        ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF,
-        l4_layout, opens_connection,
+        ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAG_RST,
+        TCP_FLAGS_OFF, TCP_SEQ_OFF, TcpNumbers, l4_layout, opens_connection,
     },
     rewrite::{decrement_ttl, rewrite_destination, rewrite_source},
 };
@@ -178,27 +178,53 @@ fn balance(ctx: &XdpContext) -> Outcome {
         Err(_) => return pass(Verdict::PassNotOurs),
     };
     let key = flow_key(&pkt);
-    let flags = tcp_flags(ctx, &key);
+    let seg = tcp_segment(ctx, &key);
     let now = flows::now();
     // Established flows first: one lookup on the hot path. Both directions
     // of a flow are keyed as they arrive, so replies hit here too.
     if let Some(entry) = flows::established(&key, now) {
         // SAFETY: a CONNTRACK value (see `flows::established`).
         let flow = unsafe { &mut *entry };
-        if let Some(outcome) = established(ctx, &pkt, &key, flow, flags, now) {
+        if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
             return outcome;
         }
     }
     let to_vip = is_vip(ip);
-    if let Some(mut flow) = flows::half_open(&key, now, to_vip) {
-        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, flags, now) {
+    if let Some((mut flow, slot)) = flows::half_open(&key, now, to_vip) {
+        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
         }
     }
     if to_vip {
-        return new_flow(ctx, &pkt, &key, flags, now);
+        return new_flow(ctx, &pkt, &key, seg.flags, now);
+    }
+    if flows::from_nat_backend(&key) && routed_on(ctx, ip) {
+        // A NAT backend's segment that no flow translates would leave with
+        // the backend's own address (a late retransmission, a SYN-ACK to a
+        // spoofed SYN whose slot was taken).
+        return drop(Verdict::DropBackendNoFlow);
     }
     pass(Verdict::PassNotOurs)
+}
+
+/// Would the kernel route this packet on (not deliver it locally)? The
+/// agent's own health checks and connections to a backend get their
+/// answers on the LB's address: those are the kernel's.
+#[inline(always)]
+fn routed_on(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> bool {
+    // SAFETY: the caller bounds-checked the fixed IPv4 header.
+    let hdr = unsafe { &*ip };
+    let mut scratch = NextHop::default();
+    let rc = next_hop(ctx, hdr, hdr.saddr, hdr.daddr, &mut scratch);
+    matches!(rc, FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED)
+}
+
+/// What the flow rules read of a TCP segment (all zero for UDP).
+pub(crate) struct Segment {
+    flags: u8,
+    /// Sequence and acknowledgement numbers, host order.
+    seq: u32,
+    ack: u32,
 }
 
 /// A packet of an established flow: replies are turned back into the VIP's,
@@ -209,47 +235,69 @@ fn established(
     pkt: &Packet,
     key: &FlowKey,
     flow: &mut Flow,
-    flags: u8,
+    seg: &Segment,
     now: u32,
 ) -> Option<Outcome> {
-    if closes(flags) {
-        flows::close(key, flow);
+    if key.protocol == IPPROTO_TCP {
+        if closes(seg.flags) {
+            // Only the sender's own FIN/RST is near its sequence; a blind
+            // spoofer's RST is dropped, and its FIN (which the endpoint
+            // discards too) does not close the flow.
+            if in_window(seg.seq, flow.seq) {
+                flows::close(key, flow);
+            } else if seg.flags & TCP_FLAG_RST != 0 {
+                return Some(drop(Verdict::DropRstOutOfWindow));
+            }
+        } else if advances(seg.seq, flow.seq) {
+            flow.seq = seg.seq;
+        }
     }
     if flow.direction == REPLY {
         return Some(reverse_nat(ctx, pkt, key, flow));
     }
     // Only a TCP SYN pays for this branch; established packets go on.
-    if opens_connection(flags) && flows::restarted_by_syn(Table::Established, key, flow) {
+    if opens_connection(seg.flags) && flows::restarted_by_syn(Table::Established, key, flow) {
         return None;
     }
     Some(forward(ctx, pkt, key, flow, Table::Established, now))
 }
 
 /// A packet of a half-open flow (`flow` is its entry's copy): the backend's
-/// SYN-ACK (NAT) goes back to the client; the client's first packet without
-/// SYN promotes the flow.
+/// answer (NAT) is recorded and goes back to the client; the client's
+/// packet that completes the handshake (`flow::completes`) promotes the
+/// flow. A NAT client's segment that claims to complete a handshake the
+/// backend did not answer is dropped.
 #[inline(always)]
 fn half_open(
     ctx: &XdpContext,
     pkt: &Packet,
     key: &FlowKey,
     flow: &mut Flow,
-    flags: u8,
+    slot: flows::Slot,
+    seg: &Segment,
     now: u32,
 ) -> Option<Outcome> {
     if flow.direction == REPLY {
+        if key.protocol == IPPROTO_TCP {
+            flows::answered(slot, key, flow, seg.flags, seg.seq);
+        }
         return Some(reverse_nat(ctx, pkt, key, flow));
     }
-    if opens_connection(flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
+    if opens_connection(seg.flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
         return None;
+    }
+    let nat_tcp = flow.vip != 0 && key.protocol == IPPROTO_TCP;
+    let confirm = confirms(flow, nat_tcp, seg.flags, seg.ack);
+    if confirm == Confirm::Refused {
+        return Some(drop(Verdict::DropBadHandshake));
     }
     let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(
         outcome.reason,
         Verdict::Forwarded | Verdict::PassKernelForward
     );
-    if confirms(flags) && delivered {
-        flows::promote(key, flow, now);
+    if confirm == Confirm::Promote && delivered {
+        flows::promote(key, flow, seg.seq, seg.ack, now);
     }
     Some(outcome)
 }
@@ -282,18 +330,31 @@ pub(crate) fn is_vip_addr(addr: u32) -> bool {
     VIPS.get_ptr(addr).is_some()
 }
 
-/// The TCP flags of a TCP packet, 0 for UDP. VIP traffic has no IP options
-/// (`parse_l4`), so the TCP header is at a fixed offset.
+/// The TCP flags and numbers of a TCP packet, zero for UDP. VIP traffic
+/// has no IP options (`parse_l4`), so the TCP header is at a fixed offset
+/// (`parse_l4` checked it is whole).
 #[inline(always)]
-fn tcp_flags(ctx: &XdpContext, key: &FlowKey) -> u8 {
+fn tcp_segment(ctx: &XdpContext, key: &FlowKey) -> Segment {
+    let mut seg = Segment {
+        flags: 0,
+        seq: 0,
+        ack: 0,
+    };
     if key.protocol != IPPROTO_TCP {
-        return 0;
+        return seg;
     }
-    match header::<u8>(ctx, EthHdr::LEN + Ipv4Hdr::LEN + TCP_FLAGS_OFF) {
+    const TCP: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+    if let (Some(flags), Some(numbers)) = (
+        header::<u8>(ctx, TCP + TCP_FLAGS_OFF),
+        header::<TcpNumbers>(ctx, TCP + TCP_SEQ_OFF),
+    ) {
         // SAFETY: `header` checked the bounds against data_end.
-        Some(flags) => unsafe { *flags },
-        None => 0,
+        let (flags, numbers) = unsafe { (*flags, &*numbers) };
+        seg.flags = flags;
+        seg.seq = u32::from_be(numbers.seq);
+        seg.ack = u32::from_be(numbers.ack);
     }
+    seg
 }
 
 /// Bounds-checked pointer to a `T` at `offset` in the frame.
@@ -414,7 +475,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) 
         }
         return outcome;
     }
-    let mut flow = flows::create(key, service_id, backend_id, !dsr, now);
+    let state = if key.protocol == IPPROTO_TCP && !opens_connection(flags) {
+        STATE_PICKED_UP
+    } else {
+        STATE_NEW
+    };
+    let mut flow = flows::create(key, service_id, backend_id, !dsr, state, now);
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
