@@ -34,6 +34,10 @@ pub const STATE_PICKED_UP: u32 = 4;
 /// segment that is neither SYN nor RST on it: it holds this connection (a
 /// backend answers a blind spoofer's segment with an RST, nothing else).
 pub const STATE_PICKED_UP_ANSWERED: u32 = 5;
+/// Half-open, DSR TCP, unconfirmed: the client's first segment without SYN
+/// (the handshake's ACK) was seen, with the sequence number kept in
+/// `Flow::seq`; a later client segment past it confirms the flow.
+pub const STATE_ACKED: u32 = 6;
 
 /// How far (either way) from the highest sequence number a direction's
 /// sender has used a FIN or RST may be and still close the flow: 1 MiB.
@@ -197,30 +201,56 @@ pub enum Confirm {
     No,
     /// Forwarded; it completes the handshake: the flow is promoted.
     Promote,
+    /// Forwarded; the flow stays half-open in `state`, with `seq` as its
+    /// `Flow::seq` (DSR: the handshake's ACK, unconfirmed).
+    Record { state: u32, seq: u32 },
     /// NAT TCP: it claims to complete a handshake the backend did not
     /// answer (no SYN-ACK seen, or not acknowledging its sequence number +
     /// 1): dropped, nothing promoted.
     Refused,
 }
 
-/// The promotion rule for a client packet (TCP flags and acknowledgement
-/// number; zero for UDP) on a half-open `flow`. A SYN never promotes (a
-/// retransmission), nor does an RST. UDP and DSR (`nat_tcp` false): any
-/// other packet, the handshake's ACK or a flow's second packet (the LB
-/// cannot see a DSR backend's answer). NAT TCP: only a handshake the
-/// backend answered — for a SYN's flow the client's ACK must acknowledge
-/// the SYN-ACK's sequence number + 1 (`Flow::seq`); a flow picked up
-/// mid-stream is promoted once the backend sent a segment on it that is
-/// neither SYN nor RST. A segment that claims to complete a SYN's
-/// handshake otherwise is refused; one on a picked-up flow the backend has
-/// not answered yet is only forwarded.
+/// The promotion rule for a client packet (TCP: its flags, sequence and
+/// acknowledgement numbers; UDP: `tcp` false) on a half-open `flow` of a
+/// NAT (`nat`) or DSR service. A SYN (a retransmission) and an RST never
+/// promote.
+/// - UDP: any other packet, the flow's second.
+/// - NAT TCP: only a handshake the backend answered — for a SYN's flow the
+///   client's ACK must acknowledge the SYN-ACK's sequence number + 1
+///   (`Flow::seq`, [`answer`]); a flow picked up mid-stream is promoted once
+///   the backend sent a segment on it that is neither SYN nor RST. A segment
+///   that claims to complete a SYN's handshake otherwise is refused; one on
+///   a picked-up flow the backend has not answered yet is only forwarded.
+/// - DSR TCP (the LB never sees the backend's answers): the first segment
+///   without SYN (the handshake's ACK) leaves the flow half-open,
+///   unconfirmed, recording its sequence number; a later segment whose
+///   sequence number is past it — the client sent data and then more —
+///   promotes it. A blind spoofer's SYN + ACK pair therefore stays among
+///   the half-open flows, which new flows replace.
 #[inline(always)]
-pub const fn confirms(flow: &Flow, nat_tcp: bool, tcp_flags: u8, ack: u32) -> Confirm {
+pub const fn confirms(
+    flow: &Flow,
+    tcp: bool,
+    nat: bool,
+    tcp_flags: u8,
+    seq: u32,
+    ack: u32,
+) -> Confirm {
     if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0 {
         return Confirm::No;
     }
-    if !nat_tcp {
+    if !tcp {
         return Confirm::Promote;
+    }
+    if !nat {
+        return match flow.state {
+            STATE_ACKED if advances(seq, flow.seq) => Confirm::Promote,
+            STATE_ACKED => Confirm::No,
+            _ => Confirm::Record {
+                state: STATE_ACKED,
+                seq,
+            },
+        };
     }
     match flow.state {
         STATE_SYN_ACKED if tcp_flags & TCP_FLAG_ACK != 0 && ack == flow.seq => Confirm::Promote,
@@ -331,6 +361,7 @@ mod tests {
             STATE_SYN_ACKED,
             STATE_PICKED_UP,
             STATE_PICKED_UP_ANSWERED,
+            STATE_ACKED,
         ] {
             assert_eq!(timeout_for(IPPROTO_TCP, half_open), Timeout::TcpHalfOpen);
         }
@@ -406,34 +437,25 @@ mod tests {
             seq,
             ..Flow::default()
         };
-        // UDP and DSR: any packet but a SYN or an RST.
-        assert_eq!(confirms(&flow(STATE_NEW, 0), false, 0, 0), Confirm::Promote);
+        let nat = |f: &Flow, flags, ack| confirms(f, true, true, flags, 0, ack);
+        // UDP: any packet (NAT or DSR).
+        let udp = |nat| confirms(&flow(STATE_NEW, 0), false, nat, 0, 0, 0);
         assert_eq!(
-            confirms(&flow(STATE_NEW, 0), false, ack, 7),
-            Confirm::Promote
-        );
-        assert_eq!(confirms(&flow(STATE_NEW, 0), false, syn, 0), Confirm::No);
-        assert_eq!(
-            confirms(&flow(STATE_NEW, 0), false, rst | ack, 0),
-            Confirm::No
+            (udp(true), udp(false)),
+            (Confirm::Promote, Confirm::Promote)
         );
         // NAT: a spoofed SYN then ACK — no SYN-ACK seen — is refused.
-        assert_eq!(
-            confirms(&flow(STATE_NEW, 0), true, ack, 1),
-            Confirm::Refused
-        );
+        assert_eq!(nat(&flow(STATE_NEW, 0), ack, 1), Confirm::Refused);
+        assert_eq!(nat(&flow(STATE_NEW, 0), syn, 0), Confirm::No);
+        assert_eq!(nat(&flow(STATE_NEW, 0), rst | ack, 0), Confirm::No);
         // The SYN-ACK (seq 0xffff_ffff) records the ACK that completes it.
         let (state, expect) = answer(STATE_NEW, 0, syn | ack, u32::MAX).expect("answered");
         assert_eq!((state, expect), (STATE_SYN_ACKED, 0));
         let answered = flow(state, expect);
-        assert_eq!(confirms(&answered, true, ack, 0), Confirm::Promote);
-        assert_eq!(confirms(&answered, true, ack, 1), Confirm::Refused);
-        assert_eq!(
-            confirms(&answered, true, 0, 0),
-            Confirm::Refused,
-            "no ACK flag"
-        );
-        assert_eq!(confirms(&answered, true, syn, 0), Confirm::No);
+        assert_eq!(nat(&answered, ack, 0), Confirm::Promote);
+        assert_eq!(nat(&answered, ack, 1), Confirm::Refused);
+        assert_eq!(nat(&answered, 0, 0), Confirm::Refused, "no ACK flag");
+        assert_eq!(nat(&answered, syn, 0), Confirm::No);
         // A retransmitted SYN-ACK with the same number changes nothing; an
         // RST or a bare ACK from the backend answers nothing.
         assert_eq!(answer(STATE_SYN_ACKED, 0, syn | ack, u32::MAX), None);
@@ -446,10 +468,40 @@ mod tests {
         // Picked up mid-stream: forwarded until the backend shows it has the
         // connection (not by an RST, which it sends a spoofer).
         let picked = flow(STATE_PICKED_UP, 0);
-        assert_eq!(confirms(&picked, true, ack, 9), Confirm::No);
+        assert_eq!(nat(&picked, ack, 9), Confirm::No);
         assert_eq!(answer(STATE_PICKED_UP, 0, rst, 5), None);
         let (state, _) = answer(STATE_PICKED_UP, 0, ack, 5).expect("answered");
-        assert_eq!(confirms(&flow(state, 0), true, ack, 9), Confirm::Promote);
+        assert_eq!(nat(&flow(state, 0), ack, 9), Confirm::Promote);
+    }
+
+    #[test]
+    fn a_dsr_flow_is_promoted_only_by_a_client_segment_past_its_handshake() {
+        let (syn, ack, rst) = (TCP_FLAG_SYN, TCP_FLAG_ACK, TCP_FLAG_RST);
+        let dsr = |state, last, flags, seq| {
+            let f = Flow {
+                state,
+                seq: last,
+                ..Flow::default()
+            };
+            confirms(&f, true, false, flags, seq, 0x5555)
+        };
+        // The handshake's ACK (or a picked-up flow's next segment) is
+        // recorded, unconfirmed.
+        let acked = Confirm::Record {
+            state: STATE_ACKED,
+            seq: 100,
+        };
+        assert_eq!(dsr(STATE_NEW, 0, ack, 100), acked);
+        assert_eq!(dsr(STATE_PICKED_UP, 0, ack, 100), acked);
+        assert_eq!(dsr(STATE_NEW, 0, syn, 100), Confirm::No);
+        assert_eq!(dsr(STATE_NEW, 0, rst, 100), Confirm::No);
+        // A spoofer's repeated ACK, or the request at the same sequence
+        // number, does not confirm; the next segment past it does.
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 100), Confirm::No);
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 99), Confirm::No);
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 101), Confirm::Promote);
+        assert_eq!(dsr(STATE_ACKED, u32::MAX, ack, 3), Confirm::Promote);
+        assert_eq!(dsr(STATE_ACKED, 100, rst, 200), Confirm::No);
     }
 
     #[test]

@@ -172,24 +172,29 @@ pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, 
 /// A backend's segment (TCP flags, sequence number) on a half-open NAT
 /// flow (`reply`, the reply copy `key` found in `slot`): a SYN-ACK or the
 /// first answer to a flow picked up mid-stream is recorded in the slot
-/// (`lb_common::flow::answer`), under its lock. A slot another writer holds
-/// records nothing: the backend retransmits its SYN-ACK.
+/// (`lb_common::flow::answer`). A slot another writer holds records
+/// nothing: the backend retransmits its SYN-ACK.
 #[inline(always)]
 pub(crate) fn answered(slot: Slot, key: &FlowKey, reply: &Flow, flags: u8, seq: u32) {
-    let Some((state, expect)) = answer(reply.state, reply.seq, flags, seq) else {
-        return;
-    };
-    let forward = forward_key(key, reply);
+    if let Some((state, expect)) = answer(reply.state, reply.seq, flags, seq) {
+        record(slot, &forward_key(key, reply), state, expect);
+    }
+}
+
+/// Writes a half-open flow's new state and `seq` into its slot, under the
+/// slot's lock, if the slot still holds the flow whose forward key is
+/// `forward` (it may have changed hands since it was read).
+#[inline(always)]
+pub(crate) fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
     let slot = slot.0;
     if !lock(slot) {
         return;
     }
-    // SAFETY: locked: the slot is ours to write; the key is rechecked under
-    // the lock (the slot may have changed hands since it was read).
+    // SAFETY: locked: the slot is ours to write.
     unsafe {
-        if same_key(&raw const (*slot).key, &forward) {
+        if same_key(&raw const (*slot).key, forward) {
             write_volatile(&raw mut (*slot).flow.state, state);
-            write_volatile(&raw mut (*slot).flow.seq, expect);
+            write_volatile(&raw mut (*slot).flow.seq, seq);
         }
     }
     unlock(slot);

@@ -286,8 +286,8 @@ fn half_open(
     if opens_connection(seg.flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
         return None;
     }
-    let nat_tcp = flow.vip != 0 && key.protocol == IPPROTO_TCP;
-    let confirm = confirms(flow, nat_tcp, seg.flags, seg.ack);
+    let tcp = key.protocol == IPPROTO_TCP;
+    let confirm = confirms(flow, tcp, flow.vip != 0, seg.flags, seg.seq, seg.ack);
     if confirm == Confirm::Refused {
         return Some(drop(Verdict::DropBadHandshake));
     }
@@ -296,8 +296,10 @@ fn half_open(
         outcome.reason,
         Verdict::Forwarded | Verdict::PassKernelForward
     );
-    if confirm == Confirm::Promote && delivered {
-        flows::promote(key, flow, seg.seq, seg.ack, now);
+    match confirm {
+        Confirm::Promote if delivered => flows::promote(key, flow, seg.seq, seg.ack, now),
+        Confirm::Record { state, seq } if delivered => flows::record(slot, key, state, seq),
+        _ => {}
     }
     Some(outcome)
 }

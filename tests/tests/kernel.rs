@@ -2198,6 +2198,70 @@ fn nat_promotes_only_a_handshake_its_backend_answered() {
     });
 }
 
+/// Issue 20 item 1, DSR: the LB cannot see a DSR backend's SYN-ACK, so the
+/// handshake's ACK leaves the flow half-open and unconfirmed (replaceable
+/// by new flows like any half-open flow); only a later client segment past
+/// it (the client sent data, then more) promotes it. A spoofed SYN + ACK
+/// pair (or a flood of repeated ACKs) never reaches the established table.
+#[test]
+fn dsr_promotes_a_flow_only_once_the_client_sends_past_its_handshake() {
+    use lb_common::flow::{STATE_ACKED, STATE_ESTABLISHED};
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let segment = |port: u16, seq: u32, payload: &'static [u8]| {
+            Tcp {
+                seq,
+                syn: false,
+                payload,
+                ..Tcp::request(port, VIP_DSR)
+            }
+            .build()
+        };
+        let key = client_key(52800, VIP_DSR);
+        h.expect(
+            h.front,
+            &Tcp::request(52800, VIP_DSR).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        // The ACK, a repeat of it, and the request at the same sequence
+        // number: forwarded, unconfirmed, still half-open.
+        for frame in [
+            segment(52800, CLIENT_SEQ, b""),
+            segment(52800, CLIENT_SEQ, b""),
+            segment(52800, CLIENT_SEQ, b"GET / HTTP/1.1\r\n\r\n"),
+        ] {
+            h.expect(h.front, &frame, XDP_REDIRECT, Verdict::Forwarded);
+            assert_eq!(state_of(&h, &key), Some(STATE_ACKED));
+            assert_eq!(table_of(&h, &key), Some(false));
+        }
+        // The client's ACK of the response, past the request: confirmed.
+        h.expect(
+            h.front,
+            &segment(52800, CLIENT_SEQ.wrapping_add(18), b""),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state_of(&h, &key), Some(STATE_ESTABLISHED));
+        assert_eq!(entries(&h), (1, 0));
+        // 100 spoofed pairs (and their ACKs again): half-open only.
+        for port in 52900..53000 {
+            h.run(h.front, &Tcp::request(port, VIP_DSR).build());
+            for _ in 0..2 {
+                h.expect(
+                    h.front,
+                    &client_ack(port, VIP_DSR),
+                    XDP_REDIRECT,
+                    Verdict::Forwarded,
+                );
+            }
+        }
+        assert_eq!(entries(&h), (1, 100), "no spoofed pair is established");
+    });
+}
+
 /// Issue 20 item 2: a blind RST (a sequence number far from the sender's)
 /// is dropped and leaves the flow established past the closing timeout; one
 /// within the window of the sender's sequence closes it, in either
@@ -2307,12 +2371,15 @@ fn a_blind_rst_leaves_the_flow_alone_and_an_in_window_rst_closes_it() {
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        h.expect(
-            h.front,
-            &client_ack(52304, VIP_DSR),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-        );
+        for seq in [CLIENT_SEQ, CLIENT_SEQ.wrapping_add(100)] {
+            // The handshake's ACK, then a segment past it (item 1, DSR).
+            h.expect(
+                h.front,
+                &client(52304, VIP_DSR, seq, ACK),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
         assert_eq!(state(&h, 52304, VIP_DSR), Some(STATE_ESTABLISHED));
         h.expect(
             h.front,
