@@ -358,6 +358,11 @@ impl FlowKey {
     };
 }
 
+/// Entries of `NEIGH_WANTED`: next hops (address → egress ifindex) the
+/// data plane found without a neighbour entry, until the agent drains them
+/// (every 100 ms); least recently reported first out.
+pub const NEIGH_WANTED_SIZE: u32 = 1024;
+
 /// `NEW_FLOW_BUDGET[0]` (per CPU): new flows inserted in the current tick.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -473,9 +478,15 @@ pub enum Verdict {
     /// SYN-ACK seen, or not acknowledging its sequence number + 1): dropped,
     /// nothing promoted.
     DropBadHandshake = 24,
+    /// A NAT reply whose next hop towards the client has no neighbour
+    /// entry: dropped (the LB's kernel would drop it as a martian, its
+    /// source being the LB's own VIP) and the next hop reported to the
+    /// agent (`NEIGH_WANTED`), which has the kernel resolve it; the
+    /// backend's retransmission finds the MAC.
+    DropNoNeighbour = 25,
 }
 
-pub const VERDICT_COUNT: u32 = 25;
+pub const VERDICT_COUNT: u32 = 26;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -504,6 +515,7 @@ impl Verdict {
         Verdict::DropBackendNoFlow,
         Verdict::DropRstOutOfWindow,
         Verdict::DropBadHandshake,
+        Verdict::DropNoNeighbour,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -533,6 +545,7 @@ impl Verdict {
             Verdict::DropBackendNoFlow => "drop_backend_no_flow",
             Verdict::DropRstOutOfWindow => "drop_rst_out_of_window",
             Verdict::DropBadHandshake => "drop_bad_handshake",
+            Verdict::DropNoNeighbour => "drop_no_neighbour",
         }
     }
 }

@@ -614,7 +614,10 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow
             count(&BACKEND_STATS, restore.backend_id, 1, bytes);
             send(ctx, pkt, &restore.next_hop, Verdict::ForwardedReply)
         }
-        FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        // The LB's kernel would drop it (the VIP, its own address, as the
+        // source) and never resolve the client: dropped here, the next hop
+        // reported (`next_hop`) for the agent to resolve.
+        FIB_NO_NEIGH => drop(Verdict::DropNoNeighbour),
         FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
             rewrite_source(ip, ports, check, key.saddr, key.sport);
@@ -652,6 +655,11 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         // union either way). Only the MTU on FRAG_NEEDED: the hop stays
         // unresolved, so the next packet looks it up again.
         cache.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    }
+    if rc == FIB_NO_NEIGH {
+        // SAFETY: on NO_NEIGH the kernel has set the egress interface and
+        // the next hop's address (the gateway, or the destination).
+        hops::wanted(unsafe { fib.__bindgen_anon_4.ipv4_dst }, fib.ifindex);
     }
     if rc == FIB_SUCCESS {
         // Field by field: a struct store of the MACs became an out-of-line

@@ -13,7 +13,7 @@ pub mod sweep;
 
 pub use firewall_maps::RuleStats;
 pub use half_open::HalfOpenTable;
-pub use read::FlowTable;
+pub use read::{FlowTable, NeighbourRequests};
 pub use sweep::Sweeper;
 
 use std::{
@@ -144,7 +144,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 26] = [
+pub const LB_MAPS: [&str; 27] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -171,6 +171,7 @@ pub const LB_MAPS: [&str; 26] = [
     "FW_RULE_STATS",
     "FW_BUCKETS",
     "NAT_BACKENDS",
+    "NEIGH_WANTED",
 ];
 
 /// What the agent reports about one applied service.

@@ -471,6 +471,31 @@ fn unresolved_neighbour_falls_back_to_the_kernel() {
         let frame = Tcp::request(44001, VIP_UNRESOLVED_DSR).build();
         let out = h.expect(h.front, &frame, XDP_PASS, Verdict::PassKernelForward);
         assert_eq!(out, frame);
+        // A NAT reply to a client without a neighbour entry (issue 20 item
+        // 3): the LB's kernel would drop it as a martian (the VIP as its
+        // source), so it is dropped, and the client reported for the agent
+        // to resolve, as the backend was.
+        let stranger = [198, 18, 0, 77];
+        let syn = Tcp {
+            src: stranger,
+            ..Tcp::request(44002, VIP)
+        };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let back = h.back;
+        h.expect(back, &syn_ack_to(&out), XDP_DROP, Verdict::DropNoNeighbour);
+        let mut requests = h.dp.neighbour_requests().expect("NEIGH_WANTED");
+        let mut wanted = requests.drain();
+        wanted.sort();
+        let want = |iface: &str, addr: [u8; 4]| {
+            (
+                xdp::ifindex(iface).expect("ifindex"),
+                std::net::Ipv4Addr::from(addr),
+            )
+        };
+        let mut expected = vec![want("b0", WEB_UNRESOLVED), want("f0", stranger)];
+        expected.sort();
+        assert_eq!(wanted, expected);
+        assert_eq!(requests.drain(), vec![], "drained");
     });
 }
 

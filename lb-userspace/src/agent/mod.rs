@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -40,6 +39,7 @@ use crate::{
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
     metrics::{self, Monitor, ProbeLatency},
+    neighbours::Neighbours,
     server,
 };
 
@@ -206,6 +206,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         .name("lb-sweep".into())
         .spawn(move || sweep_forever(sweeper))
         .context("starting the flow sweep")?;
+    let requests = agent
+        .dp
+        .neighbour_requests()
+        .context("opening the data plane's neighbour requests")?;
+    std::thread::Builder::new()
+        .name("lb-neighbours".into())
+        .spawn(move || resolve_forever(requests))
+        .context("starting the neighbour resolver")?;
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
     if let Some(monitoring) = &agent.cfg.monitoring {
@@ -893,22 +901,57 @@ fn check_forwarding(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends one datagram to each backend's discard port so the kernel resolves
-/// (and keeps fresh) its neighbour entry: DSR needs the backend's MAC in the
-/// neighbour table before the first packet, and NAT saves a kernel detour.
+/// Has the kernel resolve (and keep fresh) each backend's neighbour entry
+/// (`neighbours`: a netlink request, no packet to the backend): DSR needs
+/// the backend's MAC in the neighbour table before the first packet, and
+/// NAT saves a kernel detour.
 fn prime_neighbours(cfg: &Config) {
-    let socket = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)) {
-        Ok(s) => s,
+    let mut neighbours = match Neighbours::new() {
+        Ok(n) => n,
         Err(e) => {
-            warn!("neighbour priming: {e}");
+            warn!("neighbour priming: netlink socket: {e}");
             return;
         }
     };
     let mut seen = std::collections::BTreeSet::new();
     for b in cfg.services.iter().flat_map(|s| &s.backends) {
-        if seen.insert(*b.address.ip()) {
-            // Errors (e.g. ICMP unreachable from a previous probe) are expected.
-            let _ = socket.send_to(&[], SocketAddrV4::new(*b.address.ip(), 9));
+        let addr = *b.address.ip();
+        if seen.insert(addr)
+            && let Err(e) = neighbours.resolve_route(addr)
+        {
+            tracing::debug!("neighbour priming: backend {addr}: {e}");
+        }
+    }
+}
+
+/// How often the resolver drains the data plane's neighbour requests: well
+/// within a backend's first retransmission (200 ms at the least).
+const NEIGHBOUR_POLL: Duration = Duration::from_millis(100);
+
+/// The resolver, on a thread of its own: every next hop the data plane
+/// reported without a neighbour entry (a NAT reply's client whose entry
+/// expired, a backend not primed yet) is resolved by the kernel.
+fn resolve_forever(mut requests: crate::dataplane::NeighbourRequests) {
+    let mut neighbours = None;
+    loop {
+        std::thread::sleep(NEIGHBOUR_POLL);
+        let wanted = requests.drain();
+        if wanted.is_empty() {
+            continue;
+        }
+        if neighbours.is_none() {
+            neighbours = Neighbours::new()
+                .map_err(|e| warn!("neighbour requests: netlink socket: {e}"))
+                .ok();
+        }
+        let Some(n) = neighbours.as_mut() else {
+            continue;
+        };
+        for (ifindex, addr) in wanted {
+            match n.resolve(ifindex, addr) {
+                Ok(()) => tracing::debug!("resolving neighbour {addr} (if {ifindex})"),
+                Err(e) => warn!("resolving neighbour {addr} (if {ifindex}): {e}"),
+            }
         }
     }
 }
