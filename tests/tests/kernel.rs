@@ -1662,6 +1662,47 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
 /// DropRateLimited until time refills it (injected by moving the bucket's
 /// timestamp back); per /24, so another /24 has its own bucket; established
 /// flows of a limited source keep going.
+/// Issue 20 item 5: a per-/24 limit is evaded by spreading sources over
+/// many /24s; `per = "all"` is one bucket for every source, an aggregate
+/// bound on the scope's new flows however their sources are spread (here
+/// global, with a per-/24 limit on the service under it).
+#[test]
+fn an_aggregate_rate_limit_bounds_new_flows_spread_over_many_sources() {
+    use lb_userspace::config::RateLimit;
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        let per_24 = RateLimit {
+            new_flows_per_second: 1,
+            burst: 1,
+            per: 24,
+        };
+        cfg.firewall.rate_limit = Some(per_24);
+        let mut h = Harness::new(&cfg);
+        let syn = |net: u8, port: u16| from([10, 100, net, 1], port, VIP, true);
+        let passed = |h: &mut Harness, nets: std::ops::Range<u8>| {
+            nets.filter(|&n| h.run(h.front, &syn(n, 44000 + u16::from(n))).0 == XDP_REDIRECT)
+                .count()
+        };
+        assert_eq!(passed(&mut h, 0..20), 20, "one SYN from each of 20 /24s");
+        // One bucket for all: its burst, then nothing, whatever the source.
+        cfg.firewall.rate_limit = Some(RateLimit {
+            new_flows_per_second: 1,
+            burst: 3,
+            per: 0,
+        });
+        cfg.services[0].firewall.rate_limit = Some(per_24);
+        h.dp.apply(&cfg).expect("apply");
+        assert_eq!(passed(&mut h, 100..120), 3, "the aggregate burst");
+        h.expect(
+            h.front,
+            &syn(200, 45000),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+    });
+}
+
 #[test]
 fn rate_limit_bucket_empties_then_refills() {
     use aya::maps::HashMap as AyaHashMap;

@@ -719,14 +719,11 @@ impl Agent {
         );
         for (scope, fw) in limits {
             if let Some(r) = fw.rate_limit {
-                let per = if r.per == 32 {
-                    "address".to_owned()
-                } else {
-                    format!("/{}", r.per)
-                };
                 out.push_str(&format!(
-                    "{scope}: rate-limit {} new flows/s, burst {}, per {per}\n",
-                    r.new_flows_per_second, r.burst
+                    "{scope}: rate-limit {} new flows/s, burst {}, per {}\n",
+                    r.new_flows_per_second,
+                    r.burst,
+                    r.per_text()
                 ));
             }
         }
