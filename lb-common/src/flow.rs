@@ -3,12 +3,13 @@
 //! of a NAT flow name each other.
 //!
 //! ```text
-//!   SYN (or hash-on-miss, or a UDP packet)        client packet without SYN
-//!   ─────────────────────────────────────► NEW ───────────────────────────► ESTABLISHED
-//!                                 (HALF_OPEN, LRU)                      (CONNTRACK, never evicted)
-//!                                                                              │ FIN or RST
-//!                                                                              ▼
-//!                                                                           CLOSING
+//!   SYN (or hash-on-miss, or a UDP packet)   the handshake completed (`confirms`):
+//!   ─────────────────────────────────► NEW ─────────────────────────────────────► ESTABLISHED
+//!          (HALF_OPEN, 2-way slots)   NAT: ─SYN-ACK→ SYN_ACKED ─ACK of seq+1→  (CONNTRACK, never
+//!                                     PICKED_UP ─backend segment→ …ANSWERED →   evicted by new flows)
+//!                                     DSR: ─ACK→ ACKED ─segment past it→             │ FIN or RST in
+//!                                     UDP: ─second packet→                           ▼ the window
+//!                                                                                 CLOSING
 //! ```
 //! Every state has an idle timeout; an expired entry is a miss and is removed
 //! (by the program when a packet finds it, by the agent's sweep otherwise).

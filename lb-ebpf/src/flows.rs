@@ -11,10 +11,12 @@
 //!   of a new flow's cost), and new flows only ever replace each other here:
 //!   no number of spoofed SYNs reaches an established flow.
 //! - `CONNTRACK` (plain hash, never evicted): established flows, promoted
-//!   from `HALF_OPEN` by the client's first packet that is not a SYN (the
-//!   handshake's ACK; a UDP flow's second packet). Entries leave on expiry
-//!   only: the program removes an expired entry a packet finds, the agent's
-//!   sweep the rest.
+//!   from `HALF_OPEN` by the client's packet that completes the handshake
+//!   (`lb_common::flow::confirms`: NAT, the ACK of the backend's SYN-ACK;
+//!   DSR, a segment past the handshake's ACK; UDP, the second packet).
+//!   Entries leave on expiry only: the program removes an expired entry a
+//!   packet finds, the agent's sweep the rest (and, under pressure, flows
+//!   idle for long).
 //!
 //! An established NAT flow has two entries in `CONNTRACK`, forward (client →
 //! VIP) and reply (backend → client), created, promoted and removed

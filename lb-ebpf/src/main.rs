@@ -9,12 +9,14 @@
 //!    otherwise;
 //! 2. flow tables (`flows.rs`): an established flow is one lookup in
 //!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
-//!    timeout is a miss. FIN/RST moves a flow to closing; the client's first
-//!    packet without SYN promotes a half-open flow; a SYN on a closing flow,
-//!    or on one pinned to a backend that left the ring (a reused source
-//!    port), ends it and is a new flow;
+//!    timeout is a miss. FIN/RST within the sender's sequence window moves a
+//!    flow to closing (a blind RST is dropped); the client's packet that
+//!    completes the handshake promotes a half-open flow (NAT: the ACK of the
+//!    backend's SYN-ACK; DSR: a segment past the handshake's ACK; UDP: the
+//!    second packet); a SYN on a closing flow, or on one pinned to a backend
+//!    that left the ring (a reused source port), ends it and is a new flow;
 //! 3. reverse NAT: a backend's reply (the flow's reply entry) becomes
-//!    VIP → client;
+//!    VIP → client; a NAT backend's packet without a flow is dropped;
 //! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: the
 //!    firewall's global scope (deny, allow, rate limit), service lookup
 //!    (VIP, port, protocol), a TCP packet without SYN only for a hash
