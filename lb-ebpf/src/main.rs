@@ -110,6 +110,8 @@ const FIB_NO_NEIGH: i64 = 7;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: the packet is longer than the route's MTU
 /// (then `mtu_result` holds it). `next_hop` also returns it for a cached hop.
 const FIB_FRAG_NEEDED: i64 = 8;
+/// `BPF_FIB_LOOKUP_SKIP_NEIGH`: the route only (kernel 6.3 and later).
+const FIB_SKIP_NEIGH: u32 = 1 << 2;
 
 #[xdp]
 // The macro wraps this in the exported entry point: without the hint, once
@@ -216,9 +218,20 @@ fn balance(ctx: &XdpContext) -> Outcome {
 fn routed_on(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> bool {
     // SAFETY: the caller bounds-checked the fixed IPv4 header.
     let hdr = unsafe { &*ip };
-    let mut scratch = NextHop::default();
-    let rc = next_hop(ctx, hdr, hdr.saddr, hdr.daddr, &mut scratch);
-    matches!(rc, FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED)
+    let mut fib = fib_params(ctx, hdr, hdr.saddr, hdr.daddr);
+    // Routing only: no neighbour is looked up, so none is reported (a
+    // flood's stray packets must not make the agent resolve their
+    // destinations).
+    // SAFETY: helper call with a valid context and a correctly sized struct.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            FIB_SKIP_NEIGH,
+        )
+    };
+    matches!(rc, FIB_SUCCESS | FIB_FRAG_NEEDED)
 }
 
 /// What the flow rules read of a TCP segment (all zero for UDP).
@@ -642,14 +655,7 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         }
         return FIB_SUCCESS;
     }
-    let mut fib = zeroed_fib_params();
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.protocol;
-    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    let mut fib = fib_params(ctx, ip, saddr, daddr);
     // SAFETY: helper call with a valid context and a correctly sized struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == FIB_SUCCESS || rc == FIB_FRAG_NEEDED {
@@ -671,6 +677,21 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         copy_mac(&raw mut cache.smac, &fib.smac);
     }
     rc
+}
+
+/// `bpf_fib_lookup`'s parameters for `ip` from `saddr` to `daddr`, as it
+/// arrived on this interface.
+#[inline(always)]
+fn fib_params(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32) -> FibParams {
+    let mut fib = zeroed_fib_params();
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.protocol;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib
 }
 
 /// An all-zero `bpf_fib_lookup` (the verifier wants every byte initialised)

@@ -924,6 +924,12 @@ fn prime_neighbours(cfg: &Config) {
 /// How often the resolver drains the data plane's neighbour requests: well
 /// within a backend's first retransmission (200 ms at the least).
 const NEIGHBOUR_POLL: Duration = Duration::from_millis(100);
+/// Most next hops the resolver asks the kernel for per poll (320 a second):
+/// a flood of spoofed sources on a connected network makes replies (SYN-ACKs)
+/// to addresses nobody answers ARP for; each request costs the kernel an
+/// entry and ARP probes, so they are bounded, and the rest are dropped
+/// (a real client's next reply reports it again).
+const NEIGHBOURS_PER_POLL: usize = 32;
 
 /// The resolver, on a thread of its own: every next hop the data plane
 /// reported without a neighbour entry (a NAT reply's client whose entry
@@ -932,9 +938,16 @@ fn resolve_forever(mut requests: crate::dataplane::NeighbourRequests) {
     let mut neighbours = None;
     loop {
         std::thread::sleep(NEIGHBOUR_POLL);
-        let wanted = requests.drain();
+        let mut wanted = requests.drain();
         if wanted.is_empty() {
             continue;
+        }
+        if wanted.len() > NEIGHBOURS_PER_POLL {
+            tracing::debug!(
+                "{} next hops without a neighbour entry; resolving {NEIGHBOURS_PER_POLL}",
+                wanted.len()
+            );
+            wanted.truncate(NEIGHBOURS_PER_POLL);
         }
         if neighbours.is_none() {
             neighbours = Neighbours::new()
