@@ -3,25 +3,62 @@
 //! of a NAT flow name each other.
 //!
 //! ```text
-//!   SYN (or hash-on-miss, or a UDP packet)        client packet without SYN
-//!   ─────────────────────────────────────► NEW ───────────────────────────► ESTABLISHED
-//!                                 (HALF_OPEN, LRU)                      (CONNTRACK, never evicted)
-//!                                                                              │ FIN or RST
-//!                                                                              ▼
-//!                                                                           CLOSING
+//!   SYN (or hash-on-miss, or a UDP packet)   the handshake completed (`confirms`):
+//!   ─────────────────────────────────► NEW ─────────────────────────────────────► ESTABLISHED
+//!          (HALF_OPEN, 2-way slots)   NAT: ─SYN-ACK→ SYN_ACKED ─ACK of seq+1→  (CONNTRACK, never
+//!                                     PICKED_UP ─backend segment→ …ANSWERED →   evicted by new flows)
+//!                                     DSR: ─ACK→ ACKED ─segment past it→             │ FIN or RST in
+//!                                     UDP: ─second packet→                           ▼ the window
+//!                                                                                 CLOSING
 //! ```
 //! Every state has an idle timeout; an expired entry is a miss and is removed
 //! (by the program when a packet finds it, by the agent's sweep otherwise).
 
 use crate::{
-    headers::{TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    headers::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     maps::{Backend, Flow, FlowConf, FlowKey},
 };
 
-/// Flow states (`Flow::state`).
+/// Flow states (`Flow::state`). Half-open (in `HALF_OPEN`): a SYN or a
+/// UDP packet created it.
 pub const STATE_NEW: u32 = 0;
 pub const STATE_ESTABLISHED: u32 = 1;
 pub const STATE_CLOSING: u32 = 2;
+/// Half-open, NAT: the backend answered the SYN with a SYN-ACK; the
+/// client's ACK completes the handshake only if it acknowledges the
+/// SYN-ACK's sequence number + 1 (kept in `Flow::seq`).
+pub const STATE_SYN_ACKED: u32 = 3;
+/// Half-open, TCP: picked up mid-stream (hash-on-miss: a segment without
+/// SYN created it).
+pub const STATE_PICKED_UP: u32 = 4;
+/// Half-open, NAT: picked up mid-stream, and the backend has sent a
+/// segment that is neither SYN nor RST on it: it holds this connection (a
+/// backend answers a blind spoofer's segment with an RST, nothing else).
+pub const STATE_PICKED_UP_ANSWERED: u32 = 5;
+/// Half-open, DSR TCP, unconfirmed: the client's first segment without SYN
+/// (the handshake's ACK) was seen, with the sequence number kept in
+/// `Flow::seq`; a later client segment past it confirms the flow.
+pub const STATE_ACKED: u32 = 6;
+
+/// How far (either way) from the highest sequence number a direction's
+/// sender has used a FIN or RST may be and still close the flow: 1 MiB.
+/// The sender's own FIN/RST carries its next sequence number, which is that
+/// plus at most the data in flight the LB has not seen yet; a blind
+/// spoofer hits it with one guess in 2048 (one in 2^32 would need the
+/// exact number, which a segment lost before the LB makes too strict).
+pub const SEQ_WINDOW: u32 = 1 << 20;
+
+/// Is `seq` within [`SEQ_WINDOW`] of `last` (wrapping)?
+#[inline(always)]
+pub const fn in_window(seq: u32, last: u32) -> bool {
+    seq.wrapping_sub(last).wrapping_add(SEQ_WINDOW) <= 2 * SEQ_WINDOW
+}
+
+/// Does a TCP sequence number `seq` advance past `last` (wrapping)?
+#[inline(always)]
+pub const fn advances(seq: u32, last: u32) -> bool {
+    (seq.wrapping_sub(last) as i32) > 0
+}
 
 /// Entry directions (`Flow::direction`).
 pub const FORWARD: u8 = 0;
@@ -78,12 +115,12 @@ pub const fn duration_ticks(ns: u64) -> u32 {
 pub const fn timeout_for(protocol: u8, state: u32) -> Timeout {
     if protocol != crate::headers::IPPROTO_TCP {
         Timeout::Udp
-    } else if state == STATE_NEW {
-        Timeout::TcpHalfOpen
+    } else if state == STATE_ESTABLISHED {
+        Timeout::Tcp
     } else if state == STATE_CLOSING {
         Timeout::TcpClosing
     } else {
-        Timeout::Tcp
+        Timeout::TcpHalfOpen
     }
 }
 
@@ -158,13 +195,91 @@ pub fn forward_key(reply: &FlowKey, entry: &Flow) -> FlowKey {
     }
 }
 
-/// Does a client packet with these TCP flags (0 for UDP) confirm a half-open
-/// flow? Any client packet that is not a SYN: the handshake's ACK, or the
-/// second packet of a flow created on a miss (the creating packet never
-/// promotes its own entry).
+/// What a client's packet does to its half-open flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// Forwarded; the flow stays half-open.
+    No,
+    /// Forwarded; it completes the handshake: the flow is promoted.
+    Promote,
+    /// Forwarded; the flow stays half-open in `state`, with `seq` as its
+    /// `Flow::seq` (DSR: the handshake's ACK, unconfirmed).
+    Record { state: u32, seq: u32 },
+    /// NAT TCP: it claims to complete a handshake the backend did not
+    /// answer (no SYN-ACK seen, or not acknowledging its sequence number +
+    /// 1): dropped, nothing promoted.
+    Refused,
+}
+
+/// The promotion rule for a client packet (TCP: its flags, sequence and
+/// acknowledgement numbers; UDP: `tcp` false) on a half-open `flow` of a
+/// NAT (`nat`) or DSR service. A SYN (a retransmission) and an RST never
+/// promote.
+/// - UDP: any other packet, the flow's second.
+/// - NAT TCP: only a handshake the backend answered — for a SYN's flow the
+///   client's ACK must acknowledge the SYN-ACK's sequence number + 1
+///   (`Flow::seq`, [`answer`]); a flow picked up mid-stream is promoted once
+///   the backend sent a segment on it that is neither SYN nor RST. A segment
+///   that claims to complete a SYN's handshake otherwise is refused; one on
+///   a picked-up flow the backend has not answered yet is only forwarded.
+/// - DSR TCP (the LB never sees the backend's answers): the first segment
+///   without SYN (the handshake's ACK) leaves the flow half-open,
+///   unconfirmed, recording its sequence number; a later segment whose
+///   sequence number is past it — the client sent data and then more —
+///   promotes it. A blind spoofer's SYN + ACK pair therefore stays among
+///   the half-open flows, which new flows replace.
 #[inline(always)]
-pub const fn confirms(tcp_flags: u8) -> bool {
-    tcp_flags & TCP_FLAG_SYN == 0
+pub const fn confirms(
+    flow: &Flow,
+    tcp: bool,
+    nat: bool,
+    tcp_flags: u8,
+    seq: u32,
+    ack: u32,
+) -> Confirm {
+    if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0 {
+        return Confirm::No;
+    }
+    if !tcp {
+        return Confirm::Promote;
+    }
+    if !nat {
+        return match flow.state {
+            STATE_ACKED if advances(seq, flow.seq) => Confirm::Promote,
+            STATE_ACKED => Confirm::No,
+            _ => Confirm::Record {
+                state: STATE_ACKED,
+                seq,
+            },
+        };
+    }
+    match flow.state {
+        STATE_SYN_ACKED if tcp_flags & TCP_FLAG_ACK != 0 && ack == flow.seq => Confirm::Promote,
+        STATE_PICKED_UP_ANSWERED => Confirm::Promote,
+        STATE_PICKED_UP => Confirm::No,
+        _ => Confirm::Refused,
+    }
+}
+
+/// The half-open state a backend's segment (TCP flags, sequence number) on
+/// a NAT flow in `state` moves it to, and the `Flow::seq` it records;
+/// `None`: no change. A SYN-ACK answers a SYN's flow (a retransmitted one
+/// may carry a new sequence number); a segment that is neither SYN nor RST
+/// answers a flow picked up mid-stream.
+#[inline(always)]
+pub const fn answer(state: u32, seq_now: u32, tcp_flags: u8, seq: u32) -> Option<(u32, u32)> {
+    let syn_ack =
+        tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    match state {
+        STATE_NEW if syn_ack => Some((STATE_SYN_ACKED, seq.wrapping_add(1))),
+        STATE_SYN_ACKED if syn_ack && seq.wrapping_add(1) != seq_now => {
+            Some((STATE_SYN_ACKED, seq.wrapping_add(1)))
+        }
+        STATE_PICKED_UP if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST) == 0 => {
+            Some((STATE_PICKED_UP_ANSWERED, 0))
+        }
+        _ => None,
+    }
 }
 
 /// Does a packet with these TCP flags close the connection?
@@ -176,7 +291,7 @@ pub const fn closes(tcp_flags: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::{IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK};
+    use crate::headers::{IPPROTO_TCP, IPPROTO_UDP};
 
     fn conf() -> FlowConf {
         FlowConf {
@@ -224,7 +339,33 @@ mod tests {
     }
 
     #[test]
+    fn a_fin_or_rst_closes_only_within_the_window_of_its_senders_sequence() {
+        let last = 0xffff_fff0;
+        assert!(in_window(last, last));
+        assert!(in_window(last.wrapping_add(SEQ_WINDOW), last));
+        assert!(in_window(last.wrapping_sub(SEQ_WINDOW), last));
+        assert!(!in_window(last.wrapping_add(SEQ_WINDOW + 1), last));
+        assert!(!in_window(last.wrapping_sub(SEQ_WINDOW + 1), last));
+        assert!(!in_window(last.wrapping_add(1 << 31), last));
+        // A blind guess: 2 * SEQ_WINDOW + 1 of 2^32 numbers pass.
+        let hits = (0..1u64 << 16)
+            .filter(|i| in_window((i << 16) as u32, 0x1234_5678))
+            .count();
+        assert_eq!(hits, 32);
+        assert!(advances(5, 0xffff_fff0) && !advances(0xffff_fff0, 5) && !advances(7, 7));
+    }
+
+    #[test]
     fn timeouts_follow_protocol_and_state() {
+        for half_open in [
+            STATE_NEW,
+            STATE_SYN_ACKED,
+            STATE_PICKED_UP,
+            STATE_PICKED_UP_ANSWERED,
+            STATE_ACKED,
+        ] {
+            assert_eq!(timeout_for(IPPROTO_TCP, half_open), Timeout::TcpHalfOpen);
+        }
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_NEW), Timeout::TcpHalfOpen);
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_ESTABLISHED), Timeout::Tcp);
         assert_eq!(timeout_for(IPPROTO_TCP, STATE_CLOSING), Timeout::TcpClosing);
@@ -290,11 +431,82 @@ mod tests {
     }
 
     #[test]
-    fn only_non_syn_packets_confirm_and_fin_or_rst_close() {
-        assert!(!confirms(TCP_FLAG_SYN));
-        assert!(!confirms(TCP_FLAG_SYN | TCP_FLAG_ACK));
-        assert!(confirms(TCP_FLAG_ACK));
-        assert!(confirms(0)); // UDP
+    fn a_nat_flow_is_promoted_only_by_a_handshake_its_backend_answered() {
+        let (syn, ack, rst) = (TCP_FLAG_SYN, TCP_FLAG_ACK, TCP_FLAG_RST);
+        let flow = |state, seq| Flow {
+            state,
+            seq,
+            ..Flow::default()
+        };
+        let nat = |f: &Flow, flags, ack| confirms(f, true, true, flags, 0, ack);
+        // UDP: any packet (NAT or DSR).
+        let udp = |nat| confirms(&flow(STATE_NEW, 0), false, nat, 0, 0, 0);
+        assert_eq!(
+            (udp(true), udp(false)),
+            (Confirm::Promote, Confirm::Promote)
+        );
+        // NAT: a spoofed SYN then ACK — no SYN-ACK seen — is refused.
+        assert_eq!(nat(&flow(STATE_NEW, 0), ack, 1), Confirm::Refused);
+        assert_eq!(nat(&flow(STATE_NEW, 0), syn, 0), Confirm::No);
+        assert_eq!(nat(&flow(STATE_NEW, 0), rst | ack, 0), Confirm::No);
+        // The SYN-ACK (seq 0xffff_ffff) records the ACK that completes it.
+        let (state, expect) = answer(STATE_NEW, 0, syn | ack, u32::MAX).expect("answered");
+        assert_eq!((state, expect), (STATE_SYN_ACKED, 0));
+        let answered = flow(state, expect);
+        assert_eq!(nat(&answered, ack, 0), Confirm::Promote);
+        assert_eq!(nat(&answered, ack, 1), Confirm::Refused);
+        assert_eq!(nat(&answered, 0, 0), Confirm::Refused, "no ACK flag");
+        assert_eq!(nat(&answered, syn, 0), Confirm::No);
+        // A retransmitted SYN-ACK with the same number changes nothing; an
+        // RST or a bare ACK from the backend answers nothing.
+        assert_eq!(answer(STATE_SYN_ACKED, 0, syn | ack, u32::MAX), None);
+        assert_eq!(
+            answer(STATE_SYN_ACKED, 0, syn | ack, 5),
+            Some((STATE_SYN_ACKED, 6))
+        );
+        assert_eq!(answer(STATE_NEW, 0, rst | ack, 5), None);
+        assert_eq!(answer(STATE_NEW, 0, ack, 5), None);
+        // Picked up mid-stream: forwarded until the backend shows it has the
+        // connection (not by an RST, which it sends a spoofer).
+        let picked = flow(STATE_PICKED_UP, 0);
+        assert_eq!(nat(&picked, ack, 9), Confirm::No);
+        assert_eq!(answer(STATE_PICKED_UP, 0, rst, 5), None);
+        let (state, _) = answer(STATE_PICKED_UP, 0, ack, 5).expect("answered");
+        assert_eq!(nat(&flow(state, 0), ack, 9), Confirm::Promote);
+    }
+
+    #[test]
+    fn a_dsr_flow_is_promoted_only_by_a_client_segment_past_its_handshake() {
+        let (syn, ack, rst) = (TCP_FLAG_SYN, TCP_FLAG_ACK, TCP_FLAG_RST);
+        let dsr = |state, last, flags, seq| {
+            let f = Flow {
+                state,
+                seq: last,
+                ..Flow::default()
+            };
+            confirms(&f, true, false, flags, seq, 0x5555)
+        };
+        // The handshake's ACK (or a picked-up flow's next segment) is
+        // recorded, unconfirmed.
+        let acked = Confirm::Record {
+            state: STATE_ACKED,
+            seq: 100,
+        };
+        assert_eq!(dsr(STATE_NEW, 0, ack, 100), acked);
+        assert_eq!(dsr(STATE_PICKED_UP, 0, ack, 100), acked);
+        assert_eq!(dsr(STATE_NEW, 0, syn, 100), Confirm::No);
+        assert_eq!(dsr(STATE_NEW, 0, rst, 100), Confirm::No);
+        // A spoofer's repeated ACK, or the request at the same sequence
+        // number, does not confirm; the next segment past it does.
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 100), Confirm::No);
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 99), Confirm::No);
+        assert_eq!(dsr(STATE_ACKED, 100, ack, 101), Confirm::Promote);
+        assert_eq!(dsr(STATE_ACKED, u32::MAX, ack, 3), Confirm::Promote);
+        assert_eq!(dsr(STATE_ACKED, 100, rst, 200), Confirm::No);
+    }
+
+    #[test]
+    fn fin_or_rst_close() {
         assert!(closes(TCP_FLAG_FIN | TCP_FLAG_ACK));
         assert!(closes(TCP_FLAG_RST));
         assert!(!closes(TCP_FLAG_ACK));

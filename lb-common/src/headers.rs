@@ -108,6 +108,8 @@ pub const TCP_HDR_LEN: usize = 20;
 pub const TCP_CHECK_OFF: usize = 16;
 /// Offset of the flags byte (CWR … FIN) inside the TCP header.
 pub const TCP_FLAGS_OFF: usize = 13;
+/// Offset of the sequence number inside the TCP header.
+pub const TCP_SEQ_OFF: usize = 4;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -115,6 +117,16 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 pub const UDP_HDR_LEN: usize = 8;
 /// Offset of the checksum inside the UDP header.
 pub const UDP_CHECK_OFF: usize = 6;
+
+/// A TCP header's sequence and acknowledgement numbers (network order
+/// in the frame). `packed(2)`: 4 bytes into a TCP header that starts 34
+/// bytes into the frame, so only 2-byte aligned.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpNumbers {
+    pub seq: u32,
+    pub ack: u32,
+}
 
 /// Header length and checksum offset for a transport protocol we balance.
 #[inline(always)]
@@ -136,6 +148,7 @@ pub const fn opens_connection(tcp_flags: u8) -> bool {
 const _: () = assert!(core::mem::size_of::<EthHdr>() == EthHdr::LEN);
 const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == Ipv4Hdr::LEN);
 const _: () = assert!(core::mem::size_of::<L4Ports>() == 4);
+const _: () = assert!(core::mem::size_of::<TcpNumbers>() == 8);
 
 #[cfg(test)]
 mod tests {

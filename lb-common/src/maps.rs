@@ -130,6 +130,20 @@ pub struct Backend {
     pub _pad: u32,
 }
 
+/// `NAT_BACKENDS` key: a backend endpoint of a NAT service (address,
+/// port, protocol; network order). Its segments that find no flow are
+/// dropped (`Verdict::DropBackendNoFlow`) instead of routed on unchanged.
+/// The value counts the NAT backends on the endpoint (several services may
+/// share one). Written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Endpoint {
+    pub addr: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
 /// Connection-tracking key: a flow as it arrives (client → VIP), or for the
 /// reverse NAT map as a reply arrives (backend → client).
 #[repr(C)]
@@ -202,6 +216,67 @@ pub struct Flow {
     pub direction: u8,
     pub _pad: u8,
     pub next_hop: NextHop,
+    /// TCP sequence state. Established entries: the highest sequence number
+    /// this direction's sender has used (a FIN or RST closes the flow only
+    /// within [`crate::flow::SEQ_WINDOW`] of it). A half-open NAT flow's
+    /// copy in state [`crate::flow::STATE_SYN_ACKED`]: the acknowledgement
+    /// number that completes its handshake (the backend's SYN-ACK
+    /// sequence number + 1).
+    pub seq: u32,
+}
+
+/// The part of a half-open flow its `HALF_OPEN` slot keeps (a
+/// [`HalfOpenSlot`] is one cache line): a half-open flow is one forward
+/// entry, its next hop is only ever cached in a packet's copy, so neither
+/// `direction`, `vport` nor `next_hop` are stored. [`Flow::from`] and
+/// [`HalfOpenEntry::from`] convert.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HalfOpenEntry {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `STATE_NEW`, `STATE_SYN_ACKED`, `STATE_PICKED_UP` or
+    /// `STATE_PICKED_UP_ANSWERED` ([`crate::flow`]).
+    pub state: u32,
+    pub seen: u32,
+    /// NAT: the VIP (non-zero: the flow has replies to translate).
+    pub vip: u32,
+    /// [`Flow::seq`] of a half-open copy.
+    pub seq: u32,
+    pub _pad: [u32; 5],
+}
+
+impl From<&HalfOpenEntry> for Flow {
+    #[inline(always)]
+    fn from(e: &HalfOpenEntry) -> Flow {
+        Flow {
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            state: e.state,
+            seen: e.seen,
+            vip: e.vip,
+            vport: 0,
+            direction: crate::flow::FORWARD,
+            _pad: 0,
+            next_hop: NextHop::default(),
+            seq: e.seq,
+        }
+    }
+}
+
+impl From<&Flow> for HalfOpenEntry {
+    #[inline(always)]
+    fn from(f: &Flow) -> HalfOpenEntry {
+        HalfOpenEntry {
+            backend_id: f.backend_id,
+            service_id: f.service_id,
+            state: f.state,
+            seen: f.seen,
+            vip: f.vip,
+            seq: f.seq,
+            _pad: [0; 5],
+        }
+    }
 }
 
 /// `BACKEND_FLOWS[backend id]`: established flows the data plane opened
@@ -251,7 +326,7 @@ pub struct HalfOpenSlot {
     pub seq: u32,
     /// All zero: the slot is empty.
     pub key: FlowKey,
-    pub flow: Flow,
+    pub flow: HalfOpenEntry,
 }
 
 impl FlowKey {
@@ -282,6 +357,11 @@ impl FlowKey {
         _pad1: 0,
     };
 }
+
+/// Entries of `NEIGH_WANTED`: next hops (address → egress ifindex) the
+/// data plane found without a neighbour entry, until the agent drains them
+/// (every 100 ms); least recently reported first out.
+pub const NEIGH_WANTED_SIZE: u32 = 1024;
 
 /// `NEW_FLOW_BUDGET[0]` (per CPU): new flows inserted in the current tick.
 #[repr(C)]
@@ -384,9 +464,29 @@ pub enum Verdict {
     /// Bigger than the egress link's MTU with DF clear: passed to the kernel,
     /// which fragments it as a router (NAT: already rewritten).
     PassTooBig = 21,
+    /// A TCP/UDP segment from a NAT service's backend endpoint (its address
+    /// and port) to an address that is not the LB's own, that no flow knows
+    /// (its flow expired, or it answers a spoofed SYN whose half-open slot
+    /// was taken): dropped, never routed on with the backend's address.
+    DropBackendNoFlow = 22,
+    /// A TCP RST on an established flow whose sequence number is not within
+    /// `SEQ_WINDOW` of what its sender last used (a blind spoofer's):
+    /// dropped, the flow left as it was.
+    DropRstOutOfWindow = 23,
+    /// NAT: a client's segment without SYN on a half-open flow its SYN
+    /// opened, that does not complete a handshake the backend answered (no
+    /// SYN-ACK seen, or not acknowledging its sequence number + 1): dropped,
+    /// nothing promoted.
+    DropBadHandshake = 24,
+    /// A NAT reply whose next hop towards the client has no neighbour
+    /// entry: dropped (the LB's kernel would drop it as a martian, its
+    /// source being the LB's own VIP) and the next hop reported to the
+    /// agent (`NEIGH_WANTED`), which has the kernel resolve it; the
+    /// backend's retransmission finds the MAC.
+    DropNoNeighbour = 25,
 }
 
-pub const VERDICT_COUNT: u32 = 22;
+pub const VERDICT_COUNT: u32 = 26;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -412,6 +512,10 @@ impl Verdict {
         Verdict::ForwardedIcmp,
         Verdict::FragNeeded,
         Verdict::PassTooBig,
+        Verdict::DropBackendNoFlow,
+        Verdict::DropRstOutOfWindow,
+        Verdict::DropBadHandshake,
+        Verdict::DropNoNeighbour,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -438,6 +542,10 @@ impl Verdict {
             Verdict::ForwardedIcmp => "forwarded_icmp",
             Verdict::FragNeeded => "frag_needed",
             Verdict::PassTooBig => "pass_too_big",
+            Verdict::DropBackendNoFlow => "drop_backend_no_flow",
+            Verdict::DropRstOutOfWindow => "drop_rst_out_of_window",
+            Verdict::DropBadHandshake => "drop_bad_handshake",
+            Verdict::DropNoNeighbour => "drop_no_neighbour",
         }
     }
 }
@@ -688,13 +796,15 @@ const _: () = assert!(core::mem::size_of::<PktgenConf>() == 24 + PKTGEN_TEMPLATE
 const _: () = assert!(PKTGEN_FLOW_TABLE.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<FwdConf>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 + 4 * MAGLEV_MAX);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
-const _: () = assert!(core::mem::size_of::<Flow>() == 44);
+const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 12);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
@@ -711,6 +821,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding fields and
     // no implicit padding (checked by the size asserts above).
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::ServiceConf {}
     unsafe impl aya::Pod for super::Ring {}
     unsafe impl aya::Pod for super::MaglevTable {}
@@ -721,6 +832,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowCounts {}
     unsafe impl aya::Pod for super::FlowConf {}
     unsafe impl aya::Pod for super::HalfOpenSlot {}
+    unsafe impl aya::Pod for super::HalfOpenEntry {}
     unsafe impl aya::Pod for super::BackendHop {}
     unsafe impl aya::Pod for super::BudgetWindow {}
     unsafe impl aya::Pod for super::Counters {}

@@ -11,10 +11,12 @@
 //!   of a new flow's cost), and new flows only ever replace each other here:
 //!   no number of spoofed SYNs reaches an established flow.
 //! - `CONNTRACK` (plain hash, never evicted): established flows, promoted
-//!   from `HALF_OPEN` by the client's first packet that is not a SYN (the
-//!   handshake's ACK; a UDP flow's second packet). Entries leave on expiry
-//!   only: the program removes an expired entry a packet finds, the agent's
-//!   sweep the rest.
+//!   from `HALF_OPEN` by the client's packet that completes the handshake
+//!   (`lb_common::flow::confirms`: NAT, the ACK of the backend's SYN-ACK;
+//!   DSR, a segment past the handshake's ACK; UDP, the second packet).
+//!   Entries leave on expiry only: the program removes an expired entry a
+//!   packet finds, the agent's sweep the rest (and, under pressure, flows
+//!   idle for long).
 //!
 //! An established NAT flow has two entries in `CONNTRACK`, forward (client →
 //! VIP) and reply (backend → client), created, promoted and removed
@@ -37,11 +39,11 @@ use core::{
     ptr::{read_volatile, write_volatile},
 };
 use lb_common::{
-    BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Flow,
-    FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, NextHop,
+    BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
+    Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
-        FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, forward_key,
-        is_expired, reply_key, slot_index, ticks,
+        FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
+        forward_key, is_expired, reply_key, slot_index, ticks,
     },
 };
 
@@ -72,12 +74,20 @@ static BACKEND_FLOWS: Array<FlowCounts> = Array::with_max_entries(MAX_BACKENDS, 
 /// so it is pinned with the data plane and survives agent restarts.
 #[map]
 static FLOWS_SWEPT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// The backend endpoints of NAT services: their segments that find no flow
+/// are dropped (`DropBackendNoFlow`). Written by the agent.
+#[map]
+static NAT_BACKENDS: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 /// Per CPU: new flows inserted in the current tick, for the budget.
 #[map]
 static NEW_FLOW_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// The `HALF_OPEN` slot a half-open flow's copy was read from.
+#[derive(Clone, Copy)]
+pub(crate) struct Slot(*mut HalfOpenSlot);
 
 /// Which table an entry lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -142,7 +152,7 @@ fn pair_is_live(key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
 /// tick, by either direction (a UDP request answered for longer than its
 /// timeout stays).
 #[inline(always)]
-pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<Flow> {
+pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
     let conf = conf()?;
     let (flow, slot) = if to_vip {
         forward_of_bucket(conf, key)?
@@ -158,7 +168,50 @@ pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<Flow> {
         // SAFETY: a valid, aligned u32 in an array map value.
         unsafe { write_volatile(&raw mut (*slot).flow.seen, now) };
     }
-    Some(flow)
+    Some((flow, Slot(slot)))
+}
+
+/// A backend's segment (TCP flags, sequence number) on a half-open NAT
+/// flow (`reply`, the reply copy `key` found in `slot`): a SYN-ACK or the
+/// first answer to a flow picked up mid-stream is recorded in the slot
+/// (`lb_common::flow::answer`). A slot another writer holds records
+/// nothing: the backend retransmits its SYN-ACK.
+#[inline(always)]
+pub(crate) fn answered(slot: Slot, key: &FlowKey, reply: &Flow, flags: u8, seq: u32) {
+    if let Some((state, expect)) = answer(reply.state, reply.seq, flags, seq) {
+        record(slot, &forward_key(key, reply), state, expect);
+    }
+}
+
+/// Writes a half-open flow's new state and `seq` into its slot, under the
+/// slot's lock, if the slot still holds the flow whose forward key is
+/// `forward` (it may have changed hands since it was read).
+#[inline(always)]
+pub(crate) fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
+    let slot = slot.0;
+    if !lock(slot) {
+        return;
+    }
+    // SAFETY: locked: the slot is ours to write.
+    unsafe {
+        if same_key(&raw const (*slot).key, forward) {
+            write_volatile(&raw mut (*slot).flow.state, state);
+            write_volatile(&raw mut (*slot).flow.seq, seq);
+        }
+    }
+    unlock(slot);
+}
+
+/// Is `key`'s source a backend endpoint of a NAT service?
+#[inline(always)]
+pub(crate) fn from_nat_backend(key: &FlowKey) -> bool {
+    let endpoint = Endpoint {
+        addr: key.saddr,
+        port: key.sport,
+        protocol: key.protocol,
+        _pad: 0,
+    };
+    NAT_BACKENDS.get_ptr(&endpoint).is_some()
 }
 
 /// The slot of the bucket holding the flow whose forward key is `key`.
@@ -215,6 +268,7 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
         REPLY,
     );
     reply.state = flow.state;
+    reply.seq = flow.seq;
     Some((reply, slot))
 }
 
@@ -245,11 +299,11 @@ fn read_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<Flow> {
         if seq & 1 != 0 || !same_key(&raw const (*slot).key, key) {
             return None;
         }
-        let flow = copy_flow(&raw const (*slot).flow);
+        let entry: HalfOpenEntry = copy_words(&raw const (*slot).flow);
         if read_volatile(&raw const (*slot).seq) != seq {
             return None;
         }
-        Some(flow)
+        Some(Flow::from(&entry))
     }
 }
 
@@ -291,7 +345,7 @@ fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
     // SAFETY: locked: the slot is ours to write.
     unsafe {
         write_words(&raw mut (*slot).key, key);
-        write_words(&raw mut (*slot).flow, flow);
+        write_words(&raw mut (*slot).flow, &HalfOpenEntry::from(flow));
     }
     unlock(slot);
 }
@@ -503,8 +557,15 @@ pub(crate) fn close(key: &FlowKey, flow: &mut Flow) {
 /// not waited for, and the flow is forwarded all the same (its handshake
 /// then completes only if its scheduler finds it again).
 #[inline(always)]
-pub(crate) fn create(key: &FlowKey, service_id: u32, backend_id: u32, nat: bool, now: u32) -> Flow {
-    let flow = entry(
+pub(crate) fn create(
+    key: &FlowKey,
+    service_id: u32,
+    backend_id: u32,
+    nat: bool,
+    state: u32,
+    now: u32,
+) -> Flow {
+    let mut flow = entry(
         backend_id,
         service_id,
         now,
@@ -512,6 +573,7 @@ pub(crate) fn create(key: &FlowKey, service_id: u32, backend_id: u32, nat: bool,
         0,
         FORWARD,
     );
+    flow.state = state;
     if let Some(conf) = conf() {
         write_slot(conf, key, &flow);
     }
@@ -530,20 +592,26 @@ fn entry(backend_id: u32, service_id: u32, now: u32, vip: u32, vport: u16, direc
         direction,
         _pad: 0,
         next_hop: NextHop::default(),
+        seq: 0,
     }
 }
 
 /// The client confirmed a half-open flow (`flow`, its copy, with the next
-/// hop its packets resolved): it moves to `CONNTRACK` (both entries) and
-/// counts as active. If `CONNTRACK` is full the flow stays half-open, still
-/// forwarded (it can then be replaced by new flows).
+/// hop its packets resolved) with a segment carrying `seq` and `ack`: it
+/// moves to `CONNTRACK` (both entries) and counts as active. Each entry
+/// starts its sender's sequence at what the segment shows: the client's
+/// own, and the backend's as the client acknowledges it. If `CONNTRACK` is
+/// full the flow stays half-open, still forwarded (it can then be replaced
+/// by new flows).
 #[inline(always)]
-pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, now: u32) {
+pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
     let nat = flow.vip != 0;
+    let state = flow.state;
     flow.state = STATE_ESTABLISHED;
     flow.seen = now;
+    flow.seq = seq;
     if CONNTRACK.insert(key, &*flow, BPF_NOEXIST).is_err() {
-        flow.state = STATE_NEW;
+        flow.state = state;
         return;
     }
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
@@ -551,13 +619,14 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, now: u32) {
     if nat {
         let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
         reply.state = STATE_ESTABLISHED;
+        reply.seq = ack;
         let inserted = match &pair {
             Some(pair) => CONNTRACK.insert(pair, &reply, BPF_NOEXIST).is_ok(),
             None => false,
         };
         if !inserted {
             let _ = CONNTRACK.remove(key);
-            flow.state = STATE_NEW;
+            flow.state = state;
             return;
         }
     }

@@ -46,7 +46,8 @@ pub(crate) fn flow_of(key: &FlowKey, now: u32) -> Option<(Flow, Table)> {
         // SAFETY: a CONNTRACK value (see `flows::established`).
         return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
     }
-    flows::half_open(key, now, crate::is_vip_addr(key.daddr)).map(|flow| (flow, Table::HalfOpen))
+    flows::half_open(key, now, crate::is_vip_addr(key.daddr))
+        .map(|(flow, _)| (flow, Table::HalfOpen))
 }
 
 /// A first fragment taken by a flow: records its ports for the fragments

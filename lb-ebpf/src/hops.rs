@@ -7,13 +7,28 @@
 //! backend's slot write the same answer; the agent zeroes a slot when it
 //! writes the backend (an address that moved).
 
-use aya_ebpf::{macros::map, maps::Array};
-use lb_common::{BackendHop, MAX_BACKENDS, NextHop, flow::HOP_TTL};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap},
+};
+use lb_common::{BackendHop, MAX_BACKENDS, NEIGH_WANTED_SIZE, NextHop, flow::HOP_TTL};
 
 use crate::flows::{copy_words, write_words};
 
 #[map]
 static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Next hops `bpf_fib_lookup` found without a neighbour entry (address,
+/// network order → egress ifindex): the agent drains it and has the kernel
+/// resolve each (`lb_userspace::neighbours`).
+#[map]
+static NEIGH_WANTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(NEIGH_WANTED_SIZE, 0);
+
+/// Reports a next hop without a neighbour entry to the agent. Only the
+/// unresolved path pays it.
+#[inline(always)]
+pub(crate) fn wanted(next_hop: u32, ifindex: u32) {
+    let _ = NEIGH_WANTED.insert(&next_hop, &ifindex, 0);
+}
 
 /// Fills an unresolved `cache` with the backend's shared hop if it is
 /// fresh; false if the caller must resolve it.

@@ -38,6 +38,8 @@ use crate::{
 const ICMP_OFF: usize = EthHdr::LEN + Ipv4Hdr::LEN;
 const QUOTED_OFF: usize = ICMP_OFF + IcmpHdr::LEN;
 const QUOTED_PORTS_OFF: usize = QUOTED_OFF + Ipv4Hdr::LEN;
+/// The end of what the translator reads and rewrites: the quoted ports.
+const QUOTED_END: usize = QUOTED_PORTS_OFF + size_of::<L4Ports>();
 
 /// An ICMP error quoting a flow's packet: translated and forwarded to the
 /// flow's other end. `None`: not an error about one of our flows.
@@ -50,6 +52,13 @@ pub(crate) fn error_of_flow(
     // SAFETY: the caller bounds-checked the fixed IPv4 header.
     let hdr = unsafe { &*ip };
     if !plain_ipv4(ctx, hdr) || hdr.is_fragment() {
+        return None;
+    }
+    // Everything read and rewritten below must lie within the IP total
+    // length: bytes past it (Ethernet padding, trailing garbage) are not
+    // the message, and the ICMP checksum does not cover them. A quote cut
+    // short by it is not translated.
+    if (u16::from_be(hdr.tot_len) as usize) < QUOTED_END - EthHdr::LEN {
         return None;
     }
     let icmp = header::<IcmpHdr>(ctx, ICMP_OFF)?;

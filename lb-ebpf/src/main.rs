@@ -9,12 +9,14 @@
 //!    otherwise;
 //! 2. flow tables (`flows.rs`): an established flow is one lookup in
 //!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
-//!    timeout is a miss. FIN/RST moves a flow to closing; the client's first
-//!    packet without SYN promotes a half-open flow; a SYN on a closing flow,
-//!    or on one pinned to a backend that left the ring (a reused source
-//!    port), ends it and is a new flow;
+//!    timeout is a miss. FIN/RST within the sender's sequence window moves a
+//!    flow to closing (a blind RST is dropped); the client's packet that
+//!    completes the handshake promotes a half-open flow (NAT: the ACK of the
+//!    backend's SYN-ACK; DSR: a segment past the handshake's ACK; UDP: the
+//!    second packet); a SYN on a closing flow, or on one pinned to a backend
+//!    that left the ring (a reused source port), ends it and is a new flow;
 //! 3. reverse NAT: a backend's reply (the flow's reply entry) becomes
-//!    VIP → client;
+//!    VIP → client; a NAT backend's packet without a flow is dropped;
 //! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: the
 //!    firewall's global scope (deny, allow, rate limit), service lookup
 //!    (VIP, port, protocol), a TCP packet without SYN only for a hash
@@ -70,11 +72,11 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, Counters, FW_GLOBAL, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES,
     MODE_DSR, NextHop, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    flow::{REPLY, closes, confirms},
+    flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
     headers::{
-        ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAGS_OFF,
-        l4_layout, opens_connection,
+        ETH_P_IPV4_RAW, EthHdr, IPPROTO_ICMP, IPPROTO_TCP, Ipv4Hdr, L4Ports, TCP_FLAG_RST,
+        TCP_FLAGS_OFF, TCP_SEQ_OFF, TcpNumbers, l4_layout, opens_connection,
     },
     rewrite::{decrement_ttl, rewrite_destination, rewrite_source},
 };
@@ -110,6 +112,8 @@ const FIB_NO_NEIGH: i64 = 7;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: the packet is longer than the route's MTU
 /// (then `mtu_result` holds it). `next_hop` also returns it for a cached hop.
 const FIB_FRAG_NEEDED: i64 = 8;
+/// `BPF_FIB_LOOKUP_SKIP_NEIGH`: the route only (kernel 6.3 and later).
+const FIB_SKIP_NEIGH: u32 = 1 << 2;
 
 #[xdp]
 // The macro wraps this in the exported entry point: without the hint, once
@@ -182,27 +186,64 @@ fn balance(ctx: &XdpContext) -> Outcome {
         Err(_) => return pass(Verdict::PassNotOurs),
     };
     let key = flow_key(&pkt);
-    let flags = tcp_flags(ctx, &key);
+    let seg = tcp_segment(ctx, &key);
     let now = flows::now();
     // Established flows first: one lookup on the hot path. Both directions
     // of a flow are keyed as they arrive, so replies hit here too.
     if let Some(entry) = flows::established(&key, now) {
         // SAFETY: a CONNTRACK value (see `flows::established`).
         let flow = unsafe { &mut *entry };
-        if let Some(outcome) = established(ctx, &pkt, &key, flow, flags, now) {
+        if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
             return outcome;
         }
     }
     let to_vip = is_vip(ip);
-    if let Some(mut flow) = flows::half_open(&key, now, to_vip) {
-        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, flags, now) {
+    if let Some((mut flow, slot)) = flows::half_open(&key, now, to_vip) {
+        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
         }
     }
     if to_vip {
-        return new_flow(ctx, &pkt, &key, flags, now);
+        return new_flow(ctx, &pkt, &key, seg.flags, now);
+    }
+    if flows::from_nat_backend(&key) && routed_on(ctx, ip) {
+        // A NAT backend's segment that no flow translates would leave with
+        // the backend's own address (a late retransmission, a SYN-ACK to a
+        // spoofed SYN whose slot was taken).
+        return drop(Verdict::DropBackendNoFlow);
     }
     pass(Verdict::PassNotOurs)
+}
+
+/// Would the kernel route this packet on (not deliver it locally)? The
+/// agent's own health checks and connections to a backend get their
+/// answers on the LB's address: those are the kernel's.
+#[inline(always)]
+fn routed_on(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> bool {
+    // SAFETY: the caller bounds-checked the fixed IPv4 header.
+    let hdr = unsafe { &*ip };
+    let mut fib = fib_params(ctx, hdr, hdr.saddr, hdr.daddr);
+    // Routing only: no neighbour is looked up, so none is reported (a
+    // flood's stray packets must not make the agent resolve their
+    // destinations).
+    // SAFETY: helper call with a valid context and a correctly sized struct.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            FIB_SKIP_NEIGH,
+        )
+    };
+    matches!(rc, FIB_SUCCESS | FIB_FRAG_NEEDED)
+}
+
+/// What the flow rules read of a TCP segment (all zero for UDP).
+pub(crate) struct Segment {
+    flags: u8,
+    /// Sequence and acknowledgement numbers, host order.
+    seq: u32,
+    ack: u32,
 }
 
 /// A packet of an established flow: replies are turned back into the VIP's,
@@ -213,47 +254,71 @@ fn established(
     pkt: &Packet,
     key: &FlowKey,
     flow: &mut Flow,
-    flags: u8,
+    seg: &Segment,
     now: u32,
 ) -> Option<Outcome> {
-    if closes(flags) {
-        flows::close(key, flow);
+    if key.protocol == IPPROTO_TCP {
+        if closes(seg.flags) {
+            // Only the sender's own FIN/RST is near its sequence; a blind
+            // spoofer's RST is dropped, and its FIN (which the endpoint
+            // discards too) does not close the flow.
+            if in_window(seg.seq, flow.seq) {
+                flows::close(key, flow);
+            } else if seg.flags & TCP_FLAG_RST != 0 {
+                return Some(drop(Verdict::DropRstOutOfWindow));
+            }
+        } else if advances(seg.seq, flow.seq) {
+            flow.seq = seg.seq;
+        }
     }
     if flow.direction == REPLY {
         return Some(reverse_nat(ctx, pkt, key, flow));
     }
     // Only a TCP SYN pays for this branch; established packets go on.
-    if opens_connection(flags) && flows::restarted_by_syn(Table::Established, key, flow) {
+    if opens_connection(seg.flags) && flows::restarted_by_syn(Table::Established, key, flow) {
         return None;
     }
     Some(forward(ctx, pkt, key, flow, Table::Established, now))
 }
 
 /// A packet of a half-open flow (`flow` is its entry's copy): the backend's
-/// SYN-ACK (NAT) goes back to the client; the client's first packet without
-/// SYN promotes the flow.
+/// answer (NAT) is recorded and goes back to the client; the client's
+/// packet that completes the handshake (`flow::completes`) promotes the
+/// flow. A NAT client's segment that claims to complete a handshake the
+/// backend did not answer is dropped.
 #[inline(always)]
 fn half_open(
     ctx: &XdpContext,
     pkt: &Packet,
     key: &FlowKey,
     flow: &mut Flow,
-    flags: u8,
+    slot: flows::Slot,
+    seg: &Segment,
     now: u32,
 ) -> Option<Outcome> {
     if flow.direction == REPLY {
+        if key.protocol == IPPROTO_TCP {
+            flows::answered(slot, key, flow, seg.flags, seg.seq);
+        }
         return Some(reverse_nat(ctx, pkt, key, flow));
     }
-    if opens_connection(flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
+    if opens_connection(seg.flags) && flows::restarted_by_syn(Table::HalfOpen, key, flow) {
         return None;
+    }
+    let tcp = key.protocol == IPPROTO_TCP;
+    let confirm = confirms(flow, tcp, flow.vip != 0, seg.flags, seg.seq, seg.ack);
+    if confirm == Confirm::Refused {
+        return Some(drop(Verdict::DropBadHandshake));
     }
     let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(
         outcome.reason,
         Verdict::Forwarded | Verdict::PassKernelForward
     );
-    if confirms(flags) && delivered {
-        flows::promote(key, flow, now);
+    match confirm {
+        Confirm::Promote if delivered => flows::promote(key, flow, seg.seq, seg.ack, now),
+        Confirm::Record { state, seq } if delivered => flows::record(slot, key, state, seq),
+        _ => {}
     }
     Some(outcome)
 }
@@ -286,18 +351,31 @@ pub(crate) fn is_vip_addr(addr: u32) -> bool {
     VIPS.get_ptr(addr).is_some()
 }
 
-/// The TCP flags of a TCP packet, 0 for UDP. VIP traffic has no IP options
-/// (`parse_l4`), so the TCP header is at a fixed offset.
+/// The TCP flags and numbers of a TCP packet, zero for UDP. VIP traffic
+/// has no IP options (`parse_l4`), so the TCP header is at a fixed offset
+/// (`parse_l4` checked it is whole).
 #[inline(always)]
-fn tcp_flags(ctx: &XdpContext, key: &FlowKey) -> u8 {
+fn tcp_segment(ctx: &XdpContext, key: &FlowKey) -> Segment {
+    let mut seg = Segment {
+        flags: 0,
+        seq: 0,
+        ack: 0,
+    };
     if key.protocol != IPPROTO_TCP {
-        return 0;
+        return seg;
     }
-    match header::<u8>(ctx, EthHdr::LEN + Ipv4Hdr::LEN + TCP_FLAGS_OFF) {
+    const TCP: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+    if let (Some(flags), Some(numbers)) = (
+        header::<u8>(ctx, TCP + TCP_FLAGS_OFF),
+        header::<TcpNumbers>(ctx, TCP + TCP_SEQ_OFF),
+    ) {
         // SAFETY: `header` checked the bounds against data_end.
-        Some(flags) => unsafe { *flags },
-        None => 0,
+        let (flags, numbers) = unsafe { (*flags, &*numbers) };
+        seg.flags = flags;
+        seg.seq = u32::from_be(numbers.seq);
+        seg.ack = u32::from_be(numbers.ack);
     }
+    seg
 }
 
 /// Bounds-checked pointer to a `T` at `offset` in the frame.
@@ -418,7 +496,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, flags: u8, now: u32) 
         }
         return outcome;
     }
-    let mut flow = flows::create(key, service_id, backend_id, !dsr, now);
+    let state = if key.protocol == IPPROTO_TCP && !opens_connection(flags) {
+        STATE_PICKED_UP
+    } else {
+        STATE_NEW
+    };
+    let mut flow = flows::create(key, service_id, backend_id, !dsr, state, now);
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
@@ -550,7 +633,10 @@ fn reverse_nat(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, restore: &mut Flow
             count(&BACKEND_STATS, restore.backend_id, 1, bytes);
             send(ctx, pkt, &restore.next_hop, Verdict::ForwardedReply)
         }
-        FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        // The LB's kernel would drop it (the VIP, its own address, as the
+        // source) and never resolve the client: dropped here, the next hop
+        // reported (`next_hop`) for the agent to resolve.
+        FIB_NO_NEIGH => drop(Verdict::DropNoNeighbour),
         FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
             rewrite_source(ip, ports, check, key.saddr, key.sport);
@@ -573,14 +659,7 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         }
         return FIB_SUCCESS;
     }
-    let mut fib = zeroed_fib_params();
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.protocol;
-    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    let mut fib = fib_params(ctx, ip, saddr, daddr);
     // SAFETY: helper call with a valid context and a correctly sized struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == FIB_SUCCESS || rc == FIB_FRAG_NEEDED {
@@ -588,6 +667,11 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         // union either way). Only the MTU on FRAG_NEEDED: the hop stays
         // unresolved, so the next packet looks it up again.
         cache.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    }
+    if rc == FIB_NO_NEIGH {
+        // SAFETY: on NO_NEIGH the kernel has set the egress interface and
+        // the next hop's address (the gateway, or the destination).
+        hops::wanted(unsafe { fib.__bindgen_anon_4.ipv4_dst }, fib.ifindex);
     }
     if rc == FIB_SUCCESS {
         // Field by field: a struct store of the MACs became an out-of-line
@@ -597,6 +681,21 @@ fn next_hop(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32, cache: &mut 
         copy_mac(&raw mut cache.smac, &fib.smac);
     }
     rc
+}
+
+/// `bpf_fib_lookup`'s parameters for `ip` from `saddr` to `daddr`, as it
+/// arrived on this interface.
+#[inline(always)]
+fn fib_params(ctx: &XdpContext, ip: &Ipv4Hdr, saddr: u32, daddr: u32) -> FibParams {
+    let mut fib = zeroed_fib_params();
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.protocol;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib
 }
 
 /// An all-zero `bpf_fib_lookup` (the verifier wants every byte initialised)

@@ -13,7 +13,7 @@ pub mod sweep;
 
 pub use firewall_maps::RuleStats;
 pub use half_open::HalfOpenTable;
-pub use read::FlowTable;
+pub use read::{FlowTable, NeighbourRequests};
 pub use sweep::Sweeper;
 
 use std::{
@@ -32,7 +32,7 @@ use aya::{
 };
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, BackendHop, Counters, DEFAULT_HALF_OPEN_SIZE,
-    Flow, FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, MaglevTable, Ring,
+    Endpoint, Flow, FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, MaglevTable, Ring,
     SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, ring,
 };
 
@@ -144,7 +144,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// the drop-tracing switch and ring buffer. A pin dir left by an older
 /// version lacks the newer maps: the loader creates and pins those (and
 /// keeps the others), so adopting it works.
-pub const LB_MAPS: [&str; 27] = [
+pub const LB_MAPS: [&str; 29] = [
     "SERVICES",
     "VIPS",
     "SERVICE_CONF",
@@ -172,6 +172,8 @@ pub const LB_MAPS: [&str; 27] = [
     "FW_BUCKETS",
     "CAPTURE_ON",
     "CAPTURE",
+    "NAT_BACKENDS",
+    "NEIGH_WANTED",
 ];
 
 /// What the agent reports about one applied service.
@@ -524,7 +526,8 @@ impl Dataplane {
     ///    are deleted from `CONNTRACK`/`REVERSE_NAT`, and their counters
     ///    zeroed, before the new backend goes into the slot;
     /// 6. rings that waited for a reused id switch to their final contents;
-    /// 7. `SERVICES` and `VIPS` match the new services.
+    /// 7. `SERVICES` and `VIPS` match the new services, `NAT_BACKENDS` the
+    ///    NAT services' backends.
     ///
     /// Returns the services whose ring ended on the other half than planned.
     fn write(&mut self, plan: &Plan) -> Result<Vec<u32>> {
@@ -603,6 +606,7 @@ impl Dataplane {
         }
         // 7. Make the services match.
         self.publish_services(plan)?;
+        self.publish_nat_backends(plan)?;
         Ok(waiting.iter().map(|svc| svc.id).collect())
     }
 
@@ -832,6 +836,30 @@ impl Dataplane {
         Ok(())
     }
 
+    /// `NAT_BACKENDS` gets the NAT services' backend endpoints, and only
+    /// those: their segments without a flow are dropped, not routed on.
+    fn publish_nat_backends(&mut self, plan: &Plan) -> Result<()> {
+        let endpoints = plan.nat_endpoints();
+        let mut map = self.hash::<Endpoint, u32>("NAT_BACKENDS")?;
+        // Stale ones first: the map holds as many as there can be backends.
+        let stale: Vec<Endpoint> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !endpoints.contains_key(k))
+            .collect();
+        for endpoint in stale {
+            remove_if_present(&mut map, "NAT_BACKENDS", &endpoint)?;
+        }
+        for (endpoint, n) in &endpoints {
+            map.insert(endpoint, n, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: "NAT_BACKENDS",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     fn array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, T>> {
         let map = self
             .ebpf
@@ -874,7 +902,7 @@ fn uses_maglev(scheduler: u32) -> bool {
     matches!(scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP)
 }
 
-/// The pinned flow tables must be this version's (a hash of 44-byte flow
+/// The pinned flow tables must be this version's (a hash of 48-byte flow
 /// entries and an array of 64-byte half-open slots, two per flow) and have
 /// the size the config asks for: a map's
 /// type and size are fixed when it is created, and adopting keeps the old.

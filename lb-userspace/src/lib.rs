@@ -39,6 +39,7 @@ pub mod health;
 pub mod host;
 pub mod logging;
 pub mod metrics;
+pub mod neighbours;
 pub mod object;
 pub mod server;
 pub mod trace;

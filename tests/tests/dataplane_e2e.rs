@@ -274,3 +274,71 @@ fn reused_source_ports_skip_a_backend_down_by_health_check() -> Result<()> {
     .with_context(|| format!("agent stderr:\n{}", agent.log_text()))?;
     agent.stop()
 }
+
+/// Issue 20 item 3: a NAT reply never depends on the LB's neighbour cache
+/// being warm. With the LB's neighbour timers lowered (entries go stale
+/// after about a second; `gc_thresh*` are global, outside any namespace, so
+/// the test does not touch them and deletes the entry itself, as the
+/// garbage collector does past `gc_thresh1`) the LB's neighbour entry for
+/// the client is deleted mid-connection, three times. Each time the
+/// keep-alive connection's next request succeeds (an established flow keeps
+/// the next hop it resolved), and so does a new connection, whose SYN-ACK
+/// finds no MAC: it is dropped and its next hop reported, the agent has the
+/// kernel resolve it, and the backend's retransmitted SYN-ACK gets through.
+/// Before, the reply went to the LB's kernel, which dropped it as a martian
+/// (its own VIP as the source) and never resolved the client: new
+/// connections failed until the client happened to ARP the LB.
+#[test]
+fn nat_connections_carry_on_when_the_lbs_neighbour_entry_for_the_client_goes() -> Result<()> {
+    use lb_userspace::harness::lab::{HttpConn, vip_http};
+    let lab = Lab::up(&prefix(), &lb_bin())?;
+    lab.set_mode(Forwarding::Nat)?;
+    let agent = lab.start_agent(&lab_config(Forwarding::Nat))?;
+    let run = || -> Result<()> {
+        let lb = lab.lb_ns();
+        for knob in ["base_reachable_time_ms=1000", "gc_stale_time=1"] {
+            let key = format!("net.ipv4.neigh.lb-front.{knob}");
+            lab.exec_ok(&lb, &["sysctl", "-w", &key])?;
+        }
+        let client = CLIENT_FRONT.to_string();
+        let neighbour = || lab.exec_ok(&lb, &["ip", "neigh", "show", &client, "dev", "lb-front"]);
+        let connect = || in_netns(&lab.client_ns(), || HttpConn::connect(vip_http()));
+        let mut conn = connect()??;
+        let server = conn.get("/")?.text();
+        for round in 0..3 {
+            lab.exec_ok(&lb, &["ip", "neigh", "del", &client, "dev", "lb-front"])?;
+            let left = neighbour()?;
+            ensure!(
+                left.trim().is_empty(),
+                "round {round}: the entry is still there: {left}"
+            );
+            let answer = conn
+                .get("/")
+                .with_context(|| format!("round {round}: the keep-alive request"))?;
+            ensure!(
+                answer.text() == server,
+                "round {round}: answered by {} instead of {server}",
+                answer.text()
+            );
+            let started = Instant::now();
+            let mut fresh = connect()?.with_context(|| format!("round {round}: connect"))?;
+            fresh
+                .get("/")
+                .with_context(|| format!("round {round}: a new connection's request"))?;
+            eprintln!(
+                "round {round}: a new connection answered {:.2?} after the neighbour entry was deleted",
+                started.elapsed()
+            );
+            let entry = neighbour()?;
+            ensure!(
+                ["REACHABLE", "STALE", "DELAY", "PROBE"]
+                    .iter()
+                    .any(|s| entry.contains(s)),
+                "round {round}: the client's entry was not resolved again: {entry:?}"
+            );
+        }
+        Ok(())
+    };
+    run().with_context(|| format!("agent stderr:\n{}", agent.log_text()))?;
+    agent.stop()
+}

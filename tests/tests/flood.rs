@@ -147,12 +147,20 @@ fn front_xdp_packets(lab: &Lab) -> Result<u64> {
 /// round of `ROUND` SYNs from distinct spoofed sources (198.18.{64+round}.1,
 /// ports from 1024), at `FLOOD_RATE`.
 fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
+    let src = format!("198.18.{}.1", 64 + round);
+    pktgen(lab, dst_mac, &src, ROUND, "tcp-syn")
+}
+
+/// `lb pktgen --proto PROTO` from the client's `eth0` to the VIP: `flows`
+/// frames, one per spoofed source (from `src`, ports from 1024 first), at
+/// `FLOOD_RATE`. The same `src` and `flows` give the same tuples, so a
+/// `tcp-syn` run and a `tcp-ack` run make spoofed SYN + ACK pairs.
+fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> Result<String> {
     let bin = lb_bin().display().to_string();
-    let (flows, rate, dst, src) = (
-        ROUND.to_string(),
+    let (flows, rate, dst) = (
+        flows.to_string(),
         FLOOD_RATE.to_string(),
         format!("{VIP}:{HTTP_PORT}"),
-        format!("198.18.{}.1", 64 + round),
     );
     lab.exec_ok(
         &lab.client_ns(),
@@ -166,7 +174,7 @@ fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
             "--dst",
             &dst,
             "--src",
-            &src,
+            src,
             "--flows",
             &flows,
             "--count",
@@ -174,9 +182,19 @@ fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
             "--rate",
             &rate,
             "--proto",
-            "tcp-syn",
+            proto,
         ],
     )
+}
+
+/// The MAC of the LB's front interface, as `lb pktgen --dst-mac` takes it.
+fn front_mac(lab: &Lab) -> Result<String> {
+    let mac = in_netns(&lab.lb_ns(), || xdp::if_mac("lb-front"))??;
+    Ok(mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":"))
 }
 
 /// Floods the VIP with spoofed SYNs in rounds until the LB's XDP program
@@ -184,12 +202,7 @@ fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
 /// its ring is full on a busy machine, so frames sent are not frames
 /// received). Returns the frames seen and the generator's last report.
 fn syn_flood(lab: &Lab) -> Result<(u64, String)> {
-    let mac = in_netns(&lab.lb_ns(), || xdp::if_mac("lb-front"))??;
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = front_mac(lab)?;
     let before = front_xdp_packets(lab)?;
     let mut report = String::new();
     for round in 0..MAX_ROUNDS {
@@ -280,6 +293,97 @@ fn keepalive_connections_survive_a_syn_flood_ten_times_the_tables() -> Result<()
             ensure!(
                 broken.is_empty(),
                 "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\nthe agent's status after the flood:\n{after}",
+                broken.len()
+            );
+            Ok(())
+        },
+    )
+}
+
+/// Spoofed SYN + ACK pairs, three times `conntrack-size` (issue 20 item 1).
+const PAIRS: u32 = 3 * TABLE;
+/// How long the keep-alive connections stay idle: past `tcp-half-open`
+/// (30 s), so a connection left half-open would be gone.
+const IDLE: Duration = Duration::from_secs(35);
+
+/// Established (active) flows of service `www`, over its backends.
+fn www_active(lab: &Lab) -> Result<u64> {
+    let status = status_json(lab)?;
+    WEB_NAMES
+        .iter()
+        .map(|web| active_flows(&status, "www", web))
+        .sum()
+}
+
+/// Issue 20 item 1: spoofed SYN + ACK pairs (`lb pktgen --proto tcp-syn`,
+/// then `tcp-ack` on the same tuples), three times the established table,
+/// establish nothing — NAT sees no SYN-ACK acknowledged, DSR sees no client
+/// segment past the handshake — so ten keep-alive connections opened after
+/// the fill are established, and survive 35 s idle and a SYN flood after
+/// it. Before, the pairs filled `CONNTRACK` and the ten stayed half-open and
+/// died idle.
+#[test]
+fn spoofed_handshakes_leave_room_for_keepalive_connections_opened_after_them() -> Result<()> {
+    let mut lab = new_lab()?;
+    let small = format!("conntrack-size = {TABLE}\n");
+    in_each_mode(
+        &mut lab,
+        |mode| config(mode, &small, ""),
+        |lab, mode| {
+            let mac = front_mac(lab)?;
+            let before = front_xdp_packets(lab)?;
+            for proto in ["tcp-syn", "tcp-ack"] {
+                pktgen(lab, &mac, "198.18.80.1", PAIRS, proto)
+                    .with_context(|| format!("lb pktgen --proto {proto}"))?;
+            }
+            let seen = front_xdp_packets(lab)? - before;
+            ensure!(
+                seen >= u64::from(PAIRS),
+                "the LB's XDP program saw only {seen} frames of {PAIRS} spoofed pairs"
+            );
+            let spoofed = www_active(lab)?;
+            ensure!(
+                spoofed == 0,
+                "{spoofed} spoofed pairs were established:\n{}",
+                status_text(lab)?
+            );
+
+            let started = Instant::now();
+            let mut conns = keepalive_connections(lab, KEEPALIVE)?;
+            // DSR confirms a flow on the client's segment past its request
+            // (the ACK of the response, delayed up to ~40 ms).
+            let mut active = www_active(lab)?;
+            while active < KEEPALIVE as u64 && started.elapsed() < Duration::from_secs(3) {
+                thread::sleep(Duration::from_millis(100));
+                active = www_active(lab)?;
+            }
+            ensure!(
+                active == KEEPALIVE as u64,
+                "{active} of {KEEPALIVE} keep-alive connections were established:\n{}",
+                status_text(lab)?
+            );
+            thread::sleep(IDLE);
+            let (seen, report) = syn_flood(lab)?;
+            eprintln!(
+                "{}: {PAIRS} spoofed pairs, {KEEPALIVE} connections idle {IDLE:?}, then a flood of {seen} SYNs ({})",
+                mode.name(),
+                report.trim()
+            );
+            let after = status_text(lab)?;
+            let mut broken = Vec::new();
+            for (i, (conn, server)) in conns.iter_mut().enumerate() {
+                match conn.get("/") {
+                    Ok(r) if r.text() == *server => {}
+                    Ok(r) => broken.push(format!(
+                        "connection {i}: answered by {} instead of {server}",
+                        r.text()
+                    )),
+                    Err(e) => broken.push(format!("connection {i} (on {server}): {e:#}")),
+                }
+            }
+            ensure!(
+                broken.is_empty(),
+                "{} of {KEEPALIVE} keep-alive connections did not survive: {broken:#?}\nthe agent's status after the flood:\n{after}",
                 broken.len()
             );
             Ok(())

@@ -77,6 +77,8 @@ struct Tcp<'a> {
     ttl: u8,
     sport: u16,
     dport: u16,
+    /// Sequence number: `CLIENT_SEQ` from a client, `WEB_SEQ` from a web.
+    seq: u32,
     syn: bool,
     options: &'a [TcpOptionElement],
     payload: &'a [u8],
@@ -92,6 +94,7 @@ impl Tcp<'_> {
             ttl: 64,
             sport,
             dport: 80,
+            seq: CLIENT_SEQ,
             syn: true,
             options: &[],
             payload: b"",
@@ -101,17 +104,68 @@ impl Tcp<'_> {
     fn build(&self) -> Vec<u8> {
         let mut b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac)
             .ipv4(self.src, self.dst, self.ttl)
-            .tcp(self.sport, self.dport, 0x1234_5678, 64240);
+            .tcp(self.sport, self.dport, self.seq, 64240);
         if self.syn {
             b = b.syn();
         } else {
-            b = b.ack(0x8765_4321);
+            // A client's acknowledges the web's SYN-ACK.
+            b = b.ack(WEB_SEQ.wrapping_add(1));
         }
         let b = b.options(self.options).expect("tcp options");
         let mut out = Vec::new();
         b.write(&mut out, self.payload).expect("build tcp frame");
         out
     }
+}
+
+/// The sequence number of every client segment the tests build.
+const CLIENT_SEQ: u32 = 0x1234_5678;
+/// The sequence number of every web server's segment (its SYN-ACK's).
+const WEB_SEQ: u32 = 0x8765_4320;
+
+/// The web's SYN-ACK to a SYN the program forwarded (`syn_out`, as it left
+/// towards the web), translated back to the client: a NAT flow is promoted
+/// only by an ACK of a handshake its backend answered.
+fn answer(h: &mut Harness, syn_out: &[u8]) {
+    let back = h.back;
+    let (action, _) = h.run(back, &syn_ack_to(syn_out));
+    assert_ne!(action, XDP_DROP, "the SYN-ACK was dropped");
+}
+
+/// Answers the half-open flow of an earlier SYN: the SYN again (a
+/// retransmission: same backend, nothing changes) shows where it went.
+fn answer_again(h: &mut Harness, syn: &[u8]) {
+    let (_, out) = h.run(h.front, syn);
+    answer(h, &out);
+}
+
+/// The web's SYN-ACK (sequence number `WEB_SEQ`) to the forwarded SYN
+/// `syn_out`.
+fn syn_ack_to(syn_out: &[u8]) -> Vec<u8> {
+    let ip = |at: usize| -> [u8; 4] { syn_out[at..at + 4].try_into().expect("address") };
+    let port = |at: usize| u16::from_be_bytes([syn_out[at], syn_out[at + 1]]);
+    let frame = Tcp {
+        src_mac: WEB_MACS[web_of(syn_out)],
+        dst_mac: BACK_MAC,
+        src: ip(30),
+        dst: ip(26),
+        sport: port(36),
+        dport: port(34),
+        seq: WEB_SEQ,
+        syn: false,
+        ..Tcp::request(0, VIP)
+    }
+    .build();
+    with_flags(frame, SYN_ACK)
+}
+
+/// A SYN from the client's `port` to `vip`:80, answered by its web's
+/// SYN-ACK: the web it went to.
+fn syn_answered(h: &mut Harness, port: u16, vip: [u8; 4]) -> usize {
+    let (action, out) = h.run(h.front, &Tcp::request(port, vip).build());
+    assert_eq!(action, XDP_REDIRECT);
+    answer(h, &out);
+    web_of(&out)
 }
 
 /// Which web server (index) a forwarded frame was sent to, by destination MAC.
@@ -137,6 +191,7 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             ..Tcp::request(40000, VIP)
         };
         let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        answer(&mut h, &out);
         // Every byte: MACs from the FIB, DNAT to web1:8080, TTL 63, TCP
         // options intact, checksums recomputed from scratch by etherparse.
         let want = Tcp {
@@ -182,6 +237,7 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
             ttl: 64,
             sport: WEB_PORT,
             dport: 40000,
+            seq: WEB_SEQ,
             syn: false,
             options: &[],
             payload: b"HTTP/1.1 200 OK\r\n\r\nweb1\n",
@@ -204,9 +260,9 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
 
         // Per-service and per-backend counters saw the traffic.
         let svc = h.dp.counters("SERVICE_STATS", 0).expect("service counters");
-        assert_eq!(svc.packets, 4, "3 forwarded + 1 reply");
+        assert_eq!(svc.packets, 5, "3 forwarded + SYN-ACK and reply");
         let web1 = h.dp.counters("BACKEND_STATS", 0).expect("backend counters");
-        assert_eq!(web1.packets, 3);
+        assert_eq!(web1.packets, 4);
     });
 }
 
@@ -219,6 +275,7 @@ fn new_flows_are_spread_round_robin_exactly() {
             .map(|i| {
                 let (action, out) = h.run(h.front, &Tcp::request(41000 + i, VIP).build());
                 assert_eq!(action, XDP_REDIRECT);
+                answer(&mut h, &out);
                 web_of(&out)
             })
             .collect();
@@ -414,6 +471,31 @@ fn unresolved_neighbour_falls_back_to_the_kernel() {
         let frame = Tcp::request(44001, VIP_UNRESOLVED_DSR).build();
         let out = h.expect(h.front, &frame, XDP_PASS, Verdict::PassKernelForward);
         assert_eq!(out, frame);
+        // A NAT reply to a client without a neighbour entry (issue 20 item
+        // 3): the LB's kernel would drop it as a martian (the VIP as its
+        // source), so it is dropped, and the client reported for the agent
+        // to resolve, as the backend was.
+        let stranger = [198, 18, 0, 77];
+        let syn = Tcp {
+            src: stranger,
+            ..Tcp::request(44002, VIP)
+        };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let back = h.back;
+        h.expect(back, &syn_ack_to(&out), XDP_DROP, Verdict::DropNoNeighbour);
+        let mut requests = h.dp.neighbour_requests().expect("NEIGH_WANTED");
+        let mut wanted = requests.drain();
+        wanted.sort();
+        let want = |iface: &str, addr: [u8; 4]| {
+            (
+                xdp::ifindex(iface).expect("ifindex"),
+                std::net::Ipv4Addr::from(addr),
+            )
+        };
+        let mut expected = vec![want("b0", WEB_UNRESOLVED), want("f0", stranger)];
+        expected.sort();
+        assert_eq!(wanted, expected);
+        assert_eq!(requests.drain(), vec![], "drained");
     });
 }
 
@@ -522,11 +604,16 @@ fn ring_update_switches_atomically_and_keeps_established_flows() {
         let mut h = Harness::new(&cfg);
         let (_, out) = h.run(h.front, &Tcp::request(46000, VIP).build());
         assert_eq!(web_of(&out), 0);
+        answer(&mut h, &out);
         // web1 leaves the ring: new flows only see web2/web3 ...
         cfg.services[0].backends[0].weight = 0;
         h.dp.apply(&cfg).expect("apply");
         let next: Vec<usize> = (1..7u16)
-            .map(|i| web_of(&h.run(h.front, &Tcp::request(46000 + i, VIP).build()).1))
+            .map(|i| {
+                let out = h.run(h.front, &Tcp::request(46000 + i, VIP).build()).1;
+                answer(&mut h, &out);
+                web_of(&out)
+            })
             .collect();
         assert!(next.iter().all(|&w| w != 0), "{next:?}");
         // ... but the established flow keeps web1.
@@ -587,6 +674,11 @@ fn first_pinned_flow(pins: &std::path::Path, conntrack: u32, sport: u16) -> Data
     first.apply(&lab_config()).expect("apply");
     let (_, out) = test_run(&mut first, front, &Tcp::request(sport, VIP).build());
     assert_eq!(web_of(&out), 0);
+    let back = xdp::ifindex("b0").expect("b0");
+    assert_eq!(
+        test_run(&mut first, back, &syn_ack_to(&out)).0,
+        XDP_REDIRECT
+    );
     first
 }
 
@@ -637,7 +729,7 @@ fn drain_disable_and_backup_admissions() {
         cfg.services[0].backends[2].backup = true; // web3 is www's backup
         let mut h = Harness::new(&cfg);
         let rotation: Vec<usize> = (0..4u16)
-            .map(|i| web_of(&h.run(h.front, &Tcp::request(49000 + i, VIP).build()).1))
+            .map(|i| syn_answered(&mut h, 49000 + i, VIP))
             .collect();
         assert_eq!(
             rotation,
@@ -744,6 +836,7 @@ fn a_syn_on_a_reused_tuple_leaves_a_backend_out_of_the_ring() {
         };
         let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(out, to_web(&syn, 0), "the first SYN goes to web1");
+        answer(&mut h, &out);
 
         // web1 still takes new flows: a repeated SYN keeps its entry.
         let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
@@ -759,6 +852,7 @@ fn a_syn_on_a_reused_tuple_leaves_a_backend_out_of_the_ring() {
         let w = web_of(&out);
         assert_ne!(w, 0, "a new connection went to the drained web1");
         assert_eq!(out, to_web(&syn, w), "rescheduled SYN, byte for byte");
+        answer(&mut h, &out);
         // The entry is re-pinned: the rest of the connection follows it.
         let out = h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(
@@ -779,6 +873,7 @@ fn a_syn_on_a_reused_tuple_leaves_a_backend_out_of_the_ring() {
                 ttl: 64,
                 sport: WEB_PORT,
                 dport: 50000,
+                seq: WEB_SEQ,
                 syn: false,
                 options: &[],
                 payload: b"HTTP/1.1 200 OK\r\n\r\n",
@@ -799,14 +894,15 @@ fn a_syn_on_a_reused_tuple_leaves_a_backend_out_of_the_ring() {
             ttl: 63,
             sport: 80,
             dport: 50000,
+            seq: WEB_SEQ,
             syn: false,
             options: &[],
             payload: b"HTTP/1.1 200 OK\r\n\r\n",
         };
         assert_eq!(out, want.build());
-        let stale = reply_from(0);
-        let out = h.expect(h.back, &stale, XDP_PASS, Verdict::PassNotOurs);
-        assert_eq!(out, stale, "web1's old reply entry was removed");
+        // web1's old reply entry was removed: its segment has no flow, and
+        // is dropped rather than routed on with web1's address.
+        h.expect(h.back, &reply_from(0), XDP_DROP, Verdict::DropBackendNoFlow);
 
         // DSR: same rule, only the MACs change.
         let dsr_syn = Tcp::request(50001, VIP_DSR);
@@ -856,6 +952,7 @@ fn a_syn_on_a_reused_tuple_with_an_empty_ring_is_dropped() {
         let syn = Tcp::request(50100, VIP).build();
         let (_, out) = h.run(h.front, &syn);
         assert_eq!(web_of(&out), 0);
+        answer(&mut h, &out);
         let none = |_: &Service, _: &Backend| lb_userspace::dataplane::Admission {
             in_rotation: false,
             drop_flows: false,
@@ -1188,7 +1285,8 @@ fn drop_tracing_reports_what_is_not_forwarded_only_while_switched_on() {
         // Forwarded packets never produce events: new flow, established,
         // NAT reply.
         let syn = Tcp::request(43103, VIP);
-        h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        answer(&mut h, &out);
         let data = Tcp {
             syn: false,
             ..Tcp::request(43103, VIP)
@@ -1517,6 +1615,7 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
             facts.firewall[1].allow.as_ref().map(|(r, _)| r.as_str()),
             Some("allow 10.77.1.0/24")
         );
+        answer_again(&mut h, &from(CLIENT, 42003, VIP, true));
         // Live: deny the client's /24 globally. Its established flow goes on
         // (new flows only are filtered); its new flows are denied.
         let mut live = cfg.clone();
@@ -1563,6 +1662,47 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
 /// DropRateLimited until time refills it (injected by moving the bucket's
 /// timestamp back); per /24, so another /24 has its own bucket; established
 /// flows of a limited source keep going.
+/// Issue 20 item 5: a per-/24 limit is evaded by spreading sources over
+/// many /24s; `per = "all"` is one bucket for every source, an aggregate
+/// bound on the scope's new flows however their sources are spread (here
+/// global, with a per-/24 limit on the service under it).
+#[test]
+fn an_aggregate_rate_limit_bounds_new_flows_spread_over_many_sources() {
+    use lb_userspace::config::RateLimit;
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        let per_24 = RateLimit {
+            new_flows_per_second: 1,
+            burst: 1,
+            per: 24,
+        };
+        cfg.firewall.rate_limit = Some(per_24);
+        let mut h = Harness::new(&cfg);
+        let syn = |net: u8, port: u16| from([10, 100, net, 1], port, VIP, true);
+        let passed = |h: &mut Harness, nets: std::ops::Range<u8>| {
+            nets.filter(|&n| h.run(h.front, &syn(n, 44000 + u16::from(n))).0 == XDP_REDIRECT)
+                .count()
+        };
+        assert_eq!(passed(&mut h, 0..20), 20, "one SYN from each of 20 /24s");
+        // One bucket for all: its burst, then nothing, whatever the source.
+        cfg.firewall.rate_limit = Some(RateLimit {
+            new_flows_per_second: 1,
+            burst: 3,
+            per: 0,
+        });
+        cfg.services[0].firewall.rate_limit = Some(per_24);
+        h.dp.apply(&cfg).expect("apply");
+        assert_eq!(passed(&mut h, 100..120), 3, "the aggregate burst");
+        h.expect(
+            h.front,
+            &syn(200, 45000),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+    });
+}
+
 #[test]
 fn rate_limit_bucket_empties_then_refills() {
     use aya::maps::HashMap as AyaHashMap;
@@ -1600,6 +1740,7 @@ fn rate_limit_bucket_empties_then_refills() {
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
+        answer_again(&mut h, &from([10, 90, 0, 1], 43000, VIP, true));
         h.expect_case(
             "established flows are not rate-limited",
             h.front,
@@ -1836,21 +1977,30 @@ fn with_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
 }
 
 const FIN_ACK: u8 = 0x11;
+const SYN_ACK: u8 = 0x12;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
-/// A client's TCP connection to the VIP, port 80: SYN, then the ACK that
-/// establishes it. Returns the web server it went to.
+/// A client's TCP connection to the VIP, port 80: SYN, the web's SYN-ACK,
+/// then the client's ACK that establishes it. Returns the web server it
+/// went to.
 fn open(h: &mut Harness, port: u16) -> usize {
     let syn = Tcp::request(port, VIP).build();
-    let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+    let web = web_of(&h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded));
+    let back = h.back;
+    h.expect(
+        back,
+        &reply_from(web, port, SYN_ACK),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
     h.expect(
         h.front,
         &client_ack(port, VIP),
         XDP_REDIRECT,
         Verdict::Forwarded,
     );
-    web_of(&out)
+    web
 }
 
 /// A client's bare ACK on its connection to `vip`:80 from `port`.
@@ -1879,13 +2029,20 @@ fn client_key(sport: u16, vip: [u8; 4]) -> lb_common::FlowKey {
 
 /// web1's reply to the client's port `dport` (NAT service www).
 fn reply_from_web1(dport: u16, flags: u8) -> Vec<u8> {
+    reply_from(0, dport, flags)
+}
+
+/// Web server `web`'s segment to the client's port `dport` (NAT service
+/// www), sequence number `WEB_SEQ`.
+fn reply_from(web: usize, dport: u16, flags: u8) -> Vec<u8> {
     let frame = Tcp {
-        src_mac: WEB_MACS[0],
+        src_mac: WEB_MACS[web],
         dst_mac: BACK_MAC,
-        src: WEBS[0],
+        src: WEBS[web],
         dst: CLIENT,
         sport: WEB_PORT,
         dport,
+        seq: WEB_SEQ,
         syn: false,
         ..Tcp::request(0, VIP)
     }
@@ -1897,6 +2054,12 @@ fn reply_from_web1(dport: u16, flags: u8) -> Vec<u8> {
 fn table_of(h: &Harness, key: &lb_common::FlowKey) -> Option<bool> {
     let table = h.dp.flow_table().expect("flow table");
     table.lookup(key).expect("lookup").map(|(est, _)| est)
+}
+
+/// The state of the flow `key` (either table), if there is one.
+fn state_of(h: &Harness, key: &lb_common::FlowKey) -> Option<u32> {
+    let table = h.dp.flow_table().expect("flow table");
+    table.lookup(key).expect("lookup").map(|(_, f)| f.state)
 }
 
 /// Entries in the established and the half-open table.
@@ -2014,8 +2177,350 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
             Some(false),
             "the packet that created it does not promote it"
         );
+        // NAT: nor does the client's next segment, until the backend has
+        // shown it holds the connection (a spoofer's ACK gets an RST).
+        h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(table_of(&h, &key), Some(false));
+        let back = h.back;
+        h.expect(
+            back,
+            &reply_from(syn_choice, 52101, RST),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(table_of(&h, &key), Some(false), "an RST answers nothing");
+        h.expect(
+            back,
+            &reply_from(syn_choice, 52101, ACK),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
         h.expect(h.front, &ack(52101), XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(table_of(&h, &key), Some(true));
+    });
+}
+
+/// Issue 20 item 1: a spoofed SYN then ACK (the SYN-ACK went to the
+/// spoofed address) never reaches the established table of a NAT service,
+/// nor does an ACK of the wrong SYN-ACK; the real handshake still does.
+#[test]
+fn nat_promotes_only_a_handshake_its_backend_answered() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let key = client_key(52400, VIP);
+        let out = h.expect(
+            h.front,
+            &Tcp::request(52400, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        // The ACK before any SYN-ACK: dropped, nothing created.
+        let ack = client_ack(52400, VIP);
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropBadHandshake);
+        assert_eq!(table_of(&h, &key), Some(false));
+        assert_eq!(entries(&h), (0, 1));
+        // The SYN-ACK, then an ACK of another sequence number: dropped.
+        answer(&mut h, &out);
+        let wrong = Tcp {
+            syn: false,
+            ..Tcp::request(52400, VIP)
+        }
+        .build();
+        let mut wrong = with_flags(wrong, ACK);
+        wrong[14 + 20 + 8..14 + 20 + 12].copy_from_slice(&WEB_SEQ.to_be_bytes());
+        h.expect(h.front, &wrong, XDP_DROP, Verdict::DropBadHandshake);
+        // An RST from the client is forwarded and promotes nothing.
+        h.expect(
+            h.front,
+            &with_flags(ack.clone(), RST),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!((entries(&h), active(&h, web1)), ((0, 1), 0));
+        // The ACK of SYN-ACK + 1 establishes it.
+        h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(table_of(&h, &key), Some(true));
+        assert_eq!((entries(&h), active(&h, web1)), ((2, 0), 1));
+        // A spoofed pair on 100 tuples: 100 half-open slots, nothing more.
+        for port in 52500..52600 {
+            h.expect(
+                h.front,
+                &Tcp::request(port, VIP).build(),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            h.expect(
+                h.front,
+                &client_ack(port, VIP),
+                XDP_DROP,
+                Verdict::DropBadHandshake,
+            );
+        }
+        assert_eq!(entries(&h).0, 2, "no spoofed pair is established");
+    });
+}
+
+/// Issue 20 item 1, DSR: the LB cannot see a DSR backend's SYN-ACK, so the
+/// handshake's ACK leaves the flow half-open and unconfirmed (replaceable
+/// by new flows like any half-open flow); only a later client segment past
+/// it (the client sent data, then more) promotes it. A spoofed SYN + ACK
+/// pair (or a flood of repeated ACKs) never reaches the established table.
+#[test]
+fn dsr_promotes_a_flow_only_once_the_client_sends_past_its_handshake() {
+    use lb_common::flow::{STATE_ACKED, STATE_ESTABLISHED};
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let segment = |port: u16, seq: u32, payload: &'static [u8]| {
+            Tcp {
+                seq,
+                syn: false,
+                payload,
+                ..Tcp::request(port, VIP_DSR)
+            }
+            .build()
+        };
+        let key = client_key(52800, VIP_DSR);
+        h.expect(
+            h.front,
+            &Tcp::request(52800, VIP_DSR).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        // The ACK, a repeat of it, and the request at the same sequence
+        // number: forwarded, unconfirmed, still half-open.
+        for frame in [
+            segment(52800, CLIENT_SEQ, b""),
+            segment(52800, CLIENT_SEQ, b""),
+            segment(52800, CLIENT_SEQ, b"GET / HTTP/1.1\r\n\r\n"),
+        ] {
+            h.expect(h.front, &frame, XDP_REDIRECT, Verdict::Forwarded);
+            assert_eq!(state_of(&h, &key), Some(STATE_ACKED));
+            assert_eq!(table_of(&h, &key), Some(false));
+        }
+        // The client's ACK of the response, past the request: confirmed.
+        h.expect(
+            h.front,
+            &segment(52800, CLIENT_SEQ.wrapping_add(18), b""),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state_of(&h, &key), Some(STATE_ESTABLISHED));
+        assert_eq!(entries(&h), (1, 0));
+        // 100 spoofed pairs (and their ACKs again): half-open only.
+        for port in 52900..53000 {
+            h.run(h.front, &Tcp::request(port, VIP_DSR).build());
+            for _ in 0..2 {
+                h.expect(
+                    h.front,
+                    &client_ack(port, VIP_DSR),
+                    XDP_REDIRECT,
+                    Verdict::Forwarded,
+                );
+            }
+        }
+        assert_eq!(entries(&h), (1, 100), "no spoofed pair is established");
+    });
+}
+
+/// Issue 20 item 2: a blind RST (a sequence number far from the sender's)
+/// is dropped and leaves the flow established past the closing timeout; one
+/// within the window of the sender's sequence closes it, in either
+/// direction, NAT and DSR, as the sender's sequence moves on.
+#[test]
+fn a_blind_rst_leaves_the_flow_alone_and_an_in_window_rst_closes_it() {
+    use lb_common::flow::{SEQ_WINDOW, STATE_CLOSING, STATE_ESTABLISHED};
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = lab_config();
+        cfg.dataplane.timeouts.tcp_closing = std::time::Duration::from_secs(1);
+        let mut h = Harness::new(&cfg);
+        let web1 = web1_id(&mut h, &cfg);
+        let state = |h: &Harness, port: u16, vip| state_of(h, &client_key(port, vip));
+        let client = |port: u16, vip, seq: u32, flags: u8| {
+            let frame = Tcp {
+                seq,
+                syn: false,
+                ..Tcp::request(port, vip)
+            }
+            .build();
+            with_flags(frame, flags)
+        };
+        let web = |port: u16, seq: u32, flags: u8| {
+            let mut frame = reply_from_web1(port, flags);
+            frame[14 + 20 + 4..14 + 20 + 8].copy_from_slice(&seq.to_be_bytes());
+            frame
+        };
+        assert_eq!(open(&mut h, 52300), 0);
+        let back = h.back;
+        // Blind RSTs, client side and backend side: dropped, flow untouched.
+        for seq in [
+            CLIENT_SEQ.wrapping_add(1 << 31),
+            CLIENT_SEQ.wrapping_add(SEQ_WINDOW + 1),
+            CLIENT_SEQ.wrapping_sub(SEQ_WINDOW + 1),
+        ] {
+            h.expect(
+                h.front,
+                &client(52300, VIP, seq, RST),
+                XDP_DROP,
+                Verdict::DropRstOutOfWindow,
+            );
+        }
+        h.expect(
+            back,
+            &web(52300, WEB_SEQ.wrapping_add(1 << 30), RST),
+            XDP_DROP,
+            Verdict::DropRstOutOfWindow,
+        );
+        // A FIN out of the window is forwarded but does not close either.
+        h.expect(
+            h.front,
+            &client(52300, VIP, CLIENT_SEQ ^ 0x8000_0000, FIN_ACK),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state(&h, 52300, VIP), Some(STATE_ESTABLISHED));
+        assert_eq!(active(&h, web1), 1);
+        // Past the closing timeout the flow still carries the connection.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+        h.expect(
+            h.front,
+            &client_ack(52300, VIP),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state(&h, 52300, VIP), Some(STATE_ESTABLISHED));
+        // The client's sequence moves 5 MB on: the window follows it, so
+        // the RST at the old number is now blind and one near it is not.
+        let on = CLIENT_SEQ.wrapping_add(5_000_000);
+        h.expect(
+            h.front,
+            &client(52300, VIP, on, ACK),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        h.expect(
+            h.front,
+            &client(52300, VIP, CLIENT_SEQ, RST),
+            XDP_DROP,
+            Verdict::DropRstOutOfWindow,
+        );
+        h.expect(
+            h.front,
+            &client(52300, VIP, on.wrapping_add(1460), RST),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state(&h, 52300, VIP), Some(STATE_CLOSING));
+        assert_eq!(active(&h, web1), 0);
+        // The backend's own RST (its sequence as the client acknowledged it)
+        // closes a flow through the reply entry.
+        assert_eq!(open(&mut h, 52301), 1);
+        assert_eq!(open(&mut h, 52302), 2);
+        assert_eq!(open(&mut h, 52303), 0);
+        h.expect(
+            back,
+            &web(52303, WEB_SEQ.wrapping_add(1), RST),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(state(&h, 52303, VIP), Some(STATE_CLOSING));
+        // DSR: the client's direction is all the LB sees, and is enough.
+        h.expect(
+            h.front,
+            &Tcp::request(52304, VIP_DSR).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        for seq in [CLIENT_SEQ, CLIENT_SEQ.wrapping_add(100)] {
+            // The handshake's ACK, then a segment past it (item 1, DSR).
+            h.expect(
+                h.front,
+                &client(52304, VIP_DSR, seq, ACK),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        assert_eq!(state(&h, 52304, VIP_DSR), Some(STATE_ESTABLISHED));
+        h.expect(
+            h.front,
+            &client(52304, VIP_DSR, CLIENT_SEQ.wrapping_add(1 << 31), RST),
+            XDP_DROP,
+            Verdict::DropRstOutOfWindow,
+        );
+        assert_eq!(state(&h, 52304, VIP_DSR), Some(STATE_ESTABLISHED));
+        h.expect(
+            h.front,
+            &client(52304, VIP_DSR, CLIENT_SEQ.wrapping_add(1), RST),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(state(&h, 52304, VIP_DSR), Some(STATE_CLOSING));
+    });
+}
+
+/// Issue 20 item 4: a NAT backend's segment that no flow knows (a late
+/// retransmission, a SYN-ACK to a spoofed SYN whose slot was replaced) is
+/// dropped with its own verdict, counted and traced — never routed on to
+/// the client with the backend's address. DSR backends, and the LB's own
+/// connections to a backend (health checks), are not affected.
+#[test]
+fn a_nat_backends_segment_without_a_flow_is_dropped_and_traced() {
+    use lb_userspace::trace::Tracer;
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let mut tracer = Tracer::of(&h.dp).expect("trace maps");
+        tracer
+            .start(lb_common::TRACE_DEFAULT_VERDICTS)
+            .expect("start");
+        let back = h.back;
+        let stray = reply_from_web1(52700, SYN_ACK);
+        h.expect(back, &stray, XDP_DROP, Verdict::DropBackendNoFlow);
+        let events = tracer.drain();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(
+            lb_userspace::trace::render(&events[0]),
+            format!(
+                "drop_backend_no_flow 198.19.0.11:8080 → 198.18.0.2:52700/tcp service none if {} len {}",
+                back,
+                stray.len()
+            )
+        );
+        // Its answer to the LB's own address (a health check) is the kernel's.
+        let to_lb = Tcp {
+            src_mac: WEB_MACS[0],
+            dst_mac: BACK_MAC,
+            src: WEBS[0],
+            dst: [198, 19, 0, 1],
+            sport: WEB_PORT,
+            dport: 52701,
+            seq: WEB_SEQ,
+            syn: false,
+            ..Tcp::request(0, VIP)
+        }
+        .build();
+        h.expect(back, &to_lb, XDP_PASS, Verdict::PassNotOurs);
+        // Another port of the backend's address is not the service's.
+        let mut other = stray.clone();
+        other[14 + 20..14 + 20 + 2].copy_from_slice(&22u16.to_be_bytes());
+        h.expect(back, &other, XDP_PASS, Verdict::PassNotOurs);
+        // Once the backend leaves every NAT service, its segments are
+        // passed again.
+        let mut cfg = cfg.clone();
+        for svc in &mut cfg.services {
+            if svc.forwarding == Forwarding::Nat {
+                svc.backends.retain(|b| b.name != "web1");
+            }
+        }
+        h.dp.apply(&cfg).expect("apply");
+        h.expect(back, &stray, XDP_PASS, Verdict::PassNotOurs);
     });
 }
 
@@ -2043,13 +2548,8 @@ fn fin_or_rst_closes_a_flow_and_the_closing_timeout_expires_it() {
         );
         h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(active(&h, web1), 1);
-        let closing =
-            h.dp.flow_table()
-                .expect("t")
-                .lookup(&client_key(52200, VIP))
-                .expect("l");
         assert_eq!(
-            closing.map(|(_, f)| f.state),
+            state_of(&h, &client_key(52200, VIP)),
             Some(lb_common::flow::STATE_CLOSING)
         );
         // A second FIN (the other CPU, a retransmit) does not count twice.
@@ -2186,11 +2686,13 @@ fn a_new_flow_takes_a_slot_of_its_bucket_replacing_a_flow_whole_and_the_sweep_cl
         );
         assert_eq!(table_of(&h, &client_key(kept, VIP)), Some(false));
         if gone == a {
+            // A's SYN-ACK finds no flow: dropped, never routed on with
+            // web1's address (issue 20 item 4).
             h.expect(
                 h.back,
                 &reply_from_web1(a, 0x12),
-                XDP_PASS,
-                Verdict::PassNotOurs,
+                XDP_DROP,
+                Verdict::DropBackendNoFlow,
             );
         } else {
             h.expect(

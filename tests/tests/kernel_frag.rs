@@ -267,25 +267,7 @@ fn a_clients_icmp_error_reaches_the_flows_backend() {
             &quoted(&answer),
         );
         let out = h.expect(h.front, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
-        let mut as_sent = quoted(&datagram(
-            (WEB_MACS[0], BACK_MAC),
-            WEBS[0],
-            CLIENT,
-            63,
-            WEB_UDP_PORT,
-            5000,
-            10,
-        ));
-        as_sent[26..28].copy_from_slice(&quoted(&answer)[26..28]);
-        let want = icmp_error(
-            (BACK_MAC, WEB_MACS[0]),
-            CLIENT,
-            WEBS[0],
-            63,
-            unreachable,
-            &as_sent,
-        );
-        assert_eq!(out, want);
+        assert_eq!(out, unreachable_to_web1(&answer, 5000));
 
         // DSR: the same error to the DSR VIP goes to the flow's backend as
         // it is, but for the MACs.
@@ -310,6 +292,78 @@ fn a_clients_icmp_error_reaches_the_flows_backend() {
         let mut want = error.clone();
         want[..6].copy_from_slice(&WEB_MACS[web]);
         want[6..12].copy_from_slice(&BACK_MAC);
+        assert_eq!(out, want);
+    });
+}
+
+/// The client's "port unreachable" about `answer` (web1's 10-byte UDP
+/// datagram to the client's `port`, as the VIP's) as it must reach web1:
+/// quoting the datagram as web1 sent it, but for its UDP checksum.
+fn unreachable_to_web1(answer: &[u8], port: u16) -> Vec<u8> {
+    let mut as_sent = quoted(&datagram(
+        (WEB_MACS[0], BACK_MAC),
+        WEBS[0],
+        CLIENT,
+        63,
+        WEB_UDP_PORT,
+        port,
+        10,
+    ));
+    as_sent[26..28].copy_from_slice(&quoted(answer)[26..28]);
+    icmp_error(
+        (BACK_MAC, WEB_MACS[0]),
+        CLIENT,
+        WEBS[0],
+        63,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        &as_sent,
+    )
+}
+
+/// Issue 20 item 5, the fuzz case: an ICMP error whose quote is cut short
+/// by its IP total length, with the rest of the quote in bytes after it
+/// (Ethernet padding, trailing garbage), is not translated: the translator
+/// reads and rewrites only within the total length (it rewrote the
+/// trailing ports and left an invalid ICMP checksum). A whole quote with
+/// padding behind it is translated, the padding untouched.
+#[test]
+fn an_icmp_error_is_read_only_within_its_ip_total_length() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let req = datagram((CLIENT_MAC, FRONT_MAC), CLIENT, VIP, 64, 5001, 5353, 4);
+        h.expect(h.front, &req, XDP_REDIRECT, Verdict::Forwarded);
+        let answer = datagram((FRONT_MAC, CLIENT_MAC), VIP, CLIENT, 63, 5353, 5001, 10);
+        let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let quote = quoted(&answer);
+        // The quote ends 2 bytes into the quoted UDP header; its ports
+        // follow the IP packet as trailing bytes.
+        let mut cut = icmp_error(
+            (CLIENT_MAC, FRONT_MAC),
+            CLIENT,
+            VIP,
+            64,
+            unreachable.clone(),
+            &quote[..22],
+        );
+        cut.extend_from_slice(&quote[22..28]);
+        let out = h.expect(h.front, &cut, XDP_PASS, Verdict::PassOtherProtocol);
+        assert_eq!(out, cut, "passed to the kernel untouched");
+        // The whole quote, then 18 bytes of padding: translated, and the
+        // padding is left as it was.
+        let error = icmp_error(
+            (CLIENT_MAC, FRONT_MAC),
+            CLIENT,
+            VIP,
+            64,
+            unreachable.clone(),
+            &quote,
+        );
+        let mut padded = error.clone();
+        padded.extend_from_slice(&[0xa5; 18]);
+        let out = h.expect(h.front, &padded, XDP_REDIRECT, Verdict::ForwardedIcmp);
+        let mut want = unreachable_to_web1(&answer, 5001);
+        want.extend_from_slice(&[0xa5; 18]);
         assert_eq!(out, want);
     });
 }
@@ -576,7 +630,7 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
         let dir = pins.display().to_string();
         for part in [
             "of 40-byte entries".to_string(),
-            "of 44-byte entries".to_string(),
+            "of 48-byte entries".to_string(),
             format!("`lb teardown --pin-dir {dir}`"),
         ] {
             assert!(message.contains(&part), "{part:?} not in: {message}");

@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -43,6 +42,7 @@ use crate::{
     health::{Health, HealthChecker, Target, Transition},
     host::{self, ControlSocket, PinLock},
     metrics::{self, Monitor, ProbeLatency},
+    neighbours::Neighbours,
     server,
 };
 
@@ -273,6 +273,14 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         .name("lb-sweep".into())
         .spawn(move || sweep_forever(sweeper))
         .context("starting the flow sweep")?;
+    let requests = agent
+        .dp
+        .neighbour_requests()
+        .context("opening the data plane's neighbour requests")?;
+    std::thread::Builder::new()
+        .name("lb-neighbours".into())
+        .spawn(move || resolve_forever(requests))
+        .context("starting the neighbour resolver")?;
     let (calls_tx, mut calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
     if let Some(monitoring) = &agent.cfg.monitoring {
@@ -875,14 +883,11 @@ impl Agent {
         );
         for (scope, fw) in limits {
             if let Some(r) = fw.rate_limit {
-                let per = if r.per == 32 {
-                    "address".to_owned()
-                } else {
-                    format!("/{}", r.per)
-                };
                 out.push_str(&format!(
-                    "{scope}: rate-limit {} new flows/s, burst {}, per {per}\n",
-                    r.new_flows_per_second, r.burst
+                    "{scope}: rate-limit {} new flows/s, burst {}, per {}\n",
+                    r.new_flows_per_second,
+                    r.burst,
+                    r.per_text()
                 ));
             }
         }
@@ -1204,22 +1209,70 @@ fn ring_changes(
         .collect()
 }
 
-/// Sends one datagram to each backend's discard port so the kernel resolves
-/// (and keeps fresh) its neighbour entry: DSR needs the backend's MAC in the
-/// neighbour table before the first packet, and NAT saves a kernel detour.
+/// Has the kernel resolve (and keep fresh) each backend's neighbour entry
+/// (`neighbours`: a netlink request, no packet to the backend): DSR needs
+/// the backend's MAC in the neighbour table before the first packet, and
+/// NAT saves a kernel detour.
 fn prime_neighbours(cfg: &Config) {
-    let socket = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)) {
-        Ok(s) => s,
+    let mut neighbours = match Neighbours::new() {
+        Ok(n) => n,
         Err(e) => {
-            warn!("neighbour priming: {e}");
+            warn!("neighbour priming: netlink socket: {e}");
             return;
         }
     };
     let mut seen = std::collections::BTreeSet::new();
     for b in cfg.services.iter().flat_map(|s| &s.backends) {
-        if seen.insert(*b.address.ip()) {
-            // Errors (e.g. ICMP unreachable from a previous probe) are expected.
-            let _ = socket.send_to(&[], SocketAddrV4::new(*b.address.ip(), 9));
+        let addr = *b.address.ip();
+        if seen.insert(addr)
+            && let Err(e) = neighbours.resolve_route(addr)
+        {
+            tracing::debug!("neighbour priming: backend {addr}: {e}");
+        }
+    }
+}
+
+/// How often the resolver drains the data plane's neighbour requests: well
+/// within a backend's first retransmission (200 ms at the least).
+const NEIGHBOUR_POLL: Duration = Duration::from_millis(100);
+/// Most next hops the resolver asks the kernel for per poll (320 a second):
+/// a flood of spoofed sources on a connected network makes replies (SYN-ACKs)
+/// to addresses nobody answers ARP for; each request costs the kernel an
+/// entry and ARP probes, so they are bounded, and the rest are dropped
+/// (a real client's next reply reports it again).
+const NEIGHBOURS_PER_POLL: usize = 32;
+
+/// The resolver, on a thread of its own: every next hop the data plane
+/// reported without a neighbour entry (a NAT reply's client whose entry
+/// expired, a backend not primed yet) is resolved by the kernel.
+fn resolve_forever(mut requests: crate::dataplane::NeighbourRequests) {
+    let mut neighbours = None;
+    loop {
+        std::thread::sleep(NEIGHBOUR_POLL);
+        let mut wanted = requests.drain();
+        if wanted.is_empty() {
+            continue;
+        }
+        if wanted.len() > NEIGHBOURS_PER_POLL {
+            tracing::debug!(
+                "{} next hops without a neighbour entry; resolving {NEIGHBOURS_PER_POLL}",
+                wanted.len()
+            );
+            wanted.truncate(NEIGHBOURS_PER_POLL);
+        }
+        if neighbours.is_none() {
+            neighbours = Neighbours::new()
+                .map_err(|e| warn!("neighbour requests: netlink socket: {e}"))
+                .ok();
+        }
+        let Some(n) = neighbours.as_mut() else {
+            continue;
+        };
+        for (ifindex, addr) in wanted {
+            match n.resolve(ifindex, addr) {
+                Ok(()) => tracing::debug!("resolving neighbour {addr} (if {ifindex})"),
+                Err(e) => warn!("resolving neighbour {addr} (if {ifindex}): {e}"),
+            }
         }
     }
 }

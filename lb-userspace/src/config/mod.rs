@@ -152,8 +152,21 @@ impl fmt::Display for Prefix {
 pub struct RateLimit {
     pub new_flows_per_second: u32,
     pub burst: u32,
-    /// Sources sharing a bucket: 32 per address, 24 per /24, …
+    /// Sources sharing a bucket: 32 per address, 24 per /24, …; 0 (`per =
+    /// "all"`): one bucket for every source, an aggregate bound on the
+    /// scope's new flows however their sources are spread.
     pub per: u8,
+}
+
+impl RateLimit {
+    /// `per` as the config spells it: "address", "all" or "/N".
+    pub fn per_text(&self) -> String {
+        match self.per {
+            32 => "address".to_owned(),
+            0 => "all".to_owned(),
+            n => format!("/{n}"),
+        }
+    }
 }
 
 /// `[monitoring]`: where the agent serves its metrics and status page.

@@ -250,11 +250,7 @@ impl From<&RateLimit> for RawRateLimit {
         RawRateLimit {
             new_flows_per_second: Some(i64::from(r.new_flows_per_second)),
             burst: Some(i64::from(r.burst)),
-            per: Some(if r.per == 32 {
-                "address".to_owned()
-            } else {
-                format!("/{}", r.per)
-            }),
+            per: Some(r.per_text()),
         }
     }
 }

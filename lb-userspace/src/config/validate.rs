@@ -312,14 +312,15 @@ impl Validator<'_> {
         };
         let per = match raw.per.as_deref() {
             None | Some("address") => 32,
+            Some("all") => 0,
             Some(text) => match text.strip_prefix('/').map(str::parse::<u8>) {
                 Some(Ok(len)) if (8..=32).contains(&len) => len,
                 _ => {
                     return Err(self.err(
                         k("per"),
                         format!(
-                            "expected \"address\" or a prefix length from \"/8\" to \"/32\" \
-                             (e.g. \"/24\"), got {text:?}"
+                            "expected \"address\", \"all\" (one bucket for every source) or a \
+                             prefix length from \"/8\" to \"/32\" (e.g. \"/24\"), got {text:?}"
                         ),
                     ));
                 }

@@ -110,7 +110,7 @@ impl HalfOpenTable {
             let slot = self.slot(i);
             (
                 std::ptr::read_volatile(&raw const (*slot).key),
-                std::ptr::read_volatile(&raw const (*slot).flow),
+                Flow::from(&std::ptr::read_volatile(&raw const (*slot).flow)),
             )
         };
         fence(Ordering::Acquire);
@@ -177,7 +177,7 @@ impl HalfOpenTable {
         let cleared = unsafe {
             let slot = self.slot(i);
             let key = std::ptr::read_volatile(&raw const (*slot).key);
-            let flow = std::ptr::read_volatile(&raw const (*slot).flow);
+            let flow = Flow::from(&std::ptr::read_volatile(&raw const (*slot).flow));
             let clear = key != FlowKey::EMPTY && gone(&key, &flow);
             if clear {
                 std::ptr::write_volatile(&raw mut (*slot).key, FlowKey::EMPTY);

@@ -24,8 +24,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, MAX_BACKENDS, MAX_SERVICES,
-    MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceKey,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Endpoint, MAX_BACKENDS,
+    MAX_SERVICES, MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP,
+    ServiceKey,
     maglev::{self, Member},
     ring,
 };
@@ -129,6 +130,30 @@ pub struct Plan {
     pub vips: BTreeMap<u32, u32>,
     /// The id tables once the plan is written.
     pub next: Ids,
+}
+
+impl Plan {
+    /// `NAT_BACKENDS`: every backend endpoint (address, port, protocol) of
+    /// a NAT service, with the number of the plan's backends on it.
+    pub fn nat_endpoints(&self) -> BTreeMap<Endpoint, u32> {
+        let mut endpoints = BTreeMap::new();
+        for b in &self.backends {
+            let Some(svc) = self.services.iter().find(|s| s.id == b.service_id) else {
+                continue;
+            };
+            if svc.mode != MODE_NAT {
+                continue;
+            }
+            let endpoint = Endpoint {
+                addr: b.addr,
+                port: b.port,
+                protocol: svc.key.protocol,
+                _pad: 0,
+            };
+            *endpoints.entry(endpoint).or_default() += 1;
+        }
+        endpoints
+    }
 }
 
 /// Address and port as raw network-order values, as the maps hold them.
@@ -636,6 +661,33 @@ mod tests {
             ]
         );
         assert_eq!(p.services[0].ring, vec![0]);
+    }
+
+    #[test]
+    fn nat_endpoints_are_the_nat_services_backends_counted_once_per_backend() {
+        let mut dsr = service("d", 11, 0..2);
+        dsr.forwarding = Forwarding::Dsr;
+        let mut udp = service("u", 12, 1..3);
+        udp.protocol = Protocol::Udp;
+        let p = apply(
+            &Ids::default(),
+            &config(vec![
+                service("a", 10, 0..2),
+                service("b", 13, 1..3),
+                dsr,
+                udp,
+            ]),
+        );
+        let got: Vec<(u8, u8, u32)> = p
+            .nat_endpoints()
+            .iter()
+            .map(|(e, n)| (e.addr.to_ne_bytes()[3], e.protocol, *n))
+            .collect();
+        // 10.0.0.n: a and b share n = 1 (TCP); DSR's backends are not there.
+        assert_eq!(
+            got,
+            vec![(0, 6, 1), (1, 6, 2), (1, 17, 1), (2, 6, 1), (2, 17, 1)]
+        );
     }
 
     #[test]

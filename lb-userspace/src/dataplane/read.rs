@@ -80,6 +80,15 @@ impl Dataplane {
         Ok((conntrack, self.half_open_table()?))
     }
 
+    /// An owned handle on `NEIGH_WANTED`, the next hops the data plane
+    /// found without a neighbour entry (for the agent's resolver thread).
+    pub fn neighbour_requests(&self) -> Result<NeighbourRequests> {
+        let name = "NEIGH_WANTED";
+        let map = HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(name)?))
+            .map_err(|source| DataplaneError::Map { name, source })?;
+        Ok(NeighbourRequests { map })
+    }
+
     /// An owned handle on one of the program's array maps.
     pub(super) fn owned_array<T: aya::Pod>(&self, name: &'static str) -> Result<Array<MapData, T>> {
         Array::try_from(aya::maps::Map::Array(self.map_data(name)?))
@@ -321,4 +330,26 @@ pub(super) fn snapshot(name: &'static str, table: &FlowMap) -> Result<Vec<(FlowK
         name,
         source: MapError::IoError(e),
     })
+}
+
+/// `NEIGH_WANTED`: next hops (address → egress ifindex) the data plane
+/// found without a neighbour entry.
+pub struct NeighbourRequests {
+    map: HashMap<MapData, u32, u32>,
+}
+
+impl NeighbourRequests {
+    /// Every reported next hop as (egress ifindex, address), removed from
+    /// the map: a hop reported again afterwards is asked for again.
+    pub fn drain(&mut self) -> Vec<(u32, std::net::Ipv4Addr)> {
+        let wanted: Vec<(u32, u32)> = self.map.iter().filter_map(|r| r.ok()).collect();
+        for (addr, _) in &wanted {
+            // Gone already (the LRU recycled it): nothing to do.
+            let _ = self.map.remove(addr);
+        }
+        wanted
+            .into_iter()
+            .map(|(addr, ifindex)| (ifindex, std::net::Ipv4Addr::from(addr.to_ne_bytes())))
+            .collect()
+    }
 }

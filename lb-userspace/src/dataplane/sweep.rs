@@ -7,7 +7,11 @@
 //! Which entries go is [`expired`], a pure function of a snapshot: a flow
 //! goes when both of its entries (NAT: forward and reply) are idle past the
 //! timeout of its state; an entry whose pair is already gone goes once it
-//! is idle itself.
+//! is idle itself. Under pressure (`CONNTRACK` at least [`PRESSURE_NUM`] /
+//! [`PRESSURE_DEN`] full) an established TCP flow idle longer than
+//! [`LONG_IDLE`] counts as idle too: long-idle flows make room for new
+//! ones (which stay half-open, still forwarded, while the table is full),
+//! never a flow that carried a packet within it.
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 
@@ -15,9 +19,26 @@ use aya::maps::{Array, MapData, MapError};
 use lb_common::{
     Backend, Flow, FlowConf, FlowKey,
     flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
+    headers::IPPROTO_TCP,
 };
 
 use super::{Dataplane, DataplaneError, Result};
+
+/// `CONNTRACK` is under pressure from this fill on: entries over capacity,
+/// 7/8.
+pub const PRESSURE_NUM: u64 = 7;
+pub const PRESSURE_DEN: u64 = 8;
+/// Ticks (~1.07 s each; ~2 min) an established TCP flow must be idle to be
+/// removed under pressure, before its `tcp` timeout: far longer than a
+/// keep-alive connection's pause between requests (tests hold 35 s), far
+/// shorter than the 900 s a blind spoofer's DSR entries (SYN, ACK and a
+/// segment past it) would otherwise hold the table.
+pub const LONG_IDLE: u32 = 112;
+
+/// Is `CONNTRACK` under pressure with `entries` of `capacity` used?
+pub fn under_pressure(entries: u64, capacity: u64) -> bool {
+    capacity > 0 && entries * PRESSURE_DEN >= capacity * PRESSURE_NUM
+}
 
 /// Now on the data plane's clock (CLOCK_MONOTONIC, coarse), in ticks.
 pub fn now_ticks() -> u32 {
@@ -27,15 +48,23 @@ pub fn now_ticks() -> u32 {
     ticks(ns)
 }
 
-/// The keys of `entries` to remove at `now`: expired flows, both entries.
+/// The keys of `entries` to remove at `now`: expired flows, both entries,
+/// and under `pressure` established TCP flows idle past [`LONG_IDLE`].
 /// `backend` gives a backend id's address (a NAT forward entry's reply key).
 pub fn expired(
     entries: &StdHashMap<FlowKey, Flow>,
     backend: impl Fn(u32) -> Option<Backend>,
     conf: &FlowConf,
     now: u32,
+    pressure: bool,
 ) -> Vec<FlowKey> {
-    let idle = |key: &FlowKey, flow: &Flow| is_expired(conf, key.protocol, flow, now);
+    let idle = |key: &FlowKey, flow: &Flow| {
+        is_expired(conf, key.protocol, flow, now)
+            || (pressure
+                && key.protocol == IPPROTO_TCP
+                && flow.state == STATE_ESTABLISHED
+                && now.wrapping_sub(flow.seen) > LONG_IDLE)
+    };
     let mut gone = Vec::new();
     for (key, flow) in entries {
         if !idle(key, flow) {
@@ -74,6 +103,8 @@ pub struct Sweeper {
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
+    /// `CONNTRACK`'s entries (two per NAT flow).
+    capacity: u64,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -84,7 +115,13 @@ impl Dataplane {
     /// The sweep's own handles on the maps it needs.
     pub fn sweeper(&self) -> Result<Sweeper> {
         let (conntrack, half_open) = self.flow_maps()?;
+        let name = "CONNTRACK";
+        let info = self
+            .map_data(name)?
+            .info()
+            .map_err(|source| DataplaneError::Map { name, source })?;
         Ok(Sweeper {
+            capacity: u64::from(info.max_entries()),
             conntrack,
             half_open,
             backends: self.owned_array("BACKENDS")?,
@@ -103,7 +140,8 @@ impl Sweeper {
         let mut report = SweepReport::default();
         let entries: StdHashMap<FlowKey, Flow> =
             self.conntrack.iter().filter_map(|r| r.ok()).collect();
-        for key in expired(&entries, backend, &conf, now) {
+        let pressure = under_pressure(entries.len() as u64, self.capacity);
+        for key in expired(&entries, backend, &conf, now, pressure) {
             match self.conntrack.remove(&key) {
                 Ok(()) => {}
                 // The data plane got there first.
@@ -130,7 +168,9 @@ impl Sweeper {
         // cleared under its lock only if it still holds that expired entry.
         let entries: StdHashMap<FlowKey, Flow> = self.half_open.entries().into_iter().collect();
         let gone: std::collections::HashSet<FlowKey> =
-            expired(&entries, backend, &conf, now).into_iter().collect();
+            expired(&entries, backend, &conf, now, false)
+                .into_iter()
+                .collect();
         report.removed += self
             .half_open
             .clear_all(|k, f| gone.contains(k) && is_expired(&conf, k.protocol, f, now));
@@ -229,7 +269,7 @@ mod tests {
                 ..Flow::default()
             },
         );
-        let mut gone = expired(&entries, backend, &conf(), 200);
+        let mut gone = expired(&entries, backend, &conf(), 200, false);
         gone.sort_by_key(|k| (k.sport, k.dport));
         let flow1 = nat_flow(1, STATE_ESTABLISHED, 0, 0);
         let flow3 = nat_flow(3, STATE_CLOSING, 0, 0);
@@ -242,7 +282,47 @@ mod tests {
     fn an_orphaned_reply_entry_goes_once_idle() {
         let [_, (rk, reply)] = nat_flow(7, STATE_ESTABLISHED, 0, 50);
         let entries = StdHashMap::from([(rk, reply)]);
-        assert!(expired(&entries, backend, &conf(), 150).is_empty());
-        assert_eq!(expired(&entries, backend, &conf(), 151), vec![rk]);
+        assert!(expired(&entries, backend, &conf(), 150, false).is_empty());
+        assert_eq!(expired(&entries, backend, &conf(), 151, false), vec![rk]);
+    }
+
+    #[test]
+    fn under_pressure_long_idle_established_flows_go_and_recently_active_ones_stay() {
+        let conf = FlowConf {
+            timeouts: [30, 900, 10, 60],
+            ..FlowConf::default()
+        };
+        let now = 1000;
+        let mut entries: StdHashMap<FlowKey, Flow> = StdHashMap::new();
+        // A DSR flow (one entry) idle past LONG_IDLE, one idle 35 ticks.
+        let (old, recent) = (key(1, TCP), key(2, TCP));
+        for (k, seen) in [(old, now - LONG_IDLE - 1), (recent, now - 35)] {
+            let flow = Flow {
+                state: STATE_ESTABLISHED,
+                seen,
+                ..Flow::default()
+            };
+            entries.insert(k, flow);
+        }
+        // A NAT flow, both directions long idle; one whose reply is busy.
+        entries.extend(nat_flow(3, STATE_ESTABLISHED, 0, now - LONG_IDLE - 5));
+        entries.extend(nat_flow(4, STATE_ESTABLISHED, 0, now - 1));
+        // UDP is not a TCP flow: its own timeout only.
+        let udp = key(5, UDP);
+        let udp_flow = Flow {
+            state: STATE_ESTABLISHED,
+            seen: now - 59,
+            ..Flow::default()
+        };
+        entries.insert(udp, udp_flow);
+        assert!(expired(&entries, backend, &conf, now, false).is_empty());
+        let mut gone = expired(&entries, backend, &conf, now, true);
+        gone.sort_by_key(|k| (k.sport, k.dport));
+        let nat3 = nat_flow(3, STATE_ESTABLISHED, 0, 0);
+        let mut want = vec![old, nat3[0].0, nat3[1].0];
+        want.sort_by_key(|k| (k.sport, k.dport));
+        assert_eq!(gone, want);
+        assert!(!under_pressure(895, 1024) && under_pressure(896, 1024));
+        assert!(!under_pressure(0, 0));
     }
 }

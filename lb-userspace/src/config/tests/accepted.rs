@@ -722,6 +722,22 @@ fn firewall_rules_parse_and_survive_a_live_check() {
 }
 
 #[test]
+fn a_rate_limit_per_all_is_one_bucket_for_every_source_and_survives_a_live_check() {
+    let text = with_firewall(
+        "rate-limit = { new-flows-per-second = 20000, per = \"all\" }",
+        "rate-limit = { new-flows-per-second = 50, per = \"/24\" }",
+    );
+    let cfg = parse_ok(&text);
+    let limit = cfg.firewall.rate_limit.expect("global limit");
+    assert_eq!(
+        (limit.new_flows_per_second, limit.burst, limit.per),
+        (20000, 20000, 0)
+    );
+    assert_eq!(limit.per_text(), "all");
+    assert_eq!(check(&cfg, Path::new("lb firewall")).expect("valid"), cfg);
+}
+
+#[test]
 fn announce_has_a_default_med_and_survives_a_live_change() {
     assert_eq!(parse_ok(&one_service("", B1)).announce, None);
     let on = parse_ok(&with_announce(

@@ -73,7 +73,7 @@ rejections! {
         => "firewall.rate-limit.burst", "must be between 1 and 100000000";
     firewall_rate_per_bad: with_firewall(
         "rate-limit = { new-flows-per-second = 10, per = \"/4\" }", "")
-        => "firewall.rate-limit.per", "expected \"address\" or a prefix length";
+        => "firewall.rate-limit.per", "expected \"address\", \"all\" (one bucket for every source) or a prefix length";
     service_allow_from_host_bits: one_service("allow-from = [\"198.18.0.2/24\"]", B1)
         => "service[0].allow-from[0]", "host bits set";
     service_deny_from_bad: one_service("deny-from = [\"300.1.2.3/32\"]", B1)

@@ -1,0 +1,184 @@
+//! Neighbour entries the data plane needs, resolved by the kernel on the
+//! agent's request over rtnetlink (`netlink-packet-route`): the program
+//! forwards only to next hops whose MAC is in the neighbour table
+//! (`bpf_fib_lookup`), and a NAT reply cannot be handed to the LB's kernel
+//! instead (its source is the LB's own VIP: dropped as a martian).
+//!
+//! The request is an `RTM_NEWNEIGH` with `NTF_USE` (`ip neigh replace ADDR
+//! dev IF use`): the kernel creates the entry if it has none and runs its
+//! own resolution (an ARP request), or refreshes a stale one, exactly as if
+//! it had a packet for it — and sends nothing to the address's services.
+//! Two sources of addresses: every backend (route looked up with
+//! `RTM_GETROUTE`), every 10 s, so DSR finds their MACs before the first
+//! packet; and the next hops the data plane reports when it finds none
+//! (`NEIGH_WANTED`, drained every 100 ms), so a client whose entry went
+//! stale and was deleted is resolved again before its backend
+//! retransmits.
+
+use std::{io, net::Ipv4Addr};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// A netlink route socket for neighbour requests.
+pub struct Neighbours {
+    socket: Socket,
+    sequence: u32,
+}
+
+impl Neighbours {
+    pub fn new() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Neighbours {
+            socket,
+            sequence: 0,
+        })
+    }
+
+    /// Has the kernel resolve (or refresh) the neighbour `next_hop` on
+    /// interface `ifindex`.
+    pub fn resolve(&mut self, ifindex: u32, next_hop: Ipv4Addr) -> io::Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            next_hop,
+        ))];
+        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        self.request(RouteNetlinkMessage::NewNeighbour(msg), flags)?;
+        Ok(())
+    }
+
+    /// Resolves the next hop the kernel routes `addr` through (its gateway,
+    /// or `addr` itself on a connected network).
+    pub fn resolve_route(&mut self, addr: Ipv4Addr) -> io::Result<()> {
+        let (ifindex, next_hop) = self.route(addr)?;
+        self.resolve(ifindex, next_hop)
+    }
+
+    /// The interface and next hop of the kernel's route to `addr`.
+    fn route(&mut self, addr: Ipv4Addr) -> io::Result<(u32, Ipv4Addr)> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet(addr))];
+        let answer = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST)?;
+        let Some(RouteNetlinkMessage::NewRoute(route)) = answer else {
+            return Err(io::Error::other(format!("no route to {addr}")));
+        };
+        let mut found = (None, addr);
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Oif(i) => found.0 = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = *gw,
+                _ => {}
+            }
+        }
+        match found {
+            (Some(ifindex), next_hop) => Ok((ifindex, next_hop)),
+            (None, _) => Err(io::Error::other(format!(
+                "the route to {addr} has no interface"
+            ))),
+        }
+    }
+
+    /// Sends one request and reads its answer: the message it returns, if
+    /// any; an error for a netlink error (an ACK is `Ok(None)`).
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Option<RouteNetlinkMessage>> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        loop {
+            let (answer, _) = self.socket.recv_from_full()?;
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
+                .map_err(|e| io::Error::other(format!("netlink answer: {e}")))?;
+            if reply.header.sequence_number != self.sequence {
+                continue; // an answer to an earlier request that gave up
+            }
+            return match reply.payload {
+                NetlinkPayload::Error(e) => match e.code {
+                    Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                    None => Ok(None),
+                },
+                NetlinkPayload::InnerMessage(m) => Ok(Some(m)),
+                _ => Ok(None),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (a network namespace of its own, made with unshare):
+    /// `cargo xtask test` runs the host tests as root.
+    #[test]
+    fn a_use_request_creates_an_entry_the_kernel_resolves_itself() {
+        if !rustix::process::geteuid().is_root() {
+            panic!("this test needs root (a network namespace)");
+        }
+        std::thread::spawn(|| {
+            // SAFETY: plain syscall; it moves only this thread (and the
+            // commands it starts) into a new network namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let run = |args: &[&str]| {
+                let ok = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .expect("ip")
+                    .success();
+                assert!(ok, "ip {args:?}");
+            };
+            run(&["link", "add", "wa0", "type", "veth", "peer", "name", "wa1"]);
+            run(&["addr", "add", "198.18.99.1/24", "dev", "wa0"]);
+            run(&["link", "set", "wa0", "up"]);
+            run(&["link", "set", "wa1", "up"]);
+            let mut n = Neighbours::new().expect("netlink socket");
+            let peer = Ipv4Addr::new(198, 18, 99, 7);
+            n.resolve_route(peer).expect("resolve");
+            let out = std::process::Command::new("ip")
+                .args(["neigh", "show", "198.18.99.7", "dev", "wa0"])
+                .output()
+                .expect("ip neigh");
+            let text = String::from_utf8_lossy(&out.stdout);
+            // Nobody answers ARP on the peer: the entry exists and is being
+            // resolved (or has failed), which only the kernel's own
+            // resolution does.
+            assert!(
+                ["INCOMPLETE", "FAILED", "PROBE"]
+                    .iter()
+                    .any(|s| text.contains(s)),
+                "{text:?}"
+            );
+            assert!(
+                n.resolve_route(Ipv4Addr::new(203, 0, 113, 1)).is_err(),
+                "no route"
+            );
+        })
+        .join()
+        .expect("the namespace thread");
+    }
+}
