@@ -749,6 +749,13 @@ fn logs_are_one_line_per_event_at_the_right_level() -> Result<()> {
             .collect();
         println!("{} lines at start:\n{}", start.len(), text.join("\n"));
         for l in &start {
+            // The host checks' findings (`lb doctor` at `lb run`) are
+            // warnings about the host, not events of the agent: the lab's
+            // back bridge hides the backends' veths, which it says once.
+            if message(l).starts_with("host check: ") {
+                assert_eq!(l["level"], "WARN", "{l}");
+                continue;
+            }
             assert_eq!(l["level"], "INFO", "a normal start is all INFO: {l}");
             let m = message(l);
             for debug in ["Tcp", "Udp", "Nat", "Native", "RoundRobin"] {
