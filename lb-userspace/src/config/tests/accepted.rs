@@ -789,3 +789,41 @@ fn maglev_table_size_and_weights_with_the_hash_and_load_schedulers() {
     }
     assert_eq!(parse_ok(&text).services.len(), 16);
 }
+
+#[test]
+fn a_dns_check_takes_its_defaults_and_canonical_forms() {
+    let text = format!(
+        "{DP}[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:53\"\nprotocol = \"udp\"\n\
+         health = {{ check = \"dns\", query-name = \"WWW.foobar.com\" }}\n\
+         backends = [{{ address = \"198.19.0.11:53\" }}, \
+         {{ address = \"198.19.0.12:53\", health = {{ check = \"dns\", query-name = \"foobar.com.\", \
+         query-type = \"txt\", transport = \"tcp\", expect-rcode = \"refused\" }} }}]\n"
+    );
+    let config = parse_ok(&text);
+    let service = &config.services[0];
+    let checks: Vec<&CheckKind> = service
+        .backends
+        .iter()
+        .filter_map(|b| service.health_for(b).map(|h| &h.check))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            &CheckKind::Dns(DnsCheck {
+                name: "WWW.foobar.com.".into(),
+                record_type: "A".into(),
+                transport: DnsTransport::Udp,
+                expect_rcode: DnsRcode::NoError,
+                expect_answer: None,
+            }),
+            &CheckKind::Dns(DnsCheck {
+                name: "foobar.com.".into(),
+                record_type: "TXT".into(),
+                transport: DnsTransport::Tcp,
+                expect_rcode: DnsRcode::Refused,
+                expect_answer: None,
+            }),
+        ]
+    );
+    assert_eq!(check(&config, Path::new("live")).expect("check"), config);
+}
