@@ -335,8 +335,12 @@ fn foobar_toml_parses() {
             listen: addr("127.0.0.1:9100")
         })
     );
-    // www, www-udp, www-tls, and the pool's db-write and db-read.
-    assert_eq!(config.services.len(), 5);
+    // www, www-udp, www-tls, dns, and the pool's db-write and db-read.
+    assert_eq!(config.services.len(), 6);
+    assert!(matches!(
+        config.services[3].health.as_ref().map(|h| &h.check),
+        Some(CheckKind::Dns(d)) if d.name == "www.foobar.com." && d.record_type == "A"
+    ));
     assert_eq!(config.pools.len(), 1);
     assert_eq!(config.pools[0].members.len(), 3);
 

@@ -50,6 +50,27 @@ pub fn vip_dns() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, DNS_PORT))
 }
 
+/// The `dns` service of `lb lab up`'s configs: UDP on VIP:53, round robin
+/// over the webs' NSD, each checked with a DNS query for [`DNS_NAME`].
+pub fn dns_service_config() -> String {
+    let backends: Vec<String> = (1..=WEB_NAMES.len())
+        .map(|n| {
+            format!(
+                "{{ address = \"{}:{DNS_PORT}\", name = \"web{n}\" }}",
+                web_addr(n)
+            )
+        })
+        .collect();
+    format!(
+        "\n[[service]]\nname = \"dns\"\nvip = \"{VIP}:{DNS_PORT}\"\nprotocol = \"udp\"\n\
+         scheduler = \"round-robin\"\n\
+         health = {{ check = \"dns\", query-name = \"{DNS_NAME}\", query-type = \"A\", \
+         interval = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
+         backends = [ {} ]\n",
+        backends.join(", ")
+    )
+}
+
 impl Lab {
     fn dns_dir(&self, n: usize) -> PathBuf {
         self.run_dir().join(format!("dns-web{n}"))
@@ -95,12 +116,14 @@ impl Lab {
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let conf = conf.display().to_string();
-        let child = netns::ns_command(&self.web_ns(n), &["nsd", "-d", "-c", &conf])
-            .stdin(Stdio::null())
+        let mut cmd = netns::ns_command(&self.web_ns(n), &["nsd", "-d", "-c", &conf]);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn_gated()
-            .context("starting nsd")?;
+            .stderr(Stdio::from(err));
+        // Its own process group, as the lab's MariaDB: `lb lab up` returns
+        // and leaves it running (teardown finds it in its namespace).
+        netns::new_session(&mut cmd);
+        let child = cmd.spawn_gated().context("starting nsd")?;
         self.children.push(child);
         // Up when it answers (any rcode: a missing zone is SERVFAIL).
         let target = SocketAddr::V4(SocketAddrV4::new(addr, DNS_PORT));

@@ -51,7 +51,9 @@ pub use db::{
     ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
     admin_password_file, db_addr, pool_config, read_vip, write_vip,
 };
-pub use dns::{DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, vip_dns};
+pub use dns::{
+    DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
+};
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
