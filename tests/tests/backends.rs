@@ -14,7 +14,10 @@ use lb_tests::{
 use lb_userspace::{
     control::{AdminState, BackendChange, FirewallChange, Request, RuleEdit},
     harness::{
-        lab::{HTTPS_PORT, HttpConn, LAB_CERT_DAYS, Lab, SITE_NAME, http_get, vip_http, web_addr},
+        lab::{
+            DNS_NAME, DNS_PORT, DnsZone, HTTPS_PORT, HttpConn, LAB_CERT_DAYS, Lab, SITE_NAME,
+            dns_query, http_get, vip_dns, vip_http, web_addr,
+        },
         netns::in_netns,
     },
 };
@@ -490,5 +493,89 @@ fn a_tls_check_exports_the_certificate_expiry() -> Result<()> {
             "web{n} expires in {days} days, the lab made it {LAB_CERT_DAYS}"
         );
     }
+    Ok(())
+}
+
+/// `check = "dns"` on a `dns` service (UDP :53 on the VIP) over a real DNS
+/// server (NSD) in each web: every backend is up and a client's query
+/// through the VIP is answered (by each web in turn); web2's server
+/// restarted with its zone file missing answers SERVFAIL and goes DOWN;
+/// back up, then stopped, it goes DOWN again (nothing answers).
+#[test]
+fn a_dns_check_takes_a_servfailing_or_stopped_server_down() -> Result<()> {
+    let mut lab = lab()?;
+    for n in 1..=3 {
+        lab.start_dns(n, DnsZone::Serving)?;
+    }
+    let cfg = one_service(
+        "name = \"dns\"\nprotocol = \"udp\"",
+        DNS_PORT,
+        &format!("check = \"dns\", query-name = \"{DNS_NAME}\", query-type = \"A\""),
+        "",
+    );
+    let _agent = lab.start_agent(&cfg)?;
+    let web2 = |s: &lb_userspace::control::Status| backend_status(s, "dns", "web2");
+    let bound = Duration::from_millis((FALL + 1) * INTERVAL_MS + 1000);
+    wait_for_status(&lab, "every DNS backend up", bound * 3, |s| {
+        s.services[0].backends.iter().all(|b| b.in_ring)
+    })?;
+    // Clients through the VIP: each query a new flow, round robin.
+    let ask = |lab: &Lab| -> Result<Vec<std::net::Ipv4Addr>> {
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let a = in_netns(&lab.client_ns(), || {
+                dns_query(vip_dns(), DNS_NAME, Duration::from_secs(1))
+            })??;
+            ensure!(a.rcode == "NOERROR" && a.addresses.len() == 1, "{a:?}");
+            seen.extend(a.addresses);
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        Ok(seen)
+    };
+    let all: Vec<_> = (1..=3).map(web_addr).collect();
+    ensure!(ask(&lab)? == all, "every web answers through the VIP");
+
+    // 1. web2's server comes back with its zone file missing: SERVFAIL.
+    lab.stop_dns(2)?;
+    lab.start_dns(2, DnsZone::Missing)?;
+    let direct = in_netns(&lab.client_ns(), || {
+        dns_query(
+            std::net::SocketAddr::from((web_addr(2), DNS_PORT)),
+            DNS_NAME,
+            Duration::from_secs(1),
+        )
+    })??;
+    ensure!(direct.rcode == "SERVFAIL", "{direct:?}");
+    let took = wait_for_status(&lab, "web2 down (SERVFAIL)", bound, |s| {
+        web2(s).is_ok_and(|b| {
+            !b.in_ring
+                && b.last_check
+                    .as_deref()
+                    .is_some_and(|c| c.contains("rcode SERVFAIL"))
+        })
+    })?;
+    eprintln!("SERVFAIL: web2 down {took:?} after its server came back without its zone");
+    ensure!(
+        ask(&lab)? == [web_addr(1), web_addr(3)],
+        "web2 out of the ring"
+    );
+
+    // 2. Serving again, then stopped: the port closes.
+    lab.stop_dns(2)?;
+    lab.start_dns(2, DnsZone::Serving)?;
+    wait_for_status(&lab, "web2 up again", bound * 2, |s| {
+        web2(s).is_ok_and(|b| b.in_ring)
+    })?;
+    lab.stop_dns(2)?;
+    let took = wait_for_status(&lab, "web2 down (stopped)", bound, |s| {
+        web2(s).is_ok_and(|b| !b.in_ring)
+    })?;
+    let why = web2(&checked_status(&lab)?)?.last_check.unwrap_or_default();
+    ensure!(
+        why.contains("ICMP port unreachable") || why.contains("no reply from"),
+        "{why}"
+    );
+    eprintln!("stopped: web2 down {took:?} after its server stopped ({why})");
     Ok(())
 }

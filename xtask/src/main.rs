@@ -204,6 +204,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // (lab db1..db3, tests/tests/db.rs) and the client for their setup.
     ("mariadb-server", "/usr/sbin/mariadbd"),
     ("mariadb-client", "/usr/bin/mariadb"),
+    // The lab's DNS servers behind the `dns` service (harness/lab/dns.rs,
+    // tests/tests/backends.rs): authoritative NSD, one per web namespace.
+    ("nsd", "/usr/sbin/nsd"),
 ];
 
 fn setup() -> anyhow::Result<()> {

@@ -452,6 +452,80 @@ pub enum CheckKind {
     Udp(UdpCheck),
     /// A TLS handshake; the certificate's expiry is exported.
     Tls(TlsCheck),
+    /// A DNS query, its rcode (and optionally an answer) checked.
+    Dns(DnsCheck),
+}
+
+/// `check = "dns"`: one DNS query (built and parsed by hickory-proto) for
+/// `name`/`record_type`; the reply must carry `expect_rcode` and, if set,
+/// an answer record whose data reads `expect_answer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsCheck {
+    /// The name queried, fully qualified (ends in `.`; checked at load).
+    pub name: String,
+    /// The record type, upper case (`"A"`, `"AAAA"`, `"SOA"`…; checked).
+    pub record_type: String,
+    pub transport: DnsTransport,
+    /// The rcode the reply must carry (`expect-rcode`, default NOERROR).
+    pub expect_rcode: DnsRcode,
+    /// An answer record of `record_type` must read this (an address for A
+    /// and AAAA, else the record's presentation form).
+    pub expect_answer: Option<String>,
+}
+
+/// How a DNS probe travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsTransport {
+    /// UDP, and the same query again over TCP when the reply is truncated.
+    Udp,
+    /// TCP only.
+    Tcp,
+}
+
+/// The rcodes a check can expect (RFC 1035's, by their usual names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsRcode {
+    NoError,
+    FormErr,
+    ServFail,
+    NxDomain,
+    NotImp,
+    Refused,
+}
+
+impl DnsRcode {
+    pub const ALL: [(DnsRcode, &'static str, u16); 6] = [
+        (DnsRcode::NoError, "NOERROR", 0),
+        (DnsRcode::FormErr, "FORMERR", 1),
+        (DnsRcode::ServFail, "SERVFAIL", 2),
+        (DnsRcode::NxDomain, "NXDOMAIN", 3),
+        (DnsRcode::NotImp, "NOTIMP", 4),
+        (DnsRcode::Refused, "REFUSED", 5),
+    ];
+
+    /// `"NOERROR"`, `"SERVFAIL"`…
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(r, ..)| *r == self)
+            .map_or("?", |(_, name, _)| name)
+    }
+
+    /// The wire value.
+    pub fn code(self) -> u16 {
+        Self::ALL
+            .iter()
+            .find(|(r, ..)| *r == self)
+            .map_or(u16::MAX, |(.., code)| *code)
+    }
+
+    /// By name, any case.
+    pub fn parse(text: &str) -> Option<DnsRcode> {
+        Self::ALL
+            .iter()
+            .find(|(_, name, _)| name.eq_ignore_ascii_case(text))
+            .map(|(r, ..)| *r)
+    }
 }
 
 /// `check = "tls"`: a TLS handshake (rustls) within the timeout.

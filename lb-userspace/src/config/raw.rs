@@ -4,8 +4,8 @@
 use serde::{Deserialize, Deserializer, de::IntoDeserializer};
 
 use super::{
-    Backend, CheckKind, Config, Forwarding, HealthCheck, OnBackendDown, Protocol, RateLimit,
-    Scheduler, Service, UdpExpect, XdpMode, duration,
+    Backend, CheckKind, Config, DnsTransport, Forwarding, HealthCheck, OnBackendDown, Protocol,
+    RateLimit, Scheduler, Service, UdpExpect, XdpMode, duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -147,6 +147,12 @@ pub(super) struct RawHealth {
     /// `check = "tls"`: the server name and the CA to verify against.
     pub(super) sni: Option<String>,
     pub(super) ca_file: Option<String>,
+    /// `check = "dns"`: the query and what its reply must say.
+    pub(super) query_name: Option<String>,
+    pub(super) query_type: Option<String>,
+    pub(super) transport: Option<String>,
+    pub(super) expect_rcode: Option<String>,
+    pub(super) expect_answer: Option<String>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -157,6 +163,7 @@ pub(super) enum RawCheck {
     Mysql,
     Udp,
     Tls,
+    Dns,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +282,7 @@ impl From<&HealthCheck> for RawHealth {
         let mut login = (None, None, None);
         let mut udp = (None, None, None);
         let mut tls = (None, None);
+        let mut dns = (None, None, None, None, None);
         let (check, path, expect_status, expect_body) = match &h.check {
             CheckKind::Tcp => (RawCheck::Tcp, None, None, None),
             CheckKind::Udp(u) => {
@@ -298,6 +306,22 @@ impl From<&HealthCheck> for RawHealth {
                     t.ca.as_ref().map(|(path, _)| path.display().to_string()),
                 );
                 (RawCheck::Tls, None, None, None)
+            }
+            CheckKind::Dns(d) => {
+                dns = (
+                    Some(d.name.clone()),
+                    Some(d.record_type.clone()),
+                    Some(
+                        match d.transport {
+                            DnsTransport::Udp => "udp",
+                            DnsTransport::Tcp => "tcp",
+                        }
+                        .to_owned(),
+                    ),
+                    Some(d.expect_rcode.name().to_owned()),
+                    d.expect_answer.clone(),
+                );
+                (RawCheck::Dns, None, None, None)
             }
             CheckKind::Mysql(l) => {
                 login = (
@@ -340,6 +364,11 @@ impl From<&HealthCheck> for RawHealth {
             expect_regex: udp.2,
             sni: tls.0,
             ca_file: tls.1,
+            query_name: dns.0,
+            query_type: dns.1,
+            transport: dns.2,
+            expect_rcode: dns.3,
+            expect_answer: dns.4,
         }
     }
 }

@@ -16,9 +16,9 @@ use lb_common::{
 };
 
 use super::{
-    Announce, Backend, CheckKind, Config, ConfigError, Dataplane, Firewall, Forwarding,
-    HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit, Scheduler, Service,
-    ServiceLimits, Timeouts, TlsCheck, UdpCheck, UdpExpect, XdpMode, duration,
+    Announce, Backend, CheckKind, Config, ConfigError, Dataplane, DnsCheck, DnsRcode, DnsTransport,
+    Firewall, Forwarding, HealthCheck, Monitoring, OnBackendDown, Prefix, Protocol, RateLimit,
+    Scheduler, Service, ServiceLimits, Timeouts, TlsCheck, UdpCheck, UdpExpect, XdpMode, duration,
     raw::{
         RawAnnounce, RawBackend, RawCheck, RawConfig, RawDataplane, RawHealth, RawMonitoring,
         RawRateLimit, RawService, RawTimeouts,
@@ -783,6 +783,87 @@ impl Validator<'_> {
         Ok(TlsCheck { sni, ca })
     }
 
+    /// `check = "dns"`: `query-name` (required, a DNS name), `query-type`
+    /// (default A), `transport` (udp, the default, or tcp), `expect-rcode`
+    /// (default NOERROR) and an optional `expect-answer` (an address for A
+    /// and AAAA). Takes the keys it uses out of `raw`.
+    fn dns_check(&self, prefix: &str, raw: &mut RawHealth) -> Result<DnsCheck, ConfigError> {
+        use hickory_proto::rr::{Name, RecordType};
+        let key = |field: &str| format!("{prefix}.{field}");
+        let text = self.required(raw.query_name.take(), &key("query-name"))?;
+        let mut name = Name::from_ascii(&text)
+            .map_err(|e| self.err(key("query-name"), format!("not a DNS name {text:?}: {e}")))?;
+        if name.is_root() {
+            return Err(self.err(key("query-name"), "give a name below the root"));
+        }
+        name.set_fqdn(true);
+        let record_type = raw.query_type.take().unwrap_or_else(|| "A".to_owned());
+        let parsed = record_type
+            .to_ascii_uppercase()
+            .parse::<RecordType>()
+            .ok()
+            // Types that are not questions about data (OPT, ANY, AXFR…).
+            .filter(|t| {
+                !matches!(
+                    t,
+                    RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT
+                )
+            });
+        let Some(parsed) = parsed else {
+            return Err(self.err(
+                key("query-type"),
+                format!("not a record type to query: {record_type:?} (e.g. \"A\", \"AAAA\", \"SOA\", \"TXT\")"),
+            ));
+        };
+        let transport = match raw.transport.take().as_deref() {
+            None | Some("udp") => DnsTransport::Udp,
+            Some("tcp") => DnsTransport::Tcp,
+            Some(other) => {
+                return Err(self.err(
+                    key("transport"),
+                    format!("must be \"udp\" (with TCP when truncated) or \"tcp\", got {other:?}"),
+                ));
+            }
+        };
+        let expect_rcode = match raw.expect_rcode.take() {
+            None => DnsRcode::NoError,
+            Some(text) => DnsRcode::parse(&text).ok_or_else(|| {
+                let names: Vec<&str> = DnsRcode::ALL.iter().map(|(_, n, _)| *n).collect();
+                self.err(
+                    key("expect-rcode"),
+                    format!("must be one of {}, got {text:?}", names.join(", ")),
+                )
+            })?,
+        };
+        let expect_answer = raw.expect_answer.take();
+        if let Some(answer) = &expect_answer {
+            let valid = match parsed {
+                RecordType::A => answer.parse::<std::net::Ipv4Addr>().is_ok(),
+                RecordType::AAAA => answer.parse::<std::net::Ipv6Addr>().is_ok(),
+                _ => !answer.trim().is_empty(),
+            };
+            if !valid {
+                return Err(self.err(
+                    key("expect-answer"),
+                    format!("not {parsed} record data: {answer:?}"),
+                ));
+            }
+            if expect_rcode != DnsRcode::NoError {
+                return Err(self.err(
+                    key("expect-answer"),
+                    format!("an answer comes with NOERROR, not {}", expect_rcode.name()),
+                ));
+            }
+        }
+        Ok(DnsCheck {
+            name: name.to_ascii(),
+            record_type: parsed.to_string(),
+            transport,
+            expect_rcode,
+            expect_answer,
+        })
+    }
+
     /// `max-connections`: at least 1 (0 would be a drain: say so).
     fn max_connections(&self, raw: Option<i64>, key: &str) -> Result<Option<u32>, ConfigError> {
         match raw {
@@ -928,7 +1009,19 @@ impl Validator<'_> {
             )?),
             RawCheck::Udp => CheckKind::Udp(self.udp_check(prefix, &mut raw)?),
             RawCheck::Tls => CheckKind::Tls(self.tls_check(prefix, &mut raw)?),
+            RawCheck::Dns => CheckKind::Dns(self.dns_check(prefix, &mut raw)?),
         };
+        // Keys of the DNS check on another check would be silently ignored.
+        let dns_keys = [
+            ("query-name", raw.query_name.is_some()),
+            ("query-type", raw.query_type.is_some()),
+            ("transport", raw.transport.is_some()),
+            ("expect-rcode", raw.expect_rcode.is_some()),
+            ("expect-answer", raw.expect_answer.is_some()),
+        ];
+        if let Some((field, _)) = dns_keys.iter().find(|(_, set)| *set) {
+            return Err(self.err(key(field), "only valid with check = \"dns\""));
+        }
         let tls_keys = [
             ("sni", raw.sni.is_some()),
             ("ca-file", raw.ca_file.is_some()),

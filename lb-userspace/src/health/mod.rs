@@ -31,6 +31,7 @@ use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle, time::MissedTickBehav
 use crate::config::{Config, HealthCheck};
 
 mod counter;
+mod dns;
 pub mod mysql;
 mod probe;
 #[cfg(test)]

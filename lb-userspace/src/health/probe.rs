@@ -47,6 +47,9 @@ pub async fn probe(
     if let CheckKind::Udp(udp) = check {
         return super::udp::probe(address, udp, timeout).await;
     }
+    if let CheckKind::Dns(dns) = check {
+        return super::dns::probe(address, dns, timeout).await;
+    }
     if let CheckKind::Tls(tls) = check {
         return super::tls::probe(address, tls, timeout).await.map(drop);
     }

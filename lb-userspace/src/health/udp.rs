@@ -6,7 +6,10 @@
 
 use std::{net::SocketAddrV4, time::Duration};
 
-use tokio::{net::UdpSocket, time::timeout_at};
+use tokio::{
+    net::UdpSocket,
+    time::{Instant, timeout_at},
+};
 
 use super::probe::{ProbeError, deadline_after, io_reason, is_local};
 use crate::config::{UdpCheck, duration::show};
@@ -20,6 +23,23 @@ pub async fn probe(
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let deadline = deadline_after(timeout);
+    let reply = exchange(address, &check.send, deadline, timeout, |_| true).await?;
+    check
+        .expect
+        .check(&reply)
+        .map_err(|why| ProbeError::Backend(format!("{address}: {why}")))
+}
+
+/// Sends `payload` from a connected socket and returns the first reply
+/// that `accept` takes (others are skipped) before `deadline`; an ICMP
+/// port unreachable fails at once. Also the DNS check's UDP leg.
+pub(super) async fn exchange(
+    address: SocketAddrV4,
+    payload: &[u8],
+    deadline: Instant,
+    timeout: Duration,
+    accept: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, ProbeError> {
     let fail = |step: &str, e: &std::io::Error| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
             ProbeError::Backend(format!(
@@ -39,18 +59,20 @@ pub async fn probe(
         .await
         .map_err(|e| fail("connect", &e))?;
     socket
-        .send(&check.send)
+        .send(payload)
         .await
         .map_err(|e| fail("send to", &e))?;
     let mut reply = vec![0u8; REPLY_CAP];
-    let n = timeout_at(deadline, socket.recv(&mut reply))
-        .await
-        .map_err(|_| format!("no reply from {address} within {}", show(timeout)))?
-        .map_err(|e| fail("reply from", &e))?;
-    check
-        .expect
-        .check(&reply[..n])
-        .map_err(|why| ProbeError::Backend(format!("{address}: {why}")))
+    loop {
+        let n = timeout_at(deadline, socket.recv(&mut reply))
+            .await
+            .map_err(|_| format!("no reply from {address} within {}", show(timeout)))?
+            .map_err(|e| fail("reply from", &e))?;
+        if accept(&reply[..n]) {
+            reply.truncate(n);
+            return Ok(reply);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -335,8 +335,12 @@ fn foobar_toml_parses() {
             listen: addr("127.0.0.1:9100")
         })
     );
-    // www, www-udp, www-tls, and the pool's db-write and db-read.
-    assert_eq!(config.services.len(), 5);
+    // www, www-udp, www-tls, dns, and the pool's db-write and db-read.
+    assert_eq!(config.services.len(), 6);
+    assert!(matches!(
+        config.services[3].health.as_ref().map(|h| &h.check),
+        Some(CheckKind::Dns(d)) if d.name == "www.foobar.com." && d.record_type == "A"
+    ));
     assert_eq!(config.pools.len(), 1);
     assert_eq!(config.pools[0].members.len(), 3);
 
@@ -833,4 +837,42 @@ fn host_example_toml_parses() {
         assert!(s.health.is_some(), "{}: every service is checked", s.name);
     }
     assert!(config.services[0].backends.iter().any(|b| b.backup));
+}
+
+#[test]
+fn a_dns_check_takes_its_defaults_and_canonical_forms() {
+    let text = format!(
+        "{DP}[[service]]\nname = \"dns\"\nvip = \"198.18.0.10:53\"\nprotocol = \"udp\"\n\
+         health = {{ check = \"dns\", query-name = \"WWW.foobar.com\" }}\n\
+         backends = [{{ address = \"198.19.0.11:53\" }}, \
+         {{ address = \"198.19.0.12:53\", health = {{ check = \"dns\", query-name = \"foobar.com.\", \
+         query-type = \"txt\", transport = \"tcp\", expect-rcode = \"refused\" }} }}]\n"
+    );
+    let config = parse_ok(&text);
+    let service = &config.services[0];
+    let checks: Vec<&CheckKind> = service
+        .backends
+        .iter()
+        .filter_map(|b| service.health_for(b).map(|h| &h.check))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            &CheckKind::Dns(DnsCheck {
+                name: "WWW.foobar.com.".into(),
+                record_type: "A".into(),
+                transport: DnsTransport::Udp,
+                expect_rcode: DnsRcode::NoError,
+                expect_answer: None,
+            }),
+            &CheckKind::Dns(DnsCheck {
+                name: "foobar.com.".into(),
+                record_type: "TXT".into(),
+                transport: DnsTransport::Tcp,
+                expect_rcode: DnsRcode::Refused,
+                expect_answer: None,
+            }),
+        ]
+    );
+    assert_eq!(check(&config, Path::new("live")).expect("check"), config);
 }

@@ -254,6 +254,20 @@ rejections! {
         => "service[0].health.expect-status", "must be between 100 and 599, got 600";
     expect_status_too_small: with_health("check = \"http\", expect-status = 99")
         => "service[0].health.expect-status", "got 99";
+    dns_without_query_name: with_health("check = \"dns\"")
+        => "service[0].health.query-name", "required key is missing";
+    dns_bad_query_name: with_health("check = \"dns\", query-name = \"a..b\"")
+        => "service[0].health.query-name", "not a DNS name";
+    dns_unknown_query_type: with_health("check = \"dns\", query-name = \"a.b\", query-type = \"IXFR\"")
+        => "service[0].health.query-type", "not a record type to query";
+    dns_unknown_transport: with_health("check = \"dns\", query-name = \"a.b\", transport = \"doh\"")
+        => "service[0].health.transport", "must be \"udp\" (with TCP when truncated) or \"tcp\"";
+    dns_unknown_rcode: with_health("check = \"dns\", query-name = \"a.b\", expect-rcode = \"FAIL\"")
+        => "service[0].health.expect-rcode", "must be one of NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED";
+    dns_answer_not_an_address: with_health("check = \"dns\", query-name = \"a.b\", expect-answer = \"web1\"")
+        => "service[0].health.expect-answer", "not A record data";
+    query_name_on_tcp_check: with_health("check = \"tcp\", query-name = \"a.b\"")
+        => "service[0].health.query-name", "only valid with check = \"dns\"";
     rise_0: with_health("check = \"tcp\", rise = 0")
         => "service[0].health.rise", "between 1 and 100, got 0";
     fall_101: with_health("check = \"tcp\", fall = 101")

@@ -13,9 +13,9 @@ use signal_hook::{
 };
 
 use super::{
-    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, HTTPS_PORT, LB_BACK, LB_FRONT, Lab,
-    MONITORING_LISTEN, SITE_DENIED, SITE_NAME, UDP_PORT, VIP, WEB_NAMES, down, http_get,
-    site_config, vip_http, web_addr,
+    CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, DNS_NAME, DNS_PORT, DnsZone, HTTPS_PORT, LB_BACK,
+    LB_FRONT, Lab, MONITORING_LISTEN, SITE_DENIED, SITE_NAME, UDP_PORT, VIP, WEB_NAMES,
+    dns_service_config, down, http_get, site_config, vip_http, web_addr,
 };
 use crate::{
     config::Forwarding,
@@ -158,6 +158,10 @@ fn up(prefix: &str, mode: Forwarding) -> anyhow::Result<()> {
     lab.set_mode(mode)?;
     lab.start_databases()
         .context("starting the lab's databases (db1..db3)")?;
+    for n in 1..=WEB_NAMES.len() {
+        lab.start_dns(n, DnsZone::Serving)
+            .with_context(|| format!("starting the DNS server of web{n}"))?;
+    }
     let configs = write_configs(&lab)?;
     let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
     let pid_file = lab.run_dir().join("servers.pid");
@@ -237,7 +241,7 @@ fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
         .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
         let pool = super::site_pool_config(&lab.run_dir(), Some("5s"));
-        fs::write(path, site_config(*mode) + &pool)
+        fs::write(path, site_config(*mode) + &dns_service_config() + &pool)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(configs)
@@ -295,13 +299,13 @@ fn print_instructions(
     );
     for (i, name) in WEB_NAMES.iter().enumerate() {
         println!(
-            "  {}: eth0 {}/24, VIP on lo; HTTP :80, HTTPS :443, UDP :{UDP_PORT} (answers \"{name}\")",
+            "  {}: eth0 {}/24, VIP on lo; HTTP :80, HTTPS :443, UDP :{UDP_PORT} (answers \"{name}\"), DNS :{DNS_PORT} (NSD: {DNS_NAME} A = its address)",
             lab.web_ns(i + 1),
             web_addr(i + 1)
         );
     }
     println!(
-        "  services: tcp {VIP}:80, udp {VIP}:{UDP_PORT} and tcp {VIP}:443 (TLS passed through), round robin over web1, web2, web3"
+        "  services: tcp {VIP}:80, udp {VIP}:{UDP_PORT}, tcp {VIP}:443 (TLS passed through) and udp {VIP}:{DNS_PORT} (dns, check = \"dns\"), round robin over web1, web2, web3"
     );
     println!(
         "  TLS: lab CA {} (the webs hold their keys; the LB never sees them)",

@@ -19,6 +19,7 @@ mod cli;
 mod client;
 mod db;
 mod db_demo;
+mod dns;
 mod ha;
 mod serve;
 mod teardown;
@@ -49,6 +50,9 @@ pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, u
 pub use db::{
     ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, VISITS_TABLE, WRITE_VIP,
     admin_password_file, db_addr, pool_config, read_vip, site_pool_config, write_vip,
+};
+pub use dns::{
+    DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
 pub use serve::{ServeArgs, bulk_byte, serve};
