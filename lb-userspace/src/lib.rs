@@ -26,6 +26,7 @@ pub mod agent;
 pub mod announce;
 pub mod config;
 pub mod control;
+pub mod coord;
 pub mod dataplane;
 pub mod db;
 pub mod explain;

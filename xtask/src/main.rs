@@ -162,6 +162,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // (lab db1..db3, tests/tests/db.rs) and the client for their setup.
     ("mariadb-server", "/usr/sbin/mariadbd"),
     ("mariadb-client", "/usr/bin/mariadb"),
+    // `[coordination]`'s store: a real etcd cluster in the coordination
+    // tests (tests/tests/coordination.rs, harness/etcd.rs). The agent speaks
+    // etcd's JSON gateway, so no protoc is needed to build lb.
+    ("etcd-server", "/usr/bin/etcd"),
 ];
 
 fn setup() -> anyhow::Result<()> {
