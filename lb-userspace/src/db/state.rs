@@ -981,4 +981,44 @@ mod tests {
         assert_eq!(s.routing.writer, None);
         assert_eq!(s.failover_due(t0 + Duration::from_secs(9)), None);
     }
+
+    #[test]
+    fn a_new_leader_finishes_or_redoes_a_promotion_the_dead_leader_left() {
+        let t0 = Instant::now();
+        let takeover = |s: &mut PoolState, at: Instant| {
+            let view = coord::View {
+                leader: "lb2".into(),
+                leader_revision: 11,
+                mine: true,
+                renewed: at,
+                recorded: Some(coord::Recorded {
+                    primary: "db1".into(),
+                    revision: 7,
+                }),
+            };
+            s.coordinate(at, |c| c.observed(view, at))
+        };
+        // lb1 made db2 writable, then died before recording it.
+        let mut s = coordinated("lb2", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        s.record("db1", down(), t0);
+        s.record("db1", down(), t0);
+        s.record("db2", primary(11), t0);
+        assert_eq!(s.routing.writer, None);
+        let o = takeover(&mut s, t0 + Duration::from_secs(2));
+        assert_eq!(o.record.as_deref(), Some("db2"), "finishes it: records db2");
+        assert_eq!(s.failover_due(t0 + Duration::from_secs(9)), None);
+
+        // lb1 died before db2 was writable: the new leader promotes again.
+        let mut s = coordinated("lb2", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        s.record("db1", down(), t0);
+        s.record("db1", down(), t0);
+        let at = t0 + Duration::from_secs(2);
+        assert!(!s.may_act(at));
+        let o = takeover(&mut s, at);
+        assert_eq!(o.record, None);
+        assert!(s.may_act(at));
+        assert_eq!(s.failover_due(at), Some(Ok("db2".to_owned())));
+    }
 }
