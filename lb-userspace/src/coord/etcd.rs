@@ -4,7 +4,13 @@
 //! guarded record need. Why not gRPC (`etcd-client`): see
 //! docs/architecture.md ("Coordination").
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use http_body_util::{BodyExt, Full};
@@ -28,6 +34,9 @@ pub enum EtcdError {
 pub struct Etcd {
     endpoints: Vec<(String, String)>,
     timeout: Duration,
+    /// The endpoint that answered last, tried first: a silent member costs
+    /// one timeout once, not at every call.
+    preferred: Arc<AtomicUsize>,
 }
 
 /// One key as etcd holds it.
@@ -58,15 +67,22 @@ impl Etcd {
                 })
                 .collect(),
             timeout,
+            preferred: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let mut errors = Vec::new();
-        for (endpoint, authority) in &self.endpoints {
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        for i in (0..n).map(|k| (first + k) % n) {
+            let (endpoint, authority) = &self.endpoints[i];
             match tokio::time::timeout(self.timeout, post(authority, path, body)).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
                 Ok(Err(why)) => errors.push(format!("{endpoint}: {why}")),
                 Err(_) => errors.push(format!("{endpoint}: no answer in {:?}", self.timeout)),
             }
