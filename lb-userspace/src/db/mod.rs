@@ -1175,6 +1175,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_shows_the_leader_the_lease_age_and_the_record() {
+        let pool = |c: CoordStatus| PoolStatus {
+            name: "db".into(),
+            write_service: "db-write".into(),
+            write_vip: "198.18.0.20:3306".into(),
+            read_service: "db-read".into(),
+            read_vip: "198.18.0.21:3306".into(),
+            primary: Some("db2".into()),
+            writer: Some("db2".into()),
+            readers: vec![],
+            conflicts: 0,
+            max_lag_ms: 2000,
+            auto_failover_ms: None,
+            promoting: false,
+            last_event: None,
+            members: vec![],
+            coordination: Some(c),
+        };
+        let leading = CoordStatus {
+            me: "lb1".into(),
+            leader: Some("lb1".into()),
+            leading: true,
+            lease_age_ms: Some(12_300),
+            recorded_primary: Some("db2".into()),
+            revision: Some(17),
+            etcd_error: None,
+            etcd_silent_ms: Some(100),
+        };
+        let text = render(&[pool(leading.clone())]);
+        assert!(
+            text.contains(
+                "coordination: leader lb1 (this LB) for 12.3s  recorded primary db2 (revision 17)  etcd ok"
+            ),
+            "{text}"
+        );
+        let cut_off = CoordStatus {
+            leading: false,
+            etcd_error: Some("no etcd endpoint answered".into()),
+            etcd_silent_ms: Some(4_000),
+            ..leading
+        };
+        let text = render(&[pool(cut_off)]);
+        assert!(
+            text.contains(
+                "leader lb1 for 12.3s  recorded primary db2 (revision 17)  etcd unreachable for 4.0s: no etcd endpoint answered"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_new_login_is_judged_by_the_members_that_answered() {
         use LoginFailure::{Refused, Unreachable};
         let denied = || Err(Refused("server error 1045: Access denied".into()));
