@@ -30,6 +30,7 @@ pub mod announce;
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod coord;
 pub mod dataplane;
 pub mod db;
 pub mod doctor;

@@ -1101,3 +1101,123 @@ fn bad_credentials_a_member_that_is_not_mysql_and_no_primary_are_reported() -> R
     };
     check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
 }
+
+/// `[coordination]` with one LB and a real three-member etcd (in the LB's
+/// namespace): the LB leads the pool and records db1; db1 crashes under a
+/// write loop → the automatic failover promotes a replica and records it (a newer
+/// revision), every acknowledged write is on it. Then etcd goes away: the
+/// LB keeps routing writes to the recorded primary, refuses `lb db promote`
+/// (it cannot hold the lease), and when that one dies too it routes writes to
+/// nobody and promotes nobody.
+#[test]
+fn coordinated_failover_records_the_primary_and_an_lb_cut_off_from_etcd_never_promotes()
+-> Result<()> {
+    use lb_userspace::harness::etcd::{EtcdCluster, Member};
+    let mut lab = lab_with_databases()?;
+    let members: Vec<Member> = (11..=13)
+        .map(|n| Member {
+            ns: lab.lb_ns(),
+            ip: std::net::Ipv4Addr::new(127, 0, 0, n),
+        })
+        .collect();
+    let etcd_dir = run_dir(lab.prefix()).join("etcd");
+    let mut cluster = Some(EtcdCluster::start(lab.prefix(), members, &etcd_dir)?);
+    let endpoints = cluster
+        .as_ref()
+        .map(|c| c.endpoints())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cfg = format!(
+        "{}\n[coordination]\netcd = [{endpoints}]\nname = \"lb1\"\nlease-ttl = \"2s\"\n",
+        config(&lab, Some("1s"))
+    );
+    let agent = lab.start_agent(&cfg)?;
+    let mut run = || -> Result<()> {
+        let coordination = |s: &Status| pool(s).ok().and_then(|p| p.coordination);
+        wait_for_status(
+            &lab,
+            "lb1 leads and recorded db1",
+            Duration::from_secs(10),
+            |s| {
+                coordination(s)
+                    .is_some_and(|c| c.leading && c.recorded_primary.as_deref() == Some("db1"))
+                    && routed(s, Some("db1"), &["db2", "db3"])
+            },
+        )?;
+        let before = coordination(&status(&lab)?).context("coordination")?;
+        println!("coordination before the crash: {before:?}");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let writes = write_loop(&lab, "coord", Arc::clone(&stop));
+        thread::sleep(Duration::from_millis(1500));
+        let killed_at = started.elapsed();
+        lab.kill_db(1)?;
+        // db2 or db3: whichever holds the most complete history (with
+        // semi-sync, the last event may have reached one replica only).
+        let took = wait_for_status(
+            &lab,
+            "a new primary recorded and routed",
+            Duration::from_secs(15),
+            |s| {
+                coordination(s).is_some_and(|c| {
+                    c.recorded_primary.as_deref().is_some_and(|p| p != "db1")
+                        && c.revision > before.revision
+                        && pool(s).is_ok_and(|p| p.writer == c.recorded_primary)
+                })
+            },
+        )?;
+        let new = coordination(&status(&lab)?)
+            .and_then(|c| c.recorded_primary)
+            .context("recorded primary")?;
+        let (new_n, other_n) = if new == "db2" { (2, 3) } else { (3, 2) };
+        println!("db1 killed: {new} recorded in etcd and routed after {took:?}");
+        finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "coord",
+            new_n,
+            "automatic failover with [coordination] (auto-failover = 1s, lease-ttl = 2s)",
+        )?;
+
+        // etcd goes away: the record stays, writes still go to it.
+        drop(cluster.take());
+        wait_for_status(&lab, "etcd seen unreachable", Duration::from_secs(5), |s| {
+            coordination(s).is_some_and(|c| c.etcd_error.is_some() && !c.leading)
+        })?;
+        let s = status(&lab)?;
+        let other = format!("db{other_n}");
+        ensure!(
+            routed(&s, Some(&new), &[other.as_str()]),
+            "cut off from etcd, writes left {new}: {:?}",
+            pool(&s)
+        );
+        let r = ask_promote(&lab, &other, false)?;
+        println!("lb db promote db {other} without etcd: {}", r.message);
+        refused_with(&r, &["does not hold pool db's lease", "etcd unreachable"])?;
+        // The new primary dies too: nobody gets writes, nobody is promoted.
+        lab.kill_db(new_n)?;
+        wait_for_status(&lab, "no writer once it is down", FALL_WINDOW * 2, |s| {
+            pool(s).is_ok_and(|p| p.writer.is_none())
+        })?;
+        thread::sleep(Duration::from_secs(3));
+        let s = status(&lab)?;
+        let p = pool(&s)?;
+        ensure!(p.writer.is_none(), "writes routed to {:?}", p.writer);
+        ensure!(
+            lab.db_admin(other_n, "SELECT @@read_only")?.trim() == "1",
+            "{other} was promoted by an LB that could not reach etcd"
+        );
+        println!("without etcd, {new} dead: writes to nobody, {other} still read-only");
+        Ok(())
+    };
+    let result = run();
+    drop(agent);
+    drop(cluster);
+    result
+}

@@ -207,6 +207,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The lab's DNS servers behind the `dns` service (harness/lab/dns.rs,
     // tests/tests/backends.rs): authoritative NSD, one per web namespace.
     ("nsd", "/usr/sbin/nsd"),
+    // `[coordination]`'s store: a real etcd cluster in the coordination
+    // tests (tests/tests/coordination.rs, harness/etcd.rs). The agent speaks
+    // etcd's JSON gateway, so no protoc is needed to build lb.
+    ("etcd-server", "/usr/bin/etcd"),
 ];
 
 fn setup() -> anyhow::Result<()> {

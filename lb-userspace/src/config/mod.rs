@@ -7,6 +7,7 @@
 //! Every error names the file, the key (e.g. `service[1].backends[2].address`)
 //! and the reason.
 
+mod coordination;
 pub mod duration;
 mod keypath;
 mod pool;
@@ -22,6 +23,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use coordination::Coordination;
 pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
 use validate::Validator;
@@ -51,6 +53,9 @@ pub struct Config {
     /// `[announce]`: the BIRD this LB announces its VIPs through; `None`:
     /// the agent announces nothing (a single LB, or routes made by hand).
     pub announce: Option<Announce>,
+    /// `[coordination]`: the etcd cluster the LBs running the same pools
+    /// agree through; `None`: this LB decides alone.
+    pub coordination: Option<Coordination>,
     /// Every service, a pool's write and read services included (after the
     /// `[[service]]` ones).
     pub services: Vec<Service>,

@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) monitoring: Option<RawMonitoring>,
     pub(super) firewall: Option<RawFirewall>,
     pub(super) announce: Option<RawAnnounce>,
+    pub(super) coordination: Option<super::coordination::RawCoordination>,
     pub(super) service: Option<Vec<RawService>>,
     /// `[[pool]]`: database pools (config/pool.rs).
     pub(super) pool: Option<Vec<super::pool::RawPool>>,
@@ -210,6 +211,7 @@ impl From<&Config> for RawConfig {
                 include: Some(a.include.display().to_string()),
                 med: Some(i64::from(a.med)),
             }),
+            coordination: cfg.coordination.as_ref().map(Into::into),
             // A pool's services come back from the pool, not as services.
             service: Some(
                 cfg.services

@@ -146,6 +146,11 @@ impl Validator<'_> {
             Some(a) => Some(self.announce(a)?),
         };
 
+        let coordination = match raw.coordination {
+            None => None,
+            Some(c) => Some(self.coordination(c)?),
+        };
+
         let raw_services = raw.service.unwrap_or_default();
         let raw_pools = raw.pool.unwrap_or_default();
         if raw_services.is_empty() && raw_pools.is_empty() {
@@ -225,6 +230,7 @@ impl Validator<'_> {
             monitoring,
             firewall,
             announce,
+            coordination,
             services,
             pools,
         })

@@ -523,6 +523,7 @@ mod tests {
             },
             monitoring: None,
             announce: None,
+            coordination: None,
             services,
             pools: Vec::new(),
         }

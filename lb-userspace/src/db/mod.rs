@@ -89,6 +89,18 @@ pub enum Event {
         binlog_pos: String,
         result: Result<Vec<gtid::Gtid>, String>,
     },
+    /// `[coordination]`: a round with etcd for `pool` (coord::run).
+    Coordinated {
+        pool: String,
+        result: Result<crate::coord::View, String>,
+    },
+    /// `[coordination]`: this LB tried to record `primary`: the record's
+    /// revision, `None` if it no longer leads, or why etcd failed.
+    Recorded {
+        pool: String,
+        primary: String,
+        result: Result<Option<i64>, String>,
+    },
 }
 
 /// What handling an event asks of the agent.
@@ -114,11 +126,24 @@ impl Drop for Running {
     }
 }
 
+/// A task aborted when dropped.
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Every pool's state and probe tasks; owned by the agent.
 pub struct Pools {
     states: BTreeMap<String, PoolState>,
     running: BTreeMap<String, Running>,
     fencing: BTreeSet<(String, String)>,
+    /// `[coordination]` and its task (with the pools it campaigns for).
+    coordination: Option<(crate::config::Coordination, Vec<String>, Task)>,
+    /// Records being written: (pool, primary).
+    recording: BTreeSet<(String, String)>,
     tx: UnboundedSender<Event>,
     next_generation: u64,
     /// Member probes the agent could not run ([`ProbeError::Agent`]),
@@ -133,6 +158,8 @@ impl Pools {
             states: BTreeMap::new(),
             running: BTreeMap::new(),
             fencing: BTreeSet::new(),
+            coordination: None,
+            recording: BTreeSet::new(),
             tx,
             next_generation: 0,
             agent_errors: 0,
@@ -189,6 +216,98 @@ impl Pools {
                 },
             );
         }
+        self.sync_coordination(cfg);
+    }
+
+    /// Starts, restarts or stops the coordination task with the config;
+    /// each pool's state gets a fresh coordination state when it changes.
+    fn sync_coordination(&mut self, cfg: &Config) {
+        let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
+        let wanted = cfg.coordination.clone().filter(|_| !names.is_empty());
+        let same = match (&self.coordination, &wanted) {
+            (Some((c, n, _)), Some(w)) => c == w && *n == names,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.coordination = None;
+        for state in self.states.values_mut() {
+            state.coord = wanted
+                .as_ref()
+                .map(|c| crate::coord::Coordination::new(&c.name, c.lease_ttl));
+            state.coordinate(Instant::now(), |_| {});
+        }
+        if let Some(c) = wanted {
+            info!(
+                "coordination: pools [{}] through etcd {} as {:?} (lease TTL {:?})",
+                names.join(" "),
+                c.etcd.join(" "),
+                c.name,
+                c.lease_ttl
+            );
+            let task = tokio::spawn(crate::coord::run(c.clone(), names.clone(), self.tx.clone()));
+            self.coordination = Some((c, names, Task(task)));
+        }
+    }
+
+    /// A coordination event: the pool's leader, record and routing.
+    fn coordinated(
+        &mut self,
+        pool: &str,
+        update: impl FnOnce(&mut crate::coord::Coordination),
+    ) -> Handled {
+        let now = Instant::now();
+        let Some(state) = self.states.get_mut(pool) else {
+            return Handled::default();
+        };
+        let before = state.routing.writer.clone();
+        let outcome = state.coordinate(now, update);
+        if outcome.routing_changed && state.routing.writer != before {
+            info!(
+                pool = %pool,
+                "pool {pool}: writes -> {} (recorded primary {})",
+                state.routing.writer.as_deref().unwrap_or("nobody"),
+                state
+                    .coord
+                    .as_ref()
+                    .and_then(|c| c.recorded.as_ref())
+                    .map_or("none".to_owned(), |r| format!("{} at revision {}", r.primary, r.revision))
+            );
+        }
+        self.start_record(pool, outcome.record.as_deref());
+        Handled {
+            commit: outcome.routing_changed,
+            reply: None,
+        }
+    }
+
+    /// Leading `pool`, records `primary` in etcd (once at a time).
+    fn start_record(&mut self, pool: &str, primary: Option<&str>) {
+        let (Some(primary), Some((cfg, _, _))) = (primary, &self.coordination) else {
+            return;
+        };
+        let Some(revision) = self
+            .states
+            .get(pool)
+            .and_then(|s| s.coord.as_ref())
+            .and_then(|c| c.leader.as_ref().map(|(_, r)| *r))
+        else {
+            return;
+        };
+        if self.recording.iter().any(|(p, _)| p == pool) {
+            return;
+        }
+        self.recording.insert((pool.to_owned(), primary.to_owned()));
+        info!(pool = %pool, "pool {pool}: leading it, recording {primary} as its primary in etcd");
+        tokio::spawn(crate::coord::record(
+            cfg.clone(),
+            pool.to_owned(),
+            revision,
+            primary.to_owned(),
+            self.tx.clone(),
+        ));
     }
 
     /// The health a pool's service gives a member: up if it routes to it.
@@ -219,6 +338,46 @@ impl Pools {
 
     pub fn handle(&mut self, event: Event) -> Handled {
         match event {
+            Event::Coordinated { pool, result } => match result {
+                Ok(view) => {
+                    let now = Instant::now();
+                    self.coordinated(&pool, |c| c.observed(view, now))
+                }
+                Err(why) => self.coordinated(&pool, |c| {
+                    if c.error.is_none() {
+                        warn!(pool = %pool, "coordination: etcd unreachable: keeping the recorded primary, not promoting: {why}");
+                    }
+                    c.unreachable(why);
+                }),
+            },
+            Event::Recorded {
+                pool,
+                primary,
+                result,
+            } => {
+                self.recording.remove(&(pool.clone(), primary.clone()));
+                match result {
+                    Ok(Some(revision)) => {
+                        warn!(pool = %pool, "pool {pool}: recorded {primary} as its primary in etcd (revision {revision})");
+                        if let Some(s) = self.states.get_mut(&pool) {
+                            s.last_event = Some(format!(
+                                "recorded {primary} as the primary in etcd (revision {revision})"
+                            ));
+                        }
+                        self.coordinated(&pool, |c| {
+                            c.wrote(crate::coord::Recorded { primary, revision })
+                        })
+                    }
+                    Ok(None) => {
+                        warn!(pool = %pool, "pool {pool}: no longer leading it: {primary} not recorded");
+                        Handled::default()
+                    }
+                    Err(why) => {
+                        error!(pool = %pool, "pool {pool}: recording {primary} in etcd failed: {why}");
+                        Handled::default()
+                    }
+                }
+            }
             Event::Probed {
                 pool,
                 member,
@@ -281,9 +440,11 @@ impl Pools {
                 };
                 state.promoting = false;
                 let took = started.elapsed();
+                let mut record = None;
                 let (commit, response) = match result {
                     Ok(msg) => {
                         let outcome = state.promoted(&member, Instant::now());
+                        record = outcome.record;
                         let msg = format!("{msg} ({how}, {} ms)", took.as_millis());
                         warn!(pool = %pool, member = %member, "{msg}");
                         state.last_event = Some(msg.clone());
@@ -298,6 +459,7 @@ impl Pools {
                         (false, Response::error(msg))
                     }
                 };
+                self.start_record(&pool, record.as_deref());
                 Handled {
                     commit,
                     reply: reply.map(|r| (r, response)),
@@ -380,11 +542,13 @@ impl Pools {
             );
         }
         // Every refused writer that answers is set read-only, again at each
-        // probe while it stays writable.
+        // probe while it stays writable (under coordination, by the leader).
+        let acts = state.may_act(Instant::now());
         let refused: Vec<PoolMember> = state
             .routing
             .refused
             .iter()
+            .filter(|_| acts)
             .filter_map(|r| state.pool.member(r).cloned())
             .collect();
         let (login, timeout) = (state.pool.login.clone(), state.pool.health.timeout);
@@ -401,9 +565,11 @@ impl Pools {
                 });
             }
         }
+        self.start_record(pool, outcome.record.as_deref());
         let due = self
             .states
             .get(pool)
+            .filter(|s| s.may_act(Instant::now()))
             .and_then(|s| s.failover_due(Instant::now()));
         if let Some(Err(why)) = due {
             // Said once per reason, not at every probe.
@@ -437,7 +603,11 @@ impl Pools {
     /// Starts `auto-rejoin`'s check (and re-pointing) of every member of
     /// `pool` that is due.
     fn start_rejoins(&mut self, pool: &str) {
-        let Some(state) = self.states.get_mut(pool) else {
+        let Some(state) = self
+            .states
+            .get_mut(pool)
+            .filter(|s| s.may_act(Instant::now()))
+        else {
             return;
         };
         let Some(primary) = state
@@ -507,6 +677,19 @@ impl Pools {
         };
         if state.promoting {
             return Err(format!("a promotion in pool {pool} is already running"));
+        }
+        if let Some(c) = &state.coord
+            && !c.leads(Instant::now())
+        {
+            return Err(format!(
+                "this LB ({}) does not hold pool {pool}'s lease in etcd ({}): only the leader promotes; run it there",
+                c.me,
+                match (&c.leader, &c.error) {
+                    (_, Some(why)) => format!("etcd unreachable: {why}"),
+                    (Some((l, _)), None) => format!("{l} holds it"),
+                    (None, None) => "no leader seen yet".to_owned(),
+                }
+            ));
         }
         if state.routing.writer.as_deref() == Some(member) {
             return Err(format!("{member} is already the primary of pool {pool}"));
@@ -862,6 +1045,29 @@ pub struct PoolStatus {
     pub promoting: bool,
     pub last_event: Option<String>,
     pub members: Vec<MemberStatus>,
+    /// `[coordination]`: the pool's leader and recorded primary.
+    #[serde(default)]
+    pub coordination: Option<CoordStatus>,
+}
+
+/// A pool's coordination as this LB sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordStatus {
+    /// This LB's name.
+    pub me: String,
+    /// The LB holding the pool's lease (as last seen).
+    pub leader: Option<String>,
+    /// This LB leads the pool now.
+    pub leading: bool,
+    /// How long the current leader has held the lease (seen from here).
+    pub lease_age_ms: Option<u64>,
+    pub recorded_primary: Option<String>,
+    /// etcd's revision of that record.
+    pub revision: Option<i64>,
+    /// Why the latest round with etcd failed (`None`: it answered).
+    pub etcd_error: Option<String>,
+    /// Since etcd last answered.
+    pub etcd_silent_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -948,6 +1154,19 @@ fn pool_status(s: &PoolState) -> PoolStatus {
         promoting: s.promoting,
         last_event: s.last_event.clone(),
         members,
+        coordination: s.coord.as_ref().map(|c| {
+            let now = Instant::now();
+            CoordStatus {
+                me: c.me.clone(),
+                leader: c.leader.as_ref().map(|(l, _)| l.clone()),
+                leading: c.leads(now),
+                lease_age_ms: c.leader_seen.map(|t| ms(now.duration_since(t))),
+                recorded_primary: c.recorded.as_ref().map(|r| r.primary.clone()),
+                revision: c.recorded.as_ref().map(|r| r.revision),
+                etcd_error: c.error.clone(),
+                etcd_silent_ms: c.reached.map(|t| ms(now.duration_since(t))),
+            }
+        }),
     }
 }
 
@@ -991,6 +1210,25 @@ pub fn render(pools: &[PoolStatus]) -> String {
                 out.push_str(&format!("  {:<8} rejoin: {r}\n", ""));
             }
         }
+        if let Some(c) = &p.coordination {
+            out.push_str(&format!(
+                "  coordination: leader {}{} for {}  recorded primary {} (revision {})  {}\n",
+                c.leader.as_deref().unwrap_or("none seen"),
+                if c.leading { " (this LB)" } else { "" },
+                c.lease_age_ms
+                    .map_or("-".to_owned(), |a| format!("{:.1}s", a as f64 / 1000.0)),
+                c.recorded_primary.as_deref().unwrap_or("none"),
+                c.revision.map_or("-".to_owned(), |r| r.to_string()),
+                match &c.etcd_error {
+                    None => "etcd ok".to_owned(),
+                    Some(why) => format!(
+                        "etcd unreachable for {}: {why}",
+                        c.etcd_silent_ms
+                            .map_or("ever".to_owned(), |s| format!("{:.1}s", s as f64 / 1000.0))
+                    ),
+                }
+            ));
+        }
         if let Some(e) = &p.last_event {
             out.push_str(&format!("  last event: {e}\n"));
         }
@@ -1001,6 +1239,57 @@ pub fn render(pools: &[PoolStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_shows_the_leader_the_lease_age_and_the_record() {
+        let pool = |c: CoordStatus| PoolStatus {
+            name: "db".into(),
+            write_service: "db-write".into(),
+            write_vip: "198.18.0.20:3306".into(),
+            read_service: "db-read".into(),
+            read_vip: "198.18.0.21:3306".into(),
+            primary: Some("db2".into()),
+            writer: Some("db2".into()),
+            readers: vec![],
+            conflicts: 0,
+            max_lag_ms: 2000,
+            auto_failover_ms: None,
+            promoting: false,
+            last_event: None,
+            members: vec![],
+            coordination: Some(c),
+        };
+        let leading = CoordStatus {
+            me: "lb1".into(),
+            leader: Some("lb1".into()),
+            leading: true,
+            lease_age_ms: Some(12_300),
+            recorded_primary: Some("db2".into()),
+            revision: Some(17),
+            etcd_error: None,
+            etcd_silent_ms: Some(100),
+        };
+        let text = render(&[pool(leading.clone())]);
+        assert!(
+            text.contains(
+                "coordination: leader lb1 (this LB) for 12.3s  recorded primary db2 (revision 17)  etcd ok"
+            ),
+            "{text}"
+        );
+        let cut_off = CoordStatus {
+            leading: false,
+            etcd_error: Some("no etcd endpoint answered".into()),
+            etcd_silent_ms: Some(4_000),
+            ..leading
+        };
+        let text = render(&[pool(cut_off)]);
+        assert!(
+            text.contains(
+                "leader lb1 for 12.3s  recorded primary db2 (revision 17)  etcd unreachable for 4.0s: no etcd endpoint answered"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn a_new_login_is_judged_by_the_members_that_answered() {

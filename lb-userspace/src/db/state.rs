@@ -33,6 +33,7 @@ use std::{
 use super::gtid;
 use crate::{
     config::Pool,
+    coord::{self, Coordination},
     health::{Counter, Health, mysql::Observation},
 };
 
@@ -90,6 +91,9 @@ pub struct Outcome {
     pub new_conflicts: Vec<String>,
     /// The primary the pool adopted without a promotion of ours.
     pub adopted: Option<String>,
+    /// `[coordination]`: the primary this LB, leading the pool, should
+    /// record in etcd (writes follow once recorded).
+    pub record: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +116,9 @@ pub struct PoolState {
     /// When the latest promotion of ours finished: members it re-pointed
     /// may still be seen at their old source until probed again.
     pub promoted_at: Option<Instant>,
+    /// `[coordination]`: the pool's leader and recorded primary; `None`:
+    /// this LB decides alone.
+    pub coord: Option<Coordination>,
 }
 
 /// `auto-rejoin`'s state of one member (against the primary named).
@@ -194,6 +201,7 @@ impl PoolState {
             last_event: previous.and_then(|p| p.last_event.clone()),
             rejoin: previous.map(|p| p.rejoin.clone()).unwrap_or_default(),
             promoted_at: previous.and_then(|p| p.promoted_at),
+            coord: previous.and_then(|p| p.coord.clone()),
         };
         state.reroute(Instant::now());
         state
@@ -308,8 +316,31 @@ impl PoolState {
             .collect()
     }
 
-    /// Recomputes the routing from the members' state.
+    /// This LB may promote, re-point and fence in this pool now: it
+    /// decides alone, or it holds the pool's lease.
+    pub fn may_act(&self, now: Instant) -> bool {
+        self.coord.as_ref().is_none_or(|c| c.leads(now))
+    }
+
+    /// Sets the coordination state (a round with etcd, a record written)
+    /// and recomputes the routing.
+    pub fn coordinate(&mut self, now: Instant, f: impl FnOnce(&mut Coordination)) -> Outcome {
+        if let Some(c) = &mut self.coord {
+            f(c);
+        }
+        self.reroute(now)
+    }
+
+    /// Recomputes the routing from the members' state. Under
+    /// `[coordination]` the pool's primary is the recorded one, and the
+    /// write service routes to it only (see [`coord::writer`]); the
+    /// ordinary rule's choice is what a leader records.
     fn reroute(&mut self, now: Instant) -> Outcome {
+        if let Some(r) = self.coord.as_ref().and_then(|c| c.recorded.as_ref())
+            && self.members.contains_key(&r.primary)
+        {
+            self.primary = Some(r.primary.clone());
+        }
         let mut outcome = Outcome::default();
         let writable: Vec<String> = self
             .pool
@@ -331,9 +362,21 @@ impl PoolState {
             }
             None => None,
         };
+        // Under coordination a member the ordinary rule would adopt is
+        // not refused (it may be the leader's new primary, not recorded
+        // yet), but gets no writes until it is recorded.
+        let local = writer.clone();
+        let writer = match &self.coord {
+            None => writer,
+            Some(c) => {
+                outcome.record =
+                    coord::to_record(c.leads(now), c.recorded.as_ref(), local.as_deref());
+                coord::writer(c.recorded.as_ref(), &writable)
+            }
+        };
         let refused: Vec<String> = writable
             .iter()
-            .filter(|w| writer.as_ref() != Some(*w))
+            .filter(|w| writer.as_ref() != Some(*w) && local.as_ref() != Some(*w))
             .cloned()
             .collect();
         outcome.new_conflicts = refused
@@ -359,7 +402,9 @@ impl PoolState {
         {
             readers.push(w.clone());
         }
-        self.writer_lost_at = match (&writer, &self.primary) {
+        // Lost by the ordinary rule: a leader whose new primary is not
+        // recorded yet has one, and must not fail over again meanwhile.
+        self.writer_lost_at = match (&local, &self.primary) {
             (None, Some(_)) => Some(self.writer_lost_at.unwrap_or(now)),
             _ => None,
         };
@@ -828,5 +873,152 @@ pub(crate) mod tests {
         moved.members[1].address = "198.19.1.99:3306".parse().expect("addr");
         let next = PoolState::new(moved, Some(&s));
         assert_eq!(next.routing.readers, ["db3"]);
+    }
+
+    fn coordinated(
+        me: &str,
+        leader: &str,
+        t0: Instant,
+        recorded: Option<(&str, i64)>,
+    ) -> PoolState {
+        let mut s = PoolState::new(pool(true, Some(Duration::from_secs(2))), None);
+        s.coord = Some(Coordination::new(me, Duration::from_secs(10)));
+        let view = coord::View {
+            leader: leader.into(),
+            leader_revision: 3,
+            mine: me == leader,
+            renewed: t0,
+            recorded: recorded.map(|(p, revision)| coord::Recorded {
+                primary: p.into(),
+                revision,
+            }),
+        };
+        s.coordinate(t0, |c| c.observed(view, t0));
+        s
+    }
+
+    #[test]
+    fn under_coordination_writes_follow_the_record_and_only_the_leader_records() {
+        let t0 = Instant::now();
+        // The leader finds db1 writable, nothing recorded: no writes until
+        // it records db1.
+        let mut lead = coordinated("lb1", "lb1", t0, None);
+        let o = lead.record("db1", primary(10), t0);
+        assert_eq!(o.record.as_deref(), Some("db1"));
+        assert_eq!(lead.routing.writer, None);
+        assert!(lead.routing.refused.is_empty());
+        let o = lead.coordinate(t0, |c| {
+            c.wrote(coord::Recorded {
+                primary: "db1".into(),
+                revision: 7,
+            })
+        });
+        assert!(o.routing_changed);
+        assert_eq!(o.record, None);
+        assert_eq!(lead.routing.writer.as_deref(), Some("db1"));
+        assert!(lead.may_act(t0));
+
+        // A follower with the same record routes there too, never records.
+        let mut follow = coordinated("lb2", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut follow, t0);
+        assert_eq!(follow.routing.writer.as_deref(), Some("db1"));
+        assert!(!follow.may_act(t0));
+        // db1 dies; the leader promotes db2 (writable now): the follower
+        // neither refuses nor routes to db2 until the record moves.
+        follow.record("db1", down(), t0);
+        follow.record("db1", down(), t0);
+        let o = follow.record("db2", primary(11), t0);
+        assert_eq!(follow.routing.writer, None);
+        assert!(follow.routing.refused.is_empty());
+        assert_eq!(o.record, None);
+        assert!(!follow.may_act(t0 + Duration::from_secs(3)));
+        follow.coordinate(t0, |c| {
+            c.wrote(coord::Recorded {
+                primary: "db2".into(),
+                revision: 9,
+            })
+        });
+        assert_eq!(follow.routing.writer.as_deref(), Some("db2"));
+        // db1 back writable: refused (the leader fences it).
+        let o = follow.record("db1", primary(10), t0);
+        assert_eq!(o.new_conflicts, ["db1"]);
+        assert_eq!(follow.routing.writer.as_deref(), Some("db2"));
+    }
+
+    #[test]
+    fn cut_off_from_etcd_an_lb_keeps_the_record_and_stops_writes_when_that_primary_dies() {
+        let t0 = Instant::now();
+        let mut s = coordinated("lb2", "lb2", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        assert_eq!(s.routing.writer.as_deref(), Some("db1"));
+        s.coordinate(t0, |c| c.unreachable("no etcd endpoint answered".into()));
+        assert_eq!(s.routing.writer.as_deref(), Some("db1"));
+        let later = t0 + Duration::from_secs(5);
+        s.record("db1", down(), later);
+        s.record("db1", down(), later);
+        assert_eq!(s.routing.writer, None);
+        // Its lease ran out: it may not promote, whatever is due.
+        assert!(s.failover_due(later + Duration::from_secs(2)).is_some());
+        assert!(!s.may_act(later + Duration::from_secs(2)));
+        // Someone made db2 writable: still no writes here (not recorded).
+        s.record("db2", primary(11), later);
+        assert_eq!(s.routing.writer, None);
+    }
+
+    #[test]
+    fn a_leader_with_an_unrecorded_new_primary_does_not_fail_over_again() {
+        let t0 = Instant::now();
+        let mut s = coordinated("lb1", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        s.record("db1", down(), t0);
+        s.record("db1", down(), t0);
+        assert_eq!(
+            s.failover_due(t0 + Duration::from_secs(2)),
+            Some(Ok("db2".to_owned()))
+        );
+        let o = s.promoted("db2", t0 + Duration::from_secs(2));
+        assert_eq!(o.record.as_deref(), Some("db2"));
+        assert_eq!(s.routing.writer, None);
+        assert_eq!(s.failover_due(t0 + Duration::from_secs(9)), None);
+    }
+
+    #[test]
+    fn a_new_leader_finishes_or_redoes_a_promotion_the_dead_leader_left() {
+        let t0 = Instant::now();
+        let takeover = |s: &mut PoolState, at: Instant| {
+            let view = coord::View {
+                leader: "lb2".into(),
+                leader_revision: 11,
+                mine: true,
+                renewed: at,
+                recorded: Some(coord::Recorded {
+                    primary: "db1".into(),
+                    revision: 7,
+                }),
+            };
+            s.coordinate(at, |c| c.observed(view, at))
+        };
+        // lb1 made db2 writable, then died before recording it.
+        let mut s = coordinated("lb2", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        s.record("db1", down(), t0);
+        s.record("db1", down(), t0);
+        s.record("db2", primary(11), t0);
+        assert_eq!(s.routing.writer, None);
+        let o = takeover(&mut s, t0 + Duration::from_secs(2));
+        assert_eq!(o.record.as_deref(), Some("db2"), "finishes it: records db2");
+        assert_eq!(s.failover_due(t0 + Duration::from_secs(9)), None);
+
+        // lb1 died before db2 was writable: the new leader promotes again.
+        let mut s = coordinated("lb2", "lb1", t0, Some(("db1", 7)));
+        healthy(&mut s, t0);
+        s.record("db1", down(), t0);
+        s.record("db1", down(), t0);
+        let at = t0 + Duration::from_secs(2);
+        assert!(!s.may_act(at));
+        let o = takeover(&mut s, at);
+        assert_eq!(o.record, None);
+        assert!(s.may_act(at));
+        assert_eq!(s.failover_due(at), Some(Ok("db2".to_owned())));
     }
 }

@@ -14,6 +14,7 @@
 //! lists only `lib.rs` and `main.rs`'s harness verbs).
 
 pub mod bench;
+pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod pktgen;

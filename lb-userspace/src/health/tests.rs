@@ -24,6 +24,7 @@ fn config(services: Vec<Service>) -> Config {
         },
         monitoring: None,
         announce: None,
+        coordination: None,
         services,
         pools: Vec::new(),
     }

@@ -41,7 +41,30 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
     let writer = Family::<Labels, Gauge>::default();
     let refused = Family::<Labels, Counter>::default();
     let errant = Family::<Labels, Gauge>::default();
+    let leader = Family::<Labels, Gauge>::default();
+    let lease_age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let record = Family::<Labels, Gauge>::default();
+    let etcd_up = Family::<Labels, Gauge>::default();
     for p in pools {
+        if let Some(c) = &p.coordination {
+            let pool = labels(&[("pool", &p.name)]);
+            if let Some(l) = &c.leader {
+                leader
+                    .get_or_create(&labels(&[("pool", &p.name), ("leader", l), ("me", &c.me)]))
+                    .set(i64::from(c.leading));
+            }
+            if let Some(a) = c.lease_age_ms {
+                lease_age.get_or_create(&pool).set(a as f64 / 1000.0);
+            }
+            if let (Some(primary), Some(rev)) = (&c.recorded_primary, c.revision) {
+                record
+                    .get_or_create(&labels(&[("pool", &p.name), ("primary", primary)]))
+                    .set(rev);
+            }
+            etcd_up
+                .get_or_create(&pool)
+                .set(i64::from(c.etcd_error.is_none()));
+        }
         writer
             .get_or_create(&labels(&[("pool", &p.name)]))
             .set(i64::from(p.writer.is_some()));
@@ -121,6 +144,27 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
          one per domain and server",
         errant,
     );
+    registry.register(
+        "lb_db_pool_leader",
+        "[coordination]: the LB (label leader) holding the pool's lease as this LB (label me) last \
+         saw it; 1 if this LB leads now",
+        leader,
+    );
+    registry.register(
+        "lb_db_pool_lease_age_seconds",
+        "[coordination]: how long the pool's current leader has held its lease (seen from this LB)",
+        lease_age,
+    );
+    registry.register(
+        "lb_db_pool_recorded_primary_revision",
+        "[coordination]: etcd's revision of the primary (label primary) recorded for the pool",
+        record,
+    );
+    registry.register(
+        "lb_db_pool_etcd_reachable",
+        "[coordination]: whether this LB's latest round with etcd succeeded",
+        etcd_up,
+    );
 }
 
 /// A pool as the tests see it: db1 the primary (write service), db2 a
@@ -156,6 +200,7 @@ pub(super) fn sample_pool() -> PoolStatus {
         auto_failover_ms: None,
         promoting: false,
         last_event: None,
+        coordination: None,
         members: vec![
             member("db1", Role::Primary, None, vec!["db-write".into()]),
             member("db2", Role::Replica, Some(3), vec!["db-read".into()]),
@@ -179,6 +224,16 @@ mod tests {
             ..pool.members[1].clone()
         };
         pool.members.push(db3);
+        pool.coordination = Some(crate::db::CoordStatus {
+            me: "lb2".into(),
+            leader: Some("lb1".into()),
+            leading: false,
+            lease_age_ms: Some(12_500),
+            recorded_primary: Some("db1".into()),
+            revision: Some(17),
+            etcd_error: None,
+            etcd_silent_ms: Some(300),
+        });
         let mut registry = Registry::default();
         register(&mut registry, &[pool]);
         let mut text = String::new();
@@ -192,6 +247,10 @@ mod tests {
             "lb_db_pool_has_writer{pool=\"db\"} 1",
             "lb_db_second_writers_total{pool=\"db\"} 2",
             "lb_db_member_errant_gtids{pool=\"db\",member=\"db3\",gtids=\"0-3-11\"} 1",
+            "lb_db_pool_leader{pool=\"db\",leader=\"lb1\",me=\"lb2\"} 0",
+            "lb_db_pool_lease_age_seconds{pool=\"db\"} 12.5",
+            "lb_db_pool_recorded_primary_revision{pool=\"db\",primary=\"db1\"} 17",
+            "lb_db_pool_etcd_reachable{pool=\"db\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

@@ -66,6 +66,7 @@ backends = [{ address = "10.0.1.3:80" }]
         monitoring: None,
         pools: Vec::new(),
         announce: None,
+        coordination: None,
         services: vec![
             Service {
                 firewall: Default::default(),
@@ -763,6 +764,36 @@ fn announce_has_a_default_med_and_survives_a_live_change() {
         "bird-socket = \"/run/bird/bird.ctl\"\ninclude = \"/etc/bird/lb-vips.conf\"\nmed = 100",
     ));
     assert_eq!(backup.announce.map(|a| a.med), Some(100));
+}
+
+#[test]
+fn coordination_has_a_default_ttl_and_survives_a_live_change() {
+    assert_eq!(parse_ok(&one_service("", B1)).coordination, None);
+    let on = parse_ok(&with_coordination(
+        "etcd = [\"http://198.18.0.1:2379\", \"http://198.18.0.2:2379/\"]\nname = \"lb-1.a\"",
+    ));
+    assert_eq!(
+        on.coordination,
+        Some(crate::config::Coordination {
+            etcd: vec![
+                "http://198.18.0.1:2379".into(),
+                "http://198.18.0.2:2379/".into()
+            ],
+            name: "lb-1.a".into(),
+            lease_ttl: std::time::Duration::from_secs(5),
+        })
+    );
+    assert_eq!(
+        check(&on, Path::new("live")).expect("valid").coordination,
+        on.coordination
+    );
+    let short = parse_ok(&with_coordination(
+        "etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb2\"\nlease-ttl = \"2s\"",
+    ));
+    assert_eq!(
+        short.coordination.map(|c| c.lease_ttl),
+        Some(std::time::Duration::from_secs(2))
+    );
 }
 
 #[test]

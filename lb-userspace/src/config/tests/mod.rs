@@ -59,6 +59,11 @@ fn with_dataplane_line(line: &str) -> String {
     one_service("", B1).replace(DP, &format!("{DP}{line}\n"))
 }
 
+/// `one_service("", B1)` with a `[coordination]` table of `lines`.
+fn with_coordination(lines: &str) -> String {
+    format!("{}\n[coordination]\n{lines}\n", one_service("", B1))
+}
+
 /// `one_service("", B1)` with a `[monitoring]` table of `lines`.
 fn with_announce(lines: &str) -> String {
     format!("{}\n[announce]\n{lines}\n", one_service("", B1))

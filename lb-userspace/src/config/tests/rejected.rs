@@ -130,6 +130,28 @@ rejections! {
     announce_unknown_key: with_announce("bird-socket = \"/run/b\"\ninclude = \"/etc/i\"\nas = 64513")
         => "announce.as", "unknown field `as`";
 
+    // --- coordination ---------------------------------------------------------
+    coordination_etcd_missing: with_coordination("name = \"lb1\"")
+        => "coordination.etcd", "required key is missing";
+    coordination_etcd_empty: with_coordination("etcd = []\nname = \"lb1\"")
+        => "coordination.etcd", "at least one etcd endpoint";
+    coordination_etcd_https: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"")
+        => "coordination.etcd[0]", "https is not supported";
+    coordination_etcd_hostname: with_coordination("etcd = [\"http://etcd1:2379\"]\nname = \"lb1\"")
+        => "coordination.etcd[0]", "expected http://IP:port";
+    coordination_etcd_twice: with_coordination("etcd = [\"http://198.18.0.1:2379\", \"http://198.18.0.1:2379\"]\nname = \"lb1\"")
+        => "coordination.etcd[1]", "listed twice";
+    coordination_name_missing: with_coordination("etcd = [\"http://198.18.0.1:2379\"]")
+        => "coordination.name", "required key is missing";
+    coordination_name_slash: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb/1\"")
+        => "coordination.name", "letters, digits";
+    coordination_ttl_fraction: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\nlease-ttl = \"2500ms\"")
+        => "coordination.lease-ttl", "whole seconds from 2s to 60s";
+    coordination_ttl_too_short: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\nlease-ttl = \"1s\"")
+        => "coordination.lease-ttl", "whole seconds from 2s to 60s";
+    coordination_unknown_key: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\ntls = true")
+        => "coordination.tls", "unknown field `tls`";
+
     // --- services -------------------------------------------------------------
     no_service: DP => "service", "at least one [[service]]";
     empty_service_list: format!("service = []\n{DP}") => "service", "at least one [[service]]";
