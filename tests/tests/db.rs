@@ -1270,8 +1270,11 @@ fn wait_for_lb2(
 /// exactly one promotion, by the leader (lb1's log has it, lb2's has no
 /// failover at all, exactly one replica became writable), both agents
 /// show the same new primary and revision, every acknowledged write is
-/// on it. Then lb1's agent is SIGKILLed (lease not revoked): lb2 takes
-/// the lease within TTL + 3 ticks and keeps the same record.
+/// on it. lb2 is then cut off from etcd and the new primary dies: lb1
+/// alone promotes the last replica and records it, lb2 keeps the old
+/// record, routes writes to nobody and promotes nobody; healed, it follows
+/// the newer record. Then lb1's agent is SIGKILLed (lease not revoked):
+/// lb2 takes the lease within TTL + 3 ticks and keeps the same record.
 #[test]
 fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
     use lb_userspace::harness::{
@@ -1401,6 +1404,72 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
             lab.db_admin(other_n, "SELECT @@read_only")?.trim() == "1",
             "db{other_n} is writable too"
         );
+
+        // lb2 is cut off from etcd (blackhole routes to the members): it
+        // keeps the record; the new primary dies; the leader lb1 promotes
+        // the last replica and records it, while lb2 promotes nobody and
+        // routes writes to nobody. Healed, lb2 follows the newer record.
+        let etcd_ips = ["198.19.1.11", "198.19.1.12", "198.19.1.13"];
+        let lb2_ns = lab.lb_ns_of(2);
+        for ip in etcd_ips {
+            netns::ns_run(&lb2_ns, &["ip", "route", "add", "blackhole", ip])?;
+        }
+        wait_for_lb2(
+            &lab,
+            "sees etcd unreachable",
+            Duration::from_secs(10),
+            |s| coord(s).is_some_and(|c| c.etcd_error.is_some() && !c.leading),
+        )?;
+        lab.kill_db(new_n)?;
+        let other = format!("db{other_n}");
+        let took = wait_for_status(
+            &lab,
+            "lb1 records the last replica",
+            Duration::from_secs(15),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    c.recorded_primary.as_deref() == Some(other.as_str())
+                        && c.revision > c1.revision
+                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some(other.as_str()))
+            },
+        )?;
+        wait_for_lb2(&lab, "routes writes to nobody", FALL_WINDOW * 2, |s| {
+            pool(s).is_ok_and(|p| p.writer.is_none())
+                && coord(s).is_some_and(|c| c.recorded_primary.as_deref() == Some(new.as_str()))
+        })?;
+        ensure!(
+            !agent2
+                .as_ref()
+                .context("lb2")?
+                .log_text()
+                .contains("automatic failover"),
+            "lb2, cut off from etcd, started a failover"
+        );
+        println!(
+            "lb2 cut off from etcd, {new} killed: lb1 recorded and routed {other} after {took:?}; \
+             lb2 kept the record of {new}, routes writes to nobody, promoted nobody"
+        );
+        for ip in etcd_ips {
+            netns::ns_run(&lb2_ns, &["ip", "route", "del", "blackhole", ip])?;
+        }
+        let c1 = coord(&status(&lab)?).context("lb1 coordination")?;
+        let healed = wait_for_lb2(
+            &lab,
+            "follows the newer record",
+            Duration::from_secs(10),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    c.etcd_error.is_none()
+                        && c.recorded_primary == c1.recorded_primary
+                        && c.revision == c1.revision
+                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some(other.as_str()))
+            },
+        )?;
+        println!(
+            "healed: lb2 follows {other} (revision {:?}) after {healed:?}",
+            c1.revision
+        );
+        let new = other;
 
         // The leader's agent dies (SIGKILL: its lease is not revoked).
         agent1.take().context("lb1")?.kill()?;
