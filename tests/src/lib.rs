@@ -132,7 +132,14 @@ pub fn status(lab: &Lab) -> Result<Status> {
 /// ([`control::ring_violations`]): rings derived from admin state, health
 /// and the backup rule, never stale.
 pub fn checked_status(lab: &Lab) -> Result<Status> {
-    let status = status(lab)?;
+    checked_status_at(&lab.agent_socket())
+}
+
+/// [`checked_status`] of the agent listening on `socket` (another LB's).
+pub fn checked_status_at(socket: &std::path::Path) -> Result<Status> {
+    let status = control::request(socket, &Request::Status)?
+        .status
+        .context("the agent sent no status")?;
     let broken = control::ring_violations(&status);
     if !broken.is_empty() {
         bail!("rings do not follow state: {}", broken.join("; "));
@@ -163,9 +170,19 @@ pub fn wait_for_status(
     within: Duration,
     ok: impl Fn(&Status) -> bool,
 ) -> Result<Duration> {
+    wait_for_status_at(&lab.agent_socket(), what, within, ok)
+}
+
+/// [`wait_for_status`] of the agent listening on `socket` (another LB's).
+pub fn wait_for_status_at(
+    socket: &std::path::Path,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&Status) -> bool,
+) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        let status = checked_status(lab)?;
+        let status = checked_status_at(socket)?;
         if ok(&status) {
             return Ok(start.elapsed());
         }

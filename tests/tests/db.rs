@@ -18,8 +18,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    ask, backend_status, checked_status, chromium, dom_attr, lb_bin, status, three_webs,
-    unique_prefix, wait_for_status,
+    ask, backend_status, checked_status, checked_status_at, chromium, dom_attr, lb_bin, status,
+    three_webs, unique_prefix, wait_for_status, wait_for_status_at,
 };
 use lb_userspace::{
     config::Forwarding,
@@ -1218,6 +1218,291 @@ fn coordinated_failover_records_the_primary_and_an_lb_cut_off_from_etcd_never_pr
     };
     let result = run();
     drop(agent);
+    drop(cluster);
+    result
+}
+
+/// The second LB of [`two_agents_promote_once_and_the_survivor_takes_the_lease`]:
+/// namespace `{P}-lb2` (a multi-LB lab's name, so the lab's teardown
+/// removes it) on the back switch with 198.19.1.2/24 on its `lb-back`,
+/// next to the databases. It probes them directly; the pool's VIPs stay
+/// on lb1 (the databases' gateway: NAT replies must cross the LB that
+/// translated them), so lb2 carries no pool traffic.
+const LB2_BACK: &str = "198.19.1.2/24";
+
+fn add_second_lb(lab: &Lab) -> Result<()> {
+    use lb_userspace::harness::netns::{self, VethEnd};
+    let ns = lab.lb_ns_of(2);
+    let sw = lab.sw_ns();
+    netns::add_namespace(&ns)?;
+    netns::add_veth(&VethEnd::new(&ns, "lb-back"), &VethEnd::new(&sw, "p-lb2"))?;
+    netns::ns_run(&sw, &["ip", "link", "set", "p-lb2", "master", "br0", "up"])?;
+    netns::add_addr(&ns, "lb-back", LB2_BACK)?;
+    netns::ns_run(&ns, &["ip", "link", "set", "lb-back", "up"])?;
+    netns::ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
+    // An LB host forwards (the agent's host check insists).
+    netns::ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    netns::tune_veth(&ns, "lb-back")?;
+    netns::tune_veth(&sw, "p-lb2")?;
+    std::fs::create_dir_all(lab.lb_dir(2))?;
+    Ok(())
+}
+
+/// lb2's status (its own control socket).
+fn status_of_lb2(lab: &Lab) -> Result<Status> {
+    checked_status_at(&lab.agent_socket_of(2))
+}
+
+fn wait_for_lb2(
+    lab: &Lab,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&Status) -> bool,
+) -> Result<Duration> {
+    wait_for_status_at(&lab.agent_socket_of(2), &format!("lb2: {what}"), within, ok)
+}
+
+/// Two agents with `[coordination]` (lease-ttl 2s, auto-failover 1s) run
+/// the same pool over the same MariaDB members and one three-member etcd
+/// (on the back switch, reachable from both): lb1 in the lab's LB
+/// namespace carrying the write loop, lb2 in a namespace of its own next
+/// to the databases. lb1 leads; db1 is SIGKILLed under the write loop →
+/// exactly one promotion, by the leader (lb1's log has it, lb2's has no
+/// failover at all, exactly one replica became writable), both agents
+/// show the same new primary and revision, every acknowledged write is
+/// on it. lb2 is then cut off from etcd and the new primary dies: lb1
+/// alone promotes the last replica and records it, lb2 keeps the old
+/// record, routes writes to nobody and promotes nobody; healed, it follows
+/// the newer record. Then lb1's agent is SIGKILLed (lease not revoked):
+/// lb2 takes the lease within TTL + 3 ticks and keeps the same record.
+#[test]
+fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
+    use lb_userspace::harness::{
+        etcd::{EtcdCluster, Member},
+        netns,
+    };
+    const TTL: Duration = Duration::from_secs(2);
+    let mut lab = lab_with_databases()?;
+    add_second_lb(&lab)?;
+    // etcd on the back switch's bridge, next to both LBs and the databases.
+    let sw = lab.sw_ns();
+    let members: Vec<Member> = (11..=13)
+        .map(|n| Member {
+            ns: sw.clone(),
+            ip: std::net::Ipv4Addr::new(198, 19, 1, n),
+        })
+        .collect();
+    for m in &members {
+        netns::add_addr(&sw, "br0", &format!("{}/24", m.ip))?;
+    }
+    let etcd_dir = run_dir(lab.prefix()).join("etcd");
+    let cluster = EtcdCluster::start(lab.prefix(), members, &etcd_dir)?;
+    let endpoints = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let coordination = |name: &str| {
+        format!(
+            "\n[coordination]\netcd = [{endpoints}]\nname = \"{name}\"\nlease-ttl = \"{}s\"\n",
+            TTL.as_secs()
+        )
+    };
+    let cfg1 = format!("{}{}", config(&lab, Some("1s")), coordination("lb1"));
+    let cfg2 = format!(
+        "[dataplane]\ninterfaces = [\"lb-back\"]\nforwarding = \"nat\"\n{}{}",
+        pool_config(&run_dir(lab.prefix()), Some("1s")),
+        coordination("lb2")
+    );
+    let agent1 = lab.start_agent(&cfg1)?;
+    let mut agent1 = Some(agent1);
+    let mut agent2 = None;
+    let mut run = || -> Result<()> {
+        let coord = |s: &Status| pool(s).ok().and_then(|p| p.coordination);
+        wait_for_status(
+            &lab,
+            "lb1 leads and recorded db1",
+            Duration::from_secs(10),
+            |s| {
+                coord(s).is_some_and(|c| c.leading && c.recorded_primary.as_deref() == Some("db1"))
+                    && routed(s, Some("db1"), &["db2", "db3"])
+            },
+        )?;
+        agent2 = Some(lab.start_agent_on(2, &cfg2)?);
+        wait_for_lb2(
+            &lab,
+            "follows lb1's record of db1",
+            Duration::from_secs(10),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    !c.leading
+                        && c.leader.as_deref() == Some("lb1")
+                        && c.recorded_primary.as_deref() == Some("db1")
+                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db1"))
+            },
+        )?;
+        let before = coord(&status(&lab)?).context("lb1 coordination")?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let writes = write_loop(&lab, "two", Arc::clone(&stop));
+        thread::sleep(Duration::from_millis(1500));
+        let killed_at = started.elapsed();
+        lab.kill_db(1)?;
+        let new_recorded = |s: &Status| {
+            coord(s).is_some_and(|c| {
+                c.recorded_primary.as_deref().is_some_and(|p| p != "db1")
+                    && c.revision > before.revision
+                    && pool(s).is_ok_and(|p| p.writer == c.recorded_primary)
+            })
+        };
+        let took1 = wait_for_status(
+            &lab,
+            "lb1: a new primary recorded and routed",
+            Duration::from_secs(15),
+            new_recorded,
+        )?;
+        let took2 = wait_for_lb2(
+            &lab,
+            "the new record read and followed",
+            Duration::from_secs(5),
+            new_recorded,
+        )? + took1;
+        let c1 = coord(&status(&lab)?).context("lb1 coordination")?;
+        let c2 = coord(&status_of_lb2(&lab)?).context("lb2 coordination")?;
+        ensure!(
+            c1.recorded_primary == c2.recorded_primary && c1.revision == c2.revision,
+            "the LBs disagree: lb1 {c1:?}, lb2 {c2:?}"
+        );
+        let new = c1.recorded_primary.clone().context("recorded primary")?;
+        let (new_n, other_n) = if new == "db2" { (2, 3) } else { (3, 2) };
+        println!(
+            "two LBs, db1 killed: {new} (revision {:?}) recorded and routed by the leader lb1 after {took1:?}, \
+             followed by lb2 after {took2:?}",
+            c1.revision
+        );
+        finish(
+            &lab,
+            &stop,
+            writes,
+            killed_at,
+            "two",
+            new_n,
+            "two LBs with [coordination] (auto-failover = 1s, lease-ttl = 2s)",
+        )?;
+        // Exactly one promotion: the leader's.
+        let log1 = agent1.as_ref().context("lb1")?.log_text();
+        let log2 = agent2.as_ref().context("lb2")?.log_text();
+        let promotions = log1.matches("(automatic failover, ").count();
+        ensure!(promotions == 1, "lb1 promoted {promotions} times:\n{log1}");
+        ensure!(
+            !log2.contains("automatic failover"),
+            "lb2 (not leading) started a failover:\n{log2}"
+        );
+        ensure!(
+            lab.db_admin(other_n, "SELECT @@read_only")?.trim() == "1",
+            "db{other_n} is writable too"
+        );
+
+        // lb2 is cut off from etcd (blackhole routes to the members): it
+        // keeps the record; the new primary dies; the leader lb1 promotes
+        // the last replica and records it, while lb2 promotes nobody and
+        // routes writes to nobody. Healed, lb2 follows the newer record.
+        let etcd_ips = ["198.19.1.11", "198.19.1.12", "198.19.1.13"];
+        let lb2_ns = lab.lb_ns_of(2);
+        for ip in etcd_ips {
+            netns::ns_run(&lb2_ns, &["ip", "route", "add", "blackhole", ip])?;
+        }
+        wait_for_lb2(
+            &lab,
+            "sees etcd unreachable",
+            Duration::from_secs(10),
+            |s| coord(s).is_some_and(|c| c.etcd_error.is_some() && !c.leading),
+        )?;
+        lab.kill_db(new_n)?;
+        let other = format!("db{other_n}");
+        let took = wait_for_status(
+            &lab,
+            "lb1 records the last replica",
+            Duration::from_secs(15),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    c.recorded_primary.as_deref() == Some(other.as_str())
+                        && c.revision > c1.revision
+                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some(other.as_str()))
+            },
+        )?;
+        wait_for_lb2(&lab, "routes writes to nobody", FALL_WINDOW * 2, |s| {
+            pool(s).is_ok_and(|p| p.writer.is_none())
+                && coord(s).is_some_and(|c| c.recorded_primary.as_deref() == Some(new.as_str()))
+        })?;
+        ensure!(
+            !agent2
+                .as_ref()
+                .context("lb2")?
+                .log_text()
+                .contains("automatic failover"),
+            "lb2, cut off from etcd, started a failover"
+        );
+        println!(
+            "lb2 cut off from etcd, {new} killed: lb1 recorded and routed {other} after {took:?}; \
+             lb2 kept the record of {new}, routes writes to nobody, promoted nobody"
+        );
+        for ip in etcd_ips {
+            netns::ns_run(&lb2_ns, &["ip", "route", "del", "blackhole", ip])?;
+        }
+        let c1 = coord(&status(&lab)?).context("lb1 coordination")?;
+        let healed = wait_for_lb2(
+            &lab,
+            "follows the newer record",
+            Duration::from_secs(10),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    c.etcd_error.is_none()
+                        && c.recorded_primary == c1.recorded_primary
+                        && c.revision == c1.revision
+                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some(other.as_str()))
+            },
+        )?;
+        println!(
+            "healed: lb2 follows {other} (revision {:?}) after {healed:?}",
+            c1.revision
+        );
+        let new = other;
+
+        // The leader's agent dies (SIGKILL: its lease is not revoked).
+        agent1.take().context("lb1")?.kill()?;
+        let took = wait_for_lb2(&lab, "takes the lease", TTL * 4, |s| {
+            coord(s).is_some_and(|c| c.leading)
+        })?;
+        let s2 = status_of_lb2(&lab)?;
+        let c2 = coord(&s2).context("lb2 coordination")?;
+        println!(
+            "leader lb1 SIGKILLed: lb2 leads after {:?} (bound TTL + 3 ticks = {:?}); record {:?} revision {:?}",
+            took,
+            TTL + lb_userspace::coord::tick(TTL) * 3,
+            c2.recorded_primary,
+            c2.revision
+        );
+        ensure!(
+            took <= TTL + lb_userspace::coord::tick(TTL) * 3,
+            "lb2 took the lease after {took:?}"
+        );
+        ensure!(
+            c2.recorded_primary.as_deref() == Some(new.as_str()) && c2.revision == c1.revision,
+            "the new leader changed the record: {c2:?}"
+        );
+        ensure!(
+            pool(&s2).is_ok_and(|p| p.writer.as_deref() == Some(new.as_str())),
+            "lb2 routes writes elsewhere: {:?}",
+            pool(&s2)
+        );
+        Ok(())
+    };
+    let result = run();
+    drop(agent1);
+    drop(agent2);
     drop(cluster);
     result
 }

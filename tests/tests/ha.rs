@@ -601,15 +601,24 @@ fn a_third_lb_joining_moves_no_established_flow_to_another_backend() -> Result<(
 /// the webs' and the databases' gateway, the pool: the webs' `/visits`
 /// write through the write VIP and read through the read VIP while ECMP
 /// spreads the client's requests over both LBs, and the client itself is
-/// refused on the database VIPs (the pool allows only the webs).
+/// refused on the database VIPs (the pool allows only the webs). Both
+/// LBs run the pool under `[coordination]` through the lab's etcd
+/// ([`Lab::start_lab_etcd`]): they agree on one leader and on the
+/// recorded primary, db1.
 #[test]
 fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let mut lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), 2)?;
     lab.set_mode(Forwarding::Dsr)?;
     lab.start_databases()?;
+    let etcd = lab.start_lab_etcd()?;
     let agents = (1..=2)
-        .map(|n| lab.start_agent_on(n, &lab.ha_site_config(n, Forwarding::Dsr)))
+        .map(|n| {
+            lab.start_agent_on(
+                n,
+                &lab.ha_site_config_coordinated(n, Forwarding::Dsr, &etcd),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let logs = || {
         agents
@@ -634,6 +643,40 @@ fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
             }
             if Instant::now() > deadline {
                 bail!("pool db not routed on lb1: {:?}", status.pools);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        // One leader both LBs agree on (exactly one of them leading), and
+        // its record of db1 on both, same revision.
+        let coordination = |n: usize| -> Result<Option<lb_userspace::db::CoordStatus>> {
+            let status = control::request(&lab.agent_socket_of(n), &Request::Status)?
+                .status
+                .context("no status")?;
+            Ok(status
+                .pools
+                .iter()
+                .find(|p| p.name == "db")
+                .and_then(|p| p.coordination.clone()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (a, b) = (coordination(1)?, coordination(2)?);
+            if let (Some(a), Some(b)) = (&a, &b)
+                && a.leader.is_some()
+                && a.leader == b.leader
+                && a.recorded_primary.as_deref() == Some("db1")
+                && a.recorded_primary == b.recorded_primary
+                && a.revision == b.revision
+                && a.leading != b.leading
+            {
+                println!(
+                    "coordinated: leader {:?}, record {:?} revision {:?} on both LBs",
+                    a.leader, a.recorded_primary, a.revision
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the LBs do not agree on the pool's leader and record: lb1 {a:?}, lb2 {b:?}");
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -663,17 +706,23 @@ fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
             );
         }
         // The database only from the webs (the pool's `allow-from`): the
-        // client is refused on both database VIPs, by lb1's firewall (its
-        // counter moves), not by a missing route.
+        // client is refused on both database VIPs, by an LB's firewall
+        // (the counters move), not by a missing route. Both LBs run the
+        // pool, so both announce its VIPs and ECMP may send the client to
+        // either; the webs, the only ones allowed, reach lb1 directly.
         let not_allowed = || -> Result<u64> {
-            let status = control::request(&lab.agent_socket_of(1), &Request::Status)?
-                .status
-                .context("no status")?;
-            Ok(status
-                .verdicts
-                .get("drop_firewall_not_allowed")
-                .copied()
-                .unwrap_or(0))
+            let mut drops = 0;
+            for n in 1..=2 {
+                let status = control::request(&lab.agent_socket_of(n), &Request::Status)?
+                    .status
+                    .context("no status")?;
+                drops += status
+                    .verdicts
+                    .get("drop_firewall_not_allowed")
+                    .copied()
+                    .unwrap_or(0);
+            }
+            Ok(drops)
         };
         let before = not_allowed()?;
         let tries = in_netns(&lab.client_ns(), || {
@@ -690,7 +739,7 @@ fn the_two_lb_site_reaches_its_database_through_lb1() -> Result<()> {
         let after = not_allowed()?;
         ensure!(
             after >= before + 2,
-            "lb1's firewall did not refuse the client (drop_firewall_not_allowed {before} -> {after}): {tries:?}"
+            "the LBs' firewalls did not refuse the client (drop_firewall_not_allowed {before} -> {after}): {tries:?}"
         );
         println!(
             "client refused on both database VIPs ({tries:?}); drop_firewall_not_allowed {before} -> {after}"

@@ -93,6 +93,15 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// Leaves the members running and their data in place (`lb lab up`:
+    /// `lb lab down` kills them with the lab's namespaces and removes the
+    /// run dir holding their data).
+    pub fn detach(mut self) {
+        // A dropped `Child` is neither killed nor waited for.
+        self.children.clear();
+        std::mem::forget(self);
+    }
+
     fn wait_ready(&mut self, m: &Member, limit: Duration) -> anyhow::Result<()> {
         let endpoint = format!("http://{}:{CLIENT_PORT}", m.ip);
         let start = Instant::now();

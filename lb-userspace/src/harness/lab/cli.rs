@@ -180,6 +180,7 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     lab.set_mode(mode)?;
     lab.start_databases()
         .context("starting the lab's databases (db1..db3)")?;
+    let etcd = lab.start_lab_etcd()?;
     let pids: Vec<String> = lab.server_pids().iter().map(ToString::to_string).collect();
     let pid_file = lab.run_dir().join("servers.pid");
     fs::write(&pid_file, pids.join("\n") + "\n")
@@ -202,7 +203,7 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     );
     for n in 1..=lbs {
         let config = lab.lb_dir(n).join("lb.toml");
-        fs::write(&config, lab.ha_site_config(n, mode))
+        fs::write(&config, lab.ha_site_config_coordinated(n, mode, &etcd))
             .with_context(|| format!("writing {}", config.display()))?;
         println!(
             "  {}: lb-front {}/24, VIP on lo, BIRD socket {}\n    start its agent: {lb} run --netns {} --config {} --socket {} --pin-dir {}",
@@ -218,8 +219,14 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     super::db_demo::print_databases(&lab);
     println!(
         "  services on every LB: tcp {VIP}:80 and tcp {VIP}:443 (TLS passed through), maglev over web1..web3, \
-         HTTP health checks; lb1 (the webs' and the databases' gateway) also runs the pool; \
+         HTTP health checks; every LB runs the pool under [coordination] (one leader promotes, all follow its \
+         record in etcd), lb1 (the webs' and the databases' gateway) carries its traffic; \
          firewall: {SITE_DENIED} denied, 1000 new flows/s per /24"
+    );
+    println!(
+        "  etcd (three members) in {}: {}",
+        lab.sw_ns(),
+        etcd.join(" ")
     );
     println!(
         "  monitoring: status page http://{MONITORING_LISTEN}/ inside each LB's namespace (pools, BGP sessions, active flows)"

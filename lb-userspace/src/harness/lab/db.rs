@@ -213,6 +213,35 @@ impl Lab {
         Ok(())
     }
 
+    /// A multi-LB lab's etcd for `[coordination]`: three members on the
+    /// back switch's bridge (198.19.1.11–13, the databases' subnet), and
+    /// lb2.. an address there (198.19.1.N) so their agents probe the
+    /// databases directly. Left running ([`EtcdCluster::detach`]):
+    /// `lb lab down` stops it. Returns the client URLs.
+    pub fn start_lab_etcd(&self) -> anyhow::Result<Vec<String>> {
+        use crate::harness::etcd::{EtcdCluster, Member};
+        let sw = self.sw_ns();
+        for n in 2..=self.lbs() {
+            let last = u8::try_from(n).context("too many LBs")?;
+            let addr = Ipv4Addr::new(198, 19, 1, last);
+            netns::add_addr(&self.lb_ns_of(n), "lb-back", &format!("{addr}/24"))?;
+        }
+        let members: Vec<Member> = (11..=13)
+            .map(|last| Member {
+                ns: sw.clone(),
+                ip: Ipv4Addr::new(198, 19, 1, last),
+            })
+            .collect();
+        for m in &members {
+            netns::add_addr(&sw, "br0", &format!("{}/24", m.ip))?;
+        }
+        let cluster = EtcdCluster::start(&self.prefix, members, &self.run_dir().join("etcd"))
+            .context("starting the lab's etcd")?;
+        let endpoints = cluster.endpoints();
+        cluster.detach();
+        Ok(endpoints)
+    }
+
     fn build_db_topology(&self) -> anyhow::Result<()> {
         let sw = self.sw_ns();
         let lb = self.db_gateway_ns();

@@ -208,6 +208,32 @@ impl Lab {
         toml
     }
 
+    /// [`Lab::ha_site_config`] for `lb lab up --lbs N` with etcd running
+    /// ([`Lab::start_lab_etcd`]): every LB runs the pool and
+    /// `[coordination]` through `etcd`, named `lbN`, so one leader per
+    /// pool promotes and every LB follows its record. Only lb1 carries the
+    /// pool's traffic (the databases' gateway: NAT replies cross it).
+    pub fn ha_site_config_coordinated(
+        &self,
+        n: usize,
+        mode: Forwarding,
+        etcd: &[String],
+    ) -> String {
+        let mut toml = self.ha_site_config(n, mode);
+        if n != 1 {
+            toml.push_str(&super::site_pool_config(&self.run_dir(), Some("5s")));
+        }
+        let endpoints = etcd
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        toml.push_str(&format!(
+            "\n[coordination]\netcd = [{endpoints}]\nname = \"lb{n}\"\n"
+        ));
+        toml
+    }
+
     /// The include file LB `n`'s agent writes and its BIRD reads.
     pub fn include_of(&self, n: usize) -> PathBuf {
         self.lb_dir(n).join("vips.conf")
