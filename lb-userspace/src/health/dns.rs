@@ -191,8 +191,7 @@ mod tests {
     };
     use tokio::net::{TcpListener, UdpSocket};
 
-    /// The probe with a backend's failure as its text: these tests never
-    /// run the agent short of resources.
+    /// The probe with a backend's failure as its text.
     async fn probe(
         address: SocketAddrV4,
         check: &DnsCheck,
@@ -200,10 +199,7 @@ mod tests {
     ) -> Result<(), String> {
         super::probe(address, check, timeout)
             .await
-            .map_err(|e| match e {
-                ProbeError::Backend(why) => why,
-                agent => panic!("{agent}"),
-            })
+            .map_err(ProbeError::expect_backend)
     }
 
     const T: Duration = Duration::from_millis(500);

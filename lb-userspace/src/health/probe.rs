@@ -34,6 +34,18 @@ impl From<String> for ProbeError {
     }
 }
 
+#[cfg(test)]
+impl ProbeError {
+    /// A backend's failure as its text, for the probes' own tests, which
+    /// never run the agent short of resources (an agent error panics).
+    pub(crate) fn expect_backend(self) -> String {
+        match self {
+            ProbeError::Backend(why) => why,
+            agent => panic!("{agent}"),
+        }
+    }
+}
+
 /// Runs one probe of `check` against `address`, all of it within `timeout`.
 /// The error is a short reason naming the step and the address.
 pub async fn probe(

@@ -164,8 +164,7 @@ mod tests {
 
     const T: Duration = Duration::from_secs(2);
 
-    /// The probe with a backend's failure as its text: these tests never
-    /// run the agent short of resources.
+    /// The probe with a backend's failure as its text.
     async fn probe(
         address: SocketAddrV4,
         check: &TlsCheck,
@@ -173,10 +172,7 @@ mod tests {
     ) -> Result<Expiry, String> {
         super::probe(address, check, timeout)
             .await
-            .map_err(|e| match e {
-                ProbeError::Backend(why) => why,
-                agent => panic!("{agent}"),
-            })
+            .map_err(ProbeError::expect_backend)
     }
 
     /// A self-signed certificate for `name`, expiring at `not_after`

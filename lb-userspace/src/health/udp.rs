@@ -78,9 +78,9 @@ pub(super) async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UdpExpect;
 
-    /// The probe with a backend's failure as its text: these tests never
-    /// run the agent short of resources.
+    /// The probe with a backend's failure as its text.
     async fn probe(
         address: SocketAddrV4,
         check: &UdpCheck,
@@ -88,12 +88,8 @@ mod tests {
     ) -> Result<(), String> {
         super::probe(address, check, timeout)
             .await
-            .map_err(|e| match e {
-                ProbeError::Backend(why) => why,
-                agent => panic!("{agent}"),
-            })
+            .map_err(ProbeError::expect_backend)
     }
-    use crate::config::UdpExpect;
 
     const T: Duration = Duration::from_millis(300);
 
