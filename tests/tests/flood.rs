@@ -87,6 +87,23 @@ fn status_json(lab: &Lab) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing lb status --json")
 }
 
+/// Each keep-alive connection asked again: the ones that no longer answer,
+/// or answer from another server than their own, described.
+fn broken_connections(conns: &mut [(HttpConn, String)]) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (i, (conn, server)) in conns.iter_mut().enumerate() {
+        match conn.get("/") {
+            Ok(r) if r.text() == *server => {}
+            Ok(r) => broken.push(format!(
+                "connection {i}: answered by {} instead of {server}",
+                r.text()
+            )),
+            Err(e) => broken.push(format!("connection {i} (on {server}): {e:#}")),
+        }
+    }
+    broken
+}
+
 /// `n` keep-alive connections from the client through the VIP, one `GET /`
 /// each: the connections and the server that answered each.
 fn keepalive_connections(lab: &Lab, n: usize) -> Result<Vec<(HttpConn, String)>> {
@@ -279,17 +296,7 @@ fn keepalive_connections_survive_a_syn_flood_ten_times_the_tables() -> Result<()
             );
 
             // Every long-lived connection answers again, from its own server.
-            let mut broken = Vec::new();
-            for (i, (conn, server)) in conns.iter_mut().enumerate() {
-                match conn.get("/") {
-                    Ok(r) if r.text() == *server => {}
-                    Ok(r) => broken.push(format!(
-                        "connection {i}: answered by {} instead of {server}",
-                        r.text()
-                    )),
-                    Err(e) => broken.push(format!("connection {i} (on {server}): {e:#}")),
-                }
-            }
+            let broken = broken_connections(&mut conns);
             ensure!(
                 broken.is_empty(),
                 "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\nthe agent's status after the flood:\n{after}",
@@ -370,17 +377,7 @@ fn spoofed_handshakes_leave_room_for_keepalive_connections_opened_after_them() -
                 report.trim()
             );
             let after = status_text(lab)?;
-            let mut broken = Vec::new();
-            for (i, (conn, server)) in conns.iter_mut().enumerate() {
-                match conn.get("/") {
-                    Ok(r) if r.text() == *server => {}
-                    Ok(r) => broken.push(format!(
-                        "connection {i}: answered by {} instead of {server}",
-                        r.text()
-                    )),
-                    Err(e) => broken.push(format!("connection {i} (on {server}): {e:#}")),
-                }
-            }
+            let broken = broken_connections(&mut conns);
             ensure!(
                 broken.is_empty(),
                 "{} of {KEEPALIVE} keep-alive connections did not survive: {broken:#?}\nthe agent's status after the flood:\n{after}",
