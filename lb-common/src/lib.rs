@@ -13,6 +13,7 @@ pub mod headers;
 pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
+pub mod map_names;
 pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]

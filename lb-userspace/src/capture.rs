@@ -27,6 +27,7 @@ use lb_common::capture::{
     CAPTURE_FORWARDED, CAPTURE_MAX_ENDPOINTS, CAPTURE_MAX_SNAPLEN, CAPTURE_NOT_FORWARDED,
     CaptureConf, CaptureEndpoint, CaptureRecord,
 };
+use lb_common::map_names::MapName;
 use pcap_file::{
     DataLink,
     pcap::{PcapHeader, PcapPacket, PcapWriter},
@@ -204,12 +205,15 @@ pub struct Capturer {
 impl Capturer {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let pin = |name| open_pinned(pin_dir, name, "capture");
-        Self::from_maps(pin("CAPTURE")?, pin("CAPTURE_ON")?)
+        Self::from_maps(pin(MapName::CAPTURE)?, pin(MapName::CAPTURE_ON)?)
     }
 
     /// Opens the maps of a loaded data plane (tests, the benchmark).
     pub fn of(dp: &crate::dataplane::Dataplane) -> anyhow::Result<Self> {
-        Self::from_maps(dp.map_data("CAPTURE")?, dp.map_data("CAPTURE_ON")?)
+        Self::from_maps(
+            dp.map_data(MapName::CAPTURE)?,
+            dp.map_data(MapName::CAPTURE_ON)?,
+        )
     }
 
     fn from_maps(records: MapData, switch: MapData) -> anyhow::Result<Self> {

@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, Flow,
-    FlowKey, FwScope, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, FlowKey,
+    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP,
     hash::{flow_hash, source_hash},
     headers::{IPPROTO_TCP, IPPROTO_UDP},
 };
@@ -22,6 +22,7 @@ use lb_common::{
 use crate::{
     config::{Forwarding, Scheduler},
     control::{AdminState, HealthStatus},
+    dataplane::{FlowFacts, FwFacts, ServiceFacts},
 };
 
 /// A flow as `lb explain` takes it: client → VIP, protocol.
@@ -80,33 +81,6 @@ impl FlowQuery {
     }
 }
 
-/// What the maps hold for a flow.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct FlowFacts {
-    /// The address is in `VIPS`.
-    pub vip_known: bool,
-    /// `SERVICES[(vip, port, protocol)]` and what goes with it.
-    pub service: Option<ServiceFacts>,
-    /// `CONNTRACK[key]`, and `BACKENDS[entry.backend_id]`.
-    pub conntrack: Option<(Flow, Backend)>,
-    /// The firewall scopes a new flow of this client meets: the global one,
-    /// then the service's.
-    pub firewall: Vec<FwFacts>,
-}
-
-/// One firewall scope for the client: its conf and the rules its source
-/// matches (by LPM, as the data plane looks them up).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FwFacts {
-    /// `FW_GLOBAL` or the service id.
-    pub scope: u32,
-    pub conf: FwScope,
-    /// The deny rule that matches: its text ("deny 203.0.113.0/24") and id.
-    pub deny: Option<(String, u32)>,
-    /// The allow rule that matches.
-    pub allow: Option<(String, u32)>,
-}
-
 /// What a scope does to a new flow from the client, and whether it drops it.
 fn firewall_text(fw: &FwFacts, name: &str) -> (String, bool) {
     let scope = if fw.scope == FW_GLOBAL {
@@ -153,19 +127,6 @@ fn firewall_text(fw: &FwFacts, name: &str) -> (String, bool) {
         );
     }
     (out, false)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceFacts {
-    pub id: u32,
-    pub conf: ServiceConf,
-    /// The active half of the ring: backend ids, one per slot.
-    pub ring: Vec<u32>,
-    /// `RR_COUNTERS[id]`: the next round-robin position.
-    pub rr_counter: u64,
-    /// The active half of the Maglev table (`maglev`, `source-ip`; else
-    /// empty): backend ids, one per slot.
-    pub maglev: Vec<u32>,
 }
 
 /// How the data plane picks a new flow's backend for this service, as a
@@ -436,7 +397,7 @@ fn backends_text(view: Option<&ServiceView>, ring: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{BACKEND_F_IN_USE, MODE_NAT, SCHED_COUNTER};
+    use lb_common::{BACKEND_F_IN_USE, Flow, FwScope, MODE_NAT, SCHED_COUNTER, ServiceConf};
 
     use super::*;
 

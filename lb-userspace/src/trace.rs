@@ -27,7 +27,7 @@ use lb_common::{
     headers::{ETH_P_IPV4_RAW, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::dataplane::{Dataplane, DataplaneError, MapName};
 
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
@@ -61,12 +61,15 @@ impl Tracer {
     /// Opens the pinned maps under `pin_dir`.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let pin = |name| open_pinned(pin_dir, name, "drop tracing");
-        Self::from_maps(pin("TRACE")?, pin("TRACE_ON")?)
+        Self::from_maps(pin(MapName::TRACE)?, pin(MapName::TRACE_ON)?)
     }
 
     /// Opens the maps of a loaded data plane (tests, tools).
     pub fn of(dp: &Dataplane) -> anyhow::Result<Self> {
-        Self::from_maps(dp.map_data("TRACE")?, dp.map_data("TRACE_ON")?)
+        Self::from_maps(
+            dp.map_data(MapName::TRACE)?,
+            dp.map_data(MapName::TRACE_ON)?,
+        )
     }
 
     fn from_maps(events: MapData, switch: MapData) -> anyhow::Result<Self> {
@@ -101,7 +104,7 @@ impl Tracer {
         self.switch
             .get(&0, 0)
             .map_err(|source| DataplaneError::Map {
-                name: "TRACE_ON",
+                name: MapName::TRACE_ON.name(),
                 source,
             })
     }
@@ -110,7 +113,7 @@ impl Tracer {
         self.switch
             .set(0, conf, 0)
             .map_err(|source| DataplaneError::Map {
-                name: "TRACE_ON",
+                name: MapName::TRACE_ON.name(),
                 source,
             })
     }
@@ -152,8 +155,8 @@ impl Drop for Tracer {
 
 /// A pinned map of the data plane under `pin_dir`; `feature` names what
 /// needs it when it is missing (an agent of an older version).
-pub(crate) fn open_pinned(pin_dir: &Path, name: &str, feature: &str) -> anyhow::Result<MapData> {
-    let path = pin_dir.join(name);
+pub(crate) fn open_pinned(pin_dir: &Path, map: MapName, feature: &str) -> anyhow::Result<MapData> {
+    let (name, path) = (map.name(), pin_dir.join(map.name()));
     if !path.exists() {
         bail!(
             "no {name} map pinned under {}: is `lb run --pin-dir {}` running (a version with \

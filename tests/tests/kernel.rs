@@ -18,7 +18,7 @@ use lb_tests::kernel_net::{
 };
 use lb_userspace::{
     config::{Backend, Config, Forwarding, Protocol, Scheduler, Service},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, MapName},
     harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
@@ -259,9 +259,13 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
         assert_eq!(out, want.build());
 
         // Per-service and per-backend counters saw the traffic.
-        let svc = h.dp.counters("SERVICE_STATS", 0).expect("service counters");
+        let svc =
+            h.dp.counters(MapName::SERVICE_STATS, 0)
+                .expect("service counters");
         assert_eq!(svc.packets, 5, "3 forwarded + SYN-ACK and reply");
-        let web1 = h.dp.counters("BACKEND_STATS", 0).expect("backend counters");
+        let web1 =
+            h.dp.counters(MapName::BACKEND_STATS, 0)
+                .expect("backend counters");
         assert_eq!(web1.packets, 4);
     });
 }
@@ -1366,8 +1370,8 @@ fn a_pinned_data_plane_without_the_trace_maps_gets_them_when_adopted() {
         let (mut second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
         assert!(adopted);
         second.apply(&cfg).expect("re-apply");
-        for map in lb_userspace::dataplane::LB_MAPS {
-            assert!(pins.join(map).exists(), "{map} pinned");
+        for map in MapName::pinned() {
+            assert!(pins.join(map.name()).exists(), "{map} pinned");
         }
         let mut tracer = lb_userspace::trace::Tracer::open(&pins).expect("open the pins");
         tracer
@@ -1922,12 +1926,11 @@ fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
         first.apply(&cfg).expect("apply");
         drop(first);
         // As an older version left it: 14 verdicts, no firewall maps.
-        for map in lb_userspace::dataplane::LB_MAPS
-            .iter()
-            .filter(|m| m.starts_with("FW_"))
-            .chain(&["VERDICTS"])
+        for map in MapName::pinned()
+            .filter(|m| m.name().starts_with("FW_"))
+            .chain([MapName::VERDICTS])
         {
-            std::fs::remove_file(pins.join(map)).expect("unpin");
+            std::fs::remove_file(pins.join(map.name())).expect("unpin");
         }
         PerCpuArray::<_, u64>::create(14, 0)
             .expect("create an old VERDICTS")
@@ -2790,7 +2793,7 @@ fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
     net.run(|| {
         let first = first_pinned_flow(&pins, 1024, 51500);
         // What the old version left: a REVERSE_NAT pinned with the rest.
-        let old = first.map_data("VIPS").expect("a map to stand in");
+        let old = first.map_data(MapName::VIPS).expect("a map to stand in");
         old.pin(pins.join("REVERSE_NAT")).expect("pin REVERSE_NAT");
         drop(first);
         let err = match Dataplane::load_pinned(1024, &pins) {

@@ -124,7 +124,9 @@ fn nat_fragments_follow_their_flow_both_ways() {
             );
         }
         // Every fragment counted as the flow's traffic.
-        let svc = h.dp.counters("SERVICE_STATS", 1).expect("www-udp counters");
+        let svc =
+            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+                .expect("www-udp counters");
         assert_eq!(svc.packets, 1 + 3 + 2 + 2);
     });
 }
@@ -480,7 +482,9 @@ fn too_big_for_the_egress_link_gets_frag_needed_or_the_kernel() {
         let out = h.expect(h.front, &big, XDP_TX, Verdict::FragNeeded);
         assert_eq!(out, frag_needed_for(&big, 1400));
         // Nothing was forwarded.
-        let svc = h.dp.counters("SERVICE_STATS", 1).expect("www-udp counters");
+        let svc =
+            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+                .expect("www-udp counters");
         assert_eq!(svc.packets, 0);
 
         // The flow exists now (pinned to web1); a packet that fits goes.
@@ -512,7 +516,9 @@ fn too_big_for_the_egress_link_gets_frag_needed_or_the_kernel() {
             1373,
         );
         assert_eq!(out, without_df(want));
-        let svc = h.dp.counters("SERVICE_STATS", 1).expect("www-udp counters");
+        let svc =
+            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+                .expect("www-udp counters");
         assert_eq!(svc.packets, 1, "only the packet that fitted");
 
         // DSR: frag needed from the VIP; DF clear goes to the kernel as is.

@@ -124,7 +124,7 @@ fn pktgen_through_lb_reaches_the_sink() {
         assert_eq!(forwarded(&dp) - before, FRAMES, "lb `forwarded` verdicts");
         let per_backend: u64 = (0..BACKENDS as u32)
             .map(|id| {
-                dp.counters("BACKEND_STATS", id)
+                dp.counters(lb_common::map_names::MapName::BACKEND_STATS, id)
                     .expect("backend counters")
                     .packets
             })

@@ -1032,13 +1032,17 @@ impl Agent {
         let mut services = Vec::new();
         let mut ids = Vec::new();
         for (svc, applied) in self.cfg.services.iter().zip(&self.applied) {
-            let traffic = self.dp.counters("SERVICE_STATS", applied.id)?;
+            let traffic = self
+                .dp
+                .counters(lb_common::map_names::MapName::SERVICE_STATS, applied.id)?;
             let mut backends = Vec::new();
             let mut backend_ids = Vec::new();
             for (b, (_, id)) in svc.backends.iter().zip(&applied.backends) {
                 let key = state::key(&svc.name, &b.name);
                 let target = Self::target(svc, b);
-                let counters = self.dp.counters("BACKEND_STATS", *id)?;
+                let counters = self
+                    .dp
+                    .counters(lb_common::map_names::MapName::BACKEND_STATS, *id)?;
                 let check = checks.get(&target);
                 // A pool's member: its own check and its role in this
                 // service (a standby is healthy, not down).

@@ -9,9 +9,9 @@ use aya::maps::{
 use lb_common::{FW_SCOPE_COUNT, FwKey, FwScope};
 
 use super::{
-    Dataplane, DataplaneError, Result,
+    Dataplane, MapName, Result,
     firewall::{FwIds, FwPlan, List, Rule},
-    set,
+    handles::{map_err, set},
 };
 
 /// One firewall rule as `lb firewall show` reports it.
@@ -27,7 +27,10 @@ impl Dataplane {
     /// The firewall rules and scopes as the maps hold them.
     pub(super) fn read_firewall(&self) -> Result<FwIds> {
         let mut fw = FwIds::default();
-        for (list, name) in [(List::Deny, "FW_DENY"), (List::Allow, "FW_ALLOW")] {
+        for (list, name) in [
+            (List::Deny, MapName::FW_DENY),
+            (List::Allow, MapName::FW_ALLOW),
+        ] {
             let trie = self.trie(name)?;
             for (key, id) in trie.iter().filter_map(|r| r.ok()) {
                 if let Some(rule) = Rule::from_key(list, key.prefix_len(), key.data()) {
@@ -35,15 +38,9 @@ impl Dataplane {
                 }
             }
         }
-        let map = self
-            .ebpf
-            .map("FW_SCOPES")
-            .ok_or(DataplaneError::MissingMap("FW_SCOPES"))?;
-        let err = |source| DataplaneError::Map {
-            name: "FW_SCOPES",
-            source,
-        };
-        let scopes: Array<&MapData, FwScope> = Array::try_from(map).map_err(err)?;
+        let err = map_err(MapName::FW_SCOPES);
+        let scopes: Array<&MapData, FwScope> =
+            Array::try_from(self.map_ref(MapName::FW_SCOPES)?).map_err(err)?;
         for id in 0..FW_SCOPE_COUNT {
             let conf = scopes.get(&id, 0).map_err(err)?;
             if conf != FwScope::default() {
@@ -55,15 +52,12 @@ impl Dataplane {
 
     /// Every firewall rule with its id and counter, in rule order.
     pub fn firewall_rules(&self) -> Result<Vec<RuleStats>> {
-        let stats = self.per_cpu::<u64>("FW_RULE_STATS")?;
+        let stats = self.per_cpu::<u64>(MapName::FW_RULE_STATS)?;
         self.fw
             .rules
             .iter()
             .map(|(rule, &id)| {
-                let values = stats.get(&id, 0).map_err(|source| DataplaneError::Map {
-                    name: "FW_RULE_STATS",
-                    source,
-                })?;
+                let values = stats.get(&id, 0).map_err(map_err(MapName::FW_RULE_STATS))?;
                 Ok(RuleStats {
                     rule: *rule,
                     id,
@@ -77,15 +71,20 @@ impl Dataplane {
     /// then the scopes with the union of old and new flags.
     pub(super) fn firewall_additions(&mut self, fw: &FwPlan) -> Result<()> {
         for (rule, id) in &fw.add {
-            self.zero_counter("FW_RULE_STATS", *id, 0u64)?;
+            self.zero_counter(MapName::FW_RULE_STATS, *id, 0u64)?;
             let (len, data) = rule.key();
             let name = trie_name(rule.list);
             self.trie_mut(name)?
                 .insert(&Key::new(len, data), *id, 0)
-                .map_err(|source| DataplaneError::Map { name, source })?;
+                .map_err(map_err(name))?;
         }
         for (scope, conf) in &fw.interim {
-            set(&mut self.array("FW_SCOPES")?, "FW_SCOPES", *scope, *conf)?;
+            set(
+                &mut self.array(MapName::FW_SCOPES)?,
+                MapName::FW_SCOPES,
+                *scope,
+                *conf,
+            )?;
         }
         Ok(())
     }
@@ -93,42 +92,36 @@ impl Dataplane {
     /// The second half: final scope confs, then the rules that are gone.
     pub(super) fn firewall_removals(&mut self, fw: &FwPlan) -> Result<()> {
         for (scope, conf) in &fw.finals {
-            set(&mut self.array("FW_SCOPES")?, "FW_SCOPES", *scope, *conf)?;
+            set(
+                &mut self.array(MapName::FW_SCOPES)?,
+                MapName::FW_SCOPES,
+                *scope,
+                *conf,
+            )?;
         }
         for (rule, _) in &fw.remove {
             let (len, data) = rule.key();
             let name = trie_name(rule.list);
             match self.trie_mut(name)?.remove(&Key::new(len, data)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(DataplaneError::Map { name, source }),
+                Err(source) => return Err(map_err(name)(source)),
             }
         }
         Ok(())
     }
 
-    pub(super) fn trie(&self, name: &'static str) -> Result<LpmTrie<&MapData, FwKey, u32>> {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    pub(super) fn trie(&self, map: MapName) -> Result<LpmTrie<&MapData, FwKey, u32>> {
+        LpmTrie::try_from(self.map_ref(map)?).map_err(map_err(map))
     }
 
-    pub(super) fn trie_mut(
-        &mut self,
-        name: &'static str,
-    ) -> Result<LpmTrie<&mut MapData, FwKey, u32>> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    pub(super) fn trie_mut(&mut self, map: MapName) -> Result<LpmTrie<&mut MapData, FwKey, u32>> {
+        LpmTrie::try_from(self.map_mut(map)?).map_err(map_err(map))
     }
 }
 
-pub(super) fn trie_name(list: List) -> &'static str {
+pub(super) fn trie_name(list: List) -> MapName {
     match list {
-        List::Deny => "FW_DENY",
-        List::Allow => "FW_ALLOW",
+        List::Deny => MapName::FW_DENY,
+        List::Allow => MapName::FW_ALLOW,
     }
 }

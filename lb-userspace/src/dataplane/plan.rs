@@ -18,20 +18,17 @@
 //!   has no expiry), so it is listed in [`Plan::purge`]: the writer deletes
 //!   those flows before it publishes the new backend.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Endpoint, MAX_BACKENDS,
-    MAX_SERVICES, MODE_DSR, MODE_NAT, SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP,
-    ServiceKey,
+    MAX_SERVICES, MODE_DSR, MODE_NAT, ServiceKey,
     maglev::{self, Member},
     ring,
 };
 
-use crate::config::{self, Config, Forwarding, Protocol, Scheduler};
+use super::keys::{raw_endpoint, scheduler_code, service_key};
+use crate::config::{self, Config, Forwarding, Scheduler};
 
 /// A backend's identity: (service id, address, port), raw network order.
 /// Ids are per service, so the same server in two services has two ids.
@@ -153,28 +150,6 @@ impl Plan {
             *endpoints.entry(endpoint).or_default() += 1;
         }
         endpoints
-    }
-}
-
-/// Address and port as raw network-order values, as the maps hold them.
-pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
-    (u32::from_ne_bytes(addr.ip().octets()), addr.port().to_be())
-}
-
-pub fn protocol_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => lb_common::headers::IPPROTO_TCP,
-        Protocol::Udp => lb_common::headers::IPPROTO_UDP,
-    }
-}
-
-pub fn service_key(svc: &config::Service) -> ServiceKey {
-    let (vip, port) = raw_endpoint(svc.vip);
-    ServiceKey {
-        vip,
-        port,
-        protocol: protocol_number(svc.protocol),
-        _pad: 0,
     }
 }
 
@@ -396,18 +371,6 @@ pub fn plan(
     })
 }
 
-/// The data plane's code for a scheduler (`ServiceConf::scheduler`).
-pub fn scheduler_code(s: Scheduler) -> u32 {
-    match s {
-        Scheduler::FlowHash => SCHED_HASH,
-        Scheduler::Maglev => SCHED_MAGLEV,
-        Scheduler::SourceIp => SCHED_SOURCE_IP,
-        Scheduler::RoundRobin | Scheduler::WeightedRoundRobin | Scheduler::LeastConnections => {
-            SCHED_COUNTER
-        }
-    }
-}
-
 /// Who new flows may go to: the group in use (the non-backup backends, or
 /// — when none of them is in rotation — the backups, HAProxy's `backup`),
 /// every configured member of it with weight > 0, and those in rotation.
@@ -476,10 +439,12 @@ pub fn least_connections_ring(members: &[(u32, u32)], active: &[u64]) -> Vec<u32
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use lb_common::{SCHED_COUNTER, SCHED_MAGLEV};
 
     use super::*;
-    use crate::config::{Backend, Dataplane, OnBackendDown, Service, XdpMode};
+    use crate::config::{Backend, Dataplane, OnBackendDown, Protocol, Service, XdpMode};
 
     fn backend(n: u32) -> Backend {
         let ip = Ipv4Addr::from(0x0a00_0000 + n);

@@ -14,8 +14,10 @@ use lb_common::{
     flow::{REPLY, is_expired},
 };
 
-use super::{Dataplane, DataplaneError, HalfOpenTable, Result, found};
-use crate::explain::{FlowFacts, FwFacts, ServiceFacts};
+use super::{
+    Dataplane, DataplaneError, FlowFacts, FwFacts, HalfOpenTable, MapName, Result, ServiceFacts,
+    found, handles::map_err,
+};
 
 impl Dataplane {
     /// Verdict counters summed over CPUs, in [`Verdict::ALL`] order.
@@ -25,7 +27,7 @@ impl Dataplane {
     /// firewall's) read 0 there, and count once `lb teardown` lets the map
     /// be made again.
     pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>> {
-        let map = self.per_cpu::<u64>("VERDICTS")?;
+        let map = self.per_cpu::<u64>(MapName::VERDICTS)?;
         (0..VERDICT_COUNT)
             .map(|i| {
                 let n = match map.get(&i, 0) {
@@ -33,7 +35,7 @@ impl Dataplane {
                     Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => 0,
                     Err(source) => {
                         return Err(DataplaneError::Map {
-                            name: "VERDICTS",
+                            name: MapName::VERDICTS.name(),
                             source,
                         });
                     }
@@ -44,11 +46,11 @@ impl Dataplane {
     }
 
     /// Traffic counters of a service or backend id, summed over CPUs.
-    pub fn counters(&self, map: &'static str, id: u32) -> Result<Counters> {
+    pub fn counters(&self, map: MapName, id: u32) -> Result<Counters> {
         let values = self
             .per_cpu::<Counters>(map)?
             .get(&id, 0)
-            .map_err(|source| DataplaneError::Map { name: map, source })?;
+            .map_err(map_err(map))?;
         Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
@@ -63,76 +65,80 @@ impl Dataplane {
         Ok(FlowTable {
             conntrack,
             half_open,
-            conf: self.owned_array("FLOW_CONF")?,
-            counts: self.owned_array("BACKEND_FLOWS")?,
-            swept: self.owned_array("FLOWS_SWEPT")?,
+            conf: self.owned_array(MapName::FLOW_CONF)?,
+            counts: self.owned_array(MapName::BACKEND_FLOWS)?,
+            swept: self.owned_array(MapName::FLOWS_SWEPT)?,
         })
     }
 
     /// Owned handles on `CONNTRACK` and `HALF_OPEN` (for readers and the
     /// sweep, apart from this value).
     pub(super) fn flow_maps(&self) -> Result<(FlowMap, HalfOpenTable)> {
-        let conntrack = HashMap::try_from(aya::maps::Map::HashMap(self.map_data("CONNTRACK")?))
-            .map_err(|source| DataplaneError::Map {
-                name: "CONNTRACK",
-                source,
-            })?;
+        let conntrack =
+            HashMap::try_from(aya::maps::Map::HashMap(self.map_data(MapName::CONNTRACK)?))
+                .map_err(|source| DataplaneError::Map {
+                    name: MapName::CONNTRACK.name(),
+                    source,
+                })?;
         Ok((conntrack, self.half_open_table()?))
     }
 
     /// An owned handle on `NEIGH_WANTED`, the next hops the data plane
     /// found without a neighbour entry (for the agent's resolver thread).
     pub fn neighbour_requests(&self) -> Result<NeighbourRequests> {
-        let name = "NEIGH_WANTED";
+        let name = MapName::NEIGH_WANTED;
         let map = HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(name)?))
-            .map_err(|source| DataplaneError::Map { name, source })?;
+            .map_err(map_err(name))?;
         Ok(NeighbourRequests { map })
     }
 
     /// An owned handle on one of the program's array maps.
-    pub(super) fn owned_array<T: aya::Pod>(&self, name: &'static str) -> Result<Array<MapData, T>> {
-        Array::try_from(aya::maps::Map::Array(self.map_data(name)?))
-            .map_err(|source| DataplaneError::Map { name, source })
+    pub(super) fn owned_array<T: aya::Pod>(&self, map: MapName) -> Result<Array<MapData, T>> {
+        Array::try_from(aya::maps::Map::Array(self.map_data(map)?)).map_err(map_err(map))
     }
 
     /// What the maps hold for one flow, for `lb explain`: its service (conf,
     /// active ring, round-robin counter), its conntrack entry and the
     /// backend that entry names. Lookups only; nothing is written.
     pub fn flow_facts(&self, key: &FlowKey) -> Result<FlowFacts> {
-        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
-        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let map = |name: MapName| self.map_ref(name);
+        let err = map_err;
         let vips: HashMap<&MapData, u32, u32> =
-            HashMap::try_from(map("VIPS")?).map_err(err("VIPS"))?;
+            HashMap::try_from(map(MapName::VIPS)?).map_err(err(MapName::VIPS))?;
         let services: HashMap<&MapData, ServiceKey, u32> =
-            HashMap::try_from(map("SERVICES")?).map_err(err("SERVICES"))?;
+            HashMap::try_from(map(MapName::SERVICES)?).map_err(err(MapName::SERVICES))?;
         let flows: HashMap<&MapData, FlowKey, Flow> =
-            HashMap::try_from(map("CONNTRACK")?).map_err(err("CONNTRACK"))?;
+            HashMap::try_from(map(MapName::CONNTRACK)?).map_err(err(MapName::CONNTRACK))?;
         let backends: Array<&MapData, Backend> =
-            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+            Array::try_from(map(MapName::BACKENDS)?).map_err(err(MapName::BACKENDS))?;
         let service_key = ServiceKey {
             vip: key.daddr,
             port: key.dport,
             protocol: key.protocol,
             _pad: 0,
         };
-        let service = match found(services.get(&service_key, 0), "SERVICES")? {
+        let service = match found(services.get(&service_key, 0), MapName::SERVICES)? {
             None => None,
             Some(id) => {
                 let confs: Array<&MapData, ServiceConf> =
-                    Array::try_from(map("SERVICE_CONF")?).map_err(err("SERVICE_CONF"))?;
+                    Array::try_from(map(MapName::SERVICE_CONF)?)
+                        .map_err(err(MapName::SERVICE_CONF))?;
                 let rings: Array<&MapData, Ring> =
-                    Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
-                let counters: Array<&MapData, u64> =
-                    Array::try_from(map("RR_COUNTERS")?).map_err(err("RR_COUNTERS"))?;
-                let conf = confs.get(&id, 0).map_err(err("SERVICE_CONF"))?;
+                    Array::try_from(map(MapName::RINGS)?).map_err(err(MapName::RINGS))?;
+                let counters: Array<&MapData, u64> = Array::try_from(map(MapName::RR_COUNTERS)?)
+                    .map_err(err(MapName::RR_COUNTERS))?;
+                let conf = confs.get(&id, 0).map_err(err(MapName::SERVICE_CONF))?;
                 let ring = rings
                     .get(&Ring::slot(id, conf.active_ring), 0)
-                    .map_err(err("RINGS"))?;
+                    .map_err(err(MapName::RINGS))?;
                 let len = (ring.len as usize).min(ring.ids.len());
                 let maglev = if matches!(conf.scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP) {
                     let tables: HashMap<&MapData, u32, MaglevTable> =
-                        HashMap::try_from(map("MAGLEV")?).map_err(err("MAGLEV"))?;
-                    match found(tables.get(&Ring::slot(id, conf.active_ring), 0), "MAGLEV")? {
+                        HashMap::try_from(map(MapName::MAGLEV)?).map_err(err(MapName::MAGLEV))?;
+                    match found(
+                        tables.get(&Ring::slot(id, conf.active_ring), 0),
+                        MapName::MAGLEV,
+                    )? {
                         Some(t) => t.ids[..(t.len as usize).min(t.ids.len())].to_vec(),
                         None => Vec::new(),
                     }
@@ -143,12 +149,12 @@ impl Dataplane {
                     id,
                     conf,
                     ring: ring.ids[..len].to_vec(),
-                    rr_counter: counters.get(&id, 0).map_err(err("RR_COUNTERS"))?,
+                    rr_counter: counters.get(&id, 0).map_err(err(MapName::RR_COUNTERS))?,
                     maglev,
                 })
             }
         };
-        let entry = match found(flows.get(key, 0), "CONNTRACK")? {
+        let entry = match found(flows.get(key, 0), MapName::CONNTRACK)? {
             Some(flow) => Some(flow),
             None => self.half_open_table()?.get(key, &self.flow_conf()?),
         };
@@ -156,16 +162,18 @@ impl Dataplane {
             None => None,
             Some(flow) => Some((
                 flow,
-                backends.get(&flow.backend_id, 0).map_err(err("BACKENDS"))?,
+                backends
+                    .get(&flow.backend_id, 0)
+                    .map_err(err(MapName::BACKENDS))?,
             )),
         };
         let mut firewall = Vec::new();
         let scopes: Array<&MapData, FwScope> =
-            Array::try_from(map("FW_SCOPES")?).map_err(err("FW_SCOPES"))?;
+            Array::try_from(map(MapName::FW_SCOPES)?).map_err(err(MapName::FW_SCOPES))?;
         let scope_ids = std::iter::once(FW_GLOBAL).chain(service.as_ref().map(|s| s.id));
         for scope in scope_ids {
-            let conf = scopes.get(&scope, 0).map_err(err("FW_SCOPES"))?;
-            let matched = |name: &'static str| -> Result<Option<(String, u32)>> {
+            let conf = scopes.get(&scope, 0).map_err(err(MapName::FW_SCOPES))?;
+            let matched = |name: MapName| -> Result<Option<(String, u32)>> {
                 let lookup = Key::new(
                     64,
                     FwKey {
@@ -186,12 +194,12 @@ impl Dataplane {
             firewall.push(FwFacts {
                 scope,
                 conf,
-                deny: matched("FW_DENY")?,
-                allow: matched("FW_ALLOW")?,
+                deny: matched(MapName::FW_DENY)?,
+                allow: matched(MapName::FW_ALLOW)?,
             });
         }
         Ok(FlowFacts {
-            vip_known: found(vips.get(&key.daddr, 0), "VIPS")?.is_some(),
+            vip_known: found(vips.get(&key.daddr, 0), MapName::VIPS)?.is_some(),
             service,
             conntrack,
             firewall,
@@ -200,19 +208,15 @@ impl Dataplane {
 
     /// A second, owned handle on one of the program's maps (by its kernel
     /// id), for readers apart from this value: the flow table, `lb trace`.
-    pub fn map_data(&self, name: &'static str) -> Result<MapData> {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        let err = |source| DataplaneError::Map { name, source };
-        let data = match map {
+    pub fn map_data(&self, name: MapName) -> Result<MapData> {
+        let err = map_err(name);
+        let data = match self.map_ref(name)? {
             aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::HashMap(d)
             | aya::maps::Map::Array(d)
             | aya::maps::Map::PerCpuArray(d)
             | aya::maps::Map::RingBuf(d) => d,
-            _ => return Err(DataplaneError::MissingMap(name)),
+            _ => return Err(DataplaneError::MissingMap(name.name())),
         };
         let id = data.info().map_err(err)?.id();
         MapData::from_id(id).map_err(err)
@@ -222,17 +226,20 @@ impl Dataplane {
     /// address): what a previous agent left serving. A restarted agent
     /// starts those backends as up, so a restart changes no ring.
     pub fn ring_members(&self) -> Result<BTreeSet<(ServiceKey, SocketAddrV4)>> {
-        let map = |name: &'static str| self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name));
-        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
-        let rings: Array<&MapData, Ring> = Array::try_from(map("RINGS")?).map_err(err("RINGS"))?;
+        let map = |name: MapName| self.map_ref(name);
+        let err = map_err;
+        let rings: Array<&MapData, Ring> =
+            Array::try_from(map(MapName::RINGS)?).map_err(err(MapName::RINGS))?;
         let backends: Array<&MapData, Backend> =
-            Array::try_from(map("BACKENDS")?).map_err(err("BACKENDS"))?;
+            Array::try_from(map(MapName::BACKENDS)?).map_err(err(MapName::BACKENDS))?;
         let mut members = BTreeSet::new();
         for (key, id) in &self.ids.services {
             let half = self.ids.active_half.get(id).copied().unwrap_or(0);
-            let ring = rings.get(&Ring::slot(*id, half), 0).map_err(err("RINGS"))?;
+            let ring = rings
+                .get(&Ring::slot(*id, half), 0)
+                .map_err(err(MapName::RINGS))?;
             for bid in ring.ids.iter().take(ring.len as usize) {
-                let b = backends.get(bid, 0).map_err(err("BACKENDS"))?;
+                let b = backends.get(bid, 0).map_err(err(MapName::BACKENDS))?;
                 let addr =
                     SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
                 members.insert((*key, addr));
@@ -261,7 +268,7 @@ impl FlowTable {
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
         let half_open = self.half_open_live()?;
-        for flow in snapshot("CONNTRACK", &self.conntrack)?
+        for flow in snapshot(MapName::CONNTRACK, &self.conntrack)?
             .iter()
             .map(|(_, f)| f)
             .chain(half_open.iter().map(|(_, f)| f))
@@ -278,7 +285,7 @@ impl FlowTable {
     /// hash there replaces, are not counted).
     pub fn entries(&self) -> Result<(u64, u64)> {
         Ok((
-            snapshot("CONNTRACK", &self.conntrack)?.len() as u64,
+            snapshot(MapName::CONNTRACK, &self.conntrack)?.len() as u64,
             self.half_open_live()?.len() as u64,
         ))
     }
@@ -297,7 +304,7 @@ impl FlowTable {
 
     fn flow_conf(&self) -> Result<FlowConf> {
         self.conf.get(&0, 0).map_err(|source| DataplaneError::Map {
-            name: "FLOW_CONF",
+            name: MapName::FLOW_CONF.name(),
             source,
         })
     }
@@ -305,7 +312,7 @@ impl FlowTable {
     /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
     /// if half-open.
     pub fn lookup(&self, key: &FlowKey) -> Result<Option<(bool, Flow)>> {
-        if let Some(f) = found(self.conntrack.get(key, 0), "CONNTRACK")? {
+        if let Some(f) = found(self.conntrack.get(key, 0), MapName::CONNTRACK)? {
             return Ok(Some((true, f)));
         }
         let conf = self.flow_conf()?;
@@ -316,20 +323,20 @@ impl FlowTable {
     /// closed (by the data plane) minus swept (by the agent). Exact, and one
     /// lookup per backend.
     pub fn active(&self, id: u32) -> Result<u64> {
-        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
-        let c = self.counts.get(&id, 0).map_err(err("BACKEND_FLOWS"))?;
-        let swept = self.swept.get(&id, 0).map_err(err("FLOWS_SWEPT"))?;
+        let err = map_err;
+        let c = self
+            .counts
+            .get(&id, 0)
+            .map_err(err(MapName::BACKEND_FLOWS))?;
+        let swept = self.swept.get(&id, 0).map_err(err(MapName::FLOWS_SWEPT))?;
         Ok(c.opened.saturating_sub(c.closed).saturating_sub(swept))
     }
 }
 
 /// Every entry of a flow table, read in batches.
-pub(super) fn snapshot(name: &'static str, table: &FlowMap) -> Result<Vec<(FlowKey, Flow)>> {
+pub(super) fn snapshot(name: MapName, table: &FlowMap) -> Result<Vec<(FlowKey, Flow)>> {
     use aya::maps::IterableMap as _;
-    super::batch::entries(table.map()).map_err(|e| DataplaneError::Map {
-        name,
-        source: MapError::IoError(e),
-    })
+    super::batch::entries(table.map()).map_err(|e| map_err(name)(MapError::IoError(e)))
 }
 
 /// `NEIGH_WANTED`: next hops (address → egress ifindex) the data plane

@@ -22,7 +22,7 @@ use lb_common::{
     headers::IPPROTO_TCP,
 };
 
-use super::{Dataplane, DataplaneError, Result};
+use super::{Dataplane, DataplaneError, MapName, Result, handles::map_err};
 
 /// `CONNTRACK` is under pressure from this fill on: entries over capacity,
 /// 7/8.
@@ -107,26 +107,21 @@ pub struct Sweeper {
     capacity: u64,
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
 impl Dataplane {
     /// The sweep's own handles on the maps it needs.
     pub fn sweeper(&self) -> Result<Sweeper> {
         let (conntrack, half_open) = self.flow_maps()?;
-        let name = "CONNTRACK";
         let info = self
-            .map_data(name)?
+            .map_data(MapName::CONNTRACK)?
             .info()
-            .map_err(|source| DataplaneError::Map { name, source })?;
+            .map_err(map_err(MapName::CONNTRACK))?;
         Ok(Sweeper {
             capacity: u64::from(info.max_entries()),
             conntrack,
             half_open,
-            backends: self.owned_array("BACKENDS")?,
-            conf: self.owned_array("FLOW_CONF")?,
-            swept: self.owned_array("FLOWS_SWEPT")?,
+            backends: self.owned_array(MapName::BACKENDS)?,
+            conf: self.owned_array(MapName::FLOW_CONF)?,
+            swept: self.owned_array(MapName::FLOWS_SWEPT)?,
         })
     }
 }
@@ -134,7 +129,7 @@ impl Dataplane {
 impl Sweeper {
     /// Removes every expired flow at `now` from both tables.
     pub fn sweep(&mut self, now: u32) -> Result<SweepReport> {
-        let conf = self.conf.get(&0, 0).map_err(map_err("FLOW_CONF"))?;
+        let conf = self.conf.get(&0, 0).map_err(map_err(MapName::FLOW_CONF))?;
         let backends = &self.backends;
         let backend = |id: u32| backends.get(&id, 0).ok();
         let mut report = SweepReport::default();
@@ -153,7 +148,7 @@ impl Sweeper {
                 }
                 Err(source) => {
                     return Err(DataplaneError::Map {
-                        name: "CONNTRACK",
+                        name: MapName::CONNTRACK.name(),
                         source,
                     });
                 }
@@ -175,10 +170,13 @@ impl Sweeper {
             .half_open
             .clear_all(|k, f| gone.contains(k) && is_expired(&conf, k.protocol, f, now));
         for (&id, &n) in &report.swept {
-            let before = self.swept.get(&id, 0).map_err(map_err("FLOWS_SWEPT"))?;
+            let before = self
+                .swept
+                .get(&id, 0)
+                .map_err(map_err(MapName::FLOWS_SWEPT))?;
             self.swept
                 .set(id, before + n, 0)
-                .map_err(map_err("FLOWS_SWEPT"))?;
+                .map_err(map_err(MapName::FLOWS_SWEPT))?;
         }
         Ok(report)
     }

@@ -104,7 +104,7 @@ fn clients(src: Ipv4Addr, count: u32) -> anyhow::Result<Vec<SocketAddrV4>> {
 /// How many of `keys` the established table (`CONNTRACK`, the one no new
 /// flow evicts) holds.
 fn in_table(dp: &Dataplane, keys: &[FlowKey]) -> anyhow::Result<usize> {
-    let data = dp.map_data("CONNTRACK")?;
+    let data = dp.map_data(lb_common::map_names::MapName::CONNTRACK)?;
     let table: HashMap<MapData, FlowKey, Flow> =
         HashMap::try_from(Map::HashMap(data)).context("map CONNTRACK")?;
     Ok(keys.iter().filter(|k| table.get(k, 0).is_ok()).count())

@@ -1,0 +1,201 @@
+//! The one list of the `lb` eBPF object's maps: a typed name for each, and
+//! whether the agent pins it (and how a pinned one may differ when adopted)
+//! or leaves it unpinned, and why.
+//!
+//! The names are the `#[map]` statics of `lb-ebpf`; userspace names a map
+//! only through [`MapName`], never by a string. A kernel-tier test
+//! (`tests/tests/kernel_maps.rs`) compares this list with the maps of the
+//! built object both ways, so a map added to `lb-ebpf` and not listed here,
+//! or listed and gone, fails it.
+//!
+//! Pinning is driven from here, not declared in the object
+//! (`HashMap::pinned`): aya 0.14 pins a map declared pinned by name at every
+//! load, under `/sys/fs/bpf` unless told otherwise, so the unpinned loads
+//! the tests and tools make would share one set of pins
+//! (docs/architecture.md, "Pinned maps").
+
+/// How the agent treats a map of the object under its pin dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pinning {
+    /// Pinned, so a restarted agent keeps what it holds; a pinned map is
+    /// adopted only with exactly the object's layout (type, key and value
+    /// size, entries, flags).
+    Pinned,
+    /// Pinned, with as many entries as twice the config key named (two per
+    /// flow): adopted only with the layout and the size the config asks for.
+    PinnedSized { config_key: &'static str },
+    /// Pinned, and adopted with fewer entries than the object's too: a
+    /// counter array an older version made shorter, whose newer slots read 0
+    /// (and are not counted) until `lb teardown`.
+    PinnedMayBeShorter,
+    /// Not pinned: made afresh by every load, for the reason given.
+    Unpinned { why: &'static str },
+}
+
+impl Pinning {
+    pub const fn is_pinned(self) -> bool {
+        !matches!(self, Pinning::Unpinned { .. })
+    }
+}
+
+/// A map of the `lb` object, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MapName {
+    name: &'static str,
+    pinning: Pinning,
+}
+
+impl MapName {
+    /// The map's name in the object (its `#[map]` static's).
+    pub const fn name(self) -> &'static str {
+        self.name
+    }
+
+    /// Whether the agent pins the map, and how it adopts a pinned one.
+    pub const fn pinning(self) -> Pinning {
+        self.pinning
+    }
+
+    /// Every map of the object that the agent pins, in list order.
+    pub fn pinned() -> impl Iterator<Item = MapName> {
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|m| m.pinning().is_pinned())
+    }
+
+    /// The listed map of this name, if any.
+    pub fn find(name: &str) -> Option<MapName> {
+        Self::ALL.iter().copied().find(|m| m.name == name)
+    }
+}
+
+impl core::fmt::Display for MapName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Declares the list once: a constant per map and [`MapName::ALL`] come
+/// from the same lines.
+macro_rules! maps {
+    ($($(#[$doc:meta])* $name:ident: $pinning:expr;)*) => {
+        impl MapName {
+            $($(#[$doc])* pub const $name: MapName = MapName {
+                name: stringify!($name),
+                pinning: $pinning,
+            };)*
+
+            /// Every map of the object, pinned or not.
+            pub const ALL: &'static [MapName] = &[$(MapName::$name),*];
+        }
+    };
+}
+
+/// Why the bench programs' maps are not pinned.
+const BENCH: &str = "a bench program's (pktgen, sink, forwarders): set per run by the \
+                     generator or the measurement that loads it, nothing to keep";
+
+maps! {
+    /// (VIP, port, protocol) → service id.
+    SERVICES: Pinning::Pinned;
+    /// VIP → number of services on it.
+    VIPS: Pinning::Pinned;
+    /// Service id → mode, scheduler, active ring half.
+    SERVICE_CONF: Pinning::Pinned;
+    /// Service id × 2 + half → backend ring.
+    RINGS: Pinning::Pinned;
+    /// Service id × 2 + half → Maglev table.
+    MAGLEV: Pinning::Pinned;
+    /// Service id → round-robin position.
+    RR_COUNTERS: Pinning::Pinned;
+    /// Backend id → address, port, flags, service.
+    BACKENDS: Pinning::Pinned;
+    /// Backend id → shared next hop.
+    BACKEND_HOPS: Pinning::Pinned;
+    /// The established flow table.
+    CONNTRACK: Pinning::PinnedSized { config_key: "conntrack-size" };
+    /// The half-open flow table (mapped into the agent's memory).
+    HALF_OPEN: Pinning::PinnedSized { config_key: "half-open-size" };
+    /// The flow lifecycle's settings and the half-open table's seed.
+    FLOW_CONF: Pinning::Pinned;
+    /// Backend id → established flows opened and closed.
+    BACKEND_FLOWS: Pinning::Pinned;
+    /// Backend id → established flows the agent's sweep removed.
+    FLOWS_SWEPT: Pinning::Pinned;
+    /// Per CPU: the new-flow budget's window.
+    NEW_FLOW_BUDGET: Pinning::Pinned;
+    /// Fragments' ports by (source, destination, id, protocol).
+    FRAGS: Pinning::Pinned;
+    /// Service id → traffic counters, per CPU.
+    SERVICE_STATS: Pinning::Pinned;
+    /// Backend id → traffic counters, per CPU.
+    BACKEND_STATS: Pinning::Pinned;
+    /// Verdict → packets, per CPU. One pinned by a version with fewer
+    /// verdicts is adopted: those added since read 0 there.
+    VERDICTS: Pinning::PinnedMayBeShorter;
+    /// Drop tracing's switch (`lb trace` opens the pin).
+    TRACE_ON: Pinning::Pinned;
+    /// Drop tracing's ring buffer (`lb trace` opens the pin).
+    TRACE: Pinning::Pinned;
+    /// Firewall scope → flags and rate limit.
+    FW_SCOPES: Pinning::Pinned;
+    /// (scope, source prefix) → deny rule id.
+    FW_DENY: Pinning::Pinned;
+    /// (scope, source prefix) → allow rule id.
+    FW_ALLOW: Pinning::Pinned;
+    /// Firewall rule id → new flows it decided, per CPU.
+    FW_RULE_STATS: Pinning::Pinned;
+    /// Rate limit token buckets.
+    FW_BUCKETS: Pinning::Pinned;
+    /// Capture's switch and filter (`lb capture` opens the pin).
+    CAPTURE_ON: Pinning::Pinned;
+    /// Captured frames (`lb capture` opens the pin).
+    CAPTURE: Pinning::Pinned;
+    /// NAT services' backend endpoints.
+    NAT_BACKENDS: Pinning::Pinned;
+    /// Next hops found without a neighbour entry.
+    NEIGH_WANTED: Pinning::Pinned;
+    /// The packet generator's template and flow mix.
+    PKTGEN_CONF: Pinning::Unpinned { why: BENCH };
+    /// The generator's drawn flow table.
+    PKTGEN_FLOWS: Pinning::Unpinned { why: BENCH };
+    /// The generator's per-CPU frame sequence number.
+    PKTGEN_SEQ: Pinning::Unpinned { why: BENCH };
+    /// The bench forwarders' egress.
+    FWD_CONF: Pinning::Unpinned { why: BENCH };
+    /// The sink's counters.
+    SINK_STATS: Pinning::Unpinned { why: BENCH };
+    /// `hash_fwd`'s flow table.
+    FWD_FLOWS: Pinning::Unpinned { why: BENCH };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_listed_once() {
+        for (i, m) in MapName::ALL.iter().enumerate() {
+            assert!(
+                !MapName::ALL[..i].contains(m),
+                "{m} is listed twice in map_names.rs"
+            );
+            assert_eq!(MapName::find(m.name()), Some(*m));
+        }
+    }
+
+    #[test]
+    fn each_map_has_its_own_pinning() {
+        assert_eq!(
+            MapName::CONNTRACK.pinning(),
+            Pinning::PinnedSized {
+                config_key: "conntrack-size"
+            }
+        );
+        assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
+        assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
+        assert!(!MapName::FWD_FLOWS.pinning().is_pinned());
+        assert_eq!(MapName::pinned().count(), 29);
+    }
+}

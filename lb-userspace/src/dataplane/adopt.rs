@@ -1,0 +1,234 @@
+//! Adopting a pinned data plane: before anything is touched, every pinned
+//! map is checked against the object's definition of it ([`check_pins`]);
+//! then the id tables are read back from what a previous agent wrote.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::MapInfo;
+use lb_common::{
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, MAX_BACKENDS, ServiceConf, ServiceKey,
+    map_names::Pinning,
+};
+
+use super::{Dataplane, DataplaneError, MapName, Result, TableSizes};
+use crate::object::{MapLayout, map_layouts};
+
+impl Dataplane {
+    /// Rebuilds the id tables from pinned maps written by a previous agent.
+    pub(super) fn adopt_ids(&mut self) -> Result<()> {
+        let services: Vec<(ServiceKey, u32)> = self
+            .hash::<ServiceKey, u32>(MapName::SERVICES)?
+            .iter()
+            .filter_map(|r| r.ok())
+            .collect();
+        let confs = self.array::<ServiceConf>(MapName::SERVICE_CONF)?;
+        let mut halves = Vec::new();
+        for (_, id) in &services {
+            let conf = confs.get(id, 0).map_err(|source| DataplaneError::Map {
+                name: MapName::SERVICE_CONF.name(),
+                source,
+            })?;
+            halves.push((*id, conf.active_ring));
+        }
+        let backends = self.array::<Backend>(MapName::BACKENDS)?;
+        let (mut owned, mut retired) = (Vec::new(), Vec::new());
+        for id in 0..MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(|source| DataplaneError::Map {
+                name: MapName::BACKENDS.name(),
+                source,
+            })?;
+            if b.flags & BACKEND_F_IN_USE != 0 {
+                owned.push(((b.service_id, b.addr, b.port), id));
+            } else if b.flags & BACKEND_F_DROP_FLOWS != 0 {
+                // Retired: free, but flows may still be pinned to it.
+                retired.push(id);
+            }
+        }
+        self.ids.services.extend(services);
+        self.ids.backends.extend(owned);
+        self.ids.retired_backends.extend(retired);
+        self.ids.active_half.extend(halves);
+        self.fw = self.read_firewall()?;
+        Ok(())
+    }
+}
+
+/// A map this version no longer has: its pin means a data plane from before
+/// the flow lifecycle, whose replies lived in a table of their own.
+const REVERSE_NAT: &str = "REVERSE_NAT";
+
+/// Every map pinned under `pin_dir` must be the one this object would make:
+/// same type, key size, value size, entries and flags (what a map's
+/// [`Pinning`] allows). aya would reuse whatever is pinned at a map's path,
+/// and a map's layout and size are fixed when it is created: a value that
+/// grew makes the verifier refuse the program, fields that moved within the
+/// same size are read wrongly. A map this version added and the pin dir
+/// lacks is fine: the loader creates it. Reads only.
+pub(super) fn check_pins(object: &[u8], sizes: TableSizes, pin_dir: &Path) -> Result<()> {
+    let old_version =
+        |map: &'static str, found: String, wanted: String| DataplaneError::OldVersion {
+            map,
+            found,
+            wanted,
+            pin_dir: pin_dir.to_path_buf(),
+        };
+    if pin_dir.join(REVERSE_NAT).exists() {
+        return Err(old_version(
+            REVERSE_NAT,
+            "present (replies in a table of their own)".into(),
+            "none (a flow's reply entry lives next to it in CONNTRACK/HALF_OPEN)".into(),
+        ));
+    }
+    let wanted = wanted_layouts(object, sizes)?;
+    for map in MapName::pinned() {
+        let path = pin_dir.join(map.name());
+        if !path.exists() {
+            continue;
+        }
+        let name = map.name();
+        let info =
+            MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+        let found = MapLayout::of(&info);
+        let want = *wanted.get(&map).ok_or(DataplaneError::MissingMap(name))?;
+        match judge(map.pinning(), &found, &want) {
+            Fit::Adopt => {}
+            Fit::OtherLayout => {
+                return Err(old_version(name, found.to_string(), want.to_string()));
+            }
+            Fit::OtherSize { config_key } => {
+                return Err(DataplaneError::ConntrackSize {
+                    key: config_key,
+                    configured: want.max_entries / 2,
+                    pinned: found.max_entries / 2,
+                    map: name,
+                    pin_dir: pin_dir.to_path_buf(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The layout each listed map gets when this object is loaded with `sizes`.
+fn wanted_layouts(object: &[u8], sizes: TableSizes) -> Result<BTreeMap<MapName, MapLayout>> {
+    let layouts = map_layouts(object)?;
+    let mut wanted = BTreeMap::new();
+    for &map in MapName::ALL {
+        let Some(layout) = layouts.get(map.name()) else {
+            continue;
+        };
+        let mut layout = layout.as_loaded();
+        if let Some(entries) = sizes.entries(map) {
+            layout.max_entries = entries;
+        }
+        wanted.insert(map, layout);
+    }
+    Ok(wanted)
+}
+
+/// Whether a pinned map can be adopted.
+#[derive(Debug, PartialEq, Eq)]
+enum Fit {
+    Adopt,
+    /// Another type, key or value size, flags, or (for a map the object
+    /// sizes) number of entries: made by another version.
+    OtherLayout,
+    /// The layout, but another size than the config's `config_key` asks for.
+    OtherSize {
+        config_key: &'static str,
+    },
+}
+
+fn judge(pinning: Pinning, found: &MapLayout, wanted: &MapLayout) -> Fit {
+    let same_shape = found.map_type == wanted.map_type
+        && found.key_size == wanted.key_size
+        && found.value_size == wanted.value_size
+        && found.flags == wanted.flags;
+    if !same_shape {
+        return Fit::OtherLayout;
+    }
+    let size_fits = match pinning {
+        Pinning::PinnedMayBeShorter => found.max_entries <= wanted.max_entries,
+        _ => found.max_entries == wanted.max_entries,
+    };
+    match (size_fits, pinning) {
+        (true, _) => Fit::Adopt,
+        (false, Pinning::PinnedSized { config_key }) => Fit::OtherSize { config_key },
+        (false, _) => Fit::OtherLayout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: u32 = 1;
+    const PERCPU_ARRAY: u32 = 6;
+
+    fn layout(map_type: u32, value_size: u32, max_entries: u32) -> MapLayout {
+        MapLayout {
+            map_type,
+            key_size: 4,
+            value_size,
+            max_entries,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_same_layout_is_adopted() {
+        let want = layout(HASH, 48, 1024);
+        assert_eq!(judge(Pinning::Pinned, &want, &want), Fit::Adopt);
+        for found in [
+            layout(PERCPU_ARRAY, 48, 1024),
+            layout(HASH, 40, 1024),
+            layout(HASH, 48, 512),
+            MapLayout {
+                key_size: 8,
+                ..want
+            },
+            MapLayout { flags: 1, ..want },
+        ] {
+            assert_eq!(
+                judge(Pinning::Pinned, &found, &want),
+                Fit::OtherLayout,
+                "{found}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sized_table_of_another_size_names_its_config_key() {
+        let sized = Pinning::PinnedSized {
+            config_key: "conntrack-size",
+        };
+        let want = layout(HASH, 48, 2048);
+        assert_eq!(
+            judge(sized, &layout(HASH, 48, 1024), &want),
+            Fit::OtherSize {
+                config_key: "conntrack-size"
+            }
+        );
+        // Another entry size is another version, whatever the size.
+        assert_eq!(
+            judge(sized, &layout(HASH, 40, 1024), &want),
+            Fit::OtherLayout
+        );
+    }
+
+    #[test]
+    fn a_shorter_counter_array_is_adopted_where_the_list_allows_it() {
+        let want = layout(PERCPU_ARRAY, 8, 22);
+        let older = layout(PERCPU_ARRAY, 8, 14);
+        assert_eq!(
+            judge(Pinning::PinnedMayBeShorter, &older, &want),
+            Fit::Adopt
+        );
+        assert_eq!(judge(Pinning::Pinned, &older, &want), Fit::OtherLayout);
+        let longer = layout(PERCPU_ARRAY, 8, 30);
+        assert_eq!(
+            judge(Pinning::PinnedMayBeShorter, &longer, &want),
+            Fit::OtherLayout
+        );
+    }
+}
