@@ -292,7 +292,10 @@ pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
         bail!("the first connection went to {first:?}, not web1");
     }
     let open = || -> Result<HashMap<MapData, FlowKey, Flow>> {
-        let data = MapData::from_pin(lab.pin_dir().join("CONNTRACK"))?;
+        let data = MapData::from_pin(
+            lab.pin_dir()
+                .join(lb_common::map_names::MapName::CONNTRACK.name()),
+        )?;
         Ok(HashMap::try_from(Map::HashMap(data))?)
     };
     // The connection's forward entry (a NAT flow also has a reply entry).

@@ -1045,15 +1045,15 @@ struct Tables {
 fn tables(dp: &mut Dataplane) -> Tables {
     use aya::maps::{Array, HashMap};
     let ebpf = dp.ebpf();
-    let array = |name: &str| ebpf.map(name).unwrap_or_else(|| panic!("map {name}"));
+    let array = |map: MapName| ebpf.map(map.name()).unwrap_or_else(|| panic!("map {map}"));
     let backends: Array<_, lb_common::Backend> =
-        Array::try_from(array("BACKENDS")).expect("BACKENDS");
-    let rings: Array<_, lb_common::Ring> = Array::try_from(array("RINGS")).expect("RINGS");
+        Array::try_from(array(MapName::BACKENDS)).expect("BACKENDS");
+    let rings: Array<_, lb_common::Ring> = Array::try_from(array(MapName::RINGS)).expect("RINGS");
     let confs: Array<_, lb_common::ServiceConf> =
-        Array::try_from(array("SERVICE_CONF")).expect("SERVICE_CONF");
+        Array::try_from(array(MapName::SERVICE_CONF)).expect("SERVICE_CONF");
     let services: HashMap<_, lb_common::ServiceKey, u32> =
-        HashMap::try_from(array("SERVICES")).expect("SERVICES");
-    let vips: HashMap<_, u32, u32> = HashMap::try_from(array("VIPS")).expect("VIPS");
+        HashMap::try_from(array(MapName::SERVICES)).expect("SERVICES");
+    let vips: HashMap<_, u32, u32> = HashMap::try_from(array(MapName::VIPS)).expect("VIPS");
     Tables {
         backends: backends.iter().map(|b| b.expect("backend")).collect(),
         rings: rings
@@ -1364,8 +1364,8 @@ fn a_pinned_data_plane_without_the_trace_maps_gets_them_when_adopted() {
         first.apply(&cfg).expect("apply");
         drop(first);
         // As an older version left it: no TRACE, no TRACE_ON.
-        for map in ["TRACE", "TRACE_ON"] {
-            std::fs::remove_file(pins.join(map)).expect("unpin");
+        for map in [MapName::TRACE, MapName::TRACE_ON] {
+            std::fs::remove_file(pins.join(map.name())).expect("unpin");
         }
         let (mut second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
         assert!(adopted);
@@ -1754,7 +1754,10 @@ fn rate_limit_bucket_empties_then_refills() {
         );
         // Two seconds later (the timestamp moved back): two more tokens.
         {
-            let map = h.dp.ebpf().map_mut("FW_BUCKETS").expect("FW_BUCKETS");
+            let map =
+                h.dp.ebpf()
+                    .map_mut(MapName::FW_BUCKETS.name())
+                    .expect("FW_BUCKETS");
             let mut buckets: AyaHashMap<_, BucketKey, Bucket> =
                 AyaHashMap::try_from(map).expect("bucket map");
             let key = BucketKey {
@@ -1934,7 +1937,7 @@ fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
         }
         PerCpuArray::<_, u64>::create(14, 0)
             .expect("create an old VERDICTS")
-            .pin(pins.join("VERDICTS"))
+            .pin(pins.join(MapName::VERDICTS.name()))
             .expect("pin it");
         let (second, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
         assert!(adopted);

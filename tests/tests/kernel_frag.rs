@@ -10,7 +10,7 @@
 //! Needs root and BPF; without them the tests fail loudly.
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use lb_common::Verdict;
+use lb_common::{Verdict, map_names::MapName};
 use lb_tests::kernel_net::{
     BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
     WEB_UDP_PORT, WEBS, fragments, icmp_error, lab_config, pinned_files, service, udp, webs,
@@ -125,7 +125,7 @@ fn nat_fragments_follow_their_flow_both_ways() {
         }
         // Every fragment counted as the flow's traffic.
         let svc =
-            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+            h.dp.counters(MapName::SERVICE_STATS, 1)
                 .expect("www-udp counters");
         assert_eq!(svc.packets, 1 + 3 + 2 + 2);
     });
@@ -483,7 +483,7 @@ fn too_big_for_the_egress_link_gets_frag_needed_or_the_kernel() {
         assert_eq!(out, frag_needed_for(&big, 1400));
         // Nothing was forwarded.
         let svc =
-            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+            h.dp.counters(MapName::SERVICE_STATS, 1)
                 .expect("www-udp counters");
         assert_eq!(svc.packets, 0);
 
@@ -517,7 +517,7 @@ fn too_big_for_the_egress_link_gets_frag_needed_or_the_kernel() {
         );
         assert_eq!(out, without_df(want));
         let svc =
-            h.dp.counters(lb_common::map_names::MapName::SERVICE_STATS, 1)
+            h.dp.counters(MapName::SERVICE_STATS, 1)
                 .expect("www-udp counters");
         assert_eq!(svc.packets, 1, "only the packet that fitted");
 
@@ -591,7 +591,7 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
         assert!(!adopted);
         drop(first);
         // CONNTRACK as the version before the MTU pinned it: 40-byte entries.
-        let conntrack = pins.join("CONNTRACK");
+        let conntrack = pins.join(MapName::CONNTRACK.name());
         let slots = aya::maps::MapInfo::from_pin(&conntrack)
             .expect("pinned CONNTRACK")
             .max_entries();
@@ -612,7 +612,7 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
             symbol_index: None,
             data: Vec::new(),
         });
-        MapData::create(old, "CONNTRACK", None)
+        MapData::create(old, MapName::CONNTRACK.name(), None)
             .expect("create an old-layout CONNTRACK")
             .pin(&conntrack)
             .expect("pin it");
