@@ -20,24 +20,16 @@ use lb_userspace::{
     object::{EBPF_OBJECT, MapLayout, map_layouts},
 };
 
-/// The maps the built `lb` object declares, read from its ELF with aya-obj
-/// (its map sections only, not `.data`/`.rodata`/`.bss`).
+/// The maps the built `lb` object declares (its map sections, not
+/// `.data`/`.rodata`/`.bss`), as the adoption check reads them.
 fn object_maps() -> BTreeSet<String> {
     assert!(
         !EBPF_OBJECT.is_empty(),
         "this lb was built without its eBPF object: run the tests with `cargo xtask test`"
     );
-    let object = aya_obj::Object::parse(EBPF_OBJECT).expect("parse the lb object");
-    object
-        .maps
-        .iter()
-        .filter(|(_, m)| {
-            matches!(
-                m.section_kind(),
-                EbpfSectionKind::Maps | EbpfSectionKind::BtfMaps
-            )
-        })
-        .map(|(name, _)| name.clone())
+    map_layouts(EBPF_OBJECT)
+        .expect("parse the lb object")
+        .into_keys()
         .collect()
 }
 
