@@ -246,14 +246,15 @@ impl Validator<'_> {
         // An HTTP-only key on another check would be silently ignored,
         // which hides the mistake of forgetting check = "http".
         if !matches!(kind, RawCheck::Http) {
-            let http_only = [
-                ("path", raw.path.is_some()),
-                ("expect-status", raw.expect_status.is_some()),
-                ("expect-body", raw.expect_body.is_some()),
-            ];
-            if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
-                return Err(self.err(key(field), "only valid with check = \"http\""));
-            }
+            self.only_with(
+                prefix,
+                "http",
+                &[
+                    ("path", raw.path.is_some()),
+                    ("expect-status", raw.expect_status.is_some()),
+                    ("expect-body", raw.expect_body.is_some()),
+                ],
+            )?;
         }
         let check = match kind {
             RawCheck::Tcp => CheckKind::Tcp,
@@ -289,44 +290,47 @@ impl Validator<'_> {
             RawCheck::Tls => CheckKind::Tls(self.tls_check(prefix, &mut raw)?),
             RawCheck::Dns => CheckKind::Dns(self.dns_check(prefix, &mut raw)?),
         };
-        // Keys of the DNS check on another check would be silently ignored.
-        let dns_keys = [
-            ("query-name", raw.query_name.is_some()),
-            ("query-type", raw.query_type.is_some()),
-            ("transport", raw.transport.is_some()),
-            ("expect-rcode", raw.expect_rcode.is_some()),
-            ("expect-answer", raw.expect_answer.is_some()),
-        ];
-        if let Some((field, _)) = dns_keys.iter().find(|(_, set)| *set) {
-            return Err(self.err(key(field), "only valid with check = \"dns\""));
-        }
-        let tls_keys = [
-            ("sni", raw.sni.is_some()),
-            ("ca-file", raw.ca_file.is_some()),
-        ];
-        if let Some((field, _)) = tls_keys.iter().find(|(_, set)| *set) {
-            return Err(self.err(key(field), "only valid with check = \"tls\""));
-        }
-        // Keys of the UDP check on another check would be silently ignored.
-        let udp_keys = [
-            ("send", raw.send.is_some()),
-            ("send-hex", raw.send_hex.is_some()),
-            ("expect", raw.expect.is_some()),
-            ("expect-hex", raw.expect_hex.is_some()),
-            ("expect-regex", raw.expect_regex.is_some()),
-        ];
-        if let Some((field, _)) = udp_keys.iter().find(|(_, set)| *set) {
-            return Err(self.err(key(field), "only valid with check = \"udp\""));
-        }
-        // Login keys on a check that never logs in would be silently ignored.
-        let login_keys = [
-            ("user", raw.user.is_some()),
-            ("password", raw.password.is_some()),
-            ("password-file", raw.password_file.is_some()),
-        ];
-        if let Some((field, _)) = login_keys.iter().find(|(_, set)| *set) {
-            return Err(self.err(key(field), "only valid with check = \"mysql\""));
-        }
+        // Keys of the DNS, TLS and UDP checks on another check would be
+        // silently ignored; so would login keys on a check that never logs in.
+        self.only_with(
+            prefix,
+            "dns",
+            &[
+                ("query-name", raw.query_name.is_some()),
+                ("query-type", raw.query_type.is_some()),
+                ("transport", raw.transport.is_some()),
+                ("expect-rcode", raw.expect_rcode.is_some()),
+                ("expect-answer", raw.expect_answer.is_some()),
+            ],
+        )?;
+        self.only_with(
+            prefix,
+            "tls",
+            &[
+                ("sni", raw.sni.is_some()),
+                ("ca-file", raw.ca_file.is_some()),
+            ],
+        )?;
+        self.only_with(
+            prefix,
+            "udp",
+            &[
+                ("send", raw.send.is_some()),
+                ("send-hex", raw.send_hex.is_some()),
+                ("expect", raw.expect.is_some()),
+                ("expect-hex", raw.expect_hex.is_some()),
+                ("expect-regex", raw.expect_regex.is_some()),
+            ],
+        )?;
+        self.only_with(
+            prefix,
+            "mysql",
+            &[
+                ("user", raw.user.is_some()),
+                ("password", raw.password.is_some()),
+                ("password-file", raw.password_file.is_some()),
+            ],
+        )?;
 
         let port = match raw.port {
             None => None,
@@ -373,6 +377,24 @@ impl Validator<'_> {
             rise,
             fall,
         })
+    }
+
+    /// Refuses the first of `keys` (its name, whether it is set) that is
+    /// set: a key of check `check` on another check would be silently
+    /// ignored, which hides the mistake of a wrong or missing `check`.
+    fn only_with(
+        &self,
+        prefix: &str,
+        check: &str,
+        keys: &[(&str, bool)],
+    ) -> Result<(), ConfigError> {
+        match keys.iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(self.err(
+                format!("{prefix}.{field}"),
+                format!("only valid with check = \"{check}\""),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// `check = "udp"`: at most one of `send`/`send-hex` (default: an empty
