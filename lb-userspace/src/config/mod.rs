@@ -228,6 +228,17 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A rejection naming the file, the key and the reason.
+    pub fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -155,16 +155,12 @@ impl Validator<'_> {
     ) -> Result<Service, ConfigError> {
         let key = |field: &str| format!("service[{i}].{field}");
 
-        let name = self.required(raw.name, &key("name"))?;
-        if let Some(reason) = name_problem(&name) {
-            return Err(self.err(key("name"), reason));
-        }
-        if let Some(j) = earlier.iter().position(|s| s.name == name) {
-            return Err(self.err(
-                key("name"),
-                format!("duplicate service name, already used by service[{j}]"),
-            ));
-        }
+        let name = self.unique_name(
+            raw.name,
+            &key("name"),
+            "service",
+            earlier.iter().map(|s| s.name.as_str()),
+        )?;
 
         let vip_text = self.required(raw.vip, &key("vip"))?;
         let vip = self.vip(&vip_text, &key("vip"), VIP_EXAMPLE)?;

@@ -51,11 +51,7 @@ pub(super) struct Validator<'a> {
 
 impl Validator<'_> {
     pub(super) fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_path_buf(),
-            key: key.into(),
-            reason: reason.into(),
-        }
+        ConfigError::invalid(self.file, key, reason)
     }
 
     pub(super) fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
@@ -208,15 +204,7 @@ impl Validator<'_> {
     fn monitoring(&self, raw: RawMonitoring) -> Result<Monitoring, ConfigError> {
         let key = "monitoring.listen";
         let text = self.required(raw.listen, key)?;
-        let listen: SocketAddrV4 = text.parse().map_err(|_| {
-            self.err(
-                key,
-                format!("expected IPv4 address and port like {LISTEN_EXAMPLE:?}, got {text:?}"),
-            )
-        })?;
-        if listen.port() == 0 {
-            return Err(self.err(key, format!("port 0 is not a usable port, got {text:?}")));
-        }
+        let listen = self.addr_and_port(&text, key, LISTEN_EXAMPLE)?;
         let ip = *listen.ip();
         if ip.is_broadcast() || ip.is_multicast() {
             return Err(self.err(
@@ -407,6 +395,21 @@ impl Validator<'_> {
         key: &str,
         example: &str,
     ) -> Result<SocketAddrV4, ConfigError> {
+        let addr = self.addr_and_port(text, key, example)?;
+        if let Some(reason) = address_problem(*addr.ip()) {
+            return Err(self.err(key, reason));
+        }
+        Ok(addr)
+    }
+
+    /// `text` as an IPv4 address and a port other than 0 (`example` shows
+    /// the form in the error).
+    fn addr_and_port(
+        &self,
+        text: &str,
+        key: &str,
+        example: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
         let addr: SocketAddrV4 = text.parse().map_err(|_| {
             self.err(
                 key,
@@ -416,10 +419,29 @@ impl Validator<'_> {
         if addr.port() == 0 {
             return Err(self.err(key, format!("port 0 is not a usable port, got {text:?}")));
         }
-        if let Some(reason) = address_problem(*addr.ip()) {
+        Ok(addr)
+    }
+
+    /// A required name under `key` that passes [`name_problem`] and is not
+    /// one of `earlier` (the names of the `what`s before it).
+    pub(super) fn unique_name<'n>(
+        &self,
+        raw: Option<String>,
+        key: &str,
+        what: &str,
+        mut earlier: impl Iterator<Item = &'n str>,
+    ) -> Result<String, ConfigError> {
+        let name = self.required(raw, key)?;
+        if let Some(reason) = name_problem(&name) {
             return Err(self.err(key, reason));
         }
-        Ok(addr)
+        if let Some(j) = earlier.position(|n| n == name) {
+            return Err(self.err(
+                key,
+                format!("duplicate {what} name, already used by {what}[{j}]"),
+            ));
+        }
+        Ok(name)
     }
 }
 

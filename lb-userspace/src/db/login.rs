@@ -125,14 +125,18 @@ pub fn vet_new_logins(
     let attempts = match attempts {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 file,
                 "pool",
                 format!("cannot try the new logins: {e}"),
             ));
         }
         Err(_) => {
-            return Err(invalid(file, "pool", "trying the new logins failed"));
+            return Err(ConfigError::invalid(
+                file,
+                "pool",
+                "trying the new logins failed",
+            ));
         }
     };
     let mut warnings = Vec::new();
@@ -156,7 +160,7 @@ pub fn vet_new_logins(
                 why.join("; ")
             )),
             LoginVerdict::Refused(why) => {
-                return Err(invalid(
+                return Err(ConfigError::invalid(
                     file,
                     &key,
                     format!(
@@ -171,14 +175,6 @@ pub fn vet_new_logins(
         }
     }
     Ok(warnings)
-}
-
-fn invalid(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        file: file.to_path_buf(),
-        key: key.to_owned(),
-        reason: reason.into(),
-    }
 }
 
 #[cfg(test)]
