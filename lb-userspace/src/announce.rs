@@ -15,28 +15,31 @@
 //! restart); `lb teardown` withdraws everything. So that teardown finds
 //! the include file without the agent's config, the agent leaves a
 //! [`Record`] of it under [`RECORDS_DIR`], named after its pin dir.
+//!
+//! This file holds the plan, the include file and the agent's
+//! [`Announcer`]; BIRD's control socket is `bird`, the teardown record
+//! `record`.
+
+mod bird;
+mod record;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::{BufReader, Write as _},
     net::Ipv4Addr,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
+
+pub use bird::{Bird, BirdProtocol, BirdView};
+pub use record::{RECORDS_DIR, Record, RecordError};
 
 use crate::config::Announce;
 
 /// The name of the static protocol the include file defines; BIRD's config
 /// exports it to the routers (`export where proto = "lb_vips"`).
 pub const STATIC_PROTOCOL: &str = "lb_vips";
-
-/// How long one exchange with BIRD may take: it answers a local socket in
-/// well under a millisecond, and the agent's loop waits for it.
-const BIRD_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The include file's marker lines (comments to BIRD).
 const HEADER: &str = "# Written by lb (the agent's [announce]): the VIPs this load balancer announces.\n\
@@ -242,174 +245,6 @@ pub fn withdraw_all(cfg: &Announce) -> Result<(), AnnounceError> {
     apply(cfg, &render(&[], &Withdrawn::default(), cfg.med)).map(drop)
 }
 
-/// Where agents record what they announce through, one file per pin dir:
-/// root's, like the pins (the directory is made mode 0700). Not under
-/// /run/lb: the unit's `RuntimeDirectory=lb` goes when the service stops,
-/// and teardown comes after the stop.
-pub const RECORDS_DIR: &str = "/run/lb-announce";
-
-/// What `lb teardown --pin-dir D` needs to withdraw the VIPs of the agent
-/// that ran with pin dir D: its `[announce]`. Written by the agent at
-/// start, kept when it stops (the VIPs stay announced), removed by
-/// teardown once they are withdrawn.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    pub bird_socket: PathBuf,
-    pub include: PathBuf,
-    pub med: u32,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    Untrusted { path: PathBuf, reason: String },
-}
-
-impl Record {
-    pub fn of(cfg: &Announce) -> Record {
-        Record {
-            bird_socket: cfg.bird_socket.clone(),
-            include: cfg.include.clone(),
-            med: cfg.med,
-        }
-    }
-
-    pub fn announce(&self) -> Announce {
-        Announce {
-            bird_socket: self.bird_socket.clone(),
-            include: self.include.clone(),
-            med: self.med,
-        }
-    }
-
-    /// The record file of the agent pinned at `pin_dir`, under `dir`: the
-    /// pin dir's path with `%` and `/` escaped, so two pin dirs never share
-    /// one.
-    pub fn path_in(dir: &Path, pin_dir: &Path) -> PathBuf {
-        let normal: PathBuf = pin_dir.components().collect();
-        let name = normal
-            .to_string_lossy()
-            .replace('%', "%25")
-            .replace('/', "%2F");
-        dir.join(format!("{name}.json"))
-    }
-
-    /// Writes the record of `pin_dir` (replacing any), making `dir` mode
-    /// 0700 if it is new.
-    pub fn write(&self, dir: &Path, pin_dir: &Path) -> Result<PathBuf, RecordError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| RecordError::Io { path, source }
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-        trusted(dir)?;
-        let path = Record::path_in(dir, pin_dir);
-        let text = serde_json::to_string(self).map_err(|e| RecordError::Io {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let tmp = path.with_extension("lb-tmp");
-        std::fs::write(&tmp, text).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        Ok(path)
-    }
-
-    /// The record of `pin_dir`, if there is one. Teardown writes where it
-    /// says, as root: a record (or its directory) that another user owns
-    /// or may write is refused.
-    pub fn read(dir: &Path, pin_dir: &Path) -> Result<Option<(PathBuf, Record)>, RecordError> {
-        let path = Record::path_in(dir, pin_dir);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(RecordError::Io { path, source }),
-        };
-        trusted(dir)?;
-        trusted(&path)?;
-        let record = serde_json::from_str(&text).map_err(|e| RecordError::Untrusted {
-            path: path.clone(),
-            reason: format!("not a record written by lb: {e}"),
-        })?;
-        Ok(Some((path, record)))
-    }
-
-    /// Removes the records of `pin_dir` and of every pin dir under it
-    /// (a lab's LBs), none being fine.
-    pub fn remove_under(dir: &Path, pin_dir: &Path) -> Result<(), RecordError> {
-        let own = Record::path_in(dir, pin_dir);
-        let stem = own
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_end_matches(".json").to_owned())
-            .unwrap_or_default();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
-                return Err(RecordError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == format!("{stem}.json") || name.starts_with(&format!("{stem}%2F")) {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(|source| RecordError::Io { path, source })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the record of `pin_dir` (none is fine).
-    pub fn remove(dir: &Path, pin_dir: &Path) -> Result<(), RecordError> {
-        let path = Record::path_in(dir, pin_dir);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(RecordError::Io { path, source: e })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// `path` is owned by this process's user and writable by no one else.
-fn trusted(path: &Path) -> Result<(), RecordError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::symlink_metadata(path).map_err(|source| RecordError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let me = rustix::process::geteuid().as_raw();
-    let reason = if meta.uid() != me {
-        Some(format!("owned by uid {}, not by uid {me}", meta.uid()))
-    } else if meta.mode() & 0o022 != 0 {
-        Some(format!(
-            "writable by others (mode {:o})",
-            meta.mode() & 0o7777
-        ))
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(RecordError::Untrusted {
-            path: path.to_path_buf(),
-            reason,
-        }),
-        None => Ok(()),
-    }
-}
-
 /// The agent's side of `[announce]`: the operator's withdrawals, whether
 /// the data plane is attached, the last plan, what BIRD confirmed and what
 /// it reports. Every change of the plan goes to BIRD at once; a failure is
@@ -601,183 +436,6 @@ fn log_sessions(before: Option<&BirdView>, now: &BirdView) {
     }
 }
 
-/// A BGP (or BFD, …) protocol as `show protocols` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdProtocol {
-    pub name: String,
-    pub proto: String,
-    /// up, down, start, …
-    pub state: String,
-    /// BGP's session state (Established, Active, …), and the like.
-    pub info: String,
-}
-
-/// What BIRD says: its protocols, and the VIP routes each BGP session
-/// exports to its router.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdView {
-    pub protocols: Vec<BirdProtocol>,
-    /// BGP protocol name → prefixes exported to that peer.
-    pub exported: BTreeMap<String, Vec<String>>,
-}
-
-/// A client of BIRD's control socket (the protocol `birdc` speaks: one
-/// command line; reply lines `NNNN-text` continued, `NNNN text` last, or
-/// ` text` continuing the previous code; codes 8xxx and 9xxx are errors).
-pub struct Bird {
-    socket: PathBuf,
-}
-
-/// One reply line: its code (the previous line's for ` text` lines) and text.
-type ReplyLine = (u16, String);
-
-impl Bird {
-    pub fn new(socket: &Path) -> Bird {
-        Bird {
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    /// `configure`: BIRD re-reads its config (and so the include file); a
-    /// static protocol whose routes changed updates them without touching
-    /// the BGP sessions.
-    pub fn configure(&self) -> Result<(), AnnounceError> {
-        self.command("configure").map(drop)
-    }
-
-    /// `show protocols` and, for each BGP protocol, `show route export`.
-    pub fn view(&self) -> Result<BirdView, AnnounceError> {
-        let protocols = parse_protocols(&self.command("show protocols")?);
-        let mut exported = BTreeMap::new();
-        // A session that is not up has no table to show ("No valid
-        // tables"): it exports nothing.
-        for p in protocols
-            .iter()
-            .filter(|p| p.proto == "BGP" && p.state == "up")
-        {
-            let prefixes = match self.command(&format!("show route export {}", p.name)) {
-                Ok(lines) => parse_route_prefixes(&lines),
-                Err(AnnounceError::Refused { .. }) => Vec::new(),
-                Err(e) => return Err(e),
-            };
-            exported.insert(p.name.clone(), prefixes);
-        }
-        Ok(BirdView {
-            protocols,
-            exported,
-        })
-    }
-
-    fn command(&self, command: &str) -> Result<Vec<ReplyLine>, AnnounceError> {
-        let io = |source| AnnounceError::Socket {
-            socket: self.socket.clone(),
-            source,
-        };
-        let stream = UnixStream::connect(&self.socket).map_err(io)?;
-        stream.set_read_timeout(Some(BIRD_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(BIRD_TIMEOUT)).map_err(io)?;
-        let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
-        // The greeting: "0001 BIRD 2.0.12 ready."
-        read_reply(&mut reader).map_err(io)?;
-        (&stream)
-            .write_all(format!("{command}\n").as_bytes())
-            .map_err(io)?;
-        let lines = read_reply(&mut reader).map_err(io)?;
-        if let Some((_, text)) = lines.iter().find(|(code, _)| *code >= 8000) {
-            return Err(AnnounceError::Refused {
-                socket: self.socket.clone(),
-                command: command.to_owned(),
-                reply: text.clone(),
-            });
-        }
-        Ok(lines)
-    }
-}
-
-/// Reads reply lines up to the last one (`NNNN text`).
-fn read_reply(reader: &mut impl std::io::BufRead) -> std::io::Result<Vec<ReplyLine>> {
-    let mut lines = Vec::new();
-    let mut code = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "BIRD closed the connection mid-reply",
-            ));
-        }
-        let line = line.trim_end_matches('\n');
-        match parse_reply_line(line) {
-            ReplyPart::Continued(c, text) => {
-                code = c;
-                lines.push((c, text.to_owned()));
-            }
-            ReplyPart::Last(c, text) => {
-                lines.push((c, text.to_owned()));
-                return Ok(lines);
-            }
-            ReplyPart::More(text) => lines.push((code, text.to_owned())),
-        }
-    }
-}
-
-enum ReplyPart<'a> {
-    Continued(u16, &'a str),
-    Last(u16, &'a str),
-    More(&'a str),
-}
-
-fn parse_reply_line(line: &str) -> ReplyPart<'_> {
-    let code = line.get(..4).and_then(|c| c.parse::<u16>().ok());
-    match (code, line.as_bytes().get(4)) {
-        (Some(c), Some(b'-')) => ReplyPart::Continued(c, &line[5..]),
-        (Some(c), Some(b' ')) => ReplyPart::Last(c, &line[5..]),
-        (Some(c), None) => ReplyPart::Last(c, ""),
-        _ => ReplyPart::More(line.strip_prefix(' ').unwrap_or(line)),
-    }
-}
-
-/// `show protocols` rows (code 1002): name, protocol, table, state, since
-/// (one or two words), info.
-fn parse_protocols(lines: &[ReplyLine]) -> Vec<BirdProtocol> {
-    lines
-        .iter()
-        .filter(|(code, _)| *code == 1002)
-        .filter_map(|(_, text)| {
-            let mut words = text.split_whitespace();
-            let name = words.next()?.to_owned();
-            let proto = words.next()?.to_owned();
-            let _table = words.next()?;
-            let state = words.next()?.to_owned();
-            let rest: Vec<&str> = words.collect();
-            // "Since" is a time (hh:mm:ss[.fff]) or a date and a time; the
-            // info is what follows.
-            let skip = rest
-                .iter()
-                .take_while(|w| w.chars().all(|c| c.is_ascii_digit() || ".:-".contains(c)))
-                .count();
-            Some(BirdProtocol {
-                name,
-                proto,
-                state,
-                info: rest[skip..].join(" "),
-            })
-        })
-        .collect()
-}
-
-/// The prefixes of `show route` rows (code 1007; a row starting with a
-/// space is another path of the same prefix).
-fn parse_route_prefixes(lines: &[ReplyLine]) -> Vec<String> {
-    lines
-        .iter()
-        .filter(|(code, text)| *code == 1007 && !text.starts_with(' '))
-        .filter_map(|(_, text)| text.split_whitespace().next())
-        .filter(|w| w.contains('/'))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,93 +493,5 @@ mod tests {
         w.withdraw(None);
         assert_eq!(parse_withdrawn(&render(&[], &w, 0)), w);
         assert!(parse_announced(&render(&[], &w, 0)).is_empty());
-    }
-
-    #[test]
-    fn a_record_per_pin_dir_is_written_read_and_refused_if_others_may_write_it() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("lb-record-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let record = Record {
-            bird_socket: "/run/bird/bird.ctl".into(),
-            include: "/etc/bird/lb-vips.conf".into(),
-            med: 7,
-        };
-        let pins = Path::new("/sys/fs/bpf/lb");
-        assert!(Record::read(&dir, pins).expect("no record yet").is_none());
-        let path = record.write(&dir, pins).expect("write");
-        assert_eq!(path, dir.join("%2Fsys%2Ffs%2Fbpf%2Flb.json"));
-        // The same pin dir spelled with a trailing slash; another one.
-        let (_, back) = Record::read(&dir, Path::new("/sys/fs/bpf/lb/"))
-            .expect("read")
-            .expect("found");
-        assert_eq!(back, record);
-        assert!(
-            Record::read(&dir, Path::new("/sys/fs/bpf/lb2"))
-                .expect("read")
-                .is_none()
-        );
-        // A lab's records go with its pin dir, not a neighbour's.
-        let lab = Path::new("/sys/fs/bpf/lb-lab-x");
-        record.write(&dir, &lab.join("lb1")).expect("write lb1");
-        record
-            .write(&dir, Path::new("/sys/fs/bpf/lb-lab-xy"))
-            .expect("write xy");
-        Record::remove_under(&dir, lab).expect("remove");
-        assert!(
-            Record::read(&dir, &lab.join("lb1"))
-                .expect("read")
-                .is_none()
-        );
-        assert!(
-            Record::read(&dir, Path::new("/sys/fs/bpf/lb-lab-xy"))
-                .expect("read")
-                .is_some()
-        );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        let e = Record::read(&dir, pins).expect_err("writable by others");
-        assert!(e.to_string().contains("writable by others"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn reply_lines_of_birds_socket_protocol() {
-        let text = "0001 BIRD 2.0.12 ready.\n";
-        let mut r = std::io::Cursor::new(text);
-        assert_eq!(
-            read_reply(&mut r).unwrap(),
-            [(1, "BIRD 2.0.12 ready.".to_owned())]
-        );
-        let text = "2002-Name       Proto      Table      State  Since         Info\n\
-                    1002-device1    Device     ---        up     21:20:10.123  \n \
-                    lb1        BGP        ---        up     21:20:12.456  Established   \n \
-                    bfd1       BFD        ---        up     2026-11-23 21:20:10  \n\
-                    0000 \n";
-        let lines = read_reply(&mut std::io::Cursor::new(text)).unwrap();
-        let p = parse_protocols(&lines);
-        assert_eq!(p.len(), 3);
-        assert_eq!(
-            p[1],
-            BirdProtocol {
-                name: "lb1".into(),
-                proto: "BGP".into(),
-                state: "up".into(),
-                info: "Established".into()
-            }
-        );
-        assert_eq!(p[2].info, "");
-        // As BIRD 2.0.12 sends it: the route continues code 1007 with a
-        // space; a second path of the same prefix is indented further.
-        let routes = "1007-Table master4:\n 198.18.0.10/32       blackhole [lb_vips 21:20:10.123] * (200)\n \
-                      \x20                    blackhole [other 21:20:11] (100)\n0000 \n";
-        let lines = read_reply(&mut std::io::Cursor::new(routes)).unwrap();
-        assert_eq!(parse_route_prefixes(&lines), ["198.18.0.10/32"]);
-    }
-
-    #[test]
-    fn an_error_code_ends_the_reply() {
-        let text = "8002 /etc/bird/bird.conf:3:1 syntax error\n";
-        let lines = read_reply(&mut std::io::Cursor::new(text)).unwrap();
-        assert_eq!(lines[0].0, 8002);
     }
 }

@@ -423,3 +423,51 @@ pub fn icmp_error(
         .expect("build icmp error");
     out
 }
+
+/// ns/packet of one BPF_PROG_TEST_RUN call of `repeat` runs of `frame`.
+pub fn ns_per_packet(dp: &mut Dataplane, ifindex: u32, frame: &[u8], repeat: u32) -> f64 {
+    let prog = dp.program().expect("program");
+    xdp::test_run(prog, ifindex, frame, repeat, false)
+        .expect("BPF_PROG_TEST_RUN")
+        .duration
+        .as_nanos() as f64
+}
+
+pub fn prefix(text: &str) -> lb_userspace::config::Prefix {
+    lb_userspace::config::Prefix::parse(text).expect("prefix")
+}
+
+/// Each rule's counter, by its text ("deny 10.77.0.0/16") and scope.
+pub fn rule_counts(dp: &Dataplane) -> std::collections::BTreeMap<(u32, String), u64> {
+    dp.firewall_rules()
+        .expect("firewall rules")
+        .into_iter()
+        .map(|r| ((r.rule.scope, r.rule.to_string()), r.new_flows))
+        .collect()
+}
+
+/// [`Harness::expect_case`], and asserts that exactly the rule `rule`
+/// (scope, "deny 1.2.3.0/24") counted the packet, or none.
+pub fn expect_rule(
+    h: &mut Harness,
+    what: &str,
+    frame: &[u8],
+    action: u32,
+    reason: Verdict,
+    rule: Option<(u32, &str)>,
+) {
+    let before = rule_counts(&h.dp);
+    let front = h.front;
+    h.expect_case(what, front, frame, action, reason);
+    let after = rule_counts(&h.dp);
+    let moved: Vec<(u32, String)> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let expected: Vec<(u32, String)> = rule.map(|(s, r)| (s, r.to_owned())).into_iter().collect();
+    assert_eq!(moved, expected, "rule counters: {what}");
+    if let Some(k) = expected.first() {
+        assert_eq!(after[k], before[k] + 1, "{what}: one new flow");
+    }
+}

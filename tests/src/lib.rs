@@ -2,8 +2,10 @@
 //! root check, unique name prefixes, and the agent helpers the end-to-end
 //! tests drive the `lb` agent with (configs, control requests, clients, the
 //! ring rule). A test needing root fails loudly without it; none skips.
-//! [`kernel_net`] is the kernel tier's network namespace and addresses.
+//! [`kernel_net`] is the kernel tier's network namespace and addresses,
+//! [`kernel_frames`] the frames its test files share.
 
+pub mod kernel_frames;
 pub mod kernel_net;
 
 use std::{

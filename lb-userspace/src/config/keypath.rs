@@ -25,11 +25,7 @@ pub(super) fn from_str<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T
                 }
             }
         };
-        ConfigError::Invalid {
-            file: file.to_path_buf(),
-            key,
-            reason: err.message().trim().to_owned(),
-        }
+        ConfigError::invalid(file, key, err.message().trim())
     })
 }
 

@@ -1,22 +1,27 @@
 //! The TOML config: the validated model ([`Config`] and its parts), and
 //! [`load`], [`parse`] and [`check`], which accept a config whole or reject
 //! it whole. This folder owns everything about the config file: the raw TOML
-//! mirror (`raw`), the validator and its field rules (`validate`), the
-//! duration syntax ([`duration`]) and locating TOML errors (`keypath`).
+//! mirror (`raw`), the validator and the whole config's rules (`validate`),
+//! each section's model and rules (`service`, `health`, `firewall`, `pool`,
+//! `coordination`), the duration syntax ([`duration`]) and locating TOML
+//! errors (`keypath`). This file holds the top-level model (`[dataplane]`,
+//! `[monitoring]`, `[announce]`) and the entry points.
 //!
 //! Every error names the file, the key (e.g. `service[1].backends[2].address`)
 //! and the reason.
 
 mod coordination;
 pub mod duration;
+mod firewall;
+mod health;
 mod keypath;
 mod pool;
 mod raw;
+mod service;
 mod validate;
 
 use std::{
-    fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -24,8 +29,14 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use coordination::Coordination;
+pub use firewall::{Firewall, Prefix, RateLimit};
+pub use health::{
+    CheckKind, DnsCheck, DnsRcode, DnsTransport, HealthCheck, MysqlLogin, Secret, TlsCheck,
+    UdpCheck, UdpExpect,
+};
 pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
+pub use service::{Backend, OnBackendDown, Protocol, Scheduler, Service, ServiceLimits};
 use validate::Validator;
 
 /// The config spelling of an enum value (`"weighted-round-robin"`), from
@@ -77,101 +88,6 @@ pub struct Announce {
     /// The BGP MED of the routes: equal MEDs share the traffic (ECMP), a
     /// higher one makes this LB the standby of those with a lower one.
     pub med: u32,
-}
-
-/// Firewall rules of one scope: `[firewall]` (every VIP) or one service's
-/// `allow-from`, `deny-from` and `rate-limit`. They filter new flows to a
-/// VIP only; the LB's own traffic is never filtered.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Firewall {
-    /// Sources whose new flows are dropped. Deny wins over allow.
-    pub deny: Vec<Prefix>,
-    /// When not empty, the only sources whose new flows are accepted.
-    pub allow: Vec<Prefix>,
-    /// Per-source new-flow rate limit; `None`: none.
-    pub rate_limit: Option<RateLimit>,
-}
-
-impl Firewall {
-    pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.allow.is_empty() && self.rate_limit.is_none()
-    }
-}
-
-/// An IPv4 source prefix (CIDR) without host bits, e.g. 203.0.113.0/24.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Prefix {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Prefix {
-    /// Parses `A.B.C.D/LEN` (or a bare address, a /32); the reason when it
-    /// is not one, or has host bits set.
-    pub fn parse(text: &str) -> Result<Prefix, String> {
-        let (addr_text, len_text) = text.split_once('/').unwrap_or((text, "32"));
-        let (Ok(addr), Ok(len)) = (addr_text.parse::<Ipv4Addr>(), len_text.parse::<u8>()) else {
-            return Err(format!(
-                "expected an IPv4 prefix like \"203.0.113.0/24\", got {text:?}"
-            ));
-        };
-        if len > 32 {
-            return Err(format!(
-                "prefix length must be between 0 and 32, got {len} in {text:?}"
-            ));
-        }
-        let masked = Ipv4Addr::from(u32::from(addr) & Prefix::mask(len));
-        if masked != addr {
-            return Err(format!(
-                "{text:?} has host bits set: did you mean \"{masked}/{len}\"?"
-            ));
-        }
-        Ok(Prefix { addr, len })
-    }
-
-    /// The netmask of a prefix length, host order.
-    pub fn mask(len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        }
-    }
-
-    /// Does the prefix hold `ip`?
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Prefix::mask(self.len) == u32::from(self.addr)
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-/// A per-source new-flow rate limit: a token bucket per source address (or
-/// per prefix of length `per`) holding up to `burst` new flows, refilled at
-/// `new_flows_per_second`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub new_flows_per_second: u32,
-    pub burst: u32,
-    /// Sources sharing a bucket: 32 per address, 24 per /24, …; 0 (`per =
-    /// "all"`): one bucket for every source, an aggregate bound on the
-    /// scope's new flows however their sources are spread.
-    pub per: u8,
-}
-
-impl RateLimit {
-    /// `per` as the config spells it: "address", "all" or "/N".
-    pub fn per_text(&self) -> String {
-        match self.per {
-            32 => "address".to_owned(),
-            0 => "all".to_owned(),
-            n => format!("/{n}"),
-        }
-    }
 }
 
 /// `[monitoring]`: where the agent serves its metrics and status page.
@@ -279,153 +195,6 @@ pub enum XdpMode {
     Generic,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, strum::IntoStaticStr, strum::Display,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, strum::IntoStaticStr, strum::Display,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Scheduler {
-    /// Backends in turn (an atomic counter over the ring).
-    RoundRobin,
-    /// Smooth weighted sequence (nginx's), walked by the counter.
-    WeightedRoundRobin,
-    /// The 5-tuple's hash indexes a Maglev table: consistent hashing,
-    /// deterministic from the config (two LBs choose alike).
-    Maglev,
-    /// The client address's hash indexes a Maglev table: client affinity.
-    SourceIp,
-    /// New flows in proportion to weight / (active flows + 1), from a ring
-    /// the agent refreshes every second.
-    LeastConnections,
-    /// The 5-tuple's hash modulo the ring length (not consistent: a backend
-    /// set change moves most flows).
-    FlowHash,
-}
-
-impl Scheduler {
-    /// Does this scheduler use a Maglev table (and `maglev-table-size`)?
-    pub fn uses_maglev(self) -> bool {
-        matches!(self, Scheduler::Maglev | Scheduler::SourceIp)
-    }
-
-    /// Do backend weights other than 0 and 1 mean something here?
-    pub fn uses_weights(self) -> bool {
-        !matches!(self, Scheduler::RoundRobin | Scheduler::FlowHash)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Service {
-    pub name: String,
-    pub vip: SocketAddrV4,
-    pub protocol: Protocol,
-    pub forwarding: Forwarding,
-    pub scheduler: Scheduler,
-    /// Slots of the Maglev table (prime; `maglev` and `source-ip` only).
-    pub maglev_table_size: u32,
-    pub health: Option<HealthCheck>,
-    /// What happens to flows pinned to a backend that health checks mark down.
-    pub on_backend_down: OnBackendDown,
-    pub backends: Vec<Backend>,
-    /// `allow-from`, `deny-from` and `rate-limit`: this service's firewall
-    /// rules, on top of `[firewall]`'s.
-    pub firewall: Firewall,
-    /// `max-connections`: the service's defaults for its backends.
-    pub limits: ServiceLimits,
-}
-
-/// A service's defaults for how much its backends take.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ServiceLimits {
-    /// `max-connections`: a backend without its own limit takes no new flow
-    /// while it holds this many active flows; `None`: no limit.
-    pub max_connections: Option<u32>,
-    /// `slow-start`: a backend that comes up ramps its weight from a small
-    /// share to its full weight over this period; `None`: at once.
-    pub slow_start: Option<Duration>,
-}
-
-impl Service {
-    /// The health check that applies to `backend`: its own override if it
-    /// has one, else the service's check (`None`: never checked, always up).
-    pub fn health_for<'a>(&'a self, backend: &'a Backend) -> Option<&'a HealthCheck> {
-        backend.health.as_ref().or(self.health.as_ref())
-    }
-
-    /// The active-flow limit of `backend`: its own `max-connections`, else
-    /// the service's; `None`: unlimited.
-    pub fn max_connections_of(&self, backend: &Backend) -> Option<u32> {
-        backend.max_connections.or(self.limits.max_connections)
-    }
-}
-
-/// What happens to established flows when a backend is marked down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnBackendDown {
-    /// Flows already pinned to the backend continue; only new flows avoid it.
-    KeepFlows,
-    /// Flows pinned to the backend are dropped, so clients reconnect at once
-    /// (and get a backend that is up).
-    DropFlows,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Backend {
-    /// Defaults to the address as text.
-    pub name: String,
-    pub address: SocketAddrV4,
-    pub weight: u32,
-    pub backup: bool,
-    /// This backend's own health check, overriding the service's. Use
-    /// [`Service::health_for`] to get the check that applies.
-    pub health: Option<HealthCheck>,
-    /// This backend's own `max-connections` (see
-    /// [`Service::max_connections_of`]).
-    pub max_connections: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthCheck {
-    pub check: CheckKind,
-    /// The port probes go to, on the backend's IP; `None`: the backend's own
-    /// port. Lets a UDP service be checked over TCP or HTTP on a sibling
-    /// port, or a service on :443 over HTTP on :80.
-    pub port: Option<u16>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-}
-
-impl HealthCheck {
-    /// Where probes for a backend at `backend` go: its IP, on
-    /// [`port`](Self::port) if set, else on its own port.
-    pub fn target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
-        SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
-    }
-
-    /// The longest a backend's first verdict can take under this check:
-    /// `rise` (or `fall`) probes, `interval` apart, the last one's
-    /// `timeout`. Saturating: a config built by hand (not validated) must
-    /// not panic the agent either.
-    pub fn first_verdict_time(&self) -> Duration {
-        self.interval
-            .saturating_mul(self.rise.max(self.fall).saturating_sub(1))
-            .saturating_add(self.timeout)
-    }
-}
-
 impl Config {
     /// The longest any checked backend or pool member can take to get its
     /// first verdict (zero with no checks at all).
@@ -443,185 +212,6 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum CheckKind {
-    Tcp,
-    Http {
-        path: String,
-        expect_status: u16,
-        expect_body: Option<String>,
-    },
-    /// A MySQL handshake and login (and, in a pool, the member's role).
-    Mysql(MysqlLogin),
-    /// A datagram sent, a reply expected (issue 28).
-    Udp(UdpCheck),
-    /// A TLS handshake; the certificate's expiry is exported.
-    Tls(TlsCheck),
-    /// A DNS query, its rcode (and optionally an answer) checked.
-    Dns(DnsCheck),
-}
-
-/// `check = "dns"`: one DNS query (built and parsed by hickory-proto) for
-/// `name`/`record_type`; the reply must carry `expect_rcode` and, if set,
-/// an answer record whose data reads `expect_answer`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DnsCheck {
-    /// The name queried, fully qualified (ends in `.`; checked at load).
-    pub name: String,
-    /// The record type, upper case (`"A"`, `"AAAA"`, `"SOA"`…; checked).
-    pub record_type: String,
-    pub transport: DnsTransport,
-    /// The rcode the reply must carry (`expect-rcode`, default NOERROR).
-    pub expect_rcode: DnsRcode,
-    /// An answer record of `record_type` must read this (an address for A
-    /// and AAAA, else the record's presentation form).
-    pub expect_answer: Option<String>,
-}
-
-/// How a DNS probe travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DnsTransport {
-    /// UDP, and the same query again over TCP when the reply is truncated.
-    Udp,
-    /// TCP only.
-    Tcp,
-}
-
-/// The rcodes a check can expect (RFC 1035's, by their usual names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DnsRcode {
-    NoError,
-    FormErr,
-    ServFail,
-    NxDomain,
-    NotImp,
-    Refused,
-}
-
-impl DnsRcode {
-    pub const ALL: [(DnsRcode, &'static str, u16); 6] = [
-        (DnsRcode::NoError, "NOERROR", 0),
-        (DnsRcode::FormErr, "FORMERR", 1),
-        (DnsRcode::ServFail, "SERVFAIL", 2),
-        (DnsRcode::NxDomain, "NXDOMAIN", 3),
-        (DnsRcode::NotImp, "NOTIMP", 4),
-        (DnsRcode::Refused, "REFUSED", 5),
-    ];
-
-    /// `"NOERROR"`, `"SERVFAIL"`…
-    pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(r, ..)| *r == self)
-            .map_or("?", |(_, name, _)| name)
-    }
-
-    /// The wire value.
-    pub fn code(self) -> u16 {
-        Self::ALL
-            .iter()
-            .find(|(r, ..)| *r == self)
-            .map_or(u16::MAX, |(.., code)| *code)
-    }
-
-    /// By name, any case.
-    pub fn parse(text: &str) -> Option<DnsRcode> {
-        Self::ALL
-            .iter()
-            .find(|(_, name, _)| name.eq_ignore_ascii_case(text))
-            .map(|(r, ..)| *r)
-    }
-}
-
-/// `check = "tls"`: a TLS handshake (rustls) within the timeout.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsCheck {
-    /// The server name sent (SNI) and, with a CA, verified; `None`: no SNI,
-    /// and the backend's IP is what a CA-verified certificate must name.
-    pub sni: Option<String>,
-    /// `ca-file`: verify the chain against these certificates (DER, read
-    /// when the config is loaded); `None`: the handshake alone is checked.
-    pub ca: Option<(PathBuf, Vec<Vec<u8>>)>,
-}
-
-/// `check = "udp"`: send `send`, expect a reply within the timeout that
-/// matches `expect`; an ICMP port unreachable fails the probe at once.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UdpCheck {
-    /// The probe's payload (`send` as text or `send-hex`).
-    pub send: Vec<u8>,
-    pub expect: UdpExpect,
-}
-
-/// What a UDP reply must look like.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UdpExpect {
-    /// Any reply.
-    Any,
-    /// The reply starts with these bytes (`expect` as text or `expect-hex`).
-    Prefix(Vec<u8>),
-    /// The reply, as UTF-8 text (invalid bytes replaced), matches this
-    /// regular expression (`expect-regex`; checked when the config loads).
-    Regex(String),
-}
-
-impl UdpExpect {
-    /// Does `reply` match? The reason when it does not.
-    pub fn check(&self, reply: &[u8]) -> Result<(), String> {
-        let shown = || {
-            let text = String::from_utf8_lossy(reply);
-            let cut: String = text.chars().take(40).collect();
-            format!(
-                "{cut:?}{}",
-                if text.chars().count() > 40 { "…" } else { "" }
-            )
-        };
-        match self {
-            UdpExpect::Any => Ok(()),
-            UdpExpect::Prefix(p) if reply.starts_with(p) => Ok(()),
-            UdpExpect::Prefix(p) => Err(format!(
-                "reply {} does not start with {:?}",
-                shown(),
-                String::from_utf8_lossy(p)
-            )),
-            UdpExpect::Regex(pattern) => match regex::Regex::new(pattern) {
-                Ok(re) if re.is_match(&String::from_utf8_lossy(reply)) => Ok(()),
-                Ok(_) => Err(format!("reply {} does not match /{pattern}/", shown())),
-                Err(e) => Err(format!("expect-regex: {e}")),
-            },
-        }
-    }
-}
-
-/// The account health checks (and pool operations) log in with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MysqlLogin {
-    pub user: String,
-    pub password: Secret,
-    /// Where the password was read from (`password-file`); `None`: inline.
-    pub password_file: Option<PathBuf>,
-}
-
-/// A password: never shown by `Debug` (logs, errors, `lb status`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(text: String) -> Secret {
-        Secret(text)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
 /// Why a config was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -636,6 +226,17 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// A rejection naming the file, the key and the reason.
+    pub fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// Reads and validates a config file.

@@ -276,16 +276,12 @@ impl Validator<'_> {
 
     fn pool(&self, i: usize, raw: RawPool, earlier: &[Pool]) -> Result<Pool, super::ConfigError> {
         let key = |field: &str| format!("pool[{i}].{field}");
-        let name = self.required(raw.name, &key("name"))?;
-        if let Some(reason) = name_problem(&name) {
-            return Err(self.err(key("name"), reason));
-        }
-        if let Some(j) = earlier.iter().position(|p| p.name == name) {
-            return Err(self.err(
-                key("name"),
-                format!("duplicate pool name, already used by pool[{j}]"),
-            ));
-        }
+        let name = self.unique_name(
+            raw.name,
+            &key("name"),
+            "pool",
+            earlier.iter().map(|p| p.name.as_str()),
+        )?;
         let write_text = self.required(raw.write_vip, &key("write-vip"))?;
         let write_vip = self.vip(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
         let read_text = self.required(raw.read_vip, &key("read-vip"))?;

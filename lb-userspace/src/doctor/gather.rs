@@ -8,6 +8,9 @@
 //!
 //! A veth's peer in another namespace is looked at from a thread that
 //! enters that namespace, when it is one named under /run/netns.
+//! The `netdev` family's messages are defined in `netdev`.
+
+mod netdev;
 
 use std::{
     collections::BTreeMap,
@@ -21,12 +24,8 @@ use anyhow::{Context, bail};
 use ethtool::{EthtoolAttr, EthtoolFeatureAttr, EthtoolMessage};
 use futures_util::StreamExt;
 use genetlink::GenetlinkHandle;
-use netlink_packet_core::{
-    DecodeError, DefaultNla, Emitable, ErrorContext, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage,
-    NetlinkPayload, Nla, NlaBuffer, NlasIterator, Parseable, ParseableParametrized, emit_u32,
-    emit_u64, parse_u32, parse_u64,
-};
-use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_generic::GenlMessage;
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
@@ -34,6 +33,8 @@ use netlink_packet_route::{
     nsid::{NsidAttribute, NsidMessage},
 };
 use netlink_proto::{ConnectionHandle, sys::SocketAddr};
+
+use netdev::{NetdevAttr, NetdevDev};
 
 use super::{Bpffs, Facts, Interface, Link, Neighbour, Peer, Route, XdpFeatures};
 use crate::config::Config;
@@ -489,116 +490,4 @@ pub fn parse_arp(text: &str) -> Vec<Neighbour> {
             })
         })
         .collect()
-}
-
-// ---- the `netdev` generic netlink family (Documentation/netlink/specs/netdev.yaml) ----
-
-const NETDEV_CMD_DEV_GET: u8 = 1;
-const NETDEV_A_DEV_IFINDEX: u16 = 1;
-const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
-
-/// A `dev-get` request or reply of the `netdev` family.
-#[derive(Debug, Clone)]
-struct NetdevDev {
-    cmd: u8,
-    attrs: Vec<NetdevAttr>,
-}
-
-impl NetdevDev {
-    fn get() -> Self {
-        NetdevDev {
-            cmd: NETDEV_CMD_DEV_GET,
-            attrs: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum NetdevAttr {
-    Ifindex(u32),
-    XdpFeatures(u64),
-    Other(DefaultNla),
-}
-
-impl Nla for NetdevAttr {
-    fn value_len(&self) -> usize {
-        match self {
-            NetdevAttr::Ifindex(_) => 4,
-            NetdevAttr::XdpFeatures(_) => 8,
-            NetdevAttr::Other(a) => a.value_len(),
-        }
-    }
-
-    fn kind(&self) -> u16 {
-        match self {
-            NetdevAttr::Ifindex(_) => NETDEV_A_DEV_IFINDEX,
-            NetdevAttr::XdpFeatures(_) => NETDEV_A_DEV_XDP_FEATURES,
-            NetdevAttr::Other(a) => a.kind(),
-        }
-    }
-
-    fn emit_value(&self, buffer: &mut [u8]) {
-        match self {
-            // The buffer is value_len() long: the emits cannot fail.
-            NetdevAttr::Ifindex(i) => emit_u32(buffer, *i).unwrap_or(()),
-            NetdevAttr::XdpFeatures(f) => emit_u64(buffer, *f).unwrap_or(()),
-            NetdevAttr::Other(a) => a.emit_value(buffer),
-        }
-    }
-}
-
-impl<'a, T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&'a T>> for NetdevAttr {
-    fn parse(buf: &NlaBuffer<&'a T>) -> Result<Self, DecodeError> {
-        let value = buf.value();
-        Ok(match buf.kind() {
-            NETDEV_A_DEV_IFINDEX => {
-                NetdevAttr::Ifindex(ErrorContext::context(parse_u32(value), "netdev ifindex")?)
-            }
-            NETDEV_A_DEV_XDP_FEATURES => NetdevAttr::XdpFeatures(ErrorContext::context(
-                parse_u64(value),
-                "netdev xdp-features",
-            )?),
-            _ => NetdevAttr::Other(DefaultNla::parse(buf)?),
-        })
-    }
-}
-
-impl GenlFamily for NetdevDev {
-    fn family_name() -> &'static str {
-        "netdev"
-    }
-
-    fn command(&self) -> u8 {
-        self.cmd
-    }
-
-    fn version(&self) -> u8 {
-        1
-    }
-}
-
-impl Emitable for NetdevDev {
-    fn buffer_len(&self) -> usize {
-        self.attrs.as_slice().buffer_len()
-    }
-
-    fn emit(&self, buffer: &mut [u8]) {
-        self.attrs.as_slice().emit(buffer);
-    }
-}
-
-impl ParseableParametrized<[u8], GenlHeader> for NetdevDev {
-    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
-        let mut attrs = Vec::new();
-        for nla in NlasIterator::new(buf) {
-            attrs.push(NetdevAttr::parse(&ErrorContext::context(
-                nla,
-                "netdev attribute",
-            )?)?);
-        }
-        Ok(NetdevDev {
-            cmd: header.cmd,
-            attrs,
-        })
-    }
 }

@@ -4,7 +4,8 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use super::{gather::parse_arp, gather::parse_routes, *};
+use super::{gather::parse_arp, gather::parse_routes, rules::route_for, *};
+use crate::config::XdpMode;
 
 const CONFIG: &str = r#"
 [dataplane]
