@@ -47,7 +47,7 @@ impl Dataplane {
     }
 
     /// Loads another build of the object, unpinned: for measurements that
-    /// compare builds (`tests/tests/kernel.rs`, the trace cost).
+    /// compare builds (`tests/tests/kernel_trace.rs`, the trace cost).
     pub fn load_object(object: &[u8], sizes: impl Into<TableSizes>) -> Result<Self> {
         Self::load_bytes(object, sizes.into(), None)
     }
