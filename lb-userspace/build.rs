@@ -1,10 +1,16 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`.
+//! Embeds the eBPF objects built by `cargo xtask build-ebpf`: the data
+//! plane's (`LB_EBPF_OBJECT`, lb-ebpf) and, from the same directory, the
+//! tools' (lb-ebpf-tools: `lb-pktgen`, which `lb pktgen` loads, and
+//! `lb-bench`, which only the `harness` feature embeds).
 //!
-//! When it is missing (plain `cargo check`/`clippy` on a machine without the
-//! BPF toolchain) an empty object is embedded instead; `lb` then refuses to
-//! load it with a message that says how to build it.
+//! When one is missing (plain `cargo check`/`clippy` on a machine without
+//! the BPF toolchain) an empty object is embedded instead; `lb` then refuses
+//! to load it with a message that says how to build it.
 
-use std::{env, fs, path::PathBuf};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
 
 fn main() {
     let manifest =
@@ -14,16 +20,22 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
+    embed(&object, &out.join("lb-ebpf.o"));
+    for tool in ["lb-pktgen", "lb-bench"] {
+        embed(&object.with_file_name(tool), &out.join(format!("{tool}.o")));
+    }
+}
+
+fn embed(object: &Path, dest: &Path) {
     println!("cargo:rerun-if-changed={}", object.display());
-    let dest = out.join("lb-ebpf.o");
-    match fs::read(&object) {
-        Ok(bytes) => fs::write(&dest, bytes).expect("write embedded object"),
+    match fs::read(object) {
+        Ok(bytes) => fs::write(dest, bytes).expect("write embedded object"),
         Err(_) => {
             println!(
                 "cargo:warning=eBPF object {} not found: embedding an empty one (run `cargo xtask build`)",
                 object.display()
             );
-            fs::write(&dest, []).expect("write empty object");
+            fs::write(dest, []).expect("write empty object");
         }
     }
 }

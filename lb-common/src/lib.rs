@@ -2,7 +2,9 @@
 //! the pure packet logic (checksums, header rewrite, flow hash, rings).
 //!
 //! Everything here is `no_std` so the kernel side can use it; the `user`
-//! feature adds the `aya::Pod` impls and the allocating ring builders.
+//! feature adds the `aya::Pod` impls and the allocating ring builders. The
+//! tools' layouts (`tools`: the generator's, and with `bench` the benchmark
+//! baselines') are behind the `pktgen` and `bench` features.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod capture;
@@ -18,5 +20,9 @@ pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]
 pub mod ring;
+#[cfg(feature = "pktgen")]
+pub mod tools;
 
 pub use maps::*;
+#[cfg(feature = "pktgen")]
+pub use tools::*;

@@ -28,7 +28,9 @@ pub enum Pinning {
     /// counter array an older version made shorter, whose newer slots read 0
     /// (and are not counted) until `lb teardown`.
     PinnedMayBeShorter,
-    /// Not pinned: made afresh by every load, for the reason given.
+    /// Not pinned: made afresh by every load, for the reason given. No map
+    /// of the `lb` object is today: the tools' maps (pktgen, bench) live in
+    /// lb-ebpf-tools' objects, which are never pinned.
     Unpinned { why: &'static str },
 }
 
@@ -92,10 +94,6 @@ macro_rules! maps {
     };
 }
 
-/// Why the bench programs' maps are not pinned.
-const BENCH: &str = "a bench program's (pktgen, sink, forwarders): set per run by the \
-                     generator or the measurement that loads it, nothing to keep";
-
 maps! {
     /// (VIP, port, protocol) → service id.
     SERVICES: Pinning::Pinned;
@@ -156,18 +154,6 @@ maps! {
     NAT_BACKENDS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
-    /// The packet generator's template and flow mix.
-    PKTGEN_CONF: Pinning::Unpinned { why: BENCH };
-    /// The generator's drawn flow table.
-    PKTGEN_FLOWS: Pinning::Unpinned { why: BENCH };
-    /// The generator's per-CPU frame sequence number.
-    PKTGEN_SEQ: Pinning::Unpinned { why: BENCH };
-    /// The bench forwarders' egress.
-    FWD_CONF: Pinning::Unpinned { why: BENCH };
-    /// The sink's counters.
-    SINK_STATS: Pinning::Unpinned { why: BENCH };
-    /// `hash_fwd`'s flow table.
-    FWD_FLOWS: Pinning::Unpinned { why: BENCH };
 }
 
 #[cfg(test)]
@@ -195,7 +181,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert!(!MapName::FWD_FLOWS.pinning().is_pinned());
         assert_eq!(MapName::pinned().count(), 29);
     }
 }

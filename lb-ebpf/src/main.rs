@@ -44,7 +44,6 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod bench;
 mod capture;
 mod firewall;
 mod flows;

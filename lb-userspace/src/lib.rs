@@ -20,10 +20,13 @@
 //!   `/status.json`.
 //! - `trace`: `lb trace`, live drop tracing from the pinned ring buffer.
 //! - `capture`: `lb capture`, frames as the data plane leaves them, as pcap.
-//! - `harness`: what builds networks, generates traffic and measures, not
-//!   part of the product: the lab (`lb lab`), `lb pktgen`, `lb bench`, and
-//!   their netns and XDP helpers. It depends on the product, never the
-//!   reverse.
+//! - `pktgen`: `lb pktgen`, the XDP live-frames load generator, with its own
+//!   object; `xdp`: its XDP helpers (interfaces, BPF_PROG_RUN, loading the
+//!   tools' objects).
+//! - `harness` (feature `harness`): what builds networks and measures, not
+//!   part of the product: the lab (`lb lab`), `lb bench` and its object, the
+//!   tests' kit. It depends on the product, never the reverse; the
+//!   installed `lb` is built without it.
 
 pub mod agent;
 pub mod announce;
@@ -35,6 +38,7 @@ pub mod dataplane;
 pub mod db;
 pub mod doctor;
 pub mod explain;
+#[cfg(feature = "harness")]
 pub mod harness;
 pub mod health;
 pub mod host;
@@ -42,5 +46,7 @@ pub mod logging;
 pub mod metrics;
 pub mod neighbours;
 pub mod object;
+pub mod pktgen;
 pub mod server;
 pub mod trace;
+pub mod xdp;

@@ -5,12 +5,13 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
+#[cfg(feature = "harness")]
+use lb_userspace::harness::{bench, lab};
 use lb_userspace::{
     agent, config,
     control::{self, BackendChange, FirewallChange, Request, VipChange},
     dataplane::Dataplane,
-    harness::{bench, lab, pktgen},
-    host, logging,
+    host, logging, pktgen,
 };
 
 #[derive(Parser)]
@@ -114,14 +115,19 @@ enum Command {
         file: PathBuf,
     },
     /// The seed's infrastructure in network namespaces (client, lb, web1..3)
+    /// (a developer's build only: the `harness` feature)
+    #[cfg(feature = "harness")]
     #[command(subcommand)]
     Lab(lab::LabCommand),
     /// Serve HTTP and UDP as a lab web server (used inside lab namespaces)
+    #[cfg(feature = "harness")]
     #[command(hide = true)]
     LabServe(lab::ServeArgs),
     /// Generate traffic with XDP live frames (BPF_PROG_RUN)
     Pktgen(pktgen::PktgenArgs),
     /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
+    /// (a developer's build only: the `harness` feature)
+    #[cfg(feature = "harness")]
     Bench(bench::BenchArgs),
     /// Write the man pages (DIR/man/lb.1, lb-SUBCOMMAND.1) and shell
     /// completions (DIR/completions: bash, zsh, fish) from these clap
@@ -314,9 +320,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        #[cfg(feature = "harness")]
         Command::Lab(cmd) => lab::run(cmd).context("lab"),
+        #[cfg(feature = "harness")]
         Command::LabServe(args) => lab::serve(args),
         Command::Pktgen(args) => pktgen::run(args),
+        #[cfg(feature = "harness")]
         Command::Bench(args) => bench::run(args),
         Command::GenerateAssets { out } => generate_assets(&out),
     }

@@ -3,10 +3,14 @@
 //! release package differs only in the binary's optimisation). Its contents
 //! and metadata are inspected (`dpkg-deb`, `lintian`), then it is installed
 //! with `dpkg -i`, used (`lb --version`, `man lb`, `systemd-analyze verify`
-//! of the installed unit, `lb validate` of the installed config) and purged,
-//! leaving nothing behind.
+//! of the installed unit, `lb validate` of the installed config, `lb pktgen
+//! --help`) and purged, leaving nothing behind. The installed `lb` is the
+//! product without the harness: no `lb lab`/`lb bench`, no lab TLS stack
+//! (rcgen, rustls's server side), and its embedded eBPF objects hold the
+//! data plane's program and the generator's, none of the benchmark's.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -41,6 +45,46 @@ fn installed() -> Result<bool> {
     Ok(run("dpkg-query", &["-W", "-f", "${Status}", "lb"])?
         .stdout
         .starts_with(b"install ok installed"))
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The eBPF objects embedded in `binary` (ELF files of machine EM_BPF in its
+/// bytes), each as the names of its programs, parsed as aya parses them.
+fn embedded_bpf_programs(binary: &[u8]) -> Result<Vec<BTreeSet<String>>> {
+    const EM_BPF: u16 = 247;
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let mut objects = Vec::new();
+    let mut at = 0;
+    while let Some(i) = find(&binary[at..], b"\x7fELF") {
+        let elf = &binary[at + i..];
+        at += i + 4;
+        // 64-bit little-endian, e_machine EM_BPF.
+        if elf.len() < 64 || elf[4] != 2 || elf[5] != 1 || u16_at(elf, 18) != EM_BPF {
+            continue;
+        }
+        // The section headers end the file: e_shoff + e_shnum * e_shentsize.
+        let shoff = u64::from_le_bytes(elf[40..48].try_into()?) as usize;
+        let len = shoff + usize::from(u16_at(elf, 60)) * usize::from(u16_at(elf, 58));
+        ensure!(len <= elf.len(), "an embedded BPF ELF runs past the binary");
+        // ELF parsing wants its headers aligned: copy into 8-byte words.
+        let mut words = vec![0u64; len.div_ceil(8)];
+        let bytes: &mut [u8] = bytemuck_bytes(&mut words);
+        bytes[..len].copy_from_slice(&elf[..len]);
+        let object = aya_obj::Object::parse(&bytes[..len]).context("parsing an embedded object")?;
+        objects.push(object.programs.keys().cloned().collect());
+    }
+    Ok(objects)
+}
+
+/// `words` as bytes.
+fn bytemuck_bytes(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u8 has no alignment or validity requirement; same memory,
+    // eight times the length.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
 }
 
 /// Purges the package when the test ends, however it ends.
@@ -148,6 +192,48 @@ fn debian_package_installs_works_and_purges() -> Result<()> {
     );
     let validate = ok("/usr/bin/lb", &["validate", "/etc/lb/lb.toml"])?;
     ensure!(validate.contains(": ok ("), "{validate}");
+
+    // The product, not the harness: the load generator is there, the lab
+    // and the benchmarks are not.
+    let pktgen = ok("/usr/bin/lb", &["pktgen", "--help"])?;
+    ensure!(
+        pktgen.contains("--dev") && pktgen.contains("--dst-mac"),
+        "lb pktgen --help:\n{pktgen}"
+    );
+    for verb in ["lab", "bench"] {
+        let out = run("/usr/bin/lb", &[verb, "--help"])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("unrecognized subcommand"),
+            "the installed lb has `lb {verb}` ({}):\n{stderr}",
+            out.status
+        );
+    }
+    let binary = std::fs::read("/usr/bin/lb")?;
+    ensure!(
+        find(&binary, b"rcgen").is_none(),
+        "the installed lb links rcgen (the lab's certificates)"
+    );
+    // rustls's client stays (the `tls` health check); its server side, the
+    // lab's HTTPS, does not: no panic location in rustls's src/server/.
+    let mut rest = &binary[..];
+    while let Some(i) = find(rest, b"rustls-0.") {
+        let path = &rest[i..rest.len().min(i + 40)];
+        ensure!(
+            find(path, b"/src/server/").is_none(),
+            "the installed lb links rustls's server side: {}",
+            String::from_utf8_lossy(path)
+        );
+        rest = &rest[i + 1..];
+    }
+    let objects = embedded_bpf_programs(&binary)?;
+    let names = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    ensure!(
+        objects.len() == 2
+            && objects.contains(&names(&["lb"]))
+            && objects.contains(&names(&["pktgen"])),
+        "the installed lb embeds the data plane's object (`lb`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
+    );
     let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/lb")?;
     ensure!(
         bash.contains("doctor"),

@@ -2,7 +2,8 @@
 //! own topology (`lb_userspace::harness::bench::BenchNet`): the XDP generator
 //! transmits on `gen0`; its veth peer `lbin` runs `lb` (NAT, one UDP service,
 //! three backends); `lb` forwards out of `lbout`, whose peer `sink0` runs the
-//! counting `sink`. Everything lives in one throwaway namespace
+//! counting `sink` (the generator and the sink from the harness's bench
+//! object, `lb` from the data plane's). Everything lives in one throwaway namespace
 //! (`lbp{pid}-smoke`), deleted on drop, so no traffic leaves it.
 //!
 //! Needs root and BPF; without them the test fails loudly.
@@ -19,6 +20,7 @@ use lb_userspace::{
     dataplane::Dataplane,
     harness::{
         bench::{self, BenchNet},
+        load_bench_object,
         pktgen::{self, Limit, Spec},
         xdp,
     },
@@ -28,8 +30,8 @@ const FRAMES: u64 = 5000;
 const FLOWS: u32 = 16;
 const BACKENDS: usize = 3;
 
-fn sink_packets(dp: &mut Dataplane) -> u64 {
-    bench::sink_packets(dp.ebpf()).expect("read SINK_STATS")
+fn sink_packets(tools: &aya::Ebpf) -> u64 {
+    bench::sink_packets(tools).expect("read SINK_STATS")
 }
 
 fn forwarded(dp: &Dataplane) -> u64 {
@@ -79,12 +81,13 @@ fn pktgen_through_lb_reaches_the_sink() {
         dp.apply(&cfg).expect("apply config");
         dp.attach("lbin", XdpMode::Native)
             .expect("attach lb to lbin");
-        let _sink_link = xdp::xdp_program(dp.ebpf(), "sink")
+        let mut tools = load_bench_object().expect("load the bench object");
+        let _sink_link = xdp::xdp_program(&mut tools, "sink")
             .expect("sink program")
             .attach("sink0", AyaXdpMode::Driver)
             .expect("attach sink to sink0");
         let before = forwarded(&dp);
-        assert_eq!(sink_packets(&mut dp), 0);
+        assert_eq!(sink_packets(&tools), 0);
         assert_eq!(xdp::if_mac("gen0").expect("gen0 mac"), bench::GEN_MAC);
 
         let gen0 = xdp::ifindex("gen0").expect("gen0");
@@ -97,14 +100,14 @@ fn pktgen_through_lb_reaches_the_sink() {
             ..bench::generator_spec(gen0, FLOWS, 0.0, 2)
         };
         assert!(!spec.fresh_frames);
-        let summary = pktgen::generate(dp.ebpf(), &spec).expect("pktgen");
+        let summary = pktgen::generate(&mut tools, &spec).expect("pktgen");
         assert_eq!(summary.frames, FRAMES);
 
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut got = sink_packets(&mut dp);
+        let mut got = sink_packets(&tools);
         while got < FRAMES && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            got = sink_packets(&mut dp);
+            got = sink_packets(&tools);
         }
         let verdicts: Vec<(Verdict, u64)> = dp
             .verdicts()

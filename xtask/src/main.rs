@@ -29,9 +29,11 @@ struct Cli {
 enum Task {
     /// Install what the build needs (Debian packages, bpf-linker); idempotent
     Setup,
-    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/lb-ebpf)
+    /// Build the eBPF objects (target/ebpf/bpfel-unknown-none/release/:
+    /// lb-ebpf, the data plane's; lb-pktgen and lb-bench, the tools')
     BuildEbpf,
-    /// Build the eBPF object and the `lb` binary with it embedded
+    /// Build the eBPF objects and the developer's `lb` (the product plus the
+    /// harness: `lb lab`, `lb bench`) with them embedded
     Build {
         #[arg(long)]
         release: bool,
@@ -62,8 +64,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build the Debian package (cargo-deb): /usr/bin/lb, the systemd unit,
-    /// /etc/lb/lb.toml, man pages and shell completions
+    /// Build the Debian package (cargo-deb): /usr/bin/lb (the product alone,
+    /// without the harness), the systemd unit, /etc/lb/lb.toml, man pages
+    /// and shell completions
     Package {
         /// Package the debug build instead of the release one (the package
         /// test does: no release build needed)
@@ -320,11 +323,27 @@ fn bpf_toolchain() -> anyhow::Result<BpfToolchain> {
     Ok(BpfToolchain::Prebuilt { rustc, cargo })
 }
 
+/// The data plane's object; the tools' (lb-pktgen, lb-bench) are built next
+/// to it, where lb-userspace's build.rs finds them.
 fn ebpf_object(root: &Path) -> PathBuf {
     root.join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
+/// Builds the data plane's object (lb-ebpf) and the tools' (lb-ebpf-tools),
+/// one cargo run each: built together, cargo would unify lb-common's
+/// features and hand the data plane's crate the tools' layouts too.
 fn build_ebpf(root: &Path) -> anyhow::Result<()> {
+    for package in ["lb-ebpf", "lb-ebpf-tools"] {
+        build_ebpf_package(root, package)?;
+    }
+    eprintln!(
+        "xtask: eBPF objects in {}",
+        ebpf_object(root).with_file_name("").display()
+    );
+    Ok(())
+}
+
+fn build_ebpf_package(root: &Path, package: &str) -> anyhow::Result<()> {
     let toolchain = bpf_toolchain()?;
     let mut cmd = match &toolchain {
         BpfToolchain::Prebuilt { cargo, .. } => Command::new(cargo),
@@ -349,14 +368,8 @@ fn build_ebpf(root: &Path) -> anyhow::Result<()> {
         cmd.env_remove(var);
     }
     cmd.current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-ebpf",
-            "--target",
-            "bpfel-unknown-none",
-        ])
+        .args(["build", "--release", "--package", package])
+        .args(["--target", "bpfel-unknown-none"])
         .arg("--target-dir")
         .arg(root.join("target/ebpf"))
         // BTF for the loader; BPF v3 for atomic fetch-add (round-robin counter).
@@ -375,18 +388,37 @@ fn build_ebpf(root: &Path) -> anyhow::Result<()> {
             cmd.args(["-Z", "build-std=core"]);
         }
     }
-    run(&mut cmd).context("building the eBPF object (cargo xtask setup installs the toolchain)")?;
-    eprintln!("xtask: eBPF object at {}", ebpf_object(root).display());
-    Ok(())
+    run(&mut cmd).with_context(|| {
+        format!("building the eBPF object {package} (cargo xtask setup installs the toolchain)")
+    })
 }
 
-/// Builds the object and `lb` with it embedded; returns the binary's path.
+/// Which `lb`: the product alone (what the Debian package installs), or the
+/// developer's, with the harness (`lab`, `bench`, the tests' kit: lb-userspace's
+/// `harness` feature).
+#[derive(Clone, Copy, PartialEq)]
+enum Flavour {
+    Product,
+    Developer,
+}
+
+/// Builds the objects and the developer's `lb` with them embedded; returns
+/// the binary's path.
 fn build(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
+    build_lb(root, release, Flavour::Developer)
+}
+
+/// Builds the objects and `lb` of `flavour`. Both are target/PROFILE/lb (cargo
+/// keeps both builds, so switching only relinks): the last one built wins.
+fn build_lb(root: &Path, release: bool, flavour: Flavour) -> anyhow::Result<PathBuf> {
     build_ebpf(root)?;
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root)
         .args(["build", "--package", "lb-userspace", "--bin", "lb"])
         .env("LB_EBPF_OBJECT", ebpf_object(root));
+    if flavour == Flavour::Developer {
+        cmd.args(["--features", "harness"]);
+    }
     if release {
         cmd.arg("--release");
     }
@@ -408,22 +440,24 @@ fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
     // Every tool the tiers call (Chromium, wrk, systemd-analyze, …), not
     // only the BPF toolchain the build checks for: installs what is missing.
     setup()?;
-    let lb = build(root, false)?;
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cargo_test = Command::new(&cargo);
+    // The package test (tests/tests/package.rs) installs the Debian package
+    // of the debug product build (LB_DEB); built only for runs that may
+    // include it, since a filtered run would not use it. First: the
+    // developer's `lb` the other tests run is built after it, into the same
+    // target/debug/lb.
+    if args.is_empty() || args.iter().any(|a| a.to_string_lossy().contains("package")) {
+        let dir = root.join("target/package-debug/debian");
+        cargo_test.env("LB_DEB", package(root, false, Some(dir))?);
+    }
+    let lb = build(root, false)?;
     cargo_test
         .current_dir(root)
         .arg("test")
         .args(args)
         .env("LB_EBPF_OBJECT", ebpf_object(root))
         .env("LB_BIN", &lb);
-    // The package test (tests/tests/package.rs) installs the Debian package
-    // of this same debug build (LB_DEB); built only for runs that may
-    // include it, since a filtered run would not use it.
-    if args.is_empty() || args.iter().any(|a| a.to_string_lossy().contains("package")) {
-        let dir = root.join("target/package-debug/debian");
-        cargo_test.env("LB_DEB", package(root, false, Some(dir))?);
-    }
     eprintln!("xtask test: host, kernel (BPF_PROG_TEST_RUN) and end-to-end tiers");
     run(&mut cargo_test)?;
     if args.is_empty() {
@@ -435,21 +469,30 @@ fn test(root: &Path, args: &[OsString]) -> anyhow::Result<()> {
             .current_dir(root)
             .args(["clippy", "--all-targets", "--", "-D", "warnings"])
             .env("LB_EBPF_OBJECT", ebpf_object(root)))?;
+        // The product alone (the workspace's run has the tests' `harness`
+        // feature): what the package builds, linted as such.
+        run(Command::new(&cargo)
+            .current_dir(root)
+            .args(["clippy", "--package", "lb-userspace", "--lib", "--bins"])
+            .args(["--", "-D", "warnings"])
+            .env("LB_EBPF_OBJECT", ebpf_object(root)))?;
     }
     Ok(())
 }
 
 // ---- package ----
 
-/// Builds `lb` (release, or debug), its man pages and completions (from the
-/// clap definitions: `lb generate-assets`), and the Debian package with
+/// Builds the product's `lb` (release, or debug; without the harness), its
+/// man pages and completions (from the clap definitions: `lb
+/// generate-assets`), and the Debian package with
 /// cargo-deb (`[package.metadata.deb]` in lb-userspace/Cargo.toml lists the
 /// files). Returns the .deb's path.
 ///
 /// cargo-deb refuses the dev profile, so a debug package stages the debug
 /// binary as `release/lb` of a target dir of its own (target/package-debug)
-/// and points cargo-deb there: the same package, from the binary the tests
-/// already built, without a release build.
+/// and points cargo-deb there: the same package, from a debug build,
+/// without a release build. Staged as a link or copy, so the developer's
+/// build that later takes target/debug/lb leaves it alone.
 fn package(root: &Path, release: bool, output: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let cargo_deb = match cargo_deb() {
         Some(c) => c,
@@ -458,7 +501,7 @@ fn package(root: &Path, release: bool, output: Option<PathBuf>) -> anyhow::Resul
             cargo_deb().context("cargo-deb is not installed after `cargo xtask setup`")?
         }
     };
-    let built = build(root, release)?;
+    let built = build_lb(root, release, Flavour::Product)?;
     let target_dir = if release {
         root.join("target")
     } else {

@@ -161,7 +161,7 @@ fn flood_once(
     dp.attach("lbin", cfg.dataplane.xdp_mode)?;
     // The legitimate clients run their own generator (its own conf map)
     // beside the flood's.
-    let mut clients_gen = xdp::load_object()?;
+    let mut clients_gen = pktgen::load_object()?;
 
     let established: Vec<FlowKey> = clients(CLIENT, ESTABLISHED)?
         .into_iter()

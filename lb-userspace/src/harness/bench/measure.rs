@@ -336,7 +336,7 @@ pub(super) struct NsRow {
 /// Real forwarding of `flows` flows through `lb` (DSR, 100 backends) for
 /// `secs` seconds after a warm-up pass, for an external profiler.
 pub(super) fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyhow::Result<()> {
-    let mut ebpf = xdp::load_object()?;
+    let mut ebpf = crate::harness::load_bench_object()?;
     let gen0 = xdp::ifindex("gen0")?;
     let _sink = xdp::xdp_program(&mut ebpf, "sink")?
         .attach("sink0", AyaXdpMode::Driver)

@@ -50,8 +50,6 @@ pub use net::{
 };
 pub use report::{COMMAND_ENV, shown_command, utc_date};
 
-use crate::harness::xdp;
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Reduced sweep (flows 1/100000, backends 2/100), shorter runs
@@ -152,7 +150,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let reps = args.reps;
     let (fwd, ns, firewall, schedulers, flood) = net.run(|| {
-        let mut ebpf = xdp::load_object()?;
+        let mut ebpf = super::load_bench_object()?;
         // Always the ceiling at least (empty sweeps): every section's
         // ratios are to the bare forwarder in the same run.
         let fwd = measure::forwarding_rows(

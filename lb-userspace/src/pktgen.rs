@@ -1,4 +1,6 @@
-//! `lb pktgen`: an XDP packet generator. The object's `pktgen` program is run
+//! `lb pktgen`: an XDP packet generator, part of the product (the load
+//! tester an operator runs), with its own object (`lb-pktgen`, built from
+//! lb-ebpf-tools; the data plane's object has no tool). Its `pktgen` program is run
 //! with BPF_PROG_RUN in live-frames mode: the kernel injects one template
 //! frame `repeat` times, the program gives each copy its flow (source
 //! address/port from a per-CPU sequence, each CPU's starting at its own
@@ -7,7 +9,7 @@
 //! The frame builder and the flow → (address, port) mapping are pure
 //! functions, unit-tested on the host; the mapping is
 //! `lb_common::PktgenConf::flow_source`, the one `set_flow` in
-//! lb-ebpf/src/bench.rs calls.
+//! lb-ebpf-tools/src/pktgen.rs calls.
 //!
 //! Frame reuse: live-frames mode initialises a page with the template only
 //! when the page is fresh; a page the receiving side modified in place (the
@@ -40,7 +42,17 @@ use aya::{
 use lb_common::{PKTGEN_FLOW_TABLE, checksum};
 use rustix::thread::{CpuSet, sched_setaffinity};
 
-use super::xdp::{if_mac, ifindex, load_object, parse_mac, xdp_md, xdp_program};
+use crate::xdp::{if_mac, ifindex, load_tool, parse_mac, xdp_md, xdp_program};
+
+/// The `lb-pktgen` object (lb-ebpf-tools): the generator alone. Empty in a
+/// build without the BPF toolchain ([`load_object`] then says so).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pktgen.o"));
+
+/// Loads the generator's object (its program not yet in the kernel), with
+/// `PKTGEN_FLOWS` sized for a drawn flow mix.
+pub fn load_object() -> anyhow::Result<Ebpf> {
+    load_tool(OBJECT)
+}
 
 /// The generator program's name in the object.
 pub const PROGRAM: &str = "pktgen";
@@ -377,7 +389,7 @@ pub fn mix_summary(table: &[u32], flows: u32) -> MixSummary {
 }
 
 /// Writes `table` into the object's `PKTGEN_FLOWS` (sized by
-/// [`super::xdp::load_object`]).
+/// [`crate::xdp::load_tool`]).
 fn write_flow_table(ebpf: &mut Ebpf, table: &[u32]) -> anyhow::Result<()> {
     let map = ebpf
         .map_mut("PKTGEN_FLOWS")
@@ -385,7 +397,7 @@ fn write_flow_table(ebpf: &mut Ebpf, table: &[u32]) -> anyhow::Result<()> {
     let mut map: Array<_, u32> = Array::try_from(map).context("map PKTGEN_FLOWS")?;
     ensure!(
         map.len() as usize >= table.len(),
-        "PKTGEN_FLOWS holds {} entries, the flow mix needs {}: load the object with harness::xdp::load_object",
+        "PKTGEN_FLOWS holds {} entries, the flow mix needs {}: load the object with xdp::load_tool",
         map.len(),
         table.len()
     );

@@ -1,7 +1,7 @@
-//! XDP helpers every part of the harness and the kernel tests use: interface
-//! indexes and MACs (in the calling thread's namespace), the `xdp_md` context
-//! and one BPF_PROG_TEST_RUN call, and loading the embedded object's
-//! programs.
+//! XDP helpers of `lb pktgen`, which the harness and the kernel tests use
+//! too: interface indexes and MACs (in the calling thread's namespace), the
+//! `xdp_md` context and one BPF_PROG_TEST_RUN call, and loading the tools'
+//! embedded objects and their programs.
 
 use std::{
     io,
@@ -16,7 +16,7 @@ use aya::{
 };
 use rustix::net::{AddressFamily, SocketFlags, SocketType, netdevice, socket_with};
 
-use crate::object::ebpf_object;
+use crate::object::MissingObject;
 
 /// XDP actions (`enum xdp_action`), as BPF_PROG_TEST_RUN returns them.
 pub const XDP_ABORTED: u32 = 0;
@@ -90,14 +90,19 @@ pub fn mac_text(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Loads the object (with every program, none loaded into the kernel yet)
-/// for the harness: the generator, the sink and the baselines.
-pub fn load_object() -> anyhow::Result<Ebpf> {
-    // The generator's table of drawn flows: one entry in the object (the
-    // agent's data plane never uses it), full size for the harness.
+/// Loads one of the tools' embedded objects (every program, none loaded into
+/// the kernel yet): the generator's (`lb pktgen`), or the harness's bench
+/// object (the generator, the sink and the baselines). Empty: this build
+/// had no BPF toolchain.
+pub fn load_tool(object: &[u8]) -> anyhow::Result<Ebpf> {
+    if object.is_empty() {
+        return Err(MissingObject.into());
+    }
+    // The generator's table of drawn flows: one entry in the object, full
+    // size as the generator uses it.
     EbpfLoader::new()
         .map_max_entries("PKTGEN_FLOWS", lb_common::PKTGEN_FLOW_TABLE)
-        .load(ebpf_object()?)
+        .load(object)
         .context("loading the eBPF object")
 }
 

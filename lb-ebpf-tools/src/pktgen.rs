@@ -1,30 +1,22 @@
-//! Programs for `lb pktgen` and `cargo xtask bench`, kept in the same object
-//! so one build serves the data plane, the generator and the baselines.
-//!
-//! - `pktgen`: run by BPF_PROG_RUN in live-frames mode; gives each frame its
-//!   flow (source address/port from a per-CPU sequence, directly or through
-//!   a table of drawn flow indices) and transmits it.
-//! - `sink`: counts and drops: the receiving end of a benchmark.
-//! - `bare_fwd`: the ceiling: destination MAC rewrite + redirect, no parsing.
-//! - `hash_fwd`: `bare_fwd` plus one 5-tuple hash lookup: the floor of any
-//!   forwarder with a connection table, measured next to the ceiling.
-//! - `xdp_pass`: returns XDP_PASS; the floor of BPF_PROG_TEST_RUN cost, and the
-//!   program a veth peer needs so redirected frames are delivered.
+//! `pktgen`: the generator program, run by BPF_PROG_RUN in live-frames
+//! mode (`lb pktgen`, lb-userspace/src/pktgen.rs): gives each frame its
+//! flow (source address/port from a per-CPU sequence, directly or through a
+//! table of drawn flow indices) and transmits it.
 
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_redirect,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, FlowKey, FwdConf, PKTGEN_TEMPLATE_LEN, PktgenConf,
+    PKTGEN_TEMPLATE_LEN, PktgenConf,
     headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
     rewrite::rewrite_source,
 };
 
-use crate::{copy_mac, count, header};
+use crate::mem::header;
 
 #[map]
 static PKTGEN_CONF: Array<PktgenConf> = Array::with_max_entries(1, 0);
@@ -36,10 +28,6 @@ static PKTGEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
 /// Per-CPU frame sequence number of the generator.
 #[map]
 static PKTGEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static FWD_CONF: Array<FwdConf> = Array::with_max_entries(1, 0);
-#[map]
-static SINK_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn pktgen(ctx: XdpContext) -> u32 {
@@ -118,71 +106,4 @@ fn set_flow(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
     let check = unsafe { &mut *check };
     let (saddr, sport) = conf.flow_source(n);
     rewrite_source(ip, ports, check, saddr.to_be(), sport.to_be());
-}
-
-#[xdp]
-pub fn sink(ctx: XdpContext) -> u32 {
-    count(&SINK_STATS, 0, 1, (ctx.data_end() - ctx.data()) as u64);
-    xdp_action::XDP_DROP
-}
-
-#[xdp]
-pub fn bare_fwd(ctx: XdpContext) -> u32 {
-    let Some(conf) = FWD_CONF.get(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let Some(eth) = header::<EthHdr>(&ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // The same word-store MAC copy as `lb`: a fair ceiling pays no
-    // out-of-line memmove either.
-    // SAFETY: bounds checked.
-    unsafe {
-        copy_mac(&raw mut (*eth).dst, &conf.dmac);
-        copy_mac(&raw mut (*eth).src, &conf.smac);
-    }
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
-}
-
-/// `hash_fwd`'s flow table: the 5-tuple → nothing, a preallocated hash of
-/// `lb`'s key type. Small: every load of the object creates it (the agent's
-/// too), and the floor is measured with one flow, whose entry stays hot in
-/// any size of table.
-#[map]
-static FWD_FLOWS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1024, 0);
-
-/// The floor of any stateful forwarder: `bare_fwd` plus what no connection
-/// table can skip — parse to the ports and look the 5-tuple up in a hash
-/// map (a miss inserts it). What `lb` does on top of this is its own cost.
-#[xdp]
-pub fn hash_fwd(ctx: XdpContext) -> u32 {
-    let Some(conf) = FWD_CONF.get(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let (Some(eth), Some(ip), Some(ports)) = (
-        header::<EthHdr>(&ctx, 0),
-        header::<Ipv4Hdr>(&ctx, EthHdr::LEN),
-        header::<L4Ports>(&ctx, EthHdr::LEN + Ipv4Hdr::LEN),
-    ) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: bounds checked above.
-    let (ip, ports) = unsafe { (&*ip, &*ports) };
-    let key = FlowKey::of(ip, ports);
-    if FWD_FLOWS.get_ptr(&key).is_none() {
-        let _ = FWD_FLOWS.insert(&key, &0, 0);
-    }
-    // SAFETY: bounds checked.
-    unsafe {
-        copy_mac(&raw mut (*eth).dst, &conf.dmac);
-        copy_mac(&raw mut (*eth).src, &conf.smac);
-    }
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
-}
-
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
 }

@@ -1,0 +1,15 @@
+//! The `lb-bench` object: the generator and the benchmark's programs (sink,
+//! baselines), embedded only in a harness build of `lb` (`lb bench`, the
+//! tests); the installed `lb` carries none of them.
+#![no_std]
+#![no_main]
+
+mod bench;
+mod mem;
+mod pktgen;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
