@@ -28,7 +28,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Announce;
+pub use crate::wire::{BirdProtocol, BirdView, VipPlan};
+use crate::{
+    config::Announce,
+    wire::{AnnounceStatus, VipChange},
+};
 
 /// The name of the static protocol the include file defines; BIRD's config
 /// exports it to the routers (`export where proto = "lb_vips"`).
@@ -107,14 +111,6 @@ impl Withdrawn {
             }
         }
     }
-}
-
-/// Whether a VIP is announced, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipPlan {
-    pub vip: Ipv4Addr,
-    pub announced: bool,
-    pub reason: String,
 }
 
 /// One service as the planner sees it: its VIP and whether its ring has a
@@ -464,10 +460,9 @@ impl Announcer {
     /// `lb vip withdraw|announce [VIP]`.
     pub fn change(
         &mut self,
-        change: &crate::control::VipChange,
+        change: &VipChange,
         services: &[ServiceReach],
     ) -> Result<String, AnnounceError> {
-        use crate::control::VipChange;
         let all: BTreeSet<Ipv4Addr> = services.iter().map(|s| s.vip).collect();
         let (vip, withdraw) = match change {
             VipChange::Withdraw { vip } => (*vip, true),
@@ -537,8 +532,8 @@ impl Announcer {
             .collect()
     }
 
-    pub fn status(&self) -> crate::control::AnnounceStatus {
-        crate::control::AnnounceStatus {
+    pub fn status(&self) -> AnnounceStatus {
+        AnnounceStatus {
             bird_socket: self.cfg.bird_socket.display().to_string(),
             include: self.cfg.include.display().to_string(),
             med: self.cfg.med,
@@ -599,26 +594,6 @@ fn log_sessions(before: Option<&BirdView>, now: &BirdView) {
             );
         }
     }
-}
-
-/// A BGP (or BFD, …) protocol as `show protocols` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdProtocol {
-    pub name: String,
-    pub proto: String,
-    /// up, down, start, …
-    pub state: String,
-    /// BGP's session state (Established, Active, …), and the like.
-    pub info: String,
-}
-
-/// What BIRD says: its protocols, and the VIP routes each BGP session
-/// exports to its router.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdView {
-    pub protocols: Vec<BirdProtocol>,
-    /// BGP protocol name → prefixes exported to that peer.
-    pub exported: BTreeMap<String, Vec<String>>,
 }
 
 /// A client of BIRD's control socket (the protocol `birdc` speaks: one

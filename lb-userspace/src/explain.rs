@@ -21,7 +21,7 @@ use lb_common::{
 
 use crate::{
     config::{Forwarding, Scheduler},
-    control::{AdminState, HealthStatus},
+    wire::{AdminState, HealthStatus},
 };
 
 /// A flow as `lb explain` takes it: client → VIP, protocol.

@@ -11,7 +11,7 @@ use lb_common::Verdict;
 
 use super::*;
 use crate::config::{Forwarding, Protocol, Scheduler};
-use crate::control::{
+use crate::wire::{
     AgentStatus, BackendStatus, ConntrackStatus, ReloadStatus, ServiceStatus, Status,
 };
 
@@ -433,7 +433,7 @@ fn full_site() -> Status {
     use crate::announce::{BirdProtocol, BirdView, VipPlan};
     let mut status = snapshot();
     status.pools = vec![crate::metrics::db::sample_pool()];
-    status.announce = Some(crate::control::AnnounceStatus {
+    status.announce = Some(crate::wire::AnnounceStatus {
         vips: vec![VipPlan {
             vip: "198.18.0.10".parse().expect("vip"),
             announced: true,
@@ -463,7 +463,7 @@ fn announcements_and_bird_sessions_are_gauges() {
         state: "up".into(),
         info: info.into(),
     };
-    status.announce = Some(crate::control::AnnounceStatus {
+    status.announce = Some(crate::wire::AnnounceStatus {
         vips: vec![
             VipPlan {
                 vip: "198.18.0.10".parse().unwrap(),
