@@ -2,7 +2,82 @@
 //! table crate lays the columns out), then the pools, the announcement,
 //! slow start, runtime changes and verdicts.
 
-use crate::wire::{AnnounceStatus, RuntimeStatus, Status};
+use comfy_table::{CellAlignment, Table, presets};
+
+use crate::wire::{AnnounceStatus, BackendStatus, RuntimeStatus, Status};
+
+/// How far a table's rows are indented under their heading.
+const INDENT: u16 = 2;
+
+/// A table without borders or separator lines: columns as wide as their
+/// widest cell, two spaces apart, so the text stays easy to read and to
+/// split on whitespace; `right` lists the columns aligned to the right
+/// (numbers). No header line when `header` is empty.
+fn table(header: &[&str], right: &[usize], rows: Vec<Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    if !header.is_empty() {
+        t.set_header(header.to_vec());
+    }
+    t.add_rows(rows);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((if i == 0 { INDENT } else { 1 }, 1));
+        if right.contains(&i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let mut out = String::new();
+    for line in t.lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A service's backends, one row each.
+fn backends_table(backends: &[BackendStatus]) -> String {
+    let rows = backends
+        .iter()
+        .map(|b| {
+            vec![
+                b.name.clone(),
+                b.address.clone(),
+                b.weight.to_string(),
+                b.role().to_owned(),
+                b.admin.to_string(),
+                b.health.to_string(),
+                // "full": out of the ring at its max-connections.
+                match (b.in_ring, b.at_limit) {
+                    (true, _) => "yes",
+                    (false, true) => "full",
+                    (false, false) => "no",
+                }
+                .to_owned(),
+                b.active.to_string(),
+                b.flows.to_string(),
+                b.packets.to_string(),
+                b.last_check.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "backend",
+            "address",
+            "weight",
+            "role",
+            "admin",
+            "health",
+            "ring",
+            "active",
+            "flows",
+            "packets",
+            "last check",
+        ],
+        &[2, 7, 8, 9],
+        rows,
+    )
+}
 
 /// `lb status` as a table an operator can read at a glance.
 pub fn render(status: &Status) -> String {
@@ -25,41 +100,7 @@ pub fn render(status: &Status) -> String {
             "\nservice {} {} {} {} {}  {} pkts {} bytes\n",
             s.name, s.vip, s.protocol, s.forwarding, s.scheduler, s.packets, s.bytes
         ));
-        out.push_str(&format!(
-            "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>7} {:>10}  {}\n",
-            "backend",
-            "address",
-            "weight",
-            "role",
-            "admin",
-            "health",
-            "ring",
-            "active",
-            "flows",
-            "packets",
-            "last check"
-        ));
-        for b in &s.backends {
-            out.push_str(&format!(
-                "  {:<12} {:<22} {:>6} {:<8} {:<9} {:<9} {:<5} {:>7} {:>7} {:>10}  {}\n",
-                b.name,
-                b.address,
-                b.weight,
-                b.role(),
-                b.admin,
-                b.health,
-                // "full": out of the ring at its max-connections.
-                match (b.in_ring, b.at_limit) {
-                    (true, _) => "yes",
-                    (false, true) => "full",
-                    (false, false) => "no",
-                },
-                b.active,
-                b.flows,
-                b.packets,
-                b.last_check.as_deref().unwrap_or("-")
-            ));
-        }
+        out.push_str(&backends_table(&s.backends));
     }
     if !status.pools.is_empty() {
         out.push('\n');
@@ -136,18 +177,19 @@ fn render_announce(a: &AnnounceStatus) -> String {
         "\nannounce via BIRD {} (include {}, med {})\n",
         a.bird_socket, a.include, a.med
     );
-    for v in &a.vips {
-        out.push_str(&format!(
-            "  {:<16} {:<13} {}\n",
-            v.vip,
-            if v.announced {
+    let vips = a
+        .vips
+        .iter()
+        .map(|v| {
+            let announced = if v.announced {
                 "announced"
             } else {
                 "not announced"
-            },
-            v.reason
-        ));
-    }
+            };
+            vec![v.vip.to_string(), announced.to_owned(), v.reason.clone()]
+        })
+        .collect();
+    out.push_str(&table(&[], &[], vips));
     match &a.bird {
         None => out.push_str("  BIRD: no answer yet\n"),
         Some(view) => {
