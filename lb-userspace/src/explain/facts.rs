@@ -1,0 +1,45 @@
+//! What the maps hold for one flow (`Dataplane::flow_facts` reads them):
+//! the service, its ring and Maglev table, the flow's conntrack entry and
+//! the firewall scopes a new flow meets. Plain data, no I/O.
+
+use lb_common::{Backend, Flow, FwScope, ServiceConf};
+
+/// What the maps hold for a flow.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlowFacts {
+    /// The address is in `VIPS`.
+    pub vip_known: bool,
+    /// `SERVICES[(vip, port, protocol)]` and what goes with it.
+    pub service: Option<ServiceFacts>,
+    /// `CONNTRACK[key]`, and `BACKENDS[entry.backend_id]`.
+    pub conntrack: Option<(Flow, Backend)>,
+    /// The firewall scopes a new flow of this client meets: the global one,
+    /// then the service's.
+    pub firewall: Vec<FwFacts>,
+}
+
+/// One firewall scope for the client: its conf and the rules its source
+/// matches (by LPM, as the data plane looks them up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwFacts {
+    /// `FW_GLOBAL` or the service id.
+    pub scope: u32,
+    pub conf: FwScope,
+    /// The deny rule that matches: its text ("deny 203.0.113.0/24") and id.
+    pub deny: Option<(String, u32)>,
+    /// The allow rule that matches.
+    pub allow: Option<(String, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceFacts {
+    pub id: u32,
+    pub conf: ServiceConf,
+    /// The active half of the ring: backend ids, one per slot.
+    pub ring: Vec<u32>,
+    /// `RR_COUNTERS[id]`: the next round-robin position.
+    pub rr_counter: u64,
+    /// The active half of the Maglev table (`maglev`, `source-ip`; else
+    /// empty): backend ids, one per slot.
+    pub maglev: Vec<u32>,
+}
