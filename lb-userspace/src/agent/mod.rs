@@ -1,12 +1,15 @@
-//! `lb run`: the agent. Validates the config, loads (or adopts) the pinned
-//! data plane, attaches it, runs health checks, serves the control socket,
-//! reloads on SIGHUP, and on SIGINT/SIGTERM exits leaving the pinned data
-//! plane forwarding (a restart adopts it; `lb teardown` removes it).
+//! `lb run`: the agent's state and its one commit path. Validates the
+//! config, loads (or adopts) the pinned data plane, attaches it, runs
+//! health checks, serves the control socket, reloads on SIGHUP, and on
+//! SIGINT/SIGTERM exits leaving the pinned data plane forwarding (a restart
+//! adopts it; `lb teardown` removes it) — step by step in [`serve`].
 //!
 //! Every change — reload, `lb backend …`, a health transition — goes through
 //! [`Agent::commit`]: the whole new state is checked first, then written to
 //! the maps with the double-buffered ring switch, or rejected with nothing
-//! changed.
+//! changed. Requests are handled in [`handle`], `lb status` is built in
+//! [`status`], and a backend's standing (admin state, health, a pool
+//! member's role) is read in [`standing`] by all of them.
 
 use std::{
     collections::BTreeMap,
