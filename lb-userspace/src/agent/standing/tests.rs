@@ -3,7 +3,10 @@ use std::path::Path;
 use super::*;
 use crate::{
     config::OnBackendDown,
-    db::Event,
+    db::{
+        Event,
+        state::tests::{primary, replica},
+    },
     health::{ProbeError, mysql::Observation},
 };
 
@@ -37,33 +40,6 @@ members = [
 ]
 "#;
 
-fn primary() -> Observation {
-    Observation {
-        read_only: false,
-        server_id: 1,
-        gtid_binlog_pos: "0-1-10".into(),
-        gtid_slave_pos: String::new(),
-        replication: None,
-    }
-}
-
-fn replica() -> Observation {
-    Observation {
-        read_only: true,
-        server_id: 2,
-        gtid_binlog_pos: String::new(),
-        gtid_slave_pos: "0-1-10".into(),
-        replication: Some(crate::wire::Replication {
-            source: "198.19.1.21:3306".into(),
-            io_running: "Yes".into(),
-            sql_running: true,
-            lag_seconds: Some(0),
-            gtid_io_pos: "0-1-10".into(),
-            error: None,
-        }),
-    }
-}
-
 /// One standing function for every caller: admin state, the backend's own
 /// check, a pool member's role, `max-connections`. A pool member's health
 /// is its MySQL check's (what `lb explain` showed as "unchecked" when it
@@ -89,8 +65,9 @@ fn a_backends_standing_has_its_admin_state_health_and_pool_role() {
             result,
         });
     };
-    probed(&mut db, "db1", Ok(primary()));
-    probed(&mut db, "db2", Ok(replica()));
+    let backend = |r: Result<Observation, String>| r.map_err(ProbeError::Backend);
+    probed(&mut db, "db1", backend(primary(10)));
+    probed(&mut db, "db2", backend(replica(10, Some(0), "Yes")));
     probed(
         &mut db,
         "db3",
