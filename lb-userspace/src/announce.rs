@@ -30,12 +30,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Serialize};
 
-pub use bird::{Bird, BirdProtocol, BirdView};
+pub use crate::wire::{BirdProtocol, BirdView, VipPlan};
+pub use bird::Bird;
 pub use record::{RECORDS_DIR, Record, RecordError};
 
-use crate::config::Announce;
+use crate::{
+    config::Announce,
+    wire::{AnnounceStatus, VipChange},
+};
 
 /// The name of the static protocol the include file defines; BIRD's config
 /// exports it to the routers (`export where proto = "lb_vips"`).
@@ -110,14 +113,6 @@ impl Withdrawn {
             }
         }
     }
-}
-
-/// Whether a VIP is announced, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipPlan {
-    pub vip: Ipv4Addr,
-    pub announced: bool,
-    pub reason: String,
 }
 
 /// One service as the planner sees it: its VIP and whether its ring has a
@@ -299,10 +294,9 @@ impl Announcer {
     /// `lb vip withdraw|announce [VIP]`.
     pub fn change(
         &mut self,
-        change: &crate::control::VipChange,
+        change: &VipChange,
         services: &[ServiceReach],
     ) -> Result<String, AnnounceError> {
-        use crate::control::VipChange;
         let all: BTreeSet<Ipv4Addr> = services.iter().map(|s| s.vip).collect();
         let (vip, withdraw) = match change {
             VipChange::Withdraw { vip } => (*vip, true),
@@ -372,8 +366,8 @@ impl Announcer {
             .collect()
     }
 
-    pub fn status(&self) -> crate::control::AnnounceStatus {
-        crate::control::AnnounceStatus {
+    pub fn status(&self) -> AnnounceStatus {
+        AnnounceStatus {
             bird_socket: self.cfg.bird_socket.display().to_string(),
             include: self.cfg.include.display().to_string(),
             med: self.cfg.med,

@@ -77,7 +77,7 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "S")]
     pub duration: Option<f64>,
     /// The bpffs directory of the data plane (`lb run --pin-dir`)
-    #[arg(long, default_value = crate::agent::DEFAULT_PIN_DIR)]
+    #[arg(long, default_value = crate::host::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// The agent's control socket (for --vip and --service)
     #[arg(long, default_value = control::DEFAULT_SOCKET)]

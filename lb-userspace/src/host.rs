@@ -21,6 +21,10 @@ use rustix::{
 };
 use tracing::info;
 
+/// Where the agent pins its data plane unless told otherwise (`--pin-dir`
+/// of `lb run`, and of every verb that reads the pins).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
 /// `statfs.f_type` of a bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -9,7 +9,10 @@
 //! - `announce`: `[announce]`, the VIPs' BGP announcement through BIRD
 //!   (what may be announced, the include file, BIRD's control socket).
 //! - `agent`: `lb run` — config → data plane, health, control socket, signals.
-//! - `control`: the control socket protocol and the CLI's client side.
+//! - `wire`: the control protocol's messages and the status they carry (a
+//!   leaf: imports only config's names).
+//! - `control`: the CLI's client side of the control socket, `lb status`'s
+//!   text.
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `doctor`: `lb doctor` and `lb run`'s host checks: facts read from the
 //!   host (netlink, ethtool, /proc), findings computed from them (pure).
@@ -49,4 +52,5 @@ pub mod object;
 pub mod pktgen;
 pub mod server;
 pub mod trace;
+pub mod wire;
 pub mod xdp;

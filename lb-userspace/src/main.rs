@@ -96,7 +96,7 @@ enum Command {
     /// Detach the pinned data plane and remove its pins (stopping the agent
     /// alone leaves it forwarding)
     Teardown {
-        #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = host::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// The agent's config: with `[announce]`, every VIP is withdrawn
         /// from BGP first, so routers stop sending traffic here before the

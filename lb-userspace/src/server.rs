@@ -18,8 +18,8 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    control::{Request, Response, Status},
     dataplane::FlowTable,
+    wire::{Request, Response, Status},
 };
 
 /// Control clients served at once; more are told to retry.

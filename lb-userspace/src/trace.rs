@@ -32,7 +32,7 @@ use crate::dataplane::{Dataplane, DataplaneError, MapName};
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
     /// The bpffs directory of the data plane (`lb run --pin-dir`)
-    #[arg(long, default_value = crate::agent::DEFAULT_PIN_DIR)]
+    #[arg(long, default_value = crate::host::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// Stop after this many events
     #[arg(long)]

@@ -385,6 +385,30 @@ fn writes_go_to_the_primary_reads_rotate_and_replicas_leave_and_return() -> Resu
             assert_eq!(b.last_check.as_deref(), Some("ok"), "{service}/{member}");
             assert!(b.last_check_at_ms.is_some(), "{service}/{member}");
         }
+        // `lb explain` reads the same standing: each member's health is its
+        // own MySQL check's, routed or standing by (it was "unchecked").
+        for vip in [write_vip(), read_vip()] {
+            let r = ask(
+                &lab,
+                &Request::Explain {
+                    client: "198.18.0.2:40000".into(),
+                    service: format!("{vip}/tcp"),
+                },
+            )?;
+            ensure!(r.ok, "lb explain {vip}/tcp: {}", r.message);
+            for member in ["db1", "db2", "db3"] {
+                let line = r
+                    .message
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(&format!("{member} ")))
+                    .with_context(|| format!("no {member} in lb explain:\n{}", r.message))?;
+                let words: Vec<&str> = line.split_whitespace().collect();
+                ensure!(
+                    words.windows(2).any(|w| w == ["health", "up"]),
+                    "lb explain {vip}/tcp shows {member} as {line:?}"
+                );
+            }
+        }
         // The status page's pool section, rendered by Chromium: roles,
         // lag, second writers; the services' rows by role.
         let dom = chromium(

@@ -10,14 +10,14 @@ use anyhow::Context;
 
 use crate::{
     config::{self, Config, OnBackendDown},
-    control::{BackendChange, RuleEdit},
     dataplane::Admission,
     dataplane::firewall::List,
     health::{Health, Target},
+    wire::{BackendChange, RuleEdit},
 };
 
 /// What an operator set with `lb backend`, as the control protocol names it.
-pub use crate::control::AdminState as Admin;
+pub use crate::wire::AdminState as Admin;
 
 /// (service name, backend name).
 pub type Key = (String, String);

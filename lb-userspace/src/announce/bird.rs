@@ -10,33 +10,13 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 
 use super::AnnounceError;
+pub use crate::wire::{BirdProtocol, BirdView};
 
 /// How long one exchange with BIRD may take: it answers a local socket in
 /// well under a millisecond, and the agent's loop waits for it.
 const BIRD_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// A BGP (or BFD, …) protocol as `show protocols` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdProtocol {
-    pub name: String,
-    pub proto: String,
-    /// up, down, start, …
-    pub state: String,
-    /// BGP's session state (Established, Active, …), and the like.
-    pub info: String,
-}
-
-/// What BIRD says: its protocols, and the VIP routes each BGP session
-/// exports to its router.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BirdView {
-    pub protocols: Vec<BirdProtocol>,
-    /// BGP protocol name → prefixes exported to that peer.
-    pub exported: BTreeMap<String, Vec<String>>,
-}
 
 /// A client of BIRD's control socket (the protocol `birdc` speaks: one
 /// command line; reply lines `NNNN-text` continued, `NNNN text` last, or

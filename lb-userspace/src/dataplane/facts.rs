@@ -1,5 +1,5 @@
 //! What the maps hold for one flow, as `Dataplane::flow_facts` reads it:
-//! plain data that `lb explain` (`explain.rs`) turns into text.
+//! plain data that `lb explain` (`explain/`) turns into text.
 
 use lb_common::{Backend, Flow, FwScope, ServiceConf};
 

@@ -30,43 +30,25 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc::UnboundedSender, oneshot},
     task::JoinHandle,
     time::MissedTickBehavior,
 };
 
+pub use crate::wire::{CoordStatus, DbCommand, MemberStatus, PoolStatus, Role};
 use crate::{
     config::{Config, Pool, PoolMember},
-    control::{PoolRole, Response},
     health::{
         AgentErrorLog, Health, ProbeError,
         mysql::{self, Observation},
     },
+    wire::{PoolRole, Response},
 };
 pub use login::{LoginVerdict, login_verdict, vet_new_logins};
 use state::PoolState;
 use status::pool_status;
-pub use status::{CoordStatus, MemberStatus, PoolStatus, Role, render};
-
-/// `lb db …`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
-#[serde(tag = "action", rename_all = "kebab-case")]
-pub enum DbCommand {
-    /// Make MEMBER the primary of POOL: stop its replication, make it
-    /// writable, point the other members at it by GTID; writes switch to it
-    /// and flows to the old primary are dropped. Refuses a lagging,
-    /// stopped or unreachable candidate, and one that lacks transactions
-    /// another reachable replica holds, unless --force (which then says
-    /// what is lost).
-    Promote {
-        pool: String,
-        member: String,
-        #[arg(long)]
-        force: bool,
-    },
-}
+pub use status::render;
 
 /// What the pools' tasks report to the agent's loop.
 #[derive(Debug)]

@@ -108,7 +108,7 @@ pub struct DoctorArgs {
     #[arg(long, value_name = "NAME")]
     pub netns: Option<String>,
     /// The pin directory `lb run` will use (its parent must be a bpffs)
-    #[arg(long, default_value = crate::agent::DEFAULT_PIN_DIR)]
+    #[arg(long, default_value = crate::host::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// One JSON object with the facts gathered and the findings
     #[arg(long)]

@@ -28,7 +28,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle, time::MissedTickBehavior};
 
-use crate::config::{Config, HealthCheck};
+use crate::{
+    config::{Config, HealthCheck},
+    wire::HealthStatus,
+};
 
 mod counter;
 mod dns;
@@ -73,6 +76,18 @@ impl Health {
 impl std::fmt::Display for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The status's spelling of a health (`None`: `unchecked`, no check).
+impl From<Option<Health>> for HealthStatus {
+    fn from(health: Option<Health>) -> Self {
+        match health {
+            None => HealthStatus::Unchecked,
+            Some(Health::Up) => HealthStatus::Up,
+            Some(Health::Down) => HealthStatus::Down,
+            Some(Health::Pending) => HealthStatus::Pending,
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::probe::ProbeError;
 use crate::config::{MysqlLogin, duration::show};
+pub use crate::wire::Replication;
 
 /// What one probe of a member found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,23 +25,6 @@ pub struct Observation {
     pub gtid_slave_pos: String,
     /// `SHOW SLAVE STATUS`; `None`: replication is not configured.
     pub replication: Option<Replication>,
-}
-
-/// A replica's replication, from `SHOW SLAVE STATUS`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Replication {
-    /// The primary it replicates from.
-    pub source: String,
-    /// `Slave_IO_Running`: "Yes", "No" or "Connecting".
-    pub io_running: String,
-    /// `Slave_SQL_Running` is "Yes".
-    pub sql_running: bool,
-    /// `Seconds_Behind_Master`; `None` while a thread is not running.
-    pub lag_seconds: Option<u64>,
-    /// `Gtid_IO_Pos`: the last transaction received from the primary.
-    pub gtid_io_pos: String,
-    /// The last IO or SQL error, if any.
-    pub error: Option<String>,
 }
 
 impl Replication {

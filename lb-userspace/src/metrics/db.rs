@@ -7,10 +7,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    control::HealthStatus,
-    db::{PoolStatus, Role},
-};
+use crate::wire::{HealthStatus, PoolStatus, Role};
 
 type Labels = Vec<(String, String)>;
 
@@ -171,7 +168,7 @@ pub fn register(registry: &mut Registry, pools: &[PoolStatus]) {
 /// replica 3 s behind (read service), two second writers refused so far.
 #[cfg(test)]
 pub(super) fn sample_pool() -> PoolStatus {
-    use crate::db::MemberStatus;
+    use crate::wire::MemberStatus;
     let member = |name: &str, role: Role, lag, routed_by: Vec<String>| MemberStatus {
         name: name.into(),
         address: "198.19.1.21:3306".into(),
@@ -211,7 +208,7 @@ pub(super) fn sample_pool() -> PoolStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::MemberStatus;
+    use crate::wire::MemberStatus;
 
     #[test]
     fn a_pool_shows_roles_lag_and_routing() {
@@ -224,7 +221,7 @@ mod tests {
             ..pool.members[1].clone()
         };
         pool.members.push(db3);
-        pool.coordination = Some(crate::db::CoordStatus {
+        pool.coordination = Some(crate::wire::CoordStatus {
             me: "lb2".into(),
             leader: Some("lb1".into()),
             leading: false,

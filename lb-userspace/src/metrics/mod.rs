@@ -2,7 +2,7 @@
 //! agent's runtime serving
 //! - `/metrics`: Prometheus/OpenMetrics text ([`render::render`]);
 //! - `/`: the live status page (`page.html`, embedded), which polls
-//! - `/status.json`: the same [`Status`](crate::control::Status) as
+//! - `/status.json`: the same [`Status`](crate::wire::Status) as
 //!   `lb status --json`.
 //!
 //! A request never blocks the agent's loop: the status is asked of the loop
@@ -78,7 +78,7 @@ impl Monitor {
         }
     }
 
-    async fn status(&self) -> Result<crate::control::Status, Response> {
+    async fn status(&self) -> Result<crate::wire::Status, Response> {
         let Ok(_permit) = self.snapshots.try_acquire() else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::control::{AdminState, HealthStatus, Status};
+use crate::wire::{AdminState, HealthStatus, Status};
 
 /// Label sets are (name, value) pairs in this order.
 type Labels = Vec<(String, String)>;
@@ -376,7 +376,7 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
 
 /// `[announce]`: each VIP announced (1) or not (0), and BIRD's BGP and
 /// BFD sessions up (1) or not (0).
-fn register_announce(registry: &mut Registry, a: &crate::control::AnnounceStatus) {
+fn register_announce(registry: &mut Registry, a: &crate::wire::AnnounceStatus) {
     let announced = Gauges::default();
     for v in &a.vips {
         announced

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::*;
 use crate::{
     agent::state::{edit, firewall_edit},
-    control::{BackendChange, RuleEdit},
     dataplane::firewall::List,
+    wire::{BackendChange, RuleEdit},
 };
 
 const SITE: &str = r#"

@@ -11,7 +11,7 @@ use lb_common::Verdict;
 
 use super::*;
 use crate::config::{Forwarding, Protocol, Scheduler};
-use crate::control::{
+use crate::wire::{
     AgentStatus, BackendStatus, ConntrackStatus, ReloadStatus, ServiceStatus, Status,
 };
 
@@ -433,7 +433,7 @@ fn full_site() -> Status {
     use crate::announce::{BirdProtocol, BirdView, VipPlan};
     let mut status = snapshot();
     status.pools = vec![crate::metrics::db::sample_pool()];
-    status.announce = Some(crate::control::AnnounceStatus {
+    status.announce = Some(crate::wire::AnnounceStatus {
         vips: vec![VipPlan {
             vip: "198.18.0.10".parse().expect("vip"),
             announced: true,
@@ -463,7 +463,7 @@ fn announcements_and_bird_sessions_are_gauges() {
         state: "up".into(),
         info: info.into(),
     };
-    status.announce = Some(crate::control::AnnounceStatus {
+    status.announce = Some(crate::wire::AnnounceStatus {
         vips: vec![
             VipPlan {
                 vip: "198.18.0.10".parse().unwrap(),
@@ -505,4 +505,50 @@ fn announcements_and_bird_sessions_are_gauges() {
     assert_eq!((up("router"), up("backup")), (1.0, 0.0));
     assert!(!text.contains("device1"), "only BGP and BFD: {text}");
     assert_eq!(value(&text, "lb_announce_error", &[]), 0.0);
+}
+
+/// README's metrics table names every family `/metrics` exports (a counter
+/// as its `_total` sample, an info as its `_info`, as the table lists
+/// them), so none is exported undocumented.
+#[test]
+fn readme_lists_every_exported_metric() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(path).expect("README.md");
+    let table: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `lb_"))
+        .map(|l| l.split(" | ").next().unwrap_or_default())
+        .collect();
+    let listed = |name: &str| {
+        table.iter().any(|cell| {
+            cell.match_indices(name).any(|(at, _)| {
+                cell[..at].ends_with('`')
+                    && cell[at + name.len()..].starts_with(['`', '{'].as_slice())
+            })
+        })
+    };
+    let probes = ProbeLatency::default();
+    probes.observe("www", "web1", Duration::from_millis(1));
+    let text = render(&full_site(), &probes);
+    let mut families = 0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            panic!("bad TYPE line {line}");
+        };
+        let sample = match kind {
+            "counter" => format!("{name}_total"),
+            "info" => format!("{name}_info"),
+            _ => name.to_owned(),
+        };
+        assert!(
+            listed(&sample),
+            "{sample} ({kind}) is exported but not in README's metrics table"
+        );
+        families += 1;
+    }
+    assert!(families > 30, "only {families} families rendered:\n{text}");
 }

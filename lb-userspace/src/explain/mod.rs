@@ -1,0 +1,301 @@
+//! `lb explain CLIENT:PORT VIP:PORT/PROTO`: which service a flow belongs
+//! to, which backend it goes to and why, answered from the live maps.
+//!
+//! The agent reads the facts ([`FlowFacts`], from `Dataplane::flow_facts`:
+//! the service, its conf, active ring and round-robin counter, the flow's
+//! conntrack entry and its backend) and what it knows itself
+//! ([`ServiceView`]: names, admin state, health); the decision text is
+//! built here, without I/O, and tested on the host. [`query`] parses the
+//! flow, [`choose`] models the scheduler.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use lb_common::{
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, SCHED_HASH,
+    SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
+};
+
+use crate::{
+    config::{Forwarding, Scheduler},
+    wire::{AdminState, HealthStatus},
+};
+
+pub mod choose;
+pub mod query;
+
+pub use choose::{Choice, choose};
+pub use crate::dataplane::{FlowFacts, FwFacts, ServiceFacts};
+pub use query::FlowQuery;
+
+/// What a scope does to a new flow from the client, and whether it drops it.
+fn firewall_text(fw: &FwFacts, name: &str) -> (String, bool) {
+    let scope = if fw.scope == FW_GLOBAL {
+        "[firewall]".to_owned()
+    } else {
+        format!("service {name}'s firewall")
+    };
+    if let Some((rule, id)) = &fw.deny {
+        return (
+            format!(
+                "{scope}: the source matches {rule} (rule {id}): a new flow is dropped \
+                 (drop_firewall_deny)\n"
+            ),
+            true,
+        );
+    }
+    let mut out = String::new();
+    if fw.conf.flags & FW_F_ALLOW != 0 {
+        match &fw.allow {
+            None => {
+                return (
+                    format!(
+                        "{scope}: the source is not in the allow list: a new flow is dropped \
+                         (drop_firewall_not_allowed)\n"
+                    ),
+                    true,
+                );
+            }
+            Some((rule, id)) => {
+                let _ = writeln!(out, "{scope}: the source is allowed by {rule} (rule {id})");
+            }
+        }
+    }
+    if fw.conf.flags & FW_F_RATE != 0 {
+        let per = match u32::from_be(fw.conf.mask).count_ones() {
+            32 => "address".to_owned(),
+            n => format!("/{n}"),
+        };
+        let _ = writeln!(
+            out,
+            "{scope}: new flows are rate-limited to {} a second, burst {}, per {per}: one \
+             over it is dropped (drop_rate_limited)",
+            fw.conf.rate, fw.conf.burst
+        );
+    }
+    (out, false)
+}
+
+/// What the agent knows of a service, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub name: String,
+    pub forwarding: Forwarding,
+    pub scheduler: Scheduler,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: u32,
+    pub name: String,
+    pub address: String,
+    pub admin: AdminState,
+    pub health: HealthStatus,
+    /// At its `max-connections`: (active flows, limit) as last read.
+    pub at_limit: Option<(u64, u32)>,
+}
+
+/// Where `id` leads, by name when the agent knows it.
+fn backend_name(view: Option<&ServiceView>, id: u32, backend: Option<&Backend>) -> String {
+    if let Some(b) = view.and_then(|v| v.backends.iter().find(|b| b.id == id)) {
+        return format!("{} ({})", b.name, b.address);
+    }
+    match backend {
+        Some(b) => format!(
+            "backend id {id} ({}:{}, no longer configured)",
+            Ipv4Addr::from(b.addr.to_ne_bytes()),
+            u16::from_be(b.port)
+        ),
+        None => format!("backend id {id} (not configured)"),
+    }
+}
+
+/// The decision text for `query`: service, backend, and why. `vip_services`
+/// lists the services configured on the query's VIP address (for the "no
+/// service" case), `view` the agent's view of the matched service.
+pub fn explain(
+    query: &FlowQuery,
+    facts: &FlowFacts,
+    view: Option<&ServiceView>,
+    vip_services: &[String],
+) -> String {
+    let mut out = String::new();
+    let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
+    let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
+    let Some(service) = facts.service.as_ref().filter(|s| s.conf.enabled != 0) else {
+        if let Some((text, true)) = facts
+            .vip_known
+            .then(|| global.map(|g| firewall_text(g, "")))
+            .flatten()
+        {
+            // The global scope comes before the service lookup.
+            let _ = write!(out, "{flow}: ");
+            out.push_str(&text);
+            return out;
+        }
+        if !facts.vip_known {
+            let _ = writeln!(
+                out,
+                "{flow}: no service: {} is not a VIP here, so the data plane passes the packet \
+                 untouched (pass_not_ours) and the kernel handles it",
+                query.vip.ip()
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "{flow}: no service on {}/{} (services on this VIP: {}): the data plane passes \
+                 the packet (pass_no_service) and the kernel answers it (e.g. a TCP reset or an \
+                 ICMP port unreachable)",
+                query.vip,
+                query.protocol_name(),
+                if vip_services.is_empty() {
+                    "none".to_string()
+                } else {
+                    vip_services.join(", ")
+                }
+            );
+        }
+        if facts.conntrack.is_some() {
+            let _ = writeln!(
+                out,
+                "a conntrack entry of a removed service remains for this tuple: its packets are \
+                 passed too (pass_no_service) until the LRU evicts it"
+            );
+        }
+        return out;
+    };
+    let name = view.map_or("?", |v| v.name.as_str());
+    let _ = writeln!(
+        out,
+        "{flow}: service {name} (id {}, {}, {})",
+        service.id,
+        view.map_or("?", |v| v.forwarding.name()),
+        view.map_or("?", |v| v.scheduler.name()),
+    );
+    if let Some((entry, backend)) = &facts.conntrack {
+        let pinned = backend_name(view, entry.backend_id, Some(backend));
+        if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
+            let _ = writeln!(
+                out,
+                "pinned by conntrack to {pinned}, whose flows are dropped (disabled, removed, or \
+                 down with drop-flows): the next packet is dropped (drop_backend_gone) and the \
+                 entry deleted, so the one after is a new flow (below)"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "pinned by conntrack to {pinned}: every packet of this flow goes there"
+            );
+        }
+        if query.protocol == IPPROTO_TCP {
+            if backend.flags & BACKEND_F_IN_RING != 0 {
+                let _ = writeln!(
+                    out,
+                    "a new SYN on this tuple (a reused source port) stays on it: it is in the \
+                     ring (takes new flows)"
+                );
+                out.push_str(&backends_text(view, &service.ring));
+                return out;
+            }
+            let _ = writeln!(
+                out,
+                "a new SYN on this tuple (a reused source port) is rescheduled: that backend is \
+                 out of the ring (takes no new flows)"
+            );
+        } else if backend.flags & BACKEND_F_DROP_FLOWS == 0 {
+            out.push_str(&backends_text(view, &service.ring));
+            return out;
+        }
+    } else {
+        let _ = writeln!(out, "no conntrack entry: a packet of it is a new flow");
+    }
+    // The firewall sees new flows only (not a SYN on a pinned tuple).
+    if facts.conntrack.is_none() {
+        for fw in &facts.firewall {
+            let (text, drops) = firewall_text(fw, name);
+            out.push_str(&text);
+            if drops {
+                return out;
+            }
+        }
+    }
+    out.push_str(&schedule_text(query, service, view));
+    out.push_str(&backends_text(view, &service.ring));
+    out
+}
+
+/// Which backend the scheduler picks for a new flow, and how sure that is.
+fn schedule_text(query: &FlowQuery, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
+    let Some(c) = choose(&query.key(), service) else {
+        let full = view.is_some_and(|v| v.backends.iter().any(|b| b.at_limit.is_some()));
+        return format!(
+            "the ring is empty (no backend takes new flows{}): a new flow is dropped \
+             (drop_no_backend)\n",
+            if full {
+                "; those below are at their max-connections, or out for the reason shown"
+            } else {
+                ""
+            }
+        );
+    };
+    let (slot, len, to) = (c.slot, c.len, backend_name(view, c.backend_id, None));
+    let hash = c.hash.unwrap_or(0);
+    match service.conf.scheduler {
+        SCHED_MAGLEV => format!(
+            "maglev: flow_hash = {hash:#010x}, slot {slot} of the {len}-slot Maglev table → \
+             {to}; the same on every LB with this config, and after the flow's entry is lost, \
+             while the backend set stays as it is\n"
+        ),
+        SCHED_SOURCE_IP => format!(
+            "source-ip: hash of the client address = {hash:#010x}, slot {slot} of the \
+             {len}-slot Maglev table → {to}; every connection from this client goes there \
+             while the backend set stays as it is\n"
+        ),
+        SCHED_HASH => format!(
+            "flow hash: flow_hash = {hash:#010x}, slot {slot} of {len} → {to}; deterministic \
+             for this tuple while the ring stays as it is\n"
+        ),
+        _ => format!(
+            "{}: the counter is at {}, slot {slot} of {len} → {to}: the backend of the \
+             service's next new flow, not a promise for this tuple (any new flow before it \
+             moves the counter)\n",
+            view.map_or("round robin", |v| match v.scheduler {
+                Scheduler::LeastConnections =>
+                    "least connections (ring refreshed from active flows)",
+                Scheduler::WeightedRoundRobin => "weighted round robin",
+                _ => "round robin",
+            }),
+            service.rr_counter,
+        ),
+    }
+}
+
+/// One line per backend: admin state, health, ring slots.
+fn backends_text(view: Option<&ServiceView>, ring: &[u32]) -> String {
+    let Some(view) = view else {
+        return String::new();
+    };
+    let mut out = String::from("backends:\n");
+    for b in &view.backends {
+        let slots = ring.iter().filter(|id| **id == b.id).count();
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<22} admin {:<8} health {:<9} {}",
+            b.name,
+            b.address,
+            b.admin.to_string(),
+            b.health.to_string(),
+            if let (0, Some((active, max))) = (slots, b.at_limit) {
+                format!("not in the ring: at max-connections ({active} active, limit {max})")
+            } else if slots == 0 {
+                "not in the ring".to_string()
+            } else {
+                format!("{slots} of {} ring slots", ring.len())
+            }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
