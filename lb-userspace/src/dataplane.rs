@@ -33,7 +33,7 @@ use aya::{
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, BackendHop, Counters, DEFAULT_HALF_OPEN_SIZE,
     Endpoint, Flow, FlowConf, FlowCounts, FlowKey, HalfOpenSlot, MAX_BACKENDS, MaglevTable, Ring,
-    SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, ring,
+    ServiceConf, ServiceKey, ring, uses_maglev,
 };
 
 use firewall::{FwError, FwIds};
@@ -896,10 +896,6 @@ impl Dataplane {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
-}
-
-fn uses_maglev(scheduler: u32) -> bool {
-    matches!(scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP)
 }
 
 /// The pinned flow tables must be this version's (a hash of 48-byte flow
