@@ -140,12 +140,24 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn rewrite_destination(ip: &mut Ipv4Hdr, ports: &mut L4Ports, check: &mut u16, addr: u32, port: u16) {
+    fn rewrite_destination(
+        ip: &mut Ipv4Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: u32,
+        port: u16,
+    ) {
         rewrite::rewrite_destination(ip, ports, check, addr, port);
     }
 
     #[inline(always)]
-    fn rewrite_source(ip: &mut Ipv4Hdr, ports: &mut L4Ports, check: &mut u16, addr: u32, port: u16) {
+    fn rewrite_source(
+        ip: &mut Ipv4Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: u32,
+        port: u16,
+    ) {
         rewrite::rewrite_source(ip, ports, check, addr, port);
     }
 

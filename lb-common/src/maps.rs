@@ -151,8 +151,9 @@ pub struct Endpoint {
     pub _pad: u8,
 }
 
-/// Connection-tracking key: a flow as it arrives (client → VIP), or for the
-/// reverse NAT map as a reply arrives (backend → client).
+/// Flow-table key (`CONNTRACK`, `HALF_OPEN`): a flow's forward entry as its
+/// packets arrive (client → VIP), or a NAT flow's reply entry as a reply
+/// arrives (backend → client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -216,7 +217,8 @@ pub struct Flow {
     /// When the direction last carried a packet, in [`crate::flow::now_ticks`].
     pub seen: u32,
     /// Reply entries: the VIP and port (network order) the reply's source
-    /// is rewritten to. Forward entries: zero.
+    /// is rewritten to. Forward entries: the VIP in a NAT flow (non-zero
+    /// marks "has a reply entry"), zero in DSR; `vport` zero.
     pub vip: u32,
     pub vport: u16,
     /// [`crate::flow::FORWARD`] or [`crate::flow::REPLY`].
@@ -537,7 +539,10 @@ verdicts! {
 const _: () = {
     let mut i = 0;
     while i < VERDICT_COUNT as usize {
-        assert!(Verdict::ALL[i] as u32 == i as u32, "verdict indexes must be 0, 1, 2, … in order");
+        assert!(
+            Verdict::ALL[i] as u32 == i as u32,
+            "verdict indexes must be 0, 1, 2, … in order"
+        );
         let mut j = 0;
         while j < i {
             assert!(
@@ -548,7 +553,10 @@ const _: () = {
         }
         i += 1;
     }
-    assert!(VERDICT_COUNT <= u32::BITS, "one trace bit per verdict in a u32");
+    assert!(
+        VERDICT_COUNT <= u32::BITS,
+        "one trace bit per verdict in a u32"
+    );
 };
 
 const fn same_str(a: &str, b: &str) -> bool {

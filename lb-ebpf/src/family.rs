@@ -151,7 +151,11 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> Result<Packet<V4>, Outcome> {
+    fn parse_l4(
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+    ) -> Result<Packet<V4>, Outcome> {
         parse::parse_l4(ctx, eth, ip)
     }
 

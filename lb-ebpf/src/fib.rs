@@ -5,8 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup,
-    programs::XdpContext,
+    bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, programs::XdpContext,
 };
 use lb_common::{NextHop, family::IpHeader};
 

@@ -22,15 +22,11 @@
 use aya_ebpf::{macros::map, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     FRAG_TABLE_SIZE, FlowKey, FragKey,
-    family::V4,
+    family::{Family, V4},
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
-use crate::{
-    family::PathFamily,
-    flows,
-    parse::{Found, Fragment, plain_ipv4},
-};
+use crate::parse::{Found, Fragment, found, plain_ipv4};
 
 /// Fragmented datagram → its ports, from its first fragment. This program.
 #[map]
@@ -81,24 +77,5 @@ pub(crate) fn later_fragment(
     let datagram = datagram(hdr.saddr, hdr.daddr, hdr.id, hdr.protocol);
     // SAFETY: a FRAGS value, copied out at once.
     let ports = *unsafe { FRAGS.get(&datagram) }?;
-    let key = FlowKey {
-        saddr: hdr.saddr,
-        daddr: hdr.daddr,
-        sport: ports.source,
-        dport: ports.dest,
-        protocol: hdr.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    let now = flows::now();
-    let (flow, table) = V4::flow_of(&key, now)?;
-    Some(Found {
-        eth,
-        ip,
-        key,
-        flow,
-        table,
-        now,
-        l4: Fragment { ports },
-    })
+    found(eth, ip, V4::flow_key(hdr, &ports), Fragment { ports })
 }

@@ -21,10 +21,8 @@ use lb_common::{
 };
 
 use crate::{
-    family::PathFamily,
-    flows,
     mem::header,
-    parse::{Found, Quote, plain_ipv4},
+    parse::{Found, Quote, found, plain_ipv4},
 };
 
 const ICMP_OFF: usize = EthHdr::LEN + Ipv4Hdr::LEN;
@@ -75,20 +73,15 @@ pub(crate) fn error_of_flow(
         _pad0: 0,
         _pad1: 0,
     };
-    let now = flows::now();
-    let (flow, table) = V4::flow_of(&key, now)?;
-    Some(Found {
+    found(
         eth,
         ip,
         key,
-        flow,
-        table,
-        now,
-        l4: Quote {
+        Quote {
             quoted,
             ports,
             // SAFETY: within the bounds-checked ICMP header.
             icmp_check: unsafe { &raw mut (*icmp).check },
         },
-    })
+    )
 }

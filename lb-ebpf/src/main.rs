@@ -77,9 +77,11 @@ pub(crate) static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKEND
 // CONNTRACK and HALF_OPEN, the flow tables, are in `flows.rs`.
 /// Per-service and per-backend traffic, per CPU. This program; agent reads.
 #[map]
-pub(crate) static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub(crate) static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
-pub(crate) static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub(crate) static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 /// One counter per [`Verdict`], per CPU.
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);

@@ -39,12 +39,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    Backend, FW_GLOBAL, Flow, ServiceConf, Verdict,
+    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_DSR, ServiceConf, Verdict,
     family::FlowTuple,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
     headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, opens_connection},
-    BACKEND_F_DROP_FLOWS, MODE_DSR,
 };
 
 use crate::{

@@ -258,7 +258,12 @@ fn deliver<F: PathFamily>(
 
 /// Sets the next hop's MACs and sends the frame out of its interface.
 #[inline(always)]
-fn send<F: PathFamily>(ctx: &XdpContext, pkt: &Packet<F>, nh: &NextHop, reason: Verdict) -> Outcome {
+fn send<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    nh: &NextHop,
+    reason: Verdict,
+) -> Outcome {
     // SAFETY: bounds-checked Ethernet header.
     unsafe {
         copy_mac(&raw mut (*pkt.eth).dst, &nh.dmac);

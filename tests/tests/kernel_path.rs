@@ -42,14 +42,7 @@ fn request(sport: u16) -> Vec<u8> {
 /// (what the client saw: VIP:5353 → client:`sport`).
 fn unreachable(sport: u16) -> Vec<u8> {
     let answer = udp(
-        FRONT_MAC,
-        CLIENT_MAC,
-        VIP,
-        CLIENT,
-        63,
-        UDP_PORT,
-        sport,
-        &[9; 10],
+        FRONT_MAC, CLIENT_MAC, VIP, CLIENT, 63, UDP_PORT, sport, &[9; 10],
     );
     icmp_error(
         (CLIENT_MAC, FRONT_MAC),
