@@ -523,7 +523,7 @@ impl Dataplane {
     ///    it (one store); a ring that needs a reused id gets it only in 6;
     /// 4. backends that are gone: DROP_FLOWS, so their pinned flows drop;
     /// 5. reused ids: flows still pinned to the backend they named before
-    ///    are deleted from `CONNTRACK`/`REVERSE_NAT`, and their counters
+    ///    are deleted from `CONNTRACK`/`HALF_OPEN`, and their counters
     ///    zeroed, before the new backend goes into the slot;
     /// 6. rings that waited for a reused id switch to their final contents;
     /// 7. `SERVICES` and `VIPS` match the new services, `NAT_BACKENDS` the
