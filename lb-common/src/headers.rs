@@ -83,6 +83,45 @@ impl Ipv4Hdr {
     pub const fn dont_fragment(&self) -> bool {
         u16::from_be(self.frag_off) & IP_DF != 0
     }
+
+    /// The one validity check of an IPv4 header in a frame whose IP part
+    /// is `frame_ip_len` bytes long (the VIP rules, `parse_l4`, give each
+    /// shape but `Plain` its verdict). A bad version, IHL or total length
+    /// is `Malformed` before options are looked at.
+    #[inline(always)]
+    pub const fn shape(&self, frame_ip_len: usize) -> Ipv4Shape {
+        if self.version() != 4 || self.header_len() < Ipv4Hdr::LEN {
+            return Ipv4Shape::Malformed;
+        }
+        let tot_len = u16::from_be(self.tot_len) as usize;
+        if tot_len < Ipv4Hdr::LEN || tot_len > frame_ip_len {
+            return Ipv4Shape::Malformed;
+        }
+        if self.header_len() != Ipv4Hdr::LEN {
+            return Ipv4Shape::Options;
+        }
+        Ipv4Shape::Plain
+    }
+
+    /// Do TCP/UDP ports follow this header where the balancer reads them:
+    /// no options, not a later fragment, TCP or UDP?
+    #[inline(always)]
+    pub const fn carries_ports(&self) -> bool {
+        self.header_len() == Ipv4Hdr::LEN
+            && !self.is_later_fragment()
+            && l4_layout(self.protocol).is_some()
+    }
+}
+
+/// [`Ipv4Hdr::shape`]: what the VIP rules make of an IPv4 header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv4Shape {
+    /// Version 4, no options, total length within the frame.
+    Plain,
+    /// Valid but for its options (`DropIpOptions` to a VIP).
+    Options,
+    /// A bad version, IHL or total length (`DropMalformed` to a VIP).
+    Malformed,
 }
 
 /// IPv4 flags and fragment offset (host order of `frag_off`).
@@ -191,6 +230,46 @@ mod tests {
                 "frag_off {frag_off:#06x}"
             );
         }
+    }
+
+    #[test]
+    fn one_validity_check_gives_each_shape() {
+        let with = |version_ihl: u8, tot_len: u16| Ipv4Hdr {
+            version_ihl,
+            tot_len: tot_len.to_be(),
+            ..ip(0)
+        };
+        // (version/IHL, total length, frame's IP bytes, shape)
+        for (vi, tot, frame, want) in [
+            (0x45, 40, 40, Ipv4Shape::Plain),
+            (0x45, 40, 60, Ipv4Shape::Plain),
+            (0x46, 40, 40, Ipv4Shape::Options),
+            (0x44, 40, 40, Ipv4Shape::Malformed),
+            (0x65, 40, 40, Ipv4Shape::Malformed),
+            (0x45, 19, 40, Ipv4Shape::Malformed),
+            (0x45, 41, 40, Ipv4Shape::Malformed),
+            // Options with a bad total length: malformed first.
+            (0x46, 41, 40, Ipv4Shape::Malformed),
+        ] {
+            assert_eq!(with(vi, tot).shape(frame), want, "{vi:#x} {tot} {frame}");
+        }
+    }
+
+    #[test]
+    fn ports_follow_only_a_plain_first_tcp_or_udp_header() {
+        assert!(ip(0).carries_ports());
+        assert!(ip(IP_MF).carries_ports());
+        assert!(!ip(185).carries_ports());
+        let options = Ipv4Hdr {
+            version_ihl: 0x46,
+            ..ip(0)
+        };
+        assert!(!options.carries_ports());
+        let icmp = Ipv4Hdr {
+            protocol: IPPROTO_ICMP,
+            ..ip(0)
+        };
+        assert!(!icmp.carries_ports());
     }
 
     #[test]

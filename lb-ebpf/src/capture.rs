@@ -17,10 +17,9 @@ use lb_common::{
         CAPTURE_FORWARDED, CAPTURE_MAX_SNAPLEN, CAPTURE_NOT_FORWARDED, CAPTURE_RING_BYTES,
         CaptureConf, CaptureRecord, CaptureTuple,
     },
-    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports, l4_layout},
 };
 
-use crate::header;
+use crate::parse::frame_tuple;
 
 /// Capture's switch and filter, written by `lb capture`.
 #[map]
@@ -88,28 +87,11 @@ pub(crate) fn capture(ctx: &XdpContext, reason: Verdict) {
 /// it has none: not IPv4, options, a later fragment, another protocol).
 #[inline(always)]
 fn tuple(ctx: &XdpContext) -> CaptureTuple {
-    let mut t = CaptureTuple::default();
-    let Some(eth) = header::<EthHdr>(ctx, 0) else {
-        return t;
-    };
-    // SAFETY: bounds-checked by `header`.
-    if unsafe { (*eth).ether_type } != ETH_P_IPV4_RAW {
-        return t;
+    let t = frame_tuple(ctx);
+    CaptureTuple {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        sport: t.sport,
+        dport: t.dport,
     }
-    let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-        return t;
-    };
-    // SAFETY: bounds-checked by `header`; a reference, not a copy.
-    let hdr = unsafe { &*ip };
-    (t.saddr, t.daddr) = (hdr.saddr, hdr.daddr);
-    let later_fragment = u16::from_be(hdr.frag_off) & 0x1fff != 0;
-    if hdr.header_len() == Ipv4Hdr::LEN
-        && !later_fragment
-        && l4_layout(hdr.protocol).is_some()
-        && let Some(ports) = header::<L4Ports>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)
-    {
-        // SAFETY: bounds-checked by `header`.
-        (t.sport, t.dport) = unsafe { ((*ports).source, (*ports).dest) };
-    }
-    t
 }

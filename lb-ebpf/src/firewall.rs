@@ -13,7 +13,7 @@ use lb_common::{
     FW_SCOPE_COUNT, FwKey, FwScope, MAX_FW_RULES, Verdict,
 };
 
-use crate::{Outcome, count, drop};
+use crate::verdict::{Outcome, count, drop};
 
 /// Firewall scope (service id, or `FW_GLOBAL`) → which checks it needs and
 /// its rate limit. Written by the agent.

@@ -1,12 +1,13 @@
-//! Fragments follow their flow.
+//! Fragments: which flow a fragment after the first belongs to.
 //!
 //! The first fragment of a datagram carries the TCP/UDP header, so it is
 //! balanced like any packet; when a flow (or a NAT reply) takes it, its
 //! ports are recorded under (source, destination, IP id, protocol) in
 //! `FRAGS`, a small LRU, as Cilium does. The fragments after it carry no
-//! ports: they find them there, then their flow, and get the flow's
-//! rewrite on the IP header only (addresses, TTL, IP checksum): the L4
-//! checksum covers the whole datagram and was updated on the first one.
+//! ports: they find them there, then their flow, and the path gives them
+//! the flow's rewrite on the IP header only (addresses, TTL, IP checksum):
+//! the L4 checksum covers the whole datagram and was updated on the first
+//! one.
 //!
 //! A later fragment without an entry (it overtook its first fragment, the
 //! first was lost, or the datagram belongs to no flow) cannot be placed: it
@@ -20,35 +21,16 @@
 
 use aya_ebpf::{macros::map, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    FRAG_TABLE_SIZE, Flow, FlowKey, FragKey,
-    flow::REPLY,
+    FRAG_TABLE_SIZE, FlowKey, FragKey,
+    family::{Family, V4},
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
-use crate::{
-    Outcome, Packet,
-    flows::{self, Table},
-    forward, reverse_nat,
-};
+use crate::parse::{Found, Fragment, found, plain_ipv4};
 
 /// Fragmented datagram → its ports, from its first fragment. This program.
 #[map]
 static FRAGS: LruHashMap<FragKey, L4Ports> = LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
-
-/// The live entry a tuple (as it arrives) belongs to, and its table: a
-/// flow's forward entry (client → VIP) or its reply entry (backend →
-/// client, NAT). Fragments and ICMP errors find their flow only through
-/// here; they never create, promote or close one.
-/// Both come as copies: their next hop is not worth caching.
-#[inline(always)]
-pub(crate) fn flow_of(key: &FlowKey, now: u32) -> Option<(Flow, Table)> {
-    if let Some(entry) = flows::established(key, now) {
-        // SAFETY: a CONNTRACK value (see `flows::established`).
-        return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
-    }
-    flows::half_open(key, now, crate::is_vip_addr(key.daddr))
-        .map(|(flow, _)| (flow, Table::HalfOpen))
-}
 
 /// A first fragment taken by a flow: records its ports for the fragments
 /// after it. `key` is its tuple as it arrived (before any rewrite), which
@@ -79,14 +61,14 @@ fn datagram(saddr: u32, daddr: u32, id: u16, protocol: u8) -> FragKey {
     }
 }
 
-/// A fragment after the first: forwarded as its flow's packets are, if its
-/// first fragment was recorded; `None` leaves it to the VIP rules.
+/// A fragment after the first: its flow, if its first fragment was
+/// recorded; `None` leaves it to the VIP rules.
 #[inline(always)]
 pub(crate) fn later_fragment(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
-) -> Option<Outcome> {
+) -> Option<Found<V4, Fragment>> {
     // SAFETY: the caller bounds-checked the fixed IPv4 header.
     let hdr = unsafe { &*ip };
     if !plain_ipv4(ctx, hdr) {
@@ -95,42 +77,5 @@ pub(crate) fn later_fragment(
     let datagram = datagram(hdr.saddr, hdr.daddr, hdr.id, hdr.protocol);
     // SAFETY: a FRAGS value, copied out at once.
     let ports = *unsafe { FRAGS.get(&datagram) }?;
-    let key = FlowKey {
-        saddr: hdr.saddr,
-        daddr: hdr.daddr,
-        sport: ports.source,
-        dport: ports.dest,
-        protocol: hdr.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    // No L4 header in this frame: the flow's port and L4 checksum rewrite
-    // lands in these two scratch words and goes nowhere.
-    let mut scratch_ports = ports;
-    let mut scratch_check = 0u16;
-    let pkt = Packet {
-        eth,
-        ip,
-        ports: &mut scratch_ports,
-        l4_check: &mut scratch_check,
-    };
-    let now = flows::now();
-    let (mut flow, table) = flow_of(&key, now)?;
-    Some(if flow.direction == REPLY {
-        reverse_nat(ctx, &pkt, &key, &mut flow)
-    } else {
-        forward(ctx, &pkt, &key, &mut flow, table, now)
-    })
-}
-
-/// An IPv4 header the VIP rules accept: version 4, no options, total
-/// length within the frame. Anything else is left to `parse_l4`.
-#[inline(always)]
-pub(crate) fn plain_ipv4(ctx: &XdpContext, hdr: &Ipv4Hdr) -> bool {
-    let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
-    let tot_len = u16::from_be(hdr.tot_len) as usize;
-    hdr.version() == 4
-        && hdr.header_len() == Ipv4Hdr::LEN
-        && tot_len >= Ipv4Hdr::LEN
-        && tot_len <= frame_ip_len
+    found(eth, ip, V4::flow_key(hdr, &ports), Fragment { ports })
 }

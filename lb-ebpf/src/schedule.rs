@@ -23,7 +23,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
 };
 
-use crate::{Outcome, drop};
+use crate::verdict::{Outcome, drop};
 
 /// Service id * 2 + half → ring of backend ids (double buffer). Agent.
 #[map]

@@ -8,12 +8,9 @@ use aya_ebpf::{
     maps::{Array, RingBuf},
     programs::XdpContext,
 };
-use lb_common::{
-    ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent, Verdict,
-    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports, l4_layout},
-};
+use lb_common::{ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent, Verdict};
 
-use crate::{SERVICES, header};
+use crate::{SERVICES, parse::frame_tuple};
 
 /// Drop tracing's switch: which verdicts to trace (none by default) and how
 /// many events were lost. Written by `lb trace`.
@@ -35,38 +32,18 @@ pub(crate) fn trace(ctx: &XdpContext, reason: Verdict) {
     if unsafe { (*conf).verdicts } & reason.trace_bit() == 0 {
         return;
     }
-    let (mut ether_type, mut saddr, mut daddr, mut protocol) = (0u16, 0u32, 0u32, 0u8);
-    let (mut sport, mut dport, mut service_id) = (0u16, 0u16, TRACE_NO_SERVICE);
-    if let Some(eth) = header::<EthHdr>(ctx, 0) {
-        // SAFETY: bounds-checked by `header`.
-        ether_type = unsafe { (*eth).ether_type };
-    }
-    if ether_type == ETH_P_IPV4_RAW
-        && let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN)
-    {
-        // SAFETY: bounds-checked by `header`; a reference, not a copy.
-        let hdr = unsafe { &*ip };
-        (saddr, daddr, protocol) = (hdr.saddr, hdr.daddr, hdr.protocol);
-        // Ports only where the balancer itself would read them: no options,
-        // not a later fragment.
-        let later_fragment = u16::from_be(hdr.frag_off) & 0x1fff != 0;
-        if hdr.header_len() == Ipv4Hdr::LEN
-            && !later_fragment
-            && l4_layout(protocol).is_some()
-            && let Some(ports) = header::<L4Ports>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)
-        {
-            // SAFETY: bounds-checked by `header`.
-            (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
-            let service = ServiceKey {
-                vip: daddr,
-                port: dport,
-                protocol,
-                _pad: 0,
-            };
-            // SAFETY: a plain hash lookup; the value is copied at once.
-            if let Some(&id) = unsafe { SERVICES.get(&service) } {
-                service_id = id;
-            }
+    let t = frame_tuple(ctx);
+    let mut service_id = TRACE_NO_SERVICE;
+    if t.ports {
+        let service = ServiceKey {
+            vip: t.daddr,
+            port: t.dport,
+            protocol: t.protocol,
+            _pad: 0,
+        };
+        // SAFETY: a plain hash lookup; the value is copied at once.
+        if let Some(&id) = unsafe { SERVICES.get(&service) } {
+            service_id = id;
         }
     }
     let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
@@ -84,13 +61,13 @@ pub(crate) fn trace(ctx: &XdpContext, reason: Verdict) {
     unsafe {
         (&raw mut (*ev).verdict).write(reason as u32);
         (&raw mut (*ev).service_id).write(service_id);
-        (&raw mut (*ev).saddr).write(saddr);
-        (&raw mut (*ev).daddr).write(daddr);
-        (&raw mut (*ev).sport).write(sport);
-        (&raw mut (*ev).dport).write(dport);
-        (&raw mut (*ev).protocol).write(protocol);
+        (&raw mut (*ev).saddr).write(t.saddr);
+        (&raw mut (*ev).daddr).write(t.daddr);
+        (&raw mut (*ev).sport).write(t.sport);
+        (&raw mut (*ev).dport).write(t.dport);
+        (&raw mut (*ev).protocol).write(t.protocol);
         (&raw mut (*ev)._pad0).write(0);
-        (&raw mut (*ev).ether_type).write(ether_type);
+        (&raw mut (*ev).ether_type).write(t.ether_type);
         (&raw mut (*ev).ifindex).write(ctx.ingress_ifindex() as u32);
         (&raw mut (*ev).len).write((ctx.data_end() - ctx.data()) as u32);
     }

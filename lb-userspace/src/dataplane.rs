@@ -31,7 +31,7 @@ pub mod sweep;
 pub use facts::{FlowFacts, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;
 pub use half_open::HalfOpenTable;
-pub use keys::{protocol_number, raw_endpoint, scheduler_code, service_key};
+pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
 pub use plan::Admission;
 pub use read::{FlowTable, NeighbourRequests};

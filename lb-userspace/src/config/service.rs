@@ -55,9 +55,23 @@ pub enum Scheduler {
 }
 
 impl Scheduler {
+    /// The data plane's code for this scheduler (`ServiceConf::scheduler`).
+    pub fn code(self) -> u32 {
+        use lb_common::{SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP};
+        match self {
+            Scheduler::FlowHash => SCHED_HASH,
+            Scheduler::Maglev => SCHED_MAGLEV,
+            Scheduler::SourceIp => SCHED_SOURCE_IP,
+            Scheduler::RoundRobin | Scheduler::WeightedRoundRobin | Scheduler::LeastConnections => {
+                SCHED_COUNTER
+            }
+        }
+    }
+
     /// Does this scheduler use a Maglev table (and `maglev-table-size`)?
+    /// The data plane's rule, decided once (`lb_common::uses_maglev`).
     pub fn uses_maglev(self) -> bool {
-        matches!(self, Scheduler::Maglev | Scheduler::SourceIp)
+        lb_common::uses_maglev(self.code())
     }
 
     /// Do backend weights other than 0 and 1 mean something here?

@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, BackendHop, Counters, Endpoint, Flow, FlowConf, FlowCounts,
-    FlowKey, MAX_BACKENDS, MaglevTable, Ring, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf,
-    ServiceKey, ring,
+    FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, ring, uses_maglev,
 };
 
 use super::{
@@ -119,7 +118,7 @@ impl Dataplane {
     ///    it (one store); a ring that needs a reused id gets it only in 6;
     /// 4. backends that are gone: DROP_FLOWS, so their pinned flows drop;
     /// 5. reused ids: flows still pinned to the backend they named before
-    ///    are deleted from `CONNTRACK`/`REVERSE_NAT`, and their counters
+    ///    are deleted from `CONNTRACK`/`HALF_OPEN`, and their counters
     ///    zeroed, before the new backend goes into the slot;
     /// 6. rings that waited for a reused id switch to their final contents;
     /// 7. `SERVICES` and `VIPS` match the new services, `NAT_BACKENDS` the
@@ -431,9 +430,6 @@ impl Dataplane {
     }
 }
 
-fn uses_maglev(scheduler: u32) -> bool {
-    matches!(scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP)
-}
 
 /// A half-open table seed: random, never 0 (0 means "no seed yet").
 fn random_seed() -> u32 {

@@ -3,9 +3,9 @@
 
 use std::net::SocketAddrV4;
 
-use lb_common::{SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceKey};
+use lb_common::ServiceKey;
 
-use crate::config::{self, Protocol, Scheduler};
+use crate::config::{self, Protocol};
 
 /// Address and port as raw network-order values, as the maps hold them.
 pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
@@ -31,14 +31,3 @@ pub fn service_key(svc: &config::Service) -> ServiceKey {
     }
 }
 
-/// The data plane's code for a scheduler (`ServiceConf::scheduler`).
-pub fn scheduler_code(s: Scheduler) -> u32 {
-    match s {
-        Scheduler::FlowHash => SCHED_HASH,
-        Scheduler::Maglev => SCHED_MAGLEV,
-        Scheduler::SourceIp => SCHED_SOURCE_IP,
-        Scheduler::RoundRobin | Scheduler::WeightedRoundRobin | Scheduler::LeastConnections => {
-            SCHED_COUNTER
-        }
-    }
-}

@@ -27,7 +27,7 @@ use lb_common::{
     ring,
 };
 
-use super::keys::{raw_endpoint, scheduler_code, service_key};
+use super::keys::{raw_endpoint, service_key};
 use crate::config::{self, Config, Forwarding, Scheduler};
 
 /// A backend's identity: (service id, address, port), raw network order.
@@ -341,7 +341,7 @@ pub fn plan(
                 Forwarding::Nat => MODE_NAT,
                 Forwarding::Dsr => MODE_DSR,
             },
-            scheduler: scheduler_code(svc.scheduler),
+            scheduler: svc.scheduler.code(),
             half,
             ring,
             maglev,

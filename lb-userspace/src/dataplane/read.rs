@@ -10,7 +10,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
 use lb_common::{
     Backend, Counters, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable,
-    Ring, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
+    Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     flow::{REPLY, is_expired},
 };
 
@@ -132,7 +132,7 @@ impl Dataplane {
                     .get(&Ring::slot(id, conf.active_ring), 0)
                     .map_err(err(MapName::RINGS))?;
                 let len = (ring.len as usize).min(ring.ids.len());
-                let maglev = if matches!(conf.scheduler, SCHED_MAGLEV | SCHED_SOURCE_IP) {
+                let maglev = if lb_common::uses_maglev(conf.scheduler) {
                     let tables: HashMap<&MapData, u32, MaglevTable> =
                         HashMap::try_from(map(MapName::MAGLEV)?).map_err(err(MapName::MAGLEV))?;
                     match found(

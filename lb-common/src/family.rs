@@ -1,0 +1,323 @@
+//! Address families as types: what the packet path needs to know of one
+//! (its addresses, IP header, flow and service keys, and the rewrites of
+//! its header), so the path is written once, generic over the family, and
+//! each family is an instance with its own keys and its own hot maps.
+//!
+//! [`V4`] is the one instance today. IPv6 becomes a second one (16-byte
+//! addresses in its own keys and maps, a 40-byte header without a checksum)
+//! instead of an `if v6` in every function, and IPv4's keys stay as short
+//! as they are: an IPv4 flow never hashes or compares 16-byte addresses.
+
+use crate::{
+    headers::{ETH_P_IPV4_RAW, Ipv4Hdr, L4Ports},
+    icmp,
+    maps::{FlowKey, ServiceKey},
+    rewrite,
+};
+
+/// An address family of the packet path.
+pub trait Family {
+    /// An address as the packet carries it (network order).
+    type Addr: Copy + PartialEq;
+    /// The fixed IP header (IPv4 without options).
+    type IpHdr: IpHeader<Addr = Self::Addr>;
+    /// A flow's key in the flow tables: its tuple as a packet arrives.
+    type FlowKey: FlowTuple<Addr = Self::Addr>;
+    /// A service's key: (VIP, port, protocol).
+    type ServiceKey: Copy;
+
+    /// The EtherType of the family's frames, raw network order.
+    const ETHER_TYPE_RAW: u16;
+    /// The family's `AF_*` number (`bpf_fib_lookup`'s `family`).
+    const AF: u8;
+
+    /// The key of a packet with these IP and TCP/UDP port headers, as it
+    /// arrives.
+    fn flow_key(ip: &Self::IpHdr, ports: &L4Ports) -> Self::FlowKey;
+    /// The key of the service a flow's first packet is addressed to.
+    fn service_key(key: &Self::FlowKey) -> Self::ServiceKey;
+    /// NAT to a backend: the destination address and port become `addr`,
+    /// `port`, every checksum updated.
+    fn rewrite_destination(
+        ip: &mut Self::IpHdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: Self::Addr,
+        port: u16,
+    );
+    /// Reverse NAT: the source address and port become `addr`, `port`.
+    fn rewrite_source(
+        ip: &mut Self::IpHdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: Self::Addr,
+        port: u16,
+    );
+    /// Decrements the TTL (hop limit) as a router does; false, and nothing
+    /// changed, when the packet must not be forwarded.
+    fn decrement_ttl(ip: &mut Self::IpHdr) -> bool;
+    /// A client's ICMP error about a NAT flow's packet, to the flow's
+    /// backend (`addr`:`port`): the outer destination and the quoted
+    /// source become the backend's, the checksums follow (the quoted L4
+    /// checksum is left, see `icmp`).
+    fn error_to_backend(
+        ip: &mut Self::IpHdr,
+        icmp_check: &mut u16,
+        quoted: &mut Self::IpHdr,
+        quoted_ports: &mut L4Ports,
+        addr: Self::Addr,
+        port: u16,
+    );
+    /// A backend's (or a router's behind it) ICMP error about a NAT reply,
+    /// to the client: the quoted destination becomes the VIP's `vip`:`vport`,
+    /// and the outer source too if the backend itself sent it.
+    fn error_to_client(
+        ip: &mut Self::IpHdr,
+        icmp_check: &mut u16,
+        quoted: &mut Self::IpHdr,
+        quoted_ports: &mut L4Ports,
+        vip: Self::Addr,
+        vport: u16,
+    );
+}
+
+/// What the path reads of a family's fixed IP header.
+pub trait IpHeader {
+    type Addr: Copy + PartialEq;
+    /// Byte length of the fixed header.
+    const LEN: usize;
+    fn source(&self) -> Self::Addr;
+    fn destination(&self) -> Self::Addr;
+    /// TTL (IPv4) or hop limit (IPv6).
+    fn ttl(&self) -> u8;
+    /// The transport protocol (IPv4) or next header.
+    fn protocol(&self) -> u8;
+    /// Type of service (IPv4) or traffic class.
+    fn tos(&self) -> u8;
+    /// The IP packet's length in bytes, host order.
+    fn packet_len(&self) -> u16;
+    /// May a router fragment it? (IPv6: never, as if DF were set.)
+    fn dont_fragment(&self) -> bool;
+}
+
+/// What the path reads of a family's flow key.
+pub trait FlowTuple: Copy {
+    type Addr: Copy + PartialEq;
+    fn source(&self) -> Self::Addr;
+    fn destination(&self) -> Self::Addr;
+    /// Ports raw network order, as in the packet.
+    fn source_port(&self) -> u16;
+    fn destination_port(&self) -> u16;
+    fn protocol(&self) -> u8;
+}
+
+/// IPv4: 4-byte addresses, `Ipv4Hdr`, the 16-byte [`FlowKey`], the 8-byte
+/// [`ServiceKey`].
+pub struct V4;
+
+impl Family for V4 {
+    type Addr = u32;
+    type IpHdr = Ipv4Hdr;
+    type FlowKey = FlowKey;
+    type ServiceKey = ServiceKey;
+
+    const ETHER_TYPE_RAW: u16 = ETH_P_IPV4_RAW;
+    const AF: u8 = 2;
+
+    #[inline(always)]
+    fn flow_key(ip: &Ipv4Hdr, ports: &L4Ports) -> FlowKey {
+        FlowKey::of(ip, ports)
+    }
+
+    #[inline(always)]
+    fn service_key(key: &FlowKey) -> ServiceKey {
+        ServiceKey {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn rewrite_destination(
+        ip: &mut Ipv4Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: u32,
+        port: u16,
+    ) {
+        rewrite::rewrite_destination(ip, ports, check, addr, port);
+    }
+
+    #[inline(always)]
+    fn rewrite_source(
+        ip: &mut Ipv4Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: u32,
+        port: u16,
+    ) {
+        rewrite::rewrite_source(ip, ports, check, addr, port);
+    }
+
+    #[inline(always)]
+    fn decrement_ttl(ip: &mut Ipv4Hdr) -> bool {
+        rewrite::decrement_ttl(ip)
+    }
+
+    #[inline(always)]
+    fn error_to_backend(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        addr: u32,
+        port: u16,
+    ) {
+        icmp::set_destination(ip, addr);
+        icmp::rewrite_quoted_source(icmp_check, quoted, quoted_ports, addr, port);
+    }
+
+    #[inline(always)]
+    fn error_to_client(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        vip: u32,
+        vport: u16,
+    ) {
+        // From the backend itself: the client knows it as the VIP. A
+        // router's error keeps its own source.
+        if ip.saddr == quoted.daddr {
+            icmp::set_source(ip, vip);
+        }
+        icmp::rewrite_quoted_destination(icmp_check, quoted, quoted_ports, vip, vport);
+    }
+}
+
+impl IpHeader for Ipv4Hdr {
+    type Addr = u32;
+    const LEN: usize = Ipv4Hdr::LEN;
+
+    #[inline(always)]
+    fn source(&self) -> u32 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> u32 {
+        self.daddr
+    }
+
+    #[inline(always)]
+    fn ttl(&self) -> u8 {
+        self.ttl
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+
+    #[inline(always)]
+    fn tos(&self) -> u8 {
+        self.tos
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> u16 {
+        u16::from_be(self.tot_len)
+    }
+
+    #[inline(always)]
+    fn dont_fragment(&self) -> bool {
+        Ipv4Hdr::dont_fragment(self)
+    }
+}
+
+impl FlowTuple for FlowKey {
+    type Addr = u32;
+
+    #[inline(always)]
+    fn source(&self) -> u32 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> u32 {
+        self.daddr
+    }
+
+    #[inline(always)]
+    fn source_port(&self) -> u16 {
+        self.sport
+    }
+
+    #[inline(always)]
+    fn destination_port(&self) -> u16 {
+        self.dport
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+}
+
+// IPv4's layouts stay byte for byte what they were before the family seam:
+// the keys of the hot maps and the header the path reads.
+const _: () = assert!(core::mem::size_of::<<V4 as Family>::FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<<V4 as Family>::ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<<V4 as Family>::IpHdr>() == 20);
+const _: () = assert!(core::mem::size_of::<<V4 as Family>::Addr>() == 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_keys_are_the_packets_tuple() {
+        let ip = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0x10,
+            tot_len: 60u16.to_be(),
+            id: 0,
+            frag_off: crate::headers::IP_DF.to_be(),
+            ttl: 64,
+            protocol: crate::headers::IPPROTO_TCP,
+            check: 0,
+            saddr: 0x0200_12c6,
+            daddr: 0x0a00_12c6,
+        };
+        let ports = L4Ports {
+            source: 40000u16.to_be(),
+            dest: 80u16.to_be(),
+        };
+        let key = V4::flow_key(&ip, &ports);
+        assert_eq!(
+            (
+                key.source(),
+                key.destination(),
+                key.source_port(),
+                key.destination_port(),
+                key.protocol()
+            ),
+            (ip.saddr, ip.daddr, ports.source, ports.dest, ip.protocol)
+        );
+        assert_eq!(
+            V4::service_key(&key),
+            ServiceKey {
+                vip: ip.daddr,
+                port: ports.dest,
+                protocol: ip.protocol,
+                _pad: 0
+            }
+        );
+        assert_eq!(
+            (ip.packet_len(), IpHeader::dont_fragment(&ip), ip.tos()),
+            (60, true, 0x10)
+        );
+    }
+}

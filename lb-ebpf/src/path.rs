@@ -1,0 +1,390 @@
+//! The packet path, top to bottom, numbered as in docs/architecture.md:
+//! each step a function, each stage (parse, flow tables, firewall,
+//! schedule, transmit) in a module of its own below it. Written once over
+//! the address family ([`PathFamily`]); `main.rs` picks the family by
+//! EtherType.
+//!
+//! 1. parse Ethernet → IP → TCP/UDP; a later fragment or an ICMP error
+//!    that belongs to a flow is handed back by its stage (`frag`, `icmp`)
+//!    and follows that flow (steps 5 and 6); a packet that fails the VIP
+//!    rules (options, an unplaceable fragment, truncation) gets its
+//!    verdict if it is addressed to a VIP, and is passed untouched
+//!    otherwise;
+//! 2. flow tables (`flows.rs`): an established flow is one lookup in
+//!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
+//!    timeout is a miss. FIN/RST within the sender's sequence window moves a
+//!    flow to closing (a blind RST is dropped); the client's packet that
+//!    completes the handshake promotes a half-open flow (NAT: the ACK of the
+//!    backend's SYN-ACK; DSR: a segment past the handshake's ACK; UDP: the
+//!    second packet); a SYN on a closing flow, or on one pinned to a backend
+//!    that left the ring (a reused source port), ends it and is a new flow;
+//! 3. reverse NAT: a backend's reply (the flow's reply entry) becomes
+//!    VIP → client; a NAT backend's packet without a flow is dropped;
+//! 4. new flow: not for a VIP: XDP_PASS untouched; for a VIP: the
+//!    firewall's global scope (deny, allow, rate limit), service lookup
+//!    (VIP, port, protocol), a TCP packet without SYN only for a hash
+//!    scheduler (hash-on-miss, else `drop_no_flow`), the service's firewall
+//!    scope, schedule, then a half-open entry — or, over the CPU's new-flow
+//!    budget on a DSR hash service, no entry. Established flows never reach
+//!    the firewall;
+//! 5. admission of the pinned flow (`admit`), for its packets, fragments
+//!    and ICMP errors alike: its service still exists, its backend does not
+//!    drop its flows;
+//! 6. transmit (`transmit.rs`, the one place a mode is decided): NAT
+//!    rewrites addresses, ports, TTL, checksums; DSR the MACs only; next
+//!    hop cached in the flow with its MTU, else `bpf_fib_lookup`; XDP_TX or
+//!    redirect; too big for it: "fragmentation needed" (DF set) or the
+//!    kernel fragments it (DF clear);
+//! 7. counters (`main.rs` counts the verdict; here, service and backend).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_DSR, ServiceConf, Verdict,
+    family::FlowTuple,
+    flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
+    hashes_flow,
+    headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, opens_connection},
+};
+
+use crate::{
+    BACKEND_STATS, SERVICE_CONF, SERVICE_STATS,
+    family::PathFamily,
+    fib::routed_on,
+    flows::{self, Table},
+    hops,
+    parse::{Found, Fragment, Packet, PortLess, Quote, Segment, flow_key, tcp_segment},
+    transmit,
+    verdict::{Outcome, count, drop, pass},
+};
+
+/// Balances one frame of family `F` (its EtherType already checked).
+#[inline(always)]
+pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+    let Some(ip) = F::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    // Later fragments and ICMP errors carry no ports of their own: they
+    // follow the flow of their first fragment or of the packet they quote
+    // (one compare each on the fast path).
+    match F::port_less(ip) {
+        PortLess::LaterFragment => {
+            if let Some(found) = F::later_fragment(ctx, eth, ip) {
+                return follow_fragment(ctx, found);
+            }
+        }
+        PortLess::Icmp => {
+            if let Some(found) = F::error_of_flow(ctx, eth, ip) {
+                return follow_error(ctx, found);
+            }
+        }
+        PortLess::No => {}
+    }
+    let pkt = match F::parse_l4(ctx, eth, ip) {
+        Ok(pkt) => pkt,
+        // Only traffic to a VIP gets the VIP rules' verdict; anything
+        // else the kernel handles as if we were not here.
+        Err(outcome) if is_vip::<F>(ip) => return outcome,
+        Err(_) => return pass(Verdict::PassNotOurs),
+    };
+    let key = flow_key(&pkt);
+    let seg = tcp_segment::<F>(ctx, &key);
+    let now = flows::now();
+    // Established flows first: one lookup on the hot path. Both directions
+    // of a flow are keyed as they arrive, so replies hit here too.
+    if let Some(entry) = F::established(&key, now) {
+        // SAFETY: a CONNTRACK value (see `flows::established`).
+        let flow = unsafe { &mut *entry };
+        if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
+            return outcome;
+        }
+    }
+    let to_vip = is_vip::<F>(ip);
+    if let Some((mut flow, slot)) = F::half_open(&key, now, to_vip) {
+        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
+            return outcome;
+        }
+    }
+    if to_vip {
+        return new_flow(ctx, &pkt, &key, seg.flags, now);
+    }
+    if F::from_nat_backend(&key) && routed_on::<F>(ctx, ip) {
+        // A NAT backend's segment that no flow translates would leave with
+        // the backend's own address (a late retransmission, a SYN-ACK to a
+        // spoofed SYN whose slot was taken).
+        return drop(Verdict::DropBackendNoFlow);
+    }
+    pass(Verdict::PassNotOurs)
+}
+
+/// Is the packet addressed to one of our VIPs?
+#[inline(always)]
+fn is_vip<F: PathFamily>(ip: *const F::IpHdr) -> bool {
+    use lb_common::family::IpHeader;
+    // SAFETY: the caller bounds-checked the fixed IP header.
+    F::is_vip(unsafe { (*ip).destination() })
+}
+
+/// A packet of an established flow: replies are turned back into the VIP's,
+/// FIN/RST start closing. `None`: a SYN ended the flow; it is a new one.
+#[inline(always)]
+fn established<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    flow: &mut Flow,
+    seg: &Segment,
+    now: u32,
+) -> Option<Outcome> {
+    if key.protocol() == IPPROTO_TCP {
+        if closes(seg.flags) {
+            // Only the sender's own FIN/RST is near its sequence; a blind
+            // spoofer's RST is dropped, and its FIN (which the endpoint
+            // discards too) does not close the flow.
+            if in_window(seg.seq, flow.seq) {
+                F::close(key, flow);
+            } else if seg.flags & TCP_FLAG_RST != 0 {
+                return Some(drop(Verdict::DropRstOutOfWindow));
+            }
+        } else if advances(seg.seq, flow.seq) {
+            flow.seq = seg.seq;
+        }
+    }
+    if flow.direction == REPLY {
+        return Some(transmit::reverse_nat(ctx, pkt, key, flow));
+    }
+    // Only a TCP SYN pays for this branch; established packets go on.
+    if opens_connection(seg.flags) && F::restarted_by_syn(Table::Established, key, flow) {
+        return None;
+    }
+    Some(forward(ctx, pkt, key, flow, Table::Established, now))
+}
+
+/// A packet of a half-open flow (`flow` is its entry's copy): the backend's
+/// answer (NAT) is recorded and goes back to the client; the client's
+/// packet that completes the handshake (`flow::completes`) promotes the
+/// flow. A NAT client's segment that claims to complete a handshake the
+/// backend did not answer is dropped.
+#[inline(always)]
+fn half_open<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    flow: &mut Flow,
+    slot: F::Slot,
+    seg: &Segment,
+    now: u32,
+) -> Option<Outcome> {
+    if flow.direction == REPLY {
+        if key.protocol() == IPPROTO_TCP {
+            F::answered(slot, key, flow, seg.flags, seg.seq);
+        }
+        return Some(transmit::reverse_nat(ctx, pkt, key, flow));
+    }
+    if opens_connection(seg.flags) && F::restarted_by_syn(Table::HalfOpen, key, flow) {
+        return None;
+    }
+    let tcp = key.protocol() == IPPROTO_TCP;
+    let confirm = confirms(flow, tcp, flow.vip != 0, seg.flags, seg.seq, seg.ack);
+    if confirm == Confirm::Refused {
+        return Some(drop(Verdict::DropBadHandshake));
+    }
+    let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
+    let delivered = matches!(
+        outcome.reason,
+        Verdict::Forwarded | Verdict::PassKernelForward
+    );
+    match confirm {
+        Confirm::Promote if delivered => F::promote(key, flow, seg.seq, seg.ack, now),
+        Confirm::Record { state, seq } if delivered => F::record(slot, key, state, seq),
+        _ => {}
+    }
+    Some(outcome)
+}
+
+/// A packet to a VIP without a flow yet: find its service, schedule a
+/// backend, enter the flow in `HALF_OPEN`, forward.
+#[inline(always)]
+fn new_flow<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    flags: u8,
+    now: u32,
+) -> Outcome {
+    // The global firewall scope first: before the service lookup, so a
+    // denied source gets nothing from any VIP port.
+    if let Err(outcome) = F::firewall(FW_GLOBAL, key.source()) {
+        return outcome;
+    }
+    let Some(service_id) = F::service(&F::service_key(key)) else {
+        return pass(Verdict::PassNoService);
+    };
+    let Some(conf) = SERVICE_CONF.get(service_id) else {
+        return pass(Verdict::PassNoService);
+    };
+    if conf.enabled == 0 {
+        return pass(Verdict::PassNoService);
+    }
+    // TCP without SYN on a miss: an evicted or expired flow, one that began
+    // at another load balancer, or a spoofed segment. Only a hash scheduler
+    // can find its backend again; for the others it belongs to nothing.
+    let hashed = hashes_flow(conf.scheduler);
+    if key.protocol() == IPPROTO_TCP && !opens_connection(flags) && !hashed {
+        return drop(Verdict::DropNoFlow);
+    }
+    if let Err(outcome) = F::firewall(service_id, key.source()) {
+        return outcome;
+    }
+    let backend_id = match F::schedule(key, service_id, conf) {
+        Ok(id) => id,
+        Err(outcome) => return outcome,
+    };
+    let dsr = conf.mode == MODE_DSR;
+    // Over the budget, a flow the hash table finds again needs no entry: a
+    // flood degrades to stateless forwarding instead of churning the table.
+    // Other services cannot go without (NAT replies, round-robin choice):
+    // they insert anyway, into the half-open table only.
+    if !flows::within_budget(now) && dsr && hashed {
+        let mut flow = Flow {
+            backend_id,
+            service_id,
+            ..Flow::default()
+        };
+        let outcome = forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now);
+        if outcome.reason == Verdict::Forwarded {
+            return Outcome {
+                action: outcome.action,
+                reason: Verdict::ForwardedStateless,
+            };
+        }
+        return outcome;
+    }
+    let state = if key.protocol() == IPPROTO_TCP && !opens_connection(flags) {
+        STATE_PICKED_UP
+    } else {
+        STATE_NEW
+    };
+    let mut flow = F::create(key, service_id, backend_id, !dsr, state, now);
+    forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
+}
+
+/// Step 5: may a packet of this pinned flow go on? Its service must still
+/// exist; a backend that drops its flows (disabled, removed, down with
+/// "drop flows") has the flow removed and the packet dropped.
+#[inline(always)]
+fn admit<F: PathFamily>(
+    key: &F::FlowKey,
+    flow: &Flow,
+    table: Table,
+) -> Result<(&'static ServiceConf, &'static Backend), Outcome> {
+    let Some(conf) = SERVICE_CONF.get(flow.service_id) else {
+        return Err(pass(Verdict::PassNoService));
+    };
+    if conf.enabled == 0 {
+        // The service was removed: its flows go with it.
+        return Err(pass(Verdict::PassNoService));
+    }
+    let Some(backend) = F::backend(flow.backend_id) else {
+        return Err(drop(Verdict::DropNoBackend));
+    };
+    if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
+        F::remove_flow(table, key, flow);
+        return Err(drop(Verdict::DropBackendGone));
+    }
+    Ok((conf, backend))
+}
+
+/// Steps 5 and 6 for a packet of a pinned flow: admitted, sent to its
+/// backend in its service's mode, counted. The flow is a `CONNTRACK` value
+/// (removed under us at worst: stale, never a fault) or a copy.
+#[inline(always)]
+fn forward<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    flow: &mut Flow,
+    table: Table,
+    now: u32,
+) -> Outcome {
+    let (conf, backend) = match admit::<F>(key, flow, table) {
+        Ok(admitted) => admitted,
+        Err(outcome) => return outcome,
+    };
+    F::remember_fragment(pkt.ip, key);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (service_id, backend_id) = (flow.service_id, flow.backend_id);
+    // A new flow's first packet: the backend's shared hop if it is fresh.
+    let resolving =
+        flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, now, &mut flow.next_hop);
+    let outcome = transmit::to_backend(ctx, pkt, conf, backend, &mut flow.next_hop);
+    if resolving && flow.next_hop.ifindex != 0 {
+        hops::share(backend_id, now, &flow.next_hop);
+    }
+    if outcome.reason == Verdict::Forwarded {
+        count(&SERVICE_STATS, service_id, 1, bytes);
+        count(&BACKEND_STATS, backend_id, 1, bytes);
+    }
+    outcome
+}
+
+/// A later fragment whose flow `frag` found (step 1): it follows the flow
+/// as its packets do, admitted and counted, with the flow's rewrite on its
+/// IP header only. It never creates, promotes or closes a flow.
+#[inline(always)]
+fn follow_fragment<F: PathFamily>(ctx: &XdpContext, found: Found<F, Fragment>) -> Outcome {
+    let Found {
+        eth,
+        ip,
+        key,
+        mut flow,
+        table,
+        now,
+        l4,
+    } = found;
+    // No L4 header in this frame: the flow's port and L4 checksum rewrite
+    // lands in these two scratch words and goes nowhere.
+    let mut scratch_ports = l4.ports;
+    let mut scratch_check = 0u16;
+    let pkt = Packet::<F> {
+        eth,
+        ip,
+        ports: &mut scratch_ports,
+        l4_check: &mut scratch_check,
+    };
+    if flow.direction == REPLY {
+        transmit::reverse_nat(ctx, &pkt, &key, &mut flow)
+    } else {
+        forward(ctx, &pkt, &key, &mut flow, table, now)
+    }
+}
+
+/// An ICMP error quoting a packet of a flow `icmp` found (step 1): to the
+/// flow's other end, translated; an error to a backend passes the flow's
+/// admission as its packets do (a disabled backend's flows get nothing).
+#[inline(always)]
+fn follow_error<F: PathFamily>(ctx: &XdpContext, found: Found<F, Quote<F>>) -> Outcome {
+    let Found {
+        eth,
+        ip,
+        key,
+        mut flow,
+        table,
+        l4,
+        ..
+    } = found;
+    let pkt = Packet::<F> {
+        eth,
+        ip,
+        ports: l4.ports,
+        l4_check: l4.icmp_check,
+    };
+    if flow.direction == REPLY {
+        return transmit::error_to_client(ctx, &pkt, l4.quoted, &mut flow);
+    }
+    match admit::<F>(&key, &flow, table) {
+        Ok((conf, backend)) => {
+            transmit::error_to_backend(ctx, &pkt, l4.quoted, conf, backend, &mut flow)
+        }
+        Err(outcome) => outcome,
+    }
+}

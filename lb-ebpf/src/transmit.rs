@@ -1,0 +1,281 @@
+//! Transmit (step 6): the one place a forwarding mode is decided. A
+//! packet (or an ICMP error) of an admitted flow is rewritten for its mode
+//! — NAT (addresses, ports, TTL, checksums), DSR (MACs only), reverse NAT
+//! (a backend's reply becomes the VIP's) — given its next hop and sent
+//! (XDP_TX or redirect), or handed to the kernel with the reason. A new
+//! mode (a tunnel) is a new [`Mode`]: every `match` on it below must then
+//! say how that mode carries a packet and an ICMP error.
+
+use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs::XdpContext};
+use lb_common::{
+    Backend, Flow, MODE_DSR, NextHop, ServiceConf, Verdict,
+    family::{FlowTuple, IpHeader},
+};
+
+use crate::{
+    BACKEND_STATS, SERVICE_STATS,
+    family::PathFamily,
+    fib::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, next_hop},
+    mem::copy_mac,
+    parse::Packet,
+    verdict::{Outcome, count, drop, pass},
+};
+
+/// How a service's packets reach its backends.
+enum Mode {
+    /// The backend's address and port replace the VIP's; replies come back
+    /// through the LB (reverse NAT).
+    Nat,
+    /// Layer-2 direct server return: only the MACs change; the backend
+    /// answers the client itself.
+    Dsr,
+}
+
+#[inline(always)]
+fn mode(conf: &ServiceConf) -> Mode {
+    if conf.mode == MODE_DSR {
+        Mode::Dsr
+    } else {
+        Mode::Nat
+    }
+}
+
+/// A packet of an admitted flow to its backend, in its service's mode.
+#[inline(always)]
+pub(crate) fn to_backend<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    conf: &ServiceConf,
+    backend: &Backend,
+    cache: &mut NextHop,
+) -> Outcome {
+    match mode(conf) {
+        Mode::Nat => nat(ctx, pkt, backend, cache),
+        Mode::Dsr => dsr(ctx, pkt, backend, cache),
+    }
+}
+
+/// NAT forward: DNAT to the backend, TTL as a router, next hop by FIB.
+#[inline(always)]
+fn nat<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    backend: &Backend,
+    cache: &mut NextHop,
+) -> Outcome {
+    // SAFETY: pointers bounds-checked by `parse_l4`; nothing else aliases them.
+    let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
+    if ip.ttl() <= 1 {
+        // Addressed to the VIP, which is local to the LB: the kernel answers
+        // (e.g. traceroute's last hop) instead of forwarding with TTL 0.
+        return pass(Verdict::PassKernelForward);
+    }
+    let (vip, vport) = (ip.destination(), ports.dest);
+    let addr = F::backend_addr(backend);
+    let rc = next_hop::<F>(ctx, ip, ip.source(), addr, cache);
+    if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
+        return F::too_big(ctx, cache.mtu);
+    }
+    F::rewrite_destination(ip, ports, check, addr, backend.port);
+    match rc {
+        FIB_SUCCESS => {
+            F::decrement_ttl(ip);
+            send(ctx, pkt, cache, Verdict::Forwarded)
+        }
+        // Rewritten but unresolved: the kernel forwards it (decrementing TTL
+        // itself) and resolves the neighbour for the next packets.
+        FIB_NO_NEIGH => pass(Verdict::PassKernelForward),
+        // Too big, DF clear: the kernel forwards it in fragments.
+        FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
+        _ => {
+            // No route (or forwarding off): the kernel gets the packet
+            // exactly as it arrived and decides.
+            F::rewrite_destination(ip, ports, check, vip, vport);
+            pass(Verdict::PassKernelForward)
+        }
+    }
+}
+
+/// L2 DSR: the IP packet is left as it is; only the MACs change.
+#[inline(always)]
+fn dsr<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    backend: &Backend,
+    cache: &mut NextHop,
+) -> Outcome {
+    // SAFETY: bounds-checked by `parse_l4`.
+    let ip = unsafe { &*pkt.ip };
+    let rc = next_hop::<F>(ctx, ip, ip.source(), F::backend_addr(backend), cache);
+    if rc == FIB_FRAG_NEEDED {
+        if ip.dont_fragment() {
+            return F::too_big(ctx, cache.mtu);
+        }
+        // The kernel gets it as it arrived: it cannot forward a packet to
+        // the VIP in fragments to a backend (docs/architecture.md).
+        return pass(Verdict::PassTooBig);
+    }
+    if rc != FIB_SUCCESS {
+        // No MAC for the backend yet: the agent primes neighbour entries;
+        // meanwhile the kernel gets the packet unchanged.
+        return pass(Verdict::PassKernelForward);
+    }
+    send(ctx, pkt, cache, Verdict::Forwarded)
+}
+
+/// Step 3: a backend's reply to a NAT flow becomes VIP → client.
+#[inline(always)]
+pub(crate) fn reverse_nat<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    restore: &mut Flow,
+) -> Outcome {
+    // SAFETY: bounds-checked by `parse_l4`.
+    let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
+    if ip.ttl() <= 1 {
+        return pass(Verdict::PassKernelForward);
+    }
+    F::remember_fragment(pkt.ip, key);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (vip, vport) = (F::reply_vip(restore), restore.vport);
+    let rc = next_hop::<F>(ctx, ip, vip, ip.destination(), &mut restore.next_hop);
+    if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
+        // To the backend, quoting the reply as it sent it.
+        return F::too_big(ctx, restore.next_hop.mtu);
+    }
+    F::rewrite_source(ip, ports, check, vip, vport);
+    match rc {
+        FIB_SUCCESS => {
+            F::decrement_ttl(ip);
+            count(&SERVICE_STATS, restore.service_id, 1, bytes);
+            count(&BACKEND_STATS, restore.backend_id, 1, bytes);
+            send(ctx, pkt, &restore.next_hop, Verdict::ForwardedReply)
+        }
+        // The LB's kernel would drop it (the VIP, its own address, as the
+        // source) and never resolve the client: dropped here, the next hop
+        // reported (`next_hop`) for the agent to resolve.
+        FIB_NO_NEIGH => drop(Verdict::DropNoNeighbour),
+        FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
+        _ => {
+            F::rewrite_source(ip, ports, check, key.source(), key.source_port());
+            pass(Verdict::PassKernelForward)
+        }
+    }
+}
+
+/// A client's ICMP error about a packet of an admitted flow, to the flow's
+/// backend: NAT translates it as the backend knows the flow, DSR only
+/// changes the MACs. Anything that keeps it from leaving at once (no next
+/// hop yet, TTL) hands it to the kernel untouched.
+#[inline(always)]
+pub(crate) fn error_to_backend<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    quoted: *mut F::IpHdr,
+    conf: &ServiceConf,
+    backend: &Backend,
+    flow: &mut Flow,
+) -> Outcome {
+    // SAFETY: bounds-checked by `icmp::error_of_flow`; nothing else
+    // aliases them.
+    let (ip, check, q, ports) = unsafe {
+        (
+            &mut *pkt.ip,
+            &mut *pkt.l4_check,
+            &mut *quoted,
+            &mut *pkt.ports,
+        )
+    };
+    if ip.ttl() <= 1 {
+        return pass(Verdict::PassKernelForward);
+    }
+    let addr = F::backend_addr(backend);
+    if next_hop::<F>(ctx, ip, ip.source(), addr, &mut flow.next_hop) != FIB_SUCCESS {
+        return pass(Verdict::PassKernelForward);
+    }
+    match mode(conf) {
+        Mode::Nat => {
+            F::error_to_backend(ip, check, q, ports, addr, backend.port);
+            F::decrement_ttl(ip);
+        }
+        Mode::Dsr => {}
+    }
+    deliver(ctx, pkt, flow.service_id, flow.backend_id, &flow.next_hop)
+}
+
+/// A backend's (or a router's behind it) ICMP error about a NAT flow's
+/// reply, to the client, as the VIP's.
+#[inline(always)]
+pub(crate) fn error_to_client<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    quoted: *mut F::IpHdr,
+    restore: &mut Flow,
+) -> Outcome {
+    // SAFETY: bounds-checked by `icmp::error_of_flow`; nothing else
+    // aliases them.
+    let (ip, check, q, ports) = unsafe {
+        (
+            &mut *pkt.ip,
+            &mut *pkt.l4_check,
+            &mut *quoted,
+            &mut *pkt.ports,
+        )
+    };
+    if ip.ttl() <= 1 {
+        return pass(Verdict::PassKernelForward);
+    }
+    let (vip, vport) = (F::reply_vip(restore), restore.vport);
+    if next_hop::<F>(ctx, ip, vip, ip.destination(), &mut restore.next_hop) != FIB_SUCCESS {
+        return pass(Verdict::PassKernelForward);
+    }
+    F::error_to_client(ip, check, q, ports, vip, vport);
+    F::decrement_ttl(ip);
+    deliver(
+        ctx,
+        pkt,
+        restore.service_id,
+        restore.backend_id,
+        &restore.next_hop,
+    )
+}
+
+/// Counts a translated error as its flow's traffic and sends it on.
+#[inline(always)]
+fn deliver<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    service_id: u32,
+    backend_id: u32,
+    next_hop: &NextHop,
+) -> Outcome {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count(&SERVICE_STATS, service_id, 1, bytes);
+    count(&BACKEND_STATS, backend_id, 1, bytes);
+    send(ctx, pkt, next_hop, Verdict::ForwardedIcmp)
+}
+
+/// Sets the next hop's MACs and sends the frame out of its interface.
+#[inline(always)]
+fn send<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    nh: &NextHop,
+    reason: Verdict,
+) -> Outcome {
+    // SAFETY: bounds-checked Ethernet header.
+    unsafe {
+        copy_mac(&raw mut (*pkt.eth).dst, &nh.dmac);
+        copy_mac(&raw mut (*pkt.eth).src, &nh.smac);
+    }
+    if nh.ifindex == ctx.ingress_ifindex() as u32 {
+        return Outcome {
+            action: xdp_action::XDP_TX,
+            reason,
+        };
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(nh.ifindex, 0) } as u32;
+    Outcome { action, reason }
+}
