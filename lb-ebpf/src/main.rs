@@ -43,7 +43,6 @@ mod verdict;
 
 use capture::capture;
 use trace::trace;
-// The bench programs' helpers (`bench.rs`).
 use mem::header;
 use verdict::count;
 
