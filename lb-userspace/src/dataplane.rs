@@ -4,6 +4,7 @@
 //! switched with one store, so no packet ever sees half a table.
 
 mod batch;
+mod clock;
 pub mod firewall;
 mod firewall_maps;
 mod half_open;
@@ -63,6 +64,8 @@ pub enum DataplaneError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("measuring the kernel's jiffies clock for the data plane: {0}")]
+    Clock(#[from] clock::ClockError),
     #[error("mapping HALF_OPEN into memory: {0}")]
     HalfOpen(std::io::Error),
     #[error("program {0} missing from the eBPF object")]
@@ -753,6 +756,8 @@ impl Dataplane {
             0 => random_seed(),
             seed => seed,
         };
+        let clock = clock::JiffyClock::get()?;
+        (conf.jiffy_ns, conf.clock_epoch_ns) = (clock.jiffy_ns, clock.epoch_ns);
         set(
             &mut self.array::<FlowConf>("FLOW_CONF")?,
             "FLOW_CONF",
@@ -919,6 +924,22 @@ fn check_pinned_tables(sizes: TableSizes, pin_dir: &Path) -> Result<()> {
             "present (replies in a table of their own)".into(),
             "none (a flow's reply entry lives next to it in CONNTRACK/HALF_OPEN)",
         ));
+    }
+    // FLOW_CONF carries the data plane's clock since it reads jiffies: the
+    // program reads past the end of an older, shorter value.
+    let conf = pin_dir.join("FLOW_CONF");
+    if conf.exists() {
+        let name = "FLOW_CONF";
+        let info =
+            MapInfo::from_pin(&conf).map_err(|source| DataplaneError::Map { name, source })?;
+        let (found, wanted) = (info.value_size() as usize, std::mem::size_of::<FlowConf>());
+        if found != wanted {
+            return Err(old_version(
+                name,
+                format!("{found}-byte settings"),
+                &format!("{wanted}-byte settings (with the jiffies clock)"),
+            ));
+        }
     }
     let tables = [
         (
