@@ -12,10 +12,11 @@
 
 use lb_common::{FlowKey, Verdict};
 use lb_tests::kernel_net::{
-    Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, lab_config, pinned_files, udp,
+    Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, expect_old_version_refused,
+    lab_config, pin_old_layout, udp,
 };
 use lb_userspace::{
-    dataplane::{Dataplane, DataplaneError, sweep::now_ticks},
+    dataplane::{Dataplane, sweep::now_ticks},
     harness::xdp::XDP_REDIRECT,
 };
 
@@ -76,11 +77,6 @@ fn flows_are_stamped_on_the_agents_clock() {
 /// to do, and leaves the pins as they were.
 #[test]
 fn a_flow_conf_pinned_before_the_jiffies_clock_is_refused_clearly() {
-    use aya::maps::MapData;
-    use aya_obj::{
-        EbpfSectionKind,
-        maps::{LegacyMap, Map, PinningType, bpf_map_def},
-    };
     let net = TestNet::new();
     let fs = Bpffs::new();
     let pins = fs.dir.join("lb");
@@ -89,54 +85,19 @@ fn a_flow_conf_pinned_before_the_jiffies_clock_is_refused_clearly() {
         let (first, adopted) = Dataplane::load_pinned(&cfg.dataplane, &pins).expect("load pinned");
         assert!(!adopted);
         drop(first);
-        let conf = pins.join("FLOW_CONF");
-        std::fs::remove_file(&conf).expect("unpin FLOW_CONF");
         // As the version before: timeouts, budget, half-open size and seed.
-        let old = Map::Legacy(LegacyMap {
-            def: bpf_map_def {
-                map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
-                key_size: 4,
-                value_size: 28,
-                max_entries: 1,
-                map_flags: 0,
-                id: 0,
-                pinning: PinningType::None,
-            },
-            inner_def: None,
-            section_index: 0,
-            section_kind: EbpfSectionKind::Maps,
-            symbol_index: None,
-            data: Vec::new(),
-        });
-        MapData::create(old, "FLOW_CONF", None)
-            .expect("create an old-layout FLOW_CONF")
-            .pin(&conf)
-            .expect("pin it");
-        let before = pinned_files(&pins);
-        let err = match Dataplane::load_pinned(&cfg.dataplane, &pins) {
-            Ok(_) => panic!("adopted a FLOW_CONF of another layout"),
-            Err(e) => e,
-        };
-        assert!(
-            matches!(
-                err,
-                DataplaneError::OldVersion {
-                    map: "FLOW_CONF",
-                    ..
-                }
-            ),
-            "{err:?}"
+        pin_old_layout(
+            &pins,
+            "FLOW_CONF",
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY,
+            4,
+            28,
         );
-        let message = err.to_string();
-        let dir = pins.display().to_string();
-        for part in [
-            "28-byte settings".to_string(),
-            "40-byte settings".to_string(),
-            format!("`lb teardown --pin-dir {dir}`"),
-        ] {
-            assert!(message.contains(&part), "{part:?} not in: {message}");
-        }
-        assert_eq!(pinned_files(&pins), before, "the refusal changed the pins");
-        Dataplane::teardown(&pins).expect("teardown");
+        expect_old_version_refused(
+            &cfg.dataplane,
+            &pins,
+            "FLOW_CONF",
+            &["28-byte settings", "40-byte settings"],
+        );
     });
 }
