@@ -64,9 +64,11 @@ pub const fn advances(seq: u32, last: u32) -> bool {
 pub const FORWARD: u8 = 0;
 pub const REPLY: u8 = 1;
 
-/// The clock is `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, coarse) shifted
-/// right by this: a tick is 2^30 ns, about 1.07 s. A shift, not a division,
-/// and a u32 of ticks lasts 146 years.
+/// The clock is CLOCK_MONOTONIC_COARSE shifted right by this: a tick is
+/// 2^30 ns, about 1.07 s. A shift, not a division, and a u32 of ticks lasts
+/// 146 years. The data plane reads it as [`clock_ns`] of the kernel's
+/// jiffies (`bpf_jiffies64`, which the verifier inlines into a load: no
+/// helper call per packet), the agent as the clock itself.
 pub const TICK_SHIFT: u32 = 30;
 /// Nanoseconds per tick.
 pub const TICK_NS: u64 = 1 << TICK_SHIFT;
@@ -95,6 +97,17 @@ pub const TIMEOUT_COUNT: usize = 4;
 #[inline(always)]
 pub const fn ticks(ns: u64) -> u32 {
     (ns >> TICK_SHIFT) as u32
+}
+
+/// The data plane's monotonic time from the kernel's `jiffies`: jiffies
+/// advance with CLOCK_MONOTONIC_COARSE (both are moved by the timer tick),
+/// so `jiffies × jiffy_ns − epoch_ns` is that clock to within a jiffy or
+/// two (the agent measures `jiffy_ns` and `epoch_ns`, `FlowConf`). A
+/// multiply and a subtract where `bpf_ktime_get_coarse_ns` was a helper
+/// call (~15 ns) on every packet.
+#[inline(always)]
+pub const fn clock_ns(jiffies: u64, jiffy_ns: u32, epoch_ns: u64) -> u64 {
+    jiffies.wrapping_mul(jiffy_ns as u64).wrapping_sub(epoch_ns)
 }
 
 /// A duration in whole ticks, rounded up so a timeout is never shorter than
@@ -149,11 +162,21 @@ pub const HALF_OPEN_WAYS: u32 = 2;
 /// slots are that index and the next `HALF_OPEN_WAYS - 1`, all `< slots`.
 #[inline(always)]
 pub const fn slot_index(client: u32, client_port: u16, protocol: u8, seed: u32, slots: u32) -> u32 {
-    bucket_index(client, client_port, protocol, seed, slots / HALF_OPEN_WAYS) * HALF_OPEN_WAYS
+    slot_of_hash(bucket_hash(client, client_port, protocol, seed), slots)
 }
 
+/// The first slot of the bucket a [`bucket_hash`] names in a table of
+/// `slots` slots.
 #[inline(always)]
-const fn bucket_index(client: u32, client_port: u16, protocol: u8, seed: u32, buckets: u32) -> u32 {
+pub const fn slot_of_hash(hash: u32, slots: u32) -> u32 {
+    let buckets = slots / HALF_OPEN_WAYS;
+    (((hash as u64 * buckets as u64) >> 32) as u32) * HALF_OPEN_WAYS
+}
+
+/// The seeded hash that places a flow's bucket ([`slot_index`]) and breaks
+/// its victim ties ([`tie_replaces`]).
+#[inline(always)]
+pub const fn bucket_hash(client: u32, client_port: u16, protocol: u8, seed: u32) -> u32 {
     let key = FlowKey {
         saddr: client,
         daddr: 0,
@@ -163,8 +186,19 @@ const fn bucket_index(client: u32, client_port: u16, protocol: u8, seed: u32, bu
         _pad0: 0,
         _pad1: 0,
     };
-    let h = crate::hash::seeded_flow_hash(&key, seed);
-    ((h as u64 * buckets as u64) >> 32) as u32
+    crate::hash::seeded_flow_hash(&key, seed)
+}
+
+/// A new flow whose [`bucket_hash`] is `hash` finds, at slot `way` of its
+/// bucket, the `ties`-th slot (counting this one) seen in the same tick as
+/// the oldest so far, which under a flood is all of them: does it take
+/// this one rather than the one chosen so far? Reservoir sampling with
+/// bits of the hash for the dice (a byte further per way): as
+/// unpredictable to a flooder as `bpf_get_prandom_u32`, since the hash is
+/// keyed by the table's secret seed, and no helper call.
+#[inline(always)]
+pub const fn tie_replaces(hash: u32, way: u32, ties: u32) -> bool {
+    ties != 0 && (hash.rotate_right(way * 8) & 0xffff).is_multiple_of(ties)
 }
 
 /// The tuple a NAT flow's replies arrive with: backend → client.
@@ -335,6 +369,66 @@ mod tests {
             slot_index(1, 3, IPPROTO_UDP, 9, 1 << 16),
             slot_index(1, 3, IPPROTO_TCP, 9, 1 << 16),
             "the protocol counts"
+        );
+    }
+
+    #[test]
+    fn the_jiffies_clock_is_monotonic_time_on_the_agents_epoch() {
+        // HZ = 250: 4 ms a jiffy; the kernel starts jiffies near 2^32.
+        let (jiffy_ns, jiffies) = (4_000_000u32, 4_294_971_945u64);
+        let coarse_ns = 362_637_914_117u64;
+        let epoch = jiffies * u64::from(jiffy_ns) - coarse_ns;
+        assert_eq!(clock_ns(jiffies, jiffy_ns, epoch), coarse_ns);
+        // 250 jiffies later, one second later.
+        assert_eq!(
+            clock_ns(jiffies + 250, jiffy_ns, epoch),
+            coarse_ns + 1_000_000_000
+        );
+        assert_eq!(
+            ticks(clock_ns(jiffies + 250, jiffy_ns, epoch)) - ticks(coarse_ns),
+            ((coarse_ns + 1_000_000_000) >> TICK_SHIFT) as u32 - ticks(coarse_ns)
+        );
+        // Not written yet: the clock stands at 0.
+        assert_eq!(clock_ns(jiffies, 0, 0), 0);
+    }
+
+    #[test]
+    fn ties_are_broken_by_the_keyed_hash_about_evenly() {
+        assert!(!tie_replaces(5, 1, 0));
+        assert!(tie_replaces(7, 0, 1), "the only candidate");
+        // Over a flood's hashes, the second of two tied slots is taken
+        // about half the time, and which one depends on the seed.
+        let taken = |seed| {
+            (0..10_000u32)
+                .filter(|&n| tie_replaces(bucket_hash(n, (n >> 3) as u16, 6, seed), 1, 2))
+                .count()
+        };
+        let (a, b) = (taken(1), taken(2));
+        assert!((4_700..=5_300).contains(&a), "{a}");
+        assert!((4_700..=5_300).contains(&b), "{b}");
+        let differs = (0..1000u32)
+            .filter(|&n| {
+                tie_replaces(bucket_hash(n, 9, 6, 1), 1, 2)
+                    != tie_replaces(bucket_hash(n, 9, 6, 2), 1, 2)
+            })
+            .count();
+        assert!((400..=600).contains(&differs), "{differs}");
+        // Three tied: each of the three ends up chosen about a third of the
+        // time (the reservoir rule over ways 2 and 3).
+        let mut chosen = [0u32; 3];
+        for n in 0..30_000u32 {
+            let h = bucket_hash(n, 1, 17, 3);
+            let mut pick = 0;
+            for way in 1..3 {
+                if tie_replaces(h, way, way + 1) {
+                    pick = way as usize;
+                }
+            }
+            chosen[pick] += 1;
+        }
+        assert!(
+            chosen.iter().all(|&c| (9_000..=11_000).contains(&c)),
+            "{chosen:?}"
         );
     }
 

@@ -214,7 +214,7 @@ pub struct Flow {
     /// a u32 so the data plane can compare-and-swap it (BPF has 32- and
     /// 64-bit atomics only).
     pub state: u32,
-    /// When the direction last carried a packet, in [`crate::flow::now_ticks`].
+    /// When the direction last carried a packet, in ticks ([`crate::flow::ticks`]).
     pub seen: u32,
     /// Reply entries: the VIP and port (network order) the reply's source
     /// is rewritten to. Forward entries: the VIP in a NAT flow (non-zero
@@ -315,6 +315,13 @@ pub struct FlowConf {
     /// creates the table and kept with it (pinned), so a restart finds the
     /// same slots and a flood cannot aim at a chosen slot.
     pub half_open_seed: u32,
+    /// The data plane's clock (`crate::flow::clock_ns`): nanoseconds per
+    /// kernel jiffy (`TICK_NSEC`, from the kernel's HZ) and the epoch that
+    /// puts `jiffies × jiffy_ns` on CLOCK_MONOTONIC_COARSE, as the agent
+    /// measured them (`lb_userspace::dataplane::clock`). 0: not written
+    /// yet (the clock stands at 0 and nothing expires).
+    pub jiffy_ns: u32,
+    pub clock_epoch_ns: u64,
 }
 
 /// `HALF_OPEN[slot]`: the half-open table is a two-way set-associative
@@ -749,7 +756,7 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 12);
+const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 24);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
 const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);

@@ -29,7 +29,7 @@
 //! written whole, by a writer holding the lock.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_jiffies64,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -43,7 +43,8 @@ use lb_common::{
     Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
-        forward_key, is_expired, reply_key, slot_index, ticks,
+        bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
+        tie_replaces,
     },
 };
 
@@ -96,11 +97,19 @@ pub(crate) enum Table {
     HalfOpen,
 }
 
-/// Now, in ticks (about a second): the coarse clock is the cheapest.
+/// Now, in ticks (about a second), on the agent's clock
+/// (CLOCK_MONOTONIC_COARSE) read through `jiffies`: `bpf_jiffies64` is
+/// rewritten by the verifier into a load of the kernel's variable, where
+/// `bpf_ktime_get_coarse_ns` was a helper call (~15 ns with retpolines) on
+/// every packet. 0 until the agent wrote the clock's settings.
 #[inline(always)]
 pub(crate) fn now() -> u32 {
-    // SAFETY: plain helper call.
-    ticks(unsafe { bpf_ktime_get_coarse_ns() })
+    let Some(conf) = conf() else {
+        return 0;
+    };
+    // SAFETY: plain helper call (inlined by the verifier).
+    let jiffies = unsafe { bpf_jiffies64() };
+    ticks(clock_ns(jiffies, conf.jiffy_ns, conf.clock_epoch_ns))
 }
 
 /// The lifecycle settings; all zero (every timeout one tick... never: the
@@ -277,16 +286,18 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
 /// sized the table).
 #[inline(always)]
 fn bucket_of(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> u32 {
+    first_slot(
+        conf,
+        bucket_hash(client, port, protocol, conf.half_open_seed),
+    )
+}
+
+#[inline(always)]
+fn first_slot(conf: &FlowConf, hash: u32) -> u32 {
     if conf.half_open_slots < HALF_OPEN_WAYS {
         return u32::MAX - HALF_OPEN_WAYS;
     }
-    slot_index(
-        client,
-        port,
-        protocol,
-        conf.half_open_seed,
-        conf.half_open_slots,
-    )
+    slot_of_hash(hash, conf.half_open_slots)
 }
 
 /// The slot's entry if it is `key`'s, copied whole under the sequence lock.
@@ -335,8 +346,8 @@ fn unlock(slot: *mut HalfOpenSlot) {
 /// whatever it replaces goes whole.
 #[inline(always)]
 fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
-    let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
-    let Some(slot) = victim(first, key) else {
+    let hash = bucket_hash(key.saddr, key.sport, key.protocol, conf.half_open_seed);
+    let Some(slot) = victim(first_slot(conf, hash), hash, key) else {
         return;
     };
     if !lock(slot) {
@@ -350,10 +361,11 @@ fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
     unlock(slot);
 }
 
-/// The slot of bucket `first` a new flow `key` takes (chosen without the
-/// locks: a race only makes the choice less good).
+/// The slot of bucket `first` a new flow `key` (its bucket hash `hash`)
+/// takes (chosen without the locks: a race only makes the choice less
+/// good).
 #[inline(always)]
-fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
+fn victim(first: u32, hash: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
     let mut chosen: Option<(*mut HalfOpenSlot, u32)> = None;
     let mut ties = 0u32;
     for way in 0..HALF_OPEN_WAYS {
@@ -372,12 +384,13 @@ fn victim(first: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
         match chosen {
             Some((_, oldest)) if seen == oldest => {
                 // Seen in the same tick (~1 s; under a flood, all of them):
-                // any of them at random, so no way is the one a flood
-                // always takes and a handshake keeps its slot while fewer
-                // than two others land in its bucket.
+                // any of them, by the flow's keyed hash (as good as a
+                // random draw to a flooder who does not know the seed, and
+                // no helper call), so no way is the one a flood always
+                // takes and a handshake keeps its slot while fewer than two
+                // others land in its bucket.
                 ties += 1;
-                // SAFETY: plain helper call.
-                if unsafe { bpf_get_prandom_u32() } % ties == 0 {
+                if tie_replaces(hash, way, ties) {
                     chosen = Some((slot, seen));
                 }
             }

@@ -12,11 +12,13 @@
 //! - `keys`: map keys and codes from config values;
 //! - `plan`, `firewall`: the pure planning of a change;
 //! - `read`, `facts`: read-only views (counters, flow table, `lb explain`'s
-//!   facts); `sweep`, `half_open`, `batch`: the flow tables' upkeep.
+//!   facts); `sweep`, `half_open`, `batch`: the flow tables' upkeep;
+//! - `clock`: the kernel's jiffies measured, for the data plane's clock.
 
 mod adopt;
 mod apply;
 mod batch;
+mod clock;
 mod facts;
 pub mod firewall;
 mod firewall_maps;
@@ -76,6 +78,8 @@ pub enum DataplaneError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("measuring the kernel's jiffies clock for the data plane: {0}")]
+    Clock(#[from] clock::ClockError),
     #[error("mapping HALF_OPEN into memory: {0}")]
     HalfOpen(std::io::Error),
     #[error("program {0} missing from the eBPF object")]

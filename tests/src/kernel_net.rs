@@ -122,6 +122,77 @@ pub fn pinned_files(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// Re-pins the map `name` under `pins` as an empty map of an older layout
+/// (`map_type`, key and value sizes; its `max_entries` kept), as a version
+/// before a layout change left it.
+pub fn pin_old_layout(
+    pins: &std::path::Path,
+    name: &'static str,
+    map_type: aya_obj::generated::bpf_map_type,
+    key_size: u32,
+    value_size: u32,
+) {
+    use aya::maps::MapData;
+    use aya_obj::{
+        EbpfSectionKind,
+        maps::{LegacyMap, Map, PinningType, bpf_map_def},
+    };
+    let path = pins.join(name);
+    let max_entries = aya::maps::MapInfo::from_pin(&path)
+        .unwrap_or_else(|e| panic!("pinned {name}: {e}"))
+        .max_entries();
+    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
+    let old = Map::Legacy(LegacyMap {
+        def: bpf_map_def {
+            map_type: map_type as u32,
+            key_size,
+            value_size,
+            max_entries,
+            map_flags: 0,
+            id: 0,
+            pinning: PinningType::None,
+        },
+        inner_def: None,
+        section_index: 0,
+        section_kind: EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    MapData::create(old, name, None)
+        .unwrap_or_else(|e| panic!("create an old-layout {name}: {e}"))
+        .pin(&path)
+        .unwrap_or_else(|e| panic!("pin the old {name}: {e}"));
+}
+
+/// Adopting the data plane pinned under `pins` must be refused as an older
+/// version's (`map` named), with a message that contains each of `parts`
+/// and says to run `lb teardown --pin-dir`, and leave the pins as they
+/// were. Tears them down afterwards.
+pub fn expect_old_version_refused(
+    dataplane: &DataplaneConfig,
+    pins: &std::path::Path,
+    map: &str,
+    parts: &[&str],
+) {
+    use lb_userspace::dataplane::DataplaneError;
+    let before = pinned_files(pins);
+    let err = match Dataplane::load_pinned(dataplane, pins) {
+        Ok(_) => panic!("adopted a {map} of another layout"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, DataplaneError::OldVersion { map: m, .. } if *m == map),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    let teardown = format!("`lb teardown --pin-dir {}`", pins.display());
+    for part in parts.iter().copied().chain([teardown.as_str()]) {
+        assert!(message.contains(part), "{part:?} not in: {message}");
+    }
+    assert_eq!(pinned_files(pins), before, "the refusal changed the pins");
+    Dataplane::teardown(pins).expect("teardown");
+}
+
 /// A bpffs mounted on a temporary directory, unmounted on drop.
 pub struct Bpffs {
     pub dir: std::path::PathBuf,

@@ -13,8 +13,8 @@ use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{Verdict, map_names::MapName};
 use lb_tests::kernel_net::{
     BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
-    WEB_UDP_PORT, WEBS, fragments, icmp_error, lab_config, pinned_files, service, udp, webs,
-    without_df,
+    WEB_UDP_PORT, WEBS, expect_old_version_refused, fragments, icmp_error, lab_config,
+    pin_old_layout, service, udp, webs, without_df,
 };
 use lb_userspace::{
     config::{Config, Forwarding, Protocol},
@@ -576,12 +576,7 @@ fn a_reply_too_big_for_the_clients_link_gets_frag_needed_to_the_backend() {
 /// what to do, and leaves the pins as they were.
 #[test]
 fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
-    use aya::maps::MapData;
-    use aya_obj::{
-        EbpfSectionKind,
-        maps::{LegacyMap, Map, PinningType, bpf_map_def},
-    };
-    use lb_userspace::dataplane::{Dataplane, DataplaneError};
+    use lb_userspace::dataplane::Dataplane;
     let net = TestNet::new();
     let fs = Bpffs::new();
     let pins = fs.dir.join("lb");
@@ -591,58 +586,19 @@ fn a_flow_table_pinned_before_the_mtu_is_refused_clearly() {
         assert!(!adopted);
         drop(first);
         // CONNTRACK as the version before the MTU pinned it: 40-byte entries.
-        let conntrack = pins.join(MapName::CONNTRACK.name());
-        let slots = aya::maps::MapInfo::from_pin(&conntrack)
-            .expect("pinned CONNTRACK")
-            .max_entries();
-        std::fs::remove_file(&conntrack).expect("unpin CONNTRACK");
-        let old = Map::Legacy(LegacyMap {
-            def: bpf_map_def {
-                map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32,
-                key_size: 16,
-                value_size: 40,
-                max_entries: slots,
-                map_flags: 0,
-                id: 0,
-                pinning: PinningType::None,
-            },
-            inner_def: None,
-            section_index: 0,
-            section_kind: EbpfSectionKind::Maps,
-            symbol_index: None,
-            data: Vec::new(),
-        });
-        MapData::create(old, MapName::CONNTRACK.name(), None)
-            .expect("create an old-layout CONNTRACK")
-            .pin(&conntrack)
-            .expect("pin it");
-        let before = pinned_files(&pins);
-
-        let err = match Dataplane::load_pinned(&cfg.dataplane, &pins) {
-            Ok(_) => panic!("adopted a flow table of another layout"),
-            Err(e) => e,
-        };
-        assert!(
-            matches!(
-                err,
-                DataplaneError::OldVersion {
-                    map: "CONNTRACK",
-                    ..
-                }
-            ),
-            "{err:?}"
+        pin_old_layout(
+            &pins,
+            "CONNTRACK",
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH,
+            16,
+            40,
         );
-        let message = err.to_string();
-        let dir = pins.display().to_string();
-        for part in [
-            "of 40-byte entries".to_string(),
-            "of 48-byte entries".to_string(),
-            format!("`lb teardown --pin-dir {dir}`"),
-        ] {
-            assert!(message.contains(&part), "{part:?} not in: {message}");
-        }
-        assert_eq!(pinned_files(&pins), before, "the refusal changed the pins");
-        Dataplane::teardown(&pins).expect("teardown");
+        expect_old_version_refused(
+            &cfg.dataplane,
+            &pins,
+            "CONNTRACK",
+            &["of 40-byte entries", "of 48-byte entries"],
+        );
     });
 }
 

@@ -168,9 +168,12 @@ impl Dataplane {
                 u64::from(self.new_flow_budget) * lb_common::flow::TICK_NS / 1_000_000_000,
             )
             .unwrap_or(u32::MAX),
-            // The table's, not the config's: the data plane fills them in.
+            // The table's and the kernel's, not the config's: the data
+            // plane fills them in.
             half_open_slots: 0,
             half_open_seed: 0,
+            jiffy_ns: 0,
+            clock_epoch_ns: 0,
         }
     }
 }

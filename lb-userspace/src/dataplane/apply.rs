@@ -342,6 +342,8 @@ impl Dataplane {
             0 => random_seed(),
             seed => seed,
         };
+        let clock = super::clock::JiffyClock::get()?;
+        (conf.jiffy_ns, conf.clock_epoch_ns) = (clock.jiffy_ns, clock.epoch_ns);
         set(
             &mut self.array::<FlowConf>(MapName::FLOW_CONF)?,
             MapName::FLOW_CONF,

@@ -40,12 +40,16 @@ pub fn under_pressure(entries: u64, capacity: u64) -> bool {
     capacity > 0 && entries * PRESSURE_DEN >= capacity * PRESSURE_NUM
 }
 
-/// Now on the data plane's clock (CLOCK_MONOTONIC, coarse), in ticks.
+/// Now on the flow tables' clock (CLOCK_MONOTONIC_COARSE, which the data
+/// plane reads through jiffies: `super::clock`), in ticks.
 pub fn now_ticks() -> u32 {
+    ticks(coarse_ns())
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds.
+pub(super) fn coarse_ns() -> u64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0);
-    ticks(ns)
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// The keys of `entries` to remove at `now`: expired flows, both entries,

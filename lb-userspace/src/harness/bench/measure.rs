@@ -18,7 +18,7 @@ use lb_common::{
 
 use super::net::{
     CLIENT, CONNTRACK, LBOUT_MAC, PORT, SINK_MAC, frame_from, frame_to, generator_spec, lb_config,
-    new_flow_frames,
+    lb_config_for, new_flow_frames,
 };
 use crate::{
     capture::Capturer,
@@ -230,6 +230,10 @@ pub(super) enum FlowState {
     /// instead of the product's default sizes: what the tables' size costs
     /// a new flow (cache and TLB misses).
     NewLargeTables,
+    /// Established flows, one packet each from a stream over
+    /// [`COLD_FLOWS`] of them: the flow table's cost when its entries are
+    /// not in the cache.
+    EstablishedCold,
 }
 
 /// The program a cost row measured.
@@ -239,6 +243,8 @@ pub(super) enum NsProgram {
     XdpPass,
     /// `hash_fwd`: parse, one flow-table lookup, MAC rewrite, redirect.
     HashFwd,
+    /// `bare_fwd`: MAC rewrite and redirect, the ceiling's program.
+    BareFwd,
     Lb {
         mode: Forwarding,
         backends: usize,
@@ -267,6 +273,7 @@ impl fmt::Display for NsProgram {
         match self {
             NsProgram::XdpPass => f.write_str("xdp_pass"),
             NsProgram::HashFwd => f.write_str("hash_fwd (one flow lookup, MAC rewrite, redirect)"),
+            NsProgram::BareFwd => f.write_str("bare_fwd (MAC rewrite, redirect)"),
             NsProgram::Lb {
                 mode,
                 backends,
@@ -276,6 +283,14 @@ impl fmt::Display for NsProgram {
                     FlowState::Established => "established flow",
                     FlowState::New => "new flow",
                     FlowState::NewLargeTables => "new flow, the sweep's tables",
+                    FlowState::EstablishedCold => {
+                        return write!(
+                            f,
+                            "lb {} ({backends} backends), established flow, a stream over {} flows (cold)",
+                            mode_name(*mode),
+                            super::targets::grouped(COLD_FLOWS)
+                        );
+                    }
                 };
                 write!(f, "lb {} ({backends} backends), {flow}", mode_name(*mode))
             }
@@ -574,6 +589,39 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             method: NsMethod::Repeat(repeat),
             ns: Stat::of(&h),
         });
+        // Both forwarders one call each too, and the bare one: the floors
+        // issue 23's targets compare `lb` with.
+        for (program, name) in [
+            (NsProgram::HashFwd, "hash_fwd"),
+            (NsProgram::BareFwd, "bare_fwd"),
+        ] {
+            let prog = xdp::xdp_program(ebpf, name)?;
+            let (mut rep, mut each) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                if program == NsProgram::BareFwd {
+                    rep.push(ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?);
+                }
+                each.push(ns_per_packet(
+                    prog,
+                    &est_calls,
+                    lbin,
+                    1,
+                    Some(XDP_REDIRECT),
+                )?);
+            }
+            if !rep.is_empty() {
+                ns_rows.push(NsRow {
+                    program,
+                    method: NsMethod::Repeat(repeat),
+                    ns: Stat::of(&rep),
+                });
+            }
+            ns_rows.push(NsRow {
+                program,
+                method: NsMethod::Calls(calls),
+                ns: Stat::of(&each),
+            });
+        }
     }
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
         // The product's default table sizes, as a deployment has them.
@@ -648,9 +696,90 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&large_ns),
         });
     }
+    ns_rows.extend(cold_rows(lbin, calls, reps)?);
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
     ns_rows.extend(capture_rows(lbin, repeat, reps)?);
     Ok(ns_rows)
+}
+
+/// Established flows in the cold-cache rows (issue 23): tables far larger
+/// than the caches.
+pub(super) const COLD_FLOWS: u32 = 1_000_000;
+/// The cold rows' tables: every flow established, both entries of a NAT
+/// flow.
+const COLD_TABLES: TableSizes = TableSizes {
+    conntrack: 1_048_576,
+    half_open: DEFAULT_HALF_OPEN_SIZE,
+};
+/// The step of the cold stream through the flows: coprime with
+/// [`COLD_FLOWS`] and near its golden section, so consecutive packets are
+/// far apart in the tables' memory (entries are allocated in the order the
+/// flows were established) and none repeats within a pass.
+const COLD_STRIDE: u64 = 618_033;
+
+/// The cold-cache rows: [`COLD_FLOWS`] UDP flows established (each
+/// promoted by its second datagram; a one-hour UDP timeout so none expires
+/// meanwhile), then `reps` streams of `calls` packets, one per flow, in a
+/// stride over them that touches no flow twice: the established lookup as
+/// a million-flow load sees it, every entry a cache miss.
+fn cold_rows(lbin: u32, calls: usize, reps: usize) -> anyhow::Result<Vec<NsRow>> {
+    let frame = |i: u64| {
+        let i = (i % u64::from(COLD_FLOWS)) as u32;
+        let addr = std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0)) + i / 50_000,
+        );
+        frame_from(SocketAddrV4::new(addr, 1024 + (i % 50_000) as u16))
+    };
+    let mut rows = Vec::new();
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        eprintln!(
+            "bench: establishing {} flows ({})",
+            COLD_FLOWS,
+            mode_name(mode)
+        );
+        let mut dp = Dataplane::load(COLD_TABLES)?;
+        dp.apply(&lb_config_for(
+            mode,
+            100,
+            "udp",
+            COLD_TABLES,
+            "timeouts = { udp = \"3600s\" }",
+        )?)?;
+        {
+            let prog = dp.program()?;
+            for i in 0..u64::from(COLD_FLOWS) {
+                let first = [frame(i)?];
+                ns_per_packet(prog, &first, lbin, 1, Some(XDP_REDIRECT))?;
+                ns_per_packet(prog, &first, lbin, 1, Some(XDP_REDIRECT))?;
+            }
+        }
+        let (entries, _) = dp.flow_table()?.entries()?;
+        let per_flow = if mode == Forwarding::Nat { 2 } else { 1 };
+        ensure!(
+            entries == u64::from(COLD_FLOWS) * per_flow,
+            "{} established entries after {COLD_FLOWS} flows' second datagrams, not {}",
+            entries,
+            u64::from(COLD_FLOWS) * per_flow
+        );
+        let prog = dp.program()?;
+        let mut ns = Vec::new();
+        for rep in 0..reps {
+            let frames = (0..calls)
+                .map(|j| frame(((rep * calls + j) as u64 * COLD_STRIDE) % u64::from(COLD_FLOWS)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            ns.push(ns_per_packet(prog, &frames, lbin, 1, Some(XDP_REDIRECT))?);
+        }
+        rows.push(NsRow {
+            program: NsProgram::Lb {
+                mode,
+                backends: 100,
+                flow: FlowState::EstablishedCold,
+            },
+            method: NsMethod::DistinctFlows(calls),
+            ns: Stat::of(&ns),
+        });
+    }
+    Ok(rows)
 }
 
 /// ns/packet of `lb` (DSR) with drop tracing off and on, for a forwarded

@@ -655,7 +655,7 @@ fn firewall_section(s: &mut String, rows: &[FwCostRow]) {
     let _ = writeln!(s, "|---|---|---|---|---|");
     for row in rows {
         let flow = match row.flow {
-            FlowState::Established => "established",
+            FlowState::Established | FlowState::EstablishedCold => "established",
             FlowState::New | FlowState::NewLargeTables => "new",
         };
         let diff = row.loaded.median - row.empty.median;
