@@ -164,8 +164,17 @@ fn write_loop(
     writer: &'static str,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<Result<WriteLog>> {
+    write_loop_from(lab.client_ns(), writer, stop)
+}
+
+/// [`write_loop`] from namespace `ns` (a client behind another LB).
+fn write_loop_from(
+    ns: String,
+    writer: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<WriteLog>> {
     let mut seq = 0;
-    client_loop(lab, stop, move |at| {
+    client_loop(ns, stop, move |at| {
         seq += 1;
         let this = seq;
         async move {
@@ -183,17 +192,17 @@ fn write_loop(
 type ReadLog = Vec<(Duration, Result<u64, String>)>;
 
 fn read_loop(lab: &Lab, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<ReadLog>> {
-    client_loop(lab, stop, |at| async move {
+    client_loop(lab.client_ns(), stop, |at| async move {
         let r = read().await.map(|(id, _)| id);
         tokio::time::sleep(Duration::from_millis(20)).await;
         (at, r)
     })
 }
 
-/// Runs `step` (given the time since the start) from the client's
-/// namespace until `stop`; the log of what each step returned.
+/// Runs `step` (given the time since the start) from namespace `ns` (a
+/// client's) until `stop`; the log of what each step returned.
 fn client_loop<T, F, Fut>(
-    lab: &Lab,
+    ns: String,
     stop: Arc<AtomicBool>,
     mut step: F,
 ) -> thread::JoinHandle<Result<Vec<T>>>
@@ -202,7 +211,6 @@ where
     F: FnMut(Duration) -> Fut + Send + 'static,
     Fut: Future<Output = T>,
 {
-    let ns = lab.client_ns();
     thread::spawn(move || {
         let rt = runtime()?;
         in_netns(&ns, || {
@@ -305,9 +313,25 @@ fn finish(
     // the next ones to be acknowledged by the new primary.
     thread::sleep(3 * CLIENT_TIMEOUT);
     stop.store(true, Ordering::Relaxed);
-    let log = writes
+    let log = joined(writes)?;
+    check_writes(lab, log, event, tag, primary, what)
+}
+
+fn joined(writes: thread::JoinHandle<Result<WriteLog>>) -> Result<WriteLog> {
+    writes
         .join()
-        .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+        .map_err(|_| anyhow::anyhow!("write loop panicked"))?
+}
+
+/// [`finish`]'s checks of one stopped write loop's log.
+fn check_writes(
+    lab: &Lab,
+    log: WriteLog,
+    event: Duration,
+    tag: &str,
+    primary: usize,
+    what: &str,
+) -> Result<WriteLog> {
     let (gap, acked) = outage(&log, event)?;
     println!(
         "{what}: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
@@ -1222,32 +1246,6 @@ fn coordinated_failover_records_the_primary_and_an_lb_cut_off_from_etcd_never_pr
     result
 }
 
-/// The second LB of [`two_agents_promote_once_and_the_survivor_takes_the_lease`]:
-/// namespace `{P}-lb2` (a multi-LB lab's name, so the lab's teardown
-/// removes it) on the back switch with 198.19.1.2/24 on its `lb-back`,
-/// next to the databases. It probes them directly; the pool's VIPs stay
-/// on lb1 (the databases' gateway: NAT replies must cross the LB that
-/// translated them), so lb2 carries no pool traffic.
-const LB2_BACK: &str = "198.19.1.2/24";
-
-fn add_second_lb(lab: &Lab) -> Result<()> {
-    use lb_userspace::harness::netns::{self, VethEnd};
-    let ns = lab.lb_ns_of(2);
-    let sw = lab.sw_ns();
-    netns::add_namespace(&ns)?;
-    netns::add_veth(&VethEnd::new(&ns, "lb-back"), &VethEnd::new(&sw, "p-lb2"))?;
-    netns::ns_run(&sw, &["ip", "link", "set", "p-lb2", "master", "br0", "up"])?;
-    netns::add_addr(&ns, "lb-back", LB2_BACK)?;
-    netns::ns_run(&ns, &["ip", "link", "set", "lb-back", "up"])?;
-    netns::ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
-    // An LB host forwards (the agent's host check insists).
-    netns::ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    netns::tune_veth(&ns, "lb-back")?;
-    netns::tune_veth(&sw, "p-lb2")?;
-    std::fs::create_dir_all(lab.lb_dir(2))?;
-    Ok(())
-}
-
 /// lb2's status (its own control socket).
 fn status_of_lb2(lab: &Lab) -> Result<Status> {
     checked_status_at(&lab.agent_socket_of(2))
@@ -1264,13 +1262,17 @@ fn wait_for_lb2(
 
 /// Two agents with `[coordination]` (lease-ttl 2s, auto-failover 1s) run
 /// the same pool over the same MariaDB members and one three-member etcd
-/// (on the back switch, reachable from both): lb1 in the lab's LB
-/// namespace carrying the write loop, lb2 in a namespace of its own next
-/// to the databases. lb1 leads; db1 is SIGKILLed under the write loop →
-/// exactly one promotion, by the leader (lb1's log has it, lb2's has no
-/// failover at all, exactly one replica became writable), both agents
-/// show the same new primary and revision, every acknowledged write is
-/// on it. lb2 is then cut off from etcd and the new primary dies: lb1
+/// (on the back switch, reachable from both), each carrying a client's
+/// write loop through its write VIP: lb1 in the lab's LB namespace (the
+/// lab's client), lb2 added by [`Lab::add_pool_lb`] (its own client, its
+/// NAT replies routed back through it). lb1 leads. db2 stops receiving,
+/// so the last events before db1 is SIGKILLed reach db3 only → exactly
+/// one promotion, by the leader (lb1's log has it, lb2's has no failover
+/// at all), of db3, the most complete replica (not db2, the first in the
+/// list); db2 follows db3; exactly one replica became writable; both
+/// agents show the same new primary and revision and route writes to it;
+/// every acknowledged write of both loops is on it, none was refused as
+/// read-only. lb2 is then cut off from etcd and the new primary dies: lb1
 /// alone promotes the last replica and records it, lb2 keeps the old
 /// record, routes writes to nobody and promotes nobody; healed, it follows
 /// the newer record. Then lb1's agent is SIGKILLed (lease not revoked):
@@ -1283,7 +1285,7 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
     };
     const TTL: Duration = Duration::from_secs(2);
     let mut lab = lab_with_databases()?;
-    add_second_lb(&lab)?;
+    lab.add_pool_lb(2)?;
     // etcd on the back switch's bridge, next to both LBs and the databases.
     let sw = lab.sw_ns();
     let members: Vec<Member> = (11..=13)
@@ -1311,7 +1313,7 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
     };
     let cfg1 = format!("{}{}", config(&lab, Some("1s")), coordination("lb1"));
     let cfg2 = format!(
-        "[dataplane]\ninterfaces = [\"lb-back\"]\nforwarding = \"nat\"\n{}{}",
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n{}{}",
         pool_config(&run_dir(lab.prefix()), Some("1s")),
         coordination("lb2")
     );
@@ -1347,7 +1349,12 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let writes = write_loop(&lab, "two", Arc::clone(&stop));
+        let writes2 = write_loop_from(lab.pool_client_ns(2), "two-lb2", Arc::clone(&stop));
         thread::sleep(Duration::from_millis(1500));
+        // db2 stops receiving: the last events before the crash reach db3
+        // only (semi-sync acknowledges them from it).
+        lab.db_admin(2, "STOP SLAVE IO_THREAD")?;
+        thread::sleep(Duration::from_millis(300));
         let killed_at = started.elapsed();
         lab.kill_db(1)?;
         let new_recorded = |s: &Status| {
@@ -1376,21 +1383,55 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
             "the LBs disagree: lb1 {c1:?}, lb2 {c2:?}"
         );
         let new = c1.recorded_primary.clone().context("recorded primary")?;
-        let (new_n, other_n) = if new == "db2" { (2, 3) } else { (3, 2) };
         println!(
             "two LBs, db1 killed: {new} (revision {:?}) recorded and routed by the leader lb1 after {took1:?}, \
              followed by lb2 after {took2:?}",
             c1.revision
         );
-        finish(
+        ensure!(
+            new == "db3",
+            "the failover promoted {new}, not db3 (the only replica holding db1's last events)"
+        );
+        let (new_n, other_n) = (3, 2);
+        let log1 = finish(
             &lab,
             &stop,
             writes,
             killed_at,
             "two",
             new_n,
-            "two LBs with [coordination] (auto-failover = 1s, lease-ttl = 2s)",
+            "two LBs with [coordination], writes through lb1 (auto-failover = 1s, lease-ttl = 2s)",
         )?;
+        let log2 = check_writes(
+            &lab,
+            joined(writes2)?,
+            killed_at,
+            "two-lb2",
+            new_n,
+            "two LBs with [coordination], writes through lb2 (auto-failover = 1s, lease-ttl = 2s)",
+        )?;
+        for (lb, log) in [("lb1", &log1), ("lb2", &log2)] {
+            let after: BTreeSet<u64> = log
+                .iter()
+                .filter(|(t, _, _)| *t > killed_at)
+                .filter_map(|(_, _, r)| r.as_ref().ok().copied())
+                .collect();
+            ensure!(
+                after == BTreeSet::from([3]),
+                "writes through {lb} after the crash acknowledged by server ids {after:?}, not db3 alone"
+            );
+        }
+        // db2 (which had received less) follows db3 and gets what it lacked.
+        let pos = lab.db_admin(3, "SELECT @@gtid_binlog_pos")?;
+        let waited = lab.db_admin(2, &format!("SELECT MASTER_GTID_WAIT('{}', 10)", pos.trim()))?;
+        ensure!(waited.trim() == "0", "db2 does not replicate from db3");
+        for tag in ["two", "two-lb2"] {
+            ensure!(
+                seqs_on(&lab, 2, tag)? == seqs_on(&lab, 3, tag)?,
+                "db2 lacks {tag} rows db3 holds"
+            );
+        }
+        println!("db2 follows db3: it holds every row of both loops");
         // Exactly one promotion: the leader's.
         let log1 = agent1.as_ref().context("lb1")?.log_text();
         let log2 = agent2.as_ref().context("lb2")?.log_text();
