@@ -23,7 +23,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use coordination::Coordination;
+pub use coordination::{ClientCert, Coordination, EtcdLogin, EtcdTls, KeyDer};
 pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
 use validate::Validator;
