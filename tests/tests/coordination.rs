@@ -20,7 +20,7 @@ use lb_userspace::{
     coord::{self, Coordination},
     db::Event,
     harness::{
-        etcd::{EtcdCluster, Member},
+        etcd::{EtcdCluster, EtcdPki, Member},
         netns::{self, Netns, VethEnd, in_netns},
     },
 };
@@ -46,14 +46,24 @@ struct Lb {
 
 impl Lb {
     fn start(ns: &str, name: &str, endpoints: Vec<String>) -> Lb {
+        Lb::start_with(
+            ns,
+            Config {
+                etcd: endpoints,
+                name: name.to_owned(),
+                lease_ttl: TTL,
+                tls: None,
+                login: None,
+            },
+        )
+    }
+
+    /// An LB's coordination task with `cfg` (its name, TTL, TLS, login).
+    fn start_with(ns: &str, cfg: Config) -> Lb {
+        let name = cfg.name.clone();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (records, mut record_rx) = mpsc::unbounded_channel::<(String, i64)>();
         let (stop, mut stop_rx) = oneshot::channel::<()>();
-        let cfg = Config {
-            etcd: endpoints,
-            name: name.to_owned(),
-            lease_ttl: TTL,
-        };
         let (ns, log) = (ns.to_owned(), seen.clone());
         let thread = thread::spawn(move || {
             let run = in_netns(&ns, move || {
@@ -87,7 +97,7 @@ impl Lb {
             run.expect("LB thread");
         });
         Lb {
-            name: name.to_owned(),
+            name,
             seen,
             records,
             stop: Some(stop),
@@ -339,4 +349,199 @@ fn one_leader_records_the_primary_and_a_cut_off_or_dead_leader_is_replaced_in_bo
     }
     drop(cluster);
     Ok(())
+}
+
+/// `[coordination]` over TLS with credentials from files, against a real
+/// etcd started with TLS on its client URL, client certificates required
+/// (`--client-cert-auth`) and its authentication on (user `lb` may read
+/// and write `/lb/` only; certificates made by rcgen for the test). The
+/// config's `ca-file`, `cert-file`, `key-file`, `user` and
+/// `password-file` are parsed by the product's config: its coordination
+/// task leads the pool and records a primary. A wrong password, no client
+/// certificate, another CA, or no login are each refused by etcd with
+/// their reason; the login gives nothing outside `/lb/`; config errors
+/// name the file, the key and the reason.
+#[test]
+fn tls_and_credentials_from_files_lead_and_record_and_wrong_ones_are_refused() -> Result<()> {
+    use lb_userspace::{
+        config::{EtcdLogin, Secret},
+        coord::etcd::Etcd,
+    };
+    let prefix = unique_prefix("ct");
+    let etcd_ns = Netns::create(&format!("{prefix}-etcd"))?;
+    let lb_ns = Netns::create(&format!("{prefix}-a"))?;
+    netns::add_veth(
+        &VethEnd::new(etcd_ns.name(), "e1"),
+        &VethEnd::new(lb_ns.name(), "lb1"),
+    )?;
+    netns::add_addr(etcd_ns.name(), "e1", "198.19.221.1/30")?;
+    netns::add_addr(lb_ns.name(), "lb1", "198.19.221.2/30")?;
+    netns::add_default_route(lb_ns.name(), "198.19.221.1".parse()?)?;
+    netns::add_addr(etcd_ns.name(), "lo", "198.19.220.1/32")?;
+    let members = vec![Member {
+        ns: etcd_ns.name().to_owned(),
+        ip: Ipv4Addr::new(198, 19, 220, 1),
+    }];
+    let dir = std::env::temp_dir().join(format!("{prefix}-etcd"));
+    let files = std::env::temp_dir().join(format!("{prefix}-files"));
+    let _files = RemoveDir(files.clone());
+    let pki = EtcdPki::write(&files, &members)?;
+    let other_ca = EtcdPki::write(&files.join("other"), &members)?;
+    let mut cluster = EtcdCluster::start_with(&prefix, members, &dir, Some(pki.clone()))?;
+    cluster.enable_auth("root-secret", "lb", "lb-secret", "/lb/")?;
+    let endpoint = cluster.endpoints()[0].clone();
+    ensure!(endpoint.starts_with("https://"), "{endpoint}");
+    let password_file = files.join("etcd-password");
+    std::fs::write(&password_file, "lb-secret\n")?;
+
+    // The product's config, files and all.
+    let text = |ca: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[dataplane]\ninterfaces = [\"lb1\"]\n[[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\n\
+             backends = [{{ address = \"198.19.0.11:80\" }}]\n\
+             [coordination]\netcd = [\"{endpoint}\"]\nname = \"lb1\"\nlease-ttl = \"2s\"\n\
+             ca-file = \"{}\"\ncert-file = \"{}\"\nkey-file = \"{}\"\nuser = \"lb\"\npassword-file = \"{}\"\n",
+            ca.display(),
+            pki.client_cert.display(),
+            key.display(),
+            password_file.display()
+        )
+    };
+    let file = std::path::Path::new("/etc/lb/lb.toml");
+    let cfg = lb_userspace::config::parse(&text(&pki.ca, &pki.client_key), file)?
+        .coordination
+        .context("[coordination]")?;
+    ensure!(cfg.tls.as_ref().is_some_and(|t| t.client.is_some()) && cfg.login.is_some());
+    let e = lb_userspace::config::parse(&text(&pki.ca, &pki.ca), file)
+        .err()
+        .context("a certificate given as key-file was accepted")?
+        .to_string();
+    println!("key-file that is a certificate: {e}");
+    ensure!(
+        e.contains("/etc/lb/lb.toml")
+            && e.contains("coordination.key-file")
+            && e.contains("no usable PEM private key"),
+        "{e}"
+    );
+    let e = lb_userspace::config::parse(&text(&files.join("none.pem"), &pki.client_key), file)
+        .err()
+        .context("a missing ca-file was accepted")?
+        .to_string();
+    println!("missing ca-file: {e}");
+    ensure!(
+        e.contains("coordination.ca-file") && e.contains("none.pem"),
+        "{e}"
+    );
+
+    // It leads and records, over TLS with its token.
+    let lb = Lb::start_with(lb_ns.name(), cfg.clone());
+    wait_until(
+        "lb1 leads over TLS with its login",
+        Duration::from_secs(10),
+        || lb.state().leads(Instant::now()),
+    )
+    .with_context(|| format!("lb1's last error: {:?}", lb.state().error))?;
+    let tenure = lb.state().leader.context("leader")?.1;
+    let written = lb.record("db1", tenure)?;
+    ensure!(
+        matches!(written, Ok(Some(_))),
+        "the record over TLS: {written:?}"
+    );
+    println!("over https with a client certificate and user lb: leads, recorded db1 ({written:?})");
+    drop(lb);
+
+    // What etcd refuses, and why.
+    let attempt = |cfg: Config| -> Result<String> {
+        let answer = in_netns(lb_ns.name(), move || -> Result<String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let etcd = Etcd::from_config(&cfg, Duration::from_secs(2))?;
+            Ok(
+                match rt.block_on(etcd.campaign(
+                    "/lb/pool/x/leader",
+                    "lb9",
+                    0,
+                    "/lb/pool/x/primary",
+                )) {
+                    Ok(c) => format!("accepted: {c:?}"),
+                    Err(e) => e.to_string(),
+                },
+            )
+        })??;
+        Ok(answer)
+    };
+    let login = |password: &str| EtcdLogin {
+        user: "lb".into(),
+        password: Secret::new(password.into()),
+        password_file: password_file.clone(),
+    };
+    let cases = [
+        (
+            "a wrong password",
+            Config {
+                login: Some(login("wrong")),
+                ..cfg.clone()
+            },
+            "authentication failed",
+        ),
+        (
+            "no client certificate",
+            Config {
+                tls: Some(pki.tls(false)?),
+                ..cfg.clone()
+            },
+            "fatal alert: BadCertificate",
+        ),
+        (
+            "another CA",
+            Config {
+                tls: Some(other_ca.tls(true)?),
+                ..cfg.clone()
+            },
+            "invalid peer certificate",
+        ),
+        (
+            "no login",
+            Config {
+                login: None,
+                ..cfg.clone()
+            },
+            "permission denied",
+        ),
+    ];
+    for (what, c, want) in cases {
+        let answer = attempt(c)?;
+        println!("{what}: {answer}");
+        ensure!(
+            answer.contains(want),
+            "{what}: expected {want:?}, got {answer}"
+        );
+    }
+    // The login reaches /lb/ only.
+    let outside = in_netns(lb_ns.name(), || -> Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let etcd = Etcd::from_config(&cfg, Duration::from_secs(2))?;
+        Ok(
+            match rt.block_on(etcd.campaign("/other/leader", "lb9", 0, "/other/primary")) {
+                Ok(c) => format!("accepted: {c:?}"),
+                Err(e) => e.to_string(),
+            },
+        )
+    })??;
+    println!("user lb outside /lb/: {outside}");
+    ensure!(outside.contains("permission denied"), "{outside}");
+    drop(cluster);
+    Ok(())
+}
+
+/// Removes a directory on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

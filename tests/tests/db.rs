@@ -27,8 +27,8 @@ use lb_userspace::{
     db::{DbCommand, PoolStatus, Role},
     harness::{
         lab::{
-            APP_PASSWORD, APP_USER, Lab, MONITORING_LISTEN, VISITS_TABLE, admin_password_file,
-            pool_config, read_vip, run_dir, vip_http, write_vip,
+            APP_PASSWORD, APP_USER, AgentProcess, Lab, MONITORING_LISTEN, VISITS_TABLE,
+            admin_password_file, pool_config, read_vip, run_dir, vip_http, write_vip,
         },
         netns::in_netns,
     },
@@ -130,8 +130,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Runs `f` from the client's namespace (its sockets are made there).
 fn from_client<T: Send>(lab: &Lab, f: impl Future<Output = T> + Send) -> Result<T> {
+    from_ns(&lab.client_ns(), f)
+}
+
+/// Runs `f` from namespace `ns` (a client's).
+fn from_ns<T: Send>(ns: &str, f: impl Future<Output = T> + Send) -> Result<T> {
     let rt = runtime()?;
-    in_netns(&lab.client_ns(), || rt.block_on(f))
+    in_netns(ns, || rt.block_on(f))
 }
 
 fn reads(lab: &Lab, n: usize) -> Result<Vec<u64>> {
@@ -164,8 +169,17 @@ fn write_loop(
     writer: &'static str,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<Result<WriteLog>> {
+    write_loop_from(lab.client_ns(), writer, stop)
+}
+
+/// [`write_loop`] from namespace `ns` (a client behind another LB).
+fn write_loop_from(
+    ns: String,
+    writer: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<WriteLog>> {
     let mut seq = 0;
-    client_loop(lab, stop, move |at| {
+    client_loop(ns, stop, move |at| {
         seq += 1;
         let this = seq;
         async move {
@@ -183,17 +197,17 @@ fn write_loop(
 type ReadLog = Vec<(Duration, Result<u64, String>)>;
 
 fn read_loop(lab: &Lab, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<ReadLog>> {
-    client_loop(lab, stop, |at| async move {
+    client_loop(lab.client_ns(), stop, |at| async move {
         let r = read().await.map(|(id, _)| id);
         tokio::time::sleep(Duration::from_millis(20)).await;
         (at, r)
     })
 }
 
-/// Runs `step` (given the time since the start) from the client's
-/// namespace until `stop`; the log of what each step returned.
+/// Runs `step` (given the time since the start) from namespace `ns` (a
+/// client's) until `stop`; the log of what each step returned.
 fn client_loop<T, F, Fut>(
-    lab: &Lab,
+    ns: String,
     stop: Arc<AtomicBool>,
     mut step: F,
 ) -> thread::JoinHandle<Result<Vec<T>>>
@@ -202,7 +216,6 @@ where
     F: FnMut(Duration) -> Fut + Send + 'static,
     Fut: Future<Output = T>,
 {
-    let ns = lab.client_ns();
     thread::spawn(move || {
         let rt = runtime()?;
         in_netns(&ns, || {
@@ -305,9 +318,25 @@ fn finish(
     // the next ones to be acknowledged by the new primary.
     thread::sleep(3 * CLIENT_TIMEOUT);
     stop.store(true, Ordering::Relaxed);
-    let log = writes
+    let log = joined(writes)?;
+    check_writes(lab, log, event, tag, primary, what)
+}
+
+fn joined(writes: thread::JoinHandle<Result<WriteLog>>) -> Result<WriteLog> {
+    writes
         .join()
-        .map_err(|_| anyhow::anyhow!("write loop panicked"))??;
+        .map_err(|_| anyhow::anyhow!("write loop panicked"))?
+}
+
+/// [`finish`]'s checks of one stopped write loop's log.
+fn check_writes(
+    lab: &Lab,
+    log: WriteLog,
+    event: Duration,
+    tag: &str,
+    primary: usize,
+    what: &str,
+) -> Result<WriteLog> {
     let (gap, acked) = outage(&log, event)?;
     println!(
         "{what}: write outage {gap:?} ({} writes, {} acknowledged, {} failed)",
@@ -1246,32 +1275,6 @@ fn coordinated_failover_records_the_primary_and_an_lb_cut_off_from_etcd_never_pr
     result
 }
 
-/// The second LB of [`two_agents_promote_once_and_the_survivor_takes_the_lease`]:
-/// namespace `{P}-lb2` (a multi-LB lab's name, so the lab's teardown
-/// removes it) on the back switch with 198.19.1.2/24 on its `lb-back`,
-/// next to the databases. It probes them directly; the pool's VIPs stay
-/// on lb1 (the databases' gateway: NAT replies must cross the LB that
-/// translated them), so lb2 carries no pool traffic.
-const LB2_BACK: &str = "198.19.1.2/24";
-
-fn add_second_lb(lab: &Lab) -> Result<()> {
-    use lb_userspace::harness::netns::{self, VethEnd};
-    let ns = lab.lb_ns_of(2);
-    let sw = lab.sw_ns();
-    netns::add_namespace(&ns)?;
-    netns::add_veth(&VethEnd::new(&ns, "lb-back"), &VethEnd::new(&sw, "p-lb2"))?;
-    netns::ns_run(&sw, &["ip", "link", "set", "p-lb2", "master", "br0", "up"])?;
-    netns::add_addr(&ns, "lb-back", LB2_BACK)?;
-    netns::ns_run(&ns, &["ip", "link", "set", "lb-back", "up"])?;
-    netns::ns_run(&ns, &["ip", "link", "set", "lo", "up"])?;
-    // An LB host forwards (the agent's host check insists).
-    netns::ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    netns::tune_veth(&ns, "lb-back")?;
-    netns::tune_veth(&sw, "p-lb2")?;
-    std::fs::create_dir_all(lab.lb_dir(2))?;
-    Ok(())
-}
-
 /// lb2's status (its own control socket).
 fn status_of_lb2(lab: &Lab) -> Result<Status> {
     checked_status_at(&lab.agent_socket_of(2))
@@ -1286,29 +1289,33 @@ fn wait_for_lb2(
     wait_for_status_at(&lab.agent_socket_of(2), &format!("lb2: {what}"), within, ok)
 }
 
-/// Two agents with `[coordination]` (lease-ttl 2s, auto-failover 1s) run
-/// the same pool over the same MariaDB members and one three-member etcd
-/// (on the back switch, reachable from both): lb1 in the lab's LB
-/// namespace carrying the write loop, lb2 in a namespace of its own next
-/// to the databases. lb1 leads; db1 is SIGKILLed under the write loop →
-/// exactly one promotion, by the leader (lb1's log has it, lb2's has no
-/// failover at all, exactly one replica became writable), both agents
-/// show the same new primary and revision, every acknowledged write is
-/// on it. lb2 is then cut off from etcd and the new primary dies: lb1
-/// alone promotes the last replica and records it, lb2 keeps the old
-/// record, routes writes to nobody and promotes nobody; healed, it follows
-/// the newer record. Then lb1's agent is SIGKILLed (lease not revoked):
-/// lb2 takes the lease within TTL + 3 ticks and keeps the same record.
-#[test]
-fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
+/// The lease TTL of the two-LB scenarios.
+const TTL: Duration = Duration::from_secs(2);
+
+/// The pool's coordination as an LB's status shows it.
+fn coord(s: &Status) -> Option<lb_userspace::db::CoordStatus> {
+    pool(s).ok().and_then(|p| p.coordination)
+}
+
+/// Two LBs running the lab's pool with `[coordination]` (lease-ttl 2s,
+/// auto-failover 1s) over one three-member etcd on the back switch's
+/// bridge (next to both LBs and the databases): lb1 in the lab's LB
+/// namespace, lb2 added by [`Lab::add_pool_lb`]. Dropped in field order:
+/// the agents, then etcd.
+struct TwoLbs {
+    agent1: Option<AgentProcess>,
+    agent2: Option<AgentProcess>,
+    _cluster: lb_userspace::harness::etcd::EtcdCluster,
+}
+
+/// Starts [`TwoLbs`] and waits until lb1 leads and recorded db1 and lb2
+/// follows that record.
+fn two_coordinated_lbs(lab: &Lab) -> Result<TwoLbs> {
     use lb_userspace::harness::{
         etcd::{EtcdCluster, Member},
         netns,
     };
-    const TTL: Duration = Duration::from_secs(2);
-    let mut lab = lab_with_databases()?;
-    add_second_lb(&lab)?;
-    // etcd on the back switch's bridge, next to both LBs and the databases.
+    lab.add_pool_lb(2)?;
     let sw = lab.sw_ns();
     let members: Vec<Member> = (11..=13)
         .map(|n| Member {
@@ -1333,47 +1340,79 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
             TTL.as_secs()
         )
     };
-    let cfg1 = format!("{}{}", config(&lab, Some("1s")), coordination("lb1"));
+    let cfg1 = format!("{}{}", config(lab, Some("1s")), coordination("lb1"));
     let cfg2 = format!(
-        "[dataplane]\ninterfaces = [\"lb-back\"]\nforwarding = \"nat\"\n{}{}",
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"nat\"\n{}{}",
         pool_config(&run_dir(lab.prefix()), Some("1s")),
         coordination("lb2")
     );
-    let agent1 = lab.start_agent(&cfg1)?;
-    let mut agent1 = Some(agent1);
-    let mut agent2 = None;
+    let mut lbs = TwoLbs {
+        agent1: Some(lab.start_agent(&cfg1)?),
+        agent2: None,
+        _cluster: cluster,
+    };
+    wait_for_status(
+        lab,
+        "lb1 leads and recorded db1",
+        Duration::from_secs(10),
+        |s| {
+            coord(s).is_some_and(|c| c.leading && c.recorded_primary.as_deref() == Some("db1"))
+                && routed(s, Some("db1"), &["db2", "db3"])
+        },
+    )?;
+    lbs.agent2 = Some(lab.start_agent_on(2, &cfg2)?);
+    wait_for_lb2(
+        lab,
+        "follows lb1's record of db1",
+        Duration::from_secs(10),
+        |s| {
+            coord(s).is_some_and(|c| {
+                !c.leading
+                    && c.leader.as_deref() == Some("lb1")
+                    && c.recorded_primary.as_deref() == Some("db1")
+            }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db1"))
+        },
+    )?;
+    Ok(lbs)
+}
+
+/// [`TwoLbs`]: two agents with `[coordination]` run the same pool over the
+/// same MariaDB members and one three-member etcd, each carrying a client's
+/// write loop through its write VIP: lb1 in the lab's LB namespace (the
+/// lab's client), lb2 added by [`Lab::add_pool_lb`] (its own client, its
+/// NAT replies routed back through it). lb1 leads. db2 stops receiving,
+/// so the last events before db1 is SIGKILLed reach db3 only → exactly
+/// one promotion, by the leader (lb1's log has it, lb2's has no failover
+/// at all), of db3, the most complete replica (not db2, the first in the
+/// list); db2 follows db3; exactly one replica became writable; both
+/// agents show the same new primary and revision and route writes to it;
+/// every acknowledged write of both loops is on it, none was refused as
+/// read-only. lb2 is then cut off from etcd and the new primary dies: lb1
+/// alone promotes the last replica and records it, lb2 keeps the old
+/// record, routes writes to nobody and promotes nobody; healed, it follows
+/// the newer record. Then lb1's agent is SIGKILLed (lease not revoked):
+/// lb2 takes the lease within TTL + 3 ticks and keeps the same record.
+#[test]
+fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
+    use lb_userspace::harness::netns;
+    let mut lab = lab_with_databases()?;
+    let mut lbs = two_coordinated_lbs(&lab)?;
     let mut run = || -> Result<()> {
-        let coord = |s: &Status| pool(s).ok().and_then(|p| p.coordination);
-        wait_for_status(
-            &lab,
-            "lb1 leads and recorded db1",
-            Duration::from_secs(10),
-            |s| {
-                coord(s).is_some_and(|c| c.leading && c.recorded_primary.as_deref() == Some("db1"))
-                    && routed(s, Some("db1"), &["db2", "db3"])
-            },
-        )?;
-        agent2 = Some(lab.start_agent_on(2, &cfg2)?);
-        wait_for_lb2(
-            &lab,
-            "follows lb1's record of db1",
-            Duration::from_secs(10),
-            |s| {
-                coord(s).is_some_and(|c| {
-                    !c.leading
-                        && c.leader.as_deref() == Some("lb1")
-                        && c.recorded_primary.as_deref() == Some("db1")
-                }) && pool(s).is_ok_and(|p| p.writer.as_deref() == Some("db1"))
-            },
-        )?;
         let before = coord(&status(&lab)?).context("lb1 coordination")?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let writes = write_loop(&lab, "two", Arc::clone(&stop));
+        let writes2 = write_loop_from(lab.pool_client_ns(2), "two-lb2", Arc::clone(&stop));
         thread::sleep(Duration::from_millis(1500));
+        // db2 stops receiving: the last events before the crash reach db3
+        // only (semi-sync acknowledges them from it).
+        lab.db_admin(2, "STOP SLAVE IO_THREAD")?;
+        thread::sleep(Duration::from_millis(300));
         let killed_at = started.elapsed();
         lab.kill_db(1)?;
+        // A write started before db1 was gone may still have been db1's.
+        let dead_at = started.elapsed();
         let new_recorded = |s: &Status| {
             coord(s).is_some_and(|c| {
                 c.recorded_primary.as_deref().is_some_and(|p| p != "db1")
@@ -1400,24 +1439,58 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
             "the LBs disagree: lb1 {c1:?}, lb2 {c2:?}"
         );
         let new = c1.recorded_primary.clone().context("recorded primary")?;
-        let (new_n, other_n) = if new == "db2" { (2, 3) } else { (3, 2) };
         println!(
             "two LBs, db1 killed: {new} (revision {:?}) recorded and routed by the leader lb1 after {took1:?}, \
              followed by lb2 after {took2:?}",
             c1.revision
         );
-        finish(
+        ensure!(
+            new == "db3",
+            "the failover promoted {new}, not db3 (the only replica holding db1's last events)"
+        );
+        let (new_n, other_n) = (3, 2);
+        let log1 = finish(
             &lab,
             &stop,
             writes,
             killed_at,
             "two",
             new_n,
-            "two LBs with [coordination] (auto-failover = 1s, lease-ttl = 2s)",
+            "two LBs with [coordination], writes through lb1 (auto-failover = 1s, lease-ttl = 2s)",
         )?;
+        let log2 = check_writes(
+            &lab,
+            joined(writes2)?,
+            killed_at,
+            "two-lb2",
+            new_n,
+            "two LBs with [coordination], writes through lb2 (auto-failover = 1s, lease-ttl = 2s)",
+        )?;
+        for (lb, log) in [("lb1", &log1), ("lb2", &log2)] {
+            let after: BTreeSet<u64> = log
+                .iter()
+                .filter(|(t, _, _)| *t > dead_at)
+                .filter_map(|(_, _, r)| r.as_ref().ok().copied())
+                .collect();
+            ensure!(
+                after == BTreeSet::from([3]),
+                "writes through {lb} started after db1 was gone acknowledged by server ids {after:?}, not db3 alone"
+            );
+        }
+        // db2 (which had received less) follows db3 and gets what it lacked.
+        let pos = lab.db_admin(3, "SELECT @@gtid_binlog_pos")?;
+        let waited = lab.db_admin(2, &format!("SELECT MASTER_GTID_WAIT('{}', 10)", pos.trim()))?;
+        ensure!(waited.trim() == "0", "db2 does not replicate from db3");
+        for tag in ["two", "two-lb2"] {
+            ensure!(
+                seqs_on(&lab, 2, tag)? == seqs_on(&lab, 3, tag)?,
+                "db2 lacks {tag} rows db3 holds"
+            );
+        }
+        println!("db2 follows db3: it holds every row of both loops");
         // Exactly one promotion: the leader's.
-        let log1 = agent1.as_ref().context("lb1")?.log_text();
-        let log2 = agent2.as_ref().context("lb2")?.log_text();
+        let log1 = lbs.agent1.as_ref().context("lb1")?.log_text();
+        let log2 = lbs.agent2.as_ref().context("lb2")?.log_text();
         let promotions = log1.matches("(automatic failover, ").count();
         ensure!(promotions == 1, "lb1 promoted {promotions} times:\n{log1}");
         ensure!(
@@ -1462,7 +1535,7 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
                 && coord(s).is_some_and(|c| c.recorded_primary.as_deref() == Some(new.as_str()))
         })?;
         ensure!(
-            !agent2
+            !lbs.agent2
                 .as_ref()
                 .context("lb2")?
                 .log_text()
@@ -1496,7 +1569,7 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
         let new = other;
 
         // The leader's agent dies (SIGKILL: its lease is not revoked).
-        agent1.take().context("lb1")?.kill()?;
+        lbs.agent1.take().context("lb1")?.kill()?;
         let took = wait_for_lb2(&lab, "takes the lease", TTL * 4, |s| {
             coord(s).is_some_and(|c| c.leading)
         })?;
@@ -1525,8 +1598,171 @@ fn two_agents_promote_once_and_the_survivor_takes_the_lease() -> Result<()> {
         Ok(())
     };
     let result = run();
-    drop(agent1);
-    drop(agent2);
-    drop(cluster);
+    drop(lbs);
+    result
+}
+
+/// The received (IO thread) GTID position of replica `n`: the
+/// `Gtid_IO_Pos` column of `SHOW SLAVE STATUS` (named by the header row).
+fn received(lab: &Lab, n: usize) -> Result<String> {
+    let out = std::process::Command::new("mariadb")
+        .args(["--no-defaults", "-uroot", "-B"])
+        .arg(format!("--socket={}", lab.db_socket(n).display()))
+        .args(["-e", "SHOW SLAVE STATUS"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let (head, row) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    head.split('\t')
+        .zip(row.split('\t'))
+        .find(|(k, _)| *k == "Gtid_IO_Pos")
+        .map(|(_, v)| v.trim().to_owned())
+        .with_context(|| format!("no Gtid_IO_Pos on db{n}: {text}"))
+}
+
+/// [`TwoLbs`]; the leader's promotion is caught in its middle and its
+/// agent SIGKILLed there. db2 and db3 each hold `LOCK TABLES app.visits
+/// WRITE` in a root session, so their SQL threads wait while their IO
+/// threads keep receiving (semi-sync still acknowledges): db1 commits 10
+/// writes through lb1 that both replicas received and neither applied,
+/// then db1 is SIGKILLed. lb1, the leader, starts the automatic failover
+/// (its log says so) and waits in the promotion's catch-up step for its
+/// candidate to apply what it received; there, with the candidate still
+/// read-only and etcd still recording db1, lb1's agent is SIGKILLed and
+/// the locks are released. lb2 takes the lease and redoes the promotion:
+/// it records a new primary and routes writes to it; the pool ends with
+/// exactly one writable member, which holds the 10 writes; the other
+/// replicates from it; a write through lb2 lands on it.
+#[test]
+fn a_leader_killed_in_the_middle_of_a_promotion_leaves_it_to_the_other_lb() -> Result<()> {
+    let mut lab = lab_with_databases()?;
+    let mut lbs = two_coordinated_lbs(&lab)?;
+    let mut run = || -> Result<()> {
+        let locks = [
+            lab.lock_table(2, VISITS_TABLE)?,
+            lab.lock_table(3, VISITS_TABLE)?,
+        ];
+        writes_land_on(&lab, 1..=10, 1)?;
+        let pos = lab
+            .db_admin(1, "SELECT @@gtid_binlog_pos")?
+            .trim()
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while received(&lab, 2)? != pos || received(&lab, 3)? != pos {
+            ensure!(Instant::now() < deadline, "db2/db3 did not receive {pos}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        for n in [2, 3] {
+            let applied = lab.db_admin(n, "SELECT @@global.gtid_slave_pos")?;
+            ensure!(
+                applied.trim() != pos,
+                "db{n} applied {pos} despite the lock"
+            );
+        }
+        lab.kill_db(1)?;
+        let killed = Instant::now();
+        let agent1 = lbs.agent1.take().context("lb1")?;
+        let start_line = "automatic failover to ";
+        let deadline = killed + Duration::from_secs(10);
+        let candidate = loop {
+            let log = agent1.log_text();
+            if let Some(rest) = log.split(start_line).nth(1) {
+                break rest
+                    .split(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "lb1 did not start a failover:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let started = killed.elapsed();
+        // Still in the middle: not failed, not done, nothing recorded.
+        let log = agent1.log_text();
+        ensure!(
+            !log.contains("automatic failover of pool db")
+                && !log.contains("is the primary of pool db"),
+            "lb1's promotion already ended:\n{log}"
+        );
+        let cand_n: usize = candidate
+            .strip_prefix("db")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("candidate {candidate:?}"))?;
+        ensure!(
+            lab.db_admin(cand_n, "SELECT @@global.read_only")?.trim() == "1",
+            "{candidate} is writable already"
+        );
+        ensure!(
+            coord(&status(&lab)?)
+                .is_some_and(|c| c.leading && c.recorded_primary.as_deref() == Some("db1")),
+            "lb1 recorded a new primary already"
+        );
+        agent1.kill()?;
+        println!(
+            "db1 killed; lb1 started the failover to {candidate} after {started:?}, waited in its catch-up step, \
+             and was SIGKILLed there ({:?} after the crash)",
+            killed.elapsed()
+        );
+        drop(locks);
+        let took = wait_for_lb2(
+            &lab,
+            "leads, recorded a new primary and routes writes to it",
+            Duration::from_secs(20),
+            |s| {
+                coord(s).is_some_and(|c| {
+                    c.leading
+                        && c.recorded_primary.as_deref().is_some_and(|p| p != "db1")
+                        && pool(s).is_ok_and(|p| p.writer == c.recorded_primary)
+                })
+            },
+        )?;
+        let s2 = status_of_lb2(&lab)?;
+        let new = coord(&s2)
+            .and_then(|c| c.recorded_primary)
+            .context("recorded primary")?;
+        println!(
+            "lb2 took over and finished the failover: {new} recorded and routed {took:?} after lb1's kill"
+        );
+        let log2 = lbs.agent2.as_ref().context("lb2")?.log_text();
+        let promotions = log2.matches("(automatic failover, ").count();
+        ensure!(promotions == 1, "lb2 promoted {promotions} times:\n{log2}");
+        let writable: Vec<usize> = [2, 3]
+            .into_iter()
+            .filter(|n| {
+                lab.db_admin(*n, "SELECT @@global.read_only")
+                    .is_ok_and(|r| r.trim() == "0")
+            })
+            .collect();
+        let new_n = if new == "db2" { 2 } else { 3 };
+        ensure!(
+            writable == [new_n],
+            "writable members {writable:?}, recorded {new}"
+        );
+        ensure!(
+            seqs_on(&lab, new_n, "basic")? == (1..=10).collect(),
+            "{new} lacks acknowledged writes"
+        );
+        let other_n = 5 - new_n;
+        let pos = lab.db_admin(new_n, "SELECT @@gtid_binlog_pos")?;
+        let waited = lab.db_admin(
+            other_n,
+            &format!("SELECT MASTER_GTID_WAIT('{}', 10)", pos.trim()),
+        )?;
+        ensure!(
+            waited.trim() == "0",
+            "db{other_n} does not replicate from {new}"
+        );
+        let id = from_ns(&lab.pool_client_ns(2), write(11, "basic"))?;
+        ensure!(
+            id == Ok(u64::try_from(new_n)?),
+            "a write through lb2 answered by {id:?}"
+        );
+        Ok(())
+    };
+    let result = run();
+    drop(lbs);
     result
 }

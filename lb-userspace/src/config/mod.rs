@@ -28,7 +28,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use coordination::Coordination;
+pub use coordination::{ClientCert, Coordination, EtcdLogin, EtcdTls, KeyDer};
 pub use firewall::{Firewall, Prefix, RateLimit};
 pub use health::{
     CheckKind, DnsCheck, DnsRcode, DnsTransport, HealthCheck, MysqlLogin, Secret, TlsCheck,

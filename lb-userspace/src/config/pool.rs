@@ -489,7 +489,7 @@ impl Validator<'_> {
 }
 
 /// The first line of a password file, without its line end.
-fn read_password(path: &std::path::Path) -> Result<String, String> {
+pub(super) fn read_password(path: &std::path::Path) -> Result<String, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut text = String::new();

@@ -1,12 +1,17 @@
 //! A small client of etcd's v3 API through its JSON gateway (`POST
 //! /v3/lease/grant`, `/v3/lease/keepalive`, `/v3/kv/txn` over HTTP/1.1,
 //! keys and values base64): the few calls a lease-based election and a
-//! guarded record need. Why not gRPC (`etcd-client`): see
-//! docs/architecture.md ("Coordination").
+//! guarded record need. Over TLS (rustls, the server verified against the
+//! configured CA, a client certificate if given) for `https://`
+//! endpoints; with etcd's authentication, a token from
+//! `/v3/auth/authenticate` in every call's `Authorization` header, taken
+//! again when etcd says it is no longer valid. Why not gRPC
+//! (`etcd-client`): see docs/architecture.md ("Coordination").
 
 use std::{
+    net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -16,8 +21,19 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
+use rustls::{
+    ClientConfig, RootCertStore,
+    crypto::ring,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
+};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Coordination, EtcdTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -27,16 +43,24 @@ pub enum EtcdError {
     Unreachable(String),
     #[error("etcd answered something unexpected: {0}")]
     Shape(String),
+    #[error("etcd's TLS settings: {0}")]
+    Tls(String),
 }
 
-/// The etcd cluster's endpoints (`http://host:port`), tried in turn.
-#[derive(Debug, Clone)]
+/// The etcd cluster's endpoints, tried in turn.
+#[derive(Clone)]
 pub struct Etcd {
-    endpoints: Vec<(String, String)>,
+    /// Each endpoint's URL (for messages) and address.
+    endpoints: Vec<(String, SocketAddr)>,
     timeout: Duration,
     /// The endpoint that answered last, tried first: a silent member costs
     /// one timeout once, not at every call.
     preferred: Arc<AtomicUsize>,
+    /// `https://` endpoints: the TLS client.
+    tls: Option<TlsConnector>,
+    /// etcd's user and password, and the token they gave.
+    login: Option<(String, crate::config::Secret)>,
+    token: Arc<Mutex<Option<String>>>,
 }
 
 /// One key as etcd holds it.
@@ -56,19 +80,34 @@ pub struct Campaign {
 }
 
 impl Etcd {
-    /// `endpoints` as `http://host:port` (validated by the config).
+    /// `endpoints` as `http://IP:port` (validated by the config), without
+    /// TLS or authentication.
     pub fn new(endpoints: &[String], timeout: Duration) -> Etcd {
         Etcd {
             endpoints: endpoints
                 .iter()
-                .map(|e| {
-                    let authority = e.trim_start_matches("http://").trim_end_matches('/');
-                    (e.clone(), authority.to_owned())
-                })
+                .filter_map(|e| Some((e.clone(), address(e)?)))
                 .collect(),
             timeout,
             preferred: Arc::new(AtomicUsize::new(0)),
+            tls: None,
+            login: None,
+            token: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The client `[coordination]` describes: its endpoints, TLS and login.
+    pub fn from_config(cfg: &Coordination, timeout: Duration) -> Result<Etcd, EtcdError> {
+        let mut etcd = Etcd::new(&cfg.etcd, timeout);
+        if let Some(tls) = &cfg.tls {
+            let config = client_tls(tls).map_err(EtcdError::Tls)?;
+            etcd.tls = Some(TlsConnector::from(config));
+        }
+        etcd.login = cfg
+            .login
+            .as_ref()
+            .map(|l| (l.user.clone(), l.password.clone()));
+        Ok(etcd)
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers.
@@ -77,8 +116,8 @@ impl Etcd {
         let n = self.endpoints.len();
         let first = self.preferred.load(Ordering::Relaxed);
         for i in (0..n).map(|k| (first + k) % n) {
-            let (endpoint, authority) = &self.endpoints[i];
-            match tokio::time::timeout(self.timeout, post(authority, path, body)).await {
+            let (endpoint, addr) = &self.endpoints[i];
+            match tokio::time::timeout(self.timeout, self.call_at(*addr, path, body)).await {
                 Ok(Ok(v)) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
@@ -88,6 +127,82 @@ impl Etcd {
             }
         }
         Err(EtcdError::Unreachable(errors.join("; ")))
+    }
+
+    /// One call to one endpoint, with a token if etcd wants one (taken
+    /// again once if etcd no longer accepts the one held).
+    async fn call_at(&self, addr: SocketAddr, path: &str, body: &Value) -> Result<Value, String> {
+        if self.login.is_none() {
+            return self.post(addr, path, body, None).await;
+        }
+        let held = self.token.lock().ok().and_then(|t| t.clone());
+        let token = match held {
+            Some(t) => t,
+            None => self.authenticate(addr).await?,
+        };
+        match self.post(addr, path, body, Some(&token)).await {
+            Err(why) if why.contains("invalid auth token") => {
+                let token = self.authenticate(addr).await?;
+                self.post(addr, path, body, Some(&token)).await
+            }
+            other => other,
+        }
+    }
+
+    /// `POST /v3/auth/authenticate` with the login: the token, kept.
+    async fn authenticate(&self, addr: SocketAddr) -> Result<String, String> {
+        let Some((user, password)) = &self.login else {
+            return Err("no etcd login configured".to_owned());
+        };
+        let v = self
+            .post(
+                addr,
+                "/v3/auth/authenticate",
+                &json!({ "name": user, "password": password.expose() }),
+                None,
+            )
+            .await
+            .map_err(|why| format!("authenticating as {user}: {why}"))?;
+        let token = v["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("authenticating as {user}: no token in {v}"))?
+            .to_owned();
+        if let Ok(mut held) = self.token.lock() {
+            *held = Some(token.clone());
+        }
+        Ok(token)
+    }
+
+    /// One request on a new connection (TLS if configured).
+    async fn post(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, String> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let authority = addr.to_string();
+        match &self.tls {
+            None => exchange(stream, &authority, path, body, token).await,
+            Some(tls) => {
+                let name = ServerName::IpAddress(addr.ip().into());
+                let stream = tls
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                exchange(stream, &authority, path, body, token).await
+            }
+        }
+    }
+
+    /// Any v3 gateway call (`path` and its JSON body), with this client's
+    /// TLS and login: etcd's answer.
+    pub async fn request(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        self.call(path, body).await
     }
 
     /// The cluster answers (a member's status).
@@ -190,24 +305,90 @@ impl Etcd {
     }
 }
 
-async fn post(authority: &str, path: &str, body: &Value) -> Result<Value, String> {
-    let stream = TcpStream::connect(authority)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// The TLS client of `https://` endpoints: etcd's certificates verified
+/// against the configured CA (by IP address: the endpoints are
+/// addresses), the client certificate presented if given.
+pub fn client_tls(tls: &EtcdTls) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for der in &tls.ca {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let chain = c
+                .chain
+                .iter()
+                .map(|d| CertificateDer::from(d.clone()))
+                .collect();
+            let key = PrivateKeyDer::try_from(c.key.0.clone())
+                .map_err(|e| format!("{}: {e}", c.key_file.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "{} with {}: {e}",
+                    c.cert_file.display(),
+                    c.key_file.display()
+                )
+            })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// `e` and what caused it (hyper's "connection error" alone hides e.g.
+/// the TLS alert that closed the connection).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// The address of an `http(s)://IP:port` URL.
+fn address(url: &str) -> Option<SocketAddr> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    rest.trim_end_matches('/').parse().ok()
+}
+
+async fn exchange<S>(
+    stream: S,
+    authority: &str,
+    path: &str,
+    body: &Value,
+    token: Option<&str>,
+) -> Result<Value, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| format!("HTTP: {}", with_causes(&e)))?;
     let driver = tokio::spawn(conn);
-    let request = Request::post(path)
+    let mut request = Request::post(path)
         .header("host", authority)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", token);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| format!("request: {e}"))?;
     let result = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("HTTP: {e}"))?;
+            .map_err(|e| format!("HTTP: {}", with_causes(&e)))?;
         let status = response.status();
         let bytes = response
             .into_body()

@@ -170,7 +170,20 @@ pub async fn run(cfg: Config, pools: Vec<String>, tx: UnboundedSender<Event>) {
     let tick = tick(cfg.lease_ttl);
     // One endpoint's silence must leave time for the others within a tick.
     let per_call = (tick / 2).max(Duration::from_millis(100));
-    let client = etcd::Etcd::new(&cfg.etcd, per_call);
+    let client = match etcd::Etcd::from_config(&cfg, per_call) {
+        Ok(c) => c,
+        Err(e) => {
+            // The config checked these settings: only a changed file
+            // could fail here. Said, and no leadership (never acting blind).
+            for pool in &pools {
+                let _ = tx.send(Event::Coordinated {
+                    pool: pool.clone(),
+                    result: Err(e.to_string()),
+                });
+            }
+            return;
+        }
+    };
     let mut lease: Option<(i64, Instant)> = None;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,16 +262,18 @@ pub async fn record(
     primary: String,
     tx: UnboundedSender<Event>,
 ) {
-    let client = etcd::Etcd::new(&cfg.etcd, tick(cfg.lease_ttl));
-    let result = client
-        .put_if_leader(
-            &leader_key(&pool),
-            (&cfg.name, leader_revision),
-            &record_key(&pool),
-            &primary,
-        )
-        .await
-        .map_err(|e| e.to_string());
+    let result = match etcd::Etcd::from_config(&cfg, tick(cfg.lease_ttl)) {
+        Ok(client) => client
+            .put_if_leader(
+                &leader_key(&pool),
+                (&cfg.name, leader_revision),
+                &record_key(&pool),
+                &primary,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     let _ = tx.send(Event::Recorded {
         pool,
         primary,

@@ -781,6 +781,8 @@ fn coordination_has_a_default_ttl_and_survives_a_live_change() {
             ],
             name: "lb-1.a".into(),
             lease_ttl: std::time::Duration::from_secs(5),
+            tls: None,
+            login: None,
         })
     );
     assert_eq!(

@@ -135,8 +135,24 @@ rejections! {
         => "coordination.etcd", "required key is missing";
     coordination_etcd_empty: with_coordination("etcd = []\nname = \"lb1\"")
         => "coordination.etcd", "at least one etcd endpoint";
-    coordination_etcd_https: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"")
-        => "coordination.etcd[0]", "https is not supported";
+    coordination_etcd_https_without_ca: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"")
+        => "coordination.ca-file", "required with https:// endpoints";
+    coordination_etcd_mixed_schemes: with_coordination("etcd = [\"https://198.18.0.1:2379\", \"http://198.18.0.2:2379\"]\nname = \"lb1\"\nca-file = \"/nonexistent/ca.pem\"")
+        => "coordination.etcd[1]", "every endpoint with the scheme of the first";
+    coordination_ca_file_unreadable: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"\nca-file = \"/nonexistent/ca.pem\"")
+        => "coordination.ca-file", "/nonexistent/ca.pem";
+    coordination_ca_file_relative: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"\nca-file = \"ca.pem\"")
+        => "coordination.ca-file", "must be an absolute path";
+    coordination_ca_file_with_http: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\nca-file = \"/etc/ca.pem\"")
+        => "coordination.ca-file", "only with https:// etcd endpoints";
+    coordination_cert_without_key: with_coordination("etcd = [\"https://198.18.0.1:2379\"]\nname = \"lb1\"\nca-file = \"/etc/ssl/certs/ca-certificates.crt\"\ncert-file = \"/etc/c.pem\"")
+        => "coordination.key-file", "required with cert-file";
+    coordination_user_without_password_file: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\nuser = \"lb\"")
+        => "coordination.password-file", "required with user";
+    coordination_password_file_without_user: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\npassword-file = \"/etc/pw\"")
+        => "coordination.user", "without a user";
+    coordination_password_file_missing: with_coordination("etcd = [\"http://198.18.0.1:2379\"]\nname = \"lb1\"\nuser = \"lb\"\npassword-file = \"/nonexistent/pw\"")
+        => "coordination.password-file", "/nonexistent/pw: cannot read";
     coordination_etcd_hostname: with_coordination("etcd = [\"http://etcd1:2379\"]\nname = \"lb1\"")
         => "coordination.etcd[0]", "expected http://IP:port";
     coordination_etcd_twice: with_coordination("etcd = [\"http://198.18.0.1:2379\", \"http://198.18.0.1:2379\"]\nname = \"lb1\"")

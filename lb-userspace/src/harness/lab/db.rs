@@ -16,6 +16,18 @@
 //! the NAT; on a shared subnet the database would answer the web server
 //! directly, with the wrong source address.
 //!
+//! A second LB carries the pool's traffic too ([`Lab::add_pool_lb`]), for
+//! clients of its own and without full NAT: it keeps the source address,
+//! so the replies must come back through it and not through lb1. Its
+//! clients get a network of their own (198.18.1N.0/24 behind LB N), and
+//! every database a route to that network via LB N's back address:
+//!
+//! ```text
+//!   {P}-client2: eth0 198.18.12.2 ── lb-front 198.18.12.1 :{P}-lb2
+//!   {P}-lb2: lb-back 198.19.1.2 on br0, lo 198.18.0.20 + .21 (the VIPs)
+//!   {P}-dbN: 198.18.12.0/24 via 198.19.1.2 (default still via 198.19.1.1)
+//! ```
+//!
 //! Small and fast rather than durable: 16 MB buffer pool, no fsync
 //! (`innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`),
 //! `skip-name-resolve`; semi-synchronous replication, so that an
@@ -63,6 +75,24 @@ const DB_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Address of database `n` (1-based): 198.19.1.2N.
 pub fn db_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 1, u8::try_from(20 + n).unwrap_or(u8::MAX))
+}
+
+/// LB `n`'s (2..) address on the databases' subnet when it runs the
+/// pool next to lb1: 198.19.1.N. Its agent probes the databases from there,
+/// and replies to its own client network return through it.
+pub fn pool_lb_back_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 1, u8::try_from(n).unwrap_or(u8::MAX))
+}
+
+/// LB `n`'s own client network ([`Lab::add_pool_lb`]):
+/// 198.18.(10+N).0/24, the LB's `lb-front` at .1, the client at .2.
+fn pool_client_net(n: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, u8::try_from(10 + n).unwrap_or(u8::MAX), host)
+}
+
+/// The client behind LB `n` ([`Lab::add_pool_lb`]): 198.18.(10+N).2.
+pub fn pool_client_addr(n: usize) -> Ipv4Addr {
+    pool_client_net(n, 2)
 }
 
 pub fn write_vip() -> SocketAddr {
@@ -222,8 +252,7 @@ impl Lab {
         use crate::harness::etcd::{EtcdCluster, Member};
         let sw = self.sw_ns();
         for n in 2..=self.lbs() {
-            let last = u8::try_from(n).context("too many LBs")?;
-            let addr = Ipv4Addr::new(198, 19, 1, last);
+            let addr = pool_lb_back_addr(n);
             netns::add_addr(&self.lb_ns_of(n), "lb-back", &format!("{addr}/24"))?;
         }
         let members: Vec<Member> = (11..=13)
@@ -240,6 +269,94 @@ impl Lab {
         let endpoints = cluster.endpoints();
         cluster.detach();
         Ok(endpoints)
+    }
+
+    /// Namespace of the client behind LB `n` ([`Lab::add_pool_lb`]).
+    pub fn pool_client_ns(&self, n: usize) -> String {
+        format!("{}-client{n}", self.prefix)
+    }
+
+    /// A second LB for the pool, carrying its own clients' database
+    /// traffic without full NAT: namespace `{P}-lbN` with `lb-back`
+    /// 198.19.1.N/24 on the back switch (next to the databases, which it
+    /// probes directly), the pool's VIPs on its `lo`, and `lb-front`
+    /// 198.18.(10+N).1/24 to a client of its own, `{P}-clientN`
+    /// (198.18.(10+N).2, default route via LB N). Every database gets a
+    /// route to that client network via 198.19.1.N: the NAT replies to a
+    /// connection LB N translated go back through LB N (the databases'
+    /// default gateway, lb1, never saw it). Call after
+    /// [`Lab::start_databases`]; the lab's teardown removes both
+    /// namespaces.
+    pub fn add_pool_lb(&self, n: usize) -> anyhow::Result<()> {
+        let (ns, client, sw) = (self.lb_ns_of(n), self.pool_client_ns(n), self.sw_ns());
+        let port = format!("p-lb{n}");
+        netns::add_namespace(&ns)?;
+        netns::add_namespace(&client)?;
+        netns::add_veth(&VethEnd::new(&ns, "lb-back"), &VethEnd::new(&sw, &port))?;
+        netns::ns_run(&sw, &["ip", "link", "set", &port, "master", "br0", "up"])?;
+        netns::add_addr(&ns, "lb-back", &format!("{}/24", pool_lb_back_addr(n)))?;
+        netns::add_veth(
+            &VethEnd::new(&client, "eth0"),
+            &VethEnd::new(&ns, "lb-front"),
+        )?;
+        let gateway = pool_client_net(n, 1);
+        netns::add_addr(&ns, "lb-front", &format!("{gateway}/24"))?;
+        netns::add_addr(&client, "eth0", &format!("{}/24", pool_client_addr(n)))?;
+        netns::add_default_route(&client, gateway)?;
+        for vip in [WRITE_VIP, READ_VIP] {
+            netns::add_addr(&ns, "lo", &format!("{vip}/32"))?;
+        }
+        // An LB host forwards (the agent's host check insists).
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        let net = format!("{}/24", pool_client_net(n, 0));
+        let via = pool_lb_back_addr(n).to_string();
+        for db in 1..=DB_NAMES.len() {
+            netns::ns_run(&self.db_ns(db), &["ip", "route", "add", &net, "via", &via])
+                .with_context(|| format!("routing {net} via LB {n} on db{db}"))?;
+        }
+        for (ns, dev) in [
+            (&ns, "lb-back"),
+            (&ns, "lb-front"),
+            (&sw, &port),
+            (&client, "eth0"),
+        ] {
+            netns::tune_veth(ns, dev)?;
+        }
+        fs::create_dir_all(self.lb_dir(n))
+            .with_context(|| format!("creating {}", self.lb_dir(n).display()))
+    }
+
+    /// A root session on database `n` holding `LOCK TABLES {table} WRITE`
+    /// until the guard is dropped: a replica's SQL thread waits for it, so
+    /// what the replica received stays unapplied meanwhile (a slow
+    /// catch-up, seen from outside).
+    pub fn lock_table(&self, n: usize, table: &str) -> anyhow::Result<TableLock> {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let mut child = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B", "--unbuffered"])
+            .arg(format!("--socket={}", self.db_socket(n).display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running mariadb on db{n}"))?;
+        let mut stdin = child.stdin.take().context("mariadb's stdin")?;
+        let stdout = child.stdout.take().context("mariadb's stdout")?;
+        let mut guard = TableLock {
+            child,
+            _stdin: None,
+        };
+        writeln!(stdin, "LOCK TABLES {table} WRITE; SELECT 'locked';")
+            .with_context(|| format!("db{n}: writing to mariadb"))?;
+        guard._stdin = Some(stdin);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .with_context(|| format!("db{n}: reading mariadb's answer"))?;
+        if line.trim() != "locked" {
+            bail!("db{n}: LOCK TABLES {table} WRITE failed ({line:?})");
+        }
+        Ok(guard)
     }
 
     fn build_db_topology(&self) -> anyhow::Result<()> {
@@ -438,6 +555,21 @@ impl Lab {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A table lock held by a root session ([`Lab::lock_table`]); dropping it
+/// ends the session, which releases the lock.
+pub struct TableLock {
+    child: std::process::Child,
+    /// Open while the session lives (its end would end the session).
+    _stdin: Option<std::process::ChildStdin>,
+}
+
+impl Drop for TableLock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -64,6 +64,8 @@ fn any_namespace_names(prefix: &str) -> Vec<String> {
             names.push(ns);
         }
     }
+    // The clients of a pool's second LBs (`Lab::add_pool_lb`).
+    names.extend((2..=MAX_LBS).map(|n| format!("{prefix}-client{n}")));
     names
 }
 
