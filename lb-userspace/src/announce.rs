@@ -30,7 +30,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-
 pub use crate::wire::{BirdProtocol, BirdView, VipPlan};
 pub use bird::Bird;
 pub use record::{RECORDS_DIR, Record, RecordError};

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-
 use super::AnnounceError;
 pub use crate::wire::{BirdProtocol, BirdView};
 

@@ -3,7 +3,13 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use std::sync::Arc;
+
+use rustls::{
+    ClientConfig, RootCertStore,
+    crypto::ring,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+};
 use serde::Deserialize;
 
 use super::{Secret, duration, validate::Validator};
@@ -268,7 +274,7 @@ impl Validator<'_> {
         };
         // What the client will build from them (e.g. a key that is not the
         // certificate's), refused now rather than at every call.
-        crate::coord::etcd::client_tls(&tls).map_err(|why| {
+        tls.client_config().map_err(|why| {
             let key = if tls.client.is_some() {
                 "coordination.key-file"
             } else {
@@ -301,4 +307,42 @@ fn pem_certs(
         return Err(v.err(key, format!("{}: no PEM certificate in it", path.display())));
     }
     Ok(certs)
+}
+
+impl EtcdTls {
+    /// The TLS client of `https://` endpoints: etcd's certificates verified
+    /// against the configured CA (by IP address: the endpoints are
+    /// addresses), the client certificate presented if given.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
+        let mut roots = RootCertStore::empty();
+        for der in &self.ca {
+            roots
+                .add(CertificateDer::from(der.clone()))
+                .map_err(|e| format!("{}: {e}", self.ca_file.display()))?;
+        }
+        let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match &self.client {
+            None => builder.with_no_client_auth(),
+            Some(c) => {
+                let chain = c
+                    .chain
+                    .iter()
+                    .map(|d| CertificateDer::from(d.clone()))
+                    .collect();
+                let key = PrivateKeyDer::try_from(c.key.0.clone())
+                    .map_err(|e| format!("{}: {e}", c.key_file.display()))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!(
+                        "{} with {}: {e}",
+                        c.cert_file.display(),
+                        c.key_file.display()
+                    )
+                })?
+            }
+        };
+        Ok(Arc::new(config))
+    }
 }

@@ -21,11 +21,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
-use rustls::{
-    ClientConfig, RootCertStore,
-    crypto::ring,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
-};
+use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -33,7 +29,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Coordination, EtcdTls};
+use crate::config::Coordination;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -100,7 +96,7 @@ impl Etcd {
     pub fn from_config(cfg: &Coordination, timeout: Duration) -> Result<Etcd, EtcdError> {
         let mut etcd = Etcd::new(&cfg.etcd, timeout);
         if let Some(tls) = &cfg.tls {
-            let config = client_tls(tls).map_err(EtcdError::Tls)?;
+            let config = tls.client_config().map_err(EtcdError::Tls)?;
             etcd.tls = Some(TlsConnector::from(config));
         }
         etcd.login = cfg
@@ -303,42 +299,6 @@ impl Etcd {
         });
         self.call("/v3/kv/txn", &txn).await.map(|_| ())
     }
-}
-
-/// The TLS client of `https://` endpoints: etcd's certificates verified
-/// against the configured CA (by IP address: the endpoints are
-/// addresses), the client certificate presented if given.
-pub fn client_tls(tls: &EtcdTls) -> Result<Arc<ClientConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    for der in &tls.ca {
-        roots
-            .add(CertificateDer::from(der.clone()))
-            .map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
-    }
-    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let config = match &tls.client {
-        None => builder.with_no_client_auth(),
-        Some(c) => {
-            let chain = c
-                .chain
-                .iter()
-                .map(|d| CertificateDer::from(d.clone()))
-                .collect();
-            let key = PrivateKeyDer::try_from(c.key.0.clone())
-                .map_err(|e| format!("{}: {e}", c.key_file.display()))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                format!(
-                    "{} with {}: {e}",
-                    c.cert_file.display(),
-                    c.key_file.display()
-                )
-            })?
-        }
-    };
-    Ok(Arc::new(config))
 }
 
 /// `e` and what caused it (hyper's "connection error" alone hides e.g.

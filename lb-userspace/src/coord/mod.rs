@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
-use crate::{config::Coordination as Config, db::Event};
+use crate::config::Coordination as Config;
 
 /// The key whose holder leads `pool`.
 pub fn leader_key(pool: &str) -> String {
@@ -159,14 +159,32 @@ pub fn to_record(leads: bool, recorded: Option<&Recorded>, local: Option<&str>) 
     (recorded.map(|r| r.primary.as_str()) != Some(local)).then(|| local.to_owned())
 }
 
+/// What the coordination tasks report, for the pools' loop (`db` turns
+/// it into its own events: coordination never imports the pools).
+#[derive(Debug)]
+pub enum Report {
+    /// A round with etcd for `pool`: what this LB saw, or why it failed.
+    Coordinated {
+        pool: String,
+        result: Result<View, String>,
+    },
+    /// This LB tried to record `primary`: the record's revision, `None` if
+    /// it no longer leads, or why etcd failed.
+    Recorded {
+        pool: String,
+        primary: String,
+        result: Result<Option<i64>, String>,
+    },
+}
+
 /// How often the task renews the lease and reads every pool's keys.
 pub fn tick(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(200))
 }
 
 /// The coordination task: renews this LB's lease, campaigns for every
-/// pool in `pools` and reports each round as [`Event::Coordinated`].
-pub async fn run(cfg: Config, pools: Vec<String>, tx: UnboundedSender<Event>) {
+/// pool in `pools` and reports each round as [`Report::Coordinated`].
+pub async fn run<E: From<Report>>(cfg: Config, pools: Vec<String>, tx: UnboundedSender<E>) {
     let tick = tick(cfg.lease_ttl);
     // One endpoint's silence must leave time for the others within a tick.
     let per_call = (tick / 2).max(Duration::from_millis(100));
@@ -176,10 +194,10 @@ pub async fn run(cfg: Config, pools: Vec<String>, tx: UnboundedSender<Event>) {
             // The config checked these settings: only a changed file
             // could fail here. Said, and no leadership (never acting blind).
             for pool in &pools {
-                let _ = tx.send(Event::Coordinated {
+                let _ = tx.send(E::from(Report::Coordinated {
                     pool: pool.clone(),
                     result: Err(e.to_string()),
-                });
+                }));
             }
             return;
         }
@@ -212,10 +230,10 @@ pub async fn run(cfg: Config, pools: Vec<String>, tx: UnboundedSender<Event>) {
             }
             Err(e) => {
                 for pool in &pools {
-                    let _ = tx.send(Event::Coordinated {
+                    let _ = tx.send(E::from(Report::Coordinated {
                         pool: pool.clone(),
                         result: Err(e.to_string()),
-                    });
+                    }));
                 }
                 continue;
             }
@@ -245,22 +263,22 @@ pub async fn run(cfg: Config, pools: Vec<String>, tx: UnboundedSender<Event>) {
                 }),
                 Err(e) => Err(e.to_string()),
             };
-            let _ = tx.send(Event::Coordinated {
+            let _ = tx.send(E::from(Report::Coordinated {
                 pool: pool.clone(),
                 result,
-            });
+            }));
         }
     }
 }
 
 /// Records `primary` for `pool` if this LB still leads it (tenure
-/// `leader_revision`); reports [`Event::Recorded`].
-pub async fn record(
+/// `leader_revision`); reports [`Report::Recorded`].
+pub async fn record<E: From<Report>>(
     cfg: Config,
     pool: String,
     leader_revision: i64,
     primary: String,
-    tx: UnboundedSender<Event>,
+    tx: UnboundedSender<E>,
 ) {
     let result = match etcd::Etcd::from_config(&cfg, tick(cfg.lease_ttl)) {
         Ok(client) => client
@@ -274,11 +292,11 @@ pub async fn record(
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let _ = tx.send(Event::Recorded {
+    let _ = tx.send(E::from(Report::Recorded {
         pool,
         primary,
         result,
-    });
+    }));
 }
 
 #[cfg(test)]

@@ -432,7 +432,6 @@ impl Dataplane {
     }
 }
 
-
 /// A half-open table seed: random, never 0 (0 means "no seed yet").
 fn random_seed() -> u32 {
     let mut bytes = [0u8; 4];

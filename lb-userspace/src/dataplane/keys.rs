@@ -30,4 +30,3 @@ pub fn service_key(svc: &config::Service) -> ServiceKey {
         _pad: 0,
     }
 }
-

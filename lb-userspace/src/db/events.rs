@@ -9,8 +9,8 @@ use tracing::{error, info, warn};
 use super::{Event, Handled, Pools, gtid, ops, state};
 use crate::{
     config::PoolMember,
-    control::Response,
     health::{ProbeError, mysql::Observation},
+    wire::Response,
 };
 
 impl Pools {

@@ -18,7 +18,7 @@
 
 mod coordination;
 mod events;
-pub mod gtid;
+pub use crate::health::gtid;
 mod login;
 pub mod ops;
 mod promote;
@@ -95,6 +95,24 @@ pub enum Event {
         primary: String,
         result: Result<Option<i64>, String>,
     },
+}
+
+impl From<crate::coord::Report> for Event {
+    fn from(report: crate::coord::Report) -> Event {
+        use crate::coord::Report;
+        match report {
+            Report::Coordinated { pool, result } => Event::Coordinated { pool, result },
+            Report::Recorded {
+                pool,
+                primary,
+                result,
+            } => Event::Recorded {
+                pool,
+                primary,
+                result,
+            },
+        }
+    }
 }
 
 /// What handling an event asks of the agent.

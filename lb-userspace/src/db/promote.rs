@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{Event, Pools, ops};
-use crate::control::Response;
+use crate::wire::Response;
 
 impl Pools {
     /// Starts a promotion of `member`; its outcome comes back as

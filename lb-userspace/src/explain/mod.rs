@@ -23,8 +23,8 @@ use crate::{
 pub mod choose;
 pub mod query;
 
-pub use choose::{Choice, choose};
 pub use crate::dataplane::{FlowFacts, FwFacts, ServiceFacts};
+pub use choose::{Choice, choose};
 pub use query::FlowQuery;
 
 /// What a scope does to a new flow from the client, and whether it drops it.

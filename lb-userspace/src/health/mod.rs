@@ -35,6 +35,7 @@ use crate::{
 
 mod counter;
 mod dns;
+pub mod gtid;
 pub mod mysql;
 mod probe;
 #[cfg(test)]

@@ -54,7 +54,7 @@ impl Replication {
 /// for each replication domain of `received`, `applied` has that domain at
 /// the same or a later sequence number (`0-1-120` covers `0-1-118`).
 pub fn gtid_covers(applied: &str, received: &str) -> bool {
-    use crate::db::gtid::Position;
+    use super::gtid::Position;
     match (
         Position::furthest([applied]),
         Position::furthest([received]),

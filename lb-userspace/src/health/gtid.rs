@@ -14,7 +14,7 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use crate::health::mysql::Observation;
+use super::mysql::Observation;
 
 /// One GTID: `domain-server-seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
