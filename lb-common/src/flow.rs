@@ -60,9 +60,10 @@ pub const fn advances(seq: u32, last: u32) -> bool {
     (seq.wrapping_sub(last) as i32) > 0
 }
 
-/// Entry directions (`Flow::direction`).
-pub const FORWARD: u8 = 0;
-pub const REPLY: u8 = 1;
+// The entry directions (`Flow::direction`) and the number of timeouts
+// (`FlowConf::timeouts`) are part of the maps' layouts: declared there, so
+// the layouts never import the flow rules.
+pub use crate::maps::{FORWARD, REPLY, TIMEOUT_COUNT};
 
 /// The clock is CLOCK_MONOTONIC_COARSE shifted right by this: a tick is
 /// 2^30 ns, about 1.07 s. A shift, not a division, and a u32 of ticks lasts
@@ -91,7 +92,6 @@ pub enum Timeout {
     /// UDP, any state.
     Udp = 3,
 }
-pub const TIMEOUT_COUNT: usize = 4;
 
 /// Ticks of monotonic time `ns`.
 #[inline(always)]

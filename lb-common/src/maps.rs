@@ -196,6 +196,13 @@ pub struct BackendHop {
     pub resolved: u32,
 }
 
+/// Entry directions (`Flow::direction`): the client's, and the reply's.
+pub const FORWARD: u8 = 0;
+pub const REPLY: u8 = 1;
+
+/// How many idle timeouts `FlowConf::timeouts` holds (`flow::Timeout`).
+pub const TIMEOUT_COUNT: usize = 4;
+
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
 ///
 /// A forward entry (key client → VIP) pins the flow to its backend; a NAT
@@ -265,7 +272,7 @@ impl From<&HalfOpenEntry> for Flow {
             seen: e.seen,
             vip: e.vip,
             vport: 0,
-            direction: crate::flow::FORWARD,
+            direction: FORWARD,
             _pad: 0,
             next_hop: NextHop::default(),
             seq: e.seq,
@@ -305,7 +312,7 @@ pub struct FlowCounts {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowConf {
     /// Idle timeouts in ticks, indexed by [`crate::flow::Timeout`].
-    pub timeouts: [u32; crate::flow::TIMEOUT_COUNT],
+    pub timeouts: [u32; TIMEOUT_COUNT],
     /// New flows a CPU inserts per tick (about a second); 0: no limit.
     pub new_flow_budget: u32,
     /// Slots in `HALF_OPEN` (its `max_entries`), for [`crate::flow::slot_index`];
@@ -756,7 +763,7 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * crate::flow::TIMEOUT_COUNT + 24);
+const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 24);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
 const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
