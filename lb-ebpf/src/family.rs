@@ -2,24 +2,21 @@
 //! brings of its own: the parse of its header, its stages for packets
 //! without ports (fragments, ICMP errors), the frames it composes, its FIB
 //! fields, and its hot maps and flow tables. The path (`path.rs`) is
-//! written once over [`PathFamily`]; `V4` is the one instance. IPv6 is an
+//! written once over [`PathFamily`] (declared here); `V4` (v4.rs) is the one
+//! instance. IPv6 is an
 //! `impl PathFamily for V6` with its own maps (its own VIPs, services,
 //! backends, flow tables, fragments), not a branch in the path.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
-    Backend, Flow, FlowKey, ServiceConf, ServiceKey,
-    family::{Family, FlowTuple, V4},
-    headers::{EthHdr, Ipv4Hdr},
+    Backend, Flow, ServiceConf,
+    family::{Family, FlowTuple},
+    headers::EthHdr,
 };
 
 use crate::{
-    BACKENDS, SERVICES, VIPS, compose, firewall,
-    flows::{self, Slot, Table},
-    frag, hops, icmp,
-    mem::header,
-    parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    schedule,
+    flows::{self, Table},
+    parse::{Found, Fragment, Packet, PortLess, Quote},
     verdict::Outcome,
 };
 
@@ -111,167 +108,24 @@ pub(crate) trait PathFamily: Family + Sized {
     }
 }
 
-impl PathFamily for V4 {
-    type Slot = Slot;
-
-    #[inline(always)]
-    fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
-        header::<Ipv4Hdr>(ctx, EthHdr::LEN)
-    }
-
-    #[inline(always)]
-    fn port_less(ip: *const Ipv4Hdr) -> PortLess {
-        // SAFETY: the caller bounds-checked the fixed IPv4 header.
-        let hdr = unsafe { &*ip };
-        if hdr.is_later_fragment() {
-            return PortLess::LaterFragment;
-        }
-        if hdr.protocol == lb_common::headers::IPPROTO_ICMP {
-            return PortLess::Icmp;
-        }
-        PortLess::No
-    }
-
-    #[inline(always)]
-    fn later_fragment(
-        ctx: &XdpContext,
-        eth: *mut EthHdr,
-        ip: *mut Ipv4Hdr,
-    ) -> Option<Found<V4, Fragment>> {
-        frag::later_fragment(ctx, eth, ip)
-    }
-
-    #[inline(always)]
-    fn error_of_flow(
-        ctx: &XdpContext,
-        eth: *mut EthHdr,
-        ip: *mut Ipv4Hdr,
-    ) -> Option<Found<V4, Quote<V4>>> {
-        icmp::error_of_flow(ctx, eth, ip)
-    }
-
-    #[inline(always)]
-    fn parse_l4(
-        ctx: &XdpContext,
-        eth: *mut EthHdr,
-        ip: *mut Ipv4Hdr,
-    ) -> Result<Packet<V4>, Outcome> {
-        parse::parse_l4(ctx, eth, ip)
-    }
-
-    #[inline(always)]
-    fn is_vip(addr: u32) -> bool {
-        VIPS.get_ptr(addr).is_some()
-    }
-
-    #[inline(always)]
-    fn service(key: &ServiceKey) -> Option<u32> {
-        // SAFETY: a plain hash lookup; the value is copied at once.
-        unsafe { SERVICES.get(key) }.copied()
-    }
-
-    #[inline(always)]
-    fn backend(id: u32) -> Option<&'static Backend> {
-        BACKENDS.get(id)
-    }
-
-    #[inline(always)]
-    fn backend_addr(backend: &Backend) -> u32 {
-        backend.addr
-    }
-
-    #[inline(always)]
-    fn reply_vip(flow: &Flow) -> u32 {
-        flow.vip
-    }
-
-    #[inline(always)]
-    fn firewall(scope: u32, source: u32) -> Result<(), Outcome> {
-        firewall::firewall(scope, source)
-    }
-
-    #[inline(always)]
-    fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
-        schedule::schedule(key, service_id, conf)
-    }
-
-    #[inline(always)]
-    fn remember_fragment(ip: *const Ipv4Hdr, key: &FlowKey) {
-        frag::remember(ip, key);
-    }
-
-    #[inline(always)]
-    fn set_fib_addresses(fib: &mut FibParams, source: u32, destination: u32) {
-        fib.__bindgen_anon_3.ipv4_src = source;
-        fib.__bindgen_anon_4.ipv4_dst = destination;
-    }
-
-    #[inline(always)]
-    fn report_unresolved(fib: &FibParams) {
-        // SAFETY: on NO_NEIGH the kernel has set the egress interface and
-        // the next hop's address (the gateway, or the destination).
-        hops::wanted(unsafe { fib.__bindgen_anon_4.ipv4_dst }, fib.ifindex);
-    }
-
-    #[inline(always)]
-    fn too_big(ctx: &XdpContext, mtu: u16) -> Outcome {
-        compose::too_big(ctx, mtu)
-    }
-
-    #[inline(always)]
-    fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
-        flows::established(key, now)
-    }
-
-    #[inline(always)]
-    fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
-        flows::half_open(key, now, to_vip)
-    }
-
-    #[inline(always)]
-    fn answered(slot: Slot, key: &FlowKey, reply: &Flow, flags: u8, seq: u32) {
-        flows::answered(slot, key, reply, flags, seq);
-    }
-
-    #[inline(always)]
-    fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
-        flows::record(slot, forward, state, seq);
-    }
-
-    #[inline(always)]
-    fn close(key: &FlowKey, flow: &mut Flow) {
-        flows::close(key, flow);
-    }
-
-    #[inline(always)]
-    fn restarted_by_syn(table: Table, key: &FlowKey, flow: &Flow) -> bool {
-        flows::restarted_by_syn(table, key, flow)
-    }
-
-    #[inline(always)]
-    fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
-        flows::promote(key, flow, seq, ack, now);
-    }
-
-    #[inline(always)]
-    fn create(
-        key: &FlowKey,
-        service_id: u32,
-        backend_id: u32,
-        nat: bool,
-        state: u32,
-        now: u32,
-    ) -> Flow {
-        flows::create(key, service_id, backend_id, nat, state, now)
-    }
-
-    #[inline(always)]
-    fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
-        flows::remove_flow(table, key, flow);
-    }
-
-    #[inline(always)]
-    fn from_nat_backend(key: &FlowKey) -> bool {
-        flows::from_nat_backend(key)
-    }
+/// A port-less packet's [`Found`], if `key` (its tuple as the flow's
+/// packets arrive) has a live flow.
+#[inline(always)]
+pub(crate) fn found<F: PathFamily, L>(
+    eth: *mut EthHdr,
+    ip: *mut F::IpHdr,
+    key: F::FlowKey,
+    l4: L,
+) -> Option<Found<F, L>> {
+    let now = flows::now();
+    let (flow, table) = F::flow_of(&key, now)?;
+    Some(Found {
+        eth,
+        ip,
+        key,
+        flow,
+        table,
+        now,
+        l4,
+    })
 }

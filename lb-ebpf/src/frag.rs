@@ -26,7 +26,10 @@ use lb_common::{
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
-use crate::parse::{Found, Fragment, found, plain_ipv4};
+use crate::{
+    family::found,
+    parse::{Found, Fragment, plain_ipv4},
+};
 
 /// Fragmented datagram → its ports, from its first fragment. This program.
 #[map]

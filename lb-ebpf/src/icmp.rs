@@ -21,8 +21,9 @@ use lb_common::{
 };
 
 use crate::{
+    family::found,
     mem::header,
-    parse::{Found, Quote, found, plain_ipv4},
+    parse::{Found, Quote, plain_ipv4},
 };
 
 const ICMP_OFF: usize = EthHdr::LEN + Ipv4Hdr::LEN;

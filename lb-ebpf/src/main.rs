@@ -39,11 +39,12 @@ mod path;
 mod schedule;
 mod trace;
 mod transmit;
+mod v4;
 mod verdict;
 
 use capture::capture;
-use trace::trace;
 use mem::header;
+use trace::trace;
 use verdict::count;
 
 use aya_ebpf::{

@@ -14,8 +14,7 @@ use lb_common::{
 };
 
 use crate::{
-    family::PathFamily,
-    flows::{self, Table},
+    flows::Table,
     mem::header,
     verdict::{Outcome, drop, pass},
 };
@@ -43,28 +42,6 @@ pub(crate) struct Found<F: Family, L> {
     /// When it was looked up (ticks).
     pub(crate) now: u32,
     pub(crate) l4: L,
-}
-
-/// A port-less packet's [`Found`], if `key` (its tuple as the flow's
-/// packets arrive) has a live flow.
-#[inline(always)]
-pub(crate) fn found<F: PathFamily, L>(
-    eth: *mut EthHdr,
-    ip: *mut F::IpHdr,
-    key: F::FlowKey,
-    l4: L,
-) -> Option<Found<F, L>> {
-    let now = flows::now();
-    let (flow, table) = F::flow_of(&key, now)?;
-    Some(Found {
-        eth,
-        ip,
-        key,
-        flow,
-        table,
-        now,
-        l4,
-    })
 }
 
 /// A fragment after the first: no L4 header in the frame. Its flow's ports

@@ -1,0 +1,188 @@
+//! IPv4, the packet path's one address family today: its header parse,
+//! its stages for packets without ports (fragments, ICMP errors), the frames
+//! it composes, its FIB fields, and its hot maps and flow tables, bound to
+//! [`PathFamily`] (family.rs).
+
+use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
+use lb_common::{
+    Backend, Flow, FlowKey, ServiceConf, ServiceKey,
+    family::V4,
+    headers::{EthHdr, Ipv4Hdr},
+};
+
+use crate::{
+    BACKENDS, SERVICES, VIPS, compose,
+    family::PathFamily,
+    firewall,
+    flows::{self, Slot, Table},
+    frag, hops, icmp,
+    mem::header,
+    parse::{self, Found, Fragment, Packet, PortLess, Quote},
+    schedule,
+    verdict::Outcome,
+};
+
+impl PathFamily for V4 {
+    type Slot = Slot;
+
+    #[inline(always)]
+    fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
+        header::<Ipv4Hdr>(ctx, EthHdr::LEN)
+    }
+
+    #[inline(always)]
+    fn port_less(ip: *const Ipv4Hdr) -> PortLess {
+        // SAFETY: the caller bounds-checked the fixed IPv4 header.
+        let hdr = unsafe { &*ip };
+        if hdr.is_later_fragment() {
+            return PortLess::LaterFragment;
+        }
+        if hdr.protocol == lb_common::headers::IPPROTO_ICMP {
+            return PortLess::Icmp;
+        }
+        PortLess::No
+    }
+
+    #[inline(always)]
+    fn later_fragment(
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+    ) -> Option<Found<V4, Fragment>> {
+        frag::later_fragment(ctx, eth, ip)
+    }
+
+    #[inline(always)]
+    fn error_of_flow(
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+    ) -> Option<Found<V4, Quote<V4>>> {
+        icmp::error_of_flow(ctx, eth, ip)
+    }
+
+    #[inline(always)]
+    fn parse_l4(
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+    ) -> Result<Packet<V4>, Outcome> {
+        parse::parse_l4(ctx, eth, ip)
+    }
+
+    #[inline(always)]
+    fn is_vip(addr: u32) -> bool {
+        VIPS.get_ptr(addr).is_some()
+    }
+
+    #[inline(always)]
+    fn service(key: &ServiceKey) -> Option<u32> {
+        // SAFETY: a plain hash lookup; the value is copied at once.
+        unsafe { SERVICES.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<&'static Backend> {
+        BACKENDS.get(id)
+    }
+
+    #[inline(always)]
+    fn backend_addr(backend: &Backend) -> u32 {
+        backend.addr
+    }
+
+    #[inline(always)]
+    fn reply_vip(flow: &Flow) -> u32 {
+        flow.vip
+    }
+
+    #[inline(always)]
+    fn firewall(scope: u32, source: u32) -> Result<(), Outcome> {
+        firewall::firewall(scope, source)
+    }
+
+    #[inline(always)]
+    fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
+        schedule::schedule(key, service_id, conf)
+    }
+
+    #[inline(always)]
+    fn remember_fragment(ip: *const Ipv4Hdr, key: &FlowKey) {
+        frag::remember(ip, key);
+    }
+
+    #[inline(always)]
+    fn set_fib_addresses(fib: &mut FibParams, source: u32, destination: u32) {
+        fib.__bindgen_anon_3.ipv4_src = source;
+        fib.__bindgen_anon_4.ipv4_dst = destination;
+    }
+
+    #[inline(always)]
+    fn report_unresolved(fib: &FibParams) {
+        // SAFETY: on NO_NEIGH the kernel has set the egress interface and
+        // the next hop's address (the gateway, or the destination).
+        hops::wanted(unsafe { fib.__bindgen_anon_4.ipv4_dst }, fib.ifindex);
+    }
+
+    #[inline(always)]
+    fn too_big(ctx: &XdpContext, mtu: u16) -> Outcome {
+        compose::too_big(ctx, mtu)
+    }
+
+    #[inline(always)]
+    fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
+        flows::established(key, now)
+    }
+
+    #[inline(always)]
+    fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
+        flows::half_open(key, now, to_vip)
+    }
+
+    #[inline(always)]
+    fn answered(slot: Slot, key: &FlowKey, reply: &Flow, flags: u8, seq: u32) {
+        flows::answered(slot, key, reply, flags, seq);
+    }
+
+    #[inline(always)]
+    fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
+        flows::record(slot, forward, state, seq);
+    }
+
+    #[inline(always)]
+    fn close(key: &FlowKey, flow: &mut Flow) {
+        flows::close(key, flow);
+    }
+
+    #[inline(always)]
+    fn restarted_by_syn(table: Table, key: &FlowKey, flow: &Flow) -> bool {
+        flows::restarted_by_syn(table, key, flow)
+    }
+
+    #[inline(always)]
+    fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
+        flows::promote(key, flow, seq, ack, now);
+    }
+
+    #[inline(always)]
+    fn create(
+        key: &FlowKey,
+        service_id: u32,
+        backend_id: u32,
+        nat: bool,
+        state: u32,
+        now: u32,
+    ) -> Flow {
+        flows::create(key, service_id, backend_id, nat, state, now)
+    }
+
+    #[inline(always)]
+    fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
+        flows::remove_flow(table, key, flow);
+    }
+
+    #[inline(always)]
+    fn from_nat_backend(key: &FlowKey) -> bool {
+        flows::from_nat_backend(key)
+    }
+}
