@@ -21,8 +21,8 @@ use lb_tests::{
         ns_per_packet, prefix, rule_counts, udp,
     },
 };
-use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_userspace::dataplane::MapName;
+use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 
 /// Answers the half-open flow of an earlier SYN: the SYN again (a
 /// retransmission: same backend, nothing changes) shows where it went.
@@ -257,7 +257,10 @@ fn rate_limit_bucket_empties_then_refills() {
         );
         // Two seconds later (the timestamp moved back): two more tokens.
         {
-            let map = h.dp.ebpf().map_mut(MapName::FW_BUCKETS.name()).expect("FW_BUCKETS");
+            let map =
+                h.dp.ebpf()
+                    .map_mut(MapName::FW_BUCKETS.name())
+                    .expect("FW_BUCKETS");
             let mut buckets: AyaHashMap<_, BucketKey, Bucket> =
                 AyaHashMap::try_from(map).expect("bucket map");
             let key = BucketKey {

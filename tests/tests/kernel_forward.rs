@@ -23,8 +23,8 @@ use lb_tests::{
         WEB_UDP_PORT, WEB_UNRESOLVED, WEBS, fix_ip_checksum, lab_config, udp,
     },
 };
-use lb_userspace::harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 use lb_userspace::dataplane::MapName;
+use lb_userspace::harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 
 /// What a fixture expects of the frame the program leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,9 +156,13 @@ fn nat_syn_is_rewritten_byte_for_byte_and_replies_restored() {
         assert_eq!(out, want.build());
 
         // Per-service and per-backend counters saw the traffic.
-        let svc = h.dp.counters(MapName::SERVICE_STATS, 0).expect("service counters");
+        let svc =
+            h.dp.counters(MapName::SERVICE_STATS, 0)
+                .expect("service counters");
         assert_eq!(svc.packets, 5, "3 forwarded + SYN-ACK and reply");
-        let web1 = h.dp.counters(MapName::BACKEND_STATS, 0).expect("backend counters");
+        let web1 =
+            h.dp.counters(MapName::BACKEND_STATS, 0)
+                .expect("backend counters");
         assert_eq!(web1.packets, 4);
     });
 }
