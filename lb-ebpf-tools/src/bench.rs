@@ -20,7 +20,7 @@ use lb_common::{
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
-use crate::mem::header;
+use crate::mem::{copy_mac, header};
 
 #[map]
 static FWD_CONF: Array<FwdConf> = Array::with_max_entries(1, 0);
@@ -97,14 +97,3 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The MAC copy `lb` does (lb-ebpf's `copy_mac`): three 2-byte stores, not
-/// an array assignment, which LLVM makes an out-of-line memmove — a fair
-/// ceiling pays what `lb` pays, no more.
-#[inline(always)]
-fn copy_mac(dst: *mut [u8; 6], src: &[u8; 6]) {
-    let (d, s) = (dst.cast::<u16>(), src.as_ptr().cast::<u16>());
-    for i in 0..3 {
-        // SAFETY: both point at 6 valid bytes, 2-byte aligned.
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read(s.add(i))) };
-    }
-}

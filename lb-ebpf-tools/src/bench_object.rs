@@ -5,6 +5,11 @@
 #![no_main]
 
 mod bench;
+// The data plane's frame helpers, one copy for both crates (separate
+// crates cannot share lb-ebpf's private functions otherwise); the tools
+// use some of them.
+#[allow(dead_code)]
+#[path = "../../lb-ebpf/src/mem.rs"]
 mod mem;
 mod pktgen;
 

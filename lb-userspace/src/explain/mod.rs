@@ -159,7 +159,7 @@ pub fn explain(
             let _ = writeln!(
                 out,
                 "a conntrack entry of a removed service remains for this tuple: its packets are \
-                 passed too (pass_no_service) until the LRU evicts it"
+                 passed too (pass_no_service) until the sweep expires it"
             );
         }
         return out;
