@@ -23,7 +23,9 @@ pub mod rewrite;
 pub mod ring;
 #[cfg(feature = "pktgen")]
 pub mod tools;
+pub mod verdict;
 
 pub use maps::*;
 #[cfg(feature = "pktgen")]
 pub use tools::*;
+pub use verdict::*;

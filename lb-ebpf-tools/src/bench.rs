@@ -96,4 +96,3 @@ pub fn hash_fwd(ctx: XdpContext) -> u32 {
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
-
