@@ -17,8 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use lb_tests::unique_prefix;
 use lb_userspace::{
     config::Coordination as Config,
-    coord::{self, Coordination},
-    db::Event,
+    coord::{self, Coordination, Report},
     harness::{
         etcd::{EtcdCluster, EtcdPki, Member},
         netns::{self, Netns, VethEnd, in_netns},
@@ -82,9 +81,8 @@ impl Lb {
                             }
                             Some(event) = rx.recv() => {
                                 let s = match event {
-                                    Event::Coordinated { result, .. } => Seen::Round(Instant::now(), result),
-                                    Event::Recorded { result, .. } => Seen::Recorded(result),
-                                    _ => continue,
+                                    Report::Coordinated { result, .. } => Seen::Round(Instant::now(), result),
+                                    Report::Recorded { result, .. } => Seen::Recorded(result),
                                 };
                                 log.lock().expect("log").push(s);
                             }

@@ -9,6 +9,7 @@ use tracing::{error, info, warn};
 use super::{Event, Handled, Pools, gtid, ops, state};
 use crate::{
     config::PoolMember,
+    coord::Report,
     health::{ProbeError, mysql::Observation},
     wire::Response,
 };
@@ -16,7 +17,7 @@ use crate::{
 impl Pools {
     pub fn handle(&mut self, event: Event) -> Handled {
         match event {
-            Event::Coordinated { pool, result } => match result {
+            Event::Coord(Report::Coordinated { pool, result }) => match result {
                 Ok(view) => {
                     let now = Instant::now();
                     self.coordinated(&pool, |c| c.observed(view, now))
@@ -28,11 +29,11 @@ impl Pools {
                     c.unreachable(why);
                 }),
             },
-            Event::Recorded {
+            Event::Coord(Report::Recorded {
                 pool,
                 primary,
                 result,
-            } => {
+            }) => {
                 self.recording.remove(&(pool.clone(), primary.clone()));
                 match result {
                     Ok(Some(revision)) => {

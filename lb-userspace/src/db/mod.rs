@@ -83,35 +83,14 @@ pub enum Event {
         binlog_pos: String,
         result: Result<Vec<gtid::Gtid>, String>,
     },
-    /// `[coordination]`: a round with etcd for `pool` (coord::run).
-    Coordinated {
-        pool: String,
-        result: Result<crate::coord::View, String>,
-    },
-    /// `[coordination]`: this LB tried to record `primary`: the record's
-    /// revision, `None` if it no longer leads, or why etcd failed.
-    Recorded {
-        pool: String,
-        primary: String,
-        result: Result<Option<i64>, String>,
-    },
+    /// `[coordination]`: what a coordination task reports (`coord::run`,
+    /// `coord::record`).
+    Coord(crate::coord::Report),
 }
 
 impl From<crate::coord::Report> for Event {
     fn from(report: crate::coord::Report) -> Event {
-        use crate::coord::Report;
-        match report {
-            Report::Coordinated { pool, result } => Event::Coordinated { pool, result },
-            Report::Recorded {
-                pool,
-                primary,
-                result,
-            } => Event::Recorded {
-                pool,
-                primary,
-                result,
-            },
-        }
+        Event::Coord(report)
     }
 }
 
