@@ -143,7 +143,10 @@ pub const fn timeout_for(protocol: u8, state: u32) -> Timeout {
 #[inline(always)]
 pub fn is_expired(conf: &FlowConf, protocol: u8, flow: &Flow, now: u32) -> bool {
     let timeout = conf.timeouts[timeout_for(protocol, flow.state) as usize];
-    timeout != 0 && now.wrapping_sub(flow.seen) > timeout
+    // Signed age: the data plane's clock may run up to 2 jiffies ahead of
+    // the agent's, so near a tick boundary an entry can be stamped a tick
+    // after the agent's `now`; that is age 0, not u32::MAX.
+    timeout != 0 && (now.wrapping_sub(flow.seen) as i32) > timeout as i32
 }
 
 /// Slots per `HALF_OPEN` bucket: a flow may sit in any slot of its bucket
