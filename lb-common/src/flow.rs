@@ -172,8 +172,7 @@ pub const fn slot_index(client: u32, client_port: u16, protocol: u8, seed: u32, 
 /// `slots` slots.
 #[inline(always)]
 pub const fn slot_of_hash(hash: u32, slots: u32) -> u32 {
-    let buckets = slots / HALF_OPEN_WAYS;
-    (((hash as u64 * buckets as u64) >> 32) as u32) * HALF_OPEN_WAYS
+    crate::flow_table::first_way(hash, slots, HALF_OPEN_WAYS)
 }
 
 /// The seeded hash that places a flow's bucket ([`slot_index`]) and breaks

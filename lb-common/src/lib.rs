@@ -11,6 +11,7 @@ pub mod capture;
 pub mod checksum;
 pub mod family;
 pub mod flow;
+pub mod flow_table;
 pub mod hash;
 pub mod headers;
 pub mod icmp;

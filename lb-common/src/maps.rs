@@ -354,6 +354,74 @@ pub struct HalfOpenSlot {
     pub flow: HalfOpenEntry,
 }
 
+/// One direction's running state in an [`EstablishedSlot`]: when it last
+/// carried a packet, its sender's sequence state and the next hop its
+/// first forwarded packet resolved (the fields of [`Flow`] that differ
+/// between a NAT flow's two directions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSide {
+    /// [`Flow::seen`].
+    pub seen: u32,
+    /// [`Flow::seq`].
+    pub seq: u32,
+    /// [`Flow::next_hop`].
+    pub next_hop: NextHop,
+}
+
+/// [`EstablishedSlot::flags`]: the flow came from a peer load balancer
+/// (flow sync, issue 27), not from a handshake this one saw.
+pub const SLOT_F_SYNCED: u8 = 1 << 0;
+/// [`EstablishedSlot::flags`]: a NAT flow (its replies are translated; the
+/// slot's second line holds the reply side).
+pub const SLOT_F_NAT: u8 = 1 << 1;
+/// [`EstablishedSlot::flags`] of a bucket's first way: a flow of this
+/// bucket found both ways live and went to the overflow table; lookups
+/// that miss the bucket probe the overflow only while it is set
+/// ([`crate::flow_table::probes_overflow`]).
+pub const SLOT_F_OVERFLOWED: u8 = 1 << 2;
+
+/// A slot of the established table: one flow, both directions, in two
+/// cache lines (the pair a CPU fetches together; the table's slots are
+/// 128-byte aligned in the page-aligned array). Line 0 is all a DSR flow or
+/// a NAT flow's forward packet reads: the lock, the forward key, the
+/// backend and service, the state, and the forward side. Line 1 is the
+/// reply side of a NAT flow: the backend endpoint its replies come from
+/// (so a reply is matched without reading `BACKENDS`) and their running
+/// state. A flow is found by its client's bucket
+/// ([`crate::flow_table::first_way`] of [`crate::flow::bucket_hash`] of the
+/// client's address, port and protocol), which both directions carry, so
+/// one slot serves both and its directions cannot part.
+///
+/// `seq` is a sequence lock as in [`HalfOpenSlot`]: odd while a writer
+/// holds it. A slot changes hands (key, ids, flags, sides) only under it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EstablishedSlot {
+    pub seq: u32,
+    /// The forward key (client → VIP); all zero: the slot is empty.
+    pub key: FlowKey,
+    /// [`Flow::backend_id`] (< [`MAX_BACKENDS`], asserted to fit).
+    pub backend_id: u16,
+    /// [`Flow::service_id`] (< [`MAX_SERVICES`]).
+    pub service_id: u16,
+    /// [`Flow::state`]: a u32 for the compare-and-swap of a FIN.
+    pub state: u32,
+    /// `SLOT_F_*`.
+    pub flags: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub forward: FlowSide,
+    pub _pad2: u32,
+    // Line 1: the reply side (NAT only).
+    /// The backend's address and port (network order) its replies come from.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad3: u16,
+    pub reply: FlowSide,
+    pub _pad4: [u32; 7],
+}
+
 impl FlowKey {
     /// The key of a packet with these IPv4 and TCP/UDP port headers, as it
     /// arrives (network order, as the headers have it).
@@ -584,6 +652,13 @@ const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 24);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowSide>() == 28);
+const _: () = assert!(core::mem::size_of::<EstablishedSlot>() == 128);
+// Line 0 holds everything a forward packet reads.
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot, _pad2) + 4 == 64);
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot, backend_addr) == 64);
+const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32 + 1);
+const _: () = assert!(MAX_SERVICES <= u16::MAX as u32 + 1);
 const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
@@ -603,6 +678,7 @@ mod pod {
     unsafe impl aya::Pod for super::MaglevTable {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::EstablishedSlot {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FlowCounts {}
