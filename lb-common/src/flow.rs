@@ -142,11 +142,18 @@ pub const fn timeout_for(protocol: u8, state: u32) -> Timeout {
 /// A zero timeout (settings not written yet) never expires anything.
 #[inline(always)]
 pub fn is_expired(conf: &FlowConf, protocol: u8, flow: &Flow, now: u32) -> bool {
-    let timeout = conf.timeouts[timeout_for(protocol, flow.state) as usize];
+    is_idle(conf, protocol, flow.state, flow.seen, now)
+}
+
+/// [`is_expired`] of an entry in `state` last seen at `seen` (for readers
+/// that hold the two words, not a whole entry).
+#[inline(always)]
+pub fn is_idle(conf: &FlowConf, protocol: u8, state: u32, seen: u32, now: u32) -> bool {
+    let timeout = conf.timeouts[timeout_for(protocol, state) as usize];
     // Signed age: the data plane's clock may run up to 2 jiffies ahead of
     // the agent's, so near a tick boundary an entry can be stamped a tick
     // after the agent's `now`; that is age 0, not u32::MAX.
-    timeout != 0 && (now.wrapping_sub(flow.seen) as i32) > timeout as i32
+    timeout != 0 && (now.wrapping_sub(seen) as i32) > timeout as i32
 }
 
 /// Slots per `HALF_OPEN` bucket: a flow may sit in any slot of its bucket

@@ -21,11 +21,8 @@
 //! (IPv6) key and slot can use the same rules.
 
 use crate::{
-    flow::{FORWARD, REPLY, bucket_hash, is_expired},
-    maps::{
-        EstablishedSlot, Flow, FlowConf, FlowKey, FlowSide, SLOT_F_NAT, SLOT_F_OVERFLOWED,
-        SLOT_F_SYNCED,
-    },
+    flow::{bucket_hash, is_expired},
+    maps::{EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED},
 };
 
 /// Ways per bucket of the established table: two two-line slots, 256
@@ -133,15 +130,14 @@ pub const fn place<const N: usize>(ways: &[Way; N]) -> Place {
 /// a flow of the bucket went there (`flags`: the bucket's first way's), so
 /// the common miss (a new flow) costs no hash probe.
 #[inline(always)]
-pub const fn probes_overflow(first_way_flags: u8) -> bool {
+pub const fn probes_overflow(first_way_flags: u32) -> bool {
     first_way_flags & SLOT_F_OVERFLOWED != 0
 }
 
 /// A flow's slot, made from its forward entry `forward` (key `key`) and,
 /// for a NAT flow, its backend's endpoint (`backend`: address and port,
-/// network order) and reply entry. The forward entry's `_pad` carries the
-/// [`SLOT_F_SYNCED`] bit; the slot is unlocked (`seq` 0) and its bucket
-/// bit clear: the writer keeps those of the slot it writes.
+/// network order) and reply entry. Unlocked (`seq` 0), bucket bit clear:
+/// the writer keeps those of the slot it writes.
 #[inline(always)]
 pub fn slot_of(
     key: &FlowKey,
@@ -150,51 +146,36 @@ pub fn slot_of(
 ) -> EstablishedSlot {
     let mut slot = EstablishedSlot {
         key: *key,
-        backend_id: forward.backend_id as u16,
-        service_id: forward.service_id as u16,
-        state: forward.state,
-        flags: forward._pad & SLOT_F_SYNCED,
-        forward: side_of(forward),
+        forward: *forward,
         ..EstablishedSlot::default()
     };
     if let Some(((addr, port), entry)) = reply {
-        slot.flags |= SLOT_F_NAT;
         slot.backend_addr = addr;
         slot.backend_port = port;
-        slot.reply = side_of(entry);
+        slot.reply = *entry;
     }
     slot
 }
 
+/// Does the slot hold a NAT flow (a reply side)?
 #[inline(always)]
-fn side_of(flow: &Flow) -> FlowSide {
-    FlowSide {
-        seen: flow.seen,
-        seq: flow.seq,
-        next_hop: flow.next_hop,
-    }
+pub const fn is_nat(slot: &EstablishedSlot) -> bool {
+    slot.forward.vip != 0
 }
 
-/// The forward entry (key: the slot's) a slot holds.
-#[inline(always)]
-pub fn forward_entry(slot: &EstablishedSlot) -> Flow {
-    let nat = slot.flags & SLOT_F_NAT != 0;
-    entry_of(
-        slot,
-        &slot.forward,
-        if nat { slot.key.daddr } else { 0 },
-        0,
-        FORWARD,
-    )
-}
-
-/// The reply key and entry of a NAT flow's slot (`None`: DSR).
+/// The reply key and entry of a NAT flow's slot (`None`: DSR or empty).
 #[inline(always)]
 pub fn reply_entry(slot: &EstablishedSlot) -> Option<(FlowKey, Flow)> {
-    if slot.flags & SLOT_F_NAT == 0 {
+    if !is_nat(slot) || slot.key == FlowKey::EMPTY {
         return None;
     }
-    let key = FlowKey {
+    Some((reply_key_of(slot), slot.reply))
+}
+
+/// The tuple a NAT flow's replies arrive with: its backend → its client.
+#[inline(always)]
+pub const fn reply_key_of(slot: &EstablishedSlot) -> FlowKey {
+    FlowKey {
         saddr: slot.backend_addr,
         daddr: slot.key.saddr,
         sport: slot.backend_port,
@@ -202,9 +183,17 @@ pub fn reply_entry(slot: &EstablishedSlot) -> Option<(FlowKey, Flow)> {
         protocol: slot.key.protocol,
         _pad0: 0,
         _pad1: 0,
-    };
-    let flow = entry_of(slot, &slot.reply, slot.key.daddr, slot.key.dport, REPLY);
-    Some((key, flow))
+    }
+}
+
+/// Every entry a slot holds as (key as its packets arrive, entry): the
+/// forward one, and a NAT flow's reply (none for an empty slot). The
+/// agent's readers see the table as the two-entries-per-NAT-flow table
+/// `CONNTRACK` was.
+#[inline(always)]
+pub fn entries_of(slot: &EstablishedSlot) -> impl Iterator<Item = (FlowKey, Flow)> {
+    let forward = (slot.key != FlowKey::EMPTY).then_some((slot.key, slot.forward));
+    forward.into_iter().chain(reply_entry(slot))
 }
 
 /// Is `key` (a packet backend → client) the reply of the NAT flow in
@@ -212,35 +201,14 @@ pub fn reply_entry(slot: &EstablishedSlot) -> Option<(FlowKey, Flow)> {
 /// backend.
 #[inline(always)]
 pub fn is_reply_of(slot: &EstablishedSlot, key: &FlowKey) -> bool {
-    slot.flags & SLOT_F_NAT != 0
-        && key.daddr == slot.key.saddr
-        && key.dport == slot.key.sport
-        && key.protocol == slot.key.protocol
-        && key.saddr == slot.backend_addr
-        && key.sport == slot.backend_port
-}
-
-#[inline(always)]
-fn entry_of(slot: &EstablishedSlot, side: &FlowSide, vip: u32, vport: u16, direction: u8) -> Flow {
-    Flow {
-        backend_id: u32::from(slot.backend_id),
-        service_id: u32::from(slot.service_id),
-        state: slot.state,
-        seen: side.seen,
-        vip,
-        vport,
-        direction,
-        _pad: slot.flags & SLOT_F_SYNCED,
-        next_hop: side.next_hop,
-        seq: side.seq,
-    }
+    is_nat(slot) && *key == reply_key_of(slot)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        flow::{STATE_CLOSING, STATE_ESTABLISHED, reply_key},
+        flow::{REPLY, STATE_CLOSING, STATE_ESTABLISHED, reply_key},
         headers::{IPPROTO_TCP, IPPROTO_UDP},
         maps::{Backend, NextHop},
     };
@@ -375,9 +343,9 @@ mod tests {
     #[test]
     fn only_a_flagged_bucket_sends_a_miss_to_the_overflow() {
         assert!(!probes_overflow(0));
-        assert!(!probes_overflow(SLOT_F_NAT | SLOT_F_SYNCED));
+        assert!(!probes_overflow(!SLOT_F_OVERFLOWED));
         assert!(probes_overflow(SLOT_F_OVERFLOWED));
-        assert!(probes_overflow(SLOT_F_OVERFLOWED | SLOT_F_NAT));
+        assert!(probes_overflow(u32::MAX));
     }
 
     #[test]
@@ -399,7 +367,7 @@ mod tests {
             vip: fwd.daddr,
             seq: 111,
             next_hop: hop(4),
-            _pad: SLOT_F_SYNCED,
+            _pad: 1,
             ..flow(50, STATE_ESTABLISHED)
         };
         let rkey = reply_key(&fwd, &backend);
@@ -409,44 +377,45 @@ mod tests {
             direction: REPLY,
             seq: 222,
             next_hop: hop(5),
-            _pad: SLOT_F_SYNCED,
             ..flow(51, STATE_ESTABLISHED)
         };
         let slot = slot_of(&fwd, &forward, Some(((backend.addr, backend.port), &reply)));
-        assert_eq!(slot.key, fwd);
-        assert_eq!(forward_entry(&slot), forward);
+        assert_eq!((slot.key, slot.forward), (fwd, forward));
         assert_eq!(reply_entry(&slot), Some((rkey, reply)));
+        assert_eq!(
+            entries_of(&slot).collect::<Vec<_>>(),
+            [(fwd, forward), (rkey, reply)]
+        );
         assert!(is_reply_of(&slot, &rkey));
         // Not a reply: the client's own packet, another backend, another
-        // client port.
+        // client port, another protocol.
         assert!(!is_reply_of(&slot, &fwd));
-        assert!(!is_reply_of(
-            &slot,
-            &FlowKey {
+        for other in [
+            FlowKey {
                 saddr: 0xc613_0003,
                 ..rkey
-            }
-        ));
-        assert!(!is_reply_of(&slot, &FlowKey { dport: 1, ..rkey }));
-        assert!(!is_reply_of(
-            &slot,
-            &FlowKey {
+            },
+            FlowKey { dport: 1, ..rkey },
+            FlowKey {
                 protocol: IPPROTO_UDP,
                 ..rkey
-            }
-        ));
+            },
+        ] {
+            assert!(!is_reply_of(&slot, &other));
+        }
 
-        // DSR: no reply side, no NAT bit, and its forward entry round-trips.
+        // DSR: no reply side.
         let dsr = Flow {
             seq: 9,
             next_hop: hop(3),
             ..flow(60, STATE_ESTABLISHED)
         };
         let slot = slot_of(&fwd, &dsr, None);
-        assert_eq!(forward_entry(&slot), dsr);
-        assert_eq!(reply_entry(&slot), None);
+        assert_eq!(entries_of(&slot).collect::<Vec<_>>(), [(fwd, dsr)]);
         assert!(!is_reply_of(&slot, &rkey));
-        assert_eq!(slot.flags & (SLOT_F_NAT | SLOT_F_OVERFLOWED), 0);
+        assert_eq!(slot.flags & SLOT_F_OVERFLOWED, 0);
+        // Empty: nothing.
+        assert_eq!(entries_of(&EstablishedSlot::default()).count(), 0);
     }
 
     /// How a flow whose bucket is full may use a second bucket.

@@ -111,8 +111,11 @@ maps! {
     BACKENDS: Pinning::Pinned;
     /// Backend id → shared next hop.
     BACKEND_HOPS: Pinning::Pinned;
-    /// The established flow table.
+    /// The established flow table's overflow (flows their bucket had no
+    /// free way for).
     CONNTRACK: Pinning::PinnedSized { config_key: "conntrack-size" };
+    /// The established flow table (mapped into the agent's memory).
+    ESTABLISHED: Pinning::PinnedSized { config_key: "conntrack-size" };
     /// The half-open flow table (mapped into the agent's memory).
     HALF_OPEN: Pinning::PinnedSized { config_key: "half-open-size" };
     /// The flow lifecycle's settings and the half-open table's seed.
@@ -181,6 +184,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 29);
+        assert_eq!(MapName::pinned().count(), 30);
     }
 }

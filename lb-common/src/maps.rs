@@ -331,6 +331,11 @@ pub struct FlowConf {
     /// yet (the clock stands at 0 and nothing expires).
     pub jiffy_ns: u32,
     pub clock_epoch_ns: u64,
+    /// Slots in `ESTABLISHED` (its `max_entries`), for
+    /// [`crate::flow_table::bucket_of`] (same seed as `HALF_OPEN`); 0: no
+    /// established table yet (every lookup misses it).
+    pub established_slots: u32,
+    pub _pad: u32,
 }
 
 /// `HALF_OPEN[slot]`: the half-open table is a two-way set-associative
@@ -354,72 +359,47 @@ pub struct HalfOpenSlot {
     pub flow: HalfOpenEntry,
 }
 
-/// One direction's running state in an [`EstablishedSlot`]: when it last
-/// carried a packet, its sender's sequence state and the next hop its
-/// first forwarded packet resolved (the fields of [`Flow`] that differ
-/// between a NAT flow's two directions).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowSide {
-    /// [`Flow::seen`].
-    pub seen: u32,
-    /// [`Flow::seq`].
-    pub seq: u32,
-    /// [`Flow::next_hop`].
-    pub next_hop: NextHop,
-}
-
-/// [`EstablishedSlot::flags`]: the flow came from a peer load balancer
-/// (flow sync, issue 27), not from a handshake this one saw.
-pub const SLOT_F_SYNCED: u8 = 1 << 0;
-/// [`EstablishedSlot::flags`]: a NAT flow (its replies are translated; the
-/// slot's second line holds the reply side).
-pub const SLOT_F_NAT: u8 = 1 << 1;
 /// [`EstablishedSlot::flags`] of a bucket's first way: a flow of this
-/// bucket found both ways live and went to the overflow table; lookups
-/// that miss the bucket probe the overflow only while it is set
-/// ([`crate::flow_table::probes_overflow`]).
-pub const SLOT_F_OVERFLOWED: u8 = 1 << 2;
+/// bucket found both ways live and went to the overflow table (`CONNTRACK`);
+/// lookups that miss the bucket probe the overflow only while it is set
+/// ([`crate::flow_table::probes_overflow`]). Set by the data plane, cleared
+/// by the agent's sweep once no overflowed flow of the bucket is left.
+pub const SLOT_F_OVERFLOWED: u32 = 1 << 0;
 
-/// A slot of the established table: one flow, both directions, in two
-/// cache lines (the pair a CPU fetches together; the table's slots are
-/// 128-byte aligned in the page-aligned array). Line 0 is all a DSR flow or
-/// a NAT flow's forward packet reads: the lock, the forward key, the
-/// backend and service, the state, and the forward side. Line 1 is the
-/// reply side of a NAT flow: the backend endpoint its replies come from
-/// (so a reply is matched without reading `BACKENDS`) and their running
-/// state. A flow is found by its client's bucket
-/// ([`crate::flow_table::first_way`] of [`crate::flow::bucket_hash`] of the
-/// client's address, port and protocol), which both directions carry, so
-/// one slot serves both and its directions cannot part.
+/// A slot of the established table (`ESTABLISHED`): one flow, both
+/// directions, in two cache lines (the 128-byte-aligned pair a CPU's
+/// adjacent-line prefetch fetches together). The lock, the forward key and
+/// the forward entry are the first 72 bytes; the reply entry of a NAT flow
+/// and the backend endpoint its replies come from (so a reply is matched
+/// without reading `BACKENDS`) follow. The entries are whole [`Flow`]s, so
+/// the packet path works on them in place as it did on `CONNTRACK`'s values
+/// (one table, one layout, no copies on the hot path). A flow is found by
+/// its client's bucket ([`crate::flow_table::bucket_of`]), which both
+/// directions carry, so one slot serves both and its directions cannot
+/// part. The flags byte k27's sync uses is each entry's `Flow::_pad`.
 ///
 /// `seq` is a sequence lock as in [`HalfOpenSlot`]: odd while a writer
-/// holds it. A slot changes hands (key, ids, flags, sides) only under it.
+/// holds it. A slot changes hands (key, entries, endpoint) only under it;
+/// a packet's in-place updates of its own flow (`seen`, `seq`, the next
+/// hop, the state's compare-and-swap) are lone aligned stores, as they were
+/// on `CONNTRACK`'s values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EstablishedSlot {
     pub seq: u32,
     /// The forward key (client → VIP); all zero: the slot is empty.
     pub key: FlowKey,
-    /// [`Flow::backend_id`] (< [`MAX_BACKENDS`], asserted to fit).
-    pub backend_id: u16,
-    /// [`Flow::service_id`] (< [`MAX_SERVICES`]).
-    pub service_id: u16,
-    /// [`Flow::state`]: a u32 for the compare-and-swap of a FIN.
-    pub state: u32,
-    /// `SLOT_F_*`.
-    pub flags: u8,
-    pub _pad0: u8,
-    pub _pad1: u16,
-    pub forward: FlowSide,
-    pub _pad2: u32,
-    // Line 1: the reply side (NAT only).
-    /// The backend's address and port (network order) its replies come from.
+    /// `SLOT_F_*` (the bucket's, on its first way); atomic ORs and ANDs.
+    pub flags: u32,
+    /// The forward entry (`direction` [`FORWARD`]).
+    pub forward: Flow,
+    /// NAT: the reply entry (`direction` [`REPLY`]); DSR: unused (zero).
+    pub reply: Flow,
+    /// NAT: the backend's address and port (network order) its replies
+    /// come from.
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub _pad3: u16,
-    pub reply: FlowSide,
-    pub _pad4: [u32; 7],
+    pub _pad: u16,
 }
 
 impl FlowKey {
@@ -650,15 +630,10 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 24);
+const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 32);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
-const _: () = assert!(core::mem::size_of::<FlowSide>() == 28);
 const _: () = assert!(core::mem::size_of::<EstablishedSlot>() == 128);
-// Line 0 holds everything a forward packet reads.
-const _: () = assert!(core::mem::offset_of!(EstablishedSlot, _pad2) + 4 == 64);
-const _: () = assert!(core::mem::offset_of!(EstablishedSlot, backend_addr) == 64);
-const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32 + 1);
-const _: () = assert!(MAX_SERVICES <= u16::MAX as u32 + 1);
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot, forward) == 24);
 const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);

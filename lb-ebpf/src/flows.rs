@@ -48,9 +48,13 @@ use lb_common::{
     },
 };
 
-use crate::BACKENDS;
+use crate::{
+    BACKENDS,
+    established::{self, Lookup, Placed},
+};
 
-/// Established flows, both directions (two entries per NAT flow). Sized by
+/// The established table's overflow (`established.rs`): flows whose bucket
+/// had no free way, both directions (two entries per NAT flow). Sized by
 /// the agent at load time (twice `conntrack-size`).
 #[map]
 pub(crate) static CONNTRACK: HashMap<FlowKey, Flow> =
@@ -119,23 +123,50 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
     FLOW_CONF.get(0)
 }
 
-/// Step 2: the live `CONNTRACK` entry for `key`, refreshed; `None` on a
-/// miss. An entry idle past its timeout is a miss and is removed with its
-/// pair, unless the pair (the other direction) has carried a packet within
-/// it.
+/// Step 2: the live established entry for `key` (as it arrives: a flow's
+/// forward entry, or a NAT flow's reply entry), refreshed; `None` on a
+/// miss. One bucket of `ESTABLISHED` (`established::find`); `CONNTRACK`,
+/// the overflow, only if the bucket is flagged. An entry idle past its
+/// timeout is a miss and is removed with its flow, unless the flow's other
+/// direction has carried a packet within it.
 #[inline(always)]
 pub(crate) fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
+    let conf = conf()?;
+    let (slot, entry) = match established::find(conf, key) {
+        Lookup::Found(slot, entry) => (slot, entry),
+        Lookup::Miss { overflow: true } => return overflowed(conf, key, now),
+        Lookup::Miss { overflow: false } => return None,
+    };
+    // SAFETY: an array map value: stays mapped; if its slot changes hands
+    // under us, the writes below land in the new flow's words, which its
+    // next packet rewrites (as a removed CONNTRACK entry stayed readable).
+    let flow = unsafe { &mut *entry };
+    if flow.seen != now {
+        if is_expired(conf, key.protocol, flow, now)
+            && !established::other_is_live(slot, flow.direction, key.protocol, conf, now)
+        {
+            remove_flow(Table::Established, key, flow);
+            return None;
+        }
+        // One store per tick, not per packet.
+        flow.seen = now;
+    }
+    Some(entry)
+}
+
+/// Step 2 in the overflow (`CONNTRACK`): as `established`, for a flow its
+/// bucket had no free way for.
+#[inline(always)]
+fn overflowed(conf: &FlowConf, key: &FlowKey, now: u32) -> Option<*mut Flow> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a map value; an entry removed under us stays readable until
     // the program ends (RCU), at worst stale, never a fault.
     let flow = unsafe { &mut *entry };
     if flow.seen != now {
-        let conf = conf()?;
         if is_expired(conf, key.protocol, flow, now) && !pair_is_live(key, flow, now, conf) {
             remove_flow(Table::Established, key, flow);
             return None;
         }
-        // One store per tick, not per packet.
         flow.seen = now;
     }
     Some(entry)
@@ -147,7 +178,7 @@ fn pair_is_live(key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
         return false;
     };
     match CONNTRACK.get_ptr(&pair) {
-        // SAFETY: a map value, as in `established`.
+        // SAFETY: a map value, as in `overflowed`.
         Some(p) => !is_expired(conf, key.protocol, unsafe { &*p }, now),
         None => false,
     }
@@ -429,7 +460,7 @@ fn clear_slot(conf: &FlowConf, key: &FlowKey) {
 /// Compares a key in a slot with `key` word by word (the slot's key is
 /// only 4-byte aligned).
 #[inline(always)]
-unsafe fn same_key(stored: *const FlowKey, key: &FlowKey) -> bool {
+pub(crate) unsafe fn same_key(stored: *const FlowKey, key: &FlowKey) -> bool {
     let (a, b) = (stored.cast::<u32>(), (key as *const FlowKey).cast::<u32>());
     let mut same = true;
     for i in 0..size_of::<FlowKey>() / 4 {
@@ -508,6 +539,21 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
         }
         return;
     }
+    let forward = if flow.direction == REPLY {
+        forward_key(key, flow)
+    } else {
+        *key
+    };
+    if let Some(conf) = conf()
+        && let Some((state, backend_id)) = established::remove(conf, &forward)
+    {
+        // Both directions went with the slot; counted once, by whoever
+        // emptied it.
+        if state == STATE_ESTABLISHED {
+            count_closed(backend_id);
+        }
+        return;
+    }
     let pair = pair_key(key, flow);
     let (backend_id, state, direction) = (flow.backend_id, flow.state, flow.direction);
     let removed = CONNTRACK.remove(key).is_ok();
@@ -536,15 +582,55 @@ pub(crate) fn close(key: &FlowKey, flow: &mut Flow) {
     if flow.state != STATE_ESTABLISHED {
         return;
     }
-    let pair = pair_key(key, flow).and_then(|p| CONNTRACK.get_ptr_mut(&p));
-    let forward = if flow.direction == REPLY {
-        match pair {
-            Some(f) => f,
-            None => return,
-        }
+    let forward_key = if flow.direction == REPLY {
+        forward_key(key, flow)
     } else {
-        flow as *mut Flow
+        *key
     };
+    if let Some(conf) = conf()
+        && let Some(slot) = established::slot_of(conf, &forward_key)
+    {
+        // SAFETY: a valid array map value; the state's compare-and-swap
+        // counts the close once, whichever direction's FIN came first.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
+                &raw mut (*slot).forward.state,
+                STATE_ESTABLISHED,
+                STATE_CLOSING,
+            )
+        };
+        if swapped {
+            // SAFETY: as above.
+            count_closed(unsafe { read_volatile(&raw const (*slot).forward.backend_id) });
+        }
+        flow.state = STATE_CLOSING;
+        // SAFETY: as above; a plain store, the count is the forward's.
+        unsafe { write_volatile(&raw mut (*slot).reply.state, STATE_CLOSING) };
+        return;
+    }
+    // The overflow: two entries. Each direction looks its pair up in its
+    // own branch (one shared lookup, null-checked once, was more than the
+    // verifier could follow).
+    if flow.direction == REPLY {
+        let Some(forward) = pair_key(key, flow).and_then(|p| CONNTRACK.get_ptr_mut(&p)) else {
+            return;
+        };
+        close_forward(forward);
+        flow.state = STATE_CLOSING;
+        return;
+    }
+    close_forward(flow as *mut Flow);
+    flow.state = STATE_CLOSING;
+    if let Some(p) = pair_key(key, flow).and_then(|p| CONNTRACK.get_ptr_mut(&p)) {
+        // SAFETY: a map value; a plain store, the count is the forward's.
+        unsafe { (*p).state = STATE_CLOSING };
+    }
+}
+
+/// An overflow flow's forward entry moves to closing, counted once (a
+/// compare-and-swap: two CPUs seeing the FIN count it once).
+#[inline(always)]
+fn close_forward(forward: *mut Flow) {
     // SAFETY: a valid, aligned u32 in a map value (`established`).
     let (_, swapped) = unsafe {
         atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
@@ -556,11 +642,6 @@ pub(crate) fn close(key: &FlowKey, flow: &mut Flow) {
     if swapped {
         // SAFETY: as above.
         count_closed(unsafe { (*forward).backend_id });
-    }
-    flow.state = STATE_CLOSING;
-    if let Some(p) = pair {
-        // SAFETY: as above; a plain store, the count is the forward's.
-        unsafe { (*p).state = STATE_CLOSING };
     }
 }
 
@@ -611,42 +692,89 @@ fn entry(backend_id: u32, service_id: u32, now: u32, vip: u32, vport: u16, direc
 
 /// The client confirmed a half-open flow (`flow`, its copy, with the next
 /// hop its packets resolved) with a segment carrying `seq` and `ack`: it
-/// moves to `CONNTRACK` (both entries) and counts as active. Each entry
-/// starts its sender's sequence at what the segment shows: the client's
-/// own, and the backend's as the client acknowledges it. If `CONNTRACK` is
-/// full the flow stays half-open, still forwarded (it can then be replaced
-/// by new flows).
+/// moves to the established table (one slot, both directions) and counts
+/// as active. Each direction starts its sender's sequence at what the
+/// segment shows: the client's own, and the backend's as the client
+/// acknowledges it. A bucket whose ways all hold live flows sends the flow
+/// to the overflow (`CONNTRACK`, two entries for NAT) and is flagged; if
+/// that is full too, or the way is being written by another CPU, the flow
+/// stays half-open, still forwarded (it can then be replaced by new flows).
 #[inline(always)]
 pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
+    let Some(conf) = conf() else {
+        return;
+    };
     let nat = flow.vip != 0;
     let state = flow.state;
     flow.state = STATE_ESTABLISHED;
     flow.seen = now;
     flow.seq = seq;
-    if CONNTRACK.insert(key, &*flow, BPF_NOEXIST).is_err() {
-        flow.state = state;
-        return;
-    }
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
-    let pair = pair_key(key, flow);
-    if nat {
-        let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
-        reply.state = STATE_ESTABLISHED;
-        reply.seq = ack;
-        let inserted = match &pair {
-            Some(pair) => CONNTRACK.insert(pair, &reply, BPF_NOEXIST).is_ok(),
-            None => false,
-        };
-        if !inserted {
-            let _ = CONNTRACK.remove(key);
+    let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
+    reply.state = STATE_ESTABLISHED;
+    reply.seq = ack;
+    let backend = if nat {
+        match BACKENDS.get(backend_id) {
+            Some(b) => Some((b.addr, b.port)),
+            None => {
+                flow.state = state;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let placed = established::insert(
+        conf,
+        key,
+        flow,
+        backend.map(|(addr, port)| (addr, port, &reply)),
+        now,
+    );
+    match placed {
+        Placed::Slot { ended } => {
+            if let Some(old) = ended {
+                count_closed(old);
+            }
+        }
+        Placed::There => {
+            clear_slot(conf, key);
+            return;
+        }
+        Placed::Full => {
+            if !overflow_insert(key, flow, backend.is_some(), &reply) {
+                flow.state = state;
+                return;
+            }
+            established::flag_overflow(conf, key);
+        }
+        Placed::Busy => {
             flow.state = state;
             return;
         }
     }
-    if let Some(conf) = conf() {
-        clear_slot(conf, key);
-    }
+    clear_slot(conf, key);
     count_opened(backend_id);
+}
+
+/// Enters an established flow in the overflow: its forward entry and, NAT,
+/// its reply entry (`reply`), both or neither.
+#[inline(always)]
+fn overflow_insert(key: &FlowKey, flow: &Flow, nat: bool, reply: &Flow) -> bool {
+    if CONNTRACK.insert(key, flow, BPF_NOEXIST).is_err() {
+        return false;
+    }
+    if nat {
+        let inserted = match pair_key(key, flow) {
+            Some(pair) => CONNTRACK.insert(&pair, reply, BPF_NOEXIST).is_ok(),
+            None => false,
+        };
+        if !inserted {
+            let _ = CONNTRACK.remove(key);
+            return false;
+        }
+    }
+    true
 }
 
 /// A SYN on a tuple whose entry belongs to a finished connection (closing)

@@ -26,6 +26,7 @@
 
 mod capture;
 mod compose;
+mod established;
 mod family;
 mod fib;
 mod firewall;

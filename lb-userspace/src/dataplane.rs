@@ -19,6 +19,7 @@ mod adopt;
 mod apply;
 mod batch;
 mod clock;
+mod established;
 mod facts;
 pub mod firewall;
 mod firewall_maps;
@@ -30,9 +31,10 @@ pub mod plan;
 mod read;
 pub mod sweep;
 
+pub use established::{EstablishedTable, InsertError, Inserted};
 pub use facts::{FlowFacts, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;
-pub use half_open::HalfOpenTable;
+pub use half_open::{HalfOpenTable, LockedSlot, SlotTable};
 pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
 pub use plan::Admission;
@@ -82,6 +84,8 @@ pub enum DataplaneError {
     Clock(#[from] clock::ClockError),
     #[error("mapping HALF_OPEN into memory: {0}")]
     HalfOpen(std::io::Error),
+    #[error("mapping ESTABLISHED into memory: {0}")]
+    Established(std::io::Error),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(String),
     #[error("attaching XDP to {iface}: {source}")]
@@ -139,7 +143,7 @@ impl TableSizes {
     /// takes two), `None` for the others (sized by the object).
     pub fn entries(&self, map: MapName) -> Option<u32> {
         let flows = match map {
-            MapName::CONNTRACK => self.conntrack,
+            MapName::CONNTRACK | MapName::ESTABLISHED => self.conntrack,
             MapName::HALF_OPEN => self.half_open,
             _ => return None,
         };

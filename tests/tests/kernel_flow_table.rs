@@ -97,7 +97,7 @@ fn a_flow_conf_pinned_before_the_jiffies_clock_is_refused_clearly() {
             &cfg.dataplane,
             &pins,
             "FLOW_CONF",
-            &["of 28-byte entries", "of 40-byte entries"],
+            &["of 28-byte entries", "of 48-byte entries"],
         );
     });
 }

@@ -174,6 +174,8 @@ impl Dataplane {
             half_open_seed: 0,
             jiffy_ns: 0,
             clock_epoch_ns: 0,
+            established_slots: 0,
+            _pad: 0,
         }
     }
 }

@@ -310,6 +310,8 @@ impl Dataplane {
         }
         self.half_open_table()?
             .clear_all(|_, f| ids.contains(&f.backend_id));
+        self.established_table()?
+            .clear_all(|_, f| ids.contains(&f.backend_id));
         Ok(())
     }
 
@@ -323,6 +325,7 @@ impl Dataplane {
             key,
         )?;
         let conf = self.flow_conf()?;
+        self.established_table()?.remove(key, &conf);
         self.half_open_table()?.remove(key, &conf);
         Ok(())
     }
@@ -337,6 +340,11 @@ impl Dataplane {
             .map_data(MapName::HALF_OPEN)?
             .info()
             .map_err(err)?
+            .max_entries();
+        conf.established_slots = self
+            .map_data(MapName::ESTABLISHED)?
+            .info()
+            .map_err(map_err(MapName::ESTABLISHED))?
             .max_entries();
         conf.half_open_seed = match self.flow_conf()?.half_open_seed {
             0 => random_seed(),

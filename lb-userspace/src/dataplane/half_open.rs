@@ -1,11 +1,13 @@
-//! The agent's view of `HALF_OPEN`, the half-open table (slots in buckets
-//! of two, `lb_common::HalfOpenSlot`): the
-//! array is created mappable (`BPF_F_MMAPABLE`), so the agent maps it and
-//! reads and writes slots as memory, under the same per-slot sequence lock
-//! as the data plane (`lb_common::HalfOpenSlot`). A whole-table read is a
-//! memory scan instead of a syscall per entry, and a slot the agent clears
-//! (a removed backend's flows, the sweep) can never be torn by a packet
-//! writing it at the same moment.
+//! The agent's view of the mappable slot tables: `HALF_OPEN`, the
+//! half-open table (one-line slots in buckets of two,
+//! `lb_common::HalfOpenSlot`), and `ESTABLISHED`, the established table
+//! (two-line slots, `lb_common::EstablishedSlot`, `super::established`).
+//! Both arrays are created mappable (`BPF_F_MMAPABLE`), so the agent maps
+//! them and reads and writes slots as memory, under the same per-slot
+//! sequence lock as the data plane ([`LockedSlot`]). A whole-table read is
+//! a memory scan instead of a syscall per entry, and a slot the agent
+//! clears (a removed backend's flows, the sweep) can never be torn by a
+//! packet writing it at the same moment.
 
 use std::{
     io,
@@ -16,42 +18,83 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    Flow, FlowConf, FlowKey, HalfOpenSlot,
+    EstablishedSlot, Flow, FlowConf, FlowKey, HalfOpenSlot,
     flow::{HALF_OPEN_WAYS, slot_index},
 };
+
+/// A slot of a mappable flow table: a sequence lock (`seq`, odd while a
+/// writer holds it) and a forward key (all zero: empty), which is all the
+/// generic reader needs.
+pub trait LockedSlot: Copy {
+    /// The map's name, for errors.
+    const MAP: &'static str;
+    /// The slot's sequence lock.
+    fn seq(slot: *mut Self) -> *mut u32;
+    /// The slot's forward key.
+    fn key(slot: *mut Self) -> *mut FlowKey;
+}
+
+/// The address of the field at `offset` in `*slot` (no access).
+fn field<S, F>(slot: *mut S, offset: usize) -> *mut F {
+    slot.cast::<u8>().wrapping_add(offset).cast()
+}
+
+impl LockedSlot for HalfOpenSlot {
+    const MAP: &'static str = "HALF_OPEN";
+    fn seq(slot: *mut Self) -> *mut u32 {
+        field(slot, std::mem::offset_of!(Self, seq))
+    }
+    fn key(slot: *mut Self) -> *mut FlowKey {
+        field(slot, std::mem::offset_of!(Self, key))
+    }
+}
+
+impl LockedSlot for EstablishedSlot {
+    const MAP: &'static str = "ESTABLISHED";
+    fn seq(slot: *mut Self) -> *mut u32 {
+        field(slot, std::mem::offset_of!(Self, seq))
+    }
+    fn key(slot: *mut Self) -> *mut FlowKey {
+        field(slot, std::mem::offset_of!(Self, key))
+    }
+}
 
 /// Attempts at a slot's lock before giving up on it.
 const LOCK_TRIES: u32 = 10_000;
 
-/// `HALF_OPEN` mapped into this process.
-pub struct HalfOpenTable {
-    slots: NonNull<HalfOpenSlot>,
+/// A slot table mapped into this process.
+pub struct SlotTable<S: LockedSlot> {
+    slots: NonNull<S>,
     count: usize,
     bytes: usize,
 }
 
+/// `HALF_OPEN` mapped into this process.
+pub type HalfOpenTable = SlotTable<HalfOpenSlot>;
+
 // SAFETY: the mapping is shared memory that every access goes through the
 // slots' atomic sequence locks or volatile copies; nothing is cached here.
-unsafe impl Send for HalfOpenTable {}
+unsafe impl<S: LockedSlot> Send for SlotTable<S> {}
 // SAFETY: as above.
-unsafe impl Sync for HalfOpenTable {}
+unsafe impl<S: LockedSlot> Sync for SlotTable<S> {}
 
-impl HalfOpenTable {
-    /// Maps the table behind `map` (an array of `HalfOpenSlot`, mappable).
+impl<S: LockedSlot> SlotTable<S> {
+    /// Maps the table behind `map` (an array of `S`, mappable).
     pub fn map(map: &MapData) -> io::Result<Self> {
         let info = map.info().map_err(io::Error::other)?;
         let count = info.max_entries() as usize;
-        if info.value_size() as usize != size_of::<HalfOpenSlot>() || count == 0 {
+        if info.value_size() as usize != size_of::<S>() || count == 0 {
             return Err(io::Error::other(format!(
-                "HALF_OPEN holds {} entries of {} bytes, not slots of {}",
+                "{} holds {} entries of {} bytes, not slots of {}",
+                S::MAP,
                 count,
                 info.value_size(),
-                size_of::<HalfOpenSlot>()
+                size_of::<S>()
             )));
         }
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (count * size_of::<HalfOpenSlot>()).div_ceil(page) * page;
+        let bytes = (count * size_of::<S>()).div_ceil(page) * page;
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a shared read-write mapping of the map's value area, which
         // is `bytes` long (the kernel rounds an mmapable array to pages); the
@@ -69,8 +112,8 @@ impl HalfOpenTable {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let slots = NonNull::new(ptr.cast::<HalfOpenSlot>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let slots =
+            NonNull::new(ptr.cast::<S>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self {
             slots,
             count,
@@ -83,21 +126,21 @@ impl HalfOpenTable {
         u32::try_from(self.count).unwrap_or(u32::MAX)
     }
 
-    fn slot(&self, i: usize) -> *mut HalfOpenSlot {
+    pub(super) fn slot_ptr(&self, i: usize) -> *mut S {
         debug_assert!(i < self.count);
         // SAFETY: in bounds of the mapping.
         unsafe { self.slots.as_ptr().add(i) }
     }
 
     fn seq(&self, i: usize) -> &AtomicU32 {
-        // SAFETY: `seq` is the slot's first field, 4-byte aligned, and only
-        // ever accessed atomically (here and by the data plane).
-        unsafe { AtomicU32::from_ptr(&raw mut (*self.slot(i)).seq) }
+        // SAFETY: `seq` is 4-byte aligned in the slot and only ever
+        // accessed atomically (here and by the data plane).
+        unsafe { AtomicU32::from_ptr(S::seq(self.slot_ptr(i))) }
     }
 
-    /// Slot `i`'s key and entry, copied under its sequence lock; `None` if
-    /// it is empty or a writer holds it.
-    pub fn read(&self, i: usize) -> Option<(FlowKey, Flow)> {
+    /// Slot `i`, copied under its sequence lock; `None` if it is empty or a
+    /// writer holds it.
+    pub fn read_slot(&self, i: usize) -> Option<S> {
         if i >= self.count {
             return None;
         }
@@ -106,18 +149,77 @@ impl HalfOpenTable {
             return None;
         }
         // SAFETY: in bounds; volatile, as the data plane may write it.
-        let (key, flow) = unsafe {
-            let slot = self.slot(i);
+        let (key, slot) = unsafe {
+            let slot = self.slot_ptr(i);
             (
-                std::ptr::read_volatile(&raw const (*slot).key),
-                Flow::from(&std::ptr::read_volatile(&raw const (*slot).flow)),
+                std::ptr::read_volatile(S::key(slot)),
+                std::ptr::read_volatile(slot),
             )
         };
         fence(Ordering::Acquire);
         if self.seq(i).load(Ordering::Relaxed) != seq || key == FlowKey::EMPTY {
             return None;
         }
-        Some((key, flow))
+        Some(slot)
+    }
+
+    /// Slot `i` under its lock: `write` gets the slot's address to read
+    /// and write (volatile: the data plane's lone stores of a flow's `seen`
+    /// and its atomic flag bits go on outside the lock, so a writer stores
+    /// only the fields it means to change). `None` if the lock stayed held
+    /// (which a packet never does for long).
+    pub fn with_lock<T>(&self, i: usize, write: impl FnOnce(*mut S) -> T) -> Option<T> {
+        if i >= self.count {
+            return None;
+        }
+        let seq = self.seq(i);
+        // A packet holds a slot for a few hundred nanoseconds at most.
+        let mut tries = 0;
+        loop {
+            let before = seq.load(Ordering::Acquire);
+            if before & 1 == 0
+                && seq
+                    .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break;
+            }
+            tries += 1;
+            if tries == LOCK_TRIES {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+        let out = write(self.slot_ptr(i));
+        seq.fetch_add(1, Ordering::Release);
+        Some(out)
+    }
+
+    /// Empties slot `i` if `gone` says so of what it holds, under the lock;
+    /// the slot as it was if it was emptied.
+    pub fn take_if(&self, i: usize, gone: impl FnOnce(&S) -> bool) -> Option<S> {
+        self.with_lock(i, |slot| {
+            // SAFETY: locked: ours to read and write; volatile, as the data
+            // plane may store a lone word meanwhile.
+            unsafe {
+                let was = std::ptr::read_volatile(slot);
+                let key = S::key(slot);
+                if std::ptr::read_volatile(key) == FlowKey::EMPTY || !gone(&was) {
+                    return None;
+                }
+                std::ptr::write_volatile(key, FlowKey::EMPTY);
+                Some(was)
+            }
+        })
+        .flatten()
+    }
+}
+
+impl HalfOpenTable {
+    /// Slot `i`'s key and entry, copied under its sequence lock; `None` if
+    /// it is empty or a writer holds it.
+    pub fn read(&self, i: usize) -> Option<(FlowKey, Flow)> {
+        self.read_slot(i).map(|s| (s.key, Flow::from(&s.flow)))
     }
 
     /// Every occupied slot's key and entry (expired ones included).
@@ -149,43 +251,10 @@ impl HalfOpenTable {
     }
 
     /// Empties slot `i` if `gone` says so of what it holds, under the lock.
-    /// False if it was kept or empty (or the lock stayed held, which a
-    /// packet never does for long).
+    /// False if it was kept or empty (or the lock stayed held).
     pub fn clear_if(&self, i: usize, gone: impl Fn(&FlowKey, &Flow) -> bool) -> bool {
-        if i >= self.count {
-            return false;
-        }
-        let seq = self.seq(i);
-        // A packet holds a slot for a few hundred nanoseconds at most.
-        let mut tries = 0;
-        loop {
-            let before = seq.load(Ordering::Acquire);
-            if before & 1 == 0
-                && seq
-                    .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                break;
-            }
-            tries += 1;
-            if tries == LOCK_TRIES {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-        // SAFETY: locked: the slot is ours until the release below.
-        let cleared = unsafe {
-            let slot = self.slot(i);
-            let key = std::ptr::read_volatile(&raw const (*slot).key);
-            let flow = Flow::from(&std::ptr::read_volatile(&raw const (*slot).flow));
-            let clear = key != FlowKey::EMPTY && gone(&key, &flow);
-            if clear {
-                std::ptr::write_volatile(&raw mut (*slot).key, FlowKey::EMPTY);
-            }
-            clear
-        };
-        seq.fetch_add(1, Ordering::Release);
-        cleared
+        self.take_if(i, |s| gone(&s.key, &Flow::from(&s.flow)))
+            .is_some()
     }
 
     /// Empties `key`'s slot if it holds `key`.
@@ -203,7 +272,7 @@ impl HalfOpenTable {
     }
 }
 
-impl Drop for HalfOpenTable {
+impl<S: LockedSlot> Drop for SlotTable<S> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
         unsafe { libc::munmap(self.slots.as_ptr().cast(), self.bytes) };

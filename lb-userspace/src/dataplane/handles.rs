@@ -4,12 +4,18 @@
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use lb_common::FlowConf;
 
-use super::{Dataplane, DataplaneError, HalfOpenTable, MapName, Result};
+use super::{Dataplane, DataplaneError, EstablishedTable, HalfOpenTable, MapName, Result};
 
 impl Dataplane {
     /// `HALF_OPEN`, mapped into memory.
     pub(crate) fn half_open_table(&self) -> Result<HalfOpenTable> {
         HalfOpenTable::map(&self.map_data(MapName::HALF_OPEN)?).map_err(DataplaneError::HalfOpen)
+    }
+
+    /// `ESTABLISHED`, mapped into memory.
+    pub fn established_table(&self) -> Result<EstablishedTable> {
+        EstablishedTable::map(&self.map_data(MapName::ESTABLISHED)?)
+            .map_err(DataplaneError::Established)
     }
 
     /// What `FLOW_CONF` holds now (timeouts, budget, the half-open table's

@@ -15,8 +15,8 @@ use lb_common::{
 };
 
 use super::{
-    Dataplane, DataplaneError, FlowFacts, FwFacts, HalfOpenTable, MapName, Result, ServiceFacts,
-    found, handles::map_err,
+    Dataplane, DataplaneError, EstablishedTable, FlowFacts, FwFacts, HalfOpenTable, MapName,
+    Result, ServiceFacts, found, handles::map_err,
 };
 
 impl Dataplane {
@@ -61,26 +61,31 @@ impl Dataplane {
     /// counting flows off the agent's loop (walking 262k entries takes the
     /// better part of a second).
     pub fn flow_table(&self) -> Result<FlowTable> {
-        let (conntrack, half_open) = self.flow_maps()?;
+        let (conntrack, half_open, established) = self.flow_maps()?;
         Ok(FlowTable {
             conntrack,
             half_open,
+            established,
             conf: self.owned_array(MapName::FLOW_CONF)?,
             counts: self.owned_array(MapName::BACKEND_FLOWS)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
         })
     }
 
-    /// Owned handles on `CONNTRACK` and `HALF_OPEN` (for readers and the
-    /// sweep, apart from this value).
-    pub(super) fn flow_maps(&self) -> Result<(FlowMap, HalfOpenTable)> {
+    /// Owned handles on `CONNTRACK` (the overflow), `HALF_OPEN` and
+    /// `ESTABLISHED` (for readers and the sweep, apart from this value).
+    pub(super) fn flow_maps(&self) -> Result<(FlowMap, HalfOpenTable, EstablishedTable)> {
         let conntrack =
             HashMap::try_from(aya::maps::Map::HashMap(self.map_data(MapName::CONNTRACK)?))
                 .map_err(|source| DataplaneError::Map {
                     name: MapName::CONNTRACK.name(),
                     source,
                 })?;
-        Ok((conntrack, self.half_open_table()?))
+        Ok((
+            conntrack,
+            self.half_open_table()?,
+            self.established_table()?,
+        ))
     }
 
     /// An owned handle on `NEIGH_WANTED`, the next hops the data plane
@@ -154,9 +159,13 @@ impl Dataplane {
                 })
             }
         };
-        let entry = match found(flows.get(key, 0), MapName::CONNTRACK)? {
+        let conf = self.flow_conf()?;
+        let entry = match self.established_table()?.get(key, &conf) {
             Some(flow) => Some(flow),
-            None => self.half_open_table()?.get(key, &self.flow_conf()?),
+            None => match found(flows.get(key, 0), MapName::CONNTRACK)? {
+                Some(flow) => Some(flow),
+                None => self.half_open_table()?.get(key, &conf),
+            },
         };
         let conntrack = match entry {
             None => None,
@@ -256,6 +265,7 @@ pub(super) type FlowMap = HashMap<MapData, FlowKey, Flow>;
 pub struct FlowTable {
     conntrack: FlowMap,
     half_open: HalfOpenTable,
+    established: EstablishedTable,
     conf: Array<MapData, FlowConf>,
     counts: Array<MapData, FlowCounts>,
     swept: Array<MapData, u64>,
@@ -268,7 +278,8 @@ impl FlowTable {
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
         let half_open = self.half_open_live()?;
-        for flow in snapshot(MapName::CONNTRACK, &self.conntrack)?
+        for flow in self
+            .established_entries()?
             .iter()
             .map(|(_, f)| f)
             .chain(half_open.iter().map(|(_, f)| f))
@@ -280,14 +291,23 @@ impl FlowTable {
         Ok(counts)
     }
 
-    /// Entries in the established and the half-open table (two per NAT
-    /// flow; half-open entries past their timeout, which the next flow to
-    /// hash there replaces, are not counted).
+    /// Entries in the established table with its overflow, and in the
+    /// half-open table (two per NAT flow, as directions; half-open entries
+    /// past their timeout, which the next flow to hash there replaces, are
+    /// not counted).
     pub fn entries(&self) -> Result<(u64, u64)> {
         Ok((
-            snapshot(MapName::CONNTRACK, &self.conntrack)?.len() as u64,
+            self.established_entries()?.len() as u64,
             self.half_open_live()?.len() as u64,
         ))
+    }
+
+    /// Every established entry (both directions of a NAT flow), in the
+    /// table and in its overflow.
+    fn established_entries(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let mut all = self.established.entries();
+        all.extend(snapshot(MapName::CONNTRACK, &self.conntrack)?);
+        Ok(all)
     }
 
     /// The half-open entries within their timeout.
@@ -312,10 +332,13 @@ impl FlowTable {
     /// The entry for `key`: `(true, entry)` if established, `(false, entry)`
     /// if half-open.
     pub fn lookup(&self, key: &FlowKey) -> Result<Option<(bool, Flow)>> {
+        let conf = self.flow_conf()?;
+        if let Some(f) = self.established.get(key, &conf) {
+            return Ok(Some((true, f)));
+        }
         if let Some(f) = found(self.conntrack.get(key, 0), MapName::CONNTRACK)? {
             return Ok(Some((true, f)));
         }
-        let conf = self.flow_conf()?;
         Ok(self.half_open.get(key, &conf).map(|f| (false, f)))
     }
 

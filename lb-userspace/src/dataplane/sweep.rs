@@ -104,17 +104,19 @@ pub struct SweepReport {
 pub struct Sweeper {
     conntrack: super::read::FlowMap,
     half_open: super::HalfOpenTable,
+    established: super::EstablishedTable,
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
-    /// `CONNTRACK`'s entries (two per NAT flow).
+    /// Established entries the tables are rated for (two per NAT flow:
+    /// twice `conntrack-size`).
     capacity: u64,
 }
 
 impl Dataplane {
     /// The sweep's own handles on the maps it needs.
     pub fn sweeper(&self) -> Result<Sweeper> {
-        let (conntrack, half_open) = self.flow_maps()?;
+        let (conntrack, half_open, established) = self.flow_maps()?;
         let info = self
             .map_data(MapName::CONNTRACK)?
             .info()
@@ -123,6 +125,7 @@ impl Dataplane {
             capacity: u64::from(info.max_entries()),
             conntrack,
             half_open,
+            established,
             backends: self.owned_array(MapName::BACKENDS)?,
             conf: self.owned_array(MapName::FLOW_CONF)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
@@ -137,10 +140,33 @@ impl Sweeper {
         let backends = &self.backends;
         let backend = |id: u32| backends.get(&id, 0).ok();
         let mut report = SweepReport::default();
-        let entries: StdHashMap<FlowKey, Flow> =
+        // The established table and its overflow, as one set of entries
+        // (a NAT flow's two directions are two entries, as they were in
+        // CONNTRACK alone): the rule sees a flow's pair wherever it is.
+        let overflow: StdHashMap<FlowKey, Flow> =
             self.conntrack.iter().filter_map(|r| r.ok()).collect();
+        let slots = self.established.occupied();
+        let mut entries = overflow.clone();
+        entries.extend(super::established::entries(&slots));
         let pressure = under_pressure(entries.len() as u64, self.capacity);
-        for key in expired(&entries, backend, &conf, now, pressure) {
+        let gone = expired(&entries, backend, &conf, now, pressure);
+        // A flow in a slot goes whole, by its forward key (both of its
+        // entries are in `gone` together), under the slot's lock and only
+        // if no packet came for it since the snapshot.
+        let idle: std::collections::HashSet<FlowKey> = gone.iter().copied().collect();
+        for was in slots.iter().filter(|s| idle.contains(&s.key)) {
+            let unchanged = |s: &lb_common::EstablishedSlot| {
+                (s.forward.seen, s.reply.seen, s.forward.state)
+                    == (was.forward.seen, was.reply.seen, was.forward.state)
+            };
+            if let Some(slot) = self.established.remove_if(&was.key, &conf, unchanged) {
+                report.removed += lb_common::flow_table::entries_of(&slot).count() as u64;
+                if slot.forward.state == STATE_ESTABLISHED {
+                    *report.swept.entry(slot.forward.backend_id).or_insert(0) += 1;
+                }
+            }
+        }
+        for key in gone.into_iter().filter(|k| overflow.contains_key(k)) {
             match self.conntrack.remove(&key) {
                 Ok(()) => {}
                 // The data plane got there first.
@@ -158,7 +184,7 @@ impl Sweeper {
                 }
             }
             report.removed += 1;
-            let flow = &entries[&key];
+            let flow = &overflow[&key];
             if flow.direction != REPLY && flow.state == STATE_ESTABLISHED {
                 *report.swept.entry(flow.backend_id).or_insert(0) += 1;
             }
@@ -173,6 +199,17 @@ impl Sweeper {
         report.removed += self
             .half_open
             .clear_all(|k, f| gone.contains(k) && is_expired(&conf, k.protocol, f, now));
+        // Buckets whose overflowed flows are all gone stop sending misses
+        // to the overflow.
+        let conntrack = &self.conntrack;
+        self.established.refresh_overflow_flags(&conf, || {
+            conntrack
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(_, f)| f.direction != REPLY)
+                .map(|(k, _)| k)
+                .collect()
+        });
         for (&id, &n) in &report.swept {
             let before = self
                 .swept

@@ -9,7 +9,7 @@
 //! All of it is generated on the benchmark's topology (`net`): a connection
 //! is its client's SYN, then its bare ACK ([`Proto::TcpAck`]), which is all
 //! a load balancer sees of a handshake from the client's side. Whether a
-//! flow has its entry is read from the established table (`CONNTRACK`) by
+//! flow has its entry is read from the established table (`ESTABLISHED`, overflow `CONNTRACK`) by
 //! key, from userspace.
 
 use std::{
@@ -17,12 +17,8 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
-use aya::{
-    Ebpf,
-    maps::{HashMap, Map, MapData},
-};
-use lb_common::{Flow, FlowKey};
+use aya::Ebpf;
+use lb_common::FlowKey;
 
 use super::{
     measure::{Hop, Stat, sink_packets},
@@ -73,7 +69,7 @@ pub(super) struct FloodRow {
     /// Of those, the share still there after it.
     pub(super) survived: Stat,
     /// Legitimate connections opened during the flood that were
-    /// established (in `CONNTRACK`) right after their ACK, as a share of
+    /// established (in the established table) right after their ACK, as a share of
     /// `LEGIT`.
     pub(super) served: Stat,
 }
@@ -101,13 +97,17 @@ fn clients(src: Ipv4Addr, count: u32) -> anyhow::Result<Vec<SocketAddrV4>> {
         .collect())
 }
 
-/// How many of `keys` the established table (`CONNTRACK`, the one no new
-/// flow evicts) holds.
+/// How many of `keys` the established table (`ESTABLISHED` and its
+/// overflow, the ones no new flow evicts) holds.
 fn in_table(dp: &Dataplane, keys: &[FlowKey]) -> anyhow::Result<usize> {
-    let data = dp.map_data(lb_common::map_names::MapName::CONNTRACK)?;
-    let table: HashMap<MapData, FlowKey, Flow> =
-        HashMap::try_from(Map::HashMap(data)).context("map CONNTRACK")?;
-    Ok(keys.iter().filter(|k| table.get(k, 0).is_ok()).count())
+    let table = dp.flow_table()?;
+    let mut n = 0;
+    for k in keys {
+        if matches!(table.lookup(k)?, Some((true, _))) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// The generator's TCP frames from `src:1024..` to the VIP.

@@ -1,0 +1,262 @@
+//! The agent's view of `ESTABLISHED`, the established table
+//! (`lb_common::EstablishedSlot`: one flow, both directions, in a slot of
+//! the bucket its client hashes to; rules in `lb_common::flow_table`),
+//! mapped into memory like `HALF_OPEN` ([`super::SlotTable`]). Readers see
+//! it as the table of entries `CONNTRACK` was (a NAT flow's forward and
+//! reply entries), so status, explain, the sweep and the purge treat both
+//! tables alike; `CONNTRACK` is now the overflow, for flows whose bucket
+//! had no free way.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use lb_common::{
+    EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED,
+    flow::{FORWARD, REPLY},
+    flow_table::{self, Place, WAYS, Way, bucket_of, entries_of, place, slot_of, way_of},
+};
+
+use super::SlotTable;
+
+/// `ESTABLISHED` mapped into this process.
+pub type EstablishedTable = SlotTable<EstablishedSlot>;
+
+/// Why a flow was not written into the established table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InsertError {
+    /// Every way of the flow's bucket holds a live flow: none is evicted.
+    #[error("the established table's bucket for this flow is full (no live flow is evicted)")]
+    TableFull,
+    /// A packet held the way's lock for longer than a writer waits.
+    #[error("the established table's slot for this flow stayed locked")]
+    Busy,
+    /// The table is not sized yet (`FLOW_CONF` not written).
+    #[error("the established table is not set up yet")]
+    NotReady,
+}
+
+/// What [`EstablishedTable::insert_established`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Written into a free (or expired) way; `ended`: the expired
+    /// established flow it took the place of, if any.
+    New { ended: Option<Flow> },
+    /// The flow was there already; its slot was rewritten.
+    Replaced,
+}
+
+impl EstablishedTable {
+    /// The first slot of the bucket of the flow whose client is `key`'s
+    /// source (a forward key).
+    fn bucket(&self, key: &FlowKey, conf: &FlowConf) -> std::ops::Range<usize> {
+        let first = bucket_of(key, conf.half_open_seed, self.slots()) as usize;
+        first..first + WAYS as usize
+    }
+
+    /// Every entry (forward, and NAT reply), keyed as its packets arrive:
+    /// the table as the two-entries-per-NAT-flow `CONNTRACK` was.
+    pub fn entries(&self) -> Vec<(FlowKey, Flow)> {
+        entries(&self.occupied())
+    }
+
+    /// Every occupied slot, copied under its lock.
+    pub fn occupied(&self) -> Vec<EstablishedSlot> {
+        (0..self.slots() as usize)
+            .filter_map(|i| self.read_slot(i))
+            .collect()
+    }
+
+    /// The entry `key` (as it arrives: forward, or a NAT flow's reply)
+    /// belongs to.
+    pub fn get(&self, key: &FlowKey, conf: &FlowConf) -> Option<Flow> {
+        if let Some(s) = self
+            .bucket(key, conf)
+            .filter_map(|i| self.read_slot(i))
+            .find(|s| s.key == *key)
+        {
+            return Some(s.forward);
+        }
+        // A reply's client is its destination.
+        let client = FlowKey {
+            saddr: key.daddr,
+            sport: key.dport,
+            ..*key
+        };
+        self.bucket(&client, conf)
+            .filter_map(|i| self.read_slot(i))
+            .find(|s| flow_table::is_reply_of(s, key))
+            .map(|s| s.reply)
+    }
+
+    /// Empties the slot of the flow whose entry `key` (either direction) is,
+    /// under its lock; the slot as it was.
+    pub fn remove(&self, key: &FlowKey, conf: &FlowConf) -> Option<EstablishedSlot> {
+        let forward = self.forward_key_of(key, conf)?;
+        self.bucket(&forward, conf)
+            .find_map(|i| self.take_if(i, |s| s.key == forward))
+    }
+
+    /// Empties the slot of the flow whose forward key is `forward` if
+    /// `still` says so of it under the lock; the slot as it was.
+    pub fn remove_if(
+        &self,
+        forward: &FlowKey,
+        conf: &FlowConf,
+        still: impl Fn(&EstablishedSlot) -> bool,
+    ) -> Option<EstablishedSlot> {
+        self.bucket(forward, conf)
+            .find_map(|i| self.take_if(i, |s| s.key == *forward && still(s)))
+    }
+
+    /// The forward key of the flow `key` (either direction) belongs to.
+    fn forward_key_of(&self, key: &FlowKey, conf: &FlowConf) -> Option<FlowKey> {
+        let flow = self.get(key, conf)?;
+        Some(if flow.direction == REPLY {
+            lb_common::flow::forward_key(key, &flow)
+        } else {
+            *key
+        })
+    }
+
+    /// Empties every slot whose forward entry `gone` picks (given the
+    /// forward key and entry); the slots as they were.
+    pub fn clear_all(&self, gone: impl Fn(&FlowKey, &Flow) -> bool) -> Vec<EstablishedSlot> {
+        (0..self.slots() as usize)
+            .filter_map(|i| self.take_if(i, |s| gone(&s.key, &s.forward)))
+            .collect()
+    }
+
+    /// Writes one established flow into its bucket under the slot's lock,
+    /// as the data plane's promotion does: its own slot if it is there,
+    /// else a free way, else a way whose flow expired; never a live flow's
+    /// (then [`InsertError::TableFull`]: the caller decides, e.g. to leave
+    /// the flow to the half-open path). `forward` is the forward entry
+    /// (key `key`, client → VIP); `reply`, for a NAT flow, the backend's
+    /// address and port (network order) and the reply entry. Flow sync's
+    /// receiver (issue 27) enters a peer's flows with it. The per-backend
+    /// active counts are the caller's: it writes no counter.
+    pub fn insert_established(
+        &self,
+        key: &FlowKey,
+        forward: &Flow,
+        reply: Option<((u32, u16), Flow)>,
+        conf: &FlowConf,
+        now: u32,
+    ) -> Result<Inserted, InsertError> {
+        if conf.established_slots == 0 || *key == FlowKey::EMPTY {
+            return Err(InsertError::NotReady);
+        }
+        let bucket = self.bucket(key, conf);
+        let way_at = |i: usize| match self.read_slot(i) {
+            None => Way::Empty,
+            Some(s) => {
+                let fresher = fresher_side(&s);
+                way_of(&s.key, &fresher, key, conf, now)
+            }
+        };
+        let mut ways = [Way::Empty; WAYS as usize];
+        for (w, i) in bucket.clone().enumerate() {
+            ways[w] = way_at(i);
+        }
+        let Place::Way(w) = place(&ways) else {
+            return Err(InsertError::TableFull);
+        };
+        let i = bucket.start + w as usize;
+        let chosen = ways[w as usize];
+        let new = slot_of(key, forward, reply.as_ref().map(|(b, f)| (*b, f)));
+        let written = self.with_lock(i, |slot| {
+            // SAFETY: locked: ours to read and write (volatile: the data
+            // plane's lone stores and flag bits go on meanwhile; `flags` and
+            // `seq` are left alone).
+            unsafe {
+                let was = std::ptr::read_volatile(slot);
+                let now_way = if was.key == FlowKey::EMPTY {
+                    Way::Empty
+                } else {
+                    way_of(&was.key, &fresher_side(&was), key, conf, now)
+                };
+                if now_way != chosen {
+                    return None;
+                }
+                std::ptr::write_volatile(&raw mut (*slot).forward, new.forward);
+                std::ptr::write_volatile(&raw mut (*slot).reply, new.reply);
+                std::ptr::write_volatile(&raw mut (*slot).backend_addr, new.backend_addr);
+                std::ptr::write_volatile(&raw mut (*slot).backend_port, new.backend_port);
+                std::ptr::write_volatile(&raw mut (*slot).key, new.key);
+                Some(match chosen {
+                    Way::Same => Inserted::Replaced,
+                    Way::Expired => Inserted::New {
+                        ended: Some(was.forward),
+                    },
+                    _ => Inserted::New { ended: None },
+                })
+            }
+        });
+        match written {
+            Some(Some(done)) => Ok(done),
+            // Locked for too long, or taken meanwhile.
+            _ => Err(InsertError::Busy),
+        }
+    }
+
+    fn flags(&self, i: usize) -> Option<&AtomicU32> {
+        if i >= self.slots() as usize {
+            return None;
+        }
+        // SAFETY: in bounds; `flags` is an aligned u32 the data plane only
+        // ever changes with atomic ORs.
+        Some(unsafe { AtomicU32::from_ptr(&raw mut (*self.slot_ptr(i)).flags) })
+    }
+
+    /// The first slots of the buckets flagged as having flows in the
+    /// overflow.
+    pub fn overflowed_buckets(&self) -> Vec<usize> {
+        (0..self.slots() as usize)
+            .step_by(WAYS as usize)
+            .filter(|&i| {
+                self.flags(i)
+                    .is_some_and(|f| f.load(Ordering::Relaxed) & SLOT_F_OVERFLOWED != 0)
+            })
+            .collect()
+    }
+
+    /// Keeps the overflow flags true to the overflow's contents: clears
+    /// the flag of every bucket none of whose flows `overflow()` lists,
+    /// then reads the overflow again and flags every bucket it lists (the
+    /// data plane flags a bucket after its overflow insert, so an insert
+    /// racing with this is either in the second read or flags the bucket
+    /// after the clear). `overflow` gives the overflow's forward keys.
+    pub fn refresh_overflow_flags(&self, conf: &FlowConf, overflow: impl Fn() -> Vec<FlowKey>) {
+        let buckets = |keys: Vec<FlowKey>| -> std::collections::BTreeSet<usize> {
+            keys.iter().map(|k| self.bucket(k, conf).start).collect()
+        };
+        let listed = buckets(overflow());
+        for i in self.overflowed_buckets() {
+            if !listed.contains(&i)
+                && let Some(f) = self.flags(i)
+            {
+                f.fetch_and(!SLOT_F_OVERFLOWED, Ordering::AcqRel);
+            }
+        }
+        for i in buckets(overflow()) {
+            if let Some(f) = self.flags(i) {
+                f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The entries of `slots`, keyed as their packets arrive.
+pub fn entries(slots: &[EstablishedSlot]) -> Vec<(FlowKey, Flow)> {
+    slots.iter().flat_map(entries_of).collect()
+}
+
+/// The slot's forward entry with the later `seen` of its two directions:
+/// a NAT flow is idle only when both are.
+fn fresher_side(s: &EstablishedSlot) -> Flow {
+    let mut f = s.forward;
+    if s.forward.vip != 0 && (s.reply.seen.wrapping_sub(f.seen) as i32) > 0 {
+        f.seen = s.reply.seen;
+    }
+    debug_assert_eq!(f.direction, FORWARD);
+    f
+}
