@@ -284,7 +284,8 @@ pub fn transfer(lab: &Lab, size: usize) -> thread::JoinHandle<Result<usize>> {
 
 /// Makes one connection (to web1, the first in the ring), then pins `count`
 /// made-up flows from 100.64.0.0/10 to that backend in the lab agent's
-/// connection table — no packet ever matches them. For tests of what a big
+/// connection table (`CONNTRACK`, the established table's overflow, which
+/// the agent's counts read with it) — no packet ever matches them. For tests of what a big
 /// flow table costs the agent.
 pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
     use aya::maps::{HashMap, Map, MapData};
@@ -300,15 +301,18 @@ pub fn pin_made_up_flows(lab: &Lab, count: u32) -> Result<()> {
         )?;
         Ok(HashMap::try_from(Map::HashMap(data))?)
     };
-    // The connection's forward entry (a NAT flow also has a reply entry).
-    let flows: Vec<Flow> = open()?
-        .iter()
-        .map(|r| r.map(|(_, f)| f))
-        .filter(|f| {
-            f.as_ref()
-                .map_or(true, |f| f.direction == lb_common::flow::FORWARD)
-        })
-        .collect::<Result<_, _>>()?;
+    // The connection's forward entry, in the established table (its slot
+    // also holds the reply side of a NAT flow).
+    let established = lb_userspace::dataplane::EstablishedTable::map(&MapData::from_pin(
+        lab.pin_dir()
+            .join(lb_common::map_names::MapName::ESTABLISHED.name()),
+    )?)?;
+    let flows: Vec<Flow> = established
+        .entries()
+        .into_iter()
+        .map(|(_, f)| f)
+        .filter(|f| f.direction == lb_common::flow::FORWARD)
+        .collect();
     let [only] = flows[..] else {
         bail!("expected one flow, got {flows:?}");
     };

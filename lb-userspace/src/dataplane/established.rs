@@ -198,13 +198,13 @@ impl EstablishedTable {
         }
     }
 
-    fn flags(&self, i: usize) -> Option<&AtomicU32> {
-        if i >= self.slots() as usize {
-            return None;
-        }
-        // SAFETY: in bounds; `flags` is an aligned u32 the data plane only
-        // ever changes with atomic ORs.
-        Some(unsafe { AtomicU32::from_ptr(&raw mut (*self.slot_ptr(i)).flags) })
+    /// `f` of slot `i`'s flags word (an aligned u32 the data plane only
+    /// ever changes with atomic ORs).
+    fn flags<T>(&self, i: usize, f: impl FnOnce(&AtomicU32) -> T) -> Option<T> {
+        // SAFETY: the field of a mapped slot, accessed atomically only.
+        self.at(i, |slot| {
+            f(unsafe { AtomicU32::from_ptr(&raw mut (*slot).flags) })
+        })
     }
 
     /// The first slots of the buckets flagged as having flows in the
@@ -213,8 +213,8 @@ impl EstablishedTable {
         (0..self.slots() as usize)
             .step_by(WAYS as usize)
             .filter(|&i| {
-                self.flags(i)
-                    .is_some_and(|f| f.load(Ordering::Relaxed) & SLOT_F_OVERFLOWED != 0)
+                self.flags(i, |f| f.load(Ordering::Relaxed) & SLOT_F_OVERFLOWED != 0)
+                    .unwrap_or(false)
             })
             .collect()
     }
@@ -231,16 +231,12 @@ impl EstablishedTable {
         };
         let listed = buckets(overflow());
         for i in self.overflowed_buckets() {
-            if !listed.contains(&i)
-                && let Some(f) = self.flags(i)
-            {
-                f.fetch_and(!SLOT_F_OVERFLOWED, Ordering::AcqRel);
+            if !listed.contains(&i) {
+                self.flags(i, |f| f.fetch_and(!SLOT_F_OVERFLOWED, Ordering::AcqRel));
             }
         }
         for i in buckets(overflow()) {
-            if let Some(f) = self.flags(i) {
-                f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel);
-            }
+            self.flags(i, |f| f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel));
         }
     }
 }

@@ -62,24 +62,47 @@ impl LockedSlot for EstablishedSlot {
 /// Attempts at a slot's lock before giving up on it.
 const LOCK_TRIES: u32 = 10_000;
 
-/// A slot table mapped into this process.
+/// Bytes of a table mapped at a time. The kernel maps an mmapable array's
+/// pages eagerly, so a whole mapping of `ESTABLISHED` (64 MiB at the
+/// default size) would count in the agent's resident memory for as long as
+/// it is held, once per handle: a window keeps that at 1 MiB per handle,
+/// and a scan moves it along (64 remaps for 64 MiB).
+const WINDOW_BYTES: usize = 1 << 20;
+
+/// A slot table, mapped into this process a window at a time.
 pub struct SlotTable<S: LockedSlot> {
-    slots: NonNull<S>,
+    fd: std::os::fd::OwnedFd,
     count: usize,
+    /// The table's mappable length (slots rounded up to pages).
     bytes: usize,
+    page: usize,
+    window: std::sync::Mutex<Option<Window>>,
+    _slot: std::marker::PhantomData<S>,
+}
+
+/// One mapped range of a table: `len` bytes from byte `start`.
+struct Window {
+    ptr: NonNull<u8>,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: a shared mapping's address; every access to it goes through the
+// slots' atomic sequence locks or volatile copies.
+unsafe impl Send for Window {}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `SlotTable::at`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 /// `HALF_OPEN` mapped into this process.
 pub type HalfOpenTable = SlotTable<HalfOpenSlot>;
 
-// SAFETY: the mapping is shared memory that every access goes through the
-// slots' atomic sequence locks or volatile copies; nothing is cached here.
-unsafe impl<S: LockedSlot> Send for SlotTable<S> {}
-// SAFETY: as above.
-unsafe impl<S: LockedSlot> Sync for SlotTable<S> {}
-
 impl<S: LockedSlot> SlotTable<S> {
-    /// Maps the table behind `map` (an array of `S`, mappable).
+    /// A handle on the table behind `map` (an array of `S`, mappable).
     pub fn map(map: &MapData) -> io::Result<Self> {
         let info = map.info().map_err(io::Error::other)?;
         let count = info.max_entries() as usize;
@@ -94,30 +117,22 @@ impl<S: LockedSlot> SlotTable<S> {
         }
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (count * size_of::<S>()).div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a shared read-write mapping of the map's value area, which
-        // is `bytes` long (the kernel rounds an mmapable array to pages); the
-        // mapping keeps the map alive after the fd closes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        if !page.is_multiple_of(size_of::<S>()) {
+            return Err(io::Error::other(format!(
+                "{}: {}-byte slots do not tile {page}-byte pages",
+                S::MAP,
+                size_of::<S>()
+            )));
         }
-        let slots =
-            NonNull::new(ptr.cast::<S>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let bytes = (count * size_of::<S>()).div_ceil(page) * page;
+        let fd = map.fd().as_fd().try_clone_to_owned()?;
         Ok(Self {
-            slots,
+            fd,
             count,
             bytes,
+            page,
+            window: std::sync::Mutex::new(None),
+            _slot: std::marker::PhantomData,
         })
     }
 
@@ -126,41 +141,75 @@ impl<S: LockedSlot> SlotTable<S> {
         u32::try_from(self.count).unwrap_or(u32::MAX)
     }
 
-    pub(super) fn slot_ptr(&self, i: usize) -> *mut S {
-        debug_assert!(i < self.count);
-        // SAFETY: in bounds of the mapping.
-        unsafe { self.slots.as_ptr().add(i) }
-    }
-
-    fn seq(&self, i: usize) -> &AtomicU32 {
-        // SAFETY: `seq` is 4-byte aligned in the slot and only ever
-        // accessed atomically (here and by the data plane).
-        unsafe { AtomicU32::from_ptr(S::seq(self.slot_ptr(i))) }
+    /// `f` of slot `i`'s address, mapped for the call (the window holding
+    /// it, mapped anew if the last one did not). `None` if `i` is out of
+    /// range or the mapping failed.
+    pub(super) fn at<T>(&self, i: usize, f: impl FnOnce(*mut S) -> T) -> Option<T> {
+        if i >= self.count {
+            return None;
+        }
+        let offset = i * size_of::<S>();
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let covered = window
+            .as_ref()
+            .is_some_and(|w| (w.start..w.start + w.len).contains(&offset));
+        if !covered {
+            *window = None;
+            let start = offset / WINDOW_BYTES * WINDOW_BYTES;
+            let len = WINDOW_BYTES.min(self.bytes - start);
+            debug_assert!(start.is_multiple_of(self.page));
+            // SAFETY: a shared read-write mapping of `len` bytes of the
+            // map's value area from `start` (page-aligned, within its
+            // page-rounded length, as the kernel requires).
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    self.fd.as_raw_fd(),
+                    libc::off_t::try_from(start).ok()?,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return None;
+            }
+            *window = Some(Window {
+                ptr: NonNull::new(ptr.cast::<u8>())?,
+                start,
+                len,
+            });
+        }
+        let w = window.as_ref()?;
+        // SAFETY: `offset` is in the window, and a slot never straddles its
+        // end (slots tile pages, windows are whole pages).
+        let slot = unsafe { w.ptr.as_ptr().add(offset - w.start).cast::<S>() };
+        Some(f(slot))
     }
 
     /// Slot `i`, copied under its sequence lock; `None` if it is empty or a
     /// writer holds it.
     pub fn read_slot(&self, i: usize) -> Option<S> {
-        if i >= self.count {
-            return None;
-        }
-        let seq = self.seq(i).load(Ordering::Acquire);
-        if seq & 1 != 0 {
-            return None;
-        }
-        // SAFETY: in bounds; volatile, as the data plane may write it.
-        let (key, slot) = unsafe {
-            let slot = self.slot_ptr(i);
-            (
-                std::ptr::read_volatile(S::key(slot)),
-                std::ptr::read_volatile(slot),
-            )
-        };
-        fence(Ordering::Acquire);
-        if self.seq(i).load(Ordering::Relaxed) != seq || key == FlowKey::EMPTY {
-            return None;
-        }
-        Some(slot)
+        self.at(i, |slot| {
+            // SAFETY: `seq` is 4-byte aligned in the slot and only ever
+            // accessed atomically (here and by the data plane); the copy is
+            // volatile, as the data plane may write it.
+            unsafe {
+                let seq = AtomicU32::from_ptr(S::seq(slot));
+                let before = seq.load(Ordering::Acquire);
+                if before & 1 != 0 {
+                    return None;
+                }
+                let key = std::ptr::read_volatile(S::key(slot));
+                let copy = std::ptr::read_volatile(slot);
+                fence(Ordering::Acquire);
+                if seq.load(Ordering::Relaxed) != before || key == FlowKey::EMPTY {
+                    return None;
+                }
+                Some(copy)
+            }
+        })
+        .flatten()
     }
 
     /// Slot `i` under its lock: `write` gets the slot's address to read
@@ -169,30 +218,31 @@ impl<S: LockedSlot> SlotTable<S> {
     /// only the fields it means to change). `None` if the lock stayed held
     /// (which a packet never does for long).
     pub fn with_lock<T>(&self, i: usize, write: impl FnOnce(*mut S) -> T) -> Option<T> {
-        if i >= self.count {
-            return None;
-        }
-        let seq = self.seq(i);
-        // A packet holds a slot for a few hundred nanoseconds at most.
-        let mut tries = 0;
-        loop {
-            let before = seq.load(Ordering::Acquire);
-            if before & 1 == 0
-                && seq
-                    .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                break;
+        self.at(i, |slot| {
+            // SAFETY: as in `read_slot`.
+            let seq = unsafe { AtomicU32::from_ptr(S::seq(slot)) };
+            // A packet holds a slot for a few hundred nanoseconds at most.
+            let mut tries = 0;
+            loop {
+                let before = seq.load(Ordering::Acquire);
+                if before & 1 == 0
+                    && seq
+                        .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    break;
+                }
+                tries += 1;
+                if tries == LOCK_TRIES {
+                    return None;
+                }
+                std::hint::spin_loop();
             }
-            tries += 1;
-            if tries == LOCK_TRIES {
-                return None;
-            }
-            std::hint::spin_loop();
-        }
-        let out = write(self.slot_ptr(i));
-        seq.fetch_add(1, Ordering::Release);
-        Some(out)
+            let out = write(slot);
+            seq.fetch_add(1, Ordering::Release);
+            Some(out)
+        })
+        .flatten()
     }
 
     /// Empties slot `i` if `gone` says so of what it holds, under the lock;
@@ -269,12 +319,5 @@ impl HalfOpenTable {
     /// Empties every slot whose entry `gone` picks; how many.
     pub fn clear_all(&self, gone: impl Fn(&FlowKey, &Flow) -> bool) -> u64 {
         (0..self.count).filter(|&i| self.clear_if(i, &gone)).count() as u64
-    }
-}
-
-impl<S: LockedSlot> Drop for SlotTable<S> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.slots.as_ptr().cast(), self.bytes) };
     }
 }
