@@ -155,6 +155,8 @@ maps! {
     CAPTURE: Pinning::Pinned;
     /// NAT services' backend endpoints.
     NAT_BACKENDS: Pinning::Pinned;
+    /// Backend id → tunnel source and GUE port (IPIP, GUE services).
+    TUNNELS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
 }
