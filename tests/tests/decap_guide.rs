@@ -70,6 +70,9 @@ impl Drop for Detach<'_> {
             .arg(lb_bin())
             .args(["decap", "detach", self.iface])
             .output();
+        // The default pin dir the guide's attach created, if nothing else
+        // is in it (remove_dir removes only an empty directory).
+        let _ = std::fs::remove_dir(lb_userspace::decap::DEFAULT_PIN_DIR);
     }
 }
 
