@@ -22,33 +22,17 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{in_each_mode, lb_bin, steady_stream, unique_prefix};
-use lb_userspace::harness::{
-    lab::{HTTP_PORT, HttpConn, Lab, VIP, WEB_NAMES, lab_config, udp_connect, udp_request},
-    lab::{vip_http, vip_udp},
-    netns::in_netns,
-    xdp,
+use lb_tests::{
+    flood::{
+        HALF_OPEN, KEEPALIVE, TABLE, active_flows, broken_connections, front_mac,
+        front_xdp_packets, keepalive_connections, pktgen, status_json, status_text, syn_flood,
+    },
+    in_each_mode, lb_bin, steady_stream, unique_prefix,
 };
-use serde_json::Value;
-
-/// `conntrack-size`: the smallest the config accepts.
-const TABLE: u32 = 1024;
-/// `half-open-size`: as small as the established table.
-const HALF_OPEN: u32 = 1024;
-/// Spoofed SYNs the LB must see: ten times both tables together, each a
-/// distinct flow.
-const FLOOD: u32 = 10 * (TABLE + HALF_OPEN);
-/// SYNs per `lb pktgen` run: twice both tables; the flood repeats runs (new
-/// sources each time) until the LB has seen `FLOOD`.
-const ROUND: u32 = 2 * (TABLE + HALF_OPEN);
-const MAX_ROUNDS: u32 = 10;
-/// The flood's rate (all generator threads together): about a second of
-/// flood, so the new connections made meanwhile really meet it, and the web
-/// servers' kernels (which answer every SYN that reaches them) keep up on a
-/// shared two-CPU machine.
-const FLOOD_RATE: u64 = 20_000;
-/// Long-lived keep-alive connections that must outlive the flood.
-const KEEPALIVE: usize = 10;
+use lb_userspace::harness::{
+    lab::{Lab, WEB_NAMES, lab_config, udp_connect, udp_request, vip_udp},
+    netns::in_netns,
+};
 
 fn new_lab() -> Result<Lab> {
     let prefix = unique_prefix("fld");
@@ -69,172 +53,6 @@ fn config(mode: lb_userspace::config::Forwarding, dataplane: &str, timeouts: &st
         toml.push_str(&format!("\n[dataplane.timeouts]\n{timeouts}"));
     }
     toml
-}
-
-/// `lb status --json` of the lab's agent, as the CLI prints it.
-fn status_json(lab: &Lab) -> Result<Value> {
-    let socket = lab.agent_socket();
-    let out = Command::new(lb_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(&socket)
-        .output()
-        .context("running lb status --json")?;
-    ensure!(
-        out.status.success(),
-        "lb status --json failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).context("parsing lb status --json")
-}
-
-/// Each keep-alive connection asked again: the ones that no longer answer,
-/// or answer from another server than their own, described.
-fn broken_connections(conns: &mut [(HttpConn, String)]) -> Vec<String> {
-    let mut broken = Vec::new();
-    for (i, (conn, server)) in conns.iter_mut().enumerate() {
-        match conn.get("/") {
-            Ok(r) if r.text() == *server => {}
-            Ok(r) => broken.push(format!(
-                "connection {i}: answered by {} instead of {server}",
-                r.text()
-            )),
-            Err(e) => broken.push(format!("connection {i} (on {server}): {e:#}")),
-        }
-    }
-    broken
-}
-
-/// `n` keep-alive connections from the client through the VIP, one `GET /`
-/// each: the connections and the server that answered each.
-fn keepalive_connections(lab: &Lab, n: usize) -> Result<Vec<(HttpConn, String)>> {
-    in_netns(&lab.client_ns(), || {
-        (0..n)
-            .map(|_| {
-                let mut conn = HttpConn::connect(vip_http())?;
-                let server = conn.get("/")?.text();
-                Ok((conn, server))
-            })
-            .collect()
-    })?
-}
-
-/// `lb status` of the lab's agent, as the CLI prints it (for the log).
-fn status_text(lab: &Lab) -> Result<String> {
-    let out = Command::new(lb_bin())
-        .args(["status", "--socket"])
-        .arg(lab.agent_socket())
-        .output()
-        .context("running lb status")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `active` of backend `backend` of service `service` in a status JSON.
-fn active_flows(status: &Value, service: &str, backend: &str) -> Result<u64> {
-    let b = status["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == service))
-        .and_then(|s| s["backends"].as_array())
-        .and_then(|b| b.iter().find(|b| b["name"] == backend))
-        .with_context(|| format!("no backend {service}/{backend} in lb status --json"))?;
-    b["active"].as_u64().with_context(|| {
-        format!("backend {service}/{backend} in lb status --json has no `active` count: {b}")
-    })
-}
-
-/// Frames the LB's XDP program saw on `lb-front` (`ethtool -S`, every
-/// queue's `xdp_packets`): where the flood enters.
-fn front_xdp_packets(lab: &Lab) -> Result<u64> {
-    let out = lab.exec_ok(&lab.lb_ns(), &["ethtool", "-S", "lb-front"])?;
-    let mut total = 0;
-    for line in out.lines() {
-        if let Some((key, value)) = line.trim().split_once(':')
-            && key.starts_with("rx_queue_")
-            && key.ends_with("_xdp_packets")
-        {
-            total += value
-                .trim()
-                .parse::<u64>()
-                .with_context(|| format!("ethtool -S line {line:?}"))?;
-        }
-    }
-    Ok(total)
-}
-
-/// `lb pktgen --proto tcp-syn` from the client's `eth0` to the VIP: one
-/// round of `ROUND` SYNs from distinct spoofed sources (198.18.{64+round}.1,
-/// ports from 1024), at `FLOOD_RATE`.
-fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
-    let src = format!("198.18.{}.1", 64 + round);
-    pktgen(lab, dst_mac, &src, ROUND, "tcp-syn")
-}
-
-/// `lb pktgen --proto PROTO` from the client's `eth0` to the VIP: `flows`
-/// frames, one per spoofed source (from `src`, ports from 1024 first), at
-/// `FLOOD_RATE`. The same `src` and `flows` give the same tuples, so a
-/// `tcp-syn` run and a `tcp-ack` run make spoofed SYN + ACK pairs.
-fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> Result<String> {
-    let bin = lb_bin().display().to_string();
-    let (flows, rate, dst) = (
-        flows.to_string(),
-        FLOOD_RATE.to_string(),
-        format!("{VIP}:{HTTP_PORT}"),
-    );
-    lab.exec_ok(
-        &lab.client_ns(),
-        &[
-            &bin,
-            "pktgen",
-            "--dev",
-            "eth0",
-            "--dst-mac",
-            dst_mac,
-            "--dst",
-            &dst,
-            "--src",
-            src,
-            "--flows",
-            &flows,
-            "--count",
-            &flows,
-            "--rate",
-            &rate,
-            "--proto",
-            proto,
-        ],
-    )
-}
-
-/// The MAC of the LB's front interface, as `lb pktgen --dst-mac` takes it.
-fn front_mac(lab: &Lab) -> Result<String> {
-    let mac = in_netns(&lab.lb_ns(), || xdp::if_mac("lb-front"))??;
-    Ok(mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":"))
-}
-
-/// Floods the VIP with spoofed SYNs in rounds until the LB's XDP program
-/// has seen at least `FLOOD` frames on `lb-front` (a veth drops frames when
-/// its ring is full on a busy machine, so frames sent are not frames
-/// received). Returns the frames seen and the generator's last report.
-fn syn_flood(lab: &Lab) -> Result<(u64, String)> {
-    let mac = front_mac(lab)?;
-    let before = front_xdp_packets(lab)?;
-    let mut report = String::new();
-    for round in 0..MAX_ROUNDS {
-        report = syn_flood_round(lab, &mac, round)
-            .with_context(|| format!("lb pktgen --proto tcp-syn, round {round}"))?;
-        let seen = front_xdp_packets(lab)? - before;
-        if seen >= u64::from(FLOOD) {
-            return Ok((seen, report));
-        }
-    }
-    let seen = front_xdp_packets(lab)? - before;
-    bail!(
-        "after {MAX_ROUNDS} rounds of {ROUND} SYNs the LB's XDP program saw only {seen} frames, fewer than {FLOOD} (last round: {})",
-        report.trim()
-    )
 }
 
 #[test]

@@ -21,9 +21,11 @@ mod db;
 mod db_demo;
 mod dns;
 mod ha;
+mod routed;
 mod serve;
 mod teardown;
 mod tls;
+mod tunnel_demo;
 mod visits;
 
 use std::{
@@ -56,6 +58,10 @@ pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
+pub use routed::{
+    GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_CLIENT_SIDE, ROUTER_LB_SIDE,
+    ROUTER_WEB_IFACE, ROUTER_WEB_SIDE, Tunnel, WEB_NET,
+};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, LAB_CERT_DAYS, SITE_NAME, ca_path};
@@ -190,6 +196,8 @@ pub struct Lab {
     /// 0: the single-LB lab; N ≥ 2: N LBs behind a BGP/ECMP router
     /// (see `ha.rs`).
     lbs: usize,
+    /// The single-LB lab with the webs behind a router (see `routed.rs`).
+    routed: bool,
 }
 
 impl Lab {
@@ -212,6 +220,16 @@ impl Lab {
     }
 
     fn create_with(prefix: &str, lb_bin: &Path, detached: bool, lbs: usize) -> anyhow::Result<Lab> {
+        Self::create_layout(prefix, lb_bin, detached, lbs, false)
+    }
+
+    fn create_layout(
+        prefix: &str,
+        lb_bin: &Path,
+        detached: bool,
+        lbs: usize,
+        routed: bool,
+    ) -> anyhow::Result<Lab> {
         teardown::validate_prefix(prefix)?;
         netns::require_tool(
             "ethtool",
@@ -226,6 +244,7 @@ impl Lab {
             children: Vec::new(),
             keep: false,
             lbs,
+            routed,
         };
         fs::create_dir_all(lab.run_dir())
             .with_context(|| format!("creating {}", lab.run_dir().display()))?;
@@ -236,7 +255,9 @@ impl Lab {
             .collect();
         tls::write_lab_pki(&lab.run_dir(), &webs, VIP)
             .with_context(|| format!("making the TLS certificates of lab {prefix}"))?;
-        if lbs == 0 {
+        if routed {
+            lab.build_routed_topology()
+        } else if lbs == 0 {
             lab.build_topology()
         } else {
             lab.build_ha_topology()
@@ -280,7 +301,9 @@ impl Lab {
 
     /// Every namespace of the lab.
     pub fn namespaces(&self) -> Vec<String> {
-        if self.lbs == 0 {
+        if self.routed {
+            teardown::routed_namespace_names(&self.prefix)
+        } else if self.lbs == 0 {
             teardown::namespace_names(&self.prefix)
         } else {
             teardown::ha_namespace_names(&self.prefix, self.lbs)
@@ -326,7 +349,19 @@ impl Lab {
     /// database VIPs, which the webs reach through the LB (their `/visits`):
     /// in DSR they keep host routes via the LB, more specific than the
     /// client network's.
+    ///
+    /// The routed lab's webs always answer through their router, straight
+    /// to the client: only tunnel (DSR-like) services work there, and NAT
+    /// is refused.
     pub fn set_mode(&self, mode: Forwarding) -> anyhow::Result<()> {
+        if self.routed {
+            if mode == Forwarding::Nat {
+                bail!(
+                    "the routed lab's webs answer clients through their router, not the LB: NAT cannot work there"
+                );
+            }
+            return Ok(());
+        }
         let client_net = if self.lbs == 0 {
             "198.18.0.0/24"
         } else {

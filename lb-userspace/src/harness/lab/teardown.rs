@@ -45,6 +45,13 @@ pub(crate) fn namespace_names(prefix: &str) -> Vec<String> {
     names
 }
 
+/// The namespaces of the routed lab: the single lab's and the router.
+pub(crate) fn routed_namespace_names(prefix: &str) -> Vec<String> {
+    let mut names = namespace_names(prefix);
+    names.push(format!("{prefix}-router"));
+    names
+}
+
 /// The namespaces of a multi-LB lab with `lbs` LBs: the client, the
 /// router, lb1..lbN, the switch, the webs and (if started) the databases.
 pub(crate) fn ha_namespace_names(prefix: &str, lbs: usize) -> Vec<String> {
