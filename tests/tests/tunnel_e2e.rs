@@ -94,28 +94,13 @@ fn checked(lab: &Lab, tunnel: Tunnel) -> String {
     lab.tunnel_config(tunnel, "round-robin", true, "")
 }
 
-/// Packets each web's decapsulator has stripped, per web, as its `lb decap
-/// status` reports them (the sum of every "decapsulated" counter).
-fn decapsulated(lab: &Lab) -> Result<Vec<u64>> {
+/// Packets each web's decapsulator has stripped from `tunnel` (its
+/// `decap_ipip` or `decap_gue` counter in `lb decap status --json`).
+fn decapsulated(lab: &Lab, tunnel: Tunnel) -> Result<Vec<u64>> {
+    let verdict = format!("decap_{}", tunnel.name());
     (1..=WEB_NAMES.len())
-        .map(|n| {
-            let text = lab.decap_status(n)?;
-            Ok(decap_counter(&text, "decap"))
-        })
+        .map(|n| Ok(lab.decap_verdicts(n)?.get(&verdict).copied().unwrap_or(0)))
         .collect()
-}
-
-/// Sum of the counters on the lines of `lb decap status` whose name
-/// starts with `prefix` (`name  count` or `name: count`).
-fn decap_counter(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split(|c: char| c.is_whitespace() || c == ':');
-            let name = words.next()?.trim();
-            let value = words.filter(|w| !w.is_empty()).next_back()?;
-            (name.starts_with(prefix)).then(|| value.parse::<u64>().ok())?
-        })
-        .sum()
 }
 
 /// The routed lab before any tunnel: the client and the LB reach every
@@ -187,7 +172,7 @@ fn each_tunnel_rotates_over_three_webs_and_carries_8_mb_byte_exact() -> Result<(
         &mut lab,
         |lab, t| lab.tunnel_config(t, "round-robin", false, ""),
         |lab, tunnel| {
-            let before = decapsulated(lab)?;
+            let before = decapsulated(lab, tunnel)?;
             let got = answers(lab, 6)?;
             let want: Vec<&str> = (0..6).map(|i| WEB_NAMES[i % 3]).collect();
             ensure!(got == want, "new connections went to {got:?}, not {want:?}");
@@ -201,12 +186,13 @@ fn each_tunnel_rotates_over_three_webs_and_carries_8_mb_byte_exact() -> Result<(
                 tunnel.name(),
                 started.elapsed()
             );
-            let after = decapsulated(lab)?;
+            let after = decapsulated(lab, tunnel)?;
             for n in 0..WEB_NAMES.len() {
                 ensure!(
                     after[n] > before[n],
-                    "web{}'s decapsulator stripped nothing ({} -> {}): {}",
+                    "web{}'s decapsulator stripped no {} packet ({} -> {}): {}",
                     n + 1,
+                    tunnel.name(),
                     before[n],
                     after[n],
                     lab.decap_status(n + 1)?

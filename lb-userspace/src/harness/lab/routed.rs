@@ -22,7 +22,7 @@
 //! addresses (198.19.0.1N) and their gateway's address (198.19.0.1) from
 //! the single lab; only what lies between them and the LB changes.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, ensure};
 
@@ -112,10 +112,12 @@ impl Lab {
         }
     }
 
-    /// Where web `n`'s decapsulator pins its program, link and maps: on the
-    /// host's bpffs under the lab's pin dir, so `lb lab down` removes them.
-    pub fn decap_pin_dir(&self, n: usize) -> PathBuf {
-        self.pin_dir().join(format!("decap-web{n}"))
+    /// Where the webs' decapsulators pin their programs, links and maps:
+    /// on the host's bpffs under the lab's pin dir (`lb decap --pin-dir`;
+    /// each web's under `netns/{P}-webN/eth0`), so `lb lab down` removes
+    /// them.
+    pub fn decap_pin_dir(&self) -> PathBuf {
+        self.pin_dir().join("decap")
     }
 
     /// `lb decap attach eth0 --from <the LBs' tunnel sources> --port 6080`
@@ -146,20 +148,42 @@ impl Lab {
         self.decap(n, &["detach", "eth0"])
     }
 
-    /// `lb decap status` on web `n`: its counters per verdict.
+    /// `lb decap status eth0` on web `n`, as it prints it.
     pub fn decap_status(&self, n: usize) -> anyhow::Result<String> {
-        self.decap(n, &["status"])
+        self.decap(n, &["status", "eth0"])
     }
 
-    /// Runs `lb decap ARGS --pin-dir DIR` in web `n`'s namespace, its pins
-    /// under [`Lab::decap_pin_dir`].
+    /// Web `n`'s decapsulator's packets per verdict (`lb decap status
+    /// --json`), by verdict name (`decap_ipip`, `decap_gue`, …).
+    pub fn decap_verdicts(&self, n: usize) -> anyhow::Result<BTreeMap<String, u64>> {
+        let text = self.decap(n, &["status", "eth0", "--json"])?;
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("lb decap status --json of web{n}: {text}"))?;
+        let verdicts = parsed
+            .get(0)
+            .and_then(|r| r.get("verdicts"))
+            .and_then(serde_json::Value::as_object)
+            .with_context(|| format!("no verdicts in web{n}'s lb decap status --json: {text}"))?;
+        verdicts
+            .iter()
+            .map(|(name, count)| {
+                let count = count
+                    .as_u64()
+                    .with_context(|| format!("web{n}'s decap verdict {name}: {count}"))?;
+                Ok((name.clone(), count))
+            })
+            .collect()
+    }
+
+    /// Runs `lb decap ARGS --netns {P}-webN --pin-dir DIR` from the host's
+    /// mount namespace (the pins stay on the host's bpffs).
     fn decap(&self, n: usize, args: &[&str]) -> anyhow::Result<String> {
         let bin = self.lb_bin.display().to_string();
-        let pins = self.decap_pin_dir(n).display().to_string();
-        let mut full = vec![bin.as_str(), "decap"];
+        let (ns, pins) = (self.web_ns(n), self.decap_pin_dir().display().to_string());
+        let mut full = vec!["decap"];
         full.extend_from_slice(args);
-        full.extend_from_slice(&["--pin-dir", &pins]);
-        netns::ns_run(&self.web_ns(n), &full)
+        full.extend_from_slice(&["--netns", &ns, "--pin-dir", &pins]);
+        netns::run(&bin, &full)
     }
 
     /// The agent config of the routed lab: `www` (TCP VIP:80) forwarded

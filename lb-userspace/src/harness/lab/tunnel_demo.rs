@@ -63,8 +63,8 @@ pub(super) fn up_routed(prefix: &str, lb_bin: &Path) -> anyhow::Result<()> {
     );
     println!("  terminal 2:  ip netns exec {p}-client curl http://{VIP}/");
     println!(
-        "               ip netns exec {p}-web1 {lb} decap status --pin-dir {}",
-        lab.decap_pin_dir(1).display()
+        "               {lb} decap status --netns {p}-web1 --pin-dir {}",
+        lab.decap_pin_dir().display()
     );
     println!("Remove it:   {lb} lab down --prefix {p}");
     lab.keep();
