@@ -4,17 +4,25 @@
 //! flood (`lb pktgen --proto tcp-syn` from the client's namespace) measured
 //! by what the LB's XDP program saw on `lb-front`.
 
-use std::process::Command;
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_userspace::harness::{
-    lab::{HTTP_PORT, HttpConn, Lab, VIP, vip_http},
+    lab::{HTTP_PORT, HttpConn, Lab, VIP, WEB_NAMES, vip_http},
     netns::in_netns,
     xdp,
 };
 use serde_json::Value;
 
-use crate::lb_bin;
+use crate::{lb_bin, steady_stream};
 
 /// `conntrack-size`: the smallest the config accepts.
 pub const TABLE: u32 = 1024;
@@ -199,4 +207,147 @@ pub fn syn_flood(lab: &Lab) -> Result<(u64, String)> {
         "after {MAX_ROUNDS} rounds of {ROUND} SYNs the LB's XDP program saw only {seen} frames, fewer than {FLOOD} (last round: {})",
         report.trim()
     )
+}
+
+/// Drains web1 of service `www` (round robin over web1..3, a fresh agent)
+/// while six keep-alive connections run: its two go on, new connections go
+/// elsewhere, and its `active` flows fall to 0 once its clients close
+/// (`tcp-closing` short); the others' connections are untouched.
+pub fn drain_web1_until_its_clients_close(lab: &Lab) -> Result<()> {
+    // Six connections: web1, web2, web3, web1, web2, web3.
+    let mut conns = keepalive_connections(lab, 6)?;
+    let on_web1 = conns.iter().filter(|(_, s)| s == "web1").count() as u64;
+    ensure!(on_web1 == 2, "{on_web1} connections on web1, not 2");
+    ensure!(
+        active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
+        "web1's active flows before the drain: {}",
+        status_json(lab)?
+    );
+
+    let out = Command::new(lb_bin())
+        .args(["backend", "drain", "www", "web1", "--socket"])
+        .arg(lab.agent_socket())
+        .output()
+        .context("running lb backend drain")?;
+    ensure!(
+        out.status.success(),
+        "lb backend drain www web1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Drained: its connections go on, new ones go elsewhere, and it
+    // still holds their flows.
+    for (conn, server) in &mut conns {
+        let again = conn.get("/")?.text();
+        ensure!(
+            again == *server,
+            "a {server} connection answered by {again}"
+        );
+    }
+    let fresh = crate::answers(lab, 4)?;
+    ensure!(
+        !fresh.iter().any(|s| s == "web1"),
+        "new connections reached the drained web1: {fresh:?}"
+    );
+    ensure!(
+        active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
+        "web1's active flows while draining: {}",
+        status_json(lab)?
+    );
+
+    // Its clients close; the closing flows expire and `active` falls to 0.
+    conns.retain(|(_, s)| s != "web1");
+    let closed = Instant::now();
+    let within = Duration::from_secs(15);
+    loop {
+        let status = status_json(lab)?;
+        let active = active_flows(&status, "www", "web1")?;
+        if active == 0 {
+            eprintln!(
+                "web1 drained: 0 active flows {:.2?} after its clients closed",
+                closed.elapsed()
+            );
+            break;
+        }
+        if closed.elapsed() > within {
+            bail!(
+                "web1 still holds {active} active flows {within:?} after its clients closed: {status}"
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The others' connections are untouched.
+    for (conn, server) in &mut conns {
+        let again = conn.get("/")?.text();
+        ensure!(
+            again == *server,
+            "a {server} connection answered by {again}"
+        );
+    }
+    Ok(())
+}
+
+/// Ten keep-alive connections (round robin from web1 on a fresh agent with
+/// `conntrack-size` = [`TABLE`]) outlive a spoofed-SYN flood ten times the
+/// tables ([`syn_flood`]), answering from their own servers, while new
+/// connections made during and after it are all served; `label` names the
+/// mode in the log.
+pub fn keepalive_connections_survive_a_syn_flood(lab: &Lab, label: &str) -> Result<()> {
+    // Ten connections, one request each: a fresh agent spreads them
+    // web1, web2, web3, web1, …
+    let mut conns = keepalive_connections(lab, KEEPALIVE)?;
+    let servers: Vec<&str> = conns.iter().map(|(_, s)| s.as_str()).collect();
+    let expected: Vec<&str> = (0..KEEPALIVE)
+        .map(|i| WEB_NAMES[i % WEB_NAMES.len()])
+        .collect();
+    ensure!(
+        servers == expected,
+        "the keep-alive connections went to {servers:?}, not round robin from web1"
+    );
+
+    // New connections all along the flood and for a while after it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = steady_stream(lab, stop.clone());
+    let started = Instant::now();
+    let flood = syn_flood(lab);
+    let flood_took = started.elapsed();
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let fresh = stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))?;
+    let (seen, report) = flood?;
+    eprintln!(
+        "{}: the LB saw {seen} frames of the flood in {flood_took:.2?} (last run: {}); {} new connections meanwhile",
+        label,
+        report.trim(),
+        fresh.len(),
+    );
+    let after = status_text(lab)?;
+
+    // Every new connection made during and after the flood was served.
+    let failed: Vec<String> = fresh
+        .iter()
+        .filter_map(|(at, r)| r.as_ref().err().map(|e| format!("at {at:.2?}: {e}")))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} new connections during/after the flood failed: {failed:#?}\nthe agent's status after the flood:\n{after}",
+        failed.len(),
+        fresh.len()
+    );
+    let during = fresh.iter().filter(|(at, _)| *at < flood_took).count();
+    ensure!(
+        during >= 5,
+        "only {during} new connections were made during the {flood_took:.2?} flood"
+    );
+
+    // Every long-lived connection answers again, from its own server.
+    let broken = broken_connections(&mut conns);
+    ensure!(
+        broken.is_empty(),
+        "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\nthe agent's status after the flood:\n{after}",
+        broken.len()
+    );
+    Ok(())
 }

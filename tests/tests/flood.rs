@@ -12,22 +12,18 @@
 //! builds its own lab under a unique prefix (tag `fld`).
 
 use std::{
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use lb_tests::{
     flood::{
-        HALF_OPEN, KEEPALIVE, TABLE, active_flows, broken_connections, front_mac,
-        front_xdp_packets, keepalive_connections, pktgen, status_json, status_text, syn_flood,
+        HALF_OPEN, KEEPALIVE, TABLE, active_flows, broken_connections,
+        drain_web1_until_its_clients_close, front_mac, front_xdp_packets, keepalive_connections,
+        keepalive_connections_survive_a_syn_flood, pktgen, status_json, status_text, syn_flood,
     },
-    in_each_mode, lb_bin, steady_stream, unique_prefix,
+    in_each_mode, lb_bin, unique_prefix,
 };
 use lb_userspace::harness::{
     lab::{Lab, WEB_NAMES, lab_config, udp_connect, udp_request, vip_udp},
@@ -63,65 +59,7 @@ fn keepalive_connections_survive_a_syn_flood_ten_times_the_tables() -> Result<()
     in_each_mode(
         &mut lab,
         |mode| config(mode, &small, ""),
-        |lab, mode| {
-            // Ten connections, one request each: a fresh agent spreads them
-            // web1, web2, web3, web1, …
-            let mut conns = keepalive_connections(lab, KEEPALIVE)?;
-            let servers: Vec<&str> = conns.iter().map(|(_, s)| s.as_str()).collect();
-            let expected: Vec<&str> = (0..KEEPALIVE)
-                .map(|i| WEB_NAMES[i % WEB_NAMES.len()])
-                .collect();
-            ensure!(
-                servers == expected,
-                "the keep-alive connections went to {servers:?}, not round robin from web1"
-            );
-
-            // New connections all along the flood and for a while after it.
-            let stop = Arc::new(AtomicBool::new(false));
-            let stream = steady_stream(lab, stop.clone());
-            let started = Instant::now();
-            let flood = syn_flood(lab);
-            let flood_took = started.elapsed();
-            thread::sleep(Duration::from_millis(500));
-            stop.store(true, Ordering::Relaxed);
-            let fresh = stream
-                .join()
-                .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))?;
-            let (seen, report) = flood?;
-            eprintln!(
-                "{}: the LB saw {seen} frames of the flood in {flood_took:.2?} (last run: {}); {} new connections meanwhile",
-                mode.name(),
-                report.trim(),
-                fresh.len(),
-            );
-            let after = status_text(lab)?;
-
-            // Every new connection made during and after the flood was served.
-            let failed: Vec<String> = fresh
-                .iter()
-                .filter_map(|(at, r)| r.as_ref().err().map(|e| format!("at {at:.2?}: {e}")))
-                .collect();
-            ensure!(
-                failed.is_empty(),
-                "{} of {} new connections during/after the flood failed: {failed:#?}\nthe agent's status after the flood:\n{after}",
-                failed.len(),
-                fresh.len()
-            );
-            let during = fresh.iter().filter(|(at, _)| *at < flood_took).count();
-            ensure!(
-                during >= 5,
-                "only {during} new connections were made during the {flood_took:.2?} flood"
-            );
-
-            // Every long-lived connection answers again, from its own server.
-            let broken = broken_connections(&mut conns);
-            ensure!(
-                broken.is_empty(),
-                "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\nthe agent's status after the flood:\n{after}",
-                broken.len()
-            );
-            Ok(())
-        },
+        |lab, mode| keepalive_connections_survive_a_syn_flood(lab, mode.name()),
     )
 }
 
@@ -212,79 +150,7 @@ fn drain_reaches_zero_active_flows_after_clients_close() -> Result<()> {
     in_each_mode(
         &mut lab,
         |mode| config(mode, "", "tcp-closing = \"1s\"\n"),
-        |lab, _| {
-            // Six connections: web1, web2, web3, web1, web2, web3.
-            let mut conns = keepalive_connections(lab, 6)?;
-            let on_web1 = conns.iter().filter(|(_, s)| s == "web1").count() as u64;
-            ensure!(on_web1 == 2, "{on_web1} connections on web1, not 2");
-            ensure!(
-                active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
-                "web1's active flows before the drain: {}",
-                status_json(lab)?
-            );
-
-            let out = Command::new(lb_bin())
-                .args(["backend", "drain", "www", "web1", "--socket"])
-                .arg(lab.agent_socket())
-                .output()
-                .context("running lb backend drain")?;
-            ensure!(
-                out.status.success(),
-                "lb backend drain www web1: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-
-            // Drained: its connections go on, new ones go elsewhere, and it
-            // still holds their flows.
-            for (conn, server) in &mut conns {
-                let again = conn.get("/")?.text();
-                ensure!(
-                    again == *server,
-                    "a {server} connection answered by {again}"
-                );
-            }
-            let fresh = lb_tests::answers(lab, 4)?;
-            ensure!(
-                !fresh.iter().any(|s| s == "web1"),
-                "new connections reached the drained web1: {fresh:?}"
-            );
-            ensure!(
-                active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
-                "web1's active flows while draining: {}",
-                status_json(lab)?
-            );
-
-            // Its clients close; the closing flows expire and `active` falls to 0.
-            conns.retain(|(_, s)| s != "web1");
-            let closed = Instant::now();
-            let within = Duration::from_secs(15);
-            loop {
-                let status = status_json(lab)?;
-                let active = active_flows(&status, "www", "web1")?;
-                if active == 0 {
-                    eprintln!(
-                        "web1 drained: 0 active flows {:.2?} after its clients closed",
-                        closed.elapsed()
-                    );
-                    break;
-                }
-                if closed.elapsed() > within {
-                    bail!(
-                        "web1 still holds {active} active flows {within:?} after its clients closed: {status}"
-                    );
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            // The others' connections are untouched.
-            for (conn, server) in &mut conns {
-                let again = conn.get("/")?.text();
-                ensure!(
-                    again == *server,
-                    "a {server} connection answered by {again}"
-                );
-            }
-            Ok(())
-        },
+        |lab, _| drain_web1_until_its_clients_close(lab),
     )
 }
 

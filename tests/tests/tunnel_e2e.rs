@@ -21,9 +21,7 @@
 //! test builds its own lab under a unique prefix (tag `tun`).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    process::Command,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,14 +30,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use lb_tests::{
     answers, backend_status, count,
-    flood::{
-        KEEPALIVE, TABLE, active_flows, broken_connections, keepalive_connections, status_json,
-        status_text, syn_flood,
-    },
-    lb_bin, status, steady_stream, transfer, unique_prefix, wait_for_status,
+    flood::{TABLE, drain_web1_until_its_clients_close, keepalive_connections_survive_a_syn_flood},
+    lb_bin,
+    pmtu::{cached_mtu, forget_path_mtus, upload},
+    status, transfer, unique_prefix, wait_for_status,
 };
 use lb_userspace::{
     config::Forwarding,
@@ -49,7 +46,7 @@ use lb_userspace::{
             CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_WEB_IFACE,
             ROUTER_WEB_SIDE, Tunnel, VIP, WEB_NAMES, http_get, lb_front_addr, vip_http, web_addr,
         },
-        netns::{self, in_netns},
+        netns::in_netns,
     },
 };
 
@@ -249,100 +246,8 @@ fn a_drained_web_keeps_its_tunnelled_flows_until_they_close() -> Result<()> {
             lab.tunnel_config(t, "round-robin", false, "")
                 + "\n[dataplane.timeouts]\ntcp-closing = \"1s\"\n"
         },
-        |lab, _| {
-            let mut conns = keepalive_connections(lab, 6)?;
-            let on_web1 = conns.iter().filter(|(_, s)| s == "web1").count() as u64;
-            ensure!(on_web1 == 2, "{on_web1} connections on web1, not 2");
-            let out = Command::new(lb_bin())
-                .args(["backend", "drain", "www", "web1", "--socket"])
-                .arg(lab.agent_socket())
-                .output()
-                .context("running lb backend drain")?;
-            ensure!(
-                out.status.success(),
-                "lb backend drain www web1: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            for (conn, server) in &mut conns {
-                let again = conn.get("/")?.text();
-                ensure!(
-                    again == *server,
-                    "a {server} connection answered by {again}"
-                );
-            }
-            let fresh = answers(lab, 4)?;
-            ensure!(
-                !fresh.iter().any(|s| s == "web1"),
-                "new connections reached the drained web1: {fresh:?}"
-            );
-            // Established through the tunnel: the LB sees the client's side
-            // only, and confirms a flow on its segments past the request.
-            let active = active_flows(&status_json(lab)?, "www", "web1")?;
-            ensure!(
-                active == on_web1,
-                "web1's active flows while draining: {active}"
-            );
-            conns.retain(|(_, s)| s != "web1");
-            let closed = Instant::now();
-            loop {
-                let active = active_flows(&status_json(lab)?, "www", "web1")?;
-                if active == 0 {
-                    eprintln!(
-                        "web1 drained {:.2?} after its clients closed",
-                        closed.elapsed()
-                    );
-                    break;
-                }
-                if closed.elapsed() > Duration::from_secs(15) {
-                    bail!("web1 still holds {active} active flows 15 s after its clients closed");
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            for (conn, server) in &mut conns {
-                let again = conn.get("/")?.text();
-                ensure!(
-                    again == *server,
-                    "a {server} connection answered by {again}"
-                );
-            }
-            Ok(())
-        },
+        |lab, _| drain_web1_until_its_clients_close(lab),
     )
-}
-
-/// An upload of `size` bytes to the VIP on a new connection; the lab's
-/// server drains a request body before it answers (405: it serves GET
-/// only), so an answer means every byte arrived.
-fn upload(size: usize) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&vip_http(), Duration::from_secs(3))
-        .context("connecting to the VIP")?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.set_write_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "POST / HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
-    )?;
-    s.write_all(&vec![b'u'; size])
-        .context("uploading (stalled: packets too big for the tunnel vanished?)")?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .context("reading the answer")?;
-    ensure!(
-        answer.starts_with("HTTP/1.1 405"),
-        "unexpected answer {:?}",
-        &answer[..answer.len().min(40)]
-    );
-    Ok(())
-}
-
-/// The path MTU of `to` from namespace `ns` as its route cache holds it.
-fn cached_mtu(lab: &Lab, ns: &str, to: &str) -> Result<Option<u32>> {
-    let route = lab.exec_ok(ns, &["ip", "route", "get", to])?;
-    Ok(route
-        .split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .and_then(|m| m.parse().ok()))
 }
 
 /// Path-MTU discovery through the tunnel: the router's link to the webs is
@@ -362,7 +267,7 @@ fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -
     let vip = VIP.to_string();
     in_each_tunnel(&mut lab, checked, |lab, tunnel| {
         for ns in [lab.client_ns(), lab.lb_ns()] {
-            netns::sysctl(&ns, "net/ipv4/route/flush", "1")?;
+            forget_path_mtus(&ns)?;
         }
         in_netns(&lab.client_ns(), || upload(300_000))??;
         let want = LOW_MTU - tunnel.overhead();
@@ -396,55 +301,7 @@ fn tunnelled_keepalive_connections_survive_a_syn_flood_ten_times_the_tables() ->
     in_each_tunnel(
         &mut lab,
         |lab, t| lab.tunnel_config(t, "round-robin", false, &small),
-        |lab, tunnel| {
-            let mut conns = keepalive_connections(lab, KEEPALIVE)?;
-            let servers: Vec<&str> = conns.iter().map(|(_, s)| s.as_str()).collect();
-            let expected: Vec<&str> = (0..KEEPALIVE).map(|i| WEB_NAMES[i % 3]).collect();
-            ensure!(
-                servers == expected,
-                "keep-alive connections went to {servers:?}"
-            );
-            let stop = Arc::new(AtomicBool::new(false));
-            let stream = steady_stream(lab, stop.clone());
-            let started = Instant::now();
-            let flood = syn_flood(lab);
-            let flood_took = started.elapsed();
-            thread::sleep(Duration::from_millis(500));
-            stop.store(true, Ordering::Relaxed);
-            let fresh = stream
-                .join()
-                .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))?;
-            let (seen, report) = flood?;
-            eprintln!(
-                "{}: the LB saw {seen} flood frames in {flood_took:.2?} ({}); {} new connections meanwhile",
-                tunnel.name(),
-                report.trim(),
-                fresh.len()
-            );
-            let after = status_text(lab)?;
-            let failed: Vec<String> = fresh
-                .iter()
-                .filter_map(|(at, r)| r.as_ref().err().map(|e| format!("at {at:.2?}: {e}")))
-                .collect();
-            ensure!(
-                failed.is_empty(),
-                "{} of {} new connections failed: {failed:#?}\n{after}",
-                failed.len(),
-                fresh.len()
-            );
-            let during = fresh.iter().filter(|(at, _)| *at < flood_took).count();
-            ensure!(
-                during >= 5,
-                "only {during} new connections during the flood"
-            );
-            let broken = broken_connections(&mut conns);
-            ensure!(
-                broken.is_empty(),
-                "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\n{after}",
-                broken.len()
-            );
-            Ok(())
-        },
+        |lab, tunnel| keepalive_connections_survive_a_syn_flood(lab, tunnel.name()),
     )
 }
 

@@ -489,12 +489,7 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
         "== {name}: {requests} new TCP connections to http://{VIP}/ from {}",
         lab.client_ns()
     );
-    let answers: Vec<Option<String>> = in_netns(&lab.client_ns(), || {
-        (1..=requests)
-            .take_while(|_| !netns::interrupted())
-            .map(one_request)
-            .collect()
-    })?;
+    let answers = client_requests(lab, requests)?;
     let mut problems = summarize(name, &answers);
     problems.extend(demo_https(lab, name));
     problems.extend(demo_watch(lab, name));
@@ -614,9 +609,21 @@ pub(super) fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
     problems
 }
 
+/// `requests` new connections from the client to http://VIP/, one
+/// request each (stopping early on a signal); the server that answered
+/// each, or `None`.
+pub(super) fn client_requests(lab: &Lab, requests: u32) -> anyhow::Result<Vec<Option<String>>> {
+    in_netns(&lab.client_ns(), || {
+        (1..=requests)
+            .take_while(|_| !netns::interrupted())
+            .map(one_request)
+            .collect()
+    })
+}
+
 /// One request on a new connection; prints its outcome, returns the name
 /// of the server that answered.
-pub(super) fn one_request(i: u32) -> Option<String> {
+fn one_request(i: u32) -> Option<String> {
     match http_get(vip_http(), "/") {
         Ok(response) if response.status == 200 => {
             let server = response.text();

@@ -29,7 +29,6 @@ mod tunnel_demo;
 mod visits;
 
 use std::{
-    fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
@@ -166,22 +165,27 @@ fn web_services(mode: Forwarding, health: &str, tables: &str) -> String {
         ("www-udp", "udp", UDP_PORT),
         ("www-tls", "tcp", HTTPS_PORT),
     ] {
-        let backends = (1..=WEB_NAMES.len())
-            .map(|n| {
-                format!(
-                    "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
-                    web_addr(n)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Writing to a String cannot fail.
-        let _ = write!(
-            toml,
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\n{health}backends = [ {backends} ]\n"
-        );
+        toml.push_str(&web_service(name, protocol, port, "round-robin", health));
     }
     toml
+}
+
+/// One `[[service]]` table: `name` on VIP:`port` over web1..3 at the same
+/// port, with `scheduler` and `lines` (a `health = …` line, a
+/// `forwarding = …` line, or empty).
+fn web_service(name: &str, protocol: &str, port: u16, scheduler: &str, lines: &str) -> String {
+    let backends = (1..=WEB_NAMES.len())
+        .map(|n| {
+            format!(
+                "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
+                web_addr(n)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"{scheduler}\"\n{lines}backends = [ {backends} ]\n"
+    )
 }
 
 /// A running lab. Dropping it kills every process in its namespaces, deletes
@@ -585,9 +589,15 @@ impl Lab {
     }
 
     fn configure_client(&self) -> anyhow::Result<()> {
+        self.configure_client_with_back(CLIENT_BACK)
+    }
+
+    /// The client: `eth0` facing the LB, `back0` at `back` where replies
+    /// that bypass the LB arrive.
+    fn configure_client_with_back(&self, back: Ipv4Addr) -> anyhow::Result<()> {
         let ns = self.client_ns();
         netns::add_addr(&ns, "eth0", &format!("{CLIENT_FRONT}/24"))?;
-        netns::add_addr(&ns, "back0", &format!("{CLIENT_BACK}/24"))?;
+        netns::add_addr(&ns, "back0", &format!("{back}/24"))?;
         // DSR replies arrive on back0 with source VIP, whose route points out
         // of eth0: reverse-path filtering would drop them.
         for dev in ["all", "default", "eth0", "back0"] {
@@ -611,15 +621,7 @@ impl Lab {
     fn configure_web(&self, n: usize) -> anyhow::Result<()> {
         let ns = self.web_ns(n);
         netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
-        // DSR delivers packets still addressed to the VIP: the web must own
-        // it, yet never answer ARP for it (arp_ignore) nor use it as the
-        // source of its own ARP requests (arp_announce), or it would steal
-        // the VIP from the LB on the shared back network.
-        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
-        for dev in ["all", "eth0"] {
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
-        }
+        own_vip_quietly(&ns)?;
         netns::add_default_route(&ns, LB_BACK)?;
         Ok(())
     }
@@ -855,6 +857,20 @@ impl Drop for Lab {
             let _ = child.wait();
         }
     }
+}
+
+/// Puts the VIP on `lo` of a web's namespace `ns`, for DSR and tunnels,
+/// which deliver packets still addressed to the VIP: the web must own it,
+/// yet never answer ARP for it (arp_ignore) nor use it as the source of its
+/// own ARP requests (arp_announce), or it would steal the VIP from the LB
+/// on a shared back network.
+fn own_vip_quietly(ns: &str) -> anyhow::Result<()> {
+    netns::add_addr(ns, "lo", &format!("{VIP}/32"))?;
+    for dev in ["all", "eth0"] {
+        netns::sysctl(ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
+        netns::sysctl(ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
+    }
+    Ok(())
 }
 
 /// Where an agent runs: its namespace, the directory of its config and

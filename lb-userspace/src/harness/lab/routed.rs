@@ -22,13 +22,12 @@
 //! addresses (198.19.0.1N) and their gateway's address (198.19.0.1) from
 //! the single lab; only what lies between them and the LB changes.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, ensure};
 
 use super::{
-    CLIENT_FRONT, HTTP_PORT, HTTPS_PORT, LB_FRONT, Lab, MONITORING_LISTEN, UDP_PORT, VIP,
-    WEB_NAMES, web_addr,
+    HTTP_PORT, HTTPS_PORT, LB_FRONT, Lab, MONITORING_LISTEN, UDP_PORT, VIP, WEB_NAMES, web_addr,
 };
 use crate::harness::netns::{self, VethEnd};
 
@@ -328,19 +327,15 @@ impl Lab {
     }
 
     fn configure_routed_client(&self) -> anyhow::Result<()> {
-        let ns = self.client_ns();
-        netns::add_addr(&ns, "eth0", &format!("{CLIENT_FRONT}/24"))?;
-        netns::add_addr(&ns, "back0", &format!("{ROUTED_CLIENT_BACK}/24"))?;
+        self.configure_client_with_back(ROUTED_CLIENT_BACK)?;
         // The webs directly (the servers' readiness checks, `curl` by hand)
         // through the router; the VIP through the LB.
         let gw = ROUTER_CLIENT_SIDE.to_string();
-        netns::ns_run(&ns, &["ip", "route", "add", WEB_NET, "via", &gw])?;
-        // Replies arrive on back0 with the VIP as source, whose route
-        // points out of eth0: reverse-path filtering would drop them.
-        for dev in ["all", "default", "eth0", "back0"] {
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
-        }
-        netns::sysctl(&ns, "net/ipv4/ip_forward", "0")
+        netns::ns_run(
+            &self.client_ns(),
+            &["ip", "route", "add", WEB_NET, "via", &gw],
+        )
+        .map(drop)
     }
 
     fn configure_routed_lb(&self) -> anyhow::Result<()> {
@@ -378,14 +373,8 @@ impl Lab {
     fn configure_routed_web(&self, n: usize) -> anyhow::Result<()> {
         let ns = self.web_ns(n);
         netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
-        // The decapsulated packet is addressed to the VIP: the web owns it
-        // on lo, and never answers ARP for it (arp_ignore) nor uses it as
-        // the source of its own ARP requests (arp_announce).
-        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
-        for dev in ["all", "eth0"] {
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
-        }
+        // The decapsulated packet is addressed to the VIP.
+        super::own_vip_quietly(&ns)?;
         // Loose reverse-path filtering: the inner packet's source (a client)
         // is checked against any route, not only one through eth0 — the
         // README's guide, for backends with more than one interface.
@@ -406,22 +395,6 @@ fn tunnel_service(
     scheduler: &str,
     health: &str,
 ) -> String {
-    let backends = (1..=WEB_NAMES.len())
-        .map(|n| {
-            format!(
-                "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
-                web_addr(n)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut toml = String::new();
-    // Writing to a String cannot fail.
-    let _ = write!(
-        toml,
-        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\n\
-         forwarding = \"{}\"\nscheduler = \"{scheduler}\"\n{health}backends = [ {backends} ]\n",
-        tunnel.name()
-    );
-    toml
+    let lines = format!("forwarding = \"{}\"\n{health}", tunnel.name());
+    super::web_service(name, protocol, port, scheduler, &lines)
 }

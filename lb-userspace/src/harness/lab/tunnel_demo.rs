@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use super::{
     CLIENT_FRONT, HTTPS_PORT, LB_FRONT, Lab, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_WEB_SIDE,
     UDP_PORT, VIP, WEB_NAMES, WEB_NET,
-    cli::{demo_https, lb_command, one_request, summarize},
+    cli::{client_requests, demo_https, lb_command, summarize},
     udp_connect, udp_request, vip_udp, web_addr,
 };
-use crate::harness::netns::{self, in_netns};
+use crate::harness::netns::in_netns;
 
 /// `lb lab up --tunnel`: the routed lab, decapsulators attached, its agent
 /// config written; prints how to use it.
@@ -83,12 +83,7 @@ pub(super) fn demo_tunnels(prefix: &str, lb_bin: &Path, requests: u32) -> anyhow
     lab.attach_decaps()?;
     let agent = lab.start_agent(&lab.tunnel_site_config())?;
     println!("== ipip: {requests} new TCP connections to http://{VIP}/");
-    let answers: Vec<Option<String>> = in_netns(&lab.client_ns(), || {
-        (1..=requests)
-            .take_while(|_| !netns::interrupted())
-            .map(one_request)
-            .collect()
-    })?;
+    let answers = client_requests(&lab, requests)?;
     let mut problems = summarize("ipip", &answers);
     problems.extend(demo_https(&lab, "gue"));
     let udp: Vec<String> = in_netns(&lab.client_ns(), || -> anyhow::Result<Vec<String>> {
