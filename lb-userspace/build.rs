@@ -1,7 +1,8 @@
 //! Embeds the eBPF objects built by `cargo xtask build-ebpf`: the data
 //! plane's (`LB_EBPF_OBJECT`, lb-ebpf) and, from the same directory, the
-//! tools' (lb-ebpf-tools: `lb-pktgen`, which `lb pktgen` loads, and
-//! `lb-bench`, which only the `harness` feature embeds).
+//! backends' decapsulator (`lb-decap`, lb-ebpf's second object, which `lb
+//! decap` loads) and the tools' (lb-ebpf-tools: `lb-pktgen`, which `lb
+//! pktgen` loads, and `lb-bench`, which only the `harness` feature embeds).
 //!
 //! When one is missing (plain `cargo check`/`clippy` on a machine without
 //! the BPF toolchain) an empty object is embedded instead; `lb` then refuses
@@ -21,7 +22,7 @@ fn main() {
         .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     embed(&object, &out.join("lb-ebpf.o"));
-    for tool in ["lb-pktgen", "lb-bench"] {
+    for tool in ["lb-decap", "lb-pktgen", "lb-bench"] {
         embed(&object.with_file_name(tool), &out.join(format!("{tool}.o")));
     }
 }

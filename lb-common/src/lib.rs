@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod checksum;
+pub mod decap;
 pub mod family;
 pub mod flow;
 pub mod hash;

@@ -16,6 +16,7 @@
 //! - `health`: TCP/HTTP health checks with rise/fall.
 //! - `doctor`: `lb doctor` and `lb run`'s host checks: facts read from the
 //!   host (netlink, ethtool, /proc), findings computed from them (pure).
+//! - `decap`: `lb decap`, the backends' decapsulator (its own object).
 //! - `host`: the agent's namespace, bpffs, pin-dir lock and socket file.
 //! - `server`: the control socket server (concurrent, bounded clients).
 //! - `logging`: human or JSON log lines (`--log-format`).
@@ -39,6 +40,7 @@ pub mod control;
 pub mod coord;
 pub mod dataplane;
 pub mod db;
+pub mod decap;
 pub mod doctor;
 pub mod explain;
 #[cfg(feature = "harness")]

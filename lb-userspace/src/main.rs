@@ -123,6 +123,11 @@ enum Command {
     #[cfg(feature = "harness")]
     #[command(hide = true)]
     LabServe(lab::ServeArgs),
+    /// The decapsulator for the backends of IPIP and GUE services:
+    /// `attach IFACE --from LB_ADDR[,..] [--port GUE_PORT]`, `detach IFACE`,
+    /// `status [IFACE]`
+    #[command(subcommand)]
+    Decap(lb_userspace::decap::DecapCommand),
     /// Generate traffic with XDP live frames (BPF_PROG_RUN)
     Pktgen(pktgen::PktgenArgs),
     /// Benchmarks in network namespaces: Mpps vs a bare forwarder, ns/packet, HTTP vs HAProxy; writes BENCHMARKS.md
@@ -324,6 +329,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab::run(cmd).context("lab"),
         #[cfg(feature = "harness")]
         Command::LabServe(args) => lab::serve(args),
+        Command::Decap(command) => lb_userspace::decap::run(command),
         Command::Pktgen(args) => pktgen::run(args),
         #[cfg(feature = "harness")]
         Command::Bench(args) => bench::run(args),

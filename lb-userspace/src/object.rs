@@ -11,6 +11,11 @@ use aya_obj::{EbpfSectionKind, generated::bpf_map_type};
 /// parser needs (`include_bytes!` only guarantees byte alignment).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
+/// The backends' decapsulator (`lb decap`): the `lb_decap` XDP program and
+/// its maps (lb-ebpf's `lb-decap` object); empty like [`EBPF_OBJECT`].
+pub static DECAP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"));
+
 #[derive(Debug, thiserror::Error)]
 #[error(
     "this lb binary was built without its eBPF object (the BPF toolchain was missing); \

@@ -1,0 +1,226 @@
+//! The `lb-decap` object: the XDP program backends run (`lb decap
+//! attach`). It strips the IPIP or GUE headers of packets an allowed LB
+//! sent and passes the inner packet to the kernel, which delivers it to
+//! the VIP on the backend's loopback — no ipip or fou module needed.
+//!
+//! Every frame is passed (XDP_PASS): decapsulated or untouched. The steps,
+//! top to bottom, are lb-common's (`lb_common::decap`, where each verdict
+//! is documented and `decide` is the reference the tests compare this
+//! program with):
+//!
+//! 1. Ethernet: IPv4 only;
+//! 2. the outer protocol: IPIP, or UDP to the GUE port;
+//! 3. the outer header: plain (no options), whole, not a fragment,
+//!    checksum right;
+//! 4. GUE: UDP length, variant 0, no control, no options, inner IPv4/IPv6;
+//! 5. the security rule: the outer source is an allowed LB address;
+//! 6. the inner header: whole and of the announced family;
+//! 7. strip: the outer headers go, the Ethernet header moves up with the
+//!    inner family's EtherType.
+#![no_std]
+#![no_main]
+
+// The data plane's frame helpers (bounds-checked pointers, 16-bit stores).
+#[allow(dead_code)]
+#[path = "../mem.rs"]
+mod mem;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    decap::{
+        DECAP_VERDICT_COUNT, DecapConf, DecapSourceKey, DecapVerdict, GUE_OVERHEAD, GueHdr,
+        IPIP_OVERHEAD, IPV6_HDR_LEN, InnerFamily, Ipv6Start, MAX_DECAP_SOURCES, Tunnel, UdpHdr,
+        gue_verdict, inner_v4_verdict, inner_v6_verdict, outer_verdict, tunnel_of,
+    },
+    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, UDP_HDR_LEN},
+};
+
+use mem::header;
+
+/// The GUE port and the half of `DECAP_SOURCES` in force. Written by `lb
+/// decap attach`.
+#[map]
+static DECAP_CONF: Array<DecapConf> = Array::with_max_entries(1, 0);
+/// (half, allowed LB address) → 1. Two halves, so an attach with a new
+/// `--from` writes the new set beside the old one and switches
+/// `DECAP_CONF` once: a packet sees one whole set or the other.
+#[map]
+static DECAP_SOURCES: HashMap<DecapSourceKey, u32> =
+    HashMap::with_max_entries(2 * MAX_DECAP_SOURCES, 0);
+/// One counter per [`DecapVerdict`], per CPU.
+#[map]
+static DECAP_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_VERDICT_COUNT, 0);
+
+#[xdp]
+#[inline(always)]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let verdict = decap(&ctx);
+    if let Some(slot) = DECAP_VERDICTS.get_ptr_mut(verdict as u32) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn decap(ctx: &XdpContext) -> DecapVerdict {
+    use DecapVerdict as V;
+    // 1. Ethernet: IPv4 only.
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return V::NotTunnel;
+    };
+    // SAFETY: bounds-checked by `header`.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV4_RAW {
+        return V::NotTunnel;
+    }
+    // 2. The outer protocol: IPIP, or UDP to the GUE port.
+    let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return V::OuterMalformed;
+    };
+    // SAFETY: bounds-checked; a reference, not a copy (a copy of the
+    // packed header became an out-of-line memmove).
+    let ip = unsafe { &*ip };
+    let Some(tunnel) = tunnel_of(ip.protocol) else {
+        return V::NotTunnel;
+    };
+    let Some(conf) = DECAP_CONF.get(0) else {
+        return V::NotTunnel;
+    };
+    if tunnel == Tunnel::Udp && !to_gue_port(ctx, ip, conf.gue_port) {
+        return V::NotTunnel;
+    }
+    // 3. The outer header.
+    let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
+    if let Some(v) = outer_verdict(ip, frame_ip_len) {
+        return v;
+    }
+    let tot_len = u16::from_be(ip.tot_len) as usize;
+    // 4. GUE's headers (at fixed offsets now: no options).
+    let (family, overhead) = match tunnel {
+        Tunnel::Ipip => (InnerFamily::V4, IPIP_OVERHEAD),
+        Tunnel::Udp => {
+            let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
+            let (Some(udp), Some(gue)) = (
+                header::<UdpHdr>(ctx, l4),
+                header::<GueHdr>(ctx, l4 + UDP_HDR_LEN),
+            ) else {
+                return V::GueTruncated;
+            };
+            // SAFETY: both bounds-checked.
+            match gue_verdict(unsafe { &*udp }, unsafe { &*gue }, tot_len - Ipv4Hdr::LEN) {
+                Ok(f) => (f, GUE_OVERHEAD),
+                Err(v) => return v,
+            }
+        }
+    };
+    // 5. The security rule: an allowed LB's packets only.
+    let key = DecapSourceKey {
+        half: conf.half as u32,
+        addr: ip.saddr,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { DECAP_SOURCES.get(&key) }.is_none() {
+        return V::SourceNotAllowed;
+    }
+    // 6. The inner header.
+    let room = tot_len.saturating_sub(overhead);
+    if let Some(v) = inner_verdict(ctx, family, EthHdr::LEN + overhead, room) {
+        return v;
+    }
+    // 7. Strip.
+    if !strip(ctx, overhead, family.ether_type_raw()) {
+        // Not reached: the frame holds Ethernet, the outer headers and the
+        // inner one (step 6), so moving its start cannot fail. Counted as
+        // what the frame then is: untouched, its inner packet unreadable.
+        return V::InnerTruncated;
+    }
+    match (tunnel, family) {
+        (Tunnel::Ipip, _) => V::DecapIpip,
+        (Tunnel::Udp, InnerFamily::V4) => V::DecapGue,
+        (Tunnel::Udp, InnerFamily::V6) => V::DecapGueV6,
+    }
+}
+
+/// Step 2 for UDP: a datagram's first (or only) fragment whose UDP header
+/// is whole and goes to the GUE port. The header follows any options.
+#[inline(always)]
+fn to_gue_port(ctx: &XdpContext, ip: &Ipv4Hdr, gue_port: u16) -> bool {
+    let hlen = ip.header_len();
+    if ip.is_later_fragment() || hlen < Ipv4Hdr::LEN {
+        return false;
+    }
+    match header::<UdpHdr>(ctx, EthHdr::LEN + hlen) {
+        // SAFETY: bounds-checked.
+        Some(udp) => (unsafe { (*udp).dest }) == gue_port,
+        None => false,
+    }
+}
+
+/// Step 6: the inner header at `offset`, with `room` bytes of the outer
+/// packet left for it.
+#[inline(always)]
+fn inner_verdict(
+    ctx: &XdpContext,
+    family: InnerFamily,
+    offset: usize,
+    room: usize,
+) -> Option<DecapVerdict> {
+    match family {
+        InnerFamily::V4 => match header::<Ipv4Hdr>(ctx, offset) {
+            // SAFETY: bounds-checked.
+            Some(h) if room >= Ipv4Hdr::LEN => inner_v4_verdict(unsafe { &*h }, room),
+            _ => Some(DecapVerdict::InnerTruncated),
+        },
+        InnerFamily::V6 => match (
+            header::<Ipv6Start>(ctx, offset),
+            header::<[u8; IPV6_HDR_LEN]>(ctx, offset),
+        ) {
+            // SAFETY: bounds-checked.
+            (Some(h), Some(_)) if room >= IPV6_HDR_LEN => inner_v6_verdict(unsafe { &*h }, room),
+            _ => Some(DecapVerdict::InnerTruncated),
+        },
+    }
+}
+
+/// Step 7: removes `overhead` bytes after the Ethernet header and writes
+/// the Ethernet header back in front of the inner packet, its addresses
+/// kept and its EtherType `ether_type`. False if the frame's start could
+/// not be moved (then nothing changed).
+#[inline(always)]
+fn strip(ctx: &XdpContext, overhead: usize, ether_type: u16) -> bool {
+    const WORDS: usize = EthHdr::LEN / 2;
+    let Some(old) = header::<[u16; WORDS]>(ctx, 0) else {
+        return false;
+    };
+    // The MACs, word by word (an array copy became an out-of-line memcpy).
+    let mut eth = [0u16; WORDS];
+    for (i, w) in eth.iter_mut().enumerate().take(WORDS - 1) {
+        // SAFETY: bounds-checked, 2-byte aligned words.
+        *w = unsafe { core::ptr::read_volatile(old.cast::<u16>().add(i)) };
+    }
+    eth[WORDS - 1] = ether_type;
+    // SAFETY: the helper checks the new start against the frame's bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, overhead as i32) } != 0 {
+        return false;
+    }
+    let Some(new) = header::<[u16; WORDS]>(ctx, 0) else {
+        return false;
+    };
+    for (i, w) in eth.iter().enumerate() {
+        // SAFETY: bounds-checked after the move, 2-byte aligned words.
+        unsafe { core::ptr::write_volatile(new.cast::<u16>().add(i), *w) };
+    }
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
