@@ -48,7 +48,7 @@ pub const WEB_NET: &str = "198.19.0.0/24";
 /// The router's interface toward the webs (whose MTU the PMTUD test lowers).
 pub const ROUTER_WEB_IFACE: &str = "r-web";
 /// The GUE port the lab's agents and decapsulators agree on (the default).
-pub const GUE_PORT: u16 = 6080;
+pub const GUE_PORT: u16 = lb_common::decap::GUE_DEFAULT_PORT;
 
 /// A tunnel forwarding mode, as the config spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +72,11 @@ impl Tunnel {
     /// Bytes the encapsulation adds in front of the inner packet: an outer
     /// IPv4 header; for GUE also UDP and the 4-byte GUE header.
     pub fn overhead(self) -> u32 {
-        match self {
-            Tunnel::Ipip => 20,
-            Tunnel::Gue => 20 + 8 + 4,
-        }
+        let bytes = match self {
+            Tunnel::Ipip => lb_common::decap::IPIP_OVERHEAD,
+            Tunnel::Gue => lb_common::decap::GUE_OVERHEAD,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
 
