@@ -24,6 +24,7 @@ pub mod rewrite;
 pub mod ring;
 #[cfg(feature = "pktgen")]
 pub mod tools;
+pub mod tunnel;
 pub mod verdict;
 
 pub use maps::*;

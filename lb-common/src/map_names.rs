@@ -152,6 +152,8 @@ maps! {
     CAPTURE: Pinning::Pinned;
     /// NAT services' backend endpoints.
     NAT_BACKENDS: Pinning::Pinned;
+    /// Backend id → tunnel source and GUE port (IPIP, GUE services).
+    TUNNELS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
 }
@@ -181,6 +183,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 29);
+        assert_eq!(MapName::pinned().count(), 30);
     }
 }

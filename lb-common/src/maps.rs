@@ -32,6 +32,23 @@ pub struct ServiceKey {
 /// Forwarding modes (`ServiceConf::mode`).
 pub const MODE_NAT: u32 = 0;
 pub const MODE_DSR: u32 = 1;
+/// IPIP: the packet, untouched, inside an outer IPv4 header to the backend
+/// (`crate::tunnel`); the backend answers the client itself.
+pub const MODE_IPIP: u32 = 2;
+/// GUE: as IPIP, in IPv4 + UDP + GUE headers (`crate::tunnel`).
+pub const MODE_GUE: u32 = 3;
+
+/// Does the backend answer the client itself (DSR and the tunnels)? Then a
+/// flow has no reply entry, and over the new-flow budget a hash service's
+/// flow goes without one (the data plane's one test for "as for DSR").
+pub const fn answers_directly(mode: u32) -> bool {
+    mode != MODE_NAT
+}
+
+/// Does the mode carry packets in a tunnel (IPIP, GUE)?
+pub const fn is_tunnel(mode: u32) -> bool {
+    matches!(mode, MODE_IPIP | MODE_GUE)
+}
 
 /// Schedulers (`ServiceConf::scheduler`): which table is indexed, by what.
 /// A per-service counter walks the ring (round robin, weighted round robin,
@@ -137,6 +154,20 @@ pub struct Backend {
     pub flags: u16,
     pub service_id: u32,
     pub _pad: u32,
+}
+
+/// `TUNNELS[backend id]`: how a tunnel service's backend is reached: the
+/// outer source address (the configured `tunnel-source`, or the address the
+/// agent's host reaches the backend from) and the GUE port, raw network
+/// order. Written by the agent with the backend; `source` 0: not known (no
+/// route when it was written), and the data plane hands the packet to the
+/// kernel as it does without a next hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    pub source: u32,
+    pub gue_port: u16,
+    pub _pad: u16,
 }
 
 /// `NAT_BACKENDS` key: a backend endpoint of a NAT service (address,
@@ -576,6 +607,7 @@ const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceConf>() == 16);
 const _: () = assert!(core::mem::size_of::<Ring>() == 4 + 4 * MAX_RING);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<Tunnel>() == 8);
 const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 + 4 * MAGLEV_MAX);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
@@ -602,6 +634,7 @@ mod pod {
     unsafe impl aya::Pod for super::Ring {}
     unsafe impl aya::Pod for super::MaglevTable {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Tunnel {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::Flow {}

@@ -127,6 +127,13 @@ verdicts! {
     /// agent (`NEIGH_WANTED`), which has the kernel resolve it; the
     /// backend's retransmission finds the MAC.
     DropNoNeighbour = 25 => "drop_no_neighbour", forwarded: false;
+    /// A tunnel service's packet with DF clear that does not fit the tunnel
+    /// (inner + overhead > the next hop's MTU): XDP cannot fragment it and
+    /// the LB's kernel has no tunnel device to fragment it for, so it is
+    /// answered as DF set is ("fragmentation needed" with the MTU less the
+    /// overhead, XDP_TX) and dropped. A sender that honours the message
+    /// (Linux does, for sockets that clear DF too) sends what fits.
+    TunnelTooBig = 26 => "tunnel_too_big", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

@@ -24,6 +24,9 @@ use crate::{
 pub(crate) trait PathFamily: Family + Sized {
     /// The half-open table's slot a copy was read from.
     type Slot: Copy;
+    /// The IP protocol number of this family's packets inside an outer
+    /// IPv4 header (IPIP's protocol, GUE's inner protocol).
+    const ENCAP_PROTOCOL: u8;
 
     // ---- parse (step 1) ----
     /// The bounds-checked fixed IP header after the Ethernet header.
@@ -62,6 +65,8 @@ pub(crate) trait PathFamily: Family + Sized {
     fn firewall(scope: u32, source: Self::Addr) -> Result<(), Outcome>;
     /// A new flow's backend (step 4).
     fn schedule(key: &Self::FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome>;
+    /// The flow hash the hash schedulers use (also a GUE flow's source port).
+    fn flow_hash(key: &Self::FlowKey) -> u32;
 
     // ---- fragments, FIB, composed frames ----
     /// Records a first fragment's ports for the fragments after it.

@@ -26,7 +26,7 @@ const FIB_SKIP_NEIGH: u32 = 1 << 2;
 pub(crate) fn routed_on<F: PathFamily>(ctx: &XdpContext, ip: *mut F::IpHdr) -> bool {
     // SAFETY: the caller bounds-checked the fixed IP header.
     let hdr = unsafe { &*ip };
-    let mut fib = fib_params::<F>(ctx, hdr, hdr.source(), hdr.destination());
+    let mut fib = fib_params::<F>(ctx, &Leaving::of::<F>(hdr, hdr.source(), hdr.destination()));
     // Routing only: no neighbour is looked up, so none is reported (a
     // flood's stray packets must not make the agent resolve their
     // destinations).
@@ -55,14 +55,50 @@ pub(crate) fn next_hop<F: PathFamily>(
     daddr: F::Addr,
     cache: &mut NextHop,
 ) -> i64 {
+    route::<F>(ctx, &Leaving::of::<F>(ip, saddr, daddr), cache)
+}
+
+/// A packet as it will leave, which is what `bpf_fib_lookup` is asked
+/// about: the packet itself ([`Leaving::of`]), or a tunnel's outer packet
+/// around it (`tunnel`).
+pub(crate) struct Leaving<A> {
+    pub(crate) protocol: u8,
+    /// IP total length (host order).
+    pub(crate) len: u16,
+    pub(crate) tos: u8,
+    pub(crate) source: A,
+    pub(crate) destination: A,
+}
+
+impl<A> Leaving<A> {
+    /// `ip` itself, from `source` to `destination`.
+    #[inline(always)]
+    pub(crate) fn of<F: PathFamily<Addr = A>>(ip: &F::IpHdr, source: A, destination: A) -> Self {
+        Leaving {
+            protocol: ip.protocol(),
+            len: ip.packet_len(),
+            tos: ip.tos(),
+            source,
+            destination,
+        }
+    }
+}
+
+/// [`next_hop`] for a packet described by `out`.
+#[inline(always)]
+pub(crate) fn route<F: PathFamily>(
+    ctx: &XdpContext,
+    out: &Leaving<F::Addr>,
+    cache: &mut NextHop,
+) -> i64 {
     if cache.ifindex != 0 {
         // The fast path's whole MTU check: the MTU came with the hop.
-        if ip.packet_len() > cache.mtu {
+        if out.len > cache.mtu {
             return FIB_FRAG_NEEDED;
         }
         return FIB_SUCCESS;
     }
-    let mut fib = fib_params::<F>(ctx, ip, saddr, daddr);
+    let mut fib = fib_params::<F>(ctx, out);
     // SAFETY: helper call with a valid context and a correctly sized struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == FIB_SUCCESS || rc == FIB_FRAG_NEEDED {
@@ -84,21 +120,16 @@ pub(crate) fn next_hop<F: PathFamily>(
     rc
 }
 
-/// `bpf_fib_lookup`'s parameters for `ip` from `saddr` to `daddr`, as it
+/// `bpf_fib_lookup`'s parameters for the packet `out` describes, as it
 /// arrived on this interface.
 #[inline(always)]
-fn fib_params<F: PathFamily>(
-    ctx: &XdpContext,
-    ip: &F::IpHdr,
-    saddr: F::Addr,
-    daddr: F::Addr,
-) -> FibParams {
+fn fib_params<F: PathFamily>(ctx: &XdpContext, out: &Leaving<F::Addr>) -> FibParams {
     let mut fib = zeroed_fib_params();
     fib.family = F::AF;
-    fib.l4_protocol = ip.protocol();
-    fib.__bindgen_anon_1.tot_len = ip.packet_len();
-    fib.__bindgen_anon_2.tos = ip.tos();
-    F::set_fib_addresses(&mut fib, saddr, daddr);
+    fib.l4_protocol = out.protocol;
+    fib.__bindgen_anon_1.tot_len = out.len;
+    fib.__bindgen_anon_2.tos = out.tos;
+    F::set_fib_addresses(&mut fib, out.source, out.destination);
     fib.ifindex = ctx.ingress_ifindex() as u32;
     fib
 }

@@ -8,7 +8,8 @@
 //!   rules), `flows` (the flow tables), `frag` and `icmp` (packets without
 //!   ports that belong to a flow: they hand it back to the path),
 //!   `firewall`, `schedule`, `hops` (shared next hops), `fib`, `transmit`
-//!   (the one place a forwarding mode is decided), `compose` (frames the LB
+//!   (the one place a forwarding mode is decided), `tunnel` (IPIP and GUE
+//!   headers in front of a packet), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
 //!   (outcomes and counters), `trace` and `capture`.
 //!
@@ -39,6 +40,7 @@ mod path;
 mod schedule;
 mod trace;
 mod transmit;
+mod tunnel;
 mod v4;
 mod verdict;
 

@@ -30,14 +30,16 @@ pub(crate) fn copy_mac(dst: *mut [u8; 6], src: &[u8; 6]) {
 /// Writes a header built on the stack into the frame at `offset` as 16-bit
 /// volatile stores: a struct store became an out-of-line memcpy. (Map
 /// values are copied by `flows::copy_words`, 32-bit words under a lock.)
+/// False, and nothing written, if the frame is too short for it.
 #[inline(always)]
-pub(crate) fn store_in_frame<T>(ctx: &XdpContext, offset: usize, value: &T) {
+pub(crate) fn store_in_frame<T>(ctx: &XdpContext, offset: usize, value: &T) -> bool {
     let Some(dst) = header::<T>(ctx, offset) else {
-        return;
+        return false;
     };
     let (d, s) = (dst.cast::<u16>(), (value as *const T).cast::<u16>());
     for i in 0..size_of::<T>() / 2 {
         // SAFETY: `dst` was bounds-checked for a whole T; T is 2-aligned here.
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_unaligned(s.add(i))) };
     }
+    true
 }

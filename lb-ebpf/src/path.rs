@@ -25,21 +25,22 @@
 //!    (VIP, port, protocol), a TCP packet without SYN only for a hash
 //!    scheduler (hash-on-miss, else `drop_no_flow`), the service's firewall
 //!    scope, schedule, then a half-open entry — or, over the CPU's new-flow
-//!    budget on a DSR hash service, no entry. Established flows never reach
-//!    the firewall;
+//!    budget on a DSR or tunnel hash service, no entry. Established flows
+//!    never reach the firewall;
 //! 5. admission of the pinned flow (`admit`), for its packets, fragments
 //!    and ICMP errors alike: its service still exists, its backend does not
 //!    drop its flows;
 //! 6. transmit (`transmit.rs`, the one place a mode is decided): NAT
-//!    rewrites addresses, ports, TTL, checksums; DSR the MACs only; next
-//!    hop cached in the flow with its MTU, else `bpf_fib_lookup`; XDP_TX or
-//!    redirect; too big for it: "fragmentation needed" (DF set) or the
-//!    kernel fragments it (DF clear);
+//!    rewrites addresses, ports, TTL, checksums; DSR the MACs only; IPIP
+//!    and GUE put outer headers in front (`tunnel.rs`); next hop cached in
+//!    the flow with its MTU, else `bpf_fib_lookup`; XDP_TX or redirect; too
+//!    big for it: "fragmentation needed" (DF set) or the kernel fragments
+//!    it (DF clear; a tunnel answers "fragmentation needed" then too);
 //! 7. counters (`main.rs` counts the verdict; here, service and backend).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_DSR, ServiceConf, Verdict,
+    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, ServiceConf, Verdict, answers_directly,
     family::FlowTuple,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
@@ -239,12 +240,14 @@ fn new_flow<F: PathFamily>(
         Ok(id) => id,
         Err(outcome) => return outcome,
     };
-    let dsr = conf.mode == MODE_DSR;
+    // DSR and the tunnels: the backend answers the client itself, so the
+    // flow has no reply entry.
+    let direct = answers_directly(conf.mode);
     // Over the budget, a flow the hash table finds again needs no entry: a
     // flood degrades to stateless forwarding instead of churning the table.
     // Other services cannot go without (NAT replies, round-robin choice):
     // they insert anyway, into the half-open table only.
-    if !flows::within_budget(now) && dsr && hashed {
+    if !flows::within_budget(now) && direct && hashed {
         let mut flow = Flow {
             backend_id,
             service_id,
@@ -264,7 +267,7 @@ fn new_flow<F: PathFamily>(
     } else {
         STATE_NEW
     };
-    let mut flow = F::create(key, service_id, backend_id, !dsr, state, now);
+    let mut flow = F::create(key, service_id, backend_id, !direct, state, now);
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
@@ -316,7 +319,8 @@ fn forward<F: PathFamily>(
     // A new flow's first packet: the backend's shared hop if it is fresh.
     let resolving =
         flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, now, &mut flow.next_hop);
-    let outcome = transmit::to_backend(ctx, pkt, conf, backend, &mut flow.next_hop);
+    let outcome =
+        transmit::to_backend(ctx, pkt, key, conf, backend_id, backend, &mut flow.next_hop);
     if resolving && flow.next_hop.ifindex != 0 {
         hops::share(backend_id, now, &flow.next_hop);
     }
@@ -383,7 +387,7 @@ fn follow_error<F: PathFamily>(ctx: &XdpContext, found: Found<F, Quote<F>>) -> O
     }
     match admit::<F>(&key, &flow, table) {
         Ok((conf, backend)) => {
-            transmit::error_to_backend(ctx, &pkt, l4.quoted, conf, backend, &mut flow)
+            transmit::error_to_backend(ctx, &pkt, &key, l4.quoted, conf, backend, &mut flow)
         }
         Err(outcome) => outcome,
     }

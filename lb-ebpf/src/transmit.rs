@@ -1,15 +1,17 @@
 //! Transmit (step 6): the one place a forwarding mode is decided. A
 //! packet (or an ICMP error) of an admitted flow is rewritten for its mode
-//! — NAT (addresses, ports, TTL, checksums), DSR (MACs only), reverse NAT
-//! (a backend's reply becomes the VIP's) — given its next hop and sent
-//! (XDP_TX or redirect), or handed to the kernel with the reason. A new
-//! mode (a tunnel) is a new [`Mode`]: every `match` on it below must then
-//! say how that mode carries a packet and an ICMP error.
+//! — NAT (addresses, ports, TTL, checksums), DSR (MACs only), a tunnel
+//! (IPIP, GUE: the packet untouched in outer headers to the backend),
+//! reverse NAT (a backend's reply becomes the VIP's) — given its next hop
+//! and sent (XDP_TX or redirect), or handed to the kernel with the reason.
+//! A new mode is a new [`Mode`]: every `match` on it below must then say
+//! how that mode carries a packet and an ICMP error.
 
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs::XdpContext};
 use lb_common::{
-    Backend, Flow, MODE_DSR, NextHop, ServiceConf, Verdict,
+    Backend, Flow, MODE_DSR, MODE_GUE, MODE_IPIP, NextHop, ServiceConf, Verdict,
     family::{FlowTuple, IpHeader},
+    tunnel::inner_mtu,
 };
 
 use crate::{
@@ -18,6 +20,7 @@ use crate::{
     fib::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, next_hop},
     mem::copy_mac,
     parse::Packet,
+    tunnel::{self, Encap},
     verdict::{Outcome, count, drop, pass},
 };
 
@@ -29,29 +32,38 @@ enum Mode {
     /// Layer-2 direct server return: only the MACs change; the backend
     /// answers the client itself.
     Dsr,
+    /// Direct server return across routers: the packet, untouched, inside
+    /// outer headers to the backend's address; the backend (its
+    /// decapsulator) unwraps it and answers the client itself.
+    Tunnel(Encap),
 }
 
 #[inline(always)]
 fn mode(conf: &ServiceConf) -> Mode {
-    if conf.mode == MODE_DSR {
-        Mode::Dsr
-    } else {
-        Mode::Nat
+    match conf.mode {
+        MODE_DSR => Mode::Dsr,
+        MODE_IPIP => Mode::Tunnel(Encap::Ipip),
+        MODE_GUE => Mode::Tunnel(Encap::Gue),
+        _ => Mode::Nat,
     }
 }
 
-/// A packet of an admitted flow to its backend, in its service's mode.
+/// A packet of an admitted flow (`key`) to its backend (`backend_id`), in
+/// its service's mode.
 #[inline(always)]
 pub(crate) fn to_backend<F: PathFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
+    key: &F::FlowKey,
     conf: &ServiceConf,
+    backend_id: u32,
     backend: &Backend,
     cache: &mut NextHop,
 ) -> Outcome {
     match mode(conf) {
         Mode::Nat => nat(ctx, pkt, backend, cache),
         Mode::Dsr => dsr(ctx, pkt, backend, cache),
+        Mode::Tunnel(encap) => through_tunnel(ctx, pkt, key, encap, backend_id, backend, cache),
     }
 }
 
@@ -123,6 +135,50 @@ fn dsr<F: PathFamily>(
     send(ctx, pkt, cache, Verdict::Forwarded)
 }
 
+/// A tunnel: the packet, untouched, in `encap`'s headers from the tunnel
+/// source to the backend, to the outer packet's next hop. Too big once
+/// wrapped: "fragmentation needed" with the hop's MTU less the overhead,
+/// so the client's PMTUD finds a size that fits the tunnel; with DF clear
+/// too (`TunnelTooBig`: XDP cannot fragment, and the LB's kernel has no
+/// tunnel device to do it). No source or next hop yet: the kernel gets
+/// the packet as it arrived, as for DSR.
+#[inline(always)]
+fn through_tunnel<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    encap: Encap,
+    backend_id: u32,
+    backend: &Backend,
+    cache: &mut NextHop,
+) -> Outcome {
+    let Some(ends) = tunnel::endpoints(backend_id, backend) else {
+        return pass(Verdict::PassKernelForward);
+    };
+    // SAFETY: bounds-checked by `parse_l4`.
+    let ip = unsafe { &*pkt.ip };
+    let rc = tunnel::next_hop::<F>(ctx, ip, encap, &ends, cache);
+    if rc == FIB_FRAG_NEEDED {
+        // Read first: the answer reshapes the frame.
+        let df = ip.dont_fragment();
+        let answer = F::too_big(ctx, inner_mtu(cache.mtu, encap.overhead()));
+        if df {
+            return answer;
+        }
+        return Outcome {
+            action: answer.action,
+            reason: Verdict::TunnelTooBig,
+        };
+    }
+    if rc != FIB_SUCCESS {
+        return pass(Verdict::PassKernelForward);
+    }
+    if let Err(outcome) = tunnel::encapsulate::<F>(ctx, ip, key, encap, &ends, cache) {
+        return outcome;
+    }
+    leave(ctx, cache, Verdict::Forwarded)
+}
+
 /// Step 3: a backend's reply to a NAT flow becomes VIP → client.
 #[inline(always)]
 pub(crate) fn reverse_nat<F: PathFamily>(
@@ -164,14 +220,17 @@ pub(crate) fn reverse_nat<F: PathFamily>(
     }
 }
 
-/// A client's ICMP error about a packet of an admitted flow, to the flow's
-/// backend: NAT translates it as the backend knows the flow, DSR only
-/// changes the MACs. Anything that keeps it from leaving at once (no next
-/// hop yet, TTL) hands it to the kernel untouched.
+/// A client's ICMP error about a packet of an admitted flow (`key`), to
+/// the flow's backend: NAT translates it as the backend knows the flow, DSR
+/// only changes the MACs, a tunnel carries it untouched (the backend's
+/// stack finds the VIP's socket by the quote). Anything that keeps it from
+/// leaving at once (no next hop yet, TTL, too big for the tunnel: an
+/// error is never answered with one) hands it to the kernel untouched.
 #[inline(always)]
 pub(crate) fn error_to_backend<F: PathFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
+    key: &F::FlowKey,
     quoted: *mut F::IpHdr,
     conf: &ServiceConf,
     backend: &Backend,
@@ -191,17 +250,49 @@ pub(crate) fn error_to_backend<F: PathFamily>(
         return pass(Verdict::PassKernelForward);
     }
     let addr = F::backend_addr(backend);
+    let translate = match mode(conf) {
+        Mode::Nat => true,
+        Mode::Dsr => false,
+        Mode::Tunnel(encap) => return error_through_tunnel(ctx, pkt, key, encap, backend, flow),
+    };
     if next_hop::<F>(ctx, ip, ip.source(), addr, &mut flow.next_hop) != FIB_SUCCESS {
         return pass(Verdict::PassKernelForward);
     }
-    match mode(conf) {
-        Mode::Nat => {
-            F::error_to_backend(ip, check, q, ports, addr, backend.port);
-            F::decrement_ttl(ip);
-        }
-        Mode::Dsr => {}
+    if translate {
+        F::error_to_backend(ip, check, q, ports, addr, backend.port);
+        F::decrement_ttl(ip);
     }
-    deliver(ctx, pkt, flow.service_id, flow.backend_id, &flow.next_hop)
+    count_flow(ctx, flow.service_id, flow.backend_id);
+    send(ctx, pkt, &flow.next_hop, Verdict::ForwardedIcmp)
+}
+
+/// A client's ICMP error to a tunnel backend, in the tunnel as the flow's
+/// packets go (GUE: the flow's source port too).
+#[inline(always)]
+fn error_through_tunnel<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    encap: Encap,
+    backend: &Backend,
+    flow: &mut Flow,
+) -> Outcome {
+    let Some(ends) = tunnel::endpoints(flow.backend_id, backend) else {
+        return pass(Verdict::PassKernelForward);
+    };
+    // SAFETY: bounds-checked by `icmp::error_of_flow`.
+    let ip = unsafe { &*pkt.ip };
+    if tunnel::next_hop::<F>(ctx, ip, encap, &ends, &mut flow.next_hop) != FIB_SUCCESS {
+        return pass(Verdict::PassKernelForward);
+    }
+    // Counted before the frame is reshaped: the error as it arrived.
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if let Err(outcome) = tunnel::encapsulate::<F>(ctx, ip, key, encap, &ends, &flow.next_hop) {
+        return outcome;
+    }
+    count(&SERVICE_STATS, flow.service_id, 1, bytes);
+    count(&BACKEND_STATS, flow.backend_id, 1, bytes);
+    leave(ctx, &flow.next_hop, Verdict::ForwardedIcmp)
 }
 
 /// A backend's (or a router's behind it) ICMP error about a NAT flow's
@@ -232,28 +323,16 @@ pub(crate) fn error_to_client<F: PathFamily>(
     }
     F::error_to_client(ip, check, q, ports, vip, vport);
     F::decrement_ttl(ip);
-    deliver(
-        ctx,
-        pkt,
-        restore.service_id,
-        restore.backend_id,
-        &restore.next_hop,
-    )
+    count_flow(ctx, restore.service_id, restore.backend_id);
+    send(ctx, pkt, &restore.next_hop, Verdict::ForwardedIcmp)
 }
 
-/// Counts a translated error as its flow's traffic and sends it on.
+/// Counts a translated error (the frame as it is) as its flow's traffic.
 #[inline(always)]
-fn deliver<F: PathFamily>(
-    ctx: &XdpContext,
-    pkt: &Packet<F>,
-    service_id: u32,
-    backend_id: u32,
-    next_hop: &NextHop,
-) -> Outcome {
+fn count_flow(ctx: &XdpContext, service_id: u32, backend_id: u32) {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count(&SERVICE_STATS, service_id, 1, bytes);
     count(&BACKEND_STATS, backend_id, 1, bytes);
-    send(ctx, pkt, next_hop, Verdict::ForwardedIcmp)
 }
 
 /// Sets the next hop's MACs and sends the frame out of its interface.
@@ -269,6 +348,12 @@ fn send<F: PathFamily>(
         copy_mac(&raw mut (*pkt.eth).dst, &nh.dmac);
         copy_mac(&raw mut (*pkt.eth).src, &nh.smac);
     }
+    leave(ctx, nh, reason)
+}
+
+/// Sends the frame, addressed to the next hop `nh`, out of its interface.
+#[inline(always)]
+fn leave(ctx: &XdpContext, nh: &NextHop, reason: Verdict) -> Outcome {
     if nh.ifindex == ctx.ingress_ifindex() as u32 {
         return Outcome {
             action: xdp_action::XDP_TX,

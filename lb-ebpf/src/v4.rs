@@ -24,6 +24,7 @@ use crate::{
 
 impl PathFamily for V4 {
     type Slot = Slot;
+    const ENCAP_PROTOCOL: u8 = lb_common::tunnel::IPPROTO_IPIP;
 
     #[inline(always)]
     fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
@@ -104,6 +105,11 @@ impl PathFamily for V4 {
     #[inline(always)]
     fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
         schedule::schedule(key, service_id, conf)
+    }
+
+    #[inline(always)]
+    fn flow_hash(key: &FlowKey) -> u32 {
+        lb_common::hash::flow_hash(key)
     }
 
     #[inline(always)]

@@ -13,7 +13,9 @@
 //! - `plan`, `firewall`: the pure planning of a change;
 //! - `read`, `facts`: read-only views (counters, flow table, `lb explain`'s
 //!   facts); `sweep`, `half_open`, `batch`: the flow tables' upkeep;
-//! - `clock`: the kernel's jiffies measured, for the data plane's clock.
+//! - `clock`: the kernel's jiffies measured, for the data plane's clock;
+//! - `tunnel`: the IPIP and GUE backends' tunnel slots (outer source, GUE
+//!   port).
 
 mod adopt;
 mod apply;
@@ -29,6 +31,7 @@ mod load;
 pub mod plan;
 mod read;
 pub mod sweep;
+mod tunnel;
 
 pub use facts::{FlowFacts, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;

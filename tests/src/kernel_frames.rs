@@ -133,3 +133,25 @@ pub const SYN_ACK: u8 = 0x12;
 pub const RST: u8 = 0x04;
 
 pub const ACK: u8 = 0x10;
+
+/// The "fragmentation needed" the program sends back for `frame` (as it
+/// arrived): from the address it was sent to, quoting its first 84 IP bytes.
+pub fn frag_needed_for(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let field = |at: usize, len: usize| frame[at..at + len].to_vec();
+    let mac = |at| <[u8; 6]>::try_from(field(at, 6)).expect("a MAC");
+    let addr = |at| <[u8; 4]>::try_from(field(at, 4)).expect("an address");
+    // Back where it came from: MACs and addresses swapped.
+    let (dst_mac, src_mac, src, dst) = (mac(6), mac(0), addr(30), addr(26));
+    let kind = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+    );
+    // The program's ICMP leaves with DF clear, as Linux's do.
+    crate::kernel_net::without_df(crate::kernel_net::icmp_error(
+        (src_mac, dst_mac),
+        src,
+        dst,
+        64,
+        kind,
+        &frame[14..14 + 84],
+    ))
+}

@@ -284,6 +284,8 @@ pub fn lab_config() -> Config {
             half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
             new_flow_budget: 125_000,
             timeouts: Default::default(),
+            tunnel_source: None,
+            gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
         },
         monitoring: None,
         pools: Vec::new(),
@@ -411,6 +413,17 @@ impl Harness {
         assert_eq!(changed, vec![reason], "verdict counters: {what}");
         out
     }
+}
+
+/// How much `verdict`'s counter grew from `before` to `after` (two
+/// [`Harness::verdicts`] readings).
+pub fn verdict_delta(before: &[(Verdict, u64)], after: &[(Verdict, u64)], verdict: Verdict) -> u64 {
+    let n = |vs: &[(Verdict, u64)]| {
+        vs.iter()
+            .find(|(v, _)| *v == verdict)
+            .map_or(0, |(_, n)| *n)
+    };
+    n(after) - n(before)
 }
 
 #[allow(clippy::too_many_arguments)] // one argument per header field under test

@@ -253,7 +253,7 @@ fn capture_shows_what_the_backend_received_in_nat_and_dsr() -> Result<()> {
                         "NAT replies in the capture {replies:#?}\nweb1 sent {sent:#?}"
                     );
                 }
-                Forwarding::Dsr => ensure!(
+                Forwarding::Dsr | Forwarding::Ipip | Forwarding::Gue => ensure!(
                     replies.is_empty(),
                     "DSR replies bypass the LB, yet the capture has {replies:#?}"
                 ),

@@ -11,6 +11,7 @@
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{Verdict, map_names::MapName};
+use lb_tests::kernel_frames::frag_needed_for;
 use lb_tests::kernel_net::{
     BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
     WEB_UDP_PORT, WEBS, expect_old_version_refused, fragments, icmp_error, lab_config,
@@ -442,28 +443,6 @@ fn a_backends_icmp_error_reaches_the_client_as_the_vips() {
         let out = h.expect(h.front, &ping, XDP_PASS, Verdict::PassOtherProtocol);
         assert_eq!(out, ping);
     });
-}
-
-/// The "fragmentation needed" the program sends back for `frame` (as it
-/// arrived): from the address it was sent to, quoting its first 84 IP bytes.
-fn frag_needed_for(frame: &[u8], mtu: u16) -> Vec<u8> {
-    let field = |at: usize, len: usize| frame[at..at + len].to_vec();
-    let mac = |at| <[u8; 6]>::try_from(field(at, 6)).expect("a MAC");
-    let addr = |at| <[u8; 4]>::try_from(field(at, 4)).expect("an address");
-    // Back where it came from: MACs and addresses swapped.
-    let (dst_mac, src_mac, src, dst) = (mac(6), mac(0), addr(30), addr(26));
-    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-        next_hop_mtu: mtu,
-    });
-    // The program's ICMP leaves with DF clear, as Linux's do.
-    without_df(icmp_error(
-        (src_mac, dst_mac),
-        src,
-        dst,
-        64,
-        kind,
-        &frame[14..14 + 84],
-    ))
 }
 
 /// A packet bigger than the egress link's MTU: with DF set the sender gets

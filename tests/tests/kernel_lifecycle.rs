@@ -20,7 +20,7 @@ use lb_tests::{
     },
     kernel_net::{
         BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
-        WEB_PORT, WEBS, lab_config, udp,
+        WEB_PORT, WEBS, lab_config, udp, verdict_delta,
     },
 };
 use lb_userspace::{
@@ -789,13 +789,9 @@ fn over_the_new_flow_budget_dsr_hash_flows_are_forwarded_without_an_entry() {
             chosen.push((port, web_of(&out)));
         }
         let after = h.verdicts();
-        let delta = |v: Verdict| {
-            let n = |vs: &[(Verdict, u64)]| vs.iter().find(|(x, _)| *x == v).map_or(0, |(_, n)| *n);
-            n(&after) - n(&before)
-        };
         let (stateful, stateless) = (
-            delta(Verdict::Forwarded),
-            delta(Verdict::ForwardedStateless),
+            verdict_delta(&before, &after, Verdict::Forwarded),
+            verdict_delta(&before, &after, Verdict::ForwardedStateless),
         );
         assert_eq!(stateful + stateless, 10);
         // Two per tick of ~1.07 s; the loop may straddle one tick boundary.

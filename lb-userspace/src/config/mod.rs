@@ -21,7 +21,7 @@ mod service;
 mod validate;
 
 use std::{
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -108,10 +108,16 @@ pub struct Dataplane {
     pub conntrack_size: u32,
     /// Capacity of the half-open table, in flows.
     pub half_open_size: u32,
-    /// New flows one CPU enters per second before new flows of DSR services
-    /// with a hash scheduler go stateless; 0: no limit.
+    /// New flows one CPU enters per second before new flows of DSR and
+    /// tunnel services with a hash scheduler go stateless; 0: no limit.
     pub new_flow_budget: u32,
     pub timeouts: Timeouts,
+    /// `tunnel-source`: the outer source address of IPIP and GUE packets;
+    /// `None`: for each backend, the address this host reaches it from
+    /// (the source the kernel picks for its route).
+    pub tunnel_source: Option<Ipv4Addr>,
+    /// `gue-port`: the UDP port GUE packets go to on the backends.
+    pub gue_port: u16,
 }
 
 /// Idle timeouts of the flow table (`[dataplane.timeouts]`).
@@ -140,12 +146,15 @@ impl Default for Timeouts {
 
 impl Dataplane {
     /// Does going from `old` to this need a restart of the agent? Everything
-    /// but the flow timeouts and the budget does (attachment, modes, map
-    /// sizes); those two are written live.
+    /// but the flow timeouts, the budget and the tunnels' settings does
+    /// (attachment, modes, map sizes); those are written live (the tunnel
+    /// settings with every backend, at each apply).
     pub fn needs_restart_from(&self, old: &Dataplane) -> bool {
         let fixed = |d: &Dataplane| Dataplane {
             timeouts: Timeouts::default(),
             new_flow_budget: 0,
+            tunnel_source: None,
+            gue_port: 0,
             ..d.clone()
         };
         fixed(self) != fixed(old)
@@ -186,6 +195,36 @@ impl Dataplane {
 pub enum Forwarding {
     Nat,
     Dsr,
+    /// The packet, untouched, in an outer IPv4 header to the backend.
+    Ipip,
+    /// The packet, untouched, in IPv4 + UDP + GUE headers to the backend.
+    Gue,
+}
+
+impl Forwarding {
+    /// The data plane's code for this mode (`ServiceConf::mode`).
+    pub fn code(self) -> u32 {
+        use lb_common::{MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT};
+        match self {
+            Forwarding::Nat => MODE_NAT,
+            Forwarding::Dsr => MODE_DSR,
+            Forwarding::Ipip => MODE_IPIP,
+            Forwarding::Gue => MODE_GUE,
+        }
+    }
+
+    /// Does the backend get the client's packet as sent, to the VIP (DSR
+    /// and the tunnels)? Then it must listen on the VIP's port, hold the
+    /// VIP, and answer the client itself. The data plane's rule
+    /// (`lb_common::answers_directly`), decided once.
+    pub fn answers_directly(self) -> bool {
+        lb_common::answers_directly(self.code())
+    }
+
+    /// Is this a tunnel mode (IPIP, GUE)?
+    pub fn is_tunnel(self) -> bool {
+        lb_common::is_tunnel(self.code())
+    }
 }
 
 #[derive(

@@ -70,6 +70,8 @@ pub(super) struct RawDataplane {
     pub(super) half_open_size: Option<i64>,
     pub(super) new_flow_budget: Option<i64>,
     pub(super) timeouts: Option<RawTimeouts>,
+    pub(super) tunnel_source: Option<String>,
+    pub(super) gue_port: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +199,8 @@ impl From<&Config> for RawConfig {
                     tcp_half_open: Some(duration::show(d.timeouts.tcp_half_open)),
                     udp: Some(duration::show(d.timeouts.udp)),
                 }),
+                tunnel_source: d.tunnel_source.map(|a| a.to_string()),
+                gue_port: Some(i64::from(d.gue_port)),
             }),
             monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
                 listen: Some(m.listen.to_string()),

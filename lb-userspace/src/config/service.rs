@@ -55,6 +55,16 @@ pub enum Scheduler {
 }
 
 impl Scheduler {
+    /// Every scheduler, in the order the docs list them.
+    pub const ALL: [Scheduler; 6] = [
+        Scheduler::RoundRobin,
+        Scheduler::WeightedRoundRobin,
+        Scheduler::LeastConnections,
+        Scheduler::FlowHash,
+        Scheduler::Maglev,
+        Scheduler::SourceIp,
+    ];
+
     /// The data plane's code for this scheduler (`ServiceConf::scheduler`).
     pub fn code(self) -> u32 {
         use lb_common::{SCHED_COUNTER, SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP};
@@ -284,14 +294,20 @@ impl Validator<'_> {
                 ),
             ));
         }
-        // DSR forwards the packet unchanged apart from the MAC addresses, so
-        // the backend receives it on the VIP port and must listen there.
-        if forwarding == Forwarding::Dsr && address.port() != vip.port() {
+        // DSR forwards the packet unchanged apart from the MAC addresses,
+        // a tunnel unchanged inside its headers: the backend receives it on
+        // the VIP port and must listen there.
+        if forwarding.answers_directly() && address.port() != vip.port() {
+            let how = match forwarding {
+                Forwarding::Dsr => "only MAC addresses are rewritten",
+                _ => "the packet reaches the backend unchanged inside the tunnel",
+            };
             return Err(self.err(
                 key("address"),
                 format!(
-                    "with forwarding = \"dsr\" only MAC addresses are rewritten, \
+                    "with forwarding = \"{}\" {how}, \
                      so the backend port must equal the VIP port {}, got {}",
+                    forwarding.name(),
                     vip.port(),
                     address.port()
                 ),

@@ -296,6 +296,14 @@ impl Validator<'_> {
             Some(n) => self.in_range(n, 0..BUDGET_MAX + 1, "dataplane.new-flow-budget")?,
         };
         let timeouts = self.timeouts(raw.timeouts)?;
+        let tunnel_source = match raw.tunnel_source {
+            None => None,
+            Some(text) => Some(self.tunnel_source(&text)?),
+        };
+        let gue_port = match raw.gue_port {
+            None => lb_common::tunnel::GUE_DEFAULT_PORT,
+            Some(port) => self.in_range(port, 1..65536, "dataplane.gue-port")?,
+        };
         Ok(Dataplane {
             interfaces,
             forwarding: raw.forwarding.unwrap_or(Forwarding::Nat),
@@ -304,7 +312,35 @@ impl Validator<'_> {
             half_open_size,
             new_flow_budget,
             timeouts,
+            tunnel_source,
+            gue_port,
         })
+    }
+
+    /// `[dataplane] tunnel-source`: an address of this host that backends
+    /// can answer (a unicast IPv4 address off loopback: the outer packets
+    /// leave the host).
+    fn tunnel_source(&self, text: &str) -> Result<Ipv4Addr, ConfigError> {
+        let key = "dataplane.tunnel-source";
+        let addr: Ipv4Addr = text.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("expected an IPv4 address like \"198.19.0.1\", got {text:?}"),
+            )
+        })?;
+        if let Some(reason) = address_problem(addr) {
+            return Err(self.err(key, reason));
+        }
+        if addr.is_loopback() {
+            return Err(self.err(
+                key,
+                format!(
+                    "{addr} is a loopback address (127.0.0.0/8): tunnel packets leave the \
+                     host, and no router forwards a packet from it"
+                ),
+            ));
+        }
+        Ok(addr)
     }
 
     /// `[dataplane.timeouts]`: whole seconds or more (the data plane's clock

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, BackendHop, Counters, Endpoint, Flow, FlowConf, FlowCounts,
-    FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, ring, uses_maglev,
+    FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, Tunnel, ring, uses_maglev,
 };
 
 use super::{
@@ -217,6 +217,12 @@ impl Dataplane {
                 service_id: b.service_id,
                 _pad: 0,
             },
+        )?;
+        set(
+            &mut self.array::<Tunnel>(MapName::TUNNELS)?,
+            MapName::TUNNELS,
+            b.id,
+            super::tunnel::slot(b.addr, b.tunnel),
         )?;
         // The shared next hop was for the address the id had: the next new
         // flow resolves it again.

@@ -22,13 +22,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Endpoint, MAX_BACKENDS,
-    MAX_SERVICES, MODE_DSR, MODE_NAT, ServiceKey,
+    MAX_SERVICES, MODE_NAT, ServiceKey,
     maglev::{self, Member},
     ring,
 };
 
 use super::keys::{raw_endpoint, service_key};
-use crate::config::{self, Config, Forwarding, Scheduler};
+use crate::config::{self, Config, Scheduler};
 
 /// A backend's identity: (service id, address, port), raw network order.
 /// Ids are per service, so the same server in two services has two ids.
@@ -80,7 +80,7 @@ pub struct ServicePlan {
     pub name: String,
     pub key: ServiceKey,
     pub id: u32,
-    /// `MODE_NAT` or `MODE_DSR`.
+    /// `MODE_NAT`, `MODE_DSR`, `MODE_IPIP` or `MODE_GUE`.
     pub mode: u32,
     /// `SCHED_COUNTER`, `SCHED_HASH`, `SCHED_MAGLEV` or `SCHED_SOURCE_IP`.
     pub scheduler: u32,
@@ -99,7 +99,8 @@ pub struct ServicePlan {
     pub backends: Vec<(String, u32)>,
 }
 
-/// One live backend's `BACKENDS` slot.
+/// One live backend's `BACKENDS` slot (and, for a tunnel service, its
+/// `TUNNELS` slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendPlan {
     pub id: u32,
@@ -107,6 +108,19 @@ pub struct BackendPlan {
     pub addr: u32,
     pub port: u16,
     pub flags: u16,
+    /// The backend's tunnel (IPIP and GUE services); `None` otherwise.
+    pub tunnel: Option<TunnelPlan>,
+}
+
+/// How a tunnel backend is reached, from the config: the writer resolves
+/// a source the config leaves to the route ([`crate::dataplane`]'s
+/// `tunnel::route_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelPlan {
+    /// `[dataplane] tunnel-source`; `None`: the route's source address.
+    pub source: Option<std::net::Ipv4Addr>,
+    /// `[dataplane] gue-port` (host order).
+    pub gue_port: u16,
 }
 
 /// Everything an apply writes, computed before the first write.
@@ -302,6 +316,10 @@ pub fn plan(
                 addr,
                 port,
                 flags: BACKEND_F_IN_USE,
+                tunnel: svc.forwarding.is_tunnel().then_some(TunnelPlan {
+                    source: cfg.dataplane.tunnel_source,
+                    gue_port: cfg.dataplane.gue_port,
+                }),
             });
             if admission.drop_flows {
                 slot.flags |= BACKEND_F_DROP_FLOWS;
@@ -337,10 +355,7 @@ pub fn plan(
             name: svc.name.clone(),
             key: *key,
             id,
-            mode: match svc.forwarding {
-                Forwarding::Nat => MODE_NAT,
-                Forwarding::Dsr => MODE_DSR,
-            },
+            mode: svc.forwarding.code(),
             scheduler: svc.scheduler.code(),
             half,
             ring,
@@ -444,7 +459,9 @@ mod tests {
     use lb_common::{SCHED_COUNTER, SCHED_MAGLEV};
 
     use super::*;
-    use crate::config::{Backend, Dataplane, OnBackendDown, Protocol, Service, XdpMode};
+    use crate::config::{
+        Backend, Dataplane, Forwarding, OnBackendDown, Protocol, Service, XdpMode,
+    };
 
     fn backend(n: u32) -> Backend {
         let ip = Ipv4Addr::from(0x0a00_0000 + n);
@@ -485,6 +502,8 @@ mod tests {
                 half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
                 new_flow_budget: 125_000,
                 timeouts: Default::default(),
+                tunnel_source: None,
+                gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
             },
             monitoring: None,
             announce: None,

@@ -21,6 +21,8 @@ fn config(services: Vec<Service>) -> Config {
             half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
             new_flow_budget: 125_000,
             timeouts: Default::default(),
+            tunnel_source: None,
+            gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
         },
         monitoring: None,
         announce: None,

@@ -62,6 +62,8 @@ backends = [{ address = "10.0.1.3:80" }]
             half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
             new_flow_budget: 125_000,
             timeouts: Default::default(),
+            tunnel_source: None,
+            gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
         },
         monitoring: None,
         pools: Vec::new(),
@@ -216,6 +218,8 @@ fn dataplane_defaults() {
             half_open_size: lb_common::DEFAULT_HALF_OPEN_SIZE,
             new_flow_budget: 125_000,
             timeouts: Default::default(),
+            tunnel_source: None,
+            gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
         }
     );
     assert_eq!(config.services[0].forwarding, Forwarding::Nat);
@@ -908,4 +912,37 @@ fn a_dns_check_takes_its_defaults_and_canonical_forms() {
         ]
     );
     assert_eq!(check(&config, Path::new("live")).expect("check"), config);
+}
+
+#[test]
+fn tunnel_services_take_the_tunnel_settings_and_survive_a_live_check() {
+    let text = format!(
+        "{DP}tunnel-source = \"198.19.0.1\"\ngue-port = 7000\n\
+         [[service]]\nname = \"ipip\"\nvip = \"198.18.0.10:80\"\nforwarding = \"ipip\"\n\
+         scheduler = \"maglev\"\nbackends = [{{ address = \"10.2.0.11:80\" }}]\n\
+         [[service]]\nname = \"gue\"\nvip = \"198.18.0.10:53\"\nprotocol = \"udp\"\n\
+         forwarding = \"gue\"\nbackends = [{{ address = \"10.2.0.11:53\" }}]\n"
+    );
+    let config = parse_ok(&text);
+    assert_eq!(
+        config.dataplane.tunnel_source,
+        Some(std::net::Ipv4Addr::new(198, 19, 0, 1))
+    );
+    assert_eq!(config.dataplane.gue_port, 7000);
+    let modes: Vec<Forwarding> = config.services.iter().map(|s| s.forwarding).collect();
+    assert_eq!(modes, [Forwarding::Ipip, Forwarding::Gue]);
+    assert!(modes.iter().all(|m| m.is_tunnel() && m.answers_directly()));
+    assert!(!Forwarding::Dsr.is_tunnel() && Forwarding::Dsr.answers_directly());
+    assert!(!Forwarding::Nat.answers_directly());
+    assert_eq!(check(&config, Path::new("live")).expect("valid"), config);
+    // Without the keys: the route's source per backend, and GUE on 6080.
+    let defaults = parse_ok(&one_service("forwarding = \"gue\"", B1));
+    assert_eq!(defaults.dataplane.tunnel_source, None);
+    assert_eq!(defaults.dataplane.gue_port, 6080);
+    assert_eq!(
+        check(&defaults, Path::new("live")).expect("valid"),
+        defaults
+    );
+    // Both are written live with the backends: no restart.
+    assert!(!config.dataplane.needs_restart_from(&defaults.dataplane));
 }

@@ -255,6 +255,34 @@ rejections! {
         => "service[0].backends[1].address", "must equal the VIP port 80, got 8080";
     dsr_inherited_backend_port: dsr_inherited()
         => "service[0].backends[1].address", "only MAC addresses are rewritten";
+    // --- tunnels: the DSR port rule, the source and the GUE port -------------
+    ipip_backend_port: one_service("forwarding = \"ipip\"", DSR_BACKENDS)
+        => "service[0].backends[1].address",
+           "with forwarding = \"ipip\" the packet reaches the backend unchanged inside the tunnel, \
+            so the backend port must equal the VIP port 80, got 8080";
+    gue_inherited_backend_port: one_service("", DSR_BACKENDS)
+            .replace(DP, &format!("{DP}forwarding = \"gue\"\n"))
+        => "service[0].backends[1].address", "with forwarding = \"gue\" the packet reaches";
+    tunnel_source_not_an_address: with_dataplane_line("tunnel-source = \"lb-back\"")
+        => "dataplane.tunnel-source", "expected an IPv4 address like \"198.19.0.1\", got \"lb-back\"";
+    tunnel_source_with_a_port: with_dataplane_line("tunnel-source = \"198.19.0.1:80\"")
+        => "dataplane.tunnel-source", "expected an IPv4 address";
+    tunnel_source_ipv6: with_dataplane_line("tunnel-source = \"2001:db8::1\"")
+        => "dataplane.tunnel-source", "expected an IPv4 address";
+    tunnel_source_unspecified: with_dataplane_line("tunnel-source = \"0.0.0.0\"")
+        => "dataplane.tunnel-source", "0.0.0.0 is the unspecified address";
+    tunnel_source_multicast: with_dataplane_line("tunnel-source = \"224.0.0.1\"")
+        => "dataplane.tunnel-source", "224.0.0.1 is a multicast address";
+    tunnel_source_loopback: with_dataplane_line("tunnel-source = \"127.0.0.1\"")
+        => "dataplane.tunnel-source", "127.0.0.1 is a loopback address";
+    tunnel_source_not_a_string: with_dataplane_line("tunnel-source = 3")
+        => "dataplane.tunnel-source", "invalid type: integer `3`, expected a string";
+    gue_port_zero: with_dataplane_line("gue-port = 0")
+        => "dataplane.gue-port", "must be between 1 and 65535, got 0";
+    gue_port_too_big: with_dataplane_line("gue-port = 65536")
+        => "dataplane.gue-port", "must be between 1 and 65535, got 65536";
+    gue_port_not_a_number: with_dataplane_line("gue-port = \"6080\"")
+        => "dataplane.gue-port", "invalid type: string \"6080\", expected i64";
     round_robin_ring_too_long: one_service("", &many_backends(MAX_RING + 1, ""))
         => "service[0].backends",
            "the non-backup backends need 4097 ring slots but a ring holds at most 4096";
@@ -419,7 +447,7 @@ rejections! {
         )
         => "service[0].backends[1].colour", "unknown field `colour`";
     forwarding_unknown: with_dataplane_line("forwarding = \"tunnel\"")
-        => "dataplane.forwarding", "unknown variant `tunnel`, expected `nat` or `dsr`";
+        => "dataplane.forwarding", "unknown variant `tunnel`, expected one of `nat`, `dsr`, `ipip`, `gue`";
     xdp_mode_unknown: with_dataplane_line("xdp-mode = \"offload\"")
         => "dataplane.xdp-mode", "unknown variant `offload`";
     protocol_unknown: one_service("protocol = \"sctp\"", B1)

@@ -166,11 +166,13 @@ pub(super) enum Hop {
     Lb(Forwarding),
 }
 
-/// `Nat` / `Dsr`, as the report names the modes.
+/// `Nat` / `Dsr` / `Ipip` / `Gue`, as the report names the modes.
 pub(super) fn mode_name(mode: Forwarding) -> &'static str {
     match mode {
         Forwarding::Nat => "Nat",
         Forwarding::Dsr => "Dsr",
+        Forwarding::Ipip => "Ipip",
+        Forwarding::Gue => "Gue",
     }
 }
 
@@ -1026,11 +1028,4 @@ pub(super) fn scheduler_rows(quick: bool, reps: usize) -> anyhow::Result<Vec<Sch
         .collect())
 }
 
-const SCHEDULERS: [Scheduler; 6] = [
-    Scheduler::RoundRobin,
-    Scheduler::WeightedRoundRobin,
-    Scheduler::LeastConnections,
-    Scheduler::FlowHash,
-    Scheduler::Maglev,
-    Scheduler::SourceIp,
-];
+const SCHEDULERS: [Scheduler; 6] = Scheduler::ALL;

@@ -72,10 +72,7 @@ pub(super) fn lb_config_for(
             )
         })
         .collect();
-    let forwarding = match mode {
-        Forwarding::Nat => "nat",
-        Forwarding::Dsr => "dsr",
-    };
+    let forwarding = mode.name();
     let toml = format!(
         "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
          conntrack-size = {}\nhalf-open-size = {}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\

@@ -44,6 +44,7 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
             Hop::HashFwd => "#aaa",
             Hop::Lb(Forwarding::Nat) => "#3b7dd8",
             Hop::Lb(Forwarding::Dsr) => "#e08a1e",
+            Hop::Lb(Forwarding::Ipip | Forwarding::Gue) => "#5aa469",
         };
         let d = &r.delivered;
         let _ = write!(

@@ -380,7 +380,7 @@ impl Lab {
         for n in 1..=WEB_NAMES.len() {
             let ns = self.web_ns(n);
             match mode {
-                Forwarding::Dsr => {
+                Forwarding::Dsr | Forwarding::Ipip | Forwarding::Gue => {
                     netns::ns_run(&ns, &["ip", "route", "replace", client_net, "via", &router])?;
                     for vip in &through_lb {
                         let gateway = LB_BACK.to_string();

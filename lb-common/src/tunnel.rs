@@ -1,0 +1,312 @@
+//! The tunnel modes' wire format (`forwarding = "ipip"` and `"gue"`): the
+//! outer headers the data plane puts in front of a client's packet, left
+//! untouched, to carry it to a backend across routers. Built here as pure
+//! functions (tested on the host against etherparse); `lb-ebpf`'s `tunnel`
+//! makes the room in the frame and writes them. The backends' decapsulator
+//! (`lb decap`) reads the same format.
+//!
+//! - IPIP: an outer IPv4 header, 20 bytes, no options: TOS copied from the
+//!   inner packet, total length inner + 20, ID 0, DF set, TTL 64, protocol
+//!   4, from the tunnel source to the backend, checksum set.
+//! - GUE (variant 0): the same outer IPv4 header with protocol 17, a UDP
+//!   header to the GUE port (6080 unless configured) from a source port
+//!   chosen by the flow hash ([`gue_source_port`]: one flow keeps one port,
+//!   flows spread over the backend's receive queues), UDP checksum 0 (IPv4
+//!   allows it), and 4 bytes of GUE: version 0, no options, the inner
+//!   protocol (4 for IPv4, 41 for IPv6), flags 0. 32 bytes in all.
+
+use crate::{
+    headers::{IP_DF, IPPROTO_UDP, Ipv4Hdr},
+    icmp::ipv4_check,
+};
+
+/// IP protocol number of IPv4 in IP (RFC 2003), and GUE's inner IPv4.
+pub const IPPROTO_IPIP: u8 = 4;
+/// IP protocol number of IPv6 in IP (RFC 2473), and GUE's inner IPv6.
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// Bytes IPIP puts in front of the inner packet: one IPv4 header.
+pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
+/// Bytes GUE puts in front of the inner packet: IPv4, UDP and GUE headers.
+pub const GUE_OVERHEAD: u16 = core::mem::size_of::<GueHeaders>() as u16;
+/// The GUE port backends listen on unless `[dataplane] gue-port` says
+/// otherwise (Katran's default).
+pub const GUE_DEFAULT_PORT: u16 = 6080;
+/// The outer header's TTL: a fresh packet the LB sends, as a host would.
+pub const OUTER_TTL: u8 = 64;
+/// GUE source ports are `GUE_PORT_BASE + hash % GUE_PORTS`: the dynamic
+/// range (RFC 6335), 49152-65535.
+pub const GUE_PORT_BASE: u16 = 49152;
+pub const GUE_PORTS: u32 = 16384;
+
+/// UDP header, raw network-order fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+/// GUE variant 0 header (draft-ietf-intarea-gue): version (2 bits), C (1
+/// bit) and header length in words (5 bits) in the first byte, the inner
+/// protocol, then 16 bits of flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GueHdr {
+    pub version_hlen: u8,
+    pub proto: u8,
+    pub flags: u16,
+}
+
+/// Everything GUE puts between the Ethernet header and the inner packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GueHeaders {
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub gue: GueHdr,
+}
+
+/// The outer IPv4 header of a tunnel packet carrying `inner_len` bytes
+/// of IP packet (`protocol`: 4 for IPIP, 17 for GUE; `overhead`: the
+/// bytes the tunnel adds) from `source` to `destination` (raw network
+/// order), checksum set.
+#[inline(always)]
+pub fn outer_ipv4(
+    inner_len: u16,
+    overhead: u16,
+    tos: u8,
+    protocol: u8,
+    source: u32,
+    destination: u32,
+) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos,
+        tot_len: inner_len.wrapping_add(overhead).to_be(),
+        id: 0,
+        frag_off: IP_DF.to_be(),
+        ttl: OUTER_TTL,
+        protocol,
+        check: 0,
+        saddr: source,
+        daddr: destination,
+    };
+    ip.check = ipv4_check(&ip);
+    ip
+}
+
+/// IPIP's one header (see the module's doc): `inner_proto` is 4 for an
+/// IPv4 packet inside (41 would carry IPv6, "6in4").
+#[inline(always)]
+pub fn ipip_header(
+    inner_len: u16,
+    tos: u8,
+    inner_proto: u8,
+    source: u32,
+    destination: u32,
+) -> Ipv4Hdr {
+    outer_ipv4(
+        inner_len,
+        IPIP_OVERHEAD,
+        tos,
+        inner_proto,
+        source,
+        destination,
+    )
+}
+
+/// GUE's headers (see the module's doc): `inner_proto` is 4 (IPv4) or 41
+/// (IPv6), `source_port` comes from [`gue_source_port`] (host order),
+/// `gue_port` is the backend's GUE port (raw network order).
+#[inline(always)]
+pub fn gue_headers(
+    inner_len: u16,
+    tos: u8,
+    inner_proto: u8,
+    source: u32,
+    destination: u32,
+    source_port: u16,
+    gue_port: u16,
+) -> GueHeaders {
+    let udp_len = inner_len.wrapping_add(GUE_OVERHEAD - Ipv4Hdr::LEN as u16);
+    GueHeaders {
+        ip: outer_ipv4(
+            inner_len,
+            GUE_OVERHEAD,
+            tos,
+            IPPROTO_UDP,
+            source,
+            destination,
+        ),
+        udp: UdpHdr {
+            source: source_port.to_be(),
+            dest: gue_port,
+            len: udp_len.to_be(),
+            // No checksum (RFC 768, allowed over IPv4): the inner packet
+            // carries its own, and the outer one would cost a pass over
+            // the whole payload.
+            check: 0,
+        },
+        gue: GueHdr {
+            version_hlen: 0,
+            proto: inner_proto,
+            flags: 0,
+        },
+    }
+}
+
+/// The GUE source port of a flow whose hash is `flow_hash`: every packet
+/// of the flow (and the ICMP errors about it) gets the same port, so the
+/// backend's NIC keeps the flow on one receive queue, and flows spread over
+/// the queues (Katran's reason). Host order.
+#[inline(always)]
+pub const fn gue_source_port(flow_hash: u32) -> u16 {
+    GUE_PORT_BASE + (flow_hash % GUE_PORTS) as u16
+}
+
+/// Does the inner packet plus the tunnel's `overhead` exceed `mtu`?
+#[inline(always)]
+pub const fn too_big(inner_len: u16, overhead: u16, mtu: u16) -> bool {
+    inner_len as u32 + overhead as u32 > mtu as u32
+}
+
+/// The MTU a sender must keep to for its packets to fit the tunnel: the
+/// next hop's less the overhead (what "fragmentation needed" tells it).
+#[inline(always)]
+pub const fn inner_mtu(mtu: u16, overhead: u16) -> u16 {
+    mtu.saturating_sub(overhead)
+}
+
+const _: () = assert!(core::mem::size_of::<UdpHdr>() == 8);
+const _: () = assert!(core::mem::size_of::<GueHdr>() == 4);
+const _: () = assert!(GUE_OVERHEAD == 32);
+const _: () = assert!(IPIP_OVERHEAD == 20);
+const _: () = assert!(GUE_PORT_BASE as u32 + GUE_PORTS == 65536);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{IpNumber, Ipv4HeaderSlice, PacketBuilder, UdpHeaderSlice};
+    use proptest::prelude::*;
+
+    fn bytes<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: plain-data header structs without padding (size asserts).
+        unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn addr(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    /// A client's TCP packet to the VIP, as IP bytes.
+    fn inner(client: [u8; 4], vip: [u8; 4], tos: u8, payload: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(client, vip, 61)
+            .tcp(40_000, 80, 1, 1000)
+            .write(&mut out, &vec![7u8; payload])
+            .expect("tcp");
+        out[1] = tos;
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn the_ipip_header_is_rfc_2003s(
+            src in any::<[u8; 4]>(), dst in any::<[u8; 4]>(), tos in any::<u8>(),
+            payload in 0usize..1400,
+        ) {
+            let packet = inner([198, 18, 0, 1], [198, 18, 0, 10], tos, payload);
+            let hdr = ipip_header(packet.len() as u16, tos, IPPROTO_IPIP, addr(src), addr(dst));
+            let mut frame = bytes(&hdr);
+            frame.extend_from_slice(&packet);
+            let outer = Ipv4HeaderSlice::from_slice(&frame).expect("outer").to_header();
+            prop_assert_eq!(outer.header_checksum, outer.calc_header_checksum());
+            prop_assert_eq!((outer.source, outer.destination), (src, dst));
+            prop_assert_eq!(outer.protocol, IpNumber::IPV4);
+            prop_assert_eq!(outer.total_len as usize, packet.len() + 20);
+            prop_assert_eq!(outer.time_to_live, OUTER_TTL);
+            prop_assert!(outer.dont_fragment);
+            prop_assert_eq!(outer.identification, 0);
+            prop_assert_eq!(outer.dscp.value() << 2 | outer.ecn.value(), tos);
+            prop_assert!(outer.options.is_empty());
+            prop_assert_eq!(&frame[20..], &packet[..]);
+        }
+
+        #[test]
+        fn the_gue_headers_are_variant_0_over_udp(
+            src in any::<[u8; 4]>(), dst in any::<[u8; 4]>(), tos in any::<u8>(),
+            payload in 0usize..1400, hash in any::<u32>(), port in 1u16..,
+        ) {
+            let packet = inner([198, 18, 0, 1], [198, 18, 0, 10], tos, payload);
+            let sport = gue_source_port(hash);
+            let hdrs = gue_headers(
+                packet.len() as u16, tos, IPPROTO_IPIP, addr(src), addr(dst), sport, port.to_be(),
+            );
+            let mut frame = bytes(&hdrs);
+            prop_assert_eq!(frame.len(), GUE_OVERHEAD as usize);
+            frame.extend_from_slice(&packet);
+            let outer = Ipv4HeaderSlice::from_slice(&frame).expect("outer").to_header();
+            prop_assert_eq!(outer.header_checksum, outer.calc_header_checksum());
+            prop_assert_eq!((outer.source, outer.destination), (src, dst));
+            prop_assert_eq!(outer.protocol, IpNumber::UDP);
+            prop_assert_eq!(outer.total_len as usize, packet.len() + 32);
+            prop_assert!(outer.dont_fragment);
+            prop_assert_eq!(outer.time_to_live, OUTER_TTL);
+            let udp = UdpHeaderSlice::from_slice(&frame[20..]).expect("udp").to_header();
+            prop_assert_eq!((udp.source_port, udp.destination_port), (sport, port));
+            prop_assert_eq!(udp.length as usize, packet.len() + 12);
+            prop_assert_eq!(udp.checksum, 0);
+            prop_assert!((49152..=65535).contains(&sport));
+            prop_assert_eq!(&frame[28..32], &[0, 4, 0, 0]);
+            prop_assert_eq!(&frame[32..], &packet[..]);
+        }
+    }
+
+    #[test]
+    fn gue_carries_ipv6_as_protocol_41() {
+        let h = gue_headers(100, 0, IPPROTO_IPV6, 1, 2, 50_000, 6080u16.to_be());
+        assert_eq!(bytes(&h.gue), [0, 41, 0, 0]);
+    }
+
+    #[test]
+    fn the_source_port_is_one_per_flow_and_flows_spread() {
+        use crate::{FlowKey, hash::flow_hash};
+        let key = |port: u16| FlowKey {
+            saddr: addr([198, 18, 0, 1]),
+            daddr: addr([198, 18, 0, 10]),
+            sport: port.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        assert_eq!(
+            gue_source_port(flow_hash(&key(40_000))),
+            gue_source_port(flow_hash(&key(40_000)))
+        );
+        // 16 000 flows over the 16 384 ports: about 10 000 distinct ones
+        // if spread evenly (a constant or a few would be a handful).
+        let ports: std::collections::BTreeSet<u16> = (1024..17_024)
+            .map(|p| gue_source_port(flow_hash(&key(p))))
+            .collect();
+        assert!(ports.len() > 9_000, "{} distinct ports", ports.len());
+        assert_eq!(gue_source_port(0), 49152);
+        assert_eq!(gue_source_port(u32::MAX), 65535);
+    }
+
+    #[test]
+    fn the_mtu_rule_counts_the_overhead() {
+        assert!(!too_big(1480, IPIP_OVERHEAD, 1500));
+        assert!(too_big(1481, IPIP_OVERHEAD, 1500));
+        assert!(!too_big(1468, GUE_OVERHEAD, 1500));
+        assert!(too_big(1469, GUE_OVERHEAD, 1500));
+        assert!(too_big(u16::MAX, GUE_OVERHEAD, u16::MAX));
+        assert_eq!(inner_mtu(1500, GUE_OVERHEAD), 1468);
+        assert_eq!(inner_mtu(1500, IPIP_OVERHEAD), 1480);
+        assert_eq!(inner_mtu(10, GUE_OVERHEAD), 0);
+    }
+}
