@@ -112,12 +112,12 @@ impl Lab {
         }
     }
 
-    /// Where the webs' decapsulators pin their programs, links and maps:
-    /// on the host's bpffs under the lab's pin dir (`lb decap --pin-dir`;
-    /// each web's under `netns/{P}-webN/eth0`), so `lb lab down` removes
-    /// them.
+    /// Where the webs' decapsulators pin their programs, links and maps
+    /// (`lb decap --pin-dir`; each web's under `netns/{P}-webN/eth0`): on
+    /// the host's bpffs beside the lab's pin dir, and `lb lab down`
+    /// removes them.
     pub fn decap_pin_dir(&self) -> PathBuf {
-        self.pin_dir().join("decap")
+        super::teardown::decap_pin_dir(&self.prefix)
     }
 
     /// `lb decap attach eth0 --from <the LBs' tunnel sources> --port 6080`
