@@ -44,7 +44,8 @@ use lb_userspace::{
     harness::{
         lab::{
             CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_WEB_IFACE,
-            ROUTER_WEB_SIDE, Tunnel, VIP, WEB_NAMES, http_get, lb_front_addr, vip_http, web_addr,
+            ROUTER_WEB_SIDE, Tunnel, VIP, WEB_NAMES, WEB_NET, http_get, lb_front_addr, vip_http,
+            web_addr,
         },
         netns::in_netns,
     },
@@ -251,11 +252,17 @@ fn a_drained_web_keeps_its_tunnelled_flows_until_they_close() -> Result<()> {
 }
 
 /// Path-MTU discovery through the tunnel: the router's link to the webs is
-/// lowered to 1400 bytes. The client's full-size upload segments, once
-/// encapsulated, no longer fit there; the client ends up with a path MTU
-/// to the VIP of 1400 minus the tunnel's overhead (1380 IPIP, 1368 GUE),
-/// learnt from "fragmentation needed" sent by the VIP, and the upload
-/// completes.
+/// lowered to 1400 bytes, and the LB's route to the webs' subnet says so
+/// (`mtu lock 1400`, what `bpf_fib_lookup` reports as the next hop's MTU).
+/// The client's full-size upload segments, once encapsulated, would not
+/// fit; the client gets "fragmentation needed" from the VIP with 1400 minus
+/// the tunnel's overhead (1380 IPIP, 1368 GUE), and the upload completes.
+///
+/// The route's MTU is needed: the router's own "fragmentation needed" goes
+/// to the LB's tunnel source (the outer packet's), and neither the LB's
+/// data plane nor its kernel (no tunnel device or socket for that quote)
+/// turns it into one for the client — without the route, the upload stalls
+/// (README, "Forwarding modes").
 #[test]
 fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -> Result<()> {
     let mut lab = routed_lab()?;
@@ -263,6 +270,13 @@ fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -
     lab.exec_ok(
         &lab.router_ns(),
         &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
+    )?;
+    let router = ROUTER_LB_SIDE.to_string();
+    lab.exec_ok(
+        &lab.lb_ns(),
+        &[
+            "ip", "route", "replace", WEB_NET, "via", &router, "mtu", "lock", &low,
+        ],
     )?;
     let vip = VIP.to_string();
     in_each_tunnel(&mut lab, checked, |lab, tunnel| {
