@@ -262,7 +262,7 @@ fn a_drained_web_keeps_its_tunnelled_flows_until_they_close() -> Result<()> {
 /// to the LB's tunnel source (the outer packet's), and neither the LB's
 /// data plane nor its kernel (no tunnel device or socket for that quote)
 /// turns it into one for the client — without the route, the upload stalls
-/// (README, "Forwarding modes").
+/// (README, "The routed lab").
 #[test]
 fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -> Result<()> {
     let mut lab = routed_lab()?;

@@ -93,8 +93,13 @@ pub(super) fn demo_tunnels(prefix: &str, lb_bin: &Path, requests: u32) -> anyhow
             .collect()
     })??;
     println!("== gue: udp {VIP}:{UDP_PORT} answered {udp:?}");
-    let status = lab.decap_status(1)?;
-    println!("== web1: lb decap status\n{}", status.trim_end());
+    let counted: Vec<String> = lab
+        .decap_verdicts(1)?
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(verdict, count)| format!("{verdict} {count}"))
+        .collect();
+    println!("== web1: lb decap status: {}", counted.join(", "));
     agent.stop().context("stopping the agent (tunnels)")?;
     drop(lab);
     println!("lab {prefix} removed");
