@@ -459,8 +459,8 @@ fn backends(cfg: &Config, routes: &[Route], neighbours: &[Neighbour]) -> Vec<Fin
                         "a DSR backend behind a router (via {gw}): DSR rewrites only the MAC, so \
                          the backend must be on a segment the LB is attached to"
                     ),
-                    "put the backend on the LB's back segment, or use forwarding = \"nat\" \
-                     (tunnels to remote backends are not implemented yet)"
+                    "put the backend on the LB's back segment, or use forwarding = \"ipip\" \
+                     or \"gue\" (DSR across routers, with `lb decap` on the backend), or \"nat\""
                         .into(),
                 ));
                 continue;

@@ -698,10 +698,48 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&large_ns),
         });
     }
+    ns_rows.extend(tunnel_rows(lbin, &est, &est_calls, reps)?);
     ns_rows.extend(cold_rows(lbin, calls, reps)?);
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
     ns_rows.extend(capture_rows(lbin, repeat, reps)?);
     Ok(ns_rows)
+}
+
+/// The tunnel modes' established flow (issue 26), one call each, set up
+/// as DSR's row (100 backends, the product's default tables). One call
+/// each only: a repeated run would see its own output, the frame wrapped
+/// for the backend, as its next input.
+fn tunnel_rows(
+    lbin: u32,
+    est: &[Vec<u8>],
+    est_calls: &[Vec<u8>],
+    reps: usize,
+) -> anyhow::Result<Vec<NsRow>> {
+    let mut rows = Vec::new();
+    for mode in [Forwarding::Ipip, Forwarding::Gue] {
+        let mut dp = Dataplane::load(TableSizes {
+            conntrack: DEFAULT_CONNTRACK_SIZE,
+            half_open: DEFAULT_HALF_OPEN_SIZE,
+        })?;
+        dp.apply(&lb_config(mode, 100)?)?;
+        let prog = dp.program()?;
+        // Establish the flow once.
+        ns_per_packet(prog, est, lbin, 1, Some(XDP_REDIRECT))?;
+        let mut est_ns = Vec::new();
+        for _ in 0..reps {
+            est_ns.push(ns_per_packet(prog, est_calls, lbin, 1, Some(XDP_REDIRECT))?);
+        }
+        rows.push(NsRow {
+            program: NsProgram::Lb {
+                mode,
+                backends: 100,
+                flow: FlowState::Established,
+            },
+            method: NsMethod::Calls(est_calls.len()),
+            ns: Stat::of(&est_ns),
+        });
+    }
+    Ok(rows)
 }
 
 /// Established flows in the cold-cache rows (issue 23): tables far larger

@@ -46,6 +46,9 @@ pub(super) const TARGET_MILLION_KEPT: f64 = 0.6;
 pub(super) const TARGET_MILLION_NAT: f64 = 0.15;
 /// One established flow at this share of `bare_fwd`'s rate, paired.
 pub(super) const TARGET_RATIO_23: f64 = 0.95;
+/// Issue 26: a tunnel's established flow (IPIP, GUE) costs at most this
+/// much more per packet than an L2 DSR one, one call each, same run.
+pub(super) const TARGET_TUNNEL_OVER_DSR: f64 = 0.15;
 
 /// `1 000 000` for 1000000.
 pub(super) fn grouped(n: u32) -> String {
@@ -197,6 +200,7 @@ pub(super) fn targets(
         }
     }
     flow_table_targets(&mut s, fwd, ns);
+    tunnel_targets(&mut s, ns);
     if let Ok(rows) = http {
         for load in ["32 conns", "2 conns"] {
             let find =
@@ -363,5 +367,42 @@ fn flow_table_targets(s: &mut String, fwd: &[FwdRow], ns: &[NsRow]) {
             verdict(ratio >= 1.0 - TARGET_MILLION_NAT),
             100.0 * ratio
         );
+    }
+}
+
+/// Issue 26's target: an established tunnel flow within
+/// [`TARGET_TUNNEL_OVER_DSR`] of an L2 DSR one's ns/packet, both one call
+/// each in the same run (net of `xdp_pass` shown beside).
+fn tunnel_targets(s: &mut String, ns: &[NsRow]) {
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let calls = |program: &dyn Fn(&NsProgram) -> bool| {
+        ns.iter()
+            .find(|r| program(&r.program) && matches!(r.method, NsMethod::Calls(_)))
+            .map(|r| r.ns.median)
+    };
+    let established = |mode: Forwarding| {
+        calls(
+            &|p| matches!(p, NsProgram::Lb { mode: m, flow: FlowState::Established, .. } if *m == mode),
+        )
+    };
+    let (Some(dsr), Some(pass)) = (
+        established(Forwarding::Dsr),
+        calls(&|p| *p == NsProgram::XdpPass),
+    ) else {
+        return;
+    };
+    for mode in [Forwarding::Ipip, Forwarding::Gue] {
+        if let Some(tunnel) = established(mode) {
+            let _ = writeln!(
+                s,
+                "| established flow, one call each, {} within {:.0} % of DSR | {}: {:+.0} % ({tunnel:.1} vs {dsr:.1} ns; net of `xdp_pass` {:.1} vs {:.1} ns) |",
+                mode_name(mode),
+                100.0 * TARGET_TUNNEL_OVER_DSR,
+                verdict(tunnel <= dsr * (1.0 + TARGET_TUNNEL_OVER_DSR)),
+                100.0 * (tunnel / dsr - 1.0),
+                tunnel - pass,
+                dsr - pass
+            );
+        }
     }
 }
