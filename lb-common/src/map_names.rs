@@ -158,6 +158,23 @@ maps! {
     NEIGH_WANTED: Pinning::Pinned;
 }
 
+/// The maps of the `lb-decap` object (`lb decap`, the backends'
+/// decapsulator): a list apart from the `lb` object's, since the two objects
+/// are loaded and pinned apart. `lb decap attach` pins all three under
+/// `PIN_DIR/IFACE` and reuses them on a re-attach (only with the object's
+/// layout); `tests/tests/kernel_decap.rs` compares this list with the
+/// built object both ways.
+pub mod decap {
+    /// The GUE port and the half of `DECAP_SOURCES` in force.
+    pub const DECAP_CONF: &str = "DECAP_CONF";
+    /// (half, allowed LB address) → 1.
+    pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    /// Verdict → packets, per CPU.
+    pub const DECAP_VERDICTS: &str = "DECAP_VERDICTS";
+    /// Every map of the object, all pinned.
+    pub const ALL: [&str; 3] = [DECAP_CONF, DECAP_SOURCES, DECAP_VERDICTS];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -493,3 +493,22 @@ fn the_pinned_attach_outlives_its_handles_and_is_replaced_in_place() {
         load::detach_pinned(&other).expect("detach the other");
     });
 }
+
+#[test]
+fn the_map_list_names_every_map_of_the_object() {
+    let object = lb_userspace::object::DECAP_OBJECT;
+    assert!(
+        !object.is_empty(),
+        "lb was built without the lb-decap object"
+    );
+    let in_object: Vec<String> = lb_userspace::object::map_layouts(object)
+        .expect("parse lb-decap")
+        .into_keys()
+        .collect();
+    let mut listed: Vec<String> = lb_common::map_names::decap::ALL
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(in_object, listed, "lb-common/src/map_names.rs's decap list");
+}

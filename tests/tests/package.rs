@@ -7,7 +7,8 @@
 //! --help`) and purged, leaving nothing behind. The installed `lb` is the
 //! product without the harness: no `lb lab`/`lb bench`, no lab TLS stack
 //! (rcgen, rustls's server side), and its embedded eBPF objects hold the
-//! data plane's program and the generator's, none of the benchmark's.
+//! data plane's program, the decapsulator's (`lb decap`) and the
+//! generator's, none of the benchmark's.
 
 use std::{
     collections::BTreeSet,
@@ -229,10 +230,11 @@ fn debian_package_installs_works_and_purges() -> Result<()> {
     let objects = embedded_bpf_programs(&binary)?;
     let names = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     ensure!(
-        objects.len() == 2
+        objects.len() == 3
             && objects.contains(&names(&["lb"]))
+            && objects.contains(&names(&["lb_decap"]))
             && objects.contains(&names(&["pktgen"])),
-        "the installed lb embeds the data plane's object (`lb`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
+        "the installed lb embeds the data plane's object (`lb`), the backends' decapsulator's (`lb_decap`, `lb decap`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
     );
     let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/lb")?;
     ensure!(

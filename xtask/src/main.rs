@@ -30,7 +30,8 @@ enum Task {
     /// Install what the build needs (Debian packages, bpf-linker); idempotent
     Setup,
     /// Build the eBPF objects (target/ebpf/bpfel-unknown-none/release/:
-    /// lb-ebpf, the data plane's; lb-pktgen and lb-bench, the tools')
+    /// lb-ebpf, the data plane's; lb-decap, the backends' decapsulator's;
+    /// lb-pktgen and lb-bench, the tools')
     BuildEbpf,
     /// Build the eBPF objects and the developer's `lb` (the product plus the
     /// harness: `lb lab`, `lb bench`) with them embedded
@@ -323,8 +324,9 @@ fn bpf_toolchain() -> anyhow::Result<BpfToolchain> {
     Ok(BpfToolchain::Prebuilt { rustc, cargo })
 }
 
-/// The data plane's object; the tools' (lb-pktgen, lb-bench) are built next
-/// to it, where lb-userspace's build.rs finds them.
+/// The data plane's object; the decapsulator's (lb-decap, lb-ebpf's second
+/// binary) and the tools' (lb-pktgen, lb-bench) are built next to it, where
+/// lb-userspace's build.rs finds them.
 fn ebpf_object(root: &Path) -> PathBuf {
     root.join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }

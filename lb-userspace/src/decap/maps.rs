@@ -8,12 +8,10 @@ use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::decap::{DecapConf, DecapSourceKey, DecapVerdict, MAX_DECAP_SOURCES};
 
-/// The maps of the `lb-decap` object, by name (its `#[map]` statics).
-pub const CONF: &str = "DECAP_CONF";
-pub const SOURCES: &str = "DECAP_SOURCES";
-pub const VERDICTS: &str = "DECAP_VERDICTS";
-/// Every map of the object: all three are pinned by `lb decap attach`.
-pub const ALL: [&str; 3] = [CONF, SOURCES, VERDICTS];
+/// The maps of the `lb-decap` object, by name (lb-common's list).
+pub use lb_common::map_names::decap::{
+    ALL, DECAP_CONF as CONF, DECAP_SOURCES as SOURCES, DECAP_VERDICTS as VERDICTS,
+};
 
 /// Handles on the three maps of one decapsulator (loaded or pinned).
 pub struct DecapMaps {

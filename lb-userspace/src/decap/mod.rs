@@ -113,6 +113,21 @@ pub fn run(command: DecapCommand) -> anyhow::Result<()> {
     }
 }
 
+/// An interface name as the kernel allows it (and so a safe directory name
+/// under the pin dir: no `/`, not `.` or `..`).
+fn check_iface(iface: &str) -> anyhow::Result<()> {
+    let ok = !iface.is_empty()
+        && iface.len() < libc::IFNAMSIZ
+        && iface != "."
+        && iface != ".."
+        && !iface.contains(['/', ':'])
+        && !iface.chars().any(char::is_whitespace);
+    if !ok {
+        bail!("{iface:?} is not an interface name");
+    }
+    Ok(())
+}
+
 fn need_root(verb: &str) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!(
@@ -124,6 +139,7 @@ fn need_root(verb: &str) -> anyhow::Result<()> {
 }
 
 fn attach(args: &AttachArgs) -> anyhow::Result<()> {
+    check_iface(&args.iface)?;
     need_root("attach")?;
     // Checked before anything is touched.
     maps::check_sources(&args.from)?;
@@ -154,6 +170,7 @@ fn attach(args: &AttachArgs) -> anyhow::Result<()> {
 }
 
 fn detach(iface: &str, place: &Place) -> anyhow::Result<()> {
+    check_iface(iface)?;
     need_root("detach")?;
     let base = place.enter()?;
     let dir = load::entry_dir(&base, iface);
@@ -183,6 +200,9 @@ fn detach(iface: &str, place: &Place) -> anyhow::Result<()> {
 }
 
 fn status(iface: Option<&str>, json: bool, place: &Place) -> anyhow::Result<()> {
+    if let Some(i) = iface {
+        check_iface(i)?;
+    }
     need_root("status")?;
     let base = place.enter()?;
     let dirs = match iface {
@@ -293,5 +313,27 @@ impl Report {
             "sources": self.settings.sources.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "verdicts": verdicts,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_interface_names_become_directories() {
+        for good in ["eth0", "veth-a1", "enp0s31f6", "a.b"] {
+            assert!(super::check_iface(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "eth0:1",
+            "a b",
+            "sixteen-chars-xx",
+        ] {
+            assert!(super::check_iface(bad).is_err(), "{bad}");
+        }
     }
 }

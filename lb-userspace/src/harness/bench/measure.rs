@@ -257,6 +257,19 @@ pub(super) enum NsProgram {
     /// `lb` (DSR, 100 backends), an established flow, with `lb capture`
     /// off or on with a filter that matches nothing.
     LbCapture { on: bool },
+    /// `lb_decap`, the backends' decapsulator (`lb decap`).
+    Decap(DecapPacket),
+}
+
+/// The packet of an `lb decap` cost row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DecapPacket {
+    /// IPIP from an allowed LB: decapsulated.
+    Ipip,
+    /// GUE from an allowed LB: decapsulated.
+    Gue,
+    /// The plain frame: not a tunnel, passed.
+    NotTunnel,
 }
 
 /// The packet of a drop-tracing cost row.
@@ -308,6 +321,11 @@ impl fmt::Display for NsProgram {
                 };
                 write!(f, "lb DSR (100 backends), {packet}, {tracing}")
             }
+            NsProgram::Decap(packet) => f.write_str(match packet {
+                DecapPacket::Ipip => "lb decap, IPIP from an allowed LB (decapsulated)",
+                DecapPacket::Gue => "lb decap, GUE from an allowed LB (decapsulated)",
+                DecapPacket::NotTunnel => "lb decap, a packet that is no tunnel (passed)",
+            }),
             NsProgram::LbCapture { on } => write!(
                 f,
                 "lb DSR (100 backends), established flow, {}",
@@ -399,7 +417,7 @@ pub(super) fn profile_lb(secs: f64) -> anyhow::Result<()> {
 
 /// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
 /// kernel reports it; every return value must be `expect` (if given).
-fn ns_per_packet(
+pub(super) fn ns_per_packet(
     prog: &aya::programs::Xdp,
     frames: &[Vec<u8>],
     ifindex: u32,
@@ -702,6 +720,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
     ns_rows.extend(cold_rows(lbin, calls, reps)?);
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
     ns_rows.extend(capture_rows(lbin, repeat, reps)?);
+    ns_rows.extend(super::decap::decap_rows(lbin, calls, reps)?);
     Ok(ns_rows)
 }
 

@@ -29,6 +29,7 @@
 //! rows), `http` (wrk and HAProxy), `report` (BENCHMARKS.md), `svg` (its
 //! chart) and `targets` (the targets judged on a run).
 
+mod decap;
 mod flood;
 mod http;
 mod measure;

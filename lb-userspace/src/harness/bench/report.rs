@@ -515,11 +515,10 @@ fn summary(r: &Report) -> String {
         }
     }
     for pass in r.ns.iter().filter(|row| row.program == NsProgram::XdpPass) {
-        for row in r
-            .ns
-            .iter()
-            .filter(|row| matches!(row.program, NsProgram::Lb { .. }) && row.method == pass.method)
-        {
+        for row in r.ns.iter().filter(|row| {
+            matches!(row.program, NsProgram::Lb { .. } | NsProgram::Decap(_))
+                && row.method == pass.method
+        }) {
             let _ = writeln!(
                 s,
                 "- `{}`, {}: {:.1} ns/packet, {:.1} ns more than `xdp_pass` measured the same way ({:.1} ns).",
