@@ -3,10 +3,14 @@
 //! tests drive the `lb` agent with (configs, control requests, clients, the
 //! ring rule). A test needing root fails loudly without it; none skips.
 //! [`kernel_net`] is the kernel tier's network namespace and addresses,
-//! [`kernel_frames`] the frames its test files share.
+//! [`kernel_frames`] the frames its test files share, [`flood`] the
+//! lifecycle tests' traffic (keep-alive connections, the SYN flood),
+//! [`pmtu`] the path-MTU tests' upload and route-cache readers.
 
+pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
+pub mod pmtu;
 
 use std::{
     collections::BTreeMap,

@@ -5,19 +5,19 @@
 //! Needs root and the `lb` binary in `LB_BIN` (`cargo xtask test` sets
 //! both). Each test builds its own lab under a unique prefix.
 
-use std::{
-    io::{Read, Write},
-    net::{TcpStream, UdpSocket},
-    time::Duration,
-};
+use std::net::UdpSocket;
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{in_each_mode, lb_bin, status, unique_prefix};
+use lb_tests::{
+    in_each_mode, lb_bin,
+    pmtu::{cached_mtu, forget_path_mtus, upload},
+    status, unique_prefix,
+};
 use lb_userspace::{
     config::Forwarding,
     harness::{
         lab::{CLIENT_FRONT, HttpConn, Lab, bulk_byte, lab_config, udp_connect, vip_http, vip_udp},
-        netns::{self, in_netns},
+        netns::in_netns,
     },
 };
 
@@ -87,46 +87,6 @@ fn udp_datagrams_bigger_than_the_mtu_cross_the_lb_whole() -> Result<()> {
         );
         Ok(())
     })
-}
-
-/// An upload of `size` bytes to the VIP on a new connection. The lab's
-/// server drains a request body before it answers (405: it serves GET
-/// only), so an answer means every byte arrived.
-fn upload(size: usize) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&vip_http(), Duration::from_secs(3))
-        .context("connecting to the VIP")?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.set_write_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "POST / HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
-    )?;
-    s.write_all(&vec![b'u'; size])
-        .context("uploading (stalled: packets too big vanished?)")?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .context("reading the answer")?;
-    ensure!(
-        answer.starts_with("HTTP/1.1 405"),
-        "unexpected answer {:?}",
-        &answer[..answer.len().min(40)]
-    );
-    Ok(())
-}
-
-/// The path MTU of `to` from namespace `ns` as its route cache holds it.
-fn cached_mtu(lab: &Lab, ns: &str, to: &str) -> Result<Option<u32>> {
-    let route = lab.exec_ok(ns, &["ip", "route", "get", to])?;
-    Ok(route
-        .split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .and_then(|m| m.parse().ok()))
-}
-
-/// Drops every path MTU `ns` has learnt (the route cache's exceptions).
-fn forget_path_mtus(ns: &str) -> Result<()> {
-    netns::sysctl(ns, "net/ipv4/route/flush", "1")
 }
 
 /// Path-MTU discovery through the LB. The LB's link to the backends is

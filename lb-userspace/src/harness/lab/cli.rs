@@ -41,6 +41,12 @@ pub enum LabCommand {
         /// agents' configs (with `[announce]`) are written for you
         #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4))]
         lbs: Option<u32>,
+        /// Build the routed lab instead: the web servers in a subnet behind
+        /// a router (not on the LB's segment), each with `lb decap`
+        /// attached; the agent's config (services over IPIP and GUE) is
+        /// written for you
+        #[arg(long, conflicts_with_all = ["lbs", "mode"])]
+        tunnel: bool,
     },
     /// Remove the lab: processes, namespaces, links (fine if none exists)
     Down {
@@ -49,9 +55,11 @@ pub enum LabCommand {
     },
     /// Build the lab, balance requests through the agent in NAT then DSR
     /// mode (HTTP, HTTPS, health checks, the status page, the firewall),
-    /// run the database tier through a failover, then the LB failover act
-    /// (two LBs behind a BGP/ECMP router, one dies while a connection
-    /// runs); report what answered each request, and remove the lab
+    /// run the database tier through a failover, the tunnel act (the web
+    /// servers behind a router, services over IPIP and GUE, `lb decap` on
+    /// each), then the LB failover act (two LBs behind a BGP/ECMP router,
+    /// one dies while a connection runs); report what answered each
+    /// request, and remove the lab
     Demo {
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
@@ -87,9 +95,15 @@ impl From<Mode> for Forwarding {
 /// Runs one `lb lab` verb.
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     let result = match cmd {
-        LabCommand::Up { prefix, mode, lbs } => {
+        LabCommand::Up {
+            prefix,
+            mode,
+            lbs,
+            tunnel,
+        } => {
             teardown_on_signal(&prefix)?;
             match lbs {
+                _ if tunnel => super::tunnel_demo::up_routed(&prefix, &current_lb()?),
                 None => up(&prefix, mode.into()),
                 Some(n) => up_ha(&prefix, mode.into(), n as usize),
             }
@@ -110,6 +124,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         } => {
             teardown_on_signal(&prefix)?;
             demo(&prefix, requests)?;
+            super::tunnel_demo::demo_tunnels(&prefix, &current_lb()?, requests)?;
             if !no_failover {
                 demo_failover(&prefix)?;
             }
@@ -149,7 +164,7 @@ fn teardown_on_signal(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn current_lb() -> anyhow::Result<PathBuf> {
+pub(super) fn current_lb() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("finding the lb binary (current_exe)")
 }
 
@@ -256,7 +271,7 @@ fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
 
 /// How to name the lb binary in printed commands: `lb` if that is what
 /// PATH finds, else its full path.
-fn lb_command() -> anyhow::Result<String> {
+pub(super) fn lb_command() -> anyhow::Result<String> {
     let exe = current_lb()?;
     let path = std::env::var_os("PATH").unwrap_or_default();
     let on_path = std::env::split_paths(&path)
@@ -474,12 +489,7 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
         "== {name}: {requests} new TCP connections to http://{VIP}/ from {}",
         lab.client_ns()
     );
-    let answers: Vec<Option<String>> = in_netns(&lab.client_ns(), || {
-        (1..=requests)
-            .take_while(|_| !netns::interrupted())
-            .map(one_request)
-            .collect()
-    })?;
+    let answers = client_requests(lab, requests)?;
     let mut problems = summarize(name, &answers);
     problems.extend(demo_https(lab, name));
     problems.extend(demo_watch(lab, name));
@@ -559,7 +569,7 @@ fn demo_watch(lab: &Lab, mode: &str) -> Vec<String> {
 
 /// Three HTTPS requests through the VIP with curl, verified against the lab
 /// CA (TLS passed through to the webs); the problems seen.
-fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
+pub(super) fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
     if netns::require_tool("curl", "apt-get install curl").is_err() {
         println!("== {mode}: no curl, skipping HTTPS");
         return Vec::new();
@@ -599,6 +609,18 @@ fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
     problems
 }
 
+/// `requests` new connections from the client to http://VIP/, one
+/// request each (stopping early on a signal); the server that answered
+/// each, or `None`.
+pub(super) fn client_requests(lab: &Lab, requests: u32) -> anyhow::Result<Vec<Option<String>>> {
+    in_netns(&lab.client_ns(), || {
+        (1..=requests)
+            .take_while(|_| !netns::interrupted())
+            .map(one_request)
+            .collect()
+    })
+}
+
 /// One request on a new connection; prints its outcome, returns the name
 /// of the server that answered.
 fn one_request(i: u32) -> Option<String> {
@@ -619,7 +641,7 @@ fn one_request(i: u32) -> Option<String> {
     }
 }
 
-fn summarize(mode: &str, answers: &[Option<String>]) -> Vec<String> {
+pub(super) fn summarize(mode: &str, answers: &[Option<String>]) -> Vec<String> {
     let mut problems = Vec::new();
     println!("-- {mode} summary:");
     for web in WEB_NAMES {

@@ -63,7 +63,7 @@ pub fn lb_front_addr(n: usize) -> Ipv4Addr {
 
 /// LB `n`'s back address: lb1 has the single lab's 198.19.0.1 (the webs'
 /// gateway), the others 198.19.0.3, .4, …
-fn lb_back_addr(n: usize) -> Ipv4Addr {
+pub(super) fn lb_back_addr(n: usize) -> Ipv4Addr {
     let last = if n == 1 { 1 } else { n + 1 };
     Ipv4Addr::new(198, 19, 0, u8::try_from(last).unwrap_or(u8::MAX))
 }

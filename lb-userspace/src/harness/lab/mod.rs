@@ -21,13 +21,14 @@ mod db;
 mod db_demo;
 mod dns;
 mod ha;
+mod routed;
 mod serve;
 mod teardown;
 mod tls;
+mod tunnel_demo;
 mod visits;
 
 use std::{
-    fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
@@ -56,6 +57,10 @@ pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
 pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
+pub use routed::{
+    GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_CLIENT_SIDE, ROUTER_LB_SIDE,
+    ROUTER_WEB_IFACE, ROUTER_WEB_SIDE, Tunnel, WEB_NET,
+};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, LAB_CERT_DAYS, SITE_NAME, ca_path};
@@ -160,22 +165,27 @@ fn web_services(mode: Forwarding, health: &str, tables: &str) -> String {
         ("www-udp", "udp", UDP_PORT),
         ("www-tls", "tcp", HTTPS_PORT),
     ] {
-        let backends = (1..=WEB_NAMES.len())
-            .map(|n| {
-                format!(
-                    "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
-                    web_addr(n)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Writing to a String cannot fail.
-        let _ = write!(
-            toml,
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\n{health}backends = [ {backends} ]\n"
-        );
+        toml.push_str(&web_service(name, protocol, port, "round-robin", health));
     }
     toml
+}
+
+/// One `[[service]]` table: `name` on VIP:`port` over web1..3 at the same
+/// port, with `scheduler` and `lines` (a `health = …` line, a
+/// `forwarding = …` line, or empty).
+fn web_service(name: &str, protocol: &str, port: u16, scheduler: &str, lines: &str) -> String {
+    let backends = (1..=WEB_NAMES.len())
+        .map(|n| {
+            format!(
+                "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
+                web_addr(n)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"{scheduler}\"\n{lines}backends = [ {backends} ]\n"
+    )
 }
 
 /// A running lab. Dropping it kills every process in its namespaces, deletes
@@ -190,6 +200,8 @@ pub struct Lab {
     /// 0: the single-LB lab; N ≥ 2: N LBs behind a BGP/ECMP router
     /// (see `ha.rs`).
     lbs: usize,
+    /// The single-LB lab with the webs behind a router (see `routed.rs`).
+    routed: bool,
 }
 
 impl Lab {
@@ -212,6 +224,16 @@ impl Lab {
     }
 
     fn create_with(prefix: &str, lb_bin: &Path, detached: bool, lbs: usize) -> anyhow::Result<Lab> {
+        Self::create_layout(prefix, lb_bin, detached, lbs, false)
+    }
+
+    fn create_layout(
+        prefix: &str,
+        lb_bin: &Path,
+        detached: bool,
+        lbs: usize,
+        routed: bool,
+    ) -> anyhow::Result<Lab> {
         teardown::validate_prefix(prefix)?;
         netns::require_tool(
             "ethtool",
@@ -226,6 +248,7 @@ impl Lab {
             children: Vec::new(),
             keep: false,
             lbs,
+            routed,
         };
         fs::create_dir_all(lab.run_dir())
             .with_context(|| format!("creating {}", lab.run_dir().display()))?;
@@ -236,7 +259,9 @@ impl Lab {
             .collect();
         tls::write_lab_pki(&lab.run_dir(), &webs, VIP)
             .with_context(|| format!("making the TLS certificates of lab {prefix}"))?;
-        if lbs == 0 {
+        if routed {
+            lab.build_routed_topology()
+        } else if lbs == 0 {
             lab.build_topology()
         } else {
             lab.build_ha_topology()
@@ -280,7 +305,9 @@ impl Lab {
 
     /// Every namespace of the lab.
     pub fn namespaces(&self) -> Vec<String> {
-        if self.lbs == 0 {
+        if self.routed {
+            teardown::routed_namespace_names(&self.prefix)
+        } else if self.lbs == 0 {
             teardown::namespace_names(&self.prefix)
         } else {
             teardown::ha_namespace_names(&self.prefix, self.lbs)
@@ -326,7 +353,19 @@ impl Lab {
     /// database VIPs, which the webs reach through the LB (their `/visits`):
     /// in DSR they keep host routes via the LB, more specific than the
     /// client network's.
+    ///
+    /// The routed lab's webs always answer through their router, straight
+    /// to the client: only tunnel (DSR-like) services work there, and NAT
+    /// is refused.
     pub fn set_mode(&self, mode: Forwarding) -> anyhow::Result<()> {
+        if self.routed {
+            if mode == Forwarding::Nat {
+                bail!(
+                    "the routed lab's webs answer clients through their router, not the LB: NAT cannot work there"
+                );
+            }
+            return Ok(());
+        }
         let client_net = if self.lbs == 0 {
             "198.18.0.0/24"
         } else {
@@ -550,9 +589,15 @@ impl Lab {
     }
 
     fn configure_client(&self) -> anyhow::Result<()> {
+        self.configure_client_with_back(CLIENT_BACK)
+    }
+
+    /// The client: `eth0` facing the LB, `back0` at `back` where replies
+    /// that bypass the LB arrive.
+    fn configure_client_with_back(&self, back: Ipv4Addr) -> anyhow::Result<()> {
         let ns = self.client_ns();
         netns::add_addr(&ns, "eth0", &format!("{CLIENT_FRONT}/24"))?;
-        netns::add_addr(&ns, "back0", &format!("{CLIENT_BACK}/24"))?;
+        netns::add_addr(&ns, "back0", &format!("{back}/24"))?;
         // DSR replies arrive on back0 with source VIP, whose route points out
         // of eth0: reverse-path filtering would drop them.
         for dev in ["all", "default", "eth0", "back0"] {
@@ -576,15 +621,7 @@ impl Lab {
     fn configure_web(&self, n: usize) -> anyhow::Result<()> {
         let ns = self.web_ns(n);
         netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
-        // DSR delivers packets still addressed to the VIP: the web must own
-        // it, yet never answer ARP for it (arp_ignore) nor use it as the
-        // source of its own ARP requests (arp_announce), or it would steal
-        // the VIP from the LB on the shared back network.
-        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
-        for dev in ["all", "eth0"] {
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
-            netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
-        }
+        own_vip_quietly(&ns)?;
         netns::add_default_route(&ns, LB_BACK)?;
         Ok(())
     }
@@ -820,6 +857,20 @@ impl Drop for Lab {
             let _ = child.wait();
         }
     }
+}
+
+/// Puts the VIP on `lo` of a web's namespace `ns`, for DSR and tunnels,
+/// which deliver packets still addressed to the VIP: the web must own it,
+/// yet never answer ARP for it (arp_ignore) nor use it as the source of its
+/// own ARP requests (arp_announce), or it would steal the VIP from the LB
+/// on a shared back network.
+fn own_vip_quietly(ns: &str) -> anyhow::Result<()> {
+    netns::add_addr(ns, "lo", &format!("{VIP}/32"))?;
+    for dev in ["all", "eth0"] {
+        netns::sysctl(ns, &format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
+        netns::sysctl(ns, &format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
+    }
+    Ok(())
 }
 
 /// Where an agent runs: its namespace, the directory of its config and

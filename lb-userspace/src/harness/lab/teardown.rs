@@ -45,6 +45,13 @@ pub(crate) fn namespace_names(prefix: &str) -> Vec<String> {
     names
 }
 
+/// The namespaces of the routed lab: the single lab's and the router.
+pub(crate) fn routed_namespace_names(prefix: &str) -> Vec<String> {
+    let mut names = namespace_names(prefix);
+    names.push(format!("{prefix}-router"));
+    names
+}
+
 /// The namespaces of a multi-LB lab with `lbs` LBs: the client, the
 /// router, lb1..lbN, the switch, the webs and (if started) the databases.
 pub(crate) fn ha_namespace_names(prefix: &str, lbs: usize) -> Vec<String> {
@@ -148,8 +155,12 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
     // The lab agents' pins (on the host's bpffs): unpinning frees the maps;
     // the XDP links went with the namespaces' interfaces.
     let pins = pin_dir(prefix);
-    if pins.exists() {
-        fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
+    // The webs' decapsulators' pins (their links went with the webs'
+    // interfaces).
+    for dir in [&pins, &decap_pin_dir(prefix)] {
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
     }
     // What its agents recorded for `lb teardown` (their BIRDs are gone).
     crate::announce::Record::remove_under(Path::new(crate::announce::RECORDS_DIR), &pins)
@@ -165,4 +176,11 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
 /// Where lab `prefix`'s agents pin their data plane (host bpffs).
 pub fn pin_dir(prefix: &str) -> PathBuf {
     Path::new("/sys/fs/bpf").join(format!("lb-lab-{prefix}"))
+}
+
+/// Where lab `prefix`'s webs pin their decapsulators (`lb decap
+/// --pin-dir`, host bpffs): beside the agents' pin dir, not in it (an
+/// agent's teardown owns everything in its own).
+pub fn decap_pin_dir(prefix: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf").join(format!("lb-lab-{prefix}-decap"))
 }
