@@ -127,6 +127,10 @@ verdicts! {
     /// agent (`NEIGH_WANTED`), which has the kernel resolve it; the
     /// backend's retransmission finds the MAC.
     DropNoNeighbour = 25 => "drop_no_neighbour", forwarded: false;
+    /// A backend's answer to a health check through the VIP (from the VIP,
+    /// to a probe port, by the way the probe left): handed into the probe
+    /// namespace's veth (lb-common/src/probe.rs), never to the LB's stack.
+    ForwardedProbeReply = 26 => "forwarded_probe_reply", forwarded: true;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

@@ -62,6 +62,9 @@ pub(crate) trait PathFamily: Family + Sized {
     fn firewall(scope: u32, source: Self::Addr) -> Result<(), Outcome>;
     /// A new flow's backend (step 4).
     fn schedule(key: &Self::FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome>;
+    /// A backend's answer to a check through the VIP, handed into the
+    /// probe namespace (`probe.rs`); `None`: it is not one.
+    fn probe_answer(ctx: &XdpContext, pkt: &Packet<Self>, key: &Self::FlowKey) -> Option<Outcome>;
 
     // ---- fragments, FIB, composed frames ----
     /// Records a first fragment's ports for the fragments after it.

@@ -10,7 +10,9 @@
 //!   `firewall`, `schedule`, `hops` (shared next hops), `fib`, `transmit`
 //!   (the one place a forwarding mode is decided), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
-//!   (outcomes and counters), `trace` and `capture`.
+//!   (outcomes and counters), `trace` and `capture`;
+//! - `probe`: checks through the VIP, the second entry point `lb_probe` and
+//!   the answers' hand-over the path asks for.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
 //! no logging here: the fast path only counts. A packet that is *not*
@@ -36,6 +38,7 @@ mod icmp;
 mod mem;
 mod parse;
 mod path;
+mod probe;
 mod schedule;
 mod trace;
 mod transmit;

@@ -18,7 +18,7 @@ use crate::{
     frag, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    schedule,
+    probe, schedule,
     verdict::Outcome,
 };
 
@@ -104,6 +104,11 @@ impl PathFamily for V4 {
     #[inline(always)]
     fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
         schedule::schedule(key, service_id, conf)
+    }
+
+    #[inline(always)]
+    fn probe_answer(ctx: &XdpContext, pkt: &Packet<V4>, key: &FlowKey) -> Option<Outcome> {
+        probe::answer(ctx, pkt, key)
     }
 
     #[inline(always)]

@@ -27,6 +27,7 @@ mod handles;
 mod keys;
 mod load;
 pub mod plan;
+mod probe;
 mod read;
 pub mod sweep;
 
