@@ -157,11 +157,49 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
         );
     }
 
+    // A killed agent leaves its namespace; the next one replaces it (one
+    // veth, one namespace) and its checks through the VIP run again.
+    agent.kill()?;
+    ensure!(probe_ns.exists(), "the namespace went with a SIGKILL?");
+    let agent = lab.start_agent(&config())?;
+    ensure!(probe_ns.exists(), "no probe namespace after the restart");
+    let veths = netns::ns_run(&lab.lb_ns(), &["ip", "-o", "link", "show", "type", "veth"])?;
+    let probe_veths = veths.lines().filter(|l| l.contains(&names.host_if)).count();
+    ensure!(
+        probe_veths == 1,
+        "{probe_veths} probe veths after the restart:\n{veths}"
+    );
+    wait_for_status(
+        &lab,
+        "www up through the VIP after the restart",
+        Duration::from_secs(10),
+        |s| {
+            s.services
+                .iter()
+                .filter(|svc| svc.name == "www")
+                .all(|svc| {
+                    svc.backends.iter().all(|b| {
+                        b.health == HealthStatus::Up && b.last_check.as_deref() == Some("ok")
+                    })
+                })
+        },
+    )?;
+
     agent.stop().context("stopping the agent")?;
     ensure!(
         !probe_ns.exists(),
         "the stopped agent left its probe namespace {}",
         probe_ns.display()
     );
+
+    // `lb teardown` removes what a killed agent left.
+    let agent = lab.start_agent(&config())?;
+    agent.kill()?;
+    ensure!(probe_ns.exists());
+    let pins = lab.pin_dir().display().to_string();
+    let bin = lb_bin().display().to_string();
+    let out = lab.exec_ok(&lab.lb_ns(), &[&bin, "teardown", "--pin-dir", &pins])?;
+    ensure!(out.contains(&names.netns), "teardown said: {out}");
+    ensure!(!probe_ns.exists(), "teardown left {}", probe_ns.display());
     Ok(())
 }
