@@ -201,3 +201,90 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         assert_eq!(service.packets, 0, "probes are not the service's traffic");
     });
 }
+
+/// What the answers' hand-over costs the `lb` program (issue 26; the
+/// figures in docs/architecture.md): the established fast path, which
+/// never reaches it; a packet that is not for a VIP, to another port
+/// (`pass_not_ours` after two compares); and one to a probe port without
+/// an entry (one lookup more). Against the build before it
+/// (`LB_BASE_OBJECT`, the `lb` object of main) in the same run,
+/// alternating, median of the rounds:
+/// `LB_BASE_OBJECT=… cargo xtask test -- --test kernel_probe -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn answer_check_cost_ns_per_packet() {
+    use lb_tests::kernel_net::{ns_per_packet, test_run};
+    use lb_userspace::dataplane::Dataplane;
+    const REPEAT: u32 = 1_000_000;
+    const ROUNDS: usize = 15;
+    let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let dsr_syn = Tcp::request(49000, VIP_DSR).build();
+        let dsr_ack = Tcp {
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..Tcp::request(49000, VIP_DSR)
+        }
+        .build();
+        // To the LB's own back address, as the agent's own connections'
+        // answers come: not for a VIP, no flow.
+        let other_port = Tcp {
+            src_mac: WEB_MACS[0],
+            dst_mac: BACK_MAC,
+            src: WEBS[0],
+            dst: LB_BACK,
+            sport: 80,
+            dport: 40000,
+            ..Tcp::request(0, LB_BACK)
+        }
+        .build();
+        let probe_port = Tcp {
+            src_mac: WEB_MACS[0],
+            dst_mac: BACK_MAC,
+            src: WEBS[0],
+            dst: LB_BACK,
+            sport: 80,
+            dport: PROBE_PORT_FIRST + 7,
+            ..Tcp::request(0, LB_BACK)
+        }
+        .build();
+        assert_eq!(test_run(&mut h.dp, h.front, &dsr_syn).0, XDP_REDIRECT);
+        assert_eq!(test_run(&mut h.dp, h.front, &dsr_ack).0, XDP_REDIRECT);
+        let mut base_dp = base.map(|object| {
+            let mut dp = Dataplane::load_object(&object, 65536).expect("load base");
+            dp.apply(&cfg).expect("apply base");
+            assert_eq!(test_run(&mut dp, h.front, &dsr_syn).0, XDP_REDIRECT);
+            assert_eq!(test_run(&mut dp, h.front, &dsr_ack).0, XDP_REDIRECT);
+            dp
+        });
+        let (front, back) = (h.front, h.back);
+        let cases = [
+            ("established DSR", front, &dsr_ack),
+            ("not for a VIP, another port", back, &other_port),
+            ("not for a VIP, a probe port without entry", back, &probe_port),
+        ];
+        let mut samples = vec![(Vec::new(), Vec::new()); cases.len()];
+        for _ in 0..ROUNDS {
+            for (i, (_, ifindex, frame)) in cases.iter().enumerate() {
+                if let Some(dp) = base_dp.as_mut() {
+                    samples[i].0.push(ns_per_packet(dp, *ifindex, frame, REPEAT));
+                }
+                samples[i].1.push(ns_per_packet(&mut h.dp, *ifindex, frame, REPEAT));
+            }
+        }
+        let median = |s: &mut Vec<f64>| {
+            s.sort_by(f64::total_cmp);
+            (s.get(s.len() / 2).copied().unwrap_or(f64::NAN), s.first().copied().unwrap_or(f64::NAN), s.last().copied().unwrap_or(f64::NAN))
+        };
+        for ((what, ..), (mut base, mut this)) in cases.iter().zip(samples) {
+            let (b, bmin, bmax) = median(&mut base);
+            let (t, tmin, tmax) = median(&mut this);
+            eprintln!(
+                "{what:<45} base {b:>5.1} ns ({bmin:.0}–{bmax:.0})  this {t:>5.1} ns ({tmin:.0}–{tmax:.0})  {ROUNDS} rounds"
+            );
+        }
+    });
+}
