@@ -4,11 +4,13 @@
 //! probes the VIP as a client's flow arrives (the data plane carries the
 //! probe in the service's mode) and catches it.
 //!
-//! The lab in DSR mode, two services over the same three webs: `www`
-//! (VIP:80) checked over HTTP through the VIP, `plain` (VIP:443) checked
-//! over HTTP on each web's own address. web1 loses the VIP from its `lo`:
-//! under `www` it goes DOWN, under `plain` it stays UP; the VIP back, it is
-//! UP again; web2 and web3 stay UP throughout. The agent's probe namespace
+//! The lab in DSR mode, three services over the same three webs: `www`
+//! (VIP:80) checked over HTTP through the VIP, `dgram` (VIP:5353, UDP)
+//! over UDP through the VIP, `plain` (VIP:443) over HTTP on each web's own
+//! address. web1 loses the VIP from its `lo`: under `www` and `dgram` it
+//! goes DOWN, under `plain` it stays UP; the VIP back, it is UP again; web2
+//! and web3 stay UP throughout. A killed agent's probe namespace is
+//! replaced by the next agent's, and removed by `lb teardown`. The agent's probe namespace
 //! exists while it runs and is gone once it stopped.
 //!
 //! Needs root; fails loudly without it.
@@ -54,11 +56,17 @@ fn config() -> String {
     format!(
         "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"dsr\"\n\n\
          [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\n{}\nbackends = [ {} ]\n\n\
-         [[service]]\nname = \"plain\"\nvip = \"{VIP}:443\"\n{}\nbackends = [ {} ]\n",
+         [[service]]\nname = \"plain\"\nvip = \"{VIP}:443\"\n{}\nbackends = [ {} ]\n\n\
+         [[service]]\nname = \"dgram\"\nvip = \"{VIP}:5353\"\nprotocol = \"udp\"\n{}\nbackends = [ {} ]\n",
         check(", through-vip = true"),
         backends(80),
         check(", port = 80"),
         backends(443),
+        check(", through-vip = true").replace(
+            "check = \"http\", path = \"/\"",
+            "check = \"udp\", send = \"health\""
+        ),
+        backends(5353),
     )
 }
 
@@ -69,7 +77,7 @@ fn health(lab: &Lab, service: &str, web: &str) -> Result<HealthStatus> {
 /// web2 and web3 are UP under both services.
 fn others_up(lab: &Lab) -> Result<()> {
     let s = status(lab)?;
-    for service in ["www", "plain"] {
+    for service in ["www", "plain", "dgram"] {
         for web in ["web2", "web3"] {
             let b = backend_status(&s, service, web)?;
             ensure!(
@@ -126,6 +134,8 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
     let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
     let down = wait_web1(&lab, "www", HealthStatus::Down, fall)?;
     eprintln!("www/web1 DOWN {down:?} after the VIP left its lo");
+    let down = wait_web1(&lab, "dgram", HealthStatus::Down, fall)?;
+    eprintln!("dgram/web1 (udp) DOWN {down:?} after the VIP left its lo");
     let www1 = backend_status(&status(&lab)?, "www", "web1")?;
     ensure!(!www1.in_ring, "{www1:?}");
     let reason = www1.last_check.clone().unwrap_or_default();
@@ -144,6 +154,8 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
     netns::ns_run(&web1, &["ip", "addr", "add", &vip, "dev", "lo"])?;
     let up = wait_web1(&lab, "www", HealthStatus::Up, fall)?;
     eprintln!("www/web1 UP {up:?} after the VIP came back");
+    let up = wait_web1(&lab, "dgram", HealthStatus::Up, fall)?;
+    eprintln!("dgram/web1 (udp) UP {up:?} after the VIP came back");
     ensure!(health(&lab, "plain", "web1")? == HealthStatus::Up);
 
     // Probes are not clients: the services' traffic counters saw none.
@@ -171,7 +183,7 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
     );
     wait_for_status(
         &lab,
-        "www up through the VIP after the restart",
+        "www and dgram up through the VIP after the restart",
         Duration::from_secs(10),
         |s| {
             s.services

@@ -39,7 +39,8 @@ pub struct HealthCheck {
     /// backend by the data plane as a client's flow of a DSR service is
     /// (health/through_vip.rs), so a backend passes only if it answers for
     /// the VIP. Not with NAT (a NAT flow reaches the backend's own address,
-    /// which a plain check probes) nor with checks other than tcp and http.
+    /// which a plain check probes) nor with checks other than tcp, http
+    /// and udp.
     pub through_vip: bool,
 }
 
@@ -376,11 +377,16 @@ impl Validator<'_> {
         let fall = count(raw.fall, "fall", DEFAULT_FALL)?;
 
         let through_vip = raw.through_vip.unwrap_or(false);
-        if through_vip && !matches!(check, CheckKind::Tcp | CheckKind::Http { .. }) {
+        if through_vip
+            && !matches!(
+                check,
+                CheckKind::Tcp | CheckKind::Http { .. } | CheckKind::Udp(_)
+            )
+        {
             return Err(self.err(
                 key("through-vip"),
-                "only valid with check = \"tcp\" or \"http\" (the probes through the VIP \
-                 make their own connections; the other checks' clients do not)",
+                "only valid with check = \"tcp\", \"http\" or \"udp\" (the probes through \
+                 the VIP make their own sockets; the other checks' clients do not)",
             ));
         }
         if through_vip && port.is_some() {

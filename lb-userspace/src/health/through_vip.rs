@@ -22,7 +22,7 @@ use std::{
     fs,
     hash::{Hash, Hasher},
     io,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd as _},
     path::{Path, PathBuf},
     process::Command,
@@ -34,11 +34,11 @@ use anyhow::{Context, bail};
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::probe::{PROBE_PORT_FIRST, PROBE_PORTS, ProbeConf, ProbeEntry};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::probe::ProbeError;
 use crate::{
-    config::HealthCheck,
+    config::{CheckKind, HealthCheck},
     dataplane::{Dataplane, MapName},
     xdp::{if_mac, ifindex},
 };
@@ -333,15 +333,15 @@ impl ThroughVip {
         *lock(&self.inner.services) = services;
     }
 
-    /// A TCP connection to `service`'s VIP, carried to `backend` by the
-    /// data plane, within `timeout`. The port is free again when the
-    /// returned guard drops.
-    pub async fn connect(
+    /// Gets a probe of `service` to `backend` over `protocol` ready: its
+    /// source address on the namespace's end, a port taken and its `PROBES`
+    /// entry written. The port is free again when the guard drops.
+    fn prepare(
         &self,
         service: &str,
         backend: SocketAddrV4,
-        timeout: Duration,
-    ) -> Result<(TcpStream, PortGuard, SocketAddrV4), ProbeError> {
+        protocol: i32,
+    ) -> Result<Prepared, ProbeError> {
         let agent = |why: String| ProbeError::Agent(why);
         let route = lock(&self.inner.services)
             .get(service)
@@ -361,7 +361,7 @@ impl ThroughVip {
         let entry = ProbeEntry {
             vip: u32::from(*route.vip.ip()).to_be(),
             vport: route.vip.port().to_be(),
-            protocol: libc::IPPROTO_TCP as u8,
+            protocol: protocol as u8,
             backend: u32::from(*backend.ip()).to_be(),
             backend_port: backend.port().to_be(),
             service_id: route.id,
@@ -370,17 +370,33 @@ impl ThroughVip {
         lock(&self.inner.probes)
             .insert(port.to_be(), entry, 0)
             .map_err(|e| agent(format!("writing PROBES: {e}")))?;
+        Ok(Prepared {
+            vip: route.vip,
+            from: SocketAddrV4::new(source, port),
+            _port: guard,
+        })
+    }
+
+    /// A TCP connection to `service`'s VIP, carried to `backend` by the
+    /// data plane, within `timeout`.
+    async fn connect(
+        &self,
+        service: &str,
+        backend: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<(TcpStream, Prepared), ProbeError> {
+        let probe = self.prepare(service, backend, libc::IPPROTO_TCP)?;
+        let (vip, from) = (probe.vip, probe.from);
         let socket = self
             .inner
             .thread
             .run(TcpSocket::new_v4)
             .and_then(|made| made)
-            .map_err(|e| agent(format!("probe socket: {e}")))?;
-        let vip = route.vip;
+            .map_err(|e| ProbeError::Agent(format!("probe socket: {e}")))?;
         socket
             .set_reuseaddr(true)
-            .and_then(|()| socket.bind(SocketAddrV4::new(source, port).into()))
-            .map_err(|e| agent(format!("binding {source}:{port}: {e}")))?;
+            .and_then(|()| socket.bind(from.into()))
+            .map_err(|e| ProbeError::Agent(format!("binding {from}: {e}")))?;
         let stream = tokio::time::timeout(timeout, socket.connect(vip.into()))
             .await
             .map_err(|_| {
@@ -395,10 +411,34 @@ impl ThroughVip {
                     super::probe::io_reason(&e)
                 ))
             })?;
-        Ok((stream, guard, vip))
+        Ok((stream, probe))
     }
 
-    /// One probe of `check` (tcp or http) of `backend` of `service`
+    /// A UDP socket connected to `service`'s VIP, whose datagrams the data
+    /// plane carries to `backend`.
+    fn udp(
+        &self,
+        service: &str,
+        backend: SocketAddrV4,
+    ) -> Result<(UdpSocket, Prepared), ProbeError> {
+        let probe = self.prepare(service, backend, libc::IPPROTO_UDP)?;
+        let (vip, from) = (probe.vip, probe.from);
+        let socket = self
+            .inner
+            .thread
+            .run(move || {
+                let socket = std::net::UdpSocket::bind(from)?;
+                socket.connect(vip)?;
+                socket.set_nonblocking(true)?;
+                Ok::<_, io::Error>(socket)
+            })
+            .and_then(|made| made)
+            .and_then(UdpSocket::from_std)
+            .map_err(|e| ProbeError::Agent(format!("probe socket {from}: {e}")))?;
+        Ok((socket, probe))
+    }
+
+    /// One probe of `check` (tcp, http or udp) of `backend` of `service`
     /// through the VIP, all of it within the check's timeout.
     pub async fn probe(
         &self,
@@ -406,14 +446,28 @@ impl ThroughVip {
         backend: SocketAddrV4,
         check: &HealthCheck,
     ) -> Result<(), ProbeError> {
-        let deadline = super::probe::deadline_after(check.timeout);
-        let (stream, _port, vip) = self.connect(service, backend, check.timeout).await?;
-        super::probe::converse(stream, vip, &check.check, deadline, check.timeout)
-            .await
-            .map_err(|e| match e {
-                ProbeError::Backend(why) => ProbeError::Backend(format!("through the VIP: {why}")),
-                agent => agent,
-            })
+        let timeout = check.timeout;
+        let deadline = super::probe::deadline_after(timeout);
+        let outcome = match &check.check {
+            CheckKind::Udp(udp) => {
+                let (socket, probe) = self.udp(service, backend)?;
+                super::udp::exchange_on(&socket, probe.vip, &udp.send, deadline, timeout, |_| true)
+                    .await
+                    .and_then(|reply| {
+                        udp.expect
+                            .check(&reply)
+                            .map_err(|why| ProbeError::Backend(format!("{}: {why}", probe.vip)))
+                    })
+            }
+            _ => {
+                let (stream, probe) = self.connect(service, backend, timeout).await?;
+                super::probe::converse(stream, probe.vip, &check.check, deadline, timeout).await
+            }
+        };
+        outcome.map_err(|e| match e {
+            ProbeError::Backend(why) => ProbeError::Backend(format!("through the VIP: {why}")),
+            agent => agent,
+        })
     }
 
     /// Puts `source` on the probe namespace's end (once).
@@ -434,6 +488,14 @@ impl ThroughVip {
         sources.insert(source);
         Ok(())
     }
+}
+
+/// A probe ready to go: where to, from where, and its port.
+struct Prepared {
+    vip: SocketAddrV4,
+    from: SocketAddrV4,
+    /// Held for its `Drop`: the port is in flight until then.
+    _port: PortGuard,
 }
 
 /// A probe port in flight; free again when dropped. Its `PROBES` entry
@@ -461,7 +523,7 @@ impl Drop for Inner {
 /// The LB's own address the kernel sends from towards `backend` (its
 /// route's source): what a backend answers to directly.
 fn source_towards(backend: SocketAddrV4) -> io::Result<Ipv4Addr> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(backend)?;
     match socket.local_addr()? {
         std::net::SocketAddr::V4(a) => Ok(*a.ip()),
@@ -483,7 +545,7 @@ fn ethtool_set(dev: &str, cmd: u32, on: u32) -> anyhow::Result<()> {
         cmd: u32,
         data: u32,
     }
-    let socket = UdpSocket::bind("0.0.0.0:0").context("socket")?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("socket")?;
     let mut value = EthtoolValue { cmd, data: on };
     // SAFETY: ifreq is plain data; all-zero is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };

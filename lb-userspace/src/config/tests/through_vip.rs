@@ -8,8 +8,8 @@ fn dsr(health: &str) -> String {
 }
 
 #[test]
-fn a_dsr_service_checks_through_the_vip_over_tcp_or_http() {
-    for check in ["tcp", "http"] {
+fn a_dsr_service_checks_through_the_vip_over_tcp_http_or_udp() {
+    for check in ["tcp", "http", "udp"] {
         let cfg = parse_ok(&dsr(&format!(
             "{{ check = \"{check}\", through-vip = true }}"
         )));
@@ -57,14 +57,14 @@ fn through_vip_is_refused_where_it_cannot_mean_anything() {
     );
     // Checks whose clients make their own connections.
     assert_rejected(
-        &dsr("{ check = \"udp\", through-vip = true }"),
+        &dsr("{ check = \"dns\", query-name = \"www.foobar.com\", through-vip = true }"),
         "service[0].health.through-vip",
-        "only valid with check = \"tcp\" or \"http\"",
+        "only valid with check = \"tcp\", \"http\" or \"udp\"",
     );
     assert_rejected(
         &dsr("{ check = \"tls\", through-vip = true }"),
         "service[0].health.through-vip",
-        "only valid with check = \"tcp\" or \"http\"",
+        "only valid with check = \"tcp\", \"http\" or \"udp\"",
     );
     // The VIP's port is the service's.
     assert_rejected(
