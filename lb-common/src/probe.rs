@@ -46,6 +46,9 @@ pub struct ProbeEntry {
     pub _pad2: u16,
     /// The service's id (`SERVICE_CONF`): its mode.
     pub service_id: u32,
+    /// The backend's id (`BACKENDS`): what a mode keeps per backend (a
+    /// tunnel's source). Never its counters: probes are not its traffic.
+    pub backend_id: u32,
     /// Written by `lb_probe`: the interface the probe left by, and the MAC
     /// it was sent to (the backend's, or its router's). 0: not sent yet.
     pub ifindex: u32,
@@ -113,7 +116,7 @@ pub fn answers(
         && entry.mac[5] == mac[5]
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<ProbeEntry>() == 36);
 const _: () = assert!(core::mem::size_of::<ProbeConf>() == 16);
 
 #[cfg(feature = "user")]

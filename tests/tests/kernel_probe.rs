@@ -84,7 +84,10 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         let mut h = Harness::new(&cfg);
         let veth = xdp::ifindex(VETH_IFINDEX).expect("veth stand-in");
         let routes = h.dp.service_routes(&cfg);
-        let service_id = routes.get("www-dsr").expect("www-dsr in the maps").id;
+        let route = routes.get("www-dsr").expect("www-dsr in the maps");
+        let service_id = route.id;
+        let web1 = std::net::SocketAddrV4::new(WEBS[0].into(), 80);
+        let backend_id = *route.backends.get(&web1).expect("web1's id");
         let port = PROBE_PORT_FIRST;
         let mut probes: HashMap<MapData, u16, ProbeEntry> = HashMap::try_from(Map::HashMap(
             h.dp.map_data(MapName::PROBES).expect("PROBES"),
@@ -100,6 +103,7 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
                     backend: be(WEBS[0]),
                     backend_port: 80u16.to_be(),
                     service_id,
+                    backend_id,
                     ..ProbeEntry::default()
                 },
                 0,
@@ -199,6 +203,10 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
             h.dp.counters(MapName::SERVICE_STATS, service_id)
                 .expect("SERVICE_STATS");
         assert_eq!(service.packets, 0, "probes are not the service's traffic");
+        let backend =
+            h.dp.counters(MapName::BACKEND_STATS, backend_id)
+                .expect("BACKEND_STATS");
+        assert_eq!(backend.packets, 0, "nor the backend's");
     });
 }
 

@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 
 use aya::programs::XdpMode;
 
-use super::{Dataplane, DataplaneError, Result, keys::service_key, load::program_mut};
+use super::{
+    Dataplane, DataplaneError, Result,
+    keys::{raw_endpoint, service_key},
+    load::program_mut,
+};
 use crate::{config::Config, health::through_vip::ServiceRoute};
 
 /// The steering program's name in the object (lb-ebpf/src/probe.rs).
@@ -32,13 +36,29 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every service of `cfg` the maps hold: its VIP and id.
+    /// Every service of `cfg` the maps hold: its VIP, its id and its
+    /// backends' ids.
     pub fn service_routes(&self, cfg: &Config) -> BTreeMap<String, ServiceRoute> {
         cfg.services
             .iter()
             .filter_map(|s| {
                 let id = *self.ids.services.get(&service_key(s))?;
-                Some((s.name.clone(), ServiceRoute { id, vip: s.vip }))
+                let backends = s
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        let (addr, port) = raw_endpoint(b.address);
+                        Some((b.address, *self.ids.backends.get(&(id, addr, port))?))
+                    })
+                    .collect();
+                Some((
+                    s.name.clone(),
+                    ServiceRoute {
+                        id,
+                        vip: s.vip,
+                        backends,
+                    },
+                ))
             })
             .collect()
     }

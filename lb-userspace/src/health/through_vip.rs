@@ -128,11 +128,13 @@ pub fn follow(checker: &mut super::HealthChecker, dp: &mut Dataplane, cfg: &crat
     }
 }
 
-/// A service's VIP as the probes address it, and its data plane id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A service's VIP as the probes address it, its data plane id and its
+/// backends' ids by address.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceRoute {
     pub id: u32,
     pub vip: SocketAddrV4,
+    pub backends: BTreeMap<SocketAddrV4, u32>,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -343,10 +345,10 @@ impl ThroughVip {
         protocol: i32,
     ) -> Result<Prepared, ProbeError> {
         let agent = |why: String| ProbeError::Agent(why);
-        let route = lock(&self.inner.services)
+        let (vip, service_id, backend_id) = lock(&self.inner.services)
             .get(service)
-            .copied()
-            .ok_or_else(|| agent(format!("service {service} is not in the data plane yet")))?;
+            .and_then(|r| Some((r.vip, r.id, *r.backends.get(&backend)?)))
+            .ok_or_else(|| agent(format!("{service}/{backend} is not in the data plane yet")))?;
         let source = source_towards(backend)
             .map_err(|e| agent(format!("no LB address towards {backend}: {e}")))?;
         self.ensure_source(source)
@@ -359,19 +361,20 @@ impl ThroughVip {
             port,
         };
         let entry = ProbeEntry {
-            vip: u32::from(*route.vip.ip()).to_be(),
-            vport: route.vip.port().to_be(),
+            vip: u32::from(*vip.ip()).to_be(),
+            vport: vip.port().to_be(),
             protocol: protocol as u8,
             backend: u32::from(*backend.ip()).to_be(),
             backend_port: backend.port().to_be(),
-            service_id: route.id,
+            service_id,
+            backend_id,
             ..ProbeEntry::default()
         };
         lock(&self.inner.probes)
             .insert(port.to_be(), entry, 0)
             .map_err(|e| agent(format!("writing PROBES: {e}")))?;
         Ok(Prepared {
-            vip: route.vip,
+            vip,
             from: SocketAddrV4::new(source, port),
             _port: guard,
         })
