@@ -20,6 +20,7 @@ pub mod icmp;
 pub mod maglev;
 pub mod map_names;
 pub mod maps;
+pub mod probe;
 pub mod rewrite;
 #[cfg(feature = "user")]
 pub mod ring;

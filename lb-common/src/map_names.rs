@@ -28,9 +28,10 @@ pub enum Pinning {
     /// counter array an older version made shorter, whose newer slots read 0
     /// (and are not counted) until `lb teardown`.
     PinnedMayBeShorter,
-    /// Not pinned: made afresh by every load, for the reason given. No map
-    /// of the `lb` object is today: the tools' maps (pktgen, bench) live in
-    /// lb-ebpf-tools' objects, which are never pinned.
+    /// Not pinned: made afresh by every load, for the reason given: the
+    /// checks through the VIP's maps (`PROBES`, `PROBE_CONF`, `PROBE_STATS`),
+    /// which live and die with the agent's prober. The tools' maps (pktgen,
+    /// bench) live in lb-ebpf-tools' objects, which are never pinned.
     Unpinned { why: &'static str },
 }
 
@@ -159,6 +160,18 @@ maps! {
     TUNNELS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
+    /// Checks through the VIP: probe source port → its backend.
+    PROBES: Pinning::Unpinned {
+        why: "a probe's entry lives as long as the probe, which ends with the agent that runs it",
+    };
+    /// Checks through the VIP: the probe namespace's veth.
+    PROBE_CONF: Pinning::Unpinned {
+        why: "written by every agent at start for the veth it made; no prober, no entry",
+    };
+    /// Checks through the VIP: what lb_probe and the answers' hand-over did, per CPU.
+    PROBE_STATS: Pinning::Unpinned {
+        why: "the prober's own counters, read by the agent that runs it",
+    };
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'

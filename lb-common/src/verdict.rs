@@ -134,6 +134,10 @@ verdicts! {
     /// overhead, XDP_TX) and dropped. A sender that honours the message
     /// (Linux does, for sockets that clear DF too) sends what fits.
     TunnelTooBig = 26 => "tunnel_too_big", forwarded: false;
+    /// A backend's answer to a health check through the VIP (from the VIP,
+    /// to a probe port, by the way the probe left): handed into the probe
+    /// namespace's veth (lb-common/src/probe.rs), never to the LB's stack.
+    ForwardedProbeReply = 27 => "forwarded_probe_reply", forwarded: true;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

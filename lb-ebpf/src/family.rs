@@ -67,6 +67,9 @@ pub(crate) trait PathFamily: Family + Sized {
     fn schedule(key: &Self::FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome>;
     /// The flow hash the hash schedulers use (also a GUE flow's source port).
     fn flow_hash(key: &Self::FlowKey) -> u32;
+    /// A backend's answer to a check through the VIP, handed into the
+    /// probe namespace (`probe.rs`); `None`: it is not one.
+    fn probe_answer(ctx: &XdpContext, pkt: &Packet<Self>, key: &Self::FlowKey) -> Option<Outcome>;
 
     // ---- fragments, FIB, composed frames ----
     /// Records a first fragment's ports for the fragments after it.

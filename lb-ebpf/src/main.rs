@@ -11,7 +11,9 @@
 //!   (the one place a forwarding mode is decided), `tunnel` (IPIP and GUE
 //!   headers in front of a packet), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
-//!   (outcomes and counters), `trace` and `capture`.
+//!   (outcomes and counters), `trace` and `capture`;
+//! - `probe`: checks through the VIP, the second entry point `lb_probe` and
+//!   the answers' hand-over the path asks for.
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
 //! no logging here: the fast path only counts. A packet that is *not*
@@ -38,6 +40,7 @@ mod icmp;
 mod mem;
 mod parse;
 mod path;
+mod probe;
 mod schedule;
 mod trace;
 mod transmit;

@@ -108,6 +108,11 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
     if to_vip {
         return new_flow(ctx, &pkt, &key, seg.flags, now);
     }
+    // A backend's answer to a check through the VIP: into the probe
+    // namespace (`probe.rs`). Two compares unless to a probe port.
+    if let Some(outcome) = F::probe_answer(ctx, &pkt, &key) {
+        return outcome;
+    }
     if F::from_nat_backend(&key) && routed_on::<F>(ctx, ip) {
         // A NAT backend's segment that no flow translates would leave with
         // the backend's own address (a late retransmission, a SYN-ACK to a

@@ -18,7 +18,7 @@ use crate::{
     frag, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    schedule,
+    probe, schedule,
     verdict::Outcome,
 };
 
@@ -110,6 +110,11 @@ impl PathFamily for V4 {
     #[inline(always)]
     fn flow_hash(key: &FlowKey) -> u32 {
         lb_common::hash::flow_hash(key)
+    }
+
+    #[inline(always)]
+    fn probe_answer(ctx: &XdpContext, pkt: &Packet<V4>, key: &FlowKey) -> Option<Outcome> {
+        probe::answer(ctx, pkt, key)
     }
 
     #[inline(always)]

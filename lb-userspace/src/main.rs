@@ -303,6 +303,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .transpose()?;
             withdraw_for_teardown(&pin_dir, config.as_deref())?;
             let removed = Dataplane::teardown(&pin_dir)?;
+            let probes = lb_userspace::health::through_vip::Names::for_pin_dir(&pin_dir);
+            if lb_userspace::health::through_vip::remove(&probes) {
+                println!("removed the probe namespace {}", probes.netns);
+            }
             if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());
             } else {

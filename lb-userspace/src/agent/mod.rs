@@ -295,6 +295,7 @@ impl Agent {
     /// Checks follow the config: unchanged ones keep running, new and
     /// changed ones start from the agent's state for their target.
     fn sync_checks(&mut self) {
+        crate::health::through_vip::follow(&mut self.checker, &mut self.dp, &self.cfg);
         let health = &self.health;
         self.checker.sync(&self.cfg, &|t| {
             health.get(t).copied().unwrap_or(Health::Pending)

@@ -35,6 +35,13 @@ pub struct HealthCheck {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// `through-vip = true`: probes go to the VIP and port, sent to the
+    /// backend by the data plane as a client's flow of a DSR service is
+    /// (health/through_vip.rs), so a backend passes only if it answers for
+    /// the VIP. Not with NAT (a NAT flow reaches the backend's own address,
+    /// which a plain check probes) nor with checks other than tcp, http
+    /// and udp.
+    pub through_vip: bool,
 }
 
 impl HealthCheck {
@@ -369,6 +376,27 @@ impl Validator<'_> {
         let rise = count(raw.rise, "rise", DEFAULT_RISE)?;
         let fall = count(raw.fall, "fall", DEFAULT_FALL)?;
 
+        let through_vip = raw.through_vip.unwrap_or(false);
+        if through_vip
+            && !matches!(
+                check,
+                CheckKind::Tcp | CheckKind::Http { .. } | CheckKind::Udp(_)
+            )
+        {
+            return Err(self.err(
+                key("through-vip"),
+                "only valid with check = \"tcp\", \"http\" or \"udp\" (the probes through \
+                 the VIP make their own sockets; the other checks' clients do not)",
+            ));
+        }
+        if through_vip && port.is_some() {
+            return Err(self.err(
+                key("port"),
+                "a check through the VIP probes the service's own port (the VIP's); \
+                 remove port or through-vip",
+            ));
+        }
+
         Ok(HealthCheck {
             check,
             port,
@@ -376,7 +404,28 @@ impl Validator<'_> {
             timeout,
             rise,
             fall,
+            through_vip,
         })
+    }
+
+    /// `through-vip = true` on a NAT service (or a backend of one) is
+    /// refused: its flows reach the backend's own address and port, which
+    /// a plain check already probes, and its answers come back from that
+    /// address, not the VIP.
+    pub(super) fn through_vip_fits(
+        &self,
+        health_key: &str,
+        health: Option<&HealthCheck>,
+        forwarding: super::Forwarding,
+    ) -> Result<(), ConfigError> {
+        if health.is_some_and(|h| h.through_vip) && forwarding == super::Forwarding::Nat {
+            return Err(self.err(
+                format!("{health_key}.through-vip"),
+                "only valid with forwarding = \"dsr\": a NAT service's flows reach the \
+                 backend's own address, which a plain check already probes",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses the first of `keys` (its name, whether it is set) that is

@@ -156,6 +156,8 @@ pub(super) struct RawHealth {
     pub(super) transport: Option<String>,
     pub(super) expect_rcode: Option<String>,
     pub(super) expect_answer: Option<String>,
+    /// Probe through the VIP, as a client's flow arrives (config/health.rs).
+    pub(super) through_vip: Option<bool>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -375,6 +377,7 @@ impl From<&HealthCheck> for RawHealth {
             transport: dns.2,
             expect_rcode: dns.3,
             expect_answer: dns.4,
+            through_vip: h.through_vip.then_some(true),
         }
     }
 }

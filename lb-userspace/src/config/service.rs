@@ -212,6 +212,7 @@ impl Validator<'_> {
             None => None,
             Some(h) => Some(self.health(&key("health"), h)?),
         };
+        self.through_vip_fits(&key("health"), health.as_ref(), forwarding)?;
         let on_backend_down = raw.on_backend_down.unwrap_or(OnBackendDown::KeepFlows);
 
         let raw_backends = self.required(raw.backends, &key("backends"))?;
@@ -351,6 +352,7 @@ impl Validator<'_> {
             None => None,
             Some(h) => Some(self.health(&key("health"), h)?),
         };
+        self.through_vip_fits(&key("health"), health.as_ref(), forwarding)?;
 
         Ok(Backend {
             name,

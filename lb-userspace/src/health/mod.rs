@@ -40,11 +40,13 @@ pub mod mysql;
 mod probe;
 #[cfg(test)]
 mod tests;
+pub mod through_vip;
 pub mod tls;
 mod udp;
 
 pub use counter::Counter;
 pub use probe::{ProbeError, probe};
+pub use through_vip::ThroughVip;
 
 /// A checked backend's health as the agent acts on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,6 +160,8 @@ pub struct HealthChecker {
     observer: Option<ProbeObserver>,
     /// Probes that could not run for a reason of the agent's own.
     agent_errors: Arc<AtomicU64>,
+    /// The prober of checks through the VIP, once the agent made it.
+    through_vip: Option<ThroughVip>,
 }
 
 impl HealthChecker {
@@ -171,7 +175,30 @@ impl HealthChecker {
             next_id: 0,
             observer: None,
             agent_errors: Arc::default(),
+            through_vip: None,
         }
+    }
+
+    /// Whether a check of `cfg` probes through the VIP and no prober is
+    /// set yet: the agent makes one ([`ThroughVip::start`]).
+    pub fn wants_through_vip(&self, cfg: &Config) -> bool {
+        self.through_vip.is_none()
+            && cfg.services.iter().any(|s| {
+                s.backends
+                    .iter()
+                    .any(|b| s.health_for(b).is_some_and(|h| h.through_vip))
+            })
+    }
+
+    /// The prober checks through the VIP use: checks take it when they
+    /// start, so it is set before the `sync` that starts them.
+    pub fn set_through_vip(&mut self, prober: ThroughVip) {
+        self.through_vip = Some(prober);
+    }
+
+    /// The prober, if one runs (the agent updates its services' routes).
+    pub fn through_vip(&self) -> Option<&ThroughVip> {
+        self.through_vip.as_ref()
     }
 
     /// How many probes could not run for a reason of the agent's own
@@ -263,6 +290,7 @@ impl HealthChecker {
                     start,
                     observer: self.observer.clone(),
                     agent_errors: Arc::clone(&self.agent_errors),
+                    through_vip: self.through_vip.clone(),
                 },
                 Arc::clone(&self.states),
                 self.tx.clone(),
@@ -318,6 +346,7 @@ struct CheckRun {
     start: Health,
     observer: Option<ProbeObserver>,
     agent_errors: Arc<AtomicU64>,
+    through_vip: Option<ThroughVip>,
 }
 
 /// Records one probe's outcome in `counter`; returns the new health if it
@@ -346,6 +375,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         start,
         observer,
         agent_errors,
+        through_vip,
     } = run;
     // Probes the agent could not run: logged at most once a minute per
     // check (they come in bursts, and flap as descriptors free up).
@@ -360,7 +390,19 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         // The first tick completes at once: the first probe runs at spawn.
         ticker.tick().await;
         let started = Instant::now();
-        let (outcome, expiry) = probe::probe_detailed(address, &check.check, check.timeout).await;
+        let (outcome, expiry) = match (check.through_vip, &through_vip) {
+            (false, _) => probe::probe_detailed(address, &check.check, check.timeout).await,
+            (true, Some(prober)) => (
+                prober.probe(&target.service, target.address, &check).await,
+                None,
+            ),
+            (true, None) => (
+                Err(ProbeError::Agent(
+                    "no probe namespace for checks through the VIP (see the agent's log)".into(),
+                )),
+                None,
+            ),
+        };
         // A failed handshake says nothing new about the certificate.
         cert_expiry = expiry.or(cert_expiry);
         let took = started.elapsed();

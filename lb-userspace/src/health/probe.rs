@@ -68,11 +68,25 @@ pub async fn probe(
     let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));
 
-    let mut stream = timeout_at(deadline, TcpStream::connect(address))
+    let stream = timeout_at(deadline, TcpStream::connect(address))
         .await
         .map_err(|_| format!("connect {address}: {}", timed_out()))?
         .map_err(|e| failure(format!("connect {address}"), &e))?;
+    converse(stream, address, check, deadline, timeout).await
+}
 
+/// A TCP or HTTP check's part after the connection: nothing more for TCP;
+/// for HTTP, a GET (`Host:` `address`'s IP) and its response checked, by
+/// `deadline`. Checks through the VIP (`through_vip.rs`) connect their own
+/// way and go on here.
+pub(super) async fn converse(
+    mut stream: TcpStream,
+    address: SocketAddrV4,
+    check: &CheckKind,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let timed_out = || format!("timed out after {}", show(timeout));
     let CheckKind::Http {
         path,
         expect_status,

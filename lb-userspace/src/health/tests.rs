@@ -67,6 +67,7 @@ fn fast(check: CheckKind) -> HealthCheck {
         timeout: Duration::from_millis(100),
         rise: 2,
         fall: 2,
+        through_vip: false,
     }
 }
 

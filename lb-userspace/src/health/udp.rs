@@ -40,17 +40,7 @@ pub(super) async fn exchange(
     timeout: Duration,
     accept: impl Fn(&[u8]) -> bool,
 ) -> Result<Vec<u8>, ProbeError> {
-    let fail = |step: &str, e: &std::io::Error| {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            ProbeError::Backend(format!(
-                "{step} {address}: ICMP port unreachable (nothing listens)"
-            ))
-        } else if is_local(e) {
-            ProbeError::Agent(format!("{step} {address}: {}", io_reason(e)))
-        } else {
-            ProbeError::Backend(format!("{step} {address}: {}", io_reason(e)))
-        }
-    };
+    let fail = |step: &str, e: &std::io::Error| failure(step, address, e);
     let socket = UdpSocket::bind("0.0.0.0:0")
         .await
         .map_err(|e| fail("bind for", &e))?;
@@ -58,6 +48,20 @@ pub(super) async fn exchange(
         .connect(address)
         .await
         .map_err(|e| fail("connect", &e))?;
+    exchange_on(&socket, address, payload, deadline, timeout, accept).await
+}
+
+/// [`exchange`] on a socket already connected to `address` (a check
+/// through the VIP makes its own: `through_vip.rs`).
+pub(super) async fn exchange_on(
+    socket: &UdpSocket,
+    address: SocketAddrV4,
+    payload: &[u8],
+    deadline: Instant,
+    timeout: Duration,
+    accept: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, ProbeError> {
+    let fail = |step: &str, e: &std::io::Error| failure(step, address, e);
     socket
         .send(payload)
         .await
@@ -72,6 +76,20 @@ pub(super) async fn exchange(
             reply.truncate(n);
             return Ok(reply);
         }
+    }
+}
+
+/// A socket error of step `step`: a port unreachable is the backend's
+/// (nothing listens), a shortage of the LB host's the agent's.
+fn failure(step: &str, address: SocketAddrV4, e: &std::io::Error) -> ProbeError {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        ProbeError::Backend(format!(
+            "{step} {address}: ICMP port unreachable (nothing listens)"
+        ))
+    } else if is_local(e) {
+        ProbeError::Agent(format!("{step} {address}: {}", io_reason(e)))
+    } else {
+        ProbeError::Backend(format!("{step} {address}: {}", io_reason(e)))
     }
 }
 

@@ -51,6 +51,7 @@ backends = [{ address = "10.0.1.3:80" }]
         timeout: Duration::from_secs(1),
         rise: 2,
         fall: 3,
+        through_vip: false,
     };
     let expected = Config {
         firewall: Default::default(),
@@ -109,6 +110,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     timeout: Duration::from_millis(500),
                     rise: 1,
                     fall: 100,
+                    through_vip: false,
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
@@ -170,6 +172,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     timeout: Duration::from_secs(1),
                     rise: 2,
                     fall: 3,
+                    through_vip: false,
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
@@ -371,6 +374,7 @@ fn foobar_toml_parses() {
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
+            through_vip: false,
         })
     );
     let backends: Vec<(&str, SocketAddrV4, u32, bool)> = www
@@ -549,6 +553,7 @@ fn backend_health_overrides_the_service_check() {
         timeout: Duration::from_millis(200),
         rise: 2,
         fall: 1,
+        through_vip: false,
     };
     assert_eq!(web2.health.as_ref(), Some(&own));
     // web1 inherits the service's check, web2 uses its own.

@@ -32,6 +32,7 @@ pub(crate) fn pool(fallback: bool, auto: Option<Duration>) -> Pool {
             timeout: Duration::from_millis(500),
             rise: 1,
             fall: 2,
+            through_vip: false,
         },
         login,
         max_lag: Duration::from_secs(5),

@@ -162,6 +162,8 @@ pub fn down(prefix: &str) -> anyhow::Result<()> {
             fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
         }
     }
+    // A killed agent's probe namespace (checks through the VIP).
+    crate::health::through_vip::remove(&crate::health::through_vip::Names::for_pin_dir(&pins));
     // What its agents recorded for `lb teardown` (their BIRDs are gone).
     crate::announce::Record::remove_under(Path::new(crate::announce::RECORDS_DIR), &pins)
         .context("removing the lab agents' announcement records")?;

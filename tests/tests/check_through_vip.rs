@@ -1,0 +1,217 @@
+//! End to end (issue 26, "Checks through the VIP"): a DSR backend that
+//! lacks the VIP on its loopback black-holes every flow sent to it, while a
+//! check of its own address passes. A check with `through-vip = true`
+//! probes the VIP as a client's flow arrives (the data plane carries the
+//! probe in the service's mode) and catches it.
+//!
+//! The lab in DSR mode, three services over the same three webs: `www`
+//! (VIP:80) checked over HTTP through the VIP, `dgram` (VIP:5353, UDP)
+//! over UDP through the VIP, `plain` (VIP:443) over HTTP on each web's own
+//! address. web1 loses the VIP from its `lo`: under `www` and `dgram` it
+//! goes DOWN, under `plain` it stays UP; the VIP back, it is UP again; web2
+//! and web3 stay UP throughout. A killed agent's probe namespace is
+//! replaced by the next agent's, and removed by `lb teardown`. The agent's probe namespace
+//! exists while it runs and is gone once it stopped.
+//!
+//! Needs root; fails loudly without it.
+
+use std::{
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use lb_tests::{backend_status, lb_bin, status, unique_prefix, wait_for_status};
+use lb_userspace::{
+    config::Forwarding,
+    control::HealthStatus,
+    harness::{
+        lab::{Lab, VIP, web_addr},
+        netns,
+    },
+    health::through_vip::Names,
+};
+
+const INTERVAL_MS: u64 = 200;
+
+fn config() -> String {
+    let backends = |port: u16| -> String {
+        (1..=3)
+            .map(|n| {
+                format!(
+                    "{{ name = \"web{n}\", address = \"{}:{port}\" }}",
+                    web_addr(n)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let check = |extra: &str| {
+        format!(
+            "health = {{ check = \"http\", path = \"/\", interval = \"{INTERVAL_MS}ms\", \
+             timeout = \"{INTERVAL_MS}ms\", rise = 2, fall = 2{extra} }}"
+        )
+    };
+    format!(
+        "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"dsr\"\n\n\
+         [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\n{}\nbackends = [ {} ]\n\n\
+         [[service]]\nname = \"plain\"\nvip = \"{VIP}:443\"\n{}\nbackends = [ {} ]\n\n\
+         [[service]]\nname = \"dgram\"\nvip = \"{VIP}:5353\"\nprotocol = \"udp\"\n{}\nbackends = [ {} ]\n",
+        check(", through-vip = true"),
+        backends(80),
+        check(", port = 80"),
+        backends(443),
+        check(", through-vip = true").replace(
+            "check = \"http\", path = \"/\"",
+            "check = \"udp\", send = \"health\""
+        ),
+        backends(5353),
+    )
+}
+
+fn health(lab: &Lab, service: &str, web: &str) -> Result<HealthStatus> {
+    Ok(backend_status(&status(lab)?, service, web)?.health)
+}
+
+/// web2 and web3 are UP under both services.
+fn others_up(lab: &Lab) -> Result<()> {
+    let s = status(lab)?;
+    for service in ["www", "plain", "dgram"] {
+        for web in ["web2", "web3"] {
+            let b = backend_status(&s, service, web)?;
+            ensure!(
+                b.health == HealthStatus::Up,
+                "{service}/{web} left UP: {b:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `within` for web1's health under `service`, checking that
+/// the others stay UP meanwhile.
+fn wait_web1(lab: &Lab, service: &str, want: HealthStatus, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        others_up(lab)?;
+        let now = health(lab, service, "web1")?;
+        if now == want {
+            return Ok(start.elapsed());
+        }
+        ensure!(
+            start.elapsed() < within,
+            "{service}/web1 is {now:?}, not {want:?}, after {within:?}: {:#?}",
+            backend_status(&status(lab)?, service, "web1")?
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()> {
+    let lab = Lab::up(&unique_prefix("k26p"), &lb_bin())?;
+    lab.set_mode(Forwarding::Dsr)?;
+    let agent = lab.start_agent(&config())?;
+    let names = Names::for_pin_dir(&lab.pin_dir());
+    let probe_ns = Path::new("/run/netns").join(&names.netns);
+    ensure!(
+        probe_ns.exists(),
+        "no probe namespace {}",
+        probe_ns.display()
+    );
+
+    wait_for_status(&lab, "every backend up", Duration::from_secs(10), |s| {
+        s.services
+            .iter()
+            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
+    })?;
+
+    // web1 loses the VIP: its own address still answers, the VIP does not.
+    let web1 = lab.web_ns(1);
+    let vip = format!("{VIP}/32");
+    netns::ns_run(&web1, &["ip", "addr", "del", &vip, "dev", "lo"])?;
+    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
+    let down = wait_web1(&lab, "www", HealthStatus::Down, fall)?;
+    eprintln!("www/web1 DOWN {down:?} after the VIP left its lo");
+    let down = wait_web1(&lab, "dgram", HealthStatus::Down, fall)?;
+    eprintln!("dgram/web1 (udp) DOWN {down:?} after the VIP left its lo");
+    let www1 = backend_status(&status(&lab)?, "www", "web1")?;
+    ensure!(!www1.in_ring, "{www1:?}");
+    let reason = www1.last_check.clone().unwrap_or_default();
+    ensure!(reason.contains("through the VIP"), "{www1:?}");
+    // The plain check of web1's own address keeps it UP, for a while.
+    for _ in 0..10 {
+        ensure!(
+            health(&lab, "plain", "web1")? == HealthStatus::Up,
+            "the plain check lost web1 too"
+        );
+        others_up(&lab)?;
+        thread::sleep(Duration::from_millis(INTERVAL_MS));
+    }
+
+    // The VIP back: UP again under the check through the VIP.
+    netns::ns_run(&web1, &["ip", "addr", "add", &vip, "dev", "lo"])?;
+    let up = wait_web1(&lab, "www", HealthStatus::Up, fall)?;
+    eprintln!("www/web1 UP {up:?} after the VIP came back");
+    let up = wait_web1(&lab, "dgram", HealthStatus::Up, fall)?;
+    eprintln!("dgram/web1 (udp) UP {up:?} after the VIP came back");
+    ensure!(health(&lab, "plain", "web1")? == HealthStatus::Up);
+
+    // Probes are not clients: the services' traffic counters saw none.
+    let s = status(&lab)?;
+    for svc in &s.services {
+        ensure!(
+            svc.packets == 0,
+            "{}: probes were counted as its traffic: {} packets",
+            svc.name,
+            svc.packets
+        );
+    }
+
+    // A killed agent leaves its namespace; the next one replaces it (one
+    // veth, one namespace) and its checks through the VIP run again.
+    agent.kill()?;
+    ensure!(probe_ns.exists(), "the namespace went with a SIGKILL?");
+    let agent = lab.start_agent(&config())?;
+    ensure!(probe_ns.exists(), "no probe namespace after the restart");
+    let veths = netns::ns_run(&lab.lb_ns(), &["ip", "-o", "link", "show", "type", "veth"])?;
+    let probe_veths = veths.lines().filter(|l| l.contains(&names.host_if)).count();
+    ensure!(
+        probe_veths == 1,
+        "{probe_veths} probe veths after the restart:\n{veths}"
+    );
+    wait_for_status(
+        &lab,
+        "www and dgram up through the VIP after the restart",
+        Duration::from_secs(10),
+        |s| {
+            s.services
+                .iter()
+                .filter(|svc| svc.name == "www")
+                .all(|svc| {
+                    svc.backends.iter().all(|b| {
+                        b.health == HealthStatus::Up && b.last_check.as_deref() == Some("ok")
+                    })
+                })
+        },
+    )?;
+
+    agent.stop().context("stopping the agent")?;
+    ensure!(
+        !probe_ns.exists(),
+        "the stopped agent left its probe namespace {}",
+        probe_ns.display()
+    );
+
+    // `lb teardown` removes what a killed agent left.
+    let agent = lab.start_agent(&config())?;
+    agent.kill()?;
+    ensure!(probe_ns.exists());
+    let pins = lab.pin_dir().display().to_string();
+    let bin = lb_bin().display().to_string();
+    let out = lab.exec_ok(&lab.lb_ns(), &[&bin, "teardown", "--pin-dir", &pins])?;
+    ensure!(out.contains(&names.netns), "teardown said: {out}");
+    ensure!(!probe_ns.exists(), "teardown left {}", probe_ns.display());
+    Ok(())
+}
