@@ -35,6 +35,8 @@ const BATCH: Duration = Duration::from_millis(10);
 const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
 /// How often an unanswered bulk request is sent again.
 const BULK_RETRY: Duration = Duration::from_millis(500);
+/// The sync socket's receive buffer.
+const RECV_BUFFER: usize = 4 << 20;
 /// The longest refresh period, whatever the timeouts.
 const MAX_REFRESH: Duration = Duration::from_secs(30);
 
@@ -330,6 +332,12 @@ pub fn start(cfg: &config::Sync, mut maps: SyncMaps) -> anyhow::Result<(Stats, B
     socket
         .set_read_timeout(Some(Duration::from_millis(2)))
         .context("sync socket")?;
+    // A peer's bulk copy comes in bursts of 64 pages (90 KiB): room for
+    // several, whatever the host's default (best effort: capped by
+    // net.core.rmem_max).
+    if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, RECV_BUFFER) {
+        debug!("sync socket: receive buffer: {e}");
+    }
     maps.switch(true).context("switching flow events on")?;
     let stats = Stats::new(cfg.listen, &cfg.peers);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
