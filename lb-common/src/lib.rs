@@ -24,6 +24,7 @@ pub mod probe;
 pub mod rewrite;
 #[cfg(feature = "user")]
 pub mod ring;
+pub mod sync;
 #[cfg(feature = "pktgen")]
 pub mod tools;
 pub mod tunnel;

@@ -172,6 +172,12 @@ maps! {
     PROBE_STATS: Pinning::Unpinned {
         why: "the prober's own counters, read by the agent that runs it",
     };
+    /// Flow sync's switch and lost-event count.
+    SYNC_ON: Pinning::Pinned;
+    /// Flow sync's events (established, ended) for the agent.
+    SYNC_EVENTS: Pinning::Pinned;
+    /// Backend id → established flows the agent inserted from peers.
+    SYNC_OPENED: Pinning::Pinned;
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
@@ -216,6 +222,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 30);
+        assert_eq!(MapName::pinned().count(), 34);
     }
 }

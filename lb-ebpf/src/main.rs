@@ -11,7 +11,8 @@
 //!   (the one place a forwarding mode is decided), `tunnel` (IPIP and GUE
 //!   headers in front of a packet), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
-//!   (outcomes and counters), `trace` and `capture`;
+//!   (outcomes and counters), `trace` and `capture`, `sync` (flow events
+//!   for the LBs' flow sync);
 //! - `probe`: checks through the VIP, the second entry point `lb_probe` and
 //!   the answers' hand-over the path asks for.
 //!
@@ -42,6 +43,7 @@ mod parse;
 mod path;
 mod probe;
 mod schedule;
+mod sync;
 mod trace;
 mod transmit;
 mod tunnel;

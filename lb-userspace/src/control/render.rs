@@ -109,6 +109,9 @@ pub fn render(status: &Status) -> String {
     if let Some(a) = &status.announce {
         out.push_str(&render_announce(a));
     }
+    if let Some(s) = &status.sync {
+        out.push_str(&s.render());
+    }
     out.push_str(&render_slow_start(status));
     out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status
@@ -276,6 +279,7 @@ mod tests {
             },
             pools: Vec::new(),
             announce: None,
+            sync: None,
             runtime: RuntimeStatus {
                 file: "lb.state.toml".into(),
                 changes: vec!["www/web1: drain".into()],
@@ -364,6 +368,7 @@ mod tests {
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
             announce: None,
+            sync: None,
         };
         let text = render(&status);
         let row = |name: &str| {
