@@ -43,7 +43,7 @@ pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
 pub use plan::Admission;
 pub use read::{FlowTable, NeighbourRequests};
-pub use sweep::Sweeper;
+pub use sweep::{Sweeper, now_ticks};
 
 use std::path::{Path, PathBuf};
 

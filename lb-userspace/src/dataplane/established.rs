@@ -142,6 +142,34 @@ impl EstablishedTable {
         conf: &FlowConf,
         now: u32,
     ) -> Result<Inserted, InsertError> {
+        self.insert_into(key, forward, reply, conf, now, true)
+    }
+
+    /// [`Self::insert_established`] into a free way only: an expired
+    /// flow's way is left to the sweep (which counts its end), so a caller
+    /// that cannot settle that flow's backend count (flow sync's receiver,
+    /// on a thread of its own) never takes it; a bucket without a free way
+    /// is [`InsertError::TableFull`].
+    pub fn insert_if_free(
+        &self,
+        key: &FlowKey,
+        forward: &Flow,
+        reply: Option<((u32, u16), Flow)>,
+        conf: &FlowConf,
+        now: u32,
+    ) -> Result<Inserted, InsertError> {
+        self.insert_into(key, forward, reply, conf, now, false)
+    }
+
+    fn insert_into(
+        &self,
+        key: &FlowKey,
+        forward: &Flow,
+        reply: Option<((u32, u16), Flow)>,
+        conf: &FlowConf,
+        now: u32,
+        take_expired: bool,
+    ) -> Result<Inserted, InsertError> {
         if conf.established_slots == 0 || *key == FlowKey::EMPTY {
             return Err(InsertError::NotReady);
         }
@@ -156,6 +184,13 @@ impl EstablishedTable {
         let mut ways = [Way::Empty; WAYS as usize];
         for (w, i) in bucket.clone().enumerate() {
             ways[w] = way_at(i);
+        }
+        if !take_expired {
+            for way in &mut ways {
+                if *way == Way::Expired {
+                    *way = Way::Live;
+                }
+            }
         }
         let Place::Way(w) = place(&ways) else {
             return Err(InsertError::TableFull);
@@ -204,6 +239,41 @@ impl EstablishedTable {
         // SAFETY: the field of a mapped slot, accessed atomically only.
         self.at(i, |slot| {
             f(unsafe { AtomicU32::from_ptr(&raw mut (*slot).flags) })
+        })
+    }
+
+    /// Flags the bucket of the flow whose forward key is `key` as having
+    /// flows in the overflow (after a writer put one there), as the data
+    /// plane's promotion does.
+    pub fn flag_overflow(&self, key: &FlowKey, conf: &FlowConf) {
+        let first = self.bucket(key, conf).start;
+        self.flags(first, |f| f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel));
+    }
+
+    /// Runs `write` on the slot of the flow whose forward key is `key`,
+    /// under its lock; `None` if no slot holds it (or it stayed locked).
+    pub fn update(
+        &self,
+        key: &FlowKey,
+        conf: &FlowConf,
+        write: impl Fn(&mut EstablishedSlot),
+    ) -> Option<()> {
+        self.bucket(key, conf).find_map(|i| {
+            self.with_lock(i, |slot| {
+                // SAFETY: locked: ours to read and write; volatile as in
+                // `insert_into` (the data plane's lone stores go on).
+                unsafe {
+                    let mut s = std::ptr::read_volatile(slot);
+                    if s.key != *key {
+                        return None;
+                    }
+                    write(&mut s);
+                    std::ptr::write_volatile(&raw mut (*slot).forward, s.forward);
+                    std::ptr::write_volatile(&raw mut (*slot).reply, s.reply);
+                    Some(())
+                }
+            })
+            .flatten()
         })
     }
 

@@ -65,8 +65,12 @@ impl SyncMaps {
             on: array(dp, MapName::SYNC_ON)?,
             events: RingBuf::try_from(Map::RingBuf(dp.map_data(MapName::SYNC_EVENTS)?))
                 .context("SYNC_EVENTS")?,
-            table: HashMap::try_from(Map::HashMap(hash(MapName::CONNTRACK)?))
-                .context("CONNTRACK")?,
+            table: insert::Table {
+                slots: dp.established_table().context("ESTABLISHED")?,
+                overflow: HashMap::try_from(Map::HashMap(hash(MapName::CONNTRACK)?))
+                    .context("CONNTRACK")?,
+                flow_conf: array(dp, MapName::FLOW_CONF)?,
+            },
             services: HashMap::try_from(Map::HashMap(hash(MapName::SERVICES)?))
                 .context("SERVICES")?,
             confs: array(dp, MapName::SERVICE_CONF)?,
@@ -277,7 +281,7 @@ pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
 fn active_records(maps: &SyncMaps, dir: &Directory, now: u32, within: u32) -> (Vec<Record>, u64) {
     let mut out = Vec::new();
     let mut synced = 0;
-    let entries: Vec<(FlowKey, Flow)> = maps.table.iter().filter_map(Result::ok).collect();
+    let entries: Vec<(FlowKey, Flow)> = maps.table.entries();
     let replies: std::collections::HashMap<FlowKey, u32> = entries
         .iter()
         .filter(|(_, f)| f.direction == REPLY)
