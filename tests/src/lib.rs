@@ -3,10 +3,12 @@
 //! tests drive the `lb` agent with (configs, control requests, clients, the
 //! ring rule). A test needing root fails loudly without it; none skips.
 //! [`kernel_net`] is the kernel tier's network namespace and addresses,
-//! [`kernel_frames`] the frames its test files share.
+//! [`kernel_frames`] the frames its test files share, [`multi_lb`] the
+//! multi-LB lab's agents, held connections and failover.
 
 pub mod kernel_frames;
 pub mod kernel_net;
+pub mod multi_lb;
 
 use std::{
     collections::BTreeMap,

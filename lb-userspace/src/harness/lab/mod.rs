@@ -55,7 +55,9 @@ pub use db::{
 pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
-pub use ha::{EcmpRoute, HA_CLIENT, HA_CLIENT_NET, lb_front_addr};
+pub use ha::{
+    EcmpRoute, HA_CLIENT, HA_CLIENT_NET, LC_VIP, RR_VIP, SYNC_PORT, lb_back_addr, lb_front_addr,
+};
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
 pub use tls::{HTTPS_PORT, LAB_CERT_DAYS, SITE_NAME, ca_path};
