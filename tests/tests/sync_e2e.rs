@@ -33,10 +33,17 @@ use anyhow::{Context, Result, bail, ensure};
 use lb_tests::multi_lb::{ConnLog, Ha, Held, MOVED_GAP, ROUTE_FAILOVER, ROUTE_UP};
 use lb_userspace::{
     config::Forwarding,
-    control::VipChange,
+    control::{self, Request, VipChange},
     harness::{
-        lab::{LC_VIP, Lab, RR_VIP, VIP, lb_front_addr},
-        netns::require_tool,
+        lab::{
+            HA_CLIENT, LC_VIP, Lab, MONITORING_LISTEN, RR_VIP, SYNC_PORT, VIP, WEB_NAMES,
+            http_get, lb_back_addr, lb_front_addr, web_addr,
+        },
+        netns::{self, in_netns, require_tool},
+    },
+    sync::{
+        PeerStatus,
+        wire::{self, Event, Key, Kind, Record, Sealer},
     },
 };
 
@@ -58,8 +65,12 @@ fn synced_services() -> [(&'static str, SocketAddr); 2] {
 /// Two LBs in DSR, both announcing with MED 0, each with the lab's sync
 /// config (or the same services without `[sync]` when `sync` is false).
 fn up(sync: bool) -> Result<Ha> {
-    let mode = Forwarding::Dsr;
-    Ha::up_configured(2, mode, [0, 0], &[VIP, RR_VIP, LC_VIP], |lab, n, med| {
+    up_in(Forwarding::Dsr, [0, 0], sync)
+}
+
+/// [`up`] in `mode`, LB n announcing with MED `meds[n-1]`.
+fn up_in(mode: Forwarding, meds: [u32; 2], sync: bool) -> Result<Ha> {
+    Ha::up_configured(2, mode, meds, &[VIP, RR_VIP, LC_VIP], |lab, n, med| {
         let config = lab.ha_sync_config(n, mode, med);
         if sync { config } else { without_sync(&config) }
     })
@@ -271,6 +282,12 @@ fn wait_for_routes(ha: &Ha, lbs: &[usize], within: Duration) -> Result<Duration>
 /// Held connections and wrk on both synced services while lb1 is cut off
 /// as a dead host would be.
 fn kill_lb1(ha: &Ha) -> Result<Outcome> {
+    kill_lb1_then(ha, |_| Ok(()))
+}
+
+/// [`kill_lb1`], calling `after_cut` once lb1's switch port stopped
+/// forwarding.
+fn kill_lb1_then(ha: &Ha, after_cut: impl FnOnce(&Ha) -> Result<()>) -> Result<Outcome> {
     let services: Vec<SocketAddr> = synced_services().iter().map(|(_, a)| *a).collect();
     let held = Held::open_to(&ha.lab, HELD_PER_SERVICE, &services)?;
     let wrk = Wrk::start(&ha.lab, &services, Duration::from_secs(60))?;
@@ -283,6 +300,7 @@ fn kill_lb1(ha: &Ha) -> Result<Outcome> {
         ensure!(*packets > 0, "no {name} flow crossed lb1 before it died");
     }
     ha.lab.set_lb_reachable(1, false)?;
+    after_cut(ha)?;
     let converged = wait_for_routes(ha, &[2], ROUTE_FAILOVER);
     // Long enough for TCP's retransmissions to find the new path, and for
     // wrk to count a request stalled since the cut as a timeout.
@@ -383,4 +401,256 @@ fn synced_flows_survive_a_withdrawal_and_a_failback_to_a_restarted_lb() -> Resul
     };
     outcome.report("sync, DSR, lb1 withdrawn, restarted empty, failback");
     outcome.check_nothing_broke().context(ha.logs())
+}
+
+/// NAT behind two LBs works active-passive only (README, "Running more
+/// than one load balancer"): a NAT flow's replies must reach an LB that
+/// holds its reverse translation, and the webs send them to their gateway.
+/// With sync the standby holds every flow's translation, so when the
+/// primary dies and the webs' gateway moves to the standby (what VRRP or
+/// the operator's routing does; here the test moves the webs' default
+/// route), established NAT flows of every scheduler go on.
+#[test]
+fn synced_nat_flows_survive_the_primary_dying_when_the_gateway_moves() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = up_in(Forwarding::Nat, [0, 100], true)?;
+    let standby_before = service_packets(&ha, 2)?;
+    let outcome = kill_lb1_then(&ha, |ha| {
+        // The whole host is gone: its back leg too (it is the webs'
+        // gateway, and would otherwise still take their replies).
+        netns::ns_run(
+            &ha.lab.sw_ns(),
+            &["bridge", "link", "set", "dev", "p-lb1b", "state", "0"],
+        )?;
+        let standby = lb_back_addr(2).to_string();
+        for w in 1..=WEB_NAMES.len() {
+            netns::ns_run(
+                &ha.lab.web_ns(w),
+                &["ip", "route", "replace", "default", "via", &standby],
+            )?;
+        }
+        Ok(())
+    })
+    .context(ha.logs())?;
+    outcome.report("sync, NAT active-passive, primary cut off, gateway moved");
+    for ((name, before), (_, after)) in standby_before.iter().zip(service_packets(&ha, 2)?) {
+        ensure!(
+            *before == 0 && after > 0,
+            "{name}: the standby forwarded {before} packets before the primary died, {after} after"
+        );
+    }
+    outcome.check_nothing_broke().context(ha.logs())
+}
+
+/// UDP payloads of the datagrams `tcpdump` sees on `dev` in `ns` matching
+/// `filter` while `during` runs.
+fn capture_udp(ns: &str, dev: &str, filter: &str, during: impl FnOnce() -> Result<()>) -> Result<Vec<Vec<u8>>> {
+    require_tool("tcpdump", "apt-get install tcpdump (cargo xtask setup does)")?;
+    let dir = std::env::temp_dir().join(format!("lb-sync-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{ns}.pcap"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "tcpdump", "-i", dev, "-U", "-s", "0", "-w"])
+        .arg(&file)
+        .arg(filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tcpdump")?;
+    // tcpdump says "listening on" once its socket is open.
+    let mut stderr = child.stderr.take().context("tcpdump's stderr")?;
+    let listening = thread::spawn(move || {
+        use std::io::Read as _;
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while stderr.read(&mut byte).is_ok_and(|n| n == 1) {
+            seen.push(byte[0]);
+            if String::from_utf8_lossy(&seen).contains("listening on") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let said = listening.join().map_err(|_| anyhow::anyhow!("tcpdump reader"))?;
+    ensure!(said.contains("listening on"), "tcpdump did not start: {said}");
+    let ran = during();
+    thread::sleep(Duration::from_millis(300));
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id())?).context("tcpdump's pid")?;
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    child.wait().context("waiting for tcpdump")?;
+    ran?;
+    let reader = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let mut reader = pcap_file::pcap::PcapReader::new(reader)?;
+    let mut payloads = Vec::new();
+    while let Some(pkt) = reader.next_packet() {
+        let pkt = pkt?;
+        let p = etherparse::SlicedPacket::from_ethernet(&pkt.data).context("parsing a frame")?;
+        if let Some(etherparse::TransportSlice::Udp(udp)) = p.transport {
+            payloads.push(udp.payload().to_vec());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(payloads)
+}
+
+/// Sends `data` from `ns` over UDP with the forged source `from` (an
+/// address that is not this namespace's: IP_TRANSPARENT lets root bind it).
+fn send_spoofed(ns: &str, from: SocketAddrV4, to: SocketAddrV4, data: &[u8]) -> Result<()> {
+    in_netns(ns, || -> Result<()> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: a valid descriptor and an int option of its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ensure!(rc == 0, "IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+        let socket = std::net::UdpSocket::from(fd);
+        // std binds through socket2-like calls only on new sockets: bind
+        // the forged address with rustix on the same descriptor.
+        rustix::net::bind(&socket, &from).with_context(|| format!("binding {from}"))?;
+        socket.send_to(data, to).with_context(|| format!("sending to {to}"))?;
+        Ok(())
+    })?
+}
+
+/// LB `n`'s sync counts for its peer `peer` (`lb status`).
+fn peer_status(ha: &Ha, n: usize, peer: SocketAddrV4) -> Result<PeerStatus> {
+    let sync = ha.status(n)?.sync.with_context(|| format!("lb{n}: no sync status"))?;
+    sync.peers
+        .into_iter()
+        .find(|p| p.peer == peer.to_string())
+        .with_context(|| format!("lb{n}: no sync status for peer {peer}"))
+}
+
+fn rejected(p: &PeerStatus, reason: &str) -> u64 {
+    p.rejected.get(reason).copied().unwrap_or(0)
+}
+
+/// Sync messages spoofed from web1, on the back network with the LBs: its
+/// source forged to be lb1's sync address, one sealed under another key
+/// (carrying a flow for a tuple nobody used), one a replayed capture of a
+/// real message lb1 sent lb2. lb2 rejects both, counts each by its reason
+/// in `lb status` and `/metrics`, and creates no flow.
+#[test]
+fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = up(true)?;
+    let run = || -> Result<()> {
+        let lb1 = SocketAddrV4::new(lb_back_addr(1), SYNC_PORT);
+        let lb2 = SocketAddrV4::new(lb_back_addr(2), SYNC_PORT);
+        // A few connections: those crossing lb1 make it send lb2 records.
+        let rr = SocketAddr::V4(SocketAddrV4::new(RR_VIP, 80));
+        let filter = format!("udp and src host {} and dst port {SYNC_PORT}", lb1.ip());
+        let captured = capture_udp(&ha.lab.lb_ns_of(2), "lb-back", &filter, || {
+            in_netns(&ha.lab.client_ns(), || {
+                (0..8).try_for_each(|_| http_get(rr, "/").map(drop))
+            })?
+        })?;
+        let key_text = std::fs::read_to_string(ha.lab.sync_key_path())?;
+        let key = Key::new(key_text.lines().next().unwrap_or_default().trim().as_bytes());
+        // A real message: it opens with the lab's key and carries flows.
+        let (real, message) = captured
+            .iter()
+            .find_map(|d| {
+                wire::open(&key, d)
+                    .ok()
+                    .filter(|m| !m.records.is_empty())
+                    .map(|m| (d.clone(), m))
+            })
+            .with_context(|| format!("no message with flows among {} captured from lb1", captured.len()))?;
+        println!(
+            "captured {} datagrams from lb1; replaying one of seq {} with {} records",
+            captured.len(),
+            message.seq,
+            message.records.len()
+        );
+        let forged_client = SocketAddrV4::new(HA_CLIENT, 4242);
+        let record = Record {
+            event: Event::Established,
+            client: forged_client,
+            vip: SocketAddrV4::new(RR_VIP, 80),
+            protocol: 6,
+            closing: false,
+            nat: false,
+            backend: SocketAddrV4::new(web_addr(1), 80),
+            age_ms: 0,
+            seq: 1,
+            reply_seq: 0,
+        };
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis(),
+        )?;
+        let forged = Sealer::new(
+            Key::new(b"not the lab's key, but long enough to be one"),
+            u32::from(*lb1.ip()),
+            now_ms,
+        )
+        .seal(Kind::Flows, &[record], now_ms);
+        let before = peer_status(&ha, 2, lb1)?;
+        send_spoofed(&ha.lab.web_ns(1), lb1, lb2, &forged)?;
+        send_spoofed(&ha.lab.web_ns(1), lb1, lb2, &real)?;
+        let mut after = peer_status(&ha, 2, lb1)?;
+        wait_until(Duration::from_secs(3), "both rejections counted", || {
+            after = peer_status(&ha, 2, lb1)?;
+            Ok(rejected(&after, "bad_tag") > rejected(&before, "bad_tag")
+                && rejected(&after, "replayed") > rejected(&before, "replayed"))
+        })
+        .with_context(|| format!("lb2's counts for lb1: before {before:?}, after {after:?}"))?;
+        println!("lb2's sync counts for lb1: before {before:?}\n  after {after:?}");
+        for reason in ["bad_tag", "replayed"] {
+            ensure!(
+                rejected(&after, reason) == rejected(&before, reason) + 1,
+                "{reason}: {} before, {} after",
+                rejected(&before, reason),
+                rejected(&after, reason)
+            );
+        }
+        // No flow for the forged tuple.
+        let explained = control::request(
+            &ha.lab.agent_socket_of(2),
+            &Request::Explain {
+                client: forged_client.to_string(),
+                service: format!("{RR_VIP}:80/tcp"),
+            },
+        )?;
+        ensure!(explained.ok, "lb explain on lb2: {}", explained.message);
+        println!("$ lb explain {forged_client} {RR_VIP}:80/tcp (lb2)\n{}", explained.message);
+        ensure!(
+            explained.message.contains("no conntrack entry"),
+            "the forged message created a flow on lb2:\n{}",
+            explained.message
+        );
+        // And /metrics says the same.
+        let metrics = ha.lab.exec_ok(
+            &ha.lab.lb_ns_of(2),
+            &["curl", "-sS", "-m", "5", &format!("http://{MONITORING_LISTEN}/metrics")],
+        )?;
+        for reason in ["bad_tag", "replayed"] {
+            let line = metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("lb_sync_rejected")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                        && l.contains(&lb1.to_string())
+                })
+                .with_context(|| format!("no lb_sync_rejected line for {reason} in /metrics:\n{metrics}"))?;
+            println!("{line}");
+        }
+        Ok(())
+    };
+    run().context(ha.logs())
 }

@@ -397,7 +397,7 @@ pub(super) fn profile_lb(secs: f64) -> anyhow::Result<()> {
 
 /// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
 /// kernel reports it; every return value must be `expect` (if given).
-fn ns_per_packet(
+pub(super) fn ns_per_packet(
     prog: &aya::programs::Xdp,
     frames: &[Vec<u8>],
     ifindex: u32,
