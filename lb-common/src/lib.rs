@@ -21,6 +21,7 @@ pub mod maps;
 pub mod rewrite;
 #[cfg(feature = "user")]
 pub mod ring;
+pub mod sync;
 #[cfg(feature = "pktgen")]
 pub mod tools;
 pub mod verdict;

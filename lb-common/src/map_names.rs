@@ -154,6 +154,12 @@ maps! {
     NAT_BACKENDS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
+    /// Flow sync's switch and lost-event count.
+    SYNC_ON: Pinning::Pinned;
+    /// Flow sync's events (established, ended) for the agent.
+    SYNC_EVENTS: Pinning::Pinned;
+    /// Backend id → established flows the agent inserted from peers.
+    SYNC_OPENED: Pinning::Pinned;
 }
 
 #[cfg(test)]
@@ -181,6 +187,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 29);
+        assert_eq!(MapName::pinned().count(), 32);
     }
 }

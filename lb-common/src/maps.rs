@@ -205,6 +205,10 @@ pub const REPLY: u8 = 1;
 /// How many idle timeouts `FlowConf::timeouts` holds (`flow::Timeout`).
 pub const TIMEOUT_COUNT: usize = 4;
 
+/// `Flow::flags`: the entry came from a peer LB (flow sync, issue 27), not
+/// from a handshake this LB saw.
+pub const FLOW_F_SYNCED: u8 = 1;
+
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
 ///
 /// A forward entry (key client → VIP) pins the flow to its backend; a NAT
@@ -232,7 +236,8 @@ pub struct Flow {
     pub vport: u16,
     /// [`crate::flow::FORWARD`] or [`crate::flow::REPLY`].
     pub direction: u8,
-    pub _pad: u8,
+    /// [`FLOW_F_SYNCED`]: bits about where the entry came from.
+    pub flags: u8,
     pub next_hop: NextHop,
     /// TCP sequence state. Established entries: the highest sequence number
     /// this direction's sender has used (a FIN or RST closes the flow only
@@ -275,7 +280,7 @@ impl From<&HalfOpenEntry> for Flow {
             vip: e.vip,
             vport: 0,
             direction: FORWARD,
-            _pad: 0,
+            flags: 0,
             next_hop: NextHop::default(),
             seq: e.seq,
         }

@@ -510,6 +510,7 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     }
     let pair = pair_key(key, flow);
     let (backend_id, state, direction) = (flow.backend_id, flow.state, flow.direction);
+    crate::sync::ended(key, flow);
     let removed = CONNTRACK.remove(key).is_ok();
     if let Some(pair) = pair {
         let pair_removed = CONNTRACK.remove(&pair).is_ok();
@@ -603,7 +604,7 @@ fn entry(backend_id: u32, service_id: u32, now: u32, vip: u32, vport: u16, direc
         vip,
         vport,
         direction,
-        _pad: 0,
+        flags: 0,
         next_hop: NextHop::default(),
         seq: 0,
     }
@@ -647,6 +648,7 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
         clear_slot(conf, key);
     }
     count_opened(backend_id);
+    crate::sync::established(key, flow, ack);
 }
 
 /// A SYN on a tuple whose entry belongs to a finished connection (closing)

@@ -10,7 +10,8 @@
 //!   `firewall`, `schedule`, `hops` (shared next hops), `fib`, `transmit`
 //!   (the one place a forwarding mode is decided), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
-//!   (outcomes and counters), `trace` and `capture`.
+//!   (outcomes and counters), `trace` and `capture`, `sync` (flow events
+//!   for the LBs' flow sync).
 //!
 //! Every return goes through a [`Verdict`] so each rule has a counter. There is
 //! no logging here: the fast path only counts. A packet that is *not*
@@ -37,6 +38,7 @@ mod mem;
 mod parse;
 mod path;
 mod schedule;
+mod sync;
 mod trace;
 mod transmit;
 mod v4;

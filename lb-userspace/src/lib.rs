@@ -51,6 +51,7 @@ pub mod neighbours;
 pub mod object;
 pub mod pktgen;
 pub mod server;
+pub mod sync;
 pub mod trace;
 pub mod wire;
 pub mod xdp;

@@ -289,6 +289,7 @@ pub fn lab_config() -> Config {
         pools: Vec::new(),
         announce: None,
         coordination: None,
+        sync: None,
         services: vec![
             // NAT backends listen on other ports than the VIP's, so every NAT
             // frame assertion also covers port translation and its checksum.

@@ -113,6 +113,8 @@ struct Agent {
     slow_start: slow_start::SlowStart,
     /// The ramping backends' effective weights at the last commit.
     ramps: BTreeMap<Key, slow_start::Ramp>,
+    /// `[sync]`: the sync thread's counts, once it runs.
+    sync: Option<crate::sync::Stats>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -350,6 +352,11 @@ impl Agent {
         if new.announce != self.cfg.announce {
             bail!(
                 "[announce] changed (BIRD's socket, the include file, the MED): that needs a restart of `lb run`"
+            );
+        }
+        if new.sync != self.cfg.sync {
+            bail!(
+                "[sync] changed (listen, peers, key, bulk-timeout): that needs a restart of `lb run`"
             );
         }
         // Timeouts and the budget are live: `apply` writes them first.

@@ -71,6 +71,7 @@ pub(super) async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     start_threads(&agent.dp)?;
     let calls = start_listeners(&agent, &mut control_socket, &flow_table, probes).await?;
     info!("control socket {}", args.socket.display());
+    agent.start_sync().await?;
     let inbox = Inbox {
         health,
         pools,
@@ -254,6 +255,7 @@ impl Agent {
             at_limit: limits::AtLimit::new(),
             slow_start: slow_start::SlowStart::default(),
             ramps: BTreeMap::new(),
+            sync: None,
         })
     }
 
@@ -296,6 +298,24 @@ impl Agent {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `[sync]`: the sync thread, and its bulk copy of the peers' flows
+    /// before the loop can say `lb: ready` (at most `bulk-timeout`: then
+    /// the agent goes on without them, as the thread's WARN says). Without
+    /// `[sync]`, the data plane's flow events are switched off.
+    async fn start_sync(&mut self) -> anyhow::Result<()> {
+        let mut maps = crate::sync::SyncMaps::of(&self.dp).context("opening the sync maps")?;
+        let Some(cfg) = self.cfg.sync.clone() else {
+            return maps.switch(false).context("switching flow events off");
+        };
+        let (stats, bulk) = crate::sync::start(&cfg, maps)?;
+        self.sync = Some(stats);
+        // The thread resolves it by the deadline; the slack covers a thread
+        // that died.
+        let wait = cfg.bulk_timeout + Duration::from_secs(1);
+        let _ = tokio::time::timeout(wait, bulk.0).await;
         Ok(())
     }
 

@@ -112,6 +112,7 @@ impl Agent {
             },
             pools: self.db.status(),
             announce: self.announcer.as_ref().map(Announcer::status),
+            sync: self.sync.as_ref().map(crate::sync::Stats::status),
             runtime: wire::RuntimeStatus {
                 file: self.state_path.display().to_string(),
                 changes: runtime.describe(),

@@ -18,6 +18,7 @@ mod keypath;
 mod pool;
 mod raw;
 mod service;
+mod sync;
 mod validate;
 
 use std::{
@@ -37,6 +38,7 @@ pub use health::{
 pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
 pub use service::{Backend, OnBackendDown, Protocol, Scheduler, Service, ServiceLimits};
+pub use sync::Sync;
 use validate::Validator;
 
 /// The config spelling of an enum value (`"weighted-round-robin"`), from
@@ -67,6 +69,8 @@ pub struct Config {
     /// `[coordination]`: the etcd cluster the LBs running the same pools
     /// agree through; `None`: this LB decides alone.
     pub coordination: Option<Coordination>,
+    /// `[sync]`: flow-state sync with the other LBs; `None`: off.
+    pub sync: Option<Sync>,
     /// Every service, a pool's write and read services included (after the
     /// `[[service]]` ones).
     pub services: Vec<Service>,

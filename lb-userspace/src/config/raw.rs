@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) firewall: Option<RawFirewall>,
     pub(super) announce: Option<RawAnnounce>,
     pub(super) coordination: Option<super::coordination::RawCoordination>,
+    pub(super) sync: Option<super::sync::RawSync>,
     pub(super) service: Option<Vec<RawService>>,
     /// `[[pool]]`: database pools (config/pool.rs).
     pub(super) pool: Option<Vec<super::pool::RawPool>>,
@@ -212,6 +213,7 @@ impl From<&Config> for RawConfig {
                 med: Some(i64::from(a.med)),
             }),
             coordination: cfg.coordination.as_ref().map(Into::into),
+            sync: cfg.sync.as_ref().map(Into::into),
             // A pool's services come back from the pool, not as services.
             service: Some(
                 cfg.services

@@ -115,6 +115,7 @@ impl Validator<'_> {
             None => None,
             Some(c) => Some(self.coordination(c)?),
         };
+        let sync = raw.sync.map(|s| self.sync(s)).transpose()?;
 
         let raw_services = raw.service.unwrap_or_default();
         let raw_pools = raw.pool.unwrap_or_default();
@@ -196,6 +197,7 @@ impl Validator<'_> {
             firewall,
             announce,
             coordination,
+            sync,
             services,
             pools,
         })

@@ -276,6 +276,7 @@ mod tests {
             },
             pools: Vec::new(),
             announce: None,
+            sync: None,
             runtime: RuntimeStatus {
                 file: "lb.state.toml".into(),
                 changes: vec!["www/web1: drain".into()],
@@ -364,6 +365,7 @@ mod tests {
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
             announce: None,
+            sync: None,
         };
         let text = render(&status);
         let row = |name: &str| {

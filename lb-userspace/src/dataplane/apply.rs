@@ -366,6 +366,12 @@ impl Dataplane {
             MapName::FLOWS_SWEPT,
             id,
             0,
+        )?;
+        set(
+            &mut self.array::<u64>(MapName::SYNC_OPENED)?,
+            MapName::SYNC_OPENED,
+            id,
+            0,
         )
     }
 

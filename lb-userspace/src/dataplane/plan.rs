@@ -489,6 +489,7 @@ mod tests {
             monitoring: None,
             announce: None,
             coordination: None,
+            sync: None,
             services,
             pools: Vec::new(),
         }

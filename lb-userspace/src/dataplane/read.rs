@@ -68,6 +68,7 @@ impl Dataplane {
             conf: self.owned_array(MapName::FLOW_CONF)?,
             counts: self.owned_array(MapName::BACKEND_FLOWS)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
+            sync_opened: self.owned_array(MapName::SYNC_OPENED)?,
         })
     }
 
@@ -259,6 +260,8 @@ pub struct FlowTable {
     conf: Array<MapData, FlowConf>,
     counts: Array<MapData, FlowCounts>,
     swept: Array<MapData, u64>,
+    /// Flows from peer LBs the sync agent inserted (issue 27).
+    sync_opened: Array<MapData, u64>,
 }
 
 impl FlowTable {
@@ -329,7 +332,13 @@ impl FlowTable {
             .get(&id, 0)
             .map_err(err(MapName::BACKEND_FLOWS))?;
         let swept = self.swept.get(&id, 0).map_err(err(MapName::FLOWS_SWEPT))?;
-        Ok(c.opened.saturating_sub(c.closed).saturating_sub(swept))
+        let synced = self
+            .sync_opened
+            .get(&id, 0)
+            .map_err(err(MapName::SYNC_OPENED))?;
+        Ok((c.opened + synced)
+            .saturating_sub(c.closed)
+            .saturating_sub(swept))
     }
 }
 

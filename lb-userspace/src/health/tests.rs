@@ -25,6 +25,7 @@ fn config(services: Vec<Service>) -> Config {
         monitoring: None,
         announce: None,
         coordination: None,
+        sync: None,
         services,
         pools: Vec::new(),
     }

@@ -78,6 +78,10 @@ pub struct Status {
     /// file and applied over the config.
     #[serde(default)]
     pub runtime: RuntimeStatus,
+    /// `[sync]`: flow-state sync with the peer LBs, per peer; `None`
+    /// without `[sync]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncStatus>,
 }
 
 /// The runtime changes that outlive the agent.
@@ -306,6 +310,7 @@ mod tests {
             conntrack: ConntrackStatus::default(),
             pools: Vec::new(),
             announce: None,
+            sync: None,
             runtime: RuntimeStatus::default(),
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.

@@ -67,6 +67,7 @@ backends = [{ address = "10.0.1.3:80" }]
         pools: Vec::new(),
         announce: None,
         coordination: None,
+        sync: None,
         services: vec![
             Service {
                 firewall: Default::default(),

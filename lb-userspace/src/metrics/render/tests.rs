@@ -100,6 +100,7 @@ fn snapshot() -> Status {
         },
         pools: Vec::new(),
         announce: None,
+        sync: None,
         runtime: Default::default(),
     }
 }

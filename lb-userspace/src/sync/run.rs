@@ -1,0 +1,582 @@
+//! The sync thread: one UDP socket (`[sync] listen`), the data plane's
+//! flow events, the peers' messages, and three timers — the 10 ms batch,
+//! the refresh walk of the table, the directory's re-read — plus the bulk
+//! copy at start. Blocking I/O on a thread of its own: it never waits on
+//! the agent's loop, nor the loop on it.
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
+use lb_common::{
+    Backend, FLOW_F_SYNCED, Flow, FlowConf, FlowKey, NextHop, ServiceConf, ServiceKey,
+    flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, ticks},
+    map_names::MapName,
+    sync::{SYNC_EVENT_ENDED, SyncConf, SyncEvent},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    Directory,
+    directory::{ServiceName, endpoint},
+    insert::{self, InsertError},
+    stats::{RecordReject, Stats},
+    wire::{self, Event, Key, Kind, Record, ReplayGuard, Sealer},
+};
+use crate::{config, dataplane::Dataplane};
+
+/// How often the data plane's events are drained and sent.
+const BATCH: Duration = Duration::from_millis(10);
+/// How often the directory follows the maps (a service or backend added).
+const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
+/// How often an unanswered bulk request is sent again.
+const BULK_RETRY: Duration = Duration::from_millis(500);
+/// The longest refresh period, whatever the timeouts.
+const MAX_REFRESH: Duration = Duration::from_secs(30);
+
+/// The maps sync reads and writes, as owned handles for its thread.
+pub struct SyncMaps {
+    on: Array<MapData, SyncConf>,
+    events: RingBuf<MapData>,
+    table: insert::Table,
+    services: HashMap<MapData, ServiceKey, u32>,
+    confs: Array<MapData, ServiceConf>,
+    backends: Array<MapData, Backend>,
+    /// Backend id → synced flows inserted established, less those ended by
+    /// a peer (this thread is its only writer): the active count adds it.
+    opened: Array<MapData, u64>,
+    flow_conf: Array<MapData, FlowConf>,
+}
+
+fn array<T: aya::Pod>(dp: &Dataplane, m: MapName) -> anyhow::Result<Array<MapData, T>> {
+    Array::try_from(Map::Array(dp.map_data(m)?)).with_context(|| m.name())
+}
+
+impl SyncMaps {
+    pub fn of(dp: &Dataplane) -> anyhow::Result<SyncMaps> {
+        let hash = |m: MapName| -> anyhow::Result<MapData> { Ok(dp.map_data(m)?) };
+        Ok(SyncMaps {
+            on: array(dp, MapName::SYNC_ON)?,
+            events: RingBuf::try_from(Map::RingBuf(dp.map_data(MapName::SYNC_EVENTS)?))
+                .context("SYNC_EVENTS")?,
+            table: HashMap::try_from(Map::HashMap(hash(MapName::CONNTRACK)?))
+                .context("CONNTRACK")?,
+            services: HashMap::try_from(Map::HashMap(hash(MapName::SERVICES)?))
+                .context("SERVICES")?,
+            confs: array(dp, MapName::SERVICE_CONF)?,
+            backends: array(dp, MapName::BACKENDS)?,
+            opened: array(dp, MapName::SYNC_OPENED)?,
+            flow_conf: array(dp, MapName::FLOW_CONF)?,
+        })
+    }
+
+    /// Turns the data plane's flow events on or off.
+    pub fn switch(&mut self, on: bool) -> anyhow::Result<()> {
+        let mut conf = self.on.get(&0, 0).context("SYNC_ON")?;
+        conf.on = u32::from(on);
+        self.on.set(0, conf, 0).context("SYNC_ON")
+    }
+
+    /// Events the data plane lost (full ring buffer).
+    pub fn lost(&self) -> u64 {
+        self.on.get(&0, 0).map(|c| c.lost).unwrap_or(0)
+    }
+
+    /// Every event waiting now.
+    pub fn drain(&mut self) -> Vec<SyncEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<SyncEvent>() {
+                // SAFETY: at least size_of::<SyncEvent>() bytes of plain data.
+                out.push(unsafe { item.as_ptr().cast::<SyncEvent>().read_unaligned() });
+            }
+        }
+        out
+    }
+
+    /// Services and backends as the maps hold them now.
+    pub fn directory(&self) -> Directory {
+        let services: Vec<(ServiceKey, u32)> =
+            self.services.iter().filter_map(Result::ok).collect();
+        Directory::build(
+            services,
+            |id| self.confs.get(&id, 0).ok(),
+            |id| self.backends.get(&id, 0).ok(),
+        )
+    }
+
+    fn add_opened(&mut self, backend_id: u32, up: bool) {
+        let n = self.opened.get(&backend_id, 0).unwrap_or(0);
+        let n = if up { n + 1 } else { n.saturating_sub(1) };
+        if let Err(e) = self.opened.set(backend_id, n, 0) {
+            debug!("SYNC_OPENED[{backend_id}]: {e}");
+        }
+    }
+
+    /// How often active flows are refreshed to the peers: a third of the
+    /// shortest established timeout (so two refreshes can be lost), at
+    /// most [`MAX_REFRESH`], at least a tick.
+    fn refresh_period(&self) -> Duration {
+        let conf = self.flow_conf.get(&0, 0).unwrap_or_default();
+        let shortest =
+            conf.timeouts[Timeout::Tcp as usize].min(conf.timeouts[Timeout::Udp as usize]);
+        let period = Duration::from_nanos(u64::from(shortest / 3).max(1) * TICK_NS);
+        period.min(MAX_REFRESH)
+    }
+}
+
+/// What became of one received record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Inserted, refreshed or ended a synced entry (or ended nothing).
+    Taken,
+    /// The tuple has a local entry here: left as it is.
+    KeptLocal,
+    Rejected(RecordReject),
+}
+
+/// The forward key of a record's flow (client → VIP), network order.
+fn forward_key(r: &Record) -> FlowKey {
+    let (saddr, sport) = crate::dataplane::raw_endpoint(r.client);
+    let (daddr, dport) = crate::dataplane::raw_endpoint(r.vip);
+    FlowKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        protocol: r.protocol,
+        ..FlowKey::default()
+    }
+}
+
+/// Applies one peer's record to the table through `insert`, at `now`
+/// (ticks): the service and the backend are found by address (unknown:
+/// rejected, nothing written), a local entry is never touched.
+pub fn apply(
+    maps: &mut SyncMaps,
+    dir: &Directory,
+    r: &Record,
+    now: u32,
+) -> anyhow::Result<Applied> {
+    let name = ServiceName {
+        vip: r.vip,
+        protocol: r.protocol,
+    };
+    let Some(svc) = dir.service(&name).filter(|s| s.nat == r.nat) else {
+        return Ok(Applied::Rejected(RecordReject::UnknownService));
+    };
+    let Some(backend_id) = dir.backend(svc.id, r.backend) else {
+        return Ok(Applied::Rejected(RecordReject::UnknownBackend));
+    };
+    let key = forward_key(r);
+    let (baddr, bport) = crate::dataplane::raw_endpoint(r.backend);
+    let reply_key = svc.nat.then(|| {
+        lb_common::flow::reply_key(
+            &key,
+            &Backend {
+                addr: baddr,
+                port: bport,
+                ..Backend::default()
+            },
+        )
+    });
+    let age = ticks(u64::from(r.age_ms) * 1_000_000);
+    let seen = now.saturating_sub(age);
+    match insert::synced(&maps.table, &key) {
+        Err(InsertError::Exists) => Ok(Applied::KeptLocal),
+        Err(e) => Err(e.into()),
+        Ok(Some(entry)) => {
+            match r.event {
+                Event::Established => {
+                    insert::refresh_synced(&mut maps.table, &key, &entry, reply_key.as_ref(), seen)?
+                }
+                Event::Ended => {
+                    if insert::end_synced(&mut maps.table, &key, &entry, reply_key.as_ref())? {
+                        maps.add_opened(entry.backend_id, false);
+                    }
+                }
+            }
+            Ok(Applied::Taken)
+        }
+        Ok(None) if r.event == Event::Ended => Ok(Applied::Taken),
+        Ok(None) => {
+            let state = if r.closing {
+                STATE_CLOSING
+            } else {
+                STATE_ESTABLISHED
+            };
+            let forward = Flow {
+                backend_id,
+                service_id: svc.id,
+                state,
+                seen,
+                vip: if svc.nat { key.daddr } else { 0 },
+                vport: 0,
+                direction: FORWARD,
+                flags: FLOW_F_SYNCED,
+                next_hop: NextHop::default(),
+                seq: r.seq,
+            };
+            let reply = Flow {
+                vip: key.daddr,
+                vport: key.dport,
+                direction: REPLY,
+                seq: r.reply_seq,
+                ..forward
+            };
+            let pair = reply_key.as_ref().map(|k| (k, &reply));
+            match insert::insert_established(&mut maps.table, &key, &forward, pair) {
+                Ok(()) => {
+                    if state == STATE_ESTABLISHED {
+                        maps.add_opened(backend_id, true);
+                    }
+                    Ok(Applied::Taken)
+                }
+                Err(InsertError::Exists) => Ok(Applied::KeptLocal),
+                Err(InsertError::TableFull) => Ok(Applied::Rejected(RecordReject::TableFull)),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The record a data plane event becomes, `None` for what is not sent: a
+/// flow that came from a peer, or one whose service or backend is gone.
+pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
+    if ev.flags & FLOW_F_SYNCED != 0 {
+        return None;
+    }
+    let service = dir.service_name(ev.service_id)?;
+    Some(Record {
+        event: if ev.kind == SYNC_EVENT_ENDED {
+            Event::Ended
+        } else {
+            Event::Established
+        },
+        client: endpoint(ev.key.saddr, ev.key.sport),
+        vip: service.vip,
+        protocol: service.protocol,
+        closing: false,
+        nat: ev.nat != 0,
+        backend: dir.backend_addr(ev.backend_id)?,
+        age_ms: 0,
+        seq: ev.seq,
+        reply_seq: ev.reply_seq,
+    })
+}
+
+/// The refresh records of the flows active here (a packet within
+/// `within` ticks), established, local; and how many synced entries the
+/// table holds.
+fn active_records(maps: &SyncMaps, dir: &Directory, now: u32, within: u32) -> (Vec<Record>, u64) {
+    let mut out = Vec::new();
+    let mut synced = 0;
+    let entries: Vec<(FlowKey, Flow)> = maps.table.iter().filter_map(Result::ok).collect();
+    let replies: std::collections::HashMap<FlowKey, u32> = entries
+        .iter()
+        .filter(|(_, f)| f.direction == REPLY)
+        .map(|(k, f)| (lb_common::flow::forward_key(k, f), f.seq))
+        .collect();
+    for (key, flow) in &entries {
+        if flow.direction != FORWARD {
+            continue;
+        }
+        if flow.flags & FLOW_F_SYNCED != 0 {
+            synced += 1;
+            continue;
+        }
+        let age = now.wrapping_sub(flow.seen);
+        if flow.state != STATE_ESTABLISHED || age > within {
+            continue;
+        }
+        let ev = SyncEvent {
+            key: *key,
+            backend_id: flow.backend_id,
+            service_id: flow.service_id,
+            seq: flow.seq,
+            reply_seq: replies.get(key).copied().unwrap_or(0),
+            kind: lb_common::sync::SYNC_EVENT_ESTABLISHED,
+            flags: flow.flags,
+            nat: u8::from(flow.vip != 0),
+            ..SyncEvent::default()
+        };
+        if let Some(mut r) = record_of(dir, &ev) {
+            r.age_ms = u32::try_from(u64::from(age) * TICK_NS / 1_000_000).unwrap_or(u32::MAX);
+            out.push(r);
+        }
+    }
+    (out, synced)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resolves once the bulk copy at start is over: `true` if every peer
+/// answered, `false` if `bulk-timeout` passed first.
+pub struct Bulk(pub tokio::sync::oneshot::Receiver<bool>);
+
+/// Opens the socket, switches the data plane's events on and starts the
+/// sync thread.
+pub fn start(cfg: &config::Sync, mut maps: SyncMaps) -> anyhow::Result<(Stats, Bulk)> {
+    let socket = UdpSocket::bind(cfg.listen)
+        .with_context(|| format!("[sync] listen: binding UDP {}", cfg.listen))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(2)))
+        .context("sync socket")?;
+    maps.switch(true).context("switching flow events on")?;
+    let stats = Stats::new(cfg.listen, &cfg.peers);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let mut syncer = Syncer {
+        key: Key::new(cfg.key.expose().as_bytes()),
+        sealer: Sealer::new(
+            Key::new(cfg.key.expose().as_bytes()),
+            u32::from(*cfg.listen.ip()),
+            unix_ms(),
+        ),
+        guard: ReplayGuard::default(),
+        peers: cfg.peers.clone(),
+        socket,
+        dir: maps.directory(),
+        maps,
+        stats: stats.clone(),
+        bulk: BulkCopy {
+            deadline: Instant::now() + cfg.bulk_timeout,
+            answered: BTreeSet::new(),
+            asked: None,
+            done: Some(done_tx),
+        },
+    };
+    std::thread::Builder::new()
+        .name("lb-sync".into())
+        .spawn(move || syncer.run())
+        .context("starting the sync thread")?;
+    info!(
+        "sync: listening on {} for peers {}",
+        cfg.listen,
+        cfg.peers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((stats, Bulk(done_rx)))
+}
+
+struct BulkCopy {
+    deadline: Instant,
+    answered: BTreeSet<SocketAddrV4>,
+    asked: Option<Instant>,
+    done: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+struct Syncer {
+    key: Key,
+    sealer: Sealer,
+    guard: ReplayGuard,
+    peers: Vec<SocketAddrV4>,
+    socket: UdpSocket,
+    maps: SyncMaps,
+    dir: Directory,
+    stats: Stats,
+    bulk: BulkCopy,
+}
+
+impl Syncer {
+    fn run(&mut self) {
+        let mut buf = vec![0u8; 65_536];
+        let mut last_dir = Instant::now();
+        let mut last_refresh = Instant::now();
+        loop {
+            let batch_end = Instant::now() + BATCH;
+            while Instant::now() < batch_end {
+                match self.socket.recv_from(&mut buf) {
+                    Ok((n, SocketAddr::V4(from))) => self.receive(&buf[..n], from),
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => {
+                        debug!("sync: receiving: {e}");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            if last_dir.elapsed() >= DIRECTORY_REFRESH {
+                self.dir = self.maps.directory();
+                let lost = self.maps.lost();
+                self.stats.with(|s| s.events_lost = lost);
+                last_dir = Instant::now();
+            }
+            let events = self.maps.drain();
+            let records: Vec<Record> = events
+                .iter()
+                .filter_map(|e| record_of(&self.dir, e))
+                .collect();
+            self.send_all(Kind::Flows, &records);
+            let period = self.maps.refresh_period();
+            if last_refresh.elapsed() >= period {
+                last_refresh = Instant::now();
+                let within = ticks(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)) + 1;
+                let now = crate::dataplane::sweep::now_ticks();
+                let (active, synced) = active_records(&self.maps, &self.dir, now, within);
+                self.stats.with(|s| s.synced_flows = synced);
+                self.send_all(Kind::Flows, &active);
+            }
+            self.bulk_step();
+        }
+    }
+
+    /// Asks the peers that have not answered yet, until they all did or
+    /// the time is up.
+    fn bulk_step(&mut self) {
+        if self.bulk.done.is_none() {
+            return;
+        }
+        let all = self.peers.iter().all(|p| self.bulk.answered.contains(p));
+        if all || Instant::now() >= self.bulk.deadline {
+            let status = if all { "done" } else { "timed out" };
+            if all {
+                info!("sync: bulk copy done: every peer sent its established flows");
+            } else {
+                let missing: Vec<String> = self
+                    .peers
+                    .iter()
+                    .filter(|p| !self.bulk.answered.contains(p))
+                    .map(ToString::to_string)
+                    .collect();
+                warn!(
+                    "sync: no bulk copy from {} within bulk-timeout: going on without their flows",
+                    missing.join(", ")
+                );
+            }
+            self.stats.with(|s| s.bulk = status.into());
+            if let Some(done) = self.bulk.done.take() {
+                let _ = done.send(all);
+            }
+            return;
+        }
+        if self.bulk.asked.is_none_or(|t| t.elapsed() >= BULK_RETRY) {
+            self.bulk.asked = Some(Instant::now());
+            for peer in self.peers.clone() {
+                if !self.bulk.answered.contains(&peer) {
+                    let data = self.sealer.seal(Kind::BulkRequest, &[], unix_ms());
+                    self.send(peer, &data);
+                }
+            }
+        }
+    }
+
+    fn send(&self, peer: SocketAddrV4, data: &[u8]) {
+        if let Err(e) = self.socket.send_to(data, peer) {
+            debug!("sync: sending to {peer}: {e}");
+        }
+    }
+
+    /// `records` to every peer, in as many messages as they take.
+    fn send_all(&mut self, kind: Kind, records: &[Record]) {
+        for chunk in records.chunks(wire::MAX_RECORDS) {
+            let data = self.sealer.seal(kind, chunk, unix_ms());
+            for peer in self.peers.clone() {
+                self.send(peer, &data);
+            }
+            self.stats.with(|s| {
+                for p in s.peers.values_mut() {
+                    p.status.flows_sent += chunk.len() as u64;
+                }
+            });
+        }
+    }
+
+    /// The established flows here, in pages, to `peer` (its bulk request).
+    fn send_bulk(&mut self, peer: SocketAddrV4) {
+        let now = crate::dataplane::sweep::now_ticks();
+        let (records, _) = active_records(&self.maps, &self.dir, now, u32::MAX);
+        let pages: Vec<&[Record]> = records.chunks(wire::MAX_RECORDS).collect();
+        info!("sync: bulk copy of {} flows to {peer}", records.len());
+        for (i, page) in pages.iter().enumerate() {
+            let data = self
+                .sealer
+                .seal(Kind::BulkPage { last: false }, page, unix_ms());
+            self.send(peer, &data);
+            // Paced: a peer's socket buffer takes a burst, not a table.
+            if i % 64 == 63 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let last = self
+            .sealer
+            .seal(Kind::BulkPage { last: true }, &[], unix_ms());
+        self.send(peer, &last);
+        self.stats.with(|s| {
+            if let Some(p) = s.peers.get_mut(&peer) {
+                p.status.flows_sent += records.len() as u64;
+            }
+        });
+    }
+
+    fn receive(&mut self, data: &[u8], from: SocketAddrV4) {
+        if !self.peers.contains(&from) {
+            self.stats.with(|s| s.reject(from, "not_a_peer"));
+            return;
+        }
+        let msg = match wire::open(&self.key, data) {
+            Ok(m) => m,
+            Err(r) => {
+                self.stats.with(|s| s.reject(from, r.name()));
+                return;
+            }
+        };
+        if msg.sender != u32::from(*from.ip()) {
+            self.stats.with(|s| s.reject(from, "wrong_sender"));
+            return;
+        }
+        if let Err(r) = self.guard.admit(&msg, unix_ms()) {
+            self.stats.with(|s| s.reject(from, r.name()));
+            return;
+        }
+        self.stats.with(|s| {
+            if let Some(p) = s.peers.get_mut(&from) {
+                p.last = Some(Instant::now());
+            }
+        });
+        match msg.kind {
+            Kind::BulkRequest => self.send_bulk(from),
+            Kind::Flows | Kind::BulkPage { .. } => {
+                let now = crate::dataplane::sweep::now_ticks();
+                for r in &msg.records {
+                    let applied = match apply(&mut self.maps, &self.dir, r, now) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            warn!("sync: inserting a flow from {from}: {e:#}");
+                            continue;
+                        }
+                    };
+                    self.stats.with(|s| {
+                        let Some(p) = s.peers.get_mut(&from) else {
+                            return;
+                        };
+                        match applied {
+                            Applied::Taken => p.status.flows_received += 1,
+                            Applied::KeptLocal => p.status.flows_kept_local += 1,
+                            Applied::Rejected(why) => {
+                                *p.status.rejected.entry(why.name().into()).or_insert(0) += 1
+                            }
+                        }
+                    });
+                }
+                if msg.kind == (Kind::BulkPage { last: true }) {
+                    self.bulk.answered.insert(from);
+                }
+            }
+        }
+    }
+}

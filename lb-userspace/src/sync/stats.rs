@@ -1,0 +1,153 @@
+//! What `lb status` and `/metrics` show of sync: per peer, flows sent and
+//! received, rejections by reason, the last message's age.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a datagram or a record was not taken, beyond the format's own
+/// reasons ([`super::wire::Reject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecordReject {
+    /// No service here with the record's VIP, port and protocol (or one
+    /// with another forwarding mode).
+    UnknownService,
+    /// The service has no backend with the record's address and port.
+    UnknownBackend,
+    /// The established table is full.
+    TableFull,
+}
+
+impl RecordReject {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordReject::UnknownService => "unknown_service",
+            RecordReject::UnknownBackend => "unknown_backend",
+            RecordReject::TableFull => "table_full",
+        }
+    }
+}
+
+/// One peer's counts (`lb status`, `/status.json`, `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer: String,
+    /// Flow records sent to the peer.
+    pub flows_sent: u64,
+    /// Flow records from the peer inserted (or refreshed, or ended) here.
+    pub flows_received: u64,
+    /// Flow records whose tuple has a local entry: left as they are.
+    pub flows_kept_local: u64,
+    /// Rejected messages and records, by reason (`bad_tag`, `replayed`,
+    /// `unknown_backend`, `table_full`, ...).
+    pub rejected: BTreeMap<String, u64>,
+    /// Milliseconds since the peer's last accepted message; `None`: none yet.
+    pub last_message_age_ms: Option<u64>,
+    /// The peer answered this LB's bulk copy request.
+    pub bulk_copied: bool,
+}
+
+/// Sync as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub listen: String,
+    pub peers: Vec<PeerStatus>,
+    /// Datagrams from addresses that are not peers, by reason.
+    pub rejected_strangers: BTreeMap<String, u64>,
+    /// Flow events the data plane lost (its ring buffer was full).
+    pub events_lost: u64,
+    /// Flows from peers in the table at the last refresh walk.
+    pub synced_flows: u64,
+    /// How the bulk copy at start ended: "done", "timed out" or "waiting".
+    pub bulk: String,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Peer {
+    pub(super) status: PeerStatus,
+    pub(super) last: Option<Instant>,
+}
+
+/// Shared between the sync thread (writes) and the agent (reads).
+#[derive(Debug, Clone, Default)]
+pub struct Stats(pub(super) Arc<Mutex<Inner>>);
+
+#[derive(Debug, Default)]
+pub(super) struct Inner {
+    pub(super) listen: String,
+    pub(super) peers: BTreeMap<SocketAddrV4, Peer>,
+    pub(super) strangers: BTreeMap<String, u64>,
+    pub(super) events_lost: u64,
+    pub(super) synced_flows: u64,
+    pub(super) bulk: String,
+}
+
+impl Stats {
+    pub(super) fn new(listen: SocketAddrV4, peers: &[SocketAddrV4]) -> Stats {
+        let inner = Inner {
+            listen: listen.to_string(),
+            peers: peers
+                .iter()
+                .map(|p| {
+                    (
+                        *p,
+                        Peer {
+                            status: PeerStatus {
+                                peer: p.to_string(),
+                                ..PeerStatus::default()
+                            },
+                            last: None,
+                        },
+                    )
+                })
+                .collect(),
+            bulk: "waiting".into(),
+            ..Inner::default()
+        };
+        Stats(Arc::new(Mutex::new(inner)))
+    }
+
+    pub(super) fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut guard = match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// A snapshot for the status and the metrics.
+    pub fn status(&self) -> SyncStatus {
+        self.with(|s| SyncStatus {
+            listen: s.listen.clone(),
+            peers: s
+                .peers
+                .values()
+                .map(|p| PeerStatus {
+                    last_message_age_ms: p
+                        .last
+                        .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                    ..p.status.clone()
+                })
+                .collect(),
+            rejected_strangers: s.strangers.clone(),
+            events_lost: s.events_lost,
+            synced_flows: s.synced_flows,
+            bulk: s.bulk.clone(),
+        })
+    }
+}
+
+impl Inner {
+    pub(super) fn reject(&mut self, peer: SocketAddrV4, reason: &str) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            *p.status.rejected.entry(reason.to_owned()).or_insert(0) += 1;
+        } else {
+            *self.strangers.entry(reason.to_owned()).or_insert(0) += 1;
+        }
+    }
+}

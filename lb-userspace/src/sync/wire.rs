@@ -1,0 +1,545 @@
+//! The sync messages between LBs, on the wire (UDP, one message a
+//! datagram): pure, no I/O. docs/architecture.md, "Flow sync", has the
+//! layout and the reasoning.
+//!
+//! ```text
+//! header (44 bytes, big endian)
+//!   magic "LBSY" | version 1 | kind | flags | 0
+//!   sender id (u32) | sender epoch (u64, ms) | sequence (u64)
+//!   sent at (u64, Unix ms) | count (u16) | 0 (u16) | 0 (u32)
+//! count × record (36 bytes)
+//!   client addr, port | VIP, port | protocol | event | state | flags
+//!   backend addr, port | 0 (u16) | age (ms, u32) | seq | reply seq
+//! tag: HMAC-SHA256 (32 bytes) over everything before it
+//! ```
+//!
+//! A record names its service (VIP, port, protocol) and backend (address,
+//! port) by address, never by id: ids are each LB's own. Decoding checks,
+//! in order: the length (truncated), the magic, the version, the tag (with
+//! the shared key, in constant time), then the sender's (epoch, sequence)
+//! against replay and the send time against a window ([`ReplayGuard`]).
+//! Each failure is its own [`Reject`] reason, counted by the agent.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use ring::hmac;
+
+pub const MAGIC: [u8; 4] = *b"LBSY";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 44;
+pub const RECORD_LEN: usize = 36;
+pub const TAG_LEN: usize = 32;
+/// Records per message: a message fits one 1500-byte Ethernet frame
+/// (IP and UDP headers included).
+pub const MAX_RECORDS: usize = 38;
+/// Largest message: header, records, tag.
+pub const MAX_MESSAGE: usize = HEADER_LEN + MAX_RECORDS * RECORD_LEN + TAG_LEN;
+// With its IP and UDP headers, in one 1500-byte Ethernet frame.
+const _: () = assert!(MAX_MESSAGE + 28 <= 1500);
+/// A message sent longer ago (or further ahead) than this is stale: the
+/// clocks of the LBs must agree within it (NTP does far better).
+pub const WINDOW_MS: u64 = 30_000;
+/// The shortest key a key file may hold.
+pub const MIN_KEY_LEN: usize = 32;
+
+/// What a message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Flow events as they happen, and refreshes of active flows.
+    Flows,
+    /// "Send me your established flows": a starting LB's bulk copy.
+    BulkRequest,
+    /// A page of the answer to a bulk request; `last` on the final page.
+    BulkPage { last: bool },
+}
+
+impl Kind {
+    fn code(self) -> (u8, u8) {
+        match self {
+            Kind::Flows => (1, 0),
+            Kind::BulkRequest => (2, 0),
+            Kind::BulkPage { last } => (3, u8::from(last)),
+        }
+    }
+
+    fn of(code: u8, flags: u8) -> Option<Kind> {
+        match code {
+            1 => Some(Kind::Flows),
+            2 => Some(Kind::BulkRequest),
+            3 => Some(Kind::BulkPage {
+                last: flags & 1 != 0,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A record's event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The flow is established on the sender (new, a refresh of an active
+    /// flow, or a bulk copy's).
+    Established,
+    /// The flow ended on the sender.
+    Ended,
+}
+
+/// One flow, as LBs name it to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub event: Event,
+    pub client: SocketAddrV4,
+    /// The service's VIP and port.
+    pub vip: SocketAddrV4,
+    /// IP protocol (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// The flow was closing (FIN or RST seen) on the sender.
+    pub closing: bool,
+    /// NAT: the flow has a reply translation.
+    pub nat: bool,
+    pub backend: SocketAddrV4,
+    /// How long ago the sender last saw a packet of the flow, in ms.
+    pub age_ms: u32,
+    /// The client's highest TCP sequence number the sender saw.
+    pub seq: u32,
+    /// NAT: the backend's (0: unknown).
+    pub reply_seq: u32,
+}
+
+/// A decoded, authenticated message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub kind: Kind,
+    pub sender: u32,
+    pub epoch: u64,
+    pub seq: u64,
+    pub sent_ms: u64,
+    pub records: Vec<Record>,
+}
+
+/// Why a datagram was not accepted; each is counted on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum Reject {
+    /// Shorter or longer than its header says (or than a header).
+    Truncated,
+    /// Not a sync message (magic) or of an unknown kind.
+    Malformed,
+    /// Another version of the format.
+    WrongVersion,
+    /// The tag does not match: another key, or forged or altered.
+    BadTag,
+    /// An (epoch, sequence) this receiver has already accepted, or older.
+    Replayed,
+    /// Sent outside the time window ([`WINDOW_MS`]).
+    Stale,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 6] = [
+        Reject::Truncated,
+        Reject::Malformed,
+        Reject::WrongVersion,
+        Reject::BadTag,
+        Reject::Replayed,
+        Reject::Stale,
+    ];
+
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The shared key, ready to sign and verify.
+#[derive(Clone)]
+pub struct Key(hmac::Key);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(***)")
+    }
+}
+
+impl Key {
+    pub fn new(secret: &[u8]) -> Key {
+        Key(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+}
+
+/// A sender's side: its identity and the next sequence number.
+#[derive(Debug)]
+pub struct Sealer {
+    key: Key,
+    sender: u32,
+    epoch: u64,
+    next_seq: u64,
+}
+
+impl Sealer {
+    /// `epoch`: when this sender started (Unix ms): a restarted sender's
+    /// sequence starts again at 1 in a later epoch.
+    pub fn new(key: Key, sender: u32, epoch: u64) -> Sealer {
+        Sealer {
+            key,
+            sender,
+            epoch,
+            next_seq: 1,
+        }
+    }
+
+    /// One message of `kind` with `records` (at most [`MAX_RECORDS`]; the
+    /// rest are ignored: callers chunk), sent at `now_ms`.
+    pub fn seal(&mut self, kind: Kind, records: &[Record], now_ms: u64) -> Vec<u8> {
+        let records = &records[..records.len().min(MAX_RECORDS)];
+        let (code, flags) = kind.code();
+        let mut out = Vec::with_capacity(HEADER_LEN + records.len() * RECORD_LEN + TAG_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&[VERSION, code, flags, 0]);
+        out.extend_from_slice(&self.sender.to_be_bytes());
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.next_seq.to_be_bytes());
+        out.extend_from_slice(&now_ms.to_be_bytes());
+        // At most MAX_RECORDS: fits.
+        out.extend_from_slice(&(records.len() as u16).to_be_bytes());
+        out.extend_from_slice(&[0; 6]);
+        for r in records {
+            put_record(&mut out, r);
+        }
+        let tag = hmac::sign(&self.key.0, &out);
+        out.extend_from_slice(tag.as_ref());
+        self.next_seq += 1;
+        out
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, a: SocketAddrV4) {
+    out.extend_from_slice(&a.ip().octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn put_record(out: &mut Vec<u8>, r: &Record) {
+    put_addr(out, r.client);
+    put_addr(out, r.vip);
+    let event = match r.event {
+        Event::Established => 1,
+        Event::Ended => 2,
+    };
+    out.extend_from_slice(&[r.protocol, event, u8::from(r.closing), u8::from(r.nat)]);
+    put_addr(out, r.backend);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&r.age_ms.to_be_bytes());
+    out.extend_from_slice(&r.seq.to_be_bytes());
+    out.extend_from_slice(&r.reply_seq.to_be_bytes());
+}
+
+/// Big-endian reads at fixed offsets of a slice whose length was checked.
+struct At<'a>(&'a [u8]);
+
+impl At<'_> {
+    fn bytes<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut b = [0; N];
+        b.copy_from_slice(&self.0[at..at + N]);
+        b
+    }
+    fn u16(&self, at: usize) -> u16 {
+        u16::from_be_bytes(self.bytes(at))
+    }
+    fn u32(&self, at: usize) -> u32 {
+        u32::from_be_bytes(self.bytes(at))
+    }
+    fn u64(&self, at: usize) -> u64 {
+        u64::from_be_bytes(self.bytes(at))
+    }
+    fn addr(&self, at: usize) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.bytes::<4>(at)), self.u16(at + 4))
+    }
+}
+
+/// Checks a datagram's length, format and tag, and reads it. Replay is
+/// the caller's [`ReplayGuard`]'s (it keeps state per sender).
+pub fn open(key: &Key, data: &[u8]) -> Result<Message, Reject> {
+    if data.len() < HEADER_LEN + TAG_LEN {
+        return Err(Reject::Truncated);
+    }
+    let h = At(&data[..HEADER_LEN]);
+    if h.bytes::<4>(0) != MAGIC {
+        return Err(Reject::Malformed);
+    }
+    if h.0[4] != VERSION {
+        return Err(Reject::WrongVersion);
+    }
+    let count = usize::from(h.u16(36));
+    if data.len() != HEADER_LEN + count * RECORD_LEN + TAG_LEN {
+        return Err(Reject::Truncated);
+    }
+    let (body, tag) = data.split_at(data.len() - TAG_LEN);
+    hmac::verify(&key.0, body, tag).map_err(|_| Reject::BadTag)?;
+    let kind = Kind::of(h.0[5], h.0[6]).ok_or(Reject::Malformed)?;
+    let records = body[HEADER_LEN..]
+        .chunks_exact(RECORD_LEN)
+        .map(|chunk| record(&At(chunk)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or(Reject::Malformed)?;
+    Ok(Message {
+        kind,
+        sender: h.u32(8),
+        epoch: h.u64(12),
+        seq: h.u64(20),
+        sent_ms: h.u64(28),
+        records,
+    })
+}
+
+fn record(r: &At) -> Option<Record> {
+    let event = match r.0[13] {
+        1 => Event::Established,
+        2 => Event::Ended,
+        _ => return None,
+    };
+    Some(Record {
+        event,
+        client: r.addr(0),
+        vip: r.addr(6),
+        protocol: r.0[12],
+        closing: r.0[14] != 0,
+        nat: r.0[15] != 0,
+        backend: r.addr(16),
+        age_ms: r.u32(24),
+        seq: r.u32(28),
+        reply_seq: r.u32(32),
+    })
+}
+
+/// Sequence numbers a receiver still accepts below the highest it saw from
+/// a sender's epoch, each once (UDP may reorder a little).
+const REPLAY_WINDOW: u64 = 64;
+
+/// Per sender: the latest epoch and which sequence numbers of it arrived.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    epoch: u64,
+    highest: u64,
+    /// Bit i: `highest - i` arrived.
+    bits: u64,
+}
+
+/// Replay protection: per sender, its (epoch, sequence) must be new — a
+/// later epoch (the sender restarted), or in the current epoch a sequence
+/// number above the highest seen or within [`REPLAY_WINDOW`] below it and
+/// not seen yet — and the message sent within [`WINDOW_MS`] of now.
+/// Only authenticated messages are shown to it (an attacker cannot move a
+/// sender's state).
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    senders: BTreeMap<u32, Seen>,
+}
+
+impl ReplayGuard {
+    pub fn admit(&mut self, m: &Message, now_ms: u64) -> Result<(), Reject> {
+        if m.sent_ms.abs_diff(now_ms) > WINDOW_MS {
+            return Err(Reject::Stale);
+        }
+        let seen = self.senders.entry(m.sender).or_default();
+        if m.epoch > seen.epoch {
+            *seen = Seen {
+                epoch: m.epoch,
+                highest: m.seq,
+                bits: 1,
+            };
+            return Ok(());
+        }
+        if m.epoch < seen.epoch {
+            return Err(Reject::Replayed);
+        }
+        if m.seq > seen.highest {
+            let shift = m.seq - seen.highest;
+            seen.bits = if shift >= 64 { 0 } else { seen.bits << shift } | 1;
+            seen.highest = m.seq;
+            return Ok(());
+        }
+        let back = seen.highest - m.seq;
+        if back >= REPLAY_WINDOW || seen.bits & (1 << back) != 0 {
+            return Err(Reject::Replayed);
+        }
+        seen.bits |= 1 << back;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn key() -> Key {
+        Key::new(b"0123456789abcdef0123456789abcdef")
+    }
+
+    fn rec(port: u16) -> Record {
+        Record {
+            event: Event::Established,
+            client: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), port),
+            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 80),
+            protocol: 6,
+            closing: false,
+            nat: true,
+            backend: SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 2), 8080),
+            age_ms: 1234,
+            seq: 0xdead_beef,
+            reply_seq: 7,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut s = Sealer::new(key(), 42, 1000);
+        let records: Vec<Record> = (0..MAX_RECORDS as u16)
+            .map(|i| Record {
+                event: if i % 2 == 0 {
+                    Event::Established
+                } else {
+                    Event::Ended
+                },
+                closing: i % 3 == 0,
+                nat: i % 5 == 0,
+                ..rec(40_000 + i)
+            })
+            .collect();
+        let data = s.seal(Kind::Flows, &records, NOW);
+        assert_eq!(data.len(), MAX_MESSAGE);
+        let m = open(&key(), &data).expect("opens");
+        assert_eq!(
+            m,
+            Message {
+                kind: Kind::Flows,
+                sender: 42,
+                epoch: 1000,
+                seq: 1,
+                sent_ms: NOW,
+                records
+            }
+        );
+        let page = s.seal(Kind::BulkPage { last: true }, &[], NOW);
+        let m = open(&key(), &page).expect("opens");
+        assert_eq!(
+            (m.kind, m.seq, m.records.len()),
+            (Kind::BulkPage { last: true }, 2, 0)
+        );
+        let req = s.seal(Kind::BulkRequest, &[rec(1)], NOW);
+        assert_eq!(open(&key(), &req).expect("opens").kind, Kind::BulkRequest);
+    }
+
+    #[test]
+    fn truncated_and_padded_messages_are_rejected() {
+        let data = Sealer::new(key(), 1, 1).seal(Kind::Flows, &[rec(1), rec(2)], NOW);
+        for len in 0..data.len() {
+            assert_eq!(
+                open(&key(), &data[..len]),
+                Err(Reject::Truncated),
+                "{len} bytes"
+            );
+        }
+        let mut longer = data.clone();
+        longer.push(0);
+        assert_eq!(open(&key(), &longer), Err(Reject::Truncated));
+    }
+
+    #[test]
+    fn forged_altered_or_foreign_messages_are_rejected() {
+        let data = Sealer::new(key(), 1, 1).seal(Kind::Flows, &[rec(1)], NOW);
+        // Any bit flipped past the version: the tag no longer matches (or,
+        // in the count, the length).
+        for byte in 5..data.len() {
+            let mut forged = data.clone();
+            forged[byte] ^= 0x01;
+            let got = open(&key(), &forged);
+            assert!(
+                matches!(got, Err(Reject::BadTag | Reject::Truncated)),
+                "byte {byte}: {got:?}"
+            );
+        }
+        // Another key: a stranger's message, however well formed.
+        let stranger = Sealer::new(Key::new(b"another key, as long as the first"), 1, 1).seal(
+            Kind::Flows,
+            &[rec(1)],
+            NOW,
+        );
+        assert_eq!(open(&key(), &stranger), Err(Reject::BadTag));
+        let mut magic = data.clone();
+        magic[0] = b'X';
+        assert_eq!(open(&key(), &magic), Err(Reject::Malformed));
+        let mut version = data.clone();
+        version[4] = 2;
+        assert_eq!(open(&key(), &version), Err(Reject::WrongVersion));
+    }
+
+    #[test]
+    fn replays_and_stale_messages_are_rejected() {
+        let mut s = Sealer::new(key(), 7, 500);
+        let mut guard = ReplayGuard::default();
+        let first = open(&key(), &s.seal(Kind::Flows, &[rec(1)], NOW)).expect("opens");
+        let second = open(&key(), &s.seal(Kind::Flows, &[rec(2)], NOW)).expect("opens");
+        assert_eq!(guard.admit(&first, NOW), Ok(()));
+        assert_eq!(guard.admit(&first, NOW), Err(Reject::Replayed));
+        assert_eq!(guard.admit(&second, NOW), Ok(()));
+        assert_eq!(guard.admit(&second, NOW), Err(Reject::Replayed));
+        // Reordered within the window: once.
+        let msgs: Vec<Message> = (0..5)
+            .map(|_| open(&key(), &s.seal(Kind::Flows, &[], NOW)).expect("opens"))
+            .collect();
+        assert_eq!(guard.admit(&msgs[4], NOW), Ok(()));
+        assert_eq!(guard.admit(&msgs[2], NOW), Ok(()));
+        assert_eq!(guard.admit(&msgs[2], NOW), Err(Reject::Replayed));
+        // Far behind the highest: refused even if never seen.
+        let mut old = msgs[0].clone();
+        old.seq = msgs[4].seq + 100;
+        assert_eq!(guard.admit(&old, NOW), Ok(()));
+        assert_eq!(guard.admit(&msgs[0], NOW), Err(Reject::Replayed));
+        // A restarted sender (later epoch) starts over; its old epoch is over.
+        let restarted = open(
+            &key(),
+            &Sealer::new(key(), 7, 501).seal(Kind::Flows, &[], NOW),
+        )
+        .expect("opens");
+        assert_eq!(guard.admit(&restarted, NOW), Ok(()));
+        let mut previous_epoch = msgs[1].clone();
+        previous_epoch.seq = 10_000;
+        assert_eq!(guard.admit(&previous_epoch, NOW), Err(Reject::Replayed));
+        // Another sender has its own sequence.
+        let other = open(
+            &key(),
+            &Sealer::new(key(), 8, 1).seal(Kind::Flows, &[], NOW),
+        )
+        .expect("opens");
+        assert_eq!(guard.admit(&other, NOW), Ok(()));
+        // Outside the time window, either way: stale.
+        let late = open(
+            &key(),
+            &Sealer::new(key(), 9, 1).seal(Kind::Flows, &[], NOW - WINDOW_MS - 1),
+        )
+        .expect("opens");
+        assert_eq!(guard.admit(&late, NOW), Err(Reject::Stale));
+        let early = open(
+            &key(),
+            &Sealer::new(key(), 9, 1).seal(Kind::Flows, &[], NOW + WINDOW_MS + 1),
+        )
+        .expect("opens");
+        assert_eq!(guard.admit(&early, NOW), Err(Reject::Stale));
+    }
+
+    #[test]
+    fn a_record_with_an_unknown_event_is_malformed() {
+        let mut s = Sealer::new(key(), 1, 1);
+        let data = s.seal(Kind::Flows, &[rec(1)], NOW);
+        // Re-sign an altered body: authenticated, yet not a record we know.
+        let mut body = data[..data.len() - TAG_LEN].to_vec();
+        body[HEADER_LEN + 13] = 9;
+        let tag = hmac::sign(&key().0, &body);
+        body.extend_from_slice(tag.as_ref());
+        assert_eq!(open(&key(), &body), Err(Reject::Malformed));
+    }
+}

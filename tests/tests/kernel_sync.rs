@@ -1,0 +1,352 @@
+//! Kernel tier, flow-state sync (issue 27): the data plane's flow events —
+//! one when a flow becomes established, one when its established entry
+//! ends, none for half-open flows, a SYN flood or with sync off — and the
+//! sync agent's insertion of a peer's flow: the next packet of the tuple
+//! goes to the synced backend without the scheduler, its replies are
+//! translated back, a record for a backend or service this LB does not
+//! have is rejected and creates nothing, a local flow is never replaced.
+//!
+//! The real `lb` object run with BPF_PROG_TEST_RUN on crafted frames in a
+//! throwaway namespace (`lb_tests::kernel_net`). Needs root and BPF;
+//! without them the tests fail loudly.
+
+use std::net::SocketAddrV4;
+
+use lb_common::{
+    FLOW_F_SYNCED, FlowKey, Verdict,
+    sync::{SYNC_EVENT_ENDED, SYNC_EVENT_ESTABLISHED, SyncEvent},
+};
+use lb_tests::{
+    kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, web_of, with_flags},
+    kernel_net::{BACK_MAC, CLIENT, Harness, TestNet, VIP, WEB_MACS, WEB_PORT, WEBS, lab_config},
+};
+use lb_userspace::{
+    harness::xdp::{XDP_DROP, XDP_REDIRECT},
+    sync::{
+        Applied, Directory, SyncMaps, apply,
+        stats::RecordReject,
+        wire::{Event, Record},
+    },
+};
+
+/// The client → VIP:80 key of a lab client's TCP flow from `sport`.
+fn client_key(sport: u16) -> FlowKey {
+    FlowKey {
+        saddr: u32::from_ne_bytes(CLIENT),
+        daddr: u32::from_ne_bytes(VIP),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+/// The client's bare ACK on its connection from `sport`.
+fn client_ack(sport: u16) -> Vec<u8> {
+    with_flags(
+        Tcp {
+            syn: false,
+            ..Tcp::request(sport, VIP)
+        }
+        .build(),
+        ACK,
+    )
+}
+
+/// The whole handshake of a NAT flow from `sport` (SYN, the web's SYN-ACK,
+/// the client's ACK); the web it went to. `between` runs after the
+/// SYN-ACK, while the flow is half-open.
+fn open(h: &mut Harness, sport: u16, between: &mut dyn FnMut(&mut Harness)) -> usize {
+    let syn = h.expect(
+        h.front,
+        &Tcp::request(sport, VIP).build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    answer(h, &syn);
+    between(h);
+    h.expect(
+        h.front,
+        &client_ack(sport),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    web_of(&syn)
+}
+
+fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
+    let mut maps = SyncMaps::of(&h.dp).expect("sync maps");
+    maps.switch(on).expect("switch");
+    maps
+}
+
+/// Web `web`'s segment with `flags` to the client's port `dport`.
+fn from_web(web: usize, dport: u16, flags: u8) -> Vec<u8> {
+    let frame = Tcp {
+        src_mac: WEB_MACS[web],
+        dst_mac: BACK_MAC,
+        src: WEBS[web],
+        dst: CLIENT,
+        sport: WEB_PORT,
+        dport,
+        seq: WEB_SEQ,
+        syn: false,
+        ..Tcp::request(0, VIP)
+    }
+    .build();
+    with_flags(frame, flags)
+}
+
+/// The web (index) whose address and port a backend endpoint is.
+fn web_addr(web: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(WEBS[web].into(), WEB_PORT)
+}
+
+/// A peer's record of the client's flow from `sport` to VIP:80 on `backend`.
+fn record(sport: u16, backend: SocketAddrV4) -> Record {
+    Record {
+        event: Event::Established,
+        client: SocketAddrV4::new(CLIENT.into(), sport),
+        vip: SocketAddrV4::new(VIP.into(), 80),
+        protocol: 6,
+        closing: false,
+        nat: true,
+        backend,
+        age_ms: 0,
+        seq: lb_tests::kernel_frames::CLIENT_SEQ,
+        reply_seq: WEB_SEQ,
+    }
+}
+
+fn now() -> u32 {
+    lb_userspace::dataplane::sweep::now_ticks()
+}
+
+fn entries(h: &Harness) -> u64 {
+    h.dp.flow_table()
+        .expect("flow table")
+        .entries()
+        .expect("entries")
+        .0
+}
+
+#[test]
+fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let mut maps = sync_maps(&h, true);
+        let web = open(&mut h, 53000, &mut |_| {
+            assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "half-open: no event");
+        });
+        let events = maps.drain();
+        assert_eq!(events.len(), 1, "one event, at promotion: {events:?}");
+        let ev = events[0];
+        assert_eq!(ev.kind, SYNC_EVENT_ESTABLISHED);
+        assert_eq!(ev.key, client_key(53000));
+        assert_eq!((ev.nat, ev.flags), (1, 0));
+        assert_eq!(ev.seq, lb_tests::kernel_frames::CLIENT_SEQ);
+        assert_eq!(
+            ev.reply_seq,
+            WEB_SEQ.wrapping_add(1),
+            "the ACK's acknowledgement"
+        );
+        // Named by address for the peers: the web the SYN went to.
+        let dir = maps.directory();
+        let rec = lb_userspace::sync::record_of(&dir, &ev).expect("a record");
+        assert_eq!(rec.backend, web_addr(web));
+        assert_eq!(rec.vip, SocketAddrV4::new(VIP.into(), 80));
+        assert_eq!(rec.client, SocketAddrV4::new(CLIENT.into(), 53000));
+        // Packets of the established flow, both ways: no event.
+        for _ in 0..10 {
+            h.expect(
+                h.front,
+                &client_ack(53000),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            let back = h.back;
+            h.expect(
+                back,
+                &from_web(web, 53000, ACK),
+                XDP_REDIRECT,
+                Verdict::ForwardedReply,
+            );
+        }
+        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "no event per packet");
+        // The client's FIN closes it (no event: the entry stays, closing);
+        // a SYN on the tuple then ends it and starts a new flow.
+        h.expect(
+            h.front,
+            &with_flags(client_ack(53000), FIN_ACK),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        h.expect(
+            h.front,
+            &Tcp::request(53000, VIP).build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let events = maps.drain();
+        assert_eq!(events.len(), 1, "one event for the end: {events:?}");
+        assert_eq!(events[0].kind, SYNC_EVENT_ENDED);
+        assert_eq!(events[0].key, client_key(53000));
+        // The ended flow's record, for the peers.
+        let rec = lb_userspace::sync::record_of(&dir, &events[0]).expect("a record");
+        assert_eq!(rec.event, Event::Ended);
+    });
+}
+
+#[test]
+fn a_syn_flood_and_sync_off_send_no_event() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let mut maps = sync_maps(&h, true);
+        // 2000 spoofed SYNs: 2000 half-open flows, no event.
+        for i in 0..2000u32 {
+            let src = [100, 64, (i >> 8) as u8, i as u8];
+            h.expect(
+                h.front,
+                &from(src, 40000 + (i % 1000) as u16, VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        assert_eq!(
+            maps.drain(),
+            Vec::<SyncEvent>::new(),
+            "a SYN flood is no sync flood"
+        );
+        // Sync off: an established flow is no event either.
+        maps.switch(false).expect("off");
+        open(&mut h, 53100, &mut |_| {});
+        assert_eq!(entries(&h), 2, "the flow is established");
+        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "off: no event");
+        // On again: the next one is.
+        maps.switch(true).expect("on");
+        open(&mut h, 53101, &mut |_| {});
+        assert_eq!(maps.drain().len(), 1);
+    });
+}
+
+#[test]
+fn a_synced_flow_forwards_to_its_backend_without_the_scheduler() {
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let mut maps = sync_maps(&h, true);
+        let dir: Directory = maps.directory();
+        // Without an entry, a mid-stream segment of a round-robin service
+        // is dropped: the scheduler cannot place it.
+        h.expect(h.front, &client_ack(53200), XDP_DROP, Verdict::DropNoFlow);
+        for (sport, web) in [(53201u16, 2usize), (53202, 1), (53203, 2)] {
+            let got = apply(&mut maps, &dir, &record(sport, web_addr(web)), now()).expect("apply");
+            assert_eq!(got, Applied::Taken);
+            let (established, flow) =
+                h.dp.flow_table()
+                    .expect("flow table")
+                    .lookup(&client_key(sport))
+                    .expect("lookup")
+                    .expect("an entry");
+            assert!(established);
+            assert_eq!(flow.flags & FLOW_F_SYNCED, FLOW_F_SYNCED, "marked synced");
+            let out = h.expect(
+                h.front,
+                &client_ack(sport),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+            assert_eq!(web_of(&out), web, "port {sport}: the synced backend");
+            // Its replies are translated back through the synced reply entry.
+            let back = h.back;
+            h.expect(
+                back,
+                &from_web(web, sport, ACK),
+                XDP_REDIRECT,
+                Verdict::ForwardedReply,
+            );
+        }
+        // The synced flow counts as active on its backend, once.
+        let web3 = h.dp.apply(&cfg).expect("apply")[0].backends[2].1;
+        let active =
+            h.dp.flow_table()
+                .expect("flow table")
+                .active(web3)
+                .expect("active");
+        assert_eq!(active, 2);
+        // Synced entries are not sent back to the peers.
+        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        // A peer's end of the flow closes the synced entry.
+        let mut ended = record(53203, web_addr(2));
+        ended.event = Event::Ended;
+        assert_eq!(
+            apply(&mut maps, &dir, &ended, now()).expect("apply"),
+            Applied::Taken
+        );
+        let active =
+            h.dp.flow_table()
+                .expect("flow table")
+                .active(web3)
+                .expect("active");
+        assert_eq!(active, 1);
+    });
+}
+
+#[test]
+fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_replaces_a_local_one()
+{
+    let net = TestNet::new();
+    net.run(|| {
+        let cfg = lab_config();
+        let mut h = Harness::new(&cfg);
+        let mut maps = sync_maps(&h, true);
+        let dir = maps.directory();
+        let before = entries(&h);
+        let stranger = SocketAddrV4::new([198, 19, 0, 99].into(), WEB_PORT);
+        assert_eq!(
+            apply(&mut maps, &dir, &record(53300, stranger), now()).expect("apply"),
+            Applied::Rejected(RecordReject::UnknownBackend)
+        );
+        // web1's address on another port is another backend.
+        let other_port = SocketAddrV4::new(WEBS[0].into(), WEB_PORT + 1);
+        assert_eq!(
+            apply(&mut maps, &dir, &record(53301, other_port), now()).expect("apply"),
+            Applied::Rejected(RecordReject::UnknownBackend)
+        );
+        let mut no_service = record(53302, web_addr(0));
+        no_service.vip = SocketAddrV4::new(VIP.into(), 8443);
+        assert_eq!(
+            apply(&mut maps, &dir, &no_service, now()).expect("apply"),
+            Applied::Rejected(RecordReject::UnknownService)
+        );
+        // A NAT record for the DSR service's VIP: another service.
+        let mut dsr = record(53303, SocketAddrV4::new(WEBS[0].into(), 80));
+        dsr.vip = SocketAddrV4::new(lb_tests::kernel_net::VIP_DSR.into(), 80);
+        assert_eq!(
+            apply(&mut maps, &dir, &dsr, now()).expect("apply"),
+            Applied::Rejected(RecordReject::UnknownService)
+        );
+        assert_eq!(entries(&h), before, "nothing created");
+        h.expect(h.front, &client_ack(53300), XDP_DROP, Verdict::DropNoFlow);
+        // A local flow keeps its backend, whatever a peer says.
+        let web = open(&mut h, 53304, &mut |_| {});
+        let other = (web + 1) % 3;
+        assert_eq!(
+            apply(&mut maps, &dir, &record(53304, web_addr(other)), now()).expect("apply"),
+            Applied::KeptLocal
+        );
+        let out = h.expect(
+            h.front,
+            &client_ack(53304),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), web);
+    });
+}
