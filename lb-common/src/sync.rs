@@ -11,8 +11,9 @@
 use crate::FlowKey;
 
 /// Bytes of the `SYNC_EVENTS` ring buffer: a power-of-two multiple of the
-/// page size. 256 KiB holds 8192 events: at 100k new flows a second, the
-/// agent's 10 ms drain finds about a thousand.
+/// page size. 256 KiB holds 5461 events (48 bytes with the ring's
+/// header): at 100k new flows a second, the agent's 10 ms drain finds
+/// about a thousand.
 pub const SYNC_RING_BYTES: u32 = 256 * 1024;
 
 /// [`SyncEvent::kind`]: the flow became established (promoted).

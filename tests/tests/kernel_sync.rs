@@ -25,7 +25,7 @@ use lb_userspace::{
     sync::{
         Applied, Directory, SyncMaps, apply,
         stats::RecordReject,
-        wire::{Event, Record},
+        wire::{Event, Key, Kind, Record, Sealer},
     },
 };
 
@@ -348,5 +348,143 @@ fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_rep
             Verdict::Forwarded,
         );
         assert_eq!(web_of(&out), web);
+    });
+}
+
+/// A `[sync]` on loopback address `me` with the peers `peers`.
+fn sync_config(me: [u8; 4], peers: &[[u8; 4]]) -> lb_userspace::config::Sync {
+    lb_userspace::config::Sync {
+        listen: SocketAddrV4::new(me.into(), 17890),
+        peers: peers
+            .iter()
+            .map(|p| SocketAddrV4::new((*p).into(), 17890))
+            .collect(),
+        key_file: "/unused/in/this/test".into(),
+        key: lb_userspace::config::Secret::new(KEY.into()),
+        bulk_timeout: std::time::Duration::from_secs(1),
+    }
+}
+
+const KEY: &str = "a key the two LBs of this test share, long enough";
+
+/// The entry of the client's flow from `sport`, if `h`'s table has one.
+fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
+    h.dp.flow_table()
+        .expect("flow table")
+        .lookup(&client_key(sport))
+        .expect("lookup")
+        .filter(|(est, _)| *est)
+        .map(|(_, f)| f)
+}
+
+/// Waits up to 3 s for `cond`.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() {
+    let net = TestNet::new();
+    net.ip(&["link", "set", "lo", "up"]);
+    net.run(|| {
+        let cfg = lab_config();
+        let (a_addr, b_addr, stranger) = ([127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]);
+        let mut a = Harness::new(&cfg);
+        let mut b = Harness::new(&cfg);
+        // A flow on A before sync runs: only the bulk copy can carry it.
+        let web = open(&mut a, 53400, &mut |_| {});
+        let (_a_stats, a_bulk) = lb_userspace::sync::start(
+            &sync_config(a_addr, &[b_addr]),
+            SyncMaps::of(&a.dp).expect("maps"),
+        )
+        .expect("start A");
+        assert!(
+            !a_bulk.0.blocking_recv().expect("A's bulk copy ends"),
+            "no peer answered A: its bulk copy times out"
+        );
+        let (b_stats, b_bulk) = lb_userspace::sync::start(
+            &sync_config(b_addr, &[a_addr, stranger]),
+            SyncMaps::of(&b.dp).expect("maps"),
+        )
+        .expect("start B");
+        let _ = b_bulk.0.blocking_recv();
+        let copied = established(&b, 53400).expect("B has A's flow from the bulk copy");
+        assert_eq!(copied.flags & FLOW_F_SYNCED, FLOW_F_SYNCED);
+        let out = b.expect(
+            b.front,
+            &client_ack(53400),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), web, "B sends A's flow to A's backend");
+        // A flow A opens now reaches B within a batch or so.
+        let web = open(&mut a, 53401, &mut |_| {});
+        eventually("A's new flow on B", || established(&b, 53401).is_some());
+        let out = b.expect(
+            b.front,
+            &client_ack(53401),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), web);
+        let status = b_stats.status();
+        let from_a = &status.peers[0];
+        assert_eq!(from_a.peer, "127.0.0.1:17890");
+        assert!(from_a.flows_received >= 2, "{status:?}");
+        assert!(from_a.last_message_age_ms.is_some());
+        // Forged, replayed and strangers' messages: counted, no flow.
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), 17890))
+            .expect("the stranger's socket");
+        let b_at = SocketAddrV4::new(b_addr.into(), 17890);
+        let unix_ms = || {
+            u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_millis(),
+            )
+            .expect("ms")
+        };
+        let sender = u32::from(std::net::Ipv4Addr::from(stranger));
+        let mut forger = Sealer::new(Key::new(b"not the key the LBs share, but long"), sender, 1);
+        let forged = forger.seal(Kind::Flows, &[record(53402, web_addr(0))], unix_ms());
+        socket.send_to(&forged, b_at).expect("send");
+        let mut insider = Sealer::new(Key::new(KEY.as_bytes()), sender, 1);
+        let unknown = insider.seal(
+            Kind::Flows,
+            &[record(
+                53403,
+                SocketAddrV4::new([198, 19, 0, 99].into(), WEB_PORT),
+            )],
+            unix_ms(),
+        );
+        socket.send_to(&unknown, b_at).expect("send");
+        socket.send_to(&unknown, b_at).expect("send the same again");
+        eventually("the rejections counted", || {
+            let s = b_stats.status();
+            let r = &s.peers[1].rejected;
+            r.get("bad_tag") == Some(&1)
+                && r.get("replayed") == Some(&1)
+                && r.get("unknown_backend") == Some(&1)
+        });
+        assert!(
+            established(&b, 53402).is_none(),
+            "a forged message creates no flow"
+        );
+        assert!(established(&b, 53403).is_none(), "nor an unknown backend");
+        // From an address that is not a peer at all.
+        let outsider =
+            std::net::UdpSocket::bind(SocketAddrV4::new([127, 0, 0, 4].into(), 0)).expect("bind");
+        outsider.send_to(&unknown, b_at).expect("send");
+        eventually("the outsider counted", || {
+            b_stats.status().rejected_strangers.get("not_a_peer") == Some(&1)
+        });
     });
 }

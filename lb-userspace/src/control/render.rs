@@ -109,6 +109,9 @@ pub fn render(status: &Status) -> String {
     if let Some(a) = &status.announce {
         out.push_str(&render_announce(a));
     }
+    if let Some(s) = &status.sync {
+        out.push_str(&s.render());
+    }
     out.push_str(&render_slow_start(status));
     out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status

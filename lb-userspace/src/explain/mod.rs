@@ -187,6 +187,13 @@ pub fn explain(
                 "pinned by conntrack to {pinned}: every packet of this flow goes there"
             );
         }
+        if entry.flags & lb_common::FLOW_F_SYNCED != 0 {
+            let _ = writeln!(
+                out,
+                "the entry came from a peer LB ([sync]): the flow was established there, and \
+                 this LB keeps its backend"
+            );
+        }
         if query.protocol == IPPROTO_TCP {
             if backend.flags & BACKEND_F_IN_RING != 0 {
                 let _ = writeln!(

@@ -337,3 +337,21 @@ fn the_firewall_is_named_for_new_flows_only() {
     assert!(text.contains("drop_firewall_deny"), "{text}");
     assert!(!text.contains("pass_no_service"), "{text}");
 }
+
+#[test]
+fn a_flow_from_a_peer_lb_says_so() {
+    let local = pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING);
+    let mut synced = local;
+    synced.0.flags = lb_common::FLOW_F_SYNCED;
+    let facts = |conntrack| FlowFacts {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
+        conntrack: Some(conntrack),
+        firewall: Vec::new(),
+    };
+    let text = explain(&query(), &facts(synced), Some(&view()), &[]);
+    assert!(text.contains("came from a peer LB"), "{text}");
+    assert!(text.contains("pinned by conntrack to web1"), "{text}");
+    let text = explain(&query(), &facts(local), Some(&view()), &[]);
+    assert!(!text.contains("peer"), "{text}");
+}

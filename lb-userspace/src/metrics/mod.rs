@@ -20,6 +20,7 @@
 
 mod db;
 pub mod render;
+mod sync;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

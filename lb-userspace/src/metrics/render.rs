@@ -367,6 +367,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     }
 
     super::db::register(&mut registry, &status.pools);
+    if let Some(s) = &status.sync {
+        super::sync::register(&mut registry, s);
+    }
 
     let mut out = String::new();
     // Writing to a String cannot fail.

@@ -575,6 +575,11 @@ impl Syncer {
                 }
                 if msg.kind == (Kind::BulkPage { last: true }) {
                     self.bulk.answered.insert(from);
+                    self.stats.with(|s| {
+                        if let Some(p) = s.peers.get_mut(&from) {
+                            p.status.bulk_copied = true;
+                        }
+                    });
                 }
             }
         }

@@ -67,6 +67,52 @@ pub struct SyncStatus {
     pub bulk: String,
 }
 
+impl SyncStatus {
+    /// `lb status`'s sync lines: one per peer, then what came from
+    /// strangers and the data plane's lost events.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "\nsync on {} (bulk copy at start: {}; {} synced flows)\n",
+            self.listen, self.bulk, self.synced_flows
+        );
+        for p in &self.peers {
+            let rejected: Vec<String> = p
+                .rejected
+                .iter()
+                .map(|(why, n)| format!("{why}={n}"))
+                .collect();
+            out.push_str(&format!(
+                "  peer {}: sent {} received {} kept-local {} rejected [{}] last message {}\n",
+                p.peer,
+                p.flows_sent,
+                p.flows_received,
+                p.flows_kept_local,
+                rejected.join(" "),
+                p.last_message_age_ms
+                    .map_or("never".to_owned(), |ms| format!(
+                        "{:.1}s ago",
+                        ms as f64 / 1000.0
+                    )),
+            ));
+        }
+        if !self.rejected_strangers.is_empty() {
+            let r: Vec<String> = self
+                .rejected_strangers
+                .iter()
+                .map(|(why, n)| format!("{why}={n}"))
+                .collect();
+            out.push_str(&format!("  from strangers: rejected [{}]\n", r.join(" ")));
+        }
+        if self.events_lost > 0 {
+            out.push_str(&format!(
+                "  flow events lost (ring buffer full): {}\n",
+                self.events_lost
+            ));
+        }
+        out
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Peer {
     pub(super) status: PeerStatus,

@@ -6,6 +6,7 @@ mod accepted;
 mod bounds;
 mod pool;
 mod rejected;
+mod sync;
 
 use std::net::SocketAddrV4;
 

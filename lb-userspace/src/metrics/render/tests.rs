@@ -451,7 +451,57 @@ fn full_site() -> Status {
         }),
         ..Default::default()
     });
+    status.sync = Some(sample_sync());
     status
+}
+
+/// Sync with one peer that sent flows and a forged message, and a stranger.
+fn sample_sync() -> crate::sync::SyncStatus {
+    crate::sync::SyncStatus {
+        listen: "198.19.0.11:7890".into(),
+        peers: vec![crate::sync::PeerStatus {
+            peer: "198.19.0.12:7890".into(),
+            flows_sent: 40,
+            flows_received: 30,
+            flows_kept_local: 2,
+            rejected: BTreeMap::from([
+                ("bad_tag".to_owned(), 3),
+                ("unknown_backend".to_owned(), 1),
+            ]),
+            last_message_age_ms: Some(1500),
+            bulk_copied: true,
+        }],
+        rejected_strangers: BTreeMap::from([("not_a_peer".to_owned(), 5)]),
+        events_lost: 0,
+        synced_flows: 28,
+        bulk: "done".into(),
+    }
+}
+
+#[test]
+fn sync_counts_are_per_peer_and_reason() {
+    let mut status = snapshot();
+    status.sync = Some(sample_sync());
+    let text = render(&status, &ProbeLatency::default());
+    let peer = [("peer", "198.19.0.12:7890")];
+    assert_eq!(value(&text, "lb_sync_flows_sent_total", &peer), 40.0);
+    assert_eq!(value(&text, "lb_sync_flows_received_total", &peer), 30.0);
+    assert_eq!(value(&text, "lb_sync_flows_kept_local_total", &peer), 2.0);
+    let rejected = |peer, reason| {
+        value(
+            &text,
+            "lb_sync_rejected_total",
+            &[("peer", peer), ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("198.19.0.12:7890", "bad_tag"), 3.0);
+    assert_eq!(rejected("198.19.0.12:7890", "unknown_backend"), 1.0);
+    assert_eq!(rejected("stranger", "not_a_peer"), 5.0);
+    assert_eq!(value(&text, "lb_sync_last_message_age_seconds", &peer), 1.5);
+    assert_eq!(value(&text, "lb_sync_flows", &[]), 28.0);
+    // Without [sync], none of it.
+    let text = render(&snapshot(), &ProbeLatency::default());
+    assert!(!text.contains("lb_sync"), "{text}");
 }
 
 #[test]
