@@ -36,8 +36,8 @@ use lb_userspace::{
     control::{self, Request, VipChange},
     harness::{
         lab::{
-            HA_CLIENT, LC_VIP, Lab, MONITORING_LISTEN, RR_VIP, SYNC_PORT, VIP, WEB_NAMES,
-            http_get, lb_back_addr, lb_front_addr, web_addr,
+            HA_CLIENT, LC_VIP, Lab, MONITORING_LISTEN, RR_VIP, SYNC_PORT, VIP, WEB_NAMES, http_get,
+            lb_back_addr, lb_front_addr, web_addr,
         },
         netns::{self, in_netns, require_tool},
     },
@@ -389,17 +389,22 @@ fn synced_flows_survive_a_withdrawal_and_a_failback_to_a_restarted_lb() -> Resul
     println!("lb1's connection table after its restart: {entries} entries");
     // The flows the router moves back to lb1 keep their backends.
     let before = service_packets(&ha, 1)?;
-    wait_until(Duration::from_secs(5), "held flows back on lb1", || {
+    let back = wait_until(Duration::from_secs(5), "held flows back on lb1", || {
         let now = service_packets(&ha, 1)?;
         Ok(now.iter().zip(&before).all(|(a, b)| a.1 > b.1))
-    })
-    .context(ha.logs())?;
+    });
     thread::sleep(Duration::from_secs(2));
     let outcome = Outcome {
         held: held.close(),
         wrk: wrk.finish()?,
     };
     outcome.report("sync, DSR, lb1 withdrawn, restarted empty, failback");
+    println!(
+        "lb1 forwarded after the failback: {:?} (from {before:?}); lb1's sync: {:?}",
+        service_packets(&ha, 1)?,
+        ha.status(1)?.sync
+    );
+    back.context(ha.logs())?;
     outcome.check_nothing_broke().context(ha.logs())
 }
 
@@ -444,13 +449,37 @@ fn synced_nat_flows_survive_the_primary_dying_when_the_gateway_moves() -> Result
 
 /// UDP payloads of the datagrams `tcpdump` sees on `dev` in `ns` matching
 /// `filter` while `during` runs.
-fn capture_udp(ns: &str, dev: &str, filter: &str, during: impl FnOnce() -> Result<()>) -> Result<Vec<Vec<u8>>> {
-    require_tool("tcpdump", "apt-get install tcpdump (cargo xtask setup does)")?;
+fn capture_udp(
+    ns: &str,
+    dev: &str,
+    filter: &str,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<Vec<Vec<u8>>> {
+    require_tool(
+        "tcpdump",
+        "apt-get install tcpdump (cargo xtask setup does)",
+    )?;
     let dir = std::env::temp_dir().join(format!("lb-sync-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(format!("{ns}.pcap"));
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "tcpdump", "-i", dev, "-U", "-s", "0", "-w"])
+        // Each packet as it comes (no buffering in the kernel's ring or the
+        // file), as root (the file is ours).
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            dev,
+            "--immediate-mode",
+            "-U",
+            "-Z",
+            "root",
+            "-s",
+            "0",
+            "-w",
+        ])
         .arg(&file)
         .arg(filter)
         .stdin(Stdio::null())
@@ -472,15 +501,22 @@ fn capture_udp(ns: &str, dev: &str, filter: &str, during: impl FnOnce() -> Resul
         }
         String::from_utf8_lossy(&seen).into_owned()
     });
-    let said = listening.join().map_err(|_| anyhow::anyhow!("tcpdump reader"))?;
-    ensure!(said.contains("listening on"), "tcpdump did not start: {said}");
+    let said = listening
+        .join()
+        .map_err(|_| anyhow::anyhow!("tcpdump reader"))?;
+    ensure!(
+        said.contains("listening on"),
+        "tcpdump did not start: {said}"
+    );
     let ran = during();
     thread::sleep(Duration::from_millis(300));
-    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id())?).context("tcpdump's pid")?;
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(child.id())?).context("tcpdump's pid")?;
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
     child.wait().context("waiting for tcpdump")?;
     ran?;
-    let reader = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let reader =
+        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
     let mut reader = pcap_file::pcap::PcapReader::new(reader)?;
     let mut payloads = Vec::new();
     while let Some(pkt) = reader.next_packet() {
@@ -515,19 +551,28 @@ fn send_spoofed(ns: &str, from: SocketAddrV4, to: SocketAddrV4, data: &[u8]) -> 
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        ensure!(rc == 0, "IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "IP_TRANSPARENT: {}",
+            std::io::Error::last_os_error()
+        );
         let socket = std::net::UdpSocket::from(fd);
         // std binds through socket2-like calls only on new sockets: bind
         // the forged address with rustix on the same descriptor.
         rustix::net::bind(&socket, &from).with_context(|| format!("binding {from}"))?;
-        socket.send_to(data, to).with_context(|| format!("sending to {to}"))?;
+        socket
+            .send_to(data, to)
+            .with_context(|| format!("sending to {to}"))?;
         Ok(())
     })?
 }
 
 /// LB `n`'s sync counts for its peer `peer` (`lb status`).
 fn peer_status(ha: &Ha, n: usize, peer: SocketAddrV4) -> Result<PeerStatus> {
-    let sync = ha.status(n)?.sync.with_context(|| format!("lb{n}: no sync status"))?;
+    let sync = ha
+        .status(n)?
+        .sync
+        .with_context(|| format!("lb{n}: no sync status"))?;
     sync.peers
         .into_iter()
         .find(|p| p.peer == peer.to_string())
@@ -559,7 +604,14 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
             })?
         })?;
         let key_text = std::fs::read_to_string(ha.lab.sync_key_path())?;
-        let key = Key::new(key_text.lines().next().unwrap_or_default().trim().as_bytes());
+        let key = Key::new(
+            key_text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .as_bytes(),
+        );
         // A real message: it opens with the lab's key and carries flows.
         let (real, message) = captured
             .iter()
@@ -569,7 +621,12 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
                     .filter(|m| !m.records.is_empty())
                     .map(|m| (d.clone(), m))
             })
-            .with_context(|| format!("no message with flows among {} captured from lb1", captured.len()))?;
+            .with_context(|| {
+                format!(
+                    "no message with flows among {} captured from lb1",
+                    captured.len()
+                )
+            })?;
         println!(
             "captured {} datagrams from lb1; replaying one of seq {} with {} records",
             captured.len(),
@@ -628,16 +685,25 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
             },
         )?;
         ensure!(explained.ok, "lb explain on lb2: {}", explained.message);
-        println!("$ lb explain {forged_client} {RR_VIP}:80/tcp (lb2)\n{}", explained.message);
+        println!(
+            "$ lb explain {forged_client} {RR_VIP}:80/tcp (lb2)\n{}",
+            explained.message
+        );
         ensure!(
             explained.message.contains("no conntrack entry"),
             "the forged message created a flow on lb2:\n{}",
             explained.message
         );
-        // And /metrics says the same.
+        // /metrics says the same, per peer and reason.
         let metrics = ha.lab.exec_ok(
             &ha.lab.lb_ns_of(2),
-            &["curl", "-sS", "-m", "5", &format!("http://{MONITORING_LISTEN}/metrics")],
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                &format!("http://{MONITORING_LISTEN}/metrics"),
+            ],
         )?;
         for reason in ["bad_tag", "replayed"] {
             let line = metrics
@@ -645,10 +711,17 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
                 .find(|l| {
                     l.starts_with("lb_sync_rejected")
                         && l.contains(&format!("reason=\"{reason}\""))
-                        && l.contains(&lb1.to_string())
+                        && l.contains(&format!("peer=\"{lb1}\""))
                 })
-                .with_context(|| format!("no lb_sync_rejected line for {reason} in /metrics:\n{metrics}"))?;
+                .with_context(|| {
+                    format!("no lb_sync_rejected line for {reason} in /metrics:\n{metrics}")
+                })?;
             println!("{line}");
+            ensure!(
+                line.ends_with(&format!(" {}", rejected(&after, reason))),
+                "/metrics disagrees with lb status ({}): {line}",
+                rejected(&after, reason)
+            );
         }
         Ok(())
     };

@@ -185,13 +185,17 @@ pub(super) fn traffic_rows(
     let result = (|| {
         // A program sharing the agent's pinned maps: its events go into
         // the ring the agent drains.
-        let (dp, adopted) = Dataplane::load_pinned(AGENT_TABLES, &pins)?;
-        ensure!(adopted, "the agent's maps are not pinned in {}", pins.display());
+        let (mut dp, adopted) = Dataplane::load_pinned(AGENT_TABLES, &pins)?;
+        ensure!(
+            adopted,
+            "the agent's maps are not pinned in {}",
+            pins.display()
+        );
         let peer = Peer::listen()?;
         let mut rows = Vec::new();
         for (i, rate) in rates.iter().enumerate() {
             let tag = u8::try_from(200 + i).context("too many rates")?;
-            rows.push(agent.traffic(&dp, &peer, lbin, *rate, seconds, tag)?);
+            rows.push(agent.traffic(&mut dp, &peer, lbin, *rate, seconds, tag)?);
         }
         Ok(rows)
     })();
@@ -323,7 +327,7 @@ impl BenchAgent {
     /// repeat=2: DSR leaves the frame the same flow), in 10 ms slots.
     fn traffic(
         &self,
-        dp: &Dataplane,
+        dp: &mut Dataplane,
         peer: &Peer,
         lbin: u32,
         rate: u32,
@@ -589,10 +593,16 @@ mod tests {
             t.contains("| flow sync on: established flow within 3 % of off | met: +2.5 % (41.0 vs 40.0 ns) |"),
             "{t}"
         );
-        assert!(t.contains("within 15 % of off | **missed**: +20.0 % (240.0 vs 200.0 ns) |"), "{t}");
+        assert!(
+            t.contains("within 15 % of off | **missed**: +20.0 % (240.0 vs 200.0 ns) |"),
+            "{t}"
+        );
         let mut s = String::new();
         render(&mut s, &rows);
-        assert!(s.contains("| 100 000 | 98000 | 2.10 | 1000000 | 2600 | 98000 | 0.250 | 0 |"), "{s}");
+        assert!(
+            s.contains("| 100 000 | 98000 | 2.10 | 1000000 | 2600 | 98000 | 0.250 | 0 |"),
+            "{s}"
+        );
         let mut none = String::new();
         render(&mut none, &SyncRows::default());
         assert!(none.is_empty(), "nothing measured, nothing shown: {none}");
