@@ -598,10 +598,18 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
         // A few connections: those crossing lb1 make it send lb2 records.
         let rr = SocketAddr::V4(SocketAddrV4::new(RR_VIP, 80));
         let filter = format!("udp and src host {} and dst port {SYNC_PORT}", lb1.ip());
+        let sent_before = peer_status(&ha, 1, lb2)?.flows_sent;
         let captured = capture_udp(&ha.lab.lb_ns_of(2), "lb-back", &filter, || {
-            in_netns(&ha.lab.client_ns(), || {
-                (0..8).try_for_each(|_| http_get(rr, "/").map(drop))
-            })?
+            // Until lb1 has sent lb2 a flow (ECMP may put the first
+            // connections on lb2).
+            for _ in 0..50 {
+                in_netns(&ha.lab.client_ns(), || http_get(rr, "/").map(drop))??;
+                thread::sleep(Duration::from_millis(50));
+                if peer_status(&ha, 1, lb2)?.flows_sent > sent_before {
+                    return Ok(());
+                }
+            }
+            bail!("lb1 sent lb2 no flow for 50 connections")
         })?;
         let key_text = std::fs::read_to_string(ha.lab.sync_key_path())?;
         let key = Key::new(
