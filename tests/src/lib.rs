@@ -5,11 +5,13 @@
 //! [`kernel_net`] is the kernel tier's network namespace and addresses,
 //! [`kernel_frames`] the frames its test files share, [`flood`] the
 //! lifecycle tests' traffic (keep-alive connections, the SYN flood),
-//! [`pmtu`] the path-MTU tests' upload and route-cache readers.
+//! [`pmtu`] the path-MTU tests' upload and route-cache readers,
+//! [`multi_lb`] the multi-LB lab's agents, held connections and failover.
 
 pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
+pub mod multi_lb;
 pub mod pmtu;
 
 use std::{

@@ -277,8 +277,17 @@ pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
 
 /// The refresh records of the flows active here (a packet within
 /// `within` ticks), established, local; and how many synced entries the
-/// table holds.
-fn active_records(maps: &SyncMaps, dir: &Directory, now: u32, within: u32) -> (Vec<Record>, u64) {
+/// table holds. `include_synced`: also the entries that came from a peer
+/// (the bulk copy: a restarted LB needs back the flows it had, which live
+/// on its peer as synced entries; the refresh leaves them out, or they
+/// would echo between the LBs for ever).
+fn active_records(
+    maps: &SyncMaps,
+    dir: &Directory,
+    now: u32,
+    within: u32,
+    include_synced: bool,
+) -> (Vec<Record>, u64) {
     let mut out = Vec::new();
     let mut synced = 0;
     let entries: Vec<(FlowKey, Flow)> = maps.table.entries();
@@ -293,7 +302,9 @@ fn active_records(maps: &SyncMaps, dir: &Directory, now: u32, within: u32) -> (V
         }
         if flow.flags & FLOW_F_SYNCED != 0 {
             synced += 1;
-            continue;
+            if !include_synced {
+                continue;
+            }
         }
         let age = now.wrapping_sub(flow.seen);
         if flow.state != STATE_ESTABLISHED || age > within {
@@ -306,7 +317,8 @@ fn active_records(maps: &SyncMaps, dir: &Directory, now: u32, within: u32) -> (V
             seq: flow.seq,
             reply_seq: replies.get(key).copied().unwrap_or(0),
             kind: lb_common::sync::SYNC_EVENT_ESTABLISHED,
-            flags: flow.flags,
+            // record_of drops synced entries' events; the bulk copy wants them.
+            flags: flow.flags & !FLOW_F_SYNCED,
             nat: u8::from(flow.vip != 0),
             ..SyncEvent::default()
         };
@@ -439,7 +451,7 @@ impl Syncer {
                 last_refresh = Instant::now();
                 let within = ticks(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)) + 1;
                 let now = crate::dataplane::sweep::now_ticks();
-                let (active, synced) = active_records(&self.maps, &self.dir, now, within);
+                let (active, synced) = active_records(&self.maps, &self.dir, now, within, false);
                 self.stats.with(|s| s.synced_flows = synced);
                 self.send_all(Kind::Flows, &active);
             }
@@ -511,7 +523,7 @@ impl Syncer {
     /// The established flows here, in pages, to `peer` (its bulk request).
     fn send_bulk(&mut self, peer: SocketAddrV4) {
         let now = crate::dataplane::sweep::now_ticks();
-        let (records, _) = active_records(&self.maps, &self.dir, now, u32::MAX);
+        let (records, _) = active_records(&self.maps, &self.dir, now, u32::MAX, true);
         let pages: Vec<&[Record]> = records.chunks(wire::MAX_RECORDS).collect();
         info!("sync: bulk copy of {} flows to {peer}", records.len());
         for (i, page) in pages.iter().enumerate() {

@@ -36,6 +36,7 @@ mod measure;
 mod net;
 mod report;
 mod svg;
+mod sync;
 mod targets;
 #[cfg(test)]
 mod tests;
@@ -150,7 +151,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns, firewall, schedulers, flood) = net.run(|| {
+    let (fwd, ns, firewall, schedulers, flood, sync) = net.run(|| {
         let mut ebpf = super::load_bench_object()?;
         // Always the ceiling at least (empty sweeps): every section's
         // ratios are to the bare forwarder in the same run.
@@ -166,17 +167,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Vec::new()
         };
         if only {
-            let ns = if args.only.contains(&Section::Cost) {
-                measure::cost_rows(&mut ebpf, args.quick, reps)?
+            let (ns, sync) = if args.only.contains(&Section::Cost) {
+                (
+                    measure::cost_rows(&mut ebpf, args.quick, reps)?,
+                    sync::sync_rows(args.quick, reps)?,
+                )
             } else {
-                Vec::new()
+                (Vec::new(), sync::SyncRows::default())
             };
-            return Ok((fwd, ns, Vec::new(), Vec::new(), flood));
+            return Ok((fwd, ns, Vec::new(), Vec::new(), flood, sync));
         }
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
         let schedulers = measure::scheduler_rows(args.quick, reps)?;
-        Ok((fwd, ns, firewall, schedulers, flood))
+        let sync = sync::sync_rows(args.quick, reps)?;
+        Ok((fwd, ns, firewall, schedulers, flood, sync))
     })?;
     drop(net);
     let http = if only {
@@ -227,6 +232,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         firewall,
         schedulers,
         flood,
+        sync,
         http,
         wrk_loads: http::WRK_LOADS
             .iter()

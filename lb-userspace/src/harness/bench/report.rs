@@ -133,6 +133,8 @@ pub(super) struct Report {
     pub(super) schedulers: Vec<SchedCostRow>,
     /// The SYN flood scenario, per mode (none: not measured).
     pub(super) flood: Vec<FloodRow>,
+    /// Flow sync's cost and traffic (empty: not measured).
+    pub(super) sync: super::sync::SyncRows,
     pub(super) http: Result<Vec<HttpRow>, String>,
     /// wrk loads: (name used in the HTTP rows, wrk arguments).
     pub(super) wrk_loads: Vec<(String, String)>,
@@ -259,7 +261,10 @@ pub(super) fn render(r: &Report) -> String {
             let _ = writeln!(s, "Not measured: {e}");
         }
     }
-    s.push_str(&targets(&r.fwd, &r.ns, &r.http, &r.flood));
+    super::sync::render(&mut s, &r.sync);
+    let mut t = targets(&r.fwd, &r.ns, &r.http, &r.flood);
+    super::sync::targets(&mut t, &r.sync);
+    s.push_str(&t);
     s.push_str(&summary(r));
     s
 }

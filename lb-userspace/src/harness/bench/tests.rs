@@ -230,6 +230,7 @@ fn report(v: &Variant) -> Report {
         firewall: Vec::new(),
         schedulers: Vec::new(),
         flood: Vec::new(),
+        sync: super::sync::SyncRows::default(),
         http: Ok(http),
         wrk_loads: loads,
         plot: v.plot.map(str::to_owned),

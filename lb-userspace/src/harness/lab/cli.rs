@@ -234,9 +234,14 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     super::db_demo::print_databases(&lab);
     println!(
         "  services on every LB: tcp {VIP}:80 and tcp {VIP}:443 (TLS passed through), maglev over web1..web3, \
-         HTTP health checks; every LB runs the pool under [coordination] (one leader promotes, all follow its \
+         tcp {}:80 round robin and tcp {}:80 least connections (their flows kept across LBs by [sync]: port {} \
+         on the back network, key {}), HTTP health checks; every LB runs the pool under [coordination] (one leader promotes, all follow its \
          record in etcd), lb1 (the webs' and the databases' gateway) carries its traffic; \
-         firewall: {SITE_DENIED} denied, 1000 new flows/s per /24"
+         firewall: {SITE_DENIED} denied, 1000 new flows/s per /24",
+        super::RR_VIP,
+        super::LC_VIP,
+        super::SYNC_PORT,
+        lab.sync_key_path().display()
     );
     println!(
         "  etcd (three members) in {}: {}",

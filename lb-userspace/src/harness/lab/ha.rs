@@ -17,6 +17,13 @@
 //! webs reply to the client network through the router's back leg; in NAT
 //! through their default route, lb1 (a second LB's NAT flows do not work:
 //! see README, "Running more than one load balancer").
+//!
+//! Flow sync (issue 27): [`Lab::ha_sync_config`] gives every LB a `[sync]`
+//! section (its peers: the other LBs' back addresses, port [`SYNC_PORT`];
+//! the lab's shared key, [`Lab::sync_key_path`]) and, next to the `maglev`
+//! service on the VIP, a round-robin service on [`RR_VIP`] and a
+//! least-connections one on [`LC_VIP`] (the webs and the LBs own those
+//! VIPs too), whose flows survive an LB only through sync.
 
 use std::{
     fs,
@@ -55,6 +62,14 @@ const LB_AS: u32 = 64513;
 const BFD_INTERVAL_MS: u32 = 100;
 const BFD_MULTIPLIER: u32 = 5;
 const BIRD_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The VIP of the multi-LB lab's round-robin service (port 80).
+pub const RR_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+/// The VIP of the multi-LB lab's least-connections service (port 80).
+pub const LC_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+/// The UDP port each LB's flow sync listens on (its back address).
+pub const SYNC_PORT: u16 = 7890;
+/// Bytes of the lab's sync key (HMAC-SHA256's block: more adds nothing).
+const SYNC_KEY_BYTES: usize = 32;
 
 /// LB `n`'s front address (on the router's segment): 198.18.2.1N.
 pub fn lb_front_addr(n: usize) -> Ipv4Addr {
@@ -63,7 +78,7 @@ pub fn lb_front_addr(n: usize) -> Ipv4Addr {
 
 /// LB `n`'s back address: lb1 has the single lab's 198.19.0.1 (the webs'
 /// gateway), the others 198.19.0.3, .4, …
-pub(super) fn lb_back_addr(n: usize) -> Ipv4Addr {
+pub fn lb_back_addr(n: usize) -> Ipv4Addr {
     let last = if n == 1 { 1 } else { n + 1 };
     Ipv4Addr::new(198, 19, 0, u8::try_from(last).unwrap_or(u8::MAX))
 }
@@ -154,17 +169,6 @@ impl Lab {
     /// Every LB gets the same services in the same order, hence the same
     /// rings.
     pub fn ha_config(&self, n: usize, mode: Forwarding, scheduler: &str, med: u32) -> String {
-        let backends = |port: u16| {
-            (1..=WEB_NAMES.len())
-                .map(|w| {
-                    format!(
-                        "{{ address = \"{}:{port}\", name = \"web{w}\" }}",
-                        web_addr(w)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         format!(
             "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{}\"\n\n\
              [monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n\n\
@@ -175,26 +179,61 @@ impl Lab {
             mode.name(),
             self.bird_socket_of(n).display(),
             self.include_of(n).display(),
-            backends(80),
+            web_backends(80),
         )
     }
 
-    /// The whole site on LB `n` for `lb lab up --lbs N`: [`Lab::ha_config`]
-    /// (consistent hashing, health checks, monitoring, the announcement)
-    /// with HTTPS passed through, the site's firewall, and on lb1 — the
+    /// The shared key of the LBs' flow sync (`[sync] key-file`), written
+    /// by the lab (mode 0600) when it builds the topology.
+    pub fn sync_key_path(&self) -> PathBuf {
+        self.run_dir().join("sync.key")
+    }
+
+    /// [`Lab::ha_config`] (`maglev`) with flow sync: the round-robin
+    /// service on [`RR_VIP`], the least-connections one on [`LC_VIP`]
+    /// (both HTTP over web1..3, checked like www), and `[sync]` to every
+    /// other LB of the lab.
+    pub fn ha_sync_config(&self, n: usize, mode: Forwarding, med: u32) -> String {
+        let mut toml = self.ha_config(n, mode, "maglev", med);
+        let backends = web_backends(80);
+        for (name, vip, scheduler) in [
+            ("www-rr", RR_VIP, "round-robin"),
+            ("www-lc", LC_VIP, "least-connections"),
+        ] {
+            toml.push_str(&format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}:80\"\nscheduler = \"{scheduler}\"\n\
+                 health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
+                 backends = [ {backends} ]\n"
+            ));
+        }
+        toml.push_str(&self.sync_section(n));
+        toml
+    }
+
+    /// LB `n`'s `[sync]`: it listens on its back address, sends to the
+    /// other LBs' and shares the lab's key with them.
+    pub fn sync_section(&self, n: usize) -> String {
+        let peers = (1..=self.lbs)
+            .filter(|&p| p != n)
+            .map(|p| format!("\"{}:{SYNC_PORT}\"", lb_back_addr(p)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "\n[sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{peers}]\nkey-file = \"{}\"\n",
+            lb_back_addr(n),
+            self.sync_key_path().display()
+        )
+    }
+
+    /// The whole site on LB `n` for `lb lab up --lbs N`: [`Lab::ha_sync_config`]
+    /// (consistent hashing for www, round robin and least connections
+    /// kept across LBs by flow sync, health checks, monitoring, the
+    /// announcement) with HTTPS passed through, the site's firewall, and on lb1 — the
     /// webs' and the databases' gateway — the database pool, reachable
     /// only from the webs ([`super::site_pool_config`]).
     pub fn ha_site_config(&self, n: usize, mode: Forwarding) -> String {
-        let tls = (1..=WEB_NAMES.len())
-            .map(|w| {
-                format!(
-                    "{{ address = \"{}:{HTTPS_PORT}\", name = \"web{w}\" }}",
-                    web_addr(w)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut toml = self.ha_config(n, mode, "maglev", 0);
+        let tls = web_backends(HTTPS_PORT);
+        let mut toml = self.ha_sync_config(n, mode, 0);
         toml.push_str(&format!(
             "\n[[service]]\nname = \"www-tls\"\nvip = \"{VIP}:{HTTPS_PORT}\"\nscheduler = \"maglev\"\n\
              health = {{ check = \"http\", port = 80, path = \"/\", interval = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
@@ -285,9 +324,14 @@ impl Lab {
 
     /// The router's kernel route to the VIP (none: no LB announces it).
     pub fn ecmp_route(&self) -> anyhow::Result<EcmpRoute> {
+        self.ecmp_route_to(VIP)
+    }
+
+    /// The router's kernel route to `vip`.
+    pub fn ecmp_route_to(&self, vip: Ipv4Addr) -> anyhow::Result<EcmpRoute> {
         let text = netns::ns_run(
             &self.router_ns(),
-            &["ip", "-4", "route", "show", &format!("{VIP}/32")],
+            &["ip", "-4", "route", "show", &format!("{vip}/32")],
         )?;
         Ok(EcmpRoute {
             next_hops: parse_next_hops(&text),
@@ -297,18 +341,28 @@ impl Lab {
     /// Polls the router's VIP route until its next hops are `want` (in any
     /// order); returns how long it took.
     pub fn wait_for_route(&self, want: &[Ipv4Addr], within: Duration) -> anyhow::Result<Duration> {
+        self.wait_for_route_to(VIP, want, within)
+    }
+
+    /// [`Lab::wait_for_route`] for `vip`'s route.
+    pub fn wait_for_route_to(
+        &self,
+        vip: Ipv4Addr,
+        want: &[Ipv4Addr],
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let mut want = want.to_vec();
         want.sort();
         loop {
-            let mut hops = self.ecmp_route()?.next_hops;
+            let mut hops = self.ecmp_route_to(vip)?.next_hops;
             hops.sort();
             if hops == want {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > within {
                 bail!(
-                    "the router's route to {VIP} goes via {hops:?}, not {want:?}, after {within:?}; \
+                    "the router's route to {vip} goes via {hops:?}, not {want:?}, after {within:?}; \
                      router BIRD log:\n{}",
                     fs::read_to_string(self.router_dir().join("bird.log")).unwrap_or_default()
                 );
@@ -390,11 +444,32 @@ impl Lab {
         }
         for w in 1..=WEB_NAMES.len() {
             self.configure_web(w)?;
+            // DSR delivers the sync services' packets still addressed to
+            // their VIPs (arp_ignore is set by configure_web).
+            for vip in [RR_VIP, LC_VIP] {
+                netns::add_addr(&self.web_ns(w), "lo", &format!("{vip}/32"))?;
+            }
         }
+        self.write_sync_key()?;
         for (ns, dev) in ends {
             netns::tune_veth(&ns, &dev)?;
         }
         Ok(())
+    }
+
+    /// The LBs' shared sync key, readable by root only (the agent refuses
+    /// a key file others can read).
+    fn write_sync_key(&self) -> anyhow::Result<()> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let path = self.sync_key_path();
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(random_sync_key()?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     fn configure_ha_client(&self) -> anyhow::Result<()> {
@@ -425,7 +500,9 @@ impl Lab {
         let ns = self.lb_ns_of(n);
         netns::add_addr(&ns, "lb-front", &format!("{}/24", lb_front_addr(n)))?;
         netns::add_addr(&ns, "lb-back", &format!("{}/24", lb_back_addr(n)))?;
-        netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
+        for vip in [VIP, RR_VIP, LC_VIP] {
+            netns::add_addr(&ns, "lo", &format!("{vip}/32"))?;
+        }
         // NAT replies to clients leave through the router.
         netns::add_default_route(&ns, ROUTER_FRONT)?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
@@ -540,6 +617,29 @@ impl Lab {
             timers = BGP_TIMERS,
         )
     }
+}
+
+/// web1..3 on `port` as a service's `backends` list (inside the brackets).
+fn web_backends(port: u16) -> String {
+    (1..=WEB_NAMES.len())
+        .map(|w| {
+            format!(
+                "{{ address = \"{}:{port}\", name = \"web{w}\" }}",
+                web_addr(w)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `SYNC_KEY_BYTES` random bytes from the kernel, hex: the lab's sync key.
+fn random_sync_key() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut key = [0u8; SYNC_KEY_BYTES];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .context("reading /dev/urandom for the lab's sync key")?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n")
 }
 
 /// BGP with BFD; short timers so a lab session comes up (and back) fast.
