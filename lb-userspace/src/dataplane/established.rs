@@ -60,9 +60,7 @@ impl EstablishedTable {
 
     /// Every occupied slot, copied under its lock.
     pub fn occupied(&self) -> Vec<EstablishedSlot> {
-        (0..self.slots() as usize)
-            .filter_map(|i| self.read_slot(i))
-            .collect()
+        self.occupied_slots()
     }
 
     /// The entry `key` (as it arrives: forward, or a NAT flow's reply)

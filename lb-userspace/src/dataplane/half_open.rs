@@ -98,6 +98,31 @@ impl Drop for Window {
     }
 }
 
+/// A copy of the slot at `slot` made between two equal, even reads of its
+/// sequence (`None`: empty, or a writer held or took it).
+///
+/// # Safety
+/// `slot` is a mapped slot of a table.
+unsafe fn copy_of<S: LockedSlot>(slot: *mut S) -> Option<S> {
+    // SAFETY: `seq` is 4-byte aligned in the slot and only ever accessed
+    // atomically (here and by the data plane); the copy is volatile, as
+    // the data plane may write it.
+    unsafe {
+        let seq = AtomicU32::from_ptr(S::seq(slot));
+        let before = seq.load(Ordering::Acquire);
+        if before & 1 != 0 {
+            return None;
+        }
+        let key = std::ptr::read_volatile(S::key(slot));
+        let copy = std::ptr::read_volatile(slot);
+        fence(Ordering::Acquire);
+        if seq.load(Ordering::Relaxed) != before || key == FlowKey::EMPTY {
+            return None;
+        }
+        Some(copy)
+    }
+}
+
 /// `HALF_OPEN` mapped into this process.
 pub type HalfOpenTable = SlotTable<HalfOpenSlot>;
 
@@ -190,26 +215,36 @@ impl<S: LockedSlot> SlotTable<S> {
     /// Slot `i`, copied under its sequence lock; `None` if it is empty or a
     /// writer holds it.
     pub fn read_slot(&self, i: usize) -> Option<S> {
-        self.at(i, |slot| {
-            // SAFETY: `seq` is 4-byte aligned in the slot and only ever
-            // accessed atomically (here and by the data plane); the copy is
-            // volatile, as the data plane may write it.
-            unsafe {
-                let seq = AtomicU32::from_ptr(S::seq(slot));
-                let before = seq.load(Ordering::Acquire);
-                if before & 1 != 0 {
-                    return None;
+        // SAFETY: a mapped slot.
+        self.at(i, |slot| unsafe { copy_of(slot) }).flatten()
+    }
+
+    /// Every occupied slot, copied under its lock (one lock of the window
+    /// per window, empty slots skipped on their key): the whole-table read
+    /// of status, the sweep and the purge.
+    pub fn occupied_slots(&self) -> Vec<S> {
+        let per_window = WINDOW_BYTES / size_of::<S>();
+        let mut out = Vec::new();
+        for first in (0..self.count).step_by(per_window) {
+            let n = per_window.min(self.count - first);
+            self.at(first, |base| {
+                for j in 0..n {
+                    // SAFETY: slots `first..first + n` are in this window
+                    // (the window starts at `first`'s slot and is `n` slots
+                    // long or longer); a copy as in `read_slot`.
+                    unsafe {
+                        let slot = base.add(j);
+                        if std::ptr::read_volatile(S::key(slot)) == FlowKey::EMPTY {
+                            continue;
+                        }
+                        if let Some(copy) = copy_of(slot) {
+                            out.push(copy);
+                        }
+                    }
                 }
-                let key = std::ptr::read_volatile(S::key(slot));
-                let copy = std::ptr::read_volatile(slot);
-                fence(Ordering::Acquire);
-                if seq.load(Ordering::Relaxed) != before || key == FlowKey::EMPTY {
-                    return None;
-                }
-                Some(copy)
-            }
-        })
-        .flatten()
+            });
+        }
+        out
     }
 
     /// Slot `i` under its lock: `write` gets the slot's address to read
@@ -274,7 +309,10 @@ impl HalfOpenTable {
 
     /// Every occupied slot's key and entry (expired ones included).
     pub fn entries(&self) -> Vec<(FlowKey, Flow)> {
-        (0..self.count).filter_map(|i| self.read(i)).collect()
+        self.occupied_slots()
+            .into_iter()
+            .map(|s| (s.key, Flow::from(&s.flow)))
+            .collect()
     }
 
     /// The slots of the bucket of the flow whose forward (client → VIP)
