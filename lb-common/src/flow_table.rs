@@ -367,7 +367,7 @@ mod tests {
             vip: fwd.daddr,
             seq: 111,
             next_hop: hop(4),
-            _pad: 1,
+            flags: 1,
             ..flow(50, STATE_ESTABLISHED)
         };
         let rkey = reply_key(&fwd, &backend);
