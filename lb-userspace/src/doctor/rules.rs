@@ -460,7 +460,7 @@ fn backends(cfg: &Config, routes: &[Route], neighbours: &[Neighbour]) -> Vec<Fin
                          the backend must be on a segment the LB is attached to"
                     ),
                     "put the backend on the LB's back segment, or use forwarding = \"ipip\" \
-                     or \"gue\" (DSR across routers, with `lb decap` on the backend), or \"nat\""
+                     or \"gue\" (DSR across routers, with `lb decap` on the backend), or forwarding = \"nat\""
                         .into(),
                 ));
                 continue;
