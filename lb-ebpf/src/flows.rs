@@ -547,6 +547,7 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     if let Some(conf) = conf()
         && let Some((state, backend_id)) = established::remove(conf, &forward)
     {
+        crate::sync::ended(key, flow);
         // Both directions went with the slot; counted once, by whoever
         // emptied it.
         if state == STATE_ESTABLISHED {
