@@ -42,6 +42,7 @@ pub use half_open::{HalfOpenTable, LockedSlot, SlotTable};
 pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
 pub use plan::Admission;
+pub use probe::ServiceRoute;
 pub use read::{FlowTable, NeighbourRequests};
 pub use sweep::{Sweeper, now_ticks};
 

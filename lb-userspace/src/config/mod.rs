@@ -38,7 +38,7 @@ pub use health::{
 pub use pool::{Pool, PoolMember};
 use raw::RawConfig;
 pub use service::{Backend, OnBackendDown, Protocol, Scheduler, Service, ServiceLimits};
-pub use sync::Sync;
+pub use sync::{MIN_KEY_LEN, Sync};
 use validate::Validator;
 
 /// The config spelling of an enum value (`"weighted-round-robin"`), from

@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use super::{Secret, duration, validate::Validator};
 
+/// The shortest key a key file may hold.
+pub const MIN_KEY_LEN: usize = 32;
+
 /// `[sync]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sync {
@@ -147,11 +150,11 @@ fn read_key(path: &std::path::Path) -> Result<String, String> {
         .read_to_string(&mut text)
         .map_err(|e| format!("cannot read: {e}"))?;
     let line = text.lines().next().unwrap_or_default().trim();
-    if line.len() < crate::sync::wire::MIN_KEY_LEN {
+    if line.len() < MIN_KEY_LEN {
         return Err(format!(
             "the key (first line) has {} characters, at least {} are needed (e.g. `openssl rand -hex 32`)",
             line.len(),
-            crate::sync::wire::MIN_KEY_LEN
+            MIN_KEY_LEN
         ));
     }
     Ok(line.to_owned())

@@ -2,7 +2,7 @@
 //! (`health::through_vip`): `lb_probe` on the probe namespace's veth, and
 //! the services' ids the probes' entries name.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use aya::programs::XdpMode;
 
@@ -11,7 +11,16 @@ use super::{
     keys::{raw_endpoint, service_key},
     load::program_mut,
 };
-use crate::{config::Config, health::through_vip::ServiceRoute};
+use crate::config::Config;
+
+/// A service's VIP as the probes address it, its data plane id and its
+/// backends' ids by address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRoute {
+    pub id: u32,
+    pub vip: SocketAddrV4,
+    pub backends: BTreeMap<SocketAddrV4, u32>,
+}
 
 /// The steering program's name in the object (lb-ebpf/src/probe.rs).
 pub const PROBE_PROGRAM: &str = "lb_probe";

@@ -39,7 +39,7 @@ use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use super::probe::ProbeError;
 use crate::{
     config::{CheckKind, HealthCheck},
-    dataplane::{Dataplane, MapName},
+    dataplane::{Dataplane, MapName, ServiceRoute},
     xdp::{if_mac, ifindex},
 };
 
@@ -126,15 +126,6 @@ pub fn follow(checker: &mut super::HealthChecker, dp: &mut Dataplane, cfg: &crat
     if let Some(prober) = checker.through_vip() {
         prober.set_services(dp.service_routes(cfg));
     }
-}
-
-/// A service's VIP as the probes address it, its data plane id and its
-/// backends' ids by address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceRoute {
-    pub id: u32,
-    pub vip: SocketAddrV4,
-    pub backends: BTreeMap<SocketAddrV4, u32>,
 }
 
 type Job = Box<dyn FnOnce() + Send>;

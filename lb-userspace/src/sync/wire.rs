@@ -42,8 +42,7 @@ const _: () = assert!(MAX_MESSAGE + 28 <= 1500);
 /// A message sent longer ago (or further ahead) than this is stale: the
 /// clocks of the LBs must agree within it (NTP does far better).
 pub const WINDOW_MS: u64 = 30_000;
-/// The shortest key a key file may hold.
-pub const MIN_KEY_LEN: usize = 32;
+pub use crate::config::MIN_KEY_LEN;
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

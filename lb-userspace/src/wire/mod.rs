@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub mod announce;
 pub mod pool;
 pub mod status;
+pub mod sync;
 
 pub use announce::{AnnounceStatus, BirdProtocol, BirdView, VipPlan};
 pub use pool::{CoordStatus, MemberStatus, PoolStatus, Replication, Role};

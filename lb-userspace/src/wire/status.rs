@@ -81,7 +81,7 @@ pub struct Status {
     /// `[sync]`: flow-state sync with the peer LBs, per peer; `None`
     /// without `[sync]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sync: Option<crate::sync::SyncStatus>,
+    pub sync: Option<super::sync::SyncStatus>,
 }
 
 /// The runtime changes that outlive the agent.
