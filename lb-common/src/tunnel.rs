@@ -19,6 +19,8 @@ use crate::{
     headers::{IP_DF, IPPROTO_UDP, Ipv4Hdr},
     icmp::ipv4_check,
 };
+// The headers GUE puts on the wire, shared with the decapsulator's parse.
+pub use crate::decap::{GueHdr, UdpHdr};
 
 /// IP protocol number of IPv4 in IP (RFC 2003), and GUE's inner IPv4.
 pub const IPPROTO_IPIP: u8 = 4;
@@ -38,27 +40,6 @@ pub const OUTER_TTL: u8 = 64;
 /// range (RFC 6335), 49152-65535.
 pub const GUE_PORT_BASE: u16 = 49152;
 pub const GUE_PORTS: u32 = 16384;
-
-/// UDP header, raw network-order fields.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpHdr {
-    pub source: u16,
-    pub dest: u16,
-    pub len: u16,
-    pub check: u16,
-}
-
-/// GUE variant 0 header (draft-ietf-intarea-gue): version (2 bits), C (1
-/// bit) and header length in words (5 bits) in the first byte, the inner
-/// protocol, then 16 bits of flags.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GueHdr {
-    pub version_hlen: u8,
-    pub proto: u8,
-    pub flags: u16,
-}
 
 /// Everything GUE puts between the Ethernet header and the inner packet.
 #[repr(C)]
@@ -151,7 +132,7 @@ pub fn gue_headers(
             check: 0,
         },
         gue: GueHdr {
-            version_hlen: 0,
+            version_c_hlen: 0,
             proto: inner_proto,
             flags: 0,
         },
