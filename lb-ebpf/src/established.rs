@@ -14,7 +14,7 @@
 
 use aya_ebpf::{macros::map, maps::Array};
 use core::{
-    intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_or, atomic_xadd},
+    intrinsics::{AtomicOrdering::SeqCst, atomic_or},
     ptr::read_volatile,
 };
 use lb_common::{
@@ -23,7 +23,7 @@ use lb_common::{
     flow_table::{Place, WAYS, Way, first_way, place, probes_overflow},
 };
 
-use crate::flows::{same_key, write_words};
+use crate::flows::{SeqLocked, lock, same_key, unlock, write_words};
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -168,24 +168,12 @@ pub(crate) fn other_is_live(
     }
 }
 
-/// Takes the slot's lock; false if another writer holds it.
-#[inline(always)]
-fn lock(slot: *mut EstablishedSlot) -> bool {
-    // SAFETY: a valid, aligned u32 in an array map value.
-    let seq = unsafe { read_volatile(&raw const (*slot).seq) };
-    if seq & 1 != 0 {
-        return false;
+impl SeqLocked for EstablishedSlot {
+    #[inline(always)]
+    fn seq(slot: *mut Self) -> *mut u32 {
+        // SAFETY: a field of the caller's valid slot pointer.
+        unsafe { &raw mut (*slot).seq }
     }
-    // SAFETY: as above.
-    let (_, locked) =
-        unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(&raw mut (*slot).seq, seq, seq + 1) };
-    locked
-}
-
-#[inline(always)]
-fn unlock(slot: *mut EstablishedSlot) {
-    // SAFETY: as in `lock`; the add publishes the writes before it.
-    unsafe { atomic_xadd::<u32, u32, { SeqCst }>(&raw mut (*slot).seq, 1) };
 }
 
 /// Empties the slot of the flow whose forward key is `forward`, under its

@@ -349,25 +349,41 @@ fn read_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<Flow> {
     }
 }
 
+/// A slot under a sequence lock (`seq`: odd while a writer holds it), the
+/// layout `HALF_OPEN`'s and `ESTABLISHED`'s slots share.
+pub(crate) trait SeqLocked {
+    /// The slot's `seq` word.
+    fn seq(slot: *mut Self) -> *mut u32;
+}
+
+impl SeqLocked for HalfOpenSlot {
+    #[inline(always)]
+    fn seq(slot: *mut Self) -> *mut u32 {
+        // SAFETY: a field of the caller's valid slot pointer.
+        unsafe { &raw mut (*slot).seq }
+    }
+}
+
 /// Takes the slot's lock; false if another writer holds it (that writer
-/// wins: half-open entries are best effort).
+/// wins: the caller gives up, as half-open entries are best effort and an
+/// established slot's writers retry or overflow).
 #[inline(always)]
-fn lock(slot: *mut HalfOpenSlot) -> bool {
+pub(crate) fn lock<S: SeqLocked>(slot: *mut S) -> bool {
+    let seq = S::seq(slot);
     // SAFETY: a valid, aligned u32 in an array map value.
-    let seq = unsafe { read_volatile(&raw const (*slot).seq) };
-    if seq & 1 != 0 {
+    let now = unsafe { read_volatile(seq) };
+    if now & 1 != 0 {
         return false;
     }
     // SAFETY: as above.
-    let (_, locked) =
-        unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(&raw mut (*slot).seq, seq, seq + 1) };
+    let (_, locked) = unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(seq, now, now + 1) };
     locked
 }
 
 #[inline(always)]
-fn unlock(slot: *mut HalfOpenSlot) {
+pub(crate) fn unlock<S: SeqLocked>(slot: *mut S) {
     // SAFETY: as in `lock`; the add publishes the writes before it.
-    unsafe { atomic_xadd::<u32, u32, { SeqCst }>(&raw mut (*slot).seq, 1) };
+    unsafe { atomic_xadd::<u32, u32, { SeqCst }>(S::seq(slot), 1) };
 }
 
 /// Puts a forward entry (client → VIP) in a slot of its bucket: the one
