@@ -39,8 +39,8 @@ pub(crate) static ESTABLISHED: Array<EstablishedSlot> =
 pub(crate) enum Lookup {
     /// The flow's slot and its entry for the packet's direction.
     Found(*mut EstablishedSlot, *mut Flow),
-    /// Not in the table; `overflow`: one of the buckets it could be in is
-    /// flagged, so it may be in `CONNTRACK`.
+    /// Not in the bucket looked in; `overflow`: that bucket is flagged, so
+    /// it may be in `CONNTRACK`.
     Miss { overflow: bool },
 }
 
@@ -59,13 +59,29 @@ fn bucket(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> u32 {
     )
 }
 
-/// `key` as it arrives: a forward packet's entry is in its source's bucket
-/// under its own key, a NAT reply's in its destination's bucket, in the
-/// slot whose client and backend it connects.
+/// Which bucket a packet's entry is looked for in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The source's: a forward packet (client → VIP), under its own key.
+    /// Every packet looks here first.
+    Sender,
+    /// The destination's: a NAT backend's reply (backend → client), in the
+    /// slot whose client and backend it connects. Only a packet that is not
+    /// to a VIP can be one, so a packet to a VIP (a new flow's SYN) never
+    /// reads this bucket.
+    Receiver,
+}
+
+/// `key` as it arrives, in the bucket of `side`: a forward packet's entry
+/// is in its source's bucket under its own key, a NAT reply's in its
+/// destination's bucket.
 #[inline(always)]
-pub(crate) fn find(conf: &FlowConf, key: &FlowKey) -> Lookup {
+pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
+    let first = match side {
+        Side::Sender => bucket(conf, key.saddr, key.sport, key.protocol),
+        Side::Receiver => bucket(conf, key.daddr, key.dport, key.protocol),
+    };
     let mut overflow = false;
-    let first = bucket(conf, key.saddr, key.sport, key.protocol);
     for way in 0..WAYS {
         let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
             return Lookup::Miss { overflow: false };
@@ -76,23 +92,16 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey) -> Lookup {
             if way == 0 {
                 overflow = probes_overflow(read_volatile(&raw const (*slot).flags));
             }
-            if stable(slot, |s| same_key(&raw const (*s).key, key)) {
-                return Lookup::Found(slot, &raw mut (*slot).forward);
-            }
-        }
-    }
-    let first = bucket(conf, key.daddr, key.dport, key.protocol);
-    for way in 0..WAYS {
-        let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
-            return Lookup::Miss { overflow };
-        };
-        // SAFETY: as above.
-        unsafe {
-            if way == 0 {
-                overflow |= probes_overflow(read_volatile(&raw const (*slot).flags));
-            }
-            if stable(slot, |s| is_reply(s, key)) {
-                return Lookup::Found(slot, &raw mut (*slot).reply);
+            let found = match side {
+                Side::Sender => stable(slot, |s| same_key(&raw const (*s).key, key)),
+                Side::Receiver => stable(slot, |s| is_reply(s, key)),
+            };
+            if found {
+                let entry = match side {
+                    Side::Sender => &raw mut (*slot).forward,
+                    Side::Receiver => &raw mut (*slot).reply,
+                };
+                return Lookup::Found(slot, entry);
             }
         }
     }

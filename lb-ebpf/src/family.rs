@@ -82,7 +82,14 @@ pub(crate) trait PathFamily: Family + Sized {
     fn too_big(ctx: &XdpContext, mtu: u16) -> Outcome;
 
     // ---- flow tables (step 2 and 4; `flows.rs` for IPv4) ----
-    fn established(key: &Self::FlowKey, now: u32) -> Option<*mut Flow>;
+    /// The live established entry of `key`; `to_vip` is asked only on a
+    /// miss in the sender's bucket (a packet not to a VIP may be a NAT
+    /// backend's reply, in its receiver's bucket).
+    fn established(
+        key: &Self::FlowKey,
+        now: u32,
+        to_vip: impl FnMut() -> bool,
+    ) -> Option<*mut Flow>;
     fn half_open(key: &Self::FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Self::Slot)>;
     fn answered(slot: Self::Slot, key: &Self::FlowKey, reply: &Flow, flags: u8, seq: u32);
     fn record(slot: Self::Slot, forward: &Self::FlowKey, state: u32, seq: u32);
@@ -107,12 +114,12 @@ pub(crate) trait PathFamily: Family + Sized {
     /// their next hop is not worth caching.
     #[inline(always)]
     fn flow_of(key: &Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
-        if let Some(entry) = Self::established(key, now) {
+        let to_vip = Self::is_vip(key.destination());
+        if let Some(entry) = Self::established(key, now, || to_vip) {
             // SAFETY: a flow table value (see `flows::established`).
             return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
         }
-        Self::half_open(key, now, Self::is_vip(key.destination()))
-            .map(|(flow, _)| (flow, Table::HalfOpen))
+        Self::half_open(key, now, to_vip).map(|(flow, _)| (flow, Table::HalfOpen))
     }
 }
 

@@ -50,7 +50,7 @@ use lb_common::{
 
 use crate::{
     BACKENDS,
-    established::{self, Lookup, Placed},
+    established::{self, Lookup, Placed, Side},
 };
 
 /// The established table's overflow (`established.rs`): flows whose bucket
@@ -125,14 +125,31 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
 
 /// Step 2: the live established entry for `key` (as it arrives: a flow's
 /// forward entry, or a NAT flow's reply entry), refreshed; `None` on a
-/// miss. One bucket of `ESTABLISHED` (`established::find`); `CONNTRACK`,
-/// the overflow, only if the bucket is flagged. An entry idle past its
-/// timeout is a miss and is removed with its flow, unless the flow's other
-/// direction has carried a packet within it.
+/// miss. The sender's bucket of `ESTABLISHED` first (`established::find`);
+/// on a miss, if the packet is not to a VIP (`to_vip`, asked only then),
+/// the receiver's bucket, where a NAT backend's reply finds its flow; then
+/// `CONNTRACK`, the overflow, only if a bucket looked in is flagged. An
+/// entry idle past its timeout is a miss and is removed with its flow,
+/// unless the flow's other direction has carried a packet within it.
 #[inline(always)]
-pub(crate) fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
+pub(crate) fn established(
+    key: &FlowKey,
+    now: u32,
+    mut to_vip: impl FnMut() -> bool,
+) -> Option<*mut Flow> {
     let conf = conf()?;
-    let (slot, entry) = match established::find(conf, key) {
+    let lookup = match established::find(conf, key, Side::Sender) {
+        Lookup::Miss { overflow } if !to_vip() => {
+            match established::find(conf, key, Side::Receiver) {
+                Lookup::Miss { overflow: also } => Lookup::Miss {
+                    overflow: overflow | also,
+                },
+                found => found,
+            }
+        }
+        lookup => lookup,
+    };
+    let (slot, entry) = match lookup {
         Lookup::Found(slot, entry) => (slot, entry),
         Lookup::Miss { overflow: true } => return overflowed(conf, key, now),
         Lookup::Miss { overflow: false } => return None,

@@ -141,8 +141,8 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
-        flows::established(key, now)
+    fn established(key: &FlowKey, now: u32, to_vip: impl FnMut() -> bool) -> Option<*mut Flow> {
+        flows::established(key, now, to_vip)
     }
 
     #[inline(always)]
