@@ -229,6 +229,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 34);
+        assert_eq!(MapName::pinned().count(), 37);
     }
 }
