@@ -160,6 +160,13 @@ maps! {
     TUNNELS: Pinning::Pinned;
     /// Next hops found without a neighbour entry.
     NEIGH_WANTED: Pinning::Pinned;
+    /// Tunnel backend address → tunnel source, GUE port, learned path MTU.
+    TUNNEL_PMTU: Pinning::Pinned;
+    /// Routers' "fragmentation needed" about tunnel packets: learned,
+    /// clamped, refused, per CPU.
+    TUNNEL_PMTU_STATS: Pinning::Pinned;
+    /// The latest expiry of a learned tunnel path MTU.
+    TUNNEL_PMTU_UNTIL: Pinning::Pinned;
     /// Checks through the VIP: probe source port → its backend.
     PROBES: Pinning::Unpinned {
         why: "a probe's entry lives as long as the probe, which ends with the agent that runs it",
@@ -222,6 +229,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 34);
+        assert_eq!(MapName::pinned().count(), 37);
     }
 }

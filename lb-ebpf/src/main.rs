@@ -9,7 +9,8 @@
 //!   ports that belong to a flow: they hand it back to the path),
 //!   `firewall`, `schedule`, `hops` (shared next hops), `fib`, `transmit`
 //!   (the one place a forwarding mode is decided), `tunnel` (IPIP and GUE
-//!   headers in front of a packet), `compose` (frames the LB
+//!   headers in front of a packet), `tunnel_icmp` (path MTU beyond the
+//!   LB's own link, from routers' ICMP), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
 //!   (outcomes and counters), `trace` and `capture`, `sync` (flow events
 //!   for the LBs' flow sync);
@@ -47,6 +48,7 @@ mod sync;
 mod trace;
 mod transmit;
 mod tunnel;
+mod tunnel_icmp;
 mod v4;
 mod verdict;
 

@@ -21,6 +21,7 @@ use crate::{
     mem::copy_mac,
     parse::Packet,
     tunnel::{self, Encap},
+    tunnel_icmp,
     verdict::{Outcome, count, drop, pass},
 };
 
@@ -158,10 +159,13 @@ fn through_tunnel<F: PathFamily>(
     // SAFETY: bounds-checked by `parse_l4`.
     let ip = unsafe { &*pkt.ip };
     let rc = tunnel::next_hop::<F>(ctx, ip, encap, &ends, cache);
+    // A router further on may have a smaller link (`tunnel_icmp`).
+    let outer_len = ip.packet_len().saturating_add(encap.overhead());
+    let (rc, mtu) = tunnel_icmp::beyond(rc, cache.mtu, backend.addr, outer_len);
     if rc == FIB_FRAG_NEEDED {
         // Read first: the answer reshapes the frame.
         let df = ip.dont_fragment();
-        let answer = F::too_big(ctx, inner_mtu(cache.mtu, encap.overhead()));
+        let answer = F::too_big(ctx, inner_mtu(mtu, encap.overhead()));
         if df {
             return answer;
         }

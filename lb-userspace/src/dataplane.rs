@@ -45,6 +45,7 @@ pub use plan::Admission;
 pub use probe::ServiceRoute;
 pub use read::{FlowTable, NeighbourRequests};
 pub use sweep::{Sweeper, now_ticks};
+pub use tunnel::LearnedPmtu;
 
 use std::path::{Path, PathBuf};
 
