@@ -196,7 +196,10 @@ fn pktgen_ipv6_frames_reach_a_real_stack_with_valid_checksums() {
         // BenchNet turns IPv6 off; lbin gets it back, with the VIP6.
         netns::sysctl(&name, "net/ipv6/conf/lbin/disable_ipv6", "0")?;
         let vip6 = format!("{}/64", bench::VIP6);
-        netns::ns_run(&name, &["ip", "-6", "addr", "add", &vip6, "dev", "lbin", "nodad"])?;
+        netns::ns_run(
+            &name,
+            &["ip", "-6", "addr", "add", &vip6, "dev", "lbin", "nodad"],
+        )?;
         // lbin has no XDP program: GRO gives it the NAPI that frames
         // redirected into its peer need.
         netns::tune_veth(&name, "lbin")?;
