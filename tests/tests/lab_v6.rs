@@ -28,6 +28,68 @@ use lb_userspace::{
     health::{self, ProbeError},
 };
 
+/// The lab's MariaDB members over IPv6 (each binds its IPv4 and its IPv6
+/// address): the agent's mysql check passes against each from the LB's
+/// namespace, and a pool member's observation (the role and the
+/// replication state the pool decides on) reads db1 as the writable
+/// primary and db2 as a read-only replica of it.
+#[test]
+fn mysql_checks_and_pool_observations_work_over_ipv6() -> Result<()> {
+    use lb_userspace::{
+        config::{MysqlLogin, Secret},
+        harness::lab::{ADMIN_USER, DB_NAMES, DB_PORT, admin_password_file, db_addr6},
+        health::mysql,
+    };
+    let prefix = unique_prefix("lbv6d");
+    let mut lab = Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))?;
+    lab.start_databases()?;
+    let password = std::fs::read_to_string(admin_password_file(&lab.run_dir()))?;
+    let login = MysqlLogin {
+        user: ADMIN_USER.to_owned(),
+        password: Secret::new(password.trim().to_owned()),
+        password_file: None,
+    };
+    let lb = lab.lb_ns();
+    for n in 1..=DB_NAMES.len() {
+        let member = SocketAddr::new(db_addr6(n).into(), DB_PORT);
+        probe_from(&lb, member, &CheckKind::Mysql(login.clone()))?
+            .with_context(|| format!("mysql probe of {member}"))?;
+    }
+    let observe = |n: usize| {
+        let member = SocketAddr::new(db_addr6(n).into(), DB_PORT);
+        let login = login.clone();
+        in_netns(&lb, move || -> Result<mysql::Observation> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(mysql::observe(member, &login, PROBE_TIMEOUT))
+                .map_err(|e| anyhow::anyhow!("observing {member}: {e}"))
+        })?
+    };
+    let primary = observe(1)?;
+    ensure!(
+        !primary.read_only && primary.server_id == 1,
+        "db1 over IPv6: {primary:?}"
+    );
+    let replica = observe(2)?;
+    ensure!(
+        replica.read_only && replica.server_id == 2 && replica.replication.is_some(),
+        "db2 over IPv6: {replica:?}"
+    );
+    // A wrong password is refused, naming the IPv6 member.
+    let wrong = MysqlLogin {
+        password: Secret::new("not-the-password".to_owned()),
+        ..login.clone()
+    };
+    let member = SocketAddr::new(db_addr6(1).into(), DB_PORT);
+    let why = probe_from(&lb, member, &CheckKind::Mysql(wrong))?.expect_err("wrong password");
+    ensure!(
+        why.to_string().starts_with(&format!("mysql {member}: ")),
+        "{why}"
+    );
+    Ok(())
+}
+
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn ping6(lab: &Lab, ns: &str, to: impl ToString) -> Result<()> {

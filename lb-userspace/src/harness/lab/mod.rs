@@ -61,9 +61,9 @@ use crate::{
 pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
 pub use db::{
-    ADMIN_USER, APP_PASSWORD, APP_USER, DB_NAMES, DB_PORT, READ_VIP, TableLock, VISITS_TABLE,
-    WRITE_VIP, admin_password_file, db_addr, pool_client_addr, pool_config, pool_lb_back_addr,
-    read_vip, site_pool_config, write_vip,
+    ADMIN_USER, APP_PASSWORD, APP_USER, DB_GATEWAY6, DB_NAMES, DB_PORT, READ_VIP, TableLock,
+    VISITS_TABLE, WRITE_VIP, admin_password_file, db_addr, db_addr6, pool_client_addr, pool_config,
+    pool_lb_back_addr, read_vip, site_pool_config, write_vip,
 };
 pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
