@@ -21,8 +21,8 @@
 //! every web's `lo` beside 198.18.0.10; the client reaches it by a /128
 //! route through the LB's front address (IPv6 neighbour discovery answers
 //! only for addresses on the asked interface, unlike ARP for the IPv4 VIP).
-//! The LB forwards IPv6 (`net.ipv6.conf.all.forwarding`), and `lab-serve`
-//! listens on both families. (The routed lab stays IPv4-only.)
+//! `lab-serve` listens on both families. The LB does not forward IPv6 yet
+//! (see `configure_lb_v6`). (The routed lab stays IPv4-only.)
 //!
 //! The same code backs the `lb lab` CLI verbs and the end-to-end tests: a
 //! [`Lab`] is a guard whose `Drop` removes every namespace and process it made.
@@ -667,15 +667,16 @@ impl Lab {
         netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "0")
     }
 
-    /// The LB's IPv6 side: front and back addresses, the VIP6 on `lo`, and
-    /// IPv6 forwarding (routing between the networks; `bpf_fib_lookup`
-    /// resolves IPv6 next hops only with it on).
+    /// The LB's IPv6 side: front and back addresses and the VIP6 on `lo`.
     fn configure_lb_v6(&self) -> anyhow::Result<()> {
         let ns = self.lb_ns();
         add_addr6(&ns, "lb-front", &format!("{LB_FRONT6}/64"))?;
         add_addr6(&ns, "lb-back", &format!("{LB_BACK6}/64"))?;
         add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
-        netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")
+        // Not `net.ipv6.conf.all.forwarding=1`: with it on, the IPv4 path-MTU
+        // test (frag_e2e.rs) stalled 3 runs of 3 (cause not found yet); the
+        // IPv6 data plane will need it (bpf_fib_lookup), so that is open.
+        Ok(())
     }
 
     fn configure_lb(&self) -> anyhow::Result<()> {
