@@ -50,6 +50,7 @@ pub use measure::{Stat, sink_packets};
 pub use net::{
     BenchNet, CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, backend_addr, generator_spec, lb_config,
 };
+pub use net::{CLIENT6, VIP6, backend_addr6, frame6_to, generator_spec_v6};
 pub use report::{COMMAND_ENV, shown_command, utc_date};
 
 #[derive(Debug, Clone, clap::Args)]
