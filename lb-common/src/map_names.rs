@@ -178,6 +178,7 @@ maps! {
     SYNC_EVENTS: Pinning::Pinned;
     /// Backend id → established flows the agent inserted from peers.
     SYNC_OPENED: Pinning::Pinned;
+    VIPS6: Pinning::Pinned;
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
