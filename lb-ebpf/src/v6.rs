@@ -27,8 +27,10 @@ use crate::{
 #[map]
 pub(crate) static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// One IPv6 frame (its EtherType already checked).
-#[inline(always)]
+/// One IPv6 frame (its EtherType already checked). Out of line (a
+/// BPF-to-BPF call for IPv6 frames only), so IPv4's path keeps its own
+/// stack frame and code as they were.
+#[inline(never)]
 pub(crate) fn balance(ctx: &XdpContext) -> Outcome {
     let Some(ip) = header::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
         return pass(Verdict::PassTruncated);
