@@ -185,6 +185,7 @@ maps! {
     SYNC_EVENTS: Pinning::Pinned;
     /// Backend id → established flows the agent inserted from peers.
     SYNC_OPENED: Pinning::Pinned;
+    VIPS6: Pinning::Pinned;
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
@@ -229,6 +230,7 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 37);
+        // 34, then the tunnels' path MTU (3) and IPv6's VIPS6 (1).
+        assert_eq!(MapName::pinned().count(), 38);
     }
 }

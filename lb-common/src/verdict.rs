@@ -138,6 +138,13 @@ verdicts! {
     /// to a probe port, by the way the probe left): handed into the probe
     /// namespace's veth (lb-common/src/probe.rs), never to the LB's stack.
     ForwardedProbeReply = 27 => "forwarded_probe_reply", forwarded: true;
+    /// IPv6 to a VIP with more extension headers than the walk reads
+    /// (`lb_common::ipv6::MAX_EXTENSIONS`, 4): dropped, never guessed at.
+    DropIpv6TooManyExtensions = 28 => "drop_ipv6_too_many_extensions", forwarded: false;
+    /// IPv6 to a VIP with a routing header whose segments left is not 0:
+    /// the VIP is not the packet's last destination, so balancing it would
+    /// misroute it; dropped.
+    DropIpv6Routing = 29 => "drop_ipv6_routing", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

@@ -4,6 +4,8 @@
 //!
 //! - `path`: the packet path, as numbered steps (docs/architecture.md),
 //!   written once over the address family (`family`: IPv4 today);
+//! - `v6`: IPv6's entry, with its VIP rules in `parse6` (IPv6 services are
+//!   not balanced yet: non-VIP IPv6 passes untouched);
 //! - its stages and primitives, one room each: `parse` (headers, the VIP
 //!   rules), `flows` (the flow tables), `frag` and `icmp` (packets without
 //!   ports that belong to a flow: they hand it back to the path),
@@ -41,6 +43,7 @@ mod hops;
 mod icmp;
 mod mem;
 mod parse;
+mod parse6;
 mod path;
 mod probe;
 mod schedule;
@@ -50,6 +53,7 @@ mod transmit;
 mod tunnel;
 mod tunnel_icmp;
 mod v4;
+mod v6;
 mod verdict;
 
 use capture::capture;
@@ -64,7 +68,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, MAX_BACKENDS, MAX_SERVICES, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    family::{Family, V4},
+    family::{Family, V4, V6},
     headers::EthHdr,
 };
 
@@ -121,6 +125,9 @@ fn dispatch(ctx: &XdpContext) -> verdict::Outcome {
     let ether_type = unsafe { (*eth).ether_type };
     if ether_type == V4::ETHER_TYPE_RAW {
         return path::balance::<V4>(ctx, eth);
+    }
+    if ether_type == V6::ETHER_TYPE_RAW {
+        return v6::balance(ctx);
     }
     verdict::pass(Verdict::PassNotOurs)
 }
