@@ -235,7 +235,7 @@ pub const WEB_UDP_PORT: u16 = 5300;
 pub fn backend(name: &str, ip: [u8; 4], port: u16) -> Backend {
     Backend {
         name: name.into(),
-        address: SocketAddrV4::new(ip.into(), port),
+        address: SocketAddrV4::new(ip.into(), port).into(),
         weight: 1,
         backup: false,
         health: None,
@@ -254,7 +254,7 @@ pub fn service(
     Service {
         firewall: Default::default(),
         name: name.into(),
-        vip: SocketAddrV4::new(vip.into(), port),
+        vip: SocketAddrV4::new(vip.into(), port).into(),
         protocol,
         forwarding,
         scheduler: Scheduler::RoundRobin,

@@ -110,7 +110,7 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         let q =
             lb_userspace::explain::FlowQuery::parse("10.77.1.200:42001", &format!("{vip}:80/tcp"))
                 .expect("query");
-        let facts = h.dp.flow_facts(&q.key()).expect("facts");
+        let facts = h.dp.flow_facts(&q.key().expect("an IPv4 flow")).expect("facts");
         let scopes: Vec<u32> = facts.firewall.iter().map(|f| f.scope).collect();
         assert_eq!(scopes, vec![FW_GLOBAL, www_id]);
         assert_eq!(facts.firewall[0].deny, None);

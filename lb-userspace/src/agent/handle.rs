@@ -100,10 +100,23 @@ impl Agent {
     /// and health from the agent, through the pure decision text.
     fn explain(&self, client: &str, service: &str) -> anyhow::Result<String> {
         let query = FlowQuery::parse(client, service)?;
-        let facts = self
-            .dp
-            .flow_facts(&query.key())
-            .context("reading the maps")?;
+        let on_vip: Vec<String> = self
+            .cfg
+            .services
+            .iter()
+            .filter(|s| s.vip.ip() == query.vip.ip())
+            .map(|s| format!("{} {}/{}", s.name, s.vip, s.protocol.name()))
+            .collect();
+        let Some(key) = query.key() else {
+            // IPv6: no IPv6 maps to read; the pure text says so.
+            return Ok(explain::explain(
+                &query,
+                &Default::default(),
+                None,
+                &on_vip,
+            ));
+        };
+        let facts = self.dp.flow_facts(&key).context("reading the maps")?;
         let view = facts.service.as_ref().and_then(|f| {
             let (svc, applied) = self
                 .cfg
@@ -133,13 +146,6 @@ impl Agent {
                     .collect(),
             })
         });
-        let on_vip: Vec<String> = self
-            .cfg
-            .services
-            .iter()
-            .filter(|s| s.vip.ip() == query.vip.ip())
-            .map(|s| format!("{} {}/{}", s.name, s.vip, s.protocol.name()))
-            .collect();
         Ok(explain::explain(&query, &facts, view.as_ref(), &on_vip))
     }
 

@@ -126,17 +126,6 @@ fn unix_ms(t: SystemTime) -> u64 {
 /// How often least-connections rings follow the active flow counts.
 const LEAST_CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
 
-/// The (VIP, port, protocol) key of a service as the data plane stores it.
-fn dataplane_service_key(svc: &config::Service) -> lb_common::ServiceKey {
-    let (vip, port) = crate::dataplane::raw_endpoint(svc.vip);
-    lb_common::ServiceKey {
-        vip,
-        port,
-        protocol: crate::dataplane::protocol_number(svc.protocol),
-        _pad: 0,
-    }
-}
-
 impl Agent {
     /// The standing of backend `b` of `svc` (admin state, health, a pool
     /// member's role, `max-connections`), as every reader sees it.

@@ -27,7 +27,7 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -40,7 +40,7 @@ use crate::config::{self, Config, Firewall, Prefix};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Shape {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub weight: u32,
     pub backup: bool,
 }

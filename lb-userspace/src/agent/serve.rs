@@ -269,7 +269,12 @@ impl Agent {
         serving: &BTreeSet<(lb_common::ServiceKey, std::net::SocketAddrV4)>,
     ) -> anyhow::Result<()> {
         let serving_health = |svc: &config::Service, b: &config::Backend| {
-            if serving.contains(&(super::dataplane_service_key(svc), b.address)) {
+            let key = crate::dataplane::service_key(svc);
+            let in_maps = match (key, b.address) {
+                (Some(key), std::net::SocketAddr::V4(address)) => serving.contains(&(key, address)),
+                _ => false,
+            };
+            if in_maps {
                 Health::Up
             } else {
                 Health::Pending
@@ -475,7 +480,11 @@ fn prime_neighbours(cfg: &Config) {
     };
     let mut seen = std::collections::BTreeSet::new();
     for b in cfg.services.iter().flat_map(|s| &s.backends) {
-        let addr = *b.address.ip();
+        // IPv6 neighbours are the IPv6 data plane's (its next hops come
+        // from `bpf_fib_lookup` with AF_INET6), not primed yet.
+        let std::net::IpAddr::V4(addr) = b.address.ip() else {
+            continue;
+        };
         if seen.insert(addr)
             && let Err(e) = neighbours.resolve_route(addr)
         {

@@ -4,7 +4,7 @@
 //! running config. The agent applies the results through its one commit
 //! path; these functions are tested on the host without root.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use anyhow::Context;
 
@@ -125,9 +125,14 @@ pub fn edit(
             backup,
             ..
         } => {
-            let address: SocketAddrV4 = address
-                    .parse()
-                    .with_context(|| format!("address: expected IPv4 address and port like \"198.19.0.14:80\", got {address:?}"))?;
+            // Either family; `config::check` below applies the file's
+            // rules (the VIP's family, address problems, the IPv6 gate).
+            let address: SocketAddr = address.parse().with_context(|| {
+                format!(
+                    "address: expected IPv4 address and port like \"198.19.0.14:80\" \
+                     or IPv6 in brackets like \"[2001:db8::14]:80\", got {address:?}"
+                )
+            })?;
             svc.backends.push(config::Backend {
                 name: backend.clone(),
                 address,
@@ -441,6 +446,57 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
             backup: false,
         });
         assert!(dup.contains("service[0].backends[2].address"), "{dup}");
+    }
+
+    #[test]
+    fn backend_add_parses_ipv6_and_checks_it_like_the_file() {
+        let cfg = site();
+        let none = BTreeMap::new();
+        let add = |cfg: &Config, address: &str| {
+            let change = BackendChange::Add {
+                service: "www".into(),
+                backend: "web3".into(),
+                address: address.into(),
+                weight: 1,
+                backup: false,
+            };
+            format!("{:#}", edit(cfg, &none, change).expect_err("rejected"))
+        };
+        // Parsed (brackets), then the file's one-family rule names the key.
+        let mixed = add(&cfg, "[2001:db8:19::13]:80");
+        assert!(
+            mixed.contains("service[0].backends[2].address")
+                && mixed.contains(
+                    "[2001:db8:19::13]:80 is an IPv6 address but the service's VIP \
+                     198.18.0.10:80 is IPv4"
+                ),
+            "{mixed}"
+        );
+        let unbracketed = add(&cfg, "2001:db8:19::13:80");
+        assert!(
+            unbracketed.starts_with("address: expected IPv4 address and port")
+                && unbracketed.contains("IPv6 in brackets like \"[2001:db8::14]:80\""),
+            "{unbracketed}"
+        );
+        // An IPv6 service built by hand: the backend fits its family, and
+        // the file's last rule (the data plane's IPv6 gate) still applies.
+        let mut v6 = cfg.clone();
+        v6.services[0].vip = "[2001:db8:18::10]:80".parse().expect("vip");
+        for (i, b) in v6.services[0].backends.iter_mut().enumerate() {
+            b.address = format!("[2001:db8:19::1{}]:80", i + 1).parse().expect("addr");
+        }
+        let gated = add(&v6, "[2001:db8:19::13]:80");
+        assert!(
+            gated.contains("service[0].vip")
+                && gated.contains("the data plane does not balance IPv6 yet"),
+            "{gated}"
+        );
+        let multicast = add(&v6, "[ff02::1]:80");
+        assert!(
+            multicast.contains("service[0].backends[2].address")
+                && multicast.contains("ff02::1 is a multicast address"),
+            "{multicast}"
+        );
     }
 
     #[test]

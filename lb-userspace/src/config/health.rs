@@ -3,7 +3,7 @@
 //! settings, [`MysqlLogin`], [`Secret`]) and its validation, where a key
 //! of another kind of check is refused rather than ignored.
 
-use std::{fmt, net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use super::{
     ConfigError, duration,
@@ -47,8 +47,9 @@ pub struct HealthCheck {
 impl HealthCheck {
     /// Where probes for a backend at `backend` go: its IP, on
     /// [`port`](Self::port) if set, else on its own port.
-    pub fn target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
-        SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
+    pub fn target(&self, backend: impl Into<SocketAddr>) -> SocketAddr {
+        let backend = backend.into();
+        SocketAddr::new(backend.ip(), self.port.unwrap_or(backend.port()))
     }
 
     /// The longest a backend's first verdict can take under this check:

@@ -8,7 +8,11 @@
 //! `deny-from` and `rate-limit` on the pool apply to both services, the
 //! same keys in `write = { … }` or `read = { … }` to one of them.
 
-use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -107,16 +111,16 @@ impl Pool {
             .iter()
             .map(|m| Backend {
                 name: m.name.clone(),
-                address: m.address,
+                address: m.address.into(),
                 weight: 1,
                 backup: false,
                 health: None,
                 max_connections: None,
             })
             .collect();
-        let service = |name: String, vip, on_backend_down, firewall: &Firewall| Service {
+        let service = |name: String, vip: SocketAddrV4, on_backend_down, firewall: &Firewall| Service {
             name,
-            vip,
+            vip: vip.into(),
             protocol: Protocol::Tcp,
             forwarding,
             scheduler: Scheduler::RoundRobin,
@@ -234,7 +238,7 @@ impl Validator<'_> {
         for (i, raw_pool) in raw.into_iter().enumerate() {
             let pool = self.pool(i, raw_pool, &pools)?;
             for service in pool.services() {
-                let field = if service.vip == pool.write_vip {
+                let field = if service.vip == SocketAddr::V4(pool.write_vip) {
                     "write-vip"
                 } else {
                     "read-vip"

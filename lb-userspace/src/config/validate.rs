@@ -448,7 +448,7 @@ impl Validator<'_> {
         };
         match services
             .iter()
-            .find(|s| SocketAddr::V4(s.vip) == listen && s.protocol == Protocol::Tcp)
+            .find(|s| s.vip == listen && s.protocol == Protocol::Tcp)
         {
             None => Ok(()),
             Some(s) => Err(self.err(

@@ -1,7 +1,7 @@
 //! Map keys and codes from config values: the raw network-order endpoint,
 //! protocol number, service key and scheduler code the maps hold.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use lb_common::ServiceKey;
 
@@ -12,6 +12,15 @@ pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
     (u32::from_ne_bytes(addr.ip().octets()), addr.port().to_be())
 }
 
+/// An IPv4 address's raw endpoint as the IPv4 maps hold it; `None` for an
+/// IPv6 one, whose keys are IPv6's own (`plan6`).
+pub fn ipv4_endpoint(addr: SocketAddr) -> Option<(u32, u16)> {
+    match addr {
+        SocketAddr::V4(v4) => Some(raw_endpoint(v4)),
+        SocketAddr::V6(_) => None,
+    }
+}
+
 /// The IP protocol number of a config protocol.
 pub fn protocol_number(p: Protocol) -> u8 {
     match p {
@@ -20,13 +29,14 @@ pub fn protocol_number(p: Protocol) -> u8 {
     }
 }
 
-/// A service's key in `SERVICES`.
-pub fn service_key(svc: &config::Service) -> ServiceKey {
-    let (vip, port) = raw_endpoint(svc.vip);
-    ServiceKey {
+/// An IPv4 service's key in `SERVICES`; `None` for an IPv6 service (its
+/// key is a `ServiceKey6`, planned by `plan6`).
+pub fn service_key(svc: &config::Service) -> Option<ServiceKey> {
+    let (vip, port) = ipv4_endpoint(svc.vip)?;
+    Some(ServiceKey {
         vip,
         port,
         protocol: protocol_number(svc.protocol),
         _pad: 0,
-    }
+    })
 }

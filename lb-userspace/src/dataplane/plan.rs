@@ -18,7 +18,10 @@
 //!   has no expiry), so it is listed in [`Plan::purge`]: the writer deletes
 //!   those flows before it publishes the new backend.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Endpoint, MAX_BACKENDS,
@@ -27,7 +30,7 @@ use lb_common::{
     ring,
 };
 
-use super::keys::{raw_endpoint, service_key};
+use super::keys::{ipv4_endpoint, service_key};
 use crate::config::{self, Config, Scheduler};
 
 /// A backend's identity: (service id, address, port), raw network order.
@@ -43,6 +46,11 @@ pub enum PlanError {
     },
     #[error("more than {limit} {what}")]
     Full { what: &'static str, limit: u32 },
+    /// The IPv4 maps hold IPv4 services only; an IPv6 service's entries
+    /// are [`super::plan6`]'s, which nothing writes yet (config rejects an
+    /// IPv6 service before it gets here).
+    #[error("service {service}: {address} is IPv6, which the IPv4 maps do not hold")]
+    Ipv6 { service: String, address: SocketAddr },
 }
 
 /// Whether a backend takes new flows, and what happens to its old ones.
@@ -213,7 +221,22 @@ pub fn plan(
     active: &[u64],
 ) -> Result<Plan, PlanError> {
     // Services: survivors keep their ids; new ones get free ids.
-    let keys: Vec<ServiceKey> = cfg.services.iter().map(service_key).collect();
+    let keys: Vec<ServiceKey> = cfg
+        .services
+        .iter()
+        .map(|svc| service_key(svc).ok_or_else(|| ipv6(svc, svc.vip)))
+        .collect::<Result<_, _>>()?;
+    // Every backend's raw endpoint, per service, in config order.
+    let endpoints: Vec<Vec<(u32, u16)>> = cfg
+        .services
+        .iter()
+        .map(|svc| {
+            svc.backends
+                .iter()
+                .map(|b| ipv4_endpoint(b.address).ok_or_else(|| ipv6(svc, b.address)))
+                .collect::<Result<_, _>>()
+        })
+        .collect::<Result<_, _>>()?;
     let wanted: BTreeSet<ServiceKey> = keys.iter().copied().collect();
     let kept_services: BTreeMap<ServiceKey, u32> = now
         .services
@@ -254,13 +277,9 @@ pub fn plan(
     let wanted_backends: BTreeSet<BackendKey> = cfg
         .services
         .iter()
+        .zip(&endpoints)
         .zip(&ids_of)
-        .flat_map(|(svc, &sid)| {
-            svc.backends.iter().map(move |b| {
-                let (a, p) = raw_endpoint(b.address);
-                (sid, a, p)
-            })
-        })
+        .flat_map(|((_, ends), &sid)| ends.iter().map(move |&(a, p)| (sid, a, p)))
         .collect();
     let kept_service_ids: BTreeSet<u32> = now
         .services
@@ -293,11 +312,10 @@ pub fn plan(
 
     let mut services = Vec::with_capacity(cfg.services.len());
     let mut backends: BTreeMap<u32, BackendPlan> = BTreeMap::new();
-    for ((svc, key), &id) in cfg.services.iter().zip(&keys).zip(&ids_of) {
+    for (((svc, key), &id), ends) in cfg.services.iter().zip(&keys).zip(&ids_of).zip(&endpoints) {
         let mut named = Vec::with_capacity(svc.backends.len());
         let mut admissions = Vec::with_capacity(svc.backends.len());
-        for b in &svc.backends {
-            let (addr, port) = raw_endpoint(b.address);
+        for (b, &(addr, port)) in svc.backends.iter().zip(ends) {
             let bid = match next.backends.get(&(id, addr, port)) {
                 Some(&bid) => bid,
                 None => {
@@ -327,7 +345,7 @@ pub fn plan(
             named.push((b.name.clone(), bid));
             admissions.push(admission);
         }
-        let members = ring_members(svc, &named, &admissions);
+        let members = ring_members(svc, ends, &named, &admissions);
         let least_connections = match svc.scheduler {
             Scheduler::LeastConnections => {
                 members.serving.iter().map(|m| (m.id, m.weight)).collect()
@@ -386,6 +404,13 @@ pub fn plan(
     })
 }
 
+fn ipv6(svc: &config::Service, address: SocketAddr) -> PlanError {
+    PlanError::Ipv6 {
+        service: svc.name.clone(),
+        address,
+    }
+}
+
 /// Who new flows may go to: the group in use (the non-backup backends, or
 /// — when none of them is in rotation — the backups, HAProxy's `backup`),
 /// every configured member of it with weight > 0, and those in rotation.
@@ -394,18 +419,24 @@ struct Members {
     serving: Vec<Member>,
 }
 
-fn ring_members(svc: &config::Service, ids: &[(String, u32)], admissions: &[Admission]) -> Members {
+fn ring_members(
+    svc: &config::Service,
+    endpoints: &[(u32, u16)],
+    ids: &[(String, u32)],
+    admissions: &[Admission],
+) -> Members {
     let pick = |backup: bool, serving_only: bool| -> Vec<Member> {
         svc.backends
             .iter()
+            .zip(endpoints)
             .zip(ids)
             .zip(admissions)
-            .filter(|((b, _), a)| {
+            .filter(|(((b, _), _), a)| {
                 b.backup == backup && b.weight > 0 && (a.in_rotation || !serving_only)
             })
-            .map(|((b, (_, id)), _)| Member {
-                addr: u32::from(*b.address.ip()),
-                port: b.address.port(),
+            .map(|(((b, &(addr, port)), (_, id)), _)| Member {
+                addr: u32::from_be(addr),
+                port: u16::from_be(port),
                 id: *id,
                 weight: b.weight,
             })
@@ -467,7 +498,7 @@ mod tests {
         let ip = Ipv4Addr::from(0x0a00_0000 + n);
         Backend {
             name: format!("b{n}"),
-            address: SocketAddrV4::new(ip, 80),
+            address: SocketAddrV4::new(ip, 80).into(),
             weight: 1,
             backup: false,
             health: None,
@@ -479,7 +510,7 @@ mod tests {
         Service {
             firewall: Default::default(),
             name: name.into(),
-            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, vip), 80),
+            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, vip), 80).into(),
             protocol: Protocol::Tcp,
             forwarding: Forwarding::Nat,
             scheduler: Scheduler::RoundRobin,

@@ -2,7 +2,10 @@
 //! (`health::through_vip`): `lb_probe` on the probe namespace's veth, and
 //! the services' ids the probes' entries name.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, SocketAddrV4},
+};
 
 use aya::programs::XdpMode;
 
@@ -45,26 +48,32 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every service of `cfg` the maps hold: its VIP, its id and its
-    /// backends' ids.
+    /// Every service of `cfg` the maps hold (IPv4's: probes through the
+    /// VIP are IPv4 frames): its VIP, its id and its backends' ids.
     pub fn service_routes(&self, cfg: &Config) -> BTreeMap<String, ServiceRoute> {
         cfg.services
             .iter()
             .filter_map(|s| {
-                let id = *self.ids.services.get(&service_key(s))?;
+                let SocketAddr::V4(vip) = s.vip else {
+                    return None;
+                };
+                let id = *self.ids.services.get(&service_key(s)?)?;
                 let backends = s
                     .backends
                     .iter()
                     .filter_map(|b| {
-                        let (addr, port) = raw_endpoint(b.address);
-                        Some((b.address, *self.ids.backends.get(&(id, addr, port))?))
+                        let SocketAddr::V4(address) = b.address else {
+                            return None;
+                        };
+                        let (addr, port) = raw_endpoint(address);
+                        Some((address, *self.ids.backends.get(&(id, addr, port))?))
                     })
                     .collect();
                 Some((
                     s.name.clone(),
                     ServiceRoute {
                         id,
-                        vip: s.vip,
+                        vip,
                         backends,
                     },
                 ))

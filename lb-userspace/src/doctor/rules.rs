@@ -377,7 +377,8 @@ fn mtus(interfaces: &[Interface], mode: XdpMode) -> Vec<Finding> {
 }
 
 fn vips_on_lo(cfg: &Config, loopback: &[Ipv4Addr]) -> Vec<Finding> {
-    let vips: BTreeSet<Ipv4Addr> = cfg.services.iter().map(|s| *s.vip.ip()).collect();
+    // The host facts are IPv4's (routes, neighbours, lo's addresses).
+    let vips: BTreeSet<Ipv4Addr> = cfg.services.iter().filter_map(|s| ipv4(s.vip)).collect();
     vips.into_iter()
         .map(|vip| {
             if loopback.contains(&vip) {
@@ -437,7 +438,9 @@ fn backends(cfg: &Config, routes: &[Route], neighbours: &[Neighbour]) -> Vec<Fin
     let mut out = Vec::new();
     for svc in &cfg.services {
         for b in &svc.backends {
-            let ip = *b.address.ip();
+            let Some(ip) = ipv4(b.address) else {
+                continue;
+            };
             if !seen.insert((ip, svc.forwarding == Forwarding::Dsr)) {
                 continue;
             }
@@ -494,4 +497,13 @@ fn backends(cfg: &Config, routes: &[Route], neighbours: &[Neighbour]) -> Vec<Fin
         }
     }
     out
+}
+
+/// The IPv4 address of `addr`; `None` for IPv6, which the doctor's host
+/// facts (IPv4 routes, neighbours and lo addresses) do not cover.
+fn ipv4(addr: std::net::SocketAddr) -> Option<Ipv4Addr> {
+    match addr {
+        std::net::SocketAddr::V4(v4) => Some(*v4.ip()),
+        std::net::SocketAddr::V6(_) => None,
+    }
 }

@@ -11,7 +11,8 @@
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, SCHED_HASH,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, FlowKey,
+    SCHED_HASH,
     SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
 };
 
@@ -119,8 +120,11 @@ pub fn explain(
     view: Option<&ServiceView>,
     vip_services: &[String],
 ) -> String {
-    let mut out = String::new();
     let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
+    let Some(key) = query.key() else {
+        return not_balanced_yet(&flow, vip_services);
+    };
+    let mut out = String::new();
     let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
     let Some(service) = facts.service.as_ref().filter(|s| s.conf.enabled != 0) else {
         if let Some((text, true)) = facts
@@ -226,14 +230,30 @@ pub fn explain(
             }
         }
     }
-    out.push_str(&schedule_text(query, service, view));
+    out.push_str(&schedule_text(&key, service, view));
     out.push_str(&backends_text(view, &service.ring));
     out
 }
 
+/// An IPv6 flow's answer while the data plane has no IPv6 services: the
+/// config (`vip_services`: its services on the VIP's address) cannot hold
+/// one, and IPv6 to a VIP reaches the kernel.
+fn not_balanced_yet(flow: &str, vip_services: &[String]) -> String {
+    format!(
+        "{flow}: IPv6 services are not balanced yet (issue 24): the data plane passes IPv6 \
+         packets to the kernel (pass_not_ours; pass_no_service for an address in VIPS6), \
+         and the config rejects an IPv6 service ({})\n",
+        if vip_services.is_empty() {
+            "none is configured on this address".to_string()
+        } else {
+            format!("configured on this address: {}", vip_services.join(", "))
+        }
+    )
+}
+
 /// Which backend the scheduler picks for a new flow, and how sure that is.
-fn schedule_text(query: &FlowQuery, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
-    let Some(c) = choose(&query.key(), service) else {
+fn schedule_text(key: &FlowKey, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
+    let Some(c) = choose(key, service) else {
         let full = view.is_some_and(|v| v.backends.iter().any(|b| b.at_limit.is_some()));
         return format!(
             "the ring is empty (no backend takes new flows{}): a new flow is dropped \

@@ -68,7 +68,7 @@ fn parses_flows_and_names_bad_arguments() {
     let q = query();
     assert_eq!(q.client, "198.18.0.2:40000".parse().expect("addr"));
     assert_eq!(q.protocol, IPPROTO_TCP);
-    assert_eq!(q.key().sport, 40000u16.to_be());
+    assert_eq!(q.key().expect("an IPv4 flow").sport, 40000u16.to_be());
     assert_eq!(
         FlowQuery::parse("198.18.0.2:1", "198.18.0.10:53/UDP")
             .expect("udp")
@@ -163,16 +163,16 @@ fn a_backend_at_max_connections_is_named_as_full() {
 fn maglev_and_source_ip_index_the_table() {
     let table: Vec<u32> = (0..251).map(|i| i % 3).collect();
     for (scheduler, hash, what) in [
-        (SCHED_MAGLEV, flow_hash(&query().key()), "maglev: flow_hash"),
+        (SCHED_MAGLEV, flow_hash(&query().key().expect("an IPv4 flow")), "maglev: flow_hash"),
         (
             SCHED_SOURCE_IP,
-            source_hash(query().key().saddr),
+            source_hash(query().key().expect("an IPv4 flow").saddr),
             "source-ip: hash of the client address",
         ),
     ] {
         let mut svc = service(scheduler, vec![0, 1, 2], 0);
         svc.maglev = table.clone();
-        let c = choose(&query().key(), &svc).expect("a backend");
+        let c = choose(&query().key().expect("an IPv4 flow"), &svc).expect("a backend");
         assert_eq!(
             (c.hash, c.slot, c.len),
             (Some(hash), u64::from(hash % 251), 251)
@@ -194,11 +194,11 @@ fn maglev_and_source_ip_index_the_table() {
     let mut svc = service(SCHED_SOURCE_IP, vec![0], 0);
     svc.maglev = table;
     assert_eq!(
-        choose(&other.key(), &svc).map(|c| c.slot),
-        choose(&query().key(), &svc).map(|c| c.slot)
+        choose(&other.key().expect("an IPv4 flow"), &svc).map(|c| c.slot),
+        choose(&query().key().expect("an IPv4 flow"), &svc).map(|c| c.slot)
     );
     svc.maglev = Vec::new();
-    assert_eq!(choose(&query().key(), &svc), None);
+    assert_eq!(choose(&query().key().expect("an IPv4 flow"), &svc), None);
 }
 
 #[test]
@@ -209,7 +209,7 @@ fn source_hash_is_deterministic() {
         conntrack: None,
         firewall: Vec::new(),
     };
-    let slot = flow_hash(&query().key()) % 3;
+    let slot = flow_hash(&query().key().expect("an IPv4 flow")) % 3;
     let text = explain(&query(), &facts, Some(&view()), &[]);
     let name = ["web1", "web2", "web3"][slot as usize];
     assert!(

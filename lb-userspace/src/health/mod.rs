@@ -17,7 +17,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -100,7 +100,7 @@ impl From<Option<Health>> for HealthStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub service: String,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 /// A backend changed state.
@@ -146,7 +146,7 @@ type States = Arc<Mutex<BTreeMap<Target, TargetState>>>;
 struct Check {
     id: u64,
     backend: String,
-    probe: SocketAddrV4,
+    probe: SocketAddr,
     check: HealthCheck,
     task: JoinHandle<()>,
 }
@@ -341,7 +341,7 @@ struct CheckRun {
     id: u64,
     target: Target,
     backend: String,
-    probe: SocketAddrV4,
+    probe: SocketAddr,
     check: HealthCheck,
     start: Health,
     observer: Option<ProbeObserver>,

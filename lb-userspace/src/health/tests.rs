@@ -37,7 +37,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
     Service {
         firewall: Default::default(),
         name: name.to_owned(),
-        vip: SocketAddrV4::new([198, 18, 0, 10].into(), 80),
+        vip: SocketAddrV4::new([198, 18, 0, 10].into(), 80).into(),
         protocol: Protocol::Tcp,
         forwarding: Forwarding::Nat,
         scheduler: Scheduler::RoundRobin,
@@ -52,7 +52,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
 fn backend(name: &str, address: SocketAddrV4, health: Option<HealthCheck>) -> Backend {
     Backend {
         name: name.to_owned(),
-        address,
+        address: address.into(),
         weight: 1,
         backup: false,
         health,
@@ -75,7 +75,7 @@ fn fast(check: CheckKind) -> HealthCheck {
 fn target(service: &str, address: SocketAddrV4) -> Target {
     Target {
         service: service.to_owned(),
-        address,
+        address: address.into(),
     }
 }
 
@@ -272,12 +272,12 @@ async fn sync_keeps_unchanged_checks_and_seeds_new_ones_from_the_agent() {
         ],
     )]);
     checker.sync(&two, &|t| {
-        assert_eq!(t.address, up_addr, "only the new target is seeded");
+        assert_eq!(t.address, up_addr.into(), "only the new target is seeded");
         Health::Pending
     });
     assert!(checker.is_current(&down), "unchanged check kept");
     let up = next(&mut rx, Duration::from_secs(1)).await;
-    assert_eq!((up.target.address, up.health), (up_addr, Health::Up));
+    assert_eq!((up.target.address, up.health), (up_addr.into(), Health::Up));
     assert_eq!(
         checker.states()[&target("www", down_addr)].health,
         Health::Down

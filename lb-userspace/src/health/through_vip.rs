@@ -22,7 +22,7 @@ use std::{
     fs,
     hash::{Hash, Hasher},
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd as _},
     path::{Path, PathBuf},
     process::Command,
@@ -437,9 +437,15 @@ impl ThroughVip {
     pub async fn probe(
         &self,
         service: &str,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         check: &HealthCheck,
     ) -> Result<(), ProbeError> {
+        // `lb_probe` steers IPv4 frames (its entries are IPv4 endpoints).
+        let SocketAddr::V4(backend) = backend else {
+            return Err(ProbeError::Agent(format!(
+                "{backend}: checks through the VIP are IPv4 only"
+            )));
+        };
         let timeout = check.timeout;
         let deadline = super::probe::deadline_after(timeout);
         let outcome = match &check.check {

@@ -110,7 +110,10 @@ fn maglev_tables_follow_the_ramp() {
             .iter()
             .enumerate()
             .map(|(i, b)| Member {
-                addr: u32::from(*b.address.ip()),
+                addr: match b.address {
+                    std::net::SocketAddr::V4(a) => u32::from(*a.ip()),
+                    std::net::SocketAddr::V6(a) => panic!("{a}: an IPv4 test"),
+                },
                 port: b.address.port(),
                 id: i as u32,
                 weight: b.weight,

@@ -341,7 +341,7 @@ backends = [
 
 #[test]
 fn foobar_toml_parses() {
-    fn endpoints(s: &Service) -> Vec<(&str, SocketAddrV4)> {
+    fn endpoints(s: &Service) -> Vec<(&str, SocketAddr)> {
         s.backends
             .iter()
             .map(|b| (b.name.as_str(), b.address))
@@ -391,7 +391,7 @@ fn foobar_toml_parses() {
             through_vip: false,
         })
     );
-    let backends: Vec<(&str, SocketAddrV4, u32, bool)> = www
+    let backends: Vec<(&str, SocketAddr, u32, bool)> = www
         .backends
         .iter()
         .map(|b| (b.name.as_str(), b.address, b.weight, b.backup))
@@ -634,7 +634,7 @@ fn health_port_moves_the_probe_to_another_port_of_the_backend() {
     let service_check = service.health.as_ref().expect("checked");
     assert_eq!(service_check.port, Some(80));
     assert!(matches!(&service_check.check, CheckKind::Http { path, .. } if path == "/healthz"));
-    let targets: Vec<Option<SocketAddrV4>> = [b1, b2]
+    let targets: Vec<Option<SocketAddr>> = [b1, b2]
         .iter()
         .map(|b| service.health_for(b).map(|h| h.target(b.address)))
         .collect();

@@ -9,7 +9,7 @@ mod rejected;
 mod sync;
 mod through_vip;
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use lb_common::MAX_RING;
 
@@ -85,7 +85,14 @@ fn with_health(health: &str) -> String {
     one_service(&format!("health = {{ {health} }}"), B1)
 }
 
-fn addr(s: &str) -> SocketAddrV4 {
+fn addr(s: &str) -> SocketAddr {
+    match s.parse() {
+        Ok(a) => a,
+        Err(e) => panic!("{s}: {e}"),
+    }
+}
+
+fn addr4(s: &str) -> SocketAddrV4 {
     match s.parse() {
         Ok(a) => a,
         Err(e) => panic!("{s}: {e}"),

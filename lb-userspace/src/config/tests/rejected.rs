@@ -203,6 +203,20 @@ rejections! {
     vip_ipv6_not_balanced_yet: one_service("", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
         => "service[0].vip", "[2001:db8::10]:80 is an IPv6 VIP: the data plane does not balance IPv6 yet";
+    // An IPv6 service goes through every rule of a service before the
+    // data plane's gate (config/service.rs `data_plane_balances`).
+    ipv6_backend_twice_before_the_gate: one_service("", r#"{ address = "[2001:db8::11]:80" }, { address = "[2001:db8::11]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[1].address", "[2001:db8::11]:80 is already backends[0]";
+    ipv6_backend_is_the_vip_before_the_gate: one_service("", r#"{ address = "[2001:db8::10]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[0].address", "is the service's own VIP";
+    ipv6_dsr_port_before_the_gate: one_service("forwarding = \"dsr\"", r#"{ address = "[2001:db8::11]:8080" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[0].address", "the backend port must equal the VIP port 80, got 8080";
+    ipv6_weight_before_the_gate: one_service("", r#"{ address = "[2001:db8::11]:80", weight = 3 }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[0].weight", "has no effect with scheduler = \"round-robin\"";
     vip_port_0: vip("198.18.0.10:0") => "service[0].vip", "port 0";
     vip_unspecified: vip("0.0.0.0:80") => "service[0].vip", "unspecified";
     vip_broadcast: vip("255.255.255.255:80") => "service[0].vip", "broadcast";

@@ -34,10 +34,10 @@ fn a_sync_section_is_read_with_its_key_and_defaults() {
     let file = key_file("ok", KEY, 0o600);
     let cfg = parse_ok(&with_sync(&sync_lines(&file, "")));
     let sync = cfg.sync.clone().expect("[sync]");
-    assert_eq!(sync.listen, addr("198.19.0.11:7890"));
+    assert_eq!(sync.listen, addr4("198.19.0.11:7890"));
     assert_eq!(
         sync.peers,
-        vec![addr("198.19.0.12:7890"), addr("198.19.0.13:7890")]
+        vec![addr4("198.19.0.12:7890"), addr4("198.19.0.13:7890")]
     );
     assert_eq!(sync.key.expose(), KEY.trim());
     assert_eq!(sync.bulk_timeout, std::time::Duration::from_secs(2));
