@@ -355,3 +355,40 @@ fn a_flow_from_a_peer_lb_says_so() {
     let text = explain(&query(), &facts(local), Some(&view()), &[]);
     assert!(!text.contains("peer"), "{text}");
 }
+
+#[test]
+fn an_ipv6_flow_parses_and_is_answered_honestly() {
+    let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
+    assert_eq!(q.vip, "[2001:db8::10]:80".parse().expect("addr"));
+    assert_eq!(q.key(), None, "no IPv6 flow table to key");
+    // Whatever the IPv4 maps say, an IPv6 flow is not theirs.
+    let facts = FlowFacts {
+        vip_known: true,
+        ..FlowFacts::default()
+    };
+    let text = explain(&q, &facts, None, &[]);
+    assert!(
+        text.starts_with(
+            "[2001:db8::2]:41234 → [2001:db8::10]:80/tcp: IPv6 services are not balanced yet"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("none is configured on this address"), "{text}");
+    let named = explain(&q, &facts, None, &["v6 [2001:db8::10]:80/tcp".into()]);
+    assert!(
+        named.contains("configured on this address: v6 [2001:db8::10]:80/tcp"),
+        "{named}"
+    );
+    for (client, service, want) in [
+        (
+            "[2001:db8::2]:1",
+            "198.18.0.10:80/tcp",
+            "client [2001:db8::2]:1 and VIP 198.18.0.10:80 are of different families",
+        ),
+        ("2001:db8::2:1", "[2001:db8::10]:80/tcp", "bad client"),
+        ("[2001:db8::2]:1", "2001:db8::10:80/udp", "bad VIP"),
+    ] {
+        let e = FlowQuery::parse(client, service).expect_err("bad");
+        assert!(format!("{e:#}").contains(want), "{client} {service}: {e:#}");
+    }
+}
