@@ -28,7 +28,7 @@ use crate::{
 
 /// `SERVICES6` key: (VIP, port, protocol), as [`crate::ServiceKey`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey6 {
     pub vip: Addr6,
     /// Raw network order.
@@ -50,7 +50,7 @@ pub struct Backend6 {
 /// `NAT_BACKENDS6` key: a NAT service's backend endpoint, as
 /// [`crate::Endpoint`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Endpoint6 {
     pub addr: Addr6,
     pub port: u16,

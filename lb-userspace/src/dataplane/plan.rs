@@ -801,4 +801,27 @@ mod tests {
         assert_eq!((share(0), share(1), share(2)), (1, 10, 10));
         assert!(s.maglev.is_empty());
     }
+
+    #[test]
+    fn the_ipv4_maps_refuse_an_ipv6_service_whole() {
+        let now = apply(&Ids::default(), &config(vec![service("www", 10, [1, 2])]));
+        let mut v6 = service("v6", 20, []);
+        v6.vip = "[2001:db8:18::10]:80".parse().expect("vip");
+        let refused = plan(&now.next, &config(vec![service("www", 10, [1, 2]), v6]), &serving, &[]);
+        assert_eq!(
+            refused,
+            Err(PlanError::Ipv6 {
+                service: "v6".into(),
+                address: "[2001:db8:18::10]:80".parse().expect("vip"),
+            })
+        );
+        // A backend of the other family (only a hand-built config has one).
+        let mut mixed = service("www", 10, [1]);
+        mixed.backends[0].address = "[2001:db8:19::11]:80".parse().expect("backend");
+        let refused = plan(&now.next, &config(vec![mixed]), &serving, &[]);
+        assert!(
+            matches!(&refused, Err(PlanError::Ipv6 { service, .. }) if service == "www"),
+            "{refused:?}"
+        );
+    }
 }
