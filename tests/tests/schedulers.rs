@@ -101,13 +101,14 @@ impl Harness {
     /// The web server (index) the model predicts for this flow now.
     fn predicted(&self, client: [u8; 4], sport: u16) -> Option<usize> {
         let query = FlowQuery {
-            client: SocketAddrV4::new(client.into(), sport),
-            vip: SocketAddrV4::new(VIP.into(), 80),
+            client: SocketAddrV4::new(client.into(), sport).into(),
+            vip: SocketAddrV4::new(VIP.into(), 80).into(),
             protocol: lb_common::headers::IPPROTO_TCP,
         };
-        let facts = self.dp.flow_facts(&query.key()).expect("read the maps");
+        let key = query.key().expect("an IPv4 flow");
+        let facts = self.dp.flow_facts(&key).expect("read the maps");
         let service = facts.service.expect("the service is in the maps");
-        let choice = explain::choose(&query.key(), &service)?;
+        let choice = explain::choose(&key, &service)?;
         let name = self.applied[0]
             .backends
             .iter()

@@ -47,6 +47,8 @@ pub struct Link {
     pub mtu: u32,
     /// `net.ipv4.conf.IF.forwarding`; `None`: unreadable.
     pub forwarding: Option<bool>,
+    /// `net.ipv6.conf.IF.forwarding`; `None`: unreadable (or no IPv6).
+    pub forwarding6: Option<bool>,
     /// `net.ipv4.conf.IF.rp_filter`.
     pub rp_filter: Option<u8>,
     /// What the driver says it supports (netlink family `netdev`, kernel

@@ -352,6 +352,7 @@ async fn link_facts(
         kind: l.kind.clone(),
         mtu: l.mtu,
         forwarding: conf("forwarding").map(|v| v == 1),
+        forwarding6: read_sysctl(&format!("net/ipv6/conf/{}/forwarding", l.name)).map(|v| v == 1),
         rp_filter: conf("rp_filter"),
         xdp: net.xdp_features(l.index).await,
         peer,

@@ -100,6 +100,9 @@ pub fn findings(cfg: &Config, facts: &Facts) -> Vec<Finding> {
         };
         out.extend(xdp_mode(&iface.name, link, mode, several));
         out.push(forwarding(&iface.name, link));
+        if has_ipv6_services(cfg) {
+            out.push(forwarding6(&iface.name, link));
+        }
         out.push(rp_filter(&iface.name, link, facts.rp_filter_all));
         out.extend(veth_peer(&iface.name, link, mode));
     }
@@ -185,6 +188,39 @@ fn forwarding(name: &str, link: &Link) -> Finding {
             Check::Forwarding,
             name,
             format!("cannot read /proc/sys/net/ipv4/conf/{name}/forwarding"),
+            fix,
+        ),
+    }
+}
+
+/// Does the config forward IPv6 (a service on an IPv6 VIP)? Then IPv6
+/// forwarding matters as IPv4's does: `bpf_fib_lookup` with AF_INET6
+/// answers "not forwarded" while `net.ipv6.conf.IF.forwarding` is off.
+fn has_ipv6_services(cfg: &Config) -> bool {
+    cfg.services.iter().any(|s| s.vip.is_ipv6())
+}
+
+fn forwarding6(name: &str, link: &Link) -> Finding {
+    let fix = format!(
+        "sysctl -w net.ipv6.conf.all.forwarding=1 (or net.ipv6.conf.{name}.forwarding=1)"
+    );
+    match link.forwarding6 {
+        Some(true) => Finding::ok(Check::Forwarding, name, "IPv6 forwarding on".into()),
+        Some(false) => Finding::error(
+            Check::Forwarding,
+            name,
+            "IPv6 forwarding is off and the config has IPv6 services: bpf_fib_lookup does \
+             not forward IPv6, every IPv6 packet would go to the kernel"
+                .into(),
+            fix,
+        ),
+        None => Finding::error(
+            Check::Forwarding,
+            name,
+            format!(
+                "cannot read /proc/sys/net/ipv6/conf/{name}/forwarding (IPv6 disabled?) and the \
+                 config has IPv6 services"
+            ),
             fix,
         ),
     }

@@ -33,6 +33,7 @@ fn veth(ifindex: u32, peer: &str) -> Link {
         kind: Some("veth".into()),
         mtu: 1500,
         forwarding: Some(true),
+        forwarding6: Some(true),
         rp_filter: Some(0),
         xdp: Some(XdpFeatures(
             XdpFeatures::BASIC | XdpFeatures::REDIRECT | XdpFeatures::NDO_XMIT,
@@ -213,6 +214,47 @@ fn forwarding_off_is_an_error() {
         Severity::Error,
         "back",
         "net.ipv4.ip_forward=1",
+    );
+}
+
+#[test]
+fn ipv6_forwarding_is_checked_when_the_config_has_ipv6_services() {
+    // IPv4 only: IPv6 forwarding off (or no IPv6 at all) is not a problem.
+    let mut facts = good();
+    link_mut(&mut facts, "back").forwarding6 = Some(false);
+    link_mut(&mut facts, "front").forwarding6 = None;
+    assert!(problems(&facts).is_empty(), "{}", render(&problems(&facts)));
+    // An IPv6 service (built by hand: the config's gate refuses it in a
+    // file until the data plane balances IPv6).
+    let mut v6 = config();
+    v6.services[1].vip = "[2001:db8:18::10]:443".parse().expect("vip");
+    v6.services[1].backends[0].address = "[2001:db8:19::11]:443".parse().expect("addr");
+    let found: Vec<Finding> = findings(&v6, &facts)
+        .into_iter()
+        .filter(|f| f.check == Check::Forwarding && f.severity != Severity::Ok)
+        .collect();
+    assert_eq!(found.len(), 2, "{}", render(&found));
+    assert!(
+        found[0].subject == "front" && found[0].message.contains("/proc/sys/net/ipv6/conf/front"),
+        "{}",
+        render(&found)
+    );
+    assert!(
+        found[1].subject == "back"
+            && found[1].message.contains("IPv6 forwarding is off")
+            && found[1]
+                .fix
+                .as_deref()
+                .is_some_and(|f| f.contains("net.ipv6.conf.back.forwarding=1")),
+        "{}",
+        render(&found)
+    );
+    let ok = findings(&v6, &good());
+    assert!(
+        ok.iter()
+            .any(|f| f.check == Check::Forwarding && f.message == "IPv6 forwarding on"),
+        "{}",
+        render(&ok)
     );
 }
 
