@@ -60,8 +60,15 @@ fn metrics_are_served_over_ipv6() -> Result<()> {
             "{web} missing from /metrics over IPv6"
         );
     }
+    // The status page and the JSON it renders.
     let page = curl6(&lab, &format!("http://[{LB_FRONT6}]:9100/"))?;
-    ensure!(page.contains("web1"), "the status page over IPv6: {page}");
+    ensure!(page.contains("status.json"), "the status page over IPv6: {page}");
+    let status = curl6(&lab, &format!("http://[{LB_FRONT6}]:9100/status.json"))?;
+    let status: serde_json::Value = serde_json::from_str(&status).context("status.json")?;
+    ensure!(
+        status.to_string().contains("\"web1\""),
+        "status.json over IPv6: {status}"
+    );
     // The IPv4 loopback is not where it listens.
     let v4 = netns::ns_output(
         &lab.lb_ns(),
