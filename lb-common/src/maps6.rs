@@ -162,6 +162,26 @@ pub struct FragKey6 {
     pub _pad1: u16,
 }
 
+/// IPv6's `FW_DENY6` / `FW_ALLOW6` LPM trie data, as IPv4's `FwKey`: the
+/// scope (exact, the first 32 bits of every prefix) then the source prefix,
+/// network order. A rule's LPM prefix length is `32 + its CIDR length`
+/// (up to 160).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwKey6 {
+    pub scope: u32,
+    pub addr: Addr6,
+}
+
+/// IPv6's token-bucket key: the scope and the source masked to the rate
+/// limit's IPv6 prefix (`per = "/64"`: a client's whole /64 shares one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey6 {
+    pub scope: u32,
+    pub addr: Addr6,
+}
+
 const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);
@@ -173,6 +193,8 @@ const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, forward) == 48);
 const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, reply) == 96);
 const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, backend_port) == 176);
 const _: () = assert!(core::mem::size_of::<FragKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<FwKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<BucketKey6>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -185,4 +207,6 @@ mod pod {
     unsafe impl aya::Pod for super::HalfOpenSlot6 {}
     unsafe impl aya::Pod for super::EstablishedSlot6 {}
     unsafe impl aya::Pod for super::FragKey6 {}
+    unsafe impl aya::Pod for super::FwKey6 {}
+    unsafe impl aya::Pod for super::BucketKey6 {}
 }

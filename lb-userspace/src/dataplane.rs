@@ -24,6 +24,7 @@ mod clock;
 mod established;
 mod facts;
 pub mod firewall;
+pub mod firewall6;
 mod firewall_maps;
 mod half_open;
 mod handles;

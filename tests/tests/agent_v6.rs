@@ -62,7 +62,10 @@ fn metrics_are_served_over_ipv6() -> Result<()> {
     }
     // The status page and the JSON it renders.
     let page = curl6(&lab, &format!("http://[{LB_FRONT6}]:9100/"))?;
-    ensure!(page.contains("status.json"), "the status page over IPv6: {page}");
+    ensure!(
+        page.contains("status.json"),
+        "the status page over IPv6: {page}"
+    );
     let status = curl6(&lab, &format!("http://[{LB_FRONT6}]:9100/status.json"))?;
     let status: serde_json::Value = serde_json::from_str(&status).context("status.json")?;
     ensure!(
@@ -143,7 +146,11 @@ fn the_forwarding_check_reads_ipv6_forwarding_for_ipv6_services() -> Result<()> 
     ensure!(
         found.len() == 2 * ifaces.len()
             && found.iter().all(|f| f.starts_with("Ok"))
-            && found.iter().filter(|f| f.contains("IPv6 forwarding on")).count() == ifaces.len(),
+            && found
+                .iter()
+                .filter(|f| f.contains("IPv6 forwarding on"))
+                .count()
+                == ifaces.len(),
         "{found:#?}"
     );
     Ok(())

@@ -110,7 +110,9 @@ fn firewall_deny_wins_longest_prefix_counts_and_allow_lists_are_per_service() {
         let q =
             lb_userspace::explain::FlowQuery::parse("10.77.1.200:42001", &format!("{vip}:80/tcp"))
                 .expect("query");
-        let facts = h.dp.flow_facts(&q.key().expect("an IPv4 flow")).expect("facts");
+        let facts =
+            h.dp.flow_facts(&q.key().expect("an IPv4 flow"))
+                .expect("facts");
         let scopes: Vec<u32> = facts.firewall.iter().map(|f| f.scope).collect();
         assert_eq!(scopes, vec![FW_GLOBAL, www_id]);
         assert_eq!(facts.firewall[0].deny, None);
@@ -180,6 +182,7 @@ fn an_aggregate_rate_limit_bounds_new_flows_spread_over_many_sources() {
     net.run(|| {
         let mut cfg = lab_config();
         let per_24 = RateLimit {
+            per6: 128,
             new_flows_per_second: 1,
             burst: 1,
             per: 24,
@@ -194,6 +197,7 @@ fn an_aggregate_rate_limit_bounds_new_flows_spread_over_many_sources() {
         assert_eq!(passed(&mut h, 0..20), 20, "one SYN from each of 20 /24s");
         // One bucket for all: its burst, then nothing, whatever the source.
         cfg.firewall.rate_limit = Some(RateLimit {
+            per6: 0,
             new_flows_per_second: 1,
             burst: 3,
             per: 0,
@@ -219,6 +223,7 @@ fn rate_limit_bucket_empties_then_refills() {
     net.run(|| {
         let mut cfg = lab_config();
         cfg.firewall.rate_limit = Some(RateLimit {
+            per6: 128,
             new_flows_per_second: 1,
             burst: 3,
             per: 24,

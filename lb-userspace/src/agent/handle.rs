@@ -109,12 +109,7 @@ impl Agent {
             .collect();
         let Some(key) = query.key() else {
             // IPv6: no IPv6 maps to read; the pure text says so.
-            return Ok(explain::explain(
-                &query,
-                &Default::default(),
-                None,
-                &on_vip,
-            ));
+            return Ok(explain::explain(&query, &Default::default(), None, &on_vip));
         };
         let facts = self.dp.flow_facts(&key).context("reading the maps")?;
         let view = facts.service.as_ref().and_then(|f| {

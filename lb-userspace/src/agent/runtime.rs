@@ -34,7 +34,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::state::{Admin, Key, key};
-use crate::config::{self, Config, Firewall, Prefix};
+use crate::config::{self, Config, Firewall};
 
 /// A backend's shape as the config gives it (what runtime changes touch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,14 +343,15 @@ pub fn diff(file: &Config, running: &Config, admin: &BTreeMap<Key, Admin>) -> Ru
             }),
     );
     for (service, base, now) in scopes {
+        // As text (canonical: each parsed), both families in one list.
         for (list, was, is) in [
-            (ListName::Deny, &base.deny, &now.deny),
-            (ListName::Allow, &base.allow, &now.allow),
+            (ListName::Deny, base.deny_texts(), now.deny_texts()),
+            (ListName::Allow, base.allow_texts(), now.allow_texts()),
         ] {
-            let entry = |p: &Prefix, added| FirewallEntry {
+            let entry = |p: &String, added| FirewallEntry {
                 service: service.clone(),
                 list,
-                prefix: p.to_string(),
+                prefix: p.clone(),
                 added,
             };
             state.firewall.extend(
@@ -453,13 +454,6 @@ pub fn merge(file: &Config, state: &RuntimeState, origin: &Path) -> Merged {
             f.prefix,
             if f.added { "added" } else { "removed" }
         );
-        let prefix = match Prefix::parse(&f.prefix) {
-            Ok(p) => p,
-            Err(why) => {
-                dropped.push(format!("{what}: {why}"));
-                continue;
-            }
-        };
         let mut next = cfg.clone();
         let fw: &mut Firewall = match &f.service {
             None => &mut next.firewall,
@@ -471,17 +465,14 @@ pub fn merge(file: &Config, state: &RuntimeState, origin: &Path) -> Merged {
                 }
             },
         };
-        let list = match f.list {
-            ListName::Deny => &mut fw.deny,
-            ListName::Allow => &mut fw.allow,
-        };
-        match (f.added, list.iter().position(|p| *p == prefix)) {
-            (true, None) => list.push(prefix),
-            (false, Some(i)) => {
-                list.remove(i);
-            }
-            (true, Some(_)) | (false, None) => {
+        match fw.edit(f.list == ListName::Deny, f.added, &f.prefix) {
+            Ok((_, true)) => {}
+            Ok((_, false)) => {
                 dropped.push(format!("{what}: the config file says so now"));
+                continue;
+            }
+            Err(why) => {
+                dropped.push(format!("{what}: {why}"));
                 continue;
             }
         }

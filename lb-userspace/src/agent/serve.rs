@@ -274,11 +274,7 @@ impl Agent {
                 (Some(key), std::net::SocketAddr::V4(address)) => serving.contains(&(key, address)),
                 _ => false,
             };
-            if in_maps {
-                Health::Up
-            } else {
-                Health::Pending
-            }
+            if in_maps { Health::Up } else { Health::Pending }
         };
         let merged = self.read_runtime_state(&cfg);
         self.health = carry_health(&merged.config, &BTreeMap::new(), &serving_health);

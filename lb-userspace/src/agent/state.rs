@@ -198,7 +198,6 @@ pub fn firewall_edit(
         RuleEdit::Add { prefix, service } => (prefix, service, true),
         RuleEdit::Remove { prefix, service } => (prefix, service, false),
     };
-    let prefix = config::Prefix::parse(prefix).map_err(|e| anyhow::anyhow!("prefix: {e}"))?;
     let (fw, scope) = match service {
         None => (&mut next.firewall, "[firewall]".to_owned()),
         // A pool's services are rebuilt from the pool by `check`: their
@@ -215,24 +214,18 @@ pub fn firewall_edit(
             }
         },
     };
-    let rules = match list {
-        List::Deny => &mut fw.deny,
-        List::Allow => &mut fw.allow,
-    };
+    // Either family: the list of the prefix's family changes.
+    let (prefix, changed) = fw
+        .edit(list == List::Deny, add, prefix)
+        .map_err(|e| anyhow::anyhow!("prefix: {e}"))?;
     let kind = list.name();
-    let msg = if add {
-        if rules.contains(&prefix) {
-            anyhow::bail!("{prefix} is already in {scope}'s {kind} list");
+    let msg = match (add, changed) {
+        (true, true) => format!("{scope}: {kind} {prefix} added (kept until `lb firewall reset`)"),
+        (true, false) => anyhow::bail!("{prefix} is already in {scope}'s {kind} list"),
+        (false, true) => {
+            format!("{scope}: {kind} {prefix} removed (kept until `lb firewall reset`)")
         }
-        rules.push(prefix);
-        format!("{scope}: {kind} {prefix} added (kept until `lb firewall reset`)")
-    } else {
-        let i = rules
-            .iter()
-            .position(|p| *p == prefix)
-            .with_context(|| format!("{prefix} is not in {scope}'s {kind} list"))?;
-        rules.remove(i);
-        format!("{scope}: {kind} {prefix} removed (kept until `lb firewall reset`)")
+        (false, false) => anyhow::bail!("{prefix} is not in {scope}'s {kind} list"),
     };
     let next = config::check(&next, Path::new("lb firewall"))?;
     Ok((next, msg))
@@ -483,7 +476,9 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
         let mut v6 = cfg.clone();
         v6.services[0].vip = "[2001:db8:18::10]:80".parse().expect("vip");
         for (i, b) in v6.services[0].backends.iter_mut().enumerate() {
-            b.address = format!("[2001:db8:19::1{}]:80", i + 1).parse().expect("addr");
+            b.address = format!("[2001:db8:19::1{}]:80", i + 1)
+                .parse()
+                .expect("addr");
         }
         let gated = add(&v6, "[2001:db8:19::13]:80");
         assert!(
@@ -496,6 +491,47 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
             multicast.contains("service[0].backends[2].address")
                 && multicast.contains("ff02::1 is a multicast address"),
             "{multicast}"
+        );
+    }
+
+    #[test]
+    fn firewall_edits_take_ipv6_prefixes_into_their_own_list() {
+        let cfg = site();
+        let add = |prefix: &str, service: Option<&str>| RuleEdit::Add {
+            prefix: prefix.into(),
+            service: service.map(Into::into),
+        };
+        let (next, msg) =
+            firewall_edit(&cfg, List::Deny, &add("2001:db8:bad::/48", None)).expect("deny add");
+        assert_eq!(
+            msg,
+            "[firewall]: deny 2001:db8:bad::/48 added (kept until `lb firewall reset`)"
+        );
+        assert!(next.firewall.deny.is_empty());
+        assert_eq!(next.firewall.deny_texts(), ["2001:db8:bad::/48"]);
+        let again =
+            firewall_edit(&next, List::Deny, &add("2001:db8:bad::/48", None)).expect_err("twice");
+        assert_eq!(
+            format!("{again:#}"),
+            "2001:db8:bad::/48 is already in [firewall]'s deny list"
+        );
+        let remove = RuleEdit::Remove {
+            prefix: "2001:db8:bad::/48".into(),
+            service: None,
+        };
+        let (back, _) = firewall_edit(&next, List::Deny, &remove).expect("remove");
+        assert!(back.firewall.deny6.is_empty());
+        let bad = firewall_edit(&cfg, List::Allow, &add("2001:db8::1/64", Some("www")))
+            .expect_err("host bits");
+        assert!(format!("{bad:#}").starts_with("prefix: \"2001:db8::1/64\" has host bits set"));
+        // The file's rules apply across families: allowed and denied.
+        let (allowed, _) =
+            firewall_edit(&cfg, List::Allow, &add("2001:db8:1::/64", Some("www"))).expect("allow");
+        let both = firewall_edit(&allowed, List::Deny, &add("2001:db8:1::/64", Some("www")))
+            .expect_err("both");
+        assert!(
+            format!("{both:#}").contains("service[0].allow-from[0]: 2001:db8:1::/64 is also"),
+            "{both:#}"
         );
     }
 

@@ -30,7 +30,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use coordination::{ClientCert, Coordination, EtcdLogin, EtcdTls, KeyDer};
-pub use firewall::{Firewall, Prefix, RateLimit};
+pub use firewall::{Firewall, Prefix, Prefix6, RateLimit};
 pub use health::{
     CheckKind, DnsCheck, DnsRcode, DnsTransport, HealthCheck, MysqlLogin, Secret, TlsCheck,
     UdpCheck, UdpExpect,

@@ -118,20 +118,21 @@ impl Pool {
                 max_connections: None,
             })
             .collect();
-        let service = |name: String, vip: SocketAddrV4, on_backend_down, firewall: &Firewall| Service {
-            name,
-            vip: vip.into(),
-            protocol: Protocol::Tcp,
-            forwarding,
-            scheduler: Scheduler::RoundRobin,
-            // Round robin: the Maglev table size is not used.
-            maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
-            health: None,
-            on_backend_down,
-            backends: backends.clone(),
-            firewall: firewall.clone(),
-            limits: Default::default(),
-        };
+        let service =
+            |name: String, vip: SocketAddrV4, on_backend_down, firewall: &Firewall| Service {
+                name,
+                vip: vip.into(),
+                protocol: Protocol::Tcp,
+                forwarding,
+                scheduler: Scheduler::RoundRobin,
+                // Round robin: the Maglev table size is not used.
+                maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                health: None,
+                on_backend_down,
+                backends: backends.clone(),
+                firewall: firewall.clone(),
+                limits: Default::default(),
+            };
         [
             service(
                 self.write_service(),
@@ -180,10 +181,9 @@ struct RawPoolService {
 
 impl From<&Firewall> for RawPoolService {
     fn from(f: &Firewall) -> Self {
-        let texts = |p: &[super::Prefix]| p.iter().map(ToString::to_string).collect();
         RawPoolService {
-            allow_from: Some(texts(&f.allow)),
-            deny_from: Some(texts(&f.deny)),
+            allow_from: Some(f.allow_texts()),
+            deny_from: Some(f.deny_texts()),
             rate_limit: f.rate_limit.as_ref().map(RawRateLimit::from),
         }
     }
@@ -399,42 +399,25 @@ impl Validator<'_> {
             own.rate_limit,
         )?;
         let mut merged = shared.clone();
-        let lists = [
-            (
-                "deny-from",
-                &own.deny,
-                &mut merged.deny,
-                &shared.allow,
-                "allow-from",
-            ),
-            (
-                "allow-from",
-                &own.allow,
-                &mut merged.allow,
-                &shared.deny,
-                "deny-from",
-            ),
-        ];
-        for (field, own_list, into, other, other_field) in lists {
-            for (j, p) in own_list.iter().enumerate() {
-                if let Some(k) = into.iter().position(|q| q == p) {
-                    return Err(self.err(
-                        format!("{}[{j}]", key(field)),
-                        format!("{p} is already pool[{i}].{field}[{k}] (for both services)"),
-                    ));
-                }
-                if let Some(k) = other.iter().position(|q| q == p) {
-                    return Err(self.err(
-                        format!("{}[{j}]", key(field)),
-                        format!(
-                            "{p} is also pool[{i}].{other_field}[{k}]: a prefix is either \
-                             allowed or denied"
-                        ),
-                    ));
-                }
-                into.push(*p);
-            }
-        }
+        let (deny, allow) = (("deny-from", "allow-from"), ("allow-from", "deny-from"));
+        self.merge_list(i, which, deny, &own.deny, &mut merged.deny, &shared.allow)?;
+        self.merge_list(i, which, allow, &own.allow, &mut merged.allow, &shared.deny)?;
+        self.merge_list(
+            i,
+            which,
+            deny,
+            &own.deny6,
+            &mut merged.deny6,
+            &shared.allow6,
+        )?;
+        self.merge_list(
+            i,
+            which,
+            allow,
+            &own.allow6,
+            &mut merged.allow6,
+            &shared.deny6,
+        )?;
         if let Some(r) = own.rate_limit {
             if shared.rate_limit.is_some() {
                 return Err(self.err(
@@ -448,6 +431,40 @@ impl Validator<'_> {
             merged.rate_limit = Some(r);
         }
         Ok(merged)
+    }
+
+    /// The pool's `which` service's own `field` list (of one family) into
+    /// the shared one, `into`: no prefix twice, none also in the shared
+    /// `other_field` list, `other`.
+    fn merge_list<P: PartialEq + Copy + std::fmt::Display>(
+        &self,
+        i: usize,
+        which: &str,
+        (field, other_field): (&str, &str),
+        own: &[P],
+        into: &mut Vec<P>,
+        other: &[P],
+    ) -> Result<(), super::ConfigError> {
+        let key = format!("pool[{i}].{which}.{field}");
+        for (j, p) in own.iter().enumerate() {
+            if let Some(k) = into.iter().position(|q| q == p) {
+                return Err(self.err(
+                    format!("{key}[{j}]"),
+                    format!("{p} is already pool[{i}].{field}[{k}] (for both services)"),
+                ));
+            }
+            if let Some(k) = other.iter().position(|q| q == p) {
+                return Err(self.err(
+                    format!("{key}[{j}]"),
+                    format!(
+                        "{p} is also pool[{i}].{other_field}[{k}]: a prefix is either \
+                         allowed or denied"
+                    ),
+                ));
+            }
+            into.push(*p);
+        }
+        Ok(())
     }
 
     /// A `check = "mysql"` login: `user`, and exactly one of `password` and

@@ -209,8 +209,8 @@ impl From<&Config> for RawConfig {
                 listen: Some(m.listen.to_string()),
             }),
             firewall: (!cfg.firewall.is_empty()).then(|| RawFirewall {
-                deny: Some(texts(&cfg.firewall.deny)),
-                allow: Some(texts(&cfg.firewall.allow)),
+                deny: Some(cfg.firewall.deny_texts()),
+                allow: Some(cfg.firewall.allow_texts()),
                 rate_limit: cfg.firewall.rate_limit.as_ref().map(RawRateLimit::from),
             }),
             announce: cfg.announce.as_ref().map(|a| RawAnnounce {
@@ -249,17 +249,13 @@ impl From<&Service> for RawService {
             health: s.health.as_ref().map(RawHealth::from),
             on_backend_down: Some(s.on_backend_down),
             backends: Some(s.backends.iter().map(RawBackend::from).collect()),
-            allow_from: Some(texts(&s.firewall.allow)),
-            deny_from: Some(texts(&s.firewall.deny)),
+            allow_from: Some(s.firewall.allow_texts()),
+            deny_from: Some(s.firewall.deny_texts()),
             rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
             max_connections: s.limits.max_connections.map(i64::from),
             slow_start: s.limits.slow_start.map(duration::show),
         }
     }
-}
-
-fn texts(prefixes: &[super::Prefix]) -> Vec<String> {
-    prefixes.iter().map(ToString::to_string).collect()
 }
 
 impl From<&RateLimit> for RawRateLimit {

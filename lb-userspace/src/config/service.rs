@@ -3,11 +3,7 @@
 //! validation (names, addresses, weights, rings and Maglev tables within
 //! the data plane's limits).
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use lb_common::{
     MAGLEV_MAX, MAX_RING,
@@ -314,7 +310,6 @@ impl Validator<'_> {
             ),
         ))
     }
-
 
     fn backend(
         &self,

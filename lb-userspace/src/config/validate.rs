@@ -171,21 +171,24 @@ impl Validator<'_> {
         }
         let pools = self.pools(raw_pools, &mut services)?;
         self.monitoring_clear_of_vips(monitoring.as_ref(), &services)?;
-        // Every prefix of every scope is one rule with its own counter.
-        let mut rules = firewall.deny.len() + firewall.allow.len();
+        // Every prefix of every scope is one rule with its own counter; each
+        // family's rules fill a trie of their own.
+        let count = |f: &Firewall| (f.deny.len() + f.allow.len(), f.deny6.len() + f.allow6.len());
+        let (mut rules, mut rules6) = count(&firewall);
         for (i, s) in services.iter().enumerate() {
-            rules += s.firewall.deny.len() + s.firewall.allow.len();
-            if rules > MAX_FW_RULES as usize {
+            let (v4, v6) = count(&s.firewall);
+            (rules, rules6) = (rules + v4, rules6 + v6);
+            if rules.max(rules6) > MAX_FW_RULES as usize {
                 return Err(self.err(
                     format!("service[{i}]"),
                     format!(
-                        "more than {MAX_FW_RULES} firewall rules (prefixes) across \
-                         [firewall] and every service"
+                        "more than {MAX_FW_RULES} firewall rules (prefixes) of one family \
+                         across [firewall] and every service"
                     ),
                 ));
             }
         }
-        if rules > MAX_FW_RULES as usize {
+        if rules.max(rules6) > MAX_FW_RULES as usize {
             return Err(self.err(
                 "firewall",
                 format!("more than {MAX_FW_RULES} firewall rules (prefixes)"),

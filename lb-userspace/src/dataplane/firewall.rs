@@ -116,7 +116,9 @@ pub fn scope_conf(fw: &Firewall) -> FwScope {
     if !fw.deny.is_empty() {
         conf.flags |= FW_F_DENY;
     }
-    if !fw.allow.is_empty() {
+    // An allow list is exhaustive over both families: IPv6 entries alone
+    // still leave IPv4 sources out.
+    if !fw.allow.is_empty() || !fw.allow6.is_empty() {
         conf.flags |= FW_F_ALLOW;
     }
     if let Some(r) = fw.rate_limit {
@@ -312,6 +314,7 @@ mod tests {
         assert_eq!(Rule::from_key(List::Deny, len, key), Some(rule));
         let fw = Firewall {
             rate_limit: Some(config::RateLimit {
+                per6: 128,
                 new_flows_per_second: 5,
                 burst: 9,
                 per: 24,

@@ -50,7 +50,10 @@ pub enum PlanError {
     /// are [`super::plan6`]'s, which nothing writes yet (config rejects an
     /// IPv6 service before it gets here).
     #[error("service {service}: {address} is IPv6, which the IPv4 maps do not hold")]
-    Ipv6 { service: String, address: SocketAddr },
+    Ipv6 {
+        service: String,
+        address: SocketAddr,
+    },
 }
 
 /// Whether a backend takes new flows, and what happens to its old ones.
@@ -807,7 +810,12 @@ mod tests {
         let now = apply(&Ids::default(), &config(vec![service("www", 10, [1, 2])]));
         let mut v6 = service("v6", 20, []);
         v6.vip = "[2001:db8:18::10]:80".parse().expect("vip");
-        let refused = plan(&now.next, &config(vec![service("www", 10, [1, 2]), v6]), &serving, &[]);
+        let refused = plan(
+            &now.next,
+            &config(vec![service("www", 10, [1, 2]), v6]),
+            &serving,
+            &[],
+        );
         assert_eq!(
             refused,
             Err(PlanError::Ipv6 {

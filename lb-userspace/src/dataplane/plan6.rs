@@ -166,14 +166,29 @@ mod tests {
 
     #[test]
     fn ipv6_services_get_their_keys_addresses_vips_and_nat_endpoints() {
-        let mut web = service("web6", "[2001:db8:18::10]:80", Protocol::Tcp, Forwarding::Nat);
+        let mut web = service(
+            "web6",
+            "[2001:db8:18::10]:80",
+            Protocol::Tcp,
+            Forwarding::Nat,
+        );
         web.backends = vec![
             backend("[2001:db8:19::11]:8080"),
             backend("[2001:db8:19::12]:8080"),
         ];
-        let mut dns = service("dns6", "[2001:db8:18::10]:53", Protocol::Udp, Forwarding::Nat);
+        let mut dns = service(
+            "dns6",
+            "[2001:db8:18::10]:53",
+            Protocol::Udp,
+            Forwarding::Nat,
+        );
         dns.backends = vec![backend("[2001:db8:19::11]:5353")];
-        let mut dsr = service("dsr6", "[2001:db8:18::20]:443", Protocol::Tcp, Forwarding::Dsr);
+        let mut dsr = service(
+            "dsr6",
+            "[2001:db8:18::20]:443",
+            Protocol::Tcp,
+            Forwarding::Dsr,
+        );
         dsr.backends = vec![backend("[2001:db8:19::13]:443")];
         let plan = plan6(&cfg(vec![web, dns, dsr]));
 
@@ -182,7 +197,11 @@ mod tests {
         assert_eq!(names, ["web6", "dns6", "dsr6"]);
         let web = &plan.services[0];
         let vip: Ipv6Addr = "2001:db8:18::10".parse().expect("ip");
-        assert_eq!(wire(web.key.vip), vip.octets(), "network order, as in the packet");
+        assert_eq!(
+            wire(web.key.vip),
+            vip.octets(),
+            "network order, as in the packet"
+        );
         assert_eq!(web.key.port, 80u16.to_be());
         assert_eq!(web.key.protocol, IPPROTO_TCP);
         assert_eq!(plan.services[1].key.protocol, IPPROTO_UDP);

@@ -69,14 +69,7 @@ impl Dataplane {
                         Some((address, *self.ids.backends.get(&(id, addr, port))?))
                     })
                     .collect();
-                Some((
-                    s.name.clone(),
-                    ServiceRoute {
-                        id,
-                        vip,
-                        backends,
-                    },
-                ))
+                Some((s.name.clone(), ServiceRoute { id, vip, backends }))
             })
             .collect()
     }

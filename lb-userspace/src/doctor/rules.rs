@@ -201,9 +201,8 @@ fn has_ipv6_services(cfg: &Config) -> bool {
 }
 
 fn forwarding6(name: &str, link: &Link) -> Finding {
-    let fix = format!(
-        "sysctl -w net.ipv6.conf.all.forwarding=1 (or net.ipv6.conf.{name}.forwarding=1)"
-    );
+    let fix =
+        format!("sysctl -w net.ipv6.conf.all.forwarding=1 (or net.ipv6.conf.{name}.forwarding=1)");
     match link.forwarding6 {
         Some(true) => Finding::ok(Check::Forwarding, name, "IPv6 forwarding on".into()),
         Some(false) => Finding::error(

@@ -12,8 +12,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, FlowKey,
-    SCHED_HASH,
-    SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
+    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
 };
 
 use crate::{

@@ -163,7 +163,11 @@ fn a_backend_at_max_connections_is_named_as_full() {
 fn maglev_and_source_ip_index_the_table() {
     let table: Vec<u32> = (0..251).map(|i| i % 3).collect();
     for (scheduler, hash, what) in [
-        (SCHED_MAGLEV, flow_hash(&query().key().expect("an IPv4 flow")), "maglev: flow_hash"),
+        (
+            SCHED_MAGLEV,
+            flow_hash(&query().key().expect("an IPv4 flow")),
+            "maglev: flow_hash",
+        ),
         (
             SCHED_SOURCE_IP,
             source_hash(query().key().expect("an IPv4 flow").saddr),
@@ -373,7 +377,10 @@ fn an_ipv6_flow_parses_and_is_answered_honestly() {
         ),
         "{text}"
     );
-    assert!(text.contains("none is configured on this address"), "{text}");
+    assert!(
+        text.contains("none is configured on this address"),
+        "{text}"
+    );
     let named = explain(&q, &facts, None, &["v6 [2001:db8::10]:80/tcp".into()]);
     assert!(
         named.contains("configured on this address: v6 [2001:db8::10]:80/tcp"),

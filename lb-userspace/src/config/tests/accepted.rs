@@ -723,10 +723,13 @@ fn firewall_rules_parse_and_survive_a_live_check() {
             deny: vec![p("203.0.113.0/24"), p("192.0.2.1/32")],
             allow: vec![p("0.0.0.0/0")],
             rate_limit: Some(RateLimit {
+                per6: 128,
                 new_flows_per_second: 1000,
                 burst: 2000,
                 per: 24
             }),
+            deny6: Vec::new(),
+            allow6: Vec::new(),
         }
     );
     assert_eq!(
@@ -736,10 +739,13 @@ fn firewall_rules_parse_and_survive_a_live_check() {
             allow: vec![p("198.18.0.0/24")],
             // burst defaults to one second's worth, per to the address.
             rate_limit: Some(RateLimit {
+                per6: 128,
                 new_flows_per_second: 50,
                 burst: 50,
                 per: 32
             }),
+            deny6: Vec::new(),
+            allow6: Vec::new(),
         }
     );
     assert!(p("203.0.113.0/24").contains("203.0.113.200".parse().expect("ip")));
@@ -747,6 +753,51 @@ fn firewall_rules_parse_and_survive_a_live_check() {
     assert_eq!(check(&cfg, Path::new("lb firewall")).expect("valid"), cfg);
     // No [firewall]: no rules anywhere.
     assert!(parse_ok(&one_service("", B1)).firewall.is_empty());
+}
+
+#[test]
+fn ipv6_prefixes_and_a_per_64_limit_are_accepted_beside_ipv4_ones() {
+    let text = with_firewall(
+        "deny = [\"203.0.113.0/24\", \"2001:db8:bad::/48\", \"2001:db8::1\"]\n\
+         rate-limit = { new-flows-per-second = 100, per = \"/64\" }",
+        "allow-from = [\"2001:db8:1::/64\"]\ndeny-from = [\"2001:db8:1::66/128\"]\n\
+         rate-limit = { new-flows-per-second = 5, per = \"/56\" }",
+    );
+    let cfg = parse_ok(&text);
+    let p6 = |t: &str| Prefix6::parse(t).expect("prefix");
+    assert_eq!(
+        cfg.firewall.deny,
+        [Prefix::parse("203.0.113.0/24").expect("prefix")]
+    );
+    assert_eq!(
+        cfg.firewall.deny6,
+        [p6("2001:db8:bad::/48"), p6("2001:db8::1/128")]
+    );
+    assert!(cfg.firewall.allow.is_empty() && cfg.firewall.allow6.is_empty());
+    let limit = cfg.firewall.rate_limit.expect("limit");
+    assert_eq!(
+        (limit.per, limit.per6),
+        (32, 64),
+        "IPv4 per address, IPv6 per /64"
+    );
+    assert_eq!(limit.per_text(), "/64");
+    let www = &cfg.services[0].firewall;
+    assert_eq!(www.allow6, [p6("2001:db8:1::/64")]);
+    assert_eq!(www.deny6, [p6("2001:db8:1::66/128")]);
+    assert_eq!(www.rate_limit.map(|r| (r.per, r.per6)), Some((32, 56)));
+    assert!(p6("2001:db8:1::/64").contains("2001:db8:1::ffff".parse().expect("ip")));
+    assert!(!p6("2001:db8:1::/64").contains("2001:db8:2::1".parse().expect("ip")));
+    // A live check (lb firewall, the runtime state) re-reads it unchanged.
+    assert_eq!(check(&cfg, Path::new("lb firewall")).expect("valid"), cfg);
+    // `/24` still means IPv4's /24, IPv6 sources per address.
+    let v4 = parse_ok(&with_firewall(
+        "rate-limit = { new-flows-per-second = 1, per = \"/24\" }",
+        "",
+    ));
+    assert_eq!(
+        v4.firewall.rate_limit.map(|r| (r.per, r.per6)),
+        Some((24, 128))
+    );
 }
 
 #[test]

@@ -81,6 +81,20 @@ rejections! {
     service_allow_and_deny_same: one_service(
         "allow-from = [\"198.18.0.0/24\"]\ndeny-from = [\"198.18.0.0/24\"]", B1)
         => "service[0].allow-from[0]", "is also service[0].deny-from[0]";
+    firewall_ipv6_host_bits: with_firewall("deny = [\"2001:db8::1/64\"]", "")
+        => "firewall.deny[0]", "\"2001:db8::1/64\" has host bits set: did you mean \"2001:db8::/64\"?";
+    firewall_ipv6_bad: with_firewall("deny = [\"203.0.113.0/24\", \"2001:db8::g/64\"]", "")
+        => "firewall.deny[1]", "expected an IPv6 prefix like \"2001:db8::/32\", got \"2001:db8::g/64\"";
+    firewall_ipv6_too_long: with_firewall("allow = [\"2001:db8::/129\"]", "")
+        => "firewall.allow[0]", "prefix length must be between 0 and 128, got 129";
+    firewall_ipv6_twice: with_firewall("deny = [\"2001:db8::/32\", \"198.51.100.0/24\", \"2001:db8::/32\"]", "")
+        => "firewall.deny[2]", "2001:db8::/32 is already firewall.deny[0]";
+    service_ipv6_allow_and_deny_same: one_service(
+        "allow-from = [\"198.18.0.0/24\", \"2001:db8:1::/64\"]\ndeny-from = [\"2001:db8:1::/64\"]", B1)
+        => "service[0].allow-from[1]", "2001:db8:1::/64 is also service[0].deny-from[0]: deny wins";
+    firewall_rate_per_129: with_firewall(
+        "rate-limit = { new-flows-per-second = 10, per = \"/129\" }", "")
+        => "firewall.rate-limit.per", "or from \"/33\" to \"/128\" (e.g. \"/64\"; IPv6 sources), got \"/129\"";
     service_rate_limit_per_bad: one_service(
         "rate-limit = { new-flows-per-second = 5, per = \"subnet\" }", B1)
         => "service[0].rate-limit.per", "got \"subnet\"";
