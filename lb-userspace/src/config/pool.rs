@@ -8,11 +8,7 @@
 //! `deny-from` and `rate-limit` on the pool apply to both services, the
 //! same keys in `write = { … }` or `read = { … }` to one of them.
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -37,9 +33,9 @@ const PASSWORD_FILE_MAX: u64 = 4096;
 pub struct Pool {
     pub name: String,
     /// The write service's VIP: routes to the current primary only.
-    pub write_vip: SocketAddrV4,
+    pub write_vip: SocketAddr,
     /// The read service's VIP: spreads over qualifying replicas.
-    pub read_vip: SocketAddrV4,
+    pub read_vip: SocketAddr,
     pub members: Vec<PoolMember>,
     /// The members' check: always `check = "mysql"`.
     pub health: HealthCheck,
@@ -65,7 +61,7 @@ pub struct Pool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolMember {
     pub name: String,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 impl Pool {
@@ -111,7 +107,7 @@ impl Pool {
             .iter()
             .map(|m| Backend {
                 name: m.name.clone(),
-                address: m.address.into(),
+                address: m.address,
                 weight: 1,
                 backup: false,
                 health: None,
@@ -119,9 +115,9 @@ impl Pool {
             })
             .collect();
         let service =
-            |name: String, vip: SocketAddrV4, on_backend_down, firewall: &Firewall| Service {
+            |name: String, vip: SocketAddr, on_backend_down, firewall: &Firewall| Service {
                 name,
-                vip: vip.into(),
+                vip,
                 protocol: Protocol::Tcp,
                 forwarding,
                 scheduler: Scheduler::RoundRobin,
@@ -238,7 +234,7 @@ impl Validator<'_> {
         for (i, raw_pool) in raw.into_iter().enumerate() {
             let pool = self.pool(i, raw_pool, &pools)?;
             for service in pool.services() {
-                let field = if service.vip == SocketAddr::V4(pool.write_vip) {
+                let field = if service.vip == pool.write_vip {
                     "write-vip"
                 } else {
                     "read-vip"
@@ -287,9 +283,11 @@ impl Validator<'_> {
             earlier.iter().map(|p| p.name.as_str()),
         )?;
         let write_text = self.required(raw.write_vip, &key("write-vip"))?;
-        let write_vip = self.vip_v4(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
+        let write_vip = self.vip(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
         let read_text = self.required(raw.read_vip, &key("read-vip"))?;
-        let read_vip = self.vip_v4(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
+        let read_vip = self.vip(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
+        // Both VIPs and every member of one family, as a service's.
+        self.same_family(read_vip, write_vip, &key("read-vip"))?;
         if read_vip == write_vip {
             return Err(self.err(
                 key("read-vip"),
@@ -309,7 +307,8 @@ impl Validator<'_> {
                 return Err(self.err(mkey("name"), reason));
             }
             let text = self.required(m.address, &mkey("address"))?;
-            let address = self.socket_addr_v4(&text, &mkey("address"), MEMBER_EXAMPLE)?;
+            let address = self.socket_addr(&text, &mkey("address"), MEMBER_EXAMPLE)?;
+            self.same_family(address, write_vip, &mkey("address"))?;
             if let Some(k) = members.iter().position(|o| o.name == name) {
                 return Err(self.err(
                     mkey("name"),
@@ -361,6 +360,9 @@ impl Validator<'_> {
         )?;
         let write_firewall = self.pool_service_firewall(i, "write", &shared, raw.write)?;
         let read_firewall = self.pool_service_firewall(i, "read", &shared, raw.read)?;
+        // Members of either family; the pool's services wait for the data
+        // plane's IPv6 path as any service does.
+        self.data_plane_balances(&key("write-vip"), write_vip)?;
 
         Ok(Pool {
             name,

@@ -261,7 +261,7 @@ impl Validator<'_> {
             firewall,
             limits,
         };
-        self.data_plane_balances(i, &service)?;
+        self.data_plane_balances(&key("vip"), service.vip)?;
         Ok(service)
     }
 
@@ -269,7 +269,7 @@ impl Validator<'_> {
     /// packet's addresses, it does not translate between IPv4 and IPv6
     /// (NAT64), and keeps each family's services and flows in maps of
     /// their own.
-    fn same_family(
+    pub(super) fn same_family(
         &self,
         address: SocketAddr,
         vip: SocketAddr,
@@ -295,18 +295,22 @@ impl Validator<'_> {
     /// service it cannot balance is rejected here, after every other rule
     /// (so the operator sees the service's real mistakes first). The agent
     /// past this point, the CLI and the planners speak both families; the
-    /// data-plane work that balances IPv6 deletes this function.
-    fn data_plane_balances(&self, i: usize, service: &Service) -> Result<(), ConfigError> {
-        if service.vip.is_ipv4() {
+    /// data-plane work that balances IPv6 deletes this function (and its
+    /// two calls: a service's `vip`, a pool's `write-vip`).
+    pub(super) fn data_plane_balances(
+        &self,
+        key: &str,
+        vip: SocketAddr,
+    ) -> Result<(), ConfigError> {
+        if vip.is_ipv4() {
             return Ok(());
         }
         Err(self.err(
-            format!("service[{i}].vip"),
+            key,
             format!(
-                "{} is an IPv6 VIP: the data plane does not balance IPv6 yet \
+                "{vip} is an IPv6 VIP: the data plane does not balance IPv6 yet \
                  (its IPv6 maps and packet path are being built, issue 24); \
-                 use an IPv4 VIP",
-                service.vip
+                 use an IPv4 VIP"
             ),
         ))
     }

@@ -7,7 +7,7 @@
 //! `firewall`, `pool`, `coordination`).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -403,40 +403,6 @@ impl Validator<'_> {
             ));
         }
         Ok(vip)
-    }
-
-    /// A [`vip`](Self::vip) of a part that is IPv4-only for now (database
-    /// pools).
-    pub(super) fn vip_v4(
-        &self,
-        text: &str,
-        key: &str,
-        example: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
-        let vip = self.vip(text, key, example)?;
-        self.only_v4(vip, key)
-    }
-
-    /// A [`socket_addr`](Self::socket_addr) of a part that is IPv4-only for
-    /// now (database pool members).
-    pub(super) fn socket_addr_v4(
-        &self,
-        text: &str,
-        key: &str,
-        example: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
-        let addr = self.socket_addr(text, key, example)?;
-        self.only_v4(addr, key)
-    }
-
-    fn only_v4(&self, addr: SocketAddr, key: &str) -> Result<SocketAddrV4, ConfigError> {
-        match addr {
-            SocketAddr::V4(v4) => Ok(v4),
-            SocketAddr::V6(_) => Err(self.err(
-                key,
-                format!("{addr} is an IPv6 address: this key takes IPv4 addresses only"),
-            )),
-        }
     }
 
     /// `[monitoring] listen` on a VIP's address and port would never see a

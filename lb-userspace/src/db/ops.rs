@@ -3,7 +3,7 @@
 //! (`SET GLOBAL read_only = 1`). Each runs in its own task and reports to
 //! the agent's loop, which alone changes routing.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use mysql_async::{Conn, prelude::Queryable};
 
@@ -236,12 +236,12 @@ async fn wait_for(conn: &mut Conn, pos: &str) -> bool {
 /// Empty: re-pointed (read-only, replicating). Idempotent: re-pointing a
 /// member that already replicates from `primary` only restarts it there.
 pub async fn rejoin(
-    member: SocketAddrV4,
-    primary: SocketAddrV4,
+    member: SocketAddr,
+    primary: SocketAddr,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Vec<gtid::Gtid>, String> {
-    let state = |address: SocketAddrV4| async move {
+    let state = |address: SocketAddr| async move {
         let mut conn = mysql::connect(address, login, timeout).await?;
         let state: Option<String> = conn
             .query_first("SELECT @@global.gtid_binlog_state")
@@ -260,8 +260,8 @@ pub async fn rejoin(
 
 /// Points the server at `member` to replicate from `primary` by GTID.
 async fn repoint(
-    member: SocketAddrV4,
-    primary: SocketAddrV4,
+    member: SocketAddr,
+    primary: SocketAddr,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -293,7 +293,7 @@ async fn repoint(
 
 /// Makes `member` read-only (fencing a second writer).
 pub async fn fence(
-    member: SocketAddrV4,
+    member: SocketAddr,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<(), String> {

@@ -81,16 +81,36 @@ fn a_mysql_check_works_on_a_plain_service_too() {
 #[test]
 fn pool_rejections_name_the_key() {
     let cases: &[(String, &str, &str)] = &[
-        // Pools stay IPv4-only for now.
+        // A pool's VIPs and members are of one family, as a service's.
         (
             pool("").replace("198.19.1.22:3306", "[2001:db8::22]:3306"),
             "pool[0].members[1].address",
-            "[2001:db8::22]:3306 is an IPv6 address: this key takes IPv4 addresses only",
+            "[2001:db8::22]:3306 is an IPv6 address but the service's VIP 198.18.0.20:3306 \
+             is IPv4: a service's VIP and its backends must be of one family",
         ),
         (
             pool("").replace("198.18.0.21:3306", "[2001:db8::21]:3306"),
             "pool[0].read-vip",
-            "this key takes IPv4 addresses only",
+            "[2001:db8::21]:3306 is an IPv6 address but the service's VIP 198.18.0.20:3306 is IPv4",
+        ),
+        // An all-IPv6 pool passes every rule, then the data plane's gate.
+        (
+            pool("")
+                .replace("198.18.0.20:3306", "[2001:db8:18::20]:3306")
+                .replace("198.18.0.21:3306", "[2001:db8:18::21]:3306")
+                .replace("198.19.1.21:3306", "[2001:db8:19:1::21]:3306")
+                .replace("198.19.1.22:3306", "[2001:db8:19:1::22]:3306")
+                .replace("198.19.1.23:3306", "[2001:db8:19:1::23]:3306"),
+            "pool[0].write-vip",
+            "[2001:db8:18::20]:3306 is an IPv6 VIP: the data plane does not balance IPv6 yet",
+        ),
+        (
+            pool("")
+                .replace("198.18.0.20:3306", "[2001:db8:18::20]:3306")
+                .replace("198.18.0.21:3306", "[2001:db8:18::21]:3306")
+                .replace("198.19.1.21:3306", "[2001:db8:18::20]:3306"),
+            "pool[0].members[0].address",
+            "is one of the pool's own VIPs",
         ),
         (
             pool("").replace(
