@@ -252,7 +252,7 @@ impl Agent {
             .iter()
             .zip(&self.applied)
             .map(|(svc, applied)| ServiceReach {
-                vip: svc.vip.ip().to_owned().into(),
+                vip: svc.vip.ip(),
                 has_backend: !applied.ring.is_empty(),
             })
             .collect()
