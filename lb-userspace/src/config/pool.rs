@@ -127,6 +127,7 @@ impl Pool {
             backends: backends.clone(),
             firewall: firewall.clone(),
             limits: Default::default(),
+            proxy_protocol: None,
         };
         [
             service(
