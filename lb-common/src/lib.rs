@@ -23,6 +23,7 @@ pub mod map_names;
 pub mod maps;
 pub mod maps6;
 pub mod probe;
+pub mod proxy;
 pub mod rewrite;
 #[cfg(feature = "user")]
 pub mod ring;

@@ -104,9 +104,16 @@ pub struct ServiceConf {
     pub active_ring: u32,
     pub mode: u32,
     pub scheduler: u32,
-    /// Non-zero once the agent has filled this slot.
+    /// Non-zero once the agent has filled this slot: [`SERVICE_FILLED`],
+    /// with [`SERVICE_PROXY_V2`] for a `proxy-protocol = "v2"` service.
     pub enabled: u32,
 }
+
+/// `ServiceConf::enabled` bit: the agent filled the slot.
+pub const SERVICE_FILLED: u32 = 1;
+/// `ServiceConf::enabled` bit: the service's streams to its backends start
+/// with a PROXY protocol v2 header (`crate::proxy`).
+pub const SERVICE_PROXY_V2: u32 = 2;
 
 /// `RINGS[service id * 2 + half]`: backend ids, `len` of them valid.
 #[repr(C)]

@@ -263,6 +263,7 @@ pub fn service(
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
         limits: Default::default(),
+        proxy_protocol: None,
     }
 }
 

@@ -215,6 +215,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // tests (tests/tests/coordination.rs, harness/etcd.rs). The agent speaks
     // etcd's JSON gateway, so no protoc is needed to build lb.
     ("etcd-server", "/usr/bin/etcd"),
+    // A real server that reads PROXY protocol v2 (tests/tests/proxy_nginx.rs).
+    // Its package does not start it where policy-rc.d forbids, as here; the
+    // test runs its own in a namespace.
+    ("nginx-light", "/usr/sbin/nginx"),
 ];
 
 fn setup() -> anyhow::Result<()> {

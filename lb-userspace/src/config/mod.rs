@@ -16,6 +16,7 @@ mod firewall;
 mod health;
 mod keypath;
 mod pool;
+mod proxy;
 mod raw;
 mod service;
 mod sync;
@@ -36,6 +37,7 @@ pub use health::{
     UdpCheck, UdpExpect,
 };
 pub use pool::{Pool, PoolMember};
+pub use proxy::ProxyProtocol;
 use raw::RawConfig;
 pub use service::{Backend, OnBackendDown, Protocol, Scheduler, Service, ServiceLimits};
 pub use sync::{MIN_KEY_LEN, Sync};

@@ -128,6 +128,7 @@ impl Pool {
                 backends: backends.clone(),
                 firewall: firewall.clone(),
                 limits: Default::default(),
+                proxy_protocol: None,
             };
         [
             service(

@@ -101,6 +101,7 @@ pub(super) struct RawService {
     pub(super) rate_limit: Option<RawRateLimit>,
     pub(super) max_connections: Option<i64>,
     pub(super) slow_start: Option<String>,
+    pub(super) proxy_protocol: Option<super::ProxyProtocol>,
 }
 
 /// `scheduler`: a [`Scheduler`], except that the retired `source-hash` gets
@@ -254,6 +255,7 @@ impl From<&Service> for RawService {
             rate_limit: s.firewall.rate_limit.as_ref().map(RawRateLimit::from),
             max_connections: s.limits.max_connections.map(i64::from),
             slow_start: s.limits.slow_start.map(duration::show),
+            proxy_protocol: s.proxy_protocol,
         }
     }
 }

@@ -108,6 +108,8 @@ pub struct Service {
     pub firewall: Firewall,
     /// `max-connections`: the service's defaults for its backends.
     pub limits: ServiceLimits,
+    /// `proxy-protocol`: a PROXY header starts each stream to a backend.
+    pub proxy_protocol: Option<super::ProxyProtocol>,
 }
 
 /// A service's defaults for how much its backends take.
@@ -214,6 +216,12 @@ impl Validator<'_> {
         };
         self.through_vip_fits(&key("health"), health.as_ref(), forwarding)?;
         let on_backend_down = raw.on_backend_down.unwrap_or(OnBackendDown::KeepFlows);
+        let proxy_protocol = self.proxy_protocol(
+            &key("proxy-protocol"),
+            raw.proxy_protocol,
+            forwarding,
+            protocol,
+        )?;
 
         let raw_backends = self.required(raw.backends, &key("backends"))?;
         if raw_backends.is_empty() {
@@ -260,6 +268,7 @@ impl Validator<'_> {
             backends,
             firewall,
             limits,
+            proxy_protocol,
         };
         self.data_plane_balances(&key("vip"), service.vip)?;
         Ok(service)

@@ -254,7 +254,7 @@ impl Dataplane {
             active_ring: half,
             mode: svc.mode,
             scheduler: svc.scheduler,
-            enabled: 1,
+            enabled: svc.conf_flags,
         };
         set(
             &mut self.array::<ServiceConf>(MapName::SERVICE_CONF)?,

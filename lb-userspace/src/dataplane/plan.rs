@@ -95,6 +95,9 @@ pub struct ServicePlan {
     pub mode: u32,
     /// `SCHED_COUNTER`, `SCHED_HASH`, `SCHED_MAGLEV` or `SCHED_SOURCE_IP`.
     pub scheduler: u32,
+    /// `ServiceConf::enabled`: `SERVICE_FILLED` plus the service's flags
+    /// (`SERVICE_PROXY_V2`).
+    pub conf_flags: u32,
     /// The ring half this apply writes and switches to.
     pub half: u32,
     /// Backend ids in ring order (fits a ring: checked). For the Maglev
@@ -378,6 +381,8 @@ pub fn plan(
             id,
             mode: svc.forwarding.code(),
             scheduler: svc.scheduler.code(),
+            conf_flags: lb_common::SERVICE_FILLED
+                | crate::config::ProxyProtocol::conf_flag(svc.proxy_protocol),
             half,
             ring,
             maglev,
@@ -522,6 +527,7 @@ mod tests {
             on_backend_down: OnBackendDown::KeepFlows,
             backends: backends.into_iter().map(backend).collect(),
             limits: Default::default(),
+            proxy_protocol: None,
         }
     }
 
@@ -563,6 +569,27 @@ mod tests {
             .iter()
             .map(|(_, id)| *id)
             .collect()
+    }
+
+    #[test]
+    fn a_proxy_services_conf_carries_its_flag() {
+        let mut proxied = service("p", 11, 0..2);
+        proxied.proxy_protocol = Some(crate::config::ProxyProtocol::V2);
+        let p = apply(
+            &Ids::default(),
+            &config(vec![service("a", 10, 2..4), proxied]),
+        );
+        let flags = |name: &str| {
+            p.services
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.conf_flags)
+        };
+        assert_eq!(flags("a"), Some(lb_common::SERVICE_FILLED));
+        assert_eq!(
+            flags("p"),
+            Some(lb_common::SERVICE_FILLED | lb_common::SERVICE_PROXY_V2)
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
         backends,
         limits: Default::default(),
+        proxy_protocol: None,
     }
 }
 

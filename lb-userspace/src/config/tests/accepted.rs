@@ -92,6 +92,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     max_connections: None,
                 }],
                 limits: Default::default(),
+                proxy_protocol: None,
             },
             Service {
                 firewall: Default::default(),
@@ -134,6 +135,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     },
                 ],
                 limits: Default::default(),
+                proxy_protocol: None,
             },
             Service {
                 firewall: Default::default(),
@@ -154,6 +156,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     max_connections: None,
                 }],
                 limits: Default::default(),
+                proxy_protocol: None,
             },
             Service {
                 firewall: Default::default(),
@@ -186,6 +189,7 @@ backends = [{ address = "10.0.1.3:80" }]
                     max_connections: None,
                 }],
                 limits: Default::default(),
+                proxy_protocol: None,
             },
         ],
     };

@@ -5,6 +5,7 @@
 mod accepted;
 mod bounds;
 mod pool;
+mod proxy;
 mod rejected;
 mod sync;
 mod through_vip;

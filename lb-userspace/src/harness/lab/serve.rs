@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Address of a TCP echo listener (repeatable)
     #[arg(long)]
     pub echo: Vec<SocketAddr>,
+    /// Address of an HTTP/1.1 server whose connections start with a PROXY
+    /// protocol v2 header, as a `proxy-protocol = "v2"` service's do
+    /// (repeatable); `GET /client` answers the address the header names
+    #[arg(long)]
+    pub proxy_http: Vec<SocketAddr>,
     /// Prefix of the lab this server belongs to; only a tag, so teardown
     /// can find the server by its command line
     #[arg(long)]
@@ -73,9 +78,13 @@ pub fn bulk_byte(i: u64) -> u8 {
 
 /// Binds every listener, then serves until one fails.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.http.is_empty() && args.https.is_empty() && args.udp.is_empty() && args.echo.is_empty()
+    if args.http.is_empty()
+        && args.https.is_empty()
+        && args.udp.is_empty()
+        && args.echo.is_empty()
+        && args.proxy_http.is_empty()
     {
-        bail!("nothing to serve: give --http, --https, --udp or --echo");
+        bail!("nothing to serve: give --http, --https, --udp, --echo or --proxy-http");
     }
     let name: Arc<str> = Arc::from(args.name.as_str());
     if let (Some(write), Some(read), Some(password_file)) =
@@ -112,6 +121,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let echo = bind_all(&args.echo, |a| {
         TcpListener::bind(a).with_context(|| format!("binding echo on {a}"))
     })?;
+    let proxied = bind_all(&args.proxy_http, |a| {
+        TcpListener::bind(a).with_context(|| format!("binding PROXY HTTP on {a}"))
+    })?;
 
     let mut workers: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     for socket in udp {
@@ -134,12 +146,19 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         workers.push(thread::spawn(move || {
             accept_loop(&listener, move |s| {
                 let _ = s.set_nodelay(true);
-                http_session(s, &name, false)
+                let peer = s.peer_addr().ok();
+                session(s, &name, false, peer)
             })
         }));
     }
+    for listener in proxied {
+        let name = Arc::clone(&name);
+        workers.push(thread::spawn(move || {
+            accept_loop(&listener, move |s| proxied_connection(s, &name))
+        }));
+    }
     println!(
-        "lab-serve {}: http {:?}, https {:?}, udp {:?}, echo {:?}",
+        "lab-serve {}: http {:?}, https {:?}, udp {:?}, echo {:?}, proxy-http {:?}",
         args.name,
         args.http
             .iter()
@@ -151,6 +170,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
         args.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
         args.echo
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        args.proxy_http
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
@@ -232,6 +255,51 @@ fn asked_size(payload: &[u8]) -> Option<usize> {
     Some(n.min(MAX_UDP_REPLY))
 }
 
+/// Longest PROXY v2 address/TLV block accepted (the protocol allows 65535;
+/// a header of ours is 12 or 36 bytes, HAProxy's with TLVs a few hundred).
+const MAX_PROXY_BLOCK: usize = 1024;
+
+/// A connection of a `--proxy-http` listener: the PROXY v2 header, then
+/// HTTP/1.1 as on port 80 with the client the header names.
+fn proxied_connection(mut stream: TcpStream, name: &str) -> anyhow::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let client = read_proxy_header(&mut stream)?;
+    session(stream, name, false, Some(client))
+}
+
+/// Reads exactly one PROXY protocol v2 header (nothing of the stream after
+/// it) and returns the source address it gives. A connection without one,
+/// or with a LOCAL/UNSPEC header, is refused: this listener is only for
+/// traffic the load balancer proxied.
+fn read_proxy_header(reader: &mut impl Read) -> anyhow::Result<SocketAddr> {
+    use ppp::v2::{Addresses, Command, Header};
+    let mut buf = vec![0u8; 16];
+    reader
+        .read_exact(&mut buf)
+        .context("reading the PROXY v2 header")?;
+    let block = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    if block > MAX_PROXY_BLOCK {
+        bail!("PROXY v2 header of {block} address bytes (at most {MAX_PROXY_BLOCK})");
+    }
+    buf.resize(16 + block, 0);
+    reader
+        .read_exact(&mut buf[16..])
+        .context("reading the PROXY v2 addresses")?;
+    let header = Header::try_from(buf.as_slice())
+        .map_err(|e| anyhow::anyhow!("not a PROXY v2 header: {e}"))?;
+    if header.command != Command::Proxy {
+        bail!(
+            "PROXY v2 header with command {:?}, not PROXY",
+            header.command
+        );
+    }
+    match header.addresses {
+        Addresses::IPv4(a) => Ok(SocketAddr::from((a.source_address, a.source_port))),
+        Addresses::IPv6(a) => Ok(SocketAddr::from((a.source_address, a.source_port))),
+        other => bail!("PROXY v2 header without an internet address: {other:?}"),
+    }
+}
+
 fn echo_connection(stream: TcpStream) -> anyhow::Result<()> {
     let mut reader = stream.try_clone().context("cloning echo stream")?;
     let mut writer = stream;
@@ -249,12 +317,24 @@ struct Request {
     content_length: u64,
 }
 
-/// Serves requests one after another on a keep-alive connection: over TCP
-/// (port 80) or over TLS on TCP (port 443, `secure`).
+/// Serves requests one after another on a keep-alive connection over TLS
+/// on TCP (port 443, `secure`); see [`session`].
 pub(super) fn http_session(
     stream: impl Read + Write,
     name: &str,
     secure: bool,
+) -> anyhow::Result<()> {
+    session(stream, name, secure, None)
+}
+
+/// Serves requests one after another on a keep-alive connection: over TCP
+/// (port 80, a PROXY port) or over TLS (`secure`). `client` is the client
+/// `GET /client` names: the TCP peer, or the PROXY header's source.
+fn session(
+    stream: impl Read + Write,
+    name: &str,
+    secure: bool,
+    client: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader)? {
@@ -265,7 +345,7 @@ pub(super) fn http_session(
         )
         .context("reading request body")?;
         let mut writer = BufWriter::new(reader.get_mut());
-        respond(&mut writer, &request, name, secure)?;
+        respond(&mut writer, &request, name, secure, client)?;
         writer.flush().context("sending response")?;
         drop(writer);
         if !request.keep_alive {
@@ -362,7 +442,14 @@ impl Body {
 /// to HTTPS: over HTTP it answers 301 to `https://{Host}/` (the web server
 /// does it; the load balancer just forwards both ports); over HTTPS it
 /// answers like `/`.
-fn route(request: &Request, name: &str, secure: bool) -> (u16, &'static str, Body) {
+/// `/client` answers `{name} {client address}`: behind NAT the TCP peer
+/// is the client, behind a PROXY service the header names it.
+fn route(
+    request: &Request,
+    name: &str,
+    secure: bool,
+    client: Option<SocketAddr>,
+) -> (u16, &'static str, Body) {
     if request.path == "/visits"
         && let Some((status, reason, text)) = super::visits::handle(&request.method, name)
     {
@@ -389,6 +476,11 @@ fn route(request: &Request, name: &str, secure: bool) -> (u16, &'static str, Bod
     if request.path == "/" || request.path == "/redirect" {
         return (200, "OK", Body::Text(format!("{name}\n")));
     }
+    if request.path == "/client"
+        && let Some(client) = client
+    {
+        return (200, "OK", Body::Text(format!("{name} {client}\n")));
+    }
     if let Some(n) = request.path.strip_prefix("/bytes/") {
         return match n.parse::<u64>() {
             Ok(n) if n <= MAX_BULK => (200, "OK", Body::Bulk(n)),
@@ -407,8 +499,9 @@ fn respond(
     request: &Request,
     name: &str,
     secure: bool,
+    client: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let (status, reason, body) = route(request, name, secure);
+    let (status, reason, body) = route(request, name, secure, client);
     let connection = if request.keep_alive {
         "keep-alive"
     } else {
@@ -479,7 +572,7 @@ mod tests {
             content_length: 0,
         };
         for secure in [false, true] {
-            let route = |r: &Request, name: &str| route(r, name, secure);
+            let route = |r: &Request, name: &str| route(r, name, secure, None);
             assert!(matches!(route(&get("/"), "web2"), (200, _, Body::Text(t)) if t == "web2\n"));
             assert!(matches!(
                 route(&get("/bytes/10"), "web2"),
@@ -488,12 +581,21 @@ mod tests {
             assert!(matches!(route(&get("/bytes/x"), "web2"), (400, _, _)));
             assert!(matches!(route(&get("/nope"), "web2"), (404, _, _)));
         }
+        let client = "198.18.0.10:40000".parse().ok();
         assert!(matches!(
-            route(&get("/redirect"), "web2", false),
+            route(&get("/client"), "web2", false, client),
+            (200, _, Body::Text(t)) if t == "web2 198.18.0.10:40000\n"
+        ));
+        assert!(matches!(
+            route(&get("/client"), "web2", true, None),
+            (404, _, _)
+        ));
+        assert!(matches!(
+            route(&get("/redirect"), "web2", false, None),
             (301, _, Body::Redirect(url)) if url == "https://www.foobar.com/"
         ));
         assert!(matches!(
-            route(&get("/redirect"), "web2", true),
+            route(&get("/redirect"), "web2", true, None),
             (200, _, Body::Text(_))
         ));
     }
@@ -508,7 +610,7 @@ mod tests {
             content_length: 0,
         };
         let mut out = Vec::new();
-        assert!(respond(&mut out, &request, "web1", false).is_ok());
+        assert!(respond(&mut out, &request, "web1", false, None).is_ok());
         let head_end = out
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
@@ -522,6 +624,64 @@ mod tests {
         );
         assert_eq!(bulk_byte(0), 7);
         assert_eq!(bulk_byte(8), (8 * 31 + 7) % 251);
+    }
+
+    /// The header the data plane inserts (lb_common::proxy) is what
+    /// `--proxy-http` reads: a real connection on loopback, the header then
+    /// a request, answered with the header's client.
+    #[test]
+    fn a_proxy_listener_answers_with_the_client_the_header_names() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            proxied_connection(stream, "web3")
+        });
+        let mut client = TcpStream::connect(addr).expect("connect");
+        let header = lb_common::proxy::header_v4(
+            u32::from_ne_bytes([198, 18, 0, 10]),
+            40123u16.to_be(),
+            u32::from_ne_bytes([198, 18, 1, 1]),
+            80u16.to_be(),
+        );
+        client.write_all(&header).expect("header");
+        client
+            .write_all(b"GET /client HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.ends_with("\r\n\r\nweb3 198.18.0.10:40123\n"),
+            "{answer:?}"
+        );
+        assert!(server.join().expect("server thread").is_ok());
+    }
+
+    #[test]
+    fn a_proxy_listener_refuses_what_is_not_a_proxied_connection() {
+        let v6 = lb_common::proxy::header_v6(&[0xfd; 16], 1u16.to_be(), &[0xfe; 16], 2u16.to_be());
+        let addr = read_proxy_header(&mut &v6[..]).expect("v6 header");
+        assert_eq!(
+            addr,
+            "[fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd]:1"
+                .parse()
+                .expect("addr")
+        );
+        // Plain HTTP, no header.
+        let plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(read_proxy_header(&mut &plain[..]).is_err());
+        // A LOCAL command (a health check's), and a truncated header.
+        let mut local = lb_common::proxy::header_v4(1, 2, 3, 4);
+        local[12] = 0x20;
+        assert!(read_proxy_header(&mut &local[..]).is_err());
+        let full = lb_common::proxy::header_v4(1, 2, 3, 4);
+        assert!(read_proxy_header(&mut &full[..20]).is_err());
+        // An absurd length is refused before reading it.
+        let mut long = full;
+        long[14..16].copy_from_slice(&2000u16.to_be_bytes());
+        assert!(
+            read_proxy_header(&mut &long[..]).is_err_and(|e| e.to_string().contains("at most"))
+        );
     }
 
     #[test]
