@@ -275,19 +275,22 @@ mod tests {
                 n ^ 0xabcd,
             )
         };
-        let flips: [&dyn Fn((u32, u16, u8, u32), u32) -> (u32, u16, u8, u32); 4] = [
-            &|(a, p, r, s), b| (a ^ (1 << b), p, r, s),
-            &|(a, p, r, s), b| (a, p ^ (1 << (b % 16)), r, s),
-            &|(a, p, r, s), b| (a, p, r ^ (1 << (b % 8)), s),
-            &|(a, p, r, s), b| (a, p, r, s ^ (1 << b)),
-        ];
-        for (field, flip) in flips.iter().enumerate() {
+        type Input = (u32, u16, u8, u32);
+        let flip = |field: usize, (a, p, r, s): Input, b: u32| -> Input {
+            match field {
+                0 => (a ^ (1 << b), p, r, s),
+                1 => (a, p ^ (1 << (b % 16)), r, s),
+                2 => (a, p, r ^ (1 << (b % 8)), s),
+                _ => (a, p, r, s ^ (1 << b)),
+            }
+        };
+        for field in 0..4 {
             for bit in 0..32 {
                 let mut changed = 0u32;
                 let trials = 2000u32;
                 for n in 0..trials {
                     let (a, p, r, s) = base(n);
-                    let (a2, p2, r2, s2) = flip(base(n), bit);
+                    let (a2, p2, r2, s2) = flip(field, base(n), bit);
                     changed += (client_hash(a, p, r, s) ^ client_hash(a2, p2, r2, s2)).count_ones();
                 }
                 let share = f64::from(changed) / f64::from(trials * 32);
