@@ -183,19 +183,26 @@ pub const fn slot_of_hash(hash: u32, slots: u32) -> u32 {
 }
 
 /// The seeded hash that places a flow's bucket ([`slot_index`]) and breaks
-/// its victim ties ([`tie_replaces`]).
+/// its victim ties ([`tie_replaces`]): [`crate::hash::client_hash`].
 #[inline(always)]
 pub const fn bucket_hash(client: u32, client_port: u16, protocol: u8, seed: u32) -> u32 {
-    let key = FlowKey {
-        saddr: client,
-        daddr: 0,
-        sport: client_port,
-        dport: 0,
-        protocol,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    crate::hash::seeded_flow_hash(&key, seed)
+    crate::hash::client_hash(client, client_port, protocol, seed)
+}
+
+/// Which [`bucket_hash`] placed the flows of a pair of tables, kept in
+/// `FlowConf::table_version` with their seed. A new hash moves every
+/// flow's bucket, so pinned tables placed by another one are refused, not
+/// adopted (their flows would be looked for in the wrong buckets). 0: the
+/// four-round hash of the tables before the version was kept (the field
+/// was padding); 1: [`crate::hash::client_hash`].
+pub const TABLE_VERSION: u32 = 1;
+
+/// Were the flows of tables with these settings (a pinned `FLOW_CONF`)
+/// placed by another [`bucket_hash`] than this version's? A conf never
+/// written (no seed yet) placed nothing.
+#[inline(always)]
+pub const fn placed_by_another_hash(conf: &FlowConf) -> bool {
+    conf.half_open_seed != 0 && conf.table_version != TABLE_VERSION
 }
 
 /// A new flow whose [`bucket_hash`] is `hash` finds, at slot `way` of its
@@ -364,6 +371,40 @@ mod tests {
             buckets.iter().all(|&h| (100..=300).contains(&h)),
             "{buckets:?}"
         );
+    }
+
+    #[test]
+    fn tables_placed_by_another_hash_are_told_apart() {
+        let placed = |seed, table_version| FlowConf {
+            half_open_seed: seed,
+            table_version,
+            ..FlowConf::default()
+        };
+        // This version's tables; a conf never written (no seed, no flow).
+        assert!(!placed_by_another_hash(&placed(0x1234, TABLE_VERSION)));
+        assert!(!placed_by_another_hash(&placed(0, 0)));
+        // Before the version was kept (padding, 0), or a later hash.
+        assert!(placed_by_another_hash(&placed(0x1234, 0)));
+        assert!(placed_by_another_hash(&placed(0x1234, TABLE_VERSION + 1)));
+        // And the hash did change: the same client under the same seed
+        // lands elsewhere than under the four-round hash of version 0.
+        let old = |n: u32| {
+            crate::hash::seeded_flow_hash(
+                &FlowKey {
+                    saddr: n,
+                    sport: 80,
+                    protocol: IPPROTO_TCP,
+                    ..FlowKey::default()
+                },
+                7,
+            )
+        };
+        let moved = (0..1000u32)
+            .filter(|&n| {
+                slot_of_hash(old(n), 1 << 20) != slot_index(n, 80, IPPROTO_TCP, 7, 1 << 20)
+            })
+            .count();
+        assert!(moved >= 995, "{moved}");
     }
 
     #[test]

@@ -500,7 +500,10 @@ mod tests {
         assert!((0.025..0.042).contains(&q1), "{q1}");
         assert!((0.095..0.113).contains(&h1), "{h1}");
         assert!(q2 < 0.001 && h2 < 0.01, "{q2} {h2}");
-        assert!(q3 < 0.002 && h3 < 0.03, "{q3} {h3}");
+        // Spill at fill ¼ is about 0.19 % for any fair hash (12 seed pairs
+        // of the table's hash: 0.174–0.220 %), so the bound sits above that
+        // spread, not at its middle.
+        assert!(q3 < 0.0025 && h3 < 0.03, "{q3} {h3}");
         assert!(
             rows.iter()
                 .all(|&(_, one, less, spill)| less < one && spill < one)

@@ -378,7 +378,10 @@ pub struct FlowConf {
     /// [`crate::flow_table::bucket_of`] (same seed as `HALF_OPEN`); 0: no
     /// established table yet (every lookup misses it).
     pub established_slots: u32,
-    pub _pad: u32,
+    /// Which bucket hash placed the tables' flows
+    /// ([`crate::flow::TABLE_VERSION`]), written with the seed: a pinned
+    /// pair of tables placed by another one is refused, not adopted.
+    pub table_version: u32,
 }
 
 /// `HALF_OPEN[slot]`: the half-open table is a two-way set-associative

@@ -80,9 +80,15 @@ pub enum Proto {
     Udp,
     /// A client's SYN: what opens a connection (and what a flood spoofs)
     TcpSyn,
-    /// A client's bare ACK, as after the handshake: what makes a generated
-    /// connection established
+    /// A client's bare ACK, as after the handshake: what completes a
+    /// generated connection's handshake (NAT: once its backend answered)
     TcpAck,
+    /// A server's SYN-ACK to that SYN, at sequence number 0 (the ACK
+    /// acknowledges 1): what a NAT backend answers
+    TcpSynAck,
+    /// The client's next segment after its ACK, its sequence number past
+    /// the ACK's payload: what confirms a DSR connection
+    TcpNext,
 }
 
 /// `--flow-dist`: how frames are spread over the flows.
@@ -242,7 +248,7 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     );
     let (l4_len, protocol) = match spec.proto {
         Proto::Udp => (UDP_LEN, 17u8),
-        Proto::TcpSyn | Proto::TcpAck => (TCP_LEN, 6u8),
+        Proto::TcpSyn | Proto::TcpAck | Proto::TcpSynAck | Proto::TcpNext => (TCP_LEN, 6u8),
     };
     let mut f = vec![0u8; spec.size];
     f[0..6].copy_from_slice(&spec.dst_mac);
@@ -302,16 +308,19 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
             l4[4..6].copy_from_slice(&(l4_total as u16).to_be_bytes());
             6
         }
-        Proto::TcpSyn | Proto::TcpAck => {
-            if spec.proto == Proto::TcpSyn {
-                l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
-                l4[13] = 0x02; // SYN
-            } else {
-                // The first ACK after a handshake that started at sequence 1.
-                l4[4..8].copy_from_slice(&2u32.to_be_bytes());
-                l4[8..12].copy_from_slice(&1u32.to_be_bytes()); // acknowledgment
-                l4[13] = 0x10; // ACK
-            }
+        Proto::TcpSyn | Proto::TcpAck | Proto::TcpSynAck | Proto::TcpNext => {
+            // A handshake from client sequence 1 and server sequence 0; the
+            // client's segments after it carry the frame's padding as data.
+            let data = (l4_total - TCP_LEN) as u32;
+            let (seq, ack, flags): (u32, u32, u8) = match spec.proto {
+                Proto::TcpSyn => (1, 0, 0x02),    // SYN
+                Proto::TcpSynAck => (0, 2, 0x12), // SYN, ACK
+                Proto::TcpAck => (2, 1, 0x10),    // ACK
+                _ => (2 + data, 1, 0x18),         // PSH, ACK
+            };
+            l4[4..8].copy_from_slice(&seq.to_be_bytes());
+            l4[8..12].copy_from_slice(&ack.to_be_bytes());
+            l4[13] = flags;
             l4[12] = ((l4_len / 4) as u8) << 4;
             l4[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
             16
@@ -981,6 +990,23 @@ mod tests {
         let tcp = checked_tcp(&build_frame(&spec(Proto::TcpAck, 64)).expect("frame"));
         assert!(tcp.ack && !tcp.syn && !tcp.fin && !tcp.rst);
         assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (2, 1));
+    }
+
+    #[test]
+    fn a_handshake_synack_then_the_clients_next_segment() {
+        let syn_ack = checked_tcp(&build_frame(&spec(Proto::TcpSynAck, 64)).expect("frame"));
+        assert!(syn_ack.syn && syn_ack.ack && !syn_ack.fin && !syn_ack.rst);
+        // The ACK (2, 1) acknowledges this SYN-ACK's sequence number + 1.
+        assert_eq!(
+            (syn_ack.sequence_number, syn_ack.acknowledgment_number),
+            (0, 2)
+        );
+        // A 64-byte frame's ACK carries 10 bytes: the next segment is past them.
+        let next = checked_tcp(&build_frame(&spec(Proto::TcpNext, 64)).expect("frame"));
+        assert!(next.ack && next.psh && !next.syn && !next.fin && !next.rst);
+        assert_eq!((next.sequence_number, next.acknowledgment_number), (12, 1));
+        let next = checked_tcp(&build_frame(&spec(Proto::TcpNext, 100)).expect("frame"));
+        assert_eq!(next.sequence_number, 2 + 46);
     }
 
     #[test]

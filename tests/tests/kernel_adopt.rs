@@ -329,3 +329,62 @@ fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
         Dataplane::teardown(&pins).expect("teardown");
     });
 }
+
+/// Issue 23: a pinned pair of flow tables placed by another bucket hash
+/// (the version before `FlowConf::table_version`, whose word there was 0)
+/// is refused before anything is touched: every flow would be looked for
+/// in another bucket. The same pins with this version's word are adopted.
+#[test]
+fn adopting_flow_tables_placed_by_another_bucket_hash_is_refused() {
+    use aya::maps::{Array, Map, MapData};
+    use lb_common::{FlowConf, flow::TABLE_VERSION};
+    use lb_userspace::dataplane::DataplaneError;
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    let set_version = |version: u32| {
+        let data = MapData::from_pin(pins.join("FLOW_CONF")).expect("pinned FLOW_CONF");
+        let mut conf: Array<MapData, FlowConf> =
+            Array::try_from(Map::Array(data)).expect("FLOW_CONF");
+        let mut c = conf.get(&0, 0).expect("FLOW_CONF[0]");
+        assert_ne!(c.half_open_seed, 0, "the tables have their seed");
+        let was = c.table_version;
+        c.table_version = version;
+        conf.set(0, c, 0).expect("write FLOW_CONF");
+        was
+    };
+    net.run(|| {
+        drop(first_pinned_flow(&pins, 1024, 51600));
+        // This version wrote its own; the previous one left 0 there.
+        assert_eq!(set_version(0), TABLE_VERSION);
+        let err = match Dataplane::load_pinned(1024, &pins) {
+            Ok(_) => panic!("adopted flow tables placed by another bucket hash"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                err,
+                DataplaneError::OldVersion {
+                    map: "FLOW_CONF",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        let dir = pins.display().to_string();
+        for part in [
+            "from an earlier version of lb",
+            "flows placed by bucket hash version 0",
+            &format!("`lb teardown --pin-dir {dir}`"),
+        ] {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+        // Refused means untouched: the tables and the word are still there.
+        assert!(pins.join("ESTABLISHED").exists() && pins.join("HALF_OPEN").exists());
+        assert_eq!(set_version(TABLE_VERSION), 0);
+        let (_, adopted) = Dataplane::load_pinned(1024, &pins).expect("adopt");
+        assert!(adopted, "this version's tables are adopted");
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}

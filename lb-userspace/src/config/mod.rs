@@ -191,7 +191,7 @@ impl Dataplane {
             jiffy_ns: 0,
             clock_epoch_ns: 0,
             established_slots: 0,
-            _pad: 0,
+            table_version: 0,
         }
     }
 }

@@ -4,9 +4,11 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::MapInfo;
+use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, MAX_BACKENDS, ServiceConf, ServiceKey,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_USE, Backend, FlowConf, MAX_BACKENDS, ServiceConf,
+    ServiceKey,
+    flow::{TABLE_VERSION, placed_by_another_hash},
     map_names::Pinning,
 };
 
@@ -106,7 +108,34 @@ pub(super) fn check_pins(object: &[u8], sizes: TableSizes, pin_dir: &Path) -> Re
             }
         }
     }
+    // Same layouts, but flows placed by another bucket hash would each be
+    // looked for in another bucket: refused like another layout.
+    if let Some(conf) = pinned_flow_conf(pin_dir)?
+        && placed_by_another_hash(&conf)
+    {
+        return Err(old_version(
+            MapName::FLOW_CONF.name(),
+            format!("flows placed by bucket hash version {}", conf.table_version),
+            format!("version {TABLE_VERSION}"),
+        ));
+    }
     Ok(())
+}
+
+/// The pinned `FLOW_CONF`'s settings (its seed and table version), if it
+/// is pinned.
+fn pinned_flow_conf(pin_dir: &Path) -> Result<Option<FlowConf>> {
+    let path = pin_dir.join(MapName::FLOW_CONF.name());
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |source| DataplaneError::Map {
+        name: MapName::FLOW_CONF.name(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let conf: Array<MapData, FlowConf> = Array::try_from(Map::Array(data)).map_err(err)?;
+    conf.get(&0, 0).map(Some).map_err(err)
 }
 
 /// The layout each listed map gets when this object is loaded with `sizes`.

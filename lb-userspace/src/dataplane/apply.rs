@@ -357,6 +357,9 @@ impl Dataplane {
             0 => random_seed(),
             seed => seed,
         };
+        // Placed by this version's bucket hash (a pinned pair placed by
+        // another was refused before loading: `adopt::check_pins`).
+        conf.table_version = lb_common::flow::TABLE_VERSION;
         let clock = super::clock::JiffyClock::get()?;
         (conf.jiffy_ns, conf.clock_epoch_ns) = (clock.jiffy_ns, clock.epoch_ns);
         set(

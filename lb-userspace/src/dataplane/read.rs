@@ -306,15 +306,18 @@ impl FlowTable {
     }
 
     /// Every established entry (both directions of a NAT flow), in the
-    /// table and in its overflow.
-    fn established_entries(&self) -> Result<Vec<(FlowKey, Flow)>> {
+    /// table and in its overflow: one pass over each, for a reader that
+    /// looks many flows up at once (a `lookup` per flow maps a window of the
+    /// table per call).
+    pub fn established_entries(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let mut all = self.established.entries();
         all.extend(snapshot(MapName::CONNTRACK, &self.conntrack)?);
         Ok(all)
     }
 
-    /// The half-open entries within their timeout.
-    fn half_open_live(&self) -> Result<Vec<(FlowKey, Flow)>> {
+    /// The half-open entries within their timeout (one pass, as
+    /// `established_entries`).
+    pub fn half_open_live(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let conf = self.flow_conf()?;
         let now = super::sweep::now_ticks();
         Ok(self

@@ -11,7 +11,10 @@ use std::{
 use lb_common::PKTGEN_FLOW_TABLE;
 
 use super::{
-    flood::{CLIENT_RATE, ESTABLISHED, FloodRow, HALF_OPEN, HANDSHAKE_GAP, LEGIT, SPOOFED, TABLE},
+    flood::{
+        CLIENT_RATE, ESTABLISHED, FloodRow, HALF_OPEN, HANDSHAKE_GAP, LEGIT, SPOOFED, TABLE,
+        handshake_ms,
+    },
     http::{HttpPath, HttpRow},
     measure::{
         FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod, NsProgram, NsRow,
@@ -274,13 +277,14 @@ fn flood_section(s: &mut String, rows: &[FloodRow], ceiling: Option<f64>) {
     let _ = writeln!(s, "\n## SYN flood\n");
     let _ = writeln!(
         s,
-        "{ESTABLISHED} connections are made first (each a generated SYN, then its ACK); then spoofed SYNs from {} distinct sources at the generator's full rate, into flow tables of {} established (`conntrack-size`) and {} half-open (`half-open-size`) flows, while {LEGIT} legitimate clients connect the same way, 30 % into the flood (their SYNs paced at {} per second, then after {} ms their ACKs at the same pace, so each ACK follows its SYN by {} ms). Survived: the established flows still in the established table after the flood, of those there before it. Served: the legitimate connections established right after their ACK. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
+        "{ESTABLISHED} connections are made first, each a generated handshake as the load balancer sees it (the client's SYN; with NAT, its backend's SYN-ACK; the client's ACK; then its next segment, past the ACK, which confirms the flow); then spoofed SYNs from {} distinct sources at the generator's full rate, into flow tables of {} established (`conntrack-size`) and {} half-open (`half-open-size`) flows, while {LEGIT} legitimate clients connect the same way, 30 % into the flood (each step paced at {} per second, the next one {} ms after, so a legitimate connection is half-open for {} ms with NAT, {} ms with DSR, unloaded). Survived: the established flows still in the established table after the flood, of those there before it. Served: the legitimate connections established right after their handshake. Both are read from the table by key. Delivered: the flood's rate at the sink.\n",
         grouped(SPOOFED),
         grouped(TABLE),
         grouped(HALF_OPEN),
         grouped(CLIENT_RATE as u32),
         HANDSHAKE_GAP.as_millis(),
-        HANDSHAKE_GAP.as_millis() + u128::from(LEGIT) * 1000 / u128::from(CLIENT_RATE),
+        handshake_ms(Forwarding::Nat, LEGIT),
+        handshake_ms(Forwarding::Dsr, LEGIT),
     );
     let _ = writeln!(
         s,
@@ -309,6 +313,17 @@ fn flood_section(s: &mut String, rows: &[FloodRow], ceiling: Option<f64>) {
             row.established.median,
             pct(&row.survived),
             pct(&row.served)
+        );
+    }
+    let took: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {} ms", r.hop, r.handshake_ms.text(0)))
+        .collect();
+    if !took.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nThe legitimate handshakes took, under the flood (first SYN to last confirming segment): {}.",
+            took.join(", ")
         );
     }
 }

@@ -74,8 +74,18 @@ pub(super) fn targets(
     let mut s = String::from("\n## Targets (this run)\n\n| target | result |\n|---|---|\n");
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     for row in flood {
-        // Every run must keep every flow: the worst run is the figure.
+        // Every run must keep every flow: the worst run is the figure. A
+        // run that established nothing before its flood (its survival is
+        // 0 / 0) measured nothing: said so, not judged.
         let worst = row.survived.min;
+        if row.established.min == 0.0 || worst.is_nan() {
+            let _ = writeln!(
+                s,
+                "| SYN flood: 100 % of the established flows survive, {} | **not measured**: a run established no connection before its flood |",
+                row.hop
+            );
+            continue;
+        }
         let _ = writeln!(
             s,
             "| SYN flood: 100 % of the established flows survive, {} | {}: {:.1} % in the worst run |",

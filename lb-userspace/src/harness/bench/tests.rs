@@ -510,6 +510,7 @@ fn flood_section_reports_survivors_served_and_rate_and_judges_the_target() {
         established: st(f64::from(ESTABLISHED), 9990.0, f64::from(ESTABLISHED)),
         survived: st(1.0, survived_min, 1.0),
         served: st(0.998, 0.99, 1.0),
+        handshake_ms: st(40.0, 31.0, 52.0),
     };
     let mut r = report(&A);
     r.fwd.retain(|row| row.hop == Hop::Ceiling);
@@ -529,6 +530,22 @@ fn flood_section_reports_survivors_served_and_rate_and_judges_the_target() {
     );
     assert!(
         s.contains("| SYN flood: 100 % of the established flows survive, lb Dsr | met: 100.0 % in the worst run |"),
+        "{s}"
+    );
+    assert!(
+        s.contains("The legitimate handshakes took, under the flood (first SYN to last confirming segment): lb Nat 40 (31–52) ms, lb Dsr 40 (31–52) ms."),
+        "{s}"
+    );
+    // A run that established nothing measured nothing (survival 0 / 0): not
+    // judged, where it used to read "missed: NaN %".
+    r.flood = vec![FloodRow {
+        established: st(0.0, 0.0, 0.0),
+        survived: st(f64::NAN, f64::NAN, f64::NAN),
+        ..flood(Forwarding::Nat, 1.0)
+    }];
+    let s = render(&r);
+    assert!(
+        s.contains("| SYN flood: 100 % of the established flows survive, lb Nat | **not measured**: a run established no connection before its flood |"),
         "{s}"
     );
 }
