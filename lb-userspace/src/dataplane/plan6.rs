@@ -141,6 +141,7 @@ mod tests {
             backends: Vec::new(),
             firewall: Default::default(),
             limits: Default::default(),
+            proxy_protocol: None,
         }
     }
 
