@@ -315,15 +315,6 @@ pub fn beyond_learned(entry: &TunnelPmtu, outer_len: u16, now: u64) -> Option<u1
     }
 }
 
-/// Can an outer packet of `outer_len` bytes be longer than a learned path
-/// MTU at all? Not if it fits [`PMTU_FLOOR`]: [`judge_frag_needed`] never
-/// learns less. The data plane asks this before it reads any learned MTU,
-/// so small packets (ACKs, requests, the benchmark's frame) skip the read.
-#[inline(always)]
-pub const fn may_exceed_learned(outer_len: u16) -> bool {
-    outer_len > PMTU_FLOOR
-}
-
 /// `TUNNEL_PMTU_STATS[i]` (per CPU): what the data plane did with the
 /// "fragmentation needed" messages about our tunnel packets.
 #[repr(u32)]
@@ -602,30 +593,6 @@ mod tests {
                 clamped: false
             }
         );
-    }
-
-    proptest! {
-        /// Whatever a router reports, and whatever was learned before, a
-        /// packet that fits the floor fits the learned MTU: skipping the
-        /// read for it (`may_exceed_learned`) changes no answer.
-        #[test]
-        fn a_packet_that_fits_the_floor_fits_any_learned_mtu(
-            reported in 1u16..1500, before in 0u16..1500, len in 0u16..=PMTU_FLOOR,
-        ) {
-            // 0: nothing learned before; else a live MTU (never below the floor).
-            let before = if before == 0 { 0 } else { before.max(PMTU_FLOOR) };
-            let entry = TunnelPmtu { mtu: before, expires_ns: 100, ..backend() };
-            let PmtuJudgement::Learn { mtu, .. } =
-                judge_frag_needed(&frag_needed(reported, IPPROTO_IPIP, 0), Some(&entry), 50)
-            else {
-                return Err(TestCaseError::fail("a believable report is learned"));
-            };
-            prop_assert!(mtu >= PMTU_FLOOR);
-            let learned = TunnelPmtu { mtu, expires_ns: 100, ..entry };
-            prop_assert!(!may_exceed_learned(len));
-            prop_assert_eq!(beyond_learned(&learned, len, 50), None);
-            prop_assert!(may_exceed_learned(PMTU_FLOOR + 1));
-        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs:
 use lb_common::{
     Backend, Flow, MODE_DSR, MODE_GUE, MODE_IPIP, NextHop, ServiceConf, Verdict,
     family::{FlowTuple, IpHeader},
-    tunnel::{inner_mtu, may_exceed_learned},
+    tunnel::inner_mtu,
 };
 
 use crate::{
@@ -159,14 +159,9 @@ fn through_tunnel<F: PathFamily>(
     // SAFETY: bounds-checked by `parse_l4`.
     let ip = unsafe { &*pkt.ip };
     let rc = tunnel::next_hop::<F>(ctx, ip, encap, &ends, cache);
-    // A router further on may have a smaller link (`tunnel_icmp`); a
-    // packet that fits the floor of what it can learn needs no look.
+    // A router further on may have a smaller link (`tunnel_icmp`).
     let outer_len = ip.packet_len().saturating_add(encap.overhead());
-    let (rc, mtu) = if may_exceed_learned(outer_len) {
-        tunnel_icmp::beyond(rc, cache.mtu, backend.addr, outer_len)
-    } else {
-        (rc, cache.mtu)
-    };
+    let (rc, mtu) = tunnel_icmp::beyond(rc, cache.mtu, backend.addr, outer_len);
     if rc == FIB_FRAG_NEEDED {
         // Read first: the answer reshapes the frame.
         let df = ip.dont_fragment();
