@@ -5,22 +5,27 @@
 //! - `bare_fwd`: the ceiling: destination MAC rewrite + redirect, no parsing.
 //! - `hash_fwd`: `bare_fwd` plus one 5-tuple hash lookup: the floor of any
 //!   forwarder with a connection table, measured next to the ceiling.
+//! - `ipip_fwd`, `gue_fwd`: `bare_fwd` plus what any encapsulating
+//!   forwarder must do (issue 26's floor): room made in front of the frame
+//!   (`bpf_xdp_adjust_head`, 20 or 32 bytes), the bounds checked again, the
+//!   Ethernet header and the outer headers written, as `lb`'s tunnels do.
 //! - `xdp_pass`: returns XDP_PASS; the floor of BPF_PROG_TEST_RUN cost, and the
 //!   program a veth peer needs so redirected frames are delivered.
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     Counters, FlowKey, FwdConf,
-    headers::{EthHdr, Ipv4Hdr, L4Ports},
+    headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports},
+    tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD, IPPROTO_IPIP, gue_headers, ipip_header},
 };
 
-use crate::mem::{copy_mac, header};
+use crate::mem::{copy_mac, header, store_in_frame};
 
 #[map]
 static FWD_CONF: Array<FwdConf> = Array::with_max_entries(1, 0);
@@ -87,6 +92,83 @@ pub fn hash_fwd(ctx: XdpContext) -> u32 {
     unsafe {
         copy_mac(&raw mut (*eth).dst, &conf.dmac);
         copy_mac(&raw mut (*eth).src, &conf.smac);
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
+}
+
+/// The encapsulation floor's outer addresses (198.18.0.1 → 198.18.1.11,
+/// raw network order) and GUE ports: fixed, as `lb` reads its from a map.
+const FLOOR_SOURCE: u32 = u32::from_ne_bytes([198, 18, 0, 1]);
+const FLOOR_DESTINATION: u32 = u32::from_ne_bytes([198, 18, 1, 11]);
+const FLOOR_GUE_SOURCE_PORT: u16 = 50000;
+const FLOOR_GUE_PORT: u16 = 6080u16.to_be();
+
+/// `bare_fwd` with an IPIP outer header in front (issue 26's floor). One
+/// call per frame only: a repeated run would wrap its own output again.
+#[xdp]
+pub fn ipip_fwd(ctx: XdpContext) -> u32 {
+    encap_fwd(&ctx, false)
+}
+
+/// `bare_fwd` with GUE's outer IPv4, UDP and GUE headers in front.
+#[xdp]
+pub fn gue_fwd(ctx: XdpContext) -> u32 {
+    encap_fwd(&ctx, true)
+}
+
+/// What an encapsulating forwarder cannot skip, the way `lb`'s tunnel does
+/// it (`lb-ebpf/src/tunnel.rs`): read the inner length and TOS, make room
+/// (the one helper call besides the redirect), check the bounds again,
+/// write the Ethernet header and the outer headers (built by the product's
+/// own `lb_common::tunnel` functions), redirect.
+#[inline(always)]
+fn encap_fwd(ctx: &XdpContext, gue: bool) -> u32 {
+    let Some(conf) = FWD_CONF.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Some(ip) = header::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked; read before the frame moves.
+    let (len, tos) = unsafe { (u16::from_be((*ip).tot_len), (*ip).tos) };
+    let overhead = if gue { GUE_OVERHEAD } else { IPIP_OVERHEAD };
+    // SAFETY: helper call on our own context; pointers are taken after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -i32::from(overhead)) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bounds checked.
+    unsafe {
+        copy_mac(&raw mut (*eth).dst, &conf.dmac);
+        copy_mac(&raw mut (*eth).src, &conf.smac);
+        (*eth).ether_type = ETH_P_IPV4_RAW;
+    }
+    let written = if gue {
+        store_in_frame(
+            ctx,
+            EthHdr::LEN,
+            &gue_headers(
+                len,
+                tos,
+                IPPROTO_IPIP,
+                FLOOR_SOURCE,
+                FLOOR_DESTINATION,
+                FLOOR_GUE_SOURCE_PORT,
+                FLOOR_GUE_PORT,
+            ),
+        )
+    } else {
+        store_in_frame(
+            ctx,
+            EthHdr::LEN,
+            &ipip_header(len, tos, IPPROTO_IPIP, FLOOR_SOURCE, FLOOR_DESTINATION),
+        )
+    };
+    if !written {
+        return xdp_action::XDP_ABORTED;
     }
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(conf.ifindex, 0) as u32 }

@@ -32,7 +32,8 @@ pub mod netns;
 pub use crate::{pktgen, xdp};
 
 /// The `lb-bench` object (lb-ebpf-tools): the generator, `sink`,
-/// `bare_fwd`, `hash_fwd` and `xdp_pass`. Empty in a build without the BPF
+/// `bare_fwd`, `hash_fwd`, the encapsulation floor (`ipip_fwd`, `gue_fwd`)
+/// and `xdp_pass`. Empty in a build without the BPF
 /// toolchain ([`load_bench_object`] then says so).
 static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench.o"));
 

@@ -259,6 +259,10 @@ pub(super) enum NsProgram {
     LbCapture { on: bool },
     /// `lb_decap`, the backends' decapsulator (`lb decap`).
     Decap(DecapPacket),
+    /// `ipip_fwd` / `gue_fwd` (the tunnel mode given): `bare_fwd` plus
+    /// the room made in front and the outer headers written, issue 26's
+    /// floor under `lb`'s tunnel rows.
+    EncapFloor(Forwarding),
 }
 
 /// The packet of an `lb decap` cost row.
@@ -289,6 +293,12 @@ impl fmt::Display for NsProgram {
             NsProgram::XdpPass => f.write_str("xdp_pass"),
             NsProgram::HashFwd => f.write_str("hash_fwd (one flow lookup, MAC rewrite, redirect)"),
             NsProgram::BareFwd => f.write_str("bare_fwd (MAC rewrite, redirect)"),
+            NsProgram::EncapFloor(mode) => write!(
+                f,
+                "{} (bare_fwd + bpf_xdp_adjust_head {} B + outer headers)",
+                encap_floor_name(*mode),
+                encap_floor_overhead(*mode)
+            ),
             NsProgram::Lb {
                 mode,
                 backends,
@@ -732,6 +742,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&large_ns),
         });
     }
+    ns_rows.extend(encap_floor_rows(ebpf, lbin, &est_calls, reps)?);
     ns_rows.extend(tunnel_rows(lbin, &est, &est_calls, reps)?);
     ns_rows.extend(cold_rows(lbin, calls, reps)?);
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
@@ -775,6 +786,53 @@ fn tunnel_rows(
         });
     }
     Ok(rows)
+}
+
+/// The `lb-bench` program of a tunnel mode's floor row.
+pub(super) fn encap_floor_name(mode: Forwarding) -> &'static str {
+    if mode == Forwarding::Gue {
+        "gue_fwd"
+    } else {
+        "ipip_fwd"
+    }
+}
+
+/// The bytes that mode's floor program puts in front of the frame.
+fn encap_floor_overhead(mode: Forwarding) -> u16 {
+    if mode == Forwarding::Gue {
+        lb_common::tunnel::GUE_OVERHEAD
+    } else {
+        lb_common::tunnel::IPIP_OVERHEAD
+    }
+}
+
+/// Issue 26's floor: `ipip_fwd` and `gue_fwd`, one call each as the tunnel
+/// rows (a repeated run would wrap its own output again), alternating per
+/// repetition; less `bare_fwd`'s row, what encapsulating costs by itself.
+/// The forwarding section set `FWD_CONF`.
+fn encap_floor_rows(
+    ebpf: &mut Ebpf,
+    lbin: u32,
+    est_calls: &[Vec<u8>],
+    reps: usize,
+) -> anyhow::Result<Vec<NsRow>> {
+    let modes = [Forwarding::Ipip, Forwarding::Gue];
+    let mut ns = [Vec::new(), Vec::new()];
+    for _ in 0..reps {
+        for (mode, ns) in modes.iter().zip(ns.iter_mut()) {
+            let prog = xdp::xdp_program(ebpf, encap_floor_name(*mode))?;
+            ns.push(ns_per_packet(prog, est_calls, lbin, 1, Some(XDP_REDIRECT))?);
+        }
+    }
+    Ok(modes
+        .into_iter()
+        .zip(ns)
+        .map(|(mode, ns)| NsRow {
+            program: NsProgram::EncapFloor(mode),
+            method: NsMethod::Calls(est_calls.len()),
+            ns: Stat::of(&ns),
+        })
+        .collect())
 }
 
 /// Established flows in the cold-cache rows (issue 23): tables far larger

@@ -401,11 +401,21 @@ fn tunnel_targets(s: &mut String, ns: &[NsRow]) {
     ) else {
         return;
     };
+    let bare = calls(&|p| *p == NsProgram::BareFwd);
     for mode in [Forwarding::Ipip, Forwarding::Gue] {
         if let Some(tunnel) = established(mode) {
+            // The floor: what encapsulating costs `bare_fwd` by itself.
+            let floor = match (calls(&|p| *p == NsProgram::EncapFloor(mode)), bare) {
+                (Some(encap), Some(bare)) => format!(
+                    "; the floor, `{}` less `bare_fwd`: {:+.1} ns",
+                    super::measure::encap_floor_name(mode),
+                    encap - bare
+                ),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "| established flow, one call each, {} within {:.0} % of DSR | {}: {:+.0} % ({tunnel:.1} vs {dsr:.1} ns; net of `xdp_pass` {:.1} vs {:.1} ns) |",
+                "| established flow, one call each, {} within {:.0} % of DSR | {}: {:+.0} % ({tunnel:.1} vs {dsr:.1} ns; net of `xdp_pass` {:.1} vs {:.1} ns{floor}) |",
                 mode_name(mode),
                 100.0 * TARGET_TUNNEL_OVER_DSR,
                 verdict(tunnel <= dsr * (1.0 + TARGET_TUNNEL_OVER_DSR)),

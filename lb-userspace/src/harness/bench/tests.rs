@@ -8,7 +8,7 @@ use super::{
     net::{backend_addr, lb_config},
     report::{ANALYSIS_DOC, Report, render, shown_command, utc_date},
     svg::plot_svg,
-    targets::{TARGET_FLOWS, grouped},
+    targets::{TARGET_FLOWS, grouped, targets},
 };
 use crate::{config::Forwarding, harness::pktgen::FlowDist};
 
@@ -547,5 +547,49 @@ fn flood_section_reports_survivors_served_and_rate_and_judges_the_target() {
     assert!(
         s.contains("| SYN flood: 100 % of the established flows survive, lb Nat | **not measured**: a run established no connection before its flood |"),
         "{s}"
+    );
+}
+
+/// Issue 26's target row names the encapsulation floor (`ipip_fwd` /
+/// `gue_fwd` less `bare_fwd`, one call each) when the run measured it.
+#[test]
+fn the_tunnel_target_names_the_encapsulation_floor() {
+    let calls = |program, median| NsRow {
+        program,
+        method: NsMethod::Calls(2000),
+        ns: st(median, median, median),
+    };
+    let lb = |mode| NsProgram::Lb {
+        mode,
+        backends: 100,
+        flow: FlowState::Established,
+    };
+    let ns = vec![
+        calls(NsProgram::XdpPass, 117.0),
+        calls(NsProgram::BareFwd, 144.0),
+        calls(NsProgram::EncapFloor(Forwarding::Ipip), 173.5),
+        calls(NsProgram::EncapFloor(Forwarding::Gue), 176.0),
+        calls(lb(Forwarding::Dsr), 210.0),
+        calls(lb(Forwarding::Ipip), 240.0),
+        calls(lb(Forwarding::Gue), 245.0),
+    ];
+    let text = targets(&[], &ns, &Err("not run".into()), &[]);
+    let row = |mode: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("one call each, {mode} within 15 % of DSR")))
+            .unwrap_or_else(|| panic!("no {mode} target row in {text}"))
+            .to_string()
+    };
+    let ipip = row("Ipip");
+    assert!(ipip.contains("met: +14 %"), "{ipip}");
+    assert!(
+        ipip.contains("the floor, `ipip_fwd` less `bare_fwd`: +29.5 ns"),
+        "{ipip}"
+    );
+    let gue = row("Gue");
+    assert!(gue.contains("**missed**: +17 %"), "{gue}");
+    assert!(
+        gue.contains("the floor, `gue_fwd` less `bare_fwd`: +32.0 ns"),
+        "{gue}"
     );
 }
