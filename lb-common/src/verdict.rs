@@ -138,6 +138,12 @@ verdicts! {
     /// to a probe port, by the way the probe left): handed into the probe
     /// namespace's veth (lb-common/src/probe.rs), never to the LB's stack.
     ForwardedProbeReply = 27 => "forwarded_probe_reply", forwarded: true;
+    /// A full-NAT service's new flow for which none of the candidate
+    /// (source address, port) pairs toward its backend was free
+    /// (`lb_common::fullnat::FNAT_TRIES` tries): dropped, nothing created;
+    /// the pool toward that backend is full (or no source address is
+    /// configured).
+    DropFnatExhausted = 28 => "drop_fnat_exhausted", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by
