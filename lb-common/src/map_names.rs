@@ -178,6 +178,10 @@ maps! {
     SYNC_EVENTS: Pinning::Pinned;
     /// Backend id → established flows the agent inserted from peers.
     SYNC_OPENED: Pinning::Pinned;
+    /// Full NAT's source addresses and port range.
+    FNAT_CONF: Pinning::Pinned;
+    /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
+    FNAT_REPLIES: Pinning::Pinned;
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
@@ -222,6 +226,6 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        assert_eq!(MapName::pinned().count(), 34);
+        assert_eq!(MapName::pinned().count(), 36);
     }
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
     Backend, Flow, ServiceConf,
     family::{Family, FlowTuple},
-    headers::EthHdr,
+    headers::{EthHdr, L4Ports},
 };
 
 use crate::{
@@ -99,6 +99,49 @@ pub(crate) trait PathFamily: Family + Sized {
     ) -> Flow;
     fn remove_flow(table: Table, key: &Self::FlowKey, flow: &Flow);
     fn from_nat_backend(key: &Self::FlowKey) -> bool;
+
+    // ---- full NAT (`fullnat.rs`; IPv4 only: another family's full-NAT
+    // service gets no flows) ----
+    /// A full-NAT service's new flow, with its claimed source address and
+    /// port, entered half-open.
+    #[inline(always)]
+    fn create_full_nat(
+        _key: &Self::FlowKey,
+        _service_id: u32,
+        _backend_id: u32,
+        _state: u32,
+        _now: u32,
+    ) -> Result<Flow, Outcome> {
+        Err(crate::verdict::drop(lb_common::Verdict::DropFnatExhausted))
+    }
+    /// A full-NAT reply entry's client (its destination's replacement);
+    /// `None` for every other entry.
+    #[inline(always)]
+    fn full_nat_client(_key: &Self::FlowKey, _flow: &Flow) -> Option<(Self::Addr, u16)> {
+        None
+    }
+    /// What full NAT adds to `error_to_backend`: the outer source and the
+    /// quoted destination become the flow's `source` address and port.
+    #[inline(always)]
+    fn full_nat_error_to_backend(
+        _ip: &mut Self::IpHdr,
+        _icmp_check: &mut u16,
+        _quoted: &mut Self::IpHdr,
+        _quoted_ports: &mut L4Ports,
+        _source: (Self::Addr, u16),
+    ) {
+    }
+    /// What full NAT adds to `error_to_client`: the outer destination and
+    /// the quoted source become the `client`'s.
+    #[inline(always)]
+    fn full_nat_error_to_client(
+        _ip: &mut Self::IpHdr,
+        _icmp_check: &mut u16,
+        _quoted: &mut Self::IpHdr,
+        _quoted_ports: &mut L4Ports,
+        _client: (Self::Addr, u16),
+    ) {
+    }
 
     /// The live entry a tuple (as it arrives) belongs to, and its table: a
     /// flow's forward entry (client → VIP) or its reply entry (backend →

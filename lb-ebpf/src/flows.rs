@@ -40,17 +40,18 @@ use core::{
 };
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
-    Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
+    FLOW_F_FULL_NAT, Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot,
+    MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
-        bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
-        tie_replaces,
+        bucket_hash, clock_ns, is_expired, reply_key, slot_of_hash, ticks, tie_replaces,
     },
 };
 
 use crate::{
     BACKENDS,
     established::{self, Lookup, Placed},
+    fullnat::{self, forward_key},
 };
 
 /// The established table's overflow (`established.rs`): flows whose bucket
@@ -134,8 +135,11 @@ pub(crate) fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
     let conf = conf()?;
     let (slot, entry) = match established::find(conf, key) {
         Lookup::Found(slot, entry) => (slot, entry),
-        Lookup::Miss { overflow: true } => return overflowed(conf, key, now),
-        Lookup::Miss { overflow: false } => return None,
+        Lookup::Miss { overflow } => match fullnat::established_reply(conf, key) {
+            Some(found) => found,
+            None if overflow => return overflowed(conf, key, now),
+            None => return None,
+        },
     };
     // SAFETY: an array map value: stays mapped; if its slot changes hands
     // under us, the writes below land in the new flow's words, which its
@@ -197,7 +201,7 @@ pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, 
     let (flow, slot) = if to_vip {
         forward_of_bucket(conf, key)?
     } else {
-        reply_of_bucket(conf, key)?
+        reply_of_bucket(conf, key).or_else(|| fullnat::half_open_reply(conf, key))?
     };
     if flow.seen != now {
         if is_expired(conf, key.protocol, &flow, now) {
@@ -256,7 +260,10 @@ pub(crate) fn from_nat_backend(key: &FlowKey) -> bool {
 
 /// The slot of the bucket holding the flow whose forward key is `key`.
 #[inline(always)]
-fn forward_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+pub(crate) fn forward_of_bucket(
+    conf: &FlowConf,
+    key: &FlowKey,
+) -> Option<(Flow, *mut HalfOpenSlot)> {
     let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
     for way in 0..HALF_OPEN_WAYS {
         let slot = HALF_OPEN.get_ptr_mut(first + way)?;
@@ -392,7 +399,7 @@ pub(crate) fn unlock<S: SeqLocked>(slot: *mut S) {
 /// same tick). A flow lives in one slot, both directions, so
 /// whatever it replaces goes whole.
 #[inline(always)]
-fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
+pub(crate) fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
     let hash = bucket_hash(key.saddr, key.sport, key.protocol, conf.half_open_seed);
     let Some(slot) = victim(first_slot(conf, hash), hash, key) else {
         return;
@@ -487,7 +494,7 @@ pub(crate) unsafe fn same_key(stored: *const FlowKey, key: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-unsafe fn copy_key(src: *const FlowKey) -> FlowKey {
+pub(crate) unsafe fn copy_key(src: *const FlowKey) -> FlowKey {
     // SAFETY: the caller's pointer is a valid FlowKey.
     unsafe { copy_words(src) }
 }
@@ -543,6 +550,13 @@ fn pair_key(key: &FlowKey, flow: &Flow) -> Option<FlowKey> {
 /// entry, unless FIN/RST already counted it.
 #[inline(always)]
 pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
+    remove_entries(table, key, flow);
+    // After: a full-NAT reply's claim names its flow until then.
+    fullnat::release(key, flow);
+}
+
+#[inline(always)]
+fn remove_entries(table: Table, key: &FlowKey, flow: &Flow) {
     if table == Table::HalfOpen {
         // One slot holds both directions: clear it by the forward key.
         let forward = if flow.direction == REPLY {
@@ -731,6 +745,8 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
     reply.state = STATE_ESTABLISHED;
     reply.seq = ack;
+    let full_nat = flow.flags & FLOW_F_FULL_NAT;
+    reply.flags = full_nat;
     let backend = if nat {
         match BACKENDS.get(backend_id) {
             Some(b) => Some((b.addr, b.port)),
@@ -759,6 +775,12 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
             clear_slot(conf, key);
             return;
         }
+        // A full-NAT flow's reply is found by its slot only: it stays
+        // half-open (forwarded, retrying) while its bucket is full.
+        Placed::Full if full_nat != 0 => {
+            flow.state = state;
+            return;
+        }
         Placed::Full => {
             if !overflow_insert(key, flow, backend.is_some(), &reply) {
                 flow.state = state;
@@ -773,7 +795,10 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     }
     clear_slot(conf, key);
     count_opened(backend_id);
-    crate::sync::established(key, flow, ack);
+    // A peer cannot translate a full-NAT flow: its source address is ours.
+    if full_nat == 0 {
+        crate::sync::established(key, flow, ack);
+    }
 }
 
 /// Enters an established flow in the overflow: its forward entry and, NAT,

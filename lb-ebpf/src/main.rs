@@ -36,6 +36,7 @@ mod fib;
 mod firewall;
 mod flows;
 mod frag;
+mod fullnat;
 mod hops;
 mod icmp;
 mod mem;

@@ -40,7 +40,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, ServiceConf, Verdict, answers_directly,
+    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_FULL_NAT, ServiceConf, Verdict,
+    answers_directly,
     family::FlowTuple,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
@@ -272,7 +273,14 @@ fn new_flow<F: PathFamily>(
     } else {
         STATE_NEW
     };
-    let mut flow = F::create(key, service_id, backend_id, !direct, state, now);
+    let mut flow = if conf.mode == MODE_FULL_NAT {
+        match F::create_full_nat(key, service_id, backend_id, state, now) {
+            Ok(flow) => flow,
+            Err(outcome) => return outcome,
+        }
+    } else {
+        F::create(key, service_id, backend_id, !direct, state, now)
+    };
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
@@ -324,8 +332,17 @@ fn forward<F: PathFamily>(
     // A new flow's first packet: the backend's shared hop if it is fresh.
     let resolving =
         flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, now, &mut flow.next_hop);
-    let outcome =
-        transmit::to_backend(ctx, pkt, key, conf, backend_id, backend, &mut flow.next_hop);
+    // Full NAT: the source address and port the flow was given.
+    let source = (F::reply_vip(flow), flow.vport);
+    let outcome = transmit::to_backend_from(
+        ctx,
+        pkt,
+        key,
+        conf,
+        (backend_id, backend),
+        source,
+        &mut flow.next_hop,
+    );
     if resolving && flow.next_hop.ifindex != 0 {
         hops::share(backend_id, now, &flow.next_hop);
     }
@@ -388,7 +405,7 @@ fn follow_error<F: PathFamily>(ctx: &XdpContext, found: Found<F, Quote<F>>) -> O
         l4_check: l4.icmp_check,
     };
     if flow.direction == REPLY {
-        return transmit::error_to_client(ctx, &pkt, l4.quoted, &mut flow);
+        return transmit::error_to_client(ctx, &pkt, l4.quoted, &key, &mut flow);
     }
     match admit::<F>(&key, &flow, table) {
         Ok((conf, backend)) => {

@@ -7,7 +7,7 @@ use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
     Backend, Flow, FlowKey, ServiceConf, ServiceKey,
     family::V4,
-    headers::{EthHdr, Ipv4Hdr},
+    headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
 use crate::{
@@ -15,7 +15,7 @@ use crate::{
     family::PathFamily,
     firewall,
     flows::{self, Slot, Table},
-    frag, hops, icmp,
+    frag, fullnat, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
     probe, schedule,
@@ -195,5 +195,49 @@ impl PathFamily for V4 {
     #[inline(always)]
     fn from_nat_backend(key: &FlowKey) -> bool {
         flows::from_nat_backend(key)
+    }
+
+    #[inline(always)]
+    fn create_full_nat(
+        key: &FlowKey,
+        service_id: u32,
+        backend_id: u32,
+        state: u32,
+        now: u32,
+    ) -> Result<Flow, Outcome> {
+        fullnat::create(key, service_id, backend_id, state, now)
+    }
+
+    #[inline(always)]
+    fn full_nat_client(key: &FlowKey, flow: &Flow) -> Option<(u32, u16)> {
+        fullnat::client(key, flow)
+    }
+
+    #[inline(always)]
+    fn full_nat_error_to_backend(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        source: (u32, u16),
+    ) {
+        lb_common::fullnat::error_to_backend_source(ip, icmp_check, quoted, quoted_ports, source);
+    }
+
+    #[inline(always)]
+    fn full_nat_error_to_client(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        client: (u32, u16),
+    ) {
+        lb_common::fullnat::error_to_client_destination(
+            ip,
+            icmp_check,
+            quoted,
+            quoted_ports,
+            client,
+        );
     }
 }

@@ -25,6 +25,7 @@ mod established;
 mod facts;
 pub mod firewall;
 mod firewall_maps;
+pub mod fullnat;
 mod half_open;
 mod handles;
 mod keys;

@@ -173,6 +173,7 @@ pub(super) fn mode_name(mode: Forwarding) -> &'static str {
         Forwarding::Dsr => "Dsr",
         Forwarding::Ipip => "Ipip",
         Forwarding::Gue => "Gue",
+        Forwarding::FullNat => "FullNat",
     }
 }
 

@@ -389,7 +389,9 @@ impl Lab {
                         netns::ns_run(&ns, &["ip", "route", "replace", vip, "via", &gateway])?;
                     }
                 }
-                Forwarding::Nat => {
+                // Full NAT: the webs answer the LB's source address, on
+                // their own subnet; no route to the clients at all.
+                Forwarding::Nat | Forwarding::FullNat => {
                     for net in
                         std::iter::once(client_net).chain(through_lb.iter().map(String::as_str))
                     {
