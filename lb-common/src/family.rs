@@ -3,7 +3,7 @@
 //! its header), so the path is written once, generic over the family, and
 //! each family is an instance with its own keys and its own hot maps.
 //!
-//! [`V4`] is the one instance today. IPv6 becomes a second one (16-byte
+//! [`V4`] and [`V6`] are the instances. IPv6 is a second one (16-byte
 //! addresses in its own keys and maps, a 40-byte header without a checksum)
 //! instead of an `if v6` in every function, and IPv4's keys stay as short
 //! as they are: an IPv4 flow never hashes or compares 16-byte addresses.
@@ -11,7 +11,9 @@
 use crate::{
     headers::{ETH_P_IPV4_RAW, Ipv4Hdr, L4Ports},
     icmp,
+    ipv6::{self, Addr6, Ipv6Hdr},
     maps::{FlowKey, ServiceKey},
+    maps6::{FlowKey6, ServiceKey6},
     rewrite,
 };
 
@@ -266,6 +268,170 @@ impl FlowTuple for FlowKey {
     }
 }
 
+/// IPv6: 16-byte addresses ([`Addr6`]), [`Ipv6Hdr`], the 40-byte
+/// [`FlowKey6`], the 20-byte [`ServiceKey6`]; the rules in [`ipv6`].
+///
+/// The methods that take only the fixed header read its `next_header` as
+/// the upper-layer protocol: right for a packet without extension headers.
+/// A path that balances packets with extension headers carries the walk's
+/// protocol itself ([`FlowKey6::of`], [`ipv6::rewrite_destination`] take it).
+pub struct V6;
+
+impl Family for V6 {
+    type Addr = Addr6;
+    type IpHdr = Ipv6Hdr;
+    type FlowKey = FlowKey6;
+    type ServiceKey = ServiceKey6;
+
+    const ETHER_TYPE_RAW: u16 = ipv6::ETH_P_IPV6_RAW;
+    const AF: u8 = ipv6::AF_INET6;
+
+    #[inline(always)]
+    fn flow_key(ip: &Ipv6Hdr, ports: &L4Ports) -> FlowKey6 {
+        FlowKey6::of(ip, ip.next_header, ports)
+    }
+
+    #[inline(always)]
+    fn service_key(key: &FlowKey6) -> ServiceKey6 {
+        ServiceKey6 {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn rewrite_destination(
+        ip: &mut Ipv6Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: Addr6,
+        port: u16,
+    ) {
+        let protocol = ip.next_header;
+        ipv6::rewrite_destination(ip, protocol, ports, check, addr, port);
+    }
+
+    #[inline(always)]
+    fn rewrite_source(
+        ip: &mut Ipv6Hdr,
+        ports: &mut L4Ports,
+        check: &mut u16,
+        addr: Addr6,
+        port: u16,
+    ) {
+        let protocol = ip.next_header;
+        ipv6::rewrite_source(ip, protocol, ports, check, addr, port);
+    }
+
+    #[inline(always)]
+    fn decrement_ttl(ip: &mut Ipv6Hdr) -> bool {
+        ipv6::decrement_hop_limit(ip)
+    }
+
+    #[inline(always)]
+    fn error_to_backend(
+        ip: &mut Ipv6Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv6Hdr,
+        quoted_ports: &mut L4Ports,
+        addr: Addr6,
+        port: u16,
+    ) {
+        ipv6::error_to_backend(ip, icmp_check, quoted, quoted_ports, addr, port);
+    }
+
+    #[inline(always)]
+    fn error_to_client(
+        ip: &mut Ipv6Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv6Hdr,
+        quoted_ports: &mut L4Ports,
+        vip: Addr6,
+        vport: u16,
+    ) {
+        ipv6::error_to_client(ip, icmp_check, quoted, quoted_ports, vip, vport);
+    }
+}
+
+impl IpHeader for Ipv6Hdr {
+    type Addr = Addr6;
+    const LEN: usize = Ipv6Hdr::LEN;
+
+    #[inline(always)]
+    fn source(&self) -> Addr6 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> Addr6 {
+        self.daddr
+    }
+
+    #[inline(always)]
+    fn ttl(&self) -> u8 {
+        self.hop_limit
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.next_header
+    }
+
+    #[inline(always)]
+    fn tos(&self) -> u8 {
+        self.traffic_class()
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> u16 {
+        // IPv6's payload length excludes the fixed header; the MTU
+        // compares the whole packet (saturating: a jumbogram's 0 never
+        // gets here, `Ipv6Hdr::is_valid`).
+        u16::from_be(self.payload_len).saturating_add(Ipv6Hdr::LEN as u16)
+    }
+
+    #[inline(always)]
+    fn dont_fragment(&self) -> bool {
+        // Routers never fragment IPv6: "packet too big" instead.
+        true
+    }
+}
+
+impl FlowTuple for FlowKey6 {
+    type Addr = Addr6;
+
+    #[inline(always)]
+    fn source(&self) -> Addr6 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> Addr6 {
+        self.daddr
+    }
+
+    #[inline(always)]
+    fn source_port(&self) -> u16 {
+        self.sport
+    }
+
+    #[inline(always)]
+    fn destination_port(&self) -> u16 {
+        self.dport
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<<V6 as Family>::FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<<V6 as Family>::ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<<V6 as Family>::IpHdr>() == 40);
+
 // IPv4's layouts stay byte for byte what they were before the family seam:
 // the keys of the hot maps and the header the path reads.
 const _: () = assert!(core::mem::size_of::<<V4 as Family>::FlowKey>() == 16);
@@ -319,5 +485,54 @@ mod tests {
             (ip.packet_len(), IpHeader::dont_fragment(&ip), ip.tos()),
             (60, true, 0x10)
         );
+    }
+
+    #[test]
+    fn v6_keys_are_the_packets_tuple() {
+        let addr =
+            |s: &str| crate::ipv6::addr_of(s.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let ip = Ipv6Hdr {
+            vtc_flow: 0x6280_0000u32.to_be(),
+            payload_len: 20u16.to_be(),
+            next_header: crate::headers::IPPROTO_TCP,
+            hop_limit: 64,
+            saddr: addr("2001:db8:1::2"),
+            daddr: addr("2001:db8::10"),
+        };
+        let ports = L4Ports {
+            source: 40000u16.to_be(),
+            dest: 80u16.to_be(),
+        };
+        let key = V6::flow_key(&ip, &ports);
+        assert_eq!(
+            (
+                key.source(),
+                key.destination(),
+                key.source_port(),
+                key.destination_port(),
+                key.protocol()
+            ),
+            (ip.saddr, ip.daddr, ports.source, ports.dest, ip.next_header)
+        );
+        assert_eq!(
+            V6::service_key(&key),
+            ServiceKey6 {
+                vip: ip.daddr,
+                port: ports.dest,
+                protocol: ip.next_header,
+                _pad: 0
+            }
+        );
+        // The whole packet's length; never fragmented by a router.
+        assert_eq!(
+            (
+                ip.packet_len(),
+                IpHeader::dont_fragment(&ip),
+                ip.tos(),
+                ip.ttl()
+            ),
+            (60, true, 0x28, 64)
+        );
+        assert_eq!((V6::AF, u16::from_be(V6::ETHER_TYPE_RAW)), (10, 0x86dd));
     }
 }

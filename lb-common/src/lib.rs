@@ -17,10 +17,12 @@ pub mod fullnat;
 pub mod hash;
 pub mod headers;
 pub mod icmp;
+pub mod ipv6;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod map_names;
 pub mod maps;
+pub mod maps6;
 pub mod probe;
 pub mod rewrite;
 #[cfg(feature = "user")]
@@ -32,6 +34,7 @@ pub mod tunnel;
 pub mod verdict;
 
 pub use maps::*;
+pub use maps6::*;
 #[cfg(feature = "pktgen")]
 pub use tools::*;
 pub use verdict::*;

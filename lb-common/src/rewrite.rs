@@ -10,8 +10,9 @@ use crate::{
 /// New L4 checksum after one address and one port changed. The address is
 /// part of the TCP/UDP pseudo-header, so it is folded in too. A UDP checksum
 /// of 0 means "none" and stays 0; a computed 0 is sent as 0xffff (RFC 768).
+/// (The generator's IPv6 frames use it too: `PktgenConf::l4_check_of`.)
 #[inline(always)]
-fn l4_check(
+pub fn l4_check(
     check: u16,
     protocol: u8,
     old_addr: u32,

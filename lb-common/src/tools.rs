@@ -19,6 +19,12 @@ pub const PKTGEN_FLOW_TABLE: u32 = 1 << 18;
 /// back, and a load balancer in NAT mode rewrites frames in place (veth
 /// hands it the same page). So every frame starts from `template` (its
 /// headers, the first 64 bytes) and then gets its flow's source.
+///
+/// IPv6 frames (EtherType 0x86dd) vary the low 32 bits of the source
+/// address (the template holds the upper 96), and their L4 checksum is
+/// written whole from `l4_check` ([`PktgenConf::l4_check_of`]): a TCP
+/// header's checksum lies past the 64 restored bytes (14 + 40 + 16), and
+/// IPv6 has no UDP checksum of 0 to leave alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PktgenConf {
@@ -35,7 +41,10 @@ pub struct PktgenConf {
     /// minus one: frame `n` is flow `PKTGEN_FLOWS[n & flow_table_mask]`, a
     /// table of flow indices userspace drew from a distribution (Zipf).
     pub flow_table_mask: u32,
-    pub _pad: u32,
+    /// IPv6 frames: the template's L4 checksum (raw, as in the frame), the
+    /// one of flow 0 (`saddr_base`, `sport_base`). Unused for IPv4.
+    pub l4_check: u16,
+    pub _pad: u16,
     pub template: [u8; PKTGEN_TEMPLATE_LEN],
 }
 
@@ -56,7 +65,32 @@ impl PktgenConf {
         let port = (self.sport_base as u32 + flow % span) as u16;
         (addr, port)
     }
+
+    /// IPv6 frames: the L4 checksum of the flow from (`addr` as the source
+    /// address's low 32 bits, `port`), both host order, for L4 `protocol`:
+    /// the template's `l4_check` updated for the two fields that differ
+    /// from flow 0's (the address is in the pseudo-header).
+    #[inline(always)]
+    pub fn l4_check_of(&self, protocol: u8, addr: u32, port: u16) -> u16 {
+        crate::rewrite::l4_check(
+            self.l4_check,
+            protocol,
+            self.saddr_base.to_be(),
+            addr.to_be(),
+            self.sport_base.to_be(),
+            port.to_be(),
+        )
+    }
 }
+
+/// EtherType of IPv6, host order (the generator's frames).
+pub const PKTGEN_ETH_P_IPV6: u16 = 0x86dd;
+/// Offsets in a generated IPv6 frame (Ethernet + IPv6 without extension
+/// headers): the next-header byte, the source address's low 32 bits, and
+/// the L4 header.
+pub const PKTGEN_V6_NEXT_HEADER: usize = 14 + 6;
+pub const PKTGEN_V6_SADDR_LOW: usize = 14 + 8 + 12;
+pub const PKTGEN_V6_L4: usize = 14 + 40;
 
 #[cfg(feature = "bench")]
 /// `FWD_CONF[0]`: the `bare_fwd` program's fixed next hop (the benchmark's
@@ -97,6 +131,7 @@ mod tests {
             sport_base,
             sport_span,
             flow_table_mask: 0,
+            l4_check: 0,
             _pad: 0,
             template: [0; PKTGEN_TEMPLATE_LEN],
         }

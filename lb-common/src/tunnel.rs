@@ -161,6 +161,183 @@ pub const fn inner_mtu(mtu: u16, overhead: u16) -> u16 {
     mtu.saturating_sub(overhead)
 }
 
+/// Path MTU discovery beyond the LB's own link (docs/architecture.md,
+/// "Path MTU beyond the next hop"). A router further on whose link to a
+/// tunnel backend is smaller than the outer packet answers "fragmentation
+/// needed" to the packet's source, the LB's tunnel source, not to the
+/// client. The data plane (`lb-ebpf`'s `tunnel_icmp`) judges that message
+/// here ([`judge_frag_needed`]), records the reported MTU for the backend
+/// in `TUNNEL_PMTU` ([`TunnelPmtu`]), and the tunnel's too-big check uses
+/// the smaller of the next hop's MTU and the learned one
+/// ([`TunnelPmtu::live`]): the client's next too-big packet gets
+/// "fragmentation needed" with the learned MTU less the overhead.
+///
+/// The learned MTU lives [`PMTU_EXPIRY_NS`] (10 minutes, the kernel's
+/// `net.ipv4.route.mtu_expires` default), as the kernel's PMTU cache: a
+/// path that grew back is used again after it.
+pub const PMTU_EXPIRY_NS: u64 = 600 * 1_000_000_000;
+
+/// The lowest path MTU a "fragmentation needed" can make the LB learn
+/// (Linux's `net.ipv4.route.min_pmtu` default): a smaller reported MTU
+/// (a forged message, or a broken router) is clamped to it, so no one can
+/// shrink a tunnel's packets below 552 − overhead bytes.
+pub const PMTU_FLOOR: u16 = 552;
+
+/// `TUNNEL_PMTU` value, keyed by a tunnel backend's address (raw network
+/// order). The agent writes one for every IPIP and GUE backend address
+/// (its tunnel source and GUE port, nothing learned); the data plane only
+/// updates existing ones, so a message about an address that is not a
+/// current backend is refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelPmtu {
+    /// The LB's tunnel source to this backend (raw network order).
+    pub source: u32,
+    /// The GUE port (raw network order).
+    pub gue_port: u16,
+    /// The learned path MTU of the outer packets (host order); 0: none.
+    pub mtu: u16,
+    /// When it expires (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub expires_ns: u64,
+}
+
+impl TunnelPmtu {
+    /// The agent's entry for a backend reached from `source` (GUE port
+    /// `gue_port`, both raw network order): nothing learned.
+    pub const fn new(source: u32, gue_port: u16) -> Self {
+        TunnelPmtu {
+            source,
+            gue_port,
+            mtu: 0,
+            expires_ns: 0,
+        }
+    }
+
+    /// The learned path MTU at `now`, if any and not expired.
+    #[inline(always)]
+    pub const fn live(&self, now: u64) -> Option<u16> {
+        if self.mtu != 0 && now < self.expires_ns {
+            Some(self.mtu)
+        } else {
+            None
+        }
+    }
+}
+
+/// What a "fragmentation needed" to an LB address is to the tunnel code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PmtuJudgement {
+    /// It does not quote one of our tunnel packets (the LB's own
+    /// connections, health checks): the kernel's, untouched.
+    NotATunnel,
+    /// It quotes a tunnel packet but cannot be ours (its destination is
+    /// not a current tunnel backend, or another source) or is not
+    /// believable (no MTU, or one the quoted packet would have fit):
+    /// counted, nothing learned.
+    Refused,
+    /// Learn `mtu` for the backend (until `now` + [`PMTU_EXPIRY_NS`]);
+    /// `clamped`: the message said less than [`PMTU_FLOOR`].
+    Learn { mtu: u16, clamped: bool },
+}
+
+/// The quoted packet's fields the judgement reads (raw network order but
+/// for the lengths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotedOuter {
+    /// The ICMP message's destination: the LB address it was sent to.
+    pub icmp_daddr: u32,
+    /// The ICMP's next-hop MTU (host order).
+    pub next_hop_mtu: u16,
+    /// The quoted outer header.
+    pub outer: Ipv4Hdr,
+    /// The quoted UDP destination port (raw; GUE's port for a GUE packet).
+    pub udp_dport: u16,
+}
+
+/// Judges a "fragmentation needed" (ICMP 3/4) `q` sent to an LB address,
+/// with `entry` the `TUNNEL_PMTU` entry of the quoted destination (`None`:
+/// not a tunnel backend), at `now`. Only our tunnel packets are judged: the
+/// quoted source is the address the message came to, no options (ours have
+/// none), protocol 4 (IPIP) or UDP to the backend's GUE port. A new MTU is
+/// never above a live learned one (a message can only lower it until it
+/// expires) nor below [`PMTU_FLOOR`].
+#[inline(always)]
+pub fn judge_frag_needed(q: &QuotedOuter, entry: Option<&TunnelPmtu>, now: u64) -> PmtuJudgement {
+    let outer = &q.outer;
+    if outer.saddr != q.icmp_daddr || outer.version_ihl != 0x45 {
+        return PmtuJudgement::NotATunnel;
+    }
+    let Some(entry) = entry else {
+        // An IPIP packet from us to an address we tunnel nothing to, or
+        // UDP (the LB's own, or a forgery): not a tunnel packet of ours.
+        return if outer.protocol == IPPROTO_IPIP {
+            PmtuJudgement::Refused
+        } else {
+            PmtuJudgement::NotATunnel
+        };
+    };
+    match outer.protocol {
+        IPPROTO_IPIP => {}
+        IPPROTO_UDP if q.udp_dport == entry.gue_port => {}
+        _ => return PmtuJudgement::NotATunnel,
+    }
+    if entry.source != outer.saddr {
+        return PmtuJudgement::Refused;
+    }
+    // A router reports the MTU of the link the packet did not fit: one
+    // at least as long as the quoted packet is not believable (RFC 1191
+    // old routers report 0).
+    let mtu = q.next_hop_mtu;
+    if mtu == 0 || mtu >= u16::from_be(outer.tot_len) {
+        return PmtuJudgement::Refused;
+    }
+    let clamped = mtu < PMTU_FLOOR;
+    let mut learned = if clamped { PMTU_FLOOR } else { mtu };
+    if let Some(live) = entry.live(now)
+        && live < learned
+    {
+        learned = live;
+    }
+    PmtuJudgement::Learn {
+        mtu: learned,
+        clamped,
+    }
+}
+
+/// The MTU an outer packet of `outer_len` bytes to a backend must keep
+/// to: `Some(mtu)` when it is longer than the backend's live learned path
+/// MTU (then "fragmentation needed" with `mtu` less the overhead).
+#[inline(always)]
+pub fn beyond_learned(entry: &TunnelPmtu, outer_len: u16, now: u64) -> Option<u16> {
+    match entry.live(now) {
+        Some(mtu) if outer_len > mtu => Some(mtu),
+        _ => None,
+    }
+}
+
+/// `TUNNEL_PMTU_STATS[i]` (per CPU): what the data plane did with the
+/// "fragmentation needed" messages about our tunnel packets.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PmtuCounter {
+    /// Accepted: the backend's path MTU learned (or kept, if lower).
+    Learned = 0,
+    /// Accepted, with an MTU below [`PMTU_FLOOR`] raised to it.
+    Clamped = 1,
+    /// Refused: not from one of our tunnels, or not believable.
+    Refused = 2,
+}
+
+pub const PMTU_COUNTERS: u32 = 3;
+
+const _: () = assert!(core::mem::size_of::<TunnelPmtu>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy, no implicit padding (size assert above).
+    unsafe impl aya::Pod for super::TunnelPmtu {}
+}
+
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == 8);
 const _: () = assert!(core::mem::size_of::<GueHdr>() == 4);
 const _: () = assert!(GUE_OVERHEAD == 32);
@@ -277,6 +454,161 @@ mod tests {
         assert!(ports.len() > 9_000, "{} distinct ports", ports.len());
         assert_eq!(gue_source_port(0), 49152);
         assert_eq!(gue_source_port(u32::MAX), 65535);
+    }
+
+    fn frag_needed(next_hop_mtu: u16, protocol: u8, udp_dport: u16) -> QuotedOuter {
+        QuotedOuter {
+            icmp_daddr: addr([198, 19, 2, 1]),
+            next_hop_mtu,
+            outer: outer_ipv4(
+                1480,
+                IPIP_OVERHEAD,
+                0,
+                protocol,
+                addr([198, 19, 2, 1]),
+                addr([198, 19, 0, 11]),
+            ),
+            udp_dport,
+        }
+    }
+
+    const GUE: u16 = GUE_DEFAULT_PORT.to_be();
+
+    fn backend() -> TunnelPmtu {
+        TunnelPmtu::new(addr([198, 19, 2, 1]), GUE)
+    }
+
+    #[test]
+    fn a_routers_frag_needed_about_our_tunnel_is_learned() {
+        let entry = backend();
+        for (protocol, port) in [(IPPROTO_IPIP, 0), (IPPROTO_UDP, GUE)] {
+            assert_eq!(
+                judge_frag_needed(&frag_needed(1400, protocol, port), Some(&entry), 5),
+                PmtuJudgement::Learn {
+                    mtu: 1400,
+                    clamped: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn only_our_tunnel_packets_are_judged() {
+        let entry = backend();
+        // The LB's own UDP (a health check) to the backend, another port.
+        let own_udp = frag_needed(1400, IPPROTO_UDP, 5353u16.to_be());
+        assert_eq!(
+            judge_frag_needed(&own_udp, Some(&entry), 5),
+            PmtuJudgement::NotATunnel
+        );
+        // TCP from the LB (its own connection).
+        let tcp = frag_needed(1400, 6, 0);
+        assert_eq!(
+            judge_frag_needed(&tcp, Some(&entry), 5),
+            PmtuJudgement::NotATunnel
+        );
+        // Quoting a packet another host sent.
+        let mut other = frag_needed(1400, IPPROTO_IPIP, 0);
+        other.icmp_daddr = addr([198, 19, 2, 9]);
+        assert_eq!(
+            judge_frag_needed(&other, Some(&entry), 5),
+            PmtuJudgement::NotATunnel
+        );
+        // Quoted options: never ours.
+        let mut options = frag_needed(1400, IPPROTO_IPIP, 0);
+        options.outer.version_ihl = 0x46;
+        assert_eq!(
+            judge_frag_needed(&options, Some(&entry), 5),
+            PmtuJudgement::NotATunnel
+        );
+        // UDP to a non-backend: not a tunnel packet of ours.
+        let gue = frag_needed(1400, IPPROTO_UDP, GUE);
+        assert_eq!(judge_frag_needed(&gue, None, 5), PmtuJudgement::NotATunnel);
+    }
+
+    #[test]
+    fn forged_or_unbelievable_messages_are_refused() {
+        let entry = backend();
+        // IPIP to an address that is not a current tunnel backend.
+        let ipip = frag_needed(1400, IPPROTO_IPIP, 0);
+        assert_eq!(judge_frag_needed(&ipip, None, 5), PmtuJudgement::Refused);
+        // A backend reached from another tunnel source.
+        let other = TunnelPmtu::new(addr([198, 19, 2, 7]), GUE);
+        assert_eq!(
+            judge_frag_needed(&ipip, Some(&other), 5),
+            PmtuJudgement::Refused
+        );
+        // No MTU (RFC 1191's old routers), or one the packet fitted.
+        for mtu in [0, 1500, 1501, u16::MAX] {
+            assert_eq!(
+                judge_frag_needed(&frag_needed(mtu, IPPROTO_IPIP, 0), Some(&entry), 5),
+                PmtuJudgement::Refused,
+                "{mtu}"
+            );
+        }
+        assert_eq!(
+            judge_frag_needed(&frag_needed(1499, IPPROTO_IPIP, 0), Some(&entry), 5),
+            PmtuJudgement::Learn {
+                mtu: 1499,
+                clamped: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_tiny_mtu_is_clamped_to_the_floor_and_a_message_only_lowers() {
+        let entry = backend();
+        assert_eq!(
+            judge_frag_needed(&frag_needed(68, IPPROTO_IPIP, 0), Some(&entry), 5),
+            PmtuJudgement::Learn {
+                mtu: PMTU_FLOOR,
+                clamped: true
+            }
+        );
+        let learned = TunnelPmtu {
+            mtu: 1300,
+            expires_ns: 100,
+            ..entry
+        };
+        // Live: a larger report keeps 1300; a smaller one lowers it.
+        assert_eq!(
+            judge_frag_needed(&frag_needed(1400, IPPROTO_IPIP, 0), Some(&learned), 99),
+            PmtuJudgement::Learn {
+                mtu: 1300,
+                clamped: false
+            }
+        );
+        assert_eq!(
+            judge_frag_needed(&frag_needed(1200, IPPROTO_IPIP, 0), Some(&learned), 99),
+            PmtuJudgement::Learn {
+                mtu: 1200,
+                clamped: false
+            }
+        );
+        // Expired: the new report stands.
+        assert_eq!(
+            judge_frag_needed(&frag_needed(1400, IPPROTO_IPIP, 0), Some(&learned), 100),
+            PmtuJudgement::Learn {
+                mtu: 1400,
+                clamped: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_learned_mtu_holds_until_it_expires() {
+        let learned = TunnelPmtu {
+            mtu: 1400,
+            expires_ns: 1000,
+            ..backend()
+        };
+        assert_eq!(beyond_learned(&learned, 1401, 999), Some(1400));
+        assert_eq!(beyond_learned(&learned, 1400, 999), None);
+        assert_eq!(beyond_learned(&learned, 1401, 1000), None);
+        assert_eq!(beyond_learned(&backend(), 9000, 0), None);
+        assert_eq!(learned.live(999), Some(1400));
+        assert_eq!(learned.live(1000), None);
+        assert_eq!(PMTU_EXPIRY_NS, 600_000_000_000);
     }
 
     #[test]

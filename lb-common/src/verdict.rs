@@ -138,12 +138,24 @@ verdicts! {
     /// to a probe port, by the way the probe left): handed into the probe
     /// namespace's veth (lb-common/src/probe.rs), never to the LB's stack.
     ForwardedProbeReply = 27 => "forwarded_probe_reply", forwarded: true;
+    /// IPv6 to a VIP with more extension headers than the walk reads
+    /// (`lb_common::ipv6::MAX_EXTENSIONS`, 4): dropped, never guessed at.
+    DropIpv6TooManyExtensions = 28 => "drop_ipv6_too_many_extensions", forwarded: false;
+    /// IPv6 to a VIP with a routing header whose segments left is not 0:
+    /// the VIP is not the packet's last destination, so balancing it would
+    /// misroute it; dropped.
+    DropIpv6Routing = 29 => "drop_ipv6_routing", forwarded: false;
     /// A full-NAT service's new flow for which none of the candidate
     /// (source address, port) pairs toward its backend was free
     /// (`lb_common::fullnat::FNAT_TRIES` tries): dropped, nothing created;
     /// the pool toward that backend is full (or no source address is
     /// configured).
-    DropFnatExhausted = 28 => "drop_fnat_exhausted", forwarded: false;
+    DropFnatExhausted = 30 => "drop_fnat_exhausted", forwarded: false;
+    /// The path's second stage (`lb_setup`, tail-called after an
+    /// established-table miss: lb-ebpf/src/stage.rs) was not there: the
+    /// agent puts it in `STAGES` at load, so this counts a data plane
+    /// loaded by hand or half torn down. Dropped.
+    DropNoStage = 31 => "drop_no_stage", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

@@ -11,7 +11,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    PKTGEN_TEMPLATE_LEN, PktgenConf,
+    PKTGEN_ETH_P_IPV6, PKTGEN_TEMPLATE_LEN, PKTGEN_V6_L4, PKTGEN_V6_NEXT_HEADER,
+    PKTGEN_V6_SADDR_LOW, PktgenConf,
     headers::{EthHdr, Ipv4Hdr, L4Ports, l4_layout},
     rewrite::rewrite_source,
 };
@@ -44,7 +45,11 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
         n
     };
     restore_template(&ctx, conf);
-    set_flow(&ctx, conf, flow_of(conf, n));
+    if is_ipv6(&ctx) {
+        set_flow_v6(&ctx, conf, flow_of(conf, n));
+    } else {
+        set_flow(&ctx, conf, flow_of(conf, n));
+    }
     if conf.ifindex == 0 {
         return xdp_action::XDP_TX;
     }
@@ -106,4 +111,44 @@ fn set_flow(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
     let check = unsafe { &mut *check };
     let (saddr, sport) = conf.flow_source(n);
     rewrite_source(ip, ports, check, saddr.to_be(), sport.to_be());
+}
+
+/// The (restored) frame is IPv6: its EtherType says so.
+#[inline(always)]
+fn is_ipv6(ctx: &XdpContext) -> bool {
+    match header::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by `header`.
+        Some(eth) => (unsafe { (*eth).ether_type }) == PKTGEN_ETH_P_IPV6.to_be(),
+        None => false,
+    }
+}
+
+/// IPv6: writes flow `n`'s source (the address's low 32 bits and the port)
+/// and its whole L4 checksum ([`PktgenConf::l4_check_of`]; the TCP
+/// checksum lies beyond the restored template, so it is written, never
+/// updated from what the page held).
+#[inline(always)]
+fn set_flow_v6(ctx: &XdpContext, conf: &PktgenConf, n: u32) {
+    let (Some(next), Some(saddr_low), Some(ports)) = (
+        header::<u8>(ctx, PKTGEN_V6_NEXT_HEADER),
+        header::<[u8; 4]>(ctx, PKTGEN_V6_SADDR_LOW),
+        header::<L4Ports>(ctx, PKTGEN_V6_L4),
+    ) else {
+        return;
+    };
+    // SAFETY: bounds checked above.
+    let protocol = unsafe { *next };
+    let Some((_, check_off)) = l4_layout(protocol) else {
+        return;
+    };
+    let Some(check) = header::<u16>(ctx, PKTGEN_V6_L4 + check_off) else {
+        return;
+    };
+    let (addr, port) = conf.flow_source(n);
+    // SAFETY: bounds checked above.
+    unsafe {
+        *saddr_low = addr.to_be_bytes();
+        (*ports).source = port.to_be();
+        *check = conf.l4_check_of(protocol, addr, port);
+    }
 }

@@ -18,12 +18,13 @@ use core::{
     ptr::read_volatile,
 };
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED,
+    DEFAULT_CONNTRACK_SIZE, EstablishedSlot, FLOW_F_FULL_NAT, Flow, FlowConf, FlowKey,
+    SLOT_F_OVERFLOWED,
     flow::{FORWARD, REPLY, STATE_ESTABLISHED, bucket_hash, is_idle},
     flow_table::{Place, WAYS, Way, first_way, place, probes_overflow},
 };
 
-use crate::flows::{SeqLocked, lock, same_key, unlock, write_words};
+use crate::flows::{Claimed, SeqLocked, lock, same_key, unlock, write_words};
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -39,8 +40,8 @@ pub(crate) static ESTABLISHED: Array<EstablishedSlot> =
 pub(crate) enum Lookup {
     /// The flow's slot and its entry for the packet's direction.
     Found(*mut EstablishedSlot, *mut Flow),
-    /// Not in the table; `overflow`: one of the buckets it could be in is
-    /// flagged, so it may be in `CONNTRACK`.
+    /// Not in the bucket looked in; `overflow`: that bucket is flagged, so
+    /// it may be in `CONNTRACK`.
     Miss { overflow: bool },
 }
 
@@ -59,13 +60,29 @@ fn bucket(conf: &FlowConf, client: u32, port: u16, protocol: u8) -> u32 {
     )
 }
 
-/// `key` as it arrives: a forward packet's entry is in its source's bucket
-/// under its own key, a NAT reply's in its destination's bucket, in the
-/// slot whose client and backend it connects.
+/// Which bucket a packet's entry is looked for in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The source's: a forward packet (client → VIP), under its own key.
+    /// Every packet looks here first.
+    Sender,
+    /// The destination's: a NAT backend's reply (backend → client), in the
+    /// slot whose client and backend it connects. Only a packet that is not
+    /// to a VIP can be one, so a packet to a VIP (a new flow's SYN) never
+    /// reads this bucket.
+    Receiver,
+}
+
+/// `key` as it arrives, in the bucket of `side`: a forward packet's entry
+/// is in its source's bucket under its own key, a NAT reply's in its
+/// destination's bucket.
 #[inline(always)]
-pub(crate) fn find(conf: &FlowConf, key: &FlowKey) -> Lookup {
+pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
+    let first = match side {
+        Side::Sender => bucket(conf, key.saddr, key.sport, key.protocol),
+        Side::Receiver => bucket(conf, key.daddr, key.dport, key.protocol),
+    };
     let mut overflow = false;
-    let first = bucket(conf, key.saddr, key.sport, key.protocol);
     for way in 0..WAYS {
         let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
             return Lookup::Miss { overflow: false };
@@ -76,23 +93,16 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey) -> Lookup {
             if way == 0 {
                 overflow = probes_overflow(read_volatile(&raw const (*slot).flags));
             }
-            if stable(slot, |s| same_key(&raw const (*s).key, key)) {
-                return Lookup::Found(slot, &raw mut (*slot).forward);
-            }
-        }
-    }
-    let first = bucket(conf, key.daddr, key.dport, key.protocol);
-    for way in 0..WAYS {
-        let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
-            return Lookup::Miss { overflow };
-        };
-        // SAFETY: as above.
-        unsafe {
-            if way == 0 {
-                overflow |= probes_overflow(read_volatile(&raw const (*slot).flags));
-            }
-            if stable(slot, |s| is_reply(s, key)) {
-                return Lookup::Found(slot, &raw mut (*slot).reply);
+            let found = match side {
+                Side::Sender => stable(slot, |s| same_key(&raw const (*s).key, key)),
+                Side::Receiver => stable(slot, |s| is_reply(s, key)),
+            };
+            if found {
+                let entry = match side {
+                    Side::Sender => &raw mut (*slot).forward,
+                    Side::Receiver => &raw mut (*slot).reply,
+                };
+                return Lookup::Found(slot, entry);
             }
         }
     }
@@ -176,26 +186,48 @@ impl SeqLocked for EstablishedSlot {
     }
 }
 
+/// A flow [`remove`] took out of its slot.
+pub(crate) struct Removed {
+    pub(crate) state: u32,
+    pub(crate) backend_id: u32,
+    /// A full-NAT flow's claim (`fullnat::release`).
+    pub(crate) claimed: Option<Claimed>,
+}
+
 /// Empties the slot of the flow whose forward key is `forward`, under its
-/// lock; the removed flow's (state, backend id), `None` if the slot did not
-/// hold it (gone already, or never here).
+/// lock; what it held, `None` if the slot did not hold it (gone already,
+/// or never here).
 #[inline(always)]
-pub(crate) fn remove(conf: &FlowConf, forward: &FlowKey) -> Option<(u32, u32)> {
+pub(crate) fn remove(conf: &FlowConf, forward: &FlowKey) -> Option<Removed> {
     let slot = slot_of(conf, forward)?;
     if !lock(slot) {
         return None;
     }
     // SAFETY: locked: the slot is ours to write.
-    let removed = unsafe {
-        if same_key(&raw const (*slot).key, forward) {
-            let state = read_volatile(&raw const (*slot).forward.state);
-            let backend = read_volatile(&raw const (*slot).forward.backend_id);
-            write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
-            Some((state, backend))
-        } else {
-            None
-        }
-    };
+    let removed =
+        unsafe {
+            if same_key(&raw const (*slot).key, forward) {
+                let entry = &raw const (*slot).forward;
+                let backend_id = read_volatile(&raw const (*entry).backend_id);
+                let claimed = (read_volatile(&raw const (*entry).flags) & FLOW_F_FULL_NAT != 0)
+                    .then(|| Claimed {
+                        backend_id,
+                        source: (
+                            read_volatile(&raw const (*entry).vip),
+                            read_volatile(&raw const (*entry).vport),
+                        ),
+                    });
+                let state = read_volatile(&raw const (*entry).state);
+                write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+                Some(Removed {
+                    state,
+                    backend_id,
+                    claimed,
+                })
+            } else {
+                None
+            }
+        };
     unlock(slot);
     removed
 }

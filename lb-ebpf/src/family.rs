@@ -72,8 +72,9 @@ pub(crate) trait PathFamily: Family + Sized {
     fn probe_answer(ctx: &XdpContext, pkt: &Packet<Self>, key: &Self::FlowKey) -> Option<Outcome>;
 
     // ---- fragments, FIB, composed frames ----
-    /// Records a first fragment's ports for the fragments after it.
-    fn remember_fragment(ip: *const Self::IpHdr, key: &Self::FlowKey);
+    /// Records a first fragment's ports (as it arrived: `ports` not yet
+    /// rewritten) for the fragments after it.
+    fn remember_fragment(ip: *const Self::IpHdr, ports: *const L4Ports);
     /// `bpf_fib_lookup`'s family, source and destination fields.
     fn set_fib_addresses(fib: &mut FibParams, source: Self::Addr, destination: Self::Addr);
     /// Reports the next hop of a lookup without a neighbour entry.
@@ -82,7 +83,14 @@ pub(crate) trait PathFamily: Family + Sized {
     fn too_big(ctx: &XdpContext, mtu: u16) -> Outcome;
 
     // ---- flow tables (step 2 and 4; `flows.rs` for IPv4) ----
-    fn established(key: &Self::FlowKey, now: u32) -> Option<*mut Flow>;
+    /// The live established entry of `key`; `to_vip` is asked only on a
+    /// miss in the sender's bucket (a packet not to a VIP may be a NAT
+    /// backend's reply, in its receiver's bucket).
+    fn established(
+        key: &mut Self::FlowKey,
+        now: u32,
+        to_vip: impl FnMut() -> bool,
+    ) -> Option<*mut Flow>;
     fn half_open(key: &Self::FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Self::Slot)>;
     fn answered(slot: Self::Slot, key: &Self::FlowKey, reply: &Flow, flags: u8, seq: u32);
     fn record(slot: Self::Slot, forward: &Self::FlowKey, state: u32, seq: u32);
@@ -114,12 +122,6 @@ pub(crate) trait PathFamily: Family + Sized {
     ) -> Result<Flow, Outcome> {
         Err(crate::verdict::drop(lb_common::Verdict::DropFnatExhausted))
     }
-    /// A full-NAT reply entry's client (its destination's replacement);
-    /// `None` for every other entry.
-    #[inline(always)]
-    fn full_nat_client(_key: &Self::FlowKey, _flow: &Flow) -> Option<(Self::Addr, u16)> {
-        None
-    }
     /// What full NAT adds to `error_to_backend`: the outer source and the
     /// quoted destination become the flow's `source` address and port.
     #[inline(always)]
@@ -143,19 +145,26 @@ pub(crate) trait PathFamily: Family + Sized {
     ) {
     }
 
+    /// Hands a packet the established table missed to the path's second
+    /// stage (`stage.rs`); returns only if it could not.
+    fn to_setup(ctx: &XdpContext, key: &Self::FlowKey, to_vip: bool, now: u32) -> Outcome;
+    /// In the second stage: the packet's key, whether it is to a VIP, and
+    /// the tick, as the first stage carried them.
+    fn carried() -> Option<(Self::FlowKey, bool, u32)>;
+
     /// The live entry a tuple (as it arrives) belongs to, and its table: a
     /// flow's forward entry (client → VIP) or its reply entry (backend →
     /// client, NAT). Fragments and ICMP errors find their flow only through
     /// here; they never create, promote or close one. Both come as copies:
     /// their next hop is not worth caching.
     #[inline(always)]
-    fn flow_of(key: &Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
-        if let Some(entry) = Self::established(key, now) {
+    fn flow_of(key: &mut Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
+        let to_vip = Self::is_vip(key.destination());
+        if let Some(entry) = Self::established(key, now, || to_vip) {
             // SAFETY: a flow table value (see `flows::established`).
             return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
         }
-        Self::half_open(key, now, Self::is_vip(key.destination()))
-            .map(|(flow, _)| (flow, Table::HalfOpen))
+        Self::half_open(key, now, to_vip).map(|(flow, _)| (flow, Table::HalfOpen))
     }
 }
 
@@ -165,11 +174,11 @@ pub(crate) trait PathFamily: Family + Sized {
 pub(crate) fn found<F: PathFamily, L>(
     eth: *mut EthHdr,
     ip: *mut F::IpHdr,
-    key: F::FlowKey,
+    mut key: F::FlowKey,
     l4: L,
 ) -> Option<Found<F, L>> {
     let now = flows::now();
-    let (flow, table) = F::flow_of(&key, now)?;
+    let (flow, table) = F::flow_of(&mut key, now)?;
     Some(Found {
         eth,
         ip,

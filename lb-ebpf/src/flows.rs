@@ -44,14 +44,15 @@ use lb_common::{
     MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
-        bucket_hash, clock_ns, is_expired, reply_key, slot_of_hash, ticks, tie_replaces,
+        bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
+        tie_replaces,
     },
 };
 
 use crate::{
     BACKENDS,
-    established::{self, Lookup, Placed},
-    fullnat::{self, forward_key},
+    established::{self, Lookup, Placed, Side},
+    fullnat,
 };
 
 /// The established table's overflow (`established.rs`): flows whose bucket
@@ -126,20 +127,38 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
 
 /// Step 2: the live established entry for `key` (as it arrives: a flow's
 /// forward entry, or a NAT flow's reply entry), refreshed; `None` on a
-/// miss. One bucket of `ESTABLISHED` (`established::find`); `CONNTRACK`,
-/// the overflow, only if the bucket is flagged. An entry idle past its
-/// timeout is a miss and is removed with its flow, unless the flow's other
-/// direction has carried a packet within it.
+/// miss. The sender's bucket of `ESTABLISHED` first (`established::find`);
+/// on a miss, if the packet is not to a VIP (`to_vip`, asked only then),
+/// the receiver's bucket, where a NAT backend's reply finds its flow — a
+/// full-NAT reply too, once its claim gave `key` its NAT shape
+/// (`fullnat::nat_shaped`: the caller's key is changed, for the rest of the
+/// path); then `CONNTRACK`, the overflow, only if a bucket looked in is
+/// flagged. An entry idle past its timeout is a miss and is removed with
+/// its flow, unless the flow's other direction has carried a packet within
+/// it.
 #[inline(always)]
-pub(crate) fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
+pub(crate) fn established(
+    key: &mut FlowKey,
+    now: u32,
+    mut to_vip: impl FnMut() -> bool,
+) -> Option<*mut Flow> {
     let conf = conf()?;
-    let (slot, entry) = match established::find(conf, key) {
+    let lookup = match established::find(conf, key, Side::Sender) {
+        Lookup::Miss { overflow } if !to_vip() => {
+            fullnat::nat_shaped(key);
+            match established::find(conf, key, Side::Receiver) {
+                Lookup::Miss { overflow: also } => Lookup::Miss {
+                    overflow: overflow | also,
+                },
+                found => found,
+            }
+        }
+        lookup => lookup,
+    };
+    let (slot, entry) = match lookup {
         Lookup::Found(slot, entry) => (slot, entry),
-        Lookup::Miss { overflow } => match fullnat::established_reply(conf, key) {
-            Some(found) => found,
-            None if overflow => return overflowed(conf, key, now),
-            None => return None,
-        },
+        Lookup::Miss { overflow: true } => return overflowed(conf, key, now),
+        Lookup::Miss { overflow: false } => return None,
     };
     // SAFETY: an array map value: stays mapped; if its slot changes hands
     // under us, the writes below land in the new flow's words, which its
@@ -201,7 +220,7 @@ pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, 
     let (flow, slot) = if to_vip {
         forward_of_bucket(conf, key)?
     } else {
-        reply_of_bucket(conf, key).or_else(|| fullnat::half_open_reply(conf, key))?
+        reply_of_bucket(conf, key)?
     };
     if flow.seen != now {
         if is_expired(conf, key.protocol, &flow, now) {
@@ -316,6 +335,7 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
     );
     reply.state = flow.state;
     reply.seq = flow.seq;
+    reply.flags = flow.flags & FLOW_F_FULL_NAT;
     Some((reply, slot))
 }
 
@@ -458,13 +478,15 @@ fn victim(first: u32, hash: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
     chosen.map(|(slot, _)| slot)
 }
 
-/// Empties the slot of the flow whose forward key is `key`, if it holds it.
+/// Empties the slot of the flow whose forward key is `key`, if it holds
+/// it; what it held of a full-NAT claim, if it was one's.
 #[inline(always)]
-fn clear_slot(conf: &FlowConf, key: &FlowKey) {
+fn clear_slot(conf: &FlowConf, key: &FlowKey) -> Option<Claimed> {
     let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
+    let mut claimed = None;
     for way in 0..HALF_OPEN_WAYS {
         let Some(slot) = HALF_OPEN.get_ptr_mut(first + way) else {
-            return;
+            return claimed;
         };
         // SAFETY: a valid array map value (a racy peek; rechecked locked).
         if !unsafe { same_key(&raw const (*slot).key, key) } || !lock(slot) {
@@ -474,10 +496,28 @@ fn clear_slot(conf: &FlowConf, key: &FlowKey) {
         unsafe {
             if same_key(&raw const (*slot).key, key) {
                 write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+                let entry = &raw const (*slot).flow;
+                if read_volatile(&raw const (*entry).flags) & FLOW_F_FULL_NAT != 0 {
+                    claimed = Some(Claimed {
+                        backend_id: read_volatile(&raw const (*entry).backend_id),
+                        source: (
+                            read_volatile(&raw const (*entry).vip),
+                            read_volatile(&raw const (*entry).snat_port),
+                        ),
+                    });
+                }
             }
         }
         unlock(slot);
     }
+    claimed
+}
+
+/// A removed full-NAT flow's claim: its backend, and the source address and
+/// port it was given (`fullnat::release` returns them to the pool).
+pub(crate) struct Claimed {
+    pub(crate) backend_id: u32,
+    pub(crate) source: (u32, u16),
 }
 
 /// Compares a key in a slot with `key` word by word (the slot's key is
@@ -547,16 +587,11 @@ fn pair_key(key: &FlowKey, flow: &Flow) -> Option<FlowKey> {
 
 /// Removes a flow (the entry and its pair) from `table`. An established flow
 /// counts as closed for its backend once, by whoever removed its forward
-/// entry, unless FIN/RST already counted it.
+/// entry, unless FIN/RST already counted it. A full-NAT flow's claim goes
+/// back to the pool with the slot that held it (after it: the claim names
+/// the flow until then).
 #[inline(always)]
 pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
-    remove_entries(table, key, flow);
-    // After: a full-NAT reply's claim names its flow until then.
-    fullnat::release(key, flow);
-}
-
-#[inline(always)]
-fn remove_entries(table: Table, key: &FlowKey, flow: &Flow) {
     if table == Table::HalfOpen {
         // One slot holds both directions: clear it by the forward key.
         let forward = if flow.direction == REPLY {
@@ -564,8 +599,10 @@ fn remove_entries(table: Table, key: &FlowKey, flow: &Flow) {
         } else {
             *key
         };
-        if let Some(conf) = conf() {
-            clear_slot(conf, &forward);
+        if let Some(conf) = conf()
+            && let Some(claimed) = clear_slot(conf, &forward)
+        {
+            fullnat::release(&forward, &claimed);
         }
         return;
     }
@@ -575,13 +612,16 @@ fn remove_entries(table: Table, key: &FlowKey, flow: &Flow) {
         *key
     };
     if let Some(conf) = conf()
-        && let Some((state, backend_id)) = established::remove(conf, &forward)
+        && let Some(removed) = established::remove(conf, &forward)
     {
         crate::sync::ended(key, flow);
         // Both directions went with the slot; counted once, by whoever
         // emptied it.
-        if state == STATE_ESTABLISHED {
-            count_closed(backend_id);
+        if removed.state == STATE_ESTABLISHED {
+            count_closed(removed.backend_id);
+        }
+        if let Some(claimed) = removed.claimed {
+            fullnat::release(&forward, &claimed);
         }
         return;
     }

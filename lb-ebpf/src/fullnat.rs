@@ -15,15 +15,15 @@ use core::{
     ptr::read_volatile,
 };
 use lb_common::{
-    EstablishedSlot, FLOW_F_FULL_NAT, FNAT_REPLIES_SIZE, Flow, FlowConf, FlowKey, FnatClaim,
-    FnatConf, HalfOpenSlot, NextHop, Verdict,
-    flow::{FORWARD, REPLY},
-    fullnat::{FNAT_TRIES, candidate, flow_seed, is_source, reclaimable, reply_tuple},
+    FLOW_F_FULL_NAT, FNAT_REPLIES_SIZE, Flow, FlowConf, FlowKey, FnatClaim, FnatConf, NextHop,
+    Verdict,
+    flow::FORWARD,
+    fullnat::{FNAT_TRIES, candidate, flow_seed, may_be_reply, reclaimable, reply_tuple},
 };
 
 use crate::{
     BACKENDS, established, flows,
-    flows::{copy_key, same_key, write_words},
+    flows::{Claimed, copy_key, same_key, write_words},
     verdict::{Outcome, drop},
 };
 
@@ -157,128 +157,46 @@ fn present(conf: &FlowConf, forward: &FlowKey) -> bool {
         || flows::forward_of_bucket(conf, forward).is_some()
 }
 
-/// The forward key of a full-NAT reply tuple's flow, by its claim.
+/// Step 2 for a full-NAT reply (backend → source address:port, as it
+/// arrives): its claim names its flow, and `key` becomes the reply's NAT
+/// shape (backend → client:port). From here on the flow tables find and
+/// handle it as a NAT flow's reply (in the client's bucket, under the same
+/// checks), and `key.destination()` is where the packet goes. Anything
+/// else is left as it is.
 #[inline(always)]
-fn claimed_forward(key: &FlowKey) -> Option<FlowKey> {
-    let held = FNAT_REPLIES.get_ptr(key)?;
-    // SAFETY: a map value (a claim taken over under us is read stale at
-    // worst: the slot checks below then miss).
-    Some(unsafe { copy_key(&raw const (*held).forward) })
-}
-
-/// Is `key` addressed to a source address (so it may be a full-NAT reply)?
-/// A compare per configured address; none while full NAT is unused.
-#[inline(always)]
-fn to_source(key: &FlowKey) -> bool {
-    conf().is_some_and(|c| c.count != 0 && is_source(c, key.daddr))
-}
-
-/// Step 2 for a full-NAT reply (backend → source address:port): its
-/// established flow's slot and reply entry, found through its claim.
-#[inline(always)]
-pub(crate) fn established_reply(
-    conf: &FlowConf,
-    key: &FlowKey,
-) -> Option<(*mut EstablishedSlot, *mut Flow)> {
-    if !to_source(key) {
-        return None;
-    }
-    let forward = claimed_forward(key)?;
-    let slot = established::slot_of(conf, &forward)?;
-    // SAFETY: a valid array map value; racy reads of its own flow's words
-    // (the slot's key matched under its sequence in `slot_of`).
-    unsafe {
-        let entry = &raw mut (*slot).forward;
-        if read_volatile(&raw const (*entry).flags) & FLOW_F_FULL_NAT == 0
-            || read_volatile(&raw const (*entry).vip) != key.daddr
-            || read_volatile(&raw const (*entry).vport) != key.dport
-        {
-            return None;
-        }
-        Some((slot, &raw mut (*slot).reply))
-    }
-}
-
-/// Step 2 for a full-NAT reply to a half-open flow: a copy of its reply
-/// entry (the VIP its source becomes) and the flow's slot.
-#[inline(always)]
-pub(crate) fn half_open_reply(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
-    if !to_source(key) {
-        return None;
-    }
-    let forward = claimed_forward(key)?;
-    let (flow, slot) = flows::forward_of_bucket(conf, &forward)?;
-    if flow.flags & FLOW_F_FULL_NAT == 0 || flow.vip != key.daddr || flow.vport != key.dport {
-        return None;
-    }
-    let backend = BACKENDS.get(flow.backend_id)?;
-    if backend.addr != key.saddr || backend.port != key.sport {
-        return None;
-    }
-    Some((
-        Flow {
-            backend_id: flow.backend_id,
-            service_id: flow.service_id,
-            state: flow.state,
-            seen: flow.seen,
-            vip: forward.daddr,
-            vport: forward.dport,
-            direction: REPLY,
-            flags: FLOW_F_FULL_NAT,
-            next_hop: NextHop::default(),
-            seq: flow.seq,
-        },
-        slot,
-    ))
-}
-
-/// The forward (client → VIP) key of the flow an entry (`key` as it
-/// arrives) belongs to: a full-NAT reply's by its claim, anything else's
-/// as `lb_common::flow::forward_key` derives it.
-#[inline(always)]
-pub(crate) fn forward_key(key: &FlowKey, flow: &Flow) -> FlowKey {
-    if flow.direction == REPLY && flow.flags & FLOW_F_FULL_NAT != 0 {
-        if let Some(forward) = claimed_forward(key) {
-            return forward;
-        }
-    }
-    lb_common::flow::forward_key(key, flow)
-}
-
-/// A full-NAT reply's client (address, port): where its destination goes.
-/// `None` for every other entry.
-#[inline(always)]
-pub(crate) fn client(key: &FlowKey, flow: &Flow) -> Option<(u32, u16)> {
-    if flow.direction != REPLY || flow.flags & FLOW_F_FULL_NAT == 0 {
-        return None;
-    }
-    claimed_forward(key).map(|f| (f.saddr, f.sport))
-}
-
-/// The flow of `key` (either direction, entry `flow`) ends: its claim goes
-/// back to the pool, if it is still this flow's.
-#[inline(always)]
-pub(crate) fn release(key: &FlowKey, flow: &Flow) {
-    if flow.flags & FLOW_F_FULL_NAT == 0 {
+pub(crate) fn nat_shaped(key: &mut FlowKey) {
+    if !conf().is_some_and(|c| may_be_reply(c, key.dport)) {
         return;
     }
-    let (tuple, forward) = if flow.direction == REPLY {
-        match claimed_forward(key) {
-            Some(forward) => (*key, forward),
-            None => return,
-        }
-    } else {
-        let Some(backend) = BACKENDS.get(flow.backend_id) else {
-            return;
-        };
-        let tuple = reply_tuple(
-            (backend.addr, backend.port),
-            (flow.vip, flow.vport),
-            key.protocol,
-        );
-        (tuple, *key)
+    let Some(held) = FNAT_REPLIES.get_ptr(&*key) else {
+        return;
     };
-    if claimed_forward(&tuple).is_some_and(|f| f == forward) {
+    // SAFETY: a map value (a claim taken over under us is read stale at
+    // worst: the flow tables' checks then miss).
+    unsafe {
+        key.daddr = read_volatile(&raw const (*held).forward.saddr);
+        key.dport = read_volatile(&raw const (*held).forward.sport);
+    }
+}
+
+/// A full-NAT flow (`forward`, its forward key) left the flow tables: its
+/// claim (its source address and port toward its backend) goes back to the
+/// pool, if it is still this flow's.
+#[inline(always)]
+pub(crate) fn release(forward: &FlowKey, claimed: &Claimed) {
+    let Some(backend) = BACKENDS.get(claimed.backend_id) else {
+        return;
+    };
+    let tuple = reply_tuple(
+        (backend.addr, backend.port),
+        claimed.source,
+        forward.protocol,
+    );
+    let Some(held) = FNAT_REPLIES.get_ptr(&tuple) else {
+        return;
+    };
+    // SAFETY: a map value.
+    if unsafe { same_key(&raw const (*held).forward, forward) } {
         let _ = FNAT_REPLIES.remove(&tuple);
     }
 }

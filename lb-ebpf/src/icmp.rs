@@ -60,6 +60,11 @@ pub(crate) fn error_of_flow(
     let quoted = header::<Ipv4Hdr>(ctx, QUOTED_OFF)?;
     let ports = header::<L4Ports>(ctx, QUOTED_PORTS_OFF)?;
     let (q, qp) = unsafe { (&*quoted, &*ports) };
+    // A router's "fragmentation needed" about our own tunnel packet: its
+    // MTU is the tunnel backend's path's (`tunnel_icmp`), not a flow's.
+    if crate::tunnel_icmp::learn(hdr, unsafe { &*icmp }, q, qp) {
+        return None;
+    }
     // The error goes back to the quoted packet's sender; quoted options
     // would move the ports, and a quoted later fragment has none.
     if hdr.daddr != q.saddr || !q.carries_ports() {

@@ -4,12 +4,15 @@
 //!
 //! - `path`: the packet path, as numbered steps (docs/architecture.md),
 //!   written once over the address family (`family`: IPv4 today);
+//! - `v6`: IPv6's entry, with its VIP rules in `parse6` (IPv6 services are
+//!   not balanced yet: non-VIP IPv6 passes untouched);
 //! - its stages and primitives, one room each: `parse` (headers, the VIP
 //!   rules), `flows` (the flow tables), `frag` and `icmp` (packets without
 //!   ports that belong to a flow: they hand it back to the path),
 //!   `firewall`, `schedule`, `hops` (shared next hops), `fib`, `transmit`
 //!   (the one place a forwarding mode is decided), `tunnel` (IPIP and GUE
-//!   headers in front of a packet), `compose` (frames the LB
+//!   headers in front of a packet), `tunnel_icmp` (path MTU beyond the
+//!   LB's own link, from routers' ICMP), `compose` (frames the LB
 //!   builds itself), `mem` (frame pointers and copies), `verdict`
 //!   (outcomes and counters), `trace` and `capture`, `sync` (flow events
 //!   for the LBs' flow sync);
@@ -41,14 +44,18 @@ mod hops;
 mod icmp;
 mod mem;
 mod parse;
+mod parse6;
 mod path;
 mod probe;
 mod schedule;
+mod stage;
 mod sync;
 mod trace;
 mod transmit;
 mod tunnel;
+mod tunnel_icmp;
 mod v4;
+mod v6;
 mod verdict;
 
 use capture::capture;
@@ -63,7 +70,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, MAX_BACKENDS, MAX_SERVICES, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    family::{Family, V4},
+    family::{Family, V4, V6},
     headers::EthHdr,
 };
 
@@ -99,14 +106,27 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT,
 // the path grew LLVM kept it out of line, a BPF-to-BPF call on every packet.
 #[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
-    let verdict = dispatch(&ctx);
+    finish(&ctx, dispatch(&ctx))
+}
+
+/// The path's second stage (`stage.rs`): tail-called by `lb` after an
+/// established-table miss; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_setup(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_setup(&ctx))
+}
+
+/// A packet's verdict counted, traced and captured; its action.
+#[inline(always)]
+fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
     count(&VERDICTS, verdict.reason as u32, 1, 0);
     // Forwarded packets (the fast path) pay this compare and nothing more.
     if !verdict.reason.is_forwarded() {
-        trace(&ctx, verdict.reason);
+        trace(ctx, verdict.reason);
     }
     // `lb capture`: one lookup and one branch while no capture runs.
-    capture(&ctx, verdict.reason);
+    capture(ctx, verdict.reason);
     verdict.action
 }
 
@@ -120,6 +140,22 @@ fn dispatch(ctx: &XdpContext) -> verdict::Outcome {
     let ether_type = unsafe { (*eth).ether_type };
     if ether_type == V4::ETHER_TYPE_RAW {
         return path::balance::<V4>(ctx, eth);
+    }
+    if ether_type == V6::ETHER_TYPE_RAW {
+        return v6::balance(ctx);
+    }
+    verdict::pass(Verdict::PassNotOurs)
+}
+
+/// The second stage's entry: only IPv4 is tail-called into it today.
+#[inline(always)]
+fn dispatch_setup(ctx: &XdpContext) -> verdict::Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return verdict::pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } == V4::ETHER_TYPE_RAW {
+        return path::setup::<V4>(ctx, eth);
     }
     verdict::pass(Verdict::PassNotOurs)
 }

@@ -10,9 +10,10 @@
 //!    rules (options, an unplaceable fragment, truncation) gets its
 //!    verdict if it is addressed to a VIP, and is passed untouched
 //!    otherwise;
-//! 2. flow tables (`flows.rs`): an established flow is one lookup in
-//!    `CONNTRACK`, then a half-open one in `HALF_OPEN`; an entry idle past its
-//!    timeout is a miss. FIN/RST within the sender's sequence window moves a
+//! 2. flow tables (`flows.rs`): an established flow is one bucket of
+//!    `ESTABLISHED` (the sender's; a packet not to a VIP, which may be a NAT
+//!    reply, also the receiver's), then a half-open one in `HALF_OPEN`; an
+//!    entry idle past its timeout is a miss. FIN/RST within the sender's sequence window moves a
 //!    flow to closing (a blind RST is dropped); the client's packet that
 //!    completes the handshake promotes a half-open flow (NAT: the ACK of the
 //!    backend's SYN-ACK; DSR: a segment past the handshake's ACK; UDP: the
@@ -88,19 +89,46 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
         Err(outcome) if is_vip::<F>(ip) => return outcome,
         Err(_) => return pass(Verdict::PassNotOurs),
     };
-    let key = flow_key(&pkt);
+    let mut key = flow_key(&pkt);
     let seg = tcp_segment::<F>(ctx, &key);
     let now = flows::now();
-    // Established flows first: one lookup on the hot path. Both directions
-    // of a flow are keyed as they arrive, so replies hit here too.
-    if let Some(entry) = F::established(&key, now) {
-        // SAFETY: a CONNTRACK value (see `flows::established`).
+    // Established flows first: one bucket on the hot path (the sender's),
+    // with no VIP lookup before it. Only a miss asks whether the packet is
+    // to a VIP: a packet that is not may be a NAT backend's reply, found in
+    // its receiver's bucket; one to a VIP (a new flow) never reads that.
+    let mut to_vip = None;
+    let entry = F::established(&mut key, now, || {
+        *to_vip.get_or_insert_with(|| is_vip::<F>(ip))
+    });
+    if let Some(entry) = entry {
+        // SAFETY: a flow table value (see `flows::established`).
         let flow = unsafe { &mut *entry };
         if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
             return outcome;
         }
     }
-    let to_vip = is_vip::<F>(ip);
+    let to_vip = to_vip.unwrap_or_else(|| is_vip::<F>(ip));
+    // The rest is the second stage's (`stage.rs`: its own program, so the
+    // verifier walks it on its own budget).
+    F::to_setup(ctx, &key, to_vip, now)
+}
+
+/// The second stage (`lb_setup`, `stage.rs`): a packet the established
+/// table missed, as the first stage carried it (its key, whether it is to a
+/// VIP, the tick): half-open flows, new flows, the no-flow rules.
+#[inline(always)]
+pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+    let Some(ip) = F::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    // Parsed again for its pointers: the first stage took it, so it parses.
+    let Ok(pkt) = F::parse_l4(ctx, eth, ip) else {
+        return pass(Verdict::PassNotOurs);
+    };
+    let Some((key, to_vip, now)) = F::carried() else {
+        return drop(Verdict::DropNoStage);
+    };
+    let seg = tcp_segment::<F>(ctx, &key);
     if let Some((mut flow, slot)) = F::half_open(&key, now, to_vip) {
         if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
@@ -326,7 +354,7 @@ fn forward<F: PathFamily>(
         Ok(admitted) => admitted,
         Err(outcome) => return outcome,
     };
-    F::remember_fragment(pkt.ip, key);
+    F::remember_fragment(pkt.ip, pkt.ports);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
     // A new flow's first packet: the backend's shared hop if it is fresh.

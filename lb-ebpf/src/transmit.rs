@@ -22,6 +22,7 @@ use crate::{
     mem::copy_mac,
     parse::Packet,
     tunnel::{self, Encap},
+    tunnel_icmp,
     verdict::{Outcome, count, drop, pass},
 };
 
@@ -216,10 +217,13 @@ fn through_tunnel<F: PathFamily>(
     // SAFETY: bounds-checked by `parse_l4`.
     let ip = unsafe { &*pkt.ip };
     let rc = tunnel::next_hop::<F>(ctx, ip, encap, &ends, cache);
+    // A router further on may have a smaller link (`tunnel_icmp`).
+    let outer_len = ip.packet_len().saturating_add(encap.overhead());
+    let (rc, mtu) = tunnel_icmp::beyond(rc, cache.mtu, backend.addr, outer_len);
     if rc == FIB_FRAG_NEEDED {
         // Read first: the answer reshapes the frame.
         let df = ip.dont_fragment();
-        let answer = F::too_big(ctx, inner_mtu(cache.mtu, encap.overhead()));
+        let answer = F::too_big(ctx, inner_mtu(mtu, encap.overhead()));
         if df {
             return answer;
         }
@@ -250,30 +254,21 @@ pub(crate) fn reverse_nat<F: PathFamily>(
     if ip.ttl() <= 1 {
         return pass(Verdict::PassKernelForward);
     }
-    F::remember_fragment(pkt.ip, key);
+    F::remember_fragment(pkt.ip, pkt.ports);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (vip, vport) = (F::reply_vip(restore), restore.vport);
-    // Full NAT: the destination (the LB's source address) becomes the
-    // client. Always a value (no `Option` of a pair across the branches: the
-    // verifier refused LLVM's stack reuse for it).
+    // `key` is the reply's NAT shape (backend → client): a full-NAT reply's
+    // destination (the LB's source address) becomes the client's.
     let full_nat = restore.flags & FLOW_F_FULL_NAT != 0;
-    let (to, to_port) = if full_nat {
-        match F::full_nat_client(key, restore) {
-            Some(client) => client,
-            // Its claim went under us: the flow is ending.
-            None => return pass(Verdict::PassKernelForward),
-        }
-    } else {
-        (ip.destination(), ports.dest)
-    };
-    let rc = next_hop::<F>(ctx, ip, vip, to, &mut restore.next_hop);
+    let (arrived, arrived_port) = (ip.destination(), ports.dest);
+    let rc = next_hop::<F>(ctx, ip, vip, key.destination(), &mut restore.next_hop);
     if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
         // To the backend, quoting the reply as it sent it.
         return F::too_big(ctx, restore.next_hop.mtu);
     }
     F::rewrite_source(ip, ports, check, vip, vport);
     if full_nat {
-        F::rewrite_destination(ip, ports, check, to, to_port);
+        F::rewrite_destination(ip, ports, check, key.destination(), key.destination_port());
     }
     match rc {
         FIB_SUCCESS => {
@@ -290,7 +285,7 @@ pub(crate) fn reverse_nat<F: PathFamily>(
         _ => {
             F::rewrite_source(ip, ports, check, key.source(), key.source_port());
             if full_nat {
-                F::rewrite_destination(ip, ports, check, key.destination(), key.destination_port());
+                F::rewrite_destination(ip, ports, check, arrived, arrived_port);
             }
             pass(Verdict::PassKernelForward)
         }
@@ -406,22 +401,15 @@ pub(crate) fn error_to_client<F: PathFamily>(
         return pass(Verdict::PassKernelForward);
     }
     let (vip, vport) = (F::reply_vip(restore), restore.vport);
-    // Full NAT: the error goes to the client, not to our source address.
-    let full_nat = restore.flags & FLOW_F_FULL_NAT != 0;
-    let (to, to_port) = if full_nat {
-        match F::full_nat_client(key, restore) {
-            Some(client) => client,
-            None => return pass(Verdict::PassKernelForward),
-        }
-    } else {
-        (ip.destination(), 0)
-    };
+    // `key` is the quoted reply's NAT shape (backend → client): a full-NAT
+    // error goes to the client, not to the LB's source address.
+    let to = key.destination();
     if next_hop::<F>(ctx, ip, vip, to, &mut restore.next_hop) != FIB_SUCCESS {
         return pass(Verdict::PassKernelForward);
     }
     F::error_to_client(ip, check, q, ports, vip, vport);
-    if full_nat {
-        F::full_nat_error_to_client(ip, check, q, ports, (to, to_port));
+    if restore.flags & FLOW_F_FULL_NAT != 0 {
+        F::full_nat_error_to_client(ip, check, q, ports, (to, key.destination_port()));
     }
     F::decrement_ttl(ip);
     count_flow(ctx, restore.service_id, restore.backend_id);

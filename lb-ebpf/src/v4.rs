@@ -18,7 +18,7 @@ use crate::{
     frag, fullnat, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    probe, schedule,
+    probe, schedule, stage,
     verdict::Outcome,
 };
 
@@ -118,8 +118,8 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn remember_fragment(ip: *const Ipv4Hdr, key: &FlowKey) {
-        frag::remember(ip, key);
+    fn remember_fragment(ip: *const Ipv4Hdr, ports: *const L4Ports) {
+        frag::remember(ip, ports);
     }
 
     #[inline(always)]
@@ -141,8 +141,8 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn established(key: &FlowKey, now: u32) -> Option<*mut Flow> {
-        flows::established(key, now)
+    fn established(key: &mut FlowKey, now: u32, to_vip: impl FnMut() -> bool) -> Option<*mut Flow> {
+        flows::established(key, now, to_vip)
     }
 
     #[inline(always)]
@@ -198,6 +198,16 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
+    fn to_setup(ctx: &XdpContext, key: &FlowKey, to_vip: bool, now: u32) -> Outcome {
+        stage::to_setup(ctx, key, to_vip, now)
+    }
+
+    #[inline(always)]
+    fn carried() -> Option<(FlowKey, bool, u32)> {
+        stage::carried()
+    }
+
+    #[inline(always)]
     fn create_full_nat(
         key: &FlowKey,
         service_id: u32,
@@ -206,11 +216,6 @@ impl PathFamily for V4 {
         now: u32,
     ) -> Result<Flow, Outcome> {
         fullnat::create(key, service_id, backend_id, state, now)
-    }
-
-    #[inline(always)]
-    fn full_nat_client(key: &FlowKey, flow: &Flow) -> Option<(u32, u16)> {
-        fullnat::client(key, flow)
     }
 
     #[inline(always)]

@@ -7,7 +7,8 @@
 //! can serve it — its data plane attached, at least one backend of a
 //! service on it admitted (in a ring), and not withdrawn by the operator
 //! (`lb vip withdraw`). The I/O is thin: [`render`] the include file BIRD's
-//! config reads (a `protocol static lb_vips` of /32 routes), write it when
+//! config reads (a `protocol static lb_vips` of IPv4 /32 routes, and
+//! `lb_vips6` of IPv6 /128 routes when an IPv6 VIP is announced), write it when
 //! it changes, and ask BIRD to `configure` over its control socket
 //! ([`Bird`]). The include file is also where the operator's withdrawals
 //! are kept, so a restarted agent finds them, and an agent that stops
@@ -26,7 +27,7 @@ mod record;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -42,6 +43,11 @@ use crate::{
 /// The name of the static protocol the include file defines; BIRD's config
 /// exports it to the routers (`export where proto = "lb_vips"`).
 pub const STATIC_PROTOCOL: &str = "lb_vips";
+/// The static protocol of the IPv6 VIPs (BIRD's ipv6 channel; a BGP
+/// session's `ipv6 { export where proto = "lb_vips6"; }`). Only written
+/// while an IPv6 VIP is announced, so an IPv4-only include file is as
+/// before.
+pub const STATIC_PROTOCOL6: &str = "lb_vips6";
 
 /// The include file's marker lines (comments to BIRD).
 const HEADER: &str = "# Written by lb (the agent's [announce]): the VIPs this load balancer announces.\n\
@@ -68,7 +74,7 @@ pub enum AnnounceError {
         reply: String,
     },
     #[error("{vip} is not the VIP of any service")]
-    UnknownVip { vip: Ipv4Addr },
+    UnknownVip { vip: IpAddr },
 }
 
 /// VIPs the operator took out of the announcement (`lb vip withdraw`).
@@ -76,16 +82,16 @@ pub enum AnnounceError {
 pub struct Withdrawn {
     /// The whole LB is drained (`lb vip withdraw` without a VIP).
     pub all: bool,
-    pub vips: BTreeSet<Ipv4Addr>,
+    pub vips: BTreeSet<IpAddr>,
 }
 
 impl Withdrawn {
-    pub fn holds(&self, vip: Ipv4Addr) -> bool {
+    pub fn holds(&self, vip: IpAddr) -> bool {
         self.all || self.vips.contains(&vip)
     }
 
     /// `lb vip withdraw [VIP]`.
-    pub fn withdraw(&mut self, vip: Option<Ipv4Addr>) {
+    pub fn withdraw(&mut self, vip: Option<IpAddr>) {
         match vip {
             None => {
                 self.all = true;
@@ -100,7 +106,7 @@ impl Withdrawn {
     /// `lb vip announce [VIP]`: the VIP (or every VIP) goes back to what
     /// the data plane allows. Announcing one VIP of a drained LB keeps the
     /// others withdrawn.
-    pub fn announce(&mut self, vip: Option<Ipv4Addr>, all_vips: &BTreeSet<Ipv4Addr>) {
+    pub fn announce(&mut self, vip: Option<IpAddr>, all_vips: &BTreeSet<IpAddr>) {
         match vip {
             None => *self = Withdrawn::default(),
             Some(v) => {
@@ -118,7 +124,7 @@ impl Withdrawn {
 /// backend (an admitted one).
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceReach {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub has_backend: bool,
 }
 
@@ -126,7 +132,7 @@ pub struct ServiceReach {
 /// several services (ports) is announced while any of them has a backend:
 /// the route carries all its ports.
 pub fn plan(attached: bool, services: &[ServiceReach], withdrawn: &Withdrawn) -> Vec<VipPlan> {
-    let mut reach: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
+    let mut reach: BTreeMap<IpAddr, bool> = BTreeMap::new();
     for s in services {
         *reach.entry(s.vip).or_insert(false) |= s.has_backend;
     }
@@ -153,10 +159,12 @@ pub fn plan(attached: bool, services: &[ServiceReach], withdrawn: &Withdrawn) ->
 
 /// The include file for BIRD: the operator's withdrawals (as comments,
 /// for the next agent) and a static protocol with one /32 blackhole route
-/// per announced VIP, each carrying the configured MED. The routes never
-/// reach this host's kernel (BIRD on an LB has no kernel protocol
-/// exporting them); they only exist to be exported over BGP.
-pub fn render(announced: &[Ipv4Addr], withdrawn: &Withdrawn, med: u32) -> String {
+/// per announced IPv4 VIP, each carrying the configured MED; the IPv6
+/// VIPs' /128 routes in a second one ([`STATIC_PROTOCOL6`], an ipv6
+/// channel), written only when there is one. The routes never reach this
+/// host's kernel (BIRD on an LB has no kernel protocol exporting them);
+/// they only exist to be exported over BGP.
+pub fn render(announced: &[IpAddr], withdrawn: &Withdrawn, med: u32) -> String {
     let mut out = String::from(HEADER);
     // Writing to a String cannot fail.
     if withdrawn.all {
@@ -165,11 +173,19 @@ pub fn render(announced: &[Ipv4Addr], withdrawn: &Withdrawn, med: u32) -> String
     for vip in &withdrawn.vips {
         let _ = writeln!(out, "{WITHDRAWN_VIP}{vip}");
     }
+    let (v4, v6): (Vec<&IpAddr>, Vec<&IpAddr>) = announced.iter().partition(|v| v.is_ipv4());
     let _ = writeln!(out, "protocol static {STATIC_PROTOCOL} {{\n  ipv4;");
-    for vip in announced {
+    for vip in v4 {
         let _ = writeln!(out, "  route {vip}/32 blackhole {{ bgp_med = {med}; }};");
     }
     out.push_str("}\n");
+    if !v6.is_empty() {
+        let _ = writeln!(out, "protocol static {STATIC_PROTOCOL6} {{\n  ipv6;");
+        for vip in v6 {
+            let _ = writeln!(out, "  route {vip}/128 blackhole {{ bgp_med = {med}; }};");
+        }
+        out.push_str("}\n");
+    }
     out
 }
 
@@ -191,7 +207,7 @@ pub fn parse_withdrawn(text: &str) -> Withdrawn {
 }
 
 /// The VIPs an include file announces.
-pub fn parse_announced(text: &str) -> Vec<Ipv4Addr> {
+pub fn parse_announced(text: &str) -> Vec<IpAddr> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("route "))
         .filter_map(|r| r.split('/').next()?.parse().ok())
@@ -296,7 +312,7 @@ impl Announcer {
         change: &VipChange,
         services: &[ServiceReach],
     ) -> Result<String, AnnounceError> {
-        let all: BTreeSet<Ipv4Addr> = services.iter().map(|s| s.vip).collect();
+        let all: BTreeSet<IpAddr> = services.iter().map(|s| s.vip).collect();
         let (vip, withdraw) = match change {
             VipChange::Withdraw { vip } => (*vip, true),
             VipChange::Announce { vip } => (*vip, false),
@@ -357,7 +373,7 @@ impl Announcer {
         }
     }
 
-    pub fn announced(&self) -> Vec<Ipv4Addr> {
+    pub fn announced(&self) -> Vec<IpAddr> {
         self.plan
             .iter()
             .filter(|p| p.announced)
@@ -431,16 +447,19 @@ fn log_sessions(before: Option<&BirdView>, now: &BirdView) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
-    const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-    const VIP2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+    const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10));
+    const VIP2: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 20));
+    const VIP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x10));
 
-    fn reach(vip: Ipv4Addr, has_backend: bool) -> ServiceReach {
+    fn reach(vip: IpAddr, has_backend: bool) -> ServiceReach {
         ServiceReach { vip, has_backend }
     }
 
-    fn announced(p: &[VipPlan]) -> Vec<Ipv4Addr> {
+    fn announced(p: &[VipPlan]) -> Vec<IpAddr> {
         p.iter().filter(|v| v.announced).map(|v| v.vip).collect()
     }
 
@@ -486,5 +505,27 @@ mod tests {
         w.withdraw(None);
         assert_eq!(parse_withdrawn(&render(&[], &w, 0)), w);
         assert!(parse_announced(&render(&[], &w, 0)).is_empty());
+    }
+
+    #[test]
+    fn ipv6_vips_are_announced_as_128s_through_their_own_ipv6_protocol() {
+        let services = [reach(VIP, true), reach(VIP6, true)];
+        let mut w = Withdrawn::default();
+        assert_eq!(announced(&plan(true, &services, &w)), [VIP, VIP6]);
+        let text = render(&[VIP, VIP6], &w, 50);
+        assert!(text.contains(
+            "protocol static lb_vips {\n  ipv4;\n  route 198.18.0.10/32 blackhole { bgp_med = 50; };\n}\n"
+        ));
+        assert!(text.contains(
+            "protocol static lb_vips6 {\n  ipv6;\n  route 2001:db8:18::10/128 blackhole { bgp_med = 50; };\n}\n"
+        ));
+        assert_eq!(parse_announced(&text), [VIP, VIP6]);
+        // Withdrawing the IPv6 VIP: recorded, and the ipv6 protocol goes
+        // (an IPv4-only include file is exactly as before).
+        w.withdraw(Some(VIP6));
+        assert_eq!(announced(&plan(true, &services, &w)), [VIP]);
+        let text = render(&[VIP], &w, 50);
+        assert!(!text.contains("lb_vips6"), "{text}");
+        assert_eq!(parse_withdrawn(&text), w);
     }
 }

@@ -46,6 +46,7 @@ pub use plan::Admission;
 pub use probe::ServiceRoute;
 pub use read::{FlowTable, NeighbourRequests};
 pub use sweep::{Sweeper, now_ticks};
+pub use tunnel::LearnedPmtu;
 
 use std::path::{Path, PathBuf};
 
@@ -68,6 +69,9 @@ use crate::{
 
 /// The data plane program's name in the object.
 pub const PROGRAM: &str = "lb";
+/// The path's second stage (lb-ebpf/src/stage.rs): tail-called by `lb`
+/// through `STAGES`, never attached.
+pub const SETUP_PROGRAM: &str = "lb_setup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -23,7 +23,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
     route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -46,8 +48,14 @@ impl Neighbours {
     }
 
     /// Has the kernel resolve (or refresh) the neighbour `next_hop` on
-    /// interface `ifindex`.
+    /// interface `ifindex`. A static entry (`nud permanent` or `noarp`) is
+    /// left as it is: the kernel (6.x) turns it into an INCOMPLETE one on a
+    /// `use` request, losing the operator's MAC for an ARP nobody may
+    /// answer.
     pub fn resolve(&mut self, ifindex: u32, next_hop: Ipv4Addr) -> io::Result<()> {
+        if self.is_static(ifindex, next_hop)? {
+            return Ok(());
+        }
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = ifindex;
@@ -58,6 +66,26 @@ impl Neighbours {
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
         self.request(RouteNetlinkMessage::NewNeighbour(msg), flags)?;
         Ok(())
+    }
+
+    /// Whether the neighbour table holds a static entry for `next_hop` on
+    /// `ifindex` (`RTM_GETNEIGH`; no entry: false).
+    fn is_static(&mut self, ifindex: u32, next_hop: Ipv4Addr) -> io::Result<bool> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            next_hop,
+        ))];
+        match self.request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_REQUEST) {
+            Ok(Some(RouteNetlinkMessage::NewNeighbour(entry))) => Ok(matches!(
+                entry.header.state,
+                NeighbourState::Permanent | NeighbourState::Noarp
+            )),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Resolves the next hop the kernel routes `addr` through (its gateway,
@@ -132,10 +160,19 @@ impl Neighbours {
 mod tests {
     use super::*;
 
-    /// Needs root (a network namespace of its own, made with unshare):
-    /// `cargo xtask test` runs the host tests as root.
-    #[test]
-    fn a_use_request_creates_an_entry_the_kernel_resolves_itself() {
+    fn ip(args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` in a network namespace of its own (made with unshare, on
+    /// a thread of its own) holding a veth pair, wa0 198.18.99.1/24 ↔ wa1.
+    /// Needs root: `cargo xtask test` runs the host tests as root.
+    fn in_own_netns(f: impl FnOnce() + Send + 'static) {
         if !rustix::process::geteuid().is_root() {
             panic!("this test needs root (a network namespace)");
         }
@@ -144,26 +181,23 @@ mod tests {
             // commands it starts) into a new network namespace.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            let run = |args: &[&str]| {
-                let ok = std::process::Command::new("ip")
-                    .args(args)
-                    .status()
-                    .expect("ip")
-                    .success();
-                assert!(ok, "ip {args:?}");
-            };
-            run(&["link", "add", "wa0", "type", "veth", "peer", "name", "wa1"]);
-            run(&["addr", "add", "198.18.99.1/24", "dev", "wa0"]);
-            run(&["link", "set", "wa0", "up"]);
-            run(&["link", "set", "wa1", "up"]);
+            ip(&["link", "add", "wa0", "type", "veth", "peer", "name", "wa1"]);
+            ip(&["addr", "add", "198.18.99.1/24", "dev", "wa0"]);
+            ip(&["link", "set", "wa0", "up"]);
+            ip(&["link", "set", "wa1", "up"]);
+            f();
+        })
+        .join()
+        .expect("the namespace thread");
+    }
+
+    #[test]
+    fn a_use_request_creates_an_entry_the_kernel_resolves_itself() {
+        in_own_netns(|| {
             let mut n = Neighbours::new().expect("netlink socket");
             let peer = Ipv4Addr::new(198, 18, 99, 7);
             n.resolve_route(peer).expect("resolve");
-            let out = std::process::Command::new("ip")
-                .args(["neigh", "show", "198.18.99.7", "dev", "wa0"])
-                .output()
-                .expect("ip neigh");
-            let text = String::from_utf8_lossy(&out.stdout);
+            let text = ip(&["neigh", "show", "198.18.99.7", "dev", "wa0"]);
             // Nobody answers ARP on the peer: the entry exists and is being
             // resolved (or has failed), which only the kernel's own
             // resolution does.
@@ -177,8 +211,34 @@ mod tests {
                 n.resolve_route(Ipv4Addr::new(203, 0, 113, 1)).is_err(),
                 "no route"
             );
-        })
-        .join()
-        .expect("the namespace thread");
+        });
+    }
+
+    #[test]
+    fn a_static_entry_is_left_as_the_operator_wrote_it() {
+        in_own_netns(|| {
+            let mac = "02:00:00:00:99:08";
+            ip(&[
+                "neigh",
+                "replace",
+                "198.18.99.8",
+                "lladdr",
+                mac,
+                "dev",
+                "wa0",
+                "nud",
+                "permanent",
+            ]);
+            let mut n = Neighbours::new().expect("netlink socket");
+            for _ in 0..2 {
+                n.resolve_route(Ipv4Addr::new(198, 18, 99, 8))
+                    .expect("resolve");
+            }
+            let text = ip(&["neigh", "show", "198.18.99.8", "dev", "wa0"]);
+            assert!(
+                text.contains(mac) && text.contains("PERMANENT"),
+                "the static entry was replaced: {text:?}"
+            );
+        });
     }
 }

@@ -27,7 +27,7 @@
 //! clear error instead of pretending to send.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -39,7 +39,7 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::{PKTGEN_FLOW_TABLE, checksum};
+use lb_common::{PKTGEN_ETH_P_IPV6, PKTGEN_FLOW_TABLE, PKTGEN_V6_L4, checksum};
 use rustix::thread::{CpuSet, sched_setaffinity};
 
 use crate::xdp::{if_mac, ifindex, load_tool, parse_mac, xdp_md, xdp_program};
@@ -68,6 +68,7 @@ pub const MAX_SIZE: usize = 1514;
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
+const IP6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 const TCP_LEN: usize = 20;
 
@@ -132,12 +133,14 @@ pub struct PktgenArgs {
     /// Source MAC (default: the interface's)
     #[arg(long, value_parser = parse_mac)]
     pub src_mac: Option<[u8; 6]>,
-    /// Destination address and port
+    /// Destination address and port (`198.18.0.10:80` or
+    /// `[2001:db8::10]:80`): its family is the frames' (IPv4 or IPv6)
     #[arg(long)]
-    pub dst: SocketAddrV4,
-    /// First source address
+    pub dst: SocketAddr,
+    /// First source address, of the destination's family (IPv6: flows
+    /// vary its low 32 bits)
     #[arg(long)]
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// First source port
     #[arg(long, default_value_t = 1024)]
     pub sport: u16,
@@ -153,7 +156,7 @@ pub struct PktgenArgs {
     pub zipf_s: f64,
     #[arg(long, value_enum, default_value_t = Proto::Udp)]
     pub proto: Proto,
-    /// Frame size in bytes without FCS (64..=1514)
+    /// Frame size in bytes without FCS (64..=1514; IPv6 TCP at least 74)
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Frames to send (all threads together)
@@ -181,8 +184,9 @@ pub struct PktgenArgs {
 pub struct FrameSpec {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    /// Source and destination, both of one family: the frame's.
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub proto: Proto,
     pub size: usize,
 }
@@ -226,43 +230,78 @@ impl Summary {
     }
 }
 
-/// Builds the Ethernet + IPv4 + UDP/TCP-SYN frame of `spec.size` bytes; the
-/// payload is zeros. IPv4 and TCP checksums are valid; the UDP checksum is 0.
+/// Builds the Ethernet + IP + UDP/TCP frame of `spec.size` bytes, IPv4 or
+/// IPv6 as the addresses are; the payload is zeros. The IP and TCP
+/// checksums are valid; the UDP checksum is 0 over IPv4 (none) and valid
+/// over IPv6 (where it is mandatory).
 pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
     ensure!(
         (MIN_SIZE..=MAX_SIZE).contains(&spec.size),
         "frame size {} out of range {MIN_SIZE}..={MAX_SIZE}",
         spec.size
     );
-    let l4_len = match spec.proto {
-        Proto::Udp => UDP_LEN,
-        Proto::TcpSyn | Proto::TcpAck => TCP_LEN,
+    let (l4_len, protocol) = match spec.proto {
+        Proto::Udp => (UDP_LEN, 17u8),
+        Proto::TcpSyn | Proto::TcpAck => (TCP_LEN, 6u8),
     };
     let mut f = vec![0u8; spec.size];
     f[0..6].copy_from_slice(&spec.dst_mac);
     f[6..12].copy_from_slice(&spec.src_mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip_total = (spec.size - ETH_LEN) as u16;
-    let ip = &mut f[ETH_LEN..ETH_LEN + IP_LEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&ip_total.to_be_bytes());
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
-    ip[8] = 64;
-    ip[9] = match spec.proto {
-        Proto::Udp => 17,
-        Proto::TcpSyn | Proto::TcpAck => 6,
+    // The pseudo-header of the L4 checksum, without the length and protocol.
+    let (ip_len, ethertype, addrs): (usize, u16, Vec<u8>) = match (spec.src, spec.dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => {
+            let ip_total = (spec.size - ETH_LEN) as u16;
+            let ip = &mut f[ETH_LEN..ETH_LEN + IP_LEN];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&ip_total.to_be_bytes());
+            ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
+            ip[8] = 64;
+            ip[9] = protocol;
+            ip[12..16].copy_from_slice(&src.ip().octets());
+            ip[16..20].copy_from_slice(&dst.ip().octets());
+            let check = checksum::compute(ip, 0);
+            ip[10..12].copy_from_slice(&check.to_ne_bytes());
+            (
+                IP_LEN,
+                0x0800,
+                [src.ip().octets(), dst.ip().octets()].concat(),
+            )
+        }
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
+            ensure!(
+                spec.size >= ETH_LEN + IP6_LEN + l4_len,
+                "frame size {} too small for IPv6 {:?} (at least {})",
+                spec.size,
+                spec.proto,
+                ETH_LEN + IP6_LEN + l4_len
+            );
+            let payload = (spec.size - ETH_LEN - IP6_LEN) as u16;
+            let ip = &mut f[ETH_LEN..ETH_LEN + IP6_LEN];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&payload.to_be_bytes());
+            ip[6] = protocol;
+            ip[7] = 64; // hop limit
+            ip[8..24].copy_from_slice(&src.ip().octets());
+            ip[24..40].copy_from_slice(&dst.ip().octets());
+            (
+                IP6_LEN,
+                PKTGEN_ETH_P_IPV6,
+                [src.ip().octets(), dst.ip().octets()].concat(),
+            )
+        }
+        (src, dst) => bail!("source {src} and destination {dst} are of different families"),
     };
-    ip[12..16].copy_from_slice(&spec.src.ip().octets());
-    ip[16..20].copy_from_slice(&spec.dst.ip().octets());
-    let check = checksum::compute(ip, 0);
-    ip[10..12].copy_from_slice(&check.to_ne_bytes());
+    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
 
-    let l4_total = spec.size - ETH_LEN - IP_LEN;
-    let l4 = &mut f[ETH_LEN + IP_LEN..];
+    let l4_total = spec.size - ETH_LEN - ip_len;
+    let l4 = &mut f[ETH_LEN + ip_len..];
     l4[0..2].copy_from_slice(&spec.src.port().to_be_bytes());
     l4[2..4].copy_from_slice(&spec.dst.port().to_be_bytes());
-    match spec.proto {
-        Proto::Udp => l4[4..6].copy_from_slice(&(l4_total as u16).to_be_bytes()),
+    let check_off = match spec.proto {
+        Proto::Udp => {
+            l4[4..6].copy_from_slice(&(l4_total as u16).to_be_bytes());
+            6
+        }
         Proto::TcpSyn | Proto::TcpAck => {
             if spec.proto == Proto::TcpSyn {
                 l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
@@ -275,45 +314,89 @@ pub fn build_frame(spec: &FrameSpec) -> anyhow::Result<Vec<u8>> {
             }
             l4[12] = ((l4_len / 4) as u8) << 4;
             l4[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-            let mut pseudo = [0u8; 12];
-            pseudo[0..4].copy_from_slice(&spec.src.ip().octets());
-            pseudo[4..8].copy_from_slice(&spec.dst.ip().octets());
-            pseudo[9] = 6;
-            pseudo[10..12].copy_from_slice(&(l4_total as u16).to_be_bytes());
-            let covered = [&pseudo[..], l4].concat();
-            let check = checksum::compute(&covered, 0);
-            l4[16..18].copy_from_slice(&check.to_ne_bytes());
+            16
         }
+    };
+    if spec.proto != Proto::Udp || ip_len == IP6_LEN {
+        // Pseudo-header: addresses, then the L4 length and protocol (RFC 793,
+        // RFC 8200 8.1; the sum is the same for both layouts' word order).
+        let mut pseudo = addrs;
+        pseudo.extend_from_slice(&[0, protocol]);
+        pseudo.extend_from_slice(&(l4_total as u32).to_be_bytes());
+        let covered = [&pseudo[..], l4].concat();
+        let mut check = checksum::compute(&covered, 0);
+        if protocol == 17 && check == 0 {
+            check = 0xffff; // a computed 0 is sent as all ones (RFC 768)
+        }
+        l4[check_off..check_off + 2].copy_from_slice(&check.to_ne_bytes());
     }
     Ok(f)
 }
 
 /// The generator's flow configuration: `flows` distinct (address, port)
-/// pairs starting at `src:sport`, ports first.
+/// pairs starting at `src:sport`, ports first. An IPv6 `src` varies in its
+/// low 32 bits ([`source_low`]).
 pub fn flow_conf(
     ifindex: u32,
-    src: Ipv4Addr,
+    src: impl Into<IpAddr>,
     sport: u16,
     flows: u32,
 ) -> anyhow::Result<PktgenConf> {
+    let src = src.into();
     ensure!(flows >= 1, "--flows must be at least 1");
     ensure!(sport >= 1, "--sport must be at least 1");
     let span = flows.min(MAX_PORT_SPAN).min(65536 - u32::from(sport));
     let addrs = flows.div_ceil(span);
     ensure!(
-        u32::from(src).checked_add(addrs - 1).is_some(),
-        "{flows} flows from {src} run past 255.255.255.255"
+        source_low(src).checked_add(addrs - 1).is_some(),
+        "{flows} flows from {src} run past the end of its {} bits",
+        match src {
+            IpAddr::V4(_) => "32",
+            IpAddr::V6(_) => "low 32",
+        }
     );
     Ok(PktgenConf {
         ifindex,
         flows,
-        saddr_base: src.into(),
+        saddr_base: source_low(src),
         sport_base: sport,
         sport_span: span as u16,
         flow_table_mask: 0,
+        l4_check: 0,
         _pad: 0,
         template: [0; lb_common::PKTGEN_TEMPLATE_LEN],
     })
+}
+
+/// The part of a source address the generator varies per flow: all of an
+/// IPv4 address, the low 32 bits of an IPv6 one (the rest is the
+/// template's).
+pub fn source_low(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(a) => a.into(),
+        IpAddr::V6(a) => u128::from(a) as u32,
+    }
+}
+
+/// Source of frame `n` of a run from `base` (either family): what
+/// `set_flow`/`set_flow_v6` write.
+pub fn flow_source_addr(conf: &PktgenConf, base: SocketAddr, n: u32) -> SocketAddr {
+    let (low, port) = conf.flow_source(n);
+    let ip = match base.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(low)),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !0xffff_ffff | u128::from(low)).into()),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// The `l4_check` an IPv6 `frame` (as [`build_frame`] made it) hands the
+/// generator: its L4 checksum, raw. 0 for IPv4 frames, which do not use it.
+fn template_l4_check(frame: &[u8]) -> u16 {
+    if frame[12..14] != PKTGEN_ETH_P_IPV6.to_be_bytes() {
+        return 0;
+    }
+    let off = PKTGEN_V6_L4 + if frame[20] == 6 { 16 } else { 6 };
+    u16::from_ne_bytes([frame[off], frame[off + 1]])
 }
 
 /// The seed of the Zipf draws: every run draws the same sequence, so runs
@@ -446,10 +529,11 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     let frame = build_frame(&spec.frame)?;
     let mut conf = flow_conf(
         spec.ifindex,
-        *spec.frame.src.ip(),
+        spec.frame.src.ip(),
         spec.frame.src.port(),
         spec.flows,
     )?;
+    conf.l4_check = template_l4_check(&frame);
     // Every frame starts from these headers again (frames are >= MIN_SIZE).
     conf.template
         .copy_from_slice(&frame[..lb_common::PKTGEN_TEMPLATE_LEN]);
@@ -611,7 +695,7 @@ pub fn spec_from_args(args: &PktgenArgs) -> anyhow::Result<Spec> {
         frame: FrameSpec {
             dst_mac: args.dst_mac,
             src_mac,
-            src: SocketAddrV4::new(args.src, args.sport),
+            src: SocketAddr::new(args.src, args.sport),
             dst: args.dst,
             proto: args.proto,
             size: args.size,
@@ -637,6 +721,12 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
             "--backend kernel: driving /proc/net/pktgen is not implemented in this build; use --backend xdp"
         );
     }
+    ensure!(
+        args.src.is_ipv4() == args.dst.is_ipv4(),
+        "--src {} and --dst {} are of different families",
+        args.src,
+        args.dst
+    );
     let spec = spec_from_args(&args)?;
     let mut ebpf = load_object()?;
     let summary = generate(&mut ebpf, &spec)?;
@@ -674,11 +764,156 @@ mod tests {
         FrameSpec {
             dst_mac: [2, 0, 0, 0, 0, 1],
             src_mac: [2, 0, 0, 0, 0, 2],
-            src: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 1024),
-            dst: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 5353),
+            src: SocketAddr::from((Ipv4Addr::new(198, 18, 0, 100), 1024)),
+            dst: SocketAddr::from((Ipv4Addr::new(198, 18, 0, 10), 5353)),
             proto,
             size,
         }
+    }
+
+    const SRC6: &str = "[2001:db8:1::ffff:fff0]:1024";
+    const DST6: &str = "[2001:db8:0:10::10]:5353";
+
+    fn spec6(proto: Proto, size: usize) -> FrameSpec {
+        FrameSpec {
+            src: SRC6.parse().expect("src"),
+            dst: DST6.parse().expect("dst"),
+            ..spec(proto, size)
+        }
+    }
+
+    /// The IPv6 header and L4 slice of a built frame, after checking the L4
+    /// checksum with etherparse (over the IPv6 pseudo-header).
+    fn checked_v6(f: &[u8]) -> (etherparse::Ipv6Header, TransportSlice<'_>) {
+        let p = SlicedPacket::from_ethernet(f).expect("parse");
+        let Some(NetSlice::Ipv6(ip)) = p.net else {
+            panic!("not ipv6")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.hop_limit, 64);
+        assert_eq!(usize::from(h.payload_length), f.len() - 54);
+        let transport = p.transport.expect("transport");
+        match &transport {
+            TransportSlice::Udp(udp) => {
+                let expected = udp
+                    .to_header()
+                    .calc_checksum_ipv6(&h, udp.payload())
+                    .expect("checksum");
+                assert_ne!(udp.checksum(), 0, "IPv6 UDP needs a checksum");
+                assert_eq!(udp.checksum(), expected);
+            }
+            TransportSlice::Tcp(tcp) => {
+                let expected = tcp
+                    .to_header()
+                    .calc_checksum_ipv6(&h, tcp.payload())
+                    .expect("checksum");
+                assert_eq!(tcp.checksum(), expected);
+            }
+            other => panic!("unexpected transport {other:?}"),
+        }
+        (h, transport)
+    }
+
+    #[test]
+    fn ipv6_udp_frames_have_valid_checksums() {
+        for size in [64, 128, 1514] {
+            let f = build_frame(&spec6(Proto::Udp, size)).expect("frame");
+            assert_eq!(f.len(), size);
+            assert_eq!(f[12..14], [0x86, 0xdd]);
+            let (h, transport) = checked_v6(&f);
+            assert_eq!(h.next_header, etherparse::IpNumber::UDP);
+            assert_eq!(
+                std::net::Ipv6Addr::from(h.source),
+                "2001:db8:1::ffff:fff0"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+            );
+            assert_eq!(
+                std::net::Ipv6Addr::from(h.destination),
+                "2001:db8:0:10::10".parse::<std::net::Ipv6Addr>().unwrap()
+            );
+            let TransportSlice::Udp(udp) = transport else {
+                panic!("not udp")
+            };
+            assert_eq!((udp.source_port(), udp.destination_port()), (1024, 5353));
+            assert_eq!(usize::from(udp.length()), size - 54);
+        }
+    }
+
+    #[test]
+    fn ipv6_tcp_syn_and_ack_frames_have_valid_checksums() {
+        let f = build_frame(&spec6(Proto::TcpSyn, 74)).expect("frame");
+        let (_, TransportSlice::Tcp(tcp)) = checked_v6(&f) else {
+            panic!("not tcp")
+        };
+        let tcp = tcp.to_header();
+        assert!(tcp.syn && !tcp.ack && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.source_port, tcp.destination_port), (1024, 5353));
+        let f = build_frame(&spec6(Proto::TcpAck, 200)).expect("frame");
+        let (_, TransportSlice::Tcp(tcp)) = checked_v6(&f) else {
+            panic!("not tcp")
+        };
+        let tcp = tcp.to_header();
+        assert!(tcp.ack && !tcp.syn && !tcp.fin && !tcp.rst);
+        assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (2, 1));
+    }
+
+    #[test]
+    fn ipv6_sizes_and_families_are_checked() {
+        assert!(build_frame(&spec6(Proto::TcpSyn, 73)).is_err());
+        assert!(build_frame(&spec6(Proto::Udp, 63)).is_err());
+        let mixed = FrameSpec {
+            dst: DST6.parse().expect("dst"),
+            ..spec(Proto::Udp, 64)
+        };
+        let e = build_frame(&mixed).expect_err("mixed families");
+        assert!(e.to_string().contains("different families"), "{e}");
+    }
+
+    /// What the `pktgen` program does to an IPv6 frame for flow `n`
+    /// (`set_flow_v6`), on the host.
+    fn set_flow_v6(frame: &mut [u8], conf: &PktgenConf, n: u32) {
+        let protocol = frame[lb_common::PKTGEN_V6_NEXT_HEADER];
+        let (_, check_off) = lb_common::headers::l4_layout(protocol).expect("tcp/udp");
+        let (addr, port) = conf.flow_source(n);
+        let low = lb_common::PKTGEN_V6_SADDR_LOW;
+        frame[low..low + 4].copy_from_slice(&addr.to_be_bytes());
+        frame[PKTGEN_V6_L4..PKTGEN_V6_L4 + 2].copy_from_slice(&port.to_be_bytes());
+        let check = conf.l4_check_of(protocol, addr, port);
+        let at = PKTGEN_V6_L4 + check_off;
+        frame[at..at + 2].copy_from_slice(&check.to_ne_bytes());
+    }
+
+    #[test]
+    fn ipv6_flows_vary_the_low_bits_and_keep_checksums_valid() {
+        // 0xffff_fff0 + flows past 2^32 would leave the low 32 bits.
+        assert!(flow_conf(0, spec6(Proto::Udp, 64).src.ip(), 1024, 64512 * 17).is_err());
+        for proto in [Proto::Udp, Proto::TcpSyn, Proto::TcpAck] {
+            let spec = spec6(proto, 96);
+            let template = build_frame(&spec).expect("frame");
+            let mut conf = flow_conf(0, spec.src.ip(), 1024, 64512 * 3).expect("conf");
+            conf.l4_check = template_l4_check(&template);
+            for n in [0, 1, 64511, 64512, 64512 * 2 + 7, 64512 * 3] {
+                let mut f = template.clone();
+                set_flow_v6(&mut f, &conf, n);
+                let src = flow_source_addr(&conf, spec.src, n);
+                assert_eq!(
+                    f,
+                    build_frame(&FrameSpec { src, ..spec }).expect("frame"),
+                    "{proto:?} flow {n} from {src}"
+                );
+                checked_v6(&f);
+            }
+            assert_eq!(
+                flow_source_addr(&conf, spec.src, 64512 * 2 + 7),
+                "[2001:db8:1::ffff:fff2]:1031".parse().unwrap()
+            );
+        }
+        // IPv4 frames keep the template's checksums (rewrite_source updates them).
+        assert_eq!(
+            template_l4_check(&build_frame(&spec(Proto::TcpSyn, 64)).unwrap()),
+            0
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! flags the flow rules check), the SYN-ACK that lets a NAT flow be
 //! promoted, an ICMP echo, and where a forwarded frame went.
 
-use crate::kernel_net::{BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, VIP, WEB_MACS};
+use crate::kernel_net::{
+    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, VIP, WEB_MACS, WEB_PORT, WEBS,
+};
 use etherparse::{PacketBuilder, TcpOptionElement};
 use lb_userspace::harness::xdp::XDP_DROP;
 
@@ -69,6 +71,24 @@ pub fn answer(h: &mut Harness, syn_out: &[u8]) {
     let back = h.back;
     let (action, _) = h.run(back, &syn_ack_to(syn_out));
     assert_ne!(action, XDP_DROP, "the SYN-ACK was dropped");
+}
+
+/// Web server `web`'s segment with `flags` to the client's port `dport`
+/// (NAT service www), sequence number `WEB_SEQ`.
+pub fn from_web(web: usize, dport: u16, flags: u8) -> Vec<u8> {
+    let frame = Tcp {
+        src_mac: WEB_MACS[web],
+        dst_mac: BACK_MAC,
+        src: WEBS[web],
+        dst: CLIENT,
+        sport: WEB_PORT,
+        dport,
+        seq: WEB_SEQ,
+        syn: false,
+        ..Tcp::request(0, VIP)
+    }
+    .build();
+    with_flags(frame, flags)
 }
 
 /// The web's SYN-ACK (sequence number `WEB_SEQ`) to the forwarded SYN

@@ -23,10 +23,10 @@ use lb_common::{
     map_names::MapName,
 };
 use lb_tests::{
-    kernel_frames::{ACK, SYN_ACK, Tcp, WEB_SEQ, web_of, with_flags},
+    kernel_frames::{ACK, SYN_ACK, Tcp, from_web, web_of, with_flags},
     kernel_net::{
-        BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEB_MACS, WEB_PORT,
-        WEBS, expect_old_version_refused, lab_config, pin_old_layout, udp,
+        Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEBS,
+        expect_old_version_refused, lab_config, pin_old_layout, udp,
     },
 };
 use lb_userspace::{
@@ -126,23 +126,6 @@ fn tcp_key(sport: u16, vip: [u8; 4]) -> FlowKey {
         protocol: 6,
         ..FlowKey::default()
     }
-}
-
-/// Web server `web`'s segment to the client's port `dport` (NAT service www).
-fn from_web(web: usize, dport: u16, flags: u8) -> Vec<u8> {
-    let frame = Tcp {
-        src_mac: WEB_MACS[web],
-        dst_mac: BACK_MAC,
-        src: WEBS[web],
-        dst: CLIENT,
-        sport: WEB_PORT,
-        dport,
-        seq: WEB_SEQ,
-        syn: false,
-        ..Tcp::request(0, VIP)
-    }
-    .build();
-    with_flags(frame, flags)
 }
 
 /// The client's bare ACK on its connection to the VIP from `port`.

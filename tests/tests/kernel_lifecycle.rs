@@ -16,7 +16,7 @@
 use lb_common::Verdict;
 use lb_tests::{
     kernel_frames::{
-        ACK, CLIENT_SEQ, FIN_ACK, RST, SYN_ACK, Tcp, WEB_SEQ, answer, web_of, with_flags,
+        ACK, CLIENT_SEQ, FIN_ACK, RST, SYN_ACK, Tcp, WEB_SEQ, answer, from_web, web_of, with_flags,
     },
     kernel_net::{
         BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS,
@@ -37,7 +37,7 @@ fn open(h: &mut Harness, port: u16) -> usize {
     let back = h.back;
     h.expect(
         back,
-        &reply_from(web, port, SYN_ACK),
+        &from_web(web, port, SYN_ACK),
         XDP_REDIRECT,
         Verdict::ForwardedReply,
     );
@@ -76,25 +76,7 @@ fn client_key(sport: u16, vip: [u8; 4]) -> lb_common::FlowKey {
 
 /// web1's reply to the client's port `dport` (NAT service www).
 fn reply_from_web1(dport: u16, flags: u8) -> Vec<u8> {
-    reply_from(0, dport, flags)
-}
-
-/// Web server `web`'s segment to the client's port `dport` (NAT service
-/// www), sequence number `WEB_SEQ`.
-fn reply_from(web: usize, dport: u16, flags: u8) -> Vec<u8> {
-    let frame = Tcp {
-        src_mac: WEB_MACS[web],
-        dst_mac: BACK_MAC,
-        src: WEBS[web],
-        dst: CLIENT,
-        sport: WEB_PORT,
-        dport,
-        seq: WEB_SEQ,
-        syn: false,
-        ..Tcp::request(0, VIP)
-    }
-    .build();
-    with_flags(frame, flags)
+    from_web(0, dport, flags)
 }
 
 /// Where a flow is: `Some(true)` established, `Some(false)` half-open.
@@ -231,7 +213,7 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
         let back = h.back;
         h.expect(
             back,
-            &reply_from(syn_choice, 52101, RST),
+            &from_web(syn_choice, 52101, RST),
             XDP_REDIRECT,
             Verdict::ForwardedReply,
         );
@@ -239,7 +221,7 @@ fn tcp_without_syn_and_without_a_flow_is_dropped_unless_the_scheduler_hashes() {
         assert_eq!(table_of(&h, &key), Some(false), "an RST answers nothing");
         h.expect(
             back,
-            &reply_from(syn_choice, 52101, ACK),
+            &from_web(syn_choice, 52101, ACK),
             XDP_REDIRECT,
             Verdict::ForwardedReply,
         );

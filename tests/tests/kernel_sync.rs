@@ -17,8 +17,8 @@ use lb_common::{
     sync::{SYNC_EVENT_ENDED, SYNC_EVENT_ESTABLISHED, SyncEvent},
 };
 use lb_tests::{
-    kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, web_of, with_flags},
-    kernel_net::{BACK_MAC, CLIENT, Harness, TestNet, VIP, WEB_MACS, WEB_PORT, WEBS, lab_config},
+    kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, from_web, web_of, with_flags},
+    kernel_net::{CLIENT, Harness, TestNet, VIP, WEB_PORT, WEBS, lab_config},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
@@ -78,23 +78,6 @@ fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
     let mut maps = SyncMaps::of(&h.dp).expect("sync maps");
     maps.switch(on).expect("switch");
     maps
-}
-
-/// Web `web`'s segment with `flags` to the client's port `dport`.
-fn from_web(web: usize, dport: u16, flags: u8) -> Vec<u8> {
-    let frame = Tcp {
-        src_mac: WEB_MACS[web],
-        dst_mac: BACK_MAC,
-        src: WEBS[web],
-        dst: CLIENT,
-        sport: WEB_PORT,
-        dport,
-        seq: WEB_SEQ,
-        syn: false,
-        ..Tcp::request(0, VIP)
-    }
-    .build();
-    with_flags(frame, flags)
 }
 
 /// The web (index) whose address and port a backend endpoint is.

@@ -22,7 +22,7 @@ use lb_tests::{
     kernel_frames::{ACK, Tcp, frag_needed_for, with_flags},
     kernel_net::{
         BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, backend,
-        fix_ip_checksum, icmp_error, lab_config, service, udp, verdict_delta, without_df,
+        fix_ip_checksum, icmp_error, lab_config, service, test_run, udp, verdict_delta, without_df,
     },
 };
 use lb_userspace::{
@@ -514,4 +514,202 @@ fn a_tunnel_backend_without_a_route_leaves_its_packets_to_the_kernel() {
         let out = h.expect(h.front, &syn, XDP_PASS, Verdict::PassKernelForward);
         assert_eq!(out, syn);
     });
+}
+
+/// The router's address on the LB's back segment (web1 in the kernel
+/// tier's namespace), the remote backends' next hop.
+const ROUTER_ADDR: [u8; 4] = [198, 19, 0, 11];
+
+/// A "fragmentation needed" from the router to the LB's tunnel source,
+/// saying its link is `mtu`, quoting `quote` (an outer packet the LB sent).
+fn routers_frag_needed(quote: &[u8], mtu: u16) -> Vec<u8> {
+    icmp_error(
+        (ROUTER_MAC, BACK_MAC),
+        ROUTER_ADDR,
+        LB_BACK,
+        64,
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ),
+        quote,
+    )
+}
+
+/// `TUNNEL_PMTU_STATS` (learned, clamped, refused) and the learned MTUs.
+fn learned(h: &Harness) -> ([u64; 3], Vec<(std::net::Ipv4Addr, u16)>) {
+    let counts = h.dp.tunnel_pmtu_counts().expect("TUNNEL_PMTU_STATS");
+    let mtus =
+        h.dp.tunnel_pmtus()
+            .expect("TUNNEL_PMTU")
+            .into_iter()
+            .map(|l| {
+                // Ten minutes, less the test's own time.
+                assert!(
+                    l.expires_in > std::time::Duration::from_secs(590)
+                        && l.expires_in <= std::time::Duration::from_secs(600),
+                    "{l:?}"
+                );
+                (l.backend, l.mtu)
+            })
+            .collect();
+    (counts, mtus)
+}
+
+/// PMTUD beyond the LB's own link (issue 26): the LB's link is 1500; the
+/// router's link to a backend is 1300. Its "fragmentation needed" to the
+/// LB's tunnel source, quoting only the outer header and 8 bytes (GUE) or
+/// the inner packet too (IPIP, as Linux quotes), is learned for that
+/// backend: the next too-big packet of any flow to it gets "fragmentation
+/// needed" with 1300 less the overhead, and a packet that fits still goes.
+/// Forged messages: about an address that is no tunnel backend, with an
+/// MTU the quoted packet would have fitted or 0: refused; a tiny MTU:
+/// clamped to 552. Expired, the learned MTU no longer applies.
+#[test]
+fn a_routers_frag_needed_about_a_tunnel_packet_lowers_that_backends_path_mtu() {
+    let net = net();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let datagram = |sport, len: usize| {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            udp(
+                CLIENT_MAC, FRONT_MAC, CLIENT, VIP_GUE, 64, sport, 53, &payload,
+            )
+        };
+        assert_eq!(learned(&h), ([0, 0, 0], vec![]));
+
+        // GUE: 1400 + 32 fits the LB's link, not the router's.
+        let big = datagram(7000, 1400 - 28);
+        let out = h.expect(h.front, &big, XDP_REDIRECT, Verdict::Forwarded);
+        let backend = REMOTE[remote_of(&out)];
+        // RFC 792's minimum quote: the outer header and 8 bytes (the UDP
+        // header): the inner flow is not in it.
+        let icmp = routers_frag_needed(&out[14..14 + 28], 1300);
+        h.expect(h.back, &icmp, XDP_PASS, Verdict::PassNotOurs);
+        let learnt = (backend.into(), 1300);
+        assert_eq!(learned(&h), ([1, 0, 0], vec![learnt]));
+        // The same flow's next big packet: "fragmentation needed", 1268.
+        let out = h.expect(h.front, &big, XDP_TX, Verdict::FragNeeded);
+        assert_eq!(out, frag_needed_for(&big, 1300 - 32));
+        let fits = datagram(7000, 1268 - 28);
+        let out = h.expect(h.front, &fits, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out.len(), 14 + 1300);
+        // Any other flow to that backend (round robin: every third), too;
+        // flows to the other backends still go at full size.
+        let mut answered = 0;
+        for sport in 7001..7004 {
+            let other = datagram(sport, 1400 - 28);
+            let verdicts = h.verdicts();
+            let (action, out) = test_run(&mut h.dp, h.front, &other);
+            if verdict_delta(&verdicts, &h.verdicts(), Verdict::FragNeeded) == 1 {
+                assert_eq!(out, frag_needed_for(&other, 1268));
+                answered += 1;
+            } else {
+                assert_eq!(action, XDP_REDIRECT);
+                assert_ne!(REMOTE[remote_of(&out)], backend);
+            }
+        }
+        assert_eq!(answered, 1, "one new flow in three goes to {backend:?}");
+
+        // IPIP, a TCP flow to another backend, the router quoting 548
+        // bytes (the inner header too): learned for that backend.
+        let (sport, ipip_backend) = (45000..45003)
+            .map(|sport| {
+                let syn = client_tcp(sport, VIP_IPIP, true, b"");
+                let first = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+                (sport, REMOTE[remote_of(&first)])
+            })
+            .find(|(_, b)| *b != backend)
+            .expect("round robin reaches another backend");
+        let payload = vec![7u8; 1400 - 40];
+        let seg = client_tcp(sport, VIP_IPIP, false, &payload);
+        let out = h.expect(h.front, &seg, XDP_REDIRECT, Verdict::Forwarded);
+        let icmp = routers_frag_needed(&out[14..14 + 548], 1350);
+        h.expect(h.back, &icmp, XDP_PASS, Verdict::PassNotOurs);
+        let (counts, mtus) = learned(&h);
+        assert_eq!(counts, [2, 0, 0]);
+        assert!(mtus.contains(&(ipip_backend.into(), 1350)), "{mtus:?}");
+        let out = h.expect(h.front, &seg, XDP_TX, Verdict::FragNeeded);
+        assert_eq!(out, frag_needed_for(&seg, 1350 - 20));
+        // A larger MTU for a live entry does not raise it.
+        h.expect(
+            h.back,
+            &icmp_with_mtu(&icmp, 1390),
+            XDP_PASS,
+            Verdict::PassNotOurs,
+        );
+        assert!(learned(&h).1.contains(&(ipip_backend.into(), 1350)));
+        assert_eq!(learned(&h).0, [3, 0, 0]);
+
+        // Forged: about an address that is no tunnel backend; an MTU the
+        // quoted packet fitted; no MTU. Refused, nothing learned.
+        let mut stranger = out_ipip_quote(&seg, ipip_backend);
+        stranger[16..20].copy_from_slice(&[198, 19, 8, 99]);
+        for (quote, mtu) in [
+            (stranger, 1300),
+            (out_ipip_quote(&seg, ipip_backend), 1500),
+            (out_ipip_quote(&seg, ipip_backend), 0),
+        ] {
+            h.expect(
+                h.back,
+                &routers_frag_needed(&quote, mtu),
+                XDP_PASS,
+                Verdict::PassNotOurs,
+            );
+        }
+        let (counts, mtus) = learned(&h);
+        assert_eq!(counts, [3, 0, 3]);
+        assert_eq!(mtus.len(), 2, "{mtus:?}");
+        // A tiny MTU: clamped to the floor (552), counted.
+        let icmp = routers_frag_needed(&out_ipip_quote(&seg, ipip_backend), 68);
+        h.expect(h.back, &icmp, XDP_PASS, Verdict::PassNotOurs);
+        let (counts, mtus) = learned(&h);
+        assert_eq!(counts, [3, 1, 3]);
+        assert!(mtus.contains(&(ipip_backend.into(), 552)), "{mtus:?}");
+        let out = h.expect(h.front, &seg, XDP_TX, Verdict::FragNeeded);
+        assert_eq!(out, frag_needed_for(&seg, 552 - 20));
+        // The LB's own UDP to a backend (not to the GUE port): the kernel's.
+        let mut own = out_ipip_quote(&seg, ipip_backend);
+        own[9] = 17;
+        own[22..24].copy_from_slice(&5353u16.to_be_bytes());
+        h.expect(
+            h.back,
+            &routers_frag_needed(&own, 1000),
+            XDP_PASS,
+            Verdict::PassNotOurs,
+        );
+        assert_eq!(learned(&h).0, [3, 1, 3]);
+
+        // Expired (its time set in the past): the flow goes full size again.
+        expire_all(&mut h);
+        assert_eq!(learned(&h).1, vec![]);
+        let out = h.expect(h.front, &seg, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, ipip_of(&seg, ipip_backend));
+    });
+}
+
+/// `icmp` (a router's frag needed) saying `mtu` instead, checksum fixed.
+fn icmp_with_mtu(icmp: &[u8], mtu: u16) -> Vec<u8> {
+    routers_frag_needed(&icmp[14 + 20 + 8..], mtu)
+}
+
+/// The IPIP packet the LB sends for `frame` to `backend`, from the outer
+/// header on, with the 8 bytes after it (the shortest quote).
+fn out_ipip_quote(frame: &[u8], backend: [u8; 4]) -> Vec<u8> {
+    ipip_of(frame, backend)[14..14 + 28].to_vec()
+}
+
+/// Every `TUNNEL_PMTU` entry's expiry set to the past.
+fn expire_all(h: &mut Harness) {
+    use aya::maps::{HashMap, Map};
+    let mut map: HashMap<_, u32, lb_common::tunnel::TunnelPmtu> = HashMap::try_from(Map::HashMap(
+        h.dp.map_data(MapName::TUNNEL_PMTU).expect("TUNNEL_PMTU"),
+    ))
+    .expect("TUNNEL_PMTU");
+    let entries: Vec<_> = map.iter().map(|e| e.expect("entry")).collect();
+    for (addr, mut e) in entries {
+        if e.mtu != 0 {
+            e.expires_ns = 1;
+            map.insert(addr, e, 0).expect("write");
+        }
+    }
 }

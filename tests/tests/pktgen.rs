@@ -137,3 +137,159 @@ fn pktgen_through_lb_reaches_the_sink() {
     })
     .expect("smoke test");
 }
+
+/// Rows of `/proc/thread-self/net/{file}` (this thread's namespace: the
+/// process-wide `/proc/net` follows the main thread's).
+fn proc_net(file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+        .unwrap_or_else(|e| panic!("reading /proc/thread-self/net/{file}: {e}"))
+}
+
+/// A counter of `/proc/net/snmp6` ("Udp6InCsumErrors 0").
+fn snmp6(name: &str) -> u64 {
+    proc_net("snmp6")
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{name} missing from snmp6"))
+}
+
+/// A counter of `/proc/net/snmp`'s `Tcp:` rows (IPv4 and IPv6 together).
+fn tcp_snmp(name: &str) -> u64 {
+    let snmp = proc_net("snmp");
+    let rows: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let names: Vec<&str> = rows[0].split_whitespace().collect();
+    let values: Vec<&str> = rows[1].split_whitespace().collect();
+    let i = names.iter().position(|n| *n == name).expect("counter");
+    values[i].parse().expect("number")
+}
+
+/// The generator's IPv6 frames, through a real IPv6 stack: `lbin` (the
+/// benchmark topology's, without `lb`) takes the IPv6 VIP and a UDP
+/// socket and a TCP listener on it. Every UDP frame is delivered (the
+/// kernel drops a UDP datagram with a bad IPv6 checksum, and counts it),
+/// from each of the flows (the source's low 32 bits and port vary), and
+/// every SYN opens a request on the listener (a bad TCP checksum is
+/// dropped and counted).
+#[test]
+fn pktgen_ipv6_frames_reach_a_real_stack_with_valid_checksums() {
+    use std::{
+        collections::BTreeSet,
+        net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    };
+
+    use lb_userspace::harness::netns;
+
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the pktgen IPv6 test needs root (BPF_PROG_RUN, network namespaces): run `cargo xtask test` as root"
+    );
+    const V6_FRAMES: u64 = 1000;
+    // From port 65530: 6 ports per address, so 16 flows span 3 addresses.
+    const V6_FLOWS: u32 = 16;
+    const SPORT: u16 = 65530;
+    let name = format!("lbp{}-smoke6", std::process::id());
+    let net = BenchNet::new(&name, 0, 1).expect("benchmark topology");
+    net.run(|| -> anyhow::Result<()> {
+        // BenchNet turns IPv6 off; lbin gets it back, with the VIP6.
+        netns::sysctl(&name, "net/ipv6/conf/lbin/disable_ipv6", "0")?;
+        let vip6 = format!("{}/64", bench::VIP6);
+        netns::ns_run(
+            &name,
+            &["ip", "-6", "addr", "add", &vip6, "dev", "lbin", "nodad"],
+        )?;
+        // lbin has no XDP program: GRO gives it the NAPI that frames
+        // redirected into its peer need.
+        netns::tune_veth(&name, "lbin")?;
+        let udp = UdpSocket::bind(SocketAddr::new(bench::VIP6.into(), bench::PORT))?;
+        udp.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let tcp = TcpListener::bind(SocketAddr::new(bench::VIP6.into(), bench::PORT))?;
+        let csum_errors = snmp6("Udp6InCsumErrors");
+        let tcp_csum_errors = tcp_snmp("InCsumErrors");
+
+        let mut tools = load_bench_object()?;
+        let gen0 = xdp::ifindex("gen0")?;
+        let base = bench::generator_spec_v6(gen0, V6_FLOWS, 0.0, 1);
+        let mut frame = base.frame;
+        frame.src.set_port(SPORT);
+        let spec = Spec {
+            frame,
+            limit: Limit::Count(V6_FRAMES),
+            // Paced, so the socket's buffer keeps up with its reader.
+            rate: Some(5_000),
+            ..base
+        };
+        let sources: BTreeSet<SocketAddr> = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    assert_eq!(n, 64 - 14 - 40 - 8, "payload of a 64-byte frame");
+                    seen.push(from);
+                }
+                seen
+            });
+            let summary = pktgen::generate(&mut tools, &spec).expect("pktgen");
+            assert_eq!(summary.frames, V6_FRAMES);
+            let seen = reader.join().expect("reader");
+            assert_eq!(
+                seen.len() as u64,
+                V6_FRAMES,
+                "UDP datagrams received (Udp6InCsumErrors {}){}",
+                snmp6("Udp6InCsumErrors") - csum_errors,
+                veth_stats()
+            );
+            seen.into_iter().collect()
+        });
+        assert_eq!(snmp6("Udp6InCsumErrors"), csum_errors);
+        assert_eq!(sources.len(), V6_FLOWS as usize, "{sources:?}");
+        let client = u128::from(bench::CLIENT6);
+        for (i, src) in sources.iter().enumerate() {
+            let IpAddr::V6(ip) = src.ip() else {
+                panic!("{src} is not IPv6")
+            };
+            // Flow i: address CLIENT6 + i / 6, port 65530 + i % 6.
+            let want: Ipv6Addr = (client + i as u128 / 6).into();
+            assert_eq!((ip, src.port()), (want, SPORT + (i % 6) as u16), "flow {i}");
+        }
+
+        // SYNs: each flow's opens a request on the listener (SYN_RECV).
+        let syn = Spec {
+            frame: pktgen::FrameSpec {
+                proto: pktgen::Proto::TcpSyn,
+                size: 74,
+                ..spec.frame
+            },
+            limit: Limit::Count(u64::from(V6_FLOWS)),
+            ..spec.clone()
+        };
+        pktgen::generate(&mut tools, &syn).expect("pktgen SYNs");
+        let port = format!("{:04X}", bench::PORT);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let syn_recv = || {
+            proc_net("tcp6")
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    w[1].ends_with(&format!(":{port}")) && w[3] == "03"
+                })
+                .count()
+        };
+        while syn_recv() < V6_FLOWS as usize && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            syn_recv(),
+            V6_FLOWS as usize,
+            "SYN_RECV requests (TCP InCsumErrors {})",
+            tcp_snmp("InCsumErrors") - tcp_csum_errors
+        );
+        assert_eq!(tcp_snmp("InCsumErrors"), tcp_csum_errors);
+        drop(tcp);
+        Ok(())
+    })
+    .expect("IPv6 smoke test");
+}

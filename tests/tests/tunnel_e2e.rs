@@ -9,7 +9,12 @@
 //! - a drained web keeps its tunnelled flows until their clients close;
 //! - path-MTU discovery through the tunnel with the router's link to the
 //!   webs lowered: the client gets "fragmentation needed" with the link's
-//!   MTU minus the tunnel's overhead, and the upload completes;
+//!   MTU minus the tunnel's overhead, and the upload completes — with the
+//!   LB's route declaring the MTU, and without (the LB learns it from the
+//!   router's "fragmentation needed");
+//! - the check through the VIP: a web without the VIP on its `lo`, or
+//!   without its decapsulator, goes DOWN under it while a plain check
+//!   keeps it UP;
 //! - keep-alive connections survive a SYN flood ten times the tables;
 //! - two LBs behind an ECMP router (the multi-LB lab) with a maglev tunnel
 //!   service: losing an LB breaks no established connection.
@@ -301,6 +306,242 @@ fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -
         ensure!(frag_needed > 0, "no frag_needed counted");
         Ok(())
     })
+}
+
+/// Path-MTU discovery when a router further on has the smaller link (no
+/// `mtu lock` on the LB's route this time): only the router's link to the
+/// webs is lowered to 1400. The LB's next hop takes 1500, so the tunnel
+/// packet leaves; the router's "fragmentation needed" goes to the LB's
+/// tunnel source, where the data plane learns 1400 for that web
+/// (`tunnel_icmp`), and the client's retransmission gets "fragmentation
+/// needed" from the VIP with 1400 minus the overhead. An 8 MB upload
+/// completes (the web's server reads the whole body before it answers).
+#[test]
+fn path_mtu_discovery_learns_a_routers_smaller_link_beyond_the_lb() -> Result<()> {
+    let mut lab = routed_lab()?;
+    // The LB's answers leave by XDP_TX: see `run_xdp_on_client_front`.
+    lab.run_xdp_on_client_front()?;
+    let low = LOW_MTU.to_string();
+    lab.exec_ok(
+        &lab.router_ns(),
+        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
+    )?;
+    let route = lab.exec_ok(&lab.lb_ns(), &["ip", "route", "show", WEB_NET])?;
+    ensure!(
+        !route.contains("mtu"),
+        "the LB's route declares an MTU: {route}"
+    );
+    let vip = VIP.to_string();
+    in_each_tunnel(&mut lab, checked, |lab, tunnel| {
+        for ns in [lab.client_ns(), lab.lb_ns()] {
+            forget_path_mtus(&ns)?;
+        }
+        let started = Instant::now();
+        let uploaded = in_netns(&lab.client_ns(), || upload(BIG))?;
+        let took = started.elapsed();
+        let (counts, mtus) = learned_pmtus(lab)?;
+        let verdicts = status(lab)?.verdicts;
+        uploaded.with_context(|| {
+            format!(
+                "after {took:?}; learned {mtus:?}, (learned, clamped, refused) {counts:?}; verdicts {verdicts:?}"
+            )
+        })?;
+        let want = LOW_MTU - tunnel.overhead();
+        let got = cached_mtu(lab, &lab.client_ns(), &vip)?;
+        ensure!(
+            got == Some(want),
+            "the client's path MTU to the VIP is {got:?}, not {want} ({LOW_MTU} - {} bytes of {}); verdicts: {verdicts:?}",
+            tunnel.overhead(),
+            tunnel.name(),
+        );
+        // The LB learned the router's link for the web that served it.
+        ensure!(
+            counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
+            "(learned, clamped, refused): {counts:?}"
+        );
+        ensure!(
+            mtus.len() == 1 && mtus[0].1 == LOW_MTU as u16,
+            "the LB learned {mtus:?}, not {LOW_MTU} for one web"
+        );
+        let frag_needed = verdicts.get("frag_needed").copied().unwrap_or(0);
+        ensure!(frag_needed > 0, "no frag_needed counted");
+        println!(
+            "{}: 8 MB upload with the router's link at {LOW_MTU} in {} ms; client path MTU {want}",
+            tunnel.name(),
+            took.as_millis()
+        );
+        Ok(())
+    })
+}
+
+/// (learned, clamped, refused) counts and (web, path MTU) pairs.
+type Learned = ([u64; 3], Vec<(Ipv4Addr, u16)>);
+
+/// What the LB's data plane learned from routers (its pinned
+/// `TUNNEL_PMTU_STATS`: learned, clamped, refused) and the live path MTUs
+/// by web address (`TUNNEL_PMTU`).
+fn learned_pmtus(lab: &Lab) -> Result<Learned> {
+    use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+    use lb_common::map_names::MapName;
+    use lb_common::tunnel::TunnelPmtu;
+    let pin = |map: MapName| {
+        MapData::from_pin(lab.pin_dir().join(map.name()))
+            .with_context(|| format!("the pinned {}", map.name()))
+    };
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(pin(MapName::TUNNEL_PMTU_STATS)?))?;
+    let mut counts = [0u64; 3];
+    for (i, n) in counts.iter_mut().enumerate() {
+        *n = stats.get(&(i as u32), 0)?.iter().sum();
+    }
+    let map: HashMap<_, u32, TunnelPmtu> =
+        HashMap::try_from(Map::HashMap(pin(MapName::TUNNEL_PMTU)?))?;
+    let mtus = map
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, e)| e.mtu != 0)
+        .map(|(addr, e)| (Ipv4Addr::from(u32::from_be(addr)), e.mtu))
+        .collect();
+    Ok((counts, mtus))
+}
+
+/// Polls until `service`'s `web` is `want` (within `within`), checking on
+/// every poll that every other backend of `www` and every backend of
+/// `plain` is UP (the plain check never notices what the test breaks).
+/// How long it took.
+fn through_vip_wait(
+    lab: &Lab,
+    web: &str,
+    want: HealthStatus,
+    within: Duration,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let s = status(lab)?;
+        for other in WEB_NAMES {
+            let plain = backend_status(&s, "plain", other)?;
+            ensure!(
+                plain.health == HealthStatus::Up,
+                "the plain check lost {other}: {plain:?}"
+            );
+            let www = backend_status(&s, "www", other)?;
+            ensure!(
+                other == web || www.health == HealthStatus::Up,
+                "www/{other} left UP: {www:?}"
+            );
+        }
+        let now = backend_status(&s, "www", web)?;
+        if now.health == want {
+            return Ok(start.elapsed());
+        }
+        ensure!(
+            start.elapsed() < within,
+            "www/{web} is {:?}, not {want:?}, after {within:?}: {now:?}",
+            now.health
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The check through the VIP for a tunnel backend (issue 26), over each
+/// tunnel: `www`'s HTTP check has `through-vip = true` (the probe goes
+/// encapsulated to the backend like a client's packet), `plain`'s checks
+/// each web's own address. All UP; then
+/// - web1 loses the VIP from its `lo`: DOWN under `www` only (the plain
+///   check keeps it UP), new connections avoid it; the VIP back: UP;
+/// - web2's decapsulator is detached: DOWN under `www` only, new
+///   connections avoid it; attached again: UP.
+///
+/// The probes' answers come back from the VIP by the router: the LB
+/// hands one into its probe namespace only if it arrives by the interface
+/// and from the MAC the probe left to (`lb_common::probe::answers`), so
+/// every UP under `www` is that path working; the webs' route to the
+/// probes' source is the router, the one the probes left by.
+#[test]
+fn a_tunnel_backend_without_the_vip_or_its_decapsulator_fails_the_check_through_the_vip()
+-> Result<()> {
+    let mut lab = routed_lab()?;
+    let within = Duration::from_secs(5);
+    let source = lab.tunnel_sources()[0].to_string();
+    for n in 1..=WEB_NAMES.len() {
+        let back = lab.exec_ok(
+            &lab.web_ns(n),
+            &["ip", "route", "get", &source, "from", &VIP.to_string()],
+        )?;
+        ensure!(
+            back.contains(&format!("via {ROUTER_WEB_SIDE}")),
+            "web{n}'s route to the probes' source {source}: {back}"
+        );
+    }
+    let vip = format!("{VIP}/32");
+    in_each_tunnel(
+        &mut lab,
+        |lab, t| lab.through_vip_config(t),
+        |lab, tunnel| {
+            let name = tunnel.name();
+            wait_for_status(lab, "every backend up", Duration::from_secs(10), |s| {
+                s.services
+                    .iter()
+                    .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
+            })?;
+
+            lab.exec_ok(&lab.web_ns(1), &["ip", "addr", "del", &vip, "dev", "lo"])?;
+            let down = through_vip_wait(lab, "web1", HealthStatus::Down, within)?;
+            let www1 = backend_status(&status(lab)?, "www", "web1")?;
+            ensure!(
+                www1.last_check
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("through the VIP"),
+                "{www1:?}"
+            );
+            let got = answers(lab, 6)?;
+            ensure!(
+                !got.iter().any(|w| w == "web1"),
+                "new connections reached web1 without the VIP: {got:?}"
+            );
+            lab.exec_ok(&lab.web_ns(1), &["ip", "addr", "add", &vip, "dev", "lo"])?;
+            let up = through_vip_wait(lab, "web1", HealthStatus::Up, within)?;
+            println!(
+                "{name}: www/web1 DOWN {} ms after the VIP left its lo, UP {} ms after it came back",
+                down.as_millis(),
+                up.as_millis()
+            );
+
+            lab.detach_decap(2)?;
+            let down = through_vip_wait(lab, "web2", HealthStatus::Down, within)?;
+            let got = answers(lab, 6)?;
+            ensure!(
+                !got.iter().any(|w| w == "web2"),
+                "new connections reached web2 without its decapsulator: {got:?}"
+            );
+            // Its own address still answers the plain check (`through_vip_wait`
+            // checked `plain` on every poll); a while longer:
+            through_vip_wait(lab, "web2", HealthStatus::Down, within)?;
+            thread::sleep(Duration::from_millis(600));
+            through_vip_wait(lab, "web2", HealthStatus::Down, within)?;
+            lab.attach_decap(2)?;
+            let up = through_vip_wait(lab, "web2", HealthStatus::Up, within)?;
+            println!(
+                "{name}: www/web2 DOWN {} ms after its decapsulator was detached, UP {} ms after it came back",
+                down.as_millis(),
+                up.as_millis()
+            );
+            let got = count(&answers(lab, 6)?);
+            ensure!(
+                got.len() == 3,
+                "after recovery, new connections went to {got:?}"
+            );
+            // Probes are not client traffic, and the answers were handed in.
+            let forwarded = status(lab)?
+                .verdicts
+                .get("forwarded_probe_reply")
+                .copied()
+                .unwrap_or(0);
+            ensure!(forwarded > 0, "no probe answer handed over");
+            Ok(())
+        },
+    )
 }
 
 /// Ten keep-alive tunnelled connections survive a flood of spoofed SYNs

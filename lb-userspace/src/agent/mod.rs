@@ -263,7 +263,7 @@ impl Agent {
             .iter()
             .zip(&self.applied)
             .map(|(svc, applied)| ServiceReach {
-                vip: *svc.vip.ip(),
+                vip: svc.vip.ip().to_owned().into(),
                 has_backend: !applied.ring.is_empty(),
             })
             .collect()

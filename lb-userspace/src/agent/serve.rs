@@ -158,7 +158,7 @@ async fn start_listeners(
     let (calls_tx, calls) = mpsc::channel(server::MAX_CLIENTS);
     let listener = control_socket.listener()?;
     if let Some(monitoring) = &agent.cfg.monitoring {
-        let address = std::net::SocketAddr::V4(monitoring.listen);
+        let address = monitoring.listen;
         let http = metrics::bind(address).await?;
         let monitor = Monitor::new(calls_tx.clone(), Arc::clone(flow_table), probes);
         tokio::spawn(metrics::serve(http, monitor));

@@ -69,7 +69,7 @@ impl Validator<'_> {
                     format!("expected IPv4 addresses like \"198.19.0.1\", got {text:?}"),
                 )
             })?;
-            if let Some(reason) = address_problem(addr) {
+            if let Some(reason) = address_problem(addr.into()) {
                 return Err(self.err(key, reason));
             }
             if addr.is_loopback() {

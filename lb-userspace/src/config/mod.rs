@@ -23,7 +23,7 @@ mod sync;
 mod validate;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -99,8 +99,9 @@ pub struct Announce {
 /// `[monitoring]`: where the agent serves its metrics and status page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Monitoring {
-    /// Address and port of the HTTP listener, e.g. 127.0.0.1:9100.
-    pub listen: SocketAddrV4,
+    /// Address and port of the HTTP listener, e.g. 127.0.0.1:9100 or
+    /// [::1]:9100.
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq)]

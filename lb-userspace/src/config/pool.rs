@@ -283,9 +283,9 @@ impl Validator<'_> {
             earlier.iter().map(|p| p.name.as_str()),
         )?;
         let write_text = self.required(raw.write_vip, &key("write-vip"))?;
-        let write_vip = self.vip(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
+        let write_vip = self.vip_v4(&write_text, &key("write-vip"), DB_VIP_EXAMPLE)?;
         let read_text = self.required(raw.read_vip, &key("read-vip"))?;
-        let read_vip = self.vip(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
+        let read_vip = self.vip_v4(&read_text, &key("read-vip"), DB_VIP_EXAMPLE)?;
         if read_vip == write_vip {
             return Err(self.err(
                 key("read-vip"),
@@ -305,7 +305,7 @@ impl Validator<'_> {
                 return Err(self.err(mkey("name"), reason));
             }
             let text = self.required(m.address, &mkey("address"))?;
-            let address = self.socket_addr(&text, &mkey("address"), MEMBER_EXAMPLE)?;
+            let address = self.socket_addr_v4(&text, &mkey("address"), MEMBER_EXAMPLE)?;
             if let Some(k) = members.iter().position(|o| o.name == name) {
                 return Err(self.err(
                     mkey("name"),

@@ -3,7 +3,11 @@
 //! validation (names, addresses, weights, rings and Maglev tables within
 //! the data plane's limits).
 
-use std::{collections::HashMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use lb_common::{
     MAGLEV_MAX, MAX_RING,
@@ -187,7 +191,12 @@ impl Validator<'_> {
         )?;
 
         let vip_text = self.required(raw.vip, &key("vip"))?;
-        let vip = self.vip(&vip_text, &key("vip"), VIP_EXAMPLE)?;
+        let vip = match self.vip(&vip_text, &key("vip"), VIP_EXAMPLE)? {
+            SocketAddr::V4(vip) => vip,
+            SocketAddr::V6(_) => {
+                return Err(self.ipv6_service(i, &vip_text, raw.backends.as_deref()));
+            }
+        };
         let protocol = raw.protocol.unwrap_or(Protocol::Tcp);
         // The data plane looks services up by (VIP, port, protocol); two
         // services with the same key would silently shadow each other.
@@ -263,6 +272,71 @@ impl Validator<'_> {
         })
     }
 
+    /// A backend must be of its VIP's family: the data plane rewrites a
+    /// packet's addresses, it does not translate between IPv4 and IPv6
+    /// (NAT64), and keeps each family's services and flows in maps of
+    /// their own.
+    fn same_family(
+        &self,
+        address: SocketAddr,
+        vip: SocketAddr,
+        key: &str,
+    ) -> Result<(), ConfigError> {
+        if address.is_ipv4() == vip.is_ipv4() {
+            return Ok(());
+        }
+        Err(self.family_error(address, vip, key))
+    }
+
+    fn family_error(&self, address: SocketAddr, vip: SocketAddr, key: &str) -> ConfigError {
+        let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+        self.err(
+            key,
+            format!(
+                "{address} is an {} address but the service's VIP {vip} is {}: a \
+                 service's VIP and its backends must be of one family",
+                family(&address),
+                family(&vip)
+            ),
+        )
+    }
+
+    /// The error of service `i`, whose VIP `vip_text` is IPv6: a backend
+    /// of the other family first (the rule that stays), else the data
+    /// plane's missing IPv6 path.
+    fn ipv6_service(
+        &self,
+        i: usize,
+        vip_text: &str,
+        backends: Option<&[RawBackend]>,
+    ) -> ConfigError {
+        let vip_key = format!("service[{i}].vip");
+        let vip = match self.vip(vip_text, &vip_key, VIP_EXAMPLE) {
+            Ok(vip) => vip,
+            Err(e) => return e,
+        };
+        for (j, backend) in backends.unwrap_or_default().iter().enumerate() {
+            let key = format!("service[{i}].backends[{j}].address");
+            let Some(text) = &backend.address else {
+                continue;
+            };
+            let checked = self
+                .socket_addr(text, &key, BACKEND_EXAMPLE)
+                .and_then(|address| self.same_family(address, vip, &key));
+            if let Err(e) = checked {
+                return e;
+            }
+        }
+        self.err(
+            vip_key,
+            format!(
+                "{vip} is an IPv6 VIP: the data plane does not balance IPv6 yet \
+                 (its IPv6 maps and packet path are being built, issue 24); \
+                 use an IPv4 VIP"
+            ),
+        )
+    }
+
     fn backend(
         &self,
         prefix: &str,
@@ -276,6 +350,9 @@ impl Validator<'_> {
 
         let address_text = self.required(raw.address, &key("address"))?;
         let address = self.socket_addr(&address_text, &key("address"), BACKEND_EXAMPLE)?;
+        let SocketAddr::V4(address) = address else {
+            return Err(self.family_error(address, SocketAddr::V4(vip), &key("address")));
+        };
         // One address twice in a service would get two ring slots and be
         // health-checked twice; it is always a typo.
         if let Some((k, other)) = seen.addresses.get(&address) {

@@ -7,7 +7,7 @@
 //! `firewall`, `pool`, `coordination`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -207,8 +207,8 @@ impl Validator<'_> {
         let key = "monitoring.listen";
         let text = self.required(raw.listen, key)?;
         let listen = self.addr_and_port(&text, key, LISTEN_EXAMPLE)?;
-        let ip = *listen.ip();
-        if ip.is_broadcast() || ip.is_multicast() {
+        let ip = listen.ip();
+        if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) || ip.is_multicast() {
             return Err(self.err(
                 key,
                 format!("{ip} is not a unicast address one can listen on"),
@@ -332,7 +332,7 @@ impl Validator<'_> {
                 format!("expected an IPv4 address like \"198.19.0.1\", got {text:?}"),
             )
         })?;
-        if let Some(reason) = address_problem(addr) {
+        if let Some(reason) = address_problem(addr.into()) {
             return Err(self.err(key, reason));
         }
         if addr.is_loopback() {
@@ -380,26 +380,62 @@ impl Validator<'_> {
     }
 
     /// A VIP: a [`socket_addr`](Self::socket_addr) that packets can reach
-    /// the data plane on. Packets to 127.0.0.0/8 never leave the host's
-    /// loopback device, so XDP on the configured interfaces never sees them.
+    /// the data plane on. Packets to 127.0.0.0/8 (or ::1) never leave the
+    /// host's loopback device, so XDP on the configured interfaces never
+    /// sees them.
     pub(super) fn vip(
         &self,
         text: &str,
         key: &str,
         example: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
+    ) -> Result<SocketAddr, ConfigError> {
         let vip = self.socket_addr(text, key, example)?;
         if vip.ip().is_loopback() {
+            let range = if vip.is_ipv4() { " (127.0.0.0/8)" } else { "" };
             return Err(self.err(
                 key,
                 format!(
-                    "{} is a loopback address (127.0.0.0/8): packets to it never reach \
+                    "{} is a loopback address{range}: packets to it never reach \
                      the interfaces XDP runs on, so the service would never get a packet",
                     vip.ip()
                 ),
             ));
         }
         Ok(vip)
+    }
+
+    /// A [`vip`](Self::vip) of a part that is IPv4-only for now (database
+    /// pools).
+    pub(super) fn vip_v4(
+        &self,
+        text: &str,
+        key: &str,
+        example: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let vip = self.vip(text, key, example)?;
+        self.only_v4(vip, key)
+    }
+
+    /// A [`socket_addr`](Self::socket_addr) of a part that is IPv4-only for
+    /// now (database pool members).
+    pub(super) fn socket_addr_v4(
+        &self,
+        text: &str,
+        key: &str,
+        example: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let addr = self.socket_addr(text, key, example)?;
+        self.only_v4(addr, key)
+    }
+
+    fn only_v4(&self, addr: SocketAddr, key: &str) -> Result<SocketAddrV4, ConfigError> {
+        match addr {
+            SocketAddr::V4(v4) => Ok(v4),
+            SocketAddr::V6(_) => Err(self.err(
+                key,
+                format!("{addr} is an IPv6 address: this key takes IPv4 addresses only"),
+            )),
+        }
     }
 
     /// `[monitoring] listen` on a VIP's address and port would never see a
@@ -414,7 +450,7 @@ impl Validator<'_> {
         };
         match services
             .iter()
-            .find(|s| s.vip == listen && s.protocol == Protocol::Tcp)
+            .find(|s| SocketAddr::V4(s.vip) == listen && s.protocol == Protocol::Tcp)
         {
             None => Ok(()),
             Some(s) => Err(self.err(
@@ -434,26 +470,29 @@ impl Validator<'_> {
         text: &str,
         key: &str,
         example: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
+    ) -> Result<SocketAddr, ConfigError> {
         let addr = self.addr_and_port(text, key, example)?;
-        if let Some(reason) = address_problem(*addr.ip()) {
+        if let Some(reason) = address_problem(addr.ip()) {
             return Err(self.err(key, reason));
         }
         Ok(addr)
     }
 
-    /// `text` as an IPv4 address and a port other than 0 (`example` shows
-    /// the form in the error).
+    /// `text` as an IPv4 or bracketed IPv6 address and a port other than 0
+    /// (`example` shows the form in the error).
     fn addr_and_port(
         &self,
         text: &str,
         key: &str,
         example: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
-        let addr: SocketAddrV4 = text.parse().map_err(|_| {
+    ) -> Result<SocketAddr, ConfigError> {
+        let addr: SocketAddr = text.parse().map_err(|_| {
             self.err(
                 key,
-                format!("expected IPv4 address and port like {example:?}, got {text:?}"),
+                format!(
+                    "expected an address and port like {example:?} \
+                     (IPv6 in brackets, like \"[2001:db8::10]:80\"), got {text:?}"
+                ),
             )
         })?;
         if addr.port() == 0 {
@@ -487,10 +526,10 @@ impl Validator<'_> {
 
 /// Why `ip` cannot be a VIP or a backend: neither end of a unicast flow can
 /// be the unspecified, broadcast or a multicast address.
-pub(super) fn address_problem(ip: Ipv4Addr) -> Option<String> {
+pub(super) fn address_problem(ip: IpAddr) -> Option<String> {
     if ip.is_unspecified() {
         Some(format!("{ip} is the unspecified address"))
-    } else if ip.is_broadcast() {
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some(format!("{ip} is the broadcast address"))
     } else if ip.is_multicast() {
         Some(format!("{ip} is a multicast address"))

@@ -204,6 +204,7 @@ impl Dataplane {
         // 7. Make the services match.
         self.publish_services(plan)?;
         self.publish_nat_backends(plan)?;
+        self.publish_tunnel_pmtu(plan)?;
         Ok(waiting.iter().map(|svc| svc.id).collect())
     }
 

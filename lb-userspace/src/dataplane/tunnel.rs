@@ -8,9 +8,18 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
-use lb_common::Tunnel;
+use std::collections::BTreeMap;
 
-use super::plan::TunnelPlan;
+use lb_common::{
+    Tunnel,
+    tunnel::{PMTU_COUNTERS, TunnelPmtu},
+};
+
+use super::{
+    Dataplane, MapName, Result,
+    handles::{map_err, remove_if_present},
+    plan::{Plan, TunnelPlan},
+};
 
 /// The source address the kernel picks for a packet from this host to
 /// `backend` (its route's preferred source): connecting a UDP socket
@@ -42,6 +51,103 @@ pub(super) fn slot(addr: u32, plan: Option<TunnelPlan>) -> Tunnel {
         gue_port: plan.gue_port.to_be(),
         _pad: 0,
     }
+}
+
+impl Dataplane {
+    /// `TUNNEL_PMTU` gets an entry for every tunnel backend address with a
+    /// source (the one in its `TUNNELS` slot, and the GUE port), and only
+    /// those: the data plane learns a path MTU only for them (a router's
+    /// "fragmentation needed" about another address is refused). An entry
+    /// whose source and port did not change keeps what it learned.
+    pub(super) fn publish_tunnel_pmtu(&mut self, plan: &Plan) -> Result<()> {
+        let mut wanted = BTreeMap::new();
+        {
+            let tunnels = self.array::<Tunnel>(MapName::TUNNELS)?;
+            for b in plan.backends.iter().filter(|b| b.tunnel.is_some()) {
+                let slot = tunnels.get(&b.id, 0).map_err(map_err(MapName::TUNNELS))?;
+                if slot.source != 0 {
+                    wanted.insert(b.addr, TunnelPmtu::new(slot.source, slot.gue_port));
+                }
+            }
+        }
+        let name = MapName::TUNNEL_PMTU;
+        let mut map = self.hash::<u32, TunnelPmtu>(name)?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains_key(k))
+            .collect();
+        for addr in stale {
+            remove_if_present(&mut map, name, &addr)?;
+        }
+        for (addr, fresh) in wanted {
+            if let Ok(old) = map.get(&addr, 0)
+                && (old.source, old.gue_port) == (fresh.source, fresh.gue_port)
+            {
+                continue;
+            }
+            map.insert(addr, fresh, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// A tunnel backend's path MTU learned from a router's "fragmentation
+/// needed" (`TUNNEL_PMTU`), while it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearnedPmtu {
+    pub backend: Ipv4Addr,
+    /// The outer packets' path MTU; clients get it less the overhead.
+    pub mtu: u16,
+    pub expires_in: std::time::Duration,
+}
+
+impl Dataplane {
+    /// The live learned path MTUs, by backend address.
+    pub fn tunnel_pmtus(&self) -> Result<Vec<LearnedPmtu>> {
+        let name = MapName::TUNNEL_PMTU;
+        let map: aya::maps::HashMap<&aya::maps::MapData, u32, TunnelPmtu> =
+            aya::maps::HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))?;
+        let now = monotonic_ns();
+        let mut learned: Vec<LearnedPmtu> = map
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|(addr, e)| {
+                let mtu = e.live(now)?;
+                Some(LearnedPmtu {
+                    backend: Ipv4Addr::from(u32::from_be(addr)),
+                    mtu,
+                    expires_in: std::time::Duration::from_nanos(e.expires_ns - now),
+                })
+            })
+            .collect();
+        learned.sort_by_key(|l| l.backend);
+        Ok(learned)
+    }
+
+    /// `TUNNEL_PMTU_STATS` summed over CPUs: routers' "fragmentation
+    /// needed" about our tunnel packets learned, clamped, refused
+    /// (`lb_common::tunnel::PmtuCounter` order).
+    pub fn tunnel_pmtu_counts(&self) -> Result<[u64; PMTU_COUNTERS as usize]> {
+        let name = MapName::TUNNEL_PMTU_STATS;
+        let map = self.per_cpu::<u64>(name)?;
+        let mut out = [0; PMTU_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = map.get(&(i as u32), 0).map_err(map_err(name))?.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns`'s clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! The UDP leg is `udp.rs`'s connected socket: an ICMP port unreachable (no
 //! server on the port) fails the probe at once.
 
-use std::{net::SocketAddrV4, str::FromStr, time::Duration};
+use std::{net::SocketAddr, str::FromStr, time::Duration};
 
 use hickory_proto::{
     op::{Message, MessageType, Query},
@@ -23,7 +23,7 @@ use super::probe::{ProbeError, deadline_after, io_reason};
 use crate::config::{DnsCheck, DnsTransport, duration::show};
 
 pub async fn probe(
-    address: SocketAddrV4,
+    address: SocketAddr,
     check: &DnsCheck,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
@@ -153,7 +153,7 @@ fn rcode_name(code: u16) -> String {
 }
 
 async fn over_tcp(
-    address: SocketAddrV4,
+    address: SocketAddr,
     query: &[u8],
     deadline: Instant,
     timeout: Duration,
@@ -183,6 +183,8 @@ async fn over_tcp(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddrV4;
+
     use super::*;
     use crate::config::DnsRcode;
     use hickory_proto::{
@@ -193,11 +195,11 @@ mod tests {
 
     /// The probe with a backend's failure as its text.
     async fn probe(
-        address: SocketAddrV4,
+        address: impl Into<SocketAddr>,
         check: &DnsCheck,
         timeout: Duration,
     ) -> Result<(), String> {
-        super::probe(address, check, timeout)
+        super::probe(address.into(), check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }

@@ -4,7 +4,7 @@
 //! threads, lag, its source). A plain service only needs the login to pass;
 //! a pool (`crate::db`) routes by the [`Observation`].
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use mysql_async::{Conn, OptsBuilder, Row, prelude::Queryable};
 use serde::{Deserialize, Serialize};
@@ -121,7 +121,7 @@ pub fn is_local(e: &mysql_async::Error) -> bool {
 /// Connects to `address` and logs in as `login`; the error is a short
 /// reason naming the address.
 pub async fn connect(
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, String> {
@@ -133,10 +133,11 @@ pub async fn connect(
 /// [`connect`], telling a server that refused the login from one that
 /// could not be reached.
 pub async fn log_in(
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, LoginFailure> {
+    let address = address.into();
     use LoginFailure::{Local, Refused, Unreachable};
     // TCP first, so that an unreachable or closed port and a server that
     // never sends a MySQL handshake get different reasons.
@@ -180,7 +181,7 @@ pub async fn log_in(
 
 /// The login check of a plain service: handshake, login, `SELECT 1`.
 pub async fn probe(
-    address: SocketAddrV4,
+    address: SocketAddr,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
@@ -191,10 +192,11 @@ pub async fn probe(
 /// `timeout`. A failure for a local reason ([`is_local`]) is the agent's
 /// ([`ProbeError::Agent`]), never the member's.
 pub async fn observe(
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Observation, ProbeError> {
+    let address = address.into();
     let work = async {
         let mut conn = log_in(address, login, timeout).await?;
         let result = read_state(&mut conn).await.map_err(|e| {
@@ -340,7 +342,7 @@ mod tests {
             password: crate::config::Secret::new("x".into()),
             password_file: None,
         };
-        let why = probe(addr, &login, Duration::from_millis(500))
+        let why = probe(addr.into(), &login, Duration::from_millis(500))
             .await
             .expect_err("not MySQL")
             .to_string();

@@ -2,7 +2,10 @@
 //! and body (MySQL and UDP in their own modules), all within the check's timeout; failures come back as short
 //! reasons that name the step and the address.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -46,13 +49,15 @@ impl ProbeError {
     }
 }
 
-/// Runs one probe of `check` against `address`, all of it within `timeout`.
-/// The error is a short reason naming the step and the address.
+/// Runs one probe of `check` against `address` (IPv4 or IPv6), all of it
+/// within `timeout`. The error is a short reason naming the step and the
+/// address.
 pub async fn probe(
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     check: &CheckKind,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
+    let address = address.into();
     if let CheckKind::Mysql(login) = check {
         return super::mysql::probe(address, login, timeout).await;
     }
@@ -81,11 +86,12 @@ pub async fn probe(
 /// way and go on here.
 pub(super) async fn converse(
     mut stream: TcpStream,
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     check: &CheckKind,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
+    let address = address.into();
     let timed_out = || format!("timed out after {}", show(timeout));
     let CheckKind::Http {
         path,
@@ -98,7 +104,7 @@ pub(super) async fn converse(
 
     let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
-        address.ip()
+        host_header(address.ip())
     );
     timeout_at(deadline, stream.write_all(request.as_bytes()))
         .await
@@ -118,6 +124,15 @@ pub(super) async fn converse(
 
     check_response(&response, *expect_status, expect_body.as_deref())
         .map_err(|why| ProbeError::Backend(format!("{address}{path}: {why}")))
+}
+
+/// An HTTP `Host:` value for an address: an IPv6 literal in brackets
+/// (RFC 3986's IP-literal), an IPv4 one as is.
+fn host_header(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
 }
 
 /// An I/O error of probe step `step`: the agent's own when it is about
@@ -153,10 +168,11 @@ pub(super) fn deadline_after(timeout: Duration) -> Instant {
 /// [`probe`], and what a passed probe learned: the expiry of a TLS
 /// backend's certificate (seconds since the Unix epoch).
 pub async fn probe_detailed(
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     check: &CheckKind,
     timeout: Duration,
 ) -> (Result<(), ProbeError>, Option<i64>) {
+    let address = address.into();
     match check {
         CheckKind::Tls(tls) => match super::tls::probe(address, tls, timeout).await {
             Ok(expiry) => (Ok(()), expiry),
@@ -221,6 +237,8 @@ pub(super) fn io_reason(e: &std::io::Error) -> String {
 /// Servers and checks the probe and engine tests share.
 #[cfg(test)]
 pub(super) mod test_support {
+    use std::net::SocketAddrV4;
+
     use super::*;
     use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 
@@ -292,13 +310,49 @@ mod tests {
 
     /// [`probe`], its error as the text the status shows.
     async fn probe_text(
-        address: SocketAddrV4,
+        address: impl Into<SocketAddr>,
         check: &CheckKind,
         timeout: Duration,
     ) -> Result<(), String> {
         probe(address, check, timeout)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// A TCP listener on the IPv6 loopback.
+    async fn listener6() -> (tokio::net::TcpListener, SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("[::1]:0")
+            .await
+            .expect("bind [::1]:0 (IPv6 on lo)");
+        let addr = listener.local_addr().expect("local_addr");
+        (listener, addr)
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_speak_ipv6() {
+        let (listener, addr) = listener6().await;
+        let (_task, mut requests) = serve(listener, OK_WEB1);
+        probe_text(addr, &CheckKind::Tcp, T)
+            .await
+            .expect("tcp over IPv6");
+        probe_text(addr, &http("/", 200, Some("web1")), T)
+            .await
+            .expect("http over IPv6");
+        // The Host header carries the IPv6 literal in brackets (RFC 3986).
+        let request = requests.recv().await.expect("a request");
+        assert!(request.contains("Host: [::1]\r\n"), "{request}");
+        let why = probe_text(addr, &http("/", 204, None), T)
+            .await
+            .expect_err("wrong status");
+        assert_eq!(why, format!("{addr}/: status 200, expected 204"));
+
+        let (closed, addr) = listener6().await;
+        drop(closed);
+        let why = probe_text(addr, &CheckKind::Tcp, T)
+            .await
+            .expect_err("closed port");
+        assert_eq!(why, format!("connect {addr}: connection refused"));
+        assert!(why.starts_with("connect [::1]:"), "{why}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::{
     io::ErrorKind,
-    net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,7 +28,7 @@ use crate::config::{TlsCheck, duration::show};
 pub type Expiry = Option<i64>;
 
 pub async fn probe(
-    address: SocketAddrV4,
+    address: SocketAddr,
     check: &TlsCheck,
     timeout: Duration,
 ) -> Result<Expiry, ProbeError> {
@@ -39,7 +39,7 @@ pub async fn probe(
 }
 
 fn handshake(
-    address: SocketAddrV4,
+    address: SocketAddr,
     check: &TlsCheck,
     timeout: Duration,
 ) -> Result<Expiry, ProbeError> {
@@ -48,9 +48,9 @@ fn handshake(
     let config = client_config(check).map_err(|e| format!("tls config: {e}"))?;
     let name = match &check.sni {
         Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| format!("sni {sni:?}: {e}"))?,
-        None => ServerName::IpAddress(IpAddr::V4(*address.ip()).into()),
+        None => ServerName::IpAddress(address.ip().into()),
     };
-    let mut sock = TcpStream::connect_timeout(&SocketAddr::V4(address), timeout).map_err(|e| {
+    let mut sock = TcpStream::connect_timeout(&address, timeout).map_err(|e| {
         if e.kind() == ErrorKind::TimedOut {
             ProbeError::Backend(format!("connect {address}: {}", timed_out()))
         } else if is_local(&e) {
@@ -155,7 +155,11 @@ impl ServerCertVerifier for HandshakeOnly {
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Write as _, net::TcpListener, path::PathBuf};
+    use std::{
+        io::Write as _,
+        net::{SocketAddrV4, TcpListener},
+        path::PathBuf,
+    };
 
     use rcgen::{CertificateParams, KeyPair};
     use rustls::{ServerConfig, ServerConnection, pki_types::PrivateKeyDer};
@@ -170,7 +174,7 @@ mod tests {
         check: &TlsCheck,
         timeout: Duration,
     ) -> Result<Expiry, String> {
-        super::probe(address, check, timeout)
+        super::probe(address.into(), check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }

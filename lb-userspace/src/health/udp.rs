@@ -4,7 +4,9 @@
 //! as "connection refused" on the receive: the probe fails at once instead
 //! of waiting for the timeout (a server process that died, its port closed).
 
-use std::{net::SocketAddrV4, time::Duration};
+#[cfg(test)]
+use std::net::SocketAddrV4;
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     net::UdpSocket,
@@ -18,7 +20,7 @@ use crate::config::{UdpCheck, duration::show};
 const REPLY_CAP: usize = 65_536;
 
 pub async fn probe(
-    address: SocketAddrV4,
+    address: SocketAddr,
     check: &UdpCheck,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
@@ -34,14 +36,14 @@ pub async fn probe(
 /// that `accept` takes (others are skipped) before `deadline`; an ICMP
 /// port unreachable fails at once. Also the DNS check's UDP leg.
 pub(super) async fn exchange(
-    address: SocketAddrV4,
+    address: SocketAddr,
     payload: &[u8],
     deadline: Instant,
     timeout: Duration,
     accept: impl Fn(&[u8]) -> bool,
 ) -> Result<Vec<u8>, ProbeError> {
     let fail = |step: &str, e: &std::io::Error| failure(step, address, e);
-    let socket = UdpSocket::bind("0.0.0.0:0")
+    let socket = UdpSocket::bind(unspecified_of(address))
         .await
         .map_err(|e| fail("bind for", &e))?;
     socket
@@ -51,16 +53,27 @@ pub(super) async fn exchange(
     exchange_on(&socket, address, payload, deadline, timeout, accept).await
 }
 
+/// The wildcard address (port 0) of `address`'s family: what a probe's
+/// socket binds before it connects.
+pub(super) fn unspecified_of(address: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = match address {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, 0)
+}
+
 /// [`exchange`] on a socket already connected to `address` (a check
 /// through the VIP makes its own: `through_vip.rs`).
 pub(super) async fn exchange_on(
     socket: &UdpSocket,
-    address: SocketAddrV4,
+    address: impl Into<SocketAddr>,
     payload: &[u8],
     deadline: Instant,
     timeout: Duration,
     accept: impl Fn(&[u8]) -> bool,
 ) -> Result<Vec<u8>, ProbeError> {
+    let address = address.into();
     let fail = |step: &str, e: &std::io::Error| failure(step, address, e);
     socket
         .send(payload)
@@ -81,7 +94,7 @@ pub(super) async fn exchange_on(
 
 /// A socket error of step `step`: a port unreachable is the backend's
 /// (nothing listens), a shortage of the LB host's the agent's.
-fn failure(step: &str, address: SocketAddrV4, e: &std::io::Error) -> ProbeError {
+fn failure(step: &str, address: SocketAddr, e: &std::io::Error) -> ProbeError {
     if e.kind() == std::io::ErrorKind::ConnectionRefused {
         ProbeError::Backend(format!(
             "{step} {address}: ICMP port unreachable (nothing listens)"
@@ -100,11 +113,11 @@ mod tests {
 
     /// The probe with a backend's failure as its text.
     async fn probe(
-        address: SocketAddrV4,
+        address: impl Into<SocketAddr>,
         check: &UdpCheck,
         timeout: Duration,
     ) -> Result<(), String> {
-        super::probe(address, check, timeout)
+        super::probe(address.into(), check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }
@@ -171,6 +184,29 @@ mod tests {
             probe(addr, &ok(UdpExpect::Regex("^pong".into())), T).await,
             Err(format!(
                 "{addr}: reply \"web1 health\" does not match /^pong/"
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_probe_speaks_ipv6() {
+        let socket = UdpSocket::bind("[::1]:0").await.expect("bind [::1]:0");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let mut reply = b"web1 ".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        });
+        let ok = check("health", UdpExpect::Prefix(b"web1 health".to_vec()));
+        assert_eq!(probe(addr, &ok, T).await, Ok(()));
+        let wrong = check("health", UdpExpect::Prefix(b"web2".to_vec()));
+        assert_eq!(
+            probe(addr, &wrong, T).await,
+            Err(format!(
+                "{addr}: reply \"web1 health\" does not start with \"web2\""
             ))
         );
     }

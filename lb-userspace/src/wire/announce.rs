@@ -1,7 +1,7 @@
 //! The BGP announcement's part of the status (`[announce]`): each VIP's
 //! plan and what BIRD reports. Built by `announce`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,7 @@ pub struct AnnounceStatus {
 /// Whether a VIP is announced, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipPlan {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub announced: bool,
     pub reason: String,
 }

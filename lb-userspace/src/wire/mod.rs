@@ -53,9 +53,9 @@ pub enum VipChange {
     /// Stop announcing VIP (or, without one, every VIP: drain this LB).
     /// Routers move new flows to the other LBs; established flows of a
     /// consistent-hash service follow to the same backends.
-    Withdraw { vip: Option<std::net::Ipv4Addr> },
+    Withdraw { vip: Option<std::net::IpAddr> },
     /// Announce VIP (or every VIP) again, as far as its backends allow.
-    Announce { vip: Option<std::net::Ipv4Addr> },
+    Announce { vip: Option<std::net::IpAddr> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]

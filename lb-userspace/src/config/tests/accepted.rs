@@ -194,13 +194,26 @@ backends = [{ address = "10.0.1.3:80" }]
 }
 
 #[test]
+fn monitoring_listens_on_ipv6_too() {
+    let on = parse_ok(&with_monitoring("listen = \"[::1]:9100\""));
+    let listen = on.monitoring.as_ref().expect("on").listen;
+    assert_eq!(listen, "[::1]:9100".parse().unwrap());
+    assert!(listen.is_ipv6());
+    // Round trip through the raw shape keeps the brackets.
+    assert_eq!(
+        check(&on, Path::new("live")).expect("valid").monitoring,
+        on.monitoring
+    );
+}
+
+#[test]
 fn monitoring_is_off_unless_configured() {
     assert_eq!(parse_ok(&one_service("", B1)).monitoring, None);
     let on = parse_ok(&with_monitoring("listen = \"127.0.0.1:9100\""));
     assert_eq!(
         on.monitoring,
         Some(Monitoring {
-            listen: addr("127.0.0.1:9100")
+            listen: "127.0.0.1:9100".parse().unwrap()
         })
     );
     // A live change keeps it (check() round-trips it through the raw shape).
@@ -343,7 +356,7 @@ fn foobar_toml_parses() {
     assert_eq!(
         config.monitoring,
         Some(Monitoring {
-            listen: addr("127.0.0.1:9100")
+            listen: "127.0.0.1:9100".parse().unwrap()
         })
     );
     // www, www-udp, www-tls, dns, and the pool's db-write and db-read.
@@ -866,7 +879,7 @@ fn host_example_toml_parses() {
     assert_eq!(
         config.monitoring,
         Some(Monitoring {
-            listen: addr("127.0.0.1:9100")
+            listen: "127.0.0.1:9100".parse().unwrap()
         })
     );
     let modes: Vec<(&str, Forwarding)> = config

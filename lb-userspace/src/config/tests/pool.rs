@@ -81,6 +81,17 @@ fn a_mysql_check_works_on_a_plain_service_too() {
 #[test]
 fn pool_rejections_name_the_key() {
     let cases: &[(String, &str, &str)] = &[
+        // Pools stay IPv4-only for now.
+        (
+            pool("").replace("198.19.1.22:3306", "[2001:db8::22]:3306"),
+            "pool[0].members[1].address",
+            "[2001:db8::22]:3306 is an IPv6 address: this key takes IPv4 addresses only",
+        ),
+        (
+            pool("").replace("198.18.0.21:3306", "[2001:db8::21]:3306"),
+            "pool[0].read-vip",
+            "this key takes IPv4 addresses only",
+        ),
         (
             pool("").replace(
                 "check = \"mysql\", user = \"lb\", password = \"pw\"",

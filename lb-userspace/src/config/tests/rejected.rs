@@ -89,7 +89,7 @@ rejections! {
     monitoring_listen_missing: with_monitoring("")
         => "monitoring.listen", "required key is missing";
     monitoring_listen_without_port: with_monitoring("listen = \"127.0.0.1\"")
-        => "monitoring.listen", "expected IPv4 address and port like \"127.0.0.1:9100\"";
+        => "monitoring.listen", "expected an address and port like \"127.0.0.1:9100\"";
     monitoring_listen_host_name: with_monitoring("listen = \"localhost:9100\"")
         => "monitoring.listen", "got \"localhost:9100\"";
     monitoring_listen_port_0: with_monitoring("listen = \"127.0.0.1:0\"")
@@ -180,8 +180,29 @@ rejections! {
     service_name_twice:
         and_service(&format!("name = \"www\"\nvip = \"198.18.0.11:80\"\nbackends = [{B1}]\n"))
         => "service[1].name", "already used by service[0]";
-    vip_without_port: vip("198.18.0.10") => "service[0].vip", "expected IPv4 address and port";
-    vip_ipv6: vip("[::1]:80") => "service[0].vip", "expected IPv4 address and port";
+    vip_without_port: vip("198.18.0.10") => "service[0].vip", "expected an address and port";
+    vip_ipv6_without_brackets: vip("2001:db8::10:80")
+        => "service[0].vip", "IPv6 in brackets, like \"[2001:db8::10]:80\"";
+    vip_ipv6_loopback: vip("[::1]:80") => "service[0].vip", "::1 is a loopback address";
+    vip_ipv6_unspecified: vip("[::]:80") => "service[0].vip", "unspecified";
+    vip_ipv6_multicast: vip("[ff02::1]:80") => "service[0].vip", "ff02::1 is a multicast address";
+    vip_ipv6_port_0: vip("[2001:db8::10]:0") => "service[0].vip", "port 0";
+    // A service's VIP and backends are of one family, whichever comes
+    // first; a pure IPv6 service waits for the data plane's IPv6 path.
+    backend_ipv6_of_an_ipv4_vip: one_service("", r#"{ address = "198.19.0.11:80" }, { address = "[2001:db8::11]:80" }"#)
+        => "service[0].backends[1].address",
+        "[2001:db8::11]:80 is an IPv6 address but the service's VIP 198.18.0.10:80 is IPv4: \
+         a service's VIP and its backends must be of one family";
+    backend_ipv4_of_an_ipv6_vip: one_service("", r#"{ address = "[2001:db8::11]:80" }, { address = "198.19.0.11:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[1].address",
+        "198.19.0.11:80 is an IPv4 address but the service's VIP [2001:db8::10]:80 is IPv6";
+    backend_of_an_ipv6_vip_checked_first: one_service("", r#"{ address = "[ff02::1]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].backends[0].address", "ff02::1 is a multicast address";
+    vip_ipv6_not_balanced_yet: one_service("", r#"{ address = "[2001:db8::11]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].vip", "[2001:db8::10]:80 is an IPv6 VIP: the data plane does not balance IPv6 yet";
     vip_port_0: vip("198.18.0.10:0") => "service[0].vip", "port 0";
     vip_unspecified: vip("0.0.0.0:80") => "service[0].vip", "unspecified";
     vip_broadcast: vip("255.255.255.255:80") => "service[0].vip", "broadcast";
@@ -506,7 +527,9 @@ fn addresses_are_rejected_with_an_example() {
         assert_eq!(got_key, key);
         assert_eq!(
             reason,
-            format!(r#"expected IPv4 address and port like "{example}", got "web1""#)
+            format!(
+                r#"expected an address and port like "{example}" (IPv6 in brackets, like "[2001:db8::10]:80"), got "web1""#
+            )
         );
     }
 }

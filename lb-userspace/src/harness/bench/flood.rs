@@ -117,8 +117,8 @@ fn spec(gen0: u32, src: Ipv4Addr, proto: Proto, flows: u32, threads: usize) -> S
         frame: FrameSpec {
             dst_mac: LBIN_MAC,
             src_mac: GEN_MAC,
-            src: SocketAddrV4::new(src, 1024),
-            dst: SocketAddrV4::new(VIP, PORT),
+            src: SocketAddrV4::new(src, 1024).into(),
+            dst: SocketAddrV4::new(VIP, PORT).into(),
             proto,
             size: 64,
         },

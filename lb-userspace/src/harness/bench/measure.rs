@@ -391,25 +391,41 @@ pub(super) fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyho
 
 /// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
 /// established flow) for `secs` seconds, for an external profiler.
-pub(super) fn profile_lb(secs: f64) -> anyhow::Result<()> {
+pub(super) fn profile_lb(secs: f64, new_flows: bool) -> anyhow::Result<()> {
     let lbin = xdp::ifindex("lbin")?;
-    let mut dp = Dataplane::load(CONNTRACK)?;
+    let (mut dp, what) = if new_flows {
+        // As the cost section's new-flow row: the product's default tables.
+        let sizes = TableSizes {
+            conntrack: DEFAULT_CONNTRACK_SIZE,
+            half_open: DEFAULT_HALF_OPEN_SIZE,
+        };
+        (Dataplane::load(sizes)?, "new flows")
+    } else {
+        (Dataplane::load(CONNTRACK)?, "established flow")
+    };
     dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
     let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
     let prog = dp.program()?;
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
     let mut samples = Vec::new();
+    // New flows: 256 batches of distinct flows at most (a flow seen twice
+    // would be a second datagram, which promotes it).
+    let mut tag = 0u8;
     while std::time::Instant::now() < deadline {
-        samples.push(ns_per_packet(
-            prog,
-            &est,
-            lbin,
-            1_000_000,
-            Some(XDP_REDIRECT),
-        )?);
+        samples.push(if new_flows {
+            let frames = new_flow_frames(tag, 20_000)?;
+            let ns = ns_per_packet(prog, &frames, lbin, 1, Some(XDP_REDIRECT))?;
+            tag = tag.wrapping_add(1);
+            if tag == 0 {
+                break;
+            }
+            ns
+        } else {
+            ns_per_packet(prog, &est, lbin, 1_000_000, Some(XDP_REDIRECT))?
+        });
     }
     eprintln!(
-        "bench: profiled lb for {secs} s: {:.1} ns/packet (median of {} runs)",
+        "bench: profiled lb ({what}, DSR) for {secs} s: {:.1} ns/packet (median of {} runs)",
         Stat::of(&samples).median,
         samples.len()
     );

@@ -50,6 +50,7 @@ pub use measure::{Stat, sink_packets};
 pub use net::{
     BenchNet, CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, backend_addr, generator_spec, lb_config,
 };
+pub use net::{CLIENT6, VIP6, backend_addr6, frame6_to, generator_spec_v6};
 pub use report::{COMMAND_ENV, shown_command, utc_date};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -82,6 +83,11 @@ pub struct BenchArgs {
     /// generator instead (real XDP path, after a warm-up pass)
     #[arg(long, value_name = "FLOWS")]
     pub profile_flows: Option<u32>,
+    /// With --profile-lb: new flows instead (DSR, the product's default
+    /// tables, each call the first datagram of a flow not seen before, as
+    /// the cost section's new-flow row)
+    #[arg(long, conflicts_with = "profile_flows")]
+    pub profile_new: bool,
     /// Run only these sections (comma-separated) and print the report;
     /// BENCHMARKS.md is left alone unless --output names a file
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -147,7 +153,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.profile_lb {
         return match args.profile_flows {
             Some(flows) => net.run(|| measure::profile_forwarding(secs, flows, threads)),
-            None => net.run(|| measure::profile_lb(secs)),
+            None => net.run(|| measure::profile_lb(secs, args.profile_new)),
         };
     }
     let reps = args.reps;

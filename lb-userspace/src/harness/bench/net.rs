@@ -165,8 +165,8 @@ pub fn generator_spec(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Sp
         frame: FrameSpec {
             dst_mac: LBIN_MAC,
             src_mac: GEN_MAC,
-            src: SocketAddrV4::new(CLIENT, 1024),
-            dst: SocketAddrV4::new(VIP, PORT),
+            src: SocketAddrV4::new(CLIENT, 1024).into(),
+            dst: SocketAddrV4::new(VIP, PORT).into(),
             proto: Proto::Udp,
             size: 64,
         },
@@ -188,8 +188,8 @@ pub(super) fn frame_to(src: SocketAddrV4, port: u16) -> anyhow::Result<Vec<u8>> 
     pktgen::build_frame(&FrameSpec {
         dst_mac: LBIN_MAC,
         src_mac: GEN_MAC,
-        src,
-        dst: SocketAddrV4::new(VIP, port),
+        src: src.into(),
+        dst: SocketAddrV4::new(VIP, port).into(),
         proto: Proto::Udp,
         size: 64,
     })
@@ -204,4 +204,48 @@ pub(super) fn new_flow_frames(tag: u8, count: usize) -> anyhow::Result<Vec<Vec<u
             frame_from(SocketAddrV4::new(addr, 1024 + (i % 50_000) as u16))
         })
         .collect()
+}
+
+// IPv6 on the same topology (the `lb bench` IPv6 rows): the addresses, in
+// the documentation prefix 2001:db8::/32, mirror the IPv4 ones.
+
+/// The IPv6 VIP, beside [`VIP`].
+pub const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x10);
+
+/// The generator's first IPv6 source, beside [`CLIENT`] (flows vary its
+/// low 32 bits).
+pub const CLIENT6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x100);
+
+/// IPv6 backend `i` (0-based): 2001:db8:19:1::(i + 1), beside [`backend_addr`].
+pub fn backend_addr6(i: usize) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(
+        u128::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, 0)) + i as u128 + 1,
+    )
+}
+
+/// [`generator_spec`] over IPv6: 64-byte UDP from [CLIENT6]:1024.. to
+/// [VIP6]:PORT.
+pub fn generator_spec_v6(gen0: u32, flows: u32, seconds: f64, threads: usize) -> Spec {
+    let spec = generator_spec(gen0, flows, seconds, threads);
+    Spec {
+        frame: FrameSpec {
+            src: (CLIENT6, 1024).into(),
+            dst: (VIP6, PORT).into(),
+            ..spec.frame
+        },
+        ..spec
+    }
+}
+
+/// [`frame_to`] over IPv6: a 64-byte UDP frame from `src` to [VIP6]:`port`.
+pub fn frame6_to(src: std::net::SocketAddrV6, port: u16) -> anyhow::Result<Vec<u8>> {
+    pktgen::build_frame(&FrameSpec {
+        dst_mac: LBIN_MAC,
+        src_mac: GEN_MAC,
+        src: src.into(),
+        dst: (VIP6, port).into(),
+        proto: Proto::Udp,
+        size: 64,
+    })
 }

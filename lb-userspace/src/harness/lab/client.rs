@@ -157,7 +157,13 @@ fn read_response(reader: &mut impl BufRead) -> anyhow::Result<HttpResponse> {
 /// A UDP socket on a fresh source port, connected to `remote`: it only
 /// accepts datagrams coming from exactly `remote`.
 pub fn udp_connect(remote: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    // The wildcard of the remote's family (IPv4 or IPv6).
+    let any: std::net::IpAddr = if remote.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0)).context("binding a UDP socket")?;
     socket
         .connect(remote)
         .with_context(|| format!("connecting UDP socket to {remote}"))?;

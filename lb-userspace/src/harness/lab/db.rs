@@ -77,6 +77,18 @@ pub fn db_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 1, u8::try_from(20 + n).unwrap_or(u8::MAX))
 }
 
+/// IPv6 address of database `n` (1-based): 2001:db8:19:1::2N, beside
+/// [`db_addr`] (the dual-stack lab: the databases' subnet 198.19.1.0/24 is
+/// 2001:db8:19:1::/64, the LB's address there ::1, their IPv6 gateway).
+pub fn db_addr6(n: usize) -> std::net::Ipv6Addr {
+    let last = u16::try_from(0x20 + n).unwrap_or(u16::MAX);
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, last)
+}
+
+/// The LB's IPv6 address on the databases' subnet: their IPv6 gateway.
+pub const DB_GATEWAY6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, 1);
+
 /// LB `n`'s (2..) address on the databases' subnet when it runs the
 /// pool next to lb1: 198.19.1.N. Its agent probes the databases from there,
 /// and replies to its own client network return through it.
@@ -363,6 +375,7 @@ impl Lab {
         let sw = self.sw_ns();
         let lb = self.db_gateway_ns();
         netns::add_addr(&lb, "lb-back", &format!("{DB_GATEWAY}/24"))?;
+        super::add_addr6(&lb, "lb-back", &format!("{DB_GATEWAY6}/64"))?;
         netns::add_addr(&lb, "lo", &format!("{WRITE_VIP}/32"))?;
         netns::add_addr(&lb, "lo", &format!("{READ_VIP}/32"))?;
         for n in 1..=DB_NAMES.len() {
@@ -387,6 +400,12 @@ impl Lab {
                     "via",
                     &DB_GATEWAY.to_string(),
                 ],
+            )?;
+            super::add_addr6(&ns, "eth0", &format!("{}/64", db_addr6(n)))?;
+            let gateway6 = DB_GATEWAY6.to_string();
+            netns::ns_run(
+                &ns,
+                &["ip", "-6", "route", "add", "default", "via", &gateway6],
             )?;
             netns::tune_veth(&ns, "eth0")?;
             netns::tune_veth(&sw, &port)?;
@@ -461,7 +480,8 @@ impl Lab {
             arg("log-error", "error.log"),
             // Its own temp dir (see `install_datadirs`).
             format!("--tmpdir={}", dir.display()),
-            format!("--bind-address={}", db_addr(n)),
+            // Both families (MariaDB 10.11 takes a list).
+            format!("--bind-address={},{}", db_addr(n), db_addr6(n)),
             format!("--port={DB_PORT}"),
             format!("--server-id={n}"),
             format!("--read-only={}", u8::from(n != 1)),

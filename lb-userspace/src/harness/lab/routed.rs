@@ -148,6 +148,38 @@ impl Lab {
         self.decap(n, &["detach", "eth0"])
     }
 
+    /// A native XDP program on the client's `eth0`, the peer of the LB's
+    /// `lb-front`. The frames the LB sends back out of `lb-front` with
+    /// XDP_TX (its "fragmentation needed" answers) reach a veth peer at
+    /// once only if the peer runs an XDP program: with GRO alone (which
+    /// `netns::tune_veth` sets) the kernel queues them and wakes the peer
+    /// only when something else is sent on the link, seconds later (seen
+    /// in PMTUD uploads stalling for 15 s on Linux 6.18). The program is
+    /// `lb decap` allowing the LB's tunnel source: it passes every frame
+    /// that is not a tunnel packet from the LB, and none reaches the
+    /// client. Its pins are under [`Lab::decap_pin_dir`], which `lb lab
+    /// down` removes.
+    pub fn run_xdp_on_client_front(&self) -> anyhow::Result<String> {
+        let bin = self.lb_bin.display().to_string();
+        let (ns, pins) = (self.client_ns(), self.decap_pin_dir().display().to_string());
+        let from = ROUTED_LB_BACK.to_string();
+        netns::run(
+            &bin,
+            &[
+                "decap",
+                "attach",
+                "eth0",
+                "--from",
+                &from,
+                "--netns",
+                &ns,
+                "--pin-dir",
+                &pins,
+            ],
+        )
+        .context("attaching an XDP program to the client's eth0")
+    }
+
     /// `lb decap status eth0` on web `n`, as it prints it.
     pub fn decap_status(&self, n: usize) -> anyhow::Result<String> {
         self.decap(n, &["status", "eth0"])
@@ -202,6 +234,17 @@ impl Lab {
         } else {
             ""
         };
+        self.tunnel_config_with(tunnel, scheduler, health, extra)
+    }
+
+    /// [`Lab::tunnel_config`] with `health` (a `health = …` line or empty).
+    fn tunnel_config_with(
+        &self,
+        tunnel: Tunnel,
+        scheduler: &str,
+        health: &str,
+        extra: &str,
+    ) -> String {
         let source = self
             .tunnel_sources()
             .first()
@@ -214,6 +257,29 @@ impl Lab {
         );
         toml.push_str(&tunnel_service(
             "www", "tcp", HTTP_PORT, tunnel, scheduler, health,
+        ));
+        toml
+    }
+
+    /// Checks through the VIP over `tunnel` (issue 26): `www` (TCP VIP:80)
+    /// with a fast HTTP check `through-vip = true`, and `plain` (TCP
+    /// VIP:443, TLS passed through) with the same check on each web's own
+    /// address (`port = 80`), both round robin over web1..3.
+    pub fn through_vip_config(&self, tunnel: Tunnel) -> String {
+        let check = |extra: &str| {
+            format!(
+                "health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2, {extra} }}\n"
+            )
+        };
+        let mut toml =
+            self.tunnel_config_with(tunnel, "round-robin", &check("through-vip = true"), "");
+        toml.push_str(&tunnel_service(
+            "plain",
+            "tcp",
+            HTTPS_PORT,
+            tunnel,
+            "round-robin",
+            &check("port = 80"),
         ));
         toml
     }

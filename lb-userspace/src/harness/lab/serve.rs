@@ -27,13 +27,14 @@ pub struct ServeArgs {
     /// Name this server answers with (`GET /` body, UDP reply prefix)
     #[arg(long)]
     pub name: String,
-    /// Address of the HTTP/1.1 server
+    /// Address of the HTTP/1.1 server (repeatable: one listener per
+    /// address, e.g. an IPv4 wildcard and IPv6 addresses)
     #[arg(long)]
-    pub http: Option<SocketAddr>,
+    pub http: Vec<SocketAddr>,
     /// Address of the HTTPS server (the same HTTP/1.1 over TLS; needs
-    /// --cert and --key)
+    /// --cert and --key; repeatable)
     #[arg(long, requires_all = ["cert", "key"])]
-    pub https: Option<SocketAddr>,
+    pub https: Vec<SocketAddr>,
     /// Certificate chain of the HTTPS server (PEM, leaf first)
     #[arg(long)]
     pub cert: Option<PathBuf>,
@@ -72,7 +73,8 @@ pub fn bulk_byte(i: u64) -> u8 {
 
 /// Binds every listener, then serves until one fails.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.http.is_none() && args.https.is_none() && args.udp.is_empty() && args.echo.is_empty() {
+    if args.http.is_empty() && args.https.is_empty() && args.udp.is_empty() && args.echo.is_empty()
+    {
         bail!("nothing to serve: give --http, --https, --udp or --echo");
     }
     let name: Arc<str> = Arc::from(args.name.as_str());
@@ -87,18 +89,22 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Bind everything before serving anything: once the HTTP port accepts,
     // every UDP and echo socket exists too (the lab waits on that).
-    let http = args
-        .http
-        .map(|a| TcpListener::bind(a).with_context(|| format!("binding HTTP on {a}")))
-        .transpose()?;
-    let https = match (args.https, &args.cert, &args.key) {
-        (Some(a), Some(cert), Some(key)) => {
+    let http = bind_all(&args.http, |a| {
+        TcpListener::bind(a).with_context(|| format!("binding HTTP on {a}"))
+    })?;
+    let https = match (args.https.is_empty(), &args.cert, &args.key) {
+        (false, Some(cert), Some(key)) => {
             let config = tls::server_config(cert, key)?;
-            let listener = TcpListener::bind(a).with_context(|| format!("binding HTTPS on {a}"))?;
-            Some((listener, config))
+            let listeners = bind_all(&args.https, |a| {
+                TcpListener::bind(a).with_context(|| format!("binding HTTPS on {a}"))
+            })?;
+            listeners
+                .into_iter()
+                .map(|l| (l, Arc::clone(&config)))
+                .collect()
         }
-        (Some(_), _, _) => bail!("--https needs --cert and --key"),
-        (None, _, _) => None,
+        (false, _, _) => bail!("--https needs --cert and --key"),
+        (true, _, _) => Vec::new(),
     };
     let udp = bind_all(&args.udp, |a| {
         UdpSocket::bind(a).with_context(|| format!("binding UDP on {a}"))
@@ -117,13 +123,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             accept_loop(&listener, echo_connection)
         }));
     }
-    if let Some((listener, config)) = https {
+    for (listener, config) in https {
         let name = Arc::clone(&name);
         workers.push(thread::spawn(move || {
             accept_loop(&listener, move |s| tls::https_connection(s, &config, &name))
         }));
     }
-    if let Some(listener) = http {
+    for listener in http {
         let name = Arc::clone(&name);
         workers.push(thread::spawn(move || {
             accept_loop(&listener, move |s| {
@@ -135,8 +141,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "lab-serve {}: http {:?}, https {:?}, udp {:?}, echo {:?}",
         args.name,
-        args.http.map(|a| a.to_string()),
-        args.https.map(|a| a.to_string()),
+        args.http
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        args.https
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
         args.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
         args.echo
             .iter()

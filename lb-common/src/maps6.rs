@@ -1,0 +1,188 @@
+//! IPv6's map layouts: its own keys and slots beside IPv4's (`maps.rs`),
+//! so an IPv4 flow never hashes or compares a 16-byte address and IPv4's
+//! layouts stay byte for byte what they are. The entries themselves
+//! ([`Flow`], [`HalfOpenEntry`]) are the families' shared ones: the path
+//! works on them in place whatever the family; what differs is the key,
+//! the VIP a reply gets, and the backend's address.
+//!
+//! Sizes, and why:
+//! - [`FlowKey6`] 40 bytes: two addresses, two ports, the protocol.
+//! - [`HalfOpenSlot6`] 128 bytes, two cache lines: the lock, the key and
+//!   the entry (88 bytes) do not fit one line as IPv4's do; padded to the
+//!   pair a CPU's adjacent-line prefetch fetches together.
+//! - [`EstablishedSlot6`] 192 bytes, three lines: lock + key + flags +
+//!   forward entry are 96 bytes (IPv4's 128-byte slot cannot hold a
+//!   40-byte key and two 48-byte entries: 144 bytes before the reply's
+//!   VIP and the backend endpoint), so a client's packet reads lines 0–1;
+//!   the reply entry, the VIP its replies get and the backend endpoint
+//!   they come from follow at 96–178, so a backend's reply reads lines
+//!   1–2. A forward entry's `Flow::vip` is 1 in a NAT flow (the marker
+//!   "has a reply entry"; the VIP itself is the key's destination), and
+//!   a reply's VIP is `reply_vip`, since `Flow::vip` holds 4 bytes.
+
+use crate::{
+    headers::L4Ports,
+    ipv6::{Addr6, Ipv6Hdr},
+    maps::{Flow, HalfOpenEntry},
+};
+
+/// `SERVICES6` key: (VIP, port, protocol), as [`crate::ServiceKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey6 {
+    pub vip: Addr6,
+    /// Raw network order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// `BACKENDS6[id]`: an IPv6 backend. Ids are shared with IPv4's
+/// `BACKENDS` (one id space, one `BACKEND_FLOWS`, `BACKEND_HOPS`): a v6
+/// backend's slot in `BACKENDS` carries its port, flags and service as
+/// every backend's does, and this its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend6 {
+    pub addr: Addr6,
+}
+
+/// `NAT_BACKENDS6` key: a NAT service's backend endpoint, as
+/// [`crate::Endpoint`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Endpoint6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A flow's key in IPv6's flow tables (`HALF_OPEN6`, `ESTABLISHED6`,
+/// `CONNTRACK6`): its tuple as a packet arrives, as [`crate::FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub sport: u16,
+    pub dport: u16,
+    /// The upper-layer protocol the extension-header walk ended on.
+    pub protocol: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+impl FlowKey6 {
+    /// The key of a packet with this header, upper-layer `protocol` (the
+    /// walk's: `ip.next_header` only without extension headers) and ports.
+    #[inline(always)]
+    pub fn of(ip: &Ipv6Hdr, protocol: u8, ports: &L4Ports) -> FlowKey6 {
+        FlowKey6 {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: ports.source,
+            dport: ports.dest,
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The all-zero key marks an empty slot: no packet has it (source and
+    /// destination `::`).
+    pub const EMPTY: FlowKey6 = FlowKey6 {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+        _pad0: 0,
+        _pad1: 0,
+    };
+}
+
+/// `HALF_OPEN6[slot]`: as [`crate::HalfOpenSlot`] (a sequence lock, the
+/// key, the entry), two lines. A NAT flow's VIP is the key's destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HalfOpenSlot6 {
+    pub seq: u32,
+    pub key: FlowKey6,
+    pub flow: HalfOpenEntry,
+    pub _pad: [u32; 10],
+}
+
+impl Default for HalfOpenSlot6 {
+    fn default() -> Self {
+        HalfOpenSlot6 {
+            seq: 0,
+            key: FlowKey6::EMPTY,
+            flow: HalfOpenEntry::default(),
+            _pad: [0; 10],
+        }
+    }
+}
+
+/// `ESTABLISHED6[slot]`: one IPv6 flow, both directions, as
+/// [`crate::EstablishedSlot`] (the module's doc has the layout and why).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EstablishedSlot6 {
+    pub seq: u32,
+    /// The forward key (client → VIP); all zero: the slot is empty.
+    pub key: FlowKey6,
+    /// `SLOT_F_*` (the bucket's, on its first way).
+    pub flags: u32,
+    /// The forward entry (`direction` FORWARD).
+    pub forward: Flow,
+    /// NAT: the reply entry (`direction` REPLY); DSR: zero.
+    pub reply: Flow,
+    /// NAT: the VIP replies' source becomes (`reply.vport` the port).
+    pub reply_vip: Addr6,
+    /// NAT: the backend's address and port its replies come from.
+    pub backend_addr: Addr6,
+    pub backend_port: u16,
+    pub _pad0: u16,
+    pub _pad: [u32; 3],
+}
+
+/// `FRAGS6` key: one fragmented datagram as it arrives (source,
+/// destination, identification, upper-layer protocol: what IPv6
+/// reassembly keys on, RFC 8200 §4.5), as [`crate::FragKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey6 {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    /// Identification, raw network order.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
+const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<HalfOpenSlot6>() == 128);
+const _: () = assert!(core::mem::size_of::<EstablishedSlot6>() == 192);
+// A client's packet reads the first 96 bytes, a reply the last 96.
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, forward) == 48);
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, reply) == 96);
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot6, backend_port) == 176);
+const _: () = assert!(core::mem::size_of::<FragKey6>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy, explicit padding, no implicit padding (checked
+    // by the size asserts above).
+    unsafe impl aya::Pod for super::ServiceKey6 {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::Endpoint6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::HalfOpenSlot6 {}
+    unsafe impl aya::Pod for super::EstablishedSlot6 {}
+    unsafe impl aya::Pod for super::FragKey6 {}
+}
