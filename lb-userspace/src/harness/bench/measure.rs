@@ -660,8 +660,9 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             });
         }
     }
-    // Full NAT (issue 25) next to NAT: its targets are NAT's rows.
-    for mode in [Forwarding::Nat, Forwarding::FullNat, Forwarding::Dsr] {
+    // Full NAT (issue 25) last, so NAT's and DSR's rows are measured where
+    // they were before it: its targets are NAT's rows.
+    for mode in [Forwarding::Nat, Forwarding::Dsr, Forwarding::FullNat] {
         // Full NAT's source address: the LB's own on the backends' side.
         let config = || match mode {
             Forwarding::FullNat => lb_config_for(
