@@ -13,6 +13,7 @@ pub mod decap;
 pub mod family;
 pub mod flow;
 pub mod flow_table;
+pub mod fullnat;
 pub mod hash;
 pub mod headers;
 pub mod icmp;

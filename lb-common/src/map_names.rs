@@ -186,6 +186,20 @@ maps! {
     /// Backend id → established flows the agent inserted from peers.
     SYNC_OPENED: Pinning::Pinned;
     VIPS6: Pinning::Pinned;
+    /// Full NAT's source addresses and port range.
+    FNAT_CONF: Pinning::Pinned;
+    /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
+    FNAT_REPLIES: Pinning::Pinned;
+    /// The path's second stage (`lb_setup`), tail-called after an
+    /// established-table miss. Pinned: the kernel empties a program array
+    /// when its last user reference goes, and the pinned link keeps `lb`
+    /// running after the agent exits; a restarted agent puts its own
+    /// `lb_setup` in the adopted array.
+    STAGES: Pinning::Pinned;
+    /// What the first stage hands the second about a packet, per CPU.
+    CARRY: Pinning::Unpinned {
+        why: "scratch for one packet between the two stages, on one CPU",
+    };
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
@@ -230,7 +244,8 @@ mod tests {
         );
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
-        // 34, then the tunnels' path MTU (3) and IPv6's VIPS6 (1).
-        assert_eq!(MapName::pinned().count(), 38);
+        // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
+        // FNAT_CONF and FNAT_REPLIES (2) and the second stage's STAGES (1).
+        assert_eq!(MapName::pinned().count(), 41);
     }
 }

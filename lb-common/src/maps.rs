@@ -37,12 +37,17 @@ pub const MODE_DSR: u32 = 1;
 pub const MODE_IPIP: u32 = 2;
 /// GUE: as IPIP, in IPv4 + UDP + GUE headers (`crate::tunnel`).
 pub const MODE_GUE: u32 = 3;
+/// Full NAT (issue 25): the destination becomes the backend and the source
+/// an address of the LB's with a port it allocates (`FNAT_CONF`,
+/// `FNAT_REPLIES`), so the backends' replies return to this LB whatever
+/// their routing.
+pub const MODE_FULL_NAT: u32 = 4;
 
 /// Does the backend answer the client itself (DSR and the tunnels)? Then a
 /// flow has no reply entry, and over the new-flow budget a hash service's
 /// flow goes without one (the data plane's one test for "as for DSR").
 pub const fn answers_directly(mode: u32) -> bool {
-    mode != MODE_NAT
+    !matches!(mode, MODE_NAT | MODE_FULL_NAT)
 }
 
 /// Does the mode carry packets in a tunnel (IPIP, GUE)?
@@ -246,6 +251,12 @@ pub const TIMEOUT_COUNT: usize = 4;
 /// `Flow::flags`: the entry came from a peer LB (flow sync, issue 27), not
 /// from a handshake this LB saw.
 pub const FLOW_F_SYNCED: u8 = 1;
+/// [`Flow::flags`]: the flow is a full-NAT flow (`MODE_FULL_NAT`). Its
+/// forward entry's `vip`/`vport` hold the source address and port it was
+/// given (not the VIP); its reply entry's keep the VIP, as NAT's do, and the
+/// reply's key is (backend → source address), found through
+/// `FNAT_REPLIES`.
+pub const FLOW_F_FULL_NAT: u8 = 2;
 
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
 ///
@@ -304,7 +315,13 @@ pub struct HalfOpenEntry {
     pub vip: u32,
     /// [`Flow::seq`] of a half-open copy.
     pub seq: u32,
-    pub _pad: [u32; 5],
+    /// Full NAT: the allocated source port (network order; the source
+    /// address is `vip`). Zero otherwise. [`Flow::vport`] of the copy.
+    pub snat_port: u16,
+    /// [`Flow::flags`] of the copy ([`FLOW_F_FULL_NAT`]).
+    pub flags: u8,
+    pub _pad0: u8,
+    pub _pad: [u32; 4],
 }
 
 impl From<&HalfOpenEntry> for Flow {
@@ -316,9 +333,9 @@ impl From<&HalfOpenEntry> for Flow {
             state: e.state,
             seen: e.seen,
             vip: e.vip,
-            vport: 0,
+            vport: e.snat_port,
             direction: FORWARD,
-            flags: 0,
+            flags: e.flags & FLOW_F_FULL_NAT,
             next_hop: NextHop::default(),
             seq: e.seq,
         }
@@ -335,7 +352,10 @@ impl From<&Flow> for HalfOpenEntry {
             seen: f.seen,
             vip: f.vip,
             seq: f.seq,
-            _pad: [0; 5],
+            snat_port: f.vport,
+            flags: f.flags & FLOW_F_FULL_NAT,
+            _pad0: 0,
+            _pad: [0; 4],
         }
     }
 }
@@ -446,6 +466,42 @@ pub struct EstablishedSlot {
     pub backend_addr: u32,
     pub backend_port: u16,
     pub _pad: u16,
+}
+
+/// Most source addresses full NAT translates with (`FnatConf::addrs`).
+pub const FNAT_MAX_SOURCES: usize = 16;
+/// Entries of `FNAT_REPLIES`: full-NAT flows (half-open and established)
+/// the LB holds at once.
+pub const FNAT_REPLIES_SIZE: u32 = 262_144;
+
+/// `FNAT_CONF[0]`: full NAT's source addresses and port range, written by
+/// the agent. `count` 0: no full NAT (every full-NAT new flow is
+/// `DropFnatExhausted`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FnatConf {
+    /// Addresses in `addrs` (at most [`FNAT_MAX_SOURCES`]).
+    pub count: u32,
+    /// The allocated ports' range, inclusive, host order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// The LB's own addresses (network order) full-NAT flows leave with.
+    pub addrs: [u32; FNAT_MAX_SOURCES],
+}
+
+/// `FNAT_REPLIES` value, keyed by a full-NAT flow's reply tuple as it
+/// arrives (backend → source address:port): the flow's forward key and the
+/// tick the (source address, port) toward that backend was claimed. The
+/// entry *is* the claim: it is inserted with `BPF_NOEXIST`, so one tuple
+/// is never given to two flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FnatClaim {
+    pub forward: FlowKey,
+    /// When claimed (ticks); a stale claim is taken over by a
+    /// compare-and-swap of this word (`fullnat::reclaimable`).
+    pub claimed: u32,
+    pub _pad: u32,
 }
 
 impl FlowKey {
@@ -676,6 +732,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
+const _: () = assert!(core::mem::size_of::<FnatConf>() == 8 + 4 * FNAT_MAX_SOURCES);
+const _: () = assert!(core::mem::size_of::<FnatClaim>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 32);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
@@ -717,4 +775,6 @@ mod pod {
     unsafe impl aya::Pod for super::FwKey {}
     unsafe impl aya::Pod for super::BucketKey {}
     unsafe impl aya::Pod for super::Bucket {}
+    unsafe impl aya::Pod for super::FnatConf {}
+    unsafe impl aya::Pod for super::FnatClaim {}
 }

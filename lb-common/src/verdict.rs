@@ -145,6 +145,17 @@ verdicts! {
     /// the VIP is not the packet's last destination, so balancing it would
     /// misroute it; dropped.
     DropIpv6Routing = 29 => "drop_ipv6_routing", forwarded: false;
+    /// A full-NAT service's new flow for which none of the candidate
+    /// (source address, port) pairs toward its backend was free
+    /// (`lb_common::fullnat::FNAT_TRIES` tries): dropped, nothing created;
+    /// the pool toward that backend is full (or no source address is
+    /// configured).
+    DropFnatExhausted = 30 => "drop_fnat_exhausted", forwarded: false;
+    /// The path's second stage (`lb_setup`, tail-called after an
+    /// established-table miss: lb-ebpf/src/stage.rs) was not there: the
+    /// agent puts it in `STAGES` at load, so this counts a data plane
+    /// loaded by hand or half torn down. Dropped.
+    DropNoStage = 31 => "drop_no_stage", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

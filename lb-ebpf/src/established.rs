@@ -18,12 +18,13 @@ use core::{
     ptr::read_volatile,
 };
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED,
+    DEFAULT_CONNTRACK_SIZE, EstablishedSlot, FLOW_F_FULL_NAT, Flow, FlowConf, FlowKey,
+    SLOT_F_OVERFLOWED,
     flow::{FORWARD, REPLY, STATE_ESTABLISHED, bucket_hash, is_idle},
     flow_table::{Place, WAYS, Way, first_way, place, probes_overflow},
 };
 
-use crate::flows::{SeqLocked, lock, same_key, unlock, write_words};
+use crate::flows::{Claimed, SeqLocked, lock, same_key, unlock, write_words};
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -185,26 +186,48 @@ impl SeqLocked for EstablishedSlot {
     }
 }
 
+/// A flow [`remove`] took out of its slot.
+pub(crate) struct Removed {
+    pub(crate) state: u32,
+    pub(crate) backend_id: u32,
+    /// A full-NAT flow's claim (`fullnat::release`).
+    pub(crate) claimed: Option<Claimed>,
+}
+
 /// Empties the slot of the flow whose forward key is `forward`, under its
-/// lock; the removed flow's (state, backend id), `None` if the slot did not
-/// hold it (gone already, or never here).
+/// lock; what it held, `None` if the slot did not hold it (gone already,
+/// or never here).
 #[inline(always)]
-pub(crate) fn remove(conf: &FlowConf, forward: &FlowKey) -> Option<(u32, u32)> {
+pub(crate) fn remove(conf: &FlowConf, forward: &FlowKey) -> Option<Removed> {
     let slot = slot_of(conf, forward)?;
     if !lock(slot) {
         return None;
     }
     // SAFETY: locked: the slot is ours to write.
-    let removed = unsafe {
-        if same_key(&raw const (*slot).key, forward) {
-            let state = read_volatile(&raw const (*slot).forward.state);
-            let backend = read_volatile(&raw const (*slot).forward.backend_id);
-            write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
-            Some((state, backend))
-        } else {
-            None
-        }
-    };
+    let removed =
+        unsafe {
+            if same_key(&raw const (*slot).key, forward) {
+                let entry = &raw const (*slot).forward;
+                let backend_id = read_volatile(&raw const (*entry).backend_id);
+                let claimed = (read_volatile(&raw const (*entry).flags) & FLOW_F_FULL_NAT != 0)
+                    .then(|| Claimed {
+                        backend_id,
+                        source: (
+                            read_volatile(&raw const (*entry).vip),
+                            read_volatile(&raw const (*entry).vport),
+                        ),
+                    });
+                let state = read_volatile(&raw const (*entry).state);
+                write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+                Some(Removed {
+                    state,
+                    backend_id,
+                    claimed,
+                })
+            } else {
+                None
+            }
+        };
     unlock(slot);
     removed
 }

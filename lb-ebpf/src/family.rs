@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
     Backend, Flow, ServiceConf,
     family::{Family, FlowTuple},
-    headers::EthHdr,
+    headers::{EthHdr, L4Ports},
 };
 
 use crate::{
@@ -72,8 +72,9 @@ pub(crate) trait PathFamily: Family + Sized {
     fn probe_answer(ctx: &XdpContext, pkt: &Packet<Self>, key: &Self::FlowKey) -> Option<Outcome>;
 
     // ---- fragments, FIB, composed frames ----
-    /// Records a first fragment's ports for the fragments after it.
-    fn remember_fragment(ip: *const Self::IpHdr, key: &Self::FlowKey);
+    /// Records a first fragment's ports (as it arrived: `ports` not yet
+    /// rewritten) for the fragments after it.
+    fn remember_fragment(ip: *const Self::IpHdr, ports: *const L4Ports);
     /// `bpf_fib_lookup`'s family, source and destination fields.
     fn set_fib_addresses(fib: &mut FibParams, source: Self::Addr, destination: Self::Addr);
     /// Reports the next hop of a lookup without a neighbour entry.
@@ -86,7 +87,7 @@ pub(crate) trait PathFamily: Family + Sized {
     /// miss in the sender's bucket (a packet not to a VIP may be a NAT
     /// backend's reply, in its receiver's bucket).
     fn established(
-        key: &Self::FlowKey,
+        key: &mut Self::FlowKey,
         now: u32,
         to_vip: impl FnMut() -> bool,
     ) -> Option<*mut Flow>;
@@ -107,13 +108,57 @@ pub(crate) trait PathFamily: Family + Sized {
     fn remove_flow(table: Table, key: &Self::FlowKey, flow: &Flow);
     fn from_nat_backend(key: &Self::FlowKey) -> bool;
 
+    // ---- full NAT (`fullnat.rs`; IPv4 only: another family's full-NAT
+    // service gets no flows) ----
+    /// A full-NAT service's new flow, with its claimed source address and
+    /// port, entered half-open.
+    #[inline(always)]
+    fn create_full_nat(
+        _key: &Self::FlowKey,
+        _service_id: u32,
+        _backend_id: u32,
+        _state: u32,
+        _now: u32,
+    ) -> Result<Flow, Outcome> {
+        Err(crate::verdict::drop(lb_common::Verdict::DropFnatExhausted))
+    }
+    /// What full NAT adds to `error_to_backend`: the outer source and the
+    /// quoted destination become the flow's `source` address and port.
+    #[inline(always)]
+    fn full_nat_error_to_backend(
+        _ip: &mut Self::IpHdr,
+        _icmp_check: &mut u16,
+        _quoted: &mut Self::IpHdr,
+        _quoted_ports: &mut L4Ports,
+        _source: (Self::Addr, u16),
+    ) {
+    }
+    /// What full NAT adds to `error_to_client`: the outer destination and
+    /// the quoted source become the `client`'s.
+    #[inline(always)]
+    fn full_nat_error_to_client(
+        _ip: &mut Self::IpHdr,
+        _icmp_check: &mut u16,
+        _quoted: &mut Self::IpHdr,
+        _quoted_ports: &mut L4Ports,
+        _client: (Self::Addr, u16),
+    ) {
+    }
+
+    /// Hands a packet the established table missed to the path's second
+    /// stage (`stage.rs`); returns only if it could not.
+    fn to_setup(ctx: &XdpContext, key: &Self::FlowKey, to_vip: bool, now: u32) -> Outcome;
+    /// In the second stage: the packet's key, whether it is to a VIP, and
+    /// the tick, as the first stage carried them.
+    fn carried() -> Option<(Self::FlowKey, bool, u32)>;
+
     /// The live entry a tuple (as it arrives) belongs to, and its table: a
     /// flow's forward entry (client → VIP) or its reply entry (backend →
     /// client, NAT). Fragments and ICMP errors find their flow only through
     /// here; they never create, promote or close one. Both come as copies:
     /// their next hop is not worth caching.
     #[inline(always)]
-    fn flow_of(key: &Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
+    fn flow_of(key: &mut Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
         let to_vip = Self::is_vip(key.destination());
         if let Some(entry) = Self::established(key, now, || to_vip) {
             // SAFETY: a flow table value (see `flows::established`).
@@ -129,11 +174,11 @@ pub(crate) trait PathFamily: Family + Sized {
 pub(crate) fn found<F: PathFamily, L>(
     eth: *mut EthHdr,
     ip: *mut F::IpHdr,
-    key: F::FlowKey,
+    mut key: F::FlowKey,
     l4: L,
 ) -> Option<Found<F, L>> {
     let now = flows::now();
-    let (flow, table) = F::flow_of(&key, now)?;
+    let (flow, table) = F::flow_of(&mut key, now)?;
     Some(Found {
         eth,
         ip,

@@ -40,7 +40,8 @@ use core::{
 };
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
-    Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
+    FLOW_F_FULL_NAT, Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot,
+    MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
         bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
@@ -51,6 +52,7 @@ use lb_common::{
 use crate::{
     BACKENDS,
     established::{self, Lookup, Placed, Side},
+    fullnat,
 };
 
 /// The established table's overflow (`established.rs`): flows whose bucket
@@ -127,19 +129,23 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
 /// forward entry, or a NAT flow's reply entry), refreshed; `None` on a
 /// miss. The sender's bucket of `ESTABLISHED` first (`established::find`);
 /// on a miss, if the packet is not to a VIP (`to_vip`, asked only then),
-/// the receiver's bucket, where a NAT backend's reply finds its flow; then
-/// `CONNTRACK`, the overflow, only if a bucket looked in is flagged. An
-/// entry idle past its timeout is a miss and is removed with its flow,
-/// unless the flow's other direction has carried a packet within it.
+/// the receiver's bucket, where a NAT backend's reply finds its flow — a
+/// full-NAT reply too, once its claim gave `key` its NAT shape
+/// (`fullnat::nat_shaped`: the caller's key is changed, for the rest of the
+/// path); then `CONNTRACK`, the overflow, only if a bucket looked in is
+/// flagged. An entry idle past its timeout is a miss and is removed with
+/// its flow, unless the flow's other direction has carried a packet within
+/// it.
 #[inline(always)]
 pub(crate) fn established(
-    key: &FlowKey,
+    key: &mut FlowKey,
     now: u32,
     mut to_vip: impl FnMut() -> bool,
 ) -> Option<*mut Flow> {
     let conf = conf()?;
     let lookup = match established::find(conf, key, Side::Sender) {
         Lookup::Miss { overflow } if !to_vip() => {
+            fullnat::nat_shaped(key);
             match established::find(conf, key, Side::Receiver) {
                 Lookup::Miss { overflow: also } => Lookup::Miss {
                     overflow: overflow | also,
@@ -273,7 +279,10 @@ pub(crate) fn from_nat_backend(key: &FlowKey) -> bool {
 
 /// The slot of the bucket holding the flow whose forward key is `key`.
 #[inline(always)]
-fn forward_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+pub(crate) fn forward_of_bucket(
+    conf: &FlowConf,
+    key: &FlowKey,
+) -> Option<(Flow, *mut HalfOpenSlot)> {
     let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
     for way in 0..HALF_OPEN_WAYS {
         let slot = HALF_OPEN.get_ptr_mut(first + way)?;
@@ -326,6 +335,7 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
     );
     reply.state = flow.state;
     reply.seq = flow.seq;
+    reply.flags = flow.flags & FLOW_F_FULL_NAT;
     Some((reply, slot))
 }
 
@@ -409,7 +419,7 @@ pub(crate) fn unlock<S: SeqLocked>(slot: *mut S) {
 /// same tick). A flow lives in one slot, both directions, so
 /// whatever it replaces goes whole.
 #[inline(always)]
-fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
+pub(crate) fn write_slot(conf: &FlowConf, key: &FlowKey, flow: &Flow) {
     let hash = bucket_hash(key.saddr, key.sport, key.protocol, conf.half_open_seed);
     let Some(slot) = victim(first_slot(conf, hash), hash, key) else {
         return;
@@ -468,13 +478,15 @@ fn victim(first: u32, hash: u32, key: &FlowKey) -> Option<*mut HalfOpenSlot> {
     chosen.map(|(slot, _)| slot)
 }
 
-/// Empties the slot of the flow whose forward key is `key`, if it holds it.
+/// Empties the slot of the flow whose forward key is `key`, if it holds
+/// it; what it held of a full-NAT claim, if it was one's.
 #[inline(always)]
-fn clear_slot(conf: &FlowConf, key: &FlowKey) {
+fn clear_slot(conf: &FlowConf, key: &FlowKey) -> Option<Claimed> {
     let first = bucket_of(conf, key.saddr, key.sport, key.protocol);
+    let mut claimed = None;
     for way in 0..HALF_OPEN_WAYS {
         let Some(slot) = HALF_OPEN.get_ptr_mut(first + way) else {
-            return;
+            return claimed;
         };
         // SAFETY: a valid array map value (a racy peek; rechecked locked).
         if !unsafe { same_key(&raw const (*slot).key, key) } || !lock(slot) {
@@ -484,10 +496,28 @@ fn clear_slot(conf: &FlowConf, key: &FlowKey) {
         unsafe {
             if same_key(&raw const (*slot).key, key) {
                 write_words(&raw mut (*slot).key, &FlowKey::EMPTY);
+                let entry = &raw const (*slot).flow;
+                if read_volatile(&raw const (*entry).flags) & FLOW_F_FULL_NAT != 0 {
+                    claimed = Some(Claimed {
+                        backend_id: read_volatile(&raw const (*entry).backend_id),
+                        source: (
+                            read_volatile(&raw const (*entry).vip),
+                            read_volatile(&raw const (*entry).snat_port),
+                        ),
+                    });
+                }
             }
         }
         unlock(slot);
     }
+    claimed
+}
+
+/// A removed full-NAT flow's claim: its backend, and the source address and
+/// port it was given (`fullnat::release` returns them to the pool).
+pub(crate) struct Claimed {
+    pub(crate) backend_id: u32,
+    pub(crate) source: (u32, u16),
 }
 
 /// Compares a key in a slot with `key` word by word (the slot's key is
@@ -504,7 +534,7 @@ pub(crate) unsafe fn same_key(stored: *const FlowKey, key: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-unsafe fn copy_key(src: *const FlowKey) -> FlowKey {
+pub(crate) unsafe fn copy_key(src: *const FlowKey) -> FlowKey {
     // SAFETY: the caller's pointer is a valid FlowKey.
     unsafe { copy_words(src) }
 }
@@ -557,7 +587,9 @@ fn pair_key(key: &FlowKey, flow: &Flow) -> Option<FlowKey> {
 
 /// Removes a flow (the entry and its pair) from `table`. An established flow
 /// counts as closed for its backend once, by whoever removed its forward
-/// entry, unless FIN/RST already counted it.
+/// entry, unless FIN/RST already counted it. A full-NAT flow's claim goes
+/// back to the pool with the slot that held it (after it: the claim names
+/// the flow until then).
 #[inline(always)]
 pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     if table == Table::HalfOpen {
@@ -567,8 +599,10 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
         } else {
             *key
         };
-        if let Some(conf) = conf() {
-            clear_slot(conf, &forward);
+        if let Some(conf) = conf()
+            && let Some(claimed) = clear_slot(conf, &forward)
+        {
+            fullnat::release(&forward, &claimed);
         }
         return;
     }
@@ -578,13 +612,16 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
         *key
     };
     if let Some(conf) = conf()
-        && let Some((state, backend_id)) = established::remove(conf, &forward)
+        && let Some(removed) = established::remove(conf, &forward)
     {
         crate::sync::ended(key, flow);
         // Both directions went with the slot; counted once, by whoever
         // emptied it.
-        if state == STATE_ESTABLISHED {
-            count_closed(backend_id);
+        if removed.state == STATE_ESTABLISHED {
+            count_closed(removed.backend_id);
+        }
+        if let Some(claimed) = removed.claimed {
+            fullnat::release(&forward, &claimed);
         }
         return;
     }
@@ -748,6 +785,8 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     let mut reply = entry(backend_id, service_id, now, key.daddr, key.dport, REPLY);
     reply.state = STATE_ESTABLISHED;
     reply.seq = ack;
+    let full_nat = flow.flags & FLOW_F_FULL_NAT;
+    reply.flags = full_nat;
     let backend = if nat {
         match BACKENDS.get(backend_id) {
             Some(b) => Some((b.addr, b.port)),
@@ -776,6 +815,12 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
             clear_slot(conf, key);
             return;
         }
+        // A full-NAT flow's reply is found by its slot only: it stays
+        // half-open (forwarded, retrying) while its bucket is full.
+        Placed::Full if full_nat != 0 => {
+            flow.state = state;
+            return;
+        }
         Placed::Full => {
             if !overflow_insert(key, flow, backend.is_some(), &reply) {
                 flow.state = state;
@@ -790,7 +835,10 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     }
     clear_slot(conf, key);
     count_opened(backend_id);
-    crate::sync::established(key, flow, ack);
+    // A peer cannot translate a full-NAT flow: its source address is ours.
+    if full_nat == 0 {
+        crate::sync::established(key, flow, ack);
+    }
 }
 
 /// Enters an established flow in the overflow: its forward entry and, NAT,

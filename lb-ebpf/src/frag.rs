@@ -21,7 +21,7 @@
 
 use aya_ebpf::{macros::map, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    FRAG_TABLE_SIZE, FlowKey, FragKey,
+    FRAG_TABLE_SIZE, FragKey,
     family::{Family, V4},
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
@@ -36,20 +36,21 @@ use crate::{
 static FRAGS: LruHashMap<FragKey, L4Ports> = LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
 
 /// A first fragment taken by a flow: records its ports for the fragments
-/// after it. `key` is its tuple as it arrived (before any rewrite), which
-/// is what they arrive with. Anything else costs one compare.
+/// after it. Its header and `ports` are read as it arrived (before any
+/// rewrite), which is what they arrive with (a full-NAT reply's flow key
+/// is no longer that: see `fullnat::nat_shaped`). Anything else costs one
+/// compare.
 #[inline(always)]
-pub(crate) fn remember(ip: *const Ipv4Hdr, key: &FlowKey) {
+pub(crate) fn remember(ip: *const Ipv4Hdr, ports: *const L4Ports) {
     // SAFETY: bounds-checked by `parse_l4`.
     let hdr = unsafe { &*ip };
     if !hdr.is_first_fragment() {
         return;
     }
-    let ports = L4Ports {
-        source: key.sport,
-        dest: key.dport,
-    };
-    let datagram = datagram(key.saddr, key.daddr, hdr.id, key.protocol);
+    // SAFETY: bounds-checked by `parse_l4` (a later fragment's scratch
+    // copy never gets here: it is not a first fragment).
+    let ports = unsafe { *ports };
+    let datagram = datagram(hdr.saddr, hdr.daddr, hdr.id, hdr.protocol);
     let _ = FRAGS.insert(&datagram, &ports, 0);
 }
 

@@ -39,6 +39,7 @@ mod fib;
 mod firewall;
 mod flows;
 mod frag;
+mod fullnat;
 mod hops;
 mod icmp;
 mod mem;
@@ -47,6 +48,7 @@ mod parse6;
 mod path;
 mod probe;
 mod schedule;
+mod stage;
 mod sync;
 mod trace;
 mod transmit;
@@ -104,14 +106,27 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT,
 // the path grew LLVM kept it out of line, a BPF-to-BPF call on every packet.
 #[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
-    let verdict = dispatch(&ctx);
+    finish(&ctx, dispatch(&ctx))
+}
+
+/// The path's second stage (`stage.rs`): tail-called by `lb` after an
+/// established-table miss; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_setup(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_setup(&ctx))
+}
+
+/// A packet's verdict counted, traced and captured; its action.
+#[inline(always)]
+fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
     count(&VERDICTS, verdict.reason as u32, 1, 0);
     // Forwarded packets (the fast path) pay this compare and nothing more.
     if !verdict.reason.is_forwarded() {
-        trace(&ctx, verdict.reason);
+        trace(ctx, verdict.reason);
     }
     // `lb capture`: one lookup and one branch while no capture runs.
-    capture(&ctx, verdict.reason);
+    capture(ctx, verdict.reason);
     verdict.action
 }
 
@@ -128,6 +143,19 @@ fn dispatch(ctx: &XdpContext) -> verdict::Outcome {
     }
     if ether_type == V6::ETHER_TYPE_RAW {
         return v6::balance(ctx);
+    }
+    verdict::pass(Verdict::PassNotOurs)
+}
+
+/// The second stage's entry: only IPv4 is tail-called into it today.
+#[inline(always)]
+fn dispatch_setup(ctx: &XdpContext) -> verdict::Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return verdict::pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } == V4::ETHER_TYPE_RAW {
+        return path::setup::<V4>(ctx, eth);
     }
     verdict::pass(Verdict::PassNotOurs)
 }

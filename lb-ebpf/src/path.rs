@@ -41,7 +41,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, ServiceConf, Verdict, answers_directly,
+    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_FULL_NAT, ServiceConf, Verdict,
+    answers_directly,
     family::FlowTuple,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
@@ -88,7 +89,7 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
         Err(outcome) if is_vip::<F>(ip) => return outcome,
         Err(_) => return pass(Verdict::PassNotOurs),
     };
-    let key = flow_key(&pkt);
+    let mut key = flow_key(&pkt);
     let seg = tcp_segment::<F>(ctx, &key);
     let now = flows::now();
     // Established flows first: one bucket on the hot path (the sender's),
@@ -96,7 +97,9 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
     // to a VIP: a packet that is not may be a NAT backend's reply, found in
     // its receiver's bucket; one to a VIP (a new flow) never reads that.
     let mut to_vip = None;
-    let entry = F::established(&key, now, || *to_vip.get_or_insert_with(|| is_vip::<F>(ip)));
+    let entry = F::established(&mut key, now, || {
+        *to_vip.get_or_insert_with(|| is_vip::<F>(ip))
+    });
     if let Some(entry) = entry {
         // SAFETY: a flow table value (see `flows::established`).
         let flow = unsafe { &mut *entry };
@@ -105,6 +108,27 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
         }
     }
     let to_vip = to_vip.unwrap_or_else(|| is_vip::<F>(ip));
+    // The rest is the second stage's (`stage.rs`: its own program, so the
+    // verifier walks it on its own budget).
+    F::to_setup(ctx, &key, to_vip, now)
+}
+
+/// The second stage (`lb_setup`, `stage.rs`): a packet the established
+/// table missed, as the first stage carried it (its key, whether it is to a
+/// VIP, the tick): half-open flows, new flows, the no-flow rules.
+#[inline(always)]
+pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+    let Some(ip) = F::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    // Parsed again for its pointers: the first stage took it, so it parses.
+    let Ok(pkt) = F::parse_l4(ctx, eth, ip) else {
+        return pass(Verdict::PassNotOurs);
+    };
+    let Some((key, to_vip, now)) = F::carried() else {
+        return drop(Verdict::DropNoStage);
+    };
+    let seg = tcp_segment::<F>(ctx, &key);
     if let Some((mut flow, slot)) = F::half_open(&key, now, to_vip) {
         if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
@@ -277,7 +301,14 @@ fn new_flow<F: PathFamily>(
     } else {
         STATE_NEW
     };
-    let mut flow = F::create(key, service_id, backend_id, !direct, state, now);
+    let mut flow = if conf.mode == MODE_FULL_NAT {
+        match F::create_full_nat(key, service_id, backend_id, state, now) {
+            Ok(flow) => flow,
+            Err(outcome) => return outcome,
+        }
+    } else {
+        F::create(key, service_id, backend_id, !direct, state, now)
+    };
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 
@@ -323,14 +354,23 @@ fn forward<F: PathFamily>(
         Ok(admitted) => admitted,
         Err(outcome) => return outcome,
     };
-    F::remember_fragment(pkt.ip, key);
+    F::remember_fragment(pkt.ip, pkt.ports);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (service_id, backend_id) = (flow.service_id, flow.backend_id);
     // A new flow's first packet: the backend's shared hop if it is fresh.
     let resolving =
         flow.next_hop.ifindex == 0 && !hops::borrow(backend_id, now, &mut flow.next_hop);
-    let outcome =
-        transmit::to_backend(ctx, pkt, key, conf, backend_id, backend, &mut flow.next_hop);
+    // Full NAT: the source address and port the flow was given.
+    let source = (F::reply_vip(flow), flow.vport);
+    let outcome = transmit::to_backend_from(
+        ctx,
+        pkt,
+        key,
+        conf,
+        (backend_id, backend),
+        source,
+        &mut flow.next_hop,
+    );
     if resolving && flow.next_hop.ifindex != 0 {
         hops::share(backend_id, now, &flow.next_hop);
     }
@@ -393,7 +433,7 @@ fn follow_error<F: PathFamily>(ctx: &XdpContext, found: Found<F, Quote<F>>) -> O
         l4_check: l4.icmp_check,
     };
     if flow.direction == REPLY {
-        return transmit::error_to_client(ctx, &pkt, l4.quoted, &mut flow);
+        return transmit::error_to_client(ctx, &pkt, l4.quoted, &key, &mut flow);
     }
     match admit::<F>(&key, &flow, table) {
         Ok((conf, backend)) => {

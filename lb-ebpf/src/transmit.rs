@@ -9,7 +9,8 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs::XdpContext};
 use lb_common::{
-    Backend, Flow, MODE_DSR, MODE_GUE, MODE_IPIP, NextHop, ServiceConf, Verdict,
+    Backend, FLOW_F_FULL_NAT, Flow, MODE_DSR, MODE_FULL_NAT, MODE_GUE, MODE_IPIP, NextHop,
+    ServiceConf, Verdict,
     family::{FlowTuple, IpHeader},
     tunnel::inner_mtu,
 };
@@ -33,6 +34,10 @@ enum Mode {
     /// Layer-2 direct server return: only the MACs change; the backend
     /// answers the client itself.
     Dsr,
+    /// NAT of both ends: the backend's address and port replace the VIP's,
+    /// a source address and port of the LB's (`fullnat.rs`) the client's;
+    /// replies come back to that address whatever the backend's routes.
+    FullNat,
     /// Direct server return across routers: the packet, untouched, inside
     /// outer headers to the backend's address; the backend (its
     /// decapsulator) unwraps it and answers the client itself.
@@ -45,12 +50,14 @@ fn mode(conf: &ServiceConf) -> Mode {
         MODE_DSR => Mode::Dsr,
         MODE_IPIP => Mode::Tunnel(Encap::Ipip),
         MODE_GUE => Mode::Tunnel(Encap::Gue),
+        MODE_FULL_NAT => Mode::FullNat,
         _ => Mode::Nat,
     }
 }
 
 /// A packet of an admitted flow (`key`) to its backend (`backend_id`), in
-/// its service's mode.
+/// its service's mode; a full-NAT service's keeps its own source (a check
+/// through the VIP: the probe's address is the LB's already).
 #[inline(always)]
 pub(crate) fn to_backend<F: PathFamily>(
     ctx: &XdpContext,
@@ -61,8 +68,25 @@ pub(crate) fn to_backend<F: PathFamily>(
     backend: &Backend,
     cache: &mut NextHop,
 ) -> Outcome {
+    let source = (key.source(), key.source_port());
+    to_backend_from(ctx, pkt, key, conf, (backend_id, backend), source, cache)
+}
+
+/// [`to_backend`] for a flow given `source`, the source address and port
+/// of a full-NAT flow (the other modes ignore it).
+#[inline(always)]
+pub(crate) fn to_backend_from<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::FlowKey,
+    conf: &ServiceConf,
+    (backend_id, backend): (u32, &Backend),
+    source: (F::Addr, u16),
+    cache: &mut NextHop,
+) -> Outcome {
     match mode(conf) {
         Mode::Nat => nat(ctx, pkt, backend, cache),
+        Mode::FullNat => full_nat(ctx, pkt, backend, source, cache),
         Mode::Dsr => dsr(ctx, pkt, backend, cache),
         Mode::Tunnel(encap) => through_tunnel(ctx, pkt, key, encap, backend_id, backend, cache),
     }
@@ -106,6 +130,40 @@ fn nat<F: PathFamily>(
             F::rewrite_destination(ip, ports, check, vip, vport);
             pass(Verdict::PassKernelForward)
         }
+    }
+}
+
+/// Full NAT forward: the destination becomes the backend and the source
+/// the flow's (`source`), TTL as a router, next hop by FIB from the source
+/// address. What the LB's kernel cannot take (a packet from its own
+/// address) is never passed rewritten: no neighbour yet, dropped and
+/// reported (the client retransmits); too big, "fragmentation needed" with
+/// DF clear too (XDP cannot fragment); no route, passed as it arrived.
+#[inline(always)]
+fn full_nat<F: PathFamily>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    backend: &Backend,
+    source: (F::Addr, u16),
+    cache: &mut NextHop,
+) -> Outcome {
+    // SAFETY: pointers bounds-checked by `parse_l4`; nothing else aliases them.
+    let (ip, ports, check) = unsafe { (&mut *pkt.ip, &mut *pkt.ports, &mut *pkt.l4_check) };
+    if ip.ttl() <= 1 {
+        return pass(Verdict::PassKernelForward);
+    }
+    let addr = F::backend_addr(backend);
+    let rc = next_hop::<F>(ctx, ip, source.0, addr, cache);
+    match rc {
+        FIB_SUCCESS => {
+            F::rewrite_destination(ip, ports, check, addr, backend.port);
+            F::rewrite_source(ip, ports, check, source.0, source.1);
+            F::decrement_ttl(ip);
+            send(ctx, pkt, cache, Verdict::Forwarded)
+        }
+        FIB_NO_NEIGH => drop(Verdict::DropNoNeighbour),
+        FIB_FRAG_NEEDED => F::too_big(ctx, cache.mtu),
+        _ => pass(Verdict::PassKernelForward),
     }
 }
 
@@ -196,15 +254,22 @@ pub(crate) fn reverse_nat<F: PathFamily>(
     if ip.ttl() <= 1 {
         return pass(Verdict::PassKernelForward);
     }
-    F::remember_fragment(pkt.ip, key);
+    F::remember_fragment(pkt.ip, pkt.ports);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (vip, vport) = (F::reply_vip(restore), restore.vport);
-    let rc = next_hop::<F>(ctx, ip, vip, ip.destination(), &mut restore.next_hop);
+    // `key` is the reply's NAT shape (backend → client): a full-NAT reply's
+    // destination (the LB's source address) becomes the client's.
+    let full_nat = restore.flags & FLOW_F_FULL_NAT != 0;
+    let (arrived, arrived_port) = (ip.destination(), ports.dest);
+    let rc = next_hop::<F>(ctx, ip, vip, key.destination(), &mut restore.next_hop);
     if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
         // To the backend, quoting the reply as it sent it.
         return F::too_big(ctx, restore.next_hop.mtu);
     }
     F::rewrite_source(ip, ports, check, vip, vport);
+    if full_nat {
+        F::rewrite_destination(ip, ports, check, key.destination(), key.destination_port());
+    }
     match rc {
         FIB_SUCCESS => {
             F::decrement_ttl(ip);
@@ -219,6 +284,9 @@ pub(crate) fn reverse_nat<F: PathFamily>(
         FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
             F::rewrite_source(ip, ports, check, key.source(), key.source_port());
+            if full_nat {
+                F::rewrite_destination(ip, ports, check, arrived, arrived_port);
+            }
             pass(Verdict::PassKernelForward)
         }
     }
@@ -254,16 +322,26 @@ pub(crate) fn error_to_backend<F: PathFamily>(
         return pass(Verdict::PassKernelForward);
     }
     let addr = F::backend_addr(backend);
-    let translate = match mode(conf) {
-        Mode::Nat => true,
-        Mode::Dsr => false,
+    // Full NAT: the error comes from the flow's source address and port.
+    let (translate, full_nat) = match mode(conf) {
+        Mode::Nat => (true, false),
+        Mode::FullNat => (true, true),
+        Mode::Dsr => (false, false),
         Mode::Tunnel(encap) => return error_through_tunnel(ctx, pkt, key, encap, backend, flow),
     };
-    if next_hop::<F>(ctx, ip, ip.source(), addr, &mut flow.next_hop) != FIB_SUCCESS {
+    let from = if full_nat {
+        F::reply_vip(flow)
+    } else {
+        ip.source()
+    };
+    if next_hop::<F>(ctx, ip, from, addr, &mut flow.next_hop) != FIB_SUCCESS {
         return pass(Verdict::PassKernelForward);
     }
     if translate {
         F::error_to_backend(ip, check, q, ports, addr, backend.port);
+        if full_nat {
+            F::full_nat_error_to_backend(ip, check, q, ports, (from, flow.vport));
+        }
         F::decrement_ttl(ip);
     }
     count_flow(ctx, flow.service_id, flow.backend_id);
@@ -306,6 +384,7 @@ pub(crate) fn error_to_client<F: PathFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
     quoted: *mut F::IpHdr,
+    key: &F::FlowKey,
     restore: &mut Flow,
 ) -> Outcome {
     // SAFETY: bounds-checked by `icmp::error_of_flow`; nothing else
@@ -322,10 +401,16 @@ pub(crate) fn error_to_client<F: PathFamily>(
         return pass(Verdict::PassKernelForward);
     }
     let (vip, vport) = (F::reply_vip(restore), restore.vport);
-    if next_hop::<F>(ctx, ip, vip, ip.destination(), &mut restore.next_hop) != FIB_SUCCESS {
+    // `key` is the quoted reply's NAT shape (backend → client): a full-NAT
+    // error goes to the client, not to the LB's source address.
+    let to = key.destination();
+    if next_hop::<F>(ctx, ip, vip, to, &mut restore.next_hop) != FIB_SUCCESS {
         return pass(Verdict::PassKernelForward);
     }
     F::error_to_client(ip, check, q, ports, vip, vport);
+    if restore.flags & FLOW_F_FULL_NAT != 0 {
+        F::full_nat_error_to_client(ip, check, q, ports, (to, key.destination_port()));
+    }
     F::decrement_ttl(ip);
     count_flow(ctx, restore.service_id, restore.backend_id);
     send(ctx, pkt, &restore.next_hop, Verdict::ForwardedIcmp)

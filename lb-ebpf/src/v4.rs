@@ -7,7 +7,7 @@ use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
     Backend, Flow, FlowKey, ServiceConf, ServiceKey,
     family::V4,
-    headers::{EthHdr, Ipv4Hdr},
+    headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
 
 use crate::{
@@ -15,10 +15,10 @@ use crate::{
     family::PathFamily,
     firewall,
     flows::{self, Slot, Table},
-    frag, hops, icmp,
+    frag, fullnat, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    probe, schedule,
+    probe, schedule, stage,
     verdict::Outcome,
 };
 
@@ -118,8 +118,8 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn remember_fragment(ip: *const Ipv4Hdr, key: &FlowKey) {
-        frag::remember(ip, key);
+    fn remember_fragment(ip: *const Ipv4Hdr, ports: *const L4Ports) {
+        frag::remember(ip, ports);
     }
 
     #[inline(always)]
@@ -141,7 +141,7 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn established(key: &FlowKey, now: u32, to_vip: impl FnMut() -> bool) -> Option<*mut Flow> {
+    fn established(key: &mut FlowKey, now: u32, to_vip: impl FnMut() -> bool) -> Option<*mut Flow> {
         flows::established(key, now, to_vip)
     }
 
@@ -195,5 +195,54 @@ impl PathFamily for V4 {
     #[inline(always)]
     fn from_nat_backend(key: &FlowKey) -> bool {
         flows::from_nat_backend(key)
+    }
+
+    #[inline(always)]
+    fn to_setup(ctx: &XdpContext, key: &FlowKey, to_vip: bool, now: u32) -> Outcome {
+        stage::to_setup(ctx, key, to_vip, now)
+    }
+
+    #[inline(always)]
+    fn carried() -> Option<(FlowKey, bool, u32)> {
+        stage::carried()
+    }
+
+    #[inline(always)]
+    fn create_full_nat(
+        key: &FlowKey,
+        service_id: u32,
+        backend_id: u32,
+        state: u32,
+        now: u32,
+    ) -> Result<Flow, Outcome> {
+        fullnat::create(key, service_id, backend_id, state, now)
+    }
+
+    #[inline(always)]
+    fn full_nat_error_to_backend(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        source: (u32, u16),
+    ) {
+        lb_common::fullnat::error_to_backend_source(ip, icmp_check, quoted, quoted_ports, source);
+    }
+
+    #[inline(always)]
+    fn full_nat_error_to_client(
+        ip: &mut Ipv4Hdr,
+        icmp_check: &mut u16,
+        quoted: &mut Ipv4Hdr,
+        quoted_ports: &mut L4Ports,
+        client: (u32, u16),
+    ) {
+        lb_common::fullnat::error_to_client_destination(
+            ip,
+            icmp_check,
+            quoted,
+            quoted_ports,
+            client,
+        );
     }
 }

@@ -26,6 +26,7 @@ mod facts;
 pub mod firewall;
 pub mod firewall6;
 mod firewall_maps;
+pub mod fullnat;
 mod half_open;
 mod handles;
 mod keys;
@@ -70,6 +71,9 @@ use crate::{
 
 /// The data plane program's name in the object.
 pub const PROGRAM: &str = "lb";
+/// The path's second stage (lb-ebpf/src/stage.rs): tail-called by `lb`
+/// through `STAGES`, never attached.
+pub const SETUP_PROGRAM: &str = "lb_setup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

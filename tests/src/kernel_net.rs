@@ -287,6 +287,7 @@ pub fn lab_config() -> Config {
             timeouts: Default::default(),
             tunnel_source: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
+            full_nat: Default::default(),
         },
         monitoring: None,
         pools: Vec::new(),

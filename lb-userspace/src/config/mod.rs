@@ -13,6 +13,7 @@
 mod coordination;
 pub mod duration;
 mod firewall;
+mod fullnat;
 mod health;
 mod keypath;
 mod pool;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use coordination::{ClientCert, Coordination, EtcdLogin, EtcdTls, KeyDer};
 pub use firewall::{Firewall, Prefix, Prefix6, RateLimit};
+pub use fullnat::FullNatSources;
 pub use health::{
     CheckKind, DnsCheck, DnsRcode, DnsTransport, HealthCheck, MysqlLogin, Secret, TlsCheck,
     UdpCheck, UdpExpect,
@@ -125,6 +127,8 @@ pub struct Dataplane {
     pub tunnel_source: Option<Ipv4Addr>,
     /// `gue-port`: the UDP port GUE packets go to on the backends.
     pub gue_port: u16,
+    /// `source-addresses`, `source-ports`: full NAT's source side.
+    pub full_nat: FullNatSources,
 }
 
 /// Idle timeouts of the flow table (`[dataplane.timeouts]`).
@@ -162,6 +166,7 @@ impl Dataplane {
             new_flow_budget: 0,
             tunnel_source: None,
             gue_port: 0,
+            full_nat: FullNatSources::default(),
             ..d.clone()
         };
         fixed(self) != fixed(old)
@@ -208,6 +213,10 @@ pub enum Forwarding {
     Ipip,
     /// The packet, untouched, in IPv4 + UDP + GUE headers to the backend.
     Gue,
+    /// Both ends translated: the backend's address replaces the VIP, an
+    /// address and port of the LB's the client's (`[dataplane]
+    /// source-addresses`); backends need no route to the clients.
+    FullNat,
 }
 
 impl Forwarding {
@@ -219,6 +228,7 @@ impl Forwarding {
             Forwarding::Dsr => MODE_DSR,
             Forwarding::Ipip => MODE_IPIP,
             Forwarding::Gue => MODE_GUE,
+            Forwarding::FullNat => lb_common::MODE_FULL_NAT,
         }
     }
 

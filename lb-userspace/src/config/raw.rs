@@ -73,6 +73,8 @@ pub(super) struct RawDataplane {
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) tunnel_source: Option<String>,
     pub(super) gue_port: Option<i64>,
+    pub(super) source_addresses: Option<Vec<String>>,
+    pub(super) source_ports: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +207,10 @@ impl From<&Config> for RawConfig {
                 }),
                 tunnel_source: d.tunnel_source.map(|a| a.to_string()),
                 gue_port: Some(i64::from(d.gue_port)),
+                source_addresses: Some(
+                    d.full_nat.addresses.iter().map(|a| a.to_string()).collect(),
+                ),
+                source_ports: Some(d.full_nat.ports_text()),
             }),
             monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
                 listen: Some(m.listen.to_string()),

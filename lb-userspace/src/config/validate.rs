@@ -309,7 +309,9 @@ impl Validator<'_> {
             None => lb_common::tunnel::GUE_DEFAULT_PORT,
             Some(port) => self.in_range(port, 1..65536, "dataplane.gue-port")?,
         };
+        let full_nat = self.full_nat_sources(raw.source_addresses, raw.source_ports)?;
         Ok(Dataplane {
+            full_nat,
             interfaces,
             forwarding: raw.forwarding.unwrap_or(Forwarding::Nat),
             xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Native),

@@ -46,6 +46,8 @@ impl Dataplane {
         let fw = firewall::plan(&self.fw, cfg, &service_ids)?;
         // The flow timeouts and budget first: one store, live.
         self.set_flow_conf(cfg.dataplane.flow_conf())?;
+        // Full NAT's sources before any full-NAT service is published.
+        self.set_fnat_conf(cfg)?;
         // A new service is published with its firewall rules in place.
         self.firewall_additions(&fw)?;
         let moved = self.write(&plan)?;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -13,8 +14,8 @@ use aya::{
 };
 
 use super::{
-    Dataplane, DataplaneError, MapName, PROGRAM, Result, TableSizes, adopt, firewall::FwIds,
-    plan::Ids,
+    Dataplane, DataplaneError, MapName, PROGRAM, Result, SETUP_PROGRAM, TableSizes, adopt,
+    firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 
@@ -68,12 +69,15 @@ impl Dataplane {
             loader.map_pin_path(map.0.name(), map.1);
         }
         let mut ebpf = loader.load(object)?;
-        program_mut(&mut ebpf, PROGRAM)?
-            .load()
-            .map_err(|source| DataplaneError::Program {
-                name: PROGRAM.into(),
-                source,
-            })?;
+        for name in [PROGRAM, SETUP_PROGRAM] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program {
+                    name: name.into(),
+                    source,
+                })?;
+        }
+        set_stages(&mut ebpf)?;
         Ok(Self {
             ebpf,
             ids: Ids::default(),
@@ -176,6 +180,28 @@ impl Dataplane {
         let _ = std::fs::remove_dir(pin_dir);
         Ok(removed)
     }
+}
+
+/// Puts the loaded second stage in `STAGES` (an adopted array too: the
+/// running `lb` then reaches this load's stage, which reads the same maps).
+fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
+    let fd = program_mut(ebpf, SETUP_PROGRAM)?
+        .fd()
+        .map_err(|source| DataplaneError::Program {
+            name: SETUP_PROGRAM.into(),
+            source,
+        })?
+        .try_clone()
+        .map_err(|e| DataplaneError::Program {
+            name: SETUP_PROGRAM.into(),
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
+    let name = MapName::STAGES;
+    let map = ebpf
+        .map_mut(name.name())
+        .ok_or(DataplaneError::MissingMap(name.name()))?;
+    let mut stages = ProgramArray::try_from(map).map_err(map_err(name))?;
+    stages.set(0, &fd, 0).map_err(map_err(name))
 }
 
 pub(super) fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

@@ -544,6 +544,7 @@ mod tests {
                 timeouts: Default::default(),
                 tunnel_source: None,
                 gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
+                full_nat: Default::default(),
             },
             monitoring: None,
             announce: None,

@@ -23,6 +23,7 @@ fn config(services: Vec<Service>) -> Config {
             timeouts: Default::default(),
             tunnel_source: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
+            full_nat: Default::default(),
         },
         monitoring: None,
         announce: None,

@@ -65,6 +65,7 @@ backends = [{ address = "10.0.1.3:80" }]
             timeouts: Default::default(),
             tunnel_source: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
+            full_nat: Default::default(),
         },
         monitoring: None,
         pools: Vec::new(),
@@ -241,6 +242,7 @@ fn dataplane_defaults() {
             timeouts: Default::default(),
             tunnel_source: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
+            full_nat: Default::default(),
         }
     );
     assert_eq!(config.services[0].forwarding, Forwarding::Nat);

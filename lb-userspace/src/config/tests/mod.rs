@@ -4,6 +4,7 @@
 
 mod accepted;
 mod bounds;
+mod fullnat;
 mod pool;
 mod proxy;
 mod rejected;

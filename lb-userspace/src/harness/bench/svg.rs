@@ -43,6 +43,7 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
             Hop::Ceiling => "#777",
             Hop::HashFwd => "#aaa",
             Hop::Lb(Forwarding::Nat) => "#3b7dd8",
+            Hop::Lb(Forwarding::FullNat) => "#8e44ad",
             Hop::Lb(Forwarding::Dsr) => "#e08a1e",
             Hop::Lb(Forwarding::Ipip | Forwarding::Gue) => "#5aa469",
         };

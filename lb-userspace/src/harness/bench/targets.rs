@@ -24,6 +24,10 @@ pub(super) const TARGET_FLOW_COST: f64 = 0.2;
 
 /// A new flow costs at most this many established packets (issue 11).
 pub(super) const TARGET_NEW_FLOW: f64 = 3.0;
+/// Issue 25: a full-NAT established packet within 10 % of NAT's, a new
+/// flow's within 25 %.
+const TARGET_FULL_NAT_EST: f64 = 1.10;
+const TARGET_FULL_NAT_NEW: f64 = 1.25;
 
 /// Issue 23's targets (the flow table): ns/packet net of `xdp_pass`
 /// measured the same way, forwarding rates within one run.
@@ -176,6 +180,37 @@ pub(super) fn targets(
                 verdict(ratio <= TARGET_NEW_FLOW),
                 new.ns.median,
                 est.ns.median,
+            );
+        }
+    }
+    // Issue 25: full NAT's packets next to NAT's, one packet per call each.
+    let one_call = |mode: Forwarding, flow: FlowState| {
+        ns.iter().find(|r| {
+            matches!(r.program, NsProgram::Lb { mode: m, flow: f, .. } if m == mode && f == flow)
+                && matches!(r.method, NsMethod::Calls(_) | NsMethod::DistinctFlows(_))
+        })
+    };
+    for (flow, target, what) in [
+        (
+            FlowState::Established,
+            TARGET_FULL_NAT_EST,
+            "an established",
+        ),
+        (FlowState::New, TARGET_FULL_NAT_NEW, "a new"),
+    ] {
+        if let (Some(full), Some(nat)) = (
+            one_call(Forwarding::FullNat, flow),
+            one_call(Forwarding::Nat, flow),
+        ) {
+            let ratio = full.ns.median / nat.ns.median;
+            let _ = writeln!(
+                s,
+                "| full NAT, {what} flow's packet ≤ {:.0} % over NAT's | {}: {:.2}× ({:.0} vs {:.0} ns, one packet per call each) |",
+                100.0 * (target - 1.0),
+                verdict(ratio <= target),
+                ratio,
+                full.ns.median,
+                nat.ns.median,
             );
         }
     }

@@ -118,7 +118,9 @@ pub const DEFAULT_PREFIX: &str = "foobar";
 
 const RUN_ROOT: &str = "/run/lb-lab";
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
-const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+// Loading verifies the data plane: about 10 s on this 2-core machine once
+// full NAT joined the path (4 s before), more while other labs load theirs.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(45);
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The line `lb run` prints on stdout once traffic is being balanced.
 const AGENT_READY_LINE: &str = "lb: ready";
@@ -431,7 +433,9 @@ impl Lab {
                         netns::ns_run(&ns, &["ip", "route", "replace", vip, "via", &gateway])?;
                     }
                 }
-                Forwarding::Nat => {
+                // Full NAT: the webs answer the LB's source address, on
+                // their own subnet; no route to the clients at all.
+                Forwarding::Nat | Forwarding::FullNat => {
                     for net in
                         std::iter::once(client_net).chain(through_lb.iter().map(String::as_str))
                     {
@@ -454,7 +458,7 @@ impl Lab {
     /// Writes `config_toml` to `{run_dir}/lb.toml`, starts the agent the
     /// way the README tells users to (`lb run --netns {P}-lb --config ...`,
     /// its pins on the host's bpffs under [`Lab::pin_dir`], so they outlive
-    /// the agent and a restarted agent adopts them) and waits up to 15 s for
+    /// the agent and a restarted agent adopts them) and waits up to 45 s for
     /// it to print `lb: ready`. On failure the agent is killed and the error
     /// carries its stderr.
     pub fn start_agent(&self, config_toml: &str) -> anyhow::Result<AgentProcess> {

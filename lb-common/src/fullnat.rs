@@ -1,0 +1,570 @@
+//! Full NAT's pure rules (issue 25): which (source address, port) pairs a
+//! new flow may be given, when a claim on one is stale, the reply tuple a
+//! claim is keyed by, and the header rewrites of both directions and of
+//! the ICMP errors quoting them, with incremental checksums.
+//!
+//! Allocation keeps no counter and no allocator state: a flow's candidates
+//! are derived from its keyed hash, and a candidate is claimed by inserting
+//! its reply tuple into `FNAT_REPLIES` with `BPF_NOEXIST`, which the kernel
+//! makes atomic (as Cilium's SNAT claims its reverse tuples). So two CPUs
+//! never fight over one word, and one tuple is never given to two flows.
+//! docs/architecture.md ("Full NAT") says what it costs.
+
+use crate::{
+    hash::seeded_flow_hash,
+    headers::{Ipv4Hdr, L4Ports},
+    icmp,
+    maps::{FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf},
+    rewrite::{rewrite_destination, rewrite_source},
+};
+
+/// Candidates a new flow tries before it is refused
+/// (`Verdict::DropFnatExhausted`): with the pool a fraction `f` full, a
+/// flow is refused with probability `f^8` (1 % at 56 % full, 34 % at 87 %).
+pub const FNAT_TRIES: u32 = 8;
+/// The default range of allocated ports: below Linux's ephemeral range
+/// (32768–60999), so the LB's own connections from a source address (its
+/// health checks) never take a port a flow holds.
+pub const DEFAULT_PORT_LO: u16 = 1024;
+pub const DEFAULT_PORT_HI: u16 = 32767;
+
+/// Spreads a word (murmur3's finaliser, as `hash`).
+#[inline(always)]
+const fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// A flow's allocation hash: its forward key's hash under the table's
+/// secret seed, so a client cannot choose the ports its flows draw.
+#[inline(always)]
+pub const fn flow_seed(forward: &FlowKey, seed: u32) -> u32 {
+    seeded_flow_hash(forward, seed ^ 0x5f11_a7a7)
+}
+
+/// Ports in the configured range (0 if the range is empty).
+#[inline(always)]
+pub const fn span(conf: &FnatConf) -> u32 {
+    if conf.port_hi < conf.port_lo {
+        0
+    } else {
+        (conf.port_hi - conf.port_lo) as u32 + 1
+    }
+}
+
+/// Try `attempt`'s (source address, port) for a flow of allocation hash
+/// `hash`: the address and the port each scaled from a remix of the hash
+/// (a multiply and a shift, no modulo), so the tries of one flow land on
+/// unrelated ports of every address. Port in network order. `None`: no
+/// address or an empty range.
+#[inline(always)]
+pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32, u16)> {
+    let count = if conf.count as usize > FNAT_MAX_SOURCES {
+        FNAT_MAX_SOURCES as u32
+    } else {
+        conf.count
+    };
+    let span = span(conf);
+    if count == 0 || span == 0 {
+        return None;
+    }
+    let h = mix(hash ^ attempt.wrapping_mul(0x9e37_79b9));
+    let index = ((h as u64 * count as u64) >> 32) as usize;
+    let port = conf.port_lo as u32 + ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32;
+    Some((
+        conf.addrs[index & (FNAT_MAX_SOURCES - 1)],
+        (port as u16).to_be(),
+    ))
+}
+
+/// The tuple the replies of a full-NAT flow arrive with (backend →
+/// source address:port), the key of its claim in `FNAT_REPLIES`.
+#[inline(always)]
+pub const fn reply_tuple(backend: (u32, u16), source: (u32, u16), protocol: u8) -> FlowKey {
+    FlowKey {
+        saddr: backend.0,
+        daddr: source.0,
+        sport: backend.1,
+        dport: source.1,
+        protocol,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// May a claim found in the way be taken over? Only if its flow is in
+/// neither flow table (`flow_present`: its half-open slot was taken by a
+/// new flow, or it ended without its claim being removed) and it was not
+/// made in this very tick (a claim is inserted just before its flow's
+/// half-open slot is written: a claim of this tick may not have its slot
+/// yet).
+#[inline(always)]
+pub const fn reclaimable(claim: &FnatClaim, now: u32, flow_present: bool) -> bool {
+    !flow_present && claim.claimed != now
+}
+
+/// May a packet to port `dport` (network order) be a full-NAT reply, so
+/// that its claim is worth looking up? Only while full NAT has a source
+/// address, and only to a port of the allocated range: the LB's own
+/// connections (ephemeral ports, above the default range) and most NAT
+/// replies pay no lookup. A range compare, not a walk of the addresses:
+/// the claim lookup matches the address itself, and a loop over 16
+/// addresses cost the data plane's verification ~110k instructions.
+#[inline(always)]
+pub const fn may_be_reply(conf: &FnatConf, dport: u16) -> bool {
+    let port = u16::from_be(dport);
+    conf.count != 0 && port >= conf.port_lo && port <= conf.port_hi
+}
+
+/// A full-NAT flow's packet to its backend: client:cport → VIP:vport
+/// becomes `source` → `backend` (addresses and ports network order), both
+/// checksums updated incrementally (both addresses are in the TCP/UDP
+/// pseudo-header; a UDP checksum of 0 stays 0).
+#[inline(always)]
+pub fn to_backend(
+    ip: &mut Ipv4Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    source: (u32, u16),
+    backend: (u32, u16),
+) {
+    rewrite_destination(ip, ports, check, backend.0, backend.1);
+    rewrite_source(ip, ports, check, source.0, source.1);
+}
+
+/// A full-NAT flow's reply to the client: backend → source address:port
+/// becomes `vip` → `client`.
+#[inline(always)]
+pub fn to_client(
+    ip: &mut Ipv4Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    vip: (u32, u16),
+    client: (u32, u16),
+) {
+    rewrite_source(ip, ports, check, vip.0, vip.1);
+    rewrite_destination(ip, ports, check, client.0, client.1);
+}
+
+/// What full NAT adds to NAT's translation of a client's ICMP error to the
+/// backend (`family::Family::error_to_backend` moved the outer destination
+/// and the quoted source to the backend): the outer source and the quoted
+/// destination become the flow's source address and port, as the backend
+/// knows the flow.
+#[inline(always)]
+pub fn error_to_backend_source(
+    ip: &mut Ipv4Hdr,
+    icmp_check: &mut u16,
+    quoted: &mut Ipv4Hdr,
+    quoted_ports: &mut L4Ports,
+    source: (u32, u16),
+) {
+    icmp::set_source(ip, source.0);
+    icmp::rewrite_quoted_destination(icmp_check, quoted, quoted_ports, source.0, source.1);
+}
+
+/// What full NAT adds to NAT's translation of a backend's ICMP error to the
+/// client (`family::Family::error_to_client` moved the quoted destination,
+/// and the outer source if the backend sent it, to the VIP): the outer
+/// destination and the quoted source become the client's.
+#[inline(always)]
+pub fn error_to_client_destination(
+    ip: &mut Ipv4Hdr,
+    icmp_check: &mut u16,
+    quoted: &mut Ipv4Hdr,
+    quoted_ports: &mut L4Ports,
+    client: (u32, u16),
+) {
+    icmp::set_destination(ip, client.0);
+    icmp::rewrite_quoted_source(icmp_check, quoted, quoted_ports, client.0, client.1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        family::{Family, V4},
+        headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP, TCP_CHECK_OFF, UDP_CHECK_OFF},
+    };
+    use etherparse::{Icmpv4Type, PacketBuilder, SlicedPacket, TransportSlice, icmpv4};
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn conf(addrs: &[u32], lo: u16, hi: u16) -> FnatConf {
+        let mut c = FnatConf {
+            count: addrs.len() as u32,
+            port_lo: lo,
+            port_hi: hi,
+            ..FnatConf::default()
+        };
+        c.addrs[..addrs.len()].copy_from_slice(addrs);
+        c
+    }
+
+    fn key(client: u32, port: u16) -> FlowKey {
+        FlowKey {
+            saddr: client,
+            daddr: 0xc612_0001,
+            sport: port.to_be(),
+            dport: 80u16.to_be(),
+            protocol: IPPROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    #[test]
+    fn candidates_stay_in_the_range_and_on_configured_addresses() {
+        let c = conf(&[11, 22, 33], 5000, 5009);
+        let mut ports = HashSet::new();
+        let mut addrs = HashSet::new();
+        for h in 0..2000u32 {
+            for attempt in 0..FNAT_TRIES {
+                let (addr, port) = candidate(&c, h.wrapping_mul(0x0101_0101), attempt).unwrap();
+                let port = u16::from_be(port);
+                assert!((5000..=5009).contains(&port), "{port}");
+                assert!([11, 22, 33].contains(&addr));
+                ports.insert(port);
+                addrs.insert(addr);
+            }
+        }
+        assert_eq!(ports.len(), 10, "every port of the range is drawn");
+        assert_eq!(addrs.len(), 3, "every address is drawn");
+        // A one-port range always draws that port.
+        let one = conf(&[7], 4242, 4242);
+        assert_eq!(candidate(&one, 99, 3), Some((7, 4242u16.to_be())));
+    }
+
+    #[test]
+    fn no_address_or_an_empty_range_gives_no_candidate() {
+        assert_eq!(candidate(&conf(&[], 1024, 2048), 1, 0), None);
+        assert_eq!(candidate(&conf(&[1], 2048, 1024), 1, 0), None);
+        // A count past the array is clamped, never read out of bounds.
+        let mut c = conf(&[1], 1024, 2048);
+        c.count = 1000;
+        assert!(candidate(&c, 5, 0).is_some());
+    }
+
+    #[test]
+    fn a_flows_tries_are_spread_and_flows_start_apart() {
+        let c = conf(&[1, 2], DEFAULT_PORT_LO, DEFAULT_PORT_HI);
+        let h = flow_seed(&key(0xc612_0a01, 40000), 0x1234);
+        let tries: HashSet<_> = (0..FNAT_TRIES).map(|i| candidate(&c, h, i)).collect();
+        assert_eq!(tries.len(), FNAT_TRIES as usize, "distinct candidates");
+        // Two flows of one client (ports next to each other) start on
+        // different candidates: two CPUs allocating at once do not collide.
+        let mut firsts = HashSet::new();
+        for port in 40000..40100 {
+            firsts.insert(candidate(&c, flow_seed(&key(0xc612_0a01, port), 0x1234), 0));
+        }
+        assert!(
+            firsts.len() >= 99,
+            "{} distinct first candidates",
+            firsts.len()
+        );
+        // The seed decides: another table's seed draws other ports.
+        let other = flow_seed(&key(0xc612_0a01, 40000), 0x4321);
+        assert_ne!(candidate(&c, h, 0), candidate(&c, other, 0));
+    }
+
+    /// The allocator against a simulated `FNAT_REPLIES` (insert if absent):
+    /// it never hands out a taken tuple, fills a small pool almost whole,
+    /// and refuses (never collides) once the pool is full.
+    #[test]
+    fn allocation_never_collides_and_refuses_when_the_pool_is_full() {
+        let c = conf(&[0x0a00_0001], 2000, 2063); // 64 ports
+        let backend = (0xc612_1401, 80u16.to_be());
+        let mut claims = HashSet::new();
+        let mut refused = 0;
+        for port in 0..2000u16 {
+            let h = flow_seed(&key(0xc612_0a01, 10000 + port), 7);
+            let got = (0..FNAT_TRIES).find_map(|i| {
+                let source = candidate(&c, h, i)?;
+                claims
+                    .insert(reply_tuple(backend, source, IPPROTO_TCP))
+                    .then_some(source)
+            });
+            if got.is_none() {
+                refused += 1;
+            }
+        }
+        assert_eq!(claims.len(), 64, "the whole pool is handed out, once each");
+        assert_eq!(refused, 2000 - 64);
+        // Another backend has a pool of its own.
+        let other = (0xc612_1402, 80u16.to_be());
+        let h = flow_seed(&key(0xc612_0a01, 9), 7);
+        let source = candidate(&c, h, 0).unwrap();
+        assert!(claims.insert(reply_tuple(other, source, IPPROTO_TCP)));
+    }
+
+    #[test]
+    fn expected_tries_follow_the_pools_fill() {
+        // At half full, a flow needs about two tries on average and is
+        // refused about once in 2^8: the note's figures.
+        let c = conf(&[1], 10000, 10000 + 4095);
+        let backend = (2, 80u16.to_be());
+        let mut claims = HashSet::new();
+        let (mut tries, mut flows, mut refused) = (0u32, 0u32, 0u32);
+        let mut port = 0u16;
+        while claims.len() < 2048 {
+            let h = flow_seed(&key(0xc612_0a01, port), 3);
+            port = port.wrapping_add(1);
+            let n = (0..FNAT_TRIES).position(|i| {
+                let source = candidate(&c, h, i).unwrap();
+                claims.insert(reply_tuple(backend, source, IPPROTO_UDP))
+            });
+            flows += 1;
+            match n {
+                Some(n) => tries += n as u32 + 1,
+                None => refused += 1,
+            }
+        }
+        let mean = tries as f64 / (flows - refused) as f64;
+        assert!(mean < 1.6, "mean tries {mean} filling to half");
+        // Expected: the sum of fill^8 over the flows, about one in all.
+        assert!(refused <= 4, "{refused} refused filling to half");
+    }
+
+    #[test]
+    fn only_a_claim_of_an_absent_flow_from_an_earlier_tick_is_reclaimable() {
+        let claim = FnatClaim {
+            forward: key(1, 2),
+            claimed: 10,
+            _pad: 0,
+        };
+        assert!(reclaimable(&claim, 11, false));
+        assert!(!reclaimable(&claim, 11, true), "its flow is still there");
+        assert!(
+            !reclaimable(&claim, 10, false),
+            "claimed this tick: its slot may not be written yet"
+        );
+    }
+
+    #[test]
+    fn only_a_port_of_the_range_may_be_a_reply_while_there_are_sources() {
+        let c = conf(&[5, 6], 1000, 2000);
+        for port in [1000u16, 1500, 2000] {
+            assert!(may_be_reply(&c, port.to_be()), "{port}");
+        }
+        for port in [999u16, 2001, 40000] {
+            assert!(!may_be_reply(&c, port.to_be()), "{port}");
+        }
+        let none = conf(&[], 1000, 2000);
+        assert!(!may_be_reply(&none, 1500u16.to_be()), "no sources: none");
+    }
+
+    fn frame(
+        udp: bool,
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64);
+        let mut out = Vec::new();
+        if udp {
+            b.udp(sport, dport).write(&mut out, payload).expect("udp");
+        } else {
+            b.tcp(sport, dport, 1234, 4096)
+                .ack(99)
+                .write(&mut out, payload)
+                .expect("tcp");
+        }
+        out
+    }
+
+    fn read<T: Copy>(buf: &[u8], at: usize) -> T {
+        // SAFETY: tests hand in buffers long enough for T at `at`.
+        unsafe { core::ptr::read_unaligned(buf[at..].as_ptr().cast()) }
+    }
+
+    fn write<T: Copy>(buf: &mut [u8], at: usize, v: T) {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::write_unaligned(buf[at..].as_mut_ptr().cast(), v) }
+    }
+
+    /// Applies a rewrite to a frame's headers as the XDP program does.
+    fn apply(buf: &mut [u8], f: impl FnOnce(&mut Ipv4Hdr, &mut L4Ports, &mut u16)) {
+        let ip_at = EthHdr::LEN;
+        let mut ip: Ipv4Hdr = read(buf, ip_at);
+        let l4 = ip_at + ip.header_len();
+        let mut ports: L4Ports = read(buf, l4);
+        let at = l4
+            + if ip.protocol == IPPROTO_TCP {
+                TCP_CHECK_OFF
+            } else {
+                UDP_CHECK_OFF
+            };
+        let mut check: u16 = read(buf, at);
+        f(&mut ip, &mut ports, &mut check);
+        write(buf, ip_at, ip);
+        write(buf, l4, ports);
+        write(buf, at, check);
+    }
+
+    /// The frame's tuple, with every checksum recomputed independently
+    /// (etherparse) and compared.
+    fn tuple_of_valid(buf: &[u8]) -> Result<([u8; 4], u16, [u8; 4], u16), TestCaseError> {
+        let p =
+            SlicedPacket::from_ethernet(buf).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            return Err(TestCaseError::fail("not ipv4"));
+        };
+        let hdr = ip.header().to_header();
+        prop_assert_eq!(hdr.header_checksum, hdr.calc_header_checksum());
+        let (sport, dport) = match p.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let want = t
+                    .to_header()
+                    .calc_checksum_ipv4(&hdr, t.payload())
+                    .expect("csum");
+                prop_assert_eq!(t.checksum(), want);
+                (t.source_port(), t.destination_port())
+            }
+            Some(TransportSlice::Udp(u)) => {
+                if u.checksum() != 0 {
+                    let want = u
+                        .to_header()
+                        .calc_checksum_ipv4(&hdr, u.payload())
+                        .expect("csum");
+                    prop_assert_eq!(u.checksum(), want);
+                }
+                (u.source_port(), u.destination_port())
+            }
+            _ => return Err(TestCaseError::fail("no transport")),
+        };
+        Ok((hdr.source, sport, hdr.destination, dport))
+    }
+
+    fn be(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    proptest! {
+        #[test]
+        fn both_directions_translate_and_keep_every_checksum_valid(
+            udp in any::<bool>(),
+            client in any::<[u8; 4]>(), vip in any::<[u8; 4]>(), source in any::<[u8; 4]>(), backend in any::<[u8; 4]>(),
+            cport in any::<u16>(), vport in any::<u16>(), sport in any::<u16>(), bport in any::<u16>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let mut out = frame(udp, client, vip, cport, vport, &payload);
+            apply(&mut out, |ip, ports, check| {
+                to_backend(ip, ports, check, (be(source), sport.to_be()), (be(backend), bport.to_be()))
+            });
+            prop_assert_eq!(tuple_of_valid(&out)?, (source, sport, backend, bport));
+            let mut back = frame(udp, backend, source, bport, sport, &payload);
+            apply(&mut back, |ip, ports, check| {
+                to_client(ip, ports, check, (be(vip), vport.to_be()), (be(client), cport.to_be()))
+            });
+            prop_assert_eq!(tuple_of_valid(&back)?, (vip, vport, client, cport));
+        }
+
+        #[test]
+        fn a_udp_datagram_without_checksum_keeps_none(
+            client in any::<[u8; 4]>(), source in any::<[u8; 4]>(), backend in any::<[u8; 4]>(),
+            sport in any::<u16>(),
+        ) {
+            let mut out = frame(true, client, [198, 18, 0, 1], 4000, 53, b"q");
+            let at = EthHdr::LEN + Ipv4Hdr::LEN + UDP_CHECK_OFF;
+            write(&mut out, at, 0u16);
+            apply(&mut out, |ip, ports, check| {
+                to_backend(ip, ports, check, (be(source), sport.to_be()), (be(backend), 53u16.to_be()))
+            });
+            prop_assert_eq!(read::<u16>(&out, at), 0);
+        }
+
+        #[test]
+        fn icmp_errors_translate_both_ways_with_valid_checksums(
+            client in any::<[u8; 4]>(), vip in any::<[u8; 4]>(), source in any::<[u8; 4]>(), backend in any::<[u8; 4]>(),
+            cport in any::<u16>(), vport in any::<u16>(), sport in any::<u16>(), bport in any::<u16>(),
+        ) {
+            // The client's error about a reply (VIP → client) goes to the
+            // backend, quoting the packet as the backend sent it.
+            let quoted = frame(false, vip, client, vport, cport, b"");
+            let mut err = error(client, vip, &quoted[EthHdr::LEN..]);
+            icmp_apply(&mut err, |ip, check, q, ports| {
+                V4::error_to_backend(ip, check, q, ports, be(backend), bport.to_be());
+                error_to_backend_source(ip, check, q, ports, (be(source), sport.to_be()));
+            });
+            prop_assert_eq!(icmp_tuples_of_valid(&err)?, ((source, backend), (backend, bport, source, sport)));
+            // The backend's error about a forward packet (source → backend)
+            // goes to the client, quoting the packet as the client sent it.
+            let quoted = frame(true, source, backend, sport, bport, b"x");
+            let mut err = error(backend, source, &quoted[EthHdr::LEN..]);
+            icmp_apply(&mut err, |ip, check, q, ports| {
+                V4::error_to_client(ip, check, q, ports, be(vip), vport.to_be());
+                error_to_client_destination(ip, check, q, ports, (be(client), cport.to_be()));
+            });
+            prop_assert_eq!(icmp_tuples_of_valid(&err)?, ((vip, client), (client, cport, vip, vport)));
+        }
+    }
+
+    fn error(src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src, dst, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                icmpv4::DestUnreachableHeader::Port,
+            ));
+        let mut out = Vec::new();
+        b.write(&mut out, inner).expect("icmp");
+        out
+    }
+
+    fn icmp_apply(
+        buf: &mut [u8],
+        f: impl FnOnce(&mut Ipv4Hdr, &mut u16, &mut Ipv4Hdr, &mut L4Ports),
+    ) {
+        let ip_at = EthHdr::LEN;
+        let icmp_at = ip_at + Ipv4Hdr::LEN;
+        let q_at = icmp_at + 8;
+        let ports_at = q_at + Ipv4Hdr::LEN;
+        let (mut ip, mut check, mut q, mut ports): (Ipv4Hdr, u16, Ipv4Hdr, L4Ports) = (
+            read(buf, ip_at),
+            read(buf, icmp_at + 2),
+            read(buf, q_at),
+            read(buf, ports_at),
+        );
+        f(&mut ip, &mut check, &mut q, &mut ports);
+        write(buf, ip_at, ip);
+        write(buf, icmp_at + 2, check);
+        write(buf, q_at, q);
+        write(buf, ports_at, ports);
+    }
+
+    /// (outer source, destination), (quoted source, port, destination,
+    /// port), with the outer, ICMP and quoted IP checksums verified.
+    #[allow(clippy::type_complexity)]
+    fn icmp_tuples_of_valid(
+        buf: &[u8],
+    ) -> Result<(([u8; 4], [u8; 4]), ([u8; 4], u16, [u8; 4], u16)), TestCaseError> {
+        let p =
+            SlicedPacket::from_ethernet(buf).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            return Err(TestCaseError::fail("not ipv4"));
+        };
+        let hdr = ip.header().to_header();
+        prop_assert_eq!(hdr.header_checksum, hdr.calc_header_checksum());
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+            return Err(TestCaseError::fail("not icmp"));
+        };
+        prop_assert_eq!(
+            icmp.checksum(),
+            icmp.header().icmp_type.calc_checksum(icmp.payload())
+        );
+        let inner = etherparse::Ipv4HeaderSlice::from_slice(icmp.payload()).expect("quoted");
+        let ih = inner.to_header();
+        prop_assert_eq!(ih.header_checksum, ih.calc_header_checksum());
+        let l4 = &icmp.payload()[Ipv4Hdr::LEN..];
+        let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+        Ok((
+            (hdr.source, hdr.destination),
+            (ih.source, port(0), ih.destination, port(2)),
+        ))
+    }
+}

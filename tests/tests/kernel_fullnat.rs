@@ -1,0 +1,577 @@
+//! Kernel tier, full NAT (issue 25): a full-NAT flow's SYN, the backend's
+//! SYN-ACK, data both ways and FIN rewritten byte for byte (source and
+//! destination both translated, every checksum recomputed independently
+//! by etherparse); the port allocator under collision and exhaustion
+//! (`DropFnatExhausted`); a claim returned when its flow ends; a later
+//! fragment and ICMP errors both ways of a full-NAT flow.
+//!
+//! The real `lb` object run with BPF_PROG_TEST_RUN inside the kernel
+//! tier's throwaway namespace (`lb_tests::kernel_net`): its back interface
+//! b0 holds 198.19.0.1, the default source address.
+//!
+//! Needs root and BPF; without them the tests fail loudly.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+use lb_common::{FlowKey, Verdict};
+use lb_tests::kernel_net::{
+    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT,
+    WEBS, backend, fix_ip_checksum, fragments, icmp_error, lab_config, service, webs,
+};
+use lb_userspace::{
+    config::{Config, Forwarding, FullNatSources, Protocol},
+    harness::xdp::{XDP_DROP, XDP_REDIRECT},
+};
+
+/// The full-NAT services' VIP (TCP 80, UDP 5353).
+const VIP: [u8; 4] = [198, 18, 0, 60];
+/// b0's address: the source full-NAT flows leave with by default.
+const SOURCE: [u8; 4] = [198, 19, 0, 1];
+const CLIENT_SEQ: u32 = 0x1000_0000;
+const WEB_SEQ: u32 = 0x2000_0000;
+
+/// The kernel tier's config plus a TCP and a UDP full-NAT service over
+/// web1..3, with `sources` (empty: the default) and `ports`.
+fn config(sources: &[[u8; 4]], ports: (u16, u16)) -> Config {
+    let mut cfg = lab_config();
+    cfg.dataplane.full_nat = FullNatSources {
+        addresses: sources.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        port_lo: ports.0,
+        port_hi: ports.1,
+    };
+    cfg.services.push(service(
+        "fnat",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Forwarding::FullNat,
+        webs(WEB_PORT),
+    ));
+    cfg.services.push(service(
+        "fnat-udp",
+        VIP,
+        5353,
+        Protocol::Udp,
+        Forwarding::FullNat,
+        webs(WEB_UDP_PORT),
+    ));
+    cfg
+}
+
+/// A TCP segment, every checksum computed by etherparse.
+#[derive(Clone, Copy)]
+struct Seg<'a> {
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    payload: &'a [u8],
+}
+
+impl Seg<'_> {
+    fn build(&self) -> Vec<u8> {
+        let mut b = PacketBuilder::ethernet2(self.macs.0, self.macs.1)
+            .ipv4(self.src.0, self.dst.0, self.ttl)
+            .tcp(self.src.1, self.dst.1, self.seq, 64240);
+        if self.syn {
+            b = b.syn();
+        }
+        if let Some(ack) = self.ack {
+            b = b.ack(ack);
+        }
+        if self.fin {
+            b = b.fin();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, self.payload).expect("tcp frame");
+        out
+    }
+}
+
+/// The client's SYN from `port` to the full-NAT VIP.
+fn syn(port: u16) -> Seg<'static> {
+    Seg {
+        macs: (CLIENT_MAC, FRONT_MAC),
+        src: (CLIENT, port),
+        dst: (VIP, 80),
+        ttl: 64,
+        seq: CLIENT_SEQ,
+        ack: None,
+        syn: true,
+        fin: false,
+        payload: b"",
+    }
+}
+
+/// Where a frame sent to a web went: (web index, source address, port).
+fn sent(frame: &[u8]) -> (usize, [u8; 4], u16) {
+    let web = WEB_MACS
+        .iter()
+        .position(|m| frame[..6] == m[..])
+        .unwrap_or_else(|| panic!("not sent to a web: {:02x?}", &frame[..6]));
+    let source = frame[26..30].try_into().expect("address");
+    (web, source, u16::from_be_bytes([frame[34], frame[35]]))
+}
+
+/// The full-NAT claims: (reply tuple, forward key), host order.
+fn claims(h: &Harness) -> Vec<(FlowKey, FlowKey)> {
+    h.dp.fnat_claims()
+        .expect("FNAT_REPLIES")
+        .into_iter()
+        .map(|(k, c)| (k, c.forward))
+        .collect()
+}
+
+fn raw(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// A handshake through the LB: the SYN from `port` (checked byte for byte),
+/// the web's SYN-ACK back (checked), the client's ACK. Returns the web's
+/// index and the source port the flow was given.
+fn handshake(h: &mut Harness, port: u16, source: [u8; 4]) -> (usize, u16) {
+    let out = h.expect(
+        h.front,
+        &syn(port).build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    let (web, from, sport) = sent(&out);
+    assert_eq!(from, source, "the flow leaves with the source address");
+    let want = Seg {
+        macs: (BACK_MAC, WEB_MACS[web]),
+        src: (source, sport),
+        dst: (WEBS[web], WEB_PORT),
+        ttl: 63,
+        ..syn(port)
+    };
+    assert_eq!(out, want.build(), "the SYN, both ends translated");
+    // The claim names the flow: reply tuple web → source:port.
+    let tuple = FlowKey {
+        saddr: raw(WEBS[web]),
+        daddr: raw(source),
+        sport: WEB_PORT.to_be(),
+        dport: sport.to_be(),
+        protocol: 6,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let forward = claims(h)
+        .into_iter()
+        .find(|(k, _)| *k == tuple)
+        .map(|(_, f)| f)
+        .expect("the SYN's claim");
+    assert_eq!(
+        (forward.saddr, forward.sport, forward.daddr, forward.dport),
+        (raw(CLIENT), port.to_be(), raw(VIP), 80u16.to_be())
+    );
+    let syn_ack = Seg {
+        macs: (WEB_MACS[web], BACK_MAC),
+        src: (WEBS[web], WEB_PORT),
+        dst: (source, sport),
+        ttl: 64,
+        seq: WEB_SEQ,
+        ack: Some(CLIENT_SEQ + 1),
+        syn: true,
+        fin: false,
+        payload: b"",
+    };
+    let back = h.expect(
+        h.back,
+        &syn_ack.build(),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
+    let want = Seg {
+        macs: (FRONT_MAC, CLIENT_MAC),
+        src: (VIP, 80),
+        dst: (CLIENT, port),
+        ttl: 63,
+        ..syn_ack
+    };
+    assert_eq!(
+        back,
+        want.build(),
+        "the SYN-ACK, as the VIP's to the client"
+    );
+    let ack = Seg {
+        seq: CLIENT_SEQ + 1,
+        ack: Some(WEB_SEQ + 1),
+        syn: false,
+        ..syn(port)
+    };
+    let out = h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+    let want = Seg {
+        macs: (BACK_MAC, WEB_MACS[web]),
+        src: (source, sport),
+        dst: (WEBS[web], WEB_PORT),
+        ttl: 63,
+        ..ack
+    };
+    assert_eq!(out, want.build(), "the handshake's ACK");
+    (web, sport)
+}
+
+#[test]
+fn a_full_nat_flow_is_translated_byte_for_byte_both_ways_through_fin() {
+    let net = TestNet::new();
+    net.run(|| {
+        // No source-addresses: b0's own address, the route's source.
+        let mut h = Harness::new(&config(&[], (1024, 32767)));
+        let conf = h.dp.fnat_conf().expect("FNAT_CONF");
+        assert_eq!((conf.count, conf.addrs[0]), (1, raw(SOURCE)));
+        let (web, sport) = handshake(&mut h, 40000, SOURCE);
+        assert!((1024..=32767).contains(&sport), "port {sport} in the range");
+        // The flow is established: promoted by the ACK of the answered
+        // handshake, one slot, found from either direction.
+        let flows = h.dp.established_table().expect("ESTABLISHED").entries();
+        assert!(
+            flows
+                .iter()
+                .any(|(k, _)| k.saddr == raw(CLIENT) && k.sport == 40000u16.to_be()),
+            "the flow is established"
+        );
+
+        let request = Seg {
+            seq: CLIENT_SEQ + 1,
+            ack: Some(WEB_SEQ + 1),
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..syn(40000)
+        };
+        let out = h.expect(h.front, &request.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let to_web = |seg: Seg| {
+            Seg {
+                macs: (BACK_MAC, WEB_MACS[web]),
+                src: (SOURCE, sport),
+                dst: (WEBS[web], WEB_PORT),
+                ttl: 63,
+                ..seg
+            }
+            .build()
+        };
+        assert_eq!(out, to_web(request), "client data");
+        let answer = Seg {
+            macs: (WEB_MACS[web], BACK_MAC),
+            src: (WEBS[web], WEB_PORT),
+            dst: (SOURCE, sport),
+            ttl: 64,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 1 + 18),
+            syn: false,
+            fin: false,
+            payload: b"HTTP/1.1 200 OK\r\n\r\nhello",
+        };
+        let to_client = |seg: Seg| {
+            Seg {
+                macs: (FRONT_MAC, CLIENT_MAC),
+                src: (VIP, 80),
+                dst: (CLIENT, 40000),
+                ttl: 63,
+                ..seg
+            }
+            .build()
+        };
+        let back = h.expect(
+            h.back,
+            &answer.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(back, to_client(answer), "backend data");
+
+        // FIN both ways, each translated.
+        let fin = Seg {
+            fin: true,
+            payload: b"",
+            seq: CLIENT_SEQ + 1 + 18,
+            ack: Some(WEB_SEQ + 1 + 25),
+            ..request
+        };
+        let out = h.expect(h.front, &fin.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, to_web(fin), "client FIN");
+        let web_fin = Seg {
+            fin: true,
+            payload: b"",
+            seq: WEB_SEQ + 1 + 25,
+            ack: Some(CLIENT_SEQ + 1 + 19),
+            ..answer
+        };
+        let back = h.expect(
+            h.back,
+            &web_fin.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(back, to_client(web_fin), "backend FIN");
+
+        // A segment to the source address that no claim names is not
+        // translated: the kernel gets it.
+        let stray = Seg {
+            src: (WEBS[web], WEB_PORT),
+            dst: (SOURCE, sport.wrapping_add(1).max(1024)),
+            ..answer
+        };
+        let (action, out) = h.run(h.back, &stray.build());
+        assert_ne!(action, XDP_REDIRECT);
+        assert_eq!(out, stray.build(), "untouched");
+    });
+}
+
+#[test]
+fn udp_datagrams_are_translated_both_ways() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config(&[SOURCE], (1024, 32767)));
+        let request = |payload: &[u8]| {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+                .ipv4(CLIENT, VIP, 64)
+                .udp(5000, 5353)
+                .write(&mut out, payload)
+                .expect("udp");
+            out
+        };
+        let out = h.expect(
+            h.front,
+            &request(b"query"),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let (web, from, sport) = sent(&out);
+        assert_eq!(from, SOURCE);
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(BACK_MAC, WEB_MACS[web])
+            .ipv4(SOURCE, WEBS[web], 63)
+            .udp(sport, WEB_UDP_PORT)
+            .write(&mut want, b"query")
+            .expect("udp");
+        assert_eq!(out, want);
+        let mut answer = Vec::new();
+        PacketBuilder::ethernet2(WEB_MACS[web], BACK_MAC)
+            .ipv4(WEBS[web], SOURCE, 64)
+            .udp(WEB_UDP_PORT, sport)
+            .write(&mut answer, b"answer")
+            .expect("udp");
+        let back = h.expect(h.back, &answer, XDP_REDIRECT, Verdict::ForwardedReply);
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(FRONT_MAC, CLIENT_MAC)
+            .ipv4(VIP, CLIENT, 63)
+            .udp(5353, 5000)
+            .write(&mut want, b"answer")
+            .expect("udp");
+        assert_eq!(back, want);
+        // The second datagram keeps its port (and promotes the flow).
+        let out = h.expect(
+            h.front,
+            &request(b"again"),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(sent(&out), (web, SOURCE, sport));
+    });
+}
+
+#[test]
+fn the_allocator_never_collides_and_refuses_a_full_pool() {
+    let net = TestNet::new();
+    net.run(|| {
+        // One backend, one address, four ports: a pool of four.
+        let mut cfg = config(&[SOURCE], (5000, 5003));
+        cfg.services.retain(|s| s.name != "fnat-udp");
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
+        let mut h = Harness::new(&cfg);
+        let (mut forwarded, mut refused) = (0, 0);
+        let mut given = Vec::new();
+        for port in 41000..41020 {
+            let before = h.verdicts();
+            let (action, out) = h.run(h.front, &syn(port).build());
+            let after = h.verdicts();
+            let grew = |v: Verdict| lb_tests::kernel_net::verdict_delta(&before, &after, v) == 1;
+            if grew(Verdict::Forwarded) {
+                assert_eq!(action, XDP_REDIRECT);
+                let (_, source, sport) = sent(&out);
+                assert_eq!(source, SOURCE);
+                given.push((port, sport));
+                forwarded += 1;
+            } else {
+                assert!(grew(Verdict::DropFnatExhausted), "SYN {port}: {after:?}");
+                assert_eq!(action, XDP_DROP);
+                refused += 1;
+            }
+        }
+        let mut ports: Vec<u16> = given.iter().map(|&(_, sport)| sport).collect();
+        ports.sort_unstable();
+        assert_eq!(
+            ports,
+            [5000, 5001, 5002, 5003],
+            "each port once, no collision"
+        );
+        assert_eq!((forwarded, refused), (4, 16));
+        assert_eq!(
+            claims(&h).len(),
+            4,
+            "one claim per flow, none for refused SYNs"
+        );
+        // A retransmitted SYN of a flow that has a port keeps it.
+        let (client_port, sport) = given[0];
+        let (action, out) = h.run(h.front, &syn(client_port).build());
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(sent(&out).2, sport);
+        assert_eq!(claims(&h).len(), 4);
+    });
+}
+
+#[test]
+fn a_flows_claim_returns_to_the_pool_when_the_flow_ends() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = config(&[SOURCE], (1024, 32767));
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
+        let mut h = Harness::new(&cfg);
+        let (_, sport) = handshake(&mut h, 40100, SOURCE);
+        assert_eq!(claims(&h).len(), 1);
+        // web1 leaves the service (its flows drop): the flow's next packet
+        // is dropped and its flow removed, and its claim with it.
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web2", WEBS[1], WEB_PORT)];
+        h.dp.apply(&cfg).expect("apply");
+        let data = Seg {
+            seq: CLIENT_SEQ + 1,
+            ack: Some(WEB_SEQ + 1),
+            syn: false,
+            payload: b"x",
+            ..syn(40100)
+        };
+        h.expect(h.front, &data.build(), XDP_DROP, Verdict::DropBackendGone);
+        assert!(claims(&h).is_empty(), "port {sport} returned to the pool");
+    });
+}
+
+#[test]
+fn a_later_fragment_and_icmp_errors_both_ways_follow_the_full_nat_flow() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config(&[SOURCE], (1024, 32767)));
+        let (web, sport) = handshake(&mut h, 40200, SOURCE);
+        // A data segment in two fragments: the first carries the ports, the
+        // later ones follow it by FRAGS (only their IP header is translated).
+        let data = Seg {
+            seq: CLIENT_SEQ + 1,
+            ack: Some(WEB_SEQ + 1),
+            syn: false,
+            payload: &[7; 40],
+            ..syn(40200)
+        };
+        let pieces = fragments(&data.build(), 0x4242, 24);
+        assert_eq!(pieces.len(), 3);
+        for (i, piece) in pieces.iter().enumerate() {
+            let out = h.expect(h.front, piece, XDP_REDIRECT, Verdict::Forwarded);
+            if i == 0 {
+                continue;
+            }
+            // Only the IP header changes: both addresses, TTL, checksum.
+            let mut want = piece.clone();
+            want[..6].copy_from_slice(&WEB_MACS[web]);
+            want[6..12].copy_from_slice(&BACK_MAC);
+            want[22] = 63;
+            want[26..30].copy_from_slice(&SOURCE);
+            want[30..34].copy_from_slice(&WEBS[web]);
+            fix_ip_checksum(&mut want);
+            assert_eq!(out, want, "fragment {i}");
+        }
+
+        // web's "port unreachable" about a packet the LB sent it (source →
+        // web) goes to the client, as the VIP's, quoting the packet as the
+        // client sent it.
+        let quoted = Seg {
+            macs: (BACK_MAC, WEB_MACS[web]),
+            src: (SOURCE, sport),
+            dst: (WEBS[web], WEB_PORT),
+            ttl: 63,
+            ..data
+        }
+        .build();
+        let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let error = icmp_error(
+            (WEB_MACS[web], BACK_MAC),
+            WEBS[web],
+            SOURCE,
+            64,
+            unreachable.clone(),
+            &quoted[14..],
+        );
+        let out = h.expect(h.back, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
+        let mut as_client_sent = Seg {
+            macs: (CLIENT_MAC, FRONT_MAC),
+            ttl: 63,
+            ..data
+        }
+        .build();
+        // The quoted TCP checksum is left as quoted (it covers bytes the
+        // error does not carry whole; no receiver checks it).
+        as_client_sent[50..52].copy_from_slice(&quoted[50..52]);
+        let want = icmp_error(
+            (FRONT_MAC, CLIENT_MAC),
+            VIP,
+            CLIENT,
+            63,
+            unreachable.clone(),
+            &as_client_sent[14..],
+        );
+        assert_eq!(out, want, "the web's error, to the client");
+
+        // The client's error about a reply (VIP → client) goes to the web,
+        // from the source address, quoting the reply as the web sent it.
+        let reply = Seg {
+            macs: (FRONT_MAC, CLIENT_MAC),
+            src: (VIP, 80),
+            dst: (CLIENT, 40200),
+            ttl: 63,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 41),
+            syn: false,
+            fin: false,
+            payload: b"hello",
+        }
+        .build();
+        let error = icmp_error(
+            (CLIENT_MAC, FRONT_MAC),
+            CLIENT,
+            VIP,
+            64,
+            unreachable.clone(),
+            &reply[14..],
+        );
+        let out = h.expect(h.front, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
+        let mut as_web_sent = Seg {
+            macs: (WEB_MACS[web], BACK_MAC),
+            src: (WEBS[web], WEB_PORT),
+            dst: (SOURCE, sport),
+            ttl: 63,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 41),
+            syn: false,
+            fin: false,
+            payload: b"hello",
+        }
+        .build();
+        as_web_sent[50..52].copy_from_slice(&reply[50..52]);
+        let want = icmp_error(
+            (BACK_MAC, WEB_MACS[web]),
+            SOURCE,
+            WEBS[web],
+            63,
+            unreachable,
+            &as_web_sent[14..],
+        );
+        assert_eq!(out, want, "the client's error, to the web");
+    });
+}
