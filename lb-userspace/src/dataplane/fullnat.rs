@@ -3,7 +3,10 @@
 //! apply) and `FNAT_REPLIES` read back (the claims: ports in use per
 //! source address).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use lb_common::{FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf};
 
@@ -28,7 +31,12 @@ pub fn sources(cfg: &Config, route: impl Fn(Ipv4Addr) -> Option<Ipv4Addr>) -> Ve
         .filter(|s| s.forwarding == Forwarding::FullNat)
         .flat_map(|s| &s.backends);
     for backend in backends {
-        if let Some(source) = route(*backend.address.ip())
+        // IPv4 only: the config's gate refuses an IPv6 service (and so an
+        // IPv6 backend) until the data plane balances IPv6.
+        let IpAddr::V4(address) = backend.address.ip() else {
+            continue;
+        };
+        if let Some(source) = route(address)
             && !found.contains(&source)
             && found.len() < FNAT_MAX_SOURCES
         {
@@ -131,7 +139,7 @@ mod tests {
         };
         let backend = |ip: [u8; 4]| Backend {
             name: format!("{ip:?}"),
-            address: SocketAddrV4::new(ip.into(), 8080),
+            address: SocketAddrV4::new(ip.into(), 8080).into(),
             weight: 1,
             backup: false,
             health: None,
@@ -140,7 +148,7 @@ mod tests {
         cfg.services = vec![Service {
             firewall: Default::default(),
             name: "www".into(),
-            vip: SocketAddrV4::new([198, 18, 0, 10].into(), 80),
+            vip: SocketAddrV4::new([198, 18, 0, 10].into(), 80).into(),
             protocol: Protocol::Tcp,
             forwarding,
             scheduler: Scheduler::RoundRobin,
@@ -153,6 +161,7 @@ mod tests {
                 backend([198, 20, 0, 11]),
             ],
             limits: Default::default(),
+            proxy_protocol: None,
         }];
         cfg
     }
