@@ -11,7 +11,7 @@
 //! docs/architecture.md ("Full NAT") says what it costs.
 
 use crate::{
-    hash::seeded_flow_hash,
+    hash::{mix, seeded_flow_hash},
     headers::{Ipv4Hdr, L4Ports},
     icmp,
     maps::{FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf},
@@ -27,17 +27,6 @@ pub const FNAT_TRIES: u32 = 8;
 /// health checks) never take a port a flow holds.
 pub const DEFAULT_PORT_LO: u16 = 1024;
 pub const DEFAULT_PORT_HI: u16 = 32767;
-
-/// Spreads a word (murmur3's finaliser, as `hash`).
-#[inline(always)]
-const fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
-}
 
 /// A flow's allocation hash: its forward key's hash under the table's
 /// secret seed, so a client cannot choose the ports its flows draw.

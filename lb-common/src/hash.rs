@@ -5,8 +5,10 @@
 
 use crate::{FlowKey, FlowKey6, ipv6::Addr6};
 
+/// Spreads a word (murmur3's 32-bit finaliser); full NAT's allocation
+/// hash uses it too.
 #[inline(always)]
-const fn mix(mut h: u32) -> u32 {
+pub(crate) const fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
