@@ -1,0 +1,370 @@
+//! Full NAT behind several LBs (issue 25, "Several LBs"): two LBs behind
+//! the multi-LB lab's BGP/ECMP router share full-NAT services, each
+//! translating from its own source address (`[dataplane] source-addresses`,
+//! `lb_source_addr(n)` on its back interface), to webs that have no route
+//! to the clients at all (a blackhole default route, no VIP on `lo`). Each
+//! web's reply goes to the source address of the LB that translated its
+//! flow, so both LBs carry connections. Then lb1 is cut off as a dead host
+//! would be (its front switch port stops forwarding; BFD tells the router),
+//! under load: keep-alive connections asking every 20 ms and a new
+//! connection every 20 ms. The test measures and checks what README's
+//! "What survives what" says of full NAT: new connections succeed through
+//! lb2 once the route has moved (how long that takes), every connection
+//! lb1 translated ends (its source address was on lb1: how many, of how
+//! many, and how), and lb2's own carry on.
+//!
+//! Two services, to show how the dead LB's flows end under each kind of
+//! scheduler: `www` on the VIP (`maglev`) — lb2 picks the flow up by its
+//! hash and sends it from its own source address, and the web, which has
+//! no such connection, resets it — and `www-rr` on `RR_VIP` (round robin)
+//! — lb2 has no flow and cannot schedule a segment without SYN
+//! (`drop_no_flow`), so the connection stalls until the client gives up.
+//!
+//! Needs root, BIRD and the `lb` binary in `LB_BIN` (`cargo xtask test`
+//! provides them); fails loudly without them. The lab is built under a
+//! unique prefix and removed even on failure (its guard).
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{FlowKey, FnatClaim};
+use lb_tests::multi_lb::{ConnLog, HELD, Ha, Held, ROUTE_FAILOVER};
+use lb_userspace::{
+    config::Forwarding,
+    harness::{
+        lab::{
+            HA_CLIENT, Lab, RR_VIP, VIP, ha_service, http_get, lb_back_addr, lb_front_addr,
+            lb_source_addr, vip_http,
+        },
+        netns::{self, in_netns},
+    },
+};
+
+/// A new connection answered within this is prompt; a SYN lost on the
+/// dead path is retransmitted after 1 s.
+const PROMPT: Duration = Duration::from_millis(300);
+/// After the route has moved: time for TCP's retransmissions on the
+/// surviving LB's connections and for the new-connection stream to show
+/// the steady state.
+const AFTER_FAILOVER: Duration = Duration::from_secs(3);
+
+fn rr_http() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(RR_VIP, 80))
+}
+
+/// LB `n`'s config: `www` (`maglev`) and `www-rr` (round robin), full NAT
+/// from the LB's own source address.
+fn config(lab: &Lab, n: usize, med: u32) -> String {
+    lab.ha_config(n, Forwarding::FullNat, "maglev", med)
+        + &ha_service("www-rr", RR_VIP, "round-robin")
+}
+
+/// LB `n`'s full-NAT claims (`FNAT_REPLIES`, read from its pins): reply
+/// tuple (web → source address:port) → the flow's forward key.
+fn claims(lab: &Lab, n: usize) -> Result<Vec<(FlowKey, FnatClaim)>> {
+    let path = lab.pin_dir_of(n).join("FNAT_REPLIES");
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: HashMap<MapData, FlowKey, FnatClaim> =
+        HashMap::try_from(Map::HashMap(data)).context("FNAT_REPLIES as a hash map")?;
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading lb{n}'s FNAT_REPLIES"))
+}
+
+/// The client ports of the flows LB `n` has translated, after checking that
+/// every claim is from its own source address and for the lab's client.
+fn client_ports(lab: &Lab, n: usize) -> Result<BTreeSet<u16>> {
+    let mut ports = BTreeSet::new();
+    for (reply, claim) in claims(lab, n)? {
+        let source = Ipv4Addr::from(u32::from_be(reply.daddr));
+        ensure!(
+            source == lb_source_addr(n),
+            "lb{n} translated a flow from {source}, not its own source address {}",
+            lb_source_addr(n)
+        );
+        let client = Ipv4Addr::from(u32::from_be(claim.forward.saddr));
+        ensure!(client == HA_CLIENT, "lb{n} has a flow of {client}");
+        ports.insert(u16::from_be(claim.forward.sport));
+    }
+    Ok(ports)
+}
+
+/// The peers of every web's established TCP connections on port 80.
+fn web_peers(lab: &Lab) -> Result<BTreeSet<Ipv4Addr>> {
+    let mut peers = BTreeSet::new();
+    for w in 1..=3 {
+        let out = netns::ns_run(
+            &lab.web_ns(w),
+            &["ss", "-Htn", "state", "established", "sport", "= :80"],
+        )?;
+        // Columns: Recv-Q Send-Q Local:Port Peer:Port.
+        for line in out.lines() {
+            let peer = line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|p| p.rsplit_once(':'))
+                .and_then(|(addr, _)| addr.parse().ok())
+                .with_context(|| format!("web{w}: unreadable ss line {line:?}"))?;
+            peers.insert(peer);
+        }
+    }
+    Ok(peers)
+}
+
+/// One new connection of the stream.
+#[derive(Debug)]
+struct Attempt {
+    at: Instant,
+    took: Duration,
+    error: Option<String>,
+}
+
+impl Attempt {
+    fn prompt(&self) -> bool {
+        self.error.is_none() && self.took <= PROMPT
+    }
+}
+
+/// A new connection every 20 ms until stopped, to each of `services` in
+/// turn, each on a thread of its own (so a slow one does not hold back the
+/// next) and timed.
+fn timed_stream(
+    lab: &Lab,
+    services: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<Vec<Attempt>>> {
+    let ns = lab.client_ns();
+    thread::spawn(move || {
+        let mut running = Vec::new();
+        for service in services.iter().cycle() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (ns, service) = (ns.clone(), *service);
+            running.push(thread::spawn(move || {
+                in_netns(&ns, || {
+                    let at = Instant::now();
+                    let error = http_get(service, "/").err().map(|e| format!("{e:#}"));
+                    Attempt {
+                        at,
+                        took: at.elapsed(),
+                        error,
+                    }
+                })
+            }));
+            thread::sleep(Duration::from_millis(20));
+        }
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a connection thread panicked"))?
+            })
+            .collect()
+    })
+}
+
+/// What the new connections saw from the cut on.
+#[derive(Debug)]
+struct NewConnections {
+    /// Attempts that ended after the cut.
+    total: usize,
+    failed: Vec<String>,
+    /// Answered, but not promptly (a SYN retransmitted).
+    slow: usize,
+    slowest: Duration,
+    /// From the cut to the start of the last attempt that was not prompt:
+    /// every new connection started later was answered at once.
+    settled_after: Duration,
+}
+
+fn new_connections(attempts: &[Attempt], cut: Instant) -> NewConnections {
+    let after: Vec<&Attempt> = attempts.iter().filter(|a| a.at + a.took > cut).collect();
+    let bad: Vec<&&Attempt> = after.iter().filter(|a| !a.prompt()).collect();
+    NewConnections {
+        total: after.len(),
+        failed: after.iter().filter_map(|a| a.error.clone()).collect(),
+        slow: bad.iter().filter(|a| a.error.is_none()).count(),
+        slowest: after.iter().map(|a| a.took).max().unwrap_or_default(),
+        settled_after: bad
+            .iter()
+            .map(|a| a.at.saturating_duration_since(cut))
+            .max()
+            .unwrap_or_default(),
+    }
+}
+
+/// How a connection ended: reset by the web (through lb2), or timed out.
+fn how(log: &ConnLog) -> &'static str {
+    match &log.error {
+        None => "alive",
+        Some(e) if e.contains("reset") => "reset",
+        Some(e) if e.contains("timed out") || e.contains("Resource temporarily") => "timed out",
+        Some(_) => "other error",
+    }
+}
+
+#[test]
+fn two_lbs_share_a_full_nat_service_and_only_the_dead_lbs_connections_end() -> Result<()> {
+    let services = [vip_http(), rr_http()];
+    let ha = Ha::up_configured(2, Forwarding::FullNat, [0, 0], &[VIP, RR_VIP], config)?;
+    ha.lab.cut_webs_off()?;
+
+    // Both LBs carry connections, each from its own source address.
+    let held = Held::open_to(&ha.lab, HELD, &services)?;
+    thread::sleep(Duration::from_millis(500));
+    let ports = [client_ports(&ha.lab, 1)?, client_ports(&ha.lab, 2)?];
+    let packets = [ha.packets(1)?, ha.packets(2)?];
+    let peers = web_peers(&ha.lab)?;
+    println!(
+        "before: lb1 {} flows ({} packets), lb2 {} flows ({} packets); the webs' peers on :80: {peers:?}",
+        ports[0].len(),
+        packets[0],
+        ports[1].len(),
+        packets[1]
+    );
+    ensure!(
+        !ports[0].is_empty() && !ports[1].is_empty() && packets[0] > 0 && packets[1] > 0,
+        "ECMP must use both LBs: {ports:?}, packets {packets:?}\n{}",
+        ha.logs()
+    );
+    // The webs see the LBs' source addresses (and the LBs' back addresses,
+    // their health checks), never the client.
+    let lbs: BTreeSet<Ipv4Addr> = (1..=2)
+        .flat_map(|n| [lb_source_addr(n), lb_back_addr(n)])
+        .collect();
+    ensure!(
+        peers.contains(&lb_source_addr(1)) && peers.contains(&lb_source_addr(2)),
+        "the webs do not see both source addresses: {peers:?}"
+    );
+    ensure!(
+        peers.is_subset(&lbs) && !peers.contains(&HA_CLIENT),
+        "the webs see other peers than the LBs: {peers:?}"
+    );
+
+    // lb1 dies under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = timed_stream(&ha.lab, services.to_vec(), stop.clone());
+    thread::sleep(Duration::from_secs(1));
+    let cut = Instant::now();
+    ha.lab.set_lb_reachable(1, false)?;
+    let converged = [VIP, RR_VIP]
+        .iter()
+        .map(|vip| {
+            ha.lab
+                .wait_for_route_to(*vip, &[lb_front_addr(2)], ROUTE_FAILOVER)
+        })
+        .collect::<Result<Vec<_>>>();
+    let convergence = cut.elapsed();
+    thread::sleep(AFTER_FAILOVER);
+    stop.store(true, Ordering::Relaxed);
+    let logs = held.close();
+    let attempts = stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))??;
+    converged.context(ha.logs())?;
+    let new = new_connections(&attempts, cut);
+    // lb2's claims are still all from its own address (the flows it picked
+    // up included), and it forwarded the new connections.
+    client_ports(&ha.lab, 2)?;
+    let lb2_packets = ha.packets(2)?;
+
+    // Each held connection by the LB that translated it.
+    let mut by_lb: [Vec<&ConnLog>; 2] = [Vec::new(), Vec::new()];
+    for log in &logs {
+        let port = log
+            .local
+            .context("a held connection without its address")?
+            .port();
+        let n = ports
+            .iter()
+            .position(|p| p.contains(&port))
+            .with_context(|| {
+                format!("no LB translated the connection from port {port}: {log:?}")
+            })?;
+        by_lb[n].push(log);
+    }
+    println!(
+        "full NAT, two LBs, lb1 cut off: route converged in {convergence:?}; new connections: {} after the cut, \
+         {} failed, {} slow, slowest {:?}, all answered at once from {:?} after the cut",
+        new.total,
+        new.failed.len(),
+        new.slow,
+        new.slowest,
+        new.settled_after
+    );
+    for (service, scheduler) in [(vip_http(), "maglev"), (rr_http(), "round-robin")] {
+        let of = |n: usize| -> Vec<&&ConnLog> {
+            by_lb[n]
+                .iter()
+                .filter(|c| c.service == Some(service))
+                .collect()
+        };
+        let (dead, alive) = (of(0), of(1));
+        let broken = |v: &[&&ConnLog]| v.iter().filter(|c| c.error.is_some()).count();
+        let ways: BTreeSet<&str> = dead.iter().map(|c| how(c)).collect();
+        let gap = alive
+            .iter()
+            .map(|c| c.longest_gap)
+            .max()
+            .unwrap_or_default();
+        println!(
+            "  {scheduler} ({service}): {} of {} held connections via lb1, {} of them broken ({ways:?}); \
+             {} via lb2, {} broken, longest gap {gap:?}",
+            dead.len(),
+            dead.len() + alive.len(),
+            broken(&dead),
+            alive.len(),
+            broken(&alive)
+        );
+        for c in dead.iter().chain(&alive).filter(|c| c.error.is_some()) {
+            println!(
+                "    from {:?} after {} answers from {}: {:?}",
+                c.local, c.answers, c.backend, c.error
+            );
+        }
+        // Every connection lb1 translated ends: its source address was
+        // on lb1. lb2's carry on, untouched.
+        ensure!(
+            broken(&dead) == dead.len(),
+            "{scheduler}: a connection lb1 translated survived it: {dead:#?}"
+        );
+        ensure!(
+            broken(&alive) == 0,
+            "{scheduler}: a connection lb2 translated broke: {alive:#?}"
+        );
+        ensure!(
+            gap < Duration::from_secs(2),
+            "{scheduler}: lb2's connections stalled {gap:?}"
+        );
+    }
+    ensure!(
+        !by_lb[0].is_empty() && !by_lb[1].is_empty(),
+        "the held connections did not use both LBs"
+    );
+
+    // New connections: none fails; lb2 takes them as soon as the route
+    // has moved (a SYN that went to lb1 before is retransmitted to lb2).
+    ensure!(new.failed.is_empty(), "new connections failed: {new:#?}");
+    ensure!(
+        new.settled_after < ROUTE_FAILOVER,
+        "new connections were still slow {:?} after the cut: {new:#?}",
+        new.settled_after
+    );
+    ensure!(
+        lb2_packets > packets[1],
+        "lb2 forwarded nothing after the cut: {lb2_packets} packets, {} before",
+        packets[1]
+    );
+    Ok(())
+}
