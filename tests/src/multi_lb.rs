@@ -183,6 +183,8 @@ pub struct Held {
 pub struct ConnLog {
     /// The service address the connection went to.
     pub service: Option<SocketAddr>,
+    /// The connection's own address (the client's address and port).
+    pub local: Option<SocketAddr>,
     /// The web that answered the first request.
     pub backend: String,
     pub answers: usize,
@@ -206,11 +208,13 @@ impl Held {
         for service in services {
             for _ in 0..n {
                 let conn = in_netns(&lab.client_ns(), || HttpConn::connect(*service))??;
+                let local = conn.local_addr()?;
                 let stop = stop.clone();
                 let service = *service;
                 threads.push(thread::spawn(move || {
                     let mut log = ask_until(conn, &stop);
                     log.service = Some(service);
+                    log.local = Some(local);
                     log
                 }));
             }

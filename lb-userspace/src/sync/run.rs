@@ -13,7 +13,8 @@ use std::{
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use lb_common::{
-    Backend, FLOW_F_SYNCED, Flow, FlowConf, FlowKey, NextHop, ServiceConf, ServiceKey,
+    Backend, FLOW_F_FULL_NAT, FLOW_F_SYNCED, Flow, FlowConf, FlowKey, NextHop, ServiceConf,
+    ServiceKey,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, ticks},
     map_names::MapName,
     sync::{SYNC_EVENT_ENDED, SyncConf, SyncEvent},
@@ -251,9 +252,13 @@ pub fn apply(
 }
 
 /// The record a data plane event becomes, `None` for what is not sent: a
-/// flow that came from a peer, or one whose service or backend is gone.
+/// flow that came from a peer, a full-NAT flow (its source address is
+/// this LB's: no peer can translate it, and a peer rejects its records as
+/// of an unknown service — the data plane sends no event when one is
+/// established, but its end and the refresh walk would), or one whose
+/// service or backend is gone.
 pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
-    if ev.flags & FLOW_F_SYNCED != 0 {
+    if ev.flags & (FLOW_F_SYNCED | FLOW_F_FULL_NAT) != 0 {
         return None;
     }
     let service = dir.service_name(ev.service_id)?;
@@ -607,5 +612,61 @@ impl Syncer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{BACKEND_F_IN_USE, MODE_NAT};
+
+    use super::*;
+
+    /// A NAT flow's events become records; a full-NAT flow's (its end, its
+    /// refresh) and a synced flow's are not sent.
+    #[test]
+    fn full_nat_and_synced_flows_are_not_sent() {
+        let addr = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let key = ServiceKey {
+            vip: addr([198, 18, 0, 10]),
+            port: 80u16.to_be(),
+            protocol: 6,
+            _pad: 0,
+        };
+        let conf = |_| {
+            Some(ServiceConf {
+                mode: MODE_NAT,
+                enabled: 1,
+                ..ServiceConf::default()
+            })
+        };
+        let backend = |id| {
+            (id == 1).then_some(Backend {
+                addr: addr([198, 19, 0, 11]),
+                port: 80u16.to_be(),
+                flags: BACKEND_F_IN_USE,
+                service_id: 0,
+                _pad: 0,
+            })
+        };
+        let dir = Directory::build([(key, 0)], conf, backend);
+        let event = |flags| SyncEvent {
+            key: FlowKey {
+                saddr: addr([198, 18, 1, 2]),
+                daddr: key.vip,
+                sport: 40000u16.to_be(),
+                dport: key.port,
+                protocol: 6,
+                ..FlowKey::default()
+            },
+            backend_id: 1,
+            service_id: 0,
+            kind: lb_common::sync::SYNC_EVENT_ENDED,
+            flags,
+            nat: 1,
+            ..SyncEvent::default()
+        };
+        assert!(record_of(&dir, &event(0)).is_some());
+        assert!(record_of(&dir, &event(FLOW_F_FULL_NAT)).is_none());
+        assert!(record_of(&dir, &event(FLOW_F_SYNCED)).is_none());
     }
 }

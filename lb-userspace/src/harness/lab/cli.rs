@@ -32,8 +32,10 @@ pub enum LabCommand {
         /// Namespaces are named {prefix}-client, {prefix}-lb, ...
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
-        /// How the web servers route replies: through the LB (nat) or
-        /// straight to the client (dsr); must match the agent's config
+        /// How the web servers route replies: through the LB (nat),
+        /// straight to the client (dsr), or to the LB's source address
+        /// with no route to the clients (full-nat; with --lbs each LB has
+        /// its own); must match the agent's config
         #[arg(long, value_enum, default_value_t = Mode::Nat)]
         mode: Mode,
         /// Build the multi-LB lab instead: a router running BIRD (BGP, BFD,
@@ -81,6 +83,7 @@ pub enum LabCommand {
 pub enum Mode {
     Nat,
     Dsr,
+    FullNat,
 }
 
 impl From<Mode> for Forwarding {
@@ -88,6 +91,7 @@ impl From<Mode> for Forwarding {
         match mode {
             Mode::Nat => Forwarding::Nat,
             Mode::Dsr => Forwarding::Dsr,
+            Mode::FullNat => Forwarding::FullNat,
         }
     }
 }
@@ -231,6 +235,17 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
             lab.pin_dir_of(n).display()
         );
     }
+    if mode == Forwarding::FullNat {
+        let sources: Vec<String> = (1..=lbs)
+            .map(|n| format!("lb{n} {}", super::lb_source_addr(n)))
+            .collect();
+        println!(
+            "  full NAT: each LB translates from its own source address on lb-back ({}), \
+             so the webs' replies return to the LB that translated the flow; full-NAT flows \
+             are not synced, and those of an LB that dies end with it",
+            sources.join(", ")
+        );
+    }
     super::db_demo::print_databases(&lab);
     println!(
         "  services on every LB: tcp {VIP}:80 and tcp {VIP}:443 (TLS passed through), maglev over web1..web3, \
@@ -262,9 +277,9 @@ fn up_ha(prefix: &str, mode: Forwarding, lbs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the agent configs of both modes into the run dir.
-fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 2]> {
-    let configs = [Forwarding::Nat, Forwarding::Dsr]
+/// Writes the agent configs of every mode into the run dir.
+fn write_configs(lab: &Lab) -> anyhow::Result<[(Forwarding, PathBuf); 3]> {
+    let configs = [Forwarding::Nat, Forwarding::Dsr, Forwarding::FullNat]
         .map(|m| (m, lab.run_dir().join(format!("{}.toml", m.name()))));
     for (mode, path) in &configs {
         let pool = super::site_pool_config(&lab.run_dir(), Some("5s"));
@@ -381,14 +396,14 @@ fn print_instructions(
         "Without the agent, the webs answer directly: ip netns exec {p}-client curl http://{}/",
         web_addr(1)
     );
-    let other = if mode == Forwarding::Nat {
-        Mode::Dsr
-    } else {
-        Mode::Nat
-    };
+    let others: Vec<&str> = configs
+        .iter()
+        .filter(|(m, _)| *m != mode)
+        .map(|(m, _)| m.name())
+        .collect();
     println!(
-        "Other mode:  {lb} lab up --prefix {p} --mode {} (configs: {})",
-        Forwarding::from(other).name(),
+        "Other modes: {lb} lab up --prefix {p} --mode {} (configs: {})",
+        others.join("|"),
         configs
             .iter()
             .map(|(_, path)| path.display().to_string())
@@ -716,6 +731,7 @@ mod tests {
             (site_config(Forwarding::Dsr), false),
             (site_config(Forwarding::Nat) + &pool, true),
             (site_config(Forwarding::Dsr) + &pool, true),
+            (site_config(Forwarding::FullNat) + &pool, true),
             (sample.to_owned(), true),
         ];
         for (text, with_pool) in configs {

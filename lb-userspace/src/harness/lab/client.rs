@@ -73,6 +73,14 @@ impl HttpConn {
         })
     }
 
+    /// The connection's local address: the client's address and port, the
+    /// flow's source as the LB sees it.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.writer
+            .local_addr()
+            .context("reading the local address")
+    }
+
     /// `GET path`, keeping the connection open.
     pub fn get(&mut self, path: &str) -> anyhow::Result<HttpResponse> {
         self.request(path, "keep-alive")

@@ -16,7 +16,11 @@
 //! connection sticks to one LB while the set of LBs is stable. In DSR the
 //! webs reply to the client network through the router's back leg; in NAT
 //! through their default route, lb1 (a second LB's NAT flows do not work:
-//! see README, "Running more than one load balancer").
+//! see README, "Running more than one load balancer"). In full NAT each LB
+//! translates with a source address of its own ([`lb_source_addr`], on its
+//! `lb-back`, named in its config's `[dataplane] source-addresses`): the
+//! webs answer that address on their own subnet, so each reply returns to
+//! the LB that translated its flow, whatever the webs' routes.
 //!
 //! Flow sync (issue 27): [`Lab::ha_sync_config`] gives every LB a `[sync]`
 //! section (its peers: the other LBs' back addresses, port [`SYNC_PORT`];
@@ -81,6 +85,15 @@ pub fn lb_front_addr(n: usize) -> Ipv4Addr {
 pub fn lb_back_addr(n: usize) -> Ipv4Addr {
     let last = if n == 1 { 1 } else { n + 1 };
     Ipv4Addr::new(198, 19, 0, u8::try_from(last).unwrap_or(u8::MAX))
+}
+
+/// LB `n`'s full-NAT source address: 198.19.0.10N, on its `lb-back`
+/// beside its back address (so it answers ARP for it on the back network),
+/// and its config's `[dataplane] source-addresses` in full NAT. One per LB:
+/// a web's reply to it reaches the LB that translated the flow, and no
+/// other.
+pub fn lb_source_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, u8::try_from(100 + n).unwrap_or(u8::MAX))
 }
 
 /// The router's route to the VIP: the LBs it sends flows to.
@@ -163,23 +176,26 @@ impl Lab {
         self.pin_dir().join(format!("lb{n}"))
     }
 
-    /// The agent config of LB `n`: the lab's www service on VIP:80 (and
-    /// www-udp on VIP:5353) over web1..3 with `scheduler`, fast HTTP
-    /// health checks, and `[announce]` through the LB's BIRD with `med`.
+    /// The agent config of LB `n`: the lab's www service on VIP:80 over
+    /// web1..3 with `scheduler` and fast HTTP health checks
+    /// ([`ha_service`]), and `[announce]` through the LB's BIRD with `med`.
     /// Every LB gets the same services in the same order, hence the same
-    /// rings.
+    /// rings. In full NAT, `[dataplane] source-addresses` is the LB's own
+    /// [`lb_source_addr`].
     pub fn ha_config(&self, n: usize, mode: Forwarding, scheduler: &str, med: u32) -> String {
+        let sources = if mode == Forwarding::FullNat {
+            format!("source-addresses = [\"{}\"]\n", lb_source_addr(n))
+        } else {
+            String::new()
+        };
         format!(
-            "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{}\"\n\n\
+            "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"{}\"\n{sources}\n\
              [monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n\n\
-             [announce]\nbird-socket = \"{}\"\ninclude = \"{}\"\nmed = {med}\n\n\
-             [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\nscheduler = \"{scheduler}\"\n\
-             health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
-             backends = [ {} ]\n",
+             [announce]\nbird-socket = \"{}\"\ninclude = \"{}\"\nmed = {med}\n{}",
             mode.name(),
             self.bird_socket_of(n).display(),
             self.include_of(n).display(),
-            web_backends(80),
+            ha_service("www", VIP, scheduler),
         )
     }
 
@@ -195,17 +211,8 @@ impl Lab {
     /// other LB of the lab.
     pub fn ha_sync_config(&self, n: usize, mode: Forwarding, med: u32) -> String {
         let mut toml = self.ha_config(n, mode, "maglev", med);
-        let backends = web_backends(80);
-        for (name, vip, scheduler) in [
-            ("www-rr", RR_VIP, "round-robin"),
-            ("www-lc", LC_VIP, "least-connections"),
-        ] {
-            toml.push_str(&format!(
-                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}:80\"\nscheduler = \"{scheduler}\"\n\
-                 health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
-                 backends = [ {backends} ]\n"
-            ));
-        }
+        toml.push_str(&ha_service("www-rr", RR_VIP, "round-robin"));
+        toml.push_str(&ha_service("www-lc", LC_VIP, "least-connections"));
         toml.push_str(&self.sync_section(n));
         toml
     }
@@ -271,6 +278,37 @@ impl Lab {
             "\n[coordination]\netcd = [{endpoints}]\nname = \"lb{n}\"\n"
         ));
         toml
+    }
+
+    /// Leaves every web only what full NAT needs (tests/tests/fullnat_ha.rs):
+    /// its own subnet, where the LBs' source addresses are, and nothing
+    /// else — a blackhole default route (so no route to the clients or to
+    /// any LB's other addresses) and no VIP on `lo`. Checks that the
+    /// client is unreachable from each web afterwards. The webs' servers
+    /// keep running (a socket bound to a VIP stays, and receives nothing).
+    pub fn cut_webs_off(&self) -> anyhow::Result<()> {
+        let client = if self.lbs == 0 {
+            super::CLIENT_FRONT
+        } else {
+            HA_CLIENT
+        };
+        for w in 1..=WEB_NAMES.len() {
+            let ns = self.web_ns(w);
+            let lo = netns::ns_run(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "lo"])?;
+            for cidr in lo_vips(&lo) {
+                netns::ns_run(&ns, &["ip", "addr", "del", cidr, "dev", "lo"])?;
+            }
+            netns::ns_run(&ns, &["ip", "route", "replace", "blackhole", "default"])?;
+            let route = netns::ns_run(&ns, &["ip", "route", "get", &client.to_string()]);
+            if route.as_deref().is_ok_and(|r| !r.contains("blackhole")) {
+                bail!("web{w} still routes to the client {client}: {route:?}");
+            }
+            let lo = netns::ns_run(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "lo"])?;
+            if !lo_vips(&lo).is_empty() {
+                bail!("web{w} still holds a VIP on lo: {lo}");
+            }
+        }
+        Ok(())
     }
 
     /// The include file LB `n`'s agent writes and its BIRD reads.
@@ -500,6 +538,7 @@ impl Lab {
         let ns = self.lb_ns_of(n);
         netns::add_addr(&ns, "lb-front", &format!("{}/24", lb_front_addr(n)))?;
         netns::add_addr(&ns, "lb-back", &format!("{}/24", lb_back_addr(n)))?;
+        netns::add_addr(&ns, "lb-back", &format!("{}/32", lb_source_addr(n)))?;
         for vip in [VIP, RR_VIP, LC_VIP] {
             netns::add_addr(&ns, "lo", &format!("{vip}/32"))?;
         }
@@ -619,6 +658,18 @@ impl Lab {
     }
 }
 
+/// The multi-LB lab's HTTP service `name` on `vip`:80 over web1..3 with
+/// `scheduler`, checked over HTTP every 200 ms (2 to rise or fall): a
+/// `[[service]]` table, after a blank line.
+pub fn ha_service(name: &str, vip: Ipv4Addr, scheduler: &str) -> String {
+    format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}:80\"\nscheduler = \"{scheduler}\"\n\
+         health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
+         backends = [ {} ]\n",
+        web_backends(80)
+    )
+}
+
 /// web1..3 on `port` as a service's `backends` list (inside the brackets).
 fn web_backends(port: u16) -> String {
     (1..=WEB_NAMES.len())
@@ -630,6 +681,17 @@ fn web_backends(port: u16) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The addresses on `lo` other than loopback's (the VIPs), as `a.b.c.d/len`,
+/// from `ip -4 -o addr show dev lo`.
+fn lo_vips(text: &str) -> Vec<&str> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "inet" && !w[1].starts_with("127."))
+        .map(|w| w[1])
+        .collect()
 }
 
 /// `SYNC_KEY_BYTES` random bytes from the kernel, hex: the lab's sync key.
@@ -679,5 +741,50 @@ mod tests {
             [Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(198, 18, 2, 12)]
         );
         assert!(parse_next_hops("").is_empty());
+    }
+
+    #[test]
+    fn the_vips_on_lo_are_every_address_but_loopback() {
+        let lo = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n\
+                  1: lo    inet 198.18.0.10/32 scope global lo\\       valid_lft forever preferred_lft forever\n\
+                  1: lo    inet 198.18.0.11/32 scope global lo\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(lo_vips(lo), ["198.18.0.10/32", "198.18.0.11/32"]);
+        assert!(lo_vips("1: lo    inet 127.0.0.1/8 scope host lo\n").is_empty());
+    }
+
+    /// Each LB of a full-NAT lab translates with its own source address,
+    /// on its back network; the other modes' configs name none.
+    #[test]
+    fn each_lb_of_a_full_nat_lab_has_its_own_source_address() {
+        // Only its configs: kept, so dropping it tears nothing down.
+        let lab = Lab {
+            prefix: "k25cfg".to_owned(),
+            lb_bin: PathBuf::new(),
+            children: Vec::new(),
+            keep: true,
+            lbs: 2,
+            routed: false,
+        };
+        let mut seen = Vec::new();
+        for n in 1..=2 {
+            let text = lab.ha_config(n, Forwarding::FullNat, "maglev", 0);
+            let cfg = crate::config::parse(&text, std::path::Path::new("lb.toml")).expect("valid");
+            assert_eq!(cfg.dataplane.full_nat.addresses, [lb_source_addr(n)]);
+            assert!(
+                cfg.services
+                    .iter()
+                    .all(|s| s.forwarding == Forwarding::FullNat),
+                "{text}"
+            );
+            assert_ne!(lb_source_addr(n), lb_back_addr(n));
+            seen.push(lb_source_addr(n));
+        }
+        assert_ne!(seen[0], seen[1]);
+        for mode in [Forwarding::Dsr, Forwarding::Nat] {
+            let text = lab.ha_config(1, mode, "maglev", 0);
+            let cfg = crate::config::parse(&text, std::path::Path::new("lb.toml")).expect("valid");
+            assert!(cfg.dataplane.full_nat.addresses.is_empty(), "{text}");
+            assert!(cfg.services.iter().all(|s| s.forwarding == mode), "{text}");
+        }
     }
 }

@@ -69,7 +69,8 @@ pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
 pub use ha::{
-    EcmpRoute, HA_CLIENT, HA_CLIENT_NET, LC_VIP, RR_VIP, SYNC_PORT, lb_back_addr, lb_front_addr,
+    EcmpRoute, HA_CLIENT, HA_CLIENT_NET, LC_VIP, RR_VIP, SYNC_PORT, ha_service, lb_back_addr,
+    lb_front_addr, lb_source_addr,
 };
 pub use routed::{
     GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_CLIENT_SIDE, ROUTER_LB_SIDE,
