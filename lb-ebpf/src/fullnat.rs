@@ -28,18 +28,19 @@ use crate::{
 };
 
 const BPF_NOEXIST: u64 = 1;
-const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Full NAT's source addresses and port range. Written by the agent.
 #[map]
 pub(crate) static FNAT_CONF: Array<FnatConf> = Array::with_max_entries(1, 0);
 /// A full-NAT flow's reply tuple (backend → source address:port, as it
 /// arrives) → its claim (the flow's forward key). Inserted with
-/// `BPF_NOEXIST`: the insert is the allocation. Entries are allocated as
-/// flows come (no prealloc: an idle LB holds none).
+/// `BPF_NOEXIST`: the insert is the allocation. Preallocated (~25 MB held
+/// from load): the insert then takes its element from a per-CPU free list;
+/// allocating one per claim made it about half of a full-NAT new flow's
+/// time (docs/architecture.md, "Full NAT", "Cost").
 #[map]
 pub(crate) static FNAT_REPLIES: HashMap<FlowKey, FnatClaim> =
-    HashMap::with_max_entries(FNAT_REPLIES_SIZE, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(FNAT_REPLIES_SIZE, 0);
 
 #[inline(always)]
 fn conf() -> Option<&'static FnatConf> {

@@ -177,17 +177,35 @@ async fn with_flows(
     let (mut status, ids) = reply.map_err(|e| format!("{e:#}"))?;
     let table = Arc::clone(flows);
     let all: Vec<u32> = ids.iter().flatten().copied().collect();
+    let full_nat = status.full_nat.is_some();
     let counted = tokio::task::spawn_blocking(move || {
         let active: Result<Vec<u64>, _> = all.iter().map(|&id| table.active(id)).collect();
-        Ok::<_, crate::dataplane::DataplaneError>((table.per_backend()?, active?))
+        let ports = if full_nat {
+            table.fnat_ports_in_use()?
+        } else {
+            Default::default()
+        };
+        Ok::<_, crate::dataplane::DataplaneError>((table.per_backend()?, active?, ports))
     })
     .await;
-    let (counts, active) = match counted {
+    let (counts, active, ports) = match counted {
         Ok(Ok(counted)) => counted,
         Ok(Err(e)) => return Err(format!("counting flows: {e}")),
         Err(e) => return Err(format!("counting flows: {e}")),
     };
     status.conntrack.entries = counts.values().sum();
+    for source in status
+        .full_nat
+        .iter_mut()
+        .flat_map(|f| f.sources.iter_mut())
+    {
+        source.ports_in_use = source
+            .address
+            .parse()
+            .ok()
+            .and_then(|a| ports.get(&a).copied())
+            .unwrap_or(0);
+    }
     let mut active = active.into_iter();
     for (service, ids) in status.services.iter_mut().zip(ids) {
         for (backend, id) in service.backends.iter_mut().zip(ids) {

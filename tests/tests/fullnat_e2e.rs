@@ -2,22 +2,34 @@
 //! to the client network (no route to it, their default route a
 //! blackhole, no VIP on `lo`) serve a `forwarding = "full-nat"` service
 //! through the real agent: new connections rotate, an 8 MB download is
-//! byte-exact, and a killed web leaves the rotation and comes back.
+//! byte-exact, and a killed web leaves the rotation and comes back; health
+//! probes come from the configured source address (webs that answer only
+//! it stay up); a drained full-NAT backend's connections finish and it
+//! takes no new ones; a spoofed-SYN flood ten times the tables leaves the
+//! established full-NAT connections alive and leaks no port (claims back to
+//! the flows' count once the flood's half-open flows expire and are swept).
 //!
 //! Needs root and the `lb` binary in `LB_BIN` (`cargo xtask test` sets both
 //! up). The lab is built under a unique prefix.
 
-use std::time::Duration;
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    FALL, INTERVAL_MS, RISE, backend_status, checked_status, lb_bin, transfer, unique_prefix,
-    wait_for_status, web_config,
+    FALL, INTERVAL_MS, RISE, backend_status, checked_status,
+    flood::{
+        KEEPALIVE, TABLE, broken_connections, drain_web1_until_its_clients_close,
+        keepalive_connections, status_json, status_text, syn_flood,
+    },
+    lb_bin, transfer, unique_prefix, wait_for_status, web_config,
 };
 use lb_userspace::{
     config::Forwarding,
     harness::{
-        lab::{HttpConn, LB_BACK, Lab, VIP, WEB_NAMES, http_get, vip_http},
+        lab::{HttpConn, LB_BACK, Lab, VIP, WEB_NAMES, http_get, lab_config, vip_http},
         netns::{self, in_netns},
     },
 };
@@ -150,6 +162,199 @@ fn backends_without_a_route_to_the_clients_serve_a_full_nat_service() -> Result<
         backend_status(&status, "www", "web3")?.in_ring,
         "web3 left again"
     );
+    agent.stop().context("stopping the agent")?;
+    Ok(())
+}
+
+/// A second address on the LB's back interface, configured as full NAT's
+/// only source address.
+const SOURCE: &str = "198.19.0.250";
+
+/// Full NAT's claims over every source address (`ports_in_use` in `lb
+/// status --json`) and the flows in the tables over every backend.
+fn ports_and_flows(lab: &Lab) -> Result<(u64, u64)> {
+    let status = status_json(lab)?;
+    let sources = status["full_nat"]["sources"]
+        .as_array()
+        .with_context(|| format!("no full_nat sources in lb status --json: {status}"))?;
+    let ports = sources
+        .iter()
+        .map(|s| s["ports_in_use"].as_u64().unwrap_or(0))
+        .sum();
+    let flows = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["backends"].as_array().into_iter().flatten())
+        .map(|b| b["flows"].as_u64().unwrap_or(0))
+        .sum();
+    Ok((ports, flows))
+}
+
+/// Waits until full NAT holds exactly one claim per flow in the tables
+/// (stale claims swept, `sweep` every 5 s) and at least `live` of them;
+/// returns the count.
+fn wait_ports_back_to_the_flows(lab: &Lab, live: u64, within: Duration) -> Result<u64> {
+    let start = Instant::now();
+    loop {
+        let (ports, flows) = ports_and_flows(lab)?;
+        if ports == flows && ports >= live {
+            eprintln!(
+                "full NAT: {ports} ports in use for {flows} flows, {:.1?} after",
+                start.elapsed()
+            );
+            return Ok(ports);
+        }
+        if start.elapsed() > within {
+            bail!(
+                "after {within:?}: {ports} ports in use for {flows} flows (at least {live} live):\n{}",
+                status_text(lab)?
+            );
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The webs answer only `SOURCE` (no nft/iptables on this machine: their
+/// route to the LB's own back address, 198.19.0.1, is a blackhole, so a
+/// probe or a flow from it gets no answer), and the agent translates with
+/// and probes from `SOURCE`: every web comes up and serves, and sees its
+/// clients from `SOURCE`.
+#[test]
+fn probes_come_from_the_source_address_so_webs_that_answer_only_it_stay_up() -> Result<()> {
+    let lab = Lab::up(&unique_prefix("lbf"), &lb_bin()).context("building the lab")?;
+    lab.set_mode(Forwarding::FullNat)?;
+    netns::ns_run(
+        &lab.lb_ns(),
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SOURCE}/24"),
+            "dev",
+            "lb-back",
+        ],
+    )?;
+    for n in 1..=WEB_NAMES.len() {
+        cut_off(&lab, n)?;
+        netns::ns_run(
+            &lab.web_ns(n),
+            &["ip", "route", "add", "blackhole", &format!("{LB_BACK}/32")],
+        )?;
+    }
+    let toml = config().replacen(
+        "forwarding = \"nat\"\n",
+        &format!("forwarding = \"nat\"\nsource-addresses = [\"{SOURCE}\"]\n"),
+        1,
+    );
+    ensure!(toml.contains(SOURCE), "no source-addresses in {toml}");
+    let agent = lab.start_agent(&toml)?;
+    let window = Duration::from_millis(FALL.max(RISE) * INTERVAL_MS + 3000);
+    wait_for_status(&lab, "every web up and in the ring", window, |s| {
+        (1..=3).all(|n| {
+            backend_status(s, "www", &format!("web{n}"))
+                .is_ok_and(|b| b.in_ring && b.last_check.as_deref() == Some("ok"))
+        })
+    })
+    .with_context(|| agent.log_text())?;
+    let seen = servers(&lab, 6)?;
+    let want: Vec<String> = (0..6).map(|i| WEB_NAMES[i % 3].to_owned()).collect();
+    ensure!(seen == want, "6 new connections went to {seen:?}");
+    // The web sees the flow from SOURCE; the status names SOURCE.
+    let mut conn = in_netns(&lab.client_ns(), || HttpConn::connect(vip_http()))??;
+    let web = in_netns(&lab.client_ns(), || conn.get("/").map(|r| r.text()))??;
+    let n = 1 + WEB_NAMES
+        .iter()
+        .position(|w| *w == web)
+        .with_context(|| format!("answered by {web:?}"))?;
+    let sockets = netns::ns_run(&lab.web_ns(n), &["ss", "-Htn", "state", "established"])?;
+    ensure!(
+        sockets.contains(&format!("{SOURCE}:")) && !sockets.contains(&format!("{LB_BACK}:")),
+        "{web}'s connections: {sockets}"
+    );
+    let status = status_json(&lab)?;
+    ensure!(
+        status["full_nat"]["sources"][0]["address"] == SOURCE
+            && status["full_nat"]["sources"][0]["ports_in_use"].as_u64() >= Some(1),
+        "full_nat in lb status --json: {}",
+        status["full_nat"]
+    );
+    drop(conn);
+    agent.stop().context("stopping the agent")?;
+    Ok(())
+}
+
+/// The lab's config in full NAT (TCP :80, UDP :5353, TCP :443 over
+/// web1..3, round robin, no health checks) with `dataplane` lines and
+/// `[dataplane.timeouts]`.
+fn lab_full_nat(dataplane: &str, timeouts: &str) -> String {
+    let base = lab_config(Forwarding::FullNat);
+    let mut toml = base.replacen("[dataplane]\n", &format!("[dataplane]\n{dataplane}"), 1);
+    toml.push_str(&format!("\n[dataplane.timeouts]\n{timeouts}"));
+    toml
+}
+
+/// A drained full-NAT backend: its two keep-alive connections go on (their
+/// source ports held), new connections go elsewhere, its active flows fall
+/// to 0 once its clients close, and full NAT's claims fall back to the
+/// flows' count (the closed flows' ports return to the pool).
+#[test]
+fn a_drained_full_nat_backend_finishes_its_connections_and_takes_no_new_ones() -> Result<()> {
+    let lab = Lab::up(&unique_prefix("lbf"), &lb_bin()).context("building the lab")?;
+    lab.set_mode(Forwarding::FullNat)?;
+    let agent = lab.start_agent(&lab_full_nat("", "tcp-closing = \"1s\"\n"))?;
+    drain_web1_until_its_clients_close(&lab).with_context(|| agent.log_text())?;
+    // Four connections stay open (web2, web3's); every claim of a closed
+    // flow is gone.
+    wait_ports_back_to_the_flows(&lab, 4, Duration::from_secs(30))
+        .with_context(|| agent.log_text())?;
+    agent.stop().context("stopping the agent")?;
+    Ok(())
+}
+
+/// Ten keep-alive full-NAT connections outlive a spoofed-SYN flood ten
+/// times the tables (`flood::syn_flood`: each spoofed SYN gets a claim, a
+/// half-open slot the flood keeps replacing, and a SYN-ACK from its web),
+/// and no port leaks: once the flood's half-open flows expire
+/// (`tcp-half-open` 2 s) and the sweep has run, full NAT holds exactly one
+/// claim per flow in the tables, the ten among them.
+#[test]
+fn a_syn_flood_leaves_full_nat_connections_alive_and_leaks_no_port() -> Result<()> {
+    let lab = Lab::up(&unique_prefix("lbf"), &lb_bin()).context("building the lab")?;
+    lab.set_mode(Forwarding::FullNat)?;
+    let agent = lab.start_agent(&lab_full_nat(
+        &format!("conntrack-size = {TABLE}\n"),
+        "tcp-half-open = \"2s\"\ntcp-closing = \"1s\"\n",
+    ))?;
+    let mut conns = keepalive_connections(&lab, KEEPALIVE)?;
+    let (before, _) = ports_and_flows(&lab)?;
+    ensure!(
+        before >= KEEPALIVE as u64,
+        "{before} ports in use for {KEEPALIVE} connections"
+    );
+    let (seen, report) = syn_flood(&lab).with_context(|| agent.log_text())?;
+    let (during, _) = ports_and_flows(&lab)?;
+    eprintln!(
+        "full NAT: the LB saw {seen} frames of the flood ({}); {during} ports in use right after",
+        report.trim()
+    );
+    let broken = broken_connections(&mut conns);
+    ensure!(
+        broken.is_empty(),
+        "{} of {KEEPALIVE} keep-alive connections did not survive the flood: {broken:#?}\n{}",
+        broken.len(),
+        status_text(&lab)?
+    );
+    let held = wait_ports_back_to_the_flows(&lab, KEEPALIVE as u64, Duration::from_secs(45))
+        .with_context(|| agent.log_text())?;
+    ensure!(
+        held < u64::from(TABLE),
+        "{held} ports still in use after the flood"
+    );
+    // Still alive, still on their own webs.
+    let broken = broken_connections(&mut conns);
+    ensure!(broken.is_empty(), "after the sweep: {broken:#?}");
+    drop(conns);
     agent.stop().context("stopping the agent")?;
     Ok(())
 }

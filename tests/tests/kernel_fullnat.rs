@@ -3,7 +3,9 @@
 //! destination both translated, every checksum recomputed independently
 //! by etherparse); the port allocator under collision and exhaustion
 //! (`DropFnatExhausted`); a claim returned when its flow ends; a later
-//! fragment and ICMP errors both ways of a full-NAT flow.
+//! fragment and ICMP errors both ways of a full-NAT flow; the agent's
+//! sweep of stale claims (a claim whose flow is gone is removed, a live
+//! flow's stays) and the ports in use per source address.
 //!
 //! The real `lb` object run with BPF_PROG_TEST_RUN inside the kernel
 //! tier's throwaway namespace (`lb_tests::kernel_net`): its back interface
@@ -573,5 +575,73 @@ fn a_later_fragment_and_icmp_errors_both_ways_follow_the_full_nat_flow() {
             &as_web_sent[14..],
         );
         assert_eq!(out, want, "the client's error, to the web");
+    });
+}
+
+#[test]
+fn the_sweep_removes_a_claim_whose_flow_is_gone_and_keeps_a_live_ones() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = config(&[SOURCE], (1024, 32767));
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
+        let mut h = Harness::new(&cfg);
+        // An established flow, and a SYN that never completes (its
+        // half-open slot expires after tcp-half-open, 30 s).
+        let (web, sport) = handshake(&mut h, 40200, SOURCE);
+        let (action, out) = h.run(h.front, &syn(40201).build());
+        assert_eq!(action, XDP_REDIRECT);
+        let half_open_port = sent(&out).2;
+        assert_eq!(claims(&h).len(), 2);
+        let in_use = |h: &Harness| {
+            h.dp.flow_table()
+                .expect("flow table")
+                .fnat_ports_in_use()
+                .expect("ports in use")
+        };
+        assert_eq!(in_use(&h).get(&Ipv4Addr::from(SOURCE)), Some(&2));
+
+        let mut sweeper = h.dp.sweeper().expect("sweeper");
+        let now = lb_userspace::dataplane::now_ticks();
+        let report = sweeper.sweep(now).expect("sweep");
+        assert_eq!(report.claims, 0, "both flows are live: {report:?}");
+        assert_eq!(claims(&h).len(), 2);
+
+        // 40 ticks on (~43 s): the half-open flow has expired, the
+        // established one (900 s) has not.
+        let report = sweeper.sweep(now + 40).expect("sweep");
+        assert_eq!(report.claims, 1, "{report:?}");
+        let left = claims(&h);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            left[0].0.dport,
+            sport.to_be(),
+            "the live flow's claim stays"
+        );
+        assert_ne!(sport, half_open_port);
+        assert_eq!(in_use(&h).get(&Ipv4Addr::from(SOURCE)), Some(&1));
+
+        // The live flow's reply still finds its flow through its claim.
+        let reply = Seg {
+            macs: (WEB_MACS[web], BACK_MAC),
+            src: (WEBS[web], WEB_PORT),
+            dst: (SOURCE, sport),
+            ttl: 64,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 1),
+            syn: false,
+            fin: false,
+            payload: b"hello",
+        };
+        h.expect(
+            h.back,
+            &reply.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        // A sweep that finds nothing stale removes nothing more.
+        let report = sweeper.sweep(now + 41).expect("sweep");
+        assert_eq!(report.claims, 0, "{report:?}");
+        assert_eq!(claims(&h).len(), 1);
     });
 }

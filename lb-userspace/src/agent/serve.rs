@@ -453,8 +453,12 @@ fn sweep_forever(mut sweeper: crate::dataplane::Sweeper) {
     loop {
         std::thread::sleep(SWEEP_INTERVAL);
         match sweeper.sweep(crate::dataplane::sweep::now_ticks()) {
-            Ok(r) if r.removed > 0 => {
-                tracing::debug!(removed = r.removed, "swept expired flows");
+            Ok(r) if r.removed > 0 || r.claims > 0 => {
+                tracing::debug!(
+                    removed = r.removed,
+                    claims = r.claims,
+                    "swept expired flows and full NAT's stale claims"
+                );
             }
             Ok(_) => {}
             Err(e) => warn!("sweeping expired flows: {e}"),

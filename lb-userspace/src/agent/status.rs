@@ -84,12 +84,13 @@ impl Agent {
             });
             ids.push(backend_ids);
         }
-        let verdicts = self
+        let verdicts: std::collections::BTreeMap<String, u64> = self
             .dp
             .verdicts()?
             .into_iter()
             .map(|(v, n)| (v.name().to_string(), n))
             .collect();
+        let full_nat = self.full_nat_status(&verdicts)?;
         let status = Status {
             config: self.path.display().to_string(),
             pin_dir: self.dp.pin_dir().map(|p| p.display().to_string()),
@@ -118,7 +119,41 @@ impl Agent {
                 changes: runtime.describe(),
                 error: self.runtime_error.clone(),
             },
+            full_nat,
         };
         Ok((status, ids))
+    }
+
+    /// Full NAT's part of the status while a service is full NAT: its
+    /// source addresses as `FNAT_CONF` holds them (their ports in use are
+    /// counted off the loop, with the flows) and the allocation failures.
+    fn full_nat_status(
+        &self,
+        verdicts: &std::collections::BTreeMap<String, u64>,
+    ) -> anyhow::Result<Option<wire::FullNatStatus>> {
+        if !self
+            .cfg
+            .services
+            .iter()
+            .any(|s| s.forwarding == crate::config::Forwarding::FullNat)
+        {
+            return Ok(None);
+        }
+        let conf = self.dp.fnat_conf()?;
+        Ok(Some(wire::FullNatStatus {
+            port_lo: conf.port_lo,
+            port_hi: conf.port_hi,
+            sources: crate::dataplane::fullnat::addresses(&conf)
+                .into_iter()
+                .map(|a| wire::FullNatSource {
+                    address: a.to_string(),
+                    ports_in_use: 0,
+                })
+                .collect(),
+            allocation_failures: verdicts
+                .get(lb_common::Verdict::DropFnatExhausted.name())
+                .copied()
+                .unwrap_or(0),
+        }))
     }
 }

@@ -112,6 +112,9 @@ pub fn render(status: &Status) -> String {
     if let Some(s) = &status.sync {
         out.push_str(&s.render());
     }
+    if let Some(f) = &status.full_nat {
+        out.push_str(&render_full_nat(f));
+    }
     out.push_str(&render_slow_start(status));
     out.push_str(&render_runtime(&status.runtime));
     let verdicts: Vec<String> = status
@@ -128,6 +131,27 @@ pub fn render(status: &Status) -> String {
             verdicts.join(" ")
         }
     ));
+    out
+}
+
+/// `lb status`'s full-NAT lines: the ports in use per source address (of
+/// the range's size: one range per backend endpoint, so a source address
+/// can hold more claims than the range has ports) and the allocation
+/// failures.
+fn render_full_nat(f: &crate::wire::FullNatStatus) -> String {
+    let mut out = format!(
+        "\nfull NAT: ports {}-{}  allocation failures (drop_fnat_exhausted) {}\n",
+        f.port_lo, f.port_hi, f.allocation_failures
+    );
+    if f.sources.is_empty() {
+        out.push_str("  no source address (no route to a full-NAT backend)\n");
+    }
+    for s in &f.sources {
+        out.push_str(&format!(
+            "  source {}  {} ports in use\n",
+            s.address, s.ports_in_use
+        ));
+    }
     out
 }
 
@@ -280,6 +304,15 @@ mod tests {
             pools: Vec::new(),
             announce: None,
             sync: None,
+            full_nat: Some(crate::wire::FullNatStatus {
+                port_lo: 1024,
+                port_hi: 32767,
+                sources: vec![crate::wire::FullNatSource {
+                    address: "198.19.0.1".into(),
+                    ports_in_use: 5,
+                }],
+                allocation_failures: 2,
+            }),
             runtime: RuntimeStatus {
                 file: "lb.state.toml".into(),
                 changes: vec!["www/web1: drain".into()],
@@ -290,6 +323,8 @@ mod tests {
         for want in [
             "adopted",
             "conntrack 3/1024 flows",
+            "full NAT: ports 1024-32767  allocation failures (drop_fnat_exhausted) 2",
+            "  source 198.19.0.1  5 ports in use",
             "web1",
             "198.19.0.11:80",
             "drain",
@@ -369,6 +404,7 @@ mod tests {
             pools: Vec::new(),
             announce: None,
             sync: None,
+            full_nat: None,
         };
         let text = render(&status);
         let row = |name: &str| {

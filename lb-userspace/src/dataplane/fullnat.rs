@@ -1,19 +1,75 @@
 //! Full NAT's maps from userspace (docs/architecture.md, "Full NAT"):
 //! `FNAT_CONF` (the source addresses and port range, written at every
-//! apply) and `FNAT_REPLIES` read back (the claims: ports in use per
-//! source address).
+//! apply), `FNAT_REPLIES` read back (the claims: ports in use per source
+//! address) and swept (claims whose flow is gone, [`stale_claims`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     net::{IpAddr, Ipv4Addr},
 };
 
-use lb_common::{FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf};
+use aya::maps::{HashMap, MapData, MapError};
+use lb_common::{
+    Backend, FLOW_F_FULL_NAT, FNAT_MAX_SOURCES, Flow, FlowKey, FnatClaim, FnatConf, flow::REPLY,
+};
 
 use super::{
-    Dataplane, MapName, Result,
-    handles::{map_err, set},
+    Dataplane, DataplaneError, MapName, Result,
+    handles::{found, map_err, set},
 };
+
+/// An owned handle on `FNAT_REPLIES` (for readers and the sweep, apart
+/// from the agent's loop).
+pub(super) type ClaimMap = HashMap<MapData, FlowKey, FnatClaim>;
+
+/// Ticks (~1.07 s each) a claim must have been held before the sweep may
+/// remove it: the data plane inserts a claim just before it writes its
+/// flow's half-open slot, so a younger claim may not have its flow yet.
+pub const CLAIM_GRACE: u32 = 2;
+
+/// The source addresses `conf` holds, in its order.
+pub fn addresses(conf: &FnatConf) -> Vec<Ipv4Addr> {
+    conf.addrs
+        .iter()
+        .take((conf.count as usize).min(FNAT_MAX_SOURCES))
+        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
+        .collect()
+}
+
+/// Does `flow` (a forward entry, from either flow table) hold the claim
+/// keyed `tuple` (backend → source address:port)? Only a full-NAT flow
+/// whose source address and port are the tuple's, toward the tuple's
+/// backend: a flow of the same client tuple opened again toward another
+/// backend may draw the same source, and does not keep the old claim.
+fn holds(flow: &Flow, tuple: &FlowKey, backend: Option<Backend>) -> bool {
+    flow.direction != REPLY
+        && flow.flags & FLOW_F_FULL_NAT != 0
+        && (flow.vip, flow.vport) == (tuple.daddr, tuple.dport)
+        && backend.is_some_and(|b| (b.addr, b.port) == (tuple.saddr, tuple.sport))
+}
+
+/// The claims of `claims` to remove at `now`: those whose flow (its
+/// forward key's entry in `flows`, the forward entries of both tables)
+/// is gone or no longer holds them — an expired or replaced half-open
+/// slot, a flow the sweep removed — and that were made at least
+/// [`CLAIM_GRACE`] ticks ago. Their ports return to the pool.
+pub fn stale_claims(
+    claims: &[(FlowKey, FnatClaim)],
+    flows: &StdHashMap<FlowKey, Flow>,
+    backend: impl Fn(u32) -> Option<Backend>,
+    now: u32,
+) -> Vec<FlowKey> {
+    claims
+        .iter()
+        .filter(|(tuple, claim)| {
+            now.wrapping_sub(claim.claimed) >= CLAIM_GRACE
+                && !flows
+                    .get(&claim.forward)
+                    .is_some_and(|f| holds(f, tuple, backend(f.backend_id)))
+        })
+        .map(|(tuple, _)| *tuple)
+        .collect()
+}
 use crate::config::{Config, Forwarding};
 
 /// The addresses full NAT translates with: `[dataplane] source-addresses`,
@@ -95,6 +151,14 @@ impl Dataplane {
         map.get(&0, 0).map_err(map_err(MapName::FNAT_CONF))
     }
 
+    /// An owned handle on `FNAT_REPLIES`.
+    pub(super) fn claim_map(&self) -> Result<ClaimMap> {
+        HashMap::try_from(aya::maps::Map::HashMap(
+            self.map_data(MapName::FNAT_REPLIES)?,
+        ))
+        .map_err(map_err(MapName::FNAT_REPLIES))
+    }
+
     /// Every full-NAT claim: reply tuple → the flow's forward key.
     pub fn fnat_claims(&self) -> Result<Vec<(FlowKey, FnatClaim)>> {
         let map: aya::maps::HashMap<&aya::maps::MapData, FlowKey, FnatClaim> =
@@ -104,6 +168,50 @@ impl Dataplane {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(map_err(MapName::FNAT_REPLIES))
     }
+}
+
+/// Every claim in `FNAT_REPLIES` (batched reads: one syscall per few
+/// thousand claims).
+pub(super) fn claims(map: &ClaimMap) -> Result<Vec<(FlowKey, FnatClaim)>> {
+    use aya::maps::IterableMap as _;
+    super::batch::entries(map.map())
+        .map_err(|e| map_err(MapName::FNAT_REPLIES)(MapError::IoError(e)))
+}
+
+/// Removes the claims keyed `stale` from `map`, each only if it still
+/// holds what `claims` (the snapshot they were chosen from) saw: a claim
+/// the data plane took over since (a new flow, tick updated) stays. Returns
+/// how many went. (The re-read and the delete are two syscalls: a take-over
+/// between them, microseconds apart, would lose the new flow's claim; the
+/// data plane takes a claim over only when all 8 of a flow's candidates
+/// are held, and the sweep leaves few stale claims to take.)
+pub(super) fn remove_stale(
+    map: &mut ClaimMap,
+    claims: &[(FlowKey, FnatClaim)],
+    stale: &[FlowKey],
+) -> Result<u64> {
+    let seen: StdHashMap<FlowKey, FnatClaim> = claims.iter().copied().collect();
+    let mut removed = 0;
+    for tuple in stale {
+        let now_held = found(map.get(tuple, 0), MapName::FNAT_REPLIES)?;
+        if now_held.is_none() || seen.get(tuple) != now_held.as_ref() {
+            continue;
+        }
+        match map.remove(tuple) {
+            Ok(()) => removed += 1,
+            // The data plane released it first.
+            Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(source) => {
+                return Err(DataplaneError::Map {
+                    name: MapName::FNAT_REPLIES.name(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -216,5 +324,77 @@ mod tests {
         ]);
         assert_eq!(counts[&Ipv4Addr::new(10, 0, 0, 1)], 2);
         assert_eq!(counts[&Ipv4Addr::new(10, 0, 0, 2)], 1);
+    }
+
+    #[test]
+    fn a_claim_without_its_flow_is_stale_once_past_its_grace() {
+        let backend_of = |id: u32| {
+            Some(lb_common::Backend {
+                addr: u32::from_ne_bytes([198, 19, 0, 11 + id as u8]),
+                port: 8080u16.to_be(),
+                ..lb_common::Backend::default()
+            })
+        };
+        let client = |port: u16| FlowKey {
+            saddr: u32::from_ne_bytes([198, 18, 0, 2]),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: port.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let source = (u32::from_ne_bytes([198, 19, 0, 1]), 0u16);
+        // The claim of `forward` toward backend `id` on source port `port`.
+        let claim = |forward: FlowKey, id: u32, port: u16, claimed: u32| {
+            let b = backend_of(id).expect("backend");
+            (
+                lb_common::fullnat::reply_tuple((b.addr, b.port), (source.0, port.to_be()), 6),
+                FnatClaim {
+                    forward,
+                    claimed,
+                    _pad: 0,
+                },
+            )
+        };
+        let flow = |id: u32, port: u16| Flow {
+            backend_id: id,
+            vip: source.0,
+            vport: port.to_be(),
+            flags: FLOW_F_FULL_NAT,
+            ..Flow::default()
+        };
+        let now = 100;
+        let live = claim(client(1), 0, 2000, 10);
+        let gone = claim(client(2), 0, 2001, 10);
+        let young = claim(client(3), 0, 2002, now - CLAIM_GRACE + 1);
+        // Client 4's flow was opened again toward backend 1 and drew the
+        // same source port: its old claim toward backend 0 is stale.
+        let moved = claim(client(4), 0, 2003, 10);
+        let reopened = claim(client(4), 1, 2003, 90);
+        // Client 5's flow holds another port than this claim names.
+        let other_port = claim(client(5), 0, 2004, 10);
+        let flows = StdHashMap::from([
+            (client(1), flow(0, 2000)),
+            (client(4), flow(1, 2003)),
+            (client(5), flow(0, 2999)),
+        ]);
+        let claims = [live, gone, young, moved, reopened, other_port];
+        let mut stale = stale_claims(&claims, &flows, backend_of, now);
+        stale.sort_by_key(|k| u16::from_be(k.dport));
+        assert_eq!(stale, vec![gone.0, moved.0, other_port.0]);
+        // The young claim goes once past its grace (its flow never came).
+        let later = stale_claims(&[young], &flows, backend_of, now + 1);
+        assert_eq!(later, vec![young.0]);
+        // A NAT flow's entry (no full-NAT flag) holds no claim.
+        let mut nat = flows.clone();
+        nat.insert(
+            client(1),
+            Flow {
+                flags: 0,
+                ..flow(0, 2000)
+            },
+        );
+        assert_eq!(stale_claims(&[live], &nat, backend_of, now), vec![live.0]);
     }
 }

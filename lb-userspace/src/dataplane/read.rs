@@ -70,6 +70,7 @@ impl Dataplane {
             counts: self.owned_array(MapName::BACKEND_FLOWS)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             sync_opened: self.owned_array(MapName::SYNC_OPENED)?,
+            fnat_claims: self.claim_map()?,
         })
     }
 
@@ -272,6 +273,8 @@ pub struct FlowTable {
     swept: Array<MapData, u64>,
     /// Flows from peer LBs the sync agent inserted (issue 27).
     sync_opened: Array<MapData, u64>,
+    /// Full NAT's claims (`FNAT_REPLIES`): ports in use per source address.
+    fnat_claims: super::fullnat::ClaimMap,
 }
 
 impl FlowTable {
@@ -313,6 +316,15 @@ impl FlowTable {
         let mut all = self.established.entries();
         all.extend(snapshot(MapName::CONNTRACK, &self.conntrack)?);
         Ok(all)
+    }
+
+    /// Full NAT's claims per source address (one batched pass over
+    /// `FNAT_REPLIES`).
+    pub fn fnat_ports_in_use(&self) -> Result<BTreeMap<Ipv4Addr, u64>> {
+        let claims = super::fullnat::claims(&self.fnat_claims)?;
+        Ok(super::fullnat::ports_in_use(
+            claims.into_iter().map(|(k, _)| k),
+        ))
     }
 
     /// The half-open entries within their timeout (one pass, as

@@ -98,6 +98,9 @@ pub struct SweepReport {
     pub removed: u64,
     /// Established flows removed per backend id (added to `FLOWS_SWEPT`).
     pub swept: BTreeMap<u32, u64>,
+    /// Full-NAT claims removed from `FNAT_REPLIES` whose flow was gone
+    /// (`fullnat::stale_claims`): their ports are free again.
+    pub claims: u64,
 }
 
 /// Handles on the flow tables for the sweep, apart from the agent's loop.
@@ -108,6 +111,8 @@ pub struct Sweeper {
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
+    /// Full NAT's claims (`FNAT_REPLIES`).
+    claims: super::fullnat::ClaimMap,
     /// Established entries the tables are rated for (two per NAT flow:
     /// twice `conntrack-size`).
     capacity: u64,
@@ -129,6 +134,7 @@ impl Dataplane {
             backends: self.owned_array(MapName::BACKENDS)?,
             conf: self.owned_array(MapName::FLOW_CONF)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
+            claims: self.claim_map()?,
         })
     }
 }
@@ -210,6 +216,7 @@ impl Sweeper {
                 .map(|(k, _)| k)
                 .collect()
         });
+        report.claims = self.sweep_claims(&conf, now)?;
         for (&id, &n) in &report.swept {
             let before = self
                 .swept
@@ -220,6 +227,32 @@ impl Sweeper {
                 .map_err(map_err(MapName::FLOWS_SWEPT))?;
         }
         Ok(report)
+    }
+
+    /// Removes full NAT's stale claims (`fullnat::stale_claims`), after the
+    /// tables' own sweep so the claims of the flows it removed go in the
+    /// same pass. The claims are read before the tables: a claim newer
+    /// than the tables' snapshot is within its grace anyway.
+    fn sweep_claims(&mut self, conf: &FlowConf, now: u32) -> Result<u64> {
+        let claims = super::fullnat::claims(&self.claims)?;
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let mut flows: StdHashMap<FlowKey, Flow> =
+            super::read::snapshot(MapName::CONNTRACK, &self.conntrack)?
+                .into_iter()
+                .collect();
+        flows.extend(super::established::entries(&self.established.occupied()));
+        flows.extend(
+            self.half_open
+                .entries()
+                .into_iter()
+                .filter(|(k, f)| !is_expired(conf, k.protocol, f, now)),
+        );
+        let backends = &self.backends;
+        let stale =
+            super::fullnat::stale_claims(&claims, &flows, |id| backends.get(&id, 0).ok(), now);
+        super::fullnat::remove_stale(&mut self.claims, &claims, &stale)
     }
 }
 

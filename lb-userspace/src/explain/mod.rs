@@ -190,6 +190,16 @@ pub fn explain(
                 "pinned by conntrack to {pinned}: every packet of this flow goes there"
             );
         }
+        if entry.flags & lb_common::FLOW_F_FULL_NAT != 0 {
+            // A full-NAT forward entry keeps its source in `vip`/`vport`.
+            let _ = writeln!(
+                out,
+                "full NAT: the backend sees this flow from {}:{} (the source address and port \
+                 claimed for it in FNAT_REPLIES; its replies come back there)",
+                Ipv4Addr::from(entry.vip.to_ne_bytes()),
+                u16::from_be(entry.vport)
+            );
+        }
         if entry.flags & lb_common::FLOW_F_SYNCED != 0 {
             let _ = writeln!(
                 out,

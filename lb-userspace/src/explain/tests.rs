@@ -343,6 +343,33 @@ fn the_firewall_is_named_for_new_flows_only() {
 }
 
 #[test]
+fn a_full_nat_flow_names_its_source_address_and_port() {
+    let mut entry = pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING);
+    entry.0.flags = lb_common::FLOW_F_FULL_NAT;
+    entry.0.vip = u32::from_ne_bytes([198, 19, 0, 1]);
+    entry.0.vport = 20001u16.to_be();
+    let facts = |conntrack| FlowFacts {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
+        conntrack: Some(conntrack),
+        firewall: Vec::new(),
+    };
+    let text = explain(&query(), &facts(entry), Some(&view()), &[]);
+    assert!(
+        text.contains("full NAT: the backend sees this flow from 198.19.0.1:20001"),
+        "{text}"
+    );
+    // A NAT entry's `vip` is the VIP: no source line.
+    let text = explain(
+        &query(),
+        &facts(pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING)),
+        Some(&view()),
+        &[],
+    );
+    assert!(!text.contains("full NAT"), "{text}");
+}
+
+#[test]
 fn a_flow_from_a_peer_lb_says_so() {
     let local = pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING);
     let mut synced = local;

@@ -15,7 +15,6 @@ use hickory_proto::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     time::{Instant, timeout_at},
 };
 
@@ -24,21 +23,22 @@ use crate::config::{DnsCheck, DnsTransport, duration::show};
 
 pub async fn probe(
     address: SocketAddr,
+    source: Option<std::net::IpAddr>,
     check: &DnsCheck,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let deadline = deadline_after(timeout);
     let (id, query) = query_message(check)?;
     let reply = match check.transport {
-        DnsTransport::Tcp => over_tcp(address, &query, deadline, timeout).await?,
+        DnsTransport::Tcp => over_tcp(address, source, &query, deadline, timeout).await?,
         DnsTransport::Udp => {
             // A stray datagram (another id) is not the answer: wait on for it.
-            let reply = super::udp::exchange(address, &query, deadline, timeout, |r| {
+            let reply = super::udp::exchange(address, source, &query, deadline, timeout, |r| {
                 r.get(..2) == query.get(..2)
             })
             .await?;
             if is_truncated(&reply) {
-                over_tcp(address, &query, deadline, timeout)
+                over_tcp(address, source, &query, deadline, timeout)
                     .await
                     .map_err(|why| format!("truncated over UDP, then over TCP: {why}"))?
             } else {
@@ -154,13 +154,14 @@ fn rcode_name(code: u16) -> String {
 
 async fn over_tcp(
     address: SocketAddr,
+    source: Option<std::net::IpAddr>,
     query: &[u8],
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
     let timed_out = || format!("timed out after {}", show(timeout));
     let step = |what: &str| format!("{what} {address} (tcp)");
-    let mut stream = timeout_at(deadline, TcpStream::connect(address))
+    let mut stream = timeout_at(deadline, super::probe::connect_from(address, source))
         .await
         .map_err(|_| format!("{}: {}", step("connect"), timed_out()))?
         .map_err(|e| format!("{}: {}", step("connect"), io_reason(&e)))?;
@@ -199,7 +200,7 @@ mod tests {
         check: &DnsCheck,
         timeout: Duration,
     ) -> Result<(), String> {
-        super::probe(address.into(), check, timeout)
+        super::probe(address.into(), None, check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }

@@ -17,7 +17,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle, time::MissedTickBehavior};
 
 use crate::{
-    config::{Config, HealthCheck},
+    config::{Config, Forwarding, HealthCheck, Service},
     wire::HealthStatus,
 };
 
@@ -147,6 +147,8 @@ struct Check {
     id: u64,
     backend: String,
     probe: SocketAddr,
+    /// The address the probes are sent from (`probe_source`).
+    source: Option<IpAddr>,
     check: HealthCheck,
     task: JoinHandle<()>,
 }
@@ -237,7 +239,14 @@ impl HealthChecker {
                         service: service.name.clone(),
                         address: backend.address,
                     };
-                    wanted.insert(target, (backend.name.clone(), check.clone()));
+                    wanted.insert(
+                        target,
+                        (
+                            backend.name.clone(),
+                            check.clone(),
+                            probe_source(cfg, service),
+                        ),
+                    );
                 }
             }
         }
@@ -253,12 +262,13 @@ impl HealthChecker {
             }
             lock(&self.states).remove(&target);
         }
-        for (target, (backend, check)) in wanted {
+        for (target, (backend, check, source)) in wanted {
             let probe = check.target(target.address);
             if let Some(running) = self.checks.get(&target)
                 && running.backend == backend
                 && running.check == check
                 && running.probe == probe
+                && running.source == source
             {
                 continue;
             }
@@ -286,6 +296,7 @@ impl HealthChecker {
                     target: target.clone(),
                     backend: backend.clone(),
                     probe,
+                    source,
                     check: check.clone(),
                     start,
                     observer: self.observer.clone(),
@@ -301,6 +312,7 @@ impl HealthChecker {
                     id,
                     backend,
                     probe,
+                    source,
                     check,
                     task,
                 },
@@ -336,12 +348,25 @@ fn lock(states: &States) -> std::sync::MutexGuard<'_, BTreeMap<Target, TargetSta
     states.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The address a service's probes are sent from: a full-NAT service's
+/// first configured source address (`[dataplane] source-addresses`), so a
+/// backend firewall that admits only the LB's translated flows admits the
+/// probes too; `None` (the kernel's choice, the route's preferred source,
+/// which is full NAT's default source address too) otherwise.
+pub fn probe_source(cfg: &Config, service: &Service) -> Option<IpAddr> {
+    (service.forwarding == Forwarding::FullNat)
+        .then(|| cfg.dataplane.full_nat.addresses.first())
+        .flatten()
+        .map(|a| IpAddr::V4(*a))
+}
+
 /// What one check task probes, and from which state it starts.
 struct CheckRun {
     id: u64,
     target: Target,
     backend: String,
     probe: SocketAddr,
+    source: Option<IpAddr>,
     check: HealthCheck,
     start: Health,
     observer: Option<ProbeObserver>,
@@ -371,6 +396,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         target,
         backend,
         probe: address,
+        source,
         check,
         start,
         observer,
@@ -391,7 +417,7 @@ async fn run_check(run: CheckRun, states: States, tx: UnboundedSender<Transition
         ticker.tick().await;
         let started = Instant::now();
         let (outcome, expiry) = match (check.through_vip, &through_vip) {
-            (false, _) => probe::probe_detailed(address, &check.check, check.timeout).await,
+            (false, _) => probe::probe_detailed(address, source, &check.check, check.timeout).await,
             (true, Some(prober)) => (
                 prober.probe(&target.service, target.address, &check).await,
                 None,

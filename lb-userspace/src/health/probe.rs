@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     time::{Instant, timeout_at},
 };
 
@@ -57,15 +57,29 @@ pub async fn probe(
     check: &CheckKind,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
+    probe_from(address, None, check, timeout).await
+}
+
+/// [`probe`] from `source`: the probe's socket is bound to that address
+/// (full NAT's source address, so a backend that admits only the LB's
+/// translated flows admits its probes too) for TCP, HTTP, UDP and DNS
+/// checks; `None`, and TLS and MySQL checks: the kernel's choice (the
+/// route's preferred source).
+pub async fn probe_from(
+    address: impl Into<SocketAddr>,
+    source: Option<IpAddr>,
+    check: &CheckKind,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
     let address = address.into();
     if let CheckKind::Mysql(login) = check {
         return super::mysql::probe(address, login, timeout).await;
     }
     if let CheckKind::Udp(udp) = check {
-        return super::udp::probe(address, udp, timeout).await;
+        return super::udp::probe(address, source, udp, timeout).await;
     }
     if let CheckKind::Dns(dns) = check {
-        return super::dns::probe(address, dns, timeout).await;
+        return super::dns::probe(address, source, dns, timeout).await;
     }
     if let CheckKind::Tls(tls) = check {
         return super::tls::probe(address, tls, timeout).await.map(drop);
@@ -73,11 +87,33 @@ pub async fn probe(
     let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));
 
-    let stream = timeout_at(deadline, TcpStream::connect(address))
+    let stream = timeout_at(deadline, connect_from(address, source))
         .await
         .map_err(|_| format!("connect {address}: {}", timed_out()))?
-        .map_err(|e| failure(format!("connect {address}"), &e))?;
+        .map_err(|e| failure(format!("connect {address}{}", from(source)), &e))?;
     converse(stream, address, check, deadline, timeout).await
+}
+
+/// " from SOURCE" for a probe's error when it is bound to one.
+pub(super) fn from(source: Option<IpAddr>) -> String {
+    source.map(|s| format!(" from {s}")).unwrap_or_default()
+}
+
+/// A TCP connection to `address`, its socket bound to `source` (port 0:
+/// an ephemeral port, outside full NAT's default range) if given.
+pub(super) async fn connect_from(
+    address: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(address).await;
+    };
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(address).await
 }
 
 /// A TCP or HTTP check's part after the connection: nothing more for TCP;
@@ -169,6 +205,7 @@ pub(super) fn deadline_after(timeout: Duration) -> Instant {
 /// backend's certificate (seconds since the Unix epoch).
 pub async fn probe_detailed(
     address: impl Into<SocketAddr>,
+    source: Option<IpAddr>,
     check: &CheckKind,
     timeout: Duration,
 ) -> (Result<(), ProbeError>, Option<i64>) {
@@ -178,7 +215,7 @@ pub async fn probe_detailed(
             Ok(expiry) => (Ok(()), expiry),
             Err(why) => (Err(why), None),
         },
-        _ => (probe(address, check, timeout).await, None),
+        _ => (probe_from(address, source, check, timeout).await, None),
     }
 }
 

@@ -335,3 +335,64 @@ fn agent_errors_never_take_a_backend_down() {
     assert_eq!(record(&mut pending, &agent, 2, 3), None);
     assert_eq!(pending.health(), Health::Pending);
 }
+
+/// Answers HTTP 200 only to connections from `admitted`, and closes any
+/// other at once (a backend whose firewall admits only the LB's address).
+async fn serve_only(listener: TcpListener, admitted: std::net::IpAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            return;
+        };
+        if peer.ip() != admitted {
+            continue;
+        }
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(OK_WEB1.as_bytes()).await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_full_nat_services_probes_come_from_its_source_address() {
+    let (l, addr) = listener().await;
+    let source: std::net::IpAddr = [127, 0, 0, 7].into();
+    let server = tokio::spawn(serve_only(l, source));
+    let check = || Some(fast(http("/", 200, Some("web1"))));
+    let mut fnat = service("fnat", check(), vec![backend("web1", addr, None)]);
+    fnat.forwarding = Forwarding::FullNat;
+    // The same backend under a NAT service: probed from the kernel's
+    // choice (127.0.0.1 here), which the backend refuses.
+    let nat = service("nat", check(), vec![backend("web1", addr, None)]);
+    let mut cfg = config(vec![fnat, nat]);
+    cfg.dataplane.full_nat.addresses = vec![[127, 0, 0, 7].into()];
+    assert_eq!(probe_source(&cfg, &cfg.services[0]), Some(source));
+    assert_eq!(probe_source(&cfg, &cfg.services[1]), None);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checker = HealthChecker::spawn(&cfg, tx);
+    let t = next(&mut rx, Duration::from_secs(2)).await;
+    assert_eq!(
+        (t.target.service.as_str(), t.health),
+        ("nat", Health::Down),
+        "{t:?}"
+    );
+    wait_state(&checker, &target("fnat", addr), "fnat passes", |s| {
+        s.health == Health::Up && s.consecutive >= 3 && s.last_check.as_deref() == Some("ok")
+    })
+    .await;
+    // Without source addresses, the full-NAT service's probes come from
+    // the kernel's choice too, and fail the same way.
+    cfg.dataplane.full_nat.addresses.clear();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _checker = HealthChecker::spawn(&cfg, tx);
+    let mut down = BTreeSet::new();
+    for _ in 0..2 {
+        let t = next(&mut rx, Duration::from_secs(2)).await;
+        assert_eq!(t.health, Health::Down, "{t:?}");
+        down.insert(t.target.service);
+    }
+    assert_eq!(down, BTreeSet::from(["fnat".to_owned(), "nat".to_owned()]));
+    server.abort();
+}

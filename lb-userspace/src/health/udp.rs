@@ -21,11 +21,12 @@ const REPLY_CAP: usize = 65_536;
 
 pub async fn probe(
     address: SocketAddr,
+    source: Option<std::net::IpAddr>,
     check: &UdpCheck,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let deadline = deadline_after(timeout);
-    let reply = exchange(address, &check.send, deadline, timeout, |_| true).await?;
+    let reply = exchange(address, source, &check.send, deadline, timeout, |_| true).await?;
     check
         .expect
         .check(&reply)
@@ -34,16 +35,20 @@ pub async fn probe(
 
 /// Sends `payload` from a connected socket and returns the first reply
 /// that `accept` takes (others are skipped) before `deadline`; an ICMP
-/// port unreachable fails at once. Also the DNS check's UDP leg.
+/// port unreachable fails at once. Also the DNS check's UDP leg. The
+/// socket is bound to `source` if given (full NAT's source address), else
+/// to the wildcard.
 pub(super) async fn exchange(
     address: SocketAddr,
+    source: Option<std::net::IpAddr>,
     payload: &[u8],
     deadline: Instant,
     timeout: Duration,
     accept: impl Fn(&[u8]) -> bool,
 ) -> Result<Vec<u8>, ProbeError> {
     let fail = |step: &str, e: &std::io::Error| failure(step, address, e);
-    let socket = UdpSocket::bind(unspecified_of(address))
+    let bind = source.map_or_else(|| unspecified_of(address), |s| SocketAddr::new(s, 0));
+    let socket = UdpSocket::bind(bind)
         .await
         .map_err(|e| fail("bind for", &e))?;
     socket
@@ -117,7 +122,7 @@ mod tests {
         check: &UdpCheck,
         timeout: Duration,
     ) -> Result<(), String> {
-        super::probe(address.into(), check, timeout)
+        super::probe(address.into(), None, check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }

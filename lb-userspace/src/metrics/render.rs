@@ -362,6 +362,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "New flows dropped because the connection table was full (verdict drop_conntrack_full)",
         full,
     );
+    if let Some(f) = &status.full_nat {
+        register_full_nat(&mut registry, f);
+    }
     if let Some(a) = &status.announce {
         register_announce(&mut registry, a);
     }
@@ -375,6 +378,37 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+/// Full NAT: the ports in use per source address, the range's size, and
+/// the allocation failures (one counter: the data plane does not know
+/// which address a refused flow would have had).
+fn register_full_nat(registry: &mut Registry, f: &crate::wire::FullNatStatus) {
+    let in_use = Gauges::default();
+    for s in &f.sources {
+        in_use
+            .get_or_create(&vec![("source".to_owned(), s.address.clone())])
+            .set(i64::try_from(s.ports_in_use).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "lb_fullnat_ports_in_use",
+        "Full-NAT claims held on the source address: (port, backend endpoint) pairs of live flows",
+        in_use,
+    );
+    gauge(
+        registry,
+        "lb_fullnat_ports_per_backend",
+        "Ports full NAT allocates from (source-ports), per source address and backend endpoint",
+        i64::from(f.port_hi.saturating_sub(f.port_lo)) + 1,
+    );
+    let failures: Counter = Counter::default();
+    failures.inc_by(f.allocation_failures);
+    registry.register(
+        "lb_fullnat_allocation_failures",
+        "New full-NAT flows dropped because none of their candidate (address, port) pairs was free \
+         (verdict drop_fnat_exhausted); all source addresses together",
+        failures,
+    );
 }
 
 /// `[announce]`: each VIP announced (1) or not (0), and BIRD's BGP and

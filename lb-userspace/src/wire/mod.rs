@@ -16,8 +16,8 @@ pub mod sync;
 pub use announce::{AnnounceStatus, BirdProtocol, BirdView, VipPlan};
 pub use pool::{CoordStatus, MemberStatus, PoolStatus, Replication, Role};
 pub use status::{
-    AdminState, AgentStatus, BackendStatus, ConntrackStatus, HealthStatus, PoolRole, ReloadStatus,
-    RuntimeStatus, ServiceStatus, Status, ring_violations,
+    AdminState, AgentStatus, BackendStatus, ConntrackStatus, FullNatSource, FullNatStatus,
+    HealthStatus, PoolRole, ReloadStatus, RuntimeStatus, ServiceStatus, Status, ring_violations,
 };
 
 /// Where `lb run` listens unless told otherwise.

@@ -82,6 +82,36 @@ pub struct Status {
     /// without `[sync]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<super::sync::SyncStatus>,
+    /// Full NAT's source addresses and their ports in use; `None` while no
+    /// service is full NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_nat: Option<FullNatStatus>,
+}
+
+/// Full NAT (issue 25) as `lb status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullNatStatus {
+    /// The allocated ports' range (`source-ports`), inclusive.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Each source address in `FNAT_CONF`, with its claims.
+    pub sources: Vec<FullNatSource>,
+    /// New full-NAT flows refused because none of their candidate
+    /// (address, port) pairs was free: the `drop_fnat_exhausted` verdict.
+    /// One count for all addresses: a refused flow tried up to 8
+    /// candidates, possibly on several addresses, and the data plane keeps
+    /// no per-address counter for it.
+    pub allocation_failures: u64,
+}
+
+/// One full-NAT source address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullNatSource {
+    pub address: String,
+    /// Claims in `FNAT_REPLIES` on this address: (port, backend endpoint)
+    /// pairs held by live flows (and stale claims until the sweep removes
+    /// them), counted with the flows, off the agent's loop.
+    pub ports_in_use: u64,
 }
 
 /// The runtime changes that outlive the agent.
@@ -312,6 +342,7 @@ mod tests {
             announce: None,
             sync: None,
             runtime: RuntimeStatus::default(),
+            full_nat: None,
         };
         // Up but out of the ring (issue 8's stranded backend): flagged.
         let stranded = status(vec![

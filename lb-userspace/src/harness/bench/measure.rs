@@ -401,7 +401,7 @@ pub(super) fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyho
 
 /// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
 /// established flow) for `secs` seconds, for an external profiler.
-pub(super) fn profile_lb(secs: f64, new_flows: bool) -> anyhow::Result<()> {
+pub(super) fn profile_lb(secs: f64, new_flows: bool, full_nat: bool) -> anyhow::Result<()> {
     let lbin = xdp::ifindex("lbin")?;
     let (mut dp, what) = if new_flows {
         // As the cost section's new-flow row: the product's default tables.
@@ -413,7 +413,14 @@ pub(super) fn profile_lb(secs: f64, new_flows: bool) -> anyhow::Result<()> {
     } else {
         (Dataplane::load(CONNTRACK)?, "established flow")
     };
-    dp.apply(&lb_config(Forwarding::Dsr, 100)?)?;
+    let mode = if full_nat {
+        Forwarding::FullNat
+    } else {
+        Forwarding::Dsr
+    };
+    dp.apply(&cost_config(mode)?)?;
+    // Full NAT: each new flow holds a claim that nothing frees here.
+    let batches: u8 = if full_nat { 12 } else { u8::MAX };
     let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
     let prog = dp.program()?;
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
@@ -426,7 +433,7 @@ pub(super) fn profile_lb(secs: f64, new_flows: bool) -> anyhow::Result<()> {
             let frames = new_flow_frames(tag, 20_000)?;
             let ns = ns_per_packet(prog, &frames, lbin, 1, Some(XDP_REDIRECT))?;
             tag = tag.wrapping_add(1);
-            if tag == 0 {
+            if tag == 0 || tag == batches {
                 break;
             }
             ns
@@ -435,11 +442,27 @@ pub(super) fn profile_lb(secs: f64, new_flows: bool) -> anyhow::Result<()> {
         });
     }
     eprintln!(
-        "bench: profiled lb ({what}, DSR) for {secs} s: {:.1} ns/packet (median of {} runs)",
+        "bench: profiled lb ({what}, {}) for {secs} s: {:.1} ns/packet (median of {} runs)",
+        mode.name(),
         Stat::of(&samples).median,
         samples.len()
     );
     Ok(())
+}
+
+/// The cost section's config of `mode` at 100 backends; full NAT's source
+/// address is the LB's own on the backends' side.
+fn cost_config(mode: Forwarding) -> anyhow::Result<crate::config::Config> {
+    match mode {
+        Forwarding::FullNat => lb_config_for(
+            mode,
+            100,
+            "udp",
+            CONNTRACK,
+            "source-addresses = [\"198.19.0.1\"]",
+        ),
+        _ => lb_config(mode, 100),
+    }
 }
 
 /// Mean ns/packet of `prog` over `frames` (each run with `repeat`), as the
@@ -673,17 +696,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
     // Full NAT (issue 25) last, so NAT's and DSR's rows are measured where
     // they were before it: its targets are NAT's rows.
     for mode in [Forwarding::Nat, Forwarding::Dsr, Forwarding::FullNat] {
-        // Full NAT's source address: the LB's own on the backends' side.
-        let config = || match mode {
-            Forwarding::FullNat => lb_config_for(
-                mode,
-                100,
-                "udp",
-                CONNTRACK,
-                "source-addresses = [\"198.19.0.1\"]",
-            ),
-            _ => lb_config(mode, 100),
-        };
+        let config = || cost_config(mode);
         // The product's default table sizes, as a deployment has them.
         let mut dp = Dataplane::load(TableSizes {
             conntrack: DEFAULT_CONNTRACK_SIZE,

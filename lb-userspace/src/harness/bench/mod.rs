@@ -88,6 +88,11 @@ pub struct BenchArgs {
     /// the cost section's new-flow row)
     #[arg(long, conflicts_with = "profile_flows")]
     pub profile_new: bool,
+    /// With --profile-new: full NAT's new flows instead of DSR's (as the
+    /// cost section's full-NAT row; at most 240 000 flows, below
+    /// `FNAT_REPLIES`' size, since no sweep frees their claims)
+    #[arg(long, requires = "profile_new")]
+    pub profile_full_nat: bool,
     /// Run only these sections (comma-separated) and print the report;
     /// BENCHMARKS.md is left alone unless --output names a file
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -153,7 +158,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.profile_lb {
         return match args.profile_flows {
             Some(flows) => net.run(|| measure::profile_forwarding(secs, flows, threads)),
-            None => net.run(|| measure::profile_lb(secs, args.profile_new)),
+            None => net.run(|| measure::profile_lb(secs, args.profile_new, args.profile_full_nat)),
         };
     }
     let reps = args.reps;

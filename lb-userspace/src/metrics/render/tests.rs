@@ -102,6 +102,7 @@ fn snapshot() -> Status {
         announce: None,
         sync: None,
         runtime: Default::default(),
+        full_nat: None,
     }
 }
 
@@ -452,7 +453,39 @@ fn full_site() -> Status {
         ..Default::default()
     });
     status.sync = Some(sample_sync());
+    status.full_nat = Some(sample_full_nat());
     status
+}
+
+/// Full NAT with two source addresses, one of them busy.
+fn sample_full_nat() -> crate::wire::FullNatStatus {
+    let source = |address: &str, ports_in_use| crate::wire::FullNatSource {
+        address: address.into(),
+        ports_in_use,
+    };
+    crate::wire::FullNatStatus {
+        port_lo: 1024,
+        port_hi: 2047,
+        sources: vec![source("198.19.0.1", 700), source("198.19.0.2", 0)],
+        allocation_failures: 9,
+    }
+}
+
+#[test]
+fn full_nat_ports_in_use_are_per_source_address_with_the_failures() {
+    let mut status = snapshot();
+    status.full_nat = Some(sample_full_nat());
+    let text = render(&status, &ProbeLatency::default());
+    let in_use = |source| value(&text, "lb_fullnat_ports_in_use", &[("source", source)]);
+    assert_eq!((in_use("198.19.0.1"), in_use("198.19.0.2")), (700.0, 0.0));
+    assert_eq!(value(&text, "lb_fullnat_ports_per_backend", &[]), 1024.0);
+    assert_eq!(
+        value(&text, "lb_fullnat_allocation_failures_total", &[]),
+        9.0
+    );
+    // Without a full-NAT service, none of it.
+    let text = render(&snapshot(), &ProbeLatency::default());
+    assert!(!text.contains("lb_fullnat"), "{text}");
 }
 
 /// Sync with one peer that sent flows and a forged message, and a stranger.
