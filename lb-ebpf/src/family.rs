@@ -145,6 +145,17 @@ pub(crate) trait PathFamily: Family + Sized {
     ) {
     }
 
+    // ---- PROXY v2 (`proxy.rs`; IPv4 only: another family's flows are
+    // never flagged) ----
+    /// Flags the half-open flow `forward` as a PROXY flow.
+    #[inline(always)]
+    fn mark_proxy(_forward: &Self::FlowKey) -> bool {
+        false
+    }
+    /// A PROXY flow is being established: its `first` is recorded.
+    #[inline(always)]
+    fn proxy_started(_forward: &Self::FlowKey, _first: u32) {}
+
     /// Hands a packet the established table missed to the path's second
     /// stage (`stage.rs`); returns only if it could not.
     fn to_setup(ctx: &XdpContext, key: &Self::FlowKey, to_vip: bool, now: u32) -> Outcome;

@@ -208,6 +208,16 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
+    fn mark_proxy(forward: &FlowKey) -> bool {
+        flows::mark_proxy(forward)
+    }
+
+    #[inline(always)]
+    fn proxy_started(forward: &FlowKey, first: u32) {
+        crate::proxy::started(forward, first);
+    }
+
+    #[inline(always)]
     fn create_full_nat(
         key: &FlowKey,
         service_id: u32,
