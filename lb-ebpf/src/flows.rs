@@ -41,8 +41,7 @@ use core::{
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
     FLOW_F_FULL_NAT, FLOW_F_PROXY, Flow, FlowConf, FlowCounts, FlowKey, HALF_OPEN_FLAGS,
-    HalfOpenEntry, HalfOpenSlot,
-    MAX_BACKENDS, NextHop,
+    HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
         bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,

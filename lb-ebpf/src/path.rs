@@ -42,11 +42,10 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, FLOW_F_PROXY, FW_GLOBAL, Flow, MODE_FULL_NAT, SERVICE_PROXY_V2,
-    ServiceConf, Verdict,
-    answers_directly,
+    ServiceConf, Verdict, answers_directly,
     family::FlowTuple,
-    flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     family::V4,
+    flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
     headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, TCP_FLAG_SYN, opens_connection},
 };
@@ -385,8 +384,7 @@ fn new_flow<F: PathFamily>(
     // A PROXY v2 service's flow opened by a SYN: flagged, and its SYN's
     // options fixed by the PROXY stage (which comes back here, to find the
     // flow half-open).
-    if conf.enabled & SERVICE_PROXY_V2 != 0 && state == STATE_NEW && key.protocol() == IPPROTO_TCP
-    {
+    if conf.enabled & SERVICE_PROXY_V2 != 0 && state == STATE_NEW && key.protocol() == IPPROTO_TCP {
         if F::mark_proxy(key) {
             flow.flags |= FLOW_F_PROXY;
         }

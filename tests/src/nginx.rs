@@ -122,4 +122,3 @@ impl Drop for Nginx {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
-

@@ -82,14 +82,7 @@ fn config() -> Config {
         ("pp-nat", VIP_NAT, Forwarding::Nat),
         ("pp-fnat", VIP_FNAT, Forwarding::FullNat),
     ] {
-        let mut svc = service(
-            name,
-            vip,
-            80,
-            Protocol::Tcp,
-            forwarding,
-            webs(WEB_PORT),
-        );
+        let mut svc = service(name, vip, 80, Protocol::Tcp, forwarding, webs(WEB_PORT));
         svc.proxy_protocol = Some(ProxyProtocol::V2);
         cfg.services.push(svc);
     }
@@ -261,7 +254,13 @@ fn handshake(h: &mut Harness, vip: [u8; 4], port: u16, full_nat: bool) -> Flow {
         options: syn_options(),
         ..flow.client(CLIENT_SEQ, None, b"")
     };
-    let out = h.expect_case("SYN", h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+    let out = h.expect_case(
+        "SYN",
+        h.front,
+        &syn.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
     let (web, source, sport) = sent(&out);
     flow.web = web;
     if full_nat {
@@ -293,7 +292,13 @@ fn handshake(h: &mut Harness, vip: [u8; 4], port: u16, full_nat: bool) -> Flow {
     assert_eq!(back, flow.to_client(&want), "the SYN-ACK, its MSS less 28");
 
     let ack = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), b"");
-    let out = h.expect_case("ACK", h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+    let out = h.expect_case(
+        "ACK",
+        h.front,
+        &ack.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
     assert_eq!(out, flow.to_web(&ack), "the handshake's ACK, unchanged");
     flow
 }
@@ -359,12 +364,22 @@ fn data_both_ways(h: &mut Harness, flow: &Flow) {
         ack: Some(req_end),
         ..answer.clone()
     };
-    assert_eq!(back, flow.to_client(&shown), "the web's data, its ack less 28");
+    assert_eq!(
+        back,
+        flow.to_client(&shown),
+        "the web's data, its ack less 28"
+    );
 
     // A later client segment: seq + 28.
     let answered = WEB_SEQ + 1 + answer.payload.len() as u32;
     let more = flow.client(req_end, Some(answered), MORE);
-    let out = h.expect_case("later data", h.front, &more.build(), XDP_REDIRECT, Verdict::Forwarded);
+    let out = h.expect_case(
+        "later data",
+        h.front,
+        &more.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
     let shifted = Seg {
         seq: req_end + LEN,
         ..more.clone()
@@ -377,7 +392,13 @@ fn data_both_ways(h: &mut Harness, flow: &Flow) {
         fin: true,
         ..flow.client(more_end, Some(answered), b"")
     };
-    let out = h.expect_case("client FIN", h.front, &fin.build(), XDP_REDIRECT, Verdict::Forwarded);
+    let out = h.expect_case(
+        "client FIN",
+        h.front,
+        &fin.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
     let shifted = Seg {
         seq: more_end + LEN,
         ..fin.clone()
@@ -444,7 +465,13 @@ fn a_first_segment_too_big_for_the_header_is_answered_with_the_mtu_less_28() {
         assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1500 - 28);
         // A segment that fits then gets the header.
         let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
-        let out = h.expect_case("fits", h.front, &fits.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let out = h.expect_case(
+            "fits",
+            h.front,
+            &fits.build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
         let with_header = Seg {
             payload: [flow.header().as_slice(), REQUEST].concat(),
             ..fits
@@ -477,7 +504,12 @@ fn a_flow_without_proxy_protocol_is_left_alone() {
             options: syn_ack_options(1460),
             ..flow.web(WEB_SEQ, CLIENT_SEQ + 1, b"")
         };
-        let back = h.expect(h.back, &syn_ack.build(), XDP_REDIRECT, Verdict::ForwardedReply);
+        let back = h.expect(
+            h.back,
+            &syn_ack.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
         assert_eq!(back, flow.to_client(&syn_ack), "MSS kept");
         let ack = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), b"");
         h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
@@ -485,7 +517,12 @@ fn a_flow_without_proxy_protocol_is_left_alone() {
         let out = h.expect(h.front, &first.build(), XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(out, flow.to_web(&first), "no header");
         let answer = flow.web(WEB_SEQ + 1, CLIENT_SEQ + 1 + REQUEST.len() as u32, b"ok");
-        let back = h.expect(h.back, &answer.build(), XDP_REDIRECT, Verdict::ForwardedReply);
+        let back = h.expect(
+            h.back,
+            &answer.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
         assert_eq!(back, flow.to_client(&answer), "ack unchanged");
     });
 }
@@ -498,13 +535,12 @@ fn the_verifier_reports_each_programs_instruction_count() {
     net.run(|| {
         let mut h = Harness::new(&config());
         for name in ["lb", "lb_setup", "lb_proxy"] {
-            let prog: &mut aya::programs::Xdp = h
-                .dp
-                .ebpf()
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("{name} in the object"))
-                .try_into()
-                .expect("an XDP program");
+            let prog: &mut aya::programs::Xdp =
+                h.dp.ebpf()
+                    .program_mut(name)
+                    .unwrap_or_else(|| panic!("{name} in the object"))
+                    .try_into()
+                    .expect("an XDP program");
             let count = prog
                 .info()
                 .expect("info")

@@ -21,9 +21,7 @@ use lb_tests::{backend_status, lb_bin, nginx::Nginx, unique_prefix, wait_for_sta
 use lb_userspace::{
     config::Forwarding,
     harness::{
-        lab::{
-            CLIENT_FRONT, HttpConn, LB_BACK, Lab, PROXY_HTTP_PORT, VIP, bulk_byte, web_addr,
-        },
+        lab::{CLIENT_FRONT, HttpConn, LB_BACK, Lab, PROXY_HTTP_PORT, VIP, bulk_byte, web_addr},
         netns::{in_netns, ns_run, require_tool},
     },
 };
@@ -104,14 +102,19 @@ fn a_proxy_service_names_the_real_client_to_lab_serve_and_nginx() -> Result<()> 
     let nginx_listen = format!("0.0.0.0:{NGINX_PORT}");
     let nginx = Nginx::start(&lab.web_ns(1), &dir, &[&nginx_listen])?;
     let agent = lab.start_agent(&config())?;
-    wait_for_status(&lab, "every backend in its ring", Duration::from_secs(20), |s| {
-        (1..=3).all(|n| {
-            let web = format!("web{n}");
-            ["pp-nat", "pp-fnat"]
-                .iter()
-                .all(|svc| backend_status(s, svc, &web).is_ok_and(|b| b.in_ring))
-        }) && backend_status(s, "pp-nginx", "nginx").is_ok_and(|b| b.in_ring)
-    })
+    wait_for_status(
+        &lab,
+        "every backend in its ring",
+        Duration::from_secs(20),
+        |s| {
+            (1..=3).all(|n| {
+                let web = format!("web{n}");
+                ["pp-nat", "pp-fnat"]
+                    .iter()
+                    .all(|svc| backend_status(s, svc, &web).is_ok_and(|b| b.in_ring))
+            }) && backend_status(s, "pp-nginx", "nginx").is_ok_and(|b| b.in_ring)
+        },
+    )
     .with_context(|| agent.log_text())?;
 
     // lab-serve names the client the header gives: its own address and port.
@@ -119,7 +122,9 @@ fn a_proxy_service_names_the_real_client_to_lab_serve_and_nginx() -> Result<()> 
         let answer = curl(&lab, port, "/client", local)
             .with_context(|| format!("GET /client on {port}: {}", agent.log_text()))?;
         ensure!(
-            answer.trim_end().ends_with(&format!(" {CLIENT_FRONT}:{local}")),
+            answer
+                .trim_end()
+                .ends_with(&format!(" {CLIENT_FRONT}:{local}")),
             "port {port}: /client answered {answer:?}, not the client {CLIENT_FRONT}:{local}"
         );
     }

@@ -15,8 +15,7 @@ use aya::{
 
 use super::{
     Dataplane, DataplaneError, MapName, PROGRAM, PROXY_PROGRAM, Result, SETUP_PROGRAM, TableSizes,
-    adopt,
-    firewall::FwIds, handles::map_err, plan::Ids,
+    adopt, firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 

@@ -10,10 +10,18 @@ fn nat_and_full_nat_tcp_services_take_proxy_protocol_v2() {
             &format!("forwarding = \"{mode}\"\nproxy-protocol = \"v2\""),
             B1,
         ));
-        assert_eq!(cfg.services[0].proxy_protocol, Some(ProxyProtocol::V2), "{mode}");
+        assert_eq!(
+            cfg.services[0].proxy_protocol,
+            Some(ProxyProtocol::V2),
+            "{mode}"
+        );
         // A live change (check() round-trips through the raw shape) keeps it.
         let again = check(&cfg, Path::new("live")).expect("valid");
-        assert_eq!(again.services[0].proxy_protocol, Some(ProxyProtocol::V2), "{mode}");
+        assert_eq!(
+            again.services[0].proxy_protocol,
+            Some(ProxyProtocol::V2),
+            "{mode}"
+        );
     }
     // Without the key: none, and a live check keeps none.
     let plain = parse_ok(&one_service("", B1));
