@@ -155,6 +155,17 @@ pub(crate) trait PathFamily: Family + Sized {
     /// A PROXY flow is being established: its `first` is recorded.
     #[inline(always)]
     fn proxy_started(_forward: &Self::FlowKey, _first: u32) {}
+    /// An established PROXY flow's packet shifted in place (`proxy::shift`);
+    /// `Ok(false)`: it needs the PROXY stage.
+    #[inline(always)]
+    fn proxy_shift(
+        _ctx: &XdpContext,
+        _key: &Self::FlowKey,
+        _flow: &Flow,
+        _seg: &crate::parse::Segment,
+    ) -> Result<bool, Outcome> {
+        Ok(false)
+    }
 
     /// Hands a packet the established table missed to the path's second
     /// stage (`stage.rs`); returns only if it could not.

@@ -107,9 +107,15 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
     if let Some(entry) = entry {
         // SAFETY: a flow table value (see `flows::established`).
         let flow = unsafe { &mut *entry };
-        // A PROXY v2 flow: the PROXY stage (`proxy.rs`). One flag test.
+        // A PROXY v2 flow (one flag test for the others): seq or ack
+        // shifted here; a segment that takes the header goes to the PROXY
+        // stage (`proxy.rs`).
         if flow.flags & FLOW_F_PROXY != 0 {
-            return stage::to_proxy(ctx, PROXY_ESTABLISHED);
+            match F::proxy_shift(ctx, &key, flow, &seg) {
+                Ok(true) => {}
+                Ok(false) => return stage::to_proxy(ctx, PROXY_ESTABLISHED),
+                Err(outcome) => return outcome,
+            }
         }
         if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
             return outcome;

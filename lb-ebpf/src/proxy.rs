@@ -21,7 +21,7 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head, macros::map, maps::LruHashMap, programs::XdpContext,
 };
 use lb_common::{
-    Flow, FlowKey, MAX_PROXY_FLOWS, ProxyFlow, Verdict,
+    Flow, FlowKey, MAX_PROXY_FLOWS, ProxyFlow, REPLY, Verdict,
     checksum::replace16,
     flow::forward_key,
     headers::{EthHdr, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpNumbers},
@@ -92,8 +92,50 @@ pub(crate) fn has_payload(ctx: &XdpContext) -> bool {
     }
 }
 
-/// A client segment of an established PROXY flow (`forward`, its key as it
-/// arrived; `flow` its entry): kept, shifted, or given the header.
+/// In `lb`, a packet of an established PROXY flow (`key` as the
+/// established table left it, `flow` its entry): a backend's ack shifted
+/// back, a client segment kept or shifted, in place. `Ok(false)`: a client
+/// segment that takes the header, for the PROXY stage (the frame grows).
+#[inline(always)]
+pub(crate) fn shift(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    flow: &Flow,
+    seg: &Segment,
+) -> Result<bool, Outcome> {
+    if flow.direction == REPLY {
+        backend(ctx, key, flow, seg)?;
+        return Ok(true);
+    }
+    let (rule, _, _) = client_rule(ctx, key, seg)?;
+    Ok(rule != ClientSegment::Insert)
+}
+
+/// The rule for a client segment (`forward`, its key) and the frame's IP
+/// total length and TCP header length; a `Shift` is applied here.
+#[inline(always)]
+fn client_rule(
+    ctx: &XdpContext,
+    forward: &FlowKey,
+    seg: &Segment,
+) -> Result<(ClientSegment, u32, u32), Outcome> {
+    let Some(first) = first_of(forward) else {
+        return Err(drop(Verdict::DropProxyLost));
+    };
+    let Some((total, tcp_len)) = lengths(ctx) else {
+        return Ok((ClientSegment::Keep, 0, 0));
+    };
+    let payload = total.saturating_sub(Ipv4Hdr::LEN as u32 + tcp_len);
+    let rule = client_segment(seg.seq, payload, seg.flags & TCP_FLAG_SYN != 0, first);
+    if rule == ClientSegment::Shift {
+        set_number(ctx, 0, seg.seq, shifted_seq(seg.seq, LEN));
+    }
+    Ok((rule, total, tcp_len))
+}
+
+/// In the PROXY stage, a client segment of an established PROXY flow
+/// (`forward`, its key as it arrived; `flow` its entry): kept, shifted, or
+/// given the header.
 #[inline(always)]
 pub(crate) fn client(
     ctx: &XdpContext,
@@ -101,20 +143,9 @@ pub(crate) fn client(
     flow: &Flow,
     seg: &Segment,
 ) -> Result<(), Outcome> {
-    let Some(first) = first_of(forward) else {
-        return Err(drop(Verdict::DropProxyLost));
-    };
-    let Some((total, tcp_len)) = lengths(ctx) else {
-        return Ok(());
-    };
-    let payload = total.saturating_sub(Ipv4Hdr::LEN as u32 + tcp_len);
-    match client_segment(seg.seq, payload, seg.flags & TCP_FLAG_SYN != 0, first) {
-        ClientSegment::Keep => Ok(()),
-        ClientSegment::Shift => {
-            set_number(ctx, 0, seg.seq, shifted_seq(seg.seq, LEN));
-            Ok(())
-        }
-        ClientSegment::Insert => insert(ctx, forward, flow, total, tcp_len),
+    match client_rule(ctx, forward, seg)? {
+        (ClientSegment::Insert, total, tcp_len) => insert(ctx, forward, flow, total, tcp_len),
+        _ => Ok(()),
     }
 }
 

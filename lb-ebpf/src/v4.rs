@@ -218,6 +218,16 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
+    fn proxy_shift(
+        ctx: &XdpContext,
+        key: &FlowKey,
+        flow: &Flow,
+        seg: &crate::parse::Segment,
+    ) -> Result<bool, Outcome> {
+        crate::proxy::shift(ctx, key, flow, seg)
+    }
+
+    #[inline(always)]
     fn create_full_nat(
         key: &FlowKey,
         service_id: u32,

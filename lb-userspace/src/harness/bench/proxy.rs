@@ -12,12 +12,15 @@ use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, checksum};
 
 use super::{
     measure::{NsMethod, NsProgram, NsRow, Stat, ns_per_packet},
-    net::{CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, lb_config_for},
+    net::{CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, bench_netns, lb_config_for},
 };
 use crate::{
     config::{Forwarding, ProxyProtocol},
     dataplane::{Dataplane, TableSizes},
-    harness::xdp::{self, XDP_REDIRECT},
+    harness::{
+        netns,
+        xdp::{self, XDP_REDIRECT},
+    },
 };
 
 const SYN: u8 = 0x02;
@@ -121,8 +124,11 @@ fn established(proxy: bool, lbin: u32) -> anyhow::Result<(Dataplane, Vec<u8>)> {
             PAYLOAD,
         ),
     ];
+    // The backend's SYN-ACK comes in on the backends' side.
+    let lbout = xdp::ifindex("lbout")?;
     for (i, frame) in steps.iter().enumerate() {
-        let r = xdp::test_run(prog, lbin, frame, 0, false)?;
+        let ingress = if i == 0 { lbout } else { lbin };
+        let r = xdp::test_run(prog, ingress, frame, 0, false)?;
         ensure!(
             r.action == XDP_REDIRECT,
             "handshake step {i} (proxy {proxy}): action {}",
@@ -144,6 +150,9 @@ fn established(proxy: bool, lbin: u32) -> anyhow::Result<(Dataplane, Vec<u8>)> {
 /// flow's, `calls` calls of one segment each, `reps` repetitions taking
 /// turns.
 pub(super) fn proxy_rows(lbin: u32, calls: usize, reps: usize) -> anyhow::Result<Vec<NsRow>> {
+    eprintln!("bench: full NAT + PROXY v2, TCP established (BPF_PROG_TEST_RUN)");
+    // The SYN-ACK goes back to the client: its neighbour (the generator).
+    netns::add_neighbours(&bench_netns(), "lbin", &[(CLIENT, GEN_MAC)])?;
     let mut planes = Vec::new();
     for proxy in [false, true] {
         let (dp, next) = established(proxy, lbin)?;
