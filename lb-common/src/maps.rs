@@ -350,7 +350,11 @@ pub struct HalfOpenEntry {
     /// [`Flow::flags`] of the copy ([`HALF_OPEN_FLAGS`]).
     pub flags: u8,
     pub _pad0: u8,
-    pub _pad: [u32; 4],
+    /// A PROXY v2 flow ([`FLOW_F_PROXY`]): its client's first sequence
+    /// number (the SYN's + 1, host order), written with the flag and read
+    /// at promotion into `PROXY_FLOWS`. Zero otherwise.
+    pub proxy_first: u32,
+    pub _pad: [u32; 3],
 }
 
 impl From<&HalfOpenEntry> for Flow {
@@ -384,7 +388,8 @@ impl From<&Flow> for HalfOpenEntry {
             snat_port: f.vport,
             flags: f.flags & HALF_OPEN_FLAGS,
             _pad0: 0,
-            _pad: [0; 4],
+            proxy_first: 0,
+            _pad: [0; 3],
         }
     }
 }

@@ -147,10 +147,16 @@ pub(crate) trait PathFamily: Family + Sized {
 
     // ---- PROXY v2 (`proxy.rs`; IPv4 only: another family's flows are
     // never flagged) ----
-    /// Flags the half-open flow `forward` as a PROXY flow.
+    /// Flags the half-open flow `forward` as a PROXY flow whose client's
+    /// first sequence number is `first`.
     #[inline(always)]
-    fn mark_proxy(_forward: &Self::FlowKey) -> bool {
+    fn mark_proxy(_forward: &Self::FlowKey, _first: u32) -> bool {
         false
+    }
+    /// What `mark_proxy` recorded as `first`, if `slot` still holds the flow.
+    #[inline(always)]
+    fn proxy_first(_slot: Self::Slot, _forward: &Self::FlowKey) -> Option<u32> {
+        None
     }
     /// A PROXY flow is being established: its `first` is recorded.
     #[inline(always)]

@@ -266,10 +266,10 @@ pub(crate) fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
 }
 
 /// Flags the half-open flow `forward` (just created) as a PROXY flow
-/// (`FLOW_F_PROXY`), under its slot's lock. False if its slot is not there
-/// or is being written.
+/// (`FLOW_F_PROXY`) whose client's first sequence number is `first`, under
+/// its slot's lock. False if its slot is not there or is being written.
 #[inline(always)]
-pub(crate) fn mark_proxy(forward: &FlowKey) -> bool {
+pub(crate) fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
     let Some(conf) = conf() else {
         return false;
     };
@@ -285,11 +285,29 @@ pub(crate) fn mark_proxy(forward: &FlowKey) -> bool {
         if here {
             let flags = &raw mut (*slot).flow.flags;
             write_volatile(flags, read_volatile(flags) | FLOW_F_PROXY);
+            write_volatile(&raw mut (*slot).flow.proxy_first, first);
         }
         here
     };
     unlock(slot);
     marked
+}
+
+/// The first client sequence number `mark_proxy` recorded for the
+/// half-open flow `forward` in `slot`, if the slot still holds it.
+#[inline(always)]
+pub(crate) fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
+    let slot = slot.0;
+    // SAFETY: a valid array map value, read under its sequence as in
+    // `read_slot`.
+    unsafe {
+        let seq = read_volatile(&raw const (*slot).seq);
+        if seq & 1 != 0 || !same_key(&raw const (*slot).key, forward) {
+            return None;
+        }
+        let first = read_volatile(&raw const (*slot).flow.proxy_first);
+        (read_volatile(&raw const (*slot).seq) == seq).then_some(first)
+    }
 }
 
 /// Is `key`'s source a backend endpoint of a NAT service?

@@ -149,7 +149,7 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
         }
     }
     if to_vip {
-        return new_flow(ctx, &pkt, &key, seg.flags, now);
+        return new_flow(ctx, &pkt, &key, (seg.flags, seg.seq), now);
     }
     // A backend's answer to a check through the VIP: into the probe
     // namespace (`probe.rs`). Two compares unless to a probe port.
@@ -292,8 +292,12 @@ fn half_open<F: PathFamily>(
         return Some(drop(Verdict::DropBadHandshake));
     }
     if proxied && confirm == Confirm::Promote {
-        // The promoting segment's seq is the client's ISN + 1.
-        F::proxy_started(key, seg.seq);
+        // `first` as the SYN gave it (not this segment's seq: a segment
+        // after the first may be the one that promotes, when an earlier
+        // promotion found the bucket busy or full).
+        if let Some(first) = F::proxy_first(slot, key) {
+            F::proxy_started(key, first);
+        }
         if proxy::has_payload(ctx) {
             // Data with it: established first, then the PROXY stage
             // inserts the header as for any established segment.
@@ -321,7 +325,7 @@ fn new_flow<F: PathFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
     key: &F::FlowKey,
-    flags: u8,
+    (flags, seq): (u8, u32),
     now: u32,
 ) -> Outcome {
     // The global firewall scope first: before the service lookup, so a
@@ -391,7 +395,7 @@ fn new_flow<F: PathFamily>(
     // options fixed by the PROXY stage (which comes back here, to find the
     // flow half-open).
     if conf.enabled & SERVICE_PROXY_V2 != 0 && state == STATE_NEW && key.protocol() == IPPROTO_TCP {
-        if F::mark_proxy(key) {
+        if F::mark_proxy(key, seq.wrapping_add(1)) {
             flow.flags |= FLOW_F_PROXY;
         }
         if stage::proxy_errand() != PROXY_DONE {

@@ -208,8 +208,13 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn mark_proxy(forward: &FlowKey) -> bool {
-        flows::mark_proxy(forward)
+    fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
+        flows::mark_proxy(forward, first)
+    }
+
+    #[inline(always)]
+    fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
+        flows::proxy_first(slot, forward)
     }
 
     #[inline(always)]
