@@ -196,6 +196,10 @@ maps! {
     /// running after the agent exits; a restarted agent puts its own
     /// `lb_setup` in the adopted array.
     STAGES: Pinning::Pinned;
+    /// PROXY v2 flows (forward key) → the client's ISN + 1 (`ProxyFlow`).
+    /// Pinned with the flow tables it completes: a restarted agent's
+    /// program goes on shifting the flows it adopts.
+    PROXY_FLOWS: Pinning::Pinned;
     /// What the first stage hands the second about a packet, per CPU.
     CARRY: Pinning::Unpinned {
         why: "scratch for one packet between the two stages, on one CPU",
@@ -245,7 +249,8 @@ mod tests {
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
         // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
-        // FNAT_CONF and FNAT_REPLIES (2) and the second stage's STAGES (1).
-        assert_eq!(MapName::pinned().count(), 41);
+        // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
+        // PROXY_FLOWS (1).
+        assert_eq!(MapName::pinned().count(), 42);
     }
 }

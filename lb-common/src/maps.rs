@@ -257,6 +257,35 @@ pub const FLOW_F_SYNCED: u8 = 1;
 /// reply's key is (backend → source address), found through
 /// `FNAT_REPLIES`.
 pub const FLOW_F_FULL_NAT: u8 = 2;
+/// [`Flow::flags`]: a `proxy-protocol = "v2"` flow opened by a SYN this LB
+/// saw (both entries, half-open and established). Its established packets
+/// go through the PROXY stage (`STAGE_PROXY`), which inserts the header and
+/// shifts seq/ack with the flow's [`ProxyFlow`] (docs/architecture.md,
+/// "PROXY protocol v2").
+pub const FLOW_F_PROXY: u8 = 4;
+/// The bits a half-open slot keeps of [`Flow::flags`].
+pub const HALF_OPEN_FLAGS: u8 = FLOW_F_FULL_NAT | FLOW_F_PROXY;
+
+/// `PROXY_FLOWS` value, keyed by the flow's forward key (client → VIP): the
+/// client's ISN + 1 (`first`, host order), the sequence number at which the
+/// header goes in (`lb_common::proxy`). Written when the flow is
+/// established (the promoting segment's seq is `first`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyFlow {
+    pub first: u32,
+    pub _pad: u32,
+}
+
+/// Capacity of `PROXY_FLOWS` (an LRU: the least recently used PROXY flows
+/// go first when it is full; such a flow's packets are then dropped and
+/// counted, `drop_proxy_lost`).
+pub const MAX_PROXY_FLOWS: u32 = 131_072;
+
+/// `STAGES` indexes (lb-ebpf/src/stage.rs): the path's second stage
+/// (`lb_setup`) and the PROXY v2 stage (`lb_proxy`).
+pub const STAGE_SETUP: u32 = 0;
+pub const STAGE_PROXY: u32 = 1;
 
 /// `CONNTRACK` and `HALF_OPEN` value: one direction of a flow.
 ///
@@ -318,10 +347,14 @@ pub struct HalfOpenEntry {
     /// Full NAT: the allocated source port (network order; the source
     /// address is `vip`). Zero otherwise. [`Flow::vport`] of the copy.
     pub snat_port: u16,
-    /// [`Flow::flags`] of the copy ([`FLOW_F_FULL_NAT`]).
+    /// [`Flow::flags`] of the copy ([`HALF_OPEN_FLAGS`]).
     pub flags: u8,
     pub _pad0: u8,
-    pub _pad: [u32; 4],
+    /// A PROXY v2 flow ([`FLOW_F_PROXY`]): its client's first sequence
+    /// number (the SYN's + 1, host order), written with the flag and read
+    /// at promotion into `PROXY_FLOWS`. Zero otherwise.
+    pub proxy_first: u32,
+    pub _pad: [u32; 3],
 }
 
 impl From<&HalfOpenEntry> for Flow {
@@ -335,7 +368,7 @@ impl From<&HalfOpenEntry> for Flow {
             vip: e.vip,
             vport: e.snat_port,
             direction: FORWARD,
-            flags: e.flags & FLOW_F_FULL_NAT,
+            flags: e.flags & HALF_OPEN_FLAGS,
             next_hop: NextHop::default(),
             seq: e.seq,
         }
@@ -353,9 +386,10 @@ impl From<&Flow> for HalfOpenEntry {
             vip: f.vip,
             seq: f.seq,
             snat_port: f.vport,
-            flags: f.flags & FLOW_F_FULL_NAT,
+            flags: f.flags & HALF_OPEN_FLAGS,
             _pad0: 0,
-            _pad: [0; 4],
+            proxy_first: 0,
+            _pad: [0; 3],
         }
     }
 }

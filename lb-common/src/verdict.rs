@@ -39,8 +39,8 @@ macro_rules! verdicts {
             /// other verdicts only.
             /// One mask test (the packet path asks on every packet).
             pub const fn is_forwarded(self) -> bool {
-                const FORWARDED: u32 = 0 $(| if $forwarded { 1 << $index } else { 0 })*;
-                FORWARDED & (1 << self as u32) != 0
+                const FORWARDED: u64 = 0 $(| if $forwarded { 1u64 << $index } else { 0 })*;
+                FORWARDED & (1u64 << self as u32) != 0
             }
         }
     };
@@ -156,6 +156,16 @@ verdicts! {
     /// agent puts it in `STAGES` at load, so this counts a data plane
     /// loaded by hand or half torn down. Dropped.
     DropNoStage = 31 => "drop_no_stage", forwarded: false;
+    /// A PROXY v2 flow's first data segment (or a retransmission of it)
+    /// for which the frame had no headroom for the header
+    /// (`bpf_xdp_adjust_head` refused): dropped; the client retransmits.
+    /// Not traceable (past the 32 trace bits).
+    DropProxyNoRoom = 32 => "drop_proxy_no_room", forwarded: false;
+    /// A packet of a PROXY v2 flow whose start (`PROXY_FLOWS`) is not known:
+    /// the LRU evicted it, or the flow's data came before it was
+    /// established. Its sequence numbers cannot be shifted, so it is
+    /// dropped. Not traceable (past the 32 trace bits).
+    DropProxyLost = 33 => "drop_proxy_lost", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by
@@ -178,8 +188,8 @@ const _: () = {
         i += 1;
     }
     assert!(
-        VERDICT_COUNT <= u32::BITS,
-        "one trace bit per verdict in a u32"
+        VERDICT_COUNT <= u64::BITS,
+        "one forwarded bit per verdict in a u64"
     );
 };
 
@@ -208,8 +218,13 @@ impl Verdict {
         }
     }
 
-    /// This verdict's bit in [`crate::TraceConf::verdicts`].
+    /// This verdict's bit in [`crate::TraceConf::verdicts`]; 0 for the
+    /// verdicts past its 32 bits (not traceable).
     pub const fn trace_bit(self) -> u32 {
-        1 << self as u32
+        if (self as u32) < u32::BITS {
+            1 << self as u32
+        } else {
+            0
+        }
     }
 }

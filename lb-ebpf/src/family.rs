@@ -145,6 +145,34 @@ pub(crate) trait PathFamily: Family + Sized {
     ) {
     }
 
+    // ---- PROXY v2 (`proxy.rs`; IPv4 only: another family's flows are
+    // never flagged) ----
+    /// Flags the half-open flow `forward` as a PROXY flow whose client's
+    /// first sequence number is `first`.
+    #[inline(always)]
+    fn mark_proxy(_forward: &Self::FlowKey, _first: u32) -> bool {
+        false
+    }
+    /// What `mark_proxy` recorded as `first`, if `slot` still holds the flow.
+    #[inline(always)]
+    fn proxy_first(_slot: Self::Slot, _forward: &Self::FlowKey) -> Option<u32> {
+        None
+    }
+    /// A PROXY flow is being established: its `first` is recorded.
+    #[inline(always)]
+    fn proxy_started(_forward: &Self::FlowKey, _first: u32) {}
+    /// An established PROXY flow's packet shifted in place (`proxy::shift`);
+    /// `Ok(false)`: it needs the PROXY stage.
+    #[inline(always)]
+    fn proxy_shift(
+        _ctx: &XdpContext,
+        _key: &Self::FlowKey,
+        _flow: &Flow,
+        _seg: &crate::parse::Segment,
+    ) -> Result<bool, Outcome> {
+        Ok(false)
+    }
+
     /// Hands a packet the established table missed to the path's second
     /// stage (`stage.rs`); returns only if it could not.
     fn to_setup(ctx: &XdpContext, key: &Self::FlowKey, to_vip: bool, now: u32) -> Outcome;

@@ -40,8 +40,8 @@ use core::{
 };
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
-    FLOW_F_FULL_NAT, Flow, FlowConf, FlowCounts, FlowKey, HalfOpenEntry, HalfOpenSlot,
-    MAX_BACKENDS, NextHop,
+    FLOW_F_FULL_NAT, FLOW_F_PROXY, Flow, FlowConf, FlowCounts, FlowKey, HALF_OPEN_FLAGS,
+    HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
         bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
@@ -265,6 +265,51 @@ pub(crate) fn record(slot: Slot, forward: &FlowKey, state: u32, seq: u32) {
     unlock(slot);
 }
 
+/// Flags the half-open flow `forward` (just created) as a PROXY flow
+/// (`FLOW_F_PROXY`) whose client's first sequence number is `first`, under
+/// its slot's lock. False if its slot is not there or is being written.
+#[inline(always)]
+pub(crate) fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
+    let Some(conf) = conf() else {
+        return false;
+    };
+    let Some((_, slot)) = forward_of_bucket(conf, forward) else {
+        return false;
+    };
+    if !lock(slot) {
+        return false;
+    }
+    // SAFETY: locked: the slot is ours to write.
+    let marked = unsafe {
+        let here = same_key(&raw const (*slot).key, forward);
+        if here {
+            let flags = &raw mut (*slot).flow.flags;
+            write_volatile(flags, read_volatile(flags) | FLOW_F_PROXY);
+            write_volatile(&raw mut (*slot).flow.proxy_first, first);
+        }
+        here
+    };
+    unlock(slot);
+    marked
+}
+
+/// The first client sequence number `mark_proxy` recorded for the
+/// half-open flow `forward` in `slot`, if the slot still holds it.
+#[inline(always)]
+pub(crate) fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
+    let slot = slot.0;
+    // SAFETY: a valid array map value, read under its sequence as in
+    // `read_slot`.
+    unsafe {
+        let seq = read_volatile(&raw const (*slot).seq);
+        if seq & 1 != 0 || !same_key(&raw const (*slot).key, forward) {
+            return None;
+        }
+        let first = read_volatile(&raw const (*slot).flow.proxy_first);
+        (read_volatile(&raw const (*slot).seq) == seq).then_some(first)
+    }
+}
+
 /// Is `key`'s source a backend endpoint of a NAT service?
 #[inline(always)]
 pub(crate) fn from_nat_backend(key: &FlowKey) -> bool {
@@ -335,7 +380,7 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
     );
     reply.state = flow.state;
     reply.seq = flow.seq;
-    reply.flags = flow.flags & FLOW_F_FULL_NAT;
+    reply.flags = flow.flags & HALF_OPEN_FLAGS;
     Some((reply, slot))
 }
 
@@ -611,6 +656,9 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     } else {
         *key
     };
+    if flow.flags & FLOW_F_PROXY != 0 {
+        crate::proxy::ended(&forward);
+    }
     if let Some(conf) = conf()
         && let Some(removed) = established::remove(conf, &forward)
     {
@@ -786,7 +834,7 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     reply.state = STATE_ESTABLISHED;
     reply.seq = ack;
     let full_nat = flow.flags & FLOW_F_FULL_NAT;
-    reply.flags = full_nat;
+    reply.flags = flow.flags & HALF_OPEN_FLAGS;
     let backend = if nat {
         match BACKENDS.get(backend_id) {
             Some(b) => Some((b.addr, b.port)),
@@ -835,8 +883,9 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     }
     clear_slot(conf, key);
     count_opened(backend_id);
-    // A peer cannot translate a full-NAT flow: its source address is ours.
-    if full_nat == 0 {
+    // A peer cannot translate a full-NAT flow: its source address is ours;
+    // nor shift a PROXY flow: its start is in this LB's `PROXY_FLOWS`.
+    if flow.flags & (FLOW_F_FULL_NAT | FLOW_F_PROXY) == 0 {
         crate::sync::established(key, flow, ack);
     }
 }

@@ -47,6 +47,7 @@ mod parse;
 mod parse6;
 mod path;
 mod probe;
+mod proxy;
 mod schedule;
 mod stage;
 mod sync;
@@ -117,6 +118,14 @@ pub fn lb_setup(ctx: XdpContext) -> u32 {
     finish(&ctx, dispatch_setup(&ctx))
 }
 
+/// The PROXY v2 stage (`proxy.rs`): tail-called for packets of flows
+/// flagged `FLOW_F_PROXY`; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_proxy(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_proxy(&ctx))
+}
+
 /// A packet's verdict counted, traced and captured; its action.
 #[inline(always)]
 fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
@@ -156,6 +165,19 @@ fn dispatch_setup(ctx: &XdpContext) -> verdict::Outcome {
     // SAFETY: `header` checked the bounds against data_end.
     if unsafe { (*eth).ether_type } == V4::ETHER_TYPE_RAW {
         return path::setup::<V4>(ctx, eth);
+    }
+    verdict::pass(Verdict::PassNotOurs)
+}
+
+/// The PROXY stage's entry: IPv4 only (the one family with PROXY flows).
+#[inline(always)]
+fn dispatch_proxy(ctx: &XdpContext) -> verdict::Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return verdict::pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } == V4::ETHER_TYPE_RAW {
+        return path::proxied(ctx, eth);
     }
     verdict::pass(Verdict::PassNotOurs)
 }

@@ -41,12 +41,13 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, Backend, FW_GLOBAL, Flow, MODE_FULL_NAT, ServiceConf, Verdict,
-    answers_directly,
+    BACKEND_F_DROP_FLOWS, Backend, FLOW_F_PROXY, FW_GLOBAL, Flow, MODE_FULL_NAT, SERVICE_PROXY_V2,
+    ServiceConf, Verdict, answers_directly,
     family::FlowTuple,
+    family::V4,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
-    headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, opens_connection},
+    headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, TCP_FLAG_SYN, opens_connection},
 };
 
 use crate::{
@@ -55,7 +56,10 @@ use crate::{
     fib::routed_on,
     flows::{self, Table},
     hops,
+    mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote, Segment, flow_key, tcp_segment},
+    proxy,
+    stage::{self, PROXY_DONE, PROXY_ESTABLISHED, PROXY_OPTIONS},
     transmit,
     verdict::{Outcome, count, drop, pass},
 };
@@ -103,6 +107,16 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
     if let Some(entry) = entry {
         // SAFETY: a flow table value (see `flows::established`).
         let flow = unsafe { &mut *entry };
+        // A PROXY v2 flow (one flag test for the others): seq or ack
+        // shifted here; a segment that takes the header goes to the PROXY
+        // stage (`proxy.rs`).
+        if flow.flags & FLOW_F_PROXY != 0 {
+            match F::proxy_shift(ctx, &key, flow, &seg) {
+                Ok(true) => {}
+                Ok(false) => return stage::to_proxy(ctx, PROXY_ESTABLISHED),
+                Err(outcome) => return outcome,
+            }
+        }
         if let Some(outcome) = established(ctx, &pkt, &key, flow, &seg, now) {
             return outcome;
         }
@@ -135,7 +149,7 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
         }
     }
     if to_vip {
-        return new_flow(ctx, &pkt, &key, seg.flags, now);
+        return new_flow(ctx, &pkt, &key, (seg.flags, seg.seq), now);
     }
     // A backend's answer to a check through the VIP: into the probe
     // namespace (`probe.rs`). Two compares unless to a probe port.
@@ -149,6 +163,55 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
         return drop(Verdict::DropBackendNoFlow);
     }
     pass(Verdict::PassNotOurs)
+}
+
+/// The PROXY stage (`lb_proxy`, `proxy.rs`), IPv4: a PROXY flow's SYN or
+/// SYN-ACK gets its options fixed and goes back to `lb_setup`; an
+/// established PROXY flow's packet is shifted or given the header, then
+/// takes the established path as in `lb`.
+#[inline(always)]
+pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+    if stage::proxy_errand() == PROXY_OPTIONS {
+        proxy::fix_options(ctx);
+        return stage::back_to_setup(ctx);
+    }
+    let Some(ip) = V4::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    let Ok(pkt) = V4::parse_l4(ctx, eth, ip) else {
+        return pass(Verdict::PassNotOurs);
+    };
+    let mut key = flow_key(&pkt);
+    let seg = tcp_segment::<V4>(ctx, &key);
+    let now = flows::now();
+    let Some(entry) = V4::established(&mut key, now, || is_vip::<V4>(ip)) else {
+        // Gone since `lb` (or `lb_setup`) found it.
+        return drop(Verdict::DropProxyLost);
+    };
+    // SAFETY: a flow table value (see `flows::established`).
+    let flow = unsafe { &mut *entry };
+    let adjusted = if flow.direction == REPLY {
+        proxy::backend(ctx, &key, flow, &seg)
+    } else {
+        proxy::client(ctx, &key, flow, &seg)
+    };
+    if let Err(outcome) = adjusted {
+        return outcome;
+    }
+    // The frame may have grown at its head: its pointers again.
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return pass(Verdict::PassTruncated);
+    };
+    let Some(ip) = V4::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    let Ok(pkt) = V4::parse_l4(ctx, eth, ip) else {
+        return pass(Verdict::PassNotOurs);
+    };
+    match established(ctx, &pkt, &key, flow, &seg, now) {
+        Some(outcome) => outcome,
+        None => V4::to_setup(ctx, &key, is_vip::<V4>(ip), now),
+    }
 }
 
 /// Is the packet addressed to one of our VIPs?
@@ -209,6 +272,11 @@ fn half_open<F: PathFamily>(
     seg: &Segment,
     now: u32,
 ) -> Option<Outcome> {
+    // A PROXY flow's SYN and SYN-ACK: their options (`proxy.rs`) first.
+    let proxied = flow.flags & FLOW_F_PROXY != 0;
+    if proxied && seg.flags & TCP_FLAG_SYN != 0 && stage::proxy_errand() != PROXY_DONE {
+        return Some(stage::to_proxy(ctx, PROXY_OPTIONS));
+    }
     if flow.direction == REPLY {
         if key.protocol() == IPPROTO_TCP {
             F::answered(slot, key, flow, seg.flags, seg.seq);
@@ -222,6 +290,20 @@ fn half_open<F: PathFamily>(
     let confirm = confirms(flow, tcp, flow.vip != 0, seg.flags, seg.seq, seg.ack);
     if confirm == Confirm::Refused {
         return Some(drop(Verdict::DropBadHandshake));
+    }
+    if proxied && confirm == Confirm::Promote {
+        // `first` as the SYN gave it (not this segment's seq: a segment
+        // after the first may be the one that promotes, when an earlier
+        // promotion found the bucket busy or full).
+        if let Some(first) = F::proxy_first(slot, key) {
+            F::proxy_started(key, first);
+        }
+        if proxy::has_payload(ctx) {
+            // Data with it: established first, then the PROXY stage
+            // inserts the header as for any established segment.
+            F::promote(key, flow, seg.seq, seg.ack, now);
+            return Some(stage::to_proxy(ctx, PROXY_ESTABLISHED));
+        }
     }
     let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(
@@ -243,7 +325,7 @@ fn new_flow<F: PathFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
     key: &F::FlowKey,
-    flags: u8,
+    (flags, seq): (u8, u32),
     now: u32,
 ) -> Outcome {
     // The global firewall scope first: before the service lookup, so a
@@ -309,6 +391,17 @@ fn new_flow<F: PathFamily>(
     } else {
         F::create(key, service_id, backend_id, !direct, state, now)
     };
+    // A PROXY v2 service's flow opened by a SYN: flagged, and its SYN's
+    // options fixed by the PROXY stage (which comes back here, to find the
+    // flow half-open).
+    if conf.enabled & SERVICE_PROXY_V2 != 0 && state == STATE_NEW && key.protocol() == IPPROTO_TCP {
+        if F::mark_proxy(key, seq.wrapping_add(1)) {
+            flow.flags |= FLOW_F_PROXY;
+        }
+        if stage::proxy_errand() != PROXY_DONE {
+            return stage::to_proxy(ctx, PROXY_OPTIONS);
+        }
+    }
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)
 }
 

@@ -22,16 +22,27 @@ use aya_ebpf::{
     maps::{PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::{FlowKey, Verdict};
+use lb_common::{FlowKey, STAGE_PROXY, STAGE_SETUP, Verdict};
 
 use crate::{
     flows::{copy_key, write_words},
     verdict::{Outcome, drop},
 };
 
-/// `STAGES[0]`: the second stage, `lb_setup`. Written by the agent at load.
+/// `STAGES[STAGE_SETUP]`: the second stage, `lb_setup`;
+/// `STAGES[STAGE_PROXY]`: the PROXY v2 stage, `lb_proxy` (`proxy.rs`).
+/// Written by the agent at load (the programs the object has).
 #[map]
-pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(8, 0);
+
+/// [`Carry::proxy`]: what the PROXY stage is asked to do with the packet.
+/// `lb` (an established PROXY flow's packet, or `lb_setup` for a flow it
+/// just established): shift or insert, then the established path.
+pub(crate) const PROXY_ESTABLISHED: u32 = 0;
+/// `lb_setup`: fix a PROXY flow's SYN or SYN-ACK options, then back.
+pub(crate) const PROXY_OPTIONS: u32 = 1;
+/// The PROXY stage fixed the options: `lb_setup` goes on without it.
+pub(crate) const PROXY_DONE: u32 = 2;
 
 /// What the first stage hands the second about the packet it tail-calls
 /// with (per CPU: the tail call runs on the same CPU, at once).
@@ -41,6 +52,8 @@ pub(crate) struct Carry {
     key: FlowKey,
     to_vip: u32,
     now: u32,
+    /// `PROXY_*`: the PROXY stage's errand (`to_proxy`).
+    proxy: u32,
 }
 
 #[map]
@@ -57,9 +70,51 @@ pub(crate) fn to_setup(ctx: &XdpContext, key: &FlowKey, to_vip: bool, now: u32) 
         write_words(&raw mut (*carry).key, key);
         (*carry).to_vip = to_vip as u32;
         (*carry).now = now;
-        STAGES.tail_call(ctx, 0);
+        (*carry).proxy = PROXY_ESTABLISHED;
+        STAGES.tail_call(ctx, STAGE_SETUP);
     }
     drop(Verdict::DropNoStage)
+}
+
+/// Hands the packet to the PROXY stage with `errand` (`PROXY_*`); the
+/// carried key, VIP bit and tick stay as they are (`PROXY_OPTIONS` comes
+/// back to `lb_setup` with them). Returns only if it could not.
+#[inline(always)]
+pub(crate) fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
+    let Some(carry) = CARRY.get_ptr_mut(0) else {
+        return drop(Verdict::DropNoStage);
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    unsafe {
+        (*carry).proxy = errand;
+        STAGES.tail_call(ctx, STAGE_PROXY);
+    }
+    drop(Verdict::DropNoStage)
+}
+
+/// In the PROXY stage, after `PROXY_OPTIONS`: back to `lb_setup`, which
+/// then goes on without the PROXY stage.
+#[inline(always)]
+pub(crate) fn back_to_setup(ctx: &XdpContext) -> Outcome {
+    let Some(carry) = CARRY.get_ptr_mut(0) else {
+        return drop(Verdict::DropNoStage);
+    };
+    // SAFETY: as in `to_proxy`.
+    unsafe {
+        (*carry).proxy = PROXY_DONE;
+        STAGES.tail_call(ctx, STAGE_SETUP);
+    }
+    drop(Verdict::DropNoStage)
+}
+
+/// The PROXY stage's errand (`PROXY_*`), as the caller carried it.
+#[inline(always)]
+pub(crate) fn proxy_errand() -> u32 {
+    match CARRY.get_ptr(0) {
+        // SAFETY: this CPU's slot, written just before the tail call.
+        Some(carry) => unsafe { (*carry).proxy },
+        None => PROXY_DONE,
+    }
 }
 
 /// In the second stage: what the first carried (key, to a VIP, tick).

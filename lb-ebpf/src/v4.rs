@@ -208,6 +208,31 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
+    fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
+        flows::mark_proxy(forward, first)
+    }
+
+    #[inline(always)]
+    fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
+        flows::proxy_first(slot, forward)
+    }
+
+    #[inline(always)]
+    fn proxy_started(forward: &FlowKey, first: u32) {
+        crate::proxy::started(forward, first);
+    }
+
+    #[inline(always)]
+    fn proxy_shift(
+        ctx: &XdpContext,
+        key: &FlowKey,
+        flow: &Flow,
+        seg: &crate::parse::Segment,
+    ) -> Result<bool, Outcome> {
+        crate::proxy::shift(ctx, key, flow, seg)
+    }
+
+    #[inline(always)]
     fn create_full_nat(
         key: &FlowKey,
         service_id: u32,

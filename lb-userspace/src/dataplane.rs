@@ -74,6 +74,9 @@ pub const PROGRAM: &str = "lb";
 /// The path's second stage (lb-ebpf/src/stage.rs): tail-called by `lb`
 /// through `STAGES`, never attached.
 pub const SETUP_PROGRAM: &str = "lb_setup";
+/// The PROXY v2 stage (lb-ebpf/src/proxy.rs): tail-called through `STAGES`
+/// for PROXY flows' packets, never attached.
+pub const PROXY_PROGRAM: &str = "lb_proxy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -12,6 +12,7 @@ pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
 pub mod multi_lb;
+pub mod nginx;
 pub mod pmtu;
 
 use std::{

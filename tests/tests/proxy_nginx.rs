@@ -9,121 +9,19 @@
 //! Needs root and nginx (`cargo xtask setup` installs nginx-light).
 
 use std::{
-    fs,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use lb_common::proxy::{header_v4, header_v6};
-use lb_tests::{lb_bin, unique_prefix};
-use lb_userspace::harness::netns::{Netns, ns_command, require_tool};
+use lb_tests::{lb_bin, nginx::Nginx, unique_prefix};
+use lb_userspace::harness::netns::{Netns, require_tool};
 
 const PORT4: &str = "127.0.0.1:8081";
 const PORT6: &str = "[::1]:8081";
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// nginx in `ns` with its files under `dir`; stopped (SIGTERM, then
-/// SIGKILL) and `dir` removed on drop.
-struct Nginx {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    fn start(ns: &Netns, dir: &Path) -> Result<Nginx> {
-        fs::create_dir_all(dir.join("logs"))
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let d = dir.display();
-        // One process (no master/workers), in the foreground: the test's
-        // child is all of nginx, so stopping it leaves nothing behind.
-        let conf = format!(
-            "daemon off;\nmaster_process off;\nuser root;\npid {d}/nginx.pid;\n\
-             error_log {d}/logs/error.log info;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               log_format proxied '$proxy_protocol_addr $proxy_protocol_port $remote_addr \"$request\" $status';\n\
-               access_log {d}/logs/access.log proxied;\n\
-               client_body_temp_path {d}/body;\n\
-               proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n\
-               uwsgi_temp_path {d}/uwsgi;\n\
-               scgi_temp_path {d}/scgi;\n\
-               server {{\n\
-                 listen {PORT4} proxy_protocol;\n\
-                 listen {PORT6} proxy_protocol;\n\
-                 location / {{ return 200 \"client $proxy_protocol_addr $proxy_protocol_port\\n\"; }}\n\
-               }}\n\
-             }}\n"
-        );
-        let conf_path = dir.join("nginx.conf");
-        fs::write(&conf_path, conf).context("writing nginx.conf")?;
-        let conf_text = conf_path.display().to_string();
-        let prefix = format!("{d}/");
-        let err_log = format!("{d}/logs/error.log");
-        let mut cmd = ns_command(
-            ns.name(),
-            &["nginx", "-p", &prefix, "-c", &conf_text, "-e", &err_log],
-        );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().context("starting nginx")?;
-        let mut nginx = Nginx {
-            child,
-            dir: dir.to_owned(),
-        };
-        nginx.wait_ready(ns)?;
-        Ok(nginx)
-    }
-
-    fn wait_ready(&mut self, ns: &Netns) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let addr: SocketAddr = PORT4.parse()?;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "nginx exited ({status}) before listening: {}",
-                    self.log("error.log")
-                );
-            }
-            if ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())? {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nginx not listening on {addr} after {READY_TIMEOUT:?}: {}",
-                    self.log("error.log")
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.join("logs").join(name)).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM: nginx's fast shutdown; then make sure.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Sends `before` (a PROXY header or nothing) and a request on a fresh
 /// connection to `addr` from inside `ns`; returns all nginx answered.
@@ -152,7 +50,7 @@ fn nginx_reads_the_header_the_data_plane_inserts_and_logs_the_real_client() -> R
     )?;
     let ns = Netns::create(&format!("{}-web", unique_prefix("k25px")))?;
     let dir = std::env::temp_dir().join(format!("{}-nginx", ns.name()));
-    let nginx = Nginx::start(&ns, &dir)?;
+    let nginx = Nginx::start(ns.name(), &dir, &[PORT4, PORT6])?;
 
     // IPv4: client 198.18.0.77:40123 → VIP 198.18.0.10:80, as a NAT flow's.
     let v4 = header_v4(

@@ -29,7 +29,7 @@ impl ProxyProtocol {
 
 impl Validator<'_> {
     /// `proxy-protocol` at `key`: only for TCP services whose replies come
-    /// back through the LB (NAT). The header lengthens the stream toward
+    /// back through the LB (NAT, full NAT). The header lengthens the stream toward
     /// the backend, so every acknowledgement the backend sends must be
     /// shifted back on its way to the client: with DSR or a tunnel the
     /// backend answers the client directly and the LB never sees them.
@@ -56,7 +56,7 @@ impl Validator<'_> {
             return Err(self.err(
                 key,
                 format!(
-                    "proxy-protocol = \"{proxy}\" needs forwarding = \"nat\": the header makes the \
+                    "proxy-protocol = \"{proxy}\" needs forwarding = \"nat\" or \"full-nat\": the header makes the \
                      backend's stream longer than the client's, so the LB shifts the sequence \
                      numbers of every packet both ways, and with forwarding = \"{}\" the backend \
                      answers the client directly, past the LB",
@@ -64,26 +64,6 @@ impl Validator<'_> {
                 ),
             ));
         }
-        self.data_plane_inserts_proxy_headers(key, proxy)
-    }
-
-    /// The gate the PROXY v2 data plane work deletes: the rules exist
-    /// (`lb_common::proxy`), the XDP program does not carry them out yet,
-    /// and a backend that expects the header would refuse every
-    /// connection that arrives without it — so the key is refused, not
-    /// accepted and ignored.
-    fn data_plane_inserts_proxy_headers(
-        &self,
-        key: &str,
-        proxy: ProxyProtocol,
-    ) -> Result<Option<ProxyProtocol>, ConfigError> {
-        Err(self.err(
-            key,
-            format!(
-                "proxy-protocol = \"{proxy}\" is not supported yet: the data plane does not \
-                 insert the header (issue 25), and a backend expecting it would refuse every \
-                 connection; remove the key"
-            ),
-        ))
+        Ok(Some(proxy))
     }
 }

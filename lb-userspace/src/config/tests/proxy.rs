@@ -1,15 +1,28 @@
-//! `proxy-protocol = "v2"`: rejected (file, key, reason) with DSR, the
-//! tunnels and UDP, and with NAT until the data plane inserts the header.
+//! `proxy-protocol = "v2"`: accepted with NAT and full NAT on TCP, kept by a
+//! live check, rejected (file, key, reason) with DSR, the tunnels and UDP.
 
 use super::*;
 
 #[test]
-fn a_nat_tcp_service_is_refused_proxy_protocol_v2_until_the_data_plane_inserts_it() {
-    assert_rejected(
-        &one_service("proxy-protocol = \"v2\"", B1),
-        "service[0].proxy-protocol",
-        "the data plane does not insert the header",
-    );
+fn nat_and_full_nat_tcp_services_take_proxy_protocol_v2() {
+    for mode in ["nat", "full-nat"] {
+        let cfg = parse_ok(&one_service(
+            &format!("forwarding = \"{mode}\"\nproxy-protocol = \"v2\""),
+            B1,
+        ));
+        assert_eq!(
+            cfg.services[0].proxy_protocol,
+            Some(ProxyProtocol::V2),
+            "{mode}"
+        );
+        // A live change (check() round-trips through the raw shape) keeps it.
+        let again = check(&cfg, Path::new("live")).expect("valid");
+        assert_eq!(
+            again.services[0].proxy_protocol,
+            Some(ProxyProtocol::V2),
+            "{mode}"
+        );
+    }
     // Without the key: none, and a live check keeps none.
     let plain = parse_ok(&one_service("", B1));
     assert_eq!(plain.services[0].proxy_protocol, None);

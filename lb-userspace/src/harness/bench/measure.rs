@@ -260,6 +260,9 @@ pub(super) enum NsProgram {
     LbCapture { on: bool },
     /// `lb_decap`, the backends' decapsulator (`lb decap`).
     Decap(DecapPacket),
+    /// `lb` full NAT (100 backends), a TCP flow's established data
+    /// segment, with `proxy-protocol = "v2"` or without (`proxy.rs`).
+    LbTcpFullNat { proxy: bool },
     /// `ipip_fwd` / `gue_fwd` (the tunnel mode given): `bare_fwd` plus
     /// the room made in front and the outer headers written, issue 26's
     /// floor under `lb`'s tunnel rows.
@@ -332,6 +335,11 @@ impl fmt::Display for NsProgram {
                 };
                 write!(f, "lb DSR (100 backends), {packet}, {tracing}")
             }
+            NsProgram::LbTcpFullNat { proxy } => write!(
+                f,
+                "lb full NAT{} (100 backends), TCP established flow",
+                if *proxy { " + PROXY v2" } else { "" }
+            ),
             NsProgram::Decap(packet) => f.write_str(match packet {
                 DecapPacket::Ipip => "lb decap, IPIP from an allowed LB (decapsulated)",
                 DecapPacket::Gue => "lb decap, GUE from an allowed LB (decapsulated)",
@@ -769,6 +777,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&large_ns),
         });
     }
+    ns_rows.extend(super::proxy::proxy_rows(lbin, calls, reps)?);
     ns_rows.extend(encap_floor_rows(ebpf, lbin, &est_calls, reps)?);
     ns_rows.extend(tunnel_rows(lbin, &est, &est_calls, reps)?);
     ns_rows.extend(cold_rows(lbin, calls, reps)?);

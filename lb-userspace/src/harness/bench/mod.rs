@@ -34,6 +34,7 @@ mod flood;
 mod http;
 mod measure;
 mod net;
+mod proxy;
 mod report;
 mod svg;
 mod sync;

@@ -27,6 +27,8 @@ pub(super) const TARGET_NEW_FLOW: f64 = 3.0;
 /// Issue 25: a full-NAT established packet within 10 % of NAT's, a new
 /// flow's within 25 %.
 const TARGET_FULL_NAT_EST: f64 = 1.10;
+/// A PROXY v2 flow's established packet over plain full NAT's (issue 25).
+const TARGET_PROXY_EST: f64 = 1.15;
 const TARGET_FULL_NAT_NEW: f64 = 1.25;
 
 /// Issue 23's targets (the flow table): ns/packet net of `xdp_pass`
@@ -213,6 +215,24 @@ pub(super) fn targets(
                 nat.ns.median,
             );
         }
+    }
+    // Issue 25: a PROXY v2 flow's established TCP segment next to plain
+    // full NAT's, one call each, the two data planes taking turns.
+    let tcp = |proxy: bool| {
+        ns.iter()
+            .find(|r| r.program == NsProgram::LbTcpFullNat { proxy })
+    };
+    if let (Some(proxied), Some(plain)) = (tcp(true), tcp(false)) {
+        let ratio = proxied.ns.median / plain.ns.median;
+        let _ = writeln!(
+            s,
+            "| full NAT + PROXY v2, an established TCP flow's packet ≤ {:.0} % over plain full NAT's | {}: {:.2}× ({:.0} vs {:.0} ns, one packet per call each) |",
+            100.0 * (TARGET_PROXY_EST - 1.0),
+            verdict(ratio <= TARGET_PROXY_EST),
+            ratio,
+            proxied.ns.median,
+            plain.ns.median,
+        );
     }
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
         let mut worst: Option<(f64, usize)> = None;

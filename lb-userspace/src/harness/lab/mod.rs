@@ -99,6 +99,10 @@ pub const BACK_NET6: &str = "2001:db8:19::/64";
 pub const HTTP_PORT: u16 = 80;
 /// Port of the UDP service.
 pub const UDP_PORT: u16 = 5353;
+/// Port of each web's HTTP listener whose connections start with a PROXY
+/// protocol v2 header (`lab-serve --proxy-http`; a `proxy-protocol = "v2"`
+/// service's backends).
+pub const PROXY_HTTP_PORT: u16 = 8081;
 /// The client's front address (on `eth0`, facing `lb-front`).
 pub const CLIENT_FRONT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The LB's own front address.
@@ -740,6 +744,7 @@ impl Lab {
         let own_udp = format!("{}:{UDP_PORT}", web_addr(n));
         let vip_udp = format!("{VIP}:{UDP_PORT}");
         let https = format!("0.0.0.0:{HTTPS_PORT}");
+        let proxy_http = format!("0.0.0.0:{PROXY_HTTP_PORT}");
         let (cert, key) = tls::web_cert_paths(&self.run_dir(), name);
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
         let (db_write, db_read) = (write_vip().to_string(), read_vip().to_string());
@@ -763,6 +768,8 @@ impl Lab {
             &own_udp,
             "--udp",
             &vip_udp,
+            "--proxy-http",
+            &proxy_http,
             "--db-write",
             &db_write,
             "--db-read",

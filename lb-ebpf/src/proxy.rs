@@ -1,0 +1,390 @@
+//! PROXY protocol v2 in the data plane (issue 25; docs/architecture.md,
+//! "PROXY protocol v2"): the third program, `lb_proxy`, reached by a tail
+//! call (`STAGES[STAGE_PROXY]`) only for flows flagged `FLOW_F_PROXY`, so
+//! every other packet pays one flag test. The rules are `lb_common::proxy`'s;
+//! this module applies them to the frame (IPv4, the fixed header the VIP
+//! rules allow):
+//!
+//! - `PROXY_OPTIONS` (from `lb_setup`): a PROXY flow's SYN loses its
+//!   SACK-permitted option, its SYN-ACK's MSS drops by the header's length;
+//!   then back to `lb_setup`;
+//! - `PROXY_ESTABLISHED` (from `lb`, or from `lb_setup` for a flow it just
+//!   established with a data segment): the client's segment at `first` with
+//!   payload gets the header in front of its payload, later ones `seq +=
+//!   len`; the backend's acks `client_ack`; then the established path
+//!   (`path::proxied`) as `lb` would have taken it.
+//!
+//! `PROXY_FLOWS` holds `first` per flow (forward key); only flagged flows
+//! look it up.
+
+use aya_ebpf::{
+    helpers::generated::bpf_xdp_adjust_head, macros::map, maps::LruHashMap, programs::XdpContext,
+};
+use lb_common::{
+    Flow, FlowKey, MAX_PROXY_FLOWS, ProxyFlow, REPLY, Verdict,
+    checksum::replace16,
+    flow::forward_key,
+    headers::{EthHdr, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpNumbers},
+    proxy::{
+        ClientSegment, TCPOPT_EOL, TCPOPT_MSS, TCPOPT_NOP, TCPOPT_SACK_PERMITTED, V4_LEN,
+        announced_mtu, check_after_field, check_after_insert, client_ack, client_segment, fits,
+        header_v4, ipv4_check_after_length, shifted_seq,
+    },
+};
+
+use crate::{
+    compose,
+    mem::header,
+    parse::Segment,
+    verdict::{Outcome, drop},
+};
+
+/// A PROXY flow's forward key (client → VIP) → `first`.
+#[map]
+pub(crate) static PROXY_FLOWS: LruHashMap<FlowKey, ProxyFlow> =
+    LruHashMap::with_max_entries(MAX_PROXY_FLOWS, 0);
+
+/// The header's length, IPv4.
+const LEN: u32 = V4_LEN as u32;
+/// The TCP header's offset (IPv4 without options: the VIP rules'
+/// `DropIpOptions`, and a backend's reply with options is not ours).
+const TCP_AT: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+const TCP_CHECK: usize = TCP_AT + 16;
+/// The longest TCP header (data offset 15).
+const TCP_MAX: usize = 60;
+
+/// A PROXY flow was established (its promoting segment's seq is `first`).
+#[inline(always)]
+pub(crate) fn started(forward: &FlowKey, first: u32) {
+    let _ = PROXY_FLOWS.insert(forward, &ProxyFlow { first, _pad: 0 }, 0);
+}
+
+/// A PROXY flow's entry went (`flows::remove_flow`).
+#[inline(always)]
+pub(crate) fn ended(forward: &FlowKey) {
+    let _ = PROXY_FLOWS.remove(forward);
+}
+
+/// The flow's `first`, if known.
+#[inline(always)]
+fn first_of(forward: &FlowKey) -> Option<u32> {
+    // SAFETY: a map value, read once.
+    PROXY_FLOWS.get_ptr(forward).map(|p| unsafe { (*p).first })
+}
+
+/// The IP total length (host order) and the TCP header's length of the
+/// frame's segment.
+#[inline(always)]
+fn lengths(ctx: &XdpContext) -> Option<(u32, u32)> {
+    let ip = header::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    let doff = header::<u8>(ctx, TCP_AT + 12)?;
+    // SAFETY: both bounds-checked.
+    let (total, doff) = unsafe { (u16::from_be((*ip).tot_len) as u32, (*doff >> 4) as u32) };
+    Some((total, doff * 4))
+}
+
+/// Does the frame's TCP segment carry data?
+#[inline(always)]
+pub(crate) fn has_payload(ctx: &XdpContext) -> bool {
+    match lengths(ctx) {
+        Some((total, tcp_len)) => total > Ipv4Hdr::LEN as u32 + tcp_len,
+        None => false,
+    }
+}
+
+/// In `lb`, a packet of an established PROXY flow (`key` as the
+/// established table left it, `flow` its entry): a backend's ack shifted
+/// back, a client segment kept or shifted, in place. `Ok(false)`: a client
+/// segment that takes the header, for the PROXY stage (the frame grows).
+#[inline(always)]
+pub(crate) fn shift(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    flow: &Flow,
+    seg: &Segment,
+) -> Result<bool, Outcome> {
+    if flow.direction == REPLY {
+        backend(ctx, key, flow, seg)?;
+        return Ok(true);
+    }
+    let (rule, _, _) = client_rule(ctx, key, seg)?;
+    Ok(rule != ClientSegment::Insert)
+}
+
+/// The rule for a client segment (`forward`, its key) and the frame's IP
+/// total length and TCP header length; a `Shift` is applied here.
+#[inline(always)]
+fn client_rule(
+    ctx: &XdpContext,
+    forward: &FlowKey,
+    seg: &Segment,
+) -> Result<(ClientSegment, u32, u32), Outcome> {
+    let Some(first) = first_of(forward) else {
+        return Err(drop(Verdict::DropProxyLost));
+    };
+    let Some((total, tcp_len)) = lengths(ctx) else {
+        return Ok((ClientSegment::Keep, 0, 0));
+    };
+    let payload = total.saturating_sub(Ipv4Hdr::LEN as u32 + tcp_len);
+    let rule = client_segment(seg.seq, payload, seg.flags & TCP_FLAG_SYN != 0, first);
+    if rule == ClientSegment::Shift {
+        set_number(ctx, 0, seg.seq, shifted_seq(seg.seq, LEN));
+    }
+    Ok((rule, total, tcp_len))
+}
+
+/// In the PROXY stage, a client segment of an established PROXY flow
+/// (`forward`, its key as it arrived; `flow` its entry): kept, shifted, or
+/// given the header.
+#[inline(always)]
+pub(crate) fn client(
+    ctx: &XdpContext,
+    forward: &FlowKey,
+    flow: &Flow,
+    seg: &Segment,
+) -> Result<(), Outcome> {
+    match client_rule(ctx, forward, seg)? {
+        (ClientSegment::Insert, total, tcp_len) => insert(ctx, forward, flow, total, tcp_len),
+        _ => Ok(()),
+    }
+}
+
+/// A backend's segment of an established PROXY flow (`reply`, its key in
+/// NAT shape; `flow` its reply entry): its ack as the client numbers it.
+#[inline(always)]
+pub(crate) fn backend(
+    _ctx: &XdpContext,
+    reply: &FlowKey,
+    flow: &Flow,
+    seg: &Segment,
+) -> Result<(), Outcome> {
+    if seg.flags & TCP_FLAG_ACK == 0 {
+        return Ok(());
+    }
+    let Some(first) = first_of(&forward_key(reply, flow)) else {
+        return Err(drop(Verdict::DropProxyLost));
+    };
+    let ack = client_ack(seg.ack, first, LEN);
+    if ack != seg.ack {
+        set_number(_ctx, 4, seg.ack, ack);
+    }
+    Ok(())
+}
+
+/// Writes the TCP sequence (`at` 0) or acknowledgement (`at` 4) number
+/// `new` over `old` (host order), checksum updated.
+#[inline(always)]
+fn set_number(ctx: &XdpContext, at: usize, old: u32, new: u32) {
+    let (Some(numbers), Some(check)) = (
+        header::<TcpNumbers>(ctx, TCP_AT + 4),
+        header::<u16>(ctx, TCP_CHECK),
+    ) else {
+        return;
+    };
+    // SAFETY: bounds-checked; `at` is 0 or 4.
+    unsafe {
+        let field = numbers.cast::<u8>().add(at).cast::<u32>();
+        core::ptr::write_unaligned(field, new.to_be());
+        *check = check_after_field(*check, old, new);
+    }
+}
+
+/// Puts the header in front of the payload of the segment in the frame
+/// (IP total length `total`, TCP header `tcp_len` bytes): the frame grows
+/// by `LEN` at its head, the headers move forward, the header goes where
+/// they were; lengths and checksums incrementally. Too big for the flow's
+/// link once grown: "fragmentation needed" with the MTU less the header.
+#[inline(always)]
+fn insert(
+    ctx: &XdpContext,
+    forward: &FlowKey,
+    flow: &Flow,
+    total: u32,
+    tcp_len: u32,
+) -> Result<(), Outcome> {
+    let mtu = flow.next_hop.mtu as u32;
+    if flow.next_hop.ifindex != 0 && mtu != 0 && !fits(total, LEN, mtu) {
+        return Err(compose::too_big(ctx, announced_mtu(mtu, LEN) as u16));
+    }
+    // The TCP options' bytes (a multiple of 4, at most 40).
+    let option_bytes = (tcp_len as usize).wrapping_sub(20) & 0x3c;
+    if option_bytes > TCP_MAX - 20 {
+        return Ok(());
+    }
+    // Client and VIP as the client addressed them (before the NAT rewrite).
+    let proxy = header_v4(forward.saddr, forward.sport, forward.daddr, forward.dport);
+    // SAFETY: plain helper call; every pointer is derived again after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(LEN as i32)) } != 0 {
+        return Err(drop(Verdict::DropProxyNoRoom));
+    }
+    // Ethernet, IP and the fixed TCP header: 54 bytes, one bounds check.
+    let Some(fixed) = header::<[u16; 27 + LEN as usize / 2]>(ctx, 0) else {
+        return Err(drop(Verdict::DropProxyNoRoom));
+    };
+    let words = fixed.cast::<u16>();
+    for i in 0..27 {
+        // SAFETY: both within the bounds-checked span; the copy runs
+        // forward (the destination is before the source).
+        unsafe {
+            core::ptr::write_volatile(
+                words.add(i),
+                core::ptr::read_volatile(words.add(i + LEN as usize / 2)),
+            )
+        };
+    }
+    // The TCP options, 4 bytes at a time (at most 40).
+    let options = option_bytes / 4;
+    for k in 0..(TCP_MAX - 20) / 4 {
+        if k >= options {
+            break;
+        }
+        let at = TCP_AT + 20 + k * 4;
+        let Some(src) = header::<u32>(ctx, at + LEN as usize) else {
+            break;
+        };
+        let dst = (ctx.data() + at) as *mut u32;
+        // SAFETY: `src` bounds-checked, `dst` before it.
+        unsafe { core::ptr::write_unaligned(dst, core::ptr::read_unaligned(src)) };
+    }
+    // The header after the TCP header (at most 94 bytes into the frame).
+    let at = TCP_AT + 20 + (core::hint::black_box(option_bytes) & 0x3c);
+    let Some(dst) = header::<[u16; V4_LEN / 2]>(ctx, at) else {
+        return Err(drop(Verdict::DropProxyNoRoom));
+    };
+    let (dst, src) = (dst.cast::<u16>(), proxy.as_ptr().cast::<u16>());
+    for i in 0..V4_LEN / 2 {
+        // SAFETY: `dst` bounds-checked for the whole header.
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_unaligned(src.add(i))) };
+    }
+    let (Some(ip), Some(check)) = (
+        header::<Ipv4Hdr>(ctx, EthHdr::LEN),
+        header::<u16>(ctx, TCP_CHECK),
+    ) else {
+        return Err(drop(Verdict::DropProxyNoRoom));
+    };
+    let grown = total + LEN;
+    let ip_len = Ipv4Hdr::LEN as u32;
+    // SAFETY: bounds-checked.
+    unsafe {
+        (*ip).tot_len = (grown as u16).to_be();
+        (*ip).check = ipv4_check_after_length((*ip).check, total as u16, grown as u16);
+        *check = check_after_insert(
+            *check,
+            &proxy,
+            (total - ip_len) as u16,
+            (grown - ip_len) as u16,
+        );
+    }
+    Ok(())
+}
+
+/// `PROXY_OPTIONS`: a PROXY flow's SYN loses SACK-permitted (two NOPs), its
+/// SYN-ACK's MSS drops by the header's length (`lb_common::proxy`'s
+/// `strip_sack_permitted` and `clamp_mss`, walked here over the frame).
+#[inline(always)]
+pub(crate) fn fix_options(ctx: &XdpContext) {
+    let Some(flags) = header::<u8>(ctx, TCP_AT + 13) else {
+        return;
+    };
+    // SAFETY: bounds-checked.
+    let flags = unsafe { *flags };
+    if flags & TCP_FLAG_SYN == 0 {
+        return;
+    }
+    let Some((_, tcp_len)) = lengths(ctx) else {
+        return;
+    };
+    let syn_ack = flags & TCP_FLAG_ACK != 0;
+    let kind = if syn_ack {
+        TCPOPT_MSS
+    } else {
+        TCPOPT_SACK_PERMITTED
+    };
+    let Some(at) = find_option(ctx, tcp_len as usize, kind) else {
+        return;
+    };
+    if syn_ack {
+        if option_byte(ctx, at + 1) != Some(4) {
+            return;
+        }
+        let (Some(hi), Some(lo)) = (option_byte(ctx, at + 2), option_byte(ctx, at + 3)) else {
+            return;
+        };
+        let mss = u16::from_be_bytes([hi, lo]).saturating_sub(LEN as u16);
+        let [hi, lo] = mss.to_be_bytes();
+        write_option_byte(ctx, at + 2, hi);
+        write_option_byte(ctx, at + 3, lo);
+    } else if option_byte(ctx, at + 1) == Some(2) {
+        write_option_byte(ctx, at, TCPOPT_NOP);
+        write_option_byte(ctx, at + 1, TCPOPT_NOP);
+    }
+}
+
+/// The byte at `at` of the TCP header.
+#[inline(always)]
+fn option_byte(ctx: &XdpContext, at: usize) -> Option<u8> {
+    let at = at & 0x3f;
+    // SAFETY: bounds-checked by `header`.
+    header::<u8>(ctx, TCP_AT + at).map(|p| unsafe { *p })
+}
+
+/// Writes `value` at `at` of the TCP header, its 16-bit word replaced as a
+/// whole in the frame and the checksum (an option may start at an odd
+/// offset).
+#[inline(always)]
+fn write_option_byte(ctx: &XdpContext, at: usize, value: u8) {
+    let at = at & 0x3f;
+    let word_at = at & !1;
+    let (Some(word), Some(check)) = (
+        header::<u16>(ctx, TCP_AT + word_at),
+        header::<u16>(ctx, TCP_CHECK),
+    ) else {
+        return;
+    };
+    // SAFETY: bounds-checked; the byte is within the word.
+    unsafe {
+        let old = core::ptr::read_volatile(word);
+        let mut bytes = old.to_ne_bytes();
+        if at & 1 == 0 {
+            bytes[0] = value;
+        } else {
+            bytes[1] = value;
+        }
+        let new = u16::from_ne_bytes(bytes);
+        core::ptr::write_volatile(word, new);
+        *check = replace16(*check, old, new);
+    }
+}
+
+/// The offset in the TCP header (`len` bytes) of the first option of `kind`
+/// (`lb_common::proxy::find_option`'s walk, over the frame, bounded).
+#[inline(always)]
+fn find_option(ctx: &XdpContext, len: usize, kind: u8) -> Option<usize> {
+    let end = len.min(TCP_MAX);
+    let mut at = 20;
+    for _ in 0..TCP_MAX - 20 {
+        if at >= end {
+            return None;
+        }
+        let k = option_byte(ctx, at)?;
+        if k == TCPOPT_EOL {
+            return None;
+        }
+        if k == TCPOPT_NOP {
+            at += 1;
+            continue;
+        }
+        if at + 1 >= end {
+            return None;
+        }
+        let l = option_byte(ctx, at + 1)? as usize;
+        if l < 2 || at + l > end {
+            return None;
+        }
+        if k == kind {
+            return Some(at);
+        }
+        at += l;
+    }
+    None
+}

@@ -1,0 +1,553 @@
+//! Kernel tier, PROXY protocol v2 (issue 25): the real `lb` object (with
+//! its stages `lb_setup` and `lb_proxy`) run with BPF_PROG_TEST_RUN on a
+//! NAT and a full-NAT service with `proxy-protocol = "v2"`, byte for byte:
+//! the SYN loses SACK-permitted, the SYN-ACK's MSS drops by 28, the first
+//! data segment gets the v2 header in front of its payload (and so does its
+//! retransmission), later segments are shifted by 28, the backend's acks
+//! are shifted back (inside the header: the client's first byte), FIN both
+//! ways; a first segment too big once grown is answered with "fragmentation
+//! needed" announcing the MTU less 28; a plain NAT flow is left alone.
+//! Every expected frame is built by etherparse (its checksums computed
+//! independently) and the inserted header is parsed back with `ppp`.
+//!
+//! Not testable here: "no headroom" (`DropProxyNoRoom`): BPF_PROG_TEST_RUN
+//! always gives the frame XDP's 256 bytes of headroom.
+//!
+//! Needs root and BPF; without them the tests fail loudly.
+
+use etherparse::{PacketBuilder, TcpOptionElement};
+use lb_common::Verdict;
+use lb_tests::kernel_net::{
+    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEB_MACS, WEB_PORT, WEBS,
+    lab_config, service, webs,
+};
+use lb_userspace::{
+    config::{Config, Forwarding, Protocol, ProxyProtocol},
+    harness::xdp::{XDP_REDIRECT, XDP_TX},
+};
+use ppp::v2::{Addresses, Command, Header};
+
+/// The PROXY services' VIPs: NAT and full NAT, TCP 80.
+const VIP_NAT: [u8; 4] = [198, 18, 0, 61];
+const VIP_FNAT: [u8; 4] = [198, 18, 0, 62];
+/// b0's address: the source full-NAT flows leave with by default.
+const SOURCE: [u8; 4] = [198, 19, 0, 1];
+const CLIENT_SEQ: u32 = 0x1000_0000;
+const WEB_SEQ: u32 = 0x2000_0000;
+/// The v2 header's length for TCP over IPv4.
+const LEN: u32 = 28;
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n";
+const MORE: &[u8] = b"more request bytes";
+
+/// The SYN's options as Linux sends them (MSS, SACK-permitted, timestamps,
+/// window scale): 20 bytes.
+fn syn_options() -> Vec<TcpOptionElement> {
+    vec![
+        TcpOptionElement::MaximumSegmentSize(1460),
+        TcpOptionElement::SelectiveAcknowledgementPermitted,
+        TcpOptionElement::Timestamp(1, 0),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ]
+}
+
+/// The same with SACK-permitted overwritten by two NOPs.
+fn stripped_options() -> Vec<TcpOptionElement> {
+    vec![
+        TcpOptionElement::MaximumSegmentSize(1460),
+        TcpOptionElement::Noop,
+        TcpOptionElement::Noop,
+        TcpOptionElement::Timestamp(1, 0),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ]
+}
+
+fn syn_ack_options(mss: u16) -> Vec<TcpOptionElement> {
+    vec![
+        TcpOptionElement::MaximumSegmentSize(mss),
+        TcpOptionElement::Noop,
+        TcpOptionElement::Noop,
+        TcpOptionElement::Timestamp(2, 1),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ]
+}
+
+/// The kernel tier's config (its NAT "www" at VIP:80 has no PROXY) plus a
+/// NAT and a full-NAT PROXY v2 service over web1..3.
+fn config() -> Config {
+    let mut cfg = lab_config();
+    for (name, vip, forwarding) in [
+        ("pp-nat", VIP_NAT, Forwarding::Nat),
+        ("pp-fnat", VIP_FNAT, Forwarding::FullNat),
+    ] {
+        let mut svc = service(name, vip, 80, Protocol::Tcp, forwarding, webs(WEB_PORT));
+        svc.proxy_protocol = Some(ProxyProtocol::V2);
+        cfg.services.push(svc);
+    }
+    cfg
+}
+
+/// A TCP segment, every checksum computed by etherparse.
+#[derive(Clone)]
+struct Seg {
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    dont_fragment: bool,
+    options: Vec<TcpOptionElement>,
+    payload: Vec<u8>,
+}
+
+impl Seg {
+    fn build(&self) -> Vec<u8> {
+        let mut ip = etherparse::Ipv4Header::new(
+            0,
+            self.ttl,
+            etherparse::IpNumber::TCP,
+            self.src.0,
+            self.dst.0,
+        )
+        .expect("ipv4 header");
+        ip.dont_fragment = self.dont_fragment;
+        let mut b = PacketBuilder::ethernet2(self.macs.0, self.macs.1)
+            .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+            .tcp(self.src.1, self.dst.1, self.seq, 64240);
+        if self.syn {
+            b = b.syn();
+        }
+        if let Some(ack) = self.ack {
+            b = b.ack(ack);
+        }
+        if self.fin {
+            b = b.fin();
+        }
+        let b = b.options(&self.options).expect("options fit");
+        let mut out = Vec::new();
+        b.write(&mut out, &self.payload).expect("tcp frame");
+        out
+    }
+}
+
+/// One PROXY flow under test: its VIP, client port, and where the LB sends
+/// it (web, source address and port as the web sees them).
+struct Flow {
+    vip: [u8; 4],
+    port: u16,
+    web: usize,
+    from: ([u8; 4], u16),
+}
+
+impl Flow {
+    /// A client segment to the VIP.
+    fn client(&self, seq: u32, ack: Option<u32>, payload: &[u8]) -> Seg {
+        Seg {
+            macs: (CLIENT_MAC, FRONT_MAC),
+            src: (CLIENT, self.port),
+            dst: (self.vip, 80),
+            ttl: 64,
+            seq,
+            ack,
+            syn: false,
+            fin: false,
+            dont_fragment: true,
+            options: Vec::new(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// `seg` as the web must receive it (NAT or full NAT applied).
+    fn to_web(&self, seg: &Seg) -> Vec<u8> {
+        Seg {
+            macs: (BACK_MAC, WEB_MACS[self.web]),
+            src: self.from,
+            dst: (WEBS[self.web], WEB_PORT),
+            ttl: 63,
+            ..seg.clone()
+        }
+        .build()
+    }
+
+    /// A web segment to the flow's source.
+    fn web(&self, seq: u32, ack: u32, payload: &[u8]) -> Seg {
+        Seg {
+            macs: (WEB_MACS[self.web], BACK_MAC),
+            src: (WEBS[self.web], WEB_PORT),
+            dst: self.from,
+            ttl: 64,
+            seq,
+            ack: Some(ack),
+            syn: false,
+            fin: false,
+            dont_fragment: true,
+            options: Vec::new(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// `seg` as the client must receive it (from the VIP).
+    fn to_client(&self, seg: &Seg) -> Vec<u8> {
+        Seg {
+            macs: (FRONT_MAC, CLIENT_MAC),
+            src: (self.vip, 80),
+            dst: (CLIENT, self.port),
+            ttl: 63,
+            ..seg.clone()
+        }
+        .build()
+    }
+
+    /// The header the web must read first: the client and the VIP.
+    fn header(&self) -> Vec<u8> {
+        let h = lb_common::proxy::header_v4(
+            u32::from_ne_bytes(CLIENT),
+            self.port.to_be(),
+            u32::from_ne_bytes(self.vip),
+            80u16.to_be(),
+        );
+        // Parsed back by an independent implementation.
+        let parsed = Header::try_from(&h[..]).expect("ppp parses the header");
+        assert_eq!(parsed.command, Command::Proxy);
+        let Addresses::IPv4(a) = parsed.addresses else {
+            panic!("not IPv4: {:?}", parsed.addresses)
+        };
+        assert_eq!(
+            (a.source_address.octets(), a.source_port),
+            (CLIENT, self.port)
+        );
+        assert_eq!(
+            (a.destination_address.octets(), a.destination_port),
+            (self.vip, 80)
+        );
+        h.to_vec()
+    }
+}
+
+/// Where a frame sent to a web went: (web index, source address, port).
+fn sent(frame: &[u8]) -> (usize, [u8; 4], u16) {
+    let web = WEB_MACS
+        .iter()
+        .position(|m| frame[..6] == m[..])
+        .unwrap_or_else(|| panic!("not sent to a web: {:02x?}", &frame[..6]));
+    let source = frame[26..30].try_into().expect("address");
+    (web, source, u16::from_be_bytes([frame[34], frame[35]]))
+}
+
+/// The handshake through the LB, byte for byte: the SYN arrives at the web
+/// without SACK-permitted, the web's SYN-ACK reaches the client with its
+/// MSS less 28, the client's ACK passes unchanged (no data: no header).
+fn handshake(h: &mut Harness, vip: [u8; 4], port: u16, full_nat: bool) -> Flow {
+    let mut flow = Flow {
+        vip,
+        port,
+        web: 0,
+        from: (CLIENT, port),
+    };
+    let syn = Seg {
+        syn: true,
+        options: syn_options(),
+        ..flow.client(CLIENT_SEQ, None, b"")
+    };
+    let out = h.expect_case(
+        "SYN",
+        h.front,
+        &syn.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    let (web, source, sport) = sent(&out);
+    flow.web = web;
+    if full_nat {
+        assert_eq!(source, SOURCE, "full NAT: the LB's source address");
+        flow.from = (source, sport);
+    }
+    let want = Seg {
+        options: stripped_options(),
+        ..syn.clone()
+    };
+    assert_eq!(out, flow.to_web(&want), "the SYN without SACK-permitted");
+
+    let syn_ack = Seg {
+        syn: true,
+        options: syn_ack_options(1460),
+        ..flow.web(WEB_SEQ, CLIENT_SEQ + 1, b"")
+    };
+    let back = h.expect_case(
+        "SYN-ACK",
+        h.back,
+        &syn_ack.build(),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
+    let want = Seg {
+        options: syn_ack_options(1460 - LEN as u16),
+        ..syn_ack
+    };
+    assert_eq!(back, flow.to_client(&want), "the SYN-ACK, its MSS less 28");
+
+    let ack = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), b"");
+    let out = h.expect_case(
+        "ACK",
+        h.front,
+        &ack.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    assert_eq!(out, flow.to_web(&ack), "the handshake's ACK, unchanged");
+    flow
+}
+
+/// The whole flow after the handshake: header on the first segment and its
+/// retransmission, later segments and every ack shifted, FIN both ways.
+fn data_both_ways(h: &mut Harness, flow: &Flow) {
+    let header = flow.header();
+    let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
+    let with_header = Seg {
+        payload: [header.as_slice(), REQUEST].concat(),
+        ..first.clone()
+    };
+    let out = h.expect_case(
+        "first data",
+        h.front,
+        &first.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    assert_eq!(
+        out,
+        flow.to_web(&with_header),
+        "the first data segment: the header, then the client's bytes"
+    );
+    assert_eq!(&out[54..54 + LEN as usize], header.as_slice());
+    // The web acknowledges part of the header only: the client is shown
+    // its own first byte, nothing of its data acknowledged.
+    let partial = flow.web(WEB_SEQ + 1, CLIENT_SEQ + 1 + 10, b"");
+    let back = h.expect_case(
+        "ack inside the header",
+        h.back,
+        &partial.build(),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
+    let shown = Seg {
+        ack: Some(CLIENT_SEQ + 1),
+        ..partial
+    };
+    assert_eq!(back, flow.to_client(&shown), "an ack inside the header");
+    // The retransmission of the first segment carries the header again.
+    let out = h.expect_case(
+        "retransmission",
+        h.front,
+        &first.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    assert_eq!(out, flow.to_web(&with_header), "the retransmission");
+
+    // The web acknowledges header and request and answers.
+    let req_end = CLIENT_SEQ + 1 + REQUEST.len() as u32;
+    let answer = flow.web(WEB_SEQ + 1, req_end + LEN, b"HTTP/1.1 200 OK\r\n\r\nhello");
+    let back = h.expect_case(
+        "web data",
+        h.back,
+        &answer.build(),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
+    let shown = Seg {
+        ack: Some(req_end),
+        ..answer.clone()
+    };
+    assert_eq!(
+        back,
+        flow.to_client(&shown),
+        "the web's data, its ack less 28"
+    );
+
+    // A later client segment: seq + 28.
+    let answered = WEB_SEQ + 1 + answer.payload.len() as u32;
+    let more = flow.client(req_end, Some(answered), MORE);
+    let out = h.expect_case(
+        "later data",
+        h.front,
+        &more.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    let shifted = Seg {
+        seq: req_end + LEN,
+        ..more.clone()
+    };
+    assert_eq!(out, flow.to_web(&shifted), "a later segment, seq + 28");
+
+    // FIN both ways.
+    let more_end = req_end + MORE.len() as u32;
+    let fin = Seg {
+        fin: true,
+        ..flow.client(more_end, Some(answered), b"")
+    };
+    let out = h.expect_case(
+        "client FIN",
+        h.front,
+        &fin.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    let shifted = Seg {
+        seq: more_end + LEN,
+        ..fin.clone()
+    };
+    assert_eq!(out, flow.to_web(&shifted), "the client's FIN, seq + 28");
+    let web_fin = Seg {
+        fin: true,
+        ..flow.web(answered, more_end + 1 + LEN, b"")
+    };
+    let back = h.expect_case(
+        "web FIN",
+        h.back,
+        &web_fin.build(),
+        XDP_REDIRECT,
+        Verdict::ForwardedReply,
+    );
+    let shown = Seg {
+        ack: Some(more_end + 1),
+        ..web_fin
+    };
+    assert_eq!(back, flow.to_client(&shown), "the web's FIN, ack less 28");
+}
+
+#[test]
+fn a_nat_proxy_flow_gets_the_header_and_its_numbers_shifted_both_ways() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let flow = handshake(&mut h, VIP_NAT, 41000, false);
+        data_both_ways(&mut h, &flow);
+    });
+}
+
+#[test]
+fn a_full_nat_proxy_flow_gets_the_header_and_its_numbers_shifted_both_ways() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let flow = handshake(&mut h, VIP_FNAT, 41001, true);
+        data_both_ways(&mut h, &flow);
+    });
+}
+
+#[test]
+fn a_first_segment_too_big_for_the_header_is_answered_with_the_mtu_less_28() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let flow = handshake(&mut h, VIP_NAT, 41002, false);
+        // 1500 bytes of IP: fits the link, not with the header.
+        let big = vec![b'x'; 1500 - 20 - 20];
+        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), &big);
+        let out = h.expect_case(
+            "too big",
+            h.front,
+            &first.build(),
+            XDP_TX,
+            Verdict::FragNeeded,
+        );
+        // ICMP destination unreachable, fragmentation needed, back to the
+        // client, announcing 1500 - 28.
+        assert_eq!(&out[30..34], &CLIENT, "to the client");
+        assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1500 - 28);
+        // A segment that fits then gets the header.
+        let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
+        let out = h.expect_case(
+            "fits",
+            h.front,
+            &fits.build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let with_header = Seg {
+            payload: [flow.header().as_slice(), REQUEST].concat(),
+            ..fits
+        };
+        assert_eq!(out, flow.to_web(&with_header));
+    });
+}
+
+#[test]
+fn a_flow_without_proxy_protocol_is_left_alone() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let mut flow = Flow {
+            vip: VIP,
+            port: 41003,
+            web: 0,
+            from: (CLIENT, 41003),
+        };
+        let syn = Seg {
+            syn: true,
+            options: syn_options(),
+            ..flow.client(CLIENT_SEQ, None, b"")
+        };
+        let out = h.expect(h.front, &syn.build(), XDP_REDIRECT, Verdict::Forwarded);
+        flow.web = sent(&out).0;
+        assert_eq!(out, flow.to_web(&syn), "SACK-permitted kept");
+        let syn_ack = Seg {
+            syn: true,
+            options: syn_ack_options(1460),
+            ..flow.web(WEB_SEQ, CLIENT_SEQ + 1, b"")
+        };
+        let back = h.expect(
+            h.back,
+            &syn_ack.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(back, flow.to_client(&syn_ack), "MSS kept");
+        let ack = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), b"");
+        h.expect(h.front, &ack.build(), XDP_REDIRECT, Verdict::Forwarded);
+        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
+        let out = h.expect(h.front, &first.build(), XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(out, flow.to_web(&first), "no header");
+        let answer = flow.web(WEB_SEQ + 1, CLIENT_SEQ + 1 + REQUEST.len() as u32, b"ok");
+        let back = h.expect(
+            h.back,
+            &answer.build(),
+            XDP_REDIRECT,
+            Verdict::ForwardedReply,
+        );
+        assert_eq!(back, flow.to_client(&answer), "ack unchanged");
+    });
+}
+
+/// Prints the verifier's instruction counts of the three programs (run
+/// with `--nocapture`): `lb`, `lb_setup`, `lb_proxy`.
+#[test]
+fn the_verifier_reports_each_programs_instruction_count() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        for name in ["lb", "lb_setup", "lb_proxy"] {
+            let prog: &mut aya::programs::Xdp =
+                h.dp.ebpf()
+                    .program_mut(name)
+                    .unwrap_or_else(|| panic!("{name} in the object"))
+                    .try_into()
+                    .expect("an XDP program");
+            let count = prog
+                .info()
+                .expect("info")
+                .verified_instruction_count()
+                .expect("the kernel reports a verified instruction count");
+            assert!(count > 0, "{name}: {count}");
+            println!("{name}: verified_instruction_count = {count}");
+        }
+    });
+}
