@@ -31,7 +31,7 @@ use crate::{
 
 /// `STAGES[0]`: the second stage, `lb_setup`. Written by the agent at load.
 #[map]
-pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(8, 0);
 
 /// What the first stage hands the second about the packet it tail-calls
 /// with (per CPU: the tail call runs on the same CPU, at once).

@@ -74,6 +74,10 @@ pub const PROGRAM: &str = "lb";
 /// The path's second stage (lb-ebpf/src/stage.rs): tail-called by `lb`
 /// through `STAGES`, never attached.
 pub const SETUP_PROGRAM: &str = "lb_setup";
+/// IPv6's two stages (`STAGES[STAGE_V6]`, `STAGES[STAGE_V6_SETUP]`):
+/// `lb` tail-calls the first with every IPv6 frame.
+pub const V6_PROGRAM: &str = "lb_v6";
+pub const V6_SETUP_PROGRAM: &str = "lb_v6_setup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -14,7 +14,8 @@ use aya::{
 };
 
 use super::{
-    Dataplane, DataplaneError, MapName, PROGRAM, Result, SETUP_PROGRAM, TableSizes, adopt,
+    Dataplane, DataplaneError, MapName, PROGRAM, Result, SETUP_PROGRAM, TableSizes, V6_PROGRAM,
+    V6_SETUP_PROGRAM, adopt,
     firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
@@ -69,7 +70,7 @@ impl Dataplane {
             loader.map_pin_path(map.0.name(), map.1);
         }
         let mut ebpf = loader.load(object)?;
-        for name in [PROGRAM, SETUP_PROGRAM] {
+        for name in [PROGRAM, SETUP_PROGRAM, V6_PROGRAM, V6_SETUP_PROGRAM] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program {
@@ -182,18 +183,30 @@ impl Dataplane {
     }
 }
 
-/// Puts the loaded second stage in `STAGES` (an adopted array too: the
-/// running `lb` then reaches this load's stage, which reads the same maps).
+/// Puts the loaded stages in `STAGES` (an adopted array too: the running
+/// `lb` then reaches this load's stages, which read the same maps): the
+/// second stage at 0, IPv6's two at `STAGE_V6` and `STAGE_V6_SETUP`.
 fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
-    let fd = program_mut(ebpf, SETUP_PROGRAM)?
+    for (index, program) in [
+        (0, SETUP_PROGRAM),
+        (lb_common::maps6::STAGE_V6, V6_PROGRAM),
+        (lb_common::maps6::STAGE_V6_SETUP, V6_SETUP_PROGRAM),
+    ] {
+        set_stage(ebpf, index, program)?;
+    }
+    Ok(())
+}
+
+fn set_stage(ebpf: &mut Ebpf, index: u32, program: &str) -> Result<()> {
+    let fd = program_mut(ebpf, program)?
         .fd()
         .map_err(|source| DataplaneError::Program {
-            name: SETUP_PROGRAM.into(),
+            name: program.into(),
             source,
         })?
         .try_clone()
         .map_err(|e| DataplaneError::Program {
-            name: SETUP_PROGRAM.into(),
+            name: program.into(),
             source: aya::programs::ProgramError::IOError(e),
         })?;
     let name = MapName::STAGES;
@@ -201,7 +214,7 @@ fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
         .map_mut(name.name())
         .ok_or(DataplaneError::MissingMap(name.name()))?;
     let mut stages = ProgramArray::try_from(map).map_err(map_err(name))?;
-    stages.set(0, &fd, 0).map_err(map_err(name))
+    stages.set(index, &fd, 0).map_err(map_err(name))
 }
 
 pub(super) fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
