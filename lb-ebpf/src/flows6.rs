@@ -327,12 +327,7 @@ pub(crate) fn restarted_by_syn(table: Table, key: &FlowKey6, flow: &Flow) -> boo
 
 /// A new entry of a flow, in the scratch entry.
 #[inline(always)]
-fn entry(
-    backend_id: u32,
-    service_id: u32,
-    now: u32,
-    direction: u8,
-) -> Option<&'static mut Flow> {
+fn entry(backend_id: u32, service_id: u32, now: u32, direction: u8) -> Option<&'static mut Flow> {
     let out = scratch_entry()?;
     // SAFETY: this CPU's slot.
     let flow = unsafe { &mut *out };

@@ -39,7 +39,12 @@ static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_MAGLEV_
 /// Picks a new flow's backend in its service's active table half.
 #[inline(always)]
 pub fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
-    pick(service_id, conf, || flow_hash(key), || source_hash(key.saddr))
+    pick(
+        service_id,
+        conf,
+        || flow_hash(key),
+        || source_hash(key.saddr),
+    )
 }
 
 /// [`schedule`] for any family: its flow hash and source hash, each

@@ -57,8 +57,7 @@ use crate::{
 pub(crate) static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 /// (IPv6 VIP, port, protocol) → service id. Written by the agent.
 #[map]
-pub(crate) static SERVICES6: HashMap<ServiceKey6, u32> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub(crate) static SERVICES6: HashMap<ServiceKey6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 /// Service id → its IPv6 VIP: the source a NAT reply gets.
 #[map]
 pub(crate) static SERVICE_VIPS6: Array<Addr6> = Array::with_max_entries(MAX_SERVICES, 0);

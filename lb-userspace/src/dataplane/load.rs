@@ -15,8 +15,7 @@ use aya::{
 
 use super::{
     Dataplane, DataplaneError, MapName, PROGRAM, Result, SETUP_PROGRAM, TableSizes, V6_PROGRAM,
-    V6_SETUP_PROGRAM, adopt,
-    firewall::FwIds, handles::map_err, plan::Ids,
+    V6_SETUP_PROGRAM, adopt, firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 
