@@ -32,7 +32,6 @@ mod handles;
 mod keys;
 mod load;
 pub mod plan;
-pub mod plan6;
 mod probe;
 mod read;
 pub mod sweep;

@@ -4,8 +4,9 @@
 //! advertisements, the host's own traffic) passes untouched, byte for byte;
 //! traffic to a VIP in `VIPS6` gets the VIP rules (`parse6.rs`), each case
 //! that cannot be balanced its verdict.
-//! IPv6 services are not balanced yet: a packet that passes the rules finds
-//! no service (`PassNoService`).
+//! A packet that passes the rules with no service on its VIP and port finds
+//! none (`PassNoService`); the services of `config_v6` are balanced (NAT66,
+//! DSR, TCP and UDP, the lifecycle), by `lb_v6` and `lb_v6_setup`.
 //!
 //! The real `lb` object under BPF_PROG_TEST_RUN in the kernel tier's
 //! namespace (tests/src/kernel_net.rs); frames built by etherparse. Needs
