@@ -36,6 +36,10 @@ pub trait Family {
     /// The key of a packet with these IP and TCP/UDP port headers, as it
     /// arrives.
     fn flow_key(ip: &Self::IpHdr, ports: &L4Ports) -> Self::FlowKey;
+    /// [`Family::flow_key`] with the upper-layer `protocol` the parse
+    /// found (IPv6: the extension-header walk's; IPv4: its header's, which
+    /// this ignores and reads itself).
+    fn flow_key_with(ip: &Self::IpHdr, protocol: u8, ports: &L4Ports) -> Self::FlowKey;
     /// The key of the service a flow's first packet is addressed to.
     fn service_key(key: &Self::FlowKey) -> Self::ServiceKey;
     /// NAT to a backend: the destination address and port become `addr`,
@@ -128,6 +132,11 @@ impl Family for V4 {
 
     #[inline(always)]
     fn flow_key(ip: &Ipv4Hdr, ports: &L4Ports) -> FlowKey {
+        FlowKey::of(ip, ports)
+    }
+
+    #[inline(always)]
+    fn flow_key_with(ip: &Ipv4Hdr, _protocol: u8, ports: &L4Ports) -> FlowKey {
         FlowKey::of(ip, ports)
     }
 
@@ -292,6 +301,11 @@ impl Family for V6 {
     }
 
     #[inline(always)]
+    fn flow_key_with(ip: &Ipv6Hdr, protocol: u8, ports: &L4Ports) -> FlowKey6 {
+        FlowKey6::of(ip, protocol, ports)
+    }
+
+    #[inline(always)]
     fn service_key(key: &FlowKey6) -> ServiceKey6 {
         ServiceKey6 {
             vip: key.daddr,
@@ -301,7 +315,9 @@ impl Family for V6 {
         }
     }
 
-    #[inline(always)]
+    // Out of line: inlined, the 16-byte addresses' copies overflowed
+    // IPv6's second stage's one 512-byte frame.
+    #[inline(never)]
     fn rewrite_destination(
         ip: &mut Ipv6Hdr,
         ports: &mut L4Ports,
@@ -313,7 +329,9 @@ impl Family for V6 {
         ipv6::rewrite_destination(ip, protocol, ports, check, addr, port);
     }
 
-    #[inline(always)]
+    // Out of line: inlined, the 16-byte addresses' copies overflowed
+    // IPv6's second stage's one 512-byte frame.
+    #[inline(never)]
     fn rewrite_source(
         ip: &mut Ipv6Hdr,
         ports: &mut L4Ports,

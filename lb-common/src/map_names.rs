@@ -185,7 +185,20 @@ maps! {
     SYNC_EVENTS: Pinning::Pinned;
     /// Backend id → established flows the agent inserted from peers.
     SYNC_OPENED: Pinning::Pinned;
+    /// IPv6 VIP → number of services on it.
     VIPS6: Pinning::Pinned;
+    /// IPv6 (VIP, port, protocol) → service id (ids shared with IPv4's).
+    SERVICES6: Pinning::Pinned;
+    /// Service id → its IPv6 VIP (the source an IPv6 NAT reply gets).
+    SERVICE_VIPS6: Pinning::Pinned;
+    /// Backend id → IPv6 address (port, flags, service in `BACKENDS`).
+    BACKENDS6: Pinning::Pinned;
+    /// IPv6 NAT services' backend endpoints.
+    NAT_BACKENDS6: Pinning::Pinned;
+    /// IPv6 flows that have not completed a handshake (both directions).
+    HALF_OPEN6: Pinning::Pinned;
+    /// IPv6 established flows (both directions).
+    ESTABLISHED6: Pinning::Pinned;
     /// Full NAT's source addresses and port range.
     FNAT_CONF: Pinning::Pinned;
     /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
@@ -203,6 +216,10 @@ maps! {
     /// What the first stage hands the second about a packet, per CPU.
     CARRY: Pinning::Unpinned {
         why: "scratch for one packet between the two stages, on one CPU",
+    };
+    /// What IPv6's first stage hands its second about a packet, per CPU.
+    CARRY6: Pinning::Unpinned {
+        why: "scratch for one packet between IPv6's two stages, on one CPU",
     };
 }
 
@@ -250,7 +267,8 @@ mod tests {
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
         // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
         // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
-        // PROXY_FLOWS (1).
-        assert_eq!(MapName::pinned().count(), 42);
+        // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
+        // flow tables (6).
+        assert_eq!(MapName::pinned().count(), 48);
     }
 }

@@ -26,6 +26,17 @@ use crate::{
     maps::{Flow, HalfOpenEntry},
 };
 
+/// `STAGES` index of IPv6's first stage (`lb_v6`): `lb` tail-calls it
+/// with every IPv6 frame (indexes 0 and 1 are IPv4's second stage and
+/// the PROXY stage).
+pub const STAGE_V6: u32 = 2;
+/// `STAGES` index of IPv6's second stage (`lb_v6_setup`), tail-called by
+/// `lb_v6` after an established-table miss.
+pub const STAGE_V6_SETUP: u32 = 3;
+/// Entries of IPv6's flow tables, each (two per NAT flow): fixed for now,
+/// not sized by the config.
+pub const FLOWS6_SIZE: u32 = 65_536;
+
 /// `SERVICES6` key: (VIP, port, protocol), as [`crate::ServiceKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

@@ -27,6 +27,9 @@ pub(crate) trait PathFamily: Family + Sized {
     /// The IP protocol number of this family's packets inside an outer
     /// IPv4 header (IPIP's protocol, GUE's inner protocol).
     const ENCAP_PROTOCOL: u8;
+    /// Does the family have full NAT and the tunnel modes? (IPv6 not yet:
+    /// its programs leave that code out.)
+    const TUNNELS_AND_FULL_NAT: bool = true;
 
     // ---- parse (step 1) ----
     /// The bounds-checked fixed IP header after the Ethernet header.

@@ -107,3 +107,15 @@ fn take_token(scope: u32, conf: &FwScope, saddr: u32) -> bool {
     bucket.tokens = tokens - FW_NS;
     true
 }
+
+/// An IPv6 source's firewall in one scope. The kernel holds IPv4 rules
+/// only so far (config refuses IPv6 prefixes and rate limits beside IPv6
+/// services): an IPv6 source matches no deny rule, and a scope with an
+/// allow list (one list over both families) does not allow it.
+#[inline(always)]
+pub(crate) fn firewall6(scope: u32) -> Result<(), Outcome> {
+    match FW_SCOPES.get(scope) {
+        Some(conf) if conf.flags & FW_F_ALLOW != 0 => Err(drop(Verdict::DropFirewallNotAllowed)),
+        _ => Ok(()),
+    }
+}

@@ -750,7 +750,7 @@ pub(crate) fn close(key: &FlowKey, flow: &mut Flow) {
 /// An overflow flow's forward entry moves to closing, counted once (a
 /// compare-and-swap: two CPUs seeing the FIN count it once).
 #[inline(always)]
-fn close_forward(forward: *mut Flow) {
+pub(crate) fn close_forward(forward: *mut Flow) {
     // SAFETY: a valid, aligned u32 in a map value (`established`).
     let (_, swapped) = unsafe {
         atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
@@ -956,7 +956,7 @@ pub(crate) fn within_budget(now: u32) -> bool {
 }
 
 #[inline(always)]
-fn count_opened(backend_id: u32) {
+pub(crate) fn count_opened(backend_id: u32) {
     if let Some(c) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
         // SAFETY: a valid, aligned u64 in an array map value; SeqCst so the
         // BPF backend emits a real atomic add (see `schedule`).
@@ -965,7 +965,7 @@ fn count_opened(backend_id: u32) {
 }
 
 #[inline(always)]
-fn count_closed(backend_id: u32) {
+pub(crate) fn count_closed(backend_id: u32) {
     if let Some(c) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
         // SAFETY: as in `count_opened`.
         unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&raw mut (*c).closed, 1) };

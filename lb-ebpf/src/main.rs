@@ -4,8 +4,9 @@
 //!
 //! - `path`: the packet path, as numbered steps (docs/architecture.md),
 //!   written once over the address family (`family`: IPv4 today);
-//! - `v6`: IPv6's entry, with its VIP rules in `parse6` (IPv6 services are
-//!   not balanced yet: non-VIP IPv6 passes untouched);
+//! - `v6`: IPv6, the path's second family, in programs of its own (`lb`
+//!   tail-calls `lb_v6` with every IPv6 frame): its maps and `PathFamily`
+//!   instance, its VIP rules in `parse6`, its flow tables in `flows6`;
 //! - its stages and primitives, one room each: `parse` (headers, the VIP
 //!   rules), `flows` (the flow tables), `frag` and `icmp` (packets without
 //!   ports that belong to a flow: they hand it back to the path),
@@ -38,6 +39,7 @@ mod family;
 mod fib;
 mod firewall;
 mod flows;
+mod flows6;
 mod frag;
 mod fullnat;
 mod hops;
@@ -126,6 +128,22 @@ pub fn lb_proxy(ctx: XdpContext) -> u32 {
     finish(&ctx, dispatch_proxy(&ctx))
 }
 
+/// IPv6's first stage (`v6.rs`): tail-called by `lb` with every IPv6
+/// frame; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_v6(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_v6(&ctx, false))
+}
+
+/// IPv6's second stage: tail-called by `lb_v6` after an established-table
+/// miss, as `lb_setup` by `lb`; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_v6_setup(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_v6(&ctx, true))
+}
+
 /// A packet's verdict counted, traced and captured; its action.
 #[inline(always)]
 fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
@@ -151,9 +169,26 @@ fn dispatch(ctx: &XdpContext) -> verdict::Outcome {
         return path::balance::<V4>(ctx, eth);
     }
     if ether_type == V6::ETHER_TYPE_RAW {
-        return v6::balance(ctx);
+        return v6::to_v6(ctx);
     }
     verdict::pass(Verdict::PassNotOurs)
+}
+
+/// IPv6's stages' entry: the first (`setup` false) or the second.
+#[inline(always)]
+fn dispatch_v6(ctx: &XdpContext, setup: bool) -> verdict::Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return verdict::pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } != V6::ETHER_TYPE_RAW {
+        return verdict::pass(Verdict::PassNotOurs);
+    }
+    if setup {
+        path::setup::<V6>(ctx, eth)
+    } else {
+        path::balance::<V6>(ctx, eth)
+    }
 }
 
 /// The second stage's entry: only IPv4 is tail-called into it today.

@@ -6,7 +6,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Flow,
-    family::{Family, FlowTuple, IpHeader, V4},
+    family::{Family, FlowTuple, V4},
     headers::{
         ETH_P_IPV4_RAW, EthHdr, IPPROTO_TCP, Ipv4Hdr, Ipv4Shape, L4Ports, TCP_FLAGS_OFF,
         TCP_SEQ_OFF, TcpNumbers, l4_layout,
@@ -20,12 +20,17 @@ use crate::{
 };
 use lb_common::Verdict;
 
-/// Pointers into one TCP/UDP frame of family `F` (fixed IP header).
+/// Pointers into one TCP/UDP frame of family `F` (fixed IP header), and
+/// where its transport header is: `l4` its offset in the frame, `protocol`
+/// its protocol (IPv4: after the fixed header, the header's protocol;
+/// IPv6: where the extension-header walk ended).
 pub(crate) struct Packet<F: Family> {
     pub(crate) eth: *mut EthHdr,
     pub(crate) ip: *mut F::IpHdr,
     pub(crate) ports: *mut L4Ports,
     pub(crate) l4_check: *mut u16,
+    pub(crate) l4: usize,
+    pub(crate) protocol: u8,
 }
 
 /// A packet without ports of its own that belongs to a flow, as a stage
@@ -118,6 +123,8 @@ pub(crate) fn parse_l4(
         ip,
         ports,
         l4_check,
+        l4,
+        protocol: hdr.protocol,
     })
 }
 
@@ -138,14 +145,14 @@ fn ip_bytes(ctx: &XdpContext) -> usize {
 pub(crate) fn flow_key<F: Family>(pkt: &Packet<F>) -> F::FlowKey {
     // SAFETY: every pointer in `Packet` was bounds-checked by `parse_l4`.
     let (ip, ports) = unsafe { (&*pkt.ip, &*pkt.ports) };
-    F::flow_key(ip, ports)
+    F::flow_key_with(ip, pkt.protocol, ports)
 }
 
-/// The TCP flags and numbers of a TCP packet, zero for UDP. VIP traffic
-/// has a fixed IP header (`parse_l4`), so the TCP header is at a fixed
-/// offset (`parse_l4` checked it is whole).
+/// The TCP flags and numbers of a TCP packet whose TCP header is at `l4`
+/// (`Packet::l4`: IPv4's VIP traffic has a fixed IP header, so a constant;
+/// `parse_l4` checked it is whole), zero for UDP.
 #[inline(always)]
-pub(crate) fn tcp_segment<F: Family>(ctx: &XdpContext, key: &F::FlowKey) -> Segment {
+pub(crate) fn tcp_segment<F: Family>(ctx: &XdpContext, l4: usize, key: &F::FlowKey) -> Segment {
     let mut seg = Segment {
         flags: 0,
         seq: 0,
@@ -154,7 +161,7 @@ pub(crate) fn tcp_segment<F: Family>(ctx: &XdpContext, key: &F::FlowKey) -> Segm
     if key.protocol() != IPPROTO_TCP {
         return seg;
     }
-    let tcp = EthHdr::LEN + <F::IpHdr as IpHeader>::LEN;
+    let tcp = l4;
     if let (Some(flags), Some(numbers)) = (
         header::<u8>(ctx, tcp + TCP_FLAGS_OFF),
         header::<TcpNumbers>(ctx, tcp + TCP_SEQ_OFF),

@@ -9,18 +9,49 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Verdict,
-    headers::{EthHdr, l4_layout},
+    family::V6,
+    headers::{EthHdr, L4Ports, l4_layout},
     ipv6::{Ipv6Hdr, MAX_EXTENSIONS, Step, is_extension, step},
 };
 
 use crate::{
     mem::header,
+    parse::Packet,
     verdict::{Outcome, drop, pass},
 };
 
-/// The VIP rules for an IPv6 packet to a VIP: `Ok` when it is a TCP/UDP
-/// packet the path could balance (its transport header is in the frame),
-/// else the verdict of the case:
+/// The VIP rules (`vip_rules`) and, for a packet that passes them, its
+/// [`Packet`]: the transport header where the walk ended, its protocol.
+#[inline(always)]
+pub(crate) fn parse_l4(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv6Hdr,
+) -> Result<Packet<V6>, Outcome> {
+    let (l4, protocol) = vip_rules(ctx, ip)?;
+    let Some((_, check_off)) = l4_layout(protocol) else {
+        return Err(pass(Verdict::PassOtherProtocol));
+    };
+    let (Some(ports), Some(l4_check)) = (
+        header::<L4Ports>(ctx, l4),
+        header::<u16>(ctx, l4 + check_off),
+    ) else {
+        return Err(drop(Verdict::DropTruncatedL4));
+    };
+    Ok(Packet {
+        eth,
+        ip,
+        ports,
+        l4_check,
+        l4,
+        protocol,
+    })
+}
+
+/// The VIP rules for an IPv6 packet to a VIP: `Ok` (the transport
+/// header's offset and protocol) when it is a TCP/UDP packet the path can
+/// balance (its transport header is in the frame), else the verdict of the
+/// case:
 /// - a bad version or payload length, an extension header cut short, two
 ///   fragment headers: `DropMalformed`;
 /// - more than `MAX_EXTENSIONS` extension headers:
@@ -32,7 +63,7 @@ use crate::{
 ///   `PassOtherProtocol` (the kernel answers an echo to the VIP);
 /// - a TCP/UDP header cut short: `DropTruncatedL4`.
 #[inline(always)]
-pub(crate) fn vip_rules(ctx: &XdpContext, ip: *const Ipv6Hdr) -> Result<(), Outcome> {
+pub(crate) fn vip_rules(ctx: &XdpContext, ip: *const Ipv6Hdr) -> Result<(usize, u8), Outcome> {
     // SAFETY: the caller bounds-checked the fixed header.
     let hdr = unsafe { &*ip };
     let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
@@ -80,12 +111,12 @@ pub(crate) fn vip_rules(ctx: &XdpContext, ip: *const Ipv6Hdr) -> Result<(), Outc
 /// The walk ended on `protocol` at `offset`: TCP/UDP with its header in
 /// the frame, or the verdict.
 #[inline(always)]
-fn upper_layer(ctx: &XdpContext, protocol: u8, offset: usize) -> Result<(), Outcome> {
+fn upper_layer(ctx: &XdpContext, protocol: u8, offset: usize) -> Result<(usize, u8), Outcome> {
     let Some((l4_len, _)) = l4_layout(protocol) else {
         return Err(pass(Verdict::PassOtherProtocol));
     };
     if ctx.data() + offset + l4_len > ctx.data_end() {
         return Err(drop(Verdict::DropTruncatedL4));
     }
-    Ok(())
+    Ok((offset, protocol))
 }

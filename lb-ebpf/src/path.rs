@@ -94,7 +94,7 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
         Err(_) => return pass(Verdict::PassNotOurs),
     };
     let mut key = flow_key(&pkt);
-    let seg = tcp_segment::<F>(ctx, &key);
+    let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
     let now = flows::now();
     // Established flows first: one bucket on the hot path (the sender's),
     // with no VIP lookup before it. Only a miss asks whether the packet is
@@ -142,7 +142,7 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
     let Some((key, to_vip, now)) = F::carried() else {
         return drop(Verdict::DropNoStage);
     };
-    let seg = tcp_segment::<F>(ctx, &key);
+    let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
     if let Some((mut flow, slot)) = F::half_open(&key, now, to_vip) {
         if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
@@ -182,7 +182,7 @@ pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
         return pass(Verdict::PassNotOurs);
     };
     let mut key = flow_key(&pkt);
-    let seg = tcp_segment::<V4>(ctx, &key);
+    let seg = tcp_segment::<V4>(ctx, pkt.l4, &key);
     let now = flows::now();
     let Some(entry) = V4::established(&mut key, now, || is_vip::<V4>(ip)) else {
         // Gone since `lb` (or `lb_setup`) found it.
@@ -497,6 +497,8 @@ fn follow_fragment<F: PathFamily>(ctx: &XdpContext, found: Found<F, Fragment>) -
         ip,
         ports: &mut scratch_ports,
         l4_check: &mut scratch_check,
+        l4: 0,
+        protocol: key.protocol(),
     };
     if flow.direction == REPLY {
         transmit::reverse_nat(ctx, &pkt, &key, &mut flow)
@@ -524,6 +526,8 @@ fn follow_error<F: PathFamily>(ctx: &XdpContext, found: Found<F, Quote<F>>) -> O
         ip,
         ports: l4.ports,
         l4_check: l4.icmp_check,
+        l4: 0,
+        protocol: key.protocol(),
     };
     if flow.direction == REPLY {
         return transmit::error_to_client(ctx, &pkt, l4.quoted, &key, &mut flow);

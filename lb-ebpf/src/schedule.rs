@@ -39,10 +39,27 @@ static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_MAGLEV_
 /// Picks a new flow's backend in its service's active table half.
 #[inline(always)]
 pub fn schedule(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
+    pick(
+        service_id,
+        conf,
+        || flow_hash(key),
+        || source_hash(key.saddr),
+    )
+}
+
+/// [`schedule`] for any family: its flow hash and source hash, each
+/// computed only by the schedulers that read it.
+#[inline(always)]
+pub fn pick(
+    service_id: u32,
+    conf: &ServiceConf,
+    flow_hash: impl FnOnce() -> u32,
+    source_hash: impl FnOnce() -> u32,
+) -> Result<u32, Outcome> {
     match conf.scheduler {
-        SCHED_MAGLEV => from_maglev(flow_hash(key), service_id, conf),
-        SCHED_SOURCE_IP => from_maglev(source_hash(key.saddr), service_id, conf),
-        _ => from_ring(key, service_id, conf),
+        SCHED_MAGLEV => from_maglev(flow_hash(), service_id, conf),
+        SCHED_SOURCE_IP => from_maglev(source_hash(), service_id, conf),
+        _ => from_ring(flow_hash, service_id, conf),
     }
 }
 
@@ -73,7 +90,11 @@ fn from_maglev(hash: u32, service_id: u32, conf: &ServiceConf) -> Result<u32, Ou
 /// The ring's slot: by a shared atomic counter (round robin, exact across
 /// CPUs) or by the flow hash (`flow-hash`).
 #[inline(always)]
-fn from_ring(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
+fn from_ring(
+    flow_hash: impl FnOnce() -> u32,
+    service_id: u32,
+    conf: &ServiceConf,
+) -> Result<u32, Outcome> {
     let Some(ring) = RINGS.get(Ring::slot(service_id, conf.active_ring)) else {
         return Err(drop(Verdict::DropNoBackend));
     };
@@ -83,7 +104,7 @@ fn from_ring(key: &FlowKey, service_id: u32, conf: &ServiceConf) -> Result<u32, 
     }
     // BPF has 64-bit atomics only: the counter is a u64.
     let position = if conf.scheduler == SCHED_HASH {
-        u64::from(flow_hash(key))
+        u64::from(flow_hash())
     } else {
         let Some(counter) = RR_COUNTERS.get_ptr_mut(service_id) else {
             return Err(drop(Verdict::DropNoBackend));

@@ -86,8 +86,10 @@ pub(crate) fn to_backend_from<F: PathFamily>(
 ) -> Outcome {
     match mode(conf) {
         Mode::Nat => nat(ctx, pkt, backend, cache),
-        Mode::FullNat => full_nat(ctx, pkt, backend, source, cache),
         Mode::Dsr => dsr(ctx, pkt, backend, cache),
+        // Not built for this family (IPv6; config refuses such a service).
+        _ if !F::TUNNELS_AND_FULL_NAT => drop(Verdict::DropNoBackend),
+        Mode::FullNat => full_nat(ctx, pkt, backend, source, cache),
         Mode::Tunnel(encap) => through_tunnel(ctx, pkt, key, encap, backend_id, backend, cache),
     }
 }

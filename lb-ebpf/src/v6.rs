@@ -1,47 +1,307 @@
-//! IPv6's entry (EtherType 0x86DD). Traffic not addressed to an IPv6 VIP
-//! (neighbour discovery, router advertisements, the host's own traffic)
-//! passes untouched after one lookup; traffic to a VIP (`VIPS6`) gets the
-//! VIP rules (`parse6`), each case that cannot be balanced its verdict.
+//! IPv6, the packet path's second family: its maps (VIPs, services,
+//! backends' addresses, NAT endpoints; its flow tables are `flows6.rs`)
+//! and its `impl PathFamily for V6`, so `path.rs` runs for IPv6 as it does
+//! for IPv4, in programs of its own:
 //!
-//! Not built yet (issue 24): IPv6 services, so no packet is balanced. A
-//! packet that passes the VIP rules finds no service (`PassNoService`):
-//! there is no `SERVICES6` yet, and the agent writes no `VIPS6` entry (the
-//! config rejects an IPv6 VIP). The `impl PathFamily for V6` (its services,
-//! backends, flow tables, NAT66 and DSR over `path.rs`) comes here.
+//! - `lb` tail-calls `lb_v6` (`STAGES[STAGE_V6]`) with every IPv6 frame
+//!   (EtherType 0x86DD): one compare and a tail call on IPv4's program, so
+//!   IPv4's code, stack and verifier budget stay as they were;
+//! - `lb_v6` is `path::balance::<V6>` (parse with the extension-header
+//!   walk, `parse6`; the established table), and tail-calls `lb_v6_setup`
+//!   (`STAGES[STAGE_V6_SETUP]`), `path::setup::<V6>` (half-open and new
+//!   flows), on a miss, as `lb` does `lb_setup`.
+//!
+//! Traffic not to an IPv6 VIP and of no flow (neighbour discovery, router
+//! advertisements, the host's own traffic) passes untouched. Ids are
+//! IPv4's: an IPv6 service has its `SERVICE_CONF`, rings and Maglev table
+//! under its id as any service, an IPv6 backend its `BACKENDS` slot (port,
+//! flags, service; its `addr` the index of its `BACKENDS6` slot, its own
+//! id) and its counters.
+//!
+//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): later fragments
+//! and ICMPv6 errors following their flow, "packet too big" from the LB,
+//! full NAT and tunnels (config refuses them), the firewall's IPv6 rules,
+//! flow sync, checks through the VIP.
 
-use aya_ebpf::{macros::map, maps::HashMap, programs::XdpContext};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+    programs::XdpContext,
+};
 use lb_common::{
-    MAX_SERVICES, Verdict,
-    headers::EthHdr,
+    Backend, Flow, MAX_BACKENDS, MAX_SERVICES, ServiceConf, Verdict,
+    family::V6,
+    hash::{flow_hash6, source_hash6},
+    headers::{EthHdr, L4Ports},
     ipv6::{Addr6, Ipv6Hdr},
+    maps6::{Backend6, Endpoint6, FlowKey6, STAGE_V6, STAGE_V6_SETUP, ServiceKey6},
 };
 
 use crate::{
+    BACKENDS,
+    family::PathFamily,
+    firewall,
+    flows::{Table, copy_words, write_words},
+    flows6::{self, Slot6},
     mem::header,
-    parse6,
-    verdict::{Outcome, pass},
+    parse::{Found, Fragment, Packet, PortLess, Quote},
+    parse6, schedule,
+    stage::STAGES,
+    verdict::{Outcome, drop, pass},
 };
 
 /// IPv6 VIP → number of services on it: "is this packet for us at all",
 /// as `VIPS` for IPv4.
 #[map]
 pub(crate) static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// (IPv6 VIP, port, protocol) → service id. Written by the agent.
+#[map]
+pub(crate) static SERVICES6: HashMap<ServiceKey6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// Service id → its IPv6 VIP: the source a NAT reply gets.
+#[map]
+pub(crate) static SERVICE_VIPS6: Array<Addr6> = Array::with_max_entries(MAX_SERVICES, 0);
+/// Backend id → the IPv6 backend's address (its port, flags and service
+/// are in `BACKENDS`).
+#[map]
+pub(crate) static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// The backend endpoints of IPv6 NAT services: their segments that find no
+/// flow are dropped (`DropBackendNoFlow`).
+#[map]
+pub(crate) static NAT_BACKENDS6: HashMap<Endpoint6, u32> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
-/// One IPv6 frame (its EtherType already checked). Out of line (a
-/// BPF-to-BPF call for IPv6 frames only), so IPv4's path keeps its own
-/// stack frame and code as they were.
-#[inline(never)]
-pub(crate) fn balance(ctx: &XdpContext) -> Outcome {
-    let Some(ip) = header::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
-        return pass(Verdict::PassTruncated);
-    };
-    // SAFETY: bounds-checked by `header`; a copy of the 16 bytes.
-    let daddr = unsafe { (*ip).daddr };
-    if VIPS6.get_ptr(&daddr).is_none() {
-        return pass(Verdict::PassNotOurs);
+/// What `lb_v6` hands `lb_v6_setup` (as `stage::Carry` for IPv4), and
+/// the flow tables' scratch (`flows6`): a flow's other key and entry are
+/// built here, not on the stack (IPv6's stages have no room left in their
+/// 512 bytes for 40-byte keys and 48-byte entries in out-of-line calls).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Carry6 {
+    key: FlowKey6,
+    to_vip: u32,
+    now: u32,
+    pub(crate) pair: FlowKey6,
+    pub(crate) entry: Flow,
+}
+
+#[map]
+pub(crate) static CARRY6: PerCpuArray<Carry6> = PerCpuArray::with_max_entries(1, 0);
+
+/// In `lb`: hands an IPv6 frame to IPv6's own program. Without it (an
+/// agent that has not loaded it yet), the frame is the kernel's.
+#[inline(always)]
+pub(crate) fn to_v6(ctx: &XdpContext) -> Outcome {
+    // SAFETY: a tail call; returns only if the entry is empty.
+    let _ = unsafe { STAGES.tail_call(ctx, STAGE_V6) };
+    pass(Verdict::PassNotOurs)
+}
+
+impl PathFamily for V6 {
+    type Slot = Slot6;
+    /// IPv6 in IPv4 (tunnels carry IPv4 only so far: config refuses an
+    /// IPv6 tunnel service).
+    const ENCAP_PROTOCOL: u8 = 41;
+    const TUNNELS_AND_FULL_NAT: bool = false;
+
+    #[inline(always)]
+    fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv6Hdr> {
+        header::<Ipv6Hdr>(ctx, EthHdr::LEN)
     }
-    match parse6::vip_rules(ctx, ip) {
-        Err(outcome) => outcome,
-        Ok(()) => pass(Verdict::PassNoService),
+
+    #[inline(always)]
+    fn port_less(_ip: *const Ipv6Hdr) -> PortLess {
+        // Later fragments and ICMPv6 errors do not follow their flow yet:
+        // the VIP rules give them their verdict.
+        PortLess::No
+    }
+
+    #[inline(always)]
+    fn later_fragment(
+        _ctx: &XdpContext,
+        _eth: *mut EthHdr,
+        _ip: *mut Ipv6Hdr,
+    ) -> Option<Found<V6, Fragment>> {
+        None
+    }
+
+    #[inline(always)]
+    fn error_of_flow(
+        _ctx: &XdpContext,
+        _eth: *mut EthHdr,
+        _ip: *mut Ipv6Hdr,
+    ) -> Option<Found<V6, Quote<V6>>> {
+        None
+    }
+
+    #[inline(always)]
+    fn parse_l4(
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv6Hdr,
+    ) -> Result<Packet<V6>, Outcome> {
+        parse6::parse_l4(ctx, eth, ip)
+    }
+
+    #[inline(always)]
+    fn is_vip(addr: Addr6) -> bool {
+        VIPS6.get_ptr(&addr).is_some()
+    }
+
+    #[inline(always)]
+    fn service(key: &ServiceKey6) -> Option<u32> {
+        // SAFETY: a plain hash lookup; the value is copied at once.
+        unsafe { SERVICES6.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<&'static Backend> {
+        BACKENDS.get(id)
+    }
+
+    #[inline(always)]
+    fn backend_addr(backend: &Backend) -> Addr6 {
+        flows6::backend_addr(backend.addr)
+    }
+
+    #[inline(always)]
+    fn reply_vip(flow: &Flow) -> Addr6 {
+        flows6::service_vip(flow.service_id)
+    }
+
+    #[inline(always)]
+    fn firewall(scope: u32, _source: Addr6) -> Result<(), Outcome> {
+        firewall::firewall6(scope)
+    }
+
+    #[inline(always)]
+    fn schedule(key: &FlowKey6, service_id: u32, conf: &ServiceConf) -> Result<u32, Outcome> {
+        schedule::pick(
+            service_id,
+            conf,
+            || flow_hash6(key),
+            || source_hash6(&key.saddr, 128),
+        )
+    }
+
+    #[inline(always)]
+    fn flow_hash(key: &FlowKey6) -> u32 {
+        flow_hash6(key)
+    }
+
+    #[inline(always)]
+    fn probe_answer(_ctx: &XdpContext, _pkt: &Packet<V6>, _key: &FlowKey6) -> Option<Outcome> {
+        None
+    }
+
+    #[inline(always)]
+    fn remember_fragment(_ip: *const Ipv6Hdr, _ports: *const L4Ports) {}
+
+    #[inline(always)]
+    fn set_fib_addresses(fib: &mut FibParams, source: Addr6, destination: Addr6) {
+        fib.__bindgen_anon_3.ipv6_src = source;
+        fib.__bindgen_anon_4.ipv6_dst = destination;
+    }
+
+    #[inline(always)]
+    fn report_unresolved(_fib: &FibParams) {
+        // `NEIGH_WANTED` holds IPv4 next hops: an IPv6 one is resolved by
+        // the kernel, which forwards the packet meanwhile.
+    }
+
+    #[inline(always)]
+    fn too_big(_ctx: &XdpContext, _mtu: u16) -> Outcome {
+        // No ICMPv6 "packet too big" from the LB yet: the kernel gets the
+        // packet as it arrived.
+        pass(Verdict::PassTooBig)
+    }
+
+    #[inline(always)]
+    fn established(
+        key: &mut FlowKey6,
+        now: u32,
+        _to_vip: impl FnMut() -> bool,
+    ) -> Option<*mut Flow> {
+        flows6::established(key, now)
+    }
+
+    #[inline(always)]
+    fn half_open(key: &FlowKey6, now: u32, _to_vip: bool) -> Option<(Flow, Slot6)> {
+        flows6::half_open(key, now)
+    }
+
+    #[inline(always)]
+    fn answered(_slot: Slot6, key: &FlowKey6, reply: &Flow, flags: u8, seq: u32) {
+        flows6::answered(key, reply, flags, seq);
+    }
+
+    #[inline(always)]
+    fn record(_slot: Slot6, forward: &FlowKey6, state: u32, seq: u32) {
+        flows6::record(forward, state, seq);
+    }
+
+    #[inline(always)]
+    fn close(key: &FlowKey6, flow: &mut Flow) {
+        flows6::close(key, flow);
+    }
+
+    #[inline(always)]
+    fn restarted_by_syn(table: Table, key: &FlowKey6, flow: &Flow) -> bool {
+        flows6::restarted_by_syn(table, key, flow)
+    }
+
+    #[inline(always)]
+    fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
+        flows6::promote(key, flow, seq, ack, now);
+    }
+
+    #[inline(always)]
+    fn create(
+        key: &FlowKey6,
+        service_id: u32,
+        backend_id: u32,
+        nat: bool,
+        state: u32,
+        now: u32,
+    ) -> Flow {
+        flows6::create(key, service_id, backend_id, nat, state, now)
+    }
+
+    #[inline(always)]
+    fn remove_flow(table: Table, key: &FlowKey6, flow: &Flow) {
+        flows6::remove_flow(table, key, flow);
+    }
+
+    #[inline(always)]
+    fn from_nat_backend(key: &FlowKey6) -> bool {
+        flows6::from_nat_backend(key)
+    }
+
+    #[inline(always)]
+    fn to_setup(ctx: &XdpContext, key: &FlowKey6, to_vip: bool, now: u32) -> Outcome {
+        let Some(carry) = CARRY6.get_ptr_mut(0) else {
+            return drop(Verdict::DropNoStage);
+        };
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        unsafe {
+            write_words(&raw mut (*carry).key, key);
+            (*carry).to_vip = to_vip as u32;
+            (*carry).now = now;
+            let _ = STAGES.tail_call(ctx, STAGE_V6_SETUP);
+        }
+        drop(Verdict::DropNoStage)
+    }
+
+    #[inline(always)]
+    fn carried() -> Option<(FlowKey6, bool, u32)> {
+        let carry = CARRY6.get_ptr(0)?;
+        // SAFETY: this CPU's slot, written by the first stage just before.
+        unsafe {
+            Some((
+                copy_words(&raw const (*carry).key),
+                (*carry).to_vip != 0,
+                (*carry).now,
+            ))
+        }
     }
 }

@@ -32,7 +32,6 @@ mod handles;
 mod keys;
 mod load;
 pub mod plan;
-pub mod plan6;
 mod probe;
 mod read;
 pub mod sweep;
@@ -77,6 +76,10 @@ pub const SETUP_PROGRAM: &str = "lb_setup";
 /// The PROXY v2 stage (lb-ebpf/src/proxy.rs): tail-called through `STAGES`
 /// for PROXY flows' packets, never attached.
 pub const PROXY_PROGRAM: &str = "lb_proxy";
+/// IPv6's two stages (`STAGES[STAGE_V6]`, `STAGES[STAGE_V6_SETUP]`):
+/// `lb` tail-calls the first with every IPv6 frame.
+pub const V6_PROGRAM: &str = "lb_v6";
+pub const V6_SETUP_PROGRAM: &str = "lb_v6_setup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

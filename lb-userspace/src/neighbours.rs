@@ -15,7 +15,7 @@
 //! stale and was deleted is resolved again before its backend
 //! retransmits.
 
-use std::{io, net::Ipv4Addr};
+use std::{io, net::IpAddr};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
@@ -52,17 +52,16 @@ impl Neighbours {
     /// left as it is: the kernel (6.x) turns it into an INCOMPLETE one on a
     /// `use` request, losing the operator's MAC for an ARP nobody may
     /// answer.
-    pub fn resolve(&mut self, ifindex: u32, next_hop: Ipv4Addr) -> io::Result<()> {
+    pub fn resolve(&mut self, ifindex: u32, next_hop: impl Into<IpAddr>) -> io::Result<()> {
+        let next_hop = next_hop.into();
         if self.is_static(ifindex, next_hop)? {
             return Ok(());
         }
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = family(next_hop);
         msg.header.ifindex = ifindex;
         msg.header.flags = NeighbourFlags::Use;
-        msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            next_hop,
-        ))];
+        msg.attributes = vec![NeighbourAttribute::Destination(neighbour(next_hop))];
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
         self.request(RouteNetlinkMessage::NewNeighbour(msg), flags)?;
         Ok(())
@@ -70,13 +69,11 @@ impl Neighbours {
 
     /// Whether the neighbour table holds a static entry for `next_hop` on
     /// `ifindex` (`RTM_GETNEIGH`; no entry: false).
-    fn is_static(&mut self, ifindex: u32, next_hop: Ipv4Addr) -> io::Result<bool> {
+    fn is_static(&mut self, ifindex: u32, next_hop: IpAddr) -> io::Result<bool> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = family(next_hop);
         msg.header.ifindex = ifindex;
-        msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            next_hop,
-        ))];
+        msg.attributes = vec![NeighbourAttribute::Destination(neighbour(next_hop))];
         match self.request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_REQUEST) {
             Ok(Some(RouteNetlinkMessage::NewNeighbour(entry))) => Ok(matches!(
                 entry.header.state,
@@ -89,18 +86,22 @@ impl Neighbours {
     }
 
     /// Resolves the next hop the kernel routes `addr` through (its gateway,
-    /// or `addr` itself on a connected network).
-    pub fn resolve_route(&mut self, addr: Ipv4Addr) -> io::Result<()> {
-        let (ifindex, next_hop) = self.route(addr)?;
+    /// or `addr` itself on a connected network), in either family.
+    pub fn resolve_route(&mut self, addr: impl Into<IpAddr>) -> io::Result<()> {
+        let (ifindex, next_hop) = self.route(addr.into())?;
         self.resolve(ifindex, next_hop)
     }
 
     /// The interface and next hop of the kernel's route to `addr`.
-    fn route(&mut self, addr: Ipv4Addr) -> io::Result<(u32, Ipv4Addr)> {
+    fn route(&mut self, addr: IpAddr) -> io::Result<(u32, IpAddr)> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 32;
-        msg.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet(addr))];
+        msg.header.address_family = family(addr);
+        let (destination, length) = match addr {
+            IpAddr::V4(a) => (RouteAddress::Inet(a), 32),
+            IpAddr::V6(a) => (RouteAddress::Inet6(a), 128),
+        };
+        msg.header.destination_prefix_length = length;
+        msg.attributes = vec![RouteAttribute::Destination(destination)];
         let answer = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST)?;
         let Some(RouteNetlinkMessage::NewRoute(route)) = answer else {
             return Err(io::Error::other(format!("no route to {addr}")));
@@ -109,7 +110,8 @@ impl Neighbours {
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(i) => found.0 = Some(*i),
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = *gw,
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => found.1 = IpAddr::V4(*gw),
+                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => found.1 = IpAddr::V6(*gw),
                 _ => {}
             }
         }
@@ -156,8 +158,24 @@ impl Neighbours {
     }
 }
 
+fn family(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn neighbour(addr: IpAddr) -> NeighbourAddress {
+    match addr {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn ip(args: &[&str]) -> String {

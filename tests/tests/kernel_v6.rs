@@ -4,8 +4,9 @@
 //! advertisements, the host's own traffic) passes untouched, byte for byte;
 //! traffic to a VIP in `VIPS6` gets the VIP rules (`parse6.rs`), each case
 //! that cannot be balanced its verdict.
-//! IPv6 services are not balanced yet: a packet that passes the rules finds
-//! no service (`PassNoService`).
+//! A packet that passes the rules with no service on its VIP and port finds
+//! none (`PassNoService`); the services of `config_v6` are balanced (NAT66,
+//! DSR, TCP and UDP, the lifecycle), by `lb_v6` and `lb_v6_setup`.
 //!
 //! The real `lb` object under BPF_PROG_TEST_RUN in the kernel tier's
 //! namespace (tests/src/kernel_net.rs); frames built by etherparse. Needs
@@ -14,8 +15,14 @@
 use aya::maps::{HashMap, Map, MapData};
 use etherparse::{Icmpv6Type, PacketBuilder};
 use lb_common::{Verdict, ipv6::addr_of, map_names::MapName};
-use lb_tests::kernel_net::{CLIENT_MAC, FRONT_MAC, Harness, TestNet, lab_config};
-use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS};
+use lb_tests::kernel_net::{
+    BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT, backend,
+    lab_config, service,
+};
+use lb_userspace::{
+    config::{Backend, Config, Forwarding, Protocol, Service},
+    harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+};
 
 const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const VIP6: [u8; 16] = [
@@ -301,4 +308,423 @@ fn each_ipv6_case_to_a_vip_has_its_verdict() {
         vips6(&h).remove(&addr_of(VIP6)).expect("remove");
         h.expect(h.front, &syn(VIP6), XDP_PASS, Verdict::PassNotOurs);
     });
+}
+
+// ---- IPv6 balanced (NAT66, DSR, TCP and UDP, the flow lifecycle) ----
+//
+// The test namespace made dual-stack here: the front 2001:db8:18::1/64
+// (client 2001:db8:18::2), the back 2001:db8:19::1/64 (web1..3 at
+// ::11..::13, with web1..3's MACs), IPv6 forwarding on (bpf_fib_lookup
+// AF_INET6 needs it), static neighbours.
+
+const CLIENT_V6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+];
+const VIP_NAT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const VIP_DSR6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+];
+const NOT_A_VIP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99,
+];
+
+fn web6(i: usize) -> [u8; 16] {
+    let mut a = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    a[15] = 0x11 + i as u8;
+    a
+}
+
+fn text6(a: [u8; 16]) -> String {
+    std::net::Ipv6Addr::from(a).to_string()
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Makes the test namespace dual-stack (see above); runs in `net.run`.
+fn dual_stack(net: &TestNet) {
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:18::1/64",
+        "dev",
+        "f0",
+        "nodad",
+    ]);
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:19::1/64",
+        "dev",
+        "b0",
+        "nodad",
+    ]);
+    let client = (text6(CLIENT_V6), CLIENT_MAC, "f0");
+    let webs = (0..3).map(|i| (text6(web6(i)), WEB_MACS[i], "b0"));
+    for (addr, mac, dev) in std::iter::once(client).chain(webs) {
+        let mac = mac_text(mac);
+        net.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+fn ipv6_forwarding_on() {
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        .expect("net.ipv6.conf.all.forwarding=1 in the test namespace");
+}
+
+fn backend6(name: &str, i: usize, port: u16) -> Backend {
+    let mut b = backend(name, [0, 0, 0, 0], port);
+    b.address = std::net::SocketAddr::new(web6(i).into(), port);
+    b
+}
+
+fn service6(name: &str, vip: [u8; 16], port: u16, p: Protocol, f: Forwarding, to: u16) -> Service {
+    let webs = (0..3)
+        .map(|i| backend6(&format!("web{}", i + 1), i, to))
+        .collect();
+    let mut s = service(name, [0, 0, 0, 0], port, p, f, webs);
+    s.vip = std::net::SocketAddr::new(vip.into(), port);
+    s
+}
+
+/// The lab's config plus IPv6 services: NAT66 TCP (80 → 8080), NAT66 UDP
+/// (5353 → 5300), DSR TCP (80).
+fn config_v6() -> Config {
+    let mut cfg = lab_config();
+    cfg.services.extend([
+        service6(
+            "www6",
+            VIP_NAT6,
+            80,
+            Protocol::Tcp,
+            Forwarding::Nat,
+            WEB_PORT,
+        ),
+        service6(
+            "udp6",
+            VIP_NAT6,
+            5353,
+            Protocol::Udp,
+            Forwarding::Nat,
+            WEB_UDP_PORT,
+        ),
+        service6("dsr6", VIP_DSR6, 80, Protocol::Tcp, Forwarding::Dsr, 80),
+    ]);
+    cfg
+}
+
+/// One TCP segment's flags and numbers.
+#[derive(Clone, Copy)]
+enum Seg {
+    Syn(u32),
+    SynAck(u32, u32),
+    Ack(u32, u32),
+    Fin(u32, u32),
+    Rst(u32),
+}
+
+/// An Ethernet/IPv6/TCP frame, checksum computed by etherparse.
+#[allow(clippy::too_many_arguments)]
+fn tcp6(
+    macs: ([u8; 6], [u8; 6]),
+    (src, sport): ([u8; 16], u16),
+    (dst, dport): ([u8; 16], u16),
+    hop: u8,
+    seg: Seg,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(macs.0, macs.1).ipv6(src, dst, hop);
+    let seq = match seg {
+        Seg::Syn(s) | Seg::SynAck(s, _) | Seg::Ack(s, _) | Seg::Fin(s, _) | Seg::Rst(s) => s,
+    };
+    let b = b.tcp(sport, dport, seq, 64240);
+    let b = match seg {
+        Seg::Syn(_) => b.syn(),
+        Seg::SynAck(_, ack) => b.syn().ack(ack),
+        Seg::Ack(_, ack) => b.ack(ack),
+        Seg::Fin(_, ack) => b.fin().ack(ack),
+        Seg::Rst(_) => b.rst(),
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("tcp6");
+    out
+}
+
+fn udp6(
+    macs: ([u8; 6], [u8; 6]),
+    (src, sport): ([u8; 16], u16),
+    (dst, dport): ([u8; 16], u16),
+    hop: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src, dst, hop)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("udp6");
+    out
+}
+
+/// A client's TCP SYN with a hop-by-hop and a destination-options header
+/// before it (PadN), its checksum computed by etherparse.
+fn syn_with_options(
+    macs: ([u8; 6], [u8; 6]),
+    (src, sport): ([u8; 16], u16),
+    (dst, dport): ([u8; 16], u16),
+    hop: u8,
+) -> Vec<u8> {
+    let mut tcp = etherparse::TcpHeader::new(sport, dport, 7, 64240);
+    tcp.syn = true;
+    tcp.checksum = tcp.calc_checksum_ipv6_raw(src, dst, &[]).expect("checksum");
+    let mut body = vec![NEXTHDR_DEST, 0, 1, 4, 0, 0, 0, 0];
+    body.extend([TCP, 0, 1, 4, 0, 0, 0, 0]);
+    body.extend(tcp.to_bytes());
+    let mut f = Vec::new();
+    f.extend(macs.1);
+    f.extend(macs.0);
+    f.extend(0x86ddu16.to_be_bytes());
+    f.extend([0x60, 0, 0, 0]);
+    f.extend((body.len() as u16).to_be_bytes());
+    f.extend([NEXTHDR_HOP, hop]);
+    f.extend(src);
+    f.extend(dst);
+    f.extend(body);
+    f
+}
+
+/// Which web an IPv6 frame is addressed to (by its destination address).
+fn web_of6(frame: &[u8]) -> usize {
+    let i = usize::from(frame[14 + 39]) - 0x11;
+    assert!(i < 3, "not to a web: {frame:02x?}");
+    i
+}
+
+fn active(h: &Harness, backend_id: u32) -> u64 {
+    h.dp.flow_table()
+        .expect("flow table")
+        .active(backend_id)
+        .expect("active")
+}
+
+/// NAT66 byte for byte: the client's SYNs rotate over the webs, each
+/// rewritten as the backend must get it (destination address and port,
+/// the TCP checksum over the IPv6 pseudo-header: the expected frames are
+/// etherparse's, hop limit 63); the backend's SYN-ACK comes back as the
+/// VIP's; the client's ACK establishes the flow (active 1), data flows
+/// both ways, a blind RST is dropped, the client's FIN closes it (active
+/// 0).
+#[test]
+fn nat66_forward_and_reply_byte_for_byte_with_the_flow_lifecycle() {
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let cfg = config_v6();
+        let mut h = Harness::new(&cfg);
+        let applied = h.dp.apply(&cfg).expect("apply");
+        let www6 = applied.iter().find(|s| s.name == "www6").expect("www6");
+        let to_lb = (CLIENT_MAC, FRONT_MAC);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut first_web = None;
+        for sport in [41000, 41001, 41002] {
+            let syn = tcp6(
+                to_lb,
+                (CLIENT_V6, sport),
+                (VIP_NAT6, 80),
+                64,
+                Seg::Syn(1000),
+                &[],
+            );
+            let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+            let w = web_of6(&out);
+            let want = tcp6(
+                (BACK_MAC, WEB_MACS[w]),
+                (CLIENT_V6, sport),
+                (web6(w), WEB_PORT),
+                63,
+                Seg::Syn(1000),
+                &[],
+            );
+            assert_eq!(out, want, "SYN from port {sport} as web{} gets it", w + 1);
+            seen.insert(w);
+            first_web.get_or_insert(w);
+        }
+        assert_eq!(seen.len(), 3, "round robin over web1..3");
+        let w = first_web.expect("a web");
+        let web_id = www6.backends[w].1;
+        let from_web = (WEB_MACS[w], BACK_MAC);
+        let to_client = (FRONT_MAC, CLIENT_MAC);
+        let web = (web6(w), WEB_PORT);
+        let client = (CLIENT_V6, 41000);
+        // The SYN-ACK: the VIP's, to the client.
+        let syn_ack = tcp6(from_web, web, client, 64, Seg::SynAck(5000, 1001), &[]);
+        let out = h.expect(h.back, &syn_ack, XDP_REDIRECT, Verdict::ForwardedReply);
+        let want = tcp6(
+            to_client,
+            (VIP_NAT6, 80),
+            client,
+            63,
+            Seg::SynAck(5000, 1001),
+            &[],
+        );
+        assert_eq!(out, want, "the SYN-ACK as the VIP's");
+        assert_eq!(active(&h, web_id), 0, "a half-open flow is not active");
+        // The client's ACK of it establishes the flow.
+        let ack = tcp6(to_lb, client, (VIP_NAT6, 80), 64, Seg::Ack(1001, 5001), &[]);
+        h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web_id), 1, "established: active");
+        // Established, both ways.
+        let get = tcp6(
+            to_lb,
+            client,
+            (VIP_NAT6, 80),
+            64,
+            Seg::Ack(1001, 5001),
+            b"GET /",
+        );
+        let out = h.expect(h.front, &get, XDP_REDIRECT, Verdict::Forwarded);
+        let want = tcp6(
+            (BACK_MAC, WEB_MACS[w]),
+            client,
+            web,
+            63,
+            Seg::Ack(1001, 5001),
+            b"GET /",
+        );
+        assert_eq!(out, want, "established data to the same web");
+        let answer = tcp6(from_web, web, client, 64, Seg::Ack(5001, 1006), b"200 OK");
+        let out = h.expect(h.back, &answer, XDP_REDIRECT, Verdict::ForwardedReply);
+        let want = tcp6(
+            to_client,
+            (VIP_NAT6, 80),
+            client,
+            63,
+            Seg::Ack(5001, 1006),
+            b"200 OK",
+        );
+        assert_eq!(out, want, "established reply as the VIP's");
+        // A blind RST far from the client's sequence: dropped.
+        let blind = tcp6(
+            to_lb,
+            client,
+            (VIP_NAT6, 80),
+            64,
+            Seg::Rst(1001 + (1 << 30)),
+            &[],
+        );
+        h.expect(h.front, &blind, XDP_DROP, Verdict::DropRstOutOfWindow);
+        assert_eq!(active(&h, web_id), 1);
+        // The client's FIN: forwarded, the flow closing, no longer active.
+        let fin = tcp6(to_lb, client, (VIP_NAT6, 80), 64, Seg::Fin(1006, 5007), &[]);
+        h.expect(h.front, &fin, XDP_REDIRECT, Verdict::Forwarded);
+        assert_eq!(active(&h, web_id), 0, "FIN: closing, not active");
+    });
+}
+
+/// DSR (only the MACs change, the hop limit too is the client's), UDP
+/// NAT66 (checksum over the pseudo-header), a SYN behind a hop-by-hop and
+/// a destination-options header (balanced, the headers kept, TCP rewritten
+/// where the walk found it), SYN-only creation (an ACK without a flow is
+/// dropped), and an IPv6 packet to no VIP untouched.
+#[test]
+fn dsr_udp_extension_headers_and_syn_only_creation() {
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let cfg = config_v6();
+        let mut h = Harness::new(&cfg);
+        let to_lb = (CLIENT_MAC, FRONT_MAC);
+
+        let syn = tcp6(
+            to_lb,
+            (CLIENT_V6, 42000),
+            (VIP_DSR6, 80),
+            64,
+            Seg::Syn(9),
+            &[],
+        );
+        let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+        let w = web_of_mac(&out);
+        let mut want = syn.clone();
+        want[..6].copy_from_slice(&WEB_MACS[w]);
+        want[6..12].copy_from_slice(&BACK_MAC);
+        assert_eq!(out, want, "DSR: the MACs only");
+
+        let query = udp6(to_lb, (CLIENT_V6, 42001), (VIP_NAT6, 5353), 64, b"query");
+        let out = h.expect(h.front, &query, XDP_REDIRECT, Verdict::Forwarded);
+        let w = web_of6(&out);
+        let want = udp6(
+            (BACK_MAC, WEB_MACS[w]),
+            (CLIENT_V6, 42001),
+            (web6(w), WEB_UDP_PORT),
+            63,
+            b"query",
+        );
+        assert_eq!(out, want, "UDP NAT66, checksum over the pseudo-header");
+
+        let syn = syn_with_options(to_lb, (CLIENT_V6, 42002), (VIP_NAT6, 80), 64);
+        let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
+        let w = web_of6(&out);
+        let want = syn_with_options(
+            (BACK_MAC, WEB_MACS[w]),
+            (CLIENT_V6, 42002),
+            (web6(w), WEB_PORT),
+            63,
+        );
+        assert_eq!(
+            out, want,
+            "extension headers kept, TCP rewritten after them"
+        );
+
+        let ack = tcp6(
+            to_lb,
+            (CLIENT_V6, 42003),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Ack(5, 6),
+            &[],
+        );
+        h.expect(h.front, &ack, XDP_DROP, Verdict::DropNoFlow);
+
+        let other = tcp6(
+            to_lb,
+            (CLIENT_V6, 42004),
+            (NOT_A_VIP6, 80),
+            64,
+            Seg::Syn(1),
+            &[],
+        );
+        let out = h.expect(h.front, &other, XDP_PASS, Verdict::PassNotOurs);
+        assert_eq!(out, other, "not to a VIP: untouched");
+    });
+}
+
+fn web_of_mac(frame: &[u8]) -> usize {
+    WEB_MACS
+        .iter()
+        .position(|m| frame[..6] == m[..])
+        .unwrap_or_else(|| panic!("not to a web's MAC: {frame:02x?}"))
 }

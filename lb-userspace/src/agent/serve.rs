@@ -480,11 +480,9 @@ fn prime_neighbours(cfg: &Config) {
     };
     let mut seen = std::collections::BTreeSet::new();
     for b in cfg.services.iter().flat_map(|s| &s.backends) {
-        // IPv6 neighbours are the IPv6 data plane's (its next hops come
-        // from `bpf_fib_lookup` with AF_INET6), not primed yet.
-        let std::net::IpAddr::V4(addr) = b.address.ip() else {
-            continue;
-        };
+        // Either family: IPv6's next hops come from `bpf_fib_lookup` with
+        // AF_INET6, from the same neighbour table.
+        let addr = b.address.ip();
         if seen.insert(addr)
             && let Err(e) = neighbours.resolve_route(addr)
         {

@@ -471,8 +471,7 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
                 && unbracketed.contains("IPv6 in brackets like \"[2001:db8::14]:80\""),
             "{unbracketed}"
         );
-        // An IPv6 service built by hand: the backend fits its family, and
-        // the file's last rule (the data plane's IPv6 gate) still applies.
+        // An IPv6 service: the backend fits its family and is added.
         let mut v6 = cfg.clone();
         v6.services[0].vip = "[2001:db8:18::10]:80".parse().expect("vip");
         for (i, b) in v6.services[0].backends.iter_mut().enumerate() {
@@ -480,11 +479,26 @@ backends = [ { name = "ns1", address = "198.19.0.21:53" } ]
                 .parse()
                 .expect("addr");
         }
-        let gated = add(&v6, "[2001:db8:19::13]:80");
+        let change = BackendChange::Add {
+            service: "www".into(),
+            backend: "web3".into(),
+            address: "[2001:db8:19::13]:80".into(),
+            weight: 1,
+            backup: false,
+        };
+        let added = edit(&v6, &none, change).expect("an IPv6 backend of an IPv6 service");
+        let www = added
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == "www")
+            .expect("www");
         assert!(
-            gated.contains("service[0].vip")
-                && gated.contains("the data plane does not balance IPv6 yet"),
-            "{gated}"
+            www.backends
+                .iter()
+                .any(|b| b.address == "[2001:db8:19::13]:80".parse().expect("addr")),
+            "{:?}",
+            www.backends
         );
         let multicast = add(&v6, "[ff02::1]:80");
         assert!(

@@ -361,9 +361,8 @@ impl Validator<'_> {
         )?;
         let write_firewall = self.pool_service_firewall(i, "write", &shared, raw.write)?;
         let read_firewall = self.pool_service_firewall(i, "read", &shared, raw.read)?;
-        // Members of either family; the pool's services wait for the data
-        // plane's IPv6 path as any service does.
-        self.data_plane_balances(&key("write-vip"), write_vip)?;
+        // Members of either family; the pool's VIPs IPv4 (so far).
+        self.pool_balances(&key("write-vip"), write_vip)?;
 
         Ok(Pool {
             name,

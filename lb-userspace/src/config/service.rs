@@ -270,7 +270,7 @@ impl Validator<'_> {
             limits,
             proxy_protocol,
         };
-        self.data_plane_balances(&key("vip"), service.vip)?;
+        self.data_plane_balances(&format!("service[{i}]"), &service)?;
         Ok(service)
     }
 
@@ -299,27 +299,57 @@ impl Validator<'_> {
         ))
     }
 
-    /// The one gate between a valid IPv6 service and the agent: the data
-    /// plane has no IPv6 services, backends or flows maps yet, so a
-    /// service it cannot balance is rejected here, after every other rule
-    /// (so the operator sees the service's real mistakes first). The agent
-    /// past this point, the CLI and the planners speak both families; the
-    /// data-plane work that balances IPv6 deletes this function (and its
-    /// two calls: a service's `vip`, a pool's `write-vip`).
+    /// The one gate between a valid IPv6 service and the agent, run after
+    /// every other rule (so the operator sees the service's real mistakes
+    /// first): the data plane balances IPv6 services in NAT and DSR; full
+    /// NAT, the tunnels, and the firewall's IPv6 rules and rate limits of
+    /// IPv6 sources are not built for IPv6 yet (issue 24), so a service
+    /// that needs them is rejected here, by the key that asks for it.
     pub(super) fn data_plane_balances(
         &self,
-        key: &str,
-        vip: SocketAddr,
+        prefix: &str,
+        service: &Service,
     ) -> Result<(), ConfigError> {
+        let vip = service.vip;
+        if vip.is_ipv4() {
+            return Ok(());
+        }
+        let key = |field: &str| format!("{prefix}.{field}");
+        if service.forwarding == Forwarding::FullNat || service.forwarding.is_tunnel() {
+            return Err(self.err(
+                key("forwarding"),
+                format!(
+                    "{vip} is an IPv6 VIP: the data plane balances IPv6 in \"nat\" and \"dsr\" \
+                     only so far (full NAT and the tunnels over IPv6 are not built, issue 24)"
+                ),
+            ));
+        }
+        let fw = &service.firewall;
+        for (field, set) in [
+            ("deny-from", !fw.deny6.is_empty()),
+            ("allow-from", !fw.allow6.is_empty()),
+        ] {
+            if set {
+                return Err(self.err(key(field), ipv6_firewall_not_built(vip)));
+            }
+        }
+        if fw.rate_limit.is_some() {
+            return Err(self.err(key("rate-limit"), ipv6_rate_limit_not_built(vip)));
+        }
+        Ok(())
+    }
+
+    /// A pool's VIPs: pools are IPv4 only so far (their agent side writes
+    /// IPv4 keys).
+    pub(super) fn pool_balances(&self, key: &str, vip: SocketAddr) -> Result<(), ConfigError> {
         if vip.is_ipv4() {
             return Ok(());
         }
         Err(self.err(
             key,
             format!(
-                "{vip} is an IPv6 VIP: the data plane does not balance IPv6 yet \
-                 (its IPv6 maps and packet path are being built, issue 24); \
-                 use an IPv4 VIP"
+                "{vip} is an IPv6 VIP: database pools are balanced over IPv4 only so far \
+                 (issue 24); use an IPv4 VIP"
             ),
         ))
     }
@@ -546,4 +576,20 @@ impl Validator<'_> {
         }
         Ok(size)
     }
+}
+
+/// Why an IPv6 service cannot have IPv6 firewall prefixes yet.
+pub(super) fn ipv6_firewall_not_built(vip: SocketAddr) -> String {
+    format!(
+        "the data plane's firewall holds IPv4 prefixes only so far: IPv6 prefixes cannot \
+         filter the IPv6 service {vip} yet (issue 24)"
+    )
+}
+
+/// Why an IPv6 service cannot be under a rate limit yet.
+pub(super) fn ipv6_rate_limit_not_built(vip: SocketAddr) -> String {
+    format!(
+        "the data plane rate-limits IPv4 sources only so far: the IPv6 service {vip} cannot \
+         have a rate limit yet (issue 24)"
+    )
 }

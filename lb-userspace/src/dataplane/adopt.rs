@@ -2,7 +2,10 @@
 //! map is checked against the object's definition of it ([`check_pins`]);
 //! then the id tables are read back from what a previous agent wrote.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::{
@@ -10,19 +13,32 @@ use lb_common::{
     ServiceKey,
     flow::{TABLE_VERSION, placed_by_another_hash},
     map_names::Pinning,
+    maps6::{Backend6, ServiceKey6},
 };
 
-use super::{Dataplane, DataplaneError, MapName, Result, TableSizes};
+use super::{
+    Dataplane, DataplaneError, MapName, Result, TableSizes,
+    plan::{BackendAddr, SvcKey},
+};
 use crate::object::{MapLayout, map_layouts};
 
 impl Dataplane {
     /// Rebuilds the id tables from pinned maps written by a previous agent.
     pub(super) fn adopt_ids(&mut self) -> Result<()> {
-        let services: Vec<(ServiceKey, u32)> = self
+        let mut services: Vec<(SvcKey, u32)> = self
             .hash::<ServiceKey, u32>(MapName::SERVICES)?
             .iter()
             .filter_map(|r| r.ok())
+            .map(|(k, id)| (SvcKey::V4(k), id))
             .collect();
+        let services6: Vec<(SvcKey, u32)> = self
+            .hash::<ServiceKey6, u32>(MapName::SERVICES6)?
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, id)| (SvcKey::V6(k), id))
+            .collect();
+        let v6_ids: BTreeSet<u32> = services6.iter().map(|(_, id)| *id).collect();
+        services.extend(services6);
         let confs = self.array::<ServiceConf>(MapName::SERVICE_CONF)?;
         let mut halves = Vec::new();
         for (_, id) in &services {
@@ -32,6 +48,12 @@ impl Dataplane {
             })?;
             halves.push((*id, conf.active_ring));
         }
+        let backends6: Vec<Backend6> = {
+            let map = self.array::<Backend6>(MapName::BACKENDS6)?;
+            (0..MAX_BACKENDS)
+                .map(|id| map.get(&id, 0).unwrap_or_default())
+                .collect()
+        };
         let backends = self.array::<Backend>(MapName::BACKENDS)?;
         let (mut owned, mut retired) = (Vec::new(), Vec::new());
         for id in 0..MAX_BACKENDS {
@@ -40,7 +62,13 @@ impl Dataplane {
                 source,
             })?;
             if b.flags & BACKEND_F_IN_USE != 0 {
-                owned.push(((b.service_id, b.addr, b.port), id));
+                // An IPv6 service's backend: its address is in BACKENDS6.
+                let addr = if v6_ids.contains(&b.service_id) {
+                    BackendAddr::V6(backends6[id as usize].addr)
+                } else {
+                    BackendAddr::V4(b.addr)
+                };
+                owned.push(((b.service_id, addr, b.port), id));
             } else if b.flags & BACKEND_F_DROP_FLOWS != 0 {
                 // Retired: free, but flows may still be pinned to it.
                 retired.push(id);

@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, BackendHop, Counters, Endpoint, Flow, FlowConf, FlowCounts,
-    FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, Tunnel, ring, uses_maglev,
+    FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, Tunnel,
+    ipv6::Addr6,
+    maps6::{Backend6, Endpoint6, ServiceKey6},
+    ring, uses_maglev,
 };
 
 use super::{
     AppliedService, Dataplane, MapName, Result, firewall,
     handles::{map_err, remove_if_present, set},
-    plan::{self, Admission, BackendPlan, Plan, PlanError, ServicePlan},
+    plan::{self, Admission, BackendAddr, BackendPlan, Plan, PlanError, ServicePlan, SvcKey},
 };
 use crate::config::{self, Config};
 
@@ -133,7 +136,17 @@ impl Dataplane {
         {
             let mut services = self.hash::<ServiceKey, u32>(MapName::SERVICES)?;
             for (key, _) in &plan.retired_services {
-                remove_if_present(&mut services, MapName::SERVICES, key)?;
+                if let SvcKey::V4(key) = key {
+                    remove_if_present(&mut services, MapName::SERVICES, key)?;
+                }
+            }
+        }
+        {
+            let mut services = self.hash::<ServiceKey6, u32>(MapName::SERVICES6)?;
+            for (key, _) in &plan.retired_services {
+                if let SvcKey::V6(key) = key {
+                    remove_if_present(&mut services, MapName::SERVICES6, key)?;
+                }
             }
         }
         for &(_, id) in &plan.retired_services {
@@ -175,6 +188,11 @@ impl Dataplane {
         {
             let mut map = self.array::<Backend>(MapName::BACKENDS)?;
             for &((service_id, addr, port), id) in &plan.retired_backends {
+                let addr = match addr {
+                    BackendAddr::V4(addr) => addr,
+                    // An IPv6 backend's slot names its BACKENDS6 slot.
+                    BackendAddr::V6(_) => id,
+                };
                 set(
                     &mut map,
                     MapName::BACKENDS,
@@ -203,12 +221,22 @@ impl Dataplane {
         }
         // 7. Make the services match.
         self.publish_services(plan)?;
+        self.publish_services6(plan)?;
         self.publish_nat_backends(plan)?;
+        self.publish_nat_backends6(plan)?;
         self.publish_tunnel_pmtu(plan)?;
         Ok(waiting.iter().map(|svc| svc.id).collect())
     }
 
     fn write_backend(&mut self, b: &BackendPlan) -> Result<()> {
+        if let Some(addr) = b.addr6 {
+            set(
+                &mut self.array::<Backend6>(MapName::BACKENDS6)?,
+                MapName::BACKENDS6,
+                b.id,
+                Backend6 { addr },
+            )?;
+        }
         set(
             &mut self.array::<Backend>(MapName::BACKENDS)?,
             MapName::BACKENDS,
@@ -416,9 +444,11 @@ impl Dataplane {
         {
             let mut services = self.hash::<ServiceKey, u32>(MapName::SERVICES)?;
             for svc in &plan.services {
-                services
-                    .insert(svc.key, svc.id, 0)
-                    .map_err(map_err(MapName::SERVICES))?;
+                if let SvcKey::V4(key) = svc.key {
+                    services
+                        .insert(key, svc.id, 0)
+                        .map_err(map_err(MapName::SERVICES))?;
+                }
             }
         }
         let mut map = self.hash::<u32, u32>(MapName::VIPS)?;
@@ -432,6 +462,61 @@ impl Dataplane {
             .collect();
         for vip in stale {
             remove_if_present(&mut map, MapName::VIPS, &vip)?;
+        }
+        Ok(())
+    }
+
+    /// IPv6's `publish_services`: `SERVICE_VIPS6` (the VIP a NAT reply
+    /// gets) before `SERVICES6` names the service, then `VIPS6`.
+    fn publish_services6(&mut self, plan: &Plan) -> Result<()> {
+        {
+            let mut vips = self.array::<Addr6>(MapName::SERVICE_VIPS6)?;
+            for svc in &plan.services {
+                if let SvcKey::V6(key) = svc.key {
+                    set(&mut vips, MapName::SERVICE_VIPS6, svc.id, key.vip)?;
+                }
+            }
+        }
+        {
+            let mut services = self.hash::<ServiceKey6, u32>(MapName::SERVICES6)?;
+            for svc in &plan.services {
+                if let SvcKey::V6(key) = svc.key {
+                    services
+                        .insert(key, svc.id, 0)
+                        .map_err(map_err(MapName::SERVICES6))?;
+                }
+            }
+        }
+        let mut map = self.hash::<Addr6, u32>(MapName::VIPS6)?;
+        for (vip, n) in &plan.vips6 {
+            map.insert(vip, n, 0).map_err(map_err(MapName::VIPS6))?;
+        }
+        let stale: Vec<Addr6> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !plan.vips6.contains_key(k))
+            .collect();
+        for vip in stale {
+            remove_if_present(&mut map, MapName::VIPS6, &vip)?;
+        }
+        Ok(())
+    }
+
+    /// `NAT_BACKENDS6`: as `NAT_BACKENDS`, for IPv6 NAT services.
+    fn publish_nat_backends6(&mut self, plan: &Plan) -> Result<()> {
+        let endpoints = plan.nat_endpoints6();
+        let mut map = self.hash::<Endpoint6, u32>(MapName::NAT_BACKENDS6)?;
+        let stale: Vec<Endpoint6> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !endpoints.contains_key(k))
+            .collect();
+        for endpoint in stale {
+            remove_if_present(&mut map, MapName::NAT_BACKENDS6, &endpoint)?;
+        }
+        for (endpoint, n) in &endpoints {
+            map.insert(endpoint, n, 0)
+                .map_err(map_err(MapName::NAT_BACKENDS6))?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ pub fn raw_endpoint(addr: SocketAddrV4) -> (u32, u16) {
 }
 
 /// An IPv4 address's raw endpoint as the IPv4 maps hold it; `None` for an
-/// IPv6 one, whose keys are IPv6's own (`plan6`).
+/// IPv6 one, whose keys are IPv6's own (`plan::SvcKey::V6`).
 pub fn ipv4_endpoint(addr: SocketAddr) -> Option<(u32, u16)> {
     match addr {
         SocketAddr::V4(v4) => Some(raw_endpoint(v4)),
@@ -30,7 +30,7 @@ pub fn protocol_number(p: Protocol) -> u8 {
 }
 
 /// An IPv4 service's key in `SERVICES`; `None` for an IPv6 service (its
-/// key is a `ServiceKey6`, planned by `plan6`).
+/// key is a `ServiceKey6`, `plan::SvcKey::V6`).
 pub fn service_key(svc: &config::Service) -> Option<ServiceKey> {
     let (vip, port) = ipv4_endpoint(svc.vip)?;
     Some(ServiceKey {

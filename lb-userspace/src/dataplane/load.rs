@@ -15,7 +15,7 @@ use aya::{
 
 use super::{
     Dataplane, DataplaneError, MapName, PROGRAM, PROXY_PROGRAM, Result, SETUP_PROGRAM, TableSizes,
-    adopt, firewall::FwIds, handles::map_err, plan::Ids,
+    V6_PROGRAM, V6_SETUP_PROGRAM, adopt, firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 
@@ -69,13 +69,13 @@ impl Dataplane {
             loader.map_pin_path(map.0.name(), map.1);
         }
         let mut ebpf = loader.load(object)?;
-        // The PROXY stage only if the object has it (an object built
-        // before it keeps loading).
-        let proxy = ebpf.program(PROXY_PROGRAM).is_some();
-        for name in [PROGRAM, SETUP_PROGRAM, PROXY_PROGRAM] {
-            if name == PROXY_PROGRAM && !proxy {
-                continue;
-            }
+        for name in [
+            PROGRAM,
+            SETUP_PROGRAM,
+            PROXY_PROGRAM,
+            V6_PROGRAM,
+            V6_SETUP_PROGRAM,
+        ] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program {
@@ -190,38 +190,37 @@ impl Dataplane {
 
 /// Puts the loaded stages in `STAGES` (an adopted array too: the running
 /// `lb` then reaches this load's stages, which read the same maps): the
-/// second stage always, the PROXY stage if the object has it.
+/// second stage, the PROXY v2 stage, IPv6's two.
 fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
-    let mut fds = Vec::new();
     for (index, program) in [
         (lb_common::STAGE_SETUP, SETUP_PROGRAM),
         (lb_common::STAGE_PROXY, PROXY_PROGRAM),
+        (lb_common::maps6::STAGE_V6, V6_PROGRAM),
+        (lb_common::maps6::STAGE_V6_SETUP, V6_SETUP_PROGRAM),
     ] {
-        if program != SETUP_PROGRAM && ebpf.program(program).is_none() {
-            continue;
-        }
-        let fd = program_mut(ebpf, program)?
-            .fd()
-            .map_err(|source| DataplaneError::Program {
-                name: program.into(),
-                source,
-            })?
-            .try_clone()
-            .map_err(|e| DataplaneError::Program {
-                name: program.into(),
-                source: aya::programs::ProgramError::IOError(e),
-            })?;
-        fds.push((index, fd));
+        set_stage(ebpf, index, program)?;
     }
+    Ok(())
+}
+
+fn set_stage(ebpf: &mut Ebpf, index: u32, program: &str) -> Result<()> {
+    let fd = program_mut(ebpf, program)?
+        .fd()
+        .map_err(|source| DataplaneError::Program {
+            name: program.into(),
+            source,
+        })?
+        .try_clone()
+        .map_err(|e| DataplaneError::Program {
+            name: program.into(),
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
     let name = MapName::STAGES;
     let map = ebpf
         .map_mut(name.name())
         .ok_or(DataplaneError::MissingMap(name.name()))?;
     let mut stages = ProgramArray::try_from(map).map_err(map_err(name))?;
-    for (index, fd) in &fds {
-        stages.set(*index, fd, 0).map_err(map_err(name))?;
-    }
-    Ok(())
+    stages.set(index, &fd, 0).map_err(map_err(name))
 }
 
 pub(super) fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

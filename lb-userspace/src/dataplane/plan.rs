@@ -26,16 +26,66 @@ use std::{
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, BACKEND_F_IN_USE, Endpoint, MAX_BACKENDS,
     MAX_SERVICES, MODE_NAT, ServiceKey,
+    ipv6::{Addr6, addr_of},
     maglev::{self, Member},
+    maps6::{Endpoint6, ServiceKey6},
     ring,
 };
 
-use super::keys::{ipv4_endpoint, service_key};
+use super::keys::{protocol_number, raw_endpoint, service_key};
 use crate::config::{self, Config, Scheduler};
+
+/// A service's identity in the id tables: its key in its family's map
+/// (`SERVICES` or `SERVICES6`). One id space for both families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SvcKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+/// A backend's address in the id tables, raw network order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BackendAddr {
+    V4(u32),
+    V6(Addr6),
+}
 
 /// A backend's identity: (service id, address, port), raw network order.
 /// Ids are per service, so the same server in two services has two ids.
-pub type BackendKey = (u32, u32, u16);
+pub type BackendKey = (u32, BackendAddr, u16);
+
+/// A service's key in its family's map.
+fn svc_key(svc: &config::Service) -> SvcKey {
+    match service_key(svc) {
+        Some(key) => SvcKey::V4(key),
+        None => {
+            let (vip, port) = any_endpoint(svc.vip);
+            let BackendAddr::V6(vip) = vip else {
+                unreachable!("service_key takes every IPv4 VIP")
+            };
+            SvcKey::V6(ServiceKey6 {
+                vip,
+                port,
+                protocol: protocol_number(svc.protocol),
+                _pad: 0,
+            })
+        }
+    }
+}
+
+/// An address and port as the maps hold them, in either family.
+fn any_endpoint(addr: SocketAddr) -> (BackendAddr, u16) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let (a, p) = raw_endpoint(v4);
+            (BackendAddr::V4(a), p)
+        }
+        SocketAddr::V6(v6) => (
+            BackendAddr::V6(addr_of(v6.ip().octets())),
+            v6.port().to_be(),
+        ),
+    }
+}
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -46,14 +96,6 @@ pub enum PlanError {
     },
     #[error("more than {limit} {what}")]
     Full { what: &'static str, limit: u32 },
-    /// The IPv4 maps hold IPv4 services only; an IPv6 service's entries
-    /// are [`super::plan6`]'s, which nothing writes yet (config rejects an
-    /// IPv6 service before it gets here).
-    #[error("service {service}: {address} is IPv6, which the IPv4 maps do not hold")]
-    Ipv6 {
-        service: String,
-        address: SocketAddr,
-    },
 }
 
 /// Whether a backend takes new flows, and what happens to its old ones.
@@ -76,7 +118,7 @@ impl Admission {
 /// the pinned maps, across restarts) so conntrack entries stay valid.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ids {
-    pub services: BTreeMap<ServiceKey, u32>,
+    pub services: BTreeMap<SvcKey, u32>,
     pub backends: BTreeMap<BackendKey, u32>,
     /// Backend ids retired by earlier applies: free, but flows may still be
     /// pinned to the backend they named (its slot says DROP_FLOWS).
@@ -89,7 +131,7 @@ pub struct Ids {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePlan {
     pub name: String,
-    pub key: ServiceKey,
+    pub key: SvcKey,
     pub id: u32,
     /// `MODE_NAT`, `MODE_DSR`, `MODE_IPIP` or `MODE_GUE`.
     pub mode: u32,
@@ -119,7 +161,11 @@ pub struct ServicePlan {
 pub struct BackendPlan {
     pub id: u32,
     pub service_id: u32,
+    /// `BACKENDS`' address: an IPv4 backend's; an IPv6 backend's own id,
+    /// the index of its `BACKENDS6` slot (`addr6`).
     pub addr: u32,
+    /// An IPv6 backend's address (`BACKENDS6`).
+    pub addr6: Option<Addr6>,
     pub port: u16,
     pub flags: u16,
     /// The backend's tunnel (IPIP and GUE services); `None` otherwise.
@@ -145,7 +191,7 @@ pub struct Plan {
     pub backends: Vec<BackendPlan>,
     /// Services that are gone: their key leaves `SERVICES` and their conf
     /// slot is cleared (a new service given the id writes its own).
-    pub retired_services: Vec<(ServiceKey, u32)>,
+    pub retired_services: Vec<(SvcKey, u32)>,
     /// Backends that are gone: their slot becomes DROP_FLOWS (not IN_USE).
     pub retired_backends: Vec<(BackendKey, u32)>,
     /// Reused backend ids that may still have flows pinned to the backend
@@ -153,6 +199,8 @@ pub struct Plan {
     pub purge: BTreeSet<u32>,
     /// VIP → number of services on it.
     pub vips: BTreeMap<u32, u32>,
+    /// IPv6 VIP → number of services on it (`VIPS6`).
+    pub vips6: BTreeMap<Addr6, u32>,
     /// The id tables once the plan is written.
     pub next: Ids,
 }
@@ -162,22 +210,52 @@ impl Plan {
     /// a NAT service, with the number of the plan's backends on it.
     pub fn nat_endpoints(&self) -> BTreeMap<Endpoint, u32> {
         let mut endpoints = BTreeMap::new();
-        for b in &self.backends {
-            let Some(svc) = self.services.iter().find(|s| s.id == b.service_id) else {
-                continue;
-            };
-            if svc.mode != MODE_NAT {
+        for (b, protocol) in self.nat_backends() {
+            if b.addr6.is_some() {
                 continue;
             }
             let endpoint = Endpoint {
                 addr: b.addr,
                 port: b.port,
-                protocol: svc.key.protocol,
+                protocol,
                 _pad: 0,
             };
             *endpoints.entry(endpoint).or_default() += 1;
         }
         endpoints
+    }
+
+    /// `NAT_BACKENDS6`: [`Plan::nat_endpoints`] for IPv6 backends.
+    pub fn nat_endpoints6(&self) -> BTreeMap<Endpoint6, u32> {
+        let mut endpoints = BTreeMap::new();
+        for (b, protocol) in self.nat_backends() {
+            let Some(addr) = b.addr6 else {
+                continue;
+            };
+            let endpoint = Endpoint6 {
+                addr,
+                port: b.port,
+                protocol,
+                _pad: 0,
+            };
+            *endpoints.entry(endpoint).or_default() += 1;
+        }
+        endpoints
+    }
+
+    /// The backends of NAT services, with their service's protocol.
+    fn nat_backends(&self) -> impl Iterator<Item = (&BackendPlan, u8)> {
+        self.backends.iter().filter_map(|b| {
+            let svc = self.services.iter().find(|s| s.id == b.service_id)?;
+            if svc.mode != MODE_NAT {
+                return None;
+            }
+            let protocol = match svc.key {
+                SvcKey::V4(k) => k.protocol,
+                SvcKey::V6(k) => k.protocol,
+            };
+            Some((b, protocol))
+        })
     }
 }
 
@@ -227,30 +305,26 @@ pub fn plan(
     active: &[u64],
 ) -> Result<Plan, PlanError> {
     // Services: survivors keep their ids; new ones get free ids.
-    let keys: Vec<ServiceKey> = cfg
-        .services
-        .iter()
-        .map(|svc| service_key(svc).ok_or_else(|| ipv6(svc, svc.vip)))
-        .collect::<Result<_, _>>()?;
+    let keys: Vec<SvcKey> = cfg.services.iter().map(svc_key).collect();
     // Every backend's raw endpoint, per service, in config order.
-    let endpoints: Vec<Vec<(u32, u16)>> = cfg
+    let endpoints: Vec<Vec<(BackendAddr, u16)>> = cfg
         .services
         .iter()
         .map(|svc| {
             svc.backends
                 .iter()
-                .map(|b| ipv4_endpoint(b.address).ok_or_else(|| ipv6(svc, b.address)))
-                .collect::<Result<_, _>>()
+                .map(|b| any_endpoint(b.address))
+                .collect()
         })
-        .collect::<Result<_, _>>()?;
-    let wanted: BTreeSet<ServiceKey> = keys.iter().copied().collect();
-    let kept_services: BTreeMap<ServiceKey, u32> = now
+        .collect();
+    let wanted: BTreeSet<SvcKey> = keys.iter().copied().collect();
+    let kept_services: BTreeMap<SvcKey, u32> = now
         .services
         .iter()
         .filter(|(k, _)| wanted.contains(k))
         .map(|(k, id)| (*k, *id))
         .collect();
-    let retired_services: Vec<(ServiceKey, u32)> = now
+    let retired_services: Vec<(SvcKey, u32)> = now
         .services
         .iter()
         .filter(|(k, _)| !wanted.contains(k))
@@ -334,10 +408,15 @@ pub fn plan(
                 }
             };
             let admission = admit(svc, b);
+            let (raw, addr6) = match addr {
+                BackendAddr::V4(a) => (a, None),
+                BackendAddr::V6(a) => (bid, Some(a)),
+            };
             let slot = backends.entry(bid).or_insert(BackendPlan {
                 id: bid,
                 service_id: id,
-                addr,
+                addr: raw,
+                addr6,
                 port,
                 flags: BACKEND_F_IN_USE,
                 tunnel: svc.forwarding.is_tunnel().then_some(TunnelPlan {
@@ -397,9 +476,12 @@ pub fn plan(
         .copied()
         .filter(|id| !backends.contains_key(id))
         .collect();
-    let mut vips = BTreeMap::new();
+    let (mut vips, mut vips6) = (BTreeMap::new(), BTreeMap::new());
     for key in next.services.keys() {
-        *vips.entry(key.vip).or_default() += 1;
+        match key {
+            SvcKey::V4(key) => *vips.entry(key.vip).or_default() += 1,
+            SvcKey::V6(key) => *vips6.entry(key.vip).or_default() += 1,
+        }
     }
     Ok(Plan {
         services,
@@ -408,15 +490,9 @@ pub fn plan(
         retired_backends,
         purge,
         vips,
+        vips6,
         next,
     })
-}
-
-fn ipv6(svc: &config::Service, address: SocketAddr) -> PlanError {
-    PlanError::Ipv6 {
-        service: svc.name.clone(),
-        address,
-    }
 }
 
 /// Who new flows may go to: the group in use (the non-backup backends, or
@@ -429,7 +505,7 @@ struct Members {
 
 fn ring_members(
     svc: &config::Service,
-    endpoints: &[(u32, u16)],
+    endpoints: &[(BackendAddr, u16)],
     ids: &[(String, u32)],
     admissions: &[Admission],
 ) -> Members {
@@ -443,7 +519,7 @@ fn ring_members(
                 b.backup == backup && b.weight > 0 && (a.in_rotation || !serving_only)
             })
             .map(|(((b, &(addr, port)), (_, id)), _)| Member {
-                addr: u32::from_be(addr),
+                addr: maglev_name(addr),
                 port: u16::from_be(port),
                 id: *id,
                 weight: b.weight,
@@ -460,6 +536,17 @@ fn ring_members(
     Members {
         configured: pick(false, false),
         serving,
+    }
+}
+
+/// The address a Maglev member's permutation is seeded with: an IPv4
+/// backend's (host order), an IPv6 backend's folded to 32 bits.
+fn maglev_name(addr: BackendAddr) -> u32 {
+    match addr {
+        BackendAddr::V4(a) => u32::from_be(a),
+        BackendAddr::V6(a) => a
+            .iter()
+            .fold(0, |acc, w| acc.rotate_left(8) ^ u32::from_be(*w)),
     }
 }
 
@@ -834,30 +921,60 @@ mod tests {
     }
 
     #[test]
-    fn the_ipv4_maps_refuse_an_ipv6_service_whole() {
-        let now = apply(&Ids::default(), &config(vec![service("www", 10, [1, 2])]));
+    fn ipv6_services_share_the_id_space_and_keep_their_ids() {
         let mut v6 = service("v6", 20, []);
         v6.vip = "[2001:db8:18::10]:80".parse().expect("vip");
-        let refused = plan(
-            &now.next,
-            &config(vec![service("www", 10, [1, 2]), v6]),
-            &serving,
-            &[],
-        );
+        for n in [11u8, 12] {
+            let mut b = backend(u32::from(n));
+            b.address = format!("[2001:db8:19::{n}]:8080").parse().expect("backend");
+            v6.backends.push(b);
+        }
+        let cfg = config(vec![service("www", 10, [1, 2]), v6.clone()]);
+        let first = apply(&Ids::default(), &cfg);
+        let (www, six) = (&first.services[0], &first.services[1]);
+        assert!(matches!(www.key, SvcKey::V4(_)));
+        let SvcKey::V6(key) = six.key else {
+            panic!("an IPv6 service's key is a ServiceKey6: {:?}", six.key)
+        };
         assert_eq!(
-            refused,
-            Err(PlanError::Ipv6 {
-                service: "v6".into(),
-                address: "[2001:db8:18::10]:80".parse().expect("vip"),
-            })
+            key.vip,
+            addr_of(
+                "2001:db8:18::10"
+                    .parse::<std::net::Ipv6Addr>()
+                    .expect("ip")
+                    .octets()
+            )
         );
-        // A backend of the other family (only a hand-built config has one).
-        let mut mixed = service("www", 10, [1]);
-        mixed.backends[0].address = "[2001:db8:19::11]:80".parse().expect("backend");
-        let refused = plan(&now.next, &config(vec![mixed]), &serving, &[]);
-        assert!(
-            matches!(&refused, Err(PlanError::Ipv6 { service, .. }) if service == "www"),
-            "{refused:?}"
-        );
+        assert_eq!(key.port, 80u16.to_be());
+        assert_ne!(www.id, six.id, "one id space: distinct service ids");
+        // Its backends: ids apart from IPv4's, BACKENDS' addr naming their
+        // own BACKENDS6 slot, the address in `addr6`, the port raw.
+        let ids6 = ids_of(&first, 1);
+        assert!(ids6.iter().all(|id| !ids_of(&first, 0).contains(id)));
+        for (n, id) in [11u8, 12].into_iter().zip(&ids6) {
+            let b = first
+                .backends
+                .iter()
+                .find(|b| b.id == *id)
+                .expect("planned");
+            assert_eq!(b.addr, *id);
+            let ip: std::net::Ipv6Addr = format!("2001:db8:19::{n}").parse().expect("ip");
+            assert_eq!(b.addr6, Some(addr_of(ip.octets())));
+            assert_eq!(b.port, 8080u16.to_be());
+        }
+        assert_eq!(first.vips6.get(&key.vip), Some(&1));
+        assert_eq!(first.vips.len(), 1, "IPv4's VIPS holds IPv4 VIPs only");
+        // NAT: its endpoints are IPv6's, not IPv4's.
+        assert_eq!(first.nat_endpoints6().len(), 2);
+        assert_eq!(first.nat_endpoints().len(), 2, "www's two");
+        // A second apply keeps every id.
+        let again = apply(&first.next, &cfg);
+        assert_eq!(again.services[1].id, six.id);
+        assert_eq!(ids_of(&again, 1), ids6);
+        // Removed: its key and backends retire like IPv4's.
+        let gone = apply(&again.next, &config(vec![service("www", 10, [1, 2])]));
+        assert_eq!(gone.retired_services, vec![(six.key, six.id)]);
+        assert_eq!(gone.retired_backends.len(), 2);
+        assert!(gone.vips6.is_empty());
     }
 }

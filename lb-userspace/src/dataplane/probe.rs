@@ -13,6 +13,7 @@ use super::{
     Dataplane, DataplaneError, Result,
     keys::{raw_endpoint, service_key},
     load::program_mut,
+    plan::{BackendAddr, SvcKey},
 };
 use crate::config::Config;
 
@@ -57,7 +58,7 @@ impl Dataplane {
                 let SocketAddr::V4(vip) = s.vip else {
                     return None;
                 };
-                let id = *self.ids.services.get(&service_key(s)?)?;
+                let id = *self.ids.services.get(&SvcKey::V4(service_key(s)?))?;
                 let backends = s
                     .backends
                     .iter()
@@ -66,7 +67,10 @@ impl Dataplane {
                             return None;
                         };
                         let (addr, port) = raw_endpoint(address);
-                        Some((address, *self.ids.backends.get(&(id, addr, port))?))
+                        Some((
+                            address,
+                            *self.ids.backends.get(&(id, BackendAddr::V4(addr), port))?,
+                        ))
                     })
                     .collect();
                 Some((s.name.clone(), ServiceRoute { id, vip, backends }))

@@ -245,6 +245,10 @@ impl Dataplane {
             Array::try_from(map(MapName::BACKENDS)?).map_err(err(MapName::BACKENDS))?;
         let mut members = BTreeSet::new();
         for (key, id) in &self.ids.services {
+            // IPv4's rings: an IPv6 service's backends start as checked.
+            let super::plan::SvcKey::V4(key) = key else {
+                continue;
+            };
             let half = self.ids.active_half.get(id).copied().unwrap_or(0);
             let ring = rings
                 .get(&Ring::slot(*id, half), 0)

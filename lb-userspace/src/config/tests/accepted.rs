@@ -1022,3 +1022,26 @@ fn tunnel_services_take_the_tunnel_settings_and_survive_a_live_check() {
     // Both are written live with the backends: no restart.
     assert!(!config.dataplane.needs_restart_from(&defaults.dataplane));
 }
+
+#[test]
+fn ipv6_nat_and_dsr_services_are_accepted() {
+    for (forwarding, port) in [("nat", 8080), ("dsr", 80)] {
+        let text = one_service(
+            &format!("forwarding = \"{forwarding}\""),
+            &format!(
+                "{{ address = \"[2001:db8:19::11]:{port}\" }}, {{ address = \"[2001:db8:19::12]:{port}\" }}"
+            ),
+        )
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8:18::10]:80\"");
+        let cfg = parse_ok(&text);
+        let www = &cfg.services[0];
+        assert_eq!(
+            www.vip,
+            "[2001:db8:18::10]:80"
+                .parse::<std::net::SocketAddr>()
+                .expect("vip"),
+            "{forwarding}"
+        );
+        assert_eq!(www.backends.len(), 2, "{forwarding}");
+    }
+}

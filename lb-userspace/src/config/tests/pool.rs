@@ -102,7 +102,7 @@ fn pool_rejections_name_the_key() {
                 .replace("198.19.1.22:3306", "[2001:db8:19:1::22]:3306")
                 .replace("198.19.1.23:3306", "[2001:db8:19:1::23]:3306"),
             "pool[0].write-vip",
-            "[2001:db8:18::20]:3306 is an IPv6 VIP: the data plane does not balance IPv6 yet",
+            "[2001:db8:18::20]:3306 is an IPv6 VIP: database pools are balanced over IPv4 only so far",
         ),
         (
             pool("")
