@@ -121,7 +121,7 @@ pub fn explain(
 ) -> String {
     let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
     let Some(key) = query.key() else {
-        return not_balanced_yet(&flow, vip_services);
+        return ipv6_not_explained_yet(&flow, vip_services);
     };
     let mut out = String::new();
     let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
@@ -244,14 +244,14 @@ pub fn explain(
     out
 }
 
-/// An IPv6 flow's answer while the data plane has no IPv6 services: the
-/// config (`vip_services`: its services on the VIP's address) cannot hold
-/// one, and IPv6 to a VIP reaches the kernel.
-fn not_balanced_yet(flow: &str, vip_services: &[String]) -> String {
+/// An IPv6 flow's answer: the data plane balances IPv6 NAT and DSR services
+/// in IPv6 stages of their own (`lb_v6`, `lb_v6_setup`) with their own
+/// maps and flow tables, which `lb explain` does not read yet; it names
+/// the services configured on the VIP's address (`vip_services`).
+fn ipv6_not_explained_yet(flow: &str, vip_services: &[String]) -> String {
     format!(
-        "{flow}: IPv6 services are not balanced yet (issue 24): the data plane passes IPv6 \
-         packets to the kernel (pass_not_ours; pass_no_service for an address in VIPS6), \
-         and the config rejects an IPv6 service ({})\n",
+        "{flow}: lb explain does not read IPv6's maps and flow tables yet (issue 24); \
+         the data plane balances IPv6 NAT and DSR services ({})\n",
         if vip_services.is_empty() {
             "none is configured on this address".to_string()
         } else {

@@ -400,7 +400,7 @@ fn an_ipv6_flow_parses_and_is_answered_honestly() {
     let text = explain(&q, &facts, None, &[]);
     assert!(
         text.starts_with(
-            "[2001:db8::2]:41234 → [2001:db8::10]:80/tcp: IPv6 services are not balanced yet"
+            "[2001:db8::2]:41234 → [2001:db8::10]:80/tcp: lb explain does not read IPv6's maps"
         ),
         "{text}"
     );
