@@ -367,6 +367,9 @@ pub(super) enum NsMethod {
     Calls(usize),
     /// This many calls, each a new flow, repeat=1.
     DistinctFlows(usize),
+    /// This many calls of one frame, repeat=1, in each of `rounds` rounds
+    /// that measure every program of issue 26's rows in turn.
+    Paired { calls: usize, rounds: usize },
 }
 
 impl fmt::Display for NsMethod {
@@ -375,6 +378,10 @@ impl fmt::Display for NsMethod {
             NsMethod::Repeat(n) => write!(f, "repeat={n}"),
             NsMethod::Calls(n) => write!(f, "{n} calls, repeat=1"),
             NsMethod::DistinctFlows(n) => write!(f, "{n} distinct flows, repeat=1"),
+            NsMethod::Paired { calls, rounds } => write!(
+                f,
+                "{calls} calls, repeat=1, paired: {rounds} rounds over the tunnel rows"
+            ),
         }
     }
 }
@@ -778,8 +785,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
         });
     }
     ns_rows.extend(super::proxy::proxy_rows(lbin, calls, reps)?);
-    ns_rows.extend(encap_floor_rows(ebpf, lbin, &est_calls, reps)?);
-    ns_rows.extend(tunnel_rows(lbin, &est, &est_calls, reps)?);
+    ns_rows.extend(tunnel_rows(ebpf, lbin, &est, &est_calls, reps)?);
     ns_rows.extend(cold_rows(lbin, calls, reps)?);
     ns_rows.extend(trace_rows(lbin, repeat, reps)?);
     ns_rows.extend(capture_rows(lbin, repeat, reps)?);
@@ -787,41 +793,124 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
     Ok(ns_rows)
 }
 
-/// The tunnel modes' established flow (issue 26), one call each, set up
-/// as DSR's row (100 backends, the product's default tables). One call
-/// each only: a repeated run would see its own output, the frame wrapped
-/// for the backend, as its next input.
+/// Rounds of issue 26's paired measurement per repetition asked.
+const TUNNEL_ROUNDS_PER_REP: usize = 7;
+
+/// One program of issue 26's paired rounds.
+enum Paired {
+    /// `lb`'s established flow in this mode (its own data plane).
+    Lb(Forwarding),
+    /// A program of the bench object (`xdp_pass`, `bare_fwd`, `ipip_fwd`,
+    /// `gue_fwd`).
+    Tool(NsProgram, &'static str, u32),
+}
+
+/// Issue 26's rows, measured paired: `lb`'s established flow in DSR, IPIP
+/// and GUE (each its own data plane, 100 backends, the product's default
+/// tables) and the floor programs (`xdp_pass`, `bare_fwd`, `ipip_fwd`,
+/// `gue_fwd`), one call each (a repeated run would see its own output,
+/// the frame wrapped for the backend, as its next input). Every round
+/// measures every program, in an order that rotates round by round, on
+/// one CPU. Rows measured minutes apart moved by more than the target's
+/// 15 % between runs of one build (DSR's row and the tunnels' did, in
+/// both directions: docs/benchmarks-analysis.md); within a round, what the
+/// machine does to one program it does to the others.
 fn tunnel_rows(
+    ebpf: &mut Ebpf,
     lbin: u32,
     est: &[Vec<u8>],
     est_calls: &[Vec<u8>],
     reps: usize,
 ) -> anyhow::Result<Vec<NsRow>> {
-    let mut rows = Vec::new();
-    for mode in [Forwarding::Ipip, Forwarding::Gue] {
+    let modes = [Forwarding::Dsr, Forwarding::Ipip, Forwarding::Gue];
+    let mut planes = Vec::new();
+    for mode in modes {
         let mut dp = Dataplane::load(TableSizes {
             conntrack: DEFAULT_CONNTRACK_SIZE,
             half_open: DEFAULT_HALF_OPEN_SIZE,
         })?;
         dp.apply(&lb_config(mode, 100)?)?;
-        let prog = dp.program()?;
         // Establish the flow once.
-        ns_per_packet(prog, est, lbin, 1, Some(XDP_REDIRECT))?;
-        let mut est_ns = Vec::new();
-        for _ in 0..reps {
-            est_ns.push(ns_per_packet(prog, est_calls, lbin, 1, Some(XDP_REDIRECT))?);
-        }
-        rows.push(NsRow {
-            program: NsProgram::Lb {
-                mode,
-                backends: 100,
-                flow: FlowState::Established,
-            },
-            method: NsMethod::Calls(est_calls.len()),
-            ns: Stat::of(&est_ns),
-        });
+        ns_per_packet(dp.program()?, est, lbin, 1, Some(XDP_REDIRECT))?;
+        planes.push(dp);
     }
-    Ok(rows)
+    let mut programs: Vec<Paired> = modes.into_iter().map(Paired::Lb).collect();
+    programs.extend([
+        Paired::Tool(NsProgram::XdpPass, "xdp_pass", XDP_PASS),
+        Paired::Tool(NsProgram::BareFwd, "bare_fwd", XDP_REDIRECT),
+        Paired::Tool(
+            NsProgram::EncapFloor(Forwarding::Ipip),
+            encap_floor_name(Forwarding::Ipip),
+            XDP_REDIRECT,
+        ),
+        Paired::Tool(
+            NsProgram::EncapFloor(Forwarding::Gue),
+            encap_floor_name(Forwarding::Gue),
+            XDP_REDIRECT,
+        ),
+    ]);
+    let rounds = reps.max(1) * TUNNEL_ROUNDS_PER_REP;
+    let mut ns: Vec<Vec<f64>> = programs.iter().map(|_| Vec::new()).collect();
+    let _pinned = PinnedToOneCpu::new()?;
+    for round in 0..rounds {
+        for k in 0..programs.len() {
+            let i = (round + k) % programs.len();
+            let one = match &programs[i] {
+                Paired::Lb(_) => {
+                    ns_per_packet(planes[i].program()?, est_calls, lbin, 1, Some(XDP_REDIRECT))?
+                }
+                Paired::Tool(_, name, action) => {
+                    let prog = xdp::xdp_program(ebpf, name)?;
+                    ns_per_packet(prog, est_calls, lbin, 1, Some(*action))?
+                }
+            };
+            ns[i].push(one);
+        }
+    }
+    let method = NsMethod::Paired {
+        calls: est_calls.len(),
+        rounds,
+    };
+    Ok(programs
+        .iter()
+        .zip(ns)
+        .map(|(p, ns)| NsRow {
+            program: match p {
+                Paired::Lb(mode) => NsProgram::Lb {
+                    mode: *mode,
+                    backends: 100,
+                    flow: FlowState::Established,
+                },
+                Paired::Tool(program, ..) => *program,
+            },
+            method,
+            ns: Stat::of(&ns),
+        })
+        .collect())
+}
+
+/// The calling thread pinned to the last CPU until dropped, then given its
+/// CPUs back.
+struct PinnedToOneCpu {
+    before: rustix::thread::CpuSet,
+}
+
+impl PinnedToOneCpu {
+    fn new() -> anyhow::Result<Self> {
+        let before = rustix::thread::sched_getaffinity(None)
+            .map_err(std::io::Error::from)
+            .context("sched_getaffinity")?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        pktgen::pin_to_cpu(cpus - 1)?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for PinnedToOneCpu {
+    fn drop(&mut self) {
+        // Best effort: the rows after it run on whichever CPU they get.
+        let _ = rustix::thread::sched_setaffinity(None, &self.before);
+    }
 }
 
 /// The `lb-bench` program of a tunnel mode's floor row.
@@ -840,35 +929,6 @@ fn encap_floor_overhead(mode: Forwarding) -> u16 {
     } else {
         lb_common::tunnel::IPIP_OVERHEAD
     }
-}
-
-/// Issue 26's floor: `ipip_fwd` and `gue_fwd`, one call each as the tunnel
-/// rows (a repeated run would wrap its own output again), alternating per
-/// repetition; less `bare_fwd`'s row, what encapsulating costs by itself.
-/// The forwarding section set `FWD_CONF`.
-fn encap_floor_rows(
-    ebpf: &mut Ebpf,
-    lbin: u32,
-    est_calls: &[Vec<u8>],
-    reps: usize,
-) -> anyhow::Result<Vec<NsRow>> {
-    let modes = [Forwarding::Ipip, Forwarding::Gue];
-    let mut ns = [Vec::new(), Vec::new()];
-    for _ in 0..reps {
-        for (mode, ns) in modes.iter().zip(ns.iter_mut()) {
-            let prog = xdp::xdp_program(ebpf, encap_floor_name(*mode))?;
-            ns.push(ns_per_packet(prog, est_calls, lbin, 1, Some(XDP_REDIRECT))?);
-        }
-    }
-    Ok(modes
-        .into_iter()
-        .zip(ns)
-        .map(|(mode, ns)| NsRow {
-            program: NsProgram::EncapFloor(mode),
-            method: NsMethod::Calls(est_calls.len()),
-            ns: Stat::of(&ns),
-        })
-        .collect())
 }
 
 /// Established flows in the cold-cache rows (issue 23): tables far larger

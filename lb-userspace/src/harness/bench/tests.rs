@@ -593,3 +593,46 @@ fn the_tunnel_target_names_the_encapsulation_floor() {
         "{gue}"
     );
 }
+
+/// With paired rounds in the run, issue 26's target is judged on them, not
+/// on the rows measured apart.
+#[test]
+fn the_tunnel_target_is_judged_on_the_paired_rounds_when_there_are_some() {
+    let row = |program, method, median| NsRow {
+        program,
+        method,
+        ns: st(median, median, median),
+    };
+    let lb = |mode| NsProgram::Lb {
+        mode,
+        backends: 100,
+        flow: FlowState::Established,
+    };
+    let apart = NsMethod::Calls(2000);
+    let paired = NsMethod::Paired {
+        calls: 2000,
+        rounds: 21,
+    };
+    let ns = vec![
+        row(NsProgram::XdpPass, apart, 117.0),
+        row(lb(Forwarding::Dsr), apart, 190.0),
+        row(lb(Forwarding::Ipip), apart, 300.0),
+        row(lb(Forwarding::Dsr), paired, 250.0),
+        row(lb(Forwarding::Ipip), paired, 280.0),
+        row(lb(Forwarding::Gue), paired, 300.0),
+        row(NsProgram::XdpPass, paired, 120.0),
+    ];
+    let text = targets(&[], &ns, &Err("not run".into()), &[]);
+    let find = |mode: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("one call each, {mode} within 15 % of DSR")))
+            .unwrap_or_else(|| panic!("no {mode} target row in {text}"))
+            .to_string()
+    };
+    let ipip = find("Ipip");
+    assert!(
+        ipip.contains("met: +12 % (paired rounds, medians: 280.0 vs 250.0 ns; net of `xdp_pass` 160.0 vs 130.0 ns)"),
+        "{ipip}"
+    );
+    assert!(find("Gue").contains("**missed**: +20 %"), "{text}");
+}
