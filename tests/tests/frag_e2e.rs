@@ -135,7 +135,8 @@ fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
                     "corrupted download"
                 );
                 Ok(r.body.len())
-            })??;
+            })?
+            .map_err(|e| e.context(download_state(lab)))?;
             lab.exec_ok(&lb, &["ip", "link", "set", "lb-front", "mtu", "1500"])?;
             ensure!(got == 300_000, "downloaded {got} bytes");
             let client_addr = CLIENT_FRONT.to_string();
@@ -150,4 +151,37 @@ fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// What the LB and the webs knew when a download through the lowered
+/// front MTU stalled: the LB's verdicts, and each web's sockets toward the
+/// client (send queue, mss/pmtu, retransmissions) and its route to it (a
+/// learnt path MTU shows there), so a failure says where it stalled.
+fn download_state(lab: &Lab) -> String {
+    let mut out = match status(lab) {
+        Ok(st) => format!("LB verdicts: {:?}\n", st.verdicts),
+        Err(e) => format!("LB status: {e:#}\n"),
+    };
+    let client = CLIENT_FRONT.to_string();
+    for n in 1..=3 {
+        let web = lab.web_ns(n);
+        for args in [
+            &["ss", "-tni", "state", "established"][..],
+            &["ip", "route", "get", client.as_str()][..],
+            &[
+                "nstat",
+                "-asz",
+                "TcpExtTCPLossProbes",
+                "TcpRetransSegs",
+                "IcmpInDestUnreachs",
+            ][..],
+        ] {
+            let text = lab
+                .exec(&web, args)
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("{e:#}"));
+            out.push_str(&format!("web{n} $ {}\n{text}\n", args.join(" ")));
+        }
+    }
+    out
 }
