@@ -126,7 +126,10 @@ fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
             lab.exec_ok(&lb, &["ip", "link", "set", "lb-front", "mtu", "1400"])?;
             let got = in_netns(&client, || -> Result<usize> {
                 let mut conn = HttpConn::connect(vip_http())?;
-                let r = conn.get("/bytes/300000")?;
+                // The state is read while the stalled connection is open.
+                let r = conn
+                    .get("/bytes/300000")
+                    .map_err(|e| e.context(download_state(lab)))?;
                 ensure!(
                     r.body
                         .iter()
@@ -135,8 +138,7 @@ fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
                     "corrupted download"
                 );
                 Ok(r.body.len())
-            })?
-            .map_err(|e| e.context(download_state(lab)))?;
+            })??;
             lab.exec_ok(&lb, &["ip", "link", "set", "lb-front", "mtu", "1500"])?;
             ensure!(got == 300_000, "downloaded {got} bytes");
             let client_addr = CLIENT_FRONT.to_string();
@@ -153,20 +155,22 @@ fn path_mtu_discovery_works_through_the_lb() -> Result<()> {
     })
 }
 
-/// What the LB and the webs knew when a download through the lowered
-/// front MTU stalled: the LB's verdicts, and each web's sockets toward the
-/// client (send queue, mss/pmtu, retransmissions) and its route to it (a
-/// learnt path MTU shows there), so a failure says where it stalled.
+/// What the LB, the client and the webs knew when a download through the
+/// lowered front MTU stalled: the LB's verdicts, and each host's TCP
+/// sockets (queues, mss/pmtu, retransmissions, backoff), its route to the
+/// client (a learnt path MTU shows there) and its counters, so a failure
+/// says where it stalled.
 fn download_state(lab: &Lab) -> String {
     let mut out = match status(lab) {
         Ok(st) => format!("LB verdicts: {:?}\n", st.verdicts),
         Err(e) => format!("LB status: {e:#}\n"),
     };
     let client = CLIENT_FRONT.to_string();
-    for n in 1..=3 {
-        let web = lab.web_ns(n);
+    let mut hosts: Vec<(String, String)> = vec![("client".into(), lab.client_ns())];
+    hosts.extend((1..=3).map(|n| (format!("web{n}"), lab.web_ns(n))));
+    for (name, ns) in hosts {
         for args in [
-            &["ss", "-tni", "state", "established"][..],
+            &["ss", "-tnioa"][..],
             &["ip", "route", "get", client.as_str()][..],
             &[
                 "nstat",
@@ -177,10 +181,10 @@ fn download_state(lab: &Lab) -> String {
             ][..],
         ] {
             let text = lab
-                .exec(&web, args)
+                .exec(&ns, args)
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_else(|e| format!("{e:#}"));
-            out.push_str(&format!("web{n} $ {}\n{text}\n", args.join(" ")));
+            out.push_str(&format!("{name} $ {}\n{text}\n", args.join(" ")));
         }
     }
     out
