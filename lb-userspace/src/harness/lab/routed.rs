@@ -149,35 +149,43 @@ impl Lab {
     }
 
     /// A native XDP program on the client's `eth0`, the peer of the LB's
-    /// `lb-front`. The frames the LB sends back out of `lb-front` with
-    /// XDP_TX (its "fragmentation needed" answers) reach a veth peer at
-    /// once only if the peer runs an XDP program: with GRO alone (which
-    /// `netns::tune_veth` sets) the kernel queues them and wakes the peer
-    /// only when something else is sent on the link, seconds later (seen
-    /// in PMTUD uploads stalling for 15 s on Linux 6.18). The program is
-    /// `lb decap` allowing the LB's tunnel source: it passes every frame
-    /// that is not a tunnel packet from the LB, and none reaches the
-    /// client. Its pins are under [`Lab::decap_pin_dir`], which `lb lab
-    /// down` removes.
+    /// `lb-front`, passing every frame (see [`Lab::run_xdp_on`]), for the
+    /// routed lab's tunnel source.
     pub fn run_xdp_on_client_front(&self) -> anyhow::Result<String> {
+        self.run_xdp_on(&self.client_ns(), "eth0", ROUTED_LB_BACK)
+    }
+
+    /// A native XDP program on `iface` in `ns`, a veth peer of one of the
+    /// LB's interfaces. The frames the LB sends back out of the interface
+    /// they came in by with XDP_TX (its "fragmentation needed" answers)
+    /// reach a veth peer at once only if the peer runs an XDP program: with
+    /// GRO alone (which `netns::tune_veth` sets) the kernel queues them and
+    /// wakes the peer only when something else is sent on the link, seconds
+    /// later (PMTUD uploads stalled 15 s, downloads 3.5–5 s, on Linux
+    /// 6.18: veth's XDP_TX flush kicks the peer's NAPI only when the peer
+    /// has an XDP program). The program is `lb decap` allowing `from`: it
+    /// passes every frame that is not a tunnel packet from `from`, so it
+    /// changes nothing else. Its pins are under [`Lab::decap_pin_dir`],
+    /// which `lb lab down` removes.
+    pub fn run_xdp_on(&self, ns: &str, iface: &str, from: Ipv4Addr) -> anyhow::Result<String> {
         let bin = self.lb_bin.display().to_string();
-        let (ns, pins) = (self.client_ns(), self.decap_pin_dir().display().to_string());
-        let from = ROUTED_LB_BACK.to_string();
+        let pins = self.decap_pin_dir().display().to_string();
+        let from = from.to_string();
         netns::run(
             &bin,
             &[
                 "decap",
                 "attach",
-                "eth0",
+                iface,
                 "--from",
                 &from,
                 "--netns",
-                &ns,
+                ns,
                 "--pin-dir",
                 &pins,
             ],
         )
-        .context("attaching an XDP program to the client's eth0")
+        .with_context(|| format!("attaching an XDP program to {iface} in {ns}"))
     }
 
     /// `lb decap status eth0` on web `n`, as it prints it.
