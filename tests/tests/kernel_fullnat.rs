@@ -663,7 +663,11 @@ fn quarantined_config(quarantine: Duration) -> Config {
     let mut cfg = config(&[SOURCE], (5000, 5000));
     cfg.dataplane.full_nat.quarantine = quarantine;
     cfg.services.retain(|s| s.name != "fnat-udp");
-    let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+    let fnat = cfg
+        .services
+        .iter_mut()
+        .find(|s| s.name == "fnat")
+        .expect("the fnat service");
     fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
     cfg
 }

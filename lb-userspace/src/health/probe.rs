@@ -62,9 +62,8 @@ pub async fn probe(
 
 /// [`probe`] from `source`: the probe's socket is bound to that address
 /// (full NAT's source address, so a backend that admits only the LB's
-/// translated flows admits its probes too) for TCP, HTTP, UDP, DNS and TLS
-/// checks; `None`, and MySQL checks: the kernel's choice (the route's
-/// preferred source).
+/// translated flows admits its probes too) for every kind of check;
+/// `None`: the kernel's choice (the route's preferred source).
 pub async fn probe_from(
     address: impl Into<SocketAddr>,
     source: Option<IpAddr>,
@@ -73,7 +72,7 @@ pub async fn probe_from(
 ) -> Result<(), ProbeError> {
     let address = address.into();
     if let CheckKind::Mysql(login) = check {
-        return super::mysql::probe(address, login, timeout).await;
+        return super::mysql::probe_from(address, source, login, timeout).await;
     }
     if let CheckKind::Udp(udp) = check {
         return super::udp::probe(address, source, udp, timeout).await;
