@@ -528,10 +528,10 @@ fn fail_lb1_under_load(ha: &Ha) -> Result<()> {
     // no failure at all; about one in seven, on the loaded test machine,
     // sees 1 (at most 5) of ~170 connects time out through lb2. The
     // quarantine of freed ports (`source-port-quarantine`: a web's
-    // TIME_WAIT on a reused tuple, suspected first) did not change it (2 of
-    // 12 runs with it); in both failing runs web1 was left with one
-    // SYN-RECV socket from lb2's source address, and in one the client sent
-    // no reset: the web saw the SYN and answered, and its SYN-ACK never
+    // TIME_WAIT on a reused tuple, suspected first) did not change it (3 of
+    // 18 runs with it); every failing run left the web with one SYN-RECV
+    // socket from lb2's source address, and in two the client sent no
+    // reset: the web saw the SYN and answered, and its SYN-ACK never
     // reached the client (report of k25-alloc). So the bound stays a share,
     // printed in full when exceeded.
     let after_route: Vec<&Attempt> = attempts
