@@ -14,7 +14,7 @@ use crate::{
     hash::{mix, seeded_flow_hash},
     headers::{Ipv4Hdr, L4Ports},
     icmp,
-    maps::{FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf},
+    maps::{CLAIM_HELD, FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf},
     rewrite::{rewrite_destination, rewrite_source},
 };
 
@@ -55,7 +55,7 @@ pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32,
     let count = if conf.count as usize > FNAT_MAX_SOURCES {
         FNAT_MAX_SOURCES as u32
     } else {
-        conf.count
+        conf.count as u32
     };
     let span = span(conf);
     if count == 0 || span == 0 {
@@ -85,15 +85,29 @@ pub const fn reply_tuple(backend: (u32, u16), source: (u32, u16), protocol: u8) 
     }
 }
 
-/// May a claim found in the way be taken over? Only if its flow is in
-/// neither flow table (`flow_present`: its half-open slot was taken by a
-/// new flow, or it ended without its claim being removed) and it was not
-/// made in this very tick (a claim is inserted just before its flow's
-/// half-open slot is written: a claim of this tick may not have its slot
-/// yet).
+/// May a claim found in the way be taken over? A held one only if its
+/// flow is in neither flow table (`flow_present`: its half-open slot was
+/// taken by a new flow, or it ended without its claim being removed) and
+/// it was not made in this very tick (a claim is inserted just before its
+/// flow's half-open slot is written: a claim of this tick may not have its
+/// slot yet). A freed one (its flow ended) only once more than
+/// `quarantine` ticks have passed since it was freed, so the port is
+/// never given back toward its backend within the quarantine.
 #[inline(always)]
-pub const fn reclaimable(claim: &FnatClaim, now: u32, flow_present: bool) -> bool {
+pub const fn reclaimable(claim: &FnatClaim, now: u32, flow_present: bool, quarantine: u16) -> bool {
+    if claim.freed != CLAIM_HELD {
+        return out_of_quarantine(claim.claimed, now, quarantine);
+    }
     !flow_present && claim.claimed != now
+}
+
+/// Has a tuple freed at tick `freed` served its quarantine by `now`? More
+/// than `quarantine` whole ticks later (a tick is entered anywhere within
+/// it), never in the tick it was freed.
+#[inline(always)]
+pub const fn out_of_quarantine(freed: u32, now: u32, quarantine: u16) -> bool {
+    let since = now.wrapping_sub(freed);
+    since > quarantine as u32 && since < u32::MAX / 2
 }
 
 /// May a packet to port `dport` (network order) be a full-NAT reply, so
@@ -185,7 +199,7 @@ mod tests {
 
     fn conf(addrs: &[u32], lo: u16, hi: u16) -> FnatConf {
         let mut c = FnatConf {
-            count: addrs.len() as u32,
+            count: addrs.len() as u16,
             port_lo: lo,
             port_hi: hi,
             ..FnatConf::default()
@@ -323,14 +337,45 @@ mod tests {
         let claim = FnatClaim {
             forward: key(1, 2),
             claimed: 10,
-            _pad: 0,
+            freed: CLAIM_HELD,
         };
-        assert!(reclaimable(&claim, 11, false));
-        assert!(!reclaimable(&claim, 11, true), "its flow is still there");
+        assert!(reclaimable(&claim, 11, false, 56));
         assert!(
-            !reclaimable(&claim, 10, false),
+            !reclaimable(&claim, 11, true, 56),
+            "its flow is still there"
+        );
+        assert!(
+            !reclaimable(&claim, 10, false, 56),
             "claimed this tick: its slot may not be written yet"
         );
+    }
+
+    #[test]
+    fn a_freed_claim_is_reclaimable_only_past_its_quarantine() {
+        let freed = FnatClaim {
+            forward: key(1, 2),
+            claimed: 100,
+            freed: crate::maps::CLAIM_FREED,
+        };
+        // 56 ticks (60 s): not within them, whatever the flow tables say.
+        for now in [100, 101, 140, 156] {
+            assert!(!reclaimable(&freed, now, false, 56), "{now}");
+        }
+        assert!(reclaimable(&freed, 157, false, 56));
+        assert!(reclaimable(&freed, 157, true, 56), "its flow ended");
+        // No quarantine: from the next tick on, never the tick it was freed.
+        assert!(!reclaimable(&freed, 100, false, 0));
+        assert!(reclaimable(&freed, 101, false, 0));
+        // Across the tick counter's wrap.
+        let late = FnatClaim {
+            claimed: u32::MAX - 3,
+            ..freed
+        };
+        assert!(!reclaimable(&late, 50, false, 56));
+        assert!(reclaimable(&late, 60, false, 56));
+        // A clock read behind the freeing CPU's (a tick earlier) is not
+        // "four billion ticks later".
+        assert!(!out_of_quarantine(100, 99, 56));
     }
 
     #[test]

@@ -515,7 +515,12 @@ pub const FNAT_REPLIES_SIZE: u32 = 262_144;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FnatConf {
     /// Addresses in `addrs` (at most [`FNAT_MAX_SOURCES`]).
-    pub count: u32,
+    pub count: u16,
+    /// Ticks a port freed by an established flow stays out of the pool
+    /// toward its backend (`[dataplane] source-port-quarantine`; 0: none):
+    /// the backend may hold the old connection in TIME_WAIT that long, and
+    /// would answer a new SYN on the same tuple with an ACK of the old one.
+    pub quarantine: u16,
     /// The allocated ports' range, inclusive, host order.
     pub port_lo: u16,
     pub port_hi: u16,
@@ -527,16 +532,26 @@ pub struct FnatConf {
 /// arrives (backend → source address:port): the flow's forward key and the
 /// tick the (source address, port) toward that backend was claimed. The
 /// entry *is* the claim: it is inserted with `BPF_NOEXIST`, so one tuple
-/// is never given to two flows.
+/// is never given to two flows. Once an established flow ended, the entry
+/// stays as its tuple's quarantine (`freed`), from the tick it ended.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FnatClaim {
     pub forward: FlowKey,
-    /// When claimed (ticks); a stale claim is taken over by a
-    /// compare-and-swap of this word (`fullnat::reclaimable`).
+    /// When claimed, or when freed (ticks); a stale claim, or one out of
+    /// its quarantine, is taken over by a compare-and-swap of this word
+    /// (`fullnat::reclaimable`).
     pub claimed: u32,
-    pub _pad: u32,
+    /// [`CLAIM_HELD`] or [`CLAIM_FREED`].
+    pub freed: u32,
 }
+
+/// [`FnatClaim::freed`]: the claim's flow holds the tuple.
+pub const CLAIM_HELD: u32 = 0;
+/// [`FnatClaim::freed`]: the flow ended (established, then closed or
+/// expired); the tuple is in quarantine from `claimed` for
+/// [`FnatConf::quarantine`] ticks, and its replies find no flow.
+pub const CLAIM_FREED: u32 = 1;
 
 impl FlowKey {
     /// The key of a packet with these IPv4 and TCP/UDP port headers, as it

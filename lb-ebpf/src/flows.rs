@@ -647,7 +647,7 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
         if let Some(conf) = conf()
             && let Some(claimed) = clear_slot(conf, &forward)
         {
-            fullnat::release(&forward, &claimed);
+            fullnat::release(&forward, &claimed, false);
         }
         return;
     }
@@ -669,7 +669,7 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
             count_closed(removed.backend_id);
         }
         if let Some(claimed) = removed.claimed {
-            fullnat::release(&forward, &claimed);
+            fullnat::release(&forward, &claimed, true);
         }
         return;
     }

@@ -12,11 +12,11 @@ use aya_ebpf::{
 };
 use core::{
     intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg},
-    ptr::read_volatile,
+    ptr::{read_volatile, write_volatile},
 };
 use lb_common::{
-    FLOW_F_FULL_NAT, FNAT_REPLIES_SIZE, Flow, FlowConf, FlowKey, FnatClaim, FnatConf, NextHop,
-    Verdict,
+    CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_REPLIES_SIZE, Flow, FlowConf, FlowKey,
+    FnatClaim, FnatConf, NextHop, Verdict,
     flow::FORWARD,
     fullnat::{FNAT_TRIES, candidate, flow_seed, may_be_reply, reclaimable, reply_tuple},
 };
@@ -75,7 +75,7 @@ pub(crate) fn create(
     let fresh = FnatClaim {
         forward: *key,
         claimed: now,
-        _pad: 0,
+        freed: CLAIM_HELD,
     };
     let Some(first) = candidate(fnat, hash, 0) else {
         return Err(exhausted);
@@ -92,6 +92,7 @@ pub(crate) fn create(
     let source = match given {
         Some(source) => source,
         None if take_over(
+            fnat,
             flow_conf,
             &reply_tuple(endpoint, first, key.protocol),
             key,
@@ -119,24 +120,34 @@ pub(crate) fn create(
 }
 
 /// Takes `tuple`'s claim for the flow whose forward key is `forward` if
-/// the claim is that flow's own, or stale (`reclaimable`), by a
-/// compare-and-swap of its tick (two CPUs cannot both take it).
+/// the claim is that flow's own, stale, or freed and out of its quarantine
+/// (`reclaimable`), by a compare-and-swap of its tick (two CPUs cannot
+/// both take it).
 #[inline(always)]
-fn take_over(conf: &FlowConf, tuple: &FlowKey, forward: &FlowKey, now: u32) -> bool {
+fn take_over(
+    fnat: &FnatConf,
+    conf: &FlowConf,
+    tuple: &FlowKey,
+    forward: &FlowKey,
+    now: u32,
+) -> bool {
     let Some(held) = FNAT_REPLIES.get_ptr_mut(tuple) else {
         return false;
     };
     // SAFETY: a map value; stays readable while the program runs.
     unsafe {
-        if same_key(&raw const (*held).forward, forward) {
-            return true;
-        }
         let found = FnatClaim {
             forward: copy_key(&raw const (*held).forward),
             claimed: read_volatile(&raw const (*held).claimed),
-            _pad: 0,
+            freed: read_volatile(&raw const (*held).freed),
         };
-        if !reclaimable(&found, now, present(conf, &found.forward)) {
+        let freed = found.freed != CLAIM_HELD;
+        if !freed && same_key(&raw const (*held).forward, forward) {
+            return true;
+        }
+        // A freed claim's flow is gone: the tables are not looked in.
+        let present = !freed && present(conf, &found.forward);
+        if !reclaimable(&found, now, present, fnat.quarantine) {
             return false;
         }
         let (_, won) = atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
@@ -146,6 +157,7 @@ fn take_over(conf: &FlowConf, tuple: &FlowKey, forward: &FlowKey, now: u32) -> b
         );
         if won {
             write_words(&raw mut (*held).forward, forward);
+            write_volatile(&raw mut (*held).freed, CLAIM_HELD);
         }
         won
     }
@@ -173,18 +185,25 @@ pub(crate) fn nat_shaped(key: &mut FlowKey) {
         return;
     };
     // SAFETY: a map value (a claim taken over under us is read stale at
-    // worst: the flow tables' checks then miss).
+    // worst: the flow tables' checks then miss). A freed claim's flow is
+    // gone: its late replies are left as they are, as with no claim.
     unsafe {
+        if read_volatile(&raw const (*held).freed) != CLAIM_HELD {
+            return;
+        }
         key.daddr = read_volatile(&raw const (*held).forward.saddr);
         key.dport = read_volatile(&raw const (*held).forward.sport);
     }
 }
 
 /// A full-NAT flow (`forward`, its forward key) left the flow tables: its
-/// claim (its source address and port toward its backend) goes back to the
-/// pool, if it is still this flow's.
+/// claim (its source address and port toward its backend), if it is still
+/// this flow's, goes back to the pool — at once for a flow that never got
+/// past its half-open slot (`quarantine` false: the backend holds no
+/// connection to wait out), else after the quarantine (`FnatConf`): the
+/// claim stays, freed, from this tick.
 #[inline(always)]
-pub(crate) fn release(forward: &FlowKey, claimed: &Claimed) {
+pub(crate) fn release(forward: &FlowKey, claimed: &Claimed, quarantine: bool) {
     let Some(backend) = BACKENDS.get(claimed.backend_id) else {
         return;
     };
@@ -193,11 +212,31 @@ pub(crate) fn release(forward: &FlowKey, claimed: &Claimed) {
         claimed.source,
         forward.protocol,
     );
-    let Some(held) = FNAT_REPLIES.get_ptr(&tuple) else {
+    let Some(held) = FNAT_REPLIES.get_ptr_mut(&tuple) else {
         return;
     };
-    // SAFETY: a map value.
-    if unsafe { same_key(&raw const (*held).forward, forward) } {
-        let _ = FNAT_REPLIES.remove(&tuple);
+    let quarantine = quarantine && conf().is_some_and(|c| c.quarantine != 0);
+    // SAFETY: a map value. The tick is read before the key: a take-over
+    // changes the tick first, so a claim taken over between the two reads
+    // fails the compare-and-swap below.
+    unsafe {
+        let was = read_volatile(&raw const (*held).claimed);
+        if read_volatile(&raw const (*held).freed) != CLAIM_HELD
+            || !same_key(&raw const (*held).forward, forward)
+        {
+            return;
+        }
+        if !quarantine {
+            let _ = FNAT_REPLIES.remove(&tuple);
+            return;
+        }
+        let (_, won) = atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
+            &raw mut (*held).claimed,
+            was,
+            flows::now(),
+        );
+        if won {
+            write_volatile(&raw mut (*held).freed, CLAIM_FREED);
+        }
     }
 }

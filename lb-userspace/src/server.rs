@@ -199,12 +199,14 @@ async fn with_flows(
         .iter_mut()
         .flat_map(|f| f.sources.iter_mut())
     {
-        source.ports_in_use = source
+        let claims = source
             .address
             .parse()
             .ok()
             .and_then(|a| ports.get(&a).copied())
-            .unwrap_or(0);
+            .unwrap_or_default();
+        source.ports_in_use = claims.in_use;
+        source.quarantined = claims.quarantined;
     }
     let mut active = active.into_iter();
     for (service, ids) in status.services.iter_mut().zip(ids) {

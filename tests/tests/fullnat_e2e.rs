@@ -170,17 +170,13 @@ fn backends_without_a_route_to_the_clients_serve_a_full_nat_service() -> Result<
 /// only source address.
 const SOURCE: &str = "198.19.0.250";
 
-/// Full NAT's claims over every source address (`ports_in_use` in `lb
-/// status --json`) and the flows in the tables over every backend.
+/// Full NAT's held claims over every source address (`ports_in_use` in
+/// `lb status --json`, less those `quarantined`: freed by an ended flow)
+/// and the flows in the tables over every backend.
 fn ports_and_flows(lab: &Lab) -> Result<(u64, u64)> {
     let status = status_json(lab)?;
-    let sources = status["full_nat"]["sources"]
-        .as_array()
-        .with_context(|| format!("no full_nat sources in lb status --json: {status}"))?;
-    let ports = sources
-        .iter()
-        .map(|s| s["ports_in_use"].as_u64().unwrap_or(0))
-        .sum();
+    let (in_use, quarantined) = claims_of(&status)?;
+    let ports = in_use - quarantined;
     let flows = status["services"]
         .as_array()
         .into_iter()
@@ -189,6 +185,21 @@ fn ports_and_flows(lab: &Lab) -> Result<(u64, u64)> {
         .map(|b| b["flows"].as_u64().unwrap_or(0))
         .sum();
     Ok((ports, flows))
+}
+
+/// Full NAT's claims over every source address: (in use, of which
+/// quarantined), from `lb status --json`.
+fn claims_of(status: &serde_json::Value) -> Result<(u64, u64)> {
+    let sources = status["full_nat"]["sources"]
+        .as_array()
+        .with_context(|| format!("no full_nat sources in lb status --json: {status}"))?;
+    let sum = |field: &str| {
+        sources
+            .iter()
+            .map(|s| s[field].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    Ok((sum("ports_in_use"), sum("quarantined")))
 }
 
 /// Waits until full NAT holds exactly one claim per flow in the tables and
@@ -298,7 +309,9 @@ fn lab_full_nat(dataplane: &str, timeouts: &str) -> String {
 /// A drained full-NAT backend: its two keep-alive connections go on (their
 /// source ports held), new connections go elsewhere, its active flows fall
 /// to 0 once its clients close, and once every connection has closed full
-/// NAT holds no claim (the closed flows' ports return to the pool).
+/// NAT holds no claim but quarantined ones (the closed flows' ports wait
+/// out the backends' TIME_WAIT, `source-port-quarantine`, then return to
+/// the pool).
 #[test]
 fn a_drained_full_nat_backend_finishes_its_connections_and_takes_no_new_ones() -> Result<()> {
     let lab = Lab::up(&unique_prefix("lbf"), &lb_bin()).context("building the lab")?;
@@ -309,6 +322,13 @@ fn a_drained_full_nat_backend_finishes_its_connections_and_takes_no_new_ones() -
     // end): every flow and every claim is gone.
     wait_ports_back_to_the_flows(&lab, 0, Duration::from_secs(30))
         .with_context(|| agent.log_text())?;
+    let (in_use, quarantined) = claims_of(&status_json(&lab)?)?;
+    eprintln!("full NAT after the drain: {in_use} ports in use, {quarantined} in quarantine");
+    ensure!(
+        quarantined >= 2 && in_use == quarantined,
+        "the closed connections' ports are in quarantine, no other claim is held: \
+         {in_use} in use, {quarantined} in quarantine"
+    );
     agent.stop().context("stopping the agent")?;
     Ok(())
 }

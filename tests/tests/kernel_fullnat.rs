@@ -5,7 +5,10 @@
 //! (`DropFnatExhausted`); a claim returned when its flow ends; a later
 //! fragment and ICMP errors both ways of a full-NAT flow; the agent's
 //! sweep of stale claims (a claim whose flow is gone is removed, a live
-//! flow's stays) and the ports in use per source address.
+//! flow's stays) and the ports in use per source address; the quarantine
+//! of a port an established flow freed (not given out again toward its
+//! backend until it is over, whether the data plane or the agent's sweep
+//! removed the flow).
 //!
 //! The real `lb` object run with BPF_PROG_TEST_RUN inside the kernel
 //! tier's throwaway namespace (`lb_tests::kernel_net`): its back interface
@@ -13,10 +16,10 @@
 //!
 //! Needs root and BPF; without them the tests fail loudly.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use lb_common::{FlowKey, Verdict};
+use lb_common::{CLAIM_FREED, CLAIM_HELD, FlowKey, FnatClaim, Verdict};
 use lb_tests::kernel_net::{
     BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT,
     WEBS, backend, fix_ip_checksum, fragments, icmp_error, lab_config, service, webs,
@@ -34,13 +37,15 @@ const CLIENT_SEQ: u32 = 0x1000_0000;
 const WEB_SEQ: u32 = 0x2000_0000;
 
 /// The kernel tier's config plus a TCP and a UDP full-NAT service over
-/// web1..3, with `sources` (empty: the default) and `ports`.
+/// web1..3, with `sources` (empty: the default) and `ports`, and no
+/// quarantine of freed ports (`quarantined_config` has one).
 fn config(sources: &[[u8; 4]], ports: (u16, u16)) -> Config {
     let mut cfg = lab_config();
     cfg.dataplane.full_nat = FullNatSources {
         addresses: sources.iter().map(|a| Ipv4Addr::from(*a)).collect(),
         port_lo: ports.0,
         port_hi: ports.1,
+        quarantine: Duration::ZERO,
     };
     cfg.services.push(service(
         "fnat",
@@ -599,7 +604,10 @@ fn the_sweep_removes_a_claim_whose_flow_is_gone_and_keeps_a_live_ones() {
                 .fnat_ports_in_use()
                 .expect("ports in use")
         };
-        assert_eq!(in_use(&h).get(&Ipv4Addr::from(SOURCE)), Some(&2));
+        assert_eq!(
+            in_use(&h).get(&Ipv4Addr::from(SOURCE)).map(|c| c.in_use),
+            Some(2)
+        );
 
         let mut sweeper = h.dp.sweeper().expect("sweeper");
         let now = lb_userspace::dataplane::now_ticks();
@@ -619,7 +627,10 @@ fn the_sweep_removes_a_claim_whose_flow_is_gone_and_keeps_a_live_ones() {
             "the live flow's claim stays"
         );
         assert_ne!(sport, half_open_port);
-        assert_eq!(in_use(&h).get(&Ipv4Addr::from(SOURCE)), Some(&1));
+        assert_eq!(
+            in_use(&h).get(&Ipv4Addr::from(SOURCE)).map(|c| c.in_use),
+            Some(1)
+        );
 
         // The live flow's reply still finds its flow through its claim.
         let reply = Seg {
@@ -643,5 +654,200 @@ fn the_sweep_removes_a_claim_whose_flow_is_gone_and_keeps_a_live_ones() {
         let report = sweeper.sweep(now + 41).expect("sweep");
         assert_eq!(report.claims, 0, "{report:?}");
         assert_eq!(claims(&h).len(), 1);
+    });
+}
+
+/// `config` with one backend (web1), one source address, a one-port
+/// range, and a quarantine of `quarantine`.
+fn quarantined_config(quarantine: Duration) -> Config {
+    let mut cfg = config(&[SOURCE], (5000, 5000));
+    cfg.dataplane.full_nat.quarantine = quarantine;
+    cfg.services.retain(|s| s.name != "fnat-udp");
+    let fnat = cfg
+        .services
+        .iter_mut()
+        .find(|s| s.name == "fnat")
+        .expect("the fnat service");
+    fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
+    cfg
+}
+
+/// The full-NAT claims with their state: (reply tuple's source port, host
+/// order; the claim).
+fn claim_states(h: &Harness) -> Vec<(u16, FnatClaim)> {
+    h.dp.fnat_claims()
+        .expect("FNAT_REPLIES")
+        .into_iter()
+        .map(|(k, c)| (u16::from_be(k.dport), c))
+        .collect()
+}
+
+/// (in use, in quarantine) on the source address, as `lb status` counts.
+fn source_counts(h: &Harness) -> (u64, u64) {
+    let counts =
+        h.dp.flow_table()
+            .expect("flow table")
+            .fnat_ports_in_use()
+            .expect("ports in use");
+    counts
+        .get(&Ipv4Addr::from(SOURCE))
+        .map_or((0, 0), |c| (c.in_use, c.quarantined))
+}
+
+/// The quarantine (the rare connect timeout behind two LBs): a port an
+/// established flow held is not given out again toward its backend until
+/// the quarantine is over (the backend may hold the old connection in
+/// TIME_WAIT, and would answer a new SYN on that tuple with an ACK of the
+/// old one); then a new flow takes it over.
+#[test]
+fn a_freed_port_is_not_given_out_again_until_its_quarantine_is_over() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = quarantined_config(Duration::from_secs(2));
+        let mut h = Harness::new(&cfg);
+        assert_eq!(h.dp.fnat_conf().expect("FNAT_CONF").quarantine, 2, "ticks");
+        let (_, sport) = handshake(&mut h, 40300, SOURCE);
+        assert_eq!(sport, 5000);
+        // web1 leaves the service: the flow's next packet ends it in the
+        // data plane, and its port goes into quarantine (not back to the
+        // pool).
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web2", WEBS[1], WEB_PORT)];
+        h.dp.apply(&cfg).expect("apply");
+        let data = Seg {
+            seq: CLIENT_SEQ + 1,
+            ack: Some(WEB_SEQ + 1),
+            syn: false,
+            payload: b"x",
+            ..syn(40300)
+        };
+        h.expect(h.front, &data.build(), XDP_DROP, Verdict::DropBackendGone);
+        let states = claim_states(&h);
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert_eq!((states[0].0, states[0].1.freed), (5000, CLAIM_FREED));
+        assert_eq!(source_counts(&h), (1, 1), "in use, of which quarantined");
+        // A late segment from web1 to the freed port finds no flow: it is
+        // not sent on to the client.
+        let late = Seg {
+            macs: (WEB_MACS[0], BACK_MAC),
+            src: (WEBS[0], WEB_PORT),
+            dst: (SOURCE, 5000),
+            ttl: 64,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 2),
+            syn: false,
+            fin: true,
+            payload: b"",
+        };
+        let (_, out) = h.run(h.back, &late.build());
+        assert!(
+            !out.starts_with(&CLIENT_MAC),
+            "a quarantined port's late segment went to the client"
+        );
+        // web1 back: a new flow toward it cannot have the only port while
+        // it is in quarantine.
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![backend("web1", WEBS[0], WEB_PORT)];
+        h.dp.apply(&cfg).expect("apply");
+        let freed_at = std::time::Instant::now();
+        h.expect(
+            h.front,
+            &syn(40301).build(),
+            XDP_DROP,
+            Verdict::DropFnatExhausted,
+        );
+        // Once it is over (2 ticks, ~2.1 s, counted from the tick it was
+        // freed in), the next SYN takes the port over.
+        let mut taken = None;
+        while freed_at.elapsed() < Duration::from_secs(6) {
+            std::thread::sleep(Duration::from_millis(250));
+            let (action, out) = h.run(h.front, &syn(40302).build());
+            if action == XDP_REDIRECT {
+                taken = Some((freed_at.elapsed(), sent(&out)));
+                break;
+            }
+        }
+        let (after, (web, source, port)) = taken.expect("the port out of quarantine within 6 s");
+        assert!(
+            after >= Duration::from_secs(1),
+            "given out again after {after:?}"
+        );
+        assert_eq!((web, source, port), (0, SOURCE, 5000));
+        let states = claim_states(&h);
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert_eq!(states[0].1.freed, CLAIM_HELD);
+        assert_eq!(
+            states[0].1.forward.sport,
+            40302u16.to_be(),
+            "the new flow's"
+        );
+        assert_eq!(source_counts(&h), (1, 0));
+    });
+}
+
+/// The agent's sweep ends an established full-NAT flow (closed, past
+/// tcp-closing): its port goes into quarantine too, and the claim sweep
+/// removes it once the quarantine is over. A flow that never got past its
+/// half-open slot frees its port at once (the backend holds no connection
+/// to wait out): a SYN flood's claims do not sit in quarantine.
+#[test]
+fn the_sweep_quarantines_a_closed_flows_port_and_frees_it_after() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut cfg = quarantined_config(Duration::from_secs(60));
+        cfg.dataplane.full_nat.port_hi = 5009;
+        let mut h = Harness::new(&cfg);
+        let (web, sport) = handshake(&mut h, 40400, SOURCE);
+        let fin = Seg {
+            seq: CLIENT_SEQ + 1,
+            ack: Some(WEB_SEQ + 1),
+            syn: false,
+            fin: true,
+            ..syn(40400)
+        };
+        h.expect(h.front, &fin.build(), XDP_REDIRECT, Verdict::Forwarded);
+        // And a SYN that never completes.
+        let (action, _) = h.run(h.front, &syn(40401).build());
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(source_counts(&h), (2, 0));
+
+        let mut sweeper = h.dp.sweeper().expect("sweeper");
+        let now = lb_userspace::dataplane::now_ticks();
+        // 40 ticks on: the closed flow (tcp-closing 10 s) and the half-open
+        // one (30 s) have expired; the established flow's claim is freed
+        // into quarantine, the half-open one's removed.
+        let report = sweeper.sweep(now + 40).expect("sweep");
+        assert_eq!(report.claims, 1, "the half-open flow's: {report:?}");
+        let states = claim_states(&h);
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert_eq!((states[0].0, states[0].1.freed), (sport, CLAIM_FREED));
+        assert_eq!(states[0].1.claimed, now + 40, "freed at the sweep's tick");
+        assert_eq!(source_counts(&h), (1, 1));
+        // The web's late FIN to the freed port is not sent on.
+        let late = Seg {
+            macs: (WEB_MACS[web], BACK_MAC),
+            src: (WEBS[web], WEB_PORT),
+            dst: (SOURCE, sport),
+            ttl: 64,
+            seq: WEB_SEQ + 1,
+            ack: Some(CLIENT_SEQ + 2),
+            syn: false,
+            fin: true,
+            payload: b"",
+        };
+        let (_, out) = h.run(h.back, &late.build());
+        assert!(!out.starts_with(&CLIENT_MAC), "sent on to the client");
+        // Within the quarantine (56 ticks for 60 s) the sweep keeps it;
+        // after it, the sweep removes it.
+        let report = sweeper.sweep(now + 40 + 56).expect("sweep");
+        assert_eq!(
+            (report.claims, claim_states(&h).len()),
+            (0, 1),
+            "{report:?}"
+        );
+        let report = sweeper.sweep(now + 40 + 57).expect("sweep");
+        assert_eq!(report.claims, 1, "{report:?}");
+        assert!(claim_states(&h).is_empty());
+        assert_eq!(source_counts(&h), (0, 0));
     });
 }

@@ -148,6 +148,7 @@ impl Agent {
                 .map(|a| wire::FullNatSource {
                     address: a.to_string(),
                     ports_in_use: 0,
+                    quarantined: 0,
                 })
                 .collect(),
             allocation_failures: verdicts

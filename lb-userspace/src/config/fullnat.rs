@@ -1,8 +1,10 @@
-//! `[dataplane] source-addresses` and `source-ports`: the addresses and
-//! the port range full-NAT services (`forwarding = "full-nat"`) translate
-//! their clients to (docs/architecture.md, "Full NAT"), and their rules.
+//! `[dataplane] source-addresses`, `source-ports` and
+//! `source-port-quarantine`: the addresses and the port range full-NAT
+//! services (`forwarding = "full-nat"`) translate their clients to, how
+//! long a freed port stays out of the pool (docs/architecture.md, "Full
+//! NAT"), and their rules.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use lb_common::{
     FNAT_MAX_SOURCES,
@@ -10,9 +12,15 @@ use lb_common::{
 };
 
 use super::{
-    ConfigError,
+    ConfigError, duration,
     validate::{Validator, address_problem},
 };
+
+/// `source-port-quarantine`'s default: Linux's TIME_WAIT (60 s), which a
+/// backend holds after it closed first.
+pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(60);
+/// Its longest: an hour (each quarantined port is a port out of the pool).
+pub const MAX_QUARANTINE: Duration = Duration::from_secs(3600);
 
 /// Full NAT's source side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +32,10 @@ pub struct FullNatSources {
     /// `source-ports`: the allocated ports, inclusive.
     pub port_lo: u16,
     pub port_hi: u16,
+    /// `source-port-quarantine`: how long a port an established flow held
+    /// stays out of the pool toward its backend once the flow ended (the
+    /// backend's TIME_WAIT); zero: none.
+    pub quarantine: Duration,
 }
 
 impl Default for FullNatSources {
@@ -32,6 +44,7 @@ impl Default for FullNatSources {
             addresses: Vec::new(),
             port_lo: DEFAULT_PORT_LO,
             port_hi: DEFAULT_PORT_HI,
+            quarantine: DEFAULT_QUARANTINE,
         }
     }
 }
@@ -44,11 +57,13 @@ impl FullNatSources {
 }
 
 impl Validator<'_> {
-    /// `[dataplane] source-addresses` and `source-ports`.
+    /// `[dataplane] source-addresses`, `source-ports` and
+    /// `source-port-quarantine`.
     pub(super) fn full_nat_sources(
         &self,
         addresses: Option<Vec<String>>,
         ports: Option<String>,
+        quarantine: Option<String>,
     ) -> Result<FullNatSources, ConfigError> {
         let mut sources = FullNatSources::default();
         let key = "dataplane.source-addresses";
@@ -86,7 +101,23 @@ impl Validator<'_> {
         if let Some(text) = ports {
             (sources.port_lo, sources.port_hi) = self.port_range(&text)?;
         }
+        if let Some(text) = quarantine {
+            sources.quarantine = self.quarantine(&text)?;
+        }
         Ok(sources)
+    }
+
+    /// A duration of at most [`MAX_QUARANTINE`], or "0s": none.
+    fn quarantine(&self, text: &str) -> Result<Duration, ConfigError> {
+        if text == "0s" {
+            return Ok(Duration::ZERO);
+        }
+        duration::parse_at_most(
+            text,
+            MAX_QUARANTINE,
+            "each quarantined port is out of the pool; \"0s\": none",
+        )
+        .map_err(|reason| self.err("dataplane.source-port-quarantine", reason))
     }
 
     /// "lo-hi", 1 ≤ lo ≤ hi ≤ 65535.

@@ -75,6 +75,7 @@ pub(super) struct RawDataplane {
     pub(super) gue_port: Option<i64>,
     pub(super) source_addresses: Option<Vec<String>>,
     pub(super) source_ports: Option<String>,
+    pub(super) source_port_quarantine: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +212,7 @@ impl From<&Config> for RawConfig {
                     d.full_nat.addresses.iter().map(|a| a.to_string()).collect(),
                 ),
                 source_ports: Some(d.full_nat.ports_text()),
+                source_port_quarantine: Some(crate::config::duration::show(d.full_nat.quarantine)),
             }),
             monitoring: cfg.monitoring.as_ref().map(|m| RawMonitoring {
                 listen: Some(m.listen.to_string()),

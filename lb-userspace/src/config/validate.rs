@@ -327,7 +327,11 @@ impl Validator<'_> {
             None => lb_common::tunnel::GUE_DEFAULT_PORT,
             Some(port) => self.in_range(port, 1..65536, "dataplane.gue-port")?,
         };
-        let full_nat = self.full_nat_sources(raw.source_addresses, raw.source_ports)?;
+        let full_nat = self.full_nat_sources(
+            raw.source_addresses,
+            raw.source_ports,
+            raw.source_port_quarantine,
+        )?;
         Ok(Dataplane {
             full_nat,
             interfaces,

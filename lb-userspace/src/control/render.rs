@@ -148,8 +148,8 @@ fn render_full_nat(f: &crate::wire::FullNatStatus) -> String {
     }
     for s in &f.sources {
         out.push_str(&format!(
-            "  source {}  {} ports in use\n",
-            s.address, s.ports_in_use
+            "  source {}  {} ports in use ({} in quarantine)\n",
+            s.address, s.ports_in_use, s.quarantined
         ));
     }
     out
@@ -310,6 +310,7 @@ mod tests {
                 sources: vec![crate::wire::FullNatSource {
                     address: "198.19.0.1".into(),
                     ports_in_use: 5,
+                    quarantined: 3,
                 }],
                 allocation_failures: 2,
             }),
@@ -324,7 +325,7 @@ mod tests {
             "adopted",
             "conntrack 3/1024 flows",
             "full NAT: ports 1024-32767  allocation failures (drop_fnat_exhausted) 2",
-            "  source 198.19.0.1  5 ports in use",
+            "  source 198.19.0.1  5 ports in use (3 in quarantine)",
             "web1",
             "198.19.0.11:80",
             "drain",

@@ -10,7 +10,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use lb_common::{
-    Backend, FLOW_F_FULL_NAT, FNAT_MAX_SOURCES, Flow, FlowKey, FnatClaim, FnatConf, flow::REPLY,
+    Backend, CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_MAX_SOURCES, Flow, FlowKey, FnatClaim,
+    FnatConf,
+    flow::{REPLY, duration_ticks},
+    fullnat::{out_of_quarantine, reply_tuple},
 };
 
 use super::{
@@ -48,20 +51,26 @@ fn holds(flow: &Flow, tuple: &FlowKey, backend: Option<Backend>) -> bool {
         && backend.is_some_and(|b| (b.addr, b.port) == (tuple.saddr, tuple.sport))
 }
 
-/// The claims of `claims` to remove at `now`: those whose flow (its
+/// The claims of `claims` to remove at `now`: held ones whose flow (its
 /// forward key's entry in `flows`, the forward entries of both tables)
 /// is gone or no longer holds them — an expired or replaced half-open
-/// slot, a flow the sweep removed — and that were made at least
-/// [`CLAIM_GRACE`] ticks ago. Their ports return to the pool.
+/// slot, a flow the data plane dropped from the overflow — and that were
+/// made at least [`CLAIM_GRACE`] ticks ago; freed ones (their established
+/// flow ended) once out of their quarantine of `quarantine` ticks
+/// ([`FnatConf::quarantine`]). Their ports return to the pool.
 pub fn stale_claims(
     claims: &[(FlowKey, FnatClaim)],
     flows: &StdHashMap<FlowKey, Flow>,
     backend: impl Fn(u32) -> Option<Backend>,
     now: u32,
+    quarantine: u16,
 ) -> Vec<FlowKey> {
     claims
         .iter()
         .filter(|(tuple, claim)| {
+            if claim.freed != CLAIM_HELD {
+                return out_of_quarantine(claim.claimed, now, quarantine);
+            }
             now.wrapping_sub(claim.claimed) >= CLAIM_GRACE
                 && !flows
                     .get(&claim.forward)
@@ -69,6 +78,31 @@ pub fn stale_claims(
         })
         .map(|(tuple, _)| *tuple)
         .collect()
+}
+
+/// The claim an established full-NAT flow (`forward`, its forward key;
+/// `flow`, its forward entry) held toward `backend` (address, port), once
+/// the agent's sweep removed the flow: its tuple and the claim freed at
+/// `now`, so the port serves its quarantine as when the data plane removes
+/// a flow (`fullnat::release`). `None`: not a full-NAT flow, or no
+/// quarantine (the claim sweep then removes the claim once stale).
+pub fn freed_claim(
+    forward: &FlowKey,
+    flow: &Flow,
+    backend: (u32, u16),
+    now: u32,
+    quarantine: u16,
+) -> Option<(FlowKey, FnatClaim)> {
+    (flow.flags & FLOW_F_FULL_NAT != 0 && flow.direction != REPLY && quarantine != 0).then(|| {
+        (
+            reply_tuple(backend, (flow.vip, flow.vport), forward.protocol),
+            FnatClaim {
+                forward: *forward,
+                claimed: now,
+                freed: CLAIM_FREED,
+            },
+        )
+    })
 }
 use crate::config::{Config, Forwarding};
 
@@ -104,8 +138,15 @@ pub fn sources(cfg: &Config, route: impl Fn(Ipv4Addr) -> Option<Ipv4Addr>) -> Ve
 
 /// `FNAT_CONF` for `sources` and the config's port range.
 pub fn fnat_conf(cfg: &Config, sources: &[Ipv4Addr]) -> FnatConf {
+    let quarantine = cfg.dataplane.full_nat.quarantine;
     let mut conf = FnatConf {
         count: 0,
+        // Whole ticks, rounded up (at most an hour: 3353 ticks).
+        quarantine: if quarantine.is_zero() {
+            0
+        } else {
+            u16::try_from(duration_ticks(quarantine.as_nanos() as u64)).unwrap_or(u16::MAX)
+        },
         port_lo: cfg.dataplane.full_nat.port_lo,
         port_hi: cfg.dataplane.full_nat.port_hi,
         addrs: [0; FNAT_MAX_SOURCES],
@@ -117,14 +158,26 @@ pub fn fnat_conf(cfg: &Config, sources: &[Ipv4Addr]) -> FnatConf {
     conf
 }
 
-/// Claims per source address, from `FNAT_REPLIES`' keys (their
-/// destination is the source address).
-pub fn ports_in_use(claims: impl IntoIterator<Item = FlowKey>) -> BTreeMap<Ipv4Addr, u64> {
-    let mut by_source = BTreeMap::new();
-    for key in claims {
-        *by_source
+/// A source address's claims: all of them (live flows' and quarantined
+/// ones', each a port out of its backend's pool), and the quarantined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceClaims {
+    pub in_use: u64,
+    pub quarantined: u64,
+}
+
+/// Claims per source address, from `FNAT_REPLIES` (a key's destination
+/// is the source address).
+pub fn ports_in_use(
+    claims: impl IntoIterator<Item = (FlowKey, FnatClaim)>,
+) -> BTreeMap<Ipv4Addr, SourceClaims> {
+    let mut by_source = BTreeMap::<_, SourceClaims>::new();
+    for (key, claim) in claims {
+        let counts = by_source
             .entry(Ipv4Addr::from(u32::from_be(key.daddr)))
-            .or_insert(0) += 1;
+            .or_default();
+        counts.in_use += 1;
+        counts.quarantined += u64::from(claim.freed != CLAIM_HELD);
     }
     by_source
 }
@@ -176,6 +229,20 @@ pub(super) fn claims(map: &ClaimMap) -> Result<Vec<(FlowKey, FnatClaim)>> {
     use aya::maps::IterableMap as _;
     super::batch::entries(map.map())
         .map_err(|e| map_err(MapName::FNAT_REPLIES)(MapError::IoError(e)))
+}
+
+/// Marks `tuple`'s claim freed (`claim`, from [`freed_claim`]) if it is
+/// still held by the same flow: its port starts its quarantine. (A read
+/// then a write, as [`remove_stale`]: the data plane takes over only a
+/// claim whose flow is gone, as this one's is, and only when all of a new
+/// flow's candidates are held.)
+pub(super) fn free(map: &mut ClaimMap, tuple: &FlowKey, claim: &FnatClaim) -> Result<()> {
+    let held = found(map.get(tuple, 0), MapName::FNAT_REPLIES)?;
+    if held.is_some_and(|h| h.freed == CLAIM_HELD && h.forward == claim.forward) {
+        map.insert(tuple, claim, 0)
+            .map_err(map_err(MapName::FNAT_REPLIES))?;
+    }
+    Ok(())
 }
 
 /// Removes the claims keyed `stale` from `map`, each only if it still
@@ -317,13 +384,30 @@ mod tests {
             _pad0: 0,
             _pad1: 0,
         };
+        let held = FnatClaim::default();
+        let freed = FnatClaim {
+            freed: CLAIM_FREED,
+            ..held
+        };
         let counts = ports_in_use([
-            claim([10, 0, 0, 1], 1),
-            claim([10, 0, 0, 1], 2),
-            claim([10, 0, 0, 2], 1),
+            (claim([10, 0, 0, 1], 1), held),
+            (claim([10, 0, 0, 1], 2), freed),
+            (claim([10, 0, 0, 2], 1), held),
         ]);
-        assert_eq!(counts[&Ipv4Addr::new(10, 0, 0, 1)], 2);
-        assert_eq!(counts[&Ipv4Addr::new(10, 0, 0, 2)], 1);
+        assert_eq!(
+            counts[&Ipv4Addr::new(10, 0, 0, 1)],
+            SourceClaims {
+                in_use: 2,
+                quarantined: 1
+            }
+        );
+        assert_eq!(
+            counts[&Ipv4Addr::new(10, 0, 0, 2)],
+            SourceClaims {
+                in_use: 1,
+                quarantined: 0
+            }
+        );
     }
 
     #[test]
@@ -353,7 +437,7 @@ mod tests {
                 FnatClaim {
                     forward,
                     claimed,
-                    _pad: 0,
+                    freed: CLAIM_HELD,
                 },
             )
         };
@@ -380,11 +464,11 @@ mod tests {
             (client(5), flow(0, 2999)),
         ]);
         let claims = [live, gone, young, moved, reopened, other_port];
-        let mut stale = stale_claims(&claims, &flows, backend_of, now);
+        let mut stale = stale_claims(&claims, &flows, backend_of, now, 56);
         stale.sort_by_key(|k| u16::from_be(k.dport));
         assert_eq!(stale, vec![gone.0, moved.0, other_port.0]);
         // The young claim goes once past its grace (its flow never came).
-        let later = stale_claims(&[young], &flows, backend_of, now + 1);
+        let later = stale_claims(&[young], &flows, backend_of, now + 1, 56);
         assert_eq!(later, vec![young.0]);
         // A NAT flow's entry (no full-NAT flag) holds no claim.
         let mut nat = flows.clone();
@@ -395,6 +479,64 @@ mod tests {
                 ..flow(0, 2000)
             },
         );
-        assert_eq!(stale_claims(&[live], &nat, backend_of, now), vec![live.0]);
+        assert_eq!(
+            stale_claims(&[live], &nat, backend_of, now, 56),
+            vec![live.0]
+        );
+        // A freed claim (its established flow ended at tick 60) stays out
+        // of the pool for its quarantine, whatever the tables hold, and goes
+        // after it.
+        let (tuple, held) = gone;
+        let freed = (
+            tuple,
+            FnatClaim {
+                claimed: 60,
+                freed: CLAIM_FREED,
+                ..held
+            },
+        );
+        for now in [61, 100, 116] {
+            assert!(stale_claims(&[freed], &flows, backend_of, now, 56).is_empty());
+        }
+        assert_eq!(
+            stale_claims(&[freed], &flows, backend_of, 117, 56),
+            vec![tuple]
+        );
+    }
+
+    #[test]
+    fn a_swept_full_nat_flow_frees_its_claim_into_quarantine() {
+        let forward = FlowKey {
+            saddr: u32::from_ne_bytes([198, 18, 0, 2]),
+            daddr: u32::from_ne_bytes([198, 18, 0, 10]),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let backend = (u32::from_ne_bytes([198, 19, 0, 11]), 8080u16.to_be());
+        let flow = Flow {
+            vip: u32::from_ne_bytes([198, 19, 0, 1]),
+            vport: 2000u16.to_be(),
+            flags: FLOW_F_FULL_NAT,
+            ..Flow::default()
+        };
+        let (tuple, claim) = freed_claim(&forward, &flow, backend, 70, 56).expect("freed");
+        assert_eq!(
+            (tuple.saddr, tuple.sport, tuple.daddr, tuple.dport),
+            (backend.0, backend.1, flow.vip, flow.vport)
+        );
+        assert_eq!(
+            (claim.forward, claim.claimed, claim.freed),
+            (forward, 70, CLAIM_FREED)
+        );
+        assert_eq!(
+            freed_claim(&forward, &flow, backend, 70, 0),
+            None,
+            "no quarantine"
+        );
+        let nat = Flow { flags: 0, ..flow };
+        assert_eq!(freed_claim(&forward, &nat, backend, 70, 56), None);
     }
 }

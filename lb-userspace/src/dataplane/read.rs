@@ -324,11 +324,9 @@ impl FlowTable {
 
     /// Full NAT's claims per source address (one batched pass over
     /// `FNAT_REPLIES`).
-    pub fn fnat_ports_in_use(&self) -> Result<BTreeMap<Ipv4Addr, u64>> {
+    pub fn fnat_ports_in_use(&self) -> Result<BTreeMap<Ipv4Addr, super::fullnat::SourceClaims>> {
         let claims = super::fullnat::claims(&self.fnat_claims)?;
-        Ok(super::fullnat::ports_in_use(
-            claims.into_iter().map(|(k, _)| k),
-        ))
+        Ok(super::fullnat::ports_in_use(claims))
     }
 
     /// The half-open entries within their timeout (one pass, as

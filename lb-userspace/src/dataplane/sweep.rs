@@ -113,6 +113,8 @@ pub struct Sweeper {
     swept: Array<MapData, u64>,
     /// Full NAT's claims (`FNAT_REPLIES`).
     claims: super::fullnat::ClaimMap,
+    /// Full NAT's settings (`FNAT_CONF`: the quarantine).
+    fnat_conf: Array<MapData, lb_common::FnatConf>,
     /// Established entries the tables are rated for (two per NAT flow:
     /// twice `conntrack-size`).
     capacity: u64,
@@ -135,6 +137,7 @@ impl Dataplane {
             conf: self.owned_array(MapName::FLOW_CONF)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             claims: self.claim_map()?,
+            fnat_conf: self.owned_array(MapName::FNAT_CONF)?,
         })
     }
 }
@@ -143,6 +146,14 @@ impl Sweeper {
     /// Removes every expired flow at `now` from both tables.
     pub fn sweep(&mut self, now: u32) -> Result<SweepReport> {
         let conf = self.conf.get(&0, 0).map_err(map_err(MapName::FLOW_CONF))?;
+        let quarantine = self
+            .fnat_conf
+            .get(&0, 0)
+            .map_err(map_err(MapName::FNAT_CONF))?
+            .quarantine;
+        // Claims of the established full-NAT flows removed here: freed into
+        // their quarantine (as the data plane's removal does).
+        let mut freed = Vec::new();
         let backends = &self.backends;
         let backend = |id: u32| backends.get(&id, 0).ok();
         let mut report = SweepReport::default();
@@ -170,6 +181,13 @@ impl Sweeper {
                 if slot.forward.state == STATE_ESTABLISHED {
                     *report.swept.entry(slot.forward.backend_id).or_insert(0) += 1;
                 }
+                freed.extend(super::fullnat::freed_claim(
+                    &was.key,
+                    &slot.forward,
+                    (slot.backend_addr, slot.backend_port),
+                    now,
+                    quarantine,
+                ));
             }
         }
         for key in gone.into_iter().filter(|k| overflow.contains_key(k)) {
@@ -194,6 +212,15 @@ impl Sweeper {
             if flow.direction != REPLY && flow.state == STATE_ESTABLISHED {
                 *report.swept.entry(flow.backend_id).or_insert(0) += 1;
             }
+            if let Some(b) = backend(flow.backend_id) {
+                freed.extend(super::fullnat::freed_claim(
+                    &key,
+                    flow,
+                    (b.addr, b.port),
+                    now,
+                    quarantine,
+                ));
+            }
         }
         // Half-open slots: the same choice over a snapshot, then each slot
         // cleared under its lock only if it still holds that expired entry.
@@ -216,7 +243,10 @@ impl Sweeper {
                 .map(|(k, _)| k)
                 .collect()
         });
-        report.claims = self.sweep_claims(&conf, now)?;
+        for (tuple, claim) in &freed {
+            super::fullnat::free(&mut self.claims, tuple, claim)?;
+        }
+        report.claims = self.sweep_claims(&conf, now, quarantine)?;
         for (&id, &n) in &report.swept {
             let before = self
                 .swept
@@ -233,7 +263,7 @@ impl Sweeper {
     /// tables' own sweep so the claims of the flows it removed go in the
     /// same pass. The claims are read before the tables: a claim newer
     /// than the tables' snapshot is within its grace anyway.
-    fn sweep_claims(&mut self, conf: &FlowConf, now: u32) -> Result<u64> {
+    fn sweep_claims(&mut self, conf: &FlowConf, now: u32, quarantine: u16) -> Result<u64> {
         let claims = super::fullnat::claims(&self.claims)?;
         if claims.is_empty() {
             return Ok(0);
@@ -250,8 +280,13 @@ impl Sweeper {
                 .filter(|(k, f)| !is_expired(conf, k.protocol, f, now)),
         );
         let backends = &self.backends;
-        let stale =
-            super::fullnat::stale_claims(&claims, &flows, |id| backends.get(&id, 0).ok(), now);
+        let stale = super::fullnat::stale_claims(
+            &claims,
+            &flows,
+            |id| backends.get(&id, 0).ok(),
+            now,
+            quarantine,
+        );
         super::fullnat::remove_stale(&mut self.claims, &claims, &stale)
     }
 }

@@ -3,8 +3,19 @@
 //! its GTID positions and, on a replica, `SHOW SLAVE STATUS` (replication
 //! threads, lag, its source). A plain service only needs the login to pass;
 //! a pool (`crate::db`) routes by the [`Observation`].
+//!
+//! A probe from a source address (a full-NAT service's, `health::probe_source`)
+//! connects its own socket, bound to that address, and hands it to the
+//! driver through a private Unix socket ([`Relay`]): mysql_async opens its
+//! own TCP connection and takes neither a local address nor a connected
+//! stream.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use mysql_async::{Conn, OptsBuilder, Row, prelude::Queryable};
 use serde::{Deserialize, Serialize};
@@ -137,12 +148,22 @@ pub async fn log_in(
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Conn, LoginFailure> {
+    log_in_from(address, None, login, timeout).await
+}
+
+/// [`log_in`] from `source` (the connection's socket bound to it), if given.
+pub async fn log_in_from(
+    address: impl Into<SocketAddr>,
+    source: Option<IpAddr>,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Conn, LoginFailure> {
     let address = address.into();
     use LoginFailure::{Local, Refused, Unreachable};
     // TCP first, so that an unreachable or closed port and a server that
     // never sends a MySQL handshake get different reasons.
     let deadline = super::probe::deadline_after(timeout);
-    let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(address))
+    let tcp = tokio::time::timeout_at(deadline, super::probe::connect_from(address, source))
         .await
         .map_err(|_| {
             Unreachable(format!(
@@ -151,20 +172,37 @@ pub async fn log_in(
             ))
         })?
         .map_err(|e| {
-            let why = format!("mysql {address}: connect: {}", super::probe::io_reason(&e));
+            let why = format!(
+                "mysql {address}: connect{}: {}",
+                super::probe::from(source),
+                super::probe::io_reason(&e)
+            );
             if super::probe::is_local(&e) {
                 Local(why)
             } else {
                 Unreachable(why)
             }
         })?;
-    drop(tcp);
     let opts = OptsBuilder::default()
         .ip_or_hostname(address.ip().to_string())
         .tcp_port(address.port())
         .prefer_socket(false)
         .user(Some(login.user.clone()))
         .pass(Some(login.password.expose().to_owned()));
+    // Without a source the driver connects again on its own; with one, it
+    // is handed this connection.
+    let (opts, _relay) = match source {
+        None => {
+            drop(tcp);
+            (opts, None)
+        }
+        Some(_) => {
+            let relay = Relay::start(tcp, deadline)
+                .map_err(|e| Local(format!("mysql {address}: relay socket: {e}")))?;
+            let path = relay.socket.to_string_lossy().into_owned();
+            (opts.socket(Some(path)), Some(relay))
+        }
+    };
     match tokio::time::timeout_at(deadline, Conn::new(opts)).await {
         Err(_) => Err(Unreachable(format!(
             "mysql {address}: no MySQL handshake and login within {} (not a MySQL server?)",
@@ -179,13 +217,86 @@ pub async fn log_in(
     }
 }
 
+/// A probe's TCP connection handed to mysql_async: a Unix socket in a
+/// directory made for it (mode 0700, a fresh name: only this agent's user
+/// can reach it), whose one connection — from this process, checked by
+/// its credentials — is spliced to the TCP connection until either ends or
+/// the probe's deadline passes. The directory goes with the `Relay`; the
+/// splice outlives it, for the driver's connection.
+struct Relay {
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Relay {
+    fn start(tcp: tokio::net::TcpStream, deadline: tokio::time::Instant) -> std::io::Result<Relay> {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // A name nobody could have made first: a directory that exists is
+        // never used (another user's, in a shared temporary directory).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "lb-mysql-probe-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let relay = Relay {
+            socket: dir.join("s"),
+            dir,
+        };
+        let listener = tokio::net::UnixListener::bind(&relay.socket)?;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout_at(deadline, splice(listener, tcp)).await;
+        });
+        Ok(relay)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Splices the listener's first connection from this process to `tcp`.
+async fn splice(
+    listener: tokio::net::UnixListener,
+    mut tcp: tokio::net::TcpStream,
+) -> std::io::Result<()> {
+    let (mut unix, _) = listener.accept().await?;
+    let ours = unix
+        .peer_cred()?
+        .pid()
+        .is_some_and(|pid| u32::try_from(pid).is_ok_and(|p| p == std::process::id()));
+    if !ours {
+        return Err(std::io::Error::other("not this process's connection"));
+    }
+    tokio::io::copy_bidirectional(&mut unix, &mut tcp).await?;
+    Ok(())
+}
+
 /// The login check of a plain service: handshake, login, `SELECT 1`.
 pub async fn probe(
     address: SocketAddr,
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
-    observe(address, login, timeout).await.map(drop)
+    probe_from(address, None, login, timeout).await
+}
+
+/// [`probe`] from `source`, if given (a full-NAT service's source address).
+pub async fn probe_from(
+    address: SocketAddr,
+    source: Option<IpAddr>,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    observe_from(address, source, login, timeout)
+        .await
+        .map(drop)
 }
 
 /// One probe: login, then the role and replication state, all within
@@ -196,9 +307,19 @@ pub async fn observe(
     login: &MysqlLogin,
     timeout: Duration,
 ) -> Result<Observation, ProbeError> {
+    observe_from(address, None, login, timeout).await
+}
+
+/// [`observe`] from `source`, if given.
+pub async fn observe_from(
+    address: impl Into<SocketAddr>,
+    source: Option<IpAddr>,
+    login: &MysqlLogin,
+    timeout: Duration,
+) -> Result<Observation, ProbeError> {
     let address = address.into();
     let work = async {
-        let mut conn = log_in(address, login, timeout).await?;
+        let mut conn = log_in_from(address, source, login, timeout).await?;
         let result = read_state(&mut conn).await.map_err(|e| {
             let why = format!("mysql {address}: {}", reason(&e));
             if is_local(&e) {
@@ -347,6 +468,67 @@ mod tests {
             .expect_err("not MySQL")
             .to_string();
         assert!(why.contains("not a MySQL server?"), "{why}");
+    }
+
+    /// A full-NAT service's MySQL probes come from its source address: the
+    /// server sees the connection from it (here a server that is not
+    /// MySQL: the probe fails, as the backend's fault, after the server saw
+    /// it), and no relay directory is left behind.
+    #[tokio::test]
+    async fn a_probe_from_a_source_address_comes_from_it() {
+        let (l, addr) = super::super::probe::test_support::listener().await;
+        let (peers, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let _server = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut stream, peer)) = l.accept().await {
+                let _ = peers.send(peer);
+                let _ = stream.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let login = MysqlLogin {
+            user: "lb".into(),
+            password: crate::config::Secret::new("x".into()),
+            password_file: None,
+        };
+        let relays = || {
+            std::fs::read_dir(std::env::temp_dir())
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!("lb-mysql-probe-{}-", std::process::id()))
+                        })
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let source = IpAddr::from([127, 0, 0, 7]);
+        let why = probe_from(
+            addr.into(),
+            Some(source),
+            &login,
+            Duration::from_millis(800),
+        )
+        .await
+        .expect_err("not MySQL");
+        assert!(matches!(why, ProbeError::Backend(_)), "{why:?}");
+        // One connection (the driver speaks over the probe's own, through
+        // the relay), from the source address.
+        let peer = seen.recv().await.expect("a connection");
+        assert_eq!(peer.ip(), source);
+        assert!(seen.try_recv().is_err(), "a second connection");
+        assert_eq!(relays(), 0, "relay directories left behind");
+        // A source this host does not have: the agent's error.
+        let why = probe_from(
+            addr.into(),
+            Some([192, 0, 2, 1].into()),
+            &login,
+            Duration::from_millis(800),
+        )
+        .await
+        .expect_err("no such source");
+        assert!(matches!(why, ProbeError::Agent(_)), "{why:?}");
     }
 
     #[test]

@@ -62,9 +62,8 @@ pub async fn probe(
 
 /// [`probe`] from `source`: the probe's socket is bound to that address
 /// (full NAT's source address, so a backend that admits only the LB's
-/// translated flows admits its probes too) for TCP, HTTP, UDP and DNS
-/// checks; `None`, and TLS and MySQL checks: the kernel's choice (the
-/// route's preferred source).
+/// translated flows admits its probes too) for every kind of check;
+/// `None`: the kernel's choice (the route's preferred source).
 pub async fn probe_from(
     address: impl Into<SocketAddr>,
     source: Option<IpAddr>,
@@ -73,7 +72,7 @@ pub async fn probe_from(
 ) -> Result<(), ProbeError> {
     let address = address.into();
     if let CheckKind::Mysql(login) = check {
-        return super::mysql::probe(address, login, timeout).await;
+        return super::mysql::probe_from(address, source, login, timeout).await;
     }
     if let CheckKind::Udp(udp) = check {
         return super::udp::probe(address, source, udp, timeout).await;
@@ -82,7 +81,9 @@ pub async fn probe_from(
         return super::dns::probe(address, source, dns, timeout).await;
     }
     if let CheckKind::Tls(tls) = check {
-        return super::tls::probe(address, tls, timeout).await.map(drop);
+        return super::tls::probe(address, source, tls, timeout)
+            .await
+            .map(drop);
     }
     let deadline = deadline_after(timeout);
     let timed_out = || format!("timed out after {}", show(timeout));
@@ -211,7 +212,7 @@ pub async fn probe_detailed(
 ) -> (Result<(), ProbeError>, Option<i64>) {
     let address = address.into();
     match check {
-        CheckKind::Tls(tls) => match super::tls::probe(address, tls, timeout).await {
+        CheckKind::Tls(tls) => match super::tls::probe(address, source, tls, timeout).await {
             Ok(expiry) => (Ok(()), expiry),
             Err(why) => (Err(why), None),
         },

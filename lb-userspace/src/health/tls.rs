@@ -3,12 +3,15 @@
 //! certificate's expiry (`notAfter`), which the metrics export so an
 //! expiring certificate shows before clients see it.
 //!
-//! rustls is synchronous: the handshake runs on a blocking thread over a
-//! std socket whose read and write timeouts end at the probe's deadline.
+//! rustls is synchronous: the connection is made on the runtime (its socket
+//! bound first to the probe's source address, if it has one: full NAT's,
+//! `health::probe_source`), then the handshake runs on a blocking thread
+//! over the std socket, whose read and write timeouts end at the probe's
+//! deadline.
 
 use std::{
     io::ErrorKind,
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,45 +23,68 @@ use rustls::{
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
 
-use super::probe::{ProbeError, io_reason, is_local};
+use super::probe::{ProbeError, connect_from, from, io_reason, is_local};
 use crate::config::{TlsCheck, duration::show};
 
 /// A passed handshake: when the server's certificate expires (seconds
 /// since the Unix epoch), if it could be read.
 pub type Expiry = Option<i64>;
 
+/// One TLS probe of `address`, from `source` if given (its socket bound
+/// to that address before it connects), all within `timeout`.
 pub async fn probe(
     address: SocketAddr,
-    check: &TlsCheck,
-    timeout: Duration,
-) -> Result<Expiry, ProbeError> {
-    let check = check.clone();
-    tokio::task::spawn_blocking(move || handshake(address, &check, timeout))
-        .await
-        .map_err(|e| ProbeError::Backend(format!("tls probe of {address}: {e}")))?
-}
-
-fn handshake(
-    address: SocketAddr,
+    source: Option<IpAddr>,
     check: &TlsCheck,
     timeout: Duration,
 ) -> Result<Expiry, ProbeError> {
     let deadline = Instant::now() + timeout;
+    let sock = connect(address, source, timeout).await?;
+    let check = check.clone();
+    tokio::task::spawn_blocking(move || handshake(sock, address, &check, deadline, timeout))
+        .await
+        .map_err(|e| ProbeError::Backend(format!("tls probe of {address}: {e}")))?
+}
+
+/// The probe's TCP connection, as a blocking std socket for rustls.
+async fn connect(
+    address: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ProbeError> {
+    let timed_out = || format!("timed out after {}", show(timeout));
+    let stream = tokio::time::timeout(timeout, connect_from(address, source))
+        .await
+        .map_err(|_| ProbeError::Backend(format!("connect {address}: {}", timed_out())))?
+        .map_err(|e| {
+            let why = format!("connect {address}{}: {}", from(source), io_reason(&e));
+            if e.kind() == ErrorKind::TimedOut {
+                ProbeError::Backend(format!("connect {address}: {}", timed_out()))
+            } else if is_local(&e) {
+                ProbeError::Agent(why)
+            } else {
+                ProbeError::Backend(why)
+            }
+        })?;
+    let local = |e: std::io::Error| ProbeError::Agent(format!("connect {address}: {e}"));
+    let sock = stream.into_std().map_err(local)?;
+    sock.set_nonblocking(false).map_err(local)?;
+    Ok(sock)
+}
+
+fn handshake(
+    mut sock: TcpStream,
+    address: SocketAddr,
+    check: &TlsCheck,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Expiry, ProbeError> {
     let timed_out = || format!("timed out after {}", show(timeout));
     let config = client_config(check).map_err(|e| format!("tls config: {e}"))?;
     let name = match &check.sni {
         Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| format!("sni {sni:?}: {e}"))?,
         None => ServerName::IpAddress(address.ip().into()),
     };
-    let mut sock = TcpStream::connect_timeout(&address, timeout).map_err(|e| {
-        if e.kind() == ErrorKind::TimedOut {
-            ProbeError::Backend(format!("connect {address}: {}", timed_out()))
-        } else if is_local(&e) {
-            ProbeError::Agent(format!("connect {address}: {}", io_reason(&e)))
-        } else {
-            ProbeError::Backend(format!("connect {address}: {}", io_reason(&e)))
-        }
-    })?;
     let mut conn = ClientConnection::new(config, name)
         .map_err(|e| format!("tls handshake with {address}: {e}"))?;
     while conn.is_handshaking() {
@@ -174,7 +200,7 @@ mod tests {
         check: &TlsCheck,
         timeout: Duration,
     ) -> Result<Expiry, String> {
-        super::probe(address.into(), check, timeout)
+        super::probe(address.into(), None, check, timeout)
             .await
             .map_err(ProbeError::expect_backend)
     }
@@ -197,6 +223,15 @@ mod tests {
 
     /// A TLS server on loopback completing one handshake per connection.
     fn server(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> SocketAddrV4 {
+        server_seeing(cert, key).0
+    }
+
+    /// [`server`], and the address each connection came from.
+    fn server_seeing(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+    ) -> (SocketAddrV4, std::sync::mpsc::Receiver<SocketAddr>) {
+        let (peers, seen) = std::sync::mpsc::channel();
         let config = Arc::new(
             ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -213,6 +248,9 @@ mod tests {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
+                if let Ok(peer) = stream.peer_addr() {
+                    let _ = peers.send(peer);
+                }
                 let Ok(mut conn) = ServerConnection::new(Arc::clone(&config)) else {
                     return;
                 };
@@ -226,7 +264,7 @@ mod tests {
                 let _ = stream.flush();
             }
         });
-        addr
+        (addr, seen)
     }
 
     fn tls(sni: Option<&str>, ca: Option<&CertificateDer<'_>>) -> TlsCheck {
@@ -262,6 +300,37 @@ mod tests {
             probe(addr, &tls(Some("www.foobar.com"), Some(&stranger)), T)
                 .await
                 .is_err()
+        );
+    }
+
+    /// A full-NAT service's TLS probes come from its source address
+    /// (`health::probe_source`), as its TCP and HTTP probes do.
+    #[tokio::test]
+    async fn a_probe_from_a_source_address_comes_from_it() {
+        let (cert, key) = certificate("www.foobar.com", 1_900_000_000);
+        let (addr, seen) = server_seeing(cert, key);
+        for source in [[127, 0, 0, 7], [127, 0, 0, 9]] {
+            let source = IpAddr::from(source);
+            let passed = super::probe(addr.into(), Some(source), &tls(None, None), T).await;
+            assert!(passed.is_ok(), "{passed:?}");
+            let peer = seen.recv_timeout(T).expect("the server saw the probe");
+            assert_eq!(peer.ip(), source);
+        }
+        // A source this host does not have: the agent's error, not the
+        // backend's.
+        let why = super::probe(
+            addr.into(),
+            Some([192, 0, 2, 1].into()),
+            &tls(None, None),
+            T,
+        )
+        .await
+        .expect_err("no such source");
+        assert!(matches!(why, ProbeError::Agent(_)), "{why:?}");
+        assert!(
+            why.to_string()
+                .contains(&format!("connect {addr} from 192.0.2.1:")),
+            "{why}"
         );
     }
 

@@ -392,8 +392,21 @@ fn register_full_nat(registry: &mut Registry, f: &crate::wire::FullNatStatus) {
     }
     registry.register(
         "lb_fullnat_ports_in_use",
-        "Full-NAT claims held on the source address: (port, backend endpoint) pairs of live flows",
+        "Full-NAT claims held on the source address: (port, backend endpoint) pairs of live flows \
+         and in quarantine",
         in_use,
+    );
+    let quarantined = Gauges::default();
+    for s in &f.sources {
+        quarantined
+            .get_or_create(&vec![("source".to_owned(), s.address.clone())])
+            .set(i64::try_from(s.quarantined).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "lb_fullnat_ports_quarantined",
+        "Of the full-NAT claims on the source address, those in quarantine: freed by an ended \
+         flow, not given out again toward their backend yet (source-port-quarantine)",
+        quarantined,
     );
     gauge(
         registry,

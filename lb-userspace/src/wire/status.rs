@@ -109,9 +109,15 @@ pub struct FullNatStatus {
 pub struct FullNatSource {
     pub address: String,
     /// Claims in `FNAT_REPLIES` on this address: (port, backend endpoint)
-    /// pairs held by live flows (and stale claims until the sweep removes
-    /// them), counted with the flows, off the agent's loop.
+    /// pairs held by live flows or in quarantine (and stale claims until
+    /// the sweep removes them), counted with the flows, off the agent's
+    /// loop.
     pub ports_in_use: u64,
+    /// Of those, the pairs in quarantine (`[dataplane]
+    /// source-port-quarantine`): freed by an ended flow, not yet given out
+    /// again toward their backend.
+    #[serde(default)]
+    pub quarantined: u64,
 }
 
 /// The runtime changes that outlive the agent.

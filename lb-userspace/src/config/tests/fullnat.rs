@@ -9,6 +9,7 @@ use super::*;
 fn a_full_nat_service_takes_the_source_settings_and_survives_a_live_check() {
     let text = format!(
         "{DP}source-addresses = [\"198.19.0.1\", \"198.19.0.2\"]\nsource-ports = \"20000-20999\"\n\
+         source-port-quarantine = \"90s\"\n\
          [[service]]\nname = \"www\"\nvip = \"198.18.0.10:80\"\nforwarding = \"full-nat\"\n\
          backends = [{{ address = \"10.2.0.11:8080\" }}]\n"
     );
@@ -19,6 +20,7 @@ fn a_full_nat_service_takes_the_source_settings_and_survives_a_live_check() {
         [Ipv4Addr::new(198, 19, 0, 1), Ipv4Addr::new(198, 19, 0, 2)]
     );
     assert_eq!((sources.port_lo, sources.port_hi), (20000, 20999));
+    assert_eq!(sources.quarantine, std::time::Duration::from_secs(90));
     assert_eq!(config.services[0].forwarding, Forwarding::FullNat);
     assert!(
         !Forwarding::FullNat.answers_directly(),
@@ -39,6 +41,14 @@ fn without_source_settings_the_routes_sources_and_the_default_range() {
         ),
         (1024, 32767)
     );
+    // Freed ports wait out the backends' TIME_WAIT by default; "0s": not.
+    assert_eq!(
+        config.dataplane.full_nat.quarantine,
+        std::time::Duration::from_secs(60)
+    );
+    let none = parse_ok(&with_dataplane_line("source-port-quarantine = \"0s\""));
+    assert!(none.dataplane.full_nat.quarantine.is_zero());
+    assert_eq!(check(&none, Path::new("live")).expect("valid"), none);
     // Source settings are written live: no restart.
     let mut changed = config.dataplane.clone();
     changed.full_nat.port_lo = 2000;
@@ -72,6 +82,16 @@ fn bad_source_settings_are_rejected_by_key() {
         ("source-ports = \"0-100\"", ports, "from 1 to 65535"),
         ("source-ports = \"2000-1000\"", ports, "low to high"),
         ("source-ports = \"1-70000\"", ports, "expected a port range"),
+        (
+            "source-port-quarantine = \"2h\"",
+            "dataplane.source-port-quarantine",
+            "expected a duration",
+        ),
+        (
+            "source-port-quarantine = \"7200s\"",
+            "dataplane.source-port-quarantine",
+            "must be at most 3600s",
+        ),
     ];
     for (line, key, fragment) in cases {
         assert_rejected(&with_dataplane_line(line), key, fragment);

@@ -459,14 +459,15 @@ fn full_site() -> Status {
 
 /// Full NAT with two source addresses, one of them busy.
 fn sample_full_nat() -> crate::wire::FullNatStatus {
-    let source = |address: &str, ports_in_use| crate::wire::FullNatSource {
+    let source = |address: &str, ports_in_use, quarantined| crate::wire::FullNatSource {
         address: address.into(),
         ports_in_use,
+        quarantined,
     };
     crate::wire::FullNatStatus {
         port_lo: 1024,
         port_hi: 2047,
-        sources: vec![source("198.19.0.1", 700), source("198.19.0.2", 0)],
+        sources: vec![source("198.19.0.1", 700, 40), source("198.19.0.2", 0, 0)],
         allocation_failures: 9,
     }
 }
@@ -478,6 +479,11 @@ fn full_nat_ports_in_use_are_per_source_address_with_the_failures() {
     let text = render(&status, &ProbeLatency::default());
     let in_use = |source| value(&text, "lb_fullnat_ports_in_use", &[("source", source)]);
     assert_eq!((in_use("198.19.0.1"), in_use("198.19.0.2")), (700.0, 0.0));
+    let quarantined = |source| value(&text, "lb_fullnat_ports_quarantined", &[("source", source)]);
+    assert_eq!(
+        (quarantined("198.19.0.1"), quarantined("198.19.0.2")),
+        (40.0, 0.0)
+    );
     assert_eq!(value(&text, "lb_fullnat_ports_per_backend", &[]), 1024.0);
     assert_eq!(
         value(&text, "lb_fullnat_allocation_failures_total", &[]),
