@@ -8,6 +8,10 @@
 //! | maglev                        | `MAGLEV` half          | 5-tuple hash % len        |
 //! | source-ip                     | `MAGLEV` half          | client address hash % len |
 //!
+//! An IPv6 `source-ip` service may hash its clients' prefix rather than
+//! their whole address (`source-ip-prefix = 64`: `SOURCE_PREFIX6`), so a
+//! client rotating addresses within its /64 keeps its backend.
+//!
 //! The agent builds every table (docs/architecture.md); both are
 //! double-buffered per service, and `ServiceConf::active_ring` picks the half.
 
@@ -19,7 +23,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FlowKey, MAGLEV_MAX, MAX_MAGLEV_SERVICES, MAX_RING, MAX_SERVICES, MaglevTable, Ring,
-    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, Verdict,
+    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, SOURCE_PREFIX_WHOLE, ServiceConf, Verdict,
     hash::{flow_hash, source_hash},
 };
 
@@ -35,6 +39,20 @@ static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 /// only; 256 KiB each). Agent.
 #[map]
 static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_MAGLEV_SERVICES * 2, 0);
+
+/// Service id → the client prefix length an IPv6 `source-ip` service
+/// hashes; 0 (not written) for the whole address. Agent.
+#[map]
+static SOURCE_PREFIX6: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// The prefix length of the IPv6 clients a `source-ip` service hashes.
+#[inline(always)]
+pub fn source_prefix6(service_id: u32) -> u8 {
+    match SOURCE_PREFIX6.get(service_id) {
+        Some(&len) if len > 0 && len < u32::from(SOURCE_PREFIX_WHOLE) => len as u8,
+        _ => SOURCE_PREFIX_WHOLE,
+    }
+}
 
 /// Picks a new flow's backend in its service's active table half.
 #[inline(always)]

@@ -17,10 +17,11 @@ use lb_common::Verdict;
 use lb_tests::{
     kernel_frames::{answer, from},
     kernel_net::{
-        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, expect_rule, lab_config,
-        ns_per_packet, prefix, rule_counts, udp,
+        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS, WEB_PORT, backend,
+        expect_rule, lab_config, ns_per_packet, prefix, rule_counts, service, udp,
     },
 };
+use lb_userspace::config::{Config, Forwarding, Protocol};
 use lb_userspace::dataplane::MapName;
 use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 
@@ -365,5 +366,386 @@ fn firewall_cost_ns_per_packet() {
                 l - e
             );
         }
+    });
+}
+
+// ---- the firewall over IPv6 (issue 24) ----
+//
+// The test namespace made dual-stack as kernel_v6.rs makes it: the front
+// 2001:db8:18::1/64, the back 2001:db8:19::1/64 with web1..3 at ::11..::13
+// (their MACs, static neighbours), IPv6 forwarding on for
+// `bpf_fib_lookup`. Sources are anywhere: only the webs' side is routed.
+
+const VIP_NAT6: &str = "2001:db8:18::10";
+const VIP_DSR6: &str = "2001:db8:18::20";
+
+fn prefix6(text: &str) -> lb_userspace::config::Prefix6 {
+    lb_userspace::config::Prefix6::parse(text).expect("IPv6 prefix")
+}
+
+fn v6(text: &str) -> [u8; 16] {
+    text.parse::<std::net::Ipv6Addr>().expect("IPv6").octets()
+}
+
+/// The back side of the dual-stack namespace (see above).
+fn webs_over_ipv6(net: &TestNet) {
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:18::1/64",
+        "dev",
+        "f0",
+        "nodad",
+    ]);
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:19::1/64",
+        "dev",
+        "b0",
+        "nodad",
+    ]);
+    for (i, mac) in WEB_MACS.iter().enumerate() {
+        let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        let web = format!("2001:db8:19::{}", 11 + i);
+        net.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &web,
+            "lladdr",
+            &mac.join(":"),
+            "dev",
+            "b0",
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+/// The lab's config plus IPv6 `www6` (NAT66, 80 → the webs' 8080) and
+/// `dsr6` (DSR, 80).
+fn config6() -> Config {
+    let mut cfg = lab_config();
+    let svc = |name: &str, vip: &str, f: Forwarding, port: u16| {
+        let webs = (0..3)
+            .map(|i| {
+                let mut b = backend(&format!("web{}", i + 1), [0; 4], port);
+                b.address = format!("[2001:db8:19::{}]:{port}", 11 + i)
+                    .parse()
+                    .expect("web");
+                b
+            })
+            .collect();
+        let mut s = service(name, [0; 4], 80, Protocol::Tcp, f, webs);
+        s.vip = format!("[{vip}]:80").parse().expect("vip");
+        s
+    };
+    cfg.services.extend([
+        svc("www6", VIP_NAT6, Forwarding::Nat, WEB_PORT),
+        svc("dsr6", VIP_DSR6, Forwarding::Dsr, 80),
+    ]);
+    cfg
+}
+
+/// A TCP segment `src`:`sport` → `dst`:80 as the client sends it: a SYN,
+/// or (with `ack`) an ACK.
+fn tcp6(src: &str, sport: u16, dst: &str, ack: Option<(u32, u32)>) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC).ipv6(v6(src), v6(dst), 64);
+    let b = match ack {
+        None => b.tcp(sport, 80, 1000, 64240).syn(),
+        Some((seq, ack)) => b.tcp(sport, 80, seq, 64240).ack(ack),
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).expect("tcp6");
+    out
+}
+
+fn id_of(applied: &[lb_userspace::dataplane::AppliedService], name: &str) -> u32 {
+    applied.iter().find(|s| s.name == name).expect(name).id
+}
+
+/// IPv6 deny and allow prefixes, global and per service, with IPv4's
+/// verdicts and rule counters: a denied /48 dropped (global, any IPv6
+/// service), deny wins over a wider allow, a service's allow list refuses
+/// every other source (for that service only), an allowed /64 balanced;
+/// IPv4's rules beside them unchanged; established IPv6 flows are not
+/// filtered when a live change denies their source, its new flows are.
+#[test]
+fn ipv6_deny_and_allow_prefixes_global_and_per_service() {
+    use lb_common::FW_GLOBAL;
+    let net = TestNet::new();
+    webs_over_ipv6(&net);
+    net.run(|| {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
+        let mut cfg = config6();
+        cfg.firewall.deny = vec![prefix("203.0.113.0/24")];
+        cfg.firewall.deny6 = vec![prefix6("2001:db8:66::/48")];
+        let www6 = cfg
+            .services
+            .iter_mut()
+            .find(|s| s.name == "www6")
+            .expect("www6");
+        www6.firewall.deny6 = vec![prefix6("2001:db8:77::/64")];
+        www6.firewall.allow6 = vec![prefix6("2001:db8:18::/64"), prefix6("2001:db8:77::/48")];
+        let mut h = Harness::new(&cfg);
+        let applied = h.dp.apply(&cfg).expect("apply");
+        let www6 = id_of(&applied, "www6");
+        assert_eq!(rule_counts(&h.dp).len(), 5, "{:?}", rule_counts(&h.dp));
+        for (what, frame, action, verdict, rule) in [
+            (
+                "a denied /48, global: dropped on any IPv6 service",
+                tcp6("2001:db8:66:5::9", 42000, VIP_DSR6, None),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 2001:db8:66::/48")),
+            ),
+            (
+                "inside www6's deny /64 and allow /48: deny wins",
+                tcp6("2001:db8:77::9", 42001, VIP_NAT6, None),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((www6, "deny 2001:db8:77::/64")),
+            ),
+            (
+                "the allow /48 outside the denied /64",
+                tcp6("2001:db8:77:1::9", 42002, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                Some((www6, "allow 2001:db8:77::/48")),
+            ),
+            (
+                "outside www6's allow list",
+                tcp6("2001:db8:99::1", 42003, VIP_NAT6, None),
+                XDP_DROP,
+                Verdict::DropFirewallNotAllowed,
+                None,
+            ),
+            (
+                "www6's allow list does not apply to dsr6",
+                tcp6("2001:db8:99::1", 42004, VIP_DSR6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                None,
+            ),
+            (
+                "the client's allowed /64, balanced",
+                tcp6("2001:db8:18::2", 42005, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                Some((www6, "allow 2001:db8:18::/64")),
+            ),
+            (
+                "an IPv6 ACK without a flow is a new flow, filtered",
+                tcp6("2001:db8:66::1", 42006, VIP_NAT6, Some((1001, 1))),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 2001:db8:66::/48")),
+            ),
+            (
+                "IPv4's global deny, as before",
+                from([203, 0, 113, 9], 42007, VIP, true),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+            ),
+            (
+                "an IPv4 client: the IPv6 rules are not its",
+                from(CLIENT, 42008, VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                None,
+            ),
+        ] {
+            expect_rule(&mut h, what, &frame, action, verdict, rule);
+        }
+        // An established IPv6 flow: dsr6's (DSR: the client's ACK of the
+        // SYN-ACK establishes it; the LB never sees the SYN-ACK).
+        let client = "2001:db8:18::2";
+        expect_rule(
+            &mut h,
+            "dsr6 SYN",
+            &tcp6(client, 42100, VIP_DSR6, None),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        let ack = tcp6(client, 42100, VIP_DSR6, Some((1001, 5001)));
+        expect_rule(
+            &mut h,
+            "dsr6 ACK",
+            &ack,
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        // Live: deny the client's /64 globally.
+        let mut live = cfg.clone();
+        live.firewall.deny6.push(prefix6("2001:db8:18::/64"));
+        h.dp.apply(&live).expect("apply live deny");
+        expect_rule(
+            &mut h,
+            "established IPv6 flow of a newly denied source",
+            &ack,
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        expect_rule(
+            &mut h,
+            "new IPv6 flow of a newly denied source",
+            &tcp6(client, 42101, VIP_DSR6, None),
+            XDP_DROP,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 2001:db8:18::/64")),
+        );
+        // Every IPv6 rule removed: the rules that stayed kept their ids and
+        // counters; the sources of IPv6 rules are let in again.
+        let before = rule_counts(&h.dp);
+        let mut open = cfg.clone();
+        open.firewall.deny6.clear();
+        for s in &mut open.services {
+            s.firewall = Default::default();
+        }
+        h.dp.apply(&open).expect("apply without IPv6 rules");
+        let after = rule_counts(&h.dp);
+        let global = (FW_GLOBAL, "deny 203.0.113.0/24".to_owned());
+        assert_eq!(after.keys().collect::<Vec<_>>(), [&global]);
+        assert_eq!(after[&global], before[&global]);
+        expect_rule(
+            &mut h,
+            "no IPv6 rules left",
+            &tcp6("2001:db8:66::5", 42009, VIP_NAT6, None),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+    });
+}
+
+/// IPv6 rate limits: per /64 (`per = "/64"`), two addresses of one /64
+/// share a bucket (its burst, then DropRateLimited), another /64 has its
+/// own; the bucket is keyed by the masked address (read back from
+/// FW_BUCKETS6) and refills with time (injected by moving its timestamp
+/// back); per address (`per6` 128) on another service.
+#[test]
+fn ipv6_rate_limit_per_64_shares_a_bucket_across_the_prefix() {
+    use aya::maps::HashMap as AyaHashMap;
+    use lb_common::{Bucket, maps6::BucketKey6};
+    use lb_userspace::config::RateLimit;
+    let net = TestNet::new();
+    webs_over_ipv6(&net);
+    net.run(|| {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
+        let mut cfg = config6();
+        let limit = |per6| RateLimit {
+            per6,
+            new_flows_per_second: 1,
+            burst: 2,
+            per: 32,
+        };
+        for s in &mut cfg.services {
+            match s.name.as_str() {
+                "www6" => s.firewall.rate_limit = Some(limit(64)),
+                "dsr6" => s.firewall.rate_limit = Some(limit(128)),
+                _ => {}
+            }
+        }
+        let mut h = Harness::new(&cfg);
+        let applied = h.dp.apply(&cfg).expect("apply");
+        let www6 = id_of(&applied, "www6");
+        for (what, src, port, action, verdict) in [
+            (
+                "first of the /64",
+                "2001:db8:18::2",
+                43000,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+            (
+                "another address, same /64",
+                "2001:db8:18::3",
+                43001,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+            (
+                "a third address: the /64's bucket is empty",
+                "2001:db8:18::ffff:4",
+                43002,
+                XDP_DROP,
+                Verdict::DropRateLimited,
+            ),
+            (
+                "another /64, its own bucket",
+                "2001:db8:18:1::2",
+                43003,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+        ] {
+            h.expect_case(
+                what,
+                h.front,
+                &tcp6(src, port, VIP_NAT6, None),
+                action,
+                verdict,
+            );
+        }
+        // Per address on dsr6: two addresses of one /64, two buckets.
+        for (src, port) in [("2001:db8:18::2", 43010), ("2001:db8:18::3", 43011)] {
+            for i in 0..2 {
+                h.expect_case(
+                    "per address: each its burst",
+                    h.front,
+                    &tcp6(src, port + 100 * i, VIP_DSR6, None),
+                    XDP_REDIRECT,
+                    Verdict::Forwarded,
+                );
+            }
+        }
+        h.expect_case(
+            "per address: the address's bucket is empty",
+            h.front,
+            &tcp6("2001:db8:18::2", 43400, VIP_DSR6, None),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+        // www6's bucket is the /64's, keyed by the masked address.
+        {
+            let map =
+                h.dp.ebpf()
+                    .map_mut(MapName::FW_BUCKETS6.name())
+                    .expect("FW_BUCKETS6");
+            let mut buckets: AyaHashMap<_, BucketKey6, Bucket> =
+                AyaHashMap::try_from(map).expect("bucket map");
+            let key = BucketKey6 {
+                scope: www6,
+                addr: lb_common::ipv6::addr_of(v6("2001:db8:18::")),
+            };
+            let mut bucket = buckets.get(&key, 0).expect("the /64's bucket");
+            assert!(bucket.tokens < lb_common::FW_NS, "empty: {bucket:?}");
+            // Two seconds ago: two tokens back (1/s, burst 2).
+            bucket.last_ns -= 2 * lb_common::FW_NS;
+            buckets.insert(key, bucket, 0).expect("age the bucket");
+        }
+        for port in [43500, 43501] {
+            h.expect_case(
+                "refilled",
+                h.front,
+                &tcp6("2001:db8:18::77", port, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        h.expect_case(
+            "empty again",
+            h.front,
+            &tcp6("2001:db8:18::78", 43502, VIP_NAT6, None),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
     });
 }
