@@ -162,8 +162,8 @@ maps! {
     FW_SCRATCH6: Pinning::Unpinned {
         why: "scratch for one packet's firewall keys, on one CPU",
     };
-    /// Service id → the client prefix length an IPv6 `source-ip` service hashes.
-    SOURCE_PREFIX6: Pinning::Pinned;
+    /// Service id → the client mask an IPv6 `source-ip` service hashes under.
+    SOURCE_MASKS6: Pinning::Pinned;
     /// Capture's switch and filter (`lb capture` opens the pin).
     CAPTURE_ON: Pinning::Pinned;
     /// Captured frames (`lb capture` opens the pin).

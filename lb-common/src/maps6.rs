@@ -204,9 +204,9 @@ pub struct FwScratch6 {
     pub bucket: BucketKey6,
 }
 
-/// `SOURCE_PREFIX6[service id]` of a `source-ip` IPv6 service: the
-/// client's prefix length it hashes (64: every address of a /64 reaches
-/// one backend); 0 (never written) means the whole address, 128.
+/// `source-ip-prefix` unset: an IPv6 `source-ip` service hashes the
+/// client's whole address (its `SOURCE_MASKS6` entry all ones; 64: every
+/// address of a /64 reaches one backend).
 pub const SOURCE_PREFIX_WHOLE: u8 = 128;
 
 const _: () = assert!(core::mem::size_of::<FwScratch6>() == 44);

@@ -9,8 +9,9 @@
 //! | source-ip                     | `MAGLEV` half          | client address hash % len |
 //!
 //! An IPv6 `source-ip` service may hash its clients' prefix rather than
-//! their whole address (`source-ip-prefix = 64`: `SOURCE_PREFIX6`), so a
-//! client rotating addresses within its /64 keeps its backend.
+//! their whole address (`source-ip-prefix = 64`), so a
+//! client rotating addresses within its /64 keeps its backend
+//! (`SOURCE_MASKS6`).
 //!
 //! The agent builds every table (docs/architecture.md); both are
 //! double-buffered per service, and `ServiceConf::active_ring` picks the half.
@@ -23,8 +24,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     FlowKey, MAGLEV_MAX, MAX_MAGLEV_SERVICES, MAX_RING, MAX_SERVICES, MaglevTable, Ring,
-    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, SOURCE_PREFIX_WHOLE, ServiceConf, Verdict,
+    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, Verdict,
     hash::{flow_hash, source_hash},
+    ipv6::Addr6,
 };
 
 use crate::verdict::{Outcome, drop};
@@ -40,17 +42,27 @@ static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_MAGLEV_SERVICES * 2, 0);
 
-/// Service id → the client prefix length an IPv6 `source-ip` service
-/// hashes; 0 (not written) for the whole address. Agent.
+/// Service id → the mask an IPv6 `source-ip` service applies to its
+/// clients' addresses before hashing them (network-order words: a /64's
+/// for `source-ip-prefix = 64`, all ones for the whole address). Agent.
+/// A mask, not a length: four ANDs, where a length would branch per word
+/// and multiply the verifier's states.
 #[map]
-static SOURCE_PREFIX6: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+static SOURCE_MASKS6: Array<Addr6> = Array::with_max_entries(MAX_SERVICES, 0);
 
-/// The prefix length of the IPv6 clients a `source-ip` service hashes.
+/// An IPv6 client's address as a `source-ip` service hashes it: masked
+/// to the service's prefix (the whole address when no mask is written:
+/// config never asks for /0).
 #[inline(always)]
-pub fn source_prefix6(service_id: u32) -> u8 {
-    match SOURCE_PREFIX6.get(service_id) {
-        Some(&len) if len > 0 && len < u32::from(SOURCE_PREFIX_WHOLE) => len as u8,
-        _ => SOURCE_PREFIX_WHOLE,
+pub fn source_key6(service_id: u32, saddr: &Addr6) -> Addr6 {
+    match SOURCE_MASKS6.get(service_id) {
+        Some(m) if m[0] != 0 => [
+            saddr[0] & m[0],
+            saddr[1] & m[1],
+            saddr[2] & m[2],
+            saddr[3] & m[3],
+        ],
+        _ => *saddr,
     }
 }
 

@@ -180,7 +180,7 @@ impl PathFamily for V6 {
             service_id,
             conf,
             || flow_hash6(key),
-            || source_hash6(&key.saddr, schedule::source_prefix6(service_id)),
+            || source_hash6(&schedule::source_key6(service_id, &key.saddr), 128),
         )
     }
 

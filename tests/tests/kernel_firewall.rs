@@ -300,6 +300,7 @@ fn rate_limit_bucket_empties_then_refills() {
 /// The firewall's cost per packet, firewall empty vs 10,000 prefixes. Not a
 /// check: a measurement, run by hand:
 /// `cargo xtask test --test kernel_firewall -- --ignored firewall_cost --nocapture`
+/// (with `LB_BASE_OBJECT=path/to/lb-ebpf`, another build's object beside).
 /// Stateless cases, so BPF_PROG_TEST_RUN can repeat them: an established
 /// DSR flow (never reaches the firewall), and packets to the VIP on a port
 /// without a service (the new-flow path up to the service lookup, through
@@ -311,6 +312,9 @@ fn rate_limit_bucket_empties_then_refills() {
 fn firewall_cost_ns_per_packet() {
     const REPEAT: u32 = 1_000_000;
     const ROUNDS: usize = 15;
+    // With `LB_BASE_OBJECT` (the `lb` object of another build, e.g. main's),
+    // that object's data planes are measured in the same rounds.
+    let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
     let net = TestNet::new();
     net.run(|| {
         let empty_cfg = lab_config();
@@ -320,14 +324,28 @@ fn firewall_cost_ns_per_packet() {
         loaded_cfg.firewall.deny = (0..10_000)
             .map(|i| prefix(&format!("10.{}.{}.0/24", 200 + i / 256, i % 256)))
             .collect();
-        let mut empty = Harness::new(&empty_cfg);
-        let mut loaded = Harness::new(&loaded_cfg);
-        let front = empty.front;
+        let Harness {
+            dp: empty, front, ..
+        } = Harness::new(&empty_cfg);
+        let mut planes = vec![("", empty, Harness::new(&loaded_cfg).dp)];
+        if let Some(object) = &base {
+            let load = |cfg| {
+                let mut dp =
+                    lb_userspace::dataplane::Dataplane::load_object(object, 65536).expect("base");
+                dp.apply(cfg).expect("apply base");
+                dp
+            };
+            planes.push(("base object, ", load(&empty_cfg), load(&loaded_cfg)));
+        }
         let src = [10, 100, 0, 1];
         let syn = from(src, 49000, VIP_DSR, true);
-        for h in [&mut empty, &mut loaded] {
-            let f = h.front;
-            h.expect(f, &syn, XDP_REDIRECT, Verdict::Forwarded);
+        for (_, e, l) in &mut planes {
+            for dp in [e, l] {
+                assert_eq!(
+                    lb_tests::kernel_net::test_run(dp, front, &syn).0,
+                    XDP_REDIRECT
+                );
+            }
         }
         let est = from(src, 49000, VIP_DSR, false);
         // To the VIP on a port without a service: the new-flow path up to the
@@ -340,31 +358,43 @@ fn firewall_cost_ns_per_packet() {
             to_vip([10, 239, 16, 1]),
             to_vip([10, 239, 15, 7]),
         );
-        loaded.expect(front, &denied, XDP_DROP, Verdict::DropFirewallDeny);
-        loaded.expect(front, &near, XDP_PASS, Verdict::PassNoService);
+        for (_, _, loaded) in &mut planes {
+            assert_eq!(
+                lb_tests::kernel_net::test_run(loaded, front, &denied).0,
+                XDP_DROP
+            );
+            assert_eq!(
+                lb_tests::kernel_net::test_run(loaded, front, &near).0,
+                XDP_PASS
+            );
+        }
         let cases: [(&str, &[u8]); 4] = [
             ("established DSR flow", &est),
             ("new-flow path, source far from the rules", &far),
             ("new-flow path, source next to the rules", &near),
             ("new-flow path, source denied (loaded)", &denied),
         ];
-        let mut samples = vec![[Vec::new(), Vec::new()]; cases.len()];
+        let mut samples = vec![vec![[Vec::new(), Vec::new()]; cases.len()]; planes.len()];
         for _ in 0..ROUNDS {
             for (c, (_, frame)) in cases.iter().enumerate() {
-                samples[c][0].push(ns_per_packet(&mut empty.dp, front, frame, REPEAT));
-                samples[c][1].push(ns_per_packet(&mut loaded.dp, front, frame, REPEAT));
+                for (p, (_, empty, loaded)) in planes.iter_mut().enumerate() {
+                    samples[p][c][0].push(ns_per_packet(empty, front, frame, REPEAT));
+                    samples[p][c][1].push(ns_per_packet(loaded, front, frame, REPEAT));
+                }
             }
         }
         let median = |s: &mut Vec<f64>| {
             s.sort_by(f64::total_cmp);
             s[s.len() / 2]
         };
-        for ((what, _), [mut e, mut l]) in cases.iter().zip(samples) {
-            let (e, l) = (median(&mut e), median(&mut l));
-            eprintln!(
-                "{what:<52} empty {e:>6.1} ns   10k prefixes {l:>6.1} ns   {:+.1} ns",
-                l - e
-            );
+        for ((name, _, _), plane) in planes.iter().zip(samples) {
+            for ((what, _), [mut e, mut l]) in cases.iter().zip(plane) {
+                let (e, l) = (median(&mut e), median(&mut l));
+                eprintln!(
+                    "{name}{what:<52} empty {e:>6.1} ns   10k prefixes {l:>6.1} ns   {:+.1} ns",
+                    l - e
+                );
+            }
         }
     });
 }
@@ -747,5 +777,76 @@ fn ipv6_rate_limit_per_64_shares_a_bucket_across_the_prefix() {
             XDP_DROP,
             Verdict::DropRateLimited,
         );
+    });
+}
+
+/// The IPv6 firewall's cost per packet, firewall empty vs 10 000 global
+/// IPv6 deny /64s: the new-flow path up to the service lookup (UDP to the
+/// IPv6 VIP on a port without a service: stateless), from a source far
+/// from the rules, one just past them (the deepest walk, then a miss) and
+/// one they deny. Not a check: a measurement, run by hand:
+/// `cargo xtask test -- --test kernel_firewall -- --ignored firewall_cost_ipv6 --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn firewall_cost_ipv6_ns_per_packet() {
+    const REPEAT: u32 = 1_000_000;
+    const ROUNDS: usize = 15;
+    let net = TestNet::new();
+    net.run(|| {
+        let empty_cfg = config6();
+        let mut loaded_cfg = config6();
+        // 10,000 /64s in 2001:db8:100::/48 .. 2001:db8:127:f::/64.
+        loaded_cfg.firewall.deny6 = (0..10_000)
+            .map(|i| {
+                prefix6(&format!(
+                    "2001:db8:{:x}:{:x}::/64",
+                    0x100 + i / 256,
+                    i % 256
+                ))
+            })
+            .collect();
+        let mut empty = Harness::new(&empty_cfg);
+        let mut loaded = Harness::new(&loaded_cfg);
+        let front = empty.front;
+        let to_vip = |src: &str| {
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+                .ipv6(v6(src), v6(VIP_NAT6), 64)
+                .udp(49001, 9)
+                .write(&mut out, b"x")
+                .expect("udp6");
+            out
+        };
+        let (far, near, denied) = (
+            to_vip("2001:db8:18::2"),
+            to_vip("2001:db8:127:10::1"),
+            to_vip("2001:db8:127:f::7"),
+        );
+        loaded.expect(front, &denied, XDP_DROP, Verdict::DropFirewallDeny);
+        loaded.expect(front, &near, XDP_PASS, Verdict::PassNoService);
+        empty.expect(front, &denied, XDP_PASS, Verdict::PassNoService);
+        let cases: [(&str, &[u8]); 3] = [
+            ("IPv6 new-flow path, source far from the rules", &far),
+            ("IPv6 new-flow path, source next to the rules", &near),
+            ("IPv6 new-flow path, source denied (loaded)", &denied),
+        ];
+        let mut samples = vec![[Vec::new(), Vec::new()]; cases.len()];
+        for _ in 0..ROUNDS {
+            for (c, (_, frame)) in cases.iter().enumerate() {
+                samples[c][0].push(ns_per_packet(&mut empty.dp, front, frame, REPEAT));
+                samples[c][1].push(ns_per_packet(&mut loaded.dp, front, frame, REPEAT));
+            }
+        }
+        let median = |s: &mut Vec<f64>| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        };
+        for ((what, _), [mut e, mut l]) in cases.iter().zip(samples) {
+            let (e, l) = (median(&mut e), median(&mut l));
+            eprintln!(
+                "{what:<52} empty {e:>6.1} ns   10k prefixes {l:>6.1} ns   {:+.1} ns",
+                l - e
+            );
+        }
     });
 }

@@ -468,18 +468,22 @@ impl Dataplane {
         Ok(())
     }
 
-    /// `SOURCE_PREFIX6`: each IPv6 service's `source-ip-prefix` (the whole
-    /// address unless set; read only by `source-ip`).
+    /// `SOURCE_MASKS6`: each IPv6 service's `source-ip-prefix` as a mask
+    /// (the whole address unless set; read only by `source-ip`).
     fn set_source_prefixes6(
         &mut self,
         cfg: &Config,
         service_ids: &BTreeMap<String, u32>,
     ) -> Result<()> {
-        let mut map = self.array::<u32>(MapName::SOURCE_PREFIX6)?;
-        for svc in cfg.services.iter().filter(|s| s.vip.is_ipv6()) {
+        let mut ipv6 = cfg.services.iter().filter(|s| s.vip.is_ipv6()).peekable();
+        if ipv6.peek().is_none() {
+            return Ok(());
+        }
+        let mut map = self.array::<Addr6>(MapName::SOURCE_MASKS6)?;
+        for svc in ipv6 {
             if let Some(&id) = service_ids.get(&svc.name) {
-                let len = u32::from(svc.source_ip_prefix);
-                set(&mut map, MapName::SOURCE_PREFIX6, id, len)?;
+                let mask = firewall::prefix_mask6(svc.source_ip_prefix);
+                set(&mut map, MapName::SOURCE_MASKS6, id, mask)?;
             }
         }
         Ok(())

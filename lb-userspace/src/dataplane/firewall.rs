@@ -127,7 +127,7 @@ impl fmt::Display for Rule {
 pub struct FwIds {
     pub rules: BTreeMap<Rule, u32>,
     pub scopes: BTreeMap<u32, FwScope>,
-    /// Each rate-limited scope's IPv6 bucket mask ([`bucket_mask6`]).
+    /// Each rate-limited scope's IPv6 bucket mask ([`prefix_mask6`]).
     pub masks6: BTreeMap<u32, Addr6>,
 }
 
@@ -184,10 +184,10 @@ pub fn scope_conf(fw: &Firewall) -> FwScope {
     conf
 }
 
-/// The IPv6 source mask of a rate limit's `per6` as the bucket key takes
-/// it (raw network-order words): all ones per address, a /64's mask per
-/// /64, zero for `per = "all"`.
-pub fn bucket_mask6(per6: u8) -> Addr6 {
+/// The IPv6 mask of a prefix length as the data plane applies it (raw
+/// network-order words): a rate limit's `per6` (all ones per address, a
+/// /64's mask per /64, zero for `per = "all"`) or a `source-ip-prefix`.
+pub fn prefix_mask6(per6: u8) -> Addr6 {
     addr_of(Ipv6Addr::from(Prefix6::mask(per6)).octets())
 }
 
@@ -218,7 +218,7 @@ pub fn desired(cfg: &Config, service_ids: &BTreeMap<String, u32>) -> Result<FwId
             want.scopes.insert(id, conf);
         }
         if let Some(r) = fw.rate_limit {
-            want.masks6.insert(id, bucket_mask6(r.per6));
+            want.masks6.insert(id, prefix_mask6(r.per6));
         }
     };
     scope(FW_GLOBAL, &cfg.firewall);
@@ -535,11 +535,11 @@ mod tests {
 
     #[test]
     fn bucket_masks_follow_per() {
-        assert_eq!(wire(bucket_mask6(128)), [0xff; 16]);
-        assert_eq!(wire(bucket_mask6(0)), [0; 16]);
+        assert_eq!(wire(prefix_mask6(128)), [0xff; 16]);
+        assert_eq!(wire(prefix_mask6(0)), [0; 16]);
         let mut m56 = [0u8; 16];
         m56[..7].fill(0xff);
-        assert_eq!(wire(bucket_mask6(56)), m56);
+        assert_eq!(wire(prefix_mask6(56)), m56);
     }
 
     #[test]
