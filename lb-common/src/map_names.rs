@@ -150,6 +150,20 @@ maps! {
     FW_RULE_STATS: Pinning::Pinned;
     /// Rate limit token buckets.
     FW_BUCKETS: Pinning::Pinned;
+    /// (scope, IPv6 source prefix) → deny rule id.
+    FW_DENY6: Pinning::Pinned;
+    /// (scope, IPv6 source prefix) → allow rule id.
+    FW_ALLOW6: Pinning::Pinned;
+    /// Firewall scope → the IPv6 source mask of its rate limit's buckets.
+    FW_MASKS6: Pinning::Pinned;
+    /// IPv6 rate limit token buckets.
+    FW_BUCKETS6: Pinning::Pinned;
+    /// The IPv6 firewall's keys, per CPU.
+    FW_SCRATCH6: Pinning::Unpinned {
+        why: "scratch for one packet's firewall keys, on one CPU",
+    };
+    /// Service id → the client mask an IPv6 `source-ip` service hashes under.
+    SOURCE_MASKS6: Pinning::Pinned;
     /// Capture's switch and filter (`lb capture` opens the pin).
     CAPTURE_ON: Pinning::Pinned;
     /// Captured frames (`lb capture` opens the pin).
@@ -268,7 +282,8 @@ mod tests {
         // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
         // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
-        // flow tables (6).
-        assert_eq!(MapName::pinned().count(), 48);
+        // flow tables (6), the IPv6 firewall's tries, masks and buckets (4)
+        // and IPv6 source-ip's prefixes (1).
+        assert_eq!(MapName::pinned().count(), 53);
     }
 }

@@ -703,6 +703,10 @@ pub const FW_F_DENY: u32 = 1;
 pub const FW_F_ALLOW: u32 = 2;
 /// `FwScope::flags`: new flows are rate-limited per source.
 pub const FW_F_RATE: u32 = 4;
+/// `FwScope::flags`: the scope has IPv6 deny rules (`FW_DENY6`). An allow
+/// list is one list over both families (`FW_F_ALLOW`), and a rate limit
+/// covers both (IPv6 buckets keyed by `FW_MASKS6[scope]`).
+pub const FW_F_DENY6: u32 = 8;
 /// Nanoseconds per token: buckets count in nano-tokens, so a refill is one
 /// multiply (`elapsed_ns * rate`) and never a division.
 pub const FW_NS: u64 = 1_000_000_000;

@@ -193,6 +193,23 @@ pub struct BucketKey6 {
     pub addr: Addr6,
 }
 
+/// `FW_SCRATCH6`, per CPU: the IPv6 firewall's trie key and bucket key,
+/// built here rather than on IPv6's full stack. The trie key is an LPM
+/// key: its prefix length (160, a whole address) then [`FwKey6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwScratch6 {
+    pub prefix_len: u32,
+    pub rule: FwKey6,
+    pub bucket: BucketKey6,
+}
+
+/// `source-ip-prefix` unset: an IPv6 `source-ip` service hashes the
+/// client's whole address (its `SOURCE_MASKS6` entry all ones; 64: every
+/// address of a /64 reaches one backend).
+pub const SOURCE_PREFIX_WHOLE: u8 = 128;
+
+const _: () = assert!(core::mem::size_of::<FwScratch6>() == 44);
 const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);
@@ -220,4 +237,5 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey6 {}
     unsafe impl aya::Pod for super::FwKey6 {}
     unsafe impl aya::Pod for super::BucketKey6 {}
+    unsafe impl aya::Pod for super::FwScratch6 {}
 }

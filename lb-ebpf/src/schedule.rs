@@ -8,6 +8,11 @@
 //! | maglev                        | `MAGLEV` half          | 5-tuple hash % len        |
 //! | source-ip                     | `MAGLEV` half          | client address hash % len |
 //!
+//! An IPv6 `source-ip` service may hash its clients' prefix rather than
+//! their whole address (`source-ip-prefix = 64`), so a
+//! client rotating addresses within its /64 keeps its backend
+//! (`SOURCE_MASKS6`).
+//!
 //! The agent builds every table (docs/architecture.md); both are
 //! double-buffered per service, and `ServiceConf::active_ring` picks the half.
 
@@ -21,6 +26,7 @@ use lb_common::{
     FlowKey, MAGLEV_MAX, MAX_MAGLEV_SERVICES, MAX_RING, MAX_SERVICES, MaglevTable, Ring,
     SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, ServiceConf, Verdict,
     hash::{flow_hash, source_hash},
+    ipv6::Addr6,
 };
 
 use crate::verdict::{Outcome, drop};
@@ -35,6 +41,30 @@ static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 /// only; 256 KiB each). Agent.
 #[map]
 static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_MAGLEV_SERVICES * 2, 0);
+
+/// Service id → the mask an IPv6 `source-ip` service applies to its
+/// clients' addresses before hashing them (network-order words: a /64's
+/// for `source-ip-prefix = 64`, all ones for the whole address). Agent.
+/// A mask, not a length: four ANDs, where a length would branch per word
+/// and multiply the verifier's states.
+#[map]
+static SOURCE_MASKS6: Array<Addr6> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// An IPv6 client's address as a `source-ip` service hashes it: masked
+/// to the service's prefix (the whole address when no mask is written:
+/// config never asks for /0).
+#[inline(always)]
+pub fn source_key6(service_id: u32, saddr: &Addr6) -> Addr6 {
+    match SOURCE_MASKS6.get(service_id) {
+        Some(m) if m[0] != 0 => [
+            saddr[0] & m[0],
+            saddr[1] & m[1],
+            saddr[2] & m[2],
+            saddr[3] & m[3],
+        ],
+        _ => *saddr,
+    }
+}
 
 /// Picks a new flow's backend in its service's active table half.
 #[inline(always)]

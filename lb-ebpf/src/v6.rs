@@ -170,8 +170,8 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn firewall(scope: u32, _source: Addr6) -> Result<(), Outcome> {
-        firewall::firewall6(scope)
+    fn firewall(scope: u32, source: Addr6) -> Result<(), Outcome> {
+        firewall::firewall6(scope, &source)
     }
 
     #[inline(always)]
@@ -180,7 +180,7 @@ impl PathFamily for V6 {
             service_id,
             conf,
             || flow_hash6(key),
-            || source_hash6(&key.saddr, 128),
+            || source_hash6(&schedule::source_key6(service_id, &key.saddr), 128),
         )
     }
 

@@ -24,7 +24,6 @@ mod clock;
 mod established;
 mod facts;
 pub mod firewall;
-pub mod firewall6;
 mod firewall_maps;
 pub mod fullnat;
 mod half_open;

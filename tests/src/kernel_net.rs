@@ -261,6 +261,7 @@ pub fn service(
         health: None,
         on_backend_down: lb_userspace::config::OnBackendDown::KeepFlows,
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+        source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
         backends,
         limits: Default::default(),
         proxy_protocol: None,

@@ -17,10 +17,11 @@ use lb_common::Verdict;
 use lb_tests::{
     kernel_frames::{answer, from},
     kernel_net::{
-        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, expect_rule, lab_config,
-        ns_per_packet, prefix, rule_counts, udp,
+        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS, WEB_PORT, backend,
+        expect_rule, lab_config, ns_per_packet, prefix, rule_counts, service, udp,
     },
 };
+use lb_userspace::config::{Config, Forwarding, Protocol};
 use lb_userspace::dataplane::MapName;
 use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 
@@ -299,6 +300,7 @@ fn rate_limit_bucket_empties_then_refills() {
 /// The firewall's cost per packet, firewall empty vs 10,000 prefixes. Not a
 /// check: a measurement, run by hand:
 /// `cargo xtask test --test kernel_firewall -- --ignored firewall_cost --nocapture`
+/// (with `LB_BASE_OBJECT=path/to/lb-ebpf`, another build's object beside).
 /// Stateless cases, so BPF_PROG_TEST_RUN can repeat them: an established
 /// DSR flow (never reaches the firewall), and packets to the VIP on a port
 /// without a service (the new-flow path up to the service lookup, through
@@ -310,6 +312,9 @@ fn rate_limit_bucket_empties_then_refills() {
 fn firewall_cost_ns_per_packet() {
     const REPEAT: u32 = 1_000_000;
     const ROUNDS: usize = 15;
+    // With `LB_BASE_OBJECT` (the `lb` object of another build, e.g. main's),
+    // that object's data planes are measured in the same rounds.
+    let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
     let net = TestNet::new();
     net.run(|| {
         let empty_cfg = lab_config();
@@ -319,14 +324,28 @@ fn firewall_cost_ns_per_packet() {
         loaded_cfg.firewall.deny = (0..10_000)
             .map(|i| prefix(&format!("10.{}.{}.0/24", 200 + i / 256, i % 256)))
             .collect();
-        let mut empty = Harness::new(&empty_cfg);
-        let mut loaded = Harness::new(&loaded_cfg);
-        let front = empty.front;
+        let Harness {
+            dp: empty, front, ..
+        } = Harness::new(&empty_cfg);
+        let mut planes = vec![("", empty, Harness::new(&loaded_cfg).dp)];
+        if let Some(object) = &base {
+            let load = |cfg| {
+                let mut dp =
+                    lb_userspace::dataplane::Dataplane::load_object(object, 65536).expect("base");
+                dp.apply(cfg).expect("apply base");
+                dp
+            };
+            planes.push(("base object, ", load(&empty_cfg), load(&loaded_cfg)));
+        }
         let src = [10, 100, 0, 1];
         let syn = from(src, 49000, VIP_DSR, true);
-        for h in [&mut empty, &mut loaded] {
-            let f = h.front;
-            h.expect(f, &syn, XDP_REDIRECT, Verdict::Forwarded);
+        for (_, e, l) in &mut planes {
+            for dp in [e, l] {
+                assert_eq!(
+                    lb_tests::kernel_net::test_run(dp, front, &syn).0,
+                    XDP_REDIRECT
+                );
+            }
         }
         let est = from(src, 49000, VIP_DSR, false);
         // To the VIP on a port without a service: the new-flow path up to the
@@ -339,13 +358,477 @@ fn firewall_cost_ns_per_packet() {
             to_vip([10, 239, 16, 1]),
             to_vip([10, 239, 15, 7]),
         );
-        loaded.expect(front, &denied, XDP_DROP, Verdict::DropFirewallDeny);
-        loaded.expect(front, &near, XDP_PASS, Verdict::PassNoService);
+        for (_, _, loaded) in &mut planes {
+            assert_eq!(
+                lb_tests::kernel_net::test_run(loaded, front, &denied).0,
+                XDP_DROP
+            );
+            assert_eq!(
+                lb_tests::kernel_net::test_run(loaded, front, &near).0,
+                XDP_PASS
+            );
+        }
         let cases: [(&str, &[u8]); 4] = [
             ("established DSR flow", &est),
             ("new-flow path, source far from the rules", &far),
             ("new-flow path, source next to the rules", &near),
             ("new-flow path, source denied (loaded)", &denied),
+        ];
+        let mut samples = vec![vec![[Vec::new(), Vec::new()]; cases.len()]; planes.len()];
+        for _ in 0..ROUNDS {
+            for (c, (_, frame)) in cases.iter().enumerate() {
+                for (p, (_, empty, loaded)) in planes.iter_mut().enumerate() {
+                    samples[p][c][0].push(ns_per_packet(empty, front, frame, REPEAT));
+                    samples[p][c][1].push(ns_per_packet(loaded, front, frame, REPEAT));
+                }
+            }
+        }
+        let median = |s: &mut Vec<f64>| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        };
+        for ((name, _, _), plane) in planes.iter().zip(samples) {
+            for ((what, _), [mut e, mut l]) in cases.iter().zip(plane) {
+                let (e, l) = (median(&mut e), median(&mut l));
+                eprintln!(
+                    "{name}{what:<52} empty {e:>6.1} ns   10k prefixes {l:>6.1} ns   {:+.1} ns",
+                    l - e
+                );
+            }
+        }
+    });
+}
+
+// ---- the firewall over IPv6 (issue 24) ----
+//
+// The test namespace made dual-stack as kernel_v6.rs makes it: the front
+// 2001:db8:18::1/64, the back 2001:db8:19::1/64 with web1..3 at ::11..::13
+// (their MACs, static neighbours), IPv6 forwarding on for
+// `bpf_fib_lookup`. Sources are anywhere: only the webs' side is routed.
+
+const VIP_NAT6: &str = "2001:db8:18::10";
+const VIP_DSR6: &str = "2001:db8:18::20";
+
+fn prefix6(text: &str) -> lb_userspace::config::Prefix6 {
+    lb_userspace::config::Prefix6::parse(text).expect("IPv6 prefix")
+}
+
+fn v6(text: &str) -> [u8; 16] {
+    text.parse::<std::net::Ipv6Addr>().expect("IPv6").octets()
+}
+
+/// The back side of the dual-stack namespace (see above).
+fn webs_over_ipv6(net: &TestNet) {
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:18::1/64",
+        "dev",
+        "f0",
+        "nodad",
+    ]);
+    net.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:19::1/64",
+        "dev",
+        "b0",
+        "nodad",
+    ]);
+    for (i, mac) in WEB_MACS.iter().enumerate() {
+        let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        let web = format!("2001:db8:19::{}", 11 + i);
+        net.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &web,
+            "lladdr",
+            &mac.join(":"),
+            "dev",
+            "b0",
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+/// The lab's config plus IPv6 `www6` (NAT66, 80 → the webs' 8080) and
+/// `dsr6` (DSR, 80).
+fn config6() -> Config {
+    let mut cfg = lab_config();
+    let svc = |name: &str, vip: &str, f: Forwarding, port: u16| {
+        let webs = (0..3)
+            .map(|i| {
+                let mut b = backend(&format!("web{}", i + 1), [0; 4], port);
+                b.address = format!("[2001:db8:19::{}]:{port}", 11 + i)
+                    .parse()
+                    .expect("web");
+                b
+            })
+            .collect();
+        let mut s = service(name, [0; 4], 80, Protocol::Tcp, f, webs);
+        s.vip = format!("[{vip}]:80").parse().expect("vip");
+        s
+    };
+    cfg.services.extend([
+        svc("www6", VIP_NAT6, Forwarding::Nat, WEB_PORT),
+        svc("dsr6", VIP_DSR6, Forwarding::Dsr, 80),
+    ]);
+    cfg
+}
+
+/// A TCP segment `src`:`sport` → `dst`:80 as the client sends it: a SYN,
+/// or (with `ack`) an ACK.
+fn tcp6(src: &str, sport: u16, dst: &str, ack: Option<(u32, u32)>) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC).ipv6(v6(src), v6(dst), 64);
+    let b = match ack {
+        None => b.tcp(sport, 80, 1000, 64240).syn(),
+        Some((seq, ack)) => b.tcp(sport, 80, seq, 64240).ack(ack),
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).expect("tcp6");
+    out
+}
+
+fn id_of(applied: &[lb_userspace::dataplane::AppliedService], name: &str) -> u32 {
+    applied.iter().find(|s| s.name == name).expect(name).id
+}
+
+/// IPv6 deny and allow prefixes, global and per service, with IPv4's
+/// verdicts and rule counters: a denied /48 dropped (global, any IPv6
+/// service), deny wins over a wider allow, a service's allow list refuses
+/// every other source (for that service only), an allowed /64 balanced;
+/// IPv4's rules beside them unchanged; established IPv6 flows are not
+/// filtered when a live change denies their source, its new flows are.
+#[test]
+fn ipv6_deny_and_allow_prefixes_global_and_per_service() {
+    use lb_common::FW_GLOBAL;
+    let net = TestNet::new();
+    webs_over_ipv6(&net);
+    net.run(|| {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
+        let mut cfg = config6();
+        cfg.firewall.deny = vec![prefix("203.0.113.0/24")];
+        cfg.firewall.deny6 = vec![prefix6("2001:db8:66::/48")];
+        let www6 = cfg
+            .services
+            .iter_mut()
+            .find(|s| s.name == "www6")
+            .expect("www6");
+        www6.firewall.deny6 = vec![prefix6("2001:db8:77::/64")];
+        www6.firewall.allow6 = vec![prefix6("2001:db8:18::/64"), prefix6("2001:db8:77::/48")];
+        let mut h = Harness::new(&cfg);
+        let applied = h.dp.apply(&cfg).expect("apply");
+        let www6 = id_of(&applied, "www6");
+        assert_eq!(rule_counts(&h.dp).len(), 5, "{:?}", rule_counts(&h.dp));
+        for (what, frame, action, verdict, rule) in [
+            (
+                "a denied /48, global: dropped on any IPv6 service",
+                tcp6("2001:db8:66:5::9", 42000, VIP_DSR6, None),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 2001:db8:66::/48")),
+            ),
+            (
+                "inside www6's deny /64 and allow /48: deny wins",
+                tcp6("2001:db8:77::9", 42001, VIP_NAT6, None),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((www6, "deny 2001:db8:77::/64")),
+            ),
+            (
+                "the allow /48 outside the denied /64",
+                tcp6("2001:db8:77:1::9", 42002, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                Some((www6, "allow 2001:db8:77::/48")),
+            ),
+            (
+                "outside www6's allow list",
+                tcp6("2001:db8:99::1", 42003, VIP_NAT6, None),
+                XDP_DROP,
+                Verdict::DropFirewallNotAllowed,
+                None,
+            ),
+            (
+                "www6's allow list does not apply to dsr6",
+                tcp6("2001:db8:99::1", 42004, VIP_DSR6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                None,
+            ),
+            (
+                "the client's allowed /64, balanced",
+                tcp6("2001:db8:18::2", 42005, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                Some((www6, "allow 2001:db8:18::/64")),
+            ),
+            (
+                "an IPv6 ACK without a flow is a new flow, filtered",
+                tcp6("2001:db8:66::1", 42006, VIP_NAT6, Some((1001, 1))),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 2001:db8:66::/48")),
+            ),
+            (
+                "IPv4's global deny, as before",
+                from([203, 0, 113, 9], 42007, VIP, true),
+                XDP_DROP,
+                Verdict::DropFirewallDeny,
+                Some((FW_GLOBAL, "deny 203.0.113.0/24")),
+            ),
+            (
+                "an IPv4 client: the IPv6 rules are not its",
+                from(CLIENT, 42008, VIP, true),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+                None,
+            ),
+        ] {
+            expect_rule(&mut h, what, &frame, action, verdict, rule);
+        }
+        // An established IPv6 flow: dsr6's (DSR: the client's ACK of the
+        // SYN-ACK establishes it; the LB never sees the SYN-ACK).
+        let client = "2001:db8:18::2";
+        expect_rule(
+            &mut h,
+            "dsr6 SYN",
+            &tcp6(client, 42100, VIP_DSR6, None),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        let ack = tcp6(client, 42100, VIP_DSR6, Some((1001, 5001)));
+        expect_rule(
+            &mut h,
+            "dsr6 ACK",
+            &ack,
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        // Live: deny the client's /64 globally.
+        let mut live = cfg.clone();
+        live.firewall.deny6.push(prefix6("2001:db8:18::/64"));
+        h.dp.apply(&live).expect("apply live deny");
+        expect_rule(
+            &mut h,
+            "established IPv6 flow of a newly denied source",
+            &ack,
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+        expect_rule(
+            &mut h,
+            "new IPv6 flow of a newly denied source",
+            &tcp6(client, 42101, VIP_DSR6, None),
+            XDP_DROP,
+            Verdict::DropFirewallDeny,
+            Some((FW_GLOBAL, "deny 2001:db8:18::/64")),
+        );
+        // Every IPv6 rule removed: the rules that stayed kept their ids and
+        // counters; the sources of IPv6 rules are let in again.
+        let before = rule_counts(&h.dp);
+        let mut open = cfg.clone();
+        open.firewall.deny6.clear();
+        for s in &mut open.services {
+            s.firewall = Default::default();
+        }
+        h.dp.apply(&open).expect("apply without IPv6 rules");
+        let after = rule_counts(&h.dp);
+        let global = (FW_GLOBAL, "deny 203.0.113.0/24".to_owned());
+        assert_eq!(after.keys().collect::<Vec<_>>(), [&global]);
+        assert_eq!(after[&global], before[&global]);
+        expect_rule(
+            &mut h,
+            "no IPv6 rules left",
+            &tcp6("2001:db8:66::5", 42009, VIP_NAT6, None),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+            None,
+        );
+    });
+}
+
+/// IPv6 rate limits: per /64 (`per = "/64"`), two addresses of one /64
+/// share a bucket (its burst, then DropRateLimited), another /64 has its
+/// own; the bucket is keyed by the masked address (read back from
+/// FW_BUCKETS6) and refills with time (injected by moving its timestamp
+/// back); per address (`per6` 128) on another service.
+#[test]
+fn ipv6_rate_limit_per_64_shares_a_bucket_across_the_prefix() {
+    use aya::maps::HashMap as AyaHashMap;
+    use lb_common::{Bucket, maps6::BucketKey6};
+    use lb_userspace::config::RateLimit;
+    let net = TestNet::new();
+    webs_over_ipv6(&net);
+    net.run(|| {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
+        let mut cfg = config6();
+        let limit = |per6| RateLimit {
+            per6,
+            new_flows_per_second: 1,
+            burst: 2,
+            per: 32,
+        };
+        for s in &mut cfg.services {
+            match s.name.as_str() {
+                "www6" => s.firewall.rate_limit = Some(limit(64)),
+                "dsr6" => s.firewall.rate_limit = Some(limit(128)),
+                _ => {}
+            }
+        }
+        let mut h = Harness::new(&cfg);
+        let applied = h.dp.apply(&cfg).expect("apply");
+        let www6 = id_of(&applied, "www6");
+        for (what, src, port, action, verdict) in [
+            (
+                "first of the /64",
+                "2001:db8:18::2",
+                43000,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+            (
+                "another address, same /64",
+                "2001:db8:18::3",
+                43001,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+            (
+                "a third address: the /64's bucket is empty",
+                "2001:db8:18::ffff:4",
+                43002,
+                XDP_DROP,
+                Verdict::DropRateLimited,
+            ),
+            (
+                "another /64, its own bucket",
+                "2001:db8:18:1::2",
+                43003,
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            ),
+        ] {
+            h.expect_case(
+                what,
+                h.front,
+                &tcp6(src, port, VIP_NAT6, None),
+                action,
+                verdict,
+            );
+        }
+        // Per address on dsr6: two addresses of one /64, two buckets.
+        for (src, port) in [("2001:db8:18::2", 43010), ("2001:db8:18::3", 43011)] {
+            for i in 0..2 {
+                h.expect_case(
+                    "per address: each its burst",
+                    h.front,
+                    &tcp6(src, port + 100 * i, VIP_DSR6, None),
+                    XDP_REDIRECT,
+                    Verdict::Forwarded,
+                );
+            }
+        }
+        h.expect_case(
+            "per address: the address's bucket is empty",
+            h.front,
+            &tcp6("2001:db8:18::2", 43400, VIP_DSR6, None),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+        // www6's bucket is the /64's, keyed by the masked address.
+        {
+            let map =
+                h.dp.ebpf()
+                    .map_mut(MapName::FW_BUCKETS6.name())
+                    .expect("FW_BUCKETS6");
+            let mut buckets: AyaHashMap<_, BucketKey6, Bucket> =
+                AyaHashMap::try_from(map).expect("bucket map");
+            let key = BucketKey6 {
+                scope: www6,
+                addr: lb_common::ipv6::addr_of(v6("2001:db8:18::")),
+            };
+            let mut bucket = buckets.get(&key, 0).expect("the /64's bucket");
+            assert!(bucket.tokens < lb_common::FW_NS, "empty: {bucket:?}");
+            // Two seconds ago: two tokens back (1/s, burst 2).
+            bucket.last_ns -= 2 * lb_common::FW_NS;
+            buckets.insert(key, bucket, 0).expect("age the bucket");
+        }
+        for port in [43500, 43501] {
+            h.expect_case(
+                "refilled",
+                h.front,
+                &tcp6("2001:db8:18::77", port, VIP_NAT6, None),
+                XDP_REDIRECT,
+                Verdict::Forwarded,
+            );
+        }
+        h.expect_case(
+            "empty again",
+            h.front,
+            &tcp6("2001:db8:18::78", 43502, VIP_NAT6, None),
+            XDP_DROP,
+            Verdict::DropRateLimited,
+        );
+    });
+}
+
+/// The IPv6 firewall's cost per packet, firewall empty vs 10 000 global
+/// IPv6 deny /64s: the new-flow path up to the service lookup (UDP to the
+/// IPv6 VIP on a port without a service: stateless), from a source far
+/// from the rules, one just past them (the deepest walk, then a miss) and
+/// one they deny. Not a check: a measurement, run by hand:
+/// `cargo xtask test -- --test kernel_firewall -- --ignored firewall_cost_ipv6 --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn firewall_cost_ipv6_ns_per_packet() {
+    const REPEAT: u32 = 1_000_000;
+    const ROUNDS: usize = 15;
+    let net = TestNet::new();
+    net.run(|| {
+        let empty_cfg = config6();
+        let mut loaded_cfg = config6();
+        // 10,000 /64s in 2001:db8:100::/48 .. 2001:db8:127:f::/64.
+        loaded_cfg.firewall.deny6 = (0..10_000)
+            .map(|i| {
+                prefix6(&format!(
+                    "2001:db8:{:x}:{:x}::/64",
+                    0x100 + i / 256,
+                    i % 256
+                ))
+            })
+            .collect();
+        let mut empty = Harness::new(&empty_cfg);
+        let mut loaded = Harness::new(&loaded_cfg);
+        let front = empty.front;
+        let to_vip = |src: &str| {
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+                .ipv6(v6(src), v6(VIP_NAT6), 64)
+                .udp(49001, 9)
+                .write(&mut out, b"x")
+                .expect("udp6");
+            out
+        };
+        let (far, near, denied) = (
+            to_vip("2001:db8:18::2"),
+            to_vip("2001:db8:127:10::1"),
+            to_vip("2001:db8:127:f::7"),
+        );
+        loaded.expect(front, &denied, XDP_DROP, Verdict::DropFirewallDeny);
+        loaded.expect(front, &near, XDP_PASS, Verdict::PassNoService);
+        empty.expect(front, &denied, XDP_PASS, Verdict::PassNoService);
+        let cases: [(&str, &[u8]); 3] = [
+            ("IPv6 new-flow path, source far from the rules", &far),
+            ("IPv6 new-flow path, source next to the rules", &near),
+            ("IPv6 new-flow path, source denied (loaded)", &denied),
         ];
         let mut samples = vec![[Vec::new(), Vec::new()]; cases.len()];
         for _ in 0..ROUNDS {

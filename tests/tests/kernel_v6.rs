@@ -728,3 +728,76 @@ fn web_of_mac(frame: &[u8]) -> usize {
         .position(|m| frame[..6] == m[..])
         .unwrap_or_else(|| panic!("not to a web's MAC: {frame:02x?}"))
 }
+
+/// `source-ip` on a prefix (`source-ip-prefix = 64`): every address of a
+/// client's /64 reaches one backend (a client rotating its interface
+/// identifiers keeps its backend), while /64s spread over the webs; on the
+/// whole address (the default, 128) addresses of one /64 spread too, so
+/// the prefix is what keeps them together.
+#[test]
+fn source_ip_on_a_64_keeps_a_prefix_on_one_backend() {
+    use lb_userspace::config::Scheduler;
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let mut cfg = config_v6();
+        let dsr6 = cfg
+            .services
+            .iter_mut()
+            .find(|s| s.name == "dsr6")
+            .expect("dsr6");
+        dsr6.scheduler = Scheduler::SourceIp;
+        dsr6.source_ip_prefix = 64;
+        let mut h = Harness::new(&cfg);
+        // Client `net`:`host` in 2001:db8:18:NET::HOST.
+        let client = |net: u16, host: u16| {
+            let mut a = CLIENT_V6;
+            a[6..8].copy_from_slice(&net.to_be_bytes());
+            a[8..10].copy_from_slice(&host.to_be_bytes());
+            a[14..16].copy_from_slice(&host.to_be_bytes());
+            a
+        };
+        let web_of = |h: &mut Harness, src: [u8; 16], sport: u16| {
+            let syn = tcp6(
+                (CLIENT_MAC, FRONT_MAC),
+                (src, sport),
+                (VIP_DSR6, 80),
+                64,
+                Seg::Syn(9),
+                &[],
+            );
+            web_of_mac(&h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded))
+        };
+        let mut sport = 50000;
+        let mut webs_of_64s = std::collections::BTreeSet::new();
+        for net in 0..12u16 {
+            let mut webs = std::collections::BTreeSet::new();
+            for host in 1..=8u16 {
+                sport += 1;
+                webs.insert(web_of(&mut h, client(net, host), sport));
+            }
+            assert_eq!(
+                webs.len(),
+                1,
+                "/64 number {net}: one web for all its addresses"
+            );
+            webs_of_64s.extend(webs);
+        }
+        assert!(webs_of_64s.len() > 1, "12 /64s over more than one web");
+        // The whole address: one /64's addresses spread.
+        let dsr6 = cfg
+            .services
+            .iter_mut()
+            .find(|s| s.name == "dsr6")
+            .expect("dsr6");
+        dsr6.source_ip_prefix = 128;
+        h.dp.apply(&cfg).expect("apply source-ip on /128");
+        let mut webs = std::collections::BTreeSet::new();
+        for host in 1..=16u16 {
+            sport += 1;
+            webs.insert(web_of(&mut h, client(0, host), sport));
+        }
+        assert!(webs.len() > 1, "per address, one /64 spreads over the webs");
+    });
+}

@@ -41,7 +41,9 @@ pub use health::{
 pub use pool::{Pool, PoolMember};
 pub use proxy::ProxyProtocol;
 use raw::RawConfig;
-pub use service::{Backend, OnBackendDown, Protocol, Scheduler, Service, ServiceLimits};
+pub use service::{
+    Backend, OnBackendDown, Protocol, SOURCE_IP_WHOLE, Scheduler, Service, ServiceLimits,
+};
 pub use sync::{MIN_KEY_LEN, Sync};
 use validate::Validator;
 

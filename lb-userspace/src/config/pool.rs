@@ -123,6 +123,7 @@ impl Pool {
                 scheduler: Scheduler::RoundRobin,
                 // Round robin: the Maglev table size is not used.
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
                 health: None,
                 on_backend_down,
                 backends: backends.clone(),

@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, de::IntoDeserializer};
 
 use super::{
     Backend, CheckKind, Config, DnsTransport, Forwarding, HealthCheck, OnBackendDown, Protocol,
-    RateLimit, Scheduler, Service, UdpExpect, XdpMode, duration,
+    RateLimit, SOURCE_IP_WHOLE, Scheduler, Service, UdpExpect, XdpMode, duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -96,6 +96,7 @@ pub(super) struct RawService {
     pub(super) forwarding: Option<Forwarding>,
     pub(super) scheduler: Option<RawScheduler>,
     pub(super) maglev_table_size: Option<i64>,
+    pub(super) source_ip_prefix: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) on_backend_down: Option<OnBackendDown>,
     pub(super) backends: Option<Vec<RawBackend>>,
@@ -255,6 +256,8 @@ impl From<&Service> for RawService {
                 .scheduler
                 .uses_maglev()
                 .then_some(i64::from(s.maglev_table_size)),
+            source_ip_prefix: (s.source_ip_prefix != SOURCE_IP_WHOLE)
+                .then_some(i64::from(s.source_ip_prefix)),
             health: s.health.as_ref().map(RawHealth::from),
             on_backend_down: Some(s.on_backend_down),
             backends: Some(s.backends.iter().map(RawBackend::from).collect()),

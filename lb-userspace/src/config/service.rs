@@ -90,6 +90,9 @@ impl Scheduler {
     }
 }
 
+/// `source-ip-prefix` unset: `source-ip` hashes the client's whole address.
+pub const SOURCE_IP_WHOLE: u8 = lb_common::maps6::SOURCE_PREFIX_WHOLE;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub name: String,
@@ -99,6 +102,10 @@ pub struct Service {
     pub scheduler: Scheduler,
     /// Slots of the Maglev table (prime; `maglev` and `source-ip` only).
     pub maglev_table_size: u32,
+    /// `source-ip-prefix`: the IPv6 client prefix length a `source-ip`
+    /// service hashes ([`SOURCE_IP_WHOLE`]: the whole address; 64: every
+    /// address of a client's /64 reaches one backend).
+    pub source_ip_prefix: u8,
     pub health: Option<HealthCheck>,
     /// What happens to flows pinned to a backend that health checks mark down.
     pub on_backend_down: OnBackendDown,
@@ -244,6 +251,12 @@ impl Validator<'_> {
             raw.maglev_table_size,
             &backends,
         )?;
+        let source_ip_prefix = self.source_ip_prefix(
+            &key("source-ip-prefix"),
+            scheduler,
+            vip,
+            raw.source_ip_prefix,
+        )?;
         let firewall = self.service_firewall(
             &format!("service[{i}]"),
             raw.deny_from,
@@ -263,6 +276,7 @@ impl Validator<'_> {
             forwarding,
             scheduler,
             maglev_table_size,
+            source_ip_prefix,
             health,
             on_backend_down,
             backends,
@@ -301,10 +315,10 @@ impl Validator<'_> {
 
     /// The one gate between a valid IPv6 service and the agent, run after
     /// every other rule (so the operator sees the service's real mistakes
-    /// first): the data plane balances IPv6 services in NAT and DSR; full
-    /// NAT, the tunnels, and the firewall's IPv6 rules and rate limits of
-    /// IPv6 sources are not built for IPv6 yet (issue 24), so a service
-    /// that needs them is rejected here, by the key that asks for it.
+    /// first): the data plane balances IPv6 services in NAT and DSR, with
+    /// the firewall's IPv6 rules and rate limits; full NAT and the tunnels
+    /// are not built for IPv6 yet (issue 24), so a service that needs them
+    /// is rejected here, by the key that asks for it.
     pub(super) fn data_plane_balances(
         &self,
         prefix: &str,
@@ -323,18 +337,6 @@ impl Validator<'_> {
                      only so far (full NAT and the tunnels over IPv6 are not built, issue 24)"
                 ),
             ));
-        }
-        let fw = &service.firewall;
-        for (field, set) in [
-            ("deny-from", !fw.deny6.is_empty()),
-            ("allow-from", !fw.allow6.is_empty()),
-        ] {
-            if set {
-                return Err(self.err(key(field), ipv6_firewall_not_built(vip)));
-            }
-        }
-        if fw.rate_limit.is_some() {
-            return Err(self.err(key("rate-limit"), ipv6_rate_limit_not_built(vip)));
         }
         Ok(())
     }
@@ -532,6 +534,40 @@ impl Validator<'_> {
 
     /// `maglev-table-size`: only for the Maglev schedulers; a prime, at
     /// most `MAGLEV_MAX`, and at least as many slots as backends in a group.
+    /// `source-ip-prefix`: 1 to 128, an IPv6 `source-ip` service's only
+    /// (IPv4 clients are hashed by their whole address).
+    fn source_ip_prefix(
+        &self,
+        key: &str,
+        scheduler: Scheduler,
+        vip: SocketAddr,
+        raw: Option<i64>,
+    ) -> Result<u8, ConfigError> {
+        let Some(len) = raw else {
+            return Ok(SOURCE_IP_WHOLE);
+        };
+        if scheduler != Scheduler::SourceIp {
+            return Err(self.err(
+                key,
+                format!(
+                    "has no effect with scheduler = \"{}\"; it sets the client prefix \
+                     \"source-ip\" hashes",
+                    scheduler.name()
+                ),
+            ));
+        }
+        if vip.is_ipv4() {
+            return Err(self.err(
+                key,
+                format!(
+                    "{vip} is an IPv4 VIP: \"source-ip\" hashes an IPv4 client's whole \
+                     address; source-ip-prefix groups IPv6 clients (e.g. 64 for a /64)"
+                ),
+            ));
+        }
+        self.in_range(len, 1..i64::from(SOURCE_IP_WHOLE) + 1, key)
+    }
+
     fn maglev_table_size(
         &self,
         key: &str,
@@ -576,20 +612,4 @@ impl Validator<'_> {
         }
         Ok(size)
     }
-}
-
-/// Why an IPv6 service cannot have IPv6 firewall prefixes yet.
-pub(super) fn ipv6_firewall_not_built(vip: SocketAddr) -> String {
-    format!(
-        "the data plane's firewall holds IPv4 prefixes only so far: IPv6 prefixes cannot \
-         filter the IPv6 service {vip} yet (issue 24)"
-    )
-}
-
-/// Why an IPv6 service cannot be under a rate limit yet.
-pub(super) fn ipv6_rate_limit_not_built(vip: SocketAddr) -> String {
-    format!(
-        "the data plane rate-limits IPv4 sources only so far: the IPv6 service {vip} cannot \
-         have a rate limit yet (issue 24)"
-    )
 }

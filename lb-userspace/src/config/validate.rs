@@ -171,42 +171,24 @@ impl Validator<'_> {
         }
         let pools = self.pools(raw_pools, &mut services)?;
         self.monitoring_clear_of_vips(monitoring.as_ref(), &services)?;
-        // The global scope of an IPv6 service: as its own (service.rs
-        // `data_plane_balances`), no IPv6 prefixes or rate limit yet.
-        if let Some(svc) = services.iter().find(|s| s.vip.is_ipv6()) {
-            for (key, set) in [
-                ("firewall.deny", !firewall.deny6.is_empty()),
-                ("firewall.allow", !firewall.allow6.is_empty()),
-            ] {
-                if set {
-                    return Err(self.err(key, super::service::ipv6_firewall_not_built(svc.vip)));
-                }
-            }
-            if firewall.rate_limit.is_some() {
-                return Err(self.err(
-                    "firewall.rate-limit",
-                    super::service::ipv6_rate_limit_not_built(svc.vip),
-                ));
-            }
-        }
-        // Every prefix of every scope is one rule with its own counter; each
-        // family's rules fill a trie of their own.
-        let count = |f: &Firewall| (f.deny.len() + f.allow.len(), f.deny6.len() + f.allow6.len());
-        let (mut rules, mut rules6) = count(&firewall);
+        // Every prefix of every scope is one rule with its own counter (one
+        // id space over both families; each family's rules fill a trie of
+        // their own).
+        let count = |f: &Firewall| f.deny.len() + f.allow.len() + f.deny6.len() + f.allow6.len();
+        let mut rules = count(&firewall);
         for (i, s) in services.iter().enumerate() {
-            let (v4, v6) = count(&s.firewall);
-            (rules, rules6) = (rules + v4, rules6 + v6);
-            if rules.max(rules6) > MAX_FW_RULES as usize {
+            rules += count(&s.firewall);
+            if rules > MAX_FW_RULES as usize {
                 return Err(self.err(
                     format!("service[{i}]"),
                     format!(
-                        "more than {MAX_FW_RULES} firewall rules (prefixes) of one family \
+                        "more than {MAX_FW_RULES} firewall rules (prefixes of both families) \
                          across [firewall] and every service"
                     ),
                 ));
             }
         }
-        if rules.max(rules6) > MAX_FW_RULES as usize {
+        if rules > MAX_FW_RULES as usize {
             return Err(self.err(
                 "firewall",
                 format!("more than {MAX_FW_RULES} firewall rules (prefixes)"),

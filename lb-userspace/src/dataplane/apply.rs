@@ -51,8 +51,10 @@ impl Dataplane {
         self.set_flow_conf(cfg.dataplane.flow_conf())?;
         // Full NAT's sources before any full-NAT service is published.
         self.set_fnat_conf(cfg)?;
-        // A new service is published with its firewall rules in place.
+        // A new service is published with its firewall rules in place, and
+        // an IPv6 source-ip service with the client prefix it hashes.
         self.firewall_additions(&fw)?;
+        self.set_source_prefixes6(cfg, &service_ids)?;
         let moved = self.write(&plan)?;
         self.firewall_removals(&fw)?;
         self.fw = fw.next;
@@ -462,6 +464,27 @@ impl Dataplane {
             .collect();
         for vip in stale {
             remove_if_present(&mut map, MapName::VIPS, &vip)?;
+        }
+        Ok(())
+    }
+
+    /// `SOURCE_MASKS6`: each IPv6 service's `source-ip-prefix` as a mask
+    /// (the whole address unless set; read only by `source-ip`).
+    fn set_source_prefixes6(
+        &mut self,
+        cfg: &Config,
+        service_ids: &BTreeMap<String, u32>,
+    ) -> Result<()> {
+        let mut ipv6 = cfg.services.iter().filter(|s| s.vip.is_ipv6()).peekable();
+        if ipv6.peek().is_none() {
+            return Ok(());
+        }
+        let mut map = self.array::<Addr6>(MapName::SOURCE_MASKS6)?;
+        for svc in ipv6 {
+            if let Some(&id) = service_ids.get(&svc.name) {
+                let mask = firewall::prefix_mask6(svc.source_ip_prefix);
+                set(&mut map, MapName::SOURCE_MASKS6, id, mask)?;
+            }
         }
         Ok(())
     }

@@ -330,6 +330,7 @@ mod tests {
             health: None,
             on_backend_down: crate::config::OnBackendDown::KeepFlows,
             maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+            source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
             backends: vec![
                 backend([198, 19, 0, 11]),
                 backend([198, 19, 0, 12]),

@@ -610,6 +610,7 @@ mod tests {
             forwarding: Forwarding::Nat,
             scheduler: Scheduler::RoundRobin,
             maglev_table_size: maglev::MAGLEV_DEFAULT_SIZE,
+            source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
             health: None,
             on_backend_down: OnBackendDown::KeepFlows,
             backends: backends.into_iter().map(backend).collect(),

@@ -45,6 +45,7 @@ fn service(name: &str, health: Option<HealthCheck>, backends: Vec<Backend>) -> S
         health,
         on_backend_down: OnBackendDown::KeepFlows,
         maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+        source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
         backends,
         limits: Default::default(),
         proxy_protocol: None,

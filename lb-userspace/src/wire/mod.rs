@@ -133,7 +133,7 @@ pub enum FirewallChange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum RuleEdit {
-    /// Add a prefix (e.g. 203.0.113.0/24) to the list
+    /// Add a prefix (e.g. 203.0.113.0/24, or IPv6 2001:db8:66::/48) to the list
     Add {
         prefix: String,
         /// The service's list (allow-from/deny-from) instead of [firewall]'s

@@ -84,6 +84,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 health: None,
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
                 backends: vec![Backend {
                     name: "10.0.1.1:443".to_owned(),
                     address: addr("10.0.1.1:443"),
@@ -117,6 +118,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
                 backends: vec![
                     Backend {
                         name: "a".to_owned(),
@@ -148,6 +150,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 health: Some(tcp_defaults),
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
                 backends: vec![Backend {
                     name: "10.0.1.3:80".to_owned(),
                     address: addr("10.0.1.3:80"),
@@ -181,6 +184,7 @@ backends = [{ address = "10.0.1.3:80" }]
                 }),
                 on_backend_down: OnBackendDown::KeepFlows,
                 maglev_table_size: lb_common::maglev::MAGLEV_DEFAULT_SIZE,
+                source_ip_prefix: lb_common::maps6::SOURCE_PREFIX_WHOLE,
                 backends: vec![Backend {
                     name: "10.0.1.3:80".to_owned(),
                     address: addr("10.0.1.3:80"),
@@ -1044,4 +1048,46 @@ fn ipv6_nat_and_dsr_services_are_accepted() {
         );
         assert_eq!(www.backends.len(), 2, "{forwarding}");
     }
+}
+
+#[test]
+fn ipv6_firewall_rules_rate_limits_and_source_ip_prefix_are_accepted() {
+    let text = one_service(
+        "scheduler = \"source-ip\"\nsource-ip-prefix = 64\n\
+         deny-from = [\"2001:db8:66::/48\", \"203.0.113.0/24\"]\n\
+         allow-from = [\"2001:db8:1::/64\"]\n\
+         rate-limit = { new-flows-per-second = 10, burst = 20, per = \"/64\" }",
+        r#"{ address = "[2001:db8:19::11]:80" }"#,
+    )
+    .replace("\"198.18.0.10:80\"", "\"[2001:db8:18::10]:80\"")
+    .replace(
+        "[[service]]",
+        "[firewall]\ndeny = [\"2001:db8:bad::/48\"]\n\
+         rate-limit = { new-flows-per-second = 100, per = \"/56\" }\n[[service]]",
+    );
+    let cfg = parse_ok(&text);
+    let www = &cfg.services[0];
+    assert_eq!(www.source_ip_prefix, 64);
+    assert_eq!(
+        www.firewall.deny_texts(),
+        ["203.0.113.0/24", "2001:db8:66::/48"]
+    );
+    assert_eq!(www.firewall.allow_texts(), ["2001:db8:1::/64"]);
+    let limit = www.firewall.rate_limit.expect("rate limit");
+    assert_eq!((limit.per, limit.per6, limit.burst), (32, 64, 20));
+    assert_eq!(cfg.firewall.deny_texts(), ["2001:db8:bad::/48"]);
+    assert_eq!(cfg.firewall.rate_limit.map(|r| r.per6), Some(56));
+    // Written back and read again (a live change's check), unchanged.
+    let again = crate::config::check(&cfg, std::path::Path::new("again")).expect("again");
+    assert_eq!(again.services[0].source_ip_prefix, 64);
+    assert_eq!(again.services[0].firewall, www.firewall);
+    // Unset: the whole address.
+    let plain = parse_ok(
+        &one_service(
+            "scheduler = \"source-ip\"",
+            r#"{ address = "[2001:db8:19::11]:80" }"#,
+        )
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8:18::10]:80\""),
+    );
+    assert_eq!(plain.services[0].source_ip_prefix, 128);
 }

@@ -219,12 +219,25 @@ rejections! {
     vip_ipv6_tunnel_not_built: one_service("forwarding = \"ipip\"", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
         => "service[0].forwarding", "[2001:db8::10]:80 is an IPv6 VIP: the data plane balances IPv6 in \"nat\" and \"dsr\" only so far";
-    vip_ipv6_deny_prefix_not_built: one_service("deny-from = [\"2001:db8:66::/48\"]", r#"{ address = "[2001:db8::11]:80" }"#)
+    // The firewall over IPv6 (issue 24): its prefixes and rate limits are
+    // checked like IPv4's, by key.
+    vip_ipv6_deny_prefix_host_bits: one_service("deny-from = [\"2001:db8:66::1/48\"]", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
-        => "service[0].deny-from", "IPv6 prefixes cannot filter the IPv6 service [2001:db8::10]:80 yet";
-    vip_ipv6_rate_limit_not_built: one_service("rate-limit = { new-flows-per-second = 10 }", r#"{ address = "[2001:db8::11]:80" }"#)
+        => "service[0].deny-from[0]", "\"2001:db8:66::1/48\" has host bits set: did you mean \"2001:db8:66::/48\"?";
+    vip_ipv6_rate_limit_per_bad: one_service("rate-limit = { new-flows-per-second = 10, per = \"64\" }", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
-        => "service[0].rate-limit", "cannot have a rate limit yet";
+        => "service[0].rate-limit.per", "from \"/33\" to \"/128\" (e.g. \"/64\"; IPv6 sources), got \"64\"";
+    source_ip_prefix_without_source_ip: one_service("source-ip-prefix = 64", r#"{ address = "[2001:db8::11]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].source-ip-prefix", "has no effect with scheduler = \"round-robin\"";
+    source_ip_prefix_ipv4: one_service("scheduler = \"source-ip\"\nsource-ip-prefix = 24", B1)
+        => "service[0].source-ip-prefix", "198.18.0.10:80 is an IPv4 VIP";
+    source_ip_prefix_too_long: one_service("scheduler = \"source-ip\"\nsource-ip-prefix = 129", r#"{ address = "[2001:db8::11]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].source-ip-prefix", "must be between 1 and 128, got 129";
+    source_ip_prefix_zero: one_service("scheduler = \"source-ip\"\nsource-ip-prefix = 0", r#"{ address = "[2001:db8::11]:80" }"#)
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+        => "service[0].source-ip-prefix", "must be between 1 and 128, got 0";
     // An IPv6 service goes through every rule of a service before the
     // data plane's gate (config/service.rs `data_plane_balances`).
     ipv6_backend_twice_before_the_gate: one_service("", r#"{ address = "[2001:db8::11]:80" }, { address = "[2001:db8::11]:80" }"#)
