@@ -26,6 +26,7 @@ mod facts;
 pub mod firewall;
 pub mod firewall6;
 mod firewall_maps;
+mod flows6;
 pub mod fullnat;
 mod half_open;
 mod handles;
@@ -40,6 +41,7 @@ mod tunnel;
 pub use established::{EstablishedTable, InsertError, Inserted};
 pub use facts::{FlowFacts, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;
+pub use flows6::Flows6;
 pub use half_open::{HalfOpenTable, LockedSlot, SlotTable};
 pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
@@ -161,8 +163,8 @@ impl TableSizes {
     /// takes two), `None` for the others (sized by the object).
     pub fn entries(&self, map: MapName) -> Option<u32> {
         let flows = match map {
-            MapName::CONNTRACK | MapName::ESTABLISHED => self.conntrack,
-            MapName::HALF_OPEN => self.half_open,
+            MapName::CONNTRACK | MapName::ESTABLISHED | MapName::ESTABLISHED6 => self.conntrack,
+            MapName::HALF_OPEN | MapName::HALF_OPEN6 => self.half_open,
             _ => return None,
         };
         Some(flows.saturating_mul(2))

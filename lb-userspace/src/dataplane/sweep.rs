@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use aya::maps::{Array, MapData, MapError};
 use lb_common::{
     Backend, Flow, FlowConf, FlowKey,
+    family::FlowTuple,
     flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
     headers::IPPROTO_TCP,
 };
@@ -62,10 +63,31 @@ pub fn expired(
     now: u32,
     pressure: bool,
 ) -> Vec<FlowKey> {
-    let idle = |key: &FlowKey, flow: &Flow| {
-        is_expired(conf, key.protocol, flow, now)
+    let pair = |key: &FlowKey, flow: &Flow| {
+        if flow.direction == REPLY {
+            Some(forward_key(key, flow))
+        } else if flow.vip != 0 {
+            backend(flow.backend_id).map(|b| reply_key(key, &b))
+        } else {
+            None
+        }
+    };
+    expired_by(entries, pair, conf, now, pressure)
+}
+
+/// [`expired`] over either family's entries: `pair` gives an entry's other
+/// direction (a NAT flow's reply or forward key), `None` for a DSR flow.
+pub fn expired_by<K: FlowTuple + Eq + std::hash::Hash>(
+    entries: &StdHashMap<K, Flow>,
+    pair: impl Fn(&K, &Flow) -> Option<K>,
+    conf: &FlowConf,
+    now: u32,
+    pressure: bool,
+) -> Vec<K> {
+    let idle = |key: &K, flow: &Flow| {
+        is_expired(conf, key.protocol(), flow, now)
             || (pressure
-                && key.protocol == IPPROTO_TCP
+                && key.protocol() == IPPROTO_TCP
                 && flow.state == STATE_ESTABLISHED
                 && now.wrapping_sub(flow.seen) > LONG_IDLE)
     };
@@ -74,16 +96,9 @@ pub fn expired(
         if !idle(key, flow) {
             continue;
         }
-        let pair = if flow.direction == REPLY {
-            Some(forward_key(key, flow))
-        } else if flow.vip != 0 {
-            backend(flow.backend_id).map(|b| reply_key(key, &b))
-        } else {
-            None
-        };
         // Each entry decides for itself; an idle pair decides the same way,
         // so both go together. A live pair keeps both.
-        match pair.and_then(|p| entries.get(&p).map(|f| (p, f))) {
+        match pair(key, flow).and_then(|p| entries.get(&p).map(|f| (p, f))) {
             Some((p, f)) if !idle(&p, f) => {}
             _ => gone.push(*key),
         }
@@ -94,7 +109,7 @@ pub fn expired(
 /// What one sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Entries removed, both tables.
+    /// Entries removed, every table (both families).
     pub removed: u64,
     /// Established flows removed per backend id (added to `FLOWS_SWEPT`).
     pub swept: BTreeMap<u32, u64>,
@@ -113,6 +128,8 @@ pub struct Sweeper {
     swept: Array<MapData, u64>,
     /// Full NAT's claims (`FNAT_REPLIES`).
     claims: super::fullnat::ClaimMap,
+    /// IPv6's tables, swept by the same rule.
+    v6: super::Flows6,
     /// Established entries the tables are rated for (two per NAT flow:
     /// twice `conntrack-size`).
     capacity: u64,
@@ -135,6 +152,7 @@ impl Dataplane {
             conf: self.owned_array(MapName::FLOW_CONF)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             claims: self.claim_map()?,
+            v6: self.flows6()?,
         })
     }
 }
@@ -216,6 +234,7 @@ impl Sweeper {
                 .map(|(k, _)| k)
                 .collect()
         });
+        self.v6.sweep(&conf, now, &mut report)?;
         report.claims = self.sweep_claims(&conf, now)?;
         for (&id, &n) in &report.swept {
             let before = self
