@@ -349,3 +349,41 @@ fn a_restarted_agent_adopts_ipv6s_established_flows() {
         }
     });
 }
+
+/// The verifier accepts IPv6's stages with the tables' new code; prints how
+/// many instructions it processed for each (of 1 000 000; run with
+/// `--nocapture`): the programs that use this data plane's `ESTABLISHED6`.
+#[test]
+fn the_verifier_reports_ipv6s_stages_instruction_counts() {
+    let net = TestNet::new();
+    net.run(|| {
+        let h = Harness::new(&small_tables());
+        let ours = h
+            .dp
+            .map_data(MapName::ESTABLISHED6)
+            .expect("ESTABLISHED6")
+            .info()
+            .expect("info")
+            .id();
+        let mut seen = Vec::new();
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let uses_ours = info
+                .map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&ours));
+            let name = info.name_as_str().unwrap_or_default().to_owned();
+            if !uses_ours || !name.starts_with("lb_v6") {
+                continue;
+            }
+            let count = info
+                .verified_instruction_count()
+                .expect("the kernel reports a verified instruction count");
+            println!("{name}: verified_instruction_count = {count}");
+            assert!(count > 0 && count < 1_000_000, "{name}: {count}");
+            seen.push(name);
+        }
+        seen.sort();
+        assert_eq!(seen, ["lb_v6", "lb_v6_setup"]);
+    });
+}
