@@ -144,14 +144,9 @@ pub fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
 /// bits counted per flow) to the lab's VIP6, port 80.
 pub fn syn_flood_round6(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
     let src = format!("2001:db8:66:{round:x}::1");
-    pktgen_to(
-        lab,
-        dst_mac,
-        &format!("[{VIP6}]:{HTTP_PORT}"),
-        &src,
-        ROUND,
-        "tcp-syn",
-    )
+    // An IPv6 TCP SYN frame is 74 bytes.
+    let dst = format!("[{VIP6}]:{HTTP_PORT}");
+    pktgen_to(lab, dst_mac, (&dst, 74), &src, ROUND, "tcp-syn")
 }
 
 /// `lb pktgen --proto PROTO` from the client's `eth0` to the VIP: `flows`
@@ -160,20 +155,21 @@ pub fn syn_flood_round6(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> 
 /// `tcp-syn` run and a `tcp-ack` run make spoofed SYN + ACK pairs.
 pub fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> Result<String> {
     let dst = format!("{VIP}:{HTTP_PORT}");
-    pktgen_to(lab, dst_mac, &dst, src, flows, proto)
+    pktgen_to(lab, dst_mac, (&dst, 64), src, flows, proto)
 }
 
-/// [`pktgen`] to `dst` (either family's `ADDR:PORT`, IPv6 in brackets).
+/// [`pktgen`] to `dst` (either family's `ADDR:PORT`, IPv6 in brackets),
+/// frames of `size` bytes.
 pub fn pktgen_to(
     lab: &Lab,
     dst_mac: &str,
-    dst: &str,
+    (dst, size): (&str, usize),
     src: &str,
     flows: u32,
     proto: &str,
 ) -> Result<String> {
     let bin = lb_bin().display().to_string();
-    let (flows, rate) = (flows.to_string(), FLOOD_RATE.to_string());
+    let (flows, rate, size) = (flows.to_string(), FLOOD_RATE.to_string(), size.to_string());
     lab.exec_ok(
         &lab.client_ns(),
         &[
@@ -195,6 +191,8 @@ pub fn pktgen_to(
             &rate,
             "--proto",
             proto,
+            "--size",
+            &size,
         ],
     )
 }

@@ -358,13 +358,12 @@ fn the_verifier_reports_ipv6s_stages_instruction_counts() {
     let net = TestNet::new();
     net.run(|| {
         let h = Harness::new(&small_tables());
-        let ours = h
-            .dp
-            .map_data(MapName::ESTABLISHED6)
-            .expect("ESTABLISHED6")
-            .info()
-            .expect("info")
-            .id();
+        let ours =
+            h.dp.map_data(MapName::ESTABLISHED6)
+                .expect("ESTABLISHED6")
+                .info()
+                .expect("info")
+                .id();
         let mut seen = Vec::new();
         for info in aya::programs::loaded_programs().filter_map(Result::ok) {
             let uses_ours = info

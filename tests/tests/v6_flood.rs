@@ -116,8 +116,8 @@ fn held_ipv6_and_ipv4_connections_survive_a_spoofed_ipv6_syn_flood() -> Result<(
         }
         // New IPv6 connections after the flood: each served, round robin
         // over every web.
-        let fresh = keepalive6(lab, 2 * WEB_NAMES.len())
-            .context("new IPv6 connections after the flood")?;
+        let fresh =
+            keepalive6(lab, 2 * WEB_NAMES.len()).context("new IPv6 connections after the flood")?;
         let servers: BTreeSet<&str> = fresh.iter().map(|(_, s)| s.as_str()).collect();
         ensure!(
             servers.len() == WEB_NAMES.len(),
