@@ -266,6 +266,9 @@ impl Dataplane {
     }
 }
 
+/// IPv6 flow-table entries as (key as packets arrive, entry).
+pub type Entries6 = Vec<(FlowKey6, Flow)>;
+
 /// An owned handle on a flow table.
 pub(super) type FlowMap = HashMap<MapData, FlowKey, Flow>;
 
@@ -330,7 +333,7 @@ impl FlowTable {
 
     /// IPv6's established entries and its live half-open ones (two per NAT
     /// flow, as directions).
-    pub fn v6_entries(&self) -> Result<(Vec<(FlowKey6, Flow)>, Vec<(FlowKey6, Flow)>)> {
+    pub fn v6_entries(&self) -> Result<(Entries6, Entries6)> {
         let conf = self.flow_conf()?;
         let now = super::sweep::now_ticks();
         Ok((self.v6.established()?, self.v6.half_open_live(&conf, now)?))

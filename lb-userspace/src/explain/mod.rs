@@ -333,7 +333,7 @@ fn backends_names(view: &ServiceView) -> String {
             b.name,
             b.address,
             b.admin.to_string(),
-            b.health.to_string(),
+            b.health,
         );
     }
     out
