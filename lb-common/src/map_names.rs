@@ -209,10 +209,12 @@ maps! {
     BACKENDS6: Pinning::Pinned;
     /// IPv6 NAT services' backend endpoints.
     NAT_BACKENDS6: Pinning::Pinned;
-    /// IPv6 flows that have not completed a handshake (both directions).
-    HALF_OPEN6: Pinning::Pinned;
-    /// IPv6 established flows (both directions).
-    ESTABLISHED6: Pinning::Pinned;
+    /// IPv6 flows that have not completed a handshake (both directions),
+    /// sized by `half-open-size` as `HALF_OPEN`.
+    HALF_OPEN6: Pinning::PinnedSized { config_key: "half-open-size" };
+    /// IPv6 established flows (both directions), sized by `conntrack-size`
+    /// as `ESTABLISHED`.
+    ESTABLISHED6: Pinning::PinnedSized { config_key: "conntrack-size" };
     /// Full NAT's source addresses and port range.
     FNAT_CONF: Pinning::Pinned;
     /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).

@@ -33,8 +33,9 @@ pub const STAGE_V6: u32 = 2;
 /// `STAGES` index of IPv6's second stage (`lb_v6_setup`), tail-called by
 /// `lb_v6` after an established-table miss.
 pub const STAGE_V6_SETUP: u32 = 3;
-/// Entries of IPv6's flow tables, each (two per NAT flow): fixed for now,
-/// not sized by the config.
+/// Entries of IPv6's flow tables in the object (two per NAT flow); the
+/// agent sizes them at load as IPv4's: `ESTABLISHED6` twice
+/// `conntrack-size`, `HALF_OPEN6` twice `half-open-size`.
 pub const FLOWS6_SIZE: u32 = 65_536;
 
 /// `SERVICES6` key: (VIP, port, protocol), as [`crate::ServiceKey`].
@@ -95,6 +96,36 @@ impl FlowKey6 {
             sport: ports.source,
             dport: ports.dest,
             protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The reply key (backend → client) of the NAT flow whose forward key
+    /// this is, its backend at `addr`, `port` (raw network order): as
+    /// [`crate::flow::reply_key`].
+    pub const fn reply_of(&self, addr: Addr6, port: u16) -> FlowKey6 {
+        FlowKey6 {
+            saddr: addr,
+            daddr: self.saddr,
+            sport: port,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The forward key (client → VIP) of the NAT flow whose reply key this
+    /// is, to `vip` (its service's, `SERVICE_VIPS6`) and the reply entry's
+    /// `vport`: as [`crate::flow::forward_key`].
+    pub const fn forward_of(&self, vip: Addr6, vport: u16) -> FlowKey6 {
+        FlowKey6 {
+            saddr: self.daddr,
+            daddr: vip,
+            sport: self.dport,
+            dport: vport,
+            protocol: self.protocol,
             _pad0: 0,
             _pad1: 0,
         }
@@ -238,4 +269,30 @@ mod pod {
     unsafe impl aya::Pod for super::FwKey6 {}
     unsafe impl aya::Pod for super::BucketKey6 {}
     unsafe impl aya::Pod for super::FwScratch6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nat_flows_keys_lead_to_each_other() {
+        let client = [0x2001_0db8u32.to_be(), 0, 0, 2u32.to_be()];
+        let vip = [0x2001_0db8u32.to_be(), 0, 0, 0x10u32.to_be()];
+        let backend = [0xfd00_0000u32.to_be(), 0, 0, 5u32.to_be()];
+        let forward = FlowKey6 {
+            saddr: client,
+            daddr: vip,
+            sport: 41234u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol: 6,
+            ..FlowKey6::default()
+        };
+        let reply = forward.reply_of(backend, 8080u16.to_be());
+        assert_eq!(
+            (reply.saddr, reply.daddr, reply.sport, reply.dport),
+            (backend, client, 8080u16.to_be(), 41234u16.to_be())
+        );
+        assert_eq!(reply.forward_of(vip, forward.dport), forward);
+    }
 }

@@ -98,7 +98,6 @@ pub(crate) trait PathFamily: Family + Sized {
     fn answered(slot: Self::Slot, key: &Self::FlowKey, reply: &Flow, flags: u8, seq: u32);
     fn record(slot: Self::Slot, forward: &Self::FlowKey, state: u32, seq: u32);
     fn close(key: &Self::FlowKey, flow: &mut Flow);
-    fn restarted_by_syn(table: Table, key: &Self::FlowKey, flow: &Flow) -> bool;
     fn promote(key: &Self::FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32);
     fn create(
         key: &Self::FlowKey,

@@ -910,22 +910,19 @@ fn overflow_insert(key: &FlowKey, flow: &Flow, nat: bool, reply: &Flow) -> bool 
     true
 }
 
-/// A SYN on a tuple whose entry belongs to a finished connection (closing)
-/// or to a backend that takes no new flows (drained, down, disabled,
-/// removed: not in its service's ring): the client reused a source port, so
-/// this is a new connection. The old flow is removed; the caller treats the
-/// SYN as a miss and schedules it afresh.
+/// Does a SYN on this flow start a new connection? Yes if its entry belongs
+/// to a finished connection (closing) or to a backend that takes no new
+/// flows (drained, down, disabled, removed: not in its service's ring): the
+/// client reused a source port. The caller removes the old flow from its
+/// family's table and treats the SYN as a miss, scheduled afresh. One rule
+/// for both families.
 #[inline(always)]
-pub(crate) fn restarted_by_syn(table: Table, key: &FlowKey, flow: &Flow) -> bool {
+pub(crate) fn restarts_on_syn(flow: &Flow) -> bool {
     let retired = match BACKENDS.get(flow.backend_id) {
         Some(b) => b.flags & BACKEND_F_IN_RING == 0,
         None => true,
     };
-    if !retired && flow.state != STATE_CLOSING {
-        return false;
-    }
-    remove_flow(table, key, flow);
-    true
+    retired || flow.state == STATE_CLOSING
 }
 
 /// The per-CPU new-flow budget: false once this CPU inserted

@@ -6,15 +6,20 @@
 //!   NAT flow as two entries (forward: client → VIP; reply: backend →
 //!   client). New flows only ever evict each other here: no number of
 //!   spoofed SYNs reaches an established flow.
-//! - `ESTABLISHED6` (LRU): flows promoted by the client's packet that
-//!   completes the handshake (`flow::confirms`), two entries per NAT flow.
-//!   Entries leave when a packet finds them expired (FIN/RST's closing
-//!   timeout, idle), or evicted when the table is full.
+//! - `ESTABLISHED6` (a plain hash, never evicting): flows promoted by the
+//!   client's packet that completes the handshake (`flow::confirms`), two
+//!   entries per NAT flow. Entries leave when a packet finds them expired
+//!   (FIN/RST's closing timeout, idle), when the agent's sweep finds them
+//!   expired (`lb-userspace/src/dataplane/flows6.rs`), or when their
+//!   backend's id is purged; never to make room. A flow confirmed while
+//!   the table is full stays half-open (still forwarded), as IPv4's does
+//!   when its overflow is full: an established flow is never displaced by
+//!   new ones (IPv4's guarantee, `flow_table::place`).
 //!
-//! Why hashes: a first instance that the verifier walks on IPv6's own
-//! budget, with IPv4's layouts and code untouched; `maps6.rs` has the
-//! slot layouts (`HalfOpenSlot6`, `EstablishedSlot6`) a set-associative
-//! IPv6 table would use (docs/architecture.md, "IPv6", what is left).
+//! Both are sized by the config (`conntrack-size`, `half-open-size`: two
+//! entries per flow, as IPv4's), pinned and adopted with the others.
+//! `maps6.rs` has the slot layouts (`HalfOpenSlot6`, `EstablishedSlot6`) a
+//! set-associative IPv6 table would use (docs/architecture.md, "IPv6").
 //!
 //! A reply entry's VIP is its service's (`SERVICE_VIPS6`): `Flow::vip`
 //! holds 4 bytes; in a forward entry it is 1 in a NAT flow (the marker "has
@@ -22,10 +27,13 @@
 //! state and `seq` while half-open (`record` writes both), as IPv4's one
 //! slot does.
 
-use aya_ebpf::{macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
 use core::ptr::write_volatile;
 use lb_common::{
-    BACKEND_F_IN_RING, Flow, NextHop,
+    Flow, NextHop,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, answer, is_expired},
     ipv6::Addr6,
     maps6::{Endpoint6, FLOWS6_SIZE, FlowKey6},
@@ -41,12 +49,14 @@ use crate::{
 #[map]
 pub(crate) static HALF_OPEN6: LruHashMap<FlowKey6, Flow> =
     LruHashMap::with_max_entries(FLOWS6_SIZE, 0);
-/// IPv6 established flows, both directions.
+/// IPv6 established flows, both directions: a hash that never evicts.
 #[map]
-pub(crate) static ESTABLISHED6: LruHashMap<FlowKey6, Flow> =
-    LruHashMap::with_max_entries(FLOWS6_SIZE, 0);
+pub(crate) static ESTABLISHED6: HashMap<FlowKey6, Flow> = HashMap::with_max_entries(FLOWS6_SIZE, 0);
 
 const BPF_NOEXIST: u64 = 1;
+/// `-EEXIST`: an insert's key is there already (any other failure of a
+/// `BPF_NOEXIST` insert is a full table: `-E2BIG`).
+const EEXIST: i32 = -17;
 
 /// The `HALF_OPEN6` entry a half-open copy was read from.
 #[derive(Clone, Copy)]
@@ -310,21 +320,6 @@ pub(crate) fn close(key: &FlowKey6, flow: &mut Flow) {
     }
 }
 
-/// A SYN on a closing flow, or on one pinned to a backend out of its ring
-/// (a reused source port): the old flow is removed, the SYN is a new flow.
-#[inline(always)]
-pub(crate) fn restarted_by_syn(table: Table, key: &FlowKey6, flow: &Flow) -> bool {
-    let retired = match BACKENDS.get(flow.backend_id) {
-        Some(b) => b.flags & BACKEND_F_IN_RING == 0,
-        None => true,
-    };
-    if !retired && flow.state != STATE_CLOSING {
-        return false;
-    }
-    remove_flow(table, key, flow);
-    true
-}
-
 /// A new entry of a flow, in the scratch entry.
 #[inline(always)]
 fn entry(backend_id: u32, service_id: u32, now: u32, direction: u8) -> Option<&'static mut Flow> {
@@ -394,7 +389,8 @@ fn create_reply(key: &FlowKey6, service_id: u32, backend_id: u32, state: u32, no
 /// The client confirmed a half-open flow (`flow`, its copy): its entries
 /// move to `ESTABLISHED6` and it counts as active. Each direction starts
 /// its sender's sequence at what the segment shows (`seq`, `ack`). If the
-/// flow is there already, only the half-open entries go.
+/// flow is there already, only the half-open entries go; if the table is
+/// full, nothing moves (the flow stays half-open, still forwarded).
 // Out of line: IPv6's keys are 40 bytes, and the stage's one 512-byte
 // frame had no room for this inlined.
 #[inline(never)]
@@ -404,10 +400,18 @@ pub(crate) fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: 
     flow.state = STATE_ESTABLISHED;
     flow.seen = now;
     flow.seq = seq;
-    // An LRU insert fails only on an existing key: the flow is there.
-    if ESTABLISHED6.insert(key, &*flow, BPF_NOEXIST).is_err() {
-        clear_half_open(key, nat, flow.backend_id);
-        return;
+    match ESTABLISHED6.insert(key, &*flow, BPF_NOEXIST) {
+        Ok(()) => {}
+        // The flow is there already (a retransmitted confirmation).
+        Err(EEXIST) => {
+            clear_half_open(key, nat, flow.backend_id);
+            return;
+        }
+        // Full: nothing established is displaced; the flow stays half-open.
+        Err(_) => {
+            flow.state = state;
+            return;
+        }
     }
     if nat {
         let (Some(reply_key), Some(reply)) = (

@@ -251,7 +251,8 @@ fn established<F: PathFamily>(
         return Some(transmit::reverse_nat(ctx, pkt, key, flow));
     }
     // Only a TCP SYN pays for this branch; established packets go on.
-    if opens_connection(seg.flags) && F::restarted_by_syn(Table::Established, key, flow) {
+    if opens_connection(seg.flags) && flows::restarts_on_syn(flow) {
+        F::remove_flow(Table::Established, key, flow);
         return None;
     }
     Some(forward(ctx, pkt, key, flow, Table::Established, now))
@@ -283,7 +284,8 @@ fn half_open<F: PathFamily>(
         }
         return Some(transmit::reverse_nat(ctx, pkt, key, flow));
     }
-    if opens_connection(seg.flags) && F::restarted_by_syn(Table::HalfOpen, key, flow) {
+    if opens_connection(seg.flags) && flows::restarts_on_syn(flow) {
+        F::remove_flow(Table::HalfOpen, key, flow);
         return None;
     }
     let tcp = key.protocol() == IPPROTO_TCP;

@@ -166,11 +166,6 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn restarted_by_syn(table: Table, key: &FlowKey, flow: &Flow) -> bool {
-        flows::restarted_by_syn(table, key, flow)
-    }
-
-    #[inline(always)]
     fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
         flows::promote(key, flow, seq, ack, now);
     }

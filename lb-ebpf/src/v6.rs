@@ -246,11 +246,6 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn restarted_by_syn(table: Table, key: &FlowKey6, flow: &Flow) -> bool {
-        flows6::restarted_by_syn(table, key, flow)
-    }
-
-    #[inline(always)]
     fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: u32) {
         flows6::promote(key, flow, seq, ack, now);
     }

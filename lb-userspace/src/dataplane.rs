@@ -25,6 +25,7 @@ mod established;
 mod facts;
 pub mod firewall;
 mod firewall_maps;
+mod flows6;
 pub mod fullnat;
 mod half_open;
 mod handles;
@@ -39,6 +40,7 @@ mod tunnel;
 pub use established::{EstablishedTable, InsertError, Inserted};
 pub use facts::{FlowFacts, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;
+pub use flows6::Flows6;
 pub use half_open::{HalfOpenTable, LockedSlot, SlotTable};
 pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
@@ -160,8 +162,8 @@ impl TableSizes {
     /// takes two), `None` for the others (sized by the object).
     pub fn entries(&self, map: MapName) -> Option<u32> {
         let flows = match map {
-            MapName::CONNTRACK | MapName::ESTABLISHED => self.conntrack,
-            MapName::HALF_OPEN => self.half_open,
+            MapName::CONNTRACK | MapName::ESTABLISHED | MapName::ESTABLISHED6 => self.conntrack,
+            MapName::HALF_OPEN | MapName::HALF_OPEN6 => self.half_open,
             _ => return None,
         };
         Some(flows.saturating_mul(2))

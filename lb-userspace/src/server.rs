@@ -185,15 +185,21 @@ async fn with_flows(
         } else {
             Default::default()
         };
-        Ok::<_, crate::dataplane::DataplaneError>((table.per_backend()?, active?, ports))
+        Ok::<_, crate::dataplane::DataplaneError>((
+            table.per_backend()?,
+            active?,
+            ports,
+            table.v6_flows()?,
+        ))
     })
     .await;
-    let (counts, active, ports) = match counted {
+    let (counts, active, ports, v6) = match counted {
         Ok(Ok(counted)) => counted,
         Ok(Err(e)) => return Err(format!("counting flows: {e}")),
         Err(e) => return Err(format!("counting flows: {e}")),
     };
     status.conntrack.entries = counts.values().sum();
+    status.conntrack.entries_v6 = v6;
     for source in status
         .full_nat
         .iter_mut()

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_userspace::harness::{
-    lab::{HTTP_PORT, HttpConn, Lab, VIP, WEB_NAMES, vip_http},
+    lab::{HTTP_PORT, HttpConn, Lab, VIP, VIP6, WEB_NAMES, vip_http},
     netns::in_netns,
     xdp,
 };
@@ -140,17 +140,36 @@ pub fn syn_flood_round(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
     pktgen(lab, dst_mac, &src, ROUND, "tcp-syn")
 }
 
+/// IPv6's round: spoofed sources from 2001:db8:66:ROUND::1 (the low 32
+/// bits counted per flow) to the lab's VIP6, port 80.
+pub fn syn_flood_round6(lab: &Lab, dst_mac: &str, round: u32) -> Result<String> {
+    let src = format!("2001:db8:66:{round:x}::1");
+    // An IPv6 TCP SYN frame is 74 bytes.
+    let dst = format!("[{VIP6}]:{HTTP_PORT}");
+    pktgen_to(lab, dst_mac, (&dst, 74), &src, ROUND, "tcp-syn")
+}
+
 /// `lb pktgen --proto PROTO` from the client's `eth0` to the VIP: `flows`
 /// frames, one per spoofed source (from `src`, ports from 1024 first), at
 /// `FLOOD_RATE`. The same `src` and `flows` give the same tuples, so a
 /// `tcp-syn` run and a `tcp-ack` run make spoofed SYN + ACK pairs.
 pub fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> Result<String> {
+    let dst = format!("{VIP}:{HTTP_PORT}");
+    pktgen_to(lab, dst_mac, (&dst, 64), src, flows, proto)
+}
+
+/// [`pktgen`] to `dst` (either family's `ADDR:PORT`, IPv6 in brackets),
+/// frames of `size` bytes.
+pub fn pktgen_to(
+    lab: &Lab,
+    dst_mac: &str,
+    (dst, size): (&str, usize),
+    src: &str,
+    flows: u32,
+    proto: &str,
+) -> Result<String> {
     let bin = lb_bin().display().to_string();
-    let (flows, rate, dst) = (
-        flows.to_string(),
-        FLOOD_RATE.to_string(),
-        format!("{VIP}:{HTTP_PORT}"),
-    );
+    let (flows, rate, size) = (flows.to_string(), FLOOD_RATE.to_string(), size.to_string());
     lab.exec_ok(
         &lab.client_ns(),
         &[
@@ -161,7 +180,7 @@ pub fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> R
             "--dst-mac",
             dst_mac,
             "--dst",
-            &dst,
+            dst,
             "--src",
             src,
             "--flows",
@@ -172,6 +191,8 @@ pub fn pktgen(lab: &Lab, dst_mac: &str, src: &str, flows: u32, proto: &str) -> R
             &rate,
             "--proto",
             proto,
+            "--size",
+            &size,
         ],
     )
 }
@@ -191,12 +212,20 @@ pub fn front_mac(lab: &Lab) -> Result<String> {
 /// its ring is full on a busy machine, so frames sent are not frames
 /// received). Returns the frames seen and the generator's last report.
 pub fn syn_flood(lab: &Lab) -> Result<(u64, String)> {
+    syn_flood_with(lab, syn_flood_round)
+}
+
+/// [`syn_flood`] with `round` sending each round (IPv4's or IPv6's).
+pub fn syn_flood_with(
+    lab: &Lab,
+    round_of: impl Fn(&Lab, &str, u32) -> Result<String>,
+) -> Result<(u64, String)> {
     let mac = front_mac(lab)?;
     let before = front_xdp_packets(lab)?;
     let mut report = String::new();
-    for round in 0..MAX_ROUNDS {
-        report = syn_flood_round(lab, &mac, round)
-            .with_context(|| format!("lb pktgen --proto tcp-syn, round {round}"))?;
+    for n in 0..MAX_ROUNDS {
+        report = round_of(lab, &mac, n)
+            .with_context(|| format!("lb pktgen --proto tcp-syn, round {n}"))?;
         let seen = front_xdp_packets(lab)? - before;
         if seen >= u64::from(FLOOD) {
             return Ok((seen, report));

@@ -108,40 +108,75 @@ impl Agent {
             .map(|s| format!("{} {}/{}", s.name, s.vip, s.protocol.name()))
             .collect();
         let Some(key) = query.key() else {
-            // IPv6: no IPv6 maps to read; the pure text says so.
-            return Ok(explain::explain(&query, &Default::default(), None, &on_vip));
+            return self.explain6(&query, &on_vip);
         };
         let facts = self.dp.flow_facts(&key).context("reading the maps")?;
-        let view = facts.service.as_ref().and_then(|f| {
-            let (svc, applied) = self
-                .cfg
-                .services
-                .iter()
-                .zip(&self.applied)
-                .find(|(_, a)| a.id == f.id)?;
-            Some(ServiceView {
-                name: svc.name.clone(),
-                forwarding: svc.forwarding,
-                scheduler: svc.scheduler,
-                backends: svc
-                    .backends
-                    .iter()
-                    .zip(&applied.backends)
-                    .map(|(b, (_, id))| {
-                        let standing = self.standing(svc, b);
-                        BackendView {
-                            id: *id,
-                            name: b.name.clone(),
-                            address: b.address.to_string(),
-                            admin: standing.admin,
-                            health: standing.health.into(),
-                            at_limit: standing.at_limit,
-                        }
-                    })
-                    .collect(),
-            })
-        });
+        let view = facts.service.as_ref().and_then(|f| self.service_view(f.id));
         Ok(explain::explain(&query, &facts, view.as_ref(), &on_vip))
+    }
+
+    /// `lb explain` of an IPv6 flow: its entry in IPv6's flow tables and
+    /// the agent's view of the service on its VIP.
+    fn explain6(&self, query: &FlowQuery, on_vip: &[String]) -> anyhow::Result<String> {
+        let key = query.key6().context("an IPv6 flow")?;
+        let found = self
+            .dp
+            .flows6()
+            .and_then(|t| t.lookup(&key))
+            .context("reading IPv6's flow tables")?;
+        let now = crate::dataplane::now_ticks();
+        let flow6 = found.map(|(established, entry)| explain::Flow6Facts {
+            established,
+            entry,
+            idle: now.wrapping_sub(entry.seen),
+        });
+        let view = self
+            .cfg
+            .services
+            .iter()
+            .zip(&self.applied)
+            .find(|(s, _)| {
+                s.vip == query.vip
+                    && crate::dataplane::protocol_number(s.protocol) == query.protocol
+            })
+            .and_then(|(_, a)| self.service_view(a.id));
+        Ok(explain::explain6(
+            query,
+            flow6.as_ref(),
+            view.as_ref(),
+            on_vip,
+        ))
+    }
+
+    /// The agent's view of service `id`: names, admin state, health.
+    fn service_view(&self, id: u32) -> Option<ServiceView> {
+        let (svc, applied) = self
+            .cfg
+            .services
+            .iter()
+            .zip(&self.applied)
+            .find(|(_, a)| a.id == id)?;
+        Some(ServiceView {
+            name: svc.name.clone(),
+            forwarding: svc.forwarding,
+            scheduler: svc.scheduler,
+            backends: svc
+                .backends
+                .iter()
+                .zip(&applied.backends)
+                .map(|(b, (_, id))| {
+                    let standing = self.standing(svc, b);
+                    BackendView {
+                        id: *id,
+                        name: b.name.clone(),
+                        address: b.address.to_string(),
+                        admin: standing.admin,
+                        health: standing.health.into(),
+                        at_limit: standing.at_limit,
+                    }
+                })
+                .collect(),
+        })
     }
 
     /// `lb firewall`: an edit goes through the one commit path (checked

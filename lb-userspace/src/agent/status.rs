@@ -108,6 +108,7 @@ impl Agent {
             conntrack: wire::ConntrackStatus {
                 // Counted off the loop with the flows per backend.
                 entries: 0,
+                entries_v6: 0,
                 capacity: self.cfg.dataplane.conntrack_size,
                 half_open_capacity: self.cfg.dataplane.half_open_size,
             },

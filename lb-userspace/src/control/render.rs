@@ -82,7 +82,8 @@ fn backends_table(backends: &[BackendStatus]) -> String {
 /// `lb status` as a table an operator can read at a glance.
 pub fn render(status: &Status) -> String {
     let mut out = format!(
-        "config {}  interfaces {}  pinned {}{}\nconntrack {}/{} flows  config generation {}\n",
+        "config {}  interfaces {}  pinned {}{}\nconntrack {}/{} flows (IPv4 {}, IPv6 {})  \
+         config generation {}\n",
         status.config,
         status.interfaces.join(","),
         status.pin_dir.as_deref().unwrap_or("no"),
@@ -93,6 +94,11 @@ pub fn render(status: &Status) -> String {
         },
         status.conntrack.entries,
         status.conntrack.capacity,
+        status
+            .conntrack
+            .entries
+            .saturating_sub(status.conntrack.entries_v6),
+        status.conntrack.entries_v6,
         status.agent.generation,
     );
     for s in &status.services {
@@ -298,6 +304,7 @@ mod tests {
             agent: AgentStatus::default(),
             conntrack: ConntrackStatus {
                 entries: 3,
+                entries_v6: 1,
                 capacity: 1024,
                 half_open_capacity: 1024,
             },
@@ -324,6 +331,7 @@ mod tests {
         for want in [
             "adopted",
             "conntrack 3/1024 flows",
+            "conntrack 3/1024 flows (IPv4 2, IPv6 1)",
             "full NAT: ports 1024-32767  allocation failures (drop_fnat_exhausted) 2",
             "  source 198.19.0.1  5 ports in use (3 in quarantine)",
             "web1",

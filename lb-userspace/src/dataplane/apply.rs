@@ -351,7 +351,7 @@ impl Dataplane {
             .clear_all(|_, f| ids.contains(&f.backend_id));
         self.established_table()?
             .clear_all(|_, f| ids.contains(&f.backend_id));
-        Ok(())
+        self.flows6()?.purge(ids)
     }
 
     /// Deletes one flow entry (by its key as it arrives) from both tables,

@@ -12,6 +12,7 @@ use lb_common::{
     Backend, Counters, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable,
     Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     flow::{REPLY, is_expired},
+    maps6::FlowKey6,
 };
 
 use super::{
@@ -71,6 +72,7 @@ impl Dataplane {
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             sync_opened: self.owned_array(MapName::SYNC_OPENED)?,
             fnat_claims: self.claim_map()?,
+            v6: self.flows6()?,
         })
     }
 
@@ -264,6 +266,9 @@ impl Dataplane {
     }
 }
 
+/// IPv6 flow-table entries as (key as packets arrive, entry).
+pub type Entries6 = Vec<(FlowKey6, Flow)>;
+
 /// An owned handle on a flow table.
 pub(super) type FlowMap = HashMap<MapData, FlowKey, Flow>;
 
@@ -279,6 +284,8 @@ pub struct FlowTable {
     sync_opened: Array<MapData, u64>,
     /// Full NAT's claims (`FNAT_REPLIES`): ports in use per source address.
     fnat_claims: super::fullnat::ClaimMap,
+    /// IPv6's tables.
+    v6: super::Flows6,
 }
 
 impl FlowTable {
@@ -288,11 +295,13 @@ impl FlowTable {
     pub fn per_backend(&self) -> Result<BTreeMap<u32, u64>> {
         let mut counts = BTreeMap::new();
         let half_open = self.half_open_live()?;
+        let (established6, half_open6) = self.v6_entries()?;
         for flow in self
             .established_entries()?
             .iter()
+            .chain(&half_open)
             .map(|(_, f)| f)
-            .chain(half_open.iter().map(|(_, f)| f))
+            .chain(established6.iter().chain(&half_open6).map(|(_, f)| f))
         {
             if flow.direction != REPLY {
                 *counts.entry(flow.backend_id).or_insert(0) += 1;
@@ -320,6 +329,31 @@ impl FlowTable {
         let mut all = self.established.entries();
         all.extend(snapshot(MapName::CONNTRACK, &self.conntrack)?);
         Ok(all)
+    }
+
+    /// IPv6's established entries and its live half-open ones (two per NAT
+    /// flow, as directions).
+    pub fn v6_entries(&self) -> Result<(Entries6, Entries6)> {
+        let conf = self.flow_conf()?;
+        let now = super::sweep::now_ticks();
+        Ok((self.v6.established()?, self.v6.half_open_live(&conf, now)?))
+    }
+
+    /// IPv6 flows in the tables, established and half-open (a NAT flow's
+    /// reply entry is not a second flow).
+    pub fn v6_flows(&self) -> Result<u64> {
+        let (established, half_open) = self.v6_entries()?;
+        Ok(established
+            .iter()
+            .chain(&half_open)
+            .filter(|(_, f)| f.direction != REPLY)
+            .count() as u64)
+    }
+
+    /// The IPv6 entry for `key`: `(true, entry)` if established, `(false,
+    /// entry)` if half-open.
+    pub fn lookup6(&self, key: &FlowKey6) -> Result<Option<(bool, Flow)>> {
+        self.v6.lookup(key)
     }
 
     /// Full NAT's claims per source address (one batched pass over

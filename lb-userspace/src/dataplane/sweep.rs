@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use aya::maps::{Array, MapData, MapError};
 use lb_common::{
     Backend, Flow, FlowConf, FlowKey,
+    family::FlowTuple,
     flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
     headers::IPPROTO_TCP,
 };
@@ -62,10 +63,31 @@ pub fn expired(
     now: u32,
     pressure: bool,
 ) -> Vec<FlowKey> {
-    let idle = |key: &FlowKey, flow: &Flow| {
-        is_expired(conf, key.protocol, flow, now)
+    let pair = |key: &FlowKey, flow: &Flow| {
+        if flow.direction == REPLY {
+            Some(forward_key(key, flow))
+        } else if flow.vip != 0 {
+            backend(flow.backend_id).map(|b| reply_key(key, &b))
+        } else {
+            None
+        }
+    };
+    expired_by(entries, pair, conf, now, pressure)
+}
+
+/// [`expired`] over either family's entries: `pair` gives an entry's other
+/// direction (a NAT flow's reply or forward key), `None` for a DSR flow.
+pub fn expired_by<K: FlowTuple + Eq + std::hash::Hash>(
+    entries: &StdHashMap<K, Flow>,
+    pair: impl Fn(&K, &Flow) -> Option<K>,
+    conf: &FlowConf,
+    now: u32,
+    pressure: bool,
+) -> Vec<K> {
+    let idle = |key: &K, flow: &Flow| {
+        is_expired(conf, key.protocol(), flow, now)
             || (pressure
-                && key.protocol == IPPROTO_TCP
+                && key.protocol() == IPPROTO_TCP
                 && flow.state == STATE_ESTABLISHED
                 && now.wrapping_sub(flow.seen) > LONG_IDLE)
     };
@@ -74,16 +96,9 @@ pub fn expired(
         if !idle(key, flow) {
             continue;
         }
-        let pair = if flow.direction == REPLY {
-            Some(forward_key(key, flow))
-        } else if flow.vip != 0 {
-            backend(flow.backend_id).map(|b| reply_key(key, &b))
-        } else {
-            None
-        };
         // Each entry decides for itself; an idle pair decides the same way,
         // so both go together. A live pair keeps both.
-        match pair.and_then(|p| entries.get(&p).map(|f| (p, f))) {
+        match pair(key, flow).and_then(|p| entries.get(&p).map(|f| (p, f))) {
             Some((p, f)) if !idle(&p, f) => {}
             _ => gone.push(*key),
         }
@@ -94,7 +109,7 @@ pub fn expired(
 /// What one sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Entries removed, both tables.
+    /// Entries removed, every table (both families).
     pub removed: u64,
     /// Established flows removed per backend id (added to `FLOWS_SWEPT`).
     pub swept: BTreeMap<u32, u64>,
@@ -115,6 +130,8 @@ pub struct Sweeper {
     claims: super::fullnat::ClaimMap,
     /// Full NAT's settings (`FNAT_CONF`: the quarantine).
     fnat_conf: Array<MapData, lb_common::FnatConf>,
+    /// IPv6's tables, swept by the same rule.
+    v6: super::Flows6,
     /// Established entries the tables are rated for (two per NAT flow:
     /// twice `conntrack-size`).
     capacity: u64,
@@ -138,6 +155,7 @@ impl Dataplane {
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             claims: self.claim_map()?,
             fnat_conf: self.owned_array(MapName::FNAT_CONF)?,
+            v6: self.flows6()?,
         })
     }
 }
@@ -246,6 +264,7 @@ impl Sweeper {
         for (tuple, claim) in &freed {
             super::fullnat::free(&mut self.claims, tuple, claim)?;
         }
+        self.v6.sweep(&conf, now, &mut report)?;
         report.claims = self.sweep_claims(&conf, now, quarantine)?;
         for (&id, &n) in &report.swept {
             let before = self

@@ -121,7 +121,7 @@ pub fn explain(
 ) -> String {
     let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
     let Some(key) = query.key() else {
-        return ipv6_not_explained_yet(&flow, vip_services);
+        return explain6(query, None, view, vip_services);
     };
     let mut out = String::new();
     let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
@@ -244,20 +244,99 @@ pub fn explain(
     out
 }
 
-/// An IPv6 flow's answer: the data plane balances IPv6 NAT and DSR services
-/// in IPv6 stages of their own (`lb_v6`, `lb_v6_setup`) with their own
-/// maps and flow tables, which `lb explain` does not read yet; it names
-/// the services configured on the VIP's address (`vip_services`).
-fn ipv6_not_explained_yet(flow: &str, vip_services: &[String]) -> String {
-    format!(
-        "{flow}: lb explain does not read IPv6's maps and flow tables yet (issue 24); \
-         the data plane balances IPv6 NAT and DSR services ({})\n",
+/// What IPv6's flow tables hold for a flow (`ESTABLISHED6`, `HALF_OPEN6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow6Facts {
+    /// In `ESTABLISHED6` (else half-open).
+    pub established: bool,
+    pub entry: lb_common::Flow,
+    /// Ticks (~1.07 s) since the flow's last packet.
+    pub idle: u32,
+}
+
+/// A flow entry's lifecycle state, by name.
+fn state_name(state: u32) -> &'static str {
+    use lb_common::flow::*;
+    match state {
+        STATE_NEW => "new (SYN seen)",
+        STATE_ESTABLISHED => "established",
+        STATE_CLOSING => "closing (FIN or RST seen)",
+        STATE_SYN_ACKED => "SYN-ACK seen",
+        STATE_PICKED_UP => "picked up mid-flow",
+        STATE_PICKED_UP_ANSWERED => "picked up, answered",
+        STATE_ACKED => "handshake ACK seen, unconfirmed",
+        _ => "unknown",
+    }
+}
+
+/// An IPv6 flow's answer, from IPv6's flow tables (`flow6`): the backend
+/// it is pinned to, its state and idle time; the services configured on
+/// the VIP's address (`vip_services`), and the service's backends (`view`).
+/// Not modelled for IPv6 yet: which backend a new flow would get.
+pub fn explain6(
+    query: &FlowQuery,
+    flow6: Option<&Flow6Facts>,
+    view: Option<&ServiceView>,
+    vip_services: &[String],
+) -> String {
+    let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
+    let mut out = format!(
+        "{flow}: {}\n",
         if vip_services.is_empty() {
-            "none is configured on this address".to_string()
+            "no service is configured on this address".to_string()
         } else {
-            format!("configured on this address: {}", vip_services.join(", "))
+            format!(
+                "services configured on this address: {}",
+                vip_services.join(", ")
+            )
         }
-    )
+    );
+    match flow6 {
+        Some(f) => {
+            let _ = writeln!(
+                out,
+                "{} in IPv6's flow table ({}), idle {} ticks (~{} s): pinned to {}; every \
+                 packet of this flow goes there",
+                if f.established {
+                    "established"
+                } else {
+                    "half-open"
+                },
+                state_name(f.entry.state),
+                f.idle,
+                u64::from(f.idle) * 1_073_741_824 / 1_000_000_000,
+                backend_name(view, f.entry.backend_id, None),
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "no entry in IPv6's flow tables: a packet of it is a new flow (which backend \
+                 IPv6's scheduler would pick is not modelled by lb explain yet)"
+            );
+        }
+    }
+    if let Some(view) = view {
+        out.push_str(&backends_names(view));
+    }
+    out
+}
+
+/// One line per backend of an IPv6 service: name, address, admin state
+/// and health (its ring is not read for IPv6).
+fn backends_names(view: &ServiceView) -> String {
+    let mut out = String::from("backends:\n");
+    for b in &view.backends {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<40} admin {:<8} health {}",
+            b.name,
+            b.address,
+            b.admin.to_string(),
+            b.health,
+        );
+    }
+    out
 }
 
 /// Which backend the scheduler picks for a new flow, and how sure that is.

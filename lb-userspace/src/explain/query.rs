@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use lb_common::{
     FlowKey,
     headers::{IPPROTO_TCP, IPPROTO_UDP},
+    ipv6::addr_of,
+    maps6::FlowKey6,
 };
 
 /// A flow as `lb explain` takes it: client → VIP, protocol.
@@ -65,6 +67,23 @@ impl FlowQuery {
         Some(FlowKey {
             saddr: u32::from_ne_bytes(client.ip().octets()),
             daddr: u32::from_ne_bytes(vip.ip().octets()),
+            sport: client.port().to_be(),
+            dport: vip.port().to_be(),
+            protocol: self.protocol,
+            _pad0: 0,
+            _pad1: 0,
+        })
+    }
+
+    /// The IPv6 flow-table key (`ESTABLISHED6`, `HALF_OPEN6`) of this
+    /// flow's client packets; `None` for an IPv4 flow.
+    pub fn key6(&self) -> Option<FlowKey6> {
+        let (SocketAddr::V6(client), SocketAddr::V6(vip)) = (self.client, self.vip) else {
+            return None;
+        };
+        Some(FlowKey6 {
+            saddr: addr_of(client.ip().octets()),
+            daddr: addr_of(vip.ip().octets()),
             sport: client.port().to_be(),
             dport: vip.port().to_be(),
             protocol: self.protocol,

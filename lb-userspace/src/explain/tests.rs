@@ -391,8 +391,27 @@ fn a_flow_from_a_peer_lb_says_so() {
 fn an_ipv6_flow_parses_and_is_answered_honestly() {
     let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
     assert_eq!(q.vip, "[2001:db8::10]:80".parse().expect("addr"));
-    assert_eq!(q.key(), None, "no IPv6 flow table to key");
-    // Whatever the IPv4 maps say, an IPv6 flow is not theirs.
+    assert_eq!(q.key(), None, "not an IPv4 flow");
+    let key6 = q.key6().expect("an IPv6 key");
+    assert_eq!(
+        (key6.sport, key6.dport, key6.protocol),
+        (
+            41234u16.to_be(),
+            80u16.to_be(),
+            lb_common::headers::IPPROTO_TCP
+        )
+    );
+    assert_eq!(
+        key6.saddr,
+        lb_common::ipv6::addr_of(
+            "2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets()
+        )
+    );
+    // Whatever the IPv4 maps say, an IPv6 flow is not theirs: IPv6's tables
+    // have no entry for it.
     let facts = FlowFacts {
         vip_known: true,
         ..FlowFacts::default()
@@ -400,17 +419,17 @@ fn an_ipv6_flow_parses_and_is_answered_honestly() {
     let text = explain(&q, &facts, None, &[]);
     assert!(
         text.starts_with(
-            "[2001:db8::2]:41234 → [2001:db8::10]:80/tcp: lb explain does not read IPv6's maps"
+            "[2001:db8::2]:41234 → [2001:db8::10]:80/tcp: no service is configured on this address"
         ),
         "{text}"
     );
     assert!(
-        text.contains("none is configured on this address"),
+        text.contains("no entry in IPv6's flow tables: a packet of it is a new flow"),
         "{text}"
     );
     let named = explain(&q, &facts, None, &["v6 [2001:db8::10]:80/tcp".into()]);
     assert!(
-        named.contains("configured on this address: v6 [2001:db8::10]:80/tcp"),
+        named.contains("services configured on this address: v6 [2001:db8::10]:80/tcp"),
         "{named}"
     );
     for (client, service, want) in [
@@ -425,4 +444,61 @@ fn an_ipv6_flow_parses_and_is_answered_honestly() {
         let e = FlowQuery::parse(client, service).expect_err("bad");
         assert!(format!("{e:#}").contains(want), "{client} {service}: {e:#}");
     }
+}
+
+#[test]
+fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
+    let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
+    let mut view = view();
+    view.backends[0].address = "[fd00::b1]:8080".into();
+    let id = view.backends[0].id;
+    let entry = Flow {
+        backend_id: id,
+        state: lb_common::flow::STATE_ESTABLISHED,
+        ..Flow::default()
+    };
+    let established = Flow6Facts {
+        established: true,
+        entry,
+        idle: 28,
+    };
+    let text = explain6(
+        &q,
+        Some(&established),
+        Some(&view),
+        &["v6 [2001:db8::10]:80/tcp".into()],
+    );
+    assert!(
+        text.contains(&format!(
+            "established in IPv6's flow table (established), idle 28 ticks (~30 s): pinned to \
+             {} ([fd00::b1]:8080)",
+            view.backends[0].name
+        )),
+        "{text}"
+    );
+    assert!(text.contains("backends:\n"), "{text}");
+    let half_open = Flow6Facts {
+        established: false,
+        entry: Flow {
+            state: lb_common::flow::STATE_SYN_ACKED,
+            ..entry
+        },
+        idle: 0,
+    };
+    let text = explain6(&q, Some(&half_open), Some(&view), &[]);
+    assert!(
+        text.contains("half-open in IPv6's flow table (SYN-ACK seen), idle 0 ticks"),
+        "{text}"
+    );
+    // A backend id the agent does not know any more.
+    let gone = Flow6Facts {
+        entry: Flow {
+            backend_id: 999,
+            ..entry
+        },
+        ..established
+    };
+    assert!(
+        explain6(&q, Some(&gone), Some(&view), &[]).contains("backend id 999 (not configured)")
+    );
 }

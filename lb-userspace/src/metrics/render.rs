@@ -346,8 +346,14 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     gauge(
         &mut registry,
         "lb_conntrack_entries",
-        "Flows in the connection table",
+        "Flows in the connection table, IPv4 and IPv6",
         i64::try_from(status.conntrack.entries).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut registry,
+        "lb_conntrack_entries_ipv6",
+        "Of lb_conntrack_entries, the IPv6 flows",
+        i64::try_from(status.conntrack.entries_v6).unwrap_or(i64::MAX),
     );
     gauge(
         &mut registry,

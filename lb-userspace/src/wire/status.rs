@@ -160,8 +160,12 @@ pub struct ReloadStatus {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConntrackStatus {
-    /// Flows in the connection table (counted with the flows per backend).
+    /// Flows in the connection table (counted with the flows per backend),
+    /// both families.
     pub entries: u64,
+    /// Of those, IPv6 flows (`ESTABLISHED6`, `HALF_OPEN6`).
+    #[serde(default)]
+    pub entries_v6: u64,
     /// Its size (`conntrack-size`).
     pub capacity: u32,
     /// The half-open table's size (`half-open-size`).

@@ -95,6 +95,7 @@ fn snapshot() -> Status {
         },
         conntrack: ConntrackStatus {
             entries: 4,
+            entries_v6: 3,
             capacity: 1024,
             half_open_capacity: 1024,
         },
@@ -304,6 +305,7 @@ fn every_metric_carries_the_snapshot() {
         );
     }
     assert_eq!(value(&text, "lb_conntrack_entries", &[]), 4.0);
+    assert_eq!(value(&text, "lb_conntrack_entries_ipv6", &[]), 3.0);
     assert_eq!(value(&text, "lb_conntrack_capacity", &[]), 1024.0);
     assert_eq!(value(&text, "lb_conntrack_insert_failures_total", &[]), 5.0);
 }
