@@ -146,12 +146,10 @@ pub fn lb_v6_setup(ctx: XdpContext) -> u32 {
     finish(&ctx, dispatch_v6(&ctx, true))
 }
 
-/// IPv6's packets without ports of their own (later fragments, ICMPv6
-/// errors quoting a flow, `frag6.rs`, `icmp6.rs`), and the "packet too
-/// big" the other two ask it to answer: tail-called by `lb_v6` (and
-/// `lb_v6_setup`),
-/// a program of its own so neither IPv6 stage verifies their code; never
-/// attached.
+/// IPv6's packets without ports of their own (fragments, ICMPv6 errors
+/// quoting a flow: `frag6.rs`, `icmp6.rs`), tail-called by `lb`, and the
+/// "packet too big" `lb_v6` and `lb_v6_setup` ask it to answer: a program
+/// of its own so neither IPv6 stage verifies their code; never attached.
 #[xdp]
 #[inline(always)]
 pub fn lb_v6_portless(ctx: XdpContext) -> u32 {

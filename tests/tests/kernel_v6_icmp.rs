@@ -246,7 +246,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (CLIENT_MAC, FRONT_MAC),
             (FRONT_ROUTER6, VIP_NAT6),
             64,
-            too_big.clone(),
+            too_big,
             &answered[ETH..],
         );
         let out = h.expect(h.front, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
@@ -254,7 +254,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (BACK_MAC, WEB_MACS[w]),
             (FRONT_ROUTER6, web.0),
             63,
-            too_big.clone(),
+            too_big,
             &quote_with_source(&answered, web.0, web.1),
         );
         assert_eq!(out, want, "to the web, as it sent the SYN-ACK");
@@ -265,7 +265,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (WEB_MACS[w], BACK_MAC),
             (web.0, CLIENT_V6),
             64,
-            unreachable.clone(),
+            unreachable,
             &forwarded[ETH..],
         );
         let out = h.expect(h.back, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
@@ -283,7 +283,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (WEB_MACS[w], BACK_MAC),
             (BACK_ROUTER6, CLIENT_V6),
             64,
-            too_big.clone(),
+            too_big,
             &forwarded[ETH..],
         );
         let out = h.expect(h.back, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
@@ -291,7 +291,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (FRONT_MAC, CLIENT_MAC),
             (BACK_ROUTER6, CLIENT_V6),
             63,
-            too_big.clone(),
+            too_big,
             &quote_with_destination(&forwarded, VIP_NAT6, 80),
         );
         assert_eq!(
@@ -306,7 +306,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (CLIENT_MAC, FRONT_MAC),
             (FRONT_ROUTER6, VIP_NAT6),
             64,
-            expired.clone(),
+            expired,
             &answered[ETH..],
         );
         let out = h.expect(h.front, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
@@ -336,7 +336,7 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
             (CLIENT_MAC, FRONT_MAC),
             (FRONT_ROUTER6, VIP_DSR6),
             64,
-            too_big.clone(),
+            too_big,
             &from_vip[ETH..],
         );
         let out = h.expect(h.front, &error, XDP_REDIRECT, Verdict::ForwardedIcmp);
