@@ -43,17 +43,22 @@ pub trait Family {
     /// The key of the service a flow's first packet is addressed to.
     fn service_key(key: &Self::FlowKey) -> Self::ServiceKey;
     /// NAT to a backend: the destination address and port become `addr`,
-    /// `port`, every checksum updated.
+    /// `port`, every checksum updated. `protocol` is the packet's upper
+    /// layer as the parse found it (IPv6: the extension-header walk's,
+    /// which decides UDP's checksum rules; IPv4 reads its header's).
     fn rewrite_destination(
         ip: &mut Self::IpHdr,
+        protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: Self::Addr,
         port: u16,
     );
-    /// Reverse NAT: the source address and port become `addr`, `port`.
+    /// Reverse NAT: the source address and port become `addr`, `port`
+    /// (`protocol` as for [`Family::rewrite_destination`]).
     fn rewrite_source(
         ip: &mut Self::IpHdr,
+        protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: Self::Addr,
@@ -153,6 +158,7 @@ impl Family for V4 {
     #[inline(always)]
     fn rewrite_destination(
         ip: &mut Ipv4Hdr,
+        _protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: u32,
@@ -164,6 +170,7 @@ impl Family for V4 {
     #[inline(always)]
     fn rewrite_source(
         ip: &mut Ipv4Hdr,
+        _protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: u32,
@@ -280,10 +287,11 @@ impl FlowTuple for FlowKey {
 /// IPv6: 16-byte addresses ([`Addr6`]), [`Ipv6Hdr`], the 40-byte
 /// [`FlowKey6`], the 20-byte [`ServiceKey6`]; the rules in [`ipv6`].
 ///
-/// The methods that take only the fixed header read its `next_header` as
-/// the upper-layer protocol: right for a packet without extension headers.
-/// A path that balances packets with extension headers carries the walk's
-/// protocol itself ([`FlowKey6::of`], [`ipv6::rewrite_destination`] take it).
+/// [`Family::flow_key`] reads the fixed header's `next_header` as the
+/// upper-layer protocol: right for a packet without extension headers. The
+/// path carries the walk's protocol itself ([`Family::flow_key_with`], and
+/// the rewrites take it, so UDP's checksum rules hold behind extension
+/// headers too).
 pub struct V6;
 
 impl Family for V6 {
@@ -315,32 +323,28 @@ impl Family for V6 {
         }
     }
 
-    // Out of line: inlined, the 16-byte addresses' copies overflowed
-    // IPv6's second stage's one 512-byte frame.
-    #[inline(never)]
+    #[inline(always)]
     fn rewrite_destination(
         ip: &mut Ipv6Hdr,
+        protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: Addr6,
         port: u16,
     ) {
-        let protocol = ip.next_header;
-        ipv6::rewrite_destination(ip, protocol, ports, check, addr, port);
+        nat66_destination(ip, ports, check, addr, port_protocol(port, protocol));
     }
 
-    // Out of line: inlined, the 16-byte addresses' copies overflowed
-    // IPv6's second stage's one 512-byte frame.
-    #[inline(never)]
+    #[inline(always)]
     fn rewrite_source(
         ip: &mut Ipv6Hdr,
+        protocol: u8,
         ports: &mut L4Ports,
         check: &mut u16,
         addr: Addr6,
         port: u16,
     ) {
-        let protocol = ip.next_header;
-        ipv6::rewrite_source(ip, protocol, ports, check, addr, port);
+        nat66_source(ip, ports, check, addr, port_protocol(port, protocol));
     }
 
     #[inline(always)]
@@ -371,6 +375,39 @@ impl Family for V6 {
     ) {
         ipv6::error_to_client(ip, icmp_check, quoted, quoted_ports, vip, vport);
     }
+}
+
+/// A port and a protocol in one argument: a BPF call takes at most five.
+#[inline(always)]
+const fn port_protocol(port: u16, protocol: u8) -> u32 {
+    (port as u32) | (protocol as u32) << 16
+}
+
+// Out of line: inlined, the 16-byte addresses' copies overflowed IPv6's
+// second stage's one 512-byte frame.
+#[inline(never)]
+fn nat66_destination(
+    ip: &mut Ipv6Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    addr: Addr6,
+    port_protocol: u32,
+) {
+    let (port, protocol) = (port_protocol as u16, (port_protocol >> 16) as u8);
+    ipv6::rewrite_destination(ip, protocol, ports, check, addr, port);
+}
+
+// Out of line, as `nat66_destination`.
+#[inline(never)]
+fn nat66_source(
+    ip: &mut Ipv6Hdr,
+    ports: &mut L4Ports,
+    check: &mut u16,
+    addr: Addr6,
+    port_protocol: u32,
+) {
+    let (port, protocol) = (port_protocol as u16, (port_protocol >> 16) as u8);
+    ipv6::rewrite_source(ip, protocol, ports, check, addr, port);
 }
 
 impl IpHeader for Ipv6Hdr {
@@ -460,6 +497,48 @@ const _: () = assert!(core::mem::size_of::<<V4 as Family>::Addr>() == 4);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// UDP behind an extension header (the fixed header's next header is
+    /// not UDP): the rewrite takes the walk's protocol, so a checksum that
+    /// comes out 0 is sent as 0xffff (0 is "no checksum", which IPv6
+    /// receivers drop), and a datagram without one keeps 0.
+    #[test]
+    fn v6_udp_behind_extension_headers_keeps_udps_checksum_rules() {
+        use crate::{headers::IPPROTO_UDP, ipv6::NEXTHDR_DEST};
+        let mut ip = Ipv6Hdr {
+            vtc_flow: 0x6000_0000u32.to_be(),
+            payload_len: 16u16.to_be(),
+            next_header: NEXTHDR_DEST,
+            hop_limit: 64,
+            saddr: [1, 2, 3, 4],
+            daddr: [5, 6, 7, 8],
+        };
+        let (backend, port) = ([9, 10, 11, 12], 5300u16.to_be());
+        // The one checksum the rewrite turns into 0.
+        let zero_after = (1..=u16::MAX)
+            .find(|&c| {
+                crate::checksum::replace16(
+                    ipv6::replace128(c, ip.daddr, backend),
+                    53u16.to_be(),
+                    port,
+                ) == 0
+            })
+            .expect("a checksum the rewrite makes 0");
+        let mut ports = L4Ports {
+            source: 4000u16.to_be(),
+            dest: 53u16.to_be(),
+        };
+        let mut check = zero_after;
+        V6::rewrite_destination(&mut ip, IPPROTO_UDP, &mut ports, &mut check, backend, port);
+        assert_eq!(check, 0xffff, "a computed 0 is sent as 0xffff");
+        let mut none = 0u16;
+        let mut ports = L4Ports {
+            source: 4000u16.to_be(),
+            dest: 53u16.to_be(),
+        };
+        V6::rewrite_source(&mut ip, IPPROTO_UDP, &mut ports, &mut none, [1; 4], 99);
+        assert_eq!(none, 0, "no checksum stays none");
+    }
 
     #[test]
     fn v4_keys_are_the_packets_tuple() {

@@ -439,6 +439,81 @@ pub fn error_to_client(
     *icmp_check = check;
 }
 
+/// ICMPv6 header of an error message (RFC 4443 §2.1): type, code,
+/// checksum, then four bytes: the MTU of "packet too big" (§3.2), the
+/// pointer of "parameter problem", unused otherwise.
+///
+/// `packed(2)`: in a frame it starts 54 bytes in.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Icmp6Hdr {
+    pub kind: u8,
+    pub code: u8,
+    /// Raw network order, as in the packet.
+    pub check: u16,
+    /// "Packet too big"'s MTU, raw network order.
+    pub mtu: u32,
+}
+
+impl Icmp6Hdr {
+    pub const LEN: usize = 8;
+}
+
+/// Bytes of the original packet a "packet too big" from the data plane
+/// quotes: its fixed header and 64 bytes after it (IPv4's quote,
+/// `icmp::TOO_BIG_QUOTE`, with IPv6's header: a fixed-size checksum; the
+/// ports and TCP numbers a host needs to find its socket are in it).
+pub const TOO_BIG_QUOTE6: usize = Ipv6Hdr::LEN + 64;
+/// The ICMPv6 message of that answer: header and quote (its payload length).
+pub const TOO_BIG_MSG6: usize = Icmp6Hdr::LEN + TOO_BIG_QUOTE6;
+
+/// The IPv6 header of a "packet too big" about a packet `quoted_saddr` →
+/// `quoted_daddr`: from the address the packet was sent to (the VIP for a
+/// client's packet; the client, as the backend knows it, for a NAT
+/// reply), back to its sender, hop limit 64.
+#[inline(always)]
+pub const fn too_big_ip6(quoted_saddr: Addr6, quoted_daddr: Addr6) -> Ipv6Hdr {
+    Ipv6Hdr {
+        vtc_flow: 0x6000_0000u32.to_be(),
+        payload_len: (TOO_BIG_MSG6 as u16).to_be(),
+        next_header: IPPROTO_ICMPV6,
+        hop_limit: HOP_LIMIT,
+        saddr: quoted_daddr,
+        daddr: quoted_saddr,
+    }
+}
+
+/// The ICMPv6 header of a "packet too big" carrying `mtu` (host order),
+/// checksum still zero: the caller sums it with the quote and the
+/// pseudo-header ([`pseudo_sum`]).
+#[inline(always)]
+pub const fn too_big_icmp6(mtu: u16) -> Icmp6Hdr {
+    Icmp6Hdr {
+        kind: ICMPV6_PACKET_TOO_BIG,
+        code: 0,
+        check: 0,
+        mtu: (mtu as u32).to_be(),
+    }
+}
+
+/// The one's-complement sum (unfolded) of the pseudo-header of an
+/// upper-layer message of `len` bytes and protocol `next` (RFC 8200 §8.1):
+/// the seed of a checksum over the message itself (the kernel's
+/// `bpf_csum_diff` takes it).
+#[inline(always)]
+pub const fn pseudo_sum(source: &Addr6, destination: &Addr6, len: u32, next: u8) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        sum += (source[i] & 0xffff) + (source[i] >> 16);
+        sum += (destination[i] & 0xffff) + (destination[i] >> 16);
+        i += 1;
+    }
+    let len = len.to_be();
+    sum += (len & 0xffff) + (len >> 16);
+    sum + u16::from_ne_bytes([0, next]) as u32
+}
+
 /// The upper layers the balancer reads ports of.
 #[inline(always)]
 pub const fn carries_ports(protocol: u8) -> bool {
@@ -479,6 +554,9 @@ pub const fn octets_of(addr: &Addr6) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == Ipv6Hdr::LEN);
+const _: () = assert!(core::mem::size_of::<Icmp6Hdr>() == Icmp6Hdr::LEN);
+// The kernel's csum helper sums whole 32-bit words.
+const _: () = assert!(TOO_BIG_MSG6.is_multiple_of(4));
 
 #[cfg(test)]
 mod tests;

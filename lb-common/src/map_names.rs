@@ -215,6 +215,8 @@ maps! {
     /// IPv6 established flows (both directions), sized by `conntrack-size`
     /// as `ESTABLISHED`.
     ESTABLISHED6: Pinning::PinnedSized { config_key: "conntrack-size" };
+    /// IPv6 fragments' ports by (source, destination, id, next header).
+    FRAGS6: Pinning::Pinned;
     /// Full NAT's source addresses and port range.
     FNAT_CONF: Pinning::Pinned;
     /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
@@ -232,6 +234,10 @@ maps! {
     /// What the first stage hands the second about a packet, per CPU.
     CARRY: Pinning::Unpinned {
         why: "scratch for one packet between the two stages, on one CPU",
+    };
+    /// A packet too big's MTU, for `lb_v6_portless` to answer, per CPU.
+    TOO_BIG6: Pinning::Unpinned {
+        why: "scratch for one packet between an IPv6 stage and lb_v6_portless, on one CPU",
     };
     /// What IPv6's first stage hands its second about a packet, per CPU.
     CARRY6: Pinning::Unpinned {
@@ -284,8 +290,8 @@ mod tests {
         // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
         // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
-        // flow tables (6), the IPv6 firewall's tries, masks and buckets (4)
-        // and IPv6 source-ip's prefixes (1).
-        assert_eq!(MapName::pinned().count(), 53);
+        // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
+        // IPv6 source-ip's prefixes (1) and IPv6's fragments (1).
+        assert_eq!(MapName::pinned().count(), 54);
     }
 }

@@ -33,6 +33,9 @@ pub const STAGE_V6: u32 = 2;
 /// `STAGES` index of IPv6's second stage (`lb_v6_setup`), tail-called by
 /// `lb_v6` after an established-table miss.
 pub const STAGE_V6_SETUP: u32 = 3;
+/// `STAGES` index of `lb_v6_portless`: IPv6's packets without ports of
+/// their own (later fragments, ICMPv6 errors), tail-called by `lb_v6`.
+pub const STAGE_V6_PORTLESS: u32 = 4;
 /// Entries of IPv6's flow tables in the object (two per NAT flow); the
 /// agent sizes them at load as IPv4's: `ESTABLISHED6` twice
 /// `conntrack-size`, `HALF_OPEN6` twice `half-open-size`.

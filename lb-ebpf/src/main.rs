@@ -41,9 +41,11 @@ mod firewall;
 mod flows;
 mod flows6;
 mod frag;
+mod frag6;
 mod fullnat;
 mod hops;
 mod icmp;
+mod icmp6;
 mod mem;
 mod parse;
 mod parse6;
@@ -144,6 +146,16 @@ pub fn lb_v6_setup(ctx: XdpContext) -> u32 {
     finish(&ctx, dispatch_v6(&ctx, true))
 }
 
+/// IPv6's packets without ports of their own (fragments, ICMPv6 errors
+/// quoting a flow: `frag6.rs`, `icmp6.rs`), tail-called by `lb`, and the
+/// "packet too big" `lb_v6` and `lb_v6_setup` ask it to answer: a program
+/// of its own so neither IPv6 stage verifies their code; never attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_v6_portless(ctx: XdpContext) -> u32 {
+    finish(&ctx, dispatch_v6_portless(&ctx))
+}
+
 /// A packet's verdict counted, traced and captured; its action.
 #[inline(always)]
 fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
@@ -189,6 +201,29 @@ fn dispatch_v6(ctx: &XdpContext, setup: bool) -> verdict::Outcome {
     } else {
         path::balance::<V6>(ctx, eth)
     }
+}
+
+/// `lb_v6_portless`'s entry.
+#[inline(always)]
+fn dispatch_v6_portless(ctx: &XdpContext) -> verdict::Outcome {
+    let Some(eth) = header::<EthHdr>(ctx, 0) else {
+        return verdict::pass(Verdict::PassTruncated);
+    };
+    // SAFETY: `header` checked the bounds against data_end.
+    if unsafe { (*eth).ether_type } != V6::ETHER_TYPE_RAW {
+        return verdict::pass(Verdict::PassNotOurs);
+    }
+    // A packet too big that `lb_v6` or `lb_v6_setup` asks it to answer.
+    if let Some(mtu) = icmp6::asked_too_big() {
+        return icmp6::too_big(ctx, mtu);
+    }
+    // A first fragment: its ports recorded, back to `lb_v6`.
+    if let Some(ip) = header::<lb_common::ipv6::Ipv6Hdr>(ctx, EthHdr::LEN)
+        && frag6::record_first(ctx, ip)
+    {
+        return verdict::drop(Verdict::DropNoStage);
+    }
+    path::port_less::<V6>(ctx, eth)
 }
 
 /// The second stage's entry: only IPv4 is tail-called into it today.

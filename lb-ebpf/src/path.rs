@@ -214,6 +214,27 @@ pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
     }
 }
 
+/// A packet without ports of its own in a stage of its own (IPv6's
+/// `lb_v6_portless`, `STAGES[4]`): a later fragment or an ICMP error
+/// follows its flow as in `balance`; one that belongs to no flow gets the
+/// VIP rules' verdict (to a VIP) or is passed untouched.
+#[inline(always)]
+pub(crate) fn port_less<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+    let Some(ip) = F::ip_header(ctx) else {
+        return pass(Verdict::PassTruncated);
+    };
+    if let Some(found) = F::later_fragment(ctx, eth, ip) {
+        return follow_fragment(ctx, found);
+    }
+    if let Some(found) = F::error_of_flow(ctx, eth, ip) {
+        return follow_error(ctx, found);
+    }
+    match F::parse_l4(ctx, eth, ip) {
+        Err(outcome) if is_vip::<F>(ip) => outcome,
+        _ => pass(Verdict::PassNotOurs),
+    }
+}
+
 /// Is the packet addressed to one of our VIPs?
 #[inline(always)]
 fn is_vip<F: PathFamily>(ip: *const F::IpHdr) -> bool {

@@ -115,7 +115,7 @@ fn nat<F: PathFamily>(
     if rc == FIB_FRAG_NEEDED && ip.dont_fragment() {
         return F::too_big(ctx, cache.mtu);
     }
-    F::rewrite_destination(ip, ports, check, addr, backend.port);
+    F::rewrite_destination(ip, pkt.protocol, ports, check, addr, backend.port);
     match rc {
         FIB_SUCCESS => {
             F::decrement_ttl(ip);
@@ -129,7 +129,7 @@ fn nat<F: PathFamily>(
         _ => {
             // No route (or forwarding off): the kernel gets the packet
             // exactly as it arrived and decides.
-            F::rewrite_destination(ip, ports, check, vip, vport);
+            F::rewrite_destination(ip, pkt.protocol, ports, check, vip, vport);
             pass(Verdict::PassKernelForward)
         }
     }
@@ -158,8 +158,8 @@ fn full_nat<F: PathFamily>(
     let rc = next_hop::<F>(ctx, ip, source.0, addr, cache);
     match rc {
         FIB_SUCCESS => {
-            F::rewrite_destination(ip, ports, check, addr, backend.port);
-            F::rewrite_source(ip, ports, check, source.0, source.1);
+            F::rewrite_destination(ip, pkt.protocol, ports, check, addr, backend.port);
+            F::rewrite_source(ip, pkt.protocol, ports, check, source.0, source.1);
             F::decrement_ttl(ip);
             send(ctx, pkt, cache, Verdict::Forwarded)
         }
@@ -268,9 +268,16 @@ pub(crate) fn reverse_nat<F: PathFamily>(
         // To the backend, quoting the reply as it sent it.
         return F::too_big(ctx, restore.next_hop.mtu);
     }
-    F::rewrite_source(ip, ports, check, vip, vport);
+    F::rewrite_source(ip, pkt.protocol, ports, check, vip, vport);
     if full_nat {
-        F::rewrite_destination(ip, ports, check, key.destination(), key.destination_port());
+        F::rewrite_destination(
+            ip,
+            pkt.protocol,
+            ports,
+            check,
+            key.destination(),
+            key.destination_port(),
+        );
     }
     match rc {
         FIB_SUCCESS => {
@@ -285,9 +292,16 @@ pub(crate) fn reverse_nat<F: PathFamily>(
         FIB_NO_NEIGH => drop(Verdict::DropNoNeighbour),
         FIB_FRAG_NEEDED => pass(Verdict::PassTooBig),
         _ => {
-            F::rewrite_source(ip, ports, check, key.source(), key.source_port());
+            F::rewrite_source(
+                ip,
+                pkt.protocol,
+                ports,
+                check,
+                key.source(),
+                key.source_port(),
+            );
             if full_nat {
-                F::rewrite_destination(ip, ports, check, arrived, arrived_port);
+                F::rewrite_destination(ip, pkt.protocol, ports, check, arrived, arrived_port);
             }
             pass(Verdict::PassKernelForward)
         }

@@ -18,10 +18,16 @@
 //! flags, service; its `addr` the index of its `BACKENDS6` slot, its own
 //! id) and its counters.
 //!
-//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): later fragments
-//! and ICMPv6 errors following their flow, "packet too big" from the LB,
-//! full NAT and tunnels (config refuses them), the firewall's IPv6 rules,
-//! flow sync, checks through the VIP.
+//! Packets without ports of their own — fragments (`frag6.rs`), ICMPv6
+//! errors quoting a flow (`icmp6.rs`) — are handed by `lb` to a third
+//! program, `lb_v6_portless` (`STAGES[STAGE_V6_PORTLESS]`,
+//! `path::port_less::<V6>`), so neither IPv6 stage carries their code on
+//! its verifier budget. A packet too big for its next hop is answered with
+//! ICMPv6 "packet too big" (`icmp6::too_big`), by that program too.
+//!
+//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT and
+//! tunnels (config refuses them), the firewall's IPv6 rules, flow sync,
+//! checks through the VIP.
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
@@ -35,7 +41,9 @@ use lb_common::{
     hash::{flow_hash6, source_hash6},
     headers::{EthHdr, L4Ports},
     ipv6::{Addr6, Ipv6Hdr},
-    maps6::{Backend6, Endpoint6, FlowKey6, STAGE_V6, STAGE_V6_SETUP, ServiceKey6},
+    maps6::{
+        Backend6, Endpoint6, FlowKey6, STAGE_V6, STAGE_V6_PORTLESS, STAGE_V6_SETUP, ServiceKey6,
+    },
 };
 
 use crate::{
@@ -44,6 +52,7 @@ use crate::{
     firewall,
     flows::{Table, copy_words, write_words},
     flows6::{self, Slot6},
+    frag6, icmp6,
     mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote},
     parse6, schedule,
@@ -88,12 +97,21 @@ pub(crate) struct Carry6 {
 #[map]
 pub(crate) static CARRY6: PerCpuArray<Carry6> = PerCpuArray::with_max_entries(1, 0);
 
-/// In `lb`: hands an IPv6 frame to IPv6's own program. Without it (an
-/// agent that has not loaded it yet), the frame is the kernel's.
+/// In `lb`: hands an IPv6 frame to IPv6's own program: a fragment or an
+/// ICMPv6 error to `lb_v6_portless` (which sends a first fragment on to
+/// `lb_v6`, its ports recorded), anything else to `lb_v6`. Chosen here,
+/// where nothing follows the tail call, so `lb_v6`'s path is verified as
+/// it was. Without the program (an agent that has not loaded it yet), the
+/// frame is the kernel's.
 #[inline(always)]
 pub(crate) fn to_v6(ctx: &XdpContext) -> Outcome {
+    let stage = if frag6::is_fragment(ctx) || icmp6::is_error(ctx) {
+        STAGE_V6_PORTLESS
+    } else {
+        STAGE_V6
+    };
     // SAFETY: a tail call; returns only if the entry is empty.
-    let _ = unsafe { STAGES.tail_call(ctx, STAGE_V6) };
+    let _ = unsafe { STAGES.tail_call(ctx, stage) };
     pass(Verdict::PassNotOurs)
 }
 
@@ -111,27 +129,28 @@ impl PathFamily for V6 {
 
     #[inline(always)]
     fn port_less(_ip: *const Ipv6Hdr) -> PortLess {
-        // Later fragments and ICMPv6 errors do not follow their flow yet:
-        // the VIP rules give them their verdict.
+        // `lb_v6` hands later fragments and ICMPv6 errors to
+        // `lb_v6_portless` before its path (`to_portless`): what reaches
+        // `path::balance` has ports or is nothing the stages look at.
         PortLess::No
     }
 
     #[inline(always)]
     fn later_fragment(
-        _ctx: &XdpContext,
-        _eth: *mut EthHdr,
-        _ip: *mut Ipv6Hdr,
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv6Hdr,
     ) -> Option<Found<V6, Fragment>> {
-        None
+        frag6::later_fragment(ctx, eth, ip)
     }
 
     #[inline(always)]
     fn error_of_flow(
-        _ctx: &XdpContext,
-        _eth: *mut EthHdr,
-        _ip: *mut Ipv6Hdr,
+        ctx: &XdpContext,
+        eth: *mut EthHdr,
+        ip: *mut Ipv6Hdr,
     ) -> Option<Found<V6, Quote<V6>>> {
-        None
+        icmp6::error_of_flow(ctx, eth, ip)
     }
 
     #[inline(always)]
@@ -195,7 +214,11 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn remember_fragment(_ip: *const Ipv6Hdr, _ports: *const L4Ports) {}
+    fn remember_fragment(_ip: *const Ipv6Hdr, _ports: *const L4Ports) {
+        // Recorded on arrival by `lb_v6_portless` (`frag6::record_first`):
+        // here, in both IPv6 stages' paths, the verifier walked `lb_v6`
+        // past its 1 000 000 instructions.
+    }
 
     #[inline(always)]
     fn set_fib_addresses(fib: &mut FibParams, source: Addr6, destination: Addr6) {
@@ -210,10 +233,8 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn too_big(_ctx: &XdpContext, _mtu: u16) -> Outcome {
-        // No ICMPv6 "packet too big" from the LB yet: the kernel gets the
-        // packet as it arrived.
-        pass(Verdict::PassTooBig)
+    fn too_big(ctx: &XdpContext, mtu: u16) -> Outcome {
+        icmp6::ask_too_big(ctx, mtu)
     }
 
     #[inline(always)]

@@ -81,6 +81,9 @@ pub const PROXY_PROGRAM: &str = "lb_proxy";
 /// `lb` tail-calls the first with every IPv6 frame.
 pub const V6_PROGRAM: &str = "lb_v6";
 pub const V6_SETUP_PROGRAM: &str = "lb_v6_setup";
+/// IPv6's packets without ports (`STAGES[STAGE_V6_PORTLESS]`): later
+/// fragments and ICMPv6 errors, tail-called by `lb_v6`.
+pub const V6_PORTLESS_PROGRAM: &str = "lb_v6_portless";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -12,6 +12,7 @@ pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
 pub mod kernel_net6;
+pub mod lab6;
 pub mod multi_lb;
 pub mod nginx;
 pub mod pmtu;

@@ -5,12 +5,10 @@
 //! Needs root and the `lb` binary in `LB_BIN` (`cargo xtask test` sets
 //! both). Each test builds its own lab under a unique prefix.
 
-use std::net::UdpSocket;
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use lb_tests::{
     in_each_mode, lb_bin,
-    pmtu::{cached_mtu, forget_path_mtus, upload},
+    pmtu::{big_request, cached_mtu, forget_path_mtus, upload},
     status, unique_prefix,
 };
 use lb_userspace::{
@@ -27,29 +25,6 @@ use lb_userspace::{
 fn new_lab() -> Result<Lab> {
     let prefix = unique_prefix("frg");
     Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
-}
-
-/// Sends `payload` (a `size N …` request) and returns the answer that
-/// carries it, retrying a few times since UDP may drop.
-fn big_request(socket: &UdpSocket, payload: &str) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..3 {
-        socket.send(payload.as_bytes()).context("sending")?;
-        while let Ok(len) = socket.recv(&mut buf) {
-            let reply = &buf[..len];
-            if reply
-                .windows(payload.len())
-                .any(|w| w == payload.as_bytes())
-            {
-                return Ok(reply.to_vec());
-            }
-        }
-    }
-    bail!(
-        "no answer to a {}-byte request {:?}… (a datagram lost in fragments?)",
-        payload.len(),
-        &payload[..payload.len().min(20)]
-    )
 }
 
 /// The reported bug: a UDP answer bigger than the MTU, fragmented by the

@@ -15,14 +15,17 @@
 use aya::maps::{HashMap, Map, MapData};
 use etherparse::{Icmpv6Type, PacketBuilder};
 use lb_common::{Verdict, ipv6::addr_of, map_names::MapName};
-use lb_tests::kernel_net::{
-    BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT, backend,
-    lab_config, service,
+use lb_tests::{
+    kernel_net::{
+        BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT,
+        lab_config,
+    },
+    kernel_net6::{
+        CLIENT_V6, NOT_A_VIP6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on,
+        tcp6, udp6, web_of_mac, web_of6, web6,
+    },
 };
-use lb_userspace::{
-    config::{Backend, Config, Forwarding, Protocol, Service},
-    harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-};
+use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 
 const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const VIP6: [u8; 16] = [
@@ -312,180 +315,7 @@ fn each_ipv6_case_to_a_vip_has_its_verdict() {
 
 // ---- IPv6 balanced (NAT66, DSR, TCP and UDP, the flow lifecycle) ----
 //
-// The test namespace made dual-stack here: the front 2001:db8:18::1/64
-// (client 2001:db8:18::2), the back 2001:db8:19::1/64 (web1..3 at
-// ::11..::13, with web1..3's MACs), IPv6 forwarding on (bpf_fib_lookup
-// AF_INET6 needs it), static neighbours.
-
-const CLIENT_V6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
-];
-const VIP_NAT6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
-];
-const VIP_DSR6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
-];
-const NOT_A_VIP6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99,
-];
-
-fn web6(i: usize) -> [u8; 16] {
-    let mut a = [
-        0x20, 0x01, 0x0d, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    a[15] = 0x11 + i as u8;
-    a
-}
-
-fn text6(a: [u8; 16]) -> String {
-    std::net::Ipv6Addr::from(a).to_string()
-}
-
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Makes the test namespace dual-stack (see above); runs in `net.run`.
-fn dual_stack(net: &TestNet) {
-    net.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:18::1/64",
-        "dev",
-        "f0",
-        "nodad",
-    ]);
-    net.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:19::1/64",
-        "dev",
-        "b0",
-        "nodad",
-    ]);
-    let client = (text6(CLIENT_V6), CLIENT_MAC, "f0");
-    let webs = (0..3).map(|i| (text6(web6(i)), WEB_MACS[i], "b0"));
-    for (addr, mac, dev) in std::iter::once(client).chain(webs) {
-        let mac = mac_text(mac);
-        net.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
-    }
-}
-
-fn ipv6_forwarding_on() {
-    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-        .expect("net.ipv6.conf.all.forwarding=1 in the test namespace");
-}
-
-fn backend6(name: &str, i: usize, port: u16) -> Backend {
-    let mut b = backend(name, [0, 0, 0, 0], port);
-    b.address = std::net::SocketAddr::new(web6(i).into(), port);
-    b
-}
-
-fn service6(name: &str, vip: [u8; 16], port: u16, p: Protocol, f: Forwarding, to: u16) -> Service {
-    let webs = (0..3)
-        .map(|i| backend6(&format!("web{}", i + 1), i, to))
-        .collect();
-    let mut s = service(name, [0, 0, 0, 0], port, p, f, webs);
-    s.vip = std::net::SocketAddr::new(vip.into(), port);
-    s
-}
-
-/// The lab's config plus IPv6 services: NAT66 TCP (80 → 8080), NAT66 UDP
-/// (5353 → 5300), DSR TCP (80).
-fn config_v6() -> Config {
-    let mut cfg = lab_config();
-    cfg.services.extend([
-        service6(
-            "www6",
-            VIP_NAT6,
-            80,
-            Protocol::Tcp,
-            Forwarding::Nat,
-            WEB_PORT,
-        ),
-        service6(
-            "udp6",
-            VIP_NAT6,
-            5353,
-            Protocol::Udp,
-            Forwarding::Nat,
-            WEB_UDP_PORT,
-        ),
-        service6("dsr6", VIP_DSR6, 80, Protocol::Tcp, Forwarding::Dsr, 80),
-    ]);
-    cfg
-}
-
-/// One TCP segment's flags and numbers.
-#[derive(Clone, Copy)]
-enum Seg {
-    Syn(u32),
-    SynAck(u32, u32),
-    Ack(u32, u32),
-    Fin(u32, u32),
-    Rst(u32),
-}
-
-/// An Ethernet/IPv6/TCP frame, checksum computed by etherparse.
-#[allow(clippy::too_many_arguments)]
-fn tcp6(
-    macs: ([u8; 6], [u8; 6]),
-    (src, sport): ([u8; 16], u16),
-    (dst, dport): ([u8; 16], u16),
-    hop: u8,
-    seg: Seg,
-    payload: &[u8],
-) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(macs.0, macs.1).ipv6(src, dst, hop);
-    let seq = match seg {
-        Seg::Syn(s) | Seg::SynAck(s, _) | Seg::Ack(s, _) | Seg::Fin(s, _) | Seg::Rst(s) => s,
-    };
-    let b = b.tcp(sport, dport, seq, 64240);
-    let b = match seg {
-        Seg::Syn(_) => b.syn(),
-        Seg::SynAck(_, ack) => b.syn().ack(ack),
-        Seg::Ack(_, ack) => b.ack(ack),
-        Seg::Fin(_, ack) => b.fin().ack(ack),
-        Seg::Rst(_) => b.rst(),
-    };
-    let mut out = Vec::new();
-    b.write(&mut out, payload).expect("tcp6");
-    out
-}
-
-fn udp6(
-    macs: ([u8; 6], [u8; 6]),
-    (src, sport): ([u8; 16], u16),
-    (dst, dport): ([u8; 16], u16),
-    hop: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src, dst, hop)
-        .udp(sport, dport)
-        .write(&mut out, payload)
-        .expect("udp6");
-    out
-}
+// The test namespace made dual-stack (tests/src/kernel_net6.rs).
 
 /// A client's TCP SYN with a hop-by-hop and a destination-options header
 /// before it (PadN), its checksum computed by etherparse.
@@ -512,13 +342,6 @@ fn syn_with_options(
     f.extend(dst);
     f.extend(body);
     f
-}
-
-/// Which web an IPv6 frame is addressed to (by its destination address).
-fn web_of6(frame: &[u8]) -> usize {
-    let i = usize::from(frame[14 + 39]) - 0x11;
-    assert!(i < 3, "not to a web: {frame:02x?}");
-    i
 }
 
 fn active(h: &Harness, backend_id: u32) -> u64 {

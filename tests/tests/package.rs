@@ -237,11 +237,12 @@ fn debian_package_installs_works_and_purges() -> Result<()> {
                 "lb_proxy",
                 "lb_setup",
                 "lb_v6",
+                "lb_v6_portless",
                 "lb_v6_setup"
             ]))
             && objects.contains(&names(&["lb_decap"]))
             && objects.contains(&names(&["pktgen"])),
-        "the installed lb embeds the data plane's object (`lb`, its second stage `lb_setup`, its PROXY v2 stage `lb_proxy`, IPv6's stages `lb_v6` and `lb_v6_setup`, and `lb_probe` for checks through the VIP), the backends' decapsulator's (`lb_decap`, `lb decap`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
+        "the installed lb embeds the data plane's object (`lb`, its second stage `lb_setup`, its PROXY v2 stage `lb_proxy`, IPv6's stages `lb_v6`, `lb_v6_setup` and `lb_v6_portless`, and `lb_probe` for checks through the VIP), the backends' decapsulator's (`lb_decap`, `lb decap`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
     );
     let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/lb")?;
     ensure!(

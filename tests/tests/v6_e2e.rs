@@ -15,39 +15,14 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::{in_each_mode, lb_bin, unique_prefix};
-use lb_userspace::{
-    config::Forwarding,
-    harness::{
-        lab::{
-            HTTP_PORT, Lab, UDP_PORT, VIP6, WEB_NAMES, bulk_byte, http_get, lab_config,
-            udp_connect, udp_request, vip_http, web_addr6,
-        },
-        netns::{in_netns, require_tool},
+use lb_tests::{in_each_mode, lab6::config_v6, lb_bin, unique_prefix};
+use lb_userspace::harness::{
+    lab::{
+        HTTP_PORT, Lab, UDP_PORT, VIP6, WEB_NAMES, bulk_byte, http_get, udp_connect, udp_request,
+        vip_http,
     },
+    netns::{in_netns, require_tool},
 };
-
-/// The lab's config plus the same web services on the VIP6: TCP :80 and
-/// UDP :5353 over web1..3's IPv6 addresses, round robin, the lab's mode.
-fn config_v6(mode: Forwarding) -> String {
-    let mut toml = lab_config(mode);
-    for (name, protocol, port) in [("www6", "tcp", HTTP_PORT), ("www6-udp", "udp", UDP_PORT)] {
-        let backends = (1..=WEB_NAMES.len())
-            .map(|n| {
-                format!(
-                    "{{ address = \"[{}]:{port}\", name = \"web{n}\" }}",
-                    web_addr6(n)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        toml.push_str(&format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"[{VIP6}]:{port}\"\nprotocol = \"{protocol}\"\n\
-             scheduler = \"round-robin\"\nbackends = [ {backends} ]\n"
-        ));
-    }
-    toml
-}
 
 fn vip6_http() -> SocketAddr {
     SocketAddr::new(VIP6.into(), HTTP_PORT)

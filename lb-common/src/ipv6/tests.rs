@@ -527,3 +527,71 @@ fn step_reads_each_header_kind() {
     );
     assert_eq!(step(IPPROTO_TCP, &[0; 8]), Step::Upper);
 }
+
+/// The "packet too big" the data plane composes (`icmp6::too_big`): its
+/// headers from `too_big_ip6`/`too_big_icmp6`, the first
+/// `TOO_BIG_QUOTE6` bytes of the packet as the quote, the checksum the
+/// kernel's way (the pseudo-header's sum as the seed of a sum over the
+/// message, then finished): etherparse reads a valid "packet too big"
+/// with the MTU, from the VIP back to the client.
+#[test]
+fn the_packet_too_big_the_lb_composes_is_valid() {
+    let big = frame(false, CLIENT, VIP, 40000, 80, 64, &[7u8; 1400]);
+    let quote = &big[EthHdr::LEN..EthHdr::LEN + TOO_BIG_QUOTE6];
+    let q: Ipv6Hdr = unsafe { core::ptr::read_unaligned(quote.as_ptr().cast()) };
+    let ip = too_big_ip6(q.saddr, q.daddr);
+    let mut msg = vec![0u8; Icmp6Hdr::LEN];
+    unsafe { core::ptr::write_unaligned(msg.as_mut_ptr().cast(), too_big_icmp6(1280)) };
+    msg.extend_from_slice(quote);
+    assert_eq!(msg.len(), TOO_BIG_MSG6);
+    let seed = crate::checksum::fold(pseudo_sum(
+        &{ ip.saddr },
+        &{ ip.daddr },
+        TOO_BIG_MSG6 as u32,
+        IPPROTO_ICMPV6,
+    )) as u32;
+    let sum = msg
+        .chunks(4)
+        .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) as u64)
+        .sum::<u64>()
+        + seed as u64;
+    // The helper's 32-bit accumulator, end-around carried.
+    let sum = ((sum & 0xffff_ffff) + (sum >> 32)) as u32;
+    let check = !crate::checksum::fold(sum);
+    msg[2..4].copy_from_slice(&check.to_ne_bytes());
+    let mut packet = vec![0u8; Ipv6Hdr::LEN];
+    unsafe { core::ptr::write_unaligned(packet.as_mut_ptr().cast(), ip) };
+    packet.extend_from_slice(&msg);
+
+    let parsed = Ipv6Slice::from_slice(&packet).expect("ipv6");
+    let h = parsed.header();
+    assert_eq!((h.source(), h.destination()), (VIP, CLIENT));
+    assert_eq!(
+        (h.hop_limit(), h.payload_length() as usize),
+        (64, TOO_BIG_MSG6)
+    );
+    assert_eq!(parsed.payload().ip_number, IpNumber::IPV6_ICMP);
+    let icmp = Icmpv6Slice::from_slice(&packet[Ipv6Hdr::LEN..]).expect("icmpv6");
+    assert!(icmp.is_checksum_valid(VIP, CLIENT), "ICMPv6 checksum");
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv6Type::PacketTooBig { mtu: 1280 },
+        "type 2 with the MTU"
+    );
+    assert_eq!(icmp.payload(), quote, "the packet's first bytes, quoted");
+}
+
+/// The pseudo-header's sum, folded and finished over an empty message, is
+/// etherparse's checksum of a message of that length with zero words.
+#[test]
+fn pseudo_sum_is_the_pseudo_headers() {
+    let data = [0u8; 16];
+    let want = pseudo_checksum(&addr_of(CLIENT), &addr_of(VIP), IPPROTO_ICMPV6, &data);
+    let got = !crate::checksum::fold(pseudo_sum(
+        &addr_of(CLIENT),
+        &addr_of(VIP),
+        16,
+        IPPROTO_ICMPV6,
+    ));
+    assert_eq!(got, want);
+}

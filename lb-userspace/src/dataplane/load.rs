@@ -15,7 +15,8 @@ use aya::{
 
 use super::{
     Dataplane, DataplaneError, MapName, PROGRAM, PROXY_PROGRAM, Result, SETUP_PROGRAM, TableSizes,
-    V6_PROGRAM, V6_SETUP_PROGRAM, adopt, firewall::FwIds, handles::map_err, plan::Ids,
+    V6_PORTLESS_PROGRAM, V6_PROGRAM, V6_SETUP_PROGRAM, adopt, firewall::FwIds, handles::map_err,
+    plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 
@@ -75,6 +76,7 @@ impl Dataplane {
             PROXY_PROGRAM,
             V6_PROGRAM,
             V6_SETUP_PROGRAM,
+            V6_PORTLESS_PROGRAM,
         ] {
             program_mut(&mut ebpf, name)?
                 .load()
@@ -190,13 +192,14 @@ impl Dataplane {
 
 /// Puts the loaded stages in `STAGES` (an adopted array too: the running
 /// `lb` then reaches this load's stages, which read the same maps): the
-/// second stage, the PROXY v2 stage, IPv6's two.
+/// second stage, the PROXY v2 stage, IPv6's three.
 fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
     for (index, program) in [
         (lb_common::STAGE_SETUP, SETUP_PROGRAM),
         (lb_common::STAGE_PROXY, PROXY_PROGRAM),
         (lb_common::maps6::STAGE_V6, V6_PROGRAM),
         (lb_common::maps6::STAGE_V6_SETUP, V6_SETUP_PROGRAM),
+        (lb_common::maps6::STAGE_V6_PORTLESS, V6_PORTLESS_PROGRAM),
     ] {
         set_stage(ebpf, index, program)?;
     }
