@@ -545,13 +545,6 @@ fn dsr_udp_extension_headers_and_syn_only_creation() {
     });
 }
 
-fn web_of_mac(frame: &[u8]) -> usize {
-    WEB_MACS
-        .iter()
-        .position(|m| frame[..6] == m[..])
-        .unwrap_or_else(|| panic!("not to a web's MAC: {frame:02x?}"))
-}
-
 /// `source-ip` on a prefix (`source-ip-prefix = 64`): every address of a
 /// client's /64 reaches one backend (a client rotating its interface
 /// identifiers keeps its backend), while /64s spread over the webs; on the

@@ -20,7 +20,10 @@ use lb_tests::{
 use lb_userspace::{
     config::Forwarding,
     harness::{
-        lab::{CLIENT_FRONT6, HTTP_PORT, HttpConn, Lab, UDP_PORT, VIP6, bulk_byte, udp_connect},
+        lab::{
+            CLIENT_FRONT6, HTTP_PORT, HttpConn, LB_BACK, Lab, UDP_PORT, VIP6, bulk_byte,
+            udp_connect,
+        },
         netns::in_netns,
     },
 };
@@ -85,6 +88,10 @@ fn ipv6_udp_datagrams_bigger_than_the_mtu_cross_the_lb_whole() -> Result<()> {
 #[test]
 fn ipv6_path_mtu_discovery_works_through_the_lb() -> Result<()> {
     let mut lab = new_lab()?;
+    // The LB's "packet too big" answers leave by XDP_TX: both veth peers
+    // need an XDP program for them to arrive at once (`Lab::run_xdp_on`).
+    lab.run_xdp_on(&lab.client_ns(), "eth0", LB_BACK)?;
+    lab.run_xdp_on(&lab.sw_ns(), "p-lb", LB_BACK)?;
     let lb = lab.lb_ns();
     let client = lab.client_ns();
     let vip6 = SocketAddr::new(VIP6.into(), HTTP_PORT);
