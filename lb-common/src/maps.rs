@@ -792,6 +792,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FnatConf>() == 8 + 4 * FNAT_MAX_SOURCES);
 const _: () = assert!(core::mem::size_of::<FnatClaim>() == 24);
+const _: () = assert!(core::mem::size_of::<ProxyFlow>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 32);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
@@ -838,4 +839,5 @@ mod pod {
     unsafe impl aya::Pod for super::Bucket {}
     unsafe impl aya::Pod for super::FnatConf {}
     unsafe impl aya::Pod for super::FnatClaim {}
+    unsafe impl aya::Pod for super::ProxyFlow {}
 }
