@@ -194,8 +194,11 @@ pub const fn bucket_hash(client: u32, client_port: u16, protocol: u8, seed: u32)
 /// flow's bucket, so pinned tables placed by another one are refused, not
 /// adopted (their flows would be looked for in the wrong buckets). 0: the
 /// four-round hash of the tables before the version was kept (the field
-/// was padding); 1: [`crate::hash::client_hash`].
-pub const TABLE_VERSION: u32 = 1;
+/// was padding); 1: [`crate::hash::client_hash`]; 2: the same hash, and
+/// `EstablishedSlot`'s word at offset 20 holds a PROXY v2 flow's `first`
+/// (the bucket flags moved to the slot's last two bytes): version 1's
+/// tables would be misread, so they are refused as well.
+pub const TABLE_VERSION: u32 = 2;
 
 /// Were the flows of tables with these settings (a pinned `FLOW_CONF`)
 /// placed by another [`bucket_hash`] than this version's? A conf never

@@ -413,7 +413,8 @@ mod tests {
         let slot = slot_of(&fwd, &dsr, None);
         assert_eq!(entries_of(&slot).collect::<Vec<_>>(), [(fwd, dsr)]);
         assert!(!is_reply_of(&slot, &rkey));
-        assert_eq!(slot.flags & SLOT_F_OVERFLOWED, 0);
+        assert_eq!(u32::from(slot.flags) & SLOT_F_OVERFLOWED, 0);
+        assert_eq!(slot.proxy_first, 0);
         // Empty: nothing.
         assert_eq!(entries_of(&EstablishedSlot::default()).count(), 0);
     }

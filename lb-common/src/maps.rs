@@ -259,17 +259,19 @@ pub const FLOW_F_SYNCED: u8 = 1;
 pub const FLOW_F_FULL_NAT: u8 = 2;
 /// [`Flow::flags`]: a `proxy-protocol = "v2"` flow opened by a SYN this LB
 /// saw (both entries, half-open and established). Its established packets
-/// go through the PROXY stage (`STAGE_PROXY`), which inserts the header and
-/// shifts seq/ack with the flow's [`ProxyFlow`] (docs/architecture.md,
-/// "PROXY protocol v2").
+/// have seq/ack shifted by `lb` with the flow's `first`
+/// ([`EstablishedSlot::proxy_first`]; [`ProxyFlow`] for a flow in the
+/// overflow); the one that takes the header goes to the PROXY stage
+/// (`STAGE_PROXY`) (docs/architecture.md, "PROXY protocol v2").
 pub const FLOW_F_PROXY: u8 = 4;
 /// The bits a half-open slot keeps of [`Flow::flags`].
 pub const HALF_OPEN_FLAGS: u8 = FLOW_F_FULL_NAT | FLOW_F_PROXY;
 
 /// `PROXY_FLOWS` value, keyed by the flow's forward key (client → VIP): the
 /// client's ISN + 1 (`first`, host order), the sequence number at which the
-/// header goes in (`lb_common::proxy`). Written when the flow is
-/// established (the promoting segment's seq is `first`).
+/// header goes in (`lb_common::proxy`), of a PROXY flow established in the
+/// overflow (`CONNTRACK`, whose entries have no slot to keep it in; a flow
+/// in `ESTABLISHED` keeps it in [`EstablishedSlot::proxy_first`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProxyFlow {
@@ -352,7 +354,8 @@ pub struct HalfOpenEntry {
     pub _pad0: u8,
     /// A PROXY v2 flow ([`FLOW_F_PROXY`]): its client's first sequence
     /// number (the SYN's + 1, host order), written with the flag and read
-    /// at promotion into `PROXY_FLOWS`. Zero otherwise.
+    /// at promotion into [`EstablishedSlot::proxy_first`] (or
+    /// `PROXY_FLOWS`, in the overflow). Zero otherwise.
     pub proxy_first: u32,
     pub _pad: [u32; 3],
 }
@@ -468,29 +471,34 @@ pub const SLOT_F_OVERFLOWED: u32 = 1 << 0;
 
 /// A slot of the established table (`ESTABLISHED`): one flow, both
 /// directions, in two cache lines (the 128-byte-aligned pair a CPU's
-/// adjacent-line prefetch fetches together). The lock, the forward key and
-/// the forward entry are the first 72 bytes; the reply entry of a NAT flow
-/// and the backend endpoint its replies come from (so a reply is matched
-/// without reading `BACKENDS`) follow. The entries are whole [`Flow`]s, so
-/// the packet path works on them in place as it did on `CONNTRACK`'s values
-/// (one table, one layout, no copies on the hot path). A flow is found by
-/// its client's bucket ([`crate::flow_table::bucket_of`]), which both
-/// directions carry, so one slot serves both and its directions cannot
-/// part. The flags byte k27's sync uses is each entry's `Flow::_pad`.
+/// adjacent-line prefetch fetches together). The lock, the forward key, a
+/// PROXY v2 flow's `first` and the forward entry are the first 72 bytes;
+/// the reply entry of a NAT flow and the backend endpoint its replies come
+/// from (so a reply is matched without reading `BACKENDS`) follow, with the
+/// bucket's flags in the last two bytes. The entries are whole [`Flow`]s,
+/// so the packet path works on them in place as it did on `CONNTRACK`'s
+/// values (one table, one layout, no copies on the hot path). A flow is
+/// found by its client's bucket ([`crate::flow_table::bucket_of`]), which
+/// both directions carry, so one slot serves both and its directions cannot
+/// part.
 ///
 /// `seq` is a sequence lock as in [`HalfOpenSlot`]: odd while a writer
-/// holds it. A slot changes hands (key, entries, endpoint) only under it;
-/// a packet's in-place updates of its own flow (`seen`, `seq`, the next
-/// hop, the state's compare-and-swap) are lone aligned stores, as they were
-/// on `CONNTRACK`'s values.
+/// holds it. A slot changes hands (key, `proxy_first`, entries, endpoint)
+/// only under it; a packet's in-place updates of its own flow (`seen`,
+/// `seq`, the next hop, the state's compare-and-swap) are lone aligned
+/// stores, as they were on `CONNTRACK`'s values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EstablishedSlot {
     pub seq: u32,
     /// The forward key (client → VIP); all zero: the slot is empty.
     pub key: FlowKey,
-    /// `SLOT_F_*` (the bucket's, on its first way); atomic ORs and ANDs.
-    pub flags: u32,
+    /// A PROXY v2 flow ([`FLOW_F_PROXY`]): its client's ISN + 1 (`first`,
+    /// host order), written with the flow at promotion, so a PROXY packet
+    /// reads it from the slot its lookup already holds (next to the
+    /// forward entry). Zero otherwise. (This word was the bucket's flags,
+    /// which need only a bit: they moved to [`Self::flags`].)
+    pub proxy_first: u32,
     /// The forward entry (`direction` [`FORWARD`]).
     pub forward: Flow,
     /// NAT: the reply entry (`direction` [`REPLY`]); DSR: unused (zero).
@@ -499,7 +507,23 @@ pub struct EstablishedSlot {
     /// come from.
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub _pad: u16,
+    /// `SLOT_F_*` (the bucket's, on its first way). BPF's atomics are 32-
+    /// and 64-bit: the flags are changed by atomic ORs and ANDs of
+    /// [`slot_flags_mask`] on the aligned word they share with
+    /// `backend_port` ([`SLOT_FLAGS_WORD`]), which leave the port alone.
+    pub flags: u16,
+}
+
+/// Byte offset in [`EstablishedSlot`] of the aligned u32 word holding
+/// `backend_port` and `flags` (the word the bucket flags' atomics work on).
+pub const SLOT_FLAGS_WORD: usize = core::mem::offset_of!(EstablishedSlot, backend_port);
+
+/// The bits of [`EstablishedSlot::flags`] `flags` sets, as a mask of the
+/// u32 word at [`SLOT_FLAGS_WORD`] (`backend_port`'s bytes, then
+/// `flags`'s, in memory order: any endianness).
+pub const fn slot_flags_mask(flags: u32) -> u32 {
+    let f = (flags as u16).to_ne_bytes();
+    u32::from_ne_bytes([0, 0, f[0], f[1]])
 }
 
 /// Most source addresses full NAT translates with (`FnatConf::addrs`).
@@ -787,11 +811,15 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FnatConf>() == 8 + 4 * FNAT_MAX_SOURCES);
 const _: () = assert!(core::mem::size_of::<FnatClaim>() == 24);
+const _: () = assert!(core::mem::size_of::<ProxyFlow>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 32);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot>() == 64);
 const _: () = assert!(core::mem::size_of::<EstablishedSlot>() == 128);
 const _: () = assert!(core::mem::offset_of!(EstablishedSlot, forward) == 24);
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot, proxy_first) == 20);
+const _: () = assert!(SLOT_FLAGS_WORD.is_multiple_of(4));
+const _: () = assert!(core::mem::offset_of!(EstablishedSlot, flags) == SLOT_FLAGS_WORD + 2);
 const _: () = assert!(core::mem::size_of::<BackendHop>() == 24);
 const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 8);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
@@ -830,4 +858,5 @@ mod pod {
     unsafe impl aya::Pod for super::Bucket {}
     unsafe impl aya::Pod for super::FnatConf {}
     unsafe impl aya::Pod for super::FnatClaim {}
+    unsafe impl aya::Pod for super::ProxyFlow {}
 }

@@ -22,6 +22,7 @@ use lb_common::{
     SLOT_F_OVERFLOWED,
     flow::{FORWARD, REPLY, STATE_ESTABLISHED, bucket_hash, is_idle},
     flow_table::{Place, WAYS, Way, first_way, place, probes_overflow},
+    slot_flags_mask,
 };
 
 use crate::flows::{Claimed, SeqLocked, lock, same_key, unlock, write_words};
@@ -82,7 +83,6 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
         Side::Sender => bucket(conf, key.saddr, key.sport, key.protocol),
         Side::Receiver => bucket(conf, key.daddr, key.dport, key.protocol),
     };
-    let mut overflow = false;
     for way in 0..WAYS {
         let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
             return Lookup::Miss { overflow: false };
@@ -90,9 +90,6 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
         // SAFETY: a valid array map value; the key is compared between two
         // reads of the slot's sequence.
         unsafe {
-            if way == 0 {
-                overflow = probes_overflow(read_volatile(&raw const (*slot).flags));
-            }
             let found = match side {
                 Side::Sender => stable(slot, |s| same_key(&raw const (*s).key, key)),
                 Side::Receiver => stable(slot, |s| is_reply(s, key)),
@@ -106,7 +103,21 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
             }
         }
     }
+    // Only a miss reads the bucket's flags (the first way's last bytes).
+    let overflow = match ESTABLISHED.get_ptr(first) {
+        // SAFETY: a valid array map value; a racy read of a flags word.
+        Some(slot) => probes_overflow(unsafe { read_volatile(&raw const (*slot).flags) } as u32),
+        None => false,
+    };
     Lookup::Miss { overflow }
+}
+
+/// A PROXY v2 flow's `first` as its slot keeps it (written with the flow
+/// under the slot's lock, before its key).
+#[inline(always)]
+pub(crate) fn proxy_first(slot: *mut EstablishedSlot) -> u32 {
+    // SAFETY: a valid array map value; one aligned word.
+    unsafe { read_volatile(&raw const (*slot).proxy_first) }
 }
 
 /// `test` of the slot, true only if no writer held or took the slot
@@ -246,14 +257,16 @@ pub(crate) enum Placed {
 }
 
 /// Places an established flow (forward entry `forward` under `key`; NAT:
-/// the backend endpoint its replies come from and its reply entry) in a way
-/// of its bucket, never one holding a live flow (`lb_common::flow_table::place`).
+/// the backend endpoint its replies come from and its reply entry; a PROXY
+/// v2 flow's `first`, `proxy_first`, 0 for any other) in a way of its bucket, never one
+/// holding a live flow (`lb_common::flow_table::place`).
 #[inline(always)]
 pub(crate) fn insert(
     conf: &FlowConf,
     key: &FlowKey,
     forward: &Flow,
     reply: Option<(u32, u16, &Flow)>,
+    proxy_first: u32,
     now: u32,
 ) -> Placed {
     let first = bucket(conf, key.saddr, key.sport, key.protocol);
@@ -286,6 +299,7 @@ pub(crate) fn insert(
             let ended = (ways[way as usize] == Way::Expired
                 && read_volatile(&raw const (*slot).forward.state) == STATE_ESTABLISHED)
                 .then(|| read_volatile(&raw const (*slot).forward.backend_id));
+            core::ptr::write_volatile(&raw mut (*slot).proxy_first, proxy_first);
             write_words(&raw mut (*slot).forward, forward);
             if let Some((addr, port, entry)) = reply {
                 write_words(&raw mut (*slot).reply, entry);
@@ -336,7 +350,11 @@ fn peek(slot: *mut EstablishedSlot, key: &FlowKey, conf: &FlowConf, now: u32) ->
 pub(crate) fn flag_overflow(conf: &FlowConf, key: &FlowKey) {
     let first = bucket(conf, key.saddr, key.sport, key.protocol);
     if let Some(slot) = ESTABLISHED.get_ptr_mut(first) {
-        // SAFETY: a valid, aligned u32 in an array map value.
-        unsafe { atomic_or::<u32, u32, { SeqCst }>(&raw mut (*slot).flags, SLOT_F_OVERFLOWED) };
+        // SAFETY: a valid, aligned u32 in an array map value (the word of
+        // `backend_port` and `flags`: the OR leaves the port alone).
+        unsafe {
+            let word = (&raw mut (*slot).backend_port).cast::<u32>();
+            atomic_or::<u32, u32, { SeqCst }>(word, slot_flags_mask(SLOT_F_OVERFLOWED));
+        }
     }
 }

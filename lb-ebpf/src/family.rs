@@ -9,13 +9,13 @@
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
-    Backend, Flow, ServiceConf,
+    Backend, EstablishedSlot, Flow, FlowConf, ServiceConf,
     family::{Family, FlowTuple},
     headers::{EthHdr, L4Ports},
 };
 
 use crate::{
-    flows::{self, Table},
+    flows::{self, Hit, Table},
     parse::{Found, Fragment, Packet, PortLess, Quote},
     verdict::Outcome,
 };
@@ -94,6 +94,18 @@ pub(crate) trait PathFamily: Family + Sized {
         now: u32,
         to_vip: impl FnMut() -> bool,
     ) -> Option<*mut Flow>;
+    /// [`Self::established`] given the packet's lifecycle settings (`conf`,
+    /// read once per packet by the caller), with where the entry was found
+    /// (IPv4: its `ESTABLISHED` slot, where a PROXY flow's `first` is).
+    #[inline(always)]
+    fn established_hit(
+        _conf: Option<&'static FlowConf>,
+        key: &mut Self::FlowKey,
+        now: u32,
+        to_vip: impl FnMut() -> bool,
+    ) -> Option<Hit> {
+        Self::established(key, now, to_vip).map(|entry| Hit { entry, slot: None })
+    }
     fn half_open(key: &Self::FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Self::Slot)>;
     fn answered(slot: Self::Slot, key: &Self::FlowKey, reply: &Flow, flags: u8, seq: u32);
     fn record(slot: Self::Slot, forward: &Self::FlowKey, state: u32, seq: u32);
@@ -155,21 +167,15 @@ pub(crate) trait PathFamily: Family + Sized {
     fn mark_proxy(_forward: &Self::FlowKey, _first: u32) -> bool {
         false
     }
-    /// What `mark_proxy` recorded as `first`, if `slot` still holds the flow.
-    #[inline(always)]
-    fn proxy_first(_slot: Self::Slot, _forward: &Self::FlowKey) -> Option<u32> {
-        None
-    }
-    /// A PROXY flow is being established: its `first` is recorded.
-    #[inline(always)]
-    fn proxy_started(_forward: &Self::FlowKey, _first: u32) {}
-    /// An established PROXY flow's packet shifted in place (`proxy::shift`);
+    /// An established PROXY flow's packet (its entry `flow`, in `slot`, which
+    /// keeps the flow's `first`) shifted in place (`proxy::shift`);
     /// `Ok(false)`: it needs the PROXY stage.
     #[inline(always)]
     fn proxy_shift(
         _ctx: &XdpContext,
         _key: &Self::FlowKey,
         _flow: &Flow,
+        _slot: Option<*mut EstablishedSlot>,
         _seg: &crate::parse::Segment,
     ) -> Result<bool, Outcome> {
         Ok(false)

@@ -40,8 +40,8 @@ use core::{
 };
 use lb_common::{
     BACKEND_F_IN_RING, BudgetWindow, DEFAULT_CONNTRACK_SIZE, DEFAULT_HALF_OPEN_SIZE, Endpoint,
-    FLOW_F_FULL_NAT, FLOW_F_PROXY, Flow, FlowConf, FlowCounts, FlowKey, HALF_OPEN_FLAGS,
-    HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
+    EstablishedSlot, FLOW_F_FULL_NAT, FLOW_F_PROXY, Flow, FlowConf, FlowCounts, FlowKey,
+    HALF_OPEN_FLAGS, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
         bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
@@ -110,7 +110,14 @@ pub(crate) enum Table {
 /// every packet. 0 until the agent wrote the clock's settings.
 #[inline(always)]
 pub(crate) fn now() -> u32 {
-    let Some(conf) = conf() else {
+    now_in(conf())
+}
+
+/// [`now`] with the packet's lifecycle settings (`conf()`, read once by
+/// the caller and passed on: each read is a map lookup).
+#[inline(always)]
+pub(crate) fn now_in(conf: Option<&FlowConf>) -> u32 {
+    let Some(conf) = conf else {
         return 0;
     };
     // SAFETY: plain helper call (inlined by the verifier).
@@ -140,9 +147,30 @@ pub(crate) fn conf() -> Option<&'static FlowConf> {
 pub(crate) fn established(
     key: &mut FlowKey,
     now: u32,
-    mut to_vip: impl FnMut() -> bool,
+    to_vip: impl FnMut() -> bool,
 ) -> Option<*mut Flow> {
-    let conf = conf()?;
+    established_in(conf(), key, now, to_vip).map(|hit| hit.entry)
+}
+
+/// An established entry found by [`established_in`].
+#[derive(Clone, Copy)]
+pub(crate) struct Hit {
+    /// The entry for the packet's direction.
+    pub(crate) entry: *mut Flow,
+    /// Its `ESTABLISHED` slot; `None`: the overflow (`CONNTRACK`).
+    pub(crate) slot: Option<*mut EstablishedSlot>,
+}
+
+/// [`established`] with the packet's lifecycle settings (read once by the
+/// caller), and the slot the entry is in.
+#[inline(always)]
+pub(crate) fn established_in(
+    conf: Option<&FlowConf>,
+    key: &mut FlowKey,
+    now: u32,
+    mut to_vip: impl FnMut() -> bool,
+) -> Option<Hit> {
+    let conf = conf?;
     let lookup = match established::find(conf, key, Side::Sender) {
         Lookup::Miss { overflow } if !to_vip() => {
             fullnat::nat_shaped(key);
@@ -157,7 +185,9 @@ pub(crate) fn established(
     };
     let (slot, entry) = match lookup {
         Lookup::Found(slot, entry) => (slot, entry),
-        Lookup::Miss { overflow: true } => return overflowed(conf, key, now),
+        Lookup::Miss { overflow: true } => {
+            return overflowed(conf, key, now).map(|entry| Hit { entry, slot: None });
+        }
         Lookup::Miss { overflow: false } => return None,
     };
     // SAFETY: an array map value: stays mapped; if its slot changes hands
@@ -174,7 +204,10 @@ pub(crate) fn established(
         // One store per tick, not per packet.
         flow.seen = now;
     }
-    Some(entry)
+    Some(Hit {
+        entry,
+        slot: Some(slot),
+    })
 }
 
 /// Step 2 in the overflow (`CONNTRACK`): as `established`, for a flow its
@@ -296,7 +329,7 @@ pub(crate) fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
 /// The first client sequence number `mark_proxy` recorded for the
 /// half-open flow `forward` in `slot`, if the slot still holds it.
 #[inline(always)]
-pub(crate) fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
+fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
     let slot = slot.0;
     // SAFETY: a valid array map value, read under its sequence as in
     // `read_slot`.
@@ -308,6 +341,20 @@ pub(crate) fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
         let first = read_volatile(&raw const (*slot).flow.proxy_first);
         (read_volatile(&raw const (*slot).seq) == seq).then_some(first)
     }
+}
+
+/// The `first` `mark_proxy` recorded for the half-open flow `forward`, if
+/// a slot of its bucket still holds it.
+#[inline(always)]
+fn half_open_first(conf: &FlowConf, forward: &FlowKey) -> Option<u32> {
+    let first = bucket_of(conf, forward.saddr, forward.sport, forward.protocol);
+    for way in 0..HALF_OPEN_WAYS {
+        let slot = HALF_OPEN.get_ptr_mut(first + way)?;
+        if let Some(found) = proxy_first(Slot(slot), forward) {
+            return Some(found);
+        }
+    }
+    None
 }
 
 /// Is `key`'s source a backend endpoint of a NAT service?
@@ -656,9 +703,6 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
     } else {
         *key
     };
-    if flow.flags & FLOW_F_PROXY != 0 {
-        crate::proxy::ended(&forward);
-    }
     if let Some(conf) = conf()
         && let Some(removed) = established::remove(conf, &forward)
     {
@@ -672,6 +716,11 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey, flow: &Flow) {
             fullnat::release(&forward, &claimed, true);
         }
         return;
+    }
+    // The overflow: a PROXY flow's `first` is in `PROXY_FLOWS` (a slot
+    // keeps its own, gone with it).
+    if flow.flags & FLOW_F_PROXY != 0 {
+        crate::proxy::ended(&forward);
     }
     let pair = pair_key(key, flow);
     let (backend_id, state, direction) = (flow.backend_id, flow.state, flow.direction);
@@ -824,6 +873,20 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     let Some(conf) = conf() else {
         return;
     };
+    // A PROXY flow's `first` as its SYN gave it (not this segment's seq: a
+    // segment after the first may be the one that promotes, when an
+    // earlier promotion found the bucket busy or full), from its half-open
+    // slot into its established one. Gone (its half-open slot taken
+    // meanwhile): it is not established (its data is then `drop_proxy_lost`).
+    let proxied = flow.flags & FLOW_F_PROXY != 0;
+    let first = if proxied {
+        match half_open_first(conf, key) {
+            Some(first) => first,
+            None => return,
+        }
+    } else {
+        0
+    };
     let nat = flow.vip != 0;
     let state = flow.state;
     flow.state = STATE_ESTABLISHED;
@@ -851,6 +914,7 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
         key,
         flow,
         backend.map(|(addr, port)| (addr, port, &reply)),
+        first,
         now,
     );
     match placed {
@@ -870,7 +934,15 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
             return;
         }
         Placed::Full => {
+            // The overflow's entries have no slot: `first` in `PROXY_FLOWS`
+            // (before the entries, which make the flow visible).
+            if proxied {
+                crate::proxy::started(key, first);
+            }
             if !overflow_insert(key, flow, backend.is_some(), &reply) {
+                if proxied {
+                    crate::proxy::ended(key);
+                }
                 flow.state = state;
                 return;
             }
@@ -884,7 +956,7 @@ pub(crate) fn promote(key: &FlowKey, flow: &mut Flow, seq: u32, ack: u32, now: u
     clear_slot(conf, key);
     count_opened(backend_id);
     // A peer cannot translate a full-NAT flow: its source address is ours;
-    // nor shift a PROXY flow: its start is in this LB's `PROXY_FLOWS`.
+    // nor shift a PROXY flow: its `first` is in this LB's tables only.
     if flow.flags & (FLOW_F_FULL_NAT | FLOW_F_PROXY) == 0 {
         crate::sync::established(key, flow, ack);
     }

@@ -95,23 +95,26 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
     };
     let mut key = flow_key(&pkt);
     let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
-    let now = flows::now();
+    // The lifecycle's settings, read once for the packet (the clock and
+    // the established lookup both need them).
+    let conf = flows::conf();
+    let now = flows::now_in(conf);
     // Established flows first: one bucket on the hot path (the sender's),
     // with no VIP lookup before it. Only a miss asks whether the packet is
     // to a VIP: a packet that is not may be a NAT backend's reply, found in
     // its receiver's bucket; one to a VIP (a new flow) never reads that.
     let mut to_vip = None;
-    let entry = F::established(&mut key, now, || {
+    let hit = F::established_hit(conf, &mut key, now, || {
         *to_vip.get_or_insert_with(|| is_vip::<F>(ip))
     });
-    if let Some(entry) = entry {
+    if let Some(hit) = hit {
         // SAFETY: a flow table value (see `flows::established`).
-        let flow = unsafe { &mut *entry };
+        let flow = unsafe { &mut *hit.entry };
         // A PROXY v2 flow (one flag test for the others): seq or ack
-        // shifted here; a segment that takes the header goes to the PROXY
-        // stage (`proxy.rs`).
+        // shifted here with the `first` its slot keeps; a segment that
+        // takes the header goes to the PROXY stage (`proxy.rs`).
         if flow.flags & FLOW_F_PROXY != 0 {
-            match F::proxy_shift(ctx, &key, flow, &seg) {
+            match F::proxy_shift(ctx, &key, flow, hit.slot, &seg) {
                 Ok(true) => {}
                 Ok(false) => return stage::to_proxy(ctx, PROXY_ESTABLISHED),
                 Err(outcome) => return outcome,
@@ -183,17 +186,18 @@ pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
     };
     let mut key = flow_key(&pkt);
     let seg = tcp_segment::<V4>(ctx, pkt.l4, &key);
-    let now = flows::now();
-    let Some(entry) = V4::established(&mut key, now, || is_vip::<V4>(ip)) else {
+    let conf = flows::conf();
+    let now = flows::now_in(conf);
+    let Some(hit) = flows::established_in(conf, &mut key, now, || is_vip::<V4>(ip)) else {
         // Gone since `lb` (or `lb_setup`) found it.
         return drop(Verdict::DropProxyLost);
     };
     // SAFETY: a flow table value (see `flows::established`).
-    let flow = unsafe { &mut *entry };
+    let flow = unsafe { &mut *hit.entry };
     let adjusted = if flow.direction == REPLY {
-        proxy::backend(ctx, &key, flow, &seg)
+        proxy::backend(ctx, &key, flow, hit.slot, &seg)
     } else {
-        proxy::client(ctx, &key, flow, &seg)
+        proxy::client(ctx, &key, flow, hit.slot, &seg)
     };
     if let Err(outcome) = adjusted {
         return outcome;
@@ -314,19 +318,12 @@ fn half_open<F: PathFamily>(
     if confirm == Confirm::Refused {
         return Some(drop(Verdict::DropBadHandshake));
     }
-    if proxied && confirm == Confirm::Promote {
-        // `first` as the SYN gave it (not this segment's seq: a segment
-        // after the first may be the one that promotes, when an earlier
-        // promotion found the bucket busy or full).
-        if let Some(first) = F::proxy_first(slot, key) {
-            F::proxy_started(key, first);
-        }
-        if proxy::has_payload(ctx) {
-            // Data with it: established first, then the PROXY stage
-            // inserts the header as for any established segment.
-            F::promote(key, flow, seg.seq, seg.ack, now);
-            return Some(stage::to_proxy(ctx, PROXY_ESTABLISHED));
-        }
+    // Data with a PROXY flow's promoting segment: established first (its
+    // `first` moves from the half-open slot to the established one), then
+    // the PROXY stage inserts the header as for any established segment.
+    if proxied && confirm == Confirm::Promote && proxy::has_payload(ctx) {
+        F::promote(key, flow, seg.seq, seg.ack, now);
+        return Some(stage::to_proxy(ctx, PROXY_ESTABLISHED));
     }
     let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(

@@ -14,14 +14,16 @@
 //!   len`; the backend's acks `client_ack`; then the established path
 //!   (`path::proxied`) as `lb` would have taken it.
 //!
-//! `PROXY_FLOWS` holds `first` per flow (forward key); only flagged flows
-//! look it up.
+//! A flow's `first` is in its established slot
+//! (`EstablishedSlot::proxy_first`), read from the slot the packet's lookup
+//! already holds; only a PROXY flow in the overflow (`CONNTRACK`, no slot)
+//! keeps it in `PROXY_FLOWS` (forward key → `first`).
 
 use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head, macros::map, maps::LruHashMap, programs::XdpContext,
 };
 use lb_common::{
-    Flow, FlowKey, MAX_PROXY_FLOWS, ProxyFlow, REPLY, Verdict,
+    EstablishedSlot, Flow, FlowKey, MAX_PROXY_FLOWS, ProxyFlow, REPLY, Verdict,
     checksum::replace16,
     flow::forward_key,
     headers::{EthHdr, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpNumbers},
@@ -33,13 +35,13 @@ use lb_common::{
 };
 
 use crate::{
-    compose,
+    compose, established,
     mem::header,
     parse::Segment,
     verdict::{Outcome, drop},
 };
 
-/// A PROXY flow's forward key (client → VIP) → `first`.
+/// A PROXY flow in the overflow: its forward key (client → VIP) → `first`.
 #[map]
 pub(crate) static PROXY_FLOWS: LruHashMap<FlowKey, ProxyFlow> =
     LruHashMap::with_max_entries(MAX_PROXY_FLOWS, 0);
@@ -53,23 +55,30 @@ const TCP_CHECK: usize = TCP_AT + 16;
 /// The longest TCP header (data offset 15).
 const TCP_MAX: usize = 60;
 
-/// A PROXY flow was established (its promoting segment's seq is `first`).
+/// A PROXY flow was established in the overflow.
 #[inline(always)]
 pub(crate) fn started(forward: &FlowKey, first: u32) {
     let _ = PROXY_FLOWS.insert(forward, &ProxyFlow { first, _pad: 0 }, 0);
 }
 
-/// A PROXY flow's entry went (`flows::remove_flow`).
+/// A PROXY flow in the overflow went (`flows::remove_flow`).
 #[inline(always)]
 pub(crate) fn ended(forward: &FlowKey) {
     let _ = PROXY_FLOWS.remove(forward);
 }
 
-/// The flow's `first`, if known.
+/// The flow's `first`, if known: its slot's (`slot`, where the lookup found
+/// the entry), else (the overflow) `PROXY_FLOWS`'s under its forward key
+/// (`forward`, made only then).
 #[inline(always)]
-fn first_of(forward: &FlowKey) -> Option<u32> {
+fn first_of(slot: Option<*mut EstablishedSlot>, forward: impl FnOnce() -> FlowKey) -> Option<u32> {
+    if let Some(slot) = slot {
+        return Some(established::proxy_first(slot));
+    }
     // SAFETY: a map value, read once.
-    PROXY_FLOWS.get_ptr(forward).map(|p| unsafe { (*p).first })
+    PROXY_FLOWS
+        .get_ptr(&forward())
+        .map(|p| unsafe { (*p).first })
 }
 
 /// The IP total length (host order) and the TCP header's length of the
@@ -93,21 +102,23 @@ pub(crate) fn has_payload(ctx: &XdpContext) -> bool {
 }
 
 /// In `lb`, a packet of an established PROXY flow (`key` as the
-/// established table left it, `flow` its entry): a backend's ack shifted
-/// back, a client segment kept or shifted, in place. `Ok(false)`: a client
-/// segment that takes the header, for the PROXY stage (the frame grows).
+/// established table left it, `flow` its entry, in `slot`): a backend's ack
+/// shifted back, a client segment kept or shifted, in place. `Ok(false)`: a
+/// client segment that takes the header, for the PROXY stage (the frame
+/// grows).
 #[inline(always)]
 pub(crate) fn shift(
     ctx: &XdpContext,
     key: &FlowKey,
     flow: &Flow,
+    slot: Option<*mut EstablishedSlot>,
     seg: &Segment,
 ) -> Result<bool, Outcome> {
     if flow.direction == REPLY {
-        backend(ctx, key, flow, seg)?;
+        backend(ctx, key, flow, slot, seg)?;
         return Ok(true);
     }
-    let (rule, _, _) = client_rule(ctx, key, seg)?;
+    let (rule, _, _) = client_rule(ctx, key, slot, seg)?;
     Ok(rule != ClientSegment::Insert)
 }
 
@@ -117,9 +128,10 @@ pub(crate) fn shift(
 fn client_rule(
     ctx: &XdpContext,
     forward: &FlowKey,
+    slot: Option<*mut EstablishedSlot>,
     seg: &Segment,
 ) -> Result<(ClientSegment, u32, u32), Outcome> {
-    let Some(first) = first_of(forward) else {
+    let Some(first) = first_of(slot, || *forward) else {
         return Err(drop(Verdict::DropProxyLost));
     };
     let Some((total, tcp_len)) = lengths(ctx) else {
@@ -134,39 +146,42 @@ fn client_rule(
 }
 
 /// In the PROXY stage, a client segment of an established PROXY flow
-/// (`forward`, its key as it arrived; `flow` its entry): kept, shifted, or
-/// given the header.
+/// (`forward`, its key as it arrived; `flow` its entry, in `slot`): kept,
+/// shifted, or given the header.
 #[inline(always)]
 pub(crate) fn client(
     ctx: &XdpContext,
     forward: &FlowKey,
     flow: &Flow,
+    slot: Option<*mut EstablishedSlot>,
     seg: &Segment,
 ) -> Result<(), Outcome> {
-    match client_rule(ctx, forward, seg)? {
+    match client_rule(ctx, forward, slot, seg)? {
         (ClientSegment::Insert, total, tcp_len) => insert(ctx, forward, flow, total, tcp_len),
         _ => Ok(()),
     }
 }
 
 /// A backend's segment of an established PROXY flow (`reply`, its key in
-/// NAT shape; `flow` its reply entry): its ack as the client numbers it.
+/// NAT shape; `flow` its reply entry, in `slot`): its ack as the client
+/// numbers it.
 #[inline(always)]
 pub(crate) fn backend(
-    _ctx: &XdpContext,
+    ctx: &XdpContext,
     reply: &FlowKey,
     flow: &Flow,
+    slot: Option<*mut EstablishedSlot>,
     seg: &Segment,
 ) -> Result<(), Outcome> {
     if seg.flags & TCP_FLAG_ACK == 0 {
         return Ok(());
     }
-    let Some(first) = first_of(&forward_key(reply, flow)) else {
+    let Some(first) = first_of(slot, || forward_key(reply, flow)) else {
         return Err(drop(Verdict::DropProxyLost));
     };
     let ack = client_ack(seg.ack, first, LEN);
     if ack != seg.ack {
-        set_number(_ctx, 4, seg.ack, ack);
+        set_number(ctx, 4, seg.ack, ack);
     }
     Ok(())
 }

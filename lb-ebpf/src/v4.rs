@@ -5,7 +5,7 @@
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
-    Backend, Flow, FlowKey, ServiceConf, ServiceKey,
+    Backend, EstablishedSlot, Flow, FlowConf, FlowKey, ServiceConf, ServiceKey,
     family::V4,
     headers::{EthHdr, Ipv4Hdr, L4Ports},
 };
@@ -14,7 +14,7 @@ use crate::{
     BACKENDS, SERVICES, VIPS, compose,
     family::PathFamily,
     firewall,
-    flows::{self, Slot, Table},
+    flows::{self, Hit, Slot, Table},
     frag, fullnat, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
@@ -146,6 +146,16 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
+    fn established_hit(
+        conf: Option<&'static FlowConf>,
+        key: &mut FlowKey,
+        now: u32,
+        to_vip: impl FnMut() -> bool,
+    ) -> Option<Hit> {
+        flows::established_in(conf, key, now, to_vip)
+    }
+
+    #[inline(always)]
     fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
         flows::half_open(key, now, to_vip)
     }
@@ -208,23 +218,14 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn proxy_first(slot: Slot, forward: &FlowKey) -> Option<u32> {
-        flows::proxy_first(slot, forward)
-    }
-
-    #[inline(always)]
-    fn proxy_started(forward: &FlowKey, first: u32) {
-        crate::proxy::started(forward, first);
-    }
-
-    #[inline(always)]
     fn proxy_shift(
         ctx: &XdpContext,
         key: &FlowKey,
         flow: &Flow,
+        slot: Option<*mut EstablishedSlot>,
         seg: &crate::parse::Segment,
     ) -> Result<bool, Outcome> {
-        crate::proxy::shift(ctx, key, flow, seg)
+        crate::proxy::shift(ctx, key, flow, slot, seg)
     }
 
     #[inline(always)]

@@ -272,7 +272,10 @@ fn a_nat_flow_is_one_slot_and_a_full_bucket_overflows_without_evicting() {
         let first = table
             .read_slot(flagged[0])
             .expect("a filler in the first way");
-        assert_eq!(first.flags & SLOT_F_OVERFLOWED, SLOT_F_OVERFLOWED);
+        assert_eq!(
+            u32::from(first.flags) & SLOT_F_OVERFLOWED,
+            SLOT_F_OVERFLOWED
+        );
     });
 }
 

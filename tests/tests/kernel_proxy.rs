@@ -7,6 +7,9 @@
 //! are shifted back (inside the header: the client's first byte), FIN both
 //! ways; a first segment too big once grown is answered with "fragmentation
 //! needed" announcing the MTU less 28; a plain NAT flow is left alone.
+//! Where `first` lives: in the flow's established slot (no `PROXY_FLOWS`
+//! entry), in `PROXY_FLOWS` only for a flow in the overflow (which shifts
+//! all the same), and across a restart with the adopted, pinned table.
 //! Every expected frame is built by etherparse (its checksums computed
 //! independently) and the inserted header is parsed back with `ppp`.
 //!
@@ -16,14 +19,15 @@
 //! Needs root and BPF; without them the tests fail loudly.
 
 use etherparse::{PacketBuilder, TcpOptionElement};
-use lb_common::Verdict;
+use lb_common::{FlowKey, ProxyFlow, Verdict, flow::STATE_ESTABLISHED};
 use lb_tests::kernel_net::{
-    BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEB_MACS, WEB_PORT, WEBS,
-    lab_config, service, webs,
+    BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEB_MACS, WEB_PORT,
+    WEBS, lab_config, service, webs,
 };
 use lb_userspace::{
     config::{Config, Forwarding, Protocol, ProxyProtocol},
-    harness::xdp::{XDP_REDIRECT, XDP_TX},
+    dataplane::{Dataplane, sweep::now_ticks},
+    harness::xdp::{self, XDP_REDIRECT, XDP_TX},
 };
 use ppp::v2::{Addresses, Command, Header};
 
@@ -524,6 +528,125 @@ fn a_flow_without_proxy_protocol_is_left_alone() {
             Verdict::ForwardedReply,
         );
         assert_eq!(back, flow.to_client(&answer), "ack unchanged");
+    });
+}
+
+/// The flow's forward key (client → VIP:80, TCP).
+fn forward_key(vip: [u8; 4], port: u16) -> FlowKey {
+    FlowKey {
+        saddr: u32::from_ne_bytes(CLIENT),
+        daddr: u32::from_ne_bytes(vip),
+        sport: port.to_be(),
+        dport: 80u16.to_be(),
+        protocol: 6,
+        ..FlowKey::default()
+    }
+}
+
+/// `PROXY_FLOWS`' entry for the flow whose forward key is `key`.
+fn proxy_flows_entry(h: &mut Harness, key: &FlowKey) -> Option<ProxyFlow> {
+    let map = h.dp.ebpf().map("PROXY_FLOWS").expect("PROXY_FLOWS");
+    let flows: aya::maps::HashMap<_, FlowKey, ProxyFlow> =
+        aya::maps::HashMap::try_from(map).expect("a hash map");
+    flows.get(key, 0).ok()
+}
+
+/// A PROXY flow's `first` lives in its established slot: the handshake's
+/// promotion writes it there (the client's ISN + 1) and `PROXY_FLOWS` gets
+/// nothing. A PROXY flow whose bucket's two ways hold live flows goes to
+/// the overflow (`CONNTRACK`, no slot): its `first` is kept in
+/// `PROXY_FLOWS` instead, and it gets the header and its shifts both ways
+/// as one in a slot does.
+#[test]
+fn a_proxy_flows_first_is_in_its_slot_and_in_proxy_flows_only_in_the_overflow() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&config());
+        let flow = handshake(&mut h, VIP_NAT, 41004, false);
+        let key = forward_key(VIP_NAT, 41004);
+        let table = h.dp.established_table().expect("ESTABLISHED");
+        let conf = h.dp.flow_conf().expect("FLOW_CONF");
+        let slot = table
+            .occupied()
+            .into_iter()
+            .find(|s| s.key == key)
+            .expect("the flow has a slot");
+        assert_eq!(slot.proxy_first, CLIENT_SEQ + 1, "first, in the slot");
+        assert_eq!(
+            proxy_flows_entry(&mut h, &key),
+            None,
+            "nothing in PROXY_FLOWS"
+        );
+        data_both_ways(&mut h, &flow);
+
+        // Fill the bucket of the client's next port with two live flows
+        // (same client address and port, other VIPs: the same bucket).
+        let next = 41005;
+        let now = now_ticks();
+        for vip in [[198, 18, 0, 98], [198, 18, 0, 99]] {
+            let live = lb_common::Flow {
+                backend_id: 1,
+                state: STATE_ESTABLISHED,
+                seen: now,
+                ..lb_common::Flow::default()
+            };
+            let filler = forward_key(vip, next);
+            assert!(
+                table
+                    .insert_established(&filler, &live, None, &conf, now)
+                    .is_ok(),
+                "{filler:?}"
+            );
+        }
+        let flow = handshake(&mut h, VIP_NAT, next, false);
+        let key = forward_key(VIP_NAT, next);
+        assert!(table.get(&key, &conf).is_none(), "no way was free");
+        let overflow = h.dp.ebpf().map("CONNTRACK").expect("CONNTRACK");
+        let overflow: aya::maps::HashMap<_, FlowKey, lb_common::Flow> =
+            aya::maps::HashMap::try_from(overflow).expect("a hash map");
+        assert!(overflow.get(&key, 0).is_ok(), "the flow is in the overflow");
+        assert_eq!(
+            proxy_flows_entry(&mut h, &key),
+            Some(ProxyFlow {
+                first: CLIENT_SEQ + 1,
+                _pad: 0
+            }),
+            "first, in PROXY_FLOWS"
+        );
+        data_both_ways(&mut h, &flow);
+    });
+}
+
+/// A PROXY flow established before an agent restart goes on after it: its
+/// `first` is in its established slot, pinned with the table, which the
+/// restarted data plane adopts; the header and every shift come out as
+/// before the restart.
+#[test]
+fn a_proxy_flow_keeps_its_header_and_shifts_across_a_restart() {
+    let net = TestNet::new();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let cfg = config();
+        let harness = |dp: Dataplane| Harness {
+            dp,
+            front: xdp::ifindex("f0").expect("f0"),
+            back: xdp::ifindex("b0").expect("b0"),
+        };
+        let (mut dp, adopted) = Dataplane::load_pinned(65536, &pins).expect("load pinned");
+        assert!(!adopted);
+        dp.apply(&cfg).expect("apply");
+        let mut before = harness(dp);
+        let flow = handshake(&mut before, VIP_NAT, 41006, false);
+        drop(before);
+
+        let (mut dp, adopted) = Dataplane::load_pinned(65536, &pins).expect("adopt");
+        assert!(adopted, "the pinned data plane is adopted");
+        dp.apply(&cfg).expect("re-apply");
+        let mut after = harness(dp);
+        data_both_ways(&mut after, &flow);
+        drop(after);
+        Dataplane::teardown(&pins).expect("teardown");
     });
 }
 

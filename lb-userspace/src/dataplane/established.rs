@@ -10,12 +10,16 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_common::{
-    EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED,
+    EstablishedSlot, Flow, FlowConf, FlowKey, SLOT_F_OVERFLOWED, SLOT_FLAGS_WORD,
     flow::{FORWARD, REPLY},
     flow_table::{self, Place, WAYS, Way, bucket_of, entries_of, place, slot_of, way_of},
+    slot_flags_mask,
 };
 
 use super::SlotTable;
+
+/// The bucket's overflow flag as a bit of its flags word.
+const OVERFLOWED: u32 = slot_flags_mask(SLOT_F_OVERFLOWED);
 
 /// `ESTABLISHED` mapped into this process.
 pub type EstablishedTable = SlotTable<EstablishedSlot>;
@@ -199,7 +203,7 @@ impl EstablishedTable {
         let written = self.with_lock(i, |slot| {
             // SAFETY: locked: ours to read and write (volatile: the data
             // plane's lone stores and flag bits go on meanwhile; `flags` and
-            // `seq` are left alone).
+            // `seq` are left alone: `backend_port` is written as a u16).
             unsafe {
                 let was = std::ptr::read_volatile(slot);
                 let now_way = if was.key == FlowKey::EMPTY {
@@ -210,6 +214,7 @@ impl EstablishedTable {
                 if now_way != chosen {
                     return None;
                 }
+                std::ptr::write_volatile(&raw mut (*slot).proxy_first, new.proxy_first);
                 std::ptr::write_volatile(&raw mut (*slot).forward, new.forward);
                 std::ptr::write_volatile(&raw mut (*slot).reply, new.reply);
                 std::ptr::write_volatile(&raw mut (*slot).backend_addr, new.backend_addr);
@@ -231,12 +236,19 @@ impl EstablishedTable {
         }
     }
 
-    /// `f` of slot `i`'s flags word (an aligned u32 the data plane only
-    /// ever changes with atomic ORs).
+    /// `f` of slot `i`'s flags word (`EstablishedSlot::flags` and the
+    /// `backend_port` beside it: an aligned u32 whose flag bits the data
+    /// plane only ever changes with atomic ORs; [`slot_flags_mask`] names
+    /// them in it).
     fn flags<T>(&self, i: usize, f: impl FnOnce(&AtomicU32) -> T) -> Option<T> {
-        // SAFETY: the field of a mapped slot, accessed atomically only.
+        // SAFETY: an aligned word of a mapped slot (`SLOT_FLAGS_WORD`),
+        // whose flag half is accessed atomically only.
         self.at(i, |slot| {
-            f(unsafe { AtomicU32::from_ptr(&raw mut (*slot).flags) })
+            f(
+                unsafe {
+                    AtomicU32::from_ptr(slot.cast::<u8>().add(SLOT_FLAGS_WORD).cast::<u32>())
+                },
+            )
         })
     }
 
@@ -245,7 +257,7 @@ impl EstablishedTable {
     /// plane's promotion does.
     pub fn flag_overflow(&self, key: &FlowKey, conf: &FlowConf) {
         let first = self.bucket(key, conf).start;
-        self.flags(first, |f| f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel));
+        self.flags(first, |f| f.fetch_or(OVERFLOWED, Ordering::AcqRel));
     }
 
     /// Runs `write` on the slot of the flow whose forward key is `key`,
@@ -281,7 +293,7 @@ impl EstablishedTable {
         (0..self.slots() as usize)
             .step_by(WAYS as usize)
             .filter(|&i| {
-                self.flags(i, |f| f.load(Ordering::Relaxed) & SLOT_F_OVERFLOWED != 0)
+                self.flags(i, |f| f.load(Ordering::Relaxed) & OVERFLOWED != 0)
                     .unwrap_or(false)
             })
             .collect()
@@ -300,11 +312,11 @@ impl EstablishedTable {
         let listed = buckets(overflow());
         for i in self.overflowed_buckets() {
             if !listed.contains(&i) {
-                self.flags(i, |f| f.fetch_and(!SLOT_F_OVERFLOWED, Ordering::AcqRel));
+                self.flags(i, |f| f.fetch_and(!OVERFLOWED, Ordering::AcqRel));
             }
         }
         for i in buckets(overflow()) {
-            self.flags(i, |f| f.fetch_or(SLOT_F_OVERFLOWED, Ordering::AcqRel));
+            self.flags(i, |f| f.fetch_or(OVERFLOWED, Ordering::AcqRel));
         }
     }
 }

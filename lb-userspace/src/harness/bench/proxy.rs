@@ -1,9 +1,10 @@
 //! PROXY protocol v2's cost (issue 25): a TCP flow through a full-NAT
 //! service, established by a handshake, its client's data segments one call
 //! each — plain full NAT against the same service with `proxy-protocol =
-//! "v2"` (every segment after the first shifted by the PROXY stage: one
-//! more tail call, one `PROXY_FLOWS` lookup, the seq and its checksum). The
-//! two data planes take turns in every repetition.
+//! "v2"` (every segment after the first shifted in `lb` itself: a flag
+//! test, the flow's `first` read from its established slot, the payload's
+//! length, the seq and its checksum). The two data planes take turns in
+//! every repetition.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
