@@ -17,9 +17,10 @@ use lb_common::Verdict;
 use lb_tests::{
     kernel_frames::{answer, from},
     kernel_net::{
-        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS, WEB_PORT, backend,
+        CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_PORT, backend,
         expect_rule, lab_config, ns_per_packet, prefix, rule_counts, service, udp,
     },
+    kernel_net6::dual_stack,
 };
 use lb_userspace::config::{Config, Forwarding, Protocol};
 use lb_userspace::dataplane::MapName;
@@ -401,10 +402,11 @@ fn firewall_cost_ns_per_packet() {
 
 // ---- the firewall over IPv6 (issue 24) ----
 //
-// The test namespace made dual-stack as kernel_v6.rs makes it: the front
-// 2001:db8:18::1/64, the back 2001:db8:19::1/64 with web1..3 at ::11..::13
-// (their MACs, static neighbours), IPv6 forwarding on for
-// `bpf_fib_lookup`. Sources are anywhere: only the webs' side is routed.
+// The test namespace made dual-stack by `kernel_net6::dual_stack`, as
+// kernel_v6.rs makes it: the front 2001:db8:18::1/64, the back
+// 2001:db8:19::1/64 with web1..3 at ::11..::13 (their MACs, static
+// neighbours), IPv6 forwarding on for `bpf_fib_lookup`. Sources are
+// anywhere: only the webs' side is routed.
 
 const VIP_NAT6: &str = "2001:db8:18::10";
 const VIP_DSR6: &str = "2001:db8:18::20";
@@ -415,44 +417,6 @@ fn prefix6(text: &str) -> lb_userspace::config::Prefix6 {
 
 fn v6(text: &str) -> [u8; 16] {
     text.parse::<std::net::Ipv6Addr>().expect("IPv6").octets()
-}
-
-/// The back side of the dual-stack namespace (see above).
-fn webs_over_ipv6(net: &TestNet) {
-    net.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:18::1/64",
-        "dev",
-        "f0",
-        "nodad",
-    ]);
-    net.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:19::1/64",
-        "dev",
-        "b0",
-        "nodad",
-    ]);
-    for (i, mac) in WEB_MACS.iter().enumerate() {
-        let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-        let web = format!("2001:db8:19::{}", 11 + i);
-        net.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            &web,
-            "lladdr",
-            &mac.join(":"),
-            "dev",
-            "b0",
-            "nud",
-            "permanent",
-        ]);
-    }
 }
 
 /// The lab's config plus IPv6 `www6` (NAT66, 80 → the webs' 8080) and
@@ -507,7 +471,7 @@ fn id_of(applied: &[lb_userspace::dataplane::AppliedService], name: &str) -> u32
 fn ipv6_deny_and_allow_prefixes_global_and_per_service() {
     use lb_common::FW_GLOBAL;
     let net = TestNet::new();
-    webs_over_ipv6(&net);
+    dual_stack(&net);
     net.run(|| {
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
         let mut cfg = config6();
@@ -666,7 +630,7 @@ fn ipv6_rate_limit_per_64_shares_a_bucket_across_the_prefix() {
     use lb_common::{Bucket, maps6::BucketKey6};
     use lb_userspace::config::RateLimit;
     let net = TestNet::new();
-    webs_over_ipv6(&net);
+    dual_stack(&net);
     net.run(|| {
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
         let mut cfg = config6();
