@@ -1,7 +1,7 @@
 //! Layouts of the tools' XDP programs (lb-ebpf-tools), not the data
 //! plane's: the load generator's (`pktgen`, feature `pktgen`: `lb pktgen`
 //! ships in the product) and the benchmark baselines' (`bare_fwd`,
-//! `hash_fwd`, feature `bench`: only the harness builds them). The agent's
+//! `bare_fwd6`, `hash_fwd`, feature `bench`: only the harness builds them). The agent's
 //! object and the data plane never see them.
 
 /// Bytes of each generated frame the `pktgen` program restores before use.
@@ -93,8 +93,8 @@ pub const PKTGEN_V6_SADDR_LOW: usize = 14 + 8 + 12;
 pub const PKTGEN_V6_L4: usize = 14 + 40;
 
 #[cfg(feature = "bench")]
-/// `FWD_CONF[0]`: the `bare_fwd` program's fixed next hop (the benchmark's
-/// ceiling rewrites both MACs and redirects, nothing else).
+/// `FWD_CONF[0]`: the `bare_fwd` / `bare_fwd6` programs' fixed next hop
+/// (the benchmark's ceilings rewrite both MACs and redirect, nothing else).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FwdConf {

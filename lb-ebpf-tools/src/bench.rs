@@ -3,6 +3,8 @@
 //!
 //! - `sink`: counts and drops: the receiving end of a benchmark.
 //! - `bare_fwd`: the ceiling: destination MAC rewrite + redirect, no parsing.
+//! - `bare_fwd6`: the IPv6 ceiling: `bare_fwd` for frames it has checked
+//!   are IPv6 (EtherType, fixed header in bounds); anything else is passed.
 //! - `hash_fwd`: `bare_fwd` plus one 5-tuple hash lookup: the floor of any
 //!   forwarder with a connection table, measured next to the ceiling.
 //! - `ipip_fwd`, `gue_fwd`: `bare_fwd` plus what any encapsulating
@@ -22,6 +24,7 @@ use aya_ebpf::{
 use lb_common::{
     Counters, FlowKey, FwdConf,
     headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports},
+    ipv6::{ETH_P_IPV6_RAW, Ipv6Hdr},
     tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD, IPPROTO_IPIP, gue_headers, ipip_header},
 };
 
@@ -52,7 +55,36 @@ pub fn bare_fwd(ctx: XdpContext) -> u32 {
     let Some(eth) = header::<EthHdr>(&ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
+    rewrite_and_redirect(eth, conf)
+}
+
+/// The IPv6 ceiling (issue 24): `bare_fwd` for an IPv6 frame. It checks
+/// the EtherType and that the fixed IPv6 header is in the frame (what any
+/// IPv6 forwarder does first) and passes anything else, so the rows it is
+/// the ceiling of are known to have carried IPv6: a generator sending
+/// IPv4 by mistake reads as 0 Mpps at the sink, not as a ceiling.
+#[xdp]
+pub fn bare_fwd6(ctx: XdpContext) -> u32 {
+    let Some(conf) = FWD_CONF.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (Some(eth), Some(_)) = (
+        header::<EthHdr>(&ctx, 0),
+        header::<Ipv6Hdr>(&ctx, EthHdr::LEN),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
     // SAFETY: bounds checked.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV6_RAW {
+        return xdp_action::XDP_PASS;
+    }
+    rewrite_and_redirect(eth, conf)
+}
+
+/// Both MACs from `conf`, then the redirect: the ceiling's whole work.
+#[inline(always)]
+fn rewrite_and_redirect(eth: *mut EthHdr, conf: &FwdConf) -> u32 {
+    // SAFETY: the callers checked `eth`'s bounds.
     unsafe {
         copy_mac(&raw mut (*eth).dst, &conf.dmac);
         copy_mac(&raw mut (*eth).src, &conf.smac);
@@ -88,13 +120,7 @@ pub fn hash_fwd(ctx: XdpContext) -> u32 {
     if FWD_FLOWS.get_ptr(&key).is_none() {
         let _ = FWD_FLOWS.insert(&key, &0, 0);
     }
-    // SAFETY: bounds checked.
-    unsafe {
-        copy_mac(&raw mut (*eth).dst, &conf.dmac);
-        copy_mac(&raw mut (*eth).src, &conf.smac);
-    }
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(conf.ifindex, 0) as u32 }
+    rewrite_and_redirect(eth, conf)
 }
 
 /// The encapsulation floor's outer addresses (198.18.0.1 → 198.18.1.11,

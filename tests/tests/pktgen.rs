@@ -293,3 +293,110 @@ fn pktgen_ipv6_frames_reach_a_real_stack_with_valid_checksums() {
     })
     .expect("IPv6 smoke test");
 }
+
+/// Issue 24's throughput rows on the benchmark's topology made dual-stack
+/// (`BenchNet::enable_ipv6`): the generator's IPv6 frames cross the IPv6
+/// ceiling (`bare_fwd6`) to the sink, IPv4 frames do not (it forwards IPv6
+/// only), and `lb` on the dual-stack config (`bench::lb_config_dual`)
+/// forwards every IPv6 frame of every flow to the sink in NAT66 and DSR,
+/// counted `forwarded` and by its IPv6 backends only.
+#[test]
+fn ipv6_frames_cross_bare_fwd6_and_lb_to_the_sink() {
+    use lb_common::FwdConf;
+    use lb_userspace::dataplane::TableSizes;
+
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the pktgen IPv6 forwarding test needs root (BPF_PROG_RUN, XDP, network namespaces): run `cargo xtask test` as root"
+    );
+    let net = BenchNet::new(&format!("lbp{}-fwd6", std::process::id()), BACKENDS, 2)
+        .expect("benchmark topology");
+    net.enable_ipv6(BACKENDS).expect("IPv6 on the topology");
+    net.run(|| -> anyhow::Result<()> {
+        let mut tools = load_bench_object()?;
+        let _sink_link =
+            xdp::xdp_program(&mut tools, "sink")?.attach("sink0", AyaXdpMode::Driver)?;
+        let conf = FwdConf {
+            ifindex: xdp::ifindex("lbout")?,
+            dmac: xdp::if_mac("sink0")?,
+            smac: xdp::if_mac("lbout")?,
+        };
+        aya::maps::Array::<_, FwdConf>::try_from(tools.map_mut("FWD_CONF").expect("FWD_CONF"))?
+            .set(0, conf, 0)?;
+        let gen0 = xdp::ifindex("gen0")?;
+        let paced = |spec: Spec| Spec {
+            limit: Limit::Count(FRAMES),
+            rate: Some(50_000),
+            ..spec
+        };
+        let v6 = paced(bench::generator_spec_v6(gen0, FLOWS, 0.0, 2));
+        // Waits until the sink has counted `want` more frames than `from`
+        // (or 2 s), and returns how many it counted.
+        let counted = |tools: &aya::Ebpf, from: u64, want: u64| {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut got = sink_packets(tools) - from;
+            while got < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                got = sink_packets(tools) - from;
+            }
+            got
+        };
+
+        let link = xdp::xdp_program(&mut tools, "bare_fwd6")?.attach("lbin", AyaXdpMode::Driver)?;
+        let before = sink_packets(&tools);
+        assert_eq!(pktgen::generate(&mut tools, &v6)?.frames, FRAMES);
+        assert_eq!(
+            counted(&tools, before, FRAMES),
+            FRAMES,
+            "IPv6 through bare_fwd6{}",
+            veth_stats()
+        );
+        let before = sink_packets(&tools);
+        let v4 = paced(bench::generator_spec(gen0, FLOWS, 0.0, 2));
+        pktgen::generate(&mut tools, &v4)?;
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            sink_packets(&tools),
+            before,
+            "bare_fwd6 forwarded IPv4 frames"
+        );
+        xdp::xdp_program(&mut tools, "bare_fwd6")?.detach(link)?;
+
+        for mode in [Forwarding::Nat, Forwarding::Dsr] {
+            let sizes = TableSizes {
+                conntrack: 65536,
+                half_open: 65536,
+            };
+            let cfg = bench::lb_config_dual(mode, BACKENDS, sizes)?;
+            let mut dp = Dataplane::load(sizes)?;
+            dp.apply(&cfg)?;
+            dp.attach("lbin", XdpMode::Native)?;
+            let (before, fwd_before) = (sink_packets(&tools), forwarded(&dp));
+            assert_eq!(pktgen::generate(&mut tools, &v6)?.frames, FRAMES);
+            let got = counted(&tools, before, FRAMES);
+            let verdicts: Vec<(Verdict, u64)> =
+                dp.verdicts()?.into_iter().filter(|(_, n)| *n > 0).collect();
+            assert_eq!(
+                got,
+                FRAMES,
+                "{mode:?}: IPv6 frames at the sink (verdicts {verdicts:?}){}",
+                veth_stats()
+            );
+            assert_eq!(forwarded(&dp) - fwd_before, FRAMES, "{mode:?}: `forwarded`");
+            // Backend ids: the IPv4 service's first, then the IPv6 twin's.
+            let packets = |ids: std::ops::Range<u32>| -> anyhow::Result<u64> {
+                ids.map(|id| {
+                    Ok(dp
+                        .counters(lb_common::map_names::MapName::BACKEND_STATS, id)?
+                        .packets)
+                })
+                .sum()
+            };
+            let n = BACKENDS as u32;
+            assert_eq!(packets(0..n)?, 0, "{mode:?}: IPv4 backends");
+            assert_eq!(packets(n..2 * n)?, FRAMES, "{mode:?}: IPv6 backends");
+        }
+        Ok(())
+    })
+    .expect("IPv6 forwarding on the benchmark topology");
+}

@@ -12,7 +12,6 @@ use std::{
     fmt::Write as _,
     fs,
     io::{self, Write as _},
-    net::Ipv4Addr,
     os::{fd::AsFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -286,7 +285,11 @@ pub fn add_addr(ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
 
 /// Permanent neighbour entries `(address, MAC)` on `dev` in `ns`, in one
 /// `ip -batch` (a benchmark adds a thousand).
-pub fn add_neighbours(ns: &str, dev: &str, entries: &[(Ipv4Addr, [u8; 6])]) -> anyhow::Result<()> {
+pub fn add_neighbours<A: std::fmt::Display>(
+    ns: &str,
+    dev: &str,
+    entries: &[(A, [u8; 6])],
+) -> anyhow::Result<()> {
     let mut batch = String::new();
     for (addr, mac) in entries {
         let _ = writeln!(

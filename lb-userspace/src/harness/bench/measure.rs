@@ -17,8 +17,9 @@ use lb_common::{
 };
 
 use super::net::{
-    CLIENT, CONNTRACK, LBOUT_MAC, PORT, SINK_MAC, frame_from, frame_to, generator_spec, lb_config,
-    lb_config_for, new_flow_frames,
+    CLIENT, CONNTRACK, Family, LBOUT_MAC, NEW_FLOWS_PER_BATCH, PORT, SINK_MAC, frame_from,
+    frame_to, generator_spec, generator_spec_v6, lb_config, lb_config_dual, lb_config_for,
+    new_flow_frames, new_flows_of,
 };
 use crate::{
     capture::Capturer,
@@ -91,18 +92,20 @@ fn forward_once(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<(f64, f64)> {
     Ok((s.mpps(), (after - before) as f64 / secs / 1e6))
 }
 
-/// One flow through `hop` and through `bare_fwd` (its `FWD_CONF` already
-/// set), back to back in each repetition, in alternating order (the first
-/// of a pair has no edge): the hop's offered and delivered Mpps, and the
-/// per-repetition ratio of its delivered rate to the ceiling's.
+/// One flow through `hop` and through the `ceiling` program (`bare_fwd`,
+/// or `bare_fwd6` for IPv6; `FWD_CONF` already set), back to back in each
+/// repetition, in alternating order (the first of a pair has no edge): the
+/// hop's offered and delivered Mpps, and the per-repetition ratio of its
+/// delivered rate to the ceiling's.
 fn paired_with_ceiling(
     ebpf: &mut Ebpf,
     spec: &Spec,
     reps: usize,
     mut hop: PairedHop<'_>,
+    ceiling: &'static str,
 ) -> anyhow::Result<(Stat, Stat, Stat)> {
     let (mut offered, mut delivered, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut bare = PairedHop::Bench("bare_fwd");
+    let mut bare = PairedHop::Bench(ceiling);
     for rep in 0..reps {
         let ((o, d), (_, ceiling)) = if rep % 2 == 0 {
             let c = through(ebpf, &mut bare, spec)?;
@@ -164,6 +167,21 @@ pub(super) enum Hop {
     /// any forwarder with a connection table.
     HashFwd,
     Lb(Forwarding),
+    /// `bare_fwd6`: the ceiling for IPv6 frames (issue 24).
+    Ceiling6,
+    /// `lb` forwarding IPv6 (NAT66 or DSR) on its dual-stack config.
+    Lb6(Forwarding),
+}
+
+impl Hop {
+    /// The ceiling this hop's rate is a fraction of: [`Hop::Ceiling6`] for
+    /// the IPv6 rows, [`Hop::Ceiling`] for the others.
+    pub(super) fn ceiling(self) -> Hop {
+        match self {
+            Hop::Ceiling6 | Hop::Lb6(_) => Hop::Ceiling6,
+            _ => Hop::Ceiling,
+        }
+    }
 }
 
 /// `Nat` / `Dsr` / `Ipip` / `Gue`, as the report names the modes.
@@ -183,6 +201,9 @@ impl fmt::Display for Hop {
             Hop::Ceiling => f.write_str("bare_fwd (ceiling)"),
             Hop::HashFwd => f.write_str("hash_fwd (ceiling + one flow lookup)"),
             Hop::Lb(mode) => write!(f, "lb {}", mode_name(*mode)),
+            Hop::Ceiling6 => f.write_str("bare_fwd6 (IPv6 ceiling)"),
+            Hop::Lb6(Forwarding::Nat) => f.write_str("lb Nat66"),
+            Hop::Lb6(mode) => write!(f, "lb {} IPv6", mode_name(*mode)),
         }
     }
 }
@@ -565,8 +586,13 @@ pub(super) fn forwarding_rows(
     // (a') The same with one flow-table lookup: what being stateful costs
     // before anything `lb` adds.
     eprintln!("bench: hash_fwd (ceiling + one flow lookup)");
-    let (offered, delivered, paired) =
-        paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Bench("hash_fwd"))?;
+    let (offered, delivered, paired) = paired_with_ceiling(
+        ebpf,
+        &spec(1),
+        reps,
+        PairedHop::Bench("hash_fwd"),
+        "bare_fwd",
+    )?;
     rows.push(FwdRow {
         hop: Hop::HashFwd,
         flows: 1,
@@ -589,7 +615,7 @@ pub(super) fn forwarding_rows(
                     Hop::Lb(mode)
                 );
                 let (offered, delivered, paired) =
-                    paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Lb(&mut dp))?;
+                    paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Lb(&mut dp), "bare_fwd")?;
                 rows.push(FwdRow {
                     hop: Hop::Lb(mode),
                     flows: 1,
@@ -630,6 +656,75 @@ pub(super) fn forwarding_rows(
                     });
                 }
             }
+        }
+    }
+    if let Some(&most) = flow_sweep.iter().max() {
+        rows.extend(forwarding_rows_v6(ebpf, most, (reps, seconds, threads))?);
+    }
+    Ok(rows)
+}
+
+/// Issue 24's IPv6 forwarding rows, after the IPv4 sweep (whose sink stays
+/// attached): the IPv6 ceiling (`bare_fwd6` on IPv6 frames of the same
+/// size), then `lb` NAT66 and DSR at [`MIX_BACKENDS`] backends (the
+/// dual-stack config, the sweep's tables) with one flow, paired with the
+/// IPv6 ceiling as the IPv4 rows are with theirs, and with `most` flows
+/// (the sweep's largest count: 1 000 000 in the full run).
+fn forwarding_rows_v6(
+    ebpf: &mut Ebpf,
+    most: u32,
+    (reps, seconds, threads): (usize, f64, usize),
+) -> anyhow::Result<Vec<FwdRow>> {
+    let gen0 = xdp::ifindex("gen0")?;
+    let spec = |flows: u32| generator_spec_v6(gen0, flows, seconds, threads);
+    let mut rows = Vec::new();
+    eprintln!("bench: IPv6 ceiling (bare_fwd6)");
+    let link = xdp::xdp_program(ebpf, "bare_fwd6")?
+        .attach("lbin", AyaXdpMode::Driver)
+        .context("attach bare_fwd6")?;
+    let (offered, delivered) = forward(ebpf, &spec(1), reps)?;
+    xdp::xdp_program(ebpf, "bare_fwd6")?
+        .detach(link)
+        .context("detach bare_fwd6")?;
+    rows.push(FwdRow {
+        hop: Hop::Ceiling6,
+        flows: 1,
+        dist: FlowDist::Uniform,
+        backends: 0,
+        offered,
+        delivered,
+        paired: None,
+    });
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let cfg = lb_config_dual(mode, MIX_BACKENDS, CONNTRACK)?;
+        let mut dp = Dataplane::load(CONNTRACK)?;
+        dp.apply(&cfg)?;
+        let hop = Hop::Lb6(mode);
+        eprintln!("bench: {hop}, {MIX_BACKENDS} backends, 1 flow, paired with the IPv6 ceiling");
+        let (offered, delivered, paired) =
+            paired_with_ceiling(ebpf, &spec(1), reps, PairedHop::Lb(&mut dp), "bare_fwd6")?;
+        rows.push(FwdRow {
+            hop,
+            flows: 1,
+            dist: FlowDist::Uniform,
+            backends: MIX_BACKENDS,
+            offered,
+            delivered,
+            paired: Some(paired),
+        });
+        if most > 1 {
+            dp.attach("lbin", cfg.dataplane.xdp_mode)?;
+            eprintln!("bench: {hop}, {MIX_BACKENDS} backends, {most} flows (uniform)");
+            let (offered, delivered) = forward(ebpf, &spec(most), reps)?;
+            rows.push(FwdRow {
+                hop,
+                flows: most,
+                dist: FlowDist::Uniform,
+                backends: MIX_BACKENDS,
+                offered,
+                delivered,
+                paired: None,
+            });
         }
     }
     Ok(rows)
@@ -887,6 +982,190 @@ fn tunnel_rows(
             ns: Stat::of(&ns),
         })
         .collect())
+}
+
+/// Rounds of issue 24's paired measurement per repetition asked.
+const FAMILY_ROUNDS_PER_REP: usize = 7;
+
+/// Issue 24's cost rows: what IPv6 costs next to IPv4, measured paired.
+#[derive(Debug, Default)]
+pub(super) struct FamilyCost {
+    pub(super) rows: Vec<FamilyCostRow>,
+    /// `xdp_pass`, one call each, in the same rounds.
+    pub(super) pass: Option<Stat>,
+    /// Rounds, and packets per program per round: `calls` for an
+    /// established flow, `new_calls` new flows.
+    pub(super) rounds: usize,
+    pub(super) calls: usize,
+    pub(super) new_calls: usize,
+}
+
+/// One comparison of [`FamilyCost`]: `lb` in `mode` (its dual-stack config,
+/// 100 backends each), an established or a new flow, IPv4's and IPv6's
+/// ns/packet in the same rounds.
+#[derive(Debug)]
+pub(super) struct FamilyCostRow {
+    pub(super) mode: Forwarding,
+    pub(super) flow: FlowState,
+    pub(super) v4: Stat,
+    pub(super) v6: Stat,
+    /// IPv6's ns/packet over IPv4's, taken within each round.
+    pub(super) ratio: Stat,
+}
+
+/// One program of issue 24's paired rounds.
+#[derive(Clone, Copy)]
+enum FamilyCase {
+    /// `lb` of plane `plane` (NAT, DSR), `family`'s established flow or
+    /// new flows.
+    Lb {
+        plane: usize,
+        family: Family,
+        flow: FlowState,
+    },
+    Pass,
+}
+
+/// Issue 24's cost rows, measured paired as issue 26's are
+/// ([`tunnel_rows`]): one data plane per mode on the dual-stack config
+/// (100 backends per family, the product's default tables, so IPv4 meets
+/// its set-associative tables and IPv6 its kernel hash tables as deployed),
+/// and in every round, for each mode and family, the established flow
+/// (the same frame, one call each) and a batch of new flows (each call the
+/// first datagram of a flow no earlier round sent), plus `xdp_pass`; the
+/// order rotates round by round, on one CPU. IPv6's ns/packet over IPv4's
+/// is taken within each round, so what the machine does to one it does to
+/// the other.
+pub(super) fn family_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Result<FamilyCost> {
+    eprintln!("bench: IPv6 next to IPv4, paired (BPF_PROG_TEST_RUN)");
+    let lbin = xdp::ifindex("lbin")?;
+    let calls = if quick { 2_000 } else { 20_000 };
+    let rounds = reps.max(1) * FAMILY_ROUNDS_PER_REP;
+    let new_calls = new_flows_per_round(calls, rounds)?;
+    let tables = TableSizes {
+        conntrack: DEFAULT_CONNTRACK_SIZE,
+        half_open: DEFAULT_HALF_OPEN_SIZE,
+    };
+    const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+    let mut planes = Vec::new();
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let mut dp = Dataplane::load(tables)?;
+        dp.apply(&lb_config_dual(mode, 100, tables)?)?;
+        for family in FAMILIES {
+            // A UDP flow's second datagram establishes it.
+            let first = [family.established_frame()?];
+            for _ in 0..2 {
+                ns_per_packet(dp.program()?, &first, lbin, 1, Some(XDP_REDIRECT))?;
+            }
+        }
+        planes.push((mode, dp));
+    }
+    let established = FAMILIES
+        .map(|family| Ok(vec![family.established_frame()?; calls]))
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut cases = Vec::new();
+    for plane in 0..planes.len() {
+        for flow in [FlowState::Established, FlowState::New] {
+            for family in FAMILIES {
+                cases.push(FamilyCase::Lb {
+                    plane,
+                    family,
+                    flow,
+                });
+            }
+        }
+    }
+    cases.push(FamilyCase::Pass);
+    let mut ns: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
+    let _pinned = PinnedToOneCpu::new()?;
+    for round in 0..rounds {
+        let fresh = FAMILIES
+            .map(|family| new_flows_of(family, round as u32, new_calls))
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for k in 0..cases.len() {
+            let i = (round + k) % cases.len();
+            let one = match cases[i] {
+                FamilyCase::Lb {
+                    plane,
+                    family,
+                    flow,
+                } => {
+                    let f = family as usize;
+                    let frames = if flow == FlowState::New {
+                        &fresh[f]
+                    } else {
+                        &established[f]
+                    };
+                    let prog = planes[plane].1.program()?;
+                    ns_per_packet(prog, frames, lbin, 1, Some(XDP_REDIRECT))?
+                }
+                FamilyCase::Pass => {
+                    let prog = xdp::xdp_program(ebpf, "xdp_pass")?;
+                    ns_per_packet(prog, &established[0], lbin, 1, Some(XDP_PASS))?
+                }
+            };
+            ns[i].push(one);
+        }
+    }
+    let samples = |plane: usize, family: Family, flow: FlowState| {
+        cases
+            .iter()
+            .position(|c| {
+                matches!(c, FamilyCase::Lb { plane: p, family: fa, flow: fl }
+                    if *p == plane && *fa == family && *fl == flow)
+            })
+            .map(|i| ns[i].as_slice())
+            .unwrap_or_default()
+    };
+    let mut rows = Vec::new();
+    for (plane, (mode, _)) in planes.iter().enumerate() {
+        for flow in [FlowState::Established, FlowState::New] {
+            let (v4, v6) = (
+                samples(plane, Family::V4, flow),
+                samples(plane, Family::V6, flow),
+            );
+            rows.push(FamilyCostRow {
+                mode: *mode,
+                flow,
+                v4: Stat::of(v4),
+                v6: Stat::of(v6),
+                ratio: Stat::of(&per_round_ratios(v6, v4)),
+            });
+        }
+    }
+    Ok(FamilyCost {
+        rows,
+        pass: ns.last().map(|p| Stat::of(p)),
+        rounds,
+        calls,
+        new_calls,
+    })
+}
+
+/// `numerator[r] / denominator[r]` for each round `r` both measured.
+pub(super) fn per_round_ratios(numerator: &[f64], denominator: &[f64]) -> Vec<f64> {
+    numerator
+        .iter()
+        .zip(denominator)
+        .map(|(n, d)| n / d)
+        .collect()
+}
+
+/// New flows per program per round in [`family_rows`]: `calls`, or fewer
+/// so that every round's new flows together fill at most half of the
+/// default half-open table (IPv4's and IPv6's are both that size): a new
+/// flow then meets a table that has room, in the last round as in the
+/// first, in both families.
+pub(super) fn new_flows_per_round(calls: usize, rounds: usize) -> anyhow::Result<usize> {
+    let room = DEFAULT_HALF_OPEN_SIZE as usize / 2 / rounds.max(1);
+    let n = calls.min(room).min(NEW_FLOWS_PER_BATCH);
+    ensure!(
+        n >= 100,
+        "{rounds} rounds leave {n} new flows per round in the default half-open table: use fewer --reps"
+    );
+    Ok(n)
 }
 
 /// The calling thread pinned to the last CPU until dropped, then given its

@@ -51,7 +51,7 @@ pub use measure::{Stat, sink_packets};
 pub use net::{
     BenchNet, CLIENT, GEN_MAC, LBIN_MAC, PORT, VIP, backend_addr, generator_spec, lb_config,
 };
-pub use net::{CLIENT6, VIP6, backend_addr6, frame6_to, generator_spec_v6};
+pub use net::{CLIENT6, VIP6, backend_addr6, frame6_to, generator_spec_v6, lb_config_dual};
 pub use report::{COMMAND_ENV, shown_command, utc_date};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -105,14 +105,15 @@ pub struct BenchArgs {
 pub enum Section {
     /// The ceiling, then lb in both modes at 100 backends over 1, 100 000
     /// and 1 000 000 flows, uniform and Zipf: the flow mix and the
-    /// connection table's cost per packet
+    /// connection table's cost per packet; then the IPv6 ceiling and lb
+    /// NAT66 and DSR over IPv6 with 1 and 1 000 000 flows
     FlowMix,
     /// Established connections, then spoofed SYNs at full rate into a
     /// table smaller than the flood while clients connect: what survived,
     /// what was served, the Mpps held (both modes)
     SynFlood,
     /// ns/packet under BPF_PROG_TEST_RUN: established and new flows in both
-    /// modes, next to `xdp_pass`
+    /// modes, next to `xdp_pass`; IPv6's next to IPv4's, paired
     Cost,
 }
 
@@ -156,6 +157,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     net::cleanup_on_signal()?;
     let net = BenchNet::new(&net::bench_netns(), max_backends, cpus)?;
+    // Issue 24's rows: the IPv6 backends mirror the IPv4 ones.
+    net.enable_ipv6(max_backends)?;
     if let Some(secs) = args.profile_lb {
         return match args.profile_flows {
             Some(flows) => net.run(|| measure::profile_forwarding(secs, flows, threads)),
@@ -163,7 +166,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     let reps = args.reps;
-    let (fwd, ns, firewall, schedulers, flood, sync) = net.run(|| {
+    let (fwd, ns, families, firewall, schedulers, flood, sync) = net.run(|| {
         let mut ebpf = super::load_bench_object()?;
         // Always the ceiling at least (empty sweeps): every section's
         // ratios are to the bare forwarder in the same run.
@@ -179,21 +182,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Vec::new()
         };
         if only {
-            let (ns, sync) = if args.only.contains(&Section::Cost) {
+            let (ns, families, sync) = if args.only.contains(&Section::Cost) {
                 (
                     measure::cost_rows(&mut ebpf, args.quick, reps)?,
+                    measure::family_rows(&mut ebpf, args.quick, reps)?,
                     sync::sync_rows(args.quick, reps)?,
                 )
             } else {
-                (Vec::new(), sync::SyncRows::default())
+                (
+                    Vec::new(),
+                    measure::FamilyCost::default(),
+                    sync::SyncRows::default(),
+                )
             };
-            return Ok((fwd, ns, Vec::new(), Vec::new(), flood, sync));
+            return Ok((fwd, ns, families, Vec::new(), Vec::new(), flood, sync));
         }
         let ns = measure::cost_rows(&mut ebpf, args.quick, reps)?;
+        let families = measure::family_rows(&mut ebpf, args.quick, reps)?;
         let firewall = measure::firewall_rows(args.quick, reps)?;
         let schedulers = measure::scheduler_rows(args.quick, reps)?;
         let sync = sync::sync_rows(args.quick, reps)?;
-        Ok((fwd, ns, firewall, schedulers, flood, sync))
+        Ok((fwd, ns, families, firewall, schedulers, flood, sync))
     })?;
     drop(net);
     let http = if only {
@@ -241,6 +250,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         took,
         fwd,
         ns,
+        families,
         firewall,
         schedulers,
         flood,

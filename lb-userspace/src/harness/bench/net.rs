@@ -72,16 +72,66 @@ pub(super) fn lb_config_for(
             )
         })
         .collect();
-    let forwarding = mode.name();
+    parse_config(
+        mode,
+        sizes,
+        dataplane,
+        &service_toml("bench", &format!("{VIP}:{PORT}"), protocol, &list),
+    )
+}
+
+/// The benchmark's config: `services` (TOML) behind `lbin` in `mode`.
+fn parse_config(
+    mode: Forwarding,
+    sizes: TableSizes,
+    dataplane: &str,
+    services: &str,
+) -> anyhow::Result<Config> {
     let toml = format!(
-        "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{forwarding}\"\nxdp-mode = \"native\"\n\
-         conntrack-size = {}\nhalf-open-size = {}\n{dataplane}\n[[service]]\nname = \"bench\"\nvip = \"{VIP}:{PORT}\"\n\
-         protocol = \"{protocol}\"\nscheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        "[dataplane]\ninterfaces = [\"lbin\"]\nforwarding = \"{}\"\nxdp-mode = \"native\"\n\
+         conntrack-size = {}\nhalf-open-size = {}\n{dataplane}\n{services}",
+        mode.name(),
         sizes.conntrack,
         sizes.half_open,
-        list.join(", ")
     );
     Ok(config::parse(&toml, Path::new("bench.toml"))?)
+}
+
+/// One `[[service]]` table of the benchmark's configs.
+fn service_toml(name: &str, vip: &str, protocol: &str, backends: &[String]) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\n\
+         scheduler = \"round-robin\"\nbackends = [ {} ]\n",
+        backends.join(", ")
+    )
+}
+
+/// The benchmark's dual-stack config (issue 24's rows): [`lb_config`]'s
+/// UDP service on [`VIP`] and its twin `bench6` on [`VIP6`] with as many
+/// IPv6 backends ([`backend_addr6`]), flow tables of `sizes`: one data
+/// plane carries both families, as a dual-stack deployment's does, so the
+/// IPv6 rows and the IPv4 rows they are compared with run the same
+/// programs over the same maps.
+pub fn lb_config_dual(
+    mode: Forwarding,
+    backends: usize,
+    sizes: TableSizes,
+) -> anyhow::Result<Config> {
+    let list = |v6: bool| -> Vec<String> {
+        (0..backends)
+            .map(|i| {
+                let (addr, name) = if v6 {
+                    (format!("[{}]", backend_addr6(i)), format!("b6-{i}"))
+                } else {
+                    (backend_addr(i).to_string(), format!("b{i}"))
+                };
+                format!("{{ address = \"{addr}:{PORT}\", name = \"{name}\" }}")
+            })
+            .collect()
+    };
+    let services = service_toml("bench", &format!("{VIP}:{PORT}"), "udp", &list(false))
+        + &service_toml("bench6", &format!("[{VIP6}]:{PORT}"), "udp", &list(true));
+    parse_config(mode, sizes, "", &services)
 }
 
 /// The generator → lb → sink topology, in one namespace deleted on drop
@@ -119,6 +169,33 @@ impl BenchNet {
             (0..backends).map(|i| (backend_addr(i), SINK_MAC)).collect();
         netns::add_neighbours(n, "lbout", &neighbours)?;
         Ok(BenchNet { ns })
+    }
+
+    /// Issue 24's IPv6 rows: IPv6 on `lbin` and `lbout` only (the
+    /// generator's and the sink's ends stay IPv4-only, so the kernel sends
+    /// the sink nothing of its own), forwarding on (`bpf_fib_lookup` with
+    /// AF_INET6 needs it), 2001:db8:18::1/64 in front, 2001:db8:19::1/48
+    /// behind, and `backends` IPv6 backends ([`backend_addr6`]) resolving
+    /// to `sink0`, as the IPv4 ones do.
+    pub fn enable_ipv6(&self, backends: usize) -> anyhow::Result<()> {
+        let n = self.ns.name();
+        for dev in ["lbin", "lbout"] {
+            // No link-local address: nothing to announce or defend.
+            netns::sysctl(n, &format!("net/ipv6/conf/{dev}/addr_gen_mode"), "1")?;
+            netns::sysctl(n, &format!("net/ipv6/conf/{dev}/disable_ipv6"), "0")?;
+        }
+        netns::sysctl(n, "net/ipv6/conf/all/forwarding", "1")?;
+        for (dev, cidr) in [
+            ("lbin", "2001:db8:18::1/64"),
+            ("lbout", "2001:db8:19::1/48"),
+        ] {
+            netns::ip(n, &["-6", "addr", "add", cidr, "dev", dev, "nodad"])
+                .with_context(|| format!("adding {cidr} to {dev}"))?;
+        }
+        let neighbours: Vec<(std::net::Ipv6Addr, [u8; 6])> = (0..backends)
+            .map(|i| (backend_addr6(i), SINK_MAC))
+            .collect();
+        netns::add_neighbours(n, "lbout", &neighbours)
     }
 
     /// Runs `f` on a thread that has joined this namespace.
@@ -235,6 +312,57 @@ pub fn generator_spec_v6(gen0: u32, flows: u32, seconds: f64, threads: usize) ->
             ..spec.frame
         },
         ..spec
+    }
+}
+
+/// The first UDP datagrams of `count` distinct flows, all new to a data
+/// plane that has seen no earlier `batch`: from 10.100.0.0 + `batch`
+/// (IPv4) or 2001:db8:100::`batch` (IPv6, [`Family::V6`]), ports 1024
+/// upwards. At most 50 000 per batch, so batches never share a flow.
+pub(super) fn new_flows_of(
+    family: Family,
+    batch: u32,
+    count: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    anyhow::ensure!(
+        count <= NEW_FLOWS_PER_BATCH,
+        "{count} new flows in one batch (at most {NEW_FLOWS_PER_BATCH})"
+    );
+    (0..count)
+        .map(|i| {
+            let port = 1024 + i as u16;
+            match family {
+                Family::V4 => {
+                    let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + batch);
+                    frame_from(SocketAddrV4::new(addr, port))
+                }
+                Family::V6 => {
+                    let base = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0);
+                    let addr = std::net::Ipv6Addr::from(u128::from(base) + u128::from(batch));
+                    frame6_to(std::net::SocketAddrV6::new(addr, port, 0, 0), PORT)
+                }
+            }
+        })
+        .collect()
+}
+
+/// The most flows [`new_flows_of`] makes in one batch.
+pub(super) const NEW_FLOWS_PER_BATCH: usize = 50_000;
+
+/// The address family of a benchmark row's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The established flow's frame: from [`CLIENT`]:1024 or [`CLIENT6`]:1024.
+    pub(super) fn established_frame(self) -> anyhow::Result<Vec<u8>> {
+        match self {
+            Family::V4 => frame_from(SocketAddrV4::new(CLIENT, 1024)),
+            Family::V6 => frame6_to(std::net::SocketAddrV6::new(CLIENT6, 1024, 0, 0), PORT),
+        }
     }
 }
 

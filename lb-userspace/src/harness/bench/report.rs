@@ -17,8 +17,8 @@ use super::{
     },
     http::{HttpPath, HttpRow},
     measure::{
-        FW_PREFIXES, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod, NsProgram, NsRow,
-        SchedCostRow, Stat, TracedPacket,
+        FW_PREFIXES, FamilyCost, FlowState, FwCostRow, FwdRow, Hop, MIX_BACKENDS, NsMethod,
+        NsProgram, NsRow, SchedCostRow, Stat, TracedPacket, mode_name,
     },
     targets::{grouped, targets},
 };
@@ -130,6 +130,8 @@ pub(super) struct Report {
     pub(super) took: Duration,
     pub(super) fwd: Vec<FwdRow>,
     pub(super) ns: Vec<NsRow>,
+    /// IPv6's cost next to IPv4's, paired (issue 24; empty: not measured).
+    pub(super) families: FamilyCost,
     /// The firewall's cost, empty vs loaded (none: not measured).
     pub(super) firewall: Vec<FwCostRow>,
     /// Each scheduler's cost (none: not measured).
@@ -185,7 +187,8 @@ pub(super) fn render(r: &Report) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     let ceiling = ceiling(&r.fwd);
     for row in &r.fwd {
-        let ratio = match ceiling {
+        // IPv6 rows are a fraction of the IPv6 ceiling.
+        let ratio = match ceiling_of(&r.fwd, row.hop.ceiling()) {
             Some(c) => format!("{:.0} %", 100.0 * row.delivered.median / c),
             None => "–".into(),
         };
@@ -224,6 +227,7 @@ pub(super) fn render(r: &Report) -> String {
             row.ns.text(1)
         );
     }
+    family_section(&mut s, &r.families);
     if !r.firewall.is_empty() {
         firewall_section(&mut s, &r.firewall);
     }
@@ -266,6 +270,7 @@ pub(super) fn render(r: &Report) -> String {
     }
     super::sync::render(&mut s, &r.sync);
     let mut t = targets(&r.fwd, &r.ns, &r.http, &r.flood);
+    super::targets::family_targets(&mut t, &r.families);
     super::sync::targets(&mut t, &r.sync);
     s.push_str(&t);
     s.push_str(&summary(r));
@@ -418,11 +423,16 @@ fn paired_section(s: &mut String, fwd: &[FwdRow]) {
     }
     let _ = writeln!(
         s,
-        "\n## One flow vs the bare forwarder, paired\n\nEach repetition forwards one flow through `bare_fwd` and through the hop, back to back (in alternating order), and takes the ratio of the two delivered rates; the table gives the median ratio (min–max). The ceiling row above is measured once, minutes before some rows, on CPUs other tenants share: its ratios move with the machine, these much less.\n"
+        "\n## One flow vs the bare forwarder, paired\n\nEach repetition forwards one flow through `bare_fwd`{} and through the hop, back to back (in alternating order), and takes the ratio of the two delivered rates; the table gives the median ratio (min–max). The ceiling row above is measured once, minutes before some rows, on CPUs other tenants share: its ratios move with the machine, these much less.\n",
+        if rows.iter().any(|r| r.hop.ceiling() == Hop::Ceiling6) {
+            " (`bare_fwd6` for the IPv6 rows)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
-        "| middle hop | backends | delivered Mpps | vs bare_fwd just before |"
+        "| middle hop | backends | delivered Mpps | vs its bare forwarder just before |"
     );
     let _ = writeln!(s, "|---|---|---|---|");
     for row in rows {
@@ -447,10 +457,71 @@ fn paired_section(s: &mut String, fwd: &[FwdRow]) {
 
 /// The ceiling's delivered Mpps (the `bare_fwd` row), if it measured any.
 pub(super) fn ceiling(fwd: &[FwdRow]) -> Option<f64> {
+    ceiling_of(fwd, Hop::Ceiling)
+}
+
+/// The delivered Mpps of the ceiling row `hop` ([`Hop::Ceiling`] or
+/// [`Hop::Ceiling6`]), if the run measured it.
+pub(super) fn ceiling_of(fwd: &[FwdRow], hop: Hop) -> Option<f64> {
     fwd.iter()
-        .find(|r| r.hop == Hop::Ceiling)
+        .find(|r| r.hop == hop)
         .map(|r| r.delivered.median)
         .filter(|c| c.is_finite() && *c > 0.0)
+}
+
+/// Issue 24's cost rows: IPv6's ns/packet next to IPv4's from the same
+/// rounds, and their ratio round by round.
+fn family_section(s: &mut String, f: &FamilyCost) {
+    if f.rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## IPv6 next to IPv4 (BPF_PROG_TEST_RUN, paired)\n");
+    let _ = writeln!(
+        s,
+        "`lb` on a dual-stack config (the UDP service and its IPv6 twin in one data plane, 100 backends each, the product's default table sizes: IPv4's set-associative tables, IPv6's kernel hash tables). Each of {} rounds measures, for each mode and family, the established flow ({} calls of one frame, repeat=1) and {} new flows (each call the first datagram of a flow no round sent before), and `xdp_pass`, in an order rotating round by round, on one CPU. IPv6 / IPv4 is taken within each round; the table gives medians over the rounds (min–max).\n",
+        f.rounds, f.calls, f.new_calls
+    );
+    let _ = writeln!(
+        s,
+        "| mode | flow | IPv4 ns/packet | IPv6 ns/packet | IPv6 / IPv4, per round |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for row in &f.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) |",
+            family_mode_name(row.mode),
+            flow_name(row.flow),
+            row.v4.text(1),
+            row.v6.text(1),
+            row.ratio.median,
+            row.ratio.min,
+            row.ratio.max
+        );
+    }
+    if let Some(pass) = &f.pass {
+        let _ = writeln!(
+            s,
+            "\n`xdp_pass` in the same rounds, one call each: {} ns/packet.",
+            pass.text(1)
+        );
+    }
+}
+
+/// `Nat / Nat66`, `Dsr`: how the IPv6 rows name a mode.
+pub(super) fn family_mode_name(mode: Forwarding) -> String {
+    match mode {
+        Forwarding::Nat => "Nat / Nat66".to_string(),
+        _ => mode_name(mode).to_string(),
+    }
+}
+
+/// `established` or `new`.
+pub(super) fn flow_name(flow: FlowState) -> &'static str {
+    match flow {
+        FlowState::Established | FlowState::EstablishedCold => "established",
+        FlowState::New | FlowState::NewLargeTables => "new",
+    }
 }
 
 /// `lo–hi` of `values` formatted with `digits` decimals, or one value if
@@ -534,6 +605,7 @@ fn summary(r: &Report) -> String {
             }
         }
     }
+    ipv6_forwarding_summary(&mut s, &r.fwd);
     for pass in r.ns.iter().filter(|row| row.program == NsProgram::XdpPass) {
         for row in r.ns.iter().filter(|row| {
             matches!(row.program, NsProgram::Lb { .. } | NsProgram::Decap(_))
@@ -628,6 +700,50 @@ fn summary(r: &Report) -> String {
         "\nWhat limits these figures (profiles of the conntrack lookup, the program body, CPU sharing) is analysed for one earlier run in [{ANALYSIS_DOC}]({ANALYSIS_DOC}), which names that run; it is not regenerated with this report."
     );
     s
+}
+
+/// Issue 24's forwarding rows in ratios: the IPv6 ceiling next to IPv4's,
+/// `lb` over IPv6 as a fraction of the IPv6 ceiling, and its most flows
+/// against its one flow.
+fn ipv6_forwarding_summary(s: &mut String, fwd: &[FwdRow]) {
+    let Some(c6) = ceiling_of(fwd, Hop::Ceiling6) else {
+        return;
+    };
+    let v4 = ceiling(fwd)
+        .map(|c| format!(", {:.0} % of the IPv4 ceiling's", 100.0 * c6 / c))
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "- The IPv6 ceiling (`bare_fwd6`, one flow) delivered {c6:.2} Mpps{v4}."
+    );
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let hop = Hop::Lb6(mode);
+        let Some(one) = fwd.iter().find(|r| r.hop == hop && r.flows == 1) else {
+            continue;
+        };
+        let paired = one
+            .paired
+            .map(|p| format!(" ({:.0} % paired with it)", 100.0 * p.median))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "- `{hop}`, one flow: {:.0} % of the IPv6 ceiling{paired}.",
+            100.0 * one.delivered.median / c6
+        );
+        if let Some(most) = fwd
+            .iter()
+            .filter(|r| r.hop == hop && r.flows > 1)
+            .max_by_key(|r| r.flows)
+        {
+            let _ = writeln!(
+                s,
+                "- `{hop}` with {} flows: {:.0} % of the IPv6 ceiling, {:.0} % of its single-flow rate.",
+                most.flows,
+                100.0 * most.delivered.median / c6,
+                100.0 * most.delivered.median / one.delivered.median
+            );
+        }
+    }
 }
 
 /// Each scheduler's cost per packet: established (no scheduling) and new.

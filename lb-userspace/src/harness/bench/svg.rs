@@ -31,8 +31,8 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
     for (i, r) in fwd.iter().enumerate() {
         let y = TOP + ROW * i as f64;
         let label = match r.hop {
-            Hop::Ceiling | Hop::HashFwd => r.hop.to_string(),
-            Hop::Lb(_) => format!(
+            Hop::Ceiling | Hop::HashFwd | Hop::Ceiling6 => r.hop.to_string(),
+            Hop::Lb(_) | Hop::Lb6(_) => format!(
                 "{}, {} backends, {} flows",
                 r.hop,
                 r.backends,
@@ -40,12 +40,13 @@ pub(super) fn plot_svg(fwd: &[FwdRow]) -> String {
             ),
         };
         let color = match r.hop {
-            Hop::Ceiling => "#777",
+            Hop::Ceiling | Hop::Ceiling6 => "#777",
             Hop::HashFwd => "#aaa",
-            Hop::Lb(Forwarding::Nat) => "#3b7dd8",
-            Hop::Lb(Forwarding::FullNat) => "#8e44ad",
-            Hop::Lb(Forwarding::Dsr) => "#e08a1e",
-            Hop::Lb(Forwarding::Ipip | Forwarding::Gue) => "#5aa469",
+            Hop::Lb(Forwarding::Nat) | Hop::Lb6(Forwarding::Nat) => "#3b7dd8",
+            Hop::Lb(Forwarding::FullNat) | Hop::Lb6(Forwarding::FullNat) => "#8e44ad",
+            Hop::Lb(Forwarding::Dsr) | Hop::Lb6(Forwarding::Dsr) => "#e08a1e",
+            Hop::Lb(Forwarding::Ipip | Forwarding::Gue)
+            | Hop::Lb6(Forwarding::Ipip | Forwarding::Gue) => "#5aa469",
         };
         let d = &r.delivered;
         let _ = write!(

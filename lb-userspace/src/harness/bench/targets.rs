@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use super::{
     flood::FloodRow,
     http::{HttpPath, HttpRow},
-    measure::{FlowState, FwdRow, Hop, NsMethod, NsProgram, NsRow, mode_name},
-    report::ceiling,
+    measure::{FamilyCost, FlowState, FwdRow, Hop, NsMethod, NsProgram, NsRow, mode_name},
+    report::{ceiling, family_mode_name},
 };
 use crate::{config::Forwarding, harness::pktgen::FlowDist};
 
@@ -55,6 +55,11 @@ pub(super) const TARGET_RATIO_23: f64 = 0.95;
 /// Issue 26: a tunnel's established flow (IPIP, GUE) costs at most this
 /// much more per packet than an L2 DSR one, one call each, same run.
 pub(super) const TARGET_TUNNEL_OVER_DSR: f64 = 0.15;
+/// Issue 24: an IPv6 established flow's ns/packet at most this much over
+/// IPv4's, a new flow's at most [`TARGET_V6_NEW`] over, same mode, judged
+/// on the ratios of the paired rounds.
+pub(super) const TARGET_V6_EST: f64 = 0.10;
+pub(super) const TARGET_V6_NEW: f64 = 0.20;
 
 /// `1 000 000` for 1000000.
 pub(super) fn grouped(n: u32) -> String {
@@ -496,5 +501,35 @@ fn tunnel_targets(s: &mut String, ns: &[NsRow]) {
                 dsr - pass
             );
         }
+    }
+}
+
+/// Issue 24's targets: per mode, IPv6's established flow within
+/// [`TARGET_V6_EST`] of IPv4's ns/packet and its new flow within
+/// [`TARGET_V6_NEW`], judged on the median of the per-round ratios (both
+/// families measured in every round), not on the ratio of two medians.
+pub(super) fn family_targets(s: &mut String, f: &FamilyCost) {
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    for row in &f.rows {
+        let (target, what) = match row.flow {
+            FlowState::Established | FlowState::EstablishedCold => {
+                (TARGET_V6_EST, "an established")
+            }
+            FlowState::New | FlowState::NewLargeTables => (TARGET_V6_NEW, "a new"),
+        };
+        let pct = |x: f64| 100.0 * (x - 1.0);
+        let _ = writeln!(
+            s,
+            "| IPv6, {what} flow's packet within {:.0} % of IPv4's, {} | {}: {:+.1} % (median of {} paired rounds, {:+.1} to {:+.1} %; {:.1} vs {:.1} ns) |",
+            100.0 * target,
+            family_mode_name(row.mode),
+            verdict(row.ratio.median <= 1.0 + target),
+            pct(row.ratio.median),
+            f.rounds,
+            pct(row.ratio.min),
+            pct(row.ratio.max),
+            row.v6.median,
+            row.v4.median,
+        );
     }
 }

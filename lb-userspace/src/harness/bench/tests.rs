@@ -227,6 +227,7 @@ fn report(v: &Variant) -> Report {
         took: Duration::from_secs(v.took_s),
         fwd,
         ns,
+        families: Default::default(),
         firewall: Vec::new(),
         schedulers: Vec::new(),
         flood: Vec::new(),
@@ -635,4 +636,221 @@ fn the_tunnel_target_is_judged_on_the_paired_rounds_when_there_are_some() {
         "{ipip}"
     );
     assert!(find("Gue").contains("**missed**: +20 %"), "{text}");
+}
+
+/// Issue 24's forwarding rows: the IPv6 rows are fractions of the IPv6
+/// ceiling (`bare_fwd6`), in the table and in the ratios, while the IPv4
+/// rows and targets keep the IPv4 ceiling and ignore the IPv6 rows.
+#[test]
+fn ipv6_forwarding_rows_are_fractions_of_the_ipv6_ceiling() {
+    let row = |hop, flows, backends, mpps: f64, paired: Option<f64>| FwdRow {
+        hop,
+        flows,
+        dist: FlowDist::Uniform,
+        backends,
+        offered: st(mpps, mpps, mpps),
+        delivered: st(mpps, mpps, mpps),
+        paired: paired.map(|p| st(p, p, p)),
+    };
+    let mut r = report(&A);
+    r.fwd = vec![
+        row(Hop::Ceiling, 1, 0, 10.0, None),
+        row(Hop::Lb(Forwarding::Nat), 1, 100, 9.0, Some(0.9)),
+        row(Hop::Ceiling6, 1, 0, 8.0, None),
+        row(Hop::Lb6(Forwarding::Nat), 1, 100, 6.0, Some(0.74)),
+        row(Hop::Lb6(Forwarding::Nat), TARGET_FLOWS, 100, 4.0, None),
+        row(Hop::Lb6(Forwarding::Dsr), 1, 100, 7.2, Some(0.91)),
+    ];
+    let s = render(&r);
+    for line in [
+        "| bare_fwd6 (IPv6 ceiling) | – | 1 | 8.00 (8.00–8.00) | 8.00 (8.00–8.00) | 100 % |",
+        "| lb Nat66 | 100 | 1 | 6.00 (6.00–6.00) | 6.00 (6.00–6.00) | 75 % |",
+        "| lb Nat66 | 100 | 1000000 | 4.00 (4.00–4.00) | 4.00 (4.00–4.00) | 50 % |",
+        "| lb Dsr IPv6 | 100 | 1 | 7.20 (7.20–7.20) | 7.20 (7.20–7.20) | 90 % |",
+        "| lb Nat | 100 | 1 | 9.00 (9.00–9.00) | 9.00 (9.00–9.00) | 90 % |",
+        "| lb Nat66 | 100 | 6.00 (6.00–6.00) | 74 % (74–74 %) |",
+        "- The IPv6 ceiling (`bare_fwd6`, one flow) delivered 8.00 Mpps, 80 % of the IPv4 ceiling's.",
+        "- `lb Nat66`, one flow: 75 % of the IPv6 ceiling (74 % paired with it).",
+        "- `lb Nat66` with 1000000 flows: 50 % of the IPv6 ceiling, 67 % of its single-flow rate.",
+        "- `lb Dsr IPv6`, one flow: 90 % of the IPv6 ceiling (91 % paired with it).",
+    ] {
+        assert!(s.contains(line), "{line}\n{s}");
+    }
+    // The IPv4 ratios and targets read IPv4's rows only.
+    assert!(
+        s.contains("- `lb Nat`, one established flow: 90 % of the ceiling (backends: 100)."),
+        "{s}"
+    );
+    assert!(!s.contains("`lb Dsr`, one established flow"), "{s}");
+    assert!(
+        !s.contains("flows cost ≤ 20 % of the single-flow rate, Nat"),
+        "{s}"
+    );
+}
+
+use super::measure::{FamilyCost, FamilyCostRow, new_flows_per_round, per_round_ratios};
+
+/// A [`FamilyCostRow`] from per-round samples, as `family_rows` makes it.
+fn family_row(mode: Forwarding, flow: FlowState, v4: &[f64], v6: &[f64]) -> FamilyCostRow {
+    FamilyCostRow {
+        mode,
+        flow,
+        v4: Stat::of(v4),
+        v6: Stat::of(v6),
+        ratio: Stat::of(&per_round_ratios(v6, v4)),
+    }
+}
+
+/// Issue 24's cost targets are judged on the ratio taken within each
+/// round: here NAT's established medians are 5 % apart (100 vs 105 ns),
+/// but in two rounds of three IPv6 took 15 % longer, so it is missed; the
+/// section states both families' figures and the per-round ratios.
+#[test]
+fn ipv6_cost_targets_are_judged_on_the_ratios_within_each_round() {
+    let rounds = [100.0, 120.0, 80.0];
+    let families = FamilyCost {
+        rows: vec![
+            family_row(
+                Forwarding::Nat,
+                FlowState::Established,
+                &rounds,
+                &[105.0, 138.0, 92.0],
+            ),
+            family_row(
+                Forwarding::Nat,
+                FlowState::New,
+                &[300.0, 310.0, 290.0],
+                &[345.0, 360.0, 340.0],
+            ),
+            family_row(
+                Forwarding::Dsr,
+                FlowState::Established,
+                &rounds,
+                &[108.0, 125.0, 86.0],
+            ),
+            family_row(
+                Forwarding::Dsr,
+                FlowState::New,
+                &[300.0, 310.0, 290.0],
+                &[372.0, 380.0, 350.0],
+            ),
+        ],
+        pass: Some(st(60.0, 58.0, 63.0)),
+        rounds: 3,
+        calls: 2000,
+        new_calls: 1560,
+    };
+    let s = render(&Report {
+        families,
+        ..report(&A)
+    });
+    for line in [
+        "## IPv6 next to IPv4 (BPF_PROG_TEST_RUN, paired)",
+        "Each of 3 rounds measures, for each mode and family, the established flow (2000 calls of one frame, repeat=1) and 1560 new flows",
+        "| Nat / Nat66 | established | 100.0 (80.0–120.0) | 105.0 (92.0–138.0) | 1.150 (1.050–1.150) |",
+        "| Dsr | established | 100.0 (80.0–120.0) | 108.0 (86.0–125.0) | 1.075 (1.042–1.080) |",
+        "`xdp_pass` in the same rounds, one call each: 60.0 (58.0–63.0) ns/packet.",
+        "| IPv6, an established flow's packet within 10 % of IPv4's, Nat / Nat66 | **missed**: +15.0 % (median of 3 paired rounds, +5.0 to +15.0 %; 105.0 vs 100.0 ns) |",
+        "| IPv6, an established flow's packet within 10 % of IPv4's, Dsr | met: +7.5 % (median of 3 paired rounds, +4.2 to +8.0 %; 108.0 vs 100.0 ns) |",
+        "| IPv6, a new flow's packet within 20 % of IPv4's, Nat / Nat66 | met: +16.1 % (median of 3 paired rounds, +15.0 to +17.2 %; 345.0 vs 300.0 ns) |",
+        "| IPv6, a new flow's packet within 20 % of IPv4's, Dsr | **missed**: +22.6 % (median of 3 paired rounds, +20.7 to +24.0 %; 372.0 vs 300.0 ns) |",
+    ] {
+        assert!(s.contains(line), "{line}\n{s}");
+    }
+    // A run that did not measure them has neither the section nor targets.
+    let none = render(&report(&A));
+    assert!(!none.contains("IPv6"), "{none}");
+}
+
+/// The paired rounds' new flows: every round's batch fits, together with
+/// all the others, in half the default half-open table; too many rounds is
+/// an error, not a silently full table.
+#[test]
+fn new_flows_per_round_keep_the_half_open_table_half_empty() {
+    let half = lb_common::DEFAULT_HALF_OPEN_SIZE as usize / 2;
+    for (calls, rounds) in [(2000, 21), (20_000, 21), (2000, 7), (500, 35)] {
+        let n = new_flows_per_round(calls, rounds).expect("fits");
+        assert!(n <= calls && n * rounds <= half, "{n} × {rounds}");
+        assert!(n >= 100);
+    }
+    assert_eq!(new_flows_per_round(2000, 7).expect("fits"), 2000);
+    assert_eq!(new_flows_per_round(20_000, 21).expect("fits"), half / 21);
+    assert!(new_flows_per_round(2000, 400).is_err());
+    assert_eq!(
+        per_round_ratios(&[110.0, 90.0], &[100.0, 100.0, 5.0]),
+        [1.1, 0.9]
+    );
+}
+
+/// The new-flow batches: each frame a distinct flow of its family (the
+/// source address and port etherparse reads), no flow in two batches, and
+/// the IPv6 ones to the IPv6 VIP with a valid UDP checksum.
+#[test]
+fn new_flow_batches_are_distinct_flows_of_their_family() {
+    use std::net::IpAddr;
+
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    use super::net::{Family, NEW_FLOWS_PER_BATCH, VIP, VIP6, new_flows_of};
+
+    let mut seen = std::collections::HashSet::new();
+    for family in [Family::V4, Family::V6] {
+        for batch in 0..3 {
+            for f in new_flows_of(family, batch, 300).expect("frames") {
+                let p = SlicedPacket::from_ethernet(&f).expect("parses");
+                let (src, dst): (IpAddr, IpAddr) = match (&p.net, family) {
+                    (Some(NetSlice::Ipv4(ip)), Family::V4) => (
+                        ip.header().source_addr().into(),
+                        ip.header().destination_addr().into(),
+                    ),
+                    (Some(NetSlice::Ipv6(ip)), Family::V6) => (
+                        ip.header().source_addr().into(),
+                        ip.header().destination_addr().into(),
+                    ),
+                    _ => panic!("batch {batch} of {family:?}: wrong family"),
+                };
+                let Some(TransportSlice::Udp(udp)) = &p.transport else {
+                    panic!("not UDP")
+                };
+                if let Some(NetSlice::Ipv6(ip)) = &p.net {
+                    let want = udp
+                        .to_header()
+                        .calc_checksum_ipv6(&ip.header().to_header(), udp.payload())
+                        .expect("checksum");
+                    assert_eq!(udp.checksum(), want, "IPv6 UDP checksum");
+                }
+                let vip: IpAddr = match family {
+                    Family::V4 => VIP.into(),
+                    Family::V6 => VIP6.into(),
+                };
+                assert_eq!(dst, vip);
+                assert!(seen.insert((src, udp.source_port())), "{src} seen twice");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 2 * 3 * 300);
+    assert!(new_flows_of(Family::V6, 0, NEW_FLOWS_PER_BATCH + 1).is_err());
+}
+
+/// The dual-stack config: the IPv4 service and its IPv6 twin, both in the
+/// mode asked, the twin's backends IPv6 and distinct.
+#[test]
+fn the_dual_stack_config_has_an_ipv6_twin_in_the_same_mode() {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::net::{VIP6, backend_addr6, lb_config_dual};
+    for mode in [Forwarding::Nat, Forwarding::Dsr] {
+        let cfg = lb_config_dual(mode, 100, lb_common::DEFAULT_CONNTRACK_SIZE.into())
+            .expect("valid config");
+        assert_eq!(cfg.services.len(), 2);
+        let v6 = &cfg.services[1];
+        assert_eq!(cfg.services[0].backends.len(), 100);
+        assert_eq!(v6.forwarding, mode);
+        assert_eq!(cfg.services[0].forwarding, mode);
+        assert_eq!(v6.vip.ip(), IpAddr::from(VIP6));
+        let addrs: std::collections::HashSet<SocketAddr> =
+            v6.backends.iter().map(|b| b.address).collect();
+        assert_eq!(addrs.len(), 100);
+        assert!(addrs.contains(&SocketAddr::new(backend_addr6(99).into(), 5353)));
+    }
 }
