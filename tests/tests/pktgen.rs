@@ -170,9 +170,9 @@ fn tcp_snmp(name: &str) -> u64 {
 /// benchmark topology's, without `lb`) takes the IPv6 VIP and a UDP
 /// socket and a TCP listener on it. Every UDP frame is delivered (the
 /// kernel drops a UDP datagram with a bad IPv6 checksum, and counts it),
-/// from each of the flows (the source's low 32 bits and port vary), and
-/// every SYN opens a request on the listener (a bad TCP checksum is
-/// dropped and counted).
+/// from each of the flows (the source's low 32 bits and port vary), every
+/// SYN opens a request on the listener (a bad TCP checksum is dropped and
+/// counted), and every ACK after it is answered with a reset.
 #[test]
 fn pktgen_ipv6_frames_reach_a_real_stack_with_valid_checksums() {
     use std::{
@@ -285,6 +285,31 @@ fn pktgen_ipv6_frames_reach_a_real_stack_with_valid_checksums() {
             syn_recv(),
             V6_FLOWS as usize,
             "SYN_RECV requests (TCP InCsumErrors {})",
+            tcp_snmp("InCsumErrors") - tcp_csum_errors
+        );
+        assert_eq!(tcp_snmp("InCsumErrors"), tcp_csum_errors);
+
+        // The handshake's ACK (what an established flow's frames are, to a
+        // load balancer): each flow's meets its request, whose server
+        // sequence it cannot know (ack 1), and the stack answers it with a
+        // reset, which it only does for a segment whose checksum held.
+        let resets = tcp_snmp("OutRsts");
+        let ack = Spec {
+            frame: pktgen::FrameSpec {
+                proto: pktgen::Proto::TcpAck,
+                ..syn.frame
+            },
+            ..syn.clone()
+        };
+        pktgen::generate(&mut tools, &ack).expect("pktgen ACKs");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tcp_snmp("OutRsts") - resets < u64::from(V6_FLOWS) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            tcp_snmp("OutRsts") - resets,
+            u64::from(V6_FLOWS),
+            "resets to the IPv6 ACKs (TCP InCsumErrors {})",
             tcp_snmp("InCsumErrors") - tcp_csum_errors
         );
         assert_eq!(tcp_snmp("InCsumErrors"), tcp_csum_errors);
