@@ -1,8 +1,9 @@
 //! Layouts of the tools' XDP programs (lb-ebpf-tools), not the data
 //! plane's: the load generator's (`pktgen`, feature `pktgen`: `lb pktgen`
 //! ships in the product) and the benchmark baselines' (`bare_fwd`,
-//! `bare_fwd6`, `hash_fwd`, feature `bench`: only the harness builds them). The agent's
-//! object and the data plane never see them.
+//! `bare_fwd6`, `hash_fwd`, `hash_fwd6`, `tail_fwd`, feature `bench`: only
+//! the harness builds them). The agent's object and the data plane never
+//! see them.
 
 /// Bytes of each generated frame the `pktgen` program restores before use.
 pub const PKTGEN_TEMPLATE_LEN: usize = 64;

@@ -7,6 +7,10 @@
 //!   are IPv6 (EtherType, fixed header in bounds); anything else is passed.
 //! - `hash_fwd`: `bare_fwd` plus one 5-tuple hash lookup: the floor of any
 //!   forwarder with a connection table, measured next to the ceiling.
+//! - `hash_fwd6`, `tail_fwd`: what IPv6's path has that IPv4's has not
+//!   (issue 24): `hash_fwd` over IPv6 (a 40-byte key, `lb`'s `FlowKey6`, in
+//!   a kernel hash, as `ESTABLISHED6`), and `bare_fwd` reached through one
+//!   tail call (as `lb` reaches `lb_v6`).
 //! - `ipip_fwd`, `gue_fwd`: `bare_fwd` plus what any encapsulating
 //!   forwarder must do (issue 26's floor): room made in front of the frame
 //!   (`bpf_xdp_adjust_head`, 20 or 32 bytes), the bounds checked again, the
@@ -18,11 +22,11 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, FlowKey, FwdConf,
+    Counters, FlowKey, FlowKey6, FwdConf,
     headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, L4Ports},
     ipv6::{ETH_P_IPV6_RAW, Ipv6Hdr},
     tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD, IPPROTO_IPIP, gue_headers, ipip_header},
@@ -121,6 +125,52 @@ pub fn hash_fwd(ctx: XdpContext) -> u32 {
         let _ = FWD_FLOWS.insert(&key, &0, 0);
     }
     rewrite_and_redirect(eth, conf)
+}
+
+/// `hash_fwd6`'s flow table: `hash_fwd`'s for IPv6's key.
+#[map]
+static FWD_FLOWS6: HashMap<FlowKey6, u32> = HashMap::with_max_entries(1024, 0);
+
+/// `hash_fwd` for an IPv6 frame without extension headers: the fixed
+/// header, the ports, one lookup of `lb`'s 40-byte `FlowKey6` in a kernel
+/// hash (a miss inserts it), as IPv6's established lookup does.
+#[xdp]
+pub fn hash_fwd6(ctx: XdpContext) -> u32 {
+    let Some(conf) = FWD_CONF.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (Some(eth), Some(ip), Some(ports)) = (
+        header::<EthHdr>(&ctx, 0),
+        header::<Ipv6Hdr>(&ctx, EthHdr::LEN),
+        header::<L4Ports>(&ctx, EthHdr::LEN + Ipv6Hdr::LEN),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked above.
+    let (ip, ports) = unsafe { (&*ip, &*ports) };
+    // SAFETY: bounds checked.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV6_RAW {
+        return xdp_action::XDP_PASS;
+    }
+    let key = FlowKey6::of(ip, ip.next_header, ports);
+    if FWD_FLOWS6.get_ptr(&key).is_none() {
+        let _ = FWD_FLOWS6.insert(&key, &0, 0);
+    }
+    rewrite_and_redirect(eth, conf)
+}
+
+/// `tail_fwd`'s one entry: `bare_fwd` (the harness sets it).
+#[map]
+static TAIL_FWD: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `bare_fwd` through one tail call: less `bare_fwd`, what the tail call
+/// costs (`lb` tail-calls `lb_v6` for every IPv6 frame). Aborts if the
+/// entry is missing.
+#[xdp]
+pub fn tail_fwd(ctx: XdpContext) -> u32 {
+    // SAFETY: our own program array; returns only if the call fails.
+    unsafe { TAIL_FWD.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
 }
 
 /// The encapsulation floor's outer addresses (198.18.0.1 → 198.18.1.11,

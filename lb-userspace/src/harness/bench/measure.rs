@@ -991,8 +991,9 @@ const FAMILY_ROUNDS_PER_REP: usize = 7;
 #[derive(Debug, Default)]
 pub(super) struct FamilyCost {
     pub(super) rows: Vec<FamilyCostRow>,
-    /// `xdp_pass`, one call each, in the same rounds.
-    pub(super) pass: Option<Stat>,
+    /// The bench's programs in the same rounds, one call each
+    /// ([`FAMILY_FLOORS`]): where IPv6's extra time goes.
+    pub(super) floors: Vec<(&'static str, Stat)>,
     /// Rounds, and packets per program per round: `calls` for an
     /// established flow, `new_calls` new flows.
     pub(super) rounds: usize,
@@ -1023,8 +1024,23 @@ enum FamilyCase {
         family: Family,
         flow: FlowState,
     },
-    Pass,
+    /// A program of the bench object on `family`'s established frame.
+    Tool(&'static str, Family, u32),
 }
+
+/// The bench's programs [`family_rows`] measures in its rounds, with the
+/// family of the frame each gets and what it returns: `xdp_pass` (the
+/// call's own cost), `bare_fwd`, `tail_fwd` (`bare_fwd` through one tail
+/// call, as `lb` reaches `lb_v6`), `hash_fwd` and `hash_fwd6` (one kernel
+/// hash lookup of IPv4's key, and of IPv6's 40-byte key as `ESTABLISHED6`
+/// has it, where IPv4's established lookup is an array slot).
+pub(super) const FAMILY_FLOORS: [(&str, Family, u32); 5] = [
+    ("xdp_pass", Family::V4, XDP_PASS),
+    ("bare_fwd", Family::V4, XDP_REDIRECT),
+    ("tail_fwd", Family::V4, XDP_REDIRECT),
+    ("hash_fwd", Family::V4, XDP_REDIRECT),
+    ("hash_fwd6", Family::V6, XDP_REDIRECT),
+];
 
 /// Issue 24's cost rows, measured paired as issue 26's are
 /// ([`tunnel_rows`]): one data plane per mode on the dual-stack config
@@ -1076,7 +1092,16 @@ pub(super) fn family_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::
             }
         }
     }
-    cases.push(FamilyCase::Pass);
+    cases.extend(
+        FAMILY_FLOORS
+            .iter()
+            .map(|&(name, family, action)| FamilyCase::Tool(name, family, action)),
+    );
+    // `tail_fwd` jumps to `bare_fwd`.
+    let bare = xdp::xdp_program(ebpf, "bare_fwd")?.fd()?.try_clone()?;
+    xdp::xdp_program(ebpf, "tail_fwd")?;
+    aya::maps::ProgramArray::try_from(ebpf.map_mut("TAIL_FWD").context("map TAIL_FWD missing")?)?
+        .set(0, &bare, 0)?;
     let mut ns: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
     let _pinned = PinnedToOneCpu::new()?;
     for round in 0..rounds {
@@ -1101,9 +1126,9 @@ pub(super) fn family_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::
                     let prog = planes[plane].1.program()?;
                     ns_per_packet(prog, frames, lbin, 1, Some(XDP_REDIRECT))?
                 }
-                FamilyCase::Pass => {
-                    let prog = xdp::xdp_program(ebpf, "xdp_pass")?;
-                    ns_per_packet(prog, &established[0], lbin, 1, Some(XDP_PASS))?
+                FamilyCase::Tool(name, family, action) => {
+                    let prog = xdp::xdp_program(ebpf, name)?;
+                    ns_per_packet(prog, &established[family as usize], lbin, 1, Some(action))?
                 }
             };
             ns[i].push(one);
@@ -1137,7 +1162,14 @@ pub(super) fn family_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::
     }
     Ok(FamilyCost {
         rows,
-        pass: ns.last().map(|p| Stat::of(p)),
+        floors: cases
+            .iter()
+            .zip(&ns)
+            .filter_map(|(c, ns)| match c {
+                FamilyCase::Tool(name, ..) => Some((*name, Stat::of(ns))),
+                FamilyCase::Lb { .. } => None,
+            })
+            .collect(),
         rounds,
         calls,
         new_calls,

@@ -499,12 +499,43 @@ fn family_section(s: &mut String, f: &FamilyCost) {
             row.ratio.max
         );
     }
-    if let Some(pass) = &f.pass {
-        let _ = writeln!(
-            s,
-            "\n`xdp_pass` in the same rounds, one call each: {} ns/packet.",
-            pass.text(1)
-        );
+    if f.floors.is_empty() {
+        return;
+    }
+    let floors: Vec<String> = f
+        .floors
+        .iter()
+        .map(|(name, ns)| format!("`{name}` {}", ns.text(1)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "\nThe bench's programs in the same rounds, one call each (ns/packet): {}.",
+        floors.join(", ")
+    );
+    let floor = |name: &str| {
+        f.floors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, ns)| ns.median)
+    };
+    let mut parts = Vec::new();
+    if let (Some(tail), Some(bare)) = (floor("tail_fwd"), floor("bare_fwd")) {
+        parts.push(format!(
+            "one tail call (`tail_fwd` − `bare_fwd`, as `lb` → `lb_v6`) {:+.1} ns",
+            tail - bare
+        ));
+    }
+    if let (Some(h6), Some(h4), Some(bare)) =
+        (floor("hash_fwd6"), floor("hash_fwd"), floor("bare_fwd"))
+    {
+        parts.push(format!(
+            "a kernel hash lookup of IPv6's 40-byte key with its parse (`hash_fwd6` − `bare_fwd`) {:+.1} ns, of IPv4's key (`hash_fwd` − `bare_fwd`) {:+.1} ns",
+            h6 - bare,
+            h4 - bare
+        ));
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(s, "Differences of medians: {}.", parts.join("; "));
     }
 }
 
