@@ -876,6 +876,45 @@ mod tests {
         assert!(lo_vips("1: lo    inet 127.0.0.1/8 scope host lo\n").is_empty());
     }
 
+    /// The IPv6 service parses (the VIP6 over the webs' IPv6 addresses,
+    /// checked), and the multi-LB site serves it but in full NAT.
+    #[test]
+    fn the_ipv6_service_is_the_webs_ipv6_addresses_behind_the_vip6() {
+        let lab = Lab {
+            prefix: "k25v6cfg".to_owned(),
+            lb_bin: PathBuf::new(),
+            children: Vec::new(),
+            keep: true,
+            lbs: 2,
+            routed: false,
+        };
+        let text =
+            lab.ha_config(1, Forwarding::Dsr, "maglev", 0) + &ha_service6("www6", VIP6, "maglev");
+        let cfg = crate::config::parse(&text, std::path::Path::new("lb.toml")).expect("valid");
+        let www6 = cfg
+            .services
+            .iter()
+            .find(|s| s.name == "www6")
+            .expect("www6");
+        assert_eq!(www6.vip, SocketAddr::new(VIP6.into(), 80), "{text}");
+        let backends: Vec<SocketAddr> = www6.backends.iter().map(|b| b.address).collect();
+        let webs: Vec<SocketAddr> = (1..=3)
+            .map(|w| SocketAddr::new(web_addr6(w).into(), 80))
+            .collect();
+        assert_eq!(backends, webs);
+        assert!(www6.backends.iter().all(|b| www6.health_for(b).is_some()));
+        for mode in [Forwarding::Dsr, Forwarding::Nat, Forwarding::FullNat] {
+            let site = lab.ha_site_config(2, mode);
+            assert_eq!(
+                site.contains(&format!("vip = \"[{VIP6}]:80\"")),
+                mode != Forwarding::FullNat,
+                "{site}"
+            );
+        }
+        assert_eq!(lb_front_of(2, VIP6.into()), IpAddr::from(lb_front_addr6(2)));
+        assert_eq!(lb_front_of(2, VIP.into()), IpAddr::from(lb_front_addr(2)));
+    }
+
     /// Each LB of a full-NAT lab translates with its own source address,
     /// on its back network; the other modes' configs name none.
     #[test]
