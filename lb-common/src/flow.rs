@@ -16,7 +16,7 @@
 
 use crate::{
     headers::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
-    maps::{Backend, Flow, FlowConf, FlowKey},
+    maps::{Backend, FLOW_F_FULL_NAT, Flow, FlowConf, FlowKey},
 };
 
 /// Flow states (`Flow::state`). Half-open (in `HALF_OPEN`): a SYN or a
@@ -52,6 +52,18 @@ pub const SEQ_WINDOW: u32 = 1 << 20;
 #[inline(always)]
 pub const fn in_window(seq: u32, last: u32) -> bool {
     seq.wrapping_sub(last).wrapping_add(SEQ_WINDOW) <= 2 * SEQ_WINDOW
+}
+
+/// May a reply that arrived addressed to `to` (address, port; network
+/// order) be the reply entry of the flow whose forward entry is `forward`,
+/// once the reply has its NAT shape (backend → client)? A NAT flow's reply
+/// comes to the client's address itself, so any; a full-NAT flow's was
+/// sent to the flow's own source address and port (`Flow::vip`/`vport`),
+/// and only to them: two full-NAT flows of one client port toward one
+/// backend (two VIPs, say) have one NAT shape and differ only there.
+#[inline(always)]
+pub const fn replies_to(forward: &Flow, to: (u32, u16)) -> bool {
+    forward.flags & FLOW_F_FULL_NAT == 0 || (forward.vip == to.0 && forward.vport == to.1)
 }
 
 /// Does a TCP sequence number `seq` advance past `last` (wrapping)?
@@ -344,6 +356,37 @@ pub const fn closes(tcp_flags: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full-NAT reply belongs only to the flow whose source address and
+    /// port it was sent to; a NAT reply to any flow of its client and
+    /// backend (the backend itself cannot tell those apart).
+    #[test]
+    fn a_full_nat_reply_belongs_only_to_the_flow_it_was_sent_to() {
+        let source = (
+            u32::from_be_bytes([198, 19, 0, 102]).to_be(),
+            2000u16.to_be(),
+        );
+        let flow = Flow {
+            vip: source.0,
+            vport: source.1,
+            flags: FLOW_F_FULL_NAT,
+            ..Flow::default()
+        };
+        assert!(replies_to(&flow, source));
+        // Another flow's source port, or another source address.
+        assert!(!replies_to(&flow, (source.0, 2002u16.to_be())));
+        assert!(!replies_to(&flow, (source.0 ^ 1, source.1)));
+        // A NAT flow (its `vip` is the VIP): whatever the reply came to.
+        let nat = Flow {
+            vip: u32::from_be_bytes([198, 18, 0, 10]).to_be(),
+            vport: 80u16.to_be(),
+            ..Flow::default()
+        };
+        assert!(replies_to(
+            &nat,
+            (u32::from_be_bytes([198, 18, 1, 2]).to_be(), 4321)
+        ));
+    }
     use crate::headers::{IPPROTO_TCP, IPPROTO_UDP};
 
     fn conf() -> FlowConf {

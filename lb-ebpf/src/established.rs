@@ -20,7 +20,7 @@ use core::{
 use lb_common::{
     DEFAULT_CONNTRACK_SIZE, EstablishedSlot, FLOW_F_FULL_NAT, Flow, FlowConf, FlowKey,
     SLOT_F_OVERFLOWED,
-    flow::{FORWARD, REPLY, STATE_ESTABLISHED, bucket_hash, is_idle},
+    flow::{FORWARD, REPLY, STATE_ESTABLISHED, bucket_hash, is_idle, replies_to},
     flow_table::{Place, WAYS, Way, first_way, place, probes_overflow},
     slot_flags_mask,
 };
@@ -70,8 +70,10 @@ pub(crate) enum Side {
     /// The destination's: a NAT backend's reply (backend → client), in the
     /// slot whose client and backend it connects. Only a packet that is not
     /// to a VIP can be one, so a packet to a VIP (a new flow's SYN) never
-    /// reads this bucket.
-    Receiver,
+    /// reads this bucket. `to`: where the reply arrived addressed to
+    /// (before `fullnat::nat_shaped`), which picks a full-NAT flow
+    /// (`lb_common::flow::replies_to`).
+    Receiver { to: (u32, u16) },
 }
 
 /// `key` as it arrives, in the bucket of `side`: a forward packet's entry
@@ -81,7 +83,7 @@ pub(crate) enum Side {
 pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
     let first = match side {
         Side::Sender => bucket(conf, key.saddr, key.sport, key.protocol),
-        Side::Receiver => bucket(conf, key.daddr, key.dport, key.protocol),
+        Side::Receiver { .. } => bucket(conf, key.daddr, key.dport, key.protocol),
     };
     for way in 0..WAYS {
         let Some(slot) = ESTABLISHED.get_ptr_mut(first + way) else {
@@ -92,12 +94,12 @@ pub(crate) fn find(conf: &FlowConf, key: &FlowKey, side: Side) -> Lookup {
         unsafe {
             let found = match side {
                 Side::Sender => stable(slot, |s| same_key(&raw const (*s).key, key)),
-                Side::Receiver => stable(slot, |s| is_reply(s, key)),
+                Side::Receiver { to } => stable(slot, |s| is_reply(s, key, to)),
             };
             if found {
                 let entry = match side {
                     Side::Sender => &raw mut (*slot).forward,
-                    Side::Receiver => &raw mut (*slot).reply,
+                    Side::Receiver { .. } => &raw mut (*slot).reply,
                 };
                 return Lookup::Found(slot, entry);
             }
@@ -131,12 +133,14 @@ unsafe fn stable(slot: *mut EstablishedSlot, test: impl Fn(*mut EstablishedSlot)
     }
 }
 
-/// Is `key` (backend → client) the reply of the NAT flow in `slot`?
+/// Is `key` (backend → client; it arrived addressed to `to`) the reply of
+/// the NAT or full-NAT flow in `slot`?
 #[inline(always)]
-unsafe fn is_reply(slot: *mut EstablishedSlot, key: &FlowKey) -> bool {
+unsafe fn is_reply(slot: *mut EstablishedSlot, key: &FlowKey, to: (u32, u16)) -> bool {
     // SAFETY: the caller's slot is a valid array map value.
     unsafe {
         read_volatile(&raw const (*slot).forward.vip) != 0
+            && replies_to(&*(&raw const (*slot).forward), to)
             && read_volatile(&raw const (*slot).backend_addr) == key.saddr
             && read_volatile(&raw const (*slot).backend_port) == key.sport
             && read_volatile(&raw const (*slot).key.saddr) == key.daddr

@@ -106,7 +106,14 @@ pub(crate) trait PathFamily: Family + Sized {
     ) -> Option<Hit> {
         Self::established(key, now, to_vip).map(|entry| Hit { entry, slot: None })
     }
-    fn half_open(key: &Self::FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Self::Slot)>;
+    /// `arrived`: the packet's own tuple (`key` before a full-NAT claim
+    /// gave it its NAT shape).
+    fn half_open(
+        key: &Self::FlowKey,
+        arrived: &Self::FlowKey,
+        now: u32,
+        to_vip: bool,
+    ) -> Option<(Flow, Self::Slot)>;
     fn answered(slot: Self::Slot, key: &Self::FlowKey, reply: &Flow, flags: u8, seq: u32);
     fn record(slot: Self::Slot, forward: &Self::FlowKey, state: u32, seq: u32);
     fn close(key: &Self::FlowKey, flow: &mut Flow);
@@ -195,12 +202,13 @@ pub(crate) trait PathFamily: Family + Sized {
     /// their next hop is not worth caching.
     #[inline(always)]
     fn flow_of(key: &mut Self::FlowKey, now: u32) -> Option<(Flow, Table)> {
+        let arrived = *key;
         let to_vip = Self::is_vip(key.destination());
         if let Some(entry) = Self::established(key, now, || to_vip) {
             // SAFETY: a flow table value (see `flows::established`).
             return Some((unsafe { flows::copy_flow(entry) }, Table::Established));
         }
-        Self::half_open(key, now, to_vip).map(|(flow, _)| (flow, Table::HalfOpen))
+        Self::half_open(key, &arrived, now, to_vip).map(|(flow, _)| (flow, Table::HalfOpen))
     }
 }
 

@@ -44,7 +44,7 @@ use lb_common::{
     HALF_OPEN_FLAGS, HalfOpenEntry, HalfOpenSlot, MAX_BACKENDS, NextHop,
     flow::{
         FORWARD, HALF_OPEN_WAYS, REPLY, STATE_CLOSING, STATE_ESTABLISHED, STATE_NEW, answer,
-        bucket_hash, clock_ns, forward_key, is_expired, reply_key, slot_of_hash, ticks,
+        bucket_hash, clock_ns, forward_key, is_expired, replies_to, reply_key, slot_of_hash, ticks,
         tie_replaces,
     },
 };
@@ -173,8 +173,11 @@ pub(crate) fn established_in(
     let conf = conf?;
     let lookup = match established::find(conf, key, Side::Sender) {
         Lookup::Miss { overflow } if !to_vip() => {
+            // Where it was sent: a full-NAT reply's flow's source address
+            // and port, which its NAT shape no longer shows.
+            let to = (key.daddr, key.dport);
             fullnat::nat_shaped(key);
-            match established::find(conf, key, Side::Receiver) {
+            match established::find(conf, key, Side::Receiver { to }) {
                 Lookup::Miss { overflow: also } => Lookup::Miss {
                     overflow: overflow | also,
                 },
@@ -243,17 +246,24 @@ fn pair_is_live(key: &FlowKey, flow: &Flow, now: u32, conf: &FlowConf) -> bool {
 /// Step 2, second table: a copy of the live half-open entry `key` belongs
 /// to; `None` on a miss. A flow's one slot serves both directions: a packet
 /// to a VIP (`to_vip`) is looked up as a client's, anything else as a reply
-/// (backend → client, NAT), whose entry is derived from the slot. An
+/// (backend → client, NAT; `arrived`: the packet's own tuple, before a
+/// full-NAT claim gave `key` its NAT shape), whose entry is derived from
+/// the slot. An
 /// expired entry is a miss; a live one has its `seen` refreshed once per
 /// tick, by either direction (a UDP request answered for longer than its
 /// timeout stays).
 #[inline(always)]
-pub(crate) fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
+pub(crate) fn half_open(
+    key: &FlowKey,
+    arrived: &FlowKey,
+    now: u32,
+    to_vip: bool,
+) -> Option<(Flow, Slot)> {
     let conf = conf()?;
     let (flow, slot) = if to_vip {
         forward_of_bucket(conf, key)?
     } else {
-        reply_of_bucket(conf, key)?
+        reply_of_bucket(conf, key, (arrived.daddr, arrived.dport))?
     };
     if flow.seen != now {
         if is_expired(conf, key.protocol, &flow, now) {
@@ -387,13 +397,18 @@ pub(crate) fn forward_of_bucket(
 
 /// A backend's reply (backend → client) to a half-open NAT flow: a slot of
 /// its destination's (the client's) bucket holds the flow if the flow's
-/// backend is the sender; its reply entry is made from it.
+/// backend is the sender (and, full NAT, the reply was sent `to` the
+/// flow's source address and port); its reply entry is made from it.
 #[inline(always)]
-fn reply_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+fn reply_of_bucket(
+    conf: &FlowConf,
+    key: &FlowKey,
+    to: (u32, u16),
+) -> Option<(Flow, *mut HalfOpenSlot)> {
     let first = bucket_of(conf, key.daddr, key.dport, key.protocol);
     for way in 0..HALF_OPEN_WAYS {
         let slot = HALF_OPEN.get_ptr_mut(first + way)?;
-        if let Some(found) = reply_of_slot(slot, key) {
+        if let Some(found) = reply_of_slot(slot, key, to) {
             return Some(found);
         }
     }
@@ -401,7 +416,11 @@ fn reply_of_bucket(conf: &FlowConf, key: &FlowKey) -> Option<(Flow, *mut HalfOpe
 }
 
 #[inline(always)]
-fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut HalfOpenSlot)> {
+fn reply_of_slot(
+    slot: *mut HalfOpenSlot,
+    key: &FlowKey,
+    to: (u32, u16),
+) -> Option<(Flow, *mut HalfOpenSlot)> {
     // SAFETY: a valid array map value; the key is checked under the copy's
     // sequence (`read_slot`) once it is known.
     let forward = unsafe { copy_key(&raw const (*slot).key) };
@@ -410,7 +429,7 @@ fn reply_of_slot(slot: *mut HalfOpenSlot, key: &FlowKey) -> Option<(Flow, *mut H
         return None;
     }
     let flow = read_slot(slot, &forward)?;
-    if flow.vip == 0 {
+    if flow.vip == 0 || !replies_to(&flow, to) {
         return None;
     }
     let backend = BACKENDS.get(flow.backend_id)?;

@@ -146,7 +146,10 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
         return drop(Verdict::DropNoStage);
     };
     let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
-    if let Some((mut flow, slot)) = F::half_open(&key, now, to_vip) {
+    // The packet as it came (the carried key may have a full-NAT reply's
+    // NAT shape): where a reply was sent picks its full-NAT flow.
+    let arrived = flow_key(&pkt);
+    if let Some((mut flow, slot)) = F::half_open(&key, &arrived, now, to_vip) {
         if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
             return outcome;
         }

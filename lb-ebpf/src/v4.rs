@@ -156,8 +156,8 @@ impl PathFamily for V4 {
     }
 
     #[inline(always)]
-    fn half_open(key: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
-        flows::half_open(key, now, to_vip)
+    fn half_open(key: &FlowKey, arrived: &FlowKey, now: u32, to_vip: bool) -> Option<(Flow, Slot)> {
+        flows::half_open(key, arrived, now, to_vip)
     }
 
     #[inline(always)]

@@ -247,7 +247,12 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn half_open(key: &FlowKey6, now: u32, _to_vip: bool) -> Option<(Flow, Slot6)> {
+    fn half_open(
+        key: &FlowKey6,
+        _arrived: &FlowKey6,
+        now: u32,
+        _to_vip: bool,
+    ) -> Option<(Flow, Slot6)> {
         flows6::half_open(key, now)
     }
 

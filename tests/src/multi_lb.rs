@@ -6,7 +6,7 @@
 //! ([`fail_lb1`]).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +20,7 @@ use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
     harness::{
-        lab::{AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_addr, vip_http},
+        lab::{AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_of, vip_http},
         netns::in_netns,
     },
 };
@@ -40,8 +40,9 @@ pub const HELD: usize = 12;
 pub struct Ha {
     pub agents: Vec<Option<AgentProcess>>,
     pub lab: Lab,
-    /// The VIPs every agent announces (what BIRD must export).
-    pub vips: Vec<Ipv4Addr>,
+    /// The VIPs every agent announces (what BIRD must export), IPv4 and
+    /// IPv6.
+    pub vips: Vec<IpAddr>,
 }
 
 impl Ha {
@@ -62,11 +63,11 @@ impl Ha {
     /// `config(lab, n, med)`, announcing `vips`; returns once the router's
     /// route to each is what the MEDs make it and both BGP sessions
     /// export them.
-    pub fn up_configured(
+    pub fn up_configured<A: Into<IpAddr> + Copy>(
         lbs: usize,
         mode: Forwarding,
         meds: [u32; 2],
-        vips: &[Ipv4Addr],
+        vips: &[A],
         config: impl Fn(&Lab, usize, u32) -> String,
     ) -> Result<Ha> {
         let lab = Lab::up_ha(&unique_prefix("ha"), &lb_bin(), lbs)?;
@@ -74,21 +75,21 @@ impl Ha {
         let mut ha = Ha {
             agents: Vec::new(),
             lab,
-            vips: vips.to_vec(),
+            vips: vips.iter().map(|v| (*v).into()).collect(),
         };
         for n in 1..=2 {
             let config = config(&ha.lab, n, meds[n - 1]);
             ha.agents.push(Some(ha.lab.start_agent_on(n, &config)?));
         }
         let best = *meds.iter().min().context("meds")?;
-        let want: Vec<Ipv4Addr> = (1..=2)
-            .filter(|n| meds[n - 1] == best)
-            .map(lb_front_addr)
-            .collect();
-        for vip in vips {
+        for vip in ha.vips.clone() {
+            let want: Vec<IpAddr> = (1..=2)
+                .filter(|n| meds[n - 1] == best)
+                .map(|n| lb_front_of(n, vip))
+                .collect();
             let took = ha
                 .lab
-                .wait_for_route_to(*vip, &want, ROUTE_UP)
+                .wait_for_route_to(vip, &want, ROUTE_UP)
                 .context(ha.logs())?;
             println!("route to {vip} via {want:?} after {took:?}");
         }
@@ -104,7 +105,14 @@ impl Ha {
     /// and exporting the VIPs (the agent looks every second).
     pub fn wait_for_session(&self, n: usize) -> Result<()> {
         let deadline = Instant::now() + ROUTE_UP;
-        let mut vips: Vec<String> = self.vips.iter().map(|v| format!("{v}/32")).collect();
+        let mut vips: Vec<String> = self
+            .vips
+            .iter()
+            .map(|v| match v {
+                IpAddr::V4(v) => format!("{v}/32"),
+                IpAddr::V6(v) => format!("{v}/128"),
+            })
+            .collect();
         vips.sort();
         loop {
             let a = self.status(n)?.announce.context("no announce status")?;
@@ -355,15 +363,26 @@ impl Failover {
 /// Holds connections and a stream of new ones while lb1 is cut off (a dead host: its switch port stops forwarding);
 /// `survivors` are the LBs the route must end on.
 pub fn fail_lb1(ha: &Ha, survivors: &[usize]) -> Result<Failover> {
-    let held = Held::open(&ha.lab, HELD)?;
+    fail_lb1_to(ha, survivors, vip_http())
+}
+
+/// [`fail_lb1`] with the connections to `service` (IPv4 or IPv6), and
+/// the route to its VIP waited for.
+pub fn fail_lb1_to(ha: &Ha, survivors: &[usize], service: SocketAddr) -> Result<Failover> {
+    let held = Held::open_to(&ha.lab, HELD, &[service])?;
     let stop = Arc::new(AtomicBool::new(false));
-    let stream = new_connection_stream(&ha.lab, stop.clone());
+    let stream = new_connection_stream_to(&ha.lab, service, stop.clone());
     thread::sleep(Duration::from_millis(1000));
     let lb1_packets_before = ha.packets(1)?;
     let down_at = Instant::now();
     ha.lab.set_lb_reachable(1, false)?;
-    let want: Vec<Ipv4Addr> = survivors.iter().map(|n| lb_front_addr(*n)).collect();
-    let converged = ha.lab.wait_for_route(&want, ROUTE_FAILOVER);
+    let want: Vec<IpAddr> = survivors
+        .iter()
+        .map(|n| lb_front_of(*n, service.ip()))
+        .collect();
+    let converged = ha
+        .lab
+        .wait_for_route_to(service.ip(), &want, ROUTE_FAILOVER);
     let convergence = down_at.elapsed();
     // Long enough for TCP's retransmissions to find the new path.
     thread::sleep(Duration::from_secs(3));

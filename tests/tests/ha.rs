@@ -181,7 +181,14 @@ fn withdraw_drains_an_lb_and_established_flows_finish_on_the_other() -> Result<(
     let config = ha.lab.ha_config(1, Forwarding::Dsr, CONSISTENT, 0);
     ha.agents[0] = Some(ha.lab.start_agent_on(1, &config)?);
     thread::sleep(Duration::from_millis(1500));
-    assert_eq!(ha.lab.ecmp_route()?.next_hops, [lb_front_addr(2)]);
+    assert_eq!(
+        ha.lab.ecmp_route()?.next_hops,
+        [lb_front_addr(2)],
+        "the router's BIRD log:\n{}\nlb1's:\n{}\nlb2's:\n{}",
+        std::fs::read_to_string(ha.lab.run_dir().join("router/bird.log")).unwrap_or_default(),
+        std::fs::read_to_string(ha.lab.lb_dir(1).join("bird.log")).unwrap_or_default(),
+        std::fs::read_to_string(ha.lab.lb_dir(2).join("bird.log")).unwrap_or_default()
+    );
     ha.vip(1, VipChange::Announce { vip: None })?;
     ha.lab
         .wait_for_route(&[lb_front_addr(1), lb_front_addr(2)], ROUTE_UP)?;

@@ -47,9 +47,27 @@ impl HttpConn {
     /// [`HttpConn::connect`] from the local address `from` (one of the
     /// client's addresses), so one host can be several clients.
     pub fn connect_from(from: Ipv4Addr, addr: SocketAddrV4) -> anyhow::Result<HttpConn> {
+        Self::connect_bound(SocketAddrV4::new(from, 0), addr, false)
+    }
+
+    /// [`HttpConn::connect`] from the local address and port `from`, with
+    /// `SO_REUSEADDR`: several connections from one client port to
+    /// different services at once (each its own 4-tuple).
+    pub fn connect_from_port(from: SocketAddrV4, addr: SocketAddrV4) -> anyhow::Result<HttpConn> {
+        Self::connect_bound(from, addr, true)
+    }
+
+    fn connect_bound(
+        from: SocketAddrV4,
+        addr: SocketAddrV4,
+        reuse: bool,
+    ) -> anyhow::Result<HttpConn> {
         use rustix::net::{AddressFamily, SocketType, bind, connect, socket, sockopt};
         let fd = socket(AddressFamily::INET, SocketType::STREAM, None).context("socket")?;
-        bind(&fd, &SocketAddrV4::new(from, 0)).with_context(|| format!("binding {from}"))?;
+        if reuse {
+            sockopt::set_socket_reuseaddr(&fd, true).context("SO_REUSEADDR")?;
+        }
+        bind(&fd, &from).with_context(|| format!("binding {from}"))?;
         // A blocking connect gives up after the send timeout.
         sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(CONNECT_TIMEOUT))
             .context("setting the connect timeout")?;

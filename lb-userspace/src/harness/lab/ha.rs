@@ -28,10 +28,24 @@
 //! service on the VIP, a round-robin service on [`RR_VIP`] and a
 //! least-connections one on [`LC_VIP`] (the webs and the LBs own those
 //! VIPs too), whose flows survive an LB only through sync.
+//!
+//! Dual stack (issue 24): every address above has an IPv6 twin — client
+//! 2001:db8:18:1::2 (network [`HA_CLIENT_NET6`]), router 2001:db8:18:1::1,
+//! 2001:db8:18:2::1 and, on the back network, 2001:db8:19::2 (the single
+//! lab's `CLIENT_BACK6`), LB n 2001:db8:18:2::1N in front
+//! ([`lb_front_addr6`]) and 2001:db8:19::{1,3,..} behind
+//! ([`lb_back_addr6`]), the webs the single lab's 2001:db8:19::1N with the
+//! IPv6 VIP [`VIP6`] on `lo`. The BGP session carries an ipv6 channel
+//! next to the ipv4 one: each LB exports its agent's IPv6 VIPs (the
+//! `lb_vips6` /128s of `[announce]`) with its front IPv6 address as next
+//! hop, and the router merges them into one IPv6 ECMP route, hashed over
+//! L4 as for IPv4; BFD on the IPv4 session takes both families' routes
+//! down together. IPv6 services: [`ha_service6`] (DSR or NAT66; full NAT
+//! is IPv4-only).
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -40,8 +54,8 @@ use std::{
 use anyhow::{Context, bail};
 
 use super::{
-    AgentProcess, AgentSite, CLIENT_BACK, HTTPS_PORT, Lab, MONITORING_LISTEN, SITE_DENIED, VIP,
-    WEB_NAMES, web_addr,
+    AgentProcess, AgentSite, CLIENT_BACK, CLIENT_BACK6, HTTPS_PORT, Lab, MONITORING_LISTEN,
+    SITE_DENIED, VIP, VIP6, WEB_NAMES, add_addr6, web_addr, web_addr6,
 };
 use crate::{
     announce::{self, Withdrawn},
@@ -58,6 +72,13 @@ pub const HA_CLIENT_NET: &str = "198.18.1.0/24";
 pub const HA_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const ROUTER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const ROUTER_FRONT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// The IPv6 client network of the multi-LB lab (outside the single lab's
+/// front network 2001:db8:18::/64, where the IPv6 VIP is).
+pub const HA_CLIENT_NET6: &str = "2001:db8:18:1::/64";
+/// The client's IPv6 address.
+pub const HA_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, 2);
+const ROUTER_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, 1);
+const ROUTER_FRONT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 2, 0, 0, 0, 1);
 const ROUTER_AS: u32 = 64512;
 const LB_AS: u32 = 64513;
 /// BFD: 100 ms hellos, down after 5 missed (500 ms). With 3 (300 ms),
@@ -78,6 +99,45 @@ const SYNC_KEY_BYTES: usize = 32;
 /// LB `n`'s front address (on the router's segment): 198.18.2.1N.
 pub fn lb_front_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, u8::try_from(10 + n).unwrap_or(u8::MAX))
+}
+
+/// LB `n`'s IPv6 front address: 2001:db8:18:2::1N, the same digits as
+/// [`lb_front_addr`].
+pub fn lb_front_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x18,
+        2,
+        0,
+        0,
+        0,
+        0x10 + u16::try_from(n).unwrap_or(0xf),
+    )
+}
+
+/// LB `n`'s front address of `vip`'s family: the router's next hop to it.
+pub fn lb_front_of(n: usize, vip: IpAddr) -> IpAddr {
+    match vip {
+        IpAddr::V4(_) => lb_front_addr(n).into(),
+        IpAddr::V6(_) => lb_front_addr6(n).into(),
+    }
+}
+
+/// LB `n`'s IPv6 back address: lb1 has the single lab's 2001:db8:19::1
+/// (the webs' IPv6 gateway), the others ::3, ::4, … (as [`lb_back_addr`]).
+pub fn lb_back_addr6(n: usize) -> Ipv6Addr {
+    let last = if n == 1 { 1 } else { n + 1 };
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x19,
+        0,
+        0,
+        0,
+        0,
+        u16::try_from(last).unwrap_or(u16::MAX),
+    )
 }
 
 /// LB `n`'s back address: lb1 has the single lab's 198.19.0.1 (the webs'
@@ -241,6 +301,10 @@ impl Lab {
     pub fn ha_site_config(&self, n: usize, mode: Forwarding) -> String {
         let tls = web_backends(HTTPS_PORT);
         let mut toml = self.ha_sync_config(n, mode, 0);
+        // The IPv6 VIP's web service (full NAT is IPv4-only).
+        if mode != Forwarding::FullNat {
+            toml.push_str(&ha_service6("www6", VIP6, "maglev"));
+        }
         toml.push_str(&format!(
             "\n[[service]]\nname = \"www-tls\"\nvip = \"{VIP}:{HTTPS_PORT}\"\nscheduler = \"maglev\"\n\
              health = {{ check = \"http\", port = 80, path = \"/\", interval = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
@@ -367,13 +431,19 @@ impl Lab {
 
     /// The router's kernel route to `vip`.
     pub fn ecmp_route_to(&self, vip: Ipv4Addr) -> anyhow::Result<EcmpRoute> {
-        let text = netns::ns_run(
-            &self.router_ns(),
-            &["ip", "-4", "route", "show", &format!("{vip}/32")],
-        )?;
         Ok(EcmpRoute {
-            next_hops: parse_next_hops(&text),
+            next_hops: self.next_hops_to(vip.into())?,
         })
+    }
+
+    /// The next hops of the router's kernel route to `vip` (IPv4 or IPv6).
+    fn next_hops_to<A: std::str::FromStr>(&self, vip: IpAddr) -> anyhow::Result<Vec<A>> {
+        let (family, prefix) = match vip {
+            IpAddr::V4(v) => ("-4", format!("{v}/32")),
+            IpAddr::V6(v) => ("-6", format!("{v}/128")),
+        };
+        let text = netns::ns_run(&self.router_ns(), &["ip", family, "route", "show", &prefix])?;
+        Ok(parse_next_hops(&text))
     }
 
     /// Polls the router's VIP route until its next hops are `want` (in any
@@ -382,18 +452,20 @@ impl Lab {
         self.wait_for_route_to(VIP, want, within)
     }
 
-    /// [`Lab::wait_for_route`] for `vip`'s route.
-    pub fn wait_for_route_to(
+    /// [`Lab::wait_for_route`] for `vip`'s route (IPv4 or IPv6; `want` of
+    /// its family: [`lb_front_of`]).
+    pub fn wait_for_route_to<A: Into<IpAddr> + Copy>(
         &self,
-        vip: Ipv4Addr,
-        want: &[Ipv4Addr],
+        vip: impl Into<IpAddr>,
+        want: &[A],
         within: Duration,
     ) -> anyhow::Result<Duration> {
+        let vip = vip.into();
         let start = Instant::now();
-        let mut want = want.to_vec();
+        let mut want: Vec<IpAddr> = want.iter().map(|a| (*a).into()).collect();
         want.sort();
         loop {
-            let mut hops = self.ecmp_route_to(vip)?.next_hops;
+            let mut hops: Vec<IpAddr> = self.next_hops_to(vip)?;
             hops.sort();
             if hops == want {
                 return Ok(start.elapsed());
@@ -514,6 +586,8 @@ impl Lab {
         let ns = self.client_ns();
         netns::add_addr(&ns, "eth0", &format!("{HA_CLIENT}/24"))?;
         netns::add_default_route(&ns, ROUTER_CLIENT)?;
+        add_addr6(&ns, "eth0", &format!("{HA_CLIENT6}/64"))?;
+        add_default_route6(&ns, ROUTER_CLIENT6)?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "0")
     }
 
@@ -522,10 +596,15 @@ impl Lab {
         netns::add_addr(&ns, "r-client", &format!("{ROUTER_CLIENT}/24"))?;
         netns::add_addr(&ns, "r-front", &format!("{ROUTER_FRONT}/24"))?;
         netns::add_addr(&ns, "r-back", &format!("{CLIENT_BACK}/24"))?;
+        add_addr6(&ns, "r-client", &format!("{ROUTER_CLIENT6}/64"))?;
+        add_addr6(&ns, "r-front", &format!("{ROUTER_FRONT6}/64"))?;
+        add_addr6(&ns, "r-back", &format!("{CLIENT_BACK6}/64"))?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
         // Hash the 5-tuple, not only the addresses: one client's
         // connections spread over the LBs, each staying on one.
         netns::sysctl(&ns, "net/ipv4/fib_multipath_hash_policy", "1")?;
+        netns::sysctl(&ns, "net/ipv6/fib_multipath_hash_policy", "1")?;
         // DSR replies come in on r-back with the VIP as source, whose route
         // points at the LBs: strict reverse-path filtering would drop them.
         for dev in ["all", "default", "r-client", "r-front", "r-back"] {
@@ -542,8 +621,14 @@ impl Lab {
         for vip in [VIP, RR_VIP, LC_VIP] {
             netns::add_addr(&ns, "lo", &format!("{vip}/32"))?;
         }
+        add_addr6(&ns, "lb-front", &format!("{}/64", lb_front_addr6(n)))?;
+        add_addr6(&ns, "lb-back", &format!("{}/64", lb_back_addr6(n)))?;
+        add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
         // NAT replies to clients leave through the router.
         netns::add_default_route(&ns, ROUTER_FRONT)?;
+        add_default_route6(&ns, ROUTER_FRONT6)?;
+        // bpf_fib_lookup resolves next hops only when forwarding is on.
+        netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
     }
 
@@ -627,8 +712,10 @@ impl Lab {
              protocol device {{ scan time 10; }}\n\
              # The VIP routes into the kernel, equal ones merged into one ECMP route.\n\
              protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n\
+             protocol kernel {{\n  ipv6 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n\
              {bfd}\
-             template bgp lbs {{\n  local {ROUTER_FRONT} as {ROUTER_AS};\n  ipv4 {{ import all; export none; }};\n  {timers}\n}}\n\
+             template bgp lbs {{\n  local {ROUTER_FRONT} as {ROUTER_AS};\n  ipv4 {{ import all; export none; }};\n  \
+             ipv6 {{ import all; export none; }};\n  {timers}\n}}\n\
              {peers}",
             log = self.router_dir().join("bird.log").display(),
             bfd = bfd_block("r-front"),
@@ -647,8 +734,11 @@ impl Lab {
              protocol device {{ scan time 10; }}\n\
              {bfd}\
              protocol bgp to_router {{\n  local {me} as {LB_AS};\n  neighbor {ROUTER_FRONT} as {ROUTER_AS};\n  \
-             ipv4 {{ import none; export where proto = \"{proto}\"; }};\n  {timers}\n}}\n",
+             ipv4 {{ import none; export where proto = \"{proto}\"; }};\n  \
+             ipv6 {{ import none; export where proto = \"{proto6}\"; next hop address {me6}; }};\n  {timers}\n}}\n",
             me = lb_front_addr(n),
+            me6 = lb_front_addr6(n),
+            proto6 = announce::STATIC_PROTOCOL6,
             log = self.lb_dir(n).join("bird.log").display(),
             include = self.include_of(n).display(),
             bfd = bfd_block("lb-front"),
@@ -662,21 +752,47 @@ impl Lab {
 /// `scheduler`, checked over HTTP every 200 ms (2 to rise or fall): a
 /// `[[service]]` table, after a blank line.
 pub fn ha_service(name: &str, vip: Ipv4Addr, scheduler: &str) -> String {
+    service_table(name, vip.into(), scheduler, |w| web_addr(w).into())
+}
+
+/// [`ha_service`] over IPv6: `name` on `[vip]:80` over web1..3's IPv6
+/// addresses, checked the same way (over IPv6).
+pub fn ha_service6(name: &str, vip: Ipv6Addr, scheduler: &str) -> String {
+    service_table(name, vip.into(), scheduler, |w| web_addr6(w).into())
+}
+
+/// The `[[service]]` table of [`ha_service`]/[`ha_service6`]: web `w` at
+/// `web(w)`.
+fn service_table(name: &str, vip: IpAddr, scheduler: &str, web: fn(usize) -> IpAddr) -> String {
     format!(
-        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}:80\"\nscheduler = \"{scheduler}\"\n\
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{}\"\nscheduler = \"{scheduler}\"\n\
          health = {{ check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }}\n\
          backends = [ {} ]\n",
-        web_backends(80)
+        SocketAddr::new(vip, 80),
+        web_backends_at(web, 80)
     )
+}
+
+/// `ip -6 route add default via {via}` in `ns`.
+fn add_default_route6(ns: &str, via: Ipv6Addr) -> anyhow::Result<()> {
+    let via = via.to_string();
+    netns::ns_run(ns, &["ip", "-6", "route", "add", "default", "via", &via])
+        .with_context(|| format!("IPv6 default route via {via} in {ns}"))?;
+    Ok(())
 }
 
 /// web1..3 on `port` as a service's `backends` list (inside the brackets).
 fn web_backends(port: u16) -> String {
+    web_backends_at(|w| web_addr(w).into(), port)
+}
+
+/// web `w` at `web(w)`:`port`, for w in 1..=3, as a `backends` list.
+fn web_backends_at(web: fn(usize) -> IpAddr, port: u16) -> String {
     (1..=WEB_NAMES.len())
         .map(|w| {
             format!(
-                "{{ address = \"{}:{port}\", name = \"web{w}\" }}",
-                web_addr(w)
+                "{{ address = \"{}\", name = \"web{w}\" }}",
+                SocketAddr::new(web(w), port)
             )
         })
         .collect::<Vec<_>>()
@@ -716,7 +832,7 @@ fn bfd_block(iface: &str) -> String {
 
 /// Next hops of `ip route show` output: `via A` once for a single path, or
 /// one `nexthop via A …` line per path.
-fn parse_next_hops(text: &str) -> Vec<Ipv4Addr> {
+fn parse_next_hops<A: std::str::FromStr>(text: &str) -> Vec<A> {
     let words: Vec<&str> = text.split_whitespace().collect();
     words
         .windows(2)
@@ -732,15 +848,23 @@ mod tests {
     #[test]
     fn next_hops_of_single_and_multipath_routes() {
         assert_eq!(
-            parse_next_hops("198.18.0.10 via 198.18.2.11 dev r-front proto bird metric 32\n"),
+            parse_next_hops::<Ipv4Addr>(
+                "198.18.0.10 via 198.18.2.11 dev r-front proto bird metric 32\n"
+            ),
             [Ipv4Addr::new(198, 18, 2, 11)]
         );
         let multi = "198.18.0.10 proto bird metric 32 \n\tnexthop via 198.18.2.11 dev r-front weight 1 \n\tnexthop via 198.18.2.12 dev r-front weight 1 \n";
         assert_eq!(
-            parse_next_hops(multi),
+            parse_next_hops::<Ipv4Addr>(multi),
             [Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(198, 18, 2, 12)]
         );
-        assert!(parse_next_hops("").is_empty());
+        assert!(parse_next_hops::<Ipv4Addr>("").is_empty());
+        // IPv6: the same words (`ip -6 route show`).
+        let multi6 = "2001:db8:18::10 proto bird metric 32 pref medium\n\tnexthop via 2001:db8:18:2::11 dev r-front weight 1 \n\tnexthop via 2001:db8:18:2::12 dev r-front weight 1 \n";
+        assert_eq!(
+            parse_next_hops::<Ipv6Addr>(multi6),
+            [lb_front_addr6(1), lb_front_addr6(2)]
+        );
     }
 
     #[test]
@@ -750,6 +874,45 @@ mod tests {
                   1: lo    inet 198.18.0.11/32 scope global lo\\       valid_lft forever preferred_lft forever\n";
         assert_eq!(lo_vips(lo), ["198.18.0.10/32", "198.18.0.11/32"]);
         assert!(lo_vips("1: lo    inet 127.0.0.1/8 scope host lo\n").is_empty());
+    }
+
+    /// The IPv6 service parses (the VIP6 over the webs' IPv6 addresses,
+    /// checked), and the multi-LB site serves it but in full NAT.
+    #[test]
+    fn the_ipv6_service_is_the_webs_ipv6_addresses_behind_the_vip6() {
+        let lab = Lab {
+            prefix: "k25v6cfg".to_owned(),
+            lb_bin: PathBuf::new(),
+            children: Vec::new(),
+            keep: true,
+            lbs: 2,
+            routed: false,
+        };
+        let text =
+            lab.ha_config(1, Forwarding::Dsr, "maglev", 0) + &ha_service6("www6", VIP6, "maglev");
+        let cfg = crate::config::parse(&text, std::path::Path::new("lb.toml")).expect("valid");
+        let www6 = cfg
+            .services
+            .iter()
+            .find(|s| s.name == "www6")
+            .expect("www6");
+        assert_eq!(www6.vip, SocketAddr::new(VIP6.into(), 80), "{text}");
+        let backends: Vec<SocketAddr> = www6.backends.iter().map(|b| b.address).collect();
+        let webs: Vec<SocketAddr> = (1..=3)
+            .map(|w| SocketAddr::new(web_addr6(w).into(), 80))
+            .collect();
+        assert_eq!(backends, webs);
+        assert!(www6.backends.iter().all(|b| www6.health_for(b).is_some()));
+        for mode in [Forwarding::Dsr, Forwarding::Nat, Forwarding::FullNat] {
+            let site = lab.ha_site_config(2, mode);
+            assert_eq!(
+                site.contains(&format!("vip = \"[{VIP6}]:80\"")),
+                mode != Forwarding::FullNat,
+                "{site}"
+            );
+        }
+        assert_eq!(lb_front_of(2, VIP6.into()), IpAddr::from(lb_front_addr6(2)));
+        assert_eq!(lb_front_of(2, VIP.into()), IpAddr::from(lb_front_addr(2)));
     }
 
     /// Each LB of a full-NAT lab translates with its own source address,

@@ -22,7 +22,8 @@
 //! route through the LB's front address (IPv6 neighbour discovery answers
 //! only for addresses on the asked interface, unlike ARP for the IPv4 VIP).
 //! `lab-serve` listens on both families. The LB does not forward IPv6 yet
-//! (see `configure_lb_v6`). (The routed lab stays IPv4-only.)
+//! (see `configure_lb_v6`). (The routed lab stays IPv4-only; the multi-LB
+//! lab is dual-stack too: see `ha.rs`.)
 //!
 //! The same code backs the `lb lab` CLI verbs and the end-to-end tests: a
 //! [`Lab`] is a guard whose `Drop` removes every namespace and process it made.
@@ -69,8 +70,9 @@ pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
 };
 pub use ha::{
-    EcmpRoute, HA_CLIENT, HA_CLIENT_NET, LC_VIP, RR_VIP, SYNC_PORT, ha_service, lb_back_addr,
-    lb_front_addr, lb_source_addr,
+    EcmpRoute, HA_CLIENT, HA_CLIENT_NET, HA_CLIENT_NET6, HA_CLIENT6, LC_VIP, RR_VIP, SYNC_PORT,
+    ha_service, ha_service6, lb_back_addr, lb_back_addr6, lb_front_addr, lb_front_addr6,
+    lb_front_of, lb_source_addr,
 };
 pub use routed::{
     GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_CLIENT_SIDE, ROUTER_LB_SIDE,
@@ -453,9 +455,12 @@ impl Lab {
                     }
                 }
             };
-            if self.lbs == 0 {
-                set_mode_v6(&ns, mode)?;
-            }
+            let client_net6 = if self.lbs == 0 {
+                FRONT_NET6
+            } else {
+                HA_CLIENT_NET6
+            };
+            set_mode_v6(&ns, mode, client_net6)?;
         }
         Ok(())
     }
@@ -977,23 +982,25 @@ impl Drop for Lab {
 /// yet never answer ARP for it (arp_ignore) nor use it as the source of its
 /// own ARP requests (arp_announce), or it would steal the VIP from the LB
 /// on a shared back network.
-/// [`Lab::set_mode`] for a web's IPv6 replies (namespace `ns`): in DSR
-/// the client's IPv6 front network through the client's back leg, in NAT
-/// through the default route (the LB).
-fn set_mode_v6(ns: &str, mode: Forwarding) -> anyhow::Result<()> {
+/// [`Lab::set_mode`] for a web's IPv6 replies (namespace `ns`) to the
+/// IPv6 client network `client_net` (the single lab's front network, the
+/// multi-LB lab's client network): in DSR through the client's back leg
+/// (the multi-LB lab's router's), in NAT through the default route (the
+/// LB; lb1 in the multi-LB lab).
+fn set_mode_v6(ns: &str, mode: Forwarding, client_net: &str) -> anyhow::Result<()> {
     if mode == Forwarding::Nat {
-        if !netns::ns_run(ns, &["ip", "-6", "route", "show", FRONT_NET6])?
+        if !netns::ns_run(ns, &["ip", "-6", "route", "show", client_net])?
             .trim()
             .is_empty()
         {
-            netns::ns_run(ns, &["ip", "-6", "route", "del", FRONT_NET6])?;
+            netns::ns_run(ns, &["ip", "-6", "route", "del", client_net])?;
         }
         return Ok(());
     }
     let router = CLIENT_BACK6.to_string();
     netns::ns_run(
         ns,
-        &["ip", "-6", "route", "replace", FRONT_NET6, "via", &router],
+        &["ip", "-6", "route", "replace", client_net, "via", &router],
     )?;
     Ok(())
 }
