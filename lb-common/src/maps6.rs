@@ -275,7 +275,8 @@ pub const SOURCE_PREFIX_WHOLE: u8 = 128;
 const _: () = assert!(core::mem::size_of::<FwScratch6>() == 44);
 const _: () = assert!(core::mem::size_of::<TraceEvent6>() == 56);
 // The reader tells the events apart by length.
-const _: () = assert!(core::mem::size_of::<TraceEvent6>() != core::mem::size_of::<crate::TraceEvent>());
+const _: () =
+    assert!(core::mem::size_of::<TraceEvent6>() != core::mem::size_of::<crate::TraceEvent>());
 const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);

@@ -398,12 +398,7 @@ pub fn render<E: Into<Event> + Copy>(ev: &E) -> String {
             protocol_name(v.protocol)
         )
     } else {
-        format!(
-            "{} → {}/{}",
-            v.saddr,
-            v.daddr,
-            protocol_name(v.protocol)
-        )
+        format!("{} → {}/{}", v.saddr, v.daddr, protocol_name(v.protocol))
     };
     format!(
         "{} {flow} service {service} if {} len {}",
@@ -578,11 +573,7 @@ mod tests {
         // (PROXY v2's, full NAT's, ...) included.
         for v in Verdict::ALL {
             let on = TRACE_DEFAULT_VERDICTS & v.trace_bit() != 0;
-            assert_eq!(
-                on,
-                !v.is_forwarded() && v != Verdict::PassNotOurs,
-                "{v:?}"
-            );
+            assert_eq!(on, !v.is_forwarded() && v != Verdict::PassNotOurs, "{v:?}");
         }
         assert_eq!(
             verdict_mask(&["drop_proxy_lost".into()]).expect("past 31"),
@@ -628,7 +619,11 @@ mod tests {
             ether_type: ETH_P_IPV6_RAW,
             ..TraceEvent6::default()
         };
-        assert!(render(&cut).contains("ipv6 header cut short"), "{}", render(&cut));
+        assert!(
+            render(&cut).contains("ipv6 header cut short"),
+            "{}",
+            render(&cut)
+        );
         // A hop-by-hop header is next header 0: not "cut short".
         assert!(render(&ev6(Verdict::DropIpv6TooManyExtensions, NEXTHDR_HOP)).contains("/hopopt"));
         let j = json(&ev6(Verdict::DropNoBackend, IPPROTO_UDP));
@@ -638,7 +633,10 @@ mod tests {
         assert_eq!(j["sport"], 41234);
         assert_eq!(j["protocol"], "udp");
         assert_eq!(j["service_id"], 7);
-        assert_eq!(json(&ev(Verdict::PassNoService, IPPROTO_UDP))["family"], "ipv4");
+        assert_eq!(
+            json(&ev(Verdict::PassNoService, IPPROTO_UDP))["family"],
+            "ipv4"
+        );
     }
 
     #[test]

@@ -207,16 +207,11 @@ fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
     net.run(|| {
         ipv6_forwarding_on();
         let mut cfg = config_v6();
-        cfg.firewall.deny6 = vec![
-            lb_userspace::config::Prefix6::parse("2001:db8:66::/48").expect("IPv6 prefix"),
-        ];
+        cfg.firewall.deny6 =
+            vec![lb_userspace::config::Prefix6::parse("2001:db8:66::/48").expect("IPv6 prefix")];
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("re-apply");
-        let www6 = applied
-            .iter()
-            .find(|s| s.name == "www6")
-            .expect("www6")
-            .id;
+        let www6 = applied.iter().find(|s| s.name == "www6").expect("www6").id;
         let mut tracer = Tracer::of(&h.dp).expect("trace maps");
         tracer.start(TRACE_DEFAULT_VERDICTS).expect("start");
         let one = |tracer: &mut Tracer| -> TraceEvent6 {
@@ -238,7 +233,14 @@ fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
         h.expect(h.front, &no_service, XDP_PASS, Verdict::PassNoService);
         let ev = one(&mut tracer);
         assert_eq!(
-            (ev.verdict, ev.saddr, ev.daddr, ev.sport, ev.dport, ev.protocol),
+            (
+                ev.verdict,
+                ev.saddr,
+                ev.daddr,
+                ev.sport,
+                ev.dport,
+                ev.protocol
+            ),
             (
                 Verdict::PassNoService as u32,
                 addr_of(CLIENT_V6),
@@ -261,7 +263,14 @@ fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
         );
 
         // A SYN to www6 whose TCP header is cut short: www6 named.
-        let mut cut = tcp6(macs, (CLIENT_V6, 41235), (VIP_NAT6, 80), 64, Seg::Syn(1), b"");
+        let mut cut = tcp6(
+            macs,
+            (CLIENT_V6, 41235),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Syn(1),
+            b"",
+        );
         cut.truncate(14 + 40 + 10);
         cut[18..20].copy_from_slice(&10u16.to_be_bytes());
         h.expect(h.front, &cut, XDP_DROP, Verdict::DropTruncatedL4);
@@ -319,7 +328,14 @@ fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
 
         // Forwarded IPv6 packets never produce events: a NAT66 flow's SYN,
         // the web's SYN-ACK (a reply), the client's ACK.
-        let syn = tcp6(macs, (CLIENT_V6, 41237), (VIP_NAT6, 80), 64, Seg::Syn(100), b"");
+        let syn = tcp6(
+            macs,
+            (CLIENT_V6, 41237),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Syn(100),
+            b"",
+        );
         let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
         let web = web_of6(&out);
         let syn_ack = tcp6(
@@ -331,7 +347,14 @@ fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
             b"",
         );
         h.expect(h.back, &syn_ack, XDP_REDIRECT, Verdict::ForwardedReply);
-        let ack = tcp6(macs, (CLIENT_V6, 41237), (VIP_NAT6, 80), 64, Seg::Ack(101, 501), b"");
+        let ack = tcp6(
+            macs,
+            (CLIENT_V6, 41237),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Ack(101, 501),
+            b"",
+        );
         h.expect(h.front, &ack, XDP_REDIRECT, Verdict::Forwarded);
         assert_eq!(tracer.drain(), vec![], "forwarded IPv6: no events");
 

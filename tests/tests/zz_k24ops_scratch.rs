@@ -9,8 +9,22 @@ fn counts() {
             let object = std::fs::read(path).expect("read");
             let mut dp = Dataplane::load_object(&object, 65536).expect("load");
             dp.apply(&lab_config()).expect("apply");
-            for name in ["lb", "lb_setup", "lb_proxy", "lb_v6", "lb_v6_setup", "lb_v6_portless"] {
-                let n = dp.ebpf().program(name).expect(name).info().expect("info").verified_instruction_count().expect("count");
+            for name in [
+                "lb",
+                "lb_setup",
+                "lb_proxy",
+                "lb_v6",
+                "lb_v6_setup",
+                "lb_v6_portless",
+            ] {
+                let n = dp
+                    .ebpf()
+                    .program(name)
+                    .expect(name)
+                    .info()
+                    .expect("info")
+                    .verified_instruction_count()
+                    .expect("count");
                 println!("{path} {name}: {n}");
             }
         }

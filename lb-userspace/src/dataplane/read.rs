@@ -188,7 +188,8 @@ impl Dataplane {
             protocol: key.protocol,
             _pad: 0,
         };
-        let (service, source_mask) = match found(services.get(&service_key, 0), MapName::SERVICES6)? {
+        let (service, source_mask) = match found(services.get(&service_key, 0), MapName::SERVICES6)?
+        {
             None => (None, [0; 4]),
             Some(id) => {
                 let masks: Array<&MapData, Addr6> = Array::try_from(map(MapName::SOURCE_MASKS6)?)
@@ -274,9 +275,8 @@ impl Dataplane {
         service: Option<&ServiceFacts>,
         matched: impl Fn(u32, MapName) -> Result<Option<u32>>,
     ) -> Result<Vec<FwFacts>> {
-        let scopes: Array<&MapData, FwScope> =
-            Array::try_from(self.map_ref(MapName::FW_SCOPES)?)
-                .map_err(map_err(MapName::FW_SCOPES))?;
+        let scopes: Array<&MapData, FwScope> = Array::try_from(self.map_ref(MapName::FW_SCOPES)?)
+            .map_err(map_err(MapName::FW_SCOPES))?;
         let named = |id: u32| {
             let rule = self
                 .fw
@@ -291,9 +291,7 @@ impl Dataplane {
         for scope in scope_ids {
             firewall.push(FwFacts {
                 scope,
-                conf: scopes
-                    .get(&scope, 0)
-                    .map_err(map_err(MapName::FW_SCOPES))?,
+                conf: scopes.get(&scope, 0).map_err(map_err(MapName::FW_SCOPES))?,
                 deny: matched(scope, MapName::FW_DENY)?.map(named),
                 allow: matched(scope, MapName::FW_ALLOW)?.map(named),
                 mask6: None,

@@ -488,7 +488,13 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
         },
         idle: 0,
     };
-    let text = explain6(&q, Some(&half_open), &FlowFacts6::default(), Some(&view), &[]);
+    let text = explain6(
+        &q,
+        Some(&half_open),
+        &FlowFacts6::default(),
+        Some(&view),
+        &[],
+    );
     assert!(
         text.contains("half-open in IPv6's flow table (SYN-ACK seen), idle 0 ticks"),
         "{text}"
@@ -532,10 +538,15 @@ fn a_new_ipv6_flow_gets_the_scheduler_model_and_the_backends_ring_slots() {
         text.contains("no entry in IPv6's flow tables: a packet of it is a new flow"),
         "{text}"
     );
-    assert!(text.contains("service www6 (id 0, nat, round-robin)"), "{text}");
+    assert!(
+        text.contains("service www6 (id 0, nat, round-robin)"),
+        "{text}"
+    );
     // Counter 4 of a 3-slot ring: slot 1, web3.
     assert!(
-        text.contains("round robin: the counter is at 4, slot 1 of 3 → web3 ([2001:db8:19::13]:8080)"),
+        text.contains(
+            "round robin: the counter is at 4, slot 1 of 3 → web3 ([2001:db8:19::13]:8080)"
+        ),
         "{text}"
     );
     assert!(text.contains("not a promise for this tuple"), "{text}");
@@ -543,7 +554,10 @@ fn a_new_ipv6_flow_gets_the_scheduler_model_and_the_backends_ring_slots() {
         text.contains("  web1         [2001:db8:19::11]:8080  admin enabled  health up        2 of 3 ring slots"),
         "{text}"
     );
-    assert!(text.contains("web2") && text.contains("not in the ring"), "{text}");
+    assert!(
+        text.contains("web2") && text.contains("not in the ring"),
+        "{text}"
+    );
     // An empty ring: dropped.
     let empty = FlowFacts6 {
         service: Some(service(SCHED_COUNTER, vec![], 0)),
@@ -572,7 +586,10 @@ fn a_new_ipv6_flow_gets_the_scheduler_model_and_the_backends_ring_slots() {
 
 #[test]
 fn ipv6_hash_schedulers_are_modelled_with_ipv6s_hashes_and_the_source_prefix() {
-    use lb_common::{hash::{flow_hash6, source_hash6}, ipv6::addr_of};
+    use lb_common::{
+        hash::{flow_hash6, source_hash6},
+        ipv6::addr_of,
+    };
     let (q, view) = v6();
     let key = q.key6().expect("an IPv6 key");
     let table: Vec<u32> = (0..7).map(|i| i % 3).collect();
@@ -587,25 +604,39 @@ fn ipv6_hash_schedulers_are_modelled_with_ipv6s_hashes_and_the_source_prefix() {
     };
     // maglev and flow-hash: IPv6's flow hash of the tuple.
     for scheduler in [SCHED_MAGLEV, SCHED_HASH] {
-        let c = choose6(&key, &[0; 4], with(scheduler, [0; 4]).service.as_ref().expect("s"))
-            .expect("a backend");
+        let c = choose6(
+            &key,
+            &[0; 4],
+            with(scheduler, [0; 4]).service.as_ref().expect("s"),
+        )
+        .expect("a backend");
         assert_eq!(c.hash, Some(flow_hash6(&key)));
         assert_eq!(c.slot, u64::from(flow_hash6(&key)) % 7);
         let text = explain6(&q, None, &with(scheduler, [0; 4]), Some(&view), &[]);
         assert!(
-            text.contains(&format!("flow_hash = {:#010x}, slot {}", flow_hash6(&key), c.slot)),
+            text.contains(&format!(
+                "flow_hash = {:#010x}, slot {}",
+                flow_hash6(&key),
+                c.slot
+            )),
             "{text}"
         );
     }
     // source-ip on the whole address (no mask written, or all ones).
     let whole = source_hash6(&key.saddr, 128);
     for mask in [[0; 4], [u32::MAX; 4]] {
-        let c = choose6(&key, &mask, with(SCHED_SOURCE_IP, mask).service.as_ref().expect("s"))
-            .expect("a backend");
+        let c = choose6(
+            &key,
+            &mask,
+            with(SCHED_SOURCE_IP, mask).service.as_ref().expect("s"),
+        )
+        .expect("a backend");
         assert_eq!(c.hash, Some(whole));
         let text = explain6(&q, None, &with(SCHED_SOURCE_IP, mask), Some(&view), &[]);
         assert!(
-            text.contains(&format!("source-ip: hash of the client address = {whole:#010x}")),
+            text.contains(&format!(
+                "source-ip: hash of the client address = {whole:#010x}"
+            )),
             "{text}"
         );
     }
@@ -619,7 +650,11 @@ fn ipv6_hash_schedulers_are_modelled_with_ipv6s_hashes_and_the_source_prefix() {
     let svc = with(SCHED_SOURCE_IP, mask64).service.expect("s");
     let c = choose6(&key, &mask64, &svc).expect("a backend");
     assert_eq!(c.hash, Some(source_hash6(&key.saddr, 64)));
-    assert_eq!(choose6(&other, &mask64, &svc), Some(c), "one /64, one backend");
+    assert_eq!(
+        choose6(&other, &mask64, &svc),
+        Some(c),
+        "one /64, one backend"
+    );
     assert_ne!(c.hash, Some(whole));
     let text = explain6(&q, None, &with(SCHED_SOURCE_IP, mask64), Some(&view), &[]);
     assert!(
@@ -631,7 +666,12 @@ fn ipv6_hash_schedulers_are_modelled_with_ipv6s_hashes_and_the_source_prefix() {
     );
     assert_eq!(
         key.saddr,
-        addr_of("2001:db8:18::2".parse::<std::net::Ipv6Addr>().expect("ip").octets())
+        addr_of(
+            "2001:db8:18::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets()
+        )
     );
 }
 
@@ -662,7 +702,13 @@ fn a_new_ipv6_flow_meets_the_firewalls_ipv6_rules_and_rate_limits() {
     let text = explain6(
         &q,
         None,
-        &facts(vec![scope(FW_GLOBAL, FW_F_DENY6, Some("deny 2001:db8:18::/48"), None, None)]),
+        &facts(vec![scope(
+            FW_GLOBAL,
+            FW_F_DENY6,
+            Some("deny 2001:db8:18::/48"),
+            None,
+            None,
+        )]),
         Some(&view),
         &[],
     );
@@ -673,7 +719,10 @@ fn a_new_ipv6_flow_meets_the_firewalls_ipv6_rules_and_rate_limits() {
         ),
         "{text}"
     );
-    assert!(!text.contains("service www6 (id"), "stops at the global deny: {text}");
+    assert!(
+        !text.contains("service www6 (id"),
+        "stops at the global deny: {text}"
+    );
     // The service's allow list without the client: not allowed.
     let text = explain6(
         &q,
@@ -709,7 +758,9 @@ fn a_new_ipv6_flow_meets_the_firewalls_ipv6_rules_and_rate_limits() {
         &[],
     );
     assert!(
-        text.contains("service www6's firewall: the source is allowed by allow 2001:db8:18::/64 (rule 4)"),
+        text.contains(
+            "service www6's firewall: the source is allowed by allow 2001:db8:18::/64 (rule 4)"
+        ),
         "{text}"
     );
     assert!(
@@ -721,7 +772,13 @@ fn a_new_ipv6_flow_meets_the_firewalls_ipv6_rules_and_rate_limits() {
     let text = explain6(
         &q,
         None,
-        &facts(vec![scope(FW_GLOBAL, FW_F_RATE, None, None, Some([u32::MAX; 4]))]),
+        &facts(vec![scope(
+            FW_GLOBAL,
+            FW_F_RATE,
+            None,
+            None,
+            Some([u32::MAX; 4]),
+        )]),
         Some(&view),
         &[],
     );
