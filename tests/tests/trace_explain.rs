@@ -239,6 +239,15 @@ fn who_answers(stream: &mut TcpStream) -> Result<String> {
     Ok(body.trim_end().to_string())
 }
 
+/// The backend an explanation's round-robin line names ("→ web2 (").
+fn round_robin_prediction(text: &str) -> Result<String> {
+    let schedule = text
+        .lines()
+        .find(|l| l.starts_with("round robin:"))
+        .context("a round robin line")?;
+    named_after(schedule, " → ")
+}
+
 fn explain(lab: &Lab, client: &str, service: &str) -> Result<String> {
     let r = ask(
         lab,
@@ -278,11 +287,7 @@ fn lb_explain_predicts_the_backend_and_then_names_the_pin() -> Result<()> {
     ensure!(before.contains("no conntrack entry"), "{before}");
     ensure!(before.contains("round robin"), "{before}");
     ensure!(before.contains("not a promise for this tuple"), "{before}");
-    let schedule = before
-        .lines()
-        .find(|l| l.starts_with("round robin:"))
-        .context("a round robin line")?;
-    let predicted = named_after(schedule, " → ")?;
+    let predicted = round_robin_prediction(&before)?;
 
     let answered = in_netns(&lab.client_ns(), || -> Result<String> {
         let mut conn = connect_from(
@@ -503,11 +508,7 @@ fn lb_trace_and_lb_explain_over_ipv6() -> Result<()> {
         "{before}"
     );
     ensure!(before.contains("not a promise for this tuple"), "{before}");
-    let schedule = before
-        .lines()
-        .find(|l| l.starts_with("round robin:"))
-        .context("a round robin line")?;
-    let predicted = named_after(schedule, " → ")?;
+    let predicted = round_robin_prediction(&before)?;
     let answered = in_netns(&lab.client_ns(), || -> Result<String> {
         let mut conn = connect_from(
             SocketAddr::new(CLIENT6.parse()?, port),

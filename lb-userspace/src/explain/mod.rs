@@ -180,13 +180,7 @@ pub fn explain(
         return out;
     };
     let name = view.map_or("?", |v| v.name.as_str());
-    let _ = writeln!(
-        out,
-        "{flow}: service {name} (id {}, {}, {})",
-        service.id,
-        view.map_or("?", |v| v.forwarding.name()),
-        view.map_or("?", |v| v.scheduler.name()),
-    );
+    let _ = writeln!(out, "{flow}: {}", service_line(service, view));
     if let Some((entry, backend)) = &facts.conntrack {
         let pinned = backend_name(view, entry.backend_id, Some(backend));
         if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
@@ -257,6 +251,17 @@ pub fn explain(
         view,
     );
     out
+}
+
+/// `service NAME (id N, MODE, SCHEDULER)`.
+fn service_line(service: &ServiceFacts, view: Option<&ServiceView>) -> String {
+    format!(
+        "service {} (id {}, {}, {})",
+        view.map_or("?", |v| v.name.as_str()),
+        service.id,
+        view.map_or("?", |v| v.forwarding.name()),
+        view.map_or("?", |v| v.scheduler.name()),
+    )
 }
 
 /// A new flow's way through the service: each firewall scope it meets
@@ -410,13 +415,7 @@ fn new_flow6(
         return;
     };
     let name = view.map_or("?", |v| v.name.as_str());
-    let _ = writeln!(
-        out,
-        "service {name} (id {}, {}, {})",
-        service.id,
-        view.map_or("?", |v| v.forwarding.name()),
-        view.map_or("?", |v| v.scheduler.name()),
-    );
+    let _ = writeln!(out, "{}", service_line(service, view));
     new_flow_text(
         out,
         &facts.firewall,
