@@ -381,14 +381,26 @@ fn trace_cost_ns_per_packet() {
     use lb_common::TRACE_DEFAULT_VERDICTS;
     use lb_userspace::trace::Tracer;
     const REPEAT: u32 = 1_000_000;
-    /// Events that fit the 256 KiB ring (40 bytes each with the header).
+    /// Events that fit the 256 KiB ring (40 bytes each with the header;
+    /// IPv6's 64).
     const FITS: u32 = 6000;
+    const FITS6: u32 = 3500;
     const ROUNDS: usize = 15;
     let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
     let net = TestNet::new();
+    lb_tests::kernel_net6::dual_stack(&net);
     net.run(|| {
-        let cfg = lab_config();
+        use lb_tests::kernel_net6::{CLIENT_V6, VIP_NAT6, config_v6, ipv6_forwarding_on, udp6};
+        ipv6_forwarding_on();
+        let cfg = config_v6();
         let mut h = Harness::new(&cfg);
+        let no_service6 = udp6(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT_V6, 49002),
+            (VIP_NAT6, 9),
+            64,
+            b"x",
+        );
         let dsr_syn = Tcp::request(49000, VIP_DSR);
         let dsr_ack = Tcp {
             syn: false,
@@ -415,21 +427,28 @@ fn trace_cost_ns_per_packet() {
             "pass_no_service, tracing off",
             "pass_no_service, tracing on, event written (repeat 6000)",
             "pass_no_service, tracing on, ring full (event lost)",
+            "IPv6 pass_no_service, base object (no tracing)",
+            "IPv6 pass_no_service, tracing off",
+            "IPv6 pass_no_service, tracing on, event written (repeat 3500)",
         ];
         let mut samples = vec![Vec::new(); cases.len()];
         for _ in 0..ROUNDS {
             if let Some(dp) = base_dp.as_mut() {
                 samples[0].push(ns_per_packet(dp, front, &dsr_ack, REPEAT));
                 samples[3].push(ns_per_packet(dp, front, &no_service, REPEAT));
+                samples[7].push(ns_per_packet(dp, front, &no_service6, REPEAT));
             }
             tracer.stop().expect("off");
             samples[1].push(ns_per_packet(&mut h.dp, front, &dsr_ack, REPEAT));
             samples[4].push(ns_per_packet(&mut h.dp, front, &no_service, REPEAT));
+            samples[8].push(ns_per_packet(&mut h.dp, front, &no_service6, REPEAT));
             tracer.start(TRACE_DEFAULT_VERDICTS).expect("on");
             samples[2].push(ns_per_packet(&mut h.dp, front, &dsr_ack, REPEAT));
             tracer.drain();
             samples[5].push(ns_per_packet(&mut h.dp, front, &no_service, FITS));
             samples[6].push(ns_per_packet(&mut h.dp, front, &no_service, REPEAT));
+            tracer.drain();
+            samples[9].push(ns_per_packet(&mut h.dp, front, &no_service6, FITS6));
             tracer.drain();
         }
         tracer.stop().expect("off");
