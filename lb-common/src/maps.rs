@@ -652,7 +652,7 @@ pub const TRACE_RING_BYTES: u32 = 256 * 1024;
 
 /// Every verdict `lb trace` follows by default: all that are not forwarded,
 /// except `pass_not_ours` (all of the host's own traffic).
-pub const TRACE_DEFAULT_VERDICTS: u32 = {
+pub const TRACE_DEFAULT_VERDICTS: u64 = {
     let mut mask = 0;
     let mut i = 0;
     while i < VERDICT_COUNT as usize {
@@ -672,9 +672,10 @@ pub const TRACE_DEFAULT_VERDICTS: u32 = {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceConf {
     /// One bit per [`Verdict`] to trace (`Verdict::trace_bit`); forwarded
-    /// verdicts are never traced whatever their bits say.
-    pub verdicts: u32,
-    pub _pad: u32,
+    /// verdicts are never traced whatever their bits say. 64 bits since
+    /// verdicts passed 31; the low 32 are where the 32-bit mask of older
+    /// versions was (the padding after it was always 0).
+    pub verdicts: u64,
     /// Events lost because the ring buffer was full (atomic adds by `lb`).
     pub lost: u64,
 }
@@ -687,6 +688,8 @@ pub const TRACE_NO_SERVICE: u32 = u32::MAX;
 /// forwarded, why, and its 5-tuple as the program left the frame (zero
 /// where the frame did not carry the field, e.g. no ports on a truncated or
 /// non-first-fragment packet). Addresses and ports in network order.
+/// IPv6's programs send [`crate::TraceEvent6`] instead; a record's length
+/// (32 or 56 bytes) tells which.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceEvent {

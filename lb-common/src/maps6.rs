@@ -238,12 +238,45 @@ pub struct FwScratch6 {
     pub bucket: BucketKey6,
 }
 
+/// IPv6's drop-tracing event in the `TRACE` ring buffer (`lb_v6`,
+/// `lb_v6_setup`, `lb_v6_portless` send it): [`crate::TraceEvent`]'s
+/// fields in its order, with 16-byte addresses. A second event type
+/// rather than a family field, so IPv4's 32-byte event (and the code that
+/// writes it) stays as it was; the reader tells them apart by the record's
+/// length. `protocol` is the fixed header's next header (an extension
+/// header's type when one follows it); the ports are read only when TCP
+/// or UDP follows the fixed header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent6 {
+    /// The [`crate::Verdict`] index.
+    pub verdict: u32,
+    /// The service on (daddr, dport, protocol) in `SERVICES6`, or
+    /// [`crate::TRACE_NO_SERVICE`].
+    pub service_id: u32,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad0: u8,
+    /// The frame's EtherType as in the frame (network order).
+    pub ether_type: u16,
+    pub ifindex: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+}
+
 /// `source-ip-prefix` unset: an IPv6 `source-ip` service hashes the
 /// client's whole address (its `SOURCE_MASKS6` entry all ones; 64: every
 /// address of a /64 reaches one backend).
 pub const SOURCE_PREFIX_WHOLE: u8 = 128;
 
 const _: () = assert!(core::mem::size_of::<FwScratch6>() == 44);
+const _: () = assert!(core::mem::size_of::<TraceEvent6>() == 56);
+// The reader tells the events apart by length.
+const _: () =
+    assert!(core::mem::size_of::<TraceEvent6>() != core::mem::size_of::<crate::TraceEvent>());
 const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);
@@ -272,6 +305,7 @@ mod pod {
     unsafe impl aya::Pod for super::FwKey6 {}
     unsafe impl aya::Pod for super::BucketKey6 {}
     unsafe impl aya::Pod for super::FwScratch6 {}
+    unsafe impl aya::Pod for super::TraceEvent6 {}
 }
 
 #[cfg(test)]

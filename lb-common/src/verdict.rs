@@ -8,7 +8,7 @@
 /// [`Verdict::ALL`], [`Verdict::name`], [`Verdict::is_forwarded`] and the
 /// trace bits all come from this one table; the checks below it fail the
 /// build if an index is skipped, repeated or out of order, if a name is
-/// repeated, or if the verdicts outgrow the 32 trace bits.
+/// repeated, or if the verdicts outgrow the 64 trace bits.
 macro_rules! verdicts {
     ($($(#[$doc:meta])* $variant:ident = $index:literal => $name:literal, forwarded: $forwarded:literal;)*) => {
         /// Why the program returned what it did: the index into `VERDICTS`.
@@ -159,12 +159,11 @@ verdicts! {
     /// A PROXY v2 flow's first data segment (or a retransmission of it)
     /// for which the frame had no headroom for the header
     /// (`bpf_xdp_adjust_head` refused): dropped; the client retransmits.
-    /// Not traceable (past the 32 trace bits).
     DropProxyNoRoom = 32 => "drop_proxy_no_room", forwarded: false;
     /// A packet of a PROXY v2 flow whose start (`PROXY_FLOWS`) is not known:
     /// the LRU evicted it, or the flow's data came before it was
     /// established. Its sequence numbers cannot be shifted, so it is
-    /// dropped. Not traceable (past the 32 trace bits).
+    /// dropped.
     DropProxyLost = 33 => "drop_proxy_lost", forwarded: false;
 }
 
@@ -218,13 +217,9 @@ impl Verdict {
         }
     }
 
-    /// This verdict's bit in [`crate::TraceConf::verdicts`]; 0 for the
-    /// verdicts past its 32 bits (not traceable).
-    pub const fn trace_bit(self) -> u32 {
-        if (self as u32) < u32::BITS {
-            1 << self as u32
-        } else {
-            0
-        }
+    /// This verdict's bit in [`crate::TraceConf::verdicts`]: 64 bits, one
+    /// per verdict (the table's check above keeps them within it).
+    pub const fn trace_bit(self) -> u64 {
+        1u64 << self as u32
     }
 }

@@ -65,7 +65,7 @@ mod verdict;
 
 use capture::capture;
 use mem::header;
-use trace::trace;
+use trace::{Traced, trace};
 use verdict::count;
 
 use aya_ebpf::{
@@ -111,7 +111,7 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT,
 // the path grew LLVM kept it out of line, a BPF-to-BPF call on every packet.
 #[inline(always)]
 pub fn lb(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch(&ctx))
+    finish::<V4>(&ctx, dispatch(&ctx))
 }
 
 /// The path's second stage (`stage.rs`): tail-called by `lb` after an
@@ -119,7 +119,7 @@ pub fn lb(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_setup(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch_setup(&ctx))
+    finish::<V4>(&ctx, dispatch_setup(&ctx))
 }
 
 /// The PROXY v2 stage (`proxy.rs`): tail-called for packets of flows
@@ -127,7 +127,7 @@ pub fn lb_setup(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_proxy(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch_proxy(&ctx))
+    finish::<V4>(&ctx, dispatch_proxy(&ctx))
 }
 
 /// IPv6's first stage (`v6.rs`): tail-called by `lb` with every IPv6
@@ -135,7 +135,7 @@ pub fn lb_proxy(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_v6(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch_v6(&ctx, false))
+    finish::<V6>(&ctx, dispatch_v6(&ctx, false))
 }
 
 /// IPv6's second stage: tail-called by `lb_v6` after an established-table
@@ -143,7 +143,7 @@ pub fn lb_v6(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_v6_setup(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch_v6(&ctx, true))
+    finish::<V6>(&ctx, dispatch_v6(&ctx, true))
 }
 
 /// IPv6's packets without ports of their own (fragments, ICMPv6 errors
@@ -153,16 +153,17 @@ pub fn lb_v6_setup(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_v6_portless(ctx: XdpContext) -> u32 {
-    finish(&ctx, dispatch_v6_portless(&ctx))
+    finish::<V6>(&ctx, dispatch_v6_portless(&ctx))
 }
 
-/// A packet's verdict counted, traced and captured; its action.
+/// A packet's verdict counted, traced (with family `F`'s event: the
+/// program's, IPv4's for `lb` whatever the frame) and captured; its action.
 #[inline(always)]
-fn finish(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
+fn finish<F: Traced>(ctx: &XdpContext, verdict: verdict::Outcome) -> u32 {
     count(&VERDICTS, verdict.reason as u32, 1, 0);
     // Forwarded packets (the fast path) pay this compare and nothing more.
     if !verdict.reason.is_forwarded() {
-        trace(ctx, verdict.reason);
+        trace::<F>(ctx, verdict.reason);
     }
     // `lb capture`: one lookup and one branch while no capture runs.
     capture(ctx, verdict.reason);

@@ -1,6 +1,8 @@
 //! `lb trace`: live drop tracing. The data plane sends one event per packet
 //! it does not forward (verdict, 5-tuple, service id) into the `TRACE` ring
-//! buffer while the `TRACE_ON` switch asks for that verdict. This opens both
+//! buffer while the `TRACE_ON` switch asks for that verdict: IPv4's
+//! programs a `TraceEvent`, IPv6's a `TraceEvent6` (16-byte addresses),
+//! told apart by the record's length ([`Event`]). This opens both
 //! pinned maps directly (no agent needed), sets the switch, prints the
 //! events and clears the switch when it stops (count, duration, Ctrl-C,
 //! SIGTERM, or an error).
@@ -10,7 +12,7 @@
 //! Run one at a time.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::{
@@ -25,6 +27,11 @@ use aya::maps::{Array, Map, MapData, RingBuf};
 use lb_common::{
     TRACE_DEFAULT_VERDICTS, TRACE_NO_SERVICE, TraceConf, TraceEvent, Verdict,
     headers::{ETH_P_IPV4_RAW, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    ipv6::{
+        ETH_P_IPV6_RAW, IPPROTO_ICMPV6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_NONE,
+        NEXTHDR_ROUTING, octets_of,
+    },
+    maps6::TraceEvent6,
 };
 
 use crate::dataplane::{Dataplane, DataplaneError, MapName};
@@ -48,6 +55,106 @@ pub struct TraceArgs {
     /// own traffic), which can be asked for by name
     #[arg(long = "verdict", value_name = "NAME")]
     pub verdicts: Vec<String>,
+    /// Print only the events of these service ids (repeatable; the id
+    /// events print, `lb explain` names it); filtered here, not in the
+    /// data plane
+    #[arg(long = "service", value_name = "ID")]
+    pub services: Vec<u32>,
+}
+
+/// One traced packet: IPv4's programs' event or IPv6's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    V4(TraceEvent),
+    V6(TraceEvent6),
+}
+
+impl From<TraceEvent> for Event {
+    fn from(ev: TraceEvent) -> Self {
+        Event::V4(ev)
+    }
+}
+
+impl From<TraceEvent6> for Event {
+    fn from(ev: TraceEvent6) -> Self {
+        Event::V6(ev)
+    }
+}
+
+impl Event {
+    /// The event of a ring-buffer record, by its length (each family's
+    /// event has its own); `None` for a record of neither length.
+    pub fn from_record(record: &[u8]) -> Option<Event> {
+        // SAFETY (both reads): exactly the type's size; both are plain old
+        // data, any bit pattern is valid.
+        match record.len() {
+            n if n == size_of::<TraceEvent>() => Some(Event::V4(unsafe {
+                record.as_ptr().cast::<TraceEvent>().read_unaligned()
+            })),
+            n if n == size_of::<TraceEvent6>() => Some(Event::V6(unsafe {
+                record.as_ptr().cast::<TraceEvent6>().read_unaligned()
+            })),
+            _ => None,
+        }
+    }
+
+    /// The event's fields with its addresses as `IpAddr`s: what both
+    /// families print from.
+    pub fn view(&self) -> View {
+        match *self {
+            Event::V4(e) => View {
+                verdict: e.verdict,
+                service_id: e.service_id,
+                ip: e.ether_type == ETH_P_IPV4_RAW,
+                saddr: IpAddr::V4(Ipv4Addr::from(e.saddr.to_ne_bytes())),
+                daddr: IpAddr::V4(Ipv4Addr::from(e.daddr.to_ne_bytes())),
+                sport: u16::from_be(e.sport),
+                dport: u16::from_be(e.dport),
+                protocol: e.protocol,
+                ether_type: u16::from_be(e.ether_type),
+                ifindex: e.ifindex,
+                len: e.len,
+            },
+            Event::V6(e) => View {
+                verdict: e.verdict,
+                service_id: e.service_id,
+                ip: e.ether_type == ETH_P_IPV6_RAW,
+                saddr: IpAddr::V6(Ipv6Addr::from(octets_of(&e.saddr))),
+                daddr: IpAddr::V6(Ipv6Addr::from(octets_of(&e.daddr))),
+                sport: u16::from_be(e.sport),
+                dport: u16::from_be(e.dport),
+                protocol: e.protocol,
+                ether_type: u16::from_be(e.ether_type),
+                ifindex: e.ifindex,
+                len: e.len,
+            },
+        }
+    }
+}
+
+/// An event as printed: host-order ports and EtherType, typed addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub verdict: u32,
+    pub service_id: u32,
+    /// The frame is of the event's family (else only `ether_type` says
+    /// anything).
+    pub ip: bool,
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub ether_type: u16,
+    pub ifindex: u32,
+    pub len: u32,
+}
+
+impl View {
+    /// The service id, `None` for [`TRACE_NO_SERVICE`].
+    pub fn service(&self) -> Option<u32> {
+        (self.service_id != TRACE_NO_SERVICE).then_some(self.service_id)
+    }
 }
 
 /// The switch and the ring buffer of a data plane's drop tracing.
@@ -82,7 +189,7 @@ impl Tracer {
 
     /// Switches tracing on for the verdicts in `mask` (`Verdict::trace_bit`)
     /// and zeroes the lost-event count.
-    pub fn start(&mut self, mask: u32) -> Result<(), DataplaneError> {
+    pub fn start(&mut self, mask: u64) -> Result<(), DataplaneError> {
         self.on = true;
         self.set(TraceConf {
             verdicts: mask,
@@ -119,7 +226,7 @@ impl Tracer {
     }
 
     /// The next event, waiting at most `timeout` for one.
-    pub fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<TraceEvent>> {
+    pub fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<Event>> {
         if let Some(ev) = self.take() {
             return Ok(Some(ev));
         }
@@ -128,17 +235,15 @@ impl Tracer {
     }
 
     /// Every event waiting now.
-    pub fn drain(&mut self) -> Vec<TraceEvent> {
+    pub fn drain(&mut self) -> Vec<Event> {
         std::iter::from_fn(|| self.take()).collect()
     }
 
-    fn take(&mut self) -> Option<TraceEvent> {
+    fn take(&mut self) -> Option<Event> {
         loop {
             let item = self.events.next()?;
-            if item.len() >= size_of::<TraceEvent>() {
-                // SAFETY: at least size_of::<TraceEvent>() bytes; TraceEvent is
-                // plain old data, any bit pattern is valid.
-                return Some(unsafe { item.as_ptr().cast::<TraceEvent>().read_unaligned() });
+            if let Some(ev) = Event::from_record(&item) {
+                return Some(ev);
             }
         }
     }
@@ -227,7 +332,7 @@ pub(crate) fn wait_readable(
 }
 
 /// The verdict mask for `--verdict` names (empty: the default set).
-pub fn verdict_mask(names: &[String]) -> anyhow::Result<u32> {
+pub fn verdict_mask(names: &[String]) -> anyhow::Result<u64> {
     if names.is_empty() {
         return Ok(TRACE_DEFAULT_VERDICTS);
     }
@@ -249,73 +354,75 @@ pub fn verdict_mask(names: &[String]) -> anyhow::Result<u32> {
     Ok(mask)
 }
 
+/// A protocol by its IANA keyword (IPv6's extension headers too: an IPv6
+/// event's protocol is its fixed header's next header).
 fn protocol_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
         IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmpv6".into(),
+        NEXTHDR_HOP => "hopopt".into(),
+        NEXTHDR_ROUTING => "ipv6-route".into(),
+        NEXTHDR_FRAGMENT => "ipv6-frag".into(),
+        NEXTHDR_NONE => "ipv6-nonxt".into(),
+        NEXTHDR_DEST => "ipv6-opts".into(),
         other => format!("proto-{other}"),
     }
 }
 
-fn addr(raw: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(raw.to_ne_bytes()), u16::from_be(port))
-}
-
-fn verdict_name(ev: &TraceEvent) -> String {
-    Verdict::from_index(ev.verdict)
+fn verdict_name(verdict: u32) -> String {
+    Verdict::from_index(verdict)
         .map(|v| v.name().to_string())
-        .unwrap_or_else(|| format!("verdict-{}", ev.verdict))
+        .unwrap_or_else(|| format!("verdict-{verdict}"))
 }
 
 /// One event as a line: `pass_no_service 198.18.0.2:40000 → 198.18.0.10:9/udp
-/// service none if 3 len 60`.
-pub fn render(ev: &TraceEvent) -> String {
-    let service = if ev.service_id == TRACE_NO_SERVICE {
-        "none".to_string()
-    } else {
-        ev.service_id.to_string()
-    };
-    let flow = if ev.ether_type != ETH_P_IPV4_RAW {
-        format!("ethertype 0x{:04x}", u16::from_be(ev.ether_type))
-    } else if ev.protocol == 0 && ev.saddr == 0 && ev.daddr == 0 {
-        "ipv4 header cut short".to_string()
-    } else if ev.protocol == IPPROTO_TCP || ev.protocol == IPPROTO_UDP {
+/// service none if 3 len 60`; IPv6 as `[2001:db8::2]:40000 →
+/// [2001:db8::10]:9/udp`.
+pub fn render<E: Into<Event> + Copy>(ev: &E) -> String {
+    let v = (*ev).into().view();
+    let service = v
+        .service()
+        .map_or_else(|| "none".to_string(), |id| id.to_string());
+    let flow = if !v.ip {
+        format!("ethertype 0x{:04x}", v.ether_type)
+    } else if v.saddr.is_unspecified() && v.daddr.is_unspecified() && v.protocol == 0 {
+        let family = if v.saddr.is_ipv4() { "ipv4" } else { "ipv6" };
+        format!("{family} header cut short")
+    } else if v.protocol == IPPROTO_TCP || v.protocol == IPPROTO_UDP {
         format!(
             "{} → {}/{}",
-            addr(ev.saddr, ev.sport),
-            addr(ev.daddr, ev.dport),
-            protocol_name(ev.protocol)
+            SocketAddr::new(v.saddr, v.sport),
+            SocketAddr::new(v.daddr, v.dport),
+            protocol_name(v.protocol)
         )
     } else {
-        format!(
-            "{} → {}/{}",
-            Ipv4Addr::from(ev.saddr.to_ne_bytes()),
-            Ipv4Addr::from(ev.daddr.to_ne_bytes()),
-            protocol_name(ev.protocol)
-        )
+        format!("{} → {}/{}", v.saddr, v.daddr, protocol_name(v.protocol))
     };
     format!(
         "{} {flow} service {service} if {} len {}",
-        verdict_name(ev),
-        ev.ifindex,
-        ev.len
+        verdict_name(v.verdict),
+        v.ifindex,
+        v.len
     )
 }
 
 /// One event as a JSON object.
-pub fn json(ev: &TraceEvent) -> serde_json::Value {
+pub fn json<E: Into<Event> + Copy>(ev: &E) -> serde_json::Value {
+    let v = (*ev).into().view();
     serde_json::json!({
-        "verdict": verdict_name(ev),
-        "saddr": Ipv4Addr::from(ev.saddr.to_ne_bytes()).to_string(),
-        "sport": u16::from_be(ev.sport),
-        "daddr": Ipv4Addr::from(ev.daddr.to_ne_bytes()).to_string(),
-        "dport": u16::from_be(ev.dport),
-        "protocol": protocol_name(ev.protocol),
-        "ether_type": u16::from_be(ev.ether_type),
-        "service_id": (ev.service_id != TRACE_NO_SERVICE).then_some(ev.service_id),
-        "ifindex": ev.ifindex,
-        "len": ev.len,
+        "verdict": verdict_name(v.verdict),
+        "family": if v.saddr.is_ipv4() { "ipv4" } else { "ipv6" },
+        "saddr": v.saddr.to_string(),
+        "sport": v.sport,
+        "daddr": v.daddr.to_string(),
+        "dport": v.dport,
+        "protocol": protocol_name(v.protocol),
+        "ether_type": v.ether_type,
+        "service_id": v.service(),
+        "ifindex": v.ifindex,
+        "len": v.len,
     })
 }
 
@@ -367,6 +474,14 @@ pub fn run(args: TraceArgs) -> anyhow::Result<()> {
             let Some(ev) = tracer.next(wait)? else {
                 continue;
             };
+            if !args.services.is_empty()
+                && !ev
+                    .view()
+                    .service()
+                    .is_some_and(|id| args.services.contains(&id))
+            {
+                continue;
+            }
             seen += 1;
             if args.json {
                 println!("{}", json(&ev));
@@ -454,16 +569,88 @@ mod tests {
         assert!(e.to_string().contains("never traced"), "{e}");
         let e = verdict_mask(&["nope".into()]).expect_err("unknown");
         assert!(e.to_string().contains("drop_fragment"), "{e}");
-        // The trace mask has 32 bits: verdicts past 31 (PROXY v2's) are
-        // counted and named, never traced (docs: "PROXY protocol v2").
+        // The trace mask has 64 bits: every verdict has one, those past 31
+        // (PROXY v2's, full NAT's, ...) included.
         for v in Verdict::ALL {
             let on = TRACE_DEFAULT_VERDICTS & v.trace_bit() != 0;
-            let traceable = (v as u32) < 32;
-            assert_eq!(
-                on,
-                traceable && !v.is_forwarded() && v != Verdict::PassNotOurs,
-                "{v:?}"
-            );
+            assert_eq!(on, !v.is_forwarded() && v != Verdict::PassNotOurs, "{v:?}");
         }
+        assert_eq!(
+            verdict_mask(&["drop_proxy_lost".into()]).expect("past 31"),
+            1u64 << Verdict::DropProxyLost as u32
+        );
+    }
+
+    fn ev6(verdict: Verdict, protocol: u8) -> TraceEvent6 {
+        let a = |s: &str| lb_common::ipv6::addr_of(s.parse::<Ipv6Addr>().expect("ip").octets());
+        TraceEvent6 {
+            verdict: verdict as u32,
+            service_id: 7,
+            saddr: a("2001:db8::2"),
+            daddr: a("2001:db8:18::10"),
+            sport: 41234u16.to_be(),
+            dport: 80u16.to_be(),
+            protocol,
+            _pad0: 0,
+            ether_type: ETH_P_IPV6_RAW,
+            ifindex: 3,
+            len: 74,
+        }
+    }
+
+    #[test]
+    fn ipv6_events_render_with_brackets_and_their_next_header() {
+        assert_eq!(
+            render(&ev6(Verdict::DropFirewallDeny, IPPROTO_TCP)),
+            "drop_firewall_deny [2001:db8::2]:41234 → [2001:db8:18::10]:80/tcp service 7 if 3 \
+             len 74"
+        );
+        let frag = TraceEvent6 {
+            sport: 0,
+            dport: 0,
+            service_id: TRACE_NO_SERVICE,
+            ..ev6(Verdict::DropFragment, NEXTHDR_FRAGMENT)
+        };
+        assert_eq!(
+            render(&frag),
+            "drop_fragment 2001:db8::2 → 2001:db8:18::10/ipv6-frag service none if 3 len 74"
+        );
+        let cut = TraceEvent6 {
+            ether_type: ETH_P_IPV6_RAW,
+            ..TraceEvent6::default()
+        };
+        assert!(
+            render(&cut).contains("ipv6 header cut short"),
+            "{}",
+            render(&cut)
+        );
+        // A hop-by-hop header is next header 0: not "cut short".
+        assert!(render(&ev6(Verdict::DropIpv6TooManyExtensions, NEXTHDR_HOP)).contains("/hopopt"));
+        let j = json(&ev6(Verdict::DropNoBackend, IPPROTO_UDP));
+        assert_eq!(j["family"], "ipv6");
+        assert_eq!(j["saddr"], "2001:db8::2");
+        assert_eq!(j["daddr"], "2001:db8:18::10");
+        assert_eq!(j["sport"], 41234);
+        assert_eq!(j["protocol"], "udp");
+        assert_eq!(j["service_id"], 7);
+        assert_eq!(
+            json(&ev(Verdict::PassNoService, IPPROTO_UDP))["family"],
+            "ipv4"
+        );
+    }
+
+    #[test]
+    fn a_record_is_read_as_the_event_its_length_says() {
+        let v4 = ev(Verdict::PassNoService, IPPROTO_UDP);
+        let v6 = ev6(Verdict::DropNoBackend, IPPROTO_TCP);
+        // SAFETY: plain old data viewed as its bytes.
+        let bytes = |p: *const u8, n| unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+        let r4 = bytes((&raw const v4).cast(), size_of::<TraceEvent>());
+        let r6 = bytes((&raw const v6).cast(), size_of::<TraceEvent6>());
+        assert_eq!(Event::from_record(&r4), Some(Event::V4(v4)));
+        assert_eq!(Event::from_record(&r6), Some(Event::V6(v6)));
+        assert_eq!(Event::from_record(&r6[..40]), None);
+        assert_eq!(Event::V6(v6).view().service(), Some(7));
+        assert_eq!(Event::V4(v4).view().service(), None);
     }
 }

@@ -115,8 +115,9 @@ impl Agent {
         Ok(explain::explain(&query, &facts, view.as_ref(), &on_vip))
     }
 
-    /// `lb explain` of an IPv6 flow: its entry in IPv6's flow tables and
-    /// the agent's view of the service on its VIP.
+    /// `lb explain` of an IPv6 flow: its entry in IPv6's flow tables (or,
+    /// without one, what a new flow meets in IPv6's maps) and the agent's
+    /// view of the service on its VIP.
     fn explain6(&self, query: &FlowQuery, on_vip: &[String]) -> anyhow::Result<String> {
         let key = query.key6().context("an IPv6 flow")?;
         let found = self
@@ -140,9 +141,14 @@ impl Agent {
                     && crate::dataplane::protocol_number(s.protocol) == query.protocol
             })
             .and_then(|(_, a)| self.service_view(a.id));
+        let facts = match flow6 {
+            Some(_) => explain::FlowFacts6::default(),
+            None => self.dp.flow_facts6(&key).context("reading the maps")?,
+        };
         Ok(explain::explain6(
             query,
             flow6.as_ref(),
+            &facts,
             view.as_ref(),
             on_vip,
         ))

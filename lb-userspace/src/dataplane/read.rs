@@ -7,17 +7,21 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
 use lb_common::{
-    Backend, Counters, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope, MaglevTable,
-    Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
+    Backend, Counters, FW_F_RATE, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope,
+    MaglevTable, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     flow::{REPLY, is_expired},
-    maps6::FlowKey6,
+    ipv6::Addr6,
+    maps6::{FlowKey6, FwKey6, ServiceKey6},
 };
 
 use super::{
-    Dataplane, DataplaneError, EstablishedTable, FlowFacts, FwFacts, HalfOpenTable, MapName,
-    Result, ServiceFacts, found, handles::map_err,
+    Dataplane, DataplaneError, EstablishedTable, FlowFacts, FlowFacts6, FwFacts, HalfOpenTable,
+    MapName, Result, ServiceFacts, found, handles::map_err,
 };
 
 impl Dataplane {
@@ -128,40 +132,7 @@ impl Dataplane {
         };
         let service = match found(services.get(&service_key, 0), MapName::SERVICES)? {
             None => None,
-            Some(id) => {
-                let confs: Array<&MapData, ServiceConf> =
-                    Array::try_from(map(MapName::SERVICE_CONF)?)
-                        .map_err(err(MapName::SERVICE_CONF))?;
-                let rings: Array<&MapData, Ring> =
-                    Array::try_from(map(MapName::RINGS)?).map_err(err(MapName::RINGS))?;
-                let counters: Array<&MapData, u64> = Array::try_from(map(MapName::RR_COUNTERS)?)
-                    .map_err(err(MapName::RR_COUNTERS))?;
-                let conf = confs.get(&id, 0).map_err(err(MapName::SERVICE_CONF))?;
-                let ring = rings
-                    .get(&Ring::slot(id, conf.active_ring), 0)
-                    .map_err(err(MapName::RINGS))?;
-                let len = (ring.len as usize).min(ring.ids.len());
-                let maglev = if lb_common::uses_maglev(conf.scheduler) {
-                    let tables: HashMap<&MapData, u32, MaglevTable> =
-                        HashMap::try_from(map(MapName::MAGLEV)?).map_err(err(MapName::MAGLEV))?;
-                    match found(
-                        tables.get(&Ring::slot(id, conf.active_ring), 0),
-                        MapName::MAGLEV,
-                    )? {
-                        Some(t) => t.ids[..(t.len as usize).min(t.ids.len())].to_vec(),
-                        None => Vec::new(),
-                    }
-                } else {
-                    Vec::new()
-                };
-                Some(ServiceFacts {
-                    id,
-                    conf,
-                    ring: ring.ids[..len].to_vec(),
-                    rr_counter: counters.get(&id, 0).map_err(err(MapName::RR_COUNTERS))?,
-                    maglev,
-                })
-            }
+            Some(id) => Some(self.service_facts(id)?),
         };
         let conf = self.flow_conf()?;
         let entry = match self.established_table()?.get(key, &conf) {
@@ -180,43 +151,153 @@ impl Dataplane {
                     .map_err(err(MapName::BACKENDS))?,
             )),
         };
-        let mut firewall = Vec::new();
-        let scopes: Array<&MapData, FwScope> =
-            Array::try_from(map(MapName::FW_SCOPES)?).map_err(err(MapName::FW_SCOPES))?;
-        let scope_ids = std::iter::once(FW_GLOBAL).chain(service.as_ref().map(|s| s.id));
-        for scope in scope_ids {
-            let conf = scopes.get(&scope, 0).map_err(err(MapName::FW_SCOPES))?;
-            let matched = |name: MapName| -> Result<Option<(String, u32)>> {
-                let lookup = Key::new(
-                    64,
-                    FwKey {
-                        scope,
-                        addr: key.saddr,
-                    },
-                );
-                Ok(found(self.trie(name)?.get(&lookup, 0), name)?.map(|id| {
-                    let rule = self
-                        .fw
-                        .rules
-                        .iter()
-                        .find(|(_, v)| **v == id)
-                        .map_or(format!("rule id {id}"), |(r, _)| r.to_string());
-                    (rule, id)
-                }))
-            };
-            firewall.push(FwFacts {
-                scope,
-                conf,
-                deny: matched(MapName::FW_DENY)?,
-                allow: matched(MapName::FW_ALLOW)?,
-            });
-        }
+        let firewall = self.firewall_facts(service.as_ref(), |scope, name| {
+            let trie = self.trie(name)?;
+            let lookup = Key::new(
+                64,
+                FwKey {
+                    scope,
+                    addr: key.saddr,
+                },
+            );
+            found(trie.get(&lookup, 0), name)
+        })?;
         Ok(FlowFacts {
             vip_known: found(vips.get(&key.daddr, 0), MapName::VIPS)?.is_some(),
             service,
             conntrack,
             firewall,
         })
+    }
+
+    /// What the maps hold for a new IPv6 flow, for `lb explain` (its entry
+    /// in IPv6's flow tables is `Flows6::lookup`'s): `VIPS6`, the service
+    /// `SERVICES6` names with its conf, tables and `SOURCE_MASKS6` entry,
+    /// and the firewall scopes with `FW_DENY6`/`FW_ALLOW6` looked up as the
+    /// data plane looks them up. Lookups only.
+    pub fn flow_facts6(&self, key: &FlowKey6) -> Result<FlowFacts6> {
+        let map = |name: MapName| self.map_ref(name);
+        let err = map_err;
+        let vips: HashMap<&MapData, Addr6, u32> =
+            HashMap::try_from(map(MapName::VIPS6)?).map_err(err(MapName::VIPS6))?;
+        let services: HashMap<&MapData, ServiceKey6, u32> =
+            HashMap::try_from(map(MapName::SERVICES6)?).map_err(err(MapName::SERVICES6))?;
+        let service_key = ServiceKey6 {
+            vip: key.daddr,
+            port: key.dport,
+            protocol: key.protocol,
+            _pad: 0,
+        };
+        let (service, source_mask) = match found(services.get(&service_key, 0), MapName::SERVICES6)?
+        {
+            None => (None, [0; 4]),
+            Some(id) => {
+                let masks: Array<&MapData, Addr6> = Array::try_from(map(MapName::SOURCE_MASKS6)?)
+                    .map_err(err(MapName::SOURCE_MASKS6))?;
+                let mask = masks.get(&id, 0).map_err(err(MapName::SOURCE_MASKS6))?;
+                (Some(self.service_facts(id)?), mask)
+            }
+        };
+        let mut firewall = self.firewall_facts(service.as_ref(), |scope, name| {
+            let name = match name {
+                MapName::FW_DENY => MapName::FW_DENY6,
+                _ => MapName::FW_ALLOW6,
+            };
+            let trie: LpmTrie<&MapData, FwKey6, u32> =
+                LpmTrie::try_from(map(name)?).map_err(err(name))?;
+            let lookup = Key::new(
+                160,
+                FwKey6 {
+                    scope,
+                    addr: key.saddr,
+                },
+            );
+            found(trie.get(&lookup, 0), name)
+        })?;
+        let masks: Array<&MapData, Addr6> =
+            Array::try_from(map(MapName::FW_MASKS6)?).map_err(err(MapName::FW_MASKS6))?;
+        for fw in &mut firewall {
+            if fw.conf.flags & FW_F_RATE != 0 {
+                fw.mask6 = Some(masks.get(&fw.scope, 0).map_err(err(MapName::FW_MASKS6))?);
+            }
+        }
+        Ok(FlowFacts6 {
+            vip_known: found(vips.get(&key.daddr, 0), MapName::VIPS6)?.is_some(),
+            service,
+            source_mask,
+            firewall,
+        })
+    }
+
+    /// Service `id` as the maps hold it: conf, active ring half, round-robin
+    /// counter, active Maglev half. Ids are shared by both families.
+    fn service_facts(&self, id: u32) -> Result<ServiceFacts> {
+        let map = |name: MapName| self.map_ref(name);
+        let err = map_err;
+        let confs: Array<&MapData, ServiceConf> =
+            Array::try_from(map(MapName::SERVICE_CONF)?).map_err(err(MapName::SERVICE_CONF))?;
+        let rings: Array<&MapData, Ring> =
+            Array::try_from(map(MapName::RINGS)?).map_err(err(MapName::RINGS))?;
+        let counters: Array<&MapData, u64> =
+            Array::try_from(map(MapName::RR_COUNTERS)?).map_err(err(MapName::RR_COUNTERS))?;
+        let conf = confs.get(&id, 0).map_err(err(MapName::SERVICE_CONF))?;
+        let ring = rings
+            .get(&Ring::slot(id, conf.active_ring), 0)
+            .map_err(err(MapName::RINGS))?;
+        let len = (ring.len as usize).min(ring.ids.len());
+        let maglev = if lb_common::uses_maglev(conf.scheduler) {
+            let tables: HashMap<&MapData, u32, MaglevTable> =
+                HashMap::try_from(map(MapName::MAGLEV)?).map_err(err(MapName::MAGLEV))?;
+            match found(
+                tables.get(&Ring::slot(id, conf.active_ring), 0),
+                MapName::MAGLEV,
+            )? {
+                Some(t) => t.ids[..(t.len as usize).min(t.ids.len())].to_vec(),
+                None => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(ServiceFacts {
+            id,
+            conf,
+            ring: ring.ids[..len].to_vec(),
+            rr_counter: counters.get(&id, 0).map_err(err(MapName::RR_COUNTERS))?,
+            maglev,
+        })
+    }
+
+    /// The firewall scopes a new flow meets (the global one, then its
+    /// service's), each with the rule `matched(scope, FW_DENY or FW_ALLOW)`
+    /// finds for the client (the family's trie lookup) named.
+    fn firewall_facts(
+        &self,
+        service: Option<&ServiceFacts>,
+        matched: impl Fn(u32, MapName) -> Result<Option<u32>>,
+    ) -> Result<Vec<FwFacts>> {
+        let scopes: Array<&MapData, FwScope> = Array::try_from(self.map_ref(MapName::FW_SCOPES)?)
+            .map_err(map_err(MapName::FW_SCOPES))?;
+        let named = |id: u32| {
+            let rule = self
+                .fw
+                .rules
+                .iter()
+                .find(|(_, v)| **v == id)
+                .map_or(format!("rule id {id}"), |(r, _)| r.to_string());
+            (rule, id)
+        };
+        let scope_ids = std::iter::once(FW_GLOBAL).chain(service.map(|s| s.id));
+        let mut firewall = Vec::new();
+        for scope in scope_ids {
+            firewall.push(FwFacts {
+                scope,
+                conf: scopes.get(&scope, 0).map_err(map_err(MapName::FW_SCOPES))?,
+                deny: matched(scope, MapName::FW_DENY)?.map(named),
+                allow: matched(scope, MapName::FW_ALLOW)?.map(named),
+                mask6: None,
+            });
+        }
+        Ok(firewall)
     }
 
     /// A second, owned handle on one of the program's maps (by its kernel

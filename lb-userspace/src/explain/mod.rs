@@ -6,13 +6,19 @@
 //! conntrack entry and its backend) and what it knows itself
 //! ([`ServiceView`]: names, admin state, health); the decision text is
 //! built here, without I/O, and tested on the host. [`query`] parses the
-//! flow, [`choose`] models the scheduler.
+//! flow, [`choose`] models the scheduler. An IPv6 flow is answered by
+//! [`explain6`] from IPv6's flow tables ([`Flow6Facts`]) and, for a new
+//! flow, its maps' facts ([`FlowFacts6`]: the same scheduler model and
+//! firewall scopes as IPv4's, over IPv6's keys).
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use lb_common::{
-    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, FlowKey,
-    SCHED_HASH, SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, SCHED_HASH,
+    SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
 };
 
 use crate::{
@@ -23,8 +29,8 @@ use crate::{
 pub mod choose;
 pub mod query;
 
-pub use crate::dataplane::{FlowFacts, FwFacts, ServiceFacts};
-pub use choose::{Choice, choose};
+pub use crate::dataplane::{FlowFacts, FlowFacts6, FwFacts, ServiceFacts};
+pub use choose::{Choice, choose, choose6};
 pub use query::FlowQuery;
 
 /// What a scope does to a new flow from the client, and whether it drops it.
@@ -61,9 +67,15 @@ fn firewall_text(fw: &FwFacts, name: &str) -> (String, bool) {
         }
     }
     if fw.conf.flags & FW_F_RATE != 0 {
-        let per = match u32::from_be(fw.conf.mask).count_ones() {
-            32 => "address".to_owned(),
-            n => format!("/{n}"),
+        // An IPv6 client's bucket is keyed by the scope's IPv6 mask.
+        let (bits, whole) = match &fw.mask6 {
+            Some(m) => (m.iter().map(|w| w.count_ones()).sum(), 128),
+            None => (u32::from_be(fw.conf.mask).count_ones(), 32),
+        };
+        let per = if bits == whole {
+            "address".to_owned()
+        } else {
+            format!("/{bits}")
         };
         let _ = writeln!(
             out,
@@ -121,7 +133,7 @@ pub fn explain(
 ) -> String {
     let flow = format!("{} → {}/{}", query.client, query.vip, query.protocol_name());
     let Some(key) = query.key() else {
-        return explain6(query, None, view, vip_services);
+        return explain6(query, None, &FlowFacts6::default(), view, vip_services);
     };
     let mut out = String::new();
     let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
@@ -168,13 +180,7 @@ pub fn explain(
         return out;
     };
     let name = view.map_or("?", |v| v.name.as_str());
-    let _ = writeln!(
-        out,
-        "{flow}: service {name} (id {}, {}, {})",
-        service.id,
-        view.map_or("?", |v| v.forwarding.name()),
-        view.map_or("?", |v| v.scheduler.name()),
-    );
+    let _ = writeln!(out, "{flow}: {}", service_line(service, view));
     if let Some((entry, backend)) = &facts.conntrack {
         let pinned = backend_name(view, entry.backend_id, Some(backend));
         if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
@@ -230,18 +236,56 @@ pub fn explain(
         let _ = writeln!(out, "no conntrack entry: a packet of it is a new flow");
     }
     // The firewall sees new flows only (not a SYN on a pinned tuple).
-    if facts.conntrack.is_none() {
-        for fw in &facts.firewall {
-            let (text, drops) = firewall_text(fw, name);
-            out.push_str(&text);
-            if drops {
-                return out;
-            }
+    let firewall: &[FwFacts] = if facts.conntrack.is_none() {
+        &facts.firewall
+    } else {
+        &[]
+    };
+    new_flow_text(
+        &mut out,
+        firewall,
+        name,
+        choose(&key, service),
+        "the client address",
+        service,
+        view,
+    );
+    out
+}
+
+/// `service NAME (id N, MODE, SCHEDULER)`.
+fn service_line(service: &ServiceFacts, view: Option<&ServiceView>) -> String {
+    format!(
+        "service {} (id {}, {}, {})",
+        view.map_or("?", |v| v.name.as_str()),
+        service.id,
+        view.map_or("?", |v| v.forwarding.name()),
+        view.map_or("?", |v| v.scheduler.name()),
+    )
+}
+
+/// A new flow's way through the service: each firewall scope it meets
+/// (the text stops at one that drops it), the scheduler's choice (from
+/// [`choose`] or [`choose6`]; `source` says what `source-ip` hashes),
+/// the service's backends.
+fn new_flow_text(
+    out: &mut String,
+    firewall: &[FwFacts],
+    name: &str,
+    choice: Option<Choice>,
+    source: &str,
+    service: &ServiceFacts,
+    view: Option<&ServiceView>,
+) {
+    for fw in firewall {
+        let (text, drops) = firewall_text(fw, name);
+        out.push_str(&text);
+        if drops {
+            return;
         }
     }
-    out.push_str(&schedule_text(&key, service, view));
+    out.push_str(&schedule_text(choice, source, service, view));
     out.push_str(&backends_text(view, &service.ring));
-    out
 }
 
 /// What IPv6's flow tables hold for a flow (`ESTABLISHED6`, `HALF_OPEN6`).
@@ -269,13 +313,17 @@ fn state_name(state: u32) -> &'static str {
     }
 }
 
-/// An IPv6 flow's answer, from IPv6's flow tables (`flow6`): the backend
-/// it is pinned to, its state and idle time; the services configured on
-/// the VIP's address (`vip_services`), and the service's backends (`view`).
-/// Not modelled for IPv6 yet: which backend a new flow would get.
+/// An IPv6 flow's answer: from IPv6's flow tables (`flow6`), the backend
+/// it is pinned to, its state and idle time; without an entry, what a new
+/// flow meets (`facts`): the global firewall scope, the service (or why
+/// none takes it), the service's firewall scope, the scheduler's choice
+/// ([`choose6`], `source-ip` on the service's prefix) — as IPv4's
+/// [`explain`]. Also the services configured on the VIP's address
+/// (`vip_services`), and the service's backends (`view`).
 pub fn explain6(
     query: &FlowQuery,
     flow6: Option<&Flow6Facts>,
+    facts: &FlowFacts6,
     view: Option<&ServiceView>,
     vip_services: &[String],
 ) -> String {
@@ -311,15 +359,85 @@ pub fn explain6(
         None => {
             let _ = writeln!(
                 out,
-                "no entry in IPv6's flow tables: a packet of it is a new flow (which backend \
-                 IPv6's scheduler would pick is not modelled by lb explain yet)"
+                "no entry in IPv6's flow tables: a packet of it is a new flow"
             );
+            if let Some(key) = query.key6() {
+                new_flow6(&mut out, query, &key, facts, view);
+                return out;
+            }
         }
     }
     if let Some(view) = view {
         out.push_str(&backends_names(view));
     }
     out
+}
+
+/// [`explain6`]'s new flow, in the data plane's order (`path::new_flow`):
+/// the global scope (before the service lookup), the service, its scope,
+/// the scheduler.
+fn new_flow6(
+    out: &mut String,
+    query: &FlowQuery,
+    key: &lb_common::maps6::FlowKey6,
+    facts: &FlowFacts6,
+    view: Option<&ServiceView>,
+) {
+    let global = facts.firewall.iter().find(|f| f.scope == FW_GLOBAL);
+    if facts.vip_known
+        && let Some((text, true)) = global.map(|g| firewall_text(g, ""))
+    {
+        out.push_str(&text);
+        return;
+    }
+    let Some(service) = facts.service.as_ref().filter(|s| s.conf.enabled != 0) else {
+        let _ = writeln!(
+            out,
+            "{}",
+            if facts.vip_known {
+                format!(
+                    "no service on {}/{}: the data plane passes the packet (pass_no_service) \
+                     and the kernel answers it (e.g. a TCP reset or an ICMPv6 port unreachable)",
+                    query.vip,
+                    query.protocol_name()
+                )
+            } else {
+                format!(
+                    "{} is not a VIP here: the data plane passes the packet untouched \
+                     (pass_not_ours) and the kernel handles it",
+                    query.vip.ip()
+                )
+            }
+        );
+        if let Some(view) = view {
+            out.push_str(&backends_names(view));
+        }
+        return;
+    };
+    let name = view.map_or("?", |v| v.name.as_str());
+    let _ = writeln!(out, "{}", service_line(service, view));
+    new_flow_text(
+        out,
+        &facts.firewall,
+        name,
+        choose6(key, &facts.source_mask, service),
+        &source_text6(&key.saddr, &facts.source_mask),
+        service,
+        view,
+    );
+}
+
+/// What an IPv6 `source-ip` service hashes of the client: its address, or
+/// its prefix (`source-ip-prefix`) when the mask keeps less.
+fn source_text6(saddr: &lb_common::ipv6::Addr6, mask: &lb_common::ipv6::Addr6) -> String {
+    let bits: u32 = mask.iter().map(|w| w.count_ones()).sum();
+    if bits == 0 || bits == 128 {
+        return "the client address".to_owned();
+    }
+    let prefix = Ipv6Addr::from(lb_common::ipv6::octets_of(&choose::source_key6(
+        saddr, mask,
+    )));
+    format!("the client's /{bits} ({prefix}/{bits})")
 }
 
 /// One line per backend of an IPv6 service: name, address, admin state
@@ -339,9 +457,15 @@ fn backends_names(view: &ServiceView) -> String {
     out
 }
 
-/// Which backend the scheduler picks for a new flow, and how sure that is.
-fn schedule_text(key: &FlowKey, service: &ServiceFacts, view: Option<&ServiceView>) -> String {
-    let Some(c) = choose(key, service) else {
+/// Which backend the scheduler picks for a new flow (`choice`), and how
+/// sure that is; `source` names what `source-ip` hashes.
+fn schedule_text(
+    choice: Option<Choice>,
+    source: &str,
+    service: &ServiceFacts,
+    view: Option<&ServiceView>,
+) -> String {
+    let Some(c) = choice else {
         let full = view.is_some_and(|v| v.backends.iter().any(|b| b.at_limit.is_some()));
         return format!(
             "the ring is empty (no backend takes new flows{}): a new flow is dropped \
@@ -362,7 +486,7 @@ fn schedule_text(key: &FlowKey, service: &ServiceFacts, view: Option<&ServiceVie
              while the backend set stays as it is\n"
         ),
         SCHED_SOURCE_IP => format!(
-            "source-ip: hash of the client address = {hash:#010x}, slot {slot} of the \
+            "source-ip: hash of {source} = {hash:#010x}, slot {slot} of the \
              {len}-slot Maglev table → {to}; every connection from this client goes there \
              while the backend set stays as it is\n"
         ),
@@ -390,12 +514,20 @@ fn backends_text(view: Option<&ServiceView>, ring: &[u32]) -> String {
     let Some(view) = view else {
         return String::new();
     };
+    // IPv4 addresses fit 22 columns; IPv6 ones widen the column.
+    let width = view
+        .backends
+        .iter()
+        .map(|b| b.address.len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(22);
     let mut out = String::from("backends:\n");
     for b in &view.backends {
         let slots = ring.iter().filter(|id| **id == b.id).count();
         let _ = writeln!(
             out,
-            "  {:<12} {:<22} admin {:<8} health {:<9} {}",
+            "  {:<12} {:<width$} admin {:<8} health {:<9} {}",
             b.name,
             b.address,
             b.admin.to_string(),

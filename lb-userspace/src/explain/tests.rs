@@ -282,12 +282,14 @@ fn the_firewall_is_named_for_new_flows_only() {
         conf: conf(FW_F_DENY | FW_F_RATE),
         deny: None,
         allow: None,
+        mask6: None,
     };
     let svc = FwFacts {
         scope: 0,
         conf: conf(FW_F_ALLOW),
         deny: None,
         allow: None,
+        mask6: None,
     };
     let mut facts = FlowFacts {
         vip_known: true,
@@ -465,6 +467,7 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
     let text = explain6(
         &q,
         Some(&established),
+        &FlowFacts6::default(),
         Some(&view),
         &["v6 [2001:db8::10]:80/tcp".into()],
     );
@@ -485,7 +488,13 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
         },
         idle: 0,
     };
-    let text = explain6(&q, Some(&half_open), Some(&view), &[]);
+    let text = explain6(
+        &q,
+        Some(&half_open),
+        &FlowFacts6::default(),
+        Some(&view),
+        &[],
+    );
     assert!(
         text.contains("half-open in IPv6's flow table (SYN-ACK seen), idle 0 ticks"),
         "{text}"
@@ -499,6 +508,279 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
         ..established
     };
     assert!(
-        explain6(&q, Some(&gone), Some(&view), &[]).contains("backend id 999 (not configured)")
+        explain6(&q, Some(&gone), &FlowFacts6::default(), Some(&view), &[])
+            .contains("backend id 999 (not configured)")
     );
+}
+
+/// An IPv6 query, its view (IPv6 backends) and a service's facts.
+fn v6() -> (FlowQuery, ServiceView) {
+    let q = FlowQuery::parse("[2001:db8:18::2]:41234", "[2001:db8:18::10]:80/tcp").expect("q");
+    let mut view = view();
+    for (i, b) in view.backends.iter_mut().enumerate() {
+        b.address = format!("[2001:db8:19::{}]:8080", 11 + i);
+    }
+    view.name = "www6".into();
+    (q, view)
+}
+
+#[test]
+fn a_new_ipv6_flow_gets_the_scheduler_model_and_the_backends_ring_slots() {
+    let (q, view) = v6();
+    let facts = FlowFacts6 {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2, 0], 4)),
+        source_mask: [0; 4],
+        firewall: Vec::new(),
+    };
+    let text = explain6(&q, None, &facts, Some(&view), &["www6".into()]);
+    assert!(
+        text.contains("no entry in IPv6's flow tables: a packet of it is a new flow"),
+        "{text}"
+    );
+    assert!(
+        text.contains("service www6 (id 0, nat, round-robin)"),
+        "{text}"
+    );
+    // Counter 4 of a 3-slot ring: slot 1, web3.
+    assert!(
+        text.contains(
+            "round robin: the counter is at 4, slot 1 of 3 → web3 ([2001:db8:19::13]:8080)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("not a promise for this tuple"), "{text}");
+    assert!(
+        text.contains("  web1         [2001:db8:19::11]:8080  admin enabled  health up        2 of 3 ring slots"),
+        "{text}"
+    );
+    assert!(
+        text.contains("web2") && text.contains("not in the ring"),
+        "{text}"
+    );
+    // An empty ring: dropped.
+    let empty = FlowFacts6 {
+        service: Some(service(SCHED_COUNTER, vec![], 0)),
+        ..facts.clone()
+    };
+    assert!(
+        explain6(&q, None, &empty, Some(&view), &[]).contains("drop_no_backend"),
+        "empty ring"
+    );
+    // No service on the port; not a VIP.
+    let none = FlowFacts6 {
+        service: None,
+        ..facts.clone()
+    };
+    let text = explain6(&q, None, &none, None, &[]);
+    assert!(
+        text.contains("no service on [2001:db8:18::10]:80/tcp") && text.contains("pass_no_service"),
+        "{text}"
+    );
+    let text = explain6(&q, None, &FlowFacts6::default(), None, &[]);
+    assert!(
+        text.contains("2001:db8:18::10 is not a VIP here") && text.contains("pass_not_ours"),
+        "{text}"
+    );
+}
+
+#[test]
+fn ipv6_hash_schedulers_are_modelled_with_ipv6s_hashes_and_the_source_prefix() {
+    use lb_common::{
+        hash::{flow_hash6, source_hash6},
+        ipv6::addr_of,
+    };
+    let (q, view) = v6();
+    let key = q.key6().expect("an IPv6 key");
+    let table: Vec<u32> = (0..7).map(|i| i % 3).collect();
+    let with = |scheduler, mask| FlowFacts6 {
+        vip_known: true,
+        service: Some(ServiceFacts {
+            maglev: table.clone(),
+            ..service(scheduler, table.clone(), 0)
+        }),
+        source_mask: mask,
+        firewall: Vec::new(),
+    };
+    // maglev and flow-hash: IPv6's flow hash of the tuple.
+    for scheduler in [SCHED_MAGLEV, SCHED_HASH] {
+        let c = choose6(
+            &key,
+            &[0; 4],
+            with(scheduler, [0; 4]).service.as_ref().expect("s"),
+        )
+        .expect("a backend");
+        assert_eq!(c.hash, Some(flow_hash6(&key)));
+        assert_eq!(c.slot, u64::from(flow_hash6(&key)) % 7);
+        let text = explain6(&q, None, &with(scheduler, [0; 4]), Some(&view), &[]);
+        assert!(
+            text.contains(&format!(
+                "flow_hash = {:#010x}, slot {}",
+                flow_hash6(&key),
+                c.slot
+            )),
+            "{text}"
+        );
+    }
+    // source-ip on the whole address (no mask written, or all ones).
+    let whole = source_hash6(&key.saddr, 128);
+    for mask in [[0; 4], [u32::MAX; 4]] {
+        let c = choose6(
+            &key,
+            &mask,
+            with(SCHED_SOURCE_IP, mask).service.as_ref().expect("s"),
+        )
+        .expect("a backend");
+        assert_eq!(c.hash, Some(whole));
+        let text = explain6(&q, None, &with(SCHED_SOURCE_IP, mask), Some(&view), &[]);
+        assert!(
+            text.contains(&format!(
+                "source-ip: hash of the client address = {whole:#010x}"
+            )),
+            "{text}"
+        );
+    }
+    // source-ip on a /64: every address of the /64 hashes alike, and the
+    // prefix is named.
+    let mask64 = [u32::MAX, u32::MAX, 0, 0];
+    let other = FlowQuery::parse("[2001:db8:18::99:2]:5000", "[2001:db8:18::10]:80/tcp")
+        .expect("q")
+        .key6()
+        .expect("key");
+    let svc = with(SCHED_SOURCE_IP, mask64).service.expect("s");
+    let c = choose6(&key, &mask64, &svc).expect("a backend");
+    assert_eq!(c.hash, Some(source_hash6(&key.saddr, 64)));
+    assert_eq!(
+        choose6(&other, &mask64, &svc),
+        Some(c),
+        "one /64, one backend"
+    );
+    assert_ne!(c.hash, Some(whole));
+    let text = explain6(&q, None, &with(SCHED_SOURCE_IP, mask64), Some(&view), &[]);
+    assert!(
+        text.contains(&format!(
+            "source-ip: hash of the client's /64 (2001:db8:18::/64) = {:#010x}",
+            source_hash6(&key.saddr, 64)
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        key.saddr,
+        addr_of(
+            "2001:db8:18::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets()
+        )
+    );
+}
+
+#[test]
+fn a_new_ipv6_flow_meets_the_firewalls_ipv6_rules_and_rate_limits() {
+    use lb_common::{FW_F_DENY6, FW_F_RATE};
+    let (q, view) = v6();
+    let conf = |flags| FwScope {
+        flags,
+        rate: 100,
+        burst: 200,
+        mask: u32::MAX,
+    };
+    let scope = |scope, flags, deny: Option<&str>, allow: Option<&str>, mask6| FwFacts {
+        scope,
+        conf: conf(flags),
+        deny: deny.map(|r| (r.to_string(), 3)),
+        allow: allow.map(|r| (r.to_string(), 4)),
+        mask6,
+    };
+    let facts = |firewall| FlowFacts6 {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2], 0)),
+        source_mask: [0; 4],
+        firewall,
+    };
+    // A global IPv6 deny: dropped before the service is looked up.
+    let text = explain6(
+        &q,
+        None,
+        &facts(vec![scope(
+            FW_GLOBAL,
+            FW_F_DENY6,
+            Some("deny 2001:db8:18::/48"),
+            None,
+            None,
+        )]),
+        Some(&view),
+        &[],
+    );
+    assert!(
+        text.contains(
+            "[firewall]: the source matches deny 2001:db8:18::/48 (rule 3): a new flow is \
+             dropped (drop_firewall_deny)"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("service www6 (id"),
+        "stops at the global deny: {text}"
+    );
+    // The service's allow list without the client: not allowed.
+    let text = explain6(
+        &q,
+        None,
+        &facts(vec![
+            scope(FW_GLOBAL, 0, None, None, None),
+            scope(0, FW_F_ALLOW, None, None, None),
+        ]),
+        Some(&view),
+        &[],
+    );
+    assert!(
+        text.contains("service www6's firewall: the source is not in the allow list")
+            && text.contains("drop_firewall_not_allowed")
+            && !text.contains("round robin"),
+        "{text}"
+    );
+    // Allowed by a /64, rate-limited per /64 (the IPv6 mask), then scheduled.
+    let text = explain6(
+        &q,
+        None,
+        &facts(vec![
+            scope(FW_GLOBAL, 0, None, None, None),
+            scope(
+                0,
+                FW_F_ALLOW | FW_F_RATE,
+                None,
+                Some("allow 2001:db8:18::/64"),
+                Some([u32::MAX, u32::MAX, 0, 0]),
+            ),
+        ]),
+        Some(&view),
+        &[],
+    );
+    assert!(
+        text.contains(
+            "service www6's firewall: the source is allowed by allow 2001:db8:18::/64 (rule 4)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("new flows are rate-limited to 100 a second, burst 200, per /64"),
+        "{text}"
+    );
+    assert!(text.contains("round robin: the counter is at 0"), "{text}");
+    // Per address: the whole IPv6 mask.
+    let text = explain6(
+        &q,
+        None,
+        &facts(vec![scope(
+            FW_GLOBAL,
+            FW_F_RATE,
+            None,
+            None,
+            Some([u32::MAX; 4]),
+        )]),
+        Some(&view),
+        &[],
+    );
+    assert!(text.contains("burst 200, per address"), "{text}");
 }
