@@ -217,6 +217,8 @@ maps! {
     ESTABLISHED6: Pinning::PinnedSized { config_key: "conntrack-size" };
     /// IPv6 fragments' ports by (source, destination, id, next header).
     FRAGS6: Pinning::Pinned;
+    /// IPv6 next hops found without a neighbour entry.
+    NEIGH_WANTED6: Pinning::Pinned;
     /// Full NAT's source addresses and port range.
     FNAT_CONF: Pinning::Pinned;
     /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
@@ -291,7 +293,8 @@ mod tests {
         // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
         // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
-        // IPv6 source-ip's prefixes (1) and IPv6's fragments (1).
-        assert_eq!(MapName::pinned().count(), 54);
+        // IPv6 source-ip's prefixes (1), IPv6's fragments (1) and IPv6's
+        // unresolved next hops (1).
+        assert_eq!(MapName::pinned().count(), 55);
     }
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap},
 };
-use lb_common::{BackendHop, MAX_BACKENDS, NEIGH_WANTED_SIZE, NextHop, flow::HOP_TTL};
+use lb_common::{BackendHop, MAX_BACKENDS, NEIGH_WANTED_SIZE, NextHop, flow::HOP_TTL, ipv6::Addr6};
 
 use crate::flows::{copy_words, write_words};
 
@@ -22,12 +22,24 @@ static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_BACKENDS, 0
 /// resolve each (`lb_userspace::neighbours`).
 #[map]
 static NEIGH_WANTED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(NEIGH_WANTED_SIZE, 0);
+/// `NEIGH_WANTED` for IPv6 next hops (address, network order → egress
+/// ifindex): a map of its own, so IPv4's key and instructions stay as they
+/// are; drained with it.
+#[map]
+static NEIGH_WANTED6: LruHashMap<Addr6, u32> = LruHashMap::with_max_entries(NEIGH_WANTED_SIZE, 0);
 
 /// Reports a next hop without a neighbour entry to the agent. Only the
 /// unresolved path pays it.
 #[inline(always)]
 pub(crate) fn wanted(next_hop: u32, ifindex: u32) {
     let _ = NEIGH_WANTED.insert(&next_hop, &ifindex, 0);
+}
+
+/// [`wanted`] for an IPv6 next hop. `next_hop` points into the caller's
+/// `bpf_fib_lookup` parameters: no copy on IPv6's tight stack.
+#[inline(always)]
+pub(crate) fn wanted6(next_hop: &Addr6, ifindex: u32) {
+    let _ = NEIGH_WANTED6.insert(next_hop, &ifindex, 0);
 }
 
 /// Fills an unresolved `cache` with the backend's shared hop if it is

@@ -52,7 +52,7 @@ use crate::{
     firewall,
     flows::{Table, copy_words, write_words},
     flows6::{self, Slot6},
-    frag6, icmp6,
+    frag6, hops, icmp6,
     mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote},
     parse6, schedule,
@@ -227,9 +227,10 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn report_unresolved(_fib: &FibParams) {
-        // `NEIGH_WANTED` holds IPv4 next hops: an IPv6 one is resolved by
-        // the kernel, which forwards the packet meanwhile.
+    fn report_unresolved(fib: &FibParams) {
+        // SAFETY: on NO_NEIGH the kernel has set the egress interface and
+        // the next hop's address (the gateway, or the destination).
+        hops::wanted6(unsafe { &fib.__bindgen_anon_4.ipv6_dst }, fib.ifindex);
     }
 
     #[inline(always)]

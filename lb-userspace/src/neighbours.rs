@@ -6,12 +6,13 @@
 //!
 //! The request is an `RTM_NEWNEIGH` with `NTF_USE` (`ip neigh replace ADDR
 //! dev IF use`): the kernel creates the entry if it has none and runs its
-//! own resolution (an ARP request), or refreshes a stale one, exactly as if
-//! it had a packet for it — and sends nothing to the address's services.
-//! Two sources of addresses: every backend (route looked up with
-//! `RTM_GETROUTE`), every 10 s, so DSR finds their MACs before the first
-//! packet; and the next hops the data plane reports when it finds none
-//! (`NEIGH_WANTED`, drained every 100 ms), so a client whose entry went
+//! own resolution (an ARP request, or an IPv6 neighbour solicitation), or
+//! refreshes a stale one, exactly as if it had a packet for it — and sends
+//! nothing to the address's services. Two sources of addresses, both
+//! families: every backend (route looked up with `RTM_GETROUTE`), every
+//! 10 s, so DSR finds their MACs before the first packet; and the next hops
+//! the data plane reports when it finds none (`NEIGH_WANTED`,
+//! `NEIGH_WANTED6`, drained every 100 ms), so a client whose entry went
 //! stale and was deleted is resolved again before its backend
 //! retransmits.
 

@@ -5,6 +5,7 @@
 //! by what the LB's XDP program saw on `lb-front`.
 
 use std::{
+    net::SocketAddr,
     process::Command,
     sync::{
         Arc,
@@ -79,10 +80,19 @@ pub fn broken_connections(conns: &mut [(HttpConn, String)]) -> Vec<String> {
 /// `n` keep-alive connections from the client through the VIP, one `GET /`
 /// each: the connections and the server that answered each.
 pub fn keepalive_connections(lab: &Lab, n: usize) -> Result<Vec<(HttpConn, String)>> {
+    keepalive_connections_to(lab, vip_http(), n)
+}
+
+/// [`keepalive_connections`] to `vip` (e.g. the VIP6's).
+pub fn keepalive_connections_to(
+    lab: &Lab,
+    vip: SocketAddr,
+    n: usize,
+) -> Result<Vec<(HttpConn, String)>> {
     in_netns(&lab.client_ns(), || {
         (0..n)
             .map(|_| {
-                let mut conn = HttpConn::connect(vip_http())?;
+                let mut conn = HttpConn::connect(vip)?;
                 let server = conn.get("/")?.text();
                 Ok((conn, server))
             })
@@ -243,24 +253,30 @@ pub fn syn_flood_with(
 /// elsewhere, and its `active` flows fall to 0 once its clients close
 /// (`tcp-closing` short); the others' connections are untouched.
 pub fn drain_web1_until_its_clients_close(lab: &Lab) -> Result<()> {
+    drain_web1_of(lab, "www", vip_http())
+}
+
+/// [`drain_web1_until_its_clients_close`] of `service`, whose VIP is `vip`
+/// (e.g. an IPv6 service).
+pub fn drain_web1_of(lab: &Lab, service: &str, vip: SocketAddr) -> Result<()> {
     // Six connections: web1, web2, web3, web1, web2, web3.
-    let mut conns = keepalive_connections(lab, 6)?;
+    let mut conns = keepalive_connections_to(lab, vip, 6)?;
     let on_web1 = conns.iter().filter(|(_, s)| s == "web1").count() as u64;
     ensure!(on_web1 == 2, "{on_web1} connections on web1, not 2");
     ensure!(
-        active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
+        active_flows(&status_json(lab)?, service, "web1")? == on_web1,
         "web1's active flows before the drain: {}",
         status_json(lab)?
     );
 
     let out = Command::new(lb_bin())
-        .args(["backend", "drain", "www", "web1", "--socket"])
+        .args(["backend", "drain", service, "web1", "--socket"])
         .arg(lab.agent_socket())
         .output()
         .context("running lb backend drain")?;
     ensure!(
         out.status.success(),
-        "lb backend drain www web1: {}",
+        "lb backend drain {service} web1: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 
@@ -273,13 +289,13 @@ pub fn drain_web1_until_its_clients_close(lab: &Lab) -> Result<()> {
             "a {server} connection answered by {again}"
         );
     }
-    let fresh = crate::answers(lab, 4)?;
+    let fresh = crate::answers_at(lab, vip, 4)?;
     ensure!(
         !fresh.iter().any(|s| s == "web1"),
         "new connections reached the drained web1: {fresh:?}"
     );
     ensure!(
-        active_flows(&status_json(lab)?, "www", "web1")? == on_web1,
+        active_flows(&status_json(lab)?, service, "web1")? == on_web1,
         "web1's active flows while draining: {}",
         status_json(lab)?
     );
@@ -290,7 +306,7 @@ pub fn drain_web1_until_its_clients_close(lab: &Lab) -> Result<()> {
     let within = Duration::from_secs(15);
     loop {
         let status = status_json(lab)?;
-        let active = active_flows(&status, "www", "web1")?;
+        let active = active_flows(&status, service, "web1")?;
         if active == 0 {
             eprintln!(
                 "web1 drained: 0 active flows {:.2?} after its clients closed",

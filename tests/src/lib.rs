@@ -206,9 +206,14 @@ pub fn wait_for_status_at(
 
 /// Which server answers `n` new connections from the client.
 pub fn answers(lab: &Lab, n: usize) -> Result<Vec<String>> {
+    answers_at(lab, vip_http(), n)
+}
+
+/// [`answers`] of `n` new connections to `vip` (e.g. the VIP6's).
+pub fn answers_at(lab: &Lab, vip: std::net::SocketAddr, n: usize) -> Result<Vec<String>> {
     in_netns(&lab.client_ns(), || {
         (0..n)
-            .map(|_| http_get(vip_http(), "/").map(|r| r.text()))
+            .map(|_| http_get(vip, "/").map(|r| r.text()))
             .collect::<Result<Vec<_>>>()
     })?
 }

@@ -49,29 +49,9 @@ fn lab() -> Result<Lab> {
             "nodad",
         ],
     )?;
-    // The LB knows both addresses' MACs: the IPv6 path does not report an
-    // unresolved next hop for the agent to resolve (IPv4's does), so a
-    // NAT66 reply to a client the LB's kernel has not resolved is dropped
-    // (`drop_no_neighbour`).
-    let mac = netns::ns_run(&lab.client_ns(), &["cat", "/sys/class/net/eth0/address"])?;
-    for src in [CLIENT6, SECOND6] {
-        lab.exec_ok(
-            &lab.lb_ns(),
-            &[
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                src,
-                "lladdr",
-                mac.trim(),
-                "dev",
-                "lb-front",
-                "nud",
-                "permanent",
-            ],
-        )?;
-    }
+    // No static neighbour entries on the LB: a NAT66 reply to an address
+    // its kernel has not resolved (the second one, which never solicits
+    // the LB) is reported and resolved by the agent (`NEIGH_WANTED6`).
     Ok(lab)
 }
 

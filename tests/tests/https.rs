@@ -3,22 +3,25 @@
 //! TLS; the LB forwards TCP on VIP:443 like any other port. A real curl in
 //! the client namespace verifies the certificate against the lab CA, in NAT
 //! and in DSR mode, and a web server that the HTTP check (on :80) marks
-//! down gets no TLS handshake at all.
+//! down gets no TLS handshake at all. The same through the IPv6 VIP
+//! [2001:db8:18::10]:443 (issue 24), in NAT66 and DSR.
 //!
 //! Needs root, curl and openssl (`cargo xtask setup`), and `LB_BIN`
 //! (`cargo xtask test` sets it).
 
-use std::{process::Output, time::Duration};
+use std::{net::IpAddr, process::Output, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    FALL, INTERVAL_MS, RISE, backend_status, in_each_mode, lb_bin, unique_prefix, wait_for_status,
+    FALL, INTERVAL_MS, RISE, backend_status, in_each_mode,
+    lab6::{self, checked_config_v6},
+    lb_bin, unique_prefix, wait_for_status,
 };
 use lb_userspace::{
     config::Forwarding,
     control::HealthStatus,
     harness::{
-        lab::{HTTPS_PORT, Lab, SITE_NAME, VIP, WEB_NAMES, web_addr},
+        lab::{HTTPS_PORT, Lab, SITE_NAME, VIP, VIP6, WEB_NAMES, web_addr},
         netns::require_tool,
     },
 };
@@ -26,6 +29,12 @@ use lb_userspace::{
 const SERVICE: &str = "www-tls";
 
 fn new_lab() -> Result<Lab> {
+    require_tools()?;
+    let prefix = unique_prefix("lbh");
+    Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
+}
+
+fn require_tools() -> Result<()> {
     require_tool(
         "curl",
         "apt-get install curl (cargo xtask setup installs it)",
@@ -33,9 +42,7 @@ fn new_lab() -> Result<Lab> {
     require_tool(
         "openssl",
         "apt-get install openssl (cargo xtask setup installs it)",
-    )?;
-    let prefix = unique_prefix("lbh");
-    Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))
+    )
 }
 
 /// www (VIP:80) and www-tls (VIP:443 → webN:443), both round robin over
@@ -72,14 +79,19 @@ fn verdict_window() -> Duration {
 /// Waits until every web is (`up`) or all but `down` are, as `lb status`
 /// reports www-tls.
 fn wait_for_health(lab: &Lab, down: Option<&str>) -> Result<Duration> {
+    wait_for_health_of(lab, SERVICE, down)
+}
+
+/// [`wait_for_health`] of `service`.
+fn wait_for_health_of(lab: &Lab, service: &str, down: Option<&str>) -> Result<Duration> {
     wait_for_status(
         lab,
-        &format!("www-tls health with {down:?} down"),
+        &format!("{service} health with {down:?} down"),
         verdict_window(),
         |s| {
             WEB_NAMES.iter().all(|name| {
                 let want_up = Some(*name) != down;
-                backend_status(s, SERVICE, name).is_ok_and(|b| {
+                backend_status(s, service, name).is_ok_and(|b| {
                     let up = b.health == HealthStatus::Up && b.in_ring;
                     let out = b.health == HealthStatus::Down && !b.in_ring;
                     if want_up { up } else { out }
@@ -99,8 +111,22 @@ fn curl(lab: &Lab, args: &[&str]) -> Result<Output> {
 /// `https://www.foobar.com/` (resolved to the VIP) on a new connection,
 /// verified against the lab CA: the web server that answered.
 fn https_get(lab: &Lab) -> Result<String> {
+    https_get_at(lab, VIP.into())
+}
+
+/// `vip` as curl's `--resolve` and openssl's `-connect` write it (an IPv6
+/// address in brackets).
+fn host(vip: IpAddr) -> String {
+    match vip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+/// [`https_get`] with www.foobar.com resolved to `vip`.
+fn https_get_at(lab: &Lab, vip: IpAddr) -> Result<String> {
     let ca = lab.ca_path().display().to_string();
-    let resolve = format!("{SITE_NAME}:{HTTPS_PORT}:{VIP}");
+    let resolve = format!("{SITE_NAME}:{HTTPS_PORT}:{}", host(vip));
     let url = format!("https://{SITE_NAME}/");
     let out = curl(lab, &["--cacert", &ca, "--resolve", &resolve, &url])?;
     ensure!(
@@ -146,8 +172,50 @@ fn https_is_passed_through_and_verified_in_nat_and_dsr() -> Result<()> {
             );
         }
         check_verification_fails_without_the_ca(lab)?;
-        check_chain_with_openssl(lab)?;
+        check_chain_with_openssl(lab, VIP.into())?;
         check_redirect_to_https(lab)
+    })
+}
+
+/// Issue 24: HTTPS through the IPv6 VIP. curl verifies www.foobar.com
+/// (resolved to [2001:db8:18::10]) against the lab CA, new connections
+/// rotate over the three webs' IPv6 addresses, and openssl shows the chain,
+/// in NAT66 and DSR; a web the HTTP check over IPv6 marks down gets no
+/// handshake, and one back up gets them again.
+#[test]
+fn https_through_the_ipv6_vip_is_verified_and_rotates_in_nat66_and_dsr() -> Result<()> {
+    require_tools()?;
+    let mut lab = lab6::up("lbh6")?;
+    let vip6 = IpAddr::V6(VIP6);
+    in_each_mode(&mut lab, checked_config_v6, |lab, _| {
+        wait_for_health_of(lab, "www6-tls", None)?;
+        let got: Vec<String> = (0..6)
+            .map(|_| https_get_at(lab, vip6))
+            .collect::<Result<_>>()?;
+        ensure!(
+            is_rotation(&got),
+            "HTTPS connections to the VIP6 did not rotate over the webs: {got:?}"
+        );
+        check_chain_with_openssl(lab, vip6)?;
+        lab.stop_web(2)?;
+        wait_for_health_of(lab, "www6-tls", Some("web2"))?;
+        let got: Vec<String> = (0..4)
+            .map(|i| https_get_at(lab, vip6).with_context(|| format!("request {i} with web2 down")))
+            .collect::<Result<_>>()?;
+        ensure!(
+            got.iter().all(|g| g == "web1" || g == "web3"),
+            "with web2 down: {got:?}"
+        );
+        lab.start_web(2)?;
+        wait_for_health_of(lab, "www6-tls", None)?;
+        let back: Vec<String> = (0..6)
+            .map(|_| https_get_at(lab, vip6))
+            .collect::<Result<_>>()?;
+        ensure!(
+            back.iter().any(|g| g == "web2"),
+            "web2 back in the VIP6's rotation: {back:?}"
+        );
+        Ok(())
     })
 }
 
@@ -187,11 +255,11 @@ fn check_verification_fails_without_the_ca(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// `openssl s_client` through the VIP: the chain is www.foobar.com issued by
+/// `openssl s_client` through `vip`: the chain is www.foobar.com issued by
 /// the lab CA, and it verifies.
-fn check_chain_with_openssl(lab: &Lab) -> Result<()> {
+fn check_chain_with_openssl(lab: &Lab, vip: IpAddr) -> Result<()> {
     let ca = lab.ca_path().display().to_string();
-    let connect = format!("{VIP}:{HTTPS_PORT}");
+    let connect = format!("{}:{HTTPS_PORT}", host(vip));
     let script = format!(
         "openssl s_client -connect {connect} -servername {SITE_NAME} -verify_hostname {SITE_NAME} \
          -CAfile {ca} -verify_return_error </dev/null 2>&1"

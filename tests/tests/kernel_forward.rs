@@ -390,7 +390,7 @@ fn unresolved_neighbour_falls_back_to_the_kernel() {
         let want = |iface: &str, addr: [u8; 4]| {
             (
                 xdp::ifindex(iface).expect("ifindex"),
-                std::net::Ipv4Addr::from(addr),
+                std::net::IpAddr::from(addr),
             )
         };
         let mut expected = vec![want("b0", WEB_UNRESOLVED), want("f0", stranger)];

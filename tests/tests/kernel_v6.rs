@@ -617,3 +617,125 @@ fn source_ip_on_a_64_keeps_a_prefix_on_one_backend() {
         assert!(webs.len() > 1, "per address, one /64 spreads over the webs");
     });
 }
+
+/// IPv6 next hops without a neighbour entry (issue 24), as IPv4's
+/// (`kernel_forward::unresolved_neighbour_falls_back_to_the_kernel`): a
+/// NAT66 SYN to a backend the LB's kernel has not resolved is rewritten and
+/// passed for the kernel to forward, a DSR one passed unchanged; a NAT66
+/// reply to a client without an entry is dropped (`DropNoNeighbour`: the
+/// LB's kernel would drop it, its source being the VIP6). Each next hop is
+/// reported in `NEIGH_WANTED6` and drained as the agent's resolver drains
+/// it, and the agent's request (`Neighbours::resolve`, `NTF_USE`) makes
+/// the kernel start neighbour discovery for it: an entry appears.
+#[test]
+fn unresolved_ipv6_next_hops_are_reported_and_the_agent_has_them_resolved() {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+    use lb_userspace::{
+        config::{Forwarding, Protocol},
+        harness::xdp,
+        neighbours::Neighbours,
+    };
+    const FAR_WEB: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x77,
+    ];
+    const STRANGER: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x77,
+    ];
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let mut cfg = config_v6();
+        for (name, vip, mode, to) in [
+            ("far6", VIP_NAT6, Forwarding::Nat, WEB_PORT),
+            ("fardsr6", VIP_DSR6, Forwarding::Dsr, 81),
+        ] {
+            let mut s = lb_tests::kernel_net6::service6(name, vip, 81, Protocol::Tcp, mode, to);
+            s.backends.truncate(1);
+            s.backends[0].address = SocketAddr::new(FAR_WEB.into(), to);
+            cfg.services.push(s);
+        }
+        let mut h = Harness::new(&cfg);
+        let to_lb = (CLIENT_MAC, FRONT_MAC);
+        // NAT66 to the unresolved backend: rewritten, the hop limit left
+        // for the kernel, passed.
+        let syn = tcp6(
+            to_lb,
+            (CLIENT_V6, 42000),
+            (VIP_NAT6, 81),
+            64,
+            Seg::Syn(1),
+            &[],
+        );
+        let out = h.expect(h.front, &syn, XDP_PASS, Verdict::PassKernelForward);
+        let want = tcp6(
+            to_lb,
+            (CLIENT_V6, 42000),
+            (FAR_WEB, WEB_PORT),
+            64,
+            Seg::Syn(1),
+            &[],
+        );
+        assert_eq!(out, want, "NAT66 to an unresolved backend");
+        // DSR to it: passed as it arrived.
+        let syn = tcp6(
+            to_lb,
+            (CLIENT_V6, 42001),
+            (VIP_DSR6, 81),
+            64,
+            Seg::Syn(1),
+            &[],
+        );
+        let out = h.expect(h.front, &syn, XDP_PASS, Verdict::PassKernelForward);
+        assert_eq!(out, syn, "DSR to an unresolved backend");
+        // A NAT66 reply to a client the LB has no entry for: dropped.
+        let from_stranger = tcp6(
+            to_lb,
+            (STRANGER, 42002),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Syn(7),
+            &[],
+        );
+        let out = h.expect(h.front, &from_stranger, XDP_REDIRECT, Verdict::Forwarded);
+        let w = web_of6(&out);
+        let syn_ack = tcp6(
+            (WEB_MACS[w], BACK_MAC),
+            (web6(w), WEB_PORT),
+            (STRANGER, 42002),
+            64,
+            Seg::SynAck(9, 8),
+            &[],
+        );
+        h.expect(h.back, &syn_ack, XDP_DROP, Verdict::DropNoNeighbour);
+        let mut requests = h.dp.neighbour_requests().expect("NEIGH_WANTED6");
+        let mut wanted = requests.drain();
+        wanted.sort();
+        let index = |iface: &str| xdp::ifindex(iface).expect("ifindex");
+        let mut expected = vec![
+            (index("b0"), IpAddr::from(FAR_WEB)),
+            (index("f0"), IpAddr::from(STRANGER)),
+        ];
+        expected.sort();
+        assert_eq!(wanted, expected, "both next hops reported");
+        assert_eq!(requests.drain(), vec![], "drained");
+        // The agent's request: the kernel makes an entry and solicits.
+        let mut neighbours = Neighbours::new().expect("netlink socket");
+        for (ifindex, addr) in &wanted {
+            neighbours.resolve(*ifindex, *addr).expect("NTF_USE");
+        }
+        for (iface, addr) in [("b0", FAR_WEB), ("f0", STRANGER)] {
+            let addr = Ipv6Addr::from(addr).to_string();
+            let out = std::process::Command::new("ip")
+                .args(["-6", "neigh", "show", &addr, "dev", iface])
+                .output()
+                .expect("ip -6 neigh show");
+            let entry = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                entry.contains(&addr),
+                "no neighbour entry for {addr} on {iface} after the agent's request: {entry:?}"
+            );
+        }
+    });
+}

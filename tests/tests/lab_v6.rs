@@ -229,3 +229,65 @@ fn the_lab_is_dual_stack_and_checks_work_over_ipv6() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 24: `cargo xtask demo` (`lb lab demo`) shows round robin over
+/// IPv6 in both modes next to IPv4: its first act (`--web-only`: NAT then
+/// DSR, no databases, tunnels or failover) makes new connections to the
+/// VIP and to the VIP6, and each mode's IPv6 summary has every web answer
+/// as often, in exact round robin.
+#[test]
+fn the_demo_shows_round_robin_over_ipv6_in_both_modes() -> Result<()> {
+    const REQUESTS: usize = 6;
+    let prefix = unique_prefix("lbdm");
+    let out = std::process::Command::new(lb_bin())
+        .args([
+            "lab",
+            "demo",
+            "--prefix",
+            &prefix,
+            "--web-only",
+            "--requests",
+        ])
+        .arg(REQUESTS.to_string())
+        .output()
+        .context("running lb lab demo")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "lb lab demo failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for mode in ["nat", "dsr"] {
+        for family in ["", " IPv6"] {
+            let heading = format!("-- {mode}{family} summary:");
+            let summary: Vec<&str> = text
+                .lines()
+                .skip_while(|l| *l != heading)
+                .take_while(|l| !l.contains("exact round robin"))
+                .chain(
+                    text.lines()
+                        .skip_while(|l| *l != heading)
+                        .find(|l| l.contains("exact round robin")),
+                )
+                .collect();
+            let want: Vec<String> = WEB_NAMES
+                .iter()
+                .map(|w| format!("   {w}: {}", REQUESTS / WEB_NAMES.len()))
+                .collect();
+            let n = want.len();
+            ensure!(
+                summary.len() == n + 2
+                    && summary[1..=n] == want
+                    && summary[n + 1].starts_with("   exact round robin: yes"),
+                "no {heading:?} with each web {} times in exact round robin:\n{text}",
+                REQUESTS / WEB_NAMES.len()
+            );
+        }
+    }
+    ensure!(
+        text.contains("over IPv4 and IPv6"),
+        "the demo's verdict names both families:\n{text}"
+    );
+    Ok(())
+}

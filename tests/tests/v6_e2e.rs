@@ -3,7 +3,8 @@
 //! (NAT66) and in DSR: `curl -6` and new connections rotating over
 //! web1..3, an 8 MB transfer arriving byte-exact, a UDP client's flows
 //! sticking while new ones rotate; the lab's IPv4 services beside them
-//! keep working.
+//! keep working. Kill and recovery, drain and the neighbour priming:
+//! v6_e2e_more.rs; HTTPS through the VIP6: https.rs.
 //!
 //! The LB's kernel forwards IPv6 here (`net.ipv6.conf.all.forwarding=1`):
 //! `bpf_fib_lookup` with AF_INET6 resolves next hops only then, and the
@@ -15,10 +16,13 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::{in_each_mode, lab6::config_v6, lb_bin, unique_prefix};
+use lb_tests::{
+    in_each_mode,
+    lab6::{self, config_v6},
+};
 use lb_userspace::harness::{
     lab::{
-        HTTP_PORT, Lab, UDP_PORT, VIP6, WEB_NAMES, bulk_byte, http_get, udp_connect, udp_request,
+        HTTP_PORT, UDP_PORT, VIP6, WEB_NAMES, bulk_byte, http_get, udp_connect, udp_request,
         vip_http,
     },
     netns::{in_netns, require_tool},
@@ -41,12 +45,7 @@ fn tally(servers: &[String]) -> BTreeMap<String, usize> {
 fn ipv6_services_are_balanced_in_nat_and_dsr() -> Result<()> {
     require_tool("curl", "apt-get install curl")?;
     const SIZE: usize = 8_000_000;
-    let prefix = unique_prefix("lbv6e");
-    let mut lab = Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))?;
-    lab.exec_ok(
-        &lab.lb_ns(),
-        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-    )?;
+    let mut lab = lab6::up("lbv6e")?;
     in_each_mode(&mut lab, config_v6, |lab, mode| {
         let client = lab.client_ns();
         // curl -6 through the VIP6: each new connection a new flow, round

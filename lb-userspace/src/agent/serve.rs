@@ -503,7 +503,8 @@ const NEIGHBOURS_PER_POLL: usize = 32;
 
 /// The resolver, on a thread of its own: every next hop the data plane
 /// reported without a neighbour entry (a NAT reply's client whose entry
-/// expired, a backend not primed yet) is resolved by the kernel.
+/// expired, a backend not primed yet), IPv4's and IPv6's, is resolved by
+/// the kernel (ARP, or neighbour discovery).
 fn resolve_forever(mut requests: crate::dataplane::NeighbourRequests) {
     let mut neighbours = None;
     loop {

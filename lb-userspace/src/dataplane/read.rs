@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
 use aya::maps::{
@@ -15,7 +15,7 @@ use lb_common::{
     Backend, Counters, FW_F_RATE, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope,
     MaglevTable, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
     flow::{REPLY, is_expired},
-    ipv6::Addr6,
+    ipv6::{Addr6, octets_of},
     maps6::{FlowKey6, FwKey6, ServiceKey6},
 };
 
@@ -102,7 +102,10 @@ impl Dataplane {
         let name = MapName::NEIGH_WANTED;
         let map = HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(name)?))
             .map_err(map_err(name))?;
-        Ok(NeighbourRequests { map })
+        let name = MapName::NEIGH_WANTED6;
+        let map6 = HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(name)?))
+            .map_err(map_err(name))?;
+        Ok(NeighbourRequests { map, map6 })
     }
 
     /// An owned handle on one of the program's array maps.
@@ -503,24 +506,38 @@ pub(super) fn snapshot(name: MapName, table: &FlowMap) -> Result<Vec<(FlowKey, F
     super::batch::entries(table.map()).map_err(|e| map_err(name)(MapError::IoError(e)))
 }
 
-/// `NEIGH_WANTED`: next hops (address → egress ifindex) the data plane
-/// found without a neighbour entry.
+/// `NEIGH_WANTED` and `NEIGH_WANTED6`: next hops (address → egress
+/// ifindex) the data plane found without a neighbour entry, IPv4's and
+/// IPv6's.
 pub struct NeighbourRequests {
     map: HashMap<MapData, u32, u32>,
+    map6: HashMap<MapData, Addr6, u32>,
 }
 
 impl NeighbourRequests {
-    /// Every reported next hop as (egress ifindex, address), removed from
-    /// the map: a hop reported again afterwards is asked for again.
-    pub fn drain(&mut self) -> Vec<(u32, std::net::Ipv4Addr)> {
-        let wanted: Vec<(u32, u32)> = self.map.iter().filter_map(|r| r.ok()).collect();
-        for (addr, _) in &wanted {
-            // Gone already (the LRU recycled it): nothing to do.
-            let _ = self.map.remove(addr);
-        }
-        wanted
-            .into_iter()
-            .map(|(addr, ifindex)| (ifindex, std::net::Ipv4Addr::from(addr.to_ne_bytes())))
-            .collect()
+    /// Every reported next hop as (egress ifindex, address), IPv4's first,
+    /// removed from the maps: a hop reported again afterwards is asked for
+    /// again.
+    pub fn drain(&mut self) -> Vec<(u32, IpAddr)> {
+        let v4 = drain_map(&mut self.map, |a| Ipv4Addr::from(a.to_ne_bytes()).into());
+        let v6 = drain_map(&mut self.map6, |a| Ipv6Addr::from(octets_of(&a)).into());
+        v4.into_iter().chain(v6).collect()
     }
+}
+
+/// Every (address → ifindex) entry of `map` as (ifindex, `ip(address)`),
+/// each removed.
+fn drain_map<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u32>,
+    ip: impl Fn(K) -> IpAddr,
+) -> Vec<(u32, IpAddr)> {
+    let wanted: Vec<(K, u32)> = map.iter().filter_map(|r| r.ok()).collect();
+    for (addr, _) in &wanted {
+        // Gone already (the LRU recycled it): nothing to do.
+        let _ = map.remove(addr);
+    }
+    wanted
+        .into_iter()
+        .map(|(addr, ifindex)| (ifindex, ip(addr)))
+        .collect()
 }

@@ -14,8 +14,8 @@ use signal_hook::{
 
 use super::{
     CLIENT_BACK, CLIENT_FRONT, DEFAULT_PREFIX, DNS_NAME, DNS_PORT, DnsZone, HTTPS_PORT, LB_BACK,
-    LB_FRONT, Lab, MONITORING_LISTEN, SITE_DENIED, SITE_NAME, UDP_PORT, VIP, WEB_NAMES,
-    dns_service_config, down, http_get, site_config, vip_http, web_addr,
+    LB_FRONT, Lab, MONITORING_LISTEN, SITE_DENIED, SITE_NAME, UDP_PORT, VIP, VIP6, WEB_NAMES,
+    dns_service_config, down, http_get, site_config, site_config_v6, vip_http, vip6_http, web_addr,
 };
 use crate::{
     config::Forwarding,
@@ -56,7 +56,8 @@ pub enum LabCommand {
         prefix: String,
     },
     /// Build the lab, balance requests through the agent in NAT then DSR
-    /// mode (HTTP, HTTPS, health checks, the status page, the firewall),
+    /// mode (HTTP over IPv4 and IPv6, HTTPS, health checks, the status
+    /// page, the firewall),
     /// run the database tier through a failover, the tunnel act (the web
     /// servers behind a router, services over IPIP and GUE, `lb decap` on
     /// each), then the LB failover act (two LBs behind a BGP/ECMP router,
@@ -71,6 +72,10 @@ pub enum LabCommand {
         /// Skip the LB failover act (it needs BIRD)
         #[arg(long)]
         no_failover: bool,
+        /// Only the first act: NAT then DSR (no databases, tunnels or
+        /// failover)
+        #[arg(long)]
+        web_only: bool,
         /// The LB failover act runs by default now; kept so that older
         /// command lines still work
         #[arg(long, hide = true, conflicts_with = "no_failover")]
@@ -124,12 +129,15 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             prefix,
             requests,
             no_failover,
+            web_only,
             failover: _,
         } => {
             teardown_on_signal(&prefix)?;
-            demo(&prefix, requests)?;
-            super::tunnel_demo::demo_tunnels(&prefix, &current_lb()?, requests)?;
-            if !no_failover {
+            demo(&prefix, requests, !web_only)?;
+            if !web_only {
+                super::tunnel_demo::demo_tunnels(&prefix, &current_lb()?, requests)?;
+            }
+            if !no_failover && !web_only {
                 demo_failover(&prefix)?;
             }
             Ok(())
@@ -414,25 +422,33 @@ fn print_instructions(
     Ok(())
 }
 
-fn demo(prefix: &str, requests: u32) -> anyhow::Result<()> {
+fn demo(prefix: &str, requests: u32, databases: bool) -> anyhow::Result<()> {
     let mut lab = Lab::up(prefix, &current_lb()?)?;
     println!(
         "lab {prefix} is up: namespaces {}",
         lab.namespaces().join(" ")
     );
+    // The VIP6's service needs the LB's kernel to forward IPv6.
+    lab.forward_ipv6()?;
     let mut problems = Vec::new();
     for mode in [Forwarding::Nat, Forwarding::Dsr] {
         problems.extend(demo_mode(&lab, mode, requests)?);
     }
-    problems.extend(super::db_demo::demo_databases(&mut lab)?);
+    if databases {
+        problems.extend(super::db_demo::demo_databases(&mut lab)?);
+    }
     drop(lab);
     println!("lab {prefix} removed");
     if !problems.is_empty() {
         bail!("demo failed: {}", problems.join("; "));
     }
     println!(
-        "demo ok: every request answered, every server used, in both modes; \
-         writes on the primary, reads over the replicas, failover done"
+        "demo ok: every request answered, every server used, in both modes, over IPv4 and IPv6{}",
+        if databases {
+            "; writes on the primary, reads over the replicas, failover done"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -504,13 +520,19 @@ fn demo_mode(lab: &Lab, mode: Forwarding, requests: u32) -> anyhow::Result<Vec<S
     println!();
     println!("== {name}: starting the agent");
     lab.set_mode(mode)?;
-    let agent = lab.start_agent(&site_config(mode))?;
+    let agent = lab.start_agent(&site_config_v6(mode))?;
     println!(
         "== {name}: {requests} new TCP connections to http://{VIP}/ from {}",
         lab.client_ns()
     );
     let answers = client_requests(lab, requests)?;
     let mut problems = summarize(name, &answers);
+    println!(
+        "== {name}: {requests} new TCP connections to http://[{VIP6}]/ (IPv6) from {}",
+        lab.client_ns()
+    );
+    let answers = client_requests_to(lab, vip6_http(), requests)?;
+    problems.extend(summarize(&format!("{name} IPv6"), &answers));
     problems.extend(demo_https(lab, name));
     problems.extend(demo_watch(lab, name));
     agent
@@ -633,18 +655,27 @@ pub(super) fn demo_https(lab: &Lab, mode: &str) -> Vec<String> {
 /// request each (stopping early on a signal); the server that answered
 /// each, or `None`.
 pub(super) fn client_requests(lab: &Lab, requests: u32) -> anyhow::Result<Vec<Option<String>>> {
+    client_requests_to(lab, vip_http(), requests)
+}
+
+/// [`client_requests`] to `vip` (e.g. the VIP6's).
+fn client_requests_to(
+    lab: &Lab,
+    vip: std::net::SocketAddr,
+    requests: u32,
+) -> anyhow::Result<Vec<Option<String>>> {
     in_netns(&lab.client_ns(), || {
         (1..=requests)
             .take_while(|_| !netns::interrupted())
-            .map(one_request)
+            .map(|i| one_request(vip, i))
             .collect()
     })
 }
 
-/// One request on a new connection; prints its outcome, returns the name
-/// of the server that answered.
-fn one_request(i: u32) -> Option<String> {
-    match http_get(vip_http(), "/") {
+/// One request on a new connection to `vip`; prints its outcome, returns
+/// the name of the server that answered.
+fn one_request(vip: std::net::SocketAddr, i: u32) -> Option<String> {
+    match http_get(vip, "/") {
         Ok(response) if response.status == 200 => {
             let server = response.text();
             println!("request {i:>2} -> {server}");
@@ -729,6 +760,8 @@ mod tests {
         let configs = [
             (site_config(Forwarding::Nat), false),
             (site_config(Forwarding::Dsr), false),
+            (site_config_v6(Forwarding::Nat), false),
+            (site_config_v6(Forwarding::Dsr), false),
             (site_config(Forwarding::Nat) + &pool, true),
             (site_config(Forwarding::Dsr) + &pool, true),
             (site_config(Forwarding::FullNat) + &pool, true),

@@ -43,7 +43,7 @@ mod visits;
 
 use std::{
     fs,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::mpsc,
@@ -227,18 +227,54 @@ fn web_services(mode: Forwarding, health: &str, tables: &str) -> String {
 /// port, with `scheduler` and `lines` (a `health = …` line, a
 /// `forwarding = …` line, or empty).
 fn web_service(name: &str, protocol: &str, port: u16, scheduler: &str, lines: &str) -> String {
+    let backends = |n| IpAddr::V4(web_addr(n));
+    web_service_on(
+        VIP.into(),
+        backends,
+        (name, protocol, port),
+        scheduler,
+        lines,
+    )
+}
+
+/// [`web_service`] on `vip` over web1..3's `address(n)`: IPv4's or
+/// IPv6's.
+fn web_service_on(
+    vip: IpAddr,
+    address: impl Fn(usize) -> IpAddr,
+    (name, protocol, port): (&str, &str, u16),
+    scheduler: &str,
+    lines: &str,
+) -> String {
     let backends = (1..=WEB_NAMES.len())
         .map(|n| {
             format!(
-                "{{ address = \"{}:{port}\", name = \"web{n}\" }}",
-                web_addr(n)
+                "{{ address = \"{}\", name = \"web{n}\" }}",
+                SocketAddr::new(address(n), port)
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let vip = SocketAddr::new(vip, port);
     format!(
-        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{protocol}\"\nscheduler = \"{scheduler}\"\n{lines}backends = [ {backends} ]\n"
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nscheduler = \"{scheduler}\"\n{lines}backends = [ {backends} ]\n"
     )
+}
+
+/// [`site_config`] plus `www6`, the web service on the VIP6 (TCP :80 over
+/// web1..3's IPv6 addresses, round robin, the site's HTTP check over
+/// IPv6): what the demo runs. The LB must forward IPv6
+/// ([`Lab::forward_ipv6`]).
+pub fn site_config_v6(mode: Forwarding) -> String {
+    let backends = |n| IpAddr::V6(web_addr6(n));
+    site_config(mode)
+        + &web_service_on(
+            VIP6.into(),
+            backends,
+            ("www6", "tcp", HTTP_PORT),
+            "round-robin",
+            SITE_HEALTH,
+        )
 }
 
 /// A running lab. Dropping it kills every process in its namespaces, deletes
@@ -682,6 +718,14 @@ impl Lab {
     }
 
     /// The LB's IPv6 side: front and back addresses and the VIP6 on `lo`.
+    /// Has the LB's kernel forward IPv6 (`net.ipv6.conf.all.forwarding`),
+    /// which an IPv6 service needs (`bpf_fib_lookup` with AF_INET6, and the
+    /// agent's start-up check); not part of [`Lab::up`] (see
+    /// `configure_lb_v6`).
+    pub fn forward_ipv6(&self) -> anyhow::Result<()> {
+        netns::sysctl(&self.lb_ns(), "net/ipv6/conf/all/forwarding", "1")
+    }
+
     fn configure_lb_v6(&self) -> anyhow::Result<()> {
         let ns = self.lb_ns();
         add_addr6(&ns, "lb-front", &format!("{LB_FRONT6}/64"))?;
