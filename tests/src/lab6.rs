@@ -8,7 +8,7 @@ use lb_userspace::{
     harness::lab::{HTTP_PORT, HTTPS_PORT, Lab, UDP_PORT, VIP6, WEB_NAMES, lab_config, web_addr6},
 };
 
-use crate::{FALL, INTERVAL_MS, RISE, lb_bin, unique_prefix};
+use crate::{FALL, INTERVAL_MS, RISE, lb_bin, three_webs, unique_prefix};
 
 /// The lab (prefix `tag`…) with the LB's kernel forwarding IPv6:
 /// `bpf_fib_lookup` with AF_INET6 resolves next hops only then, and the
@@ -18,6 +18,38 @@ pub fn up(tag: &str) -> Result<Lab> {
     let lab = Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))?;
     lab.forward_ipv6()?;
     Ok(lab)
+}
+
+/// The lab in NAT (NAT66: the webs answer IPv6 clients through the LB),
+/// the LB's kernel forwarding IPv6, and the client's second IPv6 address
+/// `second` on its eth0. No static neighbour entries on the LB: a NAT66
+/// reply to an address its kernel has not resolved (the second one, which
+/// never solicits the LB) is reported and resolved by the agent
+/// (`NEIGH_WANTED6`).
+pub fn up_nat_with_second_address(tag: &str, second: &str) -> Result<Lab> {
+    let lab = up(tag)?;
+    lab.set_mode(Forwarding::Nat)?;
+    lab.exec_ok(
+        &lab.client_ns(),
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{second}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    Ok(lab)
+}
+
+/// The lab's IPv4 web service (`three_webs`) plus `www6` (TCP :80 on the
+/// VIP6 over web1..3's IPv6 addresses, round robin), then `more` (e.g. a
+/// `[firewall]` table).
+pub fn three_webs_and_www6(more: &str) -> String {
+    three_webs() + &services_v6(&[("www6", "tcp", HTTP_PORT)], "") + more
 }
 
 /// The lab's config plus the same web services on the VIP6: TCP :80 and

@@ -432,3 +432,56 @@ pub fn dom_attr(dom: &str, id: &str, attr: &str) -> Result<String> {
         .with_context(|| format!("no {attr} in {tag}"))?;
     Ok(value.to_owned())
 }
+
+/// Three rounds of: `forget` removes the LB's neighbour entry for the
+/// client (`neighbour` shows the entry), the keep-alive connection to `vip`
+/// is answered by its own web (an established flow keeps the next hop it
+/// resolved), a new connection is answered (its reply finds no entry, is
+/// dropped and its next hop reported, the agent has the kernel resolve it
+/// and the backend's retransmission gets through), and the client's entry
+/// is back. `after_round` runs at the end of each round.
+pub fn connections_carry_on_when_the_client_neighbour_goes(
+    lab: &Lab,
+    vip: std::net::SocketAddr,
+    neighbour: impl Fn() -> Result<String>,
+    forget: impl Fn() -> Result<()>,
+    mut after_round: impl FnMut(u32) -> Result<()>,
+) -> Result<()> {
+    let connect = || in_netns(&lab.client_ns(), || HttpConn::connect(vip));
+    let mut conn = connect()??;
+    let server = conn.get("/")?.text();
+    for round in 0..3 {
+        forget()?;
+        let left = neighbour()?;
+        ensure!(
+            left.trim().is_empty(),
+            "round {round}: the client's entry is still there: {left}"
+        );
+        let answer = conn
+            .get("/")
+            .with_context(|| format!("round {round}: the keep-alive request"))?;
+        ensure!(
+            answer.text() == server,
+            "round {round}: answered by {} instead of {server}",
+            answer.text()
+        );
+        let started = Instant::now();
+        let mut fresh = connect()?.with_context(|| format!("round {round}: connect"))?;
+        fresh
+            .get("/")
+            .with_context(|| format!("round {round}: a new connection's request"))?;
+        eprintln!(
+            "round {round}: a new connection to {vip} answered {:.2?} after the client's neighbour entry went",
+            started.elapsed()
+        );
+        let entry = neighbour()?;
+        ensure!(
+            ["REACHABLE", "STALE", "DELAY", "PROBE"]
+                .iter()
+                .any(|s| entry.contains(s)),
+            "round {round}: the client's entry was not resolved again: {entry:?}"
+        );
+        after_round(round)?;
+    }
+    Ok(())
+}

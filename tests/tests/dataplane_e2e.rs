@@ -290,7 +290,7 @@ fn reused_source_ports_skip_a_backend_down_by_health_check() -> Result<()> {
 /// connections failed until the client happened to ARP the LB.
 #[test]
 fn nat_connections_carry_on_when_the_lbs_neighbour_entry_for_the_client_goes() -> Result<()> {
-    use lb_userspace::harness::lab::{HttpConn, vip_http};
+    use lb_userspace::harness::lab::vip_http;
     let lab = Lab::up(&prefix(), &lb_bin())?;
     lab.set_mode(Forwarding::Nat)?;
     let agent = lab.start_agent(&lab_config(Forwarding::Nat))?;
@@ -302,42 +302,16 @@ fn nat_connections_carry_on_when_the_lbs_neighbour_entry_for_the_client_goes() -
         }
         let client = CLIENT_FRONT.to_string();
         let neighbour = || lab.exec_ok(&lb, &["ip", "neigh", "show", &client, "dev", "lb-front"]);
-        let connect = || in_netns(&lab.client_ns(), || HttpConn::connect(vip_http()));
-        let mut conn = connect()??;
-        let server = conn.get("/")?.text();
-        for round in 0..3 {
-            lab.exec_ok(&lb, &["ip", "neigh", "del", &client, "dev", "lb-front"])?;
-            let left = neighbour()?;
-            ensure!(
-                left.trim().is_empty(),
-                "round {round}: the entry is still there: {left}"
-            );
-            let answer = conn
-                .get("/")
-                .with_context(|| format!("round {round}: the keep-alive request"))?;
-            ensure!(
-                answer.text() == server,
-                "round {round}: answered by {} instead of {server}",
-                answer.text()
-            );
-            let started = Instant::now();
-            let mut fresh = connect()?.with_context(|| format!("round {round}: connect"))?;
-            fresh
-                .get("/")
-                .with_context(|| format!("round {round}: a new connection's request"))?;
-            eprintln!(
-                "round {round}: a new connection answered {:.2?} after the neighbour entry was deleted",
-                started.elapsed()
-            );
-            let entry = neighbour()?;
-            ensure!(
-                ["REACHABLE", "STALE", "DELAY", "PROBE"]
-                    .iter()
-                    .any(|s| entry.contains(s)),
-                "round {round}: the client's entry was not resolved again: {entry:?}"
-            );
-        }
-        Ok(())
+        lb_tests::connections_carry_on_when_the_client_neighbour_goes(
+            &lab,
+            vip_http(),
+            neighbour,
+            || {
+                lab.exec_ok(&lb, &["ip", "neigh", "del", &client, "dev", "lb-front"])
+                    .map(drop)
+            },
+            |_| Ok(()),
+        )
     };
     run().with_context(|| format!("agent stderr:\n{}", agent.log_text()))?;
     agent.stop()

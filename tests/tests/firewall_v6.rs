@@ -13,12 +13,11 @@
 //! binary (`cargo xtask test` sets both up); fails loudly without them.
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{lb_bin, ok, status, three_webs, unique_prefix};
+use lb_tests::{lab6, ok, status};
 use lb_userspace::{
-    config::Forwarding,
     control::{FirewallChange, Request, RuleEdit},
     harness::{
-        lab::{HTTP_PORT, Lab, VIP6, WEB_NAMES, web_addr6},
+        lab::{HTTP_PORT, Lab, VIP6},
         netns::{self, require_tool},
     },
 };
@@ -29,49 +28,15 @@ const CLIENT4: &str = "198.18.0.2";
 
 /// The lab with IPv6 forwarding on the LB and the client's second address.
 fn lab() -> Result<Lab> {
-    let lab = Lab::up(&unique_prefix("lbf6"), &lb_bin())?;
-    // NAT66: the webs answer IPv6 clients through the LB.
-    lab.set_mode(Forwarding::Nat)?;
-    lab.exec_ok(
-        &lab.lb_ns(),
-        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-    )?;
-    netns::ns_run(
-        &lab.client_ns(),
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{SECOND6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )?;
-    // No static neighbour entries on the LB: a NAT66 reply to an address
-    // its kernel has not resolved (the second one, which never solicits
-    // the LB) is reported and resolved by the agent (`NEIGH_WANTED6`).
-    Ok(lab)
+    lab6::up_nat_with_second_address("lbf6", SECOND6)
 }
 
 /// The lab's IPv4 web service plus `www6` on the VIP6, and the file's
 /// firewall: the second IPv6 address denied, the IPv4 client denied.
 fn config() -> String {
-    let backends = (1..=WEB_NAMES.len())
-        .map(|n| {
-            format!(
-                "{{ address = \"[{}]:{HTTP_PORT}\", name = \"web{n}\" }}",
-                web_addr6(n)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "{}\n[[service]]\nname = \"www6\"\nvip = \"[{VIP6}]:{HTTP_PORT}\"\nbackends = [ {backends} ]\n\
-         \n[firewall]\ndeny = [\"{SECOND6}/128\", \"{CLIENT4}/32\"]\n",
-        three_webs()
-    )
+    lab6::three_webs_and_www6(&format!(
+        "\n[firewall]\ndeny = [\"{SECOND6}/128\", \"{CLIENT4}/32\"]\n"
+    ))
 }
 
 /// One HTTP GET of `url` from the client's address `src` (a new

@@ -343,63 +343,16 @@ const CLIENT6: &str = "2001:db8:18::2";
 /// The client's second IPv6 address, denied by the firewall.
 const DENIED6: &str = "2001:db8:18::3";
 
-/// The lab for IPv6 (NAT66): the LB forwards IPv6, the client has a second
-/// address on eth0, and the LB knows both addresses' MACs (a static entry:
-/// a NAT66 reply to a client the LB's kernel has not resolved yet is
-/// dropped, `drop_no_neighbour`, until IPv6 next hops are primed).
+/// The lab for IPv6 (NAT66): the LB forwards IPv6 and the client has a
+/// second address on eth0 (the LB resolves both: `NEIGH_WANTED6`).
 fn lab6() -> Result<Lab> {
-    use lb_userspace::{config::Forwarding, harness::netns};
-    let lab = Lab::up(&unique_prefix("lbx6"), &lb_bin())?;
-    lab.set_mode(Forwarding::Nat)?;
-    lab.exec_ok(
-        &lab.lb_ns(),
-        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-    )?;
-    let second = format!("{DENIED6}/64");
-    netns::ns_run(
-        &lab.client_ns(),
-        &["ip", "-6", "addr", "add", &second, "dev", "eth0", "nodad"],
-    )?;
-    let mac = netns::ns_run(&lab.client_ns(), &["cat", "/sys/class/net/eth0/address"])?;
-    for src in [CLIENT6, DENIED6] {
-        lab.exec_ok(
-            &lab.lb_ns(),
-            &[
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                src,
-                "lladdr",
-                mac.trim(),
-                "dev",
-                "lb-front",
-                "nud",
-                "permanent",
-            ],
-        )?;
-    }
-    Ok(lab)
+    lb_tests::lab6::up_nat_with_second_address("lbx6", DENIED6)
 }
 
 /// The lab's web service, `www6` (round robin over web1..3's IPv6
 /// addresses) on the VIP6, and the client's second address denied.
 fn config6() -> String {
-    use lb_userspace::harness::lab::{HTTP_PORT, VIP6, WEB_NAMES, web_addr6};
-    let backends = (1..=WEB_NAMES.len())
-        .map(|n| {
-            format!(
-                "{{ address = \"[{}]:{HTTP_PORT}\", name = \"web{n}\" }}",
-                web_addr6(n)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "{}\n[[service]]\nname = \"www6\"\nvip = \"[{VIP6}]:{HTTP_PORT}\"\nbackends = [ {backends} ]\n\
-         \n[firewall]\ndeny = [\"{DENIED6}/128\"]\n",
-        three_webs()
-    )
+    lb_tests::lab6::three_webs_and_www6(&format!("\n[firewall]\ndeny = [\"{DENIED6}/128\"]\n"))
 }
 
 /// A connection from the denied address to the VIP6's port 80 (curl,

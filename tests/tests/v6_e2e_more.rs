@@ -18,7 +18,7 @@
 //! `LB_BIN` (`cargo xtask test` sets both up); without them the tests fail
 //! loudly.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use lb_tests::{
@@ -31,10 +31,7 @@ use lb_tests::{
 use lb_userspace::{
     config::Forwarding,
     control::HealthStatus,
-    harness::{
-        lab::{CLIENT_FRONT6, HttpConn, Lab, WEB_NAMES, vip6_http},
-        netns::in_netns,
-    },
+    harness::lab::{CLIENT_FRONT6, Lab, WEB_NAMES, vip6_http},
 };
 
 /// Waits until backend `web` of `www6` reports `want`.
@@ -66,47 +63,24 @@ fn nat66_replies_reach_a_client_the_lbs_kernel_has_no_neighbour_entry_for() -> R
                 &["ip", "-6", "neigh", "show", &client, "dev", "lb-front"],
             )
         };
-        let connect = || in_netns(&lab.client_ns(), || HttpConn::connect(vip6_http()));
-        let mut conn = connect()??;
-        let server = conn.get("/")?.text();
         let mut dropped = 0;
-        for round in 0..3 {
-            lab.exec_ok(&lb, &["ip", "-6", "neigh", "flush", "all"])?;
-            let left = neighbour()?;
-            ensure!(
-                left.trim().is_empty(),
-                "round {round}: the client's entry is still there: {left}"
-            );
-            let answer = conn
-                .get("/")
-                .with_context(|| format!("round {round}: the keep-alive request"))?;
-            ensure!(
-                answer.text() == server,
-                "round {round}: answered by {} instead of {server}",
-                answer.text()
-            );
-            let started = Instant::now();
-            let mut fresh = connect()?.with_context(|| format!("round {round}: connect"))?;
-            fresh
-                .get("/")
-                .with_context(|| format!("round {round}: a new connection's request"))?;
-            eprintln!(
-                "round {round}: a new IPv6 connection answered {:.2?} after the flush",
-                started.elapsed()
-            );
-            let entry = neighbour()?;
-            ensure!(
-                ["REACHABLE", "STALE", "DELAY", "PROBE"]
-                    .iter()
-                    .any(|s| entry.contains(s)),
-                "round {round}: the client's entry was not resolved again: {entry:?}"
-            );
-            dropped = lb_tests::status(&lab)?
-                .verdicts
-                .get("drop_no_neighbour")
-                .copied()
-                .unwrap_or(0);
-        }
+        lb_tests::connections_carry_on_when_the_client_neighbour_goes(
+            &lab,
+            vip6_http(),
+            neighbour,
+            || {
+                lab.exec_ok(&lb, &["ip", "-6", "neigh", "flush", "all"])
+                    .map(drop)
+            },
+            |_| {
+                dropped = lb_tests::status(&lab)?
+                    .verdicts
+                    .get("drop_no_neighbour")
+                    .copied()
+                    .unwrap_or(0);
+                Ok(())
+            },
+        )?;
         // The SYN-ACKs met the flushed table: each round's first was
         // dropped and reported (not resolved some other way).
         ensure!(
