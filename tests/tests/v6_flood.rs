@@ -20,7 +20,7 @@ use lb_tests::{
         KEEPALIVE, TABLE, broken_connections, keepalive_connections, status_json, status_text,
         syn_flood_round6, syn_flood_with,
     },
-    in_each_mode, lb_bin, unique_prefix,
+    in_each_mode,
 };
 use lb_userspace::{
     config::Forwarding,
@@ -78,12 +78,7 @@ fn v6_flows(lab: &Lab) -> Result<u64> {
 
 #[test]
 fn held_ipv6_and_ipv4_connections_survive_a_spoofed_ipv6_syn_flood() -> Result<()> {
-    let prefix = unique_prefix("lb6fl");
-    let mut lab = Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))?;
-    lab.exec_ok(
-        &lab.lb_ns(),
-        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-    )?;
+    let mut lab = lb_tests::lab6::up("lb6fl")?;
     in_each_mode(&mut lab, config, |lab, mode| {
         let mut held6 = keepalive6(lab, KEEPALIVE)?;
         let mut held4 = keepalive_connections(lab, KEEPALIVE)?;

@@ -9,13 +9,12 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use lb_tests::{
     in_each_mode,
     lab6::config_v6,
-    lb_bin,
     pmtu::{big_request, cached_mtu, forget_path_mtus6, upload_to},
-    status, unique_prefix,
+    status,
 };
 use lb_userspace::{
     config::Forwarding,
@@ -29,13 +28,7 @@ use lb_userspace::{
 };
 
 fn new_lab() -> Result<Lab> {
-    let prefix = unique_prefix("v6mtu");
-    let lab = Lab::up(&prefix, &lb_bin()).with_context(|| format!("building lab {prefix}"))?;
-    lab.exec_ok(
-        &lab.lb_ns(),
-        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
-    )?;
-    Ok(lab)
+    lb_tests::lab6::up("v6mtu")
 }
 
 /// UDP datagrams bigger than the MTU over IPv6: a request fragmented by the
