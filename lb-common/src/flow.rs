@@ -168,6 +168,16 @@ pub fn is_idle(conf: &FlowConf, protocol: u8, state: u32, seen: u32, now: u32) -
     timeout != 0 && (now.wrapping_sub(seen) as i32) > timeout as i32
 }
 
+/// How many ticks an entry last seen at `seen` has been idle at `now`, read
+/// as [`is_idle`] reads it: signed, so an entry stamped a tick after the
+/// agent's `now` (the data plane's clock runs up to two jiffies ahead) has
+/// been idle 0 ticks, not 2^32 − 1.
+#[inline(always)]
+pub const fn idle_ticks(seen: u32, now: u32) -> u32 {
+    let age = now.wrapping_sub(seen) as i32;
+    if age < 0 { 0 } else { age as u32 }
+}
+
 /// Slots per `HALF_OPEN` bucket: a flow may sit in any slot of its bucket
 /// (two ways, 128 bytes: the pair of lines a CPU fetches together). A new
 /// flow replaces another only when both are taken, so flows lose their slot
@@ -580,6 +590,17 @@ mod tests {
         };
         assert!(!is_expired(&conf(), IPPROTO_TCP, &old, 7));
         assert!(is_expired(&conf(), IPPROTO_TCP, &old, 8));
+    }
+
+    #[test]
+    fn an_entry_stamped_after_the_agents_now_has_been_idle_no_time() {
+        assert_eq!(idle_ticks(100, 110), 10);
+        assert_eq!(idle_ticks(100, 100), 0);
+        // The data plane's clock is ahead near a tick boundary.
+        assert_eq!(idle_ticks(101, 100), 0);
+        assert_eq!(idle_ticks(0, u32::MAX), 0);
+        // The clock wraps; the difference does not.
+        assert_eq!(idle_ticks(u32::MAX - 2, 7), 10);
     }
 
     #[test]

@@ -471,3 +471,64 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         });
     });
 }
+
+/// The data plane's clock runs up to two jiffies ahead of the agent's, so
+/// just after a tick boundary every flow that carried a packet is stamped
+/// the tick after the agent's `now`. Such a flow reaches a starting peer by
+/// the bulk copy alive: the peer forwards its next packet to its backend.
+/// (The sender read its age unsigned — 2^32 − 1 ticks, sent as u32::MAX ms
+/// — and the peer inserted it expired: a miss, `DropNoFlow` for a
+/// round-robin flow's segment, the connections a failback broke.)
+#[test]
+fn a_flow_stamped_ahead_of_the_agents_clock_reaches_a_starting_peer_alive() {
+    let net = TestNet::new();
+    net.ip(&["link", "set", "lo", "up"]);
+    net.run(|| {
+        let cfg = lab_config();
+        let (a_addr, b_addr) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+        let mut a = Harness::new(&cfg);
+        let mut b = Harness::new(&cfg);
+        let web = open(&mut a, 53500, &mut |_| {});
+        let (_a_stats, a_bulk) = lb_userspace::sync::start(
+            &sync_config(a_addr, &[b_addr]),
+            SyncMaps::of(&a.dp).expect("maps"),
+        )
+        .expect("start A");
+        assert!(!a_bulk.0.blocking_recv().expect("A's bulk copy ends"));
+        // Just after a tick boundary (so the stamp stays ahead for a whole
+        // tick, far longer than the bulk copy takes), as the data plane
+        // stamps a packet then.
+        let tick = now();
+        while now() == tick {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let ahead = now() + 1;
+        let conf = a.dp.flow_conf().expect("FLOW_CONF");
+        a.dp.established_table()
+            .expect("ESTABLISHED")
+            .update(&client_key(53500), &conf, |s| s.forward.seen = ahead)
+            .expect("A's flow in its slot");
+        let (_b_stats, b_bulk) = lb_userspace::sync::start(
+            &sync_config(b_addr, &[a_addr]),
+            SyncMaps::of(&b.dp).expect("maps"),
+        )
+        .expect("start B");
+        assert!(b_bulk.0.blocking_recv().expect("B's bulk copy ends"));
+        assert!(now() < ahead, "the bulk copy took longer than a tick");
+        let copied = established(&b, 53500).expect("B has A's flow from the bulk copy");
+        let out = b.expect(
+            b.front,
+            &client_ack(53500),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), web, "B sends A's flow to A's backend");
+        let b_conf = b.dp.flow_conf().expect("FLOW_CONF");
+        assert!(
+            !lb_common::flow::is_expired(&b_conf, 6, &copied, now()),
+            "B's copy was inserted expired: seen {}, now {}",
+            copied.seen,
+            now()
+        );
+    });
+}

@@ -15,7 +15,7 @@ use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use lb_common::{
     Backend, FLOW_F_FULL_NAT, FLOW_F_SYNCED, Flow, FlowConf, FlowKey, NextHop, ServiceConf,
     ServiceKey,
-    flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, ticks},
+    flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, idle_ticks, ticks},
     map_names::MapName,
     sync::{SYNC_EVENT_ENDED, SyncConf, SyncEvent},
 };
@@ -293,15 +293,26 @@ fn active_records(
     within: u32,
     include_synced: bool,
 ) -> (Vec<Record>, u64) {
+    records_of(&maps.table.entries(), dir, now, within, include_synced)
+}
+
+/// [`active_records`] of `entries` (keyed as their packets arrive, as the
+/// table lists them).
+fn records_of(
+    entries: &[(FlowKey, Flow)],
+    dir: &Directory,
+    now: u32,
+    within: u32,
+    include_synced: bool,
+) -> (Vec<Record>, u64) {
     let mut out = Vec::new();
     let mut synced = 0;
-    let entries: Vec<(FlowKey, Flow)> = maps.table.entries();
     let replies: std::collections::HashMap<FlowKey, u32> = entries
         .iter()
         .filter(|(_, f)| f.direction == REPLY)
         .map(|(k, f)| (lb_common::flow::forward_key(k, f), f.seq))
         .collect();
-    for (key, flow) in &entries {
+    for (key, flow) in entries {
         if flow.direction != FORWARD {
             continue;
         }
@@ -311,7 +322,11 @@ fn active_records(
                 continue;
             }
         }
-        let age = now.wrapping_sub(flow.seen);
+        // Signed: a flow the data plane stamped a tick after `now` (its
+        // clock runs ahead) is 0 ticks old. Unsigned, it was 2^32 − 1 ticks
+        // old: the bulk copy sent it with an age of u32::MAX ms, and the
+        // peer inserted it expired — a miss for its next packet.
+        let age = idle_ticks(flow.seen, now);
         if flow.state != STATE_ESTABLISHED || age > within {
             continue;
         }
@@ -617,15 +632,17 @@ impl Syncer {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{BACKEND_F_IN_USE, MODE_NAT};
+    use lb_common::{BACKEND_F_IN_USE, MODE_DSR, MODE_NAT};
 
     use super::*;
 
-    /// A NAT flow's events become records; a full-NAT flow's (its end, its
-    /// refresh) and a synced flow's are not sent.
-    #[test]
-    fn full_nat_and_synced_flows_are_not_sent() {
-        let addr = |a: [u8; 4]| u32::from_ne_bytes(a);
+    fn addr(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    /// The service 198.18.0.10:80/tcp (id 0) in `mode`, with one backend
+    /// (id 1, 198.19.0.11:80); its key.
+    fn one_service(mode: u32) -> (Directory, ServiceKey) {
         let key = ServiceKey {
             vip: addr([198, 18, 0, 10]),
             port: 80u16.to_be(),
@@ -634,7 +651,7 @@ mod tests {
         };
         let conf = |_| {
             Some(ServiceConf {
-                mode: MODE_NAT,
+                mode,
                 enabled: 1,
                 ..ServiceConf::default()
             })
@@ -648,16 +665,28 @@ mod tests {
                 _pad: 0,
             })
         };
-        let dir = Directory::build([(key, 0)], conf, backend);
+        (Directory::build([(key, 0)], conf, backend), key)
+    }
+
+    /// The forward key of the client 198.18.1.2:`sport`'s flow to `service`.
+    fn client_key(service: &ServiceKey, sport: u16) -> FlowKey {
+        FlowKey {
+            saddr: addr([198, 18, 1, 2]),
+            daddr: service.vip,
+            sport: sport.to_be(),
+            dport: service.port,
+            protocol: 6,
+            ..FlowKey::default()
+        }
+    }
+
+    /// A NAT flow's events become records; a full-NAT flow's (its end, its
+    /// refresh) and a synced flow's are not sent.
+    #[test]
+    fn full_nat_and_synced_flows_are_not_sent() {
+        let (dir, key) = one_service(MODE_NAT);
         let event = |flags| SyncEvent {
-            key: FlowKey {
-                saddr: addr([198, 18, 1, 2]),
-                daddr: key.vip,
-                sport: 40000u16.to_be(),
-                dport: key.port,
-                protocol: 6,
-                ..FlowKey::default()
-            },
+            key: client_key(&key, 40000),
             backend_id: 1,
             service_id: 0,
             kind: lb_common::sync::SYNC_EVENT_ENDED,
@@ -668,5 +697,44 @@ mod tests {
         assert!(record_of(&dir, &event(0)).is_some());
         assert!(record_of(&dir, &event(FLOW_F_FULL_NAT)).is_none());
         assert!(record_of(&dir, &event(FLOW_F_SYNCED)).is_none());
+    }
+
+    /// The data plane's clock runs up to two jiffies ahead of the agent's,
+    /// so near a tick boundary a flow's `seen` is the tick after the
+    /// agent's `now`. Such a flow is as fresh as can be: the bulk copy and
+    /// the refresh send it with age 0. (They sent it with u32::MAX ms, and
+    /// the peer inserted it expired: a failback's flows broke.)
+    #[test]
+    fn a_flow_seen_a_tick_after_now_is_sent_fresh() {
+        let (dir, key) = one_service(MODE_DSR);
+        let now = 1_000;
+        let flow = |seen, flags| Flow {
+            backend_id: 1,
+            service_id: 0,
+            state: STATE_ESTABLISHED,
+            seen,
+            direction: FORWARD,
+            flags,
+            ..Flow::default()
+        };
+        let entries = [
+            (client_key(&key, 40001), flow(now + 1, 0)),
+            (client_key(&key, 40002), flow(now - 3, 0)),
+            (client_key(&key, 40003), flow(now + 1, FLOW_F_SYNCED)),
+        ];
+        let ages = |records: &[Record]| -> Vec<(u16, u32)> {
+            records
+                .iter()
+                .map(|r| (r.client.port(), r.age_ms))
+                .collect()
+        };
+        let three_ticks = u32::try_from(3 * TICK_NS / 1_000_000).expect("ms");
+        // The bulk copy: every established flow, synced ones too.
+        let (bulk, synced) = records_of(&entries, &dir, now, u32::MAX, true);
+        assert_eq!(synced, 1);
+        assert_eq!(ages(&bulk), [(40001, 0), (40002, three_ticks), (40003, 0)]);
+        // The refresh: local flows seen within the period.
+        let (refresh, _) = records_of(&entries, &dir, now, 2, false);
+        assert_eq!(ages(&refresh), [(40001, 0)]);
     }
 }
