@@ -19,7 +19,7 @@ use aya::maps::{Array, MapData, MapError};
 use lb_common::{
     Backend, Flow, FlowConf, FlowKey,
     family::FlowTuple,
-    flow::{REPLY, STATE_ESTABLISHED, forward_key, is_expired, reply_key, ticks},
+    flow::{REPLY, STATE_ESTABLISHED, forward_key, idle_ticks, is_expired, reply_key, ticks},
     headers::IPPROTO_TCP,
 };
 
@@ -89,7 +89,9 @@ pub fn expired_by<K: FlowTuple + Eq + std::hash::Hash>(
             || (pressure
                 && key.protocol() == IPPROTO_TCP
                 && flow.state == STATE_ESTABLISHED
-                && now.wrapping_sub(flow.seen) > LONG_IDLE)
+                // Signed: a flow stamped a tick after `now` (the data
+                // plane's clock runs ahead) was just active.
+                && idle_ticks(flow.seen, now) > LONG_IDLE)
     };
     let mut gone = Vec::new();
     for (key, flow) in entries {
@@ -420,9 +422,15 @@ mod tests {
         };
         let now = 1000;
         let mut entries: StdHashMap<FlowKey, Flow> = StdHashMap::new();
-        // A DSR flow (one entry) idle past LONG_IDLE, one idle 35 ticks.
-        let (old, recent) = (key(1, TCP), key(2, TCP));
-        for (k, seen) in [(old, now - LONG_IDLE - 1), (recent, now - 35)] {
+        // A DSR flow (one entry) idle past LONG_IDLE, one idle 35 ticks,
+        // one the data plane stamped a tick after the agent's `now` (its
+        // clock runs ahead).
+        let (old, recent, ahead) = (key(1, TCP), key(2, TCP), key(6, TCP));
+        for (k, seen) in [
+            (old, now - LONG_IDLE - 1),
+            (recent, now - 35),
+            (ahead, now + 1),
+        ] {
             let flow = Flow {
                 state: STATE_ESTABLISHED,
                 seen,
