@@ -1,12 +1,13 @@
 //! The multi-LB lab as the end-to-end tests drive it (tests/tests/ha.rs,
 //! tests/tests/sync_e2e.rs): two or more LBs with an agent each behind the
 //! lab's BGP/ECMP router ([`Ha`]), keep-alive connections that each ask
-//! `GET /` every 20 ms and note what they saw ([`Held`], [`ConnLog`]), a
+//! `GET /` every 20 ms and note what they saw ([`Held`], [`ConnLog`]; from
+//! client ports the router sends through a chosen LB: [`Held::open_via`]), a
 //! stream of new connections, and an LB cut off as a dead host would be
 //! ([`fail_lb1`]).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +21,10 @@ use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
     harness::{
-        lab::{AgentProcess, HttpConn, Lab, VIP, http_get, lb_front_of, vip_http},
+        lab::{
+            AgentProcess, HA_CLIENT, HttpConn, Lab, VIP, http_get, lb_front_addr, lb_front_of,
+            vip_http,
+        },
         netns::in_netns,
     },
 };
@@ -185,7 +189,14 @@ impl Ha {
 pub struct Held {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<ConnLog>>,
+    /// Each connection's service and its own (client) address.
+    pub conns: Vec<(SocketAddrV4, SocketAddrV4)>,
 }
+
+/// The client ports [`Held::open_via`] chooses from: below the client's
+/// ephemeral range (32768–60999), so no connection the kernel numbers
+/// (wrk's, curl's) can hold one.
+pub const CHOSEN_PORTS: std::ops::Range<u16> = 20_000..24_000;
 
 #[derive(Debug, Default)]
 pub struct ConnLog {
@@ -211,23 +222,71 @@ impl Held {
 
     /// `n` connections to each of `services`.
     pub fn open_to(lab: &Lab, n: usize, services: &[SocketAddr]) -> Result<Held> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut conns = Vec::new();
         for service in services {
             for _ in 0..n {
                 let conn = in_netns(&lab.client_ns(), || HttpConn::connect(*service))??;
-                let local = conn.local_addr()?;
-                let stop = stop.clone();
-                let service = *service;
-                threads.push(thread::spawn(move || {
-                    let mut log = ask_until(conn, &stop);
-                    log.service = Some(service);
-                    log.local = Some(local);
-                    log
-                }));
+                conns.push((*service, conn));
             }
         }
-        Ok(Held { stop, threads })
+        Self::hold(conns)
+    }
+
+    /// `n` connections to each of `services` from client ports that the
+    /// router's ECMP route sends through LB `lb` while every LB is in it
+    /// ([`Lab::ecmp_next_hop`], the router's own lookup): a test that moves
+    /// flows between LBs knows which ones it moves. Call it with every LB
+    /// in the route.
+    pub fn open_via(lab: &Lab, n: usize, services: &[SocketAddrV4], lb: usize) -> Result<Held> {
+        let via = lb_front_addr(lb);
+        let mut ports = CHOSEN_PORTS;
+        let mut conns = Vec::new();
+        for service in services {
+            let mut chosen = 0;
+            while chosen < n {
+                let port = ports.next().with_context(|| {
+                    format!(
+                        "only {chosen} of the client ports {CHOSEN_PORTS:?} left go via lb{lb} to \
+                         {service}, {n} wanted"
+                    )
+                })?;
+                let client = SocketAddrV4::new(HA_CLIENT, port);
+                if lab.ecmp_next_hop(client, *service)? != via {
+                    continue;
+                }
+                let conn = in_netns(&lab.client_ns(), || {
+                    HttpConn::connect_from_port(client, *service)
+                })??;
+                conns.push((SocketAddr::V4(*service), conn));
+                chosen += 1;
+            }
+        }
+        Self::hold(conns)
+    }
+
+    /// A thread per connection, asking until [`Held::close`].
+    fn hold(conns: Vec<(SocketAddr, HttpConn)>) -> Result<Held> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut addrs = Vec::new();
+        for (service, conn) in conns {
+            let local = conn.local_addr()?;
+            if let (SocketAddr::V4(s), SocketAddr::V4(l)) = (service, local) {
+                addrs.push((s, l));
+            }
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                let mut log = ask_until(conn, &stop);
+                log.service = Some(service);
+                log.local = Some(local);
+                log
+            }));
+        }
+        Ok(Held {
+            stop,
+            threads,
+            conns: addrs,
+        })
     }
 
     pub fn close(self) -> Vec<ConnLog> {

@@ -12,7 +12,10 @@
 //! - an LB is withdrawn (`lb vip withdraw`), its agent restarted on an
 //!   empty data plane (`lb teardown`, then `lb run`: its bulk copy from
 //!   the peer refills the table before it announces) and it comes back
-//!   (failback): no connection breaks;
+//!   (failback): no connection breaks. The held connections' client ports
+//!   are chosen by the router's own ECMP lookup so that every one of them
+//!   crosses lb1, then lb2, then lb1 again, and `lb explain` on each LB
+//!   confirms each step;
 //! - sync messages spoofed from a web (the source forged to be lb1): one
 //!   under another key, one a replayed capture of a real message — each
 //!   rejected, counted in `lb status`, and no flow created.
@@ -350,15 +353,102 @@ fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> Result<bool>)
     Ok(())
 }
 
+/// Where LB `n`'s entry of a flow came from, as `lb explain` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    None,
+    /// This LB scheduled the flow.
+    Local,
+    /// From a peer ([sync]).
+    Synced,
+}
+
+/// `lb explain` on LB `n` of the TCP flow from `client` to `service`.
+fn explain(ha: &Ha, n: usize, client: SocketAddrV4, service: SocketAddrV4) -> Result<String> {
+    let r = control::request(
+        &ha.lab.agent_socket_of(n),
+        &Request::Explain {
+            client: client.to_string(),
+            service: format!("{service}/tcp"),
+        },
+    )?;
+    ensure!(r.ok, "lb explain on lb{n}: {}", r.message);
+    Ok(r.message)
+}
+
+/// The held connections (service, client) whose entry on LB `n` is not
+/// `want`, with what `lb explain` said of each.
+fn entries_not(
+    ha: &Ha,
+    n: usize,
+    conns: &[(SocketAddrV4, SocketAddrV4)],
+    want: Entry,
+) -> Result<Vec<String>> {
+    let mut wrong = Vec::new();
+    for (service, client) in conns {
+        let text = explain(ha, n, *client, *service)?;
+        let got = if !text.contains("pinned by conntrack") {
+            Entry::None
+        } else if text.contains("came from a peer") {
+            Entry::Synced
+        } else {
+            Entry::Local
+        };
+        if got != want {
+            wrong.push(format!("{client} → {service}: {got:?} on lb{n}:\n{text}"));
+        }
+    }
+    Ok(wrong)
+}
+
+/// Fails unless every held connection's entry on LB `n` is `want`.
+fn check_entries(
+    ha: &Ha,
+    n: usize,
+    conns: &[(SocketAddrV4, SocketAddrV4)],
+    want: Entry,
+    when: &str,
+) -> Result<()> {
+    let wrong = entries_not(ha, n, conns, want)?;
+    ensure!(
+        wrong.is_empty(),
+        "{when}: {} of {} held flows have no {want:?} entry on lb{n}:\n{}",
+        wrong.len(),
+        conns.len(),
+        wrong.join("\n")
+    );
+    Ok(())
+}
+
+/// LB `n`'s count of `verdict` (`lb status`).
+fn verdict(ha: &Ha, n: usize, verdict: &str) -> Result<u64> {
+    Ok(ha.status(n)?.verdicts.get(verdict).copied().unwrap_or(0))
+}
+
+/// Every held connection goes through lb1 while both LBs are announced
+/// (their client ports are chosen by the router's own ECMP lookup), so the
+/// withdrawal moves each one to lb2 and the failback each one back to lb1:
+/// lb1 scheduled them, lb2 holds them from sync, and the restarted lb1
+/// holds them again from its bulk copy. Checked per connection with
+/// `lb explain` on both LBs and the router's lookup after the failback.
 #[test]
 fn synced_flows_survive_a_withdrawal_and_a_failback_to_a_restarted_lb() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let mut ha = up(true)?;
-    let services: Vec<SocketAddr> = synced_services().iter().map(|(_, a)| *a).collect();
-    let held = Held::open_to(&ha.lab, HELD_PER_SERVICE, &services)?;
-    let wrk = Wrk::start(&ha.lab, &services, Duration::from_secs(120))?;
+    let services: Vec<SocketAddrV4> = [RR_VIP, LC_VIP]
+        .into_iter()
+        .map(|vip| SocketAddrV4::new(vip, 80))
+        .collect();
+    let held = Held::open_via(&ha.lab, HELD_PER_SERVICE, &services, 1)?;
+    let conns = held.conns.clone();
+    let all: Vec<SocketAddr> = services.iter().map(|s| SocketAddr::V4(*s)).collect();
+    let wrk = Wrk::start(&ha.lab, &all, Duration::from_secs(120))?;
     thread::sleep(Duration::from_millis(1500));
     let run = || -> Result<()> {
+        // The router sent each held flow to lb1, as its lookup said; lb2
+        // has each one from sync.
+        check_entries(&ha, 1, &conns, Entry::Local, "before the withdrawal")?;
+        check_entries(&ha, 2, &conns, Entry::Synced, "before the withdrawal")?;
         // Planned maintenance: lb1 withdraws, the router moves its flows
         // to lb2, which has them from sync.
         println!(
@@ -383,28 +473,55 @@ fn synced_flows_survive_a_withdrawal_and_a_failback_to_a_restarted_lb() -> Resul
         !status.adopted,
         "lb1's agent adopted a data plane: not an empty table"
     );
+    // Before the route comes back: what the bulk copy put in lb1's table.
+    let not_copied = entries_not(&ha, 1, &conns, Entry::Synced)?;
+    let no_flow_before = verdict(&ha, 1, "drop_no_flow")?;
     let took = wait_for_routes(&ha, &[1, 2], ROUTE_UP).context(ha.logs())?;
     println!("lb1 back in the routes {took:?} after its agent was ready");
     let entries = ha.status(1)?.conntrack.entries;
     println!("lb1's connection table after its restart: {entries} entries");
-    // The flows the router moves back to lb1 keep their backends.
+    // The router sends each held flow back to lb1.
+    let via_lb1 = lb_front_addr(1);
+    let mut crossed = Vec::new();
+    for (service, client) in &conns {
+        if ha.lab.ecmp_next_hop(*client, *service)? == via_lb1 {
+            crossed.push(*service);
+        }
+    }
     let before = service_packets(&ha, 1)?;
-    let back = wait_until(Duration::from_secs(5), "held flows back on lb1", || {
-        let now = service_packets(&ha, 1)?;
-        Ok(now.iter().zip(&before).all(|(a, b)| a.1 > b.1))
-    });
-    thread::sleep(Duration::from_secs(2));
+    // Long enough for a flow lb1 drops to fail (wrk counts a request
+    // stalled for 2 s; a held connection's read times out).
+    thread::sleep(Duration::from_secs(3));
     let outcome = Outcome {
         held: held.close(),
         wrk: wrk.finish()?,
     };
     outcome.report("sync, DSR, lb1 withdrawn, restarted empty, failback");
+    let no_flow = verdict(&ha, 1, "drop_no_flow")? - no_flow_before;
     println!(
-        "lb1 forwarded after the failback: {:?} (from {before:?}); lb1's sync: {:?}",
+        "held flows the router sends back to lb1: {} of {}; lb1's drop_no_flow since its restart: \
+         {no_flow}\nlb1 forwarded after the failback: {:?} (from {before:?}); lb1's sync: {:?}",
+        crossed.len(),
+        conns.len(),
         service_packets(&ha, 1)?,
         ha.status(1)?.sync
     );
-    back.context(ha.logs())?;
+    for service in &services {
+        let n = crossed.iter().filter(|s| *s == service).count();
+        ensure!(
+            n == HELD_PER_SERVICE,
+            "only {n} of the {HELD_PER_SERVICE} held flows to {service} chosen to cross lb1 go \
+             back to it"
+        );
+    }
+    ensure!(
+        not_copied.is_empty(),
+        "the restarted lb1's bulk copy lacks {} of the {} held flows:\n{}\n{}",
+        not_copied.len(),
+        conns.len(),
+        not_copied.join("\n"),
+        ha.logs()
+    );
     outcome.check_nothing_broke().context(ha.logs())
 }
 

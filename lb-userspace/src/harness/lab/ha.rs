@@ -45,7 +45,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -62,6 +62,11 @@ use crate::{
     config::Forwarding,
     harness::netns::{self, SpawnGated as _, VethEnd},
 };
+
+/// The router's multipath hash fields (`fib_multipath_hash_fields`, with
+/// policy 3): source and destination address, protocol, source and
+/// destination port — policy 1's L4 hash, always computed from the packet.
+const ECMP_HASH_FIELDS: &str = "0x0037";
 
 /// The most LBs a lab may have (what `lb lab down` looks for).
 pub const MAX_LBS: usize = 4;
@@ -446,6 +451,42 @@ impl Lab {
         Ok(parse_next_hops(&text))
     }
 
+    /// The next hop (an LB's front address) the router's route to
+    /// `service`'s VIP picks for a TCP flow from `client` now: the router's
+    /// own lookup of a packet arriving from the client (`ip route get … iif
+    /// r-client ipproto tcp sport … dport …`), hashed as the packets it
+    /// forwards are.
+    pub fn ecmp_next_hop(
+        &self,
+        client: SocketAddrV4,
+        service: SocketAddrV4,
+    ) -> anyhow::Result<Ipv4Addr> {
+        let text = netns::ns_run(
+            &self.router_ns(),
+            &[
+                "ip",
+                "-4",
+                "route",
+                "get",
+                &service.ip().to_string(),
+                "from",
+                &client.ip().to_string(),
+                "iif",
+                "r-client",
+                "ipproto",
+                "tcp",
+                "sport",
+                &client.port().to_string(),
+                "dport",
+                &service.port().to_string(),
+            ],
+        )?;
+        parse_next_hops(&text)
+            .into_iter()
+            .next()
+            .with_context(|| format!("no next hop for {client} → {service} in: {text}"))
+    }
+
     /// Polls the router's VIP route until its next hops are `want` (in any
     /// order); returns how long it took.
     pub fn wait_for_route(&self, want: &[Ipv4Addr], within: Duration) -> anyhow::Result<Duration> {
@@ -602,9 +643,22 @@ impl Lab {
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
         netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
         // Hash the 5-tuple, not only the addresses: one client's
-        // connections spread over the LBs, each staying on one.
-        netns::sysctl(&ns, "net/ipv4/fib_multipath_hash_policy", "1")?;
-        netns::sysctl(&ns, "net/ipv6/fib_multipath_hash_policy", "1")?;
+        // connections spread over the LBs, each staying on one. Policy 3
+        // (these fields), not 1: a packet from the client's namespace
+        // crosses the veth with its socket's hash (`sk_txhash`), which
+        // policy 1 takes instead of hashing the packet, so each connection
+        // went to a random LB, and to another one whenever TCP re-drew the
+        // hash after a retransmission timeout. A router hashes the packet;
+        // so does this one now, and `ip route get … sport … dport …` (its
+        // own lookup, `Lab::ecmp_next_hop`) says where a connection goes.
+        for family in ["ipv4", "ipv6"] {
+            netns::sysctl(&ns, &format!("net/{family}/fib_multipath_hash_policy"), "3")?;
+            netns::sysctl(
+                &ns,
+                &format!("net/{family}/fib_multipath_hash_fields"),
+                ECMP_HASH_FIELDS,
+            )?;
+        }
         // DSR replies come in on r-back with the VIP as source, whose route
         // points at the LBs: strict reverse-path filtering would drop them.
         for dev in ["all", "default", "r-client", "r-front", "r-back"] {
