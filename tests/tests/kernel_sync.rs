@@ -23,7 +23,7 @@ use lb_tests::{
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
     sync::{
-        Applied, Directory, SyncMaps, apply,
+        Applied, Directory, Stats, SyncMaps, apply,
         stats::RecordReject,
         wire::{Event, Key, Kind, Record, Sealer},
     },
@@ -350,6 +350,16 @@ fn sync_config(me: [u8; 4], peers: &[[u8; 4]]) -> lb_userspace::config::Sync {
 
 const KEY: &str = "a key the two LBs of this test share, long enough";
 
+/// Starts `h`'s sync thread on loopback address `me` with the peers
+/// `peers` and waits for its bulk copy: its stats, and whether every peer
+/// answered.
+fn start_sync(h: &Harness, me: [u8; 4], peers: &[[u8; 4]]) -> (Stats, bool) {
+    let (stats, bulk) =
+        lb_userspace::sync::start(&sync_config(me, peers), SyncMaps::of(&h.dp).expect("maps"))
+            .expect("start sync");
+    (stats, bulk.0.blocking_recv().expect("the bulk copy ends"))
+}
+
 /// The entry of the client's flow from `sport`, if `h`'s table has one.
 fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
     h.dp.flow_table()
@@ -383,21 +393,9 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         let mut b = Harness::new(&cfg);
         // A flow on A before sync runs: only the bulk copy can carry it.
         let web = open(&mut a, 53400, &mut |_| {});
-        let (_a_stats, a_bulk) = lb_userspace::sync::start(
-            &sync_config(a_addr, &[b_addr]),
-            SyncMaps::of(&a.dp).expect("maps"),
-        )
-        .expect("start A");
-        assert!(
-            !a_bulk.0.blocking_recv().expect("A's bulk copy ends"),
-            "no peer answered A: its bulk copy times out"
-        );
-        let (b_stats, b_bulk) = lb_userspace::sync::start(
-            &sync_config(b_addr, &[a_addr, stranger]),
-            SyncMaps::of(&b.dp).expect("maps"),
-        )
-        .expect("start B");
-        let _ = b_bulk.0.blocking_recv();
+        let (_a_stats, answered) = start_sync(&a, a_addr, &[b_addr]);
+        assert!(!answered, "no peer answered A: its bulk copy times out");
+        let (b_stats, _) = start_sync(&b, b_addr, &[a_addr, stranger]);
         let copied = established(&b, 53400).expect("B has A's flow from the bulk copy");
         assert_eq!(copied.flags & FLOW_F_SYNCED, FLOW_F_SYNCED);
         let out = b.expect(
@@ -489,12 +487,8 @@ fn a_flow_stamped_ahead_of_the_agents_clock_reaches_a_starting_peer_alive() {
         let mut a = Harness::new(&cfg);
         let mut b = Harness::new(&cfg);
         let web = open(&mut a, 53500, &mut |_| {});
-        let (_a_stats, a_bulk) = lb_userspace::sync::start(
-            &sync_config(a_addr, &[b_addr]),
-            SyncMaps::of(&a.dp).expect("maps"),
-        )
-        .expect("start A");
-        assert!(!a_bulk.0.blocking_recv().expect("A's bulk copy ends"));
+        let (_a_stats, answered) = start_sync(&a, a_addr, &[b_addr]);
+        assert!(!answered, "no peer answered A");
         // Just after a tick boundary (so the stamp stays ahead for a whole
         // tick, far longer than the bulk copy takes), as the data plane
         // stamps a packet then.
@@ -508,12 +502,8 @@ fn a_flow_stamped_ahead_of_the_agents_clock_reaches_a_starting_peer_alive() {
             .expect("ESTABLISHED")
             .update(&client_key(53500), &conf, |s| s.forward.seen = ahead)
             .expect("A's flow in its slot");
-        let (_b_stats, b_bulk) = lb_userspace::sync::start(
-            &sync_config(b_addr, &[a_addr]),
-            SyncMaps::of(&b.dp).expect("maps"),
-        )
-        .expect("start B");
-        assert!(b_bulk.0.blocking_recv().expect("B's bulk copy ends"));
+        let (_b_stats, answered) = start_sync(&b, b_addr, &[a_addr]);
+        assert!(answered, "A answered B's bulk request");
         assert!(now() < ahead, "the bulk copy took longer than a tick");
         let copied = established(&b, 53500).expect("B has A's flow from the bulk copy");
         let out = b.expect(
