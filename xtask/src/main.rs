@@ -256,6 +256,7 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
+    bpffs()?;
     if cargo_deb().is_some() {
         eprintln!("xtask setup: cargo-deb present");
     } else {
@@ -263,6 +264,29 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("cargo").args(["install", "--locked", "cargo-deb"]))?;
     }
     Ok(())
+}
+
+/// The host's bpffs at /sys/fs/bpf: the agent pins its data plane there,
+/// and the end-to-end tests start agents whose pins must outlive them. Most
+/// hosts mount it at boot (systemd); a bare container may not, and an agent
+/// started under `ip netns exec` (a private mount namespace) refuses to
+/// mount one that would vanish with it. So the setup mounts it here, in the
+/// host's mount namespace, root-only (`mode=0700`, as the agent's own
+/// mount), once.
+fn bpffs() -> anyhow::Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fs) = (fields.next(), fields.next(), fields.next());
+        dir == Some("/sys/fs/bpf") && fs == Some("bpf")
+    });
+    if mounted {
+        eprintln!("xtask setup: bpffs mounted at /sys/fs/bpf");
+        return Ok(());
+    }
+    eprintln!("xtask setup: mounting a bpffs at /sys/fs/bpf");
+    run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"]))
 }
 
 /// `cargo-deb`, which `cargo xtask package` builds the Debian package with.
