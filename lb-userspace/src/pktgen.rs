@@ -21,6 +21,10 @@
 //! whose pages are all freshly initialised. That costs a pool set-up per
 //! batch, so it is slower than the default.
 //!
+//! Where the kernel refuses live frames (`EPERM` from BPF_PROG_RUN, e.g. a
+//! lockdown LSM in a sandbox), the same frames go out of an AF_PACKET
+//! socket instead (`packet`, [`Sender`]); the summary says which sender ran.
+//!
 //! Backends: `xdp` (the default) is the one above. `kernel` would drive the
 //! in-kernel pktgen through /proc/net/pktgen; it is only offered when that
 //! interface exists, and this build does not drive it yet: it fails with a
@@ -218,11 +222,31 @@ pub struct Spec {
     pub fresh_frames: bool,
 }
 
+/// How a run's frames left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sender {
+    /// BPF_PROG_RUN live frames: the kernel injects them from XDP.
+    XdpLiveFrames,
+    /// An AF_PACKET socket on the interface, one `send` per frame, used
+    /// when the kernel refuses live frames (see [`generate`]).
+    PacketSocket,
+}
+
+impl std::fmt::Display for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sender::XdpLiveFrames => "XDP live frames",
+            Sender::PacketSocket => "an AF_PACKET socket (live frames refused by this kernel)",
+        })
+    }
+}
+
 /// What a run achieved.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
     pub frames: u64,
     pub elapsed: Duration,
+    pub sender: Sender,
 }
 
 impl Summary {
@@ -534,7 +558,41 @@ fn cpus() -> usize {
 
 /// Sends `spec`'s frames with `ebpf`'s `pktgen` program (from the calling
 /// thread's network namespace; the sending threads inherit it).
+///
+/// A kernel may refuse BPF_PROG_RUN's live frames to a process that may
+/// load XDP programs all the same (`EPERM`: a lockdown LSM in some
+/// sandboxes and VMs does). Then, before any frame was sent, the same
+/// frames — one per flow as the program would have rewritten them, the
+/// same sequence, threads and rate — go out of an AF_PACKET socket on the
+/// interface instead ([`Sender::PacketSocket`], far slower per frame: a
+/// flood or a test still gets its traffic, a benchmark reports the sender).
 pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
+    match generate_live(ebpf, spec) {
+        Err(e) if refused(&e) => {
+            tracing::info!(
+                "BPF_PROG_RUN live frames refused ({e:#}); sending from an AF_PACKET socket"
+            );
+            packet::generate(spec)
+        }
+        other => other,
+    }
+}
+
+/// Whether `e` is the kernel's refusal of live frames (`EPERM` from the
+/// first BPF_PROG_RUN, before any frame was sent).
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    }) && e.to_string().contains(LIVE_FRAMES_CALL)
+}
+
+/// The context of a live-frames call's error (what [`refused`] looks for).
+const LIVE_FRAMES_CALL: &str = "BPF_PROG_RUN (live frames) of pktgen";
+
+/// [`generate`] with live frames only.
+fn generate_live(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     let frame = build_frame(&spec.frame)?;
     let mut conf = flow_conf(
         spec.ifindex,
@@ -610,7 +668,11 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     for r in results {
         frames += r?;
     }
-    Ok(Summary { frames, elapsed })
+    Ok(Summary {
+        frames,
+        elapsed,
+        sender: Sender::XdpLiveFrames,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -657,8 +719,7 @@ fn send_loop(
             attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
             ..Default::default()
         };
-        prog.test_run(opts)
-            .context("BPF_PROG_RUN (live frames) of pktgen")?;
+        prog.test_run(opts).context(LIVE_FRAMES_CALL)?;
         sent += u64::from(repeat);
         if let Some(r) = rate {
             let due = start + Duration::from_secs_f64(sent as f64 / r);
@@ -742,11 +803,12 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
     // Frames handed to XDP; a full veth ring drops after that point (see
     // `ethtool -S DEV`, xdp_xmit_errors), so count delivery at the receiver.
     println!(
-        "generated {} frames in {:.3} s on {} ({} thread(s)): {:.3} Mpps",
+        "generated {} frames in {:.3} s on {} ({} thread(s), {}): {:.3} Mpps",
         summary.frames,
         summary.elapsed.as_secs_f64(),
         args.dev,
         spec.threads,
+        summary.sender,
         summary.mpps()
     );
     if let FlowDist::Zipf { s } = spec.dist {
@@ -762,6 +824,183 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The fallback sender: the frames built on the host, one `send` each on
+/// an AF_PACKET socket bound to the interface.
+mod packet {
+    use std::{
+        net::SocketAddr,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, bail};
+
+    use super::{
+        FlowDist, Limit, PKTGEN_FLOW_TABLE, Sender, Spec, Summary, ZIPF_SEED, build_frame, cpus,
+        flow_conf, flow_source_addr, pin_to_cpu, seq_starts, zipf_table,
+    };
+
+    /// Sends `spec`'s frames: frame `n` of a thread whose sequence starts at
+    /// `start` is flow `start + n` (uniform) or the drawn table's entry
+    /// (Zipf), as the XDP program numbers them.
+    pub(super) fn generate(spec: &Spec) -> anyhow::Result<Summary> {
+        let conf = flow_conf(
+            spec.ifindex,
+            spec.frame.src.ip(),
+            spec.frame.src.port(),
+            spec.flows,
+        )?;
+        // Checked once here, so a bad size fails before any thread starts.
+        build_frame(&spec.frame)?;
+        let table = match spec.dist {
+            FlowDist::Zipf { s } => Some(zipf_table(
+                spec.flows,
+                s,
+                PKTGEN_FLOW_TABLE as usize,
+                ZIPF_SEED,
+            )),
+            FlowDist::Uniform => None,
+        };
+        let threads = spec.threads.max(1);
+        let starts = seq_starts(spec.flows, threads);
+        let ncpu = cpus();
+        let stop = AtomicBool::new(false);
+        let start = Instant::now();
+        let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let quota = match spec.limit {
+                        Limit::Count(n) => {
+                            Some(n / threads as u64 + u64::from((t as u64) < n % threads as u64))
+                        }
+                        Limit::Duration(_) => None,
+                    };
+                    let rate = spec.rate.map(|r| (r as f64 / threads as f64).max(1.0));
+                    let (conf, table, stop, first) = (&conf, &table, &stop, starts[t]);
+                    s.spawn(move || -> anyhow::Result<u64> {
+                        pin_to_cpu(t % ncpu)?;
+                        let socket = bound_socket(spec.ifindex)?;
+                        let frame_of = |n: u32| {
+                            let flow = match table {
+                                Some(table) => table[n as usize % table.len()],
+                                None => n,
+                            };
+                            let src: SocketAddr = flow_source_addr(conf, spec.frame.src, flow);
+                            build_frame(&super::FrameSpec { src, ..spec.frame })
+                        };
+                        let res = send_loop(
+                            &socket, frame_of, first, quota, spec.limit, rate, start, stop,
+                        );
+                        if res.is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        res
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("sending thread panicked")))
+                })
+                .collect()
+        });
+        let elapsed = start.elapsed();
+        let mut frames = 0;
+        for r in results {
+            frames += r?;
+        }
+        Ok(Summary {
+            frames,
+            elapsed,
+            sender: Sender::PacketSocket,
+        })
+    }
+
+    /// An AF_PACKET raw socket bound to `ifindex` for sending only
+    /// (protocol 0: it receives nothing).
+    fn bound_socket(ifindex: u32) -> anyhow::Result<OwnedFd> {
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET, SOCK_RAW)");
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: `addr` is a sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("binding an AF_PACKET socket to ifindex {ifindex}"));
+        }
+        Ok(socket)
+    }
+
+    /// One thread's frames, paced as the XDP sender paces its calls. A full
+    /// device queue (`ENOBUFS`) is waited out, not counted as sent.
+    #[allow(clippy::too_many_arguments)]
+    fn send_loop(
+        socket: &OwnedFd,
+        frame_of: impl Fn(u32) -> anyhow::Result<Vec<u8>>,
+        first: u32,
+        quota: Option<u64>,
+        limit: Limit,
+        rate: Option<f64>,
+        start: Instant,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<u64> {
+        let mut sent = 0u64;
+        let mut n = first;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match (quota, limit) {
+                (Some(q), _) if sent >= q => break,
+                (None, Limit::Duration(d)) if start.elapsed() >= d => break,
+                (None, Limit::Count(_)) => break,
+                _ => {}
+            }
+            let frame = frame_of(n)?;
+            // SAFETY: `frame` is a live buffer of the length passed.
+            let rc =
+                unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if rc < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                        std::thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
+                    _ => bail!("send on the AF_PACKET socket: {err}"),
+                }
+            }
+            sent += 1;
+            n = n.wrapping_add(1);
+            if let Some(r) = rate {
+                let due = start + Duration::from_secs_f64(sent as f64 / r);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+        }
+        Ok(sent)
+    }
 }
 
 #[cfg(test)]
