@@ -572,9 +572,24 @@ pub fn generate(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
             tracing::info!(
                 "BPF_PROG_RUN live frames refused ({e:#}); sending from an AF_PACKET socket"
             );
+            LIVE_FRAMES_REFUSED.store(true, Ordering::Relaxed);
             packet::generate(spec)
         }
         other => other,
+    }
+}
+
+/// Set once a run of this process fell back to the packet socket (what a
+/// report made of several runs, `lb bench`'s, states as its generator).
+static LIVE_FRAMES_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// The sender this process's runs used: the packet socket once the kernel
+/// refused live frames to any of them.
+pub fn sender_used() -> Sender {
+    if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
+        Sender::PacketSocket
+    } else {
+        Sender::XdpLiveFrames
     }
 }
 

@@ -247,6 +247,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         seconds,
         threads,
         frame_size: generator_spec(0, 1, seconds, threads).frame.size,
+        sender: crate::pktgen::sender_used(),
         took,
         fwd,
         ns,

@@ -127,6 +127,9 @@ pub(super) struct Report {
     pub(super) threads: usize,
     /// Generator frame size in bytes.
     pub(super) frame_size: usize,
+    /// How the generator sent (live frames, or the packet socket where the
+    /// kernel refused them).
+    pub(super) sender: crate::pktgen::Sender,
     pub(super) took: Duration,
     pub(super) fwd: Vec<FwdRow>,
     pub(super) ns: Vec<NsRow>,
@@ -170,9 +173,15 @@ pub(super) fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- Path: `lb pktgen` (XDP live frames, {}-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's {} CPU(s), so generator, forwarder and sink share them.\n",
-        r.frame_size, r.cpus
+        "- Path: `lb pktgen` ({}, {}-byte UDP) → veth → middle hop (native XDP) → veth → `sink` (counts, drops), all on this host's {} CPU(s), so generator, forwarder and sink share them.\n",
+        r.sender, r.frame_size, r.cpus
     );
+    if r.sender != crate::pktgen::Sender::XdpLiveFrames {
+        let _ = writeln!(
+            s,
+            "- **The generator was the limit of this run**: this kernel refused BPF_PROG_RUN's live frames, so the frames came from an AF_PACKET socket, far slower than any hop; the forwarding rates below measure the generator, and their ratios to the ceiling say nothing of the data plane. The ns/packet sections (BPF_PROG_TEST_RUN) are unaffected.\n"
+        );
+    }
     let _ = writeln!(s, "## Forwarding rate (Mpps at the sink)\n");
     if let Some(plot) = &r.plot {
         let _ = writeln!(

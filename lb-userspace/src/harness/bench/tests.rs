@@ -224,6 +224,7 @@ fn report(v: &Variant) -> Report {
         seconds: v.seconds,
         threads: v.threads,
         frame_size: v.frame_size,
+        sender: crate::pktgen::Sender::XdpLiveFrames,
         took: Duration::from_secs(v.took_s),
         fwd,
         ns,
@@ -385,6 +386,22 @@ fn report_without_http_or_plot_says_so() {
     assert!(
         render(&report(&A))
             .contains("![delivered Mpps per configuration, ceiling marked](BENCHMARKS.svg)")
+    );
+}
+
+#[test]
+fn a_report_whose_generator_was_the_packet_socket_says_its_rates_are_the_generators() {
+    let live = render(&report(&A));
+    assert!(live.contains("`lb pktgen` (XDP live frames, "), "{live}");
+    assert!(!live.contains("generator was the limit"), "{live}");
+    let text = render(&Report {
+        sender: crate::pktgen::Sender::PacketSocket,
+        ..report(&A)
+    });
+    assert!(text.contains("`lb pktgen` (an AF_PACKET socket"), "{text}");
+    assert!(
+        text.contains("The generator was the limit of this run"),
+        "{text}"
     );
 }
 
