@@ -4,17 +4,20 @@
 //! the ICMP errors quoting them, with incremental checksums.
 //!
 //! Allocation keeps no counter and no allocator state: a flow's candidates
-//! are derived from its keyed hash, and a candidate is claimed by inserting
-//! its reply tuple into `FNAT_REPLIES` with `BPF_NOEXIST`, which the kernel
-//! makes atomic (as Cilium's SNAT claims its reverse tuples). So two CPUs
-//! never fight over one word, and one tuple is never given to two flows.
-//! docs/architecture.md ("Full NAT") says what it costs.
+//! are derived from its keyed hash, and a candidate is claimed by a
+//! compare-and-swap of a free slot's state in its reply tuple's bucket of
+//! `FNAT_CLAIMS` (two slots in one cache line, [`claim_bucket`]), checked
+//! against the bucket's other slot ([`blocks`]), so one tuple is never given
+//! to two flows. docs/architecture.md ("Full NAT") says what it costs.
 
 use crate::{
     hash::{mix, seeded_flow_hash},
     headers::{Ipv4Hdr, L4Ports},
     icmp,
-    maps::{CLAIM_HELD, FNAT_MAX_SOURCES, FlowKey, FnatClaim, FnatConf},
+    maps::{
+        CLAIM_BUSY, CLAIM_FREED, CLAIM_HELD, CLAIM_WAYS, FNAT_MAX_SOURCES, FlowKey, FnatClaim,
+        FnatConf,
+    },
     rewrite::{rewrite_destination, rewrite_source},
 };
 
@@ -71,7 +74,7 @@ pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32,
 }
 
 /// The tuple the replies of a full-NAT flow arrive with (backend →
-/// source address:port), the key of its claim in `FNAT_REPLIES`.
+/// source address:port), whose bucket of `FNAT_CLAIMS` holds its claim.
 #[inline(always)]
 pub const fn reply_tuple(backend: (u32, u16), source: (u32, u16), protocol: u8) -> FlowKey {
     FlowKey {
@@ -85,29 +88,101 @@ pub const fn reply_tuple(backend: (u32, u16), source: (u32, u16), protocol: u8) 
     }
 }
 
+/// Ticks are kept in a claim's state modulo 2^29 (~18 years of ~1.07 s
+/// ticks): every comparison of them is modulo that too.
+pub const CLAIM_TICK_MASK: u32 = u32::MAX >> 3;
+
+/// A claim's state word: `kind` (`CLAIM_*`) at tick `now`.
+#[inline(always)]
+pub const fn claim_state(kind: u32, now: u32) -> u32 {
+    now << 3 | kind
+}
+
+/// Ticks from `then` to `now`, both modulo 2^29 ([`CLAIM_TICK_MASK`]).
+#[inline(always)]
+pub const fn ticks_since(then: u32, now: u32) -> u32 {
+    now.wrapping_sub(then) & CLAIM_TICK_MASK
+}
+
+/// murmur3's 64-bit finaliser.
+#[inline(always)]
+const fn fmix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// The first slot of `reply`'s bucket in a claim table of `slots` slots
+/// ([`CLAIM_WAYS`] to a bucket): the tuple's hash under the tables' secret
+/// seed (a client cannot aim its candidates at one bucket), scaled onto the
+/// buckets. The data plane and the agent (which frees and sweeps claims by
+/// their tuple) place alike.
+#[inline(always)]
+pub const fn claim_bucket(reply: &FlowKey, seed: u32, slots: u32) -> u32 {
+    let key = (seed as u64 ^ 0x5f11_a7a7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let x = fmix64(((reply.saddr as u64) << 32 | reply.daddr as u64) ^ key);
+    let x = fmix64(
+        x ^ ((reply.sport as u64) << 24 | (reply.dport as u64) << 8 | reply.protocol as u64),
+    );
+    crate::flow_table::first_way((x >> 32) as u32, slots, CLAIM_WAYS)
+}
+
+/// Does `way` (a slot of `tuple`'s bucket) keep `tuple` from being claimed
+/// in the bucket's other slot? If it holds `tuple` (held or in quarantine),
+/// and if it is being written (busy: it may be for `tuple`; the claim then
+/// backs off, and tries its next candidate).
+#[inline(always)]
+pub const fn blocks(way: &FnatClaim, tuple: &FlowKey) -> bool {
+    match way.kind() {
+        CLAIM_BUSY => true,
+        CLAIM_HELD | CLAIM_FREED => same_tuple(&way.reply, tuple),
+        _ => false,
+    }
+}
+
+/// Is `way` the live claim of `tuple` (what a reply's lookup wants)?
+#[inline(always)]
+pub const fn held_for(way: &FnatClaim, tuple: &FlowKey) -> bool {
+    way.kind() == CLAIM_HELD && same_tuple(&way.reply, tuple)
+}
+
+#[inline(always)]
+const fn same_tuple(a: &FlowKey, b: &FlowKey) -> bool {
+    a.saddr == b.saddr
+        && a.daddr == b.daddr
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.protocol == b.protocol
+}
+
 /// May a claim found in the way be taken over? A held one only if its
 /// flow is in neither flow table (`flow_present`: its half-open slot was
 /// taken by a new flow, or it ended without its claim being removed) and
-/// it was not made in this very tick (a claim is inserted just before its
+/// it was not made in this very tick (a claim is made just before its
 /// flow's half-open slot is written: a claim of this tick may not have its
 /// slot yet). A freed one (its flow ended) only once more than
 /// `quarantine` ticks have passed since it was freed, so the port is
-/// never given back toward its backend within the quarantine.
+/// never given back toward its backend within the quarantine. A free or
+/// busy one is not taken over (a free one is claimed, a busy one is
+/// someone else's).
 #[inline(always)]
 pub const fn reclaimable(claim: &FnatClaim, now: u32, flow_present: bool, quarantine: u16) -> bool {
-    if claim.freed != CLAIM_HELD {
-        return out_of_quarantine(claim.claimed, now, quarantine);
+    match claim.kind() {
+        CLAIM_FREED => out_of_quarantine(claim.tick(), now, quarantine),
+        CLAIM_HELD => !flow_present && ticks_since(claim.tick(), now) != 0,
+        _ => false,
     }
-    !flow_present && claim.claimed != now
 }
 
 /// Has a tuple freed at tick `freed` served its quarantine by `now`? More
 /// than `quarantine` whole ticks later (a tick is entered anywhere within
-/// it), never in the tick it was freed.
+/// it), never in the tick it was freed. Modulo 2^29, as claims keep ticks.
 #[inline(always)]
 pub const fn out_of_quarantine(freed: u32, now: u32, quarantine: u16) -> bool {
-    let since = now.wrapping_sub(freed);
-    since > quarantine as u32 && since < u32::MAX / 2
+    let since = ticks_since(freed, now);
+    since > quarantine as u32 && since < CLAIM_TICK_MASK / 2
 }
 
 /// May a packet to port `dport` (network order) be a full-NAT reply, so
@@ -274,7 +349,7 @@ mod tests {
         assert_ne!(candidate(&c, h, 0), candidate(&c, other, 0));
     }
 
-    /// The allocator against a simulated `FNAT_REPLIES` (insert if absent):
+    /// The allocator against a set of claimed tuples (insert if absent):
     /// it never hands out a taken tuple, fills a small pool almost whole,
     /// and refuses (never collides) once the pool is full.
     #[test]
@@ -332,31 +407,34 @@ mod tests {
         assert!(refused <= 4, "{refused} refused filling to half");
     }
 
+    fn claim(kind: u32, tick: u32, reply: FlowKey) -> FnatClaim {
+        FnatClaim {
+            state: claim_state(kind, tick),
+            reply,
+            ..FnatClaim::default()
+        }
+    }
+
     #[test]
     fn only_a_claim_of_an_absent_flow_from_an_earlier_tick_is_reclaimable() {
-        let claim = FnatClaim {
-            forward: key(1, 2),
-            claimed: 10,
-            freed: CLAIM_HELD,
-        };
-        assert!(reclaimable(&claim, 11, false, 56));
+        let held = claim(CLAIM_HELD, 10, key(1, 2));
+        assert_eq!((held.kind(), held.tick()), (CLAIM_HELD, 10));
+        assert!(reclaimable(&held, 11, false, 56));
+        assert!(!reclaimable(&held, 11, true, 56), "its flow is still there");
         assert!(
-            !reclaimable(&claim, 11, true, 56),
-            "its flow is still there"
-        );
-        assert!(
-            !reclaimable(&claim, 10, false, 56),
+            !reclaimable(&held, 10, false, 56),
             "claimed this tick: its slot may not be written yet"
         );
+        // A tick counter past 2^29 compares as its low 29 bits.
+        assert!(!reclaimable(&held, 10 + (1 << 29), false, 56));
+        for kind in [crate::maps::CLAIM_FREE, CLAIM_BUSY] {
+            assert!(!reclaimable(&claim(kind, 10, key(1, 2)), 99, false, 0));
+        }
     }
 
     #[test]
     fn a_freed_claim_is_reclaimable_only_past_its_quarantine() {
-        let freed = FnatClaim {
-            forward: key(1, 2),
-            claimed: 100,
-            freed: crate::maps::CLAIM_FREED,
-        };
+        let freed = claim(CLAIM_FREED, 100, key(1, 2));
         // 56 ticks (60 s): not within them, whatever the flow tables say.
         for now in [100, 101, 140, 156] {
             assert!(!reclaimable(&freed, now, false, 56), "{now}");
@@ -366,16 +444,157 @@ mod tests {
         // No quarantine: from the next tick on, never the tick it was freed.
         assert!(!reclaimable(&freed, 100, false, 0));
         assert!(reclaimable(&freed, 101, false, 0));
-        // Across the tick counter's wrap.
-        let late = FnatClaim {
-            claimed: u32::MAX - 3,
-            ..freed
-        };
+        // Across the claim's tick wrap (29 bits).
+        let late = claim(CLAIM_FREED, CLAIM_TICK_MASK - 3, key(1, 2));
+        assert_eq!(late.tick(), CLAIM_TICK_MASK - 3);
         assert!(!reclaimable(&late, 50, false, 56));
         assert!(reclaimable(&late, 60, false, 56));
+        assert!(reclaimable(&late, 60 + (1 << 29), false, 56));
         // A clock read behind the freeing CPU's (a tick earlier) is not
-        // "four billion ticks later".
+        // "half a billion ticks later".
         assert!(!out_of_quarantine(100, 99, 56));
+    }
+
+    #[test]
+    fn the_state_word_is_odd_only_while_busy() {
+        for tick in [0, 1, 2, 12345, CLAIM_TICK_MASK] {
+            for kind in [crate::maps::CLAIM_FREE, CLAIM_HELD, CLAIM_FREED] {
+                assert_eq!(claim_state(kind, tick) % 2, 0, "{kind} {tick}");
+            }
+            assert_eq!(claim_state(CLAIM_BUSY, tick) % 2, 1);
+        }
+        assert_eq!(
+            claim_state(crate::maps::CLAIM_FREE, 0),
+            0,
+            "a zeroed slot is free"
+        );
+    }
+
+    #[test]
+    fn a_way_blocks_its_tuple_while_held_freed_or_busy() {
+        let (t, other) = (key(1, 2), key(1, 3));
+        assert!(blocks(&claim(CLAIM_HELD, 5, t), &t));
+        assert!(blocks(&claim(CLAIM_FREED, 5, t), &t));
+        assert!(blocks(&claim(CLAIM_BUSY, 5, other), &t), "busy: maybe t");
+        assert!(!blocks(&claim(CLAIM_HELD, 5, other), &t));
+        assert!(
+            !blocks(&claim(crate::maps::CLAIM_FREE, 5, t), &t),
+            "left over"
+        );
+        assert!(held_for(&claim(CLAIM_HELD, 5, t), &t));
+        assert!(!held_for(&claim(CLAIM_FREED, 5, t), &t), "in quarantine");
+        assert!(!held_for(&claim(CLAIM_HELD, 5, other), &t));
+    }
+
+    #[test]
+    fn buckets_are_spread_whole_and_keyed() {
+        let slots = 1 << 12;
+        let mut used = HashSet::new();
+        for port in 0..20_000u16 {
+            let b = claim_bucket(&key(0xc612_0a01, port), 77, slots);
+            assert_eq!(b % CLAIM_WAYS, 0, "a bucket's first way");
+            assert!(b + 1 < slots);
+            used.insert(b);
+        }
+        assert_eq!(
+            used.len() as u32,
+            slots / CLAIM_WAYS,
+            "every bucket is used"
+        );
+        let t = key(0xc612_0a01, 1);
+        let moved = (0..64u32)
+            .filter(|s| claim_bucket(&t, *s, slots) != claim_bucket(&t, 0, slots))
+            .count();
+        assert!(moved > 60, "the seed decides the bucket: {moved} of 64");
+    }
+
+    /// The data plane's claim of `tuple` in `table` (`lb-ebpf`'s
+    /// `fullnat::claim`), one CPU at a time: the first way if free and the
+    /// second does not block it, else the second if free and the first does
+    /// not block it.
+    fn claim_in(table: &mut [FnatClaim], seed: u32, tuple: FlowKey, now: u32) -> bool {
+        let a = claim_bucket(&tuple, seed, table.len() as u32) as usize;
+        for (mine, other) in [(a, a + 1), (a + 1, a)] {
+            if table[mine].kind() == crate::maps::CLAIM_FREE {
+                if blocks(&table[other], &tuple) {
+                    return false;
+                }
+                table[mine] = claim(CLAIM_HELD, now, tuple);
+                return true;
+            }
+            if blocks(&table[mine], &tuple) {
+                return false;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_tuple_is_claimed_once_and_collisions_take_the_other_way() {
+        let mut table = vec![FnatClaim::default(); 2]; // one bucket
+        let (t, u, v) = (key(1, 1), key(1, 2), key(1, 3));
+        assert!(claim_in(&mut table, 0, t, 1));
+        assert!(!claim_in(&mut table, 0, t, 1), "taken");
+        assert!(claim_in(&mut table, 0, u, 1), "a collision: the other way");
+        assert!(!claim_in(&mut table, 0, v, 1), "the bucket is full");
+        // t's way freed (a half-open flow ended): t is claimable again, u
+        // still taken, never twice.
+        table[0].state = 0;
+        assert!(!claim_in(&mut table, 0, u, 2));
+        assert!(claim_in(&mut table, 0, t, 2));
+        // In quarantine it blocks its tuple from the other way.
+        table[1].state = claim_state(CLAIM_FREED, 2);
+        table[0].state = 0;
+        assert!(!claim_in(&mut table, 0, u, 3), "u's quarantine blocks it");
+        assert!(claim_in(&mut table, 0, v, 3));
+    }
+
+    /// Capacity: at the rated load (262 144 claims in the 2^20 slots of
+    /// `FNAT_CLAIMS`), the share of candidates whose bucket is full of
+    /// other claims, and the refusals it makes: a flow is refused only if
+    /// all 8 candidates' buckets are full (independent buckets), so at
+    /// `p^8` plus the pool's own fill.
+    #[test]
+    fn refusals_at_the_rated_load() {
+        let slots = crate::maps::FNAT_CLAIMS_SIZE;
+        let mut table = vec![FnatClaim::default(); slots as usize];
+        let c = conf(
+            &[0x0a00_0001, 0x0a00_0002],
+            DEFAULT_PORT_LO,
+            DEFAULT_PORT_HI,
+        );
+        let mut refused = 0u32;
+        let (mut held, mut flow) = (0u32, 0u32);
+        while held < 262_144 {
+            // Flows toward 100 backends, as the bench's.
+            let backend = (0xc612_1400 + flow % 100, 80u16.to_be());
+            let h = flow_seed(&key(0x0a0a_0000 + flow / 60_000, (flow % 60_000) as u16), 9);
+            flow += 1;
+            let got = (0..FNAT_TRIES).any(|i| {
+                let source = candidate(&c, h, i).unwrap();
+                claim_in(&mut table, 9, reply_tuple(backend, source, IPPROTO_TCP), 1)
+            });
+            if got {
+                held += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        let full = table
+            .chunks(2)
+            .filter(|b| b.iter().all(|w| w.kind() == CLAIM_HELD))
+            .count() as f64
+            / (slots / 2) as f64;
+        let refusal = full.powi(FNAT_TRIES as i32);
+        // Poisson with half a claim per bucket: P(≥ 2) = 1 − 1.5/√e ≈ 9 %,
+        // and a little more from the claims a full bucket sends on.
+        eprintln!("{full} of the buckets full: refusal {refusal:e}");
+        assert!(full < 0.1, "{full} of the buckets full");
+        assert!(refusal < 1e-8, "refusal {refusal} at the rated load");
+        assert_eq!(refused, 0, "none refused filling to the rated load");
+        // One slot per hash (the prototype) at the same load: a candidate
+        // is taken with a quarter's chance, 1.5e-5 refused.
+        assert!(0.25f64.powi(FNAT_TRIES as i32) > 1e-5);
     }
 
     #[test]

@@ -221,8 +221,9 @@ maps! {
     NEIGH_WANTED6: Pinning::Pinned;
     /// Full NAT's source addresses and port range.
     FNAT_CONF: Pinning::Pinned;
-    /// Full NAT: a flow's reply tuple → its claim (the flow's forward key).
-    FNAT_REPLIES: Pinning::Pinned;
+    /// Full NAT's claims: (source address, port) toward a backend, in the
+    /// bucket of the reply tuple, with the flow's forward key.
+    FNAT_CLAIMS: Pinning::Pinned;
     /// The path's second stage (`lb_setup`), tail-called after an
     /// established-table miss. Pinned: the kernel empties a program array
     /// when its last user reference goes, and the pinned link keeps `lb`
@@ -290,7 +291,7 @@ mod tests {
         assert_eq!(MapName::VERDICTS.pinning(), Pinning::PinnedMayBeShorter);
         assert_eq!(MapName::SERVICES.pinning(), Pinning::Pinned);
         // 34, then the tunnels' path MTU (3), IPv6's VIPS6 (1), full NAT's
-        // FNAT_CONF and FNAT_REPLIES (2), the second stage's STAGES (1) and
+        // FNAT_CONF and FNAT_CLAIMS (2), the second stage's STAGES (1) and
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
         // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
         // IPv6 source-ip's prefixes (1), IPv6's fragments (1) and IPv6's

@@ -39,7 +39,7 @@ pub const MODE_IPIP: u32 = 2;
 pub const MODE_GUE: u32 = 3;
 /// Full NAT (issue 25): the destination becomes the backend and the source
 /// an address of the LB's with a port it allocates (`FNAT_CONF`,
-/// `FNAT_REPLIES`), so the backends' replies return to this LB whatever
+/// `FNAT_CLAIMS`), so the backends' replies return to this LB whatever
 /// their routing.
 pub const MODE_FULL_NAT: u32 = 4;
 
@@ -255,7 +255,7 @@ pub const FLOW_F_SYNCED: u8 = 1;
 /// forward entry's `vip`/`vport` hold the source address and port it was
 /// given (not the VIP); its reply entry's keep the VIP, as NAT's do, and the
 /// reply's key is (backend → source address), found through
-/// `FNAT_REPLIES`.
+/// `FNAT_CLAIMS`.
 pub const FLOW_F_FULL_NAT: u8 = 2;
 /// [`Flow::flags`]: a `proxy-protocol = "v2"` flow opened by a SYN this LB
 /// saw (both entries, half-open and established). Its established packets
@@ -528,9 +528,13 @@ pub const fn slot_flags_mask(flags: u32) -> u32 {
 
 /// Most source addresses full NAT translates with (`FnatConf::addrs`).
 pub const FNAT_MAX_SOURCES: usize = 16;
-/// Entries of `FNAT_REPLIES`: full-NAT flows (half-open and established)
-/// the LB holds at once.
-pub const FNAT_REPLIES_SIZE: u32 = 262_144;
+/// Claims in `FNAT_CLAIMS` (32 B each, two to a 64-byte bucket: 32 MiB):
+/// four per full-NAT flow (half-open, established or quarantined) at the
+/// rated 262 144, so that a candidate's bucket is full of other claims
+/// rarely enough (`fullnat::tests::refusals_at_the_rated_load`).
+pub const FNAT_CLAIMS_SIZE: u32 = 1 << 20;
+/// Claims to a bucket of `FNAT_CLAIMS` (one cache line).
+pub const CLAIM_WAYS: u32 = 2;
 
 /// `FNAT_CONF[0]`: full NAT's source addresses and port range, written by
 /// the agent. `count` 0: no full NAT (every full-NAT new flow is
@@ -552,30 +556,72 @@ pub struct FnatConf {
     pub addrs: [u32; FNAT_MAX_SOURCES],
 }
 
-/// `FNAT_REPLIES` value, keyed by a full-NAT flow's reply tuple as it
-/// arrives (backend → source address:port): the flow's forward key and the
-/// tick the (source address, port) toward that backend was claimed. The
-/// entry *is* the claim: it is inserted with `BPF_NOEXIST`, so one tuple
-/// is never given to two flows. Once an established flow ended, the entry
-/// stays as its tuple's quarantine (`freed`), from the tick it ended.
+/// A slot of `FNAT_CLAIMS`: a full-NAT flow's claim on a (source address,
+/// port) toward its backend, in the bucket of its reply tuple
+/// (`fullnat::claim_bucket`). `state` is the claim: a compare-and-swap from
+/// [`CLAIM_FREE`] (or a reclaimable state) to [`CLAIM_BUSY`] takes the slot,
+/// the tuple and the forward key are written, then the state becomes
+/// [`CLAIM_HELD`]; once an established flow ended, the slot stays
+/// [`CLAIM_FREED`] as its tuple's quarantine. Two of them fill a line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FnatClaim {
-    pub forward: FlowKey,
-    /// When claimed, or when freed (ticks); a stale claim, or one out of
-    /// its quarantine, is taken over by a compare-and-swap of this word
-    /// (`fullnat::reclaimable`).
-    pub claimed: u32,
-    /// [`CLAIM_HELD`] or [`CLAIM_FREED`].
-    pub freed: u32,
+    /// The kind (low 3 bits: [`CLAIM_FREE`], [`CLAIM_BUSY`], [`CLAIM_HELD`],
+    /// [`CLAIM_FREED`]) and, above it, the tick it was claimed or freed
+    /// (`fullnat::claim_state`; 29 bits, compared modulo 2^29). Odd only
+    /// while busy, so the agent's slot reader skips a claim being written,
+    /// as a slot whose lock is held.
+    pub state: u32,
+    /// The reply tuple as it arrives (backend → source address:port).
+    pub reply: FlowKey,
+    /// The flow's forward key but its protocol (the reply's): client and
+    /// VIP addresses, then ports, network order.
+    pub client: u32,
+    pub vip: u32,
+    pub client_port: u16,
+    pub vport: u16,
 }
 
-/// [`FnatClaim::freed`]: the claim's flow holds the tuple.
-pub const CLAIM_HELD: u32 = 0;
-/// [`FnatClaim::freed`]: the flow ended (established, then closed or
-/// expired); the tuple is in quarantine from `claimed` for
+/// [`FnatClaim::state`]'s kind: an unused slot (its tuple is left over).
+pub const CLAIM_FREE: u32 = 0;
+/// [`FnatClaim::state`]'s kind: being written by the CPU that took it.
+pub const CLAIM_BUSY: u32 = 1;
+/// [`FnatClaim::state`]'s kind: the claim's flow holds the tuple.
+pub const CLAIM_HELD: u32 = 2;
+/// [`FnatClaim::state`]'s kind: the flow ended (established, then closed
+/// or expired); the tuple is in quarantine from the state's tick for
 /// [`FnatConf::quarantine`] ticks, and its replies find no flow.
-pub const CLAIM_FREED: u32 = 1;
+pub const CLAIM_FREED: u32 = 4;
+/// The bits of [`FnatClaim::state`] that hold the kind.
+pub const CLAIM_KIND_MASK: u32 = 7;
+
+impl FnatClaim {
+    /// The claim's kind ([`CLAIM_FREE`], …).
+    #[inline(always)]
+    pub const fn kind(&self) -> u32 {
+        self.state & CLAIM_KIND_MASK
+    }
+
+    /// The tick it was claimed or freed (29 bits).
+    #[inline(always)]
+    pub const fn tick(&self) -> u32 {
+        self.state >> 3
+    }
+
+    /// The flow's forward key (client → VIP).
+    #[inline(always)]
+    pub const fn forward(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.client,
+            daddr: self.vip,
+            sport: self.client_port,
+            dport: self.vport,
+            protocol: self.reply.protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
 
 impl FlowKey {
     /// The key of a packet with these IPv4 and TCP/UDP port headers, as it
@@ -813,7 +859,8 @@ const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Flow>() == 48);
 const _: () = assert!(core::mem::size_of::<HalfOpenEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<FnatConf>() == 8 + 4 * FNAT_MAX_SOURCES);
-const _: () = assert!(core::mem::size_of::<FnatClaim>() == 24);
+const _: () = assert!(core::mem::size_of::<FnatClaim>() == 32);
+const _: () = assert!(core::mem::offset_of!(FnatClaim, reply) == 4);
 const _: () = assert!(core::mem::size_of::<ProxyFlow>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowConf>() == 4 * TIMEOUT_COUNT + 32);

@@ -176,7 +176,7 @@ pub(crate) fn established_in(
             // Where it was sent: a full-NAT reply's flow's source address
             // and port, which its NAT shape no longer shows.
             let to = (key.daddr, key.dport);
-            fullnat::nat_shaped(key);
+            fullnat::nat_shaped(conf, key);
             match established::find(conf, key, Side::Receiver { to }) {
                 Lookup::Miss { overflow: also } => Lookup::Miss {
                     overflow: overflow | also,

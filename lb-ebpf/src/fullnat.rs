@@ -1,46 +1,48 @@
 //! Full NAT (issue 25; docs/architecture.md "Full NAT"): a new flow's
-//! (source address, port) claimed in `FNAT_REPLIES`, the reply's way back
+//! (source address, port) claimed in `FNAT_CLAIMS`, the reply's way back
 //! to its flow's slot through that claim, and the claim's release with the
-//! flow. The pure rules (candidates, staleness, rewrites) are
+//! flow. The pure rules (candidates, buckets, staleness, rewrites) are
 //! `lb_common::fullnat`; the flow lives in the usual tables (`flows.rs`,
 //! `established.rs`), marked `FLOW_F_FULL_NAT`, with its source address
 //! and port in its forward entry's `vip`/`vport`.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap},
-};
+use aya_ebpf::{macros::map, maps::Array};
 use core::{
-    intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg},
-    ptr::{read_volatile, write_volatile},
+    intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg},
+    ptr::write_volatile,
 };
 use lb_common::{
-    CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_REPLIES_SIZE, Flow, FlowConf, FlowKey,
-    FnatClaim, FnatConf, NextHop, Verdict,
+    CLAIM_BUSY, CLAIM_FREE, CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_CLAIMS_SIZE, Flow,
+    FlowConf, FlowKey, FnatClaim, FnatConf, NextHop, Verdict,
     flow::FORWARD,
-    fullnat::{FNAT_TRIES, candidate, flow_seed, may_be_reply, reclaimable, reply_tuple},
+    fullnat::{
+        FNAT_TRIES, blocks, candidate, claim_bucket, claim_state, flow_seed, held_for,
+        may_be_reply, reclaimable, reply_tuple,
+    },
 };
 
 use crate::{
     BACKENDS, established, flows,
-    flows::{Claimed, copy_key, same_key, write_words},
+    flows::{Claimed, copy_words, write_words},
     verdict::{Outcome, drop},
 };
 
-const BPF_NOEXIST: u64 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Full NAT's source addresses and port range. Written by the agent.
 #[map]
 pub(crate) static FNAT_CONF: Array<FnatConf> = Array::with_max_entries(1, 0);
-/// A full-NAT flow's reply tuple (backend → source address:port, as it
-/// arrives) → its claim (the flow's forward key). Inserted with
-/// `BPF_NOEXIST`: the insert is the allocation. Preallocated (~25 MB held
-/// from load): the insert then takes its element from a per-CPU free list;
-/// allocating one per claim made it about half of a full-NAT new flow's
-/// time (docs/architecture.md, "Full NAT", "Cost").
+/// Full NAT's claims (`FnatClaim`, 32 B): a (source address, port) toward a
+/// backend is claimed in a slot of its reply tuple's bucket (two slots, one
+/// cache line: `fullnat::claim_bucket`) by a compare-and-swap of the slot's
+/// state. One cold line per claim and per reply lookup, where the kernel
+/// hash it replaced took a bucket and an element from its free list, two
+/// cold lines of 25 MB behind cold TLB entries, and was the whole of full
+/// NAT's extra cost over NAT's new flow (docs/architecture.md, "Full NAT",
+/// "Cost"). Mappable: the agent reads and sweeps it as memory.
 #[map]
-pub(crate) static FNAT_REPLIES: HashMap<FlowKey, FnatClaim> =
-    HashMap::with_max_entries(FNAT_REPLIES_SIZE, 0);
+pub(crate) static FNAT_CLAIMS: Array<FnatClaim> =
+    Array::with_max_entries(FNAT_CLAIMS_SIZE, BPF_F_MMAPABLE);
 
 #[inline(always)]
 fn conf() -> Option<&'static FnatConf> {
@@ -51,11 +53,11 @@ fn conf() -> Option<&'static FnatConf> {
 /// the backend and enters the flow in `HALF_OPEN` with it. No free
 /// candidate: `DropFnatExhausted`, nothing created.
 ///
-/// The tries are plain `BPF_NOEXIST` inserts (one branch each: the
-/// verifier walks the loop once per try, and a richer body per try made
-/// the program too large to verify); only when every candidate is held is
-/// the first one looked at, and taken over if its claim is this flow's own
-/// (a SYN whose half-open slot was lost) or stale.
+/// Each try is one call of [`claim`] (a subprogram: the verifier walks its
+/// body once per call site state, and the loop's states stay alike); only
+/// when every candidate is taken is the first one looked at, and taken over
+/// if its claim is this flow's own (a SYN whose half-open slot was lost) or
+/// stale.
 #[inline(always)]
 pub(crate) fn create(
     key: &FlowKey,
@@ -70,13 +72,9 @@ pub(crate) fn create(
     else {
         return Err(exhausted);
     };
-    let hash = flow_seed(key, flow_conf.half_open_seed);
+    let seed = flow_conf.half_open_seed;
+    let hash = flow_seed(key, seed);
     let endpoint = (backend.addr, backend.port);
-    let fresh = FnatClaim {
-        forward: *key,
-        claimed: now,
-        freed: CLAIM_HELD,
-    };
     let Some(first) = candidate(fnat, hash, 0) else {
         return Err(exhausted);
     };
@@ -84,7 +82,7 @@ pub(crate) fn create(
     for attempt in 0..FNAT_TRIES {
         let source = candidate(fnat, hash, attempt).unwrap_or(first);
         let tuple = reply_tuple(endpoint, source, key.protocol);
-        if FNAT_REPLIES.insert(&tuple, &fresh, BPF_NOEXIST).is_ok() {
+        if claim(&tuple, key, seed, now) {
             given = Some(source);
             break;
         }
@@ -119,10 +117,110 @@ pub(crate) fn create(
     Ok(flow)
 }
 
+/// The two slots of `tuple`'s bucket.
+#[inline(always)]
+fn bucket(tuple: &FlowKey, seed: u32) -> Option<(*mut FnatClaim, *mut FnatClaim)> {
+    let first = claim_bucket(tuple, seed, FNAT_CLAIMS_SIZE);
+    Some((
+        FNAT_CLAIMS.get_ptr_mut(first)?,
+        FNAT_CLAIMS.get_ptr_mut(first + 1)?,
+    ))
+}
+
+/// A copy of a claim slot (volatile words: another CPU may write it).
+#[inline(always)]
+fn read(slot: *mut FnatClaim) -> FnatClaim {
+    // SAFETY: a map value of `FNAT_CLAIMS`, 4-byte aligned.
+    unsafe { copy_words(slot) }
+}
+
+/// Claims `tuple` for the flow `forward` in a free slot of its bucket: the
+/// first slot if the second does not hold the tuple, else the second if
+/// the first does not (`fullnat::blocks`). Two CPUs claiming one tuple at
+/// once in the two slots each take theirs by a compare-and-swap (a full
+/// barrier) before reading the other: at least one sees the other's busy
+/// or held slot and backs off, so the tuple is never held twice.
+#[inline(never)]
+fn claim(tuple: &FlowKey, forward: &FlowKey, seed: u32, now: u32) -> bool {
+    let Some((a, b)) = bucket(tuple, seed) else {
+        return false;
+    };
+    if take(a, b, tuple, forward, now) {
+        return true;
+    }
+    if blocks(&read(a), tuple) {
+        return false;
+    }
+    take(b, a, tuple, forward, now)
+}
+
+/// Takes `mine` (free) for `tuple` unless `other` blocks it, and writes the
+/// claim. The state goes free → busy (the claim) → held once the slot is
+/// written (an exchange: a full barrier, so whoever sees it held sees the
+/// tuple).
+#[inline(always)]
+fn take(
+    mine: *mut FnatClaim,
+    other: *mut FnatClaim,
+    tuple: &FlowKey,
+    forward: &FlowKey,
+    now: u32,
+) -> bool {
+    // SAFETY: map values of `FNAT_CLAIMS`; the state word is 4-byte
+    // aligned and only ever changed atomically.
+    unsafe {
+        let state = &raw mut (*mine).state;
+        let (_, won) = atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
+            state,
+            CLAIM_FREE,
+            claim_state(CLAIM_BUSY, now),
+        );
+        if !won {
+            return false;
+        }
+        if blocks(&read(other), tuple) {
+            let _ = atomic_xchg::<u32, { SeqCst }>(state, CLAIM_FREE);
+            return false;
+        }
+        write_claim(mine, tuple, forward);
+        let _ = atomic_xchg::<u32, { SeqCst }>(state, claim_state(CLAIM_HELD, now));
+    }
+    true
+}
+
+/// Writes a busy slot's tuple and forward key.
+///
+/// # Safety
+/// `slot` is a map value of `FNAT_CLAIMS` this CPU made busy.
+#[inline(always)]
+unsafe fn write_claim(slot: *mut FnatClaim, tuple: &FlowKey, forward: &FlowKey) {
+    // SAFETY: the caller's slot.
+    unsafe {
+        write_words(&raw mut (*slot).reply, tuple);
+        write_volatile(&raw mut (*slot).client, forward.saddr);
+        write_volatile(&raw mut (*slot).vip, forward.daddr);
+        write_volatile(&raw mut (*slot).client_port, forward.sport);
+        write_volatile(&raw mut (*slot).vport, forward.dport);
+    }
+}
+
+/// The slot of `tuple`'s bucket that holds it (held or freed), and what it
+/// held when read.
+#[inline(always)]
+fn find(tuple: &FlowKey, seed: u32) -> Option<(*mut FnatClaim, FnatClaim)> {
+    let (a, b) = bucket(tuple, seed)?;
+    let found = read(a);
+    if found.kind() != CLAIM_BUSY && blocks(&found, tuple) {
+        return Some((a, found));
+    }
+    let found = read(b);
+    (found.kind() != CLAIM_BUSY && blocks(&found, tuple)).then_some((b, found))
+}
+
 /// Takes `tuple`'s claim for the flow whose forward key is `forward` if
 /// the claim is that flow's own, stale, or freed and out of its quarantine
-/// (`reclaimable`), by a compare-and-swap of its tick (two CPUs cannot
-/// both take it).
+/// (`reclaimable`), by a compare-and-swap of its state (two CPUs cannot
+/// both take it; the slot is busy while its forward key is rewritten).
 #[inline(always)]
 fn take_over(
     fnat: &FnatConf,
@@ -131,33 +229,29 @@ fn take_over(
     forward: &FlowKey,
     now: u32,
 ) -> bool {
-    let Some(held) = FNAT_REPLIES.get_ptr_mut(tuple) else {
+    let Some((slot, found)) = find(tuple, conf.half_open_seed) else {
         return false;
     };
-    // SAFETY: a map value; stays readable while the program runs.
+    let freed = found.kind() != CLAIM_HELD;
+    if !freed && found.forward() == *forward {
+        return true;
+    }
+    // A freed claim's flow is gone: the tables are not looked in.
+    let present = !freed && present(conf, &found.forward());
+    if !reclaimable(&found, now, present, fnat.quarantine) {
+        return false;
+    }
+    // SAFETY: a map value of `FNAT_CLAIMS`, its state changed atomically.
     unsafe {
-        let found = FnatClaim {
-            forward: copy_key(&raw const (*held).forward),
-            claimed: read_volatile(&raw const (*held).claimed),
-            freed: read_volatile(&raw const (*held).freed),
-        };
-        let freed = found.freed != CLAIM_HELD;
-        if !freed && same_key(&raw const (*held).forward, forward) {
-            return true;
-        }
-        // A freed claim's flow is gone: the tables are not looked in.
-        let present = !freed && present(conf, &found.forward);
-        if !reclaimable(&found, now, present, fnat.quarantine) {
-            return false;
-        }
+        let state = &raw mut (*slot).state;
         let (_, won) = atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
-            &raw mut (*held).claimed,
-            found.claimed,
-            now,
+            state,
+            found.state,
+            claim_state(CLAIM_BUSY, now),
         );
         if won {
-            write_words(&raw mut (*held).forward, forward);
-            write_volatile(&raw mut (*held).freed, CLAIM_HELD);
+            write_claim(slot, tuple, forward);
+            let _ = atomic_xchg::<u32, { SeqCst }>(state, claim_state(CLAIM_HELD, now));
         }
         won
     }
@@ -175,25 +269,27 @@ fn present(conf: &FlowConf, forward: &FlowKey) -> bool {
 /// shape (backend → client:port). From here on the flow tables find and
 /// handle it as a NAT flow's reply (in the client's bucket, under the same
 /// checks), and `key.destination()` is where the packet goes. Anything
-/// else is left as it is.
+/// else is left as it is. One line read: the tuple's bucket.
 #[inline(always)]
-pub(crate) fn nat_shaped(key: &mut FlowKey) {
+pub(crate) fn nat_shaped(flow_conf: &FlowConf, key: &mut FlowKey) {
     if !conf().is_some_and(|c| may_be_reply(c, key.dport)) {
         return;
     }
-    let Some(held) = FNAT_REPLIES.get_ptr(&*key) else {
+    let Some((a, b)) = bucket(key, flow_conf.half_open_seed) else {
         return;
     };
-    // SAFETY: a map value (a claim taken over under us is read stale at
-    // worst: the flow tables' checks then miss). A freed claim's flow is
-    // gone: its late replies are left as they are, as with no claim.
-    unsafe {
-        if read_volatile(&raw const (*held).freed) != CLAIM_HELD {
+    // A claim taken over under us is read torn at worst: the flow tables'
+    // checks then miss. A freed claim's flow is gone: its late replies are
+    // left as they are, as with no claim.
+    let mut found = read(a);
+    if !held_for(&found, key) {
+        found = read(b);
+        if !held_for(&found, key) {
             return;
         }
-        key.daddr = read_volatile(&raw const (*held).forward.saddr);
-        key.dport = read_volatile(&raw const (*held).forward.sport);
     }
+    key.daddr = found.client;
+    key.dport = found.client_port;
 }
 
 /// A full-NAT flow (`forward`, its forward key) left the flow tables: its
@@ -204,7 +300,7 @@ pub(crate) fn nat_shaped(key: &mut FlowKey) {
 /// claim stays, freed, from this tick.
 #[inline(always)]
 pub(crate) fn release(forward: &FlowKey, claimed: &Claimed, quarantine: bool) {
-    let Some(backend) = BACKENDS.get(claimed.backend_id) else {
+    let (Some(backend), Some(flow_conf)) = (BACKENDS.get(claimed.backend_id), flows::conf()) else {
         return;
     };
     let tuple = reply_tuple(
@@ -212,31 +308,24 @@ pub(crate) fn release(forward: &FlowKey, claimed: &Claimed, quarantine: bool) {
         claimed.source,
         forward.protocol,
     );
-    let Some(held) = FNAT_REPLIES.get_ptr_mut(&tuple) else {
+    let Some((slot, found)) = find(&tuple, flow_conf.half_open_seed) else {
         return;
     };
+    if found.kind() != CLAIM_HELD || found.forward() != *forward {
+        return;
+    }
     let quarantine = quarantine && conf().is_some_and(|c| c.quarantine != 0);
-    // SAFETY: a map value. The tick is read before the key: a take-over
-    // changes the tick first, so a claim taken over between the two reads
-    // fails the compare-and-swap below.
+    let now = flows::now_in(Some(flow_conf));
+    let next = if quarantine {
+        claim_state(CLAIM_FREED, now)
+    } else {
+        CLAIM_FREE
+    };
+    // SAFETY: a map value; its state changed atomically. A take-over
+    // between the read and here changed the state (busy, then held at
+    // another tick), so the swap fails and the new claim stays.
     unsafe {
-        let was = read_volatile(&raw const (*held).claimed);
-        if read_volatile(&raw const (*held).freed) != CLAIM_HELD
-            || !same_key(&raw const (*held).forward, forward)
-        {
-            return;
-        }
-        if !quarantine {
-            let _ = FNAT_REPLIES.remove(&tuple);
-            return;
-        }
-        let (_, won) = atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(
-            &raw mut (*held).claimed,
-            was,
-            flows::now(),
-        );
-        if won {
-            write_volatile(&raw mut (*held).freed, CLAIM_FREED);
-        }
+        let _ =
+            atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(&raw mut (*slot).state, found.state, next);
     }
 }

@@ -108,6 +108,8 @@ pub enum DataplaneError {
     HalfOpen(std::io::Error),
     #[error("mapping ESTABLISHED into memory: {0}")]
     Established(std::io::Error),
+    #[error("mapping FNAT_CLAIMS into memory: {0}")]
+    FnatClaims(std::io::Error),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(String),
     #[error("attaching XDP to {iface}: {source}")]

@@ -41,8 +41,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{FlowKey, FnatClaim};
+use aya::maps::MapData;
+use lb_common::FnatClaim;
 use lb_tests::multi_lb::{ConnLog, HELD, Ha, Held, ROUTE_FAILOVER};
 use lb_userspace::{
     config::Forwarding,
@@ -81,34 +81,33 @@ fn config(lab: &Lab, n: usize, med: u32) -> String {
         + &ha_service("www-rr", RR_VIP, "round-robin")
 }
 
-/// LB `n`'s full-NAT claims (`FNAT_REPLIES`, read from its pins): reply
-/// tuple (web → source address:port) → the flow's forward key.
-fn claims(lab: &Lab, n: usize) -> Result<Vec<(FlowKey, FnatClaim)>> {
-    let path = lab.pin_dir_of(n).join("FNAT_REPLIES");
+/// LB `n`'s full-NAT claims (`FNAT_CLAIMS`, mapped from its pin, as the
+/// agent reads it): each its reply tuple (web → source address:port) and
+/// the flow's forward key.
+fn claims(lab: &Lab, n: usize) -> Result<Vec<FnatClaim>> {
+    let path = lab.pin_dir_of(n).join("FNAT_CLAIMS");
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map: HashMap<MapData, FlowKey, FnatClaim> =
-        HashMap::try_from(Map::HashMap(data)).context("FNAT_REPLIES as a hash map")?;
-    map.iter()
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading lb{n}'s FNAT_REPLIES"))
+    let table = lb_userspace::dataplane::SlotTable::<FnatClaim>::map(&data)
+        .with_context(|| format!("mapping lb{n}'s FNAT_CLAIMS"))?;
+    Ok(lb_userspace::dataplane::fullnat::claims(&table))
 }
 
 /// The client ports of the flows LB `n` has translated, after checking that
 /// every claim is from its own source address and for the lab's client.
 fn client_ports(lab: &Lab, n: usize) -> Result<BTreeSet<u16>> {
     let mut ports = BTreeSet::new();
-    for (reply, claim) in claims(lab, n)? {
-        let source = Ipv4Addr::from(u32::from_be(reply.daddr));
+    for claim in claims(lab, n)? {
+        let source = Ipv4Addr::from(u32::from_be(claim.reply.daddr));
         ensure!(
             source == lb_source_addr(n),
             "lb{n} translated a flow from {source}, not its own source address {}",
             lb_source_addr(n)
         );
-        let client = Ipv4Addr::from(u32::from_be(claim.forward.saddr));
+        let client = Ipv4Addr::from(u32::from_be(claim.client));
         ensure!(client == HA_CLIENT, "lb{n} has a flow of {client}");
         // A freed claim (in quarantine) is an ended flow's.
-        if claim.freed == lb_common::CLAIM_HELD {
-            ports.insert(u16::from_be(claim.forward.sport));
+        if claim.kind() == lb_common::CLAIM_HELD {
+            ports.insert(u16::from_be(claim.client_port));
         }
     }
     Ok(ports)

@@ -292,28 +292,37 @@ fn a_pinned_data_plane_from_before_the_firewall_is_adopted() {
 /// agent refuses before touching anything and says how to go on.
 #[test]
 fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
+    refuses_a_pin_dir_holding("REVERSE_NAT");
+}
+
+/// Issue 25: a pin dir whose full-NAT claims are in the kernel hash
+/// `FNAT_REPLIES` (the version before `FNAT_CLAIMS`) cannot be adopted:
+/// its full-NAT flows' replies are found only through those claims.
+#[test]
+fn adopting_a_data_plane_with_full_nats_claims_in_a_hash_is_refused() {
+    refuses_a_pin_dir_holding("FNAT_REPLIES");
+}
+
+/// A pin dir holding `old`, a map this version no longer has, with a
+/// pinned flow, is refused as an earlier version's (naming `old` and the
+/// teardown), and left untouched.
+fn refuses_a_pin_dir_holding(old: &'static str) {
     use lb_userspace::dataplane::DataplaneError;
     let net = TestNet::new();
     let fs = Bpffs::new();
     let pins = fs.dir.join("lb");
     net.run(|| {
         let first = first_pinned_flow(&pins, 1024, 51500);
-        // What the old version left: a REVERSE_NAT pinned with the rest.
-        let old = first.map_data(MapName::VIPS).expect("a map to stand in");
-        old.pin(pins.join("REVERSE_NAT")).expect("pin REVERSE_NAT");
+        // What the old version left: `old` pinned with the rest.
+        let map = first.map_data(MapName::VIPS).expect("a map to stand in");
+        map.pin(pins.join(old)).expect("pin the old map");
         drop(first);
         let err = match Dataplane::load_pinned(1024, &pins) {
             Ok(_) => panic!("adopted a data plane of the previous version"),
             Err(e) => e,
         };
         assert!(
-            matches!(
-                err,
-                DataplaneError::OldVersion {
-                    map: "REVERSE_NAT",
-                    ..
-                }
-            ),
+            matches!(err, DataplaneError::OldVersion { map, .. } if map == old),
             "{err:?}"
         );
         let message = err.to_string();
@@ -326,6 +335,7 @@ fn adopting_a_data_plane_from_before_the_flow_lifecycle_is_refused() {
         }
         // Refused means untouched: the flow is still pinned.
         assert!(pins.join("CONNTRACK").exists() && pins.join("HALF_OPEN").exists());
+        assert!(pins.join(old).exists());
         Dataplane::teardown(&pins).expect("teardown");
     });
 }

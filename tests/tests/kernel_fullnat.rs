@@ -19,7 +19,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use lb_common::{CLAIM_FREED, CLAIM_HELD, FlowKey, FnatClaim, Verdict};
+use lb_common::{CLAIM_FREED, CLAIM_HELD, FlowKey, FnatClaim, Verdict, fullnat::CLAIM_TICK_MASK};
 use lb_tests::kernel_net::{
     BACK_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT, WEB_UDP_PORT,
     WEBS, backend, fix_ip_checksum, fragments, icmp_error, lab_config, service, webs,
@@ -125,12 +125,12 @@ fn sent(frame: &[u8]) -> (usize, [u8; 4], u16) {
     (web, source, u16::from_be_bytes([frame[34], frame[35]]))
 }
 
-/// The full-NAT claims: (reply tuple, forward key), host order.
+/// The full-NAT claims: (reply tuple, forward key), network order.
 fn claims(h: &Harness) -> Vec<(FlowKey, FlowKey)> {
     h.dp.fnat_claims()
-        .expect("FNAT_REPLIES")
+        .expect("FNAT_CLAIMS")
         .into_iter()
-        .map(|(k, c)| (k, c.forward))
+        .map(|c| (c.reply, c.forward()))
         .collect()
 }
 
@@ -435,6 +435,112 @@ fn the_allocator_never_collides_and_refuses_a_full_pool() {
     });
 }
 
+/// The reply tuple of web1's flows from `SOURCE:port` (network order).
+fn web1_tuple(port: u16) -> FlowKey {
+    lb_common::fullnat::reply_tuple(
+        (raw(WEBS[0]), WEB_PORT.to_be()),
+        (raw(SOURCE), port.to_be()),
+        6,
+    )
+}
+
+/// `FNAT_CLAIMS` for writes from the test, and the first slot of `tuple`'s
+/// bucket (the data plane's placement, under the tables' seed).
+fn claim_slots(
+    h: &Harness,
+    tuple: &FlowKey,
+) -> (aya::maps::Array<aya::maps::MapData, FnatClaim>, u32) {
+    use aya::maps::{Array, Map};
+    let data =
+        h.dp.map_data(lb_common::map_names::MapName::FNAT_CLAIMS)
+            .expect("FNAT_CLAIMS");
+    let map = Array::try_from(Map::Array(data)).expect("an array");
+    let seed = h.dp.flow_conf().expect("FLOW_CONF").half_open_seed;
+    let first = lb_common::fullnat::claim_bucket(tuple, seed, map.len());
+    (map, first)
+}
+
+/// A claim of another flow: `tuple` held since tick 1 by client port 9.
+fn foreign(kind: u32, tuple: FlowKey) -> FnatClaim {
+    FnatClaim {
+        state: lb_common::fullnat::claim_state(kind, 1),
+        reply: tuple,
+        client: raw(CLIENT),
+        vip: raw(VIP),
+        client_port: 9u16.to_be(),
+        vport: 80u16.to_be(),
+    }
+}
+
+/// Two flows whose candidates collide (one bucket of `FNAT_CLAIMS`, two
+/// slots): with a one-port pool, the port's bucket is filled from the test
+/// with other claims. Both slots taken by other tuples: refused
+/// (`drop_fnat_exhausted`); one free: the flow takes it, whichever it is,
+/// and its reply finds it there; the tuple itself held in one slot: never
+/// claimed again in the other.
+#[test]
+fn colliding_claims_share_a_bucket_and_a_tuple_is_never_held_twice() {
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&quarantined_config(Duration::from_secs(60)));
+        let mine = web1_tuple(5000);
+        let (mut map, first) = claim_slots(&h, &mine);
+        // Two other tuples in the bucket (as a hash collision leaves them).
+        let (x, y) = (web1_tuple(7001), web1_tuple(7002));
+        map.set(first, foreign(CLAIM_HELD, x), 0).expect("set");
+        map.set(first + 1, foreign(CLAIM_FREED, y), 0).expect("set");
+        h.expect(
+            h.front,
+            &syn(41100).build(),
+            XDP_DROP,
+            Verdict::DropFnatExhausted,
+        );
+        // The first slot freed: the flow's claim takes it, beside y's.
+        map.set(first, FnatClaim::default(), 0).expect("set");
+        let (_, sport) = handshake(&mut h, 41100, SOURCE);
+        assert_eq!(sport, 5000);
+        let at = |map: &aya::maps::Array<_, FnatClaim>, i| map.get(&i, 0).expect("get");
+        assert_eq!(
+            (at(&map, first).kind(), at(&map, first).reply),
+            (CLAIM_HELD, mine)
+        );
+        assert_eq!(at(&map, first).forward().sport, 41100u16.to_be());
+
+        // Again with the second slot free and the first taken: the claim
+        // goes to the second slot, and the reply's lookup finds it there.
+        map.set(first, foreign(CLAIM_HELD, x), 0).expect("set");
+        map.set(first + 1, FnatClaim::default(), 0).expect("set");
+        let (_, sport) = handshake(&mut h, 41101, SOURCE);
+        assert_eq!(sport, 5000);
+        assert_eq!(at(&map, first + 1).reply, mine);
+        assert_eq!(at(&map, first + 1).forward().sport, 41101u16.to_be());
+        assert_eq!(at(&map, first).reply, x, "the other claim untouched");
+
+        // The tuple in quarantine in the second slot (freed this tick),
+        // the first free: a new flow may not claim it in the first.
+        let now = lb_userspace::dataplane::now_ticks();
+        let held = foreign(CLAIM_FREED, mine);
+        let held = FnatClaim {
+            state: lb_common::fullnat::claim_state(CLAIM_FREED, now),
+            ..held
+        };
+        map.set(first, FnatClaim::default(), 0).expect("set");
+        map.set(first + 1, held, 0).expect("set");
+        h.expect(
+            h.front,
+            &syn(41102).build(),
+            XDP_DROP,
+            Verdict::DropFnatExhausted,
+        );
+        assert_eq!(
+            at(&map, first).kind(),
+            lb_common::CLAIM_FREE,
+            "not held twice"
+        );
+        assert_eq!(at(&map, first + 1), held);
+    });
+}
+
 #[test]
 fn a_flows_claim_returns_to_the_pool_when_the_flow_ends() {
     let net = TestNet::new();
@@ -676,9 +782,9 @@ fn quarantined_config(quarantine: Duration) -> Config {
 /// order; the claim).
 fn claim_states(h: &Harness) -> Vec<(u16, FnatClaim)> {
     h.dp.fnat_claims()
-        .expect("FNAT_REPLIES")
+        .expect("FNAT_CLAIMS")
         .into_iter()
-        .map(|(k, c)| (u16::from_be(k.dport), c))
+        .map(|c| (u16::from_be(c.reply.dport), c))
         .collect()
 }
 
@@ -724,7 +830,7 @@ fn a_freed_port_is_not_given_out_again_until_its_quarantine_is_over() {
         h.expect(h.front, &data.build(), XDP_DROP, Verdict::DropBackendGone);
         let states = claim_states(&h);
         assert_eq!(states.len(), 1, "{states:?}");
-        assert_eq!((states[0].0, states[0].1.freed), (5000, CLAIM_FREED));
+        assert_eq!((states[0].0, states[0].1.kind()), (5000, CLAIM_FREED));
         assert_eq!(source_counts(&h), (1, 1), "in use, of which quarantined");
         // A late segment from web1 to the freed port finds no flow: it is
         // not sent on to the client.
@@ -775,9 +881,9 @@ fn a_freed_port_is_not_given_out_again_until_its_quarantine_is_over() {
         assert_eq!((web, source, port), (0, SOURCE, 5000));
         let states = claim_states(&h);
         assert_eq!(states.len(), 1, "{states:?}");
-        assert_eq!(states[0].1.freed, CLAIM_HELD);
+        assert_eq!(states[0].1.kind(), CLAIM_HELD);
         assert_eq!(
-            states[0].1.forward.sport,
+            states[0].1.forward().sport,
             40302u16.to_be(),
             "the new flow's"
         );
@@ -820,8 +926,12 @@ fn the_sweep_quarantines_a_closed_flows_port_and_frees_it_after() {
         assert_eq!(report.claims, 1, "the half-open flow's: {report:?}");
         let states = claim_states(&h);
         assert_eq!(states.len(), 1, "{states:?}");
-        assert_eq!((states[0].0, states[0].1.freed), (sport, CLAIM_FREED));
-        assert_eq!(states[0].1.claimed, now + 40, "freed at the sweep's tick");
+        assert_eq!((states[0].0, states[0].1.kind()), (sport, CLAIM_FREED));
+        assert_eq!(
+            states[0].1.tick(),
+            (now + 40) & CLAIM_TICK_MASK,
+            "freed at the sweep's tick"
+        );
         assert_eq!(source_counts(&h), (1, 1));
         // The web's late FIN to the freed port is not sent on.
         let late = Seg {
@@ -849,5 +959,41 @@ fn the_sweep_quarantines_a_closed_flows_port_and_frees_it_after() {
         assert_eq!(report.claims, 1, "{report:?}");
         assert!(claim_states(&h).is_empty());
         assert_eq!(source_counts(&h), (0, 0));
+    });
+}
+
+/// Every program of the object loads with full NAT's claims in it (the
+/// claim is a subprogram called from the allocation loop); prints each
+/// one's verified instruction count (`--nocapture`). The programs are
+/// this harness's: those that use its `VERDICTS` (so the same test runs on
+/// an object without `FNAT_CLAIMS`, for a count before a change).
+#[test]
+fn every_program_loads_and_reports_its_verified_instruction_count() {
+    use lb_common::map_names::MapName;
+    let net = TestNet::new();
+    net.run(|| {
+        let h = Harness::new(&config(&[SOURCE], (1024, 32767)));
+        let verdicts =
+            h.dp.map_data(MapName::VERDICTS)
+                .expect("VERDICTS")
+                .info()
+                .expect("map info")
+                .id();
+        let mut counts = Vec::new();
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let maps = info.map_ids().ok().flatten().unwrap_or_default();
+            if maps.contains(&verdicts) {
+                let name = info.name_as_str().unwrap_or("?").to_owned();
+                let count = info.verified_instruction_count().unwrap_or(0);
+                println!("{name}: verified_instruction_count = {count}");
+                counts.push((name, count));
+            }
+        }
+        for program in ["lb", "lb_setup"] {
+            assert!(
+                counts.iter().any(|(n, c)| n == program && *c > 0),
+                "{program} loaded and counted: {counts:?}"
+            );
+        }
     });
 }

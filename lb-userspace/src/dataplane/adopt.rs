@@ -86,6 +86,10 @@ impl Dataplane {
 /// A map this version no longer has: its pin means a data plane from before
 /// the flow lifecycle, whose replies lived in a table of their own.
 const REVERSE_NAT: &str = "REVERSE_NAT";
+/// A map this version no longer has: full NAT's claims in a kernel hash,
+/// before `FNAT_CLAIMS`. Its flows' replies are found only through it, so
+/// a data plane holding it is refused (not adopted without its claims).
+const FNAT_REPLIES: &str = "FNAT_REPLIES";
 
 /// Every map pinned under `pin_dir` must be the one this object would make:
 /// same type, key size, value size, entries and flags (what a map's
@@ -107,6 +111,13 @@ pub(super) fn check_pins(object: &[u8], sizes: TableSizes, pin_dir: &Path) -> Re
             REVERSE_NAT,
             "present (replies in a table of their own)".into(),
             "none (a flow's reply entry lives next to it in CONNTRACK/HALF_OPEN)".into(),
+        ));
+    }
+    if pin_dir.join(FNAT_REPLIES).exists() {
+        return Err(old_version(
+            FNAT_REPLIES,
+            "present (full NAT's claims in a hash)".into(),
+            "none (full NAT's claims in FNAT_CLAIMS, an array)".into(),
         ));
     }
     let wanted = wanted_layouts(object, sizes)?;

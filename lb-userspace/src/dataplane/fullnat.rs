@@ -1,32 +1,51 @@
 //! Full NAT's maps from userspace (docs/architecture.md, "Full NAT"):
 //! `FNAT_CONF` (the source addresses and port range, written at every
-//! apply), `FNAT_REPLIES` read back (the claims: ports in use per source
-//! address) and swept (claims whose flow is gone, [`stale_claims`]).
+//! apply), `FNAT_CLAIMS` mapped into memory and read back (the claims:
+//! ports in use per source address), freed into quarantine and swept
+//! (claims whose flow is gone, [`stale_claims`]) by compare-and-swaps of a
+//! claim's state, as the data plane takes and releases them.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::maps::{HashMap, MapData, MapError};
 use lb_common::{
-    Backend, CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_MAX_SOURCES, Flow, FlowKey, FnatClaim,
-    FnatConf,
+    Backend, CLAIM_FREE, CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_MAX_SOURCES, Flow, FlowKey,
+    FnatClaim, FnatConf,
     flow::{REPLY, duration_ticks},
-    fullnat::{out_of_quarantine, reply_tuple},
+    fullnat::{claim_bucket, claim_state, out_of_quarantine, reply_tuple, ticks_since},
 };
 
 use super::{
-    Dataplane, DataplaneError, MapName, Result,
-    handles::{found, map_err, set},
+    Dataplane, DataplaneError, LockedSlot, MapName, Result, SlotTable,
+    handles::{map_err, set},
 };
 
-/// An owned handle on `FNAT_REPLIES` (for readers and the sweep, apart
-/// from the agent's loop).
-pub(super) type ClaimMap = HashMap<MapData, FlowKey, FnatClaim>;
+/// `FNAT_CLAIMS` mapped into this process (for readers and the sweep,
+/// apart from the agent's loop).
+pub type ClaimTable = SlotTable<FnatClaim>;
+
+impl LockedSlot for FnatClaim {
+    const MAP: &'static str = "FNAT_CLAIMS";
+    /// The state word: odd only while a CPU writes the claim (busy), so
+    /// the generic reader copies a claim between two equal reads of it.
+    fn seq(slot: *mut Self) -> *mut u32 {
+        slot.cast::<u8>()
+            .wrapping_add(std::mem::offset_of!(Self, state))
+            .cast()
+    }
+    /// The reply tuple (all zero in a slot never used).
+    fn key(slot: *mut Self) -> *mut FlowKey {
+        slot.cast::<u8>()
+            .wrapping_add(std::mem::offset_of!(Self, reply))
+            .cast()
+    }
+}
 
 /// Ticks (~1.07 s each) a claim must have been held before the sweep may
-/// remove it: the data plane inserts a claim just before it writes its
+/// remove it: the data plane makes a claim just before it writes its
 /// flow's half-open slot, so a younger claim may not have its flow yet.
 pub const CLAIM_GRACE: u32 = 2;
 
@@ -40,7 +59,7 @@ pub fn addresses(conf: &FnatConf) -> Vec<Ipv4Addr> {
 }
 
 /// Does `flow` (a forward entry, from either flow table) hold the claim
-/// keyed `tuple` (backend → source address:port)? Only a full-NAT flow
+/// of `tuple` (backend → source address:port)? Only a full-NAT flow
 /// whose source address and port are the tuple's, toward the tuple's
 /// backend: a flow of the same client tuple opened again toward another
 /// backend may draw the same source, and does not keep the old claim.
@@ -59,49 +78,50 @@ fn holds(flow: &Flow, tuple: &FlowKey, backend: Option<Backend>) -> bool {
 /// flow ended) once out of their quarantine of `quarantine` ticks
 /// ([`FnatConf::quarantine`]). Their ports return to the pool.
 pub fn stale_claims(
-    claims: &[(FlowKey, FnatClaim)],
+    claims: &[FnatClaim],
     flows: &StdHashMap<FlowKey, Flow>,
     backend: impl Fn(u32) -> Option<Backend>,
     now: u32,
     quarantine: u16,
-) -> Vec<FlowKey> {
+) -> Vec<FnatClaim> {
     claims
         .iter()
-        .filter(|(tuple, claim)| {
-            if claim.freed != CLAIM_HELD {
-                return out_of_quarantine(claim.claimed, now, quarantine);
+        .filter(|claim| match claim.kind() {
+            CLAIM_FREED => out_of_quarantine(claim.tick(), now, quarantine),
+            CLAIM_HELD => {
+                ticks_since(claim.tick(), now) >= CLAIM_GRACE
+                    && !flows
+                        .get(&claim.forward())
+                        .is_some_and(|f| holds(f, &claim.reply, backend(f.backend_id)))
             }
-            now.wrapping_sub(claim.claimed) >= CLAIM_GRACE
-                && !flows
-                    .get(&claim.forward)
-                    .is_some_and(|f| holds(f, tuple, backend(f.backend_id)))
+            _ => false,
         })
-        .map(|(tuple, _)| *tuple)
+        .copied()
         .collect()
 }
 
 /// The claim an established full-NAT flow (`forward`, its forward key;
-/// `flow`, its forward entry) held toward `backend` (address, port), once
-/// the agent's sweep removed the flow: its tuple and the claim freed at
-/// `now`, so the port serves its quarantine as when the data plane removes
-/// a flow (`fullnat::release`). `None`: not a full-NAT flow, or no
-/// quarantine (the claim sweep then removes the claim once stale).
+/// `flow`, its forward entry) held toward `backend` (address, port), as it
+/// is once the agent's sweep removed the flow: freed at `now`, so the port
+/// serves its quarantine as when the data plane removes a flow
+/// (`fullnat::release`). `None`: not a full-NAT flow, or no quarantine
+/// (the claim sweep then removes the claim once stale).
 pub fn freed_claim(
     forward: &FlowKey,
     flow: &Flow,
     backend: (u32, u16),
     now: u32,
     quarantine: u16,
-) -> Option<(FlowKey, FnatClaim)> {
+) -> Option<FnatClaim> {
     (flow.flags & FLOW_F_FULL_NAT != 0 && flow.direction != REPLY && quarantine != 0).then(|| {
-        (
-            reply_tuple(backend, (flow.vip, flow.vport), forward.protocol),
-            FnatClaim {
-                forward: *forward,
-                claimed: now,
-                freed: CLAIM_FREED,
-            },
-        )
+        FnatClaim {
+            state: claim_state(CLAIM_FREED, now),
+            reply: reply_tuple(backend, (flow.vip, flow.vport), forward.protocol),
+            client: forward.saddr,
+            vip: forward.daddr,
+            client_port: forward.sport,
+            vport: forward.dport,
+        }
     })
 }
 use crate::config::{Config, Forwarding};
@@ -166,18 +186,18 @@ pub struct SourceClaims {
     pub quarantined: u64,
 }
 
-/// Claims per source address, from `FNAT_REPLIES` (a key's destination
-/// is the source address).
+/// Claims per source address (a reply tuple's destination is the source
+/// address), from the held and freed claims of `FNAT_CLAIMS`.
 pub fn ports_in_use(
-    claims: impl IntoIterator<Item = (FlowKey, FnatClaim)>,
+    claims: impl IntoIterator<Item = FnatClaim>,
 ) -> BTreeMap<Ipv4Addr, SourceClaims> {
     let mut by_source = BTreeMap::<_, SourceClaims>::new();
-    for (key, claim) in claims {
+    for claim in claims {
         let counts = by_source
-            .entry(Ipv4Addr::from(u32::from_be(key.daddr)))
+            .entry(Ipv4Addr::from(u32::from_be(claim.reply.daddr)))
             .or_default();
         counts.in_use += 1;
-        counts.quarantined += u64::from(claim.freed != CLAIM_HELD);
+        counts.quarantined += u64::from(claim.kind() == CLAIM_FREED);
     }
     by_source
 }
@@ -204,81 +224,83 @@ impl Dataplane {
         map.get(&0, 0).map_err(map_err(MapName::FNAT_CONF))
     }
 
-    /// An owned handle on `FNAT_REPLIES`.
-    pub(super) fn claim_map(&self) -> Result<ClaimMap> {
-        HashMap::try_from(aya::maps::Map::HashMap(
-            self.map_data(MapName::FNAT_REPLIES)?,
-        ))
-        .map_err(map_err(MapName::FNAT_REPLIES))
+    /// `FNAT_CLAIMS`, mapped into memory.
+    pub(super) fn claim_table(&self) -> Result<ClaimTable> {
+        ClaimTable::map(&self.map_data(MapName::FNAT_CLAIMS)?).map_err(DataplaneError::FnatClaims)
     }
 
-    /// Every full-NAT claim: reply tuple → the flow's forward key.
-    pub fn fnat_claims(&self) -> Result<Vec<(FlowKey, FnatClaim)>> {
-        let map: aya::maps::HashMap<&aya::maps::MapData, FlowKey, FnatClaim> =
-            aya::maps::HashMap::try_from(self.map_ref(MapName::FNAT_REPLIES)?)
-                .map_err(map_err(MapName::FNAT_REPLIES))?;
-        map.iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(map_err(MapName::FNAT_REPLIES))
+    /// Every full-NAT claim, held or in quarantine.
+    pub fn fnat_claims(&self) -> Result<Vec<FnatClaim>> {
+        Ok(claims(&self.claim_table()?))
     }
 }
 
-/// Every claim in `FNAT_REPLIES` (batched reads: one syscall per few
-/// thousand claims).
-pub(super) fn claims(map: &ClaimMap) -> Result<Vec<(FlowKey, FnatClaim)>> {
-    use aya::maps::IterableMap as _;
-    super::batch::entries(map.map())
-        .map_err(|e| map_err(MapName::FNAT_REPLIES)(MapError::IoError(e)))
+/// Every claim of `FNAT_CLAIMS` held or in quarantine (a scan of the
+/// mapped table; claims being written are skipped).
+pub fn claims(table: &ClaimTable) -> Vec<FnatClaim> {
+    table
+        .occupied_slots()
+        .into_iter()
+        .filter(|c| c.kind() != CLAIM_FREE)
+        .collect()
 }
 
-/// Marks `tuple`'s claim freed (`claim`, from [`freed_claim`]) if it is
-/// still held by the same flow: its port starts its quarantine. (A read
-/// then a write, as [`remove_stale`]: the data plane takes over only a
-/// claim whose flow is gone, as this one's is, and only when all of a new
-/// flow's candidates are held.)
-pub(super) fn free(map: &mut ClaimMap, tuple: &FlowKey, claim: &FnatClaim) -> Result<()> {
-    let held = found(map.get(tuple, 0), MapName::FNAT_REPLIES)?;
-    if held.is_some_and(|h| h.freed == CLAIM_HELD && h.forward == claim.forward) {
-        map.insert(tuple, claim, 0)
-            .map_err(map_err(MapName::FNAT_REPLIES))?;
+/// The slot of `table` that holds `claim`'s reply tuple (in its bucket
+/// under the tables' `seed`) and what it holds, if `same` accepts that.
+fn slot_of(
+    table: &ClaimTable,
+    seed: u32,
+    claim: &FnatClaim,
+    same: impl Fn(&FnatClaim) -> bool,
+) -> Option<(usize, FnatClaim)> {
+    let first = claim_bucket(&claim.reply, seed, table.slots()) as usize;
+    (first..first + 2).find_map(|i| {
+        table
+            .read_slot(i)
+            .filter(|c| c.kind() != CLAIM_FREE && c.reply == claim.reply && same(c))
+            .map(|c| (i, c))
+    })
+}
+
+/// Slot `i`'s state from `from` to `to`, if it still is `from` (the data
+/// plane's compare-and-swaps on the same word).
+fn swap_state(table: &ClaimTable, i: usize, from: u32, to: u32) -> bool {
+    table
+        .at(i, |slot| {
+            // SAFETY: a mapped slot; its state word is 4-byte aligned and
+            // only ever changed atomically (here and by the data plane).
+            let state = unsafe { AtomicU32::from_ptr(FnatClaim::seq(slot)) };
+            state
+                .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Marks the claim of `freed` (from [`freed_claim`]) freed if it is still
+/// held by the same flow: its port starts its quarantine. A take-over by
+/// the data plane meanwhile changed the state, and the swap leaves it.
+pub(super) fn free(table: &ClaimTable, seed: u32, freed: &FnatClaim) {
+    let same = |c: &FnatClaim| c.kind() == CLAIM_HELD && c.forward() == freed.forward();
+    if let Some((i, held)) = slot_of(table, seed, freed, same) {
+        swap_state(table, i, held.state, freed.state);
     }
-    Ok(())
 }
 
-/// Removes the claims keyed `stale` from `map`, each only if it still
-/// holds what `claims` (the snapshot they were chosen from) saw: a claim
-/// the data plane took over since (a new flow, tick updated) stays. Returns
-/// how many went. (The re-read and the delete are two syscalls: a take-over
-/// between them, microseconds apart, would lose the new flow's claim; the
-/// data plane takes a claim over only when all 8 of a flow's candidates
-/// are held, and the sweep leaves few stale claims to take.)
-pub(super) fn remove_stale(
-    map: &mut ClaimMap,
-    claims: &[(FlowKey, FnatClaim)],
-    stale: &[FlowKey],
-) -> Result<u64> {
-    let seen: StdHashMap<FlowKey, FnatClaim> = claims.iter().copied().collect();
+/// Frees the slots of `stale` (chosen from a snapshot), each only if its
+/// state is still what the snapshot saw: a claim the data plane took over
+/// since (busy, then held at another tick) stays. Returns how many went.
+pub(super) fn remove_stale(table: &ClaimTable, seed: u32, stale: &[FnatClaim]) -> u64 {
     let mut removed = 0;
-    for tuple in stale {
-        let now_held = found(map.get(tuple, 0), MapName::FNAT_REPLIES)?;
-        if now_held.is_none() || seen.get(tuple) != now_held.as_ref() {
-            continue;
-        }
-        match map.remove(tuple) {
-            Ok(()) => removed += 1,
-            // The data plane released it first.
-            Err(MapError::KeyNotFound) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-            }
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: MapName::FNAT_REPLIES.name(),
-                    source,
-                });
-            }
+    for claim in stale {
+        let same = |c: &FnatClaim| c.state == claim.state;
+        if let Some((i, _)) = slot_of(table, seed, claim, same)
+            && swap_state(table, i, claim.state, CLAIM_FREE)
+        {
+            removed += 1;
         }
     }
-    Ok(removed)
+    removed
 }
 
 #[cfg(test)]
@@ -385,15 +407,15 @@ mod tests {
             _pad0: 0,
             _pad1: 0,
         };
-        let held = FnatClaim::default();
-        let freed = FnatClaim {
-            freed: CLAIM_FREED,
-            ..held
+        let with = |reply: FlowKey, kind: u32| FnatClaim {
+            state: claim_state(kind, 9),
+            reply,
+            ..FnatClaim::default()
         };
         let counts = ports_in_use([
-            (claim([10, 0, 0, 1], 1), held),
-            (claim([10, 0, 0, 1], 2), freed),
-            (claim([10, 0, 0, 2], 1), held),
+            with(claim([10, 0, 0, 1], 1), CLAIM_HELD),
+            with(claim([10, 0, 0, 1], 2), CLAIM_FREED),
+            with(claim([10, 0, 0, 2], 1), CLAIM_HELD),
         ]);
         assert_eq!(
             counts[&Ipv4Addr::new(10, 0, 0, 1)],
@@ -433,14 +455,14 @@ mod tests {
         // The claim of `forward` toward backend `id` on source port `port`.
         let claim = |forward: FlowKey, id: u32, port: u16, claimed: u32| {
             let b = backend_of(id).expect("backend");
-            (
-                lb_common::fullnat::reply_tuple((b.addr, b.port), (source.0, port.to_be()), 6),
-                FnatClaim {
-                    forward,
-                    claimed,
-                    freed: CLAIM_HELD,
-                },
-            )
+            FnatClaim {
+                state: claim_state(CLAIM_HELD, claimed),
+                reply: reply_tuple((b.addr, b.port), (source.0, port.to_be()), 6),
+                client: forward.saddr,
+                vip: forward.daddr,
+                client_port: forward.sport,
+                vport: forward.dport,
+            }
         };
         let flow = |id: u32, port: u16| Flow {
             backend_id: id,
@@ -466,11 +488,11 @@ mod tests {
         ]);
         let claims = [live, gone, young, moved, reopened, other_port];
         let mut stale = stale_claims(&claims, &flows, backend_of, now, 56);
-        stale.sort_by_key(|k| u16::from_be(k.dport));
-        assert_eq!(stale, vec![gone.0, moved.0, other_port.0]);
+        stale.sort_by_key(|c| u16::from_be(c.reply.dport));
+        assert_eq!(stale, vec![gone, moved, other_port]);
         // The young claim goes once past its grace (its flow never came).
         let later = stale_claims(&[young], &flows, backend_of, now + 1, 56);
-        assert_eq!(later, vec![young.0]);
+        assert_eq!(later, vec![young]);
         // A NAT flow's entry (no full-NAT flag) holds no claim.
         let mut nat = flows.clone();
         nat.insert(
@@ -480,29 +502,29 @@ mod tests {
                 ..flow(0, 2000)
             },
         );
-        assert_eq!(
-            stale_claims(&[live], &nat, backend_of, now, 56),
-            vec![live.0]
-        );
+        assert_eq!(stale_claims(&[live], &nat, backend_of, now, 56), vec![live]);
         // A freed claim (its established flow ended at tick 60) stays out
         // of the pool for its quarantine, whatever the tables hold, and goes
         // after it.
-        let (tuple, held) = gone;
-        let freed = (
-            tuple,
-            FnatClaim {
-                claimed: 60,
-                freed: CLAIM_FREED,
-                ..held
-            },
-        );
+        let freed = FnatClaim {
+            state: claim_state(CLAIM_FREED, 60),
+            ..gone
+        };
         for now in [61, 100, 116] {
             assert!(stale_claims(&[freed], &flows, backend_of, now, 56).is_empty());
         }
         assert_eq!(
             stale_claims(&[freed], &flows, backend_of, 117, 56),
-            vec![tuple]
+            vec![freed]
         );
+        // Busy and free slots are nobody's to sweep.
+        for kind in [CLAIM_FREE, lb_common::CLAIM_BUSY] {
+            let other = FnatClaim {
+                state: claim_state(kind, 10),
+                ..gone
+            };
+            assert!(stale_claims(&[other], &flows, backend_of, now, 56).is_empty());
+        }
     }
 
     #[test]
@@ -523,13 +545,14 @@ mod tests {
             flags: FLOW_F_FULL_NAT,
             ..Flow::default()
         };
-        let (tuple, claim) = freed_claim(&forward, &flow, backend, 70, 56).expect("freed");
+        let claim = freed_claim(&forward, &flow, backend, 70, 56).expect("freed");
+        let tuple = claim.reply;
         assert_eq!(
             (tuple.saddr, tuple.sport, tuple.daddr, tuple.dport),
             (backend.0, backend.1, flow.vip, flow.vport)
         );
         assert_eq!(
-            (claim.forward, claim.claimed, claim.freed),
+            (claim.forward(), claim.tick(), claim.kind()),
             (forward, 70, CLAIM_FREED)
         );
         assert_eq!(

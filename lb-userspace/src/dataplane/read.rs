@@ -75,7 +75,7 @@ impl Dataplane {
             counts: self.owned_array(MapName::BACKEND_FLOWS)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
             sync_opened: self.owned_array(MapName::SYNC_OPENED)?,
-            fnat_claims: self.claim_map()?,
+            fnat_claims: self.claim_table()?,
             v6: self.flows6()?,
         })
     }
@@ -366,8 +366,8 @@ pub struct FlowTable {
     swept: Array<MapData, u64>,
     /// Flows from peer LBs the sync agent inserted (issue 27).
     sync_opened: Array<MapData, u64>,
-    /// Full NAT's claims (`FNAT_REPLIES`): ports in use per source address.
-    fnat_claims: super::fullnat::ClaimMap,
+    /// Full NAT's claims (`FNAT_CLAIMS`): ports in use per source address.
+    fnat_claims: super::fullnat::ClaimTable,
     /// IPv6's tables.
     v6: super::Flows6,
 }
@@ -440,10 +440,10 @@ impl FlowTable {
         self.v6.lookup(key)
     }
 
-    /// Full NAT's claims per source address (one batched pass over
-    /// `FNAT_REPLIES`).
+    /// Full NAT's claims per source address (one scan of the mapped
+    /// `FNAT_CLAIMS`).
     pub fn fnat_ports_in_use(&self) -> Result<BTreeMap<Ipv4Addr, super::fullnat::SourceClaims>> {
-        let claims = super::fullnat::claims(&self.fnat_claims)?;
+        let claims = super::fullnat::claims(&self.fnat_claims);
         Ok(super::fullnat::ports_in_use(claims))
     }
 

@@ -115,7 +115,7 @@ pub struct SweepReport {
     pub removed: u64,
     /// Established flows removed per backend id (added to `FLOWS_SWEPT`).
     pub swept: BTreeMap<u32, u64>,
-    /// Full-NAT claims removed from `FNAT_REPLIES` whose flow was gone
+    /// Full-NAT claims freed in `FNAT_CLAIMS` whose flow was gone
     /// (`fullnat::stale_claims`): their ports are free again.
     pub claims: u64,
 }
@@ -128,8 +128,8 @@ pub struct Sweeper {
     backends: Array<MapData, Backend>,
     conf: Array<MapData, FlowConf>,
     swept: Array<MapData, u64>,
-    /// Full NAT's claims (`FNAT_REPLIES`).
-    claims: super::fullnat::ClaimMap,
+    /// Full NAT's claims (`FNAT_CLAIMS`).
+    claims: super::fullnat::ClaimTable,
     /// Full NAT's settings (`FNAT_CONF`: the quarantine).
     fnat_conf: Array<MapData, lb_common::FnatConf>,
     /// IPv6's tables, swept by the same rule.
@@ -155,7 +155,7 @@ impl Dataplane {
             backends: self.owned_array(MapName::BACKENDS)?,
             conf: self.owned_array(MapName::FLOW_CONF)?,
             swept: self.owned_array(MapName::FLOWS_SWEPT)?,
-            claims: self.claim_map()?,
+            claims: self.claim_table()?,
             fnat_conf: self.owned_array(MapName::FNAT_CONF)?,
             v6: self.flows6()?,
         })
@@ -263,8 +263,8 @@ impl Sweeper {
                 .map(|(k, _)| k)
                 .collect()
         });
-        for (tuple, claim) in &freed {
-            super::fullnat::free(&mut self.claims, tuple, claim)?;
+        for claim in &freed {
+            super::fullnat::free(&self.claims, conf.half_open_seed, claim);
         }
         self.v6.sweep(&conf, now, &mut report)?;
         report.claims = self.sweep_claims(&conf, now, quarantine)?;
@@ -285,7 +285,7 @@ impl Sweeper {
     /// same pass. The claims are read before the tables: a claim newer
     /// than the tables' snapshot is within its grace anyway.
     fn sweep_claims(&mut self, conf: &FlowConf, now: u32, quarantine: u16) -> Result<u64> {
-        let claims = super::fullnat::claims(&self.claims)?;
+        let claims = super::fullnat::claims(&self.claims);
         if claims.is_empty() {
             return Ok(0);
         }
@@ -308,7 +308,11 @@ impl Sweeper {
             now,
             quarantine,
         );
-        super::fullnat::remove_stale(&mut self.claims, &claims, &stale)
+        Ok(super::fullnat::remove_stale(
+            &self.claims,
+            conf.half_open_seed,
+            &stale,
+        ))
     }
 }
 

@@ -201,7 +201,7 @@ pub fn explain(
             let _ = writeln!(
                 out,
                 "full NAT: the backend sees this flow from {}:{} (the source address and port \
-                 claimed for it in FNAT_REPLIES; its replies come back there)",
+                 claimed for it in FNAT_CLAIMS; its replies come back there)",
                 Ipv4Addr::from(entry.vip.to_ne_bytes()),
                 u16::from_be(entry.vport)
             );

@@ -108,7 +108,7 @@ pub struct FullNatStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FullNatSource {
     pub address: String,
-    /// Claims in `FNAT_REPLIES` on this address: (port, backend endpoint)
+    /// Claims in `FNAT_CLAIMS` on this address: (port, backend endpoint)
     /// pairs held by live flows or in quarantine (and stale claims until
     /// the sweep removes them), counted with the flows, off the agent's
     /// loop.

@@ -91,7 +91,7 @@ pub struct BenchArgs {
     pub profile_new: bool,
     /// With --profile-new: full NAT's new flows instead of DSR's (as the
     /// cost section's full-NAT row; at most 240 000 flows, below
-    /// `FNAT_REPLIES`' size, since no sweep frees their claims)
+    /// the 262 144 claims `FNAT_CLAIMS` is rated for, since no sweep frees them)
     #[arg(long, requires = "profile_new")]
     pub profile_full_nat: bool,
     /// Run only these sections (comma-separated) and print the report;
