@@ -641,9 +641,30 @@ fn generate_live(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
         map.set(0, starts, 0).context("resetting PKTGEN_SEQ")?;
     }
     let prog: &Xdp = xdp_program(ebpf, PROGRAM)?;
+    let md = xdp_md(frame.len(), spec.ifindex);
+    let max_repeat = if spec.fresh_frames { BATCH } else { REPEAT };
+    let (frames, elapsed) = in_threads(spec, |_, quota, rate, start, stop| {
+        send_loop(
+            prog, &frame, &md, quota, spec.limit, rate, max_repeat, start, stop,
+        )
+    })?;
+    Ok(Summary {
+        frames,
+        elapsed,
+        sender: Sender::XdpLiveFrames,
+    })
+}
+
+/// Runs `send` on `spec.threads` threads, each pinned to a CPU in turn with
+/// its share of the count and of the rate (thread index, quota, rate, the
+/// run's start, the stop flag one failing thread raises); returns the
+/// frames they sent together and the time it took.
+fn in_threads(
+    spec: &Spec,
+    send: impl Fn(usize, Option<u64>, Option<f64>, Instant, &AtomicBool) -> anyhow::Result<u64> + Sync,
+) -> anyhow::Result<(u64, Duration)> {
     let threads = spec.threads.max(1);
     let ncpu = cpus();
-    let md = xdp_md(frame.len(), spec.ifindex);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
@@ -656,13 +677,10 @@ fn generate_live(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
                     Limit::Duration(_) => None,
                 };
                 let rate = spec.rate.map(|r| (r as f64 / threads as f64).max(1.0));
-                let (frame, md, stop) = (&frame, &md, &stop);
+                let (send, stop) = (&send, &stop);
                 s.spawn(move || -> anyhow::Result<u64> {
                     pin_to_cpu(t % ncpu)?;
-                    let max_repeat = if spec.fresh_frames { BATCH } else { REPEAT };
-                    let res = send_loop(
-                        prog, frame, md, quota, spec.limit, rate, max_repeat, start, stop,
-                    );
+                    let res = send(t, quota, rate, start, stop);
                     if res.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -683,11 +701,7 @@ fn generate_live(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     for r in results {
         frames += r?;
     }
-    Ok(Summary {
-        frames,
-        elapsed,
-        sender: Sender::XdpLiveFrames,
-    })
+    Ok((frames, elapsed))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -736,15 +750,21 @@ fn send_loop(
         };
         prog.test_run(opts).context(LIVE_FRAMES_CALL)?;
         sent += u64::from(repeat);
-        if let Some(r) = rate {
-            let due = start + Duration::from_secs_f64(sent as f64 / r);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
+        pace(rate, start, sent);
     }
     Ok(sent)
+}
+
+/// Sleeps until `sent` frames are due at `rate` frames a second since
+/// `start` (no rate: at once).
+fn pace(rate: Option<f64>, start: Instant, sent: u64) {
+    if let Some(r) = rate {
+        let due = start + Duration::from_secs_f64(sent as f64 / r);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
 }
 
 /// Resolves command-line arguments in the current network namespace.
@@ -841,6 +861,8 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub use packet::packet_socket;
+
 /// The fallback sender: the frames built on the host, one `send` each on
 /// an AF_PACKET socket bound to the interface.
 mod packet {
@@ -854,8 +876,8 @@ mod packet {
     use anyhow::{Context, bail};
 
     use super::{
-        FlowDist, Limit, PKTGEN_FLOW_TABLE, Sender, Spec, Summary, ZIPF_SEED, build_frame, cpus,
-        flow_conf, flow_source_addr, pin_to_cpu, seq_starts, zipf_table,
+        FlowDist, Limit, PKTGEN_FLOW_TABLE, Sender, Spec, Summary, ZIPF_SEED, build_frame,
+        flow_conf, flow_source_addr, in_threads, pace, seq_starts, zipf_table,
     };
 
     /// Sends `spec`'s frames: frame `n` of a thread whose sequence starts at
@@ -879,56 +901,21 @@ mod packet {
             )),
             FlowDist::Uniform => None,
         };
-        let threads = spec.threads.max(1);
-        let starts = seq_starts(spec.flows, threads);
-        let ncpu = cpus();
-        let stop = AtomicBool::new(false);
-        let start = Instant::now();
-        let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let quota = match spec.limit {
-                        Limit::Count(n) => {
-                            Some(n / threads as u64 + u64::from((t as u64) < n % threads as u64))
-                        }
-                        Limit::Duration(_) => None,
-                    };
-                    let rate = spec.rate.map(|r| (r as f64 / threads as f64).max(1.0));
-                    let (conf, table, stop, first) = (&conf, &table, &stop, starts[t]);
-                    s.spawn(move || -> anyhow::Result<u64> {
-                        pin_to_cpu(t % ncpu)?;
-                        let socket = bound_socket(spec.ifindex)?;
-                        let frame_of = |n: u32| {
-                            let flow = match table {
-                                Some(table) => table[n as usize % table.len()],
-                                None => n,
-                            };
-                            let src: SocketAddr = flow_source_addr(conf, spec.frame.src, flow);
-                            build_frame(&super::FrameSpec { src, ..spec.frame })
-                        };
-                        let res = send_loop(
-                            &socket, frame_of, first, quota, spec.limit, rate, start, stop,
-                        );
-                        if res.is_err() {
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                        res
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("sending thread panicked")))
-                })
-                .collect()
-        });
-        let elapsed = start.elapsed();
-        let mut frames = 0;
-        for r in results {
-            frames += r?;
-        }
+        let starts = seq_starts(spec.flows, spec.threads.max(1));
+        let frame_of = |n: u32| {
+            let flow = match &table {
+                Some(table) => table[n as usize % table.len()],
+                None => n,
+            };
+            let src: SocketAddr = flow_source_addr(&conf, spec.frame.src, flow);
+            build_frame(&super::FrameSpec { src, ..spec.frame })
+        };
+        let (frames, elapsed) = in_threads(spec, |t, quota, rate, start, stop| {
+            let socket = packet_socket(spec.ifindex)?;
+            send_loop(
+                &socket, &frame_of, starts[t], quota, spec.limit, rate, start, stop,
+            )
+        })?;
         Ok(Summary {
             frames,
             elapsed,
@@ -938,7 +925,7 @@ mod packet {
 
     /// An AF_PACKET raw socket bound to `ifindex` for sending only
     /// (protocol 0: it receives nothing).
-    fn bound_socket(ifindex: u32) -> anyhow::Result<OwnedFd> {
+    pub fn packet_socket(ifindex: u32) -> anyhow::Result<OwnedFd> {
         // SAFETY: plain socket(2); the descriptor is owned from here on.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -970,7 +957,7 @@ mod packet {
     #[allow(clippy::too_many_arguments)]
     fn send_loop(
         socket: &OwnedFd,
-        frame_of: impl Fn(u32) -> anyhow::Result<Vec<u8>>,
+        frame_of: &impl Fn(u32) -> anyhow::Result<Vec<u8>>,
         first: u32,
         quota: Option<u64>,
         limit: Limit,
@@ -1006,13 +993,7 @@ mod packet {
             }
             sent += 1;
             n = n.wrapping_add(1);
-            if let Some(r) = rate {
-                let due = start + Duration::from_secs_f64(sent as f64 / r);
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
+            pace(rate, start, sent);
         }
         Ok(sent)
     }

@@ -21,7 +21,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -231,29 +231,7 @@ fn endpoint(addr: u32, port: u16) -> SocketAddrV4 {
 /// Sends `frames` out of interface `ifindex` through a packet socket, at
 /// `rate` frames per second in bursts of 32 (well under a veth ring).
 fn send_frames(ifindex: u32, frames: &[Vec<u8>], rate: u64) -> anyhow::Result<()> {
-    // SAFETY: plain syscall; the descriptor is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("a packet socket");
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    // SAFETY: `addr` is a sockaddr_ll of the length given.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("binding a packet socket to ifindex {ifindex}"));
-    }
+    let socket = crate::pktgen::packet_socket(ifindex)?;
     let start = Instant::now();
     for (n, frame) in frames.iter().enumerate() {
         send_frame(&socket, frame)?;
