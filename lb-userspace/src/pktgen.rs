@@ -861,7 +861,7 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub use packet::packet_socket;
+pub use packet::{packet_socket, send_frame};
 
 /// The fallback sender: the frames built on the host, one `send` each on
 /// an AF_PACKET socket bound to the interface.
@@ -873,7 +873,7 @@ mod packet {
         time::{Duration, Instant},
     };
 
-    use anyhow::{Context, bail};
+    use anyhow::Context;
 
     use super::{
         FlowDist, Limit, PKTGEN_FLOW_TABLE, Sender, Spec, Summary, ZIPF_SEED, build_frame,
@@ -952,8 +952,30 @@ mod packet {
         Ok(socket)
     }
 
+    /// Sends one frame, waiting while the interface's queue is full: a
+    /// release build outruns a veth's queue (ENOBUFS), and a frame lost here
+    /// is one the caller believes sent (a handshake the bench never made).
+    pub fn send_frame(socket: &OwnedFd, frame: &[u8]) -> anyhow::Result<()> {
+        const PATIENCE: Duration = Duration::from_secs(2);
+        let start = Instant::now();
+        loop {
+            // SAFETY: the frame's buffer, of its length.
+            let rc =
+                unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if rc >= 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOBUFS) || start.elapsed() > PATIENCE {
+                return Err(err).context("sending a frame on the AF_PACKET socket");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// One thread's frames, paced as the XDP sender paces its calls. A full
-    /// device queue (`ENOBUFS`) is waited out, not counted as sent.
+    /// device queue (`ENOBUFS`) is waited out ([`send_frame`]), not counted
+    /// as sent.
     #[allow(clippy::too_many_arguments)]
     fn send_loop(
         socket: &OwnedFd,
@@ -977,20 +999,7 @@ mod packet {
                 (None, Limit::Count(_)) => break,
                 _ => {}
             }
-            let frame = frame_of(n)?;
-            // SAFETY: `frame` is a live buffer of the length passed.
-            let rc =
-                unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-            if rc < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
-                        std::thread::sleep(Duration::from_micros(100));
-                        continue;
-                    }
-                    _ => bail!("send on the AF_PACKET socket: {err}"),
-                }
-            }
+            send_frame(socket, &frame_of(n)?)?;
             sent += 1;
             n = n.wrapping_add(1);
             pace(rate, start, sent);

@@ -21,7 +21,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -234,7 +233,7 @@ fn send_frames(ifindex: u32, frames: &[Vec<u8>], rate: u64) -> anyhow::Result<()
     let socket = crate::pktgen::packet_socket(ifindex)?;
     let start = Instant::now();
     for (n, frame) in frames.iter().enumerate() {
-        send_frame(&socket, frame)?;
+        crate::pktgen::send_frame(&socket, frame)?;
         if n % 32 == 31 {
             let due = start + Duration::from_secs_f64((n + 1) as f64 / rate as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -243,26 +242,6 @@ fn send_frames(ifindex: u32, frames: &[Vec<u8>], rate: u64) -> anyhow::Result<()
         }
     }
     Ok(())
-}
-
-/// Sends one frame, waiting while the interface's queue is full: a
-/// release build outruns the veth's queue (ENOBUFS), and a handshake
-/// frame lost here would be a connection the bench never established.
-fn send_frame(socket: &OwnedFd, frame: &[u8]) -> anyhow::Result<()> {
-    const PATIENCE: Duration = Duration::from_secs(2);
-    let start = Instant::now();
-    loop {
-        // SAFETY: the frame's buffer, of its length.
-        let rc = unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if rc >= 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ENOBUFS) || start.elapsed() > PATIENCE {
-            return Err(err).context("sending a frame");
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 /// One run of the scenario on a fresh data plane: (spoofed SYNs sent,
