@@ -458,6 +458,13 @@ pub fn zipf_table(flows: u32, s: f64, len: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// A run's Zipf flow mix (`--flow-dist zipf`, exponent `s`): the drawn
+/// sequence every sender and the summary use, [`PKTGEN_FLOW_TABLE`] draws
+/// under [`ZIPF_SEED`].
+pub fn drawn_flows(flows: u32, s: f64) -> Vec<u32> {
+    zipf_table(flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED)
+}
+
 /// SplitMix64 (Steele, Lea, Flood 2014): a seeded 64-bit sequence, enough
 /// for drawing a benchmark's flow mix (no dependency for eight lines).
 struct SplitMix64(u64);
@@ -620,7 +627,7 @@ fn generate_live(ebpf: &mut Ebpf, spec: &Spec) -> anyhow::Result<Summary> {
     conf.template
         .copy_from_slice(&frame[..lb_common::PKTGEN_TEMPLATE_LEN]);
     if let FlowDist::Zipf { s } = spec.dist {
-        let table = zipf_table(spec.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED);
+        let table = drawn_flows(spec.flows, s);
         write_flow_table(ebpf, &table)?;
         conf.flow_table_mask = PKTGEN_FLOW_TABLE - 1;
     }
@@ -847,10 +854,7 @@ pub fn run(args: PktgenArgs) -> anyhow::Result<()> {
         summary.mpps()
     );
     if let FlowDist::Zipf { s } = spec.dist {
-        let mix = mix_summary(
-            &zipf_table(spec.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED),
-            spec.flows,
-        );
+        let mix = mix_summary(&drawn_flows(spec.flows, s), spec.flows);
         println!(
             "flow mix: Zipf s={s} over {} flows, a sequence of {PKTGEN_FLOW_TABLE} draws per CPU holding {} distinct flows; the heaviest 1 % of the flows carry {:.0} % of the frames",
             spec.flows,
@@ -876,8 +880,8 @@ mod packet {
     use anyhow::Context;
 
     use super::{
-        FlowDist, Limit, PKTGEN_FLOW_TABLE, Sender, Spec, Summary, ZIPF_SEED, build_frame,
-        flow_conf, flow_source_addr, in_threads, pace, seq_starts, zipf_table,
+        FlowDist, Limit, Sender, Spec, Summary, build_frame, drawn_flows, flow_conf,
+        flow_source_addr, in_threads, pace, seq_starts,
     };
 
     /// Sends `spec`'s frames: frame `n` of a thread whose sequence starts at
@@ -893,12 +897,7 @@ mod packet {
         // Checked once here, so a bad size fails before any thread starts.
         build_frame(&spec.frame)?;
         let table = match spec.dist {
-            FlowDist::Zipf { s } => Some(zipf_table(
-                spec.flows,
-                s,
-                PKTGEN_FLOW_TABLE as usize,
-                ZIPF_SEED,
-            )),
+            FlowDist::Zipf { s } => Some(drawn_flows(spec.flows, s)),
             FlowDist::Uniform => None,
         };
         let starts = seq_starts(spec.flows, spec.threads.max(1));

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     config::Forwarding,
-    harness::pktgen::{FlowDist, ZIPF_SEED, mix_summary, zipf_table},
+    harness::pktgen::{FlowDist, ZIPF_SEED, drawn_flows, mix_summary},
 };
 
 /// `<root>` for a binary at `<root>/target/<profile>/lb`.
@@ -384,10 +384,7 @@ fn table_cost_section(s: &mut String, fwd: &[FwdRow]) {
                 FlowDist::Uniform if row.flows == 1 => "one flow".to_string(),
                 FlowDist::Uniform => "uniform: every flow in turn".to_string(),
                 FlowDist::Zipf { s } => {
-                    let m = mix_summary(
-                        &zipf_table(row.flows, s, PKTGEN_FLOW_TABLE as usize, ZIPF_SEED),
-                        row.flows,
-                    );
+                    let m = mix_summary(&drawn_flows(row.flows, s), row.flows);
                     format!(
                         "Zipf s={s}: {} distinct flows per {PKTGEN_FLOW_TABLE}-frame cycle, heaviest 1 % carry {:.0} %",
                         m.distinct,
