@@ -372,6 +372,17 @@ fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
         .map(|(_, f)| f)
 }
 
+/// Now in Unix ms, a message's send time.
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms")
+}
+
 /// Waits up to 3 s for `cond`.
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -426,15 +437,6 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), 17890))
             .expect("the stranger's socket");
         let b_at = SocketAddrV4::new(b_addr.into(), 17890);
-        let unix_ms = || {
-            u64::try_from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("clock")
-                    .as_millis(),
-            )
-            .expect("ms")
-        };
         let sender = u32::from(std::net::Ipv4Addr::from(stranger));
         let mut forger = Sealer::new(Key::new(b"not the key the LBs share, but long"), sender, 1);
         let forged = forger.seal(Kind::Flows, &[record(53402, web_addr(0))], unix_ms());
@@ -557,16 +559,9 @@ fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
             age_ms: past_ms,
             ..record(53601, web_addr(2))
         };
-        let unix_ms = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_millis(),
-        )
-        .expect("ms");
         let sender = u32::from(std::net::Ipv4Addr::from(old_addr));
         let mut sealer = Sealer::new(Key::new(KEY.as_bytes()), sender, 1);
-        let msg = sealer.seal(Kind::Flows, &[wrapped, expired], unix_ms);
+        let msg = sealer.seal(Kind::Flows, &[wrapped, expired], unix_ms());
         old_peer
             .send_to(&msg, SocketAddrV4::new(b_addr.into(), 17890))
             .expect("send");
