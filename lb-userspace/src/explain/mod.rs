@@ -367,10 +367,10 @@ fn state_name(state: u32) -> &'static str {
 }
 
 /// An IPv6 flow's answer: from IPv6's flow tables (`flow6`), the backend
-/// it is pinned to, its state and idle time; without an entry (or with an
-/// expired one, a miss), what a new
-/// flow meets (`facts`): the global firewall scope, the service (or why
-/// none takes it), the service's firewall scope, the scheduler's choice
+/// it is pinned to, its state and age; without an entry (or with an
+/// expired one: a miss), what a new flow meets (`facts`): the global
+/// firewall scope, the service (or why none takes it), the service's
+/// firewall scope, the scheduler's choice
 /// ([`choose6`], `source-ip` on the service's prefix) — as IPv4's
 /// [`explain`]. Also the services configured on the VIP's address
 /// (`vip_services`), and the service's backends (`view`).
