@@ -38,7 +38,7 @@ pub mod sweep;
 mod tunnel;
 
 pub use established::{EstablishedTable, InsertError, Inserted};
-pub use facts::{FlowFacts, FlowFacts6, FwFacts, ServiceFacts};
+pub use facts::{EntryAge, FlowFacts, FlowFacts6, FwFacts, ServiceFacts};
 pub use firewall_maps::RuleStats;
 pub use flows6::Flows6;
 pub use half_open::{HalfOpenTable, LockedSlot, SlotTable};

@@ -13,6 +13,8 @@
 //!   data plane's promotion goes to the overflow, `CONNTRACK`), and the
 //!   overflowed flow still forwards both ways; the sweep empties an
 //!   expired slot and counts it for its backend.
+//! - `lb explain`'s facts judge an entry's expiry as the data plane does
+//!   (a NAT flow's live reply direction keeps it; both expired: a miss).
 //!
 //! Needs root and BPF; without them the tests fail loudly.
 
@@ -314,6 +316,76 @@ fn the_sweep_empties_an_expired_slot_and_counts_it() {
         assert_eq!(
             table.insert_established(&third, &f, None, &conf, now),
             Ok(Inserted::New { ended: None })
+        );
+    });
+}
+
+/// `lb explain` of a connection as its entry ages, judged as the data
+/// plane judges it: live, pinned; its forward entry past the timeout but
+/// the reply direction live, still pinned (and the client's next segment
+/// forwarded); both past it, "expired" and a new flow — and the client's
+/// next segment is indeed a miss (`DropNoFlow`: round robin cannot place a
+/// mid-stream segment).
+#[test]
+fn explain_says_an_expired_entry_is_a_miss_as_the_data_plane_finds_it() {
+    use lb_userspace::explain::{FlowQuery, explain};
+    let net = TestNet::new();
+    net.run(|| {
+        let mut h = Harness::new(&lab_config());
+        let port = 43_000;
+        open(&mut h, port);
+        let key = tcp_key(port, VIP);
+        let q = FlowQuery::parse(
+            &format!("{}:{port}", std::net::Ipv4Addr::from(CLIENT)),
+            &format!("{}:80/tcp", std::net::Ipv4Addr::from(VIP)),
+        )
+        .expect("query");
+        let said = |h: &Harness| {
+            let facts = h.dp.flow_facts(&key).expect("facts");
+            let age = facts.age.expect("an entry's age");
+            (age, explain(&q, &facts, None, &[]))
+        };
+        let (age, text) = said(&h);
+        assert!(!age.expired, "{age:?}");
+        assert!(text.contains("pinned by conntrack"), "{text}");
+        assert!(text.contains("timeout 900 s (tcp)"), "{text}");
+
+        let table = h.dp.established_table().expect("ESTABLISHED");
+        let conf = h.dp.flow_conf().expect("FLOW_CONF");
+        let tcp_timeout = conf.timeouts[lb_common::flow::Timeout::Tcp as usize];
+        // Two ticks past it: the data plane's clock may run one ahead.
+        let stale = now_ticks().wrapping_sub(tcp_timeout + 2);
+        table
+            .update(&key, &conf, |s| s.forward.seen = stale)
+            .expect("the flow's slot");
+        let (age, text) = said(&h);
+        assert!(age.expired && age.pair_live, "{age:?}");
+        assert!(text.contains("the entry stays"), "{text}");
+        assert!(text.contains("pinned by conntrack"), "{text}");
+        h.expect(h.front, &client_ack(port), XDP_REDIRECT, Verdict::Forwarded);
+
+        table
+            .update(&key, &conf, |s| {
+                s.forward.seen = stale;
+                s.reply.seen = stale;
+            })
+            .expect("the flow's slot");
+        let (age, text) = said(&h);
+        assert!(age.is_miss() && age.idle >= tcp_timeout + 2, "{age:?}");
+        assert!(
+            text.contains(&format!("expired: idle {} ticks", age.idle)),
+            "{text}"
+        );
+        assert!(
+            text.contains("timeout 900 s (tcp): the next packet is a miss"),
+            "{text}"
+        );
+        assert!(!text.contains("pinned by conntrack"), "{text}");
+        h.expect(
+            h.front,
+            &client_ack(port),
+            lb_userspace::harness::xdp::XDP_DROP,
+            Verdict::DropNoFlow,
         );
     });
 }

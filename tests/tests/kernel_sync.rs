@@ -4,7 +4,9 @@
 //! sync agent's insertion of a peer's flow: the next packet of the tuple
 //! goes to the synced backend without the scheduler, its replies are
 //! translated back, a record for a backend or service this LB does not
-//! have is rejected and creates nothing, a local flow is never replaced.
+//! have is rejected and creates nothing, a local flow is never replaced;
+//! an older peer's wrapped age (u32::MAX ms) is taken as fresh and
+//! counted, an age merely past the timeout inserts the flow expired.
 //!
 //! The real `lb` object run with BPF_PROG_TEST_RUN on crafted frames in a
 //! throwaway namespace (`lb_tests::kernel_net`). Needs root and BPF;
@@ -370,6 +372,17 @@ fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
         .map(|(_, f)| f)
 }
 
+/// Now in Unix ms, a message's send time.
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms")
+}
+
 /// Waits up to 3 s for `cond`.
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -424,15 +437,6 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), 17890))
             .expect("the stranger's socket");
         let b_at = SocketAddrV4::new(b_addr.into(), 17890);
-        let unix_ms = || {
-            u64::try_from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("clock")
-                    .as_millis(),
-            )
-            .expect("ms")
-        };
         let sender = u32::from(std::net::Ipv4Addr::from(stranger));
         let mut forger = Sealer::new(Key::new(b"not the key the LBs share, but long"), sender, 1);
         let forged = forger.seal(Kind::Flows, &[record(53402, web_addr(0))], unix_ms());
@@ -520,5 +524,75 @@ fn a_flow_stamped_ahead_of_the_agents_clock_reaches_a_starting_peer_alive() {
             copied.seen,
             now()
         );
+    });
+}
+
+/// A peer still running the code before that fix (a rolling upgrade) sends
+/// a flow it had just seen with its wrapped age, u32::MAX ms: the receiver
+/// inserts it fresh, forwards its next packet, and counts it. A record
+/// whose age is merely past the flow's timeout is inserted as it says:
+/// expired, a miss for its next packet (`DropNoFlow`), not counted.
+#[test]
+fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
+    let net = TestNet::new();
+    net.ip(&["link", "set", "lo", "up"]);
+    net.run(|| {
+        let cfg = lab_config();
+        let (old_addr, b_addr) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+        let mut b = Harness::new(&cfg);
+        // The older peer: a socket on its sync address, sealing with the key.
+        let old_peer = std::net::UdpSocket::bind(SocketAddrV4::new(old_addr.into(), 17890))
+            .expect("the older peer's socket");
+        let (b_stats, answered) = start_sync(&b, b_addr, &[old_addr]);
+        assert!(!answered, "the test's peer answers no bulk request");
+        let conf = b.dp.flow_conf().expect("FLOW_CONF");
+        let tcp_timeout = conf.timeouts[lb_common::flow::Timeout::Tcp as usize];
+        // Two ticks past the timeout, in ms (rounded up).
+        let past_ms =
+            u32::try_from((u64::from(tcp_timeout) + 2) * lb_common::flow::TICK_NS / 1_000_000 + 1)
+                .expect("ms");
+        let wrapped = Record {
+            age_ms: u32::MAX,
+            ..record(53600, web_addr(1))
+        };
+        let expired = Record {
+            age_ms: past_ms,
+            ..record(53601, web_addr(2))
+        };
+        let sender = u32::from(std::net::Ipv4Addr::from(old_addr));
+        let mut sealer = Sealer::new(Key::new(KEY.as_bytes()), sender, 1);
+        let msg = sealer.seal(Kind::Flows, &[wrapped, expired], unix_ms());
+        old_peer
+            .send_to(&msg, SocketAddrV4::new(b_addr.into(), 17890))
+            .expect("send");
+        eventually("both records taken", || {
+            b_stats.status().peers[0].flows_received == 2
+        });
+        let peer = &b_stats.status().peers[0];
+        assert_eq!(peer.wrapped_ages, 1, "{peer:?}");
+
+        let fresh = established(&b, 53600).expect("the wrapped-age flow inserted");
+        assert!(
+            !lb_common::flow::is_expired(&conf, 6, &fresh, now()),
+            "inserted expired: seen {}, now {}",
+            fresh.seen,
+            now()
+        );
+        let out = b.expect(
+            b.front,
+            &client_ack(53600),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        assert_eq!(web_of(&out), 1, "the peer's backend");
+
+        let old = established(&b, 53601).expect("the expired flow inserted as it says");
+        assert!(
+            lb_common::flow::is_expired(&conf, 6, &old, now()),
+            "seen {}, now {}",
+            old.seen,
+            now()
+        );
+        b.expect(b.front, &client_ack(53601), XDP_DROP, Verdict::DropNoFlow);
     });
 }

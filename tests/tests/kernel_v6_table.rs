@@ -6,7 +6,9 @@
 //! DSR's SYN + ACK + data) find a full established table and stay
 //! half-open, still forwarded, rather than evict a live flow. The agent's
 //! sweep removes IPv6's expired flows and counts them, so the active counts
-//! do not drift; a restarted agent adopts the pinned tables.
+//! do not drift; a restarted agent adopts the pinned tables. `lb explain`'s
+//! reading of an entry's expiry (with a NAT flow's reply entry) agrees with
+//! the data plane's.
 //!
 //! The real `lb` object under BPF_PROG_TEST_RUN in the kernel tier's
 //! namespace (tests/src/kernel_net.rs, dual-stack: kernel_net6.rs). Needs
@@ -385,5 +387,73 @@ fn the_verifier_reports_ipv6s_stages_instruction_counts() {
         }
         seen.sort();
         assert_eq!(seen, ["lb_v6", "lb_v6_portless", "lb_v6_setup"]);
+    });
+}
+
+/// `lb explain`'s reading of an IPv6 entry's age (`EntryAge` over
+/// `Flows6::lookup` and `pair_entry`, as the agent reads them) agrees with
+/// the data plane: a NAT66 connection whose forward entry is past the tcp
+/// timeout while its reply entry is live is still served; both past it,
+/// it is a miss, and the client's next segment finds no established entry
+/// (round robin drops a mid-stream segment: `DropNoFlow`).
+#[test]
+fn explains_reading_of_an_ipv6_entrys_expiry_agrees_with_the_data_plane() {
+    use aya::maps::{HashMap, Map};
+    use lb_common::Flow;
+    use lb_userspace::explain::EntryAge;
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let mut h = Harness::new(&config_v6());
+        let held = open_nat(&mut h, 44_000);
+        let key = key6((CLIENT_V6, held.port), (VIP_NAT6, 80), 6);
+        let conf = h.dp.flow_conf().expect("FLOW_CONF");
+        let age = |h: &Harness| {
+            let flows6 = h.dp.flows6().expect("IPv6's tables");
+            let (established, entry) = flows6.lookup(&key).expect("lookup").expect("an entry");
+            assert!(established);
+            let pair = flows6.pair_entry(&key, &entry).expect("pair");
+            assert!(pair.is_some(), "a NAT66 flow's reply entry");
+            EntryAge::of(&conf, 6, &entry, pair.as_ref(), now_ticks())
+        };
+        assert!(!age(&h).expired, "{:?}", age(&h));
+
+        let data = h.dp.map_data(MapName::ESTABLISHED6).expect("ESTABLISHED6");
+        let mut table: HashMap<_, FlowKey6, Flow> =
+            HashMap::try_from(Map::HashMap(data)).expect("a hash map");
+        let tcp_timeout = conf.timeouts[lb_common::flow::Timeout::Tcp as usize];
+        // Two ticks past it: the data plane's clock may run one ahead.
+        let stale = now_ticks().wrapping_sub(tcp_timeout + 2);
+        let set_stale = |table: &mut HashMap<_, FlowKey6, Flow>, k: &FlowKey6| {
+            let mut f = table.get(k, 0).expect("the entry");
+            f.seen = stale;
+            table.insert(k, f, 0).expect("write");
+        };
+        set_stale(&mut table, &key);
+        let kept = age(&h);
+        assert!(
+            kept.expired && kept.pair_live && !kept.is_miss(),
+            "{kept:?}"
+        );
+        still_served(&mut h, &held, "forward entry expired, reply live");
+
+        let keys: Vec<FlowKey6> = table.keys().map(|k| k.expect("key")).collect();
+        assert_eq!(keys.len(), 2, "the flow's two entries");
+        for k in &keys {
+            set_stale(&mut table, k);
+        }
+        let gone = age(&h);
+        assert!(gone.is_miss() && gone.idle >= tcp_timeout + 2, "{gone:?}");
+        let segment = tcp6(
+            TO_LB,
+            (CLIENT_V6, held.port),
+            (VIP_NAT6, 80),
+            64,
+            Seg::Ack(600, 901),
+            b"late",
+        );
+        h.expect(h.front, &segment, xdp::XDP_DROP, Verdict::DropNoFlow);
+        assert_ne!(where_is(&h.dp, &key), Some(true), "the expired entry");
     });
 }

@@ -302,6 +302,9 @@ fn lb_explain_predicts_the_backend_and_then_names_the_pin() -> Result<()> {
             "{again}"
         );
         ensure!(again.contains("stays on it"), "{again}");
+        // Just active: its age against the tcp timeout, not expired.
+        ensure!(again.contains("timeout 900 s (tcp)"), "{again}");
+        ensure!(!again.contains("expired"), "{again}");
         ensure!(who_answers(&mut conn)? == first, "a keep-alive flow moved");
         Ok(first)
     })??;
@@ -472,6 +475,12 @@ fn lb_trace_and_lb_explain_over_ipv6() -> Result<()> {
         ensure!(
             again.contains("established in IPv6's flow table")
                 && again.contains(&format!("pinned to {first} (")),
+            "{again}"
+        );
+        // Its age, read signed (a flow just stamped is idle 0 or so, never
+        // 2^32 - 1 ticks), against the tcp timeout.
+        ensure!(
+            again.contains("timeout 900 s (tcp)") && !again.contains("expired"),
             "{again}"
         );
         ensure!(who_answers(&mut conn)? == first, "a keep-alive flow moved");

@@ -120,17 +120,28 @@ impl Agent {
     /// view of the service on its VIP.
     fn explain6(&self, query: &FlowQuery, on_vip: &[String]) -> anyhow::Result<String> {
         let key = query.key6().context("an IPv6 flow")?;
-        let found = self
-            .dp
-            .flows6()
-            .and_then(|t| t.lookup(&key))
-            .context("reading IPv6's flow tables")?;
-        let now = crate::dataplane::now_ticks();
-        let flow6 = found.map(|(established, entry)| explain::Flow6Facts {
-            established,
-            entry,
-            idle: now.wrapping_sub(entry.seen),
-        });
+        let flows6 = self.dp.flows6().context("reading IPv6's flow tables")?;
+        let found = flows6.lookup(&key).context("reading IPv6's flow tables")?;
+        let flow6 = match found {
+            None => None,
+            Some((established, entry)) => {
+                // Half-open entries serve both directions: no pair.
+                let pair = if established {
+                    flows6
+                        .pair_entry(&key, &entry)
+                        .context("reading IPv6's flow tables")?
+                } else {
+                    None
+                };
+                let conf = self.dp.flow_conf().context("reading FLOW_CONF")?;
+                let now = crate::dataplane::now_ticks();
+                Some(explain::Flow6Facts {
+                    established,
+                    entry,
+                    age: explain::EntryAge::of(&conf, key.protocol, &entry, pair.as_ref(), now),
+                })
+            }
+        };
         let view = self
             .cfg
             .services
@@ -141,9 +152,10 @@ impl Agent {
                     && crate::dataplane::protocol_number(s.protocol) == query.protocol
             })
             .and_then(|(_, a)| self.service_view(a.id));
+        // A new flow's facts: none in the tables, or an expired entry (a miss).
         let facts = match flow6 {
-            Some(_) => explain::FlowFacts6::default(),
-            None => self.dp.flow_facts6(&key).context("reading the maps")?,
+            Some(f) if !f.age.is_miss() => explain::FlowFacts6::default(),
+            _ => self.dp.flow_facts6(&key).context("reading the maps")?,
         };
         Ok(explain::explain6(
             query,

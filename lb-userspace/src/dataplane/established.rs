@@ -70,12 +70,19 @@ impl EstablishedTable {
     /// The entry `key` (as it arrives: forward, or a NAT flow's reply)
     /// belongs to.
     pub fn get(&self, key: &FlowKey, conf: &FlowConf) -> Option<Flow> {
+        self.get_with_pair(key, conf).map(|(entry, _)| entry)
+    }
+
+    /// [`get`](Self::get), with the flow's entry for the other direction
+    /// (a NAT flow's; `None` for DSR), which keeps an expired entry alive
+    /// while it is live itself.
+    pub fn get_with_pair(&self, key: &FlowKey, conf: &FlowConf) -> Option<(Flow, Option<Flow>)> {
         if let Some(s) = self
             .bucket(key, conf)
             .filter_map(|i| self.read_slot(i))
             .find(|s| s.key == *key)
         {
-            return Some(s.forward);
+            return Some((s.forward, flow_table::is_nat(&s).then_some(s.reply)));
         }
         // A reply's client is its destination.
         let client = FlowKey {
@@ -86,7 +93,7 @@ impl EstablishedTable {
         self.bucket(&client, conf)
             .filter_map(|i| self.read_slot(i))
             .find(|s| flow_table::is_reply_of(s, key))
-            .map(|s| s.reply)
+            .map(|s| (s.reply, Some(s.forward)))
     }
 
     /// Empties the slot of the flow whose entry `key` (either direction) is,

@@ -91,6 +91,16 @@ impl Flows6 {
         Ok(super::found(self.half_open.get(key, 0), MapName::HALF_OPEN6)?.map(|f| (false, f)))
     }
 
+    /// An established entry's other direction (a NAT flow's; `None` for
+    /// DSR or when the table has none), which keeps the entry alive past
+    /// its timeout while it is live itself.
+    pub fn pair_entry(&self, key: &FlowKey6, flow: &Flow) -> Result<Option<Flow>> {
+        match self.pair(key, flow) {
+            Some(pair) => super::found(self.established.get(&pair, 0), MapName::ESTABLISHED6),
+            None => Ok(None),
+        }
+    }
+
     /// The key of an entry's other direction (a NAT flow's), as the data
     /// plane builds it: a reply's forward key goes to its service's VIP, a
     /// forward entry's reply comes from its backend.

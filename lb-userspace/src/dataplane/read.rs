@@ -14,14 +14,14 @@ use aya::maps::{
 use lb_common::{
     Backend, Counters, FW_F_RATE, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope,
     MaglevTable, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    flow::{REPLY, is_expired},
+    flow::{REPLY, forward_key, is_expired, reply_key},
     ipv6::{Addr6, octets_of},
     maps6::{FlowKey6, FwKey6, ServiceKey6},
 };
 
 use super::{
-    Dataplane, DataplaneError, EstablishedTable, FlowFacts, FlowFacts6, FwFacts, HalfOpenTable,
-    MapName, Result, ServiceFacts, found, handles::map_err,
+    Dataplane, DataplaneError, EntryAge, EstablishedTable, FlowFacts, FlowFacts6, FwFacts,
+    HalfOpenTable, MapName, Result, ServiceFacts, found, handles::map_err,
 };
 
 impl Dataplane {
@@ -138,22 +138,41 @@ impl Dataplane {
             Some(id) => Some(self.service_facts(id)?),
         };
         let conf = self.flow_conf()?;
-        let entry = match self.established_table()?.get(key, &conf) {
-            Some(flow) => Some(flow),
+        let backend_of = |flow: &Flow| {
+            backends
+                .get(&flow.backend_id, 0)
+                .map_err(err(MapName::BACKENDS))
+        };
+        // The entry, and a NAT flow's other direction (which keeps an
+        // expired entry alive while it is live; half-open slots hold one).
+        let (entry, pair) = match self.established_table()?.get_with_pair(key, &conf) {
+            Some((flow, pair)) => (Some(flow), pair),
             None => match found(flows.get(key, 0), MapName::CONNTRACK)? {
-                Some(flow) => Some(flow),
-                None => self.half_open_table()?.get(key, &conf),
+                Some(flow) => {
+                    let pair_key = if flow.direction == REPLY {
+                        Some(forward_key(key, &flow))
+                    } else if flow.vip != 0 {
+                        Some(reply_key(key, &backend_of(&flow)?))
+                    } else {
+                        None
+                    };
+                    let pair = match pair_key {
+                        Some(k) => found(flows.get(&k, 0), MapName::CONNTRACK)?,
+                        None => None,
+                    };
+                    (Some(flow), pair)
+                }
+                None => (self.half_open_table()?.get(key, &conf), None),
             },
         };
         let conntrack = match entry {
             None => None,
-            Some(flow) => Some((
-                flow,
-                backends
-                    .get(&flow.backend_id, 0)
-                    .map_err(err(MapName::BACKENDS))?,
-            )),
+            Some(flow) => Some((flow, backend_of(&flow)?)),
         };
+        let now = super::sweep::now_ticks();
+        let age = conntrack
+            .as_ref()
+            .map(|(flow, _)| EntryAge::of(&conf, key.protocol, flow, pair.as_ref(), now));
         let firewall = self.firewall_facts(service.as_ref(), |scope, name| {
             let trie = self.trie(name)?;
             let lookup = Key::new(
@@ -169,6 +188,7 @@ impl Dataplane {
             vip_known: found(vips.get(&key.daddr, 0), MapName::VIPS)?.is_some(),
             service,
             conntrack,
+            age,
             firewall,
         })
     }

@@ -18,7 +18,9 @@ use std::{
 
 use lb_common::{
     BACKEND_F_DROP_FLOWS, BACKEND_F_IN_RING, Backend, FW_F_ALLOW, FW_F_RATE, FW_GLOBAL, SCHED_HASH,
-    SCHED_MAGLEV, SCHED_SOURCE_IP, headers::IPPROTO_TCP,
+    SCHED_MAGLEV, SCHED_SOURCE_IP,
+    flow::{TICK_NS, Timeout},
+    headers::IPPROTO_TCP,
 };
 
 use crate::{
@@ -29,7 +31,7 @@ use crate::{
 pub mod choose;
 pub mod query;
 
-pub use crate::dataplane::{FlowFacts, FlowFacts6, FwFacts, ServiceFacts};
+pub use crate::dataplane::{EntryAge, FlowFacts, FlowFacts6, FwFacts, ServiceFacts};
 pub use choose::{Choice, choose, choose6};
 pub use query::FlowQuery;
 
@@ -181,7 +183,18 @@ pub fn explain(
     };
     let name = view.map_or("?", |v| v.name.as_str());
     let _ = writeln!(out, "{flow}: {}", service_line(service, view));
-    if let Some((entry, backend)) = &facts.conntrack {
+    // An expired entry is a miss: the packet is a new flow.
+    let expired = facts.age.filter(EntryAge::is_miss);
+    let live = facts.conntrack.as_ref().filter(|_| expired.is_none());
+    if let (Some((entry, backend)), Some(age)) = (&facts.conntrack, expired) {
+        let _ = writeln!(
+            out,
+            "a conntrack entry to {} remains, {}",
+            backend_name(view, entry.backend_id, Some(backend)),
+            age_text(&age)
+        );
+    }
+    if let Some((entry, backend)) = live {
         let pinned = backend_name(view, entry.backend_id, Some(backend));
         if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
             let _ = writeln!(
@@ -195,6 +208,9 @@ pub fn explain(
                 out,
                 "pinned by conntrack to {pinned}: every packet of this flow goes there"
             );
+        }
+        if let Some(age) = &facts.age {
+            let _ = writeln!(out, "{}", age_text(age));
         }
         if entry.flags & lb_common::FLOW_F_FULL_NAT != 0 {
             // A full-NAT forward entry keeps its source in `vip`/`vport`.
@@ -232,15 +248,11 @@ pub fn explain(
             out.push_str(&backends_text(view, &service.ring));
             return out;
         }
-    } else {
+    } else if expired.is_none() {
         let _ = writeln!(out, "no conntrack entry: a packet of it is a new flow");
     }
     // The firewall sees new flows only (not a SYN on a pinned tuple).
-    let firewall: &[FwFacts] = if facts.conntrack.is_none() {
-        &facts.firewall
-    } else {
-        &[]
-    };
+    let firewall: &[FwFacts] = if live.is_none() { &facts.firewall } else { &[] };
     new_flow_text(
         &mut out,
         firewall,
@@ -294,8 +306,49 @@ pub struct Flow6Facts {
     /// In `ESTABLISHED6` (else half-open).
     pub established: bool,
     pub entry: lb_common::Flow,
-    /// Ticks (~1.07 s) since the flow's last packet.
-    pub idle: u32,
+    /// Its idle time against its timeout.
+    pub age: EntryAge,
+}
+
+/// The `[dataplane.timeouts]` key of a timeout.
+fn timeout_key(timeout: Timeout) -> &'static str {
+    match timeout {
+        Timeout::TcpHalfOpen => "tcp-half-open",
+        Timeout::Tcp => "tcp",
+        Timeout::TcpClosing => "tcp-closing",
+        Timeout::Udp => "udp",
+    }
+}
+
+/// Whole seconds of `ticks` (a tick is ~1.07 s).
+fn seconds(ticks: u32) -> u64 {
+    u64::from(ticks) * TICK_NS / 1_000_000_000
+}
+
+/// A flow entry's idle time against its timeout, and what that means for
+/// its next packet: kept, kept by its other direction, or (expired) a miss.
+pub fn age_text(age: &EntryAge) -> String {
+    let idle = format!("idle {} ticks (~{} s)", age.idle, seconds(age.idle));
+    let timeout = format!(
+        "timeout {} s ({})",
+        seconds(age.timeout_ticks),
+        timeout_key(age.timeout)
+    );
+    if age.timeout_ticks == 0 {
+        format!("{idle}, no timeouts written yet (nothing expires)")
+    } else if age.is_miss() {
+        format!(
+            "expired: {idle}, {timeout}: the next packet is a miss (a new flow) and removes \
+             the entry, if the sweep has not"
+        )
+    } else if age.expired {
+        format!(
+            "{idle}, past its {timeout}, but the flow's other direction is within its own: \
+             the entry stays"
+        )
+    } else {
+        format!("{idle}, {timeout}")
+    }
 }
 
 /// A flow entry's lifecycle state, by name.
@@ -314,9 +367,10 @@ fn state_name(state: u32) -> &'static str {
 }
 
 /// An IPv6 flow's answer: from IPv6's flow tables (`flow6`), the backend
-/// it is pinned to, its state and idle time; without an entry, what a new
-/// flow meets (`facts`): the global firewall scope, the service (or why
-/// none takes it), the service's firewall scope, the scheduler's choice
+/// it is pinned to, its state and age; without an entry (or with an
+/// expired one: a miss), what a new flow meets (`facts`): the global
+/// firewall scope, the service (or why none takes it), the service's
+/// firewall scope, the scheduler's choice
 /// ([`choose6`], `source-ip` on the service's prefix) — as IPv4's
 /// [`explain`]. Also the services configured on the VIP's address
 /// (`vip_services`), and the service's backends (`view`).
@@ -341,20 +395,33 @@ pub fn explain6(
     );
     match flow6 {
         Some(f) => {
-            let _ = writeln!(
-                out,
-                "{} in IPv6's flow table ({}), idle {} ticks (~{} s): pinned to {}; every \
-                 packet of this flow goes there",
-                if f.established {
-                    "established"
-                } else {
-                    "half-open"
-                },
+            let table = if f.established {
+                "established"
+            } else {
+                "half-open"
+            };
+            let (state, to) = (
                 state_name(f.entry.state),
-                f.idle,
-                u64::from(f.idle) * 1_073_741_824 / 1_000_000_000,
                 backend_name(view, f.entry.backend_id, None),
             );
+            if f.age.is_miss() {
+                let _ = writeln!(
+                    out,
+                    "{table} in IPv6's flow table ({state}), to {to}, {}",
+                    age_text(&f.age)
+                );
+                if let Some(key) = query.key6() {
+                    new_flow6(&mut out, query, &key, facts, view);
+                    return out;
+                }
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{table} in IPv6's flow table ({state}): pinned to {to}; every packet of \
+                     this flow goes there\n{}",
+                    age_text(&f.age)
+                );
+            }
         }
         None => {
             let _ = writeln!(

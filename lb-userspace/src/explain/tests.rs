@@ -117,6 +117,7 @@ fn round_robin_names_the_next_flows_backend_without_promising_it() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
         conntrack: None,
+        age: None,
         firewall: Vec::new(),
     };
     let text = explain(&query(), &facts, Some(&view()), &[]);
@@ -144,6 +145,7 @@ fn a_backend_at_max_connections_is_named_as_full() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, ring, 0)),
         conntrack: None,
+        age: None,
         firewall: Vec::new(),
     };
     let text = explain(&query(), &facts(vec![2]), Some(&v), &[]);
@@ -186,6 +188,7 @@ fn maglev_and_source_ip_index_the_table() {
             vip_known: true,
             service: Some(svc),
             conntrack: None,
+            age: None,
             firewall: Vec::new(),
         };
         let text = explain(&query(), &facts, Some(&view()), &[]);
@@ -211,6 +214,7 @@ fn source_hash_is_deterministic() {
         vip_known: true,
         service: Some(service(SCHED_HASH, vec![0, 1, 2], 0)),
         conntrack: None,
+        age: None,
         firewall: Vec::new(),
     };
     let slot = flow_hash(&query().key().expect("an IPv4 flow")) % 3;
@@ -229,6 +233,7 @@ fn a_pinned_flow_names_its_backend_and_what_a_new_syn_does() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
         conntrack: Some(pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING)),
+        age: None,
         firewall: Vec::new(),
     };
     let text = explain(&query(), &facts, Some(&view()), &[]);
@@ -295,6 +300,7 @@ fn the_firewall_is_named_for_new_flows_only() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
         conntrack: None,
+        age: None,
         firewall: vec![global.clone(), svc.clone()],
     };
     let text = explain(&query(), &facts, Some(&view()), &[]);
@@ -354,6 +360,7 @@ fn a_full_nat_flow_names_its_source_address_and_port() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
         conntrack: Some(conntrack),
+        age: None,
         firewall: Vec::new(),
     };
     let text = explain(&query(), &facts(entry), Some(&view()), &[]);
@@ -380,6 +387,7 @@ fn a_flow_from_a_peer_lb_says_so() {
         vip_known: true,
         service: Some(service(SCHED_COUNTER, vec![0, 2], 4)),
         conntrack: Some(conntrack),
+        age: None,
         firewall: Vec::new(),
     };
     let text = explain(&query(), &facts(synced), Some(&view()), &[]);
@@ -448,21 +456,47 @@ fn an_ipv6_flow_parses_and_is_answered_honestly() {
     }
 }
 
+/// `FLOW_CONF`'s timeouts as the config's defaults make them (30 s
+/// half-open, 900 s TCP, 10 s closing, 60 s UDP, in ticks).
+fn flow_conf() -> lb_common::FlowConf {
+    let t = |s: u64| lb_common::flow::duration_ticks(s * 1_000_000_000);
+    lb_common::FlowConf {
+        timeouts: [t(30), t(900), t(10), t(60)],
+        ..lb_common::FlowConf::default()
+    }
+}
+
+/// The agent's clock in these tests, in ticks.
+const NOW: u32 = 100_000;
+
+/// `flow` last seen `idle` ticks before [`NOW`] (negative: after it, as
+/// the data plane's clock may stamp it), and its age then.
+fn aged(mut flow: Flow, protocol: u8, idle: i32, pair: Option<&Flow>) -> (Flow, EntryAge) {
+    flow.seen = NOW.wrapping_add_signed(-idle);
+    let age = EntryAge::of(&flow_conf(), protocol, &flow, pair, NOW);
+    (flow, age)
+}
+
 #[test]
 fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
     let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
     let mut view = view();
     view.backends[0].address = "[fd00::b1]:8080".into();
     let id = view.backends[0].id;
-    let entry = Flow {
-        backend_id: id,
-        state: lb_common::flow::STATE_ESTABLISHED,
-        ..Flow::default()
-    };
+    let (entry, age) = aged(
+        Flow {
+            backend_id: id,
+            state: lb_common::flow::STATE_ESTABLISHED,
+            ..Flow::default()
+        },
+        IPPROTO_TCP,
+        28,
+        None,
+    );
     let established = Flow6Facts {
         established: true,
         entry,
-        idle: 28,
+        age,
     };
     let text = explain6(
         &q,
@@ -473,20 +507,28 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
     );
     assert!(
         text.contains(&format!(
-            "established in IPv6's flow table (established), idle 28 ticks (~30 s): pinned to \
-             {} ([fd00::b1]:8080)",
+            "established in IPv6's flow table (established): pinned to {} ([fd00::b1]:8080); \
+             every packet of this flow goes there\nidle 28 ticks (~30 s), timeout 900 s (tcp)\n",
             view.backends[0].name
         )),
         "{text}"
     );
     assert!(text.contains("backends:\n"), "{text}");
-    let half_open = Flow6Facts {
-        established: false,
-        entry: Flow {
+    // Stamped a tick after the agent's now (the data plane's clock runs
+    // ahead): idle 0, read signed as the expiry reads it (not 2^32 - 1).
+    let (entry, age) = aged(
+        Flow {
             state: lb_common::flow::STATE_SYN_ACKED,
             ..entry
         },
-        idle: 0,
+        IPPROTO_TCP,
+        -1,
+        None,
+    );
+    let half_open = Flow6Facts {
+        established: false,
+        entry,
+        age,
     };
     let text = explain6(
         &q,
@@ -496,7 +538,11 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
         &[],
     );
     assert!(
-        text.contains("half-open in IPv6's flow table (SYN-ACK seen), idle 0 ticks"),
+        text.contains("half-open in IPv6's flow table (SYN-ACK seen): pinned to"),
+        "{text}"
+    );
+    assert!(
+        text.contains("idle 0 ticks (~0 s), timeout 30 s (tcp-half-open)"),
         "{text}"
     );
     // A backend id the agent does not know any more.
@@ -510,6 +556,155 @@ fn an_ipv6_flow_in_ipv6s_tables_names_its_backend_state_and_age() {
     assert!(
         explain6(&q, Some(&gone), &FlowFacts6::default(), Some(&view), &[])
             .contains("backend id 999 (not configured)")
+    );
+}
+
+#[test]
+fn an_entrys_age_is_read_signed_and_expires_after_its_whole_timeout() {
+    let udp = Flow {
+        state: lb_common::flow::STATE_ESTABLISHED,
+        ..Flow::default()
+    };
+    let timeout = flow_conf().timeouts[lb_common::flow::Timeout::Udp as usize];
+    // A tick ahead of the agent's clock: idle 0, live.
+    let (_, ahead) = aged(udp, IPPROTO_UDP, -1, None);
+    assert_eq!((ahead.idle, ahead.expired), (0, false));
+    assert_eq!(age_text(&ahead), "idle 0 ticks (~0 s), timeout 60 s (udp)");
+    // At its timeout: live; a tick past it: a miss.
+    let (_, at) = aged(udp, IPPROTO_UDP, timeout as i32, None);
+    assert!(!at.is_miss(), "{at:?}");
+    let (_, past) = aged(udp, IPPROTO_UDP, timeout as i32 + 1, None);
+    assert!(past.is_miss(), "{past:?}");
+    let (_, long) = aged(udp, IPPROTO_UDP, 89, None);
+    assert_eq!(
+        age_text(&long),
+        "expired: idle 89 ticks (~95 s), timeout 60 s (udp): the next packet is a miss (a new \
+         flow) and removes the entry, if the sweep has not"
+    );
+    // A NAT flow's live other direction keeps the expired entry.
+    let (reply, _) = aged(udp, IPPROTO_UDP, 2, None);
+    let (_, kept) = aged(udp, IPPROTO_UDP, 89, Some(&reply));
+    assert!(kept.expired && !kept.is_miss(), "{kept:?}");
+    assert!(
+        age_text(&kept).contains("the entry stays"),
+        "{}",
+        age_text(&kept)
+    );
+    // No timeouts written yet: nothing expires.
+    let unset = EntryAge::of(
+        &lb_common::FlowConf::default(),
+        IPPROTO_UDP,
+        &udp,
+        None,
+        NOW,
+    );
+    assert!(!unset.is_miss());
+    assert!(
+        age_text(&unset).contains("nothing expires"),
+        "{}",
+        age_text(&unset)
+    );
+}
+
+#[test]
+fn an_expired_conntrack_entry_is_a_miss_and_the_flow_is_new() {
+    use lb_common::FW_F_DENY;
+    let q = FlowQuery::parse("198.18.0.2:40000", "198.18.0.10:80/udp").expect("parse");
+    let (pinned_entry, backend) = pinned(0, BACKEND_F_IN_USE | BACKEND_F_IN_RING);
+    let (entry, age) = aged(
+        Flow {
+            state: lb_common::flow::STATE_ESTABLISHED,
+            ..pinned_entry
+        },
+        IPPROTO_UDP,
+        89,
+        None,
+    );
+    let deny = FwFacts {
+        scope: FW_GLOBAL,
+        conf: FwScope {
+            flags: FW_F_DENY,
+            ..FwScope::default()
+        },
+        deny: Some(("deny 198.18.0.0/24".into(), 3)),
+        allow: None,
+        mask6: None,
+    };
+    let mut facts = FlowFacts {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
+        conntrack: Some((entry, backend)),
+        age: Some(age),
+        firewall: Vec::new(),
+    };
+    let text = explain(&q, &facts, Some(&view()), &[]);
+    assert!(
+        text.contains(
+            "a conntrack entry to web1 (198.19.0.11:80) remains, expired: idle 89 ticks (~95 s), \
+             timeout 60 s (udp): the next packet is a miss"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("pinned by conntrack"), "{text}");
+    assert!(
+        text.contains("counter is at 7, slot 1 of 2 → web3"),
+        "a new flow's scheduling: {text}"
+    );
+    // A new flow meets the firewall.
+    facts.firewall = vec![deny];
+    let text = explain(&q, &facts, Some(&view()), &[]);
+    assert!(text.contains("drop_firewall_deny"), "{text}");
+    // The same entry within its timeout is pinned, past the firewall.
+    let (entry, age) = aged(entry, IPPROTO_UDP, 3, None);
+    facts.conntrack = Some((entry, backend));
+    facts.age = Some(age);
+    let text = explain(&q, &facts, Some(&view()), &[]);
+    assert!(
+        text.contains(
+            "pinned by conntrack to web1 (198.19.0.11:80): every packet of this flow goes \
+             there\nidle 3 ticks (~3 s), timeout 60 s (udp)\n"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("expired"), "{text}");
+    assert!(!text.contains("drop_firewall_deny"), "{text}");
+}
+
+#[test]
+fn an_expired_ipv6_entry_is_a_miss_and_the_flow_is_new() {
+    let (q, view) = v6();
+    let (entry, age) = aged(
+        Flow {
+            backend_id: 0,
+            state: lb_common::flow::STATE_ESTABLISHED,
+            ..Flow::default()
+        },
+        IPPROTO_TCP,
+        900,
+        None,
+    );
+    let facts = FlowFacts6 {
+        vip_known: true,
+        service: Some(service(SCHED_COUNTER, vec![0, 2], 7)),
+        ..FlowFacts6::default()
+    };
+    let flow6 = Flow6Facts {
+        established: true,
+        entry,
+        age,
+    };
+    let text = explain6(&q, Some(&flow6), &facts, Some(&view), &[]);
+    assert!(
+        text.contains(
+            "established in IPv6's flow table (established), to web1 ([2001:db8:19::11]:8080), \
+             expired: idle 900 ticks (~966 s), timeout 900 s (tcp): the next packet is a miss"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("every packet of this flow"), "{text}");
+    assert!(
+        text.contains("counter is at 7, slot 1 of 2 → web3"),
+        "a new flow's scheduling: {text}"
     );
 }
 

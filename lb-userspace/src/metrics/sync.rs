@@ -20,6 +20,7 @@ pub fn register(registry: &mut Registry, s: &SyncStatus) {
     let sent = Family::<Labels, Counter>::default();
     let received = Family::<Labels, Counter>::default();
     let kept = Family::<Labels, Counter>::default();
+    let wrapped = Family::<Labels, Counter>::default();
     let rejected = Family::<Labels, Counter>::default();
     let age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for p in &s.peers {
@@ -29,6 +30,7 @@ pub fn register(registry: &mut Registry, s: &SyncStatus) {
             .inc_by(p.flows_received);
         kept.get_or_create(&peer(&p.peer))
             .inc_by(p.flows_kept_local);
+        wrapped.get_or_create(&peer(&p.peer)).inc_by(p.wrapped_ages);
         for (reason, n) in &p.rejected {
             rejected
                 .get_or_create(&vec![
@@ -63,6 +65,12 @@ pub fn register(registry: &mut Registry, s: &SyncStatus) {
         "lb_sync_flows_kept_local",
         "Flow records from the peer LB for a tuple with a local entry (left as it is)",
         kept,
+    );
+    registry.register(
+        "lb_sync_wrapped_ages",
+        "Of the records received, those with an older LB's wrapped age (u32::MAX ms: a flow it \
+         had just seen), inserted as fresh instead of expired",
+        wrapped,
     );
     registry.register(
         "lb_sync_rejected",

@@ -26,7 +26,7 @@ use super::{
     directory::{ServiceName, endpoint},
     insert::{self, InsertError},
     stats::{RecordReject, Stats},
-    wire::{self, Event, Key, Kind, Record, ReplayGuard, Sealer},
+    wire::{self, Event, Key, Kind, Record, RecordAge, ReplayGuard, Sealer},
 };
 use crate::{config, dataplane::Dataplane};
 
@@ -191,8 +191,8 @@ pub fn apply(
             },
         )
     });
-    let age = ticks(u64::from(r.age_ms) * 1_000_000);
-    let seen = now.saturating_sub(age);
+    // An older peer's wrapped age (`wire::WRAPPED_AGE_MS`) is 0 here.
+    let seen = now.saturating_sub(r.age().ticks());
     match insert::synced(&maps.table, &key) {
         Err(InsertError::Exists) => Ok(Applied::KeptLocal),
         Err(e) => Err(e.into()),
@@ -609,7 +609,12 @@ impl Syncer {
                             return;
                         };
                         match applied {
-                            Applied::Taken => p.status.flows_received += 1,
+                            Applied::Taken => {
+                                p.status.flows_received += 1;
+                                if r.event == Event::Established && r.age() == RecordAge::Wrapped {
+                                    p.status.wrapped_ages += 1;
+                                }
+                            }
                             Applied::KeptLocal => p.status.flows_kept_local += 1,
                             Applied::Rejected(why) => {
                                 *p.status.rejected.entry(why.name().into()).or_insert(0) += 1

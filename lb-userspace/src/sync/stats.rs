@@ -47,8 +47,14 @@ impl SyncStatus {
                 .iter()
                 .map(|(why, n)| format!("{why}={n}"))
                 .collect();
+            // Only during a rolling upgrade from an LB with the wrapping age.
+            let wrapped = match p.wrapped_ages {
+                0 => String::new(),
+                n => format!(" (wrapped age taken as fresh: {n})"),
+            };
             out.push_str(&format!(
-                "  peer {}: sent {} received {} kept-local {} rejected [{}] last message {}\n",
+                "  peer {}: sent {} received {}{wrapped} kept-local {} rejected [{}] last message \
+                 {}\n",
                 p.peer,
                 p.flows_sent,
                 p.flows_received,
@@ -161,5 +167,31 @@ impl Inner {
         } else {
             *self.strangers.entry(reason.to_owned()).or_insert(0) += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_wrapped_ages_are_shown_only_when_there_are_some() {
+        let peer = |wrapped_ages| PeerStatus {
+            peer: "198.19.0.12:7890".into(),
+            flows_received: 30,
+            wrapped_ages,
+            ..PeerStatus::default()
+        };
+        let status = |p| SyncStatus {
+            peers: vec![p],
+            ..SyncStatus::default()
+        };
+        let text = status(peer(4)).render();
+        assert!(
+            text.contains("received 30 (wrapped age taken as fresh: 4) kept-local 0"),
+            "{text}"
+        );
+        let text = status(peer(0)).render();
+        assert!(text.contains("received 30 kept-local 0"), "{text}");
     }
 }

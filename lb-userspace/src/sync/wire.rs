@@ -108,6 +108,48 @@ pub struct Record {
     pub reply_seq: u32,
 }
 
+/// The age an older sender (before 2026-12-07's fix) gave a flow its data
+/// plane had stamped a tick after the agent's clock: it read the age
+/// unsigned, 2^32 − 1 ticks, about 4.6 × 10^12 ms, which its
+/// `u32::try_from(…).unwrap_or(u32::MAX)` saturated to `u32::MAX`. Only
+/// saturation gives this value (4 000 000 ticks are 4 294 967 296 ms, one
+/// tick fewer 4 294 966 222 ms), so an honest age reaches it only after
+/// 49.7 days idle — seven times the longest timeout, a week: no live flow.
+pub const WRAPPED_AGE_MS: u32 = u32::MAX;
+
+/// A record's age as the receiver takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordAge {
+    /// Ticks since the sender last saw a packet of the flow.
+    Ticks(u32),
+    /// [`WRAPPED_AGE_MS`]: an older sender's reading of a flow it had just
+    /// seen, taken as fresh (0 ticks) rather than inserted expired.
+    Wrapped,
+}
+
+impl RecordAge {
+    /// The age to insert the flow with, in ticks.
+    pub fn ticks(self) -> u32 {
+        match self {
+            RecordAge::Ticks(t) => t,
+            RecordAge::Wrapped => 0,
+        }
+    }
+}
+
+impl Record {
+    /// [`Record::age_ms`] in ticks (rounded down, as the sender's clock
+    /// reads), or [`RecordAge::Wrapped`]. Any other age is taken as it is,
+    /// past the flow's timeout too: a record of an expired flow is inserted
+    /// expired.
+    pub fn age(&self) -> RecordAge {
+        if self.age_ms == WRAPPED_AGE_MS {
+            return RecordAge::Wrapped;
+        }
+        RecordAge::Ticks(lb_common::flow::ticks(u64::from(self.age_ms) * 1_000_000))
+    }
+}
+
 /// A decoded, authenticated message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -391,6 +433,22 @@ mod tests {
             seq: 0xdead_beef,
             reply_seq: 7,
         }
+    }
+
+    #[test]
+    fn an_older_senders_wrapped_age_is_fresh_and_any_other_age_stands() {
+        let aged = |age_ms| Record { age_ms, ..rec(1) }.age();
+        // What the older sender sent for a flow stamped a tick after its
+        // clock: 2^32 - 1 ticks in ms, saturated.
+        let wrapped = u32::try_from(u64::from(u32::MAX) * lb_common::flow::TICK_NS / 1_000_000)
+            .unwrap_or(u32::MAX);
+        assert_eq!(aged(wrapped), RecordAge::Wrapped);
+        assert_eq!(aged(wrapped).ticks(), 0);
+        assert_eq!(aged(0), RecordAge::Ticks(0));
+        assert_eq!(aged(95_000), RecordAge::Ticks(88));
+        // Past any timeout (a week at most), yet below the wrap: as it is.
+        assert_eq!(aged(30 * 86_400_000), RecordAge::Ticks(2_413_988));
+        assert_eq!(aged(u32::MAX - 1), RecordAge::Ticks(3_999_999));
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub struct PeerStatus {
     pub flows_received: u64,
     /// Flow records whose tuple has a local entry: left as they are.
     pub flows_kept_local: u64,
+    /// Of `flows_received`, records with an older peer's wrapped age
+    /// (`u32::MAX` ms: a flow it had just seen), inserted as fresh.
+    #[serde(default)]
+    pub wrapped_ages: u64,
     /// Rejected messages and records, by reason (`bad_tag`, `replayed`,
     /// `unknown_backend`, `table_full`, ...).
     pub rejected: BTreeMap<String, u64>,

@@ -505,6 +505,7 @@ fn sample_sync() -> crate::sync::SyncStatus {
             flows_sent: 40,
             flows_received: 30,
             flows_kept_local: 2,
+            wrapped_ages: 4,
             rejected: BTreeMap::from([
                 ("bad_tag".to_owned(), 3),
                 ("unknown_backend".to_owned(), 1),
@@ -528,6 +529,7 @@ fn sync_counts_are_per_peer_and_reason() {
     assert_eq!(value(&text, "lb_sync_flows_sent_total", &peer), 40.0);
     assert_eq!(value(&text, "lb_sync_flows_received_total", &peer), 30.0);
     assert_eq!(value(&text, "lb_sync_flows_kept_local_total", &peer), 2.0);
+    assert_eq!(value(&text, "lb_sync_wrapped_ages_total", &peer), 4.0);
     let rejected = |peer, reason| {
         value(
             &text,
