@@ -219,8 +219,12 @@ pub const fn bucket_hash(client: u32, client_port: u16, protocol: u8, seed: u32)
 /// was padding); 1: [`crate::hash::client_hash`]; 2: the same hash, and
 /// `EstablishedSlot`'s word at offset 20 holds a PROXY v2 flow's `first`
 /// (the bucket flags moved to the slot's last two bytes): version 1's
-/// tables would be misread, so they are refused as well.
-pub const TABLE_VERSION: u32 = 2;
+/// tables would be misread, so they are refused as well; 3: full NAT's
+/// claims (`FNAT_CLAIMS`, pinned with the flow tables and under their
+/// seed) placed by `fullnat::claim_bucket`'s runs of consecutive ports,
+/// where version 2 hashed the whole tuple: a version 2 claim would be
+/// looked for in another bucket, and its flow's replies lost.
+pub const TABLE_VERSION: u32 = 3;
 
 /// Were the flows of tables with these settings (a pinned `FLOW_CONF`)
 /// placed by another [`bucket_hash`] than this version's? A conf never

@@ -3,12 +3,18 @@
 //! claim is keyed by, and the header rewrites of both directions and of
 //! the ICMP errors quoting them, with incremental checksums.
 //!
-//! Allocation keeps no counter and no allocator state: a flow's candidates
-//! are derived from its keyed hash, and a candidate is claimed by a
-//! compare-and-swap of a free slot's state in its reply tuple's bucket of
-//! `FNAT_CLAIMS` (two slots in one cache line, [`claim_bucket`]), checked
-//! against the bucket's other slot ([`blocks`]), so one tuple is never given
-//! to two flows. docs/architecture.md ("Full NAT") says what it costs.
+//! Allocation keeps one hint per CPU and backend: a flow's first candidate
+//! is the port after the one this CPU last gave toward its backend
+//! ([`next_candidate`], a per-CPU cursor, so two CPUs never share a counter),
+//! its later ones are derived from its keyed hash ([`candidate`]), and a
+//! candidate is claimed by a compare-and-swap of a free slot's state in its
+//! reply tuple's bucket of `FNAT_CLAIMS` (two slots in one cache line,
+//! [`claim_bucket`]), checked against the bucket's other slot
+//! ([`blocks`]), so one tuple is never given to two flows. Consecutive
+//! ports toward one backend have consecutive buckets, so the cursor's
+//! claims walk one page line by line instead of landing on a cold line of
+//! a 32 MiB table each. docs/architecture.md ("Full NAT") says what it
+//! costs.
 
 use crate::{
     hash::{mix, seeded_flow_hash},
@@ -73,6 +79,53 @@ pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32,
     ))
 }
 
+/// A cursor of `FNAT_CURSORS` (one per CPU and backend) that has been set:
+/// bit 31, above the address index (bits 16–30) and the port's offset in
+/// the range (bits 0–15). 0 is a cursor never set.
+pub const CURSOR_SET: u32 = 1 << 31;
+
+/// The first candidate of a new flow toward a backend on this CPU, and the
+/// cursor's next value: the (address, port) `cursor` names — the one after
+/// what this CPU last gave toward the backend —, or, for a cursor never set
+/// or left out of a range or address list changed since, one drawn from
+/// the flow's allocation `hash` (so CPUs start apart). The cursor steps
+/// through the range port by port, then to the next address: ports toward
+/// one backend are handed out in order, and their claims' buckets are
+/// consecutive lines ([`claim_bucket`]). A division-free step (the
+/// verifier-friendly form of `(offset + 1) % span`). Port in network order.
+/// `None`: no address or an empty range.
+#[inline(always)]
+pub const fn next_candidate(conf: &FnatConf, hash: u32, cursor: u32) -> Option<((u32, u16), u32)> {
+    let count = if conf.count as usize > FNAT_MAX_SOURCES {
+        FNAT_MAX_SOURCES as u32
+    } else {
+        conf.count as u32
+    };
+    let span = span(conf);
+    if count == 0 || span == 0 {
+        return None;
+    }
+    let (mut index, mut offset) = ((cursor & !CURSOR_SET) >> 16, cursor & 0xffff);
+    if cursor & CURSOR_SET == 0 || index >= count || offset >= span {
+        let h = mix(hash ^ 0x1b87_3593);
+        index = ((h as u64 * count as u64) >> 32) as u32;
+        offset = ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32;
+    }
+    let given = (
+        conf.addrs[index as usize & (FNAT_MAX_SOURCES - 1)],
+        ((conf.port_lo as u32 + offset) as u16).to_be(),
+    );
+    let (mut next_index, mut next_offset) = (index, offset + 1);
+    if next_offset == span {
+        next_offset = 0;
+        next_index += 1;
+        if next_index == count {
+            next_index = 0;
+        }
+    }
+    Some((given, CURSOR_SET | next_index << 16 | next_offset))
+}
+
 /// The tuple the replies of a full-NAT flow arrive with (backend →
 /// source address:port), whose bucket of `FNAT_CLAIMS` holds its claim.
 #[inline(always)]
@@ -115,18 +168,26 @@ const fn fmix64(mut x: u64) -> u64 {
 }
 
 /// The first slot of `reply`'s bucket in a claim table of `slots` slots
-/// ([`CLAIM_WAYS`] to a bucket): the tuple's hash under the tables' secret
-/// seed (a client cannot aim its candidates at one bucket), scaled onto the
-/// buckets. The data plane and the agent (which frees and sweeps claims by
-/// their tuple) place alike.
+/// ([`CLAIM_WAYS`] to a bucket): the start of the tuple's run — a hash of
+/// its backend endpoint, source address and protocol under the tables'
+/// secret seed — plus its source port, so the ports of one (backend,
+/// source address) are consecutive buckets, one cache line each: a CPU
+/// handing out ports in order ([`next_candidate`]) reads the next line of a
+/// page it just read, where a hash of the whole tuple put every claim on a
+/// cold line behind a cold TLB entry. A client chooses neither the ports
+/// nor the run. The data plane and the agent (which frees and sweeps claims
+/// by their tuple) place alike.
 #[inline(always)]
 pub const fn claim_bucket(reply: &FlowKey, seed: u32, slots: u32) -> u32 {
+    let buckets = slots / CLAIM_WAYS;
+    if buckets == 0 {
+        return 0;
+    }
     let key = (seed as u64 ^ 0x5f11_a7a7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let x = fmix64(((reply.saddr as u64) << 32 | reply.daddr as u64) ^ key);
-    let x = fmix64(
-        x ^ ((reply.sport as u64) << 24 | (reply.dport as u64) << 8 | reply.protocol as u64),
-    );
-    crate::flow_table::first_way((x >> 32) as u32, slots, CLAIM_WAYS)
+    let x = fmix64(x ^ ((reply.sport as u64) << 8 | reply.protocol as u64));
+    let run = (x >> 32) as u32;
+    (run.wrapping_add(u16::from_be(reply.dport) as u32) % buckets) * CLAIM_WAYS
 }
 
 /// Does `way` (a slot of `tuple`'s bucket) keep `tuple` from being claimed
@@ -380,6 +441,132 @@ mod tests {
     }
 
     #[test]
+    fn the_cursor_steps_port_by_port_then_address_by_address() {
+        let c = conf(&[11, 22], 5000, 5002); // 3 ports, 2 addresses
+        let (first, mut cursor) = next_candidate(&c, 0xdead_beef, 0).unwrap();
+        let mut given = vec![first];
+        for _ in 0..6 {
+            let (source, next) = next_candidate(&c, 0xdead_beef, cursor).unwrap();
+            given.push(source);
+            cursor = next;
+        }
+        let shown: Vec<(u32, u16)> = given.iter().map(|&(a, p)| (a, u16::from_be(p))).collect();
+        // Every (address, port) once in six steps, in order, then round again.
+        let start = shown[0];
+        let order = [
+            (11, 5000),
+            (11, 5001),
+            (11, 5002),
+            (22, 5000),
+            (22, 5001),
+            (22, 5002),
+        ];
+        let at = order.iter().position(|&p| p == start).unwrap();
+        for (i, got) in shown.iter().enumerate() {
+            assert_eq!(*got, order[(at + i) % 6], "step {i}");
+        }
+    }
+
+    #[test]
+    fn an_unset_or_stale_cursor_starts_from_the_flows_hash() {
+        let c = conf(&[11, 22, 33], 5000, 5099);
+        // Never set: the hash decides, so flows (and CPUs) start apart.
+        let starts: HashSet<_> = (0..200u32)
+            .map(|h| {
+                next_candidate(&c, h.wrapping_mul(0x9e37_79b9), 0)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        // 200 draws of 300 tuples: about 146 distinct if uniform.
+        assert!(starts.len() > 120, "{} distinct starts", starts.len());
+        // A cursor past a range or address list that shrank since: restarts
+        // inside them, never out of bounds.
+        let stale = CURSOR_SET | 2 << 16 | 99;
+        let small = conf(&[11], 5000, 5009);
+        let ((addr, port), next) = next_candidate(&small, 7, stale).unwrap();
+        assert_eq!(addr, 11);
+        assert!((5000..=5009).contains(&u16::from_be(port)));
+        assert_ne!(next & CURSOR_SET, 0);
+        // A count past the array is clamped.
+        let mut wide = conf(&[1], 1024, 2048);
+        wide.count = 1000;
+        assert!(next_candidate(&wide, 5, CURSOR_SET | 999 << 16).is_some());
+        assert_eq!(next_candidate(&conf(&[], 1024, 2048), 1, 0), None);
+        assert_eq!(next_candidate(&conf(&[1], 2048, 1024), 1, 0), None);
+    }
+
+    #[test]
+    fn consecutive_ports_toward_a_backend_are_consecutive_buckets() {
+        let slots = 1 << 20;
+        let backend = (0xc612_1401, 80u16.to_be());
+        let bucket = |port: u16| {
+            claim_bucket(
+                &reply_tuple(backend, (0x0a00_0001, port.to_be()), IPPROTO_TCP),
+                0x1234,
+                slots,
+            )
+        };
+        for port in 1024..1100u16 {
+            assert_eq!(
+                bucket(port + 1),
+                (bucket(port) + CLAIM_WAYS) % slots,
+                "port {port}"
+            );
+        }
+        // Another backend, address or seed starts its run elsewhere.
+        let other = claim_bucket(
+            &reply_tuple(
+                (0xc612_1402, 80u16.to_be()),
+                (0x0a00_0001, 1024u16.to_be()),
+                IPPROTO_TCP,
+            ),
+            0x1234,
+            slots,
+        );
+        assert_ne!(other, bucket(1024));
+        let reseeded = claim_bucket(
+            &reply_tuple(backend, (0x0a00_0001, 1024u16.to_be()), IPPROTO_TCP),
+            0x4321,
+            slots,
+        );
+        assert_ne!(reseeded, bucket(1024));
+        // Buckets stay in the table and on a bucket's first way.
+        assert!(bucket(65535) < slots && bucket(65535) % CLAIM_WAYS == 0);
+        assert_eq!(claim_bucket(&reply_tuple(backend, (1, 2), 6), 1, 1), 0);
+    }
+
+    /// The data plane's allocation (the cursor's candidate, then the hash's)
+    /// against a set of claimed tuples: one CPU filling a pool never
+    /// collides, hands out the whole pool, and refuses once it is full.
+    #[test]
+    fn allocation_from_the_cursor_never_collides_and_fills_the_pool() {
+        let c = conf(&[0x0a00_0001, 0x0a00_0002], 2000, 2031); // 64 tuples
+        let backend = (0xc612_1401, 80u16.to_be());
+        let mut claims = HashSet::new();
+        let (mut cursor, mut refused, mut first_try) = (0, 0, 0);
+        for port in 0..1000u16 {
+            let h = flow_seed(&key(0xc612_0a01, 10000 + port), 7);
+            let (first, next) = next_candidate(&c, h, cursor).unwrap();
+            cursor = next;
+            let got = (0..FNAT_TRIES).find_map(|i| {
+                let source = if i == 0 { first } else { candidate(&c, h, i)? };
+                claims
+                    .insert(reply_tuple(backend, source, IPPROTO_TCP))
+                    .then_some(i)
+            });
+            match got {
+                Some(0) => first_try += 1,
+                Some(_) => {}
+                None => refused += 1,
+            }
+        }
+        assert_eq!(claims.len(), 64, "the whole pool is handed out, once each");
+        assert_eq!(refused, 1000 - 64);
+        assert_eq!(first_try, 64, "in order, every port on its first try");
+    }
+
+    #[test]
     fn expected_tries_follow_the_pools_fill() {
         // At half full, a flow needs about two tries on average and is
         // refused about once in 2^8: the note's figures.
@@ -565,15 +752,31 @@ mod tests {
         );
         let mut refused = 0u32;
         let (mut held, mut flow) = (0u32, 0u32);
+        // As the data plane: a cursor per backend (one CPU's), then the
+        // flow's hash; the cursors lay each backend's claims out in a run
+        // of consecutive buckets, which the runs of others overlap.
+        let mut cursors = [0u32; 100];
+        let mut first_try = 0u32;
         while held < 262_144 {
             // Flows toward 100 backends, as the bench's.
-            let backend = (0xc612_1400 + flow % 100, 80u16.to_be());
+            let b = (flow % 100) as usize;
+            let backend = (0xc612_1400 + b as u32, 80u16.to_be());
             let h = flow_seed(&key(0x0a0a_0000 + flow / 60_000, (flow % 60_000) as u16), 9);
             flow += 1;
-            let got = (0..FNAT_TRIES).any(|i| {
-                let source = candidate(&c, h, i).unwrap();
+            let (first, next) = next_candidate(&c, h, cursors[b]).unwrap();
+            cursors[b] = next;
+            let got = (0..FNAT_TRIES).position(|i| {
+                let source = if i == 0 {
+                    first
+                } else {
+                    candidate(&c, h, i).unwrap()
+                };
                 claim_in(&mut table, 9, reply_tuple(backend, source, IPPROTO_TCP), 1)
             });
+            if got == Some(0) {
+                first_try += 1;
+            }
+            let got = got.is_some();
             if got {
                 held += 1;
             } else {
@@ -588,7 +791,15 @@ mod tests {
         let refusal = full.powi(FNAT_TRIES as i32);
         // Poisson with half a claim per bucket: P(≥ 2) = 1 − 1.5/√e ≈ 9 %,
         // and a little more from the claims a full bucket sends on.
-        eprintln!("{full} of the buckets full: refusal {refusal:e}");
+        eprintln!(
+            "{full} of the buckets full: refusal {refusal:e}; {first_try} of {held} on the \
+             cursor's candidate"
+        );
+        // Most flows take the cursor's port, whose line is next to the last.
+        assert!(
+            first_try as f64 > 0.85 * held as f64,
+            "{first_try} of {held} on the first try"
+        );
         assert!(full < 0.1, "{full} of the buckets full");
         assert!(refusal < 1e-8, "refusal {refusal} at the rated load");
         assert_eq!(refused, 0, "none refused filling to the rated load");

@@ -224,6 +224,10 @@ maps! {
     /// Full NAT's claims: (source address, port) toward a backend, in the
     /// bucket of the reply tuple, with the flow's forward key.
     FNAT_CLAIMS: Pinning::Pinned;
+    /// Full NAT's allocation cursor per CPU and backend.
+    FNAT_CURSORS: Pinning::Unpinned {
+        why: "a per-CPU hint of the next port to try; losing it costs one cold claim",
+    };
     /// The path's second stage (`lb_setup`), tail-called after an
     /// established-table miss. Pinned: the kernel empties a program array
     /// when its last user reference goes, and the pinned link keeps `lb`

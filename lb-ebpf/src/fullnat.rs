@@ -6,18 +6,21 @@
 //! `established.rs`), marked `FLOW_F_FULL_NAT`, with its source address
 //! and port in its forward entry's `vip`/`vport`.
 
-use aya_ebpf::{macros::map, maps::Array};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use core::{
     intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xchg},
     ptr::write_volatile,
 };
 use lb_common::{
     CLAIM_BUSY, CLAIM_FREE, CLAIM_FREED, CLAIM_HELD, FLOW_F_FULL_NAT, FNAT_CLAIMS_SIZE, Flow,
-    FlowConf, FlowKey, FnatClaim, FnatConf, NextHop, Verdict,
+    FlowConf, FlowKey, FnatClaim, FnatConf, MAX_BACKENDS, NextHop, Verdict,
     flow::FORWARD,
     fullnat::{
         FNAT_TRIES, blocks, candidate, claim_bucket, claim_state, flow_seed, held_for,
-        may_be_reply, reclaimable, reply_tuple,
+        may_be_reply, next_candidate, reclaimable, reply_tuple,
     },
 };
 
@@ -44,6 +47,13 @@ pub(crate) static FNAT_CONF: Array<FnatConf> = Array::with_max_entries(1, 0);
 pub(crate) static FNAT_CLAIMS: Array<FnatClaim> =
     Array::with_max_entries(FNAT_CLAIMS_SIZE, BPF_F_MMAPABLE);
 
+/// Backend id → the (address, port) after the last one this CPU gave
+/// toward the backend (`fullnat::next_candidate`'s cursor; 0: none yet). A
+/// hint, not a record: losing it (a restart) costs nothing but a cold
+/// first claim, so it is not pinned.
+#[map]
+static FNAT_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
 #[inline(always)]
 fn conf() -> Option<&'static FnatConf> {
     FNAT_CONF.get(0)
@@ -53,11 +63,13 @@ fn conf() -> Option<&'static FnatConf> {
 /// the backend and enters the flow in `HALF_OPEN` with it. No free
 /// candidate: `DropFnatExhausted`, nothing created.
 ///
+/// The first candidate is the next port this CPU hands out toward the
+/// backend (`FNAT_CURSORS`), whose claim is the line after the one the
+/// previous flow there took; the others come from the flow's keyed hash.
 /// Each try is one call of [`claim`] (a subprogram: the verifier walks its
 /// body once per call site state, and the loop's states stay alike); only
 /// when every candidate is taken is the first one looked at, and taken over
-/// if its claim is this flow's own (a SYN whose half-open slot was lost) or
-/// stale.
+/// if its claim is this flow's own or stale.
 #[inline(always)]
 pub(crate) fn create(
     key: &FlowKey,
@@ -75,12 +87,23 @@ pub(crate) fn create(
     let seed = flow_conf.half_open_seed;
     let hash = flow_seed(key, seed);
     let endpoint = (backend.addr, backend.port);
-    let Some(first) = candidate(fnat, hash, 0) else {
+    let cursor = FNAT_CURSORS.get_ptr_mut(backend_id);
+    // SAFETY: this CPU's value of a per-CPU array: no other writer.
+    let at = cursor.map_or(0, |c| unsafe { *c });
+    let Some((first, next)) = next_candidate(fnat, hash, at) else {
         return Err(exhausted);
     };
+    if let Some(c) = cursor {
+        // SAFETY: as above.
+        unsafe { *c = next };
+    }
     let mut given = None;
     for attempt in 0..FNAT_TRIES {
-        let source = candidate(fnat, hash, attempt).unwrap_or(first);
+        let source = if attempt == 0 {
+            first
+        } else {
+            candidate(fnat, hash, attempt).unwrap_or(first)
+        };
         let tuple = reply_tuple(endpoint, source, key.protocol);
         if claim(&tuple, key, seed, now) {
             given = Some(source);

@@ -435,6 +435,58 @@ fn the_allocator_never_collides_and_refuses_a_full_pool() {
     });
 }
 
+/// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs the program on
+/// the caller's CPU, and the allocation cursor is per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// A CPU hands out ports toward a backend in order (its cursor in
+/// `FNAT_CURSORS`), each backend from a cursor of its own, and wraps at
+/// the range's end (its start is drawn: six ports of eight from it wrap
+/// five times in eight).
+#[test]
+fn one_cpu_hands_out_ports_toward_each_backend_in_order() {
+    let net = TestNet::new();
+    net.run(|| {
+        pin_to_cpu0();
+        // Two backends under round robin, one address, eight ports.
+        let mut cfg = config(&[SOURCE], (5000, 5007));
+        cfg.services.retain(|s| s.name != "fnat-udp");
+        let fnat = cfg.services.iter_mut().find(|s| s.name == "fnat").unwrap();
+        fnat.backends = vec![
+            backend("web1", WEBS[0], WEB_PORT),
+            backend("web2", WEBS[1], WEB_PORT),
+        ];
+        let mut h = Harness::new(&cfg);
+        let mut by_web: [Vec<u16>; 2] = [Vec::new(), Vec::new()];
+        for port in 42000..42012 {
+            let (action, out) = h.run(h.front, &syn(port).build());
+            assert_eq!(action, XDP_REDIRECT, "SYN {port}");
+            let (web, source, sport) = sent(&out);
+            assert_eq!(source, SOURCE);
+            by_web[web].push(sport);
+        }
+        for (web, ports) in by_web.iter().enumerate() {
+            assert_eq!(ports.len(), 6, "round robin: six flows to web{}", web + 1);
+            for pair in ports.windows(2) {
+                let next = if pair[0] == 5007 { 5000 } else { pair[0] + 1 };
+                assert_eq!(pair[1], next, "web{}'s ports {ports:?}", web + 1);
+            }
+        }
+    });
+}
+
 /// The reply tuple of web1's flows from `SOURCE:port` (network order).
 fn web1_tuple(port: u16) -> FlowKey {
     lb_common::fullnat::reply_tuple(

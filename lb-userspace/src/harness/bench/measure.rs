@@ -391,6 +391,14 @@ pub(super) enum NsMethod {
     /// This many calls of one frame, repeat=1, in each of `rounds` rounds
     /// that measure every program of issue 26's rows in turn.
     Paired { calls: usize, rounds: usize },
+    /// This many calls (one frame, or `new`: each a new flow), repeat=1,
+    /// in each of `rounds` rounds that measure NAT and full NAT in turn
+    /// (issue 25's targets).
+    PairedWithNat {
+        calls: usize,
+        rounds: usize,
+        new: bool,
+    },
 }
 
 impl fmt::Display for NsMethod {
@@ -402,6 +410,11 @@ impl fmt::Display for NsMethod {
             NsMethod::Paired { calls, rounds } => write!(
                 f,
                 "{calls} calls, repeat=1, paired: {rounds} rounds over the tunnel rows"
+            ),
+            NsMethod::PairedWithNat { calls, rounds, new } => write!(
+                f,
+                "{calls} {}, repeat=1, paired: {rounds} rounds of NAT and full NAT",
+                if *new { "distinct flows" } else { "calls" }
             ),
         }
     }
@@ -879,6 +892,7 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
             ns: Stat::of(&large_ns),
         });
     }
+    ns_rows.extend(full_nat_rows(lbin, &est, &est_calls, reps)?);
     ns_rows.extend(super::proxy::proxy_rows(lbin, calls, reps)?);
     ns_rows.extend(tunnel_rows(ebpf, lbin, &est, &est_calls, reps)?);
     ns_rows.extend(cold_rows(lbin, calls, reps)?);
@@ -886,6 +900,84 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
     ns_rows.extend(capture_rows(lbin, repeat, reps)?);
     ns_rows.extend(super::decap::decap_rows(lbin, calls, reps)?);
     Ok(ns_rows)
+}
+
+/// Rounds of issue 25's paired measurement per repetition asked.
+const FULL_NAT_ROUNDS_PER_REP: usize = 7;
+
+/// Issue 25's targets' rows, measured paired as issue 24's and 26's are:
+/// NAT and full NAT (each its own data plane on the cost section's config,
+/// 100 backends, the product's default tables) and, in every round, each
+/// one's established flow (one call each) and a batch of new flows (each
+/// call the first datagram of a flow no earlier round sent), in an order
+/// rotating round by round, on one CPU. The unpaired rows above measure
+/// the two modes minutes apart, and their new-flow rows moved by more than
+/// the 25 % target between runs of one build (docs/benchmarks-analysis.md);
+/// within a round, what the machine does to one mode it does to the other.
+fn full_nat_rows(
+    lbin: u32,
+    est: &[Vec<u8>],
+    est_calls: &[Vec<u8>],
+    reps: usize,
+) -> anyhow::Result<Vec<NsRow>> {
+    let modes = [Forwarding::Nat, Forwarding::FullNat];
+    let mut planes = Vec::new();
+    for mode in modes {
+        let mut dp = Dataplane::load(TableSizes {
+            conntrack: DEFAULT_CONNTRACK_SIZE,
+            half_open: DEFAULT_HALF_OPEN_SIZE,
+        })?;
+        dp.apply(&cost_config(mode)?)?;
+        // The flow's first datagram; the first call of a round promotes it.
+        ns_per_packet(dp.program()?, est, lbin, 1, Some(XDP_REDIRECT))?;
+        planes.push(dp);
+    }
+    let rounds = reps.max(1) * FULL_NAT_ROUNDS_PER_REP;
+    let new_calls = new_flows_per_round(est_calls.len(), rounds)?;
+    // Cases: (plane, new flows?), NAT's and full NAT's of each kind.
+    let cases: Vec<(usize, bool)> = [false, true]
+        .into_iter()
+        .flat_map(|new| (0..planes.len()).map(move |plane| (plane, new)))
+        .collect();
+    let mut ns: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
+    let _pinned = PinnedToOneCpu::new()?;
+    for round in 0..rounds {
+        let tag = u8::try_from(round).context("at most 256 paired rounds")?;
+        let fresh = new_flow_frames(tag, new_calls)?;
+        for k in 0..cases.len() {
+            let i = (round + k) % cases.len();
+            let (plane, new) = cases[i];
+            let frames = if new { &fresh } else { est_calls };
+            ns[i].push(ns_per_packet(
+                planes[plane].program()?,
+                frames,
+                lbin,
+                1,
+                Some(XDP_REDIRECT),
+            )?);
+        }
+    }
+    Ok(cases
+        .iter()
+        .zip(ns)
+        .map(|(&(plane, new), ns)| NsRow {
+            program: NsProgram::Lb {
+                mode: modes[plane],
+                backends: 100,
+                flow: if new {
+                    FlowState::New
+                } else {
+                    FlowState::Established
+                },
+            },
+            method: NsMethod::PairedWithNat {
+                calls: if new { new_calls } else { est_calls.len() },
+                rounds,
+                new,
+            },
+            ns: Stat::of(&ns),
+        })
+        .collect())
 }
 
 /// Rounds of issue 26's paired measurement per repetition asked.

@@ -190,12 +190,21 @@ pub(super) fn targets(
             );
         }
     }
-    // Issue 25: full NAT's packets next to NAT's, one packet per call each.
-    let one_call = |mode: Forwarding, flow: FlowState| {
+    // Issue 25: full NAT's packets next to NAT's, one packet per call each:
+    // from the paired rounds when they ran (the two modes in turn within
+    // each round), else from the rows measured apart.
+    let lb_row = |mode: Forwarding, flow: FlowState, paired: bool| {
         ns.iter().find(|r| {
             matches!(r.program, NsProgram::Lb { mode: m, flow: f, .. } if m == mode && f == flow)
-                && matches!(r.method, NsMethod::Calls(_) | NsMethod::DistinctFlows(_))
+                && if paired {
+                    matches!(r.method, NsMethod::PairedWithNat { .. })
+                } else {
+                    matches!(r.method, NsMethod::Calls(_) | NsMethod::DistinctFlows(_))
+                }
         })
+    };
+    let one_call = |mode: Forwarding, flow: FlowState| {
+        lb_row(mode, flow, true).or_else(|| lb_row(mode, flow, false))
     };
     for (flow, target, what) in [
         (
@@ -212,12 +221,17 @@ pub(super) fn targets(
             let ratio = full.ns.median / nat.ns.median;
             let _ = writeln!(
                 s,
-                "| full NAT, {what} flow's packet ≤ {:.0} % over NAT's | {}: {:.2}× ({:.0} vs {:.0} ns, one packet per call each) |",
+                "| full NAT, {what} flow's packet ≤ {:.0} % over NAT's | {}: {:.2}× ({:.0} vs {:.0} ns, one packet per call each{}) |",
                 100.0 * (target - 1.0),
                 verdict(ratio <= target),
                 ratio,
                 full.ns.median,
                 nat.ns.median,
+                match full.method {
+                    NsMethod::PairedWithNat { rounds, .. } =>
+                        format!(", paired: medians of {rounds} rounds"),
+                    _ => String::new(),
+                },
             );
         }
     }

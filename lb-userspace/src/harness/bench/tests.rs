@@ -655,6 +655,72 @@ fn the_tunnel_target_is_judged_on_the_paired_rounds_when_there_are_some() {
     assert!(find("Gue").contains("**missed**: +20 %"), "{text}");
 }
 
+/// With NAT and full NAT measured in paired rounds, issue 25's targets are
+/// judged on those rows, not on the rows measured minutes apart.
+#[test]
+fn the_full_nat_targets_are_judged_on_the_paired_rounds_when_there_are_some() {
+    let row = |mode, flow, method, median| NsRow {
+        program: NsProgram::Lb {
+            mode,
+            backends: 100,
+            flow,
+        },
+        method,
+        ns: st(median, median, median),
+    };
+    let (est, new) = (FlowState::Established, FlowState::New);
+    let paired = |new| NsMethod::PairedWithNat {
+        calls: 2000,
+        rounds: 21,
+        new,
+    };
+    let ns = vec![
+        // Apart: full NAT's rows look 1.30x and 1.60x NAT's.
+        row(Forwarding::Nat, est, NsMethod::Calls(2000), 100.0),
+        row(Forwarding::Nat, new, NsMethod::DistinctFlows(2000), 500.0),
+        row(Forwarding::FullNat, est, NsMethod::Calls(2000), 130.0),
+        row(
+            Forwarding::FullNat,
+            new,
+            NsMethod::DistinctFlows(2000),
+            800.0,
+        ),
+        // Paired: 1.05x and 1.20x.
+        row(Forwarding::Nat, est, paired(false), 100.0),
+        row(Forwarding::FullNat, est, paired(false), 105.0),
+        row(Forwarding::Nat, new, paired(true), 600.0),
+        row(Forwarding::FullNat, new, paired(true), 720.0),
+    ];
+    let text = targets(&[], &ns, &Err("not run".into()), &[]);
+    let find = |what: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("full NAT, {what} flow's packet")))
+            .unwrap_or_else(|| panic!("no {what} row in {text}"))
+            .to_string()
+    };
+    let est = find("an established");
+    assert!(
+        est.contains(
+            "met: 1.05× (105 vs 100 ns, one packet per call each, paired: medians of 21 rounds)"
+        ),
+        "{est}"
+    );
+    assert!(
+        find("a new").contains("met: 1.20× (720 vs 600 ns"),
+        "{text}"
+    );
+    // Without paired rows, the rows measured apart are judged.
+    let apart: Vec<NsRow> = ns
+        .into_iter()
+        .filter(|r| !matches!(r.method, NsMethod::PairedWithNat { .. }))
+        .collect();
+    let text = targets(&[], &apart, &Err("not run".into()), &[]);
+    assert!(
+        text.contains("**missed**: 1.30× (130 vs 100 ns, one packet per call each) |"),
+        "{text}"
+    );
+}
+
 /// Issue 24's forwarding rows: the IPv6 rows are fractions of the IPv6
 /// ceiling (`bare_fwd6`), in the table and in the ratios, while the IPv4
 /// rows and targets keep the IPv4 ceiling and ignore the IPv6 rows.
