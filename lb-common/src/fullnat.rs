@@ -54,13 +54,10 @@ pub const fn span(conf: &FnatConf) -> u32 {
     }
 }
 
-/// Try `attempt`'s (source address, port) for a flow of allocation hash
-/// `hash`: the address and the port each scaled from a remix of the hash
-/// (a multiply and a shift, no modulo), so the tries of one flow land on
-/// unrelated ports of every address. Port in network order. `None`: no
-/// address or an empty range.
+/// The pool's addresses (at most [`FNAT_MAX_SOURCES`], whatever `count`
+/// says) and ports; `None` if either is empty.
 #[inline(always)]
-pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32, u16)> {
+const fn pool(conf: &FnatConf) -> Option<(u32, u32)> {
     let count = if conf.count as usize > FNAT_MAX_SOURCES {
         FNAT_MAX_SOURCES as u32
     } else {
@@ -70,6 +67,19 @@ pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32,
     if count == 0 || span == 0 {
         return None;
     }
+    Some((count, span))
+}
+
+/// Try `attempt`'s (source address, port) for a flow of allocation hash
+/// `hash`: the address and the port each scaled from a remix of the hash
+/// (a multiply and a shift, no modulo), so the tries of one flow land on
+/// unrelated ports of every address. Port in network order. `None`: no
+/// address or an empty range.
+#[inline(always)]
+pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32, u16)> {
+    let Some((count, span)) = pool(conf) else {
+        return None;
+    };
     let h = mix(hash ^ attempt.wrapping_mul(0x9e37_79b9));
     let index = ((h as u64 * count as u64) >> 32) as usize;
     let port = conf.port_lo as u32 + ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32;
@@ -96,15 +106,9 @@ pub const CURSOR_SET: u32 = 1 << 31;
 /// `None`: no address or an empty range.
 #[inline(always)]
 pub const fn next_candidate(conf: &FnatConf, hash: u32, cursor: u32) -> Option<((u32, u16), u32)> {
-    let count = if conf.count as usize > FNAT_MAX_SOURCES {
-        FNAT_MAX_SOURCES as u32
-    } else {
-        conf.count as u32
-    };
-    let span = span(conf);
-    if count == 0 || span == 0 {
+    let Some((count, span)) = pool(conf) else {
         return None;
-    }
+    };
     let (mut index, mut offset) = ((cursor & !CURSOR_SET) >> 16, cursor & 0xffff);
     if cursor & CURSOR_SET == 0 || index >= count || offset >= span {
         let h = mix(hash ^ 0x1b87_3593);

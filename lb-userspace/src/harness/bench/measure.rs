@@ -902,6 +902,22 @@ pub(super) fn cost_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::Re
     Ok(ns_rows)
 }
 
+/// A data plane with the product's default tables, `config` applied, and
+/// the flow of `est` (its first packet) sent once.
+fn plane_with_a_flow(
+    config: &crate::config::Config,
+    est: &[Vec<u8>],
+    lbin: u32,
+) -> anyhow::Result<Dataplane> {
+    let mut dp = Dataplane::load(TableSizes {
+        conntrack: DEFAULT_CONNTRACK_SIZE,
+        half_open: DEFAULT_HALF_OPEN_SIZE,
+    })?;
+    dp.apply(config)?;
+    ns_per_packet(dp.program()?, est, lbin, 1, Some(XDP_REDIRECT))?;
+    Ok(dp)
+}
+
 /// Rounds of issue 25's paired measurement per repetition asked.
 const FULL_NAT_ROUNDS_PER_REP: usize = 7;
 
@@ -921,17 +937,12 @@ fn full_nat_rows(
     reps: usize,
 ) -> anyhow::Result<Vec<NsRow>> {
     let modes = [Forwarding::Nat, Forwarding::FullNat];
-    let mut planes = Vec::new();
-    for mode in modes {
-        let mut dp = Dataplane::load(TableSizes {
-            conntrack: DEFAULT_CONNTRACK_SIZE,
-            half_open: DEFAULT_HALF_OPEN_SIZE,
-        })?;
-        dp.apply(&cost_config(mode)?)?;
-        // The flow's first datagram; the first call of a round promotes it.
-        ns_per_packet(dp.program()?, est, lbin, 1, Some(XDP_REDIRECT))?;
-        planes.push(dp);
-    }
+    // The flow's first datagram in each; the first call of a round
+    // promotes it.
+    let mut planes = modes
+        .into_iter()
+        .map(|mode| plane_with_a_flow(&cost_config(mode)?, est, lbin))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let rounds = reps.max(1) * FULL_NAT_ROUNDS_PER_REP;
     let new_calls = new_flows_per_round(est_calls.len(), rounds)?;
     // Cases: (plane, new flows?), NAT's and full NAT's of each kind.
@@ -1010,17 +1021,10 @@ fn tunnel_rows(
     reps: usize,
 ) -> anyhow::Result<Vec<NsRow>> {
     let modes = [Forwarding::Dsr, Forwarding::Ipip, Forwarding::Gue];
-    let mut planes = Vec::new();
-    for mode in modes {
-        let mut dp = Dataplane::load(TableSizes {
-            conntrack: DEFAULT_CONNTRACK_SIZE,
-            half_open: DEFAULT_HALF_OPEN_SIZE,
-        })?;
-        dp.apply(&lb_config(mode, 100)?)?;
-        // Establish the flow once.
-        ns_per_packet(dp.program()?, est, lbin, 1, Some(XDP_REDIRECT))?;
-        planes.push(dp);
-    }
+    let mut planes = modes
+        .into_iter()
+        .map(|mode| plane_with_a_flow(&lb_config(mode, 100)?, est, lbin))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut programs: Vec<Paired> = modes.into_iter().map(Paired::Lb).collect();
     programs.extend([
         Paired::Tool(NsProgram::XdpPass, "xdp_pass", XDP_PASS),
