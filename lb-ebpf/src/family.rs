@@ -8,6 +8,7 @@
 //! backends, flow tables, fragments), not a branch in the path.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
+use core::borrow::Borrow;
 use lb_common::{
     Backend, EstablishedSlot, Flow, FlowConf, ServiceConf,
     family::{Family, FlowTuple},
@@ -24,6 +25,12 @@ use crate::{
 pub(crate) trait PathFamily: Family + Sized {
     /// The half-open table's slot a copy was read from.
     type Slot: Copy;
+    /// The packet's key as the second stage holds it (`carried`): IPv4's a
+    /// copy on the stack (16 bytes), IPv6's a reference to where the first
+    /// stage left it (`CARRY6`), so `lb_v6_setup`'s frame does not hold 40
+    /// bytes more (its 512 bytes are shared with the out-of-line calls that
+    /// write the established table).
+    type CarriedKey: Borrow<Self::FlowKey>;
     /// The IP protocol number of this family's packets inside an outer
     /// IPv4 header (IPIP's protocol, GUE's inner protocol).
     const ENCAP_PROTOCOL: u8;
@@ -193,7 +200,7 @@ pub(crate) trait PathFamily: Family + Sized {
     fn to_setup(ctx: &XdpContext, key: &Self::FlowKey, to_vip: bool, now: u32) -> Outcome;
     /// In the second stage: the packet's key, whether it is to a VIP, and
     /// the tick, as the first stage carried them.
-    fn carried() -> Option<(Self::FlowKey, bool, u32)>;
+    fn carried() -> Option<(Self::CarriedKey, bool, u32)>;
 
     /// The live entry a tuple (as it arrives) belongs to, and its table: a
     /// flow's forward entry (client → VIP) or its reply entry (backend →

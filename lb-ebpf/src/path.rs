@@ -40,6 +40,7 @@
 //! 7. counters (`main.rs` counts the verdict; here, service and backend).
 
 use aya_ebpf::programs::XdpContext;
+use core::borrow::Borrow;
 use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, FLOW_F_PROXY, FW_GLOBAL, Flow, MODE_FULL_NAT, SERVICE_PROXY_V2,
     ServiceConf, Verdict, answers_directly,
@@ -142,27 +143,28 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
     let Ok(pkt) = F::parse_l4(ctx, eth, ip) else {
         return pass(Verdict::PassNotOurs);
     };
-    let Some((key, to_vip, now)) = F::carried() else {
+    let Some((carried, to_vip, now)) = F::carried() else {
         return drop(Verdict::DropNoStage);
     };
-    let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
+    let key: &F::FlowKey = carried.borrow();
+    let seg = tcp_segment::<F>(ctx, pkt.l4, key);
     // The packet as it came (the carried key may have a full-NAT reply's
     // NAT shape): where a reply was sent picks its full-NAT flow.
     let arrived = flow_key(&pkt);
-    if let Some((mut flow, slot)) = F::half_open(&key, &arrived, now, to_vip) {
-        if let Some(outcome) = half_open(ctx, &pkt, &key, &mut flow, slot, &seg, now) {
+    if let Some((mut flow, slot)) = F::half_open(key, &arrived, now, to_vip) {
+        if let Some(outcome) = half_open(ctx, &pkt, key, &mut flow, slot, &seg, now) {
             return outcome;
         }
     }
     if to_vip {
-        return new_flow(ctx, &pkt, &key, (seg.flags, seg.seq), now);
+        return new_flow(ctx, &pkt, key, (seg.flags, seg.seq), now);
     }
     // A backend's answer to a check through the VIP: into the probe
     // namespace (`probe.rs`). Two compares unless to a probe port.
-    if let Some(outcome) = F::probe_answer(ctx, &pkt, &key) {
+    if let Some(outcome) = F::probe_answer(ctx, &pkt, key) {
         return outcome;
     }
-    if F::from_nat_backend(&key) && routed_on::<F>(ctx, ip) {
+    if F::from_nat_backend(key) && routed_on::<F>(ctx, ip) {
         // A NAT backend's segment that no flow translates would leave with
         // the backend's own address (a late retransmission, a SYN-ACK to a
         // spoofed SYN whose slot was taken).

@@ -24,6 +24,7 @@ use crate::{
 
 impl PathFamily for V4 {
     type Slot = Slot;
+    type CarriedKey = FlowKey;
     const ENCAP_PROTOCOL: u8 = lb_common::tunnel::IPPROTO_IPIP;
 
     #[inline(always)]

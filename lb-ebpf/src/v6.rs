@@ -50,7 +50,7 @@ use crate::{
     BACKENDS,
     family::PathFamily,
     firewall,
-    flows::{Table, copy_words, write_words},
+    flows::{Table, write_words},
     flows6::{self, Slot6},
     frag6, hops, icmp6,
     mem::header,
@@ -117,6 +117,7 @@ pub(crate) fn to_v6(ctx: &XdpContext) -> Outcome {
 
 impl PathFamily for V6 {
     type Slot = Slot6;
+    type CarriedKey = &'static FlowKey6;
     /// IPv6 in IPv4 (tunnels carry IPv4 only so far: config refuses an
     /// IPv6 tunnel service).
     const ENCAP_PROTOCOL: u8 = 41;
@@ -315,15 +316,11 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn carried() -> Option<(FlowKey6, bool, u32)> {
+    fn carried() -> Option<(&'static FlowKey6, bool, u32)> {
         let carry = CARRY6.get_ptr(0)?;
-        // SAFETY: this CPU's slot, written by the first stage just before.
-        unsafe {
-            Some((
-                copy_words(&raw const (*carry).key),
-                (*carry).to_vip != 0,
-                (*carry).now,
-            ))
-        }
+        // SAFETY: this CPU's slot, written by the first stage just before;
+        // the scratch (`pair`, `entry`) is other fields, so the key stays
+        // as it is for the stage.
+        unsafe { Some((&(*carry).key, (*carry).to_vip != 0, (*carry).now)) }
     }
 }
