@@ -80,13 +80,28 @@ pub const fn candidate(conf: &FnatConf, hash: u32, attempt: u32) -> Option<(u32,
     let Some((count, span)) = pool(conf) else {
         return None;
     };
-    let h = mix(hash ^ attempt.wrapping_mul(0x9e37_79b9));
-    let index = ((h as u64 * count as u64) >> 32) as usize;
-    let port = conf.port_lo as u32 + ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32;
-    Some((
-        conf.addrs[index & (FNAT_MAX_SOURCES - 1)],
-        (port as u16).to_be(),
-    ))
+    let (index, offset) = drawn(mix(hash ^ attempt.wrapping_mul(0x9e37_79b9)), count, span);
+    Some(source_at(conf, index, offset))
+}
+
+/// An address index below `count` and a port offset below `span`, each
+/// scaled from a remix of `h` (a multiply and a shift, no modulo).
+#[inline(always)]
+const fn drawn(h: u32, count: u32, span: u32) -> (u32, u32) {
+    (
+        ((h as u64 * count as u64) >> 32) as u32,
+        ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32,
+    )
+}
+
+/// The (address, port) at `index` of the addresses and `offset` into the
+/// port range. Port in network order.
+#[inline(always)]
+const fn source_at(conf: &FnatConf, index: u32, offset: u32) -> (u32, u16) {
+    (
+        conf.addrs[index as usize & (FNAT_MAX_SOURCES - 1)],
+        ((conf.port_lo as u32 + offset) as u16).to_be(),
+    )
 }
 
 /// A cursor of `FNAT_CURSORS` (one per CPU and backend) that has been set:
@@ -111,14 +126,9 @@ pub const fn next_candidate(conf: &FnatConf, hash: u32, cursor: u32) -> Option<(
     };
     let (mut index, mut offset) = ((cursor & !CURSOR_SET) >> 16, cursor & 0xffff);
     if cursor & CURSOR_SET == 0 || index >= count || offset >= span {
-        let h = mix(hash ^ 0x1b87_3593);
-        index = ((h as u64 * count as u64) >> 32) as u32;
-        offset = ((mix(h ^ 0x27d4_eb2f) as u64 * span as u64) >> 32) as u32;
+        (index, offset) = drawn(mix(hash ^ 0x1b87_3593), count, span);
     }
-    let given = (
-        conf.addrs[index as usize & (FNAT_MAX_SOURCES - 1)],
-        ((conf.port_lo as u32 + offset) as u16).to_be(),
-    );
+    let given = source_at(conf, index, offset);
     let (mut next_index, mut next_offset) = (index, offset + 1);
     if next_offset == span {
         next_offset = 0;
