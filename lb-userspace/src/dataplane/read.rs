@@ -14,7 +14,7 @@ use aya::maps::{
 use lb_common::{
     Backend, Counters, FW_F_RATE, FW_GLOBAL, Flow, FlowConf, FlowCounts, FlowKey, FwKey, FwScope,
     MaglevTable, Ring, ServiceConf, ServiceKey, VERDICT_COUNT, Verdict,
-    flow::{REPLY, forward_key, is_expired, reply_key},
+    flow::{REPLY, is_expired},
     ipv6::{Addr6, octets_of},
     maps6::{FlowKey6, FwKey6, ServiceKey6},
 };
@@ -138,36 +138,34 @@ impl Dataplane {
             Some(id) => Some(self.service_facts(id)?),
         };
         let conf = self.flow_conf()?;
-        let backend_of = |flow: &Flow| {
-            backends
-                .get(&flow.backend_id, 0)
-                .map_err(err(MapName::BACKENDS))
-        };
         // The entry, and a NAT flow's other direction (which keeps an
         // expired entry alive while it is live; half-open slots hold one).
-        let (entry, pair) = match self.established_table()?.get_with_pair(key, &conf) {
-            Some((flow, pair)) => (Some(flow), pair),
-            None => match found(flows.get(key, 0), MapName::CONNTRACK)? {
-                Some(flow) => {
-                    let pair_key = if flow.direction == REPLY {
-                        Some(forward_key(key, &flow))
-                    } else if flow.vip != 0 {
-                        Some(reply_key(key, &backend_of(&flow)?))
-                    } else {
-                        None
-                    };
-                    let pair = match pair_key {
-                        Some(k) => found(flows.get(&k, 0), MapName::CONNTRACK)?,
-                        None => None,
-                    };
-                    (Some(flow), pair)
-                }
-                None => (self.half_open_table()?.get(key, &conf), None),
-            },
-        };
+        let (entry, slot_pair, in_conntrack) =
+            match self.established_table()?.get_with_pair(key, &conf) {
+                Some((flow, pair)) => (Some(flow), pair, false),
+                None => match found(flows.get(key, 0), MapName::CONNTRACK)? {
+                    Some(flow) => (Some(flow), None, true),
+                    None => (self.half_open_table()?.get(key, &conf), None, false),
+                },
+            };
         let conntrack = match entry {
             None => None,
-            Some(flow) => Some((flow, backend_of(&flow)?)),
+            Some(flow) => Some((
+                flow,
+                backends
+                    .get(&flow.backend_id, 0)
+                    .map_err(err(MapName::BACKENDS))?,
+            )),
+        };
+        // An overflow entry's other direction is an entry of its own.
+        let pair = match &conntrack {
+            Some((flow, backend)) if in_conntrack => {
+                match super::sweep::conntrack_pair(key, flow, |_| Some(*backend)) {
+                    Some(k) => found(flows.get(&k, 0), MapName::CONNTRACK)?,
+                    None => None,
+                }
+            }
+            _ => slot_pair,
         };
         let now = super::sweep::now_ticks();
         let age = conntrack

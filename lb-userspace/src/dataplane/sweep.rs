@@ -63,16 +63,25 @@ pub fn expired(
     now: u32,
     pressure: bool,
 ) -> Vec<FlowKey> {
-    let pair = |key: &FlowKey, flow: &Flow| {
-        if flow.direction == REPLY {
-            Some(forward_key(key, flow))
-        } else if flow.vip != 0 {
-            backend(flow.backend_id).map(|b| reply_key(key, &b))
-        } else {
-            None
-        }
-    };
+    let pair = |key: &FlowKey, flow: &Flow| conntrack_pair(key, flow, &backend);
     expired_by(entries, pair, conf, now, pressure)
+}
+
+/// The key of a `CONNTRACK` entry's other direction: a NAT reply's forward
+/// key, a NAT forward entry's reply key (from its backend's address, which
+/// `backend` gives by id), `None` for a DSR entry or an unknown backend.
+pub(super) fn conntrack_pair(
+    key: &FlowKey,
+    flow: &Flow,
+    backend: impl Fn(u32) -> Option<Backend>,
+) -> Option<FlowKey> {
+    if flow.direction == REPLY {
+        Some(forward_key(key, flow))
+    } else if flow.vip != 0 {
+        backend(flow.backend_id).map(|b| reply_key(key, &b))
+    } else {
+        None
+    }
 }
 
 /// [`expired`] over either family's entries: `pair` gives an entry's other
