@@ -448,51 +448,92 @@ pub(super) fn profile_forwarding(secs: f64, flows: u32, threads: usize) -> anyho
     Ok(())
 }
 
-/// A steady BPF_PROG_TEST_RUN load of `lb` (DSR, 100 backends, one
-/// established flow) for `secs` seconds, for an external profiler.
-pub(super) fn profile_lb(secs: f64, new_flows: bool, full_nat: bool) -> anyhow::Result<()> {
+/// What `--profile-lb` runs: `lb` in `mode` (100 backends), `family`'s
+/// established flow or new flows, each call one frame repeated 1 000 000
+/// times or (`one_call`) one packet per call as the paired rows measure.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ProfileLoad {
+    pub(super) new_flows: bool,
+    pub(super) mode: Forwarding,
+    pub(super) family: Family,
+    pub(super) one_call: bool,
+}
+
+/// A steady BPF_PROG_TEST_RUN load of `lb` as `load` says for `secs`
+/// seconds, for an external profiler. IPv4 runs on the cost section's
+/// config, IPv6 on the dual-stack one of its IPv6 rows (so `lb` reaches
+/// `lb_v6` by its tail call, as deployed).
+pub(super) fn profile_lb(secs: f64, load: ProfileLoad) -> anyhow::Result<()> {
     let lbin = xdp::ifindex("lbin")?;
-    let (mut dp, what) = if new_flows {
-        // As the cost section's new-flow row: the product's default tables.
-        let sizes = TableSizes {
+    let v6 = load.family == Family::V6;
+    let sizes = if load.new_flows || v6 {
+        // As the cost section's new-flow and IPv6 rows: the product's
+        // default tables.
+        TableSizes {
             conntrack: DEFAULT_CONNTRACK_SIZE,
             half_open: DEFAULT_HALF_OPEN_SIZE,
-        };
-        (Dataplane::load(sizes)?, "new flows")
+        }
     } else {
-        (Dataplane::load(CONNTRACK)?, "established flow")
+        CONNTRACK
     };
-    let mode = if full_nat {
-        Forwarding::FullNat
+    let mut dp = Dataplane::load(sizes)?;
+    dp.apply(&if v6 {
+        lb_config_dual(load.mode, 100, sizes)?
     } else {
-        Forwarding::Dsr
-    };
-    dp.apply(&cost_config(mode)?)?;
+        cost_config(load.mode)?
+    })?;
     // Full NAT: each new flow holds a claim that nothing frees here.
-    let batches: u8 = if full_nat { 12 } else { u8::MAX };
-    let est = vec![frame_from(SocketAddrV4::new(CLIENT, 1024))?];
+    let batches: u32 = if load.mode == Forwarding::FullNat {
+        12
+    } else {
+        u32::from(u8::MAX)
+    };
+    let one = load.family.established_frame()?;
+    // A UDP flow's second datagram establishes it.
+    for _ in 0..2 {
+        ns_per_packet(dp.program()?, &[one.clone()], lbin, 1, Some(XDP_REDIRECT))?;
+    }
+    let (est, repeat) = if load.one_call {
+        (vec![one; 2_000], 1)
+    } else {
+        (vec![one], 1_000_000)
+    };
     let prog = dp.program()?;
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
     let mut samples = Vec::new();
-    // New flows: 256 batches of distinct flows at most (a flow seen twice
-    // would be a second datagram, which promotes it).
-    let mut tag = 0u8;
+    // New flows: distinct batches only (a flow seen twice would be a
+    // second datagram, which promotes it).
+    let mut batch = 0u32;
     while std::time::Instant::now() < deadline {
-        samples.push(if new_flows {
-            let frames = new_flow_frames(tag, 20_000)?;
+        samples.push(if load.new_flows {
+            let frames = match load.family {
+                Family::V4 => new_flow_frames(batch as u8, 20_000)?,
+                Family::V6 => new_flows_of(Family::V6, batch, NEW_FLOWS_PER_BATCH)?,
+            };
             let ns = ns_per_packet(prog, &frames, lbin, 1, Some(XDP_REDIRECT))?;
-            tag = tag.wrapping_add(1);
-            if tag == 0 || tag == batches {
+            batch += 1;
+            if batch == batches {
                 break;
             }
             ns
         } else {
-            ns_per_packet(prog, &est, lbin, 1_000_000, Some(XDP_REDIRECT))?
+            ns_per_packet(prog, &est, lbin, repeat, Some(XDP_REDIRECT))?
         });
     }
     eprintln!(
-        "bench: profiled lb ({what}, {}) for {secs} s: {:.1} ns/packet (median of {} runs)",
-        mode.name(),
+        "bench: profiled lb ({}, {:?}, {}, {}) for {secs} s: {:.1} ns/packet (median of {} runs)",
+        if load.new_flows {
+            "new flows"
+        } else {
+            "established flow"
+        },
+        load.family,
+        load.mode.name(),
+        if load.one_call {
+            "one packet per call"
+        } else {
+            "repeat=1000000"
+        },
         Stat::of(&samples).median,
         samples.len()
     );

@@ -46,6 +46,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail, ensure};
 
+use crate::config::Forwarding;
+use net::Family;
+
 pub use http::{parse_wrk, wrk_ms};
 pub use measure::{Stat, sink_packets};
 pub use net::{
@@ -94,6 +97,17 @@ pub struct BenchArgs {
     /// the 262 144 claims `FNAT_CLAIMS` is rated for, since no sweep frees them)
     #[arg(long, requires = "profile_new")]
     pub profile_full_nat: bool,
+    /// With --profile-lb: IPv6's flow instead of IPv4's (`lb_v6`, on the
+    /// dual-stack config of the cost section's IPv6 rows)
+    #[arg(long, conflicts_with_all = ["profile_flows", "profile_full_nat"])]
+    pub profile_v6: bool,
+    /// With --profile-lb: NAT (NAT66 with --profile-v6) instead of DSR
+    #[arg(long, conflicts_with_all = ["profile_flows", "profile_full_nat"])]
+    pub profile_nat: bool,
+    /// With --profile-lb: one packet per call (repeat=1, as the paired
+    /// rows measure) instead of 1 000 000 repeats of one frame per call
+    #[arg(long, conflicts_with = "profile_flows")]
+    pub profile_one_call: bool,
     /// Run only these sections (comma-separated) and print the report;
     /// BENCHMARKS.md is left alone unless --output names a file
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -162,7 +176,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.profile_lb {
         return match args.profile_flows {
             Some(flows) => net.run(|| measure::profile_forwarding(secs, flows, threads)),
-            None => net.run(|| measure::profile_lb(secs, args.profile_new, args.profile_full_nat)),
+            None => net.run(|| {
+                measure::profile_lb(
+                    secs,
+                    measure::ProfileLoad {
+                        new_flows: args.profile_new,
+                        mode: if args.profile_full_nat {
+                            Forwarding::FullNat
+                        } else if args.profile_nat {
+                            Forwarding::Nat
+                        } else {
+                            Forwarding::Dsr
+                        },
+                        family: if args.profile_v6 {
+                            Family::V6
+                        } else {
+                            Family::V4
+                        },
+                        one_call: args.profile_one_call,
+                    },
+                )
+            }),
         };
     }
     let reps = args.reps;
