@@ -22,7 +22,7 @@
 
 use crate::{
     headers::L4Ports,
-    ipv6::{Addr6, Ipv6Hdr},
+    ipv6::{Addr6, Ipv6Hdr, copy_addr},
     maps::{Flow, HalfOpenEntry},
 };
 
@@ -93,15 +93,20 @@ impl FlowKey6 {
     /// walk's: `ip.next_header` only without extension headers) and ports.
     #[inline(always)]
     pub fn of(ip: &Ipv6Hdr, protocol: u8, ports: &L4Ports) -> FlowKey6 {
-        FlowKey6 {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
+        let mut key = FlowKey6 {
             sport: ports.source,
             dport: ports.dest,
             protocol,
-            _pad0: 0,
-            _pad1: 0,
+            ..FlowKey6::EMPTY
+        };
+        // Copied a half-word at a time from the packed header
+        // (`copy_addr`: no call).
+        // SAFETY: both are 16-byte fields, the header's 2-byte aligned.
+        unsafe {
+            copy_addr(&raw mut key.saddr, &raw const ip.saddr);
+            copy_addr(&raw mut key.daddr, &raw const ip.daddr);
         }
+        key
     }
 
     /// The reply key (backend → client) of the NAT flow whose forward key
