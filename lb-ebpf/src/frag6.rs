@@ -37,7 +37,7 @@ use crate::{
     flows6,
     mem::header,
     parse::{Found, Fragment},
-    stage::STAGES,
+    stage::tail_call,
 };
 
 /// Where a fragment header right after the fixed header sits.
@@ -85,7 +85,7 @@ pub(crate) fn record_first(ctx: &XdpContext, ip: *const Ipv6Hdr) -> bool {
     {
         // SAFETY: bounds-checked by `header`.
         let ports = unsafe { *ports };
-        let key = flow_key(hdr, next, &ports);
+        let key = FlowKey6::of(hdr, next, &ports);
         if V6::is_vip(key.daddr) || flows6::from_nat_backend(&key) {
             let _ = FRAGS6.insert(&datagram(hdr, next, fragment.id), &ports, 0);
         }
@@ -97,8 +97,7 @@ pub(crate) fn record_first(ctx: &XdpContext, ip: *const Ipv6Hdr) -> bool {
 /// Tail-calls `lb_v6` (returns only if that failed).
 #[inline(always)]
 fn back_to_v6(ctx: &XdpContext) {
-    // SAFETY: a tail call.
-    let _ = unsafe { STAGES.tail_call(ctx, STAGE_V6) };
+    tail_call::<STAGE_V6>(ctx);
 }
 
 #[inline(always)]
@@ -132,21 +131,7 @@ pub(crate) fn later_fragment(
     }
     // SAFETY: a FRAGS6 value, copied out at once.
     let ports = *unsafe { FRAGS6.get(&datagram(hdr, next, fragment.id)) }?;
-    found(eth, ip, flow_key(hdr, next, &ports), Fragment { ports })
-}
-
-/// The flow key of a fragmented datagram's packets, as they arrive.
-#[inline(always)]
-fn flow_key(hdr: &Ipv6Hdr, next: u8, ports: &L4Ports) -> FlowKey6 {
-    FlowKey6 {
-        saddr: hdr.saddr,
-        daddr: hdr.daddr,
-        sport: ports.source,
-        dport: ports.dest,
-        protocol: next,
-        _pad0: 0,
-        _pad1: 0,
-    }
+    found(eth, ip, FlowKey6::of(hdr, next, &ports), Fragment { ports })
 }
 
 /// In `lb`: does a fragment header follow the fixed header (for

@@ -41,7 +41,7 @@ use crate::{
     family::found,
     mem::{copy_mac, header, store_in_frame},
     parse::{Found, Quote},
-    stage::STAGES,
+    stage::tail_call,
     verdict::{Outcome, drop},
 };
 
@@ -137,7 +137,7 @@ pub(crate) fn ask_too_big(ctx: &XdpContext, mtu: u16) -> Outcome {
         // SAFETY: this CPU's slot; the tail call runs on this CPU at once.
         unsafe {
             *slot = mtu as u32 | TOO_BIG_ASKED;
-            let _ = STAGES.tail_call(ctx, STAGE_V6_PORTLESS);
+            tail_call::<STAGE_V6_PORTLESS>(ctx);
             *slot = 0;
         }
     }

@@ -30,6 +30,9 @@
 // The bpf target has no RMW atomics in core::sync; the intrinsic lowers to
 // BPF_ATOMIC | BPF_FETCH (needs -Ctarget-cpu=v3, set by xtask).
 #![feature(core_intrinsics)]
+// `stage::tail_call`: a tail call with its slot an immediate (inline asm;
+// aya-ebpf enables the same feature for its own helpers).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod capture;

@@ -18,6 +18,7 @@
 //! did, the packet is dropped and counted (`DropNoStage`).
 
 use aya_ebpf::{
+    EbpfContext,
     macros::map,
     maps::{PerCpuArray, ProgramArray},
     programs::XdpContext,
@@ -34,6 +35,37 @@ use crate::{
 /// Written by the agent at load (the programs the object has).
 #[map]
 pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(8, 0);
+
+/// Tail-calls `STAGES[SLOT]`, the slot an immediate at the call site (as
+/// libbpf's `bpf_tail_call_static`); returns only if the slot is empty.
+///
+/// Why not `STAGES.tail_call(ctx, slot)`: LLVM merges two such calls with
+/// different slots into one whose key register is set on each path (`lb`'s
+/// IPv6 dispatch was one), the verifier then sees a key that is not one
+/// constant, and the JIT emits an indirect jump, which this kernel's
+/// retpolines make dear: a fifth of `lb_v6`'s samples were on the jump's
+/// landing (`lb bench --profile-lb --profile-v6`, perf, per JIT offset).
+/// With one constant per call site the JIT emits a direct jump, patched
+/// when the agent writes the slot.
+#[inline(always)]
+pub(crate) fn tail_call<const SLOT: u32>(ctx: &XdpContext) {
+    // SAFETY: helper 12 (bpf_tail_call) with the context, the program
+    // array and the slot, as the helper's binding would pass them; it
+    // returns only on failure, and clobbers r0–r5 as any helper call.
+    unsafe {
+        core::arch::asm!(
+            "r3 = {slot}",
+            "call 12",
+            slot = const SLOT,
+            inlateout("r1") ctx.as_ptr() => _,
+            inlateout("r2") (&raw const STAGES).cast::<core::ffi::c_void>() => _,
+            lateout("r0") _,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+        );
+    }
+}
 
 /// [`Carry::proxy`]: what the PROXY stage is asked to do with the packet.
 /// `lb` (an established PROXY flow's packet, or `lb_setup` for a flow it
@@ -71,8 +103,8 @@ pub(crate) fn to_setup(ctx: &XdpContext, key: &FlowKey, to_vip: bool, now: u32) 
         (*carry).to_vip = to_vip as u32;
         (*carry).now = now;
         (*carry).proxy = PROXY_ESTABLISHED;
-        STAGES.tail_call(ctx, STAGE_SETUP);
     }
+    tail_call::<STAGE_SETUP>(ctx);
     drop(Verdict::DropNoStage)
 }
 
@@ -87,8 +119,8 @@ pub(crate) fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
     // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
     unsafe {
         (*carry).proxy = errand;
-        STAGES.tail_call(ctx, STAGE_PROXY);
     }
+    tail_call::<STAGE_PROXY>(ctx);
     drop(Verdict::DropNoStage)
 }
 
@@ -102,8 +134,8 @@ pub(crate) fn back_to_setup(ctx: &XdpContext) -> Outcome {
     // SAFETY: as in `to_proxy`.
     unsafe {
         (*carry).proxy = PROXY_DONE;
-        STAGES.tail_call(ctx, STAGE_SETUP);
     }
+    tail_call::<STAGE_SETUP>(ctx);
     drop(Verdict::DropNoStage)
 }
 

@@ -56,7 +56,7 @@ use crate::{
     mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote},
     parse6, schedule,
-    stage::STAGES,
+    stage::tail_call,
     verdict::{Outcome, drop, pass},
 };
 
@@ -105,13 +105,13 @@ pub(crate) static CARRY6: PerCpuArray<Carry6> = PerCpuArray::with_max_entries(1,
 /// frame is the kernel's.
 #[inline(always)]
 pub(crate) fn to_v6(ctx: &XdpContext) -> Outcome {
-    let stage = if frag6::is_fragment(ctx) || icmp6::is_error(ctx) {
-        STAGE_V6_PORTLESS
+    // Two call sites, each with its slot a constant (`stage::tail_call`):
+    // the JIT's direct jump, not a retpolined indirect one.
+    if frag6::is_fragment(ctx) || icmp6::is_error(ctx) {
+        tail_call::<STAGE_V6_PORTLESS>(ctx);
     } else {
-        STAGE_V6
-    };
-    // SAFETY: a tail call; returns only if the entry is empty.
-    let _ = unsafe { STAGES.tail_call(ctx, stage) };
+        tail_call::<STAGE_V6>(ctx);
+    }
     pass(Verdict::PassNotOurs)
 }
 
@@ -310,8 +310,8 @@ impl PathFamily for V6 {
             write_words(&raw mut (*carry).key, key);
             (*carry).to_vip = to_vip as u32;
             (*carry).now = now;
-            let _ = STAGES.tail_call(ctx, STAGE_V6_SETUP);
         }
+        tail_call::<STAGE_V6_SETUP>(ctx);
         drop(Verdict::DropNoStage)
     }
 
