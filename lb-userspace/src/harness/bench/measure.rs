@@ -464,6 +464,13 @@ pub(super) struct ProfileLoad {
 /// config, IPv6 on the dual-stack one of its IPv6 rows (so `lb` reaches
 /// `lb_v6` by its tail call, as deployed).
 pub(super) fn profile_lb(secs: f64, load: ProfileLoad) -> anyhow::Result<()> {
+    // BPF_PROG_TEST_RUN repeats a run on the frame as the last one left
+    // it: NAT's rewrite would make the repeats packets to the backend.
+    ensure!(
+        load.mode == Forwarding::Dsr || load.new_flows || load.one_call,
+        "NAT rewrites the frame in place, so repeats of one frame are not one flow's packets: \
+         profile NAT's established flow with --profile-one-call"
+    );
     let lbin = xdp::ifindex("lbin")?;
     let v6 = load.family == Family::V6;
     let sizes = if load.new_flows || v6 {
@@ -529,7 +536,7 @@ pub(super) fn profile_lb(secs: f64, load: ProfileLoad) -> anyhow::Result<()> {
         },
         load.family,
         load.mode.name(),
-        if load.one_call {
+        if load.one_call || load.new_flows {
             "one packet per call"
         } else {
             "repeat=1000000"

@@ -101,7 +101,9 @@ pub struct BenchArgs {
     /// dual-stack config of the cost section's IPv6 rows)
     #[arg(long, conflicts_with_all = ["profile_flows", "profile_full_nat"])]
     pub profile_v6: bool,
-    /// With --profile-lb: NAT (NAT66 with --profile-v6) instead of DSR
+    /// With --profile-lb: NAT (NAT66 with --profile-v6) instead of DSR (its
+    /// established flow with --profile-one-call only: NAT rewrites the
+    /// frame a repeat runs on again)
     #[arg(long, conflicts_with_all = ["profile_flows", "profile_full_nat"])]
     pub profile_nat: bool,
     /// With --profile-lb: one packet per call (repeat=1, as the paired
