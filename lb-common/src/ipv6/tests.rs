@@ -595,3 +595,37 @@ fn pseudo_sum_is_the_pseudo_headers() {
     ));
     assert_eq!(got, want);
 }
+
+proptest! {
+    /// `copy_addr` (the flow key's copy of the packet's addresses, a
+    /// half-word pair per word) gives the address's bytes in memory order,
+    /// from a header 14 bytes into a frame as XDP sees it (2-byte aligned
+    /// only), whatever the bytes.
+    #[test]
+    fn the_flow_key_holds_the_headers_addresses_byte_for_byte(
+        source in any::<[u8; 16]>(),
+        destination in any::<[u8; 16]>(),
+        ports in any::<[u16; 2]>(),
+    ) {
+        // u16 storage: the frame's start is at least 2-byte aligned.
+        let mut frame = [0u16; (EthHdr::LEN + Ipv6Hdr::LEN) / 2];
+        // SAFETY: 54 bytes of plain storage viewed as bytes.
+        let bytes = unsafe {
+            core::slice::from_raw_parts_mut(frame.as_mut_ptr().cast::<u8>(), EthHdr::LEN + Ipv6Hdr::LEN)
+        };
+        let mut fixed = header(6, 20);
+        fixed[8..24].copy_from_slice(&source);
+        fixed[24..40].copy_from_slice(&destination);
+        bytes[EthHdr::LEN..].copy_from_slice(&fixed);
+        // SAFETY: a whole header, 2-byte aligned (offset 14 of u16 storage).
+        let ip = unsafe { &*bytes.as_ptr().add(EthHdr::LEN).cast::<Ipv6Hdr>() };
+        let l4 = L4Ports { source: ports[0], dest: ports[1] };
+        let key = crate::maps6::FlowKey6::of(ip, 6, &l4);
+        let as_bytes = |a: Addr6| a.iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>();
+        prop_assert_eq!(as_bytes(key.saddr), source.to_vec());
+        prop_assert_eq!(as_bytes(key.daddr), destination.to_vec());
+        prop_assert_eq!((key.sport, key.dport, key.protocol), (ports[0], ports[1], 6));
+        prop_assert_eq!(key.saddr, { ip.saddr });
+        prop_assert_eq!(key.daddr, { ip.daddr });
+    }
+}
