@@ -498,7 +498,13 @@ pub(super) fn profile_lb(secs: f64, load: ProfileLoad) -> anyhow::Result<()> {
     let one = load.family.established_frame()?;
     // A UDP flow's second datagram establishes it.
     for _ in 0..2 {
-        ns_per_packet(dp.program()?, &[one.clone()], lbin, 1, Some(XDP_REDIRECT))?;
+        ns_per_packet(
+            dp.program()?,
+            std::slice::from_ref(&one),
+            lbin,
+            1,
+            Some(XDP_REDIRECT),
+        )?;
     }
     let (est, repeat) = if load.one_call {
         (vec![one; 2_000], 1)
