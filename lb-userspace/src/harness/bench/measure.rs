@@ -998,7 +998,7 @@ fn full_nat_rows(
         .map(|mode| plane_with_a_flow(&cost_config(mode)?, est, lbin))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rounds = reps.max(1) * FULL_NAT_ROUNDS_PER_REP;
-    let new_calls = new_flows_per_round(est_calls.len(), rounds)?;
+    let new_calls = new_flows_per_round(est_calls.len(), rounds, 1)?;
     // Cases: (plane, new flows?), NAT's and full NAT's of each kind.
     let cases: Vec<(usize, bool)> = [false, true]
         .into_iter()
@@ -1207,7 +1207,8 @@ pub(super) fn family_rows(ebpf: &mut Ebpf, quick: bool, reps: usize) -> anyhow::
     let lbin = xdp::ifindex("lbin")?;
     let calls = if quick { 2_000 } else { 20_000 };
     let rounds = reps.max(1) * FAMILY_ROUNDS_PER_REP;
-    let new_calls = new_flows_per_round(calls, rounds)?;
+    // NAT66's flows take two `HALF_OPEN6` entries each.
+    let new_calls = new_flows_per_round(calls, rounds, 2)?;
     let tables = TableSizes {
         conntrack: DEFAULT_CONNTRACK_SIZE,
         half_open: DEFAULT_HALF_OPEN_SIZE,
@@ -1335,13 +1336,20 @@ pub(super) fn per_round_ratios(numerator: &[f64], denominator: &[f64]) -> Vec<f6
         .collect()
 }
 
-/// New flows per program per round in [`family_rows`]: `calls`, or fewer
+/// New flows per program per round in the paired rounds: `calls`, or fewer
 /// so that every round's new flows together fill at most half of the
-/// default half-open table (IPv4's and IPv6's are both that size): a new
-/// flow then meets a table that has room, in the last round as in the
-/// first, in both families.
-pub(super) fn new_flows_per_round(calls: usize, rounds: usize) -> anyhow::Result<usize> {
-    let room = DEFAULT_HALF_OPEN_SIZE as usize / 2 / rounds.max(1);
+/// default half-open table (IPv4's and IPv6's are both that size) when
+/// each takes `entries_per_flow` entries: a new flow then meets a table
+/// that has room, in the last round as in the first, in both families. A
+/// NAT66 flow takes two (`HALF_OPEN6` holds its forward and reply keys;
+/// IPv4's slot holds both directions): counted as one, the last rounds'
+/// NAT66 flows met a full LRU, each insert an eviction.
+pub(super) fn new_flows_per_round(
+    calls: usize,
+    rounds: usize,
+    entries_per_flow: usize,
+) -> anyhow::Result<usize> {
+    let room = DEFAULT_HALF_OPEN_SIZE as usize / 2 / rounds.max(1) / entries_per_flow.max(1);
     let n = calls.min(room).min(NEW_FLOWS_PER_BATCH);
     ensure!(
         n >= 100,

@@ -484,7 +484,7 @@ fn family_section(s: &mut String, f: &FamilyCost) {
     let _ = writeln!(s, "\n## IPv6 next to IPv4 (BPF_PROG_TEST_RUN, paired)\n");
     let _ = writeln!(
         s,
-        "`lb` on a dual-stack config (the UDP service and its IPv6 twin in one data plane, 100 backends each, the product's default table sizes: IPv4's set-associative tables, IPv6's kernel hash tables). Each of {} rounds measures, for each mode and family, the established flow ({} calls of one frame, repeat=1) and {} new flows (each call the first datagram of a flow no round sent before), and `xdp_pass`, in an order rotating round by round, on one CPU. IPv6 / IPv4 is taken within each round; the table gives medians over the rounds (min–max).\n",
+        "`lb` on a dual-stack config (the UDP service and its IPv6 twin in one data plane, 100 backends each, the product's default table sizes: IPv4's set-associative tables, IPv6's kernel hash tables). Each of {} rounds measures, for each mode and family, the established flow ({} calls of one frame, repeat=1) and {} new flows (each call the first datagram of a flow no round sent before; all rounds' together fill at most half of IPv6's half-open table, where a NAT66 flow takes two entries), and `xdp_pass`, in an order rotating round by round, on one CPU. IPv6 / IPv4 is taken within each round; the table gives medians over the rounds (min–max).\n",
         f.rounds, f.calls, f.new_calls
     );
     let _ = writeln!(

@@ -859,13 +859,23 @@ fn ipv6_cost_targets_are_judged_on_the_ratios_within_each_round() {
 fn new_flows_per_round_keep_the_half_open_table_half_empty() {
     let half = lb_common::DEFAULT_HALF_OPEN_SIZE as usize / 2;
     for (calls, rounds) in [(2000, 21), (20_000, 21), (2000, 7), (500, 35)] {
-        let n = new_flows_per_round(calls, rounds).expect("fits");
-        assert!(n <= calls && n * rounds <= half, "{n} × {rounds}");
-        assert!(n >= 100);
+        for entries in [1, 2] {
+            let n = new_flows_per_round(calls, rounds, entries).expect("fits");
+            assert!(
+                n <= calls && n * rounds * entries <= half,
+                "{n} × {rounds} × {entries}"
+            );
+            assert!(n >= 100);
+        }
     }
-    assert_eq!(new_flows_per_round(2000, 7).expect("fits"), 2000);
-    assert_eq!(new_flows_per_round(20_000, 21).expect("fits"), half / 21);
-    assert!(new_flows_per_round(2000, 400).is_err());
+    assert_eq!(new_flows_per_round(2000, 7, 1).expect("fits"), 2000);
+    assert_eq!(new_flows_per_round(20_000, 21, 1).expect("fits"), half / 21);
+    // NAT66: two entries a flow, so half as many flows.
+    assert_eq!(
+        new_flows_per_round(20_000, 21, 2).expect("fits"),
+        half / 21 / 2
+    );
+    assert!(new_flows_per_round(2000, 400, 1).is_err());
     assert_eq!(
         per_round_ratios(&[110.0, 90.0], &[100.0, 100.0, 5.0]),
         [1.1, 0.9]
