@@ -99,8 +99,8 @@ impl FlowKey6 {
             protocol,
             ..FlowKey6::EMPTY
         };
-        // Copied a half-word at a time from the packed header
-        // (`copy_addr`: no call).
+        // Copied word by word from the packed header (`copy_addr`: no
+        // call).
         // SAFETY: both are 16-byte fields, the header's 2-byte aligned.
         unsafe {
             copy_addr(&raw mut key.saddr, &raw const ip.saddr);
