@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use lb_userspace::{
     config::Forwarding,
     control::{self, Request, Status, VipChange},
@@ -41,6 +41,19 @@ pub const HELD: usize = 12;
 
 /// A multi-LB lab with an agent on each LB. Agents stop before the lab
 /// goes (field order).
+/// A failed step's error with the agents' logs added after its cause: CI
+/// shows the head of a long failure, and a cause printed below hundreds of
+/// log lines (as `.with_agent_logs(&ha)` did) was cut from it.
+pub trait WithAgentLogs<T> {
+    fn with_agent_logs(self, ha: &Ha) -> Result<T>;
+}
+
+impl<T> WithAgentLogs<T> for Result<T> {
+    fn with_agent_logs(self, ha: &Ha) -> Result<T> {
+        self.map_err(|e| anyhow!("{e:#}\n\nthe agents' logs:\n{}", ha.logs()))
+    }
+}
+
 pub struct Ha {
     pub agents: Vec<Option<AgentProcess>>,
     pub lab: Lab,
@@ -94,13 +107,13 @@ impl Ha {
             let took = ha
                 .lab
                 .wait_for_route_to(vip, &want, ROUTE_UP)
-                .context(ha.logs())?;
+                .with_agent_logs(&ha)?;
             println!("route to {vip} via {want:?} after {took:?}");
         }
         // A standby's route is not in the kernel: its session must be up
         // too before a test fails the primary.
         for n in 1..=2 {
-            ha.wait_for_session(n).context(ha.logs())?;
+            ha.wait_for_session(n).with_agent_logs(&ha)?;
         }
         Ok(ha)
     }

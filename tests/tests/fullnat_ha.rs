@@ -43,7 +43,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use aya::maps::MapData;
 use lb_common::FnatClaim;
-use lb_tests::multi_lb::{ConnLog, HELD, Ha, Held, ROUTE_FAILOVER};
+use lb_tests::multi_lb::{ConnLog, HELD, Ha, Held, ROUTE_FAILOVER, WithAgentLogs};
 use lb_userspace::{
     config::Forwarding,
     harness::{
@@ -448,7 +448,7 @@ fn fail_lb1_under_load(ha: &Ha) -> Result<()> {
     let attempts = stream
         .join()
         .map_err(|_| anyhow::anyhow!("the new-connection thread panicked"))??;
-    converged.context(ha.logs())?;
+    converged.with_agent_logs(ha)?;
     let new = new_connections(&attempts, cut, &client_ports(&ha.lab, 1)?);
     let diag = diagnostics(ha);
     let on_both: Vec<&u16> = ports[0].intersection(&ports[1]).collect();

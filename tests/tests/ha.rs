@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
     chromium, dom_attr, lb_bin,
-    multi_lb::{HELD, Ha, Held, ROUTE_FAILOVER, ROUTE_UP, fail_lb1},
+    multi_lb::{HELD, Ha, Held, ROUTE_FAILOVER, ROUTE_UP, WithAgentLogs, fail_lb1},
     unique_prefix,
 };
 use lb_userspace::{
@@ -106,7 +106,7 @@ fn ecmp_spreads_new_connections_and_a_restarted_agent_keeps_the_route() -> Resul
 fn consistent_hash_dsr_flows_survive_the_loss_of_an_lb() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let ha = Ha::up(Forwarding::Dsr, CONSISTENT, [0, 0])?;
-    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    let f = fail_lb1(&ha, &[2]).with_agent_logs(&ha)?;
     f.report("maglev, DSR, lb1 cut off");
     assert!(
         f.lb1_packets_before > 0,
@@ -126,7 +126,7 @@ fn consistent_hash_dsr_flows_survive_the_loss_of_an_lb() -> Result<()> {
 fn round_robin_flows_moved_to_the_other_lb_break() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let ha = Ha::up(Forwarding::Dsr, "round-robin", [0, 0])?;
-    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    let f = fail_lb1(&ha, &[2]).with_agent_logs(&ha)?;
     f.report("round-robin, DSR, lb1 cut off");
     // Flows that stayed on lb2 are untouched; those that crossed lb1 miss
     // lb2's connection table and are scheduled afresh: most land on
@@ -243,7 +243,7 @@ fn active_passive_backup_takes_over_when_the_primary_fails() -> Result<()> {
     assert!(ha.packets(1)? > 0);
     assert_eq!(ha.packets(2)?, 0, "the backup carried traffic");
 
-    let f = fail_lb1(&ha, &[2]).context(ha.logs())?;
+    let f = fail_lb1(&ha, &[2]).with_agent_logs(&ha)?;
     f.report("active-passive (MED 0 / 100), maglev, DSR, primary cut off");
     assert_eq!(f.broken(), 0, "{f:#?}");
     assert!(f.new_failed.is_empty(), "{f:#?}");

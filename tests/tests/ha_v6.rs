@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::multi_lb::{Failover, Ha, fail_lb1_to};
+use lb_tests::multi_lb::{Failover, Ha, WithAgentLogs, fail_lb1_to};
 use lb_userspace::{
     config::Forwarding,
     harness::{
@@ -83,7 +83,7 @@ fn spread_then_fail_lb1(ha: &Ha, what: &str) -> Result<Failover> {
         p1 > 0 && p2 > 0,
         "ECMP must use both LBs over IPv6: lb1 {p1}, lb2 {p2}"
     );
-    let f = fail_lb1_to(ha, &[2], vip6_http()).context(ha.logs())?;
+    let f = fail_lb1_to(ha, &[2], vip6_http()).with_agent_logs(ha)?;
     f.report(what);
     ensure!(
         f.lb1_packets_before > 0,
