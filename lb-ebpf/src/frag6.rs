@@ -28,7 +28,7 @@ use lb_common::{
     FRAG_TABLE_SIZE,
     family::V6,
     headers::{EthHdr, L4Ports},
-    ipv6::{Fragment6, Ipv6Hdr, NEXTHDR_FRAGMENT, Step, carries_ports, step},
+    ipv6::{Fragment6, Ipv6Hdr, NEXTHDR_FRAGMENT, Step, carries_ports, copy_addr, step},
     maps6::{FlowKey6, FragKey6, STAGE_V6},
 };
 
@@ -102,14 +102,22 @@ fn back_to_v6(ctx: &XdpContext) {
 
 #[inline(always)]
 fn datagram(hdr: &Ipv6Hdr, next: u8, id: u32) -> FragKey6 {
-    FragKey6 {
-        saddr: hdr.saddr,
-        daddr: hdr.daddr,
+    let mut key = FragKey6 {
+        saddr: [0; 4],
+        daddr: [0; 4],
         id,
         protocol: next,
         _pad0: 0,
         _pad1: 0,
+    };
+    // Word by word (`copy_addr`): a by-value copy of the packed header's
+    // addresses compiles to a call of an out-of-line byte-wise memmove.
+    // SAFETY: both are 16-byte fields, the header's 2-byte aligned.
+    unsafe {
+        copy_addr(&raw mut key.saddr, &raw const hdr.saddr);
+        copy_addr(&raw mut key.daddr, &raw const hdr.daddr);
     }
+    key
 }
 
 /// A fragment after the first: its flow, if its first fragment was

@@ -19,7 +19,7 @@ use lb_common::{
     ServiceKey, TRACE_NO_SERVICE, TRACE_RING_BYTES, TraceConf, TraceEvent, Verdict,
     family::{V4, V6},
     headers::{EthHdr, L4Ports},
-    ipv6::{ETH_P_IPV6_RAW, Ipv6Hdr, carries_ports},
+    ipv6::{ETH_P_IPV6_RAW, Ipv6Hdr, carries_ports, copy_addr},
     maps6::{ServiceKey6, TraceEvent6},
 };
 
@@ -141,10 +141,12 @@ impl Traced for V6 {
             if ether_type == ETH_P_IPV6_RAW
                 && let Some(ip) = header::<Ipv6Hdr>(ctx, EthHdr::LEN)
             {
-                // SAFETY: bounds-checked by `header`; `ev` as above.
+                // SAFETY: bounds-checked by `header`; `ev` as above. The
+                // addresses word by word (`copy_addr`: no out-of-line
+                // memmove).
                 let protocol = unsafe {
-                    (&raw mut (*ev).saddr).write((*ip).saddr);
-                    (&raw mut (*ev).daddr).write((*ip).daddr);
+                    copy_addr(&raw mut (*ev).saddr, &raw const (*ip).saddr);
+                    copy_addr(&raw mut (*ev).daddr, &raw const (*ip).daddr);
                     (&raw mut (*ev).protocol).write((*ip).next_header);
                     (*ip).next_header
                 };
