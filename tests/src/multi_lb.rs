@@ -39,11 +39,9 @@ pub const ROUTE_FAILOVER: Duration = Duration::from_secs(5);
 /// Keep-alive connections held across a failover.
 pub const HELD: usize = 12;
 
-/// A multi-LB lab with an agent on each LB. Agents stop before the lab
-/// goes (field order).
 /// A failed step's error with the agents' logs added after its cause: CI
 /// shows the head of a long failure, and a cause printed below hundreds of
-/// log lines (as `.with_agent_logs(&ha)` did) was cut from it.
+/// log lines (as `.context(ha.logs())` did) was cut from it.
 pub trait WithAgentLogs<T> {
     fn with_agent_logs(self, ha: &Ha) -> Result<T>;
 }
@@ -54,6 +52,8 @@ impl<T> WithAgentLogs<T> for Result<T> {
     }
 }
 
+/// A multi-LB lab with an agent on each LB. Agents stop before the lab
+/// goes (field order).
 pub struct Ha {
     pub agents: Vec<Option<AgentProcess>>,
     pub lab: Lab,
