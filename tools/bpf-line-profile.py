@@ -54,6 +54,10 @@ def prog_info(fd, info):
 
 
 def main():
+    if len(sys.argv) < 4 or not sys.argv[1].isdigit():
+        # A missing id (e.g. `bpftool prog show | grep` found no program)
+        # gets the usage, not a traceback.
+        sys.exit(__doc__)
     prog_id = int(sys.argv[1])
     top = int(sys.argv[4]) if len(sys.argv) > 4 else 40
     fd = bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("III", prog_id, 0, 0) + b"\0" * 116)
