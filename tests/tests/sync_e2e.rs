@@ -602,6 +602,10 @@ fn capture_udp(
             dev,
             "--immediate-mode",
             "-U",
+            // A 64 MiB ring: the default 2 MiB holds a few dozen frames on a
+            // veth (see capture.rs), and a dropped frame is a missing record.
+            "-B",
+            "65536",
             "-Z",
             "root",
             "-s",
