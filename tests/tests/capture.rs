@@ -22,13 +22,13 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use etherparse::{LaxSlicedPacket, NetSlice, SlicedPacket, TransportSlice};
 use lb_common::capture::{CAPTURE_FORWARDED, CAPTURE_NOT_FORWARDED, CaptureConf};
-use lb_tests::{in_each_mode, lb_bin, unique_prefix};
+use lb_tests::{in_each_mode, lb_bin, tcpdump_command, unique_prefix};
 use lb_userspace::{
     capture::Capturer,
     config::Forwarding,
     harness::{
         lab::{CLIENT_FRONT, Lab, VIP, http_get, vip_http, web_addr},
-        netns::{in_netns, ns_command},
+        netns::in_netns,
     },
 };
 
@@ -160,33 +160,7 @@ fn capture_shows_what_the_backend_received_in_nat_and_dsr() -> Result<()> {
             let backend_pcap = dir.join(format!("web1-{name}-{attempt}.pcap"));
             let lb_pcap = dir.join(format!("lb-{name}-{attempt}.pcap"));
             let tcpdump = start_and_wait(
-                ns_command(
-                    &lab.web_ns(1),
-                    &[
-                        "tcpdump",
-                        "-i",
-                        "eth0",
-                        // Each packet as it comes (no buffering in the kernel's
-                        // ring or the file), as root (the file is the lab's).
-                        "--immediate-mode",
-                        "-U",
-                        // A 64 MiB ring. libpcap sizes each slot for a 64 KiB
-                        // packet when the device offloads (a veth does), so
-                        // the default 2 MiB holds a few dozen frames at most,
-                        // about one exchange: on a busy machine the kernel
-                        // dropped frames ("1 packet dropped by kernel" in 4
-                        // of 6 captures under load, none in 10 with this).
-                        "-B",
-                        "65536",
-                        "-Z",
-                        "root",
-                        "-s",
-                        "0",
-                        "-w",
-                        &backend_pcap.display().to_string(),
-                        "tcp port 80",
-                    ],
-                ),
+                tcpdump_command(&lab.web_ns(1), "eth0", &backend_pcap, "tcp port 80"),
                 "listening on",
             )?;
             let mut cmd = Command::new(lb_bin());

@@ -33,7 +33,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::multi_lb::{ConnLog, Ha, Held, MOVED_GAP, ROUTE_FAILOVER, ROUTE_UP, WithAgentLogs};
+use lb_tests::{
+    multi_lb::{ConnLog, Ha, Held, MOVED_GAP, ROUTE_FAILOVER, ROUTE_UP, WithAgentLogs},
+    tcpdump_command,
+};
 use lb_userspace::{
     config::Forwarding,
     control::{self, Request, VipChange},
@@ -590,30 +593,7 @@ fn capture_udp(
     let dir = std::env::temp_dir().join(format!("lb-sync-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(format!("{ns}.pcap"));
-    let mut child = Command::new("ip")
-        // Each packet as it comes (no buffering in the kernel's ring or the
-        // file), as root (the file is ours).
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "tcpdump",
-            "-i",
-            dev,
-            "--immediate-mode",
-            "-U",
-            // A 64 MiB ring: the default 2 MiB holds a few dozen frames on a
-            // veth (see capture.rs), and a dropped frame is a missing record.
-            "-B",
-            "65536",
-            "-Z",
-            "root",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&file)
-        .arg(filter)
+    let mut child = tcpdump_command(ns, dev, &file, filter)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
