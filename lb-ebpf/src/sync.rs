@@ -1,9 +1,10 @@
 //! Flow sync's events (issue 27; lb_common::sync has the layout): one
 //! event when a flow becomes established, one when its established entry
 //! is removed, while `SYNC_ON` says sync is on. Called from the only two
-//! places of `flows` where that happens (`promote`, `remove_flow`), so a
-//! packet of an established flow, a half-open flow and a SYN never send
-//! one. Off, an event costs one array load.
+//! places of `flows` (IPv4) and `flows6` (IPv6) where that happens
+//! (`promote`, `remove_flow`), so a packet of an established flow, a
+//! half-open flow and a SYN never send one. Off, an event costs one array
+//! load. Both families' events share the ring; their lengths differ.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -14,7 +15,8 @@ use aya_ebpf::{
 use lb_common::{
     Flow, FlowKey, MAX_BACKENDS,
     flow::{REPLY, forward_key},
-    sync::{SYNC_EVENT_ENDED, SYNC_EVENT_ESTABLISHED, SYNC_RING_BYTES, SyncConf, SyncEvent},
+    maps6::FlowKey6,
+    sync::{SYNC_EVENT_ENDED, SYNC_EVENT_ESTABLISHED, SYNC_RING_BYTES, SyncConf, SyncEventOf},
 };
 
 /// Sync's switch and lost-event count. Written by the agent.
@@ -40,11 +42,32 @@ pub(crate) fn established(key: &FlowKey, flow: &Flow, reply_seq: u32) {
 /// The established entry `key` (`flow`, either direction) was removed.
 #[inline(always)]
 pub(crate) fn ended(key: &FlowKey, flow: &Flow) {
-    event(key, flow, SYNC_EVENT_ENDED, 0);
+    // A NAT flow's reply entry names its flow by the forward key.
+    let forward = if flow.direction == REPLY {
+        forward_key(key, flow)
+    } else {
+        *key
+    };
+    event(&forward, flow, SYNC_EVENT_ENDED, 0);
 }
 
+/// IPv6's [`established`]: `key` is the flow's forward key.
 #[inline(always)]
-fn event(key: &FlowKey, flow: &Flow, kind: u8, reply_seq: u32) {
+pub(crate) fn established6(key: &FlowKey6, flow: &Flow, reply_seq: u32) {
+    event(key, flow, SYNC_EVENT_ESTABLISHED, reply_seq);
+}
+
+/// IPv6's [`ended`]: `forward` is the flow's forward key (the caller
+/// built it from a reply entry's: `flows6::pair_key`), `flow` the removed
+/// entry (either direction).
+#[inline(always)]
+pub(crate) fn ended6(forward: &FlowKey6, flow: &Flow) {
+    event(forward, flow, SYNC_EVENT_ENDED, 0);
+}
+
+/// One event of the flow whose forward key is `key` (either family's).
+#[inline(always)]
+fn event<K: Copy + 'static>(key: &K, flow: &Flow, kind: u8, reply_seq: u32) {
     let Some(conf) = SYNC_ON.get_ptr_mut(0) else {
         return;
     };
@@ -52,13 +75,7 @@ fn event(key: &FlowKey, flow: &Flow, kind: u8, reply_seq: u32) {
     if unsafe { (*conf).on } == 0 {
         return;
     }
-    // A NAT flow's reply entry names its flow by the forward key.
-    let key = if flow.direction == REPLY {
-        forward_key(key, flow)
-    } else {
-        *key
-    };
-    let Some(mut entry) = SYNC_EVENTS.reserve::<SyncEvent>(0) else {
+    let Some(mut entry) = SYNC_EVENTS.reserve::<SyncEventOf<K>>(0) else {
         // The agent is behind: counted, not retried (the periodic refresh
         // of active flows sends it again).
         // SAFETY: a valid, aligned u64 in an array map value.
@@ -68,16 +85,17 @@ fn event(key: &FlowKey, flow: &Flow, kind: u8, reply_seq: u32) {
         return;
     };
     let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, 8-byte aligned SyncEvent; every
-    // field is written, one store each.
+    // SAFETY: `ev` points at a reserved, 8-byte aligned event; every field
+    // is written, one store each.
     unsafe {
-        (&raw mut (*ev).key).write(key);
+        (&raw mut (*ev).key).write(*key);
         (&raw mut (*ev).backend_id).write(flow.backend_id);
         (&raw mut (*ev).service_id).write(flow.service_id);
         (&raw mut (*ev).seq).write(if flow.direction == REPLY { 0 } else { flow.seq });
         (&raw mut (*ev).reply_seq).write(reply_seq);
         (&raw mut (*ev).kind).write(kind);
         (&raw mut (*ev).flags).write(flow.flags);
+        // IPv4's forward entry holds the VIP, IPv6's 1: non-zero, NAT.
         (&raw mut (*ev).nat).write((flow.vip != 0) as u8);
         (&raw mut (*ev)._pad0).write(0);
         (&raw mut (*ev)._pad1).write(0);

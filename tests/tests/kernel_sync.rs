@@ -12,7 +12,7 @@
 //! throwaway namespace (`lb_tests::kernel_net`). Needs root and BPF;
 //! without them the tests fail loudly.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use lb_common::{
     FLOW_F_SYNCED, FlowKey, Verdict,
@@ -25,7 +25,7 @@ use lb_tests::{
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
     sync::{
-        Applied, Directory, Stats, SyncMaps, apply,
+        Applied, Directory, FlowEvent, Stats, SyncMaps, apply,
         stats::RecordReject,
         wire::{Event, Key, Kind, Record, Sealer},
     },
@@ -76,6 +76,17 @@ fn open(h: &mut Harness, sport: u16, between: &mut dyn FnMut(&mut Harness)) -> u
     web_of(&syn)
 }
 
+/// IPv4's events, every one of them (an IPv6 event fails the test).
+fn v4(events: Vec<FlowEvent>) -> Vec<SyncEvent> {
+    events
+        .into_iter()
+        .map(|e| match e {
+            FlowEvent::V4(e) => e,
+            FlowEvent::V6(e) => panic!("an IPv6 event: {e:?}"),
+        })
+        .collect()
+}
+
 fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
     let mut maps = SyncMaps::of(&h.dp).expect("sync maps");
     maps.switch(on).expect("switch");
@@ -83,20 +94,20 @@ fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
 }
 
 /// The web (index) whose address and port a backend endpoint is.
-fn web_addr(web: usize) -> SocketAddrV4 {
-    SocketAddrV4::new(WEBS[web].into(), WEB_PORT)
+fn web_addr(web: usize) -> SocketAddr {
+    SocketAddrV4::new(WEBS[web].into(), WEB_PORT).into()
 }
 
 /// A peer's record of the client's flow from `sport` to VIP:80 on `backend`.
-fn record(sport: u16, backend: SocketAddrV4) -> Record {
+fn record(sport: u16, backend: impl Into<SocketAddr>) -> Record {
     Record {
         event: Event::Established,
-        client: SocketAddrV4::new(CLIENT.into(), sport),
-        vip: SocketAddrV4::new(VIP.into(), 80),
+        client: SocketAddrV4::new(CLIENT.into(), sport).into(),
+        vip: SocketAddrV4::new(VIP.into(), 80).into(),
         protocol: 6,
         closing: false,
         nat: true,
-        backend,
+        backend: backend.into(),
         age_ms: 0,
         seq: lb_tests::kernel_frames::CLIENT_SEQ,
         reply_seq: WEB_SEQ,
@@ -123,9 +134,9 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
         let mut h = Harness::new(&cfg);
         let mut maps = sync_maps(&h, true);
         let web = open(&mut h, 53000, &mut |_| {
-            assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "half-open: no event");
+            assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "half-open: no event");
         });
-        let events = maps.drain();
+        let events = v4(maps.drain());
         assert_eq!(events.len(), 1, "one event, at promotion: {events:?}");
         let ev = events[0];
         assert_eq!(ev.kind, SYNC_EVENT_ESTABLISHED);
@@ -139,10 +150,10 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
         );
         // Named by address for the peers: the web the SYN went to.
         let dir = maps.directory();
-        let rec = lb_userspace::sync::record_of(&dir, &ev).expect("a record");
+        let rec = lb_userspace::sync::record_of(&dir, &FlowEvent::V4(ev)).expect("a record");
         assert_eq!(rec.backend, web_addr(web));
-        assert_eq!(rec.vip, SocketAddrV4::new(VIP.into(), 80));
-        assert_eq!(rec.client, SocketAddrV4::new(CLIENT.into(), 53000));
+        assert_eq!(rec.vip, SocketAddrV4::new(VIP.into(), 80).into());
+        assert_eq!(rec.client, SocketAddrV4::new(CLIENT.into(), 53000).into());
         // Packets of the established flow, both ways: no event.
         for _ in 0..10 {
             h.expect(
@@ -159,7 +170,7 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
                 Verdict::ForwardedReply,
             );
         }
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "no event per packet");
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "no event per packet");
         // The client's FIN closes it (no event: the entry stays, closing);
         // a SYN on the tuple then ends it and starts a new flow.
         h.expect(
@@ -168,19 +179,19 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new());
         h.expect(
             h.front,
             &Tcp::request(53000, VIP).build(),
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        let events = maps.drain();
+        let events = v4(maps.drain());
         assert_eq!(events.len(), 1, "one event for the end: {events:?}");
         assert_eq!(events[0].kind, SYNC_EVENT_ENDED);
         assert_eq!(events[0].key, client_key(53000));
         // The ended flow's record, for the peers.
-        let rec = lb_userspace::sync::record_of(&dir, &events[0]).expect("a record");
+        let rec = lb_userspace::sync::record_of(&dir, &FlowEvent::V4(events[0])).expect("a record");
         assert_eq!(rec.event, Event::Ended);
     });
 }
@@ -203,7 +214,7 @@ fn a_syn_flood_and_sync_off_send_no_event() {
             );
         }
         assert_eq!(
-            maps.drain(),
+            v4(maps.drain()),
             Vec::<SyncEvent>::new(),
             "a SYN flood is no sync flood"
         );
@@ -211,11 +222,11 @@ fn a_syn_flood_and_sync_off_send_no_event() {
         maps.switch(false).expect("off");
         open(&mut h, 53100, &mut |_| {});
         assert_eq!(entries(&h), 2, "the flow is established");
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "off: no event");
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "off: no event");
         // On again: the next one is.
         maps.switch(true).expect("on");
         open(&mut h, 53101, &mut |_| {});
-        assert_eq!(maps.drain().len(), 1);
+        assert_eq!(v4(maps.drain()).len(), 1);
     });
 }
 
@@ -266,7 +277,7 @@ fn a_synced_flow_forwards_to_its_backend_without_the_scheduler() {
                 .expect("active");
         assert_eq!(active, 2);
         // Synced entries are not sent back to the peers.
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new());
         // A peer's end of the flow closes the synced entry.
         let mut ended = record(53203, web_addr(2));
         ended.event = Event::Ended;
@@ -305,14 +316,14 @@ fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_rep
             Applied::Rejected(RecordReject::UnknownBackend)
         );
         let mut no_service = record(53302, web_addr(0));
-        no_service.vip = SocketAddrV4::new(VIP.into(), 8443);
+        no_service.vip = SocketAddrV4::new(VIP.into(), 8443).into();
         assert_eq!(
             apply(&mut maps, &dir, &no_service, now()).expect("apply"),
             Applied::Rejected(RecordReject::UnknownService)
         );
         // A NAT record for the DSR service's VIP: another service.
         let mut dsr = record(53303, SocketAddrV4::new(WEBS[0].into(), 80));
-        dsr.vip = SocketAddrV4::new(lb_tests::kernel_net::VIP_DSR.into(), 80);
+        dsr.vip = SocketAddrV4::new(lb_tests::kernel_net::VIP_DSR.into(), 80).into();
         assert_eq!(
             apply(&mut maps, &dir, &dsr, now()).expect("apply"),
             Applied::Rejected(RecordReject::UnknownService)
