@@ -134,7 +134,11 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
         let mut h = Harness::new(&cfg);
         let mut maps = sync_maps(&h, true);
         let web = open(&mut h, 53000, &mut |_| {
-            assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "half-open: no event");
+            assert_eq!(
+                v4(maps.drain()),
+                Vec::<SyncEvent>::new(),
+                "half-open: no event"
+            );
         });
         let events = v4(maps.drain());
         assert_eq!(events.len(), 1, "one event, at promotion: {events:?}");
@@ -170,7 +174,11 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
                 Verdict::ForwardedReply,
             );
         }
-        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "no event per packet");
+        assert_eq!(
+            v4(maps.drain()),
+            Vec::<SyncEvent>::new(),
+            "no event per packet"
+        );
         // The client's FIN closes it (no event: the entry stays, closing);
         // a SYN on the tuple then ends it and starts a new flow.
         h.expect(
