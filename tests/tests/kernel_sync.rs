@@ -21,11 +21,12 @@ use lb_common::{
 use lb_tests::{
     kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, from_web, web_of, with_flags},
     kernel_net::{CLIENT, Harness, TestNet, VIP, WEB_PORT, WEBS, lab_config},
+    sync_peers::{KEY, PORT, eventually, start_sync},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
     sync::{
-        Applied, Directory, FlowEvent, Stats, SyncMaps, apply,
+        Applied, Directory, FlowEvent, SyncMaps, apply,
         stats::RecordReject,
         wire::{Event, Key, Kind, Record, Sealer},
     },
@@ -355,32 +356,6 @@ fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_rep
     });
 }
 
-/// A `[sync]` on loopback address `me` with the peers `peers`.
-fn sync_config(me: [u8; 4], peers: &[[u8; 4]]) -> lb_userspace::config::Sync {
-    lb_userspace::config::Sync {
-        listen: SocketAddrV4::new(me.into(), 17890),
-        peers: peers
-            .iter()
-            .map(|p| SocketAddrV4::new((*p).into(), 17890))
-            .collect(),
-        key_file: "/unused/in/this/test".into(),
-        key: lb_userspace::config::Secret::new(KEY.into()),
-        bulk_timeout: std::time::Duration::from_secs(1),
-    }
-}
-
-const KEY: &str = "a key the two LBs of this test share, long enough";
-
-/// Starts `h`'s sync thread on loopback address `me` with the peers
-/// `peers` and waits for its bulk copy: its stats, and whether every peer
-/// answered.
-fn start_sync(h: &Harness, me: [u8; 4], peers: &[[u8; 4]]) -> (Stats, bool) {
-    let (stats, bulk) =
-        lb_userspace::sync::start(&sync_config(me, peers), SyncMaps::of(&h.dp).expect("maps"))
-            .expect("start sync");
-    (stats, bulk.0.blocking_recv().expect("the bulk copy ends"))
-}
-
 /// The entry of the client's flow from `sport`, if `h`'s table has one.
 fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
     h.dp.flow_table()
@@ -400,18 +375,6 @@ fn unix_ms() -> u64 {
             .as_millis(),
     )
     .expect("ms")
-}
-
-/// Waits up to 3 s for `cond`.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -449,13 +412,13 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         assert_eq!(web_of(&out), web);
         let status = b_stats.status();
         let from_a = &status.peers[0];
-        assert_eq!(from_a.peer, "127.0.0.1:17890");
+        assert_eq!(from_a.peer, format!("127.0.0.1:{PORT}"));
         assert!(from_a.flows_received >= 2, "{status:?}");
         assert!(from_a.last_message_age_ms.is_some());
         // Forged, replayed and strangers' messages: counted, no flow.
-        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), 17890))
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), PORT))
             .expect("the stranger's socket");
-        let b_at = SocketAddrV4::new(b_addr.into(), 17890);
+        let b_at = SocketAddrV4::new(b_addr.into(), PORT);
         let sender = u32::from(std::net::Ipv4Addr::from(stranger));
         let mut forger = Sealer::new(Key::new(b"not the key the LBs share, but long"), sender, 1);
         let forged = forger.seal(Kind::Flows, &[record(53402, web_addr(0))], unix_ms());
@@ -560,7 +523,7 @@ fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
         let (old_addr, b_addr) = ([127, 0, 0, 1], [127, 0, 0, 2]);
         let mut b = Harness::new(&cfg);
         // The older peer: a socket on its sync address, sealing with the key.
-        let old_peer = std::net::UdpSocket::bind(SocketAddrV4::new(old_addr.into(), 17890))
+        let old_peer = std::net::UdpSocket::bind(SocketAddrV4::new(old_addr.into(), PORT))
             .expect("the older peer's socket");
         let (b_stats, answered) = start_sync(&b, b_addr, &[old_addr]);
         assert!(!answered, "the test's peer answers no bulk request");
@@ -582,7 +545,7 @@ fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
         let mut sealer = Sealer::new(Key::new(KEY.as_bytes()), sender, 1);
         let msg = sealer.seal(Kind::Flows, &[wrapped, expired], unix_ms());
         old_peer
-            .send_to(&msg, SocketAddrV4::new(b_addr.into(), 17890))
+            .send_to(&msg, SocketAddrV4::new(b_addr.into(), PORT))
             .expect("send");
         eventually("both records taken", || {
             b_stats.status().peers[0].flows_received == 2

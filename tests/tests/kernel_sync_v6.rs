@@ -14,7 +14,7 @@
 //! throwaway dual-stack namespace (`lb_tests::kernel_net`,
 //! `kernel_net6`). Needs root and BPF; without them the tests fail loudly.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 
 use lb_common::{
     FLOW_F_SYNCED, Flow, Verdict,
@@ -28,11 +28,12 @@ use lb_tests::{
         CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6,
         web_of_mac, web_of6, web6,
     },
+    sync_peers::{eventually, start_sync},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
     sync::{
-        Applied, FlowEvent, Stats, SyncMaps, apply, record_of,
+        Applied, FlowEvent, SyncMaps, apply, record_of,
         stats::RecordReject,
         wire::{Event, Record},
     },
@@ -378,45 +379,8 @@ fn a_synced_ipv6_flow_forwards_to_its_backend_and_a_bad_record_creates_nothing()
     });
 }
 
-/// A `[sync]` on loopback address `me` with the peers `peers`.
-fn sync_config(me: [u8; 4], peers: &[[u8; 4]]) -> lb_userspace::config::Sync {
-    lb_userspace::config::Sync {
-        listen: SocketAddrV4::new(me.into(), 17891),
-        peers: peers
-            .iter()
-            .map(|p| SocketAddrV4::new((*p).into(), 17891))
-            .collect(),
-        key_file: "/unused/in/this/test".into(),
-        key: lb_userspace::config::Secret::new(
-            "a key the two LBs of this test share, long enough".into(),
-        ),
-        bulk_timeout: std::time::Duration::from_secs(1),
-    }
-}
-
-/// Starts `h`'s sync thread; its stats and whether every peer answered
-/// its bulk request.
-fn start_sync(h: &Harness, me: [u8; 4], peers: &[[u8; 4]]) -> (Stats, bool) {
-    let (stats, bulk) =
-        lb_userspace::sync::start(&sync_config(me, peers), SyncMaps::of(&h.dp).expect("maps"))
-            .expect("start sync");
-    (stats, bulk.0.blocking_recv().expect("the bulk copy ends"))
-}
-
 fn now() -> u32 {
     lb_userspace::dataplane::sweep::now_ticks()
-}
-
-/// Waits up to 3 s for `cond`.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
 }
 
 /// Two LBs with the same dual-stack config: a NAT66 flow A had before

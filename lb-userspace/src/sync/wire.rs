@@ -554,10 +554,10 @@ mod tests {
         assert_eq!(aged(u32::MAX - 1), RecordAge::Ticks(3_999_999));
     }
 
-    #[test]
-    fn round_trip() {
-        let mut s = Sealer::new(key(), 42, 1000);
-        let records: Vec<Record> = (0..Family::V4.max_records() as u16)
+    /// A message's worth of `family`'s records from `rec`, every field
+    /// varied.
+    fn full_message(family: Family, rec: fn(u16) -> Record) -> Vec<Record> {
+        (0..family.max_records() as u16)
             .map(|i| Record {
                 event: if i % 2 == 0 {
                     Event::Established
@@ -566,9 +566,16 @@ mod tests {
                 },
                 closing: i % 3 == 0,
                 nat: i % 5 == 0,
+                age_ms: u32::from(i) * 1000,
                 ..rec(40_000 + i)
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut s = Sealer::new(key(), 42, 1000);
+        let records = full_message(Family::V4, rec);
         let data = s.seal(Kind::Flows, &records, NOW);
         assert_eq!(data.len(), MAX_MESSAGE);
         let m = open(&key(), &data).expect("opens");
@@ -722,19 +729,7 @@ mod tests {
     #[test]
     fn ipv6_records_round_trip_in_messages_of_their_own() {
         let mut s = Sealer::new(key(), 42, 1000);
-        let records: Vec<Record> = (0..Family::V6.max_records() as u16)
-            .map(|i| Record {
-                event: if i % 2 == 0 {
-                    Event::Established
-                } else {
-                    Event::Ended
-                },
-                closing: i % 3 == 0,
-                nat: i % 5 == 0,
-                age_ms: u32::from(i) * 1000,
-                ..rec6(40_000 + i)
-            })
-            .collect();
+        let records = full_message(Family::V6, rec6);
         let data = s.seal(Kind::Flows, &records, NOW);
         assert_eq!(data.len(), HEADER_LEN + 19 * 72 + TAG_LEN);
         assert!(data.len() <= MAX_MESSAGE);
