@@ -8,12 +8,12 @@
 //! `sync::wire`) and inserts what its peers send into its own table,
 //! marked [`crate::FLOW_F_SYNCED`].
 
-use crate::FlowKey;
+use crate::{FlowKey, maps6::FlowKey6};
 
 /// Bytes of the `SYNC_EVENTS` ring buffer: a power-of-two multiple of the
-/// page size. 256 KiB holds 5461 events (48 bytes with the ring's
-/// header): at 100k new flows a second, the agent's 10 ms drain finds
-/// about a thousand.
+/// page size. 256 KiB holds 5461 IPv4 events (48 bytes with the ring's
+/// header; 3640 IPv6 ones, 72): at 100k new flows a second, the agent's
+/// 10 ms drain finds about a thousand.
 pub const SYNC_RING_BYTES: u32 = 256 * 1024;
 
 /// [`SyncEvent::kind`]: the flow became established (promoted).
@@ -33,14 +33,17 @@ pub struct SyncConf {
     pub lost: u64,
 }
 
-/// One flow event in `SYNC_EVENTS`. Ids are the sender's own: the agent
-/// turns them into addresses (the service's VIP, port and protocol, the
-/// backend's address and port) before anything leaves the host.
+/// One flow event in `SYNC_EVENTS`, of either family: `K` is the flow
+/// key's type ([`SyncEvent`] for IPv4, [`SyncEvent6`] for IPv6). Both go
+/// into the one ring; the record's length (40 or 64 bytes, which the ring
+/// keeps with each record) says which it is. Ids are the sender's own: the
+/// agent turns them into addresses (the service's VIP, port and protocol,
+/// the backend's address and port) before anything leaves the host.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncEvent {
+pub struct SyncEventOf<K> {
     /// The flow's forward key (client → VIP), network order.
-    pub key: FlowKey,
+    pub key: K,
     pub backend_id: u32,
     pub service_id: u32,
     /// The client's highest sequence number (TCP), as the forward entry
@@ -61,12 +64,19 @@ pub struct SyncEvent {
     pub _pad1: u32,
 }
 
+/// An IPv4 flow's event.
+pub type SyncEvent = SyncEventOf<FlowKey>;
+/// An IPv6 flow's event.
+pub type SyncEvent6 = SyncEventOf<FlowKey6>;
+
 const _: () = assert!(core::mem::size_of::<SyncConf>() == 16);
 const _: () = assert!(core::mem::size_of::<SyncEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<SyncEvent6>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), Copy, explicit padding (size asserts above).
     unsafe impl aya::Pod for super::SyncConf {}
     unsafe impl aya::Pod for super::SyncEvent {}
+    unsafe impl aya::Pod for super::SyncEvent6 {}
 }

@@ -283,13 +283,19 @@ pub(crate) fn remove_flow(table: Table, key: &FlowKey6, flow: &Flow) {
         Some(pair) => ESTABLISHED6.remove(pair).is_ok(),
         None => false,
     };
-    // Counted by whoever removed the forward entry.
-    let forward_removed = if direction == REPLY {
-        pair_removed
+    // Counted (and told to the peers) by whoever removed the forward entry.
+    let (forward_removed, forward) = if direction == REPLY {
+        (pair_removed, pair)
     } else {
-        removed
+        (removed, Some(key))
     };
-    if forward_removed && state == STATE_ESTABLISHED {
+    if !forward_removed {
+        return;
+    }
+    if let Some(forward) = forward {
+        crate::sync::ended6(forward, flow);
+    }
+    if state == STATE_ESTABLISHED {
         count_closed(backend_id);
     }
 }
@@ -434,6 +440,7 @@ pub(crate) fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: 
     }
     clear_half_open(key, nat, flow.backend_id);
     count_opened(flow.backend_id);
+    crate::sync::established6(key, flow, ack);
 }
 
 #[inline(always)]

@@ -16,6 +16,7 @@ pub mod lab6;
 pub mod multi_lb;
 pub mod nginx;
 pub mod pmtu;
+pub mod sync_peers;
 
 use std::{
     collections::BTreeMap,

@@ -441,6 +441,18 @@ pub fn fail_lb1(ha: &Ha, survivors: &[usize]) -> Result<Failover> {
 /// [`fail_lb1`] with the connections to `service` (IPv4 or IPv6), and
 /// the route to its VIP waited for.
 pub fn fail_lb1_to(ha: &Ha, survivors: &[usize], service: SocketAddr) -> Result<Failover> {
+    fail_lb1_to_then(ha, survivors, service, |_| Ok(()))
+}
+
+/// [`fail_lb1_to`], with `after_cut` run once lb1's switch port stopped
+/// forwarding (e.g. the rest of the host going: its back leg, the webs'
+/// gateway moved).
+pub fn fail_lb1_to_then(
+    ha: &Ha,
+    survivors: &[usize],
+    service: SocketAddr,
+    after_cut: impl FnOnce(&Ha) -> Result<()>,
+) -> Result<Failover> {
     let held = Held::open_to(&ha.lab, HELD, &[service])?;
     let stop = Arc::new(AtomicBool::new(false));
     let stream = new_connection_stream_to(&ha.lab, service, stop.clone());
@@ -448,6 +460,7 @@ pub fn fail_lb1_to(ha: &Ha, survivors: &[usize], service: SocketAddr) -> Result<
     let lb1_packets_before = ha.packets(1)?;
     let down_at = Instant::now();
     ha.lab.set_lb_reachable(1, false)?;
+    after_cut(ha)?;
     let want: Vec<IpAddr> = survivors
         .iter()
         .map(|n| lb_front_of(*n, service.ip()))

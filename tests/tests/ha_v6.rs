@@ -21,12 +21,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::multi_lb::{Failover, Ha, WithAgentLogs, fail_lb1_to};
+use lb_tests::multi_lb::{Failover, Ha, WithAgentLogs, fail_lb1_to, fail_lb1_to_then};
 use lb_userspace::{
     config::Forwarding,
     harness::{
-        lab::{HA_CLIENT6, VIP, VIP6, ha_service6, http_get, lb_front_addr6, vip6_http},
-        netns::in_netns,
+        lab::{
+            HA_CLIENT6, VIP, VIP6, WEB_NAMES, ha_service6, http_get, lb_back_addr6, lb_front_addr6,
+            vip6_http,
+        },
+        netns::{self, in_netns},
     },
 };
 
@@ -126,6 +129,77 @@ fn ipv6_round_robin_flows_moved_to_the_other_lb_break_and_new_ones_succeed() -> 
     ensure!(
         f.broken() <= f.moved(),
         "flows that stayed on lb2 broke too: {f:#?}"
+    );
+    Ok(())
+}
+
+/// [`up`] with `[sync]` between the two LBs (the lab's key, each listening
+/// on its back address), in `mode`, LB n announcing with MED `meds[n-1]`.
+fn up_synced(mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
+    let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
+    Ha::up_configured(2, mode, meds, &vips, |lab, n, med| {
+        lab.ha_config(n, mode, scheduler, med)
+            + &ha_service6("www6", VIP6, scheduler)
+            + &lab.sync_section(n)
+    })
+}
+
+/// With flow sync, round-robin IPv6 flows that move from a dead LB to the
+/// other keep their backend there: none breaks (without sync, the test
+/// above counts those that do).
+#[test]
+fn synced_ipv6_round_robin_flows_survive_the_loss_of_an_lb() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = up_synced(Forwarding::Dsr, "round-robin", [0, 0])?;
+    let f = spread_then_fail_lb1(&ha, "round-robin, DSR, IPv6, sync, lb1 cut off")?;
+    ensure!(f.broken() == 0, "{f:#?}");
+    ensure!(f.longest_gap() < Duration::from_secs(3), "{f:#?}");
+    Ok(())
+}
+
+/// NAT66 behind two LBs, active-passive (lb2 announces with a higher MED)
+/// with flow sync, lb1 the webs' IPv6 gateway: when lb1 dies (front and
+/// back) and the webs' IPv6 default route moves to lb2 (what the
+/// operator's routing does; here the test moves it), the held NAT66
+/// connections go on through lb2, which had their flows and reply
+/// translations from sync, and new ones succeed.
+#[test]
+fn synced_nat66_flows_survive_the_primary_dying_when_the_gateway_moves() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let ha = up_synced(Forwarding::Nat, "round-robin", [0, 100])?;
+    ha.lab
+        .wait_for_route_to(VIP6, &[lb_front_addr6(1)], Duration::from_secs(5))
+        .context("the router's IPv6 route is not via lb1 alone")?;
+    let standby_before = v6_packets(&ha, 2)?;
+    let f = fail_lb1_to_then(&ha, &[2], vip6_http(), |ha| {
+        // The whole host is gone: its back leg too (it is the webs'
+        // gateway, and would otherwise still take their replies).
+        netns::ns_run(
+            &ha.lab.sw_ns(),
+            &["bridge", "link", "set", "dev", "p-lb1b", "state", "0"],
+        )?;
+        let standby = lb_back_addr6(2).to_string();
+        for w in 1..=WEB_NAMES.len() {
+            netns::ns_run(
+                &ha.lab.web_ns(w),
+                &["ip", "-6", "route", "replace", "default", "via", &standby],
+            )?;
+        }
+        Ok(())
+    })
+    .with_agent_logs(&ha)?;
+    f.report("sync, NAT66 active-passive, primary cut off, gateway moved");
+    let standby_after = v6_packets(&ha, 2)?;
+    ensure!(
+        standby_before == 0 && standby_after > 0,
+        "the standby forwarded {standby_before} IPv6 packets before the primary died, \
+         {standby_after} after"
+    );
+    ensure!(f.lb1_packets_before > 0, "no flow crossed lb1");
+    ensure!(f.broken() == 0, "{f:#?}");
+    ensure!(
+        f.new_failed.is_empty() && f.new_ok > 0,
+        "new IPv6 connections failed: {f:#?}"
     );
     Ok(())
 }

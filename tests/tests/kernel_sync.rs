@@ -12,7 +12,7 @@
 //! throwaway namespace (`lb_tests::kernel_net`). Needs root and BPF;
 //! without them the tests fail loudly.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use lb_common::{
     FLOW_F_SYNCED, FlowKey, Verdict,
@@ -21,11 +21,12 @@ use lb_common::{
 use lb_tests::{
     kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, from_web, web_of, with_flags},
     kernel_net::{CLIENT, Harness, TestNet, VIP, WEB_PORT, WEBS, lab_config},
+    sync_peers::{KEY, PORT, eventually, start_sync},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
     sync::{
-        Applied, Directory, Stats, SyncMaps, apply,
+        Applied, Directory, FlowEvent, SyncMaps, apply,
         stats::RecordReject,
         wire::{Event, Key, Kind, Record, Sealer},
     },
@@ -76,6 +77,17 @@ fn open(h: &mut Harness, sport: u16, between: &mut dyn FnMut(&mut Harness)) -> u
     web_of(&syn)
 }
 
+/// IPv4's events, every one of them (an IPv6 event fails the test).
+fn v4(events: Vec<FlowEvent>) -> Vec<SyncEvent> {
+    events
+        .into_iter()
+        .map(|e| match e {
+            FlowEvent::V4(e) => e,
+            FlowEvent::V6(e) => panic!("an IPv6 event: {e:?}"),
+        })
+        .collect()
+}
+
 fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
     let mut maps = SyncMaps::of(&h.dp).expect("sync maps");
     maps.switch(on).expect("switch");
@@ -83,20 +95,20 @@ fn sync_maps(h: &Harness, on: bool) -> SyncMaps {
 }
 
 /// The web (index) whose address and port a backend endpoint is.
-fn web_addr(web: usize) -> SocketAddrV4 {
-    SocketAddrV4::new(WEBS[web].into(), WEB_PORT)
+fn web_addr(web: usize) -> SocketAddr {
+    SocketAddrV4::new(WEBS[web].into(), WEB_PORT).into()
 }
 
 /// A peer's record of the client's flow from `sport` to VIP:80 on `backend`.
-fn record(sport: u16, backend: SocketAddrV4) -> Record {
+fn record(sport: u16, backend: impl Into<SocketAddr>) -> Record {
     Record {
         event: Event::Established,
-        client: SocketAddrV4::new(CLIENT.into(), sport),
-        vip: SocketAddrV4::new(VIP.into(), 80),
+        client: SocketAddrV4::new(CLIENT.into(), sport).into(),
+        vip: SocketAddrV4::new(VIP.into(), 80).into(),
         protocol: 6,
         closing: false,
         nat: true,
-        backend,
+        backend: backend.into(),
         age_ms: 0,
         seq: lb_tests::kernel_frames::CLIENT_SEQ,
         reply_seq: WEB_SEQ,
@@ -123,9 +135,13 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
         let mut h = Harness::new(&cfg);
         let mut maps = sync_maps(&h, true);
         let web = open(&mut h, 53000, &mut |_| {
-            assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "half-open: no event");
+            assert_eq!(
+                v4(maps.drain()),
+                Vec::<SyncEvent>::new(),
+                "half-open: no event"
+            );
         });
-        let events = maps.drain();
+        let events = v4(maps.drain());
         assert_eq!(events.len(), 1, "one event, at promotion: {events:?}");
         let ev = events[0];
         assert_eq!(ev.kind, SYNC_EVENT_ESTABLISHED);
@@ -139,10 +155,10 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
         );
         // Named by address for the peers: the web the SYN went to.
         let dir = maps.directory();
-        let rec = lb_userspace::sync::record_of(&dir, &ev).expect("a record");
+        let rec = lb_userspace::sync::record_of(&dir, &FlowEvent::V4(ev)).expect("a record");
         assert_eq!(rec.backend, web_addr(web));
-        assert_eq!(rec.vip, SocketAddrV4::new(VIP.into(), 80));
-        assert_eq!(rec.client, SocketAddrV4::new(CLIENT.into(), 53000));
+        assert_eq!(rec.vip, SocketAddrV4::new(VIP.into(), 80).into());
+        assert_eq!(rec.client, SocketAddrV4::new(CLIENT.into(), 53000).into());
         // Packets of the established flow, both ways: no event.
         for _ in 0..10 {
             h.expect(
@@ -159,7 +175,11 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
                 Verdict::ForwardedReply,
             );
         }
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "no event per packet");
+        assert_eq!(
+            v4(maps.drain()),
+            Vec::<SyncEvent>::new(),
+            "no event per packet"
+        );
         // The client's FIN closes it (no event: the entry stays, closing);
         // a SYN on the tuple then ends it and starts a new flow.
         h.expect(
@@ -168,19 +188,19 @@ fn an_established_flow_and_its_end_are_events_and_half_open_flows_are_not() {
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new());
         h.expect(
             h.front,
             &Tcp::request(53000, VIP).build(),
             XDP_REDIRECT,
             Verdict::Forwarded,
         );
-        let events = maps.drain();
+        let events = v4(maps.drain());
         assert_eq!(events.len(), 1, "one event for the end: {events:?}");
         assert_eq!(events[0].kind, SYNC_EVENT_ENDED);
         assert_eq!(events[0].key, client_key(53000));
         // The ended flow's record, for the peers.
-        let rec = lb_userspace::sync::record_of(&dir, &events[0]).expect("a record");
+        let rec = lb_userspace::sync::record_of(&dir, &FlowEvent::V4(events[0])).expect("a record");
         assert_eq!(rec.event, Event::Ended);
     });
 }
@@ -203,7 +223,7 @@ fn a_syn_flood_and_sync_off_send_no_event() {
             );
         }
         assert_eq!(
-            maps.drain(),
+            v4(maps.drain()),
             Vec::<SyncEvent>::new(),
             "a SYN flood is no sync flood"
         );
@@ -211,11 +231,11 @@ fn a_syn_flood_and_sync_off_send_no_event() {
         maps.switch(false).expect("off");
         open(&mut h, 53100, &mut |_| {});
         assert_eq!(entries(&h), 2, "the flow is established");
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new(), "off: no event");
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new(), "off: no event");
         // On again: the next one is.
         maps.switch(true).expect("on");
         open(&mut h, 53101, &mut |_| {});
-        assert_eq!(maps.drain().len(), 1);
+        assert_eq!(v4(maps.drain()).len(), 1);
     });
 }
 
@@ -266,7 +286,7 @@ fn a_synced_flow_forwards_to_its_backend_without_the_scheduler() {
                 .expect("active");
         assert_eq!(active, 2);
         // Synced entries are not sent back to the peers.
-        assert_eq!(maps.drain(), Vec::<SyncEvent>::new());
+        assert_eq!(v4(maps.drain()), Vec::<SyncEvent>::new());
         // A peer's end of the flow closes the synced entry.
         let mut ended = record(53203, web_addr(2));
         ended.event = Event::Ended;
@@ -305,14 +325,14 @@ fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_rep
             Applied::Rejected(RecordReject::UnknownBackend)
         );
         let mut no_service = record(53302, web_addr(0));
-        no_service.vip = SocketAddrV4::new(VIP.into(), 8443);
+        no_service.vip = SocketAddrV4::new(VIP.into(), 8443).into();
         assert_eq!(
             apply(&mut maps, &dir, &no_service, now()).expect("apply"),
             Applied::Rejected(RecordReject::UnknownService)
         );
         // A NAT record for the DSR service's VIP: another service.
         let mut dsr = record(53303, SocketAddrV4::new(WEBS[0].into(), 80));
-        dsr.vip = SocketAddrV4::new(lb_tests::kernel_net::VIP_DSR.into(), 80);
+        dsr.vip = SocketAddrV4::new(lb_tests::kernel_net::VIP_DSR.into(), 80).into();
         assert_eq!(
             apply(&mut maps, &dir, &dsr, now()).expect("apply"),
             Applied::Rejected(RecordReject::UnknownService)
@@ -336,32 +356,6 @@ fn a_synced_flow_for_an_unknown_backend_or_service_creates_nothing_and_never_rep
     });
 }
 
-/// A `[sync]` on loopback address `me` with the peers `peers`.
-fn sync_config(me: [u8; 4], peers: &[[u8; 4]]) -> lb_userspace::config::Sync {
-    lb_userspace::config::Sync {
-        listen: SocketAddrV4::new(me.into(), 17890),
-        peers: peers
-            .iter()
-            .map(|p| SocketAddrV4::new((*p).into(), 17890))
-            .collect(),
-        key_file: "/unused/in/this/test".into(),
-        key: lb_userspace::config::Secret::new(KEY.into()),
-        bulk_timeout: std::time::Duration::from_secs(1),
-    }
-}
-
-const KEY: &str = "a key the two LBs of this test share, long enough";
-
-/// Starts `h`'s sync thread on loopback address `me` with the peers
-/// `peers` and waits for its bulk copy: its stats, and whether every peer
-/// answered.
-fn start_sync(h: &Harness, me: [u8; 4], peers: &[[u8; 4]]) -> (Stats, bool) {
-    let (stats, bulk) =
-        lb_userspace::sync::start(&sync_config(me, peers), SyncMaps::of(&h.dp).expect("maps"))
-            .expect("start sync");
-    (stats, bulk.0.blocking_recv().expect("the bulk copy ends"))
-}
-
 /// The entry of the client's flow from `sport`, if `h`'s table has one.
 fn established(h: &Harness, sport: u16) -> Option<lb_common::Flow> {
     h.dp.flow_table()
@@ -381,18 +375,6 @@ fn unix_ms() -> u64 {
             .as_millis(),
     )
     .expect("ms")
-}
-
-/// Waits up to 3 s for `cond`.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -430,13 +412,13 @@ fn two_lbs_sync_their_flows_over_udp_and_a_starting_lb_copies_its_peers_flows() 
         assert_eq!(web_of(&out), web);
         let status = b_stats.status();
         let from_a = &status.peers[0];
-        assert_eq!(from_a.peer, "127.0.0.1:17890");
+        assert_eq!(from_a.peer, format!("127.0.0.1:{PORT}"));
         assert!(from_a.flows_received >= 2, "{status:?}");
         assert!(from_a.last_message_age_ms.is_some());
         // Forged, replayed and strangers' messages: counted, no flow.
-        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), 17890))
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(stranger.into(), PORT))
             .expect("the stranger's socket");
-        let b_at = SocketAddrV4::new(b_addr.into(), 17890);
+        let b_at = SocketAddrV4::new(b_addr.into(), PORT);
         let sender = u32::from(std::net::Ipv4Addr::from(stranger));
         let mut forger = Sealer::new(Key::new(b"not the key the LBs share, but long"), sender, 1);
         let forged = forger.seal(Kind::Flows, &[record(53402, web_addr(0))], unix_ms());
@@ -541,7 +523,7 @@ fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
         let (old_addr, b_addr) = ([127, 0, 0, 1], [127, 0, 0, 2]);
         let mut b = Harness::new(&cfg);
         // The older peer: a socket on its sync address, sealing with the key.
-        let old_peer = std::net::UdpSocket::bind(SocketAddrV4::new(old_addr.into(), 17890))
+        let old_peer = std::net::UdpSocket::bind(SocketAddrV4::new(old_addr.into(), PORT))
             .expect("the older peer's socket");
         let (b_stats, answered) = start_sync(&b, b_addr, &[old_addr]);
         assert!(!answered, "the test's peer answers no bulk request");
@@ -563,7 +545,7 @@ fn an_older_peers_wrapped_age_is_taken_as_fresh_and_a_real_expiry_stands() {
         let mut sealer = Sealer::new(Key::new(KEY.as_bytes()), sender, 1);
         let msg = sealer.seal(Kind::Flows, &[wrapped, expired], unix_ms());
         old_peer
-            .send_to(&msg, SocketAddrV4::new(b_addr.into(), 17890))
+            .send_to(&msg, SocketAddrV4::new(b_addr.into(), PORT))
             .expect("send");
         eventually("both records taken", || {
             b_stats.status().peers[0].flows_received == 2

@@ -781,12 +781,12 @@ fn spoofed_and_replayed_sync_messages_are_rejected_counted_and_create_no_flow() 
         let forged_client = SocketAddrV4::new(HA_CLIENT, 4242);
         let record = Record {
             event: Event::Established,
-            client: forged_client,
-            vip: SocketAddrV4::new(RR_VIP, 80),
+            client: forged_client.into(),
+            vip: SocketAddrV4::new(RR_VIP, 80).into(),
             protocol: 6,
             closing: false,
             nat: false,
-            backend: SocketAddrV4::new(web_addr(1), 80),
+            backend: SocketAddrV4::new(web_addr(1), 80).into(),
             age_ms: 0,
             seq: 1,
             reply_seq: 0,

@@ -18,10 +18,11 @@
 
 mod directory;
 pub mod insert;
+mod keys;
 mod run;
 pub mod stats;
 pub mod wire;
 
 pub use directory::Directory;
-pub use run::{Applied, Bulk, SyncMaps, apply, record_of, start};
+pub use run::{Applied, Bulk, FlowEvent, SyncMaps, apply, record_of, start};
 pub use stats::{PeerStatus, Stats, SyncStatus};

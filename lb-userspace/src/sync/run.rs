@@ -13,20 +13,21 @@ use std::{
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use lb_common::{
-    Backend, FLOW_F_FULL_NAT, FLOW_F_SYNCED, Flow, FlowConf, FlowKey, NextHop, ServiceConf,
-    ServiceKey,
+    Backend, FLOW_F_FULL_NAT, FLOW_F_SYNCED, Flow, FlowConf, NextHop, ServiceConf, ServiceKey,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, idle_ticks, ticks},
     map_names::MapName,
-    sync::{SYNC_EVENT_ENDED, SyncConf, SyncEvent},
+    maps6::{Backend6, ServiceKey6},
+    sync::{SYNC_EVENT_ENDED, SyncConf, SyncEvent, SyncEvent6, SyncEventOf},
 };
 use tracing::{debug, info, warn};
 
 use super::{
     Directory,
-    directory::{ServiceName, endpoint},
-    insert::{self, InsertError},
+    directory::{LocalService, ServiceName},
+    insert::{self, InsertError, SyncTable},
+    keys::SyncKey,
     stats::{RecordReject, Stats},
-    wire::{self, Event, Key, Kind, Record, RecordAge, ReplayGuard, Sealer},
+    wire::{self, Event, Family, Key, Kind, Record, RecordAge, ReplayGuard, Sealer},
 };
 use crate::{config, dataplane::Dataplane};
 
@@ -46,9 +47,12 @@ pub struct SyncMaps {
     on: Array<MapData, SyncConf>,
     events: RingBuf<MapData>,
     table: insert::Table,
+    table6: insert::Table6,
     services: HashMap<MapData, ServiceKey, u32>,
+    services6: HashMap<MapData, ServiceKey6, u32>,
     confs: Array<MapData, ServiceConf>,
     backends: Array<MapData, Backend>,
+    backends6: Array<MapData, Backend6>,
     /// Backend id → synced flows inserted established, less those ended by
     /// a peer (this thread is its only writer): the active count adds it.
     opened: Array<MapData, u64>,
@@ -72,10 +76,17 @@ impl SyncMaps {
                     .context("CONNTRACK")?,
                 flow_conf: array(dp, MapName::FLOW_CONF)?,
             },
+            table6: insert::Table6 {
+                established: HashMap::try_from(Map::HashMap(hash(MapName::ESTABLISHED6)?))
+                    .context("ESTABLISHED6")?,
+            },
             services: HashMap::try_from(Map::HashMap(hash(MapName::SERVICES)?))
                 .context("SERVICES")?,
+            services6: HashMap::try_from(Map::HashMap(hash(MapName::SERVICES6)?))
+                .context("SERVICES6")?,
             confs: array(dp, MapName::SERVICE_CONF)?,
             backends: array(dp, MapName::BACKENDS)?,
+            backends6: array(dp, MapName::BACKENDS6)?,
             opened: array(dp, MapName::SYNC_OPENED)?,
             flow_conf: array(dp, MapName::FLOW_CONF)?,
         })
@@ -93,35 +104,47 @@ impl SyncMaps {
         self.on.get(&0, 0).map(|c| c.lost).unwrap_or(0)
     }
 
-    /// Every event waiting now.
-    pub fn drain(&mut self) -> Vec<SyncEvent> {
+    /// Every event waiting now, of both families: the ring keeps each
+    /// record's length, which says which layout it is (an IPv4 event is
+    /// 40 bytes, an IPv6 one 64).
+    pub fn drain(&mut self) -> Vec<FlowEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
-            if item.len() >= size_of::<SyncEvent>() {
-                // SAFETY: at least size_of::<SyncEvent>() bytes of plain data.
-                out.push(unsafe { item.as_ptr().cast::<SyncEvent>().read_unaligned() });
+            let ptr = item.as_ptr();
+            match item.len() {
+                // SAFETY: exactly one event of plain data, of the length's layout.
+                n if n == size_of::<SyncEvent>() => out.push(FlowEvent::V4(unsafe {
+                    ptr.cast::<SyncEvent>().read_unaligned()
+                })),
+                // SAFETY: as above.
+                n if n == size_of::<SyncEvent6>() => out.push(FlowEvent::V6(unsafe {
+                    ptr.cast::<SyncEvent6>().read_unaligned()
+                })),
+                n => debug!("SYNC_EVENTS: a record of {n} bytes, no event's length"),
             }
         }
         out
     }
 
-    /// Services and backends as the maps hold them now.
+    /// Services and backends (both families) as the maps hold them now.
     pub fn directory(&self) -> Directory {
-        let services: Vec<(ServiceKey, u32)> =
-            self.services.iter().filter_map(Result::ok).collect();
+        let services4 = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, id)| (ServiceName::of(&k), id));
+        let services6 = self
+            .services6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, id)| (ServiceName::of6(&k), id));
+        let services: Vec<(ServiceName, u32)> = services4.chain(services6).collect();
         Directory::build(
             services,
             |id| self.confs.get(&id, 0).ok(),
             |id| self.backends.get(&id, 0).ok(),
+            |index| self.backends6.get(&index, 0).ok().map(|b| b.addr),
         )
-    }
-
-    fn add_opened(&mut self, backend_id: u32, up: bool) {
-        let n = self.opened.get(&backend_id, 0).unwrap_or(0);
-        let n = if up { n + 1 } else { n.saturating_sub(1) };
-        if let Err(e) = self.opened.set(backend_id, n, 0) {
-            debug!("SYNC_OPENED[{backend_id}]: {e}");
-        }
     }
 
     /// How often active flows are refreshed to the peers: a third of the
@@ -136,6 +159,22 @@ impl SyncMaps {
     }
 }
 
+/// Backend id's synced flows in `SYNC_OPENED`, one up or down.
+fn add_opened(opened: &mut Array<MapData, u64>, backend_id: u32, up: bool) {
+    let n = opened.get(&backend_id, 0).unwrap_or(0);
+    let n = if up { n + 1 } else { n.saturating_sub(1) };
+    if let Err(e) = opened.set(backend_id, n, 0) {
+        debug!("SYNC_OPENED[{backend_id}]: {e}");
+    }
+}
+
+/// A data plane's flow event, of either family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEvent {
+    V4(SyncEvent),
+    V6(SyncEvent6),
+}
+
 /// What became of one received record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -146,23 +185,10 @@ pub enum Applied {
     Rejected(RecordReject),
 }
 
-/// The forward key of a record's flow (client → VIP), network order.
-fn forward_key(r: &Record) -> FlowKey {
-    let (saddr, sport) = crate::dataplane::raw_endpoint(r.client);
-    let (daddr, dport) = crate::dataplane::raw_endpoint(r.vip);
-    FlowKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        protocol: r.protocol,
-        ..FlowKey::default()
-    }
-}
-
-/// Applies one peer's record to the table through `insert`, at `now`
-/// (ticks): the service and the backend are found by address (unknown:
-/// rejected, nothing written), a local entry is never touched.
+/// Applies one peer's record to the table of its family through
+/// `insert`, at `now` (ticks): the service and the backend are found by
+/// address (unknown: rejected, nothing written), a local entry is never
+/// touched.
 pub fn apply(
     maps: &mut SyncMaps,
     dir: &Directory,
@@ -179,31 +205,53 @@ pub fn apply(
     let Some(backend_id) = dir.backend(svc.id, r.backend) else {
         return Ok(Applied::Rejected(RecordReject::UnknownBackend));
     };
-    let key = forward_key(r);
-    let (baddr, bport) = crate::dataplane::raw_endpoint(r.backend);
-    let reply_key = svc.nat.then(|| {
-        lb_common::flow::reply_key(
-            &key,
-            &Backend {
-                addr: baddr,
-                port: bport,
-                ..Backend::default()
-            },
-        )
-    });
+    let found = Found { svc, backend_id };
+    match Family::of(r) {
+        Family::V4 => apply_in(&mut maps.table, &mut maps.opened, found, r, now),
+        Family::V6 => apply_in(&mut maps.table6, &mut maps.opened, found, r, now),
+    }
+}
+
+/// A record's service and backend, found here.
+#[derive(Clone, Copy)]
+struct Found {
+    svc: LocalService,
+    backend_id: u32,
+}
+
+/// [`apply`] in the record's family's table.
+fn apply_in<T: SyncTable>(
+    table: &mut T,
+    opened: &mut Array<MapData, u64>,
+    Found { svc, backend_id }: Found,
+    r: &Record,
+    now: u32,
+) -> anyhow::Result<Applied> {
+    // A decoded record's addresses are all of its message's family, as
+    // its service's (found by its VIP) are: a mismatch names no service.
+    let Some(key) = T::Key::of_record(r) else {
+        return Ok(Applied::Rejected(RecordReject::UnknownService));
+    };
+    let reply_key = match svc.nat {
+        true => match key.reply(r.backend) {
+            Some(k) => Some(k),
+            None => return Ok(Applied::Rejected(RecordReject::UnknownBackend)),
+        },
+        false => None,
+    };
     // An older peer's wrapped age (`wire::WRAPPED_AGE_MS`) is 0 here.
     let seen = now.saturating_sub(r.age().ticks());
-    match insert::synced(&maps.table, &key) {
+    match insert::synced(table, &key) {
         Err(InsertError::Exists) => Ok(Applied::KeptLocal),
         Err(e) => Err(e.into()),
         Ok(Some(entry)) => {
             match r.event {
                 Event::Established => {
-                    insert::refresh_synced(&mut maps.table, &key, &entry, reply_key.as_ref(), seen)?
+                    insert::refresh_synced(table, &key, &entry, reply_key.as_ref(), seen)?
                 }
                 Event::Ended => {
-                    if insert::end_synced(&mut maps.table, &key, &entry, reply_key.as_ref())? {
-                        maps.add_opened(entry.backend_id, false);
+                    if insert::end_synced(table, &key, &entry, reply_key.as_ref())? {
+                        add_opened(opened, entry.backend_id, false);
                     }
                 }
             }
@@ -221,7 +269,7 @@ pub fn apply(
                 service_id: svc.id,
                 state,
                 seen,
-                vip: if svc.nat { key.daddr } else { 0 },
+                vip: if svc.nat { key.nat_vip() } else { 0 },
                 vport: 0,
                 direction: FORWARD,
                 flags: FLOW_F_SYNCED,
@@ -229,17 +277,17 @@ pub fn apply(
                 seq: r.seq,
             };
             let reply = Flow {
-                vip: key.daddr,
-                vport: key.dport,
+                vip: key.nat_vip(),
+                vport: r.vip.port().to_be(),
                 direction: REPLY,
                 seq: r.reply_seq,
                 ..forward
             };
             let pair = reply_key.as_ref().map(|k| (k, &reply));
-            match insert::insert_established(&mut maps.table, &key, &forward, pair) {
+            match insert::insert_established(table, &key, &forward, pair) {
                 Ok(()) => {
                     if state == STATE_ESTABLISHED {
-                        maps.add_opened(backend_id, true);
+                        add_opened(opened, backend_id, true);
                     }
                     Ok(Applied::Taken)
                 }
@@ -257,7 +305,15 @@ pub fn apply(
 /// of an unknown service — the data plane sends no event when one is
 /// established, but its end and the refresh walk would), or one whose
 /// service or backend is gone.
-pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
+pub fn record_of(dir: &Directory, ev: &FlowEvent) -> Option<Record> {
+    match ev {
+        FlowEvent::V4(ev) => record_of_event(dir, ev),
+        FlowEvent::V6(ev) => record_of_event(dir, ev),
+    }
+}
+
+/// [`record_of`] of one family's event.
+fn record_of_event<K: SyncKey>(dir: &Directory, ev: &SyncEventOf<K>) -> Option<Record> {
     if ev.flags & (FLOW_F_SYNCED | FLOW_F_FULL_NAT) != 0 {
         return None;
     }
@@ -268,7 +324,7 @@ pub fn record_of(dir: &Directory, ev: &SyncEvent) -> Option<Record> {
         } else {
             Event::Established
         },
-        client: endpoint(ev.key.saddr, ev.key.sport),
+        client: ev.key.client(),
         vip: service.vip,
         protocol: service.protocol,
         closing: false,
@@ -293,13 +349,16 @@ fn active_records(
     within: u32,
     include_synced: bool,
 ) -> (Vec<Record>, u64) {
-    records_of(&maps.table.entries(), dir, now, within, include_synced)
+    let (mut out, synced) = records_of(&maps.table.entries(), dir, now, within, include_synced);
+    let (out6, synced6) = records_of(&maps.table6.entries(), dir, now, within, include_synced);
+    out.extend(out6);
+    (out, synced + synced6)
 }
 
-/// [`active_records`] of `entries` (keyed as their packets arrive, as the
-/// table lists them).
-fn records_of(
-    entries: &[(FlowKey, Flow)],
+/// [`active_records`] of `entries` (one family's, keyed as their packets
+/// arrive, as the table lists them).
+fn records_of<K: SyncKey>(
+    entries: &[(K, Flow)],
     dir: &Directory,
     now: u32,
     within: u32,
@@ -307,10 +366,10 @@ fn records_of(
 ) -> (Vec<Record>, u64) {
     let mut out = Vec::new();
     let mut synced = 0;
-    let replies: std::collections::HashMap<FlowKey, u32> = entries
+    let replies: std::collections::HashMap<K, u32> = entries
         .iter()
         .filter(|(_, f)| f.direction == REPLY)
-        .map(|(k, f)| (lb_common::flow::forward_key(k, f), f.seq))
+        .filter_map(|(k, f)| Some((k.forward_of_reply(f, dir)?, f.seq)))
         .collect();
     for (key, flow) in entries {
         if flow.direction != FORWARD {
@@ -330,7 +389,7 @@ fn records_of(
         if flow.state != STATE_ESTABLISHED || age > within {
             continue;
         }
-        let ev = SyncEvent {
+        let ev = SyncEventOf {
             key: *key,
             backend_id: flow.backend_id,
             service_id: flow.service_id,
@@ -340,9 +399,10 @@ fn records_of(
             // record_of drops synced entries' events; the bulk copy wants them.
             flags: flow.flags & !FLOW_F_SYNCED,
             nat: u8::from(flow.vip != 0),
-            ..SyncEvent::default()
+            _pad0: 0,
+            _pad1: 0,
         };
-        if let Some(mut r) = record_of(dir, &ev) {
+        if let Some(mut r) = record_of_event(dir, &ev) {
             r.age_ms = u32::try_from(u64::from(age) * TICK_NS / 1_000_000).unwrap_or(u32::MAX);
             out.push(r);
         }
@@ -527,8 +587,8 @@ impl Syncer {
 
     /// `records` to every peer, in as many messages as they take.
     fn send_all(&mut self, kind: Kind, records: &[Record]) {
-        for chunk in records.chunks(wire::MAX_RECORDS) {
-            let data = self.sealer.seal(kind, chunk, unix_ms());
+        for chunk in wire::batches(records) {
+            let data = self.sealer.seal(kind, &chunk, unix_ms());
             for peer in self.peers.clone() {
                 self.send(peer, &data);
             }
@@ -544,7 +604,7 @@ impl Syncer {
     fn send_bulk(&mut self, peer: SocketAddrV4) {
         let now = crate::dataplane::sweep::now_ticks();
         let (records, _) = active_records(&self.maps, &self.dir, now, u32::MAX, true);
-        let pages: Vec<&[Record]> = records.chunks(wire::MAX_RECORDS).collect();
+        let pages = wire::batches(&records);
         info!("sync: bulk copy of {} flows to {peer}", records.len());
         for (i, page) in pages.iter().enumerate() {
             let data = self
@@ -637,7 +697,7 @@ impl Syncer {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{BACKEND_F_IN_USE, MODE_DSR, MODE_NAT};
+    use lb_common::{BACKEND_F_IN_USE, FlowKey, MODE_DSR, MODE_NAT};
 
     use super::*;
 
@@ -670,7 +730,10 @@ mod tests {
                 _pad: 0,
             })
         };
-        (Directory::build([(key, 0)], conf, backend), key)
+        (
+            Directory::build([(ServiceName::of(&key), 0)], conf, backend, |_| None),
+            key,
+        )
     }
 
     /// The forward key of the client 198.18.1.2:`sport`'s flow to `service`.
@@ -699,9 +762,10 @@ mod tests {
             nat: 1,
             ..SyncEvent::default()
         };
-        assert!(record_of(&dir, &event(0)).is_some());
-        assert!(record_of(&dir, &event(FLOW_F_FULL_NAT)).is_none());
-        assert!(record_of(&dir, &event(FLOW_F_SYNCED)).is_none());
+        let of = |flags| record_of(&dir, &FlowEvent::V4(event(flags)));
+        assert!(of(0).is_some());
+        assert!(of(FLOW_F_FULL_NAT).is_none());
+        assert!(of(FLOW_F_SYNCED).is_none());
     }
 
     /// The data plane's clock runs up to two jiffies ahead of the agent's,

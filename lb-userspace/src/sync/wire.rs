@@ -4,25 +4,30 @@
 //!
 //! ```text
 //! header (44 bytes, big endian)
-//!   magic "LBSY" | version 1 | kind | flags | 0
+//!   magic "LBSY" | version 1 | kind | flags | family (0 IPv4, 6 IPv6)
 //!   sender id (u32) | sender epoch (u64, ms) | sequence (u64)
 //!   sent at (u64, Unix ms) | count (u16) | 0 (u16) | 0 (u32)
-//! count × record (36 bytes)
+//! count × record (36 bytes IPv4, 72 bytes IPv6: addresses of 4 or 16)
 //!   client addr, port | VIP, port | protocol | event | state | flags
 //!   backend addr, port | 0 (u16) | age (ms, u32) | seq | reply seq
 //! tag: HMAC-SHA256 (32 bytes) over everything before it
 //! ```
 //!
 //! A record names its service (VIP, port, protocol) and backend (address,
-//! port) by address, never by id: ids are each LB's own. Decoding checks,
-//! in order: the length (truncated), the magic, the version, the tag (with
+//! port) by address, never by id: ids are each LB's own. A message's
+//! records are of one family, the header's: an IPv6 flow's record is the
+//! IPv4 one with 16-byte addresses. The family byte was 0 in every message
+//! before IPv6 flows were synced, so an IPv4 message is what it was, and a
+//! receiver that predates it refuses an IPv6 message as `truncated` (its
+//! length is not count × 36). Decoding checks, in order: the magic, the
+//! version, the family (malformed), the length (truncated), the tag (with
 //! the shared key, in constant time), then the sender's (epoch, sequence)
 //! against replay and the send time against a window ([`ReplayGuard`]).
 //! Each failure is its own [`Reject`] reason, counted by the agent.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use ring::hmac;
@@ -30,19 +35,91 @@ use ring::hmac;
 pub const MAGIC: [u8; 4] = *b"LBSY";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 44;
-pub const RECORD_LEN: usize = 36;
 pub const TAG_LEN: usize = 32;
-/// Records per message: a message fits one 1500-byte Ethernet frame
-/// (IP and UDP headers included).
-pub const MAX_RECORDS: usize = 38;
-/// Largest message: header, records, tag.
-pub const MAX_MESSAGE: usize = HEADER_LEN + MAX_RECORDS * RECORD_LEN + TAG_LEN;
-// With its IP and UDP headers, in one 1500-byte Ethernet frame.
+/// Largest message: header, records, tag (either family's).
+pub const MAX_MESSAGE: usize =
+    HEADER_LEN + Family::V4.max_records() * Family::V4.record_len() + TAG_LEN;
+// With its IP and UDP headers, in one 1500-byte Ethernet frame (the sync
+// socket is IPv4: 28 bytes of headers).
 const _: () = assert!(MAX_MESSAGE + 28 <= 1500);
+const _: () = assert!(
+    HEADER_LEN + Family::V6.max_records() * Family::V6.record_len() + TAG_LEN <= MAX_MESSAGE
+);
 /// A message sent longer ago (or further ahead) than this is stale: the
 /// clocks of the LBs must agree within it (NTP does far better).
 pub const WINDOW_MS: u64 = 30_000;
 pub use crate::config::MIN_KEY_LEN;
+
+/// The address family of a message's records (header byte 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// A record's family: its client's (a record's three addresses are of
+    /// one family, as its service's VIP and backends are).
+    pub fn of(r: &Record) -> Family {
+        if r.client.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    const fn code(self) -> u8 {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 6,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Family> {
+        match code {
+            0 => Some(Family::V4),
+            6 => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    /// Bytes of an address in a record.
+    const fn addr_len(self) -> usize {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 16,
+        }
+    }
+
+    /// Bytes of a record: three endpoints (address, port) and 18 bytes.
+    pub const fn record_len(self) -> usize {
+        3 * (self.addr_len() + 2) + 18
+    }
+
+    /// Records per message: a message fits one 1500-byte Ethernet frame
+    /// (IP and UDP headers included): 38 IPv4 records, 19 IPv6 ones.
+    pub const fn max_records(self) -> usize {
+        match self {
+            Family::V4 => 38,
+            Family::V6 => 19,
+        }
+    }
+}
+
+/// `records` as the messages that carry them: grouped by family (IPv4's
+/// first), at most a message's worth each, in their order otherwise.
+pub fn batches(records: &[Record]) -> Vec<Vec<Record>> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let of: Vec<Record> = records
+            .iter()
+            .filter(|r| Family::of(r) == family)
+            .copied()
+            .collect();
+        out.extend(of.chunks(family.max_records()).map(<[Record]>::to_vec));
+    }
+    out
+}
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,20 +163,21 @@ pub enum Event {
     Ended,
 }
 
-/// One flow, as LBs name it to each other.
+/// One flow, as LBs name it to each other. Its three endpoints are of one
+/// family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub event: Event,
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// The service's VIP and port.
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// IP protocol (6 TCP, 17 UDP).
     pub protocol: u8,
     /// The flow was closing (FIN or RST seen) on the sender.
     pub closing: bool,
     /// NAT: the flow has a reply translation.
     pub nat: bool,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// How long ago the sender last saw a packet of the flow, in ms.
     pub age_ms: u32,
     /// The client's highest TCP sequence number the sender saw.
@@ -231,19 +309,27 @@ impl Sealer {
         }
     }
 
-    /// One message of `kind` with `records` (at most [`MAX_RECORDS`]; the
-    /// rest are ignored: callers chunk), sent at `now_ms`.
+    /// One message of `kind` with `records`: those of the first record's
+    /// family (IPv4 if none), at most its [`Family::max_records`]; the
+    /// rest are left out (callers group them with [`batches`]). Sent at
+    /// `now_ms`.
     pub fn seal(&mut self, kind: Kind, records: &[Record], now_ms: u64) -> Vec<u8> {
-        let records = &records[..records.len().min(MAX_RECORDS)];
+        let family = records.first().map_or(Family::V4, Family::of);
+        let records: Vec<&Record> = records
+            .iter()
+            .filter(|r| Family::of(r) == family)
+            .take(family.max_records())
+            .collect();
         let (code, flags) = kind.code();
-        let mut out = Vec::with_capacity(HEADER_LEN + records.len() * RECORD_LEN + TAG_LEN);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + records.len() * family.record_len() + TAG_LEN);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[VERSION, code, flags, 0]);
+        out.extend_from_slice(&[VERSION, code, flags, family.code()]);
         out.extend_from_slice(&self.sender.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.next_seq.to_be_bytes());
         out.extend_from_slice(&now_ms.to_be_bytes());
-        // At most MAX_RECORDS: fits.
+        // At most the family's max_records: fits.
         out.extend_from_slice(&(records.len() as u16).to_be_bytes());
         out.extend_from_slice(&[0; 6]);
         for r in records {
@@ -256,8 +342,11 @@ impl Sealer {
     }
 }
 
-fn put_addr(out: &mut Vec<u8>, a: SocketAddrV4) {
-    out.extend_from_slice(&a.ip().octets());
+fn put_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a {
+        SocketAddr::V4(a) => out.extend_from_slice(&a.ip().octets()),
+        SocketAddr::V6(a) => out.extend_from_slice(&a.ip().octets()),
+    }
     out.extend_from_slice(&a.port().to_be_bytes());
 }
 
@@ -294,8 +383,17 @@ impl At<'_> {
     fn u64(&self, at: usize) -> u64 {
         u64::from_be_bytes(self.bytes(at))
     }
-    fn addr(&self, at: usize) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(self.bytes::<4>(at)), self.u16(at + 4))
+    /// An endpoint of `family` at `at`: the address, then the port.
+    fn addr(&self, family: Family, at: usize) -> SocketAddr {
+        match family {
+            Family::V4 => {
+                SocketAddr::new(Ipv4Addr::from(self.bytes::<4>(at)).into(), self.u16(at + 4))
+            }
+            Family::V6 => SocketAddr::new(
+                Ipv6Addr::from(self.bytes::<16>(at)).into(),
+                self.u16(at + 16),
+            ),
+        }
     }
 }
 
@@ -312,16 +410,17 @@ pub fn open(key: &Key, data: &[u8]) -> Result<Message, Reject> {
     if h.0[4] != VERSION {
         return Err(Reject::WrongVersion);
     }
+    let family = Family::from_code(h.0[7]).ok_or(Reject::Malformed)?;
     let count = usize::from(h.u16(36));
-    if data.len() != HEADER_LEN + count * RECORD_LEN + TAG_LEN {
+    if data.len() != HEADER_LEN + count * family.record_len() + TAG_LEN {
         return Err(Reject::Truncated);
     }
     let (body, tag) = data.split_at(data.len() - TAG_LEN);
     hmac::verify(&key.0, body, tag).map_err(|_| Reject::BadTag)?;
     let kind = Kind::of(h.0[5], h.0[6]).ok_or(Reject::Malformed)?;
     let records = body[HEADER_LEN..]
-        .chunks_exact(RECORD_LEN)
-        .map(|chunk| record(&At(chunk)))
+        .chunks_exact(family.record_len())
+        .map(|chunk| record(family, &At(chunk)))
         .collect::<Option<Vec<_>>>()
         .ok_or(Reject::Malformed)?;
     Ok(Message {
@@ -334,23 +433,27 @@ pub fn open(key: &Key, data: &[u8]) -> Result<Message, Reject> {
     })
 }
 
-fn record(r: &At) -> Option<Record> {
-    let event = match r.0[13] {
+/// A record of `family`: endpoints of `e` = address + port bytes.
+fn record(family: Family, r: &At) -> Option<Record> {
+    let e = family.addr_len() + 2;
+    let flags = 2 * e;
+    let event = match r.0[flags + 1] {
         1 => Event::Established,
         2 => Event::Ended,
         _ => return None,
     };
+    let tail = 3 * e + 6;
     Some(Record {
         event,
-        client: r.addr(0),
-        vip: r.addr(6),
-        protocol: r.0[12],
-        closing: r.0[14] != 0,
-        nat: r.0[15] != 0,
-        backend: r.addr(16),
-        age_ms: r.u32(24),
-        seq: r.u32(28),
-        reply_seq: r.u32(32),
+        client: r.addr(family, 0),
+        vip: r.addr(family, e),
+        protocol: r.0[flags],
+        closing: r.0[flags + 2] != 0,
+        nat: r.0[flags + 3] != 0,
+        backend: r.addr(family, flags + 4),
+        age_ms: r.u32(tail),
+        seq: r.u32(tail + 4),
+        reply_seq: r.u32(tail + 8),
     })
 }
 
@@ -423,12 +526,12 @@ mod tests {
     fn rec(port: u16) -> Record {
         Record {
             event: Event::Established,
-            client: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), port),
-            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 80),
+            client: SocketAddr::new(Ipv4Addr::new(198, 18, 0, 10).into(), port),
+            vip: SocketAddr::new(Ipv4Addr::new(198, 18, 0, 100).into(), 80),
             protocol: 6,
             closing: false,
             nat: true,
-            backend: SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 2), 8080),
+            backend: SocketAddr::new(Ipv4Addr::new(198, 19, 0, 2).into(), 8080),
             age_ms: 1234,
             seq: 0xdead_beef,
             reply_seq: 7,
@@ -451,10 +554,10 @@ mod tests {
         assert_eq!(aged(u32::MAX - 1), RecordAge::Ticks(3_999_999));
     }
 
-    #[test]
-    fn round_trip() {
-        let mut s = Sealer::new(key(), 42, 1000);
-        let records: Vec<Record> = (0..MAX_RECORDS as u16)
+    /// A message's worth of `family`'s records from `rec`, every field
+    /// varied.
+    fn full_message(family: Family, rec: fn(u16) -> Record) -> Vec<Record> {
+        (0..family.max_records() as u16)
             .map(|i| Record {
                 event: if i % 2 == 0 {
                     Event::Established
@@ -463,9 +566,16 @@ mod tests {
                 },
                 closing: i % 3 == 0,
                 nat: i % 5 == 0,
+                age_ms: u32::from(i) * 1000,
                 ..rec(40_000 + i)
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut s = Sealer::new(key(), 42, 1000);
+        let records = full_message(Family::V4, rec);
         let data = s.seal(Kind::Flows, &records, NOW);
         assert_eq!(data.len(), MAX_MESSAGE);
         let m = open(&key(), &data).expect("opens");
@@ -514,10 +624,13 @@ mod tests {
             let mut forged = data.clone();
             forged[byte] ^= 0x01;
             let got = open(&key(), &forged);
-            assert!(
-                matches!(got, Err(Reject::BadTag | Reject::Truncated)),
-                "byte {byte}: {got:?}"
-            );
+            // The family byte: 1 is no family.
+            let expected = if byte == 7 {
+                matches!(got, Err(Reject::Malformed))
+            } else {
+                matches!(got, Err(Reject::BadTag | Reject::Truncated))
+            };
+            assert!(expected, "byte {byte}: {got:?}");
         }
         // Another key: a stranger's message, however well formed.
         let stranger = Sealer::new(Key::new(b"another key, as long as the first"), 1, 1).seal(
@@ -598,5 +711,78 @@ mod tests {
         let tag = hmac::sign(&key().0, &body);
         body.extend_from_slice(tag.as_ref());
         assert_eq!(open(&key(), &body), Err(Reject::Malformed));
+    }
+
+    /// An IPv6 flow's record: the same flow over 2001:db8 addresses.
+    fn rec6(port: u16) -> Record {
+        Record {
+            client: SocketAddr::new("2001:db8:18:1::2".parse::<Ipv6Addr>().unwrap().into(), port),
+            vip: "[2001:db8:18::10]:80".parse().unwrap(),
+            backend: "[2001:db8:19::11]:8080".parse().unwrap(),
+            ..rec(port)
+        }
+    }
+
+    /// IPv6 records go 19 to a message (72 bytes each), in a message whose
+    /// family byte is 6, and come back whole; an IPv4 message is what it
+    /// was before IPv6 (family byte 0, 36-byte records).
+    #[test]
+    fn ipv6_records_round_trip_in_messages_of_their_own() {
+        let mut s = Sealer::new(key(), 42, 1000);
+        let records = full_message(Family::V6, rec6);
+        let data = s.seal(Kind::Flows, &records, NOW);
+        assert_eq!(data.len(), HEADER_LEN + 19 * 72 + TAG_LEN);
+        assert!(data.len() <= MAX_MESSAGE);
+        assert_eq!(data[7], 6, "the family byte");
+        let m = open(&key(), &data).expect("opens");
+        assert_eq!(m.records, records);
+        let v4 = s.seal(Kind::Flows, &[rec(1)], NOW);
+        assert_eq!((v4[7], v4.len()), (0, HEADER_LEN + 36 + TAG_LEN));
+        // A message takes the first record's family only.
+        let mixed = s.seal(Kind::Flows, &[rec6(1), rec(2), rec6(3)], NOW);
+        let m = open(&key(), &mixed).expect("opens");
+        assert_eq!(m.records, [rec6(1), rec6(3)]);
+        // A receiver from before IPv6 reads an IPv6 message's length as
+        // count × 36: not its length, so it is refused (truncated), never
+        // misread; here, the family byte set to IPv4 does the same.
+        let mut as_v4 = data.clone();
+        as_v4[7] = 0;
+        assert_eq!(open(&key(), &as_v4), Err(Reject::Truncated));
+    }
+
+    /// `batches` groups records by family, a message's worth at most each,
+    /// keeping their order within a family.
+    #[test]
+    fn batches_split_by_family_and_size() {
+        let mut records = Vec::new();
+        for i in 0..50u16 {
+            records.push(rec(i));
+            records.push(rec6(i));
+        }
+        let batches = batches(&records);
+        let shape: Vec<(Family, usize)> = batches
+            .iter()
+            .map(|b| (Family::of(&b[0]), b.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (Family::V4, 38),
+                (Family::V4, 12),
+                (Family::V6, 19),
+                (Family::V6, 19),
+                (Family::V6, 12)
+            ]
+        );
+        for b in &batches {
+            assert!(b.iter().all(|r| Family::of(r) == Family::of(&b[0])));
+        }
+        let ports: Vec<u16> = batches[2..]
+            .iter()
+            .flatten()
+            .map(|r| r.client.port())
+            .collect();
+        assert_eq!(ports, (0..50).collect::<Vec<_>>());
+        assert!(super::batches(&[]).is_empty());
     }
 }
