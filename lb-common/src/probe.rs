@@ -115,8 +115,10 @@ pub enum ProbeCounter {
     /// resolves it), they were too big, or their service is gone.
     NotSent = 1,
     /// IPv4 and IPv6 packets from the probe namespace without a `PROBES`
-    /// (`PROBES6`) entry: dropped (never handed to the LB's stack, where the VIP is local and
-    /// would answer for the backend).
+    /// (`PROBES6`) entry: dropped (never handed to the LB's stack, where
+    /// the VIP is local and would answer for the backend). The frames
+    /// `lb_probe` passes to the kernel (ARP, IPv6's link-scoped neighbour
+    /// discovery and MLD) count here too.
     Unknown = 2,
     /// Backends' answers handed into the probe namespace.
     Answers = 3,
