@@ -66,6 +66,24 @@ pub struct ProbeEntryOf<A> {
     pub _pad3: u16,
 }
 
+impl<A: Default> ProbeEntryOf<A> {
+    /// The entry the agent writes for a probe of the service `ids.0`'s
+    /// `vip` (address, port in host order) over `protocol`, to its backend
+    /// `ids.1` at `backend`; the way out is `lb_probe`'s to fill in.
+    pub fn new(vip: (A, u16), protocol: u8, backend: (A, u16), ids: (u32, u32)) -> Self {
+        ProbeEntryOf {
+            vip: vip.0,
+            vport: vip.1.to_be(),
+            protocol,
+            backend: backend.0,
+            backend_port: backend.1.to_be(),
+            service_id: ids.0,
+            backend_id: ids.1,
+            ..ProbeEntryOf::default()
+        }
+    }
+}
+
 /// An IPv4 probe's entry (`PROBES`).
 pub type ProbeEntry = ProbeEntryOf<u32>;
 /// An IPv6 probe's entry (`PROBES6`).

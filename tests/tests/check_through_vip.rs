@@ -142,53 +142,7 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
         probe_ns.display()
     );
 
-    wait_for_status(&lab, "every backend up", Duration::from_secs(10), |s| {
-        s.services
-            .iter()
-            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
-    })?;
-
-    // web1 loses the VIP: its own address still answers, the VIP does not.
-    let web1 = lab.web_ns(1);
-    let vip = format!("{VIP}/32");
-    netns::ns_run(&web1, &["ip", "addr", "del", &vip, "dev", "lo"])?;
-    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
-    let down = wait_web1(&lab, (&SERVICES, "www"), HealthStatus::Down, fall)?;
-    eprintln!("www/web1 DOWN {down:?} after the VIP left its lo");
-    let down = wait_web1(&lab, (&SERVICES, "dgram"), HealthStatus::Down, fall)?;
-    eprintln!("dgram/web1 (udp) DOWN {down:?} after the VIP left its lo");
-    let www1 = backend_status(&status(&lab)?, "www", "web1")?;
-    ensure!(!www1.in_ring, "{www1:?}");
-    let reason = www1.last_check.clone().unwrap_or_default();
-    ensure!(reason.contains("through the VIP"), "{www1:?}");
-    // The plain check of web1's own address keeps it UP, for a while.
-    for _ in 0..10 {
-        ensure!(
-            health(&lab, "plain", "web1")? == HealthStatus::Up,
-            "the plain check lost web1 too"
-        );
-        others_up(&lab, &SERVICES)?;
-        thread::sleep(Duration::from_millis(INTERVAL_MS));
-    }
-
-    // The VIP back: UP again under the check through the VIP.
-    netns::ns_run(&web1, &["ip", "addr", "add", &vip, "dev", "lo"])?;
-    let up = wait_web1(&lab, (&SERVICES, "www"), HealthStatus::Up, fall)?;
-    eprintln!("www/web1 UP {up:?} after the VIP came back");
-    let up = wait_web1(&lab, (&SERVICES, "dgram"), HealthStatus::Up, fall)?;
-    eprintln!("dgram/web1 (udp) UP {up:?} after the VIP came back");
-    ensure!(health(&lab, "plain", "web1")? == HealthStatus::Up);
-
-    // Probes are not clients: the services' traffic counters saw none.
-    let s = status(&lab)?;
-    for svc in &s.services {
-        ensure!(
-            svc.packets == 0,
-            "{}: probes were counted as its traffic: {} packets",
-            svc.name,
-            svc.packets
-        );
-    }
+    web1_without_the_vip(&lab, &SERVICES, &["ip", "addr"], &format!("{VIP}/32"))?;
 
     // A killed agent leaves its namespace; the next one replaces it (one
     // veth, one namespace) and its checks through the VIP run again.
@@ -237,6 +191,78 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
     Ok(())
 }
 
+/// The scenario of both families' tests, on `services` (`www`, `plain`,
+/// `dgram` and their suffix) once every backend is up: web1 loses `vip`
+/// (removed and added back with `ip_addr`, e.g. `ip -6 addr`) from its
+/// `lo` and goes DOWN under the checks through the VIP (HTTP and UDP)
+/// while the plain check keeps it UP; the VIP back, it is UP again; web2
+/// and web3 stay UP throughout, and no probe counts as a service's traffic.
+fn web1_without_the_vip(
+    lab: &Lab,
+    services: &[&str; 3],
+    ip_addr: &[&str],
+    vip: &str,
+) -> Result<()> {
+    let [www, plain, dgram] = *services;
+    wait_for_status(lab, "every backend up", Duration::from_secs(10), |s| {
+        s.services
+            .iter()
+            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
+    })?;
+    let www1 = backend_status(&status(lab)?, www, "web1")?;
+    ensure!(www1.last_check.as_deref() == Some("ok"), "{www1:?}");
+
+    // web1 loses the VIP: its own address still answers, the VIP does not.
+    let web1 = lab.web_ns(1);
+    let on_lo = |verb: &str| -> Result<String> {
+        let args: Vec<&str> = ip_addr
+            .iter()
+            .copied()
+            .chain([verb, vip, "dev", "lo"])
+            .collect();
+        netns::ns_run(&web1, &args)
+    };
+    on_lo("del")?;
+    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
+    for service in [www, dgram] {
+        let down = wait_web1(lab, (services, service), HealthStatus::Down, fall)?;
+        eprintln!("{service}/web1 DOWN {down:?} after {vip} left its lo");
+    }
+    let www1 = backend_status(&status(lab)?, www, "web1")?;
+    ensure!(!www1.in_ring, "{www1:?}");
+    let reason = www1.last_check.clone().unwrap_or_default();
+    ensure!(reason.contains("through the VIP"), "{www1:?}");
+    // The plain check of web1's own address keeps it UP, for a while.
+    for _ in 0..10 {
+        ensure!(
+            health(lab, plain, "web1")? == HealthStatus::Up,
+            "the plain check lost web1 too"
+        );
+        others_up(lab, services)?;
+        thread::sleep(Duration::from_millis(INTERVAL_MS));
+    }
+
+    // The VIP back: UP again under the checks through the VIP.
+    on_lo("add")?;
+    for service in [www, dgram] {
+        let up = wait_web1(lab, (services, service), HealthStatus::Up, fall)?;
+        eprintln!("{service}/web1 UP {up:?} after {vip} came back");
+    }
+    ensure!(health(lab, plain, "web1")? == HealthStatus::Up);
+
+    // Probes are not clients: the services' traffic counters saw none.
+    let s = status(lab)?;
+    for svc in &s.services {
+        ensure!(
+            svc.packets == 0,
+            "{}: probes were counted as its traffic: {} packets",
+            svc.name,
+            svc.packets
+        );
+    }
+    Ok(())
+}
+
 /// IPv6's twin of the test above: the three services on the VIP6; web1
 /// without the VIP6 on its `lo` goes DOWN under the checks through the
 /// VIP (HTTP and UDP, probes from the LB's own IPv6 address carried by
@@ -247,56 +273,10 @@ fn a_backend_without_the_vip6_fails_the_check_through_the_vip_only() -> Result<(
     let lab = lab6::up("k24p6")?;
     lab.set_mode(Forwarding::Dsr)?;
     let _agent = lab.start_agent(&config6())?;
-    wait_for_status(&lab, "every backend up", Duration::from_secs(10), |s| {
-        s.services
-            .iter()
-            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
-    })?;
-    let www1 = backend_status(&status(&lab)?, "www6", "web1")?;
-    ensure!(www1.last_check.as_deref() == Some("ok"), "{www1:?}");
-
-    // web1 loses the VIP6: its own address still answers, the VIP6 not.
-    let web1 = lab.web_ns(1);
-    let vip = format!("{VIP6}/128");
-    netns::ns_run(&web1, &["ip", "-6", "addr", "del", &vip, "dev", "lo"])?;
-    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
-    let down = wait_web1(&lab, (&SERVICES6, "www6"), HealthStatus::Down, fall)?;
-    eprintln!("www6/web1 DOWN {down:?} after the VIP6 left its lo");
-    let down = wait_web1(&lab, (&SERVICES6, "dgram6"), HealthStatus::Down, fall)?;
-    eprintln!("dgram6/web1 (udp) DOWN {down:?} after the VIP6 left its lo");
-    let www1 = backend_status(&status(&lab)?, "www6", "web1")?;
-    ensure!(!www1.in_ring, "{www1:?}");
-    let reason = www1.last_check.clone().unwrap_or_default();
-    ensure!(reason.contains("through the VIP"), "{www1:?}");
-    for _ in 0..10 {
-        ensure!(
-            health(&lab, "plain6", "web1")? == HealthStatus::Up,
-            "the plain check lost web1 too"
-        );
-        others_up(&lab, &SERVICES6)?;
-        thread::sleep(Duration::from_millis(INTERVAL_MS));
-    }
-
-    // The VIP6 back: UP again under the checks through the VIP.
-    netns::ns_run(
-        &web1,
-        &["ip", "-6", "addr", "add", &vip, "dev", "lo", "nodad"],
-    )?;
-    let up = wait_web1(&lab, (&SERVICES6, "www6"), HealthStatus::Up, fall)?;
-    eprintln!("www6/web1 UP {up:?} after the VIP6 came back");
-    let up = wait_web1(&lab, (&SERVICES6, "dgram6"), HealthStatus::Up, fall)?;
-    eprintln!("dgram6/web1 (udp) UP {up:?} after the VIP6 came back");
-    ensure!(health(&lab, "plain6", "web1")? == HealthStatus::Up);
-
-    // Probes are not clients.
-    let s = status(&lab)?;
-    for svc in &s.services {
-        ensure!(
-            svc.packets == 0,
-            "{}: probes were counted as its traffic: {} packets",
-            svc.name,
-            svc.packets
-        );
-    }
-    Ok(())
+    web1_without_the_vip(
+        &lab,
+        &SERVICES6,
+        &["ip", "-6", "addr"],
+        &format!("{VIP6}/128"),
+    )
 }

@@ -86,6 +86,35 @@ fn stats(h: &Harness) -> Vec<u64> {
         .collect()
 }
 
+/// `lb_probe` on `frame` from the probe namespace (arriving on `veth`):
+/// its action and the frame as it left.
+fn steer(h: &mut Harness, veth: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let prog = xdp::xdp_program(h.dp.ebpf(), "lb_probe").expect("load lb_probe");
+    let r = xdp::test_run(prog, veth, frame, 0, true).expect("BPF_PROG_TEST_RUN");
+    (r.action, r.frame.unwrap_or_default())
+}
+
+/// One probe sent, one answer handed in, `unknown` frames from the
+/// namespace, and nothing counted as the service's or backend's traffic.
+fn counted_as_probes_only(h: &Harness, (service_id, backend_id): (u32, u32), unknown: u64) {
+    let counted = stats(h);
+    assert_eq!(counted[ProbeCounter::Sent as usize], 1, "{counted:?}");
+    assert_eq!(
+        counted[ProbeCounter::Unknown as usize],
+        unknown,
+        "{counted:?}"
+    );
+    assert_eq!(counted[ProbeCounter::Answers as usize], 1, "{counted:?}");
+    let service =
+        h.dp.counters(MapName::SERVICE_STATS, service_id)
+            .expect("SERVICE_STATS");
+    assert_eq!(service.packets, 0, "probes are not the service's traffic");
+    let backend =
+        h.dp.counters(MapName::BACKEND_STATS, backend_id)
+            .expect("BACKEND_STATS");
+    assert_eq!(backend.packets, 0, "nor the backend's");
+}
+
 #[test]
 fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
     let net = TestNet::new();
@@ -106,16 +135,12 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         probes
             .insert(
                 port.to_be(),
-                ProbeEntry {
-                    vip: be(VIP_DSR),
-                    vport: 80u16.to_be(),
-                    protocol: 6,
-                    backend: be(WEBS[0]),
-                    backend_port: 80u16.to_be(),
-                    service_id,
-                    backend_id,
-                    ..ProbeEntry::default()
-                },
+                ProbeEntry::new(
+                    (be(VIP_DSR), 80),
+                    6,
+                    (be(WEBS[0]), 80),
+                    (service_id, backend_id),
+                ),
                 0,
             )
             .expect("write PROBES");
@@ -128,13 +153,8 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
 
         // The probe: out to web1 (its entry's backend, whatever the
         // service's scheduler would pick) as a DSR client's packet goes.
-        let steer = |h: &mut Harness, frame: &[u8]| {
-            let prog = xdp::xdp_program(h.dp.ebpf(), "lb_probe").expect("load lb_probe");
-            let r = xdp::test_run(prog, veth, frame, 0, true).expect("BPF_PROG_TEST_RUN");
-            (r.action, r.frame.unwrap_or_default())
-        };
         let syn = probe(port, VIP_DSR);
-        let (action, out) = steer(&mut h, &syn.build());
+        let (action, out) = steer(&mut h, veth, &syn.build());
         assert_eq!(action, XDP_REDIRECT, "the probe is sent on");
         let want = Tcp {
             src_mac: BACK_MAC,
@@ -147,9 +167,9 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         assert_eq!(entry.ifindex, h.back);
 
         // Not probes: an unknown port, a probe port to another VIP.
-        let (action, _) = steer(&mut h, &probe(port + 1, VIP_DSR).build());
+        let (action, _) = steer(&mut h, veth, &probe(port + 1, VIP_DSR).build());
         assert_eq!(action, XDP_DROP, "a port without an entry");
-        let (action, _) = steer(&mut h, &probe(port, VIP).build());
+        let (action, _) = steer(&mut h, veth, &probe(port, VIP).build());
         assert_eq!(action, XDP_DROP, "another VIP than the entry's");
 
         // web1's answer goes into the veth, addressed to the probe end.
@@ -192,18 +212,7 @@ fn a_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         assert_eq!(out, client);
 
         // Counted as probes only.
-        let counted = stats(&h);
-        assert_eq!(counted[ProbeCounter::Sent as usize], 1, "{counted:?}");
-        assert_eq!(counted[ProbeCounter::Unknown as usize], 2, "{counted:?}");
-        assert_eq!(counted[ProbeCounter::Answers as usize], 1, "{counted:?}");
-        let service =
-            h.dp.counters(MapName::SERVICE_STATS, service_id)
-                .expect("SERVICE_STATS");
-        assert_eq!(service.packets, 0, "probes are not the service's traffic");
-        let backend =
-            h.dp.counters(MapName::BACKEND_STATS, backend_id)
-                .expect("BACKEND_STATS");
-        assert_eq!(backend.packets, 0, "nor the backend's");
+        counted_as_probes_only(&h, (service_id, backend_id), 2);
     });
 }
 
@@ -276,16 +285,12 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         probes
             .insert(
                 port.to_be(),
-                ProbeEntry6 {
-                    vip: addr_of(VIP_DSR6),
-                    vport: 80u16.to_be(),
-                    protocol: 6,
-                    backend: addr_of(web6(0)),
-                    backend_port: 80u16.to_be(),
-                    service_id,
-                    backend_id,
-                    ..ProbeEntry6::default()
-                },
+                ProbeEntry6::new(
+                    (addr_of(VIP_DSR6), 80),
+                    6,
+                    (addr_of(web6(0)), 80),
+                    (service_id, backend_id),
+                ),
                 0,
             )
             .expect("write PROBES6");
@@ -297,15 +302,10 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
         let out = h.expect(h.back, &early, XDP_PASS, Verdict::PassNotOurs);
         assert_eq!(out, early, "passed untouched");
 
-        let steer = |h: &mut Harness, frame: &[u8]| {
-            let prog = xdp::xdp_program(h.dp.ebpf(), "lb_probe").expect("load lb_probe");
-            let r = xdp::test_run(prog, veth, frame, 0, true).expect("BPF_PROG_TEST_RUN");
-            (r.action, r.frame.unwrap_or_default())
-        };
         // The probe: out to web1, as a DSR client's IPv6 packet goes (the
         // MACs only; DSR keeps the hop limit).
         let syn = probe6(port, VIP_DSR6);
-        let (action, out) = steer(&mut h, &syn);
+        let (action, out) = steer(&mut h, veth, &syn);
         assert_eq!(action, XDP_REDIRECT, "the probe is sent on");
         let mut want = syn.clone();
         want[..6].copy_from_slice(&WEB_MACS[0]);
@@ -317,9 +317,9 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
 
         // Not probes: an unknown port, a probe port to another VIP, an
         // echo request to the VIP6 (which the LB's stack would answer).
-        let (action, _) = steer(&mut h, &probe6(port + 1, VIP_DSR6));
+        let (action, _) = steer(&mut h, veth, &probe6(port + 1, VIP_DSR6));
         assert_eq!(action, XDP_DROP, "a port without an entry");
-        let (action, _) = steer(&mut h, &probe6(port, VIP_NAT6));
+        let (action, _) = steer(&mut h, veth, &probe6(port, VIP_NAT6));
         assert_eq!(action, XDP_DROP, "another VIP than the entry's");
         let mut echo = Vec::new();
         PacketBuilder::ethernet2(PROBE_MAC, HOST_MAC)
@@ -330,7 +330,7 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
             }))
             .write(&mut echo, b"ping")
             .expect("echo");
-        let (action, _) = steer(&mut h, &echo);
+        let (action, _) = steer(&mut h, veth, &echo);
         assert_eq!(action, XDP_DROP, "a non-probe frame to the VIP6");
         // Neighbour discovery (to a solicited-node group) is the link's.
         let solicited = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1];
@@ -344,7 +344,7 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
             })
             .write(&mut ns, &[0; 16])
             .expect("neighbour solicitation");
-        let (action, out) = steer(&mut h, &ns);
+        let (action, out) = steer(&mut h, veth, &ns);
         assert_eq!(action, XDP_PASS, "neighbour discovery passes");
         assert_eq!(out, ns, "untouched");
 
@@ -378,18 +378,7 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
 
         // Counted as probes only (`Unknown` counts the passed neighbour
         // solicitation too, as IPv4's ARP).
-        let counted = stats(&h);
-        assert_eq!(counted[ProbeCounter::Sent as usize], 1, "{counted:?}");
-        assert_eq!(counted[ProbeCounter::Unknown as usize], 4, "{counted:?}");
-        assert_eq!(counted[ProbeCounter::Answers as usize], 1, "{counted:?}");
-        let service =
-            h.dp.counters(MapName::SERVICE_STATS, service_id)
-                .expect("SERVICE_STATS");
-        assert_eq!(service.packets, 0, "probes are not the service's traffic");
-        let backend =
-            h.dp.counters(MapName::BACKEND_STATS, backend_id)
-                .expect("BACKEND_STATS");
-        assert_eq!(backend.packets, 0, "nor the backend's");
+        counted_as_probes_only(&h, (service_id, backend_id), 4);
     });
 }
 
@@ -402,18 +391,13 @@ fn the_verifier_reports_the_probe_paths_instruction_counts() {
     dual_stack(&net);
     net.run(|| {
         ipv6_forwarding_on();
-        let mut h = Harness::new(&config_v6());
-        xdp::xdp_program(h.dp.ebpf(), "lb_probe").expect("load lb_probe");
-        for name in ["lb", "lb_setup", "lb_v6", "lb_v6_setup", "lb_probe"] {
-            let prog = xdp::xdp_program(h.dp.ebpf(), name).expect("a loaded XDP program");
-            let count = prog
-                .info()
-                .expect("info")
-                .verified_instruction_count()
-                .expect("the kernel reports a verified instruction count");
-            assert!(count > 0, "{name}: {count}");
-            println!("{name}: verified_instruction_count = {count}");
-        }
+        Harness::new(&config_v6()).print_verified_counts(&[
+            "lb",
+            "lb_setup",
+            "lb_v6",
+            "lb_v6_setup",
+            "lb_probe",
+        ]);
     });
 }
 

@@ -367,32 +367,19 @@ impl ThroughVip {
             port,
         };
         let key = port.to_be();
+        let ids = (service_id, backend_id);
+        let protocol = protocol as u8;
         let written = match (vip, backend) {
             (SocketAddr::V4(vip), SocketAddr::V4(backend)) => {
-                let entry = ProbeEntry {
-                    vip: u32::from_ne_bytes(vip.ip().octets()),
-                    vport: vip.port().to_be(),
-                    protocol: protocol as u8,
-                    backend: u32::from_ne_bytes(backend.ip().octets()),
-                    backend_port: backend.port().to_be(),
-                    service_id,
-                    backend_id,
-                    ..ProbeEntry::default()
-                };
+                let raw =
+                    |a: std::net::SocketAddrV4| (u32::from_ne_bytes(a.ip().octets()), a.port());
+                let entry = ProbeEntry::new(raw(vip), protocol, raw(backend), ids);
                 let _ = lock(&self.inner.probes6).remove(&key);
                 lock(&self.inner.probes).insert(key, entry, 0)
             }
             (SocketAddr::V6(vip), SocketAddr::V6(backend)) => {
-                let entry = ProbeEntry6 {
-                    vip: addr_of(vip.ip().octets()),
-                    vport: vip.port().to_be(),
-                    protocol: protocol as u8,
-                    backend: addr_of(backend.ip().octets()),
-                    backend_port: backend.port().to_be(),
-                    service_id,
-                    backend_id,
-                    ..ProbeEntry6::default()
-                };
+                let raw = |a: std::net::SocketAddrV6| (addr_of(a.ip().octets()), a.port());
+                let entry = ProbeEntry6::new(raw(vip), protocol, raw(backend), ids);
                 let _ = lock(&self.inner.probes).remove(&key);
                 lock(&self.inner.probes6).insert(key, entry, 0)
             }
