@@ -75,10 +75,10 @@ pub fn lb_probe(ctx: XdpContext) -> u32 {
 pub(crate) trait ProbeFamily: PathFamily<Addr: ProbeAddr + 'static> {
     fn probes() -> &'static HashMap<u16, ProbeEntryOf<Self::Addr>>;
     fn backend_of(entry: &ProbeEntryOf<Self::Addr>) -> Backend;
-    /// The key's destination port in place: the lookup's key pointer is
-    /// the key's own field, as IPv4's code had it (a copy on the stack
-    /// first cost `lb_setup` verified instructions).
-    fn destination_port(key: &Self::FlowKey) -> &u16;
+    /// The key's destination port (an answer's probe port), in place: the
+    /// lookup's key pointer is the key's own field, as IPv4's code had it
+    /// (a copy on the stack first cost `lb_setup` verified instructions).
+    fn probe_port(key: &Self::FlowKey) -> &u16;
 }
 
 impl ProbeFamily for V4 {
@@ -88,7 +88,7 @@ impl ProbeFamily for V4 {
     }
 
     #[inline(always)]
-    fn destination_port(key: &lb_common::FlowKey) -> &u16 {
+    fn probe_port(key: &lb_common::FlowKey) -> &u16 {
         &key.dport
     }
 
@@ -111,7 +111,7 @@ impl ProbeFamily for V6 {
     }
 
     #[inline(always)]
-    fn destination_port(key: &FlowKey6) -> &u16 {
+    fn probe_port(key: &FlowKey6) -> &u16 {
         &key.dport
     }
 
@@ -149,7 +149,8 @@ fn steer(ctx: &XdpContext) -> (u32, ProbeCounter) {
         };
         let mut destination: Addr6 = [0; 4];
         // SAFETY: `ip_header` checked the fixed header's bounds (16 bytes,
-        // 2-byte aligned); a copy by value became an out-of-line memmove.
+        // 2-byte aligned). `copy_addr`, not a copy by value, which compiles
+        // to an out-of-line memmove on the bpf target (ipv6.rs).
         unsafe { copy_addr(&raw mut destination, &raw const (*ip).daddr) };
         if is_link_scoped(&destination) {
             // Neighbour discovery, MLD, router solicitation: the
@@ -216,7 +217,7 @@ pub(crate) fn answer<F: ProbeFamily>(
     pkt: &Packet<F>,
     key: &F::FlowKey,
 ) -> Option<Outcome> {
-    let port = F::destination_port(key);
+    let port = F::probe_port(key);
     if !is_probe_port(u16::from_be(*port)) {
         return None;
     }
