@@ -26,6 +26,20 @@ use crate::{
 /// An IPv6 address as the packet carries it: four raw network-order words.
 pub type Addr6 = [u32; 4];
 
+/// Is `addr` link-scoped: link-local unicast (fe80::/10) or multicast of
+/// interface or link scope (ff01::/16, ff02::/16 and their flag variants)?
+/// Neighbour discovery, MLD and router solicitation go to such addresses;
+/// a host never routes them off the link and a VIP is never one, so the
+/// probe namespace's housekeeping can pass to the LB's stack safely.
+#[inline(always)]
+pub fn is_link_scoped(addr: &Addr6) -> bool {
+    let first = u32::from_be(addr[0]);
+    let link_local = first >> 22 == 0xfe80 >> 6;
+    let multicast = first >> 24 == 0xff;
+    let scope = (first >> 16) & 0xf;
+    link_local || (multicast && scope <= 2)
+}
+
 /// EtherType of IPv6, raw network order.
 pub const ETH_P_IPV6_RAW: u16 = 0x86ddu16.to_be();
 /// `AF_INET6` (`bpf_fib_lookup`'s family).

@@ -29,7 +29,8 @@ pub enum Pinning {
     /// (and are not counted) until `lb teardown`.
     PinnedMayBeShorter,
     /// Not pinned: made afresh by every load, for the reason given: the
-    /// checks through the VIP's maps (`PROBES`, `PROBE_CONF`, `PROBE_STATS`),
+    /// checks through the VIP's maps (`PROBES`, `PROBES6`, `PROBE_CONF`,
+    /// `PROBE_STATS`),
     /// which live and die with the agent's prober. The tools' maps (pktgen,
     /// bench) live in lb-ebpf-tools' objects, which are never pinned.
     Unpinned { why: &'static str },
@@ -184,6 +185,10 @@ maps! {
     /// Checks through the VIP: probe source port → its backend.
     PROBES: Pinning::Unpinned {
         why: "a probe's entry lives as long as the probe, which ends with the agent that runs it",
+    };
+    /// Checks through the VIP: IPv6 probe source port → its backend.
+    PROBES6: Pinning::Unpinned {
+        why: "an IPv6 probe's entry lives as long as the probe, which ends with the agent that runs it",
     };
     /// Checks through the VIP: the probe namespace's veth.
     PROBE_CONF: Pinning::Unpinned {

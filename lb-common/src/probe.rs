@@ -10,6 +10,13 @@
 //! (from the VIP, to a probe port, from the MAC and interface the probe
 //! left by) back into the veth before the LB's own stack sees it. The
 //! checks themselves are pure, here, for host tests.
+//!
+//! IPv6 probes have their own map, `PROBES6` (port → [`ProbeEntry6`]), of
+//! the same shape with 16-byte addresses: IPv4's entries stay 36 bytes and
+//! IPv4's programs never read an IPv6 one. The ports are one range for
+//! both: a port is one probe, of either family (the agent hands them out).
+
+use crate::ipv6::Addr6;
 
 /// The probes' source ports (host order, inclusive): above Linux's default
 /// ephemeral range (32768–60999), so no connection of the LB host's own is
@@ -27,21 +34,24 @@ pub const fn is_probe_port(port: u16) -> bool {
     port >= PROBE_PORT_FIRST && port <= PROBE_PORT_LAST
 }
 
-/// `PROBES[source port, network order]`: where one probe goes. The agent
-/// writes the first fields before the probe's first packet; `lb_probe`
-/// fills in the way it left (`ifindex`, `mac`), which its answer must come
-/// back by.
+/// `PROBES[source port, network order]` (IPv4) and `PROBES6[…]` (IPv6):
+/// where one probe goes. The agent writes the first fields before the
+/// probe's first packet; `lb_probe` fills in the way it left (`ifindex`,
+/// `mac`), which its answer must come back by. `A` is the family's address
+/// (`u32`, `Addr6`: raw network-order words).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProbeEntry {
+pub struct ProbeEntryOf<A> {
     /// The service's VIP and port (network order): the probe's destination
     /// and its answer's source.
-    pub vip: u32,
+    pub vip: A,
     pub vport: u16,
     pub protocol: u8,
     pub _pad: u8,
-    /// The backend's address and port (network order).
-    pub backend: u32,
+    /// The backend's address and port (network order). For IPv6 the data
+    /// plane sends to the address `BACKENDS6[backend_id]` holds (as a
+    /// client's flow goes); this one is the agent's record of it.
+    pub backend: A,
     pub backend_port: u16,
     pub _pad2: u16,
     /// The service's id (`SERVICE_CONF`): its mode.
@@ -54,6 +64,49 @@ pub struct ProbeEntry {
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub _pad3: u16,
+}
+
+impl<A: Default> ProbeEntryOf<A> {
+    /// The entry the agent writes for a probe of the service `ids.0`'s
+    /// `vip` (address, port in host order) over `protocol`, to its backend
+    /// `ids.1` at `backend`; the way out is `lb_probe`'s to fill in.
+    pub fn new(vip: (A, u16), protocol: u8, backend: (A, u16), ids: (u32, u32)) -> Self {
+        ProbeEntryOf {
+            vip: vip.0,
+            vport: vip.1.to_be(),
+            protocol,
+            backend: backend.0,
+            backend_port: backend.1.to_be(),
+            service_id: ids.0,
+            backend_id: ids.1,
+            ..ProbeEntryOf::default()
+        }
+    }
+}
+
+/// An IPv4 probe's entry (`PROBES`).
+pub type ProbeEntry = ProbeEntryOf<u32>;
+/// An IPv6 probe's entry (`PROBES6`).
+pub type ProbeEntry6 = ProbeEntryOf<Addr6>;
+
+/// A probe entry's address: compared word by word (an array compare
+/// becomes a call to an out-of-line memcmp on the bpf target).
+pub trait ProbeAddr: Copy {
+    fn same(&self, other: &Self) -> bool;
+}
+
+impl ProbeAddr for u32 {
+    #[inline(always)]
+    fn same(&self, other: &u32) -> bool {
+        self == other
+    }
+}
+
+impl ProbeAddr for Addr6 {
+    #[inline(always)]
+    fn same(&self, other: &Addr6) -> bool {
+        self[0] == other[0] && self[1] == other[1] && self[2] == other[2] && self[3] == other[3]
+    }
 }
 
 /// `PROBE_CONF[0]`: the probe namespace's veth, as the `lb` program hands
@@ -79,9 +132,11 @@ pub enum ProbeCounter {
     /// Probe packets dropped: their backend had no next hop yet (the agent
     /// resolves it), they were too big, or their service is gone.
     NotSent = 1,
-    /// IPv4 packets from the probe namespace without a `PROBES` entry:
-    /// dropped (never handed to the LB's stack, where the VIP is local and
-    /// would answer for the backend).
+    /// IPv4 and IPv6 packets from the probe namespace without a `PROBES`
+    /// (`PROBES6`) entry: dropped (never handed to the LB's stack, where
+    /// the VIP is local and would answer for the backend). The frames
+    /// `lb_probe` passes to the kernel (ARP, IPv6's link-scoped neighbour
+    /// discovery and MLD) count here too.
     Unknown = 2,
     /// Backends' answers handed into the probe namespace.
     Answers = 3,
@@ -95,16 +150,16 @@ pub const PROBE_COUNTERS: u32 = 4;
 /// the interface and from the MAC the probe left to. A client on another
 /// segment (or a spoofer without the backend's MAC) gets nothing handed in.
 #[inline(always)]
-pub fn answers(
-    entry: &ProbeEntry,
-    source: u32,
+pub fn answers<A: ProbeAddr>(
+    entry: &ProbeEntryOf<A>,
+    source: A,
     source_port: u16,
     ifindex: u32,
     mac: &[u8; 6],
 ) -> bool {
     entry.ifindex != 0
         && entry.ifindex == ifindex
-        && entry.vip == source
+        && entry.vip.same(&source)
         && entry.vport == source_port
         // Byte by byte: an array compare became a call to an out-of-line
         // memcmp on the bpf target.
@@ -117,12 +172,14 @@ pub fn answers(
 }
 
 const _: () = assert!(core::mem::size_of::<ProbeEntry>() == 36);
+const _: () = assert!(core::mem::size_of::<ProbeEntry6>() == 60);
 const _: () = assert!(core::mem::size_of::<ProbeConf>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), Copy, explicit padding, sizes asserted above.
     unsafe impl aya::Pod for super::ProbeEntry {}
+    unsafe impl aya::Pod for super::ProbeEntry6 {}
     unsafe impl aya::Pod for super::ProbeConf {}
 }
 
@@ -172,6 +229,48 @@ mod tests {
         };
         assert!(
             !answers(&unsent, 0x0a00_0001, 80u16.to_be(), 0, &[0; 6]),
+            "not sent yet"
+        );
+    }
+
+    #[test]
+    fn only_the_backends_answer_by_the_probes_way_is_handed_in_over_ipv6() {
+        let vip6: Addr6 = [0x2001_0db8u32.to_be(), 0x18u32.to_be(), 0, 0x10u32.to_be()];
+        let entry = ProbeEntry6 {
+            vip: vip6,
+            vport: 80u16.to_be(),
+            ifindex: 3,
+            mac: [2, 0, 0, 0, 0, 9],
+            ..ProbeEntry6::default()
+        };
+        let mac = [2, 0, 0, 0, 0, 9];
+        assert!(answers(&entry, vip6, 80u16.to_be(), 3, &mac));
+        for word in 0..4 {
+            let mut other = vip6;
+            other[word] ^= 1u32.to_be();
+            assert!(
+                !answers(&entry, other, 80u16.to_be(), 3, &mac),
+                "another source (word {word})"
+            );
+        }
+        assert!(
+            !answers(&entry, vip6, 81u16.to_be(), 3, &mac),
+            "another port"
+        );
+        assert!(
+            !answers(&entry, vip6, 80u16.to_be(), 4, &mac),
+            "another interface"
+        );
+        assert!(
+            !answers(&entry, vip6, 80u16.to_be(), 3, &[2, 0, 0, 0, 0, 8]),
+            "another MAC"
+        );
+        let unsent = ProbeEntry6 {
+            ifindex: 0,
+            ..entry
+        };
+        assert!(
+            !answers(&unsent, vip6, 80u16.to_be(), 0, &[0; 6]),
             "not sent yet"
         );
     }

@@ -25,9 +25,8 @@
 //! its verifier budget. A packet too big for its next hop is answered with
 //! ICMPv6 "packet too big" (`icmp6::too_big`), by that program too.
 //!
-//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT and
-//! tunnels (config refuses them), the firewall's IPv6 rules, flow sync,
-//! checks through the VIP.
+//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT, the
+//! tunnels and PROXY v2 (config refuses them).
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
@@ -55,7 +54,7 @@ use crate::{
     frag6, hops, icmp6,
     mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote},
-    parse6, schedule,
+    parse6, probe, schedule,
     stage::tail_call,
     verdict::{Outcome, drop, pass},
 };
@@ -210,8 +209,8 @@ impl PathFamily for V6 {
     }
 
     #[inline(always)]
-    fn probe_answer(_ctx: &XdpContext, _pkt: &Packet<V6>, _key: &FlowKey6) -> Option<Outcome> {
-        None
+    fn probe_answer(ctx: &XdpContext, pkt: &Packet<V6>, key: &FlowKey6) -> Option<Outcome> {
+        probe::answer(ctx, pkt, key)
     }
 
     #[inline(always)]

@@ -417,6 +417,23 @@ impl Harness {
         assert_eq!(changed, vec![reason], "verdict counters: {what}");
         out
     }
+
+    /// Loads each of `programs` (if not loaded yet) and prints its verified
+    /// (processed) instruction count (run with `--nocapture` to see them),
+    /// asserting it is within the verifier's 1 000 000.
+    pub fn print_verified_counts(&mut self, programs: &[&str]) {
+        for &name in programs {
+            let prog = xdp::xdp_program(self.dp.ebpf(), name)
+                .unwrap_or_else(|e| panic!("load {name}: {e:#}"));
+            let count = prog
+                .info()
+                .expect("info")
+                .verified_instruction_count()
+                .expect("the kernel reports a verified instruction count");
+            assert!(count > 0 && count < 1_000_000, "{name}: {count}");
+            println!("{name}: verified_instruction_count = {count}");
+        }
+    }
 }
 
 /// How much `verdict`'s counter grew from `before` to `after` (two

@@ -13,6 +13,10 @@
 //! replaced by the next agent's, and removed by `lb teardown`. The agent's probe namespace
 //! exists while it runs and is gone once it stopped.
 //!
+//! The same over IPv6 (issue 24): the three services on the VIP6
+//! [2001:db8:18::10] over the webs' IPv6 addresses, web1 losing the VIP6
+//! from its `lo` and getting it back.
+//!
 //! Needs root; fails loudly without it.
 
 use std::{
@@ -22,12 +26,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::{backend_status, lb_bin, status, unique_prefix, wait_for_status};
+use lb_tests::{backend_status, lab6, lb_bin, status, unique_prefix, wait_for_status};
 use lb_userspace::{
     config::Forwarding,
     control::HealthStatus,
     harness::{
-        lab::{Lab, VIP, web_addr},
+        lab::{Lab, VIP, VIP6, web_addr, web_addr6},
         netns,
     },
     health::through_vip::Names,
@@ -35,15 +39,27 @@ use lb_userspace::{
 
 const INTERVAL_MS: u64 = 200;
 
+/// The services of IPv4's test.
+const SERVICES: [&str; 3] = ["www", "plain", "dgram"];
+/// The services of IPv6's test.
+const SERVICES6: [&str; 3] = ["www6", "plain6", "dgram6"];
+
+/// IPv4's three services on the VIP.
 fn config() -> String {
+    config_on(&VIP.to_string(), "", |n| web_addr(n).to_string())
+}
+
+/// IPv6's three services on the VIP6, over the webs' IPv6 addresses.
+fn config6() -> String {
+    config_on(&format!("[{VIP6}]"), "6", |n| format!("[{}]", web_addr6(n)))
+}
+
+/// `www`, `plain` and `dgram` (each name followed by `suffix`) on `vip`
+/// over the webs at `web(n)`.
+fn config_on(vip: &str, suffix: &str, web: impl Fn(usize) -> String) -> String {
     let backends = |port: u16| -> String {
         (1..=3)
-            .map(|n| {
-                format!(
-                    "{{ name = \"web{n}\", address = \"{}:{port}\" }}",
-                    web_addr(n)
-                )
-            })
+            .map(|n| format!("{{ name = \"web{n}\", address = \"{}:{port}\" }}", web(n)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -55,9 +71,9 @@ fn config() -> String {
     };
     format!(
         "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nforwarding = \"dsr\"\n\n\
-         [[service]]\nname = \"www\"\nvip = \"{VIP}:80\"\n{}\nbackends = [ {} ]\n\n\
-         [[service]]\nname = \"plain\"\nvip = \"{VIP}:443\"\n{}\nbackends = [ {} ]\n\n\
-         [[service]]\nname = \"dgram\"\nvip = \"{VIP}:5353\"\nprotocol = \"udp\"\n{}\nbackends = [ {} ]\n",
+         [[service]]\nname = \"www{suffix}\"\nvip = \"{vip}:80\"\n{}\nbackends = [ {} ]\n\n\
+         [[service]]\nname = \"plain{suffix}\"\nvip = \"{vip}:443\"\n{}\nbackends = [ {} ]\n\n\
+         [[service]]\nname = \"dgram{suffix}\"\nvip = \"{vip}:5353\"\nprotocol = \"udp\"\n{}\nbackends = [ {} ]\n",
         check(", through-vip = true"),
         backends(80),
         check(", port = 80"),
@@ -74,10 +90,10 @@ fn health(lab: &Lab, service: &str, web: &str) -> Result<HealthStatus> {
     Ok(backend_status(&status(lab)?, service, web)?.health)
 }
 
-/// web2 and web3 are UP under both services.
-fn others_up(lab: &Lab) -> Result<()> {
+/// web2 and web3 are UP under every one of `services`.
+fn others_up(lab: &Lab, services: &[&str]) -> Result<()> {
     let s = status(lab)?;
-    for service in ["www", "plain", "dgram"] {
+    for service in services {
         for web in ["web2", "web3"] {
             let b = backend_status(&s, service, web)?;
             ensure!(
@@ -90,11 +106,16 @@ fn others_up(lab: &Lab) -> Result<()> {
 }
 
 /// Waits up to `within` for web1's health under `service`, checking that
-/// the others stay UP meanwhile.
-fn wait_web1(lab: &Lab, service: &str, want: HealthStatus, within: Duration) -> Result<Duration> {
+/// the others stay UP meanwhile under every one of `services`.
+fn wait_web1(
+    lab: &Lab,
+    (services, service): (&[&str], &str),
+    want: HealthStatus,
+    within: Duration,
+) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        others_up(lab)?;
+        others_up(lab, services)?;
         let now = health(lab, service, "web1")?;
         if now == want {
             return Ok(start.elapsed());
@@ -121,53 +142,7 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
         probe_ns.display()
     );
 
-    wait_for_status(&lab, "every backend up", Duration::from_secs(10), |s| {
-        s.services
-            .iter()
-            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
-    })?;
-
-    // web1 loses the VIP: its own address still answers, the VIP does not.
-    let web1 = lab.web_ns(1);
-    let vip = format!("{VIP}/32");
-    netns::ns_run(&web1, &["ip", "addr", "del", &vip, "dev", "lo"])?;
-    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
-    let down = wait_web1(&lab, "www", HealthStatus::Down, fall)?;
-    eprintln!("www/web1 DOWN {down:?} after the VIP left its lo");
-    let down = wait_web1(&lab, "dgram", HealthStatus::Down, fall)?;
-    eprintln!("dgram/web1 (udp) DOWN {down:?} after the VIP left its lo");
-    let www1 = backend_status(&status(&lab)?, "www", "web1")?;
-    ensure!(!www1.in_ring, "{www1:?}");
-    let reason = www1.last_check.clone().unwrap_or_default();
-    ensure!(reason.contains("through the VIP"), "{www1:?}");
-    // The plain check of web1's own address keeps it UP, for a while.
-    for _ in 0..10 {
-        ensure!(
-            health(&lab, "plain", "web1")? == HealthStatus::Up,
-            "the plain check lost web1 too"
-        );
-        others_up(&lab)?;
-        thread::sleep(Duration::from_millis(INTERVAL_MS));
-    }
-
-    // The VIP back: UP again under the check through the VIP.
-    netns::ns_run(&web1, &["ip", "addr", "add", &vip, "dev", "lo"])?;
-    let up = wait_web1(&lab, "www", HealthStatus::Up, fall)?;
-    eprintln!("www/web1 UP {up:?} after the VIP came back");
-    let up = wait_web1(&lab, "dgram", HealthStatus::Up, fall)?;
-    eprintln!("dgram/web1 (udp) UP {up:?} after the VIP came back");
-    ensure!(health(&lab, "plain", "web1")? == HealthStatus::Up);
-
-    // Probes are not clients: the services' traffic counters saw none.
-    let s = status(&lab)?;
-    for svc in &s.services {
-        ensure!(
-            svc.packets == 0,
-            "{}: probes were counted as its traffic: {} packets",
-            svc.name,
-            svc.packets
-        );
-    }
+    web1_without_the_vip(&lab, &SERVICES, &["ip", "addr"], &format!("{VIP}/32"))?;
 
     // A killed agent leaves its namespace; the next one replaces it (one
     // veth, one namespace) and its checks through the VIP run again.
@@ -214,4 +189,94 @@ fn a_backend_without_the_vip_fails_the_check_through_the_vip_only() -> Result<()
     ensure!(out.contains(&names.netns), "teardown said: {out}");
     ensure!(!probe_ns.exists(), "teardown left {}", probe_ns.display());
     Ok(())
+}
+
+/// The scenario of both families' tests, on `services` (`www`, `plain`,
+/// `dgram` and their suffix) once every backend is up: web1 loses `vip`
+/// (removed and added back with `ip_addr`, e.g. `ip -6 addr`) from its
+/// `lo` and goes DOWN under the checks through the VIP (HTTP and UDP)
+/// while the plain check keeps it UP; the VIP back, it is UP again; web2
+/// and web3 stay UP throughout, and no probe counts as a service's traffic.
+fn web1_without_the_vip(
+    lab: &Lab,
+    services: &[&str; 3],
+    ip_addr: &[&str],
+    vip: &str,
+) -> Result<()> {
+    let [www, plain, dgram] = *services;
+    wait_for_status(lab, "every backend up", Duration::from_secs(10), |s| {
+        s.services
+            .iter()
+            .all(|svc| svc.backends.iter().all(|b| b.health == HealthStatus::Up))
+    })?;
+    let www1 = backend_status(&status(lab)?, www, "web1")?;
+    ensure!(www1.last_check.as_deref() == Some("ok"), "{www1:?}");
+
+    // web1 loses the VIP: its own address still answers, the VIP does not.
+    let web1 = lab.web_ns(1);
+    let on_lo = |verb: &str| -> Result<String> {
+        let args: Vec<&str> = ip_addr
+            .iter()
+            .copied()
+            .chain([verb, vip, "dev", "lo"])
+            .collect();
+        netns::ns_run(&web1, &args)
+    };
+    on_lo("del")?;
+    let fall = Duration::from_millis(2 * INTERVAL_MS + 2000);
+    for service in [www, dgram] {
+        let down = wait_web1(lab, (services, service), HealthStatus::Down, fall)?;
+        eprintln!("{service}/web1 DOWN {down:?} after {vip} left its lo");
+    }
+    let www1 = backend_status(&status(lab)?, www, "web1")?;
+    ensure!(!www1.in_ring, "{www1:?}");
+    let reason = www1.last_check.clone().unwrap_or_default();
+    ensure!(reason.contains("through the VIP"), "{www1:?}");
+    // The plain check of web1's own address keeps it UP, for a while.
+    for _ in 0..10 {
+        ensure!(
+            health(lab, plain, "web1")? == HealthStatus::Up,
+            "the plain check lost web1 too"
+        );
+        others_up(lab, services)?;
+        thread::sleep(Duration::from_millis(INTERVAL_MS));
+    }
+
+    // The VIP back: UP again under the checks through the VIP.
+    on_lo("add")?;
+    for service in [www, dgram] {
+        let up = wait_web1(lab, (services, service), HealthStatus::Up, fall)?;
+        eprintln!("{service}/web1 UP {up:?} after {vip} came back");
+    }
+    ensure!(health(lab, plain, "web1")? == HealthStatus::Up);
+
+    // Probes are not clients: the services' traffic counters saw none.
+    let s = status(lab)?;
+    for svc in &s.services {
+        ensure!(
+            svc.packets == 0,
+            "{}: probes were counted as its traffic: {} packets",
+            svc.name,
+            svc.packets
+        );
+    }
+    Ok(())
+}
+
+/// IPv6's twin of the test above: the three services on the VIP6; web1
+/// without the VIP6 on its `lo` goes DOWN under the checks through the
+/// VIP (HTTP and UDP, probes from the LB's own IPv6 address carried by
+/// `lb_probe` over `PROBES6`) and stays UP under the plain check; the VIP6
+/// back, it is UP again.
+#[test]
+fn a_backend_without_the_vip6_fails_the_check_through_the_vip_only() -> Result<()> {
+    let lab = lab6::up("k24p6")?;
+    lab.set_mode(Forwarding::Dsr)?;
+    let _agent = lab.start_agent(&config6())?;
+    web1_without_the_vip(
+        &lab,
+        &SERVICES6,
+        &["ip", "-6", "addr"],
+        &format!("{VIP6}/128"),
+    )
 }

@@ -656,21 +656,6 @@ fn a_proxy_flow_keeps_its_header_and_shifts_across_a_restart() {
 fn the_verifier_reports_each_programs_instruction_count() {
     let net = TestNet::new();
     net.run(|| {
-        let mut h = Harness::new(&config());
-        for name in ["lb", "lb_setup", "lb_proxy"] {
-            let prog: &mut aya::programs::Xdp =
-                h.dp.ebpf()
-                    .program_mut(name)
-                    .unwrap_or_else(|| panic!("{name} in the object"))
-                    .try_into()
-                    .expect("an XDP program");
-            let count = prog
-                .info()
-                .expect("info")
-                .verified_instruction_count()
-                .expect("the kernel reports a verified instruction count");
-            assert!(count > 0, "{name}: {count}");
-            println!("{name}: verified_instruction_count = {count}");
-        }
+        Harness::new(&config()).print_verified_counts(&["lb", "lb_setup", "lb_proxy"]);
     });
 }

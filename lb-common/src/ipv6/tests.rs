@@ -629,3 +629,32 @@ proptest! {
         prop_assert_eq!(key.daddr, { ip.daddr });
     }
 }
+
+#[test]
+fn link_scoped_addresses_are_link_local_unicast_and_link_or_interface_multicast() {
+    for scoped in [
+        "fe80::1",
+        "febf:ffff::1",
+        "ff02::1",
+        "ff02::16",
+        "ff02::1:ff00:1",
+        "ff01::1",
+        "ff12::1",
+    ] {
+        let addr: std::net::Ipv6Addr = scoped.parse().unwrap();
+        assert!(is_link_scoped(&addr_of(addr.octets())), "{scoped}");
+    }
+    for routed in [
+        "2001:db8:18::10",
+        "fec0::1",
+        "fe7f::1",
+        "ff05::2",
+        "ff0e::1",
+        "::1",
+        "::",
+        "fd00::1",
+    ] {
+        let addr: std::net::Ipv6Addr = routed.parse().unwrap();
+        assert!(!is_link_scoped(&addr_of(addr.octets())), "{routed}");
+    }
+}

@@ -55,7 +55,7 @@ pub enum BackendAddr {
 pub type BackendKey = (u32, BackendAddr, u16);
 
 /// A service's key in its family's map.
-fn svc_key(svc: &config::Service) -> SvcKey {
+pub(super) fn svc_key(svc: &config::Service) -> SvcKey {
     match service_key(svc) {
         Some(key) => SvcKey::V4(key),
         None => {
@@ -74,7 +74,7 @@ fn svc_key(svc: &config::Service) -> SvcKey {
 }
 
 /// An address and port as the maps hold them, in either family.
-fn any_endpoint(addr: SocketAddr) -> (BackendAddr, u16) {
+pub(super) fn any_endpoint(addr: SocketAddr) -> (BackendAddr, u16) {
     match addr {
         SocketAddr::V4(v4) => {
             let (a, p) = raw_endpoint(v4);

@@ -2,18 +2,14 @@
 //! (`health::through_vip`): `lb_probe` on the probe namespace's veth, and
 //! the services' ids the probes' entries name.
 
-use std::{
-    collections::BTreeMap,
-    net::{SocketAddr, SocketAddrV4},
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use aya::programs::XdpMode;
 
 use super::{
     Dataplane, DataplaneError, Result,
-    keys::{raw_endpoint, service_key},
     load::program_mut,
-    plan::{BackendAddr, SvcKey},
+    plan::{any_endpoint, svc_key},
 };
 use crate::config::Config;
 
@@ -22,8 +18,8 @@ use crate::config::Config;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceRoute {
     pub id: u32,
-    pub vip: SocketAddrV4,
-    pub backends: BTreeMap<SocketAddrV4, u32>,
+    pub vip: SocketAddr,
+    pub backends: BTreeMap<SocketAddr, u32>,
 }
 
 /// The steering program's name in the object (lb-ebpf/src/probe.rs).
@@ -49,31 +45,29 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every service of `cfg` the maps hold (IPv4's: probes through the
-    /// VIP are IPv4 frames): its VIP, its id and its backends' ids.
+    /// Every service of `cfg` the maps hold, of either family: its VIP, its
+    /// id and its backends' ids.
     pub fn service_routes(&self, cfg: &Config) -> BTreeMap<String, ServiceRoute> {
         cfg.services
             .iter()
             .filter_map(|s| {
-                let SocketAddr::V4(vip) = s.vip else {
-                    return None;
-                };
-                let id = *self.ids.services.get(&SvcKey::V4(service_key(s)?))?;
+                let id = *self.ids.services.get(&svc_key(s))?;
                 let backends = s
                     .backends
                     .iter()
                     .filter_map(|b| {
-                        let SocketAddr::V4(address) = b.address else {
-                            return None;
-                        };
-                        let (addr, port) = raw_endpoint(address);
-                        Some((
-                            address,
-                            *self.ids.backends.get(&(id, BackendAddr::V4(addr), port))?,
-                        ))
+                        let (addr, port) = any_endpoint(b.address);
+                        Some((b.address, *self.ids.backends.get(&(id, addr, port))?))
                     })
                     .collect();
-                Some((s.name.clone(), ServiceRoute { id, vip, backends }))
+                Some((
+                    s.name.clone(),
+                    ServiceRoute {
+                        id,
+                        vip: s.vip,
+                        backends,
+                    },
+                ))
             })
             .collect()
     }

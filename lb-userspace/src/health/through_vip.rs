@@ -9,7 +9,7 @@
 //! socket made there (by a thread that entered it: the fd then works from
 //! anywhere) binds the LB's own address towards the backend and a probe
 //! port (lb-common/src/probe.rs), which the prober records in `PROBES`
-//! before it connects. `lb_probe` on the veth's host end sends the probe
+//! (`PROBES6` for an IPv6 service) before it connects. `lb_probe` on the veth's host end sends the probe
 //! on to its backend; the `lb` program hands the answer back into the
 //! veth. Setting up the namespace uses `ip` (iproute2).
 //!
@@ -22,7 +22,7 @@ use std::{
     fs,
     hash::{Hash, Hasher},
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd as _},
     path::{Path, PathBuf},
     process::Command,
@@ -32,7 +32,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::probe::{PROBE_PORT_FIRST, PROBE_PORTS, ProbeConf, ProbeEntry};
+use lb_common::{
+    ipv6::addr_of,
+    probe::{PROBE_PORT_FIRST, PROBE_PORTS, ProbeConf, ProbeEntry, ProbeEntry6},
+};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
@@ -48,6 +51,8 @@ const PROBE_IF: &str = "probe0";
 /// The probe namespace's gateway: a link-local address whose MAC is the
 /// host end's (a permanent neighbour entry: no ARP crosses the veth).
 const GATEWAY: &str = "169.254.0.1";
+/// IPv6's gateway: link-local too, the host end's MAC as permanent.
+const GATEWAY6: &str = "fe80::1";
 
 /// The names a pin dir's prober uses: its namespace and its host veth.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,10 +195,14 @@ struct Inner {
     names: Names,
     thread: NetnsThread,
     probes: Mutex<HashMap<MapData, u16, ProbeEntry>>,
+    probes6: Mutex<HashMap<MapData, u16, ProbeEntry6>>,
+    /// The host end's MAC, the IPv6 gateway's (set up at the first IPv6
+    /// probe).
+    host_mac: [u8; 6],
     conf: Mutex<Array<MapData, ProbeConf>>,
     ports: Mutex<Ports>,
     /// The LB addresses already on the probe namespace's end.
-    sources: Mutex<BTreeSet<Ipv4Addr>>,
+    sources: Mutex<BTreeSet<IpAddr>>,
     services: Mutex<BTreeMap<String, ServiceRoute>>,
 }
 
@@ -287,6 +296,8 @@ impl ThroughVip {
             .with_context(|| format!("attaching lb_probe to {host}"))?;
         let probes =
             HashMap::try_from(Map::HashMap(dp.map_data(MapName::PROBES)?)).context("map PROBES")?;
+        let probes6 = HashMap::try_from(Map::HashMap(dp.map_data(MapName::PROBES6)?))
+            .context("map PROBES6")?;
         let mut conf: Array<MapData, ProbeConf> =
             Array::try_from(Map::Array(dp.map_data(MapName::PROBE_CONF)?))
                 .context("map PROBE_CONF")?;
@@ -306,6 +317,8 @@ impl ThroughVip {
                 names: names.clone(),
                 thread,
                 probes: Mutex::new(probes),
+                probes6: Mutex::new(probes6),
+                host_mac,
                 conf: Mutex::new(conf),
                 ports: Mutex::new(Ports {
                     next: 0,
@@ -327,12 +340,14 @@ impl ThroughVip {
     }
 
     /// Gets a probe of `service` to `backend` over `protocol` ready: its
-    /// source address on the namespace's end, a port taken and its `PROBES`
-    /// entry written. The port is free again when the guard drops.
+    /// source address on the namespace's end, a port taken and its entry
+    /// written (`PROBES`, or `PROBES6` for IPv6; the other family's entry of
+    /// the port removed: a port is one probe). The port is free again when
+    /// the guard drops.
     fn prepare(
         &self,
         service: &str,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         protocol: i32,
     ) -> Result<Prepared, ProbeError> {
         let agent = |why: String| ProbeError::Agent(why);
@@ -351,22 +366,33 @@ impl ThroughVip {
             inner: Arc::clone(&self.inner),
             port,
         };
-        let entry = ProbeEntry {
-            vip: u32::from(*vip.ip()).to_be(),
-            vport: vip.port().to_be(),
-            protocol: protocol as u8,
-            backend: u32::from(*backend.ip()).to_be(),
-            backend_port: backend.port().to_be(),
-            service_id,
-            backend_id,
-            ..ProbeEntry::default()
+        let key = port.to_be();
+        let ids = (service_id, backend_id);
+        let protocol = protocol as u8;
+        let written = match (vip, backend) {
+            (SocketAddr::V4(vip), SocketAddr::V4(backend)) => {
+                let raw =
+                    |a: std::net::SocketAddrV4| (u32::from_ne_bytes(a.ip().octets()), a.port());
+                let entry = ProbeEntry::new(raw(vip), protocol, raw(backend), ids);
+                let _ = lock(&self.inner.probes6).remove(&key);
+                lock(&self.inner.probes).insert(key, entry, 0)
+            }
+            (SocketAddr::V6(vip), SocketAddr::V6(backend)) => {
+                let raw = |a: std::net::SocketAddrV6| (addr_of(a.ip().octets()), a.port());
+                let entry = ProbeEntry6::new(raw(vip), protocol, raw(backend), ids);
+                let _ = lock(&self.inner.probes).remove(&key);
+                lock(&self.inner.probes6).insert(key, entry, 0)
+            }
+            _ => {
+                return Err(agent(format!(
+                    "{service}: VIP {vip} and backend {backend} are of two families"
+                )));
+            }
         };
-        lock(&self.inner.probes)
-            .insert(port.to_be(), entry, 0)
-            .map_err(|e| agent(format!("writing PROBES: {e}")))?;
+        written.map_err(|e| agent(format!("writing the probe's entry: {e}")))?;
         Ok(Prepared {
             vip,
-            from: SocketAddrV4::new(source, port),
+            from: SocketAddr::new(source, port),
             _port: guard,
         })
     }
@@ -376,22 +402,26 @@ impl ThroughVip {
     async fn connect(
         &self,
         service: &str,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         timeout: Duration,
     ) -> Result<(TcpStream, Prepared), ProbeError> {
         let probe = self.prepare(service, backend, libc::IPPROTO_TCP)?;
         let (vip, from) = (probe.vip, probe.from);
+        let new = match from {
+            SocketAddr::V4(_) => TcpSocket::new_v4,
+            SocketAddr::V6(_) => TcpSocket::new_v6,
+        };
         let socket = self
             .inner
             .thread
-            .run(TcpSocket::new_v4)
+            .run(new)
             .and_then(|made| made)
             .map_err(|e| ProbeError::Agent(format!("probe socket: {e}")))?;
         socket
             .set_reuseaddr(true)
-            .and_then(|()| socket.bind(from.into()))
+            .and_then(|()| socket.bind(from))
             .map_err(|e| ProbeError::Agent(format!("binding {from}: {e}")))?;
-        let stream = tokio::time::timeout(timeout, socket.connect(vip.into()))
+        let stream = tokio::time::timeout(timeout, socket.connect(vip))
             .await
             .map_err(|_| {
                 ProbeError::Backend(format!(
@@ -410,11 +440,7 @@ impl ThroughVip {
 
     /// A UDP socket connected to `service`'s VIP, whose datagrams the data
     /// plane carries to `backend`.
-    fn udp(
-        &self,
-        service: &str,
-        backend: SocketAddrV4,
-    ) -> Result<(UdpSocket, Prepared), ProbeError> {
+    fn udp(&self, service: &str, backend: SocketAddr) -> Result<(UdpSocket, Prepared), ProbeError> {
         let probe = self.prepare(service, backend, libc::IPPROTO_UDP)?;
         let (vip, from) = (probe.vip, probe.from);
         let socket = self
@@ -440,12 +466,6 @@ impl ThroughVip {
         backend: SocketAddr,
         check: &HealthCheck,
     ) -> Result<(), ProbeError> {
-        // `lb_probe` steers IPv4 frames (its entries are IPv4 endpoints).
-        let SocketAddr::V4(backend) = backend else {
-            return Err(ProbeError::Agent(format!(
-                "{backend}: checks through the VIP are IPv4 only"
-            )));
-        };
         let timeout = check.timeout;
         let deadline = super::probe::deadline_after(timeout);
         let outcome = match &check.check {
@@ -470,30 +490,84 @@ impl ThroughVip {
         })
     }
 
-    /// Puts `source` on the probe namespace's end (once).
-    fn ensure_source(&self, source: Ipv4Addr) -> anyhow::Result<()> {
+    /// Puts `source` on the probe namespace's end (once): a /32, or a /128
+    /// without duplicate address detection (a tentative address cannot be
+    /// bound; the LB owns it on its own side, no one else answers for it
+    /// on the veth). The first IPv6 source brings IPv6's way out too.
+    fn ensure_source(&self, source: IpAddr) -> anyhow::Result<()> {
         let mut sources = lock(&self.inner.sources);
         if sources.contains(&source) {
             return Ok(());
         }
-        ip(&[
-            "-n",
-            &self.inner.names.netns,
-            "addr",
-            "replace",
-            &format!("{source}/32"),
-            "dev",
-            PROBE_IF,
-        ])?;
+        let ns = self.inner.names.netns.as_str();
+        match source {
+            IpAddr::V4(v4) => ip(&[
+                "-n",
+                ns,
+                "addr",
+                "replace",
+                &format!("{v4}/32"),
+                "dev",
+                PROBE_IF,
+            ])?,
+            IpAddr::V6(v6) => {
+                if !sources.iter().any(IpAddr::is_ipv6) {
+                    self.route_ipv6()?;
+                }
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "replace",
+                    &format!("{v6}/128"),
+                    "dev",
+                    PROBE_IF,
+                    "nodad",
+                ])?;
+            }
+        }
         sources.insert(source);
         Ok(())
+    }
+
+    /// IPv6's way out of the probe namespace, as IPv4's: a default route
+    /// via a link-local gateway whose MAC is the host end's (a permanent
+    /// neighbour entry: no neighbour discovery crosses for the probes), and
+    /// forwarding on the host end, without which `bpf_fib_lookup` answers
+    /// nothing for IPv6 there. Made at the first IPv6 probe, so a host
+    /// without IPv6 still probes IPv4 through the VIP.
+    fn route_ipv6(&self) -> anyhow::Result<()> {
+        let (ns, host) = (
+            self.inner.names.netns.as_str(),
+            self.inner.names.host_if.as_str(),
+        );
+        fs::write(format!("/proc/sys/net/ipv6/conf/{host}/forwarding"), "1")
+            .with_context(|| format!("enabling IPv6 forwarding on {host}"))?;
+        let mac_text = crate::xdp::mac_text(self.inner.host_mac);
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "neigh",
+            "replace",
+            GATEWAY6,
+            "lladdr",
+            &mac_text,
+            "dev",
+            PROBE_IF,
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "-n", ns, "-6", "route", "replace", "default", "via", GATEWAY6, "dev", PROBE_IF,
+        ])
     }
 }
 
 /// A probe ready to go: where to, from where, and its port.
 struct Prepared {
-    vip: SocketAddrV4,
-    from: SocketAddrV4,
+    vip: SocketAddr,
+    from: SocketAddr,
     /// Held for its `Drop`: the port is in flight until then.
     _port: PortGuard,
 }
@@ -522,13 +596,14 @@ impl Drop for Inner {
 
 /// The LB's own address the kernel sends from towards `backend` (its
 /// route's source): what a backend answers to directly.
-fn source_towards(backend: SocketAddrV4) -> io::Result<Ipv4Addr> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+fn source_towards(backend: SocketAddr) -> io::Result<IpAddr> {
+    let any = match backend {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
     socket.connect(backend)?;
-    match socket.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(_) => Err(io::Error::other("an IPv6 source")),
-    }
+    Ok(socket.local_addr()?.ip())
 }
 
 /// `SIOCETHTOOL` (linux/sockios.h); `ETHTOOL_SGRO` and `ETHTOOL_STXCSUM`

@@ -1,5 +1,6 @@
-//! `through-vip = true` (checks through the VIP, issue 26): where it is
-//! accepted, where it is refused and why, and its round trip.
+//! `through-vip = true` (checks through the VIP, issue 26; over IPv6, issue
+//! 24): where it is accepted, where it is refused and why, and its round
+//! trip.
 
 use super::*;
 
@@ -36,6 +37,33 @@ fn a_dsr_service_checks_through_the_vip_over_tcp_http_or_udp() {
             .health_for(&service.backends[0])
             .expect("checked")
             .through_vip
+    );
+}
+
+/// An IPv6 DSR service, `health` on it.
+fn dsr6(health: &str) -> String {
+    one_service(
+        &format!("forwarding = \"dsr\"\nhealth = {health}"),
+        r#"{ address = "[2001:db8:19::11]:80" }"#,
+    )
+    .replace("198.18.0.10:80", "[2001:db8:18::10]:80")
+}
+
+#[test]
+fn an_ipv6_dsr_service_checks_through_the_vip6_and_an_ipv6_nat_service_refuses_it() {
+    for check in ["tcp", "http", "udp"] {
+        let cfg = parse_ok(&dsr6(&format!(
+            "{{ check = \"{check}\", through-vip = true }}"
+        )));
+        let service = &cfg.services[0];
+        assert!(service.vip.is_ipv6());
+        let health = service.health_for(&service.backends[0]).expect("checked");
+        assert!(health.through_vip, "{check}");
+    }
+    assert_rejected(
+        &dsr6("{ check = \"tcp\", through-vip = true }").replace("forwarding = \"dsr\"\n", ""),
+        "service[0].health.through-vip",
+        "only valid with forwarding = \"dsr\"",
     );
 }
 
