@@ -223,11 +223,7 @@ pub fn explain(
             );
         }
         if entry.flags & lb_common::FLOW_F_SYNCED != 0 {
-            let _ = writeln!(
-                out,
-                "the entry came from a peer LB ([sync]): the flow was established there, and \
-                 this LB keeps its backend"
-            );
+            let _ = writeln!(out, "{FROM_A_PEER}");
         }
         if query.protocol == IPPROTO_TCP {
             if backend.flags & BACKEND_F_IN_RING != 0 {
@@ -299,6 +295,11 @@ fn new_flow_text(
     out.push_str(&schedule_text(choice, source, service, view));
     out.push_str(&backends_text(view, &service.ring));
 }
+
+/// What `lb explain` says of an entry a peer LB's sync put here, of
+/// either family.
+const FROM_A_PEER: &str = "the entry came from a peer LB ([sync]): the flow was established \
+                           there, and this LB keeps its backend";
 
 /// What IPv6's flow tables hold for a flow (`ESTABLISHED6`, `HALF_OPEN6`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,6 +422,9 @@ pub fn explain6(
                      this flow goes there\n{}",
                     age_text(&f.age)
                 );
+                if f.entry.flags & lb_common::FLOW_F_SYNCED != 0 {
+                    let _ = writeln!(out, "{FROM_A_PEER}");
+                }
             }
         }
         None => {

@@ -397,6 +397,37 @@ fn a_flow_from_a_peer_lb_says_so() {
     assert!(!text.contains("peer"), "{text}");
 }
 
+/// An IPv6 flow a peer LB's sync put here says so, as an IPv4 one does.
+#[test]
+fn an_ipv6_flow_from_a_peer_lb_says_so() {
+    let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
+    let view = view();
+    let (entry, age) = aged(
+        Flow {
+            backend_id: view.backends[0].id,
+            state: lb_common::flow::STATE_ESTABLISHED,
+            flags: lb_common::FLOW_F_SYNCED,
+            ..Flow::default()
+        },
+        IPPROTO_TCP,
+        2,
+        None,
+    );
+    let synced = Flow6Facts {
+        established: true,
+        entry,
+        age,
+    };
+    let text = explain6(&q, Some(&synced), &FlowFacts6::default(), Some(&view), &[]);
+    assert!(text.contains("came from a peer LB ([sync])"), "{text}");
+    let local = Flow6Facts {
+        entry: Flow { flags: 0, ..entry },
+        ..synced
+    };
+    let text = explain6(&q, Some(&local), &FlowFacts6::default(), Some(&view), &[]);
+    assert!(!text.contains("peer"), "{text}");
+}
+
 #[test]
 fn an_ipv6_flow_parses_and_is_answered_honestly() {
     let q = FlowQuery::parse("[2001:db8::2]:41234", "[2001:db8::10]:80/tcp").expect("parse");
