@@ -910,3 +910,46 @@ fn an_ipv6_proxy_flows_segment_with_extension_headers_is_dropped() {
         assert_eq!(out, flow.to_web(&with_header));
     });
 }
+
+/// IPv6: a first segment that fits the link (1500) but not with the 52-byte
+/// header is answered with ICMPv6 "packet too big" announcing 1500 - 52
+/// (from `lb_proxy6`, by `lb_v6_portless`), back to the client; a segment
+/// that fits then gets the header.
+#[test]
+fn a_first_ipv6_segment_too_big_for_the_header_is_answered_with_the_mtu_less_52() {
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(|| {
+        ipv6_forwarding_on();
+        let mut h = Harness::new(&config6());
+        let flow = handshake(&mut h, VIP_NAT6, 42003, false);
+        let big = vec![b'x'; 1500 - 40 - 20];
+        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), &big);
+        let out = h.expect_case(
+            "too big",
+            h.front,
+            &first.build(),
+            XDP_TX,
+            Verdict::FragNeeded,
+        );
+        assert_eq!(&out[14 + 24..14 + 40], &CLIENT_V6, "to the client");
+        assert_eq!((out[54], out[55]), (2, 0), "packet too big");
+        assert_eq!(
+            u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+            1500 - LEN6
+        );
+        let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
+        let out = h.expect_case(
+            "fits",
+            h.front,
+            &fits.build(),
+            XDP_REDIRECT,
+            Verdict::Forwarded,
+        );
+        let with_header = Seg {
+            payload: [flow.header().as_slice(), REQUEST].concat(),
+            ..fits
+        };
+        assert_eq!(out, flow.to_web(&with_header));
+    });
+}
