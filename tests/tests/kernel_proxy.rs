@@ -594,36 +594,46 @@ fn a_first_segment_too_big_for_the_header_is_answered_with_the_mtu_less_28() {
     net.run(|| {
         let mut h = Harness::new(&config());
         let flow = handshake(&mut h, VIP_NAT, 41002, false);
-        // 1500 bytes of IP: fits the link, not with the header.
-        let big = vec![b'x'; 1500 - 20 - 20];
-        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), &big);
-        let out = h.expect_case(
-            "too big",
-            h.front,
-            &first.build(),
-            XDP_TX,
-            Verdict::FragNeeded,
-        );
+        let out = too_big_first_segment(&mut h, &flow);
         // ICMP destination unreachable, fragmentation needed, back to the
         // client, announcing 1500 - 28.
         assert_eq!(&out[30..34], &CLIENT, "to the client");
         assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
         assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1500 - 28);
-        // A segment that fits then gets the header.
-        let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
-        let out = h.expect_case(
-            "fits",
-            h.front,
-            &fits.build(),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-        );
-        let with_header = Seg {
-            payload: [flow.header().as_slice(), REQUEST].concat(),
-            ..fits
-        };
-        assert_eq!(out, flow.to_web(&with_header));
+        a_segment_that_fits_gets_the_header(&mut h, &flow);
     });
+}
+
+/// A first segment of 1500 bytes of IP (fits the link, not with the
+/// header): the LB's answer to it (XDP_TX, `frag_needed`).
+fn too_big_first_segment(h: &mut Harness, flow: &Flow) -> Vec<u8> {
+    let big = vec![b'x'; 1500 - (flow.payload_at() - 14)];
+    let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), &big);
+    h.expect_case(
+        "too big",
+        h.front,
+        &first.build(),
+        XDP_TX,
+        Verdict::FragNeeded,
+    )
+}
+
+/// After a too-big answer (or a dropped segment): the first segment that
+/// fits gets the header.
+fn a_segment_that_fits_gets_the_header(h: &mut Harness, flow: &Flow) {
+    let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
+    let out = h.expect_case(
+        "fits",
+        h.front,
+        &fits.build(),
+        XDP_REDIRECT,
+        Verdict::Forwarded,
+    );
+    let with_header = Seg {
+        payload: [flow.header().as_slice(), REQUEST].concat(),
+        ..fits
+    };
+    assert_eq!(out, flow.to_web(&with_header));
 }
 
 #[test]
@@ -885,8 +895,9 @@ fn an_ipv6_proxy_flows_segment_with_extension_headers_is_dropped() {
         ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42002, false);
-        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
-        let plain = first.build();
+        let plain = flow
+            .client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST)
+            .build();
         // The same segment behind an 8-byte destination-options header
         // (PadN): next header 60, then TCP.
         let mut with_ext = plain[..54].to_vec();
@@ -902,12 +913,7 @@ fn an_ipv6_proxy_flows_segment_with_extension_headers_is_dropped() {
             XDP_DROP,
             Verdict::DropProxyExtHeaders,
         );
-        let out = h.expect_case("without", h.front, &plain, XDP_REDIRECT, Verdict::Forwarded);
-        let with_header = Seg {
-            payload: [flow.header().as_slice(), REQUEST].concat(),
-            ..first
-        };
-        assert_eq!(out, flow.to_web(&with_header));
+        a_segment_that_fits_gets_the_header(&mut h, &flow);
     });
 }
 
@@ -923,33 +929,13 @@ fn a_first_ipv6_segment_too_big_for_the_header_is_answered_with_the_mtu_less_52(
         ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42003, false);
-        let big = vec![b'x'; 1500 - 40 - 20];
-        let first = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), &big);
-        let out = h.expect_case(
-            "too big",
-            h.front,
-            &first.build(),
-            XDP_TX,
-            Verdict::FragNeeded,
-        );
+        let out = too_big_first_segment(&mut h, &flow);
         assert_eq!(&out[14 + 24..14 + 40], &CLIENT_V6, "to the client");
         assert_eq!((out[54], out[55]), (2, 0), "packet too big");
         assert_eq!(
             u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
             1500 - LEN6
         );
-        let fits = flow.client(CLIENT_SEQ + 1, Some(WEB_SEQ + 1), REQUEST);
-        let out = h.expect_case(
-            "fits",
-            h.front,
-            &fits.build(),
-            XDP_REDIRECT,
-            Verdict::Forwarded,
-        );
-        let with_header = Seg {
-            payload: [flow.header().as_slice(), REQUEST].concat(),
-            ..fits
-        };
-        assert_eq!(out, flow.to_web(&with_header));
+        a_segment_that_fits_gets_the_header(&mut h, &flow);
     });
 }

@@ -126,6 +126,26 @@ fn download(lab: &Lab, vip: IpAddr, port: u16) -> Result<()> {
     })?
 }
 
+/// nginx's access log gets the line `want` (within 5 s); then nginx is
+/// stopped and its directory `dir` must be gone.
+fn logged_then_stopped(nginx: Nginx, dir: &std::path::Path, want: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = nginx.log("access.log");
+        if log.contains(want) || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        log.lines().any(|l| l == want),
+        "nginx's access log {log:?} has no line {want:?}"
+    );
+    drop(nginx);
+    ensure!(!dir.exists(), "{} left behind", dir.display());
+    Ok(())
+}
+
 #[test]
 fn a_proxy_service_names_the_real_client_to_lab_serve_and_nginx() -> Result<()> {
     require_tool("curl", "apt-get install curl")?;
@@ -180,20 +200,7 @@ fn a_proxy_service_names_the_real_client_to_lab_serve_and_nginx() -> Result<()> 
         "nginx answered {answer:?}"
     );
     let want = format!("{CLIENT_FRONT} {local} {LB_BACK} \"GET /who HTTP/1.1\" 200");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = nginx.log("access.log");
-        if log.contains(&want) || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    ensure!(
-        log.lines().any(|l| l == want),
-        "nginx's access log {log:?} has no line {want:?}"
-    );
-    drop(nginx);
-    ensure!(!dir.exists(), "{} left behind", dir.display());
+    logged_then_stopped(nginx, &dir, &want)?;
     drop(agent);
     Ok(())
 }
@@ -246,20 +253,7 @@ fn an_ipv6_proxy_service_names_the_real_client_to_lab_serve_and_nginx() -> Resul
         "nginx answered {answer:?}"
     );
     let want = format!("{CLIENT_FRONT6} {local} {CLIENT_FRONT6} \"GET /who HTTP/1.1\" 200");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = nginx.log("access.log");
-        if log.contains(&want) || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    ensure!(
-        log.lines().any(|l| l == want),
-        "nginx's access log {log:?} has no line {want:?}"
-    );
-    drop(nginx);
-    ensure!(!dir.exists(), "{} left behind", dir.display());
+    logged_then_stopped(nginx, &dir, &want)?;
     drop(agent);
     Ok(())
 }
