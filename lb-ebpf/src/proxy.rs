@@ -1,9 +1,12 @@
 //! PROXY protocol v2 in the data plane (issue 25; docs/architecture.md,
-//! "PROXY protocol v2"): the third program, `lb_proxy`, reached by a tail
-//! call (`STAGES[STAGE_PROXY]`) only for flows flagged `FLOW_F_PROXY`, so
-//! every other packet pays one flag test. The rules are `lb_common::proxy`'s;
-//! this module applies them to the frame (IPv4, the fixed header the VIP
-//! rules allow):
+//! "PROXY protocol v2"): the third program, `lb_proxy` (IPv6's:
+//! `lb_proxy6`), reached by a tail call (`STAGES[STAGE_PROXY]`,
+//! `STAGES[STAGE_PROXY6]`) only for flows flagged `FLOW_F_PROXY`, so every
+//! other packet pays one flag test. The rules are `lb_common::proxy`'s;
+//! this module applies them to the frame, written once over the family
+//! (`PathFamily`'s PROXY items: the TCP header at the fixed IP header's
+//! end, the header's bytes and length, the IP length field, where `first`
+//! is):
 //!
 //! - `PROXY_OPTIONS` (from `lb_setup`): a PROXY flow's SYN loses its
 //!   SACK-permitted option, its SYN-ACK's MSS drops by the header's length;
@@ -14,10 +17,12 @@
 //!   len`; the backend's acks `client_ack`; then the established path
 //!   (`path::proxied`) as `lb` would have taken it.
 //!
-//! A flow's `first` is in its established slot
+//! An IPv4 flow's `first` is in its established slot
 //! (`EstablishedSlot::proxy_first`), read from the slot the packet's lookup
 //! already holds; only a PROXY flow in the overflow (`CONNTRACK`, no slot)
-//! keeps it in `PROXY_FLOWS` (forward key → `first`).
+//! keeps it in `PROXY_FLOWS` (forward key → `first`). An IPv6 flow's is in
+//! `PROXY_FLOWS6` (`flows6.rs`). (The stage names above are IPv4's; IPv6's
+//! are `lb_v6`, `lb_v6_setup`, `lb_proxy6`.)
 
 use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head, macros::map, maps::LruHashMap, programs::XdpContext,
