@@ -243,6 +243,11 @@ maps! {
     /// Pinned with the flow tables it completes: a restarted agent's
     /// program goes on shifting the flows it adopts.
     PROXY_FLOWS: Pinning::Pinned;
+    /// IPv6 PROXY v2 flows (forward key) → `first` (`ProxyFlow`): every
+    /// IPv6 PROXY flow's (`ESTABLISHED6`'s values are plain `Flow`s, no
+    /// slot to keep it in). Pinned with `HALF_OPEN6` and `ESTABLISHED6`,
+    /// as `PROXY_FLOWS` with IPv4's tables.
+    PROXY_FLOWS6: Pinning::Pinned;
     /// What the first stage hands the second about a packet, per CPU.
     CARRY: Pinning::Unpinned {
         why: "scratch for one packet between the two stages, on one CPU",
@@ -304,7 +309,7 @@ mod tests {
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
         // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
         // IPv6 source-ip's prefixes (1), IPv6's fragments (1) and IPv6's
-        // unresolved next hops (1).
-        assert_eq!(MapName::pinned().count(), 55);
+        // unresolved next hops (1), IPv6's PROXY_FLOWS6 (1).
+        assert_eq!(MapName::pinned().count(), 56);
     }
 }

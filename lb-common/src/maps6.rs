@@ -36,6 +36,10 @@ pub const STAGE_V6_SETUP: u32 = 3;
 /// `STAGES` index of `lb_v6_portless`: IPv6's packets without ports of
 /// their own (later fragments, ICMPv6 errors), tail-called by `lb_v6`.
 pub const STAGE_V6_PORTLESS: u32 = 4;
+/// `STAGES` index of IPv6's PROXY v2 stage (`lb_proxy6`), tail-called by
+/// `lb_v6` and `lb_v6_setup` as `lb_proxy` by IPv4's stages: a program of
+/// its own, as IPv6's path does not fit `lb_proxy`'s budget beside IPv4's.
+pub const STAGE_PROXY6: u32 = 5;
 /// Entries of IPv6's flow tables in the object (two per NAT flow); the
 /// agent sizes them at load as IPv4's: `ESTABLISHED6` twice
 /// `conntrack-size`, `HALF_OPEN6` twice `half-open-size`.

@@ -119,6 +119,28 @@ pub fn header_v6(
     out
 }
 
+/// [`header_v6`] from addresses as the packet path holds them (`Addr6`:
+/// four raw words, network order in memory) without a byte copy of each.
+pub fn header_v6_raw(
+    client: &[u32; 4],
+    client_port: u16,
+    vip: &[u32; 4],
+    vip_port: u16,
+) -> [u8; V6_LEN] {
+    let mut out = [0u8; V6_LEN];
+    out[..FIXED_LEN].copy_from_slice(&fixed(TCP_OVER_IPV6, V6_ADDRESSES));
+    let mut i = 0;
+    while i < 4 {
+        let at = 16 + i * 4;
+        out[at..at + 4].copy_from_slice(&client[i].to_ne_bytes());
+        out[at + 16..at + 20].copy_from_slice(&vip[i].to_ne_bytes());
+        i += 1;
+    }
+    out[48..50].copy_from_slice(&client_port.to_ne_bytes());
+    out[50..52].copy_from_slice(&vip_port.to_ne_bytes());
+    out
+}
+
 /// What happens to a client → backend segment of a PROXY flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientSegment {

@@ -165,6 +165,11 @@ verdicts! {
     /// established. Its sequence numbers cannot be shifted, so it is
     /// dropped.
     DropProxyLost = 33 => "drop_proxy_lost", forwarded: false;
+    /// An established IPv6 PROXY v2 flow's packet with extension headers:
+    /// the PROXY rules rewrite TCP at the fixed header's end only, and the
+    /// packet must not reach the backend (or the client) unshifted, so it
+    /// is dropped.
+    DropProxyExtHeaders = 34 => "drop_proxy_ext_headers", forwarded: false;
 }
 
 // The table's checks: dense indexes in order (the counters are indexed by

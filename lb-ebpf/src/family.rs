@@ -173,27 +173,41 @@ pub(crate) trait PathFamily: Family + Sized {
     ) {
     }
 
-    // ---- PROXY v2 (`proxy.rs`; IPv4 only: another family's flows are
-    // never flagged) ----
+    // ---- PROXY v2 (`proxy.rs`: the rules, over these) ----
+    /// The v2 header's bytes (TCP over IPv4: 28, over IPv6: 52).
+    type ProxyHeader: Copy + AsRef<[u8]>;
+    /// The TCP header's offset in a PROXY flow's frame: the end of the
+    /// fixed IP header (IPv4 without options, IPv6 without extension
+    /// headers).
+    const PROXY_TCP_AT: usize;
+    /// The header's length: what a PROXY flow's stream grows by.
+    const PROXY_LEN: u32;
     /// Flags the half-open flow `forward` as a PROXY flow whose client's
     /// first sequence number is `first`.
-    #[inline(always)]
-    fn mark_proxy(_forward: &Self::FlowKey, _first: u32) -> bool {
-        false
-    }
-    /// An established PROXY flow's packet (its entry `flow`, in `slot`, which
-    /// keeps the flow's `first`) shifted in place (`proxy::shift`);
-    /// `Ok(false)`: it needs the PROXY stage.
-    #[inline(always)]
-    fn proxy_shift(
-        _ctx: &XdpContext,
-        _key: &Self::FlowKey,
-        _flow: &Flow,
-        _slot: Option<*mut EstablishedSlot>,
-        _seg: &crate::parse::Segment,
-    ) -> Result<bool, Outcome> {
-        Ok(false)
-    }
+    fn mark_proxy(forward: &Self::FlowKey, first: u32) -> bool;
+    /// The header of the flow whose forward key is `forward`.
+    fn proxy_header(forward: &Self::FlowKey) -> Self::ProxyHeader;
+    /// The `first` of the flow whose entry `flow` (in `slot`, IPv4) was
+    /// found under `key`, if known.
+    fn proxy_first(
+        key: &Self::FlowKey,
+        flow: &Flow,
+        slot: Option<*mut EstablishedSlot>,
+    ) -> Option<u32>;
+    /// Is the frame's TCP header at [`Self::PROXY_TCP_AT`]?
+    fn proxy_fixed(ctx: &XdpContext) -> bool;
+    /// The frame's TCP segment length (header and payload) as its IP
+    /// header gives it.
+    fn proxy_segment_len(ctx: &XdpContext) -> Option<u32>;
+    /// Writes the grown TCP segment's length (`old` → `new`) into the IP
+    /// header.
+    fn proxy_set_segment_len(ctx: &XdpContext, old: u32, new: u32) -> bool;
+    /// Hands the packet to the family's PROXY stage with `errand`
+    /// (`stage::PROXY_*`); returns only if it could not.
+    fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome;
+    /// In the PROXY stage, after a SYN's or SYN-ACK's options: back to the
+    /// family's second stage.
+    fn proxy_back_to_setup(ctx: &XdpContext) -> Outcome;
 
     /// Hands a packet the established table missed to the path's second
     /// stage (`stage.rs`); returns only if it could not.

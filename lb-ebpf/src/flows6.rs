@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use core::ptr::write_volatile;
 use lb_common::{
-    Flow, NextHop,
+    FLOW_F_PROXY, Flow, MAX_PROXY_FLOWS, NextHop, ProxyFlow,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, answer, is_expired},
     ipv6::Addr6,
     maps6::{Endpoint6, FLOWS6_SIZE, FlowKey6},
@@ -52,6 +52,18 @@ pub(crate) static HALF_OPEN6: LruHashMap<FlowKey6, Flow> =
 /// IPv6 established flows, both directions: a hash that never evicts.
 #[map]
 pub(crate) static ESTABLISHED6: HashMap<FlowKey6, Flow> = HashMap::with_max_entries(FLOWS6_SIZE, 0);
+
+/// IPv6 PROXY v2 flows: the forward key (client → VIP) → `first` (the
+/// client's ISN + 1). A map of its own, not a field of the entry: IPv4
+/// keeps `first` in its established slot, beside the `Flow`, and
+/// `ESTABLISHED6`'s values are bare `Flow`s shared in layout with every
+/// other flow table (a field there would change them all, pinned). An
+/// LRU, as `PROXY_FLOWS`: written when the SYN flags the flow, removed
+/// with the flow (`remove_flow`); a flow whose entry it evicted is dropped
+/// (`drop_proxy_lost`).
+#[map]
+pub(crate) static PROXY_FLOWS6: LruHashMap<FlowKey6, ProxyFlow> =
+    LruHashMap::with_max_entries(MAX_PROXY_FLOWS, 0);
 
 const BPF_NOEXIST: u64 = 1;
 /// `-EEXIST`: an insert's key is there already (any other failure of a
@@ -250,6 +262,50 @@ pub(crate) fn record(forward: &FlowKey6, state: u32, seq: u32) {
     }
 }
 
+/// Flags the half-open flow `forward` (just created) as a PROXY flow
+/// (`FLOW_F_PROXY`, both entries) whose client's first sequence number is
+/// `first` (`PROXY_FLOWS6`). False if its entry is gone or `first` could
+/// not be kept (the flow then goes on as a plain NAT flow).
+// Out of line: IPv6's keys are 40 bytes, and the stage's one 512-byte
+// frame had no room for this inlined.
+#[inline(never)]
+pub(crate) fn mark_proxy(forward: &FlowKey6, first: u32) -> bool {
+    let Some(entry) = HALF_OPEN6.get_ptr_mut(forward) else {
+        return false;
+    };
+    if PROXY_FLOWS6
+        .insert(forward, &ProxyFlow { first, _pad: 0 }, 0)
+        .is_err()
+    {
+        return false;
+    }
+    // SAFETY: a map value; plain aligned stores.
+    let (nat, backend_id) = unsafe {
+        (*entry).flags |= FLOW_F_PROXY;
+        ((*entry).vip != 0, (*entry).backend_id)
+    };
+    if nat
+        && let Some(reply) = reply_key(forward, backend_id).and_then(|r| HALF_OPEN6.get_ptr_mut(r))
+    {
+        // SAFETY: as above.
+        unsafe { (*reply).flags |= FLOW_F_PROXY };
+    }
+    true
+}
+
+/// The `first` of the PROXY flow whose entry `flow` was found under `key`
+/// (either direction), if `PROXY_FLOWS6` still holds it.
+#[inline(always)]
+pub(crate) fn proxy_first(key: &FlowKey6, flow: &Flow) -> Option<u32> {
+    let forward = if flow.direction == REPLY {
+        forward_key(key, flow)?
+    } else {
+        key
+    };
+    // SAFETY: a map value, read once.
+    PROXY_FLOWS6.get_ptr(forward).map(|p| unsafe { (*p).first })
+}
+
 /// Is `key`'s source a backend endpoint of an IPv6 NAT service?
 #[inline(always)]
 pub(crate) fn from_nat_backend(key: &FlowKey6) -> bool {
@@ -271,6 +327,13 @@ pub(crate) fn from_nat_backend(key: &FlowKey6) -> bool {
 pub(crate) fn remove_flow(table: Table, key: &FlowKey6, flow: &Flow) {
     let pair = pair_key(key, flow);
     let (backend_id, state, direction) = (flow.backend_id, flow.state, flow.direction);
+    // A PROXY flow's `first` goes with it (under the forward key).
+    if flow.flags & FLOW_F_PROXY != 0 {
+        let forward = if direction == REPLY { pair } else { Some(key) };
+        if let Some(forward) = forward {
+            let _ = PROXY_FLOWS6.remove(forward);
+        }
+    }
     if table == Table::HalfOpen {
         let _ = HALF_OPEN6.remove(key);
         if let Some(pair) = pair {
@@ -432,6 +495,8 @@ pub(crate) fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: 
         reply.vip = 1;
         reply.vport = key.dport;
         reply.seq = ack;
+        // The backend's acks are shifted back too.
+        reply.flags = flow.flags & FLOW_F_PROXY;
         if ESTABLISHED6.insert(reply_key, &*reply, 0).is_err() {
             let _ = ESTABLISHED6.remove(key);
             flow.state = state;
@@ -440,7 +505,11 @@ pub(crate) fn promote(key: &FlowKey6, flow: &mut Flow, seq: u32, ack: u32, now: 
     }
     clear_half_open(key, nat, flow.backend_id);
     count_opened(flow.backend_id);
-    crate::sync::established6(key, flow, ack);
+    // A peer cannot shift a PROXY flow: its `first` is in this LB's
+    // `PROXY_FLOWS6` only.
+    if flow.flags & FLOW_F_PROXY == 0 {
+        crate::sync::established6(key, flow, ack);
+    }
 }
 
 #[inline(always)]

@@ -130,7 +130,17 @@ pub fn lb_setup(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_proxy(ctx: XdpContext) -> u32 {
-    finish::<V4>(&ctx, dispatch_proxy(&ctx))
+    finish::<V4>(&ctx, dispatch_proxy::<V4>(&ctx))
+}
+
+/// IPv6's PROXY v2 stage (`proxy.rs` over `V6`): tail-called by `lb_v6`
+/// and `lb_v6_setup` for IPv6 PROXY flows' packets; a program of its own
+/// (with IPv4's in `lb_proxy` it was past the verifier's budget); never
+/// attached.
+#[xdp]
+#[inline(always)]
+pub fn lb_proxy6(ctx: XdpContext) -> u32 {
+    finish::<V6>(&ctx, dispatch_proxy::<V6>(&ctx))
 }
 
 /// IPv6's first stage (`v6.rs`): tail-called by `lb` with every IPv6
@@ -243,15 +253,15 @@ fn dispatch_setup(ctx: &XdpContext) -> verdict::Outcome {
     verdict::pass(Verdict::PassNotOurs)
 }
 
-/// The PROXY stage's entry: IPv4 only (the one family with PROXY flows).
+/// A PROXY stage's entry: family `F`'s frames only.
 #[inline(always)]
-fn dispatch_proxy(ctx: &XdpContext) -> verdict::Outcome {
+fn dispatch_proxy<F: family::PathFamily>(ctx: &XdpContext) -> verdict::Outcome {
     let Some(eth) = header::<EthHdr>(ctx, 0) else {
         return verdict::pass(Verdict::PassTruncated);
     };
     // SAFETY: `header` checked the bounds against data_end.
-    if unsafe { (*eth).ether_type } == V4::ETHER_TYPE_RAW {
-        return path::proxied(ctx, eth);
+    if unsafe { (*eth).ether_type } == F::ETHER_TYPE_RAW {
+        return path::proxied::<F>(ctx, eth);
     }
     verdict::pass(Verdict::PassNotOurs)
 }

@@ -16,6 +16,17 @@ pub(crate) fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some(start as *mut T)
 }
 
+/// Bounds-checked pointer to the frame's first `len` bytes (`len` a
+/// constant once inlined: the PROXY stage's span of a family's headers).
+#[inline(always)]
+pub(crate) fn span(ctx: &XdpContext, len: usize) -> Option<*mut u8> {
+    let start = ctx.data();
+    if start + len > ctx.data_end() {
+        return None;
+    }
+    Some(start as *mut u8)
+}
+
 /// Copies a MAC as three 16-bit stores (both sides are 2-byte aligned):
 /// a `[u8; 6]` assignment became a call to an out-of-line BPF memmove.
 #[inline(always)]

@@ -45,7 +45,6 @@ use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, FLOW_F_PROXY, FW_GLOBAL, Flow, MODE_FULL_NAT, SERVICE_PROXY_V2,
     ServiceConf, Verdict, answers_directly,
     family::FlowTuple,
-    family::V4,
     flow::{Confirm, REPLY, STATE_NEW, STATE_PICKED_UP, advances, closes, confirms, in_window},
     hashes_flow,
     headers::{EthHdr, IPPROTO_TCP, TCP_FLAG_RST, TCP_FLAG_SYN, opens_connection},
@@ -115,9 +114,9 @@ pub(crate) fn balance<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outc
         // shifted here with the `first` its slot keeps; a segment that
         // takes the header goes to the PROXY stage (`proxy.rs`).
         if flow.flags & FLOW_F_PROXY != 0 {
-            match F::proxy_shift(ctx, &key, flow, hit.slot, &seg) {
+            match proxy::shift::<F>(ctx, &key, flow, hit.slot, &seg) {
                 Ok(true) => {}
-                Ok(false) => return stage::to_proxy(ctx, PROXY_ESTABLISHED),
+                Ok(false) => return F::to_proxy(ctx, PROXY_ESTABLISHED),
                 Err(outcome) => return outcome,
             }
         }
@@ -173,36 +172,36 @@ pub(crate) fn setup<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcom
     pass(Verdict::PassNotOurs)
 }
 
-/// The PROXY stage (`lb_proxy`, `proxy.rs`), IPv4: a PROXY flow's SYN or
-/// SYN-ACK gets its options fixed and goes back to `lb_setup`; an
-/// established PROXY flow's packet is shifted or given the header, then
-/// takes the established path as in `lb`.
+/// The PROXY stage (`lb_proxy`, `proxy.rs`), either family: a PROXY flow's
+/// SYN or SYN-ACK gets its options fixed and goes back to the family's
+/// second stage; an established PROXY flow's packet is shifted or given
+/// the header, then takes the established path as in the first stage.
 #[inline(always)]
-pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
+pub(crate) fn proxied<F: PathFamily>(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
     if stage::proxy_errand() == PROXY_OPTIONS {
-        proxy::fix_options(ctx);
-        return stage::back_to_setup(ctx);
+        proxy::fix_options::<F>(ctx);
+        return F::proxy_back_to_setup(ctx);
     }
-    let Some(ip) = V4::ip_header(ctx) else {
+    let Some(ip) = F::ip_header(ctx) else {
         return pass(Verdict::PassTruncated);
     };
-    let Ok(pkt) = V4::parse_l4(ctx, eth, ip) else {
+    let Ok(pkt) = F::parse_l4(ctx, eth, ip) else {
         return pass(Verdict::PassNotOurs);
     };
     let mut key = flow_key(&pkt);
-    let seg = tcp_segment::<V4>(ctx, pkt.l4, &key);
+    let seg = tcp_segment::<F>(ctx, pkt.l4, &key);
     let conf = flows::conf();
     let now = flows::now_in(conf);
-    let Some(hit) = flows::established_in(conf, &mut key, now, || is_vip::<V4>(ip)) else {
-        // Gone since `lb` (or `lb_setup`) found it.
+    let Some(hit) = F::established_hit(conf, &mut key, now, || is_vip::<F>(ip)) else {
+        // Gone since the first stage (or the second) found it.
         return drop(Verdict::DropProxyLost);
     };
     // SAFETY: a flow table value (see `flows::established`).
     let flow = unsafe { &mut *hit.entry };
     let adjusted = if flow.direction == REPLY {
-        proxy::backend(ctx, &key, flow, hit.slot, &seg)
+        proxy::backend::<F>(ctx, &key, flow, hit.slot, &seg)
     } else {
-        proxy::client(ctx, &key, flow, hit.slot, &seg)
+        proxy::client::<F>(ctx, &key, flow, hit.slot, &seg)
     };
     if let Err(outcome) = adjusted {
         return outcome;
@@ -211,15 +210,15 @@ pub(crate) fn proxied(ctx: &XdpContext, eth: *mut EthHdr) -> Outcome {
     let Some(eth) = header::<EthHdr>(ctx, 0) else {
         return pass(Verdict::PassTruncated);
     };
-    let Some(ip) = V4::ip_header(ctx) else {
+    let Some(ip) = F::ip_header(ctx) else {
         return pass(Verdict::PassTruncated);
     };
-    let Ok(pkt) = V4::parse_l4(ctx, eth, ip) else {
+    let Ok(pkt) = F::parse_l4(ctx, eth, ip) else {
         return pass(Verdict::PassNotOurs);
     };
     match established(ctx, &pkt, &key, flow, &seg, now) {
         Some(outcome) => outcome,
-        None => V4::to_setup(ctx, &key, is_vip::<V4>(ip), now),
+        None => F::to_setup(ctx, &key, is_vip::<F>(ip), now),
     }
 }
 
@@ -306,7 +305,7 @@ fn half_open<F: PathFamily>(
     // A PROXY flow's SYN and SYN-ACK: their options (`proxy.rs`) first.
     let proxied = flow.flags & FLOW_F_PROXY != 0;
     if proxied && seg.flags & TCP_FLAG_SYN != 0 && stage::proxy_errand() != PROXY_DONE {
-        return Some(stage::to_proxy(ctx, PROXY_OPTIONS));
+        return Some(F::to_proxy(ctx, PROXY_OPTIONS));
     }
     if flow.direction == REPLY {
         if key.protocol() == IPPROTO_TCP {
@@ -326,9 +325,9 @@ fn half_open<F: PathFamily>(
     // Data with a PROXY flow's promoting segment: established first (its
     // `first` moves from the half-open slot to the established one), then
     // the PROXY stage inserts the header as for any established segment.
-    if proxied && confirm == Confirm::Promote && proxy::has_payload(ctx) {
+    if proxied && confirm == Confirm::Promote && proxy::has_payload::<F>(ctx) {
         F::promote(key, flow, seg.seq, seg.ack, now);
-        return Some(stage::to_proxy(ctx, PROXY_ESTABLISHED));
+        return Some(F::to_proxy(ctx, PROXY_ESTABLISHED));
     }
     let outcome = forward(ctx, pkt, key, flow, Table::HalfOpen, now);
     let delivered = matches!(
@@ -424,7 +423,7 @@ fn new_flow<F: PathFamily>(
             flow.flags |= FLOW_F_PROXY;
         }
         if stage::proxy_errand() != PROXY_DONE {
-            return stage::to_proxy(ctx, PROXY_OPTIONS);
+            return F::to_proxy(ctx, PROXY_OPTIONS);
         }
     }
     forward(ctx, pkt, key, &mut flow, Table::HalfOpen, now)

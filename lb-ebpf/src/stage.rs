@@ -23,7 +23,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::{FlowKey, STAGE_PROXY, STAGE_SETUP, Verdict};
+use lb_common::{FlowKey, STAGE_SETUP, Verdict};
 
 use crate::{
     flows::{copy_key, write_words},
@@ -31,7 +31,8 @@ use crate::{
 };
 
 /// `STAGES[STAGE_SETUP]`: the second stage, `lb_setup`;
-/// `STAGES[STAGE_PROXY]`: the PROXY v2 stage, `lb_proxy` (`proxy.rs`).
+/// `STAGES[STAGE_PROXY]`: the PROXY v2 stage, `lb_proxy` (`proxy.rs`);
+/// IPv6's stages are `v6.rs`'s (`STAGE_V6*`, `STAGE_PROXY6`).
 /// Written by the agent at load (the programs the object has).
 #[map]
 pub(crate) static STAGES: ProgramArray = ProgramArray::with_max_entries(8, 0);
@@ -108,11 +109,12 @@ pub(crate) fn to_setup(ctx: &XdpContext, key: &FlowKey, to_vip: bool, now: u32) 
     drop(Verdict::DropNoStage)
 }
 
-/// Hands the packet to the PROXY stage with `errand` (`PROXY_*`); the
-/// carried key, VIP bit and tick stay as they are (`PROXY_OPTIONS` comes
-/// back to `lb_setup` with them). Returns only if it could not.
+/// Hands the packet to the family's PROXY stage (`STAGES[SLOT]`:
+/// `lb_proxy`, `lb_proxy6`) with `errand` (`PROXY_*`); the carried key, VIP
+/// bit and tick stay as they are (`PROXY_OPTIONS` comes back to the second
+/// stage with them). Returns only if it could not.
 #[inline(always)]
-pub(crate) fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
+pub(crate) fn to_proxy<const SLOT: u32>(ctx: &XdpContext, errand: u32) -> Outcome {
     let Some(carry) = CARRY.get_ptr_mut(0) else {
         return drop(Verdict::DropNoStage);
     };
@@ -120,14 +122,15 @@ pub(crate) fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
     unsafe {
         (*carry).proxy = errand;
     }
-    tail_call::<STAGE_PROXY>(ctx);
+    tail_call::<SLOT>(ctx);
     drop(Verdict::DropNoStage)
 }
 
-/// In the PROXY stage, after `PROXY_OPTIONS`: back to `lb_setup`, which
-/// then goes on without the PROXY stage.
+/// In the PROXY stage, after `PROXY_OPTIONS`: back to the family's second
+/// stage (`STAGES[SLOT]`: `lb_setup`, `lb_v6_setup`), which then goes on
+/// without the PROXY stage.
 #[inline(always)]
-pub(crate) fn back_to_setup(ctx: &XdpContext) -> Outcome {
+pub(crate) fn back_to_setup<const SLOT: u32>(ctx: &XdpContext) -> Outcome {
     let Some(carry) = CARRY.get_ptr_mut(0) else {
         return drop(Verdict::DropNoStage);
     };
@@ -135,8 +138,19 @@ pub(crate) fn back_to_setup(ctx: &XdpContext) -> Outcome {
     unsafe {
         (*carry).proxy = PROXY_DONE;
     }
-    tail_call::<STAGE_SETUP>(ctx);
+    tail_call::<SLOT>(ctx);
     drop(Verdict::DropNoStage)
+}
+
+/// A second stage's packet starts without a PROXY errand: IPv6's first
+/// stage hands its key over in `CARRY6`, and the errand left in `CARRY`
+/// by another packet (`PROXY_DONE`) must not skip its PROXY stage.
+#[inline(always)]
+pub(crate) fn no_errand() {
+    if let Some(carry) = CARRY.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        unsafe { (*carry).proxy = PROXY_ESTABLISHED };
+    }
 }
 
 /// The PROXY stage's errand (`PROXY_*`), as the caller carried it.

@@ -5,9 +5,11 @@
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::XdpContext};
 use lb_common::{
-    Backend, EstablishedSlot, Flow, FlowConf, FlowKey, ServiceConf, ServiceKey,
+    Backend, EstablishedSlot, Flow, FlowConf, FlowKey, STAGE_PROXY, STAGE_SETUP, ServiceConf,
+    ServiceKey,
     family::V4,
     headers::{EthHdr, Ipv4Hdr, L4Ports},
+    proxy::{V4_LEN, header_v4},
 };
 
 use crate::{
@@ -18,7 +20,7 @@ use crate::{
     frag, fullnat, hops, icmp,
     mem::header,
     parse::{self, Found, Fragment, Packet, PortLess, Quote},
-    probe, schedule, stage,
+    probe, proxy, schedule, stage,
     verdict::Outcome,
 };
 
@@ -213,20 +215,49 @@ impl PathFamily for V4 {
         stage::carried()
     }
 
+    type ProxyHeader = [u8; V4_LEN];
+    const PROXY_TCP_AT: usize = proxy::TCP_AT4;
+    const PROXY_LEN: u32 = V4_LEN as u32;
+
     #[inline(always)]
     fn mark_proxy(forward: &FlowKey, first: u32) -> bool {
         flows::mark_proxy(forward, first)
     }
 
     #[inline(always)]
-    fn proxy_shift(
-        ctx: &XdpContext,
-        key: &FlowKey,
-        flow: &Flow,
-        slot: Option<*mut EstablishedSlot>,
-        seg: &crate::parse::Segment,
-    ) -> Result<bool, Outcome> {
-        crate::proxy::shift(ctx, key, flow, slot, seg)
+    fn proxy_header(forward: &FlowKey) -> [u8; V4_LEN] {
+        header_v4(forward.saddr, forward.sport, forward.daddr, forward.dport)
+    }
+
+    #[inline(always)]
+    fn proxy_first(key: &FlowKey, flow: &Flow, slot: Option<*mut EstablishedSlot>) -> Option<u32> {
+        proxy::first4(key, flow, slot)
+    }
+
+    #[inline(always)]
+    fn proxy_fixed(_ctx: &XdpContext) -> bool {
+        // The VIP rules drop IPv4 with options (`DropIpOptions`).
+        true
+    }
+
+    #[inline(always)]
+    fn proxy_segment_len(ctx: &XdpContext) -> Option<u32> {
+        proxy::segment_len4(ctx)
+    }
+
+    #[inline(always)]
+    fn proxy_set_segment_len(ctx: &XdpContext, old: u32, new: u32) -> bool {
+        proxy::set_segment_len4(ctx, old, new)
+    }
+
+    #[inline(always)]
+    fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
+        stage::to_proxy::<STAGE_PROXY>(ctx, errand)
+    }
+
+    #[inline(always)]
+    fn proxy_back_to_setup(ctx: &XdpContext) -> Outcome {
+        stage::back_to_setup::<STAGE_SETUP>(ctx)
     }
 
     #[inline(always)]

@@ -25,8 +25,15 @@
 //! its verifier budget. A packet too big for its next hop is answered with
 //! ICMPv6 "packet too big" (`icmp6::too_big`), by that program too.
 //!
-//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT, the
-//! tunnels and PROXY v2 (config refuses them).
+//! PROXY v2 (NAT66) is `proxy.rs`'s rules over this family's frame: the
+//! TCP header at the fixed header's end (a PROXY flow's packet with
+//! extension headers is dropped, `drop_proxy_ext_headers`), `first` in
+//! `PROXY_FLOWS6` (`flows6.rs`), its PROXY stage a program of its own,
+//! `lb_proxy6` (`STAGES[STAGE_PROXY6]`; `lb_proxy` with IPv6's path beside
+//! IPv4's was past the verifier's 1 000 000 instructions).
+//!
+//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT and the
+//! tunnels (config refuses them).
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
@@ -35,14 +42,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Flow, MAX_BACKENDS, MAX_SERVICES, ServiceConf, Verdict,
+    Backend, EstablishedSlot, Flow, MAX_BACKENDS, MAX_SERVICES, ServiceConf, Verdict,
     family::V6,
     hash::{flow_hash6, source_hash6},
-    headers::{EthHdr, L4Ports},
+    headers::{EthHdr, IPPROTO_TCP, L4Ports},
     ipv6::{Addr6, Ipv6Hdr},
     maps6::{
-        Backend6, Endpoint6, FlowKey6, STAGE_V6, STAGE_V6_PORTLESS, STAGE_V6_SETUP, ServiceKey6,
+        Backend6, Endpoint6, FlowKey6, STAGE_PROXY6, STAGE_V6, STAGE_V6_PORTLESS, STAGE_V6_SETUP,
+        ServiceKey6,
     },
+    proxy::{V6_LEN, header_v6_raw},
 };
 
 use crate::{
@@ -55,7 +64,7 @@ use crate::{
     mem::header,
     parse::{Found, Fragment, Packet, PortLess, Quote},
     parse6, probe, schedule,
-    stage::tail_call,
+    stage::{self, tail_call},
     verdict::{Outcome, drop, pass},
 };
 
@@ -299,6 +308,67 @@ impl PathFamily for V6 {
         flows6::from_nat_backend(key)
     }
 
+    type ProxyHeader = [u8; V6_LEN];
+    const PROXY_TCP_AT: usize = EthHdr::LEN + Ipv6Hdr::LEN;
+    const PROXY_LEN: u32 = V6_LEN as u32;
+
+    #[inline(always)]
+    fn mark_proxy(forward: &FlowKey6, first: u32) -> bool {
+        flows6::mark_proxy(forward, first)
+    }
+
+    #[inline(always)]
+    fn proxy_header(forward: &FlowKey6) -> [u8; V6_LEN] {
+        header_v6_raw(&forward.saddr, forward.sport, &forward.daddr, forward.dport)
+    }
+
+    #[inline(always)]
+    fn proxy_first(
+        key: &FlowKey6,
+        flow: &Flow,
+        _slot: Option<*mut EstablishedSlot>,
+    ) -> Option<u32> {
+        flows6::proxy_first(key, flow)
+    }
+
+    #[inline(always)]
+    fn proxy_fixed(ctx: &XdpContext) -> bool {
+        match header::<Ipv6Hdr>(ctx, EthHdr::LEN) {
+            // SAFETY: bounds-checked.
+            Some(ip) => (unsafe { (*ip).next_header }) == IPPROTO_TCP,
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn proxy_segment_len(ctx: &XdpContext) -> Option<u32> {
+        let ip = header::<Ipv6Hdr>(ctx, EthHdr::LEN)?;
+        // SAFETY: bounds-checked; no extension headers (`proxy_fixed`):
+        // the payload is the TCP segment.
+        Some(unsafe { u16::from_be((*ip).payload_len) } as u32)
+    }
+
+    #[inline(always)]
+    fn proxy_set_segment_len(ctx: &XdpContext, _old: u32, new: u32) -> bool {
+        let Some(ip) = header::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        // SAFETY: bounds-checked. IPv6 has no header checksum; the TCP
+        // checksum's pseudo-header length is the caller's.
+        unsafe { (*ip).payload_len = (new as u16).to_be() };
+        true
+    }
+
+    #[inline(always)]
+    fn to_proxy(ctx: &XdpContext, errand: u32) -> Outcome {
+        stage::to_proxy::<STAGE_PROXY6>(ctx, errand)
+    }
+
+    #[inline(always)]
+    fn proxy_back_to_setup(ctx: &XdpContext) -> Outcome {
+        stage::back_to_setup::<STAGE_V6_SETUP>(ctx)
+    }
+
     #[inline(always)]
     fn to_setup(ctx: &XdpContext, key: &FlowKey6, to_vip: bool, now: u32) -> Outcome {
         let Some(carry) = CARRY6.get_ptr_mut(0) else {
@@ -310,6 +380,7 @@ impl PathFamily for V6 {
             (*carry).to_vip = to_vip as u32;
             (*carry).now = now;
         }
+        stage::no_errand();
         tail_call::<STAGE_V6_SETUP>(ctx);
         drop(Verdict::DropNoStage)
     }

@@ -84,6 +84,9 @@ pub const V6_SETUP_PROGRAM: &str = "lb_v6_setup";
 /// IPv6's packets without ports (`STAGES[STAGE_V6_PORTLESS]`): later
 /// fragments and ICMPv6 errors, tail-called by `lb_v6`.
 pub const V6_PORTLESS_PROGRAM: &str = "lb_v6_portless";
+/// IPv6's PROXY v2 stage (`STAGES[STAGE_PROXY6]`), tail-called by `lb_v6`
+/// and `lb_v6_setup` for IPv6 PROXY flows' packets.
+pub const PROXY6_PROGRAM: &str = "lb_proxy6";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -235,6 +235,7 @@ fn debian_package_installs_works_and_purges() -> Result<()> {
                 "lb",
                 "lb_probe",
                 "lb_proxy",
+                "lb_proxy6",
                 "lb_setup",
                 "lb_v6",
                 "lb_v6_portless",
@@ -242,7 +243,7 @@ fn debian_package_installs_works_and_purges() -> Result<()> {
             ]))
             && objects.contains(&names(&["lb_decap"]))
             && objects.contains(&names(&["pktgen"])),
-        "the installed lb embeds the data plane's object (`lb`, its second stage `lb_setup`, its PROXY v2 stage `lb_proxy`, IPv6's stages `lb_v6`, `lb_v6_setup` and `lb_v6_portless`, and `lb_probe` for checks through the VIP), the backends' decapsulator's (`lb_decap`, `lb decap`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
+        "the installed lb embeds the data plane's object (`lb`, its second stage `lb_setup`, its PROXY v2 stages `lb_proxy` and `lb_proxy6`, IPv6's stages `lb_v6`, `lb_v6_setup` and `lb_v6_portless`, and `lb_probe` for checks through the VIP), the backends' decapsulator's (`lb_decap`, `lb decap`) and the generator's (`pktgen`), no benchmark program: {objects:?}"
     );
     let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/lb")?;
     ensure!(

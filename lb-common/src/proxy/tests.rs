@@ -189,6 +189,20 @@ fn the_ipv6_header_is_52_bytes_that_ppp_reads_as_the_client_and_the_vip() {
     assert_eq!(a.destination_port, 443);
 }
 
+/// The data plane builds IPv6's header from `Addr6` words: the same bytes.
+#[test]
+fn the_ipv6_header_from_raw_words_is_the_same_header() {
+    let words = |a: [u8; 16]| -> [u32; 4] {
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+        })
+    };
+    assert_eq!(
+        header_v6_raw(&words(CLIENT6), raw16(40001), &words(VIP6), raw16(443)),
+        header_v6(&CLIENT6, raw16(40001), &VIP6, raw16(443))
+    );
+}
+
 #[test]
 fn segments_at_the_first_byte_get_the_header_later_ones_shift() {
     let first = 1001;

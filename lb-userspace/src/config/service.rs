@@ -316,9 +316,10 @@ impl Validator<'_> {
     /// The one gate between a valid IPv6 service and the agent, run after
     /// every other rule (so the operator sees the service's real mistakes
     /// first): the data plane balances IPv6 services in NAT and DSR, with
-    /// the firewall's IPv6 rules and rate limits; full NAT, the tunnels and
-    /// PROXY v2 are not built for IPv6 yet (issue 24), so a service that
-    /// needs them is rejected here, by the key that asks for it.
+    /// the firewall's IPv6 rules and rate limits and PROXY v2 (NAT66); full
+    /// NAT and the tunnels are not built for IPv6 yet (issue 24), so a
+    /// service that needs them is rejected here, by the key that asks for
+    /// it.
     pub(super) fn data_plane_balances(
         &self,
         prefix: &str,
@@ -338,18 +339,8 @@ impl Validator<'_> {
                 ),
             ));
         }
-        // The PROXY stage rewrites IPv4 frames only: an IPv6 flow sent to it
-        // would be misread, so no IPv6 service may ask for it.
-        if service.proxy_protocol.is_some() {
-            return Err(self.err(
-                key("proxy-protocol"),
-                format!(
-                    "{vip} is an IPv6 VIP: the data plane writes PROXY protocol v2 headers on \
-                     IPv4 flows only so far (its header and sequence shift over IPv6 are not \
-                     built, issue 24); remove proxy-protocol or use an IPv4 VIP"
-                ),
-            ));
-        }
+        // PROXY v2 over IPv6 is built for NAT66 (`lb_proxy6`); DSR is
+        // refused for it by the service's own rules, as over IPv4.
         Ok(())
     }
 

@@ -14,9 +14,9 @@ use aya::{
 };
 
 use super::{
-    Dataplane, DataplaneError, MapName, PROGRAM, PROXY_PROGRAM, Result, SETUP_PROGRAM, TableSizes,
-    V6_PORTLESS_PROGRAM, V6_PROGRAM, V6_SETUP_PROGRAM, adopt, firewall::FwIds, handles::map_err,
-    plan::Ids,
+    Dataplane, DataplaneError, MapName, PROGRAM, PROXY_PROGRAM, PROXY6_PROGRAM, Result,
+    SETUP_PROGRAM, TableSizes, V6_PORTLESS_PROGRAM, V6_PROGRAM, V6_SETUP_PROGRAM, adopt,
+    firewall::FwIds, handles::map_err, plan::Ids,
 };
 use crate::{config, object::ebpf_object};
 
@@ -77,6 +77,7 @@ impl Dataplane {
             V6_PROGRAM,
             V6_SETUP_PROGRAM,
             V6_PORTLESS_PROGRAM,
+            PROXY6_PROGRAM,
         ] {
             program_mut(&mut ebpf, name)?
                 .load()
@@ -192,7 +193,7 @@ impl Dataplane {
 
 /// Puts the loaded stages in `STAGES` (an adopted array too: the running
 /// `lb` then reaches this load's stages, which read the same maps): the
-/// second stage, the PROXY v2 stage, IPv6's three.
+/// second stage, the PROXY v2 stage, IPv6's three and its PROXY stage.
 fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
     for (index, program) in [
         (lb_common::STAGE_SETUP, SETUP_PROGRAM),
@@ -200,6 +201,7 @@ fn set_stages(ebpf: &mut Ebpf) -> Result<()> {
         (lb_common::maps6::STAGE_V6, V6_PROGRAM),
         (lb_common::maps6::STAGE_V6_SETUP, V6_SETUP_PROGRAM),
         (lb_common::maps6::STAGE_V6_PORTLESS, V6_PORTLESS_PROGRAM),
+        (lb_common::maps6::STAGE_PROXY6, PROXY6_PROGRAM),
     ] {
         set_stage(ebpf, index, program)?;
     }

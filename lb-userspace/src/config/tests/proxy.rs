@@ -1,5 +1,6 @@
-//! `proxy-protocol = "v2"`: accepted with NAT and full NAT on TCP, kept by a
-//! live check, rejected (file, key, reason) with DSR, the tunnels and UDP.
+//! `proxy-protocol = "v2"`: accepted with NAT and full NAT on TCP (IPv6:
+//! NAT66), kept by a live check, rejected (file, key, reason) with DSR, the
+//! tunnels and UDP.
 
 use super::*;
 
@@ -29,6 +30,31 @@ fn nat_and_full_nat_tcp_services_take_proxy_protocol_v2() {
     assert_eq!(
         check(&plain, Path::new("live")).expect("valid").services[0].proxy_protocol,
         None
+    );
+}
+
+/// An IPv6 NAT (NAT66) TCP service takes PROXY v2 (issue 24: it was
+/// refused while the data plane rewrote IPv4 frames only); an IPv6 DSR one
+/// is still refused, by the rule every mode whose replies bypass the LB
+/// gets.
+#[test]
+fn vip_ipv6_proxy_built_for_nat66() {
+    let v6 = |extra: &str| {
+        one_service(
+            &format!("{extra}proxy-protocol = \"v2\""),
+            r#"{ address = "[2001:db8::11]:80" }"#,
+        )
+        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
+    };
+    let cfg = parse_ok(&v6("forwarding = \"nat\"\n"));
+    assert!(cfg.services[0].vip.is_ipv6());
+    assert_eq!(cfg.services[0].proxy_protocol, Some(ProxyProtocol::V2));
+    let again = check(&cfg, Path::new("live")).expect("valid");
+    assert_eq!(again.services[0].proxy_protocol, Some(ProxyProtocol::V2));
+    assert_rejected(
+        &v6("forwarding = \"dsr\"\n"),
+        "service[0].proxy-protocol",
+        "with forwarding = \"dsr\" the backend answers the client directly",
     );
 }
 

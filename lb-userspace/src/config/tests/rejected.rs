@@ -219,9 +219,8 @@ rejections! {
     vip_ipv6_tunnel_not_built: one_service("forwarding = \"ipip\"", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
         => "service[0].forwarding", "[2001:db8::10]:80 is an IPv6 VIP: the data plane balances IPv6 in \"nat\" and \"dsr\" only so far";
-    vip_ipv6_proxy_not_built: one_service("proxy-protocol = \"v2\"", r#"{ address = "[2001:db8::11]:80" }"#)
-        .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
-        => "service[0].proxy-protocol", "[2001:db8::10]:80 is an IPv6 VIP: the data plane writes PROXY protocol v2 headers on IPv4 flows only so far";
+    // PROXY v2 over IPv6 is built (NAT66): config/tests/proxy.rs
+    // `vip_ipv6_proxy_built_for_nat66`.
     // The firewall over IPv6 (issue 24): its prefixes and rate limits are
     // checked like IPv4's, by key.
     vip_ipv6_deny_prefix_host_bits: one_service("deny-from = [\"2001:db8:66::1/48\"]", r#"{ address = "[2001:db8::11]:80" }"#)

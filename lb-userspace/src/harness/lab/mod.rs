@@ -837,6 +837,7 @@ impl Lab {
                     ("--http", HTTP_PORT),
                     ("--https", HTTPS_PORT),
                     ("--udp", UDP_PORT),
+                    ("--proxy-http", PROXY_HTTP_PORT),
                 ] {
                     args.push(flag.to_owned());
                     args.push(SocketAddr::new(addr.into(), port).to_string());
