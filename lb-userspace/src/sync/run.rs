@@ -13,7 +13,8 @@ use std::{
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use lb_common::{
-    Backend, FLOW_F_FULL_NAT, FLOW_F_SYNCED, Flow, FlowConf, NextHop, ServiceConf, ServiceKey,
+    Backend, FLOW_F_FULL_NAT, FLOW_F_PROXY, FLOW_F_SYNCED, Flow, FlowConf, NextHop, ServiceConf,
+    ServiceKey,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, TICK_NS, Timeout, idle_ticks, ticks},
     map_names::MapName,
     maps6::{Backend6, ServiceKey6},
@@ -303,8 +304,11 @@ fn apply_in<T: SyncTable>(
 /// flow that came from a peer, a full-NAT flow (its source address is
 /// this LB's: no peer can translate it, and a peer rejects its records as
 /// of an unknown service — the data plane sends no event when one is
-/// established, but its end and the refresh walk would), or one whose
-/// service or backend is gone.
+/// established, but its end and the refresh walk would), a PROXY v2 flow
+/// (its `first` is in this LB's tables only: a peer holding it as a plain
+/// NAT flow would forward its segments unshifted; here too the refresh
+/// walk and its end would send it), or one whose service or backend is
+/// gone.
 pub fn record_of(dir: &Directory, ev: &FlowEvent) -> Option<Record> {
     match ev {
         FlowEvent::V4(ev) => record_of_event(dir, ev),
@@ -314,7 +318,7 @@ pub fn record_of(dir: &Directory, ev: &FlowEvent) -> Option<Record> {
 
 /// [`record_of`] of one family's event.
 fn record_of_event<K: SyncKey>(dir: &Directory, ev: &SyncEventOf<K>) -> Option<Record> {
-    if ev.flags & (FLOW_F_SYNCED | FLOW_F_FULL_NAT) != 0 {
+    if ev.flags & (FLOW_F_SYNCED | FLOW_F_FULL_NAT | FLOW_F_PROXY) != 0 {
         return None;
     }
     let service = dir.service_name(ev.service_id)?;
@@ -749,9 +753,9 @@ mod tests {
     }
 
     /// A NAT flow's events become records; a full-NAT flow's (its end, its
-    /// refresh) and a synced flow's are not sent.
+    /// refresh), a PROXY flow's and a synced flow's are not sent.
     #[test]
-    fn full_nat_and_synced_flows_are_not_sent() {
+    fn full_nat_proxy_and_synced_flows_are_not_sent() {
         let (dir, key) = one_service(MODE_NAT);
         let event = |flags| SyncEvent {
             key: client_key(&key, 40000),
@@ -766,6 +770,7 @@ mod tests {
         assert!(of(0).is_some());
         assert!(of(FLOW_F_FULL_NAT).is_none());
         assert!(of(FLOW_F_SYNCED).is_none());
+        assert!(of(FLOW_F_PROXY).is_none());
     }
 
     /// The data plane's clock runs up to two jiffies ahead of the agent's,
