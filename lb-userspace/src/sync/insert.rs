@@ -116,6 +116,44 @@ fn found<K: aya::Pod>(
     }
 }
 
+/// A flow's entries into a kernel hash (IPv4's overflow, `ESTABLISHED6`)
+/// where there are none (`BPF_NOEXIST`): the forward entry and, NAT, the
+/// reply entry, both or neither (if the reply cannot go in, the forward
+/// entry is taken out again).
+fn insert_pair<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, Flow>,
+    key: &K,
+    forward: &Flow,
+    reply: Option<(&K, &Flow)>,
+) -> Result<(), InsertError> {
+    map.insert(key, forward, BPF_NOEXIST)
+        .map_err(insert_error)?;
+    if let Some((reply_key, reply)) = reply
+        && let Err(e) = map.insert(reply_key, reply, BPF_NOEXIST)
+    {
+        let _ = map.remove(key);
+        return Err(insert_error(e));
+    }
+    Ok(())
+}
+
+/// `change` applied to those of a flow's entries (`key`, and `pair`, a
+/// NAT flow's reply key) a kernel hash holds; a missing one stays missing.
+fn change_entries<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, Flow>,
+    key: &K,
+    pair: Option<&K>,
+    change: &dyn Fn(&mut Flow),
+) -> Result<(), InsertError> {
+    for k in std::iter::once(key).chain(pair) {
+        if let Ok(mut f) = map.get(k, 0) {
+            change(&mut f);
+            map.insert(k, f, BPF_EXIST).map_err(insert_error)?;
+        }
+    }
+    Ok(())
+}
+
 impl Table {
     fn conf(&self) -> Result<FlowConf, InsertError> {
         self.flow_conf.get(&0, 0).map_err(InsertError::Map)
@@ -152,15 +190,7 @@ impl SyncTable for Table {
             Err(SlotError::TableFull) => {}
             Err(e) => return Err(InsertError::Slots(e)),
         }
-        self.overflow
-            .insert(key, forward, BPF_NOEXIST)
-            .map_err(insert_error)?;
-        if let Some((reply_key, reply)) = reply
-            && let Err(e) = self.overflow.insert(reply_key, reply, BPF_NOEXIST)
-        {
-            let _ = self.overflow.remove(key);
-            return Err(insert_error(e));
-        }
+        insert_pair(&mut self.overflow, key, forward, reply)?;
         self.slots.flag_overflow(key, &conf);
         Ok(())
     }
@@ -189,15 +219,7 @@ impl SyncTable for Table {
         {
             return Ok(());
         }
-        for k in std::iter::once(key).chain(pair) {
-            if let Ok(mut f) = self.overflow.get(k, 0) {
-                change(&mut f);
-                self.overflow
-                    .insert(k, f, BPF_EXIST)
-                    .map_err(insert_error)?;
-            }
-        }
-        Ok(())
+        change_entries(&mut self.overflow, key, pair, change)
     }
 }
 
@@ -216,16 +238,7 @@ impl SyncTable for Table6 {
         forward: &Flow,
         reply: Option<(&FlowKey6, &Flow)>,
     ) -> Result<(), InsertError> {
-        self.established
-            .insert(key, forward, BPF_NOEXIST)
-            .map_err(insert_error)?;
-        if let Some((reply_key, reply)) = reply
-            && let Err(e) = self.established.insert(reply_key, reply, BPF_NOEXIST)
-        {
-            let _ = self.established.remove(key);
-            return Err(insert_error(e));
-        }
-        Ok(())
+        insert_pair(&mut self.established, key, forward, reply)
     }
 
     fn entries(&self) -> Vec<(FlowKey6, Flow)> {
@@ -238,15 +251,7 @@ impl SyncTable for Table6 {
         pair: Option<&FlowKey6>,
         change: &dyn Fn(&mut Flow),
     ) -> Result<(), InsertError> {
-        for k in std::iter::once(key).chain(pair) {
-            if let Ok(mut f) = self.established.get(k, 0) {
-                change(&mut f);
-                self.established
-                    .insert(k, f, BPF_EXIST)
-                    .map_err(insert_error)?;
-            }
-        }
-        Ok(())
+        change_entries(&mut self.established, key, pair, change)
     }
 }
 
