@@ -22,8 +22,8 @@ use lb_common::{Verdict, ipv6::TOO_BIG_QUOTE6, map_names::MapName};
 use lb_tests::{
     kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_UDP_PORT},
     kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6, udp6,
-        web_of_mac, web_of6, web6,
+        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, udp6, web_of_mac,
+        web_of6, web6,
     },
 };
 use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
@@ -124,10 +124,8 @@ fn packet_too_big_for(frame: &[u8], mtu: u32) -> Vec<u8> {
 /// fragment.
 #[test]
 fn nat66_fragments_follow_their_flow_both_ways() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -186,10 +184,8 @@ fn nat66_fragments_follow_their_flow_both_ways() {
 /// flow's web whole: every fragment changes its MACs only.
 #[test]
 fn dsr_fragments_follow_their_flow() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let to_lb = (CLIENT_MAC, FRONT_MAC);
         let (client, vip) = ((CLIENT_V6, 45000), (VIP_DSR6, 80));
@@ -218,10 +214,8 @@ fn dsr_fragments_follow_their_flow() {
 /// MACs only. An error quoting no flow, and echo, stay the kernel's.
 #[test]
 fn icmpv6_errors_follow_their_flow_both_ways() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let to_lb = (CLIENT_MAC, FRONT_MAC);
@@ -381,11 +375,9 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
 /// fits goes.
 #[test]
 fn too_big_for_the_egress_link_gets_packet_too_big_from_the_lb() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.ip(&["link", "set", "b0", "mtu", "1400"]);
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -436,11 +428,9 @@ fn too_big_for_the_egress_link_gets_packet_too_big_from_the_lb() {
 /// VIP's.
 #[test]
 fn a_reply_too_big_for_the_clients_link_gets_packet_too_big_to_the_web() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.ip(&["link", "set", "f0", "mtu", "1300"]);
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let client = (CLIENT_V6, 44100);
         let req = udp6((CLIENT_MAC, FRONT_MAC), client, (VIP_NAT6, 5353), 64, b"q");
@@ -469,10 +459,8 @@ fn a_reply_too_big_for_the_clients_link_gets_packet_too_big_to_the_web() {
 /// drops): the rewrite takes the walk's protocol.
 #[test]
 fn udp_behind_an_extension_header_never_leaves_with_checksum_zero() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let to_lb = (CLIENT_MAC, FRONT_MAC);
         let client = (CLIENT_V6, 46000);
