@@ -6,8 +6,10 @@
 //! [`kernel_frames`] the frames its test files share, [`flood`] the
 //! lifecycle tests' traffic (keep-alive connections, the SYN flood),
 //! [`pmtu`] the path-MTU tests' upload and route-cache readers,
-//! [`multi_lb`] the multi-LB lab's agents, held connections and failover.
+//! [`multi_lb`] the multi-LB lab's agents, held connections and failover,
+//! [`db`] the database tier's clients through a pool's VIPs.
 
+pub mod db;
 pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
