@@ -1,7 +1,8 @@
 //! End to end, a database pool over IPv6: the lab's real MariaDB servers
 //! (db1 primary, db2 and db3 replicas by GTID, replicating over IPv6 from
 //! db1's IPv6 address), a `[[pool]]` whose VIPs and members are IPv6
-//! (NAT66), the agent's MySQL checks over IPv6 deciding the roles, and
+//! (NAT66), the agent's MySQL checks over IPv6 deciding the roles,
+//! promoting (by command and automatically) and rejoining members, and
 //! MySQL clients (`mysql_async`) in the client namespace going through the
 //! IPv6 VIPs. The clients and checks are `lb_tests::db`'s, shared with
 //! `db.rs` (IPv4). Run with `--nocapture` to see the rotation and the
@@ -38,11 +39,11 @@ const FALL_WINDOW: Duration = Duration::from_millis(1500);
 const SETTLED: Duration = Duration::from_secs(5);
 
 /// The www service and the lab's pool over IPv6, reachable only from the
-/// client's /64, with `auto-rejoin`.
+/// client's /64, with `auto-rejoin` and `auto-failover` after 1 s.
 fn config(lab: &Lab) -> String {
     let pool = pool_config6(
         &run_dir(lab.prefix()),
-        None,
+        Some("1s"),
         "auto-rejoin = true\nallow-from = [\"2001:db8:18::/64\"]\n",
     );
     format!("{}{pool}", three_webs())
@@ -92,16 +93,16 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
     let mut lab = Lab::up(&unique_prefix("pool6"), &lb_bin())?;
     lab.start_databases6()?;
     let agent = lab.start_agent(&config(&lab))?;
-    let check = || -> Result<()> {
+    let check = |lab: &mut Lab| -> Result<()> {
         wait_for_status(
-            &lab,
+            lab,
             "db1 writes, db2+db3 read",
             Duration::from_secs(10),
             |s| routed(s, Some("db1"), &["db2", "db3"]),
         )?;
         // The members as the agent sees them over IPv6: addresses in
         // brackets, each replica's source as its member's address.
-        let p = pool(&status(&lab)?)?;
+        let p = pool(&status(lab)?)?;
         ensure!(p.write_vip == "[2001:db8:18::20]:3306", "{}", p.write_vip);
         ensure!(p.read_vip == "[2001:db8:18::21]:3306", "{}", p.read_vip);
         for (n, m) in p.members.iter().enumerate() {
@@ -124,31 +125,31 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
 
         // Writes through the write VIP6 land on the primary and replicate
         // over IPv6.
-        writes_land_at(&lab, write_vip6(), 1..=10, 1)?;
+        writes_land_at(lab, write_vip6(), 1..=10, 1)?;
         for n in [2, 3] {
-            replicated(&lab, 1, n)?;
+            replicated(lab, 1, n)?;
             ensure!(
-                seqs_on(&lab, n, "basic")? == (1..=10).collect(),
+                seqs_on(lab, n, "basic")? == (1..=10).collect(),
                 "rows on db{n}"
             );
         }
         // Reads through the read VIP6 rotate over the replicas.
-        let ids = reads_from(&lab, read_vip6(), 12)?;
+        let ids = reads_from(lab, read_vip6(), 12)?;
         println!("reads through {} (server ids): {ids:?}", read_vip6());
         rotation(&ids, &[2, 3], 6)?;
 
         // Replication stopped on db2: out of the reads, then back.
         lab.db_admin(2, "STOP SLAVE")?;
-        wait_for_status(&lab, "db2 out of reads", FALL_WINDOW * 2, |s| {
+        wait_for_status(lab, "db2 out of reads", FALL_WINDOW * 2, |s| {
             routed(s, Some("db1"), &["db3"])
         })?;
-        let ids = reads_from(&lab, read_vip6(), 4)?;
+        let ids = reads_from(lab, read_vip6(), 4)?;
         ensure!(
             ids.iter().all(|i| *i == 3),
             "reads while db2 stopped: {ids:?}"
         );
         lab.db_admin(2, "START SLAVE")?;
-        wait_for_status(&lab, "db2 back in reads", Duration::from_secs(5), |s| {
+        wait_for_status(lab, "db2 back in reads", Duration::from_secs(5), |s| {
             routed(s, Some("db1"), &["db2", "db3"])
         })?;
         // Every replica follows the primary: nothing to rejoin (an IPv6
@@ -159,34 +160,34 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
             "a rejoin of a replica that follows db1"
         );
 
-        pool_firewall6(&lab)?;
+        pool_firewall6(lab)?;
 
         // A promotion over IPv6: db2 becomes the primary, db1 and db3 are
         // re-pointed at its IPv6 address.
-        let said = promote(&lab, "db2", false)?;
+        let said = promote(lab, "db2", false)?;
         println!("lb db promote db db2: {said}");
         wait_for_status(
-            &lab,
+            lab,
             "db2 writes, db1+db3 read",
             Duration::from_secs(10),
             |s| routed(s, Some("db2"), &["db1", "db3"]),
         )?;
         for n in [1, 3] {
             ensure!(
-                master_host(&lab, n)? == "2001:db8:19:1::22",
+                master_host(lab, n)? == "2001:db8:19:1::22",
                 "db{n} replicates from {:?}",
-                master_host(&lab, n)?
+                master_host(lab, n)?
             );
         }
-        writes_land_at(&lab, write_vip6(), 11..=20, 2)?;
+        writes_land_at(lab, write_vip6(), 11..=20, 2)?;
         for n in [1, 3] {
-            replicated(&lab, 2, n)?;
+            replicated(lab, 2, n)?;
             ensure!(
-                seqs_on(&lab, n, "basic")? == (1..=20).collect(),
+                seqs_on(lab, n, "basic")? == (1..=20).collect(),
                 "rows on db{n}"
             );
         }
-        let ids = reads_from(&lab, read_vip6(), 12)?;
+        let ids = reads_from(lab, read_vip6(), 12)?;
         println!("reads after the promotion (server ids): {ids:?}");
         rotation(&ids, &[1, 3], 6)?;
         thread::sleep(SETTLED);
@@ -207,7 +208,7 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
             thread::sleep(Duration::from_millis(50));
         }
         wait_for_status(
-            &lab,
+            lab,
             "db3 rejoined and reads",
             Duration::from_secs(10),
             |s| {
@@ -223,7 +224,7 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
             },
         )?;
         ensure!(
-            master_host(&lab, 3)? == "2001:db8:19:1::22",
+            master_host(lab, 3)? == "2001:db8:19:1::22",
             "db3 not re-pointed"
         );
         thread::sleep(SETTLED);
@@ -233,15 +234,39 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
             rejoin_checks(&agent)
         );
 
-        let text = lb_userspace::control::render(&status(&lab)?);
+        let text = lb_userspace::control::render(&status(lab)?);
         println!("{text}");
         ensure!(
             text.contains("pool db  write db-write [2001:db8:18::20]:3306 -> db2"),
             "{text}"
         );
+
+        // The automatic failover over IPv6: db2 crashes; a replica holding
+        // everything is promoted, the other re-pointed at its IPv6 address.
+        lab.kill_db(2)?;
+        let after = wait_for_status(
+            lab,
+            "a new primary after db2's crash",
+            Duration::from_secs(15),
+            |s| routed(s, Some("db1"), &["db3"]) || routed(s, Some("db3"), &["db1"]),
+        )?;
+        let writer = pool(&status(lab)?)?.writer.context("a writer")?;
+        let (new, other): (usize, usize) = if writer == "db1" { (1, 3) } else { (3, 1) };
+        println!("db2 crashed: {writer} promoted, routed {after:?} later (status poll)");
+        writes_land_at(lab, write_vip6(), 21..=25, new as u64)?;
+        ensure!(
+            master_host(lab, other)? == format!("2001:db8:19:1::2{new}"),
+            "db{other} replicates from {:?}",
+            master_host(lab, other)?
+        );
+        replicated(lab, new, other)?;
+        ensure!(
+            seqs_on(lab, other, "basic")? == (1..=25).collect(),
+            "rows on db{other}"
+        );
         Ok(())
     };
-    check().with_context(|| format!("agent stderr:\n{}", agent.log_text()))
+    check(&mut lab).with_context(|| format!("agent stderr:\n{}", agent.log_text()))
 }
 
 /// `lb firewall …` on the pool's IPv6 write service: the client's /128
