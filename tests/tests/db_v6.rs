@@ -78,6 +78,27 @@ fn replicated(lab: &Lab, primary: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Writes `seqs` (tag "basic") through the write VIP6, each committed by
+/// database `primary` (its server id is its number); then each of
+/// `replicas` has applied them and holds every row from 1 to the last.
+fn writes_reach(
+    lab: &Lab,
+    primary: usize,
+    replicas: &[usize],
+    seqs: std::ops::RangeInclusive<u64>,
+) -> Result<()> {
+    let last = *seqs.end();
+    writes_land_at(lab, write_vip6(), seqs, primary as u64)?;
+    for &n in replicas {
+        replicated(lab, primary, n)?;
+        ensure!(
+            seqs_on(lab, n, "basic")? == (1..=last).collect(),
+            "rows on db{n}"
+        );
+    }
+    Ok(())
+}
+
 /// `ids` has `each` answers from every server of `servers` and no other.
 fn rotation(ids: &[u64], servers: &[u64], each: usize) -> Result<()> {
     for s in servers {
@@ -125,14 +146,7 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
 
         // Writes through the write VIP6 land on the primary and replicate
         // over IPv6.
-        writes_land_at(lab, write_vip6(), 1..=10, 1)?;
-        for n in [2, 3] {
-            replicated(lab, 1, n)?;
-            ensure!(
-                seqs_on(lab, n, "basic")? == (1..=10).collect(),
-                "rows on db{n}"
-            );
-        }
+        writes_reach(lab, 1, &[2, 3], 1..=10)?;
         // Reads through the read VIP6 rotate over the replicas.
         let ids = reads_from(lab, read_vip6(), 12)?;
         println!("reads through {} (server ids): {ids:?}", read_vip6());
@@ -179,14 +193,7 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
                 master_host(lab, n)?
             );
         }
-        writes_land_at(lab, write_vip6(), 11..=20, 2)?;
-        for n in [1, 3] {
-            replicated(lab, 2, n)?;
-            ensure!(
-                seqs_on(lab, n, "basic")? == (1..=20).collect(),
-                "rows on db{n}"
-            );
-        }
+        writes_reach(lab, 2, &[1, 3], 11..=20)?;
         let ids = reads_from(lab, read_vip6(), 12)?;
         println!("reads after the promotion (server ids): {ids:?}");
         rotation(&ids, &[1, 3], 6)?;
@@ -253,17 +260,12 @@ fn an_ipv6_pool_routes_by_role_fails_over_and_rejoins_over_ipv6() -> Result<()> 
         let writer = pool(&status(lab)?)?.writer.context("a writer")?;
         let (new, other): (usize, usize) = if writer == "db1" { (1, 3) } else { (3, 1) };
         println!("db2 crashed: {writer} promoted, routed {after:?} later (status poll)");
-        writes_land_at(lab, write_vip6(), 21..=25, new as u64)?;
         ensure!(
             master_host(lab, other)? == format!("2001:db8:19:1::2{new}"),
             "db{other} replicates from {:?}",
             master_host(lab, other)?
         );
-        replicated(lab, new, other)?;
-        ensure!(
-            seqs_on(lab, other, "basic")? == (1..=25).collect(),
-            "rows on db{other}"
-        );
+        writes_reach(lab, new, &[other], 21..=25)?;
         Ok(())
     };
     check(&mut lab).with_context(|| format!("agent stderr:\n{}", agent.log_text()))
