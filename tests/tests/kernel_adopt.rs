@@ -15,7 +15,7 @@
 //! Needs root and BPF; without them the tests fail loudly.
 
 use lb_common::Verdict;
-use lb_tests::kernel_net6::{config_v6, dual_stack};
+use lb_tests::kernel_net6::{config_v6, dual_stack_net};
 use lb_tests::{
     kernel_frames::{Tcp, from, syn_ack_to, web_of},
     kernel_net::{
@@ -91,8 +91,7 @@ fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
 /// not named, nor a backend of another service on the same address.
 #[test]
 fn the_adopted_rings_name_their_backends_in_either_family() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     let fs = Bpffs::new();
     let pins = fs.dir.join("lb");
     net.run(|| {
