@@ -253,14 +253,14 @@ fn a_restarted_agent_keeps_serving_an_ipv6_service_without_a_gap() -> Result<()>
             "too few connections to {vip}: {}",
             log.len()
         );
-        // A ring emptied until `rise` probes pass would leave 3 s and more
-        // without an answer. IPv4's stream is printed for comparison only:
-        // it sees a few connections refused around the new agent's attach
-        // (5–7 in 4 runs, once 1.1 s without an answer; main 7dfa90f the
-        // same), IPv6's none; not this test's subject (docs/architecture.md,
-        // "IPv6 backends across an agent restart").
+        // A ring emptied until `rise` probes pass leaves 3 s and more
+        // without an answer (3.0 and 4.1 s on main 7dfa90f); one SYN lost
+        // and sent again, 1 s. IPv4's stream is printed for comparison
+        // only: a few of its connections are refused around the new
+        // agent's start, on main too (docs/architecture.md, "IPv6 backends
+        // across an agent restart").
         ensure!(
-            vip.is_ipv4() || gap < Duration::from_secs(1),
+            vip.is_ipv4() || gap < Duration::from_secs(2),
             "no answer from {vip} for {gap:?} across the restart: {failed:?}\nagent log:\n{}",
             agent.log_text()
         );
