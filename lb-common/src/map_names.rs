@@ -249,17 +249,21 @@ maps! {
     /// as `PROXY_FLOWS` with IPv4's tables.
     PROXY_FLOWS6: Pinning::Pinned;
     /// What the first stage hands the second about a packet, per CPU.
-    CARRY: Pinning::Unpinned {
-        why: "scratch for one packet between the two stages, on one CPU",
-    };
+    /// Pinned, though it holds nothing past one packet: `STAGES` is pinned
+    /// and shared, so a restarted agent's stages are in it (`set_stages`)
+    /// while the old `lb` still runs, until `attach` replaces it; the old
+    /// `lb` hands its packets to the new `lb_setup` (and `lb_proxy`)
+    /// through this map, which must then be one map for both loads. Made
+    /// afresh per load, the new stage read another load's empty slot, and
+    /// the new connections of those ~100 ms were refused.
+    CARRY: Pinning::Pinned;
     /// A packet too big's MTU, for `lb_v6_portless` to answer, per CPU.
-    TOO_BIG6: Pinning::Unpinned {
-        why: "scratch for one packet between an IPv6 stage and lb_v6_portless, on one CPU",
-    };
+    /// Pinned for `CARRY`'s reason: a packet in flight while `set_stages`
+    /// swaps IPv6's stages goes from one load's stage to the other's.
+    TOO_BIG6: Pinning::Pinned;
     /// What IPv6's first stage hands its second about a packet, per CPU.
-    CARRY6: Pinning::Unpinned {
-        why: "scratch for one packet between IPv6's two stages, on one CPU",
-    };
+    /// Pinned for `CARRY`'s reason.
+    CARRY6: Pinning::Pinned;
 }
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
@@ -309,7 +313,8 @@ mod tests {
         // PROXY_FLOWS (1), IPv6's services, VIPs, backends, NAT endpoints and
         // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
         // IPv6 source-ip's prefixes (1), IPv6's fragments (1) and IPv6's
-        // unresolved next hops (1), IPv6's PROXY_FLOWS6 (1).
-        assert_eq!(MapName::pinned().count(), 56);
+        // unresolved next hops (1), IPv6's PROXY_FLOWS6 (1), the stages'
+        // hand-over scratch CARRY, CARRY6 and TOO_BIG6 (3).
+        assert_eq!(MapName::pinned().count(), 59);
     }
 }

@@ -167,10 +167,14 @@ fn the_forwarding_check_reads_ipv6_forwarding_for_ipv6_services() -> Result<()> 
 /// A restarted agent (SIGTERM, then `lb run` again on the pins) starts the
 /// backends of the adopted rings up, IPv6 services' as IPv4's: `www6`'s
 /// webs are up and in its ring from the new agent's first commit, and new
-/// connections to the VIP6 are answered across the restart.
+/// connections to the VIP6 and to the VIP are answered across the restart,
+/// none refused.
 /// Before, only IPv4 ring members were read back: every IPv6 backend
 /// started pending, out of the ring until `rise` probes passed (here 3 s
-/// of an empty ring).
+/// of an empty ring). And IPv4's new connections of the ~100 ms between
+/// the new agent's `set_stages` and its `attach` were refused: the old
+/// `lb` handed them to the new `lb_setup` through a `CARRY` of its own
+/// load (now pinned, one for both).
 #[test]
 fn a_restarted_agent_keeps_serving_an_ipv6_service_without_a_gap() -> Result<()> {
     let lab = lab6::up("lbr6")?;
@@ -255,13 +259,14 @@ fn a_restarted_agent_keeps_serving_an_ipv6_service_without_a_gap() -> Result<()>
         );
         // A ring emptied until `rise` probes pass leaves 3 s and more
         // without an answer (3.0 and 4.1 s on main 7dfa90f); one SYN lost
-        // and sent again, 1 s. IPv4's stream is printed for comparison
-        // only: a few of its connections are refused around the new
-        // agent's start, on main too (docs/architecture.md, "IPv6 backends
-        // across an agent restart").
+        // and sent again, 1 s. A connection handed to the other load's
+        // stage with nothing carried was refused (5-7 of IPv4's in every
+        // run before `CARRY` was pinned).
         ensure!(
-            vip.is_ipv4() || gap < Duration::from_secs(2),
-            "no answer from {vip} for {gap:?} across the restart: {failed:?}\nagent log:\n{}",
+            failed.is_empty() && gap < Duration::from_secs(2),
+            "{} connections to {vip} failed, at most {gap:?} without an answer across the \
+             restart: {failed:?}\nagent log:\n{}",
+            failed.len(),
             agent.log_text()
         );
     }
