@@ -7,7 +7,7 @@
 //! `firewall`, `pool`, `coordination`).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -305,6 +305,10 @@ impl Validator<'_> {
             None => None,
             Some(text) => Some(self.tunnel_source(&text)?),
         };
+        let tunnel_source6 = match raw.tunnel_source6 {
+            None => None,
+            Some(text) => Some(self.tunnel_source6(&text)?),
+        };
         let gue_port = match raw.gue_port {
             None => lb_common::tunnel::GUE_DEFAULT_PORT,
             Some(port) => self.in_range(port, 1..65536, "dataplane.gue-port")?,
@@ -324,6 +328,7 @@ impl Validator<'_> {
             new_flow_budget,
             timeouts,
             tunnel_source,
+            tunnel_source6,
             gue_port,
         })
     }
@@ -348,6 +353,41 @@ impl Validator<'_> {
                 format!(
                     "{addr} is a loopback address (127.0.0.0/8): tunnel packets leave the \
                      host, and no router forwards a packet from it"
+                ),
+            ));
+        }
+        Ok(addr)
+    }
+
+    /// `[dataplane] tunnel-source6`: the IPv6 twin of `tunnel-source` (IPv6
+    /// services' outer packets are IPv6): a unicast IPv6 address of this
+    /// host, neither loopback nor link-local (the outer packets are routed).
+    fn tunnel_source6(&self, text: &str) -> Result<Ipv6Addr, ConfigError> {
+        let key = "dataplane.tunnel-source6";
+        let addr: Ipv6Addr = text.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("expected an IPv6 address like \"2001:db8:19::1\", got {text:?}"),
+            )
+        })?;
+        if let Some(reason) = address_problem(addr.into()) {
+            return Err(self.err(key, reason));
+        }
+        if addr.is_loopback() {
+            return Err(self.err(
+                key,
+                format!(
+                    "{addr} is the loopback address: tunnel packets leave the host, and no \
+                     router forwards a packet from it"
+                ),
+            ));
+        }
+        if addr.is_unicast_link_local() {
+            return Err(self.err(
+                key,
+                format!(
+                    "{addr} is a link-local address (fe80::/10): tunnel packets cross routers, \
+                     which never forward a packet from it"
                 ),
             ));
         }
