@@ -661,13 +661,18 @@ mod tests {
         eth(0x0800, &ip)
     }
 
-    fn gue(src: [u8; 4], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
+    /// UDP to the GUE port and GUE (`byte0`, `proto`) around `inner`.
+    fn gue_payload(byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
         let len = (8 + 4 + inner.len()) as u16;
         let mut udp = vec![0xc3, 0x50, 0x17, 0xc0];
         udp.extend_from_slice(&len.to_be_bytes());
         udp.extend_from_slice(&[0, 0, byte0, proto, 0, 0]);
         udp.extend_from_slice(inner);
-        outer(src, IPPROTO_UDP, &udp)
+        udp
+    }
+
+    fn gue(src: [u8; 4], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
+        outer(src, IPPROTO_UDP, &gue_payload(byte0, proto, inner))
     }
 
     fn verdict(frame: &[u8]) -> DecapVerdict {
@@ -807,12 +812,7 @@ mod tests {
     }
 
     fn gue6(src: [u8; 16], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
-        let len = (8 + 4 + inner.len()) as u16;
-        let mut udp = vec![0xc3, 0x50, 0x17, 0xc0];
-        udp.extend_from_slice(&len.to_be_bytes());
-        udp.extend_from_slice(&[0, 0, byte0, proto, 0, 0]);
-        udp.extend_from_slice(inner);
-        outer6(src, IPPROTO_UDP, &udp)
+        outer6(src, IPPROTO_UDP, &gue_payload(byte0, proto, inner))
     }
 
     fn verdict6(frame: &[u8]) -> DecapVerdict {

@@ -754,18 +754,7 @@ impl Lab {
         netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
         own_vip_quietly(&ns)?;
         netns::add_default_route(&ns, LB_BACK)?;
-        // IPv6: its own address, the VIP6 (delivered to it in DSR), and the
-        // LB as its gateway. Nobody on the back network asks for the VIP6
-        // (neighbour discovery answers only for the asked interface's
-        // addresses), so it needs no arp_ignore twin.
-        add_addr6(&ns, "eth0", &format!("{}/64", web_addr6(n)))?;
-        add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
-        let gateway = LB_BACK6.to_string();
-        netns::ns_run(
-            &ns,
-            &["ip", "-6", "route", "add", "default", "via", &gateway],
-        )?;
-        Ok(())
+        configure_web_v6(&ns, n)
     }
 
     fn start_servers(&mut self, detached: bool) -> anyhow::Result<()> {
@@ -1052,6 +1041,22 @@ fn set_mode_v6(ns: &str, mode: Forwarding, client_net: &str) -> anyhow::Result<(
 /// duplicate detection in a lab whose addresses are all ours, so servers
 /// bind them without waiting a second for the address to stop being
 /// tentative).
+/// Web `n`'s IPv6 side (in `ns`): its own address, the VIP6 (delivered to
+/// it in DSR and by its decapsulator), and 2001:db8:19::1 as its gateway
+/// (the LB in the single lab, the router in the routed one). Nobody on the
+/// back network asks for the VIP6 (neighbour discovery answers only for the
+/// asked interface's addresses), so it needs no arp_ignore twin.
+pub(super) fn configure_web_v6(ns: &str, n: usize) -> anyhow::Result<()> {
+    add_addr6(ns, "eth0", &format!("{}/64", web_addr6(n)))?;
+    add_addr6(ns, "lo", &format!("{VIP6}/128"))?;
+    let gateway = LB_BACK6.to_string();
+    netns::ns_run(
+        ns,
+        &["ip", "-6", "route", "add", "default", "via", &gateway],
+    )
+    .map(drop)
+}
+
 pub(super) fn add_addr6(ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
     netns::ns_run(ns, &["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"])
         .with_context(|| format!("adding {cidr} to {dev} in {ns}"))?;

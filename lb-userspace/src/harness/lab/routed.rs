@@ -546,16 +546,8 @@ impl Lab {
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/rp_filter"), "2")?;
         }
         netns::add_default_route(&ns, ROUTER_WEB_SIDE)?;
-        // IPv6: its own address, the VIP6 (the decapsulated packets' and
-        // the replies' address), the router as its gateway.
-        add_addr6(&ns, "eth0", &format!("{}/64", web_addr6(n)))?;
-        add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
-        let gateway = LB_BACK6.to_string();
-        netns::ns_run(
-            &ns,
-            &["ip", "-6", "route", "add", "default", "via", &gateway],
-        )
-        .map(drop)
+        // IPv6: the router holds the address the single lab's LB has.
+        super::configure_web_v6(&ns, n)
     }
 }
 
