@@ -22,7 +22,9 @@
 //! Over IPv6 (issue 24: an IPv6 service's tunnels are IP6IP6 and GUE over
 //! IPv6, to the webs' IPv6 addresses, taken off by their `lb decap`):
 //! `curl -6` rotation over the three webs and an 8 MB transfer byte-exact;
-//! a web killed goes DOWN under its IPv6 check and comes back UP.
+//! a web killed goes DOWN under its IPv6 check and comes back UP; path-MTU
+//! discovery with the router's link to the webs lowered and the LB's IPv6
+//! route declaring it.
 //!
 //! And the routed lab itself, before any tunnel: the webs are reached by
 //! routing alone, never on the LB's segment.
@@ -45,7 +47,7 @@ use lb_tests::{
     answers, backend_status, count,
     flood::{TABLE, drain_web1_until_its_clients_close, keepalive_connections_survive_a_syn_flood},
     lb_bin,
-    pmtu::{cached_mtu, forget_path_mtus, upload},
+    pmtu::{cached_mtu, forget_path_mtus, forget_path_mtus6, upload, upload_to},
     status, transfer, unique_prefix, wait_for_status,
 };
 use lb_userspace::{
@@ -53,9 +55,9 @@ use lb_userspace::{
     control::HealthStatus,
     harness::{
         lab::{
-            CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_WEB_IFACE,
-            ROUTER_WEB_SIDE, Tunnel, VIP, VIP6, WEB_NAMES, WEB_NET, bulk_byte, http_get,
-            lb_front_addr, vip_http, vip6_http, web_addr,
+            CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_LB_SIDE6,
+            ROUTER_WEB_IFACE, ROUTER_WEB_SIDE, Tunnel, VIP, VIP6, WEB_NAMES, WEB_NET, WEB_NET6,
+            bulk_byte, http_get, lb_front_addr, vip_http, vip6_http, web_addr,
         },
         netns::{in_netns, require_tool},
     },
@@ -232,6 +234,49 @@ fn a_killed_web_goes_down_and_recovers_behind_each_ipv6_tunnel() -> Result<()> {
         ensure!(
             got.get("web2").copied().unwrap_or(0) > 0,
             "the recovered web2 gets no new IPv6 connection: {got:?}"
+        );
+        Ok(())
+    })
+}
+
+/// Path-MTU discovery through the IPv6 tunnels: the router's link to the
+/// webs lowered to 1400 and the LB's IPv6 route saying so (`mtu lock
+/// 1400`): the client's upload to the VIP6 gets "packet too big" with 1400
+/// less the overhead (1360 IP6IP6, 1348 GUE over IPv6) and completes.
+/// Without the route's MTU it would stall: a router's "packet too big"
+/// about an outer IPv6 packet is not learned yet (docs/architecture.md,
+/// "Tunnels").
+#[test]
+fn ipv6_path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -> Result<()> {
+    let mut lab = routed_lab()?;
+    // The LB's answers leave by XDP_TX: see `run_xdp_on_client_front`.
+    lab.run_xdp_on_client_front()?;
+    let low = LOW_MTU.to_string();
+    lab.exec_ok(
+        &lab.router_ns(),
+        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
+    )?;
+    let router = ROUTER_LB_SIDE6.to_string();
+    lab.exec_ok(
+        &lab.lb_ns(),
+        &[
+            "ip", "-6", "route", "replace", WEB_NET6, "via", &router, "mtu", "lock", &low,
+        ],
+    )?;
+    let vip = VIP6.to_string();
+    in_each_tunnel6(&mut lab, "", |lab, tunnel| {
+        for ns in [lab.client_ns(), lab.lb_ns()] {
+            forget_path_mtus6(lab, &ns)?;
+        }
+        in_netns(&lab.client_ns(), || upload_to(vip6_http(), 300_000))??;
+        let want = LOW_MTU - tunnel.overhead6();
+        let got = cached_mtu(lab, &lab.client_ns(), &vip)?;
+        ensure!(
+            got == Some(want),
+            "the client's path MTU to the VIP6 is {got:?}, not {want} ({LOW_MTU} - {} bytes of {} over IPv6); verdicts: {:?}",
+            tunnel.overhead6(),
+            tunnel.name(),
+            status(lab)?.verdicts
         );
         Ok(())
     })

@@ -103,6 +103,16 @@ impl Tunnel {
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
+    /// [`Tunnel::overhead`] of the IPv6 form: an outer IPv6 header (40),
+    /// for GUE also UDP and GUE (52).
+    pub fn overhead6(self) -> u32 {
+        let bytes = match self {
+            Tunnel::Ipip => lb_common::decap::IP6IP6_OVERHEAD,
+            Tunnel::Gue => lb_common::decap::GUE6_OVERHEAD,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
     /// The decapsulator's verdict for this tunnel's packets with an outer
     /// IPv6 header (`decap_ip6ip6`, `decap_gue6`).
     pub fn decap_verdict6(self) -> &'static str {
