@@ -46,7 +46,7 @@ pub use keys::{protocol_number, raw_endpoint, service_key};
 pub use lb_common::map_names::MapName;
 pub use plan::Admission;
 pub use probe::ServiceRoute;
-pub use read::{FlowTable, NeighbourRequests};
+pub use read::{FlowTable, NeighbourRequests, RingMembers};
 pub use sweep::{Sweeper, now_ticks};
 pub use tunnel::LearnedPmtu;
 

@@ -85,6 +85,15 @@ pub fn dual_stack(net: &TestNet) {
     }
 }
 
+/// A test namespace made dual-stack ([`dual_stack`]) with IPv6 forwarding
+/// on: what every IPv6 kernel-tier test starts from.
+pub fn dual_stack_net() -> TestNet {
+    let net = TestNet::new();
+    dual_stack(&net);
+    net.run(ipv6_forwarding_on);
+    net
+}
+
 pub fn ipv6_forwarding_on() {
     std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
         .expect("net.ipv6.conf.all.forwarding=1 in the test namespace");

@@ -52,6 +52,12 @@ pub fn three_webs_and_www6(more: &str) -> String {
     three_webs() + &services_v6(&[("www6", "tcp", HTTP_PORT)], "") + more
 }
 
+/// The lab's IPv4 web service (`three_webs`) plus `www6` (as in
+/// [`three_webs_and_www6`]) with `health` (a `health = …` line).
+pub fn three_webs_and_checked_www6(health: &str) -> String {
+    three_webs() + &services_v6(&[("www6", "tcp", HTTP_PORT)], health)
+}
+
 /// The lab's config plus the same web services on the VIP6: TCP :80 and
 /// UDP :5353 over web1..3's IPv6 addresses, round robin, the lab's mode.
 pub fn config_v6(mode: Forwarding) -> String {

@@ -6,8 +6,10 @@
 //! [`kernel_frames`] the frames its test files share, [`flood`] the
 //! lifecycle tests' traffic (keep-alive connections, the SYN flood),
 //! [`pmtu`] the path-MTU tests' upload and route-cache readers,
-//! [`multi_lb`] the multi-LB lab's agents, held connections and failover.
+//! [`multi_lb`] the multi-LB lab's agents, held connections and failover,
+//! [`db`] the database tier's clients through a pool's VIPs.
 
+pub mod db;
 pub mod flood;
 pub mod kernel_frames;
 pub mod kernel_net;
@@ -264,13 +266,22 @@ pub fn steady_stream(
     lab: &Lab,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<Vec<(Duration, Result<String, String>)>> {
+    steady_stream_at(lab, vip_http(), stop)
+}
+
+/// [`steady_stream`] to `vip` (e.g. the VIP6's).
+pub fn steady_stream_at(
+    lab: &Lab,
+    vip: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<(Duration, Result<String, String>)>> {
     let ns = lab.client_ns();
     thread::spawn(move || {
         in_netns(&ns, move || {
             let start = Instant::now();
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let r = http_get(vip_http(), "/")
+                let r = http_get(vip, "/")
                     .map(|r| r.text())
                     .map_err(|e| format!("{e:#}"));
                 out.push((start.elapsed(), r));

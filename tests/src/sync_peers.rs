@@ -7,7 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::sync::{Stats, SyncMaps};
+use lb_common::sync::{SyncEvent, SyncEvent6};
+use lb_userspace::sync::{FlowEvent, Stats, SyncMaps};
 
 use crate::kernel_net::Harness;
 
@@ -48,4 +49,37 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < until, "timed out waiting: {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A sync event of one family, taken out of the ring's [`FlowEvent`].
+pub trait FamilyEvent: Sized {
+    /// The event if it is of this family; the other family's back.
+    fn of(event: FlowEvent) -> Result<Self, FlowEvent>;
+}
+
+impl FamilyEvent for SyncEvent {
+    fn of(event: FlowEvent) -> Result<Self, FlowEvent> {
+        match event {
+            FlowEvent::V4(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+impl FamilyEvent for SyncEvent6 {
+    fn of(event: FlowEvent) -> Result<Self, FlowEvent> {
+        match event {
+            FlowEvent::V6(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+/// The events of family `T`, every one of them: an event of the other
+/// family fails the test.
+pub fn events_of<T: FamilyEvent>(events: Vec<FlowEvent>) -> Vec<T> {
+    events
+        .into_iter()
+        .map(|e| T::of(e).unwrap_or_else(|other| panic!("an event of the other family: {other:?}")))
+        .collect()
 }

@@ -1,21 +1,29 @@
-//! The agent over IPv6 where it can be real before the IPv6 data plane
-//! (issue 24): the monitoring listener on an IPv6 address of the dual-stack
-//! lab, fetched by curl from the client's namespace across the LB's XDP
-//! interface; and the start-up forwarding check reading
-//! `net.ipv6.conf.IF.forwarding` in the LB's namespace. Needs root and the
-//! lab; fails loudly without them, never skips.
+//! The agent over IPv6 (issue 24): the monitoring listener on an IPv6
+//! address of the dual-stack lab, fetched by curl from the client's
+//! namespace across the LB's XDP interface; the start-up forwarding check
+//! reading `net.ipv6.conf.IF.forwarding` in the LB's namespace; and an
+//! agent restart that keeps an IPv6 service's backends serving. Needs root
+//! and the lab; fails loudly without them, never skips.
 
 use std::{
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::{lb_bin, three_webs, unique_prefix};
+use lb_tests::{
+    backend_status, checked_status, lab6, lb_bin, steady_stream_at, three_webs, unique_prefix,
+    wait_for_status,
+};
 use lb_userspace::{
+    control::HealthStatus,
     doctor::{self, Check, Severity},
     harness::{
-        lab::{LB_FRONT6, Lab},
+        lab::{LB_FRONT6, Lab, vip_http, vip6_http},
         netns::{self, in_netns},
     },
 };
@@ -153,5 +161,109 @@ fn the_forwarding_check_reads_ipv6_forwarding_for_ipv6_services() -> Result<()> 
                 == ifaces.len(),
         "{found:#?}"
     );
+    Ok(())
+}
+
+/// A restarted agent (SIGTERM, then `lb run` again on the pins) starts the
+/// backends of the adopted rings up, IPv6 services' as IPv4's: `www6`'s
+/// webs are up and in its ring from the new agent's first commit, and new
+/// connections to the VIP6 are answered across the restart.
+/// Before, only IPv4 ring members were read back: every IPv6 backend
+/// started pending, out of the ring until `rise` probes passed (here 3 s
+/// of an empty ring).
+#[test]
+fn a_restarted_agent_keeps_serving_an_ipv6_service_without_a_gap() -> Result<()> {
+    let lab = lab6::up("lbr6")?;
+    let config = lab6::three_webs_and_checked_www6(
+        "health = { check = \"http\", port = 80, path = \"/\", interval = \"1s\", \
+         timeout = \"500ms\", rise = 4, fall = 2 }\n",
+    );
+    let agent = lab.start_agent(&config)?;
+    let all_up = |s: &lb_userspace::control::Status| {
+        ["www", "www6"].iter().all(|service| {
+            ["web1", "web2", "web3"].iter().all(|web| {
+                backend_status(s, service, web)
+                    .is_ok_and(|b| b.health == HealthStatus::Up && b.in_ring)
+            })
+        })
+    };
+    wait_for_status(
+        &lab,
+        "every web up in www and www6",
+        Duration::from_secs(15),
+        all_up,
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams = [
+        steady_stream_at(&lab, vip6_http(), stop.clone()),
+        steady_stream_at(&lab, vip_http(), stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = lab.start_agent(&config)?;
+    // The new agent's first commit (its line per service) kept www6's
+    // ring whole: a pending web would have been left out of it until its
+    // probes passed (`lb: ready` waits for them, so the status alone
+    // would not tell).
+    let first = agent
+        .log_text()
+        .lines()
+        .find(|l| l.contains("service www6 "))
+        .map(str::to_owned)
+        .context("no line for www6 in the new agent's log")?;
+    ensure!(
+        first.contains("ring [web1 web2 web3] (3 of 3 backends)"),
+        "the restarted agent's first www6 ring: {first}"
+    );
+    let status = checked_status(&lab)?;
+    ensure!(status.adopted, "the new agent adopted the pins");
+    ensure!(
+        all_up(&status),
+        "not every web up in its ring after the restart: {:#?}",
+        status.services
+    );
+    // Longer than `rise` probes would take.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for (stream, vip) in streams.into_iter().zip([vip6_http(), vip_http()]) {
+        let log = stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream to {vip} panicked"))?;
+        let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+        let answered: Vec<Duration> = log
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(t, _)| *t)
+            .collect();
+        let gap = answered
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        println!(
+            "{vip}: {} connections across the restart, {} failed, at most {gap:?} between \
+             two answered",
+            log.len(),
+            failed.len()
+        );
+        ensure!(
+            log.len() > 50,
+            "too few connections to {vip}: {}",
+            log.len()
+        );
+        // A ring emptied until `rise` probes pass leaves 3 s and more
+        // without an answer (3.0 and 4.1 s on main 7dfa90f); one SYN lost
+        // and sent again, 1 s. IPv4's stream is printed for comparison
+        // only: a few of its connections are refused around the new
+        // agent's start, on main too (docs/architecture.md, "IPv6 backends
+        // across an agent restart").
+        ensure!(
+            vip.is_ipv4() || gap < Duration::from_secs(2),
+            "no answer from {vip} for {gap:?} across the restart: {failed:?}\nagent log:\n{}",
+            agent.log_text()
+        );
+    }
     Ok(())
 }

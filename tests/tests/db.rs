@@ -18,24 +18,27 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::{
-    ask, backend_status, checked_status, checked_status_at, chromium, dom_attr, lb_bin, status,
-    three_webs, unique_prefix, wait_for_status, wait_for_status_at,
+    ask, backend_status, checked_status, checked_status_at, chromium,
+    db::{
+        CLIENT_TIMEOUT, app_opts, ask_promote, from_client, from_ns, pool, promote, read_from,
+        reads_from, routed, runtime, seqs_on, write_to, writes_land_at,
+    },
+    dom_attr, lb_bin, status, three_webs, unique_prefix, wait_for_status, wait_for_status_at,
 };
 use lb_userspace::{
     config::Forwarding,
     control::{FirewallChange, HealthStatus, PoolRole, Request, RuleEdit, Status},
-    db::{DbCommand, PoolStatus, Role},
+    db::{DbCommand, Role},
     harness::{
         lab::{
-            APP_PASSWORD, APP_USER, AgentProcess, Lab, MONITORING_LISTEN, VISITS_TABLE,
-            admin_password_file, pool_config, read_vip, run_dir, vip_http, write_vip,
+            AgentProcess, Lab, MONITORING_LISTEN, VISITS_TABLE, admin_password_file, pool_config,
+            read_vip, run_dir, vip_http, write_vip,
         },
         netns::in_netns,
     },
 };
-use mysql_async::{Conn, OptsBuilder, prelude::Queryable};
+use mysql_async::{Conn, prelude::Queryable};
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Probe interval 500 ms, fall 2: a member is judged down within about
 /// this long (plus the probe timeout).
 const FALL_WINDOW: Duration = Duration::from_millis(1500);
@@ -58,107 +61,19 @@ fn config(lab: &Lab, auto_failover: Option<&str>) -> String {
     )
 }
 
-fn pool(status: &Status) -> Result<PoolStatus> {
-    status
-        .pools
-        .iter()
-        .find(|p| p.name == "db")
-        .cloned()
-        .context("no pool db in status")
-}
-
-fn routed(status: &Status, writer: Option<&str>, readers: &[&str]) -> bool {
-    pool(status).is_ok_and(|p| p.writer.as_deref() == writer && p.readers == readers)
-}
-
-fn app_opts(vip: SocketAddr) -> OptsBuilder {
-    OptsBuilder::default()
-        .ip_or_hostname(vip.ip().to_string())
-        .tcp_port(vip.port())
-        .prefer_socket(false)
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some("app"))
-}
-
 /// One write through the write VIP on a new connection: inserts `seq`,
 /// returns the server id that committed it.
 async fn write(seq: u64, writer: &str) -> Result<u64, String> {
-    let work = async {
-        let mut c = Conn::new(app_opts(write_vip())).await?;
-        c.exec_drop(
-            format!(
-                "INSERT INTO {VISITS_TABLE} (seq, writer, server_id) VALUES (?, ?, @@server_id)"
-            ),
-            (seq, writer),
-        )
-        .await?;
-        let id: Option<u64> = c.query_first("SELECT @@server_id").await?;
-        let _ = c.disconnect().await;
-        Ok::<_, mysql_async::Error>(id.unwrap_or(0))
-    };
-    match tokio::time::timeout(CLIENT_TIMEOUT, work).await {
-        Err(_) => Err("timed out".to_owned()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(id)) => Ok(id),
-    }
+    write_to(write_vip(), seq, writer).await
 }
 
 /// One read through the read VIP on a new connection: (server id, rows).
 async fn read() -> Result<(u64, u64), String> {
-    let work = async {
-        let mut c = Conn::new(app_opts(read_vip())).await?;
-        let row: Option<(u64, u64)> = c
-            .query_first(format!("SELECT @@server_id, COUNT(*) FROM {VISITS_TABLE}"))
-            .await?;
-        let _ = c.disconnect().await;
-        Ok::<_, mysql_async::Error>(row.unwrap_or_default())
-    };
-    match tokio::time::timeout(CLIENT_TIMEOUT, work).await {
-        Err(_) => Err("timed out".to_owned()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(r)) => Ok(r),
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")
-}
-
-/// Runs `f` from the client's namespace (its sockets are made there).
-fn from_client<T: Send>(lab: &Lab, f: impl Future<Output = T> + Send) -> Result<T> {
-    from_ns(&lab.client_ns(), f)
-}
-
-/// Runs `f` from namespace `ns` (a client's).
-fn from_ns<T: Send>(ns: &str, f: impl Future<Output = T> + Send) -> Result<T> {
-    let rt = runtime()?;
-    in_netns(ns, || rt.block_on(f))
+    read_from(read_vip()).await
 }
 
 fn reads(lab: &Lab, n: usize) -> Result<Vec<u64>> {
-    from_client(lab, async {
-        let mut ids = Vec::new();
-        for _ in 0..n {
-            ids.push(read().await.map_err(anyhow::Error::msg)?.0);
-        }
-        Ok::<_, anyhow::Error>(ids)
-    })?
-}
-
-/// The rows `writer` wrote, as seen on database `n`.
-fn seqs_on(lab: &Lab, n: usize, writer: &str) -> Result<BTreeSet<u64>> {
-    Ok(lab
-        .db_admin(
-            n,
-            &format!("SELECT seq FROM {VISITS_TABLE} WHERE writer = '{writer}'"),
-        )?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
+    reads_from(lab, read_vip(), n)
 }
 
 /// A write loop from the client: (time since start, seq, server id or error).
@@ -294,18 +209,7 @@ fn read_only_refusals(log: &WriteLog) -> usize {
 /// Writes `seqs` (tag "basic") through the write VIP, each on a new
 /// connection, and checks that server `server_id` committed every one.
 fn writes_land_on(lab: &Lab, seqs: std::ops::RangeInclusive<u64>, server_id: u64) -> Result<()> {
-    let ids = from_client(lab, async {
-        let mut ids = Vec::new();
-        for seq in seqs {
-            ids.push(write(seq, "basic").await);
-        }
-        ids
-    })?;
-    ensure!(
-        ids.iter().all(|r| r == &Ok(server_id)),
-        "writes answered by {ids:?}"
-    );
-    Ok(())
+    writes_land_at(lab, write_vip(), seqs, server_id)
 }
 
 /// One HTTP/1.0 request; the response body.
@@ -383,24 +287,6 @@ fn check_writes(
         "a read-only member got writes: {log:?}"
     );
     Ok(log)
-}
-
-/// `lb db promote db MEMBER`'s answer, whatever it is.
-fn ask_promote(lab: &Lab, member: &str, force: bool) -> Result<lb_userspace::control::Response> {
-    ask(
-        lab,
-        &Request::Db(DbCommand::Promote {
-            pool: "db".into(),
-            member: member.into(),
-            force,
-        }),
-    )
-}
-
-fn promote(lab: &Lab, member: &str, force: bool) -> Result<String> {
-    let r = ask_promote(lab, member, force)?;
-    ensure!(r.ok, "promote {member}: {}", r.message);
-    Ok(r.message)
 }
 
 #[test]

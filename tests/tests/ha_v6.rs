@@ -38,9 +38,21 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Two LBs in DSR serving the IPv4 VIP's `www` and the IPv6 VIP's `www6`,
 /// both with `scheduler`, announcing both VIPs with equal MEDs.
 fn up(scheduler: &str) -> Result<Ha> {
+    up_dual(Forwarding::Dsr, scheduler, [0, 0], false)
+}
+
+/// Two LBs in `mode` serving `www` and `www6` with `scheduler`, LB n
+/// announcing both VIPs with MED `meds[n-1]`; with `sync`, the lab's
+/// `[sync]` between them (each listening on its back address).
+fn up_dual(mode: Forwarding, scheduler: &str, meds: [u32; 2], sync: bool) -> Result<Ha> {
     let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
-    Ha::up_configured(2, Forwarding::Dsr, [0, 0], &vips, |lab, n, med| {
-        lab.ha_config(n, Forwarding::Dsr, scheduler, med) + &ha_service6("www6", VIP6, scheduler)
+    Ha::up_configured(2, mode, meds, &vips, |lab, n, med| {
+        let mut cfg =
+            lab.ha_config(n, mode, scheduler, med) + &ha_service6("www6", VIP6, scheduler);
+        if sync {
+            cfg += &lab.sync_section(n);
+        }
+        cfg
     })
 }
 
@@ -133,24 +145,13 @@ fn ipv6_round_robin_flows_moved_to_the_other_lb_break_and_new_ones_succeed() -> 
     Ok(())
 }
 
-/// [`up`] with `[sync]` between the two LBs (the lab's key, each listening
-/// on its back address), in `mode`, LB n announcing with MED `meds[n-1]`.
-fn up_synced(mode: Forwarding, scheduler: &str, meds: [u32; 2]) -> Result<Ha> {
-    let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
-    Ha::up_configured(2, mode, meds, &vips, |lab, n, med| {
-        lab.ha_config(n, mode, scheduler, med)
-            + &ha_service6("www6", VIP6, scheduler)
-            + &lab.sync_section(n)
-    })
-}
-
 /// With flow sync, round-robin IPv6 flows that move from a dead LB to the
 /// other keep their backend there: none breaks (without sync, the test
 /// above counts those that do).
 #[test]
 fn synced_ipv6_round_robin_flows_survive_the_loss_of_an_lb() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let ha = up_synced(Forwarding::Dsr, "round-robin", [0, 0])?;
+    let ha = up_dual(Forwarding::Dsr, "round-robin", [0, 0], true)?;
     let f = spread_then_fail_lb1(&ha, "round-robin, DSR, IPv6, sync, lb1 cut off")?;
     ensure!(f.broken() == 0, "{f:#?}");
     ensure!(f.longest_gap() < Duration::from_secs(3), "{f:#?}");
@@ -166,7 +167,7 @@ fn synced_ipv6_round_robin_flows_survive_the_loss_of_an_lb() -> Result<()> {
 #[test]
 fn synced_nat66_flows_survive_the_primary_dying_when_the_gateway_moves() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let ha = up_synced(Forwarding::Nat, "round-robin", [0, 100])?;
+    let ha = up_dual(Forwarding::Nat, "round-robin", [0, 100], true)?;
     ha.lab
         .wait_for_route_to(VIP6, &[lb_front_addr6(1)], Duration::from_secs(5))
         .context("the router's IPv6 route is not via lb1 alone")?;

@@ -15,6 +15,7 @@
 //! Needs root and BPF; without them the tests fail loudly.
 
 use lb_common::Verdict;
+use lb_tests::kernel_net6::{config_v6, dual_stack_net};
 use lb_tests::{
     kernel_frames::{Tcp, from, syn_ack_to, web_of},
     kernel_net::{
@@ -23,6 +24,7 @@ use lb_tests::{
     },
 };
 use lb_userspace::{
+    config::{Config, Service},
     dataplane::{Dataplane, MapName},
     harness::xdp::{self, XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
@@ -81,6 +83,67 @@ fn a_restarted_data_plane_adopts_pinned_flows_and_counters() {
         assert!(removed.contains(&"CONNTRACK".to_string()), "{removed:?}");
         assert!(!pins.exists());
     });
+}
+
+/// What a restarted agent starts as up (`Dataplane::ring_members`): the
+/// backends in each service's adopted ring, IPv6 services' too (their
+/// addresses from `BACKENDS6`). A backend out of its ring (weight 0) is
+/// not named, nor a backend of another service on the same address.
+#[test]
+fn the_adopted_rings_name_their_backends_in_either_family() {
+    let net = dual_stack_net();
+    let fs = Bpffs::new();
+    let pins = fs.dir.join("lb");
+    net.run(|| {
+        let mut cfg = config_v6();
+        for s in &mut cfg.services {
+            if s.name == "www" || s.name == "www6" {
+                s.backends[2].weight = 0;
+            }
+        }
+        let (mut first, adopted) = Dataplane::load_pinned(&cfg.dataplane, &pins).expect("load");
+        assert!(!adopted);
+        first.apply(&cfg).expect("apply");
+        drop(first);
+
+        let (second, adopted) = Dataplane::load_pinned(&cfg.dataplane, &pins).expect("adopt");
+        assert!(adopted);
+        let serving = second.ring_members().expect("ring members");
+        let mut v6 = 0;
+        for s in &cfg.services {
+            for (i, b) in s.backends.iter().enumerate() {
+                let out = (s.name == "www" || s.name == "www6") && i == 2;
+                assert_eq!(
+                    serving.serves(s, b),
+                    !out,
+                    "{} {} ({})",
+                    s.name,
+                    b.name,
+                    b.address
+                );
+                v6 += usize::from(b.address.is_ipv6() && !out);
+            }
+        }
+        assert!(v6 >= 8, "IPv6 backends named: {v6}");
+        // An address and port in another service's ring is not this
+        // service's: dsr6 has web1 at :80, www6 has it at its WEB_PORT.
+        let (www6, dsr6) = (service_named(&cfg, "www6"), service_named(&cfg, "dsr6"));
+        let mut moved = www6.backends[0].clone();
+        moved.address = dsr6.backends[0].address;
+        assert!(serving.serves(dsr6, &dsr6.backends[0]));
+        assert!(
+            !serving.serves(www6, &moved),
+            "dsr6's backend is not www6's"
+        );
+        Dataplane::teardown(&pins).expect("teardown");
+    });
+}
+
+fn service_named<'a>(cfg: &'a Config, name: &str) -> &'a Service {
+    cfg.services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
 }
 
 /// Item 5b: adopting pinned maps cannot change their size, so a changed

@@ -20,7 +20,7 @@ use lb_tests::{
         CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_PORT, backend,
         expect_rule, lab_config, ns_per_packet, prefix, rule_counts, service, udp,
     },
-    kernel_net6::dual_stack,
+    kernel_net6::dual_stack_net,
 };
 use lb_userspace::config::{Config, Forwarding, Protocol};
 use lb_userspace::dataplane::MapName;
@@ -470,10 +470,8 @@ fn id_of(applied: &[lb_userspace::dataplane::AppliedService], name: &str) -> u32
 #[test]
 fn ipv6_deny_and_allow_prefixes_global_and_per_service() {
     use lb_common::FW_GLOBAL;
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
         let mut cfg = config6();
         cfg.firewall.deny = vec![prefix("203.0.113.0/24")];
         cfg.firewall.deny6 = vec![prefix6("2001:db8:66::/48")];
@@ -629,10 +627,8 @@ fn ipv6_rate_limit_per_64_shares_a_bucket_across_the_prefix() {
     use aya::maps::HashMap as AyaHashMap;
     use lb_common::{Bucket, maps6::BucketKey6};
     use lb_userspace::config::RateLimit;
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding");
         let mut cfg = config6();
         let limit = |per6| RateLimit {
             per6,

@@ -33,9 +33,7 @@ use lb_tests::{
     kernel_net::{
         BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, VIP_DSR, WEB_MACS, WEBS, lab_config,
     },
-    kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6, web6,
-    },
+    kernel_net6::{CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, web6},
 };
 use lb_userspace::{
     dataplane::MapName,
@@ -265,10 +263,8 @@ fn answer6(dport: u16, (mac, to_mac): ([u8; 6], [u8; 6])) -> Vec<u8> {
 
 #[test]
 fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let veth = xdp::ifindex(VETH_IFINDEX).expect("veth stand-in");
@@ -387,10 +383,8 @@ fn an_ipv6_probe_goes_to_its_backend_and_only_its_answer_comes_back() {
 /// (IPv4's hand-over), `lb_v6` and `lb_v6_setup` (IPv6's), `lb_probe`.
 #[test]
 fn the_verifier_reports_the_probe_paths_instruction_counts() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         Harness::new(&config_v6()).print_verified_counts(&[
             "lb",
             "lb_setup",

@@ -27,7 +27,7 @@ use lb_tests::{
         BACK_MAC, Bpffs, CLIENT, CLIENT_MAC, FRONT_MAC, Harness, TestNet, VIP, WEB_MACS, WEB_PORT,
         WEBS, lab_config, service, webs,
     },
-    kernel_net6::{CLIENT_V6, dual_stack, ipv6_forwarding_on, service6, web6},
+    kernel_net6::{CLIENT_V6, dual_stack_net, service6, web6},
 };
 use lb_userspace::{
     config::{Config, Forwarding, Protocol, ProxyProtocol},
@@ -830,10 +830,8 @@ fn the_verifier_reports_each_programs_instruction_count() {
 /// both ways.
 #[test]
 fn a_nat66_proxy_flow_gets_the_ipv6_header_and_its_numbers_shifted_both_ways() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42000, false);
         data_both_ways(&mut h, &flow);
@@ -861,10 +859,8 @@ fn proxy_flows6_entry(h: &mut Harness, port: u16) -> Option<ProxyFlow> {
 /// FINs closed it and it expired, its next packet removes it.
 #[test]
 fn an_ipv6_proxy_flows_first_is_in_proxy_flows6_while_the_flow_lives() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42001, false);
         assert_eq!(
@@ -889,10 +885,8 @@ fn an_ipv6_proxy_flows_first_is_in_proxy_flows6_while_the_flow_lives() {
 /// forwarded unshifted; the same segment without it gets the header.
 #[test]
 fn an_ipv6_proxy_flows_segment_with_extension_headers_is_dropped() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42002, false);
         let plain = flow
@@ -923,10 +917,8 @@ fn an_ipv6_proxy_flows_segment_with_extension_headers_is_dropped() {
 /// that fits then gets the header.
 #[test]
 fn a_first_ipv6_segment_too_big_for_the_header_is_answered_with_the_mtu_less_52() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config6());
         let flow = handshake(&mut h, VIP_NAT6, 42003, false);
         let out = too_big_first_segment(&mut h, &flow);

@@ -21,7 +21,7 @@ use lb_common::{
 use lb_tests::{
     kernel_frames::{ACK, FIN_ACK, Tcp, WEB_SEQ, answer, from, from_web, web_of, with_flags},
     kernel_net::{CLIENT, Harness, TestNet, VIP, WEB_PORT, WEBS, lab_config},
-    sync_peers::{KEY, PORT, eventually, start_sync},
+    sync_peers::{KEY, PORT, events_of, eventually, start_sync},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
@@ -77,15 +77,9 @@ fn open(h: &mut Harness, sport: u16, between: &mut dyn FnMut(&mut Harness)) -> u
     web_of(&syn)
 }
 
-/// IPv4's events, every one of them (an IPv6 event fails the test).
+/// IPv4's events, every one of them.
 fn v4(events: Vec<FlowEvent>) -> Vec<SyncEvent> {
-    events
-        .into_iter()
-        .map(|e| match e {
-            FlowEvent::V4(e) => e,
-            FlowEvent::V6(e) => panic!("an IPv6 event: {e:?}"),
-        })
-        .collect()
+    events_of(events)
 }
 
 fn sync_maps(h: &Harness, on: bool) -> SyncMaps {

@@ -23,12 +23,12 @@ use lb_common::{
     sync::{SYNC_EVENT_ENDED, SYNC_EVENT_ESTABLISHED, SyncEvent6},
 };
 use lb_tests::{
-    kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT},
+    kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, WEB_MACS, WEB_PORT},
     kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6,
-        web_of_mac, web_of6, web6,
+        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, web_of_mac, web_of6,
+        web6,
     },
-    sync_peers::{eventually, start_sync},
+    sync_peers::{events_of, eventually, start_sync},
 };
 use lb_userspace::{
     harness::xdp::{XDP_DROP, XDP_REDIRECT},
@@ -69,15 +69,9 @@ fn web_addr(i: usize) -> SocketAddr {
     SocketAddr::new(std::net::Ipv6Addr::from(web6(i)).into(), WEB_PORT)
 }
 
-/// IPv6's events, every one of them (an IPv4 event fails the test).
+/// IPv6's events, every one of them.
 fn v6(events: Vec<FlowEvent>) -> Vec<SyncEvent6> {
-    events
-        .into_iter()
-        .map(|e| match e {
-            FlowEvent::V6(e) => e,
-            FlowEvent::V4(e) => panic!("an IPv4 event: {e:?}"),
-        })
-        .collect()
+    events_of(events)
 }
 
 /// The client's segment `seg` on its NAT66 connection from `sport`.
@@ -143,7 +137,6 @@ fn served_by(h: &mut Harness, sport: u16, web: usize) {
 
 /// A dual-stack harness on `config_v6` (inside `net.run`).
 fn harness() -> Harness {
-    ipv6_forwarding_on();
     Harness::new(&config_v6())
 }
 
@@ -191,8 +184,7 @@ fn www6_ids(h: &mut Harness) -> Vec<u32> {
 
 #[test]
 fn an_ipv6_flow_and_its_end_are_events_and_half_open_flows_and_a_syn_flood_are_not() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
         let mut h = harness();
         let mut maps = sync_maps(&h);
@@ -282,8 +274,7 @@ fn an_ipv6_flow_and_its_end_are_events_and_half_open_flows_and_a_syn_flood_are_n
 
 #[test]
 fn a_synced_ipv6_flow_forwards_to_its_backend_and_a_bad_record_creates_nothing() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
         let mut h = harness();
         let ids = www6_ids(&mut h);
@@ -389,9 +380,8 @@ fn now() -> u32 {
 /// translated.
 #[test]
 fn two_lbs_sync_ipv6_flows_over_udp_by_events_and_the_bulk_copy() {
-    let net = TestNet::new();
+    let net = dual_stack_net();
     net.ip(&["link", "set", "lo", "up"]);
-    dual_stack(&net);
     net.run(|| {
         let (a_addr, b_addr) = ([127, 0, 0, 1], [127, 0, 0, 2]);
         let mut a = harness();

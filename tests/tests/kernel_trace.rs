@@ -198,14 +198,11 @@ fn drop_tracing_reports_what_is_not_forwarded_only_while_switched_on() {
 fn ipv6_drops_are_traced_with_their_ipv6_tuples_and_forwarded_ipv6_is_not() {
     use lb_common::{TRACE_DEFAULT_VERDICTS, TRACE_NO_SERVICE, ipv6::addr_of, maps6::TraceEvent6};
     use lb_tests::kernel_net6::{
-        CLIENT_V6, Seg, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6, udp6, web_of6,
-        web6,
+        CLIENT_V6, Seg, VIP_NAT6, config_v6, dual_stack_net, tcp6, udp6, web_of6, web6,
     };
     use lb_userspace::trace::{Tracer, render};
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut cfg = config_v6();
         cfg.firewall.deny6 =
             vec![lb_userspace::config::Prefix6::parse("2001:db8:66::/48").expect("IPv6 prefix")];
@@ -387,11 +384,9 @@ fn trace_cost_ns_per_packet() {
     const FITS6: u32 = 3500;
     const ROUNDS: usize = 15;
     let base = std::env::var_os("LB_BASE_OBJECT").map(|p| std::fs::read(p).expect("read base"));
-    let net = TestNet::new();
-    lb_tests::kernel_net6::dual_stack(&net);
+    let net = lb_tests::kernel_net6::dual_stack_net();
     net.run(|| {
-        use lb_tests::kernel_net6::{CLIENT_V6, VIP_NAT6, config_v6, ipv6_forwarding_on, udp6};
-        ipv6_forwarding_on();
+        use lb_tests::kernel_net6::{CLIENT_V6, VIP_NAT6, config_v6, udp6};
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let no_service6 = udp6(

@@ -27,8 +27,8 @@ use lb_common::{
 use lb_tests::{
     kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, lab_config},
     kernel_net6::{
-        CLIENT_V6, Seg, dual_stack, icmp6_error, ipv6_forwarding_on, packet_too_big_for, service6,
-        tcp6, text6, udp6,
+        CLIENT_V6, Seg, dual_stack_net, icmp6_error, packet_too_big_for, service6, tcp6, text6,
+        udp6,
     },
 };
 use lb_userspace::{
@@ -86,8 +86,7 @@ fn config() -> Config {
 
 /// The dual-stack namespace with the remote subnet routed via web1.
 fn net() -> TestNet {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.ip(&[
         "-6",
         "route",
@@ -203,7 +202,6 @@ fn id_of(cfg: &Config, name: &str) -> u32 {
 fn ip6ip6_frames_are_the_packet_untouched_in_an_outer_ipv6_header() {
     let net = net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config();
         let mut h = Harness::new(&cfg);
         let syn = client_tcp(40000, VIP_IP6IP6, Seg::Syn(100), b"");
@@ -242,7 +240,6 @@ fn ip6ip6_frames_are_the_packet_untouched_in_an_outer_ipv6_header() {
 fn gue6_frames_carry_the_packet_in_udp_over_ipv6_from_the_flows_port() {
     let net = net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config());
         let syn = client_tcp(41000, VIP_GUE6, Seg::Syn(100), b"");
         let out = h.expect(h.front, &syn, XDP_REDIRECT, Verdict::Forwarded);
@@ -291,7 +288,6 @@ fn too_big_for_an_ipv6_tunnel_gets_packet_too_big_with_the_mtu_less_the_overhead
     let net = net();
     net.ip(&["link", "set", "b0", "mtu", "1400"]);
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config());
         let datagram = |sport, len: usize| {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -350,7 +346,6 @@ fn too_big_for_an_ipv6_tunnel_gets_packet_too_big_with_the_mtu_less_the_overhead
 fn a_clients_icmpv6_error_reaches_its_tunnel_backend_in_the_tunnel() {
     let net = net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config());
         for (vip, sport) in [(VIP_IP6IP6, 44000u16), (VIP_GUE6, 44001)] {
             let syn = client_tcp(sport, vip, Seg::Syn(100), b"");
@@ -390,7 +385,6 @@ fn a_clients_icmpv6_error_reaches_its_tunnel_backend_in_the_tunnel() {
 fn an_ipv6_tunnel_backend_without_a_route_leaves_its_packets_to_the_kernel() {
     let net = net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config());
         let syn = client_tcp(47000, VIP_NOWHERE6, Seg::Syn(100), b"");
         let out = h.expect(h.front, &syn, XDP_PASS, Verdict::PassKernelForward);

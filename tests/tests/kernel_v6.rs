@@ -21,8 +21,8 @@ use lb_tests::{
         lab_config,
     },
     kernel_net6::{
-        CLIENT_V6, NOT_A_VIP6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on,
-        tcp6, udp6, web_of_mac, web_of6, web6,
+        CLIENT_V6, NOT_A_VIP6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, udp6,
+        web_of_mac, web_of6, web6,
     },
 };
 use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
@@ -360,10 +360,8 @@ fn active(h: &Harness, backend_id: u32) -> u64 {
 /// 0).
 #[test]
 fn nat66_forward_and_reply_byte_for_byte_with_the_flow_lifecycle() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -473,10 +471,8 @@ fn nat66_forward_and_reply_byte_for_byte_with_the_flow_lifecycle() {
 /// dropped), and an IPv6 packet to no VIP untouched.
 #[test]
 fn dsr_udp_extension_headers_and_syn_only_creation() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let to_lb = (CLIENT_MAC, FRONT_MAC);
@@ -553,10 +549,8 @@ fn dsr_udp_extension_headers_and_syn_only_creation() {
 #[test]
 fn source_ip_on_a_64_keeps_a_prefix_on_one_backend() {
     use lb_userspace::config::Scheduler;
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut cfg = config_v6();
         let dsr6 = cfg
             .services
@@ -642,10 +636,8 @@ fn unresolved_ipv6_next_hops_are_reported_and_the_agent_has_them_resolved() {
     const STRANGER: [u8; 16] = [
         0x20, 0x01, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x77,
     ];
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut cfg = config_v6();
         for (name, vip, mode, to) in [
             ("far6", VIP_NAT6, Forwarding::Nat, WEB_PORT),

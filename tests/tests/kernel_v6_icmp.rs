@@ -22,7 +22,7 @@ use lb_common::{Verdict, map_names::MapName};
 use lb_tests::{
     kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_UDP_PORT},
     kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, icmp6_error, ipv6_forwarding_on,
+        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, icmp6_error,
         packet_too_big_for, tcp6, udp6, web_of_mac, web_of6, web6,
     },
 };
@@ -92,10 +92,8 @@ fn quote_with_destination(frame: &[u8], addr: [u8; 16], port: u16) -> Vec<u8> {
 /// fragment.
 #[test]
 fn nat66_fragments_follow_their_flow_both_ways() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -154,10 +152,8 @@ fn nat66_fragments_follow_their_flow_both_ways() {
 /// flow's web whole: every fragment changes its MACs only.
 #[test]
 fn dsr_fragments_follow_their_flow() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let to_lb = (CLIENT_MAC, FRONT_MAC);
         let (client, vip) = ((CLIENT_V6, 45000), (VIP_DSR6, 80));
@@ -186,10 +182,8 @@ fn dsr_fragments_follow_their_flow() {
 /// MACs only. An error quoting no flow, and echo, stay the kernel's.
 #[test]
 fn icmpv6_errors_follow_their_flow_both_ways() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let to_lb = (CLIENT_MAC, FRONT_MAC);
@@ -349,11 +343,9 @@ fn icmpv6_errors_follow_their_flow_both_ways() {
 /// fits goes.
 #[test]
 fn too_big_for_the_egress_link_gets_packet_too_big_from_the_lb() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.ip(&["link", "set", "b0", "mtu", "1400"]);
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = config_v6();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -404,11 +396,9 @@ fn too_big_for_the_egress_link_gets_packet_too_big_from_the_lb() {
 /// VIP's.
 #[test]
 fn a_reply_too_big_for_the_clients_link_gets_packet_too_big_to_the_web() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.ip(&["link", "set", "f0", "mtu", "1300"]);
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let client = (CLIENT_V6, 44100);
         let req = udp6((CLIENT_MAC, FRONT_MAC), client, (VIP_NAT6, 5353), 64, b"q");
@@ -437,10 +427,8 @@ fn a_reply_too_big_for_the_clients_link_gets_packet_too_big_to_the_web() {
 /// drops): the rewrite takes the walk's protocol.
 #[test]
 fn udp_behind_an_extension_header_never_leaves_with_checksum_zero() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let to_lb = (CLIENT_MAC, FRONT_MAC);
         let client = (CLIENT_V6, 46000);

@@ -18,8 +18,8 @@ use lb_common::{Verdict, ipv6::addr_of, map_names::MapName, maps6::FlowKey6};
 use lb_tests::{
     kernel_net::{BACK_MAC, Bpffs, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_PORT},
     kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack, ipv6_forwarding_on, tcp6, udp6,
-        web_of_mac, web_of6, web6,
+        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, udp6, web_of_mac,
+        web_of6, web6,
     },
 };
 use lb_userspace::{
@@ -197,10 +197,8 @@ fn active_total(h: &Harness, ids: &[u32]) -> u64 {
 /// come back to 0, and a new connection is established again.
 #[test]
 fn spoofed_syns_and_blind_confirmations_never_displace_an_established_ipv6_flow() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = small_tables();
         let mut h = Harness::new(&cfg);
         let applied = h.dp.apply(&cfg).expect("apply");
@@ -310,12 +308,10 @@ fn spoofed_syns_and_blind_confirmations_never_displace_an_established_ipv6_flow(
 /// own webs, still counted active.
 #[test]
 fn a_restarted_agent_adopts_ipv6s_established_flows() {
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     let fs = Bpffs::new();
     let pins = fs.dir.join("lb");
     net.run(|| {
-        ipv6_forwarding_on();
         let cfg = small_tables();
         let index = |name: &str| xdp::ifindex(name).expect("interface");
         let load = || {
@@ -401,10 +397,8 @@ fn explains_reading_of_an_ipv6_entrys_expiry_agrees_with_the_data_plane() {
     use aya::maps::{HashMap, Map};
     use lb_common::Flow;
     use lb_userspace::explain::EntryAge;
-    let net = TestNet::new();
-    dual_stack(&net);
+    let net = dual_stack_net();
     net.run(|| {
-        ipv6_forwarding_on();
         let mut h = Harness::new(&config_v6());
         let held = open_nat(&mut h, 44_000);
         let key = key6((CLIENT_V6, held.port), (VIP_NAT6, 80), 6);

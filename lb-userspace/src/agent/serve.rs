@@ -6,7 +6,7 @@
 //! sweep, neighbour resolution).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -27,7 +27,7 @@ use super::{
 use crate::{
     announce::Announcer,
     config::{self, Config},
-    dataplane::{Dataplane, FlowTable},
+    dataplane::{Dataplane, FlowTable, RingMembers},
     db,
     health::{Health, HealthChecker, Transition},
     host::{self, ControlSocket, PinLock},
@@ -50,7 +50,7 @@ pub(super) async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let serving = if adopted {
         dp.ring_members().context("reading the adopted rings")?
     } else {
-        BTreeSet::new()
+        RingMembers::default()
     };
     let (health_tx, health) = mpsc::unbounded_channel();
     let (db_tx, pools) = mpsc::unbounded_channel();
@@ -263,18 +263,13 @@ impl Agent {
     /// config; if they cannot be applied, the config alone. Backends in
     /// the adopted rings (`serving`) start up, other checked ones pending.
     /// One line per service: what it is and who takes its flows.
-    fn restore(
-        &mut self,
-        cfg: Config,
-        serving: &BTreeSet<(lb_common::ServiceKey, std::net::SocketAddrV4)>,
-    ) -> anyhow::Result<()> {
+    fn restore(&mut self, cfg: Config, serving: &RingMembers) -> anyhow::Result<()> {
         let serving_health = |svc: &config::Service, b: &config::Backend| {
-            let key = crate::dataplane::service_key(svc);
-            let in_maps = match (key, b.address) {
-                (Some(key), std::net::SocketAddr::V4(address)) => serving.contains(&(key, address)),
-                _ => false,
-            };
-            if in_maps { Health::Up } else { Health::Pending }
+            if serving.serves(svc, b) {
+                Health::Up
+            } else {
+                Health::Pending
+            }
         };
         let merged = self.read_runtime_state(&cfg);
         self.health = carry_health(&merged.config, &BTreeMap::new(), &serving_health);

@@ -99,7 +99,9 @@ impl Pool {
     /// service are dropped when their member stops being the primary
     /// (fencing); reads on a replica that leaves the read set finish.
     /// Always NAT: database servers do not hold the VIPs (DSR would need
-    /// them on every member's loopback, and a promotion moves roles).
+    /// them on every member's loopback, and a promotion moves roles). Of
+    /// either family, VIPs and members alike (NAT66 for IPv6), which the
+    /// data plane balances in both.
     fn services(&self) -> [Service; 2] {
         let forwarding = super::Forwarding::Nat;
         let backends: Vec<Backend> = self
@@ -362,9 +364,6 @@ impl Validator<'_> {
         )?;
         let write_firewall = self.pool_service_firewall(i, "write", &shared, raw.write)?;
         let read_firewall = self.pool_service_firewall(i, "read", &shared, raw.read)?;
-        // Members of either family; the pool's VIPs IPv4 (so far).
-        self.pool_balances(&key("write-vip"), write_vip)?;
-
         Ok(Pool {
             name,
             write_vip,

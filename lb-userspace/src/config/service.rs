@@ -344,21 +344,6 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// A pool's VIPs: pools are IPv4 only so far (their agent side writes
-    /// IPv4 keys).
-    pub(super) fn pool_balances(&self, key: &str, vip: SocketAddr) -> Result<(), ConfigError> {
-        if vip.is_ipv4() {
-            return Ok(());
-        }
-        Err(self.err(
-            key,
-            format!(
-                "{vip} is an IPv6 VIP: database pools are balanced over IPv4 only so far \
-                 (issue 24); use an IPv4 VIP"
-            ),
-        ))
-    }
-
     fn backend(
         &self,
         prefix: &str,

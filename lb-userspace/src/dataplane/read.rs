@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::maps::{
@@ -21,8 +21,11 @@ use lb_common::{
 
 use super::{
     Dataplane, DataplaneError, EntryAge, EstablishedTable, FlowFacts, FlowFacts6, FwFacts,
-    HalfOpenTable, MapName, Result, ServiceFacts, found, handles::map_err,
+    HalfOpenTable, MapName, Result, ServiceFacts, found,
+    handles::map_err,
+    plan::{BackendAddr, SvcKey, any_endpoint, svc_key},
 };
+use crate::config;
 
 impl Dataplane {
     /// Verdict counters summed over CPUs, in [`Verdict::ALL`] order.
@@ -337,34 +340,49 @@ impl Dataplane {
         MapData::from_id(id).map_err(err)
     }
 
-    /// The backends in each service's active ring, as (service key, backend
-    /// address): what a previous agent left serving. A restarted agent
-    /// starts those backends as up, so a restart changes no ring.
-    pub fn ring_members(&self) -> Result<BTreeSet<(ServiceKey, SocketAddrV4)>> {
-        let map = |name: MapName| self.map_ref(name);
-        let err = map_err;
+    /// The backends in each service's active ring, of either family: what
+    /// a previous agent left serving. A restarted agent starts those
+    /// backends as up, so a restart changes no ring. Read after the id
+    /// tables were adopted (`adopt_ids`), which name each backend id's
+    /// address and port (an IPv6 backend's from `BACKENDS6`).
+    pub fn ring_members(&self) -> Result<RingMembers> {
         let rings: Array<&MapData, Ring> =
-            Array::try_from(map(MapName::RINGS)?).map_err(err(MapName::RINGS))?;
-        let backends: Array<&MapData, Backend> =
-            Array::try_from(map(MapName::BACKENDS)?).map_err(err(MapName::BACKENDS))?;
+            Array::try_from(self.map_ref(MapName::RINGS)?).map_err(map_err(MapName::RINGS))?;
+        let endpoints: BTreeMap<u32, (u32, BackendAddr, u16)> = self
+            .ids
+            .backends
+            .iter()
+            .map(|(&key, &id)| (id, key))
+            .collect();
         let mut members = BTreeSet::new();
         for (key, id) in &self.ids.services {
-            // IPv4's rings: an IPv6 service's backends start as checked.
-            let super::plan::SvcKey::V4(key) = key else {
-                continue;
-            };
             let half = self.ids.active_half.get(id).copied().unwrap_or(0);
             let ring = rings
                 .get(&Ring::slot(*id, half), 0)
-                .map_err(err(MapName::RINGS))?;
+                .map_err(map_err(MapName::RINGS))?;
             for bid in ring.ids.iter().take(ring.len as usize) {
-                let b = backends.get(bid, 0).map_err(err(MapName::BACKENDS))?;
-                let addr =
-                    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
-                members.insert((*key, addr));
+                // A ring names its own service's backends only.
+                if let Some(&(service, addr, port)) = endpoints.get(bid)
+                    && service == *id
+                {
+                    members.insert((*key, addr, port));
+                }
             }
         }
-        Ok(members)
+        Ok(RingMembers(members))
+    }
+}
+
+/// The backends a previous agent left in the rings ([`Dataplane::ring_members`]):
+/// (service key, address, port) as the maps hold them, either family.
+#[derive(Debug, Default)]
+pub struct RingMembers(BTreeSet<(SvcKey, BackendAddr, u16)>);
+
+impl RingMembers {
+    /// `backend` of `svc` was in `svc`'s ring.
+    pub fn serves(&self, svc: &config::Service, backend: &config::Backend) -> bool {
+        let (addr, port) = any_endpoint(backend.address);
+        self.0.contains(&(svc_key(svc), addr, port))
     }
 }
 

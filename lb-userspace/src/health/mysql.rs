@@ -362,7 +362,7 @@ async fn read_state(conn: &mut Conn) -> Result<Observation, mysql_async::Error> 
             .into_iter()
             .find(|e| !e.is_empty());
         Replication {
-            source: format!("{}:{}", text("Master_Host"), text("Master_Port")),
+            source: source_text(&text("Master_Host"), &text("Master_Port")),
             io_running: text("Slave_IO_Running"),
             sql_running: text("Slave_SQL_Running") == "Yes",
             lag_seconds: text("Seconds_Behind_Master").parse().ok(),
@@ -379,6 +379,19 @@ async fn read_state(conn: &mut Conn) -> Result<Observation, mysql_async::Error> 
     })
 }
 
+/// A replica's source as `SHOW SLAVE STATUS` names it (`Master_Host`,
+/// `Master_Port`), written as the agent writes a member's address
+/// (`SocketAddr`'s text): an IPv6 host in brackets and in its canonical
+/// form, whatever spelling `CHANGE MASTER TO` was given, so that it
+/// compares equal to the member it names (`PoolState::rejoin_due`); a
+/// host name stays as it is.
+pub fn source_text(host: &str, port: &str) -> String {
+    match (host.parse::<IpAddr>(), port.parse::<u16>()) {
+        (Ok(ip), Ok(port)) => SocketAddr::new(ip, port).to_string(),
+        _ => format!("{host}:{port}"),
+    }
+}
+
 /// A driver error as a short reason: the server's own message for a server
 /// error ("Access denied for user ..."), else the driver's.
 pub fn reason(e: &mysql_async::Error) -> String {
@@ -393,6 +406,18 @@ pub fn reason(e: &mysql_async::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replicas_source_is_written_as_a_members_address() {
+        assert_eq!(source_text("198.19.1.21", "3306"), "198.19.1.21:3306");
+        // IPv6: bracketed, and canonical whatever the spelling.
+        for host in ["2001:db8:19:1::21", "2001:0db8:19:1:0:0:0:21"] {
+            assert_eq!(source_text(host, "3306"), "[2001:db8:19:1::21]:3306");
+        }
+        let member: SocketAddr = "[2001:db8:19:1::21]:3306".parse().expect("address");
+        assert_eq!(source_text("2001:db8:19:1::21", "3306"), member.to_string());
+        assert_eq!(source_text("db1.example", "3306"), "db1.example:3306");
+    }
 
     #[test]
     fn replication_qualifies_only_with_both_threads_and_little_lag() {

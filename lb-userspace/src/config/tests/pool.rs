@@ -41,6 +41,46 @@ fn a_pool_becomes_a_write_and_a_read_service() {
     assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
 }
 
+/// [`pool`] over IPv6: VIPs and members.
+fn pool6(extra: &str) -> String {
+    pool(extra)
+        .replace("198.18.0.20:3306", "[2001:db8:18::20]:3306")
+        .replace("198.18.0.21:3306", "[2001:db8:18::21]:3306")
+        .replace("198.19.1.21:3306", "[2001:db8:19:1::21]:3306")
+        .replace("198.19.1.22:3306", "[2001:db8:19:1::22]:3306")
+}
+
+/// An IPv6 pool (VIPs and members) becomes two IPv6 NAT services (NAT66),
+/// with IPv6 prefixes in its firewall lists; it passes `check` unchanged.
+#[test]
+fn an_ipv6_pool_becomes_two_ipv6_services() {
+    let cfg = parse_ok(&pool6(
+        "allow-from = [\"2001:db8:18::/64\"]\nwrite = { deny-from = [\"2001:db8:18::66/128\"] }\n",
+    ));
+    let p = &cfg.pools[0];
+    assert_eq!(p.write_vip.to_string(), "[2001:db8:18::20]:3306");
+    assert_eq!(p.members[1].address.to_string(), "[2001:db8:19:1::22]:3306");
+    let [write, read] = &cfg.services[..] else {
+        panic!("two services: {:?}", cfg.services);
+    };
+    assert_eq!(write.vip.to_string(), "[2001:db8:18::20]:3306");
+    assert_eq!(read.vip.to_string(), "[2001:db8:18::21]:3306");
+    for s in [write, read] {
+        assert_eq!(s.forwarding, Forwarding::Nat, "{}", s.name);
+        let members: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
+        assert_eq!(
+            members,
+            ["[2001:db8:19:1::21]:3306", "[2001:db8:19:1::22]:3306"],
+            "{}",
+            s.name
+        );
+        assert_eq!(s.firewall.allow6.len(), 1, "{}: {:?}", s.name, s.firewall);
+    }
+    assert_eq!(write.firewall.deny6.len(), 1);
+    assert!(read.firewall.deny6.is_empty());
+    assert_eq!(check(&cfg, Path::new("live")).expect("check"), cfg);
+}
+
 #[test]
 fn a_password_file_is_read_and_named() {
     let dir = std::env::temp_dir().join(format!("lb-pool-test-{}", std::process::id()));
@@ -93,16 +133,17 @@ fn pool_rejections_name_the_key() {
             "pool[0].read-vip",
             "[2001:db8::21]:3306 is an IPv6 address but the service's VIP 198.18.0.20:3306 is IPv4",
         ),
-        // An all-IPv6 pool passes every rule, then the data plane's gate.
+        // An IPv6 pool: one family too.
         (
-            pool("")
-                .replace("198.18.0.20:3306", "[2001:db8:18::20]:3306")
-                .replace("198.18.0.21:3306", "[2001:db8:18::21]:3306")
-                .replace("198.19.1.21:3306", "[2001:db8:19:1::21]:3306")
-                .replace("198.19.1.22:3306", "[2001:db8:19:1::22]:3306")
-                .replace("198.19.1.23:3306", "[2001:db8:19:1::23]:3306"),
-            "pool[0].write-vip",
-            "[2001:db8:18::20]:3306 is an IPv6 VIP: database pools are balanced over IPv4 only so far",
+            pool6("").replace("[2001:db8:19:1::22]:3306", "198.19.1.22:3306"),
+            "pool[0].members[1].address",
+            "198.19.1.22:3306 is an IPv4 address but the service's VIP [2001:db8:18::20]:3306 \
+             is IPv6: a service's VIP and its backends must be of one family",
+        ),
+        (
+            pool6("").replace("[2001:db8:18::21]:3306", "198.18.0.21:3306"),
+            "pool[0].read-vip",
+            "198.18.0.21:3306 is an IPv4 address but the service's VIP [2001:db8:18::20]:3306 is IPv6",
         ),
         (
             pool("")

@@ -266,6 +266,43 @@ fn a_member_back_without_replication_is_due_for_rejoin_once() {
     assert_eq!(s.rejoin_due(t0 + Duration::from_secs(3)), ["db3"]);
 }
 
+/// An IPv6 pool: a replica that follows the primary is not due for a
+/// rejoin. Its source is `SHOW SLAVE STATUS`'s host and port as the probe
+/// writes them (`mysql::source_text`); written `host:port`, every IPv6
+/// replica looked astray and was re-pointed again after every settling
+/// time. One that follows another member is due.
+#[test]
+fn an_ipv6_replica_following_the_primary_is_not_due_for_rejoin() {
+    let t0 = Instant::now();
+    let mut p = pool(true, None);
+    p.auto_rejoin = true;
+    for (n, m) in p.members.iter_mut().enumerate() {
+        m.address = format!("[2001:db8:19:1::2{}]:3306", n + 1)
+            .parse()
+            .expect("addr");
+    }
+    let mut s = PoolState::new(p, None);
+    let from = |host: &str| {
+        let mut o = replica(10, Some(0), "Yes");
+        if let Ok(Observation {
+            replication: Some(r),
+            ..
+        }) = &mut o
+        {
+            r.source = crate::health::mysql::source_text(host, "3306");
+        }
+        o
+    };
+    s.record("db1", primary(10), t0);
+    s.record("db2", from("2001:db8:19:1::21"), t0);
+    s.record("db3", from("2001:0db8:0019:0001::0021"), t0);
+    assert_eq!(s.routing.writer.as_deref(), Some("db1"));
+    let later = t0 + Duration::from_secs(60);
+    assert!(s.rejoin_due(later).is_empty(), "both follow db1");
+    s.record("db3", from("2001:db8:19:1::22"), t0);
+    assert_eq!(s.rejoin_due(later), ["db3"], "db3 follows db2");
+}
+
 #[test]
 fn an_outside_promotion_is_followed() {
     let now = Instant::now();

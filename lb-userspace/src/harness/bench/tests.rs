@@ -403,6 +403,14 @@ fn a_report_whose_generator_was_the_packet_socket_says_its_rates_are_the_generat
         text.contains("The generator was the limit of this run"),
         "{text}"
     );
+    // The targets on rates are judged on live frames only.
+    assert!(live.contains("% of the bare forwarder, Nat | "), "{live}");
+    assert!(!live.contains("**not judged**"), "{live}");
+    assert!(!text.contains("% of the bare forwarder, Nat | "), "{text}");
+    assert!(
+        text.contains("| the forwarding-rate targets (") && text.contains("**not judged**"),
+        "{text}"
+    );
 }
 
 #[test]

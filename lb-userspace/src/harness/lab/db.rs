@@ -16,6 +16,13 @@
 //! the NAT; on a shared subnet the database would answer the web server
 //! directly, with the wrong source address.
 //!
+//! Every database also has an IPv6 address (2001:db8:19:1::2N, the LB
+//! ::1 their IPv6 gateway). [`Lab::start_databases6`] runs the tier over
+//! IPv6: the replicas replicate from db1's IPv6 address, and the IPv6 DB
+//! VIPs 2001:db8:18::20 (write) and ::21 (read) sit on the LB's `lo`,
+//! routed from the client through the LB's front address, for a pool of
+//! IPv6 VIPs and members ([`pool_config6`]).
+//!
 //! A second LB carries the pool's traffic too ([`Lab::add_pool_lb`]), for
 //! clients of its own and without full NAT: it keeps the source address,
 //! so the replies must come back through it and not through lb1. Its
@@ -36,7 +43,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -57,6 +64,11 @@ pub const DB_PORT: u16 = 3306;
 pub const WRITE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
 /// The read service's VIP (spreads over the replicas).
 pub const READ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
+/// The write service's IPv6 VIP, 2001:db8:18::20 (the twin of
+/// [`WRITE_VIP`]; [`Lab::start_databases6`]).
+pub const WRITE_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x20);
+/// The read service's IPv6 VIP, 2001:db8:18::21.
+pub const READ_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x21);
 /// The LB's address on the databases' subnet: their gateway.
 pub const DB_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
 /// The account the agent checks, promotes and fences with (and replicas
@@ -80,14 +92,13 @@ pub fn db_addr(n: usize) -> Ipv4Addr {
 /// IPv6 address of database `n` (1-based): 2001:db8:19:1::2N, beside
 /// [`db_addr`] (the dual-stack lab: the databases' subnet 198.19.1.0/24 is
 /// 2001:db8:19:1::/64, the LB's address there ::1, their IPv6 gateway).
-pub fn db_addr6(n: usize) -> std::net::Ipv6Addr {
+pub fn db_addr6(n: usize) -> Ipv6Addr {
     let last = u16::try_from(0x20 + n).unwrap_or(u16::MAX);
-    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, last)
+    Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, last)
 }
 
 /// The LB's IPv6 address on the databases' subnet: their IPv6 gateway.
-pub const DB_GATEWAY6: std::net::Ipv6Addr =
-    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, 1);
+pub const DB_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 1, 0, 0, 0, 1);
 
 /// LB `n`'s (2..) address on the databases' subnet when it runs the
 /// pool next to lb1: 198.19.1.N. Its agent probes the databases from there,
@@ -115,6 +126,40 @@ pub fn read_vip() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(READ_VIP, DB_PORT))
 }
 
+pub fn write_vip6() -> SocketAddr {
+    SocketAddr::new(WRITE_VIP6.into(), DB_PORT)
+}
+
+pub fn read_vip6() -> SocketAddr {
+    SocketAddr::new(READ_VIP6.into(), DB_PORT)
+}
+
+/// The family of a lab pool's VIPs and members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolFamily {
+    V4,
+    V6,
+}
+
+impl PoolFamily {
+    /// (write VIP, read VIP).
+    fn vips(self) -> (SocketAddr, SocketAddr) {
+        match self {
+            PoolFamily::V4 => (write_vip(), read_vip()),
+            PoolFamily::V6 => (write_vip6(), read_vip6()),
+        }
+    }
+
+    /// Database `n`'s MySQL address.
+    fn member(self, n: usize) -> SocketAddr {
+        let ip: IpAddr = match self {
+            PoolFamily::V4 => db_addr(n).into(),
+            PoolFamily::V6 => db_addr6(n).into(),
+        };
+        SocketAddr::new(ip, DB_PORT)
+    }
+}
+
 /// Where the lab keeps the application's database password (mode 0600),
 /// for the web servers' `/visits`.
 pub fn app_password_file(run_dir: &Path) -> PathBuf {
@@ -130,7 +175,14 @@ pub fn admin_password_file(run_dir: &Path) -> PathBuf {
 /// read VIP 198.18.0.21:3306, checked every 500 ms (rise 2, fall 2),
 /// `max-lag` 2 s, and automatic failover after `auto_failover` if given.
 pub fn pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
-    pool_toml(run_dir, auto_failover, "")
+    pool_toml(PoolFamily::V4, run_dir, auto_failover, "")
+}
+
+/// [`pool_config`] over IPv6: write VIP [2001:db8:18::20]:3306, read VIP
+/// [2001:db8:18::21]:3306, the members by their IPv6 addresses
+/// ([`db_addr6`]), and `extra` (keys, one a line, e.g. `auto-rejoin`).
+pub fn pool_config6(run_dir: &Path, auto_failover: Option<&str>, extra: &str) -> String {
+    pool_toml(PoolFamily::V6, run_dir, auto_failover, extra)
 }
 
 /// The site's pool ([`pool_config`]) with the database reachable only from
@@ -142,25 +194,37 @@ pub fn site_pool_config(run_dir: &Path, auto_failover: Option<&str>) -> String {
         .map(|n| format!("\"{}\"", web_addr(n)))
         .collect::<Vec<_>>()
         .join(", ");
-    pool_toml(run_dir, auto_failover, &format!("allow-from = [{webs}]\n"))
+    pool_toml(
+        PoolFamily::V4,
+        run_dir,
+        auto_failover,
+        &format!("allow-from = [{webs}]\n"),
+    )
 }
 
-/// A `[[pool]]` with `extra` (keys, one a line) before its health check.
-fn pool_toml(run_dir: &Path, auto_failover: Option<&str>, extra: &str) -> String {
+/// A `[[pool]]` of `family` with `extra` (keys, one a line) before its
+/// health check.
+fn pool_toml(
+    family: PoolFamily,
+    run_dir: &Path,
+    auto_failover: Option<&str>,
+    extra: &str,
+) -> String {
     let members = (1..=DB_NAMES.len())
         .map(|n| {
             format!(
-                "  {{ name = \"{}\", address = \"{}:{DB_PORT}\" }},\n",
+                "  {{ name = \"{}\", address = \"{}\" }},\n",
                 DB_NAMES[n - 1],
-                db_addr(n)
+                family.member(n)
             )
         })
         .collect::<String>();
     let auto = auto_failover
         .map(|d| format!("auto-failover = \"{d}\"\n"))
         .unwrap_or_default();
+    let (write, read) = family.vips();
     format!(
-        "\n[[pool]]\nname = \"db\"\nwrite-vip = \"{WRITE_VIP}:{DB_PORT}\"\nread-vip = \"{READ_VIP}:{DB_PORT}\"\n\
+        "\n[[pool]]\nname = \"db\"\nwrite-vip = \"{write}\"\nread-vip = \"{read}\"\n\
          max-lag = \"2s\"\nprimary-fallback = true\n{auto}{extra}\
          health = {{ check = \"mysql\", user = \"{ADMIN_USER}\", password-file = \"{}\", interval = \"500ms\", timeout = \"500ms\", rise = 2, fall = 2 }}\n\
          members = [\n{members}]\n",
@@ -198,6 +262,34 @@ impl Lab {
     /// db2, db3 replicating from it by GTID; returns once both replicas
     /// have applied the lab's schema (`app.visits`) and accounts.
     pub fn start_databases(&mut self) -> anyhow::Result<()> {
+        self.start_databases_from(db_addr(1).into())
+    }
+
+    /// [`Lab::start_databases`] over IPv6, for a pool of IPv6 VIPs and
+    /// members ([`pool_config6`]): db2 and db3 replicate from db1's IPv6
+    /// address ([`db_addr6`]), the IPv6 DB VIPs ([`WRITE_VIP6`],
+    /// [`READ_VIP6`]) are on the LB's `lo` and routed from the client
+    /// through the LB's front address (as the VIP6 is), and the LB's
+    /// kernel forwards IPv6 (an IPv6 service needs it). The single-LB lab
+    /// only.
+    pub fn start_databases6(&mut self) -> anyhow::Result<()> {
+        if self.lbs() != 0 {
+            bail!("the databases over IPv6 are set up in the single-LB lab only");
+        }
+        self.start_databases_from(db_addr6(1).into())?;
+        let (lb, client) = (self.lb_ns(), self.client_ns());
+        let via = super::LB_FRONT6.to_string();
+        for vip in [WRITE_VIP6, READ_VIP6] {
+            let host = format!("{vip}/128");
+            super::add_addr6(&lb, "lo", &host)?;
+            netns::ns_run(&client, &["ip", "-6", "route", "add", &host, "via", &via])
+                .with_context(|| format!("routing {host} via the LB on the client"))?;
+        }
+        self.forward_ipv6()
+    }
+
+    /// The databases, db2 and db3 replicating from db1 at `primary`.
+    fn start_databases_from(&mut self, primary: IpAddr) -> anyhow::Result<()> {
         netns::require_tool(
             "mariadbd",
             "apt-get install mariadb-server (cargo xtask setup installs it)",
@@ -229,7 +321,7 @@ impl Lab {
                  GRANT SELECT, INSERT ON app.* TO '{APP_USER}'@'%';"
             ),
         )?;
-        let primary = db_addr(1);
+        // An IPv6 host is written bare: MASTER_HOST takes no brackets.
         for n in 2..=DB_NAMES.len() {
             self.db_admin(
                 n,

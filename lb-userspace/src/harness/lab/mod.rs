@@ -62,9 +62,10 @@ use crate::{
 pub use cli::{LabCommand, run};
 pub use client::{HttpConn, HttpResponse, http_get, http_get_from, udp_connect, udp_request};
 pub use db::{
-    ADMIN_USER, APP_PASSWORD, APP_USER, DB_GATEWAY6, DB_NAMES, DB_PORT, READ_VIP, TableLock,
-    VISITS_TABLE, WRITE_VIP, admin_password_file, db_addr, db_addr6, pool_client_addr, pool_config,
-    pool_lb_back_addr, read_vip, site_pool_config, write_vip,
+    ADMIN_USER, APP_PASSWORD, APP_USER, DB_GATEWAY6, DB_NAMES, DB_PORT, READ_VIP, READ_VIP6,
+    TableLock, VISITS_TABLE, WRITE_VIP, WRITE_VIP6, admin_password_file, db_addr, db_addr6,
+    pool_client_addr, pool_config, pool_config6, pool_lb_back_addr, read_vip, read_vip6,
+    site_pool_config, write_vip, write_vip6,
 };
 pub use dns::{
     DNS_NAME, DNS_PORT, DNS_ZONE, DnsAnswer, DnsZone, dns_query, dns_service_config, vip_dns,
