@@ -1,12 +1,14 @@
 //! `lb decap`, the decapsulator backends run: the wire formats it accepts
-//! (IPIP, GUE variant 0 over UDP), its maps' layouts, its verdicts and the
+//! (IPIP, GUE variant 0 over UDP, over IPv4; IP6IP6 and GUE over IPv6, the
+//! IPv6 services' tunnels), its maps' layouts, its verdicts and the
 //! pure checks of each step. The XDP program (lb-ebpf's `lb-decap` object)
 //! calls these checks in order; [`decide`] composes the same checks over a
 //! byte slice, so the host tests and the kernel tests (which compare the
 //! program's verdict with it on every crafted frame) share one reference.
 //!
 //! The security rule: only a packet from an allowed LB address
-//! (`DECAP_SOURCES`) is ever decapsulated. Everything else — not a tunnel,
+//! (`DECAP_SOURCES`, `DECAP_SOURCES6` for IPv6 outer sources) is ever
+//! decapsulated. Everything else — not a tunnel,
 //! from another source, malformed — is passed untouched, so attaching the
 //! decapsulator never makes the host accept a packet it did not accept
 //! before; on a kernel without ipip/fou the kernel then drops it (no
@@ -15,6 +17,7 @@
 use crate::{
     checksum,
     headers::{ETH_P_IPV4_RAW, EthHdr, IPPROTO_UDP, Ipv4Hdr, Ipv4Shape, UDP_HDR_LEN},
+    ipv6::{Addr6, Ipv6Hdr},
 };
 
 /// IP protocol number of IPv4-in-IPv4 (IPIP), and GUE's inner IPv4.
@@ -33,6 +36,10 @@ pub const GUE_HDR_LEN: usize = 4;
 pub const IPIP_OVERHEAD: usize = Ipv4Hdr::LEN;
 /// GUE's overhead: outer IPv4, UDP and the GUE header.
 pub const GUE_OVERHEAD: usize = Ipv4Hdr::LEN + UDP_HDR_LEN + GUE_HDR_LEN;
+/// IP6IP6's overhead: the outer IPv6 header (no extension headers).
+pub const IP6IP6_OVERHEAD: usize = IPV6_HDR_LEN;
+/// GUE's overhead over IPv6: outer IPv6, UDP and the GUE header.
+pub const GUE6_OVERHEAD: usize = IPV6_HDR_LEN + UDP_HDR_LEN + GUE_HDR_LEN;
 /// Allowed LB addresses per half of `DECAP_SOURCES` (the map holds two
 /// halves: the set in force and the one an attach writes).
 pub const MAX_DECAP_SOURCES: u32 = 256;
@@ -106,6 +113,18 @@ pub struct DecapSourceKey {
     pub addr: u32,
 }
 
+/// A key of `DECAP_SOURCES6`: an allowed LB IPv6 address in one half of
+/// the set (the halves are `DECAP_CONF`'s, shared with IPv4's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapSourceKey6 {
+    pub half: u32,
+    /// The IPv6 address, as the packet holds it.
+    pub addr: Addr6,
+}
+
+const _: () = assert!(core::mem::size_of::<DecapSourceKey6>() == 20);
+const _: () = assert!(GUE6_OVERHEAD == 52 && IP6IP6_OVERHEAD == 40);
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HDR_LEN);
 const _: () = assert!(core::mem::size_of::<GueHdr>() == GUE_HDR_LEN);
 const _: () = assert!(core::mem::size_of::<Ipv6Start>() == 8);
@@ -118,6 +137,7 @@ mod pod {
     // SAFETY: repr(C), Copy, no implicit padding (size asserts above).
     unsafe impl aya::Pod for super::DecapConf {}
     unsafe impl aya::Pod for super::DecapSourceKey {}
+    unsafe impl aya::Pod for super::DecapSourceKey6 {}
 }
 
 /// Declares the verdict table once: the enum, its count, every verdict in
@@ -159,9 +179,12 @@ macro_rules! decap_verdicts {
 }
 
 decap_verdicts! {
-    /// Not a tunnel packet: not IPv4, not IPIP nor UDP, UDP to another port
-    /// than GUE's, or a later fragment of a UDP datagram (no port to look
-    /// at). Passed untouched; the only counter ordinary traffic adds to.
+    /// Not a tunnel packet: neither IPv4 nor IPv6, not IPIP (IP6IP6) nor
+    /// UDP, UDP to another port than GUE's, or a later fragment of a UDP
+    /// datagram (no port to look at); over IPv6 also any packet whose fixed
+    /// header is followed by an extension header (an LB's tunnel packets
+    /// carry none). Passed untouched; the only counter ordinary traffic
+    /// adds to.
     NotTunnel = 0 => "not_tunnel", decapsulated: false;
     /// IPIP from an allowed LB: the outer IPv4 header stripped, the inner
     /// IPv4 packet passed to the stack.
@@ -178,7 +201,8 @@ decap_verdicts! {
     /// without ipip/fou, drops it.
     SourceNotAllowed = 4 => "source_not_allowed", decapsulated: false;
     /// An IPv4 frame to a tunnel protocol whose outer header is short, has
-    /// a bad version, IHL, total length or header checksum: passed
+    /// a bad version, IHL, total length or header checksum (IPv6: short,
+    /// bad version, a payload length of 0 or beyond the frame): passed
     /// untouched (the kernel's IP input drops it).
     OuterMalformed = 5 => "outer_malformed", decapsulated: false;
     /// IPIP, or UDP to the GUE port, with IPv4 options on the outer header
@@ -208,6 +232,12 @@ decap_verdicts! {
     /// announced (bad version), has a bad IHL, or a total (payload) length
     /// beyond the outer packet: passed untouched.
     InnerMalformed = 14 => "inner_malformed", decapsulated: false;
+    /// IP6IP6 (outer IPv6, next header 41) from an allowed LB: the outer
+    /// IPv6 header stripped, the inner IPv6 packet passed to the stack.
+    DecapIp6ip6 = 15 => "decap_ip6ip6", decapsulated: true;
+    /// GUE over IPv6 from an allowed LB: outer IPv6, UDP and GUE stripped,
+    /// the frame's EtherType the inner packet's.
+    DecapGue6 = 16 => "decap_gue6", decapsulated: true;
 }
 
 // Dense indexes in order: the counters are indexed by them.
@@ -231,6 +261,17 @@ pub enum Tunnel {
 pub const fn tunnel_of(protocol: u8) -> Option<Tunnel> {
     match protocol {
         IPPROTO_IPIP => Some(Tunnel::Ipip),
+        IPPROTO_UDP => Some(Tunnel::Udp),
+        _ => None,
+    }
+}
+
+/// Which tunnel an outer IPv6 header's next header may be: IP6IP6 (41)
+/// or UDP. An extension header (the LB sends none) is none.
+#[inline(always)]
+pub const fn tunnel_of6(next_header: u8) -> Option<Tunnel> {
+    match next_header {
+        IPPROTO_IPV6 => Some(Tunnel::Ipip),
         IPPROTO_UDP => Some(Tunnel::Udp),
         _ => None,
     }
@@ -283,6 +324,19 @@ pub fn outer_verdict(ip: &Ipv4Hdr, frame_ip_len: usize) -> Option<DecapVerdict> 
         return Some(DecapVerdict::OuterMalformed);
     }
     None
+}
+
+/// Step 3 over IPv6, the outer fixed header of a tunnel candidate in a
+/// frame whose IP part is `frame_ip_len` bytes: `None` if it may be
+/// decapsulated. (IPv6 has no header checksum; fragments and options are
+/// extension headers, which `tunnel_of6` already turned away.)
+#[inline(always)]
+pub fn outer6_verdict(ip: &Ipv6Hdr, frame_ip_len: usize) -> Option<DecapVerdict> {
+    if ip.is_valid(frame_ip_len) {
+        None
+    } else {
+        Some(DecapVerdict::OuterMalformed)
+    }
 }
 
 /// Step 4, GUE: the UDP header and the GUE header after it, in an outer
@@ -382,16 +436,29 @@ fn read<T: Copy>(frame: &[u8], offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// The decapsulator's steps over a whole frame, as the XDP program takes
-/// them: `allowed` says whether an outer source (raw network order) is an
-/// allowed LB address, `gue_port` is in host order. The reference the
-/// tests hold the program to.
+/// [`decide_with`] for a decapsulator that allows no IPv6 source.
 pub fn decide(frame: &[u8], gue_port: u16, allowed: impl Fn(u32) -> bool) -> Decision {
+    decide_with(frame, gue_port, allowed, |_| false)
+}
+
+/// The decapsulator's steps over a whole frame, as the XDP program takes
+/// them: `allowed` says whether an outer IPv4 source (raw network order)
+/// is an allowed LB address, `allowed6` an outer IPv6 source, `gue_port`
+/// is in host order. The reference the tests hold the program to.
+pub fn decide_with(
+    frame: &[u8],
+    gue_port: u16,
+    allowed: impl Fn(u32) -> bool,
+    allowed6: impl Fn(&Addr6) -> bool,
+) -> Decision {
     use DecapVerdict as V;
-    // 1. Ethernet: IPv4 only.
+    // 1. Ethernet: IPv4, or IPv6 (`decide6`).
     let Some(eth) = read::<EthHdr>(frame, 0) else {
         return Decision::pass(V::NotTunnel);
     };
+    if eth.ether_type == ETH_P_IPV6_RAW {
+        return decide6(frame, gue_port, allowed6);
+    }
     if eth.ether_type != ETH_P_IPV4_RAW {
         return Decision::pass(V::NotTunnel);
     }
@@ -440,22 +507,8 @@ pub fn decide(frame: &[u8], gue_port: u16, allowed: impl Fn(u32) -> bool) -> Dec
         return Decision::pass(V::SourceNotAllowed);
     }
     // 6. The inner header.
-    let inner = EthHdr::LEN + overhead;
     let room = u16::from_be(ip.tot_len) as usize - overhead;
-    let verdict = match family {
-        InnerFamily::V4 => match read::<Ipv4Hdr>(frame, inner) {
-            Some(h) if room >= Ipv4Hdr::LEN => inner_v4_verdict(&h, room),
-            _ => Some(V::InnerTruncated),
-        },
-        InnerFamily::V6 => match (
-            read::<Ipv6Start>(frame, inner),
-            frame.len() >= inner + IPV6_HDR_LEN,
-        ) {
-            (Some(h), true) if room >= IPV6_HDR_LEN => inner_v6_verdict(&h, room),
-            _ => Some(V::InnerTruncated),
-        },
-    };
-    if let Some(v) = verdict {
+    if let Some(v) = inner_of_frame(frame, family, EthHdr::LEN + overhead, room) {
         return Decision::pass(v);
     }
     // 7. Strip: the outer headers go, the Ethernet header moves up.
@@ -464,6 +517,91 @@ pub fn decide(frame: &[u8], gue_port: u16, allowed: impl Fn(u32) -> bool) -> Dec
             (Tunnel::Ipip, _) => V::DecapIpip,
             (Tunnel::Udp, InnerFamily::V4) => V::DecapGue,
             (Tunnel::Udp, InnerFamily::V6) => V::DecapGueV6,
+        },
+        strip: overhead,
+        ether_type: family.ether_type_raw(),
+    }
+}
+
+/// Step 6 over a frame: the inner header of `family` at `inner`, with
+/// `room` bytes of the outer packet left for it.
+fn inner_of_frame(
+    frame: &[u8],
+    family: InnerFamily,
+    inner: usize,
+    room: usize,
+) -> Option<DecapVerdict> {
+    match family {
+        InnerFamily::V4 => match read::<Ipv4Hdr>(frame, inner) {
+            Some(h) if room >= Ipv4Hdr::LEN => inner_v4_verdict(&h, room),
+            _ => Some(DecapVerdict::InnerTruncated),
+        },
+        InnerFamily::V6 => match (
+            read::<Ipv6Start>(frame, inner),
+            frame.len() >= inner + IPV6_HDR_LEN,
+        ) {
+            (Some(h), true) if room >= IPV6_HDR_LEN => inner_v6_verdict(&h, room),
+            _ => Some(DecapVerdict::InnerTruncated),
+        },
+    }
+}
+
+/// [`decide_with`]'s steps for an IPv6 frame: the outer IPv6 header's next
+/// header IP6IP6 (41) or UDP to the GUE port, the fixed header valid, GUE's
+/// headers as over IPv4, the source allowed (`allowed6`), the inner header
+/// whole.
+fn decide6(frame: &[u8], gue_port: u16, allowed6: impl Fn(&Addr6) -> bool) -> Decision {
+    use DecapVerdict as V;
+    // 2. The outer next header: IP6IP6, or UDP to the GUE port.
+    let Some(ip) = read::<Ipv6Hdr>(frame, EthHdr::LEN) else {
+        return Decision::pass(V::OuterMalformed);
+    };
+    let Some(tunnel) = tunnel_of6(ip.next_header) else {
+        return Decision::pass(V::NotTunnel);
+    };
+    let l4 = EthHdr::LEN + IPV6_HDR_LEN;
+    if tunnel == Tunnel::Udp {
+        match read::<UdpHdr>(frame, l4) {
+            Some(udp) if udp.dest == gue_port.to_be() => {}
+            _ => return Decision::pass(V::NotTunnel),
+        }
+    }
+    // 3. The outer header: version 6, its payload within the frame.
+    if let Some(v) = outer6_verdict(&ip, frame.len() - EthHdr::LEN) {
+        return Decision::pass(v);
+    }
+    let ip_payload = u16::from_be(ip.payload_len) as usize;
+    // 4. GUE's headers.
+    let (family, overhead) = match tunnel {
+        Tunnel::Ipip => (InnerFamily::V6, IP6IP6_OVERHEAD),
+        Tunnel::Udp => {
+            let (Some(udp), Some(gue)) = (
+                read::<UdpHdr>(frame, l4),
+                read::<GueHdr>(frame, l4 + UDP_HDR_LEN),
+            ) else {
+                return Decision::pass(V::GueTruncated);
+            };
+            match gue_verdict(&udp, &gue, ip_payload) {
+                Ok(f) => (f, GUE6_OVERHEAD),
+                Err(v) => return Decision::pass(v),
+            }
+        }
+    };
+    // 5. The security rule.
+    let saddr = ip.saddr;
+    if !allowed6(&saddr) {
+        return Decision::pass(V::SourceNotAllowed);
+    }
+    // 6. The inner header.
+    let room = IPV6_HDR_LEN + ip_payload - overhead;
+    if let Some(v) = inner_of_frame(frame, family, EthHdr::LEN + overhead, room) {
+        return Decision::pass(v);
+    }
+    // 7. Strip.
+    Decision {
+        verdict: match tunnel {
+            Tunnel::Ipip => V::DecapIp6ip6,
+            Tunnel::Udp => V::DecapGue6,
         },
         strip: overhead,
         ether_type: family.ether_type_raw(),
@@ -523,13 +661,18 @@ mod tests {
         eth(0x0800, &ip)
     }
 
-    fn gue(src: [u8; 4], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
+    /// UDP to the GUE port and GUE (`byte0`, `proto`) around `inner`.
+    fn gue_payload(byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
         let len = (8 + 4 + inner.len()) as u16;
         let mut udp = vec![0xc3, 0x50, 0x17, 0xc0];
         udp.extend_from_slice(&len.to_be_bytes());
         udp.extend_from_slice(&[0, 0, byte0, proto, 0, 0]);
         udp.extend_from_slice(inner);
-        outer(src, IPPROTO_UDP, &udp)
+        udp
+    }
+
+    fn gue(src: [u8; 4], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
+        outer(src, IPPROTO_UDP, &gue_payload(byte0, proto, inner))
     }
 
     fn verdict(frame: &[u8]) -> DecapVerdict {
@@ -648,6 +791,132 @@ mod tests {
         );
     }
 
+    const LB6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const OTHER6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x66];
+    const BACKEND6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+
+    fn allowed6(a: &Addr6) -> bool {
+        *a == crate::ipv6::addr_of(LB6)
+    }
+
+    /// An outer IPv6 packet from `src` with next header `next` around
+    /// `payload`.
+    fn outer6(src: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[next, 64]);
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&BACKEND6);
+        ip.extend_from_slice(payload);
+        eth(0x86dd, &ip)
+    }
+
+    fn gue6(src: [u8; 16], byte0: u8, proto: u8, inner: &[u8]) -> Vec<u8> {
+        outer6(src, IPPROTO_UDP, &gue_payload(byte0, proto, inner))
+    }
+
+    fn verdict6(frame: &[u8]) -> DecapVerdict {
+        decide_with(frame, GUE_DEFAULT_PORT, allowed, allowed6).verdict
+    }
+
+    #[test]
+    fn an_allowed_lbs_ipv6_tunnels_are_stripped_to_the_inner_packet() {
+        let inner = inner_v6();
+        for (frame, want, strip) in [
+            (
+                outer6(LB6, IPPROTO_IPV6, &inner),
+                DecapVerdict::DecapIp6ip6,
+                40,
+            ),
+            (
+                gue6(LB6, 0, IPPROTO_IPV6, &inner),
+                DecapVerdict::DecapGue6,
+                52,
+            ),
+        ] {
+            let d = decide_with(&frame, GUE_DEFAULT_PORT, allowed, allowed6);
+            assert_eq!((d.verdict, d.strip), (want, strip));
+            assert_eq!(d.ether_type, ETH_P_IPV6_RAW);
+            let (macs, _, from) = d.apply(&frame).expect("decapsulated");
+            assert_eq!(&macs[..], &frame[..12]);
+            assert_eq!(&frame[from..], &inner[..]);
+        }
+        // The IPv4-only reference (`decide`) allows no IPv6 source.
+        assert_eq!(
+            decide(
+                &outer6(LB6, IPPROTO_IPV6, &inner),
+                GUE_DEFAULT_PORT,
+                allowed
+            )
+            .verdict,
+            DecapVerdict::SourceNotAllowed
+        );
+    }
+
+    #[test]
+    fn other_ipv6_sources_and_traffic_are_left_alone() {
+        let inner = inner_v6();
+        assert_eq!(
+            verdict6(&outer6(OTHER6, IPPROTO_IPV6, &inner)),
+            DecapVerdict::SourceNotAllowed
+        );
+        assert_eq!(
+            verdict6(&gue6(OTHER6, 0, IPPROTO_IPV6, &inner)),
+            DecapVerdict::SourceNotAllowed
+        );
+        // An allowed IPv4 address is not an allowed IPv6 one, nor the
+        // other way round.
+        assert_eq!(
+            verdict(&outer6(LB6, IPPROTO_IPV6, &inner)),
+            DecapVerdict::SourceNotAllowed
+        );
+        // Plain IPv6 traffic, an extension header first, another port.
+        assert_eq!(verdict6(&eth(0x86dd, &inner)), DecapVerdict::NotTunnel);
+        assert_eq!(verdict6(&outer6(LB6, 0, &[0; 48])), DecapVerdict::NotTunnel);
+        assert_eq!(
+            decide_with(&gue6(LB6, 0, IPPROTO_IPV6, &inner), 6081, allowed, allowed6).verdict,
+            DecapVerdict::NotTunnel
+        );
+    }
+
+    #[test]
+    fn each_malformed_ipv6_case_has_its_verdict() {
+        let inner = inner_v6();
+        let ip6ip6 = outer6(LB6, IPPROTO_IPV6, &inner);
+        // Outer: cut short, bad version, payload length 0 or past the frame.
+        assert_eq!(verdict6(&ip6ip6[..40]), DecapVerdict::OuterMalformed);
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut frame = ip6ip6.clone();
+            f(&mut frame);
+            verdict6(&frame)
+        };
+        assert_eq!(with(&|f| f[14] = 0x40), DecapVerdict::OuterMalformed);
+        assert_eq!(
+            with(&|f| f[18..20].copy_from_slice(&[0, 0])),
+            DecapVerdict::OuterMalformed
+        );
+        assert_eq!(with(&|f| f[19] += 1), DecapVerdict::OuterMalformed);
+        // Inner: not IPv6, or cut short by the outer payload length.
+        assert_eq!(with(&|f| f[54] = 0x45), DecapVerdict::InnerMalformed);
+        assert_eq!(
+            verdict6(&outer6(LB6, IPPROTO_IPV6, &inner[..30])),
+            DecapVerdict::InnerTruncated
+        );
+        // GUE's own checks, as over IPv4.
+        for (byte0, proto, want) in [
+            (0x20, 41, DecapVerdict::GueControl),
+            (0x40, 41, DecapVerdict::GueVersion),
+            (0x01, 41, DecapVerdict::GueOptions),
+            (0x00, 6, DecapVerdict::GueProtocol),
+        ] {
+            assert_eq!(
+                verdict6(&gue6(LB6, byte0, proto, &inner)),
+                want,
+                "{byte0:#x}"
+            );
+        }
+    }
+
     fn refresh_checksum(frame: &mut [u8]) {
         frame[24..26].copy_from_slice(&[0, 0]);
         let c = checksum::compute(&frame[14..34], 0);
@@ -665,17 +934,19 @@ mod tests {
         /// No frame makes the reference panic, and a decapsulated frame
         /// always keeps at least the inner header it checked.
         #[test]
-        fn any_frame_gets_a_verdict(bytes in proptest::collection::vec(any::<u8>(), 0..120), mode in 0u8..3) {
+        fn any_frame_gets_a_verdict(bytes in proptest::collection::vec(any::<u8>(), 0..120), mode in 0u8..5) {
             let mut frame = match mode {
                 0 => outer(LB, IPPROTO_IPIP, &bytes),
                 1 => gue(LB, 0, IPPROTO_IPIP, &bytes),
+                2 => outer6(LB6, IPPROTO_IPV6, &bytes),
+                3 => gue6(LB6, 0, IPPROTO_IPV6, &bytes),
                 _ => bytes.clone(),
             };
-            if mode < 2 && !bytes.is_empty() {
+            if mode < 4 && !bytes.is_empty() {
                 let cut = bytes[0] as usize % frame.len();
                 frame.truncate(frame.len() - cut / 4);
             }
-            let d = decide(&frame, GUE_DEFAULT_PORT, allowed);
+            let d = decide_with(&frame, GUE_DEFAULT_PORT, allowed, allowed6);
             if d.verdict.is_decapsulated() {
                 prop_assert!(frame.len() >= EthHdr::LEN + d.strip + Ipv4Hdr::LEN);
             }

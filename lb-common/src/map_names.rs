@@ -214,6 +214,8 @@ maps! {
     BACKENDS6: Pinning::Pinned;
     /// IPv6 NAT services' backend endpoints.
     NAT_BACKENDS6: Pinning::Pinned;
+    /// Backend id → IPv6 tunnel source and GUE port (IPv6 IPIP, GUE services).
+    TUNNELS6: Pinning::Pinned;
     /// IPv6 flows that have not completed a handshake (both directions),
     /// sized by `half-open-size` as `HALF_OPEN`.
     HALF_OPEN6: Pinning::PinnedSized { config_key: "half-open-size" };
@@ -268,7 +270,7 @@ maps! {
 
 /// The maps of the `lb-decap` object (`lb decap`, the backends'
 /// decapsulator): a list apart from the `lb` object's, since the two objects
-/// are loaded and pinned apart. `lb decap attach` pins all three under
+/// are loaded and pinned apart. `lb decap attach` pins all four under
 /// `PIN_DIR/IFACE` and reuses them on a re-attach (only with the object's
 /// layout); `tests/tests/kernel_decap.rs` compares this list with the
 /// built object both ways.
@@ -277,10 +279,12 @@ pub mod decap {
     pub const DECAP_CONF: &str = "DECAP_CONF";
     /// (half, allowed LB address) → 1.
     pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    /// (half, allowed LB IPv6 address) → 1.
+    pub const DECAP_SOURCES6: &str = "DECAP_SOURCES6";
     /// Verdict → packets, per CPU.
     pub const DECAP_VERDICTS: &str = "DECAP_VERDICTS";
     /// Every map of the object, all pinned.
-    pub const ALL: [&str; 3] = [DECAP_CONF, DECAP_SOURCES, DECAP_VERDICTS];
+    pub const ALL: [&str; 4] = [DECAP_CONF, DECAP_SOURCES, DECAP_SOURCES6, DECAP_VERDICTS];
 }
 
 #[cfg(test)]
@@ -314,7 +318,8 @@ mod tests {
         // flow tables (6), the IPv6 firewall's tries, masks and buckets (4),
         // IPv6 source-ip's prefixes (1), IPv6's fragments (1) and IPv6's
         // unresolved next hops (1), IPv6's PROXY_FLOWS6 (1), the stages'
-        // hand-over scratch CARRY, CARRY6 and TOO_BIG6 (3).
-        assert_eq!(MapName::pinned().count(), 59);
+        // hand-over scratch CARRY, CARRY6 and TOO_BIG6 (3), IPv6's
+        // TUNNELS6 (1).
+        assert_eq!(MapName::pinned().count(), 60);
     }
 }

@@ -66,6 +66,18 @@ pub struct Backend6 {
     pub addr: Addr6,
 }
 
+/// `TUNNELS6[backend id]`: how an IPv6 tunnel service's backend is
+/// reached, as `Tunnel` for IPv4: the outer IPv6 source (raw network-order
+/// words; all zero: no source known, the packets go to the kernel as they
+/// arrived) and the GUE port (raw network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Tunnel6 {
+    pub source: Addr6,
+    pub gue_port: u16,
+    pub _pad: u16,
+}
+
 /// `NAT_BACKENDS6` key: a NAT service's backend endpoint, as
 /// [`crate::Endpoint`].
 #[repr(C)]
@@ -288,6 +300,7 @@ const _: () =
     assert!(core::mem::size_of::<TraceEvent6>() != core::mem::size_of::<crate::TraceEvent>());
 const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 16);
+const _: () = assert!(core::mem::size_of::<Tunnel6>() == 20);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<HalfOpenSlot6>() == 128);
@@ -306,6 +319,7 @@ mod pod {
     // by the size asserts above).
     unsafe impl aya::Pod for super::ServiceKey6 {}
     unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::Tunnel6 {}
     unsafe impl aya::Pod for super::Endpoint6 {}
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::HalfOpenSlot6 {}

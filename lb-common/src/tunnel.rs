@@ -14,13 +14,33 @@
 //!   flows spread over the backend's receive queues), UDP checksum 0 (IPv4
 //!   allows it), and 4 bytes of GUE: version 0, no options, the inner
 //!   protocol (4 for IPv4, 41 for IPv6), flags 0. 32 bytes in all.
+//!
+//! An IPv6 service's backends are IPv6 (a service is one family), so its
+//! outer header is IPv6:
+//!
+//! - IP6IP6 (`"ipip"`, RFC 2473): an outer IPv6 header, 40 bytes, no
+//!   extension headers: traffic class copied from the inner packet, flow
+//!   label the flow hash's low 20 bits ([`flow_label`]: one flow keeps one
+//!   label, flows spread over the routers' ECMP paths and the backend's
+//!   receive queues, as Katran does), payload length the inner packet's
+//!   length, next header 41, hop limit 64.
+//! - GUE over IPv6: the same outer header with next header 17, the UDP and
+//!   GUE headers as over IPv4 (inner protocol 41), 52 bytes in all. UDP
+//!   checksum 0: RFC 6935/6936 allow it for tunnel encapsulations over
+//!   IPv6, and the receiver is our own `lb decap`, which strips the outer
+//!   headers in XDP before the stack sees the UDP datagram (and so never
+//!   checks it); the inner packet carries its own checksum. A receiver
+//!   that hands the datagram to a UDP socket (Linux fou6) must accept zero
+//!   checksums on it (`udp6zerocsumrx`). A full checksum would cost a pass
+//!   over the whole inner packet in XDP for every packet.
 
 use crate::{
     headers::{IP_DF, IPPROTO_UDP, Ipv4Hdr},
     icmp::ipv4_check,
+    ipv6::{Addr6, Ipv6Hdr},
 };
 // The headers GUE puts on the wire, shared with the decapsulator's parse.
-pub use crate::decap::{GueHdr, UdpHdr};
+pub use crate::decap::{GueHdr, Ipv6Start, UdpHdr};
 
 /// IP protocol number of IPv4 in IP (RFC 2003), and GUE's inner IPv4.
 pub const IPPROTO_IPIP: u8 = 4;
@@ -31,6 +51,16 @@ pub const IPPROTO_IPV6: u8 = 41;
 pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
 /// Bytes GUE puts in front of the inner packet: IPv4, UDP and GUE headers.
 pub const GUE_OVERHEAD: u16 = core::mem::size_of::<GueHeaders>() as u16;
+/// Bytes IP6IP6 puts in front of the inner packet: one IPv6 header.
+pub const IP6IP6_OVERHEAD: u16 = Ipv6Hdr::LEN as u16;
+/// Bytes GUE over IPv6 puts in front of the inner packet: IPv6, UDP and
+/// GUE headers.
+pub const GUE6_OVERHEAD: u16 = core::mem::size_of::<Gue6Headers>() as u16;
+/// The IPv6 minimum link MTU (RFC 8200 §5): a host never sends smaller
+/// packets whatever "packet too big" says (it may keep to 1280), so a
+/// tunnel over IPv6 needs every link to its backends to carry 1280 bytes
+/// plus its overhead (docs/architecture.md, "Tunnels").
+pub const IPV6_MIN_MTU: u16 = 1280;
 /// The GUE port backends listen on unless `[dataplane] gue-port` says
 /// otherwise (Katran's default).
 pub const GUE_DEFAULT_PORT: u16 = 6080;
@@ -46,6 +76,24 @@ pub const GUE_PORTS: u32 = 16384;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GueHeaders {
     pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub gue: GueHdr,
+}
+
+/// Everything GUE over IPv6 puts between the Ethernet header and the
+/// inner packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gue6Headers {
+    pub ip: Ipv6Hdr,
+    pub udp: UdpHdr,
+    pub gue: GueHdr,
+}
+
+/// What GUE puts after the outer IPv6 header: UDP and GUE (12 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GueTail {
     pub udp: UdpHdr,
     pub gue: GueHdr,
 }
@@ -136,6 +184,131 @@ pub fn gue_headers(
             proto: inner_proto,
             flags: 0,
         },
+    }
+}
+
+/// The flow label of the outer IPv6 header of a flow whose hash is
+/// `flow_hash` (host order): its low 20 bits. One flow keeps one label, so
+/// routers' ECMP (which hash the label with the addresses, RFC 6438) keep
+/// its packets on one path, and flows spread over the paths.
+#[inline(always)]
+pub const fn flow_label(flow_hash: u32) -> u32 {
+    flow_hash & 0x000f_ffff
+}
+
+/// The first 8 bytes of the outer IPv6 header of a tunnel packet carrying
+/// `inner_len` bytes of IP packet (`next_header`: 41 for IP6IP6, 17 for
+/// GUE; `overhead`: the bytes the tunnel adds, this header's 40 included),
+/// the flow label from `flow_hash`. The data plane writes the addresses
+/// after it straight from its maps (no 40-byte header on its stack).
+#[inline(always)]
+pub fn outer_ipv6_start(
+    inner_len: u16,
+    overhead: u16,
+    traffic_class: u8,
+    next_header: u8,
+    flow_hash: u32,
+) -> Ipv6Start {
+    let vtc_flow = 6u32 << 28 | (traffic_class as u32) << 20 | flow_label(flow_hash);
+    Ipv6Start {
+        vtc_flow: vtc_flow.to_be(),
+        payload_len: inner_len
+            .wrapping_add(overhead - Ipv6Hdr::LEN as u16)
+            .to_be(),
+        next_header,
+        hop_limit: OUTER_TTL,
+    }
+}
+
+/// The whole outer IPv6 header ([`outer_ipv6_start`]) from `source` to
+/// `destination`.
+#[inline(always)]
+pub fn outer_ipv6(
+    inner_len: u16,
+    overhead: u16,
+    traffic_class: u8,
+    next_header: u8,
+    flow_hash: u32,
+    source: &Addr6,
+    destination: &Addr6,
+) -> Ipv6Hdr {
+    let start = outer_ipv6_start(inner_len, overhead, traffic_class, next_header, flow_hash);
+    Ipv6Hdr {
+        vtc_flow: start.vtc_flow,
+        payload_len: start.payload_len,
+        next_header,
+        hop_limit: start.hop_limit,
+        saddr: *source,
+        daddr: *destination,
+    }
+}
+
+/// IP6IP6's one header (RFC 2473; see the module's doc).
+#[inline(always)]
+pub fn ip6ip6_header(
+    inner_len: u16,
+    traffic_class: u8,
+    flow_hash: u32,
+    source: &Addr6,
+    destination: &Addr6,
+) -> Ipv6Hdr {
+    outer_ipv6(
+        inner_len,
+        IP6IP6_OVERHEAD,
+        traffic_class,
+        IPPROTO_IPV6,
+        flow_hash,
+        source,
+        destination,
+    )
+}
+
+/// What GUE over IPv6 puts after the outer IPv6 header (see the module's
+/// doc): UDP from the [`gue_source_port`] of `flow_hash` to `gue_port`
+/// (the backend's, raw network order), checksum 0; GUE with inner
+/// protocol 41.
+#[inline(always)]
+pub fn gue6_tail(inner_len: u16, flow_hash: u32, gue_port: u16) -> GueTail {
+    let udp_len = inner_len.wrapping_add(GUE6_OVERHEAD - Ipv6Hdr::LEN as u16);
+    GueTail {
+        udp: UdpHdr {
+            source: gue_source_port(flow_hash).to_be(),
+            dest: gue_port,
+            len: udp_len.to_be(),
+            // Zero (RFC 6935/6936, tunnels over IPv6): see the module's doc.
+            check: 0,
+        },
+        gue: GueHdr {
+            version_c_hlen: 0,
+            proto: IPPROTO_IPV6,
+            flags: 0,
+        },
+    }
+}
+
+/// GUE's headers over IPv6 whole: [`outer_ipv6`] and [`gue6_tail`].
+#[inline(always)]
+pub fn gue6_headers(
+    inner_len: u16,
+    traffic_class: u8,
+    flow_hash: u32,
+    source: &Addr6,
+    destination: &Addr6,
+    gue_port: u16,
+) -> Gue6Headers {
+    let tail = gue6_tail(inner_len, flow_hash, gue_port);
+    Gue6Headers {
+        ip: outer_ipv6(
+            inner_len,
+            GUE6_OVERHEAD,
+            traffic_class,
+            IPPROTO_UDP,
+            flow_hash,
+            source,
+            destination,
+        ),
+        udp: tail.udp,
+        gue: tail.gue,
     }
 }
 
@@ -342,12 +515,14 @@ const _: () = assert!(core::mem::size_of::<UdpHdr>() == 8);
 const _: () = assert!(core::mem::size_of::<GueHdr>() == 4);
 const _: () = assert!(GUE_OVERHEAD == 32);
 const _: () = assert!(IPIP_OVERHEAD == 20);
+const _: () = assert!(IP6IP6_OVERHEAD == 40 && GUE6_OVERHEAD == 52);
+const _: () = assert!(core::mem::size_of::<GueTail>() == 12);
 const _: () = assert!(GUE_PORT_BASE as u32 + GUE_PORTS == 65536);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etherparse::{IpNumber, Ipv4HeaderSlice, PacketBuilder, UdpHeaderSlice};
+    use etherparse::{IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice, PacketBuilder, UdpHeaderSlice};
     use proptest::prelude::*;
 
     fn bytes<T: Copy>(v: &T) -> Vec<u8> {
@@ -422,6 +597,95 @@ mod tests {
             prop_assert_eq!(&frame[28..32], &[0, 4, 0, 0]);
             prop_assert_eq!(&frame[32..], &packet[..]);
         }
+    }
+
+    fn addr6(a: [u8; 16]) -> Addr6 {
+        let mut out = [0u32; 4];
+        for (i, w) in out.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        }
+        out
+    }
+
+    /// A client's TCP packet to an IPv6 VIP, as IP bytes.
+    fn inner6(traffic_class: u8, payload: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let client = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let vip = [0x20, 1, 0xd, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        PacketBuilder::ipv6(client, vip, 61)
+            .tcp(40_000, 80, 1, 1000)
+            .write(&mut out, &vec![7u8; payload])
+            .expect("tcp");
+        // Traffic class: the low nibble of byte 0 and the high of byte 1.
+        out[0] = 0x60 | traffic_class >> 4;
+        out[1] = (traffic_class & 0x0f) << 4 | (out[1] & 0x0f);
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn the_ip6ip6_header_is_rfc_2473s(
+            src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), tc in any::<u8>(),
+            payload in 0usize..1400, hash in any::<u32>(),
+        ) {
+            let packet = inner6(tc, payload);
+            let hdr = ip6ip6_header(packet.len() as u16, tc, hash, &addr6(src), &addr6(dst));
+            let mut frame = bytes(&hdr);
+            prop_assert_eq!(frame.len(), IP6IP6_OVERHEAD as usize);
+            frame.extend_from_slice(&packet);
+            let outer = Ipv6HeaderSlice::from_slice(&frame).expect("outer").to_header();
+            prop_assert_eq!((outer.source, outer.destination), (src, dst));
+            prop_assert_eq!(outer.next_header.0, IPPROTO_IPV6);
+            prop_assert_eq!(outer.payload_length as usize, packet.len());
+            prop_assert_eq!(outer.hop_limit, OUTER_TTL);
+            prop_assert_eq!(outer.traffic_class, tc);
+            prop_assert_eq!(outer.flow_label.value(), hash & 0xf_ffff);
+            prop_assert_eq!(&frame[40..], &packet[..]);
+            let inner = Ipv6HeaderSlice::from_slice(&frame[40..]).expect("inner").to_header();
+            prop_assert_eq!(inner.traffic_class, tc);
+        }
+
+        #[test]
+        fn the_gue6_headers_are_variant_0_over_udp_over_ipv6(
+            src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), tc in any::<u8>(),
+            payload in 0usize..1400, hash in any::<u32>(), port in 1u16..,
+        ) {
+            let packet = inner6(tc, payload);
+            let hdrs = gue6_headers(
+                packet.len() as u16, tc, hash, &addr6(src), &addr6(dst), port.to_be(),
+            );
+            let mut frame = bytes(&hdrs);
+            prop_assert_eq!(frame.len(), GUE6_OVERHEAD as usize);
+            frame.extend_from_slice(&packet);
+            let outer = Ipv6HeaderSlice::from_slice(&frame).expect("outer").to_header();
+            prop_assert_eq!((outer.source, outer.destination), (src, dst));
+            prop_assert_eq!(outer.next_header, IpNumber::UDP);
+            prop_assert_eq!(outer.payload_length as usize, packet.len() + 12);
+            prop_assert_eq!(outer.hop_limit, OUTER_TTL);
+            prop_assert_eq!(outer.traffic_class, tc);
+            prop_assert_eq!(outer.flow_label.value(), hash & 0xf_ffff);
+            let udp = UdpHeaderSlice::from_slice(&frame[40..]).expect("udp").to_header();
+            prop_assert_eq!(
+                (udp.source_port, udp.destination_port),
+                (gue_source_port(hash), port)
+            );
+            prop_assert_eq!(udp.length as usize, packet.len() + 12);
+            prop_assert_eq!(udp.checksum, 0);
+            prop_assert_eq!(&frame[48..52], &[0, 41, 0, 0]);
+            prop_assert_eq!(&frame[52..], &packet[..]);
+        }
+    }
+
+    #[test]
+    fn the_ipv6_mtu_rule_counts_the_larger_overheads() {
+        assert!(!too_big(1460, IP6IP6_OVERHEAD, 1500));
+        assert!(too_big(1461, IP6IP6_OVERHEAD, 1500));
+        assert!(!too_big(1448, GUE6_OVERHEAD, 1500));
+        assert!(too_big(1449, GUE6_OVERHEAD, 1500));
+        assert_eq!(inner_mtu(1500, GUE6_OVERHEAD), 1448);
+        // A 1280-byte link cannot carry a 1280-byte client packet in a
+        // tunnel: the answer's MTU is below what IPv6 hosts keep to.
+        assert!(inner_mtu(IPV6_MIN_MTU, IP6IP6_OVERHEAD) < IPV6_MIN_MTU);
     }
 
     #[test]

@@ -18,11 +18,12 @@ use lb_common::{
 use crate::{
     flows::{self, Hit, Table},
     parse::{Found, Fragment, Packet, PortLess, Quote},
+    tunnel::TunnelFamily,
     verdict::Outcome,
 };
 
 /// A family the packet path runs on (see the module's doc).
-pub(crate) trait PathFamily: Family + Sized {
+pub(crate) trait PathFamily: Family + TunnelFamily + Sized {
     /// The half-open table's slot a copy was read from.
     type Slot: Copy;
     /// The packet's key as the second stage holds it (`carried`): IPv4's a
@@ -31,12 +32,9 @@ pub(crate) trait PathFamily: Family + Sized {
     /// bytes more (its 512 bytes are shared with the out-of-line calls that
     /// write the established table).
     type CarriedKey: Borrow<Self::FlowKey>;
-    /// The IP protocol number of this family's packets inside an outer
-    /// IPv4 header (IPIP's protocol, GUE's inner protocol).
-    const ENCAP_PROTOCOL: u8;
-    /// Does the family have full NAT and the tunnel modes? (IPv6 not yet:
-    /// its programs leave that code out.)
-    const TUNNELS_AND_FULL_NAT: bool = true;
+    /// Does the family have full NAT? (IPv6 not yet: its programs leave
+    /// that code out.)
+    const FULL_NAT: bool = true;
 
     // ---- parse (step 1) ----
     /// The bounds-checked fixed IP header after the Ethernet header.

@@ -36,7 +36,7 @@ use lb_common::{
     FLOW_F_PROXY, Flow, MAX_PROXY_FLOWS, NextHop, ProxyFlow,
     flow::{FORWARD, REPLY, STATE_CLOSING, STATE_ESTABLISHED, answer, is_expired},
     ipv6::Addr6,
-    maps6::{Endpoint6, FLOWS6_SIZE, FlowKey6},
+    maps6::{Backend6, Endpoint6, FLOWS6_SIZE, FlowKey6},
 };
 
 use crate::{
@@ -76,6 +76,13 @@ pub(crate) struct Slot6(#[allow(dead_code)] *mut Flow);
 
 /// A backend's IPv6 address: `BACKENDS6` at the index its `BACKENDS` slot
 /// names in `addr` (the agent writes the backend's own id there).
+#[inline(always)]
+pub(crate) fn backend6(index: u32) -> Option<&'static Backend6> {
+    BACKENDS6.get(index)
+}
+
+/// The address of the IPv6 backend whose `BACKENDS6` index is `index`
+/// (all zero if none).
 #[inline(always)]
 pub(crate) fn backend_addr(index: u32) -> Addr6 {
     match BACKENDS6.get(index) {

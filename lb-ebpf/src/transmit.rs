@@ -22,7 +22,6 @@ use crate::{
     mem::copy_mac,
     parse::Packet,
     tunnel::{self, Encap},
-    tunnel_icmp,
     verdict::{Outcome, count, drop, pass},
 };
 
@@ -88,7 +87,7 @@ pub(crate) fn to_backend_from<F: PathFamily>(
         Mode::Nat => nat(ctx, pkt, backend, cache),
         Mode::Dsr => dsr(ctx, pkt, backend, cache),
         // Not built for this family (IPv6; config refuses such a service).
-        _ if !F::TUNNELS_AND_FULL_NAT => drop(Verdict::DropNoBackend),
+        Mode::FullNat if !F::FULL_NAT => drop(Verdict::DropNoBackend),
         Mode::FullNat => full_nat(ctx, pkt, backend, source, cache),
         Mode::Tunnel(encap) => through_tunnel(ctx, pkt, key, encap, backend_id, backend, cache),
     }
@@ -213,19 +212,22 @@ fn through_tunnel<F: PathFamily>(
     backend: &Backend,
     cache: &mut NextHop,
 ) -> Outcome {
-    let Some(ends) = tunnel::endpoints(backend_id, backend) else {
+    let Some(ends) = F::endpoints(backend_id, backend) else {
         return pass(Verdict::PassKernelForward);
     };
     // SAFETY: bounds-checked by `parse_l4`.
     let ip = unsafe { &*pkt.ip };
     let rc = tunnel::next_hop::<F>(ctx, ip, encap, &ends, cache);
     // A router further on may have a smaller link (`tunnel_icmp`).
-    let outer_len = ip.packet_len().saturating_add(encap.overhead());
-    let (rc, mtu) = tunnel_icmp::beyond(rc, cache.mtu, backend.addr, outer_len);
+    let outer_len = ip.packet_len().saturating_add(encap.overhead::<F>());
+    let (rc, mtu) = F::beyond(rc, cache.mtu, backend, outer_len);
     if rc == FIB_FRAG_NEEDED {
         // Read first: the answer reshapes the frame.
         let df = ip.dont_fragment();
-        let answer = F::too_big(ctx, inner_mtu(mtu, encap.overhead()));
+        // Over IPv6 the answer may be below 1280 (a link under 1280 plus
+        // the overhead): the client then keeps to 1280 and its larger
+        // packets never fit (docs/architecture.md, "Tunnels").
+        let answer = F::too_big(ctx, inner_mtu(mtu, encap.overhead::<F>()));
         if df {
             return answer;
         }
@@ -375,7 +377,7 @@ fn error_through_tunnel<F: PathFamily>(
     backend: &Backend,
     flow: &mut Flow,
 ) -> Outcome {
-    let Some(ends) = tunnel::endpoints(flow.backend_id, backend) else {
+    let Some(ends) = F::endpoints(flow.backend_id, backend) else {
         return pass(Verdict::PassKernelForward);
     };
     // SAFETY: bounds-checked by `icmp::error_of_flow`.

@@ -27,7 +27,6 @@ use crate::{
 impl PathFamily for V4 {
     type Slot = Slot;
     type CarriedKey = FlowKey;
-    const ENCAP_PROTOCOL: u8 = lb_common::tunnel::IPPROTO_IPIP;
 
     #[inline(always)]
     fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {

@@ -32,8 +32,9 @@
 //! `lb_proxy6` (`STAGES[STAGE_PROXY6]`; `lb_proxy` with IPv6's path beside
 //! IPv4's was past the verifier's 1 000 000 instructions).
 //!
-//! Not built for IPv6 yet (docs/architecture.md, "IPv6"): full NAT and the
-//! tunnels (config refuses them).
+//! The tunnels carry IPv6 services in IPv6 (IP6IP6, GUE over IPv6:
+//! `tunnel.rs`). Not built for IPv6 yet (docs/architecture.md, "IPv6"):
+//! full NAT (config refuses it).
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
@@ -126,10 +127,7 @@ pub(crate) fn to_v6(ctx: &XdpContext) -> Outcome {
 impl PathFamily for V6 {
     type Slot = Slot6;
     type CarriedKey = &'static FlowKey6;
-    /// IPv6 in IPv4 (tunnels carry IPv4 only so far: config refuses an
-    /// IPv6 tunnel service).
-    const ENCAP_PROTOCOL: u8 = 41;
-    const TUNNELS_AND_FULL_NAT: bool = false;
+    const FULL_NAT: bool = false;
 
     #[inline(always)]
     fn ip_header(ctx: &XdpContext) -> Option<*mut Ipv6Hdr> {

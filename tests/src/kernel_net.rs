@@ -287,6 +287,7 @@ pub fn lab_config() -> Config {
             new_flow_budget: 125_000,
             timeouts: Default::default(),
             tunnel_source: None,
+            tunnel_source6: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
             full_nat: Default::default(),
         },

@@ -213,3 +213,35 @@ pub fn web_of_mac(frame: &[u8]) -> usize {
         .position(|m| frame[..6] == m[..])
         .unwrap_or_else(|| panic!("not to a web's MAC: {frame:02x?}"))
 }
+
+/// An ICMPv6 error frame `src` → `dst` quoting `quote` (IPv6 bytes).
+pub fn icmp6_error(
+    macs: ([u8; 6], [u8; 6]),
+    (src, dst): ([u8; 16], [u8; 16]),
+    hop: u8,
+    kind: etherparse::Icmpv6Type,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src, dst, hop)
+        .icmpv6(kind)
+        .write(&mut out, quote)
+        .expect("icmpv6 error");
+    out
+}
+
+/// The "packet too big" the LB sends back for `frame` (as it arrived):
+/// MACs and addresses swapped (from the address it was sent to), hop limit
+/// 64, the MTU, its first `TOO_BIG_QUOTE6` IPv6 bytes quoted.
+pub fn packet_too_big_for(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let mac = |at: usize| <[u8; 6]>::try_from(&frame[at..at + 6]).expect("a MAC");
+    let addr = |at: usize| <[u8; 16]>::try_from(&frame[at..at + 16]).expect("an address");
+    icmp6_error(
+        (mac(0), mac(6)),
+        (addr(14 + 24), addr(14 + 8)),
+        64,
+        etherparse::Icmpv6Type::PacketTooBig { mtu },
+        &frame[14..14 + lb_common::ipv6::TOO_BIG_QUOTE6],
+    )
+}

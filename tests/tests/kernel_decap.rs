@@ -1,5 +1,6 @@
 //! Kernel tier (issue 26): `lb decap`, the backends' decapsulator, on
 //! crafted frames under BPF_PROG_TEST_RUN. From an allowed LB, IPIP and GUE
+//! (and, issue 24, IP6IP6 and GUE over IPv6 from an allowed IPv6 address)
 //! come out as Ethernet + the exact inner packet; from another source, or
 //! malformed, or not a tunnel, the frame passes untouched with its own
 //! verdict counted. Every frame's verdict is also compared with
@@ -11,10 +12,16 @@
 //! checksums computed from scratch). Needs root and BPF; without them the
 //! tests fail loudly.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
-use lb_common::decap::{DecapVerdict, GUE_DEFAULT_PORT, decide};
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
+    UdpHeader,
+};
+use lb_common::{
+    decap::{DecapVerdict, GUE_DEFAULT_PORT, decide_with},
+    ipv6::addr_of,
+};
 use lb_tests::kernel_net::{Bpffs, TestNet};
 use lb_userspace::{
     decap::{Decapsulator, load, maps::DecapMaps},
@@ -27,6 +34,9 @@ const STRANGER: [u8; 4] = [198, 18, 9, 9];
 const BACKEND: [u8; 4] = [198, 19, 0, 11];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const VIP: [u8; 4] = [198, 18, 0, 10];
+const LB6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const STRANGER6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99];
+const BACKEND6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x11];
 
@@ -121,6 +131,45 @@ fn gue(src: [u8; 4], inner: &[u8]) -> Vec<u8> {
     gue_to(src, GUE_DEFAULT_PORT, 0, 4, inner)
 }
 
+/// An outer IPv6 header (no extension headers) from `src` with next header
+/// `next` around `payload`, as the LB sends it (flow label set).
+fn outer6(src: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::try_new(0x1_2345).expect("label"),
+        payload_length: payload.len() as u16,
+        next_header: IpNumber(next),
+        hop_limit: 64,
+        source: src,
+        destination: BACKEND6,
+    }
+    .write(&mut bytes)
+    .expect("outer6");
+    bytes.extend_from_slice(payload);
+    ethernet(EtherType::IPV6, &bytes)
+}
+
+fn ip6ip6(src: [u8; 16], inner: &[u8]) -> Vec<u8> {
+    outer6(src, 41, inner)
+}
+
+/// GUE over IPv6 (UDP checksum 0, as the LB sends it), inner IPv6.
+fn gue6(src: [u8; 16], inner: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    UdpHeader {
+        source_port: 50000,
+        destination_port: GUE_DEFAULT_PORT,
+        length: (8 + 4 + inner.len()) as u16,
+        checksum: 0,
+    }
+    .write(&mut udp)
+    .expect("udp");
+    udp.extend_from_slice(&[0, 41, 0, 0]);
+    udp.extend_from_slice(inner);
+    outer6(src, 17, &udp)
+}
+
 /// Re-computes the outer IPv4 checksum (of a 20-byte header) after a test
 /// changed the header.
 fn refresh_outer_checksum(frame: &mut [u8]) {
@@ -133,6 +182,7 @@ fn refresh_outer_checksum(frame: &mut [u8]) {
 struct Decap {
     decap: Decapsulator,
     allowed: Vec<[u8; 4]>,
+    allowed6: Vec<[u8; 16]>,
     port: u16,
 }
 
@@ -147,14 +197,25 @@ impl Decap {
         Decap {
             decap,
             allowed: vec![LB],
+            allowed6: vec![],
             port: GUE_DEFAULT_PORT,
         }
     }
 
     fn set(&mut self, allowed: &[[u8; 4]], port: u16) {
-        let addrs: Vec<Ipv4Addr> = allowed.iter().map(|a| Ipv4Addr::from(*a)).collect();
+        self.set_both(allowed, &[], port);
+    }
+
+    /// Allows IPv4 `allowed` and IPv6 `allowed6` (one `--from` set).
+    fn set_both(&mut self, allowed: &[[u8; 4]], allowed6: &[[u8; 16]], port: u16) {
+        let addrs: Vec<IpAddr> = allowed
+            .iter()
+            .map(|a| IpAddr::from(*a))
+            .chain(allowed6.iter().map(|a| IpAddr::from(*a)))
+            .collect();
         self.decap.maps.replace(&addrs, port).expect("settings");
         self.allowed = allowed.to_vec();
+        self.allowed6 = allowed6.to_vec();
         self.port = port;
     }
 
@@ -165,10 +226,13 @@ impl Decap {
     /// Runs `frame`: the action must be XDP_PASS and exactly `want`
     /// counted, as the reference decides too. The frame as left.
     fn expect(&mut self, what: &str, frame: &[u8], want: DecapVerdict) -> Vec<u8> {
-        let allowed = self.allowed.clone();
-        let reference = decide(frame, self.port, |a| {
-            allowed.iter().any(|x| u32::from_ne_bytes(*x) == a)
-        });
+        let (allowed, allowed6) = (self.allowed.clone(), self.allowed6.clone());
+        let reference = decide_with(
+            frame,
+            self.port,
+            |a| allowed.iter().any(|x| u32::from_ne_bytes(*x) == a),
+            |a| allowed6.iter().any(|x| addr_of(*x) == *a),
+        );
         assert_eq!(reference.verdict, want, "the reference's verdict: {what}");
         let before = self.counts();
         let prog = self.decap.program().expect("program");
@@ -217,6 +281,78 @@ fn an_allowed_lbs_ipip_and_gue_become_the_exact_inner_packet() {
         DecapVerdict::DecapGueV6,
     );
     assert_eq!(out, decapsulated(EtherType::IPV6, &v6));
+}
+
+/// IPv6 services' tunnels (issue 24): IP6IP6 and GUE over IPv6 (its UDP
+/// checksum 0) from an allowed IPv6 LB address become the exact inner
+/// IPv6 packet; from another address, or an allowed IPv4 LB's only, they
+/// pass untouched; an outer header followed by an extension header is no
+/// tunnel; a malformed outer or inner header has its verdict.
+#[test]
+fn an_allowed_lbs_ip6ip6_and_gue6_become_the_exact_inner_packet() {
+    let mut d = Decap::new();
+    let v6 = inner_v6();
+    // Only the IPv4 LB allowed: no IPv6 tunnel is taken off.
+    d.expect(
+        "IP6IP6, no IPv6 source allowed",
+        &ip6ip6(LB6, &v6),
+        DecapVerdict::SourceNotAllowed,
+    );
+    d.set_both(&[LB], &[LB6], GUE_DEFAULT_PORT);
+    let out = d.expect("IP6IP6", &ip6ip6(LB6, &v6), DecapVerdict::DecapIp6ip6);
+    assert_eq!(out, decapsulated(EtherType::IPV6, &v6));
+    let out = d.expect("GUE over IPv6", &gue6(LB6, &v6), DecapVerdict::DecapGue6);
+    assert_eq!(out, decapsulated(EtherType::IPV6, &v6));
+    // IPv4's tunnels still from the IPv4 LB.
+    let syn = inner_tcp();
+    d.expect("IPIP beside", &ipip(LB, &syn), DecapVerdict::DecapIpip);
+    // Strangers.
+    d.expect(
+        "IP6IP6 from a stranger",
+        &ip6ip6(STRANGER6, &v6),
+        DecapVerdict::SourceNotAllowed,
+    );
+    d.expect(
+        "GUE over IPv6 from a stranger",
+        &gue6(STRANGER6, &v6),
+        DecapVerdict::SourceNotAllowed,
+    );
+    // Not tunnels: plain IPv6, a hop-by-hop header first, 4in6.
+    d.expect(
+        "plain IPv6",
+        &ethernet(EtherType::IPV6, &v6),
+        DecapVerdict::NotTunnel,
+    );
+    let mut hop_by_hop = vec![41, 0, 1, 4, 0, 0, 0, 0];
+    hop_by_hop.extend_from_slice(&v6);
+    d.expect(
+        "an extension header first",
+        &outer6(LB6, 0, &hop_by_hop),
+        DecapVerdict::NotTunnel,
+    );
+    d.expect(
+        "IPv4 in IPv6",
+        &outer6(LB6, 4, &syn),
+        DecapVerdict::NotTunnel,
+    );
+    // Malformed: the outer cut short of its payload, the inner not IPv6
+    // or cut short.
+    let frame = ip6ip6(LB6, &v6);
+    d.expect(
+        "outer cut short",
+        &frame[..frame.len() - 1],
+        DecapVerdict::OuterMalformed,
+    );
+    d.expect(
+        "IPv4 inside IP6IP6",
+        &ip6ip6(LB6, &[syn.clone(), vec![0; 40]].concat()),
+        DecapVerdict::InnerMalformed,
+    );
+    d.expect(
+        "inner cut short",
+        &ip6ip6(LB6, &v6[..30]),
+        DecapVerdict::InnerTruncated,
+    );
 }
 
 #[test]
@@ -279,6 +415,7 @@ fn traffic_that_is_no_tunnel_passes_untouched() {
         &ethernet(EtherType::IPV6, &inner_v6()),
         DecapVerdict::NotTunnel,
     );
+
     d.expect(
         "GUE from the LB to another port",
         &gue_to(LB, 6081, 0, 4, &syn),
@@ -440,7 +577,7 @@ fn new_settings_replace_the_old_ones_whole() {
         DecapVerdict::DecapGue,
     );
     let settings = d.decap.maps.settings().expect("settings");
-    assert_eq!(settings.sources, vec![Ipv4Addr::from(LB2)]);
+    assert_eq!(settings.sources, vec![IpAddr::from(LB2)]);
     assert_eq!(settings.gue_port, 7000);
     // Back and forth: only the set in force answers, whichever half holds it.
     d.set(&[LB, LB2], GUE_DEFAULT_PORT);
@@ -448,7 +585,25 @@ fn new_settings_replace_the_old_ones_whole() {
     d.expect("LB2 still", &gue(LB2, &syn), DecapVerdict::DecapGue);
     assert_eq!(
         d.decap.maps.settings().expect("settings").sources,
-        vec![Ipv4Addr::from(LB), Ipv4Addr::from(LB2)]
+        vec![IpAddr::from(LB), IpAddr::from(LB2)]
+    );
+    // Both families in one set, switched together.
+    d.set_both(&[LB2], &[LB6], GUE_DEFAULT_PORT);
+    d.expect(
+        "LB6 now",
+        &ip6ip6(LB6, &inner_v6()),
+        DecapVerdict::DecapIp6ip6,
+    );
+    d.expect("LB gone", &ipip(LB, &syn), DecapVerdict::SourceNotAllowed);
+    assert_eq!(
+        d.decap.maps.settings().expect("settings").sources,
+        vec![IpAddr::from(LB2), IpAddr::from(LB6)]
+    );
+    d.set(&[LB2], GUE_DEFAULT_PORT);
+    d.expect(
+        "LB6 gone with the next set",
+        &ip6ip6(LB6, &inner_v6()),
+        DecapVerdict::SourceNotAllowed,
     );
 }
 
@@ -473,7 +628,7 @@ fn the_pinned_attach_outlives_its_handles_and_is_replaced_in_place() {
             .expect("open pins")
             .settings()
             .expect("read");
-        assert_eq!(settings.sources, vec![Ipv4Addr::from(LB2)]);
+        assert_eq!(settings.sources, vec![IpAddr::from(LB2)]);
         assert_eq!(settings.gue_port, 7000);
         // Another decapsulator (another pin dir) cannot take the interface.
         let err = load::attach_pinned(&other, "f0", &lb, GUE_DEFAULT_PORT)
@@ -485,7 +640,13 @@ fn the_pinned_attach_outlives_its_handles_and_is_replaced_in_place() {
         let removed = load::detach_pinned(&dir).expect("detach");
         assert_eq!(
             removed,
-            ["link", "DECAP_CONF", "DECAP_SOURCES", "DECAP_VERDICTS"]
+            [
+                "link",
+                "DECAP_CONF",
+                "DECAP_SOURCES",
+                "DECAP_SOURCES6",
+                "DECAP_VERDICTS"
+            ]
         );
         assert!(!dir.exists(), "the interface's pin directory is gone");
         // Free again: the other one attaches now.

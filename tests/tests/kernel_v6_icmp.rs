@@ -18,12 +18,12 @@
 //! BPF; without them the tests fail loudly.
 
 use etherparse::{Icmpv6Type, PacketBuilder, icmpv6::DestUnreachableCode};
-use lb_common::{Verdict, ipv6::TOO_BIG_QUOTE6, map_names::MapName};
+use lb_common::{Verdict, map_names::MapName};
 use lb_tests::{
     kernel_net::{BACK_MAC, CLIENT_MAC, FRONT_MAC, Harness, TestNet, WEB_MACS, WEB_UDP_PORT},
     kernel_net6::{
-        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, tcp6, udp6, web_of_mac,
-        web_of6, web6,
+        CLIENT_V6, Seg, VIP_DSR6, VIP_NAT6, config_v6, dual_stack_net, icmp6_error,
+        packet_too_big_for, tcp6, udp6, web_of_mac, web_of6, web6,
     },
 };
 use lb_userspace::harness::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
@@ -66,23 +66,6 @@ fn fragments6(frame: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// An ICMPv6 error frame `src` → `dst` quoting `quote` (IPv6 bytes).
-fn icmp6_error(
-    macs: ([u8; 6], [u8; 6]),
-    (src, dst): ([u8; 16], [u8; 16]),
-    hop: u8,
-    kind: Icmpv6Type,
-    quote: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src, dst, hop)
-        .icmpv6(kind)
-        .write(&mut out, quote)
-        .expect("icmpv6 error");
-    out
-}
-
 /// The quote of `frame` (its IPv6 bytes) with its source address and port
 /// replaced, the quoted L4 checksum left as it was.
 fn quote_with_source(frame: &[u8], addr: [u8; 16], port: u16) -> Vec<u8> {
@@ -98,21 +81,6 @@ fn quote_with_destination(frame: &[u8], addr: [u8; 16], port: u16) -> Vec<u8> {
     q[24..40].copy_from_slice(&addr);
     q[IP6 + 2..IP6 + 4].copy_from_slice(&port.to_be_bytes());
     q
-}
-
-/// The "packet too big" the LB sends back for `frame` (as it arrived):
-/// MACs and addresses swapped (from the address it was sent to), hop limit
-/// 64, the MTU, its first `TOO_BIG_QUOTE6` IPv6 bytes quoted.
-fn packet_too_big_for(frame: &[u8], mtu: u32) -> Vec<u8> {
-    let mac = |at: usize| <[u8; 6]>::try_from(&frame[at..at + 6]).expect("a MAC");
-    let addr = |at: usize| <[u8; 16]>::try_from(&frame[at..at + 16]).expect("an address");
-    icmp6_error(
-        (mac(0), mac(6)),
-        (addr(ETH + 24), addr(ETH + 8)),
-        64,
-        Icmpv6Type::PacketTooBig { mtu },
-        &frame[ETH..ETH + TOO_BIG_QUOTE6],
-    )
 }
 
 /// NAT66 UDP fragments both ways: the client's first fragment creates the

@@ -19,6 +19,13 @@
 //! - two LBs behind an ECMP router (the multi-LB lab) with a maglev tunnel
 //!   service: losing an LB breaks no established connection.
 //!
+//! Over IPv6 (issue 24: an IPv6 service's tunnels are IP6IP6 and GUE over
+//! IPv6, to the webs' IPv6 addresses, taken off by their `lb decap`):
+//! `curl -6` rotation over the three webs and an 8 MB transfer byte-exact;
+//! a web killed goes DOWN under its IPv6 check and comes back UP; path-MTU
+//! discovery with the router's link to the webs lowered and the LB's IPv6
+//! route declaring it.
+//!
 //! And the routed lab itself, before any tunnel: the webs are reached by
 //! routing alone, never on the LB's segment.
 //!
@@ -40,7 +47,7 @@ use lb_tests::{
     answers, backend_status, count,
     flood::{TABLE, drain_web1_until_its_clients_close, keepalive_connections_survive_a_syn_flood},
     lb_bin,
-    pmtu::{cached_mtu, forget_path_mtus, upload},
+    pmtu::{cached_mtu, forget_path_mtus, forget_path_mtus6, upload, upload_to},
     status, transfer, unique_prefix, wait_for_status,
 };
 use lb_userspace::{
@@ -48,11 +55,11 @@ use lb_userspace::{
     control::HealthStatus,
     harness::{
         lab::{
-            CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_WEB_IFACE,
-            ROUTER_WEB_SIDE, Tunnel, VIP, WEB_NAMES, WEB_NET, http_get, lb_front_addr, vip_http,
-            web_addr,
+            CLIENT_FRONT, HTTP_PORT, HttpConn, Lab, ROUTER_LB_SIDE, ROUTER_LB_SIDE6,
+            ROUTER_WEB_IFACE, ROUTER_WEB_SIDE, Tunnel, VIP, VIP6, WEB_NAMES, WEB_NET, WEB_NET6,
+            bulk_byte, http_get, lb_front_addr, vip_http, vip6_http, web_addr,
         },
-        netns::in_netns,
+        netns::{in_netns, require_tool},
     },
 };
 
@@ -104,6 +111,175 @@ fn decapsulated(lab: &Lab, tunnel: Tunnel) -> Result<Vec<u64>> {
     (1..=WEB_NAMES.len())
         .map(|n| Ok(lab.decap_verdicts(n)?.get(&verdict).copied().unwrap_or(0)))
         .collect()
+}
+
+/// `www6` (the VIP6, TCP :80) over each tunnel in its IPv6 form, with
+/// `health`, the LB forwarding IPv6: `check` runs under each.
+fn in_each_tunnel6(
+    lab: &mut Lab,
+    health: &str,
+    check: impl FnMut(&mut Lab, Tunnel) -> Result<()>,
+) -> Result<()> {
+    lab.forward_ipv6()?;
+    in_each_tunnel(
+        lab,
+        |lab, t| lab.tunnel_config6(t, "round-robin", health),
+        check,
+    )
+}
+
+/// Packets each web's decapsulator has stripped from `tunnel`'s IPv6 form
+/// (`decap_ip6ip6`, `decap_gue6`).
+fn decapsulated6(lab: &Lab, tunnel: Tunnel) -> Result<Vec<u64>> {
+    let verdict = tunnel.decap_verdict6();
+    (1..=WEB_NAMES.len())
+        .map(|n| Ok(lab.decap_verdicts(n)?.get(verdict).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// `n` new `curl -6` connections to the VIP6 from the client: who answered.
+fn curl6(lab: &Lab, n: usize) -> Result<Vec<String>> {
+    let url = format!("http://[{VIP6}]:{HTTP_PORT}/");
+    (0..n)
+        .map(|_| {
+            let body = lab
+                .exec_ok(
+                    &lab.client_ns(),
+                    &["curl", "-6", "-sS", "--max-time", "5", &url],
+                )
+                .with_context(|| format!("curl -6 {url}"))?;
+            Ok(body.trim().to_owned())
+        })
+        .collect()
+}
+
+/// IPv6 services' tunnels: six new `curl -6` connections to the VIP6
+/// rotate web1, web2, web3, …; an 8 MB download arrives byte-exact; every
+/// web's decapsulator counts the IPv6 tunnel packets it stripped.
+#[test]
+fn each_ipv6_tunnel_rotates_over_three_webs_and_carries_8_mb_byte_exact() -> Result<()> {
+    require_tool("curl", "apt-get install curl")?;
+    let mut lab = routed_lab()?;
+    in_each_tunnel6(&mut lab, "", |lab, tunnel| {
+        let before = decapsulated6(lab, tunnel)?;
+        let got = curl6(lab, 6)?;
+        let want: Vec<&str> = (0..6).map(|i| WEB_NAMES[i % 3]).collect();
+        ensure!(
+            got == want,
+            "new IPv6 connections went to {got:?}, not {want:?}"
+        );
+        let started = Instant::now();
+        let response = in_netns(&lab.client_ns(), || {
+            http_get(vip6_http(), &format!("/bytes/{BIG}"))
+        })??;
+        ensure!(
+            response.status == 200 && response.body.len() == BIG,
+            "GET /bytes/{BIG} over IPv6: status {}, {} bytes",
+            response.status,
+            response.body.len()
+        );
+        let exact = response
+            .body
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == bulk_byte(i as u64));
+        ensure!(exact, "the IPv6 transfer arrived corrupted");
+        eprintln!(
+            "{} over IPv6: 8 MB byte-exact in {:.2?}",
+            tunnel.name(),
+            started.elapsed()
+        );
+        let after = decapsulated6(lab, tunnel)?;
+        for n in 0..WEB_NAMES.len() {
+            ensure!(
+                after[n] > before[n],
+                "web{}'s decapsulator stripped no {} packet ({} -> {}): {}",
+                n + 1,
+                tunnel.decap_verdict6(),
+                before[n],
+                after[n],
+                lab.decap_status(n + 1)?
+            );
+        }
+        Ok(())
+    })
+}
+
+/// A web killed goes DOWN under its HTTP check over IPv6, leaves the
+/// IPv6 rotation, and comes back UP once restarted, behind each tunnel.
+#[test]
+fn a_killed_web_goes_down_and_recovers_behind_each_ipv6_tunnel() -> Result<()> {
+    require_tool("curl", "apt-get install curl")?;
+    let mut lab = routed_lab()?;
+    let health = |lab: &Lab, web: &str, want: HealthStatus, what: &str| {
+        wait_for_status(lab, what, Duration::from_secs(10), |s| {
+            backend_status(s, "www6", web).is_ok_and(|b| b.health == want)
+        })
+    };
+    let check = "health = { check = \"http\", path = \"/\", interval = \"200ms\", timeout = \"200ms\", rise = 2, fall = 2 }\n";
+    in_each_tunnel6(&mut lab, check, |lab, _| {
+        for web in WEB_NAMES {
+            health(lab, web, HealthStatus::Up, &format!("{web} up"))?;
+        }
+        lab.stop_web(2)?;
+        health(lab, "web2", HealthStatus::Down, "web2 down after its kill")?;
+        let got = curl6(lab, 6)?;
+        ensure!(
+            !got.iter().any(|w| w == "web2"),
+            "new IPv6 connections reached the dead web2: {got:?}"
+        );
+        lab.start_web(2)?;
+        health(lab, "web2", HealthStatus::Up, "web2 up after its restart")?;
+        let got = count(&curl6(lab, 9)?);
+        ensure!(
+            got.get("web2").copied().unwrap_or(0) > 0,
+            "the recovered web2 gets no new IPv6 connection: {got:?}"
+        );
+        Ok(())
+    })
+}
+
+/// Path-MTU discovery through the IPv6 tunnels: the router's link to the
+/// webs lowered to 1400 and the LB's IPv6 route saying so (`mtu lock
+/// 1400`): the client's upload to the VIP6 gets "packet too big" with 1400
+/// less the overhead (1360 IP6IP6, 1348 GUE over IPv6) and completes.
+/// Without the route's MTU it would stall: a router's "packet too big"
+/// about an outer IPv6 packet is not learned yet (docs/architecture.md,
+/// "Tunnels").
+#[test]
+fn ipv6_path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -> Result<()> {
+    let mut lab = routed_lab()?;
+    // The LB's answers leave by XDP_TX: see `run_xdp_on_client_front`.
+    lab.run_xdp_on_client_front()?;
+    let low = LOW_MTU.to_string();
+    lab.exec_ok(
+        &lab.router_ns(),
+        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
+    )?;
+    let router = ROUTER_LB_SIDE6.to_string();
+    lab.exec_ok(
+        &lab.lb_ns(),
+        &[
+            "ip", "-6", "route", "replace", WEB_NET6, "via", &router, "mtu", "lock", &low,
+        ],
+    )?;
+    let vip = VIP6.to_string();
+    in_each_tunnel6(&mut lab, "", |lab, tunnel| {
+        for ns in [lab.client_ns(), lab.lb_ns()] {
+            forget_path_mtus6(lab, &ns)?;
+        }
+        in_netns(&lab.client_ns(), || upload_to(vip6_http(), 300_000))??;
+        let want = LOW_MTU - tunnel.overhead6();
+        let got = cached_mtu(lab, &lab.client_ns(), &vip)?;
+        ensure!(
+            got == Some(want),
+            "the client's path MTU to the VIP6 is {got:?}, not {want} ({LOW_MTU} - {} bytes of {} over IPv6); verdicts: {:?}",
+            tunnel.overhead6(),
+            tunnel.name(),
+            status(lab)?.verdicts
+        );
+        Ok(())
+    })
 }
 
 /// The routed lab before any tunnel: the client and the LB reach every

@@ -8,7 +8,9 @@
 //! is documented and `decide` is the reference the tests compare this
 //! program with):
 //!
-//! 1. Ethernet: IPv4 only;
+//! 1. Ethernet: IPv4, or IPv6 (`decap6`: the same steps over an outer
+//!    IPv6 header without extension headers, IP6IP6 or GUE; sources in
+//!    `DECAP_SOURCES6`);
 //! 2. the outer protocol: IPIP, or UDP to the GUE port;
 //! 3. the outer header: plain (no options), whole, not a fragment,
 //!    checksum right;
@@ -34,11 +36,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     decap::{
-        DECAP_VERDICT_COUNT, DecapConf, DecapSourceKey, DecapVerdict, GUE_OVERHEAD, GueHdr,
-        IPIP_OVERHEAD, IPV6_HDR_LEN, InnerFamily, Ipv6Start, MAX_DECAP_SOURCES, Tunnel, UdpHdr,
-        gue_verdict, inner_v4_verdict, inner_v6_verdict, outer_verdict, tunnel_of,
+        DECAP_VERDICT_COUNT, DecapConf, DecapSourceKey, DecapSourceKey6, DecapVerdict,
+        ETH_P_IPV6_RAW, GUE_OVERHEAD, GUE6_OVERHEAD, GueHdr, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
+        IPV6_HDR_LEN, InnerFamily, Ipv6Start, MAX_DECAP_SOURCES, Tunnel, UdpHdr, gue_verdict,
+        inner_v4_verdict, inner_v6_verdict, outer_verdict, outer6_verdict, tunnel_of, tunnel_of6,
     },
     headers::{ETH_P_IPV4_RAW, EthHdr, Ipv4Hdr, UDP_HDR_LEN},
+    ipv6::Ipv6Hdr,
 };
 
 use mem::header;
@@ -52,6 +56,11 @@ static DECAP_CONF: Array<DecapConf> = Array::with_max_entries(1, 0);
 /// `DECAP_CONF` once: a packet sees one whole set or the other.
 #[map]
 static DECAP_SOURCES: HashMap<DecapSourceKey, u32> =
+    HashMap::with_max_entries(2 * MAX_DECAP_SOURCES, 0);
+/// (half, allowed LB IPv6 address) → 1: `DECAP_SOURCES` for outer IPv6
+/// sources, in the same halves (one `DECAP_CONF` switches both).
+#[map]
+static DECAP_SOURCES6: HashMap<DecapSourceKey6, u32> =
     HashMap::with_max_entries(2 * MAX_DECAP_SOURCES, 0);
 /// One counter per [`DecapVerdict`], per CPU.
 #[map]
@@ -71,12 +80,16 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> DecapVerdict {
     use DecapVerdict as V;
-    // 1. Ethernet: IPv4 only.
+    // 1. Ethernet: IPv4, or IPv6.
     let Some(eth) = header::<EthHdr>(ctx, 0) else {
         return V::NotTunnel;
     };
     // SAFETY: bounds-checked by `header`.
-    if unsafe { (*eth).ether_type } != ETH_P_IPV4_RAW {
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_IPV6_RAW {
+        return decap6(ctx);
+    }
+    if ether_type != ETH_P_IPV4_RAW {
         return V::NotTunnel;
     }
     // 2. The outer protocol: IPIP, or UDP to the GUE port.
@@ -144,6 +157,81 @@ fn decap(ctx: &XdpContext) -> DecapVerdict {
         (Tunnel::Ipip, _) => V::DecapIpip,
         (Tunnel::Udp, InnerFamily::V4) => V::DecapGue,
         (Tunnel::Udp, InnerFamily::V6) => V::DecapGueV6,
+    }
+}
+
+/// The steps for an IPv6 frame (`lb_common::decap::decide6` is their
+/// reference): the outer fixed header's next header IP6IP6 or UDP to the
+/// GUE port, no extension headers (the LB sends none).
+#[inline(always)]
+fn decap6(ctx: &XdpContext) -> DecapVerdict {
+    use DecapVerdict as V;
+    // 2. The outer next header.
+    let Some(ip) = header::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+        return V::OuterMalformed;
+    };
+    // SAFETY: bounds-checked; a reference, not a copy.
+    let ip = unsafe { &*ip };
+    let Some(tunnel) = tunnel_of6(ip.next_header) else {
+        return V::NotTunnel;
+    };
+    let Some(conf) = DECAP_CONF.get(0) else {
+        return V::NotTunnel;
+    };
+    let l4 = EthHdr::LEN + IPV6_HDR_LEN;
+    if tunnel == Tunnel::Udp {
+        match header::<UdpHdr>(ctx, l4) {
+            // SAFETY: bounds-checked.
+            Some(udp) if unsafe { (*udp).dest } == conf.gue_port => {}
+            _ => return V::NotTunnel,
+        }
+    }
+    // 3. The outer header.
+    let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
+    if let Some(v) = outer6_verdict(ip, frame_ip_len) {
+        return v;
+    }
+    let payload = u16::from_be(ip.payload_len) as usize;
+    // 4. GUE's headers.
+    let (family, overhead) = match tunnel {
+        Tunnel::Ipip => (InnerFamily::V6, IP6IP6_OVERHEAD),
+        Tunnel::Udp => {
+            let (Some(udp), Some(gue)) = (
+                header::<UdpHdr>(ctx, l4),
+                header::<GueHdr>(ctx, l4 + UDP_HDR_LEN),
+            ) else {
+                return V::GueTruncated;
+            };
+            // SAFETY: both bounds-checked.
+            match gue_verdict(unsafe { &*udp }, unsafe { &*gue }, payload) {
+                Ok(f) => (f, GUE6_OVERHEAD),
+                Err(v) => return v,
+            }
+        }
+    };
+    // 5. The security rule.
+    let mut key = DecapSourceKey6 {
+        half: conf.half as u32,
+        addr: [0; 4],
+    };
+    // SAFETY: both point at 16 bytes, 2-byte aligned.
+    unsafe { lb_common::ipv6::copy_addr(&raw mut key.addr, &raw const ip.saddr) };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { DECAP_SOURCES6.get(&key) }.is_none() {
+        return V::SourceNotAllowed;
+    }
+    // 6. The inner header.
+    let room = (IPV6_HDR_LEN + payload).saturating_sub(overhead);
+    if let Some(v) = inner_verdict(ctx, family, EthHdr::LEN + overhead, room) {
+        return v;
+    }
+    // 7. Strip.
+    if !strip(ctx, overhead, family.ether_type_raw()) {
+        return V::InnerTruncated;
+    }
+    match tunnel {
+        Tunnel::Ipip => V::DecapIp6ip6,
+        Tunnel::Udp => V::DecapGue6,
     }
 }
 

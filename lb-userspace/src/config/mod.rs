@@ -24,7 +24,7 @@ mod sync;
 mod validate;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -127,6 +127,10 @@ pub struct Dataplane {
     /// `None`: for each backend, the address this host reaches it from
     /// (the source the kernel picks for its route).
     pub tunnel_source: Option<Ipv4Addr>,
+    /// `tunnel-source6`: the outer source address of IPv6 services' IP6IP6
+    /// and GUE packets; `None`: the address this host reaches each IPv6
+    /// backend from.
+    pub tunnel_source6: Option<Ipv6Addr>,
     /// `gue-port`: the UDP port GUE packets go to on the backends.
     pub gue_port: u16,
     /// `source-addresses`, `source-ports`: full NAT's source side.
@@ -167,6 +171,7 @@ impl Dataplane {
             timeouts: Timeouts::default(),
             new_flow_budget: 0,
             tunnel_source: None,
+            tunnel_source6: None,
             gue_port: 0,
             full_nat: FullNatSources::default(),
             ..d.clone()

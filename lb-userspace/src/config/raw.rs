@@ -72,6 +72,7 @@ pub(super) struct RawDataplane {
     pub(super) new_flow_budget: Option<i64>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) tunnel_source: Option<String>,
+    pub(super) tunnel_source6: Option<String>,
     pub(super) gue_port: Option<i64>,
     pub(super) source_addresses: Option<Vec<String>>,
     pub(super) source_ports: Option<String>,
@@ -208,6 +209,7 @@ impl From<&Config> for RawConfig {
                     udp: Some(duration::show(d.timeouts.udp)),
                 }),
                 tunnel_source: d.tunnel_source.map(|a| a.to_string()),
+                tunnel_source6: d.tunnel_source6.map(|a| a.to_string()),
                 gue_port: Some(i64::from(d.gue_port)),
                 source_addresses: Some(
                     d.full_nat.addresses.iter().map(|a| a.to_string()).collect(),

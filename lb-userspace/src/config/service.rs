@@ -315,11 +315,11 @@ impl Validator<'_> {
 
     /// The one gate between a valid IPv6 service and the agent, run after
     /// every other rule (so the operator sees the service's real mistakes
-    /// first): the data plane balances IPv6 services in NAT and DSR, with
-    /// the firewall's IPv6 rules and rate limits and PROXY v2 (NAT66); full
-    /// NAT and the tunnels are not built for IPv6 yet (issue 24), so a
-    /// service that needs them is rejected here, by the key that asks for
-    /// it.
+    /// first): the data plane balances IPv6 services in NAT, DSR and the
+    /// tunnels (IP6IP6, GUE over IPv6), with the firewall's IPv6 rules and
+    /// rate limits and PROXY v2 (NAT66); full NAT is not built for IPv6 yet
+    /// (issue 24), so a service that needs it is rejected here, by the key
+    /// that asks for it.
     pub(super) fn data_plane_balances(
         &self,
         prefix: &str,
@@ -330,12 +330,12 @@ impl Validator<'_> {
             return Ok(());
         }
         let key = |field: &str| format!("{prefix}.{field}");
-        if service.forwarding == Forwarding::FullNat || service.forwarding.is_tunnel() {
+        if service.forwarding == Forwarding::FullNat {
             return Err(self.err(
                 key("forwarding"),
                 format!(
-                    "{vip} is an IPv6 VIP: the data plane balances IPv6 in \"nat\" and \"dsr\" \
-                     only so far (full NAT and the tunnels over IPv6 are not built, issue 24)"
+                    "{vip} is an IPv6 VIP: the data plane balances IPv6 in \"nat\", \"dsr\", \
+                     \"ipip\" and \"gue\" only so far (full NAT over IPv6 is not built, issue 24)"
                 ),
             ));
         }

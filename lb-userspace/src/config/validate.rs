@@ -7,9 +7,10 @@
 //! `firewall`, `pool`, `coordination`).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
+    str::FromStr,
     time::Duration,
 };
 
@@ -303,7 +304,15 @@ impl Validator<'_> {
         let timeouts = self.timeouts(raw.timeouts)?;
         let tunnel_source = match raw.tunnel_source {
             None => None,
-            Some(text) => Some(self.tunnel_source(&text)?),
+            Some(text) => {
+                Some(self.tunnel_source("dataplane.tunnel-source", &text, "198.19.0.1")?)
+            }
+        };
+        let tunnel_source6 = match raw.tunnel_source6 {
+            None => None,
+            Some(text) => {
+                Some(self.tunnel_source("dataplane.tunnel-source6", &text, "2001:db8:19::1")?)
+            }
         };
         let gue_port = match raw.gue_port {
             None => lb_common::tunnel::GUE_DEFAULT_PORT,
@@ -324,30 +333,51 @@ impl Validator<'_> {
             new_flow_budget,
             timeouts,
             tunnel_source,
+            tunnel_source6,
             gue_port,
         })
     }
 
-    /// `[dataplane] tunnel-source`: an address of this host that backends
-    /// can answer (a unicast IPv4 address off loopback: the outer packets
-    /// leave the host).
-    fn tunnel_source(&self, text: &str) -> Result<Ipv4Addr, ConfigError> {
-        let key = "dataplane.tunnel-source";
-        let addr: Ipv4Addr = text.parse().map_err(|_| {
+    /// `[dataplane] tunnel-source` (IPv4, `example` "198.19.0.1") and
+    /// `tunnel-source6` (IPv6, "2001:db8:19::1", the IPv6 services' outer
+    /// source): an address of this host that backends can answer, unicast,
+    /// neither loopback nor link-local (the outer packets leave the host and
+    /// cross routers).
+    fn tunnel_source<A: FromStr + Into<IpAddr> + Copy>(
+        &self,
+        key: &str,
+        text: &str,
+        example: &str,
+    ) -> Result<A, ConfigError> {
+        let family = if example.contains(':') {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        let addr: A = text.parse().map_err(|_| {
             self.err(
                 key,
-                format!("expected an IPv4 address like \"198.19.0.1\", got {text:?}"),
+                format!("expected an {family} address like {example:?}, got {text:?}"),
             )
         })?;
-        if let Some(reason) = address_problem(addr.into()) {
+        let ip: IpAddr = addr.into();
+        if let Some(reason) = address_problem(ip) {
             return Err(self.err(key, reason));
         }
-        if addr.is_loopback() {
+        let refused = match ip {
+            IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address (127.0.0.0/8)"),
+            IpAddr::V6(v6) if v6.is_loopback() => Some("the loopback address"),
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+                Some("a link-local address (fe80::/10)")
+            }
+            _ => None,
+        };
+        if let Some(what) = refused {
             return Err(self.err(
                 key,
                 format!(
-                    "{addr} is a loopback address (127.0.0.0/8): tunnel packets leave the \
-                     host, and no router forwards a packet from it"
+                    "{ip} is {what}: tunnel packets leave the host, and no router forwards a \
+                     packet from it"
                 ),
             ));
         }

@@ -9,7 +9,7 @@ use lb_common::{
     BACKEND_F_DROP_FLOWS, Backend, BackendHop, Counters, Endpoint, Flow, FlowConf, FlowCounts,
     FlowKey, MAX_BACKENDS, MaglevTable, Ring, ServiceConf, ServiceKey, Tunnel,
     ipv6::Addr6,
-    maps6::{Backend6, Endpoint6, ServiceKey6},
+    maps6::{Backend6, Endpoint6, ServiceKey6, Tunnel6},
     ring, uses_maglev,
 };
 
@@ -251,11 +251,23 @@ impl Dataplane {
                 _pad: 0,
             },
         )?;
+        // An id is one family's: the other family's slot is zeroed (an id
+        // reused across families must not keep the old tunnel).
+        let (tunnel, tunnel6) = match b.addr6 {
+            None => (super::tunnel::slot(b.addr, b.tunnel), Tunnel6::default()),
+            Some(addr) => (Tunnel::default(), super::tunnel::slot6(addr, b.tunnel)),
+        };
         set(
             &mut self.array::<Tunnel>(MapName::TUNNELS)?,
             MapName::TUNNELS,
             b.id,
-            super::tunnel::slot(b.addr, b.tunnel),
+            tunnel,
+        )?;
+        set(
+            &mut self.array::<Tunnel6>(MapName::TUNNELS6)?,
+            MapName::TUNNELS6,
+            b.id,
+            tunnel6,
         )?;
         // The shared next hop was for the address the id had: the next new
         // flow resolves it again.

@@ -321,6 +321,7 @@ mod tests {
                 new_flow_budget: 125_000,
                 timeouts: Default::default(),
                 tunnel_source: None,
+                tunnel_source6: None,
                 gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
                 full_nat: FullNatSources {
                     addresses: sources.to_vec(),

@@ -179,6 +179,9 @@ pub struct BackendPlan {
 pub struct TunnelPlan {
     /// `[dataplane] tunnel-source`; `None`: the route's source address.
     pub source: Option<std::net::Ipv4Addr>,
+    /// `[dataplane] tunnel-source6` (an IPv6 backend's); `None`: the
+    /// route's source address.
+    pub source6: Option<std::net::Ipv6Addr>,
     /// `[dataplane] gue-port` (host order).
     pub gue_port: u16,
 }
@@ -421,6 +424,7 @@ pub fn plan(
                 flags: BACKEND_F_IN_USE,
                 tunnel: svc.forwarding.is_tunnel().then_some(TunnelPlan {
                     source: cfg.dataplane.tunnel_source,
+                    source6: cfg.dataplane.tunnel_source6,
                     gue_port: cfg.dataplane.gue_port,
                 }),
             });
@@ -631,6 +635,7 @@ mod tests {
                 new_flow_budget: 125_000,
                 timeouts: Default::default(),
                 tunnel_source: None,
+                tunnel_source6: None,
                 gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
                 full_nat: Default::default(),
             },

@@ -1,17 +1,19 @@
-//! The tunnel backends' `TUNNELS` slots: the outer source address and the
-//! GUE port of each IPIP and GUE backend, written with the backend. A
-//! source the config leaves to the route (no `[dataplane] tunnel-source`)
-//! is the address this host sends from to the backend, as the kernel picks
-//! it for its route ([`route_source`]), so the backend's answers to the
-//! tunnel's health and errors come back the way a packet from this host
-//! would.
+//! The tunnel backends' `TUNNELS` slots (`TUNNELS6` for an IPv6
+//! service's backends, whose outer header is IPv6): the outer source
+//! address and the GUE port of each IPIP and GUE backend, written with the
+//! backend. A source the config leaves to the route (no `[dataplane]
+//! tunnel-source`, `tunnel-source6`) is the address this host sends from
+//! to the backend, as the kernel picks it for its route ([`route_source`],
+//! [`route_source6`]), so the backend's answers to the tunnel's health and
+//! errors come back the way a packet from this host would.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket};
 
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Tunnel,
+    Tunnel, Tunnel6,
+    ipv6::{Addr6, addr_of, octets_of},
     tunnel::{PMTU_COUNTERS, TunnelPmtu},
 };
 
@@ -32,6 +34,33 @@ pub(super) fn route_source(backend: Ipv4Addr) -> Option<Ipv4Addr> {
     match socket.local_addr().ok()?.ip() {
         std::net::IpAddr::V4(source) if !source.is_unspecified() => Some(source),
         _ => None,
+    }
+}
+
+/// [`route_source`] for an IPv6 backend: the IPv6 source the kernel picks
+/// toward it. `None`: no route to it now (or no IPv6 on this host).
+pub(super) fn route_source6(backend: Ipv6Addr) -> Option<Ipv6Addr> {
+    let socket = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)).ok()?;
+    socket.connect(SocketAddrV6::new(backend, 9, 0, 0)).ok()?;
+    match socket.local_addr().ok()?.ip() {
+        std::net::IpAddr::V6(source) if !source.is_unspecified() => Some(source),
+        _ => None,
+    }
+}
+
+/// The `TUNNELS6` slot of an IPv6 backend at `addr` with tunnel `plan`,
+/// as [`slot`]: all zero for another mode or without a route now.
+pub(super) fn slot6(addr: Addr6, plan: Option<TunnelPlan>) -> Tunnel6 {
+    let Some(plan) = plan else {
+        return Tunnel6::default();
+    };
+    let source = plan
+        .source6
+        .or_else(|| route_source6(Ipv6Addr::from(octets_of(&addr))));
+    Tunnel6 {
+        source: source.map_or([0; 4], |a| addr_of(a.octets())),
+        gue_port: plan.gue_port.to_be(),
+        _pad: 0,
     }
 }
 
@@ -63,7 +92,13 @@ impl Dataplane {
         let mut wanted = BTreeMap::new();
         {
             let tunnels = self.array::<Tunnel>(MapName::TUNNELS)?;
-            for b in plan.backends.iter().filter(|b| b.tunnel.is_some()) {
+            // IPv4 backends only: routers' ICMP about IPv6 tunnel packets
+            // is not learned yet.
+            for b in plan
+                .backends
+                .iter()
+                .filter(|b| b.tunnel.is_some() && b.addr6.is_none())
+            {
                 let slot = tunnels.get(&b.id, 0).map_err(map_err(MapName::TUNNELS))?;
                 if slot.source != 0 {
                     wanted.insert(b.addr, TunnelPmtu::new(slot.source, slot.gue_port));
@@ -172,6 +207,7 @@ mod tests {
                 backend,
                 Some(TunnelPlan {
                     source,
+                    source6: None,
                     gue_port: 6080,
                 }),
             )
@@ -186,5 +222,31 @@ mod tests {
         );
         assert_eq!(slot_of(None).source, u32::from(Ipv4Addr::LOCALHOST).to_be());
         assert_eq!(slot(backend, None), Tunnel::default());
+    }
+
+    #[test]
+    fn an_ipv6_backends_slot_takes_tunnel_source6_or_its_routes_source() {
+        let plan = |source6| TunnelPlan {
+            source: Some(Ipv4Addr::new(198, 19, 0, 1)),
+            source6,
+            gue_port: 6080,
+        };
+        let configured: Ipv6Addr = "2001:db8:19::1".parse().expect("v6");
+        let backend = addr_of(Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(
+            slot6(backend, Some(plan(Some(configured)))),
+            Tunnel6 {
+                source: addr_of(configured.octets()),
+                gue_port: 6080u16.to_be(),
+                _pad: 0,
+            }
+        );
+        // ::1 is routed from ::1 wherever IPv6 is up (the test host's
+        // loopback); IPv4's `tunnel-source` never leaks into it.
+        assert_eq!(
+            slot6(backend, Some(plan(None))).source,
+            addr_of(Ipv6Addr::LOCALHOST.octets())
+        );
+        assert_eq!(slot6(backend, None), Tunnel6::default());
     }
 }

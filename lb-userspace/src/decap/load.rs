@@ -1,6 +1,6 @@
 //! Loading the `lb-decap` object, and the decapsulator of one interface
 //! pinned under `PIN_DIR/IFACE` so it outlives the command that attached it:
-//! the link (`link`, which keeps the program attached) and the three maps.
+//! the link (`link`, which keeps the program attached) and the four maps.
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +60,7 @@ impl Decapsulator {
         let maps = DecapMaps::from_maps(
             take(maps::CONF)?,
             take(maps::SOURCES)?,
+            take(maps::SOURCES6)?,
             take(maps::VERDICTS)?,
         )?;
         let mut decap = Decapsulator { ebpf, maps };
@@ -90,10 +91,10 @@ pub fn entry_dir(pin_dir: &Path, iface: &str) -> PathBuf {
 /// program attached, or swapped in place of the one a pinned link holds
 /// (bpf_link_update: no packet goes unprocessed). Returns whether it was
 /// attached already.
-pub fn attach_pinned(
+pub fn attach_pinned<A: Into<std::net::IpAddr> + Copy>(
     dir: &Path,
     iface: &str,
-    sources: &[std::net::Ipv4Addr],
+    sources: &[A],
     gue_port: u16,
 ) -> anyhow::Result<bool> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -15,7 +15,7 @@ pub mod load;
 pub mod maps;
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -61,7 +61,8 @@ pub enum DecapCommand {
 pub struct AttachArgs {
     /// The interface the tunnels arrive on
     pub iface: String,
-    /// The LB addresses allowed to send tunnels here (their outer source),
+    /// The LB addresses allowed to send tunnels here (their outer source:
+    /// IPv4 for IPIP and GUE, IPv6 for IP6IP6 and GUE over IPv6),
     /// comma-separated; a re-attach replaces the set
     #[arg(
         long,
@@ -69,7 +70,7 @@ pub struct AttachArgs {
         required = true,
         value_name = "ADDR[,ADDR...]"
     )]
-    pub from: Vec<Ipv4Addr>,
+    pub from: Vec<IpAddr>,
     /// The UDP port GUE arrives on
     #[arg(long, default_value_t = GUE_DEFAULT_PORT, value_name = "GUE_PORT")]
     pub port: u16,
@@ -156,10 +157,10 @@ fn attach(args: &AttachArgs) -> anyhow::Result<()> {
     let again = load::attach_pinned(&dir, &args.iface, &args.from, args.port)?;
     let from: Vec<String> = maps::check_sources(&args.from)?
         .iter()
-        .map(Ipv4Addr::to_string)
+        .map(IpAddr::to_string)
         .collect();
     println!(
-        "lb decap {} {}: IPIP and GUE (port {}) from {} (pinned in {})",
+        "lb decap {} {}: IPIP, IP6IP6 and GUE (port {}) from {} (pinned in {})",
         if again { "updated on" } else { "attached to" },
         args.iface,
         args.port,

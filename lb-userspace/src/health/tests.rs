@@ -22,6 +22,7 @@ fn config(services: Vec<Service>) -> Config {
             new_flow_budget: 125_000,
             timeouts: Default::default(),
             tunnel_source: None,
+            tunnel_source6: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
             full_nat: Default::default(),
         },

@@ -64,6 +64,7 @@ backends = [{ address = "10.0.1.3:80" }]
             new_flow_budget: 125_000,
             timeouts: Default::default(),
             tunnel_source: None,
+            tunnel_source6: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
             full_nat: Default::default(),
         },
@@ -245,6 +246,7 @@ fn dataplane_defaults() {
             new_flow_budget: 125_000,
             timeouts: Default::default(),
             tunnel_source: None,
+            tunnel_source6: None,
             gue_port: lb_common::tunnel::GUE_DEFAULT_PORT,
             full_nat: Default::default(),
         }
@@ -1015,6 +1017,25 @@ fn tunnel_services_take_the_tunnel_settings_and_survive_a_live_check() {
     assert!(!Forwarding::Dsr.is_tunnel() && Forwarding::Dsr.answers_directly());
     assert!(!Forwarding::Nat.answers_directly());
     assert_eq!(check(&config, Path::new("live")).expect("valid"), config);
+    // IPv6 services tunnel too (IP6IP6, GUE over IPv6), from
+    // `tunnel-source6`.
+    let v6 = parse_ok(
+        &text
+            .replace(
+                "tunnel-source = \"198.19.0.1\"",
+                "tunnel-source6 = \"2001:db8:19::1\"",
+            )
+            .replace("198.18.0.10:", "[2001:db8:18::10]:")
+            .replace("10.2.0.11:", "[2001:db8:2::11]:"),
+    );
+    assert_eq!(
+        v6.dataplane.tunnel_source6,
+        Some("2001:db8:19::1".parse().expect("v6"))
+    );
+    assert_eq!(v6.dataplane.tunnel_source, None);
+    let modes6: Vec<Forwarding> = v6.services.iter().map(|s| s.forwarding).collect();
+    assert_eq!(modes6, [Forwarding::Ipip, Forwarding::Gue]);
+    assert_eq!(check(&v6, Path::new("live")).expect("valid"), v6);
     // Without the keys: the route's source per backend, and GUE on 6080.
     let defaults = parse_ok(&one_service("forwarding = \"gue\"", B1));
     assert_eq!(defaults.dataplane.tunnel_source, None);

@@ -216,9 +216,10 @@ rejections! {
         => "service[0].backends[0].address", "ff02::1 is a multicast address";
     // What the IPv6 data plane does not do yet, refused by the key that
     // asks for it (config/service.rs `data_plane_balances`).
-    vip_ipv6_tunnel_not_built: one_service("forwarding = \"ipip\"", r#"{ address = "[2001:db8::11]:80" }"#)
+    vip_ipv6_full_nat_not_built: one_service("forwarding = \"full-nat\"", r#"{ address = "[2001:db8::11]:80" }"#)
         .replace("\"198.18.0.10:80\"", "\"[2001:db8::10]:80\"")
-        => "service[0].forwarding", "[2001:db8::10]:80 is an IPv6 VIP: the data plane balances IPv6 in \"nat\" and \"dsr\" only so far";
+        .replace(DP, &format!("{DP}source-addresses = [\"198.19.0.1\"]\n"))
+        => "service[0].forwarding", "[2001:db8::10]:80 is an IPv6 VIP: the data plane balances IPv6 in \"nat\", \"dsr\", \"ipip\" and \"gue\" only so far";
     // PROXY v2 over IPv6 is built (NAT66): config/tests/proxy.rs
     // `vip_ipv6_proxy_built_for_nat66`.
     // The firewall over IPv6 (issue 24): its prefixes and rate limits are
@@ -349,6 +350,18 @@ rejections! {
         => "dataplane.tunnel-source", "127.0.0.1 is a loopback address";
     tunnel_source_not_a_string: with_dataplane_line("tunnel-source = 3")
         => "dataplane.tunnel-source", "invalid type: integer `3`, expected a string";
+    tunnel_source6_not_an_address: with_dataplane_line("tunnel-source6 = \"lb-back\"")
+        => "dataplane.tunnel-source6", "expected an IPv6 address like \"2001:db8:19::1\", got \"lb-back\"";
+    tunnel_source6_ipv4: with_dataplane_line("tunnel-source6 = \"198.19.0.1\"")
+        => "dataplane.tunnel-source6", "expected an IPv6 address";
+    tunnel_source6_unspecified: with_dataplane_line("tunnel-source6 = \"::\"")
+        => "dataplane.tunnel-source6", ":: is the unspecified address";
+    tunnel_source6_multicast: with_dataplane_line("tunnel-source6 = \"ff02::1\"")
+        => "dataplane.tunnel-source6", "ff02::1 is a multicast address";
+    tunnel_source6_loopback: with_dataplane_line("tunnel-source6 = \"::1\"")
+        => "dataplane.tunnel-source6", "::1 is the loopback address";
+    tunnel_source6_link_local: with_dataplane_line("tunnel-source6 = \"fe80::1\"")
+        => "dataplane.tunnel-source6", "fe80::1 is a link-local address (fe80::/10)";
     gue_port_zero: with_dataplane_line("gue-port = 0")
         => "dataplane.gue-port", "must be between 1 and 65535, got 0";
     gue_port_too_big: with_dataplane_line("gue-port = 65536")

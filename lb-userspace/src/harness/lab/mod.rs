@@ -22,7 +22,7 @@
 //! route through the LB's front address (IPv6 neighbour discovery answers
 //! only for addresses on the asked interface, unlike ARP for the IPv4 VIP).
 //! `lab-serve` listens on both families. The LB does not forward IPv6 yet
-//! (see `configure_lb_v6`). (The routed lab stays IPv4-only; the multi-LB
+//! (see `configure_lb_v6`). (The routed lab is dual-stack too, `routed.rs`; the multi-LB
 //! lab is dual-stack too: see `ha.rs`.)
 //!
 //! The same code backs the `lb lab` CLI verbs and the end-to-end tests: a
@@ -76,8 +76,9 @@ pub use ha::{
     lb_front_of, lb_source_addr,
 };
 pub use routed::{
-    GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_LB_BACK, ROUTER_CLIENT_SIDE, ROUTER_LB_SIDE,
-    ROUTER_WEB_IFACE, ROUTER_WEB_SIDE, Tunnel, WEB_NET,
+    GUE_PORT, ROUTED_CLIENT_BACK, ROUTED_CLIENT_BACK6, ROUTED_LB_BACK, ROUTED_LB_BACK6,
+    ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6, ROUTER_LB_SIDE, ROUTER_LB_SIDE6, ROUTER_WEB_IFACE,
+    ROUTER_WEB_SIDE, Tunnel, WEB_NET, WEB_NET6,
 };
 pub use serve::{ServeArgs, bulk_byte, serve};
 pub use teardown::{down, lab_serve_pids, pin_dir};
@@ -240,7 +241,7 @@ fn web_service(name: &str, protocol: &str, port: u16, scheduler: &str, lines: &s
 
 /// [`web_service`] on `vip` over web1..3's `address(n)`: IPv4's or
 /// IPv6's.
-fn web_service_on(
+pub(super) fn web_service_on(
     vip: IpAddr,
     address: impl Fn(usize) -> IpAddr,
     (name, protocol, port): (&str, &str, u16),
@@ -754,18 +755,7 @@ impl Lab {
         netns::add_addr(&ns, "eth0", &format!("{}/24", web_addr(n)))?;
         own_vip_quietly(&ns)?;
         netns::add_default_route(&ns, LB_BACK)?;
-        // IPv6: its own address, the VIP6 (delivered to it in DSR), and the
-        // LB as its gateway. Nobody on the back network asks for the VIP6
-        // (neighbour discovery answers only for the asked interface's
-        // addresses), so it needs no arp_ignore twin.
-        add_addr6(&ns, "eth0", &format!("{}/64", web_addr6(n)))?;
-        add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
-        let gateway = LB_BACK6.to_string();
-        netns::ns_run(
-            &ns,
-            &["ip", "-6", "route", "add", "default", "via", &gateway],
-        )?;
-        Ok(())
+        configure_web_v6(&ns, n)
     }
 
     fn start_servers(&mut self, detached: bool) -> anyhow::Result<()> {
@@ -777,10 +767,7 @@ impl Lab {
         }
         let echo = format!("{LB_FRONT}:{ECHO_PORT}");
         let echo6 = SocketAddr::new(LB_FRONT6.into(), ECHO_PORT).to_string();
-        let mut args = vec!["--name", "lb", "--echo", &echo];
-        if !self.routed {
-            args.extend(["--echo", &echo6]);
-        }
+        let args = vec!["--name", "lb", "--echo", &echo, "--echo", &echo6];
         self.spawn_server(&self.lb_ns(), "echo", &args, detached)?;
         self.wait_for_servers()
     }
@@ -830,7 +817,7 @@ impl Lab {
         .iter()
         .map(|a| a.to_string())
         .collect();
-        if !self.routed {
+        {
             // IPv6: each service on the web's own address and on the VIP6
             // (own sockets beside the IPv4 wildcards, which stay IPv4's).
             for addr in [web_addr6(n), VIP6] {
@@ -1055,7 +1042,23 @@ fn set_mode_v6(ns: &str, mode: Forwarding, client_net: &str) -> anyhow::Result<(
 /// duplicate detection in a lab whose addresses are all ours, so servers
 /// bind them without waiting a second for the address to stop being
 /// tentative).
-fn add_addr6(ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
+/// Web `n`'s IPv6 side (in `ns`): its own address, the VIP6 (delivered to
+/// it in DSR and by its decapsulator), and 2001:db8:19::1 as its gateway
+/// (the LB in the single lab, the router in the routed one). Nobody on the
+/// back network asks for the VIP6 (neighbour discovery answers only for the
+/// asked interface's addresses), so it needs no arp_ignore twin.
+pub(super) fn configure_web_v6(ns: &str, n: usize) -> anyhow::Result<()> {
+    add_addr6(ns, "eth0", &format!("{}/64", web_addr6(n)))?;
+    add_addr6(ns, "lo", &format!("{VIP6}/128"))?;
+    let gateway = LB_BACK6.to_string();
+    netns::ns_run(
+        ns,
+        &["ip", "-6", "route", "add", "default", "via", &gateway],
+    )
+    .map(drop)
+}
+
+pub(super) fn add_addr6(ns: &str, dev: &str, cidr: &str) -> anyhow::Result<()> {
     netns::ns_run(ns, &["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"])
         .with_context(|| format!("adding {cidr} to {dev} in {ns}"))?;
     Ok(())

@@ -21,13 +21,27 @@
 //! the client's back leg: replies never cross the LB. The webs keep their
 //! addresses (198.19.0.1N) and their gateway's address (198.19.0.1) from
 //! the single lab; only what lies between them and the LB changes.
+//!
+//! Dual stack (issue 24, IPv6 services' tunnels): the same picture in
+//! 2001:db8::/32 with the same digits — client 2001:db8:18::2 and back
+//! 2001:db8:19:3::2, LB front 2001:db8:18::1 and back 2001:db8:19:2::1 (the
+//! IPv6 tunnel source), the router 2001:db8:19:2::2, 2001:db8:19:3::1 and
+//! 2001:db8:19::1 (the webs' IPv6 gateway), webN 2001:db8:19::1N, the VIP6
+//! 2001:db8:18::10 on the LB's and the webs' `lo`; the client reaches the
+//! VIP6 by a /128 route via the LB's front address. The LB forwards IPv6
+//! only when a test asks ([`Lab::forward_ipv6`]), as in the single lab.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Context, ensure};
 
 use super::{
-    HTTP_PORT, HTTPS_PORT, LB_FRONT, Lab, MONITORING_LISTEN, UDP_PORT, VIP, WEB_NAMES, web_addr,
+    CLIENT_FRONT6, HTTP_PORT, HTTPS_PORT, LB_BACK6, LB_FRONT, LB_FRONT6, Lab, MONITORING_LISTEN,
+    UDP_PORT, VIP, VIP6, WEB_NAMES, add_addr6, web_addr, web_addr6, web_service_on,
 };
 use crate::harness::netns::{self, VethEnd};
 
@@ -45,6 +59,16 @@ pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 1);
 pub const ROUTED_CLIENT_BACK: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
 /// The webs' subnet.
 pub const WEB_NET: &str = "198.19.0.0/24";
+/// The LB's IPv6 back address in the routed lab: the IPv6 tunnel source.
+pub const ROUTED_LB_BACK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 2, 0, 0, 0, 1);
+/// The router's end of the LB's link, IPv6.
+pub const ROUTER_LB_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 2, 0, 0, 0, 2);
+/// The router's end of the client's back leg, IPv6.
+pub const ROUTER_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 3, 0, 0, 0, 1);
+/// The client's IPv6 back leg in the routed lab.
+pub const ROUTED_CLIENT_BACK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 3, 0, 0, 0, 2);
+/// The webs' IPv6 subnet (the router is its ::1, as the single lab's LB).
+pub const WEB_NET6: &str = "2001:db8:19::/64";
 /// The router's interface toward the webs (whose MTU the PMTUD test lowers).
 pub const ROUTER_WEB_IFACE: &str = "r-web";
 /// The GUE port the lab's agents and decapsulators agree on (the default).
@@ -77,6 +101,25 @@ impl Tunnel {
             Tunnel::Gue => lb_common::decap::GUE_OVERHEAD,
         };
         u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
+    /// [`Tunnel::overhead`] of the IPv6 form: an outer IPv6 header (40),
+    /// for GUE also UDP and GUE (52).
+    pub fn overhead6(self) -> u32 {
+        let bytes = match self {
+            Tunnel::Ipip => lb_common::decap::IP6IP6_OVERHEAD,
+            Tunnel::Gue => lb_common::decap::GUE6_OVERHEAD,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
+    /// The decapsulator's verdict for this tunnel's packets with an outer
+    /// IPv6 header (`decap_ip6ip6`, `decap_gue6`).
+    pub fn decap_verdict6(self) -> &'static str {
+        match self {
+            Tunnel::Ipip => "decap_ip6ip6",
+            Tunnel::Gue => "decap_gue6",
+        }
     }
 }
 
@@ -129,10 +172,14 @@ impl Lab {
         Ok(())
     }
 
-    /// `lb decap attach` on web `n` (allowing every LB's tunnel source).
+    /// `lb decap attach` on web `n` (allowing every LB's tunnel source;
+    /// the routed lab's IPv6 one too).
     pub fn attach_decap(&self, n: usize) -> anyhow::Result<String> {
-        let from = self
-            .tunnel_sources()
+        let mut sources: Vec<IpAddr> = self.tunnel_sources().into_iter().map(IpAddr::V4).collect();
+        if self.routed {
+            sources.push(ROUTED_LB_BACK6.into());
+        }
+        let from = sources
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
@@ -265,6 +312,28 @@ impl Lab {
         );
         toml.push_str(&tunnel_service(
             "www", "tcp", HTTP_PORT, tunnel, scheduler, health,
+        ));
+        toml
+    }
+
+    /// The routed lab's IPv6 tunnel config (issue 24): `www6` (TCP
+    /// VIP6:80) forwarded over `tunnel` (IP6IP6 or GUE over IPv6) with
+    /// `scheduler` to web1..3's IPv6 addresses, the IPv6 tunnel source the
+    /// LB's IPv6 back address, `health` (a `health = …` line or empty).
+    /// The LB must forward IPv6 ([`Lab::forward_ipv6`]).
+    pub fn tunnel_config6(&self, tunnel: Tunnel, scheduler: &str, health: &str) -> String {
+        let mut toml = format!(
+            "[dataplane]\ninterfaces = [\"lb-front\", \"lb-back\"]\nxdp-mode = \"native\"\n\
+             tunnel-source6 = \"{ROUTED_LB_BACK6}\"\ngue-port = {GUE_PORT}\n\
+             [monitoring]\nlisten = \"{MONITORING_LISTEN}\"\n"
+        );
+        let lines = format!("forwarding = \"{}\"\n{health}", tunnel.name());
+        toml.push_str(&web_service_on(
+            VIP6.into(),
+            |n| IpAddr::V6(web_addr6(n)),
+            ("www6", "tcp", HTTP_PORT),
+            scheduler,
+            &lines,
         ));
         toml
     }
@@ -409,8 +478,16 @@ impl Lab {
         netns::ns_run(
             &self.client_ns(),
             &["ip", "route", "add", WEB_NET, "via", &gw],
-        )
-        .map(drop)
+        )?;
+        // IPv6: the same legs and routes; the VIP6 by a /128 via the LB.
+        let ns = self.client_ns();
+        add_addr6(&ns, "eth0", &format!("{CLIENT_FRONT6}/64"))?;
+        add_addr6(&ns, "back0", &format!("{ROUTED_CLIENT_BACK6}/64"))?;
+        let (vip, via) = (format!("{VIP6}/128"), LB_FRONT6.to_string());
+        netns::ns_run(&ns, &["ip", "-6", "route", "add", &vip, "via", &via])?;
+        let gw6 = ROUTER_CLIENT_SIDE6.to_string();
+        netns::ns_run(&ns, &["ip", "-6", "route", "add", WEB_NET6, "via", &gw6])?;
+        netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "0")
     }
 
     fn configure_routed_lb(&self) -> anyhow::Result<()> {
@@ -420,6 +497,11 @@ impl Lab {
         netns::add_addr(&ns, "lo", &format!("{VIP}/32"))?;
         let gw = ROUTER_LB_SIDE.to_string();
         netns::ns_run(&ns, &["ip", "route", "add", WEB_NET, "via", &gw])?;
+        add_addr6(&ns, "lb-front", &format!("{LB_FRONT6}/64"))?;
+        add_addr6(&ns, "lb-back", &format!("{ROUTED_LB_BACK6}/64"))?;
+        add_addr6(&ns, "lo", &format!("{VIP6}/128"))?;
+        let gw6 = ROUTER_LB_SIDE6.to_string();
+        netns::ns_run(&ns, &["ip", "-6", "route", "add", WEB_NET6, "via", &gw6])?;
         // bpf_fib_lookup only resolves next hops when forwarding is on.
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")
     }
@@ -437,6 +519,23 @@ impl Lab {
             &["ip", "route", "add", "198.18.0.0/24", "via", &client],
         )?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        add_addr6(&ns, "r-lb", &format!("{ROUTER_LB_SIDE6}/64"))?;
+        add_addr6(&ns, "r-client", &format!("{ROUTER_CLIENT_SIDE6}/64"))?;
+        add_addr6(&ns, ROUTER_WEB_IFACE, &format!("{LB_BACK6}/64"))?;
+        let client6 = ROUTED_CLIENT_BACK6.to_string();
+        netns::ns_run(
+            &ns,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "2001:db8:18::/64",
+                "via",
+                &client6,
+            ],
+        )?;
+        netns::sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
         // Replies from the VIP come in on r-web while the VIP's route
         // points at the client: strict reverse-path filtering drops them.
         for dev in ["all", "default", "r-lb", "r-client", ROUTER_WEB_IFACE] {
@@ -456,7 +555,9 @@ impl Lab {
         for dev in ["all", "default", "eth0"] {
             netns::sysctl(&ns, &format!("net/ipv4/conf/{dev}/rp_filter"), "2")?;
         }
-        netns::add_default_route(&ns, ROUTER_WEB_SIDE)
+        netns::add_default_route(&ns, ROUTER_WEB_SIDE)?;
+        // IPv6: the router holds the address the single lab's LB has.
+        super::configure_web_v6(&ns, n)
     }
 }
 
