@@ -148,7 +148,7 @@ fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
             .get(name)
             .with_context(|| format!("map {name} missing from the lb-decap object"))?
             .as_loaded();
-        if pinned != want {
+        if !adoptable(name, &pinned, &want) {
             bail!(
                 "{} is {pinned}, this version needs {want}: run `lb decap detach` on the \
                  interface first (its counters restart from 0)",
@@ -157,6 +157,23 @@ fn check_pinned_layouts(dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// May a map pinned as `pinned` serve as `name`, which this version makes
+/// as `want`? Only with its layout; the verdict counters also with fewer
+/// entries, as an older version made them (verdicts were added since): an
+/// upgrade re-attaches in place, without the detach that would leave the
+/// backend's tunnelled packets undecapsulated meanwhile, and the newer
+/// verdicts go uncounted until a detach (`DecapMaps::verdicts` reads 0).
+fn adoptable(name: &str, pinned: &MapLayout, want: &MapLayout) -> bool {
+    if name == maps::VERDICTS {
+        let longer = MapLayout {
+            max_entries: want.max_entries,
+            ..*pinned
+        };
+        return longer == *want && pinned.max_entries <= want.max_entries;
+    }
+    pinned == want
 }
 
 /// Detaches the decapsulator pinned in `dir` (unpinning its link detaches
@@ -189,4 +206,39 @@ pub fn detach_pinned(dir: &Path) -> anyhow::Result<Vec<String>> {
 /// Is the link of the decapsulator in `dir` pinned (so attached)?
 pub fn link_pinned(dir: &Path) -> bool {
     dir.join(LINK).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_older_shorter_verdict_array_is_adopted_beside_the_same_layout() {
+        let want = MapLayout {
+            map_type: 6,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 17,
+            flags: 0,
+        };
+        let older = MapLayout {
+            max_entries: 15,
+            ..want
+        };
+        let longer = MapLayout {
+            max_entries: 18,
+            ..want
+        };
+        let other_value = MapLayout {
+            value_size: 4,
+            ..older
+        };
+        assert!(adoptable(maps::VERDICTS, &want, &want));
+        assert!(adoptable(maps::VERDICTS, &older, &want));
+        assert!(!adoptable(maps::VERDICTS, &longer, &want));
+        assert!(!adoptable(maps::VERDICTS, &other_value, &want));
+        // Any other map: its layout exactly.
+        assert!(adoptable(maps::CONF, &want, &want));
+        assert!(!adoptable(maps::CONF, &older, &want));
+    }
 }

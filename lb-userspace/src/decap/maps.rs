@@ -165,11 +165,17 @@ impl DecapMaps {
         })
     }
 
-    /// Packets per verdict, summed over the CPUs, in counter order.
+    /// Packets per verdict, summed over the CPUs, in counter order. A
+    /// verdict past the end of an array an older version pinned (adopted
+    /// shorter, `load::adoptable`) was never counted: 0.
     pub fn verdicts(&self) -> anyhow::Result<Vec<(DecapVerdict, u64)>> {
+        let len = self.verdicts.len();
         DecapVerdict::ALL
             .iter()
             .map(|&v| {
+                if v as u32 >= len {
+                    return Ok((v, 0));
+                }
                 let per_cpu = self
                     .verdicts
                     .get(&(v as u32), 0)
