@@ -189,20 +189,29 @@ fn each_ipv6_tunnel_rotates_over_three_webs_and_carries_8_mb_byte_exact() -> Res
             tunnel.name(),
             started.elapsed()
         );
-        let after = decapsulated6(lab, tunnel)?;
-        for n in 0..WEB_NAMES.len() {
-            ensure!(
-                after[n] > before[n],
-                "web{}'s decapsulator stripped no {} packet ({} -> {}): {}",
-                n + 1,
-                tunnel.decap_verdict6(),
-                before[n],
-                after[n],
-                lab.decap_status(n + 1)?
-            );
-        }
-        Ok(())
+        every_web_decapsulated(
+            lab,
+            &before,
+            &decapsulated6(lab, tunnel)?,
+            tunnel.decap_verdict6(),
+        )
     })
+}
+
+/// Every web's decapsulator stripped more `what` packets than `before`
+/// (counts per web, in `WEB_NAMES` order).
+fn every_web_decapsulated(lab: &Lab, before: &[u64], after: &[u64], what: &str) -> Result<()> {
+    for n in 0..WEB_NAMES.len() {
+        ensure!(
+            after[n] > before[n],
+            "web{}'s decapsulator stripped no {what} packet ({} -> {}): {}",
+            n + 1,
+            before[n],
+            after[n],
+            lab.decap_status(n + 1)?
+        );
+    }
+    Ok(())
 }
 
 /// A web killed goes DOWN under its HTTP check over IPv6, leaves the
@@ -365,19 +374,7 @@ fn each_tunnel_rotates_over_three_webs_and_carries_8_mb_byte_exact() -> Result<(
                 tunnel.name(),
                 started.elapsed()
             );
-            let after = decapsulated(lab, tunnel)?;
-            for n in 0..WEB_NAMES.len() {
-                ensure!(
-                    after[n] > before[n],
-                    "web{}'s decapsulator stripped no {} packet ({} -> {}): {}",
-                    n + 1,
-                    tunnel.name(),
-                    before[n],
-                    after[n],
-                    lab.decap_status(n + 1)?
-                );
-            }
-            Ok(())
+            every_web_decapsulated(lab, &before, &decapsulated(lab, tunnel)?, tunnel.name())
         },
     )
 }
