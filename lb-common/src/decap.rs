@@ -489,18 +489,10 @@ pub fn decide_with(
     // 4. GUE's headers.
     let (family, overhead) = match tunnel {
         Tunnel::Ipip => (InnerFamily::V4, IPIP_OVERHEAD),
-        Tunnel::Udp => {
-            let (Some(udp), Some(gue)) = (
-                read::<UdpHdr>(frame, l4),
-                read::<GueHdr>(frame, l4 + UDP_HDR_LEN),
-            ) else {
-                return Decision::pass(V::GueTruncated);
-            };
-            match gue_verdict(&udp, &gue, ip_payload) {
-                Ok(f) => (f, GUE_OVERHEAD),
-                Err(v) => return Decision::pass(v),
-            }
-        }
+        Tunnel::Udp => match gue_of_frame(frame, l4, ip_payload) {
+            Ok(f) => (f, GUE_OVERHEAD),
+            Err(v) => return Decision::pass(v),
+        },
     };
     // 5. The security rule: an allowed LB's packets only.
     if !allowed(ip.saddr) {
@@ -521,6 +513,19 @@ pub fn decide_with(
         strip: overhead,
         ether_type: family.ether_type_raw(),
     }
+}
+
+/// Step 4 over a frame, either outer family: GUE's UDP and GUE headers at
+/// `l4` in an outer payload of `ip_payload` bytes; the inner family, or the
+/// verdict that passes the frame.
+fn gue_of_frame(frame: &[u8], l4: usize, ip_payload: usize) -> Result<InnerFamily, DecapVerdict> {
+    let (Some(udp), Some(gue)) = (
+        read::<UdpHdr>(frame, l4),
+        read::<GueHdr>(frame, l4 + UDP_HDR_LEN),
+    ) else {
+        return Err(DecapVerdict::GueTruncated);
+    };
+    gue_verdict(&udp, &gue, ip_payload)
 }
 
 /// Step 6 over a frame: the inner header of `family` at `inner`, with
@@ -574,18 +579,10 @@ fn decide6(frame: &[u8], gue_port: u16, allowed6: impl Fn(&Addr6) -> bool) -> De
     // 4. GUE's headers.
     let (family, overhead) = match tunnel {
         Tunnel::Ipip => (InnerFamily::V6, IP6IP6_OVERHEAD),
-        Tunnel::Udp => {
-            let (Some(udp), Some(gue)) = (
-                read::<UdpHdr>(frame, l4),
-                read::<GueHdr>(frame, l4 + UDP_HDR_LEN),
-            ) else {
-                return Decision::pass(V::GueTruncated);
-            };
-            match gue_verdict(&udp, &gue, ip_payload) {
-                Ok(f) => (f, GUE6_OVERHEAD),
-                Err(v) => return Decision::pass(v),
-            }
-        }
+        Tunnel::Udp => match gue_of_frame(frame, l4, ip_payload) {
+            Ok(f) => (f, GUE6_OVERHEAD),
+            Err(v) => return Decision::pass(v),
+        },
     };
     // 5. The security rule.
     let saddr = ip.saddr;

@@ -248,6 +248,17 @@ fn a_killed_web_goes_down_and_recovers_behind_each_ipv6_tunnel() -> Result<()> {
     })
 }
 
+/// Lowers the router's link to the webs to [`LOW_MTU`]; the MTU as text,
+/// for the route commands.
+fn lower_the_routers_web_link(lab: &Lab) -> Result<String> {
+    let low = LOW_MTU.to_string();
+    lab.exec_ok(
+        &lab.router_ns(),
+        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
+    )?;
+    Ok(low)
+}
+
 /// Path-MTU discovery through the IPv6 tunnels: the router's link to the
 /// webs lowered to 1400 and the LB's IPv6 route saying so (`mtu lock
 /// 1400`): the client's upload to the VIP6 gets "packet too big" with 1400
@@ -260,11 +271,7 @@ fn ipv6_path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhea
     let mut lab = routed_lab()?;
     // The LB's answers leave by XDP_TX: see `run_xdp_on_client_front`.
     lab.run_xdp_on_client_front()?;
-    let low = LOW_MTU.to_string();
-    lab.exec_ok(
-        &lab.router_ns(),
-        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
-    )?;
+    let low = lower_the_routers_web_link(&lab)?;
     let router = ROUTER_LB_SIDE6.to_string();
     lab.exec_ok(
         &lab.lb_ns(),
@@ -444,11 +451,7 @@ fn a_drained_web_keeps_its_tunnelled_flows_until_they_close() -> Result<()> {
 #[test]
 fn path_mtu_discovery_through_the_tunnel_gives_the_client_mtu_minus_overhead() -> Result<()> {
     let mut lab = routed_lab()?;
-    let low = LOW_MTU.to_string();
-    lab.exec_ok(
-        &lab.router_ns(),
-        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
-    )?;
+    let low = lower_the_routers_web_link(&lab)?;
     let router = ROUTER_LB_SIDE.to_string();
     lab.exec_ok(
         &lab.lb_ns(),
@@ -494,11 +497,7 @@ fn path_mtu_discovery_learns_a_routers_smaller_link_beyond_the_lb() -> Result<()
     let mut lab = routed_lab()?;
     // The LB's answers leave by XDP_TX: see `run_xdp_on_client_front`.
     lab.run_xdp_on_client_front()?;
-    let low = LOW_MTU.to_string();
-    lab.exec_ok(
-        &lab.router_ns(),
-        &["ip", "link", "set", ROUTER_WEB_IFACE, "mtu", &low],
-    )?;
+    lower_the_routers_web_link(&lab)?;
     let route = lab.exec_ok(&lab.lb_ns(), &["ip", "route", "show", WEB_NET])?;
     ensure!(
         !route.contains("mtu"),

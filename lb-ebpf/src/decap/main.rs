@@ -117,20 +117,10 @@ fn decap(ctx: &XdpContext) -> DecapVerdict {
     // 4. GUE's headers (at fixed offsets now: no options).
     let (family, overhead) = match tunnel {
         Tunnel::Ipip => (InnerFamily::V4, IPIP_OVERHEAD),
-        Tunnel::Udp => {
-            let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
-            let (Some(udp), Some(gue)) = (
-                header::<UdpHdr>(ctx, l4),
-                header::<GueHdr>(ctx, l4 + UDP_HDR_LEN),
-            ) else {
-                return V::GueTruncated;
-            };
-            // SAFETY: both bounds-checked.
-            match gue_verdict(unsafe { &*udp }, unsafe { &*gue }, tot_len - Ipv4Hdr::LEN) {
-                Ok(f) => (f, GUE_OVERHEAD),
-                Err(v) => return v,
-            }
-        }
+        Tunnel::Udp => match gue_family(ctx, EthHdr::LEN + Ipv4Hdr::LEN, tot_len - Ipv4Hdr::LEN) {
+            Ok(f) => (f, GUE_OVERHEAD),
+            Err(v) => return v,
+        },
     };
     // 5. The security rule: an allowed LB's packets only.
     let key = DecapSourceKey {
@@ -195,19 +185,10 @@ fn decap6(ctx: &XdpContext) -> DecapVerdict {
     // 4. GUE's headers.
     let (family, overhead) = match tunnel {
         Tunnel::Ipip => (InnerFamily::V6, IP6IP6_OVERHEAD),
-        Tunnel::Udp => {
-            let (Some(udp), Some(gue)) = (
-                header::<UdpHdr>(ctx, l4),
-                header::<GueHdr>(ctx, l4 + UDP_HDR_LEN),
-            ) else {
-                return V::GueTruncated;
-            };
-            // SAFETY: both bounds-checked.
-            match gue_verdict(unsafe { &*udp }, unsafe { &*gue }, payload) {
-                Ok(f) => (f, GUE6_OVERHEAD),
-                Err(v) => return v,
-            }
-        }
+        Tunnel::Udp => match gue_family(ctx, l4, payload) {
+            Ok(f) => (f, GUE6_OVERHEAD),
+            Err(v) => return v,
+        },
     };
     // 5. The security rule.
     let mut key = DecapSourceKey6 {
@@ -233,6 +214,22 @@ fn decap6(ctx: &XdpContext) -> DecapVerdict {
         Tunnel::Ipip => V::DecapIp6ip6,
         Tunnel::Udp => V::DecapGue6,
     }
+}
+
+/// Step 4 for GUE, either outer family: the UDP and GUE headers at `l4`
+/// (fixed offsets: the outer header has no options or extension headers)
+/// in an outer payload of `ip_payload` bytes; the inner family, or the
+/// verdict that passes the frame.
+#[inline(always)]
+fn gue_family(ctx: &XdpContext, l4: usize, ip_payload: usize) -> Result<InnerFamily, DecapVerdict> {
+    let (Some(udp), Some(gue)) = (
+        header::<UdpHdr>(ctx, l4),
+        header::<GueHdr>(ctx, l4 + UDP_HDR_LEN),
+    ) else {
+        return Err(DecapVerdict::GueTruncated);
+    };
+    // SAFETY: both bounds-checked.
+    gue_verdict(unsafe { &*udp }, unsafe { &*gue }, ip_payload)
 }
 
 /// Step 2 for UDP: a datagram's first (or only) fragment whose UDP header
